@@ -1,0 +1,52 @@
+"""What GitLab knows about projects and groups: the map from human paths to immutable ids.
+
+Issue 2 reads it from a file; issue 3 fills it from the live GitLab API. The compiler only looks it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    path: str
+    namespace_id: int
+    archived: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    path: str
+    parent_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    projects: tuple[Project, ...] = ()
+    groups: tuple[Group, ...] = ()
+
+    def project_by_path(self, path: str) -> Project | None:
+        return next((p for p in self.projects if p.path == path), None)
+
+    def project_by_id(self, project_id: int) -> Project | None:
+        return next((p for p in self.projects if p.id == project_id), None)
+
+    def group_by_path(self, path: str) -> Group | None:
+        return next((g for g in self.groups if g.path == path), None)
+
+    def group_by_id(self, group_id: int) -> Group | None:
+        return next((g for g in self.groups if g.id == group_id), None)
+
+    def group_and_descendant_ids(self, group_id: int) -> tuple[int, ...]:
+        """A token's namespace_id is the project's immediate parent, so a group pin must list every subgroup."""
+        found = [group_id]
+        frontier = [group_id]
+        while frontier:
+            parent = frontier.pop()
+            children = [g.id for g in self.groups if g.parent_id == parent]
+            found.extend(children)
+            frontier.extend(children)
+        return tuple(sorted(set(found)))

@@ -1,0 +1,155 @@
+"""The typed, validated policy: what the loader produces and the compiler consumes.
+
+Everything is frozen and ordered so the compiler can be a pure function of it: the same policy
+always compiles to the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from controlplane.model.errors import Source
+from controlplane.model.inventory import Inventory
+
+
+class IssuerKind(str, Enum):
+    GITLAB = "gitlab"
+    OIDC = "oidc"
+
+
+class Mode(str, Enum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A trusted token issuer. `url` must equal the tokens' `iss` exactly."""
+
+    name: str
+    kind: IssuerKind
+    url: str
+    jwks_uri: str
+    clock_skew_seconds: int
+    jwks_cache_seconds: int
+    source: Source
+    # GitLab only: where project and group paths resolve to ids (issue 3 replaces it with live GitLab).
+    inventory: Inventory | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    sni: str
+    ca_file: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A protected upstream, fronted by one or more gateways."""
+
+    name: str
+    hosts: tuple[str, ...]
+    audience: str
+    endpoints: tuple[Endpoint, ...]
+    tls: UpstreamTLS | None
+    connect_timeout_ms: int
+    request_timeout_ms: int
+    public_paths: tuple[str, ...]
+    source: Source
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """Methods AND paths; an empty tuple means any. Paths are exact, or globs (`*` one segment, `/**` any depth)."""
+
+    methods: tuple[str, ...]
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Role:
+    """What may be done on one backend: any of its rules."""
+
+    name: str
+    backend: str
+    rules: tuple[RoleRule, ...]
+    source: Source
+
+
+@dataclass(frozen=True)
+class ClaimMatch:
+    """The claim equals one of `values` (OR). A value with `*` or `?` is a glob where `*` never crosses `/`.
+
+    Values are already strings: policy may write `true` or `42`, tokens carry `"true"` and `"42"`.
+    """
+
+    claim: str
+    values: tuple[str, ...]
+    source: Source
+
+
+ProjectRef = int | str  # an id, or a full path resolved through the issuer's inventory
+GroupRef = int | str
+
+
+@dataclass(frozen=True)
+class Subject:
+    """An AND of conditions on one token. GitLab subjects pin projects or groups (never both empty)."""
+
+    projects: tuple[ProjectRef, ...]
+    groups: tuple[GroupRef, ...]
+    include_subgroups: bool
+    claims: tuple[ClaimMatch, ...]
+    source: Source
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Who (any of `subjects`) gets which roles, through tokens of one issuer."""
+
+    name: str
+    issuer: str
+    roles: tuple[str, ...]
+    subjects: tuple[Subject, ...]
+    mode: Mode
+    source: Source
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A group of Envoys, matched by `node.cluster == name`."""
+
+    name: str
+    address: str
+    port: int
+    backends: tuple[str, ...]
+    access_log_path: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole validated policy tree; every cross reference has been checked by the loader."""
+
+    issuers: tuple[Issuer, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    roles: tuple[Role, ...] = ()
+    bindings: tuple[Binding, ...] = ()
+    gateways: tuple[Gateway, ...] = ()
+    files: tuple[str, ...] = field(default=())
+
+    def issuer(self, name: str) -> Issuer:
+        return next(i for i in self.issuers if i.name == name)
+
+    def backend(self, name: str) -> Backend:
+        return next(b for b in self.backends if b.name == name)
+
+    def role(self, name: str) -> Role:
+        return next(r for r in self.roles if r.name == name)

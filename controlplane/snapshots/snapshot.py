@@ -1,0 +1,120 @@
+"""Immutable, content-addressed snapshots: one per gateway group.
+
+Every resource is packed into an `Any` and serialized exactly once here; the xDS layer only
+concatenates these bytes. The version of a type is a hash of its content, so every replica and
+every restart names the same config the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+# Make before break: clusters and their endpoints exist before anything routes to them.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+
+_REPEATED_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources = 2, wire type 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+@dataclass(frozen=True)
+class EncodedResource:
+    """One resource: its serialized `Any`, and that Any pre-framed as a DiscoveryResponse.resources entry."""
+
+    name: str
+    any_bytes: bytes
+    response_entry: bytes
+    version: str  # sha256 prefix of any_bytes; Delta xDS uses it per resource
+
+    @classmethod
+    def of(cls, name: str, message: Message) -> EncodedResource:
+        # Pack by hand: Any.Pack serializes without `deterministic`, and map order would then vary.
+        packed = AnyProto(
+            type_url="type.googleapis.com/" + message.DESCRIPTOR.full_name,
+            value=message.SerializeToString(deterministic=True),
+        )
+        any_bytes = packed.SerializeToString(deterministic=True)
+        entry = _REPEATED_RESOURCES_TAG + _varint(len(any_bytes)) + any_bytes
+        return cls(name, any_bytes, entry, hashlib.sha256(any_bytes).hexdigest()[:16])
+
+
+@dataclass(frozen=True)
+class TypeSnapshot:
+    """All resources of one type for one group, with a version that is a hash of their content."""
+
+    type_url: str
+    version: str
+    resources: Mapping[str, EncodedResource]
+    all_entries: bytes  # every response_entry concatenated in name order: a wildcard response body
+
+    @classmethod
+    def of(cls, type_url: str, encoded: Iterable[EncodedResource]) -> TypeSnapshot:
+        by_name = {r.name: r for r in sorted(encoded, key=lambda r: r.name)}
+        digest = hashlib.sha256(type_url.encode())
+        for resource in by_name.values():
+            digest.update(resource.name.encode() + b"\0" + resource.version.encode() + b"\0")
+        body = b"".join(r.response_entry for r in by_name.values())
+        return cls(type_url, digest.hexdigest()[:16], MappingProxyType(by_name), body)
+
+    def entries_for(self, names: Iterable[str] | None) -> tuple[bytes, tuple[str, ...]]:
+        """The response body for a subscription (None = wildcard) and the names it holds."""
+        if names is None:
+            return self.all_entries, tuple(self.resources)
+        present = tuple(sorted(n for n in set(names) if n in self.resources))
+        return b"".join(self.resources[n].response_entry for n in present), present
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one gateway group receives. Immutable; replaced whole on every change."""
+
+    group: str
+    types: Mapping[str, TypeSnapshot] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, group: str, resources: Mapping[str, Iterable[tuple[str, Message]]]) -> Snapshot:
+        """`resources` maps a type URL to (name, message) pairs; missing types are empty."""
+        types = {
+            type_url: TypeSnapshot.of(
+                type_url, (EncodedResource.of(name, msg) for name, msg in resources.get(type_url, ()))
+            )
+            for type_url in PUSH_ORDER
+        }
+        return cls(group, MappingProxyType(types))
+
+    @classmethod
+    def empty(cls, group: str) -> Snapshot:
+        return cls.build(group, {})
+
+    def version(self, type_url: str) -> str:
+        return self.types[type_url].version
+
+    @property
+    def summary_version(self) -> str:
+        """One name for the whole snapshot (status pages, logs, metrics)."""
+        digest = hashlib.sha256()
+        for type_url in PUSH_ORDER:
+            digest.update(self.types[type_url].version.encode())
+        return digest.hexdigest()[:12]
