@@ -27,7 +27,8 @@ WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 _REPEATED_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources = 2, wire type 2
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint, for framing pre-serialized messages by hand."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -50,13 +51,16 @@ class EncodedResource:
 
     @classmethod
     def of(cls, name: str, message: Message) -> EncodedResource:
-        # Pack by hand: Any.Pack serializes without `deterministic`, and map order would then vary.
-        packed = AnyProto(
-            type_url="type.googleapis.com/" + message.DESCRIPTOR.full_name,
-            value=message.SerializeToString(deterministic=True),
-        )
+        # Serialize with `deterministic`: Any.Pack would not, and map order would then vary.
+        type_url = "type.googleapis.com/" + message.DESCRIPTOR.full_name
+        return cls.of_payload(name, type_url, message.SerializeToString(deterministic=True))
+
+    @classmethod
+    def of_payload(cls, name: str, type_url: str, payload: bytes) -> EncodedResource:
+        """From an already serialized message, so the compiler can reuse bytes of unchanged parts."""
+        packed = AnyProto(type_url=type_url, value=payload)
         any_bytes = packed.SerializeToString(deterministic=True)
-        entry = _REPEATED_RESOURCES_TAG + _varint(len(any_bytes)) + any_bytes
+        entry = _REPEATED_RESOURCES_TAG + varint(len(any_bytes)) + any_bytes
         return cls(name, any_bytes, entry, hashlib.sha256(any_bytes).hexdigest()[:16])
 
 
@@ -94,12 +98,10 @@ class Snapshot:
     types: Mapping[str, TypeSnapshot] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, group: str, resources: Mapping[str, Iterable[tuple[str, Message]]]) -> Snapshot:
-        """`resources` maps a type URL to (name, message) pairs; missing types are empty."""
+    def build(cls, group: str, resources: Mapping[str, Iterable[tuple[str, Message | bytes]]]) -> Snapshot:
+        """`resources` maps a type URL to (name, message or its serialized bytes); missing types are empty."""
         types = {
-            type_url: TypeSnapshot.of(
-                type_url, (EncodedResource.of(name, msg) for name, msg in resources.get(type_url, ()))
-            )
+            type_url: TypeSnapshot.of(type_url, (_encode(type_url, n, r) for n, r in resources.get(type_url, ())))
             for type_url in PUSH_ORDER
         }
         return cls(group, MappingProxyType(types))
@@ -118,3 +120,9 @@ class Snapshot:
         for type_url in PUSH_ORDER:
             digest.update(self.types[type_url].version.encode())
         return digest.hexdigest()[:12]
+
+
+def _encode(type_url: str, name: str, resource: Message | bytes) -> EncodedResource:
+    if isinstance(resource, bytes):
+        return EncodedResource.of_payload(name, type_url, resource)
+    return EncodedResource.of(name, resource)

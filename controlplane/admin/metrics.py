@@ -1,0 +1,95 @@
+"""Every Prometheus metric the control plane exports, in one place so names stay consistent.
+
+Names follow Prometheus conventions: a `controlplane_` namespace, base units (seconds, bytes),
+`_total` for counters. They live in a private registry so tests and embedded use never collide.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTED_PROXIES = Gauge(
+    "controlplane_xds_connected_proxies",
+    "ADS streams currently open, by gateway group.",
+    ["group"],
+    registry=REGISTRY,
+)
+SNAPSHOT_BUILDS = Counter(
+    "controlplane_snapshot_builds_total",
+    "Snapshot builds attempted (one per accepted policy load).",
+    registry=REGISTRY,
+)
+SNAPSHOT_BUILD_FAILURES = Counter(
+    "controlplane_snapshot_build_failures_total",
+    "Snapshot builds that failed; the last good snapshot stays in service.",
+    registry=REGISTRY,
+)
+COMPILE_DURATION = Histogram(
+    "controlplane_compile_duration_seconds",
+    "Time to compile the policy and serialize every snapshot.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+SNAPSHOT_INFO = Gauge(
+    "controlplane_snapshot_info",
+    "The snapshot version currently served to each group (value is always 1).",
+    ["group", "version"],
+    registry=REGISTRY,
+)
+XDS_PUSHES = Counter(
+    "controlplane_xds_pushes_total",
+    "DiscoveryResponses sent, by resource type.",
+    ["type"],
+    registry=REGISTRY,
+)
+XDS_NACKS = Counter(
+    "controlplane_xds_nacks_total",
+    "DiscoveryRequests that rejected a pushed version (NACK), by resource type.",
+    ["type"],
+    registry=REGISTRY,
+)
+XDS_PROXIES_WITH_NACK = Gauge(
+    "controlplane_xds_proxies_rejecting",
+    "Connected proxies whose last response of this type was a NACK.",
+    ["type"],
+    registry=REGISTRY,
+)
+PUSH_ACK_LATENCY = Histogram(
+    "controlplane_xds_push_ack_latency_seconds",
+    "Time from sending a DiscoveryResponse to receiving its ACK or NACK.",
+    ["type"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+POLICY_LOAD_ERRORS = Counter(
+    "controlplane_policy_load_errors_total",
+    "Policy errors found by loads that were rejected (each error counts once per load).",
+    registry=REGISTRY,
+)
+POLICY_CURRENT_ERRORS = Gauge(
+    "controlplane_policy_errors",
+    "Errors in the policy as last read; 0 when the last load was good.",
+    registry=REGISTRY,
+)
+POLICY_LAST_GOOD_LOAD = Gauge(
+    "controlplane_policy_last_good_load_timestamp_seconds",
+    "Unix time of the last policy load that produced a snapshot.",
+    registry=REGISTRY,
+)
+POLICY_SECONDS_SINCE_GOOD_LOAD = Gauge(
+    "controlplane_policy_seconds_since_last_good_load",
+    "Seconds since the last policy load that produced a snapshot (-1 before the first).",
+    registry=REGISTRY,
+)
+
+
+def _seconds_since_good_load() -> float:
+    last = POLICY_LAST_GOOD_LOAD._value.get()
+    return time.time() - last if last > 0 else -1.0
+
+
+POLICY_SECONDS_SINCE_GOOD_LOAD.set_function(_seconds_since_good_load)

@@ -1,0 +1,171 @@
+"""The Envoy bootstrap that points a proxy at this control plane (``controlplane bootstrap --group G``).
+
+Everything a proxy serves comes over ADS; the bootstrap only says who the proxy is and where the control plane
+lives, so it can be generated once per gateway group and baked into an image or a ConfigMap.
+
+Choices worth knowing:
+- ``node.cluster`` is the gateway group: the control plane picks the snapshot by it, so every Envoy in a group
+  gets identical config and the group survives pod restarts (``node.id`` may be a pod name).
+- SotW ADS (``GRPC``) with ``set_node_on_first_message_only``: the node is sent once per stream, not per request.
+- ``xds_cluster`` is HTTP/2 (gRPC needs it) with keepalive pings, so a half-dead control plane connection is
+  noticed and re-established rather than waiting forever; STATIC for an IP, LOGICAL_DNS for a hostname (a
+  Kubernetes Service name re-resolves when the Service's endpoints move).
+- The admin interface defaults to loopback: it can dump config and quit the server, so it must not be exposed.
+- The overload manager caps downstream connections, which Envoy otherwise warns about at startup and which
+  keeps one noisy client from exhausting file descriptors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+import yaml
+
+XDS_CLUSTER = "xds_cluster"
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+
+class _EnvoySafeDumper(yaml.SafeDumper):
+    """Envoy's YAML loader reads ``y``/``n`` as booleans (YAML 1.1) but PyYAML writes them unquoted: a node id
+    or group named ``n`` became ``node.id: false`` and Envoy refused the file. Registering them as booleans here
+    makes PyYAML quote them. Aliases are off because ``&id001`` anchors only confuse a human reading the file."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_EnvoySafeDumper.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_port(name: str, port: int, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise ValueError(f"{name} must be an integer in {low}..65535, got {port!r}")
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
+    ip = _is_ip(xds_host)
+    cluster: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if ip else "LOGICAL_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                    }
+                },
+            }
+        },
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 300}},
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(xds_host, xds_port)}}]}],
+        },
+    }
+    if not ip:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def render_bootstrap(
+    *,
+    group: str,
+    node_id: str,
+    xds_host: str,
+    xds_port: int,
+    admin_address: str = "127.0.0.1",
+    admin_port: int = 9901,
+) -> dict[str, Any]:
+    """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo fails
+    here rather than as an Envoy that never becomes ready."""
+    for name, value in (
+        ("group", group),
+        ("node_id", node_id),
+        ("xds_host", xds_host),
+        ("admin_address", admin_address),
+    ):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    _check_port("xds_port", xds_port)
+    _check_port(
+        "admin_port", admin_port, allow_zero=True
+    )  # 0 = kernel-chosen, useful with --admin-address-path
+    if not _is_ip(admin_address):
+        raise ValueError(
+            f"admin_address must be an IP address (Envoy does not resolve it), got {admin_address!r}"
+        )
+
+    return {
+        "node": {"id": node_id, "cluster": group},
+        "admin": {"address": _socket_address(admin_address, admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port)]},
+        "layered_runtime": {
+            "layers": [
+                {"name": "static_layer", "static_layer": {}},
+                {"name": "admin_layer", "admin_layer": {}},
+            ]
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/"
+                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def bootstrap_yaml(
+    *,
+    group: str,
+    node_id: str,
+    xds_host: str,
+    xds_port: int,
+    admin_address: str = "127.0.0.1",
+    admin_port: int = 9901,
+) -> str:
+    """The same bootstrap as YAML, in Envoy's field order (``sort_keys=False``) so it reads like the docs."""
+    return yaml.dump(
+        render_bootstrap(
+            group=group,
+            node_id=node_id,
+            xds_host=xds_host,
+            xds_port=xds_port,
+            admin_address=admin_address,
+            admin_port=admin_port,
+        ),
+        Dumper=_EnvoySafeDumper,
+        sort_keys=False,
+    )

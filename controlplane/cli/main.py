@@ -1,0 +1,143 @@
+"""The `controlplane` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from controlplane import __version__
+from controlplane.model.errors import PolicyInvalid
+
+DEFAULT_POLICY = os.environ.get("CONTROLPLANE_POLICY", "policy")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from controlplane.cli.status import add_status_arguments
+
+    parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check a policy directory; exit 1 listing every error")
+    validate.add_argument("policy", type=Path)
+
+    compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
+    compile_.add_argument("policy", type=Path)
+    compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
+
+    serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
+    serve.add_argument("--policy", type=Path, default=Path(DEFAULT_POLICY), help="policy directory (env CONTROLPLANE_POLICY)")
+    serve.add_argument("--xds-address", type=_host_port, default=_host_port("127.0.0.1:18000"), help="HOST:PORT for ADS")
+    serve.add_argument("--admin-address", type=_host_port, default=_host_port("127.0.0.1:9902"), help="HOST:PORT for admin HTTP")
+    serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
+    serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
+
+    status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
+    add_status_arguments(status)
+
+    bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
+    bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
+    bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
+    bootstrap.add_argument("--xds-address", type=_host_port, default=_host_port("127.0.0.1:18000"))
+    bootstrap.add_argument("--admin-port", type=int, default=9901)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    handler = _COMMANDS[args.command]
+    return handler(args)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from controlplane.service import compile_dir
+
+    try:
+        policy, snapshots = compile_dir(args.policy)
+    except PolicyInvalid as invalid:
+        for error in invalid.errors:
+            print(error, file=sys.stderr)
+        print(f"{len(invalid.errors)} error(s) in {args.policy}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"{args.policy}: {error}", file=sys.stderr)
+        return 1
+    counts = (
+        f"{len(policy.issuers)} issuer(s), {len(policy.backends)} backend(s), {len(policy.roles)} role(s), "
+        f"{len(policy.bindings)} binding(s), {len(policy.gateways)} gateway(s)"
+    )
+    print(f"ok: {args.policy}: {counts}")
+    for group, snapshot in sorted(snapshots.items()):
+        print(f"  gateway {group}: version {snapshot.summary_version}")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from controlplane.service import compile_dir
+    from controlplane.snapshots import golden
+
+    try:
+        _, snapshots = compile_dir(args.policy)
+    except PolicyInvalid as invalid:
+        for error in invalid.errors:
+            print(error, file=sys.stderr)
+        return 1
+    for path in golden.write(snapshots, args.out):
+        print(path)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controlplane.cli.serve import ServeOptions, serve
+
+    options = ServeOptions(
+        policy=args.policy,
+        xds_host=args.xds_address[0],
+        xds_port=args.xds_address[1],
+        admin_host=args.admin_address[0],
+        admin_port=args.admin_address[1],
+        debounce=args.debounce,
+        max_wait=args.max_wait,
+    )
+    return asyncio.run(serve(options))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from controlplane.cli.status import run_status
+
+    return run_status(args.admin, as_json=args.json, group=args.group, nacked_only=args.nacked)
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    import socket
+
+    from controlplane.cli.bootstrap import bootstrap_yaml
+
+    host, port = args.xds_address
+    node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
+    print(bootstrap_yaml(group=args.group, node_id=node_id, xds_host=host, xds_port=port, admin_port=args.admin_port))
+    return 0
+
+
+_COMMANDS = {
+    "validate": _validate,
+    "compile": _compile,
+    "serve": _serve,
+    "status": _status,
+    "bootstrap": _bootstrap,
+}

@@ -1,0 +1,165 @@
+"""Who a token belongs to: binding subjects compiled to RBAC principals on jwt_authn claims.
+
+Every claim is matched as a string (GitLab sends `"42"` and `"true"`; a string matcher never matches a
+number or a bool, envoy-1.40-verified.md G10). Globs compile to anchored RE2 where `*` never crosses `/`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
+
+from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY
+from controlplane.model.errors import PolicyError
+from controlplane.model.inventory import Inventory
+from controlplane.model.policy import Issuer, IssuerKind, Subject
+
+MERGE_REQUEST_SOURCE = "merge_request_event"
+_GLOB_CHARS = frozenset("*?")
+
+
+def is_glob(value: str) -> bool:
+    return any(c in _GLOB_CHARS for c in value)
+
+
+def glob_to_regex(glob: str) -> str:
+    """`*` is any run of characters except `/`, `?` one such character; everything else is literal."""
+    parts = []
+    for char in glob:
+        if char == "*":
+            parts.append("[^/]*")
+        elif char == "?":
+            parts.append("[^/]")
+        else:
+            parts.append(re.escape(char))
+    return "^" + "".join(parts) + "$"
+
+
+def string_matcher(value: str) -> string_pb2.StringMatcher:
+    if is_glob(value):
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=glob_to_regex(value)))
+    return string_pb2.StringMatcher(exact=value)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """claim ∈ values, or (negated) claim ∉ values. `listy` claims may be a string or a list of strings."""
+
+    claim: str
+    values: tuple[str, ...]
+    negated: bool = False
+    listy: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedSubject:
+    """A subject after paths became ids: plain, hashable data, the unit the compiler caches on."""
+
+    conditions: tuple[Condition, ...]
+
+
+def _claim_value_matcher(value: str, listy: bool) -> value_pb2.ValueMatcher:
+    single = value_pb2.ValueMatcher(string_match=string_matcher(value))
+    if not listy:
+        return single
+    # OIDC claims such as `groups` may be a list or a string; one_of matches a list element.
+    in_list = value_pb2.ValueMatcher(list_match=value_pb2.ListMatcher(one_of=single))
+    return value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=[single, in_list]))
+
+
+def _claim_principal(claim: str, value: str, listy: bool) -> rbac_pb2.Principal:
+    matcher = metadata_pb2.MetadataMatcher(
+        filter=JWT_FILTER,
+        path=[
+            metadata_pb2.MetadataMatcher.PathSegment(key=PAYLOAD_KEY),
+            metadata_pb2.MetadataMatcher.PathSegment(key=claim),
+        ],
+        value=_claim_value_matcher(value, listy),
+    )
+    return rbac_pb2.Principal(sourced_metadata=rbac_pb2.SourcedMetadata(metadata_matcher=matcher))
+
+
+def _any_of(principals: Sequence[rbac_pb2.Principal]) -> rbac_pb2.Principal:
+    if len(principals) == 1:
+        return principals[0]
+    return rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(ids=principals))
+
+
+def condition_principal(condition: Condition) -> rbac_pb2.Principal:
+    matched = _any_of([_claim_principal(condition.claim, v, condition.listy) for v in condition.values])
+    return rbac_pb2.Principal(not_id=matched) if condition.negated else matched
+
+
+def subject_principal(subject: ResolvedSubject) -> rbac_pb2.Principal:
+    ids = [condition_principal(c) for c in subject.conditions]
+    return rbac_pb2.Principal(and_ids=rbac_pb2.Principal.Set(ids=ids))
+
+
+class Resolver:
+    """Turns policy subjects into conditions: paths to ids through an issuer's inventory, plus the fixed rules."""
+
+    def __init__(self, issuer: Issuer) -> None:
+        self.issuer = issuer
+        inventory = issuer.inventory or Inventory()
+        self._projects = {p.path: p.id for p in inventory.projects}
+        self._groups = {g.path: g.id for g in inventory.groups}
+        self._inventory = inventory
+
+    def resolve(self, subject: Subject, errors: list[PolicyError]) -> ResolvedSubject | None:
+        conditions = [Condition("iss", (self.issuer.url,))]
+        if self.issuer.kind is IssuerKind.GITLAB:
+            pins = self._gitlab_pins(subject, errors)
+            if pins is None:
+                return None
+            conditions.extend(pins)
+        conditions.extend(
+            Condition(m.claim, m.values, listy=self.issuer.kind is IssuerKind.OIDC) for m in subject.claims
+        )
+        if self.issuer.kind is IssuerKind.GITLAB and not any(m.claim == "pipeline_source" for m in subject.claims):
+            # Fork merge-request pipelines carry the fork's project claims: denied unless asked for by name.
+            conditions.append(Condition("pipeline_source", (MERGE_REQUEST_SOURCE,), negated=True))
+        return ResolvedSubject(tuple(conditions))
+
+    def _gitlab_pins(self, subject: Subject, errors: list[PolicyError]) -> list[Condition] | None:
+        before = len(errors)
+        if subject.projects:
+            ids = [self._project_id(ref, subject, errors) for ref in subject.projects]
+            condition = Condition("project_id", _sorted_ids(ids))
+        elif subject.groups:
+            ids = [self._group_ids(ref, subject, errors) for ref in subject.groups]
+            condition = Condition("namespace_id", _sorted_ids(i for group in ids for i in group))
+        else:
+            errors.append(PolicyError.at(subject.source, "subject", "every GitLab subject must pin a project or a group"))
+            return None
+        return None if len(errors) > before else [condition]
+
+    def _project_id(self, ref: int | str, subject: Subject, errors: list[PolicyError]) -> int:
+        if isinstance(ref, int):
+            return ref
+        found = self._projects.get(ref)
+        if found is None:
+            errors.append(PolicyError.at(subject.source, "project", self._unknown("project", ref)))
+            return -1
+        return found
+
+    def _group_ids(self, ref: int | str, subject: Subject, errors: list[PolicyError]) -> tuple[int, ...]:
+        group_id = ref if isinstance(ref, int) else self._groups.get(ref)
+        if group_id is None:
+            errors.append(PolicyError.at(subject.source, "group", self._unknown("group", str(ref))))
+            return ()
+        if not subject.include_subgroups:
+            return (group_id,)
+        return self._inventory.group_and_descendant_ids(group_id)
+
+    def _unknown(self, what: str, path: str) -> str:
+        if self.issuer.inventory is None:
+            return f"{what} path {path!r} needs an inventory on issuer {self.issuer.name!r} (or write the id)"
+        return f"no {what} with path {path!r} in the inventory of issuer {self.issuer.name!r}"
+
+
+def _sorted_ids(ids: Iterable[int]) -> tuple[str, ...]:
+    return tuple(str(i) for i in sorted(set(ids)))

@@ -1,0 +1,112 @@
+"""Authentication: one jwt_authn provider per issuer, one audience requirement per backend.
+
+Extraction is explicit (`Authorization: Bearer`), otherwise Envoy would also accept `?access_token=`
+(G4); the token is never forwarded upstream; claims land in dynamic metadata for RBAC and the access log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
+
+from envoy.config.core.v3 import backoff_pb2, base_pb2, http_uri_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
+from google.protobuf.wrappers_pb2 import UInt32Value
+
+from controlplane.compiler.names import (
+    FAILURE_KEY,
+    HEADER_KEY,
+    PAYLOAD_KEY,
+    jwks_cluster,
+    provider_name,
+    requirement_name,
+)
+from controlplane.compiler.util import millis, seconds
+from controlplane.model.policy import Issuer
+
+JWT_CACHE_SIZE = 10_000
+
+
+def provider(issuer: Issuer, audiences: Sequence[str]) -> jwt.JwtProvider:
+    return jwt.JwtProvider(
+        issuer=issuer.url,
+        audiences=sorted(set(audiences)),
+        require_expiration=True,
+        clock_skew_seconds=issuer.clock_skew_seconds,
+        remote_jwks=jwt.RemoteJwks(
+            http_uri=http_uri_pb2.HttpUri(
+                uri=issuer.jwks_uri, cluster=jwks_cluster(issuer.name), timeout=seconds(2)
+            ),
+            cache_duration=seconds(issuer.jwks_cache_seconds),
+            # Fetch before the listener serves, so the first job is not refused while keys load.
+            async_fetch=jwt.JwksAsyncFetch(fast_listener=False, failed_refetch_duration=seconds(5)),
+            retry_policy=base_pb2.RetryPolicy(
+                num_retries=UInt32Value(value=3),
+                retry_back_off=backoff_pb2.BackoffStrategy(base_interval=millis(200), max_interval=seconds(2)),
+            ),
+        ),
+        from_headers=[jwt.JwtHeader(name="Authorization", value_prefix="Bearer ")],
+        forward=False,
+        payload_in_metadata=PAYLOAD_KEY,
+        header_in_metadata=HEADER_KEY,
+        failed_status_in_metadata=FAILURE_KEY,
+        jwt_cache_config=jwt.JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE),
+    )
+
+
+def requirement(issuers: Sequence[str], audience: str) -> jwt.JwtRequirement:
+    """A token from any of `issuers`, carrying this backend's audience (a wrong audience is a 403, G5)."""
+    alternatives = [
+        jwt.JwtRequirement(
+            provider_and_audiences=jwt.ProviderWithAudiences(provider_name=provider_name(i), audiences=[audience])
+        )
+        for i in sorted(set(issuers))
+    ]
+    if len(alternatives) == 1:
+        return alternatives[0]
+    return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=alternatives))
+
+
+def any_provider(issuers: Sequence[str]) -> jwt.JwtRequirement:
+    alternatives = [jwt.JwtRequirement(provider_name=provider_name(i)) for i in sorted(set(issuers))]
+    if len(alternatives) == 1:
+        return alternatives[0]
+    return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=alternatives))
+
+
+def authentication(
+    providers: Sequence[tuple[Issuer, Sequence[str]]], requirements: Mapping[str, jwt.JwtRequirement]
+) -> jwt.JwtAuthentication:
+    """`providers` pairs each issuer to the audiences it may carry on this gateway; `requirements` is per backend.
+
+    The filter-level rule (a token from any provider) only decides requests no virtual host claims:
+    they are then denied by the filter-level RBAC, but a missing token still reads as 401.
+    """
+    config = jwt.JwtAuthentication(
+        providers={provider_name(i.name): provider(i, aud) for i, aud in providers},
+        requirement_map=dict(requirements),
+    )
+    if providers:
+        config.rules.append(
+            jwt.RequirementRule(
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                requires=any_provider([i.name for i, _ in providers]),
+            )
+        )
+    return config
+
+
+def per_route_requirement(backend: str) -> jwt.PerRouteConfig:
+    return jwt.PerRouteConfig(requirement_name=requirement_name(backend))
+
+
+def per_route_disabled() -> jwt.PerRouteConfig:
+    return jwt.PerRouteConfig(disabled=True)
+
+
+def jwks_endpoint(issuer: Issuer) -> tuple[str, int, bool]:
+    """Host, port and whether TLS is used, for the cluster Envoy fetches this issuer's keys through."""
+    parts = urlsplit(issuer.jwks_uri)
+    tls = parts.scheme == "https"
+    return parts.hostname or "", parts.port or (443 if tls else 80), tls

@@ -1,0 +1,64 @@
+"""The gateway listener: HTTP connection manager with jwt_authn → RBAC → router, in that order."""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from google.protobuf.wrappers_pb2 import BoolValue
+
+from controlplane.compiler.access_log import file_access_log
+from controlplane.compiler.names import (
+    HCM_FILTER,
+    JWT_FILTER,
+    RBAC_FILTER,
+    ROUTER_FILTER,
+    listener_name,
+    route_config_name,
+)
+from controlplane.compiler.rbac import deny_all_filter
+from controlplane.compiler.util import packed
+from controlplane.model.policy import Gateway
+
+HCM = hcm.HttpConnectionManager
+
+
+def gateway_listener(gateway: Gateway, authentication: jwt.JwtAuthentication) -> listener_pb2.Listener:
+    manager = HCM(
+        stat_prefix=gateway.name.replace("-", "_"),
+        codec_type=HCM.AUTO,
+        rds=hcm.Rds(
+            route_config_name=route_config_name(gateway.name),
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+            ),
+        ),
+        http_filters=[
+            hcm.HttpFilter(name=JWT_FILTER, typed_config=packed(authentication)),
+            hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
+            hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
+        ],
+        access_log=[file_access_log(gateway.access_log_path)],
+        # Path rules are only as good as the path they see: normalize, and refuse encoded slashes.
+        normalize_path=_true(),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=HCM.REJECT_REQUEST,
+        use_remote_address=_true(),
+    )
+    return listener_pb2.Listener(
+        name=listener_name(gateway.name),
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=gateway.address, port_value=gateway.port)
+        ),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=packed(manager))]
+            )
+        ],
+    )
+
+
+def _true() -> BoolValue:
+    return BoolValue(value=True)

@@ -1,0 +1,47 @@
+"""Reuse of unchanged compiler output between compiles, without giving up purity.
+
+Results are keyed by the identity of the frozen model objects they were computed from, and the memo
+holds those objects so their ids cannot be reused. A compile with a memo returns exactly what a
+compile without one returns; it is only faster when most of the policy did not change. Entries not
+used by the latest compile are dropped, so memory follows the policy's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class IdentityMemo(Generic[V]):
+    def __init__(self) -> None:
+        self._previous: dict[tuple[int, ...], tuple[tuple[object, ...], V]] = {}
+        self._current: dict[tuple[int, ...], tuple[tuple[object, ...], V]] = {}
+
+    def get(self, inputs: tuple[object, ...], compute: Callable[[], V]) -> V:
+        key = tuple(map(id, inputs))
+        hit = self._current.get(key) or self._previous.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], inputs, strict=True)):
+            self._current[key] = hit
+            return hit[1]
+        value = compute()
+        self._current[key] = (inputs, value)
+        return value
+
+    def next_generation(self) -> None:
+        self._previous, self._current = self._current, {}
+
+
+class CompilerMemo:
+    """One memo per kind of intermediate result."""
+
+    def __init__(self) -> None:
+        self.grants: IdentityMemo[object] = IdentityMemo()
+        self.virtual_hosts: IdentityMemo[bytes] = IdentityMemo()
+        self.clusters: IdentityMemo[bytes] = IdentityMemo()
+        self.endpoints: IdentityMemo[bytes] = IdentityMemo()
+
+    def next_generation(self) -> None:
+        for memo in (self.grants, self.virtual_hosts, self.clusters, self.endpoints):
+            memo.next_generation()

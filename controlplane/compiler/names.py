@@ -1,0 +1,60 @@
+"""Names shared between compiled resources, logs and headers.
+
+Filter names must be the canonical extension names: `typed_per_filter_config` entries keyed by any
+other name are silently ignored by Envoy (envoy-1.40-verified.md, G1).
+"""
+
+from __future__ import annotations
+
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+RBAC_FILTER = "envoy.filters.http.rbac"
+ROUTER_FILTER = "envoy.filters.http.router"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+
+# Where jwt_authn puts what it learned; every issuer writes the same keys, so RBAC principals
+# always pin `iss` as well (a claim named project_id from another IdP must never satisfy a GitLab binding).
+PAYLOAD_KEY = "jwt_payload"
+HEADER_KEY = "jwt_header"
+FAILURE_KEY = "jwt_failure"
+
+# Identity forwarded to backends, so they know which job calls without ever seeing the token.
+IDENTITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("x-ci-project-id", "project_id"),
+    ("x-ci-project-path", "project_path"),
+    ("x-ci-pipeline-id", "pipeline_id"),
+    ("x-ci-job-id", "job_id"),
+    ("x-ci-ref", "ref"),
+)
+
+
+def listener_name(gateway: str) -> str:
+    return f"gateway-{gateway}"
+
+
+def route_config_name(gateway: str) -> str:
+    return f"gateway-{gateway}"
+
+
+def backend_cluster(backend: str) -> str:
+    return f"backend-{backend}"
+
+
+def jwks_cluster(issuer: str) -> str:
+    return f"jwks-{issuer}"
+
+
+def provider_name(issuer: str) -> str:
+    return issuer
+
+
+def requirement_name(backend: str) -> str:
+    return f"backend-{backend}"
+
+
+def policy_name(binding: str, role: str) -> str:
+    """RBAC policy ids appear in access logs and response details: they lead back to the binding."""
+    return f"{binding}/{role}"
+
+
+def shadow_stat_prefix(backend: str) -> str:
+    return f"{backend.replace('-', '_')}_"

@@ -1,0 +1,123 @@
+"""The policy pipeline at run time: read → validate → compile → publish, keeping the last good snapshot.
+
+A bad change never reaches Envoy: every error is logged with file:line and counted, the previous
+snapshots stay in service, and status shows what is wrong until a good change arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.admin import metrics
+from controlplane.compiler.compile import CompiledGroup, compile_policy
+from controlplane.compiler.memo import CompilerMemo
+from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.model.load import parse_policy
+from controlplane.model.policy import Policy
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import Snapshot
+from controlplane.sources.policy_dir import read_policy_dir
+
+log = logging.getLogger("controlplane.policy")
+
+
+def build_snapshots(compiled: Mapping[str, CompiledGroup]) -> dict[str, Snapshot]:
+    return {name: Snapshot.build(name, group.resources) for name, group in compiled.items()}
+
+
+def compile_files(files: Mapping[str, str], memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
+    """Parse, validate and compile a policy tree. Raises PolicyInvalid with every error found."""
+    policy = parse_policy(files)
+    return policy, build_snapshots(compile_policy(policy, memo))
+
+
+def compile_dir(root: Path, memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
+    return compile_files(read_policy_dir(root), memo)
+
+
+@dataclass
+class PolicyState:
+    root: str
+    last_good_load: float | None = None
+    last_attempt: float | None = None
+    errors: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+class PolicyService:
+    """Owns the policy directory → snapshot cache path. `reload()` is the only way snapshots change."""
+
+    def __init__(
+        self, root: Path, cache: SnapshotCache, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.root = root
+        self.cache = cache
+        self.state = PolicyState(root=str(root))
+        self._memo = CompilerMemo()
+        self._clock = clock
+
+    def reload(self) -> bool:
+        """True when a new policy was accepted (even if it compiled to the same snapshots)."""
+        self.state.last_attempt = self._clock()
+        metrics.SNAPSHOT_BUILDS.inc()
+        started = time.perf_counter()
+        try:
+            files = read_policy_dir(self.root)
+            _, snapshots = compile_files(files, self._memo)
+        except PolicyInvalid as invalid:
+            self._reject(invalid.errors)
+            return False
+        except OSError as error:
+            self._reject([PolicyError(str(self.root), 0, "", f"cannot read policy: {error}")])
+            return False
+        metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
+        self._publish(snapshots)
+        return True
+
+    def _publish(self, snapshots: dict[str, Snapshot]) -> None:
+        for group in set(self.cache.groups()) - set(snapshots):
+            self.cache.set(Snapshot.empty(group))
+            metrics.SNAPSHOT_INFO.remove(group, self.state.versions.pop(group, ""))
+        for group, snapshot in sorted(snapshots.items()):
+            self.cache.set(snapshot)
+            previous = self.state.versions.get(group)
+            if previous is not None and previous != snapshot.summary_version:
+                metrics.SNAPSHOT_INFO.remove(group, previous)
+            metrics.SNAPSHOT_INFO.labels(group, snapshot.summary_version).set(1)
+            self.state.versions[group] = snapshot.summary_version
+        self.state.last_good_load = self._clock()
+        self.state.errors = []
+        metrics.POLICY_CURRENT_ERRORS.set(0)
+        metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
+        log.info(
+            "policy loaded from %s: %s",
+            self.root,
+            ", ".join(f"{g}@{v}" for g, v in sorted(self.state.versions.items())) or "no gateways",
+        )
+
+    def _reject(self, errors: list[PolicyError]) -> None:
+        metrics.SNAPSHOT_BUILD_FAILURES.inc()
+        metrics.POLICY_LOAD_ERRORS.inc(len(errors))
+        metrics.POLICY_CURRENT_ERRORS.set(len(errors))
+        self.state.errors = [str(e) for e in errors]
+        kept = "keeping the last good snapshot" if self.state.last_good_load else "no snapshot served yet"
+        log.error("policy rejected with %d error(s); %s", len(errors), kept)
+        for error in errors:
+            log.error("  %s", error)
+
+    @property
+    def ready(self) -> bool:
+        return self.state.last_good_load is not None
+
+    def status(self) -> dict[str, object]:
+        return {
+            "root": self.state.root,
+            "last_good_load": self.state.last_good_load,
+            "last_attempt": self.state.last_attempt,
+            "errors": list(self.state.errors),
+            "snapshot_versions": dict(self.state.versions),
+        }

@@ -1,0 +1,60 @@
+"""Readable, stable YAML of compiled snapshots: what reviewers diff in `snapshots/<case>/`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from google.protobuf.any_pb2 import Any as AnyProto
+
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+
+FILE_NAMES: Mapping[str, str] = {
+    CLUSTER: "clusters.yaml",
+    ENDPOINT: "endpoints.yaml",
+    LISTENER: "listeners.yaml",
+    ROUTE: "routes.yaml",
+}
+
+
+def resource_dicts(snapshot: Snapshot, type_url: str) -> list[dict[str, Any]]:
+    """Each resource as protobuf JSON (nested Anys expanded), in name order."""
+    out = []
+    for resource in snapshot.types[type_url].resources.values():
+        packed = AnyProto.FromString(resource.any_bytes)
+        # Through JSON text: MessageToDict returns OrderedDicts for Anys, which YAML cannot represent.
+        out.append(json.loads(json_format.MessageToJson(packed, preserving_proto_field_name=True)))
+    return out
+
+
+def render(snapshot: Snapshot) -> dict[str, str]:
+    """File name → YAML text for one gateway group."""
+    files = {}
+    for type_url, file_name in FILE_NAMES.items():
+        header = f"# {type_url}\n# version: {snapshot.version(type_url)}\n"
+        body = yaml.safe_dump(resource_dicts(snapshot, type_url), sort_keys=True, default_flow_style=False, width=120)
+        files[file_name] = header + body
+    return files
+
+
+def write(snapshots: Mapping[str, Snapshot], out_dir: Path) -> list[Path]:
+    """Replace `out_dir` with one folder per group, so removed groups and types disappear from the diff."""
+    written = []
+    if out_dir.exists():
+        for stale in sorted(out_dir.rglob("*.yaml"), reverse=True):
+            stale.unlink()
+    for group, snapshot in sorted(snapshots.items()):
+        group_dir = out_dir / group
+        group_dir.mkdir(parents=True, exist_ok=True)
+        for file_name, text in render(snapshot).items():
+            path = group_dir / file_name
+            path.write_text(text)
+            written.append(path)
+    for empty in sorted((d for d in out_dir.rglob("*") if d.is_dir()), reverse=True):
+        if not any(empty.iterdir()):
+            empty.rmdir()
+    return written
