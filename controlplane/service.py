@@ -11,28 +11,32 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane.admin import metrics
-from controlplane.compiler.compile import CompiledGroup, compile_policy
+from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.load import parse_policy
 from controlplane.model.policy import Policy
-from controlplane.snapshots.cache import SnapshotCache
-from controlplane.snapshots.snapshot import Snapshot
+from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.sources.policy_dir import read_policy_dir
+
+if TYPE_CHECKING:
+    from controlplane.snapshots.cache import SnapshotCache
 
 log = logging.getLogger("controlplane.policy")
 
 
-def build_snapshots(compiled: Mapping[str, CompiledGroup]) -> dict[str, Snapshot]:
-    return {name: Snapshot.build(name, group.resources) for name, group in compiled.items()}
-
-
-def compile_files(files: Mapping[str, str], memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
+def compile_files(
+    files: Mapping[str, str],
+    memo: CompilerMemo | None = None,
+    previous: Mapping[str, Snapshot] | None = None,
+) -> tuple[Policy, dict[str, Snapshot]]:
     """Parse, validate and compile a policy tree. Raises PolicyInvalid with every error found."""
     policy = parse_policy(files)
-    return policy, build_snapshots(compile_policy(policy, memo))
+    compiled = compile_policy(policy, memo)
+    return policy, build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
 def compile_dir(root: Path, memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
@@ -58,6 +62,7 @@ class PolicyService:
         self.cache = cache
         self.state = PolicyState(root=str(root))
         self._memo = CompilerMemo()
+        self._snapshots: dict[str, Snapshot] = {}
         self._clock = clock
 
     def reload(self) -> bool:
@@ -67,7 +72,7 @@ class PolicyService:
         started = time.perf_counter()
         try:
             files = read_policy_dir(self.root)
-            _, snapshots = compile_files(files, self._memo)
+            _, snapshots = compile_files(files, self._memo, self._snapshots)
         except PolicyInvalid as invalid:
             self._reject(invalid.errors)
             return False
@@ -79,6 +84,7 @@ class PolicyService:
         return True
 
     def _publish(self, snapshots: dict[str, Snapshot]) -> None:
+        self._snapshots = snapshots
         for group in set(self.cache.groups()) - set(snapshots):
             self.cache.set(Snapshot.empty(group))
             metrics.SNAPSHOT_INFO.remove(group, self.state.versions.pop(group, ""))

@@ -49,8 +49,8 @@ def parse_flag(name: str, value: str | None) -> bool:
 def is_nacking(proxy: dict[str, Any]) -> bool:
     """True when the proxy's last response was a NACK.
 
-    The status producer clears ``last_nack`` once the proxy ACKs that type again, so its presence means the
-    proxy is rejecting config right now.
+    Contract with the status producer: ``last_nack`` is cleared once the proxy ACKs that type again, so its
+    presence means the proxy is rejecting config right now (``controlplane status`` relies on the same rule).
     """
     return proxy.get("last_nack") is not None
 

@@ -6,7 +6,8 @@ lives, so it can be generated once per gateway group and baked into an image or 
 Choices worth knowing:
 - ``node.cluster`` is the gateway group: the control plane picks the snapshot by it, so every Envoy in a group
   gets identical config and the group survives pod restarts (``node.id`` may be a pod name).
-- SotW ADS (``GRPC``) with ``set_node_on_first_message_only``: the node is sent once per stream, not per request.
+- SotW ADS (``GRPC``) with ``set_node_on_first_message_only``: the node is sent once per stream, not per
+  request.
 - ``xds_cluster`` is HTTP/2 (gRPC needs it) with keepalive pings, so a half-dead control plane connection is
   noticed and re-established rather than waiting forever; STATIC for an IP, LOGICAL_DNS for a hostname (a
   Kubernetes Service name re-resolves when the Service's endpoints move).
@@ -29,8 +30,9 @@ MAX_DOWNSTREAM_CONNECTIONS = 50_000
 
 class _EnvoySafeDumper(yaml.SafeDumper):
     """Envoy's YAML loader reads ``y``/``n`` as booleans (YAML 1.1) but PyYAML writes them unquoted: a node id
-    or group named ``n`` became ``node.id: false`` and Envoy refused the file. Registering them as booleans here
-    makes PyYAML quote them. Aliases are off because ``&id001`` anchors only confuse a human reading the file."""
+    or group named ``n`` became ``node.id: false`` and Envoy refused the file. Registering them as booleans
+    here makes PyYAML quote them. Aliases are off because ``&id001`` anchors only confuse a human reading the
+    file."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
@@ -93,8 +95,8 @@ def render_bootstrap(
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
 ) -> dict[str, Any]:
-    """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo fails
-    here rather than as an Envoy that never becomes ready."""
+    """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo
+    fails here rather than as an Envoy that never becomes ready."""
     for name, value in (
         ("group", group),
         ("node_id", node_id),

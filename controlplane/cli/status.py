@@ -143,7 +143,7 @@ def format_nack(nack: dict[str, Any] | None) -> str:
     """``type@version: error`` on one line, so a multi-line Envoy rejection cannot break the table."""
     if not nack:
         return "-"
-    error = " ".join(str(nack.get("error", "")).split())[:NACK_ERROR_WIDTH]
+    error = " ".join(str(nack.get("error", "")).split())[:NACK_ERROR_WIDTH].rstrip()
     return f"{nack.get('type', '?')}@{shorten(str(nack.get('version', '')))}: {error}"
 
 

@@ -6,6 +6,7 @@ number or a bool, envoy-1.40-verified.md G10). Globs compile to anchored RE2 whe
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,17 +14,17 @@ from dataclasses import dataclass
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 
+from controlplane.compiler import wire
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY
 from controlplane.model.errors import PolicyError
 from controlplane.model.inventory import Inventory
 from controlplane.model.policy import Issuer, IssuerKind, Subject
 
 MERGE_REQUEST_SOURCE = "merge_request_event"
-_GLOB_CHARS = frozenset("*?")
 
 
 def is_glob(value: str) -> bool:
-    return any(c in _GLOB_CHARS for c in value)
+    return "*" in value or "?" in value
 
 
 def glob_to_regex(glob: str) -> str:
@@ -89,14 +90,33 @@ def _any_of(principals: Sequence[rbac_pb2.Principal]) -> rbac_pb2.Principal:
     return rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(ids=principals))
 
 
+@functools.lru_cache(maxsize=65536)
 def condition_principal(condition: Condition) -> rbac_pb2.Principal:
+    """Cached: the same few conditions (issuer, protected ref, no MR pipelines) recur in every binding.
+
+    Callers must not mutate the result; protobuf copies it when it is placed into another message.
+    """
     matched = _any_of([_claim_principal(condition.claim, v, condition.listy) for v in condition.values])
     return rbac_pb2.Principal(not_id=matched) if condition.negated else matched
 
 
 def subject_principal(subject: ResolvedSubject) -> rbac_pb2.Principal:
-    ids = [condition_principal(c) for c in subject.conditions]
-    return rbac_pb2.Principal(and_ids=rbac_pb2.Principal.Set(ids=ids))
+    return rbac_pb2.Principal.FromString(subject_principal_bytes(subject))
+
+
+def subject_principal_bytes(subject: ResolvedSubject) -> bytes:
+    """Principal{and_ids: {ids: [...]}} assembled from each condition's cached bytes (see wire.py)."""
+    ids = wire.repeated(_SET_IDS, map(_condition_bytes, subject.conditions))
+    return wire.length_delimited(_AND_IDS, ids)
+
+
+_AND_IDS = wire.number(rbac_pb2.Principal, "and_ids")
+_SET_IDS = wire.number(rbac_pb2.Principal.Set, "ids")
+
+
+@functools.lru_cache(maxsize=65536)
+def _condition_bytes(condition: Condition) -> bytes:
+    return condition_principal(condition).SerializeToString(deterministic=True)
 
 
 class Resolver:

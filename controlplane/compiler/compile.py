@@ -6,26 +6,25 @@ makes content-hash versions and golden snapshots work.
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-
-from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_config
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from controlplane.compiler import cluster, jwt, listener, route
-from controlplane.compiler.claims import ResolvedSubject, Resolver
+from controlplane.compiler.grants import GrantIndex
+from controlplane.compiler.rbac import GrantSpec
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
     backend_cluster,
     jwks_cluster,
     listener_name,
-    policy_name,
     requirement_name,
     route_config_name,
 )
-from controlplane.compiler.rbac import GrantSpec
-from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.model.policy import Backend, Binding, Gateway, Issuer, Policy, Role
+from controlplane.model.errors import PolicyInvalid
+from controlplane.model.policy import Backend, Gateway, Issuer, Policy
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 Resources = dict[str, list[tuple[str, bytes]]]
@@ -39,118 +38,107 @@ class CompiledGroup:
     resources: Mapping[str, Sequence[tuple[str, bytes]]]
 
 
-@dataclass
-class _Grants:
-    """Per backend: what each binding grants there, and which issuers' tokens it accepts."""
-
-    by_backend: dict[str, list[GrantSpec]] = field(default_factory=lambda: defaultdict(list))
-    issuers_by_backend: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-
-
 def compile_policy(policy: Policy, memo: CompilerMemo | None = None) -> dict[str, CompiledGroup]:
-    """Raises PolicyInvalid when a subject cannot be resolved (unknown path, missing pin)."""
+    """Raises PolicyInvalid when a subject cannot be resolved (unknown path, missing pin).
+
+    With a memo from the previous compile, unchanged parts are reused; the result is identical.
+    """
     memo = memo or CompilerMemo()
     memo.next_generation()
-    errors: list[PolicyError] = []
-    grants = _collect_grants(policy, memo, errors)
-    if errors:
-        raise PolicyInvalid(errors)
-    return {g.name: _compile_gateway(policy, g, grants, memo) for g in policy.gateways}
+    with _no_cyclic_gc():
+        errors = memo.grant_index.update(policy)
+        if errors:
+            memo.grant_index = GrantIndex()  # a failed update leaves no half-applied state behind
+            raise PolicyInvalid(errors)
+        return {g.name: _compile_gateway(policy, g, memo.grant_index, memo) for g in policy.gateways}
 
 
-def _collect_grants(policy: Policy, memo: CompilerMemo, errors: list[PolicyError]) -> _Grants:
-    roles = {r.name: r for r in policy.roles}
-    issuers = {i.name: i for i in policy.issuers}
-    resolvers = {name: Resolver(issuer) for name, issuer in issuers.items()}
-    grants = _Grants()
-    for binding in policy.bindings:
-        subjects, binding_errors = memo.grants.get(
-            (binding, issuers[binding.issuer]), lambda b=binding: _resolve_subjects(b, resolvers[b.issuer])
-        )  # type: ignore[misc]
-        errors.extend(binding_errors)
-        if binding_errors:
-            continue
-        for role_name in binding.roles:
-            role = roles[role_name]
-            grant = memo.grants.get((binding, role, subjects), lambda b=binding, r=role, s=subjects: _grant(b, r, s))
-            grants.by_backend[role.backend].append(grant)  # type: ignore[arg-type]
-            grants.issuers_by_backend[role.backend].add(binding.issuer)
-    return grants
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """A compile allocates many small acyclic objects; collector passes over a big policy only cost time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
-def _resolve_subjects(binding: Binding, resolver: Resolver) -> tuple[tuple[ResolvedSubject, ...], tuple[PolicyError, ...]]:
-    errors: list[PolicyError] = []
-    resolved = [resolver.resolve(s, errors) for s in binding.subjects]
-    return tuple(s for s in resolved if s is not None), tuple(errors)
+@dataclass(frozen=True)
+class _BackendParts:
+    """Everything one backend contributes to a gateway's resources, serialized."""
+
+    requirement: bytes | None
+    virtual_host: bytes
+    cluster: bytes
+    endpoints: bytes | None
 
 
-def _grant(binding: Binding, role: Role, subjects: tuple[ResolvedSubject, ...]) -> GrantSpec:
-    return GrantSpec(policy_name(binding.name, role.name), binding.mode, role.rules, subjects)
-
-
-def _compile_gateway(policy: Policy, gateway: Gateway, grants: _Grants, memo: CompilerMemo) -> CompiledGroup:
-    backends = [policy.backend(name) for name in sorted(gateway.backends)]
+def _compile_gateway(policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo) -> CompiledGroup:
+    by_name = {b.name: b for b in policy.backends}
+    backends = [by_name[name] for name in sorted(gateway.backends)]
     issuers = _gateway_issuers(policy, backends, grants)
-    requirements: dict[str, jwt_config.JwtRequirement] = {}
-    vhosts: list[bytes] = []
+    every_issuer = tuple(i.name for i, _ in issuers)
+    parts = []
     for backend in backends:
-        accepted = sorted(grants.issuers_by_backend.get(backend.name) or [i.name for i, _ in issuers])
-        if accepted:
-            requirements[requirement_name(backend.name)] = jwt.requirement(accepted, backend.audience)
-        backend_grants = tuple(sorted(grants.by_backend.get(backend.name, ()), key=lambda g: g.policy_name))
-        vhosts.append(
-            memo.virtual_hosts.get(
-                (backend, bool(accepted), *backend_grants),
-                lambda b=backend, g=backend_grants, a=bool(accepted): route.virtual_host_bytes(b, g, a),  # type: ignore[misc]
+        backend_grants = grants.grants(backend.name)
+        accepted = grants.issuers(backend.name) or every_issuer
+        parts.append(
+            memo.backends.get(
+                (backend, backend_grants, accepted),
+                lambda b=backend, g=backend_grants, a=accepted: _backend_parts(b, g, a),  # type: ignore[misc]
             )
         )
-    authentication = jwt.authentication(issuers, requirements)
+    requirements = [(requirement_name(b.name), p.requirement) for b, p in zip(backends, parts, strict=True)]
+    authentication = jwt.authentication_bytes(issuers, [(n, r) for n, r in requirements if r is not None])
+    route_name = route_config_name(gateway.name)
     resources: Resources = {
-        CLUSTER: _clusters(backends, [i for i, _ in issuers], memo),
-        ENDPOINT: _endpoints(backends, memo),
+        CLUSTER: sorted(
+            [(backend_cluster(b.name), p.cluster) for b, p in zip(backends, parts, strict=True)]
+            + [_jwks_cluster(i) for i, _ in issuers]
+        ),
+        ENDPOINT: [
+            (backend_cluster(b.name), p.endpoints)
+            for b, p in zip(backends, parts, strict=True)
+            if p.endpoints is not None
+        ],
         LISTENER: [(listener_name(gateway.name), _serialize(listener.gateway_listener(gateway, authentication)))],
-        ROUTE: [(route_config_name(gateway.name), route.route_configuration_bytes(route_config_name(gateway.name), vhosts))],
+        ROUTE: [(route_name, route.route_configuration_bytes(route_name, [p.virtual_host for p in parts]))],
     }
     return CompiledGroup(gateway.name, resources)
 
 
+def _backend_parts(backend: Backend, grants: tuple[GrantSpec, ...], issuers: tuple[str, ...]) -> _BackendParts:
+    requirement = jwt.requirement(issuers, backend.audience).SerializeToString(deterministic=True) if issuers else None
+    return _BackendParts(
+        requirement=requirement,
+        virtual_host=route.virtual_host_bytes(backend, grants, authenticated=bool(issuers)),
+        cluster=_serialize(cluster.backend_cluster_config(backend)),
+        endpoints=_load_assignment(backend),
+    )
+
+
+def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
+    host, port, tls = jwt.jwks_endpoint(issuer)
+    return jwks_cluster(issuer.name), _serialize(cluster.jwks_cluster_config(issuer, host, port, tls))
+
+
 def _gateway_issuers(
-    policy: Policy, backends: Sequence[Backend], grants: _Grants
+    policy: Policy, backends: Sequence[Backend], grants: GrantIndex
 ) -> list[tuple[Issuer, list[str]]]:
     """Issuers whose tokens some backend on this gateway accepts, each with those backends' audiences."""
     audiences: dict[str, list[str]] = defaultdict(list)
     for backend in backends:
-        for issuer in grants.issuers_by_backend.get(backend.name, ()):
+        for issuer in grants.issuers(backend.name):
             audiences[issuer].append(backend.audience)
     return [(policy.issuer(name), sorted(set(aud))) for name, aud in sorted(audiences.items())]
 
 
-def _clusters(backends: Sequence[Backend], issuers: Sequence[Issuer], memo: CompilerMemo) -> list[tuple[str, bytes]]:
-    out = [
-        (
-            backend_cluster(b.name),
-            memo.clusters.get((b,), lambda b=b: _serialize(cluster.backend_cluster_config(b))),  # type: ignore[misc]
-        )
-        for b in backends
-    ]
-    for issuer in issuers:
-        host, port, tls = jwt.jwks_endpoint(issuer)
-        out.append((jwks_cluster(issuer.name), _serialize(cluster.jwks_cluster_config(issuer, host, port, tls))))
-    return sorted(out)
-
-
-def _endpoints(backends: Sequence[Backend], memo: CompilerMemo) -> list[tuple[str, bytes]]:
-    return [
-        (
-            backend_cluster(b.name),
-            memo.endpoints.get(
-                (b,),
-                lambda b=b: _serialize(cluster.load_assignment(backend_cluster(b.name), b.endpoints)),  # type: ignore[misc]
-            ),
-        )
-        for b in backends
-        if cluster.uses_eds(b)
-    ]
+def _load_assignment(backend: Backend) -> bytes | None:
+    if not cluster.uses_eds(backend):
+        return None
+    return _serialize(cluster.load_assignment(backend_cluster(backend.name), backend.endpoints))
 
 
 def _serialize(message: object) -> bytes:

@@ -6,7 +6,7 @@ Extraction is explicit (`Authorization: Bearer`), otherwise Envoy would also acc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from envoy.config.core.v3 import backoff_pb2, base_pb2, http_uri_pb2
@@ -14,6 +14,7 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
 from google.protobuf.wrappers_pb2 import UInt32Value
 
+from controlplane.compiler import wire
 from controlplane.compiler.names import (
     FAILURE_KEY,
     HEADER_KEY,
@@ -75,18 +76,17 @@ def any_provider(issuers: Sequence[str]) -> jwt.JwtRequirement:
     return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=alternatives))
 
 
-def authentication(
-    providers: Sequence[tuple[Issuer, Sequence[str]]], requirements: Mapping[str, jwt.JwtRequirement]
-) -> jwt.JwtAuthentication:
-    """`providers` pairs each issuer to the audiences it may carry on this gateway; `requirements` is per backend.
+def authentication_bytes(
+    providers: Sequence[tuple[Issuer, Sequence[str]]], requirements: Sequence[tuple[str, bytes]]
+) -> bytes:
+    """Serialized JwtAuthentication. `providers` pairs each issuer with the audiences it may carry on
+    this gateway; `requirements` are the per-backend requirements, already serialized (one per backend,
+    so thousands: they are appended as wire-level map entries instead of being rebuilt as messages).
 
     The filter-level rule (a token from any provider) only decides requests no virtual host claims:
     they are then denied by the filter-level RBAC, but a missing token still reads as 401.
     """
-    config = jwt.JwtAuthentication(
-        providers={provider_name(i.name): provider(i, aud) for i, aud in providers},
-        requirement_map=dict(requirements),
-    )
+    config = jwt.JwtAuthentication(providers={provider_name(i.name): provider(i, aud) for i, aud in providers})
     if providers:
         config.rules.append(
             jwt.RequirementRule(
@@ -94,7 +94,11 @@ def authentication(
                 requires=any_provider([i.name for i, _ in providers]),
             )
         )
-    return config
+    head = config.SerializeToString(deterministic=True)
+    return head + b"".join(wire.map_entry(_REQUIREMENT_MAP, name, r) for name, r in sorted(requirements))
+
+
+_REQUIREMENT_MAP = wire.number(jwt.JwtAuthentication, "requirement_map")
 
 
 def per_route_requirement(backend: str) -> jwt.PerRouteConfig:

@@ -8,8 +8,11 @@ used by the latest compile are dropped, so memory follows the policy's size.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from controlplane.compiler.grants import GrantIndex
 
 V = TypeVar("V")
 
@@ -22,7 +25,7 @@ class IdentityMemo(Generic[V]):
     def get(self, inputs: tuple[object, ...], compute: Callable[[], V]) -> V:
         key = tuple(map(id, inputs))
         hit = self._current.get(key) or self._previous.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], inputs, strict=True)):
+        if hit is not None and all(map(operator.is_, hit[0], inputs)):
             self._current[key] = hit
             return hit[1]
         value = compute()
@@ -37,11 +40,8 @@ class CompilerMemo:
     """One memo per kind of intermediate result."""
 
     def __init__(self) -> None:
-        self.grants: IdentityMemo[object] = IdentityMemo()
-        self.virtual_hosts: IdentityMemo[bytes] = IdentityMemo()
-        self.clusters: IdentityMemo[bytes] = IdentityMemo()
-        self.endpoints: IdentityMemo[bytes] = IdentityMemo()
+        self.grant_index = GrantIndex()
+        self.backends: IdentityMemo[Any] = IdentityMemo()
 
     def next_generation(self) -> None:
-        for memo in (self.grants, self.virtual_hosts, self.clusters, self.endpoints):
-            memo.next_generation()
+        self.backends.next_generation()

@@ -6,6 +6,7 @@ ALLOWS everything in Envoy (envoy-1.40-verified.md G11); `rules{action: ALLOW}` 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
-from controlplane.compiler.claims import ResolvedSubject, subject_principal
+from controlplane.compiler import wire
+from controlplane.compiler.claims import ResolvedSubject, subject_principal_bytes
 from controlplane.compiler.names import shadow_stat_prefix
 from controlplane.model.policy import Mode, RoleRule
 
@@ -35,25 +37,52 @@ def deny_all_filter() -> rbac_filter.RBAC:
 
 
 def backend_rbac(backend: str, grants: Sequence[GrantSpec]) -> rbac_filter.RBACPerRoute:
-    enforced = {g.policy_name: _policy(g) for g in grants if g.mode is Mode.ENFORCE}
-    shadow = {g.policy_name: _policy(g) for g in grants if g.mode is Mode.SHADOW}
-    rbac = rbac_filter.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.ALLOW, policies=enforced))
+    return rbac_filter.RBACPerRoute.FromString(backend_rbac_bytes(backend, grants))
+
+
+def backend_rbac_bytes(backend: str, grants: Sequence[GrantSpec]) -> bytes:
+    """Serialized RBACPerRoute: ALLOW with the enforced policies (none = deny all), plus shadow rules.
+
+    Assembled from cached pieces (see wire.py); ALLOW is the enum's zero value, so `rules` is an
+    explicitly present but empty-looking message when nothing is granted, which Envoy reads as deny all.
+    """
+    enforced = sorted((g for g in grants if g.mode is Mode.ENFORCE), key=lambda g: g.policy_name)
+    shadow = sorted((g for g in grants if g.mode is Mode.SHADOW), key=lambda g: g.policy_name)
+    rbac = wire.length_delimited(_RULES, _allow_policies(enforced))
     if shadow:
-        rbac.shadow_rules.CopyFrom(rbac_config.RBAC(action=rbac_config.RBAC.ALLOW, policies=shadow))
-        rbac.shadow_rules_stat_prefix = shadow_stat_prefix(backend)
-    return rbac_filter.RBACPerRoute(rbac=rbac)
+        rbac += wire.length_delimited(_SHADOW_RULES, _allow_policies(shadow))
+        rbac += wire.length_delimited(_SHADOW_PREFIX, shadow_stat_prefix(backend).encode())
+    return wire.length_delimited(_PER_ROUTE_RBAC, rbac)
+
+
+_PER_ROUTE_RBAC = wire.number(rbac_filter.RBACPerRoute, "rbac")
+_RULES = wire.number(rbac_filter.RBAC, "rules")
+_SHADOW_RULES = wire.number(rbac_filter.RBAC, "shadow_rules")
+_SHADOW_PREFIX = wire.number(rbac_filter.RBAC, "shadow_rules_stat_prefix")
+_POLICIES = wire.number(rbac_config.RBAC, "policies")
+_PERMISSIONS = wire.number(rbac_config.Policy, "permissions")
+_PRINCIPALS = wire.number(rbac_config.Policy, "principals")
+assert rbac_config.RBAC.ALLOW == 0, "ALLOW must be the default action for the encoding above"
+
+
+def _allow_policies(grants: Sequence[GrantSpec]) -> bytes:
+    return b"".join(wire.map_entry(_POLICIES, g.policy_name, _policy_bytes(g)) for g in grants)
+
+
+def _policy_bytes(grant: GrantSpec) -> bytes:
+    return wire.repeated(_PERMISSIONS, map(_rule_bytes, grant.rules)) + wire.repeated(
+        _PRINCIPALS, map(subject_principal_bytes, grant.subjects)
+    )
+
+
+@functools.lru_cache(maxsize=16384)
+def _rule_bytes(rule: RoleRule) -> bytes:
+    return _rule_permission(rule).SerializeToString(deterministic=True)
 
 
 def rbac_disabled() -> rbac_filter.RBACPerRoute:
     """Only for a backend's declared public paths: RBACPerRoute without `rbac` turns RBAC off there."""
     return rbac_filter.RBACPerRoute()
-
-
-def _policy(grant: GrantSpec) -> rbac_config.Policy:
-    return rbac_config.Policy(
-        permissions=[_rule_permission(rule) for rule in grant.rules],
-        principals=[subject_principal(s) for s in grant.subjects],
-    )
 
 
 def _rule_permission(rule: RoleRule) -> rbac_config.Permission:

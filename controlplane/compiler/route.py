@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
+from google.protobuf.any_pb2 import Any as AnyProto
 
 from controlplane.compiler.jwt import per_route_disabled, per_route_requirement
 from controlplane.compiler.names import (
@@ -20,16 +22,17 @@ from controlplane.compiler.names import (
     RBAC_FILTER,
     backend_cluster,
 )
-from controlplane.compiler.rbac import GrantSpec, backend_rbac, rbac_disabled
+from controlplane.compiler.rbac import GrantSpec, backend_rbac_bytes, rbac_disabled
 from controlplane.compiler.util import millis, packed
 from controlplane.model.policy import Backend
 from controlplane.snapshots.snapshot import varint
 
 _VIRTUAL_HOSTS_TAG = b"\x12"  # RouteConfiguration.virtual_hosts = 2, wire type 2
+_RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPTOR.full_name
 
 
 def virtual_host(backend: Backend, grants: Sequence[GrantSpec], authenticated: bool) -> rc.VirtualHost:
-    per_filter = {RBAC_FILTER: packed(backend_rbac(backend.name, grants))}
+    per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
     if authenticated:
         per_filter[JWT_FILTER] = packed(per_route_requirement(backend.name))
     return rc.VirtualHost(

@@ -27,17 +27,21 @@ WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 _REPEATED_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources = 2, wire type 2
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def varint(value: int) -> bytes:
-    """Protobuf base-128 varint, for framing pre-serialized messages by hand."""
+    """Protobuf base-128 varint, for framing pre-serialized messages by hand (hot: keep the fast paths)."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
-    while True:
-        byte = value & 0x7F
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class EncodedResource:
     any_bytes: bytes
     response_entry: bytes
     version: str  # sha256 prefix of any_bytes; Delta xDS uses it per resource
+    payload: bytes = b""  # the serialized message itself, to recognise it unchanged in the next build
 
     @classmethod
     def of(cls, name: str, message: Message) -> EncodedResource:
@@ -61,7 +66,7 @@ class EncodedResource:
         packed = AnyProto(type_url=type_url, value=payload)
         any_bytes = packed.SerializeToString(deterministic=True)
         entry = _REPEATED_RESOURCES_TAG + varint(len(any_bytes)) + any_bytes
-        return cls(name, any_bytes, entry, hashlib.sha256(any_bytes).hexdigest()[:16])
+        return cls(name, any_bytes, entry, hashlib.sha256(any_bytes).hexdigest()[:16], payload)
 
 
 @dataclass(frozen=True)
@@ -98,12 +103,21 @@ class Snapshot:
     types: Mapping[str, TypeSnapshot] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, group: str, resources: Mapping[str, Iterable[tuple[str, Message | bytes]]]) -> Snapshot:
-        """`resources` maps a type URL to (name, message or its serialized bytes); missing types are empty."""
-        types = {
-            type_url: TypeSnapshot.of(type_url, (_encode(type_url, n, r) for n, r in resources.get(type_url, ())))
-            for type_url in PUSH_ORDER
-        }
+    def build(
+        cls,
+        group: str,
+        resources: Mapping[str, Iterable[tuple[str, Message | bytes]]],
+        previous: Snapshot | None = None,
+    ) -> Snapshot:
+        """`resources` maps a type URL to (name, message or its serialized bytes); missing types are empty.
+
+        Resources whose bytes equal those in `previous` reuse its encoding instead of hashing again.
+        """
+        types = {}
+        for type_url in PUSH_ORDER:
+            known = previous.types[type_url].resources if previous is not None else {}
+            encoded = (_encode(type_url, n, r, known.get(n)) for n, r in resources.get(type_url, ()))
+            types[type_url] = TypeSnapshot.of(type_url, encoded)
         return cls(group, MappingProxyType(types))
 
     @classmethod
@@ -122,7 +136,18 @@ class Snapshot:
         return digest.hexdigest()[:12]
 
 
-def _encode(type_url: str, name: str, resource: Message | bytes) -> EncodedResource:
+def _encode(type_url: str, name: str, resource: Message | bytes, known: EncodedResource | None) -> EncodedResource:
     if isinstance(resource, bytes):
+        if known is not None and (known.payload is resource or known.payload == resource):
+            return known
         return EncodedResource.of_payload(name, type_url, resource)
     return EncodedResource.of(name, resource)
+
+
+def build_snapshots(
+    groups: Mapping[str, Mapping[str, Iterable[tuple[str, Message | bytes]]]],
+    previous: Mapping[str, Snapshot] | None = None,
+) -> dict[str, Snapshot]:
+    """One snapshot per group from compiled resources, reusing encodings from the previous snapshots."""
+    previous = previous or {}
+    return {name: Snapshot.build(name, resources, previous.get(name)) for name, resources in groups.items()}

@@ -1,0 +1,43 @@
+# One entry point for people and CI. `make demo` and `make test` work on a fresh machine with python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test unit lint snapshots bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m tests.support.demo
+
+test: setup lint
+	$(PY) -m pytest -q
+
+unit: setup
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check controlplane tests benchmarks
+	$(VENV)/bin/mypy
+
+# Regenerate the golden snapshots after a deliberate compiler change; review the diff.
+snapshots: setup
+	@for case in examples/*/; do \
+		name=$$(basename $$case); \
+		$(VENV)/bin/controlplane compile $$case --out snapshots/$$name > /dev/null || exit 1; \
+		echo "snapshots/$$name"; \
+	done
+
+bench: setup
+	$(PY) benchmarks/compile_scale.py
+	$(PY) benchmarks/policy_to_enforcement.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

@@ -1,0 +1,246 @@
+"""YAML parsing that remembers where everything was written.
+
+PyYAML's `safe_load` forgets line numbers, silently keeps the last of two duplicate keys and turns
+`on`/`yes`/`no` into booleans. A policy loader must point at the exact line to fix and must not guess,
+so we compose the node graph (SafeLoader resolution, YAML 1.1) and walk it into a small tree of
+located values: `YScalar`, `YSeq` and `YMap`, each with the 1-based line it starts on.
+
+Problems found here become `PolicyError`s with the dotted field path inside the document, so the
+loader reports them like any other validation error. A node that already produced an error is
+marked `reported`, and readers skip it quietly instead of reporting it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from controlplane.model.errors import PolicyError
+
+Scalar: TypeAlias = str | int | bool | float | None
+
+_TAG = "tag:yaml.org,2002:"
+_BOOL_WORDS = {"true": True, "false": False}
+_SCALAR_TAGS = frozenset(f"{_TAG}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp"))
+
+
+@dataclass(frozen=True)
+class YScalar:
+    """A scalar as YAML 1.1 resolved it (`42` is an int, `true` a bool); `text` is what was written."""
+
+    value: Scalar
+    line: int
+    text: str
+    reported: bool = False
+
+
+@dataclass(frozen=True)
+class YSeq:
+    items: tuple[YNode, ...]
+    line: int
+    reported: bool = False
+
+
+@dataclass(frozen=True)
+class YEntry:
+    """One `key: value` pair; errors about the key itself point at `key_line`."""
+
+    key_line: int
+    value: YNode
+
+
+@dataclass(frozen=True)
+class YMap:
+    """A mapping in written order. Duplicate keys were reported; the first occurrence is kept."""
+
+    entries: dict[str, YEntry] = field(hash=False)
+    line: int
+    reported: bool = False
+
+    def get(self, key: str) -> YNode | None:
+        entry = self.entries.get(key)
+        return entry.value if entry else None
+
+    def key_line(self, key: str) -> int:
+        entry = self.entries.get(key)
+        return entry.key_line if entry else self.line
+
+
+YNode: TypeAlias = YScalar | YSeq | YMap
+
+
+def child_path(parent: str, key: str | int) -> str:
+    """Dotted field path as errors show it: `subjects[0].ref_protected`."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def describe(node: YNode) -> str:
+    """How a value is named in 'expected X, got Y' messages."""
+    if isinstance(node, YMap):
+        return "a mapping"
+    if isinstance(node, YSeq):
+        return "a list"
+    if node.value is None:
+        return "null"
+    return repr(node.text) if isinstance(node.value, str) else node.text
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a shared node would make one line answer for two places."""
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"anchors and aliases are not supported (found *{event.anchor}); write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+@dataclass
+class _Walker:
+    """Turns one composed document into located values, collecting errors as it goes."""
+
+    file: str
+    errors: list[PolicyError]
+    _constructor: SafeConstructor = field(default_factory=SafeConstructor)
+
+    def error(self, node: Node, path: str, message: str) -> None:
+        self.errors.append(PolicyError(self.file, _line(node), path, message))
+
+    def walk(self, node: Node, path: str) -> YNode:
+        if isinstance(node, MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, SequenceNode):
+            return self._sequence(node, path)
+        assert isinstance(node, ScalarNode)
+        return self._scalar(node, path)
+
+    def _unsupported_tag(self, node: Node, path: str, default: str) -> bool:
+        if node.tag == f"{_TAG}{default}":
+            return False
+        self.error(node, path, f"unsupported YAML tag {node.tag!r}")
+        return True
+
+    def _sequence(self, node: SequenceNode, path: str) -> YSeq:
+        bad = self._unsupported_tag(node, path, "seq")
+        items = tuple(self.walk(item, child_path(path, i)) for i, item in enumerate(node.value))
+        return YSeq(items, _line(node), reported=bad)
+
+    def _mapping(self, node: MappingNode, path: str) -> YMap:
+        bad = self._unsupported_tag(node, path, "map")
+        entries: dict[str, YEntry] = {}
+        for key_node, value_node in node.value:
+            key = self._key(key_node, path)
+            if key is None:
+                bad = True
+                continue
+            if key in entries:
+                first = entries[key].key_line
+                self.error(key_node, child_path(path, key), f"duplicate key {key!r} (first at line {first})")
+                continue
+            entries[key] = YEntry(_line(key_node), self.walk(value_node, child_path(path, key)))
+        return YMap(entries, _line(node), reported=bad)
+
+    def _key(self, node: Node, path: str) -> str | None:
+        """Keys are plain strings in this language: take the text as written (`on:` is the key 'on')."""
+        if node.tag == f"{_TAG}merge":
+            self.error(node, child_path(path, "<<"), "merge keys (<<) are not supported; write the keys out")
+            return None
+        if not isinstance(node, ScalarNode) or not node.value:
+            self.error(node, path, "mapping keys must be non-empty strings")
+            return None
+        return str(node.value)
+
+    def _scalar(self, node: ScalarNode, path: str) -> YScalar:
+        text = str(node.value)
+        if node.tag not in _SCALAR_TAGS:
+            self.error(node, path, f"unsupported YAML tag {node.tag!r}")
+            return YScalar(text, _line(node), text, reported=True)
+        if node.tag == f"{_TAG}bool":
+            return self._bool(node, path, text)
+        value: Scalar
+        if node.tag == f"{_TAG}null":
+            value = None
+        elif node.tag in (f"{_TAG}int", f"{_TAG}float"):
+            value = self._constructor.construct_object(node)
+        else:
+            value = text  # str, and timestamps: a date-like ref or tag name stays what was written
+        return YScalar(value, _line(node), text)
+
+    def _bool(self, node: ScalarNode, path: str, text: str) -> YScalar:
+        """YAML 1.1 reads yes/no/on/off as booleans; that surprises people, so only true/false are."""
+        word = _BOOL_WORDS.get(text.lower())
+        if word is None:
+            self.error(node, path, f"expected true or false, got {text!r} (quote it if you mean the string)")
+            return YScalar(text, _line(node), text, reported=True)
+        return YScalar(word, _line(node), text)
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _is_empty(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == f"{_TAG}null" and node.value in ("", "~", "null")
+
+
+def _composed(text: str) -> Iterator[Node]:
+    yield from yaml.compose_all(text, Loader=_Loader)
+
+
+@dataclass(frozen=True)
+class ParsedYaml:
+    """One file: its non-empty documents, the errors found, and whether the whole text was read."""
+
+    documents: tuple[YNode, ...]
+    errors: tuple[PolicyError, ...]
+    complete: bool
+
+
+def parse_yaml(file: str, text: str) -> ParsedYaml:
+    """Every non-empty document of one file, and every error found in it.
+
+    A syntax error ends the file (YAML cannot be resumed after one): the documents before it are
+    kept, `complete` is False, and the error carries the line PyYAML reports.
+    """
+    errors: list[PolicyError] = []
+    walker = _Walker(file, errors)
+    documents: list[YNode] = []
+    complete = False
+    try:
+        for node in _composed(text):
+            if not _is_empty(node):
+                documents.append(walker.walk(node, ""))
+        complete = True
+    except yaml.MarkedYAMLError as exc:
+        errors.append(_syntax_error(file, exc))
+    except yaml.YAMLError as exc:  # e.g. a reader error without a mark
+        errors.append(PolicyError(file, 1, "", f"invalid YAML: {exc}"))
+    return ParsedYaml(tuple(documents), tuple(errors), complete)
+
+
+def _syntax_error(file: str, exc: yaml.MarkedYAMLError) -> PolicyError:
+    mark = exc.problem_mark or exc.context_mark
+    line = int(mark.line) + 1 if mark is not None else 1
+    parts = [p for p in (exc.context, exc.problem) if p]
+    return PolicyError(file, line, "", "invalid YAML: " + ", ".join(parts))
+
+
+def to_plain(node: YNode) -> object:
+    """The value without locations, for tests and debugging."""
+    if isinstance(node, YMap):
+        return {k: to_plain(e.value) for k, e in node.entries.items()}
+    if isinstance(node, YSeq):
+        return [to_plain(i) for i in node.items]
+    return node.value

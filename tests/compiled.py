@@ -1,0 +1,49 @@
+"""Helpers to read compiled resources back as messages in compiler tests."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_config
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+from controlplane.compiler.compile import CompiledGroup
+from controlplane.model.load import parse_policy
+from controlplane.model.policy import Policy
+from controlplane.snapshots.snapshot import CLUSTER, LISTENER, ROUTE
+
+
+def policy_of(**files: str) -> Policy:
+    return parse_policy({name.replace("__", "/") + ".yaml": text for name, text in files.items()})
+
+
+def routes(group: CompiledGroup) -> route_pb2.RouteConfiguration:
+    ((_, payload),) = group.resources[ROUTE]
+    return route_pb2.RouteConfiguration.FromString(payload)
+
+
+def vhost_rbac(group: CompiledGroup, backend: str) -> rbac_filter.RBACPerRoute:
+    vhost = next(v for v in routes(group).virtual_hosts if v.name == backend)
+    per_route = rbac_filter.RBACPerRoute()
+    vhost.typed_per_filter_config["envoy.filters.http.rbac"].Unpack(per_route)
+    return per_route
+
+
+def connection_manager(group: CompiledGroup) -> hcm_pb2.HttpConnectionManager:
+    ((_, payload),) = group.resources[LISTENER]
+    listener = listener_pb2.Listener.FromString(payload)
+    manager = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    return manager
+
+
+def jwt_authentication(group: CompiledGroup) -> jwt_config.JwtAuthentication:
+    config = jwt_config.JwtAuthentication()
+    connection_manager(group).http_filters[0].typed_config.Unpack(config)
+    return config
+
+
+def clusters(group: CompiledGroup) -> dict[str, cluster_pb2.Cluster]:
+    return {name: cluster_pb2.Cluster.FromString(payload) for name, payload in group.resources[CLUSTER]}

@@ -1,0 +1,360 @@
+"""Admin HTTP server and the `controlplane status` command, against a real loopback server on port 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.admin.http import AdminServer
+from controlplane.admin.metrics import SNAPSHOT_BUILDS
+from controlplane.cli.status import add_status_arguments, format_age, format_nack, run_status
+
+
+def fake_status() -> dict[str, Any]:
+    """A status document shaped like the real one: two groups, one proxy currently NACKing.
+
+    Times sit half a second past whole seconds, so ages print the same as long as the test reads them
+    within half a second of building the document.
+    """
+    now = time.time() - 0.5
+    return {
+        "version": "0.1.0",
+        "policy": {
+            "root": "/etc/controlplane/policy",
+            "last_good_load": now - 125,
+            "errors": [],
+            "snapshot_versions": {"ci-prod": "a" * 64, "ci-staging": "b" * 64},
+        },
+        "proxies": [
+            {
+                "node": "gw-prod-1",
+                "group": "ci-prod",
+                "protocol": "sotw",
+                "connected_since": now - 192,
+                "peer": "10.0.0.1:4242",
+                "acked": {"cds": "a" * 64, "eds": "a" * 64, "lds": "a" * 64, "rds": "a" * 64},
+                "last_nack": None,
+            },
+            {
+                "node": "gw-prod-2",
+                "group": "ci-prod",
+                "protocol": "sotw",
+                "connected_since": now - 3700,
+                "peer": "10.0.0.2:4242",
+                "acked": {"cds": "c" * 64, "lds": "c" * 64},
+                "last_nack": None,
+            },
+            {
+                "node": "gw-staging-1",
+                "group": "ci-staging",
+                "protocol": "sotw",
+                "connected_since": now - 5,
+                "peer": "10.0.1.1:4242",
+                "acked": {"cds": "b" * 64},
+                "last_nack": {
+                    "type": "lds",
+                    "version": "d" * 64,
+                    "error": "Error adding/updating listener(s) ingress:\n  duplicate\tfilter chain match",
+                    "at": now - 2,
+                },
+            },
+        ],
+        "summary": {"by_group": {"ci-prod": 2, "ci-staging": 1}},
+    }
+
+
+def healthy(status: dict[str, Any]) -> dict[str, Any]:
+    for proxy in status["proxies"]:
+        proxy["last_nack"] = None
+    return status
+
+
+@dataclass
+class Admin:
+    server: AdminServer
+    url: str
+    status: dict[str, Any] = field(default_factory=fake_status)
+    ready: bool = False
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[Admin]:
+    holder: list[Admin] = []
+    server = AdminServer(status=lambda: holder[0].status, ready=lambda: holder[0].ready, port=0)
+    port = await server.start()
+    holder.append(Admin(server, f"http://127.0.0.1:{port}"))
+    try:
+        yield holder[0]
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str, str]:
+    async with http.get(url) as response:
+        return response.status, response.headers.get("Content-Type", ""), await response.text()
+
+
+async def status_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    code, ctype, body = await get(http, url)
+    assert code == 200, body
+    assert ctype.startswith("application/json")
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def squash(line: str) -> str:
+    """A table row with column padding collapsed, so assertions do not depend on column widths."""
+    return " ".join(line.split())
+
+
+def nodes(status: dict[str, Any]) -> list[str]:
+    return [p["node"] for p in status["proxies"]]
+
+
+# --- endpoints ----------------------------------------------------------------------------------------------
+
+
+async def test_start_reports_ephemeral_port(admin: Admin) -> None:
+    port = int(admin.url.rsplit(":", 1)[1])
+    assert port > 0
+
+
+async def test_healthz_ok(admin: Admin, http: aiohttp.ClientSession) -> None:
+    code, _, body = await get(http, admin.url + "/healthz")
+    assert (code, body.strip()) == (200, "ok")
+
+
+async def test_readyz_flips_from_503_to_200(admin: Admin, http: aiohttp.ClientSession) -> None:
+    code, _, body = await get(http, admin.url + "/readyz")
+    assert code == 503
+    assert body.startswith("not ready")
+    admin.ready = True
+    code, _, _ = await get(http, admin.url + "/readyz")
+    assert code == 200
+
+
+async def test_readyz_503_when_check_raises(http: aiohttp.ClientSession) -> None:
+    def broken() -> bool:
+        raise RuntimeError("state not initialised")
+
+    server = AdminServer(status=fake_status, ready=broken, port=0)
+    port = await server.start()
+    try:
+        code, _, body = await get(http, f"http://127.0.0.1:{port}/readyz")
+    finally:
+        await server.stop()
+    assert code == 503
+    assert "state not initialised" in body
+
+
+async def test_metrics_exposition(admin: Admin, http: aiohttp.ClientSession) -> None:
+    SNAPSHOT_BUILDS.inc()
+    code, ctype, body = await get(http, admin.url + "/metrics")
+    assert code == 200
+    assert ctype.startswith("text/plain")
+    assert "version=0.0.4" in ctype
+    assert "controlplane_snapshot_builds_total" in body
+    assert "# TYPE controlplane_snapshot_builds_total counter" in body
+
+
+async def test_status_unfiltered(admin: Admin, http: aiohttp.ClientSession) -> None:
+    status = await status_json(http, admin.url + "/status")
+    assert status == admin.status
+    assert nodes(status) == ["gw-prod-1", "gw-prod-2", "gw-staging-1"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("group=ci-prod", ["gw-prod-1", "gw-prod-2"]),
+        ("group=ci-pro", []),  # group is exact, not a prefix
+        ("node=prod-2", ["gw-prod-2"]),
+        ("node=gw", ["gw-prod-1", "gw-prod-2", "gw-staging-1"]),
+        ("nacked=1", ["gw-staging-1"]),
+        ("nacked=0", ["gw-prod-1", "gw-prod-2", "gw-staging-1"]),
+        ("group=ci-prod&nacked=1", []),
+        ("group=ci-staging&node=staging&nacked=true", ["gw-staging-1"]),
+    ],
+)
+async def test_status_filters(
+    admin: Admin, http: aiohttp.ClientSession, query: str, expected: list[str]
+) -> None:
+    status = await status_json(http, f"{admin.url}/status?{query}")
+    assert nodes(status) == expected
+    assert status["summary"] == {"by_group": {"ci-prod": 2, "ci-staging": 1}}  # summary stays fleet-wide
+
+
+async def test_status_summary_omits_proxies(admin: Admin, http: aiohttp.ClientSession) -> None:
+    status = await status_json(http, admin.url + "/status?summary=1")
+    assert "proxies" not in status
+    assert status["summary"]["by_group"] == {"ci-prod": 2, "ci-staging": 1}
+    assert status["policy"]["root"] == "/etc/controlplane/policy"
+
+
+async def test_status_rejects_bad_flag(admin: Admin, http: aiohttp.ClientSession) -> None:
+    code, _, body = await get(http, admin.url + "/status?nacked=maybe")
+    assert code == 400
+    assert "nacked" in body
+
+
+async def test_status_reads_live_state(admin: Admin, http: aiohttp.ClientSession) -> None:
+    admin.status = healthy(fake_status())
+    assert (await status_json(http, admin.url + "/status?nacked=1"))["proxies"] == []
+
+
+async def test_unknown_path_404_and_non_get_405(admin: Admin, http: aiohttp.ClientSession) -> None:
+    assert (await get(http, admin.url + "/nope"))[0] == 404
+    for method in ("POST", "PUT", "DELETE"):
+        async with http.request(method, admin.url + "/status") as response:
+            assert response.status == 405, method
+
+
+async def test_no_info_logs_per_request(
+    admin: Admin, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        for path in ("/healthz", "/metrics", "/status", "/nope"):
+            await get(http, admin.url + path)
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+
+
+async def test_warns_when_bound_beyond_loopback(caplog: pytest.LogCaptureFixture) -> None:
+    server = AdminServer(status=fake_status, ready=lambda: True, host="0.0.0.0", port=0)
+    with caplog.at_level(logging.WARNING, logger="controlplane.admin.http"):
+        await server.start()
+        await server.stop()
+    assert any("no authentication" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+async def test_no_warning_on_loopback(caplog: pytest.LogCaptureFixture) -> None:
+    server = AdminServer(status=fake_status, ready=lambda: True, port=0)
+    with caplog.at_level(logging.WARNING, logger="controlplane.admin.http"):
+        await server.start()
+        await server.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_stop_is_idempotent_and_releases_port(http: aiohttp.ClientSession) -> None:
+    server = AdminServer(status=fake_status, ready=lambda: True, port=0)
+    port = await server.start()
+    await server.stop()
+    await server.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(http, f"http://127.0.0.1:{port}/healthz")
+
+
+# --- controlplane status ------------------------------------------------------------------------------------
+
+
+async def run_cli(
+    url: str, *, as_json: bool = False, group: str | None = None, nacked_only: bool = False
+) -> int:
+    # run_status blocks on urllib; the server lives on this loop, so the client must run in a thread.
+    return await asyncio.to_thread(run_status, url, as_json=as_json, group=group, nacked_only=nacked_only)
+
+
+async def test_cli_table_healthy_exits_0(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    admin.status = healthy(fake_status())
+    assert await run_cli(admin.url) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert squash(lines[0]) == "NODE GROUP PROTO CONNECTED SINCE CDS EDS LDS RDS LAST NACK"
+    assert squash(lines[1]) == "gw-prod-1 ci-prod sotw 3m12s aaaaaaaa aaaaaaaa aaaaaaaa aaaaaaaa -"
+    assert squash(lines[2]) == "gw-prod-2 ci-prod sotw 1h01m cccccccc - cccccccc - -"
+    assert "last good load: 2m05s ago" in out
+    assert "errors: none" in out
+    assert "ci-prod: 2" in out
+    assert "ci-staging: 1" in out
+    assert "proxies: 3 connected" in out
+
+
+async def test_cli_nack_exits_2_and_shows_squashed_error(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_cli(admin.url) == 2
+    out = capsys.readouterr().out
+    staging = next(line for line in out.splitlines() if line.startswith("gw-staging-1"))
+    squashed = "Error adding/updating listener(s) ingress: duplicate filter chain match"
+    assert staging.endswith(f"lds@dddddddd: {squashed[:60].rstrip()}")
+    assert format_nack(None) == "-"
+
+
+async def test_cli_policy_errors_exit_2(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    admin.status = healthy(fake_status())
+    admin.status["policy"]["errors"] = ["groups/prod.yaml:12: routes[0].backend: unknown backend 'db'"]
+    assert await run_cli(admin.url) == 2
+    out = capsys.readouterr().out
+    assert "groups/prod.yaml:12: routes[0].backend: unknown backend 'db'" in out
+
+
+async def test_cli_group_filter_scopes_exit_code(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_cli(admin.url, group="ci-prod") == 0
+    out = capsys.readouterr().out
+    assert "gw-prod-1" in out
+    assert "gw-staging-1" not in out
+
+
+async def test_cli_nacked_only(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_cli(admin.url, nacked_only=True) == 2
+    out = capsys.readouterr().out
+    assert "gw-staging-1" in out
+    assert "gw-prod-1" not in out
+
+
+async def test_cli_json_output(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_cli(admin.url + "/", as_json=True, group="ci-staging") == 2
+    printed = json.loads(capsys.readouterr().out)
+    assert [p["node"] for p in printed["proxies"]] == ["gw-staging-1"]
+
+
+async def test_cli_unreachable_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    server = AdminServer(status=fake_status, ready=lambda: True, port=0)
+    port = await server.start()
+    await server.stop()  # nothing listens on this port any more
+    url = f"http://127.0.0.1:{port}"
+    assert await run_cli(url) == 1
+    captured = capsys.readouterr()
+    assert f"{url}/status" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+async def test_cli_http_error_exits_1(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_cli(admin.url + "/nope") == 1
+    assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_status_arguments_default_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    add_status_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.admin, args.json, args.group, args.nacked) == ("http://127.0.0.1:9902", False, None, False)
+
+    monkeypatch.setenv("CONTROLPLANE_ADMIN", "http://10.1.2.3:9000")
+    parser = argparse.ArgumentParser()
+    add_status_arguments(parser)
+    args = parser.parse_args(["--json", "--group", "g", "--nacked"])
+    assert (args.admin, args.json, args.group, args.nacked) == ("http://10.1.2.3:9000", True, "g", True)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(-3, "0s"), (0, "0s"), (59.9, "59s"), (192, "3m12s"), (3700, "1h01m"), (90000, "1d01h")],
+)
+def test_format_age(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text

@@ -1,0 +1,934 @@
+"""Policy loading: a full tree round trip, and every class of error with its file, line and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from controlplane.model.errors import PolicyError, PolicyInvalid, Source
+from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.model.load import parse_policy
+from controlplane.model.policy import (
+    Backend,
+    Binding,
+    ClaimMatch,
+    Endpoint,
+    Gateway,
+    Issuer,
+    IssuerKind,
+    Mode,
+    Policy,
+    Role,
+    RoleRule,
+    Subject,
+    UpstreamTLS,
+)
+from controlplane.model.yaml_source import parse_yaml, to_plain
+from controlplane.sources.policy_dir import load_policy_dir, read_policy_dir
+
+
+def _text(source: str) -> str:
+    return textwrap.dedent(source).lstrip("\n")
+
+
+# A complete tree touching every kind and most keys. Line numbers below are counted from line 1 of each text.
+FULL: dict[str, str] = {
+    "issuers.yaml": _text(
+        """
+        apiVersion: controlplane/v1
+        kind: Issuer
+        name: gitlab
+        type: gitlab
+        url: https://gitlab.example.com
+        inventory: inventory/gitlab.yaml
+        ---
+        kind: Issuer
+        name: okta
+        type: oidc
+        url: https://acme.okta.com/oauth2/default
+        jwks_uri: https://acme.okta.com/oauth2/default/v1/keys
+        jwks_cache: 10m
+        clock_skew: 5
+        """
+    ),
+    "inventory/gitlab.yaml": _text(
+        """
+        groups:
+          - {id: 10, path: acme}
+          - {id: 11, path: acme/platform, parent_id: 10}
+        projects:
+          - {id: 42, path: acme/platform/deployer, namespace_id: 11}
+          - {id: 43, path: acme/old, namespace_id: 10, archived: true}
+        """
+    ),
+    "backends/api.yaml": _text(
+        """
+        kind: Backend
+        name: api
+        hosts: [api.example.com, api.internal]
+        endpoints:
+          - {address: 10.0.0.1, port: 8443}
+          - {address: api-1.internal, port: 8443}
+        tls: true
+        connect_timeout: 250ms
+        timeout: 1m
+        public_paths: [/healthz]
+        ---
+        ---
+        kind: Backend
+        name: wild
+        hosts: ["*.apps.example.com"]
+        audience: apps
+        endpoints: [{address: "::1", port: 80}]
+        tls: {sni: apps.example.com, ca_file: /etc/ca.pem}
+        """
+    ),
+    "roles.yml": _text(
+        """
+        kind: Role
+        name: api-read
+        backend: api
+        rules:
+          - methods: [GET, HEAD]
+          - paths: ["/v1/*/items", "/reports/**"]
+            methods: [POST]
+        ---
+        kind: Role
+        name: apps-all
+        backend: wild
+        rules: [{paths: ["/**"]}]
+        """
+    ),
+    "bindings.yaml": _text(
+        """
+        kind: Binding
+        name: deployer
+        issuer: gitlab
+        roles: [api-read, apps-all]
+        subjects:
+          - project: acme/platform/deployer
+            ref: [main, "release/*"]
+            ref_protected: true
+            user_id: 7
+          - group: [acme, 11]
+            include_subgroups: false
+            deployment_tier: production
+            claims: {job_project_id: "42"}
+        ---
+        kind: Binding
+        name: people
+        issuer: okta
+        mode: shadow
+        roles: [apps-all]
+        subjects:
+          - claims:
+              groups: [admins, sre]
+              email_verified: true
+        """
+    ),
+    "gateway.yaml": _text(
+        """
+        kind: Gateway
+        name: edge
+        listen: {port: 10000}
+        backends: [wild, api]
+        ---
+        kind: Gateway
+        name: internal
+        listen: {address: 127.0.0.1, port: 10001}
+        backends: [api]
+        access_log: /var/log/envoy/access.log
+        """
+    ),
+}
+
+
+def _expected_full_policy() -> Policy:
+    def at(file: str, line: int) -> Source:
+        return Source(file, line)
+
+    inventory = Inventory(
+        projects=(Project(42, "acme/platform/deployer", 11), Project(43, "acme/old", 10, archived=True)),
+        groups=(Group(10, "acme"), Group(11, "acme/platform", parent_id=10)),
+    )
+    return Policy(
+        issuers=(
+            Issuer(
+                "gitlab",
+                IssuerKind.GITLAB,
+                "https://gitlab.example.com",
+                "https://gitlab.example.com/oauth/discovery/keys",
+                clock_skew_seconds=30,
+                jwks_cache_seconds=300,
+                source=at("issuers.yaml", 2),
+                inventory=inventory,
+            ),
+            Issuer(
+                "okta",
+                IssuerKind.OIDC,
+                "https://acme.okta.com/oauth2/default",
+                "https://acme.okta.com/oauth2/default/v1/keys",
+                clock_skew_seconds=5,
+                jwks_cache_seconds=600,
+                source=at("issuers.yaml", 8),
+            ),
+        ),
+        backends=(
+            Backend(
+                "api",
+                ("api.example.com", "api.internal"),
+                "https://api.example.com",
+                (Endpoint("10.0.0.1", 8443), Endpoint("api-1.internal", 8443)),
+                UpstreamTLS("api.example.com", "/etc/ssl/certs/ca-certificates.crt"),
+                connect_timeout_ms=250,
+                request_timeout_ms=60_000,
+                public_paths=("/healthz",),
+                source=at("backends/api.yaml", 1),
+            ),
+            Backend(
+                "wild",
+                ("*.apps.example.com",),
+                "apps",
+                (Endpoint("::1", 80),),
+                UpstreamTLS("apps.example.com", "/etc/ca.pem"),
+                connect_timeout_ms=2000,
+                request_timeout_ms=15_000,
+                public_paths=(),
+                source=at("backends/api.yaml", 13),
+            ),
+        ),
+        roles=(
+            Role(
+                "api-read",
+                "api",
+                (RoleRule(("GET", "HEAD"), ()), RoleRule(("POST",), ("/v1/*/items", "/reports/**"))),
+                at("roles.yml", 1),
+            ),
+            Role("apps-all", "wild", (RoleRule((), ("/**",)),), at("roles.yml", 9)),
+        ),
+        bindings=(
+            Binding(
+                "deployer",
+                "gitlab",
+                ("api-read", "apps-all"),
+                (
+                    Subject(
+                        projects=("acme/platform/deployer",),
+                        groups=(),
+                        include_subgroups=True,
+                        claims=(
+                            ClaimMatch("ref", ("main", "release/*"), at("bindings.yaml", 7)),
+                            ClaimMatch("ref_protected", ("true",), at("bindings.yaml", 8)),
+                            ClaimMatch("user_id", ("7",), at("bindings.yaml", 9)),
+                        ),
+                        source=at("bindings.yaml", 6),
+                    ),
+                    Subject(
+                        projects=(),
+                        groups=("acme", 11),
+                        include_subgroups=False,
+                        claims=(
+                            ClaimMatch("deployment_tier", ("production",), at("bindings.yaml", 12)),
+                            ClaimMatch("job_project_id", ("42",), at("bindings.yaml", 13)),
+                        ),
+                        source=at("bindings.yaml", 10),
+                    ),
+                ),
+                Mode.ENFORCE,
+                at("bindings.yaml", 1),
+            ),
+            Binding(
+                "people",
+                "okta",
+                ("apps-all",),
+                (
+                    Subject(
+                        projects=(),
+                        groups=(),
+                        include_subgroups=True,
+                        claims=(
+                            ClaimMatch("email_verified", ("true",), at("bindings.yaml", 23)),
+                            ClaimMatch("groups", ("admins", "sre"), at("bindings.yaml", 22)),
+                        ),
+                        source=at("bindings.yaml", 21),
+                    ),
+                ),
+                Mode.SHADOW,
+                at("bindings.yaml", 15),
+            ),
+        ),
+        gateways=(
+            Gateway("edge", "0.0.0.0", 10000, ("api", "wild"), "/dev/stdout", at("gateway.yaml", 1)),
+            Gateway(
+                "internal", "127.0.0.1", 10001, ("api",), "/var/log/envoy/access.log", at("gateway.yaml", 6)
+            ),
+        ),
+        files=(
+            "backends/api.yaml",
+            "bindings.yaml",
+            "gateway.yaml",
+            "inventory/gitlab.yaml",
+            "issuers.yaml",
+            "roles.yml",
+        ),
+    )
+
+
+def test_full_policy_round_trip() -> None:
+    assert parse_policy(FULL) == _expected_full_policy()
+
+
+def test_same_input_gives_equal_policy_whatever_the_order_of_files() -> None:
+    reordered = dict(reversed(list(FULL.items())))
+    assert parse_policy(FULL) == parse_policy(reordered) == parse_policy(dict(FULL))
+
+
+def test_api_version_is_optional_and_issuer_is_implied_when_there_is_one() -> None:
+    policy = parse_policy(BASE)
+    assert policy.bindings[0].issuer == "gitlab"
+    assert policy.issuers[0].inventory is None
+    assert policy.backends[0].tls is None
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+# Document openings shared by the error cases (their lines are 1..n; the case adds the rest).
+BINDING_HEAD = "kind: Binding\nname: ci\nroles: [read]\nsubjects:\n"
+BACKEND_HEAD = "kind: Backend\nname: api\n"
+GITLAB_HEAD = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
+ROLE_HEAD = "kind: Role\nname: read\n"
+
+# A minimal valid tree; each error test replaces one or two files of it.
+BASE: dict[str, str] = {
+    "issuer.yaml": "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://gitlab.example.com\n",
+    "backend.yaml": BACKEND_HEAD + "hosts: [api.example.com]\nendpoints: [{address: a, port: 8}]\n",
+    "role.yaml": "kind: Role\nname: read\nbackend: api\nrules: [{methods: [GET]}]\n",
+    "binding.yaml": "kind: Binding\nname: ci\nroles: [read]\nsubjects: [{project: 42}]\n",
+    "gateway.yaml": "kind: Gateway\nname: edge\nlisten: {port: 10000}\nbackends: [api]\n",
+}
+
+
+def _errors(files: dict[str, str]) -> list[PolicyError]:
+    with pytest.raises(PolicyInvalid) as raised:
+        parse_policy(files)
+    return raised.value.errors
+
+
+def _with(**texts: str) -> dict[str, str]:
+    """BASE with some files replaced (`binding="..."` replaces binding.yaml; `x__y` is x/y.yaml)."""
+    files = dict(BASE)
+    for stem, text in texts.items():
+        files[stem.replace("__", "/") + ".yaml"] = _text(text)
+    return files
+
+
+def _only_error(files: dict[str, str]) -> tuple[str, int, str, str]:
+    errors = _errors(files)
+    assert len(errors) == 1, "\n".join(map(str, errors))
+    (error,) = errors
+    return error.file, error.line, error.field, error.message
+
+
+def test_base_is_valid() -> None:
+    parse_policy(BASE)
+
+
+# (files, file, line, field, message fragment): one row per error class.
+ERROR_CASES = [
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - project: 42\n    ref_protected: yes\n"),
+        ("binding.yaml", 6, "subjects[0].ref_protected", "expected true or false, got 'yes'"),
+        id="yes-is-not-a-boolean",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nbackend: api\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 4, "backend", "duplicate key 'backend' (first at line 3)"),
+        id="duplicate-key",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nrules: [{methods: [GET]}\n"),
+        ("role.yaml", 5, "", "invalid YAML"),
+        id="yaml-syntax",
+    ),
+    pytest.param(
+        _with(role="kind: Role\nname: &n read\nbackend: *n\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 3, "", "anchors and aliases are not supported"),
+        id="alias",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: !!binary YXBp\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 3, "backend", "unsupported YAML tag"),
+        id="yaml-tag",
+    ),
+    pytest.param(
+        _with(role="- kind: Role\n"),
+        ("role.yaml", 1, "", "expected a mapping with kind and name"),
+        id="document-not-a-mapping",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "bakend: api\nrules: [{methods: [GET]}]\n"),
+        (
+            "role.yaml",
+            3,
+            "bakend",
+            "unknown key 'bakend' (did you mean 'backend'?); allowed: apiVersion, backend,",
+        ),
+        id="unknown-key",
+    ),
+    pytest.param(
+        _with(role="kind: Rol\nname: read\n"),
+        ("role.yaml", 1, "kind", "unknown kind 'Rol' (did you mean 'Role'?); allowed: Backend, Binding,"),
+        id="unknown-kind",
+    ),
+    pytest.param(
+        _with(role="name: read\nbackend: api\n"),
+        ("role.yaml", 1, "kind", "missing required key"),
+        id="missing-kind",
+    ),
+    pytest.param(
+        _with(role="apiVersion: controlplane/v2\n" + ROLE_HEAD + "backend: api\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 1, "apiVersion", "expected 'controlplane/v1', got 'controlplane/v2'"),
+        id="api-version",
+    ),
+    pytest.param(
+        _with(role="kind: Role\nname: Read_Only\nbackend: api\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 2, "name", "must be lower-case letters, digits and '-'"),
+        id="bad-name",
+    ),
+    pytest.param(
+        _with(role="kind: Role\nbackend: api\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 1, "name", "missing required key"),
+        id="missing-name",
+    ),
+    # Issuer
+    pytest.param(
+        _with(issuer="kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://gitlab.example.com/\n"),
+        ("issuer.yaml", 4, "url", "must not end with '/'"),
+        id="issuer-url-trailing-slash",
+    ),
+    pytest.param(
+        _with(issuer="kind: Issuer\nname: gitlab\ntype: gitlab\nurl: gitlab.example.com\n"),
+        ("issuer.yaml", 4, "url", "expected an http(s) URL"),
+        id="issuer-url-scheme",
+    ),
+    pytest.param(
+        _with(issuer="kind: Issuer\nname: gitlab\ntype: github\nurl: https://gitlab.example.com\n"),
+        ("issuer.yaml", 3, "type", "unknown issuer type 'github'"),
+        id="issuer-type",
+    ),
+    pytest.param(
+        _with(issuer="kind: Issuer\nname: gitlab\ntype: oidc\nurl: https://idp.example.com\n"),
+        ("issuer.yaml", 1, "jwks_uri", "missing required key for oidc issuers"),
+        id="oidc-needs-jwks-uri",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "clock_skew: 0\n"),
+        ("issuer.yaml", 5, "clock_skew", "must be between 1s and 5m, got 0ms (0 is not allowed"),
+        id="clock-skew-zero",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "jwks_cache: 2d\n"),
+        ("issuer.yaml", 5, "jwks_cache", "expected a duration such as 250ms, 30s, 5m, 1h"),
+        id="duration-syntax",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "jwks_cache: 1500ms\n"),
+        ("issuer.yaml", 5, "jwks_cache", "whole seconds only"),
+        id="duration-whole-seconds",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "inventory: inv.yaml\n"),
+        ("issuer.yaml", 5, "inventory", "no file 'inv.yaml' in the policy tree"),
+        id="inventory-missing",
+    ),
+    pytest.param(
+        _with(
+            issuer="""
+            kind: Issuer
+            name: gitlab
+            type: oidc
+            url: https://idp.example.com
+            jwks_uri: https://idp.example.com/keys
+            inventory: inv.yaml
+            """,
+            binding="kind: Binding\nname: ci\nroles: [read]\nsubjects: [{claims: {sub: x}}]\n",
+            inv="groups: []\n",
+        ),
+        ("issuer.yaml", 6, "inventory", "only for gitlab issuers"),
+        id="inventory-on-oidc",
+    ),
+    pytest.param(
+        _with(
+            issuer=GITLAB_HEAD + "inventory: inv.yaml\n",
+            inv="""
+            groups:
+              - {id: 10, path: acme}
+              - {id: 11, path: acme/platform, parent_id: 12}
+            """,
+        ),
+        ("inv.yaml", 3, "groups[1].parent_id", "no group with id 12 in this inventory"),
+        id="inventory-parent-missing",
+    ),
+    pytest.param(
+        _with(
+            issuer=GITLAB_HEAD + "inventory: inv.yaml\n",
+            inv="""
+            groups: [{id: 10, path: acme}]
+            projects:
+              - {id: 42, path: acme/app, namespace_id: 10}
+              - {id: 43, path: acme/app, namespace_id: 10}
+            """,
+        ),
+        ("inv.yaml", 4, "projects[1].path", "duplicate value 'acme/app' (first at line 3)"),
+        id="inventory-duplicate-path",
+    ),
+    pytest.param(
+        _with(
+            issuer=GITLAB_HEAD + "inventory: inv.yaml\n",
+            inv="""
+            groups: [{id: 10, path: acme}]
+            projects:
+              - {id: 42, path: other/app, namespace_id: 10}
+            """,
+        ),
+        ("inv.yaml", 3, "projects[0].path", "'other/app' is not directly under group 10 ('acme')"),
+        id="inventory-path-disagrees-with-parent",
+    ),
+    pytest.param(
+        _with(
+            issuer=GITLAB_HEAD + "inventory: inv.yaml\n",
+            inv="groups: [{id: 0, path: acme}]\n",
+        ),
+        ("inv.yaml", 1, "groups[0].id", "expected a positive integer, got 0"),
+        id="inventory-id",
+    ),
+    # Backend
+    pytest.param(
+        _with(backend=BACKEND_HEAD + "hosts: [API.example.com:443]\nendpoints: [{address: a, port: 1}]\n"),
+        ("backend.yaml", 3, "hosts[0]", "expected a lower-case DNS name (or *.domain) without port"),
+        id="backend-host",
+    ),
+    pytest.param(
+        _with(backend=BACKEND_HEAD + "hosts: []\nendpoints: [{address: a, port: 1}]\n"),
+        ("backend.yaml", 3, "hosts", "must not be empty"),
+        id="backend-hosts-empty",
+    ),
+    pytest.param(
+        _with(backend=BACKEND_HEAD + "hosts: [a.example.com]\nendpoints: [{address: a, port: 70000}]\n"),
+        ("backend.yaml", 4, "endpoints[0].port", "must be between 1 and 65535, got 70000"),
+        id="backend-port",
+    ),
+    pytest.param(
+        _with(backend=BACKEND_HEAD + "hosts: [a.example.com]\nendpoints: [{address: 'a b', port: 1}]\n"),
+        ("backend.yaml", 4, "endpoints[0].address", "expected an IP address or a lower-case DNS name"),
+        id="backend-address",
+    ),
+    pytest.param(
+        _with(backend=BACKEND_HEAD + "hosts: ['*.example.com']\nendpoints: [{address: a, port: 1}]\n"),
+        ("backend.yaml", 1, "audience", "missing required key when hosts[0] is a wildcard"),
+        id="backend-wildcard-needs-audience",
+    ),
+    pytest.param(
+        _with(
+            backend="""
+            kind: Backend
+            name: api
+            hosts: ['*.example.com']
+            audience: api
+            endpoints: [{address: a, port: 1}]
+            tls: true
+            """
+        ),
+        ("backend.yaml", 6, "tls.sni", "missing required key when hosts[0] is a wildcard"),
+        id="backend-wildcard-needs-sni",
+    ),
+    pytest.param(
+        _with(
+            backend="""
+            kind: Backend
+            name: api
+            hosts: [api.example.com]
+            endpoints: [{address: a, port: 1}]
+            tls: {ca_file: certs/ca.pem}
+            """
+        ),
+        ("backend.yaml", 5, "tls.ca_file", "expected an absolute path"),
+        id="backend-ca-file",
+    ),
+    pytest.param(
+        _with(
+            backend="""
+            kind: Backend
+            name: api
+            hosts: [api.example.com]
+            endpoints: [{address: a, port: 1}]
+            public_paths: [/health*]
+            """
+        ),
+        ("backend.yaml", 5, "public_paths[0]", "expected an exact path (no globs"),
+        id="backend-public-path",
+    ),
+    pytest.param(
+        _with(
+            backend="""
+            kind: Backend
+            name: api
+            hosts: [api.example.com]
+            endpoints: [{address: a, port: 1}]
+            connect_timeout: 0
+            """
+        ),
+        ("backend.yaml", 5, "connect_timeout", "must be between 1ms and 1m, got 0ms"),
+        id="backend-timeout",
+    ),
+    # Role
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nrules: [{methods: [get]}]\n"),
+        ("role.yaml", 4, "rules[0].methods[0]", "methods are upper-case: write 'GET'"),
+        id="role-method-case",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nrules: [{methods: [TRACE]}]\n"),
+        ("role.yaml", 4, "rules[0].methods[0]", "unknown method 'TRACE'"),
+        id="role-method-unknown",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nrules:\n  - paths: [/a/**/b]\n"),
+        ("role.yaml", 5, "rules[0].paths[0]", "'**' is only allowed as a final '/**'"),
+        id="role-path-double-star",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nrules:\n  - paths: [v1]\n"),
+        ("role.yaml", 5, "rules[0].paths[0]", "must start with '/'"),
+        id="role-path-slash",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: api\nrules:\n  - {}\n"),
+        ("role.yaml", 5, "rules[0]", "a rule needs methods or paths"),
+        id="role-empty-rule",
+    ),
+    pytest.param(
+        _with(role=ROLE_HEAD + "backend: apii\nrules: [{methods: [GET]}]\n"),
+        ("role.yaml", 3, "backend", "no Backend named 'apii' (did you mean 'api'?)"),
+        id="role-backend-unknown",
+    ),
+    # Gateway
+    pytest.param(
+        _with(gateway="kind: Gateway\nname: edge\nlisten: {address: localhost, port: 1}\nbackends: [api]\n"),
+        ("gateway.yaml", 3, "listen.address", "expected an IP address, got 'localhost'"),
+        id="gateway-address",
+    ),
+    pytest.param(
+        _with(gateway="kind: Gateway\nname: edge\nlisten: {}\nbackends: [api]\n"),
+        ("gateway.yaml", 3, "listen.port", "missing required key"),
+        id="gateway-port-missing",
+    ),
+    pytest.param(
+        _with(gateway="kind: Gateway\nname: edge\nlisten: {port: 1}\nbackends: [api, api]\n"),
+        ("gateway.yaml", 4, "backends[1]", "duplicate value 'api' (first at line 4)"),
+        id="gateway-duplicate-backend",
+    ),
+    # Binding
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - ref: main\n"),
+        ("binding.yaml", 5, "subjects[0]", "every GitLab subject must pin a project or a group"),
+        id="subject-unpinned",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - project: 42\n    group: 7\n"),
+        ("binding.yaml", 6, "subjects[0].group", "pin a project or a group, not both"),
+        id="subject-project-and-group",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, include_subgroups: true}\n"),
+        ("binding.yaml", 5, "subjects[0].include_subgroups", "only with group"),
+        id="subject-include-subgroups-without-group",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - project: 'acme/*'\n"),
+        (
+            "binding.yaml",
+            5,
+            "subjects[0].project",
+            "expected a project path (namespace/project) or a positive id",
+        ),
+        id="subject-project-glob",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, ref_type: merge}\n"),
+        ("binding.yaml", 5, "subjects[0].ref_type", "unknown value 'merge'; allowed: branch, tag"),
+        id="subject-enum",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, ref: 'a/**'}\n"),
+        ("binding.yaml", 5, "subjects[0].ref", "'**' is not allowed in claim values"),
+        id="subject-double-star",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, ref: ['']}\n"),
+        ("binding.yaml", 5, "subjects[0].ref[0]", "must not be empty"),
+        id="subject-empty-value",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, user_id: 1.5}\n"),
+        ("binding.yaml", 5, "subjects[0].user_id", "expected a string, an integer or true/false, got 1.5"),
+        id="subject-float",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, user_id: 017}\n"),
+        ("binding.yaml", 5, "subjects[0].user_id", "YAML reads 017 as the number 15: quote it"),
+        id="subject-non-decimal-number",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, claims: {aud: x}}\n"),
+        (
+            "binding.yaml",
+            5,
+            "subjects[0].claims.aud",
+            "claim 'aud' is checked by the token validation itself",
+        ),
+        id="subject-reserved-claim",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, claims: {ref: x}}\n"),
+        (
+            "binding.yaml",
+            5,
+            "subjects[0].claims.ref",
+            "write 'ref' as a key of the subject, not under claims",
+        ),
+        id="subject-typed-claim-under-claims",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, claims: {a: null}}\n"),
+        ("binding.yaml", 5, "subjects[0].claims.a", "expected a string, an integer or true/false, got null"),
+        id="subject-null-claim",
+    ),
+    pytest.param(
+        _with(binding=BINDING_HEAD + "  - {project: 1, refs: main}\n"),
+        ("binding.yaml", 5, "subjects[0].refs", "unknown key 'refs' (did you mean 'ref'?)"),
+        id="subject-unknown-key",
+    ),
+    pytest.param(
+        _with(
+            issuer=(
+                "kind: Issuer\nname: gitlab\ntype: oidc\n"
+                "url: https://idp.example.com\njwks_uri: https://idp.example.com/keys\n"
+            ),
+            binding=BINDING_HEAD + "  - {claims: {sub: x}, ref: main}\n",
+        ),
+        ("binding.yaml", 5, "subjects[0].ref", "only for gitlab issuers"),
+        id="oidc-subject-gitlab-key",
+    ),
+    pytest.param(
+        _with(
+            issuer=(
+                "kind: Issuer\nname: gitlab\ntype: oidc\n"
+                "url: https://idp.example.com\njwks_uri: https://idp.example.com/keys\n"
+            ),
+            binding=BINDING_HEAD + "  - {}\n",
+        ),
+        ("binding.yaml", 5, "subjects[0].claims", "missing required key for oidc issuers"),
+        id="oidc-subject-needs-claims",
+    ),
+    pytest.param(
+        _with(binding="kind: Binding\nname: ci\nroles: [read]\nmode: audit\nsubjects: [{project: 1}]\n"),
+        ("binding.yaml", 4, "mode", "unknown mode 'audit'; allowed: enforce, shadow"),
+        id="binding-mode",
+    ),
+    pytest.param(
+        _with(binding="kind: Binding\nname: ci\nroles: [reed]\nsubjects: [{project: 1}]\n"),
+        ("binding.yaml", 3, "roles[0]", "no Role named 'reed' (did you mean 'read'?)"),
+        id="binding-role-unknown",
+    ),
+    pytest.param(
+        _with(binding="kind: Binding\nname: ci\nroles: []\nsubjects: [{project: 1}]\n"),
+        ("binding.yaml", 3, "roles", "must not be empty"),
+        id="binding-roles-empty",
+    ),
+    pytest.param(
+        _with(binding="kind: Binding\nname: ci\nissuer: gitlb\nroles: [read]\nsubjects: [{project: 1}]\n"),
+        ("binding.yaml", 3, "issuer", "no Issuer named 'gitlb' (did you mean 'gitlab'?)"),
+        id="binding-issuer-unknown",
+    ),
+]
+
+
+@pytest.mark.parametrize(("files", "expected"), ERROR_CASES)
+def test_each_error_names_file_line_and_field(
+    files: dict[str, str], expected: tuple[str, int, str, str]
+) -> None:
+    """The error is there, at its place; consequences elsewhere (a Role gone missing) may add others."""
+    errors = _errors(files)
+    listing = "\n".join(map(str, errors))
+    at_place = [e.message for e in errors if (e.file, e.line, e.field) == expected[:3]]
+    assert len(at_place) == 1, listing
+    assert expected[3] in at_place[0], listing
+    assert len({(e.file, e.line, e.field) for e in errors}) == len(errors), f"reported twice:\n{listing}"
+
+
+def test_duplicate_names_are_reported_at_both_places() -> None:
+    files = _with(role2=ROLE_HEAD + "backend: api\nrules: [{methods: [GET]}]\n")
+    errors = _errors(files)
+    assert [(e.file, e.line, e.field) for e in errors] == [
+        ("role.yaml", 1, "name"),
+        ("role2.yaml", 1, "name"),
+    ]
+    assert "also used by Role 'read' at role2.yaml:1" in errors[0].message
+    assert "also used by Role 'read' at role.yaml:1" in errors[1].message
+
+
+def test_duplicate_hosts_are_reported_on_both_backends() -> None:
+    other = """
+        kind: Backend
+        name: other
+        hosts: [x.example.com, api.example.com]
+        endpoints: [{address: a, port: 1}]
+        """
+    errors = _errors(_with(backend2=other))
+    assert [(e.file, e.line, e.field) for e in errors] == [
+        ("backend.yaml", 3, "hosts[0]"),
+        ("backend2.yaml", 3, "hosts[1]"),
+    ]
+    assert "Backend 'other' at backend2.yaml:3" in errors[0].message
+
+
+def test_issuer_is_required_when_there_are_several() -> None:
+    second = "kind: Issuer\nname: okta\ntype: oidc\nurl: https://i.example.com\njwks_uri: https://i.example.com/k\n"
+    file, line, field, message = _only_error(_with(issuer2=second))
+    assert (file, line, field) == ("binding.yaml", 1, "issuer")
+    assert "one of gitlab, okta" in message
+
+
+def test_many_errors_are_reported_at_once_sorted_by_file_and_line() -> None:
+    files = _with(
+        backend=BACKEND_HEAD + "hosts: [api.example.com]\nendpoints: [{address: a, port: 0}]\ntls: maybe\n",
+        role=ROLE_HEAD + "backend: api\nrules: [{methods: [GET], paths: [x]}]\nextra: 1\n",
+        binding="""
+            kind: Binding
+            name: ci
+            roles: [read, nope]
+            subjects:
+              - project: 42
+                ref_protected: 'yes'
+              - group: acme
+                environment_protected: on
+            """,
+    )
+    rendered = [str(e) for e in _errors(files)]
+    assert rendered == [
+        "backend.yaml:4: endpoints[0].port: must be between 1 and 65535, got 0",
+        "backend.yaml:5: tls: expected a mapping, got 'maybe'",
+        "binding.yaml:3: roles[1]: no Role named 'nope'",
+        "binding.yaml:6: subjects[0].ref_protected: expected true or false, got 'yes'",
+        "binding.yaml:8: subjects[1].environment_protected: expected true or false, got 'on'"
+        " (quote it if you mean the string)",
+        "role.yaml:4: rules[0].paths[0]: must start with '/', got 'x'",
+        "role.yaml:5: extra: unknown key 'extra'; allowed: apiVersion, backend, kind, name, rules",
+    ]
+
+
+def test_a_broken_file_does_not_cascade_into_missing_references() -> None:
+    """Names declared after a syntax error cannot be seen; references to them are not blamed."""
+    files = _with(role=ROLE_HEAD + "backend: api\nrules: [\n")
+    errors = _errors(files)
+    assert [(e.file, e.field) for e in errors] == [("role.yaml", "")]
+
+
+def test_inventory_like_file_without_reference_gets_a_hint() -> None:
+    file, line, field, message = _only_error(_with(inv="groups: [{id: 1, path: acme}]\n"))
+    assert (file, line, field) == ("inv.yaml", 1, "kind")
+    assert "reference this file from an Issuer's inventory" in message
+
+
+def test_claim_values_become_strings() -> None:
+    binding = """
+        kind: Binding
+        name: ci
+        roles: [read]
+        subjects:
+          - project: 42
+            ref_protected: false
+            user_id: [7, "8"]
+            claims: {custom: true}
+        """
+    (subject,) = parse_policy(_with(binding=binding)).bindings[0].subjects
+    assert [(c.claim, c.values) for c in subject.claims] == [
+        ("custom", ("true",)),
+        ("ref_protected", ("false",)),
+        ("user_id", ("7", "8")),
+    ]
+    assert subject.projects == (42,)
+
+
+def test_empty_documents_and_comment_only_files_are_ignored() -> None:
+    files = dict(BASE, **{"empty.yaml": "", "comments.yaml": "# nothing yet\n---\n---\n"})
+    assert parse_policy(files).files == tuple(sorted(files))
+
+
+# --- yaml_source -------------------------------------------------------------------------------------
+
+
+def test_yaml_keeps_types_and_lines() -> None:
+    parsed = parse_yaml("f.yaml", "a: 1\nb:\n  - true\n  - '2'\n  - 2024-01-01\n")
+    assert parsed.complete and not parsed.errors
+    (doc,) = parsed.documents
+    assert to_plain(doc) == {"a": 1, "b": [True, "2", "2024-01-01"]}
+    assert doc.key_line("b") == 2 and doc.get("b").items[2].line == 5  # type: ignore[union-attr]
+
+
+def test_yaml_syntax_error_stops_the_file_but_keeps_earlier_documents() -> None:
+    parsed = parse_yaml("f.yaml", "a: 1\n---\nb: [\n")
+    assert not parsed.complete
+    assert len(parsed.documents) == 1
+    assert [(e.file, e.line) for e in parsed.errors] == [("f.yaml", 4)]
+
+
+# --- policy directory --------------------------------------------------------------------------------
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_policy_dir_reads_yaml_recursively_and_skips_hidden_and_editor_files(tmp_path: Path) -> None:
+    _write_tree(tmp_path, FULL)
+    _write_tree(
+        tmp_path,
+        {
+            ".git/config.yaml": "x: [",
+            ".hidden.yaml": "x: [",
+            ".#bindings.yaml": "x: [",
+            "bindings.yaml~": "x: [",
+            "bindings.yaml.swp": "x: [",
+            "README.md": "# policy",
+        },
+    )
+    texts = read_policy_dir(tmp_path)
+    assert list(texts) == sorted(FULL)
+    assert texts == FULL
+    assert load_policy_dir(tmp_path) == _expected_full_policy()
+
+
+def test_policy_dir_missing_or_empty_is_an_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(PolicyInvalid, match=r"nope.*does not exist"):
+        read_policy_dir(missing)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(PolicyInvalid) as raised:
+        load_policy_dir(tmp_path)
+    assert raised.value.errors[0].file == str(tmp_path)
+    assert "no policy files" in raised.value.errors[0].message
+
+
+def test_policy_dir_reports_files_that_are_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_bytes(b"kind: Role\nname: \xff\n")
+    with pytest.raises(PolicyInvalid) as raised:
+        read_policy_dir(tmp_path)
+    assert [(e.file, e.line) for e in raised.value.errors] == [("bad.yaml", 1)]
+    assert "not UTF-8" in raised.value.errors[0].message
