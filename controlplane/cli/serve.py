@@ -44,6 +44,7 @@ class ControlPlane:
             status=self.status, ready=lambda: self.policy.ready, host=options.admin_host, port=options.admin_port
         )
         self.stopping = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         self.xds_port = 0
         self.admin_port = 0
 
@@ -56,6 +57,20 @@ class ControlPlane:
         }
 
     async def start(self) -> None:
+        """Watch first, then load: an edit made while the first load runs is never missed."""
+        watching = asyncio.Event()
+        self._watcher = asyncio.create_task(
+            watch_policy_dir(
+                self.options.policy,
+                self._on_policy_change,
+                quiet=self.options.debounce,
+                max_wait=self.options.max_wait,
+                stop=self.stopping,
+                ready=watching,
+            )
+        )
+        self._watcher.add_done_callback(self._watcher_done)
+        await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
         self.policy.reload()
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
         self.admin_port = await self.admin.start()
@@ -71,21 +86,25 @@ class ControlPlane:
 
     async def run(self) -> None:
         await self.start()
-        watcher = asyncio.create_task(
-            watch_policy_dir(
-                self.options.policy,
-                self._on_policy_change,
-                quiet=self.options.debounce,
-                max_wait=self.options.max_wait,
-                stop=self.stopping,
-            )
-        )
         await self.stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
         log.info("shutting down: draining xDS streams for up to %.1fs", self.options.shutdown_grace)
-        await watcher
+        self.stopping.set()
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.xds.stop(self.options.shutdown_grace)
         await self.admin.stop()
         log.info("stopped")
+
+    def _watcher_done(self, task: asyncio.Task[None]) -> None:
+        """A watcher that dies must not go unnoticed: the served policy would silently stop following edits."""
+        if task.cancelled() or self.stopping.is_set():
+            return
+        error = task.exception()
+        log.critical("policy watcher stopped (%s); shutting down so a supervisor restarts us", error)
+        self.stopping.set()
 
     async def _on_policy_change(self, changed: set[str]) -> None:
         log.info("policy change: %s", ", ".join(sorted(changed)) or "(directory)")

@@ -291,10 +291,10 @@ def _list_of(item: Conv[T], *, non_empty: bool = True, unique: bool = True) -> C
             ctx.error(node.line, path, "must not be empty")
             return None
         values = [item(ctx, n, child_path(path, i)) for i, n in enumerate(node.items)]
-        if unique:
-            located = zip(values, node.items, strict=True)
-            _report_duplicates(ctx, [(v, n.line, child_path(path, i)) for i, (v, n) in enumerate(located)])
-        if any(v is None for v in values):
+        located = [
+            (v, n.line, child_path(path, i)) for i, (v, n) in enumerate(zip(values, node.items, strict=True))
+        ]
+        if (unique and _report_duplicates(ctx, located)) or any(v is None for v in values):
             return None
         return tuple(_need(v) for v in values)
 
@@ -314,15 +314,19 @@ def _one_or_list(item: Conv[T]) -> Conv[tuple[T, ...]]:
     return read
 
 
-def _report_duplicates(ctx: _Ctx, items: Iterable[tuple[object, int, str]]) -> None:
+def _report_duplicates(ctx: _Ctx, items: Iterable[tuple[object, int, str]]) -> bool:
+    """Reports each repeated value at its later place; True if there was any."""
     first: dict[object, int] = {}
+    found = False
     for value, line, path in items:
         if value is None:
             continue
         if value in first:
             ctx.error(line, path, f"duplicate value {value!r} (first at line {first[value]})")
+            found = True
         else:
             first[value] = line
+    return found
 
 
 class _Fields:

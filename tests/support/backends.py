@@ -186,12 +186,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, port: int = 0) -> None:
         self.router = router
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.log: list[tuple[Request, int]] = []
-        super().__init__((LOOPBACK, 0), _Handler)
+        super().__init__((LOOPBACK, port), _Handler)
 
     def track(self, conn: socket.socket, *, add: bool) -> None:
         with self._lock:
@@ -217,8 +217,10 @@ class LoopbackHTTPServer:
     port.
     """
 
-    def __init__(self, router: Router | None = None, *, name: str = "http") -> None:
+    def __init__(self, router: Router | None = None, *, name: str = "http", port: int = 0) -> None:
+        """`port` 0 (tests) lets the kernel choose; the demo passes the fixed ports its example policy names."""
         self.name = name
+        self.fixed_port = port
         self.router = router or Router()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -226,7 +228,7 @@ class LoopbackHTTPServer:
     def start(self) -> Self:
         if self._server is not None:
             return self
-        self._server = _Server(self.router)
+        self._server = _Server(self.router, self.fixed_port)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -290,8 +292,8 @@ class EchoBackend(LoopbackHTTPServer):
     """Answers every method and path with 200 and what it received, so tests can assert which identity headers
     reached the backend, and that ``authorization`` (the CI job's token) did not."""
 
-    def __init__(self, name: str = "backend") -> None:
-        super().__init__(name=name)
+    def __init__(self, name: str = "backend", port: int = 0) -> None:
+        super().__init__(name=name, port=port)
         self.router.add("*", "{path:path}", self._echo)
 
     def _echo(self, request: Request) -> Response:

@@ -31,8 +31,10 @@ class FakeGitLab(OidcIssuer):
     server_name: ClassVar[str] = "fake-gitlab"
     jwks_cache_control: ClassVar[str] = "max-age=86400, public, must-revalidate"
 
-    def __init__(self, *, default_audience: str = "https://backend.example.com") -> None:
-        super().__init__(issuer_path="", jwks_path="/oauth/discovery/keys", default_audience=default_audience)
+    def __init__(self, *, default_audience: str = "https://backend.example.com", port: int = 0) -> None:
+        super().__init__(
+            issuer_path="", jwks_path="/oauth/discovery/keys", default_audience=default_audience, port=port
+        )
 
     def _add_routes(self) -> None:
         super()._add_routes()

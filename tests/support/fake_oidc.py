@@ -102,11 +102,11 @@ class OidcIssuer:
     jwks_cache_control: ClassVar[str] = "max-age=86400, public, must-revalidate"
     server_name: ClassVar[str] = "oidc"
 
-    def __init__(self, *, issuer_path: str, jwks_path: str, default_audience: str) -> None:
+    def __init__(self, *, issuer_path: str, jwks_path: str, default_audience: str, port: int = 0) -> None:
         self.issuer_path = issuer_path
         self.jwks_path = jwks_path
         self.default_audience = default_audience
-        self._server = LoopbackHTTPServer(name=self.server_name)
+        self._server = LoopbackHTTPServer(name=self.server_name, port=port)
         self._lock = threading.Lock()
         self._signing_key = SigningKey.generate()
         self._published: tuple[SigningKey, ...] = (self._signing_key,)

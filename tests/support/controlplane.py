@@ -1,0 +1,126 @@
+"""The control plane as users run it: `python -m controlplane serve` in its own process.
+
+Tests and the demo drive it from outside (admin HTTP, signals), so a restart is a real restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Self
+
+from .backends import http_request
+from .ports import LOOPBACK, free_port, poll_until
+
+
+class ControlPlaneProcess:
+    def __init__(
+        self,
+        policy: Path,
+        *,
+        xds_port: int | None = None,
+        admin_port: int | None = None,
+        log_level: str = "INFO",
+        extra_args: tuple[str, ...] = (),
+        log_path: Path | None = None,
+        inherit_output: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.xds_port = xds_port or free_port()
+        self.admin_port = admin_port or free_port()
+        self.log_level = log_level
+        self.extra_args = extra_args
+        self.inherit_output = inherit_output
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.admin_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "controlplane", "--log-level", self.log_level, "serve",
+            "--policy", str(self.policy),
+            "--xds-address", f"{LOOPBACK}:{self.xds_port}",
+            "--admin-address", f"{LOOPBACK}:{self.admin_port}",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.inherit_output:
+            self._proc = subprocess.Popen(self.command(), env=env)
+        else:
+            with self.log_path.open("ab") as log:
+                self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if not self.running:
+                raise AssertionError(f"controlplane exited early:\n{self.log_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                return http_request(f"{self.admin_url}/readyz", timeout=1.0).status == 200
+            return False
+
+        poll_until(ready, timeout, interval=0.02, message="controlplane /readyz")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (graceful shutdown), SIGKILL if it does not exit in time."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait(5)
+        return proc.returncode
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def status(self, query: str = "") -> dict[str, Any]:
+        response = http_request(f"{self.admin_url}/status{query}")
+        assert response.status == 200, response.text
+        return dict(json.loads(response.body))
+
+    def metrics(self) -> str:
+        return http_request(f"{self.admin_url}/metrics").text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample, 0.0 when absent."""
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            sample, _, label_text = series.partition("{")
+            if sample == name and ",".join(sorted(label_text.rstrip("}").split(","))) == wanted:
+                return float(value)
+        return 0.0
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
