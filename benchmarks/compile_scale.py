@@ -39,18 +39,34 @@ SOURCE = Source("generated.yaml", 1)
 
 def generate(backends: int, bindings_per_backend: int) -> Policy:
     issuer = Issuer(
-        "gitlab", IssuerKind.GITLAB, "https://gitlab.example.com",
-        "https://gitlab.example.com/oauth/discovery/keys", 30, 300, SOURCE,
+        "gitlab",
+        IssuerKind.GITLAB,
+        "https://gitlab.example.com",
+        "https://gitlab.example.com/oauth/discovery/keys",
+        30,
+        300,
+        SOURCE,
     )
     backend_list, roles, bindings = [], [], []
     for b in range(backends):
         name = f"svc-{b:04d}"
         backend_list.append(
-            Backend(name, (f"{name}.internal",), f"https://{name}.internal",
-                    (Endpoint(f"10.{b // 250}.{b % 250}.10", 8080),), None, 2000, 15000, (), SOURCE)
+            Backend(
+                name,
+                (f"{name}.internal",),
+                f"https://{name}.internal",
+                (Endpoint(f"10.{b // 250}.{b % 250}.10", 8080),),
+                None,
+                2000,
+                15000,
+                (),
+                SOURCE,
+            )
         )
         roles.append(Role(f"{name}-read", name, (RoleRule(("GET", "HEAD"), ("/api/**",)),), SOURCE))
-        roles.append(Role(f"{name}-write", name, (RoleRule(("POST", "PUT", "DELETE"), ("/api/**",)),), SOURCE))
+        roles.append(
+            Role(f"{name}-write", name, (RoleRule(("POST", "PUT", "DELETE"), ("/api/**",)),), SOURCE)
+        )
         for k in range(bindings_per_backend):
             claims = (
                 ClaimMatch("ref", ("main",) if k % 2 else ("release/*",), SOURCE),
@@ -91,8 +107,10 @@ def main() -> None:
     policy = generate(args.backends, args.bindings_per_backend)
     full = [compile_and_serialize(policy, None)[0] for _ in range(args.repeat)]
     _, snapshots = compile_and_serialize(policy, None)
-    sizes = {t.rsplit(".", 1)[-1]: sum(len(r.any_bytes) for r in ts.resources.values())
-             for t, ts in snapshots["fleet"].types.items()}
+    sizes = {
+        t.rsplit(".", 1)[-1]: sum(len(r.any_bytes) for r in ts.resources.values())
+        for t, ts in snapshots["fleet"].types.items()
+    }
 
     memo = CompilerMemo()
     _, held = compile_and_serialize(policy, memo)  # warm: what a running server holds
@@ -105,16 +123,25 @@ def main() -> None:
         cold_seconds, cold_snapshots = compile_and_serialize(changed, None)
         cold.append(cold_seconds)
         assert warm_snapshots["fleet"].types == cold_snapshots["fleet"].types or all(
-            warm_snapshots["fleet"].version(t) == cold_snapshots["fleet"].version(t) for t in warm_snapshots["fleet"].types
+            warm_snapshots["fleet"].version(t) == cold_snapshots["fleet"].version(t)
+            for t in warm_snapshots["fleet"].types
         ), "memoized compile must equal a cold compile"
         current, held = changed, warm_snapshots
 
     ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
-    print(f"policy: {len(policy.backends)} backends, {len(policy.roles)} roles, {len(policy.bindings)} bindings, 1 gateway")
+    print(
+        f"policy: {len(policy.backends)} backends, {len(policy.roles)} roles, {len(policy.bindings)} bindings, 1 gateway"
+    )
     print("serialized bytes by type: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
-    print(f"full compile + serialize:        median {ms(full):7.1f} ms  (min {min(full) * 1000:.1f}, n={len(full)})  target < 1000 ms")
-    print(f"one-binding change (memo):       median {ms(incremental):7.1f} ms  (min {min(incremental) * 1000:.1f}, n={len(incremental)})  target < 50 ms")
-    print(f"one-binding change (cold, base): median {ms(cold):7.1f} ms  -> memo is {ms(cold) / ms(incremental):.1f}x faster")
+    print(
+        f"full compile + serialize:        median {ms(full):7.1f} ms  (min {min(full) * 1000:.1f}, n={len(full)})  target < 1000 ms"
+    )
+    print(
+        f"one-binding change (memo):       median {ms(incremental):7.1f} ms  (min {min(incremental) * 1000:.1f}, n={len(incremental)})  target < 50 ms"
+    )
+    print(
+        f"one-binding change (cold, base): median {ms(cold):7.1f} ms  -> memo is {ms(cold) / ms(incremental):.1f}x faster"
+    )
 
 
 if __name__ == "__main__":

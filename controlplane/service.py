@@ -55,9 +55,7 @@ class PolicyState:
 class PolicyService:
     """Owns the policy directory → snapshot cache path. `reload()` is the only way snapshots change."""
 
-    def __init__(
-        self, root: Path, cache: SnapshotCache, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, root: Path, cache: SnapshotCache, *, clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.cache = cache
         self.state = PolicyState(root=str(root))

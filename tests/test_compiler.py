@@ -186,7 +186,11 @@ def test_identity_headers_replace_client_sent_ones() -> None:
     vhost = next(v for v in routes(compile_with(BINDING)["gw"]).virtual_hosts if v.name == "billing")  # type: ignore[arg-type]
     removed = set(vhost.request_headers_to_remove)
     added = {h.header.key for h in vhost.request_headers_to_add}
-    assert added == removed == {"x-ci-project-id", "x-ci-project-path", "x-ci-pipeline-id", "x-ci-job-id", "x-ci-ref"}
+    assert (
+        added
+        == removed
+        == {"x-ci-project-id", "x-ci-project-path", "x-ci-pipeline-id", "x-ci-job-id", "x-ci-ref"}
+    )
 
 
 def test_same_policy_same_bytes_with_and_without_memo() -> None:
@@ -195,7 +199,9 @@ def test_same_policy_same_bytes_with_and_without_memo() -> None:
     policy = policy_of(issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDING)
     warm = compile_policy(policy, memo)
     again = compile_policy(policy, memo)
-    changed = policy_of(issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDING.replace("release", "hotfix"))
+    changed = policy_of(
+        issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDING.replace("release", "hotfix")
+    )
     assert first["gw"].resources == warm["gw"].resources == again["gw"].resources  # type: ignore[attr-defined]
     assert compile_policy(changed, memo)["gw"].resources == compile_policy(changed)["gw"].resources
 

@@ -113,14 +113,21 @@ class Stack:
     envoy: EnvoyProcess
 
     def request(
-        self, host: str, path: str, token: str | None, method: str = "GET", headers: dict[str, str] | None = None
+        self,
+        host: str,
+        path: str,
+        token: str | None,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
     ) -> HttpResponse:
         sent = {"Host": host, **(headers or {})}
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
         return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", method=method, headers=sent)
 
-    def token(self, project: dict[str, Any] = DEPLOYER, aud: str = "https://reports.local", **claims: Any) -> str:
+    def token(
+        self, project: dict[str, Any] = DEPLOYER, aud: str = "https://reports.local", **claims: Any
+    ) -> str:
         return self.gitlab.mint(aud=aud, **{**project, **claims})
 
     def write(self, name: str, text: str) -> None:
@@ -132,9 +139,15 @@ class Stack:
     def remove(self, name: str) -> None:
         (self.policy / name).unlink()
 
-    def wait_status(self, host: str, path: str, token: str | None, expected: int, timeout: float = 10.0) -> float:
+    def wait_status(
+        self, host: str, path: str, token: str | None, expected: int, timeout: float = 10.0
+    ) -> float:
         started = time.monotonic()
-        poll_until(lambda: self.request(host, path, token).status == expected, timeout, message=f"{host}{path} -> {expected}")
+        poll_until(
+            lambda: self.request(host, path, token).status == expected,
+            timeout,
+            message=f"{host}{path} -> {expected}",
+        )
         return time.monotonic() - started
 
 
@@ -179,7 +192,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_allowed_job_reaches_backend_with_its_identity_but_not_its_token(stack: Stack) -> None:
-    response = stack.request("reports.local", "/reports/7", stack.token(job_id=555), headers={"x-ci-project-id": "999"})
+    response = stack.request(
+        "reports.local", "/reports/7", stack.token(job_id=555), headers={"x-ci-project-id": "999"}
+    )
     assert response.status == 200, response.text
     seen = response.json()["headers"]
     assert "authorization" not in seen
@@ -204,14 +219,26 @@ def test_deploy_from_protected_main_on_push_is_allowed(stack: Stack) -> None:
         ("read-only role doing POST", "reports.local", "POST", "/r", {}),
         ("path outside the role", "deploy.local", "POST", "/admin", {}),
         ("merge-request pipeline", "reports.local", "GET", "/r", {"pipeline_source": "merge_request_event"}),
-        ("merge-request pipeline on deploy", "deploy.local", "POST", "/deployments/x", {"pipeline_source": "merge_request_event"}),
+        (
+            "merge-request pipeline on deploy",
+            "deploy.local",
+            "POST",
+            "/deployments/x",
+            {"pipeline_source": "merge_request_event"},
+        ),
         ("web pipeline on deploy", "deploy.local", "POST", "/deployments/x", {"pipeline_source": "web"}),
         ("project id as a number", "reports.local", "GET", "/r", {"raw": {"project_id": 42}}),
     ],
 )
-def test_policy_denials_are_403(stack: Stack, case: str, host: str, method: str, path: str, claims: dict[str, Any]) -> None:
+def test_policy_denials_are_403(
+    stack: Stack, case: str, host: str, method: str, path: str, claims: dict[str, Any]
+) -> None:
     aud = f"https://{host}"
-    token = stack.token(aud=aud, **claims) if "project" not in claims else stack.token(claims.pop("project"), aud=aud, **claims)
+    token = (
+        stack.token(aud=aud, **claims)
+        if "project" not in claims
+        else stack.token(claims.pop("project"), aud=aud, **claims)
+    )
     response = stack.request(host, path, token, method=method)
     assert response.status == 403, f"{case}: {response.status} {response.text}"
     assert response.text == "RBAC: access denied"
@@ -221,10 +248,18 @@ def test_authentication_failures_are_401(stack: Stack) -> None:
     now = int(time.time())
     expired = stack.token(iat=now - 900, exp=now - 300)
     forged = stack.token(key=stack.gitlab.rogue, kid=stack.gitlab.signing_key.kid)
-    for name, token in (("expired", expired), ("bad signature", forged), ("missing", None), ("garbage", "not.a.jwt")):
+    for name, token in (
+        ("expired", expired),
+        ("bad signature", forged),
+        ("missing", None),
+        ("garbage", "not.a.jwt"),
+    ):
         response = stack.request("reports.local", "/r", token)
         assert response.status == 401, f"{name}: {response.status} {response.text}"
-    assert stack.request("reports.local", "/r", "x", headers={"Authorization": "bearer " + stack.token()}).status == 401
+    assert (
+        stack.request("reports.local", "/r", "x", headers={"Authorization": "bearer " + stack.token()}).status
+        == 401
+    )
 
 
 def test_wrong_audience_is_rejected(stack: Stack) -> None:
@@ -279,7 +314,9 @@ def test_invalid_policy_change_keeps_the_previous_policy(stack: Stack) -> None:
     broken = good.replace("ref_protected: true", "ref_protected: maybe", 1)
     stack.write("bindings.yaml", broken)
     try:
-        status = poll_until(lambda: (s := stack.controlplane.status())["policy"]["errors"] and s, 10, message="errors")
+        status = poll_until(
+            lambda: (s := stack.controlplane.status())["policy"]["errors"] and s, 10, message="errors"
+        )
         assert any("bindings.yaml:" in e and "ref_protected" in e for e in status["policy"]["errors"])
         assert status["policy"]["snapshot_versions"] == before
         assert stack.controlplane.metric("controlplane_policy_errors") >= 1
@@ -328,7 +365,9 @@ def test_a_nacked_version_is_not_resent(stack: Stack) -> None:
     gateway = (stack.policy / "gateway.yaml").read_text()
     lds_pushes = stack.controlplane.metric("controlplane_xds_pushes_total", type="lds")
     try:
-        stack.write("gateway.yaml", gateway.replace(f"port: {stack.listen_port}", f"port: {blocker.getsockname()[1]}"))
+        stack.write(
+            "gateway.yaml", gateway.replace(f"port: {stack.listen_port}", f"port: {blocker.getsockname()[1]}")
+        )
         proxy = poll_until(lambda: (p := _proxy(stack)) and p["last_nack"] and p, 10, message="NACK recorded")
         assert proxy["last_nack"]["type"] == "lds"
         assert stack.controlplane.metric("controlplane_xds_nacks_total", type="lds") >= 1
@@ -343,7 +382,9 @@ def test_a_nacked_version_is_not_resent(stack: Stack) -> None:
         stack.remove("other.yaml") if (stack.policy / "other.yaml").exists() else None
         stack.write("gateway.yaml", gateway)
         blocker.close()
-    poll_until(lambda: (p := _proxy(stack)) and p["acked"].get("lds") == _lds_version(stack), 10, message="LDS ACKed")
+    poll_until(
+        lambda: (p := _proxy(stack)) and p["acked"].get("lds") == _lds_version(stack), 10, message="LDS ACKed"
+    )
     stack.wait_status("reports.local", "/r", stack.token(OTHER), 403)
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from controlplane.cli.bootstrap import bootstrap_yaml, render_bootstrap
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess, live_processes, validate_config
 from tests.support.fake_gitlab import OMIT, FakeGitLab, decode_unverified
 from tests.support.fake_oidc import FakeOidc, rfc7638_thumbprint
 from tests.support.ports import LOOPBACK, free_port, poll_until
-
-from controlplane.cli.bootstrap import bootstrap_yaml, render_bootstrap
 
 AUDIENCE = "https://backend.example.com"
 JWT_NS = "envoy.filters.http.jwt_authn"

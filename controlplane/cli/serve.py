@@ -41,7 +41,10 @@ class ControlPlane:
         self.policy = PolicyService(options.policy, self.cache)
         self.xds = XdsServer(self.cache, self.registry, log=logging.getLogger("controlplane.xds"))
         self.admin = AdminServer(
-            status=self.status, ready=lambda: self.policy.ready, host=options.admin_host, port=options.admin_port
+            status=self.status,
+            ready=lambda: self.policy.ready,
+            host=options.admin_host,
+            port=options.admin_port,
         )
         self.stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -70,7 +73,9 @@ class ControlPlane:
             )
         )
         self._watcher.add_done_callback(self._watcher_done)
-        await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
         self.policy.reload()
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
         self.admin_port = await self.admin.start()

@@ -7,7 +7,7 @@ ref, the RBAC decision and the policy that made it) is on the line. The token it
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.core.v3 import substitution_format_string_pb2, extension_pb2
+from envoy.config.core.v3 import extension_pb2, substitution_format_string_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.formatter.req_without_query.v3 import req_without_query_pb2
 from google.protobuf import struct_pb2

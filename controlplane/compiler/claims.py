@@ -15,6 +15,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 
 from controlplane.compiler import wire
+from controlplane.compiler.util import serialized
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY
 from controlplane.model.errors import PolicyError
 from controlplane.model.inventory import Inventory
@@ -116,7 +117,7 @@ _SET_IDS = wire.number(rbac_pb2.Principal.Set, "ids")
 
 @functools.lru_cache(maxsize=65536)
 def _condition_bytes(condition: Condition) -> bytes:
-    return condition_principal(condition).SerializeToString(deterministic=True)
+    return serialized(condition_principal(condition))
 
 
 class Resolver:
@@ -139,7 +140,9 @@ class Resolver:
         conditions.extend(
             Condition(m.claim, m.values, listy=self.issuer.kind is IssuerKind.OIDC) for m in subject.claims
         )
-        if self.issuer.kind is IssuerKind.GITLAB and not any(m.claim == "pipeline_source" for m in subject.claims):
+        if self.issuer.kind is IssuerKind.GITLAB and not any(
+            m.claim == "pipeline_source" for m in subject.claims
+        ):
             # Fork merge-request pipelines carry the fork's project claims: denied unless asked for by name.
             conditions.append(Condition("pipeline_source", (MERGE_REQUEST_SOURCE,), negated=True))
         return ResolvedSubject(tuple(conditions))
@@ -150,10 +153,14 @@ class Resolver:
             ids = [self._project_id(ref, subject, errors) for ref in subject.projects]
             condition = Condition("project_id", _sorted_ids(ids))
         elif subject.groups:
-            ids = [self._group_ids(ref, subject, errors) for ref in subject.groups]
-            condition = Condition("namespace_id", _sorted_ids(i for group in ids for i in group))
+            groups = [self._group_ids(ref, subject, errors) for ref in subject.groups]
+            condition = Condition("namespace_id", _sorted_ids(i for group in groups for i in group))
         else:
-            errors.append(PolicyError.at(subject.source, "subject", "every GitLab subject must pin a project or a group"))
+            errors.append(
+                PolicyError.at(
+                    subject.source, "subject", "every GitLab subject must pin a project or a group"
+                )
+            )
             return None
         return None if len(errors) > before else [condition]
 

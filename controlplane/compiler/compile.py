@@ -12,9 +12,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from controlplane.compiler.util import serialized
 from controlplane.compiler import cluster, jwt, listener, route
 from controlplane.compiler.grants import GrantIndex
-from controlplane.compiler.rbac import GrantSpec
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
     backend_cluster,
@@ -23,6 +23,7 @@ from controlplane.compiler.names import (
     requirement_name,
     route_config_name,
 )
+from controlplane.compiler.rbac import GrantSpec
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Backend, Gateway, Issuer, Policy
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -75,7 +76,9 @@ class _BackendParts:
     endpoints: bytes | None
 
 
-def _compile_gateway(policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo) -> CompiledGroup:
+def _compile_gateway(
+    policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo
+) -> CompiledGroup:
     by_name = {b.name: b for b in policy.backends}
     backends = [by_name[name] for name in sorted(gateway.backends)]
     issuers = _gateway_issuers(policy, backends, grants)
@@ -103,25 +106,31 @@ def _compile_gateway(policy: Policy, gateway: Gateway, grants: GrantIndex, memo:
             for b, p in zip(backends, parts, strict=True)
             if p.endpoints is not None
         ],
-        LISTENER: [(listener_name(gateway.name), _serialize(listener.gateway_listener(gateway, authentication)))],
+        LISTENER: [
+            (listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication)))
+        ],
         ROUTE: [(route_name, route.route_configuration_bytes(route_name, [p.virtual_host for p in parts]))],
     }
     return CompiledGroup(gateway.name, resources)
 
 
-def _backend_parts(backend: Backend, grants: tuple[GrantSpec, ...], issuers: tuple[str, ...]) -> _BackendParts:
-    requirement = jwt.requirement(issuers, backend.audience).SerializeToString(deterministic=True) if issuers else None
+def _backend_parts(
+    backend: Backend, grants: tuple[GrantSpec, ...], issuers: tuple[str, ...]
+) -> _BackendParts:
+    requirement = (
+        serialized(jwt.requirement(issuers, backend.audience)) if issuers else None
+    )
     return _BackendParts(
         requirement=requirement,
         virtual_host=route.virtual_host_bytes(backend, grants, authenticated=bool(issuers)),
-        cluster=_serialize(cluster.backend_cluster_config(backend)),
+        cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),
     )
 
 
 def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
     host, port, tls = jwt.jwks_endpoint(issuer)
-    return jwks_cluster(issuer.name), _serialize(cluster.jwks_cluster_config(issuer, host, port, tls))
+    return jwks_cluster(issuer.name), serialized(cluster.jwks_cluster_config(issuer, host, port, tls))
 
 
 def _gateway_issuers(
@@ -138,8 +147,4 @@ def _gateway_issuers(
 def _load_assignment(backend: Backend) -> bytes | None:
     if not cluster.uses_eds(backend):
         return None
-    return _serialize(cluster.load_assignment(backend_cluster(backend.name), backend.endpoints))
-
-
-def _serialize(message: object) -> bytes:
-    return message.SerializeToString(deterministic=True)  # type: ignore[attr-defined, no-any-return]
+    return serialized(cluster.load_assignment(backend_cluster(backend.name), backend.endpoints))

@@ -23,7 +23,7 @@ from controlplane.compiler.names import (
     provider_name,
     requirement_name,
 )
-from controlplane.compiler.util import millis, seconds
+from controlplane.compiler.util import millis, seconds, serialized
 from controlplane.model.policy import Issuer
 
 JWT_CACHE_SIZE = 10_000
@@ -44,7 +44,9 @@ def provider(issuer: Issuer, audiences: Sequence[str]) -> jwt.JwtProvider:
             async_fetch=jwt.JwksAsyncFetch(fast_listener=False, failed_refetch_duration=seconds(5)),
             retry_policy=base_pb2.RetryPolicy(
                 num_retries=UInt32Value(value=3),
-                retry_back_off=backoff_pb2.BackoffStrategy(base_interval=millis(200), max_interval=seconds(2)),
+                retry_back_off=backoff_pb2.BackoffStrategy(
+                    base_interval=millis(200), max_interval=seconds(2)
+                ),
             ),
         ),
         from_headers=[jwt.JwtHeader(name="Authorization", value_prefix="Bearer ")],
@@ -60,7 +62,9 @@ def requirement(issuers: Sequence[str], audience: str) -> jwt.JwtRequirement:
     """A token from any of `issuers`, carrying this backend's audience (a wrong audience is a 403, G5)."""
     alternatives = [
         jwt.JwtRequirement(
-            provider_and_audiences=jwt.ProviderWithAudiences(provider_name=provider_name(i), audiences=[audience])
+            provider_and_audiences=jwt.ProviderWithAudiences(
+                provider_name=provider_name(i), audiences=[audience]
+            )
         )
         for i in sorted(set(issuers))
     ]
@@ -86,7 +90,9 @@ def authentication_bytes(
     The filter-level rule (a token from any provider) only decides requests no virtual host claims:
     they are then denied by the filter-level RBAC, but a missing token still reads as 401.
     """
-    config = jwt.JwtAuthentication(providers={provider_name(i.name): provider(i, aud) for i, aud in providers})
+    config = jwt.JwtAuthentication(
+        providers={provider_name(i.name): provider(i, aud) for i, aud in providers}
+    )
     if providers:
         config.rules.append(
             jwt.RequirementRule(
@@ -94,7 +100,7 @@ def authentication_bytes(
                 requires=any_provider([i.name for i, _ in providers]),
             )
         )
-    head = config.SerializeToString(deterministic=True)
+    head = serialized(config)
     return head + b"".join(wire.map_entry(_REQUIREMENT_MAP, name, r) for name, r in sorted(requirements))
 
 

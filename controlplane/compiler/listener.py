@@ -5,9 +5,9 @@ from __future__ import annotations
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
-from google.protobuf.any_pb2 import Any as AnyProto
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from controlplane.compiler.access_log import file_access_log
@@ -39,7 +39,9 @@ def gateway_listener(gateway: Gateway, authentication: bytes) -> listener_pb2.Li
             ),
         ),
         http_filters=[
-            hcm.HttpFilter(name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)),
+            hcm.HttpFilter(
+                name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)
+            ),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],

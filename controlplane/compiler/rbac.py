@@ -16,6 +16,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
+from controlplane.compiler.util import serialized
 from controlplane.compiler.claims import ResolvedSubject, subject_principal_bytes
 from controlplane.compiler.names import shadow_stat_prefix
 from controlplane.model.policy import Mode, RoleRule
@@ -77,7 +78,7 @@ def _policy_bytes(grant: GrantSpec) -> bytes:
 
 @functools.lru_cache(maxsize=16384)
 def _rule_bytes(rule: RoleRule) -> bytes:
-    return _rule_permission(rule).SerializeToString(deterministic=True)
+    return serialized(_rule_permission(rule))
 
 
 def rbac_disabled() -> rbac_filter.RBACPerRoute:

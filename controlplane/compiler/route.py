@@ -23,7 +23,7 @@ from controlplane.compiler.names import (
     backend_cluster,
 )
 from controlplane.compiler.rbac import GrantSpec, backend_rbac_bytes, rbac_disabled
-from controlplane.compiler.util import millis, packed
+from controlplane.compiler.util import millis, packed, serialized
 from controlplane.model.policy import Backend
 from controlplane.snapshots.snapshot import varint
 
@@ -32,7 +32,9 @@ _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPT
 
 
 def virtual_host(backend: Backend, grants: Sequence[GrantSpec], authenticated: bool) -> rc.VirtualHost:
-    per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
+    per_filter = {
+        RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))
+    }
     if authenticated:
         per_filter[JWT_FILTER] = packed(per_route_requirement(backend.name))
     return rc.VirtualHost(
@@ -47,7 +49,7 @@ def virtual_host(backend: Backend, grants: Sequence[GrantSpec], authenticated: b
 
 
 def virtual_host_bytes(backend: Backend, grants: Sequence[GrantSpec], authenticated: bool) -> bytes:
-    return virtual_host(backend, grants, authenticated).SerializeToString(deterministic=True)
+    return serialized(virtual_host(backend, grants, authenticated))
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:
@@ -71,7 +73,9 @@ def _default_route(backend: Backend) -> rc.Route:
     return rc.Route(
         name=f"{backend.name}-default",
         match=rc.RouteMatch(prefix="/"),
-        route=rc.RouteAction(cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)),
+        route=rc.RouteAction(
+            cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)
+        ),
     )
 
 
@@ -80,13 +84,20 @@ def _public_route(backend: Backend, path: str) -> rc.Route:
     return rc.Route(
         name=f"{backend.name}-public{path}",
         match=rc.RouteMatch(path=path),
-        route=rc.RouteAction(cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)),
-        typed_per_filter_config={JWT_FILTER: packed(per_route_disabled()), RBAC_FILTER: packed(rbac_disabled())},
+        route=rc.RouteAction(
+            cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)
+        ),
+        typed_per_filter_config={
+            JWT_FILTER: packed(per_route_disabled()),
+            RBAC_FILTER: packed(rbac_disabled()),
+        },
     )
 
 
 def _identity_header(name: str, claim: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY}:{claim})%"),
+        header=base_pb2.HeaderValue(
+            key=name, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY}:{claim})%"
+        ),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )

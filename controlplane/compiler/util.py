@@ -15,6 +15,11 @@ def packed(message: Message) -> AnyProto:
     )
 
 
+def serialized(message: Message) -> bytes:
+    """Deterministic bytes: map entries in key order, so equal config always hashes equal."""
+    return bytes(message.SerializeToString(deterministic=True))
+
+
 def millis(ms: int) -> Duration:
     return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 

@@ -7,18 +7,18 @@ always compiles to the same bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from controlplane.model.errors import Source
 from controlplane.model.inventory import Inventory
 
 
-class IssuerKind(str, Enum):
+class IssuerKind(StrEnum):
     GITLAB = "gitlab"
     OIDC = "oidc"
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     ENFORCE = "enforce"
     SHADOW = "shadow"
 
