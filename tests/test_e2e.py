@@ -182,7 +182,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             bootstrap = render_bootstrap(
                 group="ci-gateway", node_id="e2e-envoy-1", xds_host=LOOPBACK, xds_port=controlplane.xds_port
             )
-            with EnvoyProcess(bootstrap, name="e2e-envoy") as envoy:
+            # Envoy flushes file access logs every 10 s by default; the audit test reads them at once.
+            with EnvoyProcess(bootstrap, name="e2e-envoy", extra_args=("--file-flush-interval-msec", "20")) as envoy:
                 built = Stack(gitlab, reports, deploy, policy, listen_port, access_log, controlplane, envoy)
                 built.wait_status("reports.local", "/healthz", None, 200, timeout=20)
                 yield built

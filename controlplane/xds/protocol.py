@@ -1,0 +1,453 @@
+"""The State-of-the-World ADS stream protocol as a pure state machine (no I/O, no asyncio, no clock).
+
+Like h11, `AdsStream` is fed what happened (a DiscoveryRequest arrived, a new Snapshot is current) and
+returns what to do (`Response` bytes to write, in order) and what it noticed (`Event`s for the registry,
+metrics and logs). Keeping the rules here, away from grpc, lets every corner of the protocol be unit-tested
+without sockets; the grpc adapter stays a thin pump. Time only matters for push→ACK latency, so callers pass
+`now` (any monotonic clock) instead of the machine reading one.
+
+The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
+
+* a request with a non-empty nonce that is not the last one sent for its type is stale and ignored entirely;
+* a request echoing the last nonce is an ACK (or, with `error_detail`, a NACK of the version sent);
+* subscriptions are taken from every non-stale request, ACKs included;
+* a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent,
+  and never when this node NACKed it (also on an earlier stream: see `RejectedVersions`);
+* a reconnecting client that already holds the current version gets nothing (versions are content hashes);
+* clusters that a new snapshot removes are kept (make-before-break) until the listeners and routes of that
+  snapshot are ACKed, so no route points at a cluster Envoy already dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.snapshots.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    WILDCARD_TYPES,
+    EncodedResource,
+    Snapshot,
+    TypeSnapshot,
+)
+
+TYPE_LABELS: Mapping[str, str] = MappingProxyType({CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"})
+KEEP_SUFFIX = "+keep"
+# Types whose ACK means "nothing routes to a removed cluster any more" (rule 6, make-before-break).
+_CLUSTER_USERS = (LISTENER, ROUTE)
+_NO_RESOURCES: Mapping[str, EncodedResource] = MappingProxyType({})
+
+Names = frozenset[str] | None
+"""A subscription: the resource names asked for, or None for a wildcard (all of the type)."""
+
+
+def type_label(type_url: str) -> str:
+    """The short name used in metrics and status (`cds`...); `other` keeps label cardinality bounded."""
+    return TYPE_LABELS.get(type_url, "other")
+
+
+class RejectedVersions(Protocol):
+    """Versions a node NACKed on any stream, so a reconnect does not re-send a known-bad config."""
+
+    def is_rejected(self, node_id: str, type_url: str, version: str) -> bool: ...
+
+
+class _NothingRejected:
+    def is_rejected(self, node_id: str, type_url: str, version: str) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One DiscoveryResponse, already serialized: `data` goes to the wire as is."""
+
+    type_url: str
+    version: str
+    nonce: str
+    data: bytes
+    resource_names: tuple[str, ...]
+
+    @property
+    def resource_count(self) -> int:
+        return len(self.resource_names)
+
+    @property
+    def label(self) -> str:
+        return type_label(self.type_url)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentified:
+    """The first request named the node; the adapter picks the snapshot by `group` (node.cluster)."""
+
+    node_id: str
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The client's subscription for a type was set or changed (None = wildcard)."""
+
+    type_url: str
+    names: Names
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The client accepted `version`; `latency` is seconds since that response was produced."""
+
+    type_url: str
+    version: str
+    nonce: str
+    latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """The client rejected `version` (the one we sent); it still runs `accepted_version`.
+
+    `error` is Envoy's free text: unstable and possibly huge, so store it truncated and never parse it.
+    """
+
+    type_url: str
+    version: str
+    nonce: str
+    accepted_version: str
+    error: str
+    code: int
+    latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """A request answering an older response (it crossed a newer one in flight); ignored entirely."""
+
+    type_url: str
+    nonce: str
+    expected: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A (re)connecting client already holds the current version: nothing is sent, it counts as ACKed."""
+
+    type_url: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    """The current version was not sent because this node NACKed it before; it waits for a newer one."""
+
+    type_url: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """A request for a type this control plane does not serve (reported once per stream and type)."""
+
+    type_url: str
+
+
+Event = NodeIdentified | Subscribed | Ack | Nack | Stale | Resumed | Withheld | Unsupported
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What one input produced: responses to write in this order, and events to record."""
+
+    responses: tuple[Response, ...] = ()
+    events: tuple[Event, ...] = ()
+
+
+_NOTHING = Output()
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass(slots=True)
+class TypeState:
+    """Everything the stream knows about one type URL (rule 1)."""
+
+    requested: bool = False
+    names: Names = None
+    client_version: str = ""  # version_info of the latest request before anything was sent
+    sent_version: str | None = None
+    sent_nonce: str = ""
+    sent_subscription: Names = None  # the subscription the last response answered
+    sent_names: tuple[str, ...] = ()  # resources in the last response (what the client now holds)
+    # where the bytes of sent_names came from (a snapshot's mapping, shared, or a make-before-break union)
+    sent_source: Mapping[str, EncodedResource] = field(default_factory=lambda: _NO_RESOURCES)
+    sent_from: TypeSnapshot | None = None  # the snapshot type the last response was, None for a union
+    sent_at: float = 0.0
+    awaiting: bool = False  # the last response has been neither ACKed nor NACKed yet
+    acked_version: str | None = None
+    nacked: set[str] = field(default_factory=set)
+    withheld: str | None = None  # last version reported as Withheld, to report it once
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """The response a type should have: version, body and names, and where the bytes live."""
+
+    version: str
+    body: bytes
+    names: tuple[str, ...]
+    source: Mapping[str, EncodedResource]
+    origin: TypeSnapshot | None  # None for a make-before-break union
+
+
+def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
+    """CDS and LDS with no names or with "*" are wildcards; anything else is the set of names asked for."""
+    names = frozenset(resource_names)
+    if type_url in WILDCARD_TYPES and (not names or "*" in names):
+        return None
+    return names
+
+
+def covered(names: Names, answered: Names) -> bool:
+    """True when a response to `answered` already holds everything `names` asks for."""
+    return answered is None or names is answered or (names is not None and names <= answered)
+
+
+def dropped(held: Iterable[str], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
+    """The names a client holds and still subscribes to that `current` no longer has."""
+    return tuple(n for n in held if n not in current.resources and (names is None or n in names))
+
+
+class _DroppedMemo:
+    """`dropped` for a client that got a whole TypeSnapshot, computed once per fan-out instead of per stream.
+
+    Every stream sent the same TypeSnapshot under the same subscription asks the same question when the next
+    snapshot arrives; answering it once keeps a fan-out O(streams) rather than O(streams x clusters).
+    Entries keep the snapshots they were computed from alive, so a recycled id() can never match.
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, Names, Names], tuple[TypeSnapshot, TypeSnapshot, tuple[str, ...]]] = {}
+
+    def dropped(self, sent_from: TypeSnapshot, answered: Names, names: Names, current: TypeSnapshot) -> tuple[str, ...]:
+        key = (id(sent_from), id(current), answered, names)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is sent_from and hit[1] is current:
+            return hit[2]
+        result = dropped(sent_from.entries_for(answered)[1], names, current)
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = (sent_from, current, result)
+        return result
+
+
+_DROPPED = _DroppedMemo()
+
+
+def frame_response(body: bytes, version: str, type_url: str, nonce: str) -> bytes:
+    """DiscoveryResponse bytes from pre-framed `resources` entries: protobuf accepts fields in any order."""
+    tail = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
+    encoded: bytes = tail.SerializeToString()
+    return body + encoded
+
+
+# ----------------------------------------------------------------------------------------------- stream
+
+
+class AdsStream:
+    """The protocol state of one SotW ADS stream.
+
+    Requests that arrive before the first snapshot is set are recorded and answered by `set_snapshot`, so
+    the adapter can pick the snapshot by the node's group after the first request (`NodeIdentified`).
+    """
+
+    def __init__(self, rejected: RejectedVersions | None = None) -> None:
+        self.node: base_pb2.Node | None = None
+        self.snapshot: Snapshot | None = None
+        self._rejected: RejectedVersions = rejected if rejected is not None else _NothingRejected()
+        self._types: dict[str, TypeState] = {}
+        self._unsupported: set[str] = set()
+        self._last_nonce = 0
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id if self.node is not None else ""
+
+    @property
+    def group(self) -> str:
+        return self.node.cluster if self.node is not None else ""
+
+    def type_state(self, type_url: str) -> TypeState | None:
+        """Read-only view for status and tests; do not mutate."""
+        return self._types.get(type_url)
+
+    # -- inputs
+
+    def receive(self, request: discovery_pb2.DiscoveryRequest, now: float) -> Output:
+        """Handle one DiscoveryRequest; `now` is used for push→ACK latency only."""
+        events: list[Event] = []
+        if self.node is None:
+            # set_node_on_first_message_only: later requests may carry no node, so keep the first.
+            self.node = base_pb2.Node()
+            self.node.CopyFrom(request.node)
+            events.append(NodeIdentified(self.node.id, self.node.cluster))
+        type_url = request.type_url
+        if type_url not in TYPE_LABELS:
+            if type_url not in self._unsupported:
+                self._unsupported.add(type_url)
+                events.append(Unsupported(type_url))
+            return Output((), tuple(events))
+        state = self._types.setdefault(type_url, TypeState())
+        if not self._accept(type_url, state, request, now, events):
+            return Output((), tuple(events))
+        return self._plan(now, events)
+
+    def set_snapshot(self, snapshot: Snapshot, now: float) -> Output:
+        """Make `snapshot` current and push what changed, in PUSH_ORDER."""
+        if snapshot is self.snapshot:
+            return _NOTHING
+        self.snapshot = snapshot
+        return self._plan(now, [])
+
+    # -- request handling
+
+    def _accept(
+        self,
+        type_url: str,
+        state: TypeState,
+        request: discovery_pb2.DiscoveryRequest,
+        now: float,
+        events: list[Event],
+    ) -> bool:
+        """Apply a request to the type's state; False when it was stale and must be ignored (rule 2)."""
+        nonce = request.response_nonce
+        if nonce and nonce != state.sent_nonce:
+            events.append(Stale(type_url, nonce, state.sent_nonce))
+            return False
+        if nonce:
+            events.append(self._answer(type_url, state, request, now))
+        elif state.sent_version is None:
+            state.client_version = request.version_info
+        names = subscription(type_url, request.resource_names)
+        if not state.requested or names != state.names:
+            state.requested = True
+            state.names = names
+            events.append(Subscribed(type_url, names))
+        return True
+
+    def _answer(
+        self, type_url: str, state: TypeState, request: discovery_pb2.DiscoveryRequest, now: float
+    ) -> Ack | Nack:
+        """The request echoes our last nonce: it is the ACK or NACK of that response (rule 3)."""
+        state.awaiting = False
+        latency = max(0.0, now - state.sent_at)
+        sent = state.sent_version or ""
+        if request.HasField("error_detail"):
+            state.nacked.add(sent)
+            detail = request.error_detail
+            return Nack(type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency)
+        state.acked_version = request.version_info
+        return Ack(type_url, request.version_info, state.sent_nonce, latency)
+
+    # -- deciding what to send
+
+    def _plan(self, now: float, events: list[Event]) -> Output:
+        """Bring every subscribed type up to date with the snapshot, in push order (rules 4 to 6)."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return Output((), tuple(events))
+        responses: list[Response] = []
+        for type_url in PUSH_ORDER:
+            state = self._types.get(type_url)
+            current = snapshot.types.get(type_url)
+            if state is None or not state.requested or current is None:
+                continue
+            if state.sent_version is None and state.client_version == current.version:
+                self._resume(type_url, state, current, events)
+                continue
+            response = self._respond(type_url, state, current, now, events)
+            if response is not None:
+                responses.append(response)
+        return Output(tuple(responses), tuple(events))
+
+    def _resume(self, type_url: str, state: TypeState, current: TypeSnapshot, events: list[Event]) -> None:
+        """Rule 4: the client already holds this version; act as if we had sent it and it was ACKed."""
+        _, names = current.entries_for(state.names)
+        state.sent_version = state.acked_version = current.version
+        state.sent_subscription = state.names
+        state.sent_names = names
+        state.sent_source = current.resources
+        state.sent_from = current
+        events.append(Resumed(type_url, current.version))
+
+    def _respond(
+        self, type_url: str, state: TypeState, current: TypeSnapshot, now: float, events: list[Event]
+    ) -> Response | None:
+        if state.sent_version == current.version and covered(state.names, state.sent_subscription):
+            return None  # the fast path of a fan-out: this type did not change
+        target = self._target(type_url, state, current)
+        if target.version == state.sent_version and covered(state.names, state.sent_subscription):
+            return None
+        if target.version in state.nacked or self._rejected.is_rejected(self.node_id, type_url, target.version):
+            if state.withheld != target.version:
+                state.withheld = target.version
+                events.append(Withheld(type_url, target.version))
+            return None
+        return self._send(type_url, state, target, now)
+
+    def _target(self, type_url: str, state: TypeState, current: TypeSnapshot) -> _Target:
+        """What the client should get now: the snapshot, or for CDS the make-before-break union (rule 6)."""
+        body, names = current.entries_for(state.names)
+        if type_url != CLUSTER:
+            return _Target(current.version, body, names, current.resources, current)
+        if state.sent_from is not None:
+            removed = _DROPPED.dropped(state.sent_from, state.sent_subscription, state.names, current)
+        else:
+            removed = dropped(state.sent_names, state.names, current)
+        if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
+            return _Target(current.version, body, names, current.resources, current)
+        merged = {n: current.resources[n] for n in names}
+        merged.update((n, state.sent_source[n]) for n in removed)
+        ordered = sorted(merged)
+        keep_body = b"".join(merged[n].response_entry for n in ordered)
+        return _Target(current.version + KEEP_SUFFIX, keep_body, tuple(ordered), MappingProxyType(merged), None)
+
+    def _unsettled(self, type_url: str) -> bool:
+        """True while the client may still route by an older listener/route config than the snapshot's.
+
+        A NACKed current version counts as unsettled: Envoy keeps the previous listeners and routes, which
+        may still point at the clusters being removed, so they stay until a newer snapshot fixes it.
+        """
+        state = self._types.get(type_url)
+        if state is None or not state.requested or self.snapshot is None:
+            return False
+        current = self.snapshot.types.get(type_url)
+        return state.awaiting or (current is not None and state.acked_version != current.version)
+
+    def _send(self, type_url: str, state: TypeState, target: _Target, now: float) -> Response:
+        self._last_nonce += 1
+        nonce = str(self._last_nonce)
+        state.sent_version = target.version
+        state.sent_nonce = nonce
+        state.sent_subscription = state.names
+        state.sent_names = target.names
+        state.sent_source = target.source
+        state.sent_from = target.origin
+        state.sent_at = now
+        state.awaiting = True
+        state.withheld = None
+        data = frame_response(target.body, target.version, type_url, nonce)
+        return Response(type_url, target.version, nonce, data, target.names)

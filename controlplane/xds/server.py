@@ -1,0 +1,304 @@
+"""The grpc.aio adapter around `protocol.AdsStream`: sockets, tasks, logs and metrics, and no protocol rules.
+
+Per stream there is one reader (requests → state machine) and one writer (an asyncio.Queue → `context.write`),
+so writes never overlap. Snapshot changes arrive from the cache listener in the event loop and are fed to the
+state machine of every stream of that group; whatever it returns is queued for the writer. Responses are
+already serialized (serialize-once), so the response serializer is the identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.admin import metrics
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import Snapshot
+from controlplane.xds import protocol
+from controlplane.xds.protocol import AdsStream, Output, Response, type_label
+from controlplane.xds.registry import ProxyRecord, ProxyRegistry, truncate_error
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+DELTA_UNIMPLEMENTED = (
+    "Delta xDS (DeltaAggregatedResources) is not implemented by this control plane yet; "
+    "configure ads_config.api_type: GRPC (State of the World)"
+)
+SHUTDOWN_DETAILS = "control plane shutting down"
+
+# Envoy's bootstrap pings every 30 s (cli/bootstrap.py). grpc's default server policy answers pings on a quiet
+# connection more often than every 5 minutes with GOAWAY "too_many_pings", which would drop every idle proxy.
+# Our own pings find dead proxies so they leave the status page and the gauges.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def peer_address(peer: str) -> str:
+    """`ipv4:10.0.0.1:4242` → `10.0.0.1:4242` (and `ipv6:[::1]:4242` → `[::1]:4242`); others unchanged."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if peer.startswith(scheme):
+            return peer[len(scheme) :]
+    return peer
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class _Session:
+    """One ADS stream: its state machine, the writer's queue and its registry record once identified."""
+
+    def __init__(self, machine: AdsStream, peer: str) -> None:
+        self.machine = machine
+        self.peer = peer
+        self.queue: asyncio.Queue[Response | None] = asyncio.Queue()
+        self.record: ProxyRecord | None = None
+        self.shutting_down = False
+
+    def close(self, *, shutting_down: bool = False) -> None:
+        self.shutting_down = self.shutting_down or shutting_down
+        self.queue.put_nowait(None)
+
+
+class XdsServer:
+    """SotW ADS over grpc.aio. `start` binds and serves; `stop` ends every stream cleanly, then the server."""
+
+    def __init__(self, cache: SnapshotCache, registry: ProxyRegistry, *, log: logging.Logger) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.log = log
+        self._server: grpc.aio.Server | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: set[_Session] = set()
+        self._by_group: defaultdict[str, set[_Session]] = defaultdict(set)
+        self._stopping = False
+
+    # -- lifecycle
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind `host:port` (0 = ephemeral) and serve; returns the bound port."""
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((self._handlers(),))
+        try:
+            bound: int = server.add_insecure_port(_bind_address(host, port))
+        except RuntimeError as error:  # grpc reports a failed bind as RuntimeError, with no reason
+            raise OSError(f"cannot bind the xDS server to {host}:{port} (address in use or not local?)") from error
+        await server.start()
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._unsubscribe = self.cache.subscribe(self._on_snapshot)
+        return bound
+
+    async def stop(self, grace: float) -> None:
+        """End our streams ourselves (UNAVAILABLE, so Envoy reconnects) and then stop grpc.
+
+        Letting grpc cancel live handlers prints a CancelledError traceback per stream (reference §7.12);
+        closed first, handlers return normally and only a writer stuck on a dead peer waits for `grace`.
+        """
+        self._stopping = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for session in tuple(self._sessions):
+            session.close(shutting_down=True)
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._stream,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                ),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._delta,
+                    request_deserializer=_identity,
+                    response_serializer=_identity,
+                ),
+            },
+        )
+
+    async def _delta(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.log.warning("refused a Delta ADS stream from %s: not implemented", peer_address(context.peer()))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, DELTA_UNIMPLEMENTED)
+
+    # -- one stream
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        if self._stopping:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(SHUTDOWN_DETAILS)
+            return
+        session = _Session(AdsStream(self.registry), peer_address(context.peer()))
+        self._sessions.add(session)
+        reader = asyncio.create_task(self._read(session, requests))
+        try:
+            await self._write(session, context)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._forget(session)
+        if session.shutting_down:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(SHUTDOWN_DETAILS)
+
+    async def _write(self, session: _Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        while (response := await session.queue.get()) is not None:
+            await context.write(response.data)
+            metrics.XDS_PUSHES.labels(response.label).inc()
+            self.log.debug(
+                "pushed %s version %s nonce %s (%d resources, %d bytes) to %s",
+                response.label,
+                response.version,
+                response.nonce,
+                response.resource_count,
+                len(response.data),
+                session.machine.node_id,
+            )
+
+    async def _read(self, session: _Session, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]) -> None:
+        try:
+            async for request in requests:
+                self._on_request(session, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a broken peer or a bug: end this stream, keep the others
+            self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, session.machine.node_id, error)
+        finally:
+            session.close()  # the peer half-closed or failed: end the writer, and so the RPC
+
+    def _on_request(self, session: _Session, request: discovery_pb2.DiscoveryRequest) -> None:
+        now = time.monotonic()
+        self._apply(session, session.machine.receive(request, now))
+        if session.record is None and session.machine.node is not None:
+            self._identify(session, now)
+
+    def _identify(self, session: _Session, now: float) -> None:
+        """First request seen: register the proxy and serve the snapshot of its group (node.cluster)."""
+        machine = session.machine
+        group = machine.group
+        session.record = self.registry.connect(machine.node_id, group, session.peer, time.time())
+        self._by_group[group].add(session)
+        metrics.CONNECTED_PROXIES.labels(group).inc()
+        self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
+        if not self.cache.known(group):
+            self.log.warning(
+                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config",
+                machine.node_id,
+                group,
+            )
+        self._apply(session, machine.set_snapshot(self.cache.get(group), now))
+
+    def _forget(self, session: _Session) -> None:
+        self._sessions.discard(session)
+        record = session.record
+        if record is None:
+            return
+        streams = self._by_group.get(record.group)
+        if streams is not None:
+            streams.discard(session)
+            if not streams:
+                del self._by_group[record.group]
+        metrics.CONNECTED_PROXIES.labels(record.group).dec()
+        for type_url in self.registry.disconnect(record):
+            metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
+        self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
+
+    # -- snapshot fan-out
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        """Cache listener. Hops onto the event loop when set() was called from another thread."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            self._loop.call_soon_threadsafe(self._push, snapshot)
+        else:
+            self._push(snapshot)
+
+    def _push(self, snapshot: Snapshot) -> None:
+        now = time.monotonic()
+        for session in tuple(self._by_group.get(snapshot.group, ())):
+            self._apply(session, session.machine.set_snapshot(snapshot, now))
+
+    # -- outputs
+
+    def _apply(self, session: _Session, output: Output) -> None:
+        for response in output.responses:
+            session.queue.put_nowait(response)
+        for event in output.events:
+            self._record(session, event)
+
+    def _record(self, session: _Session, event: protocol.Event) -> None:
+        node = session.machine.node_id
+        record = session.record
+        match event:
+            case protocol.Ack(type_url=t, version=v, latency=latency):
+                metrics.PUSH_ACK_LATENCY.labels(type_label(t)).observe(latency)
+                self.log.debug("ACK from %s: %s version %s (%.1f ms)", node, type_label(t), v, latency * 1e3)
+                if record is not None and self.registry.acked(record, t, v):
+                    metrics.XDS_PROXIES_WITH_NACK.labels(type_label(t)).dec()
+            case protocol.Nack(type_url=t, version=v, latency=latency):
+                self._nack(session, event)
+                metrics.PUSH_ACK_LATENCY.labels(type_label(t)).observe(latency)
+            case protocol.Resumed(type_url=t, version=v):
+                self.log.debug("proxy %s already holds %s version %s: nothing to send", node, type_label(t), v)
+                if record is not None and self.registry.acked(record, t, v):
+                    metrics.XDS_PROXIES_WITH_NACK.labels(type_label(t)).dec()
+            case protocol.Withheld(type_url=t, version=v):
+                self.log.info("not sending %s version %s to %s: it rejected that version", type_label(t), v, node)
+            case protocol.Stale(type_url=t, nonce=n, expected=expected):
+                self.log.debug("stale %s request from %s (nonce %s, last sent %s)", type_label(t), node, n, expected)
+            case protocol.Subscribed(type_url=t, names=names):
+                shown = "*" if names is None else ",".join(sorted(names))
+                self.log.debug("proxy %s subscribes %s: %s", node, type_label(t), shown)
+            case protocol.Unsupported(type_url=t):
+                self.log.warning("proxy %s asked for type %r, which this control plane does not serve", node, t)
+            case protocol.NodeIdentified():
+                pass  # handled by _identify once the request is applied
+
+    def _nack(self, session: _Session, nack: protocol.Nack) -> None:
+        label = type_label(nack.type_url)
+        metrics.XDS_NACKS.labels(label).inc()
+        error = truncate_error(nack.error)
+        self.log.warning(
+            "NACK from %s (group %s): %s version %s rejected, still running %s: %s",
+            session.machine.node_id,
+            session.machine.group,
+            label,
+            nack.version,
+            nack.accepted_version or "(nothing)",
+            error,
+        )
+        record = session.record
+        if record is None:
+            self.registry.remember_rejected(session.machine.node_id, nack.type_url, nack.version)
+        elif self.registry.nacked(record, nack.type_url, nack.version, error, time.time()):
+            metrics.XDS_PROXIES_WITH_NACK.labels(label).inc()

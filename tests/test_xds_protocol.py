@@ -1,0 +1,658 @@
+"""The SotW ADS state machine, rule by rule, without sockets (rules as numbered in the xDS brief)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
+from google.rpc import status_pb2  # type: ignore[import-untyped]
+
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.xds.protocol import (
+    KEEP_SUFFIX,
+    Ack,
+    AdsStream,
+    Nack,
+    NodeIdentified,
+    Output,
+    Response,
+    Resumed,
+    Stale,
+    Subscribed,
+    Unsupported,
+    Withheld,
+    covered,
+    frame_response,
+    subscription,
+    type_label,
+)
+
+GROUP = "ci"
+NODE = "envoy-1"
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def cluster(name: str, tag: str) -> Message:
+    return cluster_pb2.Cluster(name=name, alt_stat_name=tag)
+
+
+def endpoint(name: str, tag: str) -> Message:
+    locality = endpoint_components_pb2.LocalityLbEndpoints(locality=base_pb2.Locality(zone=tag))
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[locality])
+
+
+def listener(name: str, tag: str) -> Message:
+    return listener_pb2.Listener(name=name, stat_prefix=tag)
+
+
+def route(name: str, tag: str) -> Message:
+    return route_pb2.RouteConfiguration(name=name, internal_only_headers=[tag])
+
+
+MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment}
+MESSAGES |= {LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
+
+
+def snap(
+    clusters: Mapping[str, str] | Iterable[str] = ("backend",),
+    endpoints: Mapping[str, str] | Iterable[str] | None = None,
+    listeners: Mapping[str, str] | Iterable[str] = ("listener_0",),
+    routes: Mapping[str, str] | Iterable[str] = ("local_route",),
+    group: str = GROUP,
+) -> Snapshot:
+    """A snapshot from name→content-tag maps (a plain list of names means tag "v1" for each)."""
+
+    def tagged(items: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
+        return dict(items) if isinstance(items, Mapping) else dict.fromkeys(items, "v1")
+
+    cds = tagged(clusters)
+    eds = tagged(endpoints if endpoints is not None else cds)
+    return Snapshot.build(
+        group,
+        {
+            CLUSTER: [(n, cluster(n, t)) for n, t in cds.items()],
+            ENDPOINT: [(n, endpoint(n, t)) for n, t in eds.items()],
+            LISTENER: [(n, listener(n, t)) for n, t in tagged(listeners).items()],
+            ROUTE: [(n, route(n, t)) for n, t in tagged(routes).items()],
+        },
+    )
+
+
+def req(
+    type_url: str,
+    names: Iterable[str] = (),
+    *,
+    version: str = "",
+    nonce: str = "",
+    node: bool = False,
+    error: str | None = None,
+) -> discovery_pb2.DiscoveryRequest:
+    request = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, version_info=version, resource_names=list(names), response_nonce=nonce
+    )
+    if node:
+        request.node.id = NODE
+        request.node.cluster = GROUP
+    if error is not None:
+        request.error_detail.CopyFrom(status_pb2.Status(code=13, message=error))
+    return request
+
+
+def decode(response: Response) -> tuple[discovery_pb2.DiscoveryResponse, list[str]]:
+    """Parse the bytes as Envoy would and return the message and its resource names."""
+    message = discovery_pb2.DiscoveryResponse.FromString(response.data)
+    names = []
+    for packed in message.resources:
+        assert packed.type_url == message.type_url
+        resource = MESSAGES[message.type_url].FromString(packed.value)
+        names.append(resource.cluster_name if message.type_url == ENDPOINT else resource.name)
+    return message, names
+
+
+def one(output: Output) -> Response:
+    assert len(output.responses) == 1, output.responses
+    return output.responses[0]
+
+
+E = TypeVar("E")
+
+
+def of_type(output: Output, kind: type[E]) -> list[E]:
+    return [e for e in output.events if isinstance(e, kind)]
+
+
+class Rejected:
+    """A stand-in for the registry's per-node memory."""
+
+    def __init__(self, *entries: tuple[str, str, str]) -> None:
+        self.entries = set(entries)
+
+    def is_rejected(self, node_id: str, type_url: str, version: str) -> bool:
+        return (node_id, type_url, version) in self.entries
+
+
+def ack(stream: AdsStream, response: Response, names: Iterable[str] = (), now: float = 0.0) -> Output:
+    return stream.receive(req(response.type_url, names, version=response.version, nonce=response.nonce), now)
+
+
+def started(snapshot: Snapshot | None = None) -> tuple[AdsStream, dict[str, Response]]:
+    """A stream that went through Envoy's startup sequence and ACKed all four types."""
+    stream = AdsStream()
+    stream.set_snapshot(snapshot or snap(), 0.0)
+    sent = {}
+    for type_url, names in ((CLUSTER, ()), (ENDPOINT, ("backend",)), (LISTENER, ()), (ROUTE, ("local_route",))):
+        sent[type_url] = one(stream.receive(req(type_url, names, node=type_url == CLUSTER), 0.0))
+        ack(stream, sent[type_url], names)
+    return stream, sent
+
+
+# ------------------------------------------------------------------------------------ helpers under test
+
+
+def test_subscription_wildcards_only_for_cds_and_lds() -> None:
+    assert subscription(CLUSTER, []) is None
+    assert subscription(LISTENER, ["*"]) is None
+    assert subscription(CLUSTER, ["*", "a"]) is None
+    assert subscription(CLUSTER, ["a"]) == frozenset({"a"})
+    assert subscription(ENDPOINT, []) == frozenset()
+    assert subscription(ROUTE, ["*"]) == frozenset({"*"})
+
+
+def test_covered() -> None:
+    assert covered(frozenset({"a"}), None)
+    assert covered(None, None)
+    assert not covered(None, frozenset({"a"}))
+    assert covered(frozenset({"a"}), frozenset({"a", "b"}))
+    assert not covered(frozenset({"a", "c"}), frozenset({"a", "b"}))
+
+
+def test_framed_bytes_equal_a_normally_serialized_response() -> None:
+    s = snap(clusters=("a", "b"))
+    body, _ = s.types[CLUSTER].entries_for(None)
+    data = frame_response(body, "v9", CLUSTER, "7")
+    expected = discovery_pb2.DiscoveryResponse(version_info="v9", type_url=CLUSTER, nonce="7")
+    for resource in s.types[CLUSTER].resources.values():
+        expected.resources.append(AnyProto.FromString(resource.any_bytes))
+    assert discovery_pb2.DiscoveryResponse.FromString(data) == expected
+
+
+def test_type_labels() -> None:
+    assert [type_label(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)] == ["cds", "eds", "lds", "rds"]
+    assert type_label("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret") == "other"
+
+
+# ------------------------------------------------------------------------ rule 1: node and per-type state
+
+
+def test_node_from_first_request_is_kept_when_later_requests_have_none() -> None:
+    stream = AdsStream()
+    out = stream.receive(req(CLUSTER, node=True), 0.0)
+    assert of_type(out, NodeIdentified) == [NodeIdentified(NODE, GROUP)]
+    stream.receive(req(LISTENER), 0.0)
+    assert (stream.node_id, stream.group) == (NODE, GROUP)
+    later = req(ENDPOINT, ["a"])
+    later.node.id = "someone-else"
+    assert of_type(stream.receive(later, 0.0), NodeIdentified) == []
+    assert stream.node_id == NODE
+
+
+def test_first_request_without_node_identifies_an_anonymous_node() -> None:
+    stream = AdsStream()
+    assert of_type(stream.receive(req(CLUSTER), 0.0), NodeIdentified) == [NodeIdentified("", "")]
+
+
+def test_requests_before_the_snapshot_are_answered_when_it_is_set() -> None:
+    stream = AdsStream()
+    assert stream.receive(req(CLUSTER, node=True), 0.0).responses == ()
+    assert stream.receive(req(ENDPOINT, ["backend"]), 0.0).responses == ()
+    out = stream.set_snapshot(snap(), 1.0)
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT]
+
+
+def test_per_type_state_is_tracked() -> None:
+    stream, sent = started()
+    state = stream.type_state(ENDPOINT)
+    assert state is not None
+    assert state.names == frozenset({"backend"})
+    assert state.sent_version == state.acked_version == sent[ENDPOINT].version
+    assert state.sent_nonce == sent[ENDPOINT].nonce
+    assert state.sent_names == ("backend",)
+    assert not state.awaiting and state.nacked == set()
+    assert stream.type_state("nope") is None
+
+
+def test_subscribed_event_on_first_request_and_on_change_only() -> None:
+    stream, sent = started()
+    out = ack(stream, sent[ENDPOINT], ["backend"])
+    assert of_type(out, Subscribed) == []
+    out = stream.receive(req(ENDPOINT, ["backend", "x"], version="v", nonce=sent[ENDPOINT].nonce), 0.0)
+    assert of_type(out, Subscribed) == [Subscribed(ENDPOINT, frozenset({"backend", "x"}))]
+
+
+# ------------------------------------------------------------------------- Envoy's observed startup (§1.3)
+
+
+def test_envoy_startup_sequence_exactly() -> None:
+    s = snap()
+    stream = AdsStream()
+    assert stream.set_snapshot(s, 0.0).responses == ()  # nothing subscribed yet
+
+    cds = one(stream.receive(req(CLUSTER, node=True), 1.0))
+    assert (cds.version, cds.nonce) == (s.version(CLUSTER), "1")
+    message, names = decode(cds)
+    assert names == ["backend"] and message.version_info == s.version(CLUSTER) and message.nonce == "1"
+
+    eds = one(stream.receive(req(ENDPOINT, ["backend"]), 1.1))
+    assert (eds.nonce, decode(eds)[1]) == ("2", ["backend"])
+
+    out = ack(stream, cds, now=1.5)
+    assert out.responses == ()
+    assert out.events == (Ack(CLUSTER, s.version(CLUSTER), "1", 0.5),)
+
+    lds = one(stream.receive(req(LISTENER), 2.0))
+    assert (lds.nonce, decode(lds)[1]) == ("3", ["listener_0"])
+    assert ack(stream, eds, ["backend"]).responses == ()
+    rds = one(stream.receive(req(ROUTE, ["local_route"]), 2.0))
+    assert (rds.nonce, decode(rds)[1]) == ("4", ["local_route"])
+    assert ack(stream, lds).responses == ()
+    assert ack(stream, rds, ["local_route"]).responses == ()
+
+
+def test_response_metadata() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(clusters=("a", "b")), 0.0)
+    response = one(stream.receive(req(CLUSTER, node=True), 0.0))
+    assert response.resource_names == ("a", "b") and response.resource_count == 2
+    assert response.label == "cds" and response.type_url == CLUSTER
+
+
+# --------------------------------------------------------------------------------- rule 2: nonces, stale
+
+
+def test_nonces_are_unique_and_increasing_across_types_and_pushes() -> None:
+    stream, sent = started()
+    nonces = [int(r.nonce) for r in sent.values()]
+    out = stream.set_snapshot(snap(clusters={"backend": "v2"}, routes={"local_route": "v2"}), 0.0)
+    nonces += [int(r.nonce) for r in out.responses]
+    assert nonces == sorted(nonces) and len(set(nonces)) == len(nonces) == 7
+
+
+def test_stale_request_is_ignored_entirely_even_its_names() -> None:
+    """§1.3: EDS names change sent with the previous nonce while a newer EDS response was in flight."""
+    stream, sent = started()
+    push = stream.set_snapshot(snap(clusters=("backend", "backend2"), endpoints=("backend", "backend2")), 0.0)
+    eds = next(r for r in push.responses if r.type_url == ENDPOINT)
+    assert decode(eds)[1] == ["backend"]  # the subscription was still [backend]
+
+    stale = stream.receive(
+        req(ENDPOINT, ["backend2", "backend"], version=sent[ENDPOINT].version, nonce=sent[ENDPOINT].nonce), 0.0
+    )
+    assert stale.responses == ()
+    assert stale.events == (Stale(ENDPOINT, sent[ENDPOINT].nonce, eds.nonce),)
+    state = stream.type_state(ENDPOINT)
+    assert state is not None and state.names == frozenset({"backend"}) and state.awaiting
+
+    # The ACK of the newer response re-states the names: same version, new nonce, both resources.
+    out = ack(stream, eds, ["backend2", "backend"])
+    again = one(out)
+    assert again.version == eds.version and int(again.nonce) > int(eds.nonce)
+    assert decode(again)[1] == ["backend", "backend2"]
+    assert of_type(out, Ack)
+    assert of_type(out, Subscribed)
+
+
+def test_unknown_nonce_is_stale() -> None:
+    stream, sent = started()
+    out = stream.receive(req(CLUSTER, version=sent[CLUSTER].version, nonce="999", error="boom"), 0.0)
+    assert out.responses == () and of_type(out, Stale) and not of_type(out, Nack)
+
+
+def test_nonce_for_a_type_never_sent_is_stale() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    out = stream.receive(req(CLUSTER, nonce="1", node=True), 0.0)
+    assert out.responses == () and of_type(out, Stale) == [Stale(CLUSTER, "1", "")]
+
+
+# ---------------------------------------------------------------------------------- rule 3: ACK / NACK
+
+
+def test_ack_records_version_and_latency() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    cds = one(stream.receive(req(CLUSTER, node=True), 10.0))
+    out = ack(stream, cds, now=10.25)
+    assert out.events == (Ack(CLUSTER, cds.version, cds.nonce, 0.25),)
+    state = stream.type_state(CLUSTER)
+    assert state is not None and state.acked_version == cds.version and not state.awaiting
+
+
+def test_nack_records_the_sent_version_and_does_not_resend_it() -> None:
+    stream, sent = started()
+    bad = snap(listeners={"listener_0": "bad"})
+    lds = one(stream.set_snapshot(bad, 5.0))
+    out = stream.receive(
+        req(LISTENER, version=sent[LISTENER].version, nonce=lds.nonce, error="duplicate listener"), 5.002
+    )
+    assert out.responses == ()
+    (nack,) = of_type(out, Nack)
+    assert nack == Nack(
+        LISTENER, lds.version, lds.nonce, sent[LISTENER].version, "duplicate listener", 13, nack.latency
+    )
+    assert nack.latency == pytest.approx(0.002)
+    state = stream.type_state(LISTENER)
+    assert state is not None and state.nacked == {lds.version} and state.acked_version == sent[LISTENER].version
+
+    # Envoy's next requests for LDS (e.g. a re-statement) never bring the rejected version back.
+    assert stream.receive(req(LISTENER, version=sent[LISTENER].version, nonce=lds.nonce), 6.0).responses == ()
+    # A snapshot that changes only routes pushes routes, not the rejected listener.
+    out = stream.set_snapshot(snap(listeners={"listener_0": "bad"}, routes={"local_route": "v2"}), 7.0)
+    assert [r.type_url for r in out.responses] == [ROUTE]
+    # A fixed listener is a new version and is pushed.
+    fixed = one(stream.set_snapshot(snap(listeners={"listener_0": "fixed"}, routes={"local_route": "v2"}), 8.0))
+    assert fixed.type_url == LISTENER
+
+
+def test_nacked_version_is_withheld_even_when_names_grow() -> None:
+    stream, sent = started()
+    push = one(stream.set_snapshot(snap(endpoints={"backend": "bad"}), 0.0))
+    stream.receive(req(ENDPOINT, ["backend"], version=sent[ENDPOINT].version, nonce=push.nonce, error="x"), 0.0)
+    out = stream.receive(req(ENDPOINT, ["backend", "new"], version=sent[ENDPOINT].version), 0.0)
+    assert out.responses == ()
+    assert of_type(out, Withheld) == [Withheld(ENDPOINT, push.version)]
+    # Reported once, not on every request.
+    assert of_type(stream.receive(req(ENDPOINT, ["backend"], version=sent[ENDPOINT].version), 0.0), Withheld) == []
+
+
+def test_ack_whose_names_shrink_needs_no_response() -> None:
+    stream, _ = started()
+    push = one(stream.set_snapshot(snap(endpoints=("backend", "other"), clusters=("backend",)), 0.0))
+    again = one(ack(stream, push, ["backend", "other"]))
+    assert decode(again)[1] == ["backend", "other"]
+    out = ack(stream, again, ["other"])
+    assert out.responses == () and of_type(out, Subscribed) == [Subscribed(ENDPOINT, frozenset({"other"}))]
+
+
+def test_nack_with_an_equal_version_field_is_still_a_nack() -> None:
+    stream, _ = started()
+    push = one(stream.set_snapshot(snap(routes={"local_route": "v2"}), 0.0))
+    out = stream.receive(req(ROUTE, ["local_route"], version=push.version, nonce=push.nonce, error=""), 0.0)
+    assert of_type(out, Nack) and not of_type(out, Ack)  # error_detail present, even with an empty message
+
+
+# ------------------------------------------------------------------------------- rule 4: when to respond
+
+
+def test_reconnect_holding_the_current_versions_gets_nothing() -> None:
+    s = snap()
+    stream = AdsStream()
+    stream.set_snapshot(s, 0.0)
+    outs = [
+        stream.receive(req(CLUSTER, version=s.version(CLUSTER), node=True), 0.0),
+        stream.receive(req(ENDPOINT, ["backend"], version=s.version(ENDPOINT)), 0.0),
+        stream.receive(req(LISTENER, version=s.version(LISTENER)), 0.0),
+        stream.receive(req(ROUTE, ["local_route"], version=s.version(ROUTE)), 0.0),
+    ]
+    assert all(o.responses == () for o in outs)
+    assert [e for o in outs for e in of_type(o, Resumed)] == [
+        Resumed(t, s.version(t)) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+    ]
+    state = stream.type_state(ROUTE)
+    assert state is not None and state.acked_version == s.version(ROUTE) and state.sent_nonce == ""
+
+    # The next change is pushed as usual, and only what changed.
+    out = stream.set_snapshot(snap(routes={"local_route": "v2"}), 0.0)
+    assert [(r.type_url, r.nonce) for r in out.responses] == [(ROUTE, "1")]
+
+
+def test_resumed_stream_answers_a_later_subscription_change_with_empty_nonce() -> None:
+    s = snap(clusters=("a", "b"))
+    stream = AdsStream()
+    stream.set_snapshot(s, 0.0)
+    stream.receive(req(ENDPOINT, ["a"], version=s.version(ENDPOINT), node=True), 0.0)
+    response = one(stream.receive(req(ENDPOINT, ["a", "b"], version=s.version(ENDPOINT)), 0.0))
+    assert response.version == s.version(ENDPOINT) and decode(response)[1] == ["a", "b"]
+
+
+def test_reconnect_before_the_snapshot_is_set_also_resumes() -> None:
+    s = snap()
+    stream = AdsStream()
+    stream.receive(req(CLUSTER, version=s.version(CLUSTER), node=True), 0.0)
+    out = stream.set_snapshot(s, 0.0)
+    assert out.responses == () and out.events == (Resumed(CLUSTER, s.version(CLUSTER)),)
+
+
+def test_reconnect_with_an_old_version_is_answered() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    assert one(stream.receive(req(CLUSTER, version="old", node=True), 0.0)).type_url == CLUSTER
+
+
+def test_node_that_rejected_the_current_version_on_an_earlier_stream_does_not_get_it() -> None:
+    s = snap()
+    stream = AdsStream(Rejected((NODE, LISTENER, s.version(LISTENER))))
+    stream.set_snapshot(s, 0.0)
+    assert one(stream.receive(req(CLUSTER, node=True), 0.0)).type_url == CLUSTER
+    out = stream.receive(req(LISTENER, version="older"), 0.0)
+    assert out.responses == () and out.events[-1] == Withheld(LISTENER, s.version(LISTENER))
+
+
+def test_unchanged_snapshot_pushes_nothing() -> None:
+    stream, _ = started()
+    assert stream.set_snapshot(snap(), 0.0) == Output()  # equal content, new object
+    same = stream.snapshot
+    assert same is not None and stream.set_snapshot(same, 0.0) == Output()
+
+
+def test_types_never_requested_are_not_pushed() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    stream.receive(req(CLUSTER, node=True), 0.0)
+    out = stream.set_snapshot(snap(clusters={"backend": "v2"}, listeners={"listener_0": "v2"}), 0.0)
+    assert [r.type_url for r in out.responses] == [CLUSTER]
+
+
+def test_push_does_not_wait_for_the_previous_ack() -> None:
+    stream, _ = started()
+    first = one(stream.set_snapshot(snap(routes={"local_route": "v2"}), 0.0))
+    second = one(stream.set_snapshot(snap(routes={"local_route": "v3"}), 0.0))
+    assert first.version != second.version
+    # The late ACK of the first is now stale, the ACK of the second counts.
+    assert of_type(ack(stream, first, ["local_route"]), Stale)
+    assert of_type(ack(stream, second, ["local_route"]), Ack)
+
+
+# ----------------------------------------------------------------------------------- rule 5: push order
+
+
+def test_push_order_and_only_changed_types() -> None:
+    stream, _ = started()
+    out = stream.set_snapshot(
+        snap(clusters={"backend": "v2"}, endpoints={"backend": "v2"}, routes={"local_route": "v2"}), 0.0
+    )
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, ROUTE]
+    out = stream.set_snapshot(
+        snap(
+            clusters={"backend": "v3"},
+            endpoints={"backend": "v3"},
+            listeners={"listener_0": "v3"},
+            routes={"local_route": "v3"},
+        ),
+        0.0,
+    )
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+
+
+# ------------------------------------------------------------------------ rule 6: make-before-break (CDS)
+
+
+def two_cluster_stream() -> tuple[AdsStream, dict[str, Response]]:
+    s = snap(clusters=("backend", "old"), routes={"local_route": "uses-old"})
+    stream = AdsStream()
+    stream.set_snapshot(s, 0.0)
+    sent = {}
+    for type_url, names in (
+        (CLUSTER, ()),
+        (ENDPOINT, ("backend", "old")),
+        (LISTENER, ()),
+        (ROUTE, ("local_route",)),
+    ):
+        sent[type_url] = one(stream.receive(req(type_url, names, node=type_url == CLUSTER), 0.0))
+        ack(stream, sent[type_url], names)
+    return stream, sent
+
+
+def test_removed_cluster_is_kept_until_listeners_and_routes_are_acked() -> None:
+    stream, before = two_cluster_stream()
+    new = snap(clusters=("backend", "new"), routes={"local_route": "uses-new"}, listeners={"listener_0": "v2"})
+    out = stream.set_snapshot(new, 0.0)
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+    union, eds, lds, rds = out.responses
+    assert union.version == new.version(CLUSTER) + KEEP_SUFFIX
+    assert union.version not in (new.version(CLUSTER), before[CLUSTER].version)
+    assert decode(union)[1] == ["backend", "new", "old"]
+    # The kept cluster's bytes are the ones the client already has.
+    kept = discovery_pb2.DiscoveryResponse.FromString(union.data).resources[2]
+    assert cluster_pb2.Cluster.FromString(kept.value).name == "old"
+    assert decode(eds)[1] == ["backend"]  # EDS follows CDS: no keep there
+
+    assert ack(stream, union).responses == ()
+    assert ack(stream, eds, ["backend", "old", "new"]).responses[0].type_url == ENDPOINT  # names grew
+    assert ack(stream, lds).responses == ()  # routes not yet ACKed: keep holding
+    final = one(ack(stream, rds, ["local_route"]))
+    assert (final.type_url, final.version) == (CLUSTER, new.version(CLUSTER))
+    assert decode(final)[1] == ["backend", "new"]
+    assert ack(stream, final).responses == ()
+
+
+def test_removal_with_nothing_pending_sends_the_final_version_directly() -> None:
+    stream, _ = two_cluster_stream()
+    new = snap(clusters=("backend",), routes={"local_route": "uses-old"})
+    out = stream.set_snapshot(new, 0.0)
+    assert [(r.type_url, r.version) for r in out.responses] == [
+        (CLUSTER, new.version(CLUSTER)),
+        (ENDPOINT, new.version(ENDPOINT)),
+    ]
+    assert decode(out.responses[0])[1] == ["backend"]
+
+
+def test_removal_waits_for_an_earlier_unacked_route_push() -> None:
+    stream, _ = two_cluster_stream()
+    rds = one(stream.set_snapshot(snap(clusters=("backend", "old"), routes={"local_route": "v2"}), 0.0))
+    out = stream.set_snapshot(snap(clusters=("backend",), routes={"local_route": "v2"}), 0.0)
+    union = out.responses[0]
+    assert union.version.endswith(KEEP_SUFFIX) and decode(union)[1] == ["backend", "old"]
+    assert one(ack(stream, rds, ["local_route"])).version == snap(clusters=("backend",)).version(CLUSTER)
+
+
+def test_newer_snapshot_during_keep_recomputes_the_union() -> None:
+    stream, _ = two_cluster_stream()
+    s2 = snap(clusters=("backend", "c"), routes={"local_route": "r2"})
+    union2 = stream.set_snapshot(s2, 0.0).responses[0]
+    assert decode(union2)[1] == ["backend", "c", "old"]
+    s3 = snap(clusters=("backend",), routes={"local_route": "r3"})
+    out = stream.set_snapshot(s3, 0.0)
+    union3, rds3 = out.responses[0], out.responses[-1]
+    assert union3.version == s3.version(CLUSTER) + KEEP_SUFFIX
+    assert decode(union3)[1] == ["backend", "c", "old"]  # old still held by the client, c newly removed
+    ack(stream, union3)
+    final = one(ack(stream, rds3, ["local_route"]))
+    assert decode(final)[1] == ["backend"] and final.version == s3.version(CLUSTER)
+
+
+def test_newer_snapshot_restoring_the_cluster_ends_the_keep() -> None:
+    stream, _ = two_cluster_stream()
+    stream.set_snapshot(snap(clusters=("backend",), routes={"local_route": "r2"}), 0.0)
+    back = snap(clusters=("backend", "old"), routes={"local_route": "r3"})
+    out = stream.set_snapshot(back, 0.0)
+    assert out.responses[0].version == back.version(CLUSTER)
+    assert decode(out.responses[0])[1] == ["backend", "old"]
+
+
+def test_keep_is_held_while_the_new_listener_is_nacked() -> None:
+    stream, sent = two_cluster_stream()
+    new = snap(clusters=("backend",), listeners={"listener_0": "bad"}, routes={"local_route": "uses-old"})
+    union, _, lds = stream.set_snapshot(new, 0.0).responses
+    assert union.version.endswith(KEEP_SUFFIX)
+    out = stream.receive(req(LISTENER, version=sent[LISTENER].version, nonce=lds.nonce, error="bad"), 0.0)
+    assert out.responses == ()  # the old listener may still use "old"
+    fixed = snap(clusters=("backend",), listeners={"listener_0": "fixed"}, routes={"local_route": "uses-old"})
+    lds2 = stream.set_snapshot(fixed, 0.0).responses[-1]
+    assert lds2.type_url == LISTENER
+    final = one(ack(stream, lds2))
+    assert final.version == fixed.version(CLUSTER) and decode(final)[1] == ["backend"]
+
+
+def test_nacked_union_still_gets_the_final_version() -> None:
+    stream, sent = two_cluster_stream()
+    new = snap(clusters=("backend",), routes={"local_route": "r2"})
+    union, _, rds = stream.set_snapshot(new, 0.0).responses
+    stream.receive(req(CLUSTER, version=sent[CLUSTER].version, nonce=union.nonce, error="no"), 0.0)
+    final = one(ack(stream, rds, ["local_route"]))
+    assert final.version == new.version(CLUSTER)
+
+
+def test_named_cds_keeps_only_subscribed_clusters() -> None:
+    s = snap(clusters=("a", "b", "c"), routes={"local_route": "r1"})
+    stream = AdsStream()
+    stream.set_snapshot(s, 0.0)
+    cds = one(stream.receive(req(CLUSTER, ["a", "b"], node=True), 0.0))
+    ack(stream, cds, ["a", "b"])
+    rds = one(stream.receive(req(ROUTE, ["local_route"]), 0.0))
+    ack(stream, rds, ["local_route"])
+    out = stream.set_snapshot(snap(clusters=("a",), routes={"local_route": "r2"}), 0.0)
+    assert decode(out.responses[0])[1] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------ rule 7: absent named resources
+
+
+def test_named_resource_absent_from_snapshot_is_simply_not_in_the_response() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    response = one(stream.receive(req(ENDPOINT, ["backend", "ghost"], node=True), 0.0))
+    assert decode(response)[1] == ["backend"] and response.resource_names == ("backend",)
+
+
+def test_named_resource_removed_from_snapshot_disappears_from_the_next_push() -> None:
+    stream, _ = two_cluster_stream()
+    out = stream.set_snapshot(
+        snap(clusters=("backend",), endpoints=("backend",), routes={"local_route": "uses-old"}), 0.0
+    )
+    eds = next(r for r in out.responses if r.type_url == ENDPOINT)
+    assert decode(eds)[1] == ["backend"]
+
+
+# ------------------------------------------------------------------------------- rule 8: empty snapshot
+
+
+def test_empty_snapshot_answers_wildcards_with_zero_resources() -> None:
+    empty = Snapshot.empty("unknown")
+    stream = AdsStream()
+    stream.set_snapshot(empty, 0.0)
+    for type_url in (CLUSTER, LISTENER):
+        response = one(stream.receive(req(type_url, node=True), 0.0))
+        message, names = decode(response)
+        assert names == [] and message.version_info == empty.version(type_url) and message.type_url == type_url
+
+
+# ------------------------------------------------------------------------------------- other inputs
+
+
+def test_unsupported_type_is_reported_once_and_not_answered() -> None:
+    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    out = stream.receive(req(secret, ["cert"], node=True), 0.0)
+    assert out.responses == () and of_type(out, Unsupported) == [Unsupported(secret)]
+    assert of_type(stream.receive(req(secret, ["cert"]), 0.0), Unsupported) == []

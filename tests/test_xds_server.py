@@ -1,0 +1,501 @@
+"""The grpc.aio adapter over a real loopback channel, with a small client that speaks ADS like Envoy 1.40.
+
+Also the two small pieces it is wired to: SnapshotCache (change listeners) and ProxyRegistry (status, NACK
+memory). Nothing here sleeps to synchronise: waits poll with a deadline, and "nothing was sent" is proven
+with a barrier request whose answer must be the next message on the stream (one stream is ordered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2  # type: ignore[import-untyped]
+
+from controlplane.admin import metrics
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
+from controlplane.xds.server import DELTA_UNIMPLEMENTED, SERVICE, XdsServer, peer_address
+
+LOOPBACK = "127.0.0.1"
+TIMEOUT = 5.0
+T = TypeVar("T")
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def snap(
+    group: str, tag: str = "v1", *, clusters: Iterable[str] = ("backend",), route_tag: str | None = None
+) -> Snapshot:
+    names = list(clusters)
+    return Snapshot.build(
+        group,
+        {
+            CLUSTER: [(n, cluster_pb2.Cluster(name=n, alt_stat_name=tag)) for n in names],
+            ENDPOINT: [(n, endpoint_pb2.ClusterLoadAssignment(cluster_name=n)) for n in names],
+            LISTENER: [("listener_0", listener_pb2.Listener(name="listener_0", stat_prefix=tag))],
+            ROUTE: [
+                (
+                    "local_route",
+                    route_pb2.RouteConfiguration(name="local_route", internal_only_headers=[route_tag or tag]),
+                )
+            ],
+        },
+    )
+
+
+def names_of(response: discovery_pb2.DiscoveryResponse) -> list[str]:
+    classes = {
+        CLUSTER: cluster_pb2.Cluster,
+        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+        LISTENER: listener_pb2.Listener,
+        ROUTE: route_pb2.RouteConfiguration,
+    }
+    out = []
+    for packed in response.resources:
+        message = classes[packed.type_url].FromString(packed.value)
+        out.append(message.cluster_name if packed.type_url == ENDPOINT else message.name)
+    return out
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(check: Callable[[], T], message: str, timeout: float = TIMEOUT) -> T:
+    """Poll `check` until truthy; the short sleep is the poll interval, bounded by the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {message}; last value {value!r}")
+        await asyncio.sleep(0.005)
+    return value
+
+
+async def within(awaitable: Awaitable[T]) -> T:
+    return await asyncio.wait_for(awaitable, TIMEOUT)
+
+
+class FakeEnvoy:
+    """One ADS stream that sends what Envoy sends (node on the first message only)."""
+
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, group: str) -> None:
+        method = channel.stream_stream(
+            f"/{SERVICE}/StreamAggregatedResources",
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )
+        self.call = method()
+        self.node_id = node_id
+        self.group = group
+        self.sent_node = False
+
+    async def send(
+        self,
+        type_url: str,
+        names: Iterable[str] = (),
+        *,
+        version: str = "",
+        nonce: str = "",
+        error: str | None = None,
+    ) -> None:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce
+        )
+        if not self.sent_node:
+            request.node.id, request.node.cluster = self.node_id, self.group
+            self.sent_node = True
+        if error is not None:
+            request.error_detail.CopyFrom(status_pb2.Status(code=13, message=error))
+        await within(self.call.write(request))
+
+    async def recv(self) -> discovery_pb2.DiscoveryResponse:
+        response = await within(self.call.read())
+        assert isinstance(response, discovery_pb2.DiscoveryResponse), response
+        return response
+
+    async def ack(self, response: discovery_pb2.DiscoveryResponse, names: Iterable[str] = ()) -> None:
+        await self.send(response.type_url, names, version=response.version_info, nonce=response.nonce)
+
+    async def startup(self) -> dict[str, discovery_pb2.DiscoveryResponse]:
+        """Envoy's initial sequence (§1.3): CDS, EDS (warming), LDS, RDS, each ACKed."""
+        got = {}
+        for type_url, names in ((CLUSTER, ()), (ENDPOINT, ("backend",)), (LISTENER, ()), (ROUTE, ("local_route",))):
+            await self.send(type_url, names)
+            got[type_url] = await self.recv()
+            assert got[type_url].type_url == type_url
+            await self.ack(got[type_url], names)
+        return got
+
+    async def barrier(self, names: Iterable[str]) -> discovery_pb2.DiscoveryResponse:
+        """An EDS subscription change must be answered next: proves nothing else was queued before it."""
+        await self.send(ENDPOINT, names)
+        response = await self.recv()
+        assert response.type_url == ENDPOINT and set(names_of(response)) <= set(names)
+        return response
+
+
+@dataclass
+class Plane:
+    server: XdsServer
+    cache: SnapshotCache
+    registry: ProxyRegistry
+    channel: grpc.aio.Channel
+    port: int
+
+    def envoy(self, node_id: str, group: str) -> FakeEnvoy:
+        return FakeEnvoy(self.channel, node_id, group)
+
+    def proxies(self, node_id: str) -> list[dict[str, Any]]:
+        return [p for p in self.registry.status() if p["node"] == node_id]
+
+
+@pytest.fixture
+async def plane() -> AsyncIterator[Plane]:
+    cache = SnapshotCache()
+    registry = ProxyRegistry()
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
+    port = await server.start(LOOPBACK, 0)
+    channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
+    try:
+        yield Plane(server, cache, registry, channel, port)
+    finally:
+        await channel.close()
+        await server.stop(1.0)
+
+
+# ------------------------------------------------------------------------------------------ the server
+
+
+async def test_start_binds_an_ephemeral_port_and_serves_envoys_startup(plane: Plane) -> None:
+    group = "startup"
+    plane.cache.set(snap(group))
+    pushes = {t: sample("controlplane_xds_pushes_total", type=t) for t in ("cds", "eds", "lds", "rds")}
+    acks = sample("controlplane_xds_push_ack_latency_seconds_count", type="rds")
+    assert plane.port > 0
+
+    envoy = plane.envoy("node-startup", group)
+    got = await envoy.startup()
+    assert [names_of(got[t]) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)] == [
+        ["backend"],
+        ["backend"],
+        ["listener_0"],
+        ["local_route"],
+    ]
+    assert [int(got[t].nonce) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)] == [1, 2, 3, 4]
+    assert got[CLUSTER].version_info == plane.cache.get(group).version(CLUSTER)
+
+    expected_acked = {label: plane.cache.get(group).version(t) for t, label in _LABELS.items()}
+    (proxy,) = await eventually(
+        lambda: [p for p in plane.proxies("node-startup") if p["acked"] == expected_acked], "ACKs"
+    )
+    assert proxy["group"] == group and proxy["protocol"] == "sotw" and proxy["last_nack"] is None
+    assert str(proxy["peer"]).startswith(f"{LOOPBACK}:")
+    assert isinstance(proxy["connected_since"], float) and abs(proxy["connected_since"] - time.time()) < 60
+    assert plane.registry.summary() == {"by_group": {group: 1}}
+    assert sample("controlplane_xds_connected_proxies", group=group) == 1
+    assert all(sample("controlplane_xds_pushes_total", type=t) == pushes[t] + 1 for t in pushes)
+    await eventually(lambda: sample("controlplane_xds_push_ack_latency_seconds_count", type="rds") == acks + 1, "hist")
+    envoy.call.cancel()
+
+
+_LABELS = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+
+
+async def test_snapshot_change_reaches_only_streams_of_that_group(plane: Plane) -> None:
+    plane.cache.set(snap("fan-a"))
+    plane.cache.set(snap("fan-b"))
+    a1, a2, b = plane.envoy("a1", "fan-a"), plane.envoy("a2", "fan-a"), plane.envoy("b1", "fan-b")
+    for envoy in (a1, a2, b):
+        await envoy.startup()
+
+    plane.cache.set(snap("fan-a", route_tag="v2"))
+    for envoy in (a1, a2):
+        rds = await envoy.recv()
+        assert rds.type_url == ROUTE and rds.version_info == plane.cache.get("fan-a").version(ROUTE)
+        await envoy.ack(rds, ["local_route"])
+    await b.barrier(["backend", "other"])  # b got nothing from fan-a's change
+
+    # Push order within one change: CDS, EDS, LDS, RDS, and only what changed.
+    plane.cache.set(snap("fan-a", "v3", clusters=("backend", "extra")))
+    order = [(await a1.recv()).type_url for _ in range(4)]
+    assert order == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+    for envoy in (a1, a2, b):
+        envoy.call.cancel()
+
+
+async def test_stale_request_is_ignored_and_the_ack_restates_names(plane: Plane) -> None:
+    group = "stale"
+    plane.cache.set(snap(group))
+    envoy = plane.envoy("stale-1", group)
+    got = await envoy.startup()
+    plane.cache.set(snap(group, clusters=("backend", "backend2")))
+    cds, eds = await envoy.recv(), await envoy.recv()
+    assert (cds.type_url, names_of(eds)) == (CLUSTER, ["backend"])
+    # Envoy's subscription change crosses our EDS push: it carries the previous EDS nonce.
+    old = got[ENDPOINT]
+    await envoy.send(ENDPOINT, ["backend", "backend2"], version=old.version_info, nonce=old.nonce)
+    await envoy.ack(eds, ["backend", "backend2"])
+    again = await envoy.recv()
+    assert again.version_info == eds.version_info and int(again.nonce) > int(eds.nonce)
+    assert sorted(names_of(again)) == ["backend", "backend2"]
+    envoy.call.cancel()
+
+
+async def test_nack_is_logged_recorded_and_never_resent_even_after_reconnect(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="controlplane.xds")
+    group = "nack"
+    plane.cache.set(snap(group))
+    envoy = plane.envoy("nacker", group)
+    got = await envoy.startup()
+    nacks = sample("controlplane_xds_nacks_total", type="lds")
+    rejecting = sample("controlplane_xds_proxies_rejecting", type="lds")
+
+    plane.cache.set(snap(group, "bad-listener", route_tag="v1", clusters=("backend",)))
+    pushed = [await envoy.recv() for _ in range(2)]  # CDS (alt_stat_name changed) and LDS
+    lds = pushed[-1]
+    assert lds.type_url == LISTENER
+    huge = "Error adding/updating listener(s) listener_0: " + "x" * 20_000
+    await envoy.send(LISTENER, version=got[LISTENER].version_info, nonce=lds.nonce, error=huge)
+
+    (proxy,) = await eventually(lambda: [p for p in plane.proxies("nacker") if p["last_nack"]], "NACK in status")
+    nack = proxy["last_nack"]
+    assert isinstance(nack, dict)
+    assert (nack["type"], nack["version"]) == ("lds", lds.version_info)
+    assert len(nack["error"].encode()) <= ERROR_LIMIT_BYTES and nack["error"].startswith("Error adding")
+    assert sample("controlplane_xds_nacks_total", type="lds") == nacks + 1
+    assert sample("controlplane_xds_proxies_rejecting", type="lds") == rejecting + 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "NACK" in r.getMessage()]
+    assert len(warnings) == 1
+    line = warnings[0].getMessage()
+    assert "nacker" in line and "lds" in line and lds.version_info in line and len(line) < ERROR_LIMIT_BYTES + 300
+
+    # The same version is not sent again on this stream...
+    await envoy.barrier(["backend", "b2"])
+    envoy.call.cancel()
+    await eventually(lambda: not plane.proxies("nacker"), "disconnect")
+    assert sample("controlplane_xds_proxies_rejecting", type="lds") == rejecting
+
+    # ...nor on a new one: Envoy reconnects holding the old listener version.
+    again = plane.envoy("nacker", group)
+    await again.send(CLUSTER, version=plane.cache.get(group).version(CLUSTER))
+    await again.send(LISTENER, version=got[LISTENER].version_info)
+    await again.barrier(["backend"])
+
+    # A fixed listener is a new version and is pushed; its ACK clears the NACK state.
+    plane.cache.set(snap(group, "fixed", route_tag="v1"))
+    fixed = [await again.recv() for _ in range(2)][-1]
+    assert fixed.type_url == LISTENER
+    await again.ack(fixed)
+    await eventually(
+        lambda: [p for p in plane.proxies("nacker") if p["acked"].get("lds") == fixed.version_info], "fixed ACKed"
+    )
+    again.call.cancel()
+
+
+async def test_reconnect_holding_current_versions_gets_nothing(plane: Plane) -> None:
+    group = "resume"
+    s = snap(group)
+    plane.cache.set(s)
+    pushes = sample("controlplane_xds_pushes_total", type="cds")
+    envoy = plane.envoy("resumer", group)
+    await envoy.send(CLUSTER, version=s.version(CLUSTER))
+    await envoy.send(LISTENER, version=s.version(LISTENER))
+    await envoy.send(ROUTE, ["local_route"], version=s.version(ROUTE))
+    await envoy.send(ENDPOINT, ["backend"], version=s.version(ENDPOINT))
+    await envoy.barrier(["backend", "x"])
+    assert sample("controlplane_xds_pushes_total", type="cds") == pushes
+    (proxy,) = plane.proxies("resumer")
+    assert proxy["acked"] == {
+        "cds": s.version(CLUSTER),
+        "eds": s.version(ENDPOINT),
+        "lds": s.version(LISTENER),
+        "rds": s.version(ROUTE),
+    }
+    envoy.call.cancel()
+
+
+async def test_unknown_group_gets_a_warning_and_only_the_empty_snapshot(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controlplane.xds")
+    plane.cache.set(snap("known-group"))
+    envoy = plane.envoy("lost-1", "no-such-group")
+    await envoy.send(CLUSTER)
+    cds = await envoy.recv()
+    assert names_of(cds) == [] and cds.version_info == Snapshot.empty("no-such-group").version(CLUSTER)
+    await envoy.ack(cds)
+    await envoy.send(LISTENER)
+    assert names_of(await envoy.recv()) == []
+    assert any(
+        r.levelno == logging.WARNING and "lost-1" in r.getMessage() and "no-such-group" in r.getMessage()
+        for r in caplog.records
+    )
+    # Once the group exists, its streams get it.
+    plane.cache.set(snap("no-such-group"))
+    assert names_of(await envoy.recv()) == ["backend"]
+    envoy.call.cancel()
+
+
+async def test_disconnect_updates_registry_metrics_and_log(plane: Plane, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="controlplane.xds")
+    group = "bye"
+    plane.cache.set(snap(group))
+    envoy = plane.envoy("leaver", group)
+    await envoy.startup()
+    assert sample("controlplane_xds_connected_proxies", group=group) == 1
+    envoy.call.cancel()
+    await eventually(lambda: not plane.proxies("leaver"), "registry forgets the stream")
+    assert sample("controlplane_xds_connected_proxies", group=group) == 0
+    assert any("leaver" in r.getMessage() and "disconnected" in r.getMessage() for r in caplog.records)
+
+
+async def test_client_half_close_ends_the_stream(plane: Plane) -> None:
+    plane.cache.set(snap("half"))
+    envoy = plane.envoy("half-1", "half")
+    await envoy.startup()
+    await envoy.call.done_writing()
+    assert await within(envoy.call.code()) == grpc.StatusCode.OK
+    await eventually(lambda: not plane.proxies("half-1"), "forgotten")
+
+
+async def test_delta_is_unimplemented_with_a_clear_message(plane: Plane) -> None:
+    method = plane.channel.stream_stream(f"/{SERVICE}/DeltaAggregatedResources")
+    call = method()
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER).SerializeToString())
+    assert await within(call.code()) == grpc.StatusCode.UNIMPLEMENTED
+    assert await call.details() == DELTA_UNIMPLEMENTED
+
+
+async def test_stop_ends_streams_without_tracebacks(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    cache.set(snap("stop"))
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
+    port = await server.start(LOOPBACK, 0)
+    async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        envoys = [FakeEnvoy(channel, f"stop-{i}", "stop") for i in range(3)]
+        for envoy in envoys:
+            await envoy.startup()
+        await within(server.stop(5.0))
+        for envoy in envoys:
+            assert await within(envoy.call.code()) == grpc.StatusCode.UNAVAILABLE
+    assert registry.status() == []
+    assert sample("controlplane_xds_connected_proxies", group="stop") == 0
+    captured = capfd.readouterr()
+    text = captured.out + captured.err + caplog.text
+    assert "CancelledError" not in text and "Traceback" not in text
+    # Snapshots set after stop reach nobody (the listener is gone).
+    cache.set(snap("stop", "after"))
+
+
+async def test_start_reports_an_unbindable_address() -> None:
+    server = XdsServer(SnapshotCache(), ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
+    with pytest.raises(OSError):
+        await server.start("203.0.113.1", 0)  # TEST-NET-3: not an address of this host
+    await server.stop(0)
+
+
+def test_peer_address() -> None:
+    assert peer_address("ipv4:10.0.0.1:4242") == "10.0.0.1:4242"
+    assert peer_address("ipv6:[::1]:4242") == "[::1]:4242"
+    assert peer_address("unix:/tmp/x") == "unix:/tmp/x"
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+def test_cache_get_unknown_group_is_the_empty_snapshot() -> None:
+    cache = SnapshotCache()
+    assert cache.get("x").version(CLUSTER) == Snapshot.empty("x").version(CLUSTER)
+    assert not cache.known("x") and cache.groups() == []
+
+
+def test_cache_notifies_on_change_only_and_unsubscribes() -> None:
+    cache = SnapshotCache()
+    seen: list[str] = []
+    unsubscribe = cache.subscribe(lambda s: seen.append(s.summary_version))
+    assert cache.set(snap("b"))
+    assert not cache.set(snap("b"))  # same versions, new object: nobody is told
+    assert cache.set(snap("b", "v2"))
+    assert cache.set(snap("a"))
+    assert len(seen) == 3 and cache.groups() == ["a", "b"] and cache.known("a")
+    assert cache.get("b").version(CLUSTER) == snap("b", "v2").version(CLUSTER)
+    unsubscribe()
+    unsubscribe()  # idempotent
+    cache.set(snap("a", "v2"))
+    assert len(seen) == 3
+
+
+def test_cache_listener_failure_does_not_stop_others(caplog: pytest.LogCaptureFixture) -> None:
+    cache = SnapshotCache()
+    seen: list[str] = []
+
+    def broken(snapshot: Snapshot) -> None:
+        raise RuntimeError("boom")
+
+    cache.subscribe(broken)
+    cache.subscribe(lambda s: seen.append(s.group))
+    assert cache.set(snap("g"))
+    assert seen == ["g"] and "boom" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------- the registry
+
+
+def test_truncate_error_bounds_bytes() -> None:
+    assert truncate_error("short") == "short"
+    long = "é" * 5000
+    cut = truncate_error(long)
+    assert len(cut.encode()) <= ERROR_LIMIT_BYTES and cut.endswith("[truncated]")
+
+
+def test_registry_status_sorted_json_ready_and_nack_lifecycle() -> None:
+    registry = ProxyRegistry()
+    b = registry.connect("n2", "g2", "10.0.0.2:1", 100.0)
+    a2 = registry.connect("n2", "g1", "10.0.0.1:2", 101.0)
+    a1 = registry.connect("n1", "g1", "10.0.0.1:1", 102.0)
+    assert [(p["group"], p["node"]) for p in registry.status()] == [("g1", "n1"), ("g1", "n2"), ("g2", "n2")]
+    assert registry.summary() == {"by_group": {"g1": 2, "g2": 1}}
+
+    assert not registry.acked(a1, CLUSTER, "c1")
+    assert registry.nacked(a1, LISTENER, "l2", "bad listener", 200.0)
+    assert not registry.nacked(a1, LISTENER, "l3", "still bad", 201.0)  # already rejecting LDS
+    (status,) = [p for p in registry.status() if p["node"] == "n1"]
+    assert status["acked"] == {"cds": "c1"}
+    assert status["last_nack"] == {"type": "lds", "version": "l3", "error": "still bad", "at": 201.0}
+    assert registry.acked(a1, LISTENER, "l4")  # an ACK of the type ends the NACK
+    assert next(p for p in registry.status() if p["node"] == "n1")["last_nack"] is None
+
+    assert registry.nacked(a2, ROUTE, "r9", "x", 300.0)
+    assert registry.disconnect(a2) == [ROUTE]
+    assert registry.disconnect(b) == []
+    # The memory outlives the streams.
+    assert registry.is_rejected("n2", ROUTE, "r9") and registry.is_rejected("n1", LISTENER, "l2")
+    assert not registry.is_rejected("n2", LISTENER, "r9") and not registry.is_rejected("n3", ROUTE, "r9")
+
+
+def test_registry_nack_memory_is_bounded_to_recent_nodes() -> None:
+    registry = ProxyRegistry(memory_nodes=3)
+    for node in ("a", "b", "c"):
+        registry.remember_rejected(node, CLUSTER, "v")
+    registry.remember_rejected("a", CLUSTER, "w")  # a is now the most recent
+    registry.remember_rejected("d", CLUSTER, "v")  # evicts b, the least recent
+    assert [registry.is_rejected(n, CLUSTER, "v") for n in "abcd"] == [True, False, True, True]
+    assert registry.is_rejected("a", CLUSTER, "w")
