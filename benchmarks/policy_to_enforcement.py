@@ -121,8 +121,10 @@ def main() -> None:
     print(f"policy write -> real Envoy enforcing the new decision ({args.changes} changes each)")
     median = report("default (debounce 100 ms)", default)
     baseline = report("baseline: debounce 20 ms", fast)
-    print(f"debounce accounts for {median - baseline:.0f} ms of the median; target < 250 ms: "
-          f"{'met' if median < 250 else 'NOT met'}")
+    print(
+        f"debounce accounts for {median - baseline:.0f} ms of the median; target < 250 ms: "
+        f"{'met' if median < 250 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -191,9 +191,7 @@ async def test_status_unfiltered(admin: Admin, http: aiohttp.ClientSession) -> N
         ("group=ci-staging&node=staging&nacked=true", ["gw-staging-1"]),
     ],
 )
-async def test_status_filters(
-    admin: Admin, http: aiohttp.ClientSession, query: str, expected: list[str]
-) -> None:
+async def test_status_filters(admin: Admin, http: aiohttp.ClientSession, query: str, expected: list[str]) -> None:
     status = await status_json(http, f"{admin.url}/status?{query}")
     assert nodes(status) == expected
     assert status["summary"] == {"by_group": {"ci-prod": 2, "ci-staging": 1}}  # summary stays fleet-wide
@@ -261,9 +259,7 @@ async def test_stop_is_idempotent_and_releases_port(http: aiohttp.ClientSession)
 # --- controlplane status ------------------------------------------------------------------------------------
 
 
-async def run_cli(
-    url: str, *, as_json: bool = False, group: str | None = None, nacked_only: bool = False
-) -> int:
+async def run_cli(url: str, *, as_json: bool = False, group: str | None = None, nacked_only: bool = False) -> int:
     # run_status blocks on urllib; the server lives on this loop, so the client must run in a thread.
     return await asyncio.to_thread(run_status, url, as_json=as_json, group=group, nacked_only=nacked_only)
 
@@ -283,9 +279,7 @@ async def test_cli_table_healthy_exits_0(admin: Admin, capsys: pytest.CaptureFix
     assert "proxies: 3 connected" in out
 
 
-async def test_cli_nack_exits_2_and_shows_squashed_error(
-    admin: Admin, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_cli_nack_exits_2_and_shows_squashed_error(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli(admin.url) == 2
     out = capsys.readouterr().out
     staging = next(line for line in out.splitlines() if line.startswith("gw-staging-1"))

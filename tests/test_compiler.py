@@ -186,11 +186,7 @@ def test_identity_headers_replace_client_sent_ones() -> None:
     vhost = next(v for v in routes(compile_with(BINDING)["gw"]).virtual_hosts if v.name == "billing")  # type: ignore[arg-type]
     removed = set(vhost.request_headers_to_remove)
     added = {h.header.key for h in vhost.request_headers_to_add}
-    assert (
-        added
-        == removed
-        == {"x-ci-project-id", "x-ci-project-path", "x-ci-pipeline-id", "x-ci-job-id", "x-ci-ref"}
-    )
+    assert added == removed == {"x-ci-project-id", "x-ci-project-path", "x-ci-pipeline-id", "x-ci-job-id", "x-ci-ref"}
 
 
 def test_same_policy_same_bytes_with_and_without_memo() -> None:

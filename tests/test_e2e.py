@@ -125,9 +125,7 @@ class Stack:
             sent["Authorization"] = f"Bearer {token}"
         return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", method=method, headers=sent)
 
-    def token(
-        self, project: dict[str, Any] = DEPLOYER, aud: str = "https://reports.local", **claims: Any
-    ) -> str:
+    def token(self, project: dict[str, Any] = DEPLOYER, aud: str = "https://reports.local", **claims: Any) -> str:
         return self.gitlab.mint(aud=aud, **{**project, **claims})
 
     def write(self, name: str, text: str) -> None:
@@ -139,9 +137,7 @@ class Stack:
     def remove(self, name: str) -> None:
         (self.policy / name).unlink()
 
-    def wait_status(
-        self, host: str, path: str, token: str | None, expected: int, timeout: float = 10.0
-    ) -> float:
+    def wait_status(self, host: str, path: str, token: str | None, expected: int, timeout: float = 10.0) -> float:
         started = time.monotonic()
         poll_until(
             lambda: self.request(host, path, token).status == expected,
@@ -193,9 +189,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_allowed_job_reaches_backend_with_its_identity_but_not_its_token(stack: Stack) -> None:
-    response = stack.request(
-        "reports.local", "/reports/7", stack.token(job_id=555), headers={"x-ci-project-id": "999"}
-    )
+    response = stack.request("reports.local", "/reports/7", stack.token(job_id=555), headers={"x-ci-project-id": "999"})
     assert response.status == 200, response.text
     seen = response.json()["headers"]
     assert "authorization" not in seen
@@ -257,10 +251,7 @@ def test_authentication_failures_are_401(stack: Stack) -> None:
     ):
         response = stack.request("reports.local", "/r", token)
         assert response.status == 401, f"{name}: {response.status} {response.text}"
-    assert (
-        stack.request("reports.local", "/r", "x", headers={"Authorization": "bearer " + stack.token()}).status
-        == 401
-    )
+    assert stack.request("reports.local", "/r", "x", headers={"Authorization": "bearer " + stack.token()}).status == 401
 
 
 def test_wrong_audience_is_rejected(stack: Stack) -> None:
@@ -315,9 +306,7 @@ def test_invalid_policy_change_keeps_the_previous_policy(stack: Stack) -> None:
     broken = good.replace("ref_protected: true", "ref_protected: maybe", 1)
     stack.write("bindings.yaml", broken)
     try:
-        status = poll_until(
-            lambda: (s := stack.controlplane.status())["policy"]["errors"] and s, 10, message="errors"
-        )
+        status = poll_until(lambda: (s := stack.controlplane.status())["policy"]["errors"] and s, 10, message="errors")
         assert any("bindings.yaml:" in e and "ref_protected" in e for e in status["policy"]["errors"])
         assert status["policy"]["snapshot_versions"] == before
         assert stack.controlplane.metric("controlplane_policy_errors") >= 1
@@ -366,9 +355,7 @@ def test_a_nacked_version_is_not_resent(stack: Stack) -> None:
     gateway = (stack.policy / "gateway.yaml").read_text()
     lds_pushes = stack.controlplane.metric("controlplane_xds_pushes_total", type="lds")
     try:
-        stack.write(
-            "gateway.yaml", gateway.replace(f"port: {stack.listen_port}", f"port: {blocker.getsockname()[1]}")
-        )
+        stack.write("gateway.yaml", gateway.replace(f"port: {stack.listen_port}", f"port: {blocker.getsockname()[1]}"))
         proxy = poll_until(lambda: (p := _proxy(stack)) and p["last_nack"] and p, 10, message="NACK recorded")
         assert proxy["last_nack"]["type"] == "lds"
         assert stack.controlplane.metric("controlplane_xds_nacks_total", type="lds") >= 1
@@ -383,9 +370,7 @@ def test_a_nacked_version_is_not_resent(stack: Stack) -> None:
         stack.remove("other.yaml") if (stack.policy / "other.yaml").exists() else None
         stack.write("gateway.yaml", gateway)
         blocker.close()
-    poll_until(
-        lambda: (p := _proxy(stack)) and p["acked"].get("lds") == _lds_version(stack), 10, message="LDS ACKed"
-    )
+    poll_until(lambda: (p := _proxy(stack)) and p["acked"].get("lds") == _lds_version(stack), 10, message="LDS ACKed")
     stack.wait_status("reports.local", "/r", stack.token(OTHER), 403)
 
 

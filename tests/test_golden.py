@@ -27,27 +27,19 @@ def test_there_are_at_least_three_examples() -> None:
 def test_example_matches_its_golden_snapshot(case: str) -> None:
     _, snapshots = compile_dir(ROOT / "examples" / case)
     expected_dir = ROOT / "snapshots" / case
-    expected = {
-        p.relative_to(expected_dir).as_posix(): p.read_text() for p in sorted(expected_dir.rglob("*.yaml"))
-    }
+    expected = {p.relative_to(expected_dir).as_posix(): p.read_text() for p in sorted(expected_dir.rglob("*.yaml"))}
     actual = {
-        f"{group}/{name}": text
-        for group, snap in snapshots.items()
-        for name, text in golden.render(snap).items()
+        f"{group}/{name}": text for group, snap in snapshots.items() for name, text in golden.render(snap).items()
     }
     assert sorted(actual) == sorted(expected), "files differ: run `make snapshots` and review"
     for name, text in actual.items():
-        assert text == expected[name], (
-            f"snapshots/{case}/{name} is stale: run `make snapshots` and review the diff"
-        )
+        assert text == expected[name], f"snapshots/{case}/{name} is stale: run `make snapshots` and review the diff"
 
 
 def test_compiling_twice_gives_the_same_versions() -> None:
     first = compile_dir(ROOT / "examples" / "multi-backend")[1]
     second = compile_dir(ROOT / "examples" / "multi-backend")[1]
-    assert {g: s.summary_version for g, s in first.items()} == {
-        g: s.summary_version for g, s in second.items()
-    }
+    assert {g: s.summary_version for g, s in first.items()} == {g: s.summary_version for g, s in second.items()}
 
 
 def _as_static_bootstrap(snapshot: Snapshot) -> dict[str, Any]:

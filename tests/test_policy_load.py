@@ -261,9 +261,7 @@ def _expected_full_policy() -> Policy:
         ),
         gateways=(
             Gateway("edge", "0.0.0.0", 10000, ("api", "wild"), "/dev/stdout", at("gateway.yaml", 1)),
-            Gateway(
-                "internal", "127.0.0.1", 10001, ("api",), "/var/log/envoy/access.log", at("gateway.yaml", 6)
-            ),
+            Gateway("internal", "127.0.0.1", 10001, ("api",), "/var/log/envoy/access.log", at("gateway.yaml", 6)),
         ),
         files=(
             "backends/api.yaml",
@@ -757,9 +755,7 @@ ERROR_CASES = [
 
 
 @pytest.mark.parametrize(("files", "expected"), ERROR_CASES)
-def test_each_error_names_file_line_and_field(
-    files: dict[str, str], expected: tuple[str, int, str, str]
-) -> None:
+def test_each_error_names_file_line_and_field(files: dict[str, str], expected: tuple[str, int, str, str]) -> None:
     """The error is there, at its place; consequences elsewhere (a Role gone missing) may add others."""
     errors = _errors(files)
     listing = "\n".join(map(str, errors))

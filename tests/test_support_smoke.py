@@ -50,11 +50,7 @@ def _static_cluster(name: str, port: int) -> dict[str, Any]:
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": LOOPBACK, "port_value": port}}
-                            }
-                        }
+                        {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}
                     ]
                 }
             ],
@@ -62,9 +58,7 @@ def _static_cluster(name: str, port: int) -> dict[str, Any]:
     }
 
 
-def gateway_bootstrap(
-    gitlab: FakeGitLab, backend: EchoBackend, listener_port: int, access_log: Path
-) -> dict[str, Any]:
+def gateway_bootstrap(gitlab: FakeGitLab, backend: EchoBackend, listener_port: int, access_log: Path) -> dict[str, Any]:
     """envoy-gitlab-recommended.yaml cut down to one backend: jwt_authn against the fake's JWKS, filter-level
     RBAC deny-all, the backend's policy per vhost (project 42, protected ref), and a JSON access log."""
     jwt_authn = {
@@ -112,11 +106,7 @@ def gateway_bootstrap(
                     "ci-project-42-protected": {
                         "permissions": [{"any": True}],
                         "principals": [
-                            {
-                                "and_ids": {
-                                    "ids": [_claim_is("project_id", "42"), _claim_is("ref_protected", "true")]
-                                }
-                            }
+                            {"and_ids": {"ids": [_claim_is("project_id", "42"), _claim_is("ref_protected", "true")]}}
                         ],
                     }
                 },
@@ -151,9 +141,7 @@ def gateway_bootstrap(
                 {
                     "name": "backend-a",
                     "domains": ["*"],
-                    "routes": [
-                        {"name": "a-default", "match": {"prefix": "/"}, "route": {"cluster": "backend_a"}}
-                    ],
+                    "routes": [{"name": "a-default", "match": {"prefix": "/"}, "route": {"cluster": "backend_a"}}],
                     "typed_per_filter_config": {"envoy.filters.http.rbac": backend_policy},
                 }
             ],
@@ -163,9 +151,7 @@ def gateway_bootstrap(
             rbac_deny_all,
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
             },
         ],
     }
@@ -177,11 +163,7 @@ def gateway_bootstrap(
                     "name": "ci_ingress",
                     "address": {"socket_address": {"address": LOOPBACK, "port_value": listener_port}},
                     "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
                 }
             ],
@@ -220,9 +202,7 @@ def gateway(
     workdir = tmp_path_factory.mktemp("gateway")
     port = free_port()
     access_log = workdir / "access.log"
-    envoy = EnvoyProcess(
-        gateway_bootstrap(gitlab, backend, port, access_log), name="gateway", workdir=workdir
-    )
+    envoy = EnvoyProcess(gateway_bootstrap(gitlab, backend, port, access_log), name="gateway", workdir=workdir)
     try:
         envoy.start()  # returns once /ready says LIVE, i.e. after the first JWKS fetch (fast_listener: false)
         yield envoy, f"http://{LOOPBACK}:{port}", access_log
@@ -285,9 +265,7 @@ def test_fake_gitlab_tokens_have_gitlab_claim_types(gitlab: FakeGitLab) -> None:
 
 
 def test_fake_gitlab_key_rotation_and_outage() -> None:
-    with (
-        FakeGitLab() as gitlab
-    ):  # its own instance: the module-scoped gateway relies on the shared one's keys
+    with FakeGitLab() as gitlab:  # its own instance: the module-scoped gateway relies on the shared one's keys
         old = gitlab.signing_key
         new = gitlab.rotate_key()
         assert _kids(gitlab) == [new.kid]
@@ -378,9 +356,7 @@ def test_claims_reach_rbac_as_strings(gateway: tuple[EnvoyProcess, str, Path], g
     url = gateway[1]
     assert call(url, gitlab.mint(project_id=43)).status == 403
     assert call(url, gitlab.mint(ref_protected=False)).status == 403
-    assert (
-        call(url, gitlab.mint(raw={"project_id": 42})).text == "RBAC: access denied"
-    )  # a number never matches
+    assert call(url, gitlab.mint(raw={"project_id": 42})).text == "RBAC: access denied"  # a number never matches
 
 
 # ----------------------------------------------------------------------------------------- harness
@@ -472,8 +448,8 @@ def test_rendered_bootstrap_shape() -> None:
     (xds,) = boot["static_resources"]["clusters"]
     assert xds["type"] == "LOGICAL_DNS"
     assert (
-        render_bootstrap(group="e", node_id="n", xds_host="10.0.0.1", xds_port=1)["static_resources"][
-            "clusters"
-        ][0]["type"]
+        render_bootstrap(group="e", node_id="n", xds_host="10.0.0.1", xds_port=1)["static_resources"]["clusters"][0][
+            "type"
+        ]
         == "STATIC"
     )

@@ -44,9 +44,7 @@ class Recorder:
         return [c for _, c in self.calls]
 
 
-async def wait_until(
-    predicate: Callable[[], bool], timeout: float = DEADLINE, what: str = "condition"
-) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -90,9 +88,7 @@ class Watch:
 async def start_watch(root: Path, *, quiet: float = QUIET, max_wait: float = MAX_WAIT) -> Watch:
     recorder = Recorder()
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        watch_policy_dir(root, recorder, quiet=quiet, max_wait=max_wait, stop=stop, ready=ready)
-    )
+    task = asyncio.create_task(watch_policy_dir(root, recorder, quiet=quiet, max_wait=max_wait, stop=stop, ready=ready))
     await asyncio.wait_for(ready.wait(), timeout=DEADLINE)
     return Watch(root, recorder, stop, task)
 
@@ -304,9 +300,7 @@ async def test_missing_root_fails_fast(tmp_path: Path) -> None:
         return None
 
     with pytest.raises(FileNotFoundError):
-        await asyncio.wait_for(
-            watch_policy_dir(tmp_path / "absent", noop, stop=asyncio.Event()), timeout=DEADLINE
-        )
+        await asyncio.wait_for(watch_policy_dir(tmp_path / "absent", noop, stop=asyncio.Event()), timeout=DEADLINE)
 
 
 def test_rejects_max_wait_below_quiet(tmp_path: Path) -> None:

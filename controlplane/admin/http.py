@@ -176,9 +176,7 @@ class AdminServer:
             body = filtered_status(self._status(), dict(request.query))
         except BadQuery as exc:
             return web.Response(status=400, text=f"{exc}\n")
-        return web.Response(
-            text=json.dumps(body, indent=2, default=str) + "\n", content_type="application/json"
-        )
+        return web.Response(text=json.dumps(body, indent=2, default=str) + "\n", content_type="application/json")
 
 
 @web.middleware

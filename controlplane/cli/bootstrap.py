@@ -106,13 +106,9 @@ def render_bootstrap(
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     _check_port("xds_port", xds_port)
-    _check_port(
-        "admin_port", admin_port, allow_zero=True
-    )  # 0 = kernel-chosen, useful with --admin-address-path
+    _check_port("admin_port", admin_port, allow_zero=True)  # 0 = kernel-chosen, useful with --admin-address-path
     if not _is_ip(admin_address):
-        raise ValueError(
-            f"admin_address must be an IP address (Envoy does not resolve it), got {admin_address!r}"
-        )
+        raise ValueError(f"admin_address must be an IP address (Envoy does not resolve it), got {admin_address!r}")
 
     return {
         "node": {"id": node_id, "cluster": group},

@@ -35,9 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
-    compile_.add_argument(
-        "--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME"
-    )
+    compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
 
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
@@ -52,16 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         default=_host_port("127.0.0.1:9902"),
         help="HOST:PORT for admin HTTP",
     )
-    serve.add_argument(
-        "--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied"
-    )
-    serve.add_argument(
-        "--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes"
-    )
+    serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
+    serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
 
-    status = commands.add_parser(
-        "status", help="list connected proxies and policy state from a running server"
-    )
+    status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
 
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
@@ -150,11 +142,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
     host, port = args.xds_address
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
-    print(
-        bootstrap_yaml(
-            group=args.group, node_id=node_id, xds_host=host, xds_port=port, admin_port=args.admin_port
-        )
-    )
+    print(bootstrap_yaml(group=args.group, node_id=node_id, xds_host=host, xds_port=port, admin_port=args.admin_port))
     return 0
 
 

@@ -73,9 +73,7 @@ class ControlPlane:
             )
         )
         self._watcher.add_done_callback(self._watcher_done)
-        await asyncio.wait(
-            {self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
         self.policy.reload()
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
         self.admin_port = await self.admin.start()

@@ -179,9 +179,7 @@ def _write_policy(out: TextIO, policy: dict[str, Any], *, now: float) -> None:
     out.write(f"  last good load: {age}\n")
     versions = policy.get("snapshot_versions") or {}
     if versions:
-        out.write(
-            "  serving: " + ", ".join(f"{g}@{shorten(str(versions[g]))}" for g in sorted(versions)) + "\n"
-        )
+        out.write("  serving: " + ", ".join(f"{g}@{shorten(str(versions[g]))}" for g in sorted(versions)) + "\n")
     if errors:
         # Errors already read "file:line: field: message"; listing them verbatim keeps them grep-able.
         out.write(f"  errors ({len(errors)}), still serving the last good snapshot:\n")

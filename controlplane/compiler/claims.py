@@ -15,8 +15,8 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.util import serialized
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY
+from controlplane.compiler.util import serialized
 from controlplane.model.errors import PolicyError
 from controlplane.model.inventory import Inventory
 from controlplane.model.policy import Issuer, IssuerKind, Subject
@@ -140,9 +140,7 @@ class Resolver:
         conditions.extend(
             Condition(m.claim, m.values, listy=self.issuer.kind is IssuerKind.OIDC) for m in subject.claims
         )
-        if self.issuer.kind is IssuerKind.GITLAB and not any(
-            m.claim == "pipeline_source" for m in subject.claims
-        ):
+        if self.issuer.kind is IssuerKind.GITLAB and not any(m.claim == "pipeline_source" for m in subject.claims):
             # Fork merge-request pipelines carry the fork's project claims: denied unless asked for by name.
             conditions.append(Condition("pipeline_source", (MERGE_REQUEST_SOURCE,), negated=True))
         return ResolvedSubject(tuple(conditions))
@@ -157,9 +155,7 @@ class Resolver:
             condition = Condition("namespace_id", _sorted_ids(i for group in groups for i in group))
         else:
             errors.append(
-                PolicyError.at(
-                    subject.source, "subject", "every GitLab subject must pin a project or a group"
-                )
+                PolicyError.at(subject.source, "subject", "every GitLab subject must pin a project or a group")
             )
             return None
         return None if len(errors) > before else [condition]

@@ -12,7 +12,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from controlplane.compiler.util import serialized
 from controlplane.compiler import cluster, jwt, listener, route
 from controlplane.compiler.grants import GrantIndex
 from controlplane.compiler.memo import CompilerMemo
@@ -24,6 +23,7 @@ from controlplane.compiler.names import (
     route_config_name,
 )
 from controlplane.compiler.rbac import GrantSpec
+from controlplane.compiler.util import serialized
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Backend, Gateway, Issuer, Policy
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -76,9 +76,7 @@ class _BackendParts:
     endpoints: bytes | None
 
 
-def _compile_gateway(
-    policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo
-) -> CompiledGroup:
+def _compile_gateway(policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo) -> CompiledGroup:
     by_name = {b.name: b for b in policy.backends}
     backends = [by_name[name] for name in sorted(gateway.backends)]
     issuers = _gateway_issuers(policy, backends, grants)
@@ -106,20 +104,14 @@ def _compile_gateway(
             for b, p in zip(backends, parts, strict=True)
             if p.endpoints is not None
         ],
-        LISTENER: [
-            (listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication)))
-        ],
+        LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication)))],
         ROUTE: [(route_name, route.route_configuration_bytes(route_name, [p.virtual_host for p in parts]))],
     }
     return CompiledGroup(gateway.name, resources)
 
 
-def _backend_parts(
-    backend: Backend, grants: tuple[GrantSpec, ...], issuers: tuple[str, ...]
-) -> _BackendParts:
-    requirement = (
-        serialized(jwt.requirement(issuers, backend.audience)) if issuers else None
-    )
+def _backend_parts(backend: Backend, grants: tuple[GrantSpec, ...], issuers: tuple[str, ...]) -> _BackendParts:
+    requirement = serialized(jwt.requirement(issuers, backend.audience)) if issuers else None
     return _BackendParts(
         requirement=requirement,
         virtual_host=route.virtual_host_bytes(backend, grants, authenticated=bool(issuers)),
@@ -133,9 +125,7 @@ def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
     return jwks_cluster(issuer.name), serialized(cluster.jwks_cluster_config(issuer, host, port, tls))
 
 
-def _gateway_issuers(
-    policy: Policy, backends: Sequence[Backend], grants: GrantIndex
-) -> list[tuple[Issuer, list[str]]]:
+def _gateway_issuers(policy: Policy, backends: Sequence[Backend], grants: GrantIndex) -> list[tuple[Issuer, list[str]]]:
     """Issuers whose tokens some backend on this gateway accepts, each with those backends' audiences."""
     audiences: dict[str, list[str]] = defaultdict(list)
     for backend in backends:

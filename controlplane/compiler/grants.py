@@ -41,9 +41,7 @@ class GrantIndex:
         """Bring the index to `policy`; returns every resolution error (the index then must not be used)."""
         roles = {r.name: r for r in policy.roles}
         issuers = {i.name: i for i in policy.issuers}
-        stale_roles = {n for n, r in roles.items() if self._roles.get(n) is not r} | (
-            self._roles.keys() - roles.keys()
-        )
+        stale_roles = {n for n, r in roles.items() if self._roles.get(n) is not r} | (self._roles.keys() - roles.keys())
         stale_issuers = {n for n, i in issuers.items() if self._issuers.get(n) is not i}
         self._roles, self._issuers = roles, issuers
         resolvers: dict[str, Resolver] = {}
@@ -54,10 +52,7 @@ class GrantIndex:
             if (
                 entry is not None
                 and entry.binding is binding
-                and not (
-                    (stale_roles and stale_roles.intersection(binding.roles))
-                    or binding.issuer in stale_issuers
-                )
+                and not ((stale_roles and stale_roles.intersection(binding.roles)) or binding.issuer in stale_issuers)
             ):
                 continue
             if binding.issuer not in resolvers:

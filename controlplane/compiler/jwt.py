@@ -36,17 +36,13 @@ def provider(issuer: Issuer, audiences: Sequence[str]) -> jwt.JwtProvider:
         require_expiration=True,
         clock_skew_seconds=issuer.clock_skew_seconds,
         remote_jwks=jwt.RemoteJwks(
-            http_uri=http_uri_pb2.HttpUri(
-                uri=issuer.jwks_uri, cluster=jwks_cluster(issuer.name), timeout=seconds(2)
-            ),
+            http_uri=http_uri_pb2.HttpUri(uri=issuer.jwks_uri, cluster=jwks_cluster(issuer.name), timeout=seconds(2)),
             cache_duration=seconds(issuer.jwks_cache_seconds),
             # Fetch before the listener serves, so the first job is not refused while keys load.
             async_fetch=jwt.JwksAsyncFetch(fast_listener=False, failed_refetch_duration=seconds(5)),
             retry_policy=base_pb2.RetryPolicy(
                 num_retries=UInt32Value(value=3),
-                retry_back_off=backoff_pb2.BackoffStrategy(
-                    base_interval=millis(200), max_interval=seconds(2)
-                ),
+                retry_back_off=backoff_pb2.BackoffStrategy(base_interval=millis(200), max_interval=seconds(2)),
             ),
         ),
         from_headers=[jwt.JwtHeader(name="Authorization", value_prefix="Bearer ")],
@@ -62,9 +58,7 @@ def requirement(issuers: Sequence[str], audience: str) -> jwt.JwtRequirement:
     """A token from any of `issuers`, carrying this backend's audience (a wrong audience is a 403, G5)."""
     alternatives = [
         jwt.JwtRequirement(
-            provider_and_audiences=jwt.ProviderWithAudiences(
-                provider_name=provider_name(i), audiences=[audience]
-            )
+            provider_and_audiences=jwt.ProviderWithAudiences(provider_name=provider_name(i), audiences=[audience])
         )
         for i in sorted(set(issuers))
     ]
@@ -90,9 +84,7 @@ def authentication_bytes(
     The filter-level rule (a token from any provider) only decides requests no virtual host claims:
     they are then denied by the filter-level RBAC, but a missing token still reads as 401.
     """
-    config = jwt.JwtAuthentication(
-        providers={provider_name(i.name): provider(i, aud) for i, aud in providers}
-    )
+    config = jwt.JwtAuthentication(providers={provider_name(i.name): provider(i, aud) for i, aud in providers})
     if providers:
         config.rules.append(
             jwt.RequirementRule(

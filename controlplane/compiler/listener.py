@@ -39,9 +39,7 @@ def gateway_listener(gateway: Gateway, authentication: bytes) -> listener_pb2.Li
             ),
         ),
         http_filters=[
-            hcm.HttpFilter(
-                name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)
-            ),
+            hcm.HttpFilter(name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],

@@ -16,9 +16,9 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.util import serialized
 from controlplane.compiler.claims import ResolvedSubject, subject_principal_bytes
 from controlplane.compiler.names import shadow_stat_prefix
+from controlplane.compiler.util import serialized
 from controlplane.model.policy import Mode, RoleRule
 
 
@@ -107,9 +107,7 @@ def _any_permission(permissions: list[rbac_config.Permission]) -> rbac_config.Pe
 
 def _method(method: str) -> rbac_config.Permission:
     return rbac_config.Permission(
-        header=route_components_pb2.HeaderMatcher(
-            name=":method", string_match=string_pb2.StringMatcher(exact=method)
-        )
+        header=route_components_pb2.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact=method))
     )
 
 

@@ -32,9 +32,7 @@ _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPT
 
 
 def virtual_host(backend: Backend, grants: Sequence[GrantSpec], authenticated: bool) -> rc.VirtualHost:
-    per_filter = {
-        RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))
-    }
+    per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
     if authenticated:
         per_filter[JWT_FILTER] = packed(per_route_requirement(backend.name))
     return rc.VirtualHost(
@@ -73,9 +71,7 @@ def _default_route(backend: Backend) -> rc.Route:
     return rc.Route(
         name=f"{backend.name}-default",
         match=rc.RouteMatch(prefix="/"),
-        route=rc.RouteAction(
-            cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)
-        ),
+        route=rc.RouteAction(cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)),
     )
 
 
@@ -84,9 +80,7 @@ def _public_route(backend: Backend, path: str) -> rc.Route:
     return rc.Route(
         name=f"{backend.name}-public{path}",
         match=rc.RouteMatch(path=path),
-        route=rc.RouteAction(
-            cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)
-        ),
+        route=rc.RouteAction(cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)),
         typed_per_filter_config={
             JWT_FILTER: packed(per_route_disabled()),
             RBAC_FILTER: packed(rbac_disabled()),
@@ -96,8 +90,6 @@ def _public_route(backend: Backend, path: str) -> rc.Route:
 
 def _identity_header(name: str, claim: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(
-            key=name, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY}:{claim})%"
-        ),
+        header=base_pb2.HeaderValue(key=name, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY}:{claim})%"),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )

@@ -186,9 +186,7 @@ def _equal(expected: str) -> Conv[str]:
 
 _port = _in_range(1, 65535)
 _positive = _checked(_integer, lambda v: None if v > 0 else f"expected a positive integer, got {v}")
-_name = _matching(
-    _NAME_RE, "must be lower-case letters, digits and '-', start and end with a letter or digit (max 63)"
-)
+_name = _matching(_NAME_RE, "must be lower-case letters, digits and '-', start and end with a letter or digit (max 63)")
 _hostname = _matching(_HOST_RE, "expected a lower-case DNS name without port")
 _host_pattern = _matching(_WILDCARD_HOST_RE, "expected a lower-case DNS name (or *.domain) without port")
 
@@ -291,9 +289,7 @@ def _list_of(item: Conv[T], *, non_empty: bool = True, unique: bool = True) -> C
             ctx.error(node.line, path, "must not be empty")
             return None
         values = [item(ctx, n, child_path(path, i)) for i, n in enumerate(node.items)]
-        located = [
-            (v, n.line, child_path(path, i)) for i, (v, n) in enumerate(zip(values, node.items, strict=True))
-        ]
+        located = [(v, n.line, child_path(path, i)) for i, (v, n) in enumerate(zip(values, node.items, strict=True))]
         if (unique and _report_duplicates(ctx, located)) or any(v is None for v in values):
             return None
         return tuple(_need(v) for v in values)
@@ -732,9 +728,7 @@ def _claim_enum(*choices: str) -> Conv[str]:
     return _checked(_claim_text, lambda v: None if v in choices else _one_of_message("value", v, choices))
 
 
-_claim_bool = _checked(
-    _claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {v!r}"
-)
+_claim_bool = _checked(_claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {v!r}")
 
 GITLAB_CLAIMS: dict[str, Conv[str]] = {
     "ref": _claim_glob,
@@ -782,9 +776,7 @@ def _claim_matches(f: _Fields, kind: IssuerKind) -> list[ClaimMatch]:
     return [ClaimMatch(name, _need(values), f.ctx.source(line)) for name, line, values in found]
 
 
-def _free_claims(
-    ctx: _Ctx, node: YMap, path: str, kind: IssuerKind
-) -> list[tuple[str, int, tuple[str, ...] | None]]:
+def _free_claims(ctx: _Ctx, node: YMap, path: str, kind: IssuerKind) -> list[tuple[str, int, tuple[str, ...] | None]]:
     """`claims:` maps any other claim name to a value or a list of values (OR)."""
     found = []
     for name, entry in node.entries.items():
@@ -850,9 +842,7 @@ def _sorted_claims(claims: list[ClaimMatch]) -> tuple[ClaimMatch, ...]:
 
 _GITLAB_ONLY = {key: "only for gitlab issuers" for key in (*_PIN_KEYS, *GITLAB_CLAIMS)}
 _SUBJECTS: dict[IssuerKind, Conv[tuple[Subject, ...]]] = {
-    IssuerKind.GITLAB: _list_of(
-        _record(_gitlab_subject, (*_PIN_KEYS, *GITLAB_CLAIMS, "claims")), unique=False
-    ),
+    IssuerKind.GITLAB: _list_of(_record(_gitlab_subject, (*_PIN_KEYS, *GITLAB_CLAIMS, "claims")), unique=False),
     IssuerKind.OIDC: _list_of(_record(_oidc_subject, ("claims",), _GITLAB_ONLY), unique=False),
 }
 
@@ -950,9 +940,7 @@ def _check_inventory(f: _Fields, groups: tuple[Group, ...], projects: tuple[Proj
             f.ctx.error(line, f"{at}.{problem[0]}", problem[1])
 
 
-def _parent_problem(
-    path: str, parent_id: int | None, groups: Mapping[int, Group], key: str
-) -> tuple[str, str] | None:
+def _parent_problem(path: str, parent_id: int | None, groups: Mapping[int, Group], key: str) -> tuple[str, str] | None:
     """Paths must agree with parent links, or a group pin would silently cover the wrong projects."""
     parent_path = path.rpartition("/")[0]
     if parent_id is None:

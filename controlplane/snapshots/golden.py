@@ -36,9 +36,7 @@ def render(snapshot: Snapshot) -> dict[str, str]:
     files = {}
     for type_url, file_name in FILE_NAMES.items():
         header = f"# {type_url}\n# version: {snapshot.version(type_url)}\n"
-        body = yaml.safe_dump(
-            resource_dicts(snapshot, type_url), sort_keys=True, default_flow_style=False, width=120
-        )
+        body = yaml.safe_dump(resource_dicts(snapshot, type_url), sort_keys=True, default_flow_style=False, width=120)
         files[file_name] = header + body
     return files
 

@@ -136,9 +136,7 @@ class Snapshot:
         return digest.hexdigest()[:12]
 
 
-def _encode(
-    type_url: str, name: str, resource: Message | bytes, known: EncodedResource | None
-) -> EncodedResource:
+def _encode(type_url: str, name: str, resource: Message | bytes, known: EncodedResource | None) -> EncodedResource:
     if isinstance(resource, bytes):
         if known is not None and (known.payload is resource or known.payload == resource):
             return known

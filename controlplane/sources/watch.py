@@ -202,9 +202,7 @@ class _Session:
         getter = asyncio.ensure_future(self._queue.get())
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait(
-                {getter, stopper, self._pump}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({getter, stopper, self._pump}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             getter.cancel()
             stopper.cancel()
@@ -290,6 +288,4 @@ def _scan_dirs(root: Path) -> Iterator[str]:
 
 def _scan_yaml(root: Path) -> Iterator[str]:
     for prefix, _, filenames in _walk_visible(root):
-        yield from (
-            prefix + f for f in filenames if f.lower().endswith(YAML_SUFFIXES) and not _ignored_name([f])
-        )
+        yield from (prefix + f for f in filenames if f.lower().endswith(YAML_SUFFIXES) and not _ignored_name([f]))

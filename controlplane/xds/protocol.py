@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -69,9 +69,12 @@ class _NothingRejected:
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
-    """One DiscoveryResponse, already serialized: `data` goes to the wire as is."""
+class Response(NamedTuple):
+    """One DiscoveryResponse, already serialized: `data` goes to the wire as is.
+
+    Outputs are NamedTuples, not frozen dataclasses: a fan-out builds one per stream and construction cost
+    is most of the per-stream budget.
+    """
 
     type_url: str
     version: str
@@ -165,8 +168,7 @@ class Unsupported:
 Event = NodeIdentified | Subscribed | Ack | Nack | Stale | Resumed | Withheld | Unsupported
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):
     """What one input produced: responses to write in this order, and events to record."""
 
     responses: tuple[Response, ...] = ()
@@ -200,8 +202,7 @@ class TypeState:
     withheld: str | None = None  # last version reported as Withheld, to report it once
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
+class _Target(NamedTuple):
     """The response a type should have: version, body and names, and where the bytes live."""
 
     version: str

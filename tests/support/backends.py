@@ -106,9 +106,7 @@ class Router:
             if method in ("*", request.method) or (method == "GET" and request.method == "HEAD"):
                 params = {k: unquote(v) for k, v in m.groupdict().items()}
                 return handler(
-                    Request(
-                        request.method, request.path, request.query, request.headers, request.body, params
-                    )
+                    Request(request.method, request.path, request.query, request.headers, request.body, params)
                 )
         if path_matched:
             return json_response({"message": "405 Method Not Allowed"}, status=405)
@@ -167,9 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             response = self.server.router.dispatch(request)
         except Exception as exc:  # a broken fake must fail the test visibly, not hang the client
-            response = json_response(
-                {"message": f"fake server error: {type(exc).__name__}: {exc}"}, status=500
-            )
+            response = json_response({"message": f"fake server error: {type(exc).__name__}: {exc}"}, status=500)
         self.server.record(request, response)
         self.send_response(response.status)
         for name, value in response.headers.items():

@@ -98,8 +98,10 @@ def main() -> int:
                 print(f"  fake GitLab      {gitlab.issuer}  (JWKS {gitlab.jwks_uri})\n")
                 print(f"Load the demo tokens (valid 1 h, file mode 600), then try:\n\n    source {token_file}\n")
                 print("\n".join(_check(tokens)))
-                print("\nMore: `.venv/bin/controlplane status`, "
-                      f"`curl {cp.admin_url}/metrics`, edit examples/quickstart/*.yaml and watch it apply.")
+                print(
+                    "\nMore: `.venv/bin/controlplane status`, "
+                    f"`curl {cp.admin_url}/metrics`, edit examples/quickstart/*.yaml and watch it apply."
+                )
                 print("Ctrl-C stops every process.\n")
                 while not stop.wait(0.5):
                     if not cp.running or not envoy.running:

