@@ -18,11 +18,12 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any
 
 import yaml
+
+from controlplane.compiler.util import is_ip
 
 XDS_CLUSTER = "xds_cluster"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -41,14 +42,6 @@ class _EnvoySafeDumper(yaml.SafeDumper):
 _EnvoySafeDumper.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _check_port(name: str, port: int, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
@@ -60,7 +53,7 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
 
 
 def _xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
-    ip = _is_ip(xds_host)
+    ip = is_ip(xds_host)
     cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
         "type": "STATIC" if ip else "LOGICAL_DNS",
@@ -107,7 +100,7 @@ def render_bootstrap(
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     _check_port("xds_port", xds_port)
     _check_port("admin_port", admin_port, allow_zero=True)  # 0 = kernel-chosen, useful with --admin-address-path
-    if not _is_ip(admin_address):
+    if not is_ip(admin_address):
         raise ValueError(f"admin_address must be an IP address (Envoy does not resolve it), got {admin_address!r}")
 
     return {

@@ -8,9 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane import __version__
 from controlplane.model.errors import PolicyInvalid
+
+if TYPE_CHECKING:
+    from controlplane.model.policy import Policy
+    from controlplane.snapshots.snapshot import Snapshot
 
 DEFAULT_POLICY = os.environ.get("CONTROLPLANE_POLICY", "policy")
 
@@ -76,19 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot]] | None:
+    """Compile a policy tree, or print every error (file:line: field: message) and return None."""
     from controlplane.service import compile_dir
 
     try:
-        policy, snapshots = compile_dir(args.policy)
+        return compile_dir(policy_dir)
     except PolicyInvalid as invalid:
         for error in invalid.errors:
             print(error, file=sys.stderr)
-        print(f"{len(invalid.errors)} error(s) in {args.policy}", file=sys.stderr)
-        return 1
+        print(f"{len(invalid.errors)} error(s) in {policy_dir}", file=sys.stderr)
     except OSError as error:
-        print(f"{args.policy}: {error}", file=sys.stderr)
+        print(f"{policy_dir}: {error}", file=sys.stderr)
+    return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    compiled = _compile_or_report(args.policy)
+    if compiled is None:
         return 1
+    policy, snapshots = compiled
     counts = (
         f"{len(policy.issuers)} issuer(s), {len(policy.backends)} backend(s), {len(policy.roles)} role(s), "
         f"{len(policy.bindings)} binding(s), {len(policy.gateways)} gateway(s)"
@@ -100,16 +112,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from controlplane.service import compile_dir
     from controlplane.snapshots import golden
 
-    try:
-        _, snapshots = compile_dir(args.policy)
-    except PolicyInvalid as invalid:
-        for error in invalid.errors:
-            print(error, file=sys.stderr)
+    compiled = _compile_or_report(args.policy)
+    if compiled is None:
         return 1
-    for path in golden.write(snapshots, args.out):
+    for path in golden.write(compiled[1], args.out):
         print(path)
     return 0
 

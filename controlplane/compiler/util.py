@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -29,8 +31,6 @@ def seconds(s: int) -> Duration:
 
 
 def is_ip(address: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(address)
     except ValueError:
