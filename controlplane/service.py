@@ -6,6 +6,7 @@ snapshots stay in service, and status shows what is wrong until a good change ar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -62,9 +63,22 @@ class PolicyService:
         self._memo = CompilerMemo()
         self._snapshots: dict[str, Snapshot] = {}
         self._clock = clock
+        self._lock = asyncio.Lock()
 
     def reload(self) -> bool:
         """True when a new policy was accepted (even if it compiled to the same snapshots)."""
+        return self._apply(self._build())
+
+    async def reload_off_loop(self) -> bool:
+        """The same, compiling in a worker thread so xDS streams keep being served during a big compile.
+
+        Snapshots are still published from the event loop, where the xDS server's listeners run; the lock
+        keeps compiles (which share the memo) one at a time.
+        """
+        async with self._lock:
+            return self._apply(await asyncio.to_thread(self._build))
+
+    def _build(self) -> dict[str, Snapshot] | list[PolicyError]:
         self.state.last_attempt = self._clock()
         metrics.SNAPSHOT_BUILDS.inc()
         started = time.perf_counter()
@@ -72,20 +86,25 @@ class PolicyService:
             files = read_policy_dir(self.root)
             _, snapshots = compile_files(files, self._memo, self._snapshots)
         except PolicyInvalid as invalid:
-            self._reject(invalid.errors)
-            return False
+            return invalid.errors
         except OSError as error:
-            self._reject([PolicyError(str(self.root), 0, "", f"cannot read policy: {error}")])
-            return False
+            return [PolicyError(str(self.root), 0, "", f"cannot read policy: {error}")]
         metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
-        self._publish(snapshots)
+        return snapshots
+
+    def _apply(self, outcome: dict[str, Snapshot] | list[PolicyError]) -> bool:
+        if isinstance(outcome, list):
+            self._reject(outcome)
+            return False
+        self._publish(outcome)
         return True
 
     def _publish(self, snapshots: dict[str, Snapshot]) -> None:
         self._snapshots = snapshots
-        for group in set(self.cache.groups()) - set(snapshots):
+        for group in sorted(set(self.state.versions) - set(snapshots)):
+            # A gateway removed from the policy: its Envoys now get nothing (never another group's config).
             self.cache.set(Snapshot.empty(group))
-            metrics.SNAPSHOT_INFO.remove(group, self.state.versions.pop(group, ""))
+            metrics.SNAPSHOT_INFO.remove(group, self.state.versions.pop(group))
         for group, snapshot in sorted(snapshots.items()):
             self.cache.set(snapshot)
             previous = self.state.versions.get(group)

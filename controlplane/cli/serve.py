@@ -74,7 +74,7 @@ class ControlPlane:
         )
         self._watcher.add_done_callback(self._watcher_done)
         await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        self.policy.reload()
+        await self.policy.reload_off_loop()
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
         self.admin_port = await self.admin.start()
         log.info(
@@ -111,7 +111,7 @@ class ControlPlane:
 
     async def _on_policy_change(self, changed: set[str]) -> None:
         log.info("policy change: %s", ", ".join(sorted(changed)) or "(directory)")
-        self.policy.reload()
+        await self.policy.reload_off_loop()
 
     def request_stop(self) -> None:
         self.stopping.set()

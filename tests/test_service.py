@@ -1,0 +1,58 @@
+"""The run-time policy pipeline: last good snapshot kept, errors shown, removed gateways emptied."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from controlplane.admin import metrics
+from controlplane.service import PolicyService
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import CLUSTER
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _service(tmp_path: Path, example: str = "multi-backend") -> PolicyService:
+    shutil.copytree(ROOT / "examples" / example, tmp_path / "policy")
+    return PolicyService(tmp_path / "policy", SnapshotCache(), clock=lambda: 1000.0)
+
+
+def test_a_good_load_publishes_every_gateway(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    assert service.reload() and service.ready
+    assert set(service.state.versions) == {"ci-gateway", "prod-gateway"}
+    assert service.cache.get("prod-gateway").types[CLUSTER].resources.keys() == {"backend-billing-api", "jwks-gitlab"}
+    assert metrics.POLICY_CURRENT_ERRORS._value.get() == 0
+
+
+def test_a_bad_load_keeps_the_last_good_snapshot_and_reports_every_error(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    service.reload()
+    before = {g: service.cache.get(g) for g in ("ci-gateway", "prod-gateway")}
+    gateways = tmp_path / "policy" / "gateways.yaml"
+    gateways.write_text(gateways.read_text().replace("port: 8443", "port: 99999").replace("[billing-api]", "[nope]"))
+    assert not service.reload()
+    assert len(service.state.errors) == 2 and all(e.startswith("gateways.yaml:") for e in service.state.errors)
+    assert {g: service.cache.get(g) for g in before} == before
+    assert metrics.POLICY_CURRENT_ERRORS._value.get() == 2
+    assert service.state.last_good_load == 1000.0
+
+
+def test_a_removed_gateway_gets_an_empty_snapshot(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    service.reload()
+    gateways = tmp_path / "policy" / "gateways.yaml"
+    gateways.write_text(gateways.read_text().split("---")[0])
+    assert service.reload()
+    assert "prod-gateway" not in service.state.versions
+    emptied = service.cache.get("prod-gateway")
+    assert all(not t.resources for t in emptied.types.values())
+
+
+async def test_reload_off_the_event_loop_publishes_the_same(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    assert await service.reload_off_loop()
+    reference = _service(tmp_path / "other")
+    reference.reload()
+    assert service.state.versions == reference.state.versions
