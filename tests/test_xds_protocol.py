@@ -383,6 +383,18 @@ def test_ack_whose_names_shrink_needs_no_response() -> None:
     assert out.responses == () and of_type(out, Subscribed) == [Subscribed(ENDPOINT, frozenset({"other"}))]
 
 
+def test_unsubscribe_then_resubscribe_sends_the_resource_again() -> None:
+    """Envoy drops what it unsubscribes from; when it asks again it must get the resource, same version."""
+    stream, _ = started()
+    push = one(stream.set_snapshot(snap(endpoints=("backend", "other"), clusters=("backend",)), 0.0))
+    both = one(ack(stream, push, ["backend", "other"]))
+    assert ack(stream, both, ["other"]).responses == ()  # unsubscribed from backend
+    stream.receive(req(ENDPOINT, ["other"], version=both.version, nonce=both.nonce), 0.0)
+    again = one(stream.receive(req(ENDPOINT, ["backend", "other"], version=both.version, nonce=both.nonce), 0.0))
+    assert again.version == both.version and again.nonce != both.nonce
+    assert decode(again)[1] == ["backend", "other"]
+
+
 def test_nack_with_an_equal_version_field_is_still_a_nack() -> None:
     stream, _ = started()
     push = one(stream.set_snapshot(snap(routes={"local_route": "v2"}), 0.0))

@@ -220,6 +220,19 @@ def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
     return names
 
 
+def _forget_unsubscribed(state: TypeState, names: Names) -> None:
+    """Envoy drops the resources it unsubscribes from: what it holds is what was sent AND is still wanted.
+
+    Without this, a later re-subscription would look covered by the old response and never be answered,
+    leaving the resource (a warming cluster's endpoints, say) missing in Envoy.
+    """
+    if names is None or state.sent_version is None:
+        return
+    held = state.sent_subscription
+    state.sent_subscription = names if held is None else held & names
+    state.sent_names = tuple(n for n in state.sent_names if n in names)
+
+
 def covered(names: Names, answered: Names) -> bool:
     """True when a response to `answered` already holds everything `names` asks for."""
     return answered is None or names is answered or (names is not None and names <= answered)
@@ -346,6 +359,7 @@ class AdsStream:
         if not state.requested or names != state.names:
             state.requested = True
             state.names = names
+            _forget_unsubscribed(state, names)
             events.append(Subscribed(type_url, names))
         return True
 
