@@ -300,6 +300,53 @@ def test_policy_change_is_enforced_without_restarting_envoy(stack: Stack) -> Non
     assert stack.envoy.pid == pid
 
 
+EXTRA_BACKEND = """\
+kind: Backend
+name: extra-api
+hosts: [extra.local]
+endpoints: [{{address: 127.0.0.1, port: {port}}}]
+---
+kind: Role
+name: extra-read
+backend: extra-api
+rules: [{{methods: [GET]}}]
+---
+kind: Binding
+name: deployer-reads-extra
+roles: [extra-read]
+subjects:
+  - project: 42
+"""
+
+
+def _envoy_clusters(stack: Stack) -> set[str]:
+    status, text = stack.envoy.admin_get("/clusters?format=json")
+    assert status == 200
+    return {c["name"] for c in json.loads(text)["cluster_statuses"]}
+
+
+def test_a_new_backend_is_added_and_removed_without_a_gap(stack: Stack) -> None:
+    """CDS + EDS + LDS + RDS change together; removal keeps the cluster until the route is gone."""
+    gateway = (stack.policy / "gateway.yaml").read_text()
+    token = stack.token(aud="https://extra.local")
+    with EchoBackend("extra") as extra:
+        stack.write("extra.yaml", EXTRA_BACKEND.format(port=extra.port))
+        stack.write(
+            "gateway.yaml",
+            gateway.replace("backends: [reports-api, deploy-api]", "backends: [reports-api, deploy-api, extra-api]"),
+        )
+        try:
+            stack.wait_status("extra.local", "/x", token, 200)
+            assert "backend-extra-api" in _envoy_clusters(stack)
+            assert stack.request("extra.local", "/x", token).json()["backend"] == "extra"
+        finally:
+            stack.write("gateway.yaml", gateway)
+            stack.remove("extra.yaml")
+        stack.wait_status("extra.local", "/x", token, 403)
+        poll_until(lambda: "backend-extra-api" not in _envoy_clusters(stack), 10, message="cluster removed")
+    assert stack.request("reports.local", "/r", stack.token()).status == 200
+
+
 def test_invalid_policy_change_keeps_the_previous_policy(stack: Stack) -> None:
     before = stack.controlplane.status()["policy"]["snapshot_versions"]
     good = (stack.policy / "bindings.yaml").read_text()
