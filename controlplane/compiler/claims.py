@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
@@ -47,9 +47,11 @@ def string_matcher(value: str) -> string_pb2.StringMatcher:
     return string_pb2.StringMatcher(exact=value)
 
 
-@dataclass(frozen=True)
-class Condition:
-    """claim ∈ values, or (negated) claim ∉ values. `listy` claims may be a string or a list of strings."""
+class Condition(NamedTuple):
+    """claim ∈ values, or (negated) claim ∉ values. `listy` claims may be a string or a list of strings.
+
+    A NamedTuple, not a dataclass: tens of thousands are made and hashed per compile of a large policy.
+    """
 
     claim: str
     values: tuple[str, ...]
@@ -57,11 +59,17 @@ class Condition:
     listy: bool = False
 
 
-@dataclass(frozen=True)
-class ResolvedSubject:
-    """A subject after paths became ids: plain, hashable data, the unit the compiler caches on."""
+class ResolvedSubject(NamedTuple):
+    """A subject after paths became ids, with its RBAC principal already encoded (see wire.py)."""
 
     conditions: tuple[Condition, ...]
+    principal: bytes
+
+    @classmethod
+    def of(cls, conditions: Sequence[Condition]) -> ResolvedSubject:
+        """Principal{and_ids: {ids: [...]}} from each condition's cached, already framed bytes."""
+        ids = b"".join(map(_framed_condition, conditions))
+        return cls(tuple(conditions), wire.length_delimited(_AND_IDS, ids))
 
 
 def _claim_value_matcher(value: str, listy: bool) -> value_pb2.ValueMatcher:
@@ -102,13 +110,7 @@ def condition_principal(condition: Condition) -> rbac_pb2.Principal:
 
 
 def subject_principal(subject: ResolvedSubject) -> rbac_pb2.Principal:
-    return rbac_pb2.Principal.FromString(subject_principal_bytes(subject))
-
-
-def subject_principal_bytes(subject: ResolvedSubject) -> bytes:
-    """Principal{and_ids: {ids: [...]}} assembled from each condition's cached bytes (see wire.py)."""
-    ids = wire.repeated(_SET_IDS, map(_condition_bytes, subject.conditions))
-    return wire.length_delimited(_AND_IDS, ids)
+    return rbac_pb2.Principal.FromString(subject.principal)
 
 
 _AND_IDS = wire.number(rbac_pb2.Principal, "and_ids")
@@ -116,8 +118,9 @@ _SET_IDS = wire.number(rbac_pb2.Principal.Set, "ids")
 
 
 @functools.lru_cache(maxsize=65536)
-def _condition_bytes(condition: Condition) -> bytes:
-    return serialized(condition_principal(condition))
+def _framed_condition(condition: Condition) -> bytes:
+    """The condition as one `ids` entry of a Principal.Set: the same few recur in every binding."""
+    return wire.length_delimited(_SET_IDS, serialized(condition_principal(condition)))
 
 
 class Resolver:
@@ -143,10 +146,12 @@ class Resolver:
         if self.issuer.kind is IssuerKind.GITLAB and not any(m.claim == "pipeline_source" for m in subject.claims):
             # Fork merge-request pipelines carry the fork's project claims: denied unless asked for by name.
             conditions.append(Condition("pipeline_source", (MERGE_REQUEST_SOURCE,), negated=True))
-        return ResolvedSubject(tuple(conditions))
+        return ResolvedSubject.of(conditions)
 
     def _gitlab_pins(self, subject: Subject, errors: list[PolicyError]) -> list[Condition] | None:
         before = len(errors)
+        if len(subject.projects) == 1 and isinstance(subject.projects[0], int):
+            return [Condition("project_id", (str(subject.projects[0]),))]  # the common case, kept cheap
         if subject.projects:
             ids = [self._project_id(ref, subject, errors) for ref in subject.projects]
             condition = Condition("project_id", _sorted_ids(ids))

@@ -8,7 +8,7 @@ thousand. Starting from an empty index gives exactly the same result as updating
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from controlplane.compiler.claims import Resolver
 from controlplane.compiler.names import policy_name
@@ -17,8 +17,7 @@ from controlplane.model.errors import PolicyError
 from controlplane.model.policy import Binding, Issuer, Policy, Role
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     binding: Binding
     granted: tuple[tuple[str, GrantSpec], ...]  # (backend, grant)
     errors: tuple[PolicyError, ...]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
 from envoy.config.route.v3 import route_components_pb2
@@ -16,14 +16,13 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.claims import ResolvedSubject, subject_principal_bytes
+from controlplane.compiler.claims import ResolvedSubject
 from controlplane.compiler.names import shadow_stat_prefix
 from controlplane.compiler.util import serialized
 from controlplane.model.policy import Mode, RoleRule
 
 
-@dataclass(frozen=True)
-class GrantSpec:
+class GrantSpec(NamedTuple):
     """One RBAC policy: the roles' rules a binding grants, to the binding's subjects."""
 
     policy_name: str
@@ -71,14 +70,13 @@ def _allow_policies(grants: Sequence[GrantSpec]) -> bytes:
 
 
 def _policy_bytes(grant: GrantSpec) -> bytes:
-    return wire.repeated(_PERMISSIONS, map(_rule_bytes, grant.rules)) + wire.repeated(
-        _PRINCIPALS, map(subject_principal_bytes, grant.subjects)
-    )
+    permissions = b"".join(map(_framed_rule, grant.rules))
+    return permissions + b"".join(wire.length_delimited(_PRINCIPALS, s.principal) for s in grant.subjects)
 
 
 @functools.lru_cache(maxsize=16384)
-def _rule_bytes(rule: RoleRule) -> bytes:
-    return serialized(_rule_permission(rule))
+def _framed_rule(rule: RoleRule) -> bytes:
+    return wire.length_delimited(_PERMISSIONS, serialized(_rule_permission(rule)))
 
 
 def rbac_disabled() -> rbac_filter.RBACPerRoute:

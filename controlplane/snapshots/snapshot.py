@@ -7,12 +7,12 @@ every restart names the same config the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -46,13 +46,22 @@ def varint(value: int) -> bytes:
 
 @dataclass(frozen=True)
 class EncodedResource:
-    """One resource: its serialized `Any`, and that Any pre-framed as a DiscoveryResponse.resources entry."""
+    """One resource, framed once as a `DiscoveryResponse.resources` entry (an `Any` with its tag and length).
+
+    Built with a single copy of the payload: big route configurations are megabytes, and every copy counts
+    when a one-binding change must be published in a few tens of milliseconds.
+    """
 
     name: str
-    any_bytes: bytes
     response_entry: bytes
-    version: str  # sha256 prefix of any_bytes; Delta xDS uses it per resource
+    version: str  # sha256 prefix of the entry; Delta xDS uses it per resource
     payload: bytes = b""  # the serialized message itself, to recognise it unchanged in the next build
+    any_offset: int = 0  # where the Any starts inside response_entry
+
+    @property
+    def any_bytes(self) -> bytes:
+        """The serialized `Any` (a copy; only for tools and tests, never on the push path)."""
+        return self.response_entry[self.any_offset :]
 
     @classmethod
     def of(cls, name: str, message: Message) -> EncodedResource:
@@ -63,10 +72,14 @@ class EncodedResource:
     @classmethod
     def of_payload(cls, name: str, type_url: str, payload: bytes) -> EncodedResource:
         """From an already serialized message, so the compiler can reuse bytes of unchanged parts."""
-        packed = AnyProto(type_url=type_url, value=payload)
-        any_bytes = packed.SerializeToString(deterministic=True)
-        entry = _REPEATED_RESOURCES_TAG + varint(len(any_bytes)) + any_bytes
-        return cls(name, any_bytes, entry, hashlib.sha256(any_bytes).hexdigest()[:16], payload)
+        url = type_url.encode()
+        # Any { type_url = 1; value = 2 }, hand-framed: byte-identical to AnyProto(...).SerializeToString().
+        any_head = b"\x0a" + varint(len(url)) + url
+        if payload:  # proto3 leaves an empty bytes field out
+            any_head += b"\x12" + varint(len(payload))
+        entry_head = _REPEATED_RESOURCES_TAG + varint(len(any_head) + len(payload))
+        entry = b"".join((entry_head, any_head, payload))
+        return cls(name, entry, hashlib.sha256(entry).hexdigest()[:16], payload, len(entry_head))
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,6 @@ class TypeSnapshot:
     type_url: str
     version: str
     resources: Mapping[str, EncodedResource]
-    all_entries: bytes  # every response_entry concatenated in name order: a wildcard response body
 
     @classmethod
     def of(cls, type_url: str, encoded: Iterable[EncodedResource]) -> TypeSnapshot:
@@ -84,8 +96,12 @@ class TypeSnapshot:
         digest = hashlib.sha256(type_url.encode())
         for resource in by_name.values():
             digest.update(resource.name.encode() + b"\0" + resource.version.encode() + b"\0")
-        body = b"".join(r.response_entry for r in by_name.values())
-        return cls(type_url, digest.hexdigest()[:16], MappingProxyType(by_name), body)
+        return cls(type_url, digest.hexdigest()[:16], MappingProxyType(by_name))
+
+    @functools.cached_property
+    def all_entries(self) -> bytes:
+        """Every response_entry in name order: a wildcard response body (built on first use only)."""
+        return b"".join(r.response_entry for r in self.resources.values())
 
     def entries_for(self, names: Iterable[str] | None) -> tuple[bytes, tuple[str, ...]]:
         """The response body for a subscription (None = wildcard) and the names it holds."""
