@@ -38,6 +38,7 @@ snapshots: setup
 bench: setup
 	$(PY) benchmarks/compile_scale.py
 	$(PY) benchmarks/policy_to_enforcement.py
+	$(PY) benchmarks/xds_fanout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
