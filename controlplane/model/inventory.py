@@ -9,11 +9,31 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Ref:
+    """A branch or tag as GitLab reports it now; `protected` is GitLab's current verdict, not a token's claim."""
+
+    name: str
+    type: str  # "branch" | "tag"
+    protected: bool
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    tier: str  # production | staging | testing | development | other
+    protected: bool
+
+
+@dataclass(frozen=True)
 class Project:
     id: int
     path: str
     namespace_id: int
     archived: bool = False
+    default_branch: str | None = None
+    # None = not known (an inventory file): no ref or environment checks. A tuple = what GitLab has now.
+    refs: tuple[Ref, ...] | None = None
+    environments: tuple[Environment, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +47,8 @@ class Group:
 class Inventory:
     projects: tuple[Project, ...] = ()
     groups: tuple[Group, ...] = ()
+    # Unix time the data was read from GitLab (None for a file); lets the compiler fail closed when stale.
+    fetched_at: float | None = None
 
     def project_by_path(self, path: str) -> Project | None:
         return next((p for p in self.projects if p.path == path), None)

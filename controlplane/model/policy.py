@@ -18,9 +18,28 @@ class IssuerKind(StrEnum):
     OIDC = "oidc"
 
 
+class JwksMode(StrEnum):
+    RELAY = "relay"  # the control plane fetches the keys and pushes them inline over xDS (default)
+    REMOTE = "remote"  # every Envoy fetches the JWKS itself through a cluster
+
+
 class Mode(StrEnum):
     ENFORCE = "enforce"
     SHADOW = "shadow"
+
+
+@dataclass(frozen=True)
+class GitLabApi:
+    """How the control plane watches a GitLab instance. The token is never in the policy: only where to find it."""
+
+    url: str  # API base (scheme://host[:port]); default: the issuer url
+    token_env: str | None = None  # environment variable holding a read_api token
+    token_file: str | None = None  # or a file holding it
+    groups: tuple[str, ...] = ()  # top-level groups (paths) watched beyond the ones the policy names
+    reconcile_seconds: int = 300  # full re-sync period; catches what webhooks never report
+    max_staleness_seconds: int | None = None  # past this, inventory-dependent bindings are withdrawn
+    requests_per_second: float = 10.0  # bound on API request rate
+    policy_project: str | None = None  # a project (path) whose default branch holds this policy tree
 
 
 @dataclass(frozen=True)
@@ -34,8 +53,11 @@ class Issuer:
     clock_skew_seconds: int
     jwks_cache_seconds: int
     source: Source
-    # GitLab only: where project and group paths resolve to ids (issue 3 replaces it with live GitLab).
+    # GitLab only: where project and group paths resolve to ids when GitLab is not watched live.
     inventory: Inventory | None = None
+    jwks_mode: JwksMode = JwksMode.RELAY
+    # GitLab only: watch this instance through its API (projects, branches, protections, environments).
+    api: GitLabApi | None = None
 
 
 @dataclass(frozen=True)
