@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from envoy.config.rbac.v3 import rbac_pb2
@@ -17,11 +17,6 @@ from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from controlplane.compiler import wire
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY
 from controlplane.compiler.util import serialized
-from controlplane.model.errors import PolicyError
-from controlplane.model.inventory import Inventory
-from controlplane.model.policy import Issuer, IssuerKind, Subject
-
-MERGE_REQUEST_SOURCE = "merge_request_event"
 
 
 def is_glob(value: str) -> bool:
@@ -65,11 +60,24 @@ class ResolvedSubject(NamedTuple):
     conditions: tuple[Condition, ...]
     principal: bytes
 
+    alternatives: tuple[tuple[Condition, ...], ...] = ()
+
     @classmethod
-    def of(cls, conditions: Sequence[Condition]) -> ResolvedSubject:
-        """Principal{and_ids: {ids: [...]}} from each condition's cached, already framed bytes."""
+    def of(
+        cls, conditions: Sequence[Condition], alternatives: Sequence[Sequence[Condition]] = ()
+    ) -> ResolvedSubject:
+        """All `conditions`, and (when given) any one of the `alternatives` (each an AND).
+
+        Encoded once from each condition's cached, already framed bytes:
+        Principal{and_ids: [conditions..., Principal{or_ids: [Principal{and_ids: alternative}...]}]}.
+        """
         ids = b"".join(map(_framed_condition, conditions))
-        return cls(tuple(conditions), wire.length_delimited(_AND_IDS, ids))
+        if alternatives:
+            ands = (wire.length_delimited(_AND_IDS, b"".join(map(_framed_condition, alt))) for alt in alternatives)
+            any_of = b"".join(wire.length_delimited(_SET_IDS, principal) for principal in ands)
+            ids += wire.length_delimited(_SET_IDS, wire.length_delimited(_OR_IDS, any_of))
+        frozen = tuple(tuple(alt) for alt in alternatives)
+        return cls(tuple(conditions), wire.length_delimited(_AND_IDS, ids), frozen)
 
 
 def _claim_value_matcher(value: str, listy: bool) -> value_pb2.ValueMatcher:
@@ -114,6 +122,7 @@ def subject_principal(subject: ResolvedSubject) -> rbac_pb2.Principal:
 
 
 _AND_IDS = wire.number(rbac_pb2.Principal, "and_ids")
+_OR_IDS = wire.number(rbac_pb2.Principal, "or_ids")
 _SET_IDS = wire.number(rbac_pb2.Principal.Set, "ids")
 
 
@@ -123,71 +132,3 @@ def _framed_condition(condition: Condition) -> bytes:
     return wire.length_delimited(_SET_IDS, serialized(condition_principal(condition)))
 
 
-class Resolver:
-    """Turns policy subjects into conditions: paths to ids through an issuer's inventory, plus the fixed rules."""
-
-    def __init__(self, issuer: Issuer) -> None:
-        self.issuer = issuer
-        inventory = issuer.inventory or Inventory()
-        self._projects = {p.path: p.id for p in inventory.projects}
-        self._groups = {g.path: g.id for g in inventory.groups}
-        self._inventory = inventory
-
-    def resolve(self, subject: Subject, errors: list[PolicyError]) -> ResolvedSubject | None:
-        conditions = [Condition("iss", (self.issuer.url,))]
-        if self.issuer.kind is IssuerKind.GITLAB:
-            pins = self._gitlab_pins(subject, errors)
-            if pins is None:
-                return None
-            conditions.extend(pins)
-        conditions.extend(
-            Condition(m.claim, m.values, listy=self.issuer.kind is IssuerKind.OIDC) for m in subject.claims
-        )
-        if self.issuer.kind is IssuerKind.GITLAB and not any(m.claim == "pipeline_source" for m in subject.claims):
-            # Fork merge-request pipelines carry the fork's project claims: denied unless asked for by name.
-            conditions.append(Condition("pipeline_source", (MERGE_REQUEST_SOURCE,), negated=True))
-        return ResolvedSubject.of(conditions)
-
-    def _gitlab_pins(self, subject: Subject, errors: list[PolicyError]) -> list[Condition] | None:
-        before = len(errors)
-        if len(subject.projects) == 1 and isinstance(subject.projects[0], int):
-            return [Condition("project_id", (str(subject.projects[0]),))]  # the common case, kept cheap
-        if subject.projects:
-            ids = [self._project_id(ref, subject, errors) for ref in subject.projects]
-            condition = Condition("project_id", _sorted_ids(ids))
-        elif subject.groups:
-            groups = [self._group_ids(ref, subject, errors) for ref in subject.groups]
-            condition = Condition("namespace_id", _sorted_ids(i for group in groups for i in group))
-        else:
-            errors.append(
-                PolicyError.at(subject.source, "subject", "every GitLab subject must pin a project or a group")
-            )
-            return None
-        return None if len(errors) > before else [condition]
-
-    def _project_id(self, ref: int | str, subject: Subject, errors: list[PolicyError]) -> int:
-        if isinstance(ref, int):
-            return ref
-        found = self._projects.get(ref)
-        if found is None:
-            errors.append(PolicyError.at(subject.source, "project", self._unknown("project", ref)))
-            return -1
-        return found
-
-    def _group_ids(self, ref: int | str, subject: Subject, errors: list[PolicyError]) -> tuple[int, ...]:
-        group_id = ref if isinstance(ref, int) else self._groups.get(ref)
-        if group_id is None:
-            errors.append(PolicyError.at(subject.source, "group", self._unknown("group", str(ref))))
-            return ()
-        if not subject.include_subgroups:
-            return (group_id,)
-        return self._inventory.group_and_descendant_ids(group_id)
-
-    def _unknown(self, what: str, path: str) -> str:
-        if self.issuer.inventory is None:
-            return f"{what} path {path!r} needs an inventory on issuer {self.issuer.name!r} (or write the id)"
-        return f"no {what} with path {path!r} in the inventory of issuer {self.issuer.name!r}"
-
-
-def _sorted_ids(ids: Iterable[int]) -> tuple[str, ...]:
-    return tuple(str(i) for i in sorted(set(ids)))

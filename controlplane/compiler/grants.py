@@ -8,11 +8,12 @@ thousand. Starting from an empty index gives exactly the same result as updating
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from controlplane.compiler.claims import Resolver
 from controlplane.compiler.names import policy_name
 from controlplane.compiler.rbac import GrantSpec
+from controlplane.compiler.resolve import Findings, Resolver
 from controlplane.model.errors import PolicyError
 from controlplane.model.policy import Binding, Issuer, Policy, Role
 
@@ -21,6 +22,8 @@ class _Entry(NamedTuple):
     binding: Binding
     granted: tuple[tuple[str, GrantSpec], ...]  # (backend, grant)
     errors: tuple[PolicyError, ...]
+    warnings: tuple[PolicyError, ...]  # access withdrawn, stale paths: the policy is valid, GitLab changed
+    pins: tuple[tuple[str, int], ...]  # project paths and the ids they resolved to
 
 
 class GrantIndex:
@@ -31,18 +34,26 @@ class GrantIndex:
         self._by_backend: dict[str, dict[str, tuple[GrantSpec, ...]]] = defaultdict(dict)
         self._issuer_by_backend: dict[str, dict[str, str]] = defaultdict(dict)
         self._failing: set[str] = set()
+        self._pins: Mapping[str, Mapping[str, int]] = {}
         # Per backend, rebuilt only when a binding granting there changes: unchanged backends keep
         # the very same tuple objects, which is what the compiler's identity memo keys on.
         self._grants_view: dict[str, tuple[GrantSpec, ...]] = {}
         self._issuers_view: dict[str, tuple[str, ...]] = {}
 
-    def update(self, policy: Policy) -> list[PolicyError]:
-        """Bring the index to `policy`; returns every resolution error (the index then must not be used)."""
+    def update(self, policy: Policy, pins: Mapping[str, Mapping[str, int]] | None = None) -> list[PolicyError]:
+        """Bring the index to `policy`; returns every resolution error (the index then must not be used).
+
+        `pins` (issuer → project path → id) are the ids paths resolved to before: with them a path that now
+        names another project is an error instead of a silent rebind. A new pins object re-resolves everything.
+        """
+        pins = pins or {}
         roles = {r.name: r for r in policy.roles}
         issuers = {i.name: i for i in policy.issuers}
         stale_roles = {n for n, r in roles.items() if self._roles.get(n) is not r} | (self._roles.keys() - roles.keys())
         stale_issuers = {n for n, i in issuers.items() if self._issuers.get(n) is not i}
-        self._roles, self._issuers = roles, issuers
+        if pins is not self._pins:
+            stale_issuers = set(issuers)
+        self._roles, self._issuers, self._pins = roles, issuers, pins
         resolvers: dict[str, Resolver] = {}
         seen: set[str] = set()
         for binding in policy.bindings:
@@ -55,11 +66,21 @@ class GrantIndex:
             ):
                 continue
             if binding.issuer not in resolvers:
-                resolvers[binding.issuer] = Resolver(issuers[binding.issuer])
+                resolvers[binding.issuer] = Resolver(issuers[binding.issuer], pins.get(binding.issuer))
             self._replace(binding.name, _resolve(binding, roles, resolvers[binding.issuer]))
         for gone in self._entries.keys() - seen:
             self._replace(gone, None)
         return [e for name in sorted(self._failing) for e in self._entries[name].errors]
+
+    def warnings(self) -> list[PolicyError]:
+        return sorted(w for entry in self._entries.values() for w in entry.warnings)
+
+    def pins(self) -> dict[str, dict[str, int]]:
+        """Issuer → project path → id, as resolved by the current policy (to remember for the next compile)."""
+        out: dict[str, dict[str, int]] = defaultdict(dict)
+        for entry in self._entries.values():
+            out[entry.binding.issuer].update(entry.pins)
+        return dict(out)
 
     def grants(self, backend: str) -> tuple[GrantSpec, ...]:
         """Sorted by policy name. The same object is returned until a grant on this backend changes."""
@@ -102,13 +123,14 @@ class GrantIndex:
 
 
 def _resolve(binding: Binding, roles: dict[str, Role], resolver: Resolver) -> _Entry:
-    errors: list[PolicyError] = []
-    resolved = [resolver.resolve(s, errors) for s in binding.subjects]
-    if errors:
-        return _Entry(binding, (), tuple(errors))
+    found = Findings()
+    resolved = [resolver.resolve(s, found) for s in binding.subjects]
+    pins = tuple(sorted(found.pins.items()))
+    if found.errors:
+        return _Entry(binding, (), tuple(found.errors), tuple(found.warnings), pins)
     subjects = tuple(s for s in resolved if s is not None)
     granted = tuple(
         (role.backend, GrantSpec(policy_name(binding.name, role.name), binding.mode, role.rules, subjects))
         for role in (roles[name] for name in binding.roles)
     )
-    return _Entry(binding, granted, ())
+    return _Entry(binding, granted, (), tuple(found.warnings), pins)

@@ -47,8 +47,16 @@ class Group:
 class Inventory:
     projects: tuple[Project, ...] = ()
     groups: tuple[Group, ...] = ()
-    # Unix time the data was read from GitLab (None for a file); lets the compiler fail closed when stale.
+    # Unix time the data was read from GitLab (None for a file).
     fetched_at: float | None = None
+    # Set by the service when the data is older than the issuer's max staleness: every binding that
+    # depends on it is withdrawn (fail closed) until GitLab answers again.
+    stale: bool = False
+
+    @property
+    def live(self) -> bool:
+        """Read from GitLab (refs, protections, archived state are current), not from a file."""
+        return self.fetched_at is not None
 
     def project_by_path(self, path: str) -> Project | None:
         return next((p for p in self.projects if p.path == path), None)
