@@ -1,0 +1,103 @@
+"""The inventory watcher: last good data kept on outages, stale data withdrawn, webhooks re-read one project."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import replace
+
+from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.sources.gitlab_watch import InventoryWatcher, Scope
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.projects = {42: Project(42, "acme/app", 10)}
+        self.down = False
+        self.now = 1000.0
+        self.calls: list[str] = []
+
+    def fetch_inventory(self, *, groups: Iterable[str | int], projects: Iterable[str | int]) -> Inventory:
+        self.calls.append(f"inventory groups={sorted(map(str, groups))}")
+        if self.down:
+            raise ConnectionError("GitLab is down")
+        return Inventory(tuple(self.projects.values()), (Group(10, "acme"),), fetched_at=self.now)
+
+    def fetch_project(self, project: str | int) -> Project | None:
+        self.calls.append(f"project {project}")
+        if self.down:
+            raise ConnectionError("GitLab is down")
+        return self.projects.get(int(project))
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self) -> None:
+        self.count += 1
+
+
+def watcher(source: FakeSource, changes: Changes, **kw: float) -> InventoryWatcher:
+    return InventoryWatcher("gitlab", source, on_change=changes, clock=lambda: source.now, **kw)  # type: ignore[arg-type]
+
+
+async def test_never_read_is_stale_and_the_first_reconcile_is_not() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes)
+    assert w.inventory.stale and w.is_stale()
+    assert await w._sync_once()
+    assert not w.inventory.stale and w.inventory.projects[0].id == 42 and changes.count == 1
+
+
+async def test_outage_keeps_the_last_good_inventory_then_turns_stale() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes, max_staleness_seconds=60)
+    await w._sync_once()
+    source.down, source.now = True, source.now + 30
+    w.request_full()
+    assert not await w._sync_once()
+    assert w.inventory.projects and not w.inventory.stale and "down" in str(w.last_error)
+    source.now += 31
+    assert w.inventory.stale and w.status()["stale"] is True
+
+
+async def test_webhook_resync_reads_only_the_named_project() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes)
+    await w._sync_once()
+    source.projects[42] = replace(source.projects[42], archived=True)
+    source.calls.clear()
+    w.request_project(42)
+    assert await w._sync_once()
+    assert source.calls == ["project 42"] and w.inventory.projects[0].archived and changes.count == 2
+    del source.projects[42]
+    w.request_project(42)
+    await w._sync_once()
+    assert w.inventory.projects == ()
+
+
+async def test_unchanged_reconcile_does_not_recompile() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes)
+    await w._sync_once()
+    w.request_full()
+    await w._sync_once()
+    assert changes.count == 1
+
+
+async def test_run_loop_reconciles_on_scope_change_and_stops() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes, reconcile_seconds=3600)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    await asyncio.wait_for(_until(lambda: changes.count == 1), 5)
+    w.set_scope(Scope(groups=frozenset({"acme"})))
+    await asyncio.wait_for(_until(lambda: any("acme" in c for c in source.calls)), 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def _until(predicate: object) -> None:
+    while not predicate():  # type: ignore[operator]
+        await asyncio.sleep(0.005)  # ok: polling an in-process condition under wait_for's deadline
