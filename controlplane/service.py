@@ -33,11 +33,24 @@ def compile_files(
     files: Mapping[str, str],
     memo: CompilerMemo | None = None,
     previous: Mapping[str, Snapshot] | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> tuple[Policy, dict[str, Snapshot]]:
-    """Parse, validate and compile a policy tree. Raises PolicyInvalid with every error found."""
+    """Parse, validate and compile a policy tree. Raises PolicyInvalid with every error found.
+
+    `keys`: relayed issuers' JWKS by issuer name (see compile_policy)."""
     policy = parse_policy(files)
-    compiled = compile_policy(policy, memo)
-    return policy, build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
+    return policy, compile_model(policy, memo, previous, keys)
+
+
+def compile_model(
+    policy: Policy,
+    memo: CompilerMemo | None = None,
+    previous: Mapping[str, Snapshot] | None = None,
+    keys: Mapping[str, str] | None = None,
+) -> dict[str, Snapshot]:
+    """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`."""
+    compiled = compile_policy(policy, memo, keys)
+    return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
 def compile_dir(root: Path, memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
@@ -62,6 +75,8 @@ class PolicyService:
         self.state = PolicyState(root=str(root))
         self._memo = CompilerMemo()
         self._snapshots: dict[str, Snapshot] = {}
+        self._policy: Policy | None = None  # the policy in service (last good)
+        self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
         self._clock = clock
         self._lock = asyncio.Lock()
 
@@ -78,18 +93,43 @@ class PolicyService:
         async with self._lock:
             return self._apply(await asyncio.to_thread(self._build))
 
+    @property
+    def current(self) -> Policy | None:
+        """The policy in service (the last good one), None before the first good load."""
+        return self._policy
+
+    async def set_keys(self, keys: Mapping[str, str]) -> bool:
+        """Recompile the policy in service with new relayed keys, off the loop like `reload_off_loop`.
+
+        The policy files are not read again: a half-edited or broken policy on disk must never hold back a
+        key rotation, and a key change must not clear (or mask) the policy's own errors and load time.
+        False when no policy is in service yet; the first good load uses the keys.
+        """
+        async with self._lock:
+            self._keys = dict(keys)
+            policy = self._policy
+            if policy is None:
+                return False
+            started = time.perf_counter()
+            snapshots = await asyncio.to_thread(compile_model, policy, self._memo, self._snapshots, self._keys)
+            metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
+            self._publish_snapshots(snapshots)
+            log.info("issuer keys changed: %s", _versions(self.state.versions))
+            return True
+
     def _build(self) -> dict[str, Snapshot] | list[PolicyError]:
         self.state.last_attempt = self._clock()
         metrics.SNAPSHOT_BUILDS.inc()
         started = time.perf_counter()
         try:
             files = read_policy_dir(self.root)
-            _, snapshots = compile_files(files, self._memo, self._snapshots)
+            policy, snapshots = compile_files(files, self._memo, self._snapshots, self._keys)
         except PolicyInvalid as invalid:
             return invalid.errors
         except OSError as error:
             return [PolicyError(str(self.root), 0, "", f"cannot read policy: {error}")]
         metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
+        self._policy = policy  # a successful build is always published (`_apply`)
         return snapshots
 
     def _apply(self, outcome: dict[str, Snapshot] | list[PolicyError]) -> bool:
@@ -100,6 +140,14 @@ class PolicyService:
         return True
 
     def _publish(self, snapshots: dict[str, Snapshot]) -> None:
+        self._publish_snapshots(snapshots)
+        self.state.last_good_load = self._clock()
+        self.state.errors = []
+        metrics.POLICY_CURRENT_ERRORS.set(0)
+        metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
+        log.info("policy loaded from %s: %s", self.root, _versions(self.state.versions))
+
+    def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
         self._snapshots = snapshots
         for group in sorted(set(self.state.versions) - set(snapshots)):
             # A gateway removed from the policy: its Envoys now get nothing (never another group's config).
@@ -112,15 +160,6 @@ class PolicyService:
                 metrics.SNAPSHOT_INFO.remove(group, previous)
             metrics.SNAPSHOT_INFO.labels(group, snapshot.summary_version).set(1)
             self.state.versions[group] = snapshot.summary_version
-        self.state.last_good_load = self._clock()
-        self.state.errors = []
-        metrics.POLICY_CURRENT_ERRORS.set(0)
-        metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
-        log.info(
-            "policy loaded from %s: %s",
-            self.root,
-            ", ".join(f"{g}@{v}" for g, v in sorted(self.state.versions.items())) or "no gateways",
-        )
 
     def _reject(self, errors: list[PolicyError]) -> None:
         metrics.SNAPSHOT_BUILD_FAILURES.inc()
@@ -144,3 +183,7 @@ class PolicyService:
             "errors": list(self.state.errors),
             "snapshot_versions": dict(self.state.versions),
         }
+
+
+def _versions(versions: Mapping[str, str]) -> str:
+    return ", ".join(f"{g}@{v}" for g, v in sorted(versions.items())) or "no gateways"

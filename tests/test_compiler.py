@@ -179,7 +179,7 @@ def test_jwt_provider_extracts_bearer_only_never_forwards_and_caches() -> None:
     assert provider.issuer == "https://gitlab.example.com"
     requirement = jwt_authentication(group).requirement_map["backend-billing"]  # type: ignore[arg-type]
     assert list(requirement.provider_and_audiences.audiences) == ["https://billing.local"]
-    assert "jwks-gitlab" in clusters(group)  # type: ignore[arg-type]
+    assert "jwks-gitlab" not in clusters(group)  # type: ignore[arg-type]  # relayed (default): keys are inline
 
 
 def test_identity_headers_replace_client_sent_ones() -> None:

@@ -22,7 +22,7 @@ def test_a_good_load_publishes_every_gateway(tmp_path: Path) -> None:
     service = _service(tmp_path)
     assert service.reload() and service.ready
     assert set(service.state.versions) == {"ci-gateway", "prod-gateway"}
-    assert service.cache.get("prod-gateway").types[CLUSTER].resources.keys() == {"backend-billing-api", "jwks-gitlab"}
+    assert service.cache.get("prod-gateway").types[CLUSTER].resources.keys() == {"backend-billing-api"}
     assert metrics.POLICY_CURRENT_ERRORS._value.get() == 0
 
 

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
     serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
+    serve.add_argument(
+        "--jwks-refresh", type=float, default=30.0, help="seconds between JWKS refreshes of relayed issuers (min 1)"
+    )
 
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
@@ -133,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_port=args.admin_address[1],
         debounce=args.debounce,
         max_wait=args.max_wait,
+        jwks_refresh=args.jwks_refresh,
     )
     return asyncio.run(serve(options))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from controlplane import __version__
 from controlplane.admin.http import AdminServer
+from controlplane.keyrelay import KeyRelay
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.watch import watch_policy_dir
@@ -29,6 +30,10 @@ class ServeOptions:
     debounce: float = 0.1
     max_wait: float = 1.0
     shutdown_grace: float = 5.0
+    jwks_refresh: float = 30.0
+    # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
+    # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
+    jwks_startup_wait: float = 10.0
 
 
 class ControlPlane:
@@ -39,6 +44,7 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry()
         self.policy = PolicyService(options.policy, self.cache)
+        self.keys = KeyRelay(self.policy.set_keys, refresh_interval=options.jwks_refresh)
         self.xds = XdsServer(self.cache, self.registry, log=logging.getLogger("controlplane.xds"))
         self.admin = AdminServer(
             status=self.status,
@@ -55,6 +61,7 @@ class ControlPlane:
         return {
             "version": __version__,
             "policy": self.policy.status(),
+            "jwks": self.keys.status(),
             "proxies": self.registry.status(),
             "summary": self.registry.summary(),
         }
@@ -75,6 +82,7 @@ class ControlPlane:
         self._watcher.add_done_callback(self._watcher_done)
         await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
         await self.policy.reload_off_loop()
+        await self._follow_issuers(wait=self.options.jwks_startup_wait)
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
         self.admin_port = await self.admin.start()
         log.info(
@@ -97,6 +105,7 @@ class ControlPlane:
         self.stopping.set()
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.keys.stop()
         await self.xds.stop(self.options.shutdown_grace)
         await self.admin.stop()
         log.info("stopped")
@@ -112,6 +121,13 @@ class ControlPlane:
     async def _on_policy_change(self, changed: set[str]) -> None:
         log.info("policy change: %s", ", ".join(sorted(changed)) or "(directory)")
         await self.policy.reload_off_loop()
+        await self._follow_issuers()
+
+    async def _follow_issuers(self, wait: float = 0.0) -> None:
+        """Relay the keys of the issuers of the policy in service (a rejected change keeps the old ones)."""
+        current = self.policy.current
+        if current is not None:
+            await self.keys.update(current.issuers, wait=wait)
 
     def request_stop(self) -> None:
         self.stopping.set()

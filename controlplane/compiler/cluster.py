@@ -1,4 +1,4 @@
-"""Upstream clusters: one per backend, one per issuer's JWKS endpoint."""
+"""Upstream clusters: one per backend, one per REMOTE issuer's JWKS endpoint (relayed keys are inline)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from controlplane.compiler.names import (
 from controlplane.compiler.rbac import GrantSpec
 from controlplane.compiler.util import serialized
 from controlplane.model.errors import PolicyInvalid
-from controlplane.model.policy import Backend, Gateway, Issuer, Policy
+from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 Resources = dict[str, list[tuple[str, bytes]]]
@@ -39,10 +39,14 @@ class CompiledGroup:
     resources: Mapping[str, Sequence[tuple[str, bytes]]]
 
 
-def compile_policy(policy: Policy, memo: CompilerMemo | None = None) -> dict[str, CompiledGroup]:
+def compile_policy(
+    policy: Policy, memo: CompilerMemo | None = None, keys: Mapping[str, str] | None = None
+) -> dict[str, CompiledGroup]:
     """Raises PolicyInvalid when a subject cannot be resolved (unknown path, missing pin).
 
     With a memo from the previous compile, unchanged parts are reused; the result is identical.
+    `keys` maps issuer names to the JWKS (canonical JSON) the control plane relays for them; a relayed
+    issuer without keys gets a placeholder no token verifies against (fail closed).
     """
     memo = memo or CompilerMemo()
     memo.next_generation()
@@ -51,7 +55,7 @@ def compile_policy(policy: Policy, memo: CompilerMemo | None = None) -> dict[str
         if errors:
             memo.grant_index = GrantIndex()  # a failed update leaves no half-applied state behind
             raise PolicyInvalid(errors)
-        return {g.name: _compile_gateway(policy, g, memo.grant_index, memo) for g in policy.gateways}
+        return {g.name: _compile_gateway(policy, g, memo.grant_index, memo, keys or {}) for g in policy.gateways}
 
 
 @contextmanager
@@ -76,7 +80,9 @@ class _BackendParts:
     endpoints: bytes | None
 
 
-def _compile_gateway(policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo) -> CompiledGroup:
+def _compile_gateway(
+    policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo, keys: Mapping[str, str]
+) -> CompiledGroup:
     by_name = {b.name: b for b in policy.backends}
     backends = [by_name[name] for name in sorted(gateway.backends)]
     issuers = _gateway_issuers(policy, backends, grants)
@@ -92,12 +98,12 @@ def _compile_gateway(policy: Policy, gateway: Gateway, grants: GrantIndex, memo:
             )
         )
     requirements = [(requirement_name(b.name), p.requirement) for b, p in zip(backends, parts, strict=True)]
-    authentication = jwt.authentication_bytes(issuers, [(n, r) for n, r in requirements if r is not None])
+    authentication = jwt.authentication_bytes(issuers, [(n, r) for n, r in requirements if r is not None], keys)
     route_name = route_config_name(gateway.name)
     resources: Resources = {
         CLUSTER: sorted(
             [(backend_cluster(b.name), p.cluster) for b, p in zip(backends, parts, strict=True)]
-            + [_jwks_cluster(i) for i, _ in issuers]
+            + [_jwks_cluster(i) for i, _ in issuers if i.jwks_mode is JwksMode.REMOTE]
         ),
         ENDPOINT: [
             (backend_cluster(b.name), p.endpoints)
@@ -121,6 +127,7 @@ def _backend_parts(backend: Backend, grants: tuple[GrantSpec, ...], issuers: tup
 
 
 def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
+    """Only REMOTE issuers need one: relayed keys are inline, so Envoy needs no route to the issuer."""
     host, port, tls = jwt.jwks_endpoint(issuer)
     return jwks_cluster(issuer.name), serialized(cluster.jwks_cluster_config(issuer, host, port, tls))
 

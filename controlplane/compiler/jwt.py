@@ -6,7 +6,7 @@ Extraction is explicit (`Authorization: Bearer`), otherwise Envoy would also acc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from envoy.config.core.v3 import backoff_pb2, base_pb2, http_uri_pb2
@@ -24,33 +24,56 @@ from controlplane.compiler.names import (
     requirement_name,
 )
 from controlplane.compiler.util import millis, seconds, serialized
-from controlplane.model.policy import Issuer
+from controlplane.model.policy import Issuer, JwksMode
 
 JWT_CACHE_SIZE = 10_000
 
+# Inlined for a relayed issuer whose keys the control plane does not hold yet (offline compile, or the issuer
+# unreachable since start). Envoy rejects `{"keys":[]}` ("Jwks doesn't have any valid public key"), so this is
+# one valid RSA public key whose private half was discarded when it was generated: the config loads and every
+# token fails verification (fail closed), with the same bytes every time (golden snapshots, stable versions).
+PLACEHOLDER_KID = "controlplane-no-keys-yet"
+PLACEHOLDER_JWKS = (
+    '{"keys":[{"alg":"RS256","e":"AQAB","kid":"controlplane-no-keys-yet","kty":"RSA","n":"'
+    "6ko0fuDjBioZKLk8xlIG5nTkLS9-9e-Q6VKdtBpxTyHhMjlEeC8dFWmqL46KUXsmOKHIp2K3eL57g-rcPsFVEFMe4tR1sCXTxD6oSlJP4hesj3"
+    "hpMCS-1wqBnXVCqZxl_R208bKqVWuJOIOeJ_fi3srPkZXQBtbCx5IxTrdjCPSxErKQt6JrPavU0nsclFOfKUs_PX3-EhxrPGCPxEMMAgF2Wp"
+    "AyoihSGHtyNohKsWtS-yUNKfX_eumEJlhRqL3BWG90F6yR8_tvK3M2V73LQU2qrCixJTYXkOKBzn7TbiCrYBAifSk088wkbdjibYuHlrg6NKz"
+    'GouX7leLf3kd9Rw","use":"sig"}]}'
+)
 
-def provider(issuer: Issuer, audiences: Sequence[str]) -> jwt.JwtProvider:
-    return jwt.JwtProvider(
+
+def provider(issuer: Issuer, audiences: Sequence[str], keys: str | None = None) -> jwt.JwtProvider:
+    """`keys` is the relayed JWKS (canonical JSON) of a RELAY issuer; ignored for REMOTE ones."""
+    config = jwt.JwtProvider(
         issuer=issuer.url,
         audiences=sorted(set(audiences)),
         require_expiration=True,
         clock_skew_seconds=issuer.clock_skew_seconds,
-        remote_jwks=jwt.RemoteJwks(
-            http_uri=http_uri_pb2.HttpUri(uri=issuer.jwks_uri, cluster=jwks_cluster(issuer.name), timeout=seconds(2)),
-            cache_duration=seconds(issuer.jwks_cache_seconds),
-            # Fetch before the listener serves, so the first job is not refused while keys load.
-            async_fetch=jwt.JwksAsyncFetch(fast_listener=False, failed_refetch_duration=seconds(5)),
-            retry_policy=base_pb2.RetryPolicy(
-                num_retries=UInt32Value(value=3),
-                retry_back_off=backoff_pb2.BackoffStrategy(base_interval=millis(200), max_interval=seconds(2)),
-            ),
-        ),
         from_headers=[jwt.JwtHeader(name="Authorization", value_prefix="Bearer ")],
         forward=False,
         payload_in_metadata=PAYLOAD_KEY,
         header_in_metadata=HEADER_KEY,
         failed_status_in_metadata=FAILURE_KEY,
         jwt_cache_config=jwt.JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE),
+    )
+    if issuer.jwks_mode is JwksMode.REMOTE:
+        config.remote_jwks.CopyFrom(_remote_jwks(issuer))
+    else:
+        config.local_jwks.inline_string = keys or PLACEHOLDER_JWKS
+    return config
+
+
+def _remote_jwks(issuer: Issuer) -> jwt.RemoteJwks:
+    """Every Envoy fetches the keys itself through the `jwks-<issuer>` cluster (G9: no refetch on an unknown kid)."""
+    return jwt.RemoteJwks(
+        http_uri=http_uri_pb2.HttpUri(uri=issuer.jwks_uri, cluster=jwks_cluster(issuer.name), timeout=seconds(2)),
+        cache_duration=seconds(issuer.jwks_cache_seconds),
+        # Fetch before the listener serves, so the first job is not refused while keys load.
+        async_fetch=jwt.JwksAsyncFetch(fast_listener=False, failed_refetch_duration=seconds(5)),
+        retry_policy=base_pb2.RetryPolicy(
+            num_retries=UInt32Value(value=3),
+            retry_back_off=backoff_pb2.BackoffStrategy(base_interval=millis(200), max_interval=seconds(2)),
+        ),
     )
 
 
@@ -75,16 +98,22 @@ def any_provider(issuers: Sequence[str]) -> jwt.JwtRequirement:
 
 
 def authentication_bytes(
-    providers: Sequence[tuple[Issuer, Sequence[str]]], requirements: Sequence[tuple[str, bytes]]
+    providers: Sequence[tuple[Issuer, Sequence[str]]],
+    requirements: Sequence[tuple[str, bytes]],
+    keys: Mapping[str, str] | None = None,
 ) -> bytes:
     """Serialized JwtAuthentication. `providers` pairs each issuer with the audiences it may carry on
     this gateway; `requirements` are the per-backend requirements, already serialized (one per backend,
-    so thousands: they are appended as wire-level map entries instead of being rebuilt as messages).
+    so thousands: they are appended as wire-level map entries instead of being rebuilt as messages);
+    `keys` maps relayed issuers' names to their JWKS.
 
     The filter-level rule (a token from any provider) only decides requests no virtual host claims:
     they are then denied by the filter-level RBAC, but a missing token still reads as 401.
     """
-    config = jwt.JwtAuthentication(providers={provider_name(i.name): provider(i, aud) for i, aud in providers})
+    keys = keys or {}
+    config = jwt.JwtAuthentication(
+        providers={provider_name(i.name): provider(i, aud, keys.get(i.name)) for i, aud in providers}
+    )
     if providers:
         config.rules.append(
             jwt.RequirementRule(
@@ -108,7 +137,7 @@ def per_route_disabled() -> jwt.PerRouteConfig:
 
 
 def jwks_endpoint(issuer: Issuer) -> tuple[str, int, bool]:
-    """Host, port and whether TLS is used, for the cluster Envoy fetches this issuer's keys through."""
+    """Host, port and whether TLS is used, for the cluster a REMOTE issuer's keys are fetched through."""
     parts = urlsplit(issuer.jwks_uri)
     tls = parts.scheme == "https"
     return parts.hostname or "", parts.port or (443 if tls else 80), tls
