@@ -2,6 +2,11 @@
 
 A bad change never reaches Envoy: every error is logged with file:line and counted, the previous
 snapshots stay in service, and status shows what is wrong until a good change arrives.
+
+What Envoy gets depends on more than the policy files: GitLab's live inventory (projects, refs,
+protections), the relayed issuer keys, and the ids project paths resolved to before. When only those change,
+the policy in service is recompiled without reading the files again, so a half-edited policy on disk never
+holds back a withdrawal or a key rotation.
 """
 
 from __future__ import annotations
@@ -10,14 +15,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from controlplane.admin import metrics
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.model.inventory import Inventory
 from controlplane.model.load import parse_policy
 from controlplane.model.policy import Policy
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
@@ -25,8 +31,11 @@ from controlplane.sources.policy_dir import read_policy_dir
 
 if TYPE_CHECKING:
     from controlplane.snapshots.cache import SnapshotCache
+    from controlplane.sources.pins import PinStore
 
 log = logging.getLogger("controlplane.policy")
+
+Pins = Mapping[str, Mapping[str, int]]
 
 
 def compile_files(
@@ -47,14 +56,47 @@ def compile_model(
     memo: CompilerMemo | None = None,
     previous: Mapping[str, Snapshot] | None = None,
     keys: Mapping[str, str] | None = None,
+    pins: Pins | None = None,
 ) -> dict[str, Snapshot]:
     """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`."""
-    compiled = compile_policy(policy, memo, keys)
+    compiled = compile_policy(policy, memo, keys, pins)
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
 def compile_dir(root: Path, memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
     return compile_files(read_policy_dir(root), memo)
+
+
+@dataclass(frozen=True)
+class PolicyFiles:
+    """A policy tree as read: file texts, where they came from, and the revision (a commit) if any."""
+
+    files: Mapping[str, str]
+    origin: str
+    revision: str | None = None
+
+
+class PolicySource(Protocol):
+    """Where the policy comes from: a directory, or a project on GitLab."""
+
+    description: str
+
+    def read(self) -> PolicyFiles: ...
+
+    def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
+        """Tell the source's users the verdict (a GitLab commit status); a directory has nobody to tell."""
+
+
+class DirectorySource:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.description = str(root)
+
+    def read(self) -> PolicyFiles:
+        return PolicyFiles(read_policy_dir(self.root), str(self.root))
+
+    def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
+        return None
 
 
 @dataclass
@@ -63,29 +105,46 @@ class PolicyState:
     last_good_load: float | None = None
     last_attempt: float | None = None
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    revision: str | None = None
 
 
 class PolicyService:
-    """Owns the policy directory → snapshot cache path. `reload()` is the only way snapshots change."""
+    """Owns policy source + live inputs → snapshot cache. Only `reload` and `recompile` change snapshots."""
 
-    def __init__(self, root: Path, cache: SnapshotCache, *, clock: Callable[[], float] = time.time) -> None:
-        self.root = root
+    def __init__(
+        self,
+        source: PolicySource | Path,
+        cache: SnapshotCache,
+        *,
+        inventories: Callable[[], Mapping[str, Inventory]] = dict,
+        pin_store: PinStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source: PolicySource = DirectorySource(source) if isinstance(source, Path) else source
         self.cache = cache
-        self.state = PolicyState(root=str(root))
+        self.state = PolicyState(root=self.source.description)
+        self._inventories = inventories
+        self._pin_store = pin_store
+        self._pins: Pins = pin_store.load() if pin_store else {}
         self._memo = CompilerMemo()
         self._snapshots: dict[str, Snapshot] = {}
-        self._policy: Policy | None = None  # the policy in service (last good)
+        self._parsed: tuple[Mapping[str, str], Policy] | None = None  # last parse, reused when files are equal
+        self._policy: Policy | None = None  # the policy in service (last good), before live inputs
+        self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
         self._clock = clock
         self._lock = asyncio.Lock()
 
+    # -- the two ways snapshots change
+
     def reload(self) -> bool:
-        """True when a new policy was accepted (even if it compiled to the same snapshots)."""
+        """Read the policy again. True when it was accepted (even if it compiled to the same snapshots)."""
         return self._apply(self._build())
 
     async def reload_off_loop(self) -> bool:
-        """The same, compiling in a worker thread so xDS streams keep being served during a big compile.
+        """The same, reading and compiling in a worker thread so xDS streams keep being served.
 
         Snapshots are still published from the event loop, where the xDS server's listeners run; the lock
         keeps compiles (which share the memo) one at a time.
@@ -93,44 +152,106 @@ class PolicyService:
         async with self._lock:
             return self._apply(await asyncio.to_thread(self._build))
 
+    async def recompile(self, reason: str) -> bool:
+        """Recompile the policy in service because a live input changed (inventory, keys). No file is read.
+
+        False when no policy is in service yet (the first good load will use the inputs), or when the live
+        inputs make it invalid (a path now owned by another project): the last good snapshot then stays.
+        """
+        async with self._lock:
+            policy = self._policy
+            if policy is None:
+                return False
+            started = time.perf_counter()
+            try:
+                snapshots = await asyncio.to_thread(self._compile, policy)
+            except PolicyInvalid as invalid:
+                self._reject(invalid.errors)
+                return False
+            metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
+            self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
+            log.info("%s: %s", reason, _versions(self.state.versions))
+            return True
+
+    async def set_keys(self, keys: Mapping[str, str]) -> bool:
+        """New relayed issuer keys: recompile the policy in service with them."""
+        self._keys = dict(keys)
+        return await self.recompile("issuer keys changed")
+
     @property
     def current(self) -> Policy | None:
         """The policy in service (the last good one), None before the first good load."""
         return self._policy
 
-    async def set_keys(self, keys: Mapping[str, str]) -> bool:
-        """Recompile the policy in service with new relayed keys, off the loop like `reload_off_loop`.
-
-        The policy files are not read again: a half-edited or broken policy on disk must never hold back a
-        key rotation, and a key change must not clear (or mask) the policy's own errors and load time.
-        False when no policy is in service yet; the first good load uses the keys.
-        """
-        async with self._lock:
-            self._keys = dict(keys)
-            policy = self._policy
-            if policy is None:
-                return False
-            started = time.perf_counter()
-            snapshots = await asyncio.to_thread(compile_model, policy, self._memo, self._snapshots, self._keys)
-            metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
-            self._publish_snapshots(snapshots)
-            log.info("issuer keys changed: %s", _versions(self.state.versions))
-            return True
+    # -- building
 
     def _build(self) -> dict[str, Snapshot] | list[PolicyError]:
         self.state.last_attempt = self._clock()
         metrics.SNAPSHOT_BUILDS.inc()
         started = time.perf_counter()
         try:
-            files = read_policy_dir(self.root)
-            policy, snapshots = compile_files(files, self._memo, self._snapshots, self._keys)
-        except PolicyInvalid as invalid:
-            return invalid.errors
+            read = self.source.read()
         except OSError as error:
-            return [PolicyError(str(self.root), 0, "", f"cannot read policy: {error}")]
+            return [PolicyError(self.source.description, 0, "", f"cannot read policy: {error}")]
+        try:
+            policy = self._parse(read.files)
+            snapshots = self._compile(policy)
+        except PolicyInvalid as invalid:
+            self._report(read, False, _first_errors(invalid.errors))
+            return invalid.errors
         metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
         self._policy = policy  # a successful build is always published (`_apply`)
+        self.state.revision = read.revision
+        self._report(read, True, "accepted: " + _versions(_summary_versions(snapshots)))
         return snapshots
+
+    def _parse(self, files: Mapping[str, str]) -> Policy:
+        if self._parsed is not None and self._parsed[0] == files:
+            return self._parsed[1]  # same objects: the compiler's memo then reuses everything
+        policy = parse_policy(files)
+        self._parsed = (dict(files), policy)
+        return policy
+
+    def _compile(self, policy: Policy) -> dict[str, Snapshot]:
+        model = self._with_live_inputs(policy)
+        snapshots = compile_model(model, self._memo, self._snapshots, self._keys, self._pins)
+        self._note_resolution()
+        return snapshots
+
+    def _with_live_inputs(self, policy: Policy) -> Policy:
+        """The policy with each watched GitLab issuer's inventory as GitLab reports it now.
+
+        The result is cached on the identity of its inputs, so an unchanged world keeps the very same
+        objects and the compiler's memo stays warm.
+        """
+        inventories = self._inventories()
+        watched = tuple(inventories.get(i.name) or _NEVER_READ for i in policy.issuers if i.api is not None)
+        if self._world is not None and self._world[0] is policy and _same(self._world[1], watched):
+            return self._world[2]
+        live = iter(watched)
+        issuers = tuple(replace(i, inventory=next(live)) if i.api is not None else i for i in policy.issuers)
+        model = replace(policy, issuers=issuers) if watched else policy
+        self._world = (policy, watched, model)
+        return model
+
+    def _note_resolution(self) -> None:
+        warnings = [str(w) for w in self._memo.grant_index.warnings()]
+        for new in sorted(set(warnings) - set(self.state.warnings)):
+            log.warning("%s", new)
+        self.state.warnings = warnings
+        metrics.POLICY_WARNINGS.set(len(warnings))
+        pins = self._memo.grant_index.pins()
+        if self._pin_store is not None and pins:
+            self._pin_store.save(pins)
+            self._pins = self._pin_store.current
+
+    def _report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
+        try:
+            self.source.report(files, accepted, summary)
+        except Exception as error:  # a verdict that cannot be posted must not stop the policy
+            log.warning("could not report the policy verdict to %s: %s", self.source.description, error)
+
+    # -- publishing
 
     def _apply(self, outcome: dict[str, Snapshot] | list[PolicyError]) -> bool:
         if isinstance(outcome, list):
@@ -145,7 +266,7 @@ class PolicyService:
         self.state.errors = []
         metrics.POLICY_CURRENT_ERRORS.set(0)
         metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
-        log.info("policy loaded from %s: %s", self.root, _versions(self.state.versions))
+        log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
 
     def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
         self._snapshots = snapshots
@@ -178,11 +299,30 @@ class PolicyService:
     def status(self) -> dict[str, object]:
         return {
             "root": self.state.root,
+            "revision": self.state.revision,
             "last_good_load": self.state.last_good_load,
             "last_attempt": self.state.last_attempt,
             "errors": list(self.state.errors),
+            "warnings": list(self.state.warnings),
             "snapshot_versions": dict(self.state.versions),
         }
+
+
+_NEVER_READ = Inventory(stale=True)
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _summary_versions(snapshots: Mapping[str, Snapshot]) -> dict[str, str]:
+    return {group: snapshot.summary_version for group, snapshot in snapshots.items()}
+
+
+def _first_errors(errors: list[PolicyError], limit: int = 3) -> str:
+    shown = "; ".join(str(e) for e in errors[:limit])
+    more = f" (+{len(errors) - limit} more)" if len(errors) > limit else ""
+    return f"{len(errors)} error(s): {shown}{more}"
 
 
 def _versions(versions: Mapping[str, str]) -> str:

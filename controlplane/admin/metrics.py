@@ -75,6 +75,11 @@ POLICY_CURRENT_ERRORS = Gauge(
     "Errors in the policy as last read; 0 when the last load was good.",
     registry=REGISTRY,
 )
+POLICY_WARNINGS = Gauge(
+    "controlplane_policy_warnings",
+    "Warnings of the policy in service: access GitLab withdrew, stale project paths.",
+    registry=REGISTRY,
+)
 POLICY_LAST_GOOD_LOAD = Gauge(
     "controlplane_policy_last_good_load_timestamp_seconds",
     "Unix time of the last policy load that produced a snapshot.",

@@ -40,18 +40,23 @@ class CompiledGroup:
 
 
 def compile_policy(
-    policy: Policy, memo: CompilerMemo | None = None, keys: Mapping[str, str] | None = None
+    policy: Policy,
+    memo: CompilerMemo | None = None,
+    keys: Mapping[str, str] | None = None,
+    pins: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, CompiledGroup]:
-    """Raises PolicyInvalid when a subject cannot be resolved (unknown path, missing pin).
+    """Raises PolicyInvalid when a subject cannot be resolved (unknown path, re-used path, missing pin).
 
     With a memo from the previous compile, unchanged parts are reused; the result is identical.
     `keys` maps issuer names to the JWKS (canonical JSON) the control plane relays for them; a relayed
-    issuer without keys gets a placeholder no token verifies against (fail closed).
+    issuer without keys gets a placeholder no token verifies against (fail closed). `pins` are the ids
+    project paths resolved to before (issuer → path → id). Warnings (access GitLab withdrew, stale paths)
+    and the pins of this compile are then in `memo.grant_index`.
     """
     memo = memo or CompilerMemo()
     memo.next_generation()
     with _no_cyclic_gc():
-        errors = memo.grant_index.update(policy)
+        errors = memo.grant_index.update(policy, pins)
         if errors:
             memo.grant_index = GrantIndex()  # a failed update leaves no half-applied state behind
             raise PolicyInvalid(errors)
