@@ -83,6 +83,7 @@ class InventoryWatcher:
         self.scope = Scope()
         self.last_error: str | None = None
         self._inventory: Inventory | None = None
+        self._view: tuple[Inventory | None, bool, Inventory] | None = None
         self._wake = asyncio.Event()
         self._full = True
         self._projects_due: set[int | str] = set()
@@ -93,10 +94,16 @@ class InventoryWatcher:
 
     @property
     def inventory(self) -> Inventory:
-        """The last good inventory, marked stale when too old (or never read): fail closed, never open."""
-        if self._inventory is None:
-            return Inventory(stale=True)
-        return replace(self._inventory, stale=self.is_stale())
+        """The last good inventory, marked stale when too old (or never read): fail closed, never open.
+
+        The same object is returned until the data or its staleness changes, so the compiler's memo,
+        which keys on identity, stays warm.
+        """
+        stale = self.is_stale()
+        if self._view is None or self._view[0] is not self._inventory or self._view[1] != stale:
+            base = self._inventory or Inventory()
+            self._view = (self._inventory, stale, replace(base, stale=stale))
+        return self._view[2]
 
     def is_stale(self) -> bool:
         if self._inventory is None or self._inventory.fetched_at is None:
