@@ -16,8 +16,10 @@ from controlplane.model.policy import (
     ClaimMatch,
     Endpoint,
     Gateway,
+    GitLabApi,
     Issuer,
     IssuerKind,
+    JwksMode,
     Mode,
     Policy,
     Role,
@@ -296,6 +298,9 @@ def test_api_version_is_optional_and_issuer_is_implied_when_there_is_one() -> No
 BINDING_HEAD = "kind: Binding\nname: ci\nroles: [read]\nsubjects:\n"
 BACKEND_HEAD = "kind: Backend\nname: api\n"
 GITLAB_HEAD = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
+OIDC_HEAD = (
+    "kind: Issuer\nname: gitlab\ntype: oidc\nurl: https://idp.example.com\njwks_uri: https://idp.example.com/k\n"
+)
 ROLE_HEAD = "kind: Role\nname: read\n"
 
 # A minimal valid tree; each error test replaces one or two files of it.
@@ -751,6 +756,110 @@ ERROR_CASES = [
         ("binding.yaml", 3, "issuer", "no Issuer named 'gitlb' (did you mean 'gitlab'?)"),
         id="binding-issuer-unknown",
     ),
+    # Issuer: jwks and api (live GitLab)
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "jwks: local\n"),
+        ("issuer.yaml", 5, "jwks", "unknown jwks mode 'local'; allowed: relay, remote"),
+        id="jwks-mode-unknown",
+    ),
+    pytest.param(
+        _with(
+            issuer=OIDC_HEAD + "api: {token_env: GITLAB_TOKEN}\n",
+            binding="kind: Binding\nname: ci\nroles: [read]\nsubjects: [{claims: {sub: x}}]\n",
+        ),
+        ("issuer.yaml", 6, "api", "only for gitlab issuers"),
+        id="api-on-oidc",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "inventory: inv.yaml\napi: {token_env: GITLAB_TOKEN}\n", inv="groups: []\n"),
+        ("issuer.yaml", 6, "api", "use either inventory (offline) or api (live GitLab)"),
+        id="api-and-inventory",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  groups: [acme]\n"),
+        ("issuer.yaml", 6, "api.token_env", "missing required key: token_env or token_file"),
+        id="api-token-missing",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: GITLAB_TOKEN\n  token_file: /run/secrets/gitlab\n"),
+        ("issuer.yaml", 7, "api.token_file", "use token_env or token_file, not both"),
+        id="api-token-twice",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api: {token_env: gitlab-token}\n"),
+        ("issuer.yaml", 5, "api.token_env", "expected an environment variable name such as GITLAB_TOKEN"),
+        id="api-token-env-name",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api: {token_file: secrets/gitlab}\n"),
+        ("issuer.yaml", 5, "api.token_file", "expected an absolute path, got 'secrets/gitlab'"),
+        id="api-token-file-relative",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: GITLAB_TOKEN\n  token: glpat-abcdefghijklmnop\n"),
+        ("issuer.yaml", 7, "api.token", "tokens never go in policy files"),
+        id="api-literal-token",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "private_token: glpat-abcdefghijklmnop\n"),
+        ("issuer.yaml", 5, "private_token", "tokens never go in policy files"),
+        id="issuer-literal-private-token",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api: {token_env: T, url: 'ftp://gitlab.example.com'}\n"),
+        ("issuer.yaml", 5, "api.url", "expected an http(s) URL"),
+        id="api-url-scheme",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  groups: [acme, 'acme/*']\n"),
+        ("issuer.yaml", 7, "api.groups[1]", "expected a group path or a positive id, got 'acme/*' (no globs)"),
+        id="api-group-glob",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  groups: [0]\n"),
+        ("issuer.yaml", 7, "api.groups[0]", "expected a positive integer, got 0"),
+        id="api-group-id",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  reconcile: 5s\n"),
+        ("issuer.yaml", 7, "api.reconcile", "must be between 10s and 24h, got 5s"),
+        id="api-reconcile-range",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  reconcile: 10m\n  max_staleness: 5m\n"),
+        ("issuer.yaml", 8, "api.max_staleness", "must be at least reconcile (10m)"),
+        id="api-staleness-below-reconcile",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  max_staleness: 1m\n"),
+        ("issuer.yaml", 7, "api.max_staleness", "must be at least reconcile (5m)"),
+        id="api-staleness-below-default-reconcile",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  requests_per_second: 0\n"),
+        ("issuer.yaml", 7, "api.requests_per_second", "must be between 0.1 and 1000, got 0"),
+        id="api-rate-range",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  requests_per_second: true\n"),
+        ("issuer.yaml", 7, "api.requests_per_second", "expected a number, got true"),
+        id="api-rate-type",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  policy_project: acme\n"),
+        ("issuer.yaml", 7, "api.policy_project", "expected a project path (namespace/project) or a positive id"),
+        id="api-policy-project-path",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  reconcile_interval: 5m\n"),
+        ("issuer.yaml", 7, "api.reconcile_interval", "unknown key 'reconcile_interval' (did you mean 'reconcile'?)"),
+        id="api-unknown-key",
+    ),
+    pytest.param(
+        _with(issuer=GITLAB_HEAD + "api: GITLAB_TOKEN\n"),
+        ("issuer.yaml", 5, "api", "expected a mapping, got 'GITLAB_TOKEN'"),
+        id="api-not-a-mapping",
+    ),
 ]
 
 
@@ -763,6 +872,70 @@ def test_each_error_names_file_line_and_field(files: dict[str, str], expected: t
     assert len(at_place) == 1, listing
     assert expected[3] in at_place[0], listing
     assert len({(e.file, e.line, e.field) for e in errors}) == len(errors), f"reported twice:\n{listing}"
+
+
+# --- Issuer: JWKS mode and live GitLab ---------------------------------------------------------------
+
+
+def test_api_and_jwks_keys_round_trip() -> None:
+    issuer = """
+        kind: Issuer
+        name: gitlab
+        type: gitlab
+        url: https://gitlab.example.com
+        jwks: remote
+        api:
+          url: https://gitlab-api.internal:8443/gitlab/
+          token_file: /run/secrets/gitlab-token
+          groups: [acme, acme/platform, 17]
+          reconcile: 2m
+          max_staleness: 1h
+          requests_per_second: 2.5
+          policy_project: platform/access-policy
+        """
+    (parsed,) = parse_policy(_with(issuer=issuer)).issuers
+    assert parsed.jwks_mode is JwksMode.REMOTE
+    assert parsed.inventory is None
+    assert parsed.api == GitLabApi(
+        url="https://gitlab-api.internal:8443/gitlab",
+        token_file="/run/secrets/gitlab-token",
+        groups=("acme", "acme/platform", "17"),
+        reconcile_seconds=120,
+        max_staleness_seconds=3600,
+        requests_per_second=2.5,
+        policy_project="platform/access-policy",
+    )
+
+
+def test_api_defaults_follow_the_issuer() -> None:
+    issuer = GITLAB_HEAD + "api: {token_env: GITLAB_TOKEN, policy_project: 42, requests_per_second: 1000}\n"
+    (parsed,) = parse_policy(_with(issuer=issuer)).issuers
+    assert parsed.jwks_mode is JwksMode.RELAY
+    assert parsed.api == GitLabApi(
+        url="https://g.example.com",
+        token_env="GITLAB_TOKEN",
+        groups=(),
+        reconcile_seconds=300,
+        max_staleness_seconds=None,
+        requests_per_second=1000.0,
+        policy_project="42",
+    )
+
+
+def test_jwks_mode_applies_to_oidc_issuers_too() -> None:
+    files = _with(
+        issuer2=OIDC_HEAD.replace("name: gitlab", "name: okta") + "jwks: remote\n",
+        binding="kind: Binding\nname: ci\nissuer: gitlab\nroles: [read]\nsubjects: [{project: 42}]\n",
+    )
+    modes = {i.name: i.jwks_mode for i in parse_policy(files).issuers}
+    assert modes == {"gitlab": JwksMode.RELAY, "okta": JwksMode.REMOTE}
+
+
+def test_a_token_written_in_policy_is_rejected_without_being_echoed() -> None:
+    secret = "glpat-abcdefghijklmnop"
+    errors = _errors(_with(issuer=GITLAB_HEAD + f"api:\n  token_env: GITLAB_TOKEN\n  private_token: {secret}\n"))
+    assert [e.field for e in errors] == ["api.private_token"]
+    assert secret not in str(errors[0]) and "token_env or token_file" in errors[0].message
 
 
 def test_duplicate_names_are_reported_at_both_places() -> None:

@@ -63,9 +63,7 @@ class ResolvedSubject(NamedTuple):
     alternatives: tuple[tuple[Condition, ...], ...] = ()
 
     @classmethod
-    def of(
-        cls, conditions: Sequence[Condition], alternatives: Sequence[Sequence[Condition]] = ()
-    ) -> ResolvedSubject:
+    def of(cls, conditions: Sequence[Condition], alternatives: Sequence[Sequence[Condition]] = ()) -> ResolvedSubject:
         """All `conditions`, and (when given) any one of the `alternatives` (each an AND).
 
         Encoded once from each condition's cached, already framed bytes:
@@ -130,5 +128,3 @@ _SET_IDS = wire.number(rbac_pb2.Principal.Set, "ids")
 def _framed_condition(condition: Condition) -> bytes:
     """The condition as one `ids` entry of a Principal.Set: the same few recur in every binding."""
     return wire.length_delimited(_SET_IDS, serialized(condition_principal(condition)))
-
-

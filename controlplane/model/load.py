@@ -30,9 +30,11 @@ from controlplane.model.policy import (
     ClaimMatch,
     Endpoint,
     Gateway,
+    GitLabApi,
     GroupRef,
     Issuer,
     IssuerKind,
+    JwksMode,
     Mode,
     Policy,
     ProjectRef,
@@ -472,10 +474,40 @@ def _header(ctx: _Ctx, node: YNode) -> _Doc | None:
     return None if kind is None else _Doc(ctx, kind, name, node, source)
 
 
+# --- GitLab references ---------------------------------------------------------------------------
+
+
+def _project_ref(ctx: _Ctx, node: YNode, path: str) -> ProjectRef | None:
+    return _pin_ref(ctx, node, path, _PROJECT_PATH_RE, "a project path (namespace/project)")
+
+
+def _group_ref(ctx: _Ctx, node: YNode, path: str) -> GroupRef | None:
+    return _pin_ref(ctx, node, path, _GROUP_PATH_RE, "a group path")
+
+
+def _pin_ref(ctx: _Ctx, node: YNode, path: str, regex: re.Pattern[str], what: str) -> ProjectRef | None:
+    """A positive id or an exact path; no globs, since the pin is resolved to immutable ids."""
+    if isinstance(node, YScalar) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return _positive(ctx, node, path)
+    if isinstance(node, YScalar) and isinstance(node.value, str) and not node.reported:
+        if regex.match(node.value):
+            return node.value
+        ctx.error(node.line, path, f"expected {what} or a positive id, got {node.value!r} (no globs)")
+        return None
+    _fail(ctx, node, path, f"{what} or a positive id")
+    return None
+
+
 # --- Issuer ----------------------------------------------------------------------------------------
 
-_ISSUER_KEYS = (*_COMMON_KEYS, "type", "url", "jwks_uri", "jwks_cache", "clock_skew", "inventory")
+_ISSUER_KEYS = (*_COMMON_KEYS, "type", "url", "jwks", "jwks_uri", "jwks_cache", "clock_skew", "inventory", "api")
 _SKEW_WHY = " (0 is not allowed: Envoy reads 0 as its default of 60s)"
+_TOKEN_KEYS = ("token", "private_token", "access_token", "api_token", "gitlab_token")
+_NO_TOKENS = {
+    key: "tokens never go in policy files (they are read by many and kept in git history): "
+    "name where to find it with token_env or token_file"
+    for key in _TOKEN_KEYS
+}
 
 
 def _inventory_path_check(value: str) -> str | None:
@@ -490,7 +522,7 @@ _inventory_path = _mapped(_relative_path, lambda path: posixpath.normpath(path))
 
 
 def _issuer(doc: _Doc, env: _Env) -> Issuer:
-    f = _Fields(doc.ctx, doc.node, "", _ISSUER_KEYS)
+    f = _Fields(doc.ctx, doc.node, "", _ISSUER_KEYS, _NO_TOKENS)
     kind = f.required("type", _mapped(_enum("issuer type", [k.value for k in IssuerKind]), IssuerKind))
     if kind is not None and doc.name is not None:
         env.issuer_kinds[doc.name] = kind
@@ -501,9 +533,11 @@ def _issuer(doc: _Doc, env: _Env) -> Issuer:
         jwks_uri = f.maybe("jwks_uri", _url)
     else:
         jwks_uri = None if url is None else url + GITLAB_JWKS_PATH
+    jwks_mode = f.optional("jwks", _jwks_mode, JwksMode.RELAY)
     cache = f.optional("jwks_cache", _seconds(1, 86400), 300)
     skew = f.optional("clock_skew", _seconds(1, 300, _SKEW_WHY), 30)
     inventory = _issuer_inventory(f, kind, env)
+    api = _issuer_api(f, kind, url)
     return Issuer(
         name=_need(doc.name),
         kind=_need(kind),
@@ -513,6 +547,8 @@ def _issuer(doc: _Doc, env: _Env) -> Issuer:
         jwks_cache_seconds=_need(cache),
         source=doc.source,
         inventory=inventory,
+        jwks_mode=_need(jwks_mode),
+        api=api,
     )
 
 
@@ -527,6 +563,79 @@ def _issuer_inventory(f: _Fields, kind: IssuerKind | None, env: _Env) -> Invento
         f.error("inventory", f"no file {path!r} in the policy tree")
         return None
     return _need(env.inventories[path])  # None: the inventory file had errors, reported there
+
+
+_jwks_mode = _mapped(_enum("jwks mode", [m.value for m in JwksMode]), JwksMode)
+_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_env_name = _matching(_ENV_NAME_RE, "expected an environment variable name such as GITLAB_TOKEN")
+_API_KEYS = (
+    "url",
+    "token_env",
+    "token_file",
+    "groups",
+    "reconcile",
+    "max_staleness",
+    "requests_per_second",
+    "policy_project",
+)
+_API_MAX_STALENESS_S = 30 * 86400  # 720h: past that an inventory is no basis for access anyway
+
+
+def _number(ctx: _Ctx, node: YNode, path: str) -> float | None:
+    value = node.value if isinstance(node, YScalar) and not node.reported else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        _fail(ctx, node, path, "a number")
+        return None
+    return float(value)
+
+
+_rate = _checked(_number, lambda v: None if 0.1 <= v <= 1000 else f"must be between 0.1 and 1000, got {v:g}")
+_api_url = _mapped(_url, lambda url: url.rstrip("/"))
+# Groups and the policy project are kept as GitLab's API takes them: a path, or an id written as a string.
+_api_group = _mapped(_group_ref, str)
+_api_project = _mapped(_project_ref, str)
+
+
+def _issuer_api(f: _Fields, kind: IssuerKind | None, issuer_url: str | None) -> GitLabApi | None:
+    """`api:` watches GitLab live; it replaces an offline `inventory:` rather than mixing with it."""
+    if not f.has("api"):
+        return None
+    if kind is IssuerKind.OIDC:
+        f.error("api", "only for gitlab issuers")
+        return None
+    if f.has("inventory"):  # still read below, so its own mistakes are reported in the same pass
+        f.error("api", "use either inventory (offline) or api (live GitLab), not both")
+    read = _record(partial(_api_fields, issuer_url=issuer_url), _API_KEYS, _NO_TOKENS)
+    return _need(f.maybe("api", read))
+
+
+def _api_fields(a: _Fields, issuer_url: str | None) -> GitLabApi:
+    """The token is never in the policy, only where the control plane finds it: exactly one place."""
+    places = [key for key in ("token_env", "token_file") if a.has(key)]
+    if not places:
+        a.ctx.error(a.node.line, a.at("token_env"), "missing required key: token_env or token_file")
+    elif len(places) == 2:
+        a.error("token_file", "use token_env or token_file, not both")
+    url = a.optional("url", _api_url, issuer_url)
+    token_env, token_file = a.maybe("token_env", _env_name), a.maybe("token_file", _absolute_path)
+    groups = a.optional_tuple("groups", _list_of(_api_group, non_empty=False))
+    reconcile = a.optional("reconcile", _seconds(10, 86400), 300)
+    max_staleness = a.maybe("max_staleness", _seconds(10, _API_MAX_STALENESS_S))
+    if max_staleness is not None and reconcile is not None and max_staleness < reconcile:
+        message = f"must be at least reconcile ({_format_ms(reconcile * 1000)}): one late reconcile would withdraw"
+        a.error("max_staleness", message + " every binding that depends on GitLab")
+    rate = a.optional("requests_per_second", _rate, 10.0)
+    policy_project = a.maybe("policy_project", _api_project)
+    return GitLabApi(
+        url=_need(url),
+        token_env=token_env,
+        token_file=token_file,
+        groups=_need(groups),
+        reconcile_seconds=_need(reconcile),
+        max_staleness_seconds=max_staleness,
+        requests_per_second=_need(rate),
+        policy_project=policy_project,
+    )
 
 
 # --- Backend ---------------------------------------------------------------------------------------
@@ -786,27 +895,6 @@ def _free_claims(ctx: _Ctx, node: YMap, path: str, kind: IssuerKind) -> list[tup
         values = _one_or_list(_claim_glob)(ctx, entry.value, child_path(path, name))
         found.append((name, entry.key_line, values))
     return found
-
-
-def _project_ref(ctx: _Ctx, node: YNode, path: str) -> ProjectRef | None:
-    return _pin_ref(ctx, node, path, _PROJECT_PATH_RE, "a project path (namespace/project)")
-
-
-def _group_ref(ctx: _Ctx, node: YNode, path: str) -> GroupRef | None:
-    return _pin_ref(ctx, node, path, _GROUP_PATH_RE, "a group path")
-
-
-def _pin_ref(ctx: _Ctx, node: YNode, path: str, regex: re.Pattern[str], what: str) -> ProjectRef | None:
-    """A positive id or an exact path; no globs, since the pin is resolved to immutable ids."""
-    if isinstance(node, YScalar) and isinstance(node.value, int) and not isinstance(node.value, bool):
-        return _positive(ctx, node, path)
-    if isinstance(node, YScalar) and isinstance(node.value, str) and not node.reported:
-        if regex.match(node.value):
-            return node.value
-        ctx.error(node.line, path, f"expected {what} or a positive id, got {node.value!r} (no globs)")
-        return None
-    _fail(ctx, node, path, f"{what} or a positive id")
-    return None
 
 
 _projects: Conv[tuple[ProjectRef, ...]] = _one_or_list(_project_ref)

@@ -1,0 +1,540 @@
+"""The GitLab webhook receiver: authenticated, bounded, de-duplicated deliveries in, typed re-sync triggers out.
+
+Webhooks tell the control plane quickly *what* changed in GitLab (a push, a rename, an archived project) so it
+can re-read just that; the periodic reconcile still catches what no webhook reports. A webhook is never
+trusted for *facts*: an event only says "look again", and what is granted comes from the GitLab API. So a
+forged or replayed delivery can at worst cause an extra, harmless re-read, and this receiver's job is to make
+even that hard and cheap:
+
+- `X-Gitlab-Token` is GitLab's plain shared secret. It is compared with every configured secret (several, so
+  a secret can be rotated with overlap) in constant time; anything else is 401 with no detail, before the body
+  is read.
+- The body is bounded (413 from `Content-Length` alone, or as soon as a streamed body passes the limit), must
+  be JSON (415 otherwise, 400 when malformed), and only the few fields a re-sync needs are kept.
+- Deliveries are de-duplicated by `Idempotency-Key`, which GitLab keeps across re-sends of one event. Not by
+  `X-Gitlab-Event-UUID`: that is GitLab's recursion-detection id, shared by every hook a request triggers and
+  recycled from incoming API calls, so it is not a per-delivery id. Keys are remembered only for authenticated
+  deliveries whose callback succeeded, so nobody can pre-empt an event, and a re-send of a failed one is
+  processed again.
+
+The callback is **awaited** before answering, not run as a fire-and-forget task. It must only *schedule* work
+(e.g. `InventoryWatcher.request_project`, which sets an asyncio.Event), never perform the re-sync: GitLab
+times hooks out and disables failing ones. Awaiting it means a failed hand-off is reported to GitLab as 500
+(visible in the hook's log, re-sendable), and that when the HTTP answer arrives the callback has run, which
+makes tests deterministic. A callback slower than `callback_timeout` is cancelled and answered 500 too.
+
+Nothing here logs a secret, a presented token or a request body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from controlplane.admin.metrics import REGISTRY
+
+log = logging.getLogger("controlplane.webhooks")
+
+PATH: Final = "/webhooks/gitlab"
+
+WEBHOOK_EVENTS = Counter(
+    "controlplane_webhook_events_total",
+    "GitLab webhook deliveries, by event kind and result "
+    "(accepted, duplicate, unauthorized, malformed, too_large, ignored, failed).",
+    ["event", "result"],
+    registry=REGISTRY,
+)
+WEBHOOK_LAST_EVENT = Gauge(
+    "controlplane_webhook_last_event_timestamp_seconds",
+    "Time of the last authenticated GitLab webhook delivery (GitLab disables hooks that keep failing: "
+    "a stale value means webhooks stopped and only the periodic reconcile keeps the inventory current).",
+    registry=REGISTRY,
+)
+
+# Label values for `event` come from this fixed table (or a parsed event's kind), never from the request:
+# every distinct label value is a time series kept forever, and unauthenticated senders choose headers.
+_HEADER_LABELS: Final = {
+    "Push Hook": "push",
+    "Tag Push Hook": "tag_push",
+    "Merge Request Hook": "merge_request",
+    "Job Hook": "job",
+    "Pipeline Hook": "pipeline",
+    "System Hook": "system",
+    "Project Hook": "project",
+    "Subgroup Hook": "group",
+}
+_MAX_KEY_LENGTH: Final = 200  # GitLab sends a UUID; anything much longer is not GitLab
+_ZERO_SHA: Final = frozenset("0")
+
+
+# --- events ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Event:
+    """What every event carries: the delivery's `Idempotency-Key` (None from GitLab versions without it)."""
+
+    idempotency_key: str | None = None
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushEvent(_Event):
+    """A branch or tag was pushed, created or deleted (`Push Hook`, `Tag Push Hook`, or a system hook push).
+
+    `ref` is the full ref as GitLab sends it (`refs/heads/main`, `refs/tags/v1`); `before`/`after` are commit
+    SHAs, all zeros for a created/deleted ref.
+    """
+
+    project_id: int
+    project_path: str
+    ref: str
+    before: str
+    after: str
+    is_tag: bool
+
+    @property
+    def kind(self) -> str:
+        return "tag_push" if self.is_tag else "push"
+
+    @property
+    def deleted(self) -> bool:
+        """The ref no longer exists: access bound to it must go on the next snapshot."""
+        return set(self.after) <= _ZERO_SHA
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeRequestEvent(_Event):
+    """A merge request changed; `source_project_id` differs from `target_project_id` for forks."""
+
+    project_id: int
+    target_project_id: int
+    source_project_id: int
+    action: str | None  # open, close, reopen, update, approved, merge...; absent on some triggers
+
+    @property
+    def kind(self) -> str:
+        return "merge_request"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent(_Event):
+    """A job's status changed (`Job Hook`, `object_kind: build`)."""
+
+    project_id: int
+    job_id: int
+    pipeline_id: int
+    status: str
+    ref: str
+
+    @property
+    def kind(self) -> str:
+        return "job"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineEvent(_Event):
+    """A pipeline's status changed."""
+
+    project_id: int
+    pipeline_id: int
+    status: str
+    ref: str
+
+    @property
+    def kind(self) -> str:
+        return "pipeline"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProjectEvent(_Event):
+    """A project was created, destroyed, renamed, transferred or updated (archiving sends `project_update`).
+
+    System hooks and group `Project Hook`s; also `repository_update` (a system hook sent for pushes of several
+    refs, which the push hook skips past `push_event_hooks_limit`). `old_path_with_namespace` is set for
+    renames and transfers.
+    """
+
+    project_id: int
+    path_with_namespace: str
+    old_path_with_namespace: str | None
+    event_name: str
+
+    @property
+    def kind(self) -> str:
+        return "project"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupEvent(_Event):
+    """A group or subgroup was created, destroyed or renamed (system hooks, group `Subgroup Hook`s).
+
+    `full_path` is None only from old GitLab versions that sent `path` alone; `old_full_path` is set on renames.
+    """
+
+    group_id: int
+    full_path: str | None
+    old_full_path: str | None
+    event_name: str
+
+    @property
+    def kind(self) -> str:
+        return "group"
+
+
+GitLabEvent: TypeAlias = PushEvent | MergeRequestEvent | JobEvent | PipelineEvent | ProjectEvent | GroupEvent
+
+PROJECT_EVENT_NAMES: Final = frozenset(
+    {"project_create", "project_destroy", "project_rename", "project_transfer", "project_update", "repository_update"}
+)
+GROUP_EVENT_NAMES: Final = frozenset(
+    {"group_create", "group_destroy", "group_rename", "subgroup_create", "subgroup_destroy"}
+)
+
+
+class Malformed(ValueError):
+    """A delivery that claims a known event but lacks a field a re-sync needs (answered 400)."""
+
+
+def _field(payload: Mapping[str, Any], path: str) -> object:
+    value: object = payload
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _id(payload: Mapping[str, Any], path: str) -> int:
+    value = _field(payload, path)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise Malformed(f"{path} must be a positive integer")
+
+
+def _text(payload: Mapping[str, Any], path: str) -> str:
+    value = _field(payload, path)
+    if isinstance(value, str) and value:
+        return value
+    raise Malformed(f"{path} must be a non-empty string")
+
+
+def _optional_text(payload: Mapping[str, Any], path: str) -> str | None:
+    value = _field(payload, path)
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise Malformed(f"{path} must be a non-empty string when present")
+
+
+def _push(p: Mapping[str, Any], key: str | None, is_tag: bool) -> PushEvent:
+    return PushEvent(
+        idempotency_key=key,
+        project_id=_id(p, "project_id"),
+        project_path=_text(p, "project.path_with_namespace"),
+        ref=_text(p, "ref"),
+        before=_text(p, "before"),
+        after=_text(p, "after"),
+        is_tag=is_tag,
+    )
+
+
+def _merge_request(p: Mapping[str, Any], key: str | None) -> MergeRequestEvent:
+    return MergeRequestEvent(
+        idempotency_key=key,
+        project_id=_id(p, "project.id"),
+        target_project_id=_id(p, "object_attributes.target_project_id"),
+        source_project_id=_id(p, "object_attributes.source_project_id"),
+        action=_optional_text(p, "object_attributes.action"),
+    )
+
+
+def _job(p: Mapping[str, Any], key: str | None) -> JobEvent:
+    return JobEvent(
+        idempotency_key=key,
+        project_id=_id(p, "project_id"),
+        job_id=_id(p, "build_id"),
+        pipeline_id=_id(p, "pipeline_id"),
+        status=_text(p, "build_status"),
+        ref=_text(p, "ref"),
+    )
+
+
+def _pipeline(p: Mapping[str, Any], key: str | None) -> PipelineEvent:
+    return PipelineEvent(
+        idempotency_key=key,
+        project_id=_id(p, "project.id"),
+        pipeline_id=_id(p, "object_attributes.id"),
+        status=_text(p, "object_attributes.status"),
+        ref=_text(p, "object_attributes.ref"),
+    )
+
+
+def _project(p: Mapping[str, Any], key: str | None, name: str) -> ProjectEvent:
+    # repository_update carries the path only inside `project`, like push events.
+    path = "project.path_with_namespace" if name == "repository_update" else "path_with_namespace"
+    return ProjectEvent(
+        idempotency_key=key,
+        project_id=_id(p, "project_id"),
+        path_with_namespace=_text(p, path),
+        old_path_with_namespace=_optional_text(p, "old_path_with_namespace"),
+        event_name=name,
+    )
+
+
+def _group(p: Mapping[str, Any], key: str | None, name: str) -> GroupEvent:
+    return GroupEvent(
+        idempotency_key=key,
+        group_id=_id(p, "group_id"),
+        full_path=_optional_text(p, "full_path"),
+        old_full_path=_optional_text(p, "old_full_path"),
+        event_name=name,
+    )
+
+
+def parse_event(payload: object, idempotency_key: str | None = None) -> GitLabEvent | None:
+    """The typed event in a webhook body; None for kinds no re-sync needs; `Malformed` if a field is bad.
+
+    The body decides, not the `X-Gitlab-Event` header: system hooks send every kind under `System Hook`.
+    Project and group webhooks name their event in `object_kind`; system hooks, group `Project Hook`s and
+    `Subgroup Hook`s in `event_name` (system hook pushes carry both).
+    """
+    if not isinstance(payload, Mapping):
+        raise Malformed("the body must be a JSON object")
+    object_kind, event_name = payload.get("object_kind"), payload.get("event_name")
+    name = object_kind if isinstance(object_kind, str) else event_name if isinstance(event_name, str) else None
+    if name in ("push", "tag_push"):
+        return _push(payload, idempotency_key, is_tag=name == "tag_push")
+    if name == "merge_request":
+        return _merge_request(payload, idempotency_key)
+    if name == "build":
+        return _job(payload, idempotency_key)
+    if name == "pipeline":
+        return _pipeline(payload, idempotency_key)
+    if name in PROJECT_EVENT_NAMES:
+        return _project(payload, idempotency_key, name)
+    if name in GROUP_EVENT_NAMES:
+        return _group(payload, idempotency_key, name)
+    return None
+
+
+# --- secrets ---------------------------------------------------------------------------------------
+
+
+class WebhookSecretError(ValueError):
+    """The webhook secret cannot be read. Messages name the variable or file, never a secret."""
+
+
+def secrets_from(env: str | None, file: str | None) -> list[bytes]:
+    """The accepted webhook secrets: the value of environment variable `env` and/or the lines of `file`.
+
+    Several lines in the file are all accepted, so a secret is rotated without a window of 401s: add the new
+    one, change it in GitLab, remove the old one. Blank lines are skipped and surrounding whitespace stripped
+    (editors add newlines). Secrets come from the environment or a file, never argv, where any local user can
+    read them.
+    """
+    if env is None and file is None:
+        raise WebhookSecretError("a webhook secret is required: name an environment variable or a file")
+    found: list[bytes] = []
+    if env is not None:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise WebhookSecretError(f"environment variable {env} is not set or empty")
+        found.append(value.encode())
+    if file is not None:
+        found.extend(_secrets_file(file))
+    return list(dict.fromkeys(found))
+
+
+def _secrets_file(file: str) -> list[bytes]:
+    try:
+        with open(file, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise WebhookSecretError(f"cannot read webhook secret file {file}: {error.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("webhook secret file %s is readable by other users (chmod 600 it)", file)
+    secrets = [line.strip() for line in lines if line.strip()]
+    if not secrets:
+        raise WebhookSecretError(f"webhook secret file {file} holds no secret")
+    return secrets
+
+
+# --- de-duplication --------------------------------------------------------------------------------
+
+
+class _SeenKeys:
+    """Idempotency keys remembered for `ttl` seconds, at most `size` of them (the oldest go first).
+
+    Insertion order is expiry order (one TTL for all), so expired keys are always at the front.
+    """
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
+        self._size, self._ttl, self._clock = size, ttl, clock
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._expiry and next(iter(self._expiry.values())) <= now:
+            self._expiry.popitem(last=False)
+
+    def add(self, key: str) -> bool:
+        """Remember `key`; False if it was already remembered (a replay)."""
+        self._expire()
+        if key in self._expiry:
+            return False
+        self._expiry[key] = self._clock() + self._ttl
+        while len(self._expiry) > self._size:
+            self._expiry.popitem(last=False)
+        return True
+
+    def forget(self, key: str) -> None:
+        self._expiry.pop(key, None)
+
+
+# --- the receiver ----------------------------------------------------------------------------------
+
+
+class WebhookReceiver:
+    """Serves `POST /webhooks/gitlab`, either inside another aiohttp app (`routes()`) or on its own port."""
+
+    def __init__(
+        self,
+        *,
+        secrets: Sequence[bytes],
+        on_event: Callable[[GitLabEvent], Awaitable[None]],
+        max_body_bytes: int = 1 << 20,
+        dedup_size: int = 10_000,
+        dedup_ttl: float = 3600,
+        callback_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not secrets or any(not s for s in secrets):
+            raise WebhookSecretError("at least one non-empty webhook secret is required")
+        if max_body_bytes < 1 or dedup_size < 1 or dedup_ttl <= 0 or callback_timeout <= 0:
+            raise ValueError("max_body_bytes, dedup_size, dedup_ttl and callback_timeout must be positive")
+        # Digests of equal length: compare_digest is then constant time whatever length a sender tries.
+        self._digests = tuple(hashlib.sha256(s).digest() for s in secrets)
+        self._on_event = on_event
+        self._max_body = max_body_bytes
+        self._seen = _SeenKeys(dedup_size, dedup_ttl, clock)
+        self._callback_timeout = callback_timeout
+        self._runner: web.AppRunner | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(PATH, self._handle)]
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve on a port of its own (GitLab must reach it; the admin port should not be exposed)."""
+        if self._runner is not None:
+            raise RuntimeError("webhook receiver already started")
+        app = web.Application()
+        app.add_routes(self.routes())
+        runner = web.AppRunner(app, access_log=None)  # one line per delivery is logged by the handler
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        log.info("webhook receiver listening on %s", ", ".join(f"{h}:{p}{PATH}" for h, p in addresses))
+        return addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop serving; safe to call twice or before `start`."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- one delivery
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        label = _HEADER_LABELS.get(request.headers.get("X-Gitlab-Event", ""), "other")
+        try:
+            return await self._deliver(request, label)
+        except Exception:  # a bug of ours must not take the receiver down; the body is never logged
+            log.exception("webhook %s: unexpected error", label)
+            return _answer(500, label, "failed", {"error": "internal error"})
+
+    async def _deliver(self, request: web.Request, label: str) -> web.StreamResponse:
+        if not self._authenticated(request):
+            log.info("webhook %s from %s: rejected, missing or unknown X-Gitlab-Token", label, request.remote)
+            return _answer(401, label, "unauthorized", {"error": "unauthorized"})
+        WEBHOOK_LAST_EVENT.set_to_current_time()
+        key = request.headers.get("Idempotency-Key") or None
+        if key is not None and len(key) > _MAX_KEY_LENGTH:
+            return _answer(400, label, "malformed", {"error": "Idempotency-Key too long"})
+        if request.content_type != "application/json":
+            return _answer(415, label, "malformed", {"error": "Content-Type must be application/json"})
+        body = await self._read_bounded(request)
+        if body is None:
+            response = _answer(413, label, "too_large", {"error": f"body over {self._max_body} bytes"})
+            response.force_close()  # the rest of the body is not read; do not reuse the connection
+            return response
+        try:
+            event = parse_event(json.loads(body), key)
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, Malformed
+            detail = str(error) if isinstance(error, Malformed) else "the body is not valid JSON"
+            return _answer(400, label, "malformed", {"error": detail})
+        if event is None:
+            log.debug("webhook %s: ignored (no re-sync needed for this kind)", label)
+            return _answer(202, label, "ignored", {"ignored": True})
+        return await self._dispatch(event)
+
+    def _authenticated(self, request: web.Request) -> bool:
+        presented = request.headers.get("X-Gitlab-Token")
+        if not presented:
+            return False
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        matched = False
+        for secret in self._digests:  # no early exit: the time taken does not say which secret matched
+            matched |= hmac.compare_digest(digest, secret)
+        return matched
+
+    async def _read_bounded(self, request: web.Request) -> bytes | None:
+        """The body, or None as soon as it is known to be over the limit (never buffered past it)."""
+        if request.content_length is not None and request.content_length > self._max_body:
+            return None
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > self._max_body:
+                return None
+        return bytes(body)
+
+    async def _dispatch(self, event: GitLabEvent) -> web.StreamResponse:
+        key = event.idempotency_key
+        if key is not None and not self._seen.add(key):
+            log.debug("webhook %s: duplicate delivery %s ignored", event.kind, key)
+            return _answer(200, event.kind, "duplicate", {"duplicate": True})
+        try:
+            await asyncio.wait_for(self._on_event(event), self._callback_timeout)
+        except Exception as error:
+            if key is not None:
+                self._seen.forget(key)  # a re-send of this event must be processed, not dropped as a replay
+            why = "timed out (on_event must only schedule work)" if isinstance(error, TimeoutError) else "failed"
+            log.error("webhook %s %s: handling %s", event.kind, key, why, exc_info=not isinstance(error, TimeoutError))
+            return _answer(500, event.kind, "failed", {"error": "event not handled"})
+        log.debug("webhook %s %s: accepted", event.kind, key)
+        return _answer(200, event.kind, "accepted", {"accepted": True, "kind": event.kind})
+
+
+def _answer(status: int, label: str, result: str, body: Mapping[str, object]) -> web.Response:
+    WEBHOOK_EVENTS.labels(label, result).inc()
+    return web.json_response(dict(body), status=status)
