@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from controlplane.admin import metrics
 from controlplane.compiler.compile import compile_policy
@@ -28,6 +28,7 @@ from controlplane.model.load import parse_policy
 from controlplane.model.policy import Policy
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.sources.policy_dir import read_policy_dir
+from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
 
 if TYPE_CHECKING:
     from controlplane.snapshots.cache import SnapshotCache
@@ -65,38 +66,6 @@ def compile_model(
 
 def compile_dir(root: Path, memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
     return compile_files(read_policy_dir(root), memo)
-
-
-@dataclass(frozen=True)
-class PolicyFiles:
-    """A policy tree as read: file texts, where they came from, and the revision (a commit) if any."""
-
-    files: Mapping[str, str]
-    origin: str
-    revision: str | None = None
-
-
-class PolicySource(Protocol):
-    """Where the policy comes from: a directory, or a project on GitLab."""
-
-    description: str
-
-    def read(self) -> PolicyFiles: ...
-
-    def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
-        """Tell the source's users the verdict (a GitLab commit status); a directory has nobody to tell."""
-
-
-class DirectorySource:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.description = str(root)
-
-    def read(self) -> PolicyFiles:
-        return PolicyFiles(read_policy_dir(self.root), str(self.root))
-
-    def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
-        return None
 
 
 @dataclass
@@ -179,6 +148,11 @@ class PolicyService:
         return await self.recompile("issuer keys changed")
 
     @property
+    def pins(self) -> Pins:
+        """Project path → id resolutions remembered so far, by issuer."""
+        return self._pins
+
+    @property
     def current(self) -> Policy | None:
         """The policy in service (the last good one), None before the first good load."""
         return self._policy
@@ -191,7 +165,9 @@ class PolicyService:
         started = time.perf_counter()
         try:
             read = self.source.read()
-        except OSError as error:
+        except PolicyInvalid as invalid:  # a file that is not text, in a GitLab tree
+            return invalid.errors
+        except Exception as error:  # a directory gone, GitLab unreachable: keep the last good policy
             return [PolicyError(self.source.description, 0, "", f"cannot read policy: {error}")]
         try:
             policy = self._parse(read.files)

@@ -277,10 +277,10 @@ def test_access_log_maps_the_request_to_its_job_and_policy(stack: Stack) -> None
                 return dict(entry)
         return None
 
-    entry = poll_until(line, 5, message="access log line for job 987654")
-    assert entry["project_id"] == "42" and entry["pipeline_id"] == "4321" and entry["ref"] == "main"
-    assert entry["rbac_policy"] == "deployer-reads-reports/reports-read"
-    assert entry["rbac_result"] == "allowed" and entry["path"] == "/audit-me"
+    entry = poll_until(line, 10, message=f"access log line for job 987654 in {stack.access_log}")
+    expected = {"project_id": "42", "pipeline_id": "4321", "ref": "main", "path": "/audit-me", "rbac_result": "allowed"}
+    assert {k: entry.get(k) for k in expected} == expected, entry
+    assert entry["rbac_policy"] == "deployer-reads-reports/reports-read", entry
     assert token not in stack.access_log.read_text()
 
 

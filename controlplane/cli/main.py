@@ -60,6 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--jwks-refresh", type=float, default=30.0, help="seconds between JWKS refreshes of relayed issuers (min 1)"
     )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("CONTROLPLANE_STATE_DIR", ".controlplane")),
+        help="where remembered project ids are kept (env CONTROLPLANE_STATE_DIR)",
+    )
+    repo = serve.add_argument_group("policy on GitLab (instead of --policy)")
+    repo.add_argument("--policy-project", help="GitLab project (path or id) whose default branch holds the policy")
+    repo.add_argument("--gitlab-url", help="GitLab base URL for --policy-project")
+    repo.add_argument("--gitlab-token-env", help="environment variable holding a read_api + api (statuses) token")
+    repo.add_argument("--gitlab-token-file", help="file holding that token")
+    repo.add_argument("--policy-poll", type=float, default=60.0, help="seconds between checks of the policy head")
+    hooks = serve.add_argument_group("GitLab webhooks")
+    hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
+    hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
+    hooks.add_argument("--webhook-secret-file", help="file holding webhook secret token(s), one per line")
 
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
@@ -126,7 +142,23 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from controlplane.cli.serve import ServeOptions, serve
+    from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
+
+    policy_gitlab = None
+    if args.policy_project:
+        if not args.gitlab_url:
+            print("--policy-project needs --gitlab-url", file=sys.stderr)
+            return 2
+        policy_gitlab = GitLabPolicyOptions(
+            args.gitlab_url, args.policy_project, args.gitlab_token_env, args.gitlab_token_file, args.policy_poll
+        )
+    webhooks = None
+    if args.webhook_address:
+        if not (args.webhook_secret_env or args.webhook_secret_file):
+            print("--webhook-address needs --webhook-secret-env or --webhook-secret-file", file=sys.stderr)
+            return 2
+        host, port = args.webhook_address
+        webhooks = WebhookOptions(host, port, args.webhook_secret_env, args.webhook_secret_file)
 
     options = ServeOptions(
         policy=args.policy,
@@ -137,6 +169,9 @@ def _serve(args: argparse.Namespace) -> int:
         debounce=args.debounce,
         max_wait=args.max_wait,
         jwks_refresh=args.jwks_refresh,
+        state_dir=args.state_dir,
+        policy_gitlab=policy_gitlab,
+        webhooks=webhooks,
     )
     return asyncio.run(serve(options))
 

@@ -10,14 +10,40 @@ from pathlib import Path
 
 from controlplane import __version__
 from controlplane.admin.http import AdminServer
+from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
+from controlplane.sources.gitlab import GitLabSource, token_from
+from controlplane.sources.gitlab_policy import GitLabPolicySource
+from controlplane.sources.gitlab_repo import PolicyRepo
+from controlplane.sources.pins import PinStore
+from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.watch import watch_policy_dir
+from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import XdsServer
 
 log = logging.getLogger("controlplane")
+
+
+@dataclass(frozen=True)
+class GitLabPolicyOptions:
+    """The policy lives in a GitLab project (instead of a directory)."""
+
+    url: str
+    project: str
+    token_env: str | None = None
+    token_file: str | None = None
+    poll_seconds: float = 60.0  # a push webhook reloads at once; polling catches missed hooks
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    host: str
+    port: int
+    secret_env: str | None = None
+    secret_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +60,11 @@ class ServeOptions:
     # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
     # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
     jwks_startup_wait: float = 10.0
+    # The same for the first GitLab inventory read (until then GitLab-backed bindings are withdrawn).
+    gitlab_startup_wait: float = 15.0
+    state_dir: Path = Path(".controlplane")
+    policy_gitlab: GitLabPolicyOptions | None = None
+    webhooks: WebhookOptions | None = None
 
 
 class ControlPlane:
@@ -43,8 +74,28 @@ class ControlPlane:
         self.options = options
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry()
-        self.policy = PolicyService(options.policy, self.cache)
+        self.policy_project = _policy_project(options.policy_gitlab)
+        self.gitlab = GitLabLink(
+            on_inventory_change=lambda: self.policy.recompile("GitLab inventory changed"),
+            on_policy_push=self._reload_policy,
+            policy_project=self.policy_project,
+        )
+        self.policy = PolicyService(
+            _policy_source(options),
+            self.cache,
+            inventories=self.gitlab.inventories,
+            pin_store=PinStore(options.state_dir / "pins.json"),
+        )
         self.keys = KeyRelay(self.policy.set_keys, refresh_interval=options.jwks_refresh)
+        self.webhooks = (
+            WebhookReceiver(
+                secrets=secrets_from(options.webhooks.secret_env, options.webhooks.secret_file),
+                on_event=self.gitlab.on_event,
+            )
+            if options.webhooks
+            else None
+        )
+        self.webhook_port = 0
         self.xds = XdsServer(self.cache, self.registry, log=logging.getLogger("controlplane.xds"))
         self.admin = AdminServer(
             status=self.status,
@@ -62,6 +113,7 @@ class ControlPlane:
             "version": __version__,
             "policy": self.policy.status(),
             "jwks": self.keys.status(),
+            "gitlab": self.gitlab.status(),
             "proxies": self.registry.status(),
             "summary": self.registry.summary(),
         }
@@ -69,8 +121,8 @@ class ControlPlane:
     async def start(self) -> None:
         """Watch first, then load: an edit made while the first load runs is never missed."""
         watching = asyncio.Event()
-        self._watcher = asyncio.create_task(
-            watch_policy_dir(
+        if self.options.policy_gitlab is None:
+            watcher = watch_policy_dir(
                 self.options.policy,
                 self._on_policy_change,
                 quiet=self.options.debounce,
@@ -78,11 +130,17 @@ class ControlPlane:
                 stop=self.stopping,
                 ready=watching,
             )
-        )
+        else:
+            watcher = self._poll_policy_project(self.options.policy_gitlab.poll_seconds, watching)
+        self._watcher = asyncio.create_task(watcher)
         self._watcher.add_done_callback(self._watcher_done)
         await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
         await self.policy.reload_off_loop()
         await self._follow_issuers(wait=self.options.jwks_startup_wait)
+        await self.gitlab.settled(self.options.gitlab_startup_wait)
+        if self.webhooks is not None and self.options.webhooks is not None:
+            self.webhook_port = await self.webhooks.start(self.options.webhooks.host, self.options.webhooks.port)
+            log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", self.options.webhooks.host, self.webhook_port)
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
         self.admin_port = await self.admin.start()
         log.info(
@@ -92,7 +150,7 @@ class ControlPlane:
             self.xds_port,
             self.options.admin_host,
             self.admin_port,
-            self.options.policy,
+            self.policy.source.description,
         )
 
     async def run(self) -> None:
@@ -106,6 +164,9 @@ class ControlPlane:
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self.keys.stop()
+        await self.gitlab.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.xds.stop(self.options.shutdown_grace)
         await self.admin.stop()
         log.info("stopped")
@@ -124,13 +185,45 @@ class ControlPlane:
         await self._follow_issuers()
 
     async def _follow_issuers(self, wait: float = 0.0) -> None:
-        """Relay the keys of the issuers of the policy in service (a rejected change keeps the old ones)."""
+        """Relay the keys and watch the GitLab inventories of the policy in service (a rejected change keeps
+        the old ones)."""
         current = self.policy.current
         if current is not None:
+            self.gitlab.follow(current, self.policy.pins)
             await self.keys.update(current.issuers, wait=wait)
+
+    async def _reload_policy(self) -> None:
+        if await self.policy.reload_off_loop():
+            await self._follow_issuers()
+
+    async def _poll_policy_project(self, every: float, ready: asyncio.Event) -> None:
+        """The policy project's head is re-read now and then: a push webhook that never arrived is caught."""
+        ready.set()
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=every)
+            except TimeoutError:
+                await self._reload_policy()
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+
+def _policy_project(options: GitLabPolicyOptions | None) -> PolicyProject | None:
+    return (
+        None
+        if options is None
+        else PolicyProject(int(options.project) if options.project.isdigit() else options.project)
+    )
+
+
+def _policy_source(options: ServeOptions) -> PolicySource:
+    gitlab = options.policy_gitlab
+    if gitlab is None:
+        return DirectorySource(options.policy)
+    client = GitLabSource(gitlab.url, token_from(gitlab.token_env, gitlab.token_file))
+    project = int(gitlab.project) if gitlab.project.isdigit() else gitlab.project
+    return GitLabPolicySource(PolicyRepo(client, project))
 
 
 async def serve(options: ServeOptions) -> int:

@@ -69,7 +69,7 @@ class InventoryWatcher:
         issuer: str,
         source: InventorySource,
         *,
-        on_change: Callable[[], Awaitable[None]],
+        on_change: Callable[[], Awaitable[object]],
         reconcile_seconds: float = 300.0,
         max_staleness_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
@@ -88,6 +88,7 @@ class InventoryWatcher:
         self._full = True
         self._projects_due: set[int | str] = set()
         self._lock = asyncio.Lock()
+        self.settled = asyncio.Event()  # set once the first read has succeeded or failed
         INVENTORY_AGE.labels(issuer).set_function(self._age)
 
     # -- what the compiler gets
@@ -153,6 +154,7 @@ class InventoryWatcher:
             failures = 0 if ok else failures + 1
             if changed or was_stale != self.is_stale():
                 await self.on_change()
+            self.settled.set()
             await self._wait(stop, self._next_delay(failures))
 
     def _next_delay(self, failures: int) -> float:

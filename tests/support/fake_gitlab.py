@@ -1,44 +1,833 @@
-"""A fake GitLab: OIDC discovery, the JWKS at GitLab's paths, and GitLab-shaped CI ID tokens.
+"""A fake GitLab: OIDC discovery, the JWKS at GitLab's paths, GitLab-shaped CI ID tokens, and the v4 REST API.
 
 It lives under tests/ only (it is not part of the ``controlplane`` package) because ``serve`` must never
 trust it. Fidelity matters more than brevity here: the claim types are exactly GitLab's (every id and boolean
 is a JSON string, ``runner_id`` is an int), because Envoy's RBAC ``string_match`` silently fails on any other
 type, and a fake that got this wrong would let a broken policy compiler pass its tests.
 
-REST endpoints will be added to ``router`` (see ``backends.Router``) as the GitLab source grows, e.g.
-``gitlab.router.add("GET", "/api/v4/projects/{id}", handler)``.
+The REST API answers with the JSON shapes, pagination headers (``X-Total``, ``X-Page``, ``X-Next-Page``,
+``X-Per-Page``, ``Link``) and errors python-gitlab expects, so the production GitLab source is tested exactly as it
+runs against a real GitLab: groups and their descendants, projects (by id, by url-encoded path, and by the old path
+of a renamed project, as GitLab's redirect routes do), branches, tags, protections, environments, the repository
+tree and raw files, commits, and commit statuses. Test controls are plain methods (``add_project``,
+``rename_project``, ``protect_branch``, ``commit``, ``fail_next``, ``set_down``, ``rate_limit_next``...), and every
+API request is logged by endpoint template (``api_calls("/projects/:id/repository/branches")``).
 """
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import itertools
+import math
+import re
 import secrets
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlencode
 
+from .backends import Request, Response, json_response
 from .fake_oidc import OMIT, OidcIssuer, SigningKey, apply_raw, decode_unverified
+from .ports import LOOPBACK
 
-__all__ = ["OMIT", "FakeGitLab", "SigningKey", "decode_unverified"]
+__all__ = ["OMIT", "ApiCall", "FakeGitLab", "SigningKey", "decode_unverified"]
 
 _ids = itertools.count(1000)
+
+API = "/api/v4"
+MAX_PER_PAGE = 100  # GitLab's limit
+DEFAULT_PER_PAGE = 20  # GitLab's default when the client sends no per_page
+STATUS_STATES = frozenset({"pending", "running", "success", "failed", "canceled", "skipped"})
+_TRUE = frozenset({"true", "1", "yes", "t"})
+
+Files = Mapping[str, "str | bytes | None"]
+
+
+# --- the data GitLab holds
+
+
+@dataclass
+class _Commit:
+    sha: str
+    parent: str | None
+    tree: dict[str, bytes]  # path -> content: every file of the repository at this commit
+    message: str
+    created_at: str
+
+
+@dataclass
+class _Group:
+    id: int
+    path: str  # full path, e.g. acme/platform
+    parent_id: int | None
+    created_at: str
+
+
+@dataclass
+class _Environment:
+    id: int
+    tier: str
+
+
+@dataclass
+class _Project:
+    id: int
+    path: str  # full path (path_with_namespace)
+    namespace_id: int
+    default_branch: str | None
+    created_at: str
+    archived: bool = False
+    branches: dict[str, str] = field(default_factory=dict)  # name -> sha
+    tags: dict[str, str] = field(default_factory=dict)  # name -> sha
+    protected_branches: list[str] = field(default_factory=list)  # names or wildcard patterns
+    protected_tags: list[str] = field(default_factory=list)
+    environments: dict[str, _Environment] = field(default_factory=dict)
+    protected_environments: set[str] = field(default_factory=set)
+    commits: dict[str, _Commit] = field(default_factory=dict)
+    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sha -> posted statuses, in order
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One REST request as the fake saw it: ``endpoint`` is the template (``/projects/:id``), ``path`` the raw URL
+    path (ids and encoded paths included)."""
+
+    method: str
+    endpoint: str
+    path: str
+    query: Mapping[str, list[str]]
+    status: int
+    at: float
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer with GitLab's error JSON (``{"message": ...}``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def _git_blob_id(data: bytes) -> str:
+    """The git object id GitLab reports for a blob (``id`` in tree entries)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def _ref_matches(pattern: str, name: str) -> bool:
+    """GitLab's protected-ref wildcard (``RefMatcher``): ``*`` is any run of characters, ``/`` included.
+
+    Written independently of the production matcher on purpose: the fake is the oracle it is tested against.
+    """
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, name, re.DOTALL) is not None
+
+
+def _flag(request: Request, name: str) -> bool | None:
+    """A Grape boolean query parameter (python-gitlab sends ``True``, curl users ``true``)."""
+    values = request.query.get(name)
+    return None if not values else values[0].strip().lower() in _TRUE
+
+
+def _param(request: Request, name: str) -> str | None:
+    values = request.query.get(name)
+    return values[0] if values else None
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    value = _param(request, name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, f"{name} is invalid") from None
 
 
 class FakeGitLab(OidcIssuer):
     """GitLab's layout: ``iss`` is the bare base URL, discovery at ``/.well-known/openid-configuration``,
     JWKS at ``/oauth/discovery/keys`` (and the legacy ``/-/jwks``), ``Cache-Control: max-age=86400, public,
-    must-revalidate``."""
+    must-revalidate``; the REST API under ``/api/v4``, authenticated by ``PRIVATE-TOKEN: <api_token>``."""
 
     server_name: ClassVar[str] = "fake-gitlab"
     jwks_cache_control: ClassVar[str] = "max-age=86400, public, must-revalidate"
 
-    def __init__(self, *, default_audience: str = "https://backend.example.com", port: int = 0) -> None:
+    def __init__(
+        self, *, default_audience: str = "https://backend.example.com", port: int = 0, api_token: str | None = None
+    ) -> None:
+        self.api_token = api_token or "glpat-" + secrets.token_urlsafe(15)
+        """The only token the REST API accepts (a ``read_api`` personal access token, in GitLab's terms)."""
+        self.max_per_page = MAX_PER_PAGE
+        """Lower it (e.g. to 2) to make a test page through every list."""
+        self.premium = True
+        """False: ``/protected_environments`` answers 403, as on GitLab Free."""
+        self._api_lock = threading.RLock()
+        self._groups: dict[int, _Group] = {}
+        self._projects: dict[int, _Project] = {}
+        self._redirects: dict[str, int] = {}  # lower-cased old project path -> project id
+        self._group_ids = itertools.count(10)
+        self._project_ids = itertools.count(100)
+        self._other_ids = itertools.count(1)
+        self._api_log: list[ApiCall] = []
+        self._failures: list[int] = []
+        self._rate_limited = 0
+        self._retry_after = 1
+        self._down = False
+        self._refused_port: int | None = None
         super().__init__(
             issuer_path="", jwks_path="/oauth/discovery/keys", default_audience=default_audience, port=port
         )
 
+    # -- URLs (stable while connections are refused, so a test can bring the same GitLab back)
+
+    @property
+    def port(self) -> int:
+        return self._refused_port if self._refused_port is not None else super().port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """What python-gitlab takes as its URL (it appends ``/api/v4``)."""
+        return self.base_url
+
+    # -- routes
+
     def _add_routes(self) -> None:
         super()._add_routes()
         self.router.add("GET", "/-/jwks", self._serve_jwks)
+        for method, endpoint, handler in self._api_routes():
+            pattern = API + re.sub(r":(\w+)", r"{\1}", endpoint)
+            self.router.add(method, pattern, self._api_handler(endpoint, handler))
+        self.router.add("*", API + "/{rest:path}", self._api_handler("other", self._not_found))
+
+    def _api_routes(self) -> list[tuple[str, str, Callable[[Request], Response]]]:
+        return [
+            ("GET", "/groups/:id", self._get_group),
+            ("GET", "/groups/:id/descendant_groups", self._list_descendant_groups),
+            ("GET", "/groups/:id/subgroups", self._list_subgroups),
+            ("GET", "/groups/:id/projects", self._list_group_projects),
+            ("GET", "/projects/:id", self._get_project),
+            ("GET", "/projects/:id/repository/branches", self._list_branches),
+            ("GET", "/projects/:id/repository/branches/:name", self._get_branch),
+            ("GET", "/projects/:id/repository/tags", self._list_tags),
+            ("GET", "/projects/:id/protected_branches", self._list_protected_branches),
+            ("GET", "/projects/:id/protected_tags", self._list_protected_tags),
+            ("GET", "/projects/:id/environments", self._list_environments),
+            ("GET", "/projects/:id/protected_environments", self._list_protected_environments),
+            ("GET", "/projects/:id/repository/tree", self._list_tree),
+            ("GET", "/projects/:id/repository/files/:path/raw", self._get_raw_file),
+            ("GET", "/projects/:id/repository/commits/:sha", self._get_commit),
+            ("POST", "/projects/:id/statuses/:sha", self._post_status),
+        ]
+
+    def _api_handler(self, endpoint: str, handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        """Outage and rate-limit injection, then ``PRIVATE-TOKEN`` auth, then the handler; every request logged."""
+
+        def serve(request: Request) -> Response:
+            try:
+                response = self._gate(request)
+                if response is None:
+                    with self._api_lock:
+                        response = handler(request)
+            except ApiError as exc:
+                response = json_response({"message": exc.message}, status=exc.status)
+            call = ApiCall(request.method, endpoint, request.path, request.query, response.status, time.monotonic())
+            with self._api_lock:
+                self._api_log.append(call)
+            return response
+
+        return serve
+
+    def _gate(self, request: Request) -> Response | None:
+        with self._api_lock:
+            if self._down:
+                return _service_unavailable(503)
+            if self._rate_limited:
+                self._rate_limited -= 1
+                return _too_many_requests(self._retry_after)
+            if self._failures:
+                return _service_unavailable(self._failures.pop(0))
+        token = request.headers.get("private-token", "")
+        if not secrets.compare_digest(token.encode(), self.api_token.encode()):
+            return json_response({"message": "401 Unauthorized"}, status=401)
+        return None
+
+    def _serve_discovery(self, request: Request) -> Response:
+        return _service_unavailable(503) if self._down else super()._serve_discovery(request)
+
+    def _serve_jwks(self, request: Request) -> Response:
+        return _service_unavailable(503) if self._down else super()._serve_jwks(request)
+
+    # -- test controls: failures
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        """The next ``n`` API requests answer ``status`` (a GitLab restart, a 502 from its proxy...)."""
+        with self._api_lock:
+            self._failures.extend([status] * n)
+
+    def rate_limit_next(self, n: int, retry_after: int = 1) -> None:
+        """The next ``n`` API requests answer 429 with ``Retry-After: retry_after`` and GitLab's RateLimit headers."""
+        with self._api_lock:
+            self._rate_limited = n
+            self._retry_after = retry_after
+
+    def set_down(self, down: bool = True, *, refuse: bool = False) -> None:
+        """GitLab down: every request (API, discovery, JWKS) answers 503, or with ``refuse=True`` the port stops
+        listening (connection refused). ``set_down(False)`` brings it back on the same port."""
+        with self._api_lock:
+            self._down = down and not refuse
+        if down and refuse and self._refused_port is None:
+            self._refused_port = self.port
+            self._server.fixed_port = self._refused_port
+            self._server.stop()
+        elif not down and self._refused_port is not None:
+            self._server.start()
+            self._refused_port = None
+
+    # -- test controls: the request log
+
+    def api_calls(self, endpoint: str | None = None, *, method: str | None = None) -> list[ApiCall]:
+        """REST requests served, oldest first; ``endpoint`` is a template such as ``/projects/:id/environments``."""
+        with self._api_lock:
+            return [
+                c
+                for c in self._api_log
+                if (endpoint is None or c.endpoint == endpoint) and (method is None or c.method == method)
+            ]
+
+    def clear_api_calls(self) -> None:
+        with self._api_lock:
+            self._api_log.clear()
+
+    # -- test controls: groups and projects
+
+    def add_group(self, path: str, *, id: int | None = None) -> int:
+        """A group (and any missing parent group); returns its id."""
+        with self._api_lock:
+            if self._find_group(path) is not None:
+                raise ValueError(f"group {path} exists")
+            parent, _, _name = path.rpartition("/")
+            parent_id = self._ensure_group(parent) if parent else None
+            group = _Group(id or next(self._group_ids), path, parent_id, _now_iso())
+            self._groups[group.id] = group
+            return group.id
+
+    def add_project(
+        self,
+        path: str,
+        *,
+        id: int | None = None,
+        default_branch: str = "main",
+        branches: Iterable[str] | None = None,
+        protected: Iterable[str] | None = None,
+        tags: Iterable[str] = (),
+        protected_tags: Iterable[str] = (),
+        environments: Mapping[str, str] | Iterable[str] = (),
+        protected_environments: Iterable[str] = (),
+        files: Files | None = None,
+        archived: bool = False,
+    ) -> int:
+        """A project with one commit (``files``) that every branch and tag points at; returns its id.
+
+        ``branches`` defaults to the default branch alone and ``protected`` (names or ``*`` patterns) to the
+        default branch, as GitLab protects it on creation. ``environments`` maps names to tiers (or lists names;
+        the tier is guessed from the name, as GitLab does). Missing groups of the namespace are created. Taking the
+        old path of a renamed project ends its redirect, as in GitLab.
+        """
+        with self._api_lock:
+            namespace, _, _name = path.rpartition("/")
+            if not namespace:
+                raise ValueError("projects live in a group here: use group/project")
+            self._check_free(path)
+            project = _Project(
+                id=id or next(self._project_ids),
+                path=path,
+                namespace_id=self._ensure_group(namespace),
+                default_branch=default_branch,
+                created_at=_now_iso(),
+                archived=archived,
+                protected_branches=list(protected if protected is not None else [default_branch]),
+                protected_tags=list(protected_tags),
+            )
+            if project.id in self._projects:
+                raise ValueError(f"project id {project.id} exists")
+            self._redirects.pop(path.lower(), None)
+            self._projects[project.id] = project
+            root = self._new_commit(project, None, _apply({}, files or {}), "Initial commit")
+            for branch in {default_branch, *(branches or ())}:
+                project.branches[branch] = root.sha
+            project.tags.update(dict.fromkeys(tags, root.sha))
+            envs = environments.items() if isinstance(environments, Mapping) else ((e, None) for e in environments)
+            for env_name, tier in envs:
+                self._add_environment(project, env_name, tier)
+            project.protected_environments.update(protected_environments)
+            return project.id
+
+    def rename_project(self, project: int | str, new_name: str) -> None:
+        """Same namespace, new last path component; the old path keeps answering (GitLab's redirect route)."""
+        with self._api_lock:
+            p = self._project(project)
+            self._move(p, p.path.rpartition("/")[0] + "/" + new_name)
+
+    def transfer_project(self, project: int | str, namespace: str) -> None:
+        """Move to another group (created if missing): a new ``namespace_id``; the old path redirects."""
+        with self._api_lock:
+            p = self._project(project)
+            self._move(p, namespace + "/" + p.path.rpartition("/")[2])
+
+    def archive_project(self, project: int | str, archived: bool = True) -> None:
+        with self._api_lock:
+            self._project(project).archived = archived
+
+    def delete_project(self, project: int | str) -> None:
+        """Gone at once (no delayed deletion), with its redirects: its paths answer 404."""
+        with self._api_lock:
+            p = self._project(project)
+            del self._projects[p.id]
+            self._redirects = {old: pid for old, pid in self._redirects.items() if pid != p.id}
+
+    # -- test controls: refs, protections, environments
+
+    def protect_branch(self, project: int | str, pattern: str) -> None:
+        """Protect a branch name or wildcard pattern (``release/*``)."""
+        with self._api_lock:
+            p = self._project(project)
+            if pattern not in p.protected_branches:
+                p.protected_branches.append(pattern)
+
+    def unprotect_branch(self, project: int | str, pattern: str) -> None:
+        with self._api_lock:
+            p = self._project(project)
+            if pattern in p.protected_branches:
+                p.protected_branches.remove(pattern)
+
+    def protect_tag(self, project: int | str, pattern: str) -> None:
+        with self._api_lock:
+            p = self._project(project)
+            if pattern not in p.protected_tags:
+                p.protected_tags.append(pattern)
+
+    def unprotect_tag(self, project: int | str, pattern: str) -> None:
+        with self._api_lock:
+            p = self._project(project)
+            if pattern in p.protected_tags:
+                p.protected_tags.remove(pattern)
+
+    def add_branch(self, project: int | str, name: str, ref: str | None = None) -> str:
+        """A branch at ``ref`` (default: the default branch's head); returns its sha."""
+        with self._api_lock:
+            p = self._project(project)
+            p.branches[name] = self._resolve(p, ref or p.default_branch or "").sha
+            return p.branches[name]
+
+    def delete_branch(self, project: int | str, name: str) -> None:
+        with self._api_lock:
+            del self._project(project).branches[name]
+
+    def add_tag(self, project: int | str, name: str, ref: str | None = None) -> str:
+        with self._api_lock:
+            p = self._project(project)
+            p.tags[name] = self._resolve(p, ref or p.default_branch or "").sha
+            return p.tags[name]
+
+    def delete_tag(self, project: int | str, name: str) -> None:
+        with self._api_lock:
+            del self._project(project).tags[name]
+
+    def add_environment(
+        self, project: int | str, name: str, tier: str | None = None, *, protected: bool = False
+    ) -> None:
+        with self._api_lock:
+            p = self._project(project)
+            self._add_environment(p, name, tier)
+            if protected:
+                p.protected_environments.add(name)
+
+    def protect_environment(self, project: int | str, name: str, protected: bool = True) -> None:
+        with self._api_lock:
+            p = self._project(project)
+            (p.protected_environments.add if protected else p.protected_environments.discard)(name)
+
+    # -- test controls: the repository and commit statuses
+
+    def commit(
+        self, project: int | str, files: Files, *, branch: str | None = None, message: str = "Update policy"
+    ) -> str:
+        """A new commit on ``branch`` (default: the default branch): ``files`` are written over the current tree
+        (``None`` deletes a file). Returns the new head sha."""
+        with self._api_lock:
+            p = self._project(project)
+            name = branch or p.default_branch or "main"
+            parent = p.commits[p.branches[name]] if name in p.branches else self._resolve(p, p.default_branch or "")
+            p.branches[name] = self._new_commit(p, parent.sha, _apply(parent.tree, files), message).sha
+            return p.branches[name]
+
+    def head(self, project: int | str, branch: str | None = None) -> str:
+        with self._api_lock:
+            p = self._project(project)
+            return p.branches[branch or p.default_branch or "main"]
+
+    def statuses(self, project: int | str, sha: str) -> list[dict[str, Any]]:
+        """Commit statuses posted on ``sha``, oldest first, as the API answered them."""
+        with self._api_lock:
+            return [dict(s) for s in self._project(project).statuses.get(sha, [])]
+
+    # -- lookups (callers hold the lock)
+
+    def _find_project(self, ref: int | str) -> _Project | None:
+        """By id, by path (case-insensitive, as GitLab), or by an old path through its redirect route."""
+        if isinstance(ref, int) or ref.isdigit():
+            return self._projects.get(int(ref))
+        wanted = ref.lower()
+        found = next((p for p in self._projects.values() if p.path.lower() == wanted), None)
+        if found is None and wanted in self._redirects:
+            found = self._projects.get(self._redirects[wanted])
+        return found
+
+    def _project(self, ref: int | str) -> _Project:
+        found = self._find_project(ref)
+        if found is None:
+            raise ApiError(404, "404 Project Not Found")
+        return found
+
+    def _find_group(self, ref: int | str) -> _Group | None:
+        if isinstance(ref, int) or ref.isdigit():
+            return self._groups.get(int(ref))
+        return next((g for g in self._groups.values() if g.path.lower() == ref.lower()), None)
+
+    def _group(self, ref: int | str) -> _Group:
+        found = self._find_group(ref)
+        if found is None:
+            raise ApiError(404, "404 Group Not Found")
+        return found
+
+    def _ensure_group(self, path: str) -> int:
+        group = self._find_group(path)
+        return group.id if group is not None else self.add_group(path)
+
+    def _check_free(self, path: str) -> None:
+        wanted = path.lower()
+        if any(p.path.lower() == wanted for p in self._projects.values()) or self._find_group(path):
+            raise ValueError(f"path {path} is taken")
+
+    def _move(self, project: _Project, new_path: str) -> None:
+        self._check_free(new_path)
+        self._redirects[project.path.lower()] = project.id
+        self._redirects.pop(new_path.lower(), None)
+        project.namespace_id = self._ensure_group(new_path.rpartition("/")[0])
+        project.path = new_path
+
+    def _add_environment(self, project: _Project, name: str, tier: str | None) -> None:
+        project.environments[name] = _Environment(next(self._other_ids), tier or _tier(name))
+
+    def _resolve(self, project: _Project, ref: str) -> _Commit:
+        """A branch, a tag, a full sha or a sha prefix of 7+ characters, as GitLab resolves a ``ref``."""
+        sha = project.branches.get(ref) or project.tags.get(ref)
+        if sha is None and len(ref) >= 7:
+            sha = next((s for s in project.commits if s.startswith(ref)), None)
+        if sha is None:
+            raise ApiError(404, "404 Commit Not Found")
+        return project.commits[sha]
+
+    def _new_commit(self, project: _Project, parent: str | None, tree: dict[str, bytes], message: str) -> _Commit:
+        digest = hashlib.sha1(usedforsecurity=False)
+        digest.update(f"{project.id}\0{parent}\0{message}\0{next(self._other_ids)}".encode())
+        for path in sorted(tree):
+            digest.update(path.encode() + b"\0" + tree[path])
+        commit = _Commit(digest.hexdigest(), parent, tree, message, _now_iso())
+        project.commits[commit.sha] = commit
+        return commit
+
+    # -- JSON shapes (GitLab's v4 entities, the fields python-gitlab and the control plane read and a few more)
+
+    def _group_json(self, group: _Group) -> dict[str, Any]:
+        name = group.path.rpartition("/")[2]
+        return {
+            "id": group.id,
+            "web_url": f"{self.base_url}/groups/{group.path}",
+            "name": name,
+            "path": name,
+            "description": "",
+            "visibility": "private",
+            "share_with_group_lock": False,
+            "require_two_factor_authentication": False,
+            "project_creation_level": "developer",
+            "subgroup_creation_level": "maintainer",
+            "lfs_enabled": True,
+            "default_branch": None,
+            "avatar_url": None,
+            "request_access_enabled": True,
+            "full_name": " / ".join(group.path.split("/")),
+            "full_path": group.path,
+            "created_at": group.created_at,
+            "parent_id": group.parent_id,
+            "organization_id": 1,
+            "marked_for_deletion_on": None,
+        }
+
+    def _namespace_json(self, group: _Group) -> dict[str, Any]:
+        name = group.path.rpartition("/")[2]
+        return {
+            "id": group.id,
+            "name": name,
+            "path": name,
+            "kind": "group",
+            "full_path": group.path,
+            "parent_id": group.parent_id,
+            "avatar_url": None,
+            "web_url": f"{self.base_url}/groups/{group.path}",
+        }
+
+    def _project_json(self, project: _Project) -> dict[str, Any]:
+        name = project.path.rpartition("/")[2]
+        namespace = self._groups[project.namespace_id]
+        web = f"{self.base_url}/{project.path}"
+        return {
+            "id": project.id,
+            "description": None,
+            "name": name,
+            "name_with_namespace": " / ".join(project.path.split("/")),
+            "path": name,
+            "path_with_namespace": project.path,
+            "created_at": project.created_at,
+            "default_branch": project.default_branch,
+            "tag_list": [],
+            "topics": [],
+            "ssh_url_to_repo": f"git@{LOOPBACK}:{project.path}.git",
+            "http_url_to_repo": f"{web}.git",
+            "web_url": web,
+            "readme_url": None,
+            "forks_count": 0,
+            "avatar_url": None,
+            "star_count": 0,
+            "last_activity_at": project.created_at,
+            "namespace": self._namespace_json(namespace),
+            "visibility": "private",
+            "archived": project.archived,
+            "empty_repo": not project.branches,
+            "marked_for_deletion_at": None,
+            "marked_for_deletion_on": None,
+            "_links": {
+                "self": f"{self.base_url}{API}/projects/{project.id}",
+                "repo_branches": f"{self.base_url}{API}/projects/{project.id}/repository/branches",
+            },
+        }
+
+    def _commit_json(self, project: _Project, commit: _Commit) -> dict[str, Any]:
+        return {
+            "id": commit.sha,
+            "short_id": commit.sha[:8],
+            "created_at": commit.created_at,
+            "parent_ids": [commit.parent] if commit.parent else [],
+            "title": commit.message.splitlines()[0] if commit.message else "",
+            "message": commit.message,
+            "author_name": "Platform Engineer",
+            "author_email": "platform@example.com",
+            "authored_date": commit.created_at,
+            "committer_name": "Platform Engineer",
+            "committer_email": "platform@example.com",
+            "committed_date": commit.created_at,
+            "trailers": {},
+            "extended_trailers": {},
+            "web_url": f"{self.base_url}/{project.path}/-/commit/{commit.sha}",
+        }
+
+    def _branch_json(self, project: _Project, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "merged": False,
+            "protected": any(_ref_matches(p, name) for p in project.protected_branches),
+            "default": name == project.default_branch,
+            "developers_can_push": False,
+            "developers_can_merge": False,
+            "can_push": True,
+            "web_url": f"{self.base_url}/{project.path}/-/tree/{name}",
+            "commit": self._commit_json(project, project.commits[project.branches[name]]),
+        }
+
+    def _tag_json(self, project: _Project, name: str) -> dict[str, Any]:
+        sha = project.tags[name]
+        return {
+            "name": name,
+            "message": None,
+            "target": sha,
+            "commit": self._commit_json(project, project.commits[sha]),
+            "release": None,
+            "protected": any(_ref_matches(p, name) for p in project.protected_tags),
+            "created_at": None,
+        }
+
+    # -- handlers (called with the lock held)
+
+    def _not_found(self, _request: Request) -> Response:
+        raise ApiError(404, "404 Not Found")
+
+    def _get_group(self, request: Request) -> Response:
+        return json_response(self._group_json(self._group(request.params["id"])))
+
+    def _descendants(self, group: _Group) -> list[_Group]:
+        prefix = group.path.lower() + "/"
+        return sorted((g for g in self._groups.values() if g.path.lower().startswith(prefix)), key=lambda g: g.path)
+
+    def _list_descendant_groups(self, request: Request) -> Response:
+        group = self._group(request.params["id"])
+        return self._page(request, [self._group_json(g) for g in self._descendants(group)])
+
+    def _list_subgroups(self, request: Request) -> Response:
+        group = self._group(request.params["id"])
+        children = [g for g in self._descendants(group) if g.parent_id == group.id]
+        return self._page(request, [self._group_json(g) for g in children])
+
+    def _list_group_projects(self, request: Request) -> Response:
+        """Newest first, as GitLab; ``include_subgroups`` and ``archived`` filter like GitLab's."""
+        group = self._group(request.params["id"])
+        namespaces = {group.id}
+        if _flag(request, "include_subgroups"):
+            namespaces.update(g.id for g in self._descendants(group))
+        archived = _flag(request, "archived")
+        found = [
+            p
+            for p in sorted(self._projects.values(), key=lambda p: p.id, reverse=True)
+            if p.namespace_id in namespaces and (archived is None or p.archived == archived)
+        ]
+        return self._page(request, [self._project_json(p) for p in found])
+
+    def _get_project(self, request: Request) -> Response:
+        return json_response(self._project_json(self._project(request.params["id"])))
+
+    def _list_branches(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        return self._page(request, [self._branch_json(project, name) for name in sorted(project.branches)])
+
+    def _get_branch(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        name = request.params["name"]
+        if name not in project.branches:
+            raise ApiError(404, "404 Branch Not Found")
+        return json_response(self._branch_json(project, name))
+
+    def _list_tags(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        return self._page(request, [self._tag_json(project, name) for name in sorted(project.tags)])
+
+    def _list_protected_branches(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        return self._page(request, [_protected_branch_json(i, n) for i, n in enumerate(project.protected_branches)])
+
+    def _list_protected_tags(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        return self._page(request, [_protected_tag_json(name) for name in project.protected_tags])
+
+    def _list_environments(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        envs = [_environment_json(name, env, project.created_at) for name, env in sorted(project.environments.items())]
+        return self._page(request, envs)
+
+    def _list_protected_environments(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        if not self.premium:
+            raise ApiError(403, "403 Forbidden")
+        names = sorted(n for n in project.protected_environments if n in project.environments)
+        return self._page(request, [_protected_environment_json(name) for name in names])
+
+    def _list_tree(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        ref = _param(request, "ref") or project.default_branch or ""
+        try:
+            commit = self._resolve(project, ref)
+        except ApiError:
+            raise ApiError(404, "404 Tree Not Found") from None
+        base = (_param(request, "path") or "").strip("/")
+        entries = _tree_entries(commit, base, recursive=bool(_flag(request, "recursive")))
+        return self._page(request, entries)
+
+    def _get_raw_file(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        ref = _param(request, "ref") or project.default_branch or ""
+        commit = self._resolve(project, ref)
+        path = request.params["path"]
+        if path not in commit.tree:
+            raise ApiError(404, "404 File Not Found")
+        data = commit.tree[path]
+        headers = {
+            "Content-Type": "text/plain; charset=utf-8",
+            "X-Gitlab-Blob-Id": _git_blob_id(data),
+            "X-Gitlab-Commit-Id": commit.sha,
+            "X-Gitlab-File-Path": path,
+            "X-Gitlab-Ref": ref,
+            "X-Gitlab-Size": str(len(data)),
+        }
+        return Response(200, data, headers)
+
+    def _get_commit(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        commit = self._resolve(project, request.params["sha"])
+        body = self._commit_json(project, commit)
+        body.update({"stats": {"additions": 0, "deletions": 0, "total": 0}, "status": None, "project_id": project.id})
+        return json_response(body)
+
+    def _post_status(self, request: Request) -> Response:
+        """GitLab's rules: a known state, a commit that exists, and no repeat of a pending/running state."""
+        project = self._project(request.params["id"])
+        commit = self._resolve(project, request.params["sha"])
+        data = _form(request)
+        state = str(data.get("state", ""))
+        if state not in STATUS_STATES:
+            return json_response({"error": "state does not have a valid value"}, status=400)
+        description = data.get("description")
+        if description is not None and len(str(description)) > 255:
+            # GitLab's column is a string(255); enforced so a client that forgets to truncate fails its tests
+            raise ApiError(400, "description is too long (maximum is 255 characters)")
+        name = str(data.get("name") or data.get("context") or "default")
+        posted = project.statuses.setdefault(commit.sha, [])
+        previous = next((s for s in reversed(posted) if s["name"] == name), None)
+        if previous is not None and previous["status"] == state and state in ("pending", "running"):
+            raise ApiError(400, f"Cannot transition status via :{state} from :{state}")
+        ref = data.get("ref") or next((b for b, sha in sorted(project.branches.items()) if sha == commit.sha), None)
+        entry = _status_json(next(self._other_ids), commit.sha, ref, state, name, data, self.base_url)
+        posted.append(entry)
+        return json_response(entry, status=201)
+
+    def _page(self, request: Request, items: Sequence[Any]) -> Response:
+        """GitLab's offset pagination: ``page``/``per_page`` in, ``X-*`` headers and an RFC 8288 ``Link`` out."""
+        per_page = min(max(_int_param(request, "per_page", DEFAULT_PER_PAGE), 1), MAX_PER_PAGE, self.max_per_page)
+        page = max(_int_param(request, "page", 1), 1)
+        pages = max(1, math.ceil(len(items) / per_page))
+        headers = {
+            "X-Page": str(page),
+            "X-Per-Page": str(per_page),
+            "X-Total": str(len(items)),
+            "X-Total-Pages": str(pages),
+            "X-Next-Page": str(page + 1) if page < pages else "",
+            "X-Prev-Page": str(page - 1) if page > 1 else "",
+            "Link": self._links(request, page, pages, per_page),
+        }
+        return json_response(list(items[(page - 1) * per_page : page * per_page]), headers=headers)
+
+    def _links(self, request: Request, page: int, pages: int, per_page: int) -> str:
+        host = request.headers.get("host") or f"{LOOPBACK}:{self.port}"
+
+        def url(target: int) -> str:
+            query = {k: v for k, v in request.query.items() if k not in ("page", "per_page")}
+            query.update({"page": [str(target)], "per_page": [str(per_page)]})
+            return f"http://{host}{request.path}?{urlencode(query, doseq=True)}"
+
+        rels = [("next", page + 1)] if page < pages else []
+        rels += [("prev", page - 1)] if page > 1 else []
+        rels += [("first", 1), ("last", pages)]
+        return ", ".join(f'<{url(target)}>; rel="{rel}"' for rel, target in rels)
+
+    # -- OIDC: discovery and CI ID tokens
 
     def discovery(self) -> dict[str, Any]:
         base = self.issuer
@@ -174,6 +963,162 @@ class FakeGitLab(OidcIssuer):
             claims["environment_action"] = "start"
         claims.update(extra)
         return self.sign(apply_raw(claims, raw), key=key, kid=kid)
+
+
+# --- helpers: requests and answers
+
+
+def _apply(tree: Mapping[str, bytes], files: Files) -> dict[str, bytes]:
+    """``files`` written over ``tree``: text is stored as UTF-8, ``None`` deletes the file."""
+    out = dict(tree)
+    for path, content in files.items():
+        if content is None:
+            out.pop(path, None)
+        else:
+            out[path.strip("/")] = content.encode() if isinstance(content, str) else content
+    return out
+
+
+def _form(request: Request) -> dict[str, Any]:
+    """A POST's parameters as Grape merges them: query string, then a JSON or form-encoded body."""
+    data: dict[str, Any] = {k: v[0] for k, v in request.query.items() if v}
+    content_type = request.headers.get("content-type", "")
+    if request.body and "json" in content_type:
+        body = request.json()
+        if isinstance(body, dict):
+            data.update(body)
+    elif request.body:
+        data.update({k: v[0] for k, v in parse_qs(request.body.decode()).items() if v})
+    return data
+
+
+def _service_unavailable(status: int) -> Response:
+    return json_response({"message": f"{status} Service Unavailable"}, status=status)
+
+
+def _too_many_requests(retry_after: int) -> Response:
+    """What GitLab's Rack::Attack throttle answers: plain text, Retry-After and the RateLimit-* headers."""
+    reset = time.time() + retry_after
+    headers = {
+        "Content-Type": "text/plain",
+        "Retry-After": str(retry_after),
+        "RateLimit-Name": "throttle_authenticated_api",
+        "RateLimit-Limit": "60",
+        "RateLimit-Observed": "61",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": str(math.ceil(reset)),
+        "RateLimit-ResetTime": email.utils.formatdate(reset, usegmt=True),
+    }
+    return Response(429, b"Retry later\n", headers)
+
+
+def _access_level() -> dict[str, Any]:
+    return {
+        "id": 1,
+        "access_level": 40,
+        "access_level_description": "Maintainers",
+        "user_id": None,
+        "group_id": None,
+        "deploy_key_id": None,
+    }
+
+
+def _protected_branch_json(index: int, name: str) -> dict[str, Any]:
+    return {
+        "id": index + 1,
+        "name": name,
+        "push_access_levels": [_access_level()],
+        "merge_access_levels": [_access_level()],
+        "unprotect_access_levels": [],
+        "allow_force_push": False,
+        "code_owner_approval_required": False,
+        "inherited": False,
+    }
+
+
+def _protected_tag_json(name: str) -> dict[str, Any]:
+    return {"name": name, "create_access_levels": [_access_level()]}
+
+
+def _environment_json(name: str, env: _Environment, created_at: str) -> dict[str, Any]:
+    return {
+        "id": env.id,
+        "name": name,
+        "slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
+        "external_url": None,
+        "created_at": created_at,
+        "updated_at": created_at,
+        "tier": env.tier,
+        "state": "available",
+        "auto_stop_at": None,
+        "description": None,
+    }
+
+
+def _protected_environment_json(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "deploy_access_levels": [{**_access_level(), "group_inheritance_type": 0}],
+        "required_approval_count": 0,
+        "approval_rules": [],
+    }
+
+
+def _tree_entries(commit: _Commit, base: str, *, recursive: bool) -> list[dict[str, Any]]:
+    """The entries under ``base`` (directories first, then files, each by path), as ``/repository/tree`` lists."""
+    dirs = {"/".join(path.split("/")[:i]) for path in commit.tree for i in range(1, path.count("/") + 1)}
+    prefix = base + "/" if base else ""
+
+    def wanted(path: str) -> bool:
+        return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
+
+    trees = [
+        {
+            "id": hashlib.sha1(f"{commit.sha}:{d}".encode(), usedforsecurity=False).hexdigest(),
+            "name": d.rpartition("/")[2],
+            "type": "tree",
+            "path": d,
+            "mode": "040000",
+        }
+        for d in sorted(dirs)
+        if wanted(d)
+    ]
+    blobs = [
+        {"id": _git_blob_id(data), "name": path.rpartition("/")[2], "type": "blob", "path": path, "mode": "100644"}
+        for path, data in sorted(commit.tree.items())
+        if wanted(path)
+    ]
+    return trees + blobs
+
+
+def _status_json(
+    status_id: int, sha: str, ref: str | None, state: str, name: str, data: Mapping[str, Any], base_url: str
+) -> dict[str, Any]:
+    now = _now_iso()
+    finished = state in ("success", "failed", "canceled", "skipped")
+    return {
+        "id": status_id,
+        "sha": sha,
+        "ref": ref,
+        "status": state,
+        "name": name,
+        "target_url": data.get("target_url"),
+        "description": data.get("description"),
+        "created_at": now,
+        "started_at": None if state == "pending" else now,
+        "finished_at": now if finished else None,
+        "allow_failure": False,
+        "coverage": data.get("coverage"),
+        "pipeline_id": None,
+        "author": {
+            "id": 1,
+            "username": "controlplane-bot",
+            "name": "controlplane bot",
+            "state": "active",
+            "avatar_url": None,
+            "web_url": f"{base_url}/controlplane-bot",
+        },
+    }
 
 
 def _bool(value: bool | str) -> str:

@@ -1,0 +1,171 @@
+"""Follows the GitLab instances the policy names, and the policy project if the policy lives on GitLab.
+
+One inventory watcher per GitLab issuer that has an `api:` block; the groups and projects it reads are the
+ones the policy names (plus the issuer's configured groups, plus every project id a path was pinned to, so a
+renamed project is still read). Webhook events become targeted re-syncs of what they name; a push to the
+policy project's default branch becomes a policy reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from controlplane.model.inventory import Inventory
+from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
+from controlplane.sources.gitlab import GitLabSource, token_from
+from controlplane.sources.gitlab_watch import InventorySource, InventoryWatcher, Scope
+from controlplane.sources.webhooks import (
+    GitLabEvent,
+    GroupEvent,
+    PipelineEvent,
+    ProjectEvent,
+    PushEvent,
+)
+
+log = logging.getLogger("controlplane.gitlab")
+
+SourceFactory = Callable[[GitLabApi], InventorySource]
+
+
+def gitlab_source(api: GitLabApi) -> GitLabSource:
+    """The production source: the token is read from the environment or a file, never from the policy."""
+    return GitLabSource(api.url, token_from(api.token_env, api.token_file), requests_per_second=api.requests_per_second)
+
+
+@dataclass
+class _Watch:
+    api: GitLabApi
+    watcher: InventoryWatcher
+    task: asyncio.Task[None]
+
+
+@dataclass(frozen=True)
+class PolicyProject:
+    """Where the policy lives on GitLab: pushes to its default branch reload the policy."""
+
+    project: str | int
+    default_branch: str | None = None
+
+
+class GitLabLink:
+    def __init__(
+        self,
+        *,
+        on_inventory_change: Callable[[], Awaitable[object]],
+        on_policy_push: Callable[[], Awaitable[object]] | None = None,
+        policy_project: PolicyProject | None = None,
+        source_factory: SourceFactory = gitlab_source,
+    ) -> None:
+        self.on_inventory_change = on_inventory_change
+        self.on_policy_push = on_policy_push
+        self.policy_project = policy_project
+        self.source_factory = source_factory
+        self._watches: dict[str, _Watch] = {}
+        self._stop = asyncio.Event()
+
+    def inventories(self) -> dict[str, Inventory]:
+        return {name: w.watcher.inventory for name, w in self._watches.items()}
+
+    def follow(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> None:
+        """Watch exactly the GitLab issuers of the policy in service, each over what the policy names."""
+        wanted = {i.name: i for i in policy.issuers if i.kind is IssuerKind.GITLAB and i.api is not None}
+        for name in sorted(set(self._watches) - set(wanted)):
+            self._unwatch(name)
+        for name, issuer in sorted(wanted.items()):
+            assert issuer.api is not None
+            watch = self._watches.get(name)
+            if watch is not None and watch.api != issuer.api:
+                self._unwatch(name)
+                watch = None
+            if watch is None:
+                watch = self._watch(issuer, issuer.api)
+            watch.watcher.set_scope(_scope(policy, issuer, pins.get(name, {})))
+
+    def _watch(self, issuer: Issuer, api: GitLabApi) -> _Watch:
+        watcher = InventoryWatcher(
+            issuer.name,
+            self.source_factory(api),
+            on_change=self.on_inventory_change,
+            reconcile_seconds=api.reconcile_seconds,
+            max_staleness_seconds=api.max_staleness_seconds,
+        )
+        task = asyncio.create_task(watcher.run(self._stop), name=f"gitlab-watch-{issuer.name}")
+        watch = _Watch(api, watcher, task)
+        self._watches[issuer.name] = watch
+        log.info("watching GitLab %s for issuer %s", api.url, issuer.name)
+        return watch
+
+    def _unwatch(self, name: str) -> None:
+        watch = self._watches.pop(name)
+        watch.task.cancel()
+
+    async def on_event(self, event: GitLabEvent) -> None:
+        """Route a webhook event to the re-sync it calls for (see the module docstring)."""
+        if isinstance(event, PushEvent):
+            if self._is_policy_push(event) and self.on_policy_push is not None:
+                await self.on_policy_push()
+            self._resync_project(event.project_id)
+        elif isinstance(event, ProjectEvent):
+            if event.event_name in ("project_create", "project_transfer"):
+                self._resync_all()  # may enter or leave a watched group
+            else:
+                self._resync_project(event.project_id, even_unknown=event.event_name == "project_rename")
+        elif isinstance(event, GroupEvent):
+            self._resync_all()
+        elif isinstance(event, PipelineEvent):
+            self._resync_project(event.project_id)  # deployments create environments
+
+    def _is_policy_push(self, event: PushEvent) -> bool:
+        target = self.policy_project
+        if target is None or event.is_tag:
+            return False
+        named = target.project in (event.project_id, event.project_path, str(event.project_id))
+        branch = target.default_branch
+        return named and (branch is None or event.ref == f"refs/heads/{branch}")
+
+    def _resync_project(self, project_id: int, *, even_unknown: bool = False) -> None:
+        for watch in self._watches.values():
+            known = any(p.id == project_id for p in watch.watcher.inventory.projects)
+            if known or even_unknown or project_id in watch.watcher.scope.projects:
+                watch.watcher.request_project(project_id)
+
+    def _resync_all(self) -> None:
+        for watch in self._watches.values():
+            watch.watcher.request_full()
+
+    async def settled(self, timeout: float) -> None:
+        """Wait (bounded) until every watcher has tried GitLab once, so a restarted control plane does not
+        push withdrawn access to Envoys that hold good config while the first inventory is being read."""
+        waits = [w.watcher.settled.wait() for w in self._watches.values()]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            except TimeoutError:
+                log.warning("GitLab not read within %.0fs of start: its bindings stay withdrawn until it is", timeout)
+
+    def status(self) -> list[dict[str, object]]:
+        return [w.watcher.status() for _, w in sorted(self._watches.items())]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        tasks = [w.task for w in self._watches.values()]
+        self._watches.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _scope(policy: Policy, issuer: Issuer, pins: Mapping[str, int]) -> Scope:
+    assert issuer.api is not None
+    groups: set[str | int] = set(issuer.api.groups)
+    projects: set[str | int] = set(pins.values())
+    for binding in policy.bindings:
+        if binding.issuer != issuer.name:
+            continue
+        for subject in binding.subjects:
+            groups.update(subject.groups)
+            projects.update(p for p in subject.projects if not (isinstance(p, str) and p in pins))
+    return Scope(frozenset(groups), frozenset(projects))

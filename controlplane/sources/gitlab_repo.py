@@ -1,0 +1,143 @@
+"""The policy repository on GitLab: read the tree at a commit through the API, post the verdict back on it.
+
+Platform engineers commit policy to a GitLab project, so that is where they must see whether it was accepted: a
+commit status named `controlplane` on the very commit that was read. Reading goes through the repository tree and
+raw-file APIs (no git binary, no clone, no credentials on disk) and keeps the same file rules as a local policy
+directory, so one tree loads to the same `Policy` whether it comes from a checkout or from GitLab.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Literal, Protocol
+
+import gitlab
+from gitlab.exceptions import GitlabGetError
+
+from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.sources.policy_dir import POLICY_SUFFIXES, _is_policy_file
+
+__all__ = ["STATUS_NAME", "GitLabClient", "PolicyRepo", "PolicyRepoError", "StatusState", "truncate_description"]
+
+STATUS_NAME = "controlplane"
+MAX_DESCRIPTION = 255  # GitLab's limit on a commit status description
+SYMLINK_MODE = "120000"  # a symlink's raw content is its target path, not the file it points to
+
+StatusState = Literal["pending", "success", "failed"]
+
+
+class GitLabClient(Protocol):
+    """What `PolicyRepo` needs from a client: python-gitlab, and errors turned into `GitLabUnavailable`.
+
+    `GitLabSource` is one, so the policy repository shares the inventory's rate bound, retries and metrics.
+    """
+
+    @property
+    def gl(self) -> gitlab.Gitlab: ...
+
+    def errors_as_unavailable(self) -> AbstractContextManager[None]: ...
+
+
+class PolicyRepoError(Exception):
+    """The policy project cannot serve a policy: it does not exist, or has no default branch or no commit."""
+
+
+class PolicyRepo:
+    """One GitLab project whose default branch holds a policy tree."""
+
+    def __init__(self, source: GitLabClient, project: str | int) -> None:
+        self.source = source
+        self.project = project
+        self._blobs: dict[str, bytes] = {}  # blob id -> content: a file unchanged between commits is read once
+
+    def __repr__(self) -> str:
+        return f"PolicyRepo({self.project!r})"
+
+    def head(self) -> tuple[str, str]:
+        """(default branch, the sha of its head commit): what to read and where to post the verdict."""
+        with self.source.errors_as_unavailable():
+            attrs = self._get(self.source.gl.projects, self.project, "project").attributes
+            branch = attrs.get("default_branch")
+            if not branch:
+                raise PolicyRepoError(f"GitLab project {self.project} has no default branch (empty repository?)")
+            commit = self._get(self._handle().commits, branch, f"branch {branch}")
+        return str(branch), str(commit.id)
+
+    def read_tree(self, sha: str) -> dict[str, str]:
+        """{path: text} of every policy file in the tree at `sha`, recursively, in sorted order.
+
+        Same rules as a directory (`policy_dir`): YAML only; hidden files and directories, editor leftovers,
+        symlinks and submodules skipped. Raises `PolicyInvalid` naming each file that is not UTF-8, or the
+        commit when it holds no policy file, exactly as `read_policy_dir` does for a directory.
+        """
+        with self.source.errors_as_unavailable():
+            project = self._handle()
+            entries = sorted(
+                (entry["path"], entry["id"])
+                for entry in project.repository_tree(ref=sha, recursive=True, iterator=True)
+                if _is_policy_blob(entry)
+            )
+            blobs = {blob: self._blob(project, path, blob, sha) for path, blob in entries}
+        self._blobs = blobs  # bounded: only the blobs of the last tree read are kept
+        texts: dict[str, str] = {}
+        errors: list[PolicyError] = []
+        for path, blob in entries:
+            try:
+                texts[path] = blobs[blob].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                errors.append(PolicyError(path, 1, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"))
+        if errors:
+            raise PolicyInvalid(errors)
+        if not texts:
+            where = f"{self.project}@{sha[:12]}"
+            suffixes = ", ".join("*" + s for s in POLICY_SUFFIXES)
+            raise PolicyInvalid([PolicyError(where, 0, "", f"no policy files ({suffixes}) in {where}")])
+        return texts
+
+    def post_status(self, sha: str, state: StatusState, description: str, target_url: str | None = None) -> None:
+        """A commit status named `controlplane` on `sha`: what the policy repository's users see on the commit."""
+        data: dict[str, Any] = {
+            "state": state,
+            "name": STATUS_NAME,
+            "description": truncate_description(description),
+        }
+        if target_url:
+            data["target_url"] = target_url
+        with self.source.errors_as_unavailable():
+            self._handle().commits.get(sha, lazy=True).statuses.create(data)
+
+    # -- helpers
+
+    def _handle(self) -> Any:
+        """A lazy project object: sub-resource calls without fetching the project first."""
+        return self.source.gl.projects.get(self.project, lazy=True)
+
+    def _get(self, manager: Any, ref: str | int, what: str) -> Any:
+        try:
+            return manager.get(ref)
+        except GitlabGetError as exc:
+            if exc.response_code == 404:
+                raise PolicyRepoError(f"GitLab project {self.project}: {what} not found") from exc
+            raise
+
+    def _blob(self, project: Any, path: str, blob: str, sha: str) -> bytes:
+        cached = self._blobs.get(blob)
+        if cached is not None:
+            return cached
+        content: bytes = project.files.raw(file_path=path, ref=sha)
+        return content
+
+
+def truncate_description(description: str) -> str:
+    """At most 255 characters, GitLab's limit; a cut one ends with an ellipsis so readers know there is more."""
+    if len(description) <= MAX_DESCRIPTION:
+        return description
+    return description[: MAX_DESCRIPTION - 1] + "…"
+
+
+def _is_policy_blob(entry: dict[str, Any]) -> bool:
+    """A regular file that a policy directory walk would read (hidden directories are pruned there too)."""
+    if entry.get("type") != "blob" or entry.get("mode") == SYMLINK_MODE:
+        return False
+    *directories, name = str(entry["path"]).split("/")
+    return not any(d.startswith(".") for d in directories) and _is_policy_file(name)
