@@ -158,3 +158,13 @@ def test_grant_index_reports_warnings_and_pins_and_reresolves_on_new_pins() -> N
     moved = replace(issuer, inventory=live(project(42, "acme/platform/new"), project(7, "acme/platform/deployer")))
     errors = index.update(replace(policy, issuers=(moved,)), pins={"gitlab": {"acme/platform/deployer": 42}})
     assert errors and "now belongs to project 7" in errors[0].message
+
+
+def test_a_binding_whose_subjects_all_lost_access_emits_no_empty_policy() -> None:
+    """Envoy NACKs an RBAC policy without principals (PGV); the grant must vanish instead."""
+    from controlplane.compiler.rbac import GrantSpec, backend_rbac
+    from controlplane.model.policy import Mode, RoleRule
+
+    withdrawn = GrantSpec("b/r", Mode.ENFORCE, (RoleRule(("GET",), ()),), ())
+    per_route = backend_rbac("svc", [withdrawn])
+    assert per_route.rbac.HasField("rules") and len(per_route.rbac.rules.policies) == 0

@@ -46,8 +46,11 @@ def backend_rbac_bytes(backend: str, grants: Sequence[GrantSpec]) -> bytes:
     Assembled from cached pieces (see wire.py); ALLOW is the enum's zero value, so `rules` is an
     explicitly present but empty-looking message when nothing is granted, which Envoy reads as deny all.
     """
-    enforced = sorted((g for g in grants if g.mode is Mode.ENFORCE), key=lambda g: g.policy_name)
-    shadow = sorted((g for g in grants if g.mode is Mode.SHADOW), key=lambda g: g.policy_name)
+    # A grant whose subjects all lost access (GitLab withdrew them) has no principal left: it grants nothing,
+    # and Envoy rejects a policy without principals, so it is left out rather than emitted empty.
+    live = [g for g in grants if g.subjects]
+    enforced = sorted((g for g in live if g.mode is Mode.ENFORCE), key=lambda g: g.policy_name)
+    shadow = sorted((g for g in live if g.mode is Mode.SHADOW), key=lambda g: g.policy_name)
     rbac = wire.length_delimited(_RULES, _allow_policies(enforced))
     if shadow:
         rbac += wire.length_delimited(_SHADOW_RULES, _allow_policies(shadow))

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -30,6 +31,7 @@ class ControlPlaneProcess:
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
         inherit_output: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.policy = policy
         self.xds_port = xds_port or free_port()
@@ -37,6 +39,7 @@ class ControlPlaneProcess:
         self.log_level = log_level
         self.extra_args = extra_args
         self.inherit_output = inherit_output
+        self.env = dict(env or {})  # secrets go through the environment, never argv
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -49,16 +52,17 @@ class ControlPlaneProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def command(self) -> list[str]:
+        policy = [] if "--policy-project" in self.extra_args else ["--policy", str(self.policy)]
         return [
             sys.executable, "-m", "controlplane", "--log-level", self.log_level, "serve",
-            "--policy", str(self.policy),
+            *policy,
             "--xds-address", f"{LOOPBACK}:{self.xds_port}",
             "--admin-address", f"{LOOPBACK}:{self.admin_port}",
             *self.extra_args,
         ]  # fmt: skip
 
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         if self.inherit_output:
             self._proc = subprocess.Popen(self.command(), env=env)
         else:

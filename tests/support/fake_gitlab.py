@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlencode
 
 from .backends import Request, Response, json_response
 from .fake_oidc import OMIT, OidcIssuer, SigningKey, apply_raw, decode_unverified
+from .gitlab_hooks import ZERO_SHA, HookTarget, deliver, project_system_hook, push_hook
 from .ports import LOOPBACK
 
 __all__ = ["OMIT", "ApiCall", "FakeGitLab", "SigningKey", "decode_unverified"]
@@ -181,6 +182,7 @@ class FakeGitLab(OidcIssuer):
         self._retry_after = 1
         self._down = False
         self._refused_port: int | None = None
+        self._hooks: list[HookTarget] = []
         super().__init__(
             issuer_path="", jwks_path="/oauth/discovery/keys", default_audience=default_audience, port=port
         )
@@ -377,17 +379,23 @@ class FakeGitLab(OidcIssuer):
         """Same namespace, new last path component; the old path keeps answering (GitLab's redirect route)."""
         with self._api_lock:
             p = self._project(project)
+            old = p.path
             self._move(p, p.path.rpartition("/")[0] + "/" + new_name)
+        self._system_hook("project_rename", p.id, p.path, old)
 
     def transfer_project(self, project: int | str, namespace: str) -> None:
         """Move to another group (created if missing): a new ``namespace_id``; the old path redirects."""
         with self._api_lock:
             p = self._project(project)
+            old = p.path
             self._move(p, namespace + "/" + p.path.rpartition("/")[2])
+        self._system_hook("project_transfer", p.id, p.path, old)
 
     def archive_project(self, project: int | str, archived: bool = True) -> None:
         with self._api_lock:
-            self._project(project).archived = archived
+            p = self._project(project)
+            p.archived = archived
+        self._system_hook("project_update", p.id, p.path)
 
     def delete_project(self, project: int | str) -> None:
         """Gone at once (no delayed deletion), with its redirects: its paths answer 404."""
@@ -395,6 +403,24 @@ class FakeGitLab(OidcIssuer):
             p = self._project(project)
             del self._projects[p.id]
             self._redirects = {old: pid for old, pid in self._redirects.items() if pid != p.id}
+        self._system_hook("project_destroy", p.id, p.path)
+
+    # -- webhooks: GitLab posts after the change, with its real headers (tests/support/gitlab_hooks.py)
+
+    def add_system_hook(self, url: str, secret: str) -> HookTarget:
+        """Register a system hook: project events and pushes are then delivered to ``url`` as they happen.
+        Protection changes send nothing, exactly like GitLab (only a reconcile sees them)."""
+        target = HookTarget(url, secret)
+        self._hooks.append(target)
+        return target
+
+    def _system_hook(self, event_name: str, project_id: int, path: str, old_path: str | None = None) -> None:
+        for target in list(self._hooks):
+            deliver(target, "System Hook", project_system_hook(event_name, project_id, path, old_path))
+
+    def _push_hook(self, project_id: int, path: str, branch: str, before: str, after: str) -> None:
+        for target in list(self._hooks):
+            deliver(target, "Push Hook", push_hook(project_id, path, f"refs/heads/{branch}", before, after))
 
     # -- test controls: refs, protections, environments
 
@@ -432,7 +458,9 @@ class FakeGitLab(OidcIssuer):
 
     def delete_branch(self, project: int | str, name: str) -> None:
         with self._api_lock:
-            del self._project(project).branches[name]
+            p = self._project(project)
+            before = p.branches.pop(name)
+        self._push_hook(p.id, p.path, name, before, ZERO_SHA)
 
     def add_tag(self, project: int | str, name: str, ref: str | None = None) -> str:
         with self._api_lock:
@@ -469,8 +497,9 @@ class FakeGitLab(OidcIssuer):
             p = self._project(project)
             name = branch or p.default_branch or "main"
             parent = p.commits[p.branches[name]] if name in p.branches else self._resolve(p, p.default_branch or "")
-            p.branches[name] = self._new_commit(p, parent.sha, _apply(parent.tree, files), message).sha
-            return p.branches[name]
+            p.branches[name] = sha = self._new_commit(p, parent.sha, _apply(parent.tree, files), message).sha
+        self._push_hook(p.id, p.path, name, parent.sha, sha)
+        return sha
 
     def head(self, project: int | str, branch: str | None = None) -> str:
         with self._api_lock:

@@ -1,0 +1,222 @@
+"""Access follows GitLab as it is now, end to end: fake GitLab (REST API, webhooks, OIDC) → controlplane
+serve reading its policy from a GitLab project → real Envoy.
+
+One stack for the module; each test restores what it changes. Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.cli.bootstrap import render_bootstrap
+from tests.support.backends import EchoBackend, http_request
+from tests.support.controlplane import ControlPlaneProcess
+from tests.support.envoy import EnvoyProcess
+from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gitlab_hooks import HookTarget, deliver, project_system_hook
+from tests.support.ports import LOOPBACK, free_port, poll_until
+
+pytestmark = pytest.mark.e2e
+
+RECONCILE = 10  # the shortest the policy language allows
+
+POLICY = """\
+kind: Issuer
+name: gitlab
+type: gitlab
+url: {issuer}
+api:
+  token_env: GITLAB_TOKEN
+  reconcile: {reconcile}s
+---
+kind: Backend
+name: reports-api
+hosts: [reports.local]
+audience: https://reports.local
+endpoints: [{{address: 127.0.0.1, port: {backend_port}}}]
+---
+kind: Role
+name: reports-read
+backend: reports-api
+rules: [{{methods: [GET]}}]
+---
+kind: Binding
+name: deployer-reads-reports
+roles: [reports-read]
+subjects:
+  - project: acme/platform/deployer
+    ref_protected: true
+---
+kind: Gateway
+name: ci-gateway
+listen: {{address: 127.0.0.1, port: {listen_port}}}
+backends: [reports-api]
+access_log: /dev/null
+"""
+
+
+@dataclass
+class Stack:
+    gitlab: FakeGitLab
+    deployer: int
+    policy_project: int
+    policy_text: str
+    listen_port: int
+    hook: HookTarget
+    controlplane: ControlPlaneProcess
+    envoy: EnvoyProcess
+
+    def get(self, **claims: Any) -> int:
+        token = self.gitlab.mint(aud="https://reports.local", **{"project_id": self.deployer, **claims})
+        headers = {"Host": "reports.local", "Authorization": f"Bearer {token}"}
+        return http_request(f"http://{LOOPBACK}:{self.listen_port}/r", headers=headers).status
+
+    def wait_get(self, expected: int, timeout: float = 10.0, **claims: Any) -> float:
+        started = time.monotonic()
+        poll_until(lambda: self.get(**claims) == expected, timeout, interval=0.02, message=f"GET -> {expected}")
+        return time.monotonic() - started
+
+    def gitlab_status(self) -> dict[str, Any]:
+        (watch,) = self.controlplane.status()["gitlab"]
+        return dict(watch)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("gitlab-e2e")
+    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
+        deployer = gitlab.add_project("acme/platform/deployer", branches=["main", "feature"])
+        listen_port = free_port()
+        text = POLICY.format(
+            issuer=gitlab.issuer, reconcile=RECONCILE, backend_port=backend.port, listen_port=listen_port
+        )
+        policy_project = gitlab.add_project("infra/ci-access", files={"policy.yaml": text})
+        hook_secret = secrets.token_urlsafe(24)
+        webhook_port = free_port()
+        args = (
+            "--policy-project", "infra/ci-access", "--gitlab-url", gitlab.base_url,
+            "--gitlab-token-env", "GITLAB_TOKEN", "--policy-poll", "3600",
+            "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
+            "--state-dir", str(root / "state"),
+        )  # fmt: skip
+        env = {"GITLAB_TOKEN": gitlab.api_token, "HOOK_SECRET": hook_secret}
+        with ControlPlaneProcess(root, extra_args=args, env=env, log_path=root / "cp.log") as cp:
+            hook = gitlab.add_system_hook(f"http://{LOOPBACK}:{webhook_port}/webhooks/gitlab", hook_secret)
+            bootstrap = render_bootstrap(group="ci-gateway", node_id="gl-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
+            with EnvoyProcess(bootstrap, name="gitlab-e2e-envoy") as envoy:
+                built = Stack(gitlab, deployer, policy_project, text, listen_port, hook, cp, envoy)
+                built.wait_get(200, timeout=20)
+                yield built
+
+
+def test_policy_from_gitlab_is_enforced_and_its_commit_gets_a_success_status(stack: Stack) -> None:
+    assert stack.get() == 200
+    assert stack.get(ref="feature", ref_protected=False) == 403
+    head = stack.gitlab.head(stack.policy_project)
+    statuses = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, head), 10, message="status")
+    assert statuses[-1]["status"] == "success" and statuses[-1]["name"] == "controlplane"
+
+
+def test_broken_policy_commit_fails_with_file_and_line_and_envoy_is_unchanged(stack: Stack) -> None:
+    broken = stack.policy_text.replace("ref_protected: true", "ref_protected: maybe")
+    sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": broken})
+    failed = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="failed status")
+    assert failed[-1]["status"] == "failed"
+    assert "policy.yaml:" in failed[-1]["description"] and "ref_protected" in failed[-1]["description"]
+    assert stack.get() == 200 and stack.get(ref_protected=False) == 403
+    fixed = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text})
+    ok = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, fixed), 10, message="success status")
+    assert ok[-1]["status"] == "success"
+
+
+def test_renamed_project_keeps_access(stack: Stack) -> None:
+    stack.gitlab.rename_project(stack.deployer, "deployer-renamed")
+    try:
+        warnings = poll_until(
+            lambda: [w for w in stack.controlplane.status()["policy"]["warnings"] if "is now" in w],
+            10,
+            message="rename noticed",
+        )
+        assert "acme/platform/deployer-renamed" in warnings[0] and "policy.yaml:" in warnings[0]
+        assert stack.get(project_path="acme/platform/deployer-renamed") == 200
+    finally:
+        stack.gitlab.rename_project(stack.deployer, "deployer")
+    poll_until(lambda: not stack.controlplane.status()["policy"]["warnings"], 10, message="warning cleared")
+
+
+def test_archived_project_loses_access_within_a_second_of_its_webhook(stack: Stack) -> None:
+    stack.gitlab.archive_project(stack.deployer)
+    try:
+        assert stack.wait_get(403, timeout=5) < 1.0
+    finally:
+        stack.gitlab.archive_project(stack.deployer, archived=False)
+    stack.wait_get(200)
+
+
+def test_unprotected_branch_loses_access_within_one_reconcile(stack: Stack) -> None:
+    stack.gitlab.unprotect_branch(stack.deployer, "main")  # GitLab sends no webhook for this
+    try:
+        took = stack.wait_get(403, timeout=RECONCILE + 5)
+        assert took < RECONCILE + 2
+    finally:
+        stack.gitlab.protect_branch(stack.deployer, "main")
+    stack.wait_get(200, timeout=RECONCILE + 5)
+
+
+def test_forged_or_replayed_webhooks_change_nothing(stack: Stack) -> None:
+    payload = project_system_hook("project_update", stack.deployer, "acme/platform/deployer")
+    calls = len(stack.gitlab.api_calls("/projects/:id"))
+    forged = deliver(stack.hook, "System Hook", payload, token="not-the-secret")
+    assert forged.status == 401
+    first = deliver(stack.hook, "System Hook", payload, idempotency_key="delivery-1")
+    replay = deliver(stack.hook, "System Hook", payload, idempotency_key="delivery-1")
+    assert first.status == 200 and replay.status == 200 and replay.json() == {"duplicate": True}
+    poll_until(lambda: len(stack.gitlab.api_calls("/projects/:id")) > calls, 5, message="one re-sync")
+    assert len(stack.gitlab.api_calls("/projects/:id")) == calls + 1
+    assert stack.get() == 200
+
+
+def test_gitlab_down_keeps_the_last_good_policy_enforced(stack: Stack) -> None:
+    stack.gitlab.set_down(True)
+    try:
+        payload = project_system_hook("project_update", stack.deployer, "acme/platform/deployer")
+        deliver(stack.hook, "System Hook", payload)  # forces a re-sync that fails
+        poll_until(lambda: stack.gitlab_status()["last_error"], 15, message="outage noticed")
+        assert stack.get() == 200 and stack.get(ref="feature", ref_protected=False) == 403
+        assert stack.controlplane.metric("controlplane_gitlab_inventory_stale", issuer="gitlab") == 0
+    finally:
+        stack.gitlab.set_down(False)
+    poll_until(lambda: stack.gitlab_status()["last_error"] is None, RECONCILE + 10, message="recovered")
+    assert stack.get() == 200
+
+
+def test_deleted_branch_loses_access(stack: Stack) -> None:
+    stack.gitlab.add_branch(stack.deployer, "release")
+    stack.gitlab.protect_branch(stack.deployer, "release")
+    stack.gitlab.commit(stack.deployer, {"x.txt": "1"}, branch="release")  # a push webhook: re-sync
+    stack.wait_get(200, ref="release")
+    stack.gitlab.delete_branch(stack.deployer, "release")
+    stack.wait_get(403, timeout=5, ref="release")
+    assert stack.get() == 200
+
+
+def test_status_and_metrics_show_the_inventory(stack: Stack) -> None:
+    watch = stack.gitlab_status()
+    assert watch["issuer"] == "gitlab" and watch["stale"] is False and watch["projects"] >= 1
+    metrics = stack.controlplane.metrics()
+    for name in (
+        "controlplane_gitlab_requests_total",
+        "controlplane_gitlab_inventory_age_seconds",
+        "controlplane_gitlab_reconcile_duration_seconds",
+        "controlplane_webhook_events_total",
+        "controlplane_jwks_fetches_total",
+    ):
+        assert name in metrics, name
+    assert stack.gitlab.api_token not in (Path(stack.controlplane.log_path).read_text())
