@@ -2,7 +2,7 @@
 
 One inventory watcher per GitLab issuer that has an `api:` block; the groups and projects it reads are the
 ones the policy names (plus the issuer's configured groups, plus every project id a path was pinned to, so a
-renamed project is still read). Webhook events become targeted re-syncs of what they name; a push to the
+renamed project is still read by id while its old path shows who owns that path now). Webhook events become targeted re-syncs of what they name; a push to the
 policy project's default branch becomes a policy reload.
 """
 
@@ -167,5 +167,5 @@ def _scope(policy: Policy, issuer: Issuer, pins: Mapping[str, int]) -> Scope:
             continue
         for subject in binding.subjects:
             groups.update(subject.groups)
-            projects.update(p for p in subject.projects if not (isinstance(p, str) and p in pins))
+            projects.update(subject.projects)  # paths too: a path taken over by another project must be seen
     return Scope(frozenset(groups), frozenset(projects))

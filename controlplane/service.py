@@ -73,7 +73,8 @@ class PolicyState:
     root: str
     last_good_load: float | None = None
     last_attempt: float | None = None
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # of the policy as last read
+    live_errors: list[str] = field(default_factory=list)  # of the policy in service against GitLab as it is now
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
@@ -135,10 +136,12 @@ class PolicyService:
             try:
                 snapshots = await asyncio.to_thread(self._compile, policy)
             except PolicyInvalid as invalid:
-                self._reject(invalid.errors)
+                self._reject(invalid.errors, live=True)
                 return False
             metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
             self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
+            self.state.live_errors = []
+            metrics.POLICY_CURRENT_ERRORS.set(len(self.state.errors))
             log.info("%s: %s", reason, _versions(self.state.versions))
             return True
 
@@ -240,6 +243,7 @@ class PolicyService:
         self._publish_snapshots(snapshots)
         self.state.last_good_load = self._clock()
         self.state.errors = []
+        self.state.live_errors = []
         metrics.POLICY_CURRENT_ERRORS.set(0)
         metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
         log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
@@ -258,11 +262,14 @@ class PolicyService:
             metrics.SNAPSHOT_INFO.labels(group, snapshot.summary_version).set(1)
             self.state.versions[group] = snapshot.summary_version
 
-    def _reject(self, errors: list[PolicyError]) -> None:
+    def _reject(self, errors: list[PolicyError], *, live: bool = False) -> None:
         metrics.SNAPSHOT_BUILD_FAILURES.inc()
         metrics.POLICY_LOAD_ERRORS.inc(len(errors))
-        metrics.POLICY_CURRENT_ERRORS.set(len(errors))
-        self.state.errors = [str(e) for e in errors]
+        if live:
+            self.state.live_errors = [str(e) for e in errors]
+        else:
+            self.state.errors = [str(e) for e in errors]
+        metrics.POLICY_CURRENT_ERRORS.set(len(self.state.errors) + len(self.state.live_errors))
         kept = "keeping the last good snapshot" if self.state.last_good_load else "no snapshot served yet"
         log.error("policy rejected with %d error(s); %s", len(errors), kept)
         for error in errors:
@@ -278,7 +285,7 @@ class PolicyService:
             "revision": self.state.revision,
             "last_good_load": self.state.last_good_load,
             "last_attempt": self.state.last_attempt,
-            "errors": list(self.state.errors),
+            "errors": [*self.state.errors, *self.state.live_errors],
             "warnings": list(self.state.warnings),
             "snapshot_versions": dict(self.state.versions),
         }

@@ -220,3 +220,19 @@ def test_status_and_metrics_show_the_inventory(stack: Stack) -> None:
     ):
         assert name in metrics, name
     assert stack.gitlab.api_token not in (Path(stack.controlplane.log_path).read_text())
+
+
+def test_a_path_taken_over_by_another_project_is_an_error_never_a_rebind(stack: Stack) -> None:
+    stack.gitlab.rename_project(stack.deployer, "deployer-old")
+    impostor = stack.gitlab.add_project("acme/platform/deployer")
+    try:
+        deliver(stack.hook, "System Hook", project_system_hook("project_create", impostor, "acme/platform/deployer"))
+        errors = poll_until(lambda: stack.controlplane.status()["policy"]["errors"], 10, message="re-use refused")
+        assert "now belongs to project" in errors[0] and "policy.yaml:" in errors[0]
+        assert stack.get(project_id=impostor, project_path="acme/platform/deployer") == 403
+        assert stack.get(project_path="acme/platform/deployer-old") == 200  # still bound by id
+    finally:
+        stack.gitlab.delete_project(impostor)
+        stack.gitlab.rename_project(stack.deployer, "deployer")
+    poll_until(lambda: not stack.controlplane.status()["policy"]["errors"], 10, message="errors cleared")
+    assert stack.get() == 200

@@ -76,7 +76,7 @@ class ControlPlane:
         self.registry = ProxyRegistry()
         self.policy_project = _policy_project(options.policy_gitlab)
         self.gitlab = GitLabLink(
-            on_inventory_change=lambda: self.policy.recompile("GitLab inventory changed"),
+            on_inventory_change=self._on_inventory_change,
             on_policy_push=self._reload_policy,
             policy_project=self.policy_project,
         )
@@ -191,6 +191,14 @@ class ControlPlane:
         if current is not None:
             self.gitlab.follow(current, self.policy.pins)
             await self.keys.update(current.issuers, wait=wait)
+
+    async def _on_inventory_change(self) -> None:
+        await self.policy.recompile("GitLab inventory changed")
+        # Paths resolved for the first time are now pinned to ids: watch those ids too, so a project renamed
+        # (or a path taken over by another project) is still read by id.
+        current = self.policy.current
+        if current is not None:
+            self.gitlab.follow(current, self.policy.pins)
 
     async def _reload_policy(self) -> None:
         if await self.policy.reload_off_loop():
