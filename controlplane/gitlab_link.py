@@ -2,8 +2,8 @@
 
 One inventory watcher per GitLab issuer that has an `api:` block; the groups and projects it reads are the
 ones the policy names (plus the issuer's configured groups, plus every project id a path was pinned to, so a
-renamed project is still read by id while its old path shows who owns that path now). Webhook events become targeted re-syncs of what they name; a push to the
-policy project's default branch becomes a policy reload.
+renamed project is still read by id while its old path shows who owns that path now). Webhook events become
+targeted re-syncs of what they name; a push to the policy project's default branch becomes a policy reload.
 """
 
 from __future__ import annotations
