@@ -847,7 +847,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  policy_project: acme\n"),
-        ("issuer.yaml", 7, "api.policy_project", "expected a project path (namespace/project) or a positive id"),
+        ("issuer.yaml", 7, "api.policy_project", "unknown key 'policy_project'"),
         id="api-policy-project-path",
     ),
     pytest.param(
@@ -891,7 +891,6 @@ def test_api_and_jwks_keys_round_trip() -> None:
           reconcile: 2m
           max_staleness: 1h
           requests_per_second: 2.5
-          policy_project: platform/access-policy
         """
     (parsed,) = parse_policy(_with(issuer=issuer)).issuers
     assert parsed.jwks_mode is JwksMode.REMOTE
@@ -903,12 +902,11 @@ def test_api_and_jwks_keys_round_trip() -> None:
         reconcile_seconds=120,
         max_staleness_seconds=3600,
         requests_per_second=2.5,
-        policy_project="platform/access-policy",
     )
 
 
 def test_api_defaults_follow_the_issuer() -> None:
-    issuer = GITLAB_HEAD + "api: {token_env: GITLAB_TOKEN, policy_project: 42, requests_per_second: 1000}\n"
+    issuer = GITLAB_HEAD + "api: {token_env: GITLAB_TOKEN, requests_per_second: 1000}\n"
     (parsed,) = parse_policy(_with(issuer=issuer)).issuers
     assert parsed.jwks_mode is JwksMode.RELAY
     assert parsed.api == GitLabApi(
@@ -918,7 +916,6 @@ def test_api_defaults_follow_the_issuer() -> None:
         reconcile_seconds=300,
         max_staleness_seconds=None,
         requests_per_second=1000.0,
-        policy_project="42",
     )
 
 

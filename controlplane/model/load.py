@@ -576,7 +576,6 @@ _API_KEYS = (
     "reconcile",
     "max_staleness",
     "requests_per_second",
-    "policy_project",
 )
 _API_MAX_STALENESS_S = 30 * 86400  # 720h: past that an inventory is no basis for access anyway
 
@@ -593,7 +592,6 @@ _rate = _checked(_number, lambda v: None if 0.1 <= v <= 1000 else f"must be betw
 _api_url = _mapped(_url, lambda url: url.rstrip("/"))
 # Groups and the policy project are kept as GitLab's API takes them: a path, or an id written as a string.
 _api_group = _mapped(_group_ref, str)
-_api_project = _mapped(_project_ref, str)
 
 
 def _issuer_api(f: _Fields, kind: IssuerKind | None, issuer_url: str | None) -> GitLabApi | None:
@@ -625,7 +623,6 @@ def _api_fields(a: _Fields, issuer_url: str | None) -> GitLabApi:
         message = f"must be at least reconcile ({_format_ms(reconcile * 1000)}): one late reconcile would withdraw"
         a.error("max_staleness", message + " every binding that depends on GitLab")
     rate = a.optional("requests_per_second", _rate, 10.0)
-    policy_project = a.maybe("policy_project", _api_project)
     return GitLabApi(
         url=_need(url),
         token_env=token_env,
@@ -634,7 +631,6 @@ def _api_fields(a: _Fields, issuer_url: str | None) -> GitLabApi:
         reconcile_seconds=_need(reconcile),
         max_staleness_seconds=max_staleness,
         requests_per_second=_need(rate),
-        policy_project=policy_project,
     )
 
 

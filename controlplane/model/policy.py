@@ -39,7 +39,6 @@ class GitLabApi:
     reconcile_seconds: int = 300  # full re-sync period; catches what webhooks never report
     max_staleness_seconds: int | None = None  # past this, inventory-dependent bindings are withdrawn
     requests_per_second: float = 10.0  # bound on API request rate
-    policy_project: str | None = None  # a project (path) whose default branch holds this policy tree
 
 
 @dataclass(frozen=True)
