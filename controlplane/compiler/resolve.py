@@ -15,7 +15,7 @@ Withdrawn access is reported as a warning with the subject's file:line; the poli
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane.compiler.claims import Condition, ResolvedSubject, glob_to_regex, is_glob
@@ -24,8 +24,6 @@ from controlplane.model.inventory import Inventory, Project
 from controlplane.model.policy import ClaimMatch, Issuer, IssuerKind, Subject
 
 MERGE_REQUEST_SOURCE = "merge_request_event"
-_REF_CLAIMS = frozenset({"ref", "ref_type", "ref_protected"})
-_ENVIRONMENT_CLAIMS = frozenset({"environment", "environment_protected"})
 
 
 @dataclass
@@ -103,14 +101,11 @@ class Resolver:
         if projects is None:
             return None
         by_claim = {m.claim: m for m in claims}
-        needs_refs = any(c in by_claim for c in _REF_CLAIMS)
-        needs_envs = any(c in by_claim for c in _ENVIRONMENT_CLAIMS)
-        narrowed_claims = {"ref"} if needs_refs else set()
-        narrowed_claims |= {"environment"} if needs_envs else set()
+        narrowed_claims = {f.claim for f in _FACETS if f.asked(by_claim)}
         rest = [m for m in claims if m.claim not in narrowed_claims]
         alternatives = []
         for project in projects:
-            narrowed = self._narrow(project, by_claim, needs_refs, needs_envs, subject, found)
+            narrowed = self._narrow(project, by_claim, subject, found)
             if narrowed is not None:
                 alternatives.append([Condition("project_id", (str(project.id),)), *narrowed])
         if not alternatives:
@@ -177,29 +172,24 @@ class Resolver:
         self,
         project: Project,
         by_claim: Mapping[str, ClaimMatch],
-        needs_refs: bool,
-        needs_envs: bool,
         subject: Subject,
         found: Findings,
     ) -> list[Condition] | None:
         """The conditions this project adds: refs and environments that GitLab has (and protects) now."""
         out: list[Condition] = []
-        if needs_refs and project.refs is not None:
-            names = _matching_refs(project, by_claim)
+        for facet in _FACETS:
+            if not facet.asked(by_claim):
+                continue
+            items = facet.items(project)
+            if items is None:  # not known (offline data): the subject's own values stand
+                if facet.claim in by_claim:
+                    out.append(Condition(facet.claim, by_claim[facet.claim].values))
+                continue
+            names = facet.matching(items, by_claim)
             if not names:
-                found.warnings.append(_withdrawn(subject, f"no {_ref_wanted(by_claim)} in {project.path} now"))
+                found.warnings.append(_withdrawn(subject, f"no {facet.wanted(by_claim)} in {project.path} now"))
                 return None
-            out.append(Condition("ref", names))
-        elif needs_refs and "ref" in by_claim:
-            out.append(Condition("ref", by_claim["ref"].values))
-        if needs_envs and project.environments is not None:
-            envs = _matching_environments(project, by_claim)
-            if not envs:
-                found.warnings.append(_withdrawn(subject, f"no {_env_wanted(by_claim)} in {project.path} now"))
-                return None
-            out.append(Condition("environment", envs))
-        elif needs_envs and "environment" in by_claim:
-            out.append(Condition("environment", by_claim["environment"].values))
+            out.append(Condition(facet.claim, names))
         return out
 
     # -- shared
@@ -232,40 +222,54 @@ def _matches(value: str, patterns: tuple[str, ...]) -> bool:
     return any(re.match(glob_to_regex(p), value) if is_glob(p) else value == p for p in patterns)
 
 
-def _matching_refs(project: Project, by_claim: Mapping[str, ClaimMatch]) -> tuple[str, ...]:
-    names = by_claim.get("ref")
-    types = by_claim.get("ref_type")
-    protected = by_claim.get("ref_protected")
-    found = {
-        r.name
-        for r in project.refs or ()
-        if (names is None or _matches(r.name, names.values))
-        and (types is None or r.type in types.values)
-        and (protected is None or ("true" if r.protected else "false") in protected.values)
-    }
-    return tuple(sorted(found))
+Item = tuple[str, str, bool]  # name, type (branch/tag; "" for environments), protected now
 
 
-def _matching_environments(project: Project, by_claim: Mapping[str, ClaimMatch]) -> tuple[str, ...]:
-    names = by_claim.get("environment")
-    protected = by_claim.get("environment_protected")
-    found = {
-        e.name
-        for e in project.environments or ()
-        if (names is None or _matches(e.name, names.values))
-        and (protected is None or ("true" if e.protected else "false") in protected.values)
-    }
-    return tuple(sorted(found))
+@dataclass(frozen=True)
+class _Facet:
+    """Refs or environments: what a subject can ask of a project that GitLab knows the current state of."""
+
+    claim: str  # the claim narrowed to names GitLab has now
+    protected_claim: str
+    type_claim: str | None
+    items: Callable[[Project], list[Item] | None]
+
+    def asked(self, by_claim: Mapping[str, ClaimMatch]) -> bool:
+        return any(c in by_claim for c in (self.claim, self.protected_claim, self.type_claim) if c)
+
+    def matching(self, items: list[Item], by_claim: Mapping[str, ClaimMatch]) -> tuple[str, ...]:
+        names = by_claim.get(self.claim)
+        types = by_claim.get(self.type_claim) if self.type_claim else None
+        protected = by_claim.get(self.protected_claim)
+        found = {
+            name
+            for name, kind, is_protected in items
+            if (names is None or _matches(name, names.values))
+            and (types is None or kind in types.values)
+            and (protected is None or ("true" if is_protected else "false") in protected.values)
+        }
+        return tuple(sorted(found))
+
+    def wanted(self, by_claim: Mapping[str, ClaimMatch]) -> str:
+        claims = (self.claim, self.type_claim, self.protected_claim)
+        parts = [f"{c}={'|'.join(by_claim[c].values)}" for c in claims if c and c in by_claim]
+        return f"{self.claim} with " + ", ".join(parts)
 
 
-def _ref_wanted(by_claim: Mapping[str, ClaimMatch]) -> str:
-    parts = [f"{c}={'|'.join(by_claim[c].values)}" for c in ("ref", "ref_type", "ref_protected") if c in by_claim]
-    return "ref with " + ", ".join(parts)
-
-
-def _env_wanted(by_claim: Mapping[str, ClaimMatch]) -> str:
-    parts = [f"{c}={'|'.join(by_claim[c].values)}" for c in ("environment", "environment_protected") if c in by_claim]
-    return "environment with " + ", ".join(parts)
+_FACETS = (
+    _Facet(
+        "ref",
+        "ref_protected",
+        "ref_type",
+        lambda p: None if p.refs is None else [(r.name, r.type, r.protected) for r in p.refs],
+    ),
+    _Facet(
+        "environment",
+        "environment_protected",
+        None,
+        lambda p: None if p.environments is None else [(e.name, "", e.protected) for e in p.environments],
+    ),
+)
 
 
 def _withdrawn(subject: Subject, why: str) -> PolicyError:
