@@ -373,6 +373,15 @@ def test_envoy_is_stopped_when_the_test_body_raises() -> None:
     assert "starting main dispatch loop" in envoy.log_text()  # the log outlives the temp dir
 
 
+def test_a_reused_workdir_never_reads_the_last_runs_admin_port(tmp_path: Path) -> None:
+    """The demo keeps its Envoy workdir; a second run must wait for the new admin port, not the old one."""
+    bootstrap = {"node": {"id": "t", "cluster": "t"}, "static_resources": {}}
+    with EnvoyProcess(bootstrap, name="first", workdir=tmp_path, keep_workdir=True) as first:
+        old = first.admin_url
+    with EnvoyProcess(bootstrap, name="second", workdir=tmp_path, keep_workdir=True, ready_timeout=10) as second:
+        assert second.ready_state() == "LIVE" and second.admin_url != old
+
+
 def test_rendered_bootstrap_is_valid_for_envoy() -> None:
     for host in ("127.0.0.1", "controlplane.infra.svc.cluster.local"):
         ok, output = validate_config(bootstrap_yaml(group="n", node_id="y", xds_host=host, xds_port=18000))

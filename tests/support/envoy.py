@@ -159,6 +159,8 @@ class EnvoyProcess:
             self.workdir = self._workdir_arg
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        # A reused workdir (the demo's) still holds the last run's admin address: never read a stale port.
+        self._path("admin-address").unlink(missing_ok=True)
         # JSON, not YAML: Envoy's YAML 1.1 loader turns an unquoted ``n`` into false; JSON has no such traps.
         self.bootstrap_path.write_text(json.dumps(self.bootstrap, indent=1))
         on_main = threading.current_thread() is threading.main_thread()
