@@ -84,6 +84,9 @@ class Backend:
     request_timeout_ms: int
     public_paths: tuple[str, ...]
     source: Source
+    # "any": GitLab ID tokens (per bindings) or exchanged credentials; "exchanged": only credentials the
+    # control plane issued (raw ID tokens are refused, so access ends with the job, not with the token).
+    credentials: str = "any"
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class Binding:
     subjects: tuple[Subject, ...]
     mode: Mode
     source: Source
+    # The longest life of a credential exchanged under this binding (capped by the subject token's own).
+    credential_ttl_seconds: int = 900
 
 
 @dataclass(frozen=True)

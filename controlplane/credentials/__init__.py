@@ -1,0 +1,1 @@
+"""Job-scoped credentials: token exchange, signing keys, revocation."""
