@@ -1,0 +1,536 @@
+"""RFC 8693 token exchange: a GitLab ID token in, a short-lived credential for one backend out. No I/O here.
+
+Why exchange at all: an ID token lives as long as the job timeout and stays valid after the job ends. The
+credential issued here is scoped to one backend and to named roles, lives minutes, names the job it belongs to
+(so a finished job's credentials can be revoked fleet-wide by job_id), and is signed by keys the control plane
+rotates itself.
+
+Authorization is `evaluate.grants_for` over the very grants the compiler turns into Envoy RBAC, so the
+exchange grants a role exactly when Envoy would let the same ID token through under that role.
+
+Errors follow RFC 6749 §5.2 (JSON `error`, `error_description`, status 400). A description never echoes a
+request value unless it is a plain policy name (`^[a-z0-9-]+$`), which no token can be.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import jwt
+
+from controlplane.compiler.grants import GrantIndex
+from controlplane.compiler.names import policy_name
+from controlplane.compiler.rbac import GrantSpec
+from controlplane.credentials import metrics
+from controlplane.credentials.evaluate import grants_for
+from controlplane.credentials.keys import ALGORITHM, SigningKeys
+from controlplane.model.credentials import CREDENTIAL_ISSUER
+from controlplane.model.policy import Policy
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+SUBJECT_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN})
+REQUESTED_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN})
+SUBJECT_ALGORITHMS = frozenset({"RS256", "ES256"})
+# What identifies the job in the credential: Envoy logs and forwards them, revocation keys on job_id.
+COPIED_CLAIMS = (
+    "job_id",
+    "pipeline_id",
+    "project_id",
+    "project_path",
+    "namespace_id",
+    "ref",
+    "ref_type",
+    "ref_protected",
+    "environment",
+    "user_login",
+)
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LIFETIME = re.compile(r"^[0-9]{1,9}$")
+_LIFETIME_PARAMETERS = ("requested_token_lifetime", "expires_in")
+
+
+# -- what the service knows, rebuilt on every policy change
+
+
+@dataclass(frozen=True)
+class ExchangeIssuer:
+    name: str
+    url: str  # the subject tokens' exact `iss`
+    audiences: frozenset[str]  # `aud` a subject token may carry: the audiences of the backends it may reach
+    clock_skew: float
+
+
+@dataclass(frozen=True)
+class ExchangeGrant:
+    """One GrantSpec with what the exchange needs beside it: the role it stands for and its binding's TTL."""
+
+    binding: str
+    role: str
+    ttl: int
+    spec: GrantSpec
+
+
+@dataclass(frozen=True)
+class ExchangeBackend:
+    name: str
+    audience: str
+    roles: tuple[str, ...]  # every role defined on this backend
+    grants: tuple[ExchangeGrant, ...]
+
+    @cached_property
+    def specs(self) -> tuple[GrantSpec, ...]:
+        return tuple(g.spec for g in self.grants)
+
+    @cached_property
+    def by_policy_name(self) -> Mapping[str, ExchangeGrant]:
+        return {g.spec.policy_name: g for g in self.grants}
+
+
+@dataclass(frozen=True)
+class ExchangePolicy:
+    issuers: tuple[ExchangeIssuer, ...]
+    backends: tuple[ExchangeBackend, ...]
+
+    @classmethod
+    def build(cls, policy: Policy, index: GrantIndex) -> ExchangePolicy:
+        """From the policy and the compiler's grant index (the same GrantSpecs Envoy's RBAC is built from)."""
+        bindings = {b.name: b for b in policy.bindings}
+        owner: dict[tuple[str, str], tuple[str, str]] = {}  # (backend, policy name) -> (binding, role)
+        roles = {r.name: r for r in policy.roles}
+        for granting in policy.bindings:
+            for role in granting.roles:
+                owner[(roles[role].backend, policy_name(granting.name, role))] = (granting.name, role)
+        backends = []
+        for backend in policy.backends:
+            grants = []
+            for spec in index.grants(backend.name):
+                binding, role = owner[(backend.name, spec.policy_name)]
+                grants.append(ExchangeGrant(binding, role, bindings[binding].credential_ttl_seconds, spec))
+            backend_roles = tuple(sorted(r.name for r in policy.roles if r.backend == backend.name))
+            backends.append(ExchangeBackend(backend.name, backend.audience, backend_roles, tuple(grants)))
+        issuers = tuple(
+            ExchangeIssuer(
+                issuer.name,
+                issuer.url,
+                frozenset(b.audience for b in policy.backends if issuer.name in index.issuers(b.name)),
+                float(issuer.clock_skew_seconds),
+            )
+            for issuer in policy.issuers
+        )
+        return cls(issuers, tuple(backends))
+
+    def issuer_by_url(self, url: str) -> ExchangeIssuer | None:
+        return next((i for i in self.issuers if i.url == url), None)
+
+    def backends_named(self, target: str) -> list[ExchangeBackend]:
+        """A backend by name, else every backend with that audience (more than one is ambiguous)."""
+        by_name = [b for b in self.backends if b.name == target]
+        return by_name or [b for b in self.backends if b.audience == target]
+
+
+# -- results
+
+
+@dataclass(frozen=True)
+class ExchangeResult:
+    """The HTTP answer, and what may be logged about it (never a token)."""
+
+    status: int
+    body: dict[str, Any] = field(repr=False)
+    result: str  # metric label: granted, or the refusal
+    backend: str | None = None
+    project_id: str | None = None
+    job_id: str | None = None
+    roles: tuple[str, ...] = ()
+    jti: str | None = None  # the issued credential's
+
+    @property
+    def granted(self) -> bool:
+        return self.result == "granted"
+
+
+class Refused(Exception):
+    """An RFC 6749 §5.2 error. `result` is the metric label (a replay is `invalid_grant` on the wire)."""
+
+    def __init__(self, error: str, description: str, *, result: str | None = None, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.result = result or error
+        self.status = status
+
+
+def _invalid_request(description: str) -> Refused:
+    return Refused("invalid_request", description)
+
+
+def _invalid_grant(description: str) -> Refused:
+    return Refused("invalid_grant", description)
+
+
+def _named(value: str) -> str:
+    """A request value fit to echo: only a policy name, never anything that could be a token."""
+    return repr(value) if _NAME.match(value) else "(not a valid name)"
+
+
+# -- the request
+
+
+@dataclass(frozen=True)
+class ExchangeRequest:
+    subject_token: str = field(repr=False)
+    targets: tuple[str, ...]  # `audience` and/or `resource`
+    scope: tuple[str, ...]  # empty: every role granted
+    lifetime: int | None
+
+    @classmethod
+    def parse(cls, form: Mapping[str, str]) -> ExchangeRequest:
+        grant_type = form.get("grant_type")
+        if not grant_type:
+            raise _invalid_request("grant_type is required")
+        if grant_type != GRANT_TYPE:
+            raise Refused("unsupported_grant_type", f"only {GRANT_TYPE} is supported", result="invalid_request")
+        token = form.get("subject_token", "")
+        if not token:
+            raise _invalid_request("subject_token is required")
+        if form.get("subject_token_type") not in SUBJECT_TOKEN_TYPES:
+            raise _invalid_request(f"subject_token_type must be {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ID_TOKEN}")
+        if form.get("requested_token_type", TOKEN_TYPE_JWT) not in REQUESTED_TOKEN_TYPES:
+            raise _invalid_request(f"requested_token_type must be {TOKEN_TYPE_JWT} if given")
+        if "actor_token" in form or "actor_token_type" in form:
+            raise _invalid_request("delegation (actor_token) is not supported")
+        targets = tuple(form[name] for name in ("audience", "resource") if form.get(name))
+        if not targets:
+            raise _invalid_request("audience or resource must name a backend")
+        return cls(token, targets, tuple(sorted(set(form.get("scope", "").split()))), _lifetime(form))
+
+
+def _lifetime(form: Mapping[str, str]) -> int | None:
+    asked = [form[name] for name in _LIFETIME_PARAMETERS if name in form]
+    for value in asked:
+        if not _LIFETIME.match(value) or int(value) == 0:
+            raise _invalid_request("requested_token_lifetime must be a positive number of seconds")
+    return min((int(v) for v in asked), default=None)
+
+
+# -- the exchange
+
+
+class TokenExchange:
+    """Validates, authorizes and issues; remembers subject-token uses (replay) and issued credentials (revocation).
+
+    `issuer_keys(name)` is the JWKS the control plane relays for that issuer; `policy()` the current
+    `ExchangePolicy`, None while none is loaded. Not thread-safe: call it from the control plane's event loop
+    (an exchange is a signature check and a signature, well under a millisecond).
+    """
+
+    def __init__(
+        self,
+        *,
+        keys: SigningKeys,
+        issuer_keys: Callable[[str], str | None],
+        policy: Callable[[], ExchangePolicy | None],
+        clock: Callable[[], float] = time.time,
+        max_uses_per_subject: int = 3,
+        credential_issuer: str = CREDENTIAL_ISSUER,
+        max_tracked_subjects: int = 100_000,
+    ) -> None:
+        self._keys = keys
+        self._issuer_keys = issuer_keys
+        self._policy = policy
+        self._clock = clock
+        self.max_uses_per_subject = max_uses_per_subject
+        self.credential_issuer = credential_issuer
+        self._uses = _ExpiringCounts(max_tracked_subjects)
+        self._issued = _IssuedIndex()
+        metrics.track_active_credentials(lambda: self._issued.active(self._clock()))
+
+    # -- revocation support
+
+    def credentials_of(self, job_id: str) -> list[tuple[str, float]]:
+        """(jti, exp) of this job's credentials that have not expired yet."""
+        return self._issued.of(job_id, self._clock())
+
+    def latest_expiry(self, job_id: str) -> float | None:
+        """When the job's last credential expires: a deny entry on the job is useless after it."""
+        return max((exp for _, exp in self.credentials_of(job_id)), default=None)
+
+    def active_credentials(self) -> int:
+        return self._issued.active(self._clock())
+
+    # -- the exchange
+
+    def exchange(self, form: Mapping[str, str]) -> ExchangeResult:
+        context: dict[str, Any] = {}
+        try:
+            result = self._exchange(form, context)
+        except Refused as refusal:
+            body = {"error": refusal.error, "error_description": refusal.description}
+            result = ExchangeResult(refusal.status, body, refusal.result, **context)
+        metrics.count_exchange(result.result)
+        return result
+
+    def _exchange(self, form: Mapping[str, str], context: dict[str, Any]) -> ExchangeResult:
+        policy = self._policy()
+        if policy is None:
+            raise Refused("temporarily_unavailable", "no policy is loaded yet", result="unavailable", status=503)
+        request = ExchangeRequest.parse(form)
+        now = self._clock()
+        claims, issuer = self._validate_subject(request.subject_token, policy, now)
+        context.update(project_id=_string(claims, "project_id"), job_id=_string(claims, "job_id"))
+        backend = _target(policy, request.targets)
+        context["backend"] = backend.name
+        subject = (issuer.url, claims["jti"])
+        if self._uses.count(subject, now) >= self.max_uses_per_subject:
+            raise Refused("invalid_grant", "the subject token was exchanged too many times", result="replayed")
+        roles, policy_ttl = _authorize(claims, backend, request.scope)
+        context["roles"] = roles
+        remaining = int(claims["exp"] - now)
+        ttl = min(policy_ttl, request.lifetime or policy_ttl, remaining, int(self._keys.max_credential_ttl))
+        if ttl < 1:
+            raise _invalid_grant("the subject token has expired")
+        self._uses.add(subject, claims["exp"] + issuer.clock_skew, now)
+        token, jti, exp = self._issue(claims, backend, roles, ttl, now)
+        self._issued.add(context["job_id"], jti, exp)
+        body = {
+            "access_token": token,
+            "issued_token_type": TOKEN_TYPE_JWT,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+            "scope": " ".join(roles),
+        }
+        return ExchangeResult(200, body, "granted", jti=jti, **context)
+
+    # -- the subject token
+
+    def _validate_subject(
+        self, token: str, policy: ExchangePolicy, now: float
+    ) -> tuple[dict[str, Any], ExchangeIssuer]:
+        """Signature, iss, aud, exp, nbf (with the issuer's clock skew); jti and sub must be strings."""
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise _invalid_grant("the subject token is not a JWT") from None
+        alg = header.get("alg")
+        if alg not in SUBJECT_ALGORITHMS:
+            raise _invalid_grant("the subject token's algorithm is not accepted (RS256 or ES256)")
+        iss = unverified.get("iss")
+        issuer = policy.issuer_by_url(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise _invalid_grant("the subject token's issuer is not trusted")
+        if not issuer.audiences:
+            raise _invalid_grant("no backend accepts tokens of this issuer")
+        claims = self._verified_claims(token, header, issuer)
+        _check_times(claims, issuer.clock_skew, now)
+        if not isinstance(claims["jti"], str) or not claims["jti"]:
+            raise _invalid_grant("the subject token has no jti: its uses could not be counted")
+        return claims, issuer
+
+    def _verified_claims(self, token: str, header: Mapping[str, Any], issuer: ExchangeIssuer) -> dict[str, Any]:
+        keys = _candidate_keys(self._issuer_keys(issuer.name), header)
+        if not keys:
+            raise _invalid_grant("the subject token's signing key is not known")
+        failure: Refused = _invalid_grant("the subject token's signature is not valid")
+        for key in keys:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[header["alg"]],
+                    audience=sorted(issuer.audiences),
+                    issuer=issuer.url,
+                    options={
+                        "verify_exp": False,  # checked against our clock in _check_times
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                        "require": ["iss", "aud", "exp", "sub", "jti"],
+                    },
+                )
+                return claims
+            except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
+                continue
+            except jwt.PyJWTError as error:
+                failure = _invalid_grant(_describe(error))
+                break
+        raise failure
+
+    # -- the credential
+
+    def _issue(
+        self, claims: Mapping[str, Any], backend: ExchangeBackend, roles: tuple[str, ...], ttl: int, now: float
+    ) -> tuple[str, str, int]:
+        key = self._keys.signing_key()
+        issued_at = int(now)
+        jti = str(uuid.uuid4())
+        payload: dict[str, Any] = {
+            "iss": self.credential_issuer,
+            "sub": claims["sub"],
+            "aud": backend.audience,
+            "iat": issued_at,
+            "nbf": issued_at,
+            "exp": issued_at + ttl,
+            "jti": jti,
+            "roles": list(roles),
+            "scope": " ".join(roles),
+            **{name: claims[name] for name in COPIED_CLAIMS if isinstance(claims.get(name), str)},
+            "act": {"sub": claims["sub"], "iss": claims["iss"]},
+        }
+        token = jwt.encode(payload, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"})
+        return token, jti, issued_at + ttl
+
+
+def _candidate_keys(jwks: str | None, header: Mapping[str, Any]) -> list[jwt.PyJWK]:
+    """The relayed keys that may have signed the token: its kid (any key when it names none) and its alg."""
+    if jwks is None:
+        return []
+    try:
+        keys = jwt.PyJWKSet.from_json(jwks).keys
+    except jwt.PyJWTError:
+        return []
+    kid = header.get("kid")
+    return [k for k in keys if (kid is None or k.key_id == kid) and k.algorithm_name == header["alg"]]
+
+
+def _check_times(claims: Mapping[str, Any], skew: float, now: float) -> None:
+    exp, nbf = claims["exp"], claims.get("nbf")
+    if not _is_number(exp) or (nbf is not None and not _is_number(nbf)):
+        raise _invalid_grant("the subject token's exp or nbf is not a number")
+    if now > exp + skew:
+        raise _invalid_grant("the subject token has expired")
+    if nbf is not None and now + skew < nbf:
+        raise _invalid_grant("the subject token is not valid yet")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _describe(error: jwt.PyJWTError) -> str:
+    """Our own words: a library message is not guaranteed never to quote the token."""
+    if isinstance(error, jwt.InvalidAudienceError):
+        return "the subject token's audience is not accepted"
+    if isinstance(error, jwt.InvalidIssuerError):
+        return "the subject token's issuer is not trusted"
+    if isinstance(error, jwt.MissingRequiredClaimError):
+        return f"the subject token has no {error.claim} claim"
+    return "the subject token is not valid"
+
+
+def _string(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _target(policy: ExchangePolicy, targets: Sequence[str]) -> ExchangeBackend:
+    found: set[str] = set()
+    backend: ExchangeBackend | None = None
+    for target in targets:
+        named = policy.backends_named(target)
+        if not named:
+            raise Refused("invalid_target", f"no backend is named {_named(target)} or has that audience")
+        if len(named) > 1:
+            raise Refused("invalid_target", "several backends have this audience: name the backend")
+        backend = named[0]
+        found.add(backend.name)
+    if backend is None or len(found) > 1:
+        raise Refused("invalid_target", "audience and resource name different backends")
+    return backend
+
+
+def _authorize(
+    claims: Mapping[str, Any], backend: ExchangeBackend, requested: tuple[str, ...]
+) -> tuple[tuple[str, ...], int]:
+    """The roles to issue and the longest TTL the policy allows for them.
+
+    A role granted by several bindings may live as long as the longest of them; a credential carrying several
+    roles lives no longer than its shortest-lived role, so no role outlives what its own bindings allow.
+    """
+    ttl_by_role: dict[str, int] = {}
+    for spec in grants_for(claims, backend.specs):
+        grant = backend.by_policy_name[spec.policy_name]
+        ttl_by_role[grant.role] = max(ttl_by_role.get(grant.role, 0), grant.ttl)
+    roles = requested or tuple(sorted(ttl_by_role))
+    if not roles:
+        raise Refused("invalid_scope", f"no role on backend {_named(backend.name)} is granted to this token")
+    refused = [r for r in roles if r not in ttl_by_role]
+    if refused:
+        names = ", ".join(_named(r) for r in refused)
+        raise Refused("invalid_scope", f"not granted on backend {_named(backend.name)}: {names}")
+    return roles, min(ttl_by_role[r] for r in roles)
+
+
+# -- bounded in-memory records
+
+
+class _ExpiringCounts:
+    """How often each subject token was exchanged, forgotten once the token has expired.
+
+    Bounded: when full, a new subject token is refused (fail closed) rather than an old record evicted, which
+    would reopen a replay window.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._counts: dict[tuple[str, str], int] = {}
+        self._expiry: list[tuple[float, tuple[str, str]]] = []
+
+    def count(self, key: tuple[str, str], now: float) -> int:
+        self._prune(now)
+        return self._counts.get(key, 0)
+
+    def add(self, key: tuple[str, str], forget_at: float, now: float) -> None:
+        self._prune(now)
+        if key not in self._counts:
+            if len(self._counts) >= self._capacity:
+                raise Refused(
+                    "temporarily_unavailable", "too many subject tokens in flight", result="unavailable", status=503
+                )
+            heapq.heappush(self._expiry, (forget_at, key))
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _prune(self, now: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            self._counts.pop(key, None)
+
+
+class _IssuedIndex:
+    """Unexpired credentials by job_id (None for tokens without one), pruned as they expire."""
+
+    def __init__(self) -> None:
+        self._by_job: dict[str | None, dict[str, float]] = {}
+        self._expiry: list[tuple[float, str, str | None]] = []
+        self._count = 0
+
+    def add(self, job_id: str | None, jti: str, exp: float) -> None:
+        self._by_job.setdefault(job_id, {})[jti] = exp
+        heapq.heappush(self._expiry, (exp, jti, job_id))
+        self._count += 1
+
+    def of(self, job_id: str, now: float) -> list[tuple[str, float]]:
+        self._prune(now)
+        return sorted(self._by_job.get(job_id, {}).items(), key=lambda item: (item[1], item[0]))
+
+    def active(self, now: float) -> int:
+        self._prune(now)
+        return self._count
+
+    def _prune(self, now: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, jti, job_id = heapq.heappop(self._expiry)
+            credentials = self._by_job[job_id]
+            del credentials[jti]
+            self._count -= 1
+            if not credentials:
+                del self._by_job[job_id]

@@ -1,0 +1,131 @@
+"""The token-exchange endpoint over HTTP: `POST EXCHANGE_PATH`, form-encoded, answered with `no-store`.
+
+`routes()` mounts it into another aiohttp application; `start`/`stop` serve it alone (gateways route
+EXCHANGE_PATH here). Tokens travel only in the request body: a query string is refused so no token ever lands
+in an access log, and nothing logged here holds one (only backend, project, job, roles and credential jti).
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from controlplane.credentials import metrics
+from controlplane.credentials.exchange import ExchangeResult, TokenExchange
+from controlplane.model.credentials import EXCHANGE_PATH
+
+log = logging.getLogger("controlplane.credentials")
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+MAX_BODY_BYTES = 16 * 1024  # an ID token is 1-2 kB; the whole form is far below this
+MAX_FIELDS = 32
+# RFC 6749 §5.1: token responses must never be cached, errors included.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class BadForm(Exception):
+    """The HTTP request itself is unusable; the message is safe to return and log."""
+
+    def __init__(self, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.status = status
+
+
+class ExchangeEndpoint:
+    def __init__(self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES) -> None:
+        self.exchange = exchange
+        self.max_body = max_body
+        self._runner: web.AppRunner | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(EXCHANGE_PATH, self.handle)]
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve alone; returns the bound port (useful with port 0)."""
+        if self._runner is not None:
+            raise RuntimeError("exchange endpoint already started")
+        app = web.Application()
+        app.add_routes(self.routes())
+        runner = web.AppRunner(app, access_log=None)  # handle() logs each exchange itself
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = int(runner.addresses[0][1])
+        log.info("token exchange listening on %s:%d%s", host, bound, EXCHANGE_PATH)
+        return bound
+
+    async def stop(self) -> None:
+        """Safe to call twice or before `start`."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            form = await self._read_form(request)
+        except BadForm as bad:
+            metrics.count_exchange("invalid_request")
+            log.info("token exchange refused (invalid_request): %s", bad)
+            return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
+        result = self.exchange.exchange(form)
+        _log(result)
+        return _json(result.body, result.status)
+
+    async def _read_form(self, request: web.Request) -> dict[str, str]:
+        if request.query_string:
+            raise BadForm("parameters belong in the request body, never in the URL")
+        if request.content_type != FORM_CONTENT_TYPE:
+            raise BadForm(f"the body must be {FORM_CONTENT_TYPE}")
+        body = await _read_bounded(request, self.max_body)
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FIELDS)
+        except (UnicodeDecodeError, ValueError):
+            raise BadForm("the body is not a valid form") from None
+        form = dict(pairs)
+        if len(form) != len(pairs):
+            raise BadForm("a parameter is repeated (RFC 6749 §3.2)")
+        return form
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    too_large = BadForm(f"the body is over {limit} bytes", status=413)
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(4096):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _json(body: dict[str, object], status: int) -> web.Response:
+    return web.json_response(body, status=status, headers=NO_STORE)
+
+
+def _log(result: ExchangeResult) -> None:
+    if result.granted:
+        log.info(
+            "token exchange granted: backend=%s project_id=%s job_id=%s roles=%s credential_jti=%s",
+            result.backend,
+            result.project_id,
+            result.job_id,
+            ",".join(result.roles),
+            result.jti,
+        )
+        return
+    log.info(
+        "token exchange refused (%s): backend=%s project_id=%s job_id=%s roles=%s: %s",
+        result.result,
+        result.backend,
+        result.project_id,
+        result.job_id,
+        ",".join(result.roles) or "-",
+        result.body.get("error_description"),
+    )

@@ -1,0 +1,64 @@
+"""Metrics of the credentials service, on the control plane's registry.
+
+The gauges read live state at scrape time (`set_function`) rather than being pushed: "active credentials"
+and "key age" change with the clock alone, and a pushed value would be stale between exchanges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import Counter, Gauge
+
+from controlplane.admin.metrics import REGISTRY
+
+RESULTS: Final = (
+    "granted",
+    "invalid_request",
+    "invalid_grant",
+    "invalid_target",
+    "invalid_scope",
+    "replayed",
+    "unavailable",
+)
+
+EXCHANGES = Counter(
+    "controlplane_credential_exchanges_total",
+    "Token exchanges by result: granted, or the refusal (replayed = subject token used too often; "
+    "unavailable = no policy or key loaded yet).",
+    ["result"],
+    registry=REGISTRY,
+)
+ACTIVE = Gauge(
+    "controlplane_credentials_active",
+    "Credentials issued by this process and not yet expired.",
+    registry=REGISTRY,
+)
+KEY_AGE = Gauge(
+    "controlplane_signing_key_age_seconds",
+    "Seconds since the current signing key started signing.",
+    registry=REGISTRY,
+)
+KEYS_PUBLISHED = Gauge(
+    "controlplane_signing_keys_published",
+    "Signing keys in the JWKS pushed to Envoy: the signing key, the next one, and retired keys whose "
+    "credentials may still be alive.",
+    registry=REGISTRY,
+)
+
+for _result in RESULTS:
+    EXCHANGES.labels(_result)  # every series exists from the start, so rate() sees the first refusal
+
+
+def count_exchange(result: str) -> None:
+    EXCHANGES.labels(result).inc()
+
+
+def track_active_credentials(read: Callable[[], int]) -> None:
+    ACTIVE.set_function(read)
+
+
+def track_signing_keys(age: Callable[[], float], published: Callable[[], int]) -> None:
+    KEY_AGE.set_function(age)
+    KEYS_PUBLISHED.set_function(published)

@@ -1,0 +1,122 @@
+"""Job-scoped credentials at run time: signing keys on a schedule, the exchange endpoint, revocations.
+
+What the compiler is told (`inputs()`) changes when a key is published or retired and when a job's access
+is revoked or ages out; each change triggers one recompile. The same object is returned until something
+changes, so the compiler's memo stays warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.credentials.exchange import ExchangePolicy, TokenExchange
+from controlplane.credentials.http import ExchangeEndpoint
+from controlplane.credentials.keys import FileKeyStore, SigningKeys
+from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
+from controlplane.model.credentials import CredentialInputs
+from controlplane.sources.webhooks import GitLabEvent, JobEvent
+
+log = logging.getLogger("controlplane.credentials")
+
+
+@dataclass(frozen=True)
+class CredentialOptions:
+    listen: tuple[str, int]  # the exchange endpoint (direct access)
+    public: tuple[str, int]  # what gateways route the exchange path to
+    state_dir: Path
+    rotate_every: float = 86_400.0
+    max_credential_ttl: float = 3_600.0
+    publish_lead: float = 1.0  # a new key is in every Envoy's config this long before it signs
+    # After a job ends, its raw ID tokens are denied for this long too (0: only exchanged credentials).
+    # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
+    deny_id_tokens_for: float = 3 * 3_600.0
+
+
+class CredentialService:
+    def __init__(
+        self,
+        options: CredentialOptions,
+        *,
+        issuer_keys: Callable[[str], str | None],
+        policy: Callable[[], ExchangePolicy | None],
+        on_change: Callable[[], Awaitable[object]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self.on_change = on_change
+        self.clock = clock
+        self.keys = SigningKeys(
+            FileKeyStore(options.state_dir / "signing-keys.json"),
+            rotate_every=options.rotate_every,
+            max_credential_ttl=options.max_credential_ttl,
+            publish_lead=options.publish_lead,
+            clock=clock,
+        )
+        self.exchange = TokenExchange(keys=self.keys, issuer_keys=issuer_keys, policy=policy, clock=clock)
+        self.endpoint = ExchangeEndpoint(self.exchange)
+        self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
+        self._inputs: CredentialInputs | None = None
+        self._wake = asyncio.Event()
+        self.port = 0
+
+    def inputs(self) -> CredentialInputs:
+        fresh = CredentialInputs(
+            jwks=self.keys.published_jwks(),
+            exchange_address=self.options.public,
+            revoked_jobs=self.revocations.active(),
+        )
+        if fresh != self._inputs:
+            self._inputs = fresh
+        return self._inputs
+
+    async def start(self) -> int:
+        self.keys.rotate_if_due()
+        self.port = await self.endpoint.start(*self.options.listen)
+        log.info(
+            "token exchange on http://%s:%d (gateways route it to %s:%d)",
+            *self.options.listen[:1],
+            self.port,
+            *self.options.public,
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        await self.endpoint.stop()
+
+    async def on_event(self, event: GitLabEvent) -> None:
+        """A job reached a terminal status: deny its job_id until nothing it holds could be valid."""
+        if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
+            return
+        job = str(event.job_id)
+        until = max(self.exchange.latest_expiry(job) or 0.0, self.clock() + self.options.deny_id_tokens_for)
+        if self.revocations.revoke(job, until):
+            log.info("job %s %s: access revoked fleet-wide until %s", job, event.status, time.ctime(until))
+            await self.on_change()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Rotate keys and age out revocations exactly when due."""
+        while not stop.is_set():
+            changed = self.keys.rotate_if_due()
+            changed = self.revocations.prune() or changed
+            if changed:
+                await self.on_change()
+            due = [self.keys.next_change_at(), self.revocations.next_expiry() or float("inf")]
+            delay = max(0.05, min(due) - self.clock())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=min(delay, 60.0))
+            except TimeoutError:
+                pass
+
+    def status(self) -> dict[str, object]:
+        return {
+            "exchange": f"{self.options.listen[0]}:{self.port}",
+            "signing_key_age_seconds": round(self.keys.signing_key_age(), 1),
+            "published_keys": len(self.keys.keys),
+            "active_credentials": self.exchange.active_credentials(),
+            **self.revocations.status(),
+        }
