@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from controlplane.admin import metrics
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
+from controlplane.credentials.exchange import ExchangePolicy
+from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
 from controlplane.model.load import parse_policy
@@ -58,9 +60,13 @@ def compile_model(
     previous: Mapping[str, Snapshot] | None = None,
     keys: Mapping[str, str] | None = None,
     pins: Pins | None = None,
+    *,
+    credentials: CredentialInputs | None = None,
 ) -> dict[str, Snapshot]:
-    """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`."""
-    compiled = compile_policy(policy, memo, keys, pins)
+    """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`.
+
+    `credentials`: the control plane's own credential inputs (see compile_policy)."""
+    compiled = compile_policy(policy, memo, keys, pins, credentials)
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
@@ -104,6 +110,11 @@ class PolicyService:
         self._policy: Policy | None = None  # the policy in service (last good), before live inputs
         self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
+        # The control plane's own credentials (signing keys, revoked jobs, exchange route); set by serve.
+        self.credentials: Callable[[], CredentialInputs | None] = lambda: None
+        # What the token exchange evaluates: built from the same grants as the snapshot in service.
+        self.exchange_policy: ExchangePolicy | None = None
+        self._pending_exchange: ExchangePolicy | None = None
         self._clock = clock
         self._lock = asyncio.Lock()
 
@@ -193,8 +204,13 @@ class PolicyService:
 
     def _compile(self, policy: Policy) -> dict[str, Snapshot]:
         model = self._with_live_inputs(policy)
-        snapshots = compile_model(model, self._memo, self._snapshots, self._keys, self._pins)
+        snapshots = compile_model(
+            model, self._memo, self._snapshots, self._keys, self._pins, credentials=self.credentials()
+        )
         self._note_resolution()
+        # Built here, under the compile lock, from the grant index this very compile produced; published with
+        # the snapshots, so the exchange never grants what Envoy is not told (or the reverse).
+        self._pending_exchange = ExchangePolicy.build(model, self._memo.grant_index)
         return snapshots
 
     def _with_live_inputs(self, policy: Policy) -> Policy:
@@ -250,6 +266,7 @@ class PolicyService:
 
     def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
         self._snapshots = snapshots
+        self.exchange_policy = self._pending_exchange
         for group in sorted(set(self.state.versions) - set(snapshots)):
             # A gateway removed from the policy: its Envoys now get nothing (never another group's config).
             self.cache.set(Snapshot.empty(group))

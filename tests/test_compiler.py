@@ -81,10 +81,11 @@ def test_backend_without_bindings_denies_everything_explicitly() -> None:
     manager = connection_manager(group)  # type: ignore[arg-type]
     assert [f.name for f in manager.http_filters] == [
         "envoy.filters.http.jwt_authn",
+        "controlplane.revocations",
         "envoy.filters.http.rbac",
         "envoy.filters.http.router",
     ]
-    assert "rules" in as_json(manager.http_filters[1].typed_config)
+    assert "rules" in as_json(manager.http_filters[2].typed_config)
 
 
 def test_claims_compile_to_strings_and_pins_to_ids() -> None:
@@ -221,3 +222,27 @@ subjects:
     text = as_json(vhost_rbac(compile_with(bindings, okta=okta)["gw"], "billing"))  # type: ignore[arg-type]
     assert '"one_of"' in text and '"exact": "admins"' in text
     assert "merge_request_event" not in text
+
+
+def test_backend_credentials_key_defaults_to_any_and_names_the_allowed_values() -> None:
+    exchanged = BACKENDS.replace("name: ledger\n", "name: ledger\ncredentials: exchanged\n")
+    policy = policy_of(issuer=ISSUER, inventory=INVENTORY, backends=exchanged, bindings=BINDING)
+    assert {b.name: b.credentials for b in policy.backends} == {"billing": "any", "ledger": "exchanged"}
+    with pytest.raises(PolicyInvalid) as raised:
+        policy_of(
+            issuer=ISSUER,
+            inventory=INVENTORY,
+            backends=BACKENDS.replace("name: ledger\n", "name: ledger\ncredentials: exchange\n"),
+        )
+    (error,) = raised.value.errors
+    assert (error.file, error.line, error.field) == ("backends.yaml", 9, "credentials")
+    assert error.message == "unknown credentials 'exchange' (did you mean 'exchanged'?); allowed: any, exchanged"
+
+
+def test_without_credentials_every_listener_has_the_revocation_filter_and_no_host_lists_jobs() -> None:
+    group = compile_with(BINDING)["gw"]
+    assert [f.name for f in connection_manager(group).http_filters].index("controlplane.revocations") == 1  # type: ignore[arg-type]
+    for host in routes(group).virtual_hosts:  # type: ignore[arg-type]
+        assert "controlplane.revocations" not in host.typed_per_filter_config
+        assert all(r.match.path != "/.controlplane/token" for r in host.routes)
+    assert set(jwt_authentication(group).providers) == {"gitlab"}  # type: ignore[arg-type]

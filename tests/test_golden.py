@@ -61,7 +61,8 @@ def _as_static_bootstrap(snapshot: Snapshot) -> dict[str, Any]:
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         manager["route_config"] = routes[manager.pop("rds")["route_config_name"]]
         for log in manager.get("access_log", []):
-            log["typed_config"]["path"] = "/dev/null"
+            if "path" in log["typed_config"]:  # file loggers; the gRPC one (ALS) has no path
+                log["typed_config"]["path"] = "/dev/null"
     return {"static_resources": {"clusters": clusters, "listeners": listeners}}
 
 

@@ -1098,3 +1098,24 @@ def test_policy_dir_reports_files_that_are_not_utf8(tmp_path: Path) -> None:
         read_policy_dir(tmp_path)
     assert [(e.file, e.line) for e in raised.value.errors] == [("bad.yaml", 1)]
     assert "not UTF-8" in raised.value.errors[0].message
+
+
+def test_binding_credential_ttl() -> None:
+    binding = """kind: Binding
+name: b
+issuer: gitlab
+roles: [r]
+credential_ttl: 10m
+subjects: [{project: 42}]
+"""
+    files = {
+        "i.yaml": "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n",
+        "r.yaml": "kind: Backend\nname: x\nhosts: [x.local]\nendpoints: [{address: 127.0.0.1, port: 1}]\n---\n"
+        "kind: Role\nname: r\nbackend: x\nrules: [{methods: [GET]}]\n",
+        "b.yaml": binding,
+    }
+    assert parse_policy(files).bindings[0].credential_ttl_seconds == 600
+    files["b.yaml"] = binding.replace("10m", "5s")
+    with pytest.raises(PolicyInvalid) as raised:
+        parse_policy(files)
+    assert raised.value.errors[0].field == "credential_ttl" and raised.value.errors[0].line == 5

@@ -28,6 +28,7 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.status import add_status_arguments
 
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
@@ -72,10 +73,35 @@ def _parser() -> argparse.ArgumentParser:
     repo.add_argument("--gitlab-token-env", help="environment variable holding a read_api + api (statuses) token")
     repo.add_argument("--gitlab-token-file", help="file holding that token")
     repo.add_argument("--policy-poll", type=float, default=60.0, help="seconds between checks of the policy head")
+    creds = serve.add_argument_group("job-scoped credentials (token exchange)")
+    creds.add_argument(
+        "--exchange-address",
+        type=_host_port,
+        default=_host_port("127.0.0.1:9904"),
+        help="HOST:PORT the token exchange listens on (also routed by every gateway at /.controlplane/token)",
+    )
+    creds.add_argument(
+        "--exchange-public-address", type=_host_port, help="what gateways dial (default: --exchange-address)"
+    )
+    creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
+    creds.add_argument("--key-rotation", type=float, default=86_400.0, help="seconds between signing-key rotations")
+    creds.add_argument("--max-credential-ttl", type=float, default=3_600.0, help="upper bound of any credential's life")
+    creds.add_argument(
+        "--deny-id-tokens-for",
+        type=float,
+        default=10_800.0,
+        help="after a job ends, also deny its raw ID tokens for this many seconds (its timeout); 0: credentials only",
+    )
+    audit = serve.add_argument_group("audit trail")
+    audit.add_argument("--audit-db", type=Path, help="SQLite file (default: <state dir>/audit.sqlite3)")
+    audit.add_argument("--audit-retention", type=float, default=30 * 86_400.0, help="seconds audit records are kept")
     hooks = serve.add_argument_group("GitLab webhooks")
     hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
     hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
     hooks.add_argument("--webhook-secret-file", help="file holding webhook secret token(s), one per line")
+
+    audit_cmd = commands.add_parser("audit", help="what did a job (or project) do? reads the audit trail")
+    add_audit_arguments(audit_cmd)
 
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
@@ -143,6 +169,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
+    from controlplane.credentials.service import CredentialOptions
 
     policy_gitlab = None
     if args.policy_project:
@@ -172,6 +199,18 @@ def _serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         policy_gitlab=policy_gitlab,
         webhooks=webhooks,
+        credentials=None
+        if args.no_exchange
+        else CredentialOptions(
+            listen=args.exchange_address,
+            public=args.exchange_public_address or args.exchange_address,
+            state_dir=args.state_dir,
+            rotate_every=args.key_rotation,
+            max_credential_ttl=args.max_credential_ttl,
+            deny_id_tokens_for=args.deny_id_tokens_for,
+        ),
+        audit_db=args.audit_db,
+        audit_retention=args.audit_retention,
     )
     return asyncio.run(serve(options))
 
@@ -193,7 +232,14 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from controlplane.cli.audit import run_audit
+
+    return run_audit(args)
+
+
 _COMMANDS = {
+    "audit": _audit,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,

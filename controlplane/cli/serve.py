@@ -10,6 +10,9 @@ from pathlib import Path
 
 from controlplane import __version__
 from controlplane.admin.http import AdminServer
+from controlplane.audit.als import AccessLogService
+from controlplane.audit.store import AuditStore
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
 from controlplane.service import PolicyService
@@ -20,7 +23,7 @@ from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.pins import PinStore
 from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.watch import watch_policy_dir
-from controlplane.sources.webhooks import WebhookReceiver, secrets_from
+from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import XdsServer
 
@@ -65,6 +68,9 @@ class ServeOptions:
     state_dir: Path = Path(".controlplane")
     policy_gitlab: GitLabPolicyOptions | None = None
     webhooks: WebhookOptions | None = None
+    credentials: CredentialOptions | None = None
+    audit_db: Path | None = None  # default: <state_dir>/audit.sqlite3
+    audit_retention: float = 30 * 86_400.0
 
 
 class ControlPlane:
@@ -87,16 +93,34 @@ class ControlPlane:
             pin_store=PinStore(options.state_dir / "pins.json"),
         )
         self.keys = KeyRelay(self.policy.set_keys, refresh_interval=options.jwks_refresh)
+        self.credentials = (
+            CredentialService(
+                options.credentials,
+                issuer_keys=lambda issuer: self.keys.keys.get(issuer),
+                policy=lambda: self.policy.exchange_policy,
+                on_change=lambda: self.policy.recompile("credentials changed"),
+            )
+            if options.credentials
+            else None
+        )
+        if self.credentials is not None:
+            self.policy.credentials = self.credentials.inputs
         self.webhooks = (
             WebhookReceiver(
                 secrets=secrets_from(options.webhooks.secret_env, options.webhooks.secret_file),
-                on_event=self.gitlab.on_event,
+                on_event=self._on_webhook,
             )
             if options.webhooks
             else None
         )
         self.webhook_port = 0
-        self.xds = XdsServer(self.cache, self.registry, log=logging.getLogger("controlplane.xds"))
+        self.audit = AuditStore(
+            options.audit_db or options.state_dir / "audit.sqlite3", retention=options.audit_retention
+        )
+        self.als = AccessLogService(self.audit)
+        self.xds = XdsServer(
+            self.cache, self.registry, log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
+        )
         self.admin = AdminServer(
             status=self.status,
             ready=lambda: self.policy.ready,
@@ -104,6 +128,7 @@ class ControlPlane:
             port=options.admin_port,
         )
         self.stopping = asyncio.Event()
+        self._credential_loop: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.xds_port = 0
         self.admin_port = 0
@@ -114,6 +139,7 @@ class ControlPlane:
             "policy": self.policy.status(),
             "jwks": self.keys.status(),
             "gitlab": self.gitlab.status(),
+            "credentials": self.credentials.status() if self.credentials else None,
             "proxies": self.registry.status(),
             "summary": self.registry.summary(),
         }
@@ -135,6 +161,9 @@ class ControlPlane:
         self._watcher = asyncio.create_task(watcher)
         self._watcher.add_done_callback(self._watcher_done)
         await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if self.credentials is not None:
+            await self.credentials.start()  # keys exist (and are compiled in) before anything is served
+            self._credential_loop = asyncio.create_task(self.credentials.run(self.stopping))
         await self.policy.reload_off_loop()
         await self._follow_issuers(wait=self.options.jwks_startup_wait)
         await self.gitlab.settled(self.options.gitlab_startup_wait)
@@ -167,7 +196,13 @@ class ControlPlane:
         await self.gitlab.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self.credentials is not None:
+            await self.credentials.stop()
+            if self._credential_loop is not None:
+                await asyncio.gather(self._credential_loop, return_exceptions=True)
+        await self.als.close()
         await self.xds.stop(self.options.shutdown_grace)
+        await asyncio.to_thread(self.audit.close)
         await self.admin.stop()
         log.info("stopped")
 
@@ -191,6 +226,11 @@ class ControlPlane:
         if current is not None:
             self.gitlab.follow(current, self.policy.pins)
             await self.keys.update(current.issuers, wait=wait)
+
+    async def _on_webhook(self, event: GitLabEvent) -> None:
+        await self.gitlab.on_event(event)
+        if self.credentials is not None:
+            await self.credentials.on_event(event)
 
     async def _on_inventory_change(self) -> None:
         await self.policy.recompile("GitLab inventory changed")

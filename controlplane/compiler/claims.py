@@ -87,7 +87,8 @@ def _claim_value_matcher(value: str, listy: bool) -> value_pb2.ValueMatcher:
     return value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=[single, in_list]))
 
 
-def _claim_principal(claim: str, value: str, listy: bool) -> rbac_pb2.Principal:
+def claim_principal(claim: str, value: str, listy: bool = False) -> rbac_pb2.Principal:
+    """The claim equals `value` (or, `listy`, is a list holding it); uncached, for one-off lists."""
     matcher = metadata_pb2.MetadataMatcher(
         filter=JWT_FILTER,
         path=[
@@ -111,7 +112,7 @@ def condition_principal(condition: Condition) -> rbac_pb2.Principal:
 
     Callers must not mutate the result; protobuf copies it when it is placed into another message.
     """
-    matched = _any_of([_claim_principal(condition.claim, v, condition.listy) for v in condition.values])
+    matched = _any_of([claim_principal(condition.claim, v, condition.listy) for v in condition.values])
     return rbac_pb2.Principal(not_id=matched) if condition.negated else matched
 
 

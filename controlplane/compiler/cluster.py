@@ -1,4 +1,5 @@
-"""Upstream clusters: one per backend, one per REMOTE issuer's JWKS endpoint (relayed keys are inline)."""
+"""Upstream clusters: one per backend, one per REMOTE issuer's JWKS endpoint (relayed keys are inline), and the
+control plane's token exchange when it is enabled."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from controlplane.compiler.names import backend_cluster, jwks_cluster
+from controlplane.compiler.names import EXCHANGE_CLUSTER, backend_cluster, jwks_cluster
 from controlplane.compiler.util import is_ip, millis, packed, seconds
 from controlplane.model.policy import Backend, Endpoint, Issuer
 
@@ -42,7 +43,17 @@ def backend_cluster_config(backend: Backend) -> cluster_pb2.Cluster:
 
 
 def jwks_cluster_config(issuer: Issuer, host: str, port: int, tls: bool) -> cluster_pb2.Cluster:
-    name = jwks_cluster(issuer.name)
+    return _service_cluster(jwks_cluster(issuer.name), host, port, tls)
+
+
+def exchange_cluster_config(host: str, port: int) -> cluster_pb2.Cluster:
+    """The control plane's token-exchange listener. Plain text: CredentialInputs carries no TLS settings (yet),
+    so run it on a trusted network, as the ID tokens it receives cross this hop."""
+    return _service_cluster(EXCHANGE_CLUSTER, host, port, tls=False)
+
+
+def _service_cluster(name: str, host: str, port: int, tls: bool) -> cluster_pb2.Cluster:
+    """A single service the gateway calls by address: no EDS, Envoy resolves a host name itself."""
     cluster = cluster_pb2.Cluster(
         name=name,
         connect_timeout=seconds(2),

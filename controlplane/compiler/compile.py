@@ -6,27 +6,37 @@ makes content-hash versions and golden snapshots work.
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from controlplane.compiler import cluster, jwt, listener, route
+from controlplane.compiler import cluster, jwt, listener, rbac, route
 from controlplane.compiler.grants import GrantIndex
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
+    CREDENTIAL_PROVIDER,
+    EXCHANGE_CLUSTER,
+    EXCHANGED_POLICY_PREFIX,
     backend_cluster,
     jwks_cluster,
     listener_name,
+    provider_name,
     requirement_name,
     route_config_name,
 )
 from controlplane.compiler.rbac import GrantSpec
 from controlplane.compiler.util import serialized
-from controlplane.model.errors import PolicyInvalid
-from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy
+from controlplane.model.credentials import CredentialInputs
+from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy, Role
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+# Backend.credentials: only the control plane's exchanged credentials are accepted (raw ID tokens refused).
+EXCHANGED_ONLY = "exchanged"
 
 Resources = dict[str, list[tuple[str, bytes]]]
 
@@ -44,6 +54,7 @@ def compile_policy(
     memo: CompilerMemo | None = None,
     keys: Mapping[str, str] | None = None,
     pins: Mapping[str, Mapping[str, int]] | None = None,
+    credentials: CredentialInputs | None = None,
 ) -> dict[str, CompiledGroup]:
     """Raises PolicyInvalid when a subject cannot be resolved (unknown path, re-used path, missing pin).
 
@@ -51,16 +62,33 @@ def compile_policy(
     `keys` maps issuer names to the JWKS (canonical JSON) the control plane relays for them; a relayed
     issuer without keys gets a placeholder no token verifies against (fail closed). `pins` are the ids
     project paths resolved to before (issuer → path → id). Warnings (access GitLab withdrew, stale paths)
-    and the pins of this compile are then in `memo.grant_index`.
+    and the pins of this compile are then in `memo.grant_index`. `credentials` are the control plane's own
+    (exchanged credentials, revoked jobs, the exchange endpoint); None: none of them.
     """
     memo = memo or CompilerMemo()
     memo.next_generation()
+    credentials = credentials or CredentialInputs()
     with _no_cyclic_gc():
+        errors = _reserved_name_errors(policy, credentials)
+        if errors:
+            raise PolicyInvalid(errors)
         errors = memo.grant_index.update(policy, pins)
         if errors:
             memo.grant_index = GrantIndex()  # a failed update leaves no half-applied state behind
             raise PolicyInvalid(errors)
-        return {g.name: _compile_gateway(policy, g, memo.grant_index, memo, keys or {}) for g in policy.gateways}
+        shared = _Shared(
+            grants=memo.grant_index,
+            memo=memo,
+            keys=keys or {},
+            credentials=credentials,
+            shape=_credential_shape(
+                credentials.issuer if credentials.jwks else None, bool(credentials.exchange_address)
+            ),
+            roles=_roles_by_backend(policy) if credentials.jwks else {},
+            # Encoded once for every gateway's route configuration (see route.revocations_entry).
+            revocations=_revocations(credentials.revoked_jobs),
+        )
+        return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
 
 
 @contextmanager
@@ -75,6 +103,45 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
+class _CredentialShape(NamedTuple):
+    """What of the credential inputs shapes a backend's own resources: part of its memo key, so revocations
+    and key rotations (which do not change it) never recompile a backend."""
+
+    issuer: str | None  # the exchanged credentials' `iss`; None: no credentials provider
+    exchange: bool  # the token-exchange route is on every host
+
+
+@functools.lru_cache(maxsize=64)
+def _credential_shape(issuer: str | None, exchange: bool) -> _CredentialShape:
+    """Interned: the memo compares inputs by identity, so equal shapes must be the same object."""
+    return _CredentialShape(issuer, exchange)
+
+
+@functools.lru_cache(maxsize=2)
+def _revocations(job_ids: tuple[str, ...]) -> bytes:
+    """The list changes with every finished job, not with every policy change: keep the last one encoded."""
+    return route.revocations_entry(job_ids)
+
+
+@functools.lru_cache(maxsize=256)
+def _interned(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Equal tuples as one object, so a backend without grants (it accepts every issuer) stays memoized."""
+    return names
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every gateway of one compile reads."""
+
+    grants: GrantIndex
+    memo: CompilerMemo
+    keys: Mapping[str, str]
+    credentials: CredentialInputs
+    shape: _CredentialShape
+    roles: Mapping[str, tuple[Role, ...]]  # by backend; only with a credentials provider
+    revocations: bytes
+
+
 @dataclass(frozen=True)
 class _BackendParts:
     """Everything one backend contributes to a gateway's resources, serialized."""
@@ -85,30 +152,40 @@ class _BackendParts:
     endpoints: bytes | None
 
 
-def _compile_gateway(
-    policy: Policy, gateway: Gateway, grants: GrantIndex, memo: CompilerMemo, keys: Mapping[str, str]
-) -> CompiledGroup:
+def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> CompiledGroup:
     by_name = {b.name: b for b in policy.backends}
     backends = [by_name[name] for name in sorted(gateway.backends)]
-    issuers = _gateway_issuers(policy, backends, grants)
-    every_issuer = tuple(i.name for i, _ in issuers)
+    issuers = _gateway_issuers(policy, backends, shared.grants)
+    every_issuer = _interned(tuple(i.name for i, _ in issuers))
     parts = []
     for backend in backends:
-        backend_grants = grants.grants(backend.name)
-        accepted = grants.issuers(backend.name) or every_issuer
+        if backend.credentials == EXCHANGED_ONLY:
+            # Raw ID tokens are refused here: no issuer of theirs is accepted, no binding's policy applies.
+            backend_grants: tuple[GrantSpec, ...] = ()
+            accepted: tuple[str, ...] = ()
+        else:
+            backend_grants = shared.grants.grants(backend.name)
+            accepted = shared.grants.issuers(backend.name) or every_issuer
+        roles = shared.roles.get(backend.name, ())
         parts.append(
-            memo.backends.get(
-                (backend, backend_grants, accepted),
-                lambda b=backend, g=backend_grants, a=accepted: _backend_parts(b, g, a),  # type: ignore[misc]
+            shared.memo.backends.get(
+                (backend, backend_grants, accepted, shared.shape, *roles),
+                functools.partial(_backend_parts, backend, backend_grants, accepted, shared.shape, roles),
             )
         )
     requirements = [(requirement_name(b.name), p.requirement) for b, p in zip(backends, parts, strict=True)]
-    authentication = jwt.authentication_bytes(issuers, [(n, r) for n, r in requirements if r is not None], keys)
+    providers = {provider_name(i.name): jwt.provider(i, aud, shared.keys.get(i.name)) for i, aud in issuers}
+    if shared.shape.issuer is not None:
+        audiences = [b.audience for b in backends]
+        providers[CREDENTIAL_PROVIDER] = jwt.credential_provider(shared.credentials, audiences)
+    authentication = jwt.authentication_bytes(providers, [(n, r) for n, r in requirements if r is not None])
     route_name = route_config_name(gateway.name)
+    virtual_hosts = [p.virtual_host for p in parts]
     resources: Resources = {
         CLUSTER: sorted(
             [(backend_cluster(b.name), p.cluster) for b, p in zip(backends, parts, strict=True)]
             + [_jwks_cluster(i) for i, _ in issuers if i.jwks_mode is JwksMode.REMOTE]
+            + _exchange_cluster(shared.credentials)
         ),
         ENDPOINT: [
             (backend_cluster(b.name), p.endpoints)
@@ -116,19 +193,63 @@ def _compile_gateway(
             if p.endpoints is not None
         ],
         LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication)))],
-        ROUTE: [(route_name, route.route_configuration_bytes(route_name, [p.virtual_host for p in parts]))],
+        ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts, shared.revocations))],
     }
     return CompiledGroup(gateway.name, resources)
 
 
-def _backend_parts(backend: Backend, grants: tuple[GrantSpec, ...], issuers: tuple[str, ...]) -> _BackendParts:
-    requirement = serialized(jwt.requirement(issuers, backend.audience)) if issuers else None
+def _backend_parts(
+    backend: Backend,
+    grants: tuple[GrantSpec, ...],
+    issuers: tuple[str, ...],
+    shape: _CredentialShape,
+    roles: tuple[Role, ...],
+) -> _BackendParts:
+    providers = [provider_name(i) for i in issuers]
+    if shape.issuer is not None:
+        providers.append(CREDENTIAL_PROVIDER)
+        grants += rbac.exchanged_grants(shape.issuer, roles)
+    requirement = serialized(jwt.requirement(providers, backend.audience)) if providers else None
     return _BackendParts(
         requirement=requirement,
-        virtual_host=route.virtual_host_bytes(backend, grants, authenticated=bool(issuers)),
+        virtual_host=route.virtual_host_bytes(backend, grants, authenticated=bool(providers), exchange=shape.exchange),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),
     )
+
+
+def _roles_by_backend(policy: Policy) -> dict[str, tuple[Role, ...]]:
+    by_backend: dict[str, list[Role]] = defaultdict(list)
+    for role in sorted(policy.roles, key=lambda r: r.name):
+        by_backend[role.backend].append(role)
+    return {name: tuple(roles) for name, roles in by_backend.items()}
+
+
+def _reserved_name_errors(policy: Policy, credentials: CredentialInputs) -> list[PolicyError]:
+    """With credentials on, an Issuer named like their provider, or a Binding named like the prefix of their
+    RBAC policies, would silently replace (or be replaced by) the control plane's own entries."""
+    if not credentials.jwks:
+        return []
+    why = "is reserved for the control plane's exchanged credentials; rename it"
+    return [
+        *(
+            PolicyError.at(i.source, "name", f"{i.name!r} {why}")
+            for i in policy.issuers
+            if i.name == CREDENTIAL_PROVIDER
+        ),
+        *(
+            PolicyError.at(b.source, "name", f"{b.name!r} {why}")
+            for b in policy.bindings
+            if b.name == EXCHANGED_POLICY_PREFIX
+        ),
+    ]
+
+
+def _exchange_cluster(credentials: CredentialInputs) -> list[tuple[str, bytes]]:
+    if credentials.exchange_address is None:
+        return []
+    host, port = credentials.exchange_address
+    return [(EXCHANGE_CLUSTER, serialized(cluster.exchange_cluster_config(host, port)))]
 
 
 def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
@@ -141,6 +262,8 @@ def _gateway_issuers(policy: Policy, backends: Sequence[Backend], grants: GrantI
     """Issuers whose tokens some backend on this gateway accepts, each with those backends' audiences."""
     audiences: dict[str, list[str]] = defaultdict(list)
     for backend in backends:
+        if backend.credentials == EXCHANGED_ONLY:
+            continue
         for issuer in grants.issuers(backend.name):
             audiences[issuer].append(backend.audience)
     return [(policy.issuer(name), sorted(set(aud))) for name, aud in sorted(audiences.items())]

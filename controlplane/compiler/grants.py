@@ -51,7 +51,7 @@ class GrantIndex:
         issuers = {i.name: i for i in policy.issuers}
         stale_roles = {n for n, r in roles.items() if self._roles.get(n) is not r} | (self._roles.keys() - roles.keys())
         stale_issuers = {n for n, i in issuers.items() if self._issuers.get(n) is not i}
-        if pins is not self._pins:
+        if pins is not self._pins and (pins or self._pins):  # no pins before or now is no change
             stale_issuers = set(issuers)
         self._roles, self._issuers, self._pins = roles, issuers, pins
         resolvers: dict[str, Resolver] = {}

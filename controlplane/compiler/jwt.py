@@ -1,4 +1,5 @@
-"""Authentication: one jwt_authn provider per issuer, one audience requirement per backend.
+"""Authentication: one jwt_authn provider per issuer (and one for the control plane's own credentials), one
+audience requirement per backend.
 
 Extraction is explicit (`Authorization: Bearer`), otherwise Envoy would also accept `?access_token=`
 (G4); the token is never forwarded upstream; claims land in dynamic metadata for RBAC and the access log.
@@ -20,10 +21,10 @@ from controlplane.compiler.names import (
     HEADER_KEY,
     PAYLOAD_KEY,
     jwks_cluster,
-    provider_name,
     requirement_name,
 )
 from controlplane.compiler.util import millis, seconds, serialized
+from controlplane.model.credentials import CredentialInputs
 from controlplane.model.policy import Issuer, JwksMode
 
 JWT_CACHE_SIZE = 10_000
@@ -44,11 +45,33 @@ PLACEHOLDER_JWKS = (
 
 def provider(issuer: Issuer, audiences: Sequence[str], keys: str | None = None) -> jwt.JwtProvider:
     """`keys` is the relayed JWKS (canonical JSON) of a RELAY issuer; ignored for REMOTE ones."""
-    config = jwt.JwtProvider(
-        issuer=issuer.url,
+    config = _verified_provider(issuer.url, audiences, issuer.clock_skew_seconds)
+    if issuer.jwks_mode is JwksMode.REMOTE:
+        config.remote_jwks.CopyFrom(_remote_jwks(issuer))
+    else:
+        config.local_jwks.inline_string = keys or PLACEHOLDER_JWKS
+    return config
+
+
+def credential_provider(credentials: CredentialInputs, audiences: Sequence[str]) -> jwt.JwtProvider:
+    """The control plane's own credentials: keys inline (pushed on rotation, so no fetch and no cache delay)."""
+    config = _verified_provider(credentials.issuer, audiences, CREDENTIAL_CLOCK_SKEW_SECONDS)
+    config.local_jwks.inline_string = credentials.jwks or PLACEHOLDER_JWKS
+    return config
+
+
+# Envoy accepts a credential this long past its `exp`: a key, or a revocation entry, must outlive its last
+# credential's `exp` by as much. Small, since the control plane and the fleet keep their clocks in sync.
+CREDENTIAL_CLOCK_SKEW_SECONDS = 10
+
+
+def _verified_provider(issuer_url: str, audiences: Sequence[str], clock_skew_seconds: int) -> jwt.JwtProvider:
+    """What every provider shares: Bearer extraction only, never forwarded, claims in metadata, a JWT cache."""
+    return jwt.JwtProvider(
+        issuer=issuer_url,
         audiences=sorted(set(audiences)),
         require_expiration=True,
-        clock_skew_seconds=issuer.clock_skew_seconds,
+        clock_skew_seconds=clock_skew_seconds,
         from_headers=[jwt.JwtHeader(name="Authorization", value_prefix="Bearer ")],
         forward=False,
         payload_in_metadata=PAYLOAD_KEY,
@@ -56,11 +79,6 @@ def provider(issuer: Issuer, audiences: Sequence[str], keys: str | None = None) 
         failed_status_in_metadata=FAILURE_KEY,
         jwt_cache_config=jwt.JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE),
     )
-    if issuer.jwks_mode is JwksMode.REMOTE:
-        config.remote_jwks.CopyFrom(_remote_jwks(issuer))
-    else:
-        config.local_jwks.inline_string = keys or PLACEHOLDER_JWKS
-    return config
 
 
 def _remote_jwks(issuer: Issuer) -> jwt.RemoteJwks:
@@ -77,48 +95,38 @@ def _remote_jwks(issuer: Issuer) -> jwt.RemoteJwks:
     )
 
 
-def requirement(issuers: Sequence[str], audience: str) -> jwt.JwtRequirement:
-    """A token from any of `issuers`, carrying this backend's audience (a wrong audience is a 403, G5)."""
+def requirement(providers: Sequence[str], audience: str) -> jwt.JwtRequirement:
+    """A token from any of `providers`, carrying this backend's audience (a wrong audience is a 403, G5)."""
     alternatives = [
-        jwt.JwtRequirement(
-            provider_and_audiences=jwt.ProviderWithAudiences(provider_name=provider_name(i), audiences=[audience])
-        )
-        for i in sorted(set(issuers))
+        jwt.JwtRequirement(provider_and_audiences=jwt.ProviderWithAudiences(provider_name=p, audiences=[audience]))
+        for p in sorted(set(providers))
     ]
+    return _any_of(alternatives)
+
+
+def any_provider(providers: Sequence[str]) -> jwt.JwtRequirement:
+    return _any_of([jwt.JwtRequirement(provider_name=p) for p in sorted(set(providers))])
+
+
+def _any_of(alternatives: Sequence[jwt.JwtRequirement]) -> jwt.JwtRequirement:
     if len(alternatives) == 1:
         return alternatives[0]
     return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=alternatives))
 
 
-def any_provider(issuers: Sequence[str]) -> jwt.JwtRequirement:
-    alternatives = [jwt.JwtRequirement(provider_name=provider_name(i)) for i in sorted(set(issuers))]
-    if len(alternatives) == 1:
-        return alternatives[0]
-    return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=alternatives))
-
-
-def authentication_bytes(
-    providers: Sequence[tuple[Issuer, Sequence[str]]],
-    requirements: Sequence[tuple[str, bytes]],
-    keys: Mapping[str, str] | None = None,
-) -> bytes:
-    """Serialized JwtAuthentication. `providers` pairs each issuer with the audiences it may carry on
-    this gateway; `requirements` are the per-backend requirements, already serialized (one per backend,
-    so thousands: they are appended as wire-level map entries instead of being rebuilt as messages);
-    `keys` maps relayed issuers' names to their JWKS.
+def authentication_bytes(providers: Mapping[str, jwt.JwtProvider], requirements: Sequence[tuple[str, bytes]]) -> bytes:
+    """Serialized JwtAuthentication. `providers` by provider name (see `provider`, `credential_provider`);
+    `requirements` are the per-backend requirements, already serialized (one per backend, so thousands: they
+    are appended as wire-level map entries instead of being rebuilt as messages).
 
     The filter-level rule (a token from any provider) only decides requests no virtual host claims:
     they are then denied by the filter-level RBAC, but a missing token still reads as 401.
     """
-    keys = keys or {}
-    config = jwt.JwtAuthentication(
-        providers={provider_name(i.name): provider(i, aud, keys.get(i.name)) for i, aud in providers}
-    )
+    config = jwt.JwtAuthentication(providers=providers)
     if providers:
         config.rules.append(
             jwt.RequirementRule(
-                match=route_components_pb2.RouteMatch(prefix="/"),
-                requires=any_provider([i.name for i, _ in providers]),
+                match=route_components_pb2.RouteMatch(prefix="/"), requires=any_provider(list(providers))
             )
         )
     head = serialized(config)

@@ -1,4 +1,7 @@
-"""The gateway listener: HTTP connection manager with jwt_authn → RBAC → router, in that order."""
+"""The gateway listener: HTTP connection manager with jwt_authn → revocations → RBAC → router, in that order.
+
+Revocations come before the main RBAC so that a revoked job is denied whatever its grants.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +13,17 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from controlplane.compiler.access_log import file_access_log
+from controlplane.compiler.access_log import file_access_log, grpc_access_log
 from controlplane.compiler.names import (
     HCM_FILTER,
     JWT_FILTER,
     RBAC_FILTER,
+    REVOCATIONS_FILTER,
     ROUTER_FILTER,
     listener_name,
     route_config_name,
 )
-from controlplane.compiler.rbac import deny_all_filter
+from controlplane.compiler.rbac import deny_all_filter, revocations_filter
 from controlplane.compiler.util import packed
 from controlplane.model.policy import Gateway
 
@@ -40,10 +44,11 @@ def gateway_listener(gateway: Gateway, authentication: bytes) -> listener_pb2.Li
         ),
         http_filters=[
             hcm.HttpFilter(name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)),
+            hcm.HttpFilter(name=REVOCATIONS_FILTER, typed_config=packed(revocations_filter())),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],
-        access_log=[file_access_log(gateway.access_log_path)],
+        access_log=[file_access_log(gateway.access_log_path), grpc_access_log(gateway.name)],
         # Path rules are only as good as the path they see: normalize, and refuse encoded slashes.
         normalize_path=_true(),
         merge_slashes=True,

@@ -10,6 +10,17 @@ JWT_FILTER = "envoy.filters.http.jwt_authn"
 RBAC_FILTER = "envoy.filters.http.rbac"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+# A second RBAC instance (a DENY list of revoked jobs) ahead of the main one. Its per-route entries are keyed by
+# this instance name (G1); its decisions land in the same metadata namespace as the main RBAC filter's, so a
+# revoked request is logged with the policy `revoked-jobs`.
+REVOCATIONS_FILTER = "controlplane.revocations"
+REVOKED_POLICY = "revoked-jobs"
+
+# The jwt_authn provider of the credentials the control plane issues in exchange for ID tokens, and the
+# cluster gateways send the exchange endpoint to. Both are reserved: an Issuer may not be named like the provider.
+CREDENTIAL_PROVIDER = "controlplane"
+EXCHANGE_CLUSTER = "controlplane-exchange"
+EXCHANGED_POLICY_PREFIX = "exchanged"
 
 # Where jwt_authn puts what it learned; every issuer writes the same keys, so RBAC principals
 # always pin `iss` as well (a claim named project_id from another IdP must never satisfy a GitLab binding).
@@ -54,6 +65,12 @@ def requirement_name(backend: str) -> str:
 def policy_name(binding: str, role: str) -> str:
     """RBAC policy ids appear in access logs and response details: they lead back to the binding."""
     return f"{binding}/{role}"
+
+
+def exchanged_policy_name(role: str) -> str:
+    """The RBAC policy admitting exchanged credentials that carry `role`. A Binding named like the prefix would
+    collide with it (`<binding>/<role>`), so that name is reserved whenever credentials are enabled."""
+    return f"{EXCHANGED_POLICY_PREFIX}/{role}"
 
 
 def shadow_stat_prefix(backend: str) -> str:

@@ -16,10 +16,10 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.claims import ResolvedSubject
-from controlplane.compiler.names import shadow_stat_prefix
+from controlplane.compiler.claims import Condition, ResolvedSubject, claim_principal
+from controlplane.compiler.names import REVOKED_POLICY, exchanged_policy_name, shadow_stat_prefix
 from controlplane.compiler.util import serialized
-from controlplane.model.policy import Mode, RoleRule
+from controlplane.model.policy import Mode, Role, RoleRule
 
 
 class GrantSpec(NamedTuple):
@@ -34,6 +34,47 @@ class GrantSpec(NamedTuple):
 def deny_all_filter() -> rbac_filter.RBAC:
     """The HCM-level RBAC: anything no backend claims (unknown Host, no route) is denied."""
     return rbac_filter.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.ALLOW))
+
+
+def exchanged_grants(credential_issuer: str, roles: Sequence[Role]) -> tuple[GrantSpec, ...]:
+    """One policy per role of a backend: its rules, to a credential of the control plane listing the role.
+
+    `iss` is pinned like every principal's, so an OIDC token with its own `roles` claim never qualifies. The
+    claim is a list (a credential may carry several roles); `listy` also accepts a lone string.
+    """
+    issued = Condition("iss", (credential_issuer,))
+    return tuple(
+        GrantSpec(
+            exchanged_policy_name(role.name),
+            Mode.ENFORCE,
+            role.rules,
+            (ResolvedSubject.of([issued, Condition("roles", (role.name,), listy=True)]),),
+        )
+        for role in roles
+    )
+
+
+def revocations_filter() -> rbac_filter.RBAC:
+    """The filter-level revocation list: DENY with no policies denies nothing (unlike ALLOW with none, G11).
+
+    Revoked jobs are listed in the route configuration instead (`revocations_per_route`), so that a revocation
+    changes route bytes only and the listener, which Envoy drains connections to replace, stays as it is.
+    """
+    return rbac_filter.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.DENY))
+
+
+def revocations_per_route(job_ids: Sequence[str]) -> rbac_filter.RBACPerRoute:
+    """Any request whose token (exchanged credential or raw ID token: both put `job_id` in the same metadata
+    key) belongs to a revoked job is denied, whatever it asks for. `job_id` is a string claim (G10)."""
+    policy = rbac_config.Policy(
+        permissions=[rbac_config.Permission(any=True)],
+        principals=[claim_principal("job_id", job) for job in sorted(set(job_ids))],
+    )
+    return rbac_filter.RBACPerRoute(
+        rbac=rbac_filter.RBAC(
+            rules=rbac_config.RBAC(action=rbac_config.RBAC.DENY, policies={REVOKED_POLICY: policy}),
+        )
+    )
 
 
 def backend_rbac(backend: str, grants: Sequence[GrantSpec]) -> rbac_filter.RBACPerRoute:
@@ -83,7 +124,8 @@ def _framed_rule(rule: RoleRule) -> bytes:
 
 
 def rbac_disabled() -> rbac_filter.RBACPerRoute:
-    """Only for a backend's declared public paths: RBACPerRoute without `rbac` turns RBAC off there."""
+    """Only for routes that take no token (public paths, token exchange): RBACPerRoute without `rbac` turns
+    an RBAC instance off there."""
     return rbac_filter.RBACPerRoute()
 
 

@@ -14,16 +14,20 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf.any_pb2 import Any as AnyProto
 
+from controlplane.compiler import wire
 from controlplane.compiler.jwt import per_route_disabled, per_route_requirement
 from controlplane.compiler.names import (
+    EXCHANGE_CLUSTER,
     IDENTITY_HEADERS,
     JWT_FILTER,
     PAYLOAD_KEY,
     RBAC_FILTER,
+    REVOCATIONS_FILTER,
     backend_cluster,
 )
-from controlplane.compiler.rbac import GrantSpec, backend_rbac_bytes, rbac_disabled
+from controlplane.compiler.rbac import GrantSpec, backend_rbac_bytes, rbac_disabled, revocations_per_route
 from controlplane.compiler.util import millis, packed, serialized
+from controlplane.model.credentials import EXCHANGE_PATH
 from controlplane.model.policy import Backend
 from controlplane.snapshots.snapshot import varint
 
@@ -31,14 +35,25 @@ _VIRTUAL_HOSTS_TAG = b"\x12"  # RouteConfiguration.virtual_hosts = 2, wire type 
 _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPTOR.full_name
 
 
-def virtual_host(backend: Backend, grants: Sequence[GrantSpec], authenticated: bool) -> rc.VirtualHost:
+# The token exchange answers within this; it signs one credential, so far less is needed.
+EXCHANGE_TIMEOUT_MS = 10_000
+
+
+def virtual_host(
+    backend: Backend, grants: Sequence[GrantSpec], authenticated: bool, exchange: bool = False
+) -> rc.VirtualHost:
+    """`exchange`: the token-exchange endpoint is routed first on this host (see `_exchange_route`)."""
     per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
     if authenticated:
         per_filter[JWT_FILTER] = packed(per_route_requirement(backend.name))
     return rc.VirtualHost(
         name=backend.name,
         domains=_domains(backend.hosts),
-        routes=[*(_public_route(backend, p) for p in backend.public_paths), _default_route(backend)],
+        routes=[
+            *([_exchange_route(backend)] if exchange else []),
+            *(_public_route(backend, p) for p in backend.public_paths),
+            _default_route(backend),
+        ],
         typed_per_filter_config=per_filter,
         # Remove runs before add (Envoy's HeaderParser), so a job cannot forge another job's identity.
         request_headers_to_remove=[name for name, _ in IDENTITY_HEADERS],
@@ -46,21 +61,46 @@ def virtual_host(backend: Backend, grants: Sequence[GrantSpec], authenticated: b
     )
 
 
-def virtual_host_bytes(backend: Backend, grants: Sequence[GrantSpec], authenticated: bool) -> bytes:
-    return serialized(virtual_host(backend, grants, authenticated))
+def virtual_host_bytes(
+    backend: Backend, grants: Sequence[GrantSpec], authenticated: bool, exchange: bool = False
+) -> bytes:
+    return serialized(virtual_host(backend, grants, authenticated, exchange))
 
 
-def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:
-    """Byte-identical to serializing RouteConfiguration(name=..., virtual_hosts=[...]) in one go."""
+def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> bytes:
+    """Byte-identical to serializing RouteConfiguration(name=..., virtual_hosts=[...]) in one go.
+
+    `tail` is appended as is: serialized RouteConfiguration fields (see `revocations_entry`), which a parser
+    merges as if they had been set on the message, without re-encoding a thousand cached virtual hosts.
+    """
     encoded_name = name.encode()
     parts = [b"\x0a", varint(len(encoded_name)), encoded_name]
     for vhost in virtual_hosts:
         parts += [_VIRTUAL_HOSTS_TAG, varint(len(vhost)), vhost]
+    parts.append(tail)
     return b"".join(parts)
 
 
-def route_configuration(name: str, virtual_hosts: Sequence[bytes]) -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration.FromString(route_configuration_bytes(name, virtual_hosts))
+def route_configuration(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration.FromString(route_configuration_bytes(name, virtual_hosts, tail))
+
+
+def revocations_entry(job_ids: Sequence[str]) -> bytes:
+    """RouteConfiguration.typed_per_filter_config[REVOCATIONS_FILTER] = the revoked-jobs DENY list, as wire bytes.
+
+    At the route-configuration level, the least specific one Envoy consults (route, then virtual host, then
+    route configuration): one copy covers every virtual host, where one per host would multiply the list by
+    the number of backends (500 jobs on 1,000 hosts: 43 MB of RDS instead of 43 kB). Revocations change with
+    every finished job; appended to the assembled bytes, they never touch the per-backend memo. No jobs: no
+    bytes, and the filter-level config (DENY, no policies) denies nothing.
+    """
+    if not job_ids:
+        return b""
+    config = AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=serialized(revocations_per_route(job_ids)))
+    return wire.map_entry(_PER_FILTER_CONFIG, REVOCATIONS_FILTER, serialized(config))
+
+
+_PER_FILTER_CONFIG = wire.number(route_pb2.RouteConfiguration, "typed_per_filter_config")
 
 
 def _domains(hosts: Sequence[str]) -> list[str]:
@@ -76,14 +116,33 @@ def _default_route(backend: Backend) -> rc.Route:
 
 
 def _public_route(backend: Backend, path: str) -> rc.Route:
-    """A path the backend declared public: no token, no RBAC. Route-level config replaces the vhost's (G12)."""
+    """A path the backend declared public: no token, no RBAC. Route-level config replaces the vhost's (G12).
+
+    The revocation list needs no switching off here: with jwt_authn off there is no `job_id` it could match.
+    """
+    return _tokenless_route(
+        f"{backend.name}-public{path}", path, backend_cluster(backend.name), backend.request_timeout_ms, ()
+    )
+
+
+def _exchange_route(backend: Backend) -> rc.Route:
+    """First on every host: jobs trade their ID token at the control plane. The subject token travels in the
+    form body (RFC 8693), not as a Bearer token, and the control plane authenticates it itself: jwt_authn and
+    both RBAC instances are off, so the exchange can answer a revoked job with an OAuth error, not a bare 403."""
+    return _tokenless_route(
+        f"{backend.name}-exchange", EXCHANGE_PATH, EXCHANGE_CLUSTER, EXCHANGE_TIMEOUT_MS, (REVOCATIONS_FILTER,)
+    )
+
+
+def _tokenless_route(name: str, path: str, cluster: str, timeout_ms: int, rbac_filters: Sequence[str]) -> rc.Route:
+    """An exact path with jwt_authn and RBAC off, plus any other RBAC instances in `rbac_filters`."""
     return rc.Route(
-        name=f"{backend.name}-public{path}",
+        name=name,
         match=rc.RouteMatch(path=path),
-        route=rc.RouteAction(cluster=backend_cluster(backend.name), timeout=millis(backend.request_timeout_ms)),
+        route=rc.RouteAction(cluster=cluster, timeout=millis(timeout_ms)),
         typed_per_filter_config={
             JWT_FILTER: packed(per_route_disabled()),
-            RBAC_FILTER: packed(rbac_disabled()),
+            **{f: packed(rbac_disabled()) for f in (RBAC_FILTER, *rbac_filters)},
         },
     )
 

@@ -8,6 +8,7 @@ changes, so the compiler's memo stays warm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -107,10 +108,8 @@ class CredentialService:
                 await self.on_change()
             due = [self.keys.next_change_at(), self.revocations.next_expiry() or float("inf")]
             delay = max(0.05, min(due) - self.clock())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(delay, 60.0))
-            except TimeoutError:
-                pass
 
     def status(self) -> dict[str, object]:
         return {

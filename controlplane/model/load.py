@@ -638,8 +638,10 @@ def _api_fields(a: _Fields, issuer_url: str | None) -> GitLabApi:
 
 _BACKEND_KEYS = (
     *_COMMON_KEYS,
-    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths"),
+    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials"),
 )
+# "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
+_BACKEND_CREDENTIALS = ("any", "exchanged")
 
 
 def _exact_path_check(value: str) -> str | None:
@@ -676,6 +678,7 @@ def _backend(doc: _Doc, env: _Env) -> Backend:
     connect_timeout = f.optional("connect_timeout", _duration(1, 60_000), 2000)
     timeout = f.optional("timeout", _duration(1, 86_400_000), 15_000)
     public_paths = f.optional_tuple("public_paths", _list_of(_exact_path, non_empty=False))
+    credentials = f.optional("credentials", _enum("credentials", _BACKEND_CREDENTIALS), "any")
     return Backend(
         name=_need(doc.name),
         hosts=_need(hosts),
@@ -686,6 +689,7 @@ def _backend(doc: _Doc, env: _Env) -> Backend:
         request_timeout_ms=_need(timeout),
         public_paths=_need(public_paths),
         source=doc.source,
+        credentials=_need(credentials),
     )
 
 
@@ -800,7 +804,7 @@ def _gateway(doc: _Doc, env: _Env) -> Gateway:
 
 # --- Binding and subjects --------------------------------------------------------------------------
 
-_BINDING_KEYS = (*_COMMON_KEYS, "issuer", "roles", "mode", "subjects")
+_BINDING_KEYS = (*_COMMON_KEYS, "issuer", "roles", "mode", "subjects", "credential_ttl")
 _PIN_KEYS = ("project", "group", "include_subgroups")
 _PINNED_CLAIMS = {"project_id": "project", "namespace_id": "group"}
 
@@ -939,6 +943,7 @@ def _binding(doc: _Doc, env: _Env) -> Binding:
     kind = env.issuer_kinds.get(issuer) if issuer else None
     # An issuer whose type is invalid was reported there; its subjects cannot be checked meanwhile.
     subjects = f.required("subjects", _SUBJECTS[kind]) if kind else None
+    credential_ttl = f.optional("credential_ttl", _seconds(10, 86_400), 900)
     return Binding(
         name=_need(doc.name),
         issuer=_need(issuer),
@@ -946,6 +951,7 @@ def _binding(doc: _Doc, env: _Env) -> Binding:
         subjects=_need(subjects),
         mode=_need(mode),
         source=doc.source,
+        credential_ttl_seconds=_need(credential_ttl),
     )
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -78,8 +78,17 @@ class _Session:
 class XdsServer:
     """SotW ADS over grpc.aio. `start` binds and serves; `stop` ends every stream cleanly, then the server."""
 
-    def __init__(self, cache: SnapshotCache, registry: ProxyRegistry, *, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        registry: ProxyRegistry,
+        *,
+        log: logging.Logger,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    ) -> None:
+        """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only."""
         self.cache = cache
+        self.extra_handlers = tuple(extra_handlers)
         self.registry = registry
         self.log = log
         self._server: grpc.aio.Server | None = None
@@ -94,7 +103,7 @@ class XdsServer:
     async def start(self, host: str, port: int) -> int:
         """Bind `host:port` (0 = ephemeral) and serve; returns the bound port."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        server.add_generic_rpc_handlers((self._handlers(),))
+        server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
         try:
             bound: int = server.add_insecure_port(_bind_address(host, port))
         except RuntimeError as error:  # grpc reports a failed bind as RuntimeError, with no reason

@@ -40,6 +40,8 @@ class ControlPlaneProcess:
         self.extra_args = extra_args
         self.inherit_output = inherit_output
         self.env = dict(env or {})  # secrets go through the environment, never argv
+        self.exchange_port = free_port()
+        self.state_dir = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -53,6 +55,10 @@ class ControlPlaneProcess:
 
     def command(self) -> list[str]:
         policy = [] if "--policy-project" in self.extra_args else ["--policy", str(self.policy)]
+        if not {"--exchange-address", "--no-exchange"} & set(self.extra_args):
+            policy += ["--exchange-address", f"{LOOPBACK}:{self.exchange_port}"]
+        if "--state-dir" not in self.extra_args:
+            policy += ["--state-dir", str(self.state_dir)]
         return [
             sys.executable, "-m", "controlplane", "--log-level", self.log_level, "serve",
             *policy,

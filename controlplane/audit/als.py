@@ -1,0 +1,224 @@
+"""The gRPC access-log service (ALS) receiver: Envoy's access log entries → audit records.
+
+Every gateway listener streams its HTTP access log to `envoy.service.accesslog.v3.AccessLogService/
+StreamAccessLogs` on the control plane (compiler/access_log.py), over the same `xds_cluster` and the same
+grpc.aio server as ADS. What an entry carries that the trail needs (verified on Envoy 1.40, tests/
+test_e2e_audit.py):
+
+- the first message of a stream: `identifier.log_name` (the gateway, as compiled) and `identifier.node`;
+- `common_properties.start_time`, `route_name` (`<backend>-default`...; `upstream_cluster` is empty when
+  RBAC denied, as the router never ran), and `metadata.filter_metadata`:
+  `envoy.filters.http.jwt_authn` → `jwt_payload` (the verified claims, never the token) and
+  `envoy.filters.http.rbac` → `enforced_engine_result` / `enforced_effective_policy_id` (`<binding>/<role>`);
+- `request.request_method`, `request.path` (with its query: stripped here and again by the store),
+  `request.original_path` when a route rewrote it, `response.response_code` and `response_code_details`
+  (why: `rbac_access_denied_matched_policy[none]`, `jwt_authn_access_denied{Jwt_is_expired}`...).
+
+Only the listed claims are read from the payload; a token in any other claim never reaches the store.
+
+The handler never blocks the stream on the disk: records go to the store's bounded queue (dropped and counted
+when full). When Envoy ends a stream, the answer is sent only after the store has committed what it sent, so
+an answered stream is a durable one. `AccessLogService.close()` ends open streams the same way before the
+grpc server stops (a stream still open at `server.stop` is cancelled with a traceback per stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import struct_pb2
+
+from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED
+from controlplane.audit.store import AuditRecord, AuditStore
+from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
+from controlplane.model.credentials import CREDENTIAL_ISSUER
+
+SERVICE = "envoy.service.accesslog.v3.AccessLogService"
+METHOD = "StreamAccessLogs"
+FLUSH_TIMEOUT = 10.0  # seconds an ending stream waits for its records to be committed
+
+_BACKEND_PREFIX = backend_cluster("")
+_PUBLIC_ROUTE = "-public/"
+_ROUTE_SUFFIXES = ("-default", "-exchange")
+_ENFORCED_RESULT = "enforced_engine_result"
+_ENFORCED_POLICY = "enforced_effective_policy_id"
+_DECISIONS = ("allowed", "denied")
+
+
+def _claim(payload: struct_pb2.Struct, name: str) -> str | None:
+    """A claim as the text GitLab would send: strings as-is, integral numbers without `.0`, bools lower-case.
+
+    Lists and objects are not identities and are not kept."""
+    value = payload.fields.get(name)
+    if value is None:
+        return None
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return str(value.string_value)
+    if kind == "number_value":
+        number = value.number_value
+        return str(int(number)) if number.is_integer() else str(number)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    return None
+
+
+def _struct(metadata: Any, namespace: str) -> struct_pb2.Struct:
+    found: struct_pb2.Struct = metadata.filter_metadata.get(namespace, struct_pb2.Struct())
+    return found
+
+
+def _decision(rbac: struct_pb2.Struct, status: int) -> str:
+    """RBAC's own verdict when it ran; otherwise jwt_authn refused (401/403) or the route needs no RBAC."""
+    result = _claim(rbac, _ENFORCED_RESULT)
+    if result in _DECISIONS:
+        return str(result)
+    return "denied" if status in (401, 403) else "allowed"
+
+
+def _method(number: int) -> str:
+    """Envoy's RequestMethod enum by name; a value newer than these protos is kept as UNKNOWN."""
+    if number == base_pb2.METHOD_UNSPECIFIED:
+        return ""
+    try:
+        return str(base_pb2.RequestMethod.Name(number))
+    except ValueError:
+        return "UNKNOWN"
+
+
+def backend_of_route(route: str) -> str | None:
+    """The backend (virtual host) a compiled route belongs to, from its name (compiler/route.py):
+    `<backend>-default`, `<backend>-exchange`, `<backend>-public/<path>`. Backend names hold no `/`."""
+    head, public, _ = route.partition(_PUBLIC_ROUTE)
+    if public:
+        return head
+    for suffix in _ROUTE_SUFFIXES:
+        if route.endswith(suffix) and len(route) > len(suffix):
+            return route.removesuffix(suffix)
+    return None
+
+
+def _backend(route: str, cluster: str) -> str | None:
+    """By the route when there is one: `upstream_cluster` is empty when the router never ran (RBAC denied)."""
+    by_route = backend_of_route(route)
+    if by_route is not None:
+        return by_route
+    return cluster.removeprefix(_BACKEND_PREFIX) if cluster.startswith(_BACKEND_PREFIX) else None
+
+
+def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry, *, gateway: str, node: str) -> AuditRecord:
+    """One ALS HTTP entry as an audit record (the store sanitizes it again before writing)."""
+    common = entry.common_properties
+    request = entry.request
+    status = int(entry.response.response_code.value)
+    payload = _struct(common.metadata, JWT_FILTER).fields.get(PAYLOAD_KEY)
+    claims = payload.struct_value if payload is not None else struct_pb2.Struct()
+    rbac = _struct(common.metadata, RBAC_FILTER)
+    issuer = _claim(claims, "iss")
+    started = common.start_time.seconds + common.start_time.nanos / 1e9 if common.HasField("start_time") else None
+    return AuditRecord(
+        time=started if started is not None else time.time(),
+        gateway=gateway,
+        node=node,
+        backend=_backend(common.route_name, common.upstream_cluster),
+        method=_method(request.request_method),
+        path=request.original_path or request.path,
+        status=status,
+        decision=_decision(rbac, status),
+        details=entry.response.response_code_details or None,
+        policy=_claim(rbac, _ENFORCED_POLICY),
+        project_id=_claim(claims, "project_id"),
+        project_path=_claim(claims, "project_path"),
+        pipeline_id=_claim(claims, "pipeline_id"),
+        job_id=_claim(claims, "job_id"),
+        ref=_claim(claims, "ref"),
+        user=_claim(claims, "user_login"),
+        # A credential's jti names it in revocation and exchange logs; a GitLab token's jti is GitLab's business.
+        credential_jti=_claim(claims, "jti") if issuer == CREDENTIAL_ISSUER else None,
+        issuer=issuer,
+    )
+
+
+class AccessLogService:
+    """The ALS receiver for one store: `handler()` goes into the grpc server, `close()` before it stops."""
+
+    def __init__(self, store: AuditStore, *, log: logging.Logger | None = None) -> None:
+        self.store = store
+        self.log = log or logging.getLogger("controlplane.audit")
+        self._readers: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                METHOD: grpc.stream_unary_rpc_method_handler(
+                    self._stream,
+                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def close(self) -> None:
+        """End every open stream (its records committed, then answered); new streams are refused."""
+        self._closing = True
+        readers = tuple(self._readers)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> als_pb2.StreamAccessLogsResponse:
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
+        reader = asyncio.create_task(self._read(requests, context.peer()))
+        self._readers.add(reader)
+        try:
+            await asyncio.wait({reader})
+        finally:
+            self._readers.discard(reader)
+            reader.cancel()  # a no-op unless grpc cancelled this handler (the peer went away)
+        if not await asyncio.to_thread(self.store.flush, FLUSH_TIMEOUT):
+            self.log.warning("audit records from %s not yet committed after %.0fs", context.peer(), FLUSH_TIMEOUT)
+        return als_pb2.StreamAccessLogsResponse()
+
+    async def _read(self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], peer: str) -> None:
+        gateway = node = ""
+        try:
+            async for message in requests:
+                if message.HasField("identifier"):  # Envoy sends it on a stream's first message only
+                    node = message.identifier.node.id
+                    gateway = message.identifier.log_name or message.identifier.node.cluster
+                for entry in message.http_logs.log_entry:
+                    self._submit(entry, gateway, node)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a broken peer: what it sent so far is kept, the stream ends
+            self.log.warning("access log stream from %s (%s) failed: %r", peer, node or "unidentified", error)
+
+    def _submit(self, entry: accesslog_pb2.HTTPAccessLogEntry, gateway: str, node: str) -> None:
+        try:
+            record = record_from_entry(entry, gateway=gateway, node=node)
+        except Exception as error:  # a malformed entry (or a parser bug) costs that entry only, not the stream
+            AUDIT_RECORDS_DROPPED.inc()
+            self.log.warning("unreadable access log entry from %s: %r", node or "unidentified", error)
+            return
+        self.store.submit(record)
+
+
+def als_handler(store: AuditStore) -> grpc.GenericRpcHandler:
+    """The ALS generic handler for `XdsServer(extra_handlers=...)`. To end its streams cleanly on shutdown,
+    keep an `AccessLogService` and call its `close()` before stopping the server."""
+    return AccessLogService(store).handler()

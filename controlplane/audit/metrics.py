@@ -1,0 +1,28 @@
+"""Audit metrics, registered on the control plane's one registry so `/metrics` exports them with the rest.
+
+Dropped records are the number an operator must watch: the store never slows Envoy down, so when the disk
+cannot keep up it sheds records and says so here rather than back-pressuring the proxies.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from controlplane.admin.metrics import REGISTRY
+
+AUDIT_RECORDS_WRITTEN = Counter(
+    "controlplane_audit_records_written_total",
+    "Audit records committed to the audit store.",
+    registry=REGISTRY,
+)
+AUDIT_RECORDS_DROPPED = Counter(
+    "controlplane_audit_records_dropped_total",
+    "Audit records lost: the write queue was full, the store was closed, an entry was unreadable, or a write failed.",
+    registry=REGISTRY,
+)
+AUDIT_WRITE_DURATION = Histogram(
+    "controlplane_audit_write_duration_seconds",
+    "Time to commit one batch of audit records (including the fsync).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)

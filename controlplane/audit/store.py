@@ -1,0 +1,350 @@
+"""The audit store: an append-only SQLite table of requests, written off the event loop, read by anyone.
+
+Durability. The database runs in WAL mode with `synchronous=FULL`: every commit fsyncs the WAL, so a
+record the store has reported committed (`flush()` returned True; the ALS stream it came on was answered)
+survives a control-plane crash *and* a power loss. `NORMAL` would only survive a process crash, which is
+not enough for an audit trail. The price of FULL is one fsync per commit; the writer commits in batches
+(everything queued, up to `batch_size`), so under load it is one fsync per batch, not per request.
+
+Never blocking Envoy. `submit` is a non-blocking put on a bounded queue that one writer thread drains; when
+the queue is full the record is dropped and counted (`controlplane_audit_records_dropped_total`) rather than
+slowing the ALS stream, and through it the proxy. A graceful `close()` drains the queue before it returns.
+
+Never storing a token. Records hold a fixed set of short fields (never a whole JWT payload or a header);
+every text field is cut to a bounded length, anything shaped like a JWT or a GitLab token is replaced by
+`[redacted]`, and paths lose their query string here too, whatever the sender did.
+
+Append-only. There is no update API and a trigger refuses UPDATE; the only deletion is the retention sweep,
+which removes whole rows older than `retention`. Ids are AUTOINCREMENT, so they are never reused.
+
+Reading. `query_records` takes a read-only connection (`open_readonly`, a `mode=ro` URI) so the CLI can
+query a live store from another process; WAL lets it read while the writer commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import astuple, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_RECORDS_WRITTEN, AUDIT_WRITE_DURATION
+
+log = logging.getLogger("controlplane.audit")
+
+DB_NAME = "audit.sqlite3"
+STATE_DIR_ENV = "CONTROLPLANE_STATE_DIR"
+DEFAULT_STATE_DIR = ".controlplane"
+DEFAULT_RETENTION = 90 * 24 * 3600.0  # seconds
+DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_PRUNE_INTERVAL = 300.0
+DEFAULT_QUERY_LIMIT = 100
+
+MAX_PATH_CHARS = 2048
+MAX_FIELD_CHARS = 256
+REDACTED = "[redacted]"
+# A JWT (three base64url parts, header starting `{"`) or a GitLab token (glpat-, gldt-, glcbt-, glrt-...).
+_SECRET = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*|\bgl[a-z]{2,6}-[A-Za-z0-9_.-]{16,}")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    gateway TEXT NOT NULL,
+    node TEXT NOT NULL,
+    backend TEXT,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('allowed', 'denied')),
+    details TEXT,
+    policy TEXT,
+    project_id TEXT,
+    project_path TEXT,
+    pipeline_id TEXT,
+    job_id TEXT,
+    ref TEXT,
+    user TEXT,
+    credential_jti TEXT,
+    issuer TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id, time);
+CREATE INDEX IF NOT EXISTS audit_project ON audit (project_path, time);
+CREATE INDEX IF NOT EXISTS audit_project_id ON audit (project_id, time);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
+CREATE TRIGGER IF NOT EXISTS audit_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One request as the audit trail keeps it. Claim fields are None when the request carried no valid token.
+
+    `time` is the request's start (Unix seconds); `details` Envoy's reason for the status (which filter said
+    no, and why); `policy` the RBAC effective policy id (`<binding>/<role>`);
+    `credential_jti` is set only for the control plane's own exchanged credentials.
+    """
+
+    time: float
+    gateway: str
+    node: str
+    backend: str | None
+    method: str
+    path: str
+    status: int
+    decision: str
+    details: str | None = None
+    policy: str | None = None
+    project_id: str | None = None
+    project_path: str | None = None
+    pipeline_id: str | None = None
+    job_id: str | None = None
+    ref: str | None = None
+    user: str | None = None
+    credential_jti: str | None = None
+    issuer: str | None = None
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
+_INSERT = f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+
+
+def strip_query(path: str) -> str:
+    """`/a/b?token=x#frag` → `/a/b`: queries and fragments may carry secrets and never enter the trail."""
+    return path.split("?", 1)[0].split("#", 1)[0]
+
+
+def _safe_text(value: str, limit: int) -> str:
+    return _SECRET.sub(REDACTED, value[:limit])
+
+
+def sanitize(record: AuditRecord) -> AuditRecord:
+    """The record as it may be stored: path without query, bounded fields, token-shaped text redacted."""
+    changes: dict[str, Any] = {"path": _safe_text(strip_query(record.path), MAX_PATH_CHARS)}
+    for field in fields(AuditRecord):
+        value = getattr(record, field.name)
+        if field.name != "path" and isinstance(value, str):
+            changes[field.name] = _safe_text(value, MAX_FIELD_CHARS)
+    return replace(record, **changes)
+
+
+def default_db_path() -> Path:
+    """`<state dir>/audit.sqlite3`, the state dir being $CONTROLPLANE_STATE_DIR or `.controlplane`."""
+    return Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)) / DB_NAME
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)  # explicit transactions
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode (journal_mode={mode})")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    return conn
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection (works while `serve` writes, and can never modify the trail)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no audit store here")
+    conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def query_records(
+    conn: sqlite3.Connection,
+    *,
+    job: str | None = None,
+    project: str | None = None,
+    since: float | None = None,
+    limit: int = DEFAULT_QUERY_LIMIT,
+) -> list[dict[str, Any]]:
+    """The most recent `limit` records matching every filter given, oldest first.
+
+    `project` is a path (`acme/app`) or, if all digits, a project id.
+    """
+    where: list[str] = []
+    params: list[Any] = []
+    if job is not None:
+        where.append("job_id = ?")
+        params.append(job)
+    if project is not None:
+        where.append("project_id = ?" if project.isdigit() else "project_path = ?")
+        params.append(project)
+    if since is not None:
+        where.append("time >= ?")
+        params.append(since)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    sql = f"SELECT id, {', '.join(COLUMNS)} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
+    rows = conn.execute(sql, (*params, max(0, limit))).fetchall()
+    return [{key: row[key] for key in ("id", *COLUMNS)} for row in reversed(rows)]
+
+
+class AuditStore:
+    """The append-only store and its writer thread. Thread-safe; `submit` may be called from the event loop."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention: float | None = DEFAULT_RETENTION,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        prune_interval: float = DEFAULT_PRUNE_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Opens (creating if needed) the database and starts the writer; `retention` None keeps everything."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.retention = retention
+        self._batch_size = batch_size
+        self._prune_interval = prune_interval
+        self._clock = clock
+        self._conn = _connect_writer(path)
+        self._conn_lock = threading.Lock()  # the writer thread and prune() share the connection
+        self._queue: queue.Queue[AuditRecord | None] = queue.Queue(maxsize=queue_size)
+        self._progress = threading.Condition()
+        self._accepted = 0  # records queued so far
+        self._settled = 0  # of those, committed or given up on
+        self._closed = False
+        self.prune()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # -- writing
+
+    def submit(self, record: AuditRecord) -> bool:
+        """Queue a record without ever blocking. False (and counted as dropped) when full or closed."""
+        with self._progress:
+            if self._closed:
+                AUDIT_RECORDS_DROPPED.inc()
+                return False
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                AUDIT_RECORDS_DROPPED.inc()
+                return False
+            self._accepted += 1
+            return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record submitted before this call is committed (or failed). False on timeout."""
+        with self._progress:
+            target = self._accepted
+            return self._progress.wait_for(lambda: self._settled >= target, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new records, commit everything queued, stop the writer and close the database."""
+        with self._progress:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)  # behind every accepted record; blocks only while the writer frees a slot
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("audit writer did not finish within %.1fs; queued records may be lost", timeout or 0.0)
+            return
+        with self._conn_lock:
+            self._conn.close()
+
+    def prune(self) -> int:
+        """Delete records older than the retention; returns how many. Also run by the writer periodically."""
+        if self.retention is None:
+            return 0
+        cutoff = self._clock() - self.retention
+        with self._conn_lock:
+            deleted = self._conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,)).rowcount
+        if deleted:
+            log.info("audit retention: deleted %d record(s) older than %.0fs", deleted, self.retention)
+        return int(deleted)
+
+    def _run(self) -> None:
+        next_prune = time.monotonic() + self._prune_interval
+        while True:
+            batch, stop = self._take(max(0.0, next_prune - time.monotonic()))
+            if batch:
+                self._write(batch)
+            if time.monotonic() >= next_prune:
+                self._prune_quietly()
+                next_prune = time.monotonic() + self._prune_interval
+            if stop:
+                return
+
+    def _take(self, timeout: float) -> tuple[list[AuditRecord], bool]:
+        """What is queued, up to a batch (waiting up to `timeout` for the first); and whether close() was seen."""
+        batch: list[AuditRecord] = []
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return batch, False
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= self._batch_size:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
+
+    def _write(self, batch: list[AuditRecord]) -> None:
+        started = time.perf_counter()
+        try:
+            with self._conn_lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany(_INSERT, _rows(batch))
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+        except Exception as error:  # disk full, I/O error, or a bug: count the loss, keep the writer alive
+            AUDIT_RECORDS_DROPPED.inc(len(batch))
+            log.error("audit store %s: could not write %d record(s): %s", self.path, len(batch), error)
+        else:
+            AUDIT_RECORDS_WRITTEN.inc(len(batch))
+            AUDIT_WRITE_DURATION.observe(time.perf_counter() - started)
+        finally:
+            with self._progress:
+                self._settled += len(batch)
+                self._progress.notify_all()
+
+    def _prune_quietly(self) -> None:
+        try:
+            self.prune()
+        except sqlite3.Error as error:
+            log.error("audit store %s: retention sweep failed: %s", self.path, error)
+
+    # -- reading
+
+    def query(
+        self,
+        job: str | None = None,
+        project: str | None = None,
+        since: float | None = None,
+        limit: int = DEFAULT_QUERY_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """See `query_records`; reads through its own read-only connection, never waiting for the writer."""
+        conn = open_readonly(self.path)
+        try:
+            return query_records(conn, job=job, project=project, since=since, limit=limit)
+        finally:
+            conn.close()
+
+
+def _rows(batch: Iterable[AuditRecord]) -> Iterable[tuple[Any, ...]]:
+    return (astuple(sanitize(record)) for record in batch)

@@ -1,0 +1,371 @@
+"""The compiler's side of the control plane's own credentials (issue 4, points 2 and 4).
+
+Exchanged credentials are verified by a `controlplane` jwt_authn provider with inline keys and authorized by
+their `roles` claim; revoked jobs are denied by a second RBAC instance through bytes appended once to the
+assembled route configuration; the token exchange is routed on every host without token checks. Checked on
+the messages the compiler produces, and by the real Envoy (`envoy --mode validate`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_config
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
+from google.protobuf import json_format
+from jwt.algorithms import ECAlgorithm
+
+from controlplane.compiler import compile as compile_module
+from controlplane.compiler import rbac, route
+from controlplane.compiler.claims import Condition, ResolvedSubject
+from controlplane.compiler.compile import CompiledGroup, compile_policy
+from controlplane.compiler.memo import CompilerMemo
+from controlplane.compiler.util import packed
+from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs
+from controlplane.model.errors import PolicyInvalid
+from controlplane.model.policy import Backend, Mode, Policy
+from controlplane.service import compile_model
+from controlplane.snapshots.snapshot import ENDPOINT, LISTENER, ROUTE
+from tests.compiled import clusters, connection_manager, jwt_authentication, policy_of, routes, vhost_rbac
+from tests.support.envoy import validate_config
+from tests.test_golden import _as_static_bootstrap
+
+ISSUER = """
+kind: Issuer
+name: gitlab
+type: gitlab
+url: https://gitlab.example.com
+inventory: inventory.yaml
+"""
+INVENTORY = """
+groups:
+  - {id: 10, path: acme}
+projects:
+  - {id: 42, path: acme/deployer, namespace_id: 10}
+"""
+BACKENDS = """
+kind: Backend
+name: reports
+hosts: [reports.local]
+endpoints: [{address: 127.0.0.1, port: 8081}]
+public_paths: [/healthz]
+---
+kind: Backend
+name: vault
+hosts: [vault.local]
+audience: https://vault.example.com
+endpoints: [{address: 127.0.0.1, port: 8082}]
+credentials: exchanged
+---
+kind: Backend
+name: ledger
+hosts: [ledger.local]
+endpoints: [{address: 127.0.0.1, port: 8083}]
+---
+kind: Role
+name: reports-read
+backend: reports
+rules: [{methods: [GET, HEAD]}]
+---
+kind: Role
+name: reports-write
+backend: reports
+rules: [{methods: [POST], paths: ["/reports/**"]}]
+---
+kind: Role
+name: vault-read
+backend: vault
+rules: [{methods: [GET]}]
+---
+kind: Gateway
+name: gw
+listen: {port: 10000}
+backends: [reports, vault, ledger]
+"""
+BINDINGS = """
+kind: Binding
+name: deployer
+roles: [reports-read, vault-read]
+subjects:
+  - project: acme/deployer
+    ref_protected: true
+"""
+KEYS = '{"keys":[{"crv":"P-256","kid":"cp-1","kty":"EC","x":"x","y":"y"}]}'  # shape only; Envoy is not asked here
+CREDENTIALS = CredentialInputs(jwks=KEYS, exchange_address=("127.0.0.1", 18080), revoked_jobs=("777", "555", "777"))
+
+
+@functools.cache
+def policy() -> Policy:
+    return policy_of(issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDINGS)
+
+
+def gateway(credentials: CredentialInputs | None = CREDENTIALS, memo: CompilerMemo | None = None) -> CompiledGroup:
+    return compile_policy(policy(), memo, credentials=credentials)["gw"]
+
+
+def vhost(group: CompiledGroup, name: str) -> rc.VirtualHost:
+    return next(v for v in routes(group).virtual_hosts if v.name == name)
+
+
+def unpacked(config: Any, message_type: Callable[[], Any]) -> Any:
+    message = message_type()
+    assert config.Unpack(message)
+    return message
+
+
+def requirement(group: CompiledGroup, backend: str) -> Any:
+    return json_format.MessageToDict(
+        jwt_authentication(group).requirement_map[f"backend-{backend}"], preserving_proto_field_name=True
+    )
+
+
+# --- provider ---------------------------------------------------------------------------------------
+
+
+def test_no_credentials_no_provider_and_the_same_bytes_as_empty_inputs() -> None:
+    without = gateway(None)
+    assert set(jwt_authentication(without).providers) == {"gitlab"}
+    assert gateway(CredentialInputs()).resources == without.resources
+    assert not any(name == "controlplane-exchange" for name in clusters(without))
+
+
+def test_credential_provider_shares_the_issuer_providers_settings_with_inline_keys() -> None:
+    providers = jwt_authentication(gateway()).providers
+    own, gitlab = providers["controlplane"], providers["gitlab"]
+    assert own.issuer == CREDENTIAL_ISSUER
+    assert own.local_jwks.inline_string == KEYS
+    assert list(own.audiences) == sorted(["https://reports.local", "https://vault.example.com", "https://ledger.local"])
+    for shared in ("from_headers", "forward", "payload_in_metadata", "header_in_metadata", "failed_status_in_metadata"):
+        assert getattr(own, shared) == getattr(gitlab, shared), shared
+    assert own.jwt_cache_config == gitlab.jwt_cache_config and own.jwt_cache_config.jwt_cache_size > 0
+    assert own.require_expiration and not own.forward and own.clock_skew_seconds > 0
+    rule = jwt_authentication(gateway()).rules[0]
+    assert {r.provider_name for r in rule.requires.requires_any.requirements} == {"controlplane", "gitlab"}
+
+
+def test_an_issuer_or_binding_named_like_the_credentials_entries_is_refused() -> None:
+    clash = policy_of(
+        issuer=ISSUER.replace("name: gitlab", "name: controlplane"),
+        inventory=INVENTORY,
+        backends=BACKENDS,
+        bindings=BINDINGS.replace("name: deployer", "name: exchanged"),
+    )
+    compile_policy(clash)  # without credentials, nothing is reserved
+    with pytest.raises(PolicyInvalid) as raised:
+        compile_policy(clash, credentials=CREDENTIALS)
+    assert sorted(map(str, raised.value.errors)) == [
+        "bindings.yaml:2: name: 'exchanged' is reserved for the control plane's exchanged credentials; rename it",
+        "issuer.yaml:2: name: 'controlplane' is reserved for the control plane's exchanged credentials; rename it",
+    ]
+
+
+# --- requirements and RBAC --------------------------------------------------------------------------
+
+
+def test_any_backend_accepts_its_issuers_tokens_or_a_credential_with_its_audience() -> None:
+    assert requirement(gateway(), "reports") == {
+        "requires_any": {
+            "requirements": [
+                {"provider_and_audiences": {"provider_name": p, "audiences": ["https://reports.local"]}}
+                for p in ("controlplane", "gitlab")
+            ]
+        }
+    }
+
+
+def test_exchanged_backend_accepts_only_credentials() -> None:
+    group = gateway()
+    assert requirement(group, "vault") == {
+        "provider_and_audiences": {"provider_name": "controlplane", "audiences": ["https://vault.example.com"]}
+    }
+    # The binding grants vault-read, but only to raw ID tokens: that policy is not emitted on this backend.
+    assert sorted(vhost_rbac(group, "vault").rbac.rules.policies) == ["exchanged/vault-read"]
+    per_route = unpacked(
+        vhost(group, "vault").typed_per_filter_config["envoy.filters.http.jwt_authn"], jwt_config.PerRouteConfig
+    )
+    assert per_route.requirement_name == "backend-vault"
+
+
+def test_exchanged_backend_without_credentials_denies_everything() -> None:
+    group = gateway(None)
+    assert "backend-vault" not in jwt_authentication(group).requirement_map
+    rules = vhost_rbac(group, "vault").rbac.rules
+    assert rules.action == rbac_config.RBAC.ALLOW and len(rules.policies) == 0  # deny all (G11)
+
+
+def test_one_exchanged_policy_per_role_beside_the_binding_policies() -> None:
+    policies = vhost_rbac(gateway(), "reports").rbac.rules.policies
+    assert sorted(policies) == ["deployer/reports-read", "exchanged/reports-read", "exchanged/reports-write"]
+    (principal,) = policies["exchanged/reports-write"].principals
+    conditions = [json_format.MessageToDict(i.sourced_metadata.metadata_matcher) for i in principal.and_ids.ids]
+    assert conditions == [
+        {
+            "filter": "envoy.filters.http.jwt_authn",
+            "path": [{"key": "jwt_payload"}, {"key": "iss"}],
+            "value": {"stringMatch": {"exact": CREDENTIAL_ISSUER}},
+        },
+        {
+            "filter": "envoy.filters.http.jwt_authn",
+            "path": [{"key": "jwt_payload"}, {"key": "roles"}],
+            "value": {
+                "orMatch": {
+                    "valueMatchers": [
+                        {"stringMatch": {"exact": "reports-write"}},
+                        {"listMatch": {"oneOf": {"stringMatch": {"exact": "reports-write"}}}},
+                    ]
+                }
+            },
+        },
+    ]
+
+
+@pytest.mark.parametrize("role", ["reports-read", "reports-write"])
+def test_exchanged_policy_permissions_are_the_roles_rules(role: str) -> None:
+    anyone = ResolvedSubject.of([Condition("sub", ("x",))])
+    alone = rbac.backend_rbac("reports", [rbac.GrantSpec("p", Mode.ENFORCE, policy().role(role).rules, (anyone,))])
+    policies = vhost_rbac(gateway(), "reports").rbac.rules.policies
+    assert policies[f"exchanged/{role}"].permissions == alone.rbac.rules.policies["p"].permissions
+
+
+def test_deny_by_default_holds_with_credentials() -> None:
+    group = gateway()
+    ledger = vhost_rbac(group, "ledger").rbac.rules  # no roles on ledger: nothing to exchange for either
+    assert ledger.action == rbac_config.RBAC.ALLOW and len(ledger.policies) == 0
+    main = unpacked(connection_manager(group).http_filters[2].typed_config, rbac_filter.RBAC)
+    assert main.rules.action == rbac_config.RBAC.ALLOW and len(main.rules.policies) == 0
+
+
+# --- revocations ------------------------------------------------------------------------------------
+
+
+def test_revocation_filter_sits_between_jwt_authn_and_rbac_and_denies_nothing_by_itself() -> None:
+    for credentials in (None, CREDENTIALS):
+        filters = connection_manager(gateway(credentials)).http_filters
+        assert [f.name for f in filters][:3] == [
+            "envoy.filters.http.jwt_authn",
+            "controlplane.revocations",
+            "envoy.filters.http.rbac",
+        ]
+        config = unpacked(filters[1].typed_config, rbac_filter.RBAC)
+        assert config.HasField("rules") and config.rules.action == rbac_config.RBAC.DENY
+        assert len(config.rules.policies) == 0
+
+
+def test_the_route_configuration_carries_the_revoked_jobs_once_for_every_host() -> None:
+    """Route configuration level: the least specific per-filter config, so it covers every virtual host."""
+    config = routes(gateway())
+    deny = unpacked(config.typed_per_filter_config["controlplane.revocations"], rbac_filter.RBACPerRoute)
+    assert deny.rbac.rules.action == rbac_config.RBAC.DENY
+    assert list(deny.rbac.rules.policies) == ["revoked-jobs"]
+    revoked = deny.rbac.rules.policies["revoked-jobs"]
+    assert [p.any for p in revoked.permissions] == [True]
+    jobs = [i.sourced_metadata.metadata_matcher for i in revoked.principals]
+    assert [m.value.string_match.exact for m in jobs] == ["555", "777"]  # sorted, without duplicates
+    assert all(m.filter == "envoy.filters.http.jwt_authn" for m in jobs)
+    assert all([s.key for s in m.path] == ["jwt_payload", "job_id"] for m in jobs)  # credentials and ID tokens
+    # No host or default route overrides it (route and host level would replace it, G12).
+    assert all("controlplane.revocations" not in v.typed_per_filter_config for v in config.virtual_hosts)
+    assert all("controlplane.revocations" not in v.routes[-1].typed_per_filter_config for v in config.virtual_hosts)
+    assert "controlplane.revocations" not in routes(gateway(CredentialInputs(jwks=KEYS))).typed_per_filter_config
+
+
+def test_appended_revocation_bytes_parse_and_equal_the_message_built_route_configuration() -> None:
+    ((_, appended),) = gateway().resources[ROUTE]
+    ((_, plain),) = gateway(CredentialInputs(jwks=KEYS, exchange_address=CREDENTIALS.exchange_address)).resources[ROUTE]
+    built = route_pb2.RouteConfiguration.FromString(plain)
+    built.typed_per_filter_config["controlplane.revocations"].CopyFrom(
+        packed(rbac.revocations_per_route(["777", "555"]))
+    )
+    assert route_pb2.RouteConfiguration.FromString(appended) == built
+    # The highest field number goes last in deterministic order, so appending gives the very same bytes.
+    assert appended == built.SerializeToString(deterministic=True)
+    assert len(appended) == len(plain) + len(route.revocations_entry(["555", "777"]))
+
+
+def test_revocations_leave_the_memo_and_the_listener_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    memo = CompilerMemo()
+    first = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1",)), memo)
+    calls: list[str] = []
+    real = compile_module._backend_parts
+
+    def counted(backend: Backend, *rest: Any) -> Any:
+        calls.append(backend.name)
+        return real(backend, *rest)
+
+    monkeypatch.setattr(compile_module, "_backend_parts", counted)
+    second = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1", "2")), memo)
+    assert calls == []  # every backend's parts came from the memo
+    assert second.resources[LISTENER] == first.resources[LISTENER]
+    assert second.resources[ROUTE] != first.resources[ROUTE]
+
+
+def test_memo_equals_a_cold_compile_with_credentials_and_revocations() -> None:
+    memo = CompilerMemo()
+    steps = [
+        None,
+        CREDENTIALS,
+        CredentialInputs(jwks=KEYS, revoked_jobs=("9",)),
+        CredentialInputs(jwks=KEYS.replace("cp-1", "cp-2"), exchange_address=("cp.internal", 8443)),
+        CredentialInputs(revoked_jobs=("9",)),
+        CREDENTIALS,
+    ]
+    for credentials in steps:
+        warm = compile_policy(policy(), memo, credentials=credentials)
+        cold = compile_policy(policy(), credentials=credentials)
+        assert {g: c.resources for g, c in warm.items()} == {g: c.resources for g, c in cold.items()}, credentials
+
+
+# --- token exchange route ---------------------------------------------------------------------------
+
+
+def test_exchange_route_comes_first_on_every_host_with_every_check_off() -> None:
+    group = gateway()
+    for host in routes(group).virtual_hosts:
+        first = host.routes[0]
+        assert first.name == f"{host.name}-exchange"
+        assert first.match.path == EXCHANGE_PATH and first.route.cluster == "controlplane-exchange"
+        config = first.typed_per_filter_config
+        assert sorted(config) == ["controlplane.revocations", "envoy.filters.http.jwt_authn", "envoy.filters.http.rbac"]
+        assert unpacked(config["envoy.filters.http.jwt_authn"], jwt_config.PerRouteConfig).disabled
+        for name in ("envoy.filters.http.rbac", "controlplane.revocations"):
+            assert not unpacked(config[name], rbac_filter.RBACPerRoute).HasField("rbac")  # off (G11)
+        assert host.routes[-1].match.prefix == "/"
+    public = vhost(group, "reports").routes[1]
+    assert public.match.path == "/healthz" and "envoy.filters.http.rbac" in public.typed_per_filter_config
+    without = gateway(CredentialInputs(jwks=KEYS))
+    assert all(h.routes[0].name != f"{h.name}-exchange" for h in routes(without).virtual_hosts)
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [(("127.0.0.1", 18080), cluster_pb2.Cluster.STATIC), (("cp.internal", 8443), cluster_pb2.Cluster.LOGICAL_DNS)],
+)
+def test_exchange_cluster_is_static_for_an_ip_and_dns_otherwise(address: tuple[str, int], kind: int) -> None:
+    group = gateway(CredentialInputs(exchange_address=address))
+    exchange = clusters(group)["controlplane-exchange"]
+    assert exchange.type == kind
+    endpoint = exchange.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (endpoint.address, endpoint.port_value) == address
+    assert not exchange.HasField("transport_socket")
+    assert "controlplane-exchange" not in dict(group.resources[ENDPOINT])
+
+
+# --- the real Envoy -----------------------------------------------------------------------------------
+
+
+def test_real_envoy_accepts_credentials_revocations_and_the_exchange_route() -> None:
+    public = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True)
+    keys = json.dumps({"keys": [{**public, "kid": "cp-1", "alg": "ES256", "use": "sig"}]})
+    credentials = CredentialInputs(jwks=keys, exchange_address=("cp.internal", 8443), revoked_jobs=("555", "777"))
+    snapshots = compile_model(policy(), credentials=credentials)
+    ok, output = validate_config(_as_static_bootstrap(snapshots["gw"]))
+    assert ok, output[-3000:]

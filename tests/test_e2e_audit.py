@@ -1,0 +1,239 @@
+"""The audit trail end to end on the REAL Envoy: requests → Envoy → gRPC ALS → SQLite → query and CLI.
+
+The control plane runs in process (SnapshotCache + PolicyService + XdsServer with the ALS handler on the
+same grpc server, as `serve` wires it) on an event loop in a background thread, so the test itself can make
+blocking HTTP requests and poll the store with deadlines. Two jobs make requests; the store must hold
+exactly the requests each one made, with the policy that decided them, and no token anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from controlplane.audit.als import AccessLogService
+from controlplane.audit.store import AuditStore
+from controlplane.cli.audit import run_audit
+from controlplane.cli.bootstrap import render_bootstrap
+from controlplane.service import PolicyService
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.server import XdsServer
+from tests.support.backends import EchoBackend, HttpResponse, http_request
+from tests.support.envoy import EnvoyProcess
+from tests.support.fake_gitlab import FakeGitLab
+from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.test_e2e import DEPLOYER, OTHER, _write_policy
+
+pytestmark = pytest.mark.e2e
+
+T = TypeVar("T")
+GATEWAY = "ci-gateway"
+NODE = "audit-envoy-1"
+JOB_A, PIPELINE_A = "70001", "80001"
+JOB_B, PIPELINE_B = "70002", "80002"
+
+
+class InProcessControlPlane:
+    """The serve wiring that matters here, on its own event loop thread: policy → snapshots → ADS, and ALS → store."""
+
+    def __init__(self, policy: Path, db: Path) -> None:
+        self.cache = SnapshotCache()
+        self.policy = PolicyService(policy, self.cache)
+        self.store = AuditStore(db)
+        self.als = AccessLogService(self.store)
+        self.xds = XdsServer(
+            self.cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
+        )
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="controlplane-loop", daemon=True)
+        self.port = 0
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self.run(self.policy.reload_off_loop()), self.policy.state.errors
+        self.port = self.run(self.xds.start(LOOPBACK, 0))
+
+    def stop(self) -> None:
+        """As serve should: end ALS streams (their records committed), stop gRPC, then drain and close the store."""
+        try:
+            self.run(self.als.close())
+            self.run(self.xds.stop(1.0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+            self.store.close(10)
+
+
+@dataclass
+class Stack:
+    gitlab: FakeGitLab
+    listen_port: int
+    db: Path
+    controlplane: InProcessControlPlane
+    envoy: EnvoyProcess
+
+    def request(self, host: str, path: str, token: str | None, method: str = "GET") -> HttpResponse:
+        headers = {"Host": host}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", method=method, headers=headers)
+
+    def token(self, project: dict[str, Any], aud: str, **claims: Any) -> str:
+        return self.gitlab.mint(aud=aud, **{**project, **claims})
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("e2e-audit")
+    policy = root / "policy"
+    policy.mkdir()
+    listen_port = free_port()
+    with FakeGitLab() as gitlab, EchoBackend("reports") as reports, EchoBackend("deploy") as deploy:
+        _write_policy(
+            policy,
+            issuer=gitlab.issuer,
+            reports_port=reports.port,
+            deploy_port=deploy.port,
+            listen_port=listen_port,
+            access_log=root / "access.log",
+        )
+        with (policy / "issuer.yaml").open("a") as issuer:
+            issuer.write("jwks: remote\n")  # Envoy fetches the keys itself: no key relay in this wiring
+        controlplane = InProcessControlPlane(policy, root / "audit.sqlite3")
+        controlplane.start()
+        try:
+            bootstrap = render_bootstrap(group=GATEWAY, node_id=NODE, xds_host=LOOPBACK, xds_port=controlplane.port)
+            with EnvoyProcess(bootstrap, name="audit-envoy") as envoy:
+                built = Stack(gitlab, listen_port, root / "audit.sqlite3", controlplane, envoy)
+                poll_until(
+                    lambda: built.request("reports.local", "/healthz", None).status == 200, 20, message="listener up"
+                )
+                yield built
+        finally:
+            controlplane.stop()
+
+
+def _job_a_requests(stack: Stack) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """Job A: allowed read (with a query that must not be stored), denied write, allowed deploy."""
+    reports = stack.token(DEPLOYER, "https://reports.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
+    deploy = stack.token(DEPLOYER, "https://deploy.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
+    made = [
+        ("reports.local", "GET", "/reports/2026?private_token=secret-value", reports, 200),
+        ("reports.local", "POST", "/reports/2026", reports, 403),
+        ("deploy.local", "POST", "/deployments/prod", deploy, 200),
+    ]
+    for host, method, path, token, expected in made:
+        response = stack.request(host, path, token, method=method)
+        assert response.status == expected, (method, path, response.status, response.text)
+    return [(m, p, s) for _, m, p, _, s in made], [reports, deploy]
+
+
+def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> None:
+    made, tokens = _job_a_requests(stack)
+    other = stack.token(OTHER, "https://reports.local", job_id=JOB_B, pipeline_id=PIPELINE_B)
+    assert stack.request("reports.local", "/reports/2026", other).status == 403
+    assert stack.request("reports.local", "/reports/2026", None).status == 401
+    tokens.append(other)
+
+    store = stack.controlplane.store
+    records: list[dict[str, Any]] = poll_until(
+        lambda: r if len(r := store.query(job=JOB_A)) >= len(made) else [], 10, message="job A's records"
+    )
+    poll_until(lambda: store.query(job=JOB_B), 10, message="job B's record")
+    assert len(store.query(job=JOB_A)) == len(made)
+    common = {
+        "gateway": GATEWAY,
+        "node": NODE,
+        "project_id": "42",
+        "project_path": "acme/platform/deployer",
+        "pipeline_id": PIPELINE_A,
+        "job_id": JOB_A,
+        "ref": "main",
+        "user": "ci-user",
+        "issuer": stack.gitlab.issuer,
+        "credential_jti": None,  # a GitLab ID token is not a control-plane credential
+    }
+    expected = [
+        {"method": "GET", "path": "/reports/2026", "status": 200, "decision": "allowed",
+         "policy": "deployer-reads-reports/reports-read", "backend": "reports-api", **common},
+        {"method": "POST", "path": "/reports/2026", "status": 403, "decision": "denied",
+         "policy": None, "backend": "reports-api", **common},
+        {"method": "POST", "path": "/deployments/prod", "status": 200, "decision": "allowed",
+         "policy": "deployer-deploys/deploy-trigger", "backend": "deploy-api", **common},
+    ]  # fmt: skip
+    got = [{key: record[key] for key in expected[0]} for record in records]
+    assert got == expected
+    assert [r["details"] for r in records] == [
+        "via_upstream",
+        "rbac_access_denied_matched_policy[none]",
+        "via_upstream",
+    ]
+    assert all(record["time"] > 0 for record in records)
+
+    (job_b,) = store.query(job=JOB_B)
+    assert (job_b["project_path"], job_b["decision"], job_b["status"], job_b["policy"]) == (
+        "acme/platform/other",
+        "denied",
+        403,
+        None,
+    )
+    assert [r["job_id"] for r in store.query(project="acme/platform/other")] == [JOB_B]
+    unauthenticated = poll_until(
+        lambda: [r for r in store.query(since=records[0]["time"]) if r["status"] == 401], 10, message="the 401"
+    )
+    assert [(r["job_id"], r["decision"], r["details"]) for r in unauthenticated] == [
+        (None, "denied", "jwt_authn_access_denied{Jwt_is_missing}")
+    ]
+
+    # Nothing secret on disk: no token, and no query string (the database and its WAL).
+    stack.controlplane.store.flush(10)
+    for path in stack.db.parent.glob("audit.sqlite3*"):
+        data = path.read_bytes()
+        assert b"secret-value" not in data, path
+        for token in tokens:
+            assert token.encode() not in data, path
+            assert token.split(".")[2].encode() not in data, path
+
+
+def test_cli_reads_the_live_store(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    token = stack.token(DEPLOYER, "https://reports.local", job_id="70003", pipeline_id="80003")
+    assert stack.request("reports.local", "/cli/check", token).status == 200
+    poll_until(lambda: stack.controlplane.store.query(job="70003"), 10, message="record of job 70003")
+    capsys.readouterr()
+
+    assert run_audit(_args(job="70003", as_json=True, db=stack.db)) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert (record["path"], record["decision"], record["policy"]) == (
+        "/cli/check",
+        "allowed",
+        "deployer-reads-reports/reports-read",
+    )
+
+    assert run_audit(_args(job="70003", as_json=False, db=stack.db)) == 0
+    table = capsys.readouterr().out
+    for shown in ("/cli/check", "deployer-reads-reports/reports-read", "acme/platform/deployer", "70003"):
+        assert shown in table, table
+
+
+def _args(*, job: str, as_json: bool, db: Path) -> Any:
+    import argparse
+
+    from controlplane.cli.audit import add_audit_arguments
+
+    parser = argparse.ArgumentParser()
+    add_audit_arguments(parser)
+    argv = ["--job", job, "--db", str(db), *(["--json"] if as_json else [])]
+    return parser.parse_args(argv)
