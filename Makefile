@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/compile_scale.py
 	$(PY) benchmarks/policy_to_enforcement.py
 	$(PY) benchmarks/xds_fanout.py
+	$(PY) benchmarks/revocation_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
