@@ -62,11 +62,13 @@ def compile_model(
     pins: Pins | None = None,
     *,
     credentials: CredentialInputs | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, Snapshot]:
     """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`.
 
-    `credentials`: the control plane's own credential inputs (see compile_policy)."""
-    compiled = compile_policy(policy, memo, keys, pins, credentials)
+    `credentials`: the control plane's own credential inputs; `secrets`: injected upstream credentials by
+    backend (see compile_policy)."""
+    compiled = compile_policy(policy, memo, keys, pins, credentials, secrets)
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
@@ -112,6 +114,9 @@ class PolicyService:
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
         # The control plane's own credentials (signing keys, revoked jobs, exchange route); set by serve.
         self.credentials: Callable[[], CredentialInputs | None] = lambda: None
+        # Injected upstream credentials of the policy being compiled, by backend; set by serve. It is given the
+        # policy so a newly declared injection has its value in the very compile that introduces it.
+        self.secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {}
         # What the token exchange evaluates: built from the same grants as the snapshot in service.
         self.exchange_policy: ExchangePolicy | None = None
         self._pending_exchange: ExchangePolicy | None = None
@@ -205,7 +210,13 @@ class PolicyService:
     def _compile(self, policy: Policy) -> dict[str, Snapshot]:
         model = self._with_live_inputs(policy)
         snapshots = compile_model(
-            model, self._memo, self._snapshots, self._keys, self._pins, credentials=self.credentials()
+            model,
+            self._memo,
+            self._snapshots,
+            self._keys,
+            self._pins,
+            credentials=self.credentials(),
+            secrets=self.secrets(model),
         )
         self._note_resolution()
         # Built here, under the compile lock, from the grant index this very compile produced; published with

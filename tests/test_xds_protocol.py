@@ -11,12 +11,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from controlplane.xds.protocol import (
     KEEP_SUFFIX,
     Ack,
@@ -187,8 +188,43 @@ def test_framed_bytes_equal_a_normally_serialized_response() -> None:
 
 
 def test_type_labels() -> None:
-    assert [type_label(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)] == ["cds", "eds", "lds", "rds"]
-    assert type_label("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret") == "other"
+    assert [type_label(t) for t in (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)] == ["sds", "cds", "eds", "lds", "rds"]
+    assert type_label("type.googleapis.com/envoy.service.runtime.v3.Runtime") == "other"
+
+
+def _with_secrets(base: Snapshot, **values: str) -> Snapshot:
+    """`base` plus generic secrets (name → value), as the compiler delivers injected upstream credentials."""
+    resources: dict[str, list[tuple[str, Message | bytes]]] = {
+        t: [(n, r.payload) for n, r in s.resources.items()] for t, s in base.types.items()
+    }
+    resources[SECRET] = [
+        (n, secret_pb2.Secret(name=n, generic_secret=secret_pb2.GenericSecret(secret={"inline_string": v})))
+        for n, v in values.items()
+    ]
+    return Snapshot.build(base.group, resources)
+
+
+def test_secrets_are_a_named_subscription_served_like_any_type() -> None:
+    assert subscription(SECRET, []) == frozenset()  # never a wildcard: a proxy only gets the secrets it names
+    stream, _ = started(_with_secrets(snap(), **{"backend-a-credential": "one", "backend-b-credential": "x"}))
+    sds = one(stream.receive(req(SECRET, ["backend-a-credential"]), 0.0))
+    message = discovery_pb2.DiscoveryResponse.FromString(sds.data)
+    (packed,) = message.resources
+    assert message.type_url == packed.type_url == SECRET
+    assert secret_pb2.Secret.FromString(packed.value).generic_secret.secret.inline_string == "one"
+    assert sds.resource_names == ("backend-a-credential",)
+    ack(stream, sds, ["backend-a-credential"])
+    changed = stream.set_snapshot(
+        _with_secrets(snap(), **{"backend-a-credential": "two", "backend-b-credential": "x"}), 1.0
+    )
+    assert [r.type_url for r in changed.responses] == [SECRET]  # a new value is an SDS push, nothing else
+
+
+def test_secrets_are_pushed_before_clusters() -> None:
+    stream, _ = started(_with_secrets(snap(), s="one"))
+    ack(stream, one(stream.receive(req(SECRET, ["s"]), 0.0)), ["s"])
+    out = stream.set_snapshot(_with_secrets(snap(clusters={"backend": "v2"}), s="two"), 1.0)
+    assert [r.type_url for r in out.responses] == [SECRET, CLUSTER, ENDPOINT]
 
 
 # ------------------------------------------------------------------------ rule 1: node and per-type state
@@ -662,7 +698,7 @@ def test_empty_snapshot_answers_wildcards_with_zero_resources() -> None:
 
 
 def test_unsupported_type_is_reported_once_and_not_answered() -> None:
-    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    secret = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
     stream = AdsStream()
     stream.set_snapshot(snap(), 0.0)
     out = stream.receive(req(secret, ["cert"], node=True), 0.0)

@@ -12,6 +12,10 @@ Choices worth knowing:
   noticed and re-established rather than waiting forever; STATIC for an IP, LOGICAL_DNS for a hostname (a
   Kubernetes Service name re-resolves when the Service's endpoints move).
 - The admin interface defaults to loopback: it can dump config and quit the server, so it must not be exposed.
+- With ``--tls-ca/--tls-cert/--tls-key`` the xds_cluster speaks mTLS (ALPN h2) and checks the control plane's
+  certificate against the CA *and* its name (SNI as a DNS SAN, or the address as an IP SAN): Envoy checks no
+  name unless told, so any certificate from the same CA, a proxy's own included, would otherwise pass. The
+  files are referenced by path (no key material in the bootstrap) and read when Envoy starts.
 - The overload manager caps downstream connections, which Envoy otherwise warns about at startup and which
   keeps one noisy client from exhausting file descriptors.
 """
@@ -19,6 +23,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -27,6 +32,42 @@ from controlplane.compiler.util import is_ip
 
 XDS_CLUSTER = "xds_cluster"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+UPSTREAM_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """mTLS from Envoy to the control plane: PEM file paths as seen by the proxy, and the name to verify."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    sni: str | None = None  # default: the xDS host when it is a name
+
+
+def _transport_socket(tls: ClientTls, xds_host: str) -> dict[str, Any]:
+    sni = tls.sni or (None if is_ip(xds_host) else xds_host)
+    san = (
+        {"san_type": "DNS", "matcher": {"exact": sni}}
+        if sni
+        else {"san_type": "IP_ADDRESS", "matcher": {"exact": xds_host}}
+    )
+    context: dict[str, Any] = {
+        "@type": UPSTREAM_TLS_CONTEXT,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [
+                {"certificate_chain": {"filename": tls.cert_file}, "private_key": {"filename": tls.key_file}}
+            ],
+            "validation_context": {
+                "trusted_ca": {"filename": tls.ca_file},
+                "match_typed_subject_alt_names": [san],
+            },
+        },
+    }
+    if sni:
+        context["sni"] = sni
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 class _EnvoySafeDumper(yaml.SafeDumper):
@@ -52,7 +93,7 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
+def _xds_cluster(xds_host: str, xds_port: int, tls: ClientTls | None) -> dict[str, Any]:
     ip = is_ip(xds_host)
     cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
@@ -76,6 +117,8 @@ def _xds_cluster(xds_host: str, xds_port: int) -> dict[str, Any]:
     }
     if not ip:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if tls is not None:
+        cluster["transport_socket"] = _transport_socket(tls, xds_host)
     return cluster
 
 
@@ -87,6 +130,7 @@ def render_bootstrap(
     xds_port: int,
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
+    tls: ClientTls | None = None,
 ) -> dict[str, Any]:
     """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo
     fails here rather than as an Envoy that never becomes ready."""
@@ -100,6 +144,14 @@ def render_bootstrap(
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     _check_port("xds_port", xds_port)
     _check_port("admin_port", admin_port, allow_zero=True)  # 0 = kernel-chosen, useful with --admin-address-path
+    if tls is not None:
+        for name, value in (
+            ("tls ca_file", tls.ca_file),
+            ("tls cert_file", tls.cert_file),
+            ("tls key_file", tls.key_file),
+        ):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a non-empty path, got {value!r}")
     if not is_ip(admin_address):
         raise ValueError(f"admin_address must be an IP address (Envoy does not resolve it), got {admin_address!r}")
 
@@ -116,7 +168,7 @@ def render_bootstrap(
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port)]},
+        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port, tls)]},
         "layered_runtime": {
             "layers": [
                 {"name": "static_layer", "static_layer": {}},
@@ -146,6 +198,7 @@ def bootstrap_yaml(
     xds_port: int,
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
+    tls: ClientTls | None = None,
 ) -> str:
     """The same bootstrap as YAML, in Envoy's field order (``sort_keys=False``) so it reads like the docs."""
     return yaml.dump(
@@ -156,6 +209,7 @@ def bootstrap_yaml(
             xds_port=xds_port,
             admin_address=admin_address,
             admin_port=admin_port,
+            tls=tls,
         ),
         Dumper=_EnvoySafeDumper,
         sort_keys=False,

@@ -95,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     audit = serve.add_argument_group("audit trail")
     audit.add_argument("--audit-db", type=Path, help="SQLite file (default: <state dir>/audit.sqlite3)")
     audit.add_argument("--audit-retention", type=float, default=30 * 86_400.0, help="seconds audit records are kept")
+    xds_tls = serve.add_argument_group("xDS transport security (README: Securing xDS)")
+    xds_tls.add_argument("--xds-tls-cert", type=Path, help="PEM certificate chain of the xDS server")
+    xds_tls.add_argument("--xds-tls-key", type=Path, help="PEM private key of the xDS server")
+    xds_tls.add_argument("--xds-client-ca", type=Path, help="PEM CA that signs proxies' client certificates")
+    xds_tls.add_argument(
+        "--xds-insecure", action="store_true", help="allow plain-text xDS even when the policy pushes secrets"
+    )
     hooks = serve.add_argument_group("GitLab webhooks")
     hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
     hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
@@ -111,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
     bootstrap.add_argument("--xds-address", type=_host_port, default=_host_port("127.0.0.1:18000"))
     bootstrap.add_argument("--admin-port", type=int, default=9901)
+    bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
+    bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
+    bootstrap.add_argument("--tls-key", help="this proxy's client private key (PEM file path on the proxy)")
+    bootstrap.add_argument("--tls-sni", help="server name to send and verify (default: the --xds-address host)")
     return parser
 
 
@@ -179,6 +190,16 @@ def _serve(args: argparse.Namespace) -> int:
         policy_gitlab = GitLabPolicyOptions(
             args.gitlab_url, args.policy_project, args.gitlab_token_env, args.gitlab_token_file, args.policy_poll
         )
+    from controlplane.xds.tls import server_tls_from_flags
+
+    try:
+        xds_tls = server_tls_from_flags(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if xds_tls is not None and args.xds_insecure:
+        print("--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one", file=sys.stderr)
+        return 2
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
@@ -211,6 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,
+        xds_tls=xds_tls,
+        xds_insecure=args.xds_insecure,
     )
     return asyncio.run(serve(options))
 
@@ -224,11 +247,20 @@ def _status(args: argparse.Namespace) -> int:
 def _bootstrap(args: argparse.Namespace) -> int:
     import socket
 
-    from controlplane.cli.bootstrap import bootstrap_yaml
+    from controlplane.cli.bootstrap import ClientTls, bootstrap_yaml
 
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+    if (any(tls_files) and not all(tls_files)) or (args.tls_sni and not any(tls_files)):
+        print("--tls-ca, --tls-cert and --tls-key go together (and --tls-sni needs them)", file=sys.stderr)
+        return 2
+    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni) if all(tls_files) else None
     host, port = args.xds_address
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
-    print(bootstrap_yaml(group=args.group, node_id=node_id, xds_host=host, xds_port=port, admin_port=args.admin_port))
+    print(
+        bootstrap_yaml(
+            group=args.group, node_id=node_id, xds_host=host, xds_port=port, admin_port=args.admin_port, tls=tls
+        )
+    )
     return 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane import __version__
-from controlplane.admin.http import AdminServer
+from controlplane.admin.http import AdminServer, is_loopback
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.credentials.service import CredentialOptions, CredentialService
@@ -22,10 +22,12 @@ from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.pins import PinStore
 from controlplane.sources.policy_source import DirectorySource, PolicySource
+from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import XdsServer
+from controlplane.xds.tls import ServerTls, XdsTransportError, check_transport, pushes_secrets
 
 log = logging.getLogger("controlplane")
 
@@ -71,6 +73,8 @@ class ServeOptions:
     credentials: CredentialOptions | None = None
     audit_db: Path | None = None  # default: <state_dir>/audit.sqlite3
     audit_retention: float = 30 * 86_400.0
+    xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
+    xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
 
 
 class ControlPlane:
@@ -105,6 +109,10 @@ class ControlPlane:
         )
         if self.credentials is not None:
             self.policy.credentials = self.credentials.inputs
+        # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
+        self.secrets = SecretsSource(lambda: self.policy.recompile("backend secret changed"))
+        self.policy.secrets = self.secrets.for_policy
+        self._secrets_loop: asyncio.Task[None] | None = None
         self.webhooks = (
             WebhookReceiver(
                 secrets=secrets_from(options.webhooks.secret_env, options.webhooks.secret_file),
@@ -165,12 +173,15 @@ class ControlPlane:
             await self.credentials.start()  # keys exist (and are compiled in) before anything is served
             self._credential_loop = asyncio.create_task(self.credentials.run(self.stopping))
         await self.policy.reload_off_loop()
+        self._secrets_loop = asyncio.create_task(self.secrets.run(self.stopping))
         await self._follow_issuers(wait=self.options.jwks_startup_wait)
         await self.gitlab.settled(self.options.gitlab_startup_wait)
         if self.webhooks is not None and self.options.webhooks is not None:
             self.webhook_port = await self.webhooks.start(self.options.webhooks.host, self.options.webhooks.port)
             log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", self.options.webhooks.host, self.webhook_port)
-        self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port)
+        self._check_transport()
+        self._log_transport()
+        self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port, tls=self.options.xds_tls)
         self.admin_port = await self.admin.start()
         log.info(
             "controlplane %s serving xDS on %s:%d, admin on http://%s:%d, policy %s",
@@ -182,6 +193,25 @@ class ControlPlane:
             self.policy.source.description,
         )
 
+    def _check_transport(self) -> None:
+        """Secrets never go over plain text by accident: raises `InsecureTransport` when the policy in service
+        pushes secrets, mTLS is off and `--xds-insecure` was not given."""
+        current = self.policy.current
+        secrets = current is not None and pushes_secrets(current.backends)
+        check_transport(tls=self.options.xds_tls, insecure=self.options.xds_insecure, secrets=secrets)
+
+    def _log_transport(self) -> None:
+        """Plain text anywhere but loopback deserves a warning even without secrets: the config is not public."""
+        options = self.options
+        if options.xds_tls is not None:
+            log.info("xDS requires mTLS: client certificates signed by %s", options.xds_tls.client_ca_file)
+        elif not is_loopback(options.xds_host):
+            log.warning(
+                "xDS on %s is plain text: anyone who can reach it can read the proxies' configuration "
+                "(see --xds-tls-cert)",
+                options.xds_host,
+            )
+
     async def run(self) -> None:
         await self.start()
         await self.stopping.wait()
@@ -192,6 +222,8 @@ class ControlPlane:
         self.stopping.set()
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._secrets_loop is not None:
+            await asyncio.gather(self._secrets_loop, return_exceptions=True)
         await self.keys.stop()
         await self.gitlab.stop()
         if self.webhooks is not None:
@@ -217,7 +249,19 @@ class ControlPlane:
     async def _on_policy_change(self, changed: set[str]) -> None:
         log.info("policy change: %s", ", ".join(sorted(changed)) or "(directory)")
         await self.policy.reload_off_loop()
+        self._stop_if_insecure()
         await self._follow_issuers()
+
+    def _stop_if_insecure(self) -> None:
+        """A reload that adds secrets to a plain-text xDS port stops the control plane (loudly, so a supervisor
+        and a human notice) rather than keep serving secrets over plain text."""
+        if self.stopping.is_set():
+            return
+        try:
+            self._check_transport()
+        except XdsTransportError as refused:
+            log.critical("stopping: %s", refused)
+            self.stopping.set()
 
     async def _follow_issuers(self, wait: float = 0.0) -> None:
         """Relay the keys and watch the GitLab inventories of the policy in service (a rejected change keeps
@@ -242,6 +286,7 @@ class ControlPlane:
 
     async def _reload_policy(self) -> None:
         if await self.policy.reload_off_loop():
+            self._stop_if_insecure()
             await self._follow_issuers()
 
     async def _poll_policy_project(self, every: float, ready: asyncio.Event) -> None:
@@ -279,5 +324,10 @@ async def serve(options: ServeOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plane.request_stop)
-    await plane.run()
+    try:
+        await plane.run()
+    except XdsTransportError as refused:
+        log.critical("refusing to start: %s", refused)
+        await plane.stop()
+        return 2
     return 0

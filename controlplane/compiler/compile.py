@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from controlplane.compiler import cluster, jwt, listener, rbac, route
+from controlplane.compiler import cluster, inject, jwt, listener, rbac, route
 from controlplane.compiler.grants import GrantIndex
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
@@ -33,7 +33,7 @@ from controlplane.compiler.util import serialized
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy, Role
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 # Backend.credentials: only the control plane's exchanged credentials are accepted (raw ID tokens refused).
 EXCHANGED_ONLY = "exchanged"
@@ -55,6 +55,7 @@ def compile_policy(
     keys: Mapping[str, str] | None = None,
     pins: Mapping[str, Mapping[str, int]] | None = None,
     credentials: CredentialInputs | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, CompiledGroup]:
     """Raises PolicyInvalid when a subject cannot be resolved (unknown path, re-used path, missing pin).
 
@@ -63,7 +64,9 @@ def compile_policy(
     issuer without keys gets a placeholder no token verifies against (fail closed). `pins` are the ids
     project paths resolved to before (issuer → path → id). Warnings (access GitLab withdrew, stale paths)
     and the pins of this compile are then in `memo.grant_index`. `credentials` are the control plane's own
-    (exchanged credentials, revoked jobs, the exchange endpoint); None: none of them.
+    (exchanged credentials, revoked jobs, the exchange endpoint); None: none of them. `secrets` are the
+    injected upstream credentials by backend name, read by the control plane; a missing one is delivered
+    empty (Envoy refuses the request rather than forward it without the credential).
     """
     memo = memo or CompilerMemo()
     memo.next_generation()
@@ -87,6 +90,7 @@ def compile_policy(
             roles=_roles_by_backend(policy) if credentials.jwks else {},
             # Encoded once for every gateway's route configuration (see route.revocations_entry).
             revocations=_revocations(credentials.revoked_jobs),
+            secrets=secrets or {},
         )
         return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
 
@@ -140,6 +144,7 @@ class _Shared:
     shape: _CredentialShape
     roles: Mapping[str, tuple[Role, ...]]  # by backend; only with a credentials provider
     revocations: bytes
+    secrets: Mapping[str, str]  # injected upstream credentials, by backend
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,11 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             for b, p in zip(backends, parts, strict=True)
             if p.endpoints is not None
         ],
-        LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication)))],
+        LISTENER: [
+            (listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication, backends)))
+        ],
         ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts, shared.revocations))],
+        SECRET: inject.secrets(backends, shared.secrets),
     }
     return CompiledGroup(gateway.name, resources)
 

@@ -1,9 +1,12 @@
-"""The gateway listener: HTTP connection manager with jwt_authn → revocations → RBAC → router, in that order.
+"""The gateway listener: HTTP connection manager with jwt_authn → revocations → RBAC → credential injection →
+router, in that order.
 
 Revocations come before the main RBAC so that a revoked job is denied whatever its grants.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -13,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.wrappers_pb2 import BoolValue
 
+from controlplane.compiler import inject
 from controlplane.compiler.access_log import file_access_log, grpc_access_log
 from controlplane.compiler.names import (
     HCM_FILTER,
@@ -25,14 +29,17 @@ from controlplane.compiler.names import (
 )
 from controlplane.compiler.rbac import deny_all_filter, revocations_filter
 from controlplane.compiler.util import packed
-from controlplane.model.policy import Gateway
+from controlplane.model.policy import Backend, Gateway
 
 HCM = hcm.HttpConnectionManager
 _JWT_CONFIG_URL = "type.googleapis.com/" + jwt.JwtAuthentication.DESCRIPTOR.full_name
 
 
-def gateway_listener(gateway: Gateway, authentication: bytes) -> listener_pb2.Listener:
-    """`authentication` is the serialized JwtAuthentication (see jwt.authentication_bytes)."""
+def gateway_listener(
+    gateway: Gateway, authentication: bytes, backends: Sequence[Backend] = ()
+) -> listener_pb2.Listener:
+    """`authentication` is the serialized JwtAuthentication (see jwt.authentication_bytes); `backends` add
+    their credential injection filters (see inject.http_filters), which only run once RBAC has allowed."""
     manager = HCM(
         stat_prefix=gateway.name.replace("-", "_"),
         codec_type=HCM.AUTO,
@@ -46,6 +53,7 @@ def gateway_listener(gateway: Gateway, authentication: bytes) -> listener_pb2.Li
             hcm.HttpFilter(name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)),
             hcm.HttpFilter(name=REVOCATIONS_FILTER, typed_config=packed(revocations_filter())),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
+            *inject.http_filters(backends),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],
         access_log=[file_access_log(gateway.access_log_path), grpc_access_log(gateway.name)],

@@ -75,3 +75,14 @@ def exchanged_policy_name(role: str) -> str:
 
 def shadow_stat_prefix(backend: str) -> str:
     return f"{backend.replace('-', '_')}_"
+
+
+def inject_filter(backend: str) -> str:
+    """The HCM filter injecting this backend's credential; one per backend (credential_injector has no
+    per-route config, envoy-1.40-verified.md G3)."""
+    return f"inject-{backend}"
+
+
+def backend_secret(backend: str) -> str:
+    """The SDS secret holding this backend's injected credential."""
+    return f"backend-{backend}-credential"

@@ -14,7 +14,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.compiler import wire
+from controlplane.compiler import inject, wire
 from controlplane.compiler.jwt import per_route_disabled, per_route_requirement
 from controlplane.compiler.names import (
     EXCHANGE_CLUSTER,
@@ -46,6 +46,7 @@ def virtual_host(
     per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
     if authenticated:
         per_filter[JWT_FILTER] = packed(per_route_requirement(backend.name))
+    per_filter.update((name, packed(config)) for name, config in inject.per_filter_config(backend).items())
     return rc.VirtualHost(
         name=backend.name,
         domains=_domains(backend.hosts),
@@ -129,9 +130,13 @@ def _exchange_route(backend: Backend) -> rc.Route:
     """First on every host: jobs trade their ID token at the control plane. The subject token travels in the
     form body (RFC 8693), not as a Bearer token, and the control plane authenticates it itself: jwt_authn and
     both RBAC instances are off, so the exchange can answer a revoked job with an OAuth error, not a bare 403."""
-    return _tokenless_route(
+    route = _tokenless_route(
         f"{backend.name}-exchange", EXCHANGE_PATH, EXCHANGE_CLUSTER, EXCHANGE_TIMEOUT_MS, (REVOCATIONS_FILTER,)
     )
+    # The backend's own credential is for the backend only, never for the control plane.
+    for name, config in inject.per_route_off(backend).items():
+        route.typed_per_filter_config[name].CopyFrom(packed(config))
+    return route
 
 
 def _tokenless_route(name: str, path: str, cluster: str, timeout_ms: int, rbac_filters: Sequence[str]) -> rc.Route:

@@ -32,6 +32,7 @@ from controlplane.model.policy import (
     Gateway,
     GitLabApi,
     GroupRef,
+    Injection,
     Issuer,
     IssuerKind,
     JwksMode,
@@ -638,7 +639,7 @@ def _api_fields(a: _Fields, issuer_url: str | None) -> GitLabApi:
 
 _BACKEND_KEYS = (
     *_COMMON_KEYS,
-    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials"),
+    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials", "inject"),
 )
 # "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
 _BACKEND_CREDENTIALS = ("any", "exchanged")
@@ -679,6 +680,7 @@ def _backend(doc: _Doc, env: _Env) -> Backend:
     timeout = f.optional("timeout", _duration(1, 86_400_000), 15_000)
     public_paths = f.optional_tuple("public_paths", _list_of(_exact_path, non_empty=False))
     credentials = f.optional("credentials", _enum("credentials", _BACKEND_CREDENTIALS), "any")
+    inject = f.maybe("inject", _injection)
     return Backend(
         name=_need(doc.name),
         hosts=_need(hosts),
@@ -690,7 +692,41 @@ def _backend(doc: _Doc, env: _Env) -> Backend:
         public_paths=_need(public_paths),
         source=doc.source,
         credentials=_need(credentials),
+        inject=inject,
     )
+
+
+_INJECT_KEYS = ("header", "value_prefix", "secret_env", "secret_file")
+_NO_SECRETS = {
+    key: "secrets never go in policy files (they are read by many and kept in git history): "
+    "name where to find it with secret_env or secret_file"
+    for key in ("secret", "value", "token")
+}
+# An HTTP field name (RFC 9110 token); pseudo-headers and Host are routing, not credentials.
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_header_name = _checked(
+    _matching(_HEADER_RE, "expected an HTTP header name such as Authorization"),
+    lambda v: "the Host header cannot carry a credential" if v.lower() == "host" else None,
+)
+_value_prefix = _checked(
+    _string, lambda v: "no control characters in a header value" if any(ord(c) < 0x20 for c in v) else None
+)
+
+
+def _injection_fields(i: _Fields) -> Injection:
+    """The secret is never in the policy, only where the control plane reads it: exactly one place."""
+    places = [key for key in ("secret_env", "secret_file") if i.has(key)]
+    if not places:
+        i.ctx.error(i.node.line, i.at("secret_env"), "missing required key: secret_env or secret_file")
+    elif len(places) == 2:
+        i.error("secret_file", "use secret_env or secret_file, not both")
+    header = i.optional("header", _header_name, "Authorization")
+    prefix = i.optional("value_prefix", _value_prefix, "")
+    secret_env, secret_file = i.maybe("secret_env", _env_name), i.maybe("secret_file", _absolute_path)
+    return Injection(header=_need(header), prefix=_need(prefix), secret_env=secret_env, secret_file=secret_file)
+
+
+_injection = _record(_injection_fields, _INJECT_KEYS, _NO_SECRETS)
 
 
 def _register_hosts(doc: _Doc, f: _Fields, hosts: tuple[str, ...] | None, env: _Env) -> None:

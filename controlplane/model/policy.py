@@ -72,6 +72,21 @@ class UpstreamTLS:
 
 
 @dataclass(frozen=True)
+class Injection:
+    """A secret Envoy puts in a header of every request to the backend, replacing what the job sent.
+
+    Only where the secret lives is in the policy (policy files are widely read and kept in git history);
+    the control plane reads the value at run time and delivers it to Envoy over SDS. Exactly one of
+    `secret_env` and `secret_file` is set.
+    """
+
+    header: str = "Authorization"
+    prefix: str = ""  # prepended to the secret, e.g. "Bearer "
+    secret_env: str | None = None
+    secret_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Backend:
     """A protected upstream, fronted by one or more gateways."""
 
@@ -87,6 +102,8 @@ class Backend:
     # "any": GitLab ID tokens (per bindings) or exchanged credentials; "exchanged": only credentials the
     # control plane issued (raw ID tokens are refused, so access ends with the job, not with the token).
     credentials: str = "any"
+    # A credential of the backend's own, injected upstream by Envoy: the backend never sees the job's token.
+    inject: Injection | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Readable, stable YAML of compiled snapshots: what reviewers diff in `snapshots/<case>/`."""
+"""Readable, stable YAML of compiled snapshots: what reviewers diff in `snapshots/<case>/`.
+
+Secrets are rendered with their values (and the version, a hash of them) redacted: these files are
+committed and reviewed, the injected upstream credentials must never be in them.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,16 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 
 FILE_NAMES: Mapping[str, str] = {
     CLUSTER: "clusters.yaml",
     ENDPOINT: "endpoints.yaml",
     LISTENER: "listeners.yaml",
     ROUTE: "routes.yaml",
+    SECRET: "secrets.yaml",  # only when the group has secrets
 }
+REDACTED = "REDACTED"
 
 
 def resource_dicts(snapshot: Snapshot, type_url: str) -> list[dict[str, Any]]:
@@ -28,14 +34,30 @@ def resource_dicts(snapshot: Snapshot, type_url: str) -> list[dict[str, Any]]:
         packed = AnyProto.FromString(resource.any_bytes)
         # Through JSON text: MessageToDict returns OrderedDicts for Anys, which YAML cannot represent.
         out.append(json.loads(json_format.MessageToJson(packed, preserving_proto_field_name=True)))
-    return out
+    return [_redacted(r) for r in out] if type_url == SECRET else out
+
+
+def _redacted(secret: dict[str, Any]) -> dict[str, Any]:
+    """Every data source of a Secret (generic, TLS keys...) replaced by a marker: the shape stays reviewable."""
+    return {k: _redact_values(v) if k != "name" else v for k, v in secret.items()}
+
+
+def _redact_values(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _redact_values(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact_values(v) for v in node]
+    return REDACTED
 
 
 def render(snapshot: Snapshot) -> dict[str, str]:
     """File name → YAML text for one gateway group."""
     files = {}
     for type_url, file_name in FILE_NAMES.items():
-        header = f"# {type_url}\n# version: {snapshot.version(type_url)}\n"
+        if type_url == SECRET and not snapshot.types[SECRET].resources:
+            continue
+        version = REDACTED if type_url == SECRET else snapshot.version(type_url)
+        header = f"# {type_url}\n# version: {version}\n"
         body = yaml.safe_dump(resource_dicts(snapshot, type_url), sort_keys=True, default_flow_style=False, width=120)
         files[file_name] = header + body
     return files

@@ -34,13 +34,16 @@ from controlplane.snapshots.snapshot import (
     LISTENER,
     PUSH_ORDER,
     ROUTE,
+    SECRET,
     WILDCARD_TYPES,
     EncodedResource,
     Snapshot,
     TypeSnapshot,
 )
 
-TYPE_LABELS: Mapping[str, str] = MappingProxyType({CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"})
+TYPE_LABELS: Mapping[str, str] = MappingProxyType(
+    {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+)
 KEEP_SUFFIX = "+keep"
 # Types whose ACK means "nothing routes to a removed cluster any more" (rule 6, make-before-break).
 _CLUSTER_USERS = (LISTENER, ROUTE)

@@ -25,6 +25,7 @@ from controlplane.snapshots.snapshot import Snapshot
 from controlplane.xds import protocol
 from controlplane.xds.protocol import AdsStream, Output, Response, type_label
 from controlplane.xds.registry import ProxyRecord, ProxyRegistry, truncate_error
+from controlplane.xds.tls import ServerTls
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 DELTA_UNIMPLEMENTED = (
@@ -100,12 +101,21 @@ class XdsServer:
 
     # -- lifecycle
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind `host:port` (0 = ephemeral) and serve; returns the bound port."""
+    async def start(self, host: str, port: int, *, tls: ServerTls | None = None) -> int:
+        """Bind `host:port` (0 = ephemeral) and serve; returns the bound port.
+
+        With `tls`, the port speaks TLS only and (by default) requires a client certificate signed by its CA;
+        the files are read here, so a missing or malformed one stops start-up instead of every handshake.
+        """
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
+        address = _bind_address(host, port)
+        credentials = tls.credentials() if tls is not None else None
         try:
-            bound: int = server.add_insecure_port(_bind_address(host, port))
+            if credentials is None:
+                bound: int = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, credentials)
         except RuntimeError as error:  # grpc reports a failed bind as RuntimeError, with no reason
             raise OSError(f"cannot bind the xDS server to {host}:{port} (address in use or not local?)") from error
         await server.start()

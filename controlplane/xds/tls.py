@@ -1,0 +1,85 @@
+"""Transport security of the xDS port (ADS and the audit ALS share it): mTLS, and when plain text is allowed.
+
+Once the control plane pushes secrets (SDS credentials that Envoy injects upstream), anyone who can open a
+plain-text ADS stream with a guessed `node.cluster` would receive them, and anyone on the path could read them.
+So the port can require TLS with a client certificate signed by a CA we trust, and `serve` refuses to push
+secrets over plain text unless told explicitly (`--xds-insecure`): fail closed, never by accident.
+
+Certificates are read once, when the server starts; rotating them means restarting `serve` (Envoy reconnects
+by itself and keeps serving its last config meanwhile). The private key is never logged: errors name the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+TLS_FLAGS = ("--xds-tls-cert", "--xds-tls-key", "--xds-client-ca")
+
+
+class XdsTransportError(Exception):
+    """The xDS port cannot be served as configured; `serve` exits with this message."""
+
+
+class InsecureTransport(XdsTransportError):
+    """The policy pushes secrets but the xDS port would serve them in plain text."""
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The xDS server's certificate chain and key (PEM), and the CA that signs the proxies' client certs."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+    require_client_cert: bool = True
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """grpc server credentials from the files, read now; an unreadable file is named, never its content."""
+        cert, key, ca = (_read(path) for path in (self.cert_file, self.key_file, self.client_ca_file))
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=self.require_client_cert
+        )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise XdsTransportError(f"cannot read xDS TLS file {path}: {error.strerror or error}") from None
+    if b"-----BEGIN " not in data:
+        raise XdsTransportError(f"xDS TLS file {path} holds no PEM block")
+    return data
+
+
+def server_tls_from_flags(cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTls | None:
+    """The three `serve` flags go together: a server cert without a client CA would be TLS without mTLS,
+    which authenticates the control plane but not the proxies that receive secrets."""
+    given = (cert, key, client_ca)
+    if all(value is None for value in given):
+        return None
+    if cert is None or key is None or client_ca is None:
+        missing = [flag for flag, value in zip(TLS_FLAGS, given, strict=True) if value is None]
+        raise ValueError(f"xDS mTLS needs {' '.join(TLS_FLAGS)} together; missing {', '.join(missing)}")
+    return ServerTls(cert, key, client_ca)
+
+
+def pushes_secrets(backends: Iterable[object]) -> bool:
+    """Whether any backend injects a credential upstream, i.e. the snapshots carry SDS secrets.
+
+    `getattr`: the `inject` field belongs to the credential-injection change and may not exist yet.
+    """
+    return any(getattr(backend, "inject", None) is not None for backend in backends)
+
+
+def check_transport(*, tls: ServerTls | None, insecure: bool, secrets: bool) -> None:
+    """Refuse (raise `InsecureTransport`) to serve secrets over plain text that was not explicitly allowed."""
+    if secrets and tls is None and not insecure:
+        raise InsecureTransport(
+            "the policy injects upstream credentials (backends with `inject:`), which would be pushed to "
+            "proxies over plain-text xDS; configure mTLS with "
+            f"{' '.join(f'{flag} FILE' for flag in TLS_FLAGS)}, or pass --xds-insecure to allow plain text"
+        )

@@ -1,0 +1,100 @@
+"""mTLS between the real Envoy and `controlplane serve`: the bootstrap's client certificate is the only way in.
+
+An Envoy bootstrapped with `--tls-ca/--tls-cert/--tls-key` gets its config and serves; one that trusts the CA but
+has no client certificate keeps retrying and never gets a listener, and the control plane never lists it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from controlplane.cli.bootstrap import ClientTls, render_bootstrap
+from tests.support.backends import EchoBackend, http_request
+from tests.support.certs import Pki, make_pki
+from tests.support.controlplane import ControlPlaneProcess
+from tests.support.envoy import EnvoyProcess
+from tests.support.fake_gitlab import FakeGitLab
+from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.test_e2e_jwks import POLICY
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Stack:
+    pki: Pki
+    gitlab: FakeGitLab
+    controlplane: ControlPlaneProcess
+    listen_port: int
+
+    def bootstrap(self, node_id: str, tls: ClientTls | None) -> dict[str, object]:
+        return render_bootstrap(
+            group="ci-gateway", node_id=node_id, xds_host=LOOPBACK, xds_port=self.controlplane.xds_port, tls=tls
+        )
+
+    def get(self, token: str) -> int:
+        headers = {"Host": "reports.local", "Authorization": f"Bearer {token}"}
+        return http_request(f"http://{LOOPBACK}:{self.listen_port}/reports/1", headers=headers).status
+
+    def node_ids(self) -> set[str]:
+        return {proxy["node"] for proxy in self.controlplane.status()["proxies"]}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("xds-tls")
+    pki = make_pki(root / "pki")
+    policy = root / "policy"
+    policy.mkdir()
+    listen_port = free_port()
+    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
+        text = POLICY.format(
+            issuer=gitlab.issuer,
+            issuer_extra="",
+            backend_port=backend.port,
+            listen_port=listen_port,
+            cold_port=free_port(),
+        )
+        (policy / "policy.yaml").write_text(text)
+        tls_args = ("--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key))
+        args = (*tls_args, "--xds-client-ca", str(pki.ca))
+        with ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane:
+            yield Stack(pki, gitlab, controlplane, listen_port)
+
+
+def _client_tls(pki: Pki, cert: Path, key: Path) -> ClientTls:
+    return ClientTls(str(pki.ca), str(cert), str(key))
+
+
+def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(stack: Stack) -> None:
+    tls = _client_tls(stack.pki, stack.pki.client.cert, stack.pki.client.key)
+    with EnvoyProcess(stack.bootstrap("tls-envoy-1", tls), name="tls-envoy"):
+        token = stack.gitlab.mint(aud="https://reports.local", project_id=42)
+        poll_until(lambda: stack.get(token) == 200, 20, message="200 through the mTLS-configured Envoy")
+        assert stack.get(stack.gitlab.mint(aud="https://reports.local", project_id=43)) == 403
+        assert "tls-envoy-1" in stack.node_ids()
+    assert "mTLS" in stack.controlplane.log_text()
+
+
+@pytest.mark.parametrize("who", ["no client certificate", "a certificate from another CA"])
+def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(stack: Stack, who: str) -> None:
+    node_id = f"tls-intruder-{'none' if who.startswith('no') else 'other-ca'}"
+    if who.startswith("no"):
+        # Trusts the control plane's CA but presents nothing: the bootstrap as it would be without --tls-cert.
+        bootstrap = stack.bootstrap(node_id, _client_tls(stack.pki, stack.pki.client.cert, stack.pki.client.key))
+        common = bootstrap["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]  # type: ignore[index]
+        del common["common_tls_context"]["tls_certificates"]
+    else:
+        bootstrap = stack.bootstrap(node_id, _client_tls(stack.pki, stack.pki.stranger.cert, stack.pki.stranger.key))
+    with EnvoyProcess(bootstrap, name="tls-intruder", wait_ready=False) as envoy:
+        # Two connections to the control plane: the first ended without config and Envoy is retrying.
+        envoy.wait_for_stat("cluster.xds_cluster.upstream_cx_total", at_least=2, timeout=20)
+        assert envoy.stats("^control_plane.connected_state$").get("control_plane.connected_state") == 0
+        assert envoy.ready_state() != "LIVE"
+        assert not envoy.config_dump("dynamic_listeners").get("configs")  # no listener, active or warming
+        assert envoy.stats("^cluster_manager.cds.update_success$").get("cluster_manager.cds.update_success") == 0
+        assert node_id not in stack.node_ids()
