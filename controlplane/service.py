@@ -119,6 +119,8 @@ class PolicyService:
         self.secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {}
         # What the token exchange evaluates: built from the same grants as the snapshot in service.
         self.exchange_policy: ExchangePolicy | None = None
+        # A last word on a valid policy before it is compiled (serve refuses secrets over plain-text xDS).
+        self.accept: Callable[[Policy], str | None] = lambda policy: None
         self._pending_exchange: ExchangePolicy | None = None
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -190,6 +192,9 @@ class PolicyService:
             return [PolicyError(self.source.description, 0, "", f"cannot read policy: {error}")]
         try:
             policy = self._parse(read.files)
+            refusal = self.accept(policy)
+            if refusal is not None:
+                raise PolicyInvalid([PolicyError(read.origin, 0, "", refusal)])
             snapshots = self._compile(policy)
         except PolicyInvalid as invalid:
             self._report(read, False, _first_errors(invalid.errors))

@@ -6,9 +6,11 @@ The PKI is generated per module (tests/support/certs.py). The Envoy side is in t
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -196,3 +198,33 @@ def test_bootstrap_tls_flags_go_together(capsys: pytest.CaptureFixture[str]) -> 
     assert "go together" in capsys.readouterr().err
     assert main(["bootstrap", "--group", "g"]) == 0
     assert "transport_socket" not in capsys.readouterr().out
+
+
+def test_a_reload_that_would_push_secrets_over_plain_text_is_rejected_and_the_old_policy_stays(
+    tmp_path: Path,
+) -> None:
+    """Not published even once: the vetting hook refuses it before anything is compiled."""
+    from controlplane.service import PolicyService
+    from controlplane.snapshots.cache import SnapshotCache
+    from controlplane.xds.tls import check_transport, pushes_secrets
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "quickstart", policy_dir)
+    service = PolicyService(policy_dir, SnapshotCache(), clock=lambda: 1.0)
+
+    def plain_text(policy: Any) -> str | None:
+        try:
+            check_transport(tls=None, insecure=False, secrets=pushes_secrets(policy.backends))
+        except Exception as refused:
+            return str(refused)
+        return None
+
+    service.accept = plain_text
+    assert service.reload()
+    good = dict(service.state.versions)
+    backends = policy_dir / "backends.yaml"
+    backends.write_text(
+        backends.read_text().replace("public_paths:", "inject: {secret_env: SOME_SECRET}\npublic_paths:")
+    )
+    assert not service.reload()
+    assert service.state.versions == good and any("inject" in e for e in service.state.errors)

@@ -15,6 +15,7 @@ from controlplane.audit.store import AuditStore
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
+from controlplane.model.policy import Policy
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.gitlab import GitLabSource, token_from
@@ -27,7 +28,7 @@ from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import XdsServer
-from controlplane.xds.tls import ServerTls, XdsTransportError, check_transport, pushes_secrets
+from controlplane.xds.tls import InsecureTransport, ServerTls, XdsTransportError, check_transport, pushes_secrets
 
 log = logging.getLogger("controlplane")
 
@@ -136,6 +137,8 @@ class ControlPlane:
             port=options.admin_port,
         )
         self.stopping = asyncio.Event()
+        self._transport_refusal: str | None = None
+        self.policy.accept = self._transport_problem
         self._credential_loop: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.xds_port = 0
@@ -194,11 +197,22 @@ class ControlPlane:
         )
 
     def _check_transport(self) -> None:
-        """Secrets never go over plain text by accident: raises `InsecureTransport` when the policy in service
-        pushes secrets, mTLS is off and `--xds-insecure` was not given."""
-        current = self.policy.current
-        secrets = current is not None and pushes_secrets(current.backends)
-        check_transport(tls=self.options.xds_tls, insecure=self.options.xds_insecure, secrets=secrets)
+        """Secrets never go over plain text by accident: at start-up, a policy refused for that reason (see
+        `_transport_problem`) stops `serve` with exit code 2 before the xDS port opens."""
+        if self.policy.current is None and self._transport_refusal is not None:
+            raise InsecureTransport(self._transport_refusal)
+
+    def _transport_problem(self, policy: Policy) -> str | None:
+        """The policy service's vetting hook: a policy that would push secrets over plain text is rejected like
+        an invalid one (the last good policy stays in service), before anything is compiled or published."""
+        try:
+            check_transport(
+                tls=self.options.xds_tls, insecure=self.options.xds_insecure, secrets=pushes_secrets(policy.backends)
+            )
+        except XdsTransportError as refused:
+            self._transport_refusal = str(refused)
+            return self._transport_refusal
+        return None
 
     def _log_transport(self) -> None:
         """Plain text anywhere but loopback deserves a warning even without secrets: the config is not public."""
@@ -249,19 +263,7 @@ class ControlPlane:
     async def _on_policy_change(self, changed: set[str]) -> None:
         log.info("policy change: %s", ", ".join(sorted(changed)) or "(directory)")
         await self.policy.reload_off_loop()
-        self._stop_if_insecure()
         await self._follow_issuers()
-
-    def _stop_if_insecure(self) -> None:
-        """A reload that adds secrets to a plain-text xDS port stops the control plane (loudly, so a supervisor
-        and a human notice) rather than keep serving secrets over plain text."""
-        if self.stopping.is_set():
-            return
-        try:
-            self._check_transport()
-        except XdsTransportError as refused:
-            log.critical("stopping: %s", refused)
-            self.stopping.set()
 
     async def _follow_issuers(self, wait: float = 0.0) -> None:
         """Relay the keys and watch the GitLab inventories of the policy in service (a rejected change keeps
@@ -286,7 +288,6 @@ class ControlPlane:
 
     async def _reload_policy(self) -> None:
         if await self.policy.reload_off_loop():
-            self._stop_if_insecure()
             await self._follow_issuers()
 
     async def _poll_policy_project(self, every: float, ready: asyncio.Event) -> None:
