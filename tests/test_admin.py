@@ -269,9 +269,9 @@ async def test_cli_table_healthy_exits_0(admin: Admin, capsys: pytest.CaptureFix
     assert await run_cli(admin.url) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert squash(lines[0]) == "NODE GROUP PROTO CONNECTED SINCE CDS EDS LDS RDS LAST NACK"
-    assert squash(lines[1]) == "gw-prod-1 ci-prod sotw 3m12s aaaaaaaa aaaaaaaa aaaaaaaa aaaaaaaa -"
-    assert squash(lines[2]) == "gw-prod-2 ci-prod sotw 1h01m cccccccc - cccccccc - -"
+    assert squash(lines[0]) == "NODE GROUP PROTO CONNECTED SINCE SDS CDS EDS LDS RDS LAST NACK"
+    assert squash(lines[1]) == "gw-prod-1 ci-prod sotw 3m12s - aaaaaaaa aaaaaaaa aaaaaaaa aaaaaaaa -"
+    assert squash(lines[2]) == "gw-prod-2 ci-prod sotw 1h01m - cccccccc - cccccccc - -"
     assert "last good load: 2m05s ago" in out
     assert "errors: none" in out
     assert "ci-prod: 2" in out

@@ -26,7 +26,7 @@ EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 EXIT_UNHEALTHY = 2
 
-ACKED_TYPES = ("cds", "eds", "lds", "rds")
+ACKED_TYPES = ("sds", "cds", "eds", "lds", "rds")  # in push order; "-" where a proxy has none
 VERSION_WIDTH = 8
 NACK_ERROR_WIDTH = 60
 
