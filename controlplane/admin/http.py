@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import generate_latest
 
 from controlplane.admin.metrics import REGISTRY
+from controlplane.admin.serving import AppServer
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +110,12 @@ class AdminServer:
         self._ready = ready
         self._host = host
         self._port = port
-        self._runner: web.AppRunner | None = None
+        self._server = AppServer("admin server")
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port, which matters when asked for port 0."""
-        if self._runner is not None:
-            raise RuntimeError("admin server already started")
-        # access_log=None: Prometheus scrapes and probes every few seconds; per-request lines are pure noise.
-        runner = web.AppRunner(self._build_app(), access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._host, self._port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        # No access log: Prometheus scrapes and probes every few seconds; per-request lines are pure noise.
+        addresses = await self._server.start(self._build_app(), self._host, self._port)
         self._warn_if_exposed(addresses)
         port = addresses[0][1]
         log.info("admin server listening on %s", ", ".join(f"{h}:{p}" for h, p in addresses))
@@ -132,9 +123,7 @@ class AdminServer:
 
     async def stop(self) -> None:
         """Stop serving and release the port; safe to call twice or before ``start``."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self._server.stop()
 
     @staticmethod
     def _warn_if_exposed(addresses: list[tuple[str, int]]) -> None:

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from controlplane.admin.serving import AppServer
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
@@ -37,34 +38,20 @@ class ExchangeEndpoint:
     def __init__(self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES) -> None:
         self.exchange = exchange
         self.max_body = max_body
-        self._runner: web.AppRunner | None = None
+        self._server = AppServer("exchange endpoint")
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(EXCHANGE_PATH, self.handle)]
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve alone; returns the bound port (useful with port 0)."""
-        if self._runner is not None:
-            raise RuntimeError("exchange endpoint already started")
-        app = web.Application()
-        app.add_routes(self.routes())
-        runner = web.AppRunner(app, access_log=None)  # handle() logs each exchange itself
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = int(runner.addresses[0][1])
+        """Serve alone; returns the bound port (useful with port 0). `handle` logs each exchange itself."""
+        bound = (await self._server.start(self.routes(), host, port))[0][1]
         log.info("token exchange listening on %s:%d%s", host, bound, EXCHANGE_PATH)
         return bound
 
     async def stop(self) -> None:
         """Safe to call twice or before `start`."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self._server.stop()
 
     async def handle(self, request: web.Request) -> web.Response:
         try:

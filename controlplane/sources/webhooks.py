@@ -45,6 +45,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
+from controlplane.admin.serving import AppServer
 
 log = logging.getLogger("controlplane.webhooks")
 
@@ -433,34 +434,20 @@ class WebhookReceiver:
         self._max_body = max_body_bytes
         self._seen = _SeenKeys(dedup_size, dedup_ttl, clock)
         self._callback_timeout = callback_timeout
-        self._runner: web.AppRunner | None = None
+        self._server = AppServer("webhook receiver")
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self._handle)]
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve on a port of its own (GitLab must reach it; the admin port should not be exposed)."""
-        if self._runner is not None:
-            raise RuntimeError("webhook receiver already started")
-        app = web.Application()
-        app.add_routes(self.routes())
-        runner = web.AppRunner(app, access_log=None)  # one line per delivery is logged by the handler
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        addresses = await self._server.start(self.routes(), host, port)  # the handler logs each delivery
         log.info("webhook receiver listening on %s", ", ".join(f"{h}:{p}{PATH}" for h, p in addresses))
         return addresses[0][1]
 
     async def stop(self) -> None:
         """Stop serving; safe to call twice or before `start`."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self._server.stop()
 
     # -- one delivery
 
