@@ -362,7 +362,7 @@ async def eventually(check: Callable[[], T], message: str, timeout: float = 10.0
     while not (value := await asyncio.to_thread(check)):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out: {message}; last value {value!r}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the poll interval, bounded by the deadline above
     return value
 
 

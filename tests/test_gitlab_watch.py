@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.sources.gitlab_watch import InventoryWatcher, Scope
+from tests.support.ports import eventually
 
 
 class FakeSource:
@@ -91,13 +92,8 @@ async def test_run_loop_reconciles_on_scope_change_and_stops() -> None:
     w = watcher(source, changes, reconcile_seconds=3600)
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))
-    await asyncio.wait_for(_until(lambda: changes.count == 1), 5)
+    await eventually(lambda: changes.count == 1, "first reconcile", timeout=5)
     w.set_scope(Scope(groups=frozenset({"acme"})))
-    await asyncio.wait_for(_until(lambda: any("acme" in c for c in source.calls)), 5)
+    await eventually(lambda: any("acme" in c for c in source.calls), "scope change read", timeout=5)
     stop.set()
     await asyncio.wait_for(task, 5)
-
-
-async def _until(predicate: object) -> None:
-    while not predicate():  # type: ignore[operator]
-        await asyncio.sleep(0.005)  # ok: polling an in-process condition under wait_for's deadline

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
 from controlplane.xds.server import DELTA_UNIMPLEMENTED, SERVICE, XdsServer, peer_address
+from tests.support.ports import eventually
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 5.0
@@ -72,16 +73,6 @@ def names_of(response: discovery_pb2.DiscoveryResponse) -> list[str]:
 
 def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def eventually(check: Callable[[], T], message: str, timeout: float = TIMEOUT) -> T:
-    """Poll `check` until truthy; the short sleep is the poll interval, bounded by the deadline."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out: {message}; last value {value!r}")
-        await asyncio.sleep(0.005)
-    return value
 
 
 async def within(awaitable: Awaitable[T]) -> T:

@@ -7,6 +7,7 @@ with the last observed value, once a deadline passes.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -50,3 +51,13 @@ def poll_until(
         time.sleep(min(interval, remaining))  # poll interval, bounded by the deadline
         last = fn()
     return last
+
+
+async def eventually(check: Callable[[], T], message: str, timeout: float = 10.0, interval: float = 0.005) -> T:
+    """`poll_until` for async tests: polls without blocking the event loop the code under test runs on."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.2f}s: {message}; last value: {value!r}")
+        await asyncio.sleep(interval)  # the poll interval, bounded by the deadline above
+    return value
