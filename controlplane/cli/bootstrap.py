@@ -28,9 +28,9 @@ from typing import Any
 
 import yaml
 
+from controlplane.compiler.names import XDS_CLUSTER
 from controlplane.compiler.util import is_ip
 
-XDS_CLUSTER = "xds_cluster"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
 UPSTREAM_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 

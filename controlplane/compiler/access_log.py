@@ -22,8 +22,7 @@ from envoy.extensions.formatter.req_without_query.v3 import req_without_query_pb
 from google.protobuf import struct_pb2
 from google.protobuf.wrappers_pb2 import UInt32Value
 
-from controlplane.cli.bootstrap import XDS_CLUSTER
-from controlplane.compiler.names import FAILURE_KEY, HEADER_KEY, JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER
+from controlplane.compiler.names import FAILURE_KEY, HEADER_KEY, JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, XDS_CLUSTER
 from controlplane.compiler.util import millis, packed
 
 # Envoy sends a batch when either limit is reached. Small, so an audit query sees a request within a fraction

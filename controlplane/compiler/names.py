@@ -6,6 +6,9 @@ other name are silently ignored by Envoy (envoy-1.40-verified.md, G1).
 
 from __future__ import annotations
 
+# The bootstrap's static cluster to the control plane: ADS, and the audit log stream ride on it.
+XDS_CLUSTER = "xds_cluster"
+
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 RBAC_FILTER = "envoy.filters.http.rbac"
 ROUTER_FILTER = "envoy.filters.http.router"
