@@ -229,11 +229,9 @@ def test_policy_denials_are_403(
     stack: Stack, case: str, host: str, method: str, path: str, claims: dict[str, Any]
 ) -> None:
     aud = f"https://{host}"
-    token = (
-        stack.token(aud=aud, **claims)
-        if "project" not in claims
-        else stack.token(claims.pop("project"), aud=aud, **claims)
-    )
+    claims = dict(claims)  # parametrize shares this dict across runs (and modules that import this test)
+    project = claims.pop("project", DEPLOYER)
+    token = stack.token(project, aud=aud, **claims)
     response = stack.request(host, path, token, method=method)
     assert response.status == 403, f"{case}: {response.status} {response.text}"
     assert response.text == "RBAC: access denied"

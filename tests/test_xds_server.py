@@ -27,7 +27,7 @@ from controlplane.admin import metrics
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
-from controlplane.xds.server import DELTA_UNIMPLEMENTED, SERVICE, XdsServer, peer_address
+from controlplane.xds.server import SERVICE, XdsServer, peer_address
 from tests.support.ports import eventually
 
 LOOPBACK = "127.0.0.1"
@@ -364,12 +364,23 @@ async def test_client_half_close_ends_the_stream(plane: Plane) -> None:
     await eventually(lambda: not plane.proxies("half-1"), "forgotten")
 
 
-async def test_delta_is_unimplemented_with_a_clear_message(plane: Plane) -> None:
-    method = plane.channel.stream_stream(f"/{SERVICE}/DeltaAggregatedResources")
+async def test_delta_stream_is_served_and_registered_as_delta(plane: Plane) -> None:
+    plane.cache.set(snap("delta"))
+    method = plane.channel.stream_stream(
+        f"/{SERVICE}/DeltaAggregatedResources",
+        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+    )
     call = method()
-    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER).SerializeToString())
-    assert await within(call.code()) == grpc.StatusCode.UNIMPLEMENTED
-    assert await call.details() == DELTA_UNIMPLEMENTED
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
+    request.node.id, request.node.cluster = "delta-1", "delta"
+    await call.write(request)
+    response = await within(call.read())
+    assert isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
+    assert [r.name for r in response.resources] == ["backend"]
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, response_nonce=response.nonce))
+    await eventually(lambda: [p["protocol"] for p in plane.proxies("delta-1")] == ["delta"], "delta in status")
+    call.cancel()
 
 
 async def test_stop_ends_streams_without_tracebacks(

@@ -122,6 +122,10 @@ def _xds_cluster(xds_host: str, xds_port: int, tls: ClientTls | None) -> dict[st
     return cluster
 
 
+# State of the World, or Delta (incremental: only changed resources travel, and a reconnect costs nothing).
+API_TYPES: dict[str, str] = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
+
+
 def render_bootstrap(
     *,
     group: str,
@@ -131,6 +135,7 @@ def render_bootstrap(
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
     tls: ClientTls | None = None,
+    api: str = "sotw",
 ) -> dict[str, Any]:
     """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo
     fails here rather than as an Envoy that never becomes ready."""
@@ -143,6 +148,8 @@ def render_bootstrap(
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     _check_port("xds_port", xds_port)
+    if api not in API_TYPES:
+        raise ValueError(f"api must be one of {', '.join(API_TYPES)}, got {api!r}")
     _check_port("admin_port", admin_port, allow_zero=True)  # 0 = kernel-chosen, useful with --admin-address-path
     if tls is not None:
         for name, value in (
@@ -160,7 +167,7 @@ def render_bootstrap(
         "admin": {"address": _socket_address(admin_address, admin_port)},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": API_TYPES[api],
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
                 "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
@@ -199,6 +206,7 @@ def bootstrap_yaml(
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
     tls: ClientTls | None = None,
+    api: str = "sotw",
 ) -> str:
     """The same bootstrap as YAML, in Envoy's field order (``sort_keys=False``) so it reads like the docs."""
     return yaml.dump(
@@ -210,6 +218,7 @@ def bootstrap_yaml(
             admin_address=admin_address,
             admin_port=admin_port,
             tls=tls,
+            api=api,
         ),
         Dumper=_EnvoySafeDumper,
         sort_keys=False,

@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
     bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
     bootstrap.add_argument("--tls-key", help="this proxy's client private key (PEM file path on the proxy)")
+    bootstrap.add_argument(
+        "--api", choices=("sotw", "delta"), default="sotw", help="ADS flavour: State of the World or Delta xDS"
+    )
     bootstrap.add_argument("--tls-sni", help="server name to send and verify (default: the --xds-address host)")
     return parser
 
@@ -258,7 +261,13 @@ def _bootstrap(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
     print(
         bootstrap_yaml(
-            group=args.group, node_id=node_id, xds_host=host, xds_port=port, admin_port=args.admin_port, tls=tls
+            group=args.group,
+            node_id=node_id,
+            xds_host=host,
+            xds_port=port,
+            admin_port=args.admin_port,
+            tls=tls,
+            api=args.api,
         )
     )
     return 0

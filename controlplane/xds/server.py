@@ -1,4 +1,5 @@
-"""The grpc.aio adapter around `protocol.AdsStream`: sockets, tasks, logs and metrics, and no protocol rules.
+"""The grpc.aio adapter around `protocol.AdsStream` and `delta.DeltaStream`: sockets, tasks, logs and
+metrics, and no protocol rules.
 
 Per stream there is one reader (requests → state machine) and one writer (an asyncio.Queue → `context.write`),
 so writes never overlap. Snapshot changes arrive from the cache listener in the event loop and are fed to the
@@ -14,24 +15,22 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.admin import metrics
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.xds import protocol
+from controlplane.xds.delta import DeltaStream
 from controlplane.xds.protocol import AdsStream, Output, Response, type_label
 from controlplane.xds.registry import ProxyRecord, ProxyRegistry, truncate_error
 from controlplane.xds.tls import ServerTls
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-DELTA_UNIMPLEMENTED = (
-    "Delta xDS (DeltaAggregatedResources) is not implemented by this control plane yet; "
-    "configure ads_config.api_type: GRPC (State of the World)"
-)
 SHUTDOWN_DETAILS = "control plane shutting down"
 
 # Envoy's bootstrap pings every 30 s (cli/bootstrap.py). grpc's default server policy answers pings on a quiet
@@ -61,12 +60,30 @@ def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+RequestT = TypeVar("RequestT")
+
+
+class _Machine(Protocol):
+    """What the adapter needs of a stream's state machine, SotW or Delta (requests go in via `_serve`)."""
+
+    node: base_pb2.Node | None
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def group(self) -> str: ...
+
+    def set_snapshot(self, snapshot: Snapshot, now: float) -> Output: ...
+
+
 class _Session:
     """One ADS stream: its state machine, the writer's queue and its registry record once identified."""
 
-    def __init__(self, machine: AdsStream, peer: str) -> None:
+    def __init__(self, machine: _Machine, peer: str, protocol: str) -> None:
         self.machine = machine
         self.peer = peer
+        self.protocol = protocol  # "sotw" or "delta", as the status page shows it
         self.queue: asyncio.Queue[Response | None] = asyncio.Queue()
         self.record: ProxyRecord | None = None
         self.shutting_down = False
@@ -77,7 +94,7 @@ class _Session:
 
 
 class XdsServer:
-    """SotW ADS over grpc.aio. `start` binds and serves; `stop` ends every stream cleanly, then the server."""
+    """SotW and Delta ADS over grpc.aio. `start` binds and serves; `stop` ends every stream cleanly, then the server."""
 
     def __init__(
         self,
@@ -152,15 +169,11 @@ class XdsServer:
                 ),
                 "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._delta,
-                    request_deserializer=_identity,
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
                     response_serializer=_identity,
                 ),
             },
         )
-
-    async def _delta(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.log.warning("refused a Delta ADS stream from %s: not implemented", peer_address(context.peer()))
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, DELTA_UNIMPLEMENTED)
 
     # -- one stream
 
@@ -169,13 +182,31 @@ class XdsServer:
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        machine = AdsStream(self.registry)
+        await self._serve(_Session(machine, peer_address(context.peer()), "sotw"), machine.receive, requests, context)
+
+    async def _delta(
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        machine = DeltaStream(self.registry)
+        await self._serve(_Session(machine, peer_address(context.peer()), "delta"), machine.receive, requests, context)
+
+    async def _serve(
+        self,
+        session: _Session,
+        receive: Callable[[RequestT, float], Output],
+        requests: AsyncIterator[RequestT],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Both protocols share everything but the machine: `receive` is its request entry point."""
         if self._stopping:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(SHUTDOWN_DETAILS)
             return
-        session = _Session(AdsStream(self.registry), peer_address(context.peer()))
         self._sessions.add(session)
-        reader = asyncio.create_task(self._read(session, requests))
+        reader = asyncio.create_task(self._read(session, receive, requests))
         try:
             await self._write(session, context)
         finally:
@@ -201,10 +232,12 @@ class XdsServer:
                 session.machine.node_id,
             )
 
-    async def _read(self, session: _Session, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]) -> None:
+    async def _read(
+        self, session: _Session, receive: Callable[[RequestT, float], Output], requests: AsyncIterator[RequestT]
+    ) -> None:
         try:
             async for request in requests:
-                self._on_request(session, request)
+                self._on_request(session, receive, request)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
@@ -212,9 +245,9 @@ class XdsServer:
         finally:
             session.close()  # the peer half-closed or failed: end the writer, and so the RPC
 
-    def _on_request(self, session: _Session, request: discovery_pb2.DiscoveryRequest) -> None:
+    def _on_request(self, session: _Session, receive: Callable[[RequestT, float], Output], request: RequestT) -> None:
         now = time.monotonic()
-        self._apply(session, session.machine.receive(request, now))
+        self._apply(session, receive(request, now))
         if session.record is None and session.machine.node is not None:
             self._identify(session, now)
 
@@ -223,6 +256,7 @@ class XdsServer:
         machine = session.machine
         group = machine.group
         session.record = self.registry.connect(machine.node_id, group, session.peer, time.time())
+        session.record.protocol = session.protocol
         self._by_group[group].add(session)
         metrics.CONNECTED_PROXIES.labels(group).inc()
         self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
