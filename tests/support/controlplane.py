@@ -41,7 +41,7 @@ class ControlPlaneProcess:
         self.inherit_output = inherit_output
         self.env = dict(env or {})  # secrets go through the environment, never argv
         self.exchange_port = free_port()
-        self.state_dir = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
+        self._state_dir: Path | None = None
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -66,6 +66,13 @@ class ControlPlaneProcess:
             "--admin-address", f"{LOOPBACK}:{self.admin_port}",
             *self.extra_args,
         ]  # fmt: skip
+
+    @property
+    def state_dir(self) -> Path:
+        """One per instance, kept across stop/start (a restart must find its keys and remembered ids)."""
+        if self._state_dir is None:
+            self._state_dir = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
+        return self._state_dir
 
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
