@@ -93,7 +93,9 @@ def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(stack: 
     with EnvoyProcess(bootstrap, name="tls-intruder", wait_ready=False) as envoy:
         # Two connections to the control plane: the first ended without config and Envoy is retrying.
         envoy.wait_for_stat("cluster.xds_cluster.upstream_cx_total", at_least=2, timeout=20)
-        assert envoy.stats("^control_plane.connected_state$").get("control_plane.connected_state") == 0
+        # Not `control_plane.connected_state == 0`: with TLS 1.3 the client finishes its handshake before the
+        # server checks the client certificate, so Envoy may count itself connected for an instant before the
+        # refusal. What matters is below: no config ever arrives, and the control plane never saw the node.
         assert envoy.ready_state() != "LIVE"
         assert not envoy.config_dump("dynamic_listeners").get("configs")  # no listener, active or warming
         assert envoy.stats("^cluster_manager.cds.update_success$").get("cluster_manager.cds.update_success") == 0
