@@ -27,23 +27,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.snapshots.snapshot import PUSH_ORDER, WILDCARD_TYPES, EncodedResource, Snapshot, TypeSnapshot, varint
 from controlplane.xds.protocol import (
-    TYPE_LABELS,
     Ack,
     Event,
     Nack,
-    NodeIdentified,
     Output,
     RejectedVersions,
     Response,
     Resumed,
     Stale,
+    StreamIdentity,
     Subscribed,
-    Unsupported,
     Withheld,
 )
 
@@ -151,24 +148,15 @@ class DeltaTypeState:
         return None if self.wildcard else frozenset(self.names)
 
 
-class DeltaStream:
+class DeltaStream(StreamIdentity):
     """The protocol state of one Delta ADS stream (the node is identified as in `AdsStream`)."""
 
     def __init__(self, rejected: RejectionMemory | None = None) -> None:
-        self.node: base_pb2.Node | None = None
+        super().__init__()
         self.snapshot: Snapshot | None = None
         self._rejected: RejectionMemory = rejected if rejected is not None else _Forgetful()
         self._types: dict[str, DeltaTypeState] = {}
-        self._unsupported: set[str] = set()
         self._last_nonce = 0
-
-    @property
-    def node_id(self) -> str:
-        return self.node.id if self.node is not None else ""
-
-    @property
-    def group(self) -> str:
-        return self.node.cluster if self.node is not None else ""
 
     def type_state(self, type_url: str) -> DeltaTypeState | None:
         """Read-only view for status and tests; do not mutate."""
@@ -179,15 +167,9 @@ class DeltaStream:
     def receive(self, request: discovery_pb2.DeltaDiscoveryRequest, now: float) -> Output:
         """Handle one DeltaDiscoveryRequest; `now` is used for push→ACK latency only."""
         events: list[Event] = []
-        if self.node is None:
-            self.node = base_pb2.Node()
-            self.node.CopyFrom(request.node)
-            events.append(NodeIdentified(self.node.id, self.node.cluster))
+        self._identify(request.node, events)
         type_url = request.type_url
-        if type_url not in TYPE_LABELS:
-            if type_url not in self._unsupported:
-                self._unsupported.add(type_url)
-                events.append(Unsupported(type_url))
+        if not self._supported(type_url, events):
             return Output((), tuple(events))
         state = self._types.setdefault(type_url, DeltaTypeState())
         if request.response_nonce:

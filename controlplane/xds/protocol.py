@@ -284,20 +284,12 @@ def frame_response(body: bytes, version: str, type_url: str, nonce: str) -> byte
 # ----------------------------------------------------------------------------------------------- stream
 
 
-class AdsStream:
-    """The protocol state of one SotW ADS stream.
+class StreamIdentity:
+    """What SotW and Delta streams share: the node (only the first request carries it) and unsupported types."""
 
-    Requests that arrive before the first snapshot is set are recorded and answered by `set_snapshot`, so
-    the adapter can pick the snapshot by the node's group after the first request (`NodeIdentified`).
-    """
-
-    def __init__(self, rejected: RejectedVersions | None = None) -> None:
+    def __init__(self) -> None:
         self.node: base_pb2.Node | None = None
-        self.snapshot: Snapshot | None = None
-        self._rejected: RejectedVersions = rejected if rejected is not None else _NothingRejected()
-        self._types: dict[str, TypeState] = {}
         self._unsupported: set[str] = set()
-        self._last_nonce = 0
 
     @property
     def node_id(self) -> str:
@@ -306,6 +298,37 @@ class AdsStream:
     @property
     def group(self) -> str:
         return self.node.cluster if self.node is not None else ""
+
+    def _identify(self, node: base_pb2.Node, events: list[Event]) -> None:
+        if self.node is None:
+            # set_node_on_first_message_only: later requests may carry no node, so keep the first.
+            self.node = base_pb2.Node()
+            self.node.CopyFrom(node)
+            events.append(NodeIdentified(self.node.id, self.node.cluster))
+
+    def _supported(self, type_url: str, events: list[Event]) -> bool:
+        """False for a type we do not serve, reported once per stream."""
+        if type_url in TYPE_LABELS:
+            return True
+        if type_url not in self._unsupported:
+            self._unsupported.add(type_url)
+            events.append(Unsupported(type_url))
+        return False
+
+
+class AdsStream(StreamIdentity):
+    """The protocol state of one SotW ADS stream.
+
+    Requests that arrive before the first snapshot is set are recorded and answered by `set_snapshot`, so
+    the adapter can pick the snapshot by the node's group after the first request (`NodeIdentified`).
+    """
+
+    def __init__(self, rejected: RejectedVersions | None = None) -> None:
+        super().__init__()
+        self.snapshot: Snapshot | None = None
+        self._rejected: RejectedVersions = rejected if rejected is not None else _NothingRejected()
+        self._types: dict[str, TypeState] = {}
+        self._last_nonce = 0
 
     def type_state(self, type_url: str) -> TypeState | None:
         """Read-only view for status and tests; do not mutate."""
@@ -316,16 +339,9 @@ class AdsStream:
     def receive(self, request: discovery_pb2.DiscoveryRequest, now: float) -> Output:
         """Handle one DiscoveryRequest; `now` is used for push→ACK latency only."""
         events: list[Event] = []
-        if self.node is None:
-            # set_node_on_first_message_only: later requests may carry no node, so keep the first.
-            self.node = base_pb2.Node()
-            self.node.CopyFrom(request.node)
-            events.append(NodeIdentified(self.node.id, self.node.cluster))
+        self._identify(request.node, events)
         type_url = request.type_url
-        if type_url not in TYPE_LABELS:
-            if type_url not in self._unsupported:
-                self._unsupported.add(type_url)
-                events.append(Unsupported(type_url))
+        if not self._supported(type_url, events):
             return Output((), tuple(events))
         state = self._types.setdefault(type_url, TypeState())
         if not self._accept(type_url, state, request, now, events):
