@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import json_format
 
 from controlplane.compiler.claims import glob_to_regex
+from controlplane.compiler import route
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.rbac import path_string_matcher
@@ -183,11 +184,22 @@ def test_jwt_provider_extracts_bearer_only_never_forwards_and_caches() -> None:
     assert "jwks-gitlab" not in clusters(group)  # type: ignore[arg-type]  # relayed (default): keys are inline
 
 
-def test_identity_headers_replace_client_sent_ones() -> None:
-    vhost = next(v for v in routes(compile_with(BINDING)["gw"]).virtual_hosts if v.name == "billing")  # type: ignore[arg-type]
-    removed = set(vhost.request_headers_to_remove)
-    added = {h.header.key for h in vhost.request_headers_to_add}
+def test_identity_headers_replace_client_sent_ones_once_for_every_host() -> None:
+    config = routes(compile_with(BINDING)["gw"])  # type: ignore[arg-type]
+    removed = set(config.request_headers_to_remove)
+    added = {h.header.key for h in config.request_headers_to_add}
     assert added == removed == {"x-ci-project-id", "x-ci-project-path", "x-ci-pipeline-id", "x-ci-job-id", "x-ci-ref"}
+    assert all(not v.request_headers_to_add and not v.request_headers_to_remove for v in config.virtual_hosts)
+
+
+def test_assembled_route_configuration_is_what_protobuf_itself_would_encode() -> None:
+    """Envoy hashes nothing, but our versions do: assembling from cached pieces must not change the bytes."""
+    config = routes(compile_with(BINDING)["gw"])  # type: ignore[arg-type]
+    hosts = [v.SerializeToString(deterministic=True) for v in config.virtual_hosts]
+    assembled = route.route_configuration_bytes(config.name, hosts, route.revocations_entry(["41", "42"]))
+    parsed = route.route_configuration(config.name, hosts, route.revocations_entry(["41", "42"]))
+    assert parsed.SerializeToString(deterministic=True) == assembled
+    assert set(parsed.typed_per_filter_config) == {"controlplane.revocations"}
 
 
 def test_same_policy_same_bytes_with_and_without_memo() -> None:

@@ -56,9 +56,6 @@ def virtual_host(
             _default_route(backend),
         ],
         typed_per_filter_config=per_filter,
-        # Remove runs before add (Envoy's HeaderParser), so a job cannot forge another job's identity.
-        request_headers_to_remove=[name for name, _ in IDENTITY_HEADERS],
-        request_headers_to_add=[_identity_header(name, claim) for name, claim in IDENTITY_HEADERS],
     )
 
 
@@ -69,7 +66,7 @@ def virtual_host_bytes(
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> bytes:
-    """Byte-identical to serializing RouteConfiguration(name=..., virtual_hosts=[...]) in one go.
+    """Byte-identical to serializing the RouteConfiguration (name, virtual hosts, identity headers) in one go.
 
     `tail` is appended as is: serialized RouteConfiguration fields (see `revocations_entry`), which a parser
     merges as if they had been set on the message, without re-encoding a thousand cached virtual hosts.
@@ -78,7 +75,7 @@ def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes], tail: b
     parts = [b"\x0a", varint(len(encoded_name)), encoded_name]
     for vhost in virtual_hosts:
         parts += [_VIRTUAL_HOSTS_TAG, varint(len(vhost)), vhost]
-    parts.append(tail)
+    parts += [_IDENTITY_HEADERS_ENTRY, tail]
     return b"".join(parts)
 
 
@@ -102,6 +99,25 @@ def revocations_entry(job_ids: Sequence[str]) -> bytes:
 
 
 _PER_FILTER_CONFIG = wire.number(route_pb2.RouteConfiguration, "typed_per_filter_config")
+
+
+def _identity_header(name: str, claim: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY}:{claim})%"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+# The job's identity for the backend, set once for every virtual host (Envoy applies route-configuration
+# headers to all of them): per host it was ~600 bytes x backends in every RDS push. Remove runs before add
+# (Envoy's HeaderParser), so a job cannot forge another job's identity; a request without a verified token
+# (a public path, the exchange) has no payload, so the headers are removed and none is added.
+_IDENTITY_HEADERS_ENTRY = serialized(
+    route_pb2.RouteConfiguration(
+        request_headers_to_add=[_identity_header(name, claim) for name, claim in IDENTITY_HEADERS],
+        request_headers_to_remove=[name for name, _ in IDENTITY_HEADERS],
+    )
+)
 
 
 def _domains(hosts: Sequence[str]) -> list[str]:
@@ -149,11 +165,4 @@ def _tokenless_route(name: str, path: str, cluster: str, timeout_ms: int, rbac_f
             JWT_FILTER: packed(per_route_disabled()),
             **{f: packed(rbac_disabled()) for f in (RBAC_FILTER, *rbac_filters)},
         },
-    )
-
-
-def _identity_header(name: str, claim: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY}:{claim})%"),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
