@@ -7,8 +7,8 @@ import re
 import pytest
 from google.protobuf import json_format
 
-from controlplane.compiler.claims import glob_to_regex
 from controlplane.compiler import route
+from controlplane.compiler.claims import glob_to_regex
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.rbac import path_string_matcher
