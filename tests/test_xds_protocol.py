@@ -284,22 +284,23 @@ def test_envoy_startup_sequence_exactly() -> None:
     assert stream.set_snapshot(s, 0.0).responses == ()  # nothing subscribed yet
 
     cds = one(stream.receive(req(CLUSTER, node=True), 1.0))
-    assert (cds.version, cds.nonce) == (s.version(CLUSTER), "1")
+    assert cds.version == s.version(CLUSTER)
     message, names = decode(cds)
-    assert names == ["backend"] and message.version_info == s.version(CLUSTER) and message.nonce == "1"
+    assert names == ["backend"] and message.version_info == s.version(CLUSTER) and message.nonce == cds.nonce
 
     eds = one(stream.receive(req(ENDPOINT, ["backend"]), 1.1))
-    assert (eds.nonce, decode(eds)[1]) == ("2", ["backend"])
+    assert decode(eds)[1] == ["backend"]
 
     out = ack(stream, cds, now=1.5)
     assert out.responses == ()
-    assert out.events == (Ack(CLUSTER, s.version(CLUSTER), "1", 0.5),)
+    assert out.events == (Ack(CLUSTER, s.version(CLUSTER), cds.nonce, 0.5),)
 
     lds = one(stream.receive(req(LISTENER), 2.0))
-    assert (lds.nonce, decode(lds)[1]) == ("3", ["listener_0"])
+    assert decode(lds)[1] == ["listener_0"]
     assert ack(stream, eds, ["backend"]).responses == ()
     rds = one(stream.receive(req(ROUTE, ["local_route"]), 2.0))
-    assert (rds.nonce, decode(rds)[1]) == ("4", ["local_route"])
+    assert decode(rds)[1] == ["local_route"]
+    assert len({cds.nonce, eds.nonce, lds.nonce, rds.nonce}) == 4
     assert ack(stream, lds).responses == ()
     assert ack(stream, rds, ["local_route"]).responses == ()
 
@@ -321,6 +322,34 @@ def test_nonces_are_unique_and_increasing_across_types_and_pushes() -> None:
     out = stream.set_snapshot(snap(clusters={"backend": "v2"}, routes={"local_route": "v2"}), 0.0)
     nonces += [int(r.nonce) for r in out.responses]
     assert nonces == sorted(nonces) and len(set(nonces)) == len(nonces) == 7
+
+
+def test_streams_sent_the_same_response_share_its_bytes_and_nonce() -> None:
+    """Serialize-once down to the frame: a fan-out to N streams makes one copy of each response, not N."""
+    s = snap(clusters=("a", "b"))
+    first, second = AdsStream(), AdsStream()
+    for stream in (first, second):
+        stream.set_snapshot(s, 0.0)
+    a = one(first.receive(req(CLUSTER, node=True), 0.0))
+    b = one(second.receive(req(CLUSTER, node=True), 0.0))
+    assert a.data is b.data and a.nonce == b.nonce
+    assert ack(first, a).events == (Ack(CLUSTER, a.version, a.nonce, 0.0),)
+
+
+def test_a_shared_response_is_never_resent_to_a_stream_under_an_older_nonce() -> None:
+    """A stream that holds nonce N for a type only ever gets nonces above N for it, even when a framed copy
+    of the same bytes made earlier for another stream is still cached."""
+    s1, s2 = snap(clusters={"backend": "v1"}), snap(clusters={"backend": "v2"})
+    early = AdsStream()
+    early.set_snapshot(s1, 0.0)
+    old = one(early.receive(req(CLUSTER, node=True), 0.0))
+    late = AdsStream()
+    late.set_snapshot(s2, 0.0)
+    newer = one(late.receive(req(CLUSTER, node=True), 0.0))
+    ack(late, newer)
+    back = one(late.set_snapshot(s1, 0.0))  # a rollback to the very bytes `early` was sent
+    assert decode(back)[0].resources == decode(old)[0].resources and back.version == old.version
+    assert int(back.nonce) > int(newer.nonce)
 
 
 def test_stale_request_is_ignored_entirely_even_its_names() -> None:
@@ -460,7 +489,7 @@ def test_reconnect_holding_the_current_versions_gets_nothing() -> None:
 
     # The next change is pushed as usual, and only what changed.
     out = stream.set_snapshot(snap(routes={"local_route": "v2"}), 0.0)
-    assert [(r.type_url, r.nonce) for r in out.responses] == [(ROUTE, "1")]
+    assert [r.type_url for r in out.responses] == [ROUTE]
 
 
 def test_resumed_stream_answers_a_later_subscription_change_with_empty_nonce() -> None:

@@ -26,6 +26,8 @@ SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
+# Distinct subscriptions remembered per TypeSnapshot; proxies of a group normally share one or two.
+_BODY_MEMO_LIMIT = 64
 _REPEATED_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources = 2, wire type 2
 
 
@@ -100,17 +102,34 @@ class TypeSnapshot:
             digest.update(resource.name.encode() + b"\0" + resource.version.encode() + b"\0")
         return cls(type_url, digest.hexdigest()[:16], MappingProxyType(by_name))
 
+    _bodies: dict[frozenset[str], tuple[bytes, tuple[str, ...]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
     @functools.cached_property
     def all_entries(self) -> bytes:
         """Every response_entry in name order: a wildcard response body (built on first use only)."""
         return b"".join(r.response_entry for r in self.resources.values())
 
-    def entries_for(self, names: Iterable[str] | None) -> tuple[bytes, tuple[str, ...]]:
-        """The response body for a subscription (None = wildcard) and the names it holds."""
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.resources)
+
+    def entries_for(self, names: frozenset[str] | None) -> tuple[bytes, tuple[str, ...]]:
+        """The response body for a subscription (None = wildcard) and the names it holds.
+
+        Memoized per subscription: every proxy of a group asks for the same names, so a fan-out to thousands
+        of streams builds each body once and they all share one bytes object (and one tuple of names).
+        """
         if names is None:
-            return self.all_entries, tuple(self.resources)
-        present = tuple(sorted(n for n in set(names) if n in self.resources))
-        return b"".join(self.resources[n].response_entry for n in present), present
+            return self.all_entries, self.names
+        hit = self._bodies.get(names)
+        if hit is None:
+            if len(self._bodies) >= _BODY_MEMO_LIMIT:
+                self._bodies.clear()
+            present = tuple(sorted(n for n in names if n in self.resources))
+            hit = self._bodies[names] = (b"".join(self.resources[n].response_entry for n in present), present)
+        return hit
 
 
 @dataclass(frozen=True)

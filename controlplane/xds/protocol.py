@@ -20,6 +20,7 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -193,11 +194,11 @@ class TypeState:
     client_version: str = ""  # version_info of the latest request before anything was sent
     sent_version: str | None = None
     sent_nonce: str = ""
+    sent_nonce_number: int = 0  # nonces are a process-wide counter (see _Frames)
     sent_subscription: Names = None  # the subscription the last response answered
     sent_names: tuple[str, ...] = ()  # resources in the last response (what the client now holds)
     # where the bytes of sent_names came from (a snapshot's mapping, shared, or a make-before-break union)
     sent_source: Mapping[str, EncodedResource] = field(default_factory=lambda: _NO_RESOURCES)
-    sent_from: TypeSnapshot | None = None  # the snapshot type the last response was, None for a union
     sent_at: float = 0.0
     awaiting: bool = False  # the last response has been neither ACKed nor NACKed yet
     acked_version: str | None = None
@@ -212,15 +213,40 @@ class _Target(NamedTuple):
     body: bytes
     names: tuple[str, ...]
     source: Mapping[str, EncodedResource]
-    origin: TypeSnapshot | None  # None for a make-before-break union
 
 
 def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
-    """CDS and LDS with no names or with "*" are wildcards; anything else is the set of names asked for."""
+    """CDS and LDS with no names or with "*" are wildcards; anything else is the set of names asked for.
+
+    Every proxy of a group asks for the same names: the set is interned, so ten thousand streams hold one
+    frozenset (not ten thousand copies of every cluster name) and the memos below match it by identity.
+    """
     names = frozenset(resource_names)
     if type_url in WILDCARD_TYPES and (not names or "*" in names):
         return None
-    return names
+    return _SUBSCRIPTIONS.intern(names)
+
+
+class _Interned:
+    """Canonical instances of equal subscriptions (bounded: a runaway variety only costs sharing)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        known = self._sets.get(names)
+        if known is not None:
+            return known
+        if len(self._sets) >= self.LIMIT:
+            self._sets.clear()
+        names = frozenset(sys.intern(n) for n in names)
+        self._sets[names] = names
+        return names
+
+
+_SUBSCRIPTIONS = _Interned()
 
 
 def _forget_unsubscribed(state: TypeState, names: Names) -> None:
@@ -247,31 +273,96 @@ def dropped(held: Iterable[str], names: Names, current: TypeSnapshot) -> tuple[s
 
 
 class _DroppedMemo:
-    """`dropped` for a client that got a whole TypeSnapshot, computed once per fan-out instead of per stream.
+    """`dropped`, computed once per fan-out instead of once per stream.
 
-    Every stream sent the same TypeSnapshot under the same subscription asks the same question when the next
-    snapshot arrives; answering it once keeps a fan-out O(streams) rather than O(streams x clusters).
-    Entries keep the snapshots they were computed from alive, so a recycled id() can never match.
+    Streams that were sent the same response hold the same tuple of names (bodies and their names are
+    shared, see `TypeSnapshot.entries_for` and `_UnionMemo`) and ask the same question when the next snapshot
+    arrives; answering it once keeps a fan-out O(streams) rather than O(streams x clusters). Entries keep
+    the objects they were computed from alive, so a recycled id() can never match.
     """
 
     LIMIT = 256
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, Names, Names], tuple[TypeSnapshot, TypeSnapshot, tuple[str, ...]]] = {}
+        self._entries: dict[tuple[int, int, Names], tuple[tuple[str, ...], TypeSnapshot, tuple[str, ...]]] = {}
 
-    def dropped(self, sent_from: TypeSnapshot, answered: Names, names: Names, current: TypeSnapshot) -> tuple[str, ...]:
-        key = (id(sent_from), id(current), answered, names)
+    def dropped(self, held: tuple[str, ...], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
+        key = (id(held), id(current), names)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] is sent_from and hit[1] is current:
+        if hit is not None and hit[0] is held and hit[1] is current:
             return hit[2]
-        result = dropped(sent_from.entries_for(answered)[1], names, current)
+        result = dropped(held, names, current)
         if len(self._entries) >= self.LIMIT:
             self._entries.clear()
-        self._entries[key] = (sent_from, current, result)
+        self._entries[key] = (held, current, result)
         return result
 
 
+class _UnionMemo:
+    """Make-before-break CDS bodies (the snapshot's clusters plus the removed ones still in use), built once
+    for all the streams that held the same clusters, instead of a dict and a join per stream."""
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, int, Names], tuple[object, object, object, _Target]] = {}
+
+    def union(
+        self,
+        current: TypeSnapshot,
+        names: Names,
+        held: tuple[str, ...],
+        held_source: Mapping[str, EncodedResource],
+        removed: tuple[str, ...],
+    ) -> _Target:
+        key = (id(current), id(held), id(held_source), names)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is current and hit[1] is held and hit[2] is held_source:
+            return hit[3]
+        present = current.entries_for(names)[1]
+        merged = {n: current.resources[n] for n in present}
+        merged.update((n, held_source[n]) for n in removed)
+        ordered = tuple(sorted(merged))
+        keep_body = b"".join(merged[n].response_entry for n in ordered)
+        target = _Target(current.version + KEEP_SUFFIX, keep_body, ordered, MappingProxyType(merged))
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = (current, held, held_source, target)
+        return target
+
+
+class _Frames:
+    """Framed responses shared by every stream that is sent the same body and version.
+
+    The nonce is the only per-response field, and Envoy only echoes it, so it need not be unique across
+    streams: one framed copy (and one nonce) serves a whole fan-out instead of a multi-megabyte copy per
+    stream. Nonces come from one process-wide counter; a stream reuses a framed response only when its
+    nonce is newer than the last one that stream was sent for the type, so nonces per stream and type
+    strictly increase and a delayed answer to an older response can never pass for the current one.
+    """
+
+    LIMIT = 32
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str, str], tuple[bytes, int, bytes]] = {}
+        self._last = 0
+
+    def frame(self, body: bytes, version: str, type_url: str, after: int) -> tuple[int, bytes]:
+        key = (id(body), version, type_url)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is body and hit[1] > after:
+            return hit[1], hit[2]
+        self._last += 1
+        data = frame_response(body, version, type_url, str(self._last))
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = (body, self._last, data)
+        return self._last, data
+
+
 _DROPPED = _DroppedMemo()
+_UNIONS = _UnionMemo()
+_FRAMES = _Frames()
 
 
 def frame_response(body: bytes, version: str, type_url: str, nonce: str) -> bytes:
@@ -301,9 +392,11 @@ class StreamIdentity:
 
     def _identify(self, node: base_pb2.Node, events: list[Event]) -> None:
         if self.node is None:
-            # set_node_on_first_message_only: later requests may carry no node, so keep the first.
+            # set_node_on_first_message_only: later requests may carry no node, so keep the first. Without
+            # its extension list: Envoy names every extension it was built with (KBs per proxy), unused here.
             self.node = base_pb2.Node()
             self.node.CopyFrom(node)
+            self.node.ClearField("extensions")
             events.append(NodeIdentified(self.node.id, self.node.cluster))
 
     def _supported(self, type_url: str, events: list[Event]) -> bool:
@@ -328,7 +421,6 @@ class AdsStream(StreamIdentity):
         self.snapshot: Snapshot | None = None
         self._rejected: RejectedVersions = rejected if rejected is not None else _NothingRejected()
         self._types: dict[str, TypeState] = {}
-        self._last_nonce = 0
 
     def type_state(self, type_url: str) -> TypeState | None:
         """Read-only view for status and tests; do not mutate."""
@@ -424,7 +516,6 @@ class AdsStream(StreamIdentity):
         state.sent_subscription = state.names
         state.sent_names = names
         state.sent_source = current.resources
-        state.sent_from = current
         events.append(Resumed(type_url, current.version))
 
     def _respond(
@@ -446,18 +537,11 @@ class AdsStream(StreamIdentity):
         """What the client should get now: the snapshot, or for CDS the make-before-break union (rule 6)."""
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:
-            return _Target(current.version, body, names, current.resources, current)
-        if state.sent_from is not None:
-            removed = _DROPPED.dropped(state.sent_from, state.sent_subscription, state.names, current)
-        else:
-            removed = dropped(state.sent_names, state.names, current)
+            return _Target(current.version, body, names, current.resources)
+        removed = _DROPPED.dropped(state.sent_names, state.names, current)
         if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
-            return _Target(current.version, body, names, current.resources, current)
-        merged = {n: current.resources[n] for n in names}
-        merged.update((n, state.sent_source[n]) for n in removed)
-        ordered = sorted(merged)
-        keep_body = b"".join(merged[n].response_entry for n in ordered)
-        return _Target(current.version + KEEP_SUFFIX, keep_body, tuple(ordered), MappingProxyType(merged), None)
+            return _Target(current.version, body, names, current.resources)
+        return _UNIONS.union(current, state.names, state.sent_names, state.sent_source, removed)
 
     def _unsettled(self, type_url: str) -> bool:
         """True while the client may still route by an older listener/route config than the snapshot's.
@@ -472,16 +556,15 @@ class AdsStream(StreamIdentity):
         return state.awaiting or (current is not None and state.acked_version != current.version)
 
     def _send(self, type_url: str, state: TypeState, target: _Target, now: float) -> Response:
-        self._last_nonce += 1
-        nonce = str(self._last_nonce)
+        number, data = _FRAMES.frame(target.body, target.version, type_url, state.sent_nonce_number)
+        nonce = str(number)
         state.sent_version = target.version
         state.sent_nonce = nonce
+        state.sent_nonce_number = number
         state.sent_subscription = state.names
         state.sent_names = target.names
         state.sent_source = target.source
-        state.sent_from = target.origin
         state.sent_at = now
         state.awaiting = True
         state.withheld = None
-        data = frame_response(target.body, target.version, type_url, nonce)
         return Response(type_url, target.version, nonce, data, target.names)
