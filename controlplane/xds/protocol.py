@@ -21,10 +21,10 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar, cast
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -50,6 +50,7 @@ KEEP_SUFFIX = "+keep"
 _CLUSTER_USERS = (LISTENER, ROUTE)
 _NO_RESOURCES: Mapping[str, EncodedResource] = MappingProxyType({})
 
+R = TypeVar("R")
 Names = frozenset[str] | None
 """A subscription: the resource names asked for, or None for a wildcard (all of the type)."""
 
@@ -258,8 +259,14 @@ def _forget_unsubscribed(state: TypeState, names: Names) -> None:
     if names is None or state.sent_version is None:
         return
     held = state.sent_subscription
-    state.sent_subscription = names if held is None else held & names
-    state.sent_names = tuple(n for n in state.sent_names if n in names)
+    if held is not None and held <= names:
+        return  # a subscription that grew: nothing is dropped (the common case, EDS after a CDS push)
+    state.sent_subscription = names if held is None else _SUBSCRIPTIONS.intern(held & names)
+    state.sent_names = _MEMO.call(kept, state.sent_names, names)
+
+
+def kept(held: tuple[str, ...], names: frozenset[str]) -> tuple[str, ...]:
+    return tuple(n for n in held if n in names)
 
 
 def covered(names: Names, answered: Names) -> bool:
@@ -272,29 +279,30 @@ def dropped(held: Iterable[str], names: Names, current: TypeSnapshot) -> tuple[s
     return tuple(n for n in held if n not in current.resources and (names is None or n in names))
 
 
-class _DroppedMemo:
-    """`dropped`, computed once per fan-out instead of once per stream.
+class _IdentityMemo:
+    """Results of pure functions of shared immutable arguments, computed once per fan-out, not per stream.
 
-    Streams that were sent the same response hold the same tuple of names (bodies and their names are
-    shared, see `TypeSnapshot.entries_for` and `_UnionMemo`) and ask the same question when the next snapshot
-    arrives; answering it once keeps a fan-out O(streams) rather than O(streams x clusters). Entries keep
-    the objects they were computed from alive, so a recycled id() can never match.
+    Streams that were sent the same response hold the same tuple of names (bodies and names are shared, see
+    `TypeSnapshot.entries_for` and `_UnionMemo`) and subscriptions are interned, so the questions every
+    stream asks when a snapshot arrives ("which clusters did it drop?", "what is left after unsubscribing?")
+    have the same arguments by identity; answering once keeps a fan-out O(streams), not O(streams x names).
+    Entries keep their arguments alive, so a recycled id() can never match.
     """
 
     LIMIT = 256
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, Names], tuple[tuple[str, ...], TypeSnapshot, tuple[str, ...]]] = {}
+        self._entries: dict[tuple[int, ...], tuple[tuple[object, ...], object]] = {}
 
-    def dropped(self, held: tuple[str, ...], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
-        key = (id(held), id(current), names)
+    def call(self, fn: Callable[..., R], *args: object) -> R:
+        key = (id(fn), *map(id, args))
         hit = self._entries.get(key)
-        if hit is not None and hit[0] is held and hit[1] is current:
-            return hit[2]
-        result = dropped(held, names, current)
+        if hit is not None and all(x is y for x, y in zip(hit[0], (fn, *args), strict=True)):
+            return cast(R, hit[1])
+        result = fn(*args)
         if len(self._entries) >= self.LIMIT:
             self._entries.clear()
-        self._entries[key] = (held, current, result)
+        self._entries[key] = ((fn, *args), result)
         return result
 
 
@@ -360,7 +368,7 @@ class _Frames:
         return self._last, data
 
 
-_DROPPED = _DroppedMemo()
+_MEMO = _IdentityMemo()
 _UNIONS = _UnionMemo()
 _FRAMES = _Frames()
 
@@ -538,7 +546,7 @@ class AdsStream(StreamIdentity):
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:
             return _Target(current.version, body, names, current.resources)
-        removed = _DROPPED.dropped(state.sent_names, state.names, current)
+        removed = _MEMO.call(dropped, state.sent_names, state.names, current)
         if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
             return _Target(current.version, body, names, current.resources)
         return _UNIONS.union(current, state.names, state.sent_names, state.sent_source, removed)
