@@ -16,66 +16,59 @@ import pytest
 
 from controlplane.admin.http import AdminServer
 from controlplane.admin.metrics import SNAPSHOT_BUILDS
-from controlplane.cli.status import add_status_arguments, format_age, format_nack, run_status
+from controlplane.cli.status import StatusFilters, add_status_arguments, format_age, format_nack, run_status
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.xds.registry import ProxyRegistry
 
 
 def fake_status() -> dict[str, Any]:
-    """A status document shaped like the real one: two groups, one proxy currently NACKing.
-
-    Times sit half a second past whole seconds, so ages print the same as long as the test reads them
-    within half a second of building the document.
-    """
-    now = time.time() - 0.5
+    """The fleet-independent part of a status document (what ``ControlPlane.status`` returns)."""
     return {
         "version": "0.1.0",
         "policy": {
             "root": "/etc/controlplane/policy",
-            "last_good_load": now - 125,
+            "last_good_load": time.time() - 0.5 - 125,
             "errors": [],
-            "snapshot_versions": {"ci-prod": "a" * 64, "ci-staging": "b" * 64},
+            "snapshot_versions": {"ci-prod": "a" * 12, "ci-staging": "b" * 12},
         },
-        "proxies": [
-            {
-                "node": "gw-prod-1",
-                "group": "ci-prod",
-                "protocol": "sotw",
-                "connected_since": now - 192,
-                "peer": "10.0.0.1:4242",
-                "acked": {"cds": "a" * 64, "eds": "a" * 64, "lds": "a" * 64, "rds": "a" * 64},
-                "last_nack": None,
-            },
-            {
-                "node": "gw-prod-2",
-                "group": "ci-prod",
-                "protocol": "sotw",
-                "connected_since": now - 3700,
-                "peer": "10.0.0.2:4242",
-                "acked": {"cds": "c" * 64, "lds": "c" * 64},
-                "last_nack": None,
-            },
-            {
-                "node": "gw-staging-1",
-                "group": "ci-staging",
-                "protocol": "sotw",
-                "connected_since": now - 5,
-                "peer": "10.0.1.1:4242",
-                "acked": {"cds": "b" * 64},
-                "last_nack": {
-                    "type": "lds",
-                    "version": "d" * 64,
-                    "error": "Error adding/updating listener(s) ingress:\n  duplicate\tfilter chain match",
-                    "at": now - 2,
-                },
-            },
-        ],
-        "summary": {"by_group": {"ci-prod": 2, "ci-staging": 1}},
     }
 
 
-def healthy(status: dict[str, Any]) -> dict[str, Any]:
-    for proxy in status["proxies"]:
-        proxy["last_nack"] = None
-    return status
+CURRENT = {"ci-prod": "a" * 64, "ci-staging": "b" * 64}  # every type of a group is at one version here
+
+
+def current_versions(group: str) -> dict[str, str]:
+    return {t: CURRENT[group] for t in (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)} if group in CURRENT else {}
+
+
+def fake_fleet() -> ProxyRegistry:
+    """Two groups, three proxies: one on the current version, one behind (stale), one currently NACKing LDS.
+
+    Times sit half a second past whole seconds, so ages print the same as long as the test reads them
+    within half a second of building the fleet.
+    """
+    now = time.time() - 0.5
+    registry = ProxyRegistry()
+    prod1 = registry.connect("gw-prod-1", "ci-prod", "10.0.0.1:4242", now - 192)
+    for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+        registry.acked(prod1, type_url, "a" * 64)
+    prod2 = registry.connect("gw-prod-2", "ci-prod", "10.0.0.2:4242", now - 3700)
+    registry.acked(prod2, CLUSTER, "c" * 64)
+    registry.acked(prod2, LISTENER, "c" * 64)
+    staging = registry.connect("gw-staging-1", "ci-staging", "10.0.1.1:4242", now - 5)
+    staging.protocol = "delta"
+    registry.acked(staging, CLUSTER, "b" * 64)
+    error = "Error adding/updating listener(s) ingress:\n  duplicate\tfilter chain match"
+    registry.nacked(staging, LISTENER, "d" * 64, error, now - 2)
+    return registry
+
+
+def healthy(registry: ProxyRegistry) -> ProxyRegistry:
+    """End every NACK the way a proxy does: by ACKing the type again."""
+    for record in registry.records():
+        for type_url in list(record.nacks):
+            registry.acked(record, type_url, CURRENT[record.group])
+    return registry
 
 
 @dataclass
@@ -83,13 +76,19 @@ class Admin:
     server: AdminServer
     url: str
     status: dict[str, Any] = field(default_factory=fake_status)
+    registry: ProxyRegistry = field(default_factory=fake_fleet)
     ready: bool = False
 
 
 @pytest.fixture
 async def admin() -> AsyncIterator[Admin]:
     holder: list[Admin] = []
-    server = AdminServer(status=lambda: holder[0].status, ready=lambda: holder[0].ready, port=0)
+    server = AdminServer(
+        status=lambda: holder[0].status,
+        fleet=lambda query: holder[0].registry.fleet(query, current_versions),
+        ready=lambda: holder[0].ready,
+        port=0,
+    )
     port = await server.start()
     holder.append(Admin(server, f"http://127.0.0.1:{port}"))
     try:
@@ -174,8 +173,22 @@ async def test_metrics_exposition(admin: Admin, http: aiohttp.ClientSession) -> 
 
 async def test_status_unfiltered(admin: Admin, http: aiohttp.ClientSession) -> None:
     status = await status_json(http, admin.url + "/status")
-    assert status == admin.status
+    assert {k: status[k] for k in admin.status} == admin.status  # the fleet-independent part as produced
     assert nodes(status) == ["gw-prod-1", "gw-prod-2", "gw-staging-1"]
+    assert status["proxies"][0] == {
+        "node": "gw-prod-1",
+        "group": "ci-prod",
+        "protocol": "sotw",
+        "connected_since": status["proxies"][0]["connected_since"],
+        "peer": "10.0.0.1:4242",
+        "acked": {t: "a" * 64 for t in ("cds", "eds", "lds", "rds")},
+        "last_nack": None,
+    }
+    assert status["page"] == {"total": 3, "offset": 0, "limit": 100, "shown": 3}
+    assert status["filters"] == {}
+    summary = status["summary"]
+    assert (summary["connected"], summary["proxies"], summary["nacking"], summary["stale"]) == (3, 3, 1, 1)
+    assert summary["by_group"] == {"ci-prod": 2, "ci-staging": 1}
 
 
 @pytest.mark.parametrize(
@@ -185,33 +198,84 @@ async def test_status_unfiltered(admin: Admin, http: aiohttp.ClientSession) -> N
         ("group=ci-pro", []),  # group is exact, not a prefix
         ("node=prod-2", ["gw-prod-2"]),
         ("node=gw", ["gw-prod-1", "gw-prod-2", "gw-staging-1"]),
+        ("node=gw-*-1", ["gw-prod-1", "gw-staging-1"]),  # a glob matches the whole id
+        ("node=prod-*", []),
         ("nacked=1", ["gw-staging-1"]),
         ("nacked=0", ["gw-prod-1", "gw-prod-2", "gw-staging-1"]),
+        ("stale=1", ["gw-prod-2"]),
+        ("protocol=delta", ["gw-staging-1"]),
+        ("protocol=sotw&stale=yes", ["gw-prod-2"]),
         ("group=ci-prod&nacked=1", []),
         ("group=ci-staging&node=staging&nacked=true", ["gw-staging-1"]),
+        ("limit=2", ["gw-prod-1", "gw-prod-2"]),
+        ("limit=1&offset=2", ["gw-staging-1"]),
+        ("limit=all&offset=1", ["gw-prod-2", "gw-staging-1"]),
+        ("limit=0", []),
     ],
 )
 async def test_status_filters(admin: Admin, http: aiohttp.ClientSession, query: str, expected: list[str]) -> None:
     status = await status_json(http, f"{admin.url}/status?{query}")
     assert nodes(status) == expected
-    assert status["summary"] == {"by_group": {"ci-prod": 2, "ci-staging": 1}}  # summary stays fleet-wide
+    assert status["summary"]["connected"] == 3  # what the filtered view was taken from
 
 
-async def test_status_summary_omits_proxies(admin: Admin, http: aiohttp.ClientSession) -> None:
-    status = await status_json(http, admin.url + "/status?summary=1")
+async def test_status_summary_covers_the_filtered_fleet_not_the_page(admin: Admin, http: aiohttp.ClientSession) -> None:
+    status = await status_json(http, admin.url + "/status?group=ci-prod&limit=1")
+    assert nodes(status) == ["gw-prod-1"]
+    assert status["page"] == {"total": 2, "offset": 0, "limit": 1, "shown": 1}
+    assert status["filters"] == {"group": "ci-prod"}
+    assert status["summary"]["by_group"] == {"ci-prod": 2}
+    cds = status["summary"]["groups"]["ci-prod"]["types"]["cds"]
+    assert cds == {
+        "current": "a" * 64,
+        "on_current": 1,
+        "stale": 1,
+        "no_ack": 0,
+        "nacking": 0,
+        "versions": {"a" * 64: 1, "c" * 64: 1},
+        "other_versions": 0,
+    }
+
+
+@pytest.mark.parametrize("query", ["summary=1", "proxies=0", "summary=1&nacked=1"])
+async def test_status_summary_omits_proxies(admin: Admin, http: aiohttp.ClientSession, query: str) -> None:
+    status = await status_json(http, f"{admin.url}/status?{query}")
     assert "proxies" not in status
-    assert status["summary"]["by_group"] == {"ci-prod": 2, "ci-staging": 1}
+    assert status["summary"]["nacking"] == 1
     assert status["policy"]["root"] == "/etc/controlplane/policy"
 
 
-async def test_status_rejects_bad_flag(admin: Admin, http: aiohttp.ClientSession) -> None:
-    code, _, body = await get(http, admin.url + "/status?nacked=maybe")
+async def test_status_without_a_fleet_serves_the_document_as_produced(http: aiohttp.ClientSession) -> None:
+    document = {**fake_status(), "proxies": [{"node": "n"}]}
+    server = AdminServer(status=lambda: document, ready=lambda: True, port=0)
+    port = await server.start()
+    try:
+        assert await status_json(http, f"http://127.0.0.1:{port}/status") == document
+        assert "proxies" not in await status_json(http, f"http://127.0.0.1:{port}/status?summary=1")
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("nacked=maybe", "nacked"),
+        ("stale=2", "stale"),
+        ("protocol=grpc", "protocol"),
+        ("limit=-1", "limit"),
+        ("limit=ten", "limit"),
+        ("offset=all", "offset"),
+        ("grop=ci-prod", "grop"),  # a typo must not answer for the whole fleet
+    ],
+)
+async def test_status_rejects_bad_query(admin: Admin, http: aiohttp.ClientSession, query: str, named: str) -> None:
+    code, _, body = await get(http, f"{admin.url}/status?{query}")
     assert code == 400
-    assert "nacked" in body
+    assert named in body
 
 
 async def test_status_reads_live_state(admin: Admin, http: aiohttp.ClientSession) -> None:
-    admin.status = healthy(fake_status())
+    healthy(admin.registry)
     assert (await status_json(http, admin.url + "/status?nacked=1"))["proxies"] == []
 
 
@@ -259,24 +323,52 @@ async def test_stop_is_idempotent_and_releases_port(http: aiohttp.ClientSession)
 # --- controlplane status ------------------------------------------------------------------------------------
 
 
-async def run_cli(url: str, *, as_json: bool = False, group: str | None = None, nacked_only: bool = False) -> int:
+async def run_cli(
+    url: str,
+    *,
+    as_json: bool = False,
+    group: str | None = None,
+    nacked_only: bool = False,
+    filters: StatusFilters | None = None,
+) -> int:
     # run_status blocks on urllib; the server lives on this loop, so the client must run in a thread.
-    return await asyncio.to_thread(run_status, url, as_json=as_json, group=group, nacked_only=nacked_only)
+    return await asyncio.to_thread(
+        run_status, url, as_json=as_json, group=group, nacked_only=nacked_only, filters=filters
+    )
 
 
 async def test_cli_table_healthy_exits_0(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
-    admin.status = healthy(fake_status())
+    healthy(admin.registry)
     assert await run_cli(admin.url) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert squash(lines[0]) == "NODE GROUP PROTO CONNECTED SINCE SDS CDS EDS LDS RDS LAST NACK"
-    assert squash(lines[1]) == "gw-prod-1 ci-prod sotw 3m12s - aaaaaaaa aaaaaaaa aaaaaaaa aaaaaaaa -"
-    assert squash(lines[2]) == "gw-prod-2 ci-prod sotw 1h01m - cccccccc - cccccccc - -"
+    lines = [squash(line) for line in out.splitlines()]
+    assert lines[:4] == [
+        "proxies: 3 connected, 0 NACKing, 1 stale (not on the current version)",
+        "GROUP PROXIES SOTW DELTA NACKING STALE",
+        "ci-prod 2 2 0 0 1",
+        "ci-staging 1 0 1 0 0",
+    ]
+    versions = lines.index("GROUP TYPE CURRENT ON CURRENT STALE NO ACK NACKING OTHER VERSIONS")
+    assert lines[versions + 1 : versions + 8] == [
+        "ci-prod cds aaaaaaaa 1 1 0 0 cccccccc (1)",
+        "ci-prod eds aaaaaaaa 1 0 1 0 -",
+        "ci-prod lds aaaaaaaa 1 1 0 0 cccccccc (1)",
+        "ci-prod rds aaaaaaaa 1 0 1 0 -",
+        "ci-staging cds bbbbbbbb 1 0 0 0 -",  # sds, eds, rds: nobody holds them, no row
+        "ci-staging lds bbbbbbbb 1 0 0 0 -",
+        "",
+    ]
+    table = lines.index("NODE GROUP PROTO PEER CONNECTED SINCE SDS CDS EDS LDS RDS LAST NACK")
+    assert table > versions
+    assert lines[table + 1 : table + 5] == [
+        "gw-prod-1 ci-prod sotw 10.0.0.1:4242 3m12s - aaaaaaaa aaaaaaaa aaaaaaaa aaaaaaaa -",
+        "gw-prod-2 ci-prod sotw 10.0.0.2:4242 1h01m - cccccccc - cccccccc - -",
+        "gw-staging-1 ci-staging delta 10.0.1.1:4242 5s - bbbbbbbb - bbbbbbbb - -",
+        "showing 3 of 3 proxies",
+    ]
     assert "last good load: 2m05s ago" in out
     assert "errors: none" in out
-    assert "ci-prod: 2" in out
-    assert "ci-staging: 1" in out
-    assert "proxies: 3 connected" in out
+    assert lines.index("policy: /etc/controlplane/policy") > table  # errors end up next to the prompt
 
 
 async def test_cli_nack_exits_2_and_shows_squashed_error(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
@@ -289,7 +381,7 @@ async def test_cli_nack_exits_2_and_shows_squashed_error(admin: Admin, capsys: p
 
 
 async def test_cli_policy_errors_exit_2(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
-    admin.status = healthy(fake_status())
+    healthy(admin.registry)
     admin.status["policy"]["errors"] = ["groups/prod.yaml:12: routes[0].backend: unknown backend 'db'"]
     assert await run_cli(admin.url) == 2
     out = capsys.readouterr().out

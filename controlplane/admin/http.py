@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from controlplane.admin.metrics import REGISTRY
 from controlplane.admin.serving import AppServer
+from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,10 @@ class BadQuery(ValueError):
     """A query parameter the operator mistyped; reported as 400 rather than silently ignored."""
 
 
-def parse_flag(name: str, value: str | None) -> bool:
+def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
     """Read a boolean query flag; an unrecognised value is an error so typos do not widen a filter."""
     if value is None:
-        return False
+        return default
     lowered = value.strip().lower()
     if lowered in _TRUE:
         return True
@@ -47,44 +48,42 @@ def parse_flag(name: str, value: str | None) -> bool:
     raise BadQuery(f"{name} must be 1 or 0, got {value!r}")
 
 
-def is_nacking(proxy: dict[str, Any]) -> bool:
-    """True when the proxy's last response was a NACK.
-
-    Contract with the status producer: ``last_nack`` is cleared once the proxy ACKs that type again, so its
-    presence means the proxy is rejecting config right now (``controlplane status`` relies on the same rule).
-    """
-    return proxy.get("last_nack") is not None
+STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies")
 
 
-def filter_proxies(
-    proxies: list[dict[str, Any]], *, group: str | None, node: str | None, nacked: bool
-) -> list[dict[str, Any]]:
-    """Apply the ``/status`` filters: exact group, node substring, currently NACKing."""
-    return [
-        p
-        for p in proxies
-        if (group is None or p.get("group") == group)
-        and (node is None or node in str(p.get("node", "")))
-        and (not nacked or is_nacking(p))
-    ]
+def parse_count(name: str, value: str | None, default: int | None) -> int | None:
+    """A non-negative integer query parameter; ``all`` means no bound (None), for ``limit``."""
+    if value is None or value.strip() == "":
+        return default
+    text = value.strip().lower()
+    if text == "all" and name == "limit":
+        return None
+    if not (text.isascii() and text.isdigit()):
+        allowed = "a non-negative integer or all" if name == "limit" else "a non-negative integer"
+        raise BadQuery(f"{name} must be {allowed}, got {value!r}")
+    return int(text)
 
 
-def filtered_status(status: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
-    """Return a copy of ``status`` with the query's filters applied to its proxy list.
-
-    The summary is left as produced (fleet-wide), so a filtered view still shows what it was filtered from.
-    """
-    result = dict(status)
-    if parse_flag("summary", query.get("summary")):
-        result.pop("proxies", None)
-        return result
-    result["proxies"] = filter_proxies(
-        list(status.get("proxies") or []),
-        group=query.get("group"),
-        node=query.get("node"),
+def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
+    """Read ``/status`` query parameters; unknown names and bad values are errors, so a typo (``?grop=x``)
+    cannot silently turn a filtered question into the whole fleet."""
+    unknown = sorted(set(query) - set(STATUS_PARAMETERS))
+    if unknown:
+        raise BadQuery(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(STATUS_PARAMETERS)}")
+    protocol = query.get("protocol") or None
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise BadQuery(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return FleetQuery(
+        group=query.get("group") or None,
+        protocol=protocol,
+        node=query.get("node") or None,
         nacked=parse_flag("nacked", query.get("nacked")),
+        stale=parse_flag("stale", query.get("stale")),
+        limit=parse_count("limit", query.get("limit"), DEFAULT_LIMIT),
+        offset=parse_count("offset", query.get("offset"), 0) or 0,
+        # summary=1 and proxies=0 both mean "counts only": the first is the CLI's word, the second the JSON key's.
+        proxies=parse_flag("proxies", query.get("proxies"), True) and not parse_flag("summary", query.get("summary")),
     )
-    return result
 
 
 def is_loopback(host: str) -> bool:
@@ -105,8 +104,14 @@ class AdminServer:
         ready: Callable[[], bool],
         host: str = "127.0.0.1",
         port: int = 9902,
+        fleet: Callable[[FleetQuery], dict[str, Any]] | None = None,
     ) -> None:
+        """``status`` gives the document's fleet-independent part (policy, JWKS, GitLab...); ``fleet`` answers
+        a query with ``proxies``, ``page``, ``filters`` and ``summary`` (``ProxyRegistry.fleet``), merged in.
+        Without ``fleet`` the status document is served as ``status`` returns it, ``summary=1`` dropping its
+        ``proxies``; that is for embedding and tests, where there is no registry."""
         self._status = status
+        self._fleet = fleet
         self._ready = ready
         self._host = host
         self._port = port
@@ -162,10 +167,20 @@ class AdminServer:
 
     async def _status_view(self, request: web.Request) -> web.Response:
         try:
-            body = filtered_status(self._status(), dict(request.query))
+            query = parse_status_query(request.query)
         except BadQuery as exc:
             return web.Response(status=400, text=f"{exc}\n")
+        body = self.status_document(query)
         return web.Response(text=json.dumps(body, indent=2, default=str) + "\n", content_type="application/json")
+
+    def status_document(self, query: FleetQuery) -> dict[str, Any]:
+        """The ``/status`` body for a parsed query (separate from the handler so it can be timed and tested)."""
+        body = dict(self._status())
+        if self._fleet is not None:
+            body.update(self._fleet(query))
+        elif not query.proxies:
+            body.pop("proxies", None)
+        return body
 
 
 @web.middleware

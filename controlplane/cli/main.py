@@ -242,9 +242,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from controlplane.cli.status import run_status
+    from controlplane.cli.status import run_status_command
 
-    return run_status(args.admin, as_json=args.json, group=args.group, nacked_only=args.nacked)
+    return run_status_command(args)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:

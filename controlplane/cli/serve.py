@@ -26,7 +26,7 @@ from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.registry import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import InsecureTransport, ServerTls, XdsTransportError, check_transport, pushes_secrets
 
@@ -130,8 +130,10 @@ class ControlPlane:
         self.xds = XdsServer(
             self.cache, self.registry, log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
         )
+        current_versions = cache_versions(self.cache)
         self.admin = AdminServer(
             status=self.status,
+            fleet=lambda query: self.registry.fleet(query, current_versions),
             ready=lambda: self.policy.ready,
             host=options.admin_host,
             port=options.admin_port,
@@ -145,14 +147,13 @@ class ControlPlane:
         self.admin_port = 0
 
     def status(self) -> dict[str, object]:
+        """The status document without the fleet: the admin server adds proxies and summary per query."""
         return {
             "version": __version__,
             "policy": self.policy.status(),
             "jwks": self.keys.status(),
             "gitlab": self.gitlab.status(),
             "credentials": self.credentials.status() if self.credentials else None,
-            "proxies": self.registry.status(),
-            "summary": self.registry.summary(),
         }
 
     async def start(self) -> None:

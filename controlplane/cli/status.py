@@ -16,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 DEFAULT_ADMIN = "http://127.0.0.1:9902"
@@ -27,6 +28,7 @@ EXIT_UNREACHABLE = 1
 EXIT_UNHEALTHY = 2
 
 ACKED_TYPES = ("sds", "cds", "eds", "lds", "rds")  # in push order; "-" where a proxy has none
+PROTOCOLS = ("sotw", "delta")  # what --protocol accepts (the server checks the same list)
 VERSION_WIDTH = 8
 NACK_ERROR_WIDTH = 60
 
@@ -35,8 +37,67 @@ class AdminUnreachable(Exception):
     """The admin endpoint could not be read; the message names the URL and why."""
 
 
+@dataclass(frozen=True)
+class StatusFilters:
+    """The ``/status`` query the command sends: the same filters whether the output is a table or JSON."""
+
+    group: str | None = None
+    protocol: str | None = None
+    node: str | None = None
+    nacked: bool = False
+    stale: bool = False
+    limit: str | None = None  # a count or "all"; None leaves the server's default (100 rows)
+    offset: int = 0
+    summary: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StatusFilters:
+        return cls(
+            group=args.group,
+            protocol=args.protocol,
+            node=args.node,
+            nacked=args.nacked,
+            stale=args.stale,
+            limit=args.limit,
+            offset=args.offset,
+            summary=args.summary,
+        )
+
+    def query(self) -> dict[str, str]:
+        """Only what differs from the server's defaults, so the URL stays short and readable in errors."""
+        given = {
+            "group": self.group,
+            "protocol": self.protocol,
+            "node": self.node,
+            "nacked": "1" if self.nacked else None,
+            "stale": "1" if self.stale else None,
+            "limit": self.limit,
+            "offset": str(self.offset) if self.offset else None,
+            "summary": "1" if self.summary else None,
+        }
+        return {name: value for name, value in given.items() if value is not None}
+
+
+def _limit(value: str) -> str:
+    """``--limit``: a row count or ``all``, checked here so a typo fails before any request is made."""
+    text = value.strip().lower()
+    if text == "all" or (text.isascii() and text.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a number of proxies or 'all', got {value!r}")
+
+
+def _offset(value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value!r}")
+    return int(value)
+
+
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``status`` options; ``--admin`` falls back to $CONTROLPLANE_ADMIN for ops shells."""
+    """Register the ``status`` options; ``--admin`` falls back to $CONTROLPLANE_ADMIN for ops shells.
+
+    The filters mirror the ``/status`` query parameters and are applied server-side, so the counts and the
+    summary cover the whole filtered fleet even though only ``--limit`` rows are listed.
+    """
     parser.add_argument(
         "--admin",
         default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN),
@@ -44,12 +105,38 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the raw status JSON")
     parser.add_argument("--group", default=None, help="only proxies in this gateway group")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="only proxies speaking this xDS variant")
+    parser.add_argument(
+        "--node", default=None, metavar="PATTERN", help="only node ids containing PATTERN, or matching it as a glob"
+    )
     parser.add_argument("--nacked", action="store_true", help="only proxies whose last response was a NACK")
+    parser.add_argument("--stale", action="store_true", help="only proxies holding a non-current version of a type")
+    parser.add_argument(
+        "--limit", type=_limit, default=None, metavar="N|all", help="proxies to list (default: the server's, 100)"
+    )
+    parser.add_argument("--offset", type=_offset, default=0, metavar="N", help="skip the first N matching proxies")
+    parser.add_argument("--summary", action="store_true", help="counts by group and version only, no proxy list")
 
 
-def run_status(admin_url: str, *, as_json: bool, group: str | None, nacked_only: bool) -> int:
-    """Fetch ``/status`` and print it; returns the process exit code (see module docstring)."""
-    url = status_url(admin_url, group=group, nacked_only=nacked_only)
+def run_status_command(args: argparse.Namespace) -> int:
+    """``controlplane status`` from parsed arguments (see `add_status_arguments`)."""
+    return run_status(args.admin, as_json=args.json, filters=StatusFilters.from_args(args))
+
+
+def run_status(
+    admin_url: str,
+    *,
+    as_json: bool,
+    group: str | None = None,
+    nacked_only: bool = False,
+    filters: StatusFilters | None = None,
+) -> int:
+    """Fetch ``/status`` and print it; returns the process exit code (see module docstring).
+
+    ``group`` and ``nacked_only`` are the original keyword arguments, kept for callers that predate
+    `StatusFilters`; ``filters`` wins when given.
+    """
+    url = status_url(admin_url, filters or StatusFilters(group=group, nacked=nacked_only))
     try:
         status = fetch_status(url)
     except AdminUnreachable as exc:
@@ -63,13 +150,9 @@ def run_status(admin_url: str, *, as_json: bool, group: str | None, nacked_only:
     return EXIT_UNHEALTHY if is_unhealthy(status) else EXIT_OK
 
 
-def status_url(admin_url: str, *, group: str | None, nacked_only: bool) -> str:
+def status_url(admin_url: str, filters: StatusFilters) -> str:
     """Build the ``/status`` URL; filtering happens server-side so the JSON output is filtered too."""
-    query: dict[str, str] = {}
-    if group is not None:
-        query["group"] = group
-    if nacked_only:
-        query["nacked"] = "1"
+    query = filters.query()
     base = admin_url.rstrip("/") + "/status"
     return f"{base}?{urllib.parse.urlencode(query)}" if query else base
 
@@ -94,25 +177,45 @@ def fetch_status(url: str) -> dict[str, Any]:
 
 
 def is_unhealthy(status: dict[str, Any]) -> bool:
-    """Policy errors or any (listed) proxy NACKing: both mean config is not reaching the fleet as written."""
+    """Policy errors or any matching proxy NACKing: both mean config is not reaching the fleet as written.
+
+    The NACK count comes from the summary, which covers every proxy matching the filters, so a NACKing proxy
+    beyond ``--limit`` (or with ``--summary``) still fails the check; the listed rows are the fallback for a
+    server that sends no such count.
+    """
     policy = status.get("policy") or {}
     if policy.get("errors"):
         return True
+    nacking = (status.get("summary") or {}).get("nacking")
+    if isinstance(nacking, int):
+        return nacking > 0
     return any(p.get("last_nack") is not None for p in status.get("proxies") or [])
 
 
 def render(status: dict[str, Any], out: TextIO, *, now: float) -> None:
-    """Print the proxy table, then policy state, then per-group counts."""
+    """Print the fleet summary (by group, then by type and version), the listed proxies, then policy state.
+
+    Summary first: at fleet size it is the answer; the rows are the examples. Policy comes last so its
+    errors sit right above the prompt.
+    """
+    summary = status.get("summary") or {}
+    _write_fleet_line(out, summary, status.get("filters") or {})
+    _write_groups(out, summary)
+    out.write("\n")
+    if _write_versions(out, summary.get("groups") or {}):
+        out.write("\n")
     proxies = status.get("proxies")
     if proxies is not None:
-        _write_table(out, proxy_rows(proxies, now=now))
-        out.write("\n")
+        _write_table(out, PROXY_HEADER, proxy_rows(proxies, now=now), empty=NO_PROXIES)
+        out.write(showing_line(len(proxies), status.get("page") or {}) + "\n\n")
     _write_policy(out, status.get("policy") or {}, now=now)
-    out.write("\n")
-    _write_summary(out, (status.get("summary") or {}).get("by_group") or {})
 
 
-PROXY_HEADER = ("NODE", "GROUP", "PROTO", "CONNECTED SINCE", *(t.upper() for t in ACKED_TYPES), "LAST NACK")
+PROXY_HEADER = ("NODE", "GROUP", "PROTO", "PEER", "CONNECTED SINCE", *(t.upper() for t in ACKED_TYPES), "LAST NACK")
+GROUP_HEADER = ("GROUP", "PROXIES", *(p.upper() for p in PROTOCOLS), "NACKING", "STALE")
+VERSION_HEADER = ("GROUP", "TYPE", "CURRENT", "ON CURRENT", "STALE", "NO ACK", "NACKING", "OTHER VERSIONS")
+NO_PROXIES = "no proxies connected (or none match the filter)"
+OTHER_VERSIONS_SHOWN = 3
 
 
 def proxy_rows(proxies: list[dict[str, Any]], *, now: float) -> list[tuple[str, ...]]:
@@ -128,10 +231,103 @@ def _proxy_row(proxy: dict[str, Any], *, now: float) -> tuple[str, ...]:
         str(proxy.get("node", "?")),
         str(proxy.get("group", "?")),
         str(proxy.get("protocol", "?")),
+        str(proxy.get("peer") or "-"),
         format_age(now - since) if isinstance(since, int | float) else "-",
         *(shorten(acked[t]) if acked.get(t) else "-" for t in ACKED_TYPES),
         format_nack(proxy.get("last_nack")),
     )
+
+
+def showing_line(listed: int, page: dict[str, Any]) -> str:
+    """``showing N of M proxies``, with how to see the rest when the list is cut short."""
+    total = page.get("total")
+    if not isinstance(total, int):
+        return f"showing {listed} proxies"
+    offset = page.get("offset") or 0
+    start = f" from #{offset + 1}" if offset and listed else ""
+    line = f"showing {listed} of {total} proxies{start}"
+    if listed < total:
+        line += " (use --limit N or --limit all, --offset N, --json; narrow with --group/--node/--nacked/--stale)"
+    return line
+
+
+def _write_fleet_line(out: TextIO, summary: dict[str, Any], filters: dict[str, Any]) -> None:
+    """One line answering "how is the fleet": how many, how many NACKing, how many behind."""
+    by_group = summary.get("by_group") or {}
+    matching = summary.get("proxies", sum(int(n) for n in by_group.values()))
+    connected = summary.get("connected", matching)
+    scope = f"{connected} connected"
+    if filters:
+        scope = f"{matching} of {scope} match {_describe(filters)}"
+    labels = (("nacking", "NACKing"), ("stale", "stale (not on the current version)"))
+    counts = [f"{summary[key]} {label}" for key, label in labels if key in summary]
+    out.write("proxies: " + ", ".join([scope, *counts]) + "\n")
+
+
+def _describe(filters: dict[str, Any]) -> str:
+    return " ".join(name if value is True else f"{name}={value}" for name, value in sorted(filters.items()))
+
+
+def _write_groups(out: TextIO, summary: dict[str, Any]) -> None:
+    """Per group: size, protocols, NACKing and stale counts (only sizes from a server without ``groups``)."""
+    groups = summary.get("groups") or {}
+    by_group = summary.get("by_group") or {}
+    rows = [_group_row(name, groups.get(name) or {"proxies": by_group[name]}) for name in sorted(by_group)]
+    _write_table(out, GROUP_HEADER, rows, empty="no groups")
+
+
+def _group_row(name: str, group: dict[str, Any]) -> tuple[str, ...]:
+    protocols = group.get("protocols") or {}
+    return (
+        name,
+        str(group.get("proxies", "?")),
+        *(str(protocols.get(p, 0)) if protocols else "-" for p in PROTOCOLS),
+        str(group.get("nacking", "-")),
+        str(group.get("stale", "-")),
+    )
+
+
+def _write_versions(out: TextIO, groups: dict[str, Any]) -> bool:
+    """Per group and type: the current version, how many hold it, and who is elsewhere; False if nothing to show."""
+    rows = [
+        _version_row(name, label, counts)
+        for name in sorted(groups)
+        for label, counts in (groups[name].get("types") or {}).items()
+        if _in_use(counts)
+    ]
+    if rows:
+        _write_table(out, VERSION_HEADER, rows, empty="")
+    return bool(rows)
+
+
+def _in_use(counts: dict[str, Any]) -> bool:
+    """A type nobody holds or rejects (SDS without secrets, say) would only add a row of zeros."""
+    return bool(counts.get("on_current") or counts.get("stale") or counts.get("nacking"))
+
+
+def _version_row(group: str, label: str, counts: dict[str, Any]) -> tuple[str, ...]:
+    current = counts.get("current")
+    return (
+        group,
+        label,
+        shorten(str(current)) if current else "-",
+        str(counts.get("on_current", 0)),
+        str(counts.get("stale", 0)),
+        str(counts.get("no_ack", 0)),
+        str(counts.get("nacking", 0)),
+        format_other_versions(counts),
+    )
+
+
+def format_other_versions(counts: dict[str, Any]) -> str:
+    """The non-current versions held, most held first, as ``cccccccc (12)``; the rest as one count."""
+    current = counts.get("current")
+    others = [(str(v), int(n)) for v, n in (counts.get("versions") or {}).items() if v != current]
+    shown = [f"{shorten(v)} ({n})" for v, n in others[:OTHER_VERSIONS_SHOWN]]
+    rest = sum(n for _, n in others[OTHER_VERSIONS_SHOWN:]) + int(counts.get("other_versions") or 0)
+    if rest:
+        shown.append(f"+{rest} on other versions")
+    return ", ".join(shown) or "-"
 
 
 def shorten(version: str) -> str:
@@ -162,12 +358,12 @@ def format_age(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _write_table(out: TextIO, rows: Sequence[tuple[str, ...]]) -> None:
+def _write_table(out: TextIO, header: tuple[str, ...], rows: Sequence[tuple[str, ...]], *, empty: str) -> None:
     if not rows:
-        out.write("no proxies connected (or none match the filter)\n")
+        out.write(f"{empty}\n")
         return
-    widths = [max(len(r[i]) for r in (PROXY_HEADER, *rows)) for i in range(len(PROXY_HEADER))]
-    for row in (PROXY_HEADER, *rows):
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
@@ -186,9 +382,3 @@ def _write_policy(out: TextIO, policy: dict[str, Any], *, now: float) -> None:
         out.writelines(f"    {e}\n" for e in errors)
     else:
         out.write("  errors: none\n")
-
-
-def _write_summary(out: TextIO, by_group: dict[str, Any]) -> None:
-    total = sum(int(n) for n in by_group.values())
-    out.write(f"proxies: {total} connected\n")
-    out.writelines(f"  {group}: {by_group[group]}\n" for group in sorted(by_group))
