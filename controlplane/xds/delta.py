@@ -6,30 +6,56 @@ serialized, events for the registry, metrics and logs), with no I/O and no clock
 
 * per type the stream keeps a wildcard flag (CDS/LDS with an EMPTY first subscribe list, as Envoy 1.40 sends
   it, or "*"), the explicit subscriptions, and what the client holds (name → version), seeded from
-  `initial_resource_versions` on reconnect and updated optimistically when a resource is sent;
+  `initial_resource_versions` on reconnect and updated optimistically when a resource is sent; a newly
+  subscribed name is not held (Envoy drops what it unsubscribes from);
 * a response carries only resources whose version differs from what the client holds, plus
   `removed_resources` for names it holds, still wants, and the snapshot no longer has; so a reconnecting
   client holding the current content gets nothing (versions are content hashes);
 * subscription changes arrive as separate requests with an empty nonce and are always applied: they are
   diffs, so dropping one (even one with an unknown nonce) would lose it for good;
 * a request echoing an outstanding nonce ACKs (or, with `error_detail`, NACKs) that response; a NACKed
-  resource version is remembered for the node (`RejectionMemory`, shared with reconnects) and never sent
-  again, while a later snapshot with a different version of that resource is.
+  resource version (or removal) is remembered for the node (`RejectionMemory`, shared with reconnects) and
+  never sent again, while a later snapshot with a different version of that resource is;
+* make-before-break: a cluster that a new snapshot removes is kept (not listed in `removed_resources`, nor its
+  endpoints) while the client may still route to it, i.e. until the listeners and routes of that snapshot are
+  ACKed by this stream. Additions and changes go out at once, in PUSH_ORDER (SECRET, CDS, EDS, LDS, RDS).
+  Delta needs this as much as SotW: each type travels in its own response, and Envoy applies a CDS removal
+  before it has seen the RDS update that stops routing to the cluster.
 
-Make-before-break for removed clusters needs no union here: each type's removal travels in its own response
-and the push order (SECRET, CDS, EDS, LDS, RDS) is the SotW one.
+Cost of a push. What a client holds is not copied per stream: per type the stream keeps a *base*, the
+TypeSnapshot it was last brought in line with (shared by every stream of the group), and a small dict of
+*overrides* where the client differs from it (withheld or kept resources, fresh subscriptions, reconnect
+versions not yet reconciled). On a new snapshot the diff base → current is computed once for the whole
+fan-out (`_Diffs`), filtered and framed once per subscription (`_Views`), and each stream only looks at that
+diff and its own overrides: CPU per stream and push is O(changed + overrides), memory per stream O(overrides).
+Streams sent the same change share one framed response, nonce included (`_View.framed`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.snapshots.snapshot import PUSH_ORDER, WILDCARD_TYPES, EncodedResource, Snapshot, TypeSnapshot, varint
+from controlplane.snapshots.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    WILDCARD_TYPES,
+    EncodedResource,
+    Snapshot,
+    TypeSnapshot,
+    varint,
+)
 from controlplane.xds.protocol import (
     Ack,
     Event,
@@ -47,9 +73,22 @@ from controlplane.xds.protocol import (
 WILDCARD = "*"
 # A client that never ACKs must not grow the stream's memory: older outstanding responses are forgotten.
 MAX_OUTSTANDING = 16
+# The "version" of a removal in a resource key, per snapshot version: a NACKed removal is not retried until
+# the type changes again (otherwise each request would re-send it, and each NACK ask for it again).
+REMOVAL = "removed:"
+# Types whose ACK means "nothing routes to a removed cluster any more" (make-before-break).
+_CLUSTER_USERS = (LISTENER, ROUTE)
 _RESOURCES_TAG = b"\x12"  # DeltaDiscoveryResponse.resources = 2, wire type 2
+_SYSTEM_VERSION_TAG = b"\x0a"  # DeltaDiscoveryResponse.system_version_info = 1
+_TYPE_URL_TAG = b"\x22"  # DeltaDiscoveryResponse.type_url = 4
+_NONCE_TAG = b"\x2a"  # DeltaDiscoveryResponse.nonce = 5
+_REMOVED_TAG = b"\x32"  # DeltaDiscoveryResponse.removed_resources = 6
 _NAME_TAG = b"\x1a"  # Resource.name = 3
 _VERSION_TAG = b"\x0a"  # Resource.version = 1
+_NO_OVERRIDES: Mapping[str, str | None] = MappingProxyType({})
+
+Holding = str | None
+"""The version of a resource a client holds, None when it holds none."""
 
 
 class RejectionMemory(RejectedVersions, Protocol):
@@ -68,6 +107,48 @@ class _Forgetful:
 
     def remember_rejected(self, node_id: str, type_url: str, version: str) -> None:
         pass
+
+
+class _Told:
+    """The (node, type) pairs a RejectionMemory was told a rejected resource of, by the Delta streams.
+
+    Resource keys reach a RejectionMemory only through `DeltaStream._reject` (the adapter records whole
+    type versions, which never look like `name@version`), so a node missing here rejected no resource of
+    the type, and a push need not ask the memory about each changed resource: O(1) instead of O(changed).
+    The memory may forget (it is bounded) and this does not, which only costs needless questions; past
+    LIMIT pairs it gives up and says "ask" for everyone.
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self.pairs: set[tuple[str, str]] = set()
+        self.saturated = False
+
+    def add(self, node_id: str, type_url: str) -> None:
+        if len(self.pairs) >= self.LIMIT:
+            self.saturated = True
+            self.pairs.clear()
+        if not self.saturated:
+            self.pairs.add((node_id, type_url))
+
+    def may_reject(self, node_id: str, type_url: str) -> bool:
+        return self.saturated or (node_id, type_url) in self.pairs
+
+
+_TOLD: weakref.WeakKeyDictionary[object, _Told] = weakref.WeakKeyDictionary()
+
+
+def _told(memory: object) -> _Told:
+    """The `_Told` shared by every stream of `memory`; one that always asks if it cannot be indexed."""
+    try:
+        told = _TOLD.get(memory)
+        if told is None:
+            told = _TOLD[memory] = _Told()
+    except TypeError:  # not hashable or not weakly referenceable
+        told = _Told()
+        told.saturated = True
+    return told
 
 
 def resource_key(name: str, version: str) -> str:
@@ -103,49 +184,284 @@ class _FramedResources:
             framed = self._entries[resource] = _frame_resource(resource)
         return framed
 
+    def body(self, resources: Iterable[EncodedResource]) -> bytes:
+        return b"".join(self.entry(r) for r in resources)
+
 
 _FRAMED = _FramedResources()
+
+
+def _string(tag: bytes, value: str) -> bytes:
+    data = value.encode()
+    return tag + varint(len(data)) + data if data else b""  # proto3 leaves an empty string out
+
+
+def frame_unsent(entries: bytes, version: str, type_url: str, removed: tuple[str, ...]) -> bytes:
+    """A DeltaDiscoveryResponse but its nonce: shared by every stream sent the same change, which only
+    appends its own nonce (`frame_nonce`); protobuf takes fields in any order."""
+    head = _string(_SYSTEM_VERSION_TAG, version) + _string(_TYPE_URL_TAG, type_url)
+    return b"".join((entries, head, *(_string(_REMOVED_TAG, n) for n in removed)))
+
+
+def frame_nonce(nonce: str) -> bytes:
+    return _string(_NONCE_TAG, nonce)
 
 
 def frame_delta_response(
     entries: bytes, version: str, type_url: str, nonce: str, removed: tuple[str, ...] = ()
 ) -> bytes:
-    """DeltaDiscoveryResponse bytes from pre-framed `resources` entries (protobuf takes fields in any order)."""
-    tail = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed
+    """DeltaDiscoveryResponse bytes from pre-framed `resources` entries, without a protobuf message."""
+    return frame_unsent(entries, version, type_url, removed) + frame_nonce(nonce)
+
+
+# ------------------------------------------------------------------------------- shared, per fan-out
+
+
+def _version_in(snapshot: TypeSnapshot | None, name: str) -> Holding:
+    resource = snapshot.resources.get(name) if snapshot is not None else None
+    return None if resource is None else resource.version
+
+
+class Diff(NamedTuple):
+    """How `current` differs from a base, by name (both in name order)."""
+
+    changed: tuple[str, ...]  # in current with another version than in the base, or not in the base
+    removed: tuple[str, ...]  # in the base, not in current
+
+
+def diff(base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
+    """The one O(resources) step of a push; `_DIFFS` runs it once per (base, current) for all streams."""
+    resources = current.resources
+    if base is None:
+        return Diff(tuple(resources), ())
+    if base is current:
+        return Diff((), ())
+    old = base.resources
+    changed = tuple(
+        n for n, r in resources.items() if (was := old.get(n)) is None or (was is not r and was.version != r.version)
     )
-    encoded: bytes = tail.SerializeToString()
-    return entries + encoded
+    return Diff(changed, tuple(n for n in old if n not in resources))
+
+
+class _Diffs:
+    """`diff` memoized by the identity of both snapshots: a fan-out computes it once, not once per stream.
+
+    Entries keep the snapshots they were computed from alive, so a recycled id() can never match.
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], tuple[TypeSnapshot | None, TypeSnapshot, Diff]] = {}
+        self.computed = 0  # how many diffs were actually computed (tests count work with it)
+
+    def diff(self, base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
+        key = (id(base), id(current))
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is base and hit[1] is current:
+            return hit[2]
+        self.computed += 1
+        result = diff(base, current)
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = (base, current, result)
+        return result
+
+
+_DIFFS = _Diffs()
+
+
+class _View:
+    """A diff as one subscription sees it: what to send and to remove, with the keys to check and the body.
+
+    Every stream with the same base, snapshot and subscription shares one view, so the resources, their
+    names, their rejection keys and the framed body (built on first use) exist once per fan-out.
+    """
+
+    __slots__ = ("_framed", "_unsent", "current", "keys", "names", "removed", "removed_keys", "resources")
+
+    def __init__(self, resources: tuple[EncodedResource, ...], removed: tuple[str, ...], current: TypeSnapshot) -> None:
+        self.resources = resources
+        self.names = tuple(r.name for r in resources)
+        self.keys = tuple(resource_key(r.name, r.version) for r in resources)
+        self.removed = removed
+        self.removed_keys = tuple(resource_key(n, REMOVAL + current.version) for n in removed)
+        self.current = current
+        self._unsent: bytes | None = None
+        self._framed: tuple[int, bytes] | None = None
+
+    @property
+    def unsent(self) -> bytes:
+        """The whole response but the nonce (`frame_unsent`), built on first use."""
+        if self._unsent is None:
+            current = self.current
+            body = _FRAMED.body(self.resources)
+            self._unsent = frame_unsent(body, current.version, current.type_url, self.removed)
+        return self._unsent
+
+    def framed(self, after: int) -> tuple[int, bytes]:
+        """The whole response under a nonce newer than `after`: one bytes object for a whole fan-out.
+
+        Envoy only echoes a nonce, so it need not be unique across streams, only increase per stream: a
+        stream whose last nonce is newer than the shared one gets a fresh one (and the next streams share it).
+        """
+        if self._framed is None or self._framed[0] <= after:
+            nonce = next(_NONCES)
+            self._framed = (nonce, self.unsent + frame_nonce(str(nonce)))
+        return self._framed
+
+
+_NONCES = itertools.count(1)  # process-wide, so that responses can be shared between streams
+
+
+def _view(base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None) -> _View:
+    """The view of `diff(base, current)` for a subscription (`wanted` None = wildcard)."""
+    resources = current.resources
+    if base is None and wanted is not None:  # a first answer: the subscription is usually the smaller side
+        names: Iterable[str] = sorted(n for n in wanted if n in resources)
+        removed: tuple[str, ...] = ()
+    else:
+        changes = _DIFFS.diff(base, current)
+        names, removed = changes.changed, changes.removed
+        if wanted is not None:
+            names = [n for n in names if n in wanted]
+            removed = tuple(n for n in removed if n in wanted)
+    return _View(tuple(resources[n] for n in names), removed, current)
+
+
+class _Views:
+    """`_view` memoized by identity (snapshots) and value (the interned subscription), like `_Diffs`."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[
+            tuple[int, int, frozenset[str] | None], tuple[TypeSnapshot | None, TypeSnapshot, _View]
+        ] = {}
+
+    def view(self, base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None) -> _View:
+        key = (id(base), id(current), wanted)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is base and hit[1] is current:
+            return hit[2]
+        result = _view(base, current, wanted)
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = (base, current, result)
+        return result
+
+
+_VIEWS = _Views()
+
+
+class _Interned:
+    """Canonical instances of equal subscriptions: every proxy of a group sends the same EDS/RDS names, so
+    their streams share one frozenset (bounded: a runaway variety only costs the sharing)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def intern(self, names: Iterable[str]) -> frozenset[str]:
+        names = frozenset(names)
+        known = self._sets.get(names)
+        if known is not None:
+            return known
+        if len(self._sets) >= self.LIMIT:
+            self._sets.clear()
+        names = frozenset(sys.intern(n) for n in names)
+        self._sets[names] = names
+        return names
+
+
+_SUBSCRIPTIONS = _Interned()
+_NOTHING = _SUBSCRIPTIONS.intern(())
+
+
+# ----------------------------------------------------------------------------------------- per stream
 
 
 class _Sent(NamedTuple):
-    """An outstanding response: what it changed in `held`, so a NACK can undo exactly that."""
+    """An outstanding response: what it carried, and what the client held before, so a NACK can undo it.
+
+    The tuples are usually the shared `_View`'s and `base` the shared snapshot: an outstanding response
+    costs a stream a few references, not a copy of what it changed.
+    """
 
     version: str
     at: float
-    keys: tuple[str, ...]  # resource_key of every resource it carried
-    previous: tuple[tuple[str, str | None], ...]  # name → version held before it (None = not held)
+    resources: tuple[EncodedResource, ...]
+    removed: tuple[str, ...]
+    base: TypeSnapshot | None  # held before = prior[name] if present, else base's version
+    prior: Mapping[str, Holding]
 
 
 @dataclass(slots=True)
 class DeltaTypeState:
-    """Everything the stream knows about one type URL."""
+    """Everything the stream knows about one type URL.
+
+    What the client holds of a name it wants is `overrides[name]` if present, else the version `base` has;
+    of a name it does not want, nothing.
+    """
 
     requested: bool = False
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)  # explicit subscriptions
-    held: dict[str, str] = field(default_factory=dict)  # what the client has: name → version
+    names: frozenset[str] = _NOTHING  # explicit subscriptions, interned (shared between streams)
+    base: TypeSnapshot | None = None
+    overrides: dict[str, Holding] = field(default_factory=dict)  # never shared: a `_Sent` keeps old ones
+    kept: frozenset[str] = _NOTHING  # CDS: removed clusters still held for make-before-break
     answered: bool = False  # a response was sent, or the client was found up to date (Resumed)
     outstanding: dict[str, _Sent] = field(default_factory=dict)  # nonce → response not yet ACKed/NACKed
     acked_version: str = ""
-    nacked: set[str] = field(default_factory=set)  # resource keys rejected on this stream
+    nacked: frozenset[str] = _NOTHING  # resource keys rejected on this stream
     withheld: str | None = None  # snapshot version last reported as Withheld, to report it once
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
 
     def subscription(self) -> frozenset[str] | None:
-        return None if self.wildcard else frozenset(self.names)
+        return None if self.wildcard else self.names
+
+    def holding(self, name: str) -> Holding:
+        if name in self.overrides:
+            return self.overrides[name]
+        return _version_in(self.base, name) if self.wants(name) else None
+
+    def hold(self, name: str, version: Holding) -> None:
+        """Record that the client holds `version` of `name` (None: nothing), as an override only if needed."""
+        if version == (_version_in(self.base, name) if self.wants(name) else None):
+            self.overrides.pop(name, None)
+        else:
+            self.overrides[name] = version
+
+    @property
+    def held(self) -> dict[str, str]:
+        """What the client holds, materialized: O(resources), for status, tests and rare transitions only."""
+        base = self.base.resources if self.base is not None else {}
+        out = {n: r.version for n, r in base.items() if self.wants(n)}
+        for name, version in self.overrides.items():
+            if version is None:
+                out.pop(name, None)
+            else:
+                out[name] = version
+        return out
+
+    def in_line_with(self, current: TypeSnapshot) -> bool:
+        """True when the client holds exactly `current` of everything it wants and nothing is in flight."""
+        base = self.base
+        return base is not None and base.version == current.version and not self.overrides and not self.outstanding
+
+
+class _Plan(NamedTuple):
+    """One stream's answer for a type: the resources and removals to send, framed but for the nonce."""
+
+    resources: tuple[EncodedResource, ...]
+    names: tuple[str, ...]
+    removed: tuple[str, ...]
+    unsent: bytes
+    blocked: bool  # something was withheld because this node rejected it
+    shared: _View | None  # the view the plan is exactly, whose framed response streams share
 
 
 class DeltaStream(StreamIdentity):
@@ -155,6 +471,7 @@ class DeltaStream(StreamIdentity):
         super().__init__()
         self.snapshot: Snapshot | None = None
         self._rejected: RejectionMemory = rejected if rejected is not None else _Forgetful()
+        self._told = _told(self._rejected)
         self._types: dict[str, DeltaTypeState] = {}
         self._last_nonce = 0
 
@@ -189,29 +506,44 @@ class DeltaStream(StreamIdentity):
     def _subscribe(
         self, type_url: str, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest, events: list[Event]
     ) -> None:
+        if state.requested and not request.resource_names_subscribe and not request.resource_names_unsubscribe:
+            return  # an ACK or NACK: nothing to rebuild
         before = state.subscription() if state.requested else ()
         subscribe = set(request.resource_names_subscribe)
+        unsubscribe = set(request.resource_names_unsubscribe)
         if not state.requested:
-            state.requested = True
-            # Legacy wildcard: Envoy opens CDS/LDS with an empty list, not "*" (reference §7.7).
-            state.wildcard = WILDCARD in subscribe or (type_url in WILDCARD_TYPES and not subscribe)
-            state.held = dict(request.initial_resource_versions)
-            state.names.update(n for n in state.held if not state.wildcard)
-        elif WILDCARD in subscribe:
+            self._open(type_url, state, request, subscribe)
+        elif WILDCARD in subscribe and not state.wildcard:
+            # Every name becomes wanted, and a name the base has must not count as held: drop the base.
+            state.overrides, state.base = dict(state.held), None
             state.wildcard = True
         subscribe.discard(WILDCARD)
-        state.names |= subscribe
-        for name in request.resource_names_unsubscribe:
-            if name == WILDCARD:
-                state.wildcard = False
-                state.held = {n: v for n, v in state.held.items() if n in state.names}
-            else:
-                state.names.discard(name)
-                if not state.wildcard:
-                    state.held.pop(name, None)  # Envoy drops what it unsubscribes from
+        fresh = [n for n in subscribe if not state.wants(n)]
+        if WILDCARD in unsubscribe:
+            state.wildcard = False
+        names = (state.names | subscribe) - unsubscribe
+        if names != state.names:
+            state.names = _SUBSCRIPTIONS.intern(names)
+        for name in fresh:
+            state.hold(name, None)  # a new subscription is not held, whatever the base has
+        for name in [n for n in state.overrides if not state.wants(n)]:
+            del state.overrides[name]  # Envoy drops what it unsubscribes from
         after = state.subscription()
         if after != before:
             events.append(Subscribed(type_url, after))
+
+    @staticmethod
+    def _open(
+        type_url: str, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest, subscribe: set[str]
+    ) -> None:
+        """The first request of a type: wildcard or not, and what a reconnecting client already holds."""
+        state.requested = True
+        # Legacy wildcard: Envoy opens CDS/LDS with an empty list, not "*" (reference §7.7).
+        state.wildcard = WILDCARD in subscribe or (type_url in WILDCARD_TYPES and not subscribe)
+        initial = request.initial_resource_versions
+        state.overrides = {sys.intern(n): v for n, v in initial.items()}
+        if not state.wildcard:
+            subscribe.update(initial)
 
     def _answer(
         self,
@@ -232,16 +564,24 @@ class DeltaStream(StreamIdentity):
             state.acked_version = sent.version
             events.append(Ack(type_url, sent.version, nonce, latency))
             return
-        for key in sent.keys:
-            state.nacked.add(key)
-            self._rejected.remember_rejected(self.node_id, type_url, key)
-        for name, version in sent.previous:  # the client did not take them: it holds what it had
-            if version is None:
-                state.held.pop(name, None)
-            else:
-                state.held[name] = version
+        self._reject(type_url, state, sent)
         detail = request.error_detail
         events.append(Nack(type_url, sent.version, nonce, state.acked_version, detail.message, detail.code, latency))
+
+    def _reject(self, type_url: str, state: DeltaTypeState, sent: _Sent) -> None:
+        """A NACK: remember what the response carried as rejected; the client still holds what it had."""
+        keys = [resource_key(r.name, r.version) for r in sent.resources]
+        keys += [resource_key(n, REMOVAL + sent.version) for n in sent.removed]
+        state.nacked = state.nacked.union(keys)
+        self._told.add(self.node_id, type_url)
+        for key in keys:
+            self._rejected.remember_rejected(self.node_id, type_url, key)
+        undo = [(r.name, r.version) for r in sent.resources] + [(n, None) for n in sent.removed]
+        for name, version in undo:
+            # Not if a later response changed it again, or it was unsubscribed since.
+            if state.wants(name) and state.holding(name) == version:
+                previous = sent.prior[name] if name in sent.prior else _version_in(sent.base, name)
+                state.hold(name, previous)
 
     # -- deciding what to send
 
@@ -251,70 +591,174 @@ class DeltaStream(StreamIdentity):
             return Output((), tuple(events))
         responses: list[Response] = []
         for type_url in PUSH_ORDER:
-            state = self._types.get(type_url)
-            current = snapshot.types.get(type_url)
-            if state is None or not state.requested or current is None:
-                continue
-            response = self._respond(type_url, state, current, now, events)
-            if response is not None:
-                responses.append(response)
+            self._update(type_url, snapshot, now, events, responses)
+        cds = self._types.get(CLUSTER)
+        if cds is not None and cds.kept and self._users_settled():
+            # The listeners and routes needed nothing: the kept clusters (and endpoints) can go at once.
+            for type_url in (CLUSTER, ENDPOINT):
+                self._update(type_url, snapshot, now, events, responses)
         return Output(tuple(responses), tuple(events))
+
+    def _update(
+        self, type_url: str, snapshot: Snapshot, now: float, events: list[Event], responses: list[Response]
+    ) -> None:
+        state = self._types.get(type_url)
+        current = snapshot.types.get(type_url)
+        if state is None or not state.requested or current is None:
+            return
+        response = self._respond(type_url, state, current, now, events)
+        if response is not None:
+            responses.append(response)
 
     def _respond(
         self, type_url: str, state: DeltaTypeState, current: TypeSnapshot, now: float, events: list[Event]
     ) -> Response | None:
-        resources = current.resources
-        wanted: Mapping[str, EncodedResource] | list[str] = resources if state.wildcard else sorted(state.names)
-        changed: list[EncodedResource] = []
-        blocked = False
-        for name in wanted:
-            resource = resources.get(name)
-            if resource is None or state.held.get(name) == resource.version:
-                continue
-            if self._is_rejected(type_url, state, name, resource.version):
-                blocked = True
-            else:
-                changed.append(resource)
-        removed = tuple(sorted(n for n in state.held if n not in resources and state.wants(n)))
-        if blocked and state.withheld != current.version:
+        base = state.base
+        if state.answered and not state.overrides and base is not None and base.version == current.version:
+            state.base = current  # the fast path of a fan-out: nothing this type has changed
+            return None
+        # An empty first answer is still sent: Envoy's initialisation waits for CDS/LDS to answer.
+        before = state.overrides
+        empty_handed = not state.answered and base is None and all(v is None for v in before.values())
+        plan = self._reconcile(type_url, state, current)
+        if plan.blocked and state.withheld != current.version:
             state.withheld = current.version
             events.append(Withheld(type_url, current.version))
-        if changed or removed or (not state.answered and not state.held):
-            # An empty first answer is still sent: Envoy's initialisation waits for CDS/LDS to answer.
-            return self._send(type_url, state, current.version, changed, removed, now)
+        if plan.resources or plan.removed or empty_handed:
+            # `before` is kept only once replaced: the state's own dict changes in place.
+            prior = before if before is not state.overrides else _NO_OVERRIDES
+            return self._send(
+                type_url, state, _Sent(current.version, now, plan.resources, plan.removed, base, prior), plan
+            )
         if not state.answered:
             state.answered = True
             state.acked_version = current.version
             events.append(Resumed(type_url, current.version))
         return None
 
-    def _is_rejected(self, type_url: str, state: DeltaTypeState, name: str, version: str) -> bool:
-        key = resource_key(name, version)
-        return key in state.nacked or self._rejected.is_rejected(self.node_id, type_url, key)
+    def _reconcile(self, type_url: str, state: DeltaTypeState, current: TypeSnapshot) -> _Plan:
+        """Decide what to send, looking only at the shared diff and this stream's overrides, and rebase."""
+        view = _VIEWS.view(state.base, current, state.subscription())
+        keep = self._keeper(type_url, state, view)
+        if not state.overrides and keep is None and not self._any_rejected(type_url, state, view):
+            state.base = current
+            state.kept = _NOTHING
+            return _Plan(view.resources, view.names, view.removed, view.unsent, False, view)
+        return self._reconcile_each(type_url, state, current, view, keep or _keeps_nothing)
 
-    def _send(
+    def _reconcile_each(
         self,
         type_url: str,
         state: DeltaTypeState,
-        version: str,
-        changed: list[EncodedResource],
-        removed: tuple[str, ...],
-        now: float,
-    ) -> Response:
-        self._last_nonce += 1
-        nonce = str(self._last_nonce)
-        held = state.held
-        previous = tuple((r.name, held.get(r.name)) for r in changed)
-        previous += tuple((n, held[n]) for n in removed)
-        for resource in changed:
-            held[resource.name] = resource.version
-        for name in removed:
-            del held[name]
-        keys = tuple(resource_key(r.name, r.version) for r in changed)
-        state.outstanding[nonce] = _Sent(version, now, keys, previous)
+        current: TypeSnapshot,
+        view: _View,
+        keep: Callable[[str], bool],
+    ) -> _Plan:
+        """The general case, name by name: the view's names not overridden, then the overrides."""
+        overrides, base, resources = state.overrides, state.base, current.resources
+        send: list[EncodedResource] = []
+        removed: list[str] = []
+        after: dict[str, Holding] = {}  # the overrides against `current`: what the client keeps of its own
+        kept: list[str] = []
+
+        def settle(name: str, held: Holding, resource: EncodedResource | None) -> None:
+            if resource is not None:
+                if self._rejected_version(type_url, state, name, resource.version):
+                    after[name] = held
+                else:
+                    send.append(resource)
+            elif keep(name):
+                after[name] = held
+                kept.append(name)
+            elif self._rejected_version(type_url, state, name, REMOVAL + current.version):
+                after[name] = held
+            else:
+                removed.append(name)
+
+        for resource in view.resources:
+            if resource.name not in overrides:
+                settle(resource.name, _version_in(base, resource.name), resource)
+        for name in view.removed:
+            if name not in overrides:
+                settle(name, _version_in(base, name), None)
+        for name, held in overrides.items():
+            wanted = resources.get(name)
+            if (wanted.version if wanted is not None else None) != held:
+                settle(name, held, wanted)
+        if overrides or after:
+            state.overrides = after
+        state.base = current
+        state.kept = frozenset(kept) if kept else _NOTHING
+        blocked = len(after) > len(kept)
+        if not overrides and len(send) == len(view.resources) and len(removed) == len(view.removed):
+            return _Plan(view.resources, view.names, view.removed, view.unsent, blocked, view)
+        send.sort(key=lambda r: r.name)
+        gone = tuple(sorted(removed))
+        unsent = frame_unsent(_FRAMED.body(send), current.version, current.type_url, gone)
+        return _Plan(tuple(send), tuple(r.name for r in send), gone, unsent, blocked, None)
+
+    def _keeper(self, type_url: str, state: DeltaTypeState, view: _View) -> Callable[[str], bool] | None:
+        """Which removals to hold back (make-before-break), or None when nothing is.
+
+        CDS keeps every removed cluster while the client may still route to it; EDS keeps the endpoints of
+        the clusters CDS keeps (this stream's CDS was planned first, in PUSH_ORDER).
+        """
+        if type_url == CLUSTER:
+            unsettled = (view.removed or state.overrides) and not self._users_settled()
+            return _keeps_everything if unsettled else None
+        cds = self._types.get(CLUSTER)
+        if type_url == ENDPOINT and cds is not None and cds.kept:
+            return cds.kept.__contains__
+        return None
+
+    def _users_settled(self) -> bool:
+        """False while the client may still route by older listeners/routes than the snapshot's.
+
+        A NACKed current version counts as unsettled: Envoy keeps the previous listeners and routes (held as
+        overrides here), which may still point at the clusters being removed.
+        """
+        snapshot = self.snapshot
+        if snapshot is None:
+            return True
+        for type_url in _CLUSTER_USERS:
+            state = self._types.get(type_url)
+            current = snapshot.types.get(type_url)
+            if state is not None and state.requested and current is not None and not state.in_line_with(current):
+                return False
+        return True
+
+    def _any_rejected(self, type_url: str, state: DeltaTypeState, view: _View) -> bool:
+        """O(1) for a node that never rejected a resource of the type, else O(changed)."""
+        if not state.nacked and not self._told.may_reject(self.node_id, type_url):
+            return False
+        rejected = functools.partial(self._rejected.is_rejected, self.node_id, type_url)
+        for keys in (view.keys, view.removed_keys):
+            if not state.nacked.isdisjoint(keys) or any(map(rejected, keys)):
+                return True
+        return False
+
+    def _rejected_version(self, type_url: str, state: DeltaTypeState, name: str, version: str) -> bool:
+        key = resource_key(name, version)
+        return key in state.nacked or self._rejected.is_rejected(self.node_id, type_url, key)
+
+    def _send(self, type_url: str, state: DeltaTypeState, sent: _Sent, plan: _Plan) -> Response:
+        if plan.shared is not None:
+            number, data = plan.shared.framed(self._last_nonce)
+        else:
+            number = next(_NONCES)
+            data = plan.unsent + frame_nonce(str(number))
+        self._last_nonce = number
+        nonce = str(number)
+        state.outstanding[nonce] = sent
         if len(state.outstanding) > MAX_OUTSTANDING:
             del state.outstanding[next(iter(state.outstanding))]
         state.answered = True
-        entries = b"".join(_FRAMED.entry(r) for r in changed)
-        data = frame_delta_response(entries, version, type_url, nonce, removed)
-        return Response(type_url, version, nonce, data, tuple(r.name for r in changed))
+        return Response(type_url, sent.version, nonce, data, plan.names)
+
+
+def _keeps_everything(name: str) -> bool:
+    return True
+
+
+def _keeps_nothing(name: str) -> bool:
+    return False
