@@ -320,7 +320,7 @@ def test_nonces_are_unique_and_increasing_across_types_and_pushes() -> None:
     stream, sent = started()
     nonces = [int(r.nonce) for r in sent.values()]
     out = stream.set_snapshot(snap(clusters={"backend": "v2"}, routes={"local_route": "v2"}), 0.0)
-    nonces += [int(r.nonce) for r in out.responses]
+    nonces += [int(r.nonce) for r in (*out.responses, *warm(stream, out))]
     assert nonces == sorted(nonces) and len(set(nonces)) == len(nonces) == 7
 
 
@@ -552,12 +552,26 @@ def test_push_does_not_wait_for_the_previous_ack() -> None:
 # ----------------------------------------------------------------------------------- rule 5: push order
 
 
+def warm(stream: AdsStream, out: Output) -> list[Response]:
+    """ACK the CDS and EDS responses of `out` as Envoy does once the clusters are warm; returns what follows."""
+    followed: list[Response] = []
+    for response in out.responses:
+        if response.type_url == CLUSTER:
+            followed += ack(stream, response).responses
+        elif response.type_url == ENDPOINT:
+            followed += ack(stream, response, ["backend"]).responses
+    return followed
+
+
 def test_push_order_and_only_changed_types() -> None:
     stream, _ = started()
     out = stream.set_snapshot(
         snap(clusters={"backend": "v2"}, endpoints={"backend": "v2"}, routes={"local_route": "v2"}), 0.0
     )
-    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, ROUTE]
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT]
+    routes = warm(stream, out)
+    assert [r.type_url for r in routes] == [ROUTE]
+    ack(stream, routes[0], ["local_route"])
     out = stream.set_snapshot(
         snap(
             clusters={"backend": "v3"},
@@ -567,7 +581,29 @@ def test_push_order_and_only_changed_types() -> None:
         ),
         0.0,
     )
-    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT]
+    assert [r.type_url for r in warm(stream, out)] == [LISTENER, ROUTE]
+
+
+def test_routes_wait_until_the_clusters_they_use_are_warm() -> None:
+    """Envoy applies routes at once but serves a new cluster only once its endpoints came: a route moved to
+    it earlier answers 503. So listeners and routes follow the ACKs of CDS and of the endpoints it led to."""
+    stream, _ = two_cluster_stream()
+    new = snap(clusters=("backend", "old", "new"), routes={"local_route": "uses-new"})
+    cds, eds = stream.set_snapshot(new, 0.0).responses
+    assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)
+    # Envoy subscribes to the new cluster's endpoints in its ACK of the endpoints, then ACKs CDS.
+    eds2 = one(ack(stream, eds, ["backend", "old", "new"]))
+    assert decode(eds2)[1] == ["backend", "new", "old"]
+    assert ack(stream, cds).responses == ()  # the new cluster's endpoints are still in flight
+    rds = one(ack(stream, eds2, ["backend", "old", "new"]))
+    assert rds.type_url == ROUTE and rds.version == new.version(ROUTE)
+
+
+def test_a_change_touching_no_cluster_is_not_delayed() -> None:
+    stream, _ = started()
+    out = stream.set_snapshot(snap(routes={"local_route": "v2"}), 0.0)
+    assert [r.type_url for r in out.responses] == [ROUTE]
 
 
 # ------------------------------------------------------------------------ rule 6: make-before-break (CDS)
@@ -593,8 +629,8 @@ def test_removed_cluster_is_kept_until_listeners_and_routes_are_acked() -> None:
     stream, before = two_cluster_stream()
     new = snap(clusters=("backend", "new"), routes={"local_route": "uses-new"}, listeners={"listener_0": "v2"})
     out = stream.set_snapshot(new, 0.0)
-    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
-    union, eds, lds, rds = out.responses
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT]  # routes wait for warm clusters
+    union, eds = out.responses
     assert union.version == new.version(CLUSTER) + KEEP_SUFFIX
     assert union.version not in (new.version(CLUSTER), before[CLUSTER].version)
     assert decode(union)[1] == ["backend", "new", "old"]
@@ -604,7 +640,9 @@ def test_removed_cluster_is_kept_until_listeners_and_routes_are_acked() -> None:
     assert decode(eds)[1] == ["backend"]  # EDS follows CDS: no keep there
 
     assert ack(stream, union).responses == ()
-    assert ack(stream, eds, ["backend", "old", "new"]).responses[0].type_url == ENDPOINT  # names grew
+    eds2 = one(ack(stream, eds, ["backend", "old", "new"]))  # names grew: the new cluster's endpoints
+    assert eds2.type_url == ENDPOINT
+    lds, rds = ack(stream, eds2, ["backend", "old", "new"]).responses  # warm: listeners and routes follow
     assert ack(stream, lds).responses == ()  # routes not yet ACKed: keep holding
     final = one(ack(stream, rds, ["local_route"]))
     assert (final.type_url, final.version) == (CLUSTER, new.version(CLUSTER))
@@ -639,10 +677,10 @@ def test_newer_snapshot_during_keep_recomputes_the_union() -> None:
     assert decode(union2)[1] == ["backend", "c", "old"]
     s3 = snap(clusters=("backend",), routes={"local_route": "r3"})
     out = stream.set_snapshot(s3, 0.0)
-    union3, rds3 = out.responses[0], out.responses[-1]
+    union3 = out.responses[0]
     assert union3.version == s3.version(CLUSTER) + KEEP_SUFFIX
     assert decode(union3)[1] == ["backend", "c", "old"]  # old still held by the client, c newly removed
-    ack(stream, union3)
+    (rds3,) = warm(stream, out)
     final = one(ack(stream, rds3, ["local_route"]))
     assert decode(final)[1] == ["backend"] and final.version == s3.version(CLUSTER)
 
@@ -659,8 +697,10 @@ def test_newer_snapshot_restoring_the_cluster_ends_the_keep() -> None:
 def test_keep_is_held_while_the_new_listener_is_nacked() -> None:
     stream, sent = two_cluster_stream()
     new = snap(clusters=("backend",), listeners={"listener_0": "bad"}, routes={"local_route": "uses-old"})
-    union, _, lds = stream.set_snapshot(new, 0.0).responses
+    out = stream.set_snapshot(new, 0.0)
+    union = out.responses[0]
     assert union.version.endswith(KEEP_SUFFIX)
+    (lds,) = warm(stream, out)
     out = stream.receive(req(LISTENER, version=sent[LISTENER].version, nonce=lds.nonce, error="bad"), 0.0)
     assert out.responses == ()  # the old listener may still use "old"
     fixed = snap(clusters=("backend",), listeners={"listener_0": "fixed"}, routes={"local_route": "uses-old"})
@@ -673,8 +713,9 @@ def test_keep_is_held_while_the_new_listener_is_nacked() -> None:
 def test_nacked_union_still_gets_the_final_version() -> None:
     stream, sent = two_cluster_stream()
     new = snap(clusters=("backend",), routes={"local_route": "r2"})
-    union, _, rds = stream.set_snapshot(new, 0.0).responses
+    union, eds = stream.set_snapshot(new, 0.0).responses
     stream.receive(req(CLUSTER, version=sent[CLUSTER].version, nonce=union.nonce, error="no"), 0.0)
+    rds = one(ack(stream, eds, ["backend"]))  # a NACK answers the clusters too: routes are not held forever
     final = one(ack(stream, rds, ["local_route"]))
     assert final.version == new.version(CLUSTER)
 

@@ -221,10 +221,14 @@ async def test_snapshot_change_reaches_only_streams_of_that_group(plane: Plane) 
         await envoy.ack(rds, ["local_route"])
     await b.barrier(["backend", "other"])  # b got nothing from fan-a's change
 
-    # Push order within one change: CDS, EDS, LDS, RDS, and only what changed.
+    # Push order within one change: CDS, EDS, then (once both are ACKed: warm) LDS, RDS; only what changed.
     plane.cache.set(snap("fan-a", "v3", clusters=("backend", "extra")))
-    order = [(await a1.recv()).type_url for _ in range(4)]
-    assert order == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+    cds, eds = await a1.recv(), await a1.recv()
+    assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)
+    await a1.ack(cds)
+    await a1.ack(eds, ["backend"])
+    order = [(await a1.recv()).type_url for _ in range(2)]
+    assert order == [LISTENER, ROUTE]
     for envoy in (a1, a2, b):
         envoy.call.cancel()
 
@@ -259,9 +263,10 @@ async def test_nack_is_logged_recorded_and_never_resent_even_after_reconnect(
     rejecting = sample("controlplane_xds_proxies_rejecting", type="lds")
 
     plane.cache.set(snap(group, "bad-listener", route_tag="v1", clusters=("backend",)))
-    pushed = [await envoy.recv() for _ in range(2)]  # CDS (alt_stat_name changed) and LDS
-    lds = pushed[-1]
-    assert lds.type_url == LISTENER
+    cds = await envoy.recv()  # alt_stat_name changed; the listener follows its ACK (warming)
+    await envoy.ack(cds)
+    lds = await envoy.recv()
+    assert (cds.type_url, lds.type_url) == (CLUSTER, LISTENER)
     huge = "Error adding/updating listener(s) listener_0: " + "x" * 20_000
     await envoy.send(LISTENER, version=got[LISTENER].version_info, nonce=lds.nonce, error=huge)
 
@@ -291,7 +296,8 @@ async def test_nack_is_logged_recorded_and_never_resent_even_after_reconnect(
 
     # A fixed listener is a new version and is pushed; its ACK clears the NACK state.
     plane.cache.set(snap(group, "fixed", route_tag="v1"))
-    fixed = [await again.recv() for _ in range(2)][-1]
+    await again.ack(await again.recv())  # CDS first
+    fixed = await again.recv()
     assert fixed.type_url == LISTENER
     await again.ack(fixed)
     await eventually(

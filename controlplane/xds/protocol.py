@@ -15,7 +15,9 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
   and never when this node NACKed it (also on an earlier stream: see `RejectedVersions`);
 * a reconnecting client that already holds the current version gets nothing (versions are content hashes);
 * clusters that a new snapshot removes are kept (make-before-break) until the listeners and routes of that
-  snapshot are ACKed, so no route points at a cluster Envoy already dropped.
+  snapshot are ACKed, so no route points at a cluster Envoy already dropped;
+* listeners and routes wait while a cluster or endpoint response is unanswered (rule 7), so no route points
+  at a cluster Envoy is still warming.
 """
 
 from __future__ import annotations
@@ -512,10 +514,26 @@ class AdsStream(StreamIdentity):
             if state.sent_version is None and state.client_version == current.version:
                 self._resume(type_url, state, current, events)
                 continue
+            if type_url in _CLUSTER_USERS and state.sent_version is not None and self._warming():
+                continue  # an update, not a first answer: sent when the clusters' ACKs arrive (they run _plan)
             response = self._respond(type_url, state, current, now, events)
             if response is not None:
                 responses.append(response)
         return Output(tuple(responses), tuple(events))
+
+    def _warming(self) -> bool:
+        """True while a CDS or EDS response is unanswered: new listeners and routes wait for it (warming).
+
+        Envoy applies a route as soon as it arrives, but a new cluster serves only once its endpoints came
+        (warming): a route moved to it before that answers 503. Envoy subscribes to a new cluster's
+        endpoints before it ACKs the clusters, so "both ACKed" means warm, and a client that ACKs without
+        subscribing is not held up. A change that touches no cluster is not delayed at all, nor is the first
+        answer to a listener or route request: Envoy asks for those only once its clusters are initialised.
+        """
+        return any(
+            state is not None and state.requested and state.awaiting
+            for state in (self._types.get(CLUSTER), self._types.get(ENDPOINT))
+        )
 
     def _resume(self, type_url: str, state: TypeState, current: TypeSnapshot, events: list[Event]) -> None:
         """Rule 4: the client already holds this version; act as if we had sent it and it was ACKed."""
