@@ -324,19 +324,34 @@ def respond(stream: DeltaStream, response: discovery_pb2.DeltaDiscoveryResponse,
     return stream.receive(request(response.type_url, response_nonce=response.nonce, **fields), 0.0)
 
 
+def warm_swap(stream: DeltaStream, snapshot: Snapshot) -> discovery_pb2.DeltaDiscoveryResponse:
+    """Push `snapshot` moving route "r" to the new cluster "b", as Envoy goes through it: CDS, the new cluster's
+    endpoints, both ACKed (the cluster is warm); returns the RDS response that follows only then, unACKed."""
+    (cds,) = decode(stream.set_snapshot(snapshot, 1.0))
+    assert cds.type_url == CLUSTER and "b" in held(cds)
+    (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["b"]), 0.0))
+    assert list(held(eds)) == ["b"]
+    assert respond(stream, cds).responses == ()
+    (rds,) = decode(respond(stream, eds))
+    assert rds.type_url == ROUTE and list(held(rds)) == ["r"]
+    return rds
+
+
 def test_a_swapped_cluster_is_removed_only_after_the_new_routes_are_acked() -> None:
     stream = envoy(gateway({"a": "1"}, "a"), ["a"])
     pushed = stream.set_snapshot(gateway({"b": "1"}, "b"), 1.0)
-    assert [r.type_url for r in pushed.responses] == [CLUSTER, ROUTE]  # CDS first; the listener is unchanged
-    responses = by_type(pushed)
-    cds, rds = responses[CLUSTER], responses[ROUTE]
+    assert [r.type_url for r in pushed.responses] == [CLUSTER]  # the routes wait for "b" to be warm
+    (cds,) = decode(pushed)
     assert list(held(cds)) == ["b"] and list(cds.removed_resources) == []
-    assert list(held(rds)) == ["r"]
-    assert removals(respond(stream, cds)) == {}
-    # Envoy asks for the new cluster's endpoints; the old ones stay while the cluster does.
+    # Envoy asks for the new cluster's endpoints (before it ACKs CDS); the old ones stay while the cluster does.
     (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["b"]), 0.0))
     assert list(held(eds)) == ["b"] and list(eds.removed_resources) == []
-    assert removals(respond(stream, eds)) == {}
+    assert respond(stream, cds).responses == ()  # "b"'s endpoints are still in flight: not warm yet
+    warm = respond(stream, eds)
+    assert [r.type_url for r in warm.responses] == [ROUTE]  # the listener is unchanged
+    assert removals(warm) == {}
+    (rds,) = decode(warm)
+    assert list(held(rds)) == ["r"]
     released = respond(stream, rds)
     assert [r.type_url for r in released.responses] == [CLUSTER, ENDPOINT]
     assert removals(released) == {CLUSTER: ["a"], ENDPOINT: ["a"]}
@@ -346,17 +361,16 @@ def test_a_swapped_cluster_is_removed_only_after_the_new_routes_are_acked() -> N
 
 def test_a_nacked_route_keeps_the_removed_cluster_until_a_fixed_one_is_acked() -> None:
     stream = envoy(gateway({"a": "1"}, "a"), ["a"])
-    responses = by_type(stream.set_snapshot(gateway({"b": "1"}, "b"), 1.0))
-    respond(stream, responses[CLUSTER])
-    nacked = respond(stream, responses[ROUTE], error_detail={"code": 13, "message": "bad route"})
+    rds = warm_swap(stream, gateway({"b": "1"}, "b"))
+    nacked = respond(stream, rds, error_detail={"code": 13, "message": "bad route"})
     assert removals(nacked) == {}
     state = stream.type_state(CLUSTER)
     assert state is not None and set(state.held) == {"a", "b"} and state.kept == {"a"}
     # Unrelated requests do not release it either: Envoy still routes by the old route to "a".
-    assert removals(stream.receive(request(ENDPOINT, resource_names_subscribe=["b"]), 0.0)) == {}
+    assert removals(stream.receive(request(ENDPOINT, resource_names_subscribe=["c"]), 0.0)) == {}
     # A newer snapshot that leaves the rejected route as it is does not release it...
     assert removals(stream.set_snapshot(gateway({"b": "1"}, "b", {"extra": "b"}), 2.0)) == {}
-    # ...a fixed route does, once ACKed.
+    # ...a fixed route does, once ACKed (no cluster changes: it is not held back).
     fixed = by_type(stream.set_snapshot(gateway({"b": "1"}, "b", host="fixed"), 3.0))
     assert set(fixed) == {ROUTE} and list(held(fixed[ROUTE])) == ["r"]
     assert removals(respond(stream, fixed[ROUTE])) == {CLUSTER: ["a"], ENDPOINT: ["a"]}
@@ -364,11 +378,14 @@ def test_a_nacked_route_keeps_the_removed_cluster_until_a_fixed_one_is_acked() -
 
 def test_a_newer_snapshot_restoring_the_cluster_cancels_its_removal() -> None:
     stream = envoy(gateway({"a": "1"}, "a"), ["a"])
-    responses = by_type(stream.set_snapshot(gateway({"b": "1"}, "b"), 1.0))
+    (cds,) = decode(stream.set_snapshot(gateway({"b": "1"}, "b"), 1.0))
+    (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["b"]), 0.0))
     restored = stream.set_snapshot(gateway({"a": "1", "b": "1"}, "b"), 2.0)
-    assert removals(restored) == {} and CLUSTER not in by_type(restored)  # the client still holds "a"
-    outputs = [respond(stream, responses[CLUSTER]), respond(stream, responses[ROUTE])]
-    assert all(removals(o) == {} for o in outputs)
+    assert restored.responses == ()  # the client still holds "a"; the routes still wait for "b"
+    assert respond(stream, cds).responses == ()
+    warm = respond(stream, eds)
+    assert removals(warm) == {} and set(by_type(warm)) == {ROUTE}
+    assert removals(respond(stream, by_type(warm)[ROUTE])) == {}
     state = stream.type_state(CLUSTER)
     assert state is not None and set(state.held) == {"a", "b"} and not state.kept and not state.overrides
 
@@ -397,3 +414,93 @@ def test_hand_framed_responses_parse_as_the_message_protobuf_would_build() -> No
         )
         expected.resources.add(name="a", version=resource.version).resource.ParseFromString(resource.any_bytes)
         assert discovery_pb2.DeltaDiscoveryResponse.FromString(data) == expected
+
+
+# --- warming: listeners and routes wait for the clusters they use ----------------------------------
+
+
+def test_routes_wait_until_the_clusters_they_use_are_warm() -> None:
+    """Envoy applies routes at once but serves a new cluster only once its endpoints came: a route moved to
+    it earlier answers 503. So listener and route updates follow the ACKs of CDS and of the endpoints it led to."""
+    stream = envoy(gateway({"a": "1"}, "a"), ["a"])
+    new = gateway({"a": "1", "b": "1"}, "b")
+    (cds,) = decode(stream.set_snapshot(new, 1.0))  # "a"'s endpoints are unchanged: CDS alone
+    assert cds.type_url == CLUSTER and list(held(cds)) == ["b"]
+    # Envoy warms "b": it subscribes to its endpoints (an empty-nonce request), then ACKs CDS.
+    (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["b"]), 0.0))
+    assert eds.type_url == ENDPOINT and list(held(eds)) == ["b"]
+    assert respond(stream, cds).responses == ()  # the new cluster's endpoints are still in flight
+    (rds,) = decode(respond(stream, eds))
+    assert rds.type_url == ROUTE and rds.system_version_info == new.version(ROUTE) and list(held(rds)) == ["r"]
+    assert respond(stream, rds).responses == ()
+    state = stream.type_state(ROUTE)
+    assert state is not None and state.in_line_with(new.types[ROUTE])
+
+
+def test_routes_wait_for_the_endpoints_even_when_they_are_acked_first() -> None:
+    stream = envoy(gateway({"a": "1"}, "a"), ["a"])
+    (cds,) = decode(stream.set_snapshot(gateway({"a": "1", "b": "1"}, "b"), 1.0))
+    (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["b"]), 0.0))
+    assert respond(stream, eds).responses == ()  # CDS is still unanswered
+    assert [r.type_url for r in respond(stream, cds).responses] == [ROUTE]
+
+
+def test_a_change_touching_no_cluster_is_not_delayed() -> None:
+    stream = envoy(gateway({"a": "1"}, "a"), ["a"])
+    pushed = stream.set_snapshot(gateway({"a": "1"}, "a", host="w"), 1.0)
+    assert [r.type_url for r in pushed.responses] == [ROUTE]
+
+
+def test_envoy_startup_answers_first_listener_and_route_requests_at_once() -> None:
+    """§2: Envoy asks for listeners after its CDS ACK, while the endpoints are still unACKed, and for routes
+    while the listener is unACKed. A first answer is never held (Envoy's initialisation waits for it)."""
+    snapshot = gateway({"a": "1"}, "a")
+    stream = DeltaStream()
+    stream.set_snapshot(snapshot, 0.0)
+    (cds,) = decode(stream.receive(request(CLUSTER), 0.0))
+    (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["a"]), 0.0))
+    assert respond(stream, cds).responses == ()
+    (lds,) = decode(stream.receive(request(LISTENER), 0.0))  # EDS still outstanding
+    assert lds.type_url == LISTENER and list(held(lds)) == ["l"]
+    assert respond(stream, eds).responses == ()
+    (rds,) = decode(stream.receive(request(ROUTE, resource_names_subscribe=["r"]), 0.0))
+    assert rds.type_url == ROUTE and list(held(rds)) == ["r"]
+    assert respond(stream, lds).responses == () and respond(stream, rds).responses == ()
+
+
+def test_a_reconnect_answers_every_first_request_at_once() -> None:
+    """§2: on reconnect the four initial requests arrive together; listeners and routes the client holds an
+    older version of are sent at once, even though the clusters and endpoints are being updated too."""
+    old, new = gateway({"a": "1"}, "a"), gateway({"a": "2"}, "a", host="w")
+    versions = {t: {n: r.version for n, r in old.types[t].resources.items()} for t in old.types}
+    versions[LISTENER] = {"l": "older"}
+    stream = DeltaStream()
+    stream.set_snapshot(new, 0.0)
+    sent = []
+    for type_url, names in ((CLUSTER, []), (ENDPOINT, ["a"]), (LISTENER, []), (ROUTE, ["r"])):
+        initial = request(type_url, resource_names_subscribe=names, initial_resource_versions=versions[type_url])
+        sent += decode(stream.receive(initial, 0.0))
+    assert [(r.type_url, list(held(r))) for r in sent] == [
+        (CLUSTER, ["a"]),
+        (ENDPOINT, ["a"]),
+        (LISTENER, ["l"]),
+        (ROUTE, ["r"]),
+    ]
+
+
+def test_a_nacked_cluster_update_releases_the_routes() -> None:
+    """A NACK answers the clusters too: the routes are not held forever (Envoy kept its old clusters)."""
+    stream = envoy(gateway({"a": "1"}, "a"), ["a"])
+    (cds,) = decode(stream.set_snapshot(gateway({"a": "1", "b": "1"}, "b"), 1.0))
+    released = respond(stream, cds, error_detail={"code": 13, "message": "bad cluster"})
+    assert [r.type_url for r in released.responses] == [ROUTE]
+    assert any(isinstance(e, Nack) for e in released.events)
+
+
+def test_a_nacked_swap_still_sends_the_routes_and_then_the_removal() -> None:
+    """Neither the routes nor the make-before-break removal wait forever behind a rejected CDS update."""
+    stream = envoy(gateway({"a": "1"}, "a"), ["a"])
+    (cds,) = decode(stream.set_snapshot(gateway({"b": "1"}, "b"), 1.0))
+    (rds,) = decode(respond(stream, cds, error_detail={"code": 13, "message": "bad cluster"}))
+    assert rds.type_url == ROUTE
+    assert removals(respond(stream, rds)) == {CLUSTER: ["a"], ENDPOINT: ["a"]}

@@ -606,6 +606,8 @@ class DeltaStream(StreamIdentity):
         current = snapshot.types.get(type_url)
         if state is None or not state.requested or current is None:
             return
+        if type_url in _CLUSTER_USERS and state.answered and self._warming():
+            return  # an update, not a first answer: sent when the clusters' ACKs arrive (they run _plan)
         response = self._respond(type_url, state, current, now, events)
         if response is not None:
             responses.append(response)
@@ -710,6 +712,14 @@ class DeltaStream(StreamIdentity):
         if type_url == ENDPOINT and cds is not None and cds.kept:
             return cds.kept.__contains__
         return None
+
+    def _warming(self) -> bool:
+        """True while a CDS or EDS response is unanswered: listener and route updates wait for it, as in SotW
+        (see `protocol.AdsStream._warming`), so no route moves to a cluster Envoy is still warming."""
+        return any(
+            state is not None and state.requested and bool(state.outstanding)
+            for state in (self._types.get(CLUSTER), self._types.get(ENDPOINT))
+        )
 
     def _users_settled(self) -> bool:
         """False while the client may still route by older listeners/routes than the snapshot's.
