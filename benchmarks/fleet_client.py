@@ -1,13 +1,17 @@
 """Simulated Envoy fleet: ADS client streams driven from worker processes (see fleet_sim.py).
 
-Each worker process runs one asyncio + grpc.aio loop holding many streams. Every stream has its own channel
-with ``grpc.use_local_subchannel_pool=1``: without it grpc shares one subchannel (one TCP connection) between
-all channels to the same target, and the "fleet" would silently become a multiplexing test
-(../shared/reference/xds-protocol-observed.md §4). Channels open in waves of 100 with ``channel_ready()`` and a
-retry, because opening thousands at once from one process makes grpc core fail some of them.
+Each worker process runs one asyncio + grpc.aio loop holding many streams. By default every stream has its own
+channel with ``grpc.use_local_subchannel_pool=1``: without it grpc shares one subchannel (one TCP connection)
+between all channels to the same target, and the "fleet" would silently become a multiplexing test
+(../shared/reference/xds-protocol-observed.md §4). ``per_channel > 1`` multiplexes that many streams (distinct
+node ids) on one channel on purpose; the parent says so in its output. Channels open in waves with
+``channel_ready()`` and a retry, because opening thousands at once from one process makes grpc core fail some.
 
-The protocol logic is a ``StreamDriver``; only ``SotwDriver`` exists today. A Delta driver would implement
-the same small interface (``start``/``on_response``/``settled``/``converged_to``) and be picked by ``--mode``.
+The protocol logic is a ``StreamDriver``: ``SotwDriver`` (StreamAggregatedResources) or ``DeltaDriver``
+(DeltaAggregatedResources), picked by ``--mode``. Both fill the same ``StreamState``, whose ``acked[label]`` is
+"the version of that type this Envoy holds": SotW's ``version_info``, and for Delta a digest of the held
+``{name: version}`` set computed the way the server names a type's content (``held_version``), so the parent
+compares versions the same way in both modes.
 
 The parent talks to a worker over a ``multiprocessing`` pipe with ``(command, kwargs)`` tuples and gets one
 reply per command. Times are ``time.monotonic()``, which on Linux is one system-wide clock, so the parent can
@@ -17,10 +21,12 @@ subtract its own file-write timestamp from a worker's ACK timestamp.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
+import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -38,30 +44,81 @@ LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 LABELS = {CDS: "cds", EDS: "eds", LDS: "lds", RDS: "rds"}
 URLS = {v: k for k, v in LABELS.items()}
+ORDER = ("cds", "eds", "lds", "rds")
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 HCM_URL = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
 WAVE = 100
 STARTUP_ATTEMPTS = 4
-STARTUP_READ_TIMEOUT = 20.0
-RETRYABLE = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE})
+# Failures of a call before startup completed that a real Envoy would answer by reconnecting. CANCELLED and
+# RESOURCE_EXHAUSTED come from the server's grpc core dropping calls its application had not accepted yet
+# (pending-queue limits); INTERNAL "Internal error from Core" is a write on a call the server already ended,
+# whose real status grpc.aio overwrites (grpc/grpc#36066).
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 POLL = 0.02  # worker-side poll interval for convergence checks; ACK times are stamped when they happen
 
 # Resource names derived from one response version are the same for every stream: parse each version once per
 # worker, otherwise the load generator's CPU (on the server's cores) grows with N x response size.
 _NAMES_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
+_CLUSTER_CACHE: dict[tuple[str, str], str | None] = {}  # (name, version) -> EDS service name, None if not EDS
+_LISTENER_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}  # (name, version) -> RDS names of its HCMs
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit: every stream is a socket (and grpc adds its own fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def held_version(type_url: str, held: Mapping[str, str]) -> str:
+    """Name a Delta client's holdings like the server names a type's content (`TypeSnapshot.of`).
+
+    sha256 over the type URL and every ``name\\0version\\0`` in name order, first 16 hex digits: when the client
+    holds every resource of the type, this equals the server's type version (also its ``system_version_info``),
+    and in any case two clients holding the same set get the same string, which is all the parent compares.
+    """
+    digest = hashlib.sha256(type_url.encode())
+    for name in sorted(held):
+        digest.update(name.encode() + b"\0" + held[name].encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cluster_eds_name(any_value: bytes) -> str | None:
+    cluster = cluster_pb2.Cluster.FromString(any_value)
+    if cluster.type != cluster_pb2.Cluster.EDS:
+        return None
+    name: str = cluster.eds_cluster_config.service_name or cluster.name
+    return name
+
+
+def listener_route_names(any_value: bytes) -> tuple[str, ...]:
+    names = set()
+    listener = listener_pb2.Listener.FromString(any_value)
+    for chain in listener.filter_chains:
+        for filt in chain.filters:
+            if filt.typed_config.type_url == HCM_URL:
+                hcm = http_connection_manager_pb2.HttpConnectionManager.FromString(filt.typed_config.value)
+                if hcm.HasField("rds"):
+                    names.add(hcm.rds.route_config_name)
+    return tuple(sorted(names))
 
 
 def eds_names(response: discovery_pb2.DiscoveryResponse) -> tuple[str, ...]:
     """Clusters Envoy would subscribe to over EDS: those of type EDS, by service name or cluster name."""
     key = (response.type_url, response.version_info)
     if key not in _NAMES_CACHE:
-        names = []
-        for any_ in response.resources:
-            cluster = cluster_pb2.Cluster.FromString(any_.value)
-            if cluster.type == cluster_pb2.Cluster.EDS:
-                names.append(cluster.eds_cluster_config.service_name or cluster.name)
-        _NAMES_CACHE[key] = tuple(sorted(names))
+        names = (cluster_eds_name(any_.value) for any_ in response.resources)
+        _NAMES_CACHE[key] = tuple(sorted(n for n in names if n is not None))
     return _NAMES_CACHE[key]
 
 
@@ -69,16 +126,7 @@ def route_names(response: discovery_pb2.DiscoveryResponse) -> tuple[str, ...]:
     """Route configurations named by the listeners' HTTP connection managers (what Envoy asks RDS for)."""
     key = (response.type_url, response.version_info)
     if key not in _NAMES_CACHE:
-        names = set()
-        for any_ in response.resources:
-            listener = listener_pb2.Listener.FromString(any_.value)
-            for chain in listener.filter_chains:
-                for filt in chain.filters:
-                    if filt.typed_config.type_url == HCM_URL:
-                        hcm = http_connection_manager_pb2.HttpConnectionManager.FromString(filt.typed_config.value)
-                        if hcm.HasField("rds"):
-                            names.add(hcm.rds.route_config_name)
-        _NAMES_CACHE[key] = tuple(sorted(names))
+        _NAMES_CACHE[key] = tuple(sorted({n for any_ in response.resources for n in listener_route_names(any_.value)}))
     return _NAMES_CACHE[key]
 
 
@@ -88,7 +136,7 @@ class StreamState:
 
     index: int
     node_id: str
-    acked: dict[str, str] = field(default_factory=dict)  # label -> version
+    acked: dict[str, str] = field(default_factory=dict)  # label -> version held (SotW version_info / Delta digest)
     last_version: dict[str, str] = field(default_factory=dict)  # label -> version of the latest response
     ack_times: dict[tuple[str, str], float] = field(default_factory=dict)  # first ACK of (label, version)
     received: Counter[tuple[str, str]] = field(default_factory=Counter)  # responses per (label, version)
@@ -98,9 +146,16 @@ class StreamState:
     ready_at: float | None = None
     connected_at: float = 0.0
     error: str | None = None
+    # Delta only: what is held per type (name -> version), explicit subscriptions not yet answered, the server's
+    # system_version_info, and per resource version how often it arrived / which ones were NACKed.
+    held: dict[str, dict[str, str]] = field(default_factory=dict)
+    wanted: dict[str, frozenset[str]] = field(default_factory=dict)
+    system_version: dict[str, str] = field(default_factory=dict)
+    resources_received: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    nacked_resources: list[tuple[str, str, str]] = field(default_factory=list)
 
     def settled(self) -> bool:
-        """Startup finished and every subscribed type's latest response was answered (ACKed or NACKed)."""
+        """Startup finished, every latest response was answered and every explicit subscription is held."""
         if self.ready_at is None:
             return False
         for label in self.subscribed:
@@ -109,25 +164,44 @@ class StreamState:
                 return False
             if self.acked.get(label) != version and (label, version) not in self.nacked:
                 return False
-        return True
+        return all(names <= self.held.get(label, {}).keys() for label, names in self.wanted.items())
+
+    def final(self, label: str, transitional: str = "+keep") -> str | None:
+        """The version held of ``label`` if it is a final one, None during a make-before-break step.
+
+        SotW marks the step in version_info (``+keep``). Delta clients hold the union of old and new clusters
+        (and endpoints) meanwhile, so their digest differs from the ``system_version_info`` the server sent.
+        """
+        acked = self.acked.get(label)
+        if acked is None or acked.endswith(transitional):
+            return None
+        system = self.system_version.get(label)
+        return None if system is not None and system != acked else acked
+
+    def stamp(self, label: str, version: str, now: float) -> None:
+        """The client now holds ``version`` of ``label`` (ACKed)."""
+        self.acked[label] = version
+        self.last_version[label] = version
+        self.ack_times.setdefault((label, version), now)
 
 
 class StreamDriver:
-    """One ADS stream's protocol behaviour; subclasses implement a wire protocol (SotW today, Delta later)."""
+    """One ADS stream's protocol behaviour; subclasses implement a wire protocol (SotW or Delta)."""
+
+    method: str = ADS_METHOD
+    request_type: Any = discovery_pb2.DiscoveryRequest
+    response_type: Any = discovery_pb2.DiscoveryResponse
 
     def __init__(self, state: StreamState, group: str) -> None:
         self.state = state
         self.group = group
+        self.resumed = False  # Delta reconnect: the first requests told the server everything held
 
     def first_requests(self) -> list[Any]:
         raise NotImplementedError
 
     def on_response(self, response: Any, now: float) -> list[Any]:
         raise NotImplementedError
-
-    method: str = ADS_METHOD
-    request_type: Any = discovery_pb2.DiscoveryRequest
-    response_type: Any = discovery_pb2.DiscoveryResponse
 
 
 class SotwDriver(StreamDriver):
@@ -185,8 +259,7 @@ class SotwDriver(StreamDriver):
             out += self._subscribe("eds", eds_names(response))
         elif label == "lds":
             out += self._subscribe("rds", route_names(response))
-        state.acked[label] = version
-        state.ack_times.setdefault((label, version), now)
+        state.stamp(label, version, now)
         out.append(self._request(label))
         if not self.lds_requested and (label == "eds" or (label == "cds" and "eds" not in state.subscribed)):
             self.lds_requested = True
@@ -200,56 +273,268 @@ class SotwDriver(StreamDriver):
         return self.lds_requested and all(label in self.state.acked for label in self.state.subscribed)
 
 
-DRIVERS: dict[str, Callable[[StreamState, str], StreamDriver]] = {"sotw": SotwDriver}
+class DeltaDriver(StreamDriver):
+    """Envoy 1.40's Delta ADS (reference §2): wildcard CDS/LDS, explicit EDS/RDS, per-resource versions.
+
+    Startup is CDS with an EMPTY subscribe list (legacy wildcard) and the node; EDS subscriptions for the EDS
+    clusters go out, as separate empty-nonce requests, before the CDS ACK; LDS once the clusters are warm; RDS
+    for the HCMs' route names. Names that go away are unsubscribed after the ACK, and dropped from what is held
+    (as the server does). A reconnect re-sends all four types at once with ``initial_resource_versions`` =
+    everything held, so a server with content-hash versions has nothing to send.
+    """
+
+    method = DELTA_METHOD
+    request_type = discovery_pb2.DeltaDiscoveryRequest
+    response_type = discovery_pb2.DeltaDiscoveryResponse
+
+    def __init__(self, state: StreamState, group: str) -> None:
+        super().__init__(state, group)
+        self.names: dict[str, frozenset[str]] = {"eds": frozenset(), "rds": frozenset()}
+        self.lds_requested = False
+
+    def _request(self, label: str, **fields: Any) -> discovery_pb2.DeltaDiscoveryRequest:
+        return discovery_pb2.DeltaDiscoveryRequest(type_url=URLS[label], **fields)
+
+    def first_requests(self) -> list[Any]:
+        state = self.state
+        if not state.held:
+            state.subscribed.add("cds")
+            state.held["cds"] = {}
+            request = self._request("cds")
+            request.node.id, request.node.cluster = state.node_id, self.group
+            return [request]
+        # Reconnect: like Envoy, re-subscribe every type at once, telling the server what is held.
+        self.resumed = self.lds_requested = True
+        out = []
+        for label in ORDER:
+            held = state.held.setdefault(label, {})
+            state.subscribed.add(label)
+            if label in self.names:
+                self.names[label] = frozenset(held)
+                state.wanted[label] = self.names[label]
+            subscribe = sorted(held) if label in self.names else []
+            out.append(self._request(label, resource_names_subscribe=subscribe, initial_resource_versions=held))
+            state.stamp(label, held_version(URLS[label], held), time.monotonic())
+        out[0].node.id, out[0].node.cluster = state.node_id, self.group
+        return out
+
+    def on_response(self, response: Any, now: float) -> list[Any]:
+        label = LABELS.get(response.type_url)
+        if label is None:
+            return []
+        state = self.state
+        held = dict(state.held.get(label, {}))
+        for res in response.resources:
+            held[res.name] = res.version
+            state.resources_received[label, res.name, res.version] += 1
+        for name in response.removed_resources:
+            held.pop(name, None)
+        version = held_version(response.type_url, held)
+        state.received[label, version] += 1
+        if label in state.nack_next:
+            state.nack_next.discard(label)
+            state.last_version[label] = version
+            state.nacked.append((label, version))
+            state.nacked_resources += [(label, r.name, r.version) for r in response.resources]
+            nack = status_pb2.Status(code=13, message="fleet_sim: rejected on command")
+            return [self._request(label, response_nonce=response.nonce, error_detail=nack)]
+        _learn(label, response)
+        state.held[label] = held
+        state.system_version[label] = response.system_version_info
+        state.stamp(label, version, now)
+        subscribe, unsubscribe = self._follow(label, held)
+        out = [*subscribe, self._request(label, response_nonce=response.nonce), *unsubscribe]
+        if not self.lds_requested and (label == "eds" or (label == "cds" and not self.names["eds"])):
+            self.lds_requested = True
+            state.subscribed.add("lds")
+            state.held["lds"] = {}
+            out.append(self._request("lds"))
+        if state.ready_at is None and self._startup_done():
+            state.ready_at = now
+        return out
+
+    def _follow(self, label: str, held: Mapping[str, str]) -> tuple[list[Any], list[Any]]:
+        """Subscription changes a CDS/LDS response implies for EDS/RDS: (before the ACK, after the ACK)."""
+        if label == "cds":
+            target, names = "eds", frozenset(n for k, v in held.items() if (n := _CLUSTER_CACHE.get((k, v))))
+        elif label == "lds":
+            target, names = "rds", frozenset(n for k, v in held.items() for n in _LISTENER_CACHE.get((k, v), ()))
+        else:
+            return [], []
+        added, gone = names - self.names[target], self.names[target] - names
+        self.names[target] = names
+        if not names and target not in self.state.subscribed:
+            return [], []
+        self.state.wanted[target] = names
+        before = []
+        if added or target not in self.state.subscribed:
+            self.state.subscribed.add(target)
+            self.state.held.setdefault(target, {})
+            before.append(self._request(target, resource_names_subscribe=sorted(added)))
+        after = []
+        if gone:
+            after.append(self._request(target, resource_names_unsubscribe=sorted(gone)))
+            kept = {n: v for n, v in self.state.held.get(target, {}).items() if n not in gone}
+            self.state.held[target] = kept
+            self.state.stamp(target, held_version(URLS[target], kept), time.monotonic())
+        return before, after
+
+    def _startup_done(self) -> bool:
+        state = self.state
+        held = state.held
+        return (
+            self.lds_requested
+            and all(label in state.acked for label in state.subscribed)
+            and all(names <= held.get(label, {}).keys() for label, names in state.wanted.items())
+        )
+
+
+def _learn(label: str, response: discovery_pb2.DeltaDiscoveryResponse) -> None:
+    """Parse each (name, version) of a cluster or listener once per worker, for the names it implies."""
+    if label == "cds":
+        for res in response.resources:
+            if (res.name, res.version) not in _CLUSTER_CACHE:
+                _CLUSTER_CACHE[res.name, res.version] = cluster_eds_name(res.resource.value)
+    elif label == "lds":
+        for res in response.resources:
+            if (res.name, res.version) not in _LISTENER_CACHE:
+                _LISTENER_CACHE[res.name, res.version] = listener_route_names(res.resource.value)
+
+
+DRIVERS: dict[str, Callable[[StreamState, str], StreamDriver]] = {"sotw": SotwDriver, "delta": DeltaDriver}
+
+
+class ChannelPool:
+    """Channels of a worker: one per stream (``per_channel == 1``, like real Envoys) or one per group of streams.
+
+    A shared channel outlives its streams' reconnects (churn closes the call, not the connection).
+    """
+
+    def __init__(self, target: str, per_channel: int) -> None:
+        self.target, self.per_channel = target, per_channel
+        self.shared: dict[int, grpc.aio.Channel] = {}
+        self.locks: dict[int, asyncio.Lock] = {}
+
+    @property
+    def dedicated(self) -> bool:
+        return self.per_channel <= 1
+
+    async def get(self, index: int, timeout: float) -> grpc.aio.Channel:
+        """A ready channel for stream ``index``; raises TimeoutError / AioRpcError when it never gets ready."""
+        if self.dedicated:
+            return await self._ready(timeout)
+        key = index // self.per_channel
+        lock = self.locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self.shared:
+                self.shared[key] = await self._ready(timeout)
+            return self.shared[key]
+
+    async def _ready(self, timeout: float) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+        except BaseException:
+            await channel.close()
+            raise
+        return channel
+
+    async def release(self, channel: grpc.aio.Channel, *, broken: bool = False) -> None:
+        """Close a stream's channel unless it is shared (a broken shared channel is replaced on next get)."""
+        if self.dedicated:
+            await channel.close()
+        elif broken:
+            for key, shared in list(self.shared.items()):
+                if shared is channel:
+                    del self.shared[key]
+                    await channel.close()
+
+    async def close(self) -> None:
+        channels, self.shared = list(self.shared.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+
+def describe(exc: grpc.aio.AioRpcError) -> str:
+    """Status plus grpc core's debug string: "Internal error from Core" alone hides the actual failure."""
+    debug = (exc.debug_error_string() or "").replace("\n", " ")
+    return f"{exc.code().name}: {exc.details()} [{debug[:160]}]"
 
 
 class SimStream:
-    """One simulated Envoy: a channel of its own and the ADS call, reconnectable with the same node id."""
+    """One simulated Envoy: its channel and ADS call, reconnectable with the same node id (and, Delta, holdings).
 
-    def __init__(self, index: int, target: str, group: str, mode: str) -> None:
-        self.index, self.target, self.group, self.mode = index, target, group, mode
+    ``slots`` bounds how many streams of the worker are starting at once (channel open until startup is done):
+    see ``Worker.open_all`` for why.
+    """
+
+    def __init__(self, index: int, pool: ChannelPool, group: str, mode: str, read_timeout: float) -> None:
+        self.index, self.pool, self.group, self.mode = index, pool, group, mode
+        self.read_timeout = read_timeout
         self.state = StreamState(index, f"fleet-{index:05d}")
         self.channel: grpc.aio.Channel | None = None
         self.task: asyncio.Task[None] | None = None
         self.retries = 0
+        self.failures: list[str] = []  # every failed call's error (a retry starts a fresh StreamState)
+        self.closing = False
+        self._slot: asyncio.Semaphore | None = None
 
-    async def open(self, timeout: float = 10.0, attempts: int = 3) -> bool:
+    async def open(self, timeout: float = 10.0, attempts: int = 3, slots: asyncio.Semaphore | None = None) -> bool:
+        if slots is not None:
+            await slots.acquire()
+            self._slot = slots
+        self.closing = False
         for _ in range(attempts):
-            channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
             try:
-                await asyncio.wait_for(channel.channel_ready(), timeout)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                await channel.close()
+                channel = await self.pool.get(self.index, timeout)
+            except (TimeoutError, grpc.aio.AioRpcError) as exc:
+                self.failures.append(f"channel_ready: {type(exc).__name__}")
                 continue
             self.channel = channel
             self.task = asyncio.create_task(self._run(channel))
             return True
         self.state.error = "channel never became ready"
+        self._release()
         return False
 
-    async def _run(self, channel: grpc.aio.Channel) -> None:
-        """Run the stream; before startup completes, retry a call grpc core fails (INTERNAL / UNAVAILABLE).
+    def _release(self) -> None:
+        """Give the startup slot back (once): this stream finished starting, or gave up."""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
 
-        At thousands of channels per process, grpc core sometimes fails the first SendMessage of a call on a
-        channel that reported ready (xds-protocol-observed.md §4); a real Envoy would simply reconnect too.
+    async def _run(self, channel: grpc.aio.Channel) -> None:
+        """Run the stream; before startup completes, retry a call that failed (as Envoy reconnects).
+
+        Retries are counted and every failure's status is reported by the parent.
         """
-        for attempt in range(STARTUP_ATTEMPTS):
-            retry = await self._call(channel)
-            if not retry or attempt == STARTUP_ATTEMPTS - 1:
-                return
-            self.retries += 1
-            await channel.close()
-            channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-            self.channel = channel
-            try:
-                await asyncio.wait_for(channel.channel_ready(), 10.0)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                continue
+        try:
+            for attempt in range(STARTUP_ATTEMPTS):
+                retry = await self._call(channel)
+                if self.state.error:
+                    self.failures.append(self.state.error)
+                if not retry or attempt == STARTUP_ATTEMPTS - 1:
+                    return
+                self.retries += 1
+                await self.pool.release(channel, broken=True)
+                try:
+                    channel = await self.pool.get(self.index, 10.0)
+                except (TimeoutError, grpc.aio.AioRpcError):
+                    continue
+                self.channel = channel
+        finally:
+            self._release()
+
+    def _fresh_state(self) -> StreamState:
+        """A new call starts from nothing, except Delta, which resumes with what it holds (and pending NACKs)."""
+        old = self.state
+        held = {k: dict(v) for k, v in old.held.items()} if self.mode == "delta" and old.ready_at else {}
+        return StreamState(
+            self.index, old.node_id, nack_next=set(old.nack_next), connected_at=time.monotonic(), held=held
+        )
 
     async def _call(self, channel: grpc.aio.Channel) -> bool:
         """One ADS call; True when it failed during startup in a way worth retrying."""
-        nack_next = set(self.state.nack_next)
-        self.state = StreamState(self.index, self.state.node_id, nack_next=nack_next, connected_at=time.monotonic())
+        self.state = self._fresh_state()
         driver = DRIVERS[self.mode](self.state, self.group)
         call = channel.stream_stream(
             driver.method,
@@ -259,11 +544,14 @@ class SimStream:
         try:
             for request in driver.first_requests():
                 await call.write(request)
+            if driver.resumed:
+                self.state.ready_at = time.monotonic()  # nothing to wait for unless the config changed meanwhile
+                self._release()
             while True:
                 if self.state.ready_at is None:
                     # Watchdog: a call grpc core silently never started (seen at 2,500 channels per process;
                     # the server never saw it) would otherwise hang the storm forever.
-                    response = await asyncio.wait_for(call.read(), STARTUP_READ_TIMEOUT)
+                    response = await asyncio.wait_for(call.read(), self.read_timeout)
                 else:
                     response = await call.read()
                 if response is grpc.aio.EOF:
@@ -271,23 +559,26 @@ class SimStream:
                     return False
                 for request in driver.on_response(response, time.monotonic()):
                     await call.write(request)
+                if self.state.ready_at is not None:
+                    self._release()
         except TimeoutError:
             call.cancel()
-            self.state.error = f"no response within {STARTUP_READ_TIMEOUT:.0f} s during startup"
+            self.state.error = f"no response within {self.read_timeout:.0f} s during startup"
             return True
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
+            if self.closing:
                 return False
-            self.state.error = f"{exc.code().name}: {exc.details()}"
+            self.state.error = describe(exc)
             return self.state.ready_at is None and exc.code() in RETRYABLE
 
     async def close(self) -> None:
+        self.closing = True
         task, channel, self.task, self.channel = self.task, self.channel, None, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if channel is not None:
-            await channel.close()
+            await self.pool.release(channel)
 
 
 async def poll(check: Callable[[], bool], timeout: float) -> bool:
@@ -300,18 +591,47 @@ async def poll(check: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+@dataclass
+class WorkerConfig:
+    """How a worker builds its streams (picklable: it crosses the spawn boundary)."""
+
+    target: str
+    group: str
+    mode: str
+    indices: list[int]
+    per_channel: int = 1
+    wave: int = WAVE
+    read_timeout: float = 20.0
+    inflight: int = 0
+
+
 class Worker:
     """Serves the parent's commands for the streams this process owns."""
 
-    def __init__(self, conn: Connection, target: str, group: str, mode: str, indices: list[int]) -> None:
+    def __init__(self, conn: Connection, config: WorkerConfig) -> None:
         self.conn = conn
-        self.streams = {i: SimStream(i, target, group, mode) for i in indices}
+        self.config = config
+        self.pool = ChannelPool(config.target, config.per_channel)
+        self.streams = {
+            i: SimStream(i, self.pool, config.group, config.mode, config.read_timeout) for i in config.indices
+        }
 
-    async def open_waves(self, streams: Iterable[SimStream], timeout: float) -> list[int]:
-        failed: list[int] = []
+    async def open_all(self, streams: Iterable[SimStream], timeout: float) -> list[int]:
+        """Open streams with at most ``inflight`` of them starting at once (0: waves of ``wave`` channels).
+
+        Without a bound, every call reaches the server within seconds, faster than its event loop accepts and
+        serves them; grpc core then drops calls that waited too long unaccepted (the 5k/10k storm failures).
+        Real fleets connect over time and retry with backoff; the bound plays that role and the parent
+        reports it.
+        """
         batch = list(streams)
-        for start in range(0, len(batch), WAVE):
-            wave = batch[start : start + WAVE]
+        if self.config.inflight > 0:
+            slots = asyncio.Semaphore(self.config.inflight)
+            results = await asyncio.gather(*(s.open(timeout, slots=slots) for s in batch))
+            return [s.index for s, ok in zip(batch, results, strict=True) if not ok]
+        failed: list[int] = []
+        for start in range(0, len(batch), self.config.wave):
+            wave = batch[start : start + self.config.wave]
             results = await asyncio.gather(*(s.open(timeout) for s in wave))
             failed += [s.index for s, ok in zip(wave, results, strict=True) if not ok]
         return failed
@@ -321,7 +641,7 @@ class Worker:
 
     async def cmd_connect(self, timeout: float) -> dict[str, Any]:
         started = time.monotonic()
-        failed = await self.open_waves(self.streams.values(), timeout)
+        failed = await self.open_all(self.streams.values(), timeout)
         ok = await poll(lambda: all(s.state.settled() for s in self._live()), timeout)
         return {
             "started": started,
@@ -329,8 +649,17 @@ class Worker:
             "failed": failed,
             "retries": sum(s.retries for s in self.streams.values()),
             "converged": ok,
-            "errors": {s.index: s.state.error for s in self.streams.values() if s.state.error},
+            "errors": [e for s in self.streams.values() for e in s.failures],
+            "stuck": [self._stuck(s) for s in self.streams.values() if s.state.ready_at is None][:5],
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         }
+
+    @staticmethod
+    def _stuck(s: SimStream) -> str:
+        """Where a stream that never got ready is: types received, age of its current call, past failures."""
+        got = sorted({label for label, _ in s.state.received})
+        age = time.monotonic() - s.state.connected_at
+        return f"#{s.index} received={got} call_age={age:.0f}s retries={s.retries} task_done={s.task and s.task.done()}"
 
     async def cmd_versions(self, index: int) -> dict[str, str]:
         return dict(self.streams[index].state.acked)
@@ -342,14 +671,17 @@ class Worker:
         timeout: float,
         exclude: list[int],
         transitional: str = "+keep",
+        sample: int = 0,
     ) -> dict[str, Any]:
         """Wait until every stream settled on one common version (≠ baseline) for each label; return ACK times.
 
-        A version ending in ``transitional`` is the server's make-before-break CDS (new clusters plus the removed
-        ones still in use); it is not the target, the final CDS that follows the route update is. Its ACK time is
-        reported as ``<label><transitional>``.
+        A make-before-break step (``StreamState.final``: SotW's ``transitional`` suffix, Delta's union of old and
+        new clusters) is not the target; the final CDS that follows the route update is. The SotW step's ACK time
+        is reported as ``<label><transitional>``. ``sample`` > 0 waits for that many streams only.
         """
         streams = [s for s in self._live() if s.index not in exclude]
+        if sample:
+            streams = streams[:sample]
 
         def target() -> dict[str, str] | None:
             versions: dict[str, str] = {}
@@ -357,8 +689,8 @@ class Worker:
                 if not s.state.settled():
                     return None
                 for label in labels:
-                    acked = s.state.acked.get(label)
-                    if acked is None or acked == baseline.get(label) or acked.endswith(transitional):
+                    acked = s.state.final(label, transitional)
+                    if acked is None or acked == baseline.get(label):
                         return None
                     if versions.setdefault(label, acked) != acked:
                         return None
@@ -366,6 +698,8 @@ class Worker:
 
         ok = await poll(lambda: target() is not None, timeout)
         versions = target() or {}
+        if sample:
+            return {"converged": ok, "versions": versions, "ack_times": {}}
         times: dict[int, dict[str, float | None]] = {}
         for s in streams:
             times[s.index] = {label: s.state.ack_times.get((label, v)) for label, v in versions.items()}
@@ -380,7 +714,23 @@ class Worker:
 
     async def cmd_stream_stats(self, index: int) -> dict[str, Any]:
         state = self.streams[index].state
-        return {"acked": dict(state.acked), "received": dict(state.received), "nacked": list(state.nacked)}
+        return {
+            "acked": dict(state.acked),
+            "received": dict(state.received),
+            "nacked": list(state.nacked),
+            "resources_received": dict(state.resources_received),
+            "nacked_resources": list(state.nacked_resources),
+        }
+
+    async def cmd_consistency(self) -> dict[str, Any]:
+        """Delta: per type, how many streams' held digest equals the server's last system_version_info."""
+        counts: Counter[str] = Counter()
+        total: Counter[str] = Counter()
+        for s in self._live():
+            for label, system in s.state.system_version.items():
+                total[label] += 1
+                counts[label] += s.state.acked.get(label) == system
+        return {"equal": dict(counts), "total": dict(total)}
 
     async def cmd_seen(self) -> dict[str, int]:
         """Most distinct versions of each type any one stream received (how many pushes reached it)."""
@@ -406,20 +756,24 @@ class Worker:
             await asyncio.sleep(max(0.0, begin + tick - time.monotonic()))  # pacing: one churn wave per second
             chosen = [self.streams[i] for i in rng.sample(indices, per_tick)]
             await asyncio.gather(*(s.close() for s in chosen))
-            failed += await self.open_waves(chosen, timeout)
+            failed += await self.open_all(chosen, timeout)
             reopened += chosen
         ok = await poll(lambda: all(s.state.settled() for s in self._live()), timeout)
         times = [s.state.ready_at - s.state.connected_at for s in reopened if s.state.ready_at is not None]
+        unique = {s.index: s for s in reopened}.values()
         return {
             "reconnects": len(reopened),
             "failed": failed,
             "converged": ok,
             "reconverge_s": times,
             "live": len(self._live()),
+            "responses_after_reconnect": sum(sum(s.state.received.values()) for s in unique),
+            "reconnected_streams": len(unique),
         }
 
     async def cmd_close(self) -> bool:
         await asyncio.gather(*(s.close() for s in self.streams.values()))
+        await self.pool.close()
         return True
 
     async def serve(self) -> None:
@@ -443,6 +797,7 @@ class Worker:
                 self.conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def worker_main(conn: Connection, target: str, group: str, mode: str, indices: list[int]) -> None:
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
     """Entry point of a worker process (spawned by fleet_sim.py)."""
-    asyncio.run(Worker(conn, target, group, mode, indices).serve())
+    raise_nofile()
+    asyncio.run(Worker(conn, config).serve())
