@@ -1119,3 +1119,16 @@ subjects: [{project: 42}]
     with pytest.raises(PolicyInvalid) as raised:
         parse_policy(files)
     assert raised.value.errors[0].field == "credential_ttl" and raised.value.errors[0].line == 5
+
+
+def test_a_reload_parses_only_the_files_that_changed() -> None:
+    """A policy commit usually touches one file of many: the others' YAML is not composed again."""
+    files = {f"team-{i}.yaml": f"kind: Role\nname: r{i}\nbackend: b\nrules: [{{methods: [GET]}}]\n" for i in range(5)}
+    for name, text in files.items():
+        parse_yaml(name, text)
+    before = parse_yaml.cache_info()
+    changed = {**files, "team-0.yaml": files["team-0.yaml"] + "# edited\n"}
+    results = [parse_yaml(name, text) for name, text in changed.items()]
+    after = parse_yaml.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (4, 1)
+    assert all(r.complete and not r.errors for r in results)

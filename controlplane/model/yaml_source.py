@@ -12,9 +12,10 @@ marked `reported`, and readers skip it quietly instead of reporting it twice.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -98,12 +99,7 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                f"anchors and aliases are not supported (found *{event.anchor}); write the value out",
-                event.start_mark,
-            )
+            raise yaml.composer.ComposerError(None, None, _alias_message(event), event.start_mark)
         return super().compose_node(parent, index)
 
 
@@ -196,7 +192,28 @@ def _is_empty(node: Node) -> bool:
 
 
 def _composed(text: str) -> Iterator[Node]:
-    yield from yaml.compose_all(text, Loader=_Loader)
+    if _FastLoader is None:
+        yield from yaml.compose_all(text, Loader=_Loader)
+        return
+    if "*" in text:  # only a text with an asterisk can hold an alias: look for one before composing
+        _refuse_aliases(text)
+    yield from yaml.compose_all(text, Loader=_FastLoader)
+
+
+def _refuse_aliases(text: str) -> None:
+    for event in yaml.parse(text, Loader=yaml.CSafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            mark = cast(yaml.error.Mark, event.start_mark)  # libyaml's Mark has the same fields
+            raise yaml.composer.ComposerError(None, None, _alias_message(event), mark)
+
+
+def _alias_message(event: yaml.AliasEvent) -> str:
+    return f"anchors and aliases are not supported (found *{event.anchor}); write the value out"
+
+
+# libyaml's parser and composer, when PyYAML was built with it: ~10x faster than the pure-Python composer on
+# a policy tree of thousands of documents. Same SafeLoader resolution, same marks (line numbers).
+_FastLoader: type[yaml.CSafeLoader] | None = getattr(yaml, "CSafeLoader", None)
 
 
 @dataclass(frozen=True)
@@ -208,11 +225,15 @@ class ParsedYaml:
     complete: bool
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_yaml(file: str, text: str) -> ParsedYaml:
     """Every non-empty document of one file, and every error found in it.
 
     A syntax error ends the file (YAML cannot be resumed after one): the documents before it are
     kept, `complete` is False, and the error carries the line PyYAML reports.
+
+    Cached by (file, text): the result is immutable, and a policy commit usually changes one file of many,
+    so a reload parses only what changed.
     """
     errors: list[PolicyError] = []
     walker = _Walker(file, errors)
