@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -504,3 +506,104 @@ def test_a_nacked_swap_still_sends_the_routes_and_then_the_removal() -> None:
     (rds,) = decode(respond(stream, cds, error_detail={"code": 13, "message": "bad cluster"}))
     assert rds.type_url == ROUTE
     assert removals(respond(stream, rds)) == {CLUSTER: ["a"], ENDPOINT: ["a"]}
+
+
+# --- reconnect -----------------------------------------------------------------------------------
+
+
+def reconnect(snapshot: Snapshot, versions: Mapping[str, Mapping[str, str]]) -> Output:
+    """A new stream of a reconnecting Envoy: per type one request with both the names (explicit for EDS/RDS,
+    empty for the CDS/LDS wildcards) and `initial_resource_versions`; returns every output, merged."""
+    stream = DeltaStream()
+    stream.set_snapshot(snapshot, 0.0)
+    responses: list[Response] = []
+    events: list[Any] = []
+    for type_url, names in ((CLUSTER, []), (ENDPOINT, ["a"]), (LISTENER, []), (ROUTE, ["r"])):
+        held = versions[type_url]
+        output = stream.receive(request(type_url, resource_names_subscribe=names, initial_resource_versions=held), 0.0)
+        responses += output.responses
+        events += output.events
+    return Output(tuple(responses), tuple(events))
+
+
+def versions_of(snapshot: Snapshot) -> dict[str, dict[str, str]]:
+    return {t: {n: r.version for n, r in s.resources.items()} for t, s in snapshot.types.items()}
+
+
+def test_a_reconnect_holding_the_current_versions_gets_nothing_for_explicit_names_too() -> None:
+    """§2/§7: Envoy subscribes EDS and RDS by name in the very request reporting the versions it holds; those
+    names are held, not fresh, so an unchanged reconnect costs no response at all, of any type."""
+    snapshot = gateway({"a": "1"}, "a")
+    output = reconnect(snapshot, versions_of(snapshot))
+    assert output.responses == ()
+    assert {e.type_url for e in output.events if isinstance(e, Resumed)} == {CLUSTER, ENDPOINT, LISTENER, ROUTE}
+
+
+def test_a_reconnect_holding_an_older_endpoint_gets_just_that_endpoint() -> None:
+    old, new = gateway({"a": "1", "b": "1"}, "a"), gateway({"a": "1", "b": "2"}, "a")
+    versions = versions_of(new)
+    versions[ENDPOINT] = {"a": versions[ENDPOINT]["a"], "b": old.types[ENDPOINT].resources["b"].version}
+    stream = DeltaStream()
+    stream.set_snapshot(new, 0.0)
+    names = ["a", "b"]
+    (eds,) = decode(
+        stream.receive(
+            request(ENDPOINT, resource_names_subscribe=names, initial_resource_versions=versions[ENDPOINT]), 0.0
+        )
+    )
+    assert held(eds) == {"b": new.types[ENDPOINT].resources["b"].version} and not eds.removed_resources
+    # And the routes, held current, are not re-sent either.
+    output = reconnect(new, {**versions_of(new), ROUTE: {"r": "older"}})
+    assert [(r.type_url, r.resource_names) for r in output.responses] == [(ROUTE, ("r",))]
+
+
+def test_names_reported_held_and_subscribed_later_are_not_re_sent() -> None:
+    """The other order: the first request reports what is held (so subscribes it), a later one names it."""
+    snapshot = gateway({"a": "1"}, "a")
+    stream = DeltaStream()
+    stream.set_snapshot(snapshot, 0.0)
+    held_now = versions_of(snapshot)[ENDPOINT]
+    first = stream.receive(request(ENDPOINT, initial_resource_versions=held_now), 0.0)
+    assert first.responses == () and any(isinstance(e, Resumed) for e in first.events)
+    assert stream.receive(request(ENDPOINT, resource_names_subscribe=["a"]), 0.0).responses == ()
+    # Whereas a name subscribed after an unsubscribe is not held any more (Envoy dropped it): sent again.
+    assert stream.receive(request(ENDPOINT, resource_names_unsubscribe=["a"]), 0.0).responses == ()
+    (again,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["a"]), 0.0))
+    assert list(held(again)) == ["a"]
+
+
+def test_a_fresh_subscription_with_no_reported_version_is_still_sent_on_reconnect() -> None:
+    snapshot = gateway({"a": "1", "b": "1"}, "a")
+    stream = DeltaStream()
+    stream.set_snapshot(snapshot, 0.0)
+    current = versions_of(snapshot)[ENDPOINT]
+    initial = request(ENDPOINT, resource_names_subscribe=["a", "b"], initial_resource_versions={"a": current["a"]})
+    (eds,) = decode(stream.receive(initial, 0.0))
+    assert list(held(eds)) == ["b"]
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+
+def test_old_snapshots_are_freed_by_reference_counting_once_every_stream_moved_past_them() -> None:
+    """The shared diffs, views and framed bodies must not keep a pushed-over snapshot alive, nor need the
+    cycle collector to free it: a server pushing policy all day would otherwise grow (a 256-push sawtooth)."""
+    fleet = [envoy(gateway({"a": "1", "b": "1"}, "a"), ["a", "b"]) for _ in range(3)]
+    gc.disable()
+    try:
+        dead: list[weakref.ref[Any]] = []
+        for push in range(6):
+            # Routes change on every push, clusters on every other one (with a make-before-break swap).
+            target = "a" if push % 4 < 2 else "b"
+            snapshot = gateway({"a": "1", target: "1", "c": str(push // 2)}, target, host=f"h{push}")
+            for stream in fleet:
+                ack_all(stream, stream.set_snapshot(snapshot, 0.0))
+            dead += [weakref.ref(snapshot), *(weakref.ref(t) for t in snapshot.types.values())]
+            del snapshot
+        last = fleet[0].snapshot
+        assert last is not None
+        alive = [ref() for ref in dead if ref() is not None]
+        current = [last, *last.types.values()]
+        assert [t for t in alive if not any(t is c for c in current)] == []  # only the current one is alive
+    finally:
+        gc.enable()

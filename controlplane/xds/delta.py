@@ -7,7 +7,8 @@ serialized, events for the registry, metrics and logs), with no I/O and no clock
 * per type the stream keeps a wildcard flag (CDS/LDS with an EMPTY first subscribe list, as Envoy 1.40 sends
   it, or "*"), the explicit subscriptions, and what the client holds (name → version), seeded from
   `initial_resource_versions` on reconnect and updated optimistically when a resource is sent; a newly
-  subscribed name is not held (Envoy drops what it unsubscribes from);
+  subscribed name is not held (Envoy drops what it unsubscribes from), unless the first request of the
+  type, which carries both, reports it held (a reconnect subscribes EDS/RDS names by their versions);
 * a response carries only resources whose version differs from what the client holds, plus
   `removed_resources` for names it holds, still wants, and the snapshot no longer has; so a reconnecting
   client holding the current content gets nothing (versions are content hashes);
@@ -29,6 +30,8 @@ versions not yet reconciled). On a new snapshot the diff base → current is com
 fan-out (`_Diffs`), filtered and framed once per subscription (`_Views`), and each stream only looks at that
 diff and its own overrides: CPU per stream and push is O(changed + overrides), memory per stream O(overrides).
 Streams sent the same change share one framed response, nonce included (`_View.framed`).
+These memos live exactly as long as the snapshot they describe (`_PerSnapshot`): old snapshots are freed by
+reference counting as soon as no stream's base or outstanding response names them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar, cast
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -86,6 +89,7 @@ _REMOVED_TAG = b"\x32"  # DeltaDiscoveryResponse.removed_resources = 6
 _NAME_TAG = b"\x1a"  # Resource.name = 3
 _VERSION_TAG = b"\x0a"  # Resource.version = 1
 _NO_OVERRIDES: Mapping[str, str | None] = MappingProxyType({})
+_NO_VERSIONS: Mapping[str, str] = MappingProxyType({})
 
 Holding = str | None
 """The version of a resource a client holds, None when it holds none."""
@@ -243,29 +247,74 @@ def diff(base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
     return Diff(changed, tuple(n for n in old if n not in resources))
 
 
-class _Diffs:
-    """`diff` memoized by the identity of both snapshots: a fan-out computes it once, not once per stream.
+_T = TypeVar("_T")
+_MemoEntry = tuple["weakref.ref[TypeSnapshot] | None", object]  # (the base, weakly; the result)
 
-    Entries keep the snapshots they were computed from alive, so a recycled id() can never match.
+
+class _PerSnapshot:
+    """Results computed from a `current` TypeSnapshot (and a base, and a subscription), kept exactly as long as
+    `current` lives: a fan-out computes each once, not once per stream.
+
+    Why not a bounded dict holding the snapshots: every push would then keep its snapshot, its diff and its
+    framed bodies alive until the bound is reached (a 256-push sawtooth of server memory). Here `current` is
+    held weakly (its entries go with it, by reference counting alone) and the base is held weakly too, so a
+    memo never keeps an old snapshot, nor the chain of snapshots before it, alive. The cached values must not
+    refer to `current` either (`_View` keeps only its version and type URL). A recycled id() cannot match: an
+    entry is found through the live `current` and checked against the live base.
     """
 
-    LIMIT = 256
+    LIMIT = 256  # per current snapshot: the distinct (base, subscription) pairs of its streams
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int], tuple[TypeSnapshot | None, TypeSnapshot, Diff]] = {}
+        self._memos: dict[int, tuple[weakref.ref[TypeSnapshot], dict[tuple[int, object], _MemoEntry]]] = {}
+
+    def __len__(self) -> int:
+        """How many snapshots have memos (tests check that old ones are gone)."""
+        return len(self._memos)
+
+    def get(self, current: TypeSnapshot, base: TypeSnapshot | None, extra: object, compute: Callable[[], _T]) -> _T:
+        """The memoized `compute()` for (current, base, extra); `extra` is compared by value."""
+        memo = self._memo(current)
+        key = (id(base), extra)
+        hit = memo.get(key)
+        if hit is not None and (hit[0]() if hit[0] is not None else None) is base:
+            return cast(_T, hit[1])
+        result = compute()
+        if len(memo) >= self.LIMIT:
+            memo.clear()
+        memo[key] = (weakref.ref(base) if base is not None else None, result)
+        return result
+
+    def _memo(self, current: TypeSnapshot) -> dict[tuple[int, object], _MemoEntry]:
+        key = id(current)
+        known = self._memos.get(key)
+        if known is not None and known[0]() is current:
+            return known[1]
+        ref = weakref.ref(current, functools.partial(self._forget, key))
+        memo: dict[tuple[int, object], _MemoEntry] = {}
+        self._memos[key] = (ref, memo)
+        return memo
+
+    def _forget(self, key: int, ref: weakref.ref[TypeSnapshot]) -> None:
+        """`current` died: drop its results (unless its id() was already reused for a newer snapshot)."""
+        known = self._memos.get(key)
+        if known is not None and known[0] is ref:
+            del self._memos[key]
+
+
+class _Diffs:
+    """`diff` memoized per (base, current): a fan-out computes it once, not once per stream."""
+
+    def __init__(self) -> None:
+        self._memo = _PerSnapshot()
         self.computed = 0  # how many diffs were actually computed (tests count work with it)
 
     def diff(self, base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
-        key = (id(base), id(current))
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is base and hit[1] is current:
-            return hit[2]
+        return self._memo.get(current, base, None, lambda: self._compute(base, current))
+
+    def _compute(self, base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
         self.computed += 1
-        result = diff(base, current)
-        if len(self._entries) >= self.LIMIT:
-            self._entries.clear()
-        self._entries[key] = (base, current, result)
-        return result
+        return diff(base, current)
 
 
 _DIFFS = _Diffs()
@@ -275,10 +324,11 @@ class _View:
     """A diff as one subscription sees it: what to send and to remove, with the keys to check and the body.
 
     Every stream with the same base, snapshot and subscription shares one view, so the resources, their
-    names, their rejection keys and the framed body (built on first use) exist once per fan-out.
+    names, their rejection keys and the framed body (built on first use) exist once per fan-out. It holds no
+    reference to the snapshots it was computed from (see `_PerSnapshot`), only their resources.
     """
 
-    __slots__ = ("_framed", "_unsent", "current", "keys", "names", "removed", "removed_keys", "resources")
+    __slots__ = ("_framed", "_unsent", "keys", "names", "removed", "removed_keys", "resources", "type_url", "version")
 
     def __init__(self, resources: tuple[EncodedResource, ...], removed: tuple[str, ...], current: TypeSnapshot) -> None:
         self.resources = resources
@@ -286,7 +336,8 @@ class _View:
         self.keys = tuple(resource_key(r.name, r.version) for r in resources)
         self.removed = removed
         self.removed_keys = tuple(resource_key(n, REMOVAL + current.version) for n in removed)
-        self.current = current
+        self.version = current.version
+        self.type_url = current.type_url
         self._unsent: bytes | None = None
         self._framed: tuple[int, bytes] | None = None
 
@@ -294,9 +345,8 @@ class _View:
     def unsent(self) -> bytes:
         """The whole response but the nonce (`frame_unsent`), built on first use."""
         if self._unsent is None:
-            current = self.current
             body = _FRAMED.body(self.resources)
-            self._unsent = frame_unsent(body, current.version, current.type_url, self.removed)
+            self._unsent = frame_unsent(body, self.version, self.type_url, self.removed)
         return self._unsent
 
     def framed(self, after: int) -> tuple[int, bytes]:
@@ -330,25 +380,13 @@ def _view(base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[st
 
 
 class _Views:
-    """`_view` memoized by identity (snapshots) and value (the interned subscription), like `_Diffs`."""
-
-    LIMIT = 256
+    """`_view` memoized per snapshots (by identity, see `_PerSnapshot`) and interned subscription (by value)."""
 
     def __init__(self) -> None:
-        self._entries: dict[
-            tuple[int, int, frozenset[str] | None], tuple[TypeSnapshot | None, TypeSnapshot, _View]
-        ] = {}
+        self._memo = _PerSnapshot()
 
     def view(self, base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None) -> _View:
-        key = (id(base), id(current), wanted)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is base and hit[1] is current:
-            return hit[2]
-        result = _view(base, current, wanted)
-        if len(self._entries) >= self.LIMIT:
-            self._entries.clear()
-        self._entries[key] = (base, current, result)
-        return result
+        return self._memo.get(current, base, wanted, lambda: _view(base, current, wanted))
 
 
 _VIEWS = _Views()
@@ -511,14 +549,17 @@ class DeltaStream(StreamIdentity):
         before = state.subscription() if state.requested else ()
         subscribe = set(request.resource_names_subscribe)
         unsubscribe = set(request.resource_names_unsubscribe)
+        reported: Mapping[str, str] = _NO_VERSIONS
         if not state.requested:
-            self._open(type_url, state, request, subscribe)
+            reported = self._open(type_url, state, request, subscribe)
         elif WILDCARD in subscribe and not state.wildcard:
             # Every name becomes wanted, and a name the base has must not count as held: drop the base.
             state.overrides, state.base = dict(state.held), None
             state.wildcard = True
         subscribe.discard(WILDCARD)
-        fresh = [n for n in subscribe if not state.wants(n)]
+        # A reconnecting client subscribes to what it holds in the same request that reports it: those names
+        # are held as reported, not fresh (else every reconnect would re-send every EDS and RDS resource).
+        fresh = [n for n in subscribe if not state.wants(n) and n not in reported]
         if WILDCARD in unsubscribe:
             state.wildcard = False
         names = (state.names | subscribe) - unsubscribe
@@ -535,15 +576,20 @@ class DeltaStream(StreamIdentity):
     @staticmethod
     def _open(
         type_url: str, state: DeltaTypeState, request: discovery_pb2.DeltaDiscoveryRequest, subscribe: set[str]
-    ) -> None:
-        """The first request of a type: wildcard or not, and what a reconnecting client already holds."""
+    ) -> Mapping[str, str]:
+        """The first request of a type: wildcard or not, and what a reconnecting client already holds.
+
+        Returns `initial_resource_versions` (name → version held): only this request carries them, and the
+        names it reports are subscribed too, even if `resource_names_subscribe` omits them.
+        """
         state.requested = True
         # Legacy wildcard: Envoy opens CDS/LDS with an empty list, not "*" (reference §7.7).
         state.wildcard = WILDCARD in subscribe or (type_url in WILDCARD_TYPES and not subscribe)
-        initial = request.initial_resource_versions
+        initial: Mapping[str, str] = request.initial_resource_versions
         state.overrides = {sys.intern(n): v for n, v in initial.items()}
         if not state.wildcard:
             subscribe.update(initial)
+        return initial
 
     def _answer(
         self,
