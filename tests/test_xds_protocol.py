@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -17,7 +19,16 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.snapshots.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    SECRET,
+    Snapshot,
+    TypeSnapshot,
+)
 from controlplane.xds.protocol import (
     KEEP_SUFFIX,
     Ack,
@@ -774,3 +785,34 @@ def test_unsupported_type_is_reported_once_and_not_answered() -> None:
     out = stream.receive(req(secret, ["cert"], node=True), 0.0)
     assert out.responses == () and of_type(out, Unsupported) == [Unsupported(secret)]
     assert of_type(stream.receive(req(secret, ["cert"]), 0.0), Unsupported) == []
+
+
+def test_old_snapshots_are_freed_by_reference_counting_once_every_stream_moved_past_them() -> None:
+    """Memos live as long as their snapshot: a server pushing for weeks must not keep every old one."""
+    gc.disable()
+    try:
+        streams = [started()[0] for _ in range(3)]
+        old: list[weakref.ref[TypeSnapshot]] = []
+        for i in range(6):
+            s = snap(clusters=("backend", f"extra-{i}"), routes={"local_route": f"r{i}"})
+            old += [weakref.ref(t) for t in s.types.values()]
+            for stream in streams:
+                settle(stream, stream.set_snapshot(s, 0.0))
+        del s
+        alive = [r for r in old if r() is not None]
+        assert len(alive) <= len(PUSH_ORDER)  # the current snapshot's types, nothing older
+    finally:
+        gc.enable()
+
+
+def settle(stream: AdsStream, out: Output) -> None:
+    """ACK everything as Envoy would (subscribing to every cluster's endpoints) until nothing more is sent."""
+    pending = list(out.responses)
+    while pending:
+        response = pending.pop(0)
+        names = decode(response)[1] if response.type_url == CLUSTER else ()
+        if response.type_url == CLUSTER:
+            pending += stream.receive(req(ENDPOINT, names), 0.0).responses
+        state = stream.type_state(response.type_url)
+        held = () if state is None or state.names is None else tuple(state.names)
+        pending += ack(stream, response, held).responses

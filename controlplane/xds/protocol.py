@@ -43,6 +43,7 @@ from controlplane.snapshots.snapshot import (
     Snapshot,
     TypeSnapshot,
 )
+from controlplane.xds.memo import PerSnapshot
 
 TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
@@ -282,13 +283,11 @@ def dropped(held: Iterable[str], names: Names, current: TypeSnapshot) -> tuple[s
 
 
 class _IdentityMemo:
-    """Results of pure functions of shared immutable arguments, computed once per fan-out, not per stream.
+    """Results of pure functions of shared immutable arguments (no snapshots), computed once per fan-out.
 
-    Streams that were sent the same response hold the same tuple of names (bodies and names are shared, see
-    `TypeSnapshot.entries_for` and `_UnionMemo`) and subscriptions are interned, so the questions every
-    stream asks when a snapshot arrives ("which clusters did it drop?", "what is left after unsubscribing?")
-    have the same arguments by identity; answering once keeps a fan-out O(streams), not O(streams x names).
-    Entries keep their arguments alive, so a recycled id() can never match.
+    Streams that were sent the same response hold the same tuple of names and subscriptions are interned, so
+    "what is left after this unsubscribe?" has the same arguments by identity on every stream. Entries keep
+    their arguments alive, so a recycled id() can never match; they hold names only, never a snapshot.
     """
 
     LIMIT = 256
@@ -310,12 +309,11 @@ class _IdentityMemo:
 
 class _UnionMemo:
     """Make-before-break CDS bodies (the snapshot's clusters plus the removed ones still in use), built once
-    for all the streams that held the same clusters, instead of a dict and a join per stream."""
-
-    LIMIT = 64
+    for all the streams that held the same clusters, instead of a dict and a join per stream. Entries live as
+    long as the snapshot they were built for (`PerSnapshot`)."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, int, Names], tuple[object, object, object, _Target]] = {}
+        self._memo = PerSnapshot()
 
     def union(
         self,
@@ -325,20 +323,38 @@ class _UnionMemo:
         held_source: Mapping[str, EncodedResource],
         removed: tuple[str, ...],
     ) -> _Target:
-        key = (id(current), id(held), id(held_source), names)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is current and hit[1] is held and hit[2] is held_source:
-            return hit[3]
-        present = current.entries_for(names)[1]
-        merged = {n: current.resources[n] for n in present}
-        merged.update((n, held_source[n]) for n in removed)
-        ordered = tuple(sorted(merged))
-        keep_body = b"".join(merged[n].response_entry for n in ordered)
-        target = _Target(current.version + KEEP_SUFFIX, keep_body, ordered, MappingProxyType(merged))
-        if len(self._entries) >= self.LIMIT:
-            self._entries.clear()
-        self._entries[key] = (current, held, held_source, target)
-        return target
+        def build() -> tuple[object, object, _Target]:
+            return held, held_source, _union(current, names, held_source, removed)
+
+        found = self._memo.get(current, None, (id(held), id(held_source), names), build)
+        if found[0] is held and found[1] is held_source:
+            return found[2]
+        return build()[2]  # an id() reused by other objects: rare, and then simply not shared
+
+
+def _union(
+    current: TypeSnapshot, names: Names, held_source: Mapping[str, EncodedResource], removed: tuple[str, ...]
+) -> _Target:
+    present = current.entries_for(names)[1]
+    merged = {n: current.resources[n] for n in present}
+    merged.update((n, held_source[n]) for n in removed)
+    ordered = tuple(sorted(merged))
+    keep_body = b"".join(merged[n].response_entry for n in ordered)
+    return _Target(current.version + KEEP_SUFFIX, keep_body, ordered, MappingProxyType(merged))
+
+
+class _Removals:
+    """`dropped` per snapshot: every stream that held the same clusters asks the same question."""
+
+    def __init__(self) -> None:
+        self._memo = PerSnapshot()
+
+    def dropped(self, held: tuple[str, ...], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
+        def compute() -> tuple[tuple[str, ...], tuple[str, ...]]:
+            return held, dropped(held, names, current)
+
+        found = self._memo.get(current, None, (id(held), names), compute)
+        return found[1] if found[0] is held else compute()[1]
 
 
 class _Frames:
@@ -352,9 +368,11 @@ class _Frames:
     """
 
     LIMIT = 32
+    BYTES_LIMIT = 64 << 20  # bodies and frames kept: a few pushes of a multi-megabyte route configuration
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, str, str], tuple[bytes, int, bytes]] = {}
+        self._bytes = 0
         self._last = 0
 
     def frame(self, body: bytes, version: str, type_url: str, after: int) -> tuple[int, bytes]:
@@ -364,14 +382,18 @@ class _Frames:
             return hit[1], hit[2]
         self._last += 1
         data = frame_response(body, version, type_url, str(self._last))
-        if len(self._entries) >= self.LIMIT:
-            self._entries.clear()
+        size = len(body) + len(data)
+        if len(self._entries) >= self.LIMIT or self._bytes + size > self.BYTES_LIMIT:
+            self._entries.clear()  # the current push's frames are rebuilt once by the next stream asking
+            self._bytes = 0
         self._entries[key] = (body, self._last, data)
+        self._bytes += size
         return self._last, data
 
 
 _MEMO = _IdentityMemo()
 _UNIONS = _UnionMemo()
+_REMOVALS = _Removals()
 _FRAMES = _Frames()
 
 
@@ -564,7 +586,7 @@ class AdsStream(StreamIdentity):
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:
             return _Target(current.version, body, names, current.resources)
-        removed = _MEMO.call(dropped, state.sent_names, state.names, current)
+        removed = _REMOVALS.dropped(state.sent_names, state.names, current)
         if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
             return _Target(current.version, body, names, current.resources)
         return _UNIONS.union(current, state.names, state.sent_names, state.sent_source, removed)
