@@ -97,3 +97,31 @@ async def test_run_loop_reconciles_on_scope_change_and_stops() -> None:
     await eventually(lambda: any("acme" in c for c in source.calls), "scope change read", timeout=5)
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_reconcile_touching_many_projects_recompiles_once() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes)
+    await w._sync_once()
+    for pid in range(100, 300):  # 200 projects appear, 1 is archived: one inventory change
+        source.projects[pid] = Project(pid, f"acme/p{pid}", 10)
+    source.projects[42] = replace(source.projects[42], archived=True)
+    w.request_full()
+    await w._sync_once()
+    assert changes.count == 2 and len(w.inventory.projects) == 201
+
+
+async def test_a_burst_of_webhooks_is_read_in_one_resync_and_one_recompile() -> None:
+    """Fifty job or project hooks arriving while a sync runs: their projects are re-read together."""
+    source, changes = FakeSource(), Changes()
+    for pid in range(100, 150):
+        source.projects[pid] = Project(pid, f"acme/p{pid}", 10)
+    w = watcher(source, changes)
+    await w._sync_once()
+    for pid in range(100, 150):
+        source.projects[pid] = replace(source.projects[pid], archived=True)
+        w.request_project(pid)
+    source.calls.clear()
+    await w._sync_once()
+    assert changes.count == 2 and len(source.calls) == 50
+    assert all(p.archived for p in w.inventory.projects if p.id >= 100)
