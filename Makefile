@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test unit lint snapshots bench clean
+.PHONY: setup demo test unit lint snapshots bench bench-fleet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: setup
 	$(PY) benchmarks/policy_to_enforcement.py
 	$(PY) benchmarks/xds_fanout.py
 	$(PY) benchmarks/revocation_latency.py
+
+bench-fleet: setup
+	$(PY) benchmarks/delta_push_cost.py
+	$(PY) benchmarks/fleet_sim.py --streams 1000 --workers 2 --scenario all --mode sotw
+	$(PY) benchmarks/fleet_sim.py --streams 1000 --workers 2 --scenario all --mode delta
+	$(PY) benchmarks/fleet_sim.py --streams 10000 --workers 4 --inflight 125 --scenario connect,policy --mode sotw
+	$(PY) benchmarks/sovereign_compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

@@ -150,6 +150,8 @@ class StreamState:
     # system_version_info, and per resource version how often it arrived / which ones were NACKed.
     held: dict[str, dict[str, str]] = field(default_factory=dict)
     wanted: dict[str, frozenset[str]] = field(default_factory=dict)
+    # SotW only: the resource names last subscribed per type, re-sent with the held versions on a reconnect.
+    sotw_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     system_version: dict[str, str] = field(default_factory=dict)
     resources_received: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     nacked_resources: list[tuple[str, str, str]] = field(default_factory=list)
@@ -195,7 +197,7 @@ class StreamDriver:
     def __init__(self, state: StreamState, group: str) -> None:
         self.state = state
         self.group = group
-        self.resumed = False  # Delta reconnect: the first requests told the server everything held
+        self.resumed = False  # a reconnect: the first requests told the server everything held
 
     def first_requests(self) -> list[Any]:
         raise NotImplementedError
@@ -213,7 +215,7 @@ class SotwDriver(StreamDriver):
 
     def __init__(self, state: StreamState, group: str) -> None:
         super().__init__(state, group)
-        self.names: dict[str, tuple[str, ...]] = {"cds": (), "lds": (), "eds": (), "rds": ()}
+        self.names: dict[str, tuple[str, ...]] = {"cds": (), "lds": (), "eds": (), "rds": (), **state.sotw_names}
         self.nonce: dict[str, str] = {}
         self.lds_requested = False
 
@@ -232,13 +234,19 @@ class SotwDriver(StreamDriver):
         return request
 
     def first_requests(self) -> list[Any]:
-        self.state.subscribed.add("cds")
-        return [self._request("cds", first=True)]
+        """Startup asks for CDS; a reconnect re-subscribes every type at once with the versions it holds (§1.3)."""
+        held = [label for label in ("cds", "eds", "lds", "rds") if label in self.state.acked]
+        if not held:
+            self.state.subscribed.add("cds")
+            return [self._request("cds", first=True)]
+        self.resumed = self.lds_requested = True
+        self.state.subscribed.update(held)
+        return [self._request(label, first=i == 0) for i, label in enumerate(held)]
 
     def _subscribe(self, label: str, names: tuple[str, ...]) -> list[Any]:
         if not names or (label in self.state.subscribed and names == self.names[label]):
             return []
-        self.names[label] = names
+        self.names[label] = self.state.sotw_names[label] = names
         self.state.subscribed.add(label)
         return [self._request(label)]
 
@@ -525,11 +533,21 @@ class SimStream:
             self._release()
 
     def _fresh_state(self) -> StreamState:
-        """A new call starts from nothing, except Delta, which resumes with what it holds (and pending NACKs)."""
+        """A new call resumes with what the proxy holds, as Envoy does: Delta's resource versions, SotW's
+        accepted version and names per type (pending NACKs carry over); a call that never started starts fresh."""
         old = self.state
-        held = {k: dict(v) for k, v in old.held.items()} if self.mode == "delta" and old.ready_at else {}
+        resuming = old.ready_at is not None
+        held = {k: dict(v) for k, v in old.held.items()} if self.mode == "delta" and resuming else {}
+        sotw = self.mode == "sotw" and resuming
         return StreamState(
-            self.index, old.node_id, nack_next=set(old.nack_next), connected_at=time.monotonic(), held=held
+            self.index,
+            old.node_id,
+            nack_next=set(old.nack_next),
+            connected_at=time.monotonic(),
+            held=held,
+            acked=dict(old.acked) if sotw else {},
+            last_version=dict(old.acked) if sotw else {},
+            sotw_names=dict(old.sotw_names) if sotw else {},
         )
 
     async def _call(self, channel: grpc.aio.Channel) -> bool:
