@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/revocation_latency.py
 
 bench-fleet: setup
+	$(PY) benchmarks/grpc_floor.py
 	$(PY) benchmarks/delta_push_cost.py
 	$(PY) benchmarks/fleet_sim.py --streams 1000 --workers 2 --scenario all --mode sotw
 	$(PY) benchmarks/fleet_sim.py --streams 1000 --workers 2 --scenario all --mode delta
