@@ -47,3 +47,20 @@ def jwt_authentication(group: CompiledGroup) -> jwt_config.JwtAuthentication:
 
 def clusters(group: CompiledGroup) -> dict[str, cluster_pb2.Cluster]:
     return {name: cluster_pb2.Cluster.FromString(payload) for name, payload in group.resources[CLUSTER]}
+
+
+def vhost_requirement_name(group: CompiledGroup, backend: str) -> str | None:
+    """The JWT requirement a backend's virtual host names (None: jwt_authn has nothing to require there)."""
+    vhost = next(v for v in routes(group).virtual_hosts if v.name == backend)
+    if "envoy.filters.http.jwt_authn" not in vhost.typed_per_filter_config:
+        return None
+    per_route = jwt_config.PerRouteConfig()
+    vhost.typed_per_filter_config["envoy.filters.http.jwt_authn"].Unpack(per_route)
+    return per_route.requirement_name
+
+
+def vhost_requirement(group: CompiledGroup, backend: str) -> jwt_config.JwtRequirement:
+    """The listener's requirement for a backend, found as Envoy finds it: by the name its virtual host gives."""
+    name = vhost_requirement_name(group, backend)
+    assert name is not None, f"{backend} names no JWT requirement"
+    return jwt_config.JwtRequirement() if name is None else jwt_authentication(group).requirement_map[name]

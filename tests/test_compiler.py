@@ -13,7 +13,16 @@ from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.rbac import path_string_matcher
 from controlplane.model.errors import PolicyInvalid
-from tests.compiled import clusters, connection_manager, jwt_authentication, policy_of, routes, vhost_rbac
+from tests.compiled import (
+    clusters,
+    connection_manager,
+    jwt_authentication,
+    policy_of,
+    routes,
+    vhost_rbac,
+    vhost_requirement,
+    vhost_requirement_name,
+)
 
 ISSUER = """
 kind: Issuer
@@ -179,9 +188,28 @@ def test_jwt_provider_extracts_bearer_only_never_forwards_and_caches() -> None:
     assert [(h.name, h.value_prefix) for h in provider.from_headers] == [("Authorization", "Bearer ")]
     assert not provider.forward and provider.jwt_cache_config.jwt_cache_size > 0
     assert provider.issuer == "https://gitlab.example.com"
-    requirement = jwt_authentication(group).requirement_map["backend-billing"]  # type: ignore[arg-type]
+    requirement = vhost_requirement(group, "billing")  # type: ignore[arg-type]
     assert list(requirement.provider_and_audiences.audiences) == ["https://billing.local"]
     assert "jwks-gitlab" not in clusters(group)  # type: ignore[arg-type]  # relayed (default): keys are inline
+
+
+def test_a_host_moved_to_another_backend_with_the_same_audience_keeps_its_requirement_name() -> None:
+    """The listener holds requirements and the routes name them; Envoy applies the two one after the other,
+    so a name that changed with the backend would be a 403 "Wrong requirement_name" in between."""
+    before = compile_with(BINDING)["gw"]
+    moved = BACKENDS.replace("name: billing\n", "name: billing-v2\n").replace("backend: billing", "backend: billing-v2")
+    policy = policy_of(
+        issuer=ISSUER,
+        inventory=INVENTORY,
+        backends=moved.replace("[billing, ledger]", "[billing-v2, ledger]"),
+        bindings=BINDING,
+    )
+    after = compile_policy(policy)["gw"]
+    name = vhost_requirement_name(before, "billing")  # type: ignore[arg-type]
+    assert name is not None and name == vhost_requirement_name(after, "billing-v2")
+    assert name in jwt_authentication(after).requirement_map
+    # billing and ledger share audience rules only if their audiences match: here each has its own.
+    assert len(jwt_authentication(after).requirement_map) == 2
 
 
 def test_identity_headers_replace_client_sent_ones_once_for_every_host() -> None:

@@ -35,7 +35,16 @@ from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Backend, Mode, Policy
 from controlplane.service import compile_model
 from controlplane.snapshots.snapshot import ENDPOINT, LISTENER, ROUTE
-from tests.compiled import clusters, connection_manager, jwt_authentication, policy_of, routes, vhost_rbac
+from tests.compiled import (
+    clusters,
+    connection_manager,
+    jwt_authentication,
+    policy_of,
+    routes,
+    vhost_rbac,
+    vhost_requirement,
+    vhost_requirement_name,
+)
 from tests.support.envoy import validate_config
 from tests.test_golden import _as_static_bootstrap
 
@@ -123,9 +132,7 @@ def unpacked(config: Any, message_type: Callable[[], Any]) -> Any:
 
 
 def requirement(group: CompiledGroup, backend: str) -> Any:
-    return json_format.MessageToDict(
-        jwt_authentication(group).requirement_map[f"backend-{backend}"], preserving_proto_field_name=True
-    )
+    return json_format.MessageToDict(vhost_requirement(group, backend), preserving_proto_field_name=True)
 
 
 # --- provider ---------------------------------------------------------------------------------------
@@ -192,12 +199,12 @@ def test_exchanged_backend_accepts_only_credentials() -> None:
     per_route = unpacked(
         vhost(group, "vault").typed_per_filter_config["envoy.filters.http.jwt_authn"], jwt_config.PerRouteConfig
     )
-    assert per_route.requirement_name == "backend-vault"
+    assert per_route.requirement_name in jwt_authentication(group).requirement_map
 
 
 def test_exchanged_backend_without_credentials_denies_everything() -> None:
     group = gateway(None)
-    assert "backend-vault" not in jwt_authentication(group).requirement_map
+    assert vhost_requirement_name(group, "vault") is None
     rules = vhost_rbac(group, "vault").rbac.rules
     assert rules.action == rbac_config.RBAC.ALLOW and len(rules.policies) == 0  # deny all (G11)
 

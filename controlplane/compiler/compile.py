@@ -151,7 +151,7 @@ class _Shared:
 class _BackendParts:
     """Everything one backend contributes to a gateway's resources, serialized."""
 
-    requirement: bytes | None
+    requirement: tuple[str, bytes] | None  # (name, serialized JwtRequirement)
     virtual_host: bytes
     cluster: bytes
     endpoints: bytes | None
@@ -178,12 +178,12 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
                 functools.partial(_backend_parts, backend, backend_grants, accepted, shared.shape, roles),
             )
         )
-    requirements = [(requirement_name(b.name), p.requirement) for b, p in zip(backends, parts, strict=True)]
+    requirements = dict(p.requirement for p in parts if p.requirement is not None)
     providers = {provider_name(i.name): jwt.provider(i, aud, shared.keys.get(i.name)) for i, aud in issuers}
     if shared.shape.issuer is not None:
         audiences = [b.audience for b in backends]
         providers[CREDENTIAL_PROVIDER] = jwt.credential_provider(shared.credentials, audiences)
-    authentication = jwt.authentication_bytes(providers, [(n, r) for n, r in requirements if r is not None])
+    authentication = jwt.authentication_bytes(providers, list(requirements.items()))
     route_name = route_config_name(gateway.name)
     virtual_hosts = [p.virtual_host for p in parts]
     resources: Resources = {
@@ -217,10 +217,11 @@ def _backend_parts(
     if shape.issuer is not None:
         providers.append(CREDENTIAL_PROVIDER)
         grants += rbac.exchanged_grants(shape.issuer, roles)
-    requirement = serialized(jwt.requirement(providers, backend.audience)) if providers else None
+    name = requirement_name(providers, backend.audience) if providers else None
+    requirement = (name, serialized(jwt.requirement(providers, backend.audience))) if name is not None else None
     return _BackendParts(
         requirement=requirement,
-        virtual_host=route.virtual_host_bytes(backend, grants, authenticated=bool(providers), exchange=shape.exchange),
+        virtual_host=route.virtual_host_bytes(backend, grants, name, exchange=shape.exchange),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),
     )

@@ -21,7 +21,6 @@ from controlplane.compiler.names import (
     HEADER_KEY,
     PAYLOAD_KEY,
     jwks_cluster,
-    requirement_name,
 )
 from controlplane.compiler.util import millis, seconds, serialized
 from controlplane.model.credentials import CredentialInputs
@@ -116,8 +115,9 @@ def _any_of(alternatives: Sequence[jwt.JwtRequirement]) -> jwt.JwtRequirement:
 
 def authentication_bytes(providers: Mapping[str, jwt.JwtProvider], requirements: Sequence[tuple[str, bytes]]) -> bytes:
     """Serialized JwtAuthentication. `providers` by provider name (see `provider`, `credential_provider`);
-    `requirements` are the per-backend requirements, already serialized (one per backend, so thousands: they
-    are appended as wire-level map entries instead of being rebuilt as messages).
+    `requirements` are the backends' requirements by name, already serialized (one per distinct audience and
+    set of providers, so up to thousands: they are appended as wire-level map entries instead of being rebuilt
+    as messages).
 
     The filter-level rule (a token from any provider) only decides requests no virtual host claims:
     they are then denied by the filter-level RBAC, but a missing token still reads as 401.
@@ -136,8 +136,8 @@ def authentication_bytes(providers: Mapping[str, jwt.JwtProvider], requirements:
 _REQUIREMENT_MAP = wire.number(jwt.JwtAuthentication, "requirement_map")
 
 
-def per_route_requirement(backend: str) -> jwt.PerRouteConfig:
-    return jwt.PerRouteConfig(requirement_name=requirement_name(backend))
+def per_route_requirement(name: str) -> jwt.PerRouteConfig:
+    return jwt.PerRouteConfig(requirement_name=name)
 
 
 def per_route_disabled() -> jwt.PerRouteConfig:

@@ -6,6 +6,8 @@ other name are silently ignored by Envoy (envoy-1.40-verified.md, G1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # The bootstrap's static cluster to the control plane: ADS, and the audit log stream ride on it.
 XDS_CLUSTER = "xds_cluster"
 
@@ -61,8 +63,12 @@ def provider_name(issuer: str) -> str:
     return issuer
 
 
-def requirement_name(backend: str) -> str:
-    return f"backend-{backend}"
+def requirement_name(providers: Sequence[str], audience: str) -> str:
+    """Named after what it requires, not after a backend: when a host moves to another backend with the same
+    audience, the name stays, so the listener (which holds the requirement) and the routes (which name it),
+    updated one after the other, never disagree (a changed name would be a 403 "Wrong requirement_name" for
+    the moment in between). Backends requiring the same share one entry."""
+    return f"aud={audience} providers={','.join(sorted(set(providers)))}"
 
 
 def policy_name(binding: str, role: str) -> str:

@@ -40,12 +40,13 @@ EXCHANGE_TIMEOUT_MS = 10_000
 
 
 def virtual_host(
-    backend: Backend, grants: Sequence[GrantSpec], authenticated: bool, exchange: bool = False
+    backend: Backend, grants: Sequence[GrantSpec], requirement: str | None, exchange: bool = False
 ) -> rc.VirtualHost:
-    """`exchange`: the token-exchange endpoint is routed first on this host (see `_exchange_route`)."""
+    """`requirement`: the name of the listener's JWT requirement for this host (None: no issuer accepts
+    tokens here); `exchange`: the token-exchange endpoint is routed first on this host (see `_exchange_route`)."""
     per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
-    if authenticated:
-        per_filter[JWT_FILTER] = packed(per_route_requirement(backend.name))
+    if requirement is not None:
+        per_filter[JWT_FILTER] = packed(per_route_requirement(requirement))
     per_filter.update((name, packed(config)) for name, config in inject.per_filter_config(backend).items())
     return rc.VirtualHost(
         name=backend.name,
@@ -60,9 +61,9 @@ def virtual_host(
 
 
 def virtual_host_bytes(
-    backend: Backend, grants: Sequence[GrantSpec], authenticated: bool, exchange: bool = False
+    backend: Backend, grants: Sequence[GrantSpec], requirement: str | None, exchange: bool = False
 ) -> bytes:
-    return serialized(virtual_host(backend, grants, authenticated, exchange))
+    return serialized(virtual_host(backend, grants, requirement, exchange))
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> bytes:
