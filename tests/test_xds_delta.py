@@ -203,6 +203,9 @@ class CountingRejections:
     def remember_rejected(self, node_id: str, type_url: str, version: str) -> None:
         pass
 
+    def has_rejections(self, node_id: str, type_url: str) -> bool:
+        return False  # one O(1) question per stream and type; `asked` counts the per-resource ones
+
 
 def counted(snapshot: Snapshot) -> tuple[Snapshot, list[CountingResources]]:
     wrapped = {t: CountingResources(s.resources) for t, s in snapshot.types.items()}

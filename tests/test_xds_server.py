@@ -509,6 +509,8 @@ def test_registry_nack_memory_is_bounded_to_recent_nodes() -> None:
     registry.remember_rejected("d", CLUSTER, "v")  # evicts b, the least recent
     assert [registry.is_rejected(n, CLUSTER, "v") for n in "abcd"] == [True, False, True, True]
     assert registry.is_rejected("a", CLUSTER, "w")
+    assert [registry.has_rejections(n, CLUSTER) for n in "abcd"] == [True, False, True, True]
+    assert not registry.has_rejections("a", ROUTE)
 
 
 # ------------------------------------------------------------------------------ fan-out pacing, coalescing

@@ -105,6 +105,10 @@ class RejectionMemory(RejectedVersions, Protocol):
 
     def remember_rejected(self, node_id: str, type_url: str, version: str) -> None: ...
 
+    def has_rejections(self, node_id: str, type_url: str) -> bool:
+        """Whether this node rejected anything of the type: a push then need not ask about each resource."""
+        ...
+
 
 class _Forgetful:
     def is_rejected(self, node_id: str, type_url: str, version: str) -> bool:
@@ -113,47 +117,8 @@ class _Forgetful:
     def remember_rejected(self, node_id: str, type_url: str, version: str) -> None:
         pass
 
-
-class _Told:
-    """The (node, type) pairs a RejectionMemory was told a rejected resource of, by the Delta streams.
-
-    Resource keys reach a RejectionMemory only through `DeltaStream._reject` (the adapter records whole
-    type versions, which never look like `name@version`), so a node missing here rejected no resource of
-    the type, and a push need not ask the memory about each changed resource: O(1) instead of O(changed).
-    The memory may forget (it is bounded) and this does not, which only costs needless questions; past
-    LIMIT pairs it gives up and says "ask" for everyone.
-    """
-
-    LIMIT = 100_000
-
-    def __init__(self) -> None:
-        self.pairs: set[tuple[str, str]] = set()
-        self.saturated = False
-
-    def add(self, node_id: str, type_url: str) -> None:
-        if len(self.pairs) >= self.LIMIT:
-            self.saturated = True
-            self.pairs.clear()
-        if not self.saturated:
-            self.pairs.add((node_id, type_url))
-
-    def may_reject(self, node_id: str, type_url: str) -> bool:
-        return self.saturated or (node_id, type_url) in self.pairs
-
-
-_TOLD: weakref.WeakKeyDictionary[object, _Told] = weakref.WeakKeyDictionary()
-
-
-def _told(memory: object) -> _Told:
-    """The `_Told` shared by every stream of `memory`; one that always asks if it cannot be indexed."""
-    try:
-        told = _TOLD.get(memory)
-        if told is None:
-            told = _TOLD[memory] = _Told()
-    except TypeError:  # not hashable or not weakly referenceable
-        told = _Told()
-        told.saturated = True
-    return told
+    def has_rejections(self, node_id: str, type_url: str) -> bool:
+        return False
 
 
 def resource_key(name: str, version: str) -> str:
@@ -458,7 +423,6 @@ class DeltaStream(StreamIdentity):
         super().__init__()
         self.snapshot: Snapshot | None = None
         self._rejected: RejectionMemory = rejected if rejected is not None else _Forgetful()
-        self._told = _told(self._rejected)
         self._types: dict[str, DeltaTypeState] = {}
         self._last_nonce = 0
 
@@ -568,7 +532,6 @@ class DeltaStream(StreamIdentity):
         keys = [resource_key(r.name, r.version) for r in sent.resources]
         keys += [resource_key(n, REMOVAL + sent.version) for n in sent.removed]
         state.nacked = state.nacked.union(keys)
-        self._told.add(self.node_id, type_url)
         for key in keys:
             self._rejected.remember_rejected(self.node_id, type_url, key)
         undo = [(r.name, r.version) for r in sent.resources] + [(n, None) for n in sent.removed]
@@ -734,7 +697,7 @@ class DeltaStream(StreamIdentity):
 
     def _any_rejected(self, type_url: str, state: DeltaTypeState, view: _View) -> bool:
         """O(1) for a node that never rejected a resource of the type, else O(changed)."""
-        if not state.nacked and not self._told.may_reject(self.node_id, type_url):
+        if not state.nacked and not self._rejected.has_rejections(self.node_id, type_url):
             return False
         rejected = functools.partial(self._rejected.is_rejected, self.node_id, type_url)
         for keys in (view.keys, view.removed_keys):

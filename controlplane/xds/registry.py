@@ -123,6 +123,10 @@ class ProxyRegistry:
         by_type = self._memory.get(node_id)
         return by_type is not None and version in by_type.get(type_url, ())
 
+    def has_rejections(self, node_id: str, type_url: str) -> bool:
+        by_type = self._memory.get(node_id)
+        return by_type is not None and bool(by_type.get(type_url))
+
     def records(self) -> list[ProxyRecord]:
         return sorted(self._records, key=lambda r: (r.group, r.node_id, r.connected_since))
 
