@@ -59,6 +59,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
     varint,
 )
+from controlplane.xds.memo import SUBSCRIPTIONS as _SUBSCRIPTIONS
 from controlplane.xds.memo import PerSnapshot
 from controlplane.xds.protocol import (
     Ack,
@@ -306,28 +307,6 @@ class _Views:
 _VIEWS = _Views()
 
 
-class _Interned:
-    """Canonical instances of equal subscriptions: every proxy of a group sends the same EDS/RDS names, so
-    their streams share one frozenset (bounded: a runaway variety only costs the sharing)."""
-
-    LIMIT = 1024
-
-    def __init__(self) -> None:
-        self._sets: dict[frozenset[str], frozenset[str]] = {}
-
-    def intern(self, names: Iterable[str]) -> frozenset[str]:
-        names = frozenset(names)
-        known = self._sets.get(names)
-        if known is not None:
-            return known
-        if len(self._sets) >= self.LIMIT:
-            self._sets.clear()
-        names = frozenset(sys.intern(n) for n in names)
-        self._sets[names] = names
-        return names
-
-
-_SUBSCRIPTIONS = _Interned()
 _NOTHING = _SUBSCRIPTIONS.intern(())
 
 

@@ -9,8 +9,9 @@ reference, alive until the bound is reached, so server memory would climb for hu
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar, cast
 
 from controlplane.snapshots.snapshot import TypeSnapshot
@@ -68,3 +69,28 @@ class PerSnapshot:
         known = self._memos.get(key)
         if known is not None and known[0] is ref:
             del self._memos[key]
+
+
+class Interned:
+    """Canonical instances of equal subscriptions: every proxy of a group sends the same EDS/RDS names, so
+    their streams share one frozenset (bounded: a runaway variety only costs the sharing)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def intern(self, names: Iterable[str]) -> frozenset[str]:
+        names = frozenset(names)
+        known = self._sets.get(names)
+        if known is not None:
+            return known
+        if len(self._sets) >= self.LIMIT:
+            self._sets.clear()
+        names = frozenset(sys.intern(n) for n in names)
+        self._sets[names] = names
+        return names
+
+
+# One table for both protocols: SotW and Delta streams of a group subscribe to the same names.
+SUBSCRIPTIONS = Interned()

@@ -22,7 +22,6 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -43,6 +42,7 @@ from controlplane.snapshots.snapshot import (
     Snapshot,
     TypeSnapshot,
 )
+from controlplane.xds.memo import SUBSCRIPTIONS as _SUBSCRIPTIONS
 from controlplane.xds.memo import PerSnapshot
 
 TYPE_LABELS: Mapping[str, str] = MappingProxyType(
@@ -229,28 +229,6 @@ def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
     if type_url in WILDCARD_TYPES and (not names or "*" in names):
         return None
     return _SUBSCRIPTIONS.intern(names)
-
-
-class _Interned:
-    """Canonical instances of equal subscriptions (bounded: a runaway variety only costs sharing)."""
-
-    LIMIT = 1024
-
-    def __init__(self) -> None:
-        self._sets: dict[frozenset[str], frozenset[str]] = {}
-
-    def intern(self, names: frozenset[str]) -> frozenset[str]:
-        known = self._sets.get(names)
-        if known is not None:
-            return known
-        if len(self._sets) >= self.LIMIT:
-            self._sets.clear()
-        names = frozenset(sys.intern(n) for n in names)
-        self._sets[names] = names
-        return names
-
-
-_SUBSCRIPTIONS = _Interned()
 
 
 def _forget_unsubscribed(state: TypeState, names: Names) -> None:
