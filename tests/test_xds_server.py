@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -519,11 +519,12 @@ def test_registry_nack_memory_is_bounded_to_recent_nodes() -> None:
 class _CountingMachine:
     """Stands in for a stream's state machine: records which snapshots it was given, and when."""
 
-    def __init__(self, journal: list[str], group: str) -> None:
+    def __init__(self, journal: list[str], group: str, on_given: Callable[[], None] = lambda: None) -> None:
         self.node = None
         self.node_id = "n"
         self.group = group
         self.journal = journal
+        self.on_given = on_given
         self.given: list[str] = []
 
     def set_snapshot(self, snapshot: Snapshot, now: float) -> protocol.Output:
@@ -531,11 +532,14 @@ class _CountingMachine:
         if not self.given or self.given[-1] != version:  # as the real machines: the same snapshot is a no-op
             self.given.append(version)
             self.journal.append("stream")
+            self.on_given()
         return protocol.Output()
 
 
-def _fleet_of(server: XdsServer, count: int, journal: list[str]) -> list[_CountingMachine]:
-    machines = [_CountingMachine(journal, "g") for _ in range(count)]
+def _fleet_of(
+    server: XdsServer, count: int, journal: list[str], on_given: Callable[[], None] = lambda: None
+) -> list[_CountingMachine]:
+    machines = [_CountingMachine(journal, "g", on_given) for _ in range(count)]
     for machine in machines:
         server._by_group["g"].add(_Session(machine, "peer", "sotw"))  # type: ignore[arg-type]
     return machines
@@ -567,12 +571,15 @@ async def test_changes_during_a_fan_out_are_coalesced_into_the_newest_snapshot()
     server = XdsServer(cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
     await server.start(LOOPBACK, 0)
     try:
-        machines = _fleet_of(server, 4 * FAN_OUT_CHUNK, [])
         snapshots = [snap("g", f"v{i}") for i in range(10)]
+        burst = iter([snapshots[1:]])
+
+        def nine_more_changes_once() -> None:  # while the first stream is being served
+            for later in next(burst, ()):
+                cache.set(later)
+
+        machines = _fleet_of(server, 4 * FAN_OUT_CHUNK, [], nine_more_changes_once)
         cache.set(snapshots[0])
-        await asyncio.sleep(0)  # let the fan-out serve its first chunk (a scheduling step, not a wait for state)
-        for later in snapshots[1:]:
-            cache.set(later)
         newest = snapshots[-1].types[CLUSTER].version
         await eventually(lambda: all(m.given and m.given[-1] == newest for m in machines), "all on the newest")
         calls = sum(len(m.given) for m in machines)
