@@ -48,7 +48,10 @@ ORDER = ("cds", "eds", "lds", "rds")
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 HCM_URL = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+# No BDP probing: grpc core's client would PING the server on every response to size its receive window, which
+# Envoy's HTTP/2 codec never does (it opens a large window up front), so the server would answer pings no real
+# fleet sends.
+CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0))
 WAVE = 100
 STARTUP_ATTEMPTS = 4
 # Failures of a call before startup completed that a real Envoy would answer by reconnecting. CANCELLED and
