@@ -28,6 +28,7 @@ from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
 from controlplane.model.load import parse_policy
 from controlplane.model.policy import Policy
+from controlplane.model.reuse import reuse_unchanged
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.sources.policy_dir import read_policy_dir
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
@@ -208,7 +209,8 @@ class PolicyService:
     def _parse(self, files: Mapping[str, str]) -> Policy:
         if self._parsed is not None and self._parsed[0] == files:
             return self._parsed[1]  # same objects: the compiler's memo then reuses everything
-        policy = parse_policy(files)
+        previous = self._parsed[1] if self._parsed is not None else None
+        policy = reuse_unchanged(parse_policy(files), previous)
         self._parsed = (dict(files), policy)
         return policy
 

@@ -56,3 +56,32 @@ async def test_reload_off_the_event_loop_publishes_the_same(tmp_path: Path) -> N
     reference = _service(tmp_path / "other")
     reference.reload()
     assert service.state.versions == reference.state.versions
+
+
+def test_a_commit_keeps_the_objects_it_did_not_change_so_the_compile_reuses_them(tmp_path: Path) -> None:
+    """The compiler's memo is keyed by object identity: a reload must hand it the previous objects it equals."""
+    service = _service(tmp_path)
+    service.reload()
+    before = service.current
+    assert before is not None
+    bindings = tmp_path / "policy" / "billing" / "bindings.yaml"
+    bindings.write_text(bindings.read_text().replace("pipeline_source: push", "pipeline_source: web"))
+    assert service.reload()
+    after = service.current
+    assert after is not None and after is not before
+    changed = {b.name for b in after.bindings if b not in before.bindings}
+    assert changed == {"deploy-prod-billing-write"}
+    kept = [b for b in after.bindings if b.name not in changed]
+    assert kept and all(any(b is old for old in before.bindings) for b in kept)
+    assert after.backends is before.backends and after.roles is before.roles and after.issuers is before.issuers
+
+
+def test_objects_carried_over_give_the_same_snapshots_as_a_fresh_load(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    service.reload()
+    bindings = tmp_path / "policy" / "billing" / "bindings.yaml"
+    bindings.write_text(bindings.read_text().replace("ref: main", "ref: release"))
+    service.reload()
+    fresh = PolicyService(tmp_path / "policy", SnapshotCache(), clock=lambda: 1000.0)
+    fresh.reload()
+    assert service.state.versions == fresh.state.versions
