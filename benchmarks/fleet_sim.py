@@ -123,6 +123,7 @@ class Policy:
         self.ports = [8080] * backends
         self.extra = 0
         self.team = 0
+        self.written_unix = 0.0
 
     @property
     def names(self) -> list[str]:
@@ -164,6 +165,7 @@ class Policy:
         tmp = self.dir / f".{name}.tmp"
         tmp.write_text(text)
         written = time.monotonic()
+        self.written_unix = time.time()  # to compare with the server's publication timestamp (a Unix time)
         tmp.replace(self.dir / name)
         return written
 
@@ -329,21 +331,45 @@ class Sim:
         r.figures = {"window_s": STEADY_S}
 
     def policy_commit(self, r: Result) -> None:
-        base = self.baseline()
-        self.policy.team += 1
-        written = self.policy.write_team()
-        out = self.await_change(base, ["rds"])
-        after = self.baseline()
-        others = sorted(k for k in ("cds", "eds", "lds") if after.get(k) != base.get(k))
-        ms = [(t["rds"] - written) * 1000 for t in out["times"].values() if t.get("rds") is not None]
-        r.ok = out["converged"] and len(ms) == self.args.streams and not others
+        """--commits policy commits, one at a time: each one's time until all streams ACKed it, from the file
+        write and from the snapshot's publication (the server's last-good-load timestamp, set as the compiled
+        snapshot is handed to the xDS cache, i.e. after the watcher's quiet period, parse and compile)."""
+        everyone, first, published, per_stream, others = [], [], [], [], set()
+        acked_all = True
+        for _ in range(self.args.commits):
+            base = self.baseline()
+            self.policy.team += 1
+            written = self.policy.write_team()
+            out = self.await_change(base, ["rds"])
+            after = self.baseline()
+            others |= {k for k in ("cds", "eds", "lds") if after.get(k) != base.get(k)}
+            ms = [(t["rds"] - written) * 1000 for t in out["times"].values() if t.get("rds") is not None]
+            acked_all = acked_all and out["converged"] and len(ms) == self.args.streams
+            if not ms:
+                continue
+            publication = (self._published_unix() - self.policy.written_unix) * 1000
+            everyone.append(max(ms))
+            first.append(min(ms))
+            published.append(max(ms) - publication)
+            per_stream += ms
+        r.ok = acked_all and not others
         r.figures = {
-            "acked": f"{len(ms)}/{self.args.streams}",
-            "rds p50/p99/max ms": spread(ms),
-            "all_ms": round(max(ms), 1) if ms else None,
-            "first_ms": round(min(ms), 1) if ms else None,
-            "other_types_changed": others or "none",
+            "commits": self.args.commits,
+            "all_acked_ms p50/p99/max": spread(everyone),
+            "from_publication_ms p50/p99/max": spread(published),
+            "first_ack_ms p50": round(pct(first, 0.5), 1) if first else None,
+            "per_stream_ms p50/p99/max": spread(per_stream),
+            "other_types_changed": sorted(others) or "none",
         }
+        if everyone:
+            r.figures["all_ms"] = round(pct(everyone, 0.99), 1)
+            r.figures["all_from_publication_ms"] = round(pct(published, 0.99), 1)
+
+    def _published_unix(self) -> float:
+        """When the server handed its latest snapshot to the xDS cache (Unix time)."""
+        text = self.cp.metrics()
+        match = re.search(r"^controlplane_policy_last_good_load_timestamp_seconds (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else float("nan")
 
     def swap(self, r: Result) -> None:
         base = self.baseline()
@@ -613,12 +639,14 @@ def targets(results: list[Result], streams: int) -> list[str]:
             per = r.figures["rss_kb_per_stream"]
             lines.append(f"RSS per stream {per} KB (target <= 100 KB): {'met' if per <= 100 else 'NOT met'}")
         if r.scenario == "policy" and r.figures.get("all_ms") is not None:
-            everyone = r.figures["all_ms"]
             goal = 300 if streams <= 1000 else 2000
-            lines.append(
-                f"policy commit ACKed by all {streams} streams in {everyone} ms from the file write, incl. 100 ms "
-                f"debounce (target: all within {goal} ms): {'met' if everyone <= goal else 'NOT met'}"
-            )
+            for key, origin in (("all_ms", "the file write, incl. the watcher's 100 ms quiet period"),
+                                ("all_from_publication_ms", "the snapshot's publication")):  # fmt: skip
+                everyone = r.figures[key]
+                lines.append(
+                    f"policy commit ACKed by all {streams} streams, p99 over {r.figures['commits']} commits: "
+                    f"{everyone} ms from {origin} (target: {goal} ms): {'met' if everyone <= goal else 'NOT met'}"
+                )
     return lines
 
 
@@ -644,6 +672,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenario", default="all", help=f"all or a comma list of {','.join(SCENARIOS)}")
     parser.add_argument("--mode", choices=["sotw", "delta"], default="sotw", help="ADS wire protocol")
     parser.add_argument("--pushes", type=int, default=1000, help="policy commits in the soak")
+    parser.add_argument("--commits", type=int, default=10, help="policy commits measured one at a time (policy)")
     parser.add_argument("--cpu-backends", type=int, default=1000, help="backends during delta-cpu")
     parser.add_argument("--per-channel", type=int, default=1, help="streams multiplexed per channel (1 = Envoy)")
     parser.add_argument("--wave", type=int, default=100, help="channels opened at once per worker")
