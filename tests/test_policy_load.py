@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model import load
 from controlplane.model.errors import PolicyError, PolicyInvalid, Source
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.load import parse_policy
@@ -1132,3 +1133,55 @@ def test_a_reload_parses_only_the_files_that_changed() -> None:
     after = parse_yaml.cache_info()
     assert (after.hits - before.hits, after.misses - before.misses) == (4, 1)
     assert all(r.complete and not r.errors for r in results)
+
+
+# --- reloading: documents of unchanged files are reused, never with a stale view of the tree -------------
+
+
+def _errors_of(files: dict[str, str]) -> list[str]:
+    with pytest.raises(PolicyInvalid) as invalid:
+        parse_policy(files)
+    return [str(e) for e in invalid.value.errors]
+
+
+def test_a_reload_reuses_the_documents_of_unchanged_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = parse_policy(FULL)
+    changed = {**FULL, "roles.yml": FULL["roles.yml"].replace("methods: [GET, HEAD]", "methods: [GET]")}
+    second = parse_policy(changed)
+    assert second.backends[0] is first.backends[0] and second.bindings[0] is first.bindings[0]
+    assert second.roles[0] is not first.roles[0] and second.roles[0] != first.roles[0]
+    monkeypatch.setattr(load, "_BUILT", load._BuildMemo())
+    assert parse_policy(changed) == second
+
+
+def test_an_unchanged_binding_sees_a_role_removed_from_another_file() -> None:
+    parse_policy(FULL)
+    without = {**FULL, "roles.yml": FULL["roles.yml"].split("---")[0]}
+    errors = _errors_of(without)
+    assert any(e.startswith("bindings.yaml:") and "no Role named 'apps-all'" in e for e in errors), errors
+
+
+def test_an_unchanged_binding_sees_its_issuer_change_type() -> None:
+    """Subjects depend on the issuer's type (GitLab keys are refused for an oidc issuer)."""
+    parse_policy(FULL)
+    gitlab_as_oidc = FULL["issuers.yaml"].replace(
+        "type: gitlab\nurl: https://gitlab.example.com\ninventory: inventory/gitlab.yaml",
+        "type: oidc\nurl: https://gitlab.example.com\njwks_uri: https://gitlab.example.com/oauth/discovery/keys",
+    )
+    assert gitlab_as_oidc != FULL["issuers.yaml"]
+    errors = _errors_of({**FULL, "issuers.yaml": gitlab_as_oidc})
+    assert any(e.startswith("bindings.yaml:") for e in errors), errors
+
+
+def test_an_unchanged_backend_still_claims_its_hosts() -> None:
+    """Same names before and after, so api.yaml's documents are reused: their hosts must still be claimed."""
+    other = "kind: Backend\nname: copy\nhosts: [{host}]\nendpoints: [{{address: 10.0.0.9, port: 80}}]\n"
+    parse_policy({**FULL, "backends/copy.yaml": other.format(host="copy.internal")})
+    errors = _errors_of({**FULL, "backends/copy.yaml": other.format(host="api.internal")})
+    assert any(e.startswith("backends/api.yaml:") and "host is also served by" in e for e in errors), errors
+    assert any(e.startswith("backends/copy.yaml:") and "host is also served by" in e for e in errors), errors
+
+
+def test_a_document_that_failed_is_reported_again_on_the_next_load() -> None:
+    broken = {**FULL, "roles.yml": FULL["roles.yml"].replace("backend: api\n", "backend: nope\n")}
+    assert _errors_of(broken) == _errors_of(broken)
