@@ -110,13 +110,16 @@ class ExchangePolicy:
         for granting in policy.bindings:
             for role in granting.roles:
                 owner[(roles[role].backend, policy_name(granting.name, role))] = (granting.name, role)
+        roles_of: dict[str, list[str]] = {}
+        for declared in policy.roles:
+            roles_of.setdefault(declared.backend, []).append(declared.name)
         backends = []
         for backend in policy.backends:
             grants = []
             for spec in index.grants(backend.name):
                 binding, role = owner[(backend.name, spec.policy_name)]
                 grants.append(ExchangeGrant(binding, role, bindings[binding].credential_ttl_seconds, spec))
-            backend_roles = tuple(sorted(r.name for r in policy.roles if r.backend == backend.name))
+            backend_roles = tuple(sorted(roles_of.get(backend.name, ())))
             backends.append(ExchangeBackend(backend.name, backend.audience, backend_roles, tuple(grants)))
         issuers = tuple(
             ExchangeIssuer(
