@@ -188,6 +188,7 @@ class Result:
     rss_before: int = 0
     rss_after: int = 0
     wall: float = 0.0
+    pushes: dict[str, float] = field(default_factory=dict)  # responses sent during the scenario, by type
 
 
 class Fleet:
@@ -261,6 +262,7 @@ class Sim:
 
     def measured(self, name: str, body: Callable[[Result], None]) -> Result:
         result = Result(name, False, rss_before=rss_kb(self.server_pid))
+        pushes0 = self.pushes()
         server0 = cpu_s(self.server_pid)
         split0 = thread_cpu_s(self.server_pid)
         clients0 = sum(cpu_s(p) for p in self.fleet.pids())
@@ -275,7 +277,13 @@ class Sim:
         result.server_split = {k: v - split0[k] for k, v in thread_cpu_s(self.server_pid).items()}
         result.client_cpu = sum(cpu_s(p) for p in self.fleet.pids()) - clients0
         result.rss_after = rss_kb(self.server_pid)
+        result.pushes = {t: n - pushes0.get(t, 0) for t, n in self.pushes().items() if n - pushes0.get(t, 0)}
         return result
+
+    def pushes(self) -> dict[str, float]:
+        """controlplane_xds_pushes_total by type: how many responses the scenario cost, not only how long."""
+        found = re.findall(r'^controlplane_xds_pushes_total{type="(\w+)"} (\S+)$', self.cp.metrics(), re.MULTILINE)
+        return {label: float(n) for label, n in found}
 
     def baseline(self, index: int = 0) -> dict[str, str]:
         return dict(self.fleet.one(index, "versions"))
@@ -335,7 +343,7 @@ class Sim:
         write and from the snapshot's publication (the server's last-good-load timestamp, set as the compiled
         snapshot is handed to the xDS cache, i.e. after the watcher's quiet period, parse and compile)."""
         everyone, first, published, per_stream, others = [], [], [], [], set()
-        acked_all = True
+        acked_all, fewest = True, self.args.streams
         for _ in range(self.args.commits):
             base = self.baseline()
             self.policy.team += 1
@@ -345,6 +353,7 @@ class Sim:
             others |= {k for k in ("cds", "eds", "lds") if after.get(k) != base.get(k)}
             ms = [(t["rds"] - written) * 1000 for t in out["times"].values() if t.get("rds") is not None]
             acked_all = acked_all and out["converged"] and len(ms) == self.args.streams
+            fewest = min(fewest, len(ms))
             if not ms:
                 continue
             publication = (self._published_unix() - self.policy.written_unix) * 1000
@@ -355,10 +364,12 @@ class Sim:
         r.ok = acked_all and not others
         r.figures = {
             "commits": self.args.commits,
+            "acked": f"{fewest}/{self.args.streams}",  # by every stream, in the commit with the fewest
             "all_acked_ms p50/p99/max": spread(everyone),
             "from_publication_ms p50/p99/max": spread(published),
             "first_ack_ms p50": round(pct(first, 0.5), 1) if first else None,
             "per_stream_ms p50/p99/max": spread(per_stream),
+            "each_from_publication_ms": [round(x) for x in published],
             "other_types_changed": sorted(others) or "none",
         }
         if everyone:
@@ -628,7 +639,8 @@ def format_result(r: Result) -> str:
     return (
         f"{r.scenario:<9} {'ok' if r.ok else 'FAIL':<4} wall={r.wall:6.1f}s srv_cpu={r.server_cpu:6.2f}s "
         f"({'/'.join(f'{v:.2f}' for v in r.server_split.values())} loop/grpc/other) "
-        f"cli_cpu={r.client_cpu:6.2f}s rss {r.rss_before / 1024:6.1f}->{r.rss_after / 1024:6.1f} MB  {figures}"
+        f"cli_cpu={r.client_cpu:6.2f}s rss {r.rss_before / 1024:6.1f}->{r.rss_after / 1024:6.1f} MB  "
+        f"pushed={','.join(f'{k}:{v:.0f}' for k, v in sorted(r.pushes.items())) or '0'}  {figures}"
     )
 
 
