@@ -256,7 +256,9 @@ class PolicyService:
         pins = self._memo.grant_index.pins()
         if self._pin_store is not None and pins:
             self._pin_store.save(pins)
-            self._pins = self._pin_store.current
+            remembered = self._pin_store.current
+            if remembered != self._pins:  # a new pins object makes the next compile re-resolve every binding
+                self._pins = remembered
 
     def _report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
         try:

@@ -9,6 +9,7 @@ from controlplane.admin import metrics
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER
+from controlplane.sources.pins import PinStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,3 +86,18 @@ def test_objects_carried_over_give_the_same_snapshots_as_a_fresh_load(tmp_path: 
     fresh = PolicyService(tmp_path / "policy", SnapshotCache(), clock=lambda: 1000.0)
     fresh.reload()
     assert service.state.versions == fresh.state.versions
+
+
+def test_remembered_project_ids_do_not_make_every_commit_re_resolve_every_binding(tmp_path: Path) -> None:
+    """Pins are part of what a binding resolves with: handing the index an equal but new pins object each
+    compile re-resolved every binding, so the compiler's memo never hit in a running server."""
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    service = PolicyService(tmp_path / "policy", SnapshotCache(), pin_store=PinStore(tmp_path / "pins.json"))
+    assert service.reload() and service.pins  # project paths resolved, remembered: the next compile uses them
+    bindings = tmp_path / "policy" / "billing" / "bindings.yaml"
+    for before, after in (("push", "web"), ("web", "schedule")):
+        artifacts = service._memo.grant_index.grants("artifacts-api")
+        text = bindings.read_text()
+        bindings.write_text(text.replace(f"pipeline_source: {before}", f"pipeline_source: {after}"))
+        assert bindings.read_text() != text and service.reload()
+    assert service._memo.grant_index.grants("artifacts-api") is artifacts
