@@ -207,6 +207,19 @@ async def test_start_binds_an_ephemeral_port_and_serves_envoys_startup(plane: Pl
 _LABELS = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 
 
+async def test_idle_for_counts_from_the_last_push_or_request(plane: Plane) -> None:
+    """What the scheduled garbage collection waits on (gc_control.py): no collection during a push."""
+    assert plane.server.idle_for() == float("inf")
+    plane.cache.set(snap("idle"))
+    assert plane.server.idle_for() < 1.0  # a push started (no stream yet: the fan-out is at most queued)
+    envoy = plane.envoy("node-idle", "idle")
+    await envoy.startup()
+    after_startup = plane.server.idle_for()
+    assert 0.0 <= after_startup < 5.0
+    await eventually(lambda: plane.server.idle_for() > after_startup, "time passes without pushes")
+    envoy.call.cancel()
+
+
 async def test_snapshot_change_reaches_only_streams_of_that_group(plane: Plane) -> None:
     plane.cache.set(snap("fan-a"))
     plane.cache.set(snap("fan-b"))

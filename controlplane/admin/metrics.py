@@ -34,6 +34,19 @@ COMPILE_DURATION = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )
+GC_COLLECTION_SECONDS = Histogram(
+    "controlplane_gc_collection_seconds",
+    "Pauses of the scheduled garbage collections (the event loop waits meanwhile), by kind: recent (objects "
+    "since the last one) or full.",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+GC_FROZEN_OBJECTS = Gauge(
+    "controlplane_gc_frozen_objects",
+    "Objects the scheduled garbage collection left out of the automatic ones (gc.freeze).",
+    registry=REGISTRY,
+)
 SNAPSHOT_INFO = Gauge(
     "controlplane_snapshot_info",
     "The snapshot version currently served to each group (value is always 1).",

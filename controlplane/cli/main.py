@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
     serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
     serve.add_argument(
+        "--gc-interval",
+        type=float,
+        default=60.0,
+        help="seconds between garbage collections done between pushes instead of during them (0: Python's own)",
+    )
+    serve.add_argument(
         "--jwks-refresh", type=float, default=30.0, help="seconds between JWKS refreshes of relayed issuers (min 1)"
     )
     serve.add_argument(
@@ -219,6 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_port=args.admin_address[1],
         debounce=args.debounce,
         max_wait=args.max_wait,
+        gc_interval=args.gc_interval,
         jwks_refresh=args.jwks_refresh,
         state_dir=args.state_dir,
         policy_gitlab=policy_gitlab,

@@ -13,6 +13,7 @@ from controlplane.admin.http import AdminServer, is_loopback
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.gc_control import CollectorSchedule
 from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
 from controlplane.model.policy import Policy
@@ -62,6 +63,7 @@ class ServeOptions:
     debounce: float = 0.1
     max_wait: float = 1.0
     shutdown_grace: float = 5.0
+    gc_interval: float = 60.0  # seconds between scheduled garbage collections (gc_control.py); 0: CPython's own
     jwks_refresh: float = 30.0
     # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
     # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
@@ -143,6 +145,10 @@ class ControlPlane:
         self.policy.accept = self._transport_problem
         self._credential_loop: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.collector = (
+            CollectorSchedule(options.gc_interval, idle_for=self.xds.idle_for) if options.gc_interval > 0 else None
+        )
+        self._collector_loop: asyncio.Task[None] | None = None
         self.xds_port = 0
         self.admin_port = 0
 
@@ -187,6 +193,9 @@ class ControlPlane:
         self._log_transport()
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port, tls=self.options.xds_tls)
         self.admin_port = await self.admin.start()
+        if self.collector is not None:
+            self.collector.start()
+            self._collector_loop = asyncio.create_task(self.collector.run(self.stopping))
         log.info(
             "controlplane %s serving xDS on %s:%d, admin on http://%s:%d, policy %s",
             __version__,
@@ -249,6 +258,10 @@ class ControlPlane:
                 await asyncio.gather(self._credential_loop, return_exceptions=True)
         await self.als.close()
         await self.xds.stop(self.options.shutdown_grace)
+        if self.collector is not None:
+            if self._collector_loop is not None:
+                await asyncio.gather(self._collector_loop, return_exceptions=True)
+            self.collector.stop()
         await asyncio.to_thread(self.audit.close)
         await self.admin.stop()
         log.info("stopped")

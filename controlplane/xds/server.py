@@ -136,6 +136,13 @@ class XdsServer:
         self._latest: dict[str, Snapshot] = {}  # the snapshot a running fan-out is delivering, by group
         self._fan_outs: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
+        self._last_activity: float | None = None  # monotonic time of the last push or request
+
+    def idle_for(self) -> float:
+        """Seconds since the last push started or request arrived; 0 during a fan-out, inf before any."""
+        if self._fan_outs:
+            return 0.0
+        return float("inf") if self._last_activity is None else time.monotonic() - self._last_activity
 
     # -- lifecycle
 
@@ -271,7 +278,7 @@ class XdsServer:
             session.close()  # the peer half-closed or failed: end the writer, and so the RPC
 
     def _on_request(self, session: _Session, receive: Callable[[RequestT, float], Output], request: RequestT) -> None:
-        now = time.monotonic()
+        now = self._last_activity = time.monotonic()
         self._apply(session, receive(request, now))
         if session.record is None and session.machine.node is not None:
             self._identify(session, now)
@@ -325,6 +332,7 @@ class XdsServer:
         """Deliver `snapshot` to its group: by a fan-out task, or by the one already running (coalescing)."""
         group = snapshot.group
         self._latest[group] = snapshot
+        self._last_activity = time.monotonic()
         if group not in self._fan_outs and self._loop is not None:
             self._fan_outs[group] = self._loop.create_task(self._fan_out(group))
 

@@ -1,0 +1,115 @@
+"""Scheduled garbage collection: automatic full collections off, collections only at quiet moments."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from controlplane.admin import metrics
+from controlplane.gc_control import AUTOMATIC_FULL_OFF, CollectorSchedule
+
+
+@pytest.fixture(autouse=True)
+def restore_collector() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_start_turns_automatic_full_collections_off_and_freezes_what_start_up_left() -> None:
+    young, middle, _ = gc.get_threshold()
+    schedule = CollectorSchedule(60)
+    schedule.start()
+    assert gc.get_threshold() == (young, middle, AUTOMATIC_FULL_OFF)
+    assert gc.get_freeze_count() > 0
+    schedule.stop()
+    assert gc.get_threshold()[2] != AUTOMATIC_FULL_OFF and gc.get_freeze_count() == 0
+
+
+def _cycles() -> list[int]:
+    """Ids of the live `_Cycle`s, frozen ones included (gc.get_objects does not list frozen objects)."""
+    frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    found = [id(o) for o in gc.get_objects() if isinstance(o, _Cycle)]
+    if frozen:
+        gc.freeze()
+    return found
+
+
+def test_a_recent_collection_frees_new_cycles_and_a_full_one_old_cycles() -> None:
+    schedule = CollectorSchedule(60)
+    old = _Cycle()
+    schedule.start()  # `old` is frozen now: only a full collection may look at it again
+    old_id = id(old)
+    del old
+    _Cycle()  # garbage from birth, and a cycle: only the collector can free it
+    schedule.collect(full=False)
+    assert _cycles() == [old_id]
+    schedule.collect(full=True)
+    assert _cycles() == []
+    schedule.stop()
+
+
+def test_every_collection_is_measured() -> None:
+    schedule = CollectorSchedule(60)
+    before = metrics.GC_COLLECTION_SECONDS.labels("recent")._sum.get()
+    schedule.start()
+    schedule.collect(full=False)
+    assert metrics.GC_COLLECTION_SECONDS.labels("recent")._sum.get() > before
+    assert metrics.GC_FROZEN_OBJECTS._value.get() == gc.get_freeze_count()
+    schedule.stop()
+
+
+async def test_collections_wait_for_a_quiet_moment_and_every_nth_is_full() -> None:
+    idle = {"for": 0.0, "asked": 0.0}
+
+    def idle_for() -> float:
+        idle["asked"] += 1
+        return idle["for"]
+
+    schedule = CollectorSchedule(0.001, full_every=3, quiet=0.05, max_delay=10.0, idle_for=idle_for)
+    kinds: list[bool] = []
+    schedule.collect = lambda *, full: kinds.append(full) or 0.0  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(schedule.run(stop))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while idle["asked"] < 3 and loop.time() < deadline:  # pushes keep coming: it keeps waiting
+        await asyncio.sleep(0.005)
+    assert idle["asked"] >= 3 and kinds == []
+    idle["for"] = 1.0
+    deadline = loop.time() + 5
+    while len(kinds) < 3 and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 1)
+    assert kinds[:3] == [False, False, True]
+
+
+async def test_a_busy_server_is_still_collected_after_one_more_interval() -> None:
+    schedule = CollectorSchedule(0.02, quiet=10.0, idle_for=lambda: 0.0)
+    kinds: list[bool] = []
+    schedule.collect = lambda *, full: kinds.append(full) or 0.0  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(schedule.run(stop))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not kinds and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 1)
+    assert kinds
+
+
+def test_nonsense_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="interval > 0"):
+        CollectorSchedule(0)
