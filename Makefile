@@ -42,11 +42,13 @@ bench: setup
 	$(PY) benchmarks/revocation_latency.py
 
 bench-fleet: setup
-	$(PY) benchmarks/grpc_floor.py
+	$(PY) benchmarks/grpc_floor.py --size 83000 --rounds 10
+	$(PY) benchmarks/grpc_floor.py --size 83000 --rounds 10 --grpc-defaults
 	$(PY) benchmarks/delta_push_cost.py
 	$(PY) benchmarks/fleet_sim.py --streams 1000 --workers 2 --scenario all --mode sotw
 	$(PY) benchmarks/fleet_sim.py --streams 1000 --workers 2 --scenario all --mode delta
-	$(PY) benchmarks/fleet_sim.py --streams 10000 --workers 4 --inflight 125 --scenario connect,policy --mode sotw
+	$(PY) benchmarks/fleet_sim.py --streams 10000 --workers 4 --inflight 125 --scenario connect,policy --commits 5 --mode sotw
+	$(PY) benchmarks/fleet_sim.py --streams 10000 --workers 4 --inflight 125 --scenario connect,policy --commits 5 --mode delta
 	$(PY) benchmarks/sovereign_compare.py
 
 clean:

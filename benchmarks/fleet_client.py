@@ -672,10 +672,13 @@ class Worker:
         started = time.monotonic()
         failed = await self.open_all(self.streams.values(), timeout)
         ok = await poll(lambda: all(s.state.settled() for s in self._live()), timeout)
-        # The streams' long-lived state leaves the cyclic collector's view: this load generator shares the
-        # server's cores, and its full collections over thousands of streams would be charged to every push.
+        # The streams' long-lived state leaves the cyclic collector's view and automatic full collections stop
+        # (as the server does, controlplane/gc_control.py): this load generator shares the server's cores, and
+        # full collections over thousands of streams' pending reads would be charged to every push.
         gc.collect()
         gc.freeze()
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, 1 << 30)
         return {
             "started": started,
             "ready": {s.index: s.state.ready_at for s in self.streams.values()},

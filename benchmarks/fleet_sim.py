@@ -693,6 +693,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--read-timeout", type=float, default=0.0, help="startup watchdog (0: streams/100, >=20 s)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--server-args", default="", help="more `controlplane serve` options, space-separated")
     return parser.parse_args(argv)
 
 
@@ -711,7 +712,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         directory.mkdir()
         policy = Policy(directory, args.backends)
         policy.write_all()
-        extra = ("--no-exchange", "--state-dir", str(Path(tmp) / "state"))
+        extra = ("--no-exchange", "--state-dir", str(Path(tmp) / "state"), *args.server_args.split())
         log_path = Path(tmp) / "cp.log"
         cp = ControlPlaneProcess(directory, log_level="WARNING", extra_args=extra, log_path=log_path)
         fleet: Fleet | None = None

@@ -1,13 +1,19 @@
 """The floor under every fleet figure: bare grpc.aio, one message and its answer per stream, no xDS at all.
 
-Method: a grpc.aio server with one bidirectional method (identity serializers) and N client streams in one
-client process (grpc.aio too, as the fleet simulator's clients). Once every stream is open, the server writes
-a SIZE-byte message to every stream and waits for its one-message answer, ROUNDS times. It prints the wall time
-of a fleet-wide round and the CPU per stream of the server and of the client process. This is what a push to N
-proxies costs with nothing to decide, so it bounds what any control plane built on grpc.aio can reach on this
-machine with its clients sharing the cores; `fleet_sim.py` figures sit on top of it.
+Method: a grpc.aio server with one bidirectional method (identity serializers) and N client streams spread over
+--workers client processes (grpc.aio too, as the fleet simulator's clients), each stream on its own TCP
+connection as every Envoy has its own (--shared-connection multiplexes them all on one, which is much cheaper
+and not what a fleet looks like). Once every stream is open, the server writes a SIZE-byte message to every
+stream and waits for its one-message answer, ROUNDS times. It prints the wall time of a fleet-wide round and
+the CPU per stream of the server and of the clients. This is what a push to N proxies costs with nothing to
+decide, so it bounds what any control plane built on grpc.aio can reach on this machine with its clients sharing
+the cores; `fleet_sim.py` figures sit on top of it.
 
-    python benchmarks/grpc_floor.py --streams 1000 --size 10000 --rounds 20
+HTTP/2 settings are those of a real fleet: the server without BDP probing (as controlplane's xDS server), the
+clients with Envoy's 256 MiB flow-control windows and no BDP pings. --grpc-defaults uses grpc's defaults on
+both sides instead, to show what they cost.
+
+    python benchmarks/grpc_floor.py --streams 1000 --size 83000 --rounds 10
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import statistics
 import time
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
@@ -24,22 +31,28 @@ from typing import Any
 import grpc
 
 SERVICE, METHOD = "floor.Probe", "Exchange"
+ENVOY_WINDOW = 268_435_456
+SERVER_OPTIONS = (("grpc.http2.bdp_probe", 0),)
+CLIENT_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", ENVOY_WINDOW))
 
 
 def _identity(data: bytes) -> bytes:
     return data
 
 
-def _cpu(times: os.times_result, children: bool = False) -> float:
-    return times.children_user + times.children_system if children else times.user + times.system
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
-def client_main(port: int, streams: int, rounds: int, conn: Connection) -> None:
-    asyncio.run(_clients(port, streams, rounds, conn))
+def client_main(port: int, streams: int, rounds: int, options: tuple[tuple[str, Any], ...], conn: Connection) -> None:
+    asyncio.run(_clients(port, streams, rounds, options, conn))
 
 
-async def _clients(port: int, streams: int, rounds: int, conn: Connection) -> None:
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(streams)]
+async def _clients(
+    port: int, streams: int, rounds: int, options: tuple[tuple[str, Any], ...], conn: Connection
+) -> None:
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(streams)]
     try:
         calls = [
             ch.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=_identity, response_deserializer=_identity)()
@@ -47,9 +60,9 @@ async def _clients(port: int, streams: int, rounds: int, conn: Connection) -> No
         ]
         for call in calls:
             await call.write(b"hello")
-        conn.send(("open", _cpu(os.times())))
+        conn.send(_cpu())
         await asyncio.gather(*(_answer(call, rounds) for call in calls))
-        conn.send(("done", _cpu(os.times())))
+        conn.send(_cpu())
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))
 
@@ -88,43 +101,54 @@ class Server:
                 self.round_end[r] = time.monotonic()
 
 
-async def main(streams: int, size: int, rounds: int) -> None:
-    probe = Server(streams, size, rounds)
-    server = grpc.aio.server()
+async def main(args: argparse.Namespace) -> None:
+    probe = Server(args.streams, args.size, args.rounds)
+    server = grpc.aio.server(options=() if args.grpc_defaults else SERVER_OPTIONS)
     handler = grpc.stream_stream_rpc_method_handler(
         probe.handle, request_deserializer=_identity, response_serializer=_identity
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    parent, child = mp.get_context("spawn").Pipe()
-    process = mp.get_context("spawn").Process(target=client_main, args=(port, streams, rounds, child))
-    process.start()
+    options = () if args.grpc_defaults else CLIENT_OPTIONS
+    if not args.shared_connection:
+        options += (("grpc.use_local_subchannel_pool", 1),)
+    spawn = mp.get_context("spawn")
+    share = [args.streams // args.workers + (i < args.streams % args.workers) for i in range(args.workers)]
+    pipes = [spawn.Pipe() for _ in share]
+    workers = [
+        spawn.Process(target=client_main, args=(port, n, args.rounds, options, child))
+        for n, (_, child) in zip(share, pipes, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
     try:
         loop = asyncio.get_running_loop()
-        _, client_open_cpu = await loop.run_in_executor(None, parent.recv)
+        opened = [await loop.run_in_executor(None, parent.recv) for parent, _ in pipes]
         await asyncio.wait_for(probe.all_open.wait(), 300)
-        server_cpu0, started = _cpu(os.times()), time.monotonic()
+        server_cpu0, started = _cpu(), time.monotonic()
         probe.go.set()
-        _, client_done_cpu = await loop.run_in_executor(None, parent.recv)
-        server_cpu = _cpu(os.times()) - server_cpu0
+        done = [await loop.run_in_executor(None, parent.recv) for parent, _ in pipes]
+        server_cpu = _cpu() - server_cpu0
     finally:
-        process.join(30)
-        if process.is_alive():
-            process.kill()
+        for worker in workers:
+            worker.join(30)
+            if worker.is_alive():
+                worker.kill()
         await server.stop(0)
-    report(streams, size, rounds, started, probe.round_end, server_cpu, client_done_cpu - client_open_cpu)
+    report(args, started, probe.round_end, server_cpu, sum(done) - sum(opened))
 
 
-def report(
-    streams: int, size: int, rounds: int, started: float, ends: list[float], server_cpu: float, client_cpu: float
-) -> None:
+def report(args: argparse.Namespace, started: float, ends: list[float], server_cpu: float, client_cpu: float) -> None:
     walls = [b - a for a, b in zip([started, *ends], ends, strict=False)]
-    per = streams * rounds
-    print(f"bare grpc.aio, {streams} streams x {rounds} rounds of one {size}-byte message and its answer")
-    print(f"  wall per fleet-wide round: median {sorted(walls)[len(walls) // 2] * 1e3:.0f} ms")
+    per = args.streams * args.rounds
+    sharing = "all on ONE shared TCP connection" if args.shared_connection else "one TCP connection each"
+    settings = "grpc's default HTTP/2 settings" if args.grpc_defaults else "no BDP probing, Envoy's windows"
+    print(f"bare grpc.aio: {args.streams} streams ({sharing}; {settings}), {args.workers} client processes,")
+    print(f"  {args.rounds} rounds of one {args.size}-byte message and its answer")
+    print(f"  wall per fleet-wide round: median {statistics.median(walls) * 1e3:.0f} ms (max {max(walls) * 1e3:.0f})")
     print(f"  server CPU per stream and round: {server_cpu / per * 1e6:.0f} µs")
-    print(f"  client CPU per stream and round: {client_cpu / per * 1e6:.0f} µs (one grpc.aio client process)")
+    print(f"  client CPU per stream and round: {client_cpu / per * 1e6:.0f} µs")
 
 
 if __name__ == "__main__":
@@ -132,5 +156,7 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args()
-    asyncio.run(main(args.streams, args.size, args.rounds))
+    parser.add_argument("--workers", type=int, default=2, help="client processes (the fleet simulator's default)")
+    parser.add_argument("--shared-connection", action="store_true", help="multiplex every stream on one connection")
+    parser.add_argument("--grpc-defaults", action="store_true", help="grpc's HTTP/2 defaults on both sides")
+    asyncio.run(main(parser.parse_args()))
