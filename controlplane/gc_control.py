@@ -6,12 +6,17 @@ reach the oldest generation, and CPython's automatic full collections then come 
 the whole heap: 110-200 ms with 1,000 streams (measured with `gc.callbacks` in the fleet simulator), ten
 times that with 10,000, stalling whichever push is in flight.
 
-So automatic full collections are switched off, and this schedule collects when no push is in flight:
-every `interval` seconds it collects what is not frozen, then freezes the survivors (`gc.freeze`), so the
-next collections only walk objects created since. Every `full_every`-th time it unfreezes first, which
-finds cycles among older objects too. Objects that die are still freed at once by reference counting,
-frozen or not; only garbage *cycles* wait for a scheduled collection. Young generations keep CPython's
-automatic collections (they only walk young objects).
+So automatic full collections are switched off, and this schedule does them when no push is in flight:
+every `interval` seconds, after waiting for a quiet moment. Young generations keep CPython's automatic
+collections (they only walk young objects). Objects that die are still freed at once by reference counting;
+only garbage *cycles* wait for a scheduled collection.
+
+A full collection walks the whole heap (~0.1 s with 1,000 streams, ~1 s with 10,000). With `full_every`
+N > 1, only every Nth is full; the others collect what the previous one did not keep and freeze the
+survivors (`gc.freeze`), so they walk only objects created since, and cycles among older objects wait for
+the next full one. The fleet simulator's soak (1,000 streams, 1,000 pushes) grew RSS 1.08x with N = 1, as
+with CPython's own collector (1.09x), and 1.15x with N = 10; server CPU was 12% lower than CPython's own
+either way.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class CollectorSchedule:
         self,
         interval: float = 60.0,
         *,
-        full_every: int = 10,
+        full_every: int = 1,
         quiet: float = 1.0,
         max_delay: float | None = None,
         idle_for: Callable[[], float] = lambda: float("inf"),

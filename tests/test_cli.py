@@ -96,3 +96,8 @@ def test_serve_with_a_broken_policy_is_alive_but_not_ready(tmp_path: Path) -> No
         assert "bad.yaml:1" in server.log_text()
     finally:
         server.stop()
+
+
+def test_serve_refuses_nonsense_collector_settings(tmp_path: Path) -> None:
+    result = run("serve", "--policy", str(ROOT / "examples" / "quickstart"), "--gc-full-every", "0")
+    assert result.returncode == 2 and "--gc-full-every >= 1" in result.stderr

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between garbage collections done between pushes instead of during them (0: Python's own)",
     )
     serve.add_argument(
+        "--gc-full-every",
+        type=int,
+        default=1,
+        help="N > 1: only every Nth scheduled collection is full, the others skip what earlier ones kept (frozen)",
+    )
+    serve.add_argument(
         "--jwks-refresh", type=float, default=30.0, help="seconds between JWKS refreshes of relayed issuers (min 1)"
     )
     serve.add_argument(
@@ -191,6 +197,9 @@ def _serve(args: argparse.Namespace) -> int:
     from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
     from controlplane.credentials.service import CredentialOptions
 
+    if args.gc_interval < 0 or args.gc_full_every < 1:
+        print("--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1", file=sys.stderr)
+        return 2
     policy_gitlab = None
     if args.policy_project:
         if not args.gitlab_url:
@@ -226,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
         debounce=args.debounce,
         max_wait=args.max_wait,
         gc_interval=args.gc_interval,
+        gc_full_every=args.gc_full_every,
         jwks_refresh=args.jwks_refresh,
         state_dir=args.state_dir,
         policy_gitlab=policy_gitlab,

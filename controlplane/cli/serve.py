@@ -64,6 +64,7 @@ class ServeOptions:
     max_wait: float = 1.0
     shutdown_grace: float = 5.0
     gc_interval: float = 60.0  # seconds between scheduled garbage collections (gc_control.py); 0: CPython's own
+    gc_full_every: int = 1  # N > 1: only every Nth is full, the others skip what earlier ones kept
     jwks_refresh: float = 30.0
     # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
     # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
@@ -146,7 +147,9 @@ class ControlPlane:
         self._credential_loop: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.collector = (
-            CollectorSchedule(options.gc_interval, idle_for=self.xds.idle_for) if options.gc_interval > 0 else None
+            CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=self.xds.idle_for)
+            if options.gc_interval > 0
+            else None
         )
         self._collector_loop: asyncio.Task[None] | None = None
         self.xds_port = 0
