@@ -662,6 +662,23 @@ def targets(results: list[Result], streams: int) -> list[str]:
     return lines
 
 
+def collector_summary(metrics: str) -> str:
+    """The server's scheduled garbage collections (controlplane/gc_control.py): how many, and their pauses."""
+    found = {
+        (name, kind): float(value)
+        for name, kind, value in re.findall(
+            r'^controlplane_gc_collection_seconds_(count|sum){kind="(\w+)"} (\S+)$', metrics, re.MULTILINE
+        )
+    }
+    kinds = sorted({kind for _, kind in found})
+    parts = [
+        f"{found['count', k]:.0f} {k}, mean pause {found['sum', k] / found['count', k] * 1e3:.0f} ms"
+        for k in kinds
+        if found.get(("count", k))
+    ]
+    return "scheduled garbage collections: " + ("; ".join(parts) or "none")
+
+
 def server_log_summary(path: Path) -> str:
     """WARNING/ERROR lines of the server log, grouped: a stream failure on the server shows up here."""
     if not path.exists():
@@ -730,6 +747,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             results = Sim(args, policy, cp, fleet).run(scenarios)
             for line in targets(results, args.streams):
                 print(line)
+            print(collector_summary(cp.metrics()))
             return results
         finally:
             if fleet is not None:
