@@ -277,13 +277,27 @@ class Sim:
         result.server_split = {k: v - split0[k] for k, v in thread_cpu_s(self.server_pid).items()}
         result.client_cpu = sum(cpu_s(p) for p in self.fleet.pids()) - clients0
         result.rss_after = rss_kb(self.server_pid)
-        result.pushes = {t: n - pushes0.get(t, 0) for t, n in self.pushes().items() if n - pushes0.get(t, 0)}
+        pushes = self.settled_pushes()
+        result.pushes = {t: n - pushes0.get(t, 0) for t, n in pushes.items() if n - pushes0.get(t, 0)}
         return result
 
     def pushes(self) -> dict[str, float]:
         """controlplane_xds_pushes_total by type: how many responses the scenario cost, not only how long."""
         found = re.findall(r'^controlplane_xds_pushes_total{type="(\w+)"} (\S+)$', self.cp.metrics(), re.MULTILINE)
         return {label: float(n) for label, n in found}
+
+    def settled_pushes(self, timeout: float = 3.0) -> dict[str, float]:
+        """The counter once it stops moving: a response is counted when its write completes, which the
+        server can learn after the client has already ACKed it (so after the scenario's own clock stopped)."""
+        deadline = time.monotonic() + timeout
+        last = self.pushes()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)  # the poll interval, bounded by the deadline
+            now = self.pushes()
+            if now == last:
+                return now
+            last = now
+        return last
 
     def baseline(self, index: int = 0) -> dict[str, str]:
         return dict(self.fleet.one(index, "versions"))

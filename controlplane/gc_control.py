@@ -81,8 +81,8 @@ class CollectorSchedule:
         pause = time.perf_counter() - started
         metrics.GC_COLLECTION_SECONDS.labels("full" if full else "recent").observe(pause)
         metrics.GC_FROZEN_OBJECTS.set(gc.get_freeze_count())
-        log.debug("gc: %s collection found %d unreachable objects in %.1f ms", "full" if full else "recent",
-                  found, pause * 1e3)  # fmt: skip
+        kind = "full" if full else "recent"
+        log.debug("gc: %s collection found %d unreachable objects in %.1f ms", kind, found, pause * 1e3)
         return pause
 
     async def run(self, stop: asyncio.Event) -> None:
