@@ -37,6 +37,7 @@ snapshots: setup
 
 bench: setup
 	$(PY) benchmarks/compile_scale.py
+	$(PY) benchmarks/policy_commit.py
 	$(PY) benchmarks/policy_to_enforcement.py
 	$(PY) benchmarks/xds_fanout.py
 	$(PY) benchmarks/revocation_latency.py
