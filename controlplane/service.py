@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from controlplane.admin import metrics
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
-from controlplane.credentials.exchange import ExchangePolicy
+from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
@@ -108,6 +108,7 @@ class PolicyService:
         self._pin_store = pin_store
         self._pins: Pins = pin_store.load() if pin_store else {}
         self._memo = CompilerMemo()
+        self._exchange_memo: ExchangeMemo = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._parsed: tuple[Mapping[str, str], Policy] | None = None  # last parse, reused when files are equal
         self._policy: Policy | None = None  # the policy in service (last good), before live inputs
@@ -228,7 +229,7 @@ class PolicyService:
         self._note_resolution()
         # Built here, under the compile lock, from the grant index this very compile produced; published with
         # the snapshots, so the exchange never grants what Envoy is not told (or the reverse).
-        self._pending_exchange = ExchangePolicy.build(model, self._memo.grant_index)
+        self._pending_exchange = ExchangePolicy.build(model, self._memo.grant_index, self._exchange_memo)
         return snapshots
 
     def _with_live_inputs(self, policy: Policy) -> Policy:

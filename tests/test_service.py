@@ -101,3 +101,18 @@ def test_remembered_project_ids_do_not_make_every_commit_re_resolve_every_bindin
         bindings.write_text(text.replace(f"pipeline_source: {before}", f"pipeline_source: {after}"))
         assert bindings.read_text() != text and service.reload()
     assert service._memo.grant_index.grants("artifacts-api") is artifacts
+
+
+def test_a_commit_rebuilds_the_token_exchange_entries_of_the_backends_it_touched_only(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    service.reload()
+    before = {b.name: b for b in service.exchange_policy.backends} if service.exchange_policy else {}
+    bindings = tmp_path / "policy" / "billing" / "bindings.yaml"
+    bindings.write_text(bindings.read_text().replace("pipeline_source: push", "pipeline_source: web"))
+    assert service.reload() and service.exchange_policy is not None
+    after = {b.name: b for b in service.exchange_policy.backends}
+    assert after["artifacts-api"] is before["artifacts-api"]
+    assert after["billing-api"] is not before["billing-api"] and after["billing-api"] != before["billing-api"]
+    fresh = PolicyService(tmp_path / "policy", SnapshotCache())
+    fresh.reload()
+    assert fresh.exchange_policy == service.exchange_policy

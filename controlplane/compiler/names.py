@@ -76,6 +76,12 @@ def policy_name(binding: str, role: str) -> str:
     return f"{binding}/{role}"
 
 
+def split_policy_name(name: str) -> tuple[str, str]:
+    """(binding, role) of a `policy_name`: neither name can hold a '/' (both are DNS labels)."""
+    binding, _, role = name.partition("/")
+    return binding, role
+
+
 def exchanged_policy_name(role: str) -> str:
     """The RBAC policy admitting exchanged credentials that carry `role`. A Binding named like the prefix would
     collide with it (`<binding>/<role>`), so that name is reserved whenever credentials are enabled."""

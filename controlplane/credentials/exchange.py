@@ -26,13 +26,13 @@ from typing import Any
 import jwt
 
 from controlplane.compiler.grants import GrantIndex
-from controlplane.compiler.names import policy_name
+from controlplane.compiler.names import split_policy_name
 from controlplane.compiler.rbac import GrantSpec
 from controlplane.credentials import metrics
 from controlplane.credentials.evaluate import grants_for
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER
-from controlplane.model.policy import Policy
+from controlplane.model.policy import Backend, Policy
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -96,31 +96,51 @@ class ExchangeBackend:
         return {g.spec.policy_name: g for g in self.grants}
 
 
+ExchangeMemo = dict[str, tuple[Backend, tuple[GrantSpec, ...], tuple[str, ...], "ExchangeBackend"]]
+"""Per backend name: the inputs its entry was built from, and the entry (see `ExchangePolicy.build`)."""
+
+
+def _exchange_grants(grants: tuple[GrantSpec, ...], ttl: Mapping[str, int]) -> tuple[ExchangeGrant, ...]:
+    out = []
+    for spec in grants:
+        binding, role = split_policy_name(spec.policy_name)
+        out.append(ExchangeGrant(binding, role, ttl[binding], spec))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ExchangePolicy:
     issuers: tuple[ExchangeIssuer, ...]
     backends: tuple[ExchangeBackend, ...]
 
     @classmethod
-    def build(cls, policy: Policy, index: GrantIndex) -> ExchangePolicy:
-        """From the policy and the compiler's grant index (the same GrantSpecs Envoy's RBAC is built from)."""
-        bindings = {b.name: b for b in policy.bindings}
-        owner: dict[tuple[str, str], tuple[str, str]] = {}  # (backend, policy name) -> (binding, role)
-        roles = {r.name: r for r in policy.roles}
-        for granting in policy.bindings:
-            for role in granting.roles:
-                owner[(roles[role].backend, policy_name(granting.name, role))] = (granting.name, role)
+    def build(cls, policy: Policy, index: GrantIndex, memo: ExchangeMemo | None = None) -> ExchangePolicy:
+        """From the policy and the compiler's grant index (the same GrantSpecs Envoy's RBAC is built from).
+
+        With `memo` (kept by the caller between builds), a backend whose model object, grants (the index
+        returns the same tuple until a grant on it changes) and roles are unchanged keeps its entry: a
+        one-binding commit rebuilds one backend, not ten thousand grants.
+        """
+        ttl = {b.name: b.credential_ttl_seconds for b in policy.bindings}
         roles_of: dict[str, list[str]] = {}
         for declared in policy.roles:
             roles_of.setdefault(declared.backend, []).append(declared.name)
+        previous = memo.copy() if memo is not None else {}
         backends = []
         for backend in policy.backends:
-            grants = []
-            for spec in index.grants(backend.name):
-                binding, role = owner[(backend.name, spec.policy_name)]
-                grants.append(ExchangeGrant(binding, role, bindings[binding].credential_ttl_seconds, spec))
-            backend_roles = tuple(sorted(roles_of.get(backend.name, ())))
-            backends.append(ExchangeBackend(backend.name, backend.audience, backend_roles, tuple(grants)))
+            grants = index.grants(backend.name)
+            roles = tuple(sorted(roles_of.get(backend.name, ())))
+            hit = previous.get(backend.name)
+            if hit is not None and hit[0] is backend and hit[1] is grants and hit[2] == roles:
+                entry = hit[3]
+            else:
+                entry = ExchangeBackend(backend.name, backend.audience, roles, _exchange_grants(grants, ttl))
+            backends.append(entry)
+            if memo is not None:
+                memo[backend.name] = (backend, grants, roles, entry)
+        if memo is not None:
+            for gone in memo.keys() - {b.name for b in policy.backends}:
+                del memo[gone]
         issuers = tuple(
             ExchangeIssuer(
                 issuer.name,
