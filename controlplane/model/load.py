@@ -1128,15 +1128,17 @@ def parse_policy(files: Mapping[str, str]) -> Policy:
 
     inventory_files = _inventory_references(parsed) & parsed.keys()
     inventories = {path: _inventory(_Ctx(path, errors), parsed[path]) for path in sorted(inventory_files)}
+    _BUILT.begin()
     docs = [
         doc
         for file, documents in parsed.items()
         if file not in inventory_files
+        for ctx in (_Ctx(file, errors),)
         for node in documents
-        if (doc := _header(_Ctx(file, errors), node)) is not None
+        if (doc := _BUILT.header(ctx, node)) is not None
     ]
     env = _Env(_register_names(docs, errors), inventories, complete)
-    seen = _BUILT.start(env)
+    seen = _BUILT.fingerprint(env)
     policy = Policy(
         issuers=_build_all(docs, "Issuer", _issuer, env, seen),
         backends=_build_all(docs, "Backend", _backend, env, seen),
@@ -1202,12 +1204,31 @@ class _BuildMemo:
     def __init__(self) -> None:
         self._previous: dict[tuple[str, str, int], _Built] = {}
         self._current: dict[tuple[str, str, int], _Built] = {}
+        self._previous_headers: dict[tuple[str, int], tuple[YMap, str, str | None, Source]] = {}
+        self._headers: dict[tuple[str, int], tuple[YMap, str, str | None, Source]] = {}
         self._fingerprint: object = None
 
-    def start(self, env: _Env) -> object:
+    def begin(self) -> None:
+        """Called at the start of every load: what the previous load did not use is dropped now."""
+        self._previous, self._current = self._current or self._previous, {}
+        self._previous_headers, self._headers = self._headers or self._previous_headers, {}
+
+    def header(self, ctx: _Ctx, node: YNode) -> _Doc | None:
+        """`_header`, reused for a node whose header was read without error before."""
+        key = (ctx.file, id(node))
+        hit = self._headers.get(key) or self._previous_headers.get(key)
+        if hit is not None and hit[0] is node:
+            self._headers[key] = hit
+            return _Doc(ctx, hit[1], hit[2], hit[0], hit[3])
+        before = len(ctx.errors)
+        doc = _header(ctx, node)
+        if doc is not None and len(ctx.errors) == before:
+            self._headers[key] = (doc.node, doc.kind, doc.name, doc.source)
+        return doc
+
+    def fingerprint(self, env: _Env) -> object:
         """Called once per load, after names are registered and before anything is built: the load's
         fingerprint, to pass to every `build` of that load (loads in other threads have their own)."""
-        self._previous, self._current = self._current or self._previous, {}
         self._fingerprint = self._interned(self._fingerprint, (env.complete, _declared(env.names)))
         return self._fingerprint
 

@@ -48,4 +48,4 @@ def _reuse(new: tuple[N, ...], previous: tuple[N, ...]) -> tuple[N, ...]:
 
 
 def _same_or(old: N | None, item: N) -> N:
-    return old if old is not None and old == item else item
+    return old if old is not None and (old is item or old == item) else item
