@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 SERVICE, METHOD = "floor.Probe", "Exchange"
+WAVE = 50
 ENVOY_WINDOW = 268_435_456
 SERVER_OPTIONS = (("grpc.http2.bdp_probe", 0),)
 CLIENT_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", ENVOY_WINDOW))
@@ -52,19 +53,37 @@ def client_main(port: int, streams: int, rounds: int, options: tuple[tuple[str, 
 async def _clients(
     port: int, streams: int, rounds: int, options: tuple[tuple[str, Any], ...], conn: Connection
 ) -> None:
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(streams)]
+    channels: list[grpc.aio.Channel] = []
+    calls = []
     try:
-        calls = [
-            ch.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=_identity, response_deserializer=_identity)()
-            for ch in channels
-        ]
-        for call in calls:
-            await call.write(b"hello")
+        for _ in range(0, streams, WAVE):  # thousands of connects at once from one process make grpc fail some
+            opened = await asyncio.gather(*(_open(port, options) for _ in range(min(WAVE, streams - len(calls)))))
+            channels += [channel for channel, _ in opened]
+            calls += [call for _, call in opened]
         conn.send(_cpu())
         await asyncio.gather(*(_answer(call, rounds) for call in calls))
         conn.send(_cpu())
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))
+
+
+async def _open(port: int, options: tuple[tuple[str, Any], ...], attempts: int = 5) -> tuple[grpc.aio.Channel, Any]:
+    """A started call on its own channel; retried on a new channel as Envoy reconnects, since a burst of new calls
+    sees some CANCELLED by grpc core before the server's handler runs (see fleet_client.py)."""
+    for attempt in range(attempts):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+        await channel.channel_ready()
+        call = channel.stream_stream(
+            f"/{SERVICE}/{METHOD}", request_serializer=_identity, response_deserializer=_identity
+        )()
+        try:
+            await call.write(b"hello")
+            return channel, call
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await channel.close()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def _answer(call: Any, rounds: int) -> None:
@@ -124,11 +143,17 @@ async def main(args: argparse.Namespace) -> None:
         worker.start()
     try:
         loop = asyncio.get_running_loop()
-        opened = [await loop.run_in_executor(None, parent.recv) for parent, _ in pipes]
+        opened = [
+            await loop.run_in_executor(None, _receive, parent, worker)
+            for (parent, _), worker in zip(pipes, workers, strict=True)
+        ]
         await asyncio.wait_for(probe.all_open.wait(), 300)
         server_cpu0, started = _cpu(), time.monotonic()
         probe.go.set()
-        done = [await loop.run_in_executor(None, parent.recv) for parent, _ in pipes]
+        done = [
+            await loop.run_in_executor(None, _receive, parent, worker)
+            for (parent, _), worker in zip(pipes, workers, strict=True)
+        ]
         server_cpu = _cpu() - server_cpu0
     finally:
         for worker in workers:
@@ -137,6 +162,15 @@ async def main(args: argparse.Namespace) -> None:
                 worker.kill()
         await server.stop(0)
     report(args, started, probe.round_end, server_cpu, sum(done) - sum(opened))
+
+
+def _receive(parent: Connection, worker: Any) -> float:
+    """The worker's next CPU reading; a worker that died ends the benchmark instead of hanging it."""
+    while not parent.poll(1.0):
+        if not worker.is_alive():
+            raise SystemExit(f"client process exited with {worker.exitcode}")
+    value: float = parent.recv()
+    return value
 
 
 def report(args: argparse.Namespace, started: float, ends: list[float], server_cpu: float, client_cpu: float) -> None:

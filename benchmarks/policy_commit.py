@@ -8,7 +8,8 @@ their documents and model objects are reused and the compiler's memo recompiles 
 is the same reload in a fresh `PolicyService` (nothing to reuse: what every commit cost before).
 
 compile_scale.py measures the compiler alone on an in-memory model; this one adds YAML, validation and the
-service's bookkeeping, which are most of a commit's cost.
+service's bookkeeping, which are most of a commit's cost. Python's garbage collector runs as `serve` runs it
+(controlplane/gc_control.py: no automatic full collections).
 
     python benchmarks/policy_commit.py --backends 1000 --bindings 10
 """
@@ -22,12 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from controlplane.gc_control import CollectorSchedule
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 
 HEADER = (
     "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://gitlab.example.com\n---\n"
-    "kind: Gateway\nname: edge\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [{names}]\n"
+    "kind: Gateway\nname: edge\nlisten: {{address: 127.0.0.1, port: 10000}}\nbackends: [{names}]\n"
 )
 
 
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--baseline-repeat", type=int, default=3)
     args = parser.parse_args()
+    collector = CollectorSchedule()  # as serve runs: no automatic full collections (gc_control.py)
+    collector.start()
     with tempfile.TemporaryDirectory(prefix="policy-commit-") as tmp:
         root = Path(tmp)
         write_tree(root, args.backends, args.bindings)
@@ -79,6 +83,7 @@ def main() -> None:
             (root / f"svc-{b:04d}.yaml").write_text(backend_file(b, args.bindings, generation))
             commits.append(timed(service.reload))
         cold = [timed(PolicyService(root, SnapshotCache()).reload) for _ in range(args.baseline_repeat)]
+    collector.stop()
     total = args.backends * args.bindings
     print(f"policy commit, {args.backends} backends, {total} bindings, {args.backends + 1} files:")
     print(f"  first load: {first * 1e3:.0f} ms")
