@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 AUTOMATIC_FULL_OFF = 1 << 30
 """gc threshold 2: young collections between automatic full ones; this many never happen."""
+CPYTHON_FULL_THRESHOLD = 10
 
 
 class CollectorSchedule:
@@ -59,8 +60,9 @@ class CollectorSchedule:
     def start(self) -> None:
         """Take over full collections: collect and freeze what start-up left (modules, the first policy)."""
         if self._saved is None:
-            self._saved = gc.get_threshold()
-            young, middle, _ = self._saved
+            young, middle, full = gc.get_threshold()
+            # Another schedule in this process (embedded use, tests) may hold them already: hand back CPython's.
+            self._saved = (young, middle, CPYTHON_FULL_THRESHOLD if full == AUTOMATIC_FULL_OFF else full)
             gc.set_threshold(young, middle, AUTOMATIC_FULL_OFF)
         self.collect(full=True)
 

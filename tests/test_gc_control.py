@@ -113,3 +113,12 @@ async def test_a_busy_server_is_still_collected_after_one_more_interval() -> Non
 def test_nonsense_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="interval > 0"):
         CollectorSchedule(0)
+
+
+def test_two_schedules_in_one_process_leave_cpythons_collector_on_when_both_stopped() -> None:
+    first, second = CollectorSchedule(60), CollectorSchedule(60)
+    first.start()
+    second.start()
+    first.stop()
+    second.stop()
+    assert gc.get_threshold()[2] != AUTOMATIC_FULL_OFF
