@@ -33,7 +33,12 @@ import grpc
 SERVICE, METHOD = "floor.Probe", "Exchange"
 WAVE = 50
 ENVOY_WINDOW = 268_435_456
-SERVER_OPTIONS = (("grpc.http2.bdp_probe", 0),)
+SERVER_OPTIONS = (  # as controlplane's xDS server (controlplane/xds/server.py)
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.server.max_pending_requests", 1 << 17),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 17),
+    ("grpc.server_max_unrequested_time_in_server", 300),
+)
 CLIENT_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", ENVOY_WINDOW))
 
 

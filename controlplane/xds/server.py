@@ -43,8 +43,16 @@ FAN_OUT_CHUNK = 500
 # BDP probing pings a peer whenever data arrives, to grow the receive window; an xDS server only receives small
 # requests, so the pings are pure cost: with it, every ACK also meant a PING and its PING ACK on that proxy's
 # connection (benchmarks/grpc_floor.py, 1,000 connections: 302 -> 167 µs of server CPU per message and answer).
+# grpc core cancels calls the application has not asked for yet once more than 1,000 wait (at once beyond 3,000),
+# and any that waited 30 s: a fleet reconnecting after a restart had ~5% of 5,000 and ~11% of 10,000 calls
+# CANCELLED before the handler ran (benchmarks/fleet_sim.py --inflight 0), and retried. Every proxy that connects
+# is to be served, so the queue may hold a whole fleet, for as long as a connect storm takes: now 0 of 10,000.
+PENDING_CALLS_LIMIT = 1 << 17
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
+    ("grpc.server_max_unrequested_time_in_server", 300),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.keepalive_time_ms", 60_000),
