@@ -10,6 +10,7 @@ import pytest
 
 from controlplane.admin import metrics
 from controlplane.gc_control import AUTOMATIC_FULL_OFF, CollectorSchedule
+from tests.support.ports import eventually
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +70,13 @@ def test_every_collection_is_measured() -> None:
     schedule.stop()
 
 
+def _recording(schedule: CollectorSchedule) -> list[bool]:
+    """The kinds (full or not) of the collections `schedule` makes, instead of making them."""
+    kinds: list[bool] = []
+    schedule.collect = lambda *, full: kinds.append(full) or 0.0  # type: ignore[method-assign]
+    return kinds
+
+
 async def test_collections_wait_for_a_quiet_moment_and_every_nth_is_full() -> None:
     idle = {"for": 0.0, "asked": 0.0}
 
@@ -77,19 +85,13 @@ async def test_collections_wait_for_a_quiet_moment_and_every_nth_is_full() -> No
         return idle["for"]
 
     schedule = CollectorSchedule(0.001, full_every=3, quiet=0.05, max_delay=10.0, idle_for=idle_for)
-    kinds: list[bool] = []
-    schedule.collect = lambda *, full: kinds.append(full) or 0.0  # type: ignore[method-assign]
+    kinds = _recording(schedule)
     stop = asyncio.Event()
     task = asyncio.create_task(schedule.run(stop))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while idle["asked"] < 3 and loop.time() < deadline:  # pushes keep coming: it keeps waiting
-        await asyncio.sleep(0.005)
-    assert idle["asked"] >= 3 and kinds == []
+    await eventually(lambda: idle["asked"] >= 3, "the schedule asking whether pushes stopped")
+    assert kinds == []  # pushes keep coming: it keeps waiting
     idle["for"] = 1.0
-    deadline = loop.time() + 5
-    while len(kinds) < 3 and loop.time() < deadline:
-        await asyncio.sleep(0.005)
+    await eventually(lambda: len(kinds) >= 3, "three collections once quiet")
     stop.set()
     await asyncio.wait_for(task, 1)
     assert kinds[:3] == [False, False, True]
@@ -97,17 +99,12 @@ async def test_collections_wait_for_a_quiet_moment_and_every_nth_is_full() -> No
 
 async def test_a_busy_server_is_still_collected_after_one_more_interval() -> None:
     schedule = CollectorSchedule(0.02, quiet=10.0, idle_for=lambda: 0.0)
-    kinds: list[bool] = []
-    schedule.collect = lambda *, full: kinds.append(full) or 0.0  # type: ignore[method-assign]
+    kinds = _recording(schedule)
     stop = asyncio.Event()
     task = asyncio.create_task(schedule.run(stop))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not kinds and loop.time() < deadline:
-        await asyncio.sleep(0.005)
+    await eventually(lambda: kinds, "a collection although pushes never stop")
     stop.set()
     await asyncio.wait_for(task, 1)
-    assert kinds
 
 
 def test_nonsense_settings_are_refused() -> None:
