@@ -125,22 +125,20 @@ class ExchangePolicy:
         roles_of: dict[str, list[str]] = {}
         for declared in policy.roles:
             roles_of.setdefault(declared.backend, []).append(declared.name)
-        previous = memo.copy() if memo is not None else {}
+        memo = {} if memo is None else memo
         backends = []
         for backend in policy.backends:
             grants = index.grants(backend.name)
             roles = tuple(sorted(roles_of.get(backend.name, ())))
-            hit = previous.get(backend.name)
+            hit = memo.get(backend.name)
             if hit is not None and hit[0] is backend and hit[1] is grants and hit[2] == roles:
                 entry = hit[3]
             else:
                 entry = ExchangeBackend(backend.name, backend.audience, roles, _exchange_grants(grants, ttl))
-            backends.append(entry)
-            if memo is not None:
                 memo[backend.name] = (backend, grants, roles, entry)
-        if memo is not None:
-            for gone in memo.keys() - {b.name for b in policy.backends}:
-                del memo[gone]
+            backends.append(entry)
+        for gone in memo.keys() - {b.name for b in policy.backends}:
+            del memo[gone]
         issuers = tuple(
             ExchangeIssuer(
                 issuer.name,
