@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Protocol, TypeAlias, TypeVar
+from typing import TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from controlplane.model.errors import PolicyError, PolicyInvalid, Source
@@ -37,6 +37,7 @@ from controlplane.model.policy import (
     IssuerKind,
     JwksMode,
     Mode,
+    Named,
     Policy,
     ProjectRef,
     Role,
@@ -1153,12 +1154,7 @@ def parse_policy(files: Mapping[str, str]) -> Policy:
     return policy
 
 
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
-N = TypeVar("N", bound=_Named)
+N = TypeVar("N", bound=Named)
 
 
 def _build_all(

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from controlplane.model.errors import Source
 from controlplane.model.inventory import Inventory
+
+
+class Named(Protocol):
+    """Every kind of policy element: its name is unique within its kind, and what other elements refer to."""
+
+    @property
+    def name(self) -> str: ...
 
 
 class IssuerKind(StrEnum):

@@ -9,17 +9,11 @@ one-binding commit went from ~50 ms to a few ms of compile.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
-from controlplane.model.policy import Policy
+from controlplane.model.policy import Named, Policy
 
-
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
-N = TypeVar("N", bound=_Named)
+N = TypeVar("N", bound=Named)
 
 
 def reuse_unchanged(new: Policy, previous: Policy | None) -> Policy:
