@@ -37,22 +37,22 @@ SHUTDOWN_DETAILS = "control plane shutting down"
 # new connections, ACKs, health checks and the writers it has just fed before the next chunk.
 FAN_OUT_CHUNK = 500
 
-# Envoy's bootstrap pings every 30 s (cli/bootstrap.py). grpc's default server policy answers pings on a quiet
-# connection more often than every 5 minutes with GOAWAY "too_many_pings", which would drop every idle proxy.
-# Our own pings find dead proxies so they leave the status page and the gauges.
-# BDP probing pings a peer whenever data arrives, to grow the receive window; an xDS server only receives small
-# requests, so the pings are pure cost: with it, every ACK also meant a PING and its PING ACK on that proxy's
-# connection (benchmarks/grpc_floor.py, 1,000 connections: 302 -> 167 µs of server CPU per message and answer).
-# grpc core cancels calls the application has not asked for yet once more than 1,000 wait (at once beyond 3,000),
-# and any that waited 30 s: a fleet reconnecting after a restart had ~5% of 5,000 and ~11% of 10,000 calls
-# CANCELLED before the handler ran (benchmarks/fleet_sim.py --inflight 0), and retried. Every proxy that connects
-# is to be served, so the queue may hold a whole fleet, for as long as a connect storm takes: now 0 of 10,000.
 PENDING_CALLS_LIMIT = 1 << 17
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # BDP probing pings a peer whenever data arrives, to grow the receive window; an xDS server only receives
+    # small requests, so the pings are pure cost: with it, every ACK also meant a PING and its PING ACK on that
+    # proxy's connection (benchmarks/grpc_floor.py, 1,000 connections: 302 -> 167 µs of server CPU per message).
     ("grpc.http2.bdp_probe", 0),
+    # grpc core cancels calls the application has not asked for yet once more than 1,000 wait (at once beyond
+    # 3,000), and any that waited 30 s: a fleet reconnecting after a restart had ~5% of 5,000 and ~11% of 10,000
+    # calls CANCELLED before the handler ran (benchmarks/fleet_sim.py --inflight 0), and retried. Every proxy
+    # that connects is to be served, so the queue may hold a whole fleet, for as long as a connect storm takes.
     ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
     ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
     ("grpc.server_max_unrequested_time_in_server", 300),
+    # Envoy's bootstrap pings every 30 s (cli/bootstrap.py). grpc's default server policy answers pings on a quiet
+    # connection more often than every 5 minutes with GOAWAY "too_many_pings", which would drop every idle proxy.
+    # Our own pings find dead proxies so they leave the status page and the gauges.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.keepalive_time_ms", 60_000),
