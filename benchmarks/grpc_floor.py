@@ -9,7 +9,7 @@ the CPU per stream of the server and of the clients. This is what a push to N pr
 decide, so it bounds what any control plane built on grpc.aio can reach on this machine with its clients sharing
 the cores; `fleet_sim.py` figures sit on top of it.
 
-HTTP/2 settings are those of a real fleet: the server without BDP probing (as controlplane's xDS server), the
+HTTP/2 settings are those of a real fleet: the server with controlplane's xDS server options (no BDP probing), the
 clients with Envoy's 256 MiB flow-control windows and no BDP pings. --grpc-defaults uses grpc's defaults on
 both sides instead, to show what they cost.
 
@@ -29,16 +29,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
+from fleet_client import ENVOY_WINDOW  # the simulated Envoys' HTTP/2 settings
+
+from controlplane.xds.server import SERVER_OPTIONS  # the xDS server's, so the floor is measured as served
 
 SERVICE, METHOD = "floor.Probe", "Exchange"
 WAVE = 50
-ENVOY_WINDOW = 268_435_456
-SERVER_OPTIONS = (  # as controlplane's xDS server (controlplane/xds/server.py)
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.server.max_pending_requests", 1 << 17),
-    ("grpc.server.max_pending_requests_hard_limit", 1 << 17),
-    ("grpc.server_max_unrequested_time_in_server", 300),
-)
 CLIENT_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", ENVOY_WINDOW))
 
 
