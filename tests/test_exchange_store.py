@@ -80,11 +80,19 @@ def test_finished_jobs_are_remembered_until_keep_until(store: Store, clock: Cloc
 
 def test_the_ledger_keeps_the_latest_credential_expiry_of_a_job(store: Store, clock: Clock) -> None:
     assert store.credentials_until("7") is None
-    store.issued("7", clock.now + 200)
-    store.issued("7", clock.now + 100)
+    assert store.issued("7", clock.now + 200) and store.issued("7", clock.now + 100)
     assert store.credentials_until("7") == clock.now + 200 and store.credentials_until("8") is None
     clock.now += 200
     assert store.credentials_until("7") is None
+
+
+def test_finishing_a_job_answers_how_long_it_must_be_denied_and_stops_issuing(store: Store, clock: Clock) -> None:
+    """One step each, so a replica issuing while another records the end cannot slip a credential between."""
+    assert store.issued("7", clock.now + 300)
+    assert store.finish("7", clock.now + 1000) == clock.now + 300
+    assert not store.issued("7", clock.now + 600)  # refused, and not recorded
+    assert store.credentials_until("7") == clock.now + 300
+    assert store.finish("8", clock.now + 1000) is None  # a job that never exchanged
 
 
 def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
@@ -115,9 +123,9 @@ def test_a_second_store_on_the_same_file_shares_every_record(tmp_path: Path, clo
     one, two = SqliteExchangeStore(path, clock=clock), SqliteExchangeStore(path, clock=clock)
     assert one.claim("a", clock.now + 10, 2) and two.claim("a", clock.now + 10, 2)
     assert not one.claim("a", clock.now + 10, 2) and not two.claim("a", clock.now + 10, 2)
-    one.finish("9", clock.now + 10)
-    one.issued("9", clock.now + 5)
-    assert two.is_finished("9") and two.credentials_until("9") == clock.now + 5
+    assert one.issued("9", clock.now + 5)
+    assert two.finish("9", clock.now + 10) == clock.now + 5
+    assert one.is_finished("9") and not one.issued("9", clock.now + 8)
     one.close()
     two.close()
 

@@ -212,6 +212,10 @@ def _invalid_grant(description: str) -> Refused:
     return Refused("invalid_grant", description)
 
 
+def _job_finished() -> Refused:
+    return Refused("invalid_grant", "the job has finished: its tokens are no longer exchanged", result="job_finished")
+
+
 def _named(value: str) -> str:
     """A request value fit to echo: only a policy name, never anything that could be a token."""
     return repr(value) if _NAME.match(value) else "(not a valid name)"
@@ -357,8 +361,10 @@ class TokenExchange:
         subject = json.dumps([issuer.url, claims["jti"]])
         if not self._replay.claim(subject, claims["exp"] + issuer.clock_skew, self.max_uses_per_subject):
             raise Refused("invalid_grant", "the subject token was exchanged too many times", result="replayed")
-        if context["job_id"] is not None:
-            self._ledger.issued(context["job_id"], int(now) + ttl)  # before the credential exists
+        # Recorded before the credential exists, and refused if the job finished since `_check_job` (another
+        # replica may have been told): the ledger answers both in one step.
+        if context["job_id"] is not None and not self._ledger.issued(context["job_id"], int(now) + ttl):
+            raise _job_finished()
         token, jti, exp = self._issue(claims, backend, roles, ttl, now)
         self._issued.add(context["job_id"], jti, exp)
         body = {
@@ -382,9 +388,7 @@ class TokenExchange:
         if now - issued_at > self.max_subject_age:
             raise _invalid_grant(f"the subject token is older than {int(self.max_subject_age)} s")
         if job_id is not None and self._ledger.is_finished(job_id):
-            raise Refused(
-                "invalid_grant", "the job has finished: its tokens are no longer exchanged", result="job_finished"
-            )
+            raise _job_finished()
 
     # -- the subject token
 

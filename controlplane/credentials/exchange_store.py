@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS job_credentials (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS job_credentials_expiry ON job_credentials (expires_at);
 """
+_FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
+_CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
 _TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", "expires_at"))
 
 
@@ -63,14 +65,22 @@ class ReplayCounter(Protocol):
 
 
 class JobLedger(Protocol):
-    def finish(self, job_id: str, keep_until: float) -> None:
-        """GitLab reported the job finished: `is_finished` answers True until `keep_until`."""
+    """Finished jobs, and until when each job holds credentials.
+
+    `finish` and `issued` are each one atomic step, so two replicas cannot interleave "the job finished, how
+    long must its credentials be denied?" with "no, it has not finished, here is a credential".
+    """
+
+    def finish(self, job_id: str, keep_until: float) -> float | None:
+        """GitLab reported the job finished: `is_finished` answers True until `keep_until`, and `issued`
+        refuses. Returns `credentials_until(job_id)` as of that moment."""
         ...
 
     def is_finished(self, job_id: str) -> bool: ...
 
-    def issued(self, job_id: str, expires_at: float) -> None:
-        """A credential of this job lives until `expires_at` (the ledger keeps the latest)."""
+    def issued(self, job_id: str, expires_at: float) -> bool:
+        """Record that a credential of this job lives until `expires_at` (the ledger keeps the latest), unless
+        the job has finished: then record nothing and return False (issue nothing)."""
         ...
 
     def credentials_until(self, job_id: str) -> float | None:
@@ -105,14 +115,18 @@ class MemoryExchangeStore:
         self._uses[subject] = uses + 1
         return True
 
-    def finish(self, job_id: str, keep_until: float) -> None:
+    def finish(self, job_id: str, keep_until: float) -> float | None:
         self._finished[job_id] = max(keep_until, self._finished.get(job_id, 0.0))
+        return self.credentials_until(job_id)
 
     def is_finished(self, job_id: str) -> bool:
         return self._finished.get(job_id, 0.0) > self._clock()
 
-    def issued(self, job_id: str, expires_at: float) -> None:
+    def issued(self, job_id: str, expires_at: float) -> bool:
+        if self.is_finished(job_id):
+            return False
         self._credentials[job_id] = max(expires_at, self._credentials.get(job_id, 0.0))
+        return True
 
     def credentials_until(self, job_id: str) -> float | None:
         until = self._credentials.get(job_id)
@@ -154,28 +168,27 @@ class SqliteExchangeStore:
             ).rowcount
         return counted == 1
 
-    def finish(self, job_id: str, keep_until: float) -> None:
-        self._keep_latest("finished_jobs", "keep_until", job_id, keep_until)
+    def finish(self, job_id: str, keep_until: float) -> float | None:
+        with self._write() as db:
+            _keep_latest(db, "finished_jobs", "keep_until", job_id, keep_until)
+            row = db.execute(_CREDENTIALS_UNTIL, (job_id, self._clock())).fetchone()
+        return None if row is None else float(row[0])
 
     def is_finished(self, job_id: str) -> bool:
-        return self._read("SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?", job_id) is not None
+        return self._read(_FINISHED, job_id) is not None
 
-    def issued(self, job_id: str, expires_at: float) -> None:
-        self._keep_latest("job_credentials", "expires_at", job_id, expires_at)
+    def issued(self, job_id: str, expires_at: float) -> bool:
+        with self._write() as db:
+            if db.execute(_FINISHED, (job_id, self._clock())).fetchone() is not None:
+                return False
+            _keep_latest(db, "job_credentials", "expires_at", job_id, expires_at)
+        return True
 
     def credentials_until(self, job_id: str) -> float | None:
-        return self._read("SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?", job_id)
+        return self._read(_CREDENTIALS_UNTIL, job_id)
 
     def close(self) -> None:
         self._db.close()
-
-    def _keep_latest(self, table: str, column: str, job_id: str, until: float) -> None:
-        with self._write() as db:
-            db.execute(
-                f"INSERT INTO {table} (job_id, {column}) VALUES (?, ?) "
-                f"ON CONFLICT (job_id) DO UPDATE SET {column} = max({column}, excluded.{column})",
-                (job_id, until),
-            )
 
     def _read(self, query: str, job_id: str) -> float | None:
         try:
@@ -206,6 +219,14 @@ class SqliteExchangeStore:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+
+
+def _keep_latest(db: sqlite3.Connection, table: str, column: str, job_id: str, until: float) -> None:
+    db.execute(
+        f"INSERT INTO {table} (job_id, {column}) VALUES (?, ?) "
+        f"ON CONFLICT (job_id) DO UPDATE SET {column} = max({column}, excluded.{column})",
+        (job_id, until),
+    )
 
 
 def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:

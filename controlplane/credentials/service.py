@@ -113,17 +113,20 @@ class CredentialService:
         """A job reached a terminal status: no more exchanges for it, and its job_id denied until nothing it holds
         could be valid.
 
-        The finished record comes first: the exchange runs on this event loop too, so once it is written no
-        credential can be issued that `latest_expiry` below would miss.
+        Recording the end and reading how long the job's credentials live is one step of the ledger, which the
+        exchange's own recording of a credential cannot interleave with (on any replica sharing the ledger): a
+        credential is either counted here or never issued.
         """
         if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
             return
         job = str(event.job_id)
+        recorded: float | None = None
         try:
-            self.store.finish(job, self.clock() + self.options.finished_job_retention)
+            recorded = self.store.finish(job, self.clock() + self.options.finished_job_retention)
         except ExchangeStoreError as error:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
-        until = max(self.exchange.latest_expiry(job) or 0.0, self.clock() + self.options.deny_id_tokens_for)
+        held = max(recorded or 0.0, self.exchange.latest_expiry(job) or 0.0)
+        until = max(held, self.clock() + self.options.deny_id_tokens_for)
         if self.revocations.revoke(job, until):
             log.info("job %s %s: access revoked fleet-wide until %s", job, event.status, time.ctime(until))
             await self.on_change()
