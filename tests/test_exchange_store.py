@@ -51,9 +51,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Itera
 
 
 def test_stores_implement_both_interfaces(store: Store) -> None:
-    counter: ReplayCounter = store
+    counter: ReplayCounter = store  # mypy checks the assignment: the protocol's methods and signatures
     ledger: JobLedger = store
-    assert counter is ledger
+    assert callable(counter.claim) and callable(ledger.issued)
 
 
 def test_claim_counts_up_to_the_limit_per_subject(store: Store, clock: Clock) -> None:

@@ -1,4 +1,7 @@
-"""RFC 8693 token exchange: a GitLab ID token in, a short-lived credential for one backend out. No I/O here.
+"""RFC 8693 token exchange: a GitLab ID token in, a short-lived credential for one backend out.
+
+No I/O here but through the store interfaces (`exchange_store.py`): what must outlive the process (uses per
+subject token, finished jobs, each job's credential expiry) is the store's, not a dict's.
 
 Why exchange at all: an ID token lives as long as the job timeout and stays valid after the job ends. The
 credential issued here is scoped to one backend and to named roles, lives minutes, names the job it belongs to
@@ -265,11 +268,13 @@ def _lifetime(form: Mapping[str, str]) -> int | None:
 
 
 class TokenExchange:
-    """Validates, authorizes and issues; remembers subject-token uses (replay) and issued credentials (revocation).
+    """Validates, authorizes and issues; counts subject-token uses (replay) and records issued credentials
+    (revocation) in the store.
 
     `issuer_keys(name)` is the JWKS the control plane relays for that issuer; `policy()` the current
     `ExchangePolicy`, None while none is loaded. Not thread-safe: call it from the control plane's event loop
-    (an exchange is a signature check and a signature, well under a millisecond).
+    (an exchange is a signature check, a signature and two short fsynced store writes: 0.4 ms median measured
+    on SQLite, see docs/token-exchange.md).
     """
 
     def __init__(
