@@ -183,3 +183,19 @@ def test_the_replay_bound_survives_kill_9(stack: Stack) -> None:
     replay = stack.exchange(subject)
     assert (replay.status, replay.json()["error"]) == (400, "invalid_grant"), replay.text
     assert "too many times" in replay.json()["error_description"]
+
+
+def test_a_damaged_exchange_state_file_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
+    """Starting with an empty replay count and no finished jobs would hand out what the file refused."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "exchange.sqlite3").write_bytes(b"\x00damaged\xff" * 600)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "gateway.yaml").write_text("kind: Gateway\nname: gw\nlisten: {port: 10000}\nbackends: []\n")
+    cp = ControlPlaneProcess(tmp_path / "policy", extra_args=("--state-dir", str(state)), log_path=tmp_path / "cp.log")
+    cp.start(wait_ready=False)
+    proc = cp._proc
+    assert proc is not None
+    assert proc.wait(30) == 2
+    log = cp.log_text()
+    assert "refusing to start" in log and str(state / "exchange.sqlite3") in log and "Traceback" not in log
