@@ -523,13 +523,25 @@ def test_unknown_or_ambiguous_targets_are_invalid_target(setup: Setup) -> None:
     assert_refused(echoed, "invalid_target", token)
 
 
+def test_a_subject_token_is_exchanged_only_for_the_backend_its_audience_names(setup: Setup) -> None:
+    """Envoy refuses a token on a backend whose audience it does not carry; so must the exchange (issue 10 #5)."""
+    minted_for_deploy = setup.mint(aud="https://deploy.local")  # the readers binding grants it reports-read
+    refused = setup.run(minted_for_deploy, audience="reports-api")
+    assert_refused(refused, "invalid_grant", minted_for_deploy)
+    assert "audience" in refused.body["error_description"]
+    assert_refused(setup.run(minted_for_deploy, resource="https://reports.local"), "invalid_grant", minted_for_deploy)
+    several = setup.mint(aud=["https://deploy.local", "https://reports.local"])  # GitLab allows a list
+    assert setup.run(several, audience="reports-api").status == 200
+
+
 def test_roles_not_granted_are_invalid_scope(setup: Setup) -> None:
     token = setup.mint(ref="main")
     assert_refused(setup.run(token, scope="reports-write"), "invalid_scope", token)  # needs release/*
     assert_refused(setup.run(token, scope="reports-read deploy-trigger"), "invalid_scope", token)  # other backend
     assert_refused(setup.run(token, scope="no-such-role"), "invalid_scope", token)
-    shadow = setup.run(token, audience="deploy-api")  # only a shadow binding: nothing is granted
-    assert_refused(shadow, "invalid_scope", token)
+    for_deploy = setup.mint(ref="main", aud="https://deploy.local")
+    shadow = setup.run(for_deploy, audience="deploy-api")  # only a shadow binding: nothing is granted
+    assert_refused(shadow, "invalid_scope", for_deploy)
     assert "'reports-write'" in setup.run(token, scope="reports-write").body["error_description"]
 
 

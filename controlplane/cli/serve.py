@@ -12,6 +12,7 @@ from controlplane import __version__
 from controlplane.admin.http import AdminServer, is_loopback
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
+from controlplane.credentials.exchange_store import ExchangeStoreError
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.gc_control import CollectorSchedule
 from controlplane.gitlab_link import GitLabLink, PolicyProject
@@ -338,7 +339,11 @@ def _policy_source(options: ServeOptions) -> PolicySource:
 
 
 async def serve(options: ServeOptions) -> int:
-    plane = ControlPlane(options)
+    try:
+        plane = ControlPlane(options)
+    except ExchangeStoreError as unusable:  # starting empty would forget counted uses and finished jobs
+        log.critical("refusing to start: %s", unusable)
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plane.request_stop)

@@ -20,13 +20,15 @@ RESULTS: Final = (
     "invalid_target",
     "invalid_scope",
     "replayed",
+    "job_finished",
     "unavailable",
 )
 
 EXCHANGES = Counter(
     "controlplane_credential_exchanges_total",
     "Token exchanges by result: granted, or the refusal (replayed = subject token used too often; "
-    "unavailable = no policy or key loaded yet).",
+    "job_finished = GitLab reported the job finished; unavailable = no policy or key loaded yet, or the "
+    "exchange state cannot be read or written).",
     ["result"],
     registry=REGISTRY,
 )

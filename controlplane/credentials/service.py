@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.credentials.exchange import ExchangePolicy, TokenExchange
+from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, TokenExchange
+from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
@@ -36,6 +37,12 @@ class CredentialOptions:
     # After a job ends, its raw ID tokens are denied for this long too (0: only exchanged credentials).
     # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
     deny_id_tokens_for: float = 3 * 3_600.0
+
+    @property
+    def finished_job_retention(self) -> float:
+        """How long the exchange refuses a finished job, whatever the deny window: at least as long as any
+        token the exchange still accepts (it refuses subject tokens older than this) and any credential."""
+        return max(DEFAULT_MAX_SUBJECT_AGE, self.deny_id_tokens_for, self.max_credential_ttl)
 
 
 class CredentialService:
@@ -58,7 +65,16 @@ class CredentialService:
             publish_lead=options.publish_lead,
             clock=clock,
         )
-        self.exchange = TokenExchange(keys=self.keys, issuer_keys=issuer_keys, policy=policy, clock=clock)
+        self.store = SqliteExchangeStore(options.state_dir / DB_NAME, clock=clock)
+        self.exchange = TokenExchange(
+            keys=self.keys,
+            issuer_keys=issuer_keys,
+            policy=policy,
+            clock=clock,
+            replay=self.store,
+            ledger=self.store,
+            max_subject_age=options.finished_job_retention,
+        )
         self.endpoint = ExchangeEndpoint(self.exchange)
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
         self._inputs: CredentialInputs | None = None
@@ -88,13 +104,29 @@ class CredentialService:
 
     async def stop(self) -> None:
         await self.endpoint.stop()
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
 
     async def on_event(self, event: GitLabEvent) -> None:
-        """A job reached a terminal status: deny its job_id until nothing it holds could be valid."""
+        """A job reached a terminal status: no more exchanges for it, and its job_id denied until nothing it holds
+        could be valid.
+
+        Recording the end and reading how long the job's credentials live is one step of the ledger, which the
+        exchange's own recording of a credential cannot interleave with (on any replica sharing the ledger): a
+        credential is either counted here or never issued.
+        """
         if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
             return
         job = str(event.job_id)
-        until = max(self.exchange.latest_expiry(job) or 0.0, self.clock() + self.options.deny_id_tokens_for)
+        recorded: float | None = None
+        try:
+            recorded = self.store.finish(job, self.clock() + self.options.finished_job_retention)
+        except ExchangeStoreError as error:
+            log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
+        held = max(recorded or 0.0, self.exchange.latest_expiry(job) or 0.0)
+        until = max(held, self.clock() + self.options.deny_id_tokens_for)
         if self.revocations.revoke(job, until):
             log.info("job %s %s: access revoked fleet-wide until %s", job, event.status, time.ctime(until))
             await self.on_change()

@@ -1,0 +1,254 @@
+"""What the token exchange must remember beyond one process's life: subject-token uses and job state.
+
+Why a store: the replay bound ("a subject token is exchanged at most N times") and "a finished job gets no
+credential" are only as strong as the memory behind them. In memory, a crash or a restart forgets both, and
+two replicas each allow N. So the exchange talks to two small interfaces, `ReplayCounter` and `JobLedger`,
+and the control plane gives it `SqliteExchangeStore` (one file in the state directory); a shared database
+(PostgreSQL, issue 12) only has to implement the same few methods. `MemoryExchangeStore` serves tests and a
+`TokenExchange` used alone.
+
+Every method either does what it says, durably, or raises `ExchangeStoreError`; the exchange then refuses
+(503): a store it cannot read or write never grants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger("controlplane.credentials")
+
+DB_NAME = "exchange.sqlite3"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS replay (
+    subject TEXT PRIMARY KEY,
+    uses INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS replay_expiry ON replay (expires_at);
+CREATE TABLE IF NOT EXISTS finished_jobs (
+    job_id TEXT PRIMARY KEY,
+    keep_until REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS finished_jobs_expiry ON finished_jobs (keep_until);
+CREATE TABLE IF NOT EXISTS job_credentials (
+    job_id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_credentials_expiry ON job_credentials (expires_at);
+"""
+_FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
+_CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
+_TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", "expires_at"))
+
+
+class ExchangeStoreError(Exception):
+    """The store could not answer or record durably; the message names the file, never a token."""
+
+
+class ReplayCounter(Protocol):
+    def claim(self, subject: str, expires_at: float, limit: int) -> bool:
+        """Count one use of `subject` if it has been used fewer than `limit` times; True when counted.
+
+        Atomic (check and increment in one step, across every process sharing the store). The record may be
+        forgotten once `expires_at` has passed: the subject token is useless by then.
+        """
+        ...
+
+
+class JobLedger(Protocol):
+    """Finished jobs, and until when each job holds credentials.
+
+    `finish` and `issued` are each one atomic step, so two replicas cannot interleave "the job finished, how
+    long must its credentials be denied?" with "no, it has not finished, here is a credential".
+    """
+
+    def finish(self, job_id: str, keep_until: float) -> float | None:
+        """GitLab reported the job finished: `is_finished` answers True until `keep_until`, and `issued`
+        refuses. Returns `credentials_until(job_id)` as of that moment."""
+        ...
+
+    def is_finished(self, job_id: str) -> bool: ...
+
+    def issued(self, job_id: str, expires_at: float) -> bool:
+        """Record that a credential of this job lives until `expires_at` (the ledger keeps the latest), unless
+        the job has finished: then record nothing and return False (issue nothing)."""
+        ...
+
+    def credentials_until(self, job_id: str) -> float | None:
+        """When the job's last unexpired credential expires; None when it holds none."""
+        ...
+
+
+class MemoryExchangeStore:
+    """Both interfaces in this process's memory: forgotten on restart, per process, so for tests only.
+
+    Bounded: when `capacity` subject tokens are tracked, a new one is refused rather than an old record
+    evicted, which would reopen a replay window.
+    """
+
+    def __init__(self, *, capacity: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+        self._capacity = capacity
+        self._clock = clock
+        self._uses: dict[str, int] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._finished: dict[str, float] = {}
+        self._credentials: dict[str, float] = {}
+
+    def claim(self, subject: str, expires_at: float, limit: int) -> bool:
+        self._prune(self._clock())
+        uses = self._uses.get(subject, 0)
+        if uses >= limit:
+            return False
+        if not uses:
+            if len(self._uses) >= self._capacity:
+                raise ExchangeStoreError("too many subject tokens in flight")
+            heapq.heappush(self._expiry, (expires_at, subject))
+        self._uses[subject] = uses + 1
+        return True
+
+    def finish(self, job_id: str, keep_until: float) -> float | None:
+        self._finished[job_id] = max(keep_until, self._finished.get(job_id, 0.0))
+        return self.credentials_until(job_id)
+
+    def is_finished(self, job_id: str) -> bool:
+        return self._finished.get(job_id, 0.0) > self._clock()
+
+    def issued(self, job_id: str, expires_at: float) -> bool:
+        if self.is_finished(job_id):
+            return False
+        self._credentials[job_id] = max(expires_at, self._credentials.get(job_id, 0.0))
+        return True
+
+    def credentials_until(self, job_id: str) -> float | None:
+        until = self._credentials.get(job_id)
+        return until if until is not None and until > self._clock() else None
+
+    def _prune(self, now: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, subject = heapq.heappop(self._expiry)
+            self._uses.pop(subject, None)
+
+
+class SqliteExchangeStore:
+    """Both interfaces in one SQLite file: survives kill -9 and power loss, shared by processes on one host.
+
+    WAL with `synchronous=FULL`: a use the exchange counted (and answered with a credential) is on disk before
+    the credential leaves, so no crash hands out a 4th. Each write is one short `BEGIN IMMEDIATE` transaction,
+    so the check and the increment cannot interleave with another process's. Expired rows are deleted by the
+    writes themselves (indexed by expiry), so the file stays as small as what is still alive. Mode 0600: the
+    file holds job ids and token ids, not tokens, but nobody else needs them.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self._clock = clock
+        try:
+            self._db = _open(path, busy_timeout)
+        except (OSError, sqlite3.Error) as error:
+            raise ExchangeStoreError(f"{path}: cannot open the exchange state database: {error}") from None
+
+    def claim(self, subject: str, expires_at: float, limit: int) -> bool:
+        if limit < 1:
+            return False
+        with self._write() as db:
+            counted = db.execute(
+                "INSERT INTO replay (subject, uses, expires_at) VALUES (?, 1, ?) "
+                "ON CONFLICT (subject) DO UPDATE SET uses = uses + 1, "
+                "expires_at = max(expires_at, excluded.expires_at) WHERE uses < ?",
+                (subject, expires_at, limit),
+            ).rowcount
+        return counted == 1
+
+    def finish(self, job_id: str, keep_until: float) -> float | None:
+        with self._write() as db:
+            _keep_latest(db, "finished_jobs", "keep_until", job_id, keep_until)
+            row = db.execute(_CREDENTIALS_UNTIL, (job_id, self._clock())).fetchone()
+        return None if row is None else float(row[0])
+
+    def is_finished(self, job_id: str) -> bool:
+        return self._read(_FINISHED, job_id) is not None
+
+    def issued(self, job_id: str, expires_at: float) -> bool:
+        with self._write() as db:
+            if db.execute(_FINISHED, (job_id, self._clock())).fetchone() is not None:
+                return False
+            _keep_latest(db, "job_credentials", "expires_at", job_id, expires_at)
+        return True
+
+    def credentials_until(self, job_id: str) -> float | None:
+        return self._read(_CREDENTIALS_UNTIL, job_id)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _read(self, query: str, job_id: str) -> float | None:
+        try:
+            row = self._db.execute(query, (job_id, self._clock())).fetchone()
+        except sqlite3.Error as error:
+            raise ExchangeStoreError(f"{self.path}: cannot read the exchange state: {error}") from None
+        return None if row is None else float(row[0])
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One immediate transaction (the write lock is taken before the read), expired rows swept first."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise ExchangeStoreError(f"{self.path}: cannot write the exchange state: {error}") from None
+        try:
+            now = self._clock()
+            for table, column in _TABLES:
+                db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (now,))
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise ExchangeStoreError(f"{self.path}: cannot write the exchange state: {error}") from None
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+
+def _keep_latest(db: sqlite3.Connection, table: str, column: str, job_id: str, until: float) -> None:
+    db.execute(
+        f"INSERT INTO {table} (job_id, {column}) VALUES (?, ?) "
+        f"ON CONFLICT (job_id) DO UPDATE SET {column} = max({column}, excluded.{column})",
+        (job_id, until),
+    )
+
+
+def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Created 0600 before SQLite touches it (its -wal and -shm files copy the mode); a file that is not our
+    database, or is damaged, is an error: starting empty would forget which jobs finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.DatabaseError(f"journal_mode is {mode}, not wal")
+        db.execute("PRAGMA synchronous=FULL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+        db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    except BaseException:
+        db.close()
+        raise
+    return db

@@ -1,0 +1,201 @@
+"""The token exchange's rules that depend on state, end to end: `controlplane serve` with
+`--deny-id-tokens-for 0`, a real Envoy, the fake GitLab's webhooks, and kill -9 restarts on one state directory.
+
+- a subject token is exchanged only for the backend whose audience it carries (as Envoy checks it);
+- a job GitLab reported finished gets no credential, even with no ID-token deny window;
+- a credential issued before a crash is still revoked when its job finishes after the restart;
+- the "3 exchanges per subject token" bound survives kill -9.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from controlplane.cli.bootstrap import render_bootstrap
+from controlplane.model.credentials import EXCHANGE_PATH
+from tests.support.backends import EchoBackend, HttpResponse, http_request
+from tests.support.controlplane import ControlPlaneProcess
+from tests.support.envoy import EnvoyProcess
+from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gitlab_hooks import HookTarget, deliver
+from tests.support.ports import LOOPBACK, free_port, poll_until
+
+pytestmark = pytest.mark.e2e
+
+POLICY = """\
+kind: Issuer
+name: gitlab
+type: gitlab
+url: {issuer}
+---
+kind: Backend
+name: reports-api
+hosts: [reports.local]
+audience: https://reports.local
+credentials: exchanged
+endpoints: [{{address: 127.0.0.1, port: {reports_port}}}]
+---
+kind: Backend
+name: billing-api
+hosts: [billing.local]
+audience: https://billing.local
+endpoints: [{{address: 127.0.0.1, port: {billing_port}}}]
+---
+kind: Role
+name: reports-read
+backend: reports-api
+rules: [{{methods: [GET]}}]
+---
+kind: Role
+name: billing-read
+backend: billing-api
+rules: [{{methods: [GET]}}]
+---
+kind: Binding
+name: deployer
+roles: [reports-read, billing-read]
+credential_ttl: 10m
+subjects:
+  - project: 42
+    ref_protected: true
+---
+kind: Gateway
+name: ci-gateway
+listen: {{address: 127.0.0.1, port: {listen_port}}}
+backends: [reports-api, billing-api]
+access_log: /dev/null
+"""
+
+
+@dataclass
+class Stack:
+    gitlab: FakeGitLab
+    listen_port: int
+    hook: HookTarget
+    controlplane: ControlPlaneProcess
+
+    def subject(self, job_id: int, aud: str = "https://reports.local", **claims: Any) -> str:
+        return self.gitlab.mint(job_id=job_id, aud=aud, project_id=42, ttl=3600, **claims)
+
+    def exchange(self, subject: str, backend: str = "reports-api") -> HttpResponse:
+        body = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": subject,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": backend,
+        }
+        url = f"http://{LOOPBACK}:{self.controlplane.exchange_port}{EXCHANGE_PATH}"
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return http_request(url, method="POST", headers=headers, body=urlencode(body).encode())
+
+    def call(self, host: str, token: str) -> int:
+        headers = {"Host": host, "Authorization": f"Bearer {token}"}
+        return http_request(f"http://{LOOPBACK}:{self.listen_port}/r", headers=headers).status
+
+    def job_finished(self, job_id: int) -> None:
+        payload = {"object_kind": "build", "build_id": job_id, "build_status": "success", "pipeline_id": 9}
+        payload |= {"project_id": 42, "ref": "main", "project_name": "acme / deployer"}
+        assert deliver(self.hook, "Job Hook", payload).status == 200  # answered once the event was handled
+
+    def crash_and_restart(self) -> None:
+        """kill -9: no shutdown path runs; whatever was not on disk is gone."""
+        proc = self.controlplane._proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        self.controlplane._proc = None
+        self.controlplane.start()
+        poll_until(lambda: self.exchange(self.subject(1)).status == 200, 20, message="exchange up again")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("exchange-state")
+    policy = root / "policy"
+    policy.mkdir()
+    with FakeGitLab() as gitlab, EchoBackend("reports") as reports, EchoBackend("billing") as billing:
+        listen_port = free_port()
+        (policy / "policy.yaml").write_text(
+            POLICY.format(
+                issuer=gitlab.issuer, reports_port=reports.port, billing_port=billing.port, listen_port=listen_port
+            )
+        )
+        secret, webhook_port = secrets.token_urlsafe(24), free_port()
+        args = (
+            "--jwks-refresh", "1", "--deny-id-tokens-for", "0",
+            "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
+        )  # fmt: skip
+        log_path = root / "cp.log"
+        with ControlPlaneProcess(policy, extra_args=args, env={"HOOK_SECRET": secret}, log_path=log_path) as cp:
+            hook = gitlab.add_system_hook(f"http://{LOOPBACK}:{webhook_port}/webhooks/gitlab", secret)
+            bootstrap = render_bootstrap(group="ci-gateway", node_id="state-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
+            with EnvoyProcess(bootstrap, name="exchange-state-envoy"):
+                built = Stack(gitlab, listen_port, hook, cp)
+                poll_until(lambda: built.exchange(built.subject(1)).status == 200, 20, message="exchange up")
+                yield built
+            assert "eyJ" not in Path(log_path).read_text(), "a token was logged"
+
+
+def test_a_token_for_billing_is_not_exchanged_for_reports(stack: Stack) -> None:
+    for_billing = stack.subject(501, aud="https://billing.local")
+    poll_until(lambda: stack.call("billing.local", for_billing) == 200, 10, message="billing token on billing")
+    assert stack.call("reports.local", for_billing) in (401, 403)  # Envoy refuses it on reports...
+    refused = stack.exchange(for_billing, backend="reports-api")  # ...so the exchange must too
+    assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), refused.text
+    granted = stack.exchange(for_billing, backend="billing-api")  # for its own backend it is exchanged
+    assert granted.status == 200, granted.text
+    assert stack.call("billing.local", granted.json()["access_token"]) == 200
+
+
+def test_a_job_finished_before_its_first_exchange_gets_no_credential(stack: Stack) -> None:
+    minted_while_running = stack.subject(502)
+    stack.job_finished(502)
+    refused = stack.exchange(minted_while_running)
+    assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), refused.text
+    assert "finished" in refused.json()["error_description"]
+    assert stack.exchange(stack.subject(503)).status == 200  # a running job is not affected
+
+
+def test_a_credential_from_before_a_crash_is_revoked_when_its_job_finishes(stack: Stack) -> None:
+    granted = stack.exchange(stack.subject(504))
+    assert granted.status == 200, granted.text
+    credential = granted.json()["access_token"]
+    assert stack.call("reports.local", credential) == 200
+    stack.crash_and_restart()
+    poll_until(lambda: stack.call("reports.local", credential) == 200, 10, message="credential valid after restart")
+    stack.job_finished(504)  # --deny-id-tokens-for 0: the deny entry lasts as long as the credential
+    poll_until(lambda: stack.call("reports.local", credential) == 403, 5, interval=0.02, message="revoked")
+    assert stack.exchange(stack.subject(504)).status == 400
+
+
+def test_the_replay_bound_survives_kill_9(stack: Stack) -> None:
+    subject = stack.subject(505)
+    assert [stack.exchange(subject).status for _ in range(3)] == [200, 200, 200]
+    stack.crash_and_restart()
+    replay = stack.exchange(subject)
+    assert (replay.status, replay.json()["error"]) == (400, "invalid_grant"), replay.text
+    assert "too many times" in replay.json()["error_description"]
+
+
+def test_a_damaged_exchange_state_file_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
+    """Starting with an empty replay count and no finished jobs would hand out what the file refused."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "exchange.sqlite3").write_bytes(b"\x00damaged\xff" * 600)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "gateway.yaml").write_text("kind: Gateway\nname: gw\nlisten: {port: 10000}\nbackends: []\n")
+    cp = ControlPlaneProcess(tmp_path / "policy", extra_args=("--state-dir", str(state)), log_path=tmp_path / "cp.log")
+    cp.start(wait_ready=False)
+    proc = cp._proc
+    assert proc is not None
+    assert proc.wait(30) == 2
+    log = cp.log_text()
+    assert "refusing to start" in log and str(state / "exchange.sqlite3") in log and "Traceback" not in log

@@ -1,0 +1,181 @@
+"""The exchange's store, against its interfaces (`ReplayCounter`, `JobLedger`): every implementation runs the
+same tests, so a shared-database implementation (issue 12) only needs adding to `STORES`. Then what only the
+SQLite file promises: durability across processes, atomicity under concurrent writers, mode 0600, fail closed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.credentials.exchange_store import (
+    ExchangeStoreError,
+    JobLedger,
+    MemoryExchangeStore,
+    ReplayCounter,
+    SqliteExchangeStore,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Store = MemoryExchangeStore | SqliteExchangeStore
+STORES: dict[str, Callable[[Path, Clock], Store]] = {
+    "memory": lambda _, clock: MemoryExchangeStore(clock=clock),
+    "sqlite": lambda path, clock: SqliteExchangeStore(path / "exchange.sqlite3", clock=clock),
+}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Store]:
+    made = STORES[request.param](tmp_path, clock)
+    yield made
+    if isinstance(made, SqliteExchangeStore):
+        made.close()
+
+
+def test_stores_implement_both_interfaces(store: Store) -> None:
+    counter: ReplayCounter = store  # mypy checks the assignment: the protocol's methods and signatures
+    ledger: JobLedger = store
+    assert callable(counter.claim) and callable(ledger.issued)
+
+
+def test_claim_counts_up_to_the_limit_per_subject(store: Store, clock: Clock) -> None:
+    expires = clock.now + 300
+    assert [store.claim("a", expires, 3) for _ in range(4)] == [True, True, True, False]
+    assert store.claim("b", expires, 3)  # another subject has its own count
+    assert not store.claim("c", expires, 0)
+
+
+def test_a_claim_is_forgotten_once_its_subject_token_expired(store: Store, clock: Clock) -> None:
+    assert store.claim("a", clock.now + 100, 1) and not store.claim("a", clock.now + 100, 1)
+    clock.now += 100
+    assert store.claim("a", clock.now + 100, 1)
+
+
+def test_finished_jobs_are_remembered_until_keep_until(store: Store, clock: Clock) -> None:
+    assert not store.is_finished("7")
+    store.finish("7", clock.now + 50)
+    store.finish("7", clock.now + 10)  # an earlier end never shortens the record
+    assert store.is_finished("7") and not store.is_finished("8")
+    clock.now += 50
+    assert not store.is_finished("7")
+
+
+def test_the_ledger_keeps_the_latest_credential_expiry_of_a_job(store: Store, clock: Clock) -> None:
+    assert store.credentials_until("7") is None
+    assert store.issued("7", clock.now + 200) and store.issued("7", clock.now + 100)
+    assert store.credentials_until("7") == clock.now + 200 and store.credentials_until("8") is None
+    clock.now += 200
+    assert store.credentials_until("7") is None
+
+
+def test_finishing_a_job_answers_how_long_it_must_be_denied_and_stops_issuing(store: Store, clock: Clock) -> None:
+    """One step each, so a replica issuing while another records the end cannot slip a credential between."""
+    assert store.issued("7", clock.now + 300)
+    assert store.finish("7", clock.now + 1000) == clock.now + 300
+    assert not store.issued("7", clock.now + 600)  # refused, and not recorded
+    assert store.credentials_until("7") == clock.now + 300
+    assert store.finish("8", clock.now + 1000) is None  # a job that never exchanged
+
+
+def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
+    store = MemoryExchangeStore(capacity=1, clock=clock)
+    assert store.claim("a", clock.now + 10, 3)
+    with pytest.raises(ExchangeStoreError):
+        store.claim("b", clock.now + 10, 3)
+    clock.now += 10
+    assert store.claim("b", clock.now + 10, 3)
+
+
+# --- SQLite only ------------------------------------------------------------------------------------------------
+
+
+def test_the_sqlite_file_is_0600_in_wal_mode_with_full_sync(tmp_path: Path, clock: Clock) -> None:
+    store = SqliteExchangeStore(tmp_path / "state" / "exchange.sqlite3", clock=clock)
+    store.claim("a", clock.now + 10, 3)
+    for name in ("exchange.sqlite3", "exchange.sqlite3-wal"):
+        assert stat.S_IMODE((tmp_path / "state" / name).stat().st_mode) == 0o600, name
+    with sqlite3.connect(tmp_path / "state" / "exchange.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_a_second_store_on_the_same_file_shares_every_record(tmp_path: Path, clock: Clock) -> None:
+    """Two replicas on one state directory, or a process and its restart."""
+    path = tmp_path / "exchange.sqlite3"
+    one, two = SqliteExchangeStore(path, clock=clock), SqliteExchangeStore(path, clock=clock)
+    assert one.claim("a", clock.now + 10, 2) and two.claim("a", clock.now + 10, 2)
+    assert not one.claim("a", clock.now + 10, 2) and not two.claim("a", clock.now + 10, 2)
+    assert one.issued("9", clock.now + 5)
+    assert two.finish("9", clock.now + 10) == clock.now + 5
+    assert one.is_finished("9") and not one.issued("9", clock.now + 8)
+    one.close()
+    two.close()
+
+
+def _claim_many(path: str, subject: str, times: int, out: multiprocessing.Queue[int]) -> None:
+    store = SqliteExchangeStore(Path(path), busy_timeout=30.0)
+    out.put(sum(store.claim(subject, 4e9, 3) for _ in range(times)))
+    store.close()
+
+
+def test_concurrent_processes_never_exceed_the_limit(tmp_path: Path) -> None:
+    path = str(tmp_path / "exchange.sqlite3")
+    SqliteExchangeStore(Path(path)).close()
+    context = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[int] = context.Queue()
+    workers = [context.Process(target=_claim_many, args=(path, "shared", 20, out)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    counted = [out.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+    assert sum(counted) == 3, counted
+
+
+def test_a_file_that_is_not_the_database_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "exchange.sqlite3"
+    path.write_bytes(b"this is not a database, it is a damaged file" * 100)
+    with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3"):
+        SqliteExchangeStore(path)
+
+
+def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:
+    path = tmp_path / "exchange.sqlite3"
+    SqliteExchangeStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(ExchangeStoreError, match="schema version 99"):
+        SqliteExchangeStore(path)
+
+
+def test_a_write_that_cannot_take_the_lock_raises_instead_of_granting(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "exchange.sqlite3"
+    store = SqliteExchangeStore(path, clock=clock, busy_timeout=0.05)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(ExchangeStoreError, match="cannot write"):
+            store.claim("a", clock.now + 10, 3)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.claim("a", clock.now + 10, 3)
+    store.close()
