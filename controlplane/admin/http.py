@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import generate_latest
 
 from controlplane.admin.metrics import REGISTRY
-from controlplane.admin.serving import AppServer
+from controlplane.admin.serving import ADMIN_LIMITS, AppServer, HttpLimits
 from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class AdminServer:
         host: str = "127.0.0.1",
         port: int = 9902,
         fleet: Callable[[FleetQuery], dict[str, Any]] | None = None,
+        limits: HttpLimits = ADMIN_LIMITS,
     ) -> None:
         """``status`` gives the document's fleet-independent part (policy, JWKS, GitLab...); ``fleet`` answers
         a query with ``proxies``, ``page``, ``filters`` and ``summary`` (``ProxyRegistry.fleet``), merged in.
@@ -115,12 +116,13 @@ class AdminServer:
         self._ready = ready
         self._host = host
         self._port = port
+        self._limits = limits
         self._server = AppServer("admin server")
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port, which matters when asked for port 0."""
         # No access log: Prometheus scrapes and probes every few seconds; per-request lines are pure noise.
-        addresses = await self._server.start(self._build_app(), self._host, self._port)
+        addresses = await self._server.start(self._build_app(), self._host, self._port, self._limits)
         self._warn_if_exposed(addresses)
         port = addresses[0][1]
         log.info("admin server listening on %s", ", ".join(f"{h}:{p}" for h, p in addresses))

@@ -10,6 +10,13 @@ from pathlib import Path
 
 from controlplane import __version__
 from controlplane.admin.http import AdminServer, is_loopback
+from controlplane.admin.serving import (
+    ADMIN_LIMITS,
+    WEBHOOK_LIMITS,
+    HttpLimits,
+    check_connection_budget,
+    raise_open_file_limit,
+)
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.credentials.service import CredentialOptions, CredentialService
@@ -79,6 +86,8 @@ class ServeOptions:
     audit_retention: float = 30 * 86_400.0
     xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
+    admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (admin/serving.py)
+    webhook_limits: HttpLimits = WEBHOOK_LIMITS
 
 
 class ControlPlane:
@@ -121,6 +130,7 @@ class ControlPlane:
             WebhookReceiver(
                 secrets=secrets_from(options.webhooks.secret_env, options.webhooks.secret_file),
                 on_event=self._on_webhook,
+                limits=options.webhook_limits,
             )
             if options.webhooks
             else None
@@ -140,6 +150,7 @@ class ControlPlane:
             ready=lambda: self.policy.ready,
             host=options.admin_host,
             port=options.admin_port,
+            limits=options.admin_limits,
         )
         self.stopping = asyncio.Event()
         self._transport_refusal: str | None = None
@@ -337,7 +348,17 @@ def _policy_source(options: ServeOptions) -> PolicySource:
     return GitLabPolicySource(PolicyRepo(client, project))
 
 
+def _http_budget(options: ServeOptions) -> dict[str, int]:
+    listeners = {"admin": options.admin_limits.max_connections}
+    if options.webhooks is not None:
+        listeners["webhook"] = options.webhook_limits.max_connections
+    if options.credentials is not None:
+        listeners["exchange"] = options.credentials.http.max_connections
+    return listeners
+
+
 async def serve(options: ServeOptions) -> int:
+    check_connection_budget(raise_open_file_limit(), _http_budget(options))
     plane = ControlPlane(options)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from controlplane.admin.serving import AppServer
+from controlplane.admin.serving import EXCHANGE_LIMITS, AppServer, HttpLimits
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
@@ -35,9 +35,12 @@ class BadForm(Exception):
 
 
 class ExchangeEndpoint:
-    def __init__(self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES, limits: HttpLimits = EXCHANGE_LIMITS
+    ) -> None:
         self.exchange = exchange
         self.max_body = max_body
+        self.limits = limits
         self._server = AppServer("exchange endpoint")
 
     def routes(self) -> list[web.RouteDef]:
@@ -45,7 +48,7 @@ class ExchangeEndpoint:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve alone; returns the bound port (useful with port 0). `handle` logs each exchange itself."""
-        bound = (await self._server.start(self.routes(), host, port))[0][1]
+        bound = (await self._server.start(self.routes(), host, port, self.limits))[0][1]
         log.info("token exchange listening on %s:%d%s", host, bound, EXCHANGE_PATH)
         return bound
 

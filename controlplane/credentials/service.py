@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controlplane.admin.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.credentials.exchange import ExchangePolicy, TokenExchange
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
@@ -36,6 +37,7 @@ class CredentialOptions:
     # After a job ends, its raw ID tokens are denied for this long too (0: only exchanged credentials).
     # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
     deny_id_tokens_for: float = 3 * 3_600.0
+    http: HttpLimits = EXCHANGE_LIMITS  # connections and timeouts of the exchange listener
 
 
 class CredentialService:
@@ -59,7 +61,7 @@ class CredentialService:
             clock=clock,
         )
         self.exchange = TokenExchange(keys=self.keys, issuer_keys=issuer_keys, policy=policy, clock=clock)
-        self.endpoint = ExchangeEndpoint(self.exchange)
+        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http)
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()

@@ -45,7 +45,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
-from controlplane.admin.serving import AppServer
+from controlplane.admin.serving import WEBHOOK_LIMITS, AppServer, HttpLimits
 
 log = logging.getLogger("controlplane.webhooks")
 
@@ -423,6 +423,7 @@ class WebhookReceiver:
         dedup_ttl: float = 3600,
         callback_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        limits: HttpLimits = WEBHOOK_LIMITS,
     ) -> None:
         if not secrets or any(not s for s in secrets):
             raise WebhookSecretError("at least one non-empty webhook secret is required")
@@ -434,6 +435,7 @@ class WebhookReceiver:
         self._max_body = max_body_bytes
         self._seen = _SeenKeys(dedup_size, dedup_ttl, clock)
         self._callback_timeout = callback_timeout
+        self._limits = limits
         self._server = AppServer("webhook receiver")
 
     def routes(self) -> list[web.RouteDef]:
@@ -441,7 +443,7 @@ class WebhookReceiver:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve on a port of its own (GitLab must reach it; the admin port should not be exposed)."""
-        addresses = await self._server.start(self.routes(), host, port)  # the handler logs each delivery
+        addresses = await self._server.start(self.routes(), host, port, self._limits)  # the handler logs each delivery
         log.info("webhook receiver listening on %s", ", ".join(f"{h}:{p}{PATH}" for h, p in addresses))
         return addresses[0][1]
 
