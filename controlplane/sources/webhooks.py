@@ -46,6 +46,7 @@ from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
 from controlplane.admin.serving import WEBHOOK_LIMITS, AppServer, HttpLimits
+from controlplane.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.webhooks")
 
@@ -436,6 +437,8 @@ class WebhookReceiver:
         self._seen = _SeenKeys(dedup_size, dedup_ttl, clock)
         self._callback_timeout = callback_timeout
         self._limits = limits
+        # Anyone who can reach the port can be refused: a few lines a minute tell the operator, not thousands.
+        self._refusals = RateLimitedLog(log, burst=5, interval=60.0, clock=clock)
         self._server = AppServer("webhook receiver")
 
     def routes(self) -> list[web.RouteDef]:
@@ -463,7 +466,9 @@ class WebhookReceiver:
 
     async def _deliver(self, request: web.Request, label: str) -> web.StreamResponse:
         if not self._authenticated(request):
-            log.info("webhook %s from %s: rejected, missing or unknown X-Gitlab-Token", label, request.remote)
+            self._refusals.log(
+                logging.INFO, "webhook %s from %s: rejected, missing or unknown X-Gitlab-Token", label, request.remote
+            )
             return _answer(401, label, "unauthorized", {"error": "unauthorized"})
         WEBHOOK_LAST_EVENT.set_to_current_time()
         key = request.headers.get("Idempotency-Key") or None
