@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from controlplane.admin.serving import AppServer, HttpLimits
+from controlplane.admin.serving import AppServer, HttpLimits, fit_connection_budget
 from controlplane.ratelog import RateLimitedLog
 from controlplane.sources.webhooks import WebhookReceiver
 from tests.support.ports import LOOPBACK, eventually
@@ -201,3 +204,34 @@ async def test_rejected_webhooks_are_logged_at_a_bounded_rate(
             assert (await _raw(webhook_port, request)).startswith(b"HTTP/1.1 401")
     rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert 1 <= len(rejected) <= 5
+
+
+# --- the process's descriptors ----------------------------------------------------------------------------
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
+    """In a child whose soft limit is below its hard one, as systemd and most shells start services."""
+    script = (
+        "import logging, resource; logging.basicConfig(level=logging.INFO, format='%(message)s');"
+        "from controlplane.admin.serving import raise_open_file_limit;"
+        "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 512))
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=limits, timeout=30, check=True
+    )
+    assert done.stdout.split() == ["512", "512"]
+    assert "open-file limit raised from 128 to 512 (hard limit 512)" in done.stderr
+
+
+def test_connection_bounds_are_fitted_into_half_the_descriptors(caplog: pytest.LogCaptureFixture) -> None:
+    wanted = {"admin": 32, "webhook": 128, "exchange": 256}
+    assert fit_connection_budget(1_048_576, wanted) == wanted
+    assert fit_connection_budget(1024, wanted) == wanted  # the defaults fit the common 1024 with room to spare
+    with caplog.at_level(logging.WARNING):
+        assert fit_connection_budget(256, wanted) == {"admin": 9, "webhook": 39, "exchange": 78}
+    assert "lowered to admin 9, webhook 39, exchange 78" in caplog.text
+    assert fit_connection_budget(4, wanted) == {"admin": 1, "webhook": 1, "exchange": 1}  # never 0

@@ -164,9 +164,11 @@ class AppServer:
         closed = _Once(lambda: self._closed(slots))
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: _Tracked(server(), closed), conn)
-        except Exception as error:  # the client reset before the transport existed, most likely
+        except BaseException as error:  # the client reset before the transport existed, or we are stopping
             conn.close()
             closed()
+            if not isinstance(error, Exception):
+                raise
             log.debug("%s: connection dropped while being set up: %s", self.name, error)
 
     async def _accept_failed(self, error: OSError) -> None:
@@ -332,14 +334,26 @@ def _limit_text(limit: int) -> str:
     return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
 
 
-def check_connection_budget(limit: int, listeners: dict[str, int]) -> None:
-    """Warn when the HTTP listeners together could take over half the descriptors: xDS streams need the rest."""
+def fit_connection_budget(limit: int, listeners: dict[str, int]) -> dict[str, int]:
+    """Connection bounds that leave at least half the descriptors to xDS streams and everything else.
+
+    When the listeners' bounds add up to more (a low hard limit), each is scaled down in proportion, and the
+    operator is told: a flood on one listener then still cannot starve xDS, whatever the flags say.
+    """
+    budget = max(limit // 2, len(listeners))
     total = sum(listeners.values())
-    if total > limit // 2:
-        log.warning(
-            "HTTP listeners may hold %d connections (%s) against an open-file limit of %d: a flood could starve "
-            "xDS; lower --*-max-connections or raise the limit",
-            total,
-            ", ".join(f"{name} {count}" for name, count in listeners.items()),
-            limit,
-        )
+    if total <= budget:
+        return dict(listeners)
+    fitted = {name: max(1, count * budget // total) for name, count in listeners.items()}
+    log.warning(
+        "HTTP listeners' connection bounds (%s) add up to %d, over half the open-file limit of %d: lowered to %s",
+        _listed(listeners),
+        total,
+        limit,
+        _listed(fitted),
+    )
+    return fitted
+
+
+def _listed(listeners: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in listeners.items())

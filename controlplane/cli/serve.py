@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controlplane import __version__
@@ -14,7 +14,7 @@ from controlplane.admin.serving import (
     ADMIN_LIMITS,
     WEBHOOK_LIMITS,
     HttpLimits,
-    check_connection_budget,
+    fit_connection_budget,
     raise_open_file_limit,
 )
 from controlplane.audit.als import AccessLogService
@@ -348,18 +348,28 @@ def _policy_source(options: ServeOptions) -> PolicySource:
     return GitLabPolicySource(PolicyRepo(client, project))
 
 
-def _http_budget(options: ServeOptions) -> dict[str, int]:
+def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
+    """The HTTP listeners' connection bounds, lowered if need be to leave half the descriptors to xDS."""
     listeners = {"admin": options.admin_limits.max_connections}
     if options.webhooks is not None:
         listeners["webhook"] = options.webhook_limits.max_connections
     if options.credentials is not None:
         listeners["exchange"] = options.credentials.http.max_connections
-    return listeners
+    fitted = fit_connection_budget(open_files, listeners)
+    credentials = options.credentials
+    if credentials is not None:
+        credentials = replace(credentials, http=credentials.http.with_connections(fitted["exchange"]))
+    webhooks = fitted.get("webhook", options.webhook_limits.max_connections)
+    return replace(
+        options,
+        admin_limits=options.admin_limits.with_connections(fitted["admin"]),
+        webhook_limits=options.webhook_limits.with_connections(webhooks),
+        credentials=credentials,
+    )
 
 
 async def serve(options: ServeOptions) -> int:
-    check_connection_budget(raise_open_file_limit(), _http_budget(options))
-    plane = ControlPlane(options)
+    plane = ControlPlane(_fit_http_listeners(options, raise_open_file_limit()))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plane.request_stop)
