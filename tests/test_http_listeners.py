@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -21,7 +23,8 @@ from aiohttp import web
 from controlplane.admin.serving import AppServer, HttpLimits, fit_connection_budget
 from controlplane.ratelog import RateLimitedLog
 from controlplane.sources.webhooks import WebhookReceiver
-from tests.support.ports import LOOPBACK, eventually
+from tests.support.backends import http_request
+from tests.support.ports import LOOPBACK, eventually, poll_until
 
 MARKER = "glpat-marker-that-must-never-reach-a-log"
 SECRET = b"listener-test-webhook-secret"
@@ -243,3 +246,58 @@ def test_connection_bounds_are_fitted_into_half_the_descriptors(caplog: pytest.L
         assert fit_connection_budget(256, wanted) == {"admin": 9, "webhook": 39, "exchange": 78}
     assert "lowered to admin 9, webhook 39, exchange 78" in caplog.text
     assert fit_connection_budget(4, wanted) == {"admin": 1, "webhook": 1, "exchange": 1}  # never 0
+
+
+LISTENER_SCRIPT = """
+import asyncio, logging, sys
+from aiohttp import web
+from controlplane.admin.serving import AppServer, HttpLimits
+
+async def ok(_request):
+    return web.Response(text="ok")
+
+async def main():
+    server = AppServer("test listener", "test")
+    # A bound above the open-file limit (a misconfiguration `serve` would have lowered): accept must fail.
+    limits = HttpLimits(max_connections=500, header_timeout=1.0)
+    ((_, port),) = await server.start([web.get("/ok", ok)], "127.0.0.1", 0, limits)
+    print(port, flush=True)
+    await asyncio.Event().wait()
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+asyncio.run(main())
+"""
+
+
+def test_accept_failures_for_lack_of_descriptors_are_logged_a_few_times(tmp_path: Path) -> None:
+    """asyncio's own accept loop logs a traceback per failed accept, up to 100 per readiness event."""
+    log_path = tmp_path / "listener.log"
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    with log_path.open("wb") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-c", LISTENER_SCRIPT], stdout=subprocess.PIPE, stderr=log_file, preexec_fn=limits
+        )
+    flood: list[socket.socket] = []
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        for _ in range(120):
+            sock = socket.create_connection((LOOPBACK, port), timeout=5)
+            sock.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
+            flood.append(sock)
+        poll_until(lambda: "cannot accept" in log_path.read_text(), 10, message="accept failed for lack of files")
+        for sock in flood:  # the server closes them after its header timeout, then accepts the rest
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
+        assert http_request(f"http://{LOOPBACK}:{port}/ok").status == 200
+    finally:
+        for sock in flood:
+            sock.close()
+        child.terminate()
+        child.wait(10)
+    text = log_path.read_text()
+    assert 1 <= text.count("cannot accept connections: Too many open files") <= 3, text[:3000]
+    assert "Traceback" not in text, text[:3000]
