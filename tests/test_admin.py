@@ -266,12 +266,26 @@ async def test_status_without_a_fleet_serves_the_document_as_produced(http: aioh
         ("limit=ten", "limit"),
         ("offset=all", "offset"),
         ("grop=ci-prod", "grop"),  # a typo must not answer for the whole fleet
+        ("limit=" + "9" * 5000, "limit"),  # past int()'s 4300-digit cap: was a 500 with a traceback
+        ("offset=" + "1" * 5000, "offset"),
+        ("limit=1000000001", "limit"),
+        ("group=" + "g" * 5000, "group"),
+        ("node=" + "n" * 5000, "node"),
+        ("nacked=" + "1" * 5000, "nacked"),
     ],
 )
 async def test_status_rejects_bad_query(admin: Admin, http: aiohttp.ClientSession, query: str, named: str) -> None:
     code, _, body = await get(http, f"{admin.url}/status?{query}")
     assert code == 400
     assert named in body
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+async def test_endpoints_without_parameters_refuse_any(admin: Admin, http: aiohttp.ClientSession, path: str) -> None:
+    admin.ready = True
+    code, _, body = await get(http, f"{admin.url}{path}?verbose=1")
+    assert code == 400
+    assert "verbose" in body
 
 
 async def test_status_reads_live_state(admin: Admin, http: aiohttp.ClientSession) -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import MultiMapping
 from prometheus_client import generate_latest
 
 from controlplane.admin.metrics import REGISTRY
-from controlplane.admin.serving import AppServer
+from controlplane.admin.serving import ADMIN_LIMITS, AppServer, HttpLimits
 from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,32 @@ def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise BadQuery(f"{name} must be 1 or 0, got {value!r}")
+    raise BadQuery(f"{name} must be 1 or 0, got {_shown(value)}")
 
 
 STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies")
+# What each endpoint accepts; anything else is refused, so no parameter is silently ignored.
+PARAMETERS: dict[str, tuple[str, ...]] = {"/status": STATUS_PARAMETERS, "/metrics": (), "/healthz": (), "/readyz": ()}
+MAX_COUNT = 1_000_000_000  # a limit or offset past any fleet; it also keeps int() far from its digit cap
+MAX_TEXT = 256  # group and node names: longer ones match nothing, and are not echoed back in full
+
+
+def check_parameters(path: str, query: MultiMapping[str]) -> None:
+    """Refuse names an endpoint does not know and names given twice (which value would win is a guess)."""
+    known = PARAMETERS.get(path)
+    if known is None:
+        return  # not ours: the router answers 404
+    unknown = sorted(set(query) - set(known))
+    if unknown:
+        expected = f"known: {', '.join(known)}" if known else f"{path} takes no parameters"
+        raise BadQuery(f"unknown parameter(s) {', '.join(_shown(u) for u in unknown)}; {expected}")
+    repeated = sorted(name for name in set(query) if len(query.getall(name)) > 1)
+    if repeated:
+        raise BadQuery(f"parameter(s) given more than once: {', '.join(repeated)}")
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 def parse_count(name: str, value: str | None, default: int | None) -> int | None:
@@ -58,10 +81,16 @@ def parse_count(name: str, value: str | None, default: int | None) -> int | None
     text = value.strip().lower()
     if text == "all" and name == "limit":
         return None
-    if not (text.isascii() and text.isdigit()):
-        allowed = "a non-negative integer or all" if name == "limit" else "a non-negative integer"
-        raise BadQuery(f"{name} must be {allowed}, got {value!r}")
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_COUNT)) or int(text) > MAX_COUNT:
+        allowed = f"an integer from 0 to {MAX_COUNT}" + (" or all" if name == "limit" else "")
+        raise BadQuery(f"{name} must be {allowed}, got {_shown(value)}")
     return int(text)
+
+
+def parse_text(name: str, value: str | None) -> str | None:
+    if value is not None and len(value) > MAX_TEXT:
+        raise BadQuery(f"{name} must be at most {MAX_TEXT} characters, got {len(value)}")
+    return value or None
 
 
 def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
@@ -69,14 +98,15 @@ def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
     cannot silently turn a filtered question into the whole fleet."""
     unknown = sorted(set(query) - set(STATUS_PARAMETERS))
     if unknown:
-        raise BadQuery(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(STATUS_PARAMETERS)}")
+        shown = ", ".join(_shown(u) for u in unknown)
+        raise BadQuery(f"unknown parameter(s) {shown}; known: {', '.join(STATUS_PARAMETERS)}")
     protocol = query.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
-        raise BadQuery(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        raise BadQuery(f"protocol must be one of {', '.join(PROTOCOLS)}, got {_shown(protocol)}")
     return FleetQuery(
-        group=query.get("group") or None,
+        group=parse_text("group", query.get("group")),
         protocol=protocol,
-        node=query.get("node") or None,
+        node=parse_text("node", query.get("node")),
         nacked=parse_flag("nacked", query.get("nacked")),
         stale=parse_flag("stale", query.get("stale")),
         limit=parse_count("limit", query.get("limit"), DEFAULT_LIMIT),
@@ -105,6 +135,7 @@ class AdminServer:
         host: str = "127.0.0.1",
         port: int = 9902,
         fleet: Callable[[FleetQuery], dict[str, Any]] | None = None,
+        limits: HttpLimits = ADMIN_LIMITS,
     ) -> None:
         """``status`` gives the document's fleet-independent part (policy, JWKS, GitLab...); ``fleet`` answers
         a query with ``proxies``, ``page``, ``filters`` and ``summary`` (``ProxyRegistry.fleet``), merged in.
@@ -115,12 +146,13 @@ class AdminServer:
         self._ready = ready
         self._host = host
         self._port = port
+        self._limits = limits
         self._server = AppServer("admin server")
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port, which matters when asked for port 0."""
         # No access log: Prometheus scrapes and probes every few seconds; per-request lines are pure noise.
-        addresses = await self._server.start(self._build_app(), self._host, self._port)
+        addresses = await self._server.start(self._build_app(), self._host, self._port, self._limits)
         self._warn_if_exposed(addresses)
         port = addresses[0][1]
         log.info("admin server listening on %s", ", ".join(f"{h}:{p}" for h, p in addresses))
@@ -141,7 +173,7 @@ class AdminServer:
             )
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[_debug_log])
+        app = web.Application(middlewares=[_debug_log, _checked_query])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -181,6 +213,16 @@ class AdminServer:
         elif not query.proxies:
             body.pop("proxies", None)
         return body
+
+
+@web.middleware
+async def _checked_query(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every endpoint's parameters are checked before its handler runs: a typo is a 400, never ignored."""
+    try:
+        check_parameters(request.path, request.query)
+    except BadQuery as exc:
+        return web.Response(status=400, text=f"{exc}\n")
+    return await handler(request)
 
 
 @web.middleware

@@ -28,6 +28,7 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from controlplane.admin.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS
     from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.status import add_status_arguments
 
@@ -118,6 +119,23 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
     hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
     hooks.add_argument("--webhook-secret-file", help="file holding webhook secret token(s), one per line")
+    http = serve.add_argument_group("HTTP listeners: admin, webhooks, exchange (README: Operations)")
+    http.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection may take to send complete request headers (after connecting or its last reply)",
+    )
+    http.add_argument(
+        "--http-request-timeout", type=float, default=30.0, help="seconds to read a request body and answer (408)"
+    )
+    for name, limits in (("admin", ADMIN_LIMITS), ("webhook", WEBHOOK_LIMITS), ("exchange", EXCHANGE_LIMITS)):
+        http.add_argument(
+            f"--{name}-max-connections",
+            type=int,
+            default=limits.max_connections,
+            help=f"connections the {name} listener holds at once; more wait in the kernel's backlog",
+        )
 
     audit_cmd = commands.add_parser("audit", help="what did a job (or project) do? reads the audit trail")
     add_audit_arguments(audit_cmd)
@@ -194,6 +212,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from controlplane.admin.serving import HttpLimits
     from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
     from controlplane.credentials.service import CredentialOptions
 
@@ -226,6 +245,15 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = args.webhook_address
         webhooks = WebhookOptions(host, port, args.webhook_secret_env, args.webhook_secret_file)
 
+    try:
+        http = HttpLimits(header_timeout=args.http_header_timeout, request_timeout=args.http_request_timeout)
+        admin_limits, webhook_limits, exchange_limits = (
+            http.with_connections(count)
+            for count in (args.admin_max_connections, args.webhook_max_connections, args.exchange_max_connections)
+        )
+    except ValueError as error:
+        print(f"HTTP listener options: {error}", file=sys.stderr)
+        return 2
     options = ServeOptions(
         policy=args.policy,
         xds_host=args.xds_address[0],
@@ -249,11 +277,14 @@ def _serve(args: argparse.Namespace) -> int:
             rotate_every=args.key_rotation,
             max_credential_ttl=args.max_credential_ttl,
             deny_id_tokens_for=args.deny_id_tokens_for,
+            http=exchange_limits,
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,
         xds_tls=xds_tls,
         xds_insecure=args.xds_insecure,
+        admin_limits=admin_limits,
+        webhook_limits=webhook_limits,
     )
     return asyncio.run(serve(options))
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controlplane import __version__
 from controlplane.admin.http import AdminServer, is_loopback
+from controlplane.admin.serving import (
+    ADMIN_LIMITS,
+    WEBHOOK_LIMITS,
+    HttpLimits,
+    fit_connection_budget,
+    raise_open_file_limit,
+)
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.credentials.exchange_store import ExchangeStoreError
@@ -80,6 +87,8 @@ class ServeOptions:
     audit_retention: float = 30 * 86_400.0
     xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
+    admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (admin/serving.py)
+    webhook_limits: HttpLimits = WEBHOOK_LIMITS
 
 
 class ControlPlane:
@@ -122,6 +131,7 @@ class ControlPlane:
             WebhookReceiver(
                 secrets=secrets_from(options.webhooks.secret_env, options.webhooks.secret_file),
                 on_event=self._on_webhook,
+                limits=options.webhook_limits,
             )
             if options.webhooks
             else None
@@ -141,6 +151,7 @@ class ControlPlane:
             ready=lambda: self.policy.ready,
             host=options.admin_host,
             port=options.admin_port,
+            limits=options.admin_limits,
         )
         self.stopping = asyncio.Event()
         self._transport_refusal: str | None = None
@@ -338,9 +349,29 @@ def _policy_source(options: ServeOptions) -> PolicySource:
     return GitLabPolicySource(PolicyRepo(client, project))
 
 
+def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
+    """The HTTP listeners' connection bounds, lowered if need be to leave half the descriptors to xDS."""
+    listeners = {"admin": options.admin_limits.max_connections}
+    if options.webhooks is not None:
+        listeners["webhook"] = options.webhook_limits.max_connections
+    if options.credentials is not None:
+        listeners["exchange"] = options.credentials.http.max_connections
+    fitted = fit_connection_budget(open_files, listeners)
+    credentials = options.credentials
+    if credentials is not None:
+        credentials = replace(credentials, http=credentials.http.with_connections(fitted["exchange"]))
+    webhooks = fitted.get("webhook", options.webhook_limits.max_connections)
+    return replace(
+        options,
+        admin_limits=options.admin_limits.with_connections(fitted["admin"]),
+        webhook_limits=options.webhook_limits.with_connections(webhooks),
+        credentials=credentials,
+    )
+
+
 async def serve(options: ServeOptions) -> int:
     try:
-        plane = ControlPlane(options)
+        plane = ControlPlane(_fit_http_listeners(options, raise_open_file_limit()))
     except ExchangeStoreError as unusable:  # starting empty would forget counted uses and finished jobs
         log.critical("refusing to start: %s", unusable)
         return 2

@@ -12,10 +12,11 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from controlplane.admin.serving import AppServer
+from controlplane.admin.serving import EXCHANGE_LIMITS, AppServer, HttpLimits
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
+from controlplane.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.credentials")
 
@@ -35,9 +36,14 @@ class BadForm(Exception):
 
 
 class ExchangeEndpoint:
-    def __init__(self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES, limits: HttpLimits = EXCHANGE_LIMITS
+    ) -> None:
         self.exchange = exchange
         self.max_body = max_body
+        self.limits = limits
+        # Refusals are whatever any client sends, so they are rate-limited; grants (the audit) never are.
+        self._refusals = RateLimitedLog(log, burst=10, interval=60.0)
         self._server = AppServer("exchange endpoint")
 
     def routes(self) -> list[web.RouteDef]:
@@ -45,7 +51,7 @@ class ExchangeEndpoint:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve alone; returns the bound port (useful with port 0). `handle` logs each exchange itself."""
-        bound = (await self._server.start(self.routes(), host, port))[0][1]
+        bound = (await self._server.start(self.routes(), host, port, self.limits))[0][1]
         log.info("token exchange listening on %s:%d%s", host, bound, EXCHANGE_PATH)
         return bound
 
@@ -58,11 +64,34 @@ class ExchangeEndpoint:
             form = await self._read_form(request)
         except BadForm as bad:
             metrics.count_exchange("invalid_request")
-            log.info("token exchange refused (invalid_request): %s", bad)
+            self._refusals.log(logging.INFO, "token exchange refused (invalid_request): %s", bad)
             return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
         result = self.exchange.exchange(form)
-        _log(result)
+        self._log(result)
         return _json(result.body, result.status)
+
+    def _log(self, result: ExchangeResult) -> None:
+        if result.granted:
+            log.info(
+                "token exchange granted: backend=%s project_id=%s job_id=%s roles=%s credential_jti=%s",
+                result.backend,
+                result.project_id,
+                result.job_id,
+                ",".join(result.roles),
+                result.jti,
+            )
+            return
+        self._refusals.log(
+            logging.INFO,
+            "token exchange refused (%s): backend=%s project_id=%s job_id=%s roles=%s: %s",
+            result.result,
+            result.backend,
+            result.project_id,
+            result.job_id,
+            ",".join(result.roles) or "-",
+            result.body.get("error_description"),
+            key=f"refused {result.result}",
+        )
 
     async def _read_form(self, request: web.Request) -> dict[str, str]:
         if request.query_string:
@@ -94,25 +123,3 @@ async def _read_bounded(request: web.Request, limit: int) -> bytes:
 
 def _json(body: dict[str, object], status: int) -> web.Response:
     return web.json_response(body, status=status, headers=NO_STORE)
-
-
-def _log(result: ExchangeResult) -> None:
-    if result.granted:
-        log.info(
-            "token exchange granted: backend=%s project_id=%s job_id=%s roles=%s credential_jti=%s",
-            result.backend,
-            result.project_id,
-            result.job_id,
-            ",".join(result.roles),
-            result.jti,
-        )
-        return
-    log.info(
-        "token exchange refused (%s): backend=%s project_id=%s job_id=%s roles=%s: %s",
-        result.result,
-        result.backend,
-        result.project_id,
-        result.job_id,
-        ",".join(result.roles) or "-",
-        result.body.get("error_description"),
-    )

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controlplane.admin.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, TokenExchange
 from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.http import ExchangeEndpoint
@@ -37,6 +38,7 @@ class CredentialOptions:
     # After a job ends, its raw ID tokens are denied for this long too (0: only exchanged credentials).
     # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
     deny_id_tokens_for: float = 3 * 3_600.0
+    http: HttpLimits = EXCHANGE_LIMITS  # connections and timeouts of the exchange listener
 
     @property
     def finished_job_retention(self) -> float:
@@ -75,7 +77,7 @@ class CredentialService:
             ledger=self.store,
             max_subject_age=options.finished_job_retention,
         )
-        self.endpoint = ExchangeEndpoint(self.exchange)
+        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http)
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()

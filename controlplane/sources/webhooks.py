@@ -45,7 +45,8 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
-from controlplane.admin.serving import AppServer
+from controlplane.admin.serving import WEBHOOK_LIMITS, AppServer, HttpLimits
+from controlplane.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.webhooks")
 
@@ -423,6 +424,7 @@ class WebhookReceiver:
         dedup_ttl: float = 3600,
         callback_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        limits: HttpLimits = WEBHOOK_LIMITS,
     ) -> None:
         if not secrets or any(not s for s in secrets):
             raise WebhookSecretError("at least one non-empty webhook secret is required")
@@ -434,6 +436,9 @@ class WebhookReceiver:
         self._max_body = max_body_bytes
         self._seen = _SeenKeys(dedup_size, dedup_ttl, clock)
         self._callback_timeout = callback_timeout
+        self._limits = limits
+        # Anyone who can reach the port can be refused: a few lines a minute tell the operator, not thousands.
+        self._refusals = RateLimitedLog(log, burst=5, interval=60.0, clock=clock)
         self._server = AppServer("webhook receiver")
 
     def routes(self) -> list[web.RouteDef]:
@@ -441,7 +446,7 @@ class WebhookReceiver:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve on a port of its own (GitLab must reach it; the admin port should not be exposed)."""
-        addresses = await self._server.start(self.routes(), host, port)  # the handler logs each delivery
+        addresses = await self._server.start(self.routes(), host, port, self._limits)  # the handler logs each delivery
         log.info("webhook receiver listening on %s", ", ".join(f"{h}:{p}{PATH}" for h, p in addresses))
         return addresses[0][1]
 
@@ -461,7 +466,9 @@ class WebhookReceiver:
 
     async def _deliver(self, request: web.Request, label: str) -> web.StreamResponse:
         if not self._authenticated(request):
-            log.info("webhook %s from %s: rejected, missing or unknown X-Gitlab-Token", label, request.remote)
+            self._refusals.log(
+                logging.INFO, "webhook %s from %s: rejected, missing or unknown X-Gitlab-Token", label, request.remote
+            )
             return _answer(401, label, "unauthorized", {"error": "unauthorized"})
         WEBHOOK_LAST_EVENT.set_to_current_time()
         key = request.headers.get("Idempotency-Key") or None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ class ControlPlaneProcess:
         log_path: Path | None = None,
         inherit_output: bool = False,
         env: Mapping[str, str] | None = None,
+        open_files: int | None = None,
     ) -> None:
         self.policy = policy
         self.xds_port = xds_port or free_port()
@@ -40,6 +42,7 @@ class ControlPlaneProcess:
         self.extra_args = extra_args
         self.inherit_output = inherit_output
         self.env = dict(env or {})  # secrets go through the environment, never argv
+        self.open_files = open_files  # soft and hard RLIMIT_NOFILE of the child, to reproduce fd exhaustion
         self.exchange_port = free_port()
         self._state_dir: Path | None = None
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
@@ -76,14 +79,21 @@ class ControlPlaneProcess:
 
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        limit = self._limit_open_files if self.open_files is not None else None
         if self.inherit_output:
-            self._proc = subprocess.Popen(self.command(), env=env)
+            self._proc = subprocess.Popen(self.command(), env=env, preexec_fn=limit)
         else:
             with self.log_path.open("ab") as log:
-                self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+                self._proc = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit
+                )
         if wait_ready:
             self.wait_ready(timeout)
         return self
+
+    def _limit_open_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         def ready() -> bool:

@@ -1,0 +1,160 @@
+"""Slow clients against `serve` in its own process, with a small open-file limit (issue 10, point 2).
+
+The attack: many connections to the webhook port that send half a request and then nothing. Before listeners
+were bounded, each one held a file descriptor until the process hit RLIMIT_NOFILE; from then on every listener
+(admin, exchange, xDS) failed to accept and asyncio logged a traceback per failed accept, hundreds of thousands
+a minute. The child runs with soft and hard limits of 256 so the flood fits in a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.model.credentials import EXCHANGE_PATH
+from controlplane.snapshots.snapshot import CLUSTER
+from controlplane.xds.server import SERVICE
+from tests.support.backends import http_request
+from tests.support.controlplane import ControlPlaneProcess
+from tests.support.ports import LOOPBACK, free_port, poll_until
+
+OPEN_FILES = 256
+FLOOD = 320  # more half-sent connections than the child has file descriptors
+HEADER_TIMEOUT = 1.0
+HALF_REQUEST = b"POST /webhooks/gitlab HTTP/1.1\r\nHost: gitlab\r\nX-Gitlab-Ev"
+MAX_LOG_LINES = 120
+
+POLICY = """\
+kind: Backend
+name: api
+hosts: [api.local]
+audience: https://api.local
+endpoints:
+  - {address: 127.0.0.1, port: 8081}
+---
+kind: Gateway
+name: ci-gateway
+listen: {address: 127.0.0.1, port: 10000}
+backends: [api]
+"""
+
+
+def half_sent_connections(port: int, count: int) -> list[socket.socket]:
+    """Open `count` connections without waiting for each (the server may leave some in its backlog) and send
+    half a request on every one the kernel completes within a short deadline."""
+    opened: list[socket.socket] = []
+    with selectors.DefaultSelector() as selector:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect_ex((LOOPBACK, port))
+            opened.append(sock)
+            selector.register(sock, selectors.EVENT_WRITE)
+        deadline = time.monotonic() + 3.0
+        while selector.get_map() and (remaining := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(remaining):
+                selector.unregister(key.fileobj)
+                with contextlib.suppress(OSError):
+                    opened[opened.index(key.fileobj)].send(HALF_REQUEST)  # type: ignore[arg-type]
+    return opened
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset, or never connected: either way the server holds nothing for it
+        return True
+
+
+def xds_answers(port: int) -> bool:
+    """A new ADS stream connects and gets CDS for its group (what a restarting Envoy needs)."""
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        method = channel.stream_stream(
+            f"/{SERVICE}/StreamAggregatedResources",
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )
+        request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+        request.node.id, request.node.cluster = "flood-envoy", "ci-gateway"
+        responses = method(iter([request]), timeout=5.0)
+        return bool(next(responses).type_url == CLUSTER)
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, int]]:
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "policy.yaml").write_text(POLICY)
+    webhook_port = free_port()
+    args = (
+        "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
+        "--http-header-timeout", str(HEADER_TIMEOUT),
+    )  # fmt: skip
+    with ControlPlaneProcess(
+        policy,
+        extra_args=args,
+        env={"HOOK_SECRET": "flood-test-secret"},
+        open_files=OPEN_FILES,
+        log_path=tmp_path / "cp.log",
+    ) as cp:
+        yield cp, webhook_port
+
+
+def exchange_answers(cp: ControlPlaneProcess) -> bool:
+    response = http_request(
+        f"http://{LOOPBACK}:{cp.exchange_port}{EXCHANGE_PATH}",
+        method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        body=b"",
+        timeout=5.0,
+    )
+    return response.status == 400 and b"invalid_request" in response.body
+
+
+def all_closed_by_server(flood: list[socket.socket]) -> None:
+    """Every half-sent connection is closed: those accepted at once after the header timeout, the ones the
+    kernel held in the backlog after theirs."""
+    still_open = list(flood)
+
+    def closed() -> bool:
+        still_open[:] = [sock for sock in still_open if not closed_by_server(sock)]
+        return not still_open
+
+    poll_until(closed, timeout=10 * HEADER_TIMEOUT + 10, interval=0.1, message="flood connections closed")
+
+
+def test_flooded_http_listeners_starve_nothing_else(plane: tuple[ControlPlaneProcess, int]) -> None:
+    cp, webhook_port = plane
+    lines_before = len(cp.log_text().splitlines())
+    assert "lowered to admin 9, webhook 39, exchange 78" in cp.log_text()  # 32/128/256 fitted into 256 // 2
+    flood: list[socket.socket] = []
+    try:
+        flood = half_sent_connections(webhook_port, FLOOD)
+        assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
+        assert exchange_answers(cp)
+        assert xds_answers(cp.xds_port)
+        all_closed_by_server(flood)
+        # Both public listeners at once: their bounds together still leave admin and xDS their descriptors.
+        half = FLOOD // 2
+        flood += half_sent_connections(webhook_port, half) + half_sent_connections(cp.exchange_port, half)
+        assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
+        assert xds_answers(cp.xds_port)
+        all_closed_by_server(flood)
+        assert exchange_answers(cp)
+        assert cp.running
+    finally:
+        for sock in flood:
+            sock.close()
+    new_lines = cp.log_text().splitlines()[lines_before:]
+    assert len(new_lines) < MAX_LOG_LINES, "\n".join(new_lines[:40])
+    assert not [line for line in new_lines if "Traceback" in line], "\n".join(new_lines[:40])
