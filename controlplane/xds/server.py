@@ -38,11 +38,23 @@ SHUTDOWN_DETAILS = "control plane shutting down"
 FAN_OUT_CHUNK = 500
 
 PENDING_CALLS_LIMIT = 1 << 17
+# What one client may make the server hold (docs/xds-and-audit-bounds.md): Envoy's requests are a few KB (the
+# node with its extension list, subscriptions, a NACK's error text) and its ALS batches 16 KB by default; one
+# Envoy opens one ADS stream and an ALS stream per worker thread and log, so a connection needs a handful.
+MAX_RECEIVE_MESSAGE_BYTES = 2 * 1024 * 1024
+MAX_STREAMS_PER_CONNECTION = 100
+# The `group` label of controlplane_xds_connected_proxies for groups the policy does not define: a client picks
+# its node.cluster, and one series per made-up name would grow the metrics without bound.
+UNKNOWN_GROUP = "unknown"
+WARNINGS_PER_MINUTE = 10  # per kind of client-caused warning (unknown type, unknown group, refused node)
+_SHOWN_CHARS = 128  # of a client-chosen string (a type URL, a version) in one log line
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # BDP probing pings a peer whenever data arrives, to grow the receive window; an xDS server only receives
     # small requests, so the pings are pure cost: with it, every ACK also meant a PING and its PING ACK on that
     # proxy's connection (benchmarks/grpc_floor.py, 1,000 connections: 302 -> 167 µs of server CPU per message).
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     # grpc core cancels calls the application has not asked for yet once more than 1,000 wait (at once beyond
     # 3,000), and any that waited 30 s: a fleet reconnecting after a restart had ~5% of 5,000 and ~11% of 10,000
     # calls CANCELLED before the handler ran (benchmarks/fleet_sim.py --inflight 0), and retried. Every proxy
@@ -83,6 +95,39 @@ def peer_address(peer: str) -> str:
     return peer
 
 
+def clip(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """A client-chosen string cut for a log line: whatever a client sends, one line stays small."""
+    return text if len(text) <= limit else f"{text[:limit]}…[{len(text)} chars]"
+
+
+class LogBudget:
+    """At most `per_minute` log lines of one kind a minute; the first line after a quiet spell says how many
+    were left out. A client can cause these warnings at will (a made-up type URL or group per request), so an
+    unbounded log would be its to fill."""
+
+    def __init__(self, per_minute: int = WARNINGS_PER_MINUTE, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_minute = per_minute
+        self._clock = clock
+        self._window = -float("inf")
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = self._clock()
+        if now - self._window >= 60.0:
+            self._window, self._used = now, 0
+        if self._used >= self._per_minute:
+            self.suppressed += 1
+            return False
+        self._used += 1
+        return True
+
+    def note(self) -> str:
+        """' (N more suppressed)' once after lines were left out, then ''."""
+        count, self.suppressed = self.suppressed, 0
+        return f" ({count} similar warnings suppressed)" if count else ""
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -113,6 +158,8 @@ class _Session:
         self.protocol = protocol  # "sotw" or "delta", as the status page shows it
         self.queue: asyncio.Queue[Response | None] = asyncio.Queue()
         self.record: ProxyRecord | None = None
+        self.label = UNKNOWN_GROUP  # its group's label on the connected-proxies gauge, chosen when identified
+        self.refusal: str | None = None  # why the stream is refused (INVALID_ARGUMENT), when it is
         self.shutting_down = False
 
     def close(self, *, shutting_down: bool = False) -> None:
@@ -145,6 +192,9 @@ class XdsServer:
         self._fan_outs: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._last_activity: float | None = None  # monotonic time of the last push or request
+        self._unsupported_log = LogBudget()
+        self._unknown_group_log = LogBudget()
+        self._refused_log = LogBudget()
 
     def idle_for(self) -> float:
         """Seconds since the last push started or request arrived; 0 during a fan-out, inf before any."""
@@ -252,7 +302,10 @@ class XdsServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self._forget(session)
-        if session.shutting_down:
+        if session.refusal is not None:
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(session.refusal)
+        elif session.shutting_down:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(SHUTDOWN_DETAILS)
 
@@ -280,6 +333,10 @@ class XdsServer:
                 self._on_request(session, receive, request)
         except asyncio.CancelledError:
             raise
+        except protocol.InvalidNode as error:  # the message names sizes, never the content
+            session.refusal = str(error)
+            if self._refused_log.allow():
+                self.log.warning("refused ADS stream from %s: %s%s", session.peer, error, self._refused_log.note())
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
             self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, session.machine.node_id, error)
         finally:
@@ -298,13 +355,16 @@ class XdsServer:
         session.record = self.registry.connect(machine.node_id, group, session.peer, time.time())
         session.record.protocol = session.protocol
         self._by_group[group].add(session)
-        metrics.CONNECTED_PROXIES.labels(group).inc()
+        known = self.cache.known(group)
+        session.label = group if known else UNKNOWN_GROUP
+        metrics.CONNECTED_PROXIES.labels(session.label).inc()
         self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
-        if not self.cache.known(group):
+        if not known and self._unknown_group_log.allow():
             self.log.warning(
-                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config",
+                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config%s",
                 machine.node_id,
                 group,
+                self._unknown_group_log.note(),
             )
         self._apply(session, machine.set_snapshot(self.cache.get(group), now))
 
@@ -318,10 +378,17 @@ class XdsServer:
             streams.discard(session)
             if not streams:
                 del self._by_group[record.group]
-        metrics.CONNECTED_PROXIES.labels(record.group).dec()
+        self._proxy_left(session.label)
         for type_url in self.registry.disconnect(record):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
         self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
+
+    def _proxy_left(self, label: str) -> None:
+        """One proxy fewer on the gauge; a group the policy dropped loses its series once no proxy is left."""
+        gauge = metrics.CONNECTED_PROXIES.labels(label)
+        gauge.dec()
+        if label != UNKNOWN_GROUP and not self.cache.known(label) and gauge._value.get() <= 0:
+            metrics.CONNECTED_PROXIES.remove(label)
 
     # -- snapshot fan-out
 
@@ -398,9 +465,15 @@ class XdsServer:
                 self.log.debug("stale %s request from %s (nonce %s, last sent %s)", type_label(t), node, n, expected)
             case protocol.Subscribed(type_url=t, names=names):
                 shown = "*" if names is None else ",".join(sorted(names))
-                self.log.debug("proxy %s subscribes %s: %s", node, type_label(t), shown)
+                self.log.debug("proxy %s subscribes %s: %s", node, type_label(t), clip(shown, 1024))
             case protocol.Unsupported(type_url=t):
-                self.log.warning("proxy %s asked for type %r, which this control plane does not serve", node, t)
+                if self._unsupported_log.allow():
+                    self.log.warning(
+                        "proxy %s asked for type %r, which this control plane does not serve%s",
+                        node,
+                        clip(t),
+                        self._unsupported_log.note(),
+                    )
             case protocol.NodeIdentified():
                 pass  # handled by _identify once the request is applied
 
@@ -414,7 +487,7 @@ class XdsServer:
             session.machine.group,
             label,
             nack.version,
-            nack.accepted_version or "(nothing)",
+            clip(nack.accepted_version) or "(nothing)",
             error,
         )
         record = session.record
