@@ -16,6 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -29,7 +30,7 @@ from controlplane.xds import protocol
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.protocol import AdsStream, Output, Response, type_label
 from controlplane.xds.registry import ProxyRecord, ProxyRegistry, truncate_error
-from controlplane.xds.tls import ServerTls
+from controlplane.xds.tls import ServerTls, peer_identity
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 SHUTDOWN_DETAILS = "control plane shutting down"
@@ -48,6 +49,10 @@ MAX_STREAMS_PER_CONNECTION = 100
 UNKNOWN_GROUP = "unknown"
 WARNINGS_PER_MINUTE = 10  # per kind of client-caused warning (unknown type, unknown group, refused node)
 _SHOWN_CHARS = 128  # of a client-chosen string (a type URL, a version) in one log line
+# How long `attest` waits for the ADS stream of a node that names itself on another stream (an Envoy
+# reconnecting to a restarted control plane may open its access-log stream first), and for how many at once.
+ATTEST_WAIT = 10.0
+MAX_AWAITING_ATTESTATION = 1024
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # BDP probing pings a peer whenever data arrives, to grow the receive window; an xDS server only receives
     # small requests, so the pings are pure cost: with it, every ACK also meant a PING and its PING ACK on that
@@ -128,6 +133,37 @@ class LogBudget:
         return f" ({count} similar warnings suppressed)" if count else ""
 
 
+def peer_host(peer: str) -> str:
+    """The host of a peer address: `ipv4:10.0.0.1:4242` or `10.0.0.1:4242` → `10.0.0.1`, `[::1]:4242` → `::1`.
+
+    Envoy opens its access-log streams on connections of their own (other source ports), so a sender is
+    matched to its ADS stream by host, not by the whole address."""
+    address = peer_address(peer)
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return address
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """A gateway vouched for by its live ADS stream: whom the audit trail says an access-log stream came from.
+
+    `label` is its group as metrics may name it (the group if the policy defines it, else `unknown`), `peer`
+    the host both streams come from, `identity` their mTLS client certificate's (None in plain text)."""
+
+    node_id: str
+    group: str
+    label: str
+    peer: str
+    identity: str | None
+
+    @property
+    def key(self) -> str:
+        """What the audit store's fairness is keyed by: one queue per gateway node."""
+        return f"{self.group}/{self.node_id}"
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -152,9 +188,10 @@ class _Machine(Protocol):
 class _Session:
     """One ADS stream: its state machine, the writer's queue and its registry record once identified."""
 
-    def __init__(self, machine: _Machine, peer: str, protocol: str) -> None:
+    def __init__(self, machine: _Machine, peer: str, protocol: str, identity: str | None = None) -> None:
         self.machine = machine
         self.peer = peer
+        self.identity = identity  # the mTLS client certificate's identity, None in plain text
         self.protocol = protocol  # "sotw" or "delta", as the status page shows it
         self.queue: asyncio.Queue[Response | None] = asyncio.Queue()
         self.record: ProxyRecord | None = None
@@ -188,6 +225,10 @@ class XdsServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: set[_Session] = set()
         self._by_group: defaultdict[str, set[_Session]] = defaultdict(set)
+        self._by_node: defaultdict[str, set[_Session]] = defaultdict(set)  # identified streams by node id
+        self._awaiting: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)  # attest() by node id
+        self._awaiting_count = 0
+        self.attest_wait = ATTEST_WAIT
         self._latest: dict[str, Snapshot] = {}  # the snapshot a running fan-out is delivering, by group
         self._fan_outs: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
@@ -271,7 +312,8 @@ class XdsServer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         machine = AdsStream(self.registry)
-        await self._serve(_Session(machine, peer_address(context.peer()), "sotw"), machine.receive, requests, context)
+        session = _Session(machine, peer_address(context.peer()), "sotw", peer_identity(context))
+        await self._serve(session, machine.receive, requests, context)
 
     async def _delta(
         self,
@@ -279,7 +321,8 @@ class XdsServer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         machine = DeltaStream(self.registry)
-        await self._serve(_Session(machine, peer_address(context.peer()), "delta"), machine.receive, requests, context)
+        session = _Session(machine, peer_address(context.peer()), "delta", peer_identity(context))
+        await self._serve(session, machine.receive, requests, context)
 
     async def _serve(
         self,
@@ -355,6 +398,10 @@ class XdsServer:
         session.record = self.registry.connect(machine.node_id, group, session.peer, time.time())
         session.record.protocol = session.protocol
         self._by_group[group].add(session)
+        self._by_node[machine.node_id].add(session)
+        for waiter in self._awaiting.pop(machine.node_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         known = self.cache.known(group)
         session.label = group if known else UNKNOWN_GROUP
         metrics.CONNECTED_PROXIES.labels(session.label).inc()
@@ -378,10 +425,71 @@ class XdsServer:
             streams.discard(session)
             if not streams:
                 del self._by_group[record.group]
+        same_node = self._by_node.get(record.node_id)
+        if same_node is not None:
+            same_node.discard(session)
+            if not same_node:
+                del self._by_node[record.node_id]
         self._proxy_left(session.label)
         for type_url in self.registry.disconnect(record):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
         self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
+
+    # -- attesting other streams' senders (the audit ALS)
+
+    async def attest(
+        self, node_id: str, cluster: str, peer: str, identity: str | None, *, wait: float | None = None
+    ) -> Sender | str:
+        """The gateway behind a stream that says it is node `node_id` of `cluster`, or why there is none.
+
+        Only a client that holds an ADS stream right now as that node id and cluster, from the same host and
+        (with mTLS) with the same certificate identity, is that gateway. The reasons, a bounded set for
+        metrics: `no_xds_stream`, `peer_mismatch`, `identity_mismatch`, `overloaded`. A node with no ADS
+        stream yet is waited for up to `wait` seconds (default `attest_wait`), a bounded number at a time.
+        """
+        wait = self.attest_wait if wait is None else wait
+        host = peer_host(peer)
+        verdict = self._match(node_id, cluster, host, identity)
+        if isinstance(verdict, Sender) or verdict != "no_xds_stream" or wait <= 0:
+            return verdict
+        if self._awaiting_count >= MAX_AWAITING_ATTESTATION:
+            return "overloaded"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        self._awaiting_count += 1
+        try:
+            while isinstance(verdict, str) and (remaining := deadline - loop.time()) > 0:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._awaiting[node_id].add(waiter)
+                try:
+                    await asyncio.wait({waiter}, timeout=remaining)
+                finally:
+                    self._stop_awaiting(node_id, waiter)
+                verdict = self._match(node_id, cluster, host, identity)
+            return verdict
+        finally:
+            self._awaiting_count -= 1
+
+    def _stop_awaiting(self, node_id: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._awaiting.get(node_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._awaiting[node_id]
+        waiter.cancel()
+
+    def _match(self, node_id: str, cluster: str, host: str, identity: str | None) -> Sender | str:
+        reason = "no_xds_stream"
+        for session in self._by_node.get(node_id, ()):
+            if session.machine.group != cluster:
+                continue
+            if peer_host(session.peer) != host:
+                reason = "peer_mismatch"
+            elif session.identity != identity:
+                reason = "identity_mismatch"
+            else:
+                return Sender(node_id, cluster, session.label, host, identity)
+        return reason
 
     def _proxy_left(self, label: str) -> None:
         """One proxy fewer on the gauge; a group the policy dropped loses its series once no proxy is left."""
