@@ -689,3 +689,18 @@ def test_the_server_bounds_what_one_connection_may_send() -> None:
     options = dict(SERVER_OPTIONS)
     assert options["grpc.max_receive_message_length"] == MAX_RECEIVE_MESSAGE_BYTES
     assert options["grpc.max_concurrent_streams"] == MAX_STREAMS_PER_CONNECTION
+
+
+def test_a_node_gone_for_longer_than_the_grace_period_is_forgotten_entirely() -> None:
+    """Only a reconnect within the grace period still finds the versions the node rejected."""
+    registry = ProxyRegistry(forget_after=600.0)
+    first = registry.connect("n1", "g", "peer", 0.0)
+    registry.nacked(first, LISTENER, "l1", "bad", 0.0)
+    registry.disconnect(first, now=100.0)
+    again = registry.connect("n1", "g", "peer", 0.0)  # back within the grace period: remembered
+    assert registry.is_rejected("n1", LISTENER, "l1")
+    registry.disconnect(again, now=200.0)
+    other = registry.connect("n2", "g", "peer", 0.0)
+    registry.disconnect(other, now=801.0)  # a later departure sweeps nodes gone for longer than the grace
+    assert not registry.is_rejected("n1", LISTENER, "l1") and not registry.has_rejections("n1", LISTENER)
+    assert registry.memory_size() == 0

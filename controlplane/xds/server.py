@@ -431,7 +431,7 @@ class XdsServer:
             if not same_node:
                 del self._by_node[record.node_id]
         self._proxy_left(session.label)
-        for type_url in self.registry.disconnect(record):
+        for type_url in self.registry.disconnect(record, time.monotonic()):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
         self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
 
