@@ -390,7 +390,6 @@ class Plane:
         self.service = service
         self.channel = channel
         self.cache = cache
-        self.registry = ProxyRegistry()
         self.gateways: list[FakeEnvoy] = []
 
     async def gateway(self, node: str, group: str = GATEWAY, channel: grpc.aio.Channel | None = None) -> FakeEnvoy:
@@ -747,3 +746,15 @@ def test_a_version_1_store_gains_the_new_columns_and_keeps_its_rows(tmp_path: Pa
         assert (new["peer"], new["identity"], new["reported_time"]) == ("10.0.0.1", "gw", 4.0)
     finally:
         store.close(10)
+
+
+async def test_a_large_or_oversized_claim_is_judged_at_once_not_held(plane: Plane) -> None:
+    """Claims awaiting their ADS stream are held in memory: only small ones may wait."""
+    plane.service.senders.attest_wait = 60.0  # type: ignore[union-attr]
+    started = time.monotonic()
+    big = entry(claims=gitlab_claims(job_id="26"), path="/" + "p" * (als.MAX_AWAITED_MESSAGE_BYTES + 1))
+    for first in (message(big, node="not-yet-connected"), message(entry(), node="n" * 100_000)):
+        call = plane.stream()
+        await call.write(first)
+        assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert time.monotonic() - started < 10.0

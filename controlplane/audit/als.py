@@ -59,6 +59,9 @@ FLUSH_TIMEOUT = 10.0  # seconds an ending stream waits for its records to be com
 REPORTED_TIME_PAST = 25 * 3600.0
 REPORTED_TIME_FUTURE = 300.0  # clock skew between a gateway and the control plane
 REFUSED_DETAILS = "access logs are accepted only from a gateway that holds an xDS stream"
+# A first message is held while its sender's ADS stream is awaited; past this size (4 times the buffer Envoy is
+# configured to flush, compiler/access_log.py) it is judged at once, so awaiting claims hold little memory.
+MAX_AWAITED_MESSAGE_BYTES = 64 * 1024
 
 _BACKEND_PREFIX = backend_cluster("")
 _PUBLIC_ROUTE = "-public/"
@@ -187,7 +190,9 @@ def record_from_entry(
 class Senders(Protocol):
     """Who vouches for an access-log stream's sender: `XdsServer.attest` (a `Sender`, or why not)."""
 
-    async def attest(self, node_id: str, cluster: str, peer: str, identity: str | None) -> Sender | str: ...
+    async def attest(
+        self, node_id: str, cluster: str, peer: str, identity: str | None, *, wait: float | None = None
+    ) -> Sender | str: ...
 
 
 class AccessLogService:
@@ -277,7 +282,8 @@ class AccessLogService:
         if not message.HasField("identifier") or self.senders is None:
             return "unidentified" if self.senders is not None else "no_xds_stream"
         node = message.identifier.node
-        return await self.senders.attest(node.id, node.cluster, peer, identity)
+        wait = 0.0 if message.ByteSize() > MAX_AWAITED_MESSAGE_BYTES else None
+        return await self.senders.attest(node.id, node.cluster, peer, identity, wait=wait)
 
     def _refuse(self, reason: str, message: als_pb2.StreamAccessLogsMessage, peer: str) -> None:
         AUDIT_STREAMS_REFUSED.labels(reason).inc()

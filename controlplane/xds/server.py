@@ -448,6 +448,11 @@ class XdsServer:
         stream yet is waited for up to `wait` seconds (default `attest_wait`), a bounded number at a time.
         """
         wait = self.attest_wait if wait is None else wait
+        if (
+            len(node_id.encode()) > protocol.MAX_NODE_ID_BYTES
+            or len(cluster.encode()) > protocol.MAX_NODE_CLUSTER_BYTES
+        ):
+            return "no_xds_stream"  # no ADS stream can have such a node: not worth waiting for
         host = peer_host(peer)
         verdict = self._match(node_id, cluster, host, identity)
         if isinstance(verdict, Sender) or verdict != "no_xds_stream" or wait <= 0:
