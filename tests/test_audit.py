@@ -35,21 +35,32 @@ from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.service import compile_dir
 from controlplane.snapshots import golden
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.snapshots.snapshot import ROUTE
+from controlplane.snapshots.snapshot import CLUSTER, ROUTE, Snapshot
 from controlplane.xds.registry import ProxyRegistry
-from controlplane.xds.server import XdsServer
+from controlplane.xds.server import Sender, XdsServer
+from controlplane.xds.tls import ServerTls
+from tests.support.certs import CertFiles, make_pki
 from tests.support.ports import LOOPBACK, poll_until
+from tests.test_xds_server import FakeEnvoy
 
 ROOT = Path(__file__).resolve().parent.parent
 GITLAB = "https://gitlab.example.com"
 # Shaped like real secrets, so the redaction patterns are what is tested.
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXRoYXQtbXVzdC1uZXZlci1iZS1zdG9yZWQ"
 PAT = "glpat-AbCdEfGhIjKlMnOpQrSt"
+GATEWAY = "ci-gateway"
+ATTEST_WAIT = 0.5  # how long a claimed node's ADS stream is waited for in these tests
 T = TypeVar("T")
 
 
-def sample(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def sample(name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include `labels`."""
+    return sum(
+        s.value
+        for metric in REGISTRY.collect()
+        for s in metric.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 def record(**overrides: Any) -> AuditRecord:
@@ -190,7 +201,7 @@ def test_a_flushed_record_survives_a_crash_of_the_process(tmp_path: Path) -> Non
 
 
 def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
-    store = AuditStore(tmp_path / "audit.sqlite3", queue_size=2)
+    store = AuditStore(tmp_path / "audit.sqlite3", queue_size=2, sender_queue_size=2)
     dropped, written = (
         sample("controlplane_audit_records_dropped_total"),
         sample("controlplane_audit_records_written_total"),
@@ -275,9 +286,14 @@ ALLOWED = {"enforced_engine_result": "allowed", "enforced_effective_policy_id": 
 
 
 def test_an_allowed_request_maps_every_field() -> None:
-    got = record_from_entry(entry(claims=gitlab_claims(), rbac=ALLOWED), gateway="gw", node="n1")
+    received = 1_700_000_003.5
+    got = record_from_entry(
+        entry(claims=gitlab_claims(), rbac=ALLOWED), gateway="gw", node="n1", received=received, peer="10.0.0.7"
+    )
     assert got == AuditRecord(
-        time=1_700_000_000.25,
+        time=received,  # the receiver's clock, not the sender's
+        reported_time=1_700_000_000.25,
+        peer="10.0.0.7",
         gateway="gw",
         node="n1",
         backend="reports-api",
@@ -367,10 +383,22 @@ async def eventually(check: Callable[[], T], message: str, timeout: float = 10.0
 
 
 class Plane:
-    def __init__(self, store: AuditStore, service: AccessLogService, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, store: AuditStore, service: AccessLogService, channel: grpc.aio.Channel, cache: SnapshotCache
+    ) -> None:
         self.store = store
         self.service = service
         self.channel = channel
+        self.cache = cache
+        self.gateways: list[FakeEnvoy] = []
+
+    async def gateway(self, node: str, group: str = GATEWAY, channel: grpc.aio.Channel | None = None) -> FakeEnvoy:
+        """An ADS stream as that node: what vouches for its access-log streams."""
+        envoy = FakeEnvoy(channel or self.channel, node, group)
+        await envoy.send(CLUSTER)
+        await envoy.recv()
+        self.gateways.append(envoy)
+        return envoy
 
     def stream(self) -> Any:
         method = self.channel.stream_unary(
@@ -383,30 +411,40 @@ class Plane:
 
 @pytest.fixture
 async def plane(store: AuditStore) -> AsyncIterator[Plane]:
+    cache = SnapshotCache()
+    cache.set(Snapshot.empty(GATEWAY))
     service = AccessLogService(store)
     server = XdsServer(
-        SnapshotCache(), ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[service.handler()]
+        cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[service.handler()]
     )
+    service.senders = server
+    server.attest_wait = ATTEST_WAIT
     port = await server.start(LOOPBACK, 0)
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
+    built = Plane(store, service, channel, cache)
     try:
-        yield Plane(store, service, channel)
+        yield built
     finally:
+        for envoy in built.gateways:
+            envoy.call.cancel()
         await service.close()
         await channel.close()
         await server.stop(1.0)
 
 
-def message(*entries: accesslog_pb2.HTTPAccessLogEntry, node: str | None = None) -> als_pb2.StreamAccessLogsMessage:
+def message(
+    *entries: accesslog_pb2.HTTPAccessLogEntry, node: str | None = None, cluster: str = GATEWAY
+) -> als_pb2.StreamAccessLogsMessage:
     built = als_pb2.StreamAccessLogsMessage()
     if node is not None:  # Envoy identifies itself on a stream's first message only
-        built.identifier.node.id, built.identifier.node.cluster = node, "group-from-node"
-        built.identifier.log_name = "ci-gateway"
+        built.identifier.node.id, built.identifier.node.cluster = node, cluster
+        built.identifier.log_name = "log-name-is-not-trusted"
     built.http_logs.log_entry.extend(entries)
     return built
 
 
 async def test_a_stream_is_answered_once_its_records_are_committed(plane: Plane) -> None:
+    await plane.gateway("envoy-7")
     call = plane.stream()
     token_claims = gitlab_claims(job_id="11", token=JWT, password=PAT)  # unexpected claims carrying secrets
     await call.write(message(entry(claims=token_claims, rbac=ALLOWED, path="/a?x=1"), node="envoy-7"))
@@ -424,6 +462,7 @@ async def test_a_stream_is_answered_once_its_records_are_committed(plane: Plane)
 
 
 async def test_close_ends_open_streams_and_refuses_new_ones(plane: Plane, caplog: pytest.LogCaptureFixture) -> None:
+    await plane.gateway("envoy-8")
     call = plane.stream()
     await call.write(message(entry(claims=gitlab_claims(job_id="12"), rbac=ALLOWED), node="envoy-8"))
     await eventually(lambda: plane.store.query(job="12"), "record of the open stream")
@@ -438,20 +477,21 @@ async def test_close_ends_open_streams_and_refuses_new_ones(plane: Plane, caplog
 
 
 async def test_an_entry_that_cannot_be_read_costs_itself_only(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fragile(built: accesslog_pb2.HTTPAccessLogEntry, *, gateway: str, node: str) -> AuditRecord:
+    def fragile(built: accesslog_pb2.HTTPAccessLogEntry, **attributes: Any) -> AuditRecord:
         if built.request.path == "/bad":
             raise ValueError("unreadable")
-        return record_from_entry(built, gateway=gateway, node=node)
+        return record_from_entry(built, **attributes)
 
     monkeypatch.setattr(als, "record_from_entry", fragile)
-    dropped = sample("controlplane_audit_records_dropped_total")
+    dropped = sample("controlplane_audit_records_dropped_total", gateway=GATEWAY, reason="unreadable")
+    await plane.gateway("envoy-9")
     call = plane.stream()
     good = entry(claims=gitlab_claims(job_id="13"), rbac=ALLOWED)
     await call.write(message(entry(path="/bad"), good, node="envoy-9"))
     await call.done_writing()
     await asyncio.wait_for(call, 10)
     assert len(await asyncio.to_thread(plane.store.query, job="13")) == 1
-    assert sample("controlplane_audit_records_dropped_total") == dropped + 1
+    assert sample("controlplane_audit_records_dropped_total", gateway=GATEWAY, reason="unreadable") == dropped + 1
 
 
 def test_a_method_this_version_does_not_know_is_kept_as_unknown() -> None:
@@ -514,3 +554,207 @@ def test_since_takes_durations_and_iso_times() -> None:
     assert parse_since("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
     with pytest.raises(ValueError, match="duration"):
         parse_since("5 minutes")
+
+
+# --- who may write the trail ------------------------------------------------------------------------
+
+
+async def test_a_peer_without_an_xds_stream_cannot_write_the_trail(plane: Plane) -> None:
+    """Anyone reaching the xDS port could stream forged rows for any job, backdated to 1970."""
+    refused = sample("controlplane_audit_streams_refused_total")
+    call = plane.stream()
+    forged = entry(claims=gitlab_claims(job_id="66601", user_login="someone-else"), rbac=ALLOWED, start=1.0)
+    await call.write(message(forged, node="forger"))
+    await call.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await asyncio.wait_for(call, 10)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await asyncio.to_thread(plane.store.query, job="66601") == []
+    assert sample("controlplane_audit_streams_refused_total") == refused + 1
+
+
+async def test_one_flooding_sender_does_not_crowd_out_another(tmp_path: Path) -> None:
+    """A 120k-entry flood dropped 118,970 records, including 9 of 20 real ones from another gateway."""
+    small = AuditStore(tmp_path / "audit.sqlite3", retention=None, queue_size=200, batch_size=10)
+    try:
+        with small._conn_lock:  # the disk is slow: everything waits in the queue
+            for i in range(2_000):
+                small.submit(record(job_id=f"flood-{i}", node="flooder"), sender="flood/flooder")
+            for i in range(20):
+                small.submit(record(job_id=f"real-{i}", node="honest"), sender="edge/honest")
+            for i in range(2_000):
+                small.submit(record(job_id=f"flood-late-{i}", node="flooder"), sender="flood/flooder")
+        assert small.flush(10)
+        stored = small.query(since=0.0, limit=10_000)
+        assert sum(1 for r in stored if r["node"] == "honest") == 20
+    finally:
+        small.close(10)
+
+
+async def _refusal(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await asyncio.wait_for(call, 10)
+    return error.value
+
+
+async def test_records_name_the_attested_gateway_and_the_receivers_time(plane: Plane) -> None:
+    await plane.gateway("envoy-20")
+    call = plane.stream()
+    backdated = entry(claims=gitlab_claims(job_id="20"), rbac=ALLOWED, start=1.0)  # 1970
+    before = time.time()
+    await call.write(message(backdated, node="envoy-20"))
+    await call.done_writing()
+    await asyncio.wait_for(call, 10)
+    (got,) = await asyncio.to_thread(plane.store.query, job="20")
+    assert (got["gateway"], got["node"], got["peer"], got["identity"]) == (GATEWAY, "envoy-20", LOOPBACK, None)
+    assert before <= got["time"] <= time.time()
+    assert got["reported_time"] == pytest.approx(got["time"] - als.REPORTED_TIME_PAST)  # clamped, kept apart
+    assert await asyncio.to_thread(plane.store.query, since=0.0, limit=10) == [got]
+
+
+async def test_a_node_claiming_another_cluster_or_nothing_is_refused(plane: Plane) -> None:
+    await plane.gateway("envoy-21")
+    refused = sample("controlplane_audit_streams_refused_total", reason="no_xds_stream")
+    call = plane.stream()
+    await call.write(message(entry(claims=gitlab_claims(job_id="21")), node="envoy-21", cluster="other-gateway"))
+    assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert sample("controlplane_audit_streams_refused_total", reason="no_xds_stream") == refused + 1
+
+    unidentified = plane.stream()
+    await unidentified.write(message(entry(claims=gitlab_claims(job_id="21"))))
+    assert (await _refusal(unidentified)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert sample("controlplane_audit_streams_refused_total", reason="unidentified") >= 1
+    assert await asyncio.to_thread(plane.store.query, job="21") == []
+    assert sample("controlplane_audit_records_dropped_total", gateway="unattested", reason="refused") >= 2
+
+
+async def test_an_access_log_stream_opened_before_its_ads_stream_waits_for_it(plane: Plane) -> None:
+    """A restarted control plane: Envoy may reconnect its access log before its ADS stream."""
+    call = plane.stream()
+    await call.write(message(entry(claims=gitlab_claims(job_id="22"), rbac=ALLOWED), node="envoy-22"))
+    await plane.gateway("envoy-22")
+    await call.done_writing()
+    await asyncio.wait_for(call, 10)
+    assert len(await asyncio.to_thread(plane.store.query, job="22")) == 1
+
+
+async def test_attestation_compares_the_host_and_the_certificate_identity() -> None:
+    cache = SnapshotCache()
+    server = XdsServer(cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
+    port = await server.start(LOOPBACK, 0)
+    try:
+        async with grpc.aio.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+            envoy = FakeEnvoy(channel, "envoy-23", GATEWAY)
+            await envoy.send(CLUSTER)
+            await envoy.recv()
+            attest = server.attest
+            sender = await attest("envoy-23", GATEWAY, f"ipv4:{LOOPBACK}:1", None, wait=0)
+            assert isinstance(sender, Sender) and (sender.node_id, sender.group, sender.peer) == (
+                "envoy-23",
+                GATEWAY,
+                LOOPBACK,
+            )
+            assert sender.label == "unknown"  # the policy defines no such group: metrics must not name it
+            assert await attest("envoy-23", GATEWAY, "ipv4:10.9.9.9:1", None, wait=0) == "peer_mismatch"
+            assert await attest("envoy-23", GATEWAY, f"ipv4:{LOOPBACK}:1", "gw", wait=0) == "identity_mismatch"
+            assert await attest("envoy-23", "other", f"ipv4:{LOOPBACK}:1", None, wait=0) == "no_xds_stream"
+            assert await attest("nobody", GATEWAY, f"ipv4:{LOOPBACK}:1", None, wait=0.05) == "no_xds_stream"
+            envoy.call.cancel()
+            await eventually(lambda: server._by_node == {}, "the node is forgotten when its stream ends")
+            assert await attest("envoy-23", GATEWAY, f"ipv4:{LOOPBACK}:1", None, wait=0) == "no_xds_stream"
+    finally:
+        await server.stop(1.0)
+
+
+async def test_with_mtls_only_the_same_certificate_identity_may_write(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    store = AuditStore(tmp_path / "audit.sqlite3", retention=None)
+    cache = SnapshotCache()
+    cache.set(Snapshot.empty(GATEWAY))
+    service = AccessLogService(store)
+    server = XdsServer(
+        cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[service.handler()]
+    )
+    service.senders = server
+    server.attest_wait = ATTEST_WAIT
+    port = await server.start(LOOPBACK, 0, tls=ServerTls(pki.server.cert, pki.server.key, pki.ca))
+
+    def channel(client: CertFiles) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=pki.ca.read_bytes(),
+            private_key=client.key.read_bytes(),
+            certificate_chain=client.cert.read_bytes(),
+        )
+        return grpc.aio.secure_channel(f"localhost:{port}", credentials)
+
+    try:
+        async with channel(pki.client) as gateway_channel, channel(pki.second_client) as other_channel:
+            plane = Plane(store, service, gateway_channel, cache)
+            envoy = await plane.gateway("tls-gw")
+            impostor = Plane(store, service, other_channel, cache).stream()  # same node id, another certificate
+            await impostor.write(message(entry(claims=gitlab_claims(job_id="24")), node="tls-gw"))
+            assert (await _refusal(impostor)).code() == grpc.StatusCode.PERMISSION_DENIED
+            genuine = plane.stream()
+            await genuine.write(message(entry(claims=gitlab_claims(job_id="25"), rbac=ALLOWED), node="tls-gw"))
+            await genuine.done_writing()
+            await asyncio.wait_for(genuine, 10)
+            envoy.call.cancel()
+        assert await asyncio.to_thread(store.query, job="24") == []
+        (got,) = await asyncio.to_thread(store.query, job="25")
+        assert got["identity"] == "gateway-client"
+    finally:
+        await service.close()
+        await server.stop(1.0)
+        store.close(10)
+
+
+async def test_drops_are_counted_per_sending_gateway(tmp_path: Path) -> None:
+    small = AuditStore(tmp_path / "audit.sqlite3", retention=None, queue_size=8, batch_size=2)
+    before = sample("controlplane_audit_records_dropped_total", gateway="flood", reason="queue_full")
+    quiet = sample("controlplane_audit_records_dropped_total", gateway="edge")
+    try:
+        with small._conn_lock:
+            for i in range(100):
+                small.submit(record(job_id=f"f{i}"), sender="flood/a", label="flood")
+            small.submit(record(job_id="q"), sender="edge/b", label="edge")
+        assert small.flush(10)
+    finally:
+        small.close(10)
+    assert sample("controlplane_audit_records_dropped_total", gateway="flood", reason="queue_full") >= before + 90
+    assert sample("controlplane_audit_records_dropped_total", gateway="edge") == quiet
+
+
+def test_a_version_1_store_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, gateway TEXT NOT NULL,"
+        " node TEXT NOT NULL, backend TEXT, method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,"
+        " decision TEXT NOT NULL, details TEXT, policy TEXT, project_id TEXT, project_path TEXT, pipeline_id TEXT,"
+        " job_id TEXT, ref TEXT, user TEXT, credential_jti TEXT, issuer TEXT);"
+        "INSERT INTO audit (time, gateway, node, method, path, status, decision, job_id)"
+        " VALUES (5.0, 'g', 'n', 'GET', '/', 200, 'allowed', 'old');"
+        "PRAGMA user_version=1;"
+    )
+    old.close()
+    store = AuditStore(path, retention=None)
+    try:
+        write(store, record(job_id="new", peer="10.0.0.1", identity="gw", reported_time=4.0))
+        (kept,) = store.query(job="old")
+        assert kept["peer"] is None and kept["reported_time"] is None
+        (new,) = store.query(job="new")
+        assert (new["peer"], new["identity"], new["reported_time"]) == ("10.0.0.1", "gw", 4.0)
+    finally:
+        store.close(10)
+
+
+async def test_a_large_or_oversized_claim_is_judged_at_once_not_held(plane: Plane) -> None:
+    """Claims awaiting their ADS stream are held in memory: only small ones may wait."""
+    plane.service.senders.attest_wait = 60.0  # type: ignore[union-attr]
+    started = time.monotonic()
+    big = entry(claims=gitlab_claims(job_id="26"), path="/" + "p" * (als.MAX_AWAITED_MESSAGE_BYTES + 1))
+    for first in (message(big, node="not-yet-connected"), message(entry(), node="n" * 100_000)):
+        call = plane.stream()
+        await call.write(first)
+        assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert time.monotonic() - started < 10.0

@@ -53,6 +53,7 @@ class InProcessControlPlane:
         self.xds = XdsServer(
             self.cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
         )
+        self.als.senders = self.xds
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="controlplane-loop", daemon=True)
         self.port = 0
@@ -182,6 +183,10 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
         "via_upstream",
     ]
     assert all(record["time"] > 0 for record in records)
+    # Attested: the real Envoy's access-log stream comes from the host of its ADS stream (on connections of its
+    # own); the time is the control plane's, Envoy's start time is kept beside it.
+    assert all(r["peer"] == LOOPBACK and r["identity"] is None for r in records)
+    assert all(0 <= r["time"] - r["reported_time"] < 10 for r in records)
 
     (job_b,) = store.query(job=JOB_B)
     assert (job_b["project_path"], job_b["decision"], job_b["status"], job_b["policy"]) == (

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.audit.store import open_readonly, query_records
 from controlplane.cli.bootstrap import ClientTls, render_bootstrap
 from tests.support.backends import EchoBackend, http_request
 from tests.support.certs import Pki, make_pki
@@ -77,7 +78,22 @@ def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(stack: St
         poll_until(lambda: stack.get(token) == 200, 20, message="200 through the mTLS-configured Envoy")
         assert stack.get(stack.gitlab.mint(aud="https://reports.local", project_id=43)) == 403
         assert "tls-envoy-1" in stack.node_ids()
+        # Its access log is attested by the same client certificate as its ADS stream, and says so.
+        assert stack.get(stack.gitlab.mint(aud="https://reports.local", project_id=42, job_id="91001")) == 200
+        (record,) = poll_until(lambda: _audit(stack, "91001"), 20, message="the audit record of job 91001")
+        assert (record["node"], record["peer"], record["identity"]) == ("tls-envoy-1", LOOPBACK, "gateway-client")
     assert "mTLS" in stack.controlplane.log_text()
+
+
+def _audit(stack: Stack, job: str) -> list[dict[str, object]]:
+    path = stack.controlplane.state_dir / "audit.sqlite3"
+    if not path.exists():
+        return []
+    conn = open_readonly(path)
+    try:
+        return query_records(conn, job=job)
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("who", ["no client certificate", "a certificate from another CA"])

@@ -29,10 +29,14 @@ from controlplane.snapshots.snapshot import (
     Snapshot,
     TypeSnapshot,
 )
+from controlplane.xds.delta import DeltaStream
 from controlplane.xds.protocol import (
     KEEP_SUFFIX,
+    MAX_NODE_ID_BYTES,
+    MAX_UNSUPPORTED_TYPES,
     Ack,
     AdsStream,
+    InvalidNode,
     Nack,
     NodeIdentified,
     Output,
@@ -785,6 +789,31 @@ def test_unsupported_type_is_reported_once_and_not_answered() -> None:
     out = stream.receive(req(secret, ["cert"], node=True), 0.0)
     assert out.responses == () and of_type(out, Unsupported) == [Unsupported(secret)]
     assert of_type(stream.receive(req(secret, ["cert"]), 0.0), Unsupported) == []
+
+
+def test_unknown_types_are_remembered_up_to_a_bound_per_stream() -> None:
+    stream = AdsStream()
+    stream.set_snapshot(snap(), 0.0)
+    reported = [
+        of_type(stream.receive(req(f"type.googleapis.com/made.up.T{i}", node=i == 0), 0.0), Unsupported)
+        for i in range(MAX_UNSUPPORTED_TYPES * 4)
+    ]
+    assert sum(len(r) for r in reported) == MAX_UNSUPPORTED_TYPES
+
+
+@pytest.mark.parametrize("machine", [AdsStream, DeltaStream])
+def test_a_node_past_its_bounds_is_refused_before_anything_of_it_is_kept(machine: type[AdsStream]) -> None:
+    stream = machine()
+    request = (discovery_pb2.DeltaDiscoveryRequest if machine is DeltaStream else discovery_pb2.DiscoveryRequest)(
+        type_url=CLUSTER
+    )
+    request.node.id, request.node.cluster = "n" * (MAX_NODE_ID_BYTES + 1), GROUP
+    with pytest.raises(InvalidNode, match=r"node\.id is 513 bytes, more than the 512 allowed"):
+        stream.receive(request, 0.0)  # type: ignore[arg-type]
+    assert stream.node is None and stream.node_id == ""
+    request.node.id = "n" * MAX_NODE_ID_BYTES
+    request.node.extensions.add().name = "x" * 100_000  # Envoy's extension list is dropped, never counted
+    assert of_type(stream.receive(request, 0.0), NodeIdentified) == [NodeIdentified(request.node.id, GROUP)]  # type: ignore[arg-type]
 
 
 def test_old_snapshots_are_freed_by_reference_counting_once_every_stream_moved_past_them() -> None:

@@ -27,8 +27,20 @@ from controlplane.admin import metrics
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds import protocol
+from controlplane.xds.protocol import MAX_NODE_CLUSTER_BYTES, MAX_NODE_ID_BYTES, MAX_NODE_METADATA_BYTES
 from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
-from controlplane.xds.server import FAN_OUT_CHUNK, SERVICE, XdsServer, _Session, peer_address
+from controlplane.xds.server import (
+    FAN_OUT_CHUNK,
+    MAX_RECEIVE_MESSAGE_BYTES,
+    MAX_STREAMS_PER_CONNECTION,
+    SERVER_OPTIONS,
+    SERVICE,
+    UNKNOWN_GROUP,
+    WARNINGS_PER_MINUTE,
+    XdsServer,
+    _Session,
+    peer_address,
+)
 from tests.support.ports import eventually
 
 LOOPBACK = "127.0.0.1"
@@ -601,3 +613,94 @@ async def test_changes_during_a_fan_out_are_coalesced_into_the_newest_snapshot()
         assert not any(v in middle for m in machines for v in m.given)  # nobody got an intermediate state
     finally:
         await server.stop(0)
+
+
+# ------------------------------------------------------------------------------------- hostile clients
+
+
+async def _refused(envoy: FakeEnvoy) -> grpc.aio.AioRpcError:
+    """The stream must end with an error status instead of a response."""
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await envoy.recv()
+    return error.value
+
+
+@pytest.mark.parametrize(
+    ("field", "size"),
+    [("id", MAX_NODE_ID_BYTES + 1), ("cluster", MAX_NODE_CLUSTER_BYTES + 1), ("metadata", MAX_NODE_METADATA_BYTES + 1)],
+)
+async def test_an_oversized_node_is_refused_and_leaves_nothing_behind(
+    plane: Plane, caplog: pytest.LogCaptureFixture, field: str, size: int
+) -> None:
+    """1 MB node ids were held after the streams left and logged whole (a 130 MB log for 40 nodes)."""
+    caplog.set_level(logging.DEBUG, logger="controlplane.xds")
+    plane.cache.set(snap("big"))
+    huge = "n" * max(size, 1 << 20) if field != "metadata" else ""
+    envoy = plane.envoy(huge if field == "id" else "big-node", huge if field == "cluster" else "big")
+    request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+    request.node.id, request.node.cluster = envoy.node_id, envoy.group
+    if field == "metadata":
+        request.node.metadata.fields["blob"].string_value = "m" * size
+    envoy.sent_node = True
+    await within(envoy.call.write(request))
+    error = await _refused(envoy)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"node.{field}" in (error.details() or "") and len(error.details() or "") < 300
+    assert plane.registry.status() == [] and plane.registry.summary() == {"by_group": {}}
+    assert len(caplog.text) < 2_000
+    assert not [s for m in metrics.REGISTRY.collect() for s in m.samples if len(str(s.labels)) > 300]
+
+
+async def test_connected_proxies_are_labelled_only_by_groups_the_policy_knows(plane: Plane) -> None:
+    """301 series appeared for made-up groups; they now share one `unknown` label."""
+    plane.cache.set(snap("real"))
+    unknown = sample("controlplane_xds_connected_proxies", group=UNKNOWN_GROUP)
+    made_up = [plane.envoy(f"m-{i}", f"made-up-{i}") for i in range(5)]
+    real = plane.envoy("r-1", "real")
+    for envoy in (*made_up, real):
+        await envoy.send(CLUSTER)
+        await envoy.recv()
+    assert sample("controlplane_xds_connected_proxies", group=UNKNOWN_GROUP) == unknown + 5
+    assert sample("controlplane_xds_connected_proxies", group="real") == 1
+    labels = {s.labels.get("group") for m in metrics.REGISTRY.collect() for s in m.samples}
+    assert not any(str(label).startswith("made-up") for label in labels)
+    for envoy in (*made_up, real):
+        envoy.call.cancel()
+    await eventually(lambda: plane.registry.status() == [], "all gone")
+    assert sample("controlplane_xds_connected_proxies", group=UNKNOWN_GROUP) == unknown
+
+
+async def test_unknown_type_urls_are_warned_about_at_a_bounded_rate(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controlplane.xds")
+    plane.cache.set(snap("types"))
+    envoy = plane.envoy("typer", "types")
+    for i in range(200):
+        await envoy.send(f"type.googleapis.com/made.up.Type{i}" + "x" * 5_000)
+    await envoy.barrier(["backend"])
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "made.up" in r.getMessage()]
+    assert 1 <= len(warnings) <= WARNINGS_PER_MINUTE
+    assert all(len(r.getMessage()) < 1_000 for r in warnings)
+    envoy.call.cancel()
+
+
+def test_the_server_bounds_what_one_connection_may_send() -> None:
+    options = dict(SERVER_OPTIONS)
+    assert options["grpc.max_receive_message_length"] == MAX_RECEIVE_MESSAGE_BYTES
+    assert options["grpc.max_concurrent_streams"] == MAX_STREAMS_PER_CONNECTION
+
+
+def test_a_node_gone_for_longer_than_the_grace_period_is_forgotten_entirely() -> None:
+    """Only a reconnect within the grace period still finds the versions the node rejected."""
+    registry = ProxyRegistry(forget_after=600.0)
+    first = registry.connect("n1", "g", "peer", 0.0)
+    registry.nacked(first, LISTENER, "l1", "bad", 0.0)
+    registry.disconnect(first, now=100.0)
+    again = registry.connect("n1", "g", "peer", 0.0)  # back within the grace period: remembered
+    assert registry.is_rejected("n1", LISTENER, "l1")
+    registry.disconnect(again, now=200.0)
+    other = registry.connect("n2", "g", "peer", 0.0)
+    registry.disconnect(other, now=801.0)  # a later departure sweeps nodes gone for longer than the grace
+    assert not registry.is_rejected("n1", LISTENER, "l1") and not registry.has_rejections("n1", LISTENER)
+    assert registry.memory_size() == 0

@@ -16,9 +16,17 @@ test_e2e_audit.py):
 
 Only the listed claims are read from the payload; a token in any other claim never reaches the store.
 
-The handler never blocks the stream on the disk: records go to the store's bounded queue (dropped and counted
-when full). When Envoy ends a stream, the answer is sent only after the store has committed what it sent, so
-an answered stream is a durable one. `AccessLogService.close()` ends open streams the same way before the
+Only gateways write the trail. The first message's identifier (node id and cluster) is only a claim: the
+stream is accepted when `Senders.attest` finds an ADS stream of that node and cluster, from the same host and,
+with mTLS, the same certificate identity (`XdsServer.attest`); otherwise it is refused with PERMISSION_DENIED
+and counted (`controlplane_audit_streams_refused_total{reason}`). Records name the attested gateway (group,
+node, host, certificate identity), never what the entries claim, and their `time` is the control plane's
+when the entry arrived; Envoy's start time is kept as `reported_time`, clamped to a window around it.
+
+The handler never blocks the stream on the disk: records go to the store's bounded queue, one share per
+sender (dropped and counted per gateway when full, `controlplane_audit_records_dropped_total`). When Envoy
+ends a stream, the answer is sent only after the store has committed what it sent, so an answered stream is a
+durable one. `AccessLogService.close()` ends open streams the same way before the
 grpc server stops (a stream still open at `server.stop` is cancelled with a traceback per stream).
 """
 
@@ -27,8 +35,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -36,14 +44,24 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import struct_pb2
 
-from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED
+from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_STREAMS_REFUSED, UNATTESTED_LABEL
 from controlplane.audit.store import AuditRecord, AuditStore
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
+from controlplane.xds.server import LogBudget, Sender, clip
+from controlplane.xds.tls import peer_identity
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 METHOD = "StreamAccessLogs"
 FLUSH_TIMEOUT = 10.0  # seconds an ending stream waits for its records to be committed
+# The window Envoy's own start time is clamped to, around the time an entry arrives: a request is logged when
+# it ends, at most a backend's longest timeout (24 h) after it started, and the flush adds seconds.
+REPORTED_TIME_PAST = 25 * 3600.0
+REPORTED_TIME_FUTURE = 300.0  # clock skew between a gateway and the control plane
+REFUSED_DETAILS = "access logs are accepted only from a gateway that holds an xDS stream"
+# A first message is held while its sender's ADS stream is awaited; past this size (4 times the buffer Envoy is
+# configured to flush, compiler/access_log.py) it is judged at once, so awaiting claims hold little memory.
+MAX_AWAITED_MESSAGE_BYTES = 64 * 1024
 
 _BACKEND_PREFIX = backend_cluster("")
 _PUBLIC_ROUTE = "-public/"
@@ -114,8 +132,26 @@ def _backend(route: str, cluster: str) -> str | None:
     return cluster.removeprefix(_BACKEND_PREFIX) if cluster.startswith(_BACKEND_PREFIX) else None
 
 
-def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry, *, gateway: str, node: str) -> AuditRecord:
-    """One ALS HTTP entry as an audit record (the store sanitizes it again before writing)."""
+def clamp_reported(reported: float | None, received: float) -> float | None:
+    """Envoy's start time, kept within [received - 25 h, received + 5 min]: informational, never the key."""
+    if reported is None:
+        return None
+    return min(max(reported, received - REPORTED_TIME_PAST), received + REPORTED_TIME_FUTURE)
+
+
+def record_from_entry(
+    entry: accesslog_pb2.HTTPAccessLogEntry,
+    *,
+    gateway: str,
+    node: str,
+    received: float | None = None,
+    peer: str | None = None,
+    identity: str | None = None,
+) -> AuditRecord:
+    """One ALS HTTP entry as an audit record (the store sanitizes it again before writing).
+
+    `gateway`, `node`, `peer` and `identity` are the attested sender's; `received` (default now) is the time
+    recorded, so no sender can date a record."""
     common = entry.common_properties
     request = entry.request
     status = int(entry.response.response_code.value)
@@ -124,8 +160,9 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry, *, gateway: str, 
     rbac = _struct(common.metadata, RBAC_FILTER)
     issuer = _claim(claims, "iss")
     started = common.start_time.seconds + common.start_time.nanos / 1e9 if common.HasField("start_time") else None
+    now = time.time() if received is None else received
     return AuditRecord(
-        time=started if started is not None else time.time(),
+        time=now,
         gateway=gateway,
         node=node,
         backend=_backend(common.route_name, common.upstream_cluster),
@@ -144,16 +181,38 @@ def record_from_entry(entry: accesslog_pb2.HTTPAccessLogEntry, *, gateway: str, 
         # A credential's jti names it in revocation and exchange logs; a GitLab token's jti is GitLab's business.
         credential_jti=_claim(claims, "jti") if issuer == CREDENTIAL_ISSUER else None,
         issuer=issuer,
+        peer=peer,
+        identity=identity,
+        reported_time=clamp_reported(started, now),
     )
+
+
+class Senders(Protocol):
+    """Who vouches for an access-log stream's sender: `XdsServer.attest` (a `Sender`, or why not)."""
+
+    async def attest(
+        self, node_id: str, cluster: str, peer: str, identity: str | None, *, wait: float | None = None
+    ) -> Sender | str: ...
 
 
 class AccessLogService:
     """The ALS receiver for one store: `handler()` goes into the grpc server, `close()` before it stops."""
 
-    def __init__(self, store: AuditStore, *, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        senders: Senders | None = None,
+        *,
+        log: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`senders` attests each stream's gateway; until it is set (None), every stream is refused."""
         self.store = store
+        self.senders = senders
         self.log = log or logging.getLogger("controlplane.audit")
-        self._readers: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._refused_log = LogBudget()
+        self._readers: set[asyncio.Task[str | None]] = set()
         self._closing = False
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -183,42 +242,82 @@ class AccessLogService:
     ) -> als_pb2.StreamAccessLogsResponse:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane shutting down")
-        reader = asyncio.create_task(self._read(requests, context.peer()))
+        reader = asyncio.create_task(self._read(requests, context.peer(), peer_identity(context)))
         self._readers.add(reader)
         try:
             await asyncio.wait({reader})
         finally:
             self._readers.discard(reader)
             reader.cancel()  # a no-op unless grpc cancelled this handler (the peer went away)
+        if not reader.cancelled() and reader.result() is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{REFUSED_DETAILS} ({reader.result()})")
         if not await asyncio.to_thread(self.store.flush, FLUSH_TIMEOUT):
             self.log.warning("audit records from %s not yet committed after %.0fs", context.peer(), FLUSH_TIMEOUT)
         return als_pb2.StreamAccessLogsResponse()
 
-    async def _read(self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], peer: str) -> None:
-        gateway = node = ""
+    async def _read(
+        self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], peer: str, identity: str | None
+    ) -> str | None:
+        """Store what an attested gateway sends; returns why the stream is refused, or None."""
+        sender: Sender | None = None
         try:
             async for message in requests:
-                if message.HasField("identifier"):  # Envoy sends it on a stream's first message only
-                    node = message.identifier.node.id
-                    gateway = message.identifier.log_name or message.identifier.node.cluster
+                if sender is None:  # Envoy identifies itself on a stream's first message only
+                    verdict = await self._attest(message, peer, identity)
+                    if isinstance(verdict, str):
+                        self._refuse(verdict, message, peer)
+                        return verdict
+                    sender = verdict
+                received = self._clock()
                 for entry in message.http_logs.log_entry:
-                    self._submit(entry, gateway, node)
+                    self._submit(entry, sender, received)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a broken peer: what it sent so far is kept, the stream ends
-            self.log.warning("access log stream from %s (%s) failed: %r", peer, node or "unidentified", error)
+            node = clip(sender.node_id) if sender is not None else "unattested"
+            self.log.warning("access log stream from %s (%s) failed: %r", peer, node, error)
+        return None
 
-    def _submit(self, entry: accesslog_pb2.HTTPAccessLogEntry, gateway: str, node: str) -> None:
+    async def _attest(self, message: als_pb2.StreamAccessLogsMessage, peer: str, identity: str | None) -> Sender | str:
+        if not message.HasField("identifier") or self.senders is None:
+            return "unidentified" if self.senders is not None else "no_xds_stream"
+        node = message.identifier.node
+        wait = 0.0 if message.ByteSize() > MAX_AWAITED_MESSAGE_BYTES else None
+        return await self.senders.attest(node.id, node.cluster, peer, identity, wait=wait)
+
+    def _refuse(self, reason: str, message: als_pb2.StreamAccessLogsMessage, peer: str) -> None:
+        AUDIT_STREAMS_REFUSED.labels(reason).inc()
+        entries = len(message.http_logs.log_entry)
+        if entries:
+            AUDIT_RECORDS_DROPPED.labels(gateway=UNATTESTED_LABEL, reason="refused").inc(entries)
+        if self._refused_log.allow():
+            self.log.warning(
+                "refused access log stream from %s claiming node %r of %r: %s%s",
+                peer,
+                clip(message.identifier.node.id),
+                clip(message.identifier.node.cluster),
+                reason,
+                self._refused_log.note(),
+            )
+
+    def _submit(self, entry: accesslog_pb2.HTTPAccessLogEntry, sender: Sender, received: float) -> None:
         try:
-            record = record_from_entry(entry, gateway=gateway, node=node)
+            record = record_from_entry(
+                entry,
+                gateway=sender.group,
+                node=sender.node_id,
+                received=received,
+                peer=sender.peer,
+                identity=sender.identity,
+            )
         except Exception as error:  # a malformed entry (or a parser bug) costs that entry only, not the stream
-            AUDIT_RECORDS_DROPPED.inc()
-            self.log.warning("unreadable access log entry from %s: %r", node or "unidentified", error)
+            AUDIT_RECORDS_DROPPED.labels(gateway=sender.label, reason="unreadable").inc()
+            self.log.warning("unreadable access log entry from %s: %r", clip(sender.node_id), error)
             return
-        self.store.submit(record)
+        self.store.submit(record, sender=sender.key, label=sender.label)
 
 
-def als_handler(store: AuditStore) -> grpc.GenericRpcHandler:
-    """The ALS generic handler for `XdsServer(extra_handlers=...)`. To end its streams cleanly on shutdown,
-    keep an `AccessLogService` and call its `close()` before stopping the server."""
-    return AccessLogService(store).handler()
+def als_handler(store: AuditStore, senders: Senders) -> grpc.GenericRpcHandler:
+    """The ALS generic handler for `XdsServer(extra_handlers=...)`, attested by `senders` (that server). To end
+    its streams cleanly on shutdown, keep an `AccessLogService` and call its `close()` before stopping."""
+    return AccessLogService(store, senders).handler()

@@ -7,8 +7,13 @@ not enough for an audit trail. The price of FULL is one fsync per commit; the wr
 (everything queued, up to `batch_size`), so under load it is one fsync per batch, not per request.
 
 Never blocking Envoy. `submit` is a non-blocking put on a bounded queue that one writer thread drains; when
-the queue is full the record is dropped and counted (`controlplane_audit_records_dropped_total`) rather than
-slowing the ALS stream, and through it the proxy. A graceful `close()` drains the queue before it returns.
+the queue is full a record is dropped and counted (`controlplane_audit_records_dropped_total{gateway,reason}`)
+rather than slowing the ALS stream, and through it the proxy. A graceful `close()` drains the queue first.
+
+Fair to every sender. The queue is one FIFO per sender (a gateway's node): one sender may hold at most
+`sender_queue_size` records, and when the whole queue is full a new record displaces the oldest record of the
+sender holding the most (longest-queue drop), so a flooding sender loses its own records and never another's.
+The writer takes its batches round-robin across senders, so a backlog from one never delays the others.
 
 Never storing a token. Records hold a fixed set of short fields (never a whole JWT payload or a header);
 every text field is cut to a bounded length, anything shaped like a JWT or a GitLab token is replaced by
@@ -25,17 +30,22 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_RECORDS_WRITTEN, AUDIT_WRITE_DURATION
+from controlplane.audit.metrics import (
+    AUDIT_RECORDS_DROPPED,
+    AUDIT_RECORDS_WRITTEN,
+    AUDIT_WRITE_DURATION,
+    UNKNOWN_LABEL,
+)
 
 log = logging.getLogger("controlplane.audit")
 
@@ -44,6 +54,7 @@ STATE_DIR_ENV = "CONTROLPLANE_STATE_DIR"
 DEFAULT_STATE_DIR = ".controlplane"
 DEFAULT_RETENTION = 90 * 24 * 3600.0  # seconds
 DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_SENDER_QUEUE_SIZE = 2_500  # a quarter: one sender's backlog leaves room for the others
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_PRUNE_INTERVAL = 300.0
 DEFAULT_QUERY_LIMIT = 100
@@ -54,7 +65,9 @@ REDACTED = "[redacted]"
 # A JWT (three base64url parts, header starting `{"`) or a GitLab token (glpat-, gldt-, glcbt-, glrt-...).
 _SECRET = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*|\bgl[a-z]{2,6}-[A-Za-z0-9_.-]{16,}")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1, with their types: added in place to an older file (existing rows get NULL).
+_ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("peer", "TEXT"), ("identity", "TEXT"), ("reported_time", "REAL"))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,7 +88,10 @@ CREATE TABLE IF NOT EXISTS audit (
     ref TEXT,
     user TEXT,
     credential_jti TEXT,
-    issuer TEXT
+    issuer TEXT,
+    peer TEXT,
+    identity TEXT,
+    reported_time REAL
 );
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id, time);
 CREATE INDEX IF NOT EXISTS audit_project ON audit (project_path, time);
@@ -90,8 +106,11 @@ BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 class AuditRecord:
     """One request as the audit trail keeps it. Claim fields are None when the request carried no valid token.
 
-    `time` is the request's start (Unix seconds); `details` Envoy's reason for the status (which filter said
-    no, and why); `policy` the RBAC effective policy id (`<binding>/<role>`);
+    `time` is when the control plane received the entry (Unix seconds; a sender cannot choose it);
+    `reported_time` the request's start as Envoy reported it, informational only and clamped to a window
+    around `time`. `gateway` and `node` are the sender's attested xDS identity, `peer` its address (host) and
+    `identity` its mTLS client certificate's (None in plain text). `details` is Envoy's reason for the status
+    (which filter said no, and why); `policy` the RBAC effective policy id (`<binding>/<role>`);
     `credential_jti` is set only for the control plane's own exchanged credentials.
     """
 
@@ -113,6 +132,9 @@ class AuditRecord:
     user: str | None = None
     credential_jti: str | None = None
     issuer: str | None = None
+    peer: str | None = None
+    identity: str | None = None
+    reported_time: float | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
@@ -151,8 +173,17 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    _migrate(conn)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older file's table up to `_SCHEMA` (ADD COLUMN only: rows are never rewritten)."""
+    present = {str(row[1]) for row in conn.execute("PRAGMA table_info(audit)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE audit ADD COLUMN {name} {kind}")
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
@@ -203,11 +234,14 @@ class AuditStore:
         *,
         retention: float | None = DEFAULT_RETENTION,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        sender_queue_size: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         prune_interval: float = DEFAULT_PRUNE_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Opens (creating if needed) the database and starts the writer; `retention` None keeps everything."""
+        """Opens (creating if needed) the database and starts the writer; `retention` None keeps everything.
+
+        `sender_queue_size` (default: a quarter of `queue_size`, at least 1) bounds one sender's share."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.retention = retention
@@ -216,8 +250,11 @@ class AuditStore:
         self._clock = clock
         self._conn = _connect_writer(path)
         self._conn_lock = threading.Lock()  # the writer thread and prune() share the connection
-        self._queue: queue.Queue[AuditRecord | None] = queue.Queue(maxsize=queue_size)
-        self._progress = threading.Condition()
+        self._queue_size = max(1, queue_size)
+        self._sender_queue_size = max(1, sender_queue_size or queue_size // 4)
+        self._pending: dict[str, deque[tuple[AuditRecord, str]]] = {}  # sender -> (record, label), oldest first
+        self._queued = 0
+        self._progress = threading.Condition()  # guards the queue and the counters; the writer waits on it
         self._accepted = 0  # records queued so far
         self._settled = 0  # of those, committed or given up on
         self._closed = False
@@ -227,19 +264,44 @@ class AuditStore:
 
     # -- writing
 
-    def submit(self, record: AuditRecord) -> bool:
-        """Queue a record without ever blocking. False (and counted as dropped) when full or closed."""
+    def submit(self, record: AuditRecord, *, sender: str = "", label: str = UNKNOWN_LABEL) -> bool:
+        """Queue a record without ever blocking; False (and counted as dropped) when closed or when this sender
+        already holds its share or the most of a full queue.
+
+        `sender` keys the fairness (a gateway's node), `label` is the bounded `gateway` label its drops are
+        counted under (a group the policy knows, or `unknown`)."""
         with self._progress:
             if self._closed:
-                AUDIT_RECORDS_DROPPED.inc()
+                _dropped(label, "closed")
                 return False
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
-                AUDIT_RECORDS_DROPPED.inc()
+            own = self._pending.get(sender)
+            held = len(own) if own is not None else 0
+            if held >= self._sender_queue_size:
+                _dropped(label, "queue_full")
                 return False
+            if self._queued >= self._queue_size and not self._displace(held):
+                _dropped(label, "queue_full")
+                return False
+            if own is None:
+                own = self._pending[sender] = deque()
+            own.append((record, label))
+            self._queued += 1
             self._accepted += 1
+            self._progress.notify_all()
             return True
+
+    def _displace(self, held: int) -> bool:
+        """Make room in a full queue by dropping the oldest record of the sender holding the most, if that
+        sender holds more than the newcomer would (then a flood displaces only itself). Caller holds the lock."""
+        victim = max(self._pending, key=lambda key: len(self._pending[key]))
+        records = self._pending[victim]
+        if len(records) <= held + 1:
+            return False
+        _, label = records.popleft()
+        _dropped(label, "queue_full")
+        self._queued -= 1
+        self._settled += 1
+        return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted before this call is committed (or failed). False on timeout."""
@@ -253,7 +315,7 @@ class AuditStore:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(None)  # behind every accepted record; blocks only while the writer frees a slot
+            self._progress.notify_all()  # the writer drains what is queued, then stops
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer did not finish within %.1fs; queued records may be lost", timeout or 0.0)
@@ -284,24 +346,25 @@ class AuditStore:
             if stop:
                 return
 
-    def _take(self, timeout: float) -> tuple[list[AuditRecord], bool]:
-        """What is queued, up to a batch (waiting up to `timeout` for the first); and whether close() was seen."""
-        batch: list[AuditRecord] = []
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return batch, False
-        while item is not None:
-            batch.append(item)
-            if len(batch) >= self._batch_size:
-                return batch, False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, False
-        return batch, True
+    def _take(self, timeout: float) -> tuple[list[tuple[AuditRecord, str]], bool]:
+        """Up to a batch, one record per sender in turn (waiting up to `timeout` for the first); and whether
+        the writer may stop (closed and nothing left)."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._queued > 0 or self._closed, timeout)
+            batch: list[tuple[AuditRecord, str]] = []
+            while self._pending and len(batch) < self._batch_size:
+                for sender in tuple(self._pending):
+                    records = self._pending[sender]
+                    batch.append(records.popleft())
+                    if not records:
+                        del self._pending[sender]
+                    if len(batch) >= self._batch_size:
+                        break
+            self._queued -= len(batch)
+            return batch, self._closed and not self._queued
 
-    def _write(self, batch: list[AuditRecord]) -> None:
+    def _write(self, labelled: list[tuple[AuditRecord, str]]) -> None:
+        batch = [record for record, _ in labelled]
         started = time.perf_counter()
         try:
             with self._conn_lock:
@@ -313,7 +376,8 @@ class AuditStore:
                     self._conn.execute("ROLLBACK")
                     raise
         except Exception as error:  # disk full, I/O error, or a bug: count the loss, keep the writer alive
-            AUDIT_RECORDS_DROPPED.inc(len(batch))
+            for _, label in labelled:
+                _dropped(label, "write_failed")
             log.error("audit store %s: could not write %d record(s): %s", self.path, len(batch), error)
         else:
             AUDIT_RECORDS_WRITTEN.inc(len(batch))
@@ -344,6 +408,10 @@ class AuditStore:
             return query_records(conn, job=job, project=project, since=since, limit=limit)
         finally:
             conn.close()
+
+
+def _dropped(label: str, reason: str) -> None:
+    AUDIT_RECORDS_DROPPED.labels(gateway=label, reason=reason).inc()
 
 
 def _rows(batch: Iterable[AuditRecord]) -> Iterable[tuple[Any, ...]]:

@@ -144,6 +144,7 @@ class ControlPlane:
         self.xds = XdsServer(
             self.cache, self.registry, log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
         )
+        self.als.senders = self.xds  # access logs are accepted only from gateways holding an ADS stream
         current_versions = cache_versions(self.cache)
         self.admin = AdminServer(
             status=self.status,

@@ -49,6 +49,13 @@ TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 )
 KEEP_SUFFIX = "+keep"
+# What one stream's node may weigh (docs/xds-and-audit-bounds.md). Envoy's ids are host or pod names (at most
+# 253 bytes in DNS and Kubernetes) and groups are policy names (63); a node past these is refused, never kept.
+MAX_NODE_ID_BYTES = 512
+MAX_NODE_CLUSTER_BYTES = 256
+MAX_NODE_METADATA_BYTES = 16 * 1024
+MAX_NODE_BYTES = 32 * 1024  # the whole node as kept (without its extension list)
+MAX_UNSUPPORTED_TYPES = 16  # distinct unknown type URLs reported per stream; more are ignored silently
 # Types whose ACK means "nothing routes to a removed cluster any more" (rule 6, make-before-break).
 _CLUSTER_USERS = (LISTENER, ROUTE)
 _NO_RESOURCES: Mapping[str, EncodedResource] = MappingProxyType({})
@@ -61,6 +68,24 @@ Names = frozenset[str] | None
 def type_label(type_url: str) -> str:
     """The short name used in metrics and status (`cds`...); `other` keeps label cardinality bounded."""
     return TYPE_LABELS.get(type_url, "other")
+
+
+class InvalidNode(ValueError):
+    """The first request's node is past a documented bound: the stream is refused (INVALID_ARGUMENT).
+
+    The message names the field and the sizes, never the content, so it is safe to log and to send back."""
+
+
+def _check_node(node: base_pb2.Node) -> None:
+    for name, size, limit in (
+        ("id", len(node.id.encode()), MAX_NODE_ID_BYTES),
+        ("cluster", len(node.cluster.encode()), MAX_NODE_CLUSTER_BYTES),
+        ("metadata", node.metadata.ByteSize(), MAX_NODE_METADATA_BYTES),
+        ("", node.ByteSize(), MAX_NODE_BYTES),
+    ):
+        if size > limit:
+            field_name = f"node.{name}" if name else "node"
+            raise InvalidNode(f"{field_name} is {size} bytes, more than the {limit} allowed")
 
 
 class RejectedVersions(Protocol):
@@ -404,16 +429,18 @@ class StreamIdentity:
         if self.node is None:
             # set_node_on_first_message_only: later requests may carry no node, so keep the first. Without
             # its extension list: Envoy names every extension it was built with (KBs per proxy), unused here.
-            self.node = base_pb2.Node()
-            self.node.CopyFrom(node)
-            self.node.ClearField("extensions")
+            kept = base_pb2.Node()
+            kept.CopyFrom(node)
+            kept.ClearField("extensions")
+            _check_node(kept)  # raises before anything of it is kept
+            self.node = kept
             events.append(NodeIdentified(self.node.id, self.node.cluster))
 
     def _supported(self, type_url: str, events: list[Event]) -> bool:
         """False for a type we do not serve, reported once per stream."""
         if type_url in TYPE_LABELS:
             return True
-        if type_url not in self._unsupported:
+        if type_url not in self._unsupported and len(self._unsupported) < MAX_UNSUPPORTED_TYPES:
             self._unsupported.add(type_url)
             events.append(Unsupported(type_url))
         return False

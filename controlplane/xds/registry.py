@@ -3,7 +3,10 @@
 One `ProxyRecord` per open ADS stream (a node can briefly have two while Envoy reconnects before the old
 stream is noticed dead). The NACK memory is per node id and outlives streams: a version a node rejected is
 never pushed to it again, even after a reconnect, because Envoy would only reject it again (and for CDS/LDS
-a rejected response can still be partially applied). It is bounded to the most recently seen node ids.
+a rejected response can still be partially applied). It is bounded to the most recently seen node ids, and a
+node's memory is forgotten once it has had no stream for `forget_after` seconds (10 minutes): Envoy reconnects
+within seconds (0.1 to 2.6 s observed), so only a node that is gone for good, or a client that invented its id,
+is forgotten, and nothing a departed client sent stays behind.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 ERROR_LIMIT_BYTES = 2048
 NACK_MEMORY_NODES = 10_000
 NACK_MEMORY_VERSIONS = 64  # per node and type: enough for any realistic run of bad pushes
+FORGET_AFTER = 600.0  # seconds without a stream after which a node's NACK memory is dropped
 _TRUNCATED = " …[truncated]"
 
 
@@ -79,23 +83,54 @@ class ProxyRecord:
 class ProxyRegistry:
     """Connected proxies and the per-node NACK memory; implements protocol.RejectedVersions."""
 
-    def __init__(self, *, memory_nodes: int = NACK_MEMORY_NODES) -> None:
+    def __init__(self, *, memory_nodes: int = NACK_MEMORY_NODES, forget_after: float = FORGET_AFTER) -> None:
         self._records: set[ProxyRecord] = set()
         self._memory: OrderedDict[str, dict[str, list[str]]] = OrderedDict()
         self._memory_nodes = memory_nodes
+        self._forget_after = forget_after
+        self._streams: dict[str, int] = {}  # node id -> open streams
+        self._gone: OrderedDict[str, float] = OrderedDict()  # node id -> when its last stream ended, oldest first
         self._ordered: list[ProxyRecord] | None = None  # records in listing order; None after membership changed
 
     def connect(self, node_id: str, group: str, peer: str, now: float) -> ProxyRecord:
         record = ProxyRecord(node_id, group, peer, now)
         self._records.add(record)
         self._ordered = None
+        self._streams[node_id] = self._streams.get(node_id, 0) + 1
+        self._gone.pop(node_id, None)
         return record
 
-    def disconnect(self, record: ProxyRecord) -> list[str]:
-        """Forget the stream; returns the type URLs it was still NACKing (for the rejecting-proxies gauge)."""
+    def disconnect(self, record: ProxyRecord, now: float | None = None) -> list[str]:
+        """Forget the stream; returns the type URLs it was still NACKing (for the rejecting-proxies gauge).
+
+        `now` (any monotonic clock) starts the node's grace period when this was its last stream, and drops
+        the NACK memory of nodes gone for longer than `forget_after`; None leaves the memory as it is."""
+        if record not in self._records:
+            return []
         self._records.discard(record)
         self._ordered = None
+        left = self._streams.get(record.node_id, 1) - 1
+        if left > 0:
+            self._streams[record.node_id] = left
+        else:
+            self._streams.pop(record.node_id, None)
+            if now is not None:
+                self._gone[record.node_id] = now
+        if now is not None:
+            self._expire(now)
         return list(record.nacks)
+
+    def _expire(self, now: float) -> None:
+        while self._gone:
+            node_id, since = next(iter(self._gone.items()))
+            if now - since <= self._forget_after:
+                return
+            del self._gone[node_id]
+            self._memory.pop(node_id, None)
+
+    def memory_size(self) -> int:
+        """Node ids with remembered rejections (bounded by `memory_nodes`)."""
+        return len(self._memory)
 
     def acked(self, record: ProxyRecord, type_url: str, version: str) -> bool:
         """Record an ACK; True when it ends a NACK of that type (the proxy is no longer rejecting it)."""

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -29,7 +30,7 @@ from controlplane.xds import protocol
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.protocol import AdsStream, Output, Response, type_label
 from controlplane.xds.registry import ProxyRecord, ProxyRegistry, truncate_error
-from controlplane.xds.tls import ServerTls
+from controlplane.xds.tls import ServerTls, peer_identity
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 SHUTDOWN_DETAILS = "control plane shutting down"
@@ -38,11 +39,27 @@ SHUTDOWN_DETAILS = "control plane shutting down"
 FAN_OUT_CHUNK = 500
 
 PENDING_CALLS_LIMIT = 1 << 17
+# What one client may make the server hold (docs/xds-and-audit-bounds.md): Envoy's requests are a few KB (the
+# node with its extension list, subscriptions, a NACK's error text) and its ALS batches 16 KB by default; one
+# Envoy opens one ADS stream and an ALS stream per worker thread and log, so a connection needs a handful.
+MAX_RECEIVE_MESSAGE_BYTES = 2 * 1024 * 1024
+MAX_STREAMS_PER_CONNECTION = 100
+# The `group` label of controlplane_xds_connected_proxies for groups the policy does not define: a client picks
+# its node.cluster, and one series per made-up name would grow the metrics without bound.
+UNKNOWN_GROUP = "unknown"
+WARNINGS_PER_MINUTE = 10  # per kind of client-caused warning (unknown type, unknown group, refused node)
+_SHOWN_CHARS = 128  # of a client-chosen string (a type URL, a version) in one log line
+# How long `attest` waits for the ADS stream of a node that names itself on another stream (an Envoy
+# reconnecting to a restarted control plane may open its access-log stream first), and for how many at once.
+ATTEST_WAIT = 10.0
+MAX_AWAITING_ATTESTATION = 1024
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # BDP probing pings a peer whenever data arrives, to grow the receive window; an xDS server only receives
     # small requests, so the pings are pure cost: with it, every ACK also meant a PING and its PING ACK on that
     # proxy's connection (benchmarks/grpc_floor.py, 1,000 connections: 302 -> 167 µs of server CPU per message).
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     # grpc core cancels calls the application has not asked for yet once more than 1,000 wait (at once beyond
     # 3,000), and any that waited 30 s: a fleet reconnecting after a restart had ~5% of 5,000 and ~11% of 10,000
     # calls CANCELLED before the handler ran (benchmarks/fleet_sim.py --inflight 0), and retried. Every proxy
@@ -83,6 +100,70 @@ def peer_address(peer: str) -> str:
     return peer
 
 
+def clip(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """A client-chosen string cut for a log line: whatever a client sends, one line stays small."""
+    return text if len(text) <= limit else f"{text[:limit]}…[{len(text)} chars]"
+
+
+class LogBudget:
+    """At most `per_minute` log lines of one kind a minute; the first line after a quiet spell says how many
+    were left out. A client can cause these warnings at will (a made-up type URL or group per request), so an
+    unbounded log would be its to fill."""
+
+    def __init__(self, per_minute: int = WARNINGS_PER_MINUTE, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_minute = per_minute
+        self._clock = clock
+        self._window = -float("inf")
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = self._clock()
+        if now - self._window >= 60.0:
+            self._window, self._used = now, 0
+        if self._used >= self._per_minute:
+            self.suppressed += 1
+            return False
+        self._used += 1
+        return True
+
+    def note(self) -> str:
+        """' (N more suppressed)' once after lines were left out, then ''."""
+        count, self.suppressed = self.suppressed, 0
+        return f" ({count} similar warnings suppressed)" if count else ""
+
+
+def peer_host(peer: str) -> str:
+    """The host of a peer address: `ipv4:10.0.0.1:4242` or `10.0.0.1:4242` → `10.0.0.1`, `[::1]:4242` → `::1`.
+
+    Envoy opens its access-log streams on connections of their own (other source ports), so a sender is
+    matched to its ADS stream by host, not by the whole address."""
+    address = peer_address(peer)
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return address
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """A gateway vouched for by its live ADS stream: whom the audit trail says an access-log stream came from.
+
+    `label` is its group as metrics may name it (the group if the policy defines it, else `unknown`), `peer`
+    the host both streams come from, `identity` their mTLS client certificate's (None in plain text)."""
+
+    node_id: str
+    group: str
+    label: str
+    peer: str
+    identity: str | None
+
+    @property
+    def key(self) -> str:
+        """What the audit store's fairness is keyed by: one queue per gateway node."""
+        return f"{self.group}/{self.node_id}"
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -107,12 +188,15 @@ class _Machine(Protocol):
 class _Session:
     """One ADS stream: its state machine, the writer's queue and its registry record once identified."""
 
-    def __init__(self, machine: _Machine, peer: str, protocol: str) -> None:
+    def __init__(self, machine: _Machine, peer: str, protocol: str, identity: str | None = None) -> None:
         self.machine = machine
         self.peer = peer
+        self.identity = identity  # the mTLS client certificate's identity, None in plain text
         self.protocol = protocol  # "sotw" or "delta", as the status page shows it
         self.queue: asyncio.Queue[Response | None] = asyncio.Queue()
         self.record: ProxyRecord | None = None
+        self.label = UNKNOWN_GROUP  # its group's label on the connected-proxies gauge, chosen when identified
+        self.refusal: str | None = None  # why the stream is refused (INVALID_ARGUMENT), when it is
         self.shutting_down = False
 
     def close(self, *, shutting_down: bool = False) -> None:
@@ -141,10 +225,17 @@ class XdsServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: set[_Session] = set()
         self._by_group: defaultdict[str, set[_Session]] = defaultdict(set)
+        self._by_node: defaultdict[str, set[_Session]] = defaultdict(set)  # identified streams by node id
+        self._awaiting: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)  # attest() by node id
+        self._awaiting_count = 0
+        self.attest_wait = ATTEST_WAIT
         self._latest: dict[str, Snapshot] = {}  # the snapshot a running fan-out is delivering, by group
         self._fan_outs: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._last_activity: float | None = None  # monotonic time of the last push or request
+        self._unsupported_log = LogBudget()
+        self._unknown_group_log = LogBudget()
+        self._refused_log = LogBudget()
 
     def idle_for(self) -> float:
         """Seconds since the last push started or request arrived; 0 during a fan-out, inf before any."""
@@ -221,7 +312,8 @@ class XdsServer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         machine = AdsStream(self.registry)
-        await self._serve(_Session(machine, peer_address(context.peer()), "sotw"), machine.receive, requests, context)
+        session = _Session(machine, peer_address(context.peer()), "sotw", peer_identity(context))
+        await self._serve(session, machine.receive, requests, context)
 
     async def _delta(
         self,
@@ -229,7 +321,8 @@ class XdsServer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         machine = DeltaStream(self.registry)
-        await self._serve(_Session(machine, peer_address(context.peer()), "delta"), machine.receive, requests, context)
+        session = _Session(machine, peer_address(context.peer()), "delta", peer_identity(context))
+        await self._serve(session, machine.receive, requests, context)
 
     async def _serve(
         self,
@@ -252,7 +345,10 @@ class XdsServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self._forget(session)
-        if session.shutting_down:
+        if session.refusal is not None:
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(session.refusal)
+        elif session.shutting_down:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(SHUTDOWN_DETAILS)
 
@@ -280,6 +376,10 @@ class XdsServer:
                 self._on_request(session, receive, request)
         except asyncio.CancelledError:
             raise
+        except protocol.InvalidNode as error:  # the message names sizes, never the content
+            session.refusal = str(error)
+            if self._refused_log.allow():
+                self.log.warning("refused ADS stream from %s: %s%s", session.peer, error, self._refused_log.note())
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
             self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, session.machine.node_id, error)
         finally:
@@ -298,13 +398,20 @@ class XdsServer:
         session.record = self.registry.connect(machine.node_id, group, session.peer, time.time())
         session.record.protocol = session.protocol
         self._by_group[group].add(session)
-        metrics.CONNECTED_PROXIES.labels(group).inc()
+        self._by_node[machine.node_id].add(session)
+        for waiter in self._awaiting.pop(machine.node_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        known = self.cache.known(group)
+        session.label = group if known else UNKNOWN_GROUP
+        metrics.CONNECTED_PROXIES.labels(session.label).inc()
         self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
-        if not self.cache.known(group):
+        if not known and self._unknown_group_log.allow():
             self.log.warning(
-                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config",
+                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config%s",
                 machine.node_id,
                 group,
+                self._unknown_group_log.note(),
             )
         self._apply(session, machine.set_snapshot(self.cache.get(group), now))
 
@@ -318,10 +425,83 @@ class XdsServer:
             streams.discard(session)
             if not streams:
                 del self._by_group[record.group]
-        metrics.CONNECTED_PROXIES.labels(record.group).dec()
-        for type_url in self.registry.disconnect(record):
+        same_node = self._by_node.get(record.node_id)
+        if same_node is not None:
+            same_node.discard(session)
+            if not same_node:
+                del self._by_node[record.node_id]
+        self._proxy_left(session.label)
+        for type_url in self.registry.disconnect(record, time.monotonic()):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
         self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
+
+    # -- attesting other streams' senders (the audit ALS)
+
+    async def attest(
+        self, node_id: str, cluster: str, peer: str, identity: str | None, *, wait: float | None = None
+    ) -> Sender | str:
+        """The gateway behind a stream that says it is node `node_id` of `cluster`, or why there is none.
+
+        Only a client that holds an ADS stream right now as that node id and cluster, from the same host and
+        (with mTLS) with the same certificate identity, is that gateway. The reasons, a bounded set for
+        metrics: `no_xds_stream`, `peer_mismatch`, `identity_mismatch`, `overloaded`. A node with no ADS
+        stream yet is waited for up to `wait` seconds (default `attest_wait`), a bounded number at a time.
+        """
+        wait = self.attest_wait if wait is None else wait
+        if (
+            len(node_id.encode()) > protocol.MAX_NODE_ID_BYTES
+            or len(cluster.encode()) > protocol.MAX_NODE_CLUSTER_BYTES
+        ):
+            return "no_xds_stream"  # no ADS stream can have such a node: not worth waiting for
+        host = peer_host(peer)
+        verdict = self._match(node_id, cluster, host, identity)
+        if isinstance(verdict, Sender) or verdict != "no_xds_stream" or wait <= 0:
+            return verdict
+        if self._awaiting_count >= MAX_AWAITING_ATTESTATION:
+            return "overloaded"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        self._awaiting_count += 1
+        try:
+            while isinstance(verdict, str) and (remaining := deadline - loop.time()) > 0:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._awaiting[node_id].add(waiter)
+                try:
+                    await asyncio.wait({waiter}, timeout=remaining)
+                finally:
+                    self._stop_awaiting(node_id, waiter)
+                verdict = self._match(node_id, cluster, host, identity)
+            return verdict
+        finally:
+            self._awaiting_count -= 1
+
+    def _stop_awaiting(self, node_id: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._awaiting.get(node_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._awaiting[node_id]
+        waiter.cancel()
+
+    def _match(self, node_id: str, cluster: str, host: str, identity: str | None) -> Sender | str:
+        reason = "no_xds_stream"
+        for session in self._by_node.get(node_id, ()):
+            if session.machine.group != cluster:
+                continue
+            if peer_host(session.peer) != host:
+                reason = "peer_mismatch"
+            elif session.identity != identity:
+                reason = "identity_mismatch"
+            else:
+                return Sender(node_id, cluster, session.label, host, identity)
+        return reason
+
+    def _proxy_left(self, label: str) -> None:
+        """One proxy fewer on the gauge; a group the policy dropped loses its series once no proxy is left."""
+        gauge = metrics.CONNECTED_PROXIES.labels(label)
+        gauge.dec()
+        if label != UNKNOWN_GROUP and not self.cache.known(label) and gauge._value.get() <= 0:
+            metrics.CONNECTED_PROXIES.remove(label)
 
     # -- snapshot fan-out
 
@@ -398,9 +578,15 @@ class XdsServer:
                 self.log.debug("stale %s request from %s (nonce %s, last sent %s)", type_label(t), node, n, expected)
             case protocol.Subscribed(type_url=t, names=names):
                 shown = "*" if names is None else ",".join(sorted(names))
-                self.log.debug("proxy %s subscribes %s: %s", node, type_label(t), shown)
+                self.log.debug("proxy %s subscribes %s: %s", node, type_label(t), clip(shown, 1024))
             case protocol.Unsupported(type_url=t):
-                self.log.warning("proxy %s asked for type %r, which this control plane does not serve", node, t)
+                if self._unsupported_log.allow():
+                    self.log.warning(
+                        "proxy %s asked for type %r, which this control plane does not serve%s",
+                        node,
+                        clip(t),
+                        self._unsupported_log.note(),
+                    )
             case protocol.NodeIdentified():
                 pass  # handled by _identify once the request is applied
 
@@ -414,7 +600,7 @@ class XdsServer:
             session.machine.group,
             label,
             nack.version,
-            nack.accepted_version or "(nothing)",
+            clip(nack.accepted_version) or "(nothing)",
             error,
         )
         record = session.record

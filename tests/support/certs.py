@@ -30,6 +30,7 @@ class Pki:
     client: CertFiles
     other_ca: Path  # an unrelated CA: its client certificates must be refused
     stranger: CertFiles  # a client certificate signed by other_ca
+    second_client: CertFiles  # another client of the CA: a different identity (another gateway)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -105,4 +106,5 @@ def make_pki(directory: Path) -> Pki:
         client=_leaf(directory, "gateway-client", (ca_cert, ca_key), server=False),
         other_ca=other_files.cert,
         stranger=_leaf(directory, "stranger-client", (other_cert, other_key), server=False),
+        second_client=_leaf(directory, "second-gateway-client", (ca_cert, ca_key), server=False),
     )
