@@ -48,7 +48,8 @@ from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_STREAMS_REFU
 from controlplane.audit.store import AuditRecord, AuditStore
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
-from controlplane.xds.server import LogBudget, Sender, clip
+from controlplane.ratelog import RateLimitedLog
+from controlplane.xds.server import WARNINGS_PER_MINUTE, Sender, clip
 from controlplane.xds.tls import peer_identity
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
@@ -211,7 +212,7 @@ class AccessLogService:
         self.senders = senders
         self.log = log or logging.getLogger("controlplane.audit")
         self._clock = clock
-        self._refused_log = LogBudget()
+        self._refused_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
         self._readers: set[asyncio.Task[str | None]] = set()
         self._closing = False
 
@@ -290,15 +291,14 @@ class AccessLogService:
         entries = len(message.http_logs.log_entry)
         if entries:
             AUDIT_RECORDS_DROPPED.labels(gateway=UNATTESTED_LABEL, reason="refused").inc(entries)
-        if self._refused_log.allow():
-            self.log.warning(
-                "refused access log stream from %s claiming node %r of %r: %s%s",
-                peer,
-                clip(message.identifier.node.id),
-                clip(message.identifier.node.cluster),
-                reason,
-                self._refused_log.note(),
-            )
+        self._refused_log.log(
+            logging.WARNING,
+            "refused access log stream from %s claiming node %r of %r: %s",
+            peer,
+            clip(message.identifier.node.id),
+            clip(message.identifier.node.cluster),
+            reason,
+        )
 
     def _submit(self, entry: accesslog_pb2.HTTPAccessLogEntry, sender: Sender, received: float) -> None:
         try:

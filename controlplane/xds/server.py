@@ -24,6 +24,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.admin import metrics
+from controlplane.ratelog import RateLimitedLog
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.xds import protocol
@@ -103,34 +104,6 @@ def peer_address(peer: str) -> str:
 def clip(text: str, limit: int = _SHOWN_CHARS) -> str:
     """A client-chosen string cut for a log line: whatever a client sends, one line stays small."""
     return text if len(text) <= limit else f"{text[:limit]}…[{len(text)} chars]"
-
-
-class LogBudget:
-    """At most `per_minute` log lines of one kind a minute; the first line after a quiet spell says how many
-    were left out. A client can cause these warnings at will (a made-up type URL or group per request), so an
-    unbounded log would be its to fill."""
-
-    def __init__(self, per_minute: int = WARNINGS_PER_MINUTE, clock: Callable[[], float] = time.monotonic) -> None:
-        self._per_minute = per_minute
-        self._clock = clock
-        self._window = -float("inf")
-        self._used = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = self._clock()
-        if now - self._window >= 60.0:
-            self._window, self._used = now, 0
-        if self._used >= self._per_minute:
-            self.suppressed += 1
-            return False
-        self._used += 1
-        return True
-
-    def note(self) -> str:
-        """' (N more suppressed)' once after lines were left out, then ''."""
-        count, self.suppressed = self.suppressed, 0
-        return f" ({count} similar warnings suppressed)" if count else ""
 
 
 def peer_host(peer: str) -> str:
@@ -233,9 +206,9 @@ class XdsServer:
         self._fan_outs: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._last_activity: float | None = None  # monotonic time of the last push or request
-        self._unsupported_log = LogBudget()
-        self._unknown_group_log = LogBudget()
-        self._refused_log = LogBudget()
+        self._unsupported_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
+        self._unknown_group_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
+        self._refused_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
 
     def idle_for(self) -> float:
         """Seconds since the last push started or request arrived; 0 during a fan-out, inf before any."""
@@ -378,8 +351,7 @@ class XdsServer:
             raise
         except protocol.InvalidNode as error:  # the message names sizes, never the content
             session.refusal = str(error)
-            if self._refused_log.allow():
-                self.log.warning("refused ADS stream from %s: %s%s", session.peer, error, self._refused_log.note())
+            self._refused_log.log(logging.WARNING, "refused ADS stream from %s: %s", session.peer, error)
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
             self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, session.machine.node_id, error)
         finally:
@@ -406,12 +378,12 @@ class XdsServer:
         session.label = group if known else UNKNOWN_GROUP
         metrics.CONNECTED_PROXIES.labels(session.label).inc()
         self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
-        if not known and self._unknown_group_log.allow():
-            self.log.warning(
-                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config%s",
+        if not known:
+            self._unknown_group_log.log(
+                logging.WARNING,
+                "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config",
                 machine.node_id,
                 group,
-                self._unknown_group_log.note(),
             )
         self._apply(session, machine.set_snapshot(self.cache.get(group), now))
 
@@ -580,13 +552,12 @@ class XdsServer:
                 shown = "*" if names is None else ",".join(sorted(names))
                 self.log.debug("proxy %s subscribes %s: %s", node, type_label(t), clip(shown, 1024))
             case protocol.Unsupported(type_url=t):
-                if self._unsupported_log.allow():
-                    self.log.warning(
-                        "proxy %s asked for type %r, which this control plane does not serve%s",
-                        node,
-                        clip(t),
-                        self._unsupported_log.note(),
-                    )
+                self._unsupported_log.log(
+                    logging.WARNING,
+                    "proxy %s asked for type %r, which this control plane does not serve",
+                    node,
+                    clip(t),
+                )
             case protocol.NodeIdentified():
                 pass  # handled by _identify once the request is applied
 
