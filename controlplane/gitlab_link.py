@@ -101,6 +101,7 @@ class GitLabLink:
     def _unwatch(self, name: str) -> None:
         watch = self._watches.pop(name)
         watch.task.cancel()
+        watch.watcher.close()
 
     async def on_event(self, event: GitLabEvent) -> None:
         """Route a webhook event to the re-sync it calls for (see the module docstring)."""
@@ -152,9 +153,10 @@ class GitLabLink:
     async def stop(self) -> None:
         self._stop.set()
         tasks = [w.task for w in self._watches.values()]
+        for watch in self._watches.values():
+            watch.task.cancel()
+            watch.watcher.close()
         self._watches.clear()
-        for task in tasks:
-            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
