@@ -157,7 +157,7 @@ async def test_a_refused_read_backs_off_instead_of_looping() -> None:
     w = watcher(source, changes, reconcile_seconds=300)
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))
-    status = await eventually(lambda: s if (s := w.status()).get("retry_in_seconds") else None, "backing off", timeout=2)
+    status = await eventually(lambda: s if (s := w.status())["retry_in_seconds"] else None, "backing off", timeout=2)
     assert len(source.calls) == 1 and status["consecutive_failures"] == 1 and "down" in str(status["last_error"])
     assert 1.0 <= float(status["retry_in_seconds"]) <= 2.0  # type: ignore[arg-type]
     w.request_project(42)  # a webhook during the backoff waits for it

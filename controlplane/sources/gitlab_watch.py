@@ -16,6 +16,7 @@ too: nothing is granted on data never seen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -117,10 +118,8 @@ class InventoryWatcher:
     def close(self) -> None:
         """No longer watched: its series leave /metrics (their functions would keep this watcher alive)."""
         for gauge in (INVENTORY_AGE, INVENTORY_STALE, READ_FAILURES):
-            try:
+            with contextlib.suppress(KeyError):  # never labelled
                 gauge.remove(self.issuer)
-            except KeyError:
-                pass
 
     # -- what the compiler gets
 
