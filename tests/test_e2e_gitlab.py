@@ -236,3 +236,44 @@ def test_a_path_taken_over_by_another_project_is_an_error_never_a_rebind(stack: 
         stack.gitlab.rename_project(stack.deployer, "deployer")
     poll_until(lambda: not stack.controlplane.status()["policy"]["errors"], 10, message="errors cleared")
     assert stack.get() == 200
+
+
+NEWCOMER = """\
+---
+kind: Binding
+name: newcomer-reads-reports
+roles: [reports-read]
+subjects:
+  - project: {path}
+"""
+
+
+def test_a_binding_for_a_project_gitlab_has_but_nobody_watched_is_accepted_without_restart(stack: Stack) -> None:
+    """The watched set is what the policy in service names; a new policy naming a project outside it must be
+    judged against GitLab (which has it), not against the old watched set."""
+    newcomer = stack.gitlab.add_project("acme/newcomer")
+    added = NEWCOMER.format(path="acme/newcomer")
+    sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + added})
+    try:
+        verdict = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="verdict")
+        assert verdict[-1]["status"] == "success", verdict[-1]["description"]
+        stack.wait_get(200, project_id=newcomer, project_path="acme/newcomer")
+        assert stack.get() == 200
+    finally:
+        restored = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text})
+        poll_until(lambda: stack.gitlab.statuses(stack.policy_project, restored), 10, message="restored")
+        stack.gitlab.delete_project(newcomer)
+    stack.wait_get(403, project_id=newcomer, project_path="acme/newcomer")
+
+
+def test_a_binding_for_a_project_gitlab_does_not_have_is_still_an_error(stack: Stack) -> None:
+    added = NEWCOMER.format(path="acme/nobody")
+    sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + added})
+    try:
+        verdict = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="verdict")
+        assert verdict[-1]["status"] == "failed"
+        assert "no project with path 'acme/nobody' in GitLab" in verdict[-1]["description"]
+        assert stack.get() == 200
+    finally:
+        restored = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text})
+        poll_until(lambda: stack.gitlab.statuses(stack.policy_project, restored), 10, message="restored")

@@ -199,3 +199,19 @@ async def test_the_stale_gauge_follows_the_withdrawal() -> None:
     source.down = False
     await w._sync_once()
     assert _stale_gauge() == 0
+
+
+async def test_widen_reads_only_what_the_watched_set_lacks_before_a_new_policy_is_judged() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes)
+    await w._sync_once()
+    source.projects[7] = Project(7, "acme/new", 10)
+    source.calls.clear()
+    assert await w.widen(Scope(projects=frozenset({"acme/app"}))) is None
+    assert source.calls == []  # already held: no request
+    assert await w.widen(Scope(projects=frozenset({"acme/app", "acme/new"}))) is None
+    assert len(source.calls) == 1 and w.inventory.project_by_path("acme/new") is not None
+    assert changes.count == 1  # the compile that judges the new policy reads it; the one in service is not redone
+    source.down = True
+    problem = await w.widen(Scope(projects=frozenset({"acme/other"})))
+    assert problem is not None and "could not read what the policy adds" in problem and "down" in problem

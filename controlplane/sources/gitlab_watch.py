@@ -168,6 +168,38 @@ class InventoryWatcher:
             self.scope = scope
             self.request_full()
 
+    async def widen(self, scope: Scope) -> str | None:
+        """A new policy names groups or projects outside the watched set: read them now, before it is judged,
+        so a project GitLab has is never reported missing because nobody had asked for it yet.
+
+        What the inventory already holds (a project of a watched group) costs no request. The scope stays
+        widened: the policy, once accepted, narrows it again (`set_scope`). Returns why GitLab could not be read.
+        """
+        async with self._lock:
+            groups = scope.groups - self.scope.groups
+            projects = scope.projects - self.scope.projects
+            if not groups and not projects:
+                return None
+            self.scope = Scope(self.scope.groups | groups, self.scope.projects | projects)
+            if self._inventory is None:
+                return None  # never read: stale, nothing is judged against it; the first read covers these
+            have = self._inventory
+            unread_groups = [ref for ref in groups if not any(ref in (g.id, g.path) for g in have.groups)]
+            unread_projects = [ref for ref in projects if not any(ref in (p.id, p.path) for p in have.projects)]
+            if not unread_groups and not unread_projects:
+                return None
+            try:
+                extra = await asyncio.to_thread(
+                    self.source.fetch_inventory,
+                    groups=sorted(unread_groups, key=str),
+                    projects=sorted(unread_projects, key=str),
+                )
+            except Exception as error:
+                return f"GitLab {self.issuer}: could not read what the policy adds: {str(error)[:300]}"
+            self._inventory = _merged(have, extra)  # fetched_at stays: only a full reconcile vouches for all
+            log.info("GitLab %s: read %d project(s) a new policy names", self.issuer, len(extra.projects))
+            return None
+
     def request_full(self) -> None:
         self._full = True
         self._wake.set()
@@ -317,6 +349,16 @@ class InventoryWatcher:
             # fetched_at stays: only a full reconcile vouches for everything (protections have no webhook).
             self._inventory = replace(self._inventory, projects=tuple(sorted(projects.values(), key=lambda p: p.id)))
         return changed
+
+
+def _merged(base: Inventory, extra: Inventory) -> Inventory:
+    projects = {p.id: p for p in base.projects} | {p.id: p for p in extra.projects}
+    groups = {g.id: g for g in base.groups} | {g.id: g for g in extra.groups}
+    return replace(
+        base,
+        projects=tuple(sorted(projects.values(), key=lambda p: p.id)),
+        groups=tuple(sorted(groups.values(), key=lambda g: g.id)),
+    )
 
 
 def _content(inventory: Inventory) -> tuple[tuple[Project, ...], tuple[Group, ...]]:
