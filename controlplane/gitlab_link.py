@@ -117,7 +117,10 @@ class GitLabLink:
             return future.result(timeout=NEW_SUBJECTS_TIMEOUT)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return f"GitLab did not answer within {NEW_SUBJECTS_TIMEOUT:.0f}s while reading what the policy adds"
+            return (
+                f"GitLab reads did not finish within {NEW_SUBJECTS_TIMEOUT:.0f}s (a long reconcile may be running) "
+                "while reading what the policy adds"
+            )
 
     def _watch(self, issuer: Issuer, api: GitLabApi) -> _Watch:
         watcher = InventoryWatcher(

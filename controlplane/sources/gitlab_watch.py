@@ -175,6 +175,8 @@ class InventoryWatcher:
         What the inventory already holds (a project of a watched group) costs no request. The scope stays
         widened: the policy, once accepted, narrows it again (`set_scope`). Returns why GitLab could not be read.
         """
+        if scope.groups <= self.scope.groups and scope.projects <= self.scope.projects:
+            return None  # nothing new (every reload of an unchanged policy): never wait for a running reconcile
         async with self._lock:
             groups = scope.groups - self.scope.groups
             projects = scope.projects - self.scope.projects
