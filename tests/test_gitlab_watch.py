@@ -215,3 +215,19 @@ async def test_widen_reads_only_what_the_watched_set_lacks_before_a_new_policy_i
     source.down = True
     problem = await w.widen(Scope(projects=frozenset({"acme/other"})))
     assert problem is not None and "could not read what the policy adds" in problem and "down" in problem
+
+
+async def test_data_turning_stale_during_a_wait_is_reported_even_when_the_next_read_fails() -> None:
+    """The withdrawal must not depend on the next read succeeding: staleness is compared with what was last
+    reported, not with the start of the pass (the data had already turned stale while the loop waited)."""
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes, reconcile_seconds=3600, max_staleness_seconds=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    await eventually(lambda: changes.count == 1, "first reconcile")
+    source.down, source.now = True, source.now + 61
+    w.request_project(42)
+    await eventually(lambda: changes.count == 2, "stale reported")
+    assert w.inventory.stale
+    stop.set()
+    await asyncio.wait_for(task, 5)
