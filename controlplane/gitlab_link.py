@@ -9,6 +9,7 @@ targeted re-syncs of what they name; a push to the policy project's default bran
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from controlplane.sources.webhooks import (
 log = logging.getLogger("controlplane.gitlab")
 
 SourceFactory = Callable[[GitLabApi], InventorySource]
+
+# How long a policy waits for GitLab to read the projects and groups it adds before it is judged.
+NEW_SUBJECTS_TIMEOUT = 60.0
 
 
 def gitlab_source(api: GitLabApi) -> GitLabSource:
@@ -65,12 +69,14 @@ class GitLabLink:
         self.source_factory = source_factory
         self._watches: dict[str, _Watch] = {}
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the watchers run
 
     def inventories(self) -> dict[str, Inventory]:
         return {name: w.watcher.inventory for name, w in self._watches.items()}
 
     def follow(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> None:
         """Watch exactly the GitLab issuers of the policy in service, each over what the policy names."""
+        self._loop = asyncio.get_running_loop()
         wanted = {i.name: i for i in policy.issuers if i.kind is IssuerKind.GITLAB and i.api is not None}
         for name in sorted(set(self._watches) - set(wanted)):
             self._unwatch(name)
@@ -83,6 +89,38 @@ class GitLabLink:
             if watch is None:
                 watch = self._watch(issuer, issuer.api)
             watch.watcher.set_scope(_scope(policy, issuer, pins.get(name, {})))
+
+    async def widen(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> str | None:
+        """Read from each watched GitLab what `policy` names beyond the watched set (see `InventoryWatcher.widen`).
+
+        Issuers the policy adds, or whose `api:` it changes, get their watcher once it is accepted: until their
+        first read their bindings are withdrawn, never judged. Returns why GitLab could not be read, if so.
+        """
+        problems = []
+        for name, watch in sorted(self._watches.items()):
+            issuer = next((i for i in policy.issuers if i.name == name and i.api == watch.api), None)
+            if issuer is not None:
+                problem = await watch.watcher.widen(_scope(policy, issuer, pins.get(name, {})))
+                problems.extend([problem] if problem else [])
+        return "; ".join(problems) or None
+
+    def read_new_subjects(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> str | None:
+        """`widen`, from the policy service's worker thread: run on the watchers' loop, waited for here (bounded).
+
+        On the loop's own thread (a synchronous reload) it cannot be waited for, and nothing is read.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or _on_loop_thread():
+            return None
+        future = asyncio.run_coroutine_threadsafe(self.widen(policy, pins), loop)
+        try:
+            return future.result(timeout=NEW_SUBJECTS_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return (
+                f"GitLab reads did not finish within {NEW_SUBJECTS_TIMEOUT:.0f}s (a long reconcile may be running) "
+                "while reading what the policy adds"
+            )
 
     def _watch(self, issuer: Issuer, api: GitLabApi) -> _Watch:
         watcher = InventoryWatcher(
@@ -101,6 +139,7 @@ class GitLabLink:
     def _unwatch(self, name: str) -> None:
         watch = self._watches.pop(name)
         watch.task.cancel()
+        watch.watcher.close()
 
     async def on_event(self, event: GitLabEvent) -> None:
         """Route a webhook event to the re-sync it calls for (see the module docstring)."""
@@ -152,10 +191,19 @@ class GitLabLink:
     async def stop(self) -> None:
         self._stop.set()
         tasks = [w.task for w in self._watches.values()]
+        for watch in self._watches.values():
+            watch.task.cancel()
+            watch.watcher.close()
         self._watches.clear()
-        for task in tasks:
-            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _on_loop_thread() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _scope(policy: Policy, issuer: Issuer, pins: Mapping[str, int]) -> Scope:

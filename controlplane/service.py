@@ -123,6 +123,9 @@ class PolicyService:
         self.exchange_policy: ExchangePolicy | None = None
         # A last word on a valid policy before it is compiled (serve refuses secrets over plain-text xDS).
         self.accept: Callable[[Policy], str | None] = lambda policy: None
+        # Reads from GitLab what a valid policy names beyond the watched set, before it is compiled (in the
+        # worker thread); an answer is why it cannot be judged. Set by serve.
+        self.prepare: Callable[[Policy], str | None] = lambda policy: None
         self._pending_exchange: ExchangePolicy | None = None
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -194,7 +197,7 @@ class PolicyService:
             return [PolicyError(self.source.description, 0, "", f"cannot read policy: {error}")]
         try:
             policy = self._parse(read.files)
-            refusal = self.accept(policy)
+            refusal = self.accept(policy) or self.prepare(policy)
             if refusal is not None:
                 raise PolicyInvalid([PolicyError(read.origin, 0, "", refusal)])
             snapshots = self._compile(policy)

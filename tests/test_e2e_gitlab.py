@@ -7,6 +7,7 @@ One stack for the module; each test restores what it changes. Every wait polls w
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,16 @@ name: ci-gateway
 listen: {{address: 127.0.0.1, port: {listen_port}}}
 backends: [reports-api]
 access_log: /dev/null
+"""
+
+
+NEWCOMER = """\
+---
+kind: Binding
+name: newcomer-reads-reports
+roles: [reports-read]
+subjects:
+  - project: {path}
 """
 
 
@@ -170,6 +181,57 @@ def test_unprotected_branch_loses_access_within_one_reconcile(stack: Stack) -> N
     stack.wait_get(200, timeout=RECONCILE + 5)
 
 
+def test_a_push_every_two_seconds_does_not_hold_back_the_reconcile(stack: Stack) -> None:
+    """An active GitLab sends webhooks all the time (here: a push every 2 s to another watched project);
+    a protection change, which has no webhook, must still be seen within one reconcile."""
+    busy = stack.gitlab.add_project("acme/busy")
+    with_busy = stack.policy_text + NEWCOMER.format(path="acme/busy")
+    sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": with_busy})
+    assert poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10)[-1]["status"] == "success"
+    stop = threading.Event()
+
+    def push() -> None:
+        n = 0
+        while not stop.wait(2.0):  # pacing the pushes, not a synchronisation
+            n += 1
+            stack.gitlab.commit(busy, {"busy.txt": str(n)})
+
+    def busy_reads() -> int:
+        return sum(c.path.endswith(f"/projects/{busy}") for c in stack.gitlab.api_calls("/projects/:id"))
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    try:
+        # Past the reconciles the policy change itself causes: two pushes have been read since.
+        seen = busy_reads()
+        poll_until(lambda: busy_reads() >= seen + 2, 10, message="pushes read")
+        stack.gitlab.unprotect_branch(stack.deployer, "main")
+        assert stack.wait_get(403, timeout=RECONCILE + 5) < RECONCILE + 2
+    finally:
+        stop.set()
+        pusher.join(5)
+        stack.gitlab.protect_branch(stack.deployer, "main")
+        restored = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text})
+        poll_until(lambda: stack.gitlab.statuses(stack.policy_project, restored), 10, message="restored")
+    stack.wait_get(200, timeout=RECONCILE + 5)
+
+
+def test_environments_off_on_a_project_is_read_once_per_reconcile_and_changes_are_still_seen(stack: Stack) -> None:
+    """GitLab answers 403 on /environments when the feature is off: no loop, no blind spot."""
+    stack.gitlab.set_environments_enabled(stack.deployer, False)
+    stack.gitlab.clear_api_calls()
+    stack.gitlab.unprotect_branch(stack.deployer, "main")
+    try:
+        stack.wait_get(403, timeout=RECONCILE + 5)
+        refused = [c for c in stack.gitlab.api_calls("/projects/:id/environments") if c.status == 403]
+        assert 1 <= len(refused) <= 3  # one per read (reconcile or webhook re-sync), never the rate bound
+        assert stack.gitlab_status()["last_error"] is None
+    finally:
+        stack.gitlab.protect_branch(stack.deployer, "main")
+        stack.gitlab.set_environments_enabled(stack.deployer, True)
+    stack.wait_get(200, timeout=RECONCILE + 5)
+
+
 def test_forged_or_replayed_webhooks_change_nothing(stack: Stack) -> None:
     payload = project_system_hook("project_update", stack.deployer, "acme/platform/deployer")
     calls = len(stack.gitlab.api_calls("/projects/:id"))
@@ -214,6 +276,8 @@ def test_status_and_metrics_show_the_inventory(stack: Stack) -> None:
     for name in (
         "controlplane_gitlab_requests_total",
         "controlplane_gitlab_inventory_age_seconds",
+        "controlplane_gitlab_inventory_stale",
+        "controlplane_gitlab_consecutive_failures",
         "controlplane_gitlab_reconcile_duration_seconds",
         "controlplane_webhook_events_total",
         "controlplane_jwks_fetches_total",
@@ -236,3 +300,34 @@ def test_a_path_taken_over_by_another_project_is_an_error_never_a_rebind(stack: 
         stack.gitlab.rename_project(stack.deployer, "deployer")
     poll_until(lambda: not stack.controlplane.status()["policy"]["errors"], 10, message="errors cleared")
     assert stack.get() == 200
+
+
+def test_a_binding_for_a_project_gitlab_has_but_nobody_watched_is_accepted_without_restart(stack: Stack) -> None:
+    """The watched set is what the policy in service names; a new policy naming a project outside it must be
+    judged against GitLab (which has it), not against the old watched set."""
+    newcomer = stack.gitlab.add_project("acme/newcomer")
+    added = NEWCOMER.format(path="acme/newcomer")
+    sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + added})
+    try:
+        verdict = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="verdict")
+        assert verdict[-1]["status"] == "success", verdict[-1]["description"]
+        stack.wait_get(200, project_id=newcomer, project_path="acme/newcomer")
+        assert stack.get() == 200
+    finally:
+        restored = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text})
+        poll_until(lambda: stack.gitlab.statuses(stack.policy_project, restored), 10, message="restored")
+        stack.gitlab.delete_project(newcomer)
+    stack.wait_get(403, project_id=newcomer, project_path="acme/newcomer")
+
+
+def test_a_binding_for_a_project_gitlab_does_not_have_is_still_an_error(stack: Stack) -> None:
+    added = NEWCOMER.format(path="acme/nobody")
+    sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + added})
+    try:
+        verdict = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="verdict")
+        assert verdict[-1]["status"] == "failed"
+        assert "no project with path 'acme/nobody' in GitLab" in verdict[-1]["description"]
+        assert stack.get() == 200
+    finally:
+        restored = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text})
+        poll_until(lambda: stack.gitlab.statuses(stack.policy_project, restored), 10, message="restored")

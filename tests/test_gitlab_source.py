@@ -7,11 +7,13 @@ Waits are measured (from the fake's request log, on the monotonic clock), never 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,7 @@ from controlplane.sources.gitlab import (
     tag_is_protected,
     token_from,
 )
+from tests.support.backends import http_request
 from tests.support.fake_gitlab import FakeGitLab
 
 FAST = 1000.0  # requests per second: no rate bound in tests that are not about it
@@ -182,6 +185,40 @@ def test_protected_environments_unavailable_means_unprotected_and_is_logged_once
     notices = [r for r in caplog.records if "protected environments" in r.getMessage()]
     assert len(notices) == 1 and notices[0].levelno == logging.INFO
     assert "403" in notices[0].getMessage() and "unprotected" in notices[0].getMessage()
+
+
+def test_the_fake_answers_403_on_environments_when_the_feature_is_off(fake: FakeGitLab) -> None:
+    pid = fake.add_project("acme/app", environments=["production"])
+    headers = {"PRIVATE-TOKEN": fake.api_token}
+
+    def get(path: str) -> tuple[int, Any]:
+        answer = http_request(f"{fake.api_url}/api/v4/projects/{pid}{path}", headers=headers)
+        return answer.status, json.loads(answer.body)
+
+    assert get("/environments")[0] == 200 and get("")[1]["environments_access_level"] == "enabled"
+    fake.set_environments_enabled(pid, False)
+    assert get("/environments") == (403, {"message": "403 Forbidden"})
+    assert get("")[1]["environments_access_level"] == "disabled"
+
+
+def test_a_project_with_environments_off_has_none_and_the_rest_is_still_read(
+    fake: FakeGitLab, source: GitLabSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GitLab answers 403 on /environments when a project turned the feature off: that project has no
+    environment (nothing environment-scoped is granted on it), and it must not fail the whole read."""
+    quiet = fake.add_project("acme/quiet", environments=["production"])
+    busy = fake.add_project("acme/busy", branches=["main", "hotfix"], protected=["main", "hotfix"])
+    fake.set_environments_enabled(quiet, False)
+    with caplog.at_level(logging.INFO, logger="controlplane.gitlab"):
+        first = source.fetch_inventory(groups=["acme"], projects=[])
+        fake.unprotect_branch(busy, "hotfix")
+        second = source.fetch_inventory(groups=["acme"], projects=[])
+    assert [p.environments for p in first.projects if p.id == quiet] == [()]
+    hotfix = [r for p in second.projects if p.id == busy for r in p.refs or () if r.name == "hotfix"]
+    assert hotfix == [Ref("hotfix", "branch", False)]
+    assert len(fake.api_calls("/projects/:id/environments")) == 4  # once per project per read, never a loop
+    notices = [r for r in caplog.records if "environments" in r.getMessage() and "acme/quiet" in r.getMessage()]
+    assert len(notices) == 1 and "403" in notices[0].getMessage()  # once, not on every read
 
 
 def test_protected_ref_wildcards_are_gitlabs() -> None:

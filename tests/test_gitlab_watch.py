@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import replace
 
+from controlplane.admin.metrics import REGISTRY
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.sources.gitlab_watch import InventoryWatcher, Scope
 from tests.support.ports import eventually
@@ -125,3 +126,108 @@ async def test_a_burst_of_webhooks_is_read_in_one_resync_and_one_recompile() -> 
     await w._sync_once()
     assert changes.count == 2 and len(source.calls) == 50
     assert all(p.archived for p in w.inventory.projects if p.id >= 100)
+
+
+def _reconciles(source: FakeSource) -> int:
+    return sum(c.startswith("inventory") for c in source.calls)
+
+
+async def test_webhooks_every_two_seconds_never_hold_back_the_full_reconcile() -> None:
+    """A busy GitLab sends a push every 2 s; the full re-read (the only one that sees protection changes, which
+    have no webhook) must still come every `reconcile` of the clock, not only once the pushes stop."""
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes, reconcile_seconds=10)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    await eventually(lambda: _reconciles(source) == 1, "first reconcile", timeout=5)
+    for push in range(1, 16):  # 30 s of simulated time, a push every 2 s
+        source.now += 2
+        w.request_project(42)
+        await eventually(lambda n=push: source.calls.count("project 42") + _reconciles(source) > n, "push read")
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert _reconciles(source) >= 4  # at 0 s, then at 10, 20 and 30 s despite the pushes
+
+
+async def test_a_refused_read_backs_off_instead_of_looping() -> None:
+    """A permanent 4xx must not turn the watcher into a loop at the client's full rate bound: it is retried
+    after an exponential, capped backoff (webhooks do not cut it short), and reported meanwhile."""
+    source, changes = FakeSource(), Changes()
+    source.down = True
+    w = watcher(source, changes, reconcile_seconds=300)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    status = await eventually(lambda: s if (s := w.status())["retry_in_seconds"] else None, "backing off", timeout=2)
+    assert len(source.calls) == 1 and status["consecutive_failures"] == 1 and "down" in str(status["last_error"])
+    assert 1.0 <= float(status["retry_in_seconds"]) <= 2.0  # type: ignore[arg-type]
+    w.request_project(42)  # a webhook during the backoff waits for it
+    await eventually(lambda: w.status()["retry_in_seconds"], "still backing off")
+    assert len(source.calls) == 1
+    source.now += 2.5
+    w.request_project(42)
+    await eventually(lambda: w.status()["consecutive_failures"] == 2, "second attempt after the backoff")
+    assert len(source.calls) == 2 and 2.0 <= float(w.status()["retry_in_seconds"]) <= 4.0  # type: ignore[arg-type]
+    source.down = False
+    source.now += 5
+    w.request_project(42)
+    await eventually(lambda: w.status()["consecutive_failures"] == 0 and changes.count == 1, "recovered")
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    w = watcher(FakeSource(), Changes(), reconcile_seconds=60)
+    ceilings = [max(w._backoff(n) for _ in range(50)) for n in range(1, 12)]
+    assert ceilings[0] <= 2 and 2 < ceilings[1] <= 4 and 4 < ceilings[2] <= 8
+    assert all(c <= 60 for c in ceilings) and ceilings[-1] > 30
+
+
+def _stale_gauge() -> float | None:
+    return REGISTRY.get_sample_value("controlplane_gitlab_inventory_stale", {"issuer": "gitlab"})
+
+
+async def test_the_stale_gauge_follows_the_withdrawal() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes, max_staleness_seconds=60)
+    assert _stale_gauge() == 1  # never read: nothing granted
+    await w._sync_once()
+    assert _stale_gauge() == 0
+    source.down, source.now = True, source.now + 61
+    w.request_full()
+    await w._sync_once()
+    assert _stale_gauge() == 1 and w.status()["stale"] is True
+    source.down = False
+    await w._sync_once()
+    assert _stale_gauge() == 0
+
+
+async def test_widen_reads_only_what_the_watched_set_lacks_before_a_new_policy_is_judged() -> None:
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes)
+    await w._sync_once()
+    source.projects[7] = Project(7, "acme/new", 10)
+    source.calls.clear()
+    assert await w.widen(Scope(projects=frozenset({"acme/app"}))) is None
+    assert source.calls == []  # already held: no request
+    assert await w.widen(Scope(projects=frozenset({"acme/app", "acme/new"}))) is None
+    assert len(source.calls) == 1 and w.inventory.project_by_path("acme/new") is not None
+    assert changes.count == 1  # the compile that judges the new policy reads it; the one in service is not redone
+    source.down = True
+    problem = await w.widen(Scope(projects=frozenset({"acme/other"})))
+    assert problem is not None and "could not read what the policy adds" in problem and "down" in problem
+
+
+async def test_data_turning_stale_during_a_wait_is_reported_even_when_the_next_read_fails() -> None:
+    """The withdrawal must not depend on the next read succeeding: staleness is compared with what was last
+    reported, not with the start of the pass (the data had already turned stale while the loop waited)."""
+    source, changes = FakeSource(), Changes()
+    w = watcher(source, changes, reconcile_seconds=3600, max_staleness_seconds=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    await eventually(lambda: changes.count == 1, "first reconcile")
+    source.down, source.now = True, source.now + 61
+    w.request_project(42)
+    await eventually(lambda: changes.count == 2, "stale reported")
+    assert w.inventory.stale
+    stop.set()
+    await asyncio.wait_for(task, 5)

@@ -157,6 +157,7 @@ class ControlPlane:
         self.stopping = asyncio.Event()
         self._transport_refusal: str | None = None
         self.policy.accept = self._transport_problem
+        self.policy.prepare = lambda policy: self.gitlab.read_new_subjects(policy, self.policy.pins)
         self._credential_loop: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.collector = (

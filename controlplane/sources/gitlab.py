@@ -363,6 +363,7 @@ class GitLabSource:
             session=self.transport,
         )
         self._protected_environments_unavailable = False
+        self._environments_refused: set[str] = set()  # projects already logged as answering 403 on /environments
 
     def __repr__(self) -> str:
         return f"GitLabSource({self.api_url!r})"
@@ -453,7 +454,7 @@ class GitLabSource:
             archived=bool(attrs.get("archived", False)),
             default_branch=attrs.get("default_branch") or None,
             refs=self._refs(handle),
-            environments=self._environments(handle),
+            environments=self._environments(handle, str(attrs["path_with_namespace"])),
         )
 
     def _refs(self, project: Any) -> tuple[Ref, ...]:
@@ -468,12 +469,34 @@ class GitLabSource:
             refs.extend(Ref(name, "tag", tag_is_protected(name, patterns)) for name in tags)
         return tuple(sorted(refs, key=lambda r: (r.type, r.name)))
 
-    def _environments(self, project: Any) -> tuple[Environment, ...]:
-        found = [(str(e.name), str(getattr(e, "tier", None) or "other")) for e in _each(project.environments)]
+    def _environments(self, project: Any, path: str) -> tuple[Environment, ...]:
+        """A project that turned its Environments feature off answers 403 here: it has none (so nothing that
+        asks for an environment is granted on it), and the rest of the inventory is read as usual."""
+        try:
+            found = [(str(e.name), str(getattr(e, "tier", None) or "other")) for e in _each(project.environments)]
+        except GitlabListError as exc:
+            if exc.response_code not in (403, 404):
+                raise
+            self._note_no_environments(path, exc.response_code)
+            return ()
+        self._environments_refused.discard(path)
         if not found:
             return ()
         protected = self._protected_environment_names(project)
         return tuple(Environment(name, tier, name in protected) for name, tier in sorted(found))
+
+    def _note_no_environments(self, path: str, status: int) -> None:
+        """Once per project (until it answers again), not on every reconcile: a log line, not a flood."""
+        if path in self._environments_refused:
+            return
+        self._environments_refused.add(path)
+        log.info(
+            "GitLab %s: project %s answered HTTP %d on /environments (the feature is off, or hidden from the "
+            "token): it counts as having no environment",
+            self.api_url,
+            path,
+            status,
+        )
 
     def _protected_environment_names(self, project: Any) -> frozenset[str]:
         """Protected environments are a Premium API: where it answers 403/404, nothing counts as protected."""

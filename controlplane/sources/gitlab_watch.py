@@ -3,23 +3,29 @@
 Webhooks say quickly what changed (a push, a rename, an archive), but not everything: protected-branch
 changes have no event, pushes of more than three refs send none, and failing hooks get disabled. So a full
 reconcile runs every `reconcile_seconds` regardless, and each webhook only triggers a re-read of what it names.
+"Regardless" is a deadline on the clock, not a quiet period: a busy GitLab sends a webhook every few seconds,
+and a timer restarted by each one would never fire.
 
-When GitLab is unreachable the last good inventory stays in force and is retried with backoff; past
-`max_staleness_seconds` (if set) it is marked stale, which withdraws every binding that depends on it.
-Until the first successful read the inventory is stale too: nothing is granted on data never seen.
+When GitLab is unreachable, or refuses a read, the last good inventory stays in force and the read is retried
+after an exponential backoff (capped at `reconcile_seconds`; webhooks do not cut it short, so a permanent error
+can never become a loop at the client's rate bound). Past `max_staleness_seconds` (if set) the inventory is
+marked stale, which withdraws every binding that depends on it. Until the first successful read it is stale
+too: nothing is granted on data never seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from controlplane.admin.metrics import REGISTRY
 from controlplane.model.inventory import Group, Inventory, Project
@@ -34,7 +40,19 @@ INVENTORY_AGE = Gauge(
 )
 INVENTORY_STALE = Gauge(
     "controlplane_gitlab_inventory_stale",
-    "1 while the inventory is older than max_staleness (its bindings are withdrawn), else 0.",
+    "1 while the issuer's bindings are withdrawn: inventory older than max_staleness, or never read; else 0.",
+    ["issuer"],
+    registry=REGISTRY,
+)
+READ_FAILURES = Gauge(
+    "controlplane_gitlab_consecutive_failures",
+    "Reads of GitLab that failed in a row (0 after a good one); each is retried after a growing backoff.",
+    ["issuer"],
+    registry=REGISTRY,
+)
+READ_ERRORS = Counter(
+    "controlplane_gitlab_read_failures_total",
+    "Reconciles and re-syncs that failed (GitLab unreachable, or refusing): the last good inventory stayed.",
     ["issuer"],
     registry=REGISTRY,
 )
@@ -85,11 +103,23 @@ class InventoryWatcher:
         self._inventory: Inventory | None = None
         self._view: tuple[Inventory | None, bool, Inventory] | None = None
         self._wake = asyncio.Event()
-        self._full = True
+        self._full = True  # a full reconcile was asked for (scope change, group event, failed read)
+        self._full_due = -math.inf  # clock time of the next periodic full reconcile
         self._projects_due: set[int | str] = set()
+        self._failures = 0
+        self._retry_at = -math.inf  # after a failure, no read before this clock time
+        self._told_stale = True  # the staleness `on_change` last reported (the service starts with "never read")
         self._lock = asyncio.Lock()
         self.settled = asyncio.Event()  # set once the first read has succeeded or failed
         INVENTORY_AGE.labels(issuer).set_function(self._age)
+        INVENTORY_STALE.labels(issuer).set_function(lambda: float(self.is_stale()))
+        READ_FAILURES.labels(issuer).set(0)
+
+    def close(self) -> None:
+        """No longer watched: its series leave /metrics (their functions would keep this watcher alive)."""
+        for gauge in (INVENTORY_AGE, INVENTORY_STALE, READ_FAILURES):
+            with contextlib.suppress(KeyError):  # never labelled
+                gauge.remove(self.issuer)
 
     # -- what the compiler gets
 
@@ -126,6 +156,8 @@ class InventoryWatcher:
             "stale": self.is_stale(),
             "projects": len(self._inventory.projects) if self._inventory else 0,
             "last_error": self.last_error,
+            "consecutive_failures": self._failures,
+            "retry_in_seconds": round(max(0.0, self._retry_at - self.clock()), 3) if self._failures else None,
         }
 
     # -- what makes it re-read
@@ -135,6 +167,40 @@ class InventoryWatcher:
         if scope != self.scope:
             self.scope = scope
             self.request_full()
+
+    async def widen(self, scope: Scope) -> str | None:
+        """A new policy names groups or projects outside the watched set: read them now, before it is judged,
+        so a project GitLab has is never reported missing because nobody had asked for it yet.
+
+        What the inventory already holds (a project of a watched group) costs no request. The scope stays
+        widened: the policy, once accepted, narrows it again (`set_scope`). Returns why GitLab could not be read.
+        """
+        if scope.groups <= self.scope.groups and scope.projects <= self.scope.projects:
+            return None  # nothing new (every reload of an unchanged policy): never wait for a running reconcile
+        async with self._lock:
+            groups = scope.groups - self.scope.groups
+            projects = scope.projects - self.scope.projects
+            if not groups and not projects:
+                return None
+            self.scope = Scope(self.scope.groups | groups, self.scope.projects | projects)
+            if self._inventory is None:
+                return None  # never read: stale, nothing is judged against it; the first read covers these
+            have = self._inventory
+            unread_groups = [ref for ref in groups if not any(ref in (g.id, g.path) for g in have.groups)]
+            unread_projects = [ref for ref in projects if not any(ref in (p.id, p.path) for p in have.projects)]
+            if not unread_groups and not unread_projects:
+                return None
+            try:
+                extra = await asyncio.to_thread(
+                    self.source.fetch_inventory,
+                    groups=sorted(unread_groups, key=str),
+                    projects=sorted(unread_projects, key=str),
+                )
+            except Exception as error:
+                return f"GitLab {self.issuer}: could not read what the policy adds: {str(error)[:300]}"
+            self._inventory = _merged(have, extra)  # fetched_at stays: only a full reconcile vouches for all
+            log.info("GitLab %s: read %d project(s) a new policy names", self.issuer, len(extra.projects))
+            return None
 
     def request_full(self) -> None:
         self._full = True
@@ -147,41 +213,61 @@ class InventoryWatcher:
     # -- the loop
 
     async def run(self, stop: asyncio.Event) -> None:
-        failures = 0
         while not stop.is_set():
-            was_stale = self.is_stale()
-            ok, changed = await self._sync()
-            failures = 0 if ok else failures + 1
-            if changed or was_stale != self.is_stale():
-                await self.on_change()
+            await self._step()
             self.settled.set()
-            await self._wait(stop, self._next_delay(failures))
+            await self._wait(stop)
 
-    def _next_delay(self, failures: int) -> float:
-        if failures:
-            backoff = min(self.reconcile_seconds, 2.0 ** min(failures, 8))
-            return backoff * random.uniform(0.5, 1.0)
-        delay = self.reconcile_seconds
+    async def _step(self) -> None:
+        """Read what is due now, then tell `on_change` if the data or its staleness changed."""
+        changed = False
+        if self.clock() >= self._retry_at and self._due():
+            _, changed = await self._sync()
+        stale = self.is_stale()
+        if changed or stale != self._told_stale:
+            self._told_stale = stale
+            await self.on_change()
+
+    def _due(self) -> bool:
+        return bool(self._full or self._projects_due or self._inventory is None or self.clock() >= self._full_due)
+
+    def _next_delay(self) -> float:
+        """Seconds until something is due: the retry after a failure, else a pending request (now) or the
+        periodic reconcile; and never later than the moment the data turns stale, so bindings are withdrawn
+        on time."""
+        now = self.clock()
+        if self._failures:
+            delay = self._retry_at - now
+        elif self._full or self._projects_due:
+            return 0.0
+        else:
+            delay = self._full_due - now
         if self.max_staleness_seconds is not None and self._inventory and self._inventory.fetched_at:
-            # Wake exactly when the data turns stale, so bindings are withdrawn on time.
-            turns_stale = self._inventory.fetched_at + self.max_staleness_seconds - self.clock()
+            turns_stale = self._inventory.fetched_at + self.max_staleness_seconds - now
             if turns_stale > 0:
                 delay = min(delay, turns_stale + 0.01)
-        return delay
+        return max(0.0, delay)
 
-    async def _wait(self, stop: asyncio.Event, delay: float) -> None:
-        self._wake.clear()
-        if self._full or self._projects_due:
+    def _backoff(self, failures: int) -> float:
+        """1-2 s after the first failure, doubling, capped at `reconcile_seconds` (and 256 s); jittered so
+        several control planes do not come back to a recovering GitLab at once."""
+        ceiling = min(self.reconcile_seconds, 2.0 ** min(failures, 8))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        self._wake.clear()  # before the delay is computed: a request made after this wakes the wait
+        delay = self._next_delay()
+        if delay <= 0:
             return
         waits = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
         _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
-        if not self._wake.is_set() and not stop.is_set():
-            self._full = True  # the periodic reconcile
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _sync_once(self) -> bool:
-        """One reconcile or re-sync, telling `on_change` when the inventory changed; False when GitLab failed."""
+        """One reconcile or re-sync now (backoff or not), telling `on_change` when the inventory changed; False
+        when GitLab failed."""
         ok, changed = await self._sync()
         if changed:
             await self.on_change()
@@ -190,20 +276,41 @@ class InventoryWatcher:
     async def _sync(self) -> tuple[bool, bool]:
         async with self._lock:
             try:
-                if self._full or self._inventory is None:
+                if self._full or self._inventory is None or self.clock() >= self._full_due:
                     changed = await self._reconcile()
                 else:
                     changed = await self._resync_projects()
-            except Exception as error:  # GitLabUnavailable, or anything else: never fail open
-                self.last_error = str(error)[:500]
-                log.warning("GitLab %s: keeping the last good inventory: %s", self.issuer, self.last_error)
+            except Exception as error:  # GitLabUnavailable, GitLabRefused, or anything else: never fail open
+                self._failed(error)
                 return False, False
         self.last_error = None
+        self._failures = 0
+        self._retry_at = -math.inf
+        READ_FAILURES.labels(self.issuer).set(0)
         return True, changed
+
+    def _failed(self, error: Exception) -> None:
+        """Keep the last good inventory and come back after the backoff, with a full read (it covers whatever
+        re-sync was pending). One log line per attempt: the backoff bounds their rate."""
+        self._full = True
+        self._failures += 1
+        backoff = self._backoff(self._failures)
+        self._retry_at = self.clock() + backoff
+        self.last_error = str(error)[:500]
+        READ_FAILURES.labels(self.issuer).set(self._failures)
+        READ_ERRORS.labels(self.issuer).inc()
+        log.warning(
+            "GitLab %s: keeping the last good inventory (failure %d, retry in %.1fs): %s",
+            self.issuer,
+            self._failures,
+            backoff,
+            self.last_error,
+        )
 
     async def _reconcile(self) -> bool:
         self._full = False
         self._projects_due.clear()
+        self._full_due = self.clock() + self.reconcile_seconds  # from its start: a deadline, whatever comes
         started = time.perf_counter()
         try:
             fresh = await asyncio.to_thread(
@@ -213,7 +320,6 @@ class InventoryWatcher:
             )
         except Exception:
             RECONCILE_DURATION.labels(self.issuer, "error").observe(time.perf_counter() - started)
-            self._full = True
             raise
         RECONCILE_DURATION.labels(self.issuer, "ok").observe(time.perf_counter() - started)
         changed = self._inventory is None or _content(self._inventory) != _content(fresh)
@@ -245,6 +351,16 @@ class InventoryWatcher:
             # fetched_at stays: only a full reconcile vouches for everything (protections have no webhook).
             self._inventory = replace(self._inventory, projects=tuple(sorted(projects.values(), key=lambda p: p.id)))
         return changed
+
+
+def _merged(base: Inventory, extra: Inventory) -> Inventory:
+    projects = {p.id: p for p in base.projects} | {p.id: p for p in extra.projects}
+    groups = {g.id: g for g in base.groups} | {g.id: g for g in extra.groups}
+    return replace(
+        base,
+        projects=tuple(sorted(projects.values(), key=lambda p: p.id)),
+        groups=tuple(sorted(groups.values(), key=lambda g: g.id)),
+    )
 
 
 def _content(inventory: Inventory) -> tuple[tuple[Project, ...], tuple[Group, ...]]:

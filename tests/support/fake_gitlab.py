@@ -87,6 +87,7 @@ class _Project:
     protected_tags: list[str] = field(default_factory=list)
     environments: dict[str, _Environment] = field(default_factory=dict)
     protected_environments: set[str] = field(default_factory=set)
+    environments_enabled: bool = True  # the project's Environments feature (Settings > Visibility)
     commits: dict[str, _Commit] = field(default_factory=dict)
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sha -> posted statuses, in order
 
@@ -481,6 +482,11 @@ class FakeGitLab(OidcIssuer):
             if protected:
                 p.protected_environments.add(name)
 
+    def set_environments_enabled(self, project: int | str, enabled: bool) -> None:
+        """The project's Environments feature on or off; off, ``/environments`` answers 403, as GitLab does."""
+        with self._api_lock:
+            self._project(project).environments_enabled = enabled
+
     def protect_environment(self, project: int | str, name: str, protected: bool = True) -> None:
         with self._api_lock:
             p = self._project(project)
@@ -644,6 +650,7 @@ class FakeGitLab(OidcIssuer):
             "visibility": "private",
             "archived": project.archived,
             "empty_repo": not project.branches,
+            "environments_access_level": "enabled" if project.environments_enabled else "disabled",
             "marked_for_deletion_at": None,
             "marked_for_deletion_on": None,
             "_links": {
@@ -759,6 +766,8 @@ class FakeGitLab(OidcIssuer):
 
     def _list_environments(self, request: Request) -> Response:
         project = self._project(request.params["id"])
+        if not project.environments_enabled:
+            raise ApiError(403, "403 Forbidden")  # GitLab's answer when the feature is off, whatever the token
         envs = [_environment_json(name, env, project.created_at) for name, env in sorted(project.environments.items())]
         return self._page(request, envs)
 
