@@ -264,6 +264,17 @@ def test_public_path_needs_no_token_and_unknown_hosts_are_denied(stack: Stack) -
     assert stack.request("unknown.local", "/", stack.token()).status == 403
 
 
+def test_public_path_never_forwards_the_jobs_token(stack: Stack) -> None:
+    """jwt_authn is off on a public path, so its `forward: false` does not apply there: the route removes it."""
+    token = stack.token()
+    response = stack.request("reports.local", "/healthz", token, headers={"x-ci-job-id": "1"})
+    assert response.status == 200, response.text
+    seen = response.json()["headers"]
+    assert "authorization" not in seen
+    assert "x-ci-job-id" not in seen  # no verified token there: a forged identity is removed, none added
+    assert all(token not in value for value in seen.values())
+
+
 def test_access_log_maps_the_request_to_its_job_and_policy(stack: Stack) -> None:
     token = stack.token(job_id=987654, pipeline_id=4321)
     assert stack.request("reports.local", "/audit-me", token).status == 200
