@@ -53,6 +53,20 @@ def test_snapshot_builds_count_every_load_and_their_help_says_so(tmp_path: Path)
     assert "accepted policy load" not in metrics.SNAPSHOT_BUILDS._documentation
 
 
+def test_a_role_on_a_backend_no_gateway_fronts_is_a_warning_in_status(tmp_path: Path) -> None:
+    service = _service(tmp_path, "quickstart")
+    (tmp_path / "policy" / "orphan.yaml").write_text(
+        "kind: Backend\nname: orphan-api\nhosts: [orphan.local]\nendpoints: [{address: 127.0.0.1, port: 9}]\n"
+        "---\nkind: Role\nname: orphan-read\nbackend: orphan-api\nrules: [{methods: [GET]}]\n"
+    )
+    assert service.reload()
+    (warning,) = service.status()["warnings"]  # type: ignore[misc]
+    assert warning.startswith("orphan.yaml:6: backend: role orphan-read is on backend orphan-api"), warning
+    (tmp_path / "policy" / "orphan.yaml").unlink()
+    assert service.reload()
+    assert service.status()["warnings"] == []
+
+
 def test_a_removed_gateway_gets_an_empty_snapshot(tmp_path: Path) -> None:
     service = _service(tmp_path)
     service.reload()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import __version__
-from controlplane.model.errors import PolicyInvalid
+from controlplane.model.errors import PolicyError, PolicyInvalid
 
 if TYPE_CHECKING:
     from controlplane.model.policy import Policy
@@ -152,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
-def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot]] | None:
-    """Compile a policy tree, or print every error (file:line: field: message) and return None."""
+def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot], list[PolicyError]] | None:
+    """Compile a policy tree, or print every error (file:line: field: message) and return None.
+
+    Also returns its warnings: the policy's own and those of resolving its subjects, as serve reports them."""
+    from controlplane.compiler.memo import CompilerMemo
+    from controlplane.model.load import policy_warnings
     from controlplane.service import compile_dir
 
+    memo = CompilerMemo()
     try:
-        return compile_dir(policy_dir)
+        policy, snapshots = compile_dir(policy_dir, memo)
+        return policy, snapshots, sorted([*policy_warnings(policy), *memo.grant_index.warnings()])
     except PolicyInvalid as invalid:
         for error in invalid.errors:
             print(error, file=sys.stderr)
@@ -171,11 +177,13 @@ def _validate(args: argparse.Namespace) -> int:
     compiled = _compile_or_report(args.policy)
     if compiled is None:
         return 1
-    policy, snapshots = compiled
+    policy, snapshots, warnings = compiled
     counts = (
         f"{len(policy.issuers)} issuer(s), {len(policy.backends)} backend(s), {len(policy.roles)} role(s), "
         f"{len(policy.bindings)} binding(s), {len(policy.gateways)} gateway(s)"
     )
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.policy}: {counts}")
     for group, snapshot in sorted(snapshots.items()):
         print(f"  gateway {group}: version {snapshot.summary_version}")
