@@ -149,7 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
-    return handler(args)
+    try:
+        code = handler(args)
+        sys.stdout.flush()  # inside the try: output still buffered can meet a closed pipe too
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
+
+
+# What a shell reports for a command killed by SIGPIPE (128 + 13), as `controlplane audit ... | head` is.
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """The reader went away (`| head`): stop quietly, as Unix tools do, with no traceback.
+
+    stdout is pointed at /dev/null so that the interpreter's own flush at exit cannot raise again
+    (the recipe of Python's signal module documentation).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot], list[PolicyError]] | None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -32,7 +34,9 @@ class ControlPlaneProcess:
         log_path: Path | None = None,
         inherit_output: bool = False,
         env: Mapping[str, str] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
+        """`state_dir`: serve's --state-dir, kept as it is; without one, a temp dir this instance removes."""
         self.policy = policy
         self.xds_port = xds_port or free_port()
         self.admin_port = admin_port or free_port()
@@ -41,8 +45,14 @@ class ControlPlaneProcess:
         self.inherit_output = inherit_output
         self.env = dict(env or {})  # secrets go through the environment, never argv
         self.exchange_port = free_port()
-        self._state_dir: Path | None = None
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
+        self._state_dir: Path | None = state_dir
+        self._remove_state: weakref.finalize[[str], None] | None = None
+        if log_path is None:
+            fd, made_log = tempfile.mkstemp(prefix="controlplane-", suffix=".log")
+            os.close(fd)
+            log_path = Path(made_log)
+            weakref.finalize(self, log_path.unlink, True)  # missing_ok
+        self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,8 +81,19 @@ class ControlPlaneProcess:
     def state_dir(self) -> Path:
         """One per instance, kept across stop/start (a restart must find its keys and remembered ids)."""
         if self._state_dir is None:
-            self._state_dir = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
+            made = tempfile.mkdtemp(prefix="controlplane-state-")
+            self._state_dir = Path(made)
+            # Removed by `close` (the `with` block's end), or when the instance goes or the interpreter exits
+            # for users of start/stop alone: never left behind in /tmp.
+            self._remove_state = weakref.finalize(self, shutil.rmtree, made, True)
         return self._state_dir
+
+    def close(self) -> None:
+        """Stop, and remove the temp state dir this instance made (a given `state_dir` is kept)."""
+        self.stop()
+        if self._remove_state is not None:
+            self._remove_state()
+            self._remove_state, self._state_dir = None, None
 
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
@@ -140,4 +161,4 @@ class ControlPlaneProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
