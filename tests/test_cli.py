@@ -74,6 +74,22 @@ def test_validate_warns_about_a_role_on_a_backend_no_gateway_fronts(tmp_path: Pa
     ), result.stderr
 
 
+def test_validate_reads_serves_inputs_with_serves_defaults_and_writes_nothing(tmp_path: Path) -> None:
+    from controlplane.cli.main import _parser
+
+    validate = vars(_parser().parse_args(["validate", "p"]))
+    serve = vars(_parser().parse_args(["serve"]))
+    shared = ("state_dir", "exchange_address", "exchange_public_address", "no_exchange", "key_rotation")
+    assert {k: validate[k] for k in (*shared, "max_credential_ttl")} == {
+        k: serve[k] for k in (*shared, "max_credential_ttl")
+    }
+    state = tmp_path / "state"
+    result = run("validate", str(ROOT / "examples" / "multi-backend"), "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    assert f"note: no signing keys in {state} yet" in result.stdout  # what it could not reproduce, said
+    assert not state.exists()  # never creates or rotates a running serve's keys
+
+
 def test_compile_writes_the_golden_layout(tmp_path: Path) -> None:
     result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr

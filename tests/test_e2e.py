@@ -7,7 +7,10 @@ restore it before they finish. Every wait polls with a deadline.
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -315,6 +318,22 @@ def test_access_log_reports_a_token_failure_only_when_the_token_failed(stack: St
     assert found["/expired-one"]["jwt_failure"] == {"code": 3, "message": "Jwt is expired"}, found
     assert found["/accepted-one"].get("jwt_failure") is None, found
     assert found["/accepted-one"]["job_id"] == "987656"
+
+
+def test_validate_prints_the_versions_serve_serves(stack: Stack) -> None:
+    """Same policy dir, same state dir and exchange flags: validate's versions are the ones served."""
+    cp = stack.controlplane
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "controlplane", "validate", str(stack.policy),
+            "--state-dir", str(cp.state_dir), "--exchange-address", f"{LOOPBACK}:{cp.exchange_port}",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = dict(re.findall(r"^  gateway (\S+): version (\S+)$", result.stdout, re.MULTILINE))
+    assert printed == cp.status()["policy"]["snapshot_versions"], result.stdout
+    assert "note:" not in result.stdout, result.stdout
 
 
 # --- living with change --------------------------------------------------------------------------
