@@ -51,9 +51,7 @@ class ServedInputs:
     notes: list[str] = field(default_factory=list)  # why serve's versions may still differ
 
 
-def add_served_input_arguments(
-    parser: argparse.ArgumentParser, host_port: Callable[[str], tuple[str, int]]
-) -> None:
+def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Callable[[str], tuple[str, int]]) -> None:
     """The serve flags that change what is compiled, with serve's defaults."""
     group = parser.add_argument_group("what serve would compile in (same flags and defaults as serve)")
     group.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="serve's --state-dir")
