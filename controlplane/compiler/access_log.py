@@ -19,11 +19,10 @@ from envoy.config.core.v3 import config_source_pb2, extension_pb2, grpc_service_
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.formatter.req_without_query.v3 import req_without_query_pb2
-from envoy.type.matcher.v3 import metadata_pb2, value_pb2
 from google.protobuf import struct_pb2
-from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
+from google.protobuf.wrappers_pb2 import UInt32Value
 
-from controlplane.compiler.names import FAILURE_KEY, HEADER_KEY, JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, XDS_CLUSTER
+from controlplane.compiler.names import HEADER_KEY, JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, XDS_CLUSTER
 from controlplane.compiler.util import millis, packed
 
 # Envoy sends a batch when either limit is reached. Small, so an audit query sees a request within a fraction
@@ -58,11 +57,13 @@ _REQUEST_FIELDS = {
     "route": "%ROUTE_NAME%",
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "code": "%RESPONSE_CODE%",
+    # Why a token was refused (`jwt_authn_access_denied{Jwt_is_expired}`): the status Envoy answered with. Not
+    # jwt_authn's per-provider failure metadata: requires_any tries every provider, and each whose issuer is
+    # not the token's writes "Jwt issuer is not configured" there, on accepted tokens too, and last wins.
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "jwt_kid": f"%DYNAMIC_METADATA({JWT_FILTER}:{HEADER_KEY}:kid)%",
-    "jwt_failure": f"%DYNAMIC_METADATA({JWT_FILTER}:{FAILURE_KEY})%",
     "rbac_result": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_engine_result)%",
     "rbac_policy": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_effective_policy_id)%",
     # The whole RBAC struct also carries the shadow (dry-run) decision of each backend.
@@ -77,43 +78,9 @@ def json_fields() -> dict[str, str]:
     return fields
 
 
-def file_access_logs(path: str) -> list[accesslog_pb2.AccessLog]:
-    """Two loggers on the same file, of which exactly one writes each request's line.
-
-    jwt_authn tries every provider a requirement names (requires_any: each issuer, and the control plane's
-    own credentials), and each provider whose issuer is not the token's writes "Jwt issuer is not
-    configured" (code 24) to the failure key, also when another provider accepts the token (seen on Envoy
-    1.40: every 200 carried it). So the failure is logged only for requests without a verified token (no
-    claims in metadata): there it is the failure Envoy answered with (the verifier that knew the issuer
-    writes last), or null when no token was sent or jwt_authn was off.
-    """
-    verified = {k: v for k, v in json_fields().items() if k != "jwt_failure"}
-    return [
-        _file_log(path, verified, _claims_present(True)),
-        _file_log(path, json_fields(), _claims_present(False)),
-    ]
-
-
-def _claims_present(present: bool) -> accesslog_pb2.AccessLogFilter:
-    """Matches requests whose token was verified (its payload is in jwt_authn's metadata), or the others.
-
-    Envoy's metadata filter ignores the matcher's `invert`: a present key is matched against `value` alone
-    and an absent one gives `match_if_key_not_found`. "Absent" is thus a value no payload (a struct) can
-    match, null, with absent keys matching."""
-    value = value_pb2.ValueMatcher(present_match=True) if present else value_pb2.ValueMatcher(null_match={})
-    return accesslog_pb2.AccessLogFilter(
-        metadata_filter=accesslog_pb2.MetadataFilter(
-            matcher=metadata_pb2.MetadataMatcher(
-                filter=JWT_FILTER, path=[metadata_pb2.MetadataMatcher.PathSegment(key=PAYLOAD_KEY)], value=value
-            ),
-            match_if_key_not_found=BoolValue(value=not present),
-        )
-    )
-
-
-def _file_log(path: str, fields: dict[str, str], only: accesslog_pb2.AccessLogFilter) -> accesslog_pb2.AccessLog:
+def file_access_log(path: str) -> accesslog_pb2.AccessLog:
     json_format = struct_pb2.Struct()
-    json_format.update(fields)
+    json_format.update(json_fields())
     log_format = substitution_format_string_pb2.SubstitutionFormatString(
         json_format=json_format,
         formatters=[
@@ -125,7 +92,6 @@ def _file_log(path: str, fields: dict[str, str], only: accesslog_pb2.AccessLogFi
     )
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
-        filter=only,
         typed_config=packed(file_pb2.FileAccessLog(path=path, log_format=log_format)),
     )
 

@@ -17,7 +17,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from controlplane.compiler import inject
-from controlplane.compiler.access_log import file_access_logs, grpc_access_log
+from controlplane.compiler.access_log import file_access_log, grpc_access_log
 from controlplane.compiler.names import (
     HCM_FILTER,
     JWT_FILTER,
@@ -56,7 +56,7 @@ def gateway_listener(
             *inject.http_filters(backends),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],
-        access_log=[*file_access_logs(gateway.access_log_path), grpc_access_log(gateway.name)],
+        access_log=[file_access_log(gateway.access_log_path), grpc_access_log(gateway.name)],
         # Path rules are only as good as the path they see: normalize, and refuse encoded slashes.
         normalize_path=_true(),
         merge_slashes=True,
