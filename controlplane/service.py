@@ -26,7 +26,7 @@ from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
-from controlplane.model.load import parse_policy
+from controlplane.model.load import parse_policy, policy_warnings
 from controlplane.model.policy import Policy
 from controlplane.model.reuse import reuse_unchanged
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
@@ -229,7 +229,7 @@ class PolicyService:
             credentials=self.credentials(),
             secrets=self.secrets(model),
         )
-        self._note_resolution()
+        self._note_resolution(policy_warnings(policy))
         # Built here, under the compile lock, from the grant index this very compile produced; published with
         # the snapshots, so the exchange never grants what Envoy is not told (or the reverse).
         self._pending_exchange = ExchangePolicy.build(model, self._memo.grant_index, self._exchange_memo)
@@ -251,8 +251,10 @@ class PolicyService:
         self._world = (policy, watched, model)
         return model
 
-    def _note_resolution(self) -> None:
-        warnings = [str(w) for w in self._memo.grant_index.warnings()]
+    def _note_resolution(self, policy_warnings: list[PolicyError]) -> None:
+        """`policy_warnings`: those of the policy itself (see model.load.policy_warnings); the grant index adds
+        GitLab's (access withdrawn, stale paths)."""
+        warnings = [str(w) for w in sorted([*policy_warnings, *self._memo.grant_index.warnings()])]
         for new in sorted(set(warnings) - set(self.state.warnings)):
             log.warning("%s", new)
         self.state.warnings = warnings

@@ -545,6 +545,18 @@ def test_cli_default_store_is_in_the_state_dir(
         store.close(10)
 
 
+def test_cli_reads_the_store_of_the_state_dir_serve_was_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = AuditStore(tmp_path / "demo-state" / "audit.sqlite3")
+    try:
+        write(store, record(job_id="77"))
+        assert run_audit(cli("--job", "77", "--json", "--state-dir", str(tmp_path / "demo-state"))) == 0
+        assert json.loads(capsys.readouterr().out)[0]["job_id"] == "77"
+    finally:
+        store.close(10)
+
+
 def test_since_takes_durations_and_iso_times() -> None:
     assert parse_since("30m", now=10_000.0) == 8_200.0
     assert parse_since("1h", now=10_000.0) == 6_400.0
@@ -758,3 +770,17 @@ async def test_a_large_or_oversized_claim_is_judged_at_once_not_held(plane: Plan
         await call.write(first)
         assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
     assert time.monotonic() - started < 10.0
+def test_cli_into_a_closed_pipe_exits_quietly(store: AuditStore) -> None:
+    """`controlplane audit ... | head`: once `head` has its lines, no BrokenPipeError traceback."""
+    write(store, *(record(time=1_000_000.0 + i, job_id=str(i)) for i in range(2_000)))
+    command = [sys.executable, "-m", "controlplane", "audit", "--since", "1970-01-01", "--limit", "2000"]
+    head = subprocess.Popen(
+        [*command, "--db", str(store.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    assert head.stdout is not None and head.stderr is not None
+    assert head.stdout.readline().startswith(b"TIME")
+    head.stdout.close()  # what `head -1` does once it has its line
+    stderr = head.stderr.read().decode()
+    code = head.wait(60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert code == 141  # 128 + SIGPIPE, as a Unix tool killed by it reports

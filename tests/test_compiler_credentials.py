@@ -151,7 +151,7 @@ def test_credential_provider_shares_the_issuer_providers_settings_with_inline_ke
     assert own.issuer == CREDENTIAL_ISSUER
     assert own.local_jwks.inline_string == KEYS
     assert list(own.audiences) == sorted(["https://reports.local", "https://vault.example.com", "https://ledger.local"])
-    for shared in ("from_headers", "forward", "payload_in_metadata", "header_in_metadata", "failed_status_in_metadata"):
+    for shared in ("from_headers", "forward", "payload_in_metadata", "header_in_metadata"):
         assert getattr(own, shared) == getattr(gitlab, shared), shared
     assert own.jwt_cache_config == gitlab.jwt_cache_config and own.jwt_cache_config.jwt_cache_size > 0
     assert own.require_expiration and not own.forward and own.clock_skew_seconds > 0

@@ -7,7 +7,10 @@ restore it before they finish. Every wait polls with a deadline.
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,6 +267,17 @@ def test_public_path_needs_no_token_and_unknown_hosts_are_denied(stack: Stack) -
     assert stack.request("unknown.local", "/", stack.token()).status == 403
 
 
+def test_public_path_never_forwards_the_jobs_token(stack: Stack) -> None:
+    """jwt_authn is off on a public path, so its `forward: false` does not apply there: the route removes it."""
+    token = stack.token()
+    response = stack.request("reports.local", "/healthz", token, headers={"x-ci-job-id": "1"})
+    assert response.status == 200, response.text
+    seen = response.json()["headers"]
+    assert "authorization" not in seen
+    assert "x-ci-job-id" not in seen  # no verified token there: a forged identity is removed, none added
+    assert all(token not in value for value in seen.values())
+
+
 def test_access_log_maps_the_request_to_its_job_and_policy(stack: Stack) -> None:
     token = stack.token(job_id=987654, pipeline_id=4321)
     assert stack.request("reports.local", "/audit-me", token).status == 200
@@ -279,7 +293,47 @@ def test_access_log_maps_the_request_to_its_job_and_policy(stack: Stack) -> None
     expected = {"project_id": "42", "pipeline_id": "4321", "ref": "main", "path": "/audit-me", "rbac_result": "allowed"}
     assert {k: entry.get(k) for k in expected} == expected, entry
     assert entry["rbac_policy"] == "deployer-reads-reports/reports-read", entry
+    assert "issuer is not configured" not in json.dumps(entry), entry  # accepted: no failure to report
     assert token not in stack.access_log.read_text()
+
+
+def test_access_log_reports_a_token_failure_only_when_the_token_failed(stack: Stack) -> None:
+    """jwt_authn tries every provider of a requirement (requires_any: each issuer, the control plane's
+    credentials); those whose issuer is not the token's report "Jwt issuer is not configured" even when
+    another accepts it. The reason a token was refused is in `details`, as Envoy answered."""
+    now = int(time.time())
+    expired = stack.token(job_id=987655, iat=now - 900, exp=now - 300)
+    assert stack.request("reports.local", "/expired-one", expired).status == 401
+    assert stack.request("reports.local", "/accepted-one", stack.token(job_id=987656)).status == 200
+
+    def lines() -> dict[str, str] | None:
+        found = {}
+        for raw in stack.access_log.read_text().splitlines() if stack.access_log.exists() else []:
+            path = json.loads(raw).get("path")
+            if path in ("/expired-one", "/accepted-one"):
+                found[path] = raw
+        return found if len(found) == 2 else None
+
+    found = poll_until(lines, 10, message="both access log lines")
+    assert json.loads(found["/expired-one"])["details"] == "jwt_authn_access_denied{Jwt_is_expired}", found
+    assert json.loads(found["/accepted-one"])["details"] == "via_upstream", found
+    assert not any("issuer is not configured" in line for line in found.values()), found
+
+
+def test_validate_prints_the_versions_serve_serves(stack: Stack) -> None:
+    """Same policy dir, same state dir and exchange flags: validate's versions are the ones served."""
+    cp = stack.controlplane
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "controlplane", "validate", str(stack.policy),
+            "--state-dir", str(cp.state_dir), "--exchange-address", f"{LOOPBACK}:{cp.exchange_port}",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = dict(re.findall(r"^  gateway (\S+): version (\S+)$", result.stdout, re.MULTILINE))
+    assert printed == cp.status()["policy"]["snapshot_versions"], result.stdout
+    assert "note:" not in result.stdout, result.stdout
 
 
 # --- living with change --------------------------------------------------------------------------

@@ -32,8 +32,19 @@ name: vault-api
 hosts: [vault.local]
 audience: https://vault.local
 endpoints: [{{address: 127.0.0.1, port: {port}}}]
+public_paths: [/healthz]
 inject:
   value_prefix: "Bearer "
+  secret_file: {secret_file}
+---
+kind: Backend
+name: keyed-api
+hosts: [keyed.local]
+audience: https://keyed.local
+endpoints: [{{address: 127.0.0.1, port: {port}}}]
+public_paths: [/healthz]
+inject:
+  header: x-api-key
   secret_file: {secret_file}
 ---
 kind: Role
@@ -41,15 +52,20 @@ name: read
 backend: vault-api
 rules: [{{methods: [GET]}}]
 ---
+kind: Role
+name: keyed-read
+backend: keyed-api
+rules: [{{methods: [GET]}}]
+---
 kind: Binding
 name: deployer-reads
-roles: [read]
+roles: [read, keyed-read]
 subjects: [{{project: 42}}]
 ---
 kind: Gateway
 name: ci-gateway
 listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [vault-api]
+backends: [vault-api, keyed-api]
 access_log: {access_log}
 """
 INVENTORY = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
@@ -63,9 +79,9 @@ class Stack:
     listen_port: int
     envoy: EnvoyProcess
 
-    def request(self, token: str) -> HttpResponse:
-        headers = {"Host": "vault.local", "Authorization": f"Bearer {token}"}
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}/v1/data", headers=headers)
+    def request(self, token: str, host: str = "vault.local", path: str = "/v1/data") -> HttpResponse:
+        headers = {"Host": host, "Authorization": f"Bearer {token}"}
+        return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", headers=headers)
 
     def token(self) -> str:
         return self.gitlab.mint(aud="https://vault.local", project_id=42, project_path="acme/deployer", namespace_id=11)
@@ -129,6 +145,25 @@ def test_backend_gets_its_secret_and_never_the_jobs_token(stack: Stack) -> None:
     assert all(token not in value for value in received.values())
     assert "first-backend-secret" not in response.text
     assert all("first-backend-secret" not in value for value in response.headers.values())
+
+
+def test_public_path_injects_the_backends_credential_in_place_of_the_jobs_token(stack: Stack) -> None:
+    """jwt_authn is off on a public path, so it strips nothing there: the injector's overwrite replaces the
+    job's Authorization with the backend's own credential."""
+    token = stack.token()
+    assert stack.request(token, path="/healthz").status == 200
+    received = stack.backend.requests[-1].headers
+    assert received["authorization"] == "Bearer first-backend-secret"
+    assert all(token not in value for value in received.values())
+
+
+def test_public_path_of_a_backend_injecting_another_header_drops_the_jobs_token(stack: Stack) -> None:
+    token = stack.token()
+    assert stack.request(token, host="keyed.local", path="/healthz").status == 200
+    received = stack.backend.requests[-1].headers
+    assert received["x-api-key"] == "first-backend-secret"
+    assert "authorization" not in received
+    assert all(token not in value for value in received.values())
 
 
 def test_a_rewritten_secret_reaches_envoy_without_restart_or_listener_change(stack: Stack) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,19 @@ def test_shadow_binding_is_logged_not_enforced(stack: Stack) -> None:
     assert entry["rbac"]["flags_shadow_effective_policy_id"] == "any-protected-ref-dry-run/flags-read"
     assert entry["rbac"]["flags_shadow_engine_result"] == "allowed"
     assert entry["rbac_result"] == "denied"
+
+
+def test_a_refused_token_is_logged_with_its_own_reason_beside_other_issuers(stack: Stack) -> None:
+    """Three providers (controlplane, gitlab, okta): an expired GitLab token is logged as expired, not
+    as the "issuer is not configured" of the providers after it."""
+    now = int(time.time())
+    expired = stack.gitlab.mint(aud="api://flags", project_id=42, job_id=424242, iat=now - 900, exp=now - 300)
+    assert stack.get(expired) == 401
+
+    def line() -> str | None:
+        lines = stack.access_log.read_text().splitlines() if stack.access_log.exists() else []
+        refused = [raw for raw in lines if json.loads(raw)["details"] == "jwt_authn_access_denied{Jwt_is_expired}"]
+        return refused[-1] if refused else None
+
+    raw = poll_until(line, 10, message="the expired token's access log line")
+    assert "issuer is not configured" not in raw, raw

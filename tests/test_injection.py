@@ -132,6 +132,27 @@ def test_the_backend_credential_never_goes_to_the_token_exchange() -> None:
     assert "inject-a" not in routes["/"].typed_per_filter_config  # the vhost's switch applies
 
 
+@pytest.mark.parametrize(
+    ("inject", "removed"),
+    [
+        ("", ["authorization"]),
+        ("inject: {header: X-Api-Key, secret_env: A}\n", ["authorization"]),
+        # The injector's overwrite replaces the job's value; a route removal would run after it and drop it.
+        ("inject: {header: authorization, secret_env: A}\n", []),
+    ],
+)
+def test_a_public_path_removes_the_jobs_authorization_unless_the_injector_replaces_it(
+    inject: str, removed: list[str]
+) -> None:
+    files = _files(inject)
+    files["a.yaml"] += "public_paths: [/healthz]\n"
+    ((_, data),) = _compiled(parse_policy(files), {"a": SECRET_VALUE})[ROUTE]
+    (host,) = [v for v in route_pb2.RouteConfiguration.FromString(data).virtual_hosts if v.name == "a"]
+    routes = {r.match.path or r.match.prefix: r for r in host.routes}
+    assert list(routes["/healthz"].request_headers_to_remove) == removed
+    assert not routes["/"].request_headers_to_remove  # jwt_authn's forward: false strips it there
+
+
 def test_secret_resource_carries_prefix_and_value_and_the_listener_does_not_depend_on_it() -> None:
     first = _compiled(_policy(), {"a": SECRET_VALUE})
     ((name, data),) = first[SECRET]

@@ -40,6 +40,33 @@ def test_a_bad_load_keeps_the_last_good_snapshot_and_reports_every_error(tmp_pat
     assert service.state.last_good_load == 1000.0
 
 
+def test_snapshot_builds_count_every_load_and_their_help_says_so(tmp_path: Path) -> None:
+    """The counter's help once said "one per accepted policy load"; it counts rejected loads too."""
+    service = _service(tmp_path)
+    builds, failures = metrics.SNAPSHOT_BUILDS._value.get(), metrics.SNAPSHOT_BUILD_FAILURES._value.get()
+    assert service.reload()
+    (tmp_path / "policy" / "broken.yaml").write_text("kind: Nope\n")
+    assert not service.reload()
+    assert metrics.SNAPSHOT_BUILDS._value.get() == builds + 2
+    assert metrics.SNAPSHOT_BUILD_FAILURES._value.get() == failures + 1
+    assert "accepted or rejected" in metrics.SNAPSHOT_BUILDS._documentation
+    assert "accepted policy load" not in metrics.SNAPSHOT_BUILDS._documentation
+
+
+def test_a_role_on_a_backend_no_gateway_fronts_is_a_warning_in_status(tmp_path: Path) -> None:
+    service = _service(tmp_path, "quickstart")
+    (tmp_path / "policy" / "orphan.yaml").write_text(
+        "kind: Backend\nname: orphan-api\nhosts: [orphan.local]\nendpoints: [{address: 127.0.0.1, port: 9}]\n"
+        "---\nkind: Role\nname: orphan-read\nbackend: orphan-api\nrules: [{methods: [GET]}]\n"
+    )
+    assert service.reload()
+    (warning,) = service.status()["warnings"]  # type: ignore[misc]
+    assert warning.startswith("orphan.yaml:6: backend: role orphan-read is on backend orphan-api"), warning
+    (tmp_path / "policy" / "orphan.yaml").unlink()
+    assert service.reload()
+    assert service.status()["warnings"] == []
+
+
 def test_a_removed_gateway_gets_an_empty_snapshot(tmp_path: Path) -> None:
     service = _service(tmp_path)
     service.reload()

@@ -24,6 +24,7 @@ from tests.support.fake_gitlab import OMIT, FakeGitLab, decode_unverified
 from tests.support.fake_oidc import FakeOidc, rfc7638_thumbprint
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
+ROOT = Path(__file__).resolve().parent.parent
 AUDIENCE = "https://backend.example.com"
 JWT_NS = "envoy.filters.http.jwt_authn"
 
@@ -462,3 +463,28 @@ def test_rendered_bootstrap_shape() -> None:
         ]
         == "STATIC"
     )
+
+
+def test_controlplane_process_removes_the_state_dir_it_made_and_keeps_a_given_one(tmp_path: Path) -> None:
+    """Its own temp state dir (keys, audit store, pins) lives across restarts and goes with the instance."""
+    from tests.support.controlplane import ControlPlaneProcess
+
+    with ControlPlaneProcess(ROOT / "examples" / "quickstart", log_path=tmp_path / "cp.log") as server:
+        made = server.state_dir
+        assert (made / "audit.sqlite3").exists()
+    assert not made.exists()
+    given = tmp_path / "state"
+    with ControlPlaneProcess(ROOT / "examples" / "quickstart", log_path=tmp_path / "cp2.log", state_dir=given):
+        pass
+    assert (given / "audit.sqlite3").exists()
+
+
+def test_the_demo_keeps_its_state_in_dot_demo_where_the_readmes_audit_command_looks() -> None:
+    from tests.support import demo
+
+    server = demo.controlplane()
+    command = server.command()
+    assert command[command.index("--state-dir") + 1] == str(demo.ROOT / ".demo" / "state")
+    readme = (demo.ROOT / "README.md").read_text()
+    (line,) = [line.strip() for line in readme.splitlines() if "controlplane audit" in line and ".demo" in line]
+    assert "--state-dir .demo/state" in line, line

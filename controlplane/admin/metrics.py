@@ -20,12 +20,14 @@ CONNECTED_PROXIES = Gauge(
 )
 SNAPSHOT_BUILDS = Counter(
     "controlplane_snapshot_builds_total",
-    "Snapshot builds attempted (one per accepted policy load).",
+    "Policy loads attempted, accepted or rejected (the rejected ones also count in "
+    "controlplane_snapshot_build_failures_total).",
     registry=REGISTRY,
 )
 SNAPSHOT_BUILD_FAILURES = Counter(
     "controlplane_snapshot_build_failures_total",
-    "Snapshot builds that failed; the last good snapshot stays in service.",
+    "Policy loads rejected, and recompiles of the policy in service that a live input (GitLab) made invalid; "
+    "the last good snapshot stays in service.",
     registry=REGISTRY,
 )
 COMPILE_DURATION = Histogram(

@@ -61,11 +61,12 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the records as a JSON array")
     parser.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT, help="at most this many, the most recent")
     parser.add_argument(
-        "--db",
+        "--state-dir",
         type=Path,
         default=None,
-        help=f"the audit store (default: ${STATE_DIR_ENV} or .controlplane, then /{DB_NAME})",
+        help=f"serve's --state-dir, where the store is {DB_NAME} (default: ${STATE_DIR_ENV} or .controlplane)",
     )
+    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -99,7 +100,7 @@ def run_audit(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"controlplane audit: {error}", file=sys.stderr)
         return EXIT_USAGE
-    db: Path = args.db or default_db_path()
+    db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
     try:
         conn = open_readonly(db)
         try:

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import __version__
-from controlplane.model.errors import PolicyInvalid
+from controlplane.model.errors import PolicyError, PolicyInvalid
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from controlplane.cli.validate import ServedInputs
     from controlplane.model.policy import Policy
     from controlplane.snapshots.snapshot import Snapshot
 
@@ -39,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a policy directory; exit 1 listing every error")
     validate.add_argument("policy", type=Path)
+    from controlplane.cli.validate import add_served_input_arguments
+
+    add_served_input_arguments(validate, _host_port)
 
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
@@ -167,15 +173,57 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
-    return handler(args)
-
-
-def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot]] | None:
-    """Compile a policy tree, or print every error (file:line: field: message) and return None."""
-    from controlplane.service import compile_dir
-
     try:
-        return compile_dir(policy_dir)
+        code = handler(args)
+        sys.stdout.flush()  # inside the try: output still buffered can meet a closed pipe too
+    except BrokenPipeError:
+        return _stdout_closed()
+    return code
+
+
+# What a shell reports for a command killed by SIGPIPE (128 + 13), as `controlplane audit ... | head` is.
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """The reader went away (`| head`): stop quietly, as Unix tools do, with no traceback.
+
+    stdout is pointed at /dev/null so that the interpreter's own flush at exit cannot raise again
+    (the recipe of Python's signal module documentation).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def _compile_or_report(
+    policy_dir: Path, served: Callable[[Policy], ServedInputs] | None = None
+) -> tuple[Policy, dict[str, Snapshot], list[PolicyError], ServedInputs] | None:
+    """Compile a policy tree, or print every error (file:line: field: message) and return None.
+
+    `served`: what serve would compile in besides the files (see cli/validate.py); without it, the policy
+    alone. Also returns the warnings: the policy's own and those of resolving its subjects, as serve reports
+    them."""
+    from controlplane.cli.validate import ServedInputs
+    from controlplane.compiler.memo import CompilerMemo
+    from controlplane.model.load import parse_policy, policy_warnings
+    from controlplane.service import compile_model
+    from controlplane.sources.policy_dir import read_policy_dir
+
+    memo = CompilerMemo()
+    try:
+        policy = parse_policy(read_policy_dir(policy_dir))
+        inputs = served(policy) if served is not None else ServedInputs()
+        snapshots = compile_model(
+            policy,
+            memo,
+            keys=inputs.keys,
+            pins=inputs.pins,
+            credentials=inputs.credentials,
+            secrets=inputs.secrets,
+        )
+        return policy, snapshots, sorted([*policy_warnings(policy), *memo.grant_index.warnings()]), inputs
     except PolicyInvalid as invalid:
         for error in invalid.errors:
             print(error, file=sys.stderr)
@@ -186,17 +234,23 @@ def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot]] |
 
 
 def _validate(args: argparse.Namespace) -> int:
-    compiled = _compile_or_report(args.policy)
+    from controlplane.cli.validate import served_inputs
+
+    compiled = _compile_or_report(args.policy, lambda policy: served_inputs(policy, args))
     if compiled is None:
         return 1
-    policy, snapshots = compiled
+    policy, snapshots, warnings, inputs = compiled
     counts = (
         f"{len(policy.issuers)} issuer(s), {len(policy.backends)} backend(s), {len(policy.roles)} role(s), "
         f"{len(policy.bindings)} binding(s), {len(policy.gateways)} gateway(s)"
     )
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.policy}: {counts}")
     for group, snapshot in sorted(snapshots.items()):
         print(f"  gateway {group}: version {snapshot.summary_version}")
+    for note in inputs.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -22,7 +22,7 @@ from envoy.extensions.formatter.req_without_query.v3 import req_without_query_pb
 from google.protobuf import struct_pb2
 from google.protobuf.wrappers_pb2 import UInt32Value
 
-from controlplane.compiler.names import FAILURE_KEY, HEADER_KEY, JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, XDS_CLUSTER
+from controlplane.compiler.names import HEADER_KEY, JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, XDS_CLUSTER
 from controlplane.compiler.util import millis, packed
 
 # Envoy sends a batch when either limit is reached. Small, so an audit query sees a request within a fraction
@@ -57,11 +57,13 @@ _REQUEST_FIELDS = {
     "route": "%ROUTE_NAME%",
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "code": "%RESPONSE_CODE%",
+    # Why a token was refused (`jwt_authn_access_denied{Jwt_is_expired}`): the status Envoy answered with. Not
+    # jwt_authn's per-provider failure metadata: requires_any tries every provider, and each whose issuer is
+    # not the token's writes "Jwt issuer is not configured" there, on accepted tokens too, and last wins.
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "jwt_kid": f"%DYNAMIC_METADATA({JWT_FILTER}:{HEADER_KEY}:kid)%",
-    "jwt_failure": f"%DYNAMIC_METADATA({JWT_FILTER}:{FAILURE_KEY})%",
     "rbac_result": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_engine_result)%",
     "rbac_policy": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_effective_policy_id)%",
     # The whole RBAC struct also carries the shadow (dry-run) decision of each backend.

@@ -17,7 +17,6 @@ from google.protobuf.wrappers_pb2 import UInt32Value
 
 from controlplane.compiler import wire
 from controlplane.compiler.names import (
-    FAILURE_KEY,
     HEADER_KEY,
     PAYLOAD_KEY,
     jwks_cluster,
@@ -65,7 +64,12 @@ CREDENTIAL_CLOCK_SKEW_SECONDS = 10
 
 
 def _verified_provider(issuer_url: str, audiences: Sequence[str], clock_skew_seconds: int) -> jwt.JwtProvider:
-    """What every provider shares: Bearer extraction only, never forwarded, claims in metadata, a JWT cache."""
+    """What every provider shares: Bearer extraction only, never forwarded, claims in metadata, a JWT cache.
+
+    No `failed_status_in_metadata`: a requirement tries each of its providers, and every provider whose
+    issuer is not the token's records "Jwt issuer is not configured" under that key, also when another
+    provider accepts the token; the last writer wins, so a refused token could be recorded with another
+    provider's reason. Envoy's response details carry the real one (see access_log)."""
     return jwt.JwtProvider(
         issuer=issuer_url,
         audiences=sorted(set(audiences)),
@@ -75,7 +79,6 @@ def _verified_provider(issuer_url: str, audiences: Sequence[str], clock_skew_sec
         forward=False,
         payload_in_metadata=PAYLOAD_KEY,
         header_in_metadata=HEADER_KEY,
-        failed_status_in_metadata=FAILURE_KEY,
         jwt_cache_config=jwt.JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE),
     )
 

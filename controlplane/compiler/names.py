@@ -31,7 +31,6 @@ EXCHANGED_POLICY_PREFIX = "exchanged"
 # always pin `iss` as well (a claim named project_id from another IdP must never satisfy a GitLab binding).
 PAYLOAD_KEY = "jwt_payload"
 HEADER_KEY = "jwt_header"
-FAILURE_KEY = "jwt_failure"
 
 # Identity forwarded to backends, so they know which job calls without ever seeing the token.
 IDENTITY_HEADERS: tuple[tuple[str, str], ...] = (

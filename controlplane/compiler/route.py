@@ -137,10 +137,30 @@ def _public_route(backend: Backend, path: str) -> rc.Route:
     """A path the backend declared public: no token, no RBAC. Route-level config replaces the vhost's (G12).
 
     The revocation list needs no switching off here: with jwt_authn off there is no `job_id` it could match.
+    With jwt_authn off, its `forward: false` does not strip a token the job sent anyway, so the route removes
+    `Authorization` (see `_public_headers_to_remove`).
     """
-    return _tokenless_route(
+    route = _tokenless_route(
         f"{backend.name}-public{path}", path, backend_cluster(backend.name), backend.request_timeout_ms, ()
     )
+    route.request_headers_to_remove.extend(_public_headers_to_remove(backend))
+    return route
+
+
+def _public_headers_to_remove(backend: Backend) -> list[str]:
+    """What the job's token must not reach the backend in, on a public path.
+
+    The router applies a route's header removals last, after every HTTP filter, so removing `Authorization`
+    would also remove a credential the backend's injector just put there. When the backend injects into
+    `Authorization` itself, the injector's `overwrite` already replaces the job's value (and refuses the
+    request when it has no credential), so nothing is removed.
+    """
+    if backend.inject is not None and backend.inject.header.lower() == AUTHORIZATION:
+        return []
+    return [AUTHORIZATION]
+
+
+AUTHORIZATION = "authorization"
 
 
 def _exchange_route(backend: Backend) -> rc.Route:

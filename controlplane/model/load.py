@@ -1257,3 +1257,21 @@ def _declared(names: Mapping[str, Mapping[str, Source]]) -> frozenset[tuple[str,
 
 
 _BUILT = _BuildMemo()
+
+
+def policy_warnings(policy: Policy) -> list[PolicyError]:
+    """What is valid but almost certainly not meant: reported (validate, /status), never refused.
+
+    A Role on a backend that no Gateway fronts grants nothing anywhere, so bindings naming it look like
+    access that does not exist (a typo in a Gateway's `backends`, or a gateway removed before its roles).
+    """
+    fronted = {backend for gateway in policy.gateways for backend in gateway.backends}
+    return sorted(
+        PolicyError.at(
+            role.source,
+            "backend",
+            f"role {role.name} is on backend {role.backend}, which no Gateway fronts: it grants nothing",
+        )
+        for role in policy.roles
+        if role.backend not in fronted
+    )

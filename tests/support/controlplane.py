@@ -9,10 +9,12 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -34,7 +36,9 @@ class ControlPlaneProcess:
         inherit_output: bool = False,
         env: Mapping[str, str] | None = None,
         open_files: int | None = None,
+        state_dir: Path | None = None,
     ) -> None:
+        """`state_dir`: serve's --state-dir, kept as it is; without one, a temp dir this instance removes."""
         self.policy = policy
         self.xds_port = xds_port or free_port()
         self.admin_port = admin_port or free_port()
@@ -44,8 +48,14 @@ class ControlPlaneProcess:
         self.env = dict(env or {})  # secrets go through the environment, never argv
         self.open_files = open_files  # soft and hard RLIMIT_NOFILE of the child, to reproduce fd exhaustion
         self.exchange_port = free_port()
-        self._state_dir: Path | None = None
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="controlplane-", suffix=".log")[1])
+        self._state_dir: Path | None = state_dir
+        self._remove_state: weakref.finalize[[str], None] | None = None
+        if log_path is None:
+            fd, made_log = tempfile.mkstemp(prefix="controlplane-", suffix=".log")
+            os.close(fd)
+            log_path = Path(made_log)
+            weakref.finalize(self, log_path.unlink, True)  # missing_ok
+        self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,8 +84,19 @@ class ControlPlaneProcess:
     def state_dir(self) -> Path:
         """One per instance, kept across stop/start (a restart must find its keys and remembered ids)."""
         if self._state_dir is None:
-            self._state_dir = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
+            made = tempfile.mkdtemp(prefix="controlplane-state-")
+            self._state_dir = Path(made)
+            # Removed by `close` (the `with` block's end), or when the instance goes or the interpreter exits
+            # for users of start/stop alone: never left behind in /tmp.
+            self._remove_state = weakref.finalize(self, shutil.rmtree, made, True)
         return self._state_dir
+
+    def close(self) -> None:
+        """Stop, and remove the temp state dir this instance made (a given `state_dir` is kept)."""
+        self.stop()
+        if self._remove_state is not None:
+            self._remove_state()
+            self._remove_state, self._state_dir = None, None
 
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
@@ -150,4 +171,4 @@ class ControlPlaneProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()

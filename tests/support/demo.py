@@ -24,6 +24,9 @@ from tests.support.ports import LOOPBACK, poll_until
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "examples" / "quickstart"
 STATE = ROOT / ".demo"
+# serve's --state-dir: signing keys, revocations, remembered ids and the audit trail, which the README's
+# `controlplane audit --state-dir .demo/state` reads (and `make clean` removes with the rest of .demo/).
+SERVE_STATE = STATE / "state"
 LISTENER = f"http://{LOOPBACK}:10000"
 DEPLOYER = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
 FRONTEND = {"project_id": 43, "project_path": "acme/web/frontend", "namespace_id": 12}
@@ -71,6 +74,12 @@ def _check(tokens: dict[str, str]) -> list[str]:
     return lines
 
 
+def controlplane() -> ControlPlaneProcess:
+    return ControlPlaneProcess(
+        POLICY, xds_port=18000, admin_port=9902, log_path=STATE / "controlplane.log", state_dir=SERVE_STATE
+    )
+
+
 def main() -> int:
     STATE.mkdir(exist_ok=True)
     stop = threading.Event()
@@ -81,7 +90,7 @@ def main() -> int:
             FakeGitLab(port=8090) as gitlab,
             EchoBackend("reports-api", port=8081),
             EchoBackend("deploy-api", port=8082),
-            ControlPlaneProcess(POLICY, xds_port=18000, admin_port=9902, log_path=STATE / "controlplane.log") as cp,
+            controlplane() as cp,
         ):
             bootstrap = render_bootstrap(group="ci-gateway", node_id="demo-envoy", xds_host=LOOPBACK, xds_port=18000)
             with EnvoyProcess(bootstrap, name="demo-envoy", workdir=STATE / "envoy", keep_workdir=True) as envoy:
@@ -100,6 +109,7 @@ def main() -> int:
                 print("\n".join(_check(tokens)))
                 print(
                     "\nMore: `.venv/bin/controlplane status`, "
+                    "`.venv/bin/controlplane audit --state-dir .demo/state --since 1h` (what the requests did), "
                     f"`curl {cp.admin_url}/metrics`, edit examples/quickstart/*.yaml and watch it apply."
                 )
                 print("Ctrl-C stops every process.\n")
