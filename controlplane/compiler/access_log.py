@@ -97,7 +97,8 @@ def file_access_log(path: str) -> accesslog_pb2.AccessLog:
 
 
 def grpc_access_log(gateway: str) -> accesslog_pb2.AccessLog:
-    """ALS to the control plane; `log_name` tells the receiver which gateway the entries come from."""
+    """ALS to the control plane. `log_name` only labels the stream for Envoy's own stats: the receiver attributes
+    entries to the gateway whose xDS stream it matched, never to what the stream claims (audit/als.py)."""
     config = als_pb2.HttpGrpcAccessLogConfig(
         common_config=als_pb2.CommonGrpcAccessLogConfig(
             log_name=gateway,
