@@ -16,6 +16,7 @@ from controlplane.model.errors import PolicyInvalid
 if TYPE_CHECKING:
     from controlplane.model.policy import Policy
     from controlplane.snapshots.snapshot import Snapshot
+    from controlplane.sources.policy_dir import ReadLimits
 
 DEFAULT_POLICY = os.environ.get("CONTROLPLANE_POLICY", "policy")
 
@@ -25,6 +26,46 @@ def _host_port(value: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The policy tree's size bounds, the same for every command that reads one (docs/policy-input.md)."""
+    from controlplane.sources.policy_dir import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_TREE_BYTES
+
+    parser.add_argument(
+        "--max-policy-file-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help=f"largest policy file read (default {DEFAULT_MAX_FILE_BYTES})",
+    )
+    parser.add_argument(
+        "--max-policy-tree-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_TREE_BYTES,
+        help=f"largest policy tree read, all files together (default {DEFAULT_MAX_TREE_BYTES})",
+    )
+
+
+def _limits(args: argparse.Namespace) -> ReadLimits:
+    from controlplane.sources.policy_dir import ReadLimits
+
+    return ReadLimits(max_file_bytes=args.max_policy_file_bytes, max_tree_bytes=args.max_policy_tree_bytes)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,10 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a policy directory; exit 1 listing every error")
     validate.add_argument("policy", type=Path)
+    _add_limit_arguments(validate)
 
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
+    _add_limit_arguments(compile_)
 
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
@@ -58,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
     serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
+    _add_limit_arguments(serve)
+    serve.add_argument(
+        "--reload-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a policy reload may run before /readyz says not ready (it cannot be interrupted)",
+    )
     serve.add_argument(
         "--gc-interval",
         type=float,
@@ -152,23 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
-def _compile_or_report(policy_dir: Path) -> tuple[Policy, dict[str, Snapshot]] | None:
+def _compile_or_report(policy_dir: Path, limits: ReadLimits) -> tuple[Policy, dict[str, Snapshot]] | None:
     """Compile a policy tree, or print every error (file:line: field: message) and return None."""
-    from controlplane.service import compile_dir
+    from controlplane import service
+    from controlplane.model.errors import QUOTE_LIMIT
 
     try:
-        return compile_dir(policy_dir)
+        return service.compile_dir(policy_dir, limits=limits)
     except PolicyInvalid as invalid:
         for error in invalid.errors:
             print(error, file=sys.stderr)
         print(f"{len(invalid.errors)} error(s) in {policy_dir}", file=sys.stderr)
     except OSError as error:
         print(f"{policy_dir}: {error}", file=sys.stderr)
+    except Exception as error:  # a bug: one line, like any other verdict (the policy repo's CI shows it)
+        text = str(error)
+        brief = text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 1] + "…"
+        print(f"{policy_dir}: internal error: {type(error).__name__}: {brief}", file=sys.stderr)
     return None
 
 
 def _validate(args: argparse.Namespace) -> int:
-    compiled = _compile_or_report(args.policy)
+    compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
     policy, snapshots = compiled
@@ -185,7 +240,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from controlplane.snapshots import golden
 
-    compiled = _compile_or_report(args.policy)
+    compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
     for path in golden.write(compiled[1], args.out):
@@ -254,6 +309,8 @@ def _serve(args: argparse.Namespace) -> int:
         audit_retention=args.audit_retention,
         xds_tls=xds_tls,
         xds_insecure=args.xds_insecure,
+        policy_limits=_limits(args),
+        reload_timeout=args.reload_timeout,
     )
     return asyncio.run(serve(options))
 

@@ -52,7 +52,10 @@ class ReadLimits:
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES
 
 
-def read_policy_dir(root: Path, limits: ReadLimits = ReadLimits()) -> dict[str, str]:
+DEFAULT_LIMITS = ReadLimits()
+
+
+def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, str]:
     """{posix path relative to root: text} for every policy file under `root`, in sorted order.
 
     Only regular files inside the tree are read (a symlink may point elsewhere in the tree, as Kubernetes
@@ -157,6 +160,6 @@ def _read_bounded(fd: int, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def load_policy_dir(root: Path, limits: ReadLimits = ReadLimits()) -> Policy:
+def load_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Policy:
     """The validated policy under `root`; `PolicyInvalid` with every error otherwise."""
     return parse_policy(read_policy_dir(root, limits))
