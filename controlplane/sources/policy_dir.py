@@ -120,14 +120,18 @@ def _not_regular(mode: int) -> str | None:
 
 def _read_policy_file(path: Path, inside: str, limit: int) -> bytes | str:
     """The file's bytes, or why it is refused. Nothing about a file outside the tree is told, not even its path."""
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, inside]) != inside:
-        return "a symlink leading outside the policy tree: only files inside the tree are read"
     try:
-        refused = _not_regular(os.stat(real).st_mode)  # before opening: opening a device can have effects
+        st = os.lstat(path)
+        target = str(path)
+        if stat.S_ISLNK(st.st_mode):  # the walk does not follow directory symlinks: only file links can leave
+            target = os.path.realpath(path)
+            if os.path.commonpath([target, inside]) != inside:
+                return "a symlink leading outside the policy tree: only files inside the tree are read"
+            st = os.stat(target)
+        refused = _not_regular(st.st_mode)  # before opening: opening a device can have effects
         if refused:
             return refused
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
     try:
