@@ -91,8 +91,9 @@ def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str
     return texts
 
 
-def file_too_large(size: int, limit: int) -> str:
-    return f"file is larger than the {limit}-byte limit ({size} bytes or more; see --max-policy-file-bytes)"
+def file_too_large(size: int, limit: int, flag: str | None = "--max-policy-file-bytes") -> str:
+    see = f"; see {flag}" if flag else ""
+    return f"file is larger than the {limit}-byte limit ({size} bytes or more{see})"
 
 
 def tree_too_large(total: int, limit: int) -> str:
@@ -128,10 +129,30 @@ def _read_policy_file(path: Path, inside: str, limit: int) -> bytes | str:
             if os.path.commonpath([target, inside]) != inside:
                 return "a symlink leading outside the policy tree: only files inside the tree are read"
             st = os.stat(target)
-        refused = _not_regular(st.st_mode)  # before opening: opening a device can have effects
-        if refused:
-            return refused
-        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return _read_regular(target, st.st_mode, limit, os.O_NOFOLLOW, "--max-policy-file-bytes")
+
+
+def read_regular_file(path: str, limit: int) -> bytes | str:
+    """The bytes of a regular file of at most `limit` bytes (symlinks followed), or why it is refused.
+
+    For files the policy names by absolute path (injected secrets), read during a reload: the same guarantee
+    as for policy files, that a FIFO or device cannot block or bloat the reload.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return _read_regular(path, mode, limit, 0, None)
+
+
+def _read_regular(target: str, mode: int, limit: int, flags: int, flag: str | None) -> bytes | str:
+    refused = _not_regular(mode)  # before opening: opening a FIFO waits for a writer, a device can have effects
+    if refused:
+        return refused
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | flags)
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
     try:
@@ -140,13 +161,13 @@ def _read_policy_file(path: Path, inside: str, limit: int) -> bytes | str:
         if refused:
             return refused
         if st.st_size > limit:
-            return file_too_large(st.st_size, limit)
+            return file_too_large(st.st_size, limit, flag)
         data = _read_bounded(fd, limit)
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
     finally:
         os.close(fd)
-    return file_too_large(limit + 1, limit) if data is None else data
+    return file_too_large(limit + 1, limit, flag) if data is None else data
 
 
 READ_CHUNK = 1 << 16
