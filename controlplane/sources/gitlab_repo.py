@@ -18,6 +18,7 @@ from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.sources.policy_dir import (
     DEFAULT_LIMITS,
     POLICY_SUFFIXES,
+    READ_CHUNK,
     ReadLimits,
     _is_policy_file,
     file_too_large,
@@ -141,8 +142,15 @@ class PolicyRepo:
         cached = self._blobs.get(blob)
         if cached is not None:
             return cached
-        content: bytes = project.files.raw(file_path=path, ref=sha)
-        return content
+        # Streamed, and stopped past the bound: a huge blob committed to the policy project costs at most the bound
+        # (plus a chunk) of memory; read_tree then reports it as too large.
+        chunks = project.files.raw(file_path=path, ref=sha, streamed=True, iterator=True, chunk_size=READ_CHUNK)
+        content = bytearray()
+        for chunk in chunks:
+            content += chunk
+            if len(content) > self.limits.max_file_bytes:
+                break
+        return bytes(content)
 
 
 def truncate_description(description: str) -> str:
