@@ -138,6 +138,7 @@ class PolicyService:
         # revocations included, waits behind it. It cannot be interrupted, so it is made visible instead.
         self.reload_timeout = reload_timeout
         self._running_since: float | None = None
+        # Read at scrape time, so they move while the reload thread is stuck (a process has one service).
         metrics.POLICY_RELOAD_RUNNING.set_function(self.reload_running_seconds)
         metrics.POLICY_RELOAD_STUCK.set_function(lambda: 1.0 if self.reload_stuck else 0.0)
 
