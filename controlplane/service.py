@@ -216,9 +216,10 @@ class PolicyService:
         """A bug, not a policy mistake: one short error line (the traceback only at debug level)."""
         log.debug("unexpected error while %s the policy", doing, exc_info=error)
         text = str(error)
-        brief = type(error).__name__ + (f": {text[: QUOTE_LIMIT - 1]}…" if len(text) > QUOTE_LIMIT else f": {text}")
-        message = f"internal error while {doing} the policy: {brief if text else type(error).__name__}"
-        return PolicyError(self.source.description, 0, "", message)
+        if len(text) > QUOTE_LIMIT:
+            text = text[: QUOTE_LIMIT - 1] + "…"
+        what = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return PolicyError(self.source.description, 0, "", f"internal error while {doing} the policy: {what}")
 
     def _build_or_raise(self) -> dict[str, Snapshot] | list[PolicyError]:
         self.state.last_attempt = self._clock()
