@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,13 +25,13 @@ from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
 from controlplane.model.credentials import CredentialInputs
-from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.model.errors import QUOTE_LIMIT, PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
 from controlplane.model.load import parse_policy, policy_warnings
 from controlplane.model.policy import Policy
 from controlplane.model.reuse import reuse_unchanged
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
-from controlplane.sources.policy_dir import read_policy_dir
+from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
 
 if TYPE_CHECKING:
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("controlplane.policy")
 
 Pins = Mapping[str, Mapping[str, int]]
+
+DEFAULT_RELOAD_TIMEOUT = 60.0
+"""Seconds a policy reload may run before the server says it is not ready: a few seconds at thousands of
+backends, longer only when a GitLab policy project is read under its rate bound."""
 
 
 def compile_files(
@@ -73,8 +78,10 @@ def compile_model(
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
-def compile_dir(root: Path, memo: CompilerMemo | None = None) -> tuple[Policy, dict[str, Snapshot]]:
-    return compile_files(read_policy_dir(root), memo)
+def compile_dir(
+    root: Path, memo: CompilerMemo | None = None, limits: ReadLimits = DEFAULT_LIMITS
+) -> tuple[Policy, dict[str, Snapshot]]:
+    return compile_files(read_policy_dir(root, limits), memo)
 
 
 @dataclass
@@ -100,6 +107,7 @@ class PolicyService:
         inventories: Callable[[], Mapping[str, Inventory]] = dict,
         pin_store: PinStore | None = None,
         clock: Callable[[], float] = time.time,
+        reload_timeout: float = DEFAULT_RELOAD_TIMEOUT,
     ) -> None:
         self.source: PolicySource = DirectorySource(source) if isinstance(source, Path) else source
         self.cache = cache
@@ -129,12 +137,21 @@ class PolicyService:
         self._pending_exchange: ExchangePolicy | None = None
         self._clock = clock
         self._lock = asyncio.Lock()
+        # A reload that never ends (a read that blocks) holds the lock: every later reload and recompile, job
+        # revocations included, waits behind it. It cannot be interrupted, so it is made visible instead.
+        self.reload_timeout = reload_timeout
+        self._running_since: float | None = None
+        # Read at scrape time, so they move while the reload thread is stuck (a process has one service).
+        metrics.POLICY_RELOAD_RUNNING.set_function(self.reload_running_seconds)
+        metrics.POLICY_RELOAD_STUCK.set_function(lambda: 1.0 if self.reload_stuck else 0.0)
 
     # -- the two ways snapshots change
 
     def reload(self) -> bool:
         """Read the policy again. True when it was accepted (even if it compiled to the same snapshots)."""
-        return self._apply(self._build())
+        with self._running():
+            outcome = self._build()
+        return self._apply(outcome)
 
     async def reload_off_loop(self) -> bool:
         """The same, reading and compiling in a worker thread so xDS streams keep being served.
@@ -143,7 +160,9 @@ class PolicyService:
         keeps compiles (which share the memo) one at a time.
         """
         async with self._lock:
-            return self._apply(await asyncio.to_thread(self._build))
+            with self._running():
+                outcome = await asyncio.to_thread(self._build)
+            return self._apply(outcome)
 
     async def recompile(self, reason: str) -> bool:
         """Recompile the policy in service because a live input changed (inventory, keys). No file is read.
@@ -157,9 +176,13 @@ class PolicyService:
                 return False
             started = time.perf_counter()
             try:
-                snapshots = await asyncio.to_thread(self._compile, policy)
+                with self._running():
+                    snapshots = await asyncio.to_thread(self._compile, policy)
             except PolicyInvalid as invalid:
                 self._reject(invalid.errors, live=True)
+                return False
+            except Exception as error:
+                self._reject([self._internal_error("compiling", error)], live=True)
                 return False
             metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
             self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
@@ -186,6 +209,22 @@ class PolicyService:
     # -- building
 
     def _build(self) -> dict[str, Snapshot] | list[PolicyError]:
+        """Never raises: whatever goes wrong becomes a reported error, and the last good snapshot stays."""
+        try:
+            return self._build_or_raise()
+        except Exception as error:
+            return [self._internal_error("loading", error)]
+
+    def _internal_error(self, doing: str, error: Exception) -> PolicyError:
+        """A bug, not a policy mistake: one short error line (the traceback only at debug level)."""
+        log.debug("unexpected error while %s the policy", doing, exc_info=error)
+        text = str(error)
+        if len(text) > QUOTE_LIMIT:
+            text = text[: QUOTE_LIMIT - 1] + "…"
+        what = f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return PolicyError(self.source.description, 0, "", f"internal error while {doing} the policy: {what}")
+
+    def _build_or_raise(self) -> dict[str, Snapshot] | list[PolicyError]:
         self.state.last_attempt = self._clock()
         metrics.SNAPSHOT_BUILDS.inc()
         started = time.perf_counter()
@@ -318,19 +357,59 @@ class PolicyService:
         for error in errors:
             log.error("  %s", error)
 
+    # -- the reload watchdog
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        self._running_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._running_since = None
+
+    def reload_running_seconds(self) -> float:
+        """How long the reload (or recompile) in progress has been running; 0.0 when none is."""
+        since = self._running_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def reload_stuck(self) -> bool:
+        return self.reload_running_seconds() > self.reload_timeout
+
+    def _stuck_message(self) -> str | None:
+        running = self.reload_running_seconds()
+        if running <= self.reload_timeout:
+            return None
+        return (
+            f"policy reload running for {running:.0f}s, over the {self.reload_timeout:g}s limit: policy changes and "
+            "job revocations are not applied until it ends"
+        )
+
     @property
     def ready(self) -> bool:
-        return self.state.last_good_load is not None
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        if self.state.last_good_load is None:
+            return "startup not complete (no good policy load yet)"
+        return self._stuck_message()
 
     def status(self) -> dict[str, object]:
+        running = self.reload_running_seconds()
+        stuck = self._stuck_message()
         return {
             "root": self.state.root,
             "revision": self.state.revision,
             "last_good_load": self.state.last_good_load,
             "last_attempt": self.state.last_attempt,
-            "errors": [*self.state.errors, *self.state.live_errors],
+            "errors": [*self.state.errors, *self.state.live_errors, *([stuck] if stuck else [])],
             "warnings": list(self.state.warnings),
             "snapshot_versions": dict(self.state.versions),
+            "reload": {
+                "running_seconds": round(running, 3) if running else None,
+                "timeout_seconds": self.reload_timeout,
+                "stuck": stuck is not None,
+            },
         }
 
 

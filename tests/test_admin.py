@@ -161,6 +161,17 @@ async def test_readyz_503_when_check_raises(http: aiohttp.ClientSession) -> None
     assert "state not initialised" in body
 
 
+async def test_readyz_says_why_it_is_not_ready(http: aiohttp.ClientSession) -> None:
+    reason = "policy reload running for 75s, over the 60s limit"
+    server = AdminServer(status=fake_status, ready=lambda: False, not_ready_reason=lambda: reason, port=0)
+    port = await server.start()
+    try:
+        code, _, body = await get(http, f"http://127.0.0.1:{port}/readyz")
+    finally:
+        await server.stop()
+    assert (code, body) == (503, f"not ready: {reason}\n")
+
+
 async def test_metrics_exposition(admin: Admin, http: aiohttp.ClientSession) -> None:
     SNAPSHOT_BUILDS.inc()
     code, ctype, body = await get(http, admin.url + "/metrics")

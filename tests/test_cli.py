@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.controlplane import ControlPlaneProcess
@@ -143,3 +145,47 @@ def test_serve_with_a_broken_policy_is_alive_but_not_ready(tmp_path: Path) -> No
 def test_serve_refuses_nonsense_collector_settings(tmp_path: Path) -> None:
     result = run("serve", "--policy", str(ROOT / "examples" / "quickstart"), "--gc-full-every", "0")
     assert result.returncode == 2 and "--gc-full-every >= 1" in result.stderr
+
+
+def _quickstart(tmp_path: Path) -> Path:
+    for source in (ROOT / "examples" / "quickstart").iterdir():
+        (tmp_path / source.name).write_text(source.read_text())
+    return tmp_path
+
+
+def test_validate_reports_deep_nesting_with_file_and_line_not_a_traceback(tmp_path: Path) -> None:
+    (_quickstart(tmp_path) / "deep.yaml").write_text("kind: Role\nname: deep\nrules: " + "[" * 900 + "]" * 900 + "\n")
+    result = run("validate", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) < 10, result.stderr[-2000:]
+    assert "deep.yaml:3: rules" + "[0]" * 63 + ": lists and mappings nested deeper than 64 levels" in result.stderr
+
+
+def test_validate_size_bounds_are_flags(tmp_path: Path) -> None:
+    policy = _quickstart(tmp_path)
+    result = run("validate", "--max-policy-file-bytes", "400", str(policy))
+    assert result.returncode == 1 and "file is larger than the 400-byte limit" in result.stderr, result.stderr
+    result = run("validate", "--max-policy-tree-bytes", "1500", str(policy))
+    assert result.returncode == 1 and "more than the 1500-byte limit" in result.stderr, result.stderr
+    assert run("validate", "--max-policy-file-bytes", "0", str(policy)).returncode == 2
+
+
+def test_validate_reports_an_internal_error_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controlplane import service
+    from controlplane.cli.main import main
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(service, "compile_dir", explode)
+    assert main(["validate", str(_quickstart(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{tmp_path}: internal error: RecursionError: maximum recursion depth exceeded\n"
+
+
+def test_a_fifo_in_the_tree_is_an_error_and_validate_does_not_block(tmp_path: Path) -> None:
+    os.mkfifo(_quickstart(tmp_path) / "p.yaml")
+    result = run("validate", str(tmp_path))
+    assert result.returncode == 1 and "p.yaml:1: not a regular file (a named pipe)" in result.stderr, result.stderr

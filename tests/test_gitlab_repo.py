@@ -14,7 +14,7 @@ import pytest
 from controlplane.model.errors import PolicyInvalid
 from controlplane.sources.gitlab import GitLabSource, GitLabUnavailable
 from controlplane.sources.gitlab_repo import STATUS_NAME, PolicyRepo, PolicyRepoError, truncate_description
-from controlplane.sources.policy_dir import read_policy_dir
+from controlplane.sources.policy_dir import READ_CHUNK, ReadLimits, read_policy_dir
 from tests.support.fake_gitlab import FakeGitLab
 
 FILES = {
@@ -138,3 +138,16 @@ def test_long_descriptions_are_truncated_with_an_ellipsis(fake: FakeGitLab, repo
     assert len(description) == 255 and description.endswith("…")
     assert description.startswith("bindings/team/a.yaml:0: roles")
     assert truncate_description("short") == "short" and truncate_description("x" * 255) == "x" * 255
+
+
+def test_the_size_bounds_of_a_directory_apply_to_a_gitlab_tree(fake: FakeGitLab, source: GitLabSource) -> None:
+    fake.add_project("platform/policy", files={**FILES, "big.yaml": "# " + "x" * 1_000_000 + "\n"})
+    repo = PolicyRepo(source, "platform/policy", ReadLimits(max_file_bytes=4096))
+    with pytest.raises(PolicyInvalid) as caught:
+        repo.read_tree(repo.head()[1])
+    (error,) = caught.value.errors
+    assert str(error).startswith("big.yaml:1: file is larger than the 4096-byte limit (")
+    assert max(len(blob) for blob in repo._blobs.values()) <= 4096 + READ_CHUNK  # the download was cut short
+    repo = PolicyRepo(source, "platform/policy", ReadLimits(max_tree_bytes=1_000_010))
+    with pytest.raises(PolicyInvalid, match="more than the 1000010-byte limit"):
+        repo.read_tree(repo.head()[1])

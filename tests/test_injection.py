@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from controlplane.model.load import parse_policy
 from controlplane.model.policy import Injection, Policy
 from controlplane.snapshots import golden
 from controlplane.snapshots.snapshot import LISTENER, ROUTE, SECRET, build_snapshots
-from controlplane.sources.secrets import SecretsSource, read_secrets
+from controlplane.sources.secrets import MAX_SECRET_BYTES, SecretsSource, read_secrets
 
 ISSUER = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
 BINDING = "kind: Binding\nname: b\nissuer: gitlab\nroles: [r]\nsubjects: [{project: 42}]\n"
@@ -231,3 +232,21 @@ def test_secrets_source_recompiles_when_a_file_changes(tmp_path: Path) -> None:
         return seen
 
     assert asyncio.run(scenario()) == ["two"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "big"])
+def test_a_secret_file_that_is_not_a_small_regular_file_is_not_read(tmp_path: Path, kind: str) -> None:
+    """The secrets are read during a reload: a FIFO there blocked it for good, /dev/zero grew it without bound."""
+    file = tmp_path / "secret"
+    if kind == "fifo":
+        os.mkfifo(file)
+    elif kind == "zero":
+        file.symlink_to("/dev/zero")
+    else:
+        file.write_text("x" * (MAX_SECRET_BYTES + 1))
+    policy = parse_policy(_files(f"inject: {{secret_file: {file}}}\n"))
+    done: list[dict[str, str]] = []
+    worker = threading.Thread(target=lambda: done.append(read_secrets(policy)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done == [{}]

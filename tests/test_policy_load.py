@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from controlplane.model import load
+from controlplane.model import load, yaml_source
 from controlplane.model.errors import PolicyError, PolicyInvalid, Source
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.load import parse_policy
@@ -29,7 +33,8 @@ from controlplane.model.policy import (
     UpstreamTLS,
 )
 from controlplane.model.yaml_source import parse_yaml, to_plain
-from controlplane.sources.policy_dir import load_policy_dir, read_policy_dir
+from controlplane.sources import policy_dir
+from controlplane.sources.policy_dir import ReadLimits, load_policy_dir, read_policy_dir
 
 
 def _text(source: str) -> str:
@@ -1127,10 +1132,10 @@ def test_a_reload_parses_only_the_files_that_changed() -> None:
     files = {f"team-{i}.yaml": f"kind: Role\nname: r{i}\nbackend: b\nrules: [{{methods: [GET]}}]\n" for i in range(5)}
     for name, text in files.items():
         parse_yaml(name, text)
-    before = parse_yaml.cache_info()
+    before = yaml_source.parse_cache_info()
     changed = {**files, "team-0.yaml": files["team-0.yaml"] + "# edited\n"}
     results = [parse_yaml(name, text) for name, text in changed.items()]
-    after = parse_yaml.cache_info()
+    after = yaml_source.parse_cache_info()
     assert (after.hits - before.hits, after.misses - before.misses) == (4, 1)
     assert all(r.complete and not r.errors for r in results)
 
@@ -1185,3 +1190,148 @@ def test_an_unchanged_backend_still_claims_its_hosts() -> None:
 def test_a_document_that_failed_is_reported_again_on_the_next_load() -> None:
     broken = {**FULL, "roles.yml": FULL["roles.yml"].replace("backend: api\n", "backend: nope\n")}
     assert _errors_of(broken) == _errors_of(broken)
+
+
+# --- hostile input: only regular files inside the tree, bounded sizes, bounded nesting, short quotes ----------
+
+
+def _read_in_time(root: Path, timeout: float = 10.0, **limits: int) -> tuple[dict[str, str] | None, list[str]]:
+    """read_policy_dir in a thread with a deadline: a read that blocks (a FIFO) fails the test instead of hanging it."""
+    outcome: list[tuple[dict[str, str] | None, list[str]]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((read_policy_dir(root, ReadLimits(**limits) if limits else ReadLimits()), []))
+        except PolicyInvalid as invalid:
+            outcome.append((None, [str(e) for e in invalid.errors]))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "read_policy_dir blocked"
+    assert outcome, "read_policy_dir raised something other than PolicyInvalid"
+    return outcome[0]
+
+
+def test_a_symlink_leaving_the_tree_is_an_error_and_its_target_is_never_quoted(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("upstream-api-key-SUPERSECRET-0123456789\n")
+    root = tmp_path / "policy"
+    _write_tree(root, FULL)
+    (root / "leak.yaml").symlink_to(secret)
+    texts, errors = _read_in_time(root)
+    assert texts is None
+    assert len(errors) == 1 and errors[0].startswith("leak.yaml:1: ") and "outside the policy tree" in errors[0]
+    assert "SUPERSECRET" not in errors[0] and str(secret) not in errors[0]
+
+
+def test_a_symlink_inside_the_tree_is_read(tmp_path: Path) -> None:
+    """Kubernetes ConfigMap volumes are all symlinks: x.yaml -> ..data/x.yaml -> ..2024_01/x.yaml."""
+    _write_tree(tmp_path / "..2024_01", FULL)
+    (tmp_path / "..data").symlink_to("..2024_01")
+    for name in FULL:
+        if "/" not in name:
+            (tmp_path / name).symlink_to(f"..data/{name}")
+    (tmp_path / "inventory").symlink_to("..data/inventory")
+    texts, errors = _read_in_time(tmp_path)
+    assert not errors and texts is not None and set(texts) == {n for n in FULL if "/" not in n}
+
+
+def test_fifos_devices_and_sockets_are_errors_not_reads(tmp_path: Path) -> None:
+    _write_tree(tmp_path, FULL)
+    os.mkfifo(tmp_path / "p.yaml")
+    (tmp_path / "z.yaml").symlink_to("/dev/zero")  # leaves the tree, and is a device
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "s.yaml"))
+        texts, errors = _read_in_time(tmp_path)
+    assert texts is None
+    by_file = {e.split(":")[0]: e for e in errors}
+    assert set(by_file) == {"p.yaml", "s.yaml", "z.yaml"}, errors
+    assert "not a regular file (a named pipe)" in by_file["p.yaml"]
+    assert "not a regular file (a socket)" in by_file["s.yaml"]
+    assert all(e.split(":")[1] == "1" for e in errors)
+
+
+def test_a_device_inside_the_tree_is_refused_by_type(tmp_path: Path) -> None:
+    """/dev/zero grew the server to 5 GB; a device reached without a symlink is refused by its type too."""
+    if os.geteuid() != 0:
+        pytest.skip("mknod of a character device needs root")
+    _write_tree(tmp_path, FULL)
+    os.mknod(tmp_path / "zero.yaml", 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # what /dev/zero is
+    texts, errors = _read_in_time(tmp_path)
+    assert texts is None and len(errors) == 1
+    assert errors[0].startswith("zero.yaml:1: ") and "not a regular file (a character device)" in errors[0]
+
+
+def test_file_and_tree_size_bounds(tmp_path: Path) -> None:
+    _write_tree(tmp_path, FULL)
+    (tmp_path / "big.yaml").write_text("# " + "x" * 5000 + "\n")
+    texts, errors = _read_in_time(tmp_path, max_file_bytes=4096)
+    assert texts is None and len(errors) == 1
+    assert errors[0].startswith("big.yaml:1: ") and "larger than the 4096-byte limit" in errors[0]
+    total = sum(len(t.encode()) for t in FULL.values()) + 5003
+    texts, errors = _read_in_time(tmp_path, max_tree_bytes=total - 1)
+    assert texts is None and len(errors) == 1 and f"more than the {total - 1}-byte limit" in errors[0]
+    texts, errors = _read_in_time(tmp_path, max_tree_bytes=total)
+    assert not errors and texts is not None
+
+
+def test_a_file_that_grows_while_read_is_cut_at_the_bound(tmp_path: Path) -> None:
+    """fstat said small, but the read stops at the bound whatever the file turns into meanwhile."""
+    (tmp_path / "a.yaml").write_text("x" * 100)
+    fd = os.open(tmp_path / "a.yaml", os.O_RDONLY)
+    try:
+        assert policy_dir._read_bounded(fd, 10) is None
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert policy_dir._read_bounded(fd, 100) == b"x" * 100
+    finally:
+        os.close(fd)
+
+
+def _nested(depth: int) -> str:
+    return "kind: Role\nname: r\nbackend: b\nrules: " + "[" * depth + "]" * depth + "\n"
+
+
+@pytest.mark.parametrize("depth", [65, 900, 200_000])
+def test_deep_nesting_is_an_error_with_file_and_line_not_a_crash(depth: int) -> None:
+    parsed = parse_yaml("deep.yaml", _nested(depth))
+    assert len(parsed.errors) == 1
+    error = str(parsed.errors[0])
+    assert error.startswith("deep.yaml:4: ") and "nested deeper than 64 levels" in error, error
+    if depth < 1000:  # past 1,000 levels libyaml stops first, with the line but no field
+        assert error.startswith("deep.yaml:4: rules" + "[0]" * 63 + ": ")
+    with pytest.raises(PolicyInvalid) as raised:
+        parse_policy({"deep.yaml": _nested(depth)})
+    assert any("nested deeper than 64" in str(e) for e in raised.value.errors)
+
+
+def test_deep_block_nesting_names_the_field_path() -> None:
+    text = "kind: Role\nname: r\nrules:\n  - paths:\n" + "".join("  " * (i + 2) + "- \n" for i in range(70))
+    parsed = parse_yaml("deep.yaml", text.replace("- \n", "-\n"))
+    (error,) = parsed.errors
+    assert error.field.startswith("rules[0].paths[0][0]") and error.line > 4, error
+
+
+def test_nesting_at_the_bound_is_accepted() -> None:
+    parsed = parse_yaml("ok.yaml", "a: " + "[" * 63 + "]" * 63 + "\n")
+    assert parsed.complete and not parsed.errors
+
+
+def test_error_messages_quote_at_most_a_short_value() -> None:
+    long = "upstream-api-key-SUPERSECRET-" + "x" * 200
+    errors = _errors_of({**FULL, "roles.yml": FULL["roles.yml"].replace("backend: api\n", f"backend: {long}\n", 1)})
+    (quoted,) = [e for e in errors if "SUPERSECRET" in e]
+    assert "x" * 40 not in quoted and "…" in quoted
+    errors = _errors_of({**FULL, "b.yaml": f"kind: Backend\nname: x\nhosts: [x.local]\nendpoints: {long}\n"})
+    assert all(len(e) < 200 for e in errors), errors
+
+
+def test_the_parse_cache_keeps_only_the_latest_text_of_each_file_within_a_byte_bound() -> None:
+    """86 -> 237 MB: the old cache kept every 50 MB file it had seen."""
+    big = "a: '" + "x" * 1_000_000 + "'\n"
+    for i in range(40):
+        parse_yaml("big.yaml", big + f"# {i}\n")
+    assert yaml_source.parse_cache_info().bytes <= 2_000_000
+    for i in range(40):
+        parse_yaml(f"f{i}.yaml", big)
+    assert yaml_source.parse_cache_info().bytes <= yaml_source.PARSE_CACHE_BYTES

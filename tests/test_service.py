@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 from pathlib import Path
 
+import pytest
+
+from controlplane import service as service_module
 from controlplane.admin import metrics
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER
 from controlplane.sources.pins import PinStore
+from controlplane.sources.policy_source import DirectorySource, PolicyFiles
+from tests.support.ports import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,3 +150,98 @@ def test_a_commit_rebuilds_the_token_exchange_entries_of_the_backends_it_touched
     fresh = PolicyService(tmp_path / "policy", SnapshotCache())
     fresh.reload()
     assert fresh.exchange_policy == service.exchange_policy
+
+
+# --- hostile input: nothing raised past the service, and a reload that cannot finish is visible ----------------
+
+
+def _gauge(name: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value(name)
+
+
+def test_an_unexpected_exception_while_loading_is_a_reported_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A RecursionError used to escape the reload: serve exited at start, a running one silently kept the old policy."""
+    service = _service(tmp_path)
+
+    def explode(files: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded while calling a Python object " + "x" * 500)
+
+    monkeypatch.setattr(service_module, "parse_policy", explode)
+    assert not service.reload() and not service.ready
+    (error,) = service.state.errors
+    assert error.startswith(f"{tmp_path / 'policy'}:0: internal error while loading the policy: RecursionError"), error
+    assert "x" * 40 not in error
+    assert metrics.POLICY_CURRENT_ERRORS._value.get() == 1
+    assert service.status()["errors"] == [error]
+    assert sum("Traceback" in r.getMessage() or r.exc_info is not None for r in caplog.records) == 0
+
+
+async def test_an_unexpected_exception_while_recompiling_is_a_reported_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _service(tmp_path)
+    assert service.reload()
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(service_module, "compile_model", explode)
+    assert not await service.recompile("issuer keys changed")
+    assert service.status()["errors"] == [
+        f"{tmp_path / 'policy'}:0: internal error while compiling the policy: KeyError: 'boom'"
+    ]
+    assert service.ready  # the last good snapshot stays in service
+
+
+def test_a_deeply_nested_policy_is_an_error_with_file_and_line(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    (tmp_path / "policy" / "deep.yaml").write_text(
+        "kind: Role\nname: deep\nbackend: b\nrules: " + "[" * 900 + "]" * 900
+    )
+    assert not service.reload()
+    assert (
+        "deep.yaml:4: rules" + "[0]" * 63 + ": lists and mappings nested deeper than 64 levels" in service.state.errors
+    )
+
+
+class _BlockingSource:
+    """A directory whose next read waits for `release`: a read that never returns, as a FIFO made it."""
+
+    def __init__(self, root: Path) -> None:
+        self.inner = DirectorySource(root)
+        self.description = str(root)
+        self.blocked = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def read(self) -> PolicyFiles:
+        self.blocked.set()
+        self.release.wait(30)
+        return self.inner.read()
+
+    def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
+        return None
+
+
+async def test_a_reload_that_does_not_finish_makes_the_server_not_ready(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    source = _BlockingSource(tmp_path / "policy")
+    service = PolicyService(source, SnapshotCache(), reload_timeout=0.2)
+    assert await service.reload_off_loop() and service.ready
+    assert service.status()["reload"] == {"running_seconds": None, "timeout_seconds": 0.2, "stuck": False}
+    source.release.clear()
+    stuck = asyncio.create_task(service.reload_off_loop())
+    try:
+        await eventually(lambda: not service.ready, "not ready while the reload hangs")
+        status = service.status()
+        assert status["reload"]["stuck"] is True  # type: ignore[index]
+        assert any("policy reload running for" in e and "not applied" in e for e in status["errors"])  # type: ignore[union-attr]
+        assert _gauge("controlplane_policy_reload_stuck") == 1
+        assert (_gauge("controlplane_policy_reload_running_seconds") or 0) >= 0.2
+    finally:
+        source.release.set()
+    assert await stuck and service.ready
+    assert service.status()["reload"]["stuck"] is False  # type: ignore[index]
+    assert _gauge("controlplane_policy_reload_stuck") == 0

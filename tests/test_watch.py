@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model.errors import PolicyInvalid
+from controlplane.sources.policy_dir import read_policy_dir
 from controlplane.sources.watch import watch_policy_dir
 
 QUIET = 0.1
@@ -309,3 +311,31 @@ def test_rejects_max_wait_below_quiet(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="quiet"):
         asyncio.run(watch_policy_dir(tmp_path, noop, quiet=0.5, max_wait=0.1, stop=asyncio.Event()))
+
+
+async def test_a_fifo_in_the_tree_neither_blocks_the_reload_nor_stops_later_edits(tmp_path: Path) -> None:
+    """A named pipe saved as p.yaml froze every later reload (the read waited for a writer that never came)."""
+    root = tmp_path / "policy"
+    write(root / "a.yaml", "kind: a\n")
+    outcomes: list[str] = []
+
+    async def reload(changed: set[str]) -> None:
+        try:
+            texts = await asyncio.wait_for(asyncio.to_thread(read_policy_dir, root), timeout=DEADLINE)
+            outcomes.append("ok: " + ", ".join(sorted(texts)))
+        except PolicyInvalid as invalid:
+            outcomes.append("; ".join(str(e) for e in invalid.errors))
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(watch_policy_dir(root, reload, quiet=QUIET, max_wait=MAX_WAIT, stop=stop, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), timeout=DEADLINE)
+        os.mkfifo(root / "p.yaml")
+        await wait_until(lambda: bool(outcomes), what="the reload after the FIFO appeared")
+        assert outcomes == ["p.yaml:1: not a regular file (a named pipe): only regular files are read"]
+        (root / "p.yaml").unlink()
+        write(root / "b.yaml", "kind: b\n")
+        await wait_until(lambda: outcomes[-1] == "ok: a.yaml, b.yaml", what="the later edit")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=DEADLINE)

@@ -136,6 +136,7 @@ class AdminServer:
         port: int = 9902,
         fleet: Callable[[FleetQuery], dict[str, Any]] | None = None,
         limits: HttpLimits = ADMIN_LIMITS,
+        not_ready_reason: Callable[[], str | None] | None = None,
     ) -> None:
         """``status`` gives the document's fleet-independent part (policy, JWKS, GitLab...); ``fleet`` answers
         a query with ``proxies``, ``page``, ``filters`` and ``summary`` (``ProxyRegistry.fleet``), merged in.
@@ -144,6 +145,7 @@ class AdminServer:
         self._status = status
         self._fleet = fleet
         self._ready = ready
+        self._not_ready_reason = not_ready_reason  # what /readyz says when not ready
         self._host = host
         self._port = port
         self._limits = limits
@@ -195,7 +197,10 @@ class AdminServer:
             return web.Response(status=503, text=f"not ready: readiness check failed: {exc}\n")
         if ready:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: startup not complete (no good policy load yet)\n")
+        reason = self._not_ready_reason() if self._not_ready_reason else None
+        return web.Response(
+            status=503, text=f"not ready: {reason or 'startup not complete (no good policy load yet)'}\n"
+        )
 
     async def _status_view(self, request: web.Request) -> web.Response:
         try:

@@ -105,6 +105,16 @@ POLICY_SECONDS_SINCE_GOOD_LOAD = Gauge(
     "Seconds since the last policy load that produced a snapshot (-1 before the first).",
     registry=REGISTRY,
 )
+POLICY_RELOAD_RUNNING = Gauge(
+    "controlplane_policy_reload_running_seconds",
+    "Seconds the policy reload (or recompile) in progress has been running; 0 when none is.",
+    registry=REGISTRY,
+)
+POLICY_RELOAD_STUCK = Gauge(
+    "controlplane_policy_reload_stuck",
+    "1 while a policy reload has run longer than its timeout: policy changes and revocations are not applied.",
+    registry=REGISTRY,
+)
 
 
 def _seconds_since_good_load() -> float:

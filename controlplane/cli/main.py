@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from controlplane.cli.validate import ServedInputs
     from controlplane.model.policy import Policy
     from controlplane.snapshots.snapshot import Snapshot
+    from controlplane.sources.policy_dir import ReadLimits
 
 DEFAULT_POLICY = os.environ.get("CONTROLPLANE_POLICY", "policy")
 
@@ -28,6 +29,46 @@ def _host_port(value: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The policy tree's size bounds, the same for every command that reads one (docs/policy-input.md)."""
+    from controlplane.sources.policy_dir import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_TREE_BYTES
+
+    parser.add_argument(
+        "--max-policy-file-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help=f"largest policy file read (default {DEFAULT_MAX_FILE_BYTES})",
+    )
+    parser.add_argument(
+        "--max-policy-tree-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_TREE_BYTES,
+        help=f"largest policy tree read, all files together (default {DEFAULT_MAX_TREE_BYTES})",
+    )
+
+
+def _limits(args: argparse.Namespace) -> ReadLimits:
+    from controlplane.sources.policy_dir import ReadLimits
+
+    return ReadLimits(max_file_bytes=args.max_policy_file_bytes, max_tree_bytes=args.max_policy_tree_bytes)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,10 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     from controlplane.cli.validate import add_served_input_arguments
 
     add_served_input_arguments(validate, _host_port)
+    _add_limit_arguments(validate)
 
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
+    _add_limit_arguments(compile_)
 
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
@@ -65,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
     serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
+    _add_limit_arguments(serve)
+    serve.add_argument(
+        "--reload-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a policy reload may run before /readyz says not ready (it cannot be interrupted)",
+    )
     serve.add_argument(
         "--gc-interval",
         type=float,
@@ -198,7 +248,7 @@ def _stdout_closed() -> int:
 
 
 def _compile_or_report(
-    policy_dir: Path, served: Callable[[Policy], ServedInputs] | None = None
+    policy_dir: Path, limits: ReadLimits, served: Callable[[Policy], ServedInputs] | None = None
 ) -> tuple[Policy, dict[str, Snapshot], list[PolicyError], ServedInputs] | None:
     """Compile a policy tree, or print every error (file:line: field: message) and return None.
 
@@ -207,13 +257,14 @@ def _compile_or_report(
     them."""
     from controlplane.cli.validate import ServedInputs
     from controlplane.compiler.memo import CompilerMemo
+    from controlplane.model.errors import QUOTE_LIMIT
     from controlplane.model.load import parse_policy, policy_warnings
     from controlplane.service import compile_model
     from controlplane.sources.policy_dir import read_policy_dir
 
     memo = CompilerMemo()
     try:
-        policy = parse_policy(read_policy_dir(policy_dir))
+        policy = parse_policy(read_policy_dir(policy_dir, limits))
         inputs = served(policy) if served is not None else ServedInputs()
         snapshots = compile_model(
             policy,
@@ -230,13 +281,17 @@ def _compile_or_report(
         print(f"{len(invalid.errors)} error(s) in {policy_dir}", file=sys.stderr)
     except OSError as error:
         print(f"{policy_dir}: {error}", file=sys.stderr)
+    except Exception as error:  # a bug: one line, like any other verdict (the policy repo's CI shows it)
+        text = str(error)
+        brief = text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 1] + "…"
+        print(f"{policy_dir}: internal error: {type(error).__name__}: {brief}", file=sys.stderr)
     return None
 
 
 def _validate(args: argparse.Namespace) -> int:
     from controlplane.cli.validate import served_inputs
 
-    compiled = _compile_or_report(args.policy, lambda policy: served_inputs(policy, args))
+    compiled = _compile_or_report(args.policy, _limits(args), lambda policy: served_inputs(policy, args))
     if compiled is None:
         return 1
     policy, snapshots, warnings, inputs = compiled
@@ -257,7 +312,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from controlplane.snapshots import golden
 
-    compiled = _compile_or_report(args.policy)
+    compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
     for path in golden.write(compiled[1], args.out):
@@ -339,6 +394,8 @@ def _serve(args: argparse.Namespace) -> int:
         xds_insecure=args.xds_insecure,
         admin_limits=admin_limits,
         webhook_limits=webhook_limits,
+        policy_limits=_limits(args),
+        reload_timeout=args.reload_timeout,
     )
     return asyncio.run(serve(options))
 

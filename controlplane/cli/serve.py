@@ -25,12 +25,13 @@ from controlplane.gc_control import CollectorSchedule
 from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
 from controlplane.model.policy import Policy
-from controlplane.service import PolicyService
+from controlplane.service import DEFAULT_RELOAD_TIMEOUT, PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.gitlab import GitLabSource, token_from
 from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.pins import PinStore
+from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
 from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
@@ -89,6 +90,8 @@ class ServeOptions:
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
     admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (admin/serving.py)
     webhook_limits: HttpLimits = WEBHOOK_LIMITS
+    policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
+    reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
 
 
 class ControlPlane:
@@ -109,6 +112,7 @@ class ControlPlane:
             self.cache,
             inventories=self.gitlab.inventories,
             pin_store=PinStore(options.state_dir / "pins.json"),
+            reload_timeout=options.reload_timeout,
         )
         self.keys = KeyRelay(self.policy.set_keys, refresh_interval=options.jwks_refresh)
         self.credentials = (
@@ -150,6 +154,7 @@ class ControlPlane:
             status=self.status,
             fleet=lambda query: self.registry.fleet(query, current_versions),
             ready=lambda: self.policy.ready,
+            not_ready_reason=self.policy.not_ready_reason,
             host=options.admin_host,
             port=options.admin_port,
             limits=options.admin_limits,
@@ -345,10 +350,10 @@ def _policy_project(options: GitLabPolicyOptions | None) -> PolicyProject | None
 def _policy_source(options: ServeOptions) -> PolicySource:
     gitlab = options.policy_gitlab
     if gitlab is None:
-        return DirectorySource(options.policy)
+        return DirectorySource(options.policy, options.policy_limits)
     client = GitLabSource(gitlab.url, token_from(gitlab.token_env, gitlab.token_file))
     project = int(gitlab.project) if gitlab.project.isdigit() else gitlab.project
-    return GitLabPolicySource(PolicyRepo(client, project))
+    return GitLabPolicySource(PolicyRepo(client, project, options.policy_limits))
 
 
 def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane.compiler.claims import Condition, ResolvedSubject, glob_to_regex, is_glob
-from controlplane.model.errors import PolicyError
+from controlplane.model.errors import PolicyError, quoted
 from controlplane.model.inventory import Inventory, Project
 from controlplane.model.policy import ClaimMatch, Issuer, IssuerKind, Subject
 
@@ -144,7 +144,7 @@ class Resolver:
         owner = self._by_path.get(ref)
         if pinned is not None and owner is not None and owner.id != pinned:
             message = (
-                f"path {ref!r} now belongs to project {owner.id}, but it was project {pinned}: "
+                f"path {quoted(ref)} now belongs to project {owner.id}, but it was project {pinned}: "
                 f"never rebound silently; write the id of the project you mean"
             )
             found.errors.append(PolicyError.at(subject.source, "project", message))
@@ -160,7 +160,7 @@ class Resolver:
             found.warnings.append(_withdrawn(subject, f"project {ref} (id {pinned}) was deleted"))
             return None
         found.pins[ref] = pinned
-        moved_note = f"{ref!r} is now {moved.path!r} (id {pinned}): access kept; update the policy"
+        moved_note = f"{quoted(ref)} is now {quoted(moved.path)} (id {pinned}): access kept; update the policy"
         found.warnings.append(PolicyError.at(subject.source, "project", moved_note))
         return moved
 
@@ -209,9 +209,9 @@ class Resolver:
     def _unknown(self, what: str, path: str) -> str:
         if self.issuer.inventory is None:
             where = f"an inventory or a GitLab api on issuer {self.issuer.name!r}"
-            return f"{what} path {path!r} needs {where} (or write the id)"
+            return f"{what} path {quoted(path)} needs {where} (or write the id)"
         where = "GitLab" if self.inventory.live else f"the inventory of issuer {self.issuer.name!r}"
-        return f"no {what} with path {path!r} in {where}"
+        return f"no {what} with path {quoted(path)} in {where}"
 
 
 def _conditions(claims: Iterable[ClaimMatch]) -> list[Condition]:

@@ -40,3 +40,23 @@ class PolicyInvalid(Exception):
     def __init__(self, errors: list[PolicyError]) -> None:
         self.errors = sorted(set(errors))
         super().__init__("\n".join(str(e) for e in self.errors))
+
+
+QUOTE_LIMIT = 40
+"""Longest value an error message quotes: enough to recognise a typo, too short to leak a secret pasted by mistake."""
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)`, cut to at most `limit` characters with an ellipsis.
+
+    Errors go to logs, `/status` and GitLab commit statuses, which more people read than the policy repository:
+    a value written where it should not be (a key pasted into `backend:`) must not travel further whole.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        short = repr(value[: limit - 3] + "…")
+        if len(short) <= limit:
+            return short
+    return text[: limit - 1] + "…"

@@ -22,7 +22,7 @@ from functools import partial
 from typing import TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
-from controlplane.model.errors import PolicyError, PolicyInvalid, Source
+from controlplane.model.errors import PolicyError, PolicyInvalid, Source, quoted
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.policy import (
     Backend,
@@ -109,11 +109,11 @@ def _attempt(ctx: _Ctx, build: Callable[[], T]) -> T | None:
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {quoted(close[0])}?)" if close else ""
 
 
 def _one_of_message(what: str, value: str, choices: Collection[str]) -> str:
-    return f"unknown {what} {value!r}{_suggest(value, choices)}; allowed: {', '.join(choices)}"
+    return f"unknown {what} {quoted(value)}{_suggest(value, choices)}; allowed: {', '.join(choices)}"
 
 
 # --- scalar converters -------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def _in_range(lo: int, hi: int) -> Conv[int]:
 
 
 def _matching(regex: re.Pattern[str], rule: str) -> Conv[str]:
-    return _checked(_string, lambda v: None if regex.match(v) else f"{rule}, got {v!r}")
+    return _checked(_string, lambda v: None if regex.match(v) else f"{rule}, got {quoted(v)}")
 
 
 def _enum(what: str, choices: Collection[str]) -> Conv[str]:
@@ -185,7 +185,7 @@ def _enum(what: str, choices: Collection[str]) -> Conv[str]:
 
 
 def _equal(expected: str) -> Conv[str]:
-    return _checked(_string, lambda v: None if v == expected else f"expected {expected!r}, got {v!r}")
+    return _checked(_string, lambda v: None if v == expected else f"expected {quoted(expected)}, got {quoted(v)}")
 
 
 _port = _in_range(1, 65535)
@@ -196,7 +196,7 @@ _host_pattern = _matching(_WILDCARD_HOST_RE, "expected a lower-case DNS name (or
 
 
 def _absolute_path_check(value: str) -> str | None:
-    return None if value.startswith("/") else f"expected an absolute path, got {value!r}"
+    return None if value.startswith("/") else f"expected an absolute path, got {quoted(value)}"
 
 
 _absolute_path = _checked(_string, _absolute_path_check)
@@ -208,7 +208,7 @@ def _address_check(value: str) -> str | None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        return f"expected an IP address or a lower-case DNS name, got {value!r}"
+        return f"expected an IP address or a lower-case DNS name, got {quoted(value)}"
     return None
 
 
@@ -219,7 +219,7 @@ def _ip_check(value: str) -> str | None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        return f"expected an IP address, got {value!r}"
+        return f"expected an IP address, got {quoted(value)}"
     return None
 
 
@@ -229,15 +229,15 @@ _ip = _checked(_string, _ip_check)
 def _url_check(value: str) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"expected an http(s) URL, got {value!r}"
+        return f"expected an http(s) URL, got {quoted(value)}"
     if parts.query or parts.fragment or parts.username or any(c.isspace() for c in value):
-        return f"expected a URL without query, fragment, credentials or spaces, got {value!r}"
+        return f"expected a URL without query, fragment, credentials or spaces, got {quoted(value)}"
     return None
 
 
 def _issuer_url_check(value: str) -> str | None:
     if value.endswith("/"):
-        return f"must not end with '/': it must equal the tokens' iss exactly, got {value!r}"
+        return f"must not end with '/': it must equal the tokens' iss exactly, got {quoted(value)}"
     return _url_check(value)
 
 
@@ -322,7 +322,7 @@ def _report_duplicates(ctx: _Ctx, items: Iterable[tuple[object, int, str]]) -> b
         if value is None:
             continue
         if value in first:
-            ctx.error(line, path, f"duplicate value {value!r} (first at line {first[value]})")
+            ctx.error(line, path, f"duplicate value {quoted(value)} (first at line {first[value]})")
             found = True
         else:
             first[value] = line
@@ -346,7 +346,7 @@ class _Fields:
                 ctx.error(entry.key_line, child_path(path, key), misplaced[key])
             elif key not in allowed:
                 known = sorted(allowed)
-                message = f"unknown key {key!r}{_suggest(key, known)}; allowed: {', '.join(known)}"
+                message = f"unknown key {quoted(key)}{_suggest(key, known)}; allowed: {', '.join(known)}"
                 ctx.error(entry.key_line, child_path(path, key), message)
 
     def has(self, key: str) -> bool:
@@ -446,7 +446,7 @@ class _Env:
             declared = self.names.get(kind, {})
             if name in declared or not self.complete:  # a file that failed to parse may declare it
                 return None
-            return f"no {kind} named {name!r}{_suggest(name, declared)}"
+            return f"no {kind} named {quoted(name)}{_suggest(name, declared)}"
 
         return _checked(_string, check)
 
@@ -494,7 +494,7 @@ def _pin_ref(ctx: _Ctx, node: YNode, path: str, regex: re.Pattern[str], what: st
     if isinstance(node, YScalar) and isinstance(node.value, str) and not node.reported:
         if regex.match(node.value):
             return node.value
-        ctx.error(node.line, path, f"expected {what} or a positive id, got {node.value!r} (no globs)")
+        ctx.error(node.line, path, f"expected {what} or a positive id, got {quoted(node.value)} (no globs)")
         return None
     _fail(ctx, node, path, f"{what} or a positive id")
     return None
@@ -515,7 +515,7 @@ _NO_TOKENS = {
 def _inventory_path_check(value: str) -> str | None:
     normal = posixpath.normpath(value)
     if value.startswith("/") or "\\" in value or normal.startswith("../") or normal == "..":
-        return f"expected a path relative to the policy root, got {value!r}"
+        return f"expected a path relative to the policy root, got {quoted(value)}"
     return None
 
 
@@ -562,7 +562,7 @@ def _issuer_inventory(f: _Fields, kind: IssuerKind | None, env: _Env) -> Invento
         return None
     path = _need(f.maybe("inventory", _inventory_path))
     if path not in env.inventories:
-        f.error("inventory", f"no file {path!r} in the policy tree")
+        f.error("inventory", f"no file {quoted(path)} in the policy tree")
         return None
     return _need(env.inventories[path])  # None: the inventory file had errors, reported there
 
@@ -648,9 +648,9 @@ _BACKEND_CREDENTIALS = ("any", "exchanged")
 
 def _exact_path_check(value: str) -> str | None:
     if not value.startswith("/"):
-        return f"must start with '/', got {value!r}"
+        return f"must start with '/', got {quoted(value)}"
     if any(c in value for c in "*?#") or any(c.isspace() for c in value):
-        return f"expected an exact path (no globs, query, fragment or spaces), got {value!r}"
+        return f"expected an exact path (no globs, query, fragment or spaces), got {quoted(value)}"
     return None
 
 
@@ -734,7 +734,7 @@ def _register_hosts(doc: _Doc, f: _Fields, hosts: tuple[str, ...] | None, env: _
     node = f.node.get("hosts")
     if hosts is None or not isinstance(node, YSeq):
         return
-    label = f"Backend {doc.name!r}"
+    label = f"Backend {quoted(doc.name)}"
     for i, (host, item) in enumerate(zip(hosts, node.items, strict=True)):
         env.hosts.add(host, doc.ctx.source(item.line), f"hosts[{i}]", label)
 
@@ -770,20 +770,20 @@ def _method_check(value: str) -> str | None:
     if value in HTTP_METHODS:
         return None
     if value.upper() in HTTP_METHODS:
-        return f"methods are upper-case: write {value.upper()!r}"
+        return f"methods are upper-case: write {quoted(value.upper())}"
     return _one_of_message("method", value, HTTP_METHODS)
 
 
 def _route_path_check(value: str) -> str | None:
     """Exact, or `*` within a segment, or a final `/**` for any depth."""
     if not value.startswith("/"):
-        return f"must start with '/', got {value!r}"
+        return f"must start with '/', got {quoted(value)}"
     if any(c in value for c in "?#") or any(c.isspace() for c in value):
-        return f"no query, fragment or spaces in a path, got {value!r}"
+        return f"no query, fragment or spaces in a path, got {quoted(value)}"
     segments = value.split("/")
     for i, segment in enumerate(segments):
         if "**" in segment and not (segment == "**" and i == len(segments) - 1):
-            return f"'**' is only allowed as a final '/**' (any depth), got {value!r}"
+            return f"'**' is only allowed as a final '/**' (any depth), got {quoted(value)}"
     return None
 
 
@@ -874,7 +874,9 @@ def _claim_enum(*choices: str) -> Conv[str]:
     return _checked(_claim_text, lambda v: None if v in choices else _one_of_message("value", v, choices))
 
 
-_claim_bool = _checked(_claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {v!r}")
+_claim_bool = _checked(
+    _claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {quoted(v)}"
+)
 
 GITLAB_CLAIMS: dict[str, Conv[str]] = {
     "ref": _claim_glob,
@@ -900,13 +902,13 @@ GITLAB_CLAIMS: dict[str, Conv[str]] = {
 
 def _claim_name_problem(name: str, kind: IssuerKind) -> str | None:
     if name in RESERVED_CLAIMS:
-        return f"claim {name!r} is checked by the token validation itself and cannot be matched"
+        return f"claim {quoted(name)} is checked by the token validation itself and cannot be matched"
     if any(c.isspace() for c in name):
-        return f"claim names have no spaces, got {name!r}"
+        return f"claim names have no spaces, got {quoted(name)}"
     if kind is IssuerKind.GITLAB and name in GITLAB_CLAIMS:
-        return f"write {name!r} as a key of the subject, not under claims"
+        return f"write {quoted(name)} as a key of the subject, not under claims"
     if kind is IssuerKind.GITLAB and name in _PINNED_CLAIMS:
-        return f"write {_PINNED_CLAIMS[name]!r} (resolved to ids through the inventory) instead of {name!r}"
+        return f"write {quoted(_PINNED_CLAIMS[name])} (resolved to ids through the inventory) instead of {quoted(name)}"
     return None
 
 
@@ -1071,12 +1073,12 @@ def _parent_problem(path: str, parent_id: int | None, groups: Mapping[int, Group
     """Paths must agree with parent links, or a group pin would silently cover the wrong projects."""
     parent_path = path.rpartition("/")[0]
     if parent_id is None:
-        return ("parent_id", f"missing: {path!r} is a subgroup of {parent_path!r}") if parent_path else None
+        return ("parent_id", f"missing: {quoted(path)} is a subgroup of {quoted(parent_path)}") if parent_path else None
     parent = groups.get(parent_id)
     if parent is None:
         return (key, f"no group with id {parent_id} in this inventory")
     if parent.path != parent_path:
-        return ("path", f"{path!r} is not directly under group {parent_id} ({parent.path!r})")
+        return ("path", f"{quoted(path)} is not directly under group {parent_id} ({quoted(parent.path)})")
     return None
 
 
@@ -1106,7 +1108,7 @@ def _register_names(docs: list[_Doc], errors: list[PolicyError]) -> dict[str, di
     names: dict[str, dict[str, Source]] = {}
     for doc in docs:
         if doc.name is not None:
-            registry.add((doc.kind, doc.name), doc.source, "name", f"{doc.kind} {doc.name!r}")
+            registry.add((doc.kind, doc.name), doc.source, "name", f"{doc.kind} {quoted(doc.name)}")
             names.setdefault(doc.kind, {}).setdefault(doc.name, doc.source)
     registry.report(errors, lambda others: f"duplicate name, also used by {others}")
     return names

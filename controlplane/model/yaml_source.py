@@ -12,7 +12,8 @@ marked `reported`, and readers skip it quietly instead of reporting it twice.
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeAlias, cast
@@ -21,7 +22,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from controlplane.model.errors import PolicyError
+from controlplane.model.errors import QUOTE_LIMIT, PolicyError, quoted
 
 Scalar: TypeAlias = str | int | bool | float | None
 
@@ -90,7 +91,9 @@ def describe(node: YNode) -> str:
         return "a list"
     if node.value is None:
         return "null"
-    return repr(node.text) if isinstance(node.value, str) else node.text
+    if isinstance(node.value, str):
+        return quoted(node.text)
+    return node.text if len(node.text) <= QUOTE_LIMIT else node.text[: QUOTE_LIMIT - 1] + "…"
 
 
 class _Loader(yaml.SafeLoader):
@@ -110,22 +113,30 @@ class _Walker:
     file: str
     errors: list[PolicyError]
     _constructor: SafeConstructor = field(default_factory=SafeConstructor)
+    _depth: int = 0
 
     def error(self, node: Node, path: str, message: str) -> None:
         self.errors.append(PolicyError(self.file, _line(node), path, message))
 
     def walk(self, node: Node, path: str) -> YNode:
-        if isinstance(node, MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, SequenceNode):
+        if isinstance(node, ScalarNode):
+            return self._scalar(node, path)
+        if self._depth >= MAX_DEPTH:  # the policy language nests 5 levels; anything this deep is not policy
+            self.error(node, path, _too_deep())
+            return YScalar(None, _line(node), "", reported=True)
+        self._depth += 1
+        try:
+            if isinstance(node, MappingNode):
+                return self._mapping(node, path)
+            assert isinstance(node, SequenceNode)
             return self._sequence(node, path)
-        assert isinstance(node, ScalarNode)
-        return self._scalar(node, path)
+        finally:
+            self._depth -= 1
 
     def _unsupported_tag(self, node: Node, path: str, default: str) -> bool:
         if node.tag == f"{_TAG}{default}":
             return False
-        self.error(node, path, f"unsupported YAML tag {node.tag!r}")
+        self.error(node, path, f"unsupported YAML tag {quoted(node.tag)}")
         return True
 
     def _sequence(self, node: SequenceNode, path: str) -> YSeq:
@@ -143,7 +154,7 @@ class _Walker:
                 continue
             if key in entries:
                 first = entries[key].key_line
-                self.error(key_node, child_path(path, key), f"duplicate key {key!r} (first at line {first})")
+                self.error(key_node, child_path(path, key), f"duplicate key {quoted(key)} (first at line {first})")
                 continue
             entries[key] = YEntry(_line(key_node), self.walk(value_node, child_path(path, key)))
         return YMap(entries, _line(node), reported=bad)
@@ -161,7 +172,7 @@ class _Walker:
     def _scalar(self, node: ScalarNode, path: str) -> YScalar:
         text = str(node.value)
         if node.tag not in _SCALAR_TAGS:
-            self.error(node, path, f"unsupported YAML tag {node.tag!r}")
+            self.error(node, path, f"unsupported YAML tag {quoted(node.tag)}")
             return YScalar(text, _line(node), text, reported=True)
         if node.tag == f"{_TAG}bool":
             return self._bool(node, path, text)
@@ -178,9 +189,18 @@ class _Walker:
         """YAML 1.1 reads yes/no/on/off as booleans; that surprises people, so only true/false are."""
         word = _BOOL_WORDS.get(text.lower())
         if word is None:
-            self.error(node, path, f"expected true or false, got {text!r} (quote it if you mean the string)")
+            self.error(node, path, f"expected true or false, got {quoted(text)} (quote it if you mean the string)")
             return YScalar(text, _line(node), text, reported=True)
         return YScalar(word, _line(node), text)
+
+
+MAX_DEPTH = 64
+"""Deepest nesting of lists and mappings read: every reader of the tree recurses, so depth is bounded here,
+once, for all of them (900 levels overflowed Python's stack; libyaml itself stops at 1,000)."""
+
+
+def _too_deep() -> str:
+    return f"lists and mappings nested deeper than {MAX_DEPTH} levels"
 
 
 def _line(node: Node) -> int:
@@ -225,16 +245,92 @@ class ParsedYaml:
     complete: bool
 
 
-@functools.lru_cache(maxsize=8192)
+PARSE_CACHE_BYTES = 64 * 1024 * 1024
+"""Text bytes the parse cache may hold: a full tree at the default size bound, twice over."""
+PARSE_CACHE_FILES = 20_000
+
+
+@dataclass(frozen=True)
+class ParseCacheInfo:
+    hits: int
+    misses: int
+    files: int
+    bytes: int
+
+
+class _ParseCache:
+    """The last parse of each file name, while its text is unchanged; bounded in files and in text bytes.
+
+    A reload needs only the previous version of each file (a commit usually changes one of many), so that is
+    all that is kept: an lru over (file, text) pairs kept every version it had seen, 50 MB files included.
+    Least recently used names go first when a bound is reached. Loads run in worker threads, hence the lock.
+    """
+
+    def __init__(self, max_bytes: int, max_files: int) -> None:
+        self._entries: OrderedDict[str, tuple[str, ParsedYaml]] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_files = max_files
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, file: str, text: str) -> ParsedYaml | None:
+        with self._lock:
+            entry = self._entries.get(file)
+            if entry is None or entry[0] != text:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(file)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, file: str, text: str, parsed: ParsedYaml) -> None:
+        with self._lock:
+            self._drop(file)
+            if len(text) > self._max_bytes:
+                return
+            self._entries[file] = (text, parsed)
+            self._bytes += len(text)
+            while self._bytes > self._max_bytes or len(self._entries) > self._max_files:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, file: str) -> None:
+        entry = self._entries.pop(file, None)
+        if entry is not None:
+            self._bytes -= len(entry[0])
+
+    def info(self) -> ParseCacheInfo:
+        with self._lock:
+            return ParseCacheInfo(self.hits, self.misses, len(self._entries), self._bytes)
+
+
+_CACHE = _ParseCache(PARSE_CACHE_BYTES, PARSE_CACHE_FILES)
+
+
+def parse_cache_info() -> ParseCacheInfo:
+    """Hits, misses and what the parse cache holds (`bytes` counts text characters)."""
+    return _CACHE.info()
+
+
 def parse_yaml(file: str, text: str) -> ParsedYaml:
     """Every non-empty document of one file, and every error found in it.
 
     A syntax error ends the file (YAML cannot be resumed after one): the documents before it are
     kept, `complete` is False, and the error carries the line PyYAML reports.
 
-    Cached by (file, text): the result is immutable, and a policy commit usually changes one file of many,
-    so a reload parses only what changed.
+    Cached per file name while the text is unchanged: the result is immutable, so a reload parses only the
+    files that changed and hands the loader the very same nodes for the others.
     """
+    cached = _CACHE.get(file, text)
+    if cached is not None:
+        return cached
+    parsed = _parse(file, text)
+    _CACHE.put(file, text, parsed)
+    return parsed
+
+
+def _parse(file: str, text: str) -> ParsedYaml:
     errors: list[PolicyError] = []
     walker = _Walker(file, errors)
     documents: list[YNode] = []
@@ -248,12 +344,16 @@ def parse_yaml(file: str, text: str) -> ParsedYaml:
         errors.append(_syntax_error(file, exc))
     except yaml.YAMLError as exc:  # e.g. a reader error without a mark
         errors.append(PolicyError(file, 1, "", f"invalid YAML: {exc}"))
+    except RecursionError:  # the pure-Python composer recurses per level (libyaml's stops at 1,000 levels)
+        errors.append(PolicyError(file, 1, "", _too_deep()))
     return ParsedYaml(tuple(documents), tuple(errors), complete)
 
 
 def _syntax_error(file: str, exc: yaml.MarkedYAMLError) -> PolicyError:
     mark = exc.problem_mark or exc.context_mark
     line = int(mark.line) + 1 if mark is not None else 1
+    if exc.problem and "maximum nesting depth" in exc.problem:  # libyaml's own bound, past ours
+        return PolicyError(file, line, "", _too_deep())
     parts = [p for p in (exc.context, exc.problem) if p]
     return PolicyError(file, line, "", "invalid YAML: " + ", ".join(parts))
 

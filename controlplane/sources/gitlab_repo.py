@@ -15,7 +15,15 @@ import gitlab
 from gitlab.exceptions import GitlabGetError
 
 from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.sources.policy_dir import POLICY_SUFFIXES, _is_policy_file
+from controlplane.sources.policy_dir import (
+    DEFAULT_LIMITS,
+    POLICY_SUFFIXES,
+    READ_CHUNK,
+    ReadLimits,
+    _is_policy_file,
+    file_too_large,
+    tree_too_large,
+)
 
 __all__ = ["STATUS_NAME", "GitLabClient", "PolicyRepo", "PolicyRepoError", "StatusState", "truncate_description"]
 
@@ -45,9 +53,10 @@ class PolicyRepoError(Exception):
 class PolicyRepo:
     """One GitLab project whose default branch holds a policy tree."""
 
-    def __init__(self, source: GitLabClient, project: str | int) -> None:
+    def __init__(self, source: GitLabClient, project: str | int, limits: ReadLimits = DEFAULT_LIMITS) -> None:
         self.source = source
         self.project = project
+        self.limits = limits
         self._blobs: dict[str, bytes] = {}  # blob id -> content: a file unchanged between commits is read once
 
     def __repr__(self) -> str:
@@ -67,8 +76,8 @@ class PolicyRepo:
         """{path: text} of every policy file in the tree at `sha`, recursively, in sorted order.
 
         Same rules as a directory (`policy_dir`): YAML only; hidden files and directories, editor leftovers,
-        symlinks and submodules skipped. Raises `PolicyInvalid` naming each file that is not UTF-8, or the
-        commit when it holds no policy file, exactly as `read_policy_dir` does for a directory.
+        symlinks and submodules skipped; the same size bounds. Raises `PolicyInvalid` naming each file that is
+        not UTF-8 or too large, or the commit when it holds no policy file, as `read_policy_dir` does.
         """
         with self.source.errors_as_unavailable():
             project = self._handle()
@@ -81,7 +90,16 @@ class PolicyRepo:
         self._blobs = blobs  # bounded: only the blobs of the last tree read are kept
         texts: dict[str, str] = {}
         errors: list[PolicyError] = []
+        total = 0
         for path, blob in entries:
+            size = len(blobs[blob])
+            total += size
+            if size > self.limits.max_file_bytes:
+                errors.append(PolicyError(path, 1, "", file_too_large(size, self.limits.max_file_bytes)))
+                continue
+            if total > self.limits.max_tree_bytes:
+                errors.append(PolicyError(path, 1, "", tree_too_large(total, self.limits.max_tree_bytes)))
+                break
             try:
                 texts[path] = blobs[blob].decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -124,8 +142,15 @@ class PolicyRepo:
         cached = self._blobs.get(blob)
         if cached is not None:
             return cached
-        content: bytes = project.files.raw(file_path=path, ref=sha)
-        return content
+        # Streamed, and stopped past the bound: a huge blob committed to the policy project costs at most the bound
+        # (plus a chunk) of memory; read_tree then reports it as too large.
+        chunks = project.files.raw(file_path=path, ref=sha, streamed=True, iterator=True, chunk_size=READ_CHUNK)
+        content = bytearray()
+        for chunk in chunks:
+            content += chunk
+            if len(content) > self.limits.max_file_bytes:
+                break
+        return bytes(content)
 
 
 def truncate_description(description: str) -> str:

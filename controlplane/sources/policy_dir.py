@@ -7,6 +7,8 @@ directory, a git commit or a test, and always load to the same `Policy`.
 from __future__ import annotations
 
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.model.errors import PolicyError, PolicyInvalid
@@ -14,6 +16,10 @@ from controlplane.model.load import parse_policy
 from controlplane.model.policy import Policy
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+DEFAULT_MAX_FILE_BYTES = 4 * 1024 * 1024
+"""Per policy file: ~100,000 lines, far beyond any hand-written file (the largest example is 10 KB)."""
+DEFAULT_MAX_TREE_BYTES = 32 * 1024 * 1024
+"""Per tree: thousands of backends and bindings fit in a few MB; parsed, 32 MB of YAML is already ~1 GB."""
 
 
 def _is_policy_file(name: str) -> bool:
@@ -36,24 +42,48 @@ def _root_error(root: Path, message: str) -> PolicyInvalid:
     return PolicyInvalid([PolicyError(str(root), 0, "", message)])
 
 
-def read_policy_dir(root: Path) -> dict[str, str]:
+@dataclass(frozen=True)
+class ReadLimits:
+    """How much a policy tree may hold. A policy is text people review: megabytes of it is a mistake or an
+    attack, and parsing keeps every node in memory (~30x the text), so the bounds keep the server's memory
+    bounded whatever is dropped into the tree."""
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, str]:
     """{posix path relative to root: text} for every policy file under `root`, in sorted order.
 
-    Raises `PolicyInvalid` naming the directory when it is missing or holds no policy file, and
-    naming each file that cannot be read as UTF-8.
+    Only regular files inside the tree are read (a symlink may point elsewhere in the tree, as Kubernetes
+    ConfigMap volumes do); a FIFO, device or socket, a symlink leading out of the tree and a file or tree
+    over `limits` are errors naming the file. No read can block: types are checked before opening, the
+    open does not wait, and reads stop at the bound. Raises `PolicyInvalid` with every such error, naming
+    the directory when it is missing or holds no policy file.
     """
     if not root.is_dir():
         raise _root_error(root, "policy directory does not exist (or is not a directory)")
+    inside = os.path.realpath(root)
     texts: dict[str, str] = {}
     errors: list[PolicyError] = []
+    total = 0
     for path in _policy_paths(root):
         name = path.relative_to(root).as_posix()
+        data = _read_policy_file(path, inside, limits.max_file_bytes)
+        if isinstance(data, str):
+            errors.append(PolicyError(name, 1, "", data))
+            continue
+        total += len(data)
+        if total > limits.max_tree_bytes:
+            errors.append(PolicyError(name, 1, "", tree_too_large(total, limits.max_tree_bytes)))
+            break  # nothing more is read: the bound is on what the server holds
         try:
-            texts[name] = path.read_text(encoding="utf-8")
+            texts[name] = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             errors.append(PolicyError(name, 1, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"))
-        except OSError as exc:
-            errors.append(PolicyError(name, 1, "", f"cannot read: {exc.strerror or exc}"))
     if errors:
         raise PolicyInvalid(errors)
     if not texts:
@@ -61,6 +91,100 @@ def read_policy_dir(root: Path) -> dict[str, str]:
     return texts
 
 
-def load_policy_dir(root: Path) -> Policy:
+def file_too_large(size: int, limit: int, flag: str | None = "--max-policy-file-bytes") -> str:
+    see = f"; see {flag}" if flag else ""
+    return f"file is larger than the {limit}-byte limit ({size} bytes or more{see})"
+
+
+def tree_too_large(total: int, limit: int) -> str:
+    return (
+        f"policy tree exceeds its size limit: {total} bytes with this file, more than the {limit}-byte limit "
+        "(see --max-policy-tree-bytes)"
+    )
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((what for test, what in _FILE_KINDS if test(mode)), "an unknown kind of file")
+    return f"not a regular file ({kind}): only regular files are read"
+
+
+def _read_policy_file(path: Path, inside: str, limit: int) -> bytes | str:
+    """The file's bytes, or why it is refused. Nothing about a file outside the tree is told, not even its path."""
+    try:
+        st = os.lstat(path)
+        target = str(path)
+        if stat.S_ISLNK(st.st_mode):  # the walk does not follow directory symlinks: only file links can leave
+            target = os.path.realpath(path)
+            if os.path.commonpath([target, inside]) != inside:
+                return "a symlink leading outside the policy tree: only files inside the tree are read"
+            st = os.stat(target)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return _read_regular(target, st.st_mode, limit, os.O_NOFOLLOW, "--max-policy-file-bytes")
+
+
+def read_regular_file(path: str, limit: int) -> bytes | str:
+    """The bytes of a regular file of at most `limit` bytes (symlinks followed), or why it is refused.
+
+    For files the policy names by absolute path (injected secrets), read during a reload: the same guarantee
+    as for policy files, that a FIFO or device cannot block or bloat the reload.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return _read_regular(path, mode, limit, 0, None)
+
+
+def _read_regular(target: str, mode: int, limit: int, flags: int, flag: str | None) -> bytes | str:
+    refused = _not_regular(mode)  # before opening: opening a FIFO waits for a writer, a device can have effects
+    if refused:
+        return refused
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | flags)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    try:
+        st = os.fstat(fd)  # what was opened: the path may have been replaced since the stat
+        refused = _not_regular(st.st_mode)
+        if refused:
+            return refused
+        if st.st_size > limit:
+            return file_too_large(st.st_size, limit, flag)
+        data = _read_bounded(fd, limit)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    return file_too_large(limit + 1, limit, flag) if data is None else data
+
+
+READ_CHUNK = 1 << 16
+
+
+def _read_bounded(fd: int, limit: int) -> bytes | None:
+    """At most `limit` bytes to the end of the file, or None when there are more (a file still growing)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := os.read(fd, min(READ_CHUNK, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    return b"".join(chunks)
+
+
+def load_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Policy:
     """The validated policy under `root`; `PolicyInvalid` with every error otherwise."""
-    return parse_policy(read_policy_dir(root))
+    return parse_policy(read_policy_dir(root, limits))

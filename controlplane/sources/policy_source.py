@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from controlplane.sources.policy_dir import read_policy_dir
+from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,13 @@ class PolicySource(Protocol):
 
 
 class DirectorySource:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> None:
         self.root = root
+        self.limits = limits
         self.description = str(root)
 
     def read(self) -> PolicyFiles:
-        return PolicyFiles(read_policy_dir(self.root), str(self.root))
+        return PolicyFiles(read_policy_dir(self.root, self.limits), str(self.root))
 
     def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
         return None

@@ -15,8 +15,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 
 from controlplane.model.policy import Injection, Policy
+from controlplane.sources.policy_dir import read_regular_file
 
 log = logging.getLogger("controlplane.secrets")
+
+MAX_SECRET_BYTES = 64 * 1024
+"""A credential put into a header: a few KB at most (a JWT); anything larger is not one."""
 
 _FileStamp = tuple[int, int, int] | None  # (inode, size, mtime_ns); None: unreadable
 
@@ -28,8 +32,11 @@ def read_secret(injection: Injection, environ: Mapping[str, str] = os.environ) -
         if injection.secret_env is not None:
             value = environ.get(injection.secret_env, "")
         elif injection.secret_file is not None:
-            with open(injection.secret_file, encoding="utf-8") as file:
-                value = file.read()
+            data = read_regular_file(injection.secret_file, MAX_SECRET_BYTES)  # never blocks: read in a reload
+            if isinstance(data, str):
+                log.warning("cannot read secret file %s: %s", injection.secret_file, data)
+                return None
+            value = data.decode("utf-8")
         else:
             return None
     except (OSError, UnicodeDecodeError) as error:
