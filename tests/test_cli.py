@@ -179,7 +179,7 @@ def test_validate_reports_an_internal_error_in_one_line(
     def explode(*args: object, **kwargs: object) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(service, "compile_dir", explode)
+    monkeypatch.setattr(service, "compile_model", explode)
     assert main(["validate", str(_quickstart(tmp_path))]) == 1
     err = capsys.readouterr().err
     assert err == f"{tmp_path}: internal error: RecursionError: maximum recursion depth exceeded\n"
