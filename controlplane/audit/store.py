@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_RECORDS_WRITTEN, AUDIT_WRITE_DURATION
+from controlplane.statefile import FILE_MODE, StateFileError, ensure_state_dir, fsync_directory, make_private
 
 log = logging.getLogger("controlplane.audit")
 
@@ -155,6 +156,33 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _open_private_writer(path: Path) -> sqlite3.Connection:
+    """The writer connection on a file only this user can read (SQLite gives its WAL and shared-memory files the
+    database's mode). A file that is not a usable database raises `StateFileError` naming it: an audit trail
+    silently started afresh, or a crash with a bare SQLite message, would both hide the damage."""
+    ensure_state_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    except OSError as error:
+        raise StateFileError(f"{path}: cannot create the audit store: {error.strerror}") from None
+    make_private(path)
+    for companion in ("-wal", "-shm"):
+        make_private(path.with_name(path.name + companion))
+    try:
+        conn = _connect_writer(path)
+    except sqlite3.Error as error:
+        raise StateFileError(f"{path}: not a usable audit store ({error}): restore it or move it away") from None
+    _fsync_parent(path)
+    return conn
+
+
+def _fsync_parent(path: Path) -> None:
+    try:
+        fsync_directory(path.parent)
+    except OSError as error:
+        log.warning("audit store %s: cannot fsync its directory: %s", path, error.strerror)
+
+
 def open_readonly(path: Path) -> sqlite3.Connection:
     """A read-only connection (works while `serve` writes, and can never modify the trail)."""
     if not path.exists():
@@ -208,13 +236,12 @@ class AuditStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Opens (creating if needed) the database and starts the writer; `retention` None keeps everything."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.retention = retention
         self._batch_size = batch_size
         self._prune_interval = prune_interval
         self._clock = clock
-        self._conn = _connect_writer(path)
+        self._conn = _open_private_writer(path)
         self._conn_lock = threading.Lock()  # the writer thread and prune() share the connection
         self._queue: queue.Queue[AuditRecord | None] = queue.Queue(maxsize=queue_size)
         self._progress = threading.Condition()

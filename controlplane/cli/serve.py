@@ -27,6 +27,7 @@ from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
+from controlplane.statefile import StateFileError, ensure_state_dir
 from controlplane.xds.registry import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import InsecureTransport, ServerTls, XdsTransportError, check_transport, pushes_secrets
@@ -85,7 +86,9 @@ class ControlPlane:
     """The running control plane: policy service, xDS server, admin server and the policy watcher."""
 
     def __init__(self, options: ServeOptions) -> None:
+        """Reads every state file; one that cannot be read raises `StateFileError` (see `serve`)."""
         self.options = options
+        ensure_state_dir(options.state_dir)
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry()
         self.policy_project = _policy_project(options.policy_gitlab)
@@ -338,7 +341,11 @@ def _policy_source(options: ServeOptions) -> PolicySource:
 
 
 async def serve(options: ServeOptions) -> int:
-    plane = ControlPlane(options)
+    try:
+        plane = ControlPlane(options)
+    except StateFileError as unreadable:  # fail closed: never start with an empty deny list, keys or pins
+        log.critical("refusing to start: %s", unreadable)
+        return 3
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plane.request_stop)

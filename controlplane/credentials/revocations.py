@@ -10,10 +10,7 @@ The list is kept in the state directory, so a restart does not hand back access 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
+from controlplane.statefile import StateFileError, atomic_write_json, malformed, read_json, report_write_failure
 
 log = logging.getLogger("controlplane.revocations")
 
@@ -73,22 +71,26 @@ class Revocations:
         return {"revoked_jobs": len(self._until), "next_expiry": self.next_expiry()}
 
     def _load(self) -> dict[str, float]:
+        """The persisted list; {} only when there is none yet. A file that cannot be read raises
+        `StateFileError`: starting with an empty list would hand access back to every finished job."""
         if self.path is None:
             return {}
+        document = read_json(self.path)
+        if document is None:
+            return {}
+        revoked = document.get("revoked") if isinstance(document, dict) else None
+        if not isinstance(revoked, dict):
+            raise malformed(self.path, 'expected an object with a "revoked" object (job id -> Unix time)')
         try:
-            raw = json.loads(self.path.read_text())
-            return {str(job): float(until) for job, until in raw["revoked"].items()}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            log.error("cannot read %s (%s): starting with an empty deny list", self.path, error)
-            return {}
+            return {str(job): float(until) for job, until in revoked.items()}
+        except (TypeError, ValueError):
+            raise malformed(self.path, "a revocation's time is not a number") from None
 
     def _save(self) -> None:
+        """The whole list, atomically; a failure is reported and the in-memory list stays in force."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".revoked-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as out:
-            json.dump({"version": 1, "revoked": self._until}, out, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            atomic_write_json(self.path, {"version": 1, "revoked": self._until})
+        except StateFileError as error:
+            report_write_failure(self.path, error, "the deny list is enforced from memory, not yet on disk")
