@@ -545,3 +545,17 @@ def test_since_takes_durations_and_iso_times() -> None:
     assert parse_since("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
     with pytest.raises(ValueError, match="duration"):
         parse_since("5 minutes")
+
+
+def test_recent_jobs_are_each_job_once_most_recent_first(store: AuditStore) -> None:
+    """What the job recovery sweep asks GitLab about: every job seen at a gateway since a time."""
+    write(
+        store,
+        record(time=100.0, job_id="1", project_id="42"),
+        record(time=300.0, job_id="1", project_id="42"),
+        record(time=200.0, job_id="2", project_id="43", issuer=CREDENTIAL_ISSUER),
+        record(time=50.0, job_id="3", project_id="42"),
+        record(time=400.0, job_id=None, project_id=None),  # no token: no job
+    )
+    assert store.recent_jobs(since=90.0) == [("1", "42", GITLAB, 300.0), ("2", "43", CREDENTIAL_ISSUER, 200.0)]
+    assert store.recent_jobs(since=0.0, limit=1) == [("1", "42", GITLAB, 300.0)]

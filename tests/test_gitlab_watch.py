@@ -125,3 +125,32 @@ async def test_a_burst_of_webhooks_is_read_in_one_resync_and_one_recompile() -> 
     await w._sync_once()
     assert changes.count == 2 and len(source.calls) == 50
     assert all(p.archived for p in w.inventory.projects if p.id >= 100)
+
+
+async def test_gitlab_answering_again_after_an_outage_is_reported_once() -> None:
+    """What GitLab said while unreachable (Job Hooks) was missed: the job recovery sweep hangs on this."""
+    source, changes = FakeSource(), Changes()
+    back: list[str] = []
+    w = InventoryWatcher(
+        "gitlab",
+        source,  # type: ignore[arg-type]
+        on_change=changes,
+        clock=lambda: source.now,
+        reconcile_seconds=0.02,
+        on_reachable=lambda: back.append("gitlab"),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    try:
+        await eventually(lambda: changes.count == 1, "first reconcile", timeout=5)
+        assert back == []  # a first success is not a recovery
+        source.down = True
+        await eventually(lambda: w.last_error is not None, "outage seen", timeout=5)
+        source.down = False
+        await eventually(lambda: back == ["gitlab"], "recovery reported", timeout=5)
+        calls = len(source.calls)
+        await eventually(lambda: len(source.calls) > calls + 2, "more reconciles", timeout=5)
+        assert back == ["gitlab"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

@@ -222,6 +222,18 @@ def query_records(
     return [{key: row[key] for key in ("id", *COLUMNS)} for row in reversed(rows)]
 
 
+def recent_jobs(conn: sqlite3.Connection, since: float, limit: int) -> list[tuple[str, str, str | None, float]]:
+    """(job_id, project_id, issuer, last seen) of the jobs seen at a gateway since `since`, most recent first,
+    at most `limit`: the jobs whose finish the control plane may have missed (see credentials/recovery.py)."""
+    rows = conn.execute(
+        "SELECT job_id, project_id, issuer, MAX(time) AS last FROM audit"
+        " WHERE time >= ? AND job_id IS NOT NULL AND project_id IS NOT NULL"
+        " GROUP BY job_id, project_id, issuer ORDER BY last DESC LIMIT ?",
+        (since, max(0, limit)),
+    ).fetchall()
+    return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2]), float(r[3])) for r in rows]
+
+
 class AuditStore:
     """The append-only store and its writer thread. Thread-safe; `submit` may be called from the event loop."""
 
@@ -369,6 +381,14 @@ class AuditStore:
         conn = open_readonly(self.path)
         try:
             return query_records(conn, job=job, project=project, since=since, limit=limit)
+        finally:
+            conn.close()
+
+    def recent_jobs(self, since: float, limit: int = 1000) -> list[tuple[str, str, str | None, float]]:
+        """See the module-level `recent_jobs`; a read-only connection, never waiting for the writer."""
+        conn = open_readonly(self.path)
+        try:
+            return recent_jobs(conn, since, limit)
         finally:
             conn.close()
 

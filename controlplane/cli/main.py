@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         default=10_800.0,
         help="after a job ends, also deny its raw ID tokens for this many seconds (its timeout); 0: credentials only",
     )
+    creds.add_argument(
+        "--job-sweep-interval",
+        type=float,
+        default=300.0,
+        help="seconds between sweeps asking GitLab whether jobs with access finished (missed Job Hooks)",
+    )
     audit = serve.add_argument_group("audit trail")
     audit.add_argument("--audit-db", type=Path, help="SQLite file (default: <state dir>/audit.sqlite3)")
     audit.add_argument("--audit-retention", type=float, default=30 * 86_400.0, help="seconds audit records are kept")
@@ -249,6 +255,7 @@ def _serve(args: argparse.Namespace) -> int:
             rotate_every=args.key_rotation,
             max_credential_ttl=args.max_credential_ttl,
             deny_id_tokens_for=args.deny_id_tokens_for,
+            job_sweep_interval=args.job_sweep_interval,
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,

@@ -12,6 +12,7 @@ from controlplane import __version__
 from controlplane.admin.http import AdminServer, is_loopback
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
+from controlplane.credentials.recovery import JobRecovery
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.gc_control import CollectorSchedule
 from controlplane.gitlab_link import GitLabLink, PolicyProject
@@ -96,6 +97,7 @@ class ControlPlane:
             on_inventory_change=self._on_inventory_change,
             on_policy_push=self._reload_policy,
             policy_project=self.policy_project,
+            on_reachable=self._on_gitlab_reachable,
         )
         self.policy = PolicyService(
             _policy_source(options),
@@ -133,6 +135,8 @@ class ControlPlane:
             options.audit_db or options.state_dir / "audit.sqlite3", retention=options.audit_retention
         )
         self.als = AccessLogService(self.audit)
+        self.recovery = _job_recovery(self.credentials, self.audit, self.gitlab)
+        self._recovery_loop: asyncio.Task[None] | None = None
         self.xds = XdsServer(
             self.cache, self.registry, log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
         )
@@ -192,6 +196,8 @@ class ControlPlane:
         self._secrets_loop = asyncio.create_task(self.secrets.run(self.stopping))
         await self._follow_issuers(wait=self.options.jwks_startup_wait)
         await self.gitlab.settled(self.options.gitlab_startup_wait)
+        if self.recovery is not None:  # Job Hooks sent while we were down are lost: ask GitLab (recovery.py)
+            self._recovery_loop = asyncio.create_task(self.recovery.run(self.stopping))
         if self.webhooks is not None and self.options.webhooks is not None:
             self.webhook_port = await self.webhooks.start(self.options.webhooks.host, self.options.webhooks.port)
             log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", self.options.webhooks.host, self.webhook_port)
@@ -258,6 +264,8 @@ class ControlPlane:
         await self.gitlab.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self._recovery_loop is not None:
+            await asyncio.gather(self._recovery_loop, return_exceptions=True)
         if self.credentials is not None:
             await self.credentials.stop()
             if self._credential_loop is not None:
@@ -298,6 +306,10 @@ class ControlPlane:
         if self.credentials is not None:
             await self.credentials.on_event(event)
 
+    def _on_gitlab_reachable(self, issuer: str) -> None:
+        if self.recovery is not None:
+            self.recovery.request(f"gitlab {issuer} reachable again")
+
     async def _on_inventory_change(self) -> None:
         await self.policy.recompile("GitLab inventory changed")
         # Paths resolved for the first time are now pinned to ids: watch those ids too, so a project renamed
@@ -321,6 +333,23 @@ class ControlPlane:
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+
+def _job_recovery(credentials: CredentialService | None, audit: AuditStore, gitlab: GitLabLink) -> JobRecovery | None:
+    """Revocation needs the credential service; jobs are looked for among its live credentials and the audit
+    trail's recent requests, for as long as a finished job's raw ID token or credential could still be used."""
+    if credentials is None:
+        return None
+    options = credentials.options
+    return JobRecovery(
+        live=credentials.live_jobs.jobs,
+        seen=audit.recent_jobs,
+        revoked=credentials.revocations.active,
+        reader_for=gitlab.job_status_reader,
+        revoke=credentials.revoke_finished,
+        lookback=max(options.deny_id_tokens_for, options.max_credential_ttl),
+        interval=options.job_sweep_interval,
+    )
 
 
 def _policy_project(options: GitLabPolicyOptions | None) -> PolicyProject | None:

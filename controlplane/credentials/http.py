@@ -8,6 +8,7 @@ in an access log, and nothing logged here holds one (only backend, project, job,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -35,9 +36,16 @@ class BadForm(Exception):
 
 
 class ExchangeEndpoint:
-    def __init__(self, exchange: TokenExchange, *, max_body: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        exchange: TokenExchange,
+        *,
+        max_body: int = MAX_BODY_BYTES,
+        on_granted: Callable[[ExchangeResult], None] | None = None,
+    ) -> None:
         self.exchange = exchange
         self.max_body = max_body
+        self.on_granted = on_granted  # called before the credential is returned (remembering its job)
         self._server = AppServer("exchange endpoint")
 
     def routes(self) -> list[web.RouteDef]:
@@ -61,6 +69,8 @@ class ExchangeEndpoint:
             log.info("token exchange refused (invalid_request): %s", bad)
             return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
         result = self.exchange.exchange(form)
+        if result.granted and self.on_granted is not None:
+            self.on_granted(result)
         _log(result)
         return _json(result.body, result.status)
 

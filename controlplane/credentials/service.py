@@ -15,9 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.credentials.exchange import ExchangePolicy, TokenExchange
+import jwt
+
+from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult, TokenExchange
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
+from controlplane.credentials.live_jobs import LiveJobs
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
 from controlplane.sources.webhooks import GitLabEvent, JobEvent
@@ -36,6 +39,8 @@ class CredentialOptions:
     # After a job ends, its raw ID tokens are denied for this long too (0: only exchanged credentials).
     # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
     deny_id_tokens_for: float = 3 * 3_600.0
+    # Seconds between sweeps asking GitLab about jobs whose Job Hook may have been missed (credentials/recovery.py).
+    job_sweep_interval: float = 300.0
 
 
 class CredentialService:
@@ -59,8 +64,9 @@ class CredentialService:
             clock=clock,
         )
         self.exchange = TokenExchange(keys=self.keys, issuer_keys=issuer_keys, policy=policy, clock=clock)
-        self.endpoint = ExchangeEndpoint(self.exchange)
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
+        self.live_jobs = LiveJobs(options.state_dir / "live-jobs.json", clock=clock)
+        self.endpoint = ExchangeEndpoint(self.exchange, on_granted=self._remember_job)
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()
         self.port = 0
@@ -93,17 +99,37 @@ class CredentialService:
         """A job reached a terminal status: deny its job_id until nothing it holds could be valid."""
         if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
             return
-        job = str(event.job_id)
-        until = max(self.exchange.latest_expiry(job) or 0.0, self.clock() + self.options.deny_id_tokens_for)
-        if self.revocations.revoke(job, until):
-            log.info("job %s %s: access revoked fleet-wide until %s", job, event.status, time.ctime(until))
+        await self.revoke_finished(str(event.job_id), event.status)
+
+    async def revoke_finished(self, job: str, status: str) -> bool:
+        """Deny a finished job (reported by a Job Hook, or found by the recovery sweep); True when newly denied.
+        The remembered expiry of its credentials counts too: after a restart the exchange's own index is empty."""
+        credentials = max(self.exchange.latest_expiry(job) or 0.0, self.live_jobs.until(job) or 0.0)
+        until = max(credentials, self.clock() + self.options.deny_id_tokens_for)
+        revoked = self.revocations.revoke(job, until)
+        self.live_jobs.forget(job)  # the deny list guards it now (or nothing it holds is still valid)
+        if revoked:
+            log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
             await self.on_change()
+        return revoked
+
+    def _remember_job(self, result: ExchangeResult) -> None:
+        """Which GitLab and project to ask about this job after a restart (our own credential, just signed)."""
+        token = result.body.get("access_token")
+        if result.job_id is None or result.project_id is None or not isinstance(token, str):
+            return
+        claims = jwt.decode(token, options={"verify_signature": False})
+        actor = claims.get("act")
+        issuer = actor.get("iss") if isinstance(actor, dict) else None
+        if isinstance(issuer, str):
+            self.live_jobs.note(result.job_id, result.project_id, issuer, float(claims["exp"]))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rotate keys and age out revocations exactly when due."""
         while not stop.is_set():
             changed = self.keys.rotate_if_due()
             changed = self.revocations.prune() or changed
+            self.live_jobs.prune()
             if changed:
                 await self.on_change()
             due = [self.keys.next_change_at(), self.revocations.next_expiry() or float("inf")]

@@ -73,8 +73,10 @@ class InventoryWatcher:
         reconcile_seconds: float = 300.0,
         max_staleness_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
+        on_reachable: Callable[[], None] | None = None,
     ) -> None:
         self.issuer = issuer
+        self.on_reachable = on_reachable  # GitLab answers again after failures: what it said meanwhile was missed
         self.source = source
         self.on_change = on_change
         self.reconcile_seconds = reconcile_seconds
@@ -151,6 +153,8 @@ class InventoryWatcher:
         while not stop.is_set():
             was_stale = self.is_stale()
             ok, changed = await self._sync()
+            if ok and failures and self.on_reachable is not None:
+                self.on_reachable()
             failures = 0 if ok else failures + 1
             if changed or was_stale != self.is_stale():
                 await self.on_change()
