@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.controlplane import ControlPlaneProcess
@@ -101,3 +102,10 @@ def test_serve_with_a_broken_policy_is_alive_but_not_ready(tmp_path: Path) -> No
 def test_serve_refuses_nonsense_collector_settings(tmp_path: Path) -> None:
     result = run("serve", "--policy", str(ROOT / "examples" / "quickstart"), "--gc-full-every", "0")
     assert result.returncode == 2 and "--gc-full-every >= 1" in result.stderr
+
+
+def test_a_job_sweep_interval_below_a_second_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from controlplane.cli.main import main
+
+    assert main(["serve", "--job-sweep-interval", "0"]) == 2
+    assert "--job-sweep-interval" in capsys.readouterr().err

@@ -203,6 +203,9 @@ def _serve(args: argparse.Namespace) -> int:
     from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
     from controlplane.credentials.service import CredentialOptions
 
+    if args.job_sweep_interval < 1:
+        print("--job-sweep-interval must be at least 1 second", file=sys.stderr)
+        return 2
     if args.gc_interval < 0 or args.gc_full_every < 1:
         print("--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1", file=sys.stderr)
         return 2
