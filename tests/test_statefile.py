@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 
 from controlplane import statefile
-from controlplane.statefile import StateFileError, atomic_write_json, ensure_state_dir, read_json
+from controlplane.admin.metrics import REGISTRY
+from controlplane.statefile import OffLoopWriter, StateFileError, atomic_write_json, ensure_state_dir, read_json
 
 
 def test_a_write_is_fsynced_then_renamed_then_the_directory_fsynced(
@@ -71,3 +74,33 @@ def test_reading_is_strict_and_names_the_file(tmp_path: Path) -> None:
     target.write_text("")
     with pytest.raises(StateFileError, match=r"revoked-jobs\.json: empty"):
         read_json(target)
+
+
+async def test_the_off_loop_writer_writes_in_a_thread_and_coalesces_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync costs ~10 ms on a disk: the event loop serving xDS must not wait for it."""
+    target = tmp_path / "live-jobs.json"
+    writer = OffLoopWriter(target, "kept in memory")
+    threads: list[str] = []
+    real_write = statefile.atomic_write_json
+
+    def recording(path: Path, document: object) -> None:
+        threads.append(threading.current_thread().name)
+        real_write(path, document)
+
+    monkeypatch.setattr(statefile, "atomic_write_json", recording)
+    results = await asyncio.gather(*(writer.write({"n": n}) for n in range(20)))
+    assert all(results) and json.loads(target.read_text()) == {"n": 19}  # the newest document wins
+    assert 1 <= len(threads) < 20 and threading.main_thread().name not in threads
+
+
+async def test_the_off_loop_writer_reports_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(statefile.os, "replace", full)
+    target = tmp_path / "revoked-jobs.json"
+    before = REGISTRY.get_sample_value("controlplane_state_write_failures_total", {"file": target.name}) or 0.0
+    assert not await OffLoopWriter(target, "kept in memory").write({})
+    assert REGISTRY.get_sample_value("controlplane_state_write_failures_total", {"file": target.name}) == before + 1

@@ -8,7 +8,7 @@ in an access log, and nothing logged here holds one (only backend, project, job,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -41,7 +41,7 @@ class ExchangeEndpoint:
         exchange: TokenExchange,
         *,
         max_body: int = MAX_BODY_BYTES,
-        on_granted: Callable[[ExchangeResult], None] | None = None,
+        on_granted: Callable[[ExchangeResult], Awaitable[None]] | None = None,
     ) -> None:
         self.exchange = exchange
         self.max_body = max_body
@@ -70,7 +70,7 @@ class ExchangeEndpoint:
             return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
         result = self.exchange.exchange(form)
         if result.granted and self.on_granted is not None:
-            self.on_granted(result)
+            await self.on_granted(result)
         _log(result)
         return _json(result.body, result.status)
 

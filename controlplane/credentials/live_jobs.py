@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controlplane.statefile import StateFileError, atomic_write_json, malformed, read_json, report_write_failure
+from controlplane.statefile import (
+    OffLoopWriter,
+    StateFileError,
+    atomic_write_json,
+    malformed,
+    read_json,
+    report_write_failure,
+)
+
+_UNSAVED = "the job is remembered in memory only, not yet on disk"
 
 
 @dataclass(frozen=True)
@@ -36,21 +45,37 @@ class LiveJobs:
         self.path = path
         self.clock = clock
         self._jobs: dict[str, LiveJob] = self._load()
-        self._unwritten = False
+        self._dirty = False  # changed since the last successful write (a failed write is owed)
+        self._writer = None if path is None else OffLoopWriter(path, _UNSAVED)
 
-    def note(self, job_id: str, project_id: str, issuer: str, until: float) -> None:
-        """A credential was issued to `job_id`, valid until `until`. Written before the credential is returned,
-        so a crash right after cannot make the control plane forget to ask about the job."""
+    def note(self, job_id: str, project_id: str, issuer: str, until: float, *, save: bool = True) -> None:
+        """A credential was issued to `job_id`, valid until `until`. The service persists it (`persist()`)
+        before the credential is returned, so a crash right after cannot make it forget to ask about the job."""
         known = self._jobs.get(job_id)
-        if known is not None and known.until >= until and not self._unwritten:
+        if known is not None and known.until >= until:
+            if save and self._dirty:  # nothing new, but a write is owed
+                self._save()
             return
         self._jobs[job_id] = LiveJob(job_id, project_id, issuer, max(until, known.until if known else until))
         self._prune_expired()
-        self._save()
+        self._changed(save)
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, job_id: str, *, save: bool = True) -> None:
         """The job is revoked: the deny list guards it from now on, nothing more to ask GitLab."""
         if self._jobs.pop(job_id, None) is not None:
+            self._changed(save)
+
+    async def persist(self) -> None:
+        """Write the jobs if they changed since the last successful write, in a worker thread."""
+        if self._writer is None or not self._dirty:
+            return
+        self._dirty = False
+        if not await self._writer.write(self._document()):
+            self._dirty = True
+
+    def _changed(self, save: bool) -> None:
+        self._dirty = True
+        if save:
             self._save()
 
     def until(self, job_id: str) -> float | None:
@@ -62,9 +87,9 @@ class LiveJobs:
         now = self.clock()
         return sorted((j for j in self._jobs.values() if j.until > now), key=lambda j: (-j.until, j.job_id))
 
-    def prune(self) -> None:
+    def prune(self, *, save: bool = True) -> None:
         if self._prune_expired():
-            self._save()
+            self._changed(save)
 
     def _prune_expired(self) -> bool:
         now = self.clock()
@@ -97,17 +122,15 @@ class LiveJobs:
     def _save(self) -> None:
         if self.path is None:
             return
-        document = {
-            "version": 1,
-            "jobs": {
-                j.job_id: {"project_id": j.project_id, "issuer": j.issuer, "until": j.until}
-                for j in self._jobs.values()
-            },
-        }
         try:
-            atomic_write_json(self.path, document)
+            atomic_write_json(self.path, self._document())
         except StateFileError as error:
-            self._unwritten = True
-            report_write_failure(self.path, error, "the job is remembered in memory only")
+            report_write_failure(self.path, error, _UNSAVED)
         else:
-            self._unwritten = False
+            self._dirty = False
+
+    def _document(self) -> dict[str, Any]:
+        jobs = {
+            j.job_id: {"project_id": j.project_id, "issuer": j.issuer, "until": j.until} for j in self._jobs.values()
+        }
+        return {"version": 1, "jobs": jobs}

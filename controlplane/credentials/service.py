@@ -106,15 +106,20 @@ class CredentialService:
         The remembered expiry of its credentials counts too: after a restart the exchange's own index is empty."""
         credentials = max(self.exchange.latest_expiry(job) or 0.0, self.live_jobs.until(job) or 0.0)
         until = max(credentials, self.clock() + self.options.deny_id_tokens_for)
-        revoked = self.revocations.revoke(job, until)
-        self.live_jobs.forget(job)  # the deny list guards it now (or nothing it holds is still valid)
+        revoked = self.revocations.revoke(job, until, save=False)
+        self.live_jobs.forget(job, save=False)  # the deny list guards it now (or nothing it holds is still valid)
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
             await self.on_change()
+        # Written after the push, in a thread: the denial reaches Envoy without waiting for two fsyncs, and a
+        # crash in between is caught by the job recovery sweep at start (GitLab still says the job finished).
+        await self.revocations.persist()
+        await self.live_jobs.persist()
         return revoked
 
-    def _remember_job(self, result: ExchangeResult) -> None:
-        """Which GitLab and project to ask about this job after a restart (our own credential, just signed)."""
+    async def _remember_job(self, result: ExchangeResult) -> None:
+        """Which GitLab and project to ask about this job after a restart (our own credential, just signed).
+        On disk before the credential is returned, written in a thread (an fsync must not stall xDS)."""
         token = result.body.get("access_token")
         if result.job_id is None or result.project_id is None or not isinstance(token, str):
             return
@@ -122,16 +127,19 @@ class CredentialService:
         actor = claims.get("act")
         issuer = actor.get("iss") if isinstance(actor, dict) else None
         if isinstance(issuer, str):
-            self.live_jobs.note(result.job_id, result.project_id, issuer, float(claims["exp"]))
+            self.live_jobs.note(result.job_id, result.project_id, issuer, float(claims["exp"]), save=False)
+            await self.live_jobs.persist()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rotate keys and age out revocations exactly when due."""
         while not stop.is_set():
             changed = self.keys.rotate_if_due()
-            changed = self.revocations.prune() or changed
-            self.live_jobs.prune()
+            changed = self.revocations.prune(save=False) or changed
+            self.live_jobs.prune(save=False)
             if changed:
                 await self.on_change()
+            await self.revocations.persist()
+            await self.live_jobs.persist()
             due = [self.keys.next_change_at(), self.revocations.next_expiry() or float("inf")]
             delay = max(0.05, min(due) - self.clock())
             with contextlib.suppress(TimeoutError):
