@@ -13,9 +13,12 @@ import pytest
 from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.live_jobs import LiveJob, LiveJobs
 from controlplane.credentials.recovery import Candidate, JobRecovery, StatusReader, candidates
+from controlplane.gitlab_link import GitLabLink
 from controlplane.model.credentials import CREDENTIAL_ISSUER
+from controlplane.model.inventory import Inventory
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
 from controlplane.statefile import StateFileError
+from tests.compiled import policy_of
 from tests.support.ports import eventually
 
 GITLAB = "https://gitlab.example.com"
@@ -223,3 +226,53 @@ def test_a_live_job_that_cannot_be_written_is_kept_and_written_with_the_next_cre
     monkeypatch.undo()
     jobs.note("7", "42", GITLAB, until=1600)  # nothing new, but the last write failed
     assert json.loads(path.read_text())["jobs"]["7"]["until"] == 1600
+
+
+# --- which GitLab is asked
+
+
+TWO_GITLABS = """\
+kind: Issuer
+name: main
+type: gitlab
+url: https://gitlab.example.com
+api: {token_env: GITLAB_TOKEN}
+---
+kind: Issuer
+name: other
+type: gitlab
+url: https://gitlab.other.example
+api: {token_env: OTHER_TOKEN}
+"""
+
+
+class JobSource:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fetch_inventory(self, *, groups: Iterable[str | int], projects: Iterable[str | int]) -> Inventory:
+        return Inventory(fetched_at=1.0)
+
+    def fetch_project(self, project: str | int) -> None:
+        return None
+
+    def fetch_job_status(self, project_id: str, job_id: str) -> str | None:
+        return f"{self.name}:{project_id}/{job_id}"
+
+
+async def test_a_job_is_asked_of_the_gitlab_its_token_came_from() -> None:
+    async def changed() -> None:
+        return None
+
+    link = GitLabLink(on_inventory_change=changed, source_factory=lambda api: JobSource(api.url))
+    policy = policy_of(issuers=TWO_GITLABS)
+    link.follow(policy, {})
+    try:
+        main = link.job_status_reader("https://gitlab.example.com")
+        other = link.job_status_reader("https://gitlab.other.example")
+        assert main is not None and main("42", "7") == "https://gitlab.example.com:42/7"
+        assert other is not None and other("42", "7") == "https://gitlab.other.example:42/7"
+        assert link.job_status_reader("https://gitlab.unknown.example") is None  # not read through an API
+        assert link.job_status_reader(None) is None  # a credential's job, with two GitLabs: not guessed
+    finally:
+        await link.stop()

@@ -264,7 +264,8 @@ class ControlPlane:
         await self.gitlab.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
-        if self._recovery_loop is not None:
+        if self._recovery_loop is not None:  # a sweep may be waiting on GitLab's retries: no reason to wait
+            self._recovery_loop.cancel()
             await asyncio.gather(self._recovery_loop, return_exceptions=True)
         if self.credentials is not None:
             await self.credentials.stop()
