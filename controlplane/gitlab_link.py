@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from controlplane.model.inventory import Inventory
 from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
@@ -34,6 +36,13 @@ SourceFactory = Callable[[GitLabApi], InventorySource]
 NEW_SUBJECTS_TIMEOUT = 60.0
 
 
+@runtime_checkable
+class JobStatusSource(Protocol):
+    """A source that can also say whether a CI job finished (`GitLabSource`)."""
+
+    def fetch_job_status(self, project_id: str, job_id: str) -> str | None: ...
+
+
 def gitlab_source(api: GitLabApi) -> GitLabSource:
     """The production source: the token is read from the environment or a file, never from the policy."""
     return GitLabSource(api.url, token_from(api.token_env, api.token_file), requests_per_second=api.requests_per_second)
@@ -42,6 +51,7 @@ def gitlab_source(api: GitLabApi) -> GitLabSource:
 @dataclass
 class _Watch:
     api: GitLabApi
+    issuer_url: str  # the tokens' `iss`
     watcher: InventoryWatcher
     task: asyncio.Task[None]
 
@@ -62,8 +72,10 @@ class GitLabLink:
         on_policy_push: Callable[[], Awaitable[object]] | None = None,
         policy_project: PolicyProject | None = None,
         source_factory: SourceFactory = gitlab_source,
+        on_reachable: Callable[[str], None] | None = None,
     ) -> None:
         self.on_inventory_change = on_inventory_change
+        self.on_reachable = on_reachable  # an issuer's GitLab answers again after an outage (its name)
         self.on_policy_push = on_policy_push
         self.policy_project = policy_project
         self.source_factory = source_factory
@@ -83,7 +95,7 @@ class GitLabLink:
         for name, issuer in sorted(wanted.items()):
             assert issuer.api is not None
             watch = self._watches.get(name)
-            if watch is not None and watch.api != issuer.api:
+            if watch is not None and (watch.api != issuer.api or watch.issuer_url != issuer.url):
                 self._unwatch(name)
                 watch = None
             if watch is None:
@@ -129,9 +141,10 @@ class GitLabLink:
             on_change=self.on_inventory_change,
             reconcile_seconds=api.reconcile_seconds,
             max_staleness_seconds=api.max_staleness_seconds,
+            on_reachable=None if self.on_reachable is None else functools.partial(self.on_reachable, issuer.name),
         )
         task = asyncio.create_task(watcher.run(self._stop), name=f"gitlab-watch-{issuer.name}")
-        watch = _Watch(api, watcher, task)
+        watch = _Watch(api, issuer.url, watcher, task)
         self._watches[issuer.name] = watch
         log.info("watching GitLab %s for issuer %s", api.url, issuer.name)
         return watch
@@ -174,6 +187,17 @@ class GitLabLink:
     def _resync_all(self) -> None:
         for watch in self._watches.values():
             watch.watcher.request_full()
+
+    def job_status_reader(self, issuer_url: str | None) -> Callable[[str, str], str | None] | None:
+        """How to ask GitLab for a job's status: through the client of the watched issuer whose tokens carry
+        `issuer_url` (its rate bound and retries), or, when the issuer is not known, of the only one watched.
+        None when no such GitLab is read through its API (an `inventory:` file cannot tell)."""
+        if issuer_url is None:
+            watches = list(self._watches.values()) if len(self._watches) == 1 else []
+        else:
+            watches = [w for w in self._watches.values() if w.issuer_url == issuer_url]
+        source = watches[0].watcher.source if watches else None
+        return source.fetch_job_status if isinstance(source, JobStatusSource) else None
 
     async def settled(self, timeout: float) -> None:
         """Wait (bounded) until every watcher has tried GitLab once, so a restarted control plane does not

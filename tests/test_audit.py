@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -36,6 +37,7 @@ from controlplane.service import compile_dir
 from controlplane.snapshots import golden
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ROUTE, Snapshot
+from controlplane.statefile import StateFileError
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import Sender, XdsServer
 from controlplane.xds.tls import ServerTls
@@ -174,6 +176,35 @@ def test_closed_and_reopened_store_keeps_everything(tmp_path: Path) -> None:
         assert sorted(int(r["job_id"]) for r in second.query(since=0.0)) == list(range(20))
     finally:
         second.close(10)
+
+
+def test_the_store_and_its_wal_are_private(tmp_path: Path) -> None:
+    """The trail maps every request to projects, jobs and users: no other local user may read it."""
+    path = tmp_path / "state" / "audit.sqlite3"
+    store = AuditStore(path, retention=None)
+    try:
+        write(store, record(time=time.time()))
+        files = sorted(path.parent.glob(path.name + "*"))
+        assert path in files and len(files) >= 2  # the database and its WAL
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    finally:
+        store.close(10)
+
+
+def test_an_older_readable_store_is_made_private_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite3"
+    AuditStore(path, retention=None).close(10)
+    path.chmod(0o644)
+    AuditStore(path, retention=None).close(10)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_corrupt_store_stops_the_start_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite3"
+    path.write_bytes(b"this is not a database, it was overwritten" * 100)
+    with pytest.raises(StateFileError, match=r"audit\.sqlite3"):
+        AuditStore(path, retention=None)
 
 
 def test_a_flushed_record_survives_a_crash_of_the_process(tmp_path: Path) -> None:
@@ -784,3 +815,15 @@ def test_cli_into_a_closed_pipe_exits_quietly(store: AuditStore) -> None:
     code = head.wait(60)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert code == 141  # 128 + SIGPIPE, as a Unix tool killed by it reports
+def test_recent_jobs_are_each_job_once_most_recent_first(store: AuditStore) -> None:
+    """What the job recovery sweep asks GitLab about: every job seen at a gateway since a time."""
+    write(
+        store,
+        record(time=100.0, job_id="1", project_id="42"),
+        record(time=300.0, job_id="1", project_id="42"),
+        record(time=200.0, job_id="2", project_id="43", issuer=CREDENTIAL_ISSUER),
+        record(time=50.0, job_id="3", project_id="42"),
+        record(time=400.0, job_id=None, project_id=None),  # no token: no job
+    )
+    assert store.recent_jobs(since=90.0) == [("1", "42", GITLAB, 300.0), ("2", "43", CREDENTIAL_ISSUER, 200.0)]
+    assert store.recent_jobs(since=0.0, limit=1) == [("1", "42", GITLAB, 300.0)]

@@ -189,3 +189,10 @@ def test_a_fifo_in_the_tree_is_an_error_and_validate_does_not_block(tmp_path: Pa
     os.mkfifo(_quickstart(tmp_path) / "p.yaml")
     result = run("validate", str(tmp_path))
     assert result.returncode == 1 and "p.yaml:1: not a regular file (a named pipe)" in result.stderr, result.stderr
+
+
+def test_a_job_sweep_interval_below_a_second_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from controlplane.cli.main import main
+
+    assert main(["serve", "--job-sweep-interval", "0"]) == 2
+    assert "--job-sweep-interval" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import pytest
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import string_pb2, value_pb2
 
+from controlplane import statefile
 from controlplane.admin.metrics import REGISTRY
 from controlplane.compiler.claims import Condition, ResolvedSubject, subject_principal
 from controlplane.compiler.grants import GrantIndex
@@ -43,6 +44,7 @@ from controlplane.credentials.keys import FileKeyStore, KeyStoreError, SigningKe
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH
 from controlplane.model.policy import Mode
 from controlplane.sources.jwks import normalize_jwks
+from controlplane.statefile import StateFileError
 from tests.compiled import policy_of
 from tests.support.fake_gitlab import OMIT, FakeGitLab, decode_unverified
 
@@ -692,8 +694,43 @@ def test_a_corrupt_key_store_is_an_error_not_a_fresh_start(tmp_path: Path) -> No
     with pytest.raises(KeyStoreError):
         signing_keys(path, Clock(0))
     path.write_text('{"keys": [{"kid": "x"}]}')
-    with pytest.raises(KeyStoreError, match="malformed"):
+    with pytest.raises(KeyStoreError, match=r"keys\.json: .*malformed"):
         signing_keys(path, Clock(0))
+
+
+@pytest.mark.parametrize("cut", [0, 1, 40, -2])
+def test_a_truncated_or_unusable_key_store_stops_the_start_naming_the_file(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "signing-keys.json"
+    signing_keys(path, Clock(0))
+    whole = path.read_text()
+    path.write_text(whole[:cut])
+    with pytest.raises(StateFileError, match=r"signing-keys\.json"):
+        signing_keys(path, Clock(0))
+    document = json.loads(whole)
+    document["keys"][0]["private_pem"] = "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"
+    path.write_text(json.dumps(document))
+    with pytest.raises(StateFileError, match=r"signing-keys\.json: .*private key"):
+        signing_keys(path, Clock(0))
+
+
+def test_a_key_that_cannot_be_persisted_is_reported_and_still_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(0)
+    path = tmp_path / "signing-keys.json"
+    keys = signing_keys(path, clock)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(statefile.os, "replace", full)
+    clock.now = 90
+    assert keys.rotate_if_due()  # the successor is published although the disk refused it
+    assert len(keys.keys) == 2 and "signing-keys.json" in caplog.text
+    monkeypatch.undo()
+    clock.now = 91
+    keys.rotate_if_due()  # nothing due, but the last write failed: retried
+    assert [k.kid for k in FileKeyStore(path).load()] == [k.kid for k in keys.keys]
 
 
 def test_a_store_is_any_object_with_load_and_save(tmp_path: Path) -> None:

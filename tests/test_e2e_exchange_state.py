@@ -196,6 +196,6 @@ def test_a_damaged_exchange_state_file_stops_serve_with_a_clear_error(tmp_path: 
     cp.start(wait_ready=False)
     proc = cp._proc
     assert proc is not None
-    assert proc.wait(30) == 2
+    assert proc.wait(30) == 3
     log = cp.log_text()
     assert "refusing to start" in log and str(state / "exchange.sqlite3") in log and "Traceback" not in log

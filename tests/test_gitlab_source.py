@@ -437,3 +437,55 @@ def test_token_from_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.Mo
         token_from(None, str(tmp_path / "absent"))
     with pytest.raises(GitLabTokenError, match="token_env or token_file"):
         token_from(None, None)
+
+
+# --- jobs (the recovery of missed Job Hooks)
+
+
+def test_the_fake_serves_a_job_in_gitlabs_documented_shape(fake: FakeGitLab) -> None:
+    """GET /projects/:id/jobs/:job_id as doc/api/jobs.md documents it ("Get a single job")."""
+    project = fake.add_project("acme/app")
+    other = fake.add_project("acme/other")
+    job = fake.add_job(project, status="running", name="deploy", ref="main")
+    url = f"{fake.api_url}/api/v4/projects/{project}/jobs/{job}"
+    answer = http_request(url, headers={"PRIVATE-TOKEN": fake.api_token})
+    assert answer.status == 200 and answer.headers["content-type"].startswith("application/json")
+    body = answer.json()
+    assert {"id", "name", "stage", "status", "ref", "tag", "created_at", "started_at", "finished_at", "duration",
+            "pipeline", "commit", "web_url", "user", "runner", "artifacts", "allow_failure"} <= set(body)  # fmt: skip
+    assert (body["id"], body["status"], body["name"], body["ref"]) == (job, "running", "deploy", "main")
+    assert body["finished_at"] is None and isinstance(body["started_at"], str)
+    assert body["pipeline"]["project_id"] == project and body["web_url"].endswith(f"/acme/app/-/jobs/{job}")
+    fake.set_job_status(job, "failed")
+    body = http_request(url, headers={"PRIVATE-TOKEN": fake.api_token}).json()
+    assert body["status"] == "failed" and isinstance(body["finished_at"], str) and body["failure_reason"]
+    path_url = f"{fake.api_url}/api/v4/projects/acme%2Fapp/jobs/{job}"
+    assert http_request(path_url, headers={"PRIVATE-TOKEN": fake.api_token}).json()["id"] == job
+    wrong_project = f"{fake.api_url}/api/v4/projects/{other}/jobs/{job}"
+    missing = http_request(wrong_project, headers={"PRIVATE-TOKEN": fake.api_token})
+    assert missing.status == 404 and missing.json() == {"message": "404 Not found"}
+    assert http_request(url).status == 401
+    with pytest.raises(ValueError, match="unknown job status"):
+        fake.set_job_status(job, "finished")
+
+
+def test_a_jobs_status_is_read_through_python_gitlab(fake: FakeGitLab, source: GitLabSource) -> None:
+    project = fake.add_project("acme/app")
+    job = fake.add_job(project, status="pending")
+    assert source.fetch_job_status(project, job) == "pending"
+    fake.set_job_status(job, "canceled")
+    assert source.fetch_job_status(str(project), str(job)) == "canceled"
+    assert source.fetch_job_status(project, job + 1) is None  # unknown to GitLab
+    assert [c.endpoint for c in fake.api_calls()][-1] == "/projects/:id/jobs/:job_id"
+    assert metric("controlplane_gitlab_requests_total", endpoint="/projects/:id/jobs/:id", status="200") >= 2
+
+
+def test_a_jobs_status_through_an_outage_is_unavailable_after_bounded_retries(fake: FakeGitLab) -> None:
+    project = fake.add_project("acme/app")
+    job = fake.add_job(project)
+    fake.set_down()
+    with pytest.raises(GitLabUnavailable):
+        make_source(fake, retries=1).fetch_job_status(project, job)
+    fake.set_down(False)
+    with pytest.raises(GitLabRefused):
+        make_source(fake, token="glpat-wrong").fetch_job_status(project, job)

@@ -231,3 +231,40 @@ async def test_data_turning_stale_during_a_wait_is_reported_even_when_the_next_r
     assert w.inventory.stale
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_gitlab_answering_again_after_an_outage_is_reported_once() -> None:
+    """What GitLab said while unreachable (Job Hooks) was missed: the job recovery sweep hangs on this."""
+    source, changes = FakeSource(), Changes()
+    back: list[str] = []
+    w = InventoryWatcher(
+        "gitlab",
+        source,  # type: ignore[arg-type]
+        on_change=changes,
+        clock=lambda: source.now,
+        reconcile_seconds=10,
+        on_reachable=lambda: back.append("gitlab"),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    try:
+        await eventually(lambda: changes.count == 1, "first reconcile", timeout=5)
+        assert back == []  # a first success is not a recovery
+        source.down = True
+        source.now += 11
+        w.request_full()
+        await eventually(lambda: w.last_error is not None, "outage seen", timeout=5)
+        source.down = False
+        source.now += 11  # past the backoff
+        w.request_full()
+        await eventually(lambda: back == ["gitlab"], "recovery reported", timeout=5)
+        calls = len(source.calls)
+        for _ in range(3):
+            source.now += 11
+            w.request_full()
+            await eventually(lambda n=calls: len(source.calls) > n, "another reconcile", timeout=5)
+            calls = len(source.calls)
+        assert back == ["gitlab"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
+import pytest
+
+from controlplane import statefile
+from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.revocations import Revocations
+from controlplane.statefile import StateFileError
 
 
 class Clock:
@@ -29,3 +35,53 @@ def test_entries_age_out_and_survive_a_restart(tmp_path: Path) -> None:
 def test_an_already_expired_revocation_is_not_recorded(tmp_path: Path) -> None:
     deny = Revocations(None, clock=Clock())
     assert not deny.revoke("1", until=999) and deny.active() == ()
+
+
+def test_a_truncated_deny_list_stops_the_start_instead_of_emptying_it(tmp_path: Path) -> None:
+    path = tmp_path / "revoked-jobs.json"
+    Revocations(path, clock=Clock()).revoke("77", until=1600)
+    path.write_text(path.read_text()[:12])
+    with pytest.raises(StateFileError, match=r"revoked-jobs\.json"):
+        Revocations(path, clock=Clock())
+
+
+@pytest.mark.parametrize(
+    "document",
+    ['{"version": 1}', '{"version": 1, "revoked": []}', '{"version": 1, "revoked": {"7": "soon"}}', "[]"],
+)
+def test_a_deny_list_of_the_wrong_shape_is_refused(tmp_path: Path, document: str) -> None:
+    path = tmp_path / "revoked-jobs.json"
+    path.write_text(document)
+    with pytest.raises(StateFileError, match=r"revoked-jobs\.json"):
+        Revocations(path, clock=Clock())
+
+
+def test_a_failed_write_is_reported_and_the_revocation_still_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "revoked-jobs.json"
+    deny = Revocations(path, clock=Clock())
+    failures = _write_failures(path)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(statefile.os, "replace", full)
+    assert deny.revoke("77", until=1600)
+    assert deny.active() == ("77",)
+    assert _write_failures(path) == failures + 1
+    assert "revoked-jobs.json" in caplog.text and "No space left" in caplog.text
+    monkeypatch.undo()
+    assert deny.revoke("78", until=1600)  # the next write carries everything, the failed change included
+    assert Revocations(path, clock=Clock()).active() == ("77", "78")
+
+
+def test_the_deny_list_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "revoked-jobs.json"
+    Revocations(path, clock=Clock()).revoke("77", until=1600)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def _write_failures(path: Path) -> float:
+    value = REGISTRY.get_sample_value("controlplane_state_write_failures_total", {"file": path.name})
+    return value or 0.0

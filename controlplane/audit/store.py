@@ -46,6 +46,7 @@ from controlplane.audit.metrics import (
     AUDIT_WRITE_DURATION,
     UNKNOWN_LABEL,
 )
+from controlplane.statefile import FILE_MODE, StateFileError, ensure_state_dir, fsync_directory, make_private
 
 log = logging.getLogger("controlplane.audit")
 
@@ -186,6 +187,33 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE audit ADD COLUMN {name} {kind}")
 
 
+def _open_private_writer(path: Path) -> sqlite3.Connection:
+    """The writer connection on a file only this user can read (SQLite gives its WAL and shared-memory files the
+    database's mode). A file that is not a usable database raises `StateFileError` naming it: an audit trail
+    silently started afresh, or a crash with a bare SQLite message, would both hide the damage."""
+    ensure_state_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    except OSError as error:
+        raise StateFileError(f"{path}: cannot create the audit store: {error.strerror}") from None
+    make_private(path)
+    for companion in ("-wal", "-shm"):
+        make_private(path.with_name(path.name + companion))
+    try:
+        conn = _connect_writer(path)
+    except sqlite3.Error as error:
+        raise StateFileError(f"{path}: not a usable audit store ({error}): restore it or move it away") from None
+    _fsync_parent(path)
+    return conn
+
+
+def _fsync_parent(path: Path) -> None:
+    try:
+        fsync_directory(path.parent)
+    except OSError as error:
+        log.warning("audit store %s: cannot fsync its directory: %s", path, error.strerror)
+
+
 def open_readonly(path: Path) -> sqlite3.Connection:
     """A read-only connection (works while `serve` writes, and can never modify the trail)."""
     if not path.exists():
@@ -225,6 +253,18 @@ def query_records(
     return [{key: row[key] for key in ("id", *COLUMNS)} for row in reversed(rows)]
 
 
+def recent_jobs(conn: sqlite3.Connection, since: float, limit: int) -> list[tuple[str, str, str | None, float]]:
+    """(job_id, project_id, issuer, last seen) of the jobs seen at a gateway since `since`, most recent first,
+    at most `limit`: the jobs whose finish the control plane may have missed (see credentials/recovery.py)."""
+    rows = conn.execute(
+        "SELECT job_id, project_id, issuer, MAX(time) AS last FROM audit"
+        " WHERE time >= ? AND job_id IS NOT NULL AND project_id IS NOT NULL"
+        " GROUP BY job_id, project_id, issuer ORDER BY last DESC LIMIT ?",
+        (since, max(0, limit)),
+    ).fetchall()
+    return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2]), float(r[3])) for r in rows]
+
+
 class AuditStore:
     """The append-only store and its writer thread. Thread-safe; `submit` may be called from the event loop."""
 
@@ -242,13 +282,12 @@ class AuditStore:
         """Opens (creating if needed) the database and starts the writer; `retention` None keeps everything.
 
         `sender_queue_size` (default: a quarter of `queue_size`, at least 1) bounds one sender's share."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.retention = retention
         self._batch_size = batch_size
         self._prune_interval = prune_interval
         self._clock = clock
-        self._conn = _connect_writer(path)
+        self._conn = _open_private_writer(path)
         self._conn_lock = threading.Lock()  # the writer thread and prune() share the connection
         self._queue_size = max(1, queue_size)
         self._sender_queue_size = max(1, sender_queue_size or queue_size // 4)
@@ -406,6 +445,14 @@ class AuditStore:
         conn = open_readonly(self.path)
         try:
             return query_records(conn, job=job, project=project, since=since, limit=limit)
+        finally:
+            conn.close()
+
+    def recent_jobs(self, since: float, limit: int = 1000) -> list[tuple[str, str, str | None, float]]:
+        """See the module-level `recent_jobs`; a read-only connection, never waiting for the writer."""
+        conn = open_readonly(self.path)
+        try:
+            return recent_jobs(conn, since, limit)
         finally:
             conn.close()
 

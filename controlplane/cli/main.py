@@ -161,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         default=10_800.0,
         help="after a job ends, also deny its raw ID tokens for this many seconds (its timeout); 0: credentials only",
     )
+    creds.add_argument(
+        "--job-sweep-interval",
+        type=float,
+        default=300.0,
+        help="seconds between sweeps asking GitLab whether jobs with access finished (missed Job Hooks)",
+    )
     audit = serve.add_argument_group("audit trail")
     audit.add_argument("--audit-db", type=Path, help="SQLite file (default: <state dir>/audit.sqlite3)")
     audit.add_argument("--audit-retention", type=float, default=30 * 86_400.0, help="seconds audit records are kept")
@@ -325,6 +331,9 @@ def _serve(args: argparse.Namespace) -> int:
     from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
     from controlplane.credentials.service import CredentialOptions
 
+    if args.job_sweep_interval < 1:
+        print("--job-sweep-interval must be at least 1 second", file=sys.stderr)
+        return 2
     if args.gc_interval < 0 or args.gc_full_every < 1:
         print("--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1", file=sys.stderr)
         return 2
@@ -387,6 +396,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_credential_ttl=args.max_credential_ttl,
             deny_id_tokens_for=args.deny_id_tokens_for,
             http=exchange_limits,
+            job_sweep_interval=args.job_sweep_interval,
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,

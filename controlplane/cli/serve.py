@@ -20,6 +20,7 @@ from controlplane.admin.serving import (
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.credentials.exchange_store import ExchangeStoreError
+from controlplane.credentials.recovery import JobRecovery
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.gc_control import CollectorSchedule
 from controlplane.gitlab_link import GitLabLink, PolicyProject
@@ -36,6 +37,7 @@ from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
+from controlplane.statefile import StateFileError, ensure_state_dir
 from controlplane.xds.registry import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import InsecureTransport, ServerTls, XdsTransportError, check_transport, pushes_secrets
@@ -98,7 +100,9 @@ class ControlPlane:
     """The running control plane: policy service, xDS server, admin server and the policy watcher."""
 
     def __init__(self, options: ServeOptions) -> None:
+        """Reads every state file; one that cannot be read raises `StateFileError` (see `serve`)."""
         self.options = options
+        ensure_state_dir(options.state_dir)
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry()
         self.policy_project = _policy_project(options.policy_gitlab)
@@ -106,6 +110,7 @@ class ControlPlane:
             on_inventory_change=self._on_inventory_change,
             on_policy_push=self._reload_policy,
             policy_project=self.policy_project,
+            on_reachable=self._on_gitlab_reachable,
         )
         self.policy = PolicyService(
             _policy_source(options),
@@ -145,6 +150,8 @@ class ControlPlane:
             options.audit_db or options.state_dir / "audit.sqlite3", retention=options.audit_retention
         )
         self.als = AccessLogService(self.audit)
+        self.recovery = _job_recovery(self.credentials, self.audit, self.gitlab)
+        self._recovery_loop: asyncio.Task[None] | None = None
         self.xds = XdsServer(
             self.cache, self.registry, log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
         )
@@ -208,6 +215,8 @@ class ControlPlane:
         self._secrets_loop = asyncio.create_task(self.secrets.run(self.stopping))
         await self._follow_issuers(wait=self.options.jwks_startup_wait)
         await self.gitlab.settled(self.options.gitlab_startup_wait)
+        if self.recovery is not None:  # Job Hooks sent while we were down are lost: ask GitLab (recovery.py)
+            self._recovery_loop = asyncio.create_task(self.recovery.run(self.stopping))
         if self.webhooks is not None and self.options.webhooks is not None:
             self.webhook_port = await self.webhooks.start(self.options.webhooks.host, self.options.webhooks.port)
             log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", self.options.webhooks.host, self.webhook_port)
@@ -274,6 +283,9 @@ class ControlPlane:
         await self.gitlab.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self._recovery_loop is not None:  # a sweep may be waiting on GitLab's retries: no reason to wait
+            self._recovery_loop.cancel()
+            await asyncio.gather(self._recovery_loop, return_exceptions=True)
         if self.credentials is not None:
             await self.credentials.stop()
             if self._credential_loop is not None:
@@ -314,6 +326,10 @@ class ControlPlane:
         if self.credentials is not None:
             await self.credentials.on_event(event)
 
+    def _on_gitlab_reachable(self, issuer: str) -> None:
+        if self.recovery is not None:
+            self.recovery.request(f"gitlab {issuer} reachable again")
+
     async def _on_inventory_change(self) -> None:
         await self.policy.recompile("GitLab inventory changed")
         # Paths resolved for the first time are now pinned to ids: watch those ids too, so a project renamed
@@ -337,6 +353,23 @@ class ControlPlane:
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+
+def _job_recovery(credentials: CredentialService | None, audit: AuditStore, gitlab: GitLabLink) -> JobRecovery | None:
+    """Revocation needs the credential service; jobs are looked for among its live credentials and the audit
+    trail's recent requests, for as long as a finished job's raw ID token or credential could still be used."""
+    if credentials is None:
+        return None
+    options = credentials.options
+    return JobRecovery(
+        live=credentials.live_jobs.jobs,
+        seen=audit.recent_jobs,
+        revoked=credentials.revocations.active,
+        reader_for=gitlab.job_status_reader,
+        revoke=credentials.revoke_finished,
+        lookback=max(options.deny_id_tokens_for, options.max_credential_ttl),
+        interval=options.job_sweep_interval,
+    )
 
 
 def _policy_project(options: GitLabPolicyOptions | None) -> PolicyProject | None:
@@ -379,9 +412,10 @@ def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
 async def serve(options: ServeOptions) -> int:
     try:
         plane = ControlPlane(_fit_http_listeners(options, raise_open_file_limit()))
-    except ExchangeStoreError as unusable:  # starting empty would forget counted uses and finished jobs
-        log.critical("refusing to start: %s", unusable)
-        return 2
+    except (StateFileError, ExchangeStoreError) as unreadable:
+        # Fail closed: never start with an empty deny list, keys, pins, use counts or finished jobs.
+        log.critical("refusing to start: %s", unreadable)
+        return 3
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, plane.request_stop)

@@ -23,12 +23,10 @@ interface a Kubernetes Secret store can implement). Private keys never appear in
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane.credentials import metrics
 from controlplane.sources.jwks import normalize_jwks
+from controlplane.statefile import StateFileError, atomic_write_json, read_json, report_write_failure
 
 log = logging.getLogger("controlplane.credentials.keys")
 
@@ -47,7 +46,7 @@ ALGORITHM = "ES256"
 _COORDINATE_BYTES = 32  # P-256
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(StateFileError):
     """The store cannot be read or written; the message never holds key material."""
 
 
@@ -73,7 +72,7 @@ class StoredKey:
     @classmethod
     def from_json(cls, data: Any) -> StoredKey:
         if not isinstance(data, dict):
-            raise KeyStoreError("a key entry is not an object")
+            raise KeyStoreError("malformed: a key entry is not an object")
         try:
             retire = data.get("retire_after")
             return cls(
@@ -84,7 +83,9 @@ class StoredKey:
                 retire_after=None if retire is None else float(retire),
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise KeyStoreError(f"a key entry is malformed ({type(error).__name__})") from None
+            raise KeyStoreError(
+                f"malformed: a key entry lacks a field or has a wrong type ({type(error).__name__})"
+            ) from None
 
 
 class KeyStore(Protocol):
@@ -96,58 +97,41 @@ class KeyStore(Protocol):
 
 
 class FileKeyStore:
-    """A JSON file, mode 0600, replaced atomically (a crash leaves the old or the new set, never half)."""
+    """A JSON file, mode 0600, replaced atomically and durably through `controlplane.statefile` (a crash leaves
+    the old or the new set, never half)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     def load(self) -> list[StoredKey]:
-        """The stored keys; [] when the file does not exist yet. A corrupt file is an error, never ignored:
-        starting over would silently invalidate every credential in flight."""
+        """The stored keys; [] when the file does not exist yet. A corrupt file is an error naming it, never
+        ignored: starting over would silently invalidate every credential in flight. Every private key is
+        parsed here, so a damaged one stops the start rather than the first exchange."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+            document = read_json(self.path)
+        except KeyStoreError:
+            raise
+        except StateFileError as error:
+            raise KeyStoreError(str(error)) from None
+        if document is None:
             return []
-        except OSError as error:
-            raise KeyStoreError(f"{self.path}: {error.strerror}") from None
-        self._warn_if_readable_by_others()
-        try:
-            document = json.loads(text)
-        except ValueError:
-            raise KeyStoreError(f"{self.path}: not JSON") from None
         if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-            raise KeyStoreError(f'{self.path}: expected an object with a "keys" list')
-        return [StoredKey.from_json(entry) for entry in document["keys"]]
+            raise KeyStoreError(f'{self.path}: malformed: expected an object with a "keys" list')
+        try:
+            keys = [StoredKey.from_json(entry) for entry in document["keys"]]
+            for key in keys:
+                _load_private_key(key)
+        except KeyStoreError as error:
+            raise KeyStoreError(f"{self.path}: {error}") from None
+        return keys
 
     def save(self, keys: Sequence[StoredKey]) -> None:
-        document = json.dumps({"version": 1, "keys": [k.to_json() for k in keys]}, indent=2, sort_keys=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)  # created 0600
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(document)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            atomic_write_json(self.path, {"version": 1, "keys": [k.to_json() for k in keys]})
+        except KeyStoreError:
             raise
-        _fsync_directory(self.path.parent)
-
-    def _warn_if_readable_by_others(self) -> None:
-        mode = self.path.stat().st_mode & 0o777
-        if mode & 0o077:
-            log.warning("signing key store %s has mode %o: it should be 0600", self.path, mode)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        except StateFileError as error:
+            raise KeyStoreError(str(error)) from None
 
 
 class ActiveKey(NamedTuple):
@@ -183,6 +167,7 @@ class SigningKeys:
         self._clock = clock
         self._keys: list[StoredKey] = sorted(store.load(), key=lambda k: k.not_before)
         self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._unsaved = False
         self.rotate_if_due()
         metrics.track_signing_keys(self.signing_key_age, lambda: len(self._keys))
 
@@ -237,12 +222,29 @@ class SigningKeys:
         elif self._successor_due(kept[-1], now):
             kept = self._with_successor(kept, now)
             changed = True
+        if changed or self._unsaved:
+            self._save(kept)
         if changed:
-            self._store.save(kept)
             self._forget_private_keys(kept)
             self._keys = kept
             log.info("signing keys now published: %s", ", ".join(k.kid for k in kept))
         return changed
+
+    def _save(self, keys: list[StoredKey]) -> None:
+        """A key set the disk refused is still used (reported, retried at the next call): refusing to rotate
+        would keep an old key signing, and a restart then falls back to the last set written."""
+        try:
+            self._store.save(keys)
+        except StateFileError as error:
+            self._unsaved = True
+            path = getattr(self._store, "path", None)
+            report_write_failure(
+                path if isinstance(path, Path) else Path("signing-keys"),
+                error,
+                "the new signing keys are used from memory, not yet on disk",
+            )
+        else:
+            self._unsaved = False
 
     def _successor_due(self, newest: StoredKey, now: float) -> bool:
         return newest.not_before <= now and now >= newest.not_before + self.rotate_every - self.publish_lead
@@ -267,16 +269,23 @@ class SigningKeys:
     def _private_key(self, key: StoredKey) -> ec.EllipticCurvePrivateKey:
         cached = self._private.get(key.kid)
         if cached is None:
-            loaded = serialization.load_pem_private_key(key.private_pem.encode("ascii"), password=None)
-            if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(loaded.curve, ec.SECP256R1):
-                raise KeyStoreError(f"key {key.kid} is not a P-256 key")
-            cached = self._private[key.kid] = loaded
+            cached = self._private[key.kid] = _load_private_key(key)
         return cached
 
     def _forget_private_keys(self, keys: Sequence[StoredKey]) -> None:
         live = {k.kid for k in keys}
         for kid in self._private.keys() - live:
             del self._private[kid]
+
+
+def _load_private_key(key: StoredKey) -> ec.EllipticCurvePrivateKey:
+    try:
+        loaded = serialization.load_pem_private_key(key.private_pem.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnicodeEncodeError):
+        raise KeyStoreError(f"key {key.kid}: the private key cannot be parsed") from None
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(loaded.curve, ec.SECP256R1):
+        raise KeyStoreError(f"key {key.kid}: the private key is not a P-256 key")
+    return loaded
 
 
 def public_jwk(public: ec.EllipticCurvePublicKey, kid: str | None = None) -> dict[str, str]:

@@ -10,10 +10,7 @@ The list is kept in the state directory, so a restart does not hand back access 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +18,14 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
+from controlplane.statefile import (
+    OffLoopWriter,
+    StateFileError,
+    atomic_write_json,
+    malformed,
+    read_json,
+    report_write_failure,
+)
 
 log = logging.getLogger("controlplane.revocations")
 
@@ -31,6 +36,7 @@ REVOCATIONS = Counter(
     "Jobs whose access was revoked when GitLab reported them finished.",
     registry=REGISTRY,
 )
+_UNSAVED = "the deny list is enforced from memory, not yet on disk"
 REVOKED_JOBS = Gauge("controlplane_revoked_jobs", "Job ids currently on the fleet-wide deny list.", registry=REGISTRY)
 
 
@@ -39,28 +45,43 @@ class Revocations:
         self.path = path
         self.clock = clock
         self._until: dict[str, float] = self._load()
+        self._dirty = False
+        self._writer = None if path is None else OffLoopWriter(path, _UNSAVED)
         REVOKED_JOBS.set_function(lambda: len(self._until))
 
-    def revoke(self, job_id: str, until: float) -> bool:
-        """Deny `job_id` until `until` (Unix time). True when the deny list changed."""
+    def revoke(self, job_id: str, until: float, *, save: bool = True) -> bool:
+        """Deny `job_id` until `until` (Unix time). True when the deny list changed. With `save=False` the caller
+        persists later with `persist()` (off the event loop, after pushing the denial to Envoy)."""
         if until <= self.clock() or self._until.get(job_id, 0.0) >= until:
             return False
         first = job_id not in self._until
         self._until[job_id] = until
-        self._save()
+        self._dirty = True
+        if save:
+            self._save()
         if first:
             REVOCATIONS.inc()
         return True
 
-    def prune(self) -> bool:
+    def prune(self, *, save: bool = True) -> bool:
         """Drop entries whose guarded tokens have all expired. True when the list changed."""
         now = self.clock()
         expired = [job for job, until in self._until.items() if until <= now]
         for job in expired:
             del self._until[job]
         if expired:
-            self._save()
+            self._dirty = True
+            if save:
+                self._save()
         return bool(expired)
+
+    async def persist(self) -> None:
+        """Write the list if it changed since the last successful write, in a worker thread."""
+        if self._writer is None or not self._dirty:
+            return
+        self._dirty = False
+        if not await self._writer.write(self._document()):
+            self._dirty = True
 
     def active(self) -> tuple[str, ...]:
         now = self.clock()
@@ -73,22 +94,31 @@ class Revocations:
         return {"revoked_jobs": len(self._until), "next_expiry": self.next_expiry()}
 
     def _load(self) -> dict[str, float]:
+        """The persisted list; {} only when there is none yet. A file that cannot be read raises
+        `StateFileError`: starting with an empty list would hand access back to every finished job."""
         if self.path is None:
             return {}
+        document = read_json(self.path)
+        if document is None:
+            return {}
+        revoked = document.get("revoked") if isinstance(document, dict) else None
+        if not isinstance(revoked, dict):
+            raise malformed(self.path, 'expected an object with a "revoked" object (job id -> Unix time)')
         try:
-            raw = json.loads(self.path.read_text())
-            return {str(job): float(until) for job, until in raw["revoked"].items()}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            log.error("cannot read %s (%s): starting with an empty deny list", self.path, error)
-            return {}
+            return {str(job): float(until) for job, until in revoked.items()}
+        except (TypeError, ValueError):
+            raise malformed(self.path, "a revocation's time is not a number") from None
 
     def _save(self) -> None:
+        """The whole list, atomically; a failure is reported and the in-memory list stays in force."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".revoked-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as out:
-            json.dump({"version": 1, "revoked": self._until}, out, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            atomic_write_json(self.path, self._document())
+        except StateFileError as error:
+            report_write_failure(self.path, error, _UNSAVED)
+        else:
+            self._dirty = False
+
+    def _document(self) -> dict[str, object]:
+        return {"version": 1, "revoked": dict(self._until)}

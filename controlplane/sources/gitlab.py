@@ -427,6 +427,14 @@ class GitLabSource:
             tree = self._group_tree(group)
         return tree.groups, tree.projects
 
+    def fetch_job_status(self, project_id: int | str, job_id: int | str) -> str | None:
+        """The job's status as GitLab reports it now (`running`, `success`...); None when GitLab does not know
+        the job, or not under that project (404). A token without access to the project also gets a 404."""
+        with self.errors_as_unavailable():
+            project = self._gl.projects.get(project_id, lazy=True)
+            job = _get_or_none(project.jobs, job_id)
+        return None if job is None else str(job.attributes.get("status"))
+
     # -- reading
 
     def _group_tree(self, ref: str | int) -> _GroupTree:

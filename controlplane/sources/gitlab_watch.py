@@ -91,8 +91,10 @@ class InventoryWatcher:
         reconcile_seconds: float = 300.0,
         max_staleness_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
+        on_reachable: Callable[[], None] | None = None,
     ) -> None:
         self.issuer = issuer
+        self.on_reachable = on_reachable  # GitLab answers again after failures: what it said meanwhile was missed
         self.source = source
         self.on_change = on_change
         self.reconcile_seconds = reconcile_seconds
@@ -284,6 +286,8 @@ class InventoryWatcher:
                 self._failed(error)
                 return False, False
         self.last_error = None
+        if self._failures and self.on_reachable is not None:
+            self.on_reachable()
         self._failures = 0
         self._retry_at = -math.inf
         READ_FAILURES.labels(self.issuer).set(0)

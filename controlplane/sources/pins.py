@@ -2,17 +2,17 @@
 
 Paths are not identities: if `acme/app` meant project 42 yesterday and a new project took that path today,
 access must not silently move to it. GitLab's redirect routes forget the old meaning once a path is re-used,
-so the control plane keeps its own record, in a small JSON file in its state directory.
+so the control plane keeps its own record, in a small JSON file in its state directory (written and read through
+`controlplane.statefile`: a corrupt file stops the start instead of forgetting every pin).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from controlplane.statefile import StateFileError, atomic_write_json, malformed, read_json, report_write_failure
 
 log = logging.getLogger("controlplane.pins")
 
@@ -23,33 +23,45 @@ class PinStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._saved: Pins = {}
+        self._unwritten = False  # the last write failed: the next save writes even without a change
 
     def load(self) -> Pins:
-        """The remembered pins; an unreadable file is reported and treated as empty (never as a crash)."""
-        try:
-            raw = json.loads(self.path.read_text())
-            pins = {str(i): {str(p): int(v) for p, v in paths.items()} for i, paths in raw["pins"].items()}
-        except FileNotFoundError:
-            pins = {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            log.error("cannot read %s (%s): starting without remembered project ids", self.path, error)
-            pins = {}
+        """The remembered pins ({} on a first start). Raises `StateFileError` when the file cannot be read."""
+        document = read_json(self.path)
+        pins = {} if document is None else self._parse(document)
         self._saved = pins
         return {i: dict(p) for i, p in pins.items()}
 
+    def _parse(self, document: object) -> Pins:
+        raw = document.get("pins") if isinstance(document, dict) else None
+        if not isinstance(raw, dict) or not all(isinstance(paths, dict) for paths in raw.values()):
+            raise malformed(self.path, 'expected an object with a "pins" object (issuer -> path -> project id)')
+        pins: Pins = {}
+        for issuer, paths in raw.items():
+            for path, project_id in paths.items():
+                if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id < 1:
+                    raise malformed(self.path, f"pins.{issuer}.{path}: the project id is not a positive integer")
+                pins.setdefault(str(issuer), {})[str(path)] = project_id
+        return pins
+
     def save(self, pins: Mapping[str, Mapping[str, int]]) -> None:
-        """Merged with what is remembered (a path dropped from the policy keeps its meaning), atomically."""
+        """Merged with what is remembered (a path dropped from the policy keeps its meaning), atomically.
+
+        A failed write is reported and the merged pins are kept in memory (they are what the compiler uses);
+        the next call writes them again."""
         merged: Pins = {i: dict(p) for i, p in self._saved.items()}
         for issuer, paths in pins.items():
             merged.setdefault(issuer, {}).update(paths)
-        if merged == self._saved:
+        if merged == self._saved and not self._unwritten:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".pins-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as out:
-            json.dump({"version": 1, "pins": merged}, out, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
         self._saved = merged
+        try:
+            atomic_write_json(self.path, {"version": 1, "pins": merged})
+        except StateFileError as error:
+            self._unwritten = True
+            report_write_failure(self.path, error, "the project ids are kept in memory, not yet on disk")
+        else:
+            self._unwritten = False
 
     @property
     def current(self) -> Pins:

@@ -16,6 +16,7 @@ API request is logged by endpoint template (``api_calls("/projects/:id/repositor
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import hashlib
 import itertools
@@ -42,6 +43,12 @@ API = "/api/v4"
 MAX_PER_PAGE = 100  # GitLab's limit
 DEFAULT_PER_PAGE = 20  # GitLab's default when the client sends no per_page
 STATUS_STATES = frozenset({"pending", "running", "success", "failed", "canceled", "skipped"})
+# Every status GitLab's Jobs API reports (doc/api/jobs.md); the last four mean the job is over.
+JOB_STATUSES = frozenset(
+    {"created", "waiting_for_resource", "preparing", "pending", "running", "manual", "scheduled", "canceling",
+     "success", "failed", "canceled", "skipped"}
+)  # fmt: skip
+FINISHED_JOB_STATUSES = frozenset({"success", "failed", "canceled", "skipped"})
 _TRUE = frozenset({"true", "1", "yes", "t"})
 
 Files = Mapping[str, "str | bytes | None"]
@@ -92,6 +99,20 @@ class _Project:
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sha -> posted statuses, in order
 
 
+@dataclass
+class _Job:
+    id: int
+    project_id: int
+    name: str
+    stage: str
+    ref: str
+    status: str
+    pipeline_id: int
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
 @dataclass(frozen=True)
 class ApiCall:
     """One REST request as the fake saw it: ``endpoint`` is the template (``/projects/:id``), ``path`` the raw URL
@@ -116,6 +137,10 @@ class ApiError(Exception):
 
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def _parse_iso(value: str) -> float:
+    return float(calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%S.000Z")))
 
 
 def _git_blob_id(data: bytes) -> str:
@@ -174,6 +199,7 @@ class FakeGitLab(OidcIssuer):
         self._groups: dict[int, _Group] = {}
         self._projects: dict[int, _Project] = {}
         self._redirects: dict[str, int] = {}  # lower-cased old project path -> project id
+        self._jobs: dict[int, _Job] = {}
         self._group_ids = itertools.count(10)
         self._project_ids = itertools.count(100)
         self._other_ids = itertools.count(1)
@@ -231,6 +257,7 @@ class FakeGitLab(OidcIssuer):
             ("GET", "/projects/:id/repository/files/:path/raw", self._get_raw_file),
             ("GET", "/projects/:id/repository/commits/:sha", self._get_commit),
             ("POST", "/projects/:id/statuses/:sha", self._post_status),
+            ("GET", "/projects/:id/jobs/:job_id", self._get_job),
         ]
 
     def _api_handler(self, endpoint: str, handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -375,6 +402,48 @@ class FakeGitLab(OidcIssuer):
                 self._add_environment(project, env_name, tier)
             project.protected_environments.update(protected_environments)
             return project.id
+
+    def add_job(
+        self,
+        project: int | str,
+        *,
+        id: int | None = None,
+        status: str = "running",
+        name: str = "deploy",
+        stage: str = "deploy",
+        ref: str = "main",
+        pipeline_id: int | None = None,
+    ) -> int:
+        """A CI job of ``project`` (mint its ID token with ``mint(job_id=...)``); returns its id."""
+        with self._api_lock:
+            owner = self._project(project)
+            job = _Job(
+                id=id if id is not None else next(_ids),
+                project_id=owner.id,
+                name=name,
+                stage=stage,
+                ref=ref,
+                status="created",
+                pipeline_id=pipeline_id if pipeline_id is not None else next(_ids),
+                created_at=_now_iso(),
+            )
+            if job.id in self._jobs:
+                raise ValueError(f"job id {job.id} exists")
+            self._jobs[job.id] = job
+        self.set_job_status(job.id, status)
+        return job.id
+
+    def set_job_status(self, job_id: int, status: str) -> None:
+        """What GitLab reports for the job from now on. No webhook is sent: this is how a missed Job Hook looks."""
+        if status not in JOB_STATUSES:
+            raise ValueError(f"unknown job status {status!r}")
+        with self._api_lock:
+            job = self._jobs[job_id]
+            job.status = status
+            if status not in ("created", "pending", "waiting_for_resource", "manual", "scheduled"):
+                job.started_at = job.started_at or _now_iso()
+            if status in FINISHED_JOB_STATUSES:
+                job.finished_at = job.finished_at or _now_iso()
 
     def rename_project(self, project: int | str, new_name: str) -> None:
         """Same namespace, new last path component; the old path keeps answering (GitLab's redirect route)."""
@@ -691,6 +760,46 @@ class FakeGitLab(OidcIssuer):
             "commit": self._commit_json(project, project.commits[project.branches[name]]),
         }
 
+    def _job_json(self, project: _Project, job: _Job) -> dict[str, Any]:
+        """GitLab's "Get a single job" answer (doc/api/jobs.md), with the fields a control plane could read."""
+        sha = project.branches.get(job.ref) or next(iter(project.commits))
+        duration = None
+        if job.started_at and job.finished_at:
+            duration = max(0.0, _parse_iso(job.finished_at) - _parse_iso(job.started_at))
+        return {
+            "id": job.id,
+            "name": job.name,
+            "stage": job.stage,
+            "status": job.status,
+            "ref": job.ref,
+            "tag": job.ref in project.tags,
+            "coverage": None,
+            "allow_failure": False,
+            "archived": False,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "erased_at": None,
+            "duration": duration,
+            "queued_duration": 0.0 if job.started_at else None,
+            "failure_reason": "script_failure" if job.status == "failed" else None,
+            "artifacts_expire_at": None,
+            "tag_list": [],
+            "web_url": f"{self.base_url}/{project.path}/-/jobs/{job.id}",
+            "commit": self._commit_json(project, project.commits[sha]),
+            "pipeline": {
+                "id": job.pipeline_id,
+                "project_id": project.id,
+                "ref": job.ref,
+                "sha": sha,
+                "status": job.status,
+            },
+            "project": {"ci_job_token_scope_enabled": False},
+            "artifacts": [],
+            "runner": None,
+            "user": {"id": 1, "username": "ci-user", "name": "CI User", "state": "active"},
+        }
+
     def _tag_json(self, project: _Project, name: str) -> dict[str, Any]:
         sha = project.tags[name]
         return {
@@ -740,6 +849,15 @@ class FakeGitLab(OidcIssuer):
 
     def _get_project(self, request: Request) -> Response:
         return json_response(self._project_json(self._project(request.params["id"])))
+
+    def _get_job(self, request: Request) -> Response:
+        """A job is found only under its own project (GitLab scopes job ids by the project in the URL)."""
+        project = self._project(request.params["id"])
+        job_id = request.params["job_id"]
+        job = self._jobs.get(int(job_id)) if job_id.isdigit() else None
+        if job is None or job.project_id != project.id:
+            raise ApiError(404, "404 Not found")
+        return json_response(self._job_json(project, job))
 
     def _list_branches(self, request: Request) -> Response:
         project = self._project(request.params["id"])

@@ -1,0 +1,278 @@
+"""Missed Job Hooks: the jobs that could still use access are asked about in GitLab, finished ones revoked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from collections.abc import Collection, Iterable
+from pathlib import Path
+
+import pytest
+
+from controlplane.admin.metrics import REGISTRY
+from controlplane.credentials.live_jobs import LiveJob, LiveJobs
+from controlplane.credentials.recovery import Candidate, JobRecovery, StatusReader, candidates
+from controlplane.gitlab_link import GitLabLink
+from controlplane.model.credentials import CREDENTIAL_ISSUER
+from controlplane.model.inventory import Inventory
+from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
+from controlplane.statefile import StateFileError
+from tests.compiled import policy_of
+from tests.support.ports import eventually
+
+GITLAB = "https://gitlab.example.com"
+OTHER = "https://gitlab.other.example"
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GitLab:
+    """Job statuses by (project, job); `down` makes every read fail as the transport does after its retries."""
+
+    def __init__(self, jobs: dict[tuple[str, str], str] | None = None) -> None:
+        self.jobs = dict(jobs or {})
+        self.down = False
+        self.refused: set[str] = set()
+        self.asked: list[tuple[str, str]] = []
+
+    def status(self, project_id: str, job_id: str) -> str | None:
+        self.asked.append((project_id, job_id))
+        if self.down:
+            raise GitLabUnavailable("GitLab unavailable: GET /projects/:id/jobs/:id: HTTP 503 after 6 attempts")
+        if project_id in self.refused:
+            raise GitLabRefused("GitLab answered HTTP 403: 403 Forbidden")
+        return self.jobs.get((project_id, job_id))
+
+
+class Revoker:
+    def __init__(self) -> None:
+        self.revoked: dict[str, str] = {}
+
+    async def __call__(self, job: str, status: str) -> bool:
+        first = job not in self.revoked
+        self.revoked[job] = status
+        return first
+
+
+def recovery(
+    gitlab: GitLab,
+    revoker: Revoker,
+    *,
+    live: Iterable[LiveJob] = (),
+    seen: Iterable[tuple[str, str, str | None, float]] = (),
+    readers: dict[str | None, StatusReader] | None = None,
+    **kw: float,
+) -> JobRecovery:
+    readers = readers if readers is not None else {GITLAB: gitlab.status, None: gitlab.status}
+
+    def revoked() -> Collection[str]:
+        return set(revoker.revoked)
+
+    return JobRecovery(
+        live=lambda: list(live),
+        seen=lambda since, limit: list(seen),
+        revoked=revoked,
+        reader_for=readers.get,
+        revoke=revoker,
+        lookback=3600,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_candidates_live_credentials_first_then_recent_gateway_jobs_each_once_none_revoked() -> None:
+    live = [LiveJob("1", "42", GITLAB, 2000.0), LiveJob("2", "42", GITLAB, 1900.0)]
+    seen = [("3", "43", GITLAB, 999.0), ("1", "42", CREDENTIAL_ISSUER, 998.0), ("4", "44", CREDENTIAL_ISSUER, 997.0)]
+    assert candidates(live, seen, revoked={"2"}, limit=10) == [
+        Candidate("1", "42", GITLAB),
+        Candidate("3", "43", GITLAB),
+        Candidate("4", "44", None),  # a credential's record names our issuer, not the job's GitLab
+    ]
+    assert len(candidates(live, seen, revoked=set(), limit=2)) == 2
+
+
+async def test_a_sweep_revokes_finished_jobs_and_leaves_the_others() -> None:
+    gitlab = GitLab({("42", "1"): "success", ("42", "2"): "running", ("43", "3"): "canceled", ("44", "5"): "manual"})
+    revoker = Revoker()
+    before = metric("controlplane_job_recovery_revocations_total")
+    sweep = recovery(
+        gitlab,
+        revoker,
+        live=[LiveJob("1", "42", GITLAB, 2000.0), LiveJob("2", "42", GITLAB, 2000.0)],
+        seen=[("3", "43", CREDENTIAL_ISSUER, 999.0), ("4", "44", GITLAB, 998.0), ("5", "44", GITLAB, 997.0)],
+    )
+    result = await sweep.sweep("start")
+    assert revoker.revoked == {"1": "success", "3": "canceled"}
+    assert result.complete and result.asked == 5 and sorted(result.revoked) == ["1", "3"]
+    assert metric("controlplane_job_recovery_revocations_total") == before + 2
+    gitlab.asked.clear()
+    await sweep.sweep("periodic")
+    assert sorted(gitlab.asked) == [("42", "2"), ("44", "4"), ("44", "5")]  # revoked jobs are not asked again
+
+
+async def test_a_job_of_a_gitlab_not_read_through_its_api_is_counted_not_asked() -> None:
+    gitlab, revoker = GitLab({("42", "1"): "success"}), Revoker()
+    before = metric("controlplane_job_recovery_checks_total", result="no_gitlab")
+    sweep = recovery(gitlab, revoker, seen=[("1", "42", OTHER, 999.0)])
+    result = await sweep.sweep("start")
+    assert result.asked == 0 and revoker.revoked == {} and result.complete
+    assert metric("controlplane_job_recovery_checks_total", result="no_gitlab") == before + 1
+
+
+async def test_an_unreachable_gitlab_makes_the_sweep_incomplete_without_asking_about_every_job() -> None:
+    gitlab, revoker = GitLab({("42", str(j)): "success" for j in range(50)}), Revoker()
+    gitlab.down = True
+    sweep = recovery(gitlab, revoker, live=[LiveJob(str(j), "42", GITLAB, 2000.0) for j in range(50)])
+    result = await sweep.sweep("start")
+    assert not result.complete and len(gitlab.asked) == 1 and revoker.revoked == {}
+
+
+async def test_a_refused_project_does_not_stop_the_others() -> None:
+    gitlab, revoker = GitLab({("42", "1"): "failed", ("43", "2"): "failed"}), Revoker()
+    gitlab.refused.add("42")
+    sweep = recovery(gitlab, revoker, seen=[("1", "42", GITLAB, 999.0), ("2", "43", GITLAB, 998.0)])
+    result = await sweep.sweep("start")
+    assert revoker.revoked == {"2": "failed"} and not result.complete
+
+
+async def test_run_sweeps_at_start_retries_an_incomplete_sweep_and_wakes_on_request() -> None:
+    gitlab, revoker = GitLab({("42", "1"): "running"}), Revoker()
+    gitlab.down = True
+    sweep = recovery(gitlab, revoker, live=[LiveJob("1", "42", GITLAB, 2000.0)], interval=3600, retry=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sweep.run(stop))
+    try:
+        await eventually(lambda: len(gitlab.asked) >= 1, "start sweep", timeout=5)
+        gitlab.down = False
+        await eventually(lambda: sweep.last is not None and sweep.last.complete, "retried after 0.05s", timeout=5)
+        asked = len(gitlab.asked)
+        gitlab.jobs[("42", "1")] = "success"  # its Job Hook is lost; GitLab was down, then answers again
+        sweep.request("gitlab reachable again")
+        await eventually(lambda: revoker.revoked == {"1": "success"}, "revoked on request", timeout=5)
+        assert len(gitlab.asked) == asked + 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_run_sweeps_periodically() -> None:
+    gitlab, revoker = GitLab({("42", "1"): "running"}), Revoker()
+    sweep = recovery(gitlab, revoker, live=[LiveJob("1", "42", GITLAB, 2000.0)], interval=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sweep.run(stop))
+    try:
+        await eventually(lambda: len(gitlab.asked) >= 3, "three sweeps", timeout=5)
+        gitlab.jobs[("42", "1")] = "skipped"
+        await eventually(lambda: revoker.revoked == {"1": "skipped"}, "periodic sweep revoked", timeout=5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+# --- the jobs holding live credentials, across restarts
+
+
+def test_live_jobs_survive_a_restart_age_out_and_are_private(tmp_path: Path) -> None:
+    clock, path = Clock(), tmp_path / "live-jobs.json"
+    jobs = LiveJobs(path, clock=clock)
+    jobs.note("7", "42", GITLAB, until=1600)
+    jobs.note("7", "42", GITLAB, until=1500)  # an earlier credential never shortens it
+    jobs.note("8", "43", GITLAB, until=1100)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = LiveJobs(path, clock=clock)
+    assert [j.job_id for j in again.jobs()] == ["7", "8"] and again.until("7") == 1600
+    clock.now = 1200
+    again.prune()
+    assert [j.job_id for j in LiveJobs(path, clock=clock).jobs()] == ["7"]
+    again.forget("7")
+    assert LiveJobs(path, clock=clock).jobs() == [] and again.until("7") is None
+
+
+@pytest.mark.parametrize(
+    "document",
+    ['{"version": 1, "jo', '{"version": 1, "jobs": []}', '{"version": 1, "jobs": {"7": {"project_id": 42}}}'],
+)
+def test_a_corrupt_live_jobs_file_stops_the_start_naming_it(tmp_path: Path, document: str) -> None:
+    path = tmp_path / "live-jobs.json"
+    path.write_text(document)
+    with pytest.raises(StateFileError, match=r"live-jobs\.json"):
+        LiveJobs(path)
+
+
+def test_a_live_job_that_cannot_be_written_is_kept_and_written_with_the_next_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane import statefile
+
+    path = tmp_path / "live-jobs.json"
+    jobs = LiveJobs(path, clock=Clock())
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(statefile.os, "replace", full)
+    jobs.note("7", "42", GITLAB, until=1600)
+    assert jobs.until("7") == 1600 and not path.exists()
+    monkeypatch.undo()
+    jobs.note("7", "42", GITLAB, until=1600)  # nothing new, but the last write failed
+    assert json.loads(path.read_text())["jobs"]["7"]["until"] == 1600
+
+
+# --- which GitLab is asked
+
+
+TWO_GITLABS = """\
+kind: Issuer
+name: main
+type: gitlab
+url: https://gitlab.example.com
+api: {token_env: GITLAB_TOKEN}
+---
+kind: Issuer
+name: other
+type: gitlab
+url: https://gitlab.other.example
+api: {token_env: OTHER_TOKEN}
+"""
+
+
+class JobSource:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fetch_inventory(self, *, groups: Iterable[str | int], projects: Iterable[str | int]) -> Inventory:
+        return Inventory(fetched_at=1.0)
+
+    def fetch_project(self, project: str | int) -> None:
+        return None
+
+    def fetch_job_status(self, project_id: str, job_id: str) -> str | None:
+        return f"{self.name}:{project_id}/{job_id}"
+
+
+async def test_a_job_is_asked_of_the_gitlab_its_token_came_from() -> None:
+    async def changed() -> None:
+        return None
+
+    link = GitLabLink(on_inventory_change=changed, source_factory=lambda api: JobSource(api.url))
+    policy = policy_of(issuers=TWO_GITLABS)
+    link.follow(policy, {})
+    try:
+        main = link.job_status_reader("https://gitlab.example.com")
+        other = link.job_status_reader("https://gitlab.other.example")
+        assert main is not None and main("42", "7") == "https://gitlab.example.com:42/7"
+        assert other is not None and other("42", "7") == "https://gitlab.other.example:42/7"
+        assert link.job_status_reader("https://gitlab.unknown.example") is None  # not read through an API
+        assert link.job_status_reader(None) is None  # a credential's job, with two GitLabs: not guessed
+    finally:
+        await link.stop()
