@@ -168,3 +168,11 @@ def test_a_binding_whose_subjects_all_lost_access_emits_no_empty_policy() -> Non
     withdrawn = GrantSpec("b/r", Mode.ENFORCE, (RoleRule(("GET",), ()),), ())
     per_route = backend_rbac("svc", [withdrawn])
     assert per_route.rbac.HasField("rules") and len(per_route.rbac.rules.policies) == 0
+
+
+def test_a_never_read_inventory_says_so_rather_than_blaming_max_staleness() -> None:
+    """Before GitLab's first answer the withdrawal is right, but 'older than max_staleness' misled operators
+    who had set no max_staleness at all."""
+    resolved, found = resolve(Inventory(stale=True), subject(projects=(42,)))
+    assert resolved is None and "has not been read yet" in found.warnings[0].message
+    assert "max_staleness" not in found.warnings[0].message

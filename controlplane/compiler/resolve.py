@@ -55,7 +55,7 @@ class Resolver:
             common.extend(Condition(m.claim, m.values, listy=True) for m in claims)
             return ResolvedSubject.of(common)
         if self.inventory.stale:
-            found.warnings.append(_withdrawn(subject, "the GitLab inventory is older than max_staleness (fail closed)"))
+            found.warnings.append(_withdrawn(subject, _stale_reason(self.inventory)))
             return None
         if not any(m.claim == "pipeline_source" for m in claims):
             # Fork merge-request pipelines carry the fork's project claims: denied unless asked for by name.
@@ -282,3 +282,9 @@ def _no_pin(subject: Subject) -> PolicyError:
 
 def _sorted_ids(ids: Iterable[int]) -> tuple[str, ...]:
     return tuple(str(i) for i in sorted(set(ids)))
+
+
+def _stale_reason(inventory: Inventory) -> str:
+    if inventory.fetched_at is None:
+        return "GitLab has not been read yet (fail closed)"
+    return "the GitLab inventory is older than max_staleness (fail closed)"
