@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult
+from controlplane.credentials.exchange_store import LiveJob
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.sources.webhooks import JobEvent
@@ -135,6 +136,22 @@ async def test_credentials_issued_before_a_restart_are_revoked_when_the_job_fini
     await second.finished(8201)
     assert "8201" in second.service.revocations.active()
     assert second.service.revocations.next_expiry() == expires
+    second.close()
+
+
+def test_a_restarted_process_knows_which_gitlab_and_project_to_ask_about_a_job_holding_credentials(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    """The ledger the exchange writes before signing is what the recovery sweep reads: no second record."""
+    first = Node(gitlab, tmp_path, clock)
+    granted = first.exchange(first.mint(8301))
+    assert granted.status == 200, granted.body
+    first.close()
+    second = Node(gitlab, tmp_path, clock)
+    assert second.service.store.jobs_with_credentials(10) == [
+        LiveJob("8301", "42", gitlab.issuer, clock.now + granted.body["expires_in"])
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == ["signing-keys.json"]
     second.close()
 
 

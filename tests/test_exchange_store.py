@@ -16,10 +16,18 @@ import pytest
 from controlplane.credentials.exchange_store import (
     ExchangeStoreError,
     JobLedger,
+    LiveJob,
     MemoryExchangeStore,
     ReplayCounter,
     SqliteExchangeStore,
 )
+
+GITLAB = "https://gitlab.example.com"
+OTHER = "https://gitlab.other.example"
+
+
+def issued(store: JobLedger, job_id: str, expires_at: float, project_id: str = "42", issuer: str = GITLAB) -> bool:
+    return store.issued(job_id, expires_at, project_id=project_id, issuer=issuer)
 
 
 class Clock:
@@ -80,7 +88,7 @@ def test_finished_jobs_are_remembered_until_keep_until(store: Store, clock: Cloc
 
 def test_the_ledger_keeps_the_latest_credential_expiry_of_a_job(store: Store, clock: Clock) -> None:
     assert store.credentials_until("7") is None
-    assert store.issued("7", clock.now + 200) and store.issued("7", clock.now + 100)
+    assert issued(store, "7", clock.now + 200) and issued(store, "7", clock.now + 100)
     assert store.credentials_until("7") == clock.now + 200 and store.credentials_until("8") is None
     clock.now += 200
     assert store.credentials_until("7") is None
@@ -88,11 +96,50 @@ def test_the_ledger_keeps_the_latest_credential_expiry_of_a_job(store: Store, cl
 
 def test_finishing_a_job_answers_how_long_it_must_be_denied_and_stops_issuing(store: Store, clock: Clock) -> None:
     """One step each, so a replica issuing while another records the end cannot slip a credential between."""
-    assert store.issued("7", clock.now + 300)
+    assert issued(store, "7", clock.now + 300)
     assert store.finish("7", clock.now + 1000) == clock.now + 300
-    assert not store.issued("7", clock.now + 600)  # refused, and not recorded
+    assert not issued(store, "7", clock.now + 600)  # refused, and not recorded
     assert store.credentials_until("7") == clock.now + 300
     assert store.finish("8", clock.now + 1000) is None  # a job that never exchanged
+
+
+def test_the_ledger_lists_the_jobs_holding_unexpired_credentials_latest_first_and_bounded(
+    store: Store, clock: Clock
+) -> None:
+    """What the recovery sweep asks GitLab about after a restart: which job, of which project, on which GitLab."""
+    assert store.jobs_with_credentials(10) == []
+    assert issued(store, "7", clock.now + 200)
+    assert issued(store, "8", clock.now + 100, project_id="43", issuer=OTHER)
+    assert issued(store, "9", clock.now + 300)
+    assert issued(store, "7", clock.now + 50)  # an earlier credential never shortens the record
+    assert store.jobs_with_credentials(10) == [
+        LiveJob("9", "42", GITLAB, clock.now + 300),
+        LiveJob("7", "42", GITLAB, clock.now + 200),
+        LiveJob("8", "43", OTHER, clock.now + 100),
+    ]
+    assert [job.job_id for job in store.jobs_with_credentials(2)] == ["9", "7"]
+    assert store.jobs_with_credentials(0) == []
+    clock.now += 150
+    assert [job.job_id for job in store.jobs_with_credentials(10)] == ["9", "7"]
+
+
+def test_a_finished_job_stays_listed_while_its_credentials_live_and_a_refused_one_is_not_added(
+    store: Store, clock: Clock
+) -> None:
+    """Listed until its credentials expire: if the deny list entry was lost in a crash after `finish`, the sweep
+    still asks GitLab about the job (it skips jobs already on the deny list itself)."""
+    assert issued(store, "7", clock.now + 300)
+    store.finish("7", clock.now + 1000)
+    store.finish("8", clock.now + 1000)
+    assert not issued(store, "8", clock.now + 300)
+    assert [job.job_id for job in store.jobs_with_credentials(10)] == ["7"]
+
+
+def test_a_job_without_a_project_id_is_recorded_for_revocation(store: Store, clock: Clock) -> None:
+    """GitLab always sets `project_id`; a token without one still gets its credential's expiry recorded."""
+    assert store.issued("7", clock.now + 300, project_id=None, issuer=GITLAB)
+    assert store.finish("7", clock.now + 1000) == clock.now + 300
+    assert store.jobs_with_credentials(10) == [LiveJob("7", None, GITLAB, clock.now + 300)]
 
 
 def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
@@ -123,9 +170,10 @@ def test_a_second_store_on_the_same_file_shares_every_record(tmp_path: Path, clo
     one, two = SqliteExchangeStore(path, clock=clock), SqliteExchangeStore(path, clock=clock)
     assert one.claim("a", clock.now + 10, 2) and two.claim("a", clock.now + 10, 2)
     assert not one.claim("a", clock.now + 10, 2) and not two.claim("a", clock.now + 10, 2)
-    assert one.issued("9", clock.now + 5)
+    assert issued(one, "9", clock.now + 5)
     assert two.finish("9", clock.now + 10) == clock.now + 5
-    assert one.is_finished("9") and not one.issued("9", clock.now + 8)
+    assert one.is_finished("9") and not issued(one, "9", clock.now + 8)
+    assert two.jobs_with_credentials(10) == [LiveJob("9", "42", GITLAB, clock.now + 5)]
     one.close()
     two.close()
 
@@ -154,6 +202,16 @@ def test_a_file_that_is_not_the_database_fails_closed(tmp_path: Path) -> None:
     path = tmp_path / "exchange.sqlite3"
     path.write_bytes(b"this is not a database, it is a damaged file" * 100)
     with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3"):
+        SqliteExchangeStore(path)
+
+
+def test_a_job_credentials_table_without_the_job_columns_fails_at_open(tmp_path: Path) -> None:
+    """A file written by a build from before `project_id` and `issuer` were recorded is refused at start, not
+    answered with a 503 on every exchange."""
+    path = tmp_path / "exchange.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE job_credentials (job_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID")
+    with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3.*project_id"):
         SqliteExchangeStore(path)
 
 

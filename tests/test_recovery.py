@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import stat
-from collections.abc import Collection, Iterable
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable, Collection, Iterable
 
 from controlplane.admin.metrics import REGISTRY
-from controlplane.credentials.live_jobs import LiveJob, LiveJobs
+from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob, MemoryExchangeStore
 from controlplane.credentials.recovery import Candidate, JobRecovery, StatusReader, candidates
 from controlplane.gitlab_link import GitLabLink
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.inventory import Inventory
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
-from controlplane.statefile import StateFileError
 from tests.compiled import policy_of
 from tests.support.ports import eventually
 
@@ -65,7 +59,7 @@ def recovery(
     gitlab: GitLab,
     revoker: Revoker,
     *,
-    live: Iterable[LiveJob] = (),
+    live: Iterable[LiveJob] | Callable[[int], list[LiveJob]] = (),
     seen: Iterable[tuple[str, str, str | None, float]] = (),
     readers: dict[str | None, StatusReader] | None = None,
     **kw: float,
@@ -75,8 +69,9 @@ def recovery(
     def revoked() -> Collection[str]:
         return set(revoker.revoked)
 
+    listed = live if callable(live) else (lambda limit: list(live)[:limit])  # type: ignore[arg-type]
     return JobRecovery(
-        live=lambda: list(live),
+        live=listed,
         seen=lambda since, limit: list(seen),
         revoked=revoked,
         reader_for=readers.get,
@@ -91,13 +86,13 @@ def metric(name: str, **labels: str) -> float:
 
 
 def test_candidates_live_credentials_first_then_recent_gateway_jobs_each_once_none_revoked() -> None:
-    live = [LiveJob("1", "42", GITLAB, 2000.0), LiveJob("2", "42", GITLAB, 1900.0)]
+    live = [LiveJob("1", "42", GITLAB, 2000.0), LiveJob("2", "42", GITLAB, 1900.0), LiveJob("5", None, GITLAB, 1800.0)]
     seen = [("3", "43", GITLAB, 999.0), ("1", "42", CREDENTIAL_ISSUER, 998.0), ("4", "44", CREDENTIAL_ISSUER, 997.0)]
     assert candidates(live, seen, revoked={"2"}, limit=10) == [
         Candidate("1", "42", GITLAB),
         Candidate("3", "43", GITLAB),
         Candidate("4", "44", None),  # a credential's record names our issuer, not the job's GitLab
-    ]
+    ]  # job 5 has no project to ask about
     assert len(candidates(live, seen, revoked=set(), limit=2)) == 2
 
 
@@ -179,53 +174,30 @@ async def test_run_sweeps_periodically() -> None:
         await asyncio.wait_for(task, 5)
 
 
-# --- the jobs holding live credentials, across restarts
+# --- the jobs holding live credentials: the exchange's ledger
 
 
-def test_live_jobs_survive_a_restart_age_out_and_are_private(tmp_path: Path) -> None:
-    clock, path = Clock(), tmp_path / "live-jobs.json"
-    jobs = LiveJobs(path, clock=clock)
-    jobs.note("7", "42", GITLAB, until=1600)
-    jobs.note("7", "42", GITLAB, until=1500)  # an earlier credential never shortens it
-    jobs.note("8", "43", GITLAB, until=1100)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = LiveJobs(path, clock=clock)
-    assert [j.job_id for j in again.jobs()] == ["7", "8"] and again.until("7") == 1600
-    clock.now = 1200
-    again.prune()
-    assert [j.job_id for j in LiveJobs(path, clock=clock).jobs()] == ["7"]
-    again.forget("7")
-    assert LiveJobs(path, clock=clock).jobs() == [] and again.until("7") is None
+async def test_jobs_holding_credentials_are_read_from_the_ledger_past_the_revoked_ones() -> None:
+    """The ledger keeps a revoked job until its credentials expire; those must not use up a sweep's bound."""
+    clock = Clock()
+    ledger = MemoryExchangeStore(clock=clock)
+    for job, until in (("1", 2000.0), ("2", 1900.0), ("3", 1800.0)):
+        assert ledger.issued(job, until, project_id="42", issuer=GITLAB)
+    gitlab, revoker = GitLab({("42", "3"): "failed"}), Revoker()
+    revoker.revoked = {"1": "success", "2": "success"}
+    sweep = recovery(gitlab, revoker, live=ledger.jobs_with_credentials, max_jobs=1)
+    result = await sweep.sweep("start")
+    assert gitlab.asked == [("42", "3")] and result.revoked == ["3"]
 
 
-@pytest.mark.parametrize(
-    "document",
-    ['{"version": 1, "jo', '{"version": 1, "jobs": []}', '{"version": 1, "jobs": {"7": {"project_id": 42}}}'],
-)
-def test_a_corrupt_live_jobs_file_stops_the_start_naming_it(tmp_path: Path, document: str) -> None:
-    path = tmp_path / "live-jobs.json"
-    path.write_text(document)
-    with pytest.raises(StateFileError, match=r"live-jobs\.json"):
-        LiveJobs(path)
+async def test_a_ledger_that_cannot_be_read_leaves_the_gateway_jobs_asked_and_the_sweep_retried() -> None:
+    def broken(limit: int) -> list[LiveJob]:
+        raise ExchangeStoreError("exchange.sqlite3: cannot read the exchange state: disk I/O error")
 
-
-def test_a_live_job_that_cannot_be_written_is_kept_and_written_with_the_next_credential(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from controlplane import statefile
-
-    path = tmp_path / "live-jobs.json"
-    jobs = LiveJobs(path, clock=Clock())
-
-    def full(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(statefile.os, "replace", full)
-    jobs.note("7", "42", GITLAB, until=1600)
-    assert jobs.until("7") == 1600 and not path.exists()
-    monkeypatch.undo()
-    jobs.note("7", "42", GITLAB, until=1600)  # nothing new, but the last write failed
-    assert json.loads(path.read_text())["jobs"]["7"]["until"] == 1600
+    gitlab, revoker = GitLab({("42", "1"): "success"}), Revoker()
+    sweep = recovery(gitlab, revoker, live=broken, seen=[("1", "42", GITLAB, 999.0)])
+    result = await sweep.sweep("start")
+    assert revoker.revoked == {"1": "success"} and not result.complete
 
 
 # --- which GitLab is asked

@@ -80,7 +80,7 @@ async def test_the_off_loop_writer_writes_in_a_thread_and_coalesces_a_burst(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An fsync costs ~10 ms on a disk: the event loop serving xDS must not wait for it."""
-    target = tmp_path / "live-jobs.json"
+    target = tmp_path / "revoked-jobs.json"
     writer = OffLoopWriter(target, "kept in memory")
     threads: list[str] = []
     real_write = statefile.atomic_write_json

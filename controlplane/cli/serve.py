@@ -362,7 +362,7 @@ def _job_recovery(credentials: CredentialService | None, audit: AuditStore, gitl
         return None
     options = credentials.options
     return JobRecovery(
-        live=credentials.live_jobs.jobs,
+        live=credentials.store.jobs_with_credentials,
         seen=audit.recent_jobs,
         revoked=credentials.revocations.active,
         reader_for=gitlab.job_status_reader,

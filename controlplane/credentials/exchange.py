@@ -367,8 +367,12 @@ class TokenExchange:
         if not self._replay.claim(subject, claims["exp"] + issuer.clock_skew, self.max_uses_per_subject):
             raise Refused("invalid_grant", "the subject token was exchanged too many times", result="replayed")
         # Recorded before the credential exists, and refused if the job finished since `_check_job` (another
-        # replica may have been told): the ledger answers both in one step.
-        if context["job_id"] is not None and not self._ledger.issued(context["job_id"], int(now) + ttl):
+        # replica may have been told): the ledger answers both in one step. Project and issuer say where the
+        # recovery sweep asks whether the job has finished.
+        job_id = context["job_id"]
+        if job_id is not None and not self._ledger.issued(
+            job_id, int(now) + ttl, project_id=context["project_id"], issuer=issuer.url
+        ):
             raise _job_finished()
         token, jti, exp = self._issue(claims, backend, roles, ttl, now)
         self._issued.add(context["job_id"], jti, exp)

@@ -2,7 +2,9 @@
 
 Why a store: the replay bound ("a subject token is exchanged at most N times") and "a finished job gets no
 credential" are only as strong as the memory behind them. In memory, a crash or a restart forgets both, and
-two replicas each allow N. So the exchange talks to two small interfaces, `ReplayCounter` and `JobLedger`,
+two replicas each allow N. The ledger is also the control plane's one record of which jobs hold live
+credentials, of which project and GitLab: the recovery sweep asks GitLab about them after a missed Job Hook.
+So the exchange talks to two small interfaces, `ReplayCounter` and `JobLedger`,
 and the control plane gives it `SqliteExchangeStore` (one file in the state directory); a shared database
 (PostgreSQL, issue 12) only has to implement the same few methods. `MemoryExchangeStore` serves tests and a
 `TokenExchange` used alone.
@@ -20,6 +22,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -41,17 +44,33 @@ CREATE TABLE IF NOT EXISTS finished_jobs (
 CREATE INDEX IF NOT EXISTS finished_jobs_expiry ON finished_jobs (keep_until);
 CREATE TABLE IF NOT EXISTS job_credentials (
     job_id TEXT PRIMARY KEY,
+    project_id TEXT,
+    issuer TEXT NOT NULL,
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS job_credentials_expiry ON job_credentials (expires_at);
 """
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
 _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
+_LIVE_JOBS = (
+    "SELECT job_id, project_id, issuer, expires_at FROM job_credentials WHERE expires_at > ? "
+    "ORDER BY expires_at DESC, job_id LIMIT ?"
+)
 _TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", "expires_at"))
 
 
 class ExchangeStoreError(Exception):
     """The store could not answer or record durably; the message names the file, never a token."""
+
+
+@dataclass(frozen=True)
+class LiveJob:
+    """A job holding credentials that have not expired, and where to ask whether it has finished."""
+
+    job_id: str
+    project_id: str | None  # None only for a subject token without `project_id` (GitLab always sets it)
+    issuer: str  # the GitLab issuer URL of the job's ID token (its `iss`)
+    expires_at: float  # when its last credential expires (Unix time)
 
 
 class ReplayCounter(Protocol):
@@ -78,13 +97,19 @@ class JobLedger(Protocol):
 
     def is_finished(self, job_id: str) -> bool: ...
 
-    def issued(self, job_id: str, expires_at: float) -> bool:
-        """Record that a credential of this job lives until `expires_at` (the ledger keeps the latest), unless
-        the job has finished: then record nothing and return False (issue nothing)."""
+    def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
+        """Record that a credential of this job (of `project_id`, its ID token from GitLab `issuer`) lives until
+        `expires_at` (the ledger keeps the latest), unless the job has finished: then record nothing and return
+        False (issue nothing)."""
         ...
 
     def credentials_until(self, job_id: str) -> float | None:
         """When the job's last unexpired credential expires; None when it holds none."""
+        ...
+
+    def jobs_with_credentials(self, limit: int) -> list[LiveJob]:
+        """At most `limit` jobs holding unexpired credentials, the latest-expiring first, finished ones included
+        (the caller skips those already denied)."""
         ...
 
 
@@ -101,7 +126,7 @@ class MemoryExchangeStore:
         self._uses: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
         self._finished: dict[str, float] = {}
-        self._credentials: dict[str, float] = {}
+        self._credentials: dict[str, LiveJob] = {}
 
     def claim(self, subject: str, expires_at: float, limit: int) -> bool:
         self._prune(self._clock())
@@ -122,15 +147,22 @@ class MemoryExchangeStore:
     def is_finished(self, job_id: str) -> bool:
         return self._finished.get(job_id, 0.0) > self._clock()
 
-    def issued(self, job_id: str, expires_at: float) -> bool:
+    def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
         if self.is_finished(job_id):
             return False
-        self._credentials[job_id] = max(expires_at, self._credentials.get(job_id, 0.0))
+        known = self._credentials.get(job_id)
+        latest = max(expires_at, known.expires_at) if known is not None else expires_at
+        self._credentials[job_id] = LiveJob(job_id, project_id, issuer, latest)
         return True
 
     def credentials_until(self, job_id: str) -> float | None:
-        until = self._credentials.get(job_id)
-        return until if until is not None and until > self._clock() else None
+        job = self._credentials.get(job_id)
+        return job.expires_at if job is not None and job.expires_at > self._clock() else None
+
+    def jobs_with_credentials(self, limit: int) -> list[LiveJob]:
+        now = self._clock()
+        live = (job for job in self._credentials.values() if job.expires_at > now)
+        return heapq.nsmallest(max(limit, 0), live, key=lambda job: (-job.expires_at, job.job_id))
 
     def _prune(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -177,15 +209,30 @@ class SqliteExchangeStore:
     def is_finished(self, job_id: str) -> bool:
         return self._read(_FINISHED, job_id) is not None
 
-    def issued(self, job_id: str, expires_at: float) -> bool:
+    def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
         with self._write() as db:
             if db.execute(_FINISHED, (job_id, self._clock())).fetchone() is not None:
                 return False
-            _keep_latest(db, "job_credentials", "expires_at", job_id, expires_at)
+            db.execute(
+                "INSERT INTO job_credentials (job_id, project_id, issuer, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (job_id) DO UPDATE SET project_id = excluded.project_id, issuer = excluded.issuer, "
+                "expires_at = max(expires_at, excluded.expires_at)",
+                (job_id, project_id, issuer, expires_at),
+            )
         return True
 
     def credentials_until(self, job_id: str) -> float | None:
         return self._read(_CREDENTIALS_UNTIL, job_id)
+
+    def jobs_with_credentials(self, limit: int) -> list[LiveJob]:
+        try:
+            rows = self._db.execute(_LIVE_JOBS, (self._clock(), max(limit, 0))).fetchall()
+        except sqlite3.Error as error:
+            raise ExchangeStoreError(f"{self.path}: cannot read the exchange state: {error}") from None
+        return [
+            LiveJob(str(job), None if project is None else str(project), str(issuer), float(expires_at))
+            for job, project, issuer, expires_at in rows
+        ]
 
     def close(self) -> None:
         self._db.close()
@@ -248,6 +295,7 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        db.execute(_LIVE_JOBS, (0.0, 0)).fetchall()  # every column there: an older file's table would 503 each exchange
     except BaseException:
         db.close()
         raise

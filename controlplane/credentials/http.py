@@ -8,7 +8,6 @@ in an access log, and nothing logged here holds one (only backend, project, job,
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -43,12 +42,10 @@ class ExchangeEndpoint:
         *,
         max_body: int = MAX_BODY_BYTES,
         limits: HttpLimits = EXCHANGE_LIMITS,
-        on_granted: Callable[[ExchangeResult], Awaitable[None]] | None = None,
     ) -> None:
         self.exchange = exchange
         self.max_body = max_body
         self.limits = limits
-        self.on_granted = on_granted  # called before the credential is returned (remembering its job)
         # Refusals are whatever any client sends, so they are rate-limited; grants (the audit) never are.
         self._refusals = RateLimitedLog(log, burst=10, interval=60.0)
         self._server = AppServer("exchange endpoint")
@@ -74,8 +71,6 @@ class ExchangeEndpoint:
             self._refusals.log(logging.INFO, "token exchange refused (invalid_request): %s", bad)
             return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
         result = self.exchange.exchange(form)
-        if result.granted and self.on_granted is not None:
-            await self.on_granted(result)
         self._log(result)
         return _json(result.body, result.status)
 

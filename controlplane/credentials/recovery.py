@@ -4,7 +4,8 @@ GitLab sends a Job Hook once and never retries it. A control plane that was down
 broken, misses it, and the job's credentials (and ID tokens) keep working until they expire. So the control
 plane asks GitLab itself (`GET /projects/:id/jobs/:job_id`) about the jobs that could still use access:
 
-- jobs holding live exchanged credentials (`LiveJobs`, kept across restarts), first;
+- jobs holding live exchanged credentials (the exchange's ledger, `JobLedger.jobs_with_credentials`, which
+  survives restarts and names each job's project and GitLab), first;
 - jobs seen at a gateway within `lookback` (the audit trail), most recent first, which covers raw ID tokens.
 
 Jobs already on the deny list are not asked about. A job GitLab reports in a finished status (`success`,
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
-from controlplane.credentials.live_jobs import LiveJob
+from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
@@ -95,10 +96,11 @@ def candidates(
     revoked: Collection[str],
     limit: int,
 ) -> list[Candidate]:
-    """Live-credential jobs first, then jobs seen at a gateway by recency; each job once, none already revoked."""
+    """Live-credential jobs first, then jobs seen at a gateway by recency; each job once, none already revoked.
+    A job without a project (its token had no `project_id`) cannot be asked about."""
     out: dict[str, Candidate] = {}
     for job in live:
-        if job.job_id not in revoked and job.job_id not in out:
+        if job.project_id is not None and job.job_id not in revoked and job.job_id not in out:
             out[job.job_id] = Candidate(job.job_id, job.project_id, job.issuer)
     for job_id, project_id, issuer, _last in seen:
         if job_id not in revoked and job_id not in out:
@@ -110,7 +112,7 @@ class JobRecovery:
     def __init__(
         self,
         *,
-        live: Callable[[], Iterable[LiveJob]],
+        live: Callable[[int], Iterable[LiveJob]],
         seen: Callable[[float, int], list[tuple[str, str, str | None, float]]],
         revoked: Callable[[], Collection[str]],
         reader_for: Callable[[str | None], StatusReader | None],
@@ -171,8 +173,9 @@ class JobRecovery:
         """Ask GitLab about every candidate job; revoke the finished ones. Returns what happened."""
         since = self._clock() - self.lookback
         seen = await asyncio.to_thread(self._seen, since, self.max_jobs)
-        jobs = candidates(self._live(), seen, frozenset(self._revoked()), self.max_jobs)
+        revoked = frozenset(self._revoked())
         result = SweepResult()
+        jobs = candidates(self._live_jobs(len(revoked), result), seen, revoked, self.max_jobs)
         unreachable: set[StatusReader] = set()
         for job in jobs:
             if stop is not None and stop.is_set():
@@ -210,6 +213,16 @@ class JobRecovery:
         )
         self.last = result
         return result
+
+    def _live_jobs(self, revoked: int, result: SweepResult) -> list[LiveJob]:
+        """The ledger keeps a revoked job until its credentials expire, so up to `revoked` more are read: they
+        must not crowd the others out of the bound. Unreadable: the gateway's jobs are still asked about."""
+        try:
+            return list(self._live(self.max_jobs + revoked))
+        except ExchangeStoreError as error:
+            log.error("job recovery: %s; jobs holding credentials are asked about at the next sweep", error)
+            result.complete = False
+            return []
 
     async def _status(
         self, reader: StatusReader, job: Candidate, result: SweepResult, unreachable: set[StatusReader]

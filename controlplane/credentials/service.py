@@ -15,14 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jwt
-
 from controlplane.admin.serving import EXCHANGE_LIMITS, HttpLimits
-from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, ExchangeResult, TokenExchange
+from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, TokenExchange
 from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
-from controlplane.credentials.live_jobs import LiveJobs
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
 from controlplane.sources.webhooks import GitLabEvent, JobEvent
@@ -83,8 +80,7 @@ class CredentialService:
             max_subject_age=options.finished_job_retention,
         )
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
-        self.live_jobs = LiveJobs(options.state_dir / "live-jobs.json", clock=clock)
-        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, on_granted=self._remember_job)
+        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http)
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()
         self.port = 0
@@ -134,50 +130,33 @@ class CredentialService:
 
         Recording the end and reading how long the job's credentials live is one step of the ledger, which the
         exchange's own recording of a credential cannot interleave with (on any replica sharing the ledger): a
-        credential is either counted here or never issued. The remembered expiry counts too: after a restart
-        the exchange's own index is empty.
+        credential is either counted here or never issued. After a restart the exchange's in-memory index is
+        empty: the ledger's record is what makes the denial last as long as the job's credentials.
         """
         recorded: float | None = None
         try:
             recorded = self.store.finish(job, self.clock() + self.options.finished_job_retention)
         except ExchangeStoreError as error:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
-        held = max(recorded or 0.0, self.exchange.latest_expiry(job) or 0.0, self.live_jobs.until(job) or 0.0)
+        held = max(recorded or 0.0, self.exchange.latest_expiry(job) or 0.0)
         until = max(held, self.clock() + self.options.deny_id_tokens_for)
         revoked = self.revocations.revoke(job, until, save=False)
-        self.live_jobs.forget(job, save=False)  # the deny list guards it now (or nothing it holds is still valid)
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
             await self.on_change()
         # Written after the push, in a thread: the denial reaches Envoy without waiting for two fsyncs, and a
         # crash in between is caught by the job recovery sweep at start (GitLab still says the job finished).
         await self.revocations.persist()
-        await self.live_jobs.persist()
         return revoked
-
-    async def _remember_job(self, result: ExchangeResult) -> None:
-        """Which GitLab and project to ask about this job after a restart (our own credential, just signed).
-        On disk before the credential is returned, written in a thread (an fsync must not stall xDS)."""
-        token = result.body.get("access_token")
-        if result.job_id is None or result.project_id is None or not isinstance(token, str):
-            return
-        claims = jwt.decode(token, options={"verify_signature": False})
-        actor = claims.get("act")
-        issuer = actor.get("iss") if isinstance(actor, dict) else None
-        if isinstance(issuer, str):
-            self.live_jobs.note(result.job_id, result.project_id, issuer, float(claims["exp"]), save=False)
-            await self.live_jobs.persist()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rotate keys and age out revocations exactly when due."""
         while not stop.is_set():
             changed = self.keys.rotate_if_due()
             changed = self.revocations.prune(save=False) or changed
-            self.live_jobs.prune(save=False)
             if changed:
                 await self.on_change()
             await self.revocations.persist()
-            await self.live_jobs.persist()
             due = [self.keys.next_change_at(), self.revocations.next_expiry() or float("inf")]
             delay = max(0.05, min(due) - self.clock())
             with contextlib.suppress(TimeoutError):
