@@ -268,3 +268,32 @@ async def test_gitlab_answering_again_after_an_outage_is_reported_once() -> None
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_staleness_is_reported_before_a_read_that_hangs() -> None:
+    """Bindings were withdrawn only once the next read returned: against a GitLab that hangs (timeouts and
+    retries), exchanges were granted for seconds after the data had turned stale."""
+    import threading
+
+    release = threading.Event()
+
+    class HangingSource(FakeSource):
+        def fetch_inventory(self, *, groups: Iterable[str | int], projects: Iterable[str | int]) -> Inventory:
+            if self.down:
+                release.wait(10)
+            return super().fetch_inventory(groups=groups, projects=projects)
+
+    source, changes = HangingSource(), Changes()
+    w = watcher(source, changes, reconcile_seconds=3600, max_staleness_seconds=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    try:
+        await eventually(lambda: changes.count == 1, "first reconcile")
+        source.down, source.now = True, source.now + 61
+        w.request_full()
+        await eventually(lambda: changes.count == 2, "stale reported while the read still hangs", timeout=3)
+        assert w.inventory.stale and not release.is_set()
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(task, 15)

@@ -221,10 +221,17 @@ class InventoryWatcher:
             await self._wait(stop)
 
     async def _step(self) -> None:
-        """Read what is due now, then tell `on_change` if the data or its staleness changed."""
+        """Read what is due now, then tell `on_change` if the data or its staleness changed.
+
+        Staleness is also told before the read: against a GitLab that hangs, the read may take its timeouts and
+        retries, and bindings must be withdrawn the moment the data turns stale, not when GitLab answers."""
+        await self._tell(changed=False)
         changed = False
         if self.clock() >= self._retry_at and self._due():
             _, changed = await self._sync()
+        await self._tell(changed)
+
+    async def _tell(self, changed: bool) -> None:
         stale = self.is_stale()
         if changed or stale != self._told_stale:
             self._told_stale = stale
