@@ -15,7 +15,7 @@ AUDIT_RECORDS_WRITTEN = Counter(
     "Audit records committed to the audit store.",
     registry=REGISTRY,
 )
-UNKNOWN_LABEL = "unknown"  # the gateway label of senders whose group the policy does not define
+UNKNOWN_LABEL = "unknown"  # the gateway label of records submitted without one (als.py always gives the group)
 UNATTESTED_LABEL = "unattested"  # the gateway label of streams refused because no gateway stands behind them
 
 AUDIT_RECORDS_DROPPED = Counter(
