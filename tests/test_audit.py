@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -18,6 +19,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -422,6 +424,7 @@ class Plane:
         self.channel = channel
         self.cache = cache
         self.gateways: list[FakeEnvoy] = []
+        self.target = ""  # host:port of the server, for a client of its own (another connection)
 
     async def gateway(self, node: str, group: str = GATEWAY, channel: grpc.aio.Channel | None = None) -> FakeEnvoy:
         """An ADS stream as that node: what vouches for its access-log streams."""
@@ -431,8 +434,8 @@ class Plane:
         self.gateways.append(envoy)
         return envoy
 
-    def stream(self) -> Any:
-        method = self.channel.stream_unary(
+    def stream(self, channel: grpc.aio.Channel | None = None) -> Any:
+        method = (channel or self.channel).stream_unary(
             f"/{SERVICE}/{METHOD}",
             request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
             response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
@@ -442,6 +445,13 @@ class Plane:
 
 @pytest.fixture
 async def plane(store: AuditStore) -> AsyncIterator[Plane]:
+    async with serving(store) as built:
+        yield built
+
+
+@contextlib.asynccontextmanager
+async def serving(store: AuditStore) -> AsyncIterator[Plane]:
+    """An xDS server with the ALS on it, serving group GATEWAY, and a plain-text channel to it."""
     cache = SnapshotCache()
     cache.set(Snapshot.empty(GATEWAY))
     service = AccessLogService(store)
@@ -453,6 +463,7 @@ async def plane(store: AuditStore) -> AsyncIterator[Plane]:
     port = await server.start(LOOPBACK, 0)
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
     built = Plane(store, service, channel, cache)
+    built.target = f"{LOOPBACK}:{port}"
     try:
         yield built
     finally:
@@ -634,6 +645,87 @@ async def test_one_flooding_sender_does_not_crowd_out_another(tmp_path: Path) ->
         small.close(10)
 
 
+async def test_a_forger_claiming_a_gateways_node_cannot_crowd_out_its_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local process with no ADS stream streamed ALS as the real gw-1 (same host: attested); its 120k-entry
+    flood kept 1 of gw-1's 20 records, as the queue share was keyed by the node id both claimed."""
+    small = AuditStore(tmp_path / "audit.sqlite3", retention=None, queue_size=200, batch_size=10)
+    queue_full = {"name": "controlplane_audit_records_dropped_total", "gateway": GATEWAY, "reason": "queue_full"}
+    before = sample(**queue_full)
+
+    async def handled(count: int) -> None:
+        def done() -> bool:
+            return small._accepted + sample(**queue_full) - before >= count
+
+        await eventually(done, f"{count} entries handled")
+
+    def batch(job: str, count: int, node: str | None = None) -> als_pb2.StreamAccessLogsMessage:
+        return message(*(entry(claims=gitlab_claims(job_id=job), path=f"/{i}") for i in range(count)), node=node)
+
+    caplog.set_level(logging.WARNING, logger="controlplane.audit")
+    try:
+        async with serving(small) as plane, grpc.aio.insecure_channel(plane.target) as elsewhere:
+            await plane.gateway("gw-1")
+            honest, forger = plane.stream(), plane.stream(elsewhere)
+            with small._conn_lock:  # the disk is slow: everything waits in the queue
+                await honest.write(batch("31", 10, node="gw-1"))
+                await handled(10)
+                await forger.write(batch("66631", 500, node="gw-1"))
+                await forger.write(batch("66631", 500))
+                await handled(1010)
+                await honest.write(batch("31", 10))
+                await handled(1020)
+            for call in (honest, forger):
+                await call.done_writing()
+                await asyncio.wait_for(call, 10)
+            assert len(await asyncio.to_thread(small.query, job="31", limit=100)) == 20
+    finally:
+        small.close(10)
+    dropping = [r.getMessage() for r in caplog.records if "audit queue full" in r.getMessage()]
+    assert dropping and f"from stream 2 ({LOOPBACK}:" in dropping[0] and "'gw-1'" in dropping[0], dropping
+
+
+def test_a_share_is_a_certificate_with_mtls_else_one_stream() -> None:
+    """What a forger cannot share with the gateway it impersonates: its certificate, or else its own stream."""
+    plain = Sender("gw-1", GATEWAY, GATEWAY, LOOPBACK, None)
+    assert als.sender_key(plain, f"ipv4:{LOOPBACK}:4242", 1) != als.sender_key(plain, f"ipv4:{LOOPBACK}:4242", 2)
+    assert f"({LOOPBACK}:4242, node 'gw-1')" in als.sender_key(plain, f"ipv4:{LOOPBACK}:4242", 1)
+    assert len(als.sender_key(replace(plain, node_id="n" * 5_000), "ipv4:10.0.0.1:1", 1)) < 200
+    tls = replace(plain, identity="gateway-client")
+    assert als.sender_key(tls, f"ipv4:{LOOPBACK}:1", 1) == als.sender_key(tls, f"ipv4:{LOOPBACK}:2", 2)
+
+
+def test_the_sender_dropping_the_most_is_named_at_a_bounded_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    small = AuditStore(tmp_path / "audit.sqlite3", retention=None, queue_size=8, sender_queue_size=2)
+    caplog.set_level(logging.WARNING, logger="controlplane.audit")
+    try:
+        with small._conn_lock:
+            for i in range(1_000):
+                small.submit(record(job_id=f"f{i}"), sender="stream 1 (10.0.0.1:1, node 'a')", label="edge")
+                small.submit(record(job_id=f"g{i}"), sender="stream 2 (10.0.0.2:2, node 'b')", label="edge")
+                small.submit(record(job_id=f"h{i}"), sender="stream 3 (10.0.0.3:3, node 'c')", label="edge")
+    finally:
+        small.close(10)
+    lines = [r.getMessage() for r in caplog.records if "audit queue full" in r.getMessage()]
+    assert len(lines) == 2  # the first drop at once, the rest when the store closes (within 10 s)
+    assert "1 record(s) dropped from 1 sender(s)" in lines[0] and "from stream " in lines[0]
+    assert "dropped from 3 sender(s)" in lines[1]
+
+
+async def test_a_gateway_of_a_group_no_policy_defines_cannot_write_the_trail(plane: Plane) -> None:
+    """Any client may open an ADS stream in a made-up group; its rows were stored with gateway=no-such-group."""
+    await plane.gateway("odd-node", group="no-such-group")
+    refused = sample("controlplane_audit_streams_refused_total", reason="unknown_group")
+    call = plane.stream()
+    await call.write(message(entry(claims=gitlab_claims(job_id="66604")), node="odd-node", cluster="no-such-group"))
+    assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await asyncio.to_thread(plane.store.query, job="66604") == []
+    assert sample("controlplane_audit_streams_refused_total", reason="unknown_group") == refused + 1
+
+
 async def _refusal(call: Any) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await asyncio.wait_for(call, 10)
@@ -691,13 +783,15 @@ async def test_attestation_compares_the_host_and_the_certificate_identity() -> N
             await envoy.send(CLUSTER)
             await envoy.recv()
             attest = server.attest
+            assert await attest("envoy-23", GATEWAY, f"ipv4:{LOOPBACK}:1", None, wait=0) == "unknown_group"
+            cache.set(Snapshot.empty(GATEWAY))  # now a policy defines the group
             sender = await attest("envoy-23", GATEWAY, f"ipv4:{LOOPBACK}:1", None, wait=0)
-            assert isinstance(sender, Sender) and (sender.node_id, sender.group, sender.peer) == (
+            assert isinstance(sender, Sender) and (sender.node_id, sender.group, sender.label, sender.peer) == (
                 "envoy-23",
+                GATEWAY,
                 GATEWAY,
                 LOOPBACK,
             )
-            assert sender.label == "unknown"  # the policy defines no such group: metrics must not name it
             assert await attest("envoy-23", GATEWAY, "ipv4:10.9.9.9:1", None, wait=0) == "peer_mismatch"
             assert await attest("envoy-23", GATEWAY, f"ipv4:{LOOPBACK}:1", "gw", wait=0) == "identity_mismatch"
             assert await attest("envoy-23", "other", f"ipv4:{LOOPBACK}:1", None, wait=0) == "no_xds_stream"

@@ -18,13 +18,18 @@ Only the listed claims are read from the payload; a token in any other claim nev
 
 Only gateways write the trail. The first message's identifier (node id and cluster) is only a claim: the
 stream is accepted when `Senders.attest` finds an ADS stream of that node and cluster, from the same host and,
-with mTLS, the same certificate identity (`XdsServer.attest`); otherwise it is refused with PERMISSION_DENIED
-and counted (`controlplane_audit_streams_refused_total{reason}`). Records name the attested gateway (group,
-node, host, certificate identity), never what the entries claim, and their `time` is the control plane's
-when the entry arrived; Envoy's start time is kept as `reported_time`, clamped to a window around it.
+with mTLS, the same certificate identity, in a group the policy defines (`XdsServer.attest`); otherwise it is
+refused with PERMISSION_DENIED and counted (`controlplane_audit_streams_refused_total{reason}`). Records name
+the attested gateway (group, node, host, certificate identity), never what the entries claim, and their `time`
+is the control plane's when the entry arrived; Envoy's start time is kept as `reported_time`, clamped to a
+window around it. In plain text that attestation is weak: any local process shares a gateway's host and may
+claim its node, so the trail is attributable per gateway only with mTLS (one client certificate per gateway).
 
 The handler never blocks the stream on the disk: records go to the store's bounded queue, one share per
-sender (dropped and counted per gateway when full, `controlplane_audit_records_dropped_total`). When Envoy
+sender (dropped and counted per gateway group when full, `controlplane_audit_records_dropped_total`). A sender
+is what a forger cannot share with the gateway it impersonates: the certificate identity with mTLS, else the
+access-log stream itself (`sender_key`). Keyed by node id, a forger claiming a real gateway's node on the same
+host had its flood displace that gateway's records. When Envoy
 ends a stream, the answer is sent only after the store has committed what it sent, so an answered stream is a
 durable one. `AccessLogService.close()` ends open streams the same way before the
 grpc server stops (a stream still open at `server.stop` is cancelled with a traceback per stream).
@@ -33,6 +38,7 @@ grpc server stops (a stream still open at `server.stop` is cancelled with a trac
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +55,7 @@ from controlplane.audit.store import AuditRecord, AuditStore
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.ratelog import RateLimitedLog
-from controlplane.xds.server import WARNINGS_PER_MINUTE, Sender, clip
+from controlplane.xds.server import WARNINGS_PER_MINUTE, Sender, clip, peer_address
 from controlplane.xds.tls import peer_identity
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
@@ -188,6 +194,17 @@ def record_from_entry(
     )
 
 
+def sender_key(sender: Sender, peer: str, stream: int) -> str:
+    """The audit queue share a stream's records go to, worded to name the sender in a log line.
+
+    With mTLS, the certificate identity: a forger without the key cannot share it, and one certificate holder
+    gets one share however many streams it opens. In plain text, the stream (`stream` numbers it): a process
+    claiming a gateway's node from the same host is attested too, but its flood fills only its own share."""
+    if sender.identity is not None:
+        return f"certificate {sender.identity!r}"
+    return f"stream {stream} ({peer_address(peer)}, node {clip(sender.node_id, 64)!r})"
+
+
 class Senders(Protocol):
     """Who vouches for an access-log stream's sender: `XdsServer.attest` (a `Sender`, or why not)."""
 
@@ -214,6 +231,7 @@ class AccessLogService:
         self._clock = clock
         self._refused_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
         self._readers: set[asyncio.Task[str | None]] = set()
+        self._streams = itertools.count(1)  # numbers accepted streams, for their queue share's key
         self._closing = False
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -261,6 +279,7 @@ class AccessLogService:
     ) -> str | None:
         """Store what an attested gateway sends; returns why the stream is refused, or None."""
         sender: Sender | None = None
+        key = ""
         try:
             async for message in requests:
                 if sender is None:  # Envoy identifies itself on a stream's first message only
@@ -268,10 +287,10 @@ class AccessLogService:
                     if isinstance(verdict, str):
                         self._refuse(verdict, message, peer)
                         return verdict
-                    sender = verdict
+                    sender, key = verdict, sender_key(verdict, peer, next(self._streams))
                 received = self._clock()
                 for entry in message.http_logs.log_entry:
-                    self._submit(entry, sender, received)
+                    self._submit(entry, sender, key, received)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a broken peer: what it sent so far is kept, the stream ends
@@ -300,7 +319,7 @@ class AccessLogService:
             reason,
         )
 
-    def _submit(self, entry: accesslog_pb2.HTTPAccessLogEntry, sender: Sender, received: float) -> None:
+    def _submit(self, entry: accesslog_pb2.HTTPAccessLogEntry, sender: Sender, key: str, received: float) -> None:
         try:
             record = record_from_entry(
                 entry,
@@ -314,7 +333,7 @@ class AccessLogService:
             AUDIT_RECORDS_DROPPED.labels(gateway=sender.label, reason="unreadable").inc()
             self.log.warning("unreadable access log entry from %s: %r", clip(sender.node_id), error)
             return
-        self.store.submit(record, sender=sender.key, label=sender.label)
+        self.store.submit(record, sender=key, label=sender.label)
 
 
 def als_handler(store: AuditStore, senders: Senders) -> grpc.GenericRpcHandler:

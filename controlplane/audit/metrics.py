@@ -15,20 +15,22 @@ AUDIT_RECORDS_WRITTEN = Counter(
     "Audit records committed to the audit store.",
     registry=REGISTRY,
 )
-UNKNOWN_LABEL = "unknown"  # the gateway label of senders whose group the policy does not define
+UNKNOWN_LABEL = "unknown"  # the gateway label of records submitted without one (als.py always gives the group)
 UNATTESTED_LABEL = "unattested"  # the gateway label of streams refused because no gateway stands behind them
 
 AUDIT_RECORDS_DROPPED = Counter(
     "controlplane_audit_records_dropped_total",
-    "Audit records lost, by sending gateway (a policy group, unknown or unattested) and reason: queue_full "
-    "(that sender's share or the whole queue), closed, unreadable, write_failed, refused (an unattested stream).",
+    "Audit records lost, by sending gateway (a policy group, or unattested) and reason: queue_full "
+    "(that sender's share or the whole queue; the log names the stream that dropped the most), closed, "
+    "unreadable, write_failed, refused (an unattested stream).",
     ["gateway", "reason"],
     registry=REGISTRY,
 )
 AUDIT_STREAMS_REFUSED = Counter(
     "controlplane_audit_streams_refused_total",
     "Access-log streams refused because no gateway stands behind them, by reason: unidentified (no node in the "
-    "first message), no_xds_stream, peer_mismatch, identity_mismatch, overloaded (too many awaiting attestation).",
+    "first message), no_xds_stream, peer_mismatch, identity_mismatch, unknown_group (a group no policy "
+    "defines), overloaded (too many awaiting attestation).",
     ["reason"],
     registry=REGISTRY,
 )

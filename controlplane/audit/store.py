@@ -10,10 +10,12 @@ Never blocking Envoy. `submit` is a non-blocking put on a bounded queue that one
 the queue is full a record is dropped and counted (`controlplane_audit_records_dropped_total{gateway,reason}`)
 rather than slowing the ALS stream, and through it the proxy. A graceful `close()` drains the queue first.
 
-Fair to every sender. The queue is one FIFO per sender (a gateway's node): one sender may hold at most
-`sender_queue_size` records, and when the whole queue is full a new record displaces the oldest record of the
-sender holding the most (longest-queue drop), so a flooding sender loses its own records and never another's.
-The writer takes its batches round-robin across senders, so a backlog from one never delays the others.
+Fair to every sender. The queue is one FIFO per sender (a key the caller chooses: als.py gives each access-log
+stream its own, or each mTLS certificate): one sender may hold at most `sender_queue_size` records, and when
+the whole queue is full a new record displaces the oldest record of the sender holding the most (longest-queue
+drop), so a flooding sender loses its own records and never another's. The writer takes its batches
+round-robin across senders, so a backlog from one never delays the others. Drops are counted per bounded
+label (a gateway group); the sender that dropped the most is named in a log line at most every 10 s.
 
 Never storing a token. Records hold a fixed set of short fields (never a whole JWT payload or a header);
 every text field is cut to a bounded length, anything shaped like a JWT or a GitLab token is replaced by
@@ -59,6 +61,9 @@ DEFAULT_SENDER_QUEUE_SIZE = 2_500  # a quarter: one sender's backlog leaves room
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_PRUNE_INTERVAL = 300.0
 DEFAULT_QUERY_LIMIT = 100
+DROP_REPORT_INTERVAL = 10.0  # seconds between two log lines naming the sender that dropped the most
+MAX_TALLIED_SENDERS = 1024  # senders whose drops are told apart between two such lines
+_SHOWN_SENDER_CHARS = 300
 
 MAX_PATH_CHARS = 2048
 MAX_FIELD_CHARS = 256
@@ -297,6 +302,10 @@ class AuditStore:
         self._accepted = 0  # records queued so far
         self._settled = 0  # of those, committed or given up on
         self._closed = False
+        self._drops: dict[str, int] = {}  # queue_full drops by sender since the last report
+        self._drops_untallied = 0  # of those, from senders past MAX_TALLIED_SENDERS
+        self._drops_since = time.monotonic()
+        self._next_drop_report = 0.0  # monotonic; the first drop is reported at once
         self.prune()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -307,27 +316,32 @@ class AuditStore:
         """Queue a record without ever blocking; False (and counted as dropped) when closed or when this sender
         already holds its share or the most of a full queue.
 
-        `sender` keys the fairness (a gateway's node), `label` is the bounded `gateway` label its drops are
-        counted under (a group the policy knows, or `unknown`)."""
+        `sender` keys the fairness and names the sender in the drop report (als.py: an access-log stream or a
+        certificate), `label` is the bounded `gateway` label its drops are counted under (a policy group)."""
         with self._progress:
-            if self._closed:
-                _dropped(label, "closed")
-                return False
-            own = self._pending.get(sender)
-            held = len(own) if own is not None else 0
-            if held >= self._sender_queue_size:
-                _dropped(label, "queue_full")
-                return False
-            if self._queued >= self._queue_size and not self._displace(held):
-                _dropped(label, "queue_full")
-                return False
-            if own is None:
-                own = self._pending[sender] = deque()
-            own.append((record, label))
-            self._queued += 1
-            self._accepted += 1
-            self._progress.notify_all()
-            return True
+            accepted = self._enqueue(record, sender, label)
+            report = self._due_drop_report()
+        if report is not None:
+            log.warning(*report)
+        return accepted
+
+    def _enqueue(self, record: AuditRecord, sender: str, label: str) -> bool:
+        """`submit` under the lock."""
+        if self._closed:
+            _dropped(label, "closed")
+            return False
+        own = self._pending.get(sender)
+        held = len(own) if own is not None else 0
+        if held >= self._sender_queue_size or (self._queued >= self._queue_size and not self._displace(held)):
+            self._queue_full(sender, label)
+            return False
+        if own is None:
+            own = self._pending[sender] = deque()
+        own.append((record, label))
+        self._queued += 1
+        self._accepted += 1
+        self._progress.notify_all()
+        return True
 
     def _displace(self, held: int) -> bool:
         """Make room in a full queue by dropping the oldest record of the sender holding the most, if that
@@ -337,10 +351,38 @@ class AuditStore:
         if len(records) <= held + 1:
             return False
         _, label = records.popleft()
-        _dropped(label, "queue_full")
+        self._queue_full(victim, label)
         self._queued -= 1
         self._settled += 1
         return True
+
+    def _queue_full(self, sender: str, label: str) -> None:
+        """Count a record dropped for want of room: by label for metrics, by sender for the report."""
+        _dropped(label, "queue_full")
+        if sender in self._drops or len(self._drops) < MAX_TALLIED_SENDERS:
+            self._drops[sender] = self._drops.get(sender, 0) + 1
+        else:
+            self._drops_untallied += 1
+
+    def _due_drop_report(self, *, force: bool = False) -> tuple[Any, ...] | None:
+        """The log line (format and arguments) naming the sender that dropped the most since the last one, if
+        one is due; metric labels are groups, so this line is what tells which stream flooded. Lock held."""
+        now = time.monotonic()
+        if not self._drops or (now < self._next_drop_report and not force):
+            return None
+        heaviest = max(self._drops, key=self._drops.__getitem__)
+        total = sum(self._drops.values()) + self._drops_untallied
+        report = (
+            "audit queue full: %d record(s) dropped from %d sender(s) in %.0fs, the most (%d) from %s",
+            total,
+            len(self._drops) + (1 if self._drops_untallied else 0),
+            now - self._drops_since,
+            self._drops[heaviest],
+            heaviest[:_SHOWN_SENDER_CHARS],
+        )
+        self._drops, self._drops_untallied, self._drops_since = {}, 0, now
+        self._next_drop_report = now + DROP_REPORT_INTERVAL
+        return report
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted before this call is committed (or failed). False on timeout."""
@@ -355,6 +397,9 @@ class AuditStore:
                 return
             self._closed = True
             self._progress.notify_all()  # the writer drains what is queued, then stops
+            report = self._due_drop_report(force=True)  # drops not yet reported
+        if report is not None:
+            log.warning(*report)
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer did not finish within %.1fs; queued records may be lost", timeout or 0.0)

@@ -122,19 +122,18 @@ def peer_host(peer: str) -> str:
 class Sender:
     """A gateway vouched for by its live ADS stream: whom the audit trail says an access-log stream came from.
 
-    `label` is its group as metrics may name it (the group if the policy defines it, else `unknown`), `peer`
-    the host both streams come from, `identity` their mTLS client certificate's (None in plain text)."""
+    `label` is its group as metrics may name it (a group the policy defined when the stream was attested),
+    `peer` the host both streams come from, `identity` their mTLS client certificate's (None in plain text).
+
+    In plain text, anyone who can reach the xDS port can open an ADS stream as any node, so a `Sender` proves
+    only that some client on that host holds one; only a certificate per gateway (mTLS) makes it that gateway.
+    """
 
     node_id: str
     group: str
     label: str
     peer: str
     identity: str | None
-
-    @property
-    def key(self) -> str:
-        """What the audit store's fairness is keyed by: one queue per gateway node."""
-        return f"{self.group}/{self.node_id}"
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -415,9 +414,10 @@ class XdsServer:
         """The gateway behind a stream that says it is node `node_id` of `cluster`, or why there is none.
 
         Only a client that holds an ADS stream right now as that node id and cluster, from the same host and
-        (with mTLS) with the same certificate identity, is that gateway. The reasons, a bounded set for
-        metrics: `no_xds_stream`, `peer_mismatch`, `identity_mismatch`, `overloaded`. A node with no ADS
-        stream yet is waited for up to `wait` seconds (default `attest_wait`), a bounded number at a time.
+        (with mTLS) with the same certificate identity, in a group the policy defines, is that gateway. The
+        reasons, a bounded set for metrics: `no_xds_stream`, `peer_mismatch`, `identity_mismatch`,
+        `unknown_group`, `overloaded`. A node with no ADS stream yet is waited for up to `wait` seconds (default
+        `attest_wait`), a bounded number at a time.
         """
         wait = self.attest_wait if wait is None else wait
         if (
@@ -464,8 +464,10 @@ class XdsServer:
                 reason = "peer_mismatch"
             elif session.identity != identity:
                 reason = "identity_mismatch"
+            elif not self.cache.known(cluster):  # any client may name a group: its rows would name no gateway
+                return "unknown_group"
             else:
-                return Sender(node_id, cluster, session.label, host, identity)
+                return Sender(node_id, cluster, cluster, host, identity)
         return reason
 
     def _proxy_left(self, label: str) -> None:
