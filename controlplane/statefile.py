@@ -7,9 +7,16 @@ revoked job allowed again, a re-used path bound to a new project) or breaks cred
 - A write is a whole new file: a temporary file in the same directory (created 0600), written, fsynced, renamed
   over the old one, and then the directory fsynced so the rename itself survives a power loss. A crash at any
   point leaves the old file or the new one, never a mix, and never a stray temporary file from this process.
-- A read is strict: a file that exists but cannot be read or parsed is an error naming the file
-  (`StateFileError`), never an empty start. Only a missing file means "first start".
-- Files are 0600 and a state directory we create is 0700: the keys sign credentials, the rest tells who did what.
+- A read is strict: a file that exists but cannot be read or parsed, or whose document is not an object (`null`
+  included), is an error naming the file (`StateFileError`), never an empty start. Only a missing file means
+  "first start". A SQLite database is created whole under a temporary name and linked into place
+  (`create_database`), so a crash never leaves a 0-byte file that a later start would take for a new one.
+- State files are never symbolic links (opened with O_NOFOLLOW, or lstat-ed before SQLite opens them): a link
+  could point the deny list at a file that does not exist, which would read as "first start".
+- Files are 0600 and the state directory 0700: the keys sign credentials, the rest tells who did what.
+  `secure_state_dir` tightens what an older version or an operator left looser, at start.
+- One `serve` owns a state directory (`lock_state_dir`): two writers of the same files would each overwrite
+  what the other recorded. Replicas share state through a database instead (PostgreSQL, issue 12).
 
 Callers decide what a failure means: at start-up it stops `serve` (fail closed); at run time a failed write is
 reported (`report_write_failure`: a log line and `controlplane_state_write_failures_total`) while the process
@@ -20,11 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import secrets
+import sqlite3
 import stat
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +57,16 @@ STATE_WRITE_FAILURES = Counter(
 )
 
 
+LOCK_NAME = "lock"
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
 class StateFileError(Exception):
     """A state file cannot be read, parsed or written. The message names the file, never its content."""
+
+
+class StateDirInUse(StateFileError):
+    """Another `serve` holds the state directory's lock."""
 
 
 def ensure_state_dir(directory: Path) -> None:
@@ -100,32 +120,180 @@ def fsync_directory(directory: Path) -> None:
 
 
 def read_bytes(path: Path) -> bytes | None:
-    """The file's bytes; None when it does not exist (a first start). Any other failure names the file."""
+    """The file's bytes; None only when nothing is there (a first start). A symbolic link (even a dangling one),
+    a directory or any other failure is an error naming the file."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _symlink_error(path) from None
+        raise StateFileError(f"{path}: cannot read: {_reason(error)}") from None
+    try:
+        with os.fdopen(fd, "rb") as source:
+            if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                raise StateFileError(f"{path}: not a regular file")
+            data = source.read()
     except OSError as error:
         raise StateFileError(f"{path}: cannot read: {_reason(error)}") from None
     _warn_if_readable_by_others(path)
     return data
 
 
-def read_json(path: Path) -> Any:
-    """The parsed document, or None when the file does not exist. Empty, truncated or invalid JSON is an error:
-    a crash of an older, non-atomic writer (or a full disk) must stop the start, not empty the state."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The parsed document, an object; None only when the file does not exist. Empty, truncated or invalid JSON,
+    and any document that is not an object (`null`, a list, a number), is an error: a crash of an older,
+    non-atomic writer, a full disk or a hand edit must stop the start, not empty the state."""
     data = read_bytes(path)
     if data is None:
         return None
     if not data.strip():
         raise StateFileError(f"{path}: empty (expected a JSON document); restore it from a backup or remove it")
     try:
-        return json.loads(data.decode("utf-8"))
+        document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
         raise StateFileError(
             f"{path}: not valid JSON ({type(error).__name__} at byte {_position(error)}): "
             "restore it from a backup or remove it"
         ) from None
+    if not isinstance(document, dict):
+        raise malformed(path, f"expected a JSON object, found {_json_kind(document)}; restore it from a backup")
+    return document
+
+
+def refuse_symlink(path: Path) -> bool:
+    """Whether `path` exists, as a regular file; a symbolic link or anything else there is an error naming it.
+    For files opened by a library (SQLite) that would follow a link."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise StateFileError(f"{path}: cannot read: {_reason(error)}") from None
+    if stat.S_ISLNK(mode):
+        raise _symlink_error(path)
+    if not stat.S_ISREG(mode):
+        raise StateFileError(f"{path}: not a regular file")
+    return True
+
+
+def create_database(path: Path, initialise: Callable[[sqlite3.Connection], None]) -> None:
+    """Create the SQLite database `path` whole, or leave an existing one alone.
+
+    `initialise` runs on a file with a temporary name (schema and user_version), which is then fsynced and
+    hard-linked into place (a link never replaces: a concurrent creator's file wins and ours is dropped), and
+    the directory fsynced. So a database file that exists was always complete: a 0-byte or schema-less one is
+    damage, and the callers refuse it instead of starting with an empty ledger or trail."""
+    if refuse_symlink(path):
+        return
+    ensure_state_dir(path.parent)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        try:
+            os.close(os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE))
+            db = sqlite3.connect(temporary, isolation_level=None)
+            try:
+                initialise(db)
+            finally:
+                db.close()
+            fd = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path, follow_symlinks=False)
+        finally:
+            for leftover in (temporary, *(temporary.with_name(temporary.name + c) for c in SQLITE_COMPANIONS)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        fsync_directory(path.parent)
+    except (OSError, sqlite3.Error) as error:
+        raise StateFileError(f"{path}: cannot create the database: {_reason(error)}") from None
+    refuse_symlink(path)
+
+
+def secure_state_dir(directory: Path, names: Iterable[str]) -> None:
+    """At start: the state directory 0700 and each state file in `names` (with SQLite's companion files) 0600,
+    whatever an older version, a restore or the umask left; none of them may be a symbolic link. What was
+    tightened is logged once."""
+    ensure_state_dir(directory)
+    tightened: list[str] = []
+    try:
+        if stat.S_IMODE(directory.stat().st_mode) != DIR_MODE:
+            directory.chmod(DIR_MODE)
+            tightened.append(f"{directory} (directory, now 0700)")
+    except OSError as error:
+        raise StateFileError(f"{directory}: cannot make the state directory private (0700): {_reason(error)}") from None
+    for name in names:
+        for candidate in (name, *(name + c for c in SQLITE_COMPANIONS)):
+            path = directory / candidate
+            if refuse_symlink(path) and _tighten(path):
+                tightened.append(candidate)
+    if tightened:
+        log.warning("state directory %s was readable by others: made private %s", directory, ", ".join(tightened))
+
+
+def lock_state_dir(directory: Path) -> int:
+    """Take the state directory's lock for this process's life and return its descriptor (keep it open; the
+    kernel releases the lock when the process ends, kill -9 included). Raises `StateDirInUse` naming the holder
+    when another `serve` has it: two writers of the same state files would lose each other's records."""
+    ensure_state_dir(directory)
+    path = directory / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _symlink_error(path) from None
+        raise StateFileError(f"{path}: cannot open the state directory's lock: {_reason(error)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise StateDirInUse(
+                f"state dir {directory} is in use by another controlplane serve (pid {holder}); "
+                "one serve owns a state directory"
+            ) from None
+        raise StateFileError(f"{path}: cannot lock the state directory: {_reason(error)}") from None
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError as error:
+        log.warning("%s: cannot record this process's id: %s", path, _reason(error))
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(os.pread(fd, 32, 0).decode("ascii").strip()))
+    return "unknown"
+
+
+def _tighten(path: Path) -> bool:
+    try:  # `path` was just lstat-ed: a regular file, not a link
+        if stat.S_IMODE(path.lstat().st_mode) & 0o077:
+            path.chmod(FILE_MODE)
+            return True
+    except OSError as error:
+        raise StateFileError(f"{path}: cannot make it private (0600): {_reason(error)}") from None
+    return False
+
+
+def _symlink_error(path: Path) -> StateFileError:
+    return StateFileError(
+        f"{path}: is a symbolic link; state files must be regular files in the state directory (replace the "
+        "link with the file itself)"
+    )
+
+
+def _json_kind(document: object) -> str:
+    if document is None:
+        return "null"
+    return {list: "a list", str: "a string", bool: "a boolean"}.get(type(document), "a number")
 
 
 def malformed(path: Path, what: str) -> StateFileError:

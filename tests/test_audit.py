@@ -209,6 +209,23 @@ def test_a_corrupt_store_stops_the_start_naming_the_file(tmp_path: Path) -> None
         AuditStore(path, retention=None)
 
 
+def test_an_empty_store_is_refused_not_started_afresh(tmp_path: Path) -> None:
+    """A 0-byte audit.sqlite3 used to become a new, empty trail: the records it held were silently gone."""
+    path = tmp_path / "audit.sqlite3"
+    path.write_bytes(b"")
+    with pytest.raises(StateFileError, match=r"audit\.sqlite3.*not an audit store"):
+        AuditStore(path, retention=None)
+    assert path.read_bytes() == b""
+
+
+def test_a_symlinked_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite3"
+    path.symlink_to(tmp_path / "gone.sqlite3")
+    with pytest.raises(StateFileError, match=r"audit\.sqlite3: is a symbolic link"):
+        AuditStore(path, retention=None)
+    assert not (tmp_path / "gone.sqlite3").exists()
+
+
 def test_a_flushed_record_survives_a_crash_of_the_process(tmp_path: Path) -> None:
     """The writer process dies without close() (os._exit) right after flush() said committed."""
     path = tmp_path / "audit.sqlite3"

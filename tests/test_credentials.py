@@ -713,6 +713,25 @@ def test_a_truncated_or_unusable_key_store_stops_the_start_naming_the_file(tmp_p
         signing_keys(path, Clock(0))
 
 
+@pytest.mark.parametrize("document", ["null", "[]"])
+def test_a_key_store_that_is_not_an_object_is_refused_not_replaced_by_a_new_key(tmp_path: Path, document: str) -> None:
+    """`null` used to read as "no keys yet": a new key was generated and the file overwritten."""
+    path = tmp_path / "signing-keys.json"
+    path.write_text(document)
+    with pytest.raises(StateFileError, match=r"signing-keys\.json: malformed"):
+        signing_keys(path, Clock(0))
+    assert path.read_text() == document
+
+
+def test_a_key_store_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    signing_keys(real, Clock(0))
+    path = tmp_path / "signing-keys.json"
+    path.symlink_to(real)
+    with pytest.raises(StateFileError, match=r"signing-keys\.json: is a symbolic link"):
+        signing_keys(path, Clock(0))
+
+
 def test_a_key_that_cannot_be_persisted_is_reported_and_still_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

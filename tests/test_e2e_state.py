@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import stat
 import time
@@ -197,6 +198,36 @@ def test_state_files_are_private(stack: Stack) -> None:
     assert files == dict.fromkeys(files, 0o600)
 
 
+def test_a_second_serve_on_the_same_state_dir_refuses_to_start(stack: Stack) -> None:
+    """Two serves on one state directory used to overwrite each other's revoked-jobs.json, losing revocations.
+    Replicas share state through a database (issue 12), never one directory."""
+    job = stack.gitlab.add_job(stack.project)
+    stack.credential(job)
+    stack.job_finished_hook(job)
+    poll_until(lambda: job_in_deny_list(stack, job), 10, message="revocation written")
+    second = ControlPlaneProcess(
+        stack.state.parent / "policy",
+        extra_args=("--state-dir", str(stack.state)),
+        env={"GITLAB_TOKEN": stack.gitlab.api_token},
+        log_path=stack.state.parent / "second.log",
+    )
+    try:
+        second.start(wait_ready=False)
+        poll_until(lambda: not second.running, 20, message="the second serve refuses to start")
+    finally:
+        code = second.stop()
+    assert code == 3
+    log, holder = second.log_text(), (stack.state / "lock").read_text().strip()
+    assert f"state dir {stack.state} is in use by another controlplane serve (pid {holder})" in log, log[-2000:]
+    assert job_in_deny_list(stack, job)  # the first serve's record is intact, and it still serves
+    assert http_request(f"{stack.controlplane.admin_url}/readyz").status == 200
+
+
+def job_in_deny_list(stack: Stack, job: int) -> bool:
+    path = stack.state / "revoked-jobs.json"
+    return path.exists() and str(job) in json.loads(path.read_text())["revoked"]
+
+
 def test_a_truncated_deny_list_stops_the_start_naming_the_file(stack: Stack) -> None:
     """Run last in the module: it leaves the control plane stopped."""
     job = stack.gitlab.add_job(stack.project)
@@ -216,3 +247,17 @@ def test_a_truncated_deny_list_stops_the_start_naming_the_file(stack: Stack) -> 
     assert "refusing to start" in log and str(deny_list) in log and "not valid JSON" in log
     with pytest.raises(OSError):  # nothing serves: no admin port, no xDS
         http_request(f"{stack.controlplane.admin_url}/readyz", timeout=1.0)
+
+
+def test_a_null_deny_list_stops_the_start_naming_the_file(stack: Stack) -> None:
+    """`null` used to read as "no deny list yet": the server became ready with every revocation forgotten."""
+    stack.controlplane.stop()
+    deny_list = stack.state / "revoked-jobs.json"
+    deny_list.write_bytes(b"null")
+    log_size = len(stack.controlplane.log_text())
+    stack.controlplane.start(wait_ready=False)
+    poll_until(lambda: not stack.controlplane.running, 20, message="the control plane refuses to start")
+    assert stack.controlplane.stop() == 3
+    log = stack.controlplane.log_text()[log_size:]
+    assert f"refusing to start: {deny_list}: malformed: expected a JSON object, found null" in log, log[-2000:]
+    assert deny_list.read_bytes() == b"null"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.credentials import exchange_store
 from controlplane.credentials.exchange_store import (
     ExchangeStoreError,
     JobLedger,
@@ -205,12 +206,44 @@ def test_a_file_that_is_not_the_database_fails_closed(tmp_path: Path) -> None:
         SqliteExchangeStore(path)
 
 
+def test_an_empty_file_is_refused_not_taken_for_a_new_database(tmp_path: Path, clock: Clock) -> None:
+    """A 0-byte file (a crash between creating it and writing the schema, or a truncation) used to start a fresh
+    ledger: a used-up subject token was granted again and a finished job's token too."""
+    path = tmp_path / "exchange.sqlite3"
+    path.write_bytes(b"")
+    with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3.*not an exchange state database"):
+        SqliteExchangeStore(path, clock=clock)
+    assert path.read_bytes() == b""
+
+
+def test_a_dangling_symlink_is_refused_not_followed(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "exchange.sqlite3"
+    path.symlink_to(tmp_path / "gone.sqlite3")
+    with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3: is a symbolic link"):
+        SqliteExchangeStore(path, clock=clock)
+    assert not (tmp_path / "gone.sqlite3").exists()
+
+
+def test_a_new_database_appears_only_whole(tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while the schema is written leaves no file under the database's name (nor a temporary one)."""
+    path = tmp_path / "exchange.sqlite3"
+
+    def crash(db: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(exchange_store, "_initialise", crash)
+    with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3"):
+        SqliteExchangeStore(path, clock=clock)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_job_credentials_table_without_the_job_columns_fails_at_open(tmp_path: Path) -> None:
     """A file written by a build from before `project_id` and `issuer` were recorded is refused at start, not
     answered with a 503 on every exchange."""
     path = tmp_path / "exchange.sqlite3"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE job_credentials (job_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID")
+        db.execute("PRAGMA user_version = 1")  # what that build wrote: the columns came without a version bump
     with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3.*project_id"):
         SqliteExchangeStore(path)
 

@@ -30,6 +30,14 @@ def test_a_corrupt_file_stops_the_start_naming_it(tmp_path: Path, document: str)
         PinStore(path).load()
 
 
+def test_a_null_document_is_refused_not_rewritten_without_the_pins(tmp_path: Path) -> None:
+    path = tmp_path / "pins.json"
+    path.write_text("null")
+    with pytest.raises(StateFileError, match=r"pins\.json: malformed: expected a JSON object, found null"):
+        PinStore(path).load()
+    assert path.read_text() == "null"
+
+
 def test_pins_are_private_and_a_failed_write_keeps_them_in_memory_and_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -56,6 +56,24 @@ def test_a_deny_list_of_the_wrong_shape_is_refused(tmp_path: Path, document: str
         Revocations(path, clock=Clock())
 
 
+@pytest.mark.parametrize("document", ["null", "3", '"revoked"'])
+def test_a_deny_list_that_is_not_an_object_is_refused_not_taken_for_a_first_start(
+    tmp_path: Path, document: str
+) -> None:
+    """`null` used to read as "no file yet": the server started with an empty deny list."""
+    path = tmp_path / "revoked-jobs.json"
+    path.write_text(document)
+    with pytest.raises(StateFileError, match=r"revoked-jobs\.json: malformed: expected a JSON object"):
+        Revocations(path, clock=Clock())
+
+
+def test_a_deny_list_that_is_a_dangling_symlink_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "revoked-jobs.json"
+    path.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(StateFileError, match=r"revoked-jobs\.json: is a symbolic link"):
+        Revocations(path, clock=Clock())
+
+
 def test_a_failed_write_is_reported_and_the_revocation_still_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

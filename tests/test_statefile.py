@@ -104,3 +104,71 @@ async def test_the_off_loop_writer_reports_a_failure(tmp_path: Path, monkeypatch
     before = REGISTRY.get_sample_value("controlplane_state_write_failures_total", {"file": target.name}) or 0.0
     assert not await OffLoopWriter(target, "kept in memory").write({})
     assert REGISTRY.get_sample_value("controlplane_state_write_failures_total", {"file": target.name}) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("document", "kind"), [("null", "null"), ("[]", "a list"), ("0", "a number"), ('""', "a string")]
+)
+def test_a_document_that_is_not_an_object_is_an_error_not_a_first_start(
+    tmp_path: Path, document: str, kind: str
+) -> None:
+    """Only a missing file means "nothing yet": `null` used to come back as None, like a missing file."""
+    path = tmp_path / "state.json"
+    path.write_text(document)
+    with pytest.raises(StateFileError, match=rf"state\.json: malformed: expected a JSON object, found {kind}"):
+        read_json(path)
+    assert read_json(tmp_path / "missing.json") is None
+
+
+def test_a_symlink_is_never_followed_even_a_dangling_one(tmp_path: Path) -> None:
+    (tmp_path / "real.json").write_text("{}")
+    for target in ("real.json", "gone.json"):
+        link = tmp_path / f"to-{target}"
+        link.symlink_to(tmp_path / target)
+        with pytest.raises(StateFileError, match=rf"to-{target}: is a symbolic link"):
+            read_json(link)
+
+
+def test_start_makes_the_state_dir_and_every_state_file_private(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory restored 0755 with 0644 files (signing keys included) used to get a warning and stay so."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    for name in ("signing-keys.json", "audit.sqlite3", "audit.sqlite3-wal", "unrelated.txt"):
+        (state / name).write_text("x")
+        (state / name).chmod(0o644)
+    with caplog.at_level("WARNING", logger="controlplane.state"):
+        statefile.secure_state_dir(state, ("signing-keys.json", "audit.sqlite3", "pins.json"))
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+    assert modes == {
+        "signing-keys.json": 0o600,
+        "audit.sqlite3": 0o600,
+        "audit.sqlite3-wal": 0o600,
+        "unrelated.txt": 0o644,
+    }
+    tightened = [r.getMessage() for r in caplog.records if "made private" in r.getMessage()]
+    assert len(tightened) == 1 and "signing-keys.json" in tightened[0] and "audit.sqlite3-wal" in tightened[0]
+
+
+def test_start_refuses_a_state_file_that_is_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "exchange.sqlite3").symlink_to(tmp_path / "gone")
+    with pytest.raises(StateFileError, match=r"exchange\.sqlite3: is a symbolic link"):
+        statefile.secure_state_dir(tmp_path, ("exchange.sqlite3",))
+
+
+def test_one_holder_of_the_state_dir_lock_at_a_time(tmp_path: Path) -> None:
+    """flock conflicts between two open files even in one process, so this stands for a second serve."""
+    held = statefile.lock_state_dir(tmp_path)
+    try:
+        with pytest.raises(
+            statefile.StateDirInUse,
+            match=rf"state dir {tmp_path} is in use by another controlplane serve \(pid {os.getpid()}\)",
+        ):
+            statefile.lock_state_dir(tmp_path)
+        assert stat.S_IMODE((tmp_path / "lock").stat().st_mode) == 0o600
+    finally:
+        os.close(held)
+    os.close(statefile.lock_state_dir(tmp_path))  # released with its descriptor (the kernel does it on kill -9)

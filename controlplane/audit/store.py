@@ -48,7 +48,7 @@ from controlplane.audit.metrics import (
     AUDIT_WRITE_DURATION,
     UNKNOWN_LABEL,
 )
-from controlplane.statefile import FILE_MODE, StateFileError, ensure_state_dir, fsync_directory, make_private
+from controlplane.statefile import StateFileError, create_database, ensure_state_dir, fsync_directory, make_private
 
 log = logging.getLogger("controlplane.audit")
 
@@ -173,6 +173,7 @@ def default_db_path() -> Path:
 
 def _connect_writer(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)  # explicit transactions
+    _check_schema(conn)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode (journal_mode={mode})")
@@ -182,6 +183,21 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
     _migrate(conn)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
+
+
+def _check_schema(conn: sqlite3.Connection) -> None:
+    """The file must be an audit store this release reads: `create_database` only ever links a complete one into
+    place, so an empty or schema-less file is damage (or someone else's), never a new store."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'").fetchone()
+    if table is None:
+        raise sqlite3.DatabaseError("not an audit store (empty or foreign: no audit table)")
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"schema version {version}, this release reads up to {SCHEMA_VERSION}")
+
+
+def _initialise(conn: sqlite3.Connection) -> None:
+    conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -197,10 +213,7 @@ def _open_private_writer(path: Path) -> sqlite3.Connection:
     database's mode). A file that is not a usable database raises `StateFileError` naming it: an audit trail
     silently started afresh, or a crash with a bare SQLite message, would both hide the damage."""
     ensure_state_dir(path.parent)
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
-    except OSError as error:
-        raise StateFileError(f"{path}: cannot create the audit store: {error.strerror}") from None
+    create_database(path, _initialise)
     make_private(path)
     for companion in ("-wal", "-shm"):
         make_private(path.with_name(path.name + companion))

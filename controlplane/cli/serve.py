@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
-from controlplane.statefile import StateFileError, ensure_state_dir
+from controlplane.statefile import StateFileError, lock_state_dir, secure_state_dir
 from controlplane.xds.registry import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import InsecureTransport, ServerTls, XdsTransportError, check_transport, pushes_secrets
@@ -96,13 +97,18 @@ class ServeOptions:
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
 
 
+# What `serve` keeps in its state directory (see controlplane/statefile.py); made private at every start.
+STATE_FILES = ("lock", "signing-keys.json", "revoked-jobs.json", "pins.json", "exchange.sqlite3", "audit.sqlite3")
+
+
 class ControlPlane:
     """The running control plane: policy service, xDS server, admin server and the policy watcher."""
 
     def __init__(self, options: ServeOptions) -> None:
         """Reads every state file; one that cannot be read raises `StateFileError` (see `serve`)."""
         self.options = options
-        ensure_state_dir(options.state_dir)
+        self._state_lock = lock_state_dir(options.state_dir)  # held for the process's life: one serve per dir
+        secure_state_dir(options.state_dir, STATE_FILES)
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry()
         self.policy_project = _policy_project(options.policy_gitlab)
@@ -298,6 +304,9 @@ class ControlPlane:
             self.collector.stop()
         await asyncio.to_thread(self.audit.close)
         await self.admin.stop()
+        if self._state_lock >= 0:
+            os.close(self._state_lock)
+            self._state_lock = -1
         log.info("stopped")
 
     def _watcher_done(self, task: asyncio.Task[None]) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from controlplane.statefile import StateFileError, create_database, make_private
 
 log = logging.getLogger("controlplane.credentials")
 
@@ -55,6 +56,11 @@ _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AN
 _LIVE_JOBS = (
     "SELECT job_id, project_id, issuer, expires_at FROM job_credentials WHERE expires_at > ? "
     "ORDER BY expires_at DESC, job_id LIMIT ?"
+)
+_SHAPE = (
+    "SELECT job_id, project_id, issuer, expires_at FROM job_credentials LIMIT 0",
+    "SELECT subject, uses, expires_at FROM replay LIMIT 0",
+    "SELECT job_id, keep_until FROM finished_jobs LIMIT 0",
 )
 _TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", "expires_at"))
 
@@ -185,6 +191,8 @@ class SqliteExchangeStore:
         self._clock = clock
         try:
             self._db = _open(path, busy_timeout)
+        except StateFileError as error:
+            raise ExchangeStoreError(str(error)) from None
         except (OSError, sqlite3.Error) as error:
             raise ExchangeStoreError(f"{path}: cannot open the exchange state database: {error}") from None
 
@@ -277,26 +285,32 @@ def _keep_latest(db: sqlite3.Connection, table: str, column: str, job_id: str, u
 
 
 def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    """Created 0600 before SQLite touches it (its -wal and -shm files copy the mode); a file that is not our
-    database, or is damaged, is an error: starting empty would forget which jobs finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    os.chmod(path, 0o600)
+    """Created whole (schema and version, under a temporary name, then linked into place) and 0600 (its -wal and
+    -shm files copy the mode). A file that exists must be our database at our schema version: a 0-byte, foreign
+    or damaged file is an error, since starting empty would forget every use count and finished job."""
+    create_database(path, _initialise)
+    make_private(path)
     db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            raise sqlite3.DatabaseError("not an exchange state database (empty or foreign: no schema version)")
+        if version != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"journal_mode is {mode}, not wal")
         db.execute("PRAGMA synchronous=FULL")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {check}")
-        db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        db.execute(_LIVE_JOBS, (0.0, 0)).fetchall()  # every column there: an older file's table would 503 each exchange
+        for query in _SHAPE:  # every table and column read: an older or foreign file would 503 each exchange
+            db.execute(query).fetchall()
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _initialise(db: sqlite3.Connection) -> None:
+    db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")

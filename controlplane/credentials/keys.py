@@ -115,7 +115,7 @@ class FileKeyStore:
             raise KeyStoreError(str(error)) from None
         if document is None:
             return []
-        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        if not isinstance(document.get("keys"), list):
             raise KeyStoreError(f'{self.path}: malformed: expected an object with a "keys" list')
         try:
             keys = [StoredKey.from_json(entry) for entry in document["keys"]]
