@@ -70,15 +70,12 @@ class StateDirInUse(StateFileError):
 
 
 def ensure_state_dir(directory: Path) -> None:
-    """Create `directory` (and parents) 0700 if missing. An existing directory keeps its mode (it may be shared,
-    like `.`), but a group- or world-accessible one is worth a warning."""
+    """Create `directory` (and parents) 0700 if missing. An existing one keeps its mode here: `serve` makes it
+    private at start (`secure_state_dir`), once, rather than every write warning about it."""
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        mode = stat.S_IMODE(directory.stat().st_mode)
     except OSError as error:
         raise StateFileError(f"{directory}: cannot create the state directory: {_reason(error)}") from None
-    if mode & 0o077:
-        log.warning("state directory %s has mode %o: it should be 0700", directory, mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
