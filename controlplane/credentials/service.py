@@ -29,6 +29,7 @@ from controlplane.sources.webhooks import GitLabEvent, JobEvent
 
 log = logging.getLogger("controlplane.credentials")
 
+MAX_CONCURRENT_JOB_CHECKS = 4
 # The issuer's URL -> how to ask its GitLab for a job's status (blocking), None without `api:` (gitlab_link.py).
 JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
 
@@ -90,6 +91,9 @@ class CredentialService:
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
         self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
         self._checks: dict[str, asyncio.Task[bool]] = {}  # one GitLab request per job, however many exchanges wait
+        # Requests in threads at once: the client's rate bound paces them, the default pool must stay free for
+        # the deny list's writes and the recovery sweep.
+        self._check_slots = asyncio.Semaphore(MAX_CONCURRENT_JOB_CHECKS)
         self._unchecked = RateLimitedLog(log, burst=5, interval=300.0)
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()
@@ -192,7 +196,8 @@ class CredentialService:
             self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
             return True
         try:
-            status = await asyncio.to_thread(reader, job.project_id, job.job_id)
+            async with self._check_slots:
+                status = await asyncio.to_thread(reader, job.project_id, job.job_id)
         except (GitLabRefused, GitLabUnavailable) as error:
             metrics.count_job_check("error")
             log.warning("exchange refused: GitLab could not be asked about job %s (%s)", job.job_id, error)
