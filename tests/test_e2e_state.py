@@ -76,18 +76,25 @@ class Stack:
     state: Path
 
     def credential(self, job_id: int) -> str:
-        subject = self.gitlab.mint(
+        response = self.exchange(self.subject(job_id))
+        assert response.status == 200, response.text
+        return str(response.json()["access_token"])
+
+    def subject(self, job_id: int) -> str:
+        """The job's ID token for the reports backend, as GitLab mints it while the job runs."""
+        return self.gitlab.mint(
             job_id=job_id, project_id=self.project, project_path="acme/deployer", aud="https://reports.local", ttl=3600
         )
+
+    def exchange(self, subject: str) -> HttpResponse:
+        """Through the gateway, as a job does."""
         form = {
             "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
             "subject_token": subject,
             "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
             "audience": "reports-api",
         }
-        response = self._post(EXCHANGE_PATH, urlencode(form).encode())
-        assert response.status == 200, response.text
-        return str(response.json()["access_token"])
+        return self._post(EXCHANGE_PATH, urlencode(form).encode())
 
     def _post(self, path: str, body: bytes) -> HttpResponse:
         headers = {"Host": "reports.local", "Content-Type": "application/x-www-form-urlencoded"}
@@ -166,6 +173,27 @@ def test_a_job_that_ended_while_the_control_plane_was_down_is_revoked_on_start(s
     print(f"restart -> job revoked at the gateway in {elapsed:.2f}s")
     running = stack.gitlab.add_job(stack.project, status="running")
     assert stack.call(stack.credential(running)) == 200  # a running job is asked about and left alone
+
+
+def test_a_job_that_ended_while_the_control_plane_was_down_and_never_exchanged_gets_no_credential(
+    stack: Stack,
+) -> None:
+    """No sweep knows this job (no credential, never seen at a gateway), and the periodic sweep is minutes away:
+    its token predates the restart, so the exchange asks GitLab before granting."""
+    job = stack.gitlab.add_job(stack.project)
+    subject = stack.subject(job)  # minted while the job ran
+    stack.controlplane.stop()
+    stack.gitlab.set_job_status(job, "success")  # the Job Hook is sent to nobody
+    stack.restart()
+    refused = stack.exchange(subject)
+    assert refused.status == 400, f"exchange answered {refused.status}"
+    assert refused.json()["error"] == "invalid_grant"
+    assert "finished" in refused.json()["error_description"]
+    assert "access_token" not in refused.json()
+    assert stack.call(subject) != 200
+    assert stack.controlplane.metric("controlplane_exchange_job_checks_total", result="finished") == 1
+    running = stack.gitlab.add_job(stack.project)
+    assert stack.call(stack.credential(running)) == 200
 
 
 def test_a_job_hook_after_a_restart_revokes_credentials_even_when_id_tokens_are_not_denied(stack: Stack) -> None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult
+from controlplane.admin.metrics import REGISTRY
+from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult, MissedHooks
 from controlplane.credentials.exchange_store import LiveJob
-from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.credentials.service import CredentialOptions, CredentialService, JobStatusReaders
+from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.sources.webhooks import JobEvent
 from tests.support.fake_gitlab import FakeGitLab
@@ -36,7 +38,15 @@ def gitlab() -> Iterator[FakeGitLab]:
 class Node:
     """One control plane's credential service over a state directory (two Nodes on one directory: a restart)."""
 
-    def __init__(self, fake: FakeGitLab, state: Path, clock: Clock, *, deny_id_tokens_for: float = 0.0) -> None:
+    def __init__(
+        self,
+        fake: FakeGitLab,
+        state: Path,
+        clock: Clock,
+        *,
+        deny_id_tokens_for: float = 0.0,
+        job_status_reader: JobStatusReaders | None = None,
+    ) -> None:
         self.fake = fake
         self.clock = clock
         self.changes = 0
@@ -58,6 +68,7 @@ class Node:
             policy=lambda: policy,
             on_change=changed,
             clock=clock,
+            job_status_reader=job_status_reader,
         )
         self.service.keys.rotate_if_due()
 
@@ -72,13 +83,11 @@ class Node:
         return self.fake.mint(job_id=job_id, **{**defaults, **claims})
 
     def exchange(self, token: str) -> ExchangeResult:
-        form = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token": token,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": "reports-api",
-        }
-        return self.service.exchange.exchange(form)
+        return self.service.exchange.exchange(form_for(token))
+
+    async def exchange_checked(self, token: str) -> ExchangeResult:
+        """As the HTTP endpoint does: GitLab is asked about the job first when the exchange says so."""
+        return await self.service.endpoint.exchange_checked(form_for(token))
 
     async def finished(self, job_id: int, status: str = "success") -> None:
         event = JobEvent(project_id=42, job_id=job_id, pipeline_id=900, status=status, ref="main")
@@ -86,6 +95,15 @@ class Node:
 
     def close(self) -> None:
         self.service.close()
+
+
+def form_for(token: str) -> dict[str, str]:
+    return {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": "reports-api",
+    }
 
 
 @pytest.fixture
@@ -201,3 +219,170 @@ async def test_a_store_that_cannot_count_refuses_with_503(gitlab: FakeGitLab, tm
     result = node.exchange(node.mint(8601))
     assert (result.status, result.body["error"], result.result) == (503, "temporarily_unavailable", "unavailable")
     assert "access_token" not in result.body
+
+
+# -- jobs whose Job Hook may have been missed (a gap in webhook delivery): GitLab is asked before granting
+
+
+class Asked:
+    """The issuer's job status reader, as serve wires it (a GitLabSource on the fake GitLab), counting requests."""
+
+    def __init__(self, fake: FakeGitLab) -> None:
+        self.source = GitLabSource(fake.api_url, fake.api_token, requests_per_second=1000, max_retries=1, timeout=5.0)
+        self.issuer = fake.issuer
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, issuer_url: str) -> Callable[[str, str], str | None] | None:
+        return self.read if issuer_url == self.issuer else None
+
+    def read(self, project_id: str, job_id: str) -> str | None:
+        self.calls.append((project_id, job_id))
+        return self.source.fetch_job_status(project_id, job_id)
+
+
+@pytest.fixture(scope="module")
+def project(gitlab: FakeGitLab) -> int:
+    return gitlab.add_project("acme/platform/deployer", id=42)
+
+
+def job_checks(result: str) -> float:
+    return REGISTRY.get_sample_value("controlplane_exchange_job_checks_total", {"result": result}) or 0.0
+
+
+async def test_a_job_that_finished_during_a_gap_and_never_exchanged_is_refused(
+    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+) -> None:
+    """The attack: the job's Job Hook was lost while the control plane was down and it never exchanged, so no
+    sweep knew it; its token, minted before the restart, must not buy a credential after it."""
+    asked = Asked(gitlab)
+    node = Node(gitlab, tmp_path, clock, job_status_reader=asked, deny_id_tokens_for=3 * HOUR)
+    job = gitlab.add_job(project)
+    token = node.mint(job, iat=int(clock.now) - 60)
+    gitlab.set_job_status(job, "success")  # no webhook: this is the missed Job Hook
+    node.service.exchange.missed_hooks.gap_ended()  # the restart
+    result = await node.exchange_checked(token)
+    assert refused_because_finished(result), result.body
+    assert asked.calls == [("42", str(job))]
+    assert str(job) in node.service.revocations.active()  # revoked as the hook would have: its ID token too
+    assert refused_because_finished(await node.exchange_checked(node.mint(job, iat=int(clock.now) - 30)))
+    assert len(asked.calls) == 1  # the ledger answers now
+    node.close()
+
+
+async def test_a_token_minted_after_the_gap_is_not_checked(
+    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+) -> None:
+    asked = Asked(gitlab)
+    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
+    node.service.exchange.missed_hooks.gap_ended()
+    job = gitlab.add_job(project)
+    clock.now += exchange_policy(gitlab).issuers[0].clock_skew + 1  # beyond GitLab's clock running ahead
+    assert (await node.exchange_checked(node.mint(job))).status == 200
+    assert asked.calls == []  # its Job Hook would have arrived
+    node.close()
+
+
+async def test_a_running_job_is_granted_and_not_asked_twice_until_the_next_gap(
+    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+) -> None:
+    asked = Asked(gitlab)
+    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
+    job = gitlab.add_job(project)
+    hooks = node.service.exchange.missed_hooks
+    hooks.gap_ended()
+    before = job_checks("not_finished")
+    for _ in range(2):
+        result = await node.exchange_checked(node.mint(job, iat=int(clock.now) - 60))
+        assert result.status == 200, result.body
+    assert len(asked.calls) == 1 and job_checks("not_finished") == before + 1
+    clock.now += 10
+    hooks.gap_ended("gitlab")  # GitLab answered again after failures: hooks may have been missed meanwhile
+    assert (await node.exchange_checked(node.mint(job, iat=int(clock.now) - 5))).status == 200
+    assert len(asked.calls) == 2
+    node.close()
+
+
+async def test_gitlab_unreachable_fails_closed_with_503(
+    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+) -> None:
+    asked = Asked(gitlab)
+    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
+    job = gitlab.add_job(project)
+    token = node.mint(job, iat=int(clock.now) - 60)
+    node.service.exchange.missed_hooks.gap_ended()
+    errors, unavailable = job_checks("error"), metric_exchanges("unavailable")
+    gitlab.set_down()
+    try:
+        result = await node.exchange_checked(token)
+    finally:
+        gitlab.set_down(False)
+    assert (result.status, result.body["error"], result.result) == (503, "temporarily_unavailable", "unavailable")
+    assert "access_token" not in result.body
+    assert job_checks("error") == errors + 1 and metric_exchanges("unavailable") == unavailable + 1
+    assert (await node.exchange_checked(token)).status == 200  # GitLab back: nothing was used up by the 503
+    node.close()
+
+
+async def test_a_job_gitlab_does_not_know_is_refused(
+    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+) -> None:
+    asked = Asked(gitlab)
+    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
+    node.service.exchange.missed_hooks.gap_ended()
+    result = await node.exchange_checked(node.mint(987_654_321, iat=int(clock.now) - 60))
+    assert (result.status, result.result) == (503, "unavailable")
+    node.close()
+
+
+async def test_an_issuer_without_gitlab_api_is_exchanged_unchecked_and_counted(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    node = Node(gitlab, tmp_path, clock, job_status_reader=lambda issuer_url: None)
+    node.service.exchange.missed_hooks.gap_ended()
+    before = job_checks("no_gitlab")
+    for _ in range(2):
+        assert (await node.exchange_checked(node.mint(8801, iat=int(clock.now) - 60))).status == 200
+    assert job_checks("no_gitlab") == before + 1  # warned once per job and gap
+    node.close()
+
+
+async def test_while_the_webhook_listener_is_not_up_every_exchange_asks(
+    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+) -> None:
+    asked = Asked(gitlab)
+    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
+    node.service.exchange.missed_hooks.gap_open()
+    job = gitlab.add_job(project)
+    for _ in range(2):
+        assert (await node.exchange_checked(node.mint(job))).status == 200
+    assert len(asked.calls) == 2  # nothing vouches for the job until Job Hooks can arrive
+    node.close()
+
+
+async def test_without_a_verifier_the_exchange_fails_closed(gitlab: FakeGitLab, tmp_path: Path, clock: Clock) -> None:
+    node = Node(gitlab, tmp_path, clock)
+    node.service.exchange.missed_hooks.gap_ended()
+    pending = node.exchange(node.mint(8901, iat=int(clock.now) - 60))
+    assert (pending.status, pending.result) == (503, "verify") and pending.verify is not None
+    assert pending.verify.job_id == "8901" and pending.verify.project_id == "42"
+    node.service.endpoint.verify = None
+    assert (await node.exchange_checked(node.mint(8901, iat=int(clock.now) - 60))).status == 503
+    node.close()
+
+
+def test_verified_jobs_are_bounded_and_expire_with_their_tokens() -> None:
+    clock = Clock(1000.0)
+    hooks = MissedHooks(clock, capacity=3)
+    hooks.gap_ended()
+    for job in range(5):
+        hooks.verified(str(job), 1000.0, 2000.0 + job)
+    assert len(hooks) == 3
+    assert [hooks.needs_check(str(job), "gitlab", 900, 0) for job in range(5)] == [True, True, False, False, False]
+    clock.now = 2003.5
+    assert len(hooks) == 1  # expired with the tokens they were asked for
+    assert not hooks.needs_check("0", "gitlab", 1000, 0)  # minted at the gap's end: its hook would arrive
+    assert hooks.needs_check("0", "gitlab", 1000, 5)  # unless GitLab's clock may run ahead of ours
+
+
+def metric_exchanges(result: str) -> float:
+    return REGISTRY.get_sample_value("controlplane_credential_exchanges_total", {"result": result}) or 0.0

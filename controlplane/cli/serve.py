@@ -132,6 +132,7 @@ class ControlPlane:
                 issuer_keys=lambda issuer: self.keys.keys.get(issuer),
                 policy=lambda: self.policy.exchange_policy,
                 on_change=lambda: self.policy.recompile("credentials changed"),
+                job_status_reader=self.gitlab.job_status_reader,
             )
             if options.credentials
             else None
@@ -215,6 +216,7 @@ class ControlPlane:
         self._watcher.add_done_callback(self._watcher_done)
         await asyncio.wait({self._watcher, asyncio.ensure_future(watching.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if self.credentials is not None:
+            self.credentials.exchange.missed_hooks.gap_open()  # until the webhook listener is up: ask GitLab
             await self.credentials.start()  # keys exist (and are compiled in) before anything is served
             self._credential_loop = asyncio.create_task(self.credentials.run(self.stopping))
         await self.policy.reload_off_loop()
@@ -226,6 +228,8 @@ class ControlPlane:
         if self.webhooks is not None and self.options.webhooks is not None:
             self.webhook_port = await self.webhooks.start(self.options.webhooks.host, self.options.webhooks.port)
             log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", self.options.webhooks.host, self.webhook_port)
+        if self.credentials is not None:  # jobs minted before now are asked about once (credentials/exchange.py)
+            self.credentials.exchange.missed_hooks.gap_ended()
         self._check_transport()
         self._log_transport()
         self.xds_port = await self.xds.start(self.options.xds_host, self.options.xds_port, tls=self.options.xds_tls)
@@ -336,6 +340,8 @@ class ControlPlane:
             await self.credentials.on_event(event)
 
     def _on_gitlab_reachable(self, issuer: str) -> None:
+        if self.credentials is not None:
+            self.credentials.exchange.missed_hooks.gap_ended(issuer)
         if self.recovery is not None:
             self.recovery.request(f"gitlab {issuer} reachable again")
 

@@ -190,10 +190,98 @@ class ExchangeResult:
     job_id: str | None = None
     roles: tuple[str, ...] = ()
     jti: str | None = None  # the issued credential's
+    # Not an answer yet: ask GitLab about this job first, then exchange again (see `MissedHooks`).
+    verify: JobToVerify | None = None
 
     @property
     def granted(self) -> bool:
         return self.result == "granted"
+
+
+@dataclass(frozen=True)
+class JobToVerify:
+    """A job whose Job Hook may have been missed: the exchange waits for GitLab's word on it."""
+
+    job_id: str
+    project_id: str
+    issuer: str  # the issuer's name (gaps are per issuer)
+    issuer_url: str  # the tokens' `iss`: which GitLab to ask
+    until: float  # the subject token's expiry: how long a "still running" answer is worth remembering
+
+
+class _VerifyFirst(Exception):
+    def __init__(self, job: JobToVerify) -> None:
+        super().__init__(job.job_id)
+        self.job = job
+
+
+class MissedHooks:
+    """When webhook delivery may have had a gap, and which jobs GitLab said were running since it ended.
+
+    A job whose subject token was minted (`iat`) before the latest gap ended may have finished during the gap
+    with its Job Hook lost; a token minted after it belongs to a job whose end would be reported. So the exchange
+    asks GitLab about the former once per gap (`needs_check`), the latter never. A gap ends at start (the
+    webhook listener is up) and when an issuer's GitLab answers again after failures: the same moments the
+    recovery sweep runs. Until `gap_ended` follows `gap_open`, every job is asked about and none is remembered.
+
+    Memory is bounded: a verification is kept until the token it was asked for expires, and at most `capacity`
+    (the oldest-expiring are dropped first; a dropped job is just asked about again). No I/O, no clock but the
+    injected one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, capacity: int = 100_000) -> None:
+        self._clock = clock
+        self.capacity = capacity
+        self._gap_end: dict[str | None, float] = {}  # by issuer name; None: every issuer
+        self._verified: dict[str, tuple[float, float]] = {}  # job_id -> (asked at, keep until)
+        self._expiry: list[tuple[float, str]] = []
+
+    def gap_open(self, issuer: str | None = None) -> None:
+        """Delivery may be broken right now (e.g. the webhook listener is not up yet)."""
+        self._gap_end[issuer] = float("inf")
+
+    def gap_ended(self, issuer: str | None = None, at: float | None = None) -> None:
+        self._gap_end[issuer] = self._clock() if at is None else at
+
+    def gap_end(self, issuer: str) -> float | None:
+        ends = [self._gap_end[k] for k in (None, issuer) if k in self._gap_end]
+        return max(ends, default=None)
+
+    def needs_check(self, job_id: str, issuer: str, issued_at: float, skew: float) -> bool:
+        """`skew`: GitLab's clock may run ahead of ours, so a token stamped just after the gap may predate it."""
+        end = self.gap_end(issuer)
+        if end is None or issued_at >= end + skew:
+            return False
+        entry = self._verified.get(job_id)
+        return entry is None or entry[0] < end
+
+    def verified(self, job_id: str, asked_at: float, until: float) -> None:
+        """GitLab said the job was running when asked at `asked_at` (before the request was sent)."""
+        now = self._clock()
+        self._prune(now)
+        if until <= now:
+            return
+        previous = self._verified.get(job_id)
+        if previous is not None and previous[1] > until:
+            until = previous[1]
+        self._verified[job_id] = (asked_at, until)
+        heapq.heappush(self._expiry, (until, job_id))
+        while len(self._verified) > self.capacity:
+            self._drop_first()
+
+    def __len__(self) -> int:
+        self._prune(self._clock())
+        return len(self._verified)
+
+    def _prune(self, now: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            self._drop_first()
+
+    def _drop_first(self) -> None:
+        until, job_id = heapq.heappop(self._expiry)
+        entry = self._verified.get(job_id)
+        if entry is not None and entry[1] == until:
+            del self._verified[job_id]
 
 
 class Refused(Exception):
@@ -304,6 +392,7 @@ class TokenExchange:
         self._replay: ReplayCounter = replay or memory
         self._ledger: JobLedger = ledger or memory
         self._issued = _IssuedIndex()
+        self.missed_hooks = MissedHooks(clock)
         metrics.track_active_credentials(lambda: self._issued.active(self._clock()))
 
     # -- revocation support
@@ -331,10 +420,16 @@ class TokenExchange:
 
     # -- the exchange
 
-    def exchange(self, form: Mapping[str, str]) -> ExchangeResult:
+    def exchange(self, form: Mapping[str, str], *, checked: str | None = None) -> ExchangeResult:
+        """The answer, or (result `verify`, not counted) a job GitLab must be asked about first: the caller
+        asks (`CredentialService.verify_job`) and exchanges again with `checked` naming the job GitLab just said
+        is running, else sends `unverified(result)`."""
         context: dict[str, Any] = {}
         try:
-            result = self._exchange(form, context)
+            result = self._exchange(form, context, checked)
+        except _VerifyFirst as first:
+            body = {"error": "temporarily_unavailable", "error_description": "the job's status is being checked"}
+            return ExchangeResult(503, body, "verify", verify=first.job, **context)
         except ExchangeStoreError as error:
             log.error("token exchange refused: %s", error)
             body = {"error": "temporarily_unavailable", "error_description": "the exchange state is unavailable"}
@@ -345,7 +440,19 @@ class TokenExchange:
         metrics.count_exchange(result.result)
         return result
 
-    def _exchange(self, form: Mapping[str, str], context: dict[str, Any]) -> ExchangeResult:
+    def unverified(self, result: ExchangeResult) -> ExchangeResult:
+        """Fail closed: GitLab could not say whether the job finished while its Job Hook may have been lost."""
+        body = {
+            "error": "temporarily_unavailable",
+            "error_description": "GitLab could not confirm that the job is still running; try again later",
+        }
+        refused = ExchangeResult(
+            503, body, "unavailable", backend=result.backend, project_id=result.project_id, job_id=result.job_id
+        )
+        metrics.count_exchange(refused.result)
+        return refused
+
+    def _exchange(self, form: Mapping[str, str], context: dict[str, Any], checked: str | None) -> ExchangeResult:
         policy = self._policy()
         if policy is None:
             raise Refused("temporarily_unavailable", "no policy is loaded yet", result="unavailable", status=503)
@@ -356,6 +463,8 @@ class TokenExchange:
         claims, issuer = self._validate_subject(request.subject_token, policy, backend, now)
         context.update(project_id=_string(claims, "project_id"), job_id=_string(claims, "job_id"))
         self._check_job(claims, context["job_id"], now)
+        if context["job_id"] != checked:
+            self._check_missed_hook(claims, issuer, context)
         roles, policy_ttl = _authorize(claims, backend, request.scope)
         context["roles"] = roles
         remaining = int(claims["exp"] - now)
@@ -398,6 +507,16 @@ class TokenExchange:
             raise _invalid_grant(f"the subject token is older than {int(self.max_subject_age)} s")
         if job_id is not None and self._ledger.is_finished(job_id):
             raise _job_finished()
+
+    def _check_missed_hook(self, claims: Mapping[str, Any], issuer: ExchangeIssuer, context: dict[str, Any]) -> None:
+        """A job minted before a gap in webhook delivery may have finished unseen: GitLab is asked first."""
+        job_id, issued_at = context["job_id"], claims.get("iat", claims.get("nbf"))  # a number: `_check_job`
+        if job_id is None or not self.missed_hooks.needs_check(job_id, issuer.name, issued_at, issuer.clock_skew):
+            return
+        if context["project_id"] is None:
+            raise _invalid_grant("the subject token has no project_id: the job's status cannot be checked")
+        until = float(claims["exp"]) + issuer.clock_skew
+        raise _VerifyFirst(JobToVerify(job_id, context["project_id"], issuer.name, issuer.url, until))
 
     # -- the subject token
 

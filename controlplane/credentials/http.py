@@ -8,13 +8,14 @@ in an access log, and nothing logged here holds one (only backend, project, job,
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from controlplane.admin.serving import EXCHANGE_LIMITS, AppServer, HttpLimits
 from controlplane.credentials import metrics
-from controlplane.credentials.exchange import ExchangeResult, TokenExchange
+from controlplane.credentials.exchange import ExchangeResult, JobToVerify, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
 from controlplane.ratelog import RateLimitedLog
 
@@ -42,8 +43,12 @@ class ExchangeEndpoint:
         *,
         max_body: int = MAX_BODY_BYTES,
         limits: HttpLimits = EXCHANGE_LIMITS,
+        verify: Callable[[JobToVerify], Awaitable[bool]] | None = None,
     ) -> None:
+        """`verify` asks GitLab about a job the exchange cannot vouch for (True: exchange again); without it
+        such an exchange is refused (503)."""
         self.exchange = exchange
+        self.verify = verify
         self.max_body = max_body
         self.limits = limits
         # Refusals are whatever any client sends, so they are rate-limited; grants (the audit) never are.
@@ -70,9 +75,17 @@ class ExchangeEndpoint:
             metrics.count_exchange("invalid_request")
             self._refusals.log(logging.INFO, "token exchange refused (invalid_request): %s", bad)
             return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
-        result = self.exchange.exchange(form)
+        result = await self.exchange_checked(form)
         self._log(result)
         return _json(result.body, result.status)
+
+    async def exchange_checked(self, form: dict[str, str]) -> ExchangeResult:
+        """The exchange, asking GitLab about the job first when the exchange says so, and retrying once."""
+        result = self.exchange.exchange(form)
+        job = result.verify
+        if job is not None and self.verify is not None and await self.verify(job):
+            result = self.exchange.exchange(form, checked=job.job_id)
+        return result if result.verify is None else self.exchange.unverified(result)
 
     def _log(self, result: ExchangeResult) -> None:
         if result.granted:

@@ -49,12 +49,25 @@ KEYS_PUBLISHED = Gauge(
     registry=REGISTRY,
 )
 
+JOB_CHECKS = Counter(
+    "controlplane_exchange_job_checks_total",
+    "Exchanges that asked GitLab about a job first (its token predates a gap in webhook delivery), by answer: "
+    "not_finished (granted), finished (refused), not_found and error (refused, 503), no_gitlab (no API for the "
+    "issuer: granted unchecked).",
+    ["result"],
+    registry=REGISTRY,
+)
+
 for _result in RESULTS:
     EXCHANGES.labels(_result)  # every series exists from the start, so rate() sees the first refusal
 
 
 def count_exchange(result: str) -> None:
     EXCHANGES.labels(result).inc()
+
+
+def count_job_check(result: str) -> None:
+    JOB_CHECKS.labels(result).inc()
 
 
 def track_active_credentials(read: Callable[[], int]) -> None:

@@ -16,15 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.admin.serving import EXCHANGE_LIMITS, HttpLimits
-from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, TokenExchange
+from controlplane.credentials import metrics
+from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
 from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
+from controlplane.ratelog import RateLimitedLog
+from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
 from controlplane.sources.webhooks import GitLabEvent, JobEvent
 
 log = logging.getLogger("controlplane.credentials")
+
+MAX_CONCURRENT_JOB_CHECKS = 4
+# The issuer's URL -> how to ask its GitLab for a job's status (blocking), None without `api:` (gitlab_link.py).
+JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,10 @@ class CredentialService:
         policy: Callable[[], ExchangePolicy | None],
         on_change: Callable[[], Awaitable[object]],
         clock: Callable[[], float] = time.time,
+        job_status_reader: JobStatusReaders | None = None,
     ) -> None:
         self.options = options
+        self.job_status_reader = job_status_reader
         self.on_change = on_change
         self.clock = clock
         self.keys = SigningKeys(
@@ -80,7 +89,12 @@ class CredentialService:
             max_subject_age=options.finished_job_retention,
         )
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
-        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http)
+        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
+        self._checks: dict[str, asyncio.Task[bool]] = {}  # one GitLab request per job, however many exchanges wait
+        # Requests in threads at once: the client's rate bound paces them, the default pool must stay free for
+        # the deny list's writes and the recovery sweep.
+        self._check_slots = asyncio.Semaphore(MAX_CONCURRENT_JOB_CHECKS)
+        self._unchecked = RateLimitedLog(log, burst=5, interval=300.0)
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()
         self.port = 0
@@ -148,6 +162,65 @@ class CredentialService:
         # crash in between is caught by the job recovery sweep at start (GitLab still says the job finished).
         await self.revocations.persist()
         return revoked
+
+    async def verify_job(self, job: JobToVerify) -> bool:
+        """Ask GitLab whether a job whose Job Hook may have been missed is still running; True: exchange again.
+
+        Finished: revoked exactly as a Job Hook would (the exchange then refuses `job_finished`). Running:
+        remembered until the next gap (unless one is still open), so its other exchanges do not ask again.
+        Unknown to GitLab (404) or GitLab unreachable: False, and the exchange fails closed (503). Concurrent
+        exchanges of one job share one request.
+        """
+        running = self._checks.get(job.job_id)
+        if running is None:
+            running = asyncio.ensure_future(self._verify(job))
+            self._checks[job.job_id] = running
+            running.add_done_callback(lambda _: self._checks.pop(job.job_id, None))
+        return await asyncio.shield(running)
+
+    async def _verify(self, job: JobToVerify) -> bool:
+        reader = None if self.job_status_reader is None else self.job_status_reader(job.issuer_url)
+        asked_at = self.clock()
+        if reader is None:
+            # Deliberately open (docs/state-and-recovery.md): nothing could ever vouch for these jobs, and closing
+            # would cut off every running job of the issuer at each restart of the control plane.
+            metrics.count_job_check("no_gitlab")
+            self._unchecked.log(
+                logging.WARNING,
+                "job %s of issuer %s may have finished while Job Hooks were missed, but the issuer has no GitLab "
+                "API (api:) to ask: exchanged unchecked",
+                job.job_id,
+                job.issuer,
+                key="unchecked",
+            )
+            self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
+            return True
+        try:
+            async with self._check_slots:
+                status = await asyncio.to_thread(reader, job.project_id, job.job_id)
+        except (GitLabRefused, GitLabUnavailable) as error:
+            metrics.count_job_check("error")
+            log.warning("exchange refused: GitLab could not be asked about job %s (%s)", job.job_id, error)
+            return False
+        if status is None:
+            metrics.count_job_check("not_found")
+            log.warning("exchange refused: GitLab does not know job %s of project %s", job.job_id, job.project_id)
+            return False
+        if status in TERMINAL_JOB_STATUSES:
+            metrics.count_job_check("finished")
+            log.warning("job %s is %s in GitLab but no Job Hook said so: revoked (at exchange)", job.job_id, status)
+            await self.revoke_finished(job.job_id, status)
+            return self._recorded_finished(job.job_id)  # exchanged again: the ledger refuses it
+        metrics.count_job_check("not_finished")
+        self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
+        return True
+
+    def _recorded_finished(self, job: str) -> bool:
+        """False (503) when the ledger could not record the end: the exchange again would not see it."""
+        try:
+            return self.store.is_finished(job)
+        except ExchangeStoreError:
+            return False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rotate keys and age out revocations exactly when due."""
