@@ -5,7 +5,7 @@ minted after the gap cost nothing; one check per job; bounded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.exchange import ExchangeIssuer, ExchangePolicy, JobToVerify, MissedHooks
@@ -40,7 +40,7 @@ class Checker:
 
 
 def checks(
-    checker: Checker,
+    checker: Callable[[JobToVerify], Awaitable[str]],
     clock: Clock,
     *,
     revoked: Callable[[str], bool] = lambda _: False,
@@ -133,8 +133,7 @@ async def test_a_failing_check_is_counted_as_an_error() -> None:
         raise RuntimeError("bug")
 
     errors = sample("error")
-    trigger = checks(Checker(), clock)
-    trigger._check = broken
+    trigger = checks(broken, clock)
     seen(trigger, "14")
     await eventually(lambda: trigger.pending == 0, "check done")
     assert sample("error") == errors + 1
