@@ -938,3 +938,31 @@ def test_recent_jobs_are_each_job_once_most_recent_first(store: AuditStore) -> N
     )
     assert store.recent_jobs(since=90.0) == [("1", "42", GITLAB, 300.0), ("2", "43", CREDENTIAL_ISSUER, 200.0)]
     assert store.recent_jobs(since=0.0, limit=1) == [("1", "42", GITLAB, 300.0)]
+
+
+async def test_allowed_requests_of_raw_id_tokens_are_reported_with_their_times(plane: Plane) -> None:
+    """What lets the credentials service find a job whose Job Hook was missed at its first request (issue 10,
+    point 13): the receiver reports job, project, issuer, iat and exp of allowed raw ID tokens, nothing else."""
+    seen: list[dict[str, Any]] = []
+    plane.service.on_job = lambda **job: seen.append(job)
+    await plane.gateway("envoy-10")
+    call = plane.stream()
+    timed = {"iat": 1_700_000_000, "exp": 1_700_003_600}
+    await call.write(
+        message(
+            entry(claims=gitlab_claims(job_id="21", **timed), rbac=ALLOWED),
+            entry(claims=gitlab_claims(job_id="22", **timed), status=403, rbac={"enforced_engine_result": "denied"}),
+            entry(claims=gitlab_claims(job_id="23", iss=CREDENTIAL_ISSUER, **timed), rbac=ALLOWED),
+            entry(claims=gitlab_claims(job_id="24"), rbac=ALLOWED),  # no iat nor nbf: nothing to compare
+            entry(claims=gitlab_claims(job_id="25", nbf=1_700_000_001), rbac=ALLOWED),
+            node="envoy-10",
+        )
+    )
+    await call.done_writing()
+    await asyncio.wait_for(call, 10)
+    job = {"project_id": "42", "issuer": GITLAB}
+    assert seen == [
+        {"job_id": "21", **job, "issued_at": 1_700_000_000.0, "expires_at": 1_700_003_600.0},
+        {"job_id": "25", **job, "issued_at": 1_700_000_001.0, "expires_at": None},
+    ]
+    assert len(await asyncio.to_thread(plane.store.query, job="21")) == 1  # the trail is kept as before

@@ -58,10 +58,27 @@ credential_ttl: 10m
 subjects:
   - project: acme/deployer
 ---
+kind: Backend
+name: raw-api
+hosts: [raw.local]
+audience: https://raw.local
+endpoints: [{{address: 127.0.0.1, port: {reports_port}}}]
+---
+kind: Role
+name: raw-read
+backend: raw-api
+rules: [{{methods: [GET]}}]
+---
+kind: Binding
+name: deployer-reads-raw
+roles: [raw-read]
+subjects:
+  - project: acme/deployer
+---
 kind: Gateway
 name: ci-gateway
 listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [reports-api]
+backends: [reports-api, raw-api]
 access_log: /dev/null
 """
 
@@ -100,9 +117,15 @@ class Stack:
         headers = {"Host": "reports.local", "Content-Type": "application/x-www-form-urlencoded"}
         return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", method="POST", headers=headers, body=body)
 
-    def call(self, token: str) -> int:
-        headers = {"Host": "reports.local", "Authorization": f"Bearer {token}"}
+    def call(self, token: str, host: str = "reports.local") -> int:
+        headers = {"Host": host, "Authorization": f"Bearer {token}"}
         return http_request(f"http://{LOOPBACK}:{self.listen_port}/r", headers=headers).status
+
+    def raw_token(self, job_id: int) -> str:
+        """The job's ID token for the raw-token backend (no exchange: Envoy checks GitLab's signature)."""
+        return self.gitlab.mint(
+            job_id=job_id, project_id=self.project, project_path="acme/deployer", aud="https://raw.local", ttl=3600
+        )
 
     def job_finished_hook(self, job_id: int) -> None:
         payload: dict[str, Any] = {
@@ -145,6 +168,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "--state-dir", str(root / "state"), "--jwks-refresh", "1",
             "--exchange-address", f"{LOOPBACK}:{free_port()}",
             "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
+            "--job-sweep-interval", "3600",  # no test may be rescued by the periodic sweep
         )  # fmt: skip
         env = {"HOOK_SECRET": secret, "GITLAB_TOKEN": gitlab.api_token}
         with ControlPlaneProcess(policy, extra_args=args, env=env, log_path=root / "cp.log") as cp:
@@ -194,6 +218,35 @@ def test_a_job_that_ended_while_the_control_plane_was_down_and_never_exchanged_g
     assert stack.controlplane.metric("controlplane_exchange_job_checks_total", result="finished") == 1
     running = stack.gitlab.add_job(stack.project)
     assert stack.call(stack.credential(running)) == 200
+
+
+def test_a_raw_id_token_of_a_job_that_ended_while_the_control_plane_was_down_is_denied_within_seconds(
+    stack: Stack,
+) -> None:
+    """A raw-token backend: Envoy checks GitLab's signature and cannot ask GitLab. The job finished while the
+    control plane was down and was never seen nor exchanged, so the start sweep did not know it and the periodic
+    one is an hour away. Its first request reaches the control plane through the access log; its token predates
+    the restart, so GitLab is asked at once and the job revoked fleet-wide. The first request may pass (Envoy
+    decided before anyone could know)."""
+    job = stack.gitlab.add_job(stack.project)
+    token = stack.raw_token(job)  # minted while the job ran
+    stack.controlplane.stop()
+    stack.gitlab.set_job_status(job, "success")  # the Job Hook is sent to nobody
+    stack.restart()
+    statuses: list[int] = []
+
+    def denied() -> bool:
+        statuses.append(stack.call(token, "raw.local"))
+        return statuses[-1] == 403
+
+    first = time.monotonic()
+    poll_until(denied, 2.0, interval=0.02, message="raw ID token of a finished job denied")
+    elapsed = time.monotonic() - first
+    assert set(statuses) <= {200, 403}, statuses
+    assert stack.controlplane.metric("controlplane_gateway_job_checks_total", result="finished") == 1
+    print(f"first raw request -> 403 in {elapsed:.2f}s ({statuses.count(200)} of {len(statuses)} passed)")
+    running = stack.gitlab.add_job(stack.project)  # minted after the restart: never asked about
+    assert stack.call(stack.raw_token(running), "raw.local") == 200
 
 
 def test_a_job_hook_after_a_restart_revokes_credentials_even_when_id_tokens_are_not_denied(stack: Stack) -> None:

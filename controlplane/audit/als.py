@@ -33,6 +33,11 @@ host had its flood displace that gateway's records. When Envoy
 ends a stream, the answer is sent only after the store has committed what it sent, so an answered stream is a
 durable one. `AccessLogService.close()` ends open streams the same way before the
 grpc server stops (a stream still open at `server.stop` is cancelled with a traceback per stream).
+
+The receiver also tells `on_job` (a `JobSeen`, wired by `serve` to the credentials service) about every request a
+job's raw GitLab ID token got through: its job, project, issuer and `iat`/`exp`. That is how a job whose Job Hook
+was missed while the control plane was down is found at its first request on a raw-token backend (Envoy cannot
+ask GitLab; docs/state-and-recovery.md). The callback must only enqueue: it runs on the entry's hot path.
 """
 
 from __future__ import annotations
@@ -194,6 +199,43 @@ def record_from_entry(
     )
 
 
+class JobSeen(Protocol):
+    """Told about each request a GitLab ID token got through at a gateway (never called for our own credentials).
+
+    Called on the event loop for every such entry: it must return at once (enqueue, never ask GitLab inline)."""
+
+    def __call__(
+        self, *, job_id: str, project_id: str | None, issuer: str, issued_at: float, expires_at: float | None
+    ) -> None: ...
+
+
+def _number(payload: struct_pb2.Struct, name: str) -> float | None:
+    value = payload.fields.get(name)
+    return value.number_value if value is not None and value.WhichOneof("kind") == "number_value" else None
+
+
+def report_job(record: AuditRecord, entry: accesslog_pb2.HTTPAccessLogEntry, on_job: JobSeen) -> None:
+    """Tell `on_job` about an allowed request of a raw ID token naming a job (with an `iat`, else `nbf`)."""
+    if record.decision != "allowed" or record.job_id is None or record.issuer in (None, CREDENTIAL_ISSUER):
+        return
+    found = _struct(entry.common_properties.metadata, JWT_FILTER).fields.get(PAYLOAD_KEY)
+    if found is None:
+        return
+    payload = found.struct_value
+    issued_at = _number(payload, "iat")
+    if issued_at is None:
+        issued_at = _number(payload, "nbf")
+    if issued_at is None:
+        return
+    on_job(
+        job_id=record.job_id,
+        project_id=record.project_id,
+        issuer=record.issuer,
+        issued_at=issued_at,
+        expires_at=_number(payload, "exp"),
+    )
+
+
 def sender_key(sender: Sender, peer: str, stream: int) -> str:
     """The audit queue share a stream's records go to, worded to name the sender in a log line.
 
@@ -223,10 +265,13 @@ class AccessLogService:
         *,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
+        on_job: JobSeen | None = None,
     ) -> None:
-        """`senders` attests each stream's gateway; until it is set (None), every stream is refused."""
+        """`senders` attests each stream's gateway; until it is set (None), every stream is refused. `on_job`
+        hears of each request a GitLab ID token got through (see `JobSeen`)."""
         self.store = store
         self.senders = senders
+        self.on_job = on_job
         self.log = log or logging.getLogger("controlplane.audit")
         self._clock = clock
         self._refused_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
@@ -334,6 +379,11 @@ class AccessLogService:
             self.log.warning("unreadable access log entry from %s: %r", clip(sender.node_id), error)
             return
         self.store.submit(record, sender=key, label=sender.label)
+        if self.on_job is not None:
+            try:
+                report_job(record, entry, self.on_job)
+            except Exception:  # the trail is already queued; a failed check request costs that check only
+                self.log.exception("job check request from an access log entry failed")
 
 
 def als_handler(store: AuditStore, senders: Senders) -> grpc.GenericRpcHandler:

@@ -156,7 +156,10 @@ class ControlPlane:
         self.audit = AuditStore(
             options.audit_db or options.state_dir / "audit.sqlite3", retention=options.audit_retention
         )
-        self.als = AccessLogService(self.audit)
+        # A raw ID token from before a gap in webhook delivery, seen at a gateway: GitLab is asked about its job.
+        self.als = AccessLogService(
+            self.audit, on_job=self.credentials.gateway_checks if self.credentials is not None else None
+        )
         self.recovery = _job_recovery(self.credentials, self.audit, self.gitlab)
         self._recovery_loop: asyncio.Task[None] | None = None
         self.xds = XdsServer(

@@ -77,3 +77,17 @@ def track_active_credentials(read: Callable[[], int]) -> None:
 def track_signing_keys(age: Callable[[], float], published: Callable[[], int]) -> None:
     KEY_AGE.set_function(age)
     KEYS_PUBLISHED.set_function(published)
+
+
+GATEWAY_JOB_CHECKS = Counter(
+    "controlplane_gateway_job_checks_total",
+    "Jobs whose raw ID token got through a gateway although it predates a gap in webhook delivery, asked about "
+    "at GitLab, by answer: finished (revoked), not_finished, not_found, error (asked again later), no_gitlab "
+    "(no API for the issuer), dropped (too many checks waiting: left to the periodic sweep).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
+def count_gateway_job_check(result: str) -> None:
+    GATEWAY_JOB_CHECKS.labels(result).inc()

@@ -87,6 +87,9 @@ class Revocations:
         now = self.clock()
         return tuple(sorted(job for job, until in self._until.items() if until > now))
 
+    def is_revoked(self, job_id: str) -> bool:
+        return self._until.get(job_id, 0.0) > self.clock()
+
     def next_expiry(self) -> float | None:
         return min(self._until.values(), default=None)
 

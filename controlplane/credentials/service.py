@@ -19,6 +19,7 @@ from controlplane.admin.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
 from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
+from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
@@ -90,11 +91,20 @@ class CredentialService:
         )
         self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
         self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
-        self._checks: dict[str, asyncio.Task[bool]] = {}  # one GitLab request per job, however many exchanges wait
+        self._checks: dict[str, asyncio.Task[str]] = {}  # one GitLab request per job, however many exchanges wait
         # Requests in threads at once: the client's rate bound paces them, the default pool must stay free for
         # the deny list's writes and the recovery sweep.
         self._check_slots = asyncio.Semaphore(MAX_CONCURRENT_JOB_CHECKS)
         self._unchecked = RateLimitedLog(log, burst=5, interval=300.0)
+        # Raw ID tokens a gateway let through, from before a gap in webhook delivery: `serve` passes this to the
+        # audit receiver, which calls it for each such request (gateway_checks.py).
+        self.gateway_checks = GatewayJobChecks(
+            policy=policy,
+            missed_hooks=self.exchange.missed_hooks,
+            revoked=self.revocations.is_revoked,
+            check=self.check_job,
+            clock=clock,
+        )
         self._inputs: CredentialInputs | None = None
         self._wake = asyncio.Event()
         self.port = 0
@@ -121,6 +131,7 @@ class CredentialService:
         return self.port
 
     async def stop(self) -> None:
+        await self.gateway_checks.close()
         await self.endpoint.stop()
         self.close()
 
@@ -169,22 +180,13 @@ class CredentialService:
         Finished: revoked exactly as a Job Hook would (the exchange then refuses `job_finished`). Running:
         remembered until the next gap (unless one is still open), so its other exchanges do not ask again.
         Unknown to GitLab (404) or GitLab unreachable: False, and the exchange fails closed (503). Concurrent
-        exchanges of one job share one request.
+        exchanges of one job share one request (with a check started at a gateway, too).
         """
-        running = self._checks.get(job.job_id)
-        if running is None:
-            running = asyncio.ensure_future(self._verify(job))
-            self._checks[job.job_id] = running
-            running.add_done_callback(lambda _: self._checks.pop(job.job_id, None))
-        return await asyncio.shield(running)
-
-    async def _verify(self, job: JobToVerify) -> bool:
-        reader = None if self.job_status_reader is None else self.job_status_reader(job.issuer_url)
-        asked_at = self.clock()
-        if reader is None:
+        result = await self.check_job(job, via="exchange")
+        metrics.count_job_check(result)
+        if result == "no_gitlab":
             # Deliberately open (docs/state-and-recovery.md): nothing could ever vouch for these jobs, and closing
             # would cut off every running job of the issuer at each restart of the control plane.
-            metrics.count_job_check("no_gitlab")
             self._unchecked.log(
                 logging.WARNING,
                 "job %s of issuer %s may have finished while Job Hooks were missed, but the issuer has no GitLab "
@@ -193,27 +195,45 @@ class CredentialService:
                 job.issuer,
                 key="unchecked",
             )
+        if result == "finished":
+            return self._recorded_finished(job.job_id)  # exchanged again: the ledger refuses it
+        return result in ("not_finished", "no_gitlab")
+
+    async def check_job(self, job: JobToVerify, *, via: str = "gateway") -> str:
+        """Ask GitLab about a job whose Job Hook may have been missed and act on it; the answer as a metric label.
+
+        `finished`: revoked fleet-wide (`revoke_finished`). `not_finished`, and `no_gitlab` (the issuer has no
+        API: nothing could be asked, so the job is not asked about again until the next gap): remembered as
+        verified. `not_found`, `error`: nothing changes. One request per job at a time, whoever asks (`via`
+        names the first asker in the log)."""
+        running = self._checks.get(job.job_id)
+        if running is None:
+            running = asyncio.ensure_future(self._check(job, via))
+            self._checks[job.job_id] = running
+            running.add_done_callback(lambda _: self._checks.pop(job.job_id, None))
+        return await asyncio.shield(running)
+
+    async def _check(self, job: JobToVerify, via: str) -> str:
+        reader = None if self.job_status_reader is None else self.job_status_reader(job.issuer_url)
+        asked_at = self.clock()
+        if reader is None:
             self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
-            return True
+            return "no_gitlab"
         try:
             async with self._check_slots:
                 status = await asyncio.to_thread(reader, job.project_id, job.job_id)
         except (GitLabRefused, GitLabUnavailable) as error:
-            metrics.count_job_check("error")
-            log.warning("exchange refused: GitLab could not be asked about job %s (%s)", job.job_id, error)
-            return False
+            log.warning("GitLab could not be asked about job %s (at %s): %s", job.job_id, via, error)
+            return "error"
         if status is None:
-            metrics.count_job_check("not_found")
-            log.warning("exchange refused: GitLab does not know job %s of project %s", job.job_id, job.project_id)
-            return False
+            log.warning("GitLab does not know job %s of project %s (at %s)", job.job_id, job.project_id, via)
+            return "not_found"
         if status in TERMINAL_JOB_STATUSES:
-            metrics.count_job_check("finished")
-            log.warning("job %s is %s in GitLab but no Job Hook said so: revoked (at exchange)", job.job_id, status)
+            log.warning("job %s is %s in GitLab but no Job Hook said so: revoked (at %s)", job.job_id, status, via)
             await self.revoke_finished(job.job_id, status)
-            return self._recorded_finished(job.job_id)  # exchanged again: the ledger refuses it
-        metrics.count_job_check("not_finished")
+            return "finished"
         self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
-        return True
+        return "not_finished"
 
     def _recorded_finished(self, job: str) -> bool:
         """False (503) when the ledger could not record the end: the exchange again would not see it."""
