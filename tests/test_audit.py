@@ -912,6 +912,8 @@ async def test_a_large_or_oversized_claim_is_judged_at_once_not_held(plane: Plan
         await call.write(first)
         assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
     assert time.monotonic() - started < 10.0
+
+
 def test_cli_into_a_closed_pipe_exits_quietly(store: AuditStore) -> None:
     """`controlplane audit ... | head`: once `head` has its lines, no BrokenPipeError traceback."""
     write(store, *(record(time=1_000_000.0 + i, job_id=str(i)) for i in range(2_000)))
@@ -926,6 +928,8 @@ def test_cli_into_a_closed_pipe_exits_quietly(store: AuditStore) -> None:
     code = head.wait(60)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert code == 141  # 128 + SIGPIPE, as a Unix tool killed by it reports
+
+
 def test_recent_jobs_are_each_job_once_most_recent_first(store: AuditStore) -> None:
     """What the job recovery sweep asks GitLab about: every job seen at a gateway since a time."""
     write(

@@ -53,6 +53,7 @@ class CredentialOptions:
         """How long the exchange refuses a finished job, whatever the deny window: at least as long as any
         token the exchange still accepts (it refuses subject tokens older than this) and any credential."""
         return max(DEFAULT_MAX_SUBJECT_AGE, self.deny_id_tokens_for, self.max_credential_ttl)
+
     # Seconds between sweeps asking GitLab about jobs whose Job Hook may have been missed (credentials/recovery.py).
     job_sweep_interval: float = 300.0
 
