@@ -25,6 +25,7 @@ unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check controlplane tests benchmarks
+	$(VENV)/bin/ruff format --check controlplane tests benchmarks
 	$(VENV)/bin/mypy
 
 # Regenerate the golden snapshots after a deliberate compiler change; review the diff.
