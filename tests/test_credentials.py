@@ -8,6 +8,7 @@ mints tokens with real `iat`s; there the clock starts at real time and is moved 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
@@ -467,6 +468,8 @@ def assert_refused(result: ExchangeResult, error: str, token: str, label: str | 
         ({"requested_token_lifetime": "0"}, "invalid_request"),
         ({"requested_token_lifetime": "-5"}, "invalid_request"),
         ({"expires_in": "1e3"}, "invalid_request"),
+        ({"requested_token_lifetime": "5\n"}, "invalid_request"),  # `$` matched before a final newline
+        ({"requested_token_lifetime": "\u0665"}, "invalid_request"),  # an Arabic-Indic 5: not ASCII digits
     ],
 )
 def test_malformed_requests_are_invalid_request(setup: Setup, fields: dict[str, str], error: str) -> None:
@@ -496,7 +499,17 @@ def invalid_subject_tokens(setup: Setup) -> dict[str, str]:
         "exp not a number": setup.mint(raw={"exp": str(now + 300)}),
         "HS256": jwt.encode({"iss": fake.issuer, "aud": "https://reports.local", "exp": now + 60}, "k" * 32),
         "unsigned": jwt.encode({"iss": fake.issuer}, "", algorithm="none"),
+        # Found by fuzzing: an unhashable alg raised TypeError (a 500 for anyone), an infinite exp OverflowError.
+        "alg is a list": _with_header(setup.mint(), {"alg": ["RS256"], "typ": "JWT"}),
+        "alg is an object": _with_header(setup.mint(), {"alg": {}, "typ": "JWT"}),
+        "exp is infinite": setup.mint(raw={"exp": float("inf")}),
     }
+
+
+def _with_header(token: str, header: dict[str, Any]) -> str:
+    """The token with another header (so a wrong signature): what a forger can send without any key."""
+    encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return ".".join([encoded, *token.split(".")[1:]])
 
 
 def test_bad_expired_or_forged_subject_tokens_are_invalid_grant(setup: Setup) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -67,8 +68,9 @@ COPIED_CLAIMS = (
     "environment",
     "user_login",
 )
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_LIFETIME = re.compile(r"^[0-9]{1,9}$")
+# `\Z`, not `$`: `$` also matches before a final newline ("5\n" would pass).
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_LIFETIME = re.compile(r"^[0-9]{1,9}\Z")
 _LIFETIME_PARAMETERS = ("requested_token_lifetime", "expires_in")
 # How long a finished job is remembered, and so the oldest subject token (by `iat`) the exchange accepts: a
 # token of a job that finished longer ago than this was minted longer ago still, and is refused for its age.
@@ -534,7 +536,7 @@ class TokenExchange:
         except jwt.PyJWTError:
             raise _invalid_grant("the subject token is not a JWT") from None
         alg = header.get("alg")
-        if alg not in SUBJECT_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in SUBJECT_ALGORITHMS:
             raise _invalid_grant("the subject token's algorithm is not accepted (RS256 or ES256)")
         iss = unverified.get("iss")
         issuer = policy.issuer_by_url(iss) if isinstance(iss, str) else None
@@ -626,7 +628,8 @@ def _check_times(claims: Mapping[str, Any], skew: float, now: float) -> None:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A JSON number a clock can be compared with: JSON parsers also accept Infinity and NaN."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _describe(error: jwt.PyJWTError) -> str:
