@@ -283,6 +283,7 @@ async def test_status_without_a_fleet_serves_the_document_as_produced(http: aioh
         ("group=" + "g" * 5000, "group"),
         ("node=" + "n" * 5000, "node"),
         ("nacked=" + "1" * 5000, "nacked"),
+        ("proxies=0&summary=01", "summary"),  # found by fuzzing: a false `proxies` left `summary` unchecked
     ],
 )
 async def test_status_rejects_bad_query(admin: Admin, http: aiohttp.ClientSession, query: str, named: str) -> None:

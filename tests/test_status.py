@@ -495,6 +495,14 @@ def test_status_arguments_and_url() -> None:
         "http://h:1/status?group=g&protocol=delta&node=gw-%2A&nacked=1&stale=1&limit=all&offset=20&summary=1"
     )
     assert status_url("http://h:1", StatusFilters.from_args(parser.parse_args([]))) == "http://h:1/status"
-    for bad in (["--limit", "-1"], ["--limit", "lots"], ["--offset", "-2"], ["--protocol", "grpc"]):
+    too_many = "9" * 5000  # found by fuzzing: --limit passed it on to the server
+    for bad in (
+        ["--limit", "-1"],
+        ["--limit", "lots"],
+        ["--offset", "-2"],
+        ["--protocol", "grpc"],
+        ["--limit", too_many],
+        ["--offset", too_many],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)

@@ -19,6 +19,7 @@ from multidict import MultiMapping
 from prometheus_client import generate_latest
 
 from controlplane.admin.metrics import REGISTRY
+from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
 from controlplane.admin.serving import ADMIN_LIMITS, AppServer, HttpLimits
 from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
@@ -29,31 +30,9 @@ log = logging.getLogger(__name__)
 # is spelled out here (it is what ``choose_encoder`` pairs with ``generate_latest`` too).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
-
-
-class BadQuery(ValueError):
-    """A query parameter the operator mistyped; reported as 400 rather than silently ignored."""
-
-
-def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
-    """Read a boolean query flag; an unrecognised value is an error so typos do not widen a filter."""
-    if value is None:
-        return default
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise BadQuery(f"{name} must be 1 or 0, got {_shown(value)}")
-
-
 STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies")
 # What each endpoint accepts; anything else is refused, so no parameter is silently ignored.
 PARAMETERS: dict[str, tuple[str, ...]] = {"/status": STATUS_PARAMETERS, "/metrics": (), "/healthz": (), "/readyz": ()}
-MAX_COUNT = 1_000_000_000  # a limit or offset past any fleet; it also keeps int() far from its digit cap
-MAX_TEXT = 256  # group and node names: longer ones match nothing, and are not echoed back in full
 
 
 def check_parameters(path: str, query: MultiMapping[str]) -> None:
@@ -64,33 +43,10 @@ def check_parameters(path: str, query: MultiMapping[str]) -> None:
     unknown = sorted(set(query) - set(known))
     if unknown:
         expected = f"known: {', '.join(known)}" if known else f"{path} takes no parameters"
-        raise BadQuery(f"unknown parameter(s) {', '.join(_shown(u) for u in unknown)}; {expected}")
+        raise BadQuery(f"unknown parameter(s) {', '.join(shown(u) for u in unknown)}; {expected}")
     repeated = sorted(name for name in set(query) if len(query.getall(name)) > 1)
     if repeated:
         raise BadQuery(f"parameter(s) given more than once: {', '.join(repeated)}")
-
-
-def _shown(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:40] + "...")
-
-
-def parse_count(name: str, value: str | None, default: int | None) -> int | None:
-    """A non-negative integer query parameter; ``all`` means no bound (None), for ``limit``."""
-    if value is None or value.strip() == "":
-        return default
-    text = value.strip().lower()
-    if text == "all" and name == "limit":
-        return None
-    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_COUNT)) or int(text) > MAX_COUNT:
-        allowed = f"an integer from 0 to {MAX_COUNT}" + (" or all" if name == "limit" else "")
-        raise BadQuery(f"{name} must be {allowed}, got {_shown(value)}")
-    return int(text)
-
-
-def parse_text(name: str, value: str | None) -> str | None:
-    if value is not None and len(value) > MAX_TEXT:
-        raise BadQuery(f"{name} must be at most {MAX_TEXT} characters, got {len(value)}")
-    return value or None
 
 
 def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
@@ -98,11 +54,14 @@ def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
     cannot silently turn a filtered question into the whole fleet."""
     unknown = sorted(set(query) - set(STATUS_PARAMETERS))
     if unknown:
-        shown = ", ".join(_shown(u) for u in unknown)
-        raise BadQuery(f"unknown parameter(s) {shown}; known: {', '.join(STATUS_PARAMETERS)}")
+        names = ", ".join(shown(u) for u in unknown)
+        raise BadQuery(f"unknown parameter(s) {names}; known: {', '.join(STATUS_PARAMETERS)}")
     protocol = query.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
-        raise BadQuery(f"protocol must be one of {', '.join(PROTOCOLS)}, got {_shown(protocol)}")
+        raise BadQuery(f"protocol must be one of {', '.join(PROTOCOLS)}, got {shown(protocol)}")
+    # summary=1 and proxies=0 both mean "counts only": the first is the CLI's word, the second the JSON key's.
+    # Both are read before combining them, so a bad value of either is an error whatever the other says.
+    listed, summary = parse_flag("proxies", query.get("proxies"), True), parse_flag("summary", query.get("summary"))
     return FleetQuery(
         group=parse_text("group", query.get("group")),
         protocol=protocol,
@@ -111,8 +70,7 @@ def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
         stale=parse_flag("stale", query.get("stale")),
         limit=parse_count("limit", query.get("limit"), DEFAULT_LIMIT),
         offset=parse_count("offset", query.get("offset"), 0) or 0,
-        # summary=1 and proxies=0 both mean "counts only": the first is the CLI's word, the second the JSON key's.
-        proxies=parse_flag("proxies", query.get("proxies"), True) and not parse_flag("summary", query.get("summary")),
+        proxies=listed and not summary,
     )
 
 

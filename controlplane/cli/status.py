@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from controlplane.admin.query import BadQuery, parse_count
+
 DEFAULT_ADMIN = "http://127.0.0.1:9902"
 ADMIN_ENV = "CONTROLPLANE_ADMIN"
 TIMEOUT_SECONDS = 5.0
@@ -79,17 +81,21 @@ class StatusFilters:
 
 
 def _limit(value: str) -> str:
-    """``--limit``: a row count or ``all``, checked here so a typo fails before any request is made."""
-    text = value.strip().lower()
-    if text == "all" or (text.isascii() and text.isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"expected a number of proxies or 'all', got {value!r}")
+    """``--limit``: a row count or ``all``, checked by the server's own rules so a typo fails before any
+    request is made."""
+    _count("limit", value)
+    return value.strip().lower()
 
 
 def _offset(value: str) -> int:
-    if not (value.isascii() and value.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value!r}")
-    return int(value)
+    return _count("offset", value) or 0
+
+
+def _count(name: str, value: str) -> int | None:
+    try:
+        return parse_count(name, value, None)
+    except BadQuery as bad:
+        raise argparse.ArgumentTypeError(str(bad)) from None
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
