@@ -22,7 +22,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from controlplane.model.errors import QUOTE_LIMIT, PolicyError, quoted
+from controlplane.model.errors import QUOTE_LIMIT, Errors, PolicyError, quoted
 
 Scalar: TypeAlias = str | int | bool | float | None
 
@@ -111,7 +111,7 @@ class _Walker:
     """Turns one composed document into located values, collecting errors as it goes."""
 
     file: str
-    errors: list[PolicyError]
+    errors: Errors
     _constructor: SafeConstructor = field(default_factory=SafeConstructor)
     _depth: int = 0
 
@@ -180,9 +180,22 @@ class _Walker:
         if node.tag == f"{_TAG}null":
             value = None
         elif node.tag in (f"{_TAG}int", f"{_TAG}float"):
-            value = self._constructor.construct_object(node)
+            return self._number(node, path, text)
         else:
             value = text  # str, and timestamps: a date-like ref or tag name stays what was written
+        return YScalar(value, _line(node), text)
+
+    def _number(self, node: ScalarNode, path: str, text: str) -> YScalar:
+        """Before PyYAML converts: int() refuses over 4,300 digits (a ValueError naming no file) and YAML 1.1's
+        base-60 integers (`1:59:59`) take quadratic time; no number in a policy needs a long text."""
+        if len(text) > MAX_NUMBER_TEXT:
+            self.error(node, path, f"number too long ({len(text)} characters, at most {MAX_NUMBER_TEXT})")
+            return YScalar(None, _line(node), text[:QUOTE_LIMIT], reported=True)
+        try:
+            value = self._constructor.construct_object(node)
+        except (ValueError, OverflowError) as exc:
+            self.error(node, path, f"not a number PyYAML can read: {quoted(text)} ({type(exc).__name__})")
+            return YScalar(None, _line(node), text, reported=True)
         return YScalar(value, _line(node), text)
 
     def _bool(self, node: ScalarNode, path: str, text: str) -> YScalar:
@@ -193,6 +206,9 @@ class _Walker:
             return YScalar(text, _line(node), text, reported=True)
         return YScalar(word, _line(node), text)
 
+
+MAX_NUMBER_TEXT = 64
+"""Longest number read, in characters: ids, ports and rates have at most 20 digits."""
 
 MAX_DEPTH = 64
 """Deepest nesting of lists and mappings read: every reader of the tree recurses, so depth is bounded here,
@@ -243,6 +259,7 @@ class ParsedYaml:
     documents: tuple[YNode, ...]
     errors: tuple[PolicyError, ...]
     complete: bool
+    omitted: int = 0  # errors found beyond the per-file bound, not kept
 
 
 PARSE_CACHE_BYTES = 64 * 1024 * 1024
@@ -331,7 +348,7 @@ def parse_yaml(file: str, text: str) -> ParsedYaml:
 
 
 def _parse(file: str, text: str) -> ParsedYaml:
-    errors: list[PolicyError] = []
+    errors = Errors()
     walker = _Walker(file, errors)
     documents: list[YNode] = []
     complete = False
@@ -346,7 +363,7 @@ def _parse(file: str, text: str) -> ParsedYaml:
         errors.append(PolicyError(file, 1, "", f"invalid YAML: {exc}"))
     except RecursionError:  # the pure-Python composer recurses per level (libyaml's stops at 1,000 levels)
         errors.append(PolicyError(file, 1, "", _too_deep()))
-    return ParsedYaml(tuple(documents), tuple(errors), complete)
+    return ParsedYaml(tuple(documents), tuple(errors.kept), complete, errors.omitted)
 
 
 def _syntax_error(file: str, exc: yaml.MarkedYAMLError) -> PolicyError:
