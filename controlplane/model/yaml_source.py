@@ -96,13 +96,27 @@ def describe(node: YNode) -> str:
     return node.text if len(node.text) <= QUOTE_LIMIT else node.text[: QUOTE_LIMIT - 1] + "…"
 
 
+class _TooManyNodes(Exception):
+    """A file holds more than `MAX_NODES_PER_FILE` values; `line` is where the bound was passed."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases: a shared node would make one line answer for two places."""
+    """SafeLoader that refuses aliases (a shared node would make one line answer for two places) and counts
+    values (see `MAX_NODES_PER_FILE`)."""
+
+    _nodes = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(None, None, _alias_message(event), event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES_PER_FILE:
+            raise _TooManyNodes(int(self.peek_event().start_mark.line) + 1)  # type: ignore[no-untyped-call]
         return super().compose_node(parent, index)
 
 
@@ -207,6 +221,10 @@ class _Walker:
         return YScalar(word, _line(node), text)
 
 
+MAX_NODES_PER_FILE = 200_000
+"""Values (scalars, lists and mappings, keys included) read from one file: ~100,000 lines of policy. Composed,
+each costs ~450 bytes before any check runs: a 4 MB file of `[1,1,1,…]` (2.1M values) took 1 GB and 14 s."""
+
 MAX_NUMBER_TEXT = 64
 """Longest number read, in characters: ids, ports and rates have at most 20 digits."""
 
@@ -231,16 +249,27 @@ def _composed(text: str) -> Iterator[Node]:
     if _FastLoader is None:
         yield from yaml.compose_all(text, Loader=_Loader)
         return
-    if "*" in text:  # only a text with an asterisk can hold an alias: look for one before composing
-        _refuse_aliases(text)
+    # Only a text with an asterisk can hold an alias, and every value takes at least half a character
+    # (`[1,1]`, `{a,b}`): other texts need no look before composing.
+    if "*" in text or len(text) > MAX_NODES_PER_FILE // 2:
+        _check_events(text)
     yield from yaml.compose_all(text, Loader=_FastLoader)
 
 
-def _refuse_aliases(text: str) -> None:
+def _check_events(text: str) -> None:
+    """Refuses aliases and counts values in one pass of libyaml's parser, which keeps nothing."""
+    nodes = 0
     for event in yaml.parse(text, Loader=yaml.CSafeLoader):
         if isinstance(event, yaml.AliasEvent):
             mark = cast(yaml.error.Mark, event.start_mark)  # libyaml's Mark has the same fields
             raise yaml.composer.ComposerError(None, None, _alias_message(event), mark)
+        if isinstance(event, _NODE_EVENTS):
+            nodes += 1
+            if nodes > MAX_NODES_PER_FILE:
+                raise _TooManyNodes(int(event.start_mark.line) + 1)
+
+
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
 
 
 def _alias_message(event: yaml.AliasEvent) -> str:
@@ -363,6 +392,10 @@ def _parse(file: str, text: str) -> ParsedYaml:
         errors.append(PolicyError(file, 1, "", f"invalid YAML: {exc}"))
     except RecursionError:  # the pure-Python composer recurses per level (libyaml's stops at 1,000 levels)
         errors.append(PolicyError(file, 1, "", _too_deep()))
+    except _TooManyNodes as many:
+        documents.clear()  # nothing of a file this size is used: its errors would be noise
+        message = f"more than {MAX_NODES_PER_FILE} values (scalars, lists and mappings) in one file: split it"
+        errors.append(PolicyError(file, many.line, "", message))
     return ParsedYaml(tuple(documents), tuple(errors.kept), complete, errors.omitted)
 
 
