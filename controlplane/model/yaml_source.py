@@ -266,7 +266,7 @@ def _check_events(text: str) -> None:
         if isinstance(event, _NODE_EVENTS):
             nodes += 1
             if nodes > MAX_NODES_PER_FILE:
-                raise _TooManyNodes(int(event.start_mark.line) + 1)
+                raise _TooManyNodes(int(cast(yaml.error.Mark, event.start_mark).line) + 1)
 
 
 _NODE_EVENTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
