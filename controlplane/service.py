@@ -84,6 +84,10 @@ def compile_dir(
     return compile_files(read_policy_dir(root, limits), memo)
 
 
+LOGGED_ERRORS = 20
+"""Error lines logged per rejected load, then one line counting the rest: 2 million errors were 225 MB of log."""
+
+
 @dataclass
 class PolicyState:
     root: str
@@ -91,6 +95,8 @@ class PolicyState:
     last_attempt: float | None = None
     errors: list[str] = field(default_factory=list)  # of the policy as last read
     live_errors: list[str] = field(default_factory=list)  # of the policy in service against GitLab as it is now
+    error_count: int = 0  # errors found, shown or not (`errors` keeps the loader's bounded list)
+    live_error_count: int = 0
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
@@ -179,15 +185,15 @@ class PolicyService:
                 with self._running():
                     snapshots = await asyncio.to_thread(self._compile, policy)
             except PolicyInvalid as invalid:
-                self._reject(invalid.errors, live=True)
+                self._reject(invalid, live=True)
                 return False
             except Exception as error:
-                self._reject([self._internal_error("compiling", error)], live=True)
+                self._reject(PolicyInvalid([self._internal_error("compiling", error)]), live=True)
                 return False
             metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
             self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
-            self.state.live_errors = []
-            metrics.POLICY_CURRENT_ERRORS.set(len(self.state.errors))
+            self.state.live_errors, self.state.live_error_count = [], 0
+            metrics.POLICY_CURRENT_ERRORS.set(self.state.error_count)
             log.info("%s: %s", reason, _versions(self.state.versions))
             return True
 
@@ -208,12 +214,12 @@ class PolicyService:
 
     # -- building
 
-    def _build(self) -> dict[str, Snapshot] | list[PolicyError]:
+    def _build(self) -> dict[str, Snapshot] | PolicyInvalid:
         """Never raises: whatever goes wrong becomes a reported error, and the last good snapshot stays."""
         try:
             return self._build_or_raise()
         except Exception as error:
-            return [self._internal_error("loading", error)]
+            return PolicyInvalid([self._internal_error("loading", error)])
 
     def _internal_error(self, doing: str, error: Exception) -> PolicyError:
         """A bug, not a policy mistake: one short error line (the traceback only at debug level)."""
@@ -224,16 +230,16 @@ class PolicyService:
         what = f"{type(error).__name__}: {text}" if text else type(error).__name__
         return PolicyError(self.source.description, 0, "", f"internal error while {doing} the policy: {what}")
 
-    def _build_or_raise(self) -> dict[str, Snapshot] | list[PolicyError]:
+    def _build_or_raise(self) -> dict[str, Snapshot] | PolicyInvalid:
         self.state.last_attempt = self._clock()
         metrics.SNAPSHOT_BUILDS.inc()
         started = time.perf_counter()
         try:
             read = self.source.read()
         except PolicyInvalid as invalid:  # a file that is not text, in a GitLab tree
-            return invalid.errors
+            return invalid
         except Exception as error:  # a directory gone, GitLab unreachable: keep the last good policy
-            return [PolicyError(self.source.description, 0, "", f"cannot read policy: {error}")]
+            return PolicyInvalid([PolicyError(self.source.description, 0, "", f"cannot read policy: {error}")])
         try:
             policy = self._parse(read.files)
             refusal = self.accept(policy) or self.prepare(policy)
@@ -241,8 +247,8 @@ class PolicyService:
                 raise PolicyInvalid([PolicyError(read.origin, 0, "", refusal)])
             snapshots = self._compile(policy)
         except PolicyInvalid as invalid:
-            self._report(read, False, _first_errors(invalid.errors))
-            return invalid.errors
+            self._report(read, False, _first_errors(invalid))
+            return invalid
         metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
         self._policy = policy  # a successful build is always published (`_apply`)
         self.state.revision = read.revision
@@ -313,8 +319,8 @@ class PolicyService:
 
     # -- publishing
 
-    def _apply(self, outcome: dict[str, Snapshot] | list[PolicyError]) -> bool:
-        if isinstance(outcome, list):
+    def _apply(self, outcome: dict[str, Snapshot] | PolicyInvalid) -> bool:
+        if isinstance(outcome, PolicyInvalid):
             self._reject(outcome)
             return False
         self._publish(outcome)
@@ -323,8 +329,8 @@ class PolicyService:
     def _publish(self, snapshots: dict[str, Snapshot]) -> None:
         self._publish_snapshots(snapshots)
         self.state.last_good_load = self._clock()
-        self.state.errors = []
-        self.state.live_errors = []
+        self.state.errors, self.state.error_count = [], 0
+        self.state.live_errors, self.state.live_error_count = [], 0
         metrics.POLICY_CURRENT_ERRORS.set(0)
         metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
         log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
@@ -344,18 +350,20 @@ class PolicyService:
             metrics.SNAPSHOT_INFO.labels(group, snapshot.summary_version).set(1)
             self.state.versions[group] = snapshot.summary_version
 
-    def _reject(self, errors: list[PolicyError], *, live: bool = False) -> None:
+    def _reject(self, invalid: PolicyInvalid, *, live: bool = False) -> None:
+        """Runs on the event loop: everything here is bounded by the loader's error bound, and the log by
+        `LOGGED_ERRORS` (`/status` and `validate` show the rest)."""
         metrics.SNAPSHOT_BUILD_FAILURES.inc()
-        metrics.POLICY_LOAD_ERRORS.inc(len(errors))
+        metrics.POLICY_LOAD_ERRORS.inc(invalid.total)
         if live:
-            self.state.live_errors = [str(e) for e in errors]
+            self.state.live_errors, self.state.live_error_count = invalid.lines(), invalid.total
         else:
-            self.state.errors = [str(e) for e in errors]
-        metrics.POLICY_CURRENT_ERRORS.set(len(self.state.errors) + len(self.state.live_errors))
+            self.state.errors, self.state.error_count = invalid.lines(), invalid.total
+        metrics.POLICY_CURRENT_ERRORS.set(self.state.error_count + self.state.live_error_count)
         kept = "keeping the last good snapshot" if self.state.last_good_load else "no snapshot served yet"
-        log.error("policy rejected with %d error(s); %s", len(errors), kept)
-        for error in errors:
-            log.error("  %s", error)
+        log.error("policy rejected with %s error(s); %s", _count(invalid), kept)
+        for line in invalid.lines(LOGGED_ERRORS):
+            log.error("  %s", line)
 
     # -- the reload watchdog
 
@@ -424,10 +432,15 @@ def _summary_versions(snapshots: Mapping[str, Snapshot]) -> dict[str, str]:
     return {group: snapshot.summary_version for group, snapshot in snapshots.items()}
 
 
-def _first_errors(errors: list[PolicyError], limit: int = 3) -> str:
-    shown = "; ".join(str(e) for e in errors[:limit])
-    more = f" (+{len(errors) - limit} more)" if len(errors) > limit else ""
-    return f"{len(errors)} error(s): {shown}{more}"
+def _count(invalid: PolicyInvalid) -> str:
+    return f"at least {invalid.total}" if invalid.stopped else str(invalid.total)
+
+
+def _first_errors(invalid: PolicyInvalid, limit: int = 3) -> str:
+    shown = "; ".join(str(e) for e in invalid.errors[:limit])
+    left = invalid.total - min(limit, len(invalid.errors))
+    more = f" (+{'at least ' if invalid.stopped else ''}{left} more)" if left or invalid.stopped else ""
+    return f"{_count(invalid)} error(s): {shown}{more}"
 
 
 def _versions(versions: Mapping[str, str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,15 @@ def test_a_job_sweep_interval_below_a_second_is_refused(capsys: pytest.CaptureFi
 
     assert main(["serve", "--job-sweep-interval", "0"]) == 2
     assert "--job-sweep-interval" in capsys.readouterr().err
+
+
+def test_validate_shows_the_first_errors_of_a_file_and_counts_the_rest(tmp_path: Path) -> None:
+    """2,000 repeats of a 2-line document once printed 6,000 errors and 108 MB naming every other repeat."""
+    (_quickstart(tmp_path) / "dup.yaml").write_text("kind: Role\nname: x\n---\n" * 2000)
+    result = run("validate", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 102 and len(result.stderr) < 20_000, len(result.stderr)
+    assert lines[-2].startswith("... and ") and lines[-2].endswith("more errors not shown"), lines[-2]
+    counted = re.fullmatch(rf"(at least )?(\d+) error\(s\) in {re.escape(str(tmp_path))}", lines[-1])
+    assert counted is not None and int(counted.group(2)) > 2000, lines[-1]

@@ -282,9 +282,10 @@ def _compile_or_report(
         )
         return policy, snapshots, sorted([*policy_warnings(policy), *memo.grant_index.warnings()]), inputs
     except PolicyInvalid as invalid:
-        for error in invalid.errors:
-            print(error, file=sys.stderr)
-        print(f"{len(invalid.errors)} error(s) in {policy_dir}", file=sys.stderr)
+        for line in invalid.lines():  # bounded: at most 100 per file, 1,000 in all, then a count of the rest
+            print(line, file=sys.stderr)
+        counted = f"at least {invalid.total}" if invalid.stopped else str(invalid.total)
+        print(f"{counted} error(s) in {policy_dir}", file=sys.stderr)
     except OSError as error:
         print(f"{policy_dir}: {error}", file=sys.stderr)
     except Exception as error:  # a bug: one line, like any other verdict (the policy repo's CI shows it)

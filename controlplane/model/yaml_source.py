@@ -22,7 +22,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from controlplane.model.errors import QUOTE_LIMIT, PolicyError, quoted
+from controlplane.model.errors import QUOTE_LIMIT, Errors, PolicyError, quoted
 
 Scalar: TypeAlias = str | int | bool | float | None
 
@@ -96,13 +96,27 @@ def describe(node: YNode) -> str:
     return node.text if len(node.text) <= QUOTE_LIMIT else node.text[: QUOTE_LIMIT - 1] + "…"
 
 
+class _TooManyNodes(Exception):
+    """A file holds more than `MAX_NODES_PER_FILE` values; `line` is where the bound was passed."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases: a shared node would make one line answer for two places."""
+    """SafeLoader that refuses aliases (a shared node would make one line answer for two places) and counts
+    values (see `MAX_NODES_PER_FILE`)."""
+
+    _nodes = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(None, None, _alias_message(event), event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES_PER_FILE:
+            raise _TooManyNodes(int(self.peek_event().start_mark.line) + 1)  # type: ignore[no-untyped-call]
         return super().compose_node(parent, index)
 
 
@@ -111,7 +125,7 @@ class _Walker:
     """Turns one composed document into located values, collecting errors as it goes."""
 
     file: str
-    errors: list[PolicyError]
+    errors: Errors
     _constructor: SafeConstructor = field(default_factory=SafeConstructor)
     _depth: int = 0
 
@@ -180,9 +194,22 @@ class _Walker:
         if node.tag == f"{_TAG}null":
             value = None
         elif node.tag in (f"{_TAG}int", f"{_TAG}float"):
-            value = self._constructor.construct_object(node)
+            return self._number(node, path, text)
         else:
             value = text  # str, and timestamps: a date-like ref or tag name stays what was written
+        return YScalar(value, _line(node), text)
+
+    def _number(self, node: ScalarNode, path: str, text: str) -> YScalar:
+        """Before PyYAML converts: int() refuses over 4,300 digits (a ValueError naming no file) and YAML 1.1's
+        base-60 integers (`1:59:59`) take quadratic time; no number in a policy needs a long text."""
+        if len(text) > MAX_NUMBER_TEXT:
+            self.error(node, path, f"number too long ({len(text)} characters, at most {MAX_NUMBER_TEXT})")
+            return YScalar(None, _line(node), text[:QUOTE_LIMIT], reported=True)
+        try:
+            value = self._constructor.construct_object(node)
+        except (ValueError, OverflowError) as exc:
+            self.error(node, path, f"not a number PyYAML can read: {quoted(text)} ({type(exc).__name__})")
+            return YScalar(None, _line(node), text, reported=True)
         return YScalar(value, _line(node), text)
 
     def _bool(self, node: ScalarNode, path: str, text: str) -> YScalar:
@@ -193,6 +220,13 @@ class _Walker:
             return YScalar(text, _line(node), text, reported=True)
         return YScalar(word, _line(node), text)
 
+
+MAX_NODES_PER_FILE = 200_000
+"""Values (scalars, lists and mappings, keys included) read from one file: ~100,000 lines of policy. Composed,
+each costs ~450 bytes before any check runs: a 4 MB file of `[1,1,1,…]` (2.1M values) took 1 GB and 14 s."""
+
+MAX_NUMBER_TEXT = 64
+"""Longest number read, in characters: ids, ports and rates have at most 20 digits."""
 
 MAX_DEPTH = 64
 """Deepest nesting of lists and mappings read: every reader of the tree recurses, so depth is bounded here,
@@ -215,16 +249,27 @@ def _composed(text: str) -> Iterator[Node]:
     if _FastLoader is None:
         yield from yaml.compose_all(text, Loader=_Loader)
         return
-    if "*" in text:  # only a text with an asterisk can hold an alias: look for one before composing
-        _refuse_aliases(text)
+    # Only a text with an asterisk can hold an alias, and every value takes at least half a character
+    # (`[1,1]`, `{a,b}`): other texts need no look before composing.
+    if "*" in text or len(text) > MAX_NODES_PER_FILE // 2:
+        _check_events(text)
     yield from yaml.compose_all(text, Loader=_FastLoader)
 
 
-def _refuse_aliases(text: str) -> None:
+def _check_events(text: str) -> None:
+    """Refuses aliases and counts values in one pass of libyaml's parser, which keeps nothing."""
+    nodes = 0
     for event in yaml.parse(text, Loader=yaml.CSafeLoader):
         if isinstance(event, yaml.AliasEvent):
             mark = cast(yaml.error.Mark, event.start_mark)  # libyaml's Mark has the same fields
             raise yaml.composer.ComposerError(None, None, _alias_message(event), mark)
+        if isinstance(event, _NODE_EVENTS):
+            nodes += 1
+            if nodes > MAX_NODES_PER_FILE:
+                raise _TooManyNodes(int(cast(yaml.error.Mark, event.start_mark).line) + 1)
+
+
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
 
 
 def _alias_message(event: yaml.AliasEvent) -> str:
@@ -243,6 +288,7 @@ class ParsedYaml:
     documents: tuple[YNode, ...]
     errors: tuple[PolicyError, ...]
     complete: bool
+    omitted: int = 0  # errors found beyond the per-file bound, not kept
 
 
 PARSE_CACHE_BYTES = 64 * 1024 * 1024
@@ -331,7 +377,7 @@ def parse_yaml(file: str, text: str) -> ParsedYaml:
 
 
 def _parse(file: str, text: str) -> ParsedYaml:
-    errors: list[PolicyError] = []
+    errors = Errors()
     walker = _Walker(file, errors)
     documents: list[YNode] = []
     complete = False
@@ -346,7 +392,11 @@ def _parse(file: str, text: str) -> ParsedYaml:
         errors.append(PolicyError(file, 1, "", f"invalid YAML: {exc}"))
     except RecursionError:  # the pure-Python composer recurses per level (libyaml's stops at 1,000 levels)
         errors.append(PolicyError(file, 1, "", _too_deep()))
-    return ParsedYaml(tuple(documents), tuple(errors), complete)
+    except _TooManyNodes as many:
+        documents.clear()  # nothing of a file this size is used: its errors would be noise
+        message = f"more than {MAX_NODES_PER_FILE} values (scalars, lists and mappings) in one file: split it"
+        errors.append(PolicyError(file, many.line, "", message))
+    return ParsedYaml(tuple(documents), tuple(errors.kept), complete, errors.omitted)
 
 
 def _syntax_error(file: str, exc: yaml.MarkedYAMLError) -> PolicyError:

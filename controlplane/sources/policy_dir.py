@@ -29,12 +29,19 @@ def _is_policy_file(name: str) -> bool:
     return name.endswith(POLICY_SUFFIXES)
 
 
-def _policy_paths(root: Path) -> list[Path]:
+DIRECTORY_LINK = "a symlink to a directory: not followed (link the files, or copy the directory)"
+
+
+def _policy_paths(root: Path) -> tuple[list[Path], list[Path]]:
+    """The policy files under `root`, and the symlinks to directories met (not followed, but reported:
+    skipped in silence, a team's directory linked in would drop out of the policy unnoticed)."""
     found: list[Path] = []
+    linked: list[Path] = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # .git, .cache ...
+        linked.extend(Path(directory, d) for d in subdirs if os.path.islink(os.path.join(directory, d)))
         found.extend(Path(directory, name) for name in names if _is_policy_file(name))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix()), linked
 
 
 def _root_error(root: Path, message: str) -> PolicyInvalid:
@@ -59,8 +66,9 @@ def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str
     """{posix path relative to root: text} for every policy file under `root`, in sorted order.
 
     Only regular files inside the tree are read (a symlink may point elsewhere in the tree, as Kubernetes
-    ConfigMap volumes do); a FIFO, device or socket, a symlink leading out of the tree and a file or tree
-    over `limits` are errors naming the file. No read can block: types are checked before opening, the
+    ConfigMap volumes do); a FIFO, device or socket, a symlink leading out of the tree, a symlink to a
+    directory (never followed: hidden ones such as `..data` aside) and a file or tree over `limits` are
+    errors naming the file. No read can block: types are checked before opening, the
     open does not wait, and reads stop at the bound. Raises `PolicyInvalid` with every such error, naming
     the directory when it is missing or holds no policy file.
     """
@@ -70,7 +78,9 @@ def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str
     texts: dict[str, str] = {}
     errors: list[PolicyError] = []
     total = 0
-    for path in _policy_paths(root):
+    paths, linked = _policy_paths(root)
+    errors.extend(PolicyError(link.relative_to(root).as_posix(), 1, "", DIRECTORY_LINK) for link in linked)
+    for path in paths:
         name = path.relative_to(root).as_posix()
         data = _read_policy_file(path, inside, limits.max_file_bytes)
         if isinstance(data, str):
