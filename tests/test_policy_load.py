@@ -360,7 +360,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         _with(role=ROLE_HEAD + "backend: api\nrules: [{methods: [GET]}\n"),
-        ("role.yaml", 5, "", "invalid YAML"),
+        ("role.yaml", 4, "", "invalid YAML"),  # the last line, not one past it
         id="yaml-syntax",
     ),
     pytest.param(
@@ -512,7 +512,7 @@ ERROR_CASES = [
             issuer=GITLAB_HEAD + "inventory: inv.yaml\n",
             inv="groups: [{id: 0, path: acme}]\n",
         ),
-        ("inv.yaml", 1, "groups[0].id", "expected a positive integer, got 0"),
+        ("inv.yaml", 1, "groups[0].id", "expected a positive integer within GitLab's 64-bit ids, got '0'"),
         id="inventory-id",
     ),
     # Backend
@@ -825,7 +825,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         _with(issuer=GITLAB_HEAD + "api:\n  token_env: T\n  groups: [0]\n"),
-        ("issuer.yaml", 7, "api.groups[0]", "expected a positive integer, got 0"),
+        ("issuer.yaml", 7, "api.groups[0]", "expected a positive integer within GitLab's 64-bit ids, got '0'"),
         id="api-group-id",
     ),
     pytest.param(
@@ -1057,7 +1057,7 @@ def test_yaml_syntax_error_stops_the_file_but_keeps_earlier_documents() -> None:
     parsed = parse_yaml("f.yaml", "a: 1\n---\nb: [\n")
     assert not parsed.complete
     assert len(parsed.documents) == 1
-    assert [(e.file, e.line) for e in parsed.errors] == [("f.yaml", 4)]
+    assert [(e.file, e.line) for e in parsed.errors] == [("f.yaml", 3)]
 
 
 # --- policy directory --------------------------------------------------------------------------------
@@ -1456,3 +1456,40 @@ def test_both_composers_count_values_alike(monkeypatch: pytest.MonkeyPatch, fast
     assert [str(e) for e in parsed.errors] == [
         f"many-{fast}.yaml:998: more than 1000 values (scalars, lists and mappings) in one file: split it"
     ]
+
+
+# --- found by fuzzing (docs/fuzzing.md) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stem", "text", "field"),
+    [
+        # `$` also matched before a final newline, so a newline reached Envoy names, domains and header names.
+        ("role", 'kind: Role\nname: "api\\n"\nbackend: api\nrules: [{paths: ["/**"]}]\n', "name"),
+        ("backend", BASE["backend.yaml"].replace("hosts: [api.example.com]", 'hosts: ["api.example.com\\n"]'), "hosts"),
+        # `\d` matched any Unicode digit: Arabic-Indic "300s" was a duration.
+        ("issuer", BASE["issuer.yaml"] + "jwks_cache: '\u0663\u0660\u0660s'\n", "jwks_cache"),
+    ],
+)
+def test_patterns_match_the_whole_value_in_ascii(stem: str, text: str, field: str) -> None:
+    errors = _errors(_with(**{stem: text}))
+    assert any(e.field.startswith(field) for e in errors), "\n".join(map(str, errors))
+
+
+@pytest.mark.parametrize("url", ["http://[", "https://gitlab.ex]mple.com"])
+def test_a_url_urlsplit_refuses_is_an_error_with_file_and_line(url: str) -> None:
+    file, line, field, message = _only_error(_with(issuer=BASE["issuer.yaml"].replace("url: ", f"url: '{url}' #", 1)))
+    assert (file, field) == ("issuer.yaml", "url") and line >= 1 and "URL" in message
+
+
+@pytest.mark.parametrize("value", ["0xffffffffffffffffffffffff", "99999999999999999999999", str(2**63)])
+def test_ids_past_gitlabs_64_bit_range_are_errors(value: str) -> None:
+    subject = f"kind: Binding\nname: far\nroles: [read]\nsubjects: [{{project: {value}}}]\n"
+    errors = _errors(_with(binding2=subject))
+    assert any("project" in e.field and "64-bit" in e.message for e in errors), "\n".join(map(str, errors))
+
+
+def test_a_syntax_error_at_the_end_names_a_line_the_file_has() -> None:
+    for text in ("{", "a: [", "- a\nb"):
+        (error,) = _errors(_with(extra=text))
+        assert 1 <= error.line <= len(text.splitlines()), (text, error)

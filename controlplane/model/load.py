@@ -57,15 +57,17 @@ RESERVED_CLAIMS = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti"})
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 GITLAB_JWKS_PATH = "/oauth/discovery/keys"
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Patterns end in `\Z`, not `$` (which also matches before a final newline), and spell digits `[0-9]` (`\d` is
+# any Unicode digit): a newline or a foreign digit must never reach an Envoy name, domain or header.
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_HOST_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
-_WILDCARD_HOST_RE = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
-_DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h)$")
+_HOST_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
+_WILDCARD_HOST_RE = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*\Z")
+_DURATION_RE = re.compile(r"^([0-9]+)(ms|s|m|h)\Z")
 _DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _GITLAB_SEGMENT = r"[A-Za-z0-9_.][A-Za-z0-9_.-]*"
-_GROUP_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})*$")
-_PROJECT_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})+$")
+_GROUP_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})*\Z")
+_PROJECT_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})+\Z")
 
 
 class _Invalid(Exception):
@@ -189,7 +191,14 @@ def _equal(expected: str) -> Conv[str]:
 
 
 _port = _in_range(1, 65535)
-_positive = _checked(_integer, lambda v: None if v > 0 else f"expected a positive integer, got {v}")
+
+
+def _not_an_id(value: int) -> str:
+    return f"expected a positive integer within GitLab's 64-bit ids, got {quoted(str(value))}"
+
+
+MAX_ID = 2**63 - 1  # GitLab's ids are 64-bit: a larger one names nothing and could never match a token
+_positive = _checked(_integer, lambda v: None if 0 < v <= MAX_ID else _not_an_id(v))
 _name = _matching(_NAME_RE, "must be lower-case letters, digits and '-', start and end with a letter or digit (max 63)")
 _hostname = _matching(_HOST_RE, "expected a lower-case DNS name without port")
 _host_pattern = _matching(_WILDCARD_HOST_RE, "expected a lower-case DNS name (or *.domain) without port")
@@ -227,7 +236,10 @@ _ip = _checked(_string, _ip_check)
 
 
 def _url_check(value: str) -> str | None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unbalanced '[' (an IPv6 literal that never ends)
+        return f"expected an http(s) URL, got {quoted(value)}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"expected an http(s) URL, got {quoted(value)}"
     if parts.query or parts.fragment or parts.username or any(c.isspace() for c in value):
@@ -596,7 +608,7 @@ def _issuer_inventory(f: _Fields, kind: IssuerKind | None, env: _Env) -> Invento
 
 
 _jwks_mode = _mapped(_enum("jwks mode", [m.value for m in JwksMode]), JwksMode)
-_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 _env_name = _matching(_ENV_NAME_RE, "expected an environment variable name such as GITLAB_TOKEN")
 _API_KEYS = (
     "url",
@@ -732,7 +744,7 @@ _NO_SECRETS = {
     for key in ("secret", "value", "token")
 }
 # An HTTP field name (RFC 9110 token); pseudo-headers and Host are routing, not credentials.
-_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _header_name = _checked(
     _matching(_HEADER_RE, "expected an HTTP header name such as Authorization"),
     lambda v: "the Host header cannot carry a credential" if v.lower() == "host" else None,

@@ -387,7 +387,7 @@ def _parse(file: str, text: str) -> ParsedYaml:
                 documents.append(walker.walk(node, ""))
         complete = True
     except yaml.MarkedYAMLError as exc:
-        errors.append(_syntax_error(file, exc))
+        errors.append(_syntax_error(file, exc, last_line=max(1, len(text.splitlines()))))
     except yaml.YAMLError as exc:  # e.g. a reader error without a mark
         errors.append(PolicyError(file, 1, "", f"invalid YAML: {exc}"))
     except RecursionError:  # the pure-Python composer recurses per level (libyaml's stops at 1,000 levels)
@@ -399,9 +399,10 @@ def _parse(file: str, text: str) -> ParsedYaml:
     return ParsedYaml(tuple(documents), tuple(errors.kept), complete, errors.omitted)
 
 
-def _syntax_error(file: str, exc: yaml.MarkedYAMLError) -> PolicyError:
+def _syntax_error(file: str, exc: yaml.MarkedYAMLError, last_line: int) -> PolicyError:
+    """At the end of input the parser's mark is one line past a last line without a final newline."""
     mark = exc.problem_mark or exc.context_mark
-    line = int(mark.line) + 1 if mark is not None else 1
+    line = min(int(mark.line) + 1, last_line) if mark is not None else 1
     if exc.problem and "maximum nesting depth" in exc.problem:  # libyaml's own bound, past ours
         return PolicyError(file, line, "", _too_deep())
     parts = [p for p in (exc.context, exc.problem) if p]
