@@ -1,0 +1,91 @@
+"""The loader's contract, checked on one input: a Policy, or errors that each point at a real line; in bounded
+time and memory; never any other exception."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import tracemalloc
+from collections.abc import Callable, Mapping
+
+from hypothesis import reject
+
+from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.model.policy import Policy
+from controlplane.model.yaml_source import parse_yaml
+
+TIME_BOUND_S = 2.0
+# What one load may allocate at its peak: a fixed allowance plus a multiple of the input. Measured: the example
+# trees peak under 1 MiB; a 1 MB string value about 10x its size (the text, the composed node, the located tree).
+MEMORY_FIXED = 32 << 20
+MEMORY_PER_INPUT_BYTE = 40
+
+# PyYAML counts \r\n, \r, \n, NEL, LS and PS as line breaks (YAML 1.1); an error may point at the line after the
+# last break (end of input), hence the + 1.
+_BREAKS = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+_SOURCE = re.compile(r"Source\(file='((?:[^'\\]|\\.)*)', line=(-?\d+)\)")
+
+
+# Set while hunting (`FUZZ_AVOID_KNOWN=1 make fuzz`): cases that hit a crash already reported in docs/fuzzing.md
+# are discarded, so the search goes on to new ones. Never set in `make test`: there they must fail until fixed.
+AVOID_KNOWN = os.environ.get("FUZZ_AVOID_KNOWN") == "1"
+
+
+def known_crash(error: BaseException) -> bool:
+    """Findings F1 (deep nesting, RecursionError) and F2 (integers past Python's 4,300-digit conversion limit)."""
+    return isinstance(error, RecursionError) or (isinstance(error, ValueError) and "4300 digits" in str(error))
+
+
+def yaml_lines(text: str) -> int:
+    return len(_BREAKS.findall(text)) + 1
+
+
+def measured(load: Callable[[], Policy], size: int) -> tuple[Policy | None, list[PolicyError]]:
+    """Run one load; check its time and peak memory; return what it gave. Anything but PolicyInvalid escapes."""
+    parse_yaml.cache_clear()  # each case must pay its own parse, and the cache must not pile up fuzz texts
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        policy, errors = load(), []
+    except PolicyInvalid as invalid:
+        policy, errors = None, invalid.errors
+    except Exception as error:
+        if AVOID_KNOWN and known_crash(error):
+            reject()
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        parse_yaml.cache_clear()
+    assert elapsed < TIME_BOUND_S, f"one load took {elapsed:.2f} s (bound {TIME_BOUND_S} s, input {size} bytes)"
+    bound = MEMORY_FIXED + MEMORY_PER_INPUT_BYTE * size
+    assert peak < bound, f"one load peaked at {peak >> 20} MiB (bound {bound >> 20} MiB, input {size} bytes)"
+    return policy, errors
+
+
+def check_outcome(policy: Policy | None, errors: list[PolicyError], texts: Mapping[str, str]) -> None:
+    """Exactly one of a policy or errors; every error and every element source names a file and a line in it."""
+    assert (policy is None) == bool(errors), "a load gives a policy or errors, never both nor neither"
+    for error in errors:
+        assert error.file in texts, f"error names a file that was not loaded: {error}"
+        if AVOID_KNOWN and error.line == yaml_lines(texts[error.file]) + 1:
+            reject()  # finding F3: an end-of-input syntax error points one line past a last line without newline
+        assert 1 <= error.line <= yaml_lines(texts[error.file]), f"error line outside the file: {error}"
+        assert error.message, f"error without a message: {error!r}"
+    if policy is not None:
+        for file, line in _SOURCE.findall(repr(policy)):
+            assert file in texts, f"policy element from a file that was not loaded: {file}"
+            assert 1 <= int(line) <= yaml_lines(texts[file]), f"policy element at {file}:{line}, outside the file"
+
+
+def load_texts(texts: Mapping[str, str], load: Callable[[], Policy]) -> Policy | None:
+    policy, errors = measured(load, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts.values()))
+    check_outcome(policy, errors, texts)
+    return policy
+
+
+def without_locations(policy: Policy) -> str:
+    """The model with every source location blanked: what two spellings of one policy must share."""
+    return _SOURCE.sub("Source()", repr(policy))
