@@ -3,7 +3,6 @@ time and memory; never any other exception."""
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import tracemalloc
@@ -14,6 +13,7 @@ from hypothesis import reject
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Policy
 from controlplane.model.yaml_source import parse_yaml
+from tests.fuzz.known import AVOID_KNOWN, avoid_known
 
 TIME_BOUND_S = 2.0
 # What one load may allocate at its peak: a fixed allowance plus a multiple of the input. Measured: the example
@@ -25,16 +25,6 @@ MEMORY_PER_INPUT_BYTE = 40
 # last break (end of input), hence the + 1.
 _BREAKS = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
 _SOURCE = re.compile(r"Source\(file='((?:[^'\\]|\\.)*)', line=(-?\d+)\)")
-
-
-# Set while hunting (`FUZZ_AVOID_KNOWN=1 make fuzz`): cases that hit a crash already reported in docs/fuzzing.md
-# are discarded, so the search goes on to new ones. Never set in `make test`: there they must fail until fixed.
-AVOID_KNOWN = os.environ.get("FUZZ_AVOID_KNOWN") == "1"
-
-
-def known_crash(error: BaseException) -> bool:
-    """Findings F1 (deep nesting, RecursionError) and F2 (integers past Python's 4,300-digit conversion limit)."""
-    return isinstance(error, RecursionError) or (isinstance(error, ValueError) and "4300 digits" in str(error))
 
 
 def yaml_lines(text: str) -> int:
@@ -51,8 +41,7 @@ def measured(load: Callable[[], Policy], size: int) -> tuple[Policy | None, list
     except PolicyInvalid as invalid:
         policy, errors = None, invalid.errors
     except Exception as error:
-        if AVOID_KNOWN and known_crash(error):
-            reject()
+        avoid_known(error)
         raise
     finally:
         elapsed = time.perf_counter() - started
