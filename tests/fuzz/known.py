@@ -14,8 +14,8 @@ AVOID_KNOWN = os.environ.get("FUZZ_AVOID_KNOWN") == "1"
 
 
 def is_known(error: BaseException) -> bool:
-    """F1 deep nesting (RecursionError); F2 integers past Python's 4,300-digit conversion limit (loader and
-    /status); F4 a JWT header whose alg is a list or object (unhashable in the exchange)."""
+    """F1 deep nesting (RecursionError); F2, F3, F8 integers past Python's 4,300-digit conversion limit (loader,
+    compiler, /status); F6 a JWT header whose alg is a list or object (unhashable in the exchange)."""
     if isinstance(error, RecursionError):
         return True
     if isinstance(error, ValueError) and "4300 digits" in str(error):

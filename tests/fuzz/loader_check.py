@@ -60,13 +60,38 @@ def check_outcome(policy: Policy | None, errors: list[PolicyError], texts: Mappi
     for error in errors:
         assert error.file in texts, f"error names a file that was not loaded: {error}"
         if AVOID_KNOWN and error.line == yaml_lines(texts[error.file]) + 1:
-            reject()  # finding F3: an end-of-input syntax error points one line past a last line without newline
+            reject()  # finding F4: an end-of-input syntax error points one line past a last line without newline
         assert 1 <= error.line <= yaml_lines(texts[error.file]), f"error line outside the file: {error}"
         assert error.message, f"error without a message: {error!r}"
     if policy is not None:
-        for file, line in _SOURCE.findall(repr(policy)):
+        check_documented_forms(policy)
+        try:
+            printed = repr(policy)
+        except ValueError as error:  # finding F3: a hex id past 4,300 decimal digits; str() of it raises
+            avoid_known(error)
+            raise AssertionError(f"a valid policy holds a value the compiler cannot print: {error}") from error
+        for file, line in _SOURCE.findall(printed):
             assert file in texts, f"policy element from a file that was not loaded: {file}"
             assert 1 <= int(line) <= yaml_lines(texts[file]), f"policy element at {file}:{line}, outside the file"
+
+
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def check_documented_forms(policy: Policy) -> None:
+    """What the README promises of a valid policy, checked on the model itself (whole-string matches)."""
+    for element in (*policy.issuers, *policy.backends, *policy.roles, *policy.gateways, *policy.bindings):
+        if AVOID_KNOWN and element.name.endswith("\n"):
+            reject()  # finding F5: `$` in the loader's patterns lets one trailing newline through
+        assert _NAME.fullmatch(element.name), f"{type(element).__name__} name {element.name!r} is not a valid name"
+    for backend in policy.backends:
+        for host in backend.hosts:
+            if AVOID_KNOWN and host.endswith("\n"):
+                reject()
+            assert _HOST.fullmatch(host), f"backend {backend.name!r} host {host!r} is not a valid host name"
 
 
 def load_texts(texts: Mapping[str, str], load: Callable[[], Policy]) -> Policy | None:

@@ -207,7 +207,7 @@ def deep_flow(draw: st.DrawFn) -> Raw:
 
 @st.composite
 def huge_strings(draw: st.DrawFn) -> str:
-    size = draw(st.integers(10_000, 1_000_000))
+    size = draw(st.integers(10_000, 400_000))
     return draw(st.sampled_from(["x", "/", "*", "é", "\U0001f600", "a-"])) * (size // 2)
 
 
@@ -248,14 +248,17 @@ def _slots(value: Any, out: list[tuple[Any, int]]) -> None:
 def mutated_tree(draw: st.DrawFn, documents: list[Any]) -> list[Any]:
     """The documents with one to four mutations applied (in a deep copy)."""
     documents = _copy(documents)
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.sampled_from([1, 1, 2, 3, 4]))):
         slots: list[tuple[Any, int]] = []
         _slots(documents, slots)
         if not slots:  # every document was dropped by an earlier mutation
             documents.append(Map())
             continue
-        container, index = draw(st.sampled_from(slots))
-        kind = draw(st.sampled_from(["value", "key", "unknown", "drop", "duplicate", "alias", "merge", "document"]))
+        scalars = [(c, i) for c, i in slots if isinstance(c[i][1] if isinstance(c, Map) else c[i], str | int)]
+        container, index = draw(st.sampled_from(slots) | st.sampled_from(scalars or slots))
+        kind = draw(st.sampled_from(
+            ["value", "key", "unknown", "drop", "duplicate", "alias", "merge", "document", "suffix", "suffix"]
+        ))
         _mutate(draw, documents, container, index, kind)
     return documents
 
@@ -279,6 +282,11 @@ def _mutate(draw: st.DrawFn, documents: list[Any], container: Any, index: int, k
         container.append(("copy", Raw("*anchor")))
     elif kind == "merge" and is_map:
         container.append(("<<", Raw(draw(st.sampled_from(["*anchor", "{kind: Role}", "[{a: 1}]"])))))
+    elif kind == "suffix":  # a valid value with one character more: trailing newline, NUL, space, odd digit
+        value = container[index][1] if is_map else container[index]
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            text = str(value) + draw(st.sampled_from(["\n", "\x00", " ", "\t", "\u0663", "\r\n", "\u2028"]))
+            container[index] = (key, text) if is_map else text
     elif kind == "document":
         documents.append(draw(st.sampled_from([Raw("[]"), Raw("42"), Raw("'text'"), Raw("!!binary aGk="), Map()])))
 

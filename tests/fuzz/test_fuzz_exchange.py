@@ -111,13 +111,18 @@ class Exchange:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Exchange:
+    return make_exchange(Path(tmp_path_factory.mktemp("fuzz-keys")))
+
+
+def make_exchange(state: Path) -> Exchange:
+    """The exchange over POLICY, the harness's issuer key and a fixed clock; signing keys kept under `state`."""
     policy = parse_policy(POLICY)
     index = GrantIndex()
     assert index.update(policy) == []
     built = ExchangePolicy.build(policy, index)
     relayed = _jwks()
     keys = SigningKeys(
-        FileKeyStore(Path(tmp_path_factory.mktemp("fuzz-keys")) / "keys.json"),
+        FileKeyStore(state / "keys.json"),
         rotate_every=86400,
         max_credential_ttl=3600,
         publish_lead=60,
@@ -329,7 +334,7 @@ def independently_valid(form: dict[str, str]) -> str | None:
     for name in ("requested_token_lifetime", "expires_in"):
         value = form.get(name)
         if AVOID_KNOWN and value is not None:
-            value = value.removesuffix("\n")  # finding F5: `$` in the lifetime pattern lets one newline through
+            value = value.removesuffix("\n")  # finding F7: `$` in the lifetime pattern lets one newline through
         if value is not None and not (value.isascii() and value.isdigit() and 0 < int(value) < 10**9):
             return name
     try:
@@ -337,7 +342,7 @@ def independently_valid(form: dict[str, str]) -> str | None:
             form.get("subject_token", ""),
             RSA_KEY.public_key(),
             algorithms=["RS256"],
-            audience=list(AUDIENCES.values()),  # finding F6: any backend's audience the issuer may reach, not the target's
+            audience=list(AUDIENCES.values()),  # finding F9: any backend's audience the issuer may reach, not the target's
             issuer=ISS,
             leeway=30,
             # nbf is checked below: a null nbf signed by the issuer is read as absent (noted in docs/fuzzing.md)

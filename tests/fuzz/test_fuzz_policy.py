@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from controlplane.model.load import parse_policy
@@ -51,6 +51,7 @@ def test_mutated_documents_load_to_a_policy_or_located_errors(texts: dict[str, s
     load_texts(texts, partial(parse_policy, texts))
 
 
+@settings(max_examples=max(200, settings().max_examples // 10))  # one number and two switches: few distinct cases
 @given(depth=st.integers(10, 5000), sequences=st.booleans(), flow=st.booleans())
 def test_deeply_nested_documents_are_errors_not_crashes(depth: int, sequences: bool, flow: bool) -> None:
     count("loader: deep nesting")
@@ -72,6 +73,7 @@ def _shuffled(value: Any, rng: random.Random) -> Any:
     return value
 
 
+@settings(max_examples=max(200, settings().max_examples // 4))  # three trees x styles x key orders
 @given(case=st.sampled_from(sorted(SEED_TREES)), style=styles, rng=st.randoms(use_true_random=False))
 def test_a_policy_rewritten_in_another_style_loads_to_the_same_model(
     case: str, style: Any, rng: random.Random
