@@ -16,12 +16,13 @@ from hypothesis import HealthCheck, settings
 from tests.fuzz.figures import CASES
 
 _RELAXED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=_RELAXED, print_blob=True)
 settings.register_profile(
-    "ci", max_examples=200, deadline=None, suppress_health_check=_RELAXED, print_blob=True
-)
-settings.register_profile(
-    "fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")), deadline=None,
-    suppress_health_check=_RELAXED, print_blob=True,
+    "fuzz",
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
+    deadline=None,
+    suppress_health_check=_RELAXED,
+    print_blob=True,
 )
 settings.load_profile(os.environ.get("FUZZ_PROFILE", "ci"))
 

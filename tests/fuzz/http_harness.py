@@ -7,6 +7,7 @@ values, a Content-Type a client would fix up, a query on a POST), and a library 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -61,10 +62,9 @@ def request(
         payload = body
     raw = b"\r\n".join(lines) + b"\r\n\r\n" + payload
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as conn:
-        try:
+        # The server may answer (413) and close before reading everything: then read what it said.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.sendall(raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may answer (413) and close before reading everything: read what it said
         answer = bytearray()
         while chunk := _recv(conn):
             answer += chunk

@@ -122,7 +122,9 @@ def emit(documents: list[Any], style: Style) -> str:
     return "---\n".join(parts)
 
 
-styles = st.builds(Style, flow=st.booleans(), quote_all=st.booleans(), ascii=st.booleans(), indent=st.sampled_from([2, 4]))
+styles = st.builds(
+    Style, flow=st.booleans(), quote_all=st.booleans(), ascii=st.booleans(), indent=st.sampled_from([2, 4])
+)
 
 # --- mutations -------------------------------------------------------------------------------------------------
 
@@ -187,6 +189,9 @@ NUMBERISH = [
     "",
     "''",
     '""',
+    "http://[",
+    "'https://a]b.example.com'",
+    "http://h:99999",
 ]
 
 
@@ -256,9 +261,11 @@ def mutated_tree(draw: st.DrawFn, documents: list[Any]) -> list[Any]:
             continue
         scalars = [(c, i) for c, i in slots if isinstance(c[i][1] if isinstance(c, Map) else c[i], str | int)]
         container, index = draw(st.sampled_from(slots) | st.sampled_from(scalars or slots))
-        kind = draw(st.sampled_from(
-            ["value", "key", "unknown", "drop", "duplicate", "alias", "merge", "document", "suffix", "suffix"]
-        ))
+        kind = draw(
+            st.sampled_from(
+                ["value", "key", "unknown", "drop", "duplicate", "alias", "merge", "document", "suffix", "suffix"]
+            )
+        )
         _mutate(draw, documents, container, index, kind)
     return documents
 
@@ -317,7 +324,30 @@ def mutated_bytes(draw: st.DrawFn) -> bytes:
         op = draw(st.sampled_from(["insert", "delete", "overwrite", "duplicate", "splice"]))
         at = draw(st.integers(0, len(data)))
         if op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=16) | st.sampled_from([b"\x00", b"\xff", b"\xef\xbb\xbf", b"\r", b"\t", b"&a ", b"*a", b"!!", b"? ", b"- ", b": ", b"---\n", b"{", b"[", b"\"", b"'", b"%YAML 1.2\n"]))
+            data[at:at] = draw(
+                st.binary(min_size=1, max_size=16)
+                | st.sampled_from(
+                    [
+                        b"\x00",
+                        b"\xff",
+                        b"\xef\xbb\xbf",
+                        b"\r",
+                        b"\t",
+                        b"&a ",
+                        b"*a",
+                        b"!!",
+                        b"? ",
+                        b"- ",
+                        b": ",
+                        b"---\n",
+                        b"{",
+                        b"[",
+                        b'"',
+                        b"'",
+                        b"%YAML 1.2\n",
+                    ]
+                )
+            )
         elif op == "delete":
             del data[at : at + draw(st.integers(1, 32))]
         elif op == "overwrite" and at < len(data):

@@ -41,8 +41,8 @@ from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH
 from controlplane.model.load import parse_policy
 from controlplane.sources.jwks import normalize_jwks
 from tests.fuzz.figures import count
-from tests.fuzz.known import AVOID_KNOWN, avoid_known
 from tests.fuzz.http_harness import LoopThread, request, serve
+from tests.fuzz.known import AVOID_KNOWN, avoid_known
 
 ISS = "https://gitlab.example.com"
 AUDIENCE = "https://reports.local"
@@ -93,13 +93,18 @@ subjects: [{{project: 42, ref_protected: true}}]
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ROGUE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
-PUBLIC_PEM = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+PUBLIC_PEM = RSA_KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
 
 
 def _jwks() -> str:
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
     ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key()))
-    keys = [{**jwk, "kid": KID, "alg": "RS256", "use": "sig"}, {**ec_jwk, "kid": "ec-key", "alg": "ES256", "use": "sig"}]
+    keys = [
+        {**jwk, "kid": KID, "alg": "RS256", "use": "sig"},
+        {**ec_jwk, "kid": "ec-key", "alg": "ES256", "use": "sig"},
+    ]
     return normalize_jwks(json.dumps({"keys": keys}))[0].canonical
 
 
@@ -157,7 +162,9 @@ class Token:
     def text(self) -> str:
         header = self.header_json if self.header_json is not None else json.dumps(self.header)
         claims = self.claims_json if self.claims_json is not None else json.dumps(self.claims)
-        signing_input = b64(header.encode("utf-8", "surrogatepass")) + "." + b64(claims.encode("utf-8", "surrogatepass"))
+        signing_input = (
+            b64(header.encode("utf-8", "surrogatepass")) + "." + b64(claims.encode("utf-8", "surrogatepass"))
+        )
         token = signing_input + "." + b64(_signature(self.signer, signing_input.encode()))
         for edit in self.encoding:
             token = _encode_edit(token, edit)
@@ -183,7 +190,7 @@ def _signature(signer: str, data: bytes) -> bytes:
 
 
 def _encode_edit(token: str, edit: str) -> str:
-    head, _, rest = token.partition(".")
+    head, _, _rest = token.partition(".")
     return {
         "pad": token.replace(".", "==.", 1),
         "std-alphabet": token.replace("-", "+").replace("_", "/"),
@@ -230,18 +237,33 @@ def tokens(draw: st.DrawFn) -> Token:
     for _ in range(draw(st.integers(0, 3))):
         action = draw(
             st.sampled_from(
-                ["alg", "kid", "header-field", "huge-header", "claim", "drop-claim", "times", "signer", "encoding", "raw-json"]
+                [
+                    "alg",
+                    "kid",
+                    "header-field",
+                    "huge-header",
+                    "claim",
+                    "drop-claim",
+                    "times",
+                    "signer",
+                    "encoding",
+                    "raw-json",
+                ]
             )
         )
         if action == "alg":
-            token.header["alg"] = draw(st.sampled_from(["none", "None", "HS256", "ES256", "RS512", "PS256", "EdDSA", ""]) | odd)
+            token.header["alg"] = draw(
+                st.sampled_from(["none", "None", "HS256", "ES256", "RS512", "PS256", "EdDSA", ""]) | odd
+            )
         elif action == "kid":
             if draw(st.booleans()):
                 token.header.pop("kid", None)
             else:
                 token.header["kid"] = draw(st.sampled_from(["ec-key", "other", "../../etc/passwd"]) | odd)
         elif action == "header-field":
-            name = draw(st.sampled_from(["crit", "jku", "x5u", "jwk", "b64", "zip", "cty", "typ"]) | st.text(max_size=5))
+            name = draw(
+                st.sampled_from(["crit", "jku", "x5u", "jwk", "b64", "zip", "cty", "typ"]) | st.text(max_size=5)
+            )
             token.header[name] = draw(odd)
         elif action == "huge-header":
             token.header["x"] = "h" * draw(st.integers(1000, 100_000))
@@ -256,15 +278,46 @@ def tokens(draw: st.DrawFn) -> Token:
         elif action == "signer":
             token.signer = draw(st.sampled_from(["es256", "rogue", "hs256-public-pem", "none", "garbage", "empty"]))
         elif action == "encoding":
-            token.encoding.append(draw(st.sampled_from(
-                ["pad", "std-alphabet", "space", "newline", "extra-segment", "two-segments", "one-segment",
-                 "empty-segments", "non-ascii", "truncated", "bearer", "nul"]
-            )))
+            token.encoding.append(
+                draw(
+                    st.sampled_from(
+                        [
+                            "pad",
+                            "std-alphabet",
+                            "space",
+                            "newline",
+                            "extra-segment",
+                            "two-segments",
+                            "one-segment",
+                            "empty-segments",
+                            "non-ascii",
+                            "truncated",
+                            "bearer",
+                            "nul",
+                        ]
+                    )
+                )
+            )
         else:
-            text = draw(st.sampled_from([
-                "[]", "null", "1", '"x"', "{", "{}", '{"exp": Infinity}', '{"exp": NaN}', '{"a": 1, "a": 2}',
-                "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000, "\ufeff{}", '{"iss": "\\ud800"}',
-            ]))
+            text = draw(
+                st.sampled_from(
+                    [
+                        "[]",
+                        "null",
+                        "1",
+                        '"x"',
+                        "{",
+                        "{}",
+                        '{"exp": Infinity}',
+                        '{"exp": NaN}',
+                        '{"a": 1, "a": 2}',
+                        "[" * 5000 + "]" * 5000,
+                        '{"a":' * 3000 + "1" + "}" * 3000,
+                        "\ufeff{}",
+                        '{"iss": "\\ud800"}',
+                    ]
+                )
+            )
             if draw(st.booleans()):
                 token.header_json = text
             else:
@@ -285,15 +338,56 @@ def forms(draw: st.DrawFn) -> tuple[dict[str, str], Token]:
         "audience": draw(st.sampled_from(["reports-api", AUDIENCE])),
     }
     for _ in range(draw(st.integers(0, 3))):
-        name = draw(st.sampled_from([
-            "grant_type", "subject_token_type", "requested_token_type", "audience", "resource", "scope",
-            "requested_token_lifetime", "expires_in", "actor_token", "actor_token_type", "subject_token",
-        ]) | st.text(max_size=8))
-        value = draw(st.sampled_from([
-            "", GRANT_TYPE, TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN, "urn:x", "reports-api", "other-api", AUDIENCE,
-            "https://other.local", "nope", "reports-read", "reports-write", "reports-read reports-read", "other-read",
-            "1", "60", "0", "-5", "999999999", "1000000000", "5\n", " 60", "1e3", "\u0663", "60.0",
-        ]) | st.text(max_size=20))
+        name = draw(
+            st.sampled_from(
+                [
+                    "grant_type",
+                    "subject_token_type",
+                    "requested_token_type",
+                    "audience",
+                    "resource",
+                    "scope",
+                    "requested_token_lifetime",
+                    "expires_in",
+                    "actor_token",
+                    "actor_token_type",
+                    "subject_token",
+                ]
+            )
+            | st.text(max_size=8)
+        )
+        value = draw(
+            st.sampled_from(
+                [
+                    "",
+                    GRANT_TYPE,
+                    TOKEN_TYPE_JWT,
+                    TOKEN_TYPE_ACCESS_TOKEN,
+                    "urn:x",
+                    "reports-api",
+                    "other-api",
+                    AUDIENCE,
+                    "https://other.local",
+                    "nope",
+                    "reports-read",
+                    "reports-write",
+                    "reports-read reports-read",
+                    "other-read",
+                    "1",
+                    "60",
+                    "0",
+                    "-5",
+                    "999999999",
+                    "1000000000",
+                    "5\n",
+                    " 60",
+                    "1e3",
+                    "\u0663",
+                    "60.0",
+                ]
+            )
+            | st.text(max_size=20)
+        )
         if draw(st.integers(0, 5)) == 0:
             form.pop(name, None)
         else:
@@ -342,7 +436,9 @@ def independently_valid(form: dict[str, str]) -> str | None:
             form.get("subject_token", ""),
             RSA_KEY.public_key(),
             algorithms=["RS256"],
-            audience=list(AUDIENCES.values()),  # finding F9: any backend's audience the issuer may reach, not the target's
+            audience=list(
+                AUDIENCES.values()
+            ),  # finding F9: any backend's audience the issuer may reach, not the target's
             issuer=ISS,
             leeway=30,
             # nbf is checked below: a null nbf signed by the issuer is read as absent (noted in docs/fuzzing.md)
@@ -376,7 +472,11 @@ def check_exchange(service: Exchange, form: dict[str, str]) -> tuple[int, dict[s
     else:
         assert result.status in (400, 503), result.status
         assert result.body["error"] in (
-            "invalid_request", "invalid_grant", "invalid_target", "invalid_scope", "unsupported_grant_type",
+            "invalid_request",
+            "invalid_grant",
+            "invalid_target",
+            "invalid_scope",
+            "unsupported_grant_type",
         ), result.body
         token = form.get("subject_token", "")
         for part in {token, *token.split(".")}:  # neither the token nor any of its segments
@@ -393,8 +493,14 @@ def check_credential(service: Exchange, form: dict[str, str], body: dict[str, An
     backend = target_backend(form)
     assert backend is not None
     audience = AUDIENCES[backend]
-    claims = jwt.decode(body["access_token"], key, algorithms=["ES256"], audience=audience, issuer=CREDENTIAL_ISSUER,
-                        options={"verify_exp": False, "verify_nbf": False, "verify_iat": False})  # the service's clock
+    claims = jwt.decode(
+        body["access_token"],
+        key,
+        algorithms=["ES256"],
+        audience=audience,
+        issuer=CREDENTIAL_ISSUER,
+        options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+    )  # the service's clock
     assert claims["iat"] == int(NOW)
     subject = jwt.decode(form["subject_token"], options={"verify_signature": False})
     lifetimes = [int(form[n]) for n in ("requested_token_lifetime", "expires_in") if n in form]
@@ -405,8 +511,17 @@ def check_credential(service: Exchange, form: dict[str, str], body: dict[str, An
 
 
 @given(case=forms())
-@example(case=({"grant_type": GRANT_TYPE, "subject_token_type": TOKEN_TYPE_JWT, "audience": "reports-api",
-                "subject_token": Token({"alg": "RS256", "kid": KID}, pristine_claims("e1")).text()}, None))
+@example(
+    case=(
+        {
+            "grant_type": GRANT_TYPE,
+            "subject_token_type": TOKEN_TYPE_JWT,
+            "audience": "reports-api",
+            "subject_token": Token({"alg": "RS256", "kid": KID}, pristine_claims("e1")).text(),
+        },
+        None,
+    )
+)
 def test_a_credential_is_issued_only_for_a_valid_request(service: Exchange, case: tuple[dict[str, str], Any]) -> None:
     count("exchange: form + JWT")
     check_exchange(service, case[0])
@@ -450,19 +565,32 @@ def http_requests(draw: st.DrawFn) -> dict[str, Any]:
         "form": form,
         "encoding": encoding,
         "body": body,
-        "content_type": draw(st.sampled_from([FORM_CONTENT_TYPE, FORM_CONTENT_TYPE, FORM_CONTENT_TYPE + "; charset=utf-8",
-                                              "application/json", "multipart/form-data", None])),
+        "content_type": draw(
+            st.sampled_from(
+                [
+                    FORM_CONTENT_TYPE,
+                    FORM_CONTENT_TYPE,
+                    FORM_CONTENT_TYPE + "; charset=utf-8",
+                    "application/json",
+                    "multipart/form-data",
+                    None,
+                ]
+            )
+        ),
         "query": draw(st.sampled_from([b"", b"", b"?subject_token=x", b"?"])),
         "chunked": draw(st.booleans()),
     }
 
 
 @given(case=http_requests())
-def test_exchange_endpoint_never_fails_and_never_issues_for_a_bad_request(endpoint: Endpoint, case: dict[str, Any]) -> None:
+def test_exchange_endpoint_never_fails_and_never_issues_for_a_bad_request(
+    endpoint: Endpoint, case: dict[str, Any]
+) -> None:
     count("exchange: HTTP endpoint")
     headers = [(b"Content-Type", case["content_type"].encode())] if case["content_type"] else []
-    answer = request(endpoint.port, "POST", EXCHANGE_PATH.encode() + case["query"], headers, case["body"],
-                     chunked=case["chunked"])
+    answer = request(
+        endpoint.port, "POST", EXCHANGE_PATH.encode() + case["query"], headers, case["body"], chunked=case["chunked"]
+    )
     if answer.status == 500 and AVOID_KNOWN:
         check_exchange(endpoint.service, case["form"])  # discards the case if the exchange hits a known crash
     assert answer.status != 500, answer.body[:300]
@@ -471,7 +599,10 @@ def test_exchange_endpoint_never_fails_and_never_issues_for_a_bad_request(endpoi
     assert b"cache-control: no-store" in answer.head.lower()
     body = json.loads(answer.body)
     if answer.status == 200:
-        assert case["encoding"] == "form" and case["content_type"] in (FORM_CONTENT_TYPE, FORM_CONTENT_TYPE + "; charset=utf-8")
+        assert case["encoding"] == "form" and case["content_type"] in (
+            FORM_CONTENT_TYPE,
+            FORM_CONTENT_TYPE + "; charset=utf-8",
+        )
         assert case["query"] in (b"", b"?"), "a token request with a query string was served"
         assert independently_valid(case["form"]) is None
     else:
@@ -482,7 +613,11 @@ def test_exchange_endpoint_never_fails_and_never_issues_for_a_bad_request(endpoi
 
 def test_the_pristine_request_is_granted(service: Exchange) -> None:
     """The harness's own sanity: without mutations, the generators build a request that succeeds."""
-    form = {"grant_type": GRANT_TYPE, "subject_token_type": TOKEN_TYPE_JWT, "audience": "reports-api",
-            "subject_token": Token({"alg": "RS256", "kid": KID}, pristine_claims(str(uuid.uuid4()))).text()}
+    form = {
+        "grant_type": GRANT_TYPE,
+        "subject_token_type": TOKEN_TYPE_JWT,
+        "audience": "reports-api",
+        "subject_token": Token({"alg": "RS256", "kid": KID}, pristine_claims(str(uuid.uuid4()))).text(),
+    }
     status, body = check_exchange(service, form)
     assert status == 200, body

@@ -76,9 +76,23 @@ def test_f5_a_trailing_newline_or_a_non_ascii_digit_is_not_a_valid_value(documen
     errors_of({"p.yaml": document if "Issuer" in document else ISSUER + "---\n" + document})
 
 
+# F12 (found by atheris): an unbalanced bracket in a URL field makes urlsplit raise ValueError ("Invalid IPv6 URL")
+# out of _url_check (model/load.py), so the whole load fails with a traceback instead of a located error.
+@pytest.mark.parametrize("url", ["http://[", "https://gitlab.ex]mple.com"])
+def test_f12_url_with_an_unbalanced_bracket_is_a_located_error(url: str) -> None:
+    assert any(
+        e.startswith("i.yaml:4:") for e in errors_of({"i.yaml": ISSUER.replace("https://gitlab.example.com", url)})
+    )
+
+
 def _form(token: Token, **fields: str) -> dict[str, str]:
-    return {"grant_type": GRANT_TYPE, "subject_token_type": TOKEN_TYPE_JWT, "audience": "reports-api",
-            "subject_token": token.text(), **fields}
+    return {
+        "grant_type": GRANT_TYPE,
+        "subject_token_type": TOKEN_TYPE_JWT,
+        "audience": "reports-api",
+        "subject_token": token.text(),
+        **fields,
+    }
 
 
 # F6: a JWT header whose `alg` is a list or an object: `alg not in frozenset` raises TypeError; over HTTP a 500.

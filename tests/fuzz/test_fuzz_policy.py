@@ -75,9 +75,7 @@ def _shuffled(value: Any, rng: random.Random) -> Any:
 
 @settings(max_examples=max(200, settings().max_examples // 4))  # three trees x styles x key orders
 @given(case=st.sampled_from(sorted(SEED_TREES)), style=styles, rng=st.randoms(use_true_random=False))
-def test_a_policy_rewritten_in_another_style_loads_to_the_same_model(
-    case: str, style: Any, rng: random.Random
-) -> None:
+def test_a_policy_rewritten_in_another_style_loads_to_the_same_model(case: str, style: Any, rng: random.Random) -> None:
     """Block or flow, quoted or plain, keys in any order: the same policy, element for element."""
     count("loader: re-emitted round trip")
     original = load_texts(SEEDS[case], partial(parse_policy, SEEDS[case]))

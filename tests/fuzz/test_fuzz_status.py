@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -26,10 +26,45 @@ from tests.fuzz.known import AVOID_KNOWN, avoid_known
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 FLAGS = ("nacked", "stale", "summary", "proxies")
 
-values = st.sampled_from(
-    ["", " ", "0", "1", "01", "all", "ALL", " all ", "true", "Off", "yes", "-1", "+1", "1.5", "1e3", "0x10", "\u0663",
-     "١٢", "10" * 3, "sotw", "delta", "SotW", "g1", "node-*", "[", "%", "\x00", "é", "9" * 4300, "9" * 4301]
-) | st.text(max_size=12) | st.integers(0, 10**40).map(str) | st.integers(4000, 6000).map(lambda n: "7" * n)
+values = (
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "0",
+            "1",
+            "01",
+            "all",
+            "ALL",
+            " all ",
+            "true",
+            "Off",
+            "yes",
+            "-1",
+            "+1",
+            "1.5",
+            "1e3",
+            "0x10",
+            "\u0663",
+            "١٢",
+            "10" * 3,
+            "sotw",
+            "delta",
+            "SotW",
+            "g1",
+            "node-*",
+            "[",
+            "%",
+            "\x00",
+            "é",
+            "9" * 4300,
+            "9" * 4301,
+        ]
+    )
+    | st.text(max_size=12)
+    | st.integers(0, 10**40).map(str)
+    | st.integers(4000, 6000).map(lambda n: "7" * n)
+)
 names = st.sampled_from(STATUS_PARAMETERS) | st.sampled_from(["grop", "Limit", "", "limit "]) | st.text(max_size=6)
 
 

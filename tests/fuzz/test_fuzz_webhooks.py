@@ -63,8 +63,17 @@ PAYLOADS: list[dict[str, Any]] = [
         "build_status": "success",
         "ref": "main",
     },
-    {"object_kind": "pipeline", "project": {"id": 42}, "object_attributes": {"id": 9, "status": "failed", "ref": "main"}},
-    {"event_name": "project_rename", "project_id": 42, "path_with_namespace": "acme/b", "old_path_with_namespace": "acme/a"},
+    {
+        "object_kind": "pipeline",
+        "project": {"id": 42},
+        "object_attributes": {"id": 9, "status": "failed", "ref": "main"},
+    },
+    {
+        "event_name": "project_rename",
+        "project_id": 42,
+        "path_with_namespace": "acme/b",
+        "old_path_with_namespace": "acme/a",
+    },
     {"event_name": "repository_update", "project_id": 42, "project": {"path_with_namespace": "acme/app"}},
     {"event_name": "subgroup_create", "group_id": 5, "full_path": "acme/sub", "old_full_path": None},
     {"object_kind": "note", "project_id": 42},
@@ -116,7 +125,10 @@ CONTRACT["tag_push"] = CONTRACT["push"]
 _PROJECT = [("project_id", "project_id", ID), ("old_path_with_namespace", "old_path_with_namespace", OPTIONAL_TEXT)]
 for _name in ("project_create", "project_destroy", "project_rename", "project_transfer", "project_update"):
     CONTRACT[_name] = (ProjectEvent, [*_PROJECT, ("path_with_namespace", "path_with_namespace", TEXT)])
-CONTRACT["repository_update"] = (ProjectEvent, [*_PROJECT, ("path_with_namespace", "project.path_with_namespace", TEXT)])
+CONTRACT["repository_update"] = (
+    ProjectEvent,
+    [*_PROJECT, ("path_with_namespace", "project.path_with_namespace", TEXT)],
+)
 for _name in ("group_create", "group_destroy", "group_rename", "subgroup_create", "subgroup_destroy"):
     CONTRACT[_name] = (
         GroupEvent,
@@ -146,7 +158,7 @@ def _valid(value: Any, rule: str) -> bool:
     return value is _MISSING or value is None or (isinstance(value, str) and value != "")
 
 
-def expected_event(payload: Any) -> tuple[type[Any], dict[str, Any]] | None | type[Malformed]:
+def expected_event(payload: Any) -> tuple[type[Any], dict[str, Any]] | type[Malformed] | None:
     """What the parser must return for `payload`: (event type, fields), None (ignored) or Malformed."""
     if not isinstance(payload, dict):
         return Malformed
@@ -227,7 +239,16 @@ def check_parse(payload: Any) -> GitLabEvent | None:
 
 
 @given(payload=payloads())
-@example(payload={"object_kind": "build", "project_id": True, "build_id": 1, "pipeline_id": 1, "build_status": "s", "ref": "r"})
+@example(
+    payload={
+        "object_kind": "build",
+        "project_id": True,
+        "build_id": 1,
+        "pipeline_id": 1,
+        "build_status": "s",
+        "ref": "r",
+    }
+)
 def test_webhook_body_gives_the_contracted_event_or_a_clear_rejection(payload: Any) -> None:
     count("webhook: parse_event")
     check_parse(payload)
@@ -280,7 +301,12 @@ def deliveries(draw: st.DrawFn) -> dict[str, Any]:
         "key": draw(st.sampled_from([None, "uuid", "long", "odd"])),
         "event_header": draw(st.sampled_from([b"Push Hook", b"System Hook", b"Nope"]) | header_bytes),
         "chunked": draw(st.booleans()),
-        "junk": draw(st.lists(st.tuples(st.sampled_from([b"X-Junk", b"X-Gitlab-Instance", b"X-Gitlab-Token"]), header_bytes), max_size=2)),
+        "junk": draw(
+            st.lists(
+                st.tuples(st.sampled_from([b"X-Junk", b"X-Gitlab-Instance", b"X-Gitlab-Token"]), header_bytes),
+                max_size=2,
+            )
+        ),
     }
 
 
