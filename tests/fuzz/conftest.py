@@ -13,7 +13,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.fuzz.figures import CASES
+from tests.fuzz.figures import CASES, PEAKS
 
 _RELAXED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=_RELAXED, print_blob=True)
@@ -44,6 +44,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     write(f"fuzz figures (profile {profile}, {time.monotonic() - _STARTED:.0f} s wall):")
     for target, cases in sorted(CASES.items()):
         write(f"  {target:<34} {cases:>7} cases")
+    for measure, value in sorted(PEAKS.items()):
+        write(f"  largest {measure}: {value:,.3f}")
     write(f"  failing tests: {len(_FAILED)}")
     for test, message in sorted(_FAILED.items()):
         write(f"    {test}: {message}")

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections import Counter
 
 CASES: Counter[str] = Counter()
+PEAKS: dict[str, float] = {}  # the largest value seen of a measured bound (seconds, bytes)
 
 
 def count(target: str) -> None:
     CASES[target] += 1
+
+
+def peak(measure: str, value: float) -> None:
+    PEAKS[measure] = max(value, PEAKS.get(measure, value))

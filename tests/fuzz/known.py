@@ -15,11 +15,14 @@ AVOID_KNOWN = os.environ.get("FUZZ_AVOID_KNOWN") == "1"
 
 def is_known(error: BaseException) -> bool:
     """F1 deep nesting (RecursionError); F2, F3, F8 integers past Python's 4,300-digit conversion limit (loader,
-    compiler, /status); F6 a JWT header whose alg is a list or object (unhashable in the exchange)."""
+    compiler, /status); F6 a JWT header whose alg is a list or object (unhashable in the exchange); F12 a URL with
+    an unbalanced bracket; F14 an infinite exp."""
     if isinstance(error, RecursionError):
         return True
     if isinstance(error, ValueError) and ("4300 digits" in str(error) or "Invalid IPv6 URL" in str(error)):
         return True  # F12: urlsplit raises on an unbalanced bracket in a URL field
+    if isinstance(error, OverflowError) and "infinity" in str(error):
+        return True  # F14: an issuer-signed "exp": Infinity
     return isinstance(error, TypeError) and "unhashable type" in str(error)
 
 

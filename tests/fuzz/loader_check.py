@@ -13,6 +13,7 @@ from hypothesis import reject
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Policy
 from controlplane.model.yaml_source import parse_yaml
+from tests.fuzz.figures import peak
 from tests.fuzz.known import AVOID_KNOWN, avoid_known
 
 TIME_BOUND_S = 2.0
@@ -45,12 +46,15 @@ def measured(load: Callable[[], Policy], size: int) -> tuple[Policy | None, list
         raise
     finally:
         elapsed = time.perf_counter() - started
-        _, peak = tracemalloc.get_traced_memory()
+        _, peak_bytes = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         parse_yaml.cache_clear()
+    peak("loader seconds per load", elapsed)
+    peak("loader peak MiB per load", peak_bytes / 2**20)
+    peak("loader input MiB", size / 2**20)
     assert elapsed < TIME_BOUND_S, f"one load took {elapsed:.2f} s (bound {TIME_BOUND_S} s, input {size} bytes)"
     bound = MEMORY_FIXED + MEMORY_PER_INPUT_BYTE * size
-    assert peak < bound, f"one load peaked at {peak >> 20} MiB (bound {bound >> 20} MiB, input {size} bytes)"
+    assert peak_bytes < bound, f"one load peaked at {peak_bytes >> 20} MiB (bound {bound >> 20}, input {size} bytes)"
     return policy, errors
 
 

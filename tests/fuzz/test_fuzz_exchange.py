@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -274,7 +275,7 @@ def tokens(draw: st.DrawFn) -> Token:
             token.claims.pop(draw(st.sampled_from(sorted(pristine_claims("j")))), None)
         elif action == "times":
             name = draw(st.sampled_from(["exp", "nbf", "iat"]))
-            token.claims[name] = draw(st.sampled_from([NOW - 400, NOW + 100, NOW + 10**12, -1, 0, 1e308, 2**64]))
+            token.claims[name] = draw(st.sampled_from([NOW - 400, NOW + 100, NOW + 10**12, -1, 0, 1e308, 2**64, math.inf]))
         elif action == "signer":
             token.signer = draw(st.sampled_from(["es256", "rogue", "hs256-public-pem", "none", "garbage", "empty"]))
         elif action == "encoding":
@@ -441,14 +442,22 @@ def independently_valid(form: dict[str, str]) -> str | None:
             ),  # finding F9: any backend's audience the issuer may reach, not the target's
             issuer=ISS,
             leeway=30,
-            # nbf is checked below: a null nbf signed by the issuer is read as absent (noted in docs/fuzzing.md)
-            options={"require": ["iss", "aud", "exp", "sub", "jti"], "verify_iat": False, "verify_nbf": False},
+            # exp and nbf are checked below against the service's fixed clock; a null nbf is read as absent (F10)
+            options={
+                "require": ["iss", "aud", "exp", "sub", "jti"],
+                "verify_iat": False,
+                "verify_nbf": False,
+                "verify_exp": False,
+            },
         )
         kid = jwt.get_unverified_header(form["subject_token"]).get("kid", KID)
     except jwt.PyJWTError as error:
         return f"subject token: {type(error).__name__}"
     if kid != KID:
         return "the header names another key"
+    exp = claims["exp"]
+    if type(exp) not in (int, float) or not math.isfinite(exp) or exp + 30 < NOW or int(exp - NOW) < 1:
+        return "exp"  # against the service's fixed clock; a credential needs at least a second of life
     nbf = claims.get("nbf")
     if nbf is not None and (type(nbf) not in (int, float) or nbf > NOW + 30):
         return "nbf"

@@ -7,6 +7,7 @@ once the product is fixed. They run in `make test` with the harnesses; none is m
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,15 @@ def test_f6_unhashable_jwt_alg_is_refused_not_raised(tmp_path: Path, alg: object
     assert (result.status, result.body.get("error")) == (400, "invalid_grant")
 
 
+# F14: an issuer-signed token with `"exp": Infinity` passes the time checks, then int(inf - now) raises OverflowError.
+def test_f14_infinite_exp_is_refused_not_raised(tmp_path: Path) -> None:
+    exchange = make_exchange(tmp_path).exchange
+    claims = {**pristine_claims("f14"), "exp": float("inf")}
+    token = Token({"alg": "RS256", "kid": KID}, claims, claims_json=json.dumps(claims))
+    result = exchange.exchange(_form(token))
+    assert (result.status, result.body.get("error")) == (400, "invalid_grant")
+
+
 # F7: `requested_token_lifetime=5\n` passes `^[0-9]{1,9}$` (the `$` again) and is granted.
 def test_f7_lifetime_with_a_trailing_newline_is_an_invalid_request(tmp_path: Path) -> None:
     exchange = make_exchange(tmp_path).exchange
@@ -117,6 +127,12 @@ def test_f7_lifetime_with_a_trailing_newline_is_an_invalid_request(tmp_path: Pat
 def test_f8_huge_status_count_is_a_bad_query(name: str) -> None:
     with pytest.raises(BadQuery):
         parse_status_query({name: "9" * 4301})
+
+
+# F13: `proxies` is read first and `and` short-circuits, so with proxies=0 a mistyped `summary` is never checked.
+def test_f13_a_bad_flag_is_a_bad_query_whatever_the_other_flags() -> None:
+    with pytest.raises(BadQuery):
+        parse_status_query({"proxies": "0", "summary": "01"})
 
 
 def test_f8_cli_refuses_a_limit_the_server_cannot_read() -> None:
