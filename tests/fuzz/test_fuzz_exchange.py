@@ -275,7 +275,9 @@ def tokens(draw: st.DrawFn) -> Token:
             token.claims.pop(draw(st.sampled_from(sorted(pristine_claims("j")))), None)
         elif action == "times":
             name = draw(st.sampled_from(["exp", "nbf", "iat"]))
-            token.claims[name] = draw(st.sampled_from([NOW - 400, NOW + 100, NOW + 10**12, -1, 0, 1e308, 2**64, math.inf]))
+            token.claims[name] = draw(
+                st.sampled_from([NOW - 400, NOW + 100, NOW + 10**12, -1, 0, 1e308, 2**64, math.inf])
+            )
         elif action == "signer":
             token.signer = draw(st.sampled_from(["es256", "rogue", "hs256-public-pem", "none", "garbage", "empty"]))
         elif action == "encoding":
