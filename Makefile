@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test unit lint snapshots bench bench-fleet clean
+.PHONY: setup demo test unit lint snapshots bench bench-fleet fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +53,20 @@ bench-fleet: setup
 	$(PY) benchmarks/fleet_sim.py --streams 10000 --workers 4 --inflight 125 --scenario connect,policy --commits 5 --mode delta
 	$(PY) benchmarks/sovereign_compare.py
 
+# Long fuzz run: hypothesis profile "fuzz" (FUZZ_EXAMPLES cases per target), then atheris on each target for up to
+# FUZZ_SECONDS or FUZZ_RUNS inputs. Prints cases run and crashes found per target; see docs/fuzzing.md.
+FUZZ_EXAMPLES ?= 20000
+FUZZ_RUNS ?= 500000
+FUZZ_SECONDS ?= 120
+fuzz: setup
+	@status=0; \
+	FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz || status=$$?; \
+	if $(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet -e '.[fuzz]'; then \
+		for target in loader webhook exchange status; do \
+			$(PY) -m tests.fuzz.atheris_targets $$target --runs $(FUZZ_RUNS) --seconds $(FUZZ_SECONDS) || status=1; \
+		done; \
+	else echo "atheris could not be installed here: coverage-guided runs skipped"; fi; \
+	exit $$status
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .fuzz .hypothesis
