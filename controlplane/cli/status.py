@@ -15,11 +15,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from controlplane.admin.query import BadQuery, parse_count
+from controlplane.admin.query import BadQuery, parse_count, parse_text
 
 DEFAULT_ADMIN = "http://127.0.0.1:9902"
 ADMIN_ENV = "CONTROLPLANE_ADMIN"
@@ -91,7 +91,20 @@ def _offset(value: str) -> int:
     return _count("offset", value) or 0
 
 
+def _text(name: str) -> Callable[[str], str]:
+    def checked(value: str) -> str:
+        try:
+            parse_text(name, value)
+        except BadQuery as bad:
+            raise argparse.ArgumentTypeError(str(bad)) from None
+        return value
+
+    return checked
+
+
 def _count(name: str, value: str) -> int | None:
+    if not value.strip():  # the server reads an empty value as "not given"; on the command line it is a slip
+        raise argparse.ArgumentTypeError(f"--{name} needs a value")
     try:
         return parse_count(name, value, None)
     except BadQuery as bad:
@@ -110,10 +123,14 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"admin server base URL (default: ${ADMIN_ENV} or {DEFAULT_ADMIN})",
     )
     parser.add_argument("--json", action="store_true", help="print the raw status JSON")
-    parser.add_argument("--group", default=None, help="only proxies in this gateway group")
+    parser.add_argument("--group", type=_text("group"), default=None, help="only proxies in this gateway group")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="only proxies speaking this xDS variant")
     parser.add_argument(
-        "--node", default=None, metavar="PATTERN", help="only node ids containing PATTERN, or matching it as a glob"
+        "--node",
+        type=_text("node"),
+        default=None,
+        metavar="PATTERN",
+        help="only node ids containing PATTERN, or matching it as a glob",
     )
     parser.add_argument("--nacked", action="store_true", help="only proxies whose last response was a NACK")
     parser.add_argument("--stale", action="store_true", help="only proxies holding a non-current version of a type")
