@@ -503,6 +503,7 @@ def invalid_subject_tokens(setup: Setup) -> dict[str, str]:
         "alg is a list": _with_header(setup.mint(), {"alg": ["RS256"], "typ": "JWT"}),
         "alg is an object": _with_header(setup.mint(), {"alg": {}, "typ": "JWT"}),
         "exp is infinite": setup.mint(raw={"exp": float("inf")}),
+        "nbf is null": setup.mint(raw={"nbf": None}),
     }
 
 

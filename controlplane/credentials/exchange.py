@@ -619,7 +619,7 @@ def _candidate_keys(jwks: str | None, header: Mapping[str, Any]) -> list[jwt.PyJ
 
 def _check_times(claims: Mapping[str, Any], skew: float, now: float) -> None:
     exp, nbf = claims["exp"], claims.get("nbf")
-    if not _is_number(exp) or (nbf is not None and not _is_number(nbf)):
+    if not _is_number(exp) or ("nbf" in claims and not _is_number(nbf)):  # a null nbf is not "no nbf"
         raise _invalid_grant("the subject token's exp or nbf is not a number")
     if now > exp + skew:
         raise _invalid_grant("the subject token has expired")

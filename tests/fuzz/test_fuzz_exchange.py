@@ -430,8 +430,6 @@ def independently_valid(form: dict[str, str]) -> str | None:
         return "scope"
     for name in ("requested_token_lifetime", "expires_in"):
         value = form.get(name)
-        if AVOID_KNOWN and value is not None:
-            value = value.removesuffix("\n")  # finding F7: `$` in the lifetime pattern lets one newline through
         if value is not None and not (value.isascii() and value.isdigit() and 0 < int(value) < 10**9):
             return name
     try:
@@ -439,12 +437,10 @@ def independently_valid(form: dict[str, str]) -> str | None:
             form.get("subject_token", ""),
             RSA_KEY.public_key(),
             algorithms=["RS256"],
-            audience=list(
-                AUDIENCES.values()
-            ),  # finding F9: any backend's audience the issuer may reach, not the target's
+            audience=AUDIENCES[backend],  # the target backend's, as Envoy requires there (README; was F9)
             issuer=ISS,
             leeway=30,
-            # exp and nbf are checked below against the service's fixed clock; a null nbf is read as absent (F10)
+            # exp and nbf are checked below against the service's fixed clock
             options={
                 "require": ["iss", "aud", "exp", "sub", "jti"],
                 "verify_iat": False,
@@ -460,9 +456,8 @@ def independently_valid(form: dict[str, str]) -> str | None:
     exp = claims["exp"]
     if type(exp) not in (int, float) or not math.isfinite(exp) or exp + 30 < NOW or int(exp - NOW) < 1:
         return "exp"  # against the service's fixed clock; a credential needs at least a second of life
-    nbf = claims.get("nbf")
-    if nbf is not None and (type(nbf) not in (int, float) or nbf > NOW + 30):
-        return "nbf"
+    if "nbf" in claims and (type(claims["nbf"]) not in (int, float) or claims["nbf"] > NOW + 30):
+        return "nbf"  # a null nbf is not a number (was F10: read as absent)
     if not isinstance(claims["jti"], str) or not claims["jti"]:
         return "jti"
     if claims.get("project_id") != "42" or claims.get("ref_protected") != "true":
