@@ -76,6 +76,17 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
 )
+# A connection that has not completed grpc's handshake (TLS if any, then the HTTP/2 preface and SETTINGS) this
+# long after connecting is closed. grpc's default of 120 s let ~17 silent connections a second keep every
+# descriptor of the process taken (issue 10); an Envoy finishes it in milliseconds, even over TLS.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def connection_options(max_connections: int | None, handshake_timeout: float) -> tuple[tuple[str, int], ...]:
+    """grpc core's bound on open connections: past it, it accepts and closes at once (so the descriptor comes
+    straight back); docs/http-listeners.md, "The xDS port"."""
+    bound = () if max_connections is None else (("grpc.max_allowed_incoming_connections", max_connections),)
+    return (*bound, ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout * 1000))))
 
 
 def _identity(data: bytes) -> bytes:
@@ -186,9 +197,16 @@ class XdsServer:
         *,
         log: logging.Logger,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        max_connections: int | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only."""
+        """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only.
+        `max_connections`: this port's share of the process's descriptors (None: unbounded, for tests)."""
+        if max_connections is not None and max_connections < 1:
+            raise ValueError("xDS max connections must be at least 1")
         self.cache = cache
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.extra_handlers = tuple(extra_handlers)
         self.registry = registry
         self.log = log
@@ -223,7 +241,8 @@ class XdsServer:
         With `tls`, the port speaks TLS only and (by default) requires a client certificate signed by its CA;
         the files are read here, so a missing or malformed one stops start-up instead of every handshake.
         """
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        options = SERVER_OPTIONS + connection_options(self.max_connections, self.handshake_timeout)
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
         address = _bind_address(host, port)
         credentials = tls.credentials() if tls is not None else None
