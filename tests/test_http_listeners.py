@@ -252,7 +252,9 @@ def test_xds_gets_what_the_http_listeners_and_the_reserve_leave(caplog: pytest.L
     http = {"admin": 32, "webhook": 128, "exchange": 256}
     with caplog.at_level(logging.INFO):
         assert fit_xds_connections(1024, http, None) == 1024 - 416 - 64
-    assert "open-file limit 1024 shared out: xDS 544 connections; HTTP admin 32, webhook 128, exchange 256" in caplog.text
+    assert (
+        "open-file limit 1024 shared out: xDS 544 connections; HTTP admin 32, webhook 128, exchange 256" in caplog.text
+    )
     assert fit_xds_connections(1_048_576, http, None) == 1_048_576 - 416 - 65_536  # the reserve: 1/16
     assert fit_xds_connections(1024, http, 100) == 100
     with caplog.at_level(logging.WARNING):

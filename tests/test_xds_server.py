@@ -24,6 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from controlplane.admin import metrics
+from controlplane.logformat import LOG_FORMAT, LineFormatter
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds import protocol
@@ -704,3 +705,18 @@ def test_a_node_gone_for_longer_than_the_grace_period_is_forgotten_entirely() ->
     registry.disconnect(other, now=801.0)  # a later departure sweeps nodes gone for longer than the grace
     assert not registry.is_rejected("n1", LISTENER, "l1") and not registry.has_rejections("n1", LISTENER)
     assert registry.memory_size() == 0
+
+
+async def test_a_node_id_cannot_forge_log_lines(plane: Plane, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10: a node id with a newline and terminal escapes gives one escaped, clipped log line."""
+    caplog.set_level(logging.INFO, logger="controlplane.xds")
+    caplog.handler.setFormatter(LineFormatter(LOG_FORMAT))
+    plane.cache.set(snap("forge"))
+    node_id = "MARKER\x00\n2026-01-01 00:00:00,000 INFO controlplane: FAKE LOG LINE\x1b[31m" + "x" * 400
+    envoy = plane.envoy(node_id, "forge")
+    await envoy.startup()
+    connected = [line for line in caplog.text.splitlines() if "connected from" in line]
+    assert len(connected) == 1 and not [line for line in caplog.text.splitlines() if line.startswith("2026-01-01")]
+    assert "MARKER\\x00\\n2026-01-01" in connected[0] and "\x1b" not in connected[0]
+    assert len(connected[0]) < 400
+    envoy.call.cancel()

@@ -379,7 +379,7 @@ def fit_xds_connections(limit: int, listeners: dict[str, int], requested: int | 
             "--xds-max-connections %d lowered to %d: the open-file limit of %d leaves no more", requested, xds, limit
         )
     log.info(
-        "open-file limit %d shared out: xDS %d connections; HTTP %s; %d kept for outgoing calls, files and the audit store",
+        "open-file limit %d shared out: xDS %d connections; HTTP %s; %d kept for outgoing calls, files, audit store",
         limit,
         xds,
         _listed(listeners),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane import __version__
+from controlplane import __version__, logformat
 from controlplane.model.errors import PolicyError, PolicyInvalid
 
 if TYPE_CHECKING:
@@ -229,11 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.install(args.log_level.upper())
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
     try:

@@ -371,7 +371,7 @@ class XdsServer:
             session.refusal = str(error)
             self._refused_log.log(logging.WARNING, "refused ADS stream from %s: %s", session.peer, error)
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
-            self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, session.machine.node_id, error)
+            self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, clip(session.machine.node_id), error)
         finally:
             session.close()  # the peer half-closed or failed: end the writer, and so the RPC
 
@@ -395,13 +395,13 @@ class XdsServer:
         known = self.cache.known(group)
         session.label = group if known else UNKNOWN_GROUP
         metrics.CONNECTED_PROXIES.labels(session.label).inc()
-        self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
+        self.log.info("proxy %s connected from %s (group %s)", clip(machine.node_id), session.peer, clip(group))
         if not known:
             self._unknown_group_log.log(
                 logging.WARNING,
                 "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config",
-                machine.node_id,
-                group,
+                clip(machine.node_id),
+                clip(group),
             )
         self._apply(session, machine.set_snapshot(self.cache.get(group), now))
 
@@ -423,7 +423,9 @@ class XdsServer:
         self._proxy_left(session.label)
         for type_url in self.registry.disconnect(record, time.monotonic()):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
-        self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
+        self.log.info(
+            "proxy %s disconnected (group %s, from %s)", clip(record.node_id), clip(record.group), record.peer
+        )
 
     # -- attesting other streams' senders (the audit ALS)
 
@@ -550,7 +552,7 @@ class XdsServer:
             self._record(session, event)
 
     def _record(self, session: _Session, event: protocol.Event) -> None:
-        node = session.machine.node_id
+        node = clip(session.machine.node_id)
         record = session.record
         match event:
             case protocol.Ack(type_url=t, version=v, latency=latency):
@@ -588,8 +590,8 @@ class XdsServer:
         error = truncate_error(nack.error)
         self.log.warning(
             "NACK from %s (group %s): %s version %s rejected, still running %s: %s",
-            session.machine.node_id,
-            session.machine.group,
+            clip(session.machine.node_id),
+            clip(session.machine.group),
             label,
             nack.version,
             clip(nack.accepted_version) or "(nothing)",
