@@ -25,6 +25,7 @@ from controlplane.xds.server import SERVICE
 from tests.support.backends import http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.test_grpclog import REQUESTS, send_malformed_header
 
 OPEN_FILES = 256
 FLOOD = 320  # more half-sent connections than the child has file descriptors
@@ -216,3 +217,15 @@ def test_flooded_xds_port_starves_nothing_else(plane: tuple[ControlPlaneProcess,
             sock.close()
     new_lines = cp.log_text().splitlines()[lines_before:]
     assert len(new_lines) < MAX_LOG_LINES, "\n".join(new_lines[:40])
+
+
+def test_grpc_logs_no_header_bytes_and_a_bounded_number_of_lines(plane: tuple[ControlPlaneProcess, int]) -> None:
+    """Issue 10, point 12: grpc logged a non-UTF-8 header value (and a traceback) once per request."""
+    cp, _ = plane
+    lines_before = len(cp.log_text().splitlines())
+    for _ in range(REQUESTS):
+        send_malformed_header(cp.xds_port)
+    poll_until(lambda: "not valid UTF-8" in cp.log_text(), timeout=10.0, message="the refusal is logged")
+    new_lines = cp.log_text().splitlines()[lines_before:]
+    assert not [line for line in new_lines if "MARKERSECRET" in line or "Invalid encoding" in line]
+    assert len([line for line in new_lines if "grpc" in line]) <= 5, "\n".join(new_lines[:40])

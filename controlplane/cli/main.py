@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import __version__, logformat
+from controlplane.grpclog import route_grpc_logs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 
 if TYPE_CHECKING:
@@ -230,6 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logformat.install(args.log_level.upper())
+    route_grpc_logs()  # grpc would log a client's header bytes, once per request
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
     try:
