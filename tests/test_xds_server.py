@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -720,3 +721,47 @@ async def test_a_node_id_cannot_forge_log_lines(plane: Plane, caplog: pytest.Log
     assert "MARKER\\x00\\n2026-01-01" in connected[0] and "\x1b" not in connected[0]
     assert len(connected[0]) < 400
     envoy.call.cancel()
+
+
+def _raw_h2_connection(port: int) -> socket.socket:
+    """A client that completes the HTTP/2 handshake (preface, SETTINGS, ACK) and never starts a call."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=5.0)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    sock.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")  # ACK of the server's SETTINGS
+    sock.setblocking(False)
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        while data := sock.recv(4096):  # the server's SETTINGS, its ACK, then GOAWAY
+            del data
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def test_a_connection_without_calls_is_closed_and_one_with_a_stream_is_not() -> None:
+    """Issue 10: a client that finishes the handshake and then starts no call would hold an xDS slot for good;
+    an Envoy always has its ADS stream open, so it is never idle in grpc's sense."""
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    cache.set(snap("idle"))
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"), idle_timeout=1.0)
+    port = await server.start(LOOPBACK, 0)
+    channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
+    idle = None
+    try:
+        envoy = FakeEnvoy(channel, "busy", "idle")
+        await envoy.startup()
+        idle = _raw_h2_connection(port)
+        await eventually(lambda: _closed(idle), "the connection without calls is closed", timeout=10.0)
+        await envoy.send(LISTENER, version="stale", nonce="0")  # the stream outlived the idle timeout
+        assert registry.summary() == {"by_group": {"idle": 1}}
+        envoy.call.cancel()
+    finally:
+        if idle is not None:
+            idle.close()
+        await channel.close()
+        await server.stop(1.0)

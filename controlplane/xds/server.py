@@ -80,13 +80,27 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 # long after connecting is closed. grpc's default of 120 s let ~17 silent connections a second keep every
 # descriptor of the process taken (issue 10); an Envoy finishes it in milliseconds, even over TLS.
 HANDSHAKE_TIMEOUT = 10.0
+# A connection with no call open this long gets GOAWAY. An Envoy's ADS stream lasts as long as its connection,
+# so this only ends connections that finished the handshake and never (or no longer) call: without it they
+# would hold a slot of the bound below for good, answering our keep-alive pings.
+IDLE_TIMEOUT = 60.0
 
 
-def connection_options(max_connections: int | None, handshake_timeout: float) -> tuple[tuple[str, int], ...]:
+def connection_options(
+    max_connections: int | None, handshake_timeout: float, idle_timeout: float
+) -> tuple[tuple[str, int], ...]:
     """grpc core's bound on open connections: past it, it accepts and closes at once (so the descriptor comes
     straight back); docs/http-listeners.md, "The xDS port"."""
     bound = () if max_connections is None else (("grpc.max_allowed_incoming_connections", max_connections),)
-    return (*bound, ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout * 1000))))
+    return (
+        *bound,
+        ("grpc.server_handshake_timeout_ms", _ms(handshake_timeout)),
+        ("grpc.max_connection_idle_ms", _ms(idle_timeout)),
+    )
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _identity(data: bytes) -> bytes:
@@ -199,6 +213,7 @@ class XdsServer:
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
         max_connections: int | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only.
         `max_connections`: this port's share of the process's descriptors (None: unbounded, for tests)."""
@@ -207,6 +222,7 @@ class XdsServer:
         self.cache = cache
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.extra_handlers = tuple(extra_handlers)
         self.registry = registry
         self.log = log
@@ -241,7 +257,7 @@ class XdsServer:
         With `tls`, the port speaks TLS only and (by default) requires a client certificate signed by its CA;
         the files are read here, so a missing or malformed one stops start-up instead of every handshake.
         """
-        options = SERVER_OPTIONS + connection_options(self.max_connections, self.handshake_timeout)
+        options = SERVER_OPTIONS + connection_options(self.max_connections, self.handshake_timeout, self.idle_timeout)
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
         address = _bind_address(host, port)
