@@ -765,3 +765,33 @@ async def test_a_connection_without_calls_is_closed_and_one_with_a_stream_is_not
             idle.close()
         await channel.close()
         await server.stop(1.0)
+
+
+async def test_the_connection_bound_holds_across_every_address_of_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc applies `grpc.max_allowed_incoming_connections` to each listening socket (checked: bound 10, two
+    ports, 20 held), so a host with two addresses (`localhost`: 127.0.0.1 and ::1 on many systems) would have
+    doubled the xDS port's share of descriptors. Here the host resolves to one address for grpc and, through
+    the patched resolver, to two for the server: the share is halved."""
+    real = socket.getaddrinfo
+
+    def two_addresses(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        infos = real(host, *args, **kwargs)
+        return infos + [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))] if host == LOOPBACK else infos
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    server = XdsServer(SnapshotCache(), ProxyRegistry(), log=logging.getLogger("controlplane.xds"), max_connections=10)
+    port = await server.start(LOOPBACK, 0)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect_ex((LOOPBACK, port))
+            clients.append(sock)
+        # Past the bound grpc accepts and closes at once; within it, silent connections stay for the handshake
+        # timeout (10 s): 15 closed means 5 held.
+        await eventually(lambda: sum(_closed(sock) for sock in clients) >= 15, "15 closed at once", timeout=5.0)
+    finally:
+        for sock in clients:
+            sock.close()
+        await server.stop(1.0)

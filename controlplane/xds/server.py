@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -89,8 +90,9 @@ IDLE_TIMEOUT = 60.0
 def connection_options(
     max_connections: int | None, handshake_timeout: float, idle_timeout: float
 ) -> tuple[tuple[str, int], ...]:
-    """grpc core's bound on open connections: past it, it accepts and closes at once (so the descriptor comes
-    straight back); docs/http-listeners.md, "The xDS port"."""
+    """grpc core's bounds on connections, per listening socket: past `max_connections` it accepts and closes at
+    once (so the descriptor comes straight back), and it drops a connection that does not finish its handshake
+    in time or holds no call for `idle_timeout`; docs/http-listeners.md, "The xDS port"."""
     bound = () if max_connections is None else (("grpc.max_allowed_incoming_connections", max_connections),)
     return (
         *bound,
@@ -159,6 +161,17 @@ class Sender:
     label: str
     peer: str
     identity: str | None
+
+
+def _addresses(host: str) -> int:
+    """How many listening sockets grpc opens for `host`: it applies the connection bound to each one."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return 1  # one wildcard socket (dual-stack for ::)
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return 1  # grpc's own resolution will fail the bind and say so
+    return max(1, len({info[4][0] for info in infos}))
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -257,7 +270,8 @@ class XdsServer:
         With `tls`, the port speaks TLS only and (by default) requires a client certificate signed by its CA;
         the files are read here, so a missing or malformed one stops start-up instead of every handshake.
         """
-        options = SERVER_OPTIONS + connection_options(self.max_connections, self.handshake_timeout, self.idle_timeout)
+        per_socket = None if self.max_connections is None else max(1, self.max_connections // _addresses(host))
+        options = SERVER_OPTIONS + connection_options(per_socket, self.handshake_timeout, self.idle_timeout)
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
         address = _bind_address(host, port)
