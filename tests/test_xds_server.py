@@ -776,7 +776,7 @@ async def test_the_connection_bound_holds_across_every_address_of_the_host(monke
 
     def two_addresses(host: str, *args: Any, **kwargs: Any) -> list[Any]:
         infos = real(host, *args, **kwargs)
-        return infos + [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))] if host == LOOPBACK else infos
+        return [*infos, (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))] if host == LOOPBACK else infos
 
     monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
     server = XdsServer(SnapshotCache(), ProxyRegistry(), log=logging.getLogger("controlplane.xds"), max_connections=10)
