@@ -25,6 +25,7 @@ from controlplane.xds.server import SERVICE
 from tests.support.backends import http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.test_grpclog import REQUESTS, send_malformed_header
 
 OPEN_FILES = 256
 FLOOD = 320  # more half-sent connections than the child has file descriptors
@@ -158,3 +159,73 @@ def test_flooded_http_listeners_starve_nothing_else(plane: tuple[ControlPlanePro
     new_lines = cp.log_text().splitlines()[lines_before:]
     assert len(new_lines) < MAX_LOG_LINES, "\n".join(new_lines[:40])
     assert not [line for line in new_lines if "Traceback" in line], "\n".join(new_lines[:40])
+
+
+def silent_connections(port: int, count: int) -> list[socket.socket]:
+    """Raw TCP connections that never send a byte: no HTTP/2 preface, so grpc never sees a call."""
+    opened: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex((LOOPBACK, port))
+        opened.append(sock)
+    return opened
+
+
+def webhook_answers(port: int) -> bool:
+    """A delivery with a wrong secret is refused (what matters: the listener reads and answers it)."""
+    response = http_request(
+        f"http://{LOOPBACK}:{port}/webhooks/gitlab",
+        method="POST",
+        headers={"X-Gitlab-Token": "wrong", "X-Gitlab-Event": "System Hook", "Content-Type": "application/json"},
+        body=b"{}",
+        timeout=5.0,
+    )
+    return response.status in (401, 403)
+
+
+def xds_answers_eventually(port: int, timeout: float) -> None:
+    def answers() -> bool:
+        try:
+            return xds_answers(port)
+        except grpc.RpcError:
+            return False
+
+    poll_until(answers, timeout=timeout, interval=0.5, message="a new ADS stream is served")
+
+
+def test_flooded_xds_port_starves_nothing_else(plane: tuple[ControlPlaneProcess, int]) -> None:
+    """Point 2 of issue 10 for the xDS port: more silent connections than the process has descriptors."""
+    cp, webhook_port = plane
+    lines_before = len(cp.log_text().splitlines())
+    flood: list[socket.socket] = []
+    try:
+        flood = silent_connections(cp.xds_port, FLOOD)
+        assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
+        assert exchange_answers(cp)
+        assert webhook_answers(webhook_port)
+        # Silent connections past the bound are closed at once, the ones within it after the handshake timeout:
+        # then a real ADS stream gets its slot.
+        xds_answers_eventually(cp.xds_port, timeout=30.0)
+        flood += silent_connections(cp.xds_port, FLOOD)  # a second wave while the first is being dropped
+        assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
+        assert exchange_answers(cp)
+        xds_answers_eventually(cp.xds_port, timeout=30.0)
+        assert cp.running
+    finally:
+        for sock in flood:
+            sock.close()
+    new_lines = cp.log_text().splitlines()[lines_before:]
+    assert len(new_lines) < MAX_LOG_LINES, "\n".join(new_lines[:40])
+
+
+def test_grpc_logs_no_header_bytes_and_a_bounded_number_of_lines(plane: tuple[ControlPlaneProcess, int]) -> None:
+    """Issue 10, point 12: grpc logged a non-UTF-8 header value (and a traceback) once per request."""
+    cp, _ = plane
+    lines_before = len(cp.log_text().splitlines())
+    for _ in range(REQUESTS):
+        send_malformed_header(cp.xds_port)
+    poll_until(lambda: "not valid UTF-8" in cp.log_text(), timeout=10.0, message="the refusal is logged")
+    new_lines = cp.log_text().splitlines()[lines_before:]
+    assert not [line for line in new_lines if "MARKERSECRET" in line or "Invalid encoding" in line]
+    assert len([line for line in new_lines if "grpc" in line]) <= 5, "\n".join(new_lines[:40])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from controlplane.admin.serving import AppServer, HttpLimits, fit_connection_budget
+from controlplane.admin.serving import AppServer, HttpLimits, fit_connection_budget, fit_xds_connections
 from controlplane.ratelog import RateLimitedLog
 from controlplane.sources.webhooks import WebhookReceiver
 from tests.support.backends import http_request
@@ -246,6 +246,21 @@ def test_connection_bounds_are_fitted_into_half_the_descriptors(caplog: pytest.L
         assert fit_connection_budget(256, wanted) == {"admin": 9, "webhook": 39, "exchange": 78}
     assert "lowered to admin 9, webhook 39, exchange 78" in caplog.text
     assert fit_connection_budget(4, wanted) == {"admin": 1, "webhook": 1, "exchange": 1}  # never 0
+
+
+def test_xds_gets_what_the_http_listeners_and_the_reserve_leave(caplog: pytest.LogCaptureFixture) -> None:
+    http = {"admin": 32, "webhook": 128, "exchange": 256}
+    with caplog.at_level(logging.INFO):
+        assert fit_xds_connections(1024, http, None) == 1024 - 416 - 64
+    assert (
+        "open-file limit 1024 shared out: xDS 544 connections; HTTP admin 32, webhook 128, exchange 256" in caplog.text
+    )
+    assert fit_xds_connections(1_048_576, http, None) == 1_048_576 - 416 - 65_536  # the reserve: 1/16
+    assert fit_xds_connections(1024, http, 100) == 100
+    with caplog.at_level(logging.WARNING):
+        assert fit_xds_connections(1024, http, 5000) == 544
+    assert "--xds-max-connections 5000 lowered to 544" in caplog.text
+    assert fit_xds_connections(100, {"admin": 50}, None) == 1  # never 0
 
 
 LISTENER_SCRIPT = """

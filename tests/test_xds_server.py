@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from controlplane.admin import metrics
+from controlplane.logformat import LOG_FORMAT, LineFormatter
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds import protocol
@@ -704,3 +706,92 @@ def test_a_node_gone_for_longer_than_the_grace_period_is_forgotten_entirely() ->
     registry.disconnect(other, now=801.0)  # a later departure sweeps nodes gone for longer than the grace
     assert not registry.is_rejected("n1", LISTENER, "l1") and not registry.has_rejections("n1", LISTENER)
     assert registry.memory_size() == 0
+
+
+async def test_a_node_id_cannot_forge_log_lines(plane: Plane, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10: a node id with a newline and terminal escapes gives one escaped, clipped log line."""
+    caplog.set_level(logging.INFO, logger="controlplane.xds")
+    caplog.handler.setFormatter(LineFormatter(LOG_FORMAT))
+    plane.cache.set(snap("forge"))
+    node_id = "MARKER\x00\n2026-01-01 00:00:00,000 INFO controlplane: FAKE LOG LINE\x1b[31m" + "x" * 400
+    envoy = plane.envoy(node_id, "forge")
+    await envoy.startup()
+    connected = [line for line in caplog.text.splitlines() if "connected from" in line]
+    assert len(connected) == 1 and not [line for line in caplog.text.splitlines() if line.startswith("2026-01-01")]
+    assert "MARKER\\x00\\n2026-01-01" in connected[0] and "\x1b" not in connected[0]
+    assert len(connected[0]) < 400
+    envoy.call.cancel()
+
+
+def _raw_h2_connection(port: int) -> socket.socket:
+    """A client that completes the HTTP/2 handshake (preface, SETTINGS, ACK) and never starts a call."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=5.0)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    sock.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")  # ACK of the server's SETTINGS
+    sock.setblocking(False)
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        while data := sock.recv(4096):  # the server's SETTINGS, its ACK, then GOAWAY
+            del data
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def test_a_connection_without_calls_is_closed_and_one_with_a_stream_is_not() -> None:
+    """Issue 10: a client that finishes the handshake and then starts no call would hold an xDS slot for good;
+    an Envoy always has its ADS stream open, so it is never idle in grpc's sense."""
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    cache.set(snap("idle"))
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"), idle_timeout=1.0)
+    port = await server.start(LOOPBACK, 0)
+    channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
+    idle = None
+    try:
+        envoy = FakeEnvoy(channel, "busy", "idle")
+        await envoy.startup()
+        idle = _raw_h2_connection(port)
+        await eventually(lambda: _closed(idle), "the connection without calls is closed", timeout=10.0)
+        await envoy.send(LISTENER, version="stale", nonce="0")  # the stream outlived the idle timeout
+        assert registry.summary() == {"by_group": {"idle": 1}}
+        envoy.call.cancel()
+    finally:
+        if idle is not None:
+            idle.close()
+        await channel.close()
+        await server.stop(1.0)
+
+
+async def test_the_connection_bound_holds_across_every_address_of_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc applies `grpc.max_allowed_incoming_connections` to each listening socket (checked: bound 10, two
+    ports, 20 held), so a host with two addresses (`localhost`: 127.0.0.1 and ::1 on many systems) would have
+    doubled the xDS port's share of descriptors. Here the host resolves to one address for grpc and, through
+    the patched resolver, to two for the server: the share is halved."""
+    real = socket.getaddrinfo
+
+    def two_addresses(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        infos = real(host, *args, **kwargs)
+        return [*infos, (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))] if host == LOOPBACK else infos
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    server = XdsServer(SnapshotCache(), ProxyRegistry(), log=logging.getLogger("controlplane.xds"), max_connections=10)
+    port = await server.start(LOOPBACK, 0)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect_ex((LOOPBACK, port))
+            clients.append(sock)
+        # Past the bound grpc accepts and closes at once; within it, silent connections stay for the handshake
+        # timeout (10 s): 15 closed means 5 held.
+        await eventually(lambda: sum(_closed(sock) for sock in clients) >= 15, "15 closed at once", timeout=5.0)
+    finally:
+        for sock in clients:
+            sock.close()
+        await server.stop(1.0)

@@ -357,3 +357,32 @@ def fit_connection_budget(limit: int, listeners: dict[str, int]) -> dict[str, in
 
 def _listed(listeners: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in listeners.items())
+
+
+# Descriptors no listener may take: outgoing calls (GitLab, JWKS), the audit store, state files, grpc's own
+# (epoll, wake-up pipes) and the one grpc uses for an instant to accept and close a connection past its bound.
+RESERVE_MIN = 64
+
+
+def descriptor_reserve(limit: int) -> int:
+    return max(RESERVE_MIN, limit // 16)
+
+
+def fit_xds_connections(limit: int, listeners: dict[str, int], requested: int | None) -> int:
+    """The xDS port's connection bound: what the HTTP listeners (already fitted) and the reserve leave, or less
+    if asked. Logs the whole split, so an operator sees where the descriptors went."""
+    reserve = descriptor_reserve(limit)
+    available = max(1, limit - sum(listeners.values()) - reserve)
+    xds = available if requested is None else min(requested, available)
+    if requested is not None and requested > available:
+        log.warning(
+            "--xds-max-connections %d lowered to %d: the open-file limit of %d leaves no more", requested, xds, limit
+        )
+    log.info(
+        "open-file limit %d shared out: xDS %d connections; HTTP %s; %d kept for outgoing calls, files, audit store",
+        limit,
+        xds,
+        _listed(listeners),
+        limit - xds - sum(listeners.values()),
+    )
+    return xds

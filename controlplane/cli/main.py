@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane import __version__
+from controlplane import __version__, logformat
+from controlplane.grpclog import route_grpc_logs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 
 if TYPE_CHECKING:
@@ -177,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
     xds_tls.add_argument(
         "--xds-insecure", action="store_true", help="allow plain-text xDS even when the policy pushes secrets"
     )
+    serve.add_argument(
+        "--xds-max-connections",
+        type=int,
+        default=None,
+        help="connections the xDS port holds at once, more are closed (default: the open-file limit less the HTTP "
+        "listeners' bounds and a reserve of 1/16)",
+    )
     hooks = serve.add_argument_group("GitLab webhooks")
     hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
     hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
@@ -222,11 +230,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.install(args.log_level.upper())
+    route_grpc_logs()  # grpc would log a client's header bytes, once per request
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
     try:
@@ -364,6 +369,9 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = args.webhook_address
         webhooks = WebhookOptions(host, port, args.webhook_secret_env, args.webhook_secret_file)
 
+    if args.xds_max_connections is not None and args.xds_max_connections < 1:
+        print("--xds-max-connections must be at least 1", file=sys.stderr)
+        return 2
     try:
         http = HttpLimits(header_timeout=args.http_header_timeout, request_timeout=args.http_request_timeout)
         admin_limits, webhook_limits, exchange_limits = (
@@ -404,6 +412,7 @@ def _serve(args: argparse.Namespace) -> int:
         xds_tls=xds_tls,
         xds_insecure=args.xds_insecure,
         admin_limits=admin_limits,
+        xds_max_connections=args.xds_max_connections,
         webhook_limits=webhook_limits,
         policy_limits=_limits(args),
         reload_timeout=args.reload_timeout,

@@ -16,6 +16,7 @@ from controlplane.admin.serving import (
     WEBHOOK_LIMITS,
     HttpLimits,
     fit_connection_budget,
+    fit_xds_connections,
     raise_open_file_limit,
 )
 from controlplane.audit.als import AccessLogService
@@ -93,6 +94,7 @@ class ServeOptions:
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
     admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (admin/serving.py)
     webhook_limits: HttpLimits = WEBHOOK_LIMITS
+    xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
     policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
 
@@ -163,7 +165,11 @@ class ControlPlane:
         self.recovery = _job_recovery(self.credentials, self.audit, self.gitlab)
         self._recovery_loop: asyncio.Task[None] | None = None
         self.xds = XdsServer(
-            self.cache, self.registry, log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
+            self.cache,
+            self.registry,
+            log=logging.getLogger("controlplane.xds"),
+            extra_handlers=[self.als.handler()],
+            max_connections=options.xds_max_connections,
         )
         self.als.senders = self.xds  # access logs are accepted only from gateways holding an ADS stream
         current_versions = cache_versions(self.cache)
@@ -407,8 +413,9 @@ def _policy_source(options: ServeOptions) -> PolicySource:
     return GitLabPolicySource(PolicyRepo(client, project, options.policy_limits))
 
 
-def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
-    """The HTTP listeners' connection bounds, lowered if need be to leave half the descriptors to xDS."""
+def _fit_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
+    """Every listener's connection bound within the open-file limit: the HTTP listeners lowered if need be to
+    leave half the descriptors to xDS, and xDS given what they and a reserve leave (docs/http-listeners.md)."""
     listeners = {"admin": options.admin_limits.max_connections}
     if options.webhooks is not None:
         listeners["webhook"] = options.webhook_limits.max_connections
@@ -421,6 +428,7 @@ def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
     webhooks = fitted.get("webhook", options.webhook_limits.max_connections)
     return replace(
         options,
+        xds_max_connections=fit_xds_connections(open_files, fitted, options.xds_max_connections),
         admin_limits=options.admin_limits.with_connections(fitted["admin"]),
         webhook_limits=options.webhook_limits.with_connections(webhooks),
         credentials=credentials,
@@ -429,7 +437,7 @@ def _fit_http_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
 
 async def serve(options: ServeOptions) -> int:
     try:
-        plane = ControlPlane(_fit_http_listeners(options, raise_open_file_limit()))
+        plane = ControlPlane(_fit_listeners(options, raise_open_file_limit()))
     except (StateFileError, ExchangeStoreError) as unreadable:
         # Fail closed: never start with an empty deny list, keys, pins, use counts or finished jobs.
         log.critical("refusing to start: %s", unreadable)

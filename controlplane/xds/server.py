@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -76,6 +77,32 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
 )
+# A connection that has not completed grpc's handshake (TLS if any, then the HTTP/2 preface and SETTINGS) this
+# long after connecting is closed. grpc's default of 120 s let ~17 silent connections a second keep every
+# descriptor of the process taken (issue 10); an Envoy finishes it in milliseconds, even over TLS.
+HANDSHAKE_TIMEOUT = 10.0
+# A connection with no call open this long gets GOAWAY. An Envoy's ADS stream lasts as long as its connection,
+# so this only ends connections that finished the handshake and never (or no longer) call: without it they
+# would hold a slot of the bound below for good, answering our keep-alive pings.
+IDLE_TIMEOUT = 60.0
+
+
+def connection_options(
+    max_connections: int | None, handshake_timeout: float, idle_timeout: float
+) -> tuple[tuple[str, int], ...]:
+    """grpc core's bounds on connections, per listening socket: past `max_connections` it accepts and closes at
+    once (so the descriptor comes straight back), and it drops a connection that does not finish its handshake
+    in time or holds no call for `idle_timeout`; docs/http-listeners.md, "The xDS port"."""
+    bound = () if max_connections is None else (("grpc.max_allowed_incoming_connections", max_connections),)
+    return (
+        *bound,
+        ("grpc.server_handshake_timeout_ms", _ms(handshake_timeout)),
+        ("grpc.max_connection_idle_ms", _ms(idle_timeout)),
+    )
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _identity(data: bytes) -> bytes:
@@ -136,6 +163,17 @@ class Sender:
     identity: str | None
 
 
+def _addresses(host: str) -> int:
+    """How many listening sockets grpc opens for `host`: it applies the connection bound to each one."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return 1  # one wildcard socket (dual-stack for ::)
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return 1  # grpc's own resolution will fail the bind and say so
+    return max(1, len({info[4][0] for info in infos}))
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -186,9 +224,18 @@ class XdsServer:
         *,
         log: logging.Logger,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        max_connections: int | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only."""
+        """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only.
+        `max_connections`: this port's share of the process's descriptors (None: unbounded, for tests)."""
+        if max_connections is not None and max_connections < 1:
+            raise ValueError("xDS max connections must be at least 1")
         self.cache = cache
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.extra_handlers = tuple(extra_handlers)
         self.registry = registry
         self.log = log
@@ -223,7 +270,9 @@ class XdsServer:
         With `tls`, the port speaks TLS only and (by default) requires a client certificate signed by its CA;
         the files are read here, so a missing or malformed one stops start-up instead of every handshake.
         """
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        per_socket = None if self.max_connections is None else max(1, self.max_connections // _addresses(host))
+        options = SERVER_OPTIONS + connection_options(per_socket, self.handshake_timeout, self.idle_timeout)
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
         address = _bind_address(host, port)
         credentials = tls.credentials() if tls is not None else None
@@ -352,7 +401,7 @@ class XdsServer:
             session.refusal = str(error)
             self._refused_log.log(logging.WARNING, "refused ADS stream from %s: %s", session.peer, error)
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
-            self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, session.machine.node_id, error)
+            self.log.warning("ADS stream from %s (%s) failed: %r", session.peer, clip(session.machine.node_id), error)
         finally:
             session.close()  # the peer half-closed or failed: end the writer, and so the RPC
 
@@ -376,13 +425,13 @@ class XdsServer:
         known = self.cache.known(group)
         session.label = group if known else UNKNOWN_GROUP
         metrics.CONNECTED_PROXIES.labels(session.label).inc()
-        self.log.info("proxy %s connected from %s (group %s)", machine.node_id, session.peer, group)
+        self.log.info("proxy %s connected from %s (group %s)", clip(machine.node_id), session.peer, clip(group))
         if not known:
             self._unknown_group_log.log(
                 logging.WARNING,
                 "proxy %s belongs to gateway group %r, which no policy defines: serving it an empty config",
-                machine.node_id,
-                group,
+                clip(machine.node_id),
+                clip(group),
             )
         self._apply(session, machine.set_snapshot(self.cache.get(group), now))
 
@@ -404,7 +453,9 @@ class XdsServer:
         self._proxy_left(session.label)
         for type_url in self.registry.disconnect(record, time.monotonic()):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
-        self.log.info("proxy %s disconnected (group %s, from %s)", record.node_id, record.group, record.peer)
+        self.log.info(
+            "proxy %s disconnected (group %s, from %s)", clip(record.node_id), clip(record.group), record.peer
+        )
 
     # -- attesting other streams' senders (the audit ALS)
 
@@ -531,7 +582,7 @@ class XdsServer:
             self._record(session, event)
 
     def _record(self, session: _Session, event: protocol.Event) -> None:
-        node = session.machine.node_id
+        node = clip(session.machine.node_id)
         record = session.record
         match event:
             case protocol.Ack(type_url=t, version=v, latency=latency):
@@ -569,8 +620,8 @@ class XdsServer:
         error = truncate_error(nack.error)
         self.log.warning(
             "NACK from %s (group %s): %s version %s rejected, still running %s: %s",
-            session.machine.node_id,
-            session.machine.group,
+            clip(session.machine.node_id),
+            clip(session.machine.group),
             label,
             nack.version,
             clip(nack.accepted_version) or "(nothing)",
