@@ -257,11 +257,6 @@ def test_node_from_first_request_is_kept_when_later_requests_have_none() -> None
     assert stream.node_id == NODE
 
 
-def test_first_request_without_node_identifies_an_anonymous_node() -> None:
-    stream = AdsStream()
-    assert of_type(stream.receive(req(CLUSTER), 0.0), NodeIdentified) == [NodeIdentified("", "")]
-
-
 def test_requests_before_the_snapshot_are_answered_when_it_is_set() -> None:
     stream = AdsStream()
     assert stream.receive(req(CLUSTER, node=True), 0.0).responses == ()
@@ -845,3 +840,19 @@ def settle(stream: AdsStream, out: Output) -> None:
         state = stream.type_state(response.type_url)
         held = () if state is None or state.names is None else tuple(state.names)
         pending += ack(stream, response, held).responses
+
+
+@pytest.mark.parametrize("machine", [AdsStream, DeltaStream])
+@pytest.mark.parametrize(("node_id", "cluster"), [("", ""), ("", GROUP), ("n1", "")])
+def test_a_first_request_without_a_node_id_and_cluster_is_refused(
+    machine: type[AdsStream], node_id: str, cluster: str
+) -> None:
+    """A stream that names no node was registered as node '' of group '': a proxy nobody can tell apart."""
+    stream = machine()
+    request = (discovery_pb2.DeltaDiscoveryRequest if machine is DeltaStream else discovery_pb2.DiscoveryRequest)(
+        type_url=CLUSTER
+    )
+    request.node.id, request.node.cluster = node_id, cluster
+    with pytest.raises(InvalidNode, match=r"node\.(id|cluster) is empty"):
+        stream.receive(request, 0.0)  # type: ignore[arg-type]
+    assert stream.node is None

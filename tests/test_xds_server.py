@@ -32,6 +32,7 @@ from controlplane.xds import protocol
 from controlplane.xds.protocol import MAX_NODE_CLUSTER_BYTES, MAX_NODE_ID_BYTES, MAX_NODE_METADATA_BYTES
 from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
 from controlplane.xds.server import (
+    CONNECTION_LINES_PER_MINUTE,
     FAN_OUT_CHUNK,
     MAX_RECEIVE_MESSAGE_BYTES,
     MAX_STREAMS_PER_CONNECTION,
@@ -795,3 +796,26 @@ async def test_the_connection_bound_holds_across_every_address_of_the_host(monke
         for sock in clients:
             sock.close()
         await server.stop(1.0)
+
+
+async def test_connect_and_disconnect_lines_are_written_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone reaching the port could write two lines per stream, as often as they liked."""
+    caplog.set_level(logging.INFO, logger="controlplane.xds")
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"), connection_lines_per_minute=5)
+    port = await server.start(LOOPBACK, 0)
+    channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
+    try:
+        cache.set(snap("churn"))
+        for i in range(20):
+            envoy = FakeEnvoy(channel, f"churn-{i}", "churn")
+            await envoy.barrier(["backend"])
+            envoy.call.cancel()
+            await eventually(lambda: not registry.status(), "the stream gone")
+    finally:
+        await channel.close()
+        await server.stop(1.0)
+    lines = [r.getMessage() for r in caplog.records if "proxy churn-" in r.getMessage()]
+    assert sum(" connected from " in line for line in lines) == 5
+    assert sum(" disconnected " in line for line in lines) == 5
+    assert CONNECTION_LINES_PER_MINUTE >= 100  # a fleet's reconnect storm is still mostly logged by default

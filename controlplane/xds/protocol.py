@@ -77,6 +77,11 @@ class InvalidNode(ValueError):
 
 
 def _check_node(node: base_pb2.Node) -> None:
+    """Envoy names its node (`--service-node`) and gateway group (`--service-cluster`) in the first request; a
+    stream without them is no proxy anyone could tell apart or serve."""
+    for name, value in (("id", node.id), ("cluster", node.cluster)):
+        if not value:
+            raise InvalidNode(f"node.{name} is empty: the first request must name the node and its gateway group")
     for name, size, limit in (
         ("id", len(node.id.encode()), MAX_NODE_ID_BYTES),
         ("cluster", len(node.cluster.encode()), MAX_NODE_CLUSTER_BYTES),

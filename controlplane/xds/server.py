@@ -49,6 +49,8 @@ MAX_STREAMS_PER_CONNECTION = 100
 # The `group` label of controlplane_xds_connected_proxies for groups the policy does not define: a client picks
 # its node.cluster, and one series per made-up name would grow the metrics without bound.
 UNKNOWN_GROUP = "unknown"
+# A fleet reconnecting after a restart is logged in full up to this many streams a minute, then counted.
+CONNECTION_LINES_PER_MINUTE = 300
 WARNINGS_PER_MINUTE = 10  # per kind of client-caused warning (unknown type, unknown group, refused node)
 _SHOWN_CHARS = 128  # of a client-chosen string (a type URL, a version) in one log line
 # How long `attest` waits for the ADS stream of a node that names itself on another stream (an Envoy
@@ -227,9 +229,12 @@ class XdsServer:
         max_connections: int | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        connection_lines_per_minute: int = CONNECTION_LINES_PER_MINUTE,
     ) -> None:
         """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only.
-        `max_connections`: this port's share of the process's descriptors (None: unbounded, for tests)."""
+        `max_connections`: this port's share of the process's descriptors (None: unbounded, for tests).
+        `connection_lines_per_minute`: "connected" and "disconnected" lines each; anyone reaching the port can
+        open streams, so the rest are counted in a "suppressed" line."""
         if max_connections is not None and max_connections < 1:
             raise ValueError("xDS max connections must be at least 1")
         self.cache = cache
@@ -255,6 +260,7 @@ class XdsServer:
         self._unsupported_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
         self._unknown_group_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
         self._refused_log = RateLimitedLog(self.log, burst=WARNINGS_PER_MINUTE)
+        self._connections_log = RateLimitedLog(self.log, burst=connection_lines_per_minute)
 
     def idle_for(self) -> float:
         """Seconds since the last push started or request arrived; 0 during a fan-out, inf before any."""
@@ -425,7 +431,9 @@ class XdsServer:
         known = self.cache.known(group)
         session.label = group if known else UNKNOWN_GROUP
         metrics.CONNECTED_PROXIES.labels(session.label).inc()
-        self.log.info("proxy %s connected from %s (group %s)", clip(machine.node_id), session.peer, clip(group))
+        self._connections_log.log(
+            logging.INFO, "proxy %s connected from %s (group %s)", clip(machine.node_id), session.peer, clip(group)
+        )
         if not known:
             self._unknown_group_log.log(
                 logging.WARNING,
@@ -453,8 +461,12 @@ class XdsServer:
         self._proxy_left(session.label)
         for type_url in self.registry.disconnect(record, time.monotonic()):
             metrics.XDS_PROXIES_WITH_NACK.labels(type_label(type_url)).dec()
-        self.log.info(
-            "proxy %s disconnected (group %s, from %s)", clip(record.node_id), clip(record.group), record.peer
+        self._connections_log.log(
+            logging.INFO,
+            "proxy %s disconnected (group %s, from %s)",
+            clip(record.node_id),
+            clip(record.group),
+            record.peer,
         )
 
     # -- attesting other streams' senders (the audit ALS)
