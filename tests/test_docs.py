@@ -1,0 +1,33 @@
+"""The metrics reference names every metric the control plane exports, so an operator can trust it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import controlplane.cli.serve  # noqa: F401  (imports every module that registers a metric)
+from controlplane.admin.metrics import REGISTRY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _documented() -> str:
+    return (ROOT / "docs" / "metrics.md").read_text()
+
+
+def _exported() -> set[str]:
+    names = set()
+    for metric in REGISTRY.collect():
+        if metric.name.startswith("controlplane_"):
+            names.add(metric.name + ("_total" if metric.type == "counter" else ""))
+    return names
+
+
+def test_every_exported_metric_is_in_the_reference() -> None:
+    text = _documented()
+    documented = set(re.findall(r"controlplane_[a-z0-9_]+", text))
+    # "`controlplane_gitlab_rate_limit_waits_total`, `…_wait_seconds_total`" abbreviates a sibling's prefix.
+    for short in re.findall(r"`…(_[a-z0-9_]+)`", text):
+        documented |= {name.rsplit("_", 2)[0] + short for name in documented}
+    missing = sorted(n for n in _exported() if n not in documented)
+    assert not missing, f"metrics missing from docs/metrics.md: {missing}"
