@@ -399,6 +399,7 @@ def forms(draw: st.DrawFn) -> tuple[dict[str, str], Token]:
 
 
 AUDIENCES = {"reports-api": AUDIENCE, "other-api": "https://other.local"}
+MAX_SUBJECT_AGE = 7 * 86_400  # README: subject tokens older than the finished-job memory (7 days) are refused
 GRANTED = {"reports-api": ["reports-read"], "other-api": ["other-read"]}
 
 
@@ -458,6 +459,9 @@ def independently_valid(form: dict[str, str]) -> str | None:
         return "exp"  # against the service's fixed clock; a credential needs at least a second of life
     if "nbf" in claims and (type(claims["nbf"]) not in (int, float) or claims["nbf"] > NOW + 30):
         return "nbf"  # a null nbf is not a number (was F10: read as absent)
+    issued = claims.get("iat", claims.get("nbf"))
+    if type(issued) not in (int, float) or not math.isfinite(issued) or NOW - issued > MAX_SUBJECT_AGE:
+        return "iat"  # its age must be known, and under the finished-job memory (README: token exchange)
     if not isinstance(claims["jti"], str) or not claims["jti"]:
         return "jti"
     if claims.get("project_id") != "42" or claims.get("ref_protected") != "true":
