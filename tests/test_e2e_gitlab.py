@@ -320,6 +320,22 @@ def test_a_binding_for_a_project_gitlab_has_but_nobody_watched_is_accepted_witho
     stack.wait_get(403, project_id=newcomer, project_path="acme/newcomer")
 
 
+def test_a_policy_push_webhook_is_answered_before_a_slow_reload(stack: Stack) -> None:
+    """The push webhook awaited the whole reload (reading the tree from GitLab, judging new subjects): a slow
+    GitLab made the delivery time out (GitLab then reports the hook failing) instead of a quick acknowledgement."""
+    tree = "/projects/:id/repository/tree"
+    stack.gitlab.hold(tree)
+    try:
+        started = time.monotonic()
+        sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + "\n# touched\n"})
+        assert time.monotonic() - started < 2.0  # the delivery (inside commit) was answered; the read still waits
+        assert not stack.gitlab.statuses(stack.policy_project, sha)
+    finally:
+        stack.gitlab.release(tree)
+    verdict = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="verdict")
+    assert verdict[-1]["status"] == "success"
+
+
 def test_a_binding_for_a_project_gitlab_does_not_have_is_still_an_error(stack: Stack) -> None:
     added = NEWCOMER.format(path="acme/nobody")
     sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + added})

@@ -32,6 +32,7 @@ from controlplane.sources.gitlab import (
 )
 from tests.support.backends import http_request
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.ports import poll_until
 
 FAST = 1000.0  # requests per second: no rate bound in tests that are not about it
 
@@ -489,3 +490,38 @@ def test_a_jobs_status_through_an_outage_is_unavailable_after_bounded_retries(fa
     fake.set_down(False)
     with pytest.raises(GitLabRefused):
         make_source(fake, token="glpat-wrong").fetch_job_status(project, job)
+
+
+def test_the_fake_holds_an_endpoint_until_released(fake: FakeGitLab, source: GitLabSource) -> None:
+    """The fake's slow-GitLab control: a held endpoint answers only once released, others meanwhile at once."""
+    import threading
+
+    pid = fake.add_project("acme/app")
+    fake.hold("/projects/:id")
+    answered = threading.Event()
+    reader = threading.Thread(target=lambda: (source.fetch_project(pid), answered.set()))
+    reader.start()
+    assert fake.api_calls("/projects/:id") == [] and not answered.is_set()
+    assert source.fetch_job_status(str(pid), "1") is None  # another endpoint is not held (404: no such job)
+    fake.release("/projects/:id")
+    reader.join(10)
+    assert answered.is_set() and [c.status for c in fake.api_calls("/projects/:id")] == [200]
+
+
+def test_job_status_checks_never_delay_inventory_reads(fake: FakeGitLab) -> None:
+    """Jobs seen at a gateway after a restart are asked about at GitLab; sharing one rate bound with the inventory,
+    a burst of them delayed the re-read a webhook asked for (an archived project kept access past a second)."""
+    import threading
+
+    pid = fake.add_project("acme/app")
+    source = make_source(fake, rate=4.0)
+    checks = [threading.Thread(target=source.fetch_job_status, args=(str(pid), str(j))) for j in range(12)]
+    for check in checks:
+        check.start()
+    poll_until(lambda: len(fake.api_calls("/projects/:id/jobs/:job_id")) >= 1, 5, message="checks under way")
+    started = time.monotonic()
+    assert source.fetch_project(pid) is not None
+    assert time.monotonic() - started < 0.5
+    for check in checks:
+        check.join(10)
+    assert source.job_bucket.rate + source.bucket.rate == pytest.approx(4.0)  # the bound on GitLab is unchanged

@@ -116,7 +116,7 @@ class ControlPlane:
         self.policy_project = _policy_project(options.policy_gitlab)
         self.gitlab = GitLabLink(
             on_inventory_change=self._on_inventory_change,
-            on_policy_push=self._reload_policy,
+            on_policy_push=self._policy_pushed,
             policy_project=self.policy_project,
             on_reachable=self._on_gitlab_reachable,
         )
@@ -183,6 +183,7 @@ class ControlPlane:
             limits=options.admin_limits,
         )
         self.stopping = asyncio.Event()
+        self._policy_push = asyncio.Event()  # set by a push webhook to the policy project
         self._transport_refusal: str | None = None
         self.policy.accept = self._transport_problem
         self.policy.prepare = lambda policy: self.gitlab.read_new_subjects(policy, self.policy.pins)
@@ -366,14 +367,25 @@ class ControlPlane:
         if await self.policy.reload_off_loop():
             await self._follow_issuers()
 
+    async def _policy_pushed(self) -> None:
+        """A webhook only wakes the policy project's loop: the reload reads GitLab and may judge new subjects
+        there, longer than a webhook delivery may wait for its answer. Pushes during a reload make one more."""
+        self._policy_push.set()
+
     async def _poll_policy_project(self, every: float, ready: asyncio.Event) -> None:
-        """The policy project's head is re-read now and then: a push webhook that never arrived is caught."""
+        """The policy project's head is re-read on a push and now and then: a push webhook that never arrived
+        is caught."""
         ready.set()
         while not self.stopping.is_set():
-            try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=every)
-            except TimeoutError:
-                await self._reload_policy()
+            pushed = asyncio.ensure_future(self._policy_push.wait())
+            stopping = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({pushed, stopping}, timeout=every, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (pushed, stopping):
+                waiter.cancel()
+            if self.stopping.is_set():
+                return
+            self._policy_push.clear()
+            await self._reload_policy()
 
     def request_stop(self) -> None:
         self.stopping.set()

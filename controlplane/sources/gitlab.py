@@ -151,6 +151,18 @@ class TokenBucket:
         return wait
 
 
+# Job status reads (revocation of jobs whose webhook was missed) get this share of `requests_per_second`, the
+# inventory the rest: a burst of jobs seen at the gateways after a restart never delays the re-read a webhook
+# asked for, and the bound on GitLab as a whole is unchanged.
+JOB_ENDPOINT = "/projects/:id/jobs/:id"
+JOB_SHARE = 0.25
+
+
+def _shares(rate: float) -> tuple[TokenBucket, TokenBucket]:
+    inventory, jobs = rate * (1 - JOB_SHARE), rate * JOB_SHARE
+    return TokenBucket(inventory, burst=max(1, int(inventory))), TokenBucket(jobs, burst=max(1, int(jobs)))
+
+
 # --- retries
 
 
@@ -262,20 +274,24 @@ class GitLabTransport(requests.Session):
     429 and transient failures are retried here and end in `GitLabUnavailable` when retries run out.
     """
 
-    def __init__(self, *, api_prefix: str, bucket: TokenBucket, retry: RetryPolicy) -> None:
+    def __init__(
+        self, *, api_prefix: str, bucket: TokenBucket, retry: RetryPolicy, job_bucket: TokenBucket | None = None
+    ) -> None:
         # trust_env stays on: operators reach GitLab through HTTPS_PROXY / NO_PROXY and custom CAs through
         # REQUESTS_CA_BUNDLE; .netrc never applies, python-gitlab always sends its own PRIVATE-TOKEN auth.
         super().__init__()
         self.api_prefix = api_prefix
         self.bucket = bucket
+        self.job_bucket = job_bucket or bucket  # job status reads (JOB_ENDPOINT) take their own share
         self.retry = retry
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         endpoint = endpoint_template(urlsplit(request.url or "").path, self.api_prefix)
         what = f"{request.method} {endpoint}"
+        bucket = self.job_bucket if endpoint == JOB_ENDPOINT else self.bucket
         attempt = 0
         while True:
-            self.bucket.acquire()
+            bucket.acquire()
             response, outcome = self._send_once(request, endpoint, **kwargs)
             wait = self._retry_wait(what, response, outcome, attempt)
             if wait is None:
@@ -348,10 +364,11 @@ class GitLabSource:
         timeout: float = 10.0,
     ) -> None:
         self.api_url = api_url.rstrip("/")
-        self.bucket = TokenBucket(requests_per_second, burst=max(1, int(requests_per_second)))
+        self.bucket, self.job_bucket = _shares(requests_per_second)
         self.transport = GitLabTransport(
             api_prefix=urlsplit(self.api_url).path + API_PREFIX,
             bucket=self.bucket,
+            job_bucket=self.job_bucket,
             retry=RetryPolicy(max_retries=max_retries),
         )
         self._gl = gitlab.Gitlab(

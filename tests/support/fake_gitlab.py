@@ -205,6 +205,7 @@ class FakeGitLab(OidcIssuer):
         self._other_ids = itertools.count(1)
         self._api_log: list[ApiCall] = []
         self._failures: list[int] = []
+        self._held: dict[str, threading.Event] = {}  # endpoint template -> released
         self._rate_limited = 0
         self._retry_after = 1
         self._down = False
@@ -264,6 +265,9 @@ class FakeGitLab(OidcIssuer):
         """Outage and rate-limit injection, then ``PRIVATE-TOKEN`` auth, then the handler; every request logged."""
 
         def serve(request: Request) -> Response:
+            held = self._held.get(endpoint)
+            if held is not None:
+                held.wait(30)  # a GitLab slow on this endpoint (bounded: a forgotten release ends the test)
             try:
                 response = self._gate(request)
                 if response is None:
@@ -299,6 +303,16 @@ class FakeGitLab(OidcIssuer):
         return _service_unavailable(503) if self._down else super()._serve_jwks(request)
 
     # -- test controls: failures
+
+    def hold(self, endpoint: str) -> None:
+        """Requests to ``endpoint`` (a template, e.g. ``/projects/:id/repository/tree``) wait until ``release``:
+        a GitLab that answers slowly there."""
+        self._held.setdefault(endpoint, threading.Event())
+
+    def release(self, endpoint: str) -> None:
+        held = self._held.pop(endpoint, None)
+        if held is not None:
+            held.set()
 
     def fail_next(self, n: int, status: int = 503) -> None:
         """The next ``n`` API requests answer ``status`` (a GitLab restart, a 502 from its proxy...)."""
