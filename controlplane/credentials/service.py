@@ -97,6 +97,7 @@ class CredentialService:
         # the deny list's writes and the recovery sweep.
         self._check_slots = asyncio.Semaphore(MAX_CONCURRENT_JOB_CHECKS)
         self._unchecked = RateLimitedLog(log, burst=5, interval=300.0)
+        self._check_failures = RateLimitedLog(log, burst=10, interval=60.0)  # one per job seen, after a start
         # Raw ID tokens a gateway let through, from before a gap in webhook delivery: `serve` passes this to the
         # audit receiver, which calls it for each such request (gateway_checks.py).
         self.gateway_checks = GatewayJobChecks(
@@ -224,10 +225,14 @@ class CredentialService:
             async with self._check_slots:
                 status = await asyncio.to_thread(reader, job.project_id, job.job_id)
         except (GitLabRefused, GitLabUnavailable) as error:
-            log.warning("GitLab could not be asked about job %s (at %s): %s", job.job_id, via, error)
+            self._check_failures.log(
+                logging.WARNING, "GitLab could not be asked about job %s (at %s): %s", job.job_id, via, error
+            )
             return "error"
         if status is None:
-            log.warning("GitLab does not know job %s of project %s (at %s)", job.job_id, job.project_id, via)
+            self._check_failures.log(
+                logging.WARNING, "GitLab does not know job %s of project %s (at %s)", job.job_id, job.project_id, via
+            )
             return "not_found"
         if status in TERMINAL_JOB_STATUSES:
             log.warning("job %s is %s in GitLab but no Job Hook said so: revoked (at %s)", job.job_id, status, via)
