@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import __version__, logformat
-from controlplane.grpclog import route_grpc_logs
+from controlplane.grpclog import bound_native_stderr, route_grpc_logs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 
 if TYPE_CHECKING:
@@ -417,7 +417,11 @@ def _serve(args: argparse.Namespace) -> int:
         policy_limits=_limits(args),
         reload_timeout=args.reload_timeout,
     )
-    return asyncio.run(serve(options))
+    restore_stderr = bound_native_stderr()  # grpc core writes a line per malformed stream, straight to fd 2
+    try:
+        return asyncio.run(serve(options))
+    finally:
+        restore_stderr()
 
 
 def _status(args: argparse.Namespace) -> int:
