@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from controlplane.admin.metrics import REGISTRY
 from controlplane.admin.serving import AppServer, HttpLimits, fit_connection_budget, fit_xds_connections
 from controlplane.ratelog import RateLimitedLog
 from controlplane.sources.webhooks import WebhookReceiver
@@ -143,7 +144,7 @@ async def test_a_prompt_request_is_served(small: tuple[AppServer, int]) -> None:
 
 async def test_connections_beyond_the_bound_wait_in_the_backlog(small: tuple[AppServer, int]) -> None:
     server, port = small
-    held = [await asyncio.open_connection(LOOPBACK, port) for _ in range(5)]
+    held = [await _connect_from(f"127.0.0.{2 + n}", port) for n in range(5)]  # one peer each: none over its share
     for _, writer in held:
         writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n")  # half a request each
     await eventually(lambda: server.open_connections == 3, "three connections accepted")
@@ -156,6 +157,63 @@ async def test_connections_beyond_the_bound_wait_in_the_backlog(small: tuple[App
     assert (await answer).startswith(b"HTTP/1.1 200")
     writer.close()
     await eventually(lambda: server.open_connections == 0, "every slot given back")
+
+
+async def _connect_from(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from another loopback address (Linux routes all of 127/8 to lo): another peer."""
+    return await asyncio.open_connection(LOOPBACK, port, local_addr=(host, 0))
+
+
+def _refused(listener: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "controlplane_http_refused_connections_total", {"listener": listener, "reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_one_peer_cannot_take_the_slots_another_needs(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10 point 2: 40 answered keep-alive connections from one client held every admin slot, so the
+    kubelet's /healthz waited for the header timeout. One address now holds at most a quarter of the slots;
+    connections past that are closed at once, counted and logged at a bounded rate."""
+    server = AppServer("peers listener", "peers")
+    limits = HttpLimits(max_connections=8, header_timeout=5.0, request_timeout=5.0, linger=0.1)
+    assert limits.per_peer == 2
+    (_, port), *_ = await server.start([web.get("/ok", _ok)], LOOPBACK, 0, limits)
+    before = _refused("peers", "peer share")
+    hog: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        with caplog.at_level(logging.INFO, logger="controlplane.admin.serving"):
+            for _ in range(12):  # each sends a request, reads nothing and stays open (keep-alive)
+                reader, writer = await _connect_from("127.0.0.2", port)
+                writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                hog.append((reader, writer))
+            await eventually(lambda: _refused("peers", "peer share") - before == 10, "ten connections refused")
+            assert server.open_connections == 2
+            started = time.monotonic()
+            reader, writer = await _connect_from("127.0.0.3", port)
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await _until_closed(reader)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert time.monotonic() - started < 1.0
+            answers = [await asyncio.wait_for(r.read(), timeout=10) for r, _ in hog[2:]]
+            assert answers == [b""] * 10  # closed unanswered
+        refusals = [r for r in caplog.records if "share" in r.getMessage()]
+        assert 1 <= len(refusals) <= 3, [r.getMessage() for r in refusals]
+        assert server.open_connections == 2
+    finally:
+        for _, writer in hog:
+            writer.close()
+        await server.stop()
+
+
+def test_the_per_peer_share_is_a_quarter_of_the_slots_at_least_one() -> None:
+    assert [HttpLimits(max_connections=n).per_peer for n in (1, 3, 4, 32, 256)] == [1, 1, 1, 8, 64]
+    assert HttpLimits(max_connections=32, peer_share=1.0).per_peer == 32
+    with pytest.raises(ValueError):
+        HttpLimits(peer_share=0.0)
+    with pytest.raises(ValueError):
+        HttpLimits(peer_share=1.5)
 
 
 # --- aiohttp's own logging --------------------------------------------------------------------------------

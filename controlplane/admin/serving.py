@@ -5,6 +5,9 @@ its clients use up what the others need. Each listener therefore:
 
 - accepts through its own loop, one connection per free slot (``HttpLimits.max_connections``): past the
   bound, new connections wait in the kernel's backlog and cost the process no descriptor;
+- lets one peer address hold at most its share of the slots (``HttpLimits.per_peer``, a quarter by default),
+  so one client cannot keep the kubelet's probe or a scraper waiting: a connection past the share is closed
+  at once, counted and logged at a bounded rate;
 - closes a connection that has not sent complete request headers ``header_timeout`` after connecting or
   after its previous response (slowloris), and answers 408 when a request (its body included) takes longer
   than ``request_timeout``;
@@ -28,7 +31,7 @@ from dataclasses import dataclass, replace
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from controlplane.admin.metrics import REGISTRY
 from controlplane.ratelog import RateLimitedLog
@@ -41,6 +44,14 @@ OPEN_CONNECTIONS = Gauge(
     ["listener"],
     registry=REGISTRY,
 )
+
+REFUSED_CONNECTIONS = Counter(
+    "controlplane_http_refused_connections",
+    "Connections an HTTP listener closed at once without serving them, by reason.",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
+PEER_SHARE = "peer share"
 
 # Accept fails with these when the process (or the system) is out of descriptors or buffers; retrying at once
 # fails again, so the listener waits a little (asyncio's own loop waits 1 s).
@@ -59,15 +70,23 @@ class HttpLimits:
     max_line_size: int = 8190  # request line and each header line (aiohttp's default)
     max_field_size: int = 8190
     max_headers: int = 64
+    peer_share: float = 0.25  # of max_connections, for one client address (behind a proxy: every client)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError("max connections must be at least 1")
+        if not 0 < self.peer_share <= 1:
+            raise ValueError("the per-peer share must be in (0, 1]")
         if min(self.header_timeout, self.request_timeout) <= 0 or self.linger < 0:
             raise ValueError("HTTP timeouts must be positive")
 
     def with_connections(self, max_connections: int) -> HttpLimits:
         return replace(self, max_connections=max_connections)
+
+    @property
+    def per_peer(self) -> int:
+        """Connections one client address may hold: derived from the bound, so raising it raises the share."""
+        return max(1, int(self.max_connections * self.peer_share))
 
 
 # Per-listener defaults: together 416, well under the usual soft limit of 1024 open files, leaving the rest
@@ -86,7 +105,10 @@ class AppServer:
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._open = 0
+        self._per_peer = self._max_connections = 1
+        self._peers: dict[str, int] = {}  # open connections by client address, for the per-peer share
         self._accept_errors = RateLimitedLog(log, burst=3, interval=60.0)
+        self._refusals = RateLimitedLog(log, burst=3, interval=60.0)
 
     @property
     def running(self) -> bool:
@@ -127,10 +149,12 @@ class AppServer:
             await runner.cleanup()
             raise
         self._runner, self._sockets = runner, sockets
+        self._per_peer, self._max_connections, self._peers = limits.per_peer, limits.max_connections, {}
         slots = asyncio.Semaphore(limits.max_connections)
         assert runner.server is not None
         self._accepting = [asyncio.create_task(self._accept(sock, runner.server, slots)) for sock in sockets]
         OPEN_CONNECTIONS.labels(self.listener).set(0)
+        REFUSED_CONNECTIONS.labels(self.listener, PEER_SHARE)
         return [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in sockets]
 
     async def stop(self) -> None:
@@ -152,16 +176,35 @@ class AppServer:
         while True:
             await slots.acquire()
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, address = await loop.sock_accept(sock)
             except OSError as error:
                 slots.release()
                 await self._accept_failed(error)
                 continue
-            await self._serve(conn, server, slots)
+            peer = str(address[0]) if isinstance(address, tuple) else str(address)
+            if self._peers.get(peer, 0) >= self._per_peer:
+                conn.close()  # at once, unread: its slot goes straight back to the others
+                slots.release()
+                self._refused(peer)
+                continue
+            await self._serve(conn, peer, server, slots)
 
-    async def _serve(self, conn: socket.socket, server: web.Server, slots: asyncio.Semaphore) -> None:
-        self._opened()
-        closed = _Once(lambda: self._closed(slots))
+    def _refused(self, peer: str) -> None:
+        REFUSED_CONNECTIONS.labels(self.listener, PEER_SHARE).inc()
+        self._refusals.log(
+            logging.WARNING,
+            "%s: closed a connection from %s, which already holds its share of %d connection(s) of %d"
+            " (behind a proxy every client shares one address: raise the listener's max connections)",
+            self.name,
+            peer[:64],
+            self._per_peer,
+            self._max_connections,
+            key=PEER_SHARE,
+        )
+
+    async def _serve(self, conn: socket.socket, peer: str, server: web.Server, slots: asyncio.Semaphore) -> None:
+        self._opened(peer)
+        closed = _Once(lambda: self._closed(peer, slots))
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: _Tracked(server(), closed), conn)
         except BaseException as error:  # the client reset before the transport existed, or we are stopping
@@ -186,12 +229,16 @@ class AppServer:
         elif not isinstance(error, ConnectionAbortedError):  # a client gone before accept: nothing to say
             self._accept_errors.log(logging.WARNING, "%s: accept failed: %s", self.name, error, key="other")
 
-    def _opened(self) -> None:
+    def _opened(self, peer: str) -> None:
         self._open += 1
+        self._peers[peer] = self._peers.get(peer, 0) + 1
         OPEN_CONNECTIONS.labels(self.listener).set(self._open)
 
-    def _closed(self, slots: asyncio.Semaphore) -> None:
+    def _closed(self, peer: str, slots: asyncio.Semaphore) -> None:
         self._open -= 1
+        left = self._peers.pop(peer, 1) - 1
+        if left > 0:  # an address with no connection leaves no entry: the map stays bounded by the slots
+            self._peers[peer] = left
         OPEN_CONNECTIONS.labels(self.listener).set(self._open)
         slots.release()
 
