@@ -405,7 +405,7 @@ def _check_growth(type_url: str, state: DeltaTypeState | None, request: discover
     subscribe = request.resource_names_subscribe
     initial: Collection[str] = () if state is not None and state.requested else request.initial_resource_versions
     held = state.names if state is not None else _NOTHING
-    count = len(held) + len(subscribe) + len(initial)  # |held| + |added| is an upper bound: exact only past it
+    count = len(held) + len(subscribe) + len(initial)  # an upper bound, counted exactly only past the bound
     if count > MAX_SUBSCRIBED_NAMES:
         count = len((held | set(subscribe) | set(initial)) - set(request.resource_names_unsubscribe) - {WILDCARD})
     check_subscription(type_url, itertools.chain(subscribe, initial), count)
