@@ -33,10 +33,13 @@ from controlplane.xds.delta import DeltaStream
 from controlplane.xds.protocol import (
     KEEP_SUFFIX,
     MAX_NODE_ID_BYTES,
+    MAX_RESOURCE_NAME_BYTES,
+    MAX_SUBSCRIBED_NAMES,
     MAX_UNSUPPORTED_TYPES,
     Ack,
     AdsStream,
     InvalidNode,
+    InvalidSubscription,
     Nack,
     NodeIdentified,
     Output,
@@ -809,6 +812,71 @@ def test_a_node_past_its_bounds_is_refused_before_anything_of_it_is_kept(machine
     request.node.id = "n" * MAX_NODE_ID_BYTES
     request.node.extensions.add().name = "x" * 100_000  # Envoy's extension list is dropped, never counted
     assert of_type(stream.receive(request, 0.0), NodeIdentified) == [NodeIdentified(request.node.id, GROUP)]  # type: ignore[arg-type]
+
+
+def _subscribing(machine: type[AdsStream], names: list[str], held: list[str]) -> Message:
+    """A request asking for `names` on top of `held` (SotW repeats the whole set; Delta sends what is new)."""
+    if machine is DeltaStream:
+        return discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names)
+    return discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=held + names)
+
+
+@pytest.mark.parametrize("machine", [AdsStream, DeltaStream])
+def test_subscriptions_past_the_bound_in_several_requests_are_refused_and_nothing_of_them_is_kept(
+    machine: type[AdsStream],
+) -> None:
+    """One Delta stream sending 30 requests of 60,000 names held 1.8M names (RSS 417 -> 1,767 MB)."""
+    stream = machine()
+    first = _subscribing(machine, [], [])
+    first.node.id, first.node.cluster = NODE, GROUP  # type: ignore[attr-defined]
+    stream.receive(first, 0.0)  # type: ignore[arg-type]
+    held: list[str] = []
+    step = MAX_SUBSCRIBED_NAMES // 4
+    for i in range(4):  # exactly at the bound, in four requests: accepted
+        names = [f"e-{i}-{n}" for n in range(step)]
+        stream.receive(_subscribing(machine, names, held), 0.0)  # type: ignore[arg-type]
+        held += names
+    state = stream.type_state(ENDPOINT)
+    assert state is not None and len(state.names or ()) == MAX_SUBSCRIBED_NAMES
+    with pytest.raises(InvalidSubscription, match=rf"more than the {MAX_SUBSCRIBED_NAMES} allowed") as refused:
+        stream.receive(_subscribing(machine, ["one-more"], held), 0.0)  # type: ignore[arg-type]
+    assert "one-more" not in str(refused.value) and "e-0-0" not in str(refused.value)
+    assert "one-more" not in (state.names or ()) and len(state.names or ()) == MAX_SUBSCRIBED_NAMES
+
+
+@pytest.mark.parametrize("machine", [AdsStream, DeltaStream])
+def test_a_resource_name_past_the_length_bound_is_refused_and_one_at_it_is_accepted(machine: type[AdsStream]) -> None:
+    stream = machine()
+    long_name = "n" * (MAX_RESOURCE_NAME_BYTES + 1)
+    request = _subscribing(machine, ["fine", long_name], [])
+    request.node.id, request.node.cluster = NODE, GROUP  # type: ignore[attr-defined]
+    with pytest.raises(InvalidSubscription, match=rf"is {MAX_RESOURCE_NAME_BYTES + 1} bytes, more than the") as e:
+        stream.receive(request, 0.0)  # type: ignore[arg-type]
+    assert long_name not in str(e.value) and stream.type_state(ENDPOINT) is None
+    at_bound = "é" * (MAX_RESOURCE_NAME_BYTES // 2)  # counted in bytes, not characters
+    request = _subscribing(machine, [at_bound], [])
+    stream.receive(request, 0.0)  # type: ignore[arg-type]
+    state = stream.type_state(ENDPOINT)
+    assert state is not None and state.names == frozenset([at_bound])
+    with pytest.raises(InvalidSubscription):
+        stream.receive(_subscribing(machine, [at_bound + "x"], [at_bound]), 0.0)  # type: ignore[arg-type]
+
+
+def test_delta_initial_resource_versions_count_against_the_bounds() -> None:
+    """A reconnecting client reports what it holds: those names are subscribed, so they are counted too."""
+    stream = DeltaStream()
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=["a"])
+    request.node.id, request.node.cluster = NODE, GROUP
+    for n in range(MAX_SUBSCRIBED_NAMES):
+        request.initial_resource_versions[f"held-{n}"] = "v1"
+    with pytest.raises(InvalidSubscription, match="resource names"):
+        stream.receive(request, 0.0)
+    assert stream.type_state(ENDPOINT) is None
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT)
+    request.initial_resource_versions["h" * (MAX_RESOURCE_NAME_BYTES + 1)] = "v1"
+    with pytest.raises(InvalidSubscription, match="bytes"):
+        stream.receive(request, 0.0)
+    assert stream.type_state(ENDPOINT) is None
 
 
 def test_old_snapshots_are_freed_by_reference_counting_once_every_stream_moved_past_them() -> None:

@@ -29,7 +29,12 @@ from controlplane.logformat import LOG_FORMAT, LineFormatter
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from controlplane.xds import protocol
-from controlplane.xds.protocol import MAX_NODE_CLUSTER_BYTES, MAX_NODE_ID_BYTES, MAX_NODE_METADATA_BYTES
+from controlplane.xds.protocol import (
+    MAX_NODE_CLUSTER_BYTES,
+    MAX_NODE_ID_BYTES,
+    MAX_NODE_METADATA_BYTES,
+    MAX_SUBSCRIBED_NAMES,
+)
 from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
 from controlplane.xds.server import (
     CONNECTION_LINES_PER_MINUTE,
@@ -652,6 +657,42 @@ async def test_an_oversized_node_is_refused_and_leaves_nothing_behind(
     assert plane.registry.status() == [] and plane.registry.summary() == {"by_group": {}}
     assert len(caplog.text) < 2_000
     assert not [s for m in metrics.REGISTRY.collect() for s in m.samples if len(str(s.labels)) > 300]
+
+
+async def test_a_delta_stream_subscribing_past_the_bound_is_refused_and_forgotten(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Names from later Delta requests added up without limit: 1.8M names on one stream took RSS to 1.7 GB."""
+    caplog.set_level(logging.INFO, logger="controlplane.xds")  # DEBUG lists (clipped) subscriptions by design
+    plane.cache.set(snap("subs"))
+    method = plane.channel.stream_stream(
+        f"/{SERVICE}/DeltaAggregatedResources",
+        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+    )
+    call = method()
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
+    request.node.id, request.node.cluster = "subs-1", "subs"
+    await within(call.write(request))
+    await within(call.read())
+    await eventually(lambda: bool(plane.proxies("subs-1")), "registered")
+    step = MAX_SUBSCRIBED_NAMES // 2
+    for i in range(3):
+        names = [f"secret-name-{i}-{n}" for n in range(step)]
+        try:
+            await within(
+                call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names))
+            )
+        except grpc.aio.AioRpcError:
+            break  # refused already
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        for _ in range(10):
+            assert await within(call.read()) is not grpc.aio.EOF
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details() or ""
+    assert str(MAX_SUBSCRIBED_NAMES) in details and "secret-name" not in details and len(details) < 300
+    await eventually(lambda: not plane.proxies("subs-1"), "forgotten")
+    assert "secret-name" not in caplog.text and len(caplog.text) < 2_000
 
 
 async def test_connected_proxies_are_labelled_only_by_groups_the_policy_knows(plane: Plane) -> None:

@@ -40,7 +40,7 @@ import functools
 import itertools
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple, Protocol
@@ -62,6 +62,7 @@ from controlplane.snapshots.snapshot import (
 from controlplane.xds.memo import SUBSCRIPTIONS as _SUBSCRIPTIONS
 from controlplane.xds.memo import PerSnapshot
 from controlplane.xds.protocol import (
+    MAX_SUBSCRIBED_NAMES,
     Ack,
     Event,
     Nack,
@@ -73,6 +74,7 @@ from controlplane.xds.protocol import (
     StreamIdentity,
     Subscribed,
     Withheld,
+    check_subscription,
 )
 
 WILDCARD = "*"
@@ -395,6 +397,20 @@ class _Plan(NamedTuple):
     shared: _View | None  # the view the plan is exactly, whose framed response streams share
 
 
+def _check_growth(type_url: str, state: DeltaTypeState | None, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    """Refuse a request that would take the type past the subscription bounds, before anything of it is kept.
+
+    Delta requests carry changes, so names from later requests add up: the bound is on what the stream would
+    hold after this one, `initial_resource_versions` included (they are subscribed too, see `_open`)."""
+    subscribe = request.resource_names_subscribe
+    initial: Collection[str] = () if state is not None and state.requested else request.initial_resource_versions
+    held = state.names if state is not None else _NOTHING
+    count = len(held) + len(subscribe) + len(initial)  # an upper bound, counted exactly only past the bound
+    if count > MAX_SUBSCRIBED_NAMES:
+        count = len((held | set(subscribe) | set(initial)) - set(request.resource_names_unsubscribe) - {WILDCARD})
+    check_subscription(type_url, itertools.chain(subscribe, initial), count)
+
+
 class DeltaStream(StreamIdentity):
     """The protocol state of one Delta ADS stream (the node is identified as in `AdsStream`)."""
 
@@ -418,6 +434,7 @@ class DeltaStream(StreamIdentity):
         type_url = request.type_url
         if not self._supported(type_url, events):
             return Output((), tuple(events))
+        _check_growth(type_url, self._types.get(type_url), request)
         state = self._types.setdefault(type_url, DeltaTypeState())
         if request.response_nonce:
             self._answer(type_url, state, request, now, events)

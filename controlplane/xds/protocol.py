@@ -55,6 +55,11 @@ MAX_NODE_ID_BYTES = 512
 MAX_NODE_CLUSTER_BYTES = 256
 MAX_NODE_METADATA_BYTES = 16 * 1024
 MAX_NODE_BYTES = 32 * 1024  # the whole node as kept (without its extension list)
+# What one stream may subscribe to, per type (docs/xds-and-audit-bounds.md): names from later requests add up, so
+# the 2 MiB message cap alone let one Delta stream hold 1.8M names. A gateway subscribes to one EDS name per
+# backend cluster (~1,000 for a large one); compiled names are a prefix and a policy name (under 100 bytes).
+MAX_SUBSCRIBED_NAMES = 10_000
+MAX_RESOURCE_NAME_BYTES = 512
 MAX_UNSUPPORTED_TYPES = 16  # distinct unknown type URLs reported per stream; more are ignored silently
 # Types whose ACK means "nothing routes to a removed cluster any more" (rule 6, make-before-break).
 _CLUSTER_USERS = (LISTENER, ROUTE)
@@ -70,10 +75,18 @@ def type_label(type_url: str) -> str:
     return TYPE_LABELS.get(type_url, "other")
 
 
-class InvalidNode(ValueError):
-    """The first request's node is past a documented bound: the stream is refused (INVALID_ARGUMENT).
+class InvalidRequest(ValueError):
+    """A request is past a documented bound: the stream is refused (INVALID_ARGUMENT).
 
     The message names the field and the sizes, never the content, so it is safe to log and to send back."""
+
+
+class InvalidNode(InvalidRequest):
+    """The first request's node is past a documented bound."""
+
+
+class InvalidSubscription(InvalidRequest):
+    """A stream asked for more resource names of a type, or a longer name, than any gateway needs."""
 
 
 def _check_node(node: base_pb2.Node) -> None:
@@ -91,6 +104,23 @@ def _check_node(node: base_pb2.Node) -> None:
         if size > limit:
             field_name = f"node.{name}" if name else "node"
             raise InvalidNode(f"{field_name} is {size} bytes, more than the {limit} allowed")
+
+
+def check_subscription(type_url: str, names: Iterable[str], count: int) -> None:
+    """Refuse a request whose names, or the `count` a type would be subscribed to after it, pass the bounds.
+
+    Called before anything of the request is kept; the message names the type and sizes, never a name."""
+    label = type_label(type_url)
+    if count > MAX_SUBSCRIBED_NAMES:
+        raise InvalidSubscription(
+            f"{label} subscription would hold {count} resource names, more than the {MAX_SUBSCRIBED_NAMES} allowed"
+        )
+    for name in names:
+        size = len(name) if len(name) * 4 <= MAX_RESOURCE_NAME_BYTES else len(name.encode())  # UTF-8: <= 4 each
+        if size > MAX_RESOURCE_NAME_BYTES:
+            raise InvalidSubscription(
+                f"a {label} resource name is {size} bytes, more than the {MAX_RESOURCE_NAME_BYTES} allowed"
+            )
 
 
 class RejectedVersions(Protocol):
@@ -252,10 +282,13 @@ class _Target(NamedTuple):
 def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
     """CDS and LDS with no names or with "*" are wildcards; anything else is the set of names asked for.
 
+    Raises `InvalidSubscription` past the bounds, before the set is interned or kept.
+
     Every proxy of a group asks for the same names: the set is interned, so ten thousand streams hold one
     frozenset (not ten thousand copies of every cluster name) and the memos below match it by identity.
     """
     names = frozenset(resource_names)
+    check_subscription(type_url, names, len(names))  # SotW repeats the whole set: this request is all of it
     if type_url in WILDCARD_TYPES and (not names or "*" in names):
         return None
     return _SUBSCRIPTIONS.intern(names)
@@ -477,8 +510,9 @@ class AdsStream(StreamIdentity):
         type_url = request.type_url
         if not self._supported(type_url, events):
             return Output((), tuple(events))
+        names = subscription(type_url, request.resource_names)  # refuses past the bounds, before anything is kept
         state = self._types.setdefault(type_url, TypeState())
-        if not self._accept(type_url, state, request, now, events):
+        if not self._accept(type_url, state, request, names, now, events):
             return Output((), tuple(events))
         return self._plan(now, events)
 
@@ -496,6 +530,7 @@ class AdsStream(StreamIdentity):
         type_url: str,
         state: TypeState,
         request: discovery_pb2.DiscoveryRequest,
+        names: Names,
         now: float,
         events: list[Event],
     ) -> bool:
@@ -508,7 +543,6 @@ class AdsStream(StreamIdentity):
             events.append(self._answer(type_url, state, request, now))
         elif state.sent_version is None:
             state.client_version = request.version_info
-        names = subscription(type_url, request.resource_names)
         if not state.requested or names != state.names:
             state.requested = True
             state.names = names

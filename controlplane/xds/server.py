@@ -403,7 +403,7 @@ class XdsServer:
                 self._on_request(session, receive, request)
         except asyncio.CancelledError:
             raise
-        except protocol.InvalidNode as error:  # the message names sizes, never the content
+        except protocol.InvalidRequest as error:  # the message names sizes, never the content
             session.refusal = str(error)
             self._refused_log.log(logging.WARNING, "refused ADS stream from %s: %s", session.peer, error)
         except Exception as error:  # a broken peer or a bug: end this stream, keep the others
