@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
 from controlplane.cli.bootstrap import render_bootstrap
-from controlplane.model.credentials import EXCHANGE_PATH
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
+from tests.support.exchange import post_exchange
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import HookTarget, deliver
 from tests.support.ports import LOOPBACK, free_port, poll_until
@@ -90,16 +89,9 @@ class Stack:
         return self.gitlab.mint(job_id=job_id, **merged)
 
     def exchange(self, subject: str, **form: str) -> HttpResponse:
-        body = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token": subject,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": "reports-api",
-            **form,
-        }
-        headers = {"Host": "reports.local", "Content-Type": "application/x-www-form-urlencoded"}
-        url = f"http://{LOOPBACK}:{self.listen_port}{EXCHANGE_PATH}"
-        return http_request(url, method="POST", headers=headers, body=urlencode(body).encode())
+        fields = {"audience": "reports-api", **form}
+        audience = fields.pop("audience")
+        return post_exchange(self.listen_port, subject, audience, host="reports.local", **fields)
 
     def credential(self, job_id: int, **form: str) -> str:
         response = self.exchange(self.subject(job_id), **form)

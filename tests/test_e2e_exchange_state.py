@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
 from controlplane.cli.bootstrap import render_bootstrap
-from controlplane.model.credentials import EXCHANGE_PATH
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
+from tests.support.exchange import post_exchange
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import HookTarget, deliver
 from tests.support.ports import LOOPBACK, free_port, poll_until
@@ -86,15 +85,7 @@ class Stack:
         return self.gitlab.mint(job_id=job_id, aud=aud, project_id=42, ttl=3600, **claims)
 
     def exchange(self, subject: str, backend: str = "reports-api") -> HttpResponse:
-        body = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token": subject,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": backend,
-        }
-        url = f"http://{LOOPBACK}:{self.controlplane.exchange_port}{EXCHANGE_PATH}"
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        return http_request(url, method="POST", headers=headers, body=urlencode(body).encode())
+        return post_exchange(self.controlplane.exchange_port, subject, backend)
 
     def call(self, host: str, token: str) -> int:
         headers = {"Host": host, "Authorization": f"Bearer {token}"}

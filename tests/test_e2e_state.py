@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
 from controlplane.cli.bootstrap import render_bootstrap
-from controlplane.model.credentials import EXCHANGE_PATH
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
+from tests.support.exchange import post_exchange
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import HookTarget, deliver
 from tests.support.ports import LOOPBACK, free_port, poll_until
@@ -105,17 +104,7 @@ class Stack:
 
     def exchange(self, subject: str) -> HttpResponse:
         """Through the gateway, as a job does."""
-        form = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token": subject,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": "reports-api",
-        }
-        return self._post(EXCHANGE_PATH, urlencode(form).encode())
-
-    def _post(self, path: str, body: bytes) -> HttpResponse:
-        headers = {"Host": "reports.local", "Content-Type": "application/x-www-form-urlencoded"}
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", method="POST", headers=headers, body=body)
+        return post_exchange(self.listen_port, subject, "reports-api", host="reports.local")
 
     def call(self, token: str, host: str = "reports.local") -> int:
         headers = {"Host": host, "Authorization": f"Bearer {token}"}
