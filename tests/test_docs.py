@@ -31,3 +31,14 @@ def test_every_exported_metric_is_in_the_reference() -> None:
         documented |= {name.rsplit("_", 2)[0] + short for name in documented}
     missing = sorted(n for n in _exported() if n not in documented)
     assert not missing, f"metrics missing from docs/metrics.md: {missing}"
+
+
+def test_the_complete_policy_example_is_a_valid_policy() -> None:
+    """docs/policy-example.md is what a reader copies: every file of it, as printed, must load."""
+    from controlplane.model.load import parse_policy
+
+    text = (ROOT / "docs" / "policy-example.md").read_text()
+    files = dict(re.findall(r"^`([\w/.-]+\.yaml)`\n```yaml\n(.*?)```", text, flags=re.MULTILINE | re.DOTALL))
+    assert {"issuers.yaml", "inventory/gitlab.yaml", "roles.yaml", "bindings.yaml", "gateway.yaml"} <= set(files)
+    policy = parse_policy(files)
+    assert {b.name for b in policy.bindings} == {"deployer-deploys", "platform-reads", "sre-humans"}
