@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from controlplane.admin import metrics
+from controlplane.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane.admin import metrics
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
@@ -33,6 +32,7 @@ from controlplane.model.reuse import reuse_unchanged
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
+from controlplane.telemetry import metrics
 
 if TYPE_CHECKING:
     from controlplane.snapshots.cache import SnapshotCache

@@ -42,7 +42,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from controlplane.admin.metrics import REGISTRY
+from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.state")
 

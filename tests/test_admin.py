@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from controlplane.admin.http import AdminServer
-from controlplane.admin.metrics import SNAPSHOT_BUILDS
 from controlplane.cli.status import StatusFilters, add_status_arguments, format_age, format_nack, run_status
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.telemetry.metrics import SNAPSHOT_BUILDS
 from controlplane.xds.registry import ProxyRegistry
 
 

@@ -28,7 +28,6 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.audit import als
 from controlplane.audit.als import METHOD, SERVICE, AccessLogService, backend_of_route, record_from_entry
 from controlplane.audit.store import REDACTED, AuditRecord, AuditStore, open_readonly
@@ -40,6 +39,7 @@ from controlplane.snapshots import golden
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ROUTE, Snapshot
 from controlplane.statefile import StateFileError
+from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import Sender, XdsServer
 from controlplane.xds.tls import ServerTls

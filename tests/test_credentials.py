@@ -27,7 +27,6 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import string_pb2, value_pb2
 
 from controlplane import statefile
-from controlplane.admin.metrics import REGISTRY
 from controlplane.compiler.claims import Condition, ResolvedSubject, subject_principal
 from controlplane.compiler.grants import GrantIndex
 from controlplane.compiler.rbac import GrantSpec
@@ -46,6 +45,7 @@ from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH
 from controlplane.model.policy import Mode
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.statefile import StateFileError
+from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of
 from tests.support.fake_gitlab import OMIT, FakeGitLab, decode_unverified
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import controlplane.cli.serve  # noqa: F401  (imports every module that registers a metric)
-from controlplane.admin.metrics import REGISTRY
+from controlplane.telemetry.metrics import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 

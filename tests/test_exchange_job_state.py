@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult, MissedHooks
 from controlplane.credentials.exchange_store import LiveJob
 from controlplane.credentials.service import CredentialOptions, CredentialService, JobStatusReaders
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.sources.webhooks import JobEvent
+from controlplane.telemetry.metrics import REGISTRY
 from tests.support.fake_gitlab import FakeGitLab
 from tests.test_credentials import Clock, exchange_policy
 

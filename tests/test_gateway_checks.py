@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.exchange import ExchangeIssuer, ExchangePolicy, JobToVerify, MissedHooks
 from controlplane.credentials.gateway_checks import GatewayJobChecks
+from controlplane.telemetry.metrics import REGISTRY
 from tests.support.ports import eventually
 
 GITLAB = "https://gitlab.example"

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.admin import metrics
 from controlplane.gc_control import AUTOMATIC_FULL_OFF, CollectorSchedule
+from controlplane.telemetry import metrics
 from tests.support.ports import eventually
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.model.inventory import Environment, Group, Ref
 from controlplane.sources.gitlab import (
     GitLabRefused,
@@ -30,6 +29,7 @@ from controlplane.sources.gitlab import (
     tag_is_protected,
     token_from,
 )
+from controlplane.telemetry.metrics import REGISTRY
 from tests.support.backends import http_request
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.ports import poll_until

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import replace
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.sources.gitlab_watch import InventoryWatcher, Scope
+from controlplane.telemetry.metrics import REGISTRY
 from tests.support.ports import eventually
 
 

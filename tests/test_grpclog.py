@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from controlplane.grpclog import route_grpc_logs
 from controlplane.snapshots.cache import SnapshotCache
+from controlplane.telemetry.grpclog import route_grpc_logs
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import SERVICE, XdsServer
 from tests.support.ports import LOOPBACK, eventually

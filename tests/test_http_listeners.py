@@ -1,4 +1,4 @@
-"""The shared HTTP listener (admin/serving.py) against slow and malformed clients, over real loopback sockets.
+"""The shared HTTP listener (serving.py) against slow and malformed clients, over real loopback sockets.
 
 Issue 10: slow clients exhausted the process's descriptors (point 2) and aiohttp logged the bytes of malformed
 requests, secrets included (point 12). The e2e side (a whole `serve` under a 256-file limit) is in
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from controlplane.admin.metrics import REGISTRY
-from controlplane.admin.serving import AppServer, HttpLimits, fit_connection_budget, fit_xds_connections
-from controlplane.ratelog import RateLimitedLog
+from controlplane.serving import AppServer, HttpLimits, fit_connection_budget, fit_xds_connections
 from controlplane.sources.webhooks import WebhookReceiver
+from controlplane.telemetry.metrics import REGISTRY
+from controlplane.telemetry.ratelog import RateLimitedLog
 from tests.support.backends import http_request
 from tests.support.ports import LOOPBACK, eventually, poll_until
 
@@ -182,7 +182,7 @@ async def test_one_peer_cannot_take_the_slots_another_needs(caplog: pytest.LogCa
     before = _refused("peers", "peer share")
     hog: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        with caplog.at_level(logging.INFO, logger="controlplane.admin.serving"):
+        with caplog.at_level(logging.INFO, logger="controlplane.serving"):
             for _ in range(12):  # each sends a request, reads nothing and stays open (keep-alive)
                 reader, writer = await _connect_from("127.0.0.2", port)
                 writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -282,7 +282,7 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
     """In a child whose soft limit is below its hard one, as systemd and most shells start services."""
     script = (
         "import logging, resource; logging.basicConfig(level=logging.INFO, format='%(message)s');"
-        "from controlplane.admin.serving import raise_open_file_limit;"
+        "from controlplane.serving import raise_open_file_limit;"
         "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
 
@@ -324,7 +324,7 @@ def test_xds_gets_what_the_http_listeners_and_the_reserve_leave(caplog: pytest.L
 LISTENER_SCRIPT = """
 import asyncio, logging, sys
 from aiohttp import web
-from controlplane.admin.serving import AppServer, HttpLimits
+from controlplane.serving import AppServer, HttpLimits
 
 async def ok(_request):
     return web.Response(text="ok")

@@ -21,7 +21,6 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.compiler.compile import CompiledGroup, compile_policy
 from controlplane.compiler.jwt import PLACEHOLDER_JWKS, PLACEHOLDER_KID
 from controlplane.keyrelay import KeyRelay
@@ -30,6 +29,7 @@ from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, LISTENER, ROUTE
 from controlplane.sources.jwks import JwksDocument, JwksError, JwksFetcher, normalize_jwks
+from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import clusters, jwt_authentication, policy_of
 from tests.support.fake_oidc import SigningKey
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from controlplane.logformat import LOG_FORMAT, LineFormatter
+from controlplane.telemetry.logformat import LOG_FORMAT, LineFormatter
 
 
 def record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:

@@ -11,8 +11,8 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import logging, os, sys
-    from controlplane import logformat
-    from controlplane.grpclog import bound_native_stderr
+    from controlplane.telemetry import logformat
+    from controlplane.telemetry.grpclog import bound_native_stderr
 
     logformat.install("INFO")
     restore = bound_native_stderr()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection, Iterable
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob, MemoryExchangeStore
 from controlplane.credentials.recovery import Candidate, JobRecovery, StatusReader, candidates
 from controlplane.gitlab_link import GitLabLink
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.inventory import Inventory
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
+from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of
 from tests.support.ports import eventually
 

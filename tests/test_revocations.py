@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from controlplane import statefile
-from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.revocations import Revocations
 from controlplane.statefile import StateFileError
+from controlplane.telemetry.metrics import REGISTRY
 
 
 class Clock:

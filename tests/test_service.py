@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from controlplane import service as service_module
-from controlplane.admin import metrics
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER
 from controlplane.sources.pins import PinStore
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles
+from controlplane.telemetry import metrics
 from tests.support.ports import eventually
 
 ROOT = Path(__file__).resolve().parent.parent

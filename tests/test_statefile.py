@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from controlplane import statefile
-from controlplane.admin.metrics import REGISTRY
 from controlplane.statefile import OffLoopWriter, StateFileError, atomic_write_json, ensure_state_dir, read_json
+from controlplane.telemetry.metrics import REGISTRY
 
 
 def test_a_write_is_fsynced_then_renamed_then_the_directory_fsynced(

@@ -23,7 +23,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.sources.webhooks import (
     WEBHOOK_LAST_EVENT,
     GitLabEvent,
@@ -38,6 +37,7 @@ from controlplane.sources.webhooks import (
     parse_event,
     secrets_from,
 )
+from controlplane.telemetry.metrics import REGISTRY
 
 SECRET = b"s3cr3t-webhook-token-7d1f0c2e"
 NEXT_SECRET = b"rotated-webhook-token-0a9b8c7d6e5f"

@@ -24,10 +24,10 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
-from controlplane.admin import metrics
-from controlplane.logformat import LOG_FORMAT, LineFormatter
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.telemetry import metrics
+from controlplane.telemetry.logformat import LOG_FORMAT, LineFormatter
 from controlplane.xds import protocol
 from controlplane.xds.protocol import (
     MAX_NODE_CLUSTER_BYTES,

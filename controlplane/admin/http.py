@@ -18,9 +18,9 @@ from aiohttp.typedefs import Handler
 from multidict import MultiMapping
 from prometheus_client import generate_latest
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
-from controlplane.admin.serving import ADMIN_LIMITS, AppServer, HttpLimits
+from controlplane.serving import ADMIN_LIMITS, AppServer, HttpLimits
+from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
 log = logging.getLogger(__name__)

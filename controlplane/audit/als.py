@@ -59,7 +59,7 @@ from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_STREAMS_REFU
 from controlplane.audit.store import AuditRecord, AuditStore
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
-from controlplane.ratelog import RateLimitedLog
+from controlplane.telemetry.ratelog import RateLimitedLog
 from controlplane.xds.server import WARNINGS_PER_MINUTE, Sender, clip, peer_address
 from controlplane.xds.tls import peer_identity
 

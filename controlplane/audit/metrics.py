@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from controlplane.admin.metrics import REGISTRY
+from controlplane.telemetry.metrics import REGISTRY
 
 AUDIT_RECORDS_WRITTEN = Counter(
     "controlplane_audit_records_written_total",

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane import __version__, logformat
-from controlplane.grpclog import bound_native_stderr, route_grpc_logs
+from controlplane import __version__
 from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.telemetry import logformat
+from controlplane.telemetry.grpclog import bound_native_stderr, route_grpc_logs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,9 +74,9 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from controlplane.admin.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS
     from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.status import add_status_arguments
+    from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS
 
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
@@ -333,9 +334,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from controlplane.admin.serving import HttpLimits
     from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
     from controlplane.credentials.service import CredentialOptions
+    from controlplane.serving import HttpLimits
 
     if args.job_sweep_interval < 1:
         print("--job-sweep-interval must be at least 1 second", file=sys.stderr)

@@ -11,14 +11,6 @@ from pathlib import Path
 
 from controlplane import __version__
 from controlplane.admin.http import AdminServer, is_loopback
-from controlplane.admin.serving import (
-    ADMIN_LIMITS,
-    WEBHOOK_LIMITS,
-    HttpLimits,
-    fit_connection_budget,
-    fit_xds_connections,
-    raise_open_file_limit,
-)
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.credentials.exchange_store import ExchangeStoreError
@@ -29,6 +21,14 @@ from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
 from controlplane.model.policy import Policy
 from controlplane.service import DEFAULT_RELOAD_TIMEOUT, PolicyService
+from controlplane.serving import (
+    ADMIN_LIMITS,
+    WEBHOOK_LIMITS,
+    HttpLimits,
+    fit_connection_budget,
+    fit_xds_connections,
+    raise_open_file_limit,
+)
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.gitlab import GitLabSource, token_from
 from controlplane.sources.gitlab_policy import GitLabPolicySource
@@ -92,7 +92,7 @@ class ServeOptions:
     audit_retention: float = 30 * 86_400.0
     xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
-    admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (admin/serving.py)
+    admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (serving.py)
     webhook_limits: HttpLimits = WEBHOOK_LIMITS
     xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
     policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)

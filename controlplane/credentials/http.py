@@ -13,11 +13,11 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from controlplane.admin.serving import EXCHANGE_LIMITS, AppServer, HttpLimits
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, JobToVerify, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
-from controlplane.ratelog import RateLimitedLog
+from controlplane.serving import EXCHANGE_LIMITS, AppServer, HttpLimits
+from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.credentials")
 

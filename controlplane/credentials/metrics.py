@@ -11,7 +11,7 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.admin.metrics import REGISTRY
+from controlplane.telemetry.metrics import REGISTRY
 
 RESULTS: Final = (
     "granted",

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
+from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.credentials.recovery")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.statefile import (
     OffLoopWriter,
     StateFileError,
@@ -26,6 +25,7 @@ from controlplane.statefile import (
     read_json,
     report_write_failure,
 )
+from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.revocations")
 

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.admin.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
 from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
@@ -24,9 +23,10 @@ from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
-from controlplane.ratelog import RateLimitedLog
+from controlplane.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
 from controlplane.sources.webhooks import GitLabEvent, JobEvent
+from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.credentials")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from controlplane.admin.metrics import REGISTRY
+from controlplane.telemetry.metrics import REGISTRY
 
 GITLAB_REQUESTS = Counter(
     "controlplane_gitlab_requests_total",

@@ -27,8 +27,8 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from controlplane.admin.metrics import REGISTRY
 from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.gitlab")
 

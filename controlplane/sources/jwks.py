@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import Counter, Gauge
 
 from controlplane import __version__
-from controlplane.admin.metrics import REGISTRY
+from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.jwks")
 

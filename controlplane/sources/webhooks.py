@@ -44,9 +44,9 @@ from typing import Any, Final, TypeAlias
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from controlplane.admin.metrics import REGISTRY
-from controlplane.admin.serving import WEBHOOK_LIMITS, AppServer, HttpLimits
-from controlplane.ratelog import RateLimitedLog
+from controlplane.serving import WEBHOOK_LIMITS, AppServer, HttpLimits
+from controlplane.telemetry.metrics import REGISTRY
+from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.webhooks")
 

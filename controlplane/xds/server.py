@@ -24,10 +24,10 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.admin import metrics
-from controlplane.ratelog import RateLimitedLog
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.telemetry import metrics
+from controlplane.telemetry.ratelog import RateLimitedLog
 from controlplane.xds import protocol
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.protocol import AdsStream, Output, Response, type_label

@@ -33,8 +33,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import Counter, Gauge
 
-from controlplane.admin.metrics import REGISTRY
-from controlplane.ratelog import RateLimitedLog
+from controlplane.telemetry.metrics import REGISTRY
+from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

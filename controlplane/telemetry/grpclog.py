@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from controlplane.ratelog import RateLimitedLog
+from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.grpc")
 
