@@ -28,35 +28,6 @@ from controlplane.model.policy import Named, Policy
 from controlplane.model.yaml_source import YMap, YNode, YScalar
 
 
-def _inventory_references(parsed: Mapping[str, tuple[YNode, ...]]) -> set[str]:
-    """Files named by some Issuer's `inventory:`; they are read as inventories, not policy documents."""
-    found = set()
-    for documents in parsed.values():
-        for node in documents:
-            if not isinstance(node, YMap) or _scalar_value(node, "kind") != "Issuer":
-                continue
-            path = _scalar_value(node, "inventory")
-            if isinstance(path, str) and path:
-                found.add(posixpath.normpath(path))
-    return found
-
-
-def _scalar_value(node: YMap, key: str) -> object:
-    value = node.get(key)
-    return value.value if isinstance(value, YScalar) else None
-
-
-def _register_names(docs: list[Doc], errors: Errors) -> dict[str, dict[str, Source]]:
-    registry = Registry()
-    names: dict[str, dict[str, Source]] = {}
-    for doc in docs:
-        if doc.name is not None:
-            registry.add((doc.kind, doc.name), doc.source, "name", f"{doc.kind} {quoted(doc.name)}")
-            names.setdefault(doc.kind, {}).setdefault(doc.name, doc.source)
-    registry.report(errors, lambda others: f"duplicate name, also used by {others}")
-    return names
-
-
 class PolicyLoader:
     """Loads policy trees one after another, reusing what an unchanged file gave the load before.
 
@@ -133,6 +104,35 @@ def _load(files: Mapping[str, str], parses: ParseCache, built: _BuildMemo) -> Po
     return policy
 
 
+def _inventory_references(parsed: Mapping[str, tuple[YNode, ...]]) -> set[str]:
+    """Files named by some Issuer's `inventory:`; they are read as inventories, not policy documents."""
+    found = set()
+    for documents in parsed.values():
+        for node in documents:
+            if not isinstance(node, YMap) or _scalar_value(node, "kind") != "Issuer":
+                continue
+            path = _scalar_value(node, "inventory")
+            if isinstance(path, str) and path:
+                found.add(posixpath.normpath(path))
+    return found
+
+
+def _scalar_value(node: YMap, key: str) -> object:
+    value = node.get(key)
+    return value.value if isinstance(value, YScalar) else None
+
+
+def _register_names(docs: list[Doc], errors: Errors) -> dict[str, dict[str, Source]]:
+    registry = Registry()
+    names: dict[str, dict[str, Source]] = {}
+    for doc in docs:
+        if doc.name is not None:
+            registry.add((doc.kind, doc.name), doc.source, "name", f"{doc.kind} {quoted(doc.name)}")
+            names.setdefault(doc.kind, {}).setdefault(doc.name, doc.source)
+    registry.report(errors, lambda others: f"duplicate name, also used by {others}")
+    return names
+
+
 N = TypeVar("N", bound=Named)
 
 
@@ -171,7 +171,7 @@ class _RecordingRegistry(Registry):
 class _BuildMemo:
     """Documents that built without error, reused while their YAML node and what they saw of the tree stay.
 
-    `parse_yaml` returns the very same nodes for a file whose text did not change, so a one-file commit
+    The parse cache returns the very same nodes for a file whose text did not change, so a one-file commit
     rebuilds that file's documents only (at 1,000 backends the rest took ~0.3 s per commit). A document's
     build depends on the names declared in the whole tree (references), on whether every file parsed, and,
     for Bindings, on the issuers' types: that is the fingerprint. Issuers also read inventories, which are

@@ -31,7 +31,8 @@ class ParseCache:
 
     A reload needs only the previous version of each file (a commit usually changes one of many), so that is
     all that is kept: an lru over (file, text) pairs kept every version it had seen, 50 MB files included.
-    Least recently used names go first when a bound is reached. Loads run in worker threads, hence the lock.
+    Least recently used names go first when a bound is reached. Loads run in worker threads and `info` may be
+    read from another, hence the lock.
     """
 
     def __init__(self, max_bytes: int = PARSE_CACHE_BYTES, max_files: int = PARSE_CACHE_FILES) -> None:

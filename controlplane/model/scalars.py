@@ -32,6 +32,7 @@ _DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _GITLAB_SEGMENT = r"[A-Za-z0-9_.][A-Za-z0-9_.-]*"
 _GROUP_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})*\Z")
 _PROJECT_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})+\Z")
+_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
 
 
 def string(ctx: Ctx, node: YNode, path: str) -> str | None:
@@ -58,6 +59,14 @@ def boolean(ctx: Ctx, node: YNode, path: str) -> bool | None:
         fail(ctx, node, path, "true or false")
         return None
     return value
+
+
+def number(ctx: Ctx, node: YNode, path: str) -> float | None:
+    value = node.value if isinstance(node, YScalar) and not node.reported else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        fail(ctx, node, path, "a number")
+        return None
+    return float(value)
 
 
 def checked(conv: Conv[T], check: Callable[[T], str | None]) -> Conv[T]:
@@ -110,6 +119,7 @@ positive = checked(integer, lambda v: None if 0 < v <= MAX_ID else _not_an_id(v)
 name = matching(_NAME_RE, "must be lower-case letters, digits and '-', start and end with a letter or digit (max 63)")
 hostname = matching(_HOST_RE, "expected a lower-case DNS name without port")
 host_pattern = matching(_WILDCARD_HOST_RE, "expected a lower-case DNS name (or *.domain) without port")
+env_name = matching(_ENV_NAME_RE, "expected an environment variable name such as GITLAB_TOKEN")
 
 
 def _absolute_path_check(value: str) -> str | None:
@@ -201,6 +211,9 @@ def seconds(lo: int, hi: int, why: str = "") -> Conv[int]:
 
 # --- GitLab references ---------------------------------------------------------------------------
 
+group_path = matching(_GROUP_PATH_RE, "expected a GitLab group path such as acme/platform")
+project_path = matching(_PROJECT_PATH_RE, "expected a GitLab project path such as acme/platform/deployer")
+
 
 def project_ref(ctx: Ctx, node: YNode, path: str) -> ProjectRef | None:
     return _pin_ref(ctx, node, path, _PROJECT_PATH_RE, "a project path (namespace/project)")
@@ -221,19 +234,3 @@ def _pin_ref(ctx: Ctx, node: YNode, path: str, regex: re.Pattern[str], what: str
         return None
     fail(ctx, node, path, f"{what} or a positive id")
     return None
-
-
-_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*\Z")
-env_name = matching(_ENV_NAME_RE, "expected an environment variable name such as GITLAB_TOKEN")
-
-
-def number(ctx: Ctx, node: YNode, path: str) -> float | None:
-    value = node.value if isinstance(node, YScalar) and not node.reported else None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        fail(ctx, node, path, "a number")
-        return None
-    return float(value)
-
-
-group_path = matching(_GROUP_PATH_RE, "expected a GitLab group path such as acme/platform")
-project_path = matching(_PROJECT_PATH_RE, "expected a GitLab project path such as acme/platform/deployer")
