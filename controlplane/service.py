@@ -26,7 +26,7 @@ from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import QUOTE_LIMIT, PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
-from controlplane.model.load import parse_policy, policy_warnings
+from controlplane.model.loader import PolicyLoader, parse_policy, policy_warnings
 from controlplane.model.policy import Policy
 from controlplane.model.reuse import reuse_unchanged
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
@@ -124,6 +124,7 @@ class PolicyService:
         self._memo = CompilerMemo()
         self._exchange_memo: ExchangeMemo = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._loader = PolicyLoader()  # keeps what unchanged files gave, so a commit rebuilds only its own files
         self._parsed: tuple[Mapping[str, str], Policy] | None = None  # last parse, reused when files are equal
         self._policy: Policy | None = None  # the policy in service (last good), before live inputs
         self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
@@ -259,7 +260,7 @@ class PolicyService:
         if self._parsed is not None and self._parsed[0] == files:
             return self._parsed[1]  # same objects: the compiler's memo then reuses everything
         previous = self._parsed[1] if self._parsed is not None else None
-        policy = reuse_unchanged(parse_policy(files), previous)
+        policy = reuse_unchanged(self._loader.load(files), previous)
         self._parsed = (dict(files), policy)
         return policy
 
@@ -297,7 +298,7 @@ class PolicyService:
         return model
 
     def _note_resolution(self, policy_warnings: list[PolicyError]) -> None:
-        """`policy_warnings`: those of the policy itself (see model.load.policy_warnings); the grant index adds
+        """`policy_warnings`: those of the policy itself (see model.loader.policy_warnings); the grant index adds
         GitLab's (access withdrawn, stale paths)."""
         warnings = [str(w) for w in sorted([*policy_warnings, *self._memo.grant_index.warnings()])]
         for new in sorted(set(warnings) - set(self.state.warnings)):

@@ -10,7 +10,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
 from controlplane.compiler.compile import CompiledGroup
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
 from controlplane.snapshots.snapshot import CLUSTER, LISTENER, ROUTE
 

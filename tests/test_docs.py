@@ -35,7 +35,7 @@ def test_every_exported_metric_is_in_the_reference() -> None:
 
 def test_the_complete_policy_example_is_a_valid_policy() -> None:
     """docs/policy-example.md is what a reader copies: every file of it, as printed, must load."""
-    from controlplane.model.load import parse_policy
+    from controlplane.model.loader import parse_policy
 
     text = (ROOT / "docs" / "policy-example.md").read_text()
     files = dict(re.findall(r"^`([\w/.-]+\.yaml)`\n```yaml\n(.*?)```", text, flags=re.MULTILINE | re.DOTALL))

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.service import compile_model
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from controlplane.cli.bootstrap import render_bootstrap
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.model.policy import JwksMode
 from controlplane.service import compile_model
 from tests.support.backends import EchoBackend, http_request

@@ -18,7 +18,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from controlplane.compiler.compile import compile_policy
 from controlplane.model.credentials import EXCHANGE_PATH, CredentialInputs
 from controlplane.model.errors import PolicyInvalid
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Injection, Policy
 from controlplane.snapshots import golden
 from controlplane.snapshots.snapshot import LISTENER, ROUTE, SECRET, build_snapshots

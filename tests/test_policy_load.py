@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from controlplane.model import errors as errors_module
-from controlplane.model import load, yaml_source
+from controlplane.model import yaml_source
 from controlplane.model.errors import PolicyError, PolicyInvalid, Source
 from controlplane.model.inventory import Group, Inventory, Project
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import PolicyLoader, parse_policy
+from controlplane.model.parse_cache import PARSE_CACHE_BYTES, ParseCache
 from controlplane.model.policy import (
     Backend,
     Binding,
@@ -1132,12 +1133,13 @@ subjects: [{project: 42}]
 def test_a_reload_parses_only_the_files_that_changed() -> None:
     """A policy commit usually touches one file of many: the others' YAML is not composed again."""
     files = {f"team-{i}.yaml": f"kind: Role\nname: r{i}\nbackend: b\nrules: [{{methods: [GET]}}]\n" for i in range(5)}
+    cache = ParseCache()
     for name, text in files.items():
-        parse_yaml(name, text)
-    before = yaml_source.parse_cache_info()
+        cache.parse(name, text)
+    before = cache.info()
     changed = {**files, "team-0.yaml": files["team-0.yaml"] + "# edited\n"}
-    results = [parse_yaml(name, text) for name, text in changed.items()]
-    after = yaml_source.parse_cache_info()
+    results = [cache.parse(name, text) for name, text in changed.items()]
+    after = cache.info()
     assert (after.hits - before.hits, after.misses - before.misses) == (4, 1)
     assert all(r.complete and not r.errors for r in results)
 
@@ -1145,53 +1147,64 @@ def test_a_reload_parses_only_the_files_that_changed() -> None:
 # --- reloading: documents of unchanged files are reused, never with a stale view of the tree -------------
 
 
-def _errors_of(files: dict[str, str]) -> list[str]:
+def _errors_of(files: dict[str, str], loader: PolicyLoader | None = None) -> list[str]:
     with pytest.raises(PolicyInvalid) as invalid:
-        parse_policy(files)
+        loader.load(files) if loader is not None else parse_policy(files)
     return [str(e) for e in invalid.value.errors]
 
 
-def test_a_reload_reuses_the_documents_of_unchanged_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    first = parse_policy(FULL)
+def test_a_reload_reuses_the_documents_of_unchanged_files() -> None:
+    loader = PolicyLoader()
+    first = loader.load(FULL)
     changed = {**FULL, "roles.yml": FULL["roles.yml"].replace("methods: [GET, HEAD]", "methods: [GET]")}
-    second = parse_policy(changed)
+    second = loader.load(changed)
     assert second.backends[0] is first.backends[0] and second.bindings[0] is first.bindings[0]
     assert second.roles[0] is not first.roles[0] and second.roles[0] != first.roles[0]
-    monkeypatch.setattr(load, "_BUILT", load._BuildMemo())
-    assert parse_policy(changed) == second
+    assert (loader.cache_info().hits, loader.cache_info().misses) == (len(FULL) - 1, len(FULL) + 1)
+    assert PolicyLoader().load(changed) == second == parse_policy(changed)
+
+
+def test_one_shot_loads_share_nothing() -> None:
+    """`parse_policy` keeps no memo: validate, compile and the tests never see another load's objects."""
+    first, second = parse_policy(FULL), parse_policy(FULL)
+    assert first == second and first.backends[0] is not second.backends[0]
 
 
 def test_an_unchanged_binding_sees_a_role_removed_from_another_file() -> None:
-    parse_policy(FULL)
+    loader = PolicyLoader()
+    loader.load(FULL)
     without = {**FULL, "roles.yml": FULL["roles.yml"].split("---")[0]}
-    errors = _errors_of(without)
+    errors = _errors_of(without, loader)
     assert any(e.startswith("bindings.yaml:") and "no Role named 'apps-all'" in e for e in errors), errors
 
 
 def test_an_unchanged_binding_sees_its_issuer_change_type() -> None:
     """Subjects depend on the issuer's type (GitLab keys are refused for an oidc issuer)."""
-    parse_policy(FULL)
+    loader = PolicyLoader()
+    loader.load(FULL)
     gitlab_as_oidc = FULL["issuers.yaml"].replace(
         "type: gitlab\nurl: https://gitlab.example.com\ninventory: inventory/gitlab.yaml",
         "type: oidc\nurl: https://gitlab.example.com\njwks_uri: https://gitlab.example.com/oauth/discovery/keys",
     )
     assert gitlab_as_oidc != FULL["issuers.yaml"]
-    errors = _errors_of({**FULL, "issuers.yaml": gitlab_as_oidc})
+    errors = _errors_of({**FULL, "issuers.yaml": gitlab_as_oidc}, loader)
     assert any(e.startswith("bindings.yaml:") for e in errors), errors
 
 
 def test_an_unchanged_backend_still_claims_its_hosts() -> None:
     """Same names before and after, so api.yaml's documents are reused: their hosts must still be claimed."""
     other = "kind: Backend\nname: copy\nhosts: [{host}]\nendpoints: [{{address: 10.0.0.9, port: 80}}]\n"
-    parse_policy({**FULL, "backends/copy.yaml": other.format(host="copy.internal")})
-    errors = _errors_of({**FULL, "backends/copy.yaml": other.format(host="api.internal")})
+    loader = PolicyLoader()
+    loader.load({**FULL, "backends/copy.yaml": other.format(host="copy.internal")})
+    errors = _errors_of({**FULL, "backends/copy.yaml": other.format(host="api.internal")}, loader)
     assert any(e.startswith("backends/api.yaml:") and "host is also served by" in e for e in errors), errors
     assert any(e.startswith("backends/copy.yaml:") and "host is also served by" in e for e in errors), errors
 
 
 def test_a_document_that_failed_is_reported_again_on_the_next_load() -> None:
     broken = {**FULL, "roles.yml": FULL["roles.yml"].replace("backend: api\n", "backend: nope\n")}
-    assert _errors_of(broken) == _errors_of(broken)
+    loader = PolicyLoader()
+    assert _errors_of(broken, loader) == _errors_of(broken, loader)
 
 
 # --- hostile input: only regular files inside the tree, bounded sizes, bounded nesting, short quotes ----------
@@ -1330,12 +1343,13 @@ def test_error_messages_quote_at_most_a_short_value() -> None:
 def test_the_parse_cache_keeps_only_the_latest_text_of_each_file_within_a_byte_bound() -> None:
     """86 -> 237 MB: the old cache kept every 50 MB file it had seen."""
     big = "a: '" + "x" * 1_000_000 + "'\n"
+    cache = ParseCache()
     for i in range(40):
-        parse_yaml("big.yaml", big + f"# {i}\n")
-    assert yaml_source.parse_cache_info().bytes <= 2_000_000
+        cache.parse("big.yaml", big + f"# {i}\n")
+    assert cache.info().bytes <= 2_000_000
     for i in range(40):
-        parse_yaml(f"f{i}.yaml", big)
-    assert yaml_source.parse_cache_info().bytes <= yaml_source.PARSE_CACHE_BYTES
+        cache.parse(f"f{i}.yaml", big)
+    assert cache.info().bytes <= PARSE_CACHE_BYTES
 
 
 # --- bounded errors: one hostile file cannot multiply into millions of errors --------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import service as service_module
+from controlplane.model.loader import PolicyLoader
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER
@@ -165,10 +166,10 @@ def test_an_unexpected_exception_while_loading_is_a_reported_error(
     """A RecursionError used to escape the reload: serve exited at start, a running one silently kept the old policy."""
     service = _service(tmp_path)
 
-    def explode(files: object) -> None:
+    def explode(loader: object, files: object) -> None:
         raise RecursionError("maximum recursion depth exceeded while calling a Python object " + "x" * 500)
 
-    monkeypatch.setattr(service_module, "parse_policy", explode)
+    monkeypatch.setattr(PolicyLoader, "load", explode)
     assert not service.reload() and not service.ready
     (error,) = service.state.errors
     assert error.startswith(f"{tmp_path / 'policy'}:0: internal error while loading the policy: RecursionError"), error

@@ -270,7 +270,7 @@ def _compile_or_report(
     from controlplane.cli.validate import ServedInputs
     from controlplane.compiler.memo import CompilerMemo
     from controlplane.model.errors import QUOTE_LIMIT
-    from controlplane.model.load import parse_policy, policy_warnings
+    from controlplane.model.loader import parse_policy, policy_warnings
     from controlplane.service import compile_model
     from controlplane.sources.policy_dir import read_policy_dir
 

@@ -12,8 +12,6 @@ marked `reported`, and readers skip it quietly instead of reporting it twice.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeAlias, cast
@@ -291,102 +289,15 @@ class ParsedYaml:
     omitted: int = 0  # errors found beyond the per-file bound, not kept
 
 
-PARSE_CACHE_BYTES = 64 * 1024 * 1024
-"""Text bytes the parse cache may hold: a full tree at the default size bound, twice over."""
-PARSE_CACHE_FILES = 20_000
-
-
-@dataclass(frozen=True)
-class ParseCacheInfo:
-    hits: int
-    misses: int
-    files: int
-    bytes: int
-
-
-class _ParseCache:
-    """The last parse of each file name, while its text is unchanged; bounded in files and in text bytes.
-
-    A reload needs only the previous version of each file (a commit usually changes one of many), so that is
-    all that is kept: an lru over (file, text) pairs kept every version it had seen, 50 MB files included.
-    Least recently used names go first when a bound is reached. Loads run in worker threads, hence the lock.
-    """
-
-    def __init__(self, max_bytes: int, max_files: int) -> None:
-        self._entries: OrderedDict[str, tuple[str, ParsedYaml]] = OrderedDict()
-        self._bytes = 0
-        self._max_bytes = max_bytes
-        self._max_files = max_files
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, file: str, text: str) -> ParsedYaml | None:
-        with self._lock:
-            entry = self._entries.get(file)
-            if entry is None or entry[0] != text:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(file)
-            self.hits += 1
-            return entry[1]
-
-    def put(self, file: str, text: str, parsed: ParsedYaml) -> None:
-        with self._lock:
-            self._drop(file)
-            if len(text) > self._max_bytes:
-                return
-            self._entries[file] = (text, parsed)
-            self._bytes += len(text)
-            while self._bytes > self._max_bytes or len(self._entries) > self._max_files:
-                self._drop(next(iter(self._entries)))
-
-    def _drop(self, file: str) -> None:
-        entry = self._entries.pop(file, None)
-        if entry is not None:
-            self._bytes -= len(entry[0])
-
-    def info(self) -> ParseCacheInfo:
-        with self._lock:
-            return ParseCacheInfo(self.hits, self.misses, len(self._entries), self._bytes)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-
-_CACHE = _ParseCache(PARSE_CACHE_BYTES, PARSE_CACHE_FILES)
-
-
-def parse_cache_info() -> ParseCacheInfo:
-    """Hits, misses and what the parse cache holds (`bytes` counts text characters)."""
-    return _CACHE.info()
-
-
-def clear_parse_cache() -> None:
-    """Forget every parse: for measurements that must pay each parse in full (the fuzz harness)."""
-    _CACHE.clear()
-
-
 def parse_yaml(file: str, text: str) -> ParsedYaml:
     """Every non-empty document of one file, and every error found in it.
 
     A syntax error ends the file (YAML cannot be resumed after one): the documents before it are
     kept, `complete` is False, and the error carries the line PyYAML reports.
 
-    Cached per file name while the text is unchanged: the result is immutable, so a reload parses only the
-    files that changed and hands the loader the very same nodes for the others.
+    The result is immutable: `ParseCache` hands the very same one (the same nodes) to the next load of an
+    unchanged text, which is what lets the loader reuse what it built from them.
     """
-    cached = _CACHE.get(file, text)
-    if cached is not None:
-        return cached
-    parsed = _parse(file, text)
-    _CACHE.put(file, text, parsed)
-    return parsed
-
-
-def _parse(file: str, text: str) -> ParsedYaml:
     errors = Errors()
     walker = _Walker(file, errors)
     documents: list[YNode] = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
 
 POLICY_SUFFIXES = (".yaml", ".yml")

@@ -29,8 +29,7 @@ with atheris.instrument_imports(include=["controlplane"]):
     from controlplane.admin.http import BadQuery, parse_status_query
     from controlplane.credentials.http import MAX_FIELDS
     from controlplane.model.errors import PolicyInvalid
-    from controlplane.model.load import parse_policy
-    from controlplane.model.yaml_source import clear_parse_cache
+    from controlplane.model.loader import parse_policy
     from controlplane.sources.webhooks import Malformed, parse_event
 
 import contextlib
@@ -47,7 +46,6 @@ def loader(data: bytes) -> None:
         text = data.decode("utf-8")  # as read_policy_dir reads a file: not UTF-8 is a located error there
     except UnicodeDecodeError:
         return
-    clear_parse_cache()
     try:
         policy, errors = parse_policy({"p.yaml": text}), []
     except PolicyInvalid as invalid:

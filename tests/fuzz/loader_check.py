@@ -12,7 +12,6 @@ from hypothesis import reject
 
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Policy
-from controlplane.model.yaml_source import clear_parse_cache
 from tests.fuzz.figures import peak
 from tests.fuzz.known import AVOID_KNOWN, avoid_known
 
@@ -35,8 +34,9 @@ def yaml_lines(text: str) -> int:
 
 
 def measured(load: Callable[[], Policy], size: int) -> tuple[Policy | None, list[PolicyError]]:
-    """Run one load; check its time and peak memory; return what it gave. Anything but PolicyInvalid escapes."""
-    clear_parse_cache()  # each case must pay its own parse, and the cache must not pile up fuzz texts
+    """Run one load; check its time and peak memory; return what it gave. Anything but PolicyInvalid escapes.
+
+    `load` is a cold `parse_policy`: each case pays its own parse, and nothing piles up fuzz texts."""
     tracemalloc.start()
     started = time.perf_counter()
     try:
@@ -50,7 +50,6 @@ def measured(load: Callable[[], Policy], size: int) -> tuple[Policy | None, list
         elapsed = time.perf_counter() - started
         _, peak_bytes = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        clear_parse_cache()
     peak("loader seconds per load", elapsed)
     peak("loader peak MiB per load", peak_bytes / 2**20)
     peak("loader input MiB", size / 2**20)

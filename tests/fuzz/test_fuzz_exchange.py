@@ -39,7 +39,7 @@ from controlplane.credentials.exchange import (
 from controlplane.credentials.http import FORM_CONTENT_TYPE, MAX_BODY_BYTES, ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.sources.jwks import normalize_jwks
 from tests.fuzz.figures import count
 from tests.fuzz.http_harness import LoopThread, request, serve

@@ -16,7 +16,7 @@ from controlplane.admin.http import BadQuery, parse_status_query
 from controlplane.cli.status import add_status_arguments
 from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT
 from controlplane.model.errors import PolicyInvalid
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.model.yaml_source import parse_yaml
 from tests.fuzz.test_fuzz_exchange import KID, Token, make_exchange, pristine_claims
 
@@ -78,7 +78,7 @@ def test_f5_a_trailing_newline_or_a_non_ascii_digit_is_not_a_valid_value(documen
 
 
 # F12 (found by atheris): an unbalanced bracket in a URL field makes urlsplit raise ValueError ("Invalid IPv6 URL")
-# out of _url_check (model/load.py), so the whole load fails with a traceback instead of a located error.
+# out of _url_check (model/scalars.py), so the whole load fails with a traceback instead of a located error.
 @pytest.mark.parametrize("url", ["http://[", "https://gitlab.ex]mple.com"])
 def test_f12_url_with_an_unbalanced_bracket_is_a_located_error(url: str) -> None:
     assert any(

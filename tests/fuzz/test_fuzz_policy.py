@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from controlplane.model.load import parse_policy
+from controlplane.model.loader import parse_policy
 from controlplane.sources.policy_dir import load_policy_dir
 from tests.fuzz.figures import count
 from tests.fuzz.loader_check import load_texts, without_locations

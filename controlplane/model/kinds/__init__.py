@@ -1,0 +1,1 @@
+"""The five kinds of policy document, one module each: its keys, their converters and the element built."""

@@ -1,0 +1,140 @@
+"""`kind: Backend`: an upstream, the host names it is served under, and how Envoy reaches it.
+
+Host names are claimed in the tree-wide registry (`Env.hosts`): two backends serving one host is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from controlplane.model import scalars
+from controlplane.model.documents import COMMON_KEYS, Doc, Env
+from controlplane.model.errors import quoted
+from controlplane.model.fields import Fields, list_of, need, record
+from controlplane.model.policy import Backend, Endpoint, Injection, UpstreamTLS
+from controlplane.model.yaml_source import YMap, YScalar, YSeq
+
+DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+_BACKEND_KEYS = (
+    *COMMON_KEYS,
+    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials", "inject"),
+)
+# "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
+_BACKEND_CREDENTIALS = ("any", "exchanged")
+
+
+def _exact_path_check(value: str) -> str | None:
+    if not value.startswith("/"):
+        return f"must start with '/', got {quoted(value)}"
+    if any(c in value for c in "*?#") or any(c.isspace() for c in value):
+        return f"expected an exact path (no globs, query, fragment or spaces), got {quoted(value)}"
+    return None
+
+
+_exact_path = scalars.checked(scalars.string, _exact_path_check)
+
+
+def _endpoint_fields(f: Fields) -> Endpoint:
+    address, port = f.required("address", scalars.address), f.required("port", scalars.port)
+    return Endpoint(need(address), need(port))
+
+
+_endpoint = record(_endpoint_fields, ("address", "port"))
+
+
+def build(doc: Doc, env: Env) -> Backend:
+    f = Fields(doc.ctx, doc.node, "", _BACKEND_KEYS)
+    hosts = f.required("hosts", list_of(scalars.host_pattern))
+    _register_hosts(doc, f, hosts, env)
+    first = hosts[0] if hosts else None
+    audience = f.maybe("audience", scalars.string)
+    if audience is None and first is not None and not f.has("audience"):
+        if first.startswith("*."):
+            f.ctx.error(f.node.line, "audience", "missing required key when hosts[0] is a wildcard")
+        audience = f"https://{first}"
+    endpoints = f.required("endpoints", list_of(_endpoint))
+    tls = _tls(f, first)
+    connect_timeout = f.optional("connect_timeout", scalars.duration(1, 60_000), 2000)
+    timeout = f.optional("timeout", scalars.duration(1, 86_400_000), 15_000)
+    public_paths = f.optional_tuple("public_paths", list_of(_exact_path, non_empty=False))
+    credentials = f.optional("credentials", scalars.enum("credentials", _BACKEND_CREDENTIALS), "any")
+    inject = f.maybe("inject", _injection)
+    return Backend(
+        name=need(doc.name),
+        hosts=need(hosts),
+        audience=need(audience),
+        endpoints=need(endpoints),
+        tls=tls,
+        connect_timeout_ms=need(connect_timeout),
+        request_timeout_ms=need(timeout),
+        public_paths=need(public_paths),
+        source=doc.source,
+        credentials=need(credentials),
+        inject=inject,
+    )
+
+
+_INJECT_KEYS = ("header", "value_prefix", "secret_env", "secret_file")
+_NO_SECRETS = {
+    key: "secrets never go in policy files (they are read by many and kept in git history): "
+    "name where to find it with secret_env or secret_file"
+    for key in ("secret", "value", "token")
+}
+# An HTTP field name (RFC 9110 token); pseudo-headers and Host are routing, not credentials.
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_header_name = scalars.checked(
+    scalars.matching(_HEADER_RE, "expected an HTTP header name such as Authorization"),
+    lambda v: "the Host header cannot carry a credential" if v.lower() == "host" else None,
+)
+_value_prefix = scalars.checked(
+    scalars.string, lambda v: "no control characters in a header value" if any(ord(c) < 0x20 for c in v) else None
+)
+
+
+def _injection_fields(i: Fields) -> Injection:
+    """The secret is never in the policy, only where the control plane reads it: exactly one place."""
+    places = [key for key in ("secret_env", "secret_file") if i.has(key)]
+    if not places:
+        i.ctx.error(i.node.line, i.at("secret_env"), "missing required key: secret_env or secret_file")
+    elif len(places) == 2:
+        i.error("secret_file", "use secret_env or secret_file, not both")
+    header = i.optional("header", _header_name, "Authorization")
+    prefix = i.optional("value_prefix", _value_prefix, "")
+    secret_env, secret_file = i.maybe("secret_env", scalars.env_name), i.maybe("secret_file", scalars.absolute_path)
+    return Injection(header=need(header), prefix=need(prefix), secret_env=secret_env, secret_file=secret_file)
+
+
+_injection = record(_injection_fields, _INJECT_KEYS, _NO_SECRETS)
+
+
+def _register_hosts(doc: Doc, f: Fields, hosts: tuple[str, ...] | None, env: Env) -> None:
+    node = f.node.get("hosts")
+    if hosts is None or not isinstance(node, YSeq):
+        return
+    label = f"Backend {quoted(doc.name)}"
+    for i, (host, item) in enumerate(zip(hosts, node.items, strict=True)):
+        env.hosts.add(host, doc.ctx.source(item.line), f"hosts[{i}]", label)
+
+
+def _tls(f: Fields, first_host: str | None) -> UpstreamTLS | None:
+    """`tls: true` means every default; `false` or no key means plain text to the upstream."""
+    node = f.node.get("tls")
+    if isinstance(node, YScalar) and isinstance(node.value, bool) and not node.reported:
+        node = YMap({}, node.line) if node.value else None
+    if node is None:
+        return None
+    return record(partial(_tls_fields, first_host=first_host), ("sni", "ca_file"))(f.ctx, node, f.at("tls"))
+
+
+def _tls_fields(t: Fields, first_host: str | None) -> UpstreamTLS:
+    """SNI defaults to the first host, unless that is a wildcard (no single name to present)."""
+    sni = t.maybe("sni", scalars.hostname)
+    if not t.has("sni") and first_host is not None:
+        if first_host.startswith("*."):
+            t.ctx.error(t.node.line, t.at("sni"), "missing required key when hosts[0] is a wildcard")
+        else:
+            sni = first_host
+    ca_file = t.optional("ca_file", scalars.absolute_path, DEFAULT_CA_FILE)
+    return UpstreamTLS(need(sni), need(ca_file))
