@@ -25,7 +25,7 @@ from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocati
 from controlplane.model.credentials import CredentialInputs
 from controlplane.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
-from controlplane.sources.webhooks import GitLabEvent, JobEvent
+from controlplane.sources.gitlab_events import GitLabEvent, JobEvent
 from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.credentials")

@@ -31,7 +31,7 @@ with atheris.instrument_imports(include=["controlplane"]):
     from controlplane.model.errors import PolicyInvalid
     from controlplane.model.load import parse_policy
     from controlplane.model.yaml_source import clear_parse_cache
-    from controlplane.sources.webhooks import Malformed, parse_event
+    from controlplane.sources.gitlab_events import Malformed, parse_event
 
 import contextlib
 
