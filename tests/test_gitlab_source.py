@@ -18,17 +18,16 @@ from typing import Any
 import pytest
 
 from controlplane.model.inventory import Environment, Group, Ref
-from controlplane.sources.gitlab import (
+from controlplane.retry import retry_after_seconds
+from controlplane.sources.gitlab import GitLabSource, tag_is_protected
+from controlplane.sources.gitlab_client import (
     GitLabRefused,
-    GitLabSource,
     GitLabTokenError,
     GitLabUnavailable,
-    TokenBucket,
     endpoint_template,
-    retry_after_seconds,
-    tag_is_protected,
     token_from,
 )
+from controlplane.sources.rate_limit import TokenBucket
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.backends import http_request
 from tests.support.fake_gitlab import FakeGitLab

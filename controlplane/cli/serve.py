@@ -30,7 +30,8 @@ from controlplane.serving import (
     raise_open_file_limit,
 )
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.sources.gitlab import GitLabSource, token_from
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_client import token_from
 from controlplane.sources.gitlab_events import GitLabEvent
 from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
