@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from controlplane.model.inventory import Environment, Group, Ref
-from controlplane.retry import retry_after_seconds
 from controlplane.sources.gitlab import GitLabSource, tag_is_protected
 from controlplane.sources.gitlab_client import (
     GitLabRefused,
@@ -344,13 +343,6 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert waits == [0.0, 0.0, 0.0, 0.5, 0.5] and slept == [0.5, 0.5]
     now[0] += 10  # idle: refills to the burst, no more
     assert [bucket.acquire() for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
-
-
-def test_retry_after_header_forms() -> None:
-    assert retry_after_seconds({"Retry-After": "7"}, now=0) == 7
-    assert retry_after_seconds({"Retry-After": "Thu, 01 Jan 1970 00:01:40 GMT"}, now=40) == 60
-    assert retry_after_seconds({"RateLimit-Reset": "130"}, now=100) == 30
-    assert retry_after_seconds({}, now=0) is None
 
 
 # --- secrets and metrics
