@@ -73,3 +73,11 @@ def test_retry_after_never_negative_and_unreadable_falls_through() -> None:
     assert retry_after_seconds({"Retry-After": "soon", "RateLimit-Reset": "130"}, now=100) == 30
     assert retry_after_seconds({"Retry-After": "soon", "RateLimit-Reset": "later"}, now=100) is None
     assert retry_after_seconds({"Retry-After": "5", "RateLimit-Reset": "130"}, now=100) == 5  # Retry-After first
+
+
+@pytest.mark.parametrize(("min_interval", "refresh_interval"), [(1.0, 30.0), (0.05, 3600.0), (5.0, 5.0)])
+def test_a_failing_jwks_relay_comes_back_sooner_as_before(min_interval: float, refresh_interval: float) -> None:
+    """Was: min(refresh_interval, min_interval * 2 ** (failures - 1)), exact."""
+    backoff = Backoff(base_seconds=min_interval, cap_seconds=refresh_interval, jitter=False)
+    for failures in range(1, 60):
+        assert backoff.delay(failures - 1) == min(refresh_interval, min_interval * 2 ** (failures - 1))

@@ -232,6 +232,7 @@ class JwksFetcher:
         self.max_retries = max_retries
         self.min_interval = min_interval
         self.refresh_interval = max(refresh_interval, min_interval)
+        self._failure_backoff = Backoff(base_seconds=min_interval, cap_seconds=self.refresh_interval, jitter=False)
         self.name = name or issuer_url
         self.document: JwksDocument | None = None
         """The last good document; kept through every later error."""
@@ -298,9 +299,7 @@ class JwksFetcher:
                     except Exception:
                         log.exception("jwks %s: applying new keys failed", self.name)
                 self.settled.set()
-                delay = self.refresh_interval
-                if failures:
-                    delay = min(self.refresh_interval, self.min_interval * 2 ** (failures - 1))
+                delay = self._failure_backoff.delay(failures - 1) if failures else self.refresh_interval
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         finally:
