@@ -18,15 +18,10 @@ from typing import Protocol, runtime_checkable
 
 from controlplane.model.inventory import Inventory
 from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
-from controlplane.sources.gitlab import GitLabSource, token_from
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_client import token_from
+from controlplane.sources.gitlab_events import GitLabEvent, GroupEvent, PipelineEvent, ProjectEvent, PushEvent
 from controlplane.sources.gitlab_watch import InventorySource, InventoryWatcher, Scope
-from controlplane.sources.webhooks import (
-    GitLabEvent,
-    GroupEvent,
-    PipelineEvent,
-    ProjectEvent,
-    PushEvent,
-)
 
 log = logging.getLogger("controlplane.gitlab")
 

@@ -7,6 +7,7 @@ revoked job allowed again, a re-used path bound to a new project) or breaks cred
 - A write is a whole new file: a temporary file in the same directory (created 0600), written, fsynced, renamed
   over the old one, and then the directory fsynced so the rename itself survives a power loss. A crash at any
   point leaves the old file or the new one, never a mix, and never a stray temporary file from this process.
+  It is the one atomic write in the code base: `compile --out` uses it too, with the mode any new file gets.
 - A read is strict: a file that exists but cannot be read or parsed, or whose document is not an object (`null`
   included), is an error naming the file (`StateFileError`), never an empty start. Only a missing file means
   "first start". A SQLite database is created whole under a temporary name and linked into place
@@ -35,7 +36,6 @@ import os
 import secrets
 import sqlite3
 import stat
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -78,16 +78,21 @@ def ensure_state_dir(directory: Path) -> None:
         raise StateFileError(f"{directory}: cannot create the state directory: {_reason(error)}") from None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`, durably and atomically (see the module docstring); mode 0600."""
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = FILE_MODE) -> None:
+    """Replace `path` with `data`, durably and atomically (see the module docstring).
+
+    `mode` is the new file's: 0600 for state files; None for files meant to be shared (`compile --out`), which
+    get what any new file gets, 0666 less the umask.
+    """
     try:
         ensure_state_dir(path.parent)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, temporary = _create_temporary(path, FILE_MODE if mode is not None else 0o666)
     except (OSError, StateFileError) as error:
         raise StateFileError(f"{path}: cannot write: {_reason(error)}") from None
     try:
         try:
-            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 already; explicit, whatever a platform does
+            if mode is not None:
+                os.fchmod(fd, mode)  # explicit, whatever the umask took away
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
                 out.flush()
@@ -100,6 +105,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fsync_directory(path.parent)
     except OSError as error:
         raise StateFileError(f"{path}: cannot write: {_reason(error)}") from None
+
+
+def atomic_write_text(path: Path, text: str, *, mode: int | None = FILE_MODE) -> None:
+    """`atomic_write_bytes` of `text` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def _create_temporary(path: Path, permissions: int) -> tuple[int, Path]:
+    """A new, empty file beside `path` with a name no other writer picks (O_EXCL, never through a link), created
+    with `permissions` less the umask. Its name starts with a dot and ends in `.tmp`, which watchers ignore."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(temporary, flags, permissions), temporary
 
 
 def atomic_write_json(path: Path, document: Any) -> None:

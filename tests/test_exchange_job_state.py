@@ -20,8 +20,8 @@ from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult, Mi
 from controlplane.credentials.exchange_store import LiveJob
 from controlplane.credentials.service import CredentialOptions, CredentialService, JobStatusReaders
 from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_events import JobEvent
 from controlplane.sources.jwks import normalize_jwks
-from controlplane.sources.webhooks import JobEvent
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.fake_gitlab import FakeGitLab
 from tests.test_credentials import Clock, exchange_policy

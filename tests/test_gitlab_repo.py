@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.model.errors import PolicyInvalid
-from controlplane.sources.gitlab import GitLabSource, GitLabUnavailable
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_client import GitLabUnavailable
 from controlplane.sources.gitlab_repo import STATUS_NAME, PolicyRepo, PolicyRepoError, truncate_description
 from controlplane.sources.policy_dir import READ_CHUNK, ReadLimits, read_policy_dir
 from tests.support.fake_gitlab import FakeGitLab

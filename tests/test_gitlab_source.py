@@ -18,17 +18,15 @@ from typing import Any
 import pytest
 
 from controlplane.model.inventory import Environment, Group, Ref
-from controlplane.sources.gitlab import (
+from controlplane.sources.gitlab import GitLabSource, tag_is_protected
+from controlplane.sources.gitlab_client import (
     GitLabRefused,
-    GitLabSource,
     GitLabTokenError,
     GitLabUnavailable,
-    TokenBucket,
     endpoint_template,
-    retry_after_seconds,
-    tag_is_protected,
     token_from,
 )
+from controlplane.sources.rate_limit import TokenBucket
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.backends import http_request
 from tests.support.fake_gitlab import FakeGitLab
@@ -345,13 +343,6 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert waits == [0.0, 0.0, 0.0, 0.5, 0.5] and slept == [0.5, 0.5]
     now[0] += 10  # idle: refills to the burst, no more
     assert [bucket.acquire() for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
-
-
-def test_retry_after_header_forms() -> None:
-    assert retry_after_seconds({"Retry-After": "7"}, now=0) == 7
-    assert retry_after_seconds({"Retry-After": "Thu, 01 Jan 1970 00:01:40 GMT"}, now=40) == 60
-    assert retry_after_seconds({"RateLimit-Reset": "130"}, now=100) == 30
-    assert retry_after_seconds({}, now=0) is None
 
 
 # --- secrets and metrics

@@ -10,7 +10,7 @@ from controlplane.credentials.recovery import Candidate, JobRecovery, StatusRead
 from controlplane.gitlab_link import GitLabLink
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.inventory import Inventory
-from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
+from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of
 from tests.support.ports import eventually

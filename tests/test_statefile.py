@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -172,3 +174,79 @@ def test_one_holder_of_the_state_dir_lock_at_a_time(tmp_path: Path) -> None:
     finally:
         os.close(held)
     os.close(statefile.lock_state_dir(tmp_path))  # released with its descriptor (the kernel does it on kill -9)
+
+
+def _new_file_mode(directory: Path) -> int:
+    """What the umask gives a file created the ordinary way (`open(..., "w")`, `Path.write_text`)."""
+    probe = directory / "probe"
+    probe.write_text("")
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.unlink()
+
+
+def test_text_is_written_whole_in_utf8_and_private_by_default(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    statefile.atomic_write_text(target, "grüße\n")
+    assert target.read_bytes() == "grüße\n".encode()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_shared_file_gets_the_mode_any_new_file_gets(tmp_path: Path) -> None:
+    old_umask = os.umask(0o027)
+    try:
+        expected = _new_file_mode(tmp_path)
+        target = tmp_path / "out.yaml"
+        statefile.atomic_write_text(target, "a: 1\n", mode=None)
+        assert stat.S_IMODE(target.stat().st_mode) == expected == 0o640
+        statefile.atomic_write_text(target, "a: 2\n", mode=None)  # a replacement too, not only a first write
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640 and target.read_text() == "a: 2\n"
+    finally:
+        os.umask(old_umask)
+
+
+def test_an_explicit_mode_is_applied_whatever_the_umask(tmp_path: Path) -> None:
+    old_umask = os.umask(0o277)  # would take the owner's write bit away
+    try:
+        target = tmp_path / "state.bin"
+        statefile.atomic_write_bytes(target, b"x")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_process_killed_between_the_write_and_the_rename_leaves_the_old_file(tmp_path: Path) -> None:
+    """A real crash (no cleanup runs): the old file is intact and only a dot-named `.tmp` file is left over."""
+    target = tmp_path / "out.yaml"
+    target.write_text("old\n")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from controlplane import statefile\n"
+        "statefile.os.replace = lambda src, dst: os._exit(3)\n"
+        "statefile.atomic_write_text(Path(sys.argv[1]), 'new\\n', mode=None)\n"
+    )
+    crashed = subprocess.run([sys.executable, "-c", script, str(target)], check=False, timeout=30)
+    assert crashed.returncode == 3
+    assert target.read_text() == "old\n"
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert [p.name.startswith(".out.yaml.") and p.name.endswith(".tmp") for p in leftovers] == [True]
+    assert leftovers[0].read_text() == "new\n"  # written and fsynced, never renamed
+
+
+def test_compile_output_is_written_whole_with_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parent.parent
+    compiled = subprocess.run(
+        [sys.executable, "-m", "controlplane", "compile", str(root / "examples" / "quickstart"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert compiled.returncode == 0, compiled.stderr
+    written = list(out.rglob("*.yaml"))
+    assert written
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {_new_file_mode(tmp_path)}
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -23,8 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controlplane.sources.webhooks import (
-    WEBHOOK_LAST_EVENT,
+from controlplane.sources.gitlab_events import (
     GitLabEvent,
     GroupEvent,
     JobEvent,
@@ -32,11 +31,9 @@ from controlplane.sources.webhooks import (
     PipelineEvent,
     ProjectEvent,
     PushEvent,
-    WebhookReceiver,
-    WebhookSecretError,
     parse_event,
-    secrets_from,
 )
+from controlplane.sources.webhooks import WEBHOOK_LAST_EVENT, WebhookReceiver, WebhookSecretError, secrets_from
 from controlplane.telemetry.metrics import REGISTRY
 
 SECRET = b"s3cr3t-webhook-token-7d1f0c2e"

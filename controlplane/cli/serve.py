@@ -30,7 +30,9 @@ from controlplane.serving import (
     raise_open_file_limit,
 )
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.sources.gitlab import GitLabSource, token_from
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_client import token_from
+from controlplane.sources.gitlab_events import GitLabEvent
 from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.pins import PinStore
@@ -38,7 +40,7 @@ from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
 from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
-from controlplane.sources.webhooks import GitLabEvent, WebhookReceiver, secrets_from
+from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import StateFileError, lock_state_dir, secure_state_dir
 from controlplane.xds.registry import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer

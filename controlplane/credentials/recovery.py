@@ -39,7 +39,8 @@ from prometheus_client import Counter, Gauge
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES
 from controlplane.model.credentials import CREDENTIAL_ISSUER
-from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
+from controlplane.retry import Backoff
+from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.credentials.recovery")
@@ -131,6 +132,7 @@ class JobRecovery:
         self.lookback = lookback
         self.interval = interval
         self.retry = retry
+        self._backoff = Backoff(base_seconds=retry, cap_seconds=interval, jitter=False)
         self.max_jobs = max_jobs
         self._clock = clock
         self._wake = asyncio.Event()
@@ -148,7 +150,7 @@ class JobRecovery:
         while not stop.is_set():
             result = await self._sweep_safely(reason, stop)
             failures = 0 if result.complete else failures + 1
-            delay = self.interval if not failures else min(self.interval, self.retry * 2 ** (failures - 1))
+            delay = self._backoff.delay(failures - 1) if failures else self.interval
             reason = await self._wait(stop, delay)
 
     async def _wait(self, stop: asyncio.Event, delay: float) -> str:

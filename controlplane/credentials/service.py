@@ -24,8 +24,8 @@ from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
 from controlplane.serving import EXCHANGE_LIMITS, HttpLimits
-from controlplane.sources.gitlab import GitLabRefused, GitLabUnavailable
-from controlplane.sources.webhooks import GitLabEvent, JobEvent
+from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
+from controlplane.sources.gitlab_events import GitLabEvent, JobEvent
 from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.credentials")

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
 
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.statefile import atomic_write_text
 
 FILE_NAMES: Mapping[str, str] = {
     CLUSTER: "clusters.yaml",
@@ -64,7 +65,10 @@ def render(snapshot: Snapshot) -> dict[str, str]:
 
 
 def write(snapshots: Mapping[str, Snapshot], out_dir: Path) -> list[Path]:
-    """Replace `out_dir` with one folder per group, so removed groups and types disappear from the diff."""
+    """Replace `out_dir` with one folder per group, so removed groups and types disappear from the diff.
+
+    Each file is replaced whole (`statefile.atomic_write_text`): a crash, or a reader such as a deploy job
+    picking the files up, never sees half a file."""
     written = []
     if out_dir.exists():
         for stale in sorted(out_dir.rglob("*.yaml"), reverse=True):
@@ -74,7 +78,7 @@ def write(snapshots: Mapping[str, Snapshot], out_dir: Path) -> list[Path]:
         group_dir.mkdir(parents=True, exist_ok=True)
         for file_name, text in render(snapshot).items():
             path = group_dir / file_name
-            path.write_text(text)
+            atomic_write_text(path, text, mode=None)  # shared output: the umask decides, as for any new file
             written.append(path)
     for empty in sorted((d for d in out_dir.rglob("*") if d.is_dir()), reverse=True):
         if not any(empty.iterdir()):

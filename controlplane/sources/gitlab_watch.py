@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.retry import Backoff
 from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.gitlab")
@@ -98,6 +98,9 @@ class InventoryWatcher:
         self.source = source
         self.on_change = on_change
         self.reconcile_seconds = reconcile_seconds
+        # 1-2 s after the first failure, doubling, capped at `reconcile_seconds` (and 256 s); jittered so
+        # several control planes do not come back to a recovering GitLab at once.
+        self.backoff = Backoff(base_seconds=1.0, cap_seconds=min(reconcile_seconds, 256.0))
         self.max_staleness_seconds = max_staleness_seconds
         self.clock = clock
         self.scope = Scope()
@@ -257,12 +260,6 @@ class InventoryWatcher:
                 delay = min(delay, turns_stale + 0.01)
         return max(0.0, delay)
 
-    def _backoff(self, failures: int) -> float:
-        """1-2 s after the first failure, doubling, capped at `reconcile_seconds` (and 256 s); jittered so
-        several control planes do not come back to a recovering GitLab at once."""
-        ceiling = min(self.reconcile_seconds, 2.0 ** min(failures, 8))
-        return ceiling * random.uniform(0.5, 1.0)
-
     async def _wait(self, stop: asyncio.Event) -> None:
         self._wake.clear()  # before the delay is computed: a request made after this wakes the wait
         delay = self._next_delay()
@@ -305,7 +302,7 @@ class InventoryWatcher:
         re-sync was pending). One log line per attempt: the backoff bounds their rate."""
         self._full = True
         self._failures += 1
-        backoff = self._backoff(self._failures)
+        backoff = self.backoff.delay(self._failures)
         self._retry_at = self.clock() + backoff
         self.last_error = str(error)[:500]
         READ_FAILURES.labels(self.issuer).set(self._failures)

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import Counter, Gauge
 
 from controlplane import __version__
+from controlplane.retry import Backoff
 from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.jwks")
@@ -65,6 +66,8 @@ RESULTS: Final = ("changed", "unchanged", "not_modified", "error")
 MAX_BODY_BYTES = 1 << 20  # a JWKS is a few kB; anything near this is not one
 MIN_RSA_BITS = 2048  # Envoy would verify with weaker keys; we do not trust them
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+# 0.2 s, 0.4 s, 0.8 s... capped at 2 s, exact: one relay per issuer, nobody to spread out.
+BACKOFF: Final = Backoff(base_seconds=0.2, cap_seconds=2.0, jitter=False)
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_CURVES: Mapping[str, tuple[ec.EllipticCurve, int, str]] = {
     "P-256": (ec.SECP256R1(), 32, "ES256"),
@@ -229,6 +232,7 @@ class JwksFetcher:
         self.max_retries = max_retries
         self.min_interval = min_interval
         self.refresh_interval = max(refresh_interval, min_interval)
+        self._failure_backoff = Backoff(base_seconds=min_interval, cap_seconds=self.refresh_interval, jitter=False)
         self.name = name or issuer_url
         self.document: JwksDocument | None = None
         """The last good document; kept through every later error."""
@@ -295,9 +299,7 @@ class JwksFetcher:
                     except Exception:
                         log.exception("jwks %s: applying new keys failed", self.name)
                 self.settled.set()
-                delay = self.refresh_interval
-                if failures:
-                    delay = min(self.refresh_interval, self.min_interval * 2 ** (failures - 1))
+                delay = self._failure_backoff.delay(failures - 1) if failures else self.refresh_interval
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         finally:
@@ -415,9 +417,8 @@ class JwksFetcher:
         """GET with bounded retries: transport errors, timeouts, 408/429/5xx are retried with backoff."""
         error, retry_after = "no attempt", 0.0
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                # 0.2 s, 0.4 s, 0.8 s... capped at 2 s; a Retry-After is obeyed up to 5 s (`run` retries later).
-                await asyncio.sleep(max(min(0.2 * 2 ** (attempt - 1), 2.0), retry_after))
+            if attempt:  # a Retry-After is obeyed up to 5 s (`run` retries later)
+                await asyncio.sleep(max(BACKOFF.delay(attempt - 1), retry_after))
             try:
                 session = self._client()
                 async with session.get(url, headers=headers, max_redirects=3) as response:

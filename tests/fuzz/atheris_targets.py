@@ -30,7 +30,7 @@ with atheris.instrument_imports(include=["controlplane"]):
     from controlplane.credentials.http import MAX_FIELDS
     from controlplane.model.errors import PolicyInvalid
     from controlplane.model.loader import parse_policy
-    from controlplane.sources.webhooks import Malformed, parse_event
+    from controlplane.sources.gitlab_events import Malformed, parse_event
 
 import contextlib
 

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from controlplane.sources.webhooks import (
-    PATH,
+from controlplane.sources.gitlab_events import (
     GitLabEvent,
     GroupEvent,
     JobEvent,
@@ -23,9 +22,9 @@ from controlplane.sources.webhooks import (
     PipelineEvent,
     ProjectEvent,
     PushEvent,
-    WebhookReceiver,
     parse_event,
 )
+from controlplane.sources.webhooks import PATH, WebhookReceiver
 from tests.fuzz.figures import count
 from tests.fuzz.http_harness import LoopThread, request, serve
 
