@@ -22,7 +22,6 @@ import pytest
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.cli.audit import run_audit
-from controlplane.cli.bootstrap import render_bootstrap
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.xds.registry import ProxyRegistry
@@ -30,6 +29,7 @@ from controlplane.xds.server import XdsServer
 from tests.support.backends import HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import gateway_envoy
 from tests.support.ports import LOOPBACK, poll_until
 from tests.support.stack import DEPLOYER, OTHER, outside_world
 
@@ -106,8 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         controlplane = InProcessControlPlane(policy, root / "audit.sqlite3")
         controlplane.start()
         try:
-            bootstrap = render_bootstrap(group=GATEWAY, node_id=NODE, xds_host=LOOPBACK, xds_port=controlplane.port)
-            with EnvoyProcess(bootstrap, name="audit-envoy") as envoy:
+            with gateway_envoy(controlplane.port, group=GATEWAY, node=NODE, name="audit-envoy") as envoy:
                 built = Stack(world.gitlab, world.listen_port, root / "audit.sqlite3", controlplane, envoy)
                 poll_until(
                     lambda: built.request("reports.local", "/healthz", None).status == 200, 20, message="listener up"

@@ -11,19 +11,10 @@ import socket
 
 import pytest
 
+from tests.support.backend_swap import REPLACEMENT, Traffic
 from tests.support.backends import EchoBackend
 from tests.support.ports import LOOPBACK, poll_until
-from tests.support.stack import (
-    OTHER,
-    OTHER_PROJECT_BINDING,
-    REPLACEMENT,
-    Protocol,
-    Stack,
-    Traffic,
-    assert_no_request_failed,
-    wait_for_the_original,
-    wait_for_the_replacement,
-)
+from tests.support.stack import OTHER, OTHER_PROJECT_BINDING, Protocol, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -116,11 +107,11 @@ def test_a_backend_replaced_by_another_never_fails_a_request(stack: Stack) -> No
                 stack.write("backends.yaml", swapped.replace("backend: reports-api", "backend: reports-v2"))
                 stack.remove("v2.yaml")
                 stack.write("gateway.yaml", gateway.replace("reports-api", "reports-v2"))
-                wait_for_the_replacement(stack, traffic)
+                traffic.wait_for_the_replacement()
         finally:
             if (stack.policy / "v2.yaml").exists():
                 stack.remove("v2.yaml")
             stack.write("backends.yaml", backends)
             stack.write("gateway.yaml", gateway)
-        wait_for_the_original(stack)
-    assert_no_request_failed(stack, traffic, cds_rejected)
+        traffic.wait_for_the_original()
+    traffic.assert_none_failed(cds_rejected)

@@ -10,20 +10,10 @@ from typing import Any
 
 import pytest
 
+from tests.support.backend_swap import REPLACEMENT, Traffic
 from tests.support.backends import EchoBackend
 from tests.support.ports import poll_until
-from tests.support.stack import (
-    DEPLOYER,
-    OTHER,
-    OTHER_PROJECT_BINDING,
-    REPLACEMENT,
-    Protocol,
-    Stack,
-    Traffic,
-    assert_no_request_failed,
-    wait_for_the_original,
-    wait_for_the_replacement,
-)
+from tests.support.stack import DEPLOYER, OTHER, OTHER_PROJECT_BINDING, Protocol, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -182,13 +172,13 @@ def test_a_backend_swapped_in_one_change_never_fails_a_request(stack: Stack) -> 
                 # whether the watcher sees one burst or two, the only new snapshot is the whole swap.
                 stack.write("backends.yaml", swapped.replace("backend: reports-api", "backend: reports-v2"))
                 stack.write("gateway.yaml", gateway.replace("reports-api", "reports-v2"))
-                wait_for_the_replacement(stack, traffic)
+                traffic.wait_for_the_replacement()
             assert stack.controlplane.metric("controlplane_snapshot_builds_total") == builds + 1, "not one change"
         finally:
             stack.write("backends.yaml", backends)
             stack.write("gateway.yaml", gateway)
-        wait_for_the_original(stack)
-    assert_no_request_failed(stack, traffic, cds_rejected)
+        traffic.wait_for_the_original()
+    traffic.assert_none_failed(cds_rejected)
 
 
 def test_restart_envoy_keeps_serving_and_nothing_is_repushed(stack: Stack) -> None:

@@ -9,7 +9,6 @@ started by a context manager, so leaving the `with` stops it whatever the test d
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,17 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from controlplane.cli.bootstrap import render_bootstrap
-
 from .backends import EchoBackend, HttpResponse, http_request
 from .controlplane import ControlPlaneProcess
 from .envoy import EnvoyProcess
 from .fake_gitlab import FakeGitLab
+from .gateway import gateway_envoy
 from .ports import LOOPBACK, free_port, poll_until
 
 Protocol = Literal["sotw", "delta"]
 
-GROUP = "ci-gateway"
 NODE = "e2e-envoy-1"
 
 DEPLOYER = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
@@ -149,13 +146,9 @@ def outside_world(root: Path) -> Iterator[OutsideWorld]:
 
 
 @dataclass
-class Stack:
-    gitlab: FakeGitLab
-    reports: EchoBackend
-    deploy: EchoBackend
-    policy: Path
-    listen_port: int
-    access_log: Path
+class Stack(OutsideWorld):
+    """The outside world with a control plane serving it and an Envoy configured by that control plane."""
+
     controlplane: ControlPlaneProcess
     envoy: EnvoyProcess
 
@@ -210,81 +203,10 @@ def running_stack(root: Path, protocol: Protocol) -> Iterator[Stack]:
     with (
         outside_world(root) as world,
         ControlPlaneProcess(world.policy, log_path=root / "controlplane.log") as controlplane,
+        gateway_envoy(
+            controlplane.xds_port, node=NODE, name=f"e2e-envoy-{protocol}", api=protocol, flush_logs=True
+        ) as envoy,
     ):
-        bootstrap = render_bootstrap(
-            group=GROUP, node_id=NODE, xds_host=LOOPBACK, xds_port=controlplane.xds_port, api=protocol
-        )
-        # Envoy flushes file access logs every 10 s by default; the access log tests read them at once.
-        flush = ("--file-flush-interval-msec", "20")
-        with EnvoyProcess(bootstrap, name=f"e2e-envoy-{protocol}", extra_args=flush) as envoy:
-            built = Stack(
-                world.gitlab,
-                world.reports,
-                world.deploy,
-                world.policy,
-                world.listen_port,
-                world.access_log,
-                controlplane,
-                envoy,
-            )
-            built.wait_status("reports.local", "/healthz", None, 200, timeout=20)
-            yield built
-
-
-# --- replacing a backend under load (Delta make-before-break, and the one-change swap on both protocols) ---
-
-REPLACEMENT = """\
-kind: Backend
-name: reports-v2
-hosts: [{host}]
-audience: https://reports.local
-endpoints: [{{address: 127.0.0.1, port: {port}}}]
-public_paths: [/healthz]
-"""
-
-
-class Traffic:
-    """Requests back to back from a thread while the policy changes: every answer is recorded."""
-
-    def __init__(self, stack: Stack, token: str) -> None:
-        self.answers: list[tuple[int, str]] = []
-        self._stack, self._token = stack, token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            response = self._stack.request("reports.local", "/r", self._token)
-            backend = response.json().get("backend", "") if response.status == 200 else response.text
-            self.answers.append((response.status, backend))
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def served_by(self, backend: str) -> bool:
-        return any(answer == (200, backend) for answer in self.answers[-3:])
-
-
-def wait_for_the_replacement(stack: Stack, traffic: Traffic) -> None:
-    """The replacement answers the traffic and the replaced backend's cluster has left Envoy."""
-    poll_until(lambda: traffic.served_by("reports-v2"), 10, message="the replacement answers")
-    poll_until(lambda: "backend-reports-api" not in stack.envoy_clusters(), 10, message="old cluster gone")
-
-
-def wait_for_the_original(stack: Stack) -> None:
-    """After the policy is restored: the replacement's cluster is gone and the original backend serves."""
-    poll_until(lambda: "backend-reports-v2" not in stack.envoy_clusters(), 10, message="replacement removed")
-    stack.wait_status("reports.local", "/r", stack.token(), 200)
-
-
-def assert_no_request_failed(stack: Stack, traffic: Traffic, cds_rejected: int) -> None:
-    """Every request of the swap answered 200, from both backends, and Envoy rejected no cluster update."""
-    failures = [a for a in traffic.answers if a[0] != 200]
-    assert not failures, f"{len(failures)} of {len(traffic.answers)} requests failed: {failures[:5]}"
-    assert {b for status, b in traffic.answers if status == 200} == {"reports", "reports-v2"}
-    assert stack.envoy.stats().get("cluster_manager.cds.update_rejected", 0) == cds_rejected
+        built = Stack(**vars(world), controlplane=controlplane, envoy=envoy)
+        built.wait_status("reports.local", "/healthz", None, 200, timeout=20)
+        yield built
