@@ -43,9 +43,9 @@ from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import Sender, XdsServer
 from controlplane.xds.tls import ServerTls
+from tests.support.ads import FakeEnvoy
 from tests.support.certs import CertFiles, make_pki
 from tests.support.ports import LOOPBACK, poll_until
-from tests.test_xds_server import FakeEnvoy
 
 ROOT = Path(__file__).resolve().parent.parent
 GITLAB = "https://gitlab.example.com"

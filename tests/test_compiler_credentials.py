@@ -46,7 +46,7 @@ from tests.compiled import (
     vhost_requirement_name,
 )
 from tests.support.envoy import validate_config
-from tests.test_golden import _as_static_bootstrap
+from tests.support.static_bootstrap import as_static_bootstrap
 
 ISSUER = """
 kind: Issuer
@@ -374,5 +374,5 @@ def test_real_envoy_accepts_credentials_revocations_and_the_exchange_route() -> 
     keys = json.dumps({"keys": [{**public, "kid": "cp-1", "alg": "ES256", "use": "sig"}]})
     credentials = CredentialInputs(jwks=keys, exchange_address=("cp.internal", 8443), revoked_jobs=("555", "777"))
     snapshots = compile_model(policy(), credentials=credentials)
-    ok, output = validate_config(_as_static_bootstrap(snapshots["gw"]))
+    ok, output = validate_config(as_static_bootstrap(snapshots["gw"]))
     assert ok, output[-3000:]

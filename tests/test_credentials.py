@@ -16,7 +16,6 @@ import re
 import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from envoy.type.matcher.v3 import string_pb2, value_pb2
 
 from controlplane import statefile
 from controlplane.compiler.claims import Condition, ResolvedSubject, subject_principal
-from controlplane.compiler.grants import GrantIndex
 from controlplane.compiler.rbac import GrantSpec
 from controlplane.credentials.evaluate import grants_for, subject_matches
 from controlplane.credentials.exchange import (
@@ -46,18 +44,11 @@ from controlplane.model.policy import Mode
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.statefile import StateFileError
 from controlplane.telemetry.metrics import REGISTRY
-from tests.compiled import policy_of
+from tests.support.clock import Clock
+from tests.support.exchange_policy import exchange_policy
 from tests.support.fake_gitlab import OMIT, FakeGitLab, decode_unverified
 
 ISS = "https://gitlab.example.com"
-
-
-class Clock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- evaluate: tables ------------------------------------------------------------------------------------------
@@ -216,85 +207,11 @@ def test_evaluation_agrees_with_the_compiled_principals_on_random_cases() -> Non
 
 # --- a policy and the fake GitLab ------------------------------------------------------------------------------
 
-INVENTORY = """
-groups:
-  - {id: 10, path: acme}
-  - {id: 11, path: acme/platform, parent_id: 10}
-projects:
-  - {id: 42, path: acme/platform/deployer, namespace_id: 11}
-  - {id: 43, path: acme/platform/other, namespace_id: 11}
-"""
-BACKENDS = """
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-endpoints: [{address: 127.0.0.1, port: 8081}]
----
-kind: Backend
-name: deploy-api
-hosts: [deploy.local]
-audience: https://deploy.local
-endpoints: [{address: 127.0.0.1, port: 8082}]
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules: [{methods: [GET]}]
----
-kind: Role
-name: reports-write
-backend: reports-api
-rules: [{methods: [POST]}]
----
-kind: Role
-name: deploy-trigger
-backend: deploy-api
-rules: [{methods: [POST]}]
-"""
-BINDINGS = """
-kind: Binding
-name: readers
-roles: [reports-read]
-subjects:
-  - {project: acme/platform/deployer, ref_protected: true}
----
-kind: Binding
-name: group-readers
-roles: [reports-read]
-subjects:
-  - {group: acme/platform, ref: main}
----
-kind: Binding
-name: writers
-roles: [reports-write]
-subjects:
-  - {project: acme/platform/deployer, ref: "release/*"}
----
-kind: Binding
-name: deployers-shadow
-mode: shadow
-roles: [deploy-trigger]
-subjects:
-  - {project: acme/platform/deployer}
-"""
-TTLS = {"readers": 600, "group-readers": 1200, "writers": 300, "deployers-shadow": 900}
-
 
 @pytest.fixture(scope="module")
 def gitlab() -> Iterator[FakeGitLab]:
     with FakeGitLab(default_audience="https://reports.local") as fake:
         yield fake
-
-
-def exchange_policy(fake: FakeGitLab) -> ExchangePolicy:
-    issuer = f"kind: Issuer\nname: gitlab\ntype: gitlab\nurl: {fake.issuer}\ninventory: inventory.yaml\n"
-    policy = policy_of(issuer=issuer, inventory=INVENTORY, backends=BACKENDS, bindings=BINDINGS)
-    bindings = tuple(replace(b, credential_ttl_seconds=TTLS[b.name]) for b in policy.bindings)
-    policy = replace(policy, bindings=bindings)
-    index = GrantIndex()
-    assert index.update(policy) == []
-    return ExchangePolicy.build(policy, index)
 
 
 class Setup:

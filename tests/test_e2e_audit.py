@@ -22,16 +22,16 @@ import pytest
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.cli.audit import run_audit
-from controlplane.cli.bootstrap import render_bootstrap
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.xds.registry import ProxyRegistry
 from controlplane.xds.server import XdsServer
-from tests.support.backends import EchoBackend, HttpResponse, http_request
+from tests.support.backends import HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
-from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.test_e2e import DEPLOYER, OTHER, _write_policy
+from tests.support.gateway import gateway_envoy
+from tests.support.ports import LOOPBACK, poll_until
+from tests.support.stack import DEPLOYER, OTHER, outside_world
 
 pytestmark = pytest.mark.e2e
 
@@ -99,26 +99,15 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e-audit")
-    policy = root / "policy"
-    policy.mkdir()
-    listen_port = free_port()
-    with FakeGitLab() as gitlab, EchoBackend("reports") as reports, EchoBackend("deploy") as deploy:
-        _write_policy(
-            policy,
-            issuer=gitlab.issuer,
-            reports_port=reports.port,
-            deploy_port=deploy.port,
-            listen_port=listen_port,
-            access_log=root / "access.log",
-        )
+    with outside_world(root) as world:
+        policy = world.policy
         with (policy / "issuer.yaml").open("a") as issuer:
             issuer.write("jwks: remote\n")  # Envoy fetches the keys itself: no key relay in this wiring
         controlplane = InProcessControlPlane(policy, root / "audit.sqlite3")
         controlplane.start()
         try:
-            bootstrap = render_bootstrap(group=GATEWAY, node_id=NODE, xds_host=LOOPBACK, xds_port=controlplane.port)
-            with EnvoyProcess(bootstrap, name="audit-envoy") as envoy:
-                built = Stack(gitlab, listen_port, root / "audit.sqlite3", controlplane, envoy)
+            with gateway_envoy(controlplane.port, group=GATEWAY, node=NODE, name="audit-envoy") as envoy:
+                built = Stack(world.gitlab, world.listen_port, root / "audit.sqlite3", controlplane, envoy)
                 poll_until(
                     lambda: built.request("reports.local", "/healthz", None).status == 200, 20, message="listener up"
                 )

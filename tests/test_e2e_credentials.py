@@ -6,7 +6,6 @@ rotation under continuous traffic, and the audit trail by job.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 import threading
@@ -18,12 +17,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
-from tests.support.envoy import EnvoyProcess
 from tests.support.exchange import post_exchange
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import Webhook, gateway_envoy
 from tests.support.gitlab_hooks import HookTarget, deliver
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
@@ -117,16 +115,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 issuer=gitlab.issuer, reports_port=reports.port, deploy_port=deploy.port, listen_port=listen_port
             )
         )
-        secret, webhook_port = secrets.token_urlsafe(24), free_port()
+        webhook = Webhook()
         args = (
             "--state-dir", str(root / "state"), "--jwks-refresh", "1",
             "--exchange-address", f"{LOOPBACK}:{free_port()}", "--key-rotation", str(KEY_ROTATION),
-            "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
+            *webhook.args,
         )  # fmt: skip
-        with ControlPlaneProcess(policy, extra_args=args, env={"HOOK_SECRET": secret}, log_path=root / "cp.log") as cp:
-            hook = gitlab.add_system_hook(f"http://{LOOPBACK}:{webhook_port}/webhooks/gitlab", secret)
-            bootstrap = render_bootstrap(group="ci-gateway", node_id="cred-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
-            with EnvoyProcess(bootstrap, name="credentials-envoy", extra_args=("--file-flush-interval-msec", "20")):
+        with ControlPlaneProcess(policy, extra_args=args, env=webhook.env, log_path=root / "cp.log") as cp:
+            hook = webhook.register(gitlab)
+            with gateway_envoy(cp.xds_port, node="cred-1", name="credentials-envoy", flush_logs=True):
                 built = Stack(gitlab, listen_port, hook, cp, root / "state")
                 poll_until(lambda: built.exchange(built.subject(1)).status == 200, 20, message="exchange up")
                 yield built

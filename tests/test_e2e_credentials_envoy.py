@@ -27,7 +27,7 @@ from controlplane.service import compile_model
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess
 from tests.support.ports import LOOPBACK, free_port
-from tests.test_golden import _as_static_bootstrap
+from tests.support.static_bootstrap import as_static_bootstrap
 
 pytestmark = pytest.mark.e2e
 
@@ -150,7 +150,7 @@ def _static_envoy(files: dict[str, str], keys: Keys, revoked: tuple[str, ...], n
     )
     relayed = {"gitlab": _jwks(RSAAlgorithm.to_jwk(keys.gitlab.public_key(), as_dict=True), "gl-1", "RS256")}
     snapshot = compile_model(parse_policy(files), keys=relayed, credentials=credentials)["gw"]
-    bootstrap = _as_static_bootstrap(snapshot)
+    bootstrap = as_static_bootstrap(snapshot)
     port = free_port()
     for listener in bootstrap["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address=LOOPBACK, port_value=port)

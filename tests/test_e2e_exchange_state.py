@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import secrets
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,12 +17,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
-from tests.support.envoy import EnvoyProcess
 from tests.support.exchange import post_exchange
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import Webhook, gateway_envoy
 from tests.support.gitlab_hooks import HookTarget, deliver
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
@@ -119,16 +117,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 issuer=gitlab.issuer, reports_port=reports.port, billing_port=billing.port, listen_port=listen_port
             )
         )
-        secret, webhook_port = secrets.token_urlsafe(24), free_port()
-        args = (
-            "--jwks-refresh", "1", "--deny-id-tokens-for", "0",
-            "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
-        )  # fmt: skip
+        webhook = Webhook()
+        args = ("--jwks-refresh", "1", "--deny-id-tokens-for", "0", *webhook.args)
         log_path = root / "cp.log"
-        with ControlPlaneProcess(policy, extra_args=args, env={"HOOK_SECRET": secret}, log_path=log_path) as cp:
-            hook = gitlab.add_system_hook(f"http://{LOOPBACK}:{webhook_port}/webhooks/gitlab", secret)
-            bootstrap = render_bootstrap(group="ci-gateway", node_id="state-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
-            with EnvoyProcess(bootstrap, name="exchange-state-envoy"):
+        with ControlPlaneProcess(policy, extra_args=args, env=webhook.env, log_path=log_path) as cp:
+            hook = webhook.register(gitlab)
+            with gateway_envoy(cp.xds_port, node="state-1", name="exchange-state-envoy"):
                 built = Stack(gitlab, listen_port, hook, cp)
                 poll_until(lambda: built.exchange(built.subject(1)).status == 200, 20, message="exchange up")
                 yield built

@@ -6,7 +6,6 @@ One stack for the module; each test restores what it changes. Every wait polls w
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.backends import EchoBackend, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import Webhook, gateway_envoy
 from tests.support.gitlab_hooks import HookTarget, deliver, project_system_hook
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
@@ -109,19 +108,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             issuer=gitlab.issuer, reconcile=RECONCILE, backend_port=backend.port, listen_port=listen_port
         )
         policy_project = gitlab.add_project("infra/ci-access", files={"policy.yaml": text})
-        hook_secret = secrets.token_urlsafe(24)
-        webhook_port = free_port()
+        webhook = Webhook()
         args = (
             "--policy-project", "infra/ci-access", "--gitlab-url", gitlab.base_url,
             "--gitlab-token-env", "GITLAB_TOKEN", "--policy-poll", "3600",
-            "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
-            "--state-dir", str(root / "state"),
+            *webhook.args, "--state-dir", str(root / "state"),
         )  # fmt: skip
-        env = {"GITLAB_TOKEN": gitlab.api_token, "HOOK_SECRET": hook_secret}
+        env = {"GITLAB_TOKEN": gitlab.api_token, **webhook.env}
         with ControlPlaneProcess(root, extra_args=args, env=env, log_path=root / "cp.log") as cp:
-            hook = gitlab.add_system_hook(f"http://{LOOPBACK}:{webhook_port}/webhooks/gitlab", hook_secret)
-            bootstrap = render_bootstrap(group="ci-gateway", node_id="gl-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
-            with EnvoyProcess(bootstrap, name="gitlab-e2e-envoy") as envoy:
+            hook = webhook.register(gitlab)
+            with gateway_envoy(cp.xds_port, node="gl-1", name="gitlab-e2e-envoy") as envoy:
                 built = Stack(gitlab, deployer, policy_project, text, listen_port, hook, cp, envoy)
                 built.wait_get(200, timeout=20)
                 yield built

@@ -24,8 +24,8 @@ from controlplane.snapshots.snapshot import CLUSTER
 from controlplane.xds.server import SERVICE
 from tests.support.backends import http_request
 from tests.support.controlplane import ControlPlaneProcess
+from tests.support.malformed_h2 import REQUESTS, send_malformed_header
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.test_grpclog import REQUESTS, send_malformed_header
 
 OPEN_FILES = 256
 FLOOD = 320  # more half-sent connections than the child has file descriptors

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.backends import HttpResponse, LoopbackHTTPServer, Response, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import gateway_envoy
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
 pytestmark = pytest.mark.e2e
@@ -117,19 +117,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
         )
         # Loopback only: plain-text xDS is allowed explicitly (mTLS is the default when secrets are served).
-        with ControlPlaneProcess(
-            policy, log_path=root / "controlplane.log", extra_args=("--xds-insecure",)
-        ) as controlplane:
-            bootstrap = render_bootstrap(
-                group="ci-gateway", node_id="inject-envoy", xds_host=LOOPBACK, xds_port=controlplane.xds_port
-            )
-            with EnvoyProcess(bootstrap, name="inject-envoy") as envoy:
-                built.envoy = envoy
-                token = built.token()
-                poll_until(lambda: built.request(token).status == 200, 20, message="vault.local -> 200")
-                yield built
-                assert "first-backend-secret" not in controlplane.log_text()
-                assert "second-backend-secret" not in controlplane.log_text()
+        with (
+            ControlPlaneProcess(
+                policy, log_path=root / "controlplane.log", extra_args=("--xds-insecure",)
+            ) as controlplane,
+            gateway_envoy(controlplane.xds_port, node="inject-envoy", name="inject-envoy") as envoy,
+        ):
+            built.envoy = envoy
+            token = built.token()
+            poll_until(lambda: built.request(token).status == 200, 20, message="vault.local -> 200")
+            yield built
+            assert "first-backend-secret" not in controlplane.log_text()
+            assert "second-backend-secret" not in controlplane.log_text()
 
 
 def _last_authorization(stack: Stack) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import JwksMode
 from controlplane.service import compile_model
@@ -23,56 +22,12 @@ from tests.support.backends import EchoBackend, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import gateway_envoy
+from tests.support.one_backend import one_backend_policy
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.test_golden import _as_static_bootstrap
+from tests.support.static_bootstrap import as_static_bootstrap
 
 pytestmark = pytest.mark.e2e
-
-POLICY = """\
-kind: Issuer
-name: gitlab
-type: gitlab
-url: {issuer}
-{issuer_extra}
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-endpoints: [{{address: 127.0.0.1, port: {backend_port}}}]
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules: [{{methods: [GET]}}]
----
-kind: Binding
-name: deployer-reads-reports
-roles: [reports-read]
-subjects: [{{project: 42}}]
----
-kind: Gateway
-name: ci-gateway
-listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [reports-api]
-access_log: /dev/null
----
-kind: Gateway
-name: cold-gateway
-listen: {{address: 127.0.0.1, port: {cold_port}}}
-backends: [reports-api]
-access_log: /dev/null
-"""
-
-
-def policy_text(gitlab: FakeGitLab, backend: EchoBackend, listen_port: int, cold_port: int, extra: str = "") -> str:
-    return POLICY.format(
-        issuer=gitlab.issuer,
-        issuer_extra=extra,
-        backend_port=backend.port,
-        listen_port=listen_port,
-        cold_port=cold_port,
-    )
 
 
 def get(port: int, token: str | None) -> int:
@@ -112,16 +67,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     policy.mkdir()
     listen_port, cold_port = free_port(), free_port()
     with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        (policy / "policy.yaml").write_text(policy_text(gitlab, backend, listen_port, cold_port))
+        (policy / "policy.yaml").write_text(one_backend_policy(gitlab, backend, listen_port, cold_port))
         args = ("--jwks-refresh", "1")
-        with ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane:
-            bootstrap = render_bootstrap(
-                group="ci-gateway", node_id="jwks-envoy-1", xds_host=LOOPBACK, xds_port=controlplane.xds_port
-            )
-            with EnvoyProcess(bootstrap, name="jwks-envoy") as envoy:
-                built = Stack(gitlab, controlplane, envoy, listen_port, cold_port)
-                poll_until(lambda: built.get(None) == 401, 20, message="listener up")
-                yield built
+        with (
+            ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane,
+            gateway_envoy(controlplane.xds_port, node="jwks-envoy-1", name="jwks-envoy") as envoy,
+        ):
+            built = Stack(gitlab, controlplane, envoy, listen_port, cold_port)
+            poll_until(lambda: built.get(None) == 401, 20, message="listener up")
+            yield built
 
 
 def _cluster_names(envoy: EnvoyProcess) -> set[str]:
@@ -179,10 +133,8 @@ def test_an_issuer_outage_keeps_the_last_good_keys_even_for_a_cold_envoy(stack: 
         status = stack.controlplane.status()["jwks"]["gitlab"]
         assert status["last_error"] and "503" in status["last_error"]
         assert status["kids"] == [stack.gitlab.signing_key.kid]
-        bootstrap = render_bootstrap(
-            group="cold-gateway", node_id="jwks-cold-1", xds_host=LOOPBACK, xds_port=stack.controlplane.xds_port
-        )
-        with EnvoyProcess(bootstrap, name="jwks-cold-envoy"):
+        xds_port = stack.controlplane.xds_port
+        with gateway_envoy(xds_port, group="cold-gateway", node="jwks-cold-1", name="jwks-cold-envoy"):
             # A fresh Envoy while the issuer is down: never "Jwks remote fetch is failed".
             stack.wait_status(token, 200, timeout=20, port=stack.cold_port)
     finally:
@@ -195,10 +147,10 @@ def test_remote_mode_still_has_envoy_fetch_the_keys() -> None:
     bootstrap of the compiled resources, so it runs whatever the loader supports."""
     with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
         listen_port = free_port()
-        policy = parse_policy({"policy.yaml": policy_text(gitlab, backend, listen_port, free_port())})
+        policy = parse_policy({"policy.yaml": one_backend_policy(gitlab, backend, listen_port, free_port())})
         remote = replace(policy, issuers=tuple(replace(i, jwks_mode=JwksMode.REMOTE) for i in policy.issuers))
         snapshot = compile_model(remote)["ci-gateway"]
-        with EnvoyProcess(_as_static_bootstrap(snapshot), name="jwks-remote-envoy") as envoy:
+        with EnvoyProcess(as_static_bootstrap(snapshot), name="jwks-remote-envoy") as envoy:
             assert get(listen_port, gitlab.mint(aud="https://reports.local", project_id=42)) == 200
             assert "jwks-gitlab" in _cluster_names(envoy)
             assert any(r.headers.get("user-agent", "").startswith("Go-") for r in gitlab.requests)  # Envoy's
@@ -208,17 +160,16 @@ def test_remote_mode_through_serve(tmp_path: Path) -> None:
     """The same through `controlplane serve`, from a policy that says `jwks: remote`."""
     with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
         listen_port = free_port()
-        text = policy_text(gitlab, backend, listen_port, free_port(), extra="jwks: remote")
+        text = one_backend_policy(gitlab, backend, listen_port, free_port(), extra="jwks: remote")
         assert parse_policy({"policy.yaml": text}).issuers[0].jwks_mode is JwksMode.REMOTE
         policy = tmp_path / "policy"
         policy.mkdir()
         (policy / "policy.yaml").write_text(text)
-        with ControlPlaneProcess(policy, log_path=tmp_path / "controlplane.log") as controlplane:
-            bootstrap = render_bootstrap(
-                group="ci-gateway", node_id="jwks-remote-2", xds_host=LOOPBACK, xds_port=controlplane.xds_port
-            )
-            with EnvoyProcess(bootstrap, name="jwks-remote-serve") as envoy:
-                token = gitlab.mint(aud="https://reports.local", project_id=42)
-                poll_until(lambda: get(listen_port, token) == 200, 20, message="remote JWKS token accepted")
-                assert "jwks-gitlab" in _cluster_names(envoy)
-                assert controlplane.status()["jwks"] == {}  # nothing relayed
+        with (
+            ControlPlaneProcess(policy, log_path=tmp_path / "controlplane.log") as controlplane,
+            gateway_envoy(controlplane.xds_port, node="jwks-remote-2", name="jwks-remote-serve") as envoy,
+        ):
+            token = gitlab.mint(aud="https://reports.local", project_id=42)
+            poll_until(lambda: get(listen_port, token) == 200, 20, message="remote JWKS token accepted")
+            assert "jwks-gitlab" in _cluster_names(envoy)
+            assert controlplane.status()["jwks"] == {}  # nothing relayed

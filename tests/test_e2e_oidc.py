@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.backends import EchoBackend, http_request
 from tests.support.controlplane import ControlPlaneProcess
-from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.fake_oidc import FakeOidc
+from tests.support.gateway import gateway_envoy
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
 pytestmark = pytest.mark.e2e
@@ -113,13 +112,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 access_log=root / "access.log",
             )
         )
-        with ControlPlaneProcess(policy, log_path=root / "controlplane.log") as cp:
-            bootstrap = render_bootstrap(group="internal", node_id="oidc-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
-            flush = ("--file-flush-interval-msec", "20")
-            with EnvoyProcess(bootstrap, name="oidc-envoy", extra_args=flush):
-                built = Stack(gitlab, okta, listen_port, root / "access.log")
-                poll_until(lambda: built.get(None) == 401, 20, message="listener up")
-                yield built
+        with (
+            ControlPlaneProcess(policy, log_path=root / "controlplane.log") as cp,
+            gateway_envoy(cp.xds_port, group="internal", node="oidc-1", name="oidc-envoy", flush_logs=True),
+        ):
+            built = Stack(gitlab, okta, listen_port, root / "access.log")
+            poll_until(lambda: built.get(None) == 401, 20, message="listener up")
+            yield built
 
 
 def test_okta_group_member_is_allowed_and_others_are_not(stack: Stack) -> None:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -18,12 +17,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
-from tests.support.envoy import EnvoyProcess
 from tests.support.exchange import post_exchange
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gateway import Webhook, gateway_envoy
 from tests.support.gitlab_hooks import HookTarget, deliver
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
@@ -152,18 +150,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         (policy / "policy.yaml").write_text(
             POLICY.format(issuer=gitlab.issuer, reports_port=reports.port, listen_port=listen_port)
         )
-        secret, webhook_port = secrets.token_urlsafe(24), free_port()
+        webhook = Webhook()
         args = (
             "--state-dir", str(root / "state"), "--jwks-refresh", "1",
-            "--exchange-address", f"{LOOPBACK}:{free_port()}",
-            "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
+            "--exchange-address", f"{LOOPBACK}:{free_port()}", *webhook.args,
             "--job-sweep-interval", "3600",  # no test may be rescued by the periodic sweep
         )  # fmt: skip
-        env = {"HOOK_SECRET": secret, "GITLAB_TOKEN": gitlab.api_token}
+        env = {**webhook.env, "GITLAB_TOKEN": gitlab.api_token}
         with ControlPlaneProcess(policy, extra_args=args, env=env, log_path=root / "cp.log") as cp:
-            hook = gitlab.add_system_hook(f"http://{LOOPBACK}:{webhook_port}/webhooks/gitlab", secret)
-            bootstrap = render_bootstrap(group="ci-gateway", node_id="state-1", xds_host=LOOPBACK, xds_port=cp.xds_port)
-            with EnvoyProcess(bootstrap, name="state-envoy", extra_args=("--file-flush-interval-msec", "20")):
+            hook = webhook.register(gitlab)
+            with gateway_envoy(cp.xds_port, node="state-1", name="state-envoy", flush_logs=True):
                 built = Stack(gitlab, project, listen_port, hook, cp, root / "state")
                 job = gitlab.add_job(project)
                 poll_until(lambda: built.call(built.credential(job)) == 200, 30, interval=0.1, message="gateway up")

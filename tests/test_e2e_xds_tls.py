@@ -19,8 +19,8 @@ from tests.support.certs import Pki, make_pki
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.one_backend import one_backend_policy
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.test_e2e_jwks import POLICY
 
 pytestmark = pytest.mark.e2e
 
@@ -53,14 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     policy.mkdir()
     listen_port = free_port()
     with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        text = POLICY.format(
-            issuer=gitlab.issuer,
-            issuer_extra="",
-            backend_port=backend.port,
-            listen_port=listen_port,
-            cold_port=free_port(),
-        )
-        (policy / "policy.yaml").write_text(text)
+        (policy / "policy.yaml").write_text(one_backend_policy(gitlab, backend, listen_port, free_port()))
         tls_args = ("--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key))
         args = (*tls_args, "--xds-client-ca", str(pki.ca))
         with ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane:

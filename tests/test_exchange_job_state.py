@@ -23,8 +23,9 @@ from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_events import JobEvent
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.telemetry.metrics import REGISTRY
+from tests.support.clock import Clock
+from tests.support.exchange_policy import exchange_policy
 from tests.support.fake_gitlab import FakeGitLab
-from tests.test_credentials import Clock, exchange_policy
 
 HOUR = 3600.0
 

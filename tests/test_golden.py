@@ -6,14 +6,13 @@ After a deliberate compiler change: `make snapshots`, then review the diff like 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from controlplane.service import compile_dir
 from controlplane.snapshots import golden
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 from tests.support.envoy import validate_config
+from tests.support.static_bootstrap import as_static_bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
@@ -42,33 +41,9 @@ def test_compiling_twice_gives_the_same_versions() -> None:
     assert {g: s.summary_version for g, s in first.items()} == {g: s.summary_version for g, s in second.items()}
 
 
-def _as_static_bootstrap(snapshot: Snapshot) -> dict[str, Any]:
-    """Inline RDS and EDS so `envoy --mode validate` can check the dynamic resources as Envoy would."""
-
-    def strip(resource: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in resource.items() if k != "@type"}
-
-    endpoints = {e["cluster_name"]: strip(e) for e in golden.resource_dicts(snapshot, ENDPOINT)}
-    routes = {r["name"]: strip(r) for r in golden.resource_dicts(snapshot, ROUTE)}
-    clusters = [strip(c) for c in golden.resource_dicts(snapshot, CLUSTER)]
-    for cluster in clusters:
-        if cluster.get("type") == "EDS":
-            del cluster["eds_cluster_config"]
-            cluster["type"] = "STATIC"
-            cluster["load_assignment"] = endpoints[cluster["name"]]
-    listeners = [strip(listener) for listener in golden.resource_dicts(snapshot, LISTENER)]
-    for listener in listeners:
-        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        manager["route_config"] = routes[manager.pop("rds")["route_config_name"]]
-        for log in manager.get("access_log", []):
-            if "path" in log["typed_config"]:  # file loggers; the gRPC one (ALS) has no path
-                log["typed_config"]["path"] = "/dev/null"
-    return {"static_resources": {"clusters": clusters, "listeners": listeners}}
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_real_envoy_accepts_every_compiled_example(case: str) -> None:
     _, snapshots = compile_dir(ROOT / "examples" / case)
     for group, snapshot in snapshots.items():
-        ok, output = validate_config(_as_static_bootstrap(snapshot))
+        ok, output = validate_config(as_static_bootstrap(snapshot))
         assert ok, f"{case}/{group} rejected by envoy --mode validate:\n{output[-3000:]}"

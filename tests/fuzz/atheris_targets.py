@@ -34,11 +34,11 @@ with atheris.instrument_imports(include=["controlplane"]):
 
 import contextlib
 
+from tests.fuzz.exchange_harness import make_exchange
 from tests.fuzz.known import is_known
 from tests.fuzz.loader_check import check_outcome
 from tests.fuzz.policy_gen import SEED_BYTES
-from tests.fuzz.test_fuzz_exchange import make_exchange
-from tests.fuzz.test_fuzz_webhooks import PAYLOADS, check_parse
+from tests.fuzz.webhook_contract import PAYLOADS, check_parse
 
 
 def loader(data: bytes) -> None:

@@ -18,7 +18,7 @@ from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.model.yaml_source import parse_yaml
-from tests.fuzz.test_fuzz_exchange import KID, Token, make_exchange, pristine_claims
+from tests.fuzz.exchange_harness import KID, Token, make_exchange, pristine_claims
 
 ISSUER = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://gitlab.example.com\n"
 BACKEND = "kind: Backend\nname: api\nhosts: [api.example.com]\nendpoints: [{{address: 10.0.0.1, port: {port}}}]\n"

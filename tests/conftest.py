@@ -1,0 +1,25 @@
+"""Fixtures shared by the test modules: the real-process gateway stack of tests/support/stack.py.
+
+A module that wants the stack asks for `stack`; it gets one of its own (module scope), so the policy changes
+of one suite never leak into another. The xDS protocol Envoy speaks is the `protocol` fixture: SotW unless
+the module overrides it, or parametrizes it to run the same tests on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.stack import Protocol, Stack, running_stack
+
+
+@pytest.fixture(scope="module")
+def protocol() -> Protocol:
+    return "sotw"
+
+
+@pytest.fixture(scope="module")
+def stack(protocol: Protocol, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp(f"e2e-{protocol}"), protocol) as built:
+        yield built
