@@ -27,8 +27,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, Snapshot
 from controlplane.xds.delta import DeltaStream
+from controlplane.xds.memo import FanOutCache
+from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import AdsStream, Output
-from controlplane.xds.registry import ProxyRegistry
 
 
 def names(clusters: int) -> list[str]:
@@ -57,10 +58,12 @@ class Fleet:
     def __init__(self, protocol: str, streams: int, first: Snapshot, clusters: int) -> None:
         self.protocol = protocol
         self.names = names(clusters)
-        registry = ProxyRegistry()
+        rejections, shared = NackMemory(), FanOutCache()  # as the server shares them between its streams
         self.streams: list[AdsStream | DeltaStream] = []
         for i in range(streams):
-            stream: AdsStream | DeltaStream = DeltaStream(registry) if protocol == "delta" else AdsStream(registry)
+            stream: AdsStream | DeltaStream = (
+                DeltaStream(shared, rejections) if protocol == "delta" else AdsStream(shared, rejections)
+            )
             stream.set_snapshot(first, 0.0)
             node = base_pb2.Node(id=f"envoy-{i}", cluster="fleet")
             self.ack(stream, self.receive(stream, self.request(CLUSTER, node=node)))

@@ -16,7 +16,7 @@ import pytest
 
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.telemetry.grpclog import route_grpc_logs
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import SERVICE, XdsServer
 from tests.support.ports import LOOPBACK, eventually
 
