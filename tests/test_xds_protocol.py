@@ -358,6 +358,19 @@ def test_streams_sent_the_same_response_share_its_bytes_but_not_its_nonce() -> N
     assert ack(first, a).events == (Ack(CLUSTER, a.version, a.nonce, 0.0),)
 
 
+def test_the_bytes_on_the_wire_are_shared_only_by_streams_whose_nonces_coincide() -> None:
+    """Streams with the same history number their responses alike: one copy on the wire serves them all."""
+    s, shared = snap(clusters=("a", "b")), FanOutCache()
+    streams = [AdsStream(shared) for _ in range(3)]
+    for stream in streams:
+        stream.set_snapshot(s, 0.0)
+    one(streams[2].receive(req(LISTENER, node=True), 0.0))  # the third has sent a response already
+    responses = [one(stream.receive(req(CLUSTER, node=True), 0.0)) for stream in streams]
+    wire = [r.wire(shared) for r in responses]
+    assert wire[0] is wire[1] and wire[2] is not wire[0] and [r.nonce for r in responses] == ["1", "1", "2"]
+    assert wire == [r.data for r in responses]
+
+
 def test_a_shared_response_is_never_resent_to_a_stream_under_an_older_nonce() -> None:
     """A stream that holds nonce N for a type only ever gets nonces above N for it, even when a framed copy
     of the same bytes made earlier for another stream is still cached."""

@@ -124,31 +124,33 @@ class IdentityMemo:
 
 
 class Frames:
-    """SotW responses framed but for the nonce, shared by every stream that is sent the same body and version.
+    """Bytes framed around a shared body, kept for every stream that frames the same body with the same fields.
 
-    A multi-megabyte route configuration is framed once per push, not once per stream; each stream's own
-    nonce is appended only when its response is written (`protocol.Response.data`).
+    A multi-megabyte route configuration is framed once per push, not once per stream. Bounded in entries and
+    bytes (bodies and frames counted): past either, the cache starts over and the current push's frames are
+    rebuilt once by the next stream asking.
     """
 
     LIMIT = 32
-    BYTES_LIMIT = 64 << 20  # bodies and frames kept: a few pushes of a multi-megabyte route configuration
 
-    def __init__(self) -> None:
+    def __init__(self, bytes_limit: int) -> None:
         self._entries: dict[tuple[int, str, str], tuple[bytes, bytes]] = {}
         self._bytes = 0
+        self._bytes_limit = bytes_limit
 
-    def frame(self, body: bytes, version: str, type_url: str, build: Callable[[], bytes]) -> bytes:
-        """The memoized `build()` for (body, version, type URL); `body` is matched by identity."""
-        key = (id(body), version, type_url)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is body:
-            return hit[1]
-        data = build()
+    def get(self, body: bytes, first: str, second: str) -> bytes | None:
+        """The frame kept for (body, first, second), if any; `body` is matched by identity."""
+        hit = self._entries.get((id(body), first, second))
+        return hit[1] if hit is not None and hit[0] is body else None
+
+    def put(self, body: bytes, first: str, second: str, data: bytes) -> bytes:
+        """Keep `data` as the frame for (body, first, second) and return it (no closure per call: a fan-out
+        asks once per stream)."""
         size = len(body) + len(data)
-        if len(self._entries) >= self.LIMIT or self._bytes + size > self.BYTES_LIMIT:
-            self._entries.clear()  # the current push's frames are rebuilt once by the next stream asking
+        if len(self._entries) >= self.LIMIT or self._bytes + size > self._bytes_limit:
+            self._entries.clear()
             self._bytes = 0
-        self._entries[key] = (body, data)
+        self._entries[(id(body), first, second)] = (body, data)
         self._bytes += size
         return data
 
@@ -173,18 +175,22 @@ class FanOutCache:
 
     Sharing is what keeps a push O(streams) rather than O(streams x resources); only streams given the same
     object share, so a test builds a fresh one (or one for the streams whose sharing it checks). Nothing in it
-    is per stream: nonces are the streams' own.
+    is per stream: nonces are the streams' own, and only the bytes of responses that happen to carry the same
+    nonce (streams with the same history, the usual case in a group) are shared whole (`wire`).
     """
 
     def __init__(self) -> None:
         # One table for both protocols: SotW and Delta streams of a group subscribe to the same names.
         self.subscriptions = Interned()
         # SotW: what a stream still holds after an unsubscribe, make-before-break CDS unions, removed clusters,
-        # and responses framed but for the nonce.
+        # and responses framed but for the nonce (a few pushes of a multi-megabyte route configuration).
         self.kept_names = IdentityMemo()
         self.unions = PerSnapshot()
         self.removals = PerSnapshot()
-        self.frames = Frames()
+        self.frames = Frames(bytes_limit=64 << 20)
+        # Both: whole responses as written, nonce included (`protocol.Response.wire`), for streams whose nonces
+        # coincide; the responses of the push being written, at most.
+        self.wire = Frames(bytes_limit=32 << 20)
         # Delta: framed resource entries, the diff base -> current, and that diff as each subscription sees it.
         self.resource_entries = PerResource()
         self.diffs = PerSnapshot()

@@ -165,6 +165,15 @@ class Response(NamedTuple):
         """The whole response as it goes to the wire: a copy of `unsent`, so build it only to write it."""
         return self.unsent + frame_nonce(self.nonce)
 
+    def wire(self, shared: FanOutCache) -> bytes:
+        """`data`, built once for all the streams of a fan-out that send this response under the same nonce.
+
+        Nonces are per stream, but streams of a group that went through the same pushes number them alike, so
+        a fan-out usually makes one copy of a multi-megabyte response, not one per stream."""
+        frames = shared.wire
+        data = frames.get(self.unsent, self.nonce, "")
+        return data if data is not None else frames.put(self.unsent, self.nonce, "", self.data)
+
     @property
     def size(self) -> int:
         """len(data), without building it."""
@@ -605,8 +614,10 @@ class AdsStream(StreamIdentity):
         return state.awaiting or (current is not None and state.acked_version != current.version)
 
     def _send(self, type_url: str, state: TypeState, target: _Target, now: float) -> Response:
-        body, version = target.body, target.version
-        unsent = self._shared.frames.frame(body, version, type_url, lambda: frame_unsent(body, version, type_url))
+        body, version, frames = target.body, target.version, self._shared.frames
+        unsent = frames.get(body, version, type_url) or frames.put(
+            body, version, type_url, frame_unsent(body, version, type_url)
+        )
         self._nonces += 1
         nonce = str(self._nonces)
         state.sent_version = target.version

@@ -110,11 +110,6 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _serialize(response: Response) -> bytes:
-    """The bytes on the wire, built as grpc writes them: the queue holds the shared bytes, not a copy each."""
-    return response.data
-
-
 class _TypeMetrics:
     """Labelled metric children, looked up once per type instead of once per message (labels() costs ~20 µs).
 
@@ -340,15 +335,19 @@ class XdsServer:
                 "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._stream,
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                    response_serializer=_serialize,
+                    response_serializer=self._serialize,
                 ),
                 "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._delta,
                     request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                    response_serializer=_serialize,
+                    response_serializer=self._serialize,
                 ),
             },
         )
+
+    def _serialize(self, response: Response) -> bytes:
+        """The bytes on the wire, built as grpc writes them: queues hold the shared bytes, not a copy each."""
+        return response.wire(self.fan_out)
 
     # -- one stream
 
