@@ -1,8 +1,8 @@
 """CPU per stream of one push, Delta against SotW, as the number of clusters grows (issue #5).
 
 Method: S in-process streams (pure state machines, no grpc) go through Envoy's startup for CDS (wildcard)
-and EDS (every cluster named) and ACK everything, with a `ProxyRegistry` as the rejection memory as in
-`serve`. Then snapshots are pushed to every stream in turn, and every response is ACKed, for two kinds of
+and EDS (every cluster named) and ACK everything, with one `NackMemory` as the rejection memory and one
+`FanOutCache`, as the server gives its streams. Then snapshots are pushed to every stream in turn, and every response is ACKed, for two kinds of
 change of N clusters: one cluster (and its endpoints) changed, and all of them. `time.process_time` is
 taken around the fan-out (`set_snapshot` on every stream) and around the ACKs; the median over REPEAT
 pushes is reported in µs per stream. The same snapshots go to `protocol.AdsStream`, the SotW machine, as
