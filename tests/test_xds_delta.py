@@ -19,7 +19,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, EncodedResource, Snapshot, TypeSnapshot
 from controlplane.xds import delta
 from controlplane.xds.delta import DeltaStream
-from controlplane.xds.memo import FanOutCache
+from controlplane.xds.memo import FanOutCache, PerResource
 from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import Ack, Nack, Output, Response, Resumed, Stale, Withheld
 
@@ -259,8 +259,8 @@ def test_streams_in_sync_share_one_framed_body(monkeypatch: pytest.MonkeyPatch) 
     framed: list[bytes] = []
     build = delta.framed_body
 
-    def framing(cache: FanOutCache, resources: Iterable[EncodedResource]) -> bytes:
-        framed.append(build(cache, resources))
+    def framing(entries: PerResource, resources: Iterable[EncodedResource]) -> bytes:
+        framed.append(build(entries, resources))
         return framed[-1]
 
     monkeypatch.setattr(delta, "framed_body", framing)
@@ -414,7 +414,7 @@ def test_routes_this_stream_does_not_subscribe_to_do_not_hold_a_removal_back() -
 
 def test_hand_framed_responses_parse_as_the_message_protobuf_would_build() -> None:
     resource = snap({"a": "1"}).types[CLUSTER].resources["a"]
-    entries = delta.framed_body(FanOutCache(), [resource])
+    entries = delta.framed_body(FanOutCache().resource_entries, [resource])
     for version, removed in (("v1", ("x", "y")), ("", ())):
         data = delta.frame_delta_response(entries, version, CLUSTER, "7", removed)
         expected = discovery_pb2.DeltaDiscoveryResponse(

@@ -59,7 +59,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
     varint,
 )
-from controlplane.xds.memo import FanOutCache
+from controlplane.xds.memo import FanOutCache, PerResource
 from controlplane.xds.protocol import (
     MAX_SUBSCRIBED_NAMES,
     Ack,
@@ -141,9 +141,10 @@ def _frame_resource(resource: EncodedResource) -> bytes:
     return b"".join((_RESOURCES_TAG, varint(size), head, resource.response_entry))
 
 
-def framed_body(shared: FanOutCache, resources: Iterable[EncodedResource]) -> bytes:
-    """The `resources` entries of a response, each framed once per resource however many streams it reaches."""
-    entry = shared.resource_entries.get
+def framed_body(entries: PerResource, resources: Iterable[EncodedResource]) -> bytes:
+    """The `resources` entries of a response, each framed once per resource however many streams it reaches
+    (`entries` is the server's `FanOutCache.resource_entries`)."""
+    entry = entries.get
     return b"".join(entry(r, _frame_resource) for r in resources)
 
 
@@ -208,7 +209,7 @@ class _View:
     reference to the snapshots it was computed from (see `PerSnapshot`), only their resources.
     """
 
-    __slots__ = ("_shared", "_unsent", "keys", "names", "removed", "removed_keys", "resources", "type_url", "version")
+    __slots__ = ("_entries", "_unsent", "keys", "names", "removed", "removed_keys", "resources", "type_url", "version")
 
     def __init__(
         self,
@@ -217,7 +218,7 @@ class _View:
         removed: tuple[str, ...],
         current: TypeSnapshot,
     ) -> None:
-        self._shared = shared
+        self._entries = shared.resource_entries  # not `shared`: it holds this view (no cycle)
         self.resources = resources
         self.names = tuple(r.name for r in resources)
         self.keys = tuple(resource_key(r.name, r.version) for r in resources)
@@ -231,7 +232,7 @@ class _View:
     def unsent(self) -> bytes:
         """The whole response but the nonce (`frame_unsent`), built on first use."""
         if self._unsent is None:
-            body = framed_body(self._shared, self.resources)
+            body = framed_body(self._entries, self.resources)
             self._unsent = frame_unsent(body, self.version, self.type_url, self.removed)
         return self._unsent
 
@@ -602,7 +603,7 @@ class DeltaStream(StreamIdentity):
             return _Plan(view.resources, view.names, view.removed, view.unsent, blocked)
         send.sort(key=lambda r: r.name)
         gone = tuple(sorted(removed))
-        unsent = frame_unsent(framed_body(self._shared, send), current.version, current.type_url, gone)
+        unsent = frame_unsent(framed_body(self._shared.resource_entries, send), current.version, current.type_url, gone)
         return _Plan(tuple(send), tuple(r.name for r in send), gone, unsent, blocked)
 
     def _keeper(self, type_url: str, state: DeltaTypeState, view: _View) -> Callable[[str], bool] | None:

@@ -8,7 +8,8 @@ without sockets; the grpc adapter stays a thin pump. Time only matters for push�
 
 The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
 
-* a request with a non-empty nonce that is not the last one sent for its type is stale and ignored entirely;
+* nonces are numbered per stream, strictly increasing (Envoy only echoes them); a request with a non-empty
+  nonce that is not the last one sent for its type on this stream is stale and ignored entirely;
 * a request echoing the last nonce is an ACK (or, with `error_detail`, a NACK of the version sent);
 * subscriptions are taken from every non-stale request, ACKs included;
 * a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent,
@@ -147,8 +148,9 @@ class Response(NamedTuple):
     """One (Delta)DiscoveryResponse, serialized but for this stream's nonce.
 
     `unsent` is shared by every stream of a fan-out sent the same response (one copy of a multi-megabyte
-    route configuration, not one per stream); `data`, the bytes on the wire, appends the stream's own nonce
-    and is built only when the response is written (protobuf accepts fields in any order).
+    route configuration, not one per stream); the bytes on the wire append the stream's own nonce (protobuf
+    accepts fields in any order) and are built only when the response is written (`wire`), so a queue of
+    responses never holds a copy per stream.
 
     Outputs are NamedTuples, not frozen dataclasses: a fan-out builds one per stream and construction cost
     is most of the per-stream budget.
