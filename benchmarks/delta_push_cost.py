@@ -2,11 +2,12 @@
 
 Method: S in-process streams (pure state machines, no grpc) go through Envoy's startup for CDS (wildcard)
 and EDS (every cluster named) and ACK everything, with one `NackMemory` as the rejection memory and one
-`FanOutCache`, as the server gives its streams. Then snapshots are pushed to every stream in turn, and every response is ACKed, for two kinds of
-change of N clusters: one cluster (and its endpoints) changed, and all of them. `time.process_time` is
-taken around the fan-out (`set_snapshot` on every stream) and around the ACKs; the median over REPEAT
-pushes is reported in µs per stream. The same snapshots go to `protocol.AdsStream`, the SotW machine, as
-the baseline: it sends whole types, sharing one framed body per fan-out.
+`FanOutCache`, as the server gives its streams. Then snapshots are pushed to every stream in turn, and
+every response is ACKed, for two kinds of change of N clusters: one cluster (and its endpoints) changed,
+and all of them. `time.process_time` is taken around the fan-out (`set_snapshot` on every stream) and
+around the ACKs; the median over REPEAT pushes is reported in µs per stream. The same snapshots go to
+`protocol.AdsStream`, the SotW machine, as the baseline: it sends whole types, sharing one framed body per
+fan-out.
 
 What to expect: Delta's push costs O(changed) per stream, so "1 of N" stays flat as N grows, and "all N"
 grows with N (every changed resource is checked against the node's rejections, and sent).
