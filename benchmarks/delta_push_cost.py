@@ -1,12 +1,13 @@
 """CPU per stream of one push, Delta against SotW, as the number of clusters grows (issue #5).
 
 Method: S in-process streams (pure state machines, no grpc) go through Envoy's startup for CDS (wildcard)
-and EDS (every cluster named) and ACK everything, with a `ProxyRegistry` as the rejection memory as in
-`serve`. Then snapshots are pushed to every stream in turn, and every response is ACKed, for two kinds of
-change of N clusters: one cluster (and its endpoints) changed, and all of them. `time.process_time` is
-taken around the fan-out (`set_snapshot` on every stream) and around the ACKs; the median over REPEAT
-pushes is reported in µs per stream. The same snapshots go to `protocol.AdsStream`, the SotW machine, as
-the baseline: it sends whole types, sharing one framed body per fan-out.
+and EDS (every cluster named) and ACK everything, with one `NackMemory` as the rejection memory and one
+`FanOutCache`, as the server gives its streams. Then snapshots are pushed to every stream in turn, and
+every response is ACKed, for two kinds of change of N clusters: one cluster (and its endpoints) changed,
+and all of them. `time.process_time` is taken around the fan-out (`set_snapshot` on every stream) and
+around the ACKs; the median over REPEAT pushes is reported in µs per stream. The same snapshots go to
+`protocol.AdsStream`, the SotW machine, as the baseline: it sends whole types, sharing one framed body per
+fan-out.
 
 What to expect: Delta's push costs O(changed) per stream, so "1 of N" stays flat as N grows, and "all N"
 grows with N (every changed resource is checked against the node's rejections, and sent).
@@ -27,8 +28,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, Snapshot
 from controlplane.xds.delta import DeltaStream
+from controlplane.xds.memo import FanOutCache
+from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import AdsStream, Output
-from controlplane.xds.registry import ProxyRegistry
 
 
 def names(clusters: int) -> list[str]:
@@ -57,10 +59,12 @@ class Fleet:
     def __init__(self, protocol: str, streams: int, first: Snapshot, clusters: int) -> None:
         self.protocol = protocol
         self.names = names(clusters)
-        registry = ProxyRegistry()
+        rejections, shared = NackMemory(), FanOutCache()  # as the server shares them between its streams
         self.streams: list[AdsStream | DeltaStream] = []
         for i in range(streams):
-            stream: AdsStream | DeltaStream = DeltaStream(registry) if protocol == "delta" else AdsStream(registry)
+            stream: AdsStream | DeltaStream = (
+                DeltaStream(shared, rejections) if protocol == "delta" else AdsStream(shared, rejections)
+            )
             stream.set_snapshot(first, 0.0)
             node = base_pb2.Node(id=f"envoy-{i}", cluster="fleet")
             self.ack(stream, self.receive(stream, self.request(CLUSTER, node=node)))

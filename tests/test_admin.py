@@ -18,7 +18,7 @@ from controlplane.admin.http import AdminServer
 from controlplane.cli.status import StatusFilters, add_status_arguments, format_age, format_nack, run_status
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from controlplane.telemetry.metrics import SNAPSHOT_BUILDS
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.fleet_status import ProxyRegistry
 
 
 def fake_status() -> dict[str, Any]:

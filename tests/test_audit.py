@@ -40,7 +40,7 @@ from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ROUTE, Snapshot
 from controlplane.statefile import StateFileError
 from controlplane.telemetry.metrics import REGISTRY
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import Sender, XdsServer
 from controlplane.xds.tls import ServerTls
 from tests.support.ads import FakeEnvoy

@@ -24,7 +24,7 @@ from controlplane.audit.store import AuditStore
 from controlplane.cli.audit import run_audit
 from controlplane.service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.backends import HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess

@@ -14,7 +14,7 @@ import pytest
 
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.telemetry.grpclog import route_grpc_logs
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.malformed_h2 import REQUESTS, send_malformed_header
 from tests.support.ports import LOOPBACK, eventually

@@ -24,7 +24,7 @@ from controlplane.cli.main import main
 from controlplane.cli.status import StatusFilters, add_status_arguments, format_other_versions, status_url
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
-from controlplane.xds.registry import (
+from controlplane.xds.fleet_status import (
     DEFAULT_LIMIT,
     VERSIONS_LISTED,
     FleetQuery,

@@ -19,8 +19,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, EncodedResource, Snapshot, TypeSnapshot
 from controlplane.xds import delta
 from controlplane.xds.delta import DeltaStream
+from controlplane.xds.memo import FanOutCache, PerResource
+from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import Ack, Nack, Output, Response, Resumed, Stale, Withheld
-from controlplane.xds.registry import ProxyRegistry
 
 
 def snap(clusters: dict[str, str]) -> Snapshot:
@@ -63,7 +64,7 @@ def connect(stream: DeltaStream, snapshot: Snapshot, **fields: Any) -> discovery
 
 def test_empty_initial_subscribe_is_a_wildcard_and_resources_are_framed_losslessly() -> None:
     snapshot = snap({"a": "1", "b": "1"})
-    response = connect(DeltaStream(), snapshot)
+    response = connect(DeltaStream(FanOutCache()), snapshot)
     assert response.type_url == CLUSTER and response.nonce
     assert response.system_version_info == snapshot.version(CLUSTER)
     assert held(response) == {n: r.version for n, r in snapshot.types[CLUSTER].resources.items()}
@@ -72,7 +73,7 @@ def test_empty_initial_subscribe_is_a_wildcard_and_resources_are_framed_lossless
 
 
 def test_explicit_subscribe_and_unsubscribe() -> None:
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     snapshot = snap({"a": "1", "b": "1"})
     stream.set_snapshot(snapshot, 0.0)
     (first,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["a"]), 0.0))
@@ -88,7 +89,7 @@ def test_explicit_subscribe_and_unsubscribe() -> None:
 
 
 def test_only_changed_resources_are_sent_and_removals_are_listed() -> None:
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     connect(stream, snap({"a": "1", "b": "1", "c": "1"}))
     (changed,) = decode(stream.set_snapshot(snap({"a": "1", "b": "2", "c": "1"}), 0.0))
     assert list(held(changed)) == ["b"] and list(changed.removed_resources) == []
@@ -99,22 +100,22 @@ def test_only_changed_resources_are_sent_and_removals_are_listed() -> None:
 
 def test_reconnect_with_initial_versions_sends_nothing_for_unchanged_resources() -> None:
     snapshot = snap({"a": "1", "b": "1"})
-    versions = held(connect(DeltaStream(), snapshot))
-    stream = DeltaStream()
+    versions = held(connect(DeltaStream(FanOutCache()), snapshot))
+    stream = DeltaStream(FanOutCache())
     stream.receive(request(initial_resource_versions=versions), 0.0)
     output = stream.set_snapshot(snapshot, 0.0)
     assert output.responses == ()
     assert Resumed(CLUSTER, snapshot.version(CLUSTER)) in output.events
     # A client holding an older "a" and a vanished "z" gets just the difference.
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.receive(request(initial_resource_versions={"a": "old", "b": versions["b"], "z": "x"}), 0.0)
     (response,) = decode(stream.set_snapshot(snapshot, 0.0))
     assert list(held(response)) == ["a"] and list(response.removed_resources) == ["z"]
 
 
 def test_ack_and_nacked_versions_are_never_resent_even_after_reconnect() -> None:
-    registry = ProxyRegistry()
-    stream = DeltaStream(registry)
+    memory = NackMemory()
+    stream = DeltaStream(FanOutCache(), memory)
     first = connect(stream, snap({"a": "1"}))
     ack = stream.receive(request(response_nonce=first.nonce), 1.0)
     assert [type(e) for e in ack.events] == [Ack]
@@ -129,8 +130,8 @@ def test_ack_and_nacked_versions_are_never_resent_even_after_reconnect() -> None
     (response,) = decode(output)
     assert list(held(response)) == ["b"]
     assert any(isinstance(e, Withheld) for e in output.events)
-    # Nor does a new stream of the same node (the registry remembers), holding the good "a".
-    fresh = DeltaStream(registry)
+    # Nor does a new stream of the same node (the NACK memory remembers), holding the good "a".
+    fresh = DeltaStream(FanOutCache(), memory)
     fresh.receive(request(initial_resource_versions={"a": held(first)["a"]}), 0.0)
     (reconnected,) = decode(fresh.set_snapshot(snap({"a": "bad", "b": "1"}), 0.0))
     assert list(held(reconnected)) == ["b"]
@@ -140,7 +141,7 @@ def test_ack_and_nacked_versions_are_never_resent_even_after_reconnect() -> None
 
 
 def test_stale_or_unknown_nonce_is_reported_but_subscription_changes_still_apply() -> None:
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     connect(stream, snap({"a": "1", "b": "1"}), type_url=ENDPOINT, resource_names_subscribe=["a"])
     output = stream.receive(request(ENDPOINT, response_nonce="99", resource_names_subscribe=["b"]), 0.0)
     assert [type(e) for e in output.events if not isinstance(e, Resumed)][:1] == [Stale]
@@ -149,14 +150,14 @@ def test_stale_or_unknown_nonce_is_reported_but_subscription_changes_still_apply
 
 
 def test_subscribing_to_the_wildcard_sends_what_the_client_does_not_hold_yet() -> None:
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     connect(stream, snap({"a": "1", "b": "1"}), type_url=ENDPOINT, resource_names_subscribe=["a"])
     (response,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["*"]), 0.0))
     assert list(held(response)) == ["b"]  # "a" is held already, "b" was in the base but never sent
 
 
 def test_a_nacked_removal_is_not_retried_until_the_type_changes() -> None:
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     first = connect(stream, snap({"a": "1", "b": "1"}))
     stream.receive(request(response_nonce=first.nonce), 0.0)
     (removal,) = decode(stream.set_snapshot(snap({"a": "1"}), 0.0))
@@ -223,8 +224,8 @@ def test_a_push_reads_only_the_changed_resources_per_stream_and_diffs_once() -> 
     resources, streams = 2000, 500
     names = [f"c{i:04d}" for i in range(resources)]
     before = snap(dict.fromkeys(names, "1"))
-    rejections = CountingRejections()
-    fleet = [DeltaStream(rejections) for _ in range(streams)]
+    rejections, shared = CountingRejections(), FanOutCache()
+    fleet = [DeltaStream(shared, rejections) for _ in range(streams)]
     for stream in fleet:
         stream.set_snapshot(before, 0.0)
         ack_all(stream, stream.receive(request(), 0.0))
@@ -232,12 +233,12 @@ def test_a_push_reads_only_the_changed_resources_per_stream_and_diffs_once() -> 
     states = [s.type_state(ENDPOINT) for s in fleet]
     assert all(s is not None and s.names is states[0].names and not s.overrides for s in states if states[0])
     after, counters = counted(snap({**dict.fromkeys(names, "1"), "c0007": "2"}))
-    diffs, rejections.asked = delta._DIFFS.computed, 0
+    diffs, rejections.asked = shared.diffs.computed, 0
     for stream in fleet:
         output = stream.set_snapshot(after, 1.0)
         assert [r.resource_names for r in output.responses] == [("c0007",), ("c0007",)]  # CDS, then EDS
         ack_all(stream, output)
-    assert delta._DIFFS.computed - diffs == 2  # one diff per type for the whole fan-out
+    assert shared.diffs.computed - diffs == 2  # one diff per type for the whole fan-out
     reads = sum(c.reads for c in counters)
     # Each of the two diffs reads every resource three times (key, value, removal check); then each stream
     # reads O(changed), where walking the subscription would be 2,000 reads per stream and type.
@@ -251,26 +252,28 @@ def test_a_push_reads_only_the_changed_resources_per_stream_and_diffs_once() -> 
 
 def test_streams_in_sync_share_one_framed_body(monkeypatch: pytest.MonkeyPatch) -> None:
     initial, pushed = snap({"a": "1", "b": "1"}), snap({"a": "2", "b": "2"})
-    fleet = [DeltaStream() for _ in range(3)]
+    cache = FanOutCache()
+    fleet = [DeltaStream(cache) for _ in range(3)]
     for stream in fleet:
         connect(stream, initial)
     framed: list[bytes] = []
-    build = delta._FRAMED.body
+    build = delta.framed_body
 
-    def framing(resources: Iterable[EncodedResource]) -> bytes:
-        framed.append(build(resources))
+    def framing(entries: PerResource, resources: Iterable[EncodedResource]) -> bytes:
+        framed.append(build(entries, resources))
         return framed[-1]
 
-    monkeypatch.setattr(delta._FRAMED, "body", framing)
+    monkeypatch.setattr(delta, "framed_body", framing)
     responses = [one(stream.set_snapshot(pushed, 0.0)) for stream in fleet]
     assert len(framed) == 1 and all(r.data.startswith(framed[0]) for r in responses)
-    assert all(r.data is responses[0].data for r in responses)  # nonce included: it need only increase per stream
+    assert all(r.unsent is responses[0].unsent for r in responses)  # all but the nonce, each stream's own
     third = snap({"a": "3", "b": "3"})
     shared = one(fleet[1].set_snapshot(third, 0.0))
     (later,) = fleet[0].receive(request(ENDPOINT, resource_names_subscribe=["a"]), 0.0).responses
     fresh = fleet[0].set_snapshot(third, 0.0).responses[0]
     assert fresh.type_url == CLUSTER and fresh.resource_names == shared.resource_names == ("a", "b")
-    assert int(fresh.nonce) > int(later.nonce) > int(shared.nonce)  # not reused: older than its last one
+    assert fresh.unsent is shared.unsent  # the same change: the same bytes, for a stream that moved on since
+    assert int(fresh.nonce) > int(later.nonce)  # under a nonce newer than its own last one
 
 
 def one(output: Output) -> Response:
@@ -308,7 +311,7 @@ def gateway(clusters: dict[str, str], target: str, routes: dict[str, str] | None
 
 def envoy(snapshot: Snapshot, endpoints: list[str]) -> DeltaStream:
     """A stream through Envoy's startup: CDS and LDS wildcards, EDS and RDS named, everything ACKed."""
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(snapshot, 0.0)
     for type_url, names in ((CLUSTER, []), (ENDPOINT, endpoints), (LISTENER, []), (ROUTE, ["r"])):
         ack_all(stream, stream.receive(request(type_url, resource_names_subscribe=names), 0.0))
@@ -411,7 +414,7 @@ def test_routes_this_stream_does_not_subscribe_to_do_not_hold_a_removal_back() -
 
 def test_hand_framed_responses_parse_as_the_message_protobuf_would_build() -> None:
     resource = snap({"a": "1"}).types[CLUSTER].resources["a"]
-    entries = delta._FRAMED.body([resource])
+    entries = delta.framed_body(FanOutCache().resource_entries, [resource])
     for version, removed in (("v1", ("x", "y")), ("", ())):
         data = delta.frame_delta_response(entries, version, CLUSTER, "7", removed)
         expected = discovery_pb2.DeltaDiscoveryResponse(
@@ -460,7 +463,7 @@ def test_envoy_startup_answers_first_listener_and_route_requests_at_once() -> No
     """§2: Envoy asks for listeners after its CDS ACK, while the endpoints are still unACKed, and for routes
     while the listener is unACKed. A first answer is never held (Envoy's initialisation waits for it)."""
     snapshot = gateway({"a": "1"}, "a")
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(snapshot, 0.0)
     (cds,) = decode(stream.receive(request(CLUSTER), 0.0))
     (eds,) = decode(stream.receive(request(ENDPOINT, resource_names_subscribe=["a"]), 0.0))
@@ -479,7 +482,7 @@ def test_a_reconnect_answers_every_first_request_at_once() -> None:
     old, new = gateway({"a": "1"}, "a"), gateway({"a": "2"}, "a", host="w")
     versions = {t: {n: r.version for n, r in old.types[t].resources.items()} for t in old.types}
     versions[LISTENER] = {"l": "older"}
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(new, 0.0)
     sent = []
     for type_url, names in ((CLUSTER, []), (ENDPOINT, ["a"]), (LISTENER, []), (ROUTE, ["r"])):
@@ -517,7 +520,7 @@ def test_a_nacked_swap_still_sends_the_routes_and_then_the_removal() -> None:
 def reconnect(snapshot: Snapshot, versions: Mapping[str, Mapping[str, str]]) -> Output:
     """A new stream of a reconnecting Envoy: per type one request with both the names (explicit for EDS/RDS,
     empty for the CDS/LDS wildcards) and `initial_resource_versions`; returns every output, merged."""
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(snapshot, 0.0)
     responses: list[Response] = []
     events: list[Any] = []
@@ -546,7 +549,7 @@ def test_a_reconnect_holding_an_older_endpoint_gets_just_that_endpoint() -> None
     old, new = gateway({"a": "1", "b": "1"}, "a"), gateway({"a": "1", "b": "2"}, "a")
     versions = versions_of(new)
     versions[ENDPOINT] = {"a": versions[ENDPOINT]["a"], "b": old.types[ENDPOINT].resources["b"].version}
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(new, 0.0)
     names = ["a", "b"]
     (eds,) = decode(
@@ -563,7 +566,7 @@ def test_a_reconnect_holding_an_older_endpoint_gets_just_that_endpoint() -> None
 def test_names_reported_held_and_subscribed_later_are_not_re_sent() -> None:
     """The other order: the first request reports what is held (so subscribes it), a later one names it."""
     snapshot = gateway({"a": "1"}, "a")
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(snapshot, 0.0)
     held_now = versions_of(snapshot)[ENDPOINT]
     first = stream.receive(request(ENDPOINT, initial_resource_versions=held_now), 0.0)
@@ -577,7 +580,7 @@ def test_names_reported_held_and_subscribed_later_are_not_re_sent() -> None:
 
 def test_a_fresh_subscription_with_no_reported_version_is_still_sent_on_reconnect() -> None:
     snapshot = gateway({"a": "1", "b": "1"}, "a")
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     stream.set_snapshot(snapshot, 0.0)
     current = versions_of(snapshot)[ENDPOINT]
     initial = request(ENDPOINT, resource_names_subscribe=["a", "b"], initial_resource_versions={"a": current["a"]})

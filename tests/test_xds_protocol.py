@@ -30,6 +30,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
 )
 from controlplane.xds.delta import DeltaStream
+from controlplane.xds.memo import FanOutCache, Interned
 from controlplane.xds.protocol import (
     KEEP_SUFFIX,
     MAX_NODE_ID_BYTES,
@@ -166,7 +167,7 @@ def ack(stream: AdsStream, response: Response, names: Iterable[str] = (), now: f
 
 def started(snapshot: Snapshot | None = None) -> tuple[AdsStream, dict[str, Response]]:
     """A stream that went through Envoy's startup sequence and ACKed all four types."""
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snapshot or snap(), 0.0)
     sent = {}
     for type_url, names in ((CLUSTER, ()), (ENDPOINT, ("backend",)), (LISTENER, ()), (ROUTE, ("local_route",))):
@@ -179,12 +180,12 @@ def started(snapshot: Snapshot | None = None) -> tuple[AdsStream, dict[str, Resp
 
 
 def test_subscription_wildcards_only_for_cds_and_lds() -> None:
-    assert subscription(CLUSTER, []) is None
-    assert subscription(LISTENER, ["*"]) is None
-    assert subscription(CLUSTER, ["*", "a"]) is None
-    assert subscription(CLUSTER, ["a"]) == frozenset({"a"})
-    assert subscription(ENDPOINT, []) == frozenset()
-    assert subscription(ROUTE, ["*"]) == frozenset({"*"})
+    assert subscription(CLUSTER, [], Interned()) is None
+    assert subscription(LISTENER, ["*"], Interned()) is None
+    assert subscription(CLUSTER, ["*", "a"], Interned()) is None
+    assert subscription(CLUSTER, ["a"], Interned()) == frozenset({"a"})
+    assert subscription(ENDPOINT, [], Interned()) == frozenset()
+    assert subscription(ROUTE, ["*"], Interned()) == frozenset({"*"})
 
 
 def test_covered() -> None:
@@ -223,7 +224,9 @@ def _with_secrets(base: Snapshot, **values: str) -> Snapshot:
 
 
 def test_secrets_are_a_named_subscription_served_like_any_type() -> None:
-    assert subscription(SECRET, []) == frozenset()  # never a wildcard: a proxy only gets the secrets it names
+    assert (
+        subscription(SECRET, [], Interned()) == frozenset()
+    )  # never a wildcard: a proxy only gets the secrets it names
     stream, _ = started(_with_secrets(snap(), **{"backend-a-credential": "one", "backend-b-credential": "x"}))
     sds = one(stream.receive(req(SECRET, ["backend-a-credential"]), 0.0))
     message = discovery_pb2.DiscoveryResponse.FromString(sds.data)
@@ -249,7 +252,7 @@ def test_secrets_are_pushed_before_clusters() -> None:
 
 
 def test_node_from_first_request_is_kept_when_later_requests_have_none() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     out = stream.receive(req(CLUSTER, node=True), 0.0)
     assert of_type(out, NodeIdentified) == [NodeIdentified(NODE, GROUP)]
     stream.receive(req(LISTENER), 0.0)
@@ -261,7 +264,7 @@ def test_node_from_first_request_is_kept_when_later_requests_have_none() -> None
 
 
 def test_requests_before_the_snapshot_are_answered_when_it_is_set() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     assert stream.receive(req(CLUSTER, node=True), 0.0).responses == ()
     assert stream.receive(req(ENDPOINT, ["backend"]), 0.0).responses == ()
     out = stream.set_snapshot(snap(), 1.0)
@@ -293,7 +296,7 @@ def test_subscribed_event_on_first_request_and_on_change_only() -> None:
 
 def test_envoy_startup_sequence_exactly() -> None:
     s = snap()
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     assert stream.set_snapshot(s, 0.0).responses == ()  # nothing subscribed yet
 
     cds = one(stream.receive(req(CLUSTER, node=True), 1.0))
@@ -319,7 +322,7 @@ def test_envoy_startup_sequence_exactly() -> None:
 
 
 def test_response_metadata() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(clusters=("a", "b")), 0.0)
     response = one(stream.receive(req(CLUSTER, node=True), 0.0))
     assert response.resource_names == ("a", "b") and response.resource_count == 2
@@ -337,26 +340,46 @@ def test_nonces_are_unique_and_increasing_across_types_and_pushes() -> None:
     assert nonces == sorted(nonces) and len(set(nonces)) == len(nonces) == 7
 
 
-def test_streams_sent_the_same_response_share_its_bytes_and_nonce() -> None:
-    """Serialize-once down to the frame: a fan-out to N streams makes one copy of each response, not N."""
+def test_streams_sent_the_same_response_share_its_bytes_but_not_its_nonce() -> None:
+    """Serialize-once down to the frame: a fan-out to N streams makes one copy of each response, not N; each
+    stream's own nonce is appended only when its response is written."""
     s = snap(clusters=("a", "b"))
-    first, second = AdsStream(), AdsStream()
-    for stream in (first, second):
-        stream.set_snapshot(s, 0.0)
+    shared = FanOutCache()
+    first, second = AdsStream(shared), AdsStream(shared)
+    second.set_snapshot(s, 0.0)
+    one(second.receive(req(LISTENER, node=True), 0.0))  # the second stream has numbered a response already
+    first.set_snapshot(s, 0.0)
     a = one(first.receive(req(CLUSTER, node=True), 0.0))
-    b = one(second.receive(req(CLUSTER, node=True), 0.0))
-    assert a.data is b.data and a.nonce == b.nonce
+    b = one(second.receive(req(CLUSTER), 0.0))
+    assert a.unsent is b.unsent and (a.nonce, b.nonce) == ("1", "2")  # nonces are per stream
+    for response in (a, b):
+        message = discovery_pb2.DiscoveryResponse.FromString(response.data)
+        assert message.nonce == response.nonce and len(response.data) == response.size
     assert ack(first, a).events == (Ack(CLUSTER, a.version, a.nonce, 0.0),)
+
+
+def test_the_bytes_on_the_wire_are_shared_only_by_streams_whose_nonces_coincide() -> None:
+    """Streams with the same history number their responses alike: one copy on the wire serves them all."""
+    s, shared = snap(clusters=("a", "b")), FanOutCache()
+    streams = [AdsStream(shared) for _ in range(3)]
+    for stream in streams:
+        stream.set_snapshot(s, 0.0)
+    one(streams[2].receive(req(LISTENER, node=True), 0.0))  # the third has sent a response already
+    responses = [one(stream.receive(req(CLUSTER, node=True), 0.0)) for stream in streams]
+    wire = [r.wire(shared) for r in responses]
+    assert wire[0] is wire[1] and wire[2] is not wire[0] and [r.nonce for r in responses] == ["1", "1", "2"]
+    assert wire == [r.data for r in responses]
 
 
 def test_a_shared_response_is_never_resent_to_a_stream_under_an_older_nonce() -> None:
     """A stream that holds nonce N for a type only ever gets nonces above N for it, even when a framed copy
     of the same bytes made earlier for another stream is still cached."""
     s1, s2 = snap(clusters={"backend": "v1"}), snap(clusters={"backend": "v2"})
-    early = AdsStream()
+    shared = FanOutCache()
+    early = AdsStream(shared)
     early.set_snapshot(s1, 0.0)
     old = one(early.receive(req(CLUSTER, node=True), 0.0))
-    late = AdsStream()
+    late = AdsStream(shared)
     late.set_snapshot(s2, 0.0)
     newer = one(late.receive(req(CLUSTER, node=True), 0.0))
     ack(late, newer)
@@ -396,7 +419,7 @@ def test_unknown_nonce_is_stale() -> None:
 
 
 def test_nonce_for_a_type_never_sent_is_stale() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     out = stream.receive(req(CLUSTER, nonce="1", node=True), 0.0)
     assert out.responses == () and of_type(out, Stale) == [Stale(CLUSTER, "1", "")]
@@ -406,7 +429,7 @@ def test_nonce_for_a_type_never_sent_is_stale() -> None:
 
 
 def test_ack_records_version_and_latency() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     cds = one(stream.receive(req(CLUSTER, node=True), 10.0))
     out = ack(stream, cds, now=10.25)
@@ -485,7 +508,7 @@ def test_nack_with_an_equal_version_field_is_still_a_nack() -> None:
 
 def test_reconnect_holding_the_current_versions_gets_nothing() -> None:
     s = snap()
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(s, 0.0)
     outs = [
         stream.receive(req(CLUSTER, version=s.version(CLUSTER), node=True), 0.0),
@@ -507,7 +530,7 @@ def test_reconnect_holding_the_current_versions_gets_nothing() -> None:
 
 def test_resumed_stream_answers_a_later_subscription_change_with_empty_nonce() -> None:
     s = snap(clusters=("a", "b"))
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(s, 0.0)
     stream.receive(req(ENDPOINT, ["a"], version=s.version(ENDPOINT), node=True), 0.0)
     response = one(stream.receive(req(ENDPOINT, ["a", "b"], version=s.version(ENDPOINT)), 0.0))
@@ -516,21 +539,21 @@ def test_resumed_stream_answers_a_later_subscription_change_with_empty_nonce() -
 
 def test_reconnect_before_the_snapshot_is_set_also_resumes() -> None:
     s = snap()
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.receive(req(CLUSTER, version=s.version(CLUSTER), node=True), 0.0)
     out = stream.set_snapshot(s, 0.0)
     assert out.responses == () and out.events == (Resumed(CLUSTER, s.version(CLUSTER)),)
 
 
 def test_reconnect_with_an_old_version_is_answered() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     assert one(stream.receive(req(CLUSTER, version="old", node=True), 0.0)).type_url == CLUSTER
 
 
 def test_node_that_rejected_the_current_version_on_an_earlier_stream_does_not_get_it() -> None:
     s = snap()
-    stream = AdsStream(Rejected((NODE, LISTENER, s.version(LISTENER))))
+    stream = AdsStream(FanOutCache(), Rejected((NODE, LISTENER, s.version(LISTENER))))
     stream.set_snapshot(s, 0.0)
     assert one(stream.receive(req(CLUSTER, node=True), 0.0)).type_url == CLUSTER
     out = stream.receive(req(LISTENER, version="older"), 0.0)
@@ -545,7 +568,7 @@ def test_unchanged_snapshot_pushes_nothing() -> None:
 
 
 def test_types_never_requested_are_not_pushed() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     stream.receive(req(CLUSTER, node=True), 0.0)
     out = stream.set_snapshot(snap(clusters={"backend": "v2"}, listeners={"listener_0": "v2"}), 0.0)
@@ -624,7 +647,7 @@ def test_a_change_touching_no_cluster_is_not_delayed() -> None:
 
 def two_cluster_stream() -> tuple[AdsStream, dict[str, Response]]:
     s = snap(clusters=("backend", "old"), routes={"local_route": "uses-old"})
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(s, 0.0)
     sent = {}
     for type_url, names in (
@@ -735,7 +758,7 @@ def test_nacked_union_still_gets_the_final_version() -> None:
 
 def test_named_cds_keeps_only_subscribed_clusters() -> None:
     s = snap(clusters=("a", "b", "c"), routes={"local_route": "r1"})
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(s, 0.0)
     cds = one(stream.receive(req(CLUSTER, ["a", "b"], node=True), 0.0))
     ack(stream, cds, ["a", "b"])
@@ -749,7 +772,7 @@ def test_named_cds_keeps_only_subscribed_clusters() -> None:
 
 
 def test_named_resource_absent_from_snapshot_is_simply_not_in_the_response() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     response = one(stream.receive(req(ENDPOINT, ["backend", "ghost"], node=True), 0.0))
     assert decode(response)[1] == ["backend"] and response.resource_names == ("backend",)
@@ -769,7 +792,7 @@ def test_named_resource_removed_from_snapshot_disappears_from_the_next_push() ->
 
 def test_empty_snapshot_answers_wildcards_with_zero_resources() -> None:
     empty = Snapshot.empty("unknown")
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(empty, 0.0)
     for type_url in (CLUSTER, LISTENER):
         response = one(stream.receive(req(type_url, node=True), 0.0))
@@ -782,7 +805,7 @@ def test_empty_snapshot_answers_wildcards_with_zero_resources() -> None:
 
 def test_unsupported_type_is_reported_once_and_not_answered() -> None:
     secret = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     out = stream.receive(req(secret, ["cert"], node=True), 0.0)
     assert out.responses == () and of_type(out, Unsupported) == [Unsupported(secret)]
@@ -790,7 +813,7 @@ def test_unsupported_type_is_reported_once_and_not_answered() -> None:
 
 
 def test_unknown_types_are_remembered_up_to_a_bound_per_stream() -> None:
-    stream = AdsStream()
+    stream = AdsStream(FanOutCache())
     stream.set_snapshot(snap(), 0.0)
     reported = [
         of_type(stream.receive(req(f"type.googleapis.com/made.up.T{i}", node=i == 0), 0.0), Unsupported)
@@ -801,7 +824,7 @@ def test_unknown_types_are_remembered_up_to_a_bound_per_stream() -> None:
 
 @pytest.mark.parametrize("machine", [AdsStream, DeltaStream])
 def test_a_node_past_its_bounds_is_refused_before_anything_of_it_is_kept(machine: type[AdsStream]) -> None:
-    stream = machine()
+    stream = machine(FanOutCache())
     request = (discovery_pb2.DeltaDiscoveryRequest if machine is DeltaStream else discovery_pb2.DiscoveryRequest)(
         type_url=CLUSTER
     )
@@ -826,7 +849,7 @@ def test_subscriptions_past_the_bound_in_several_requests_are_refused_and_nothin
     machine: type[AdsStream],
 ) -> None:
     """One Delta stream sending 30 requests of 60,000 names held 1.8M names (RSS 417 -> 1,767 MB)."""
-    stream = machine()
+    stream = machine(FanOutCache())
     first = _subscribing(machine, [], [])
     first.node.id, first.node.cluster = NODE, GROUP  # type: ignore[attr-defined]
     stream.receive(first, 0.0)  # type: ignore[arg-type]
@@ -846,7 +869,7 @@ def test_subscriptions_past_the_bound_in_several_requests_are_refused_and_nothin
 
 @pytest.mark.parametrize("machine", [AdsStream, DeltaStream])
 def test_a_resource_name_past_the_length_bound_is_refused_and_one_at_it_is_accepted(machine: type[AdsStream]) -> None:
-    stream = machine()
+    stream = machine(FanOutCache())
     long_name = "n" * (MAX_RESOURCE_NAME_BYTES + 1)
     request = _subscribing(machine, ["fine", long_name], [])
     request.node.id, request.node.cluster = NODE, GROUP  # type: ignore[attr-defined]
@@ -864,7 +887,7 @@ def test_a_resource_name_past_the_length_bound_is_refused_and_one_at_it_is_accep
 
 def test_delta_initial_resource_versions_count_against_the_bounds() -> None:
     """A reconnecting client reports what it holds: those names are subscribed, so they are counted too."""
-    stream = DeltaStream()
+    stream = DeltaStream(FanOutCache())
     request = discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=["a"])
     request.node.id, request.node.cluster = NODE, GROUP
     for n in range(MAX_SUBSCRIBED_NAMES):
@@ -916,7 +939,7 @@ def test_a_first_request_without_a_node_id_and_cluster_is_refused(
     machine: type[AdsStream], node_id: str, cluster: str
 ) -> None:
     """A stream that names no node was registered as node '' of group '': a proxy nobody can tell apart."""
-    stream = machine()
+    stream = machine(FanOutCache())
     request = (discovery_pb2.DeltaDiscoveryRequest if machine is DeltaStream else discovery_pb2.DiscoveryRequest)(
         type_url=CLUSTER
     )

@@ -28,13 +28,14 @@ from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, 
 from controlplane.telemetry import metrics
 from controlplane.telemetry.logformat import LOG_FORMAT, LineFormatter
 from controlplane.xds import protocol
+from controlplane.xds.fleet_status import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
+from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import (
     MAX_NODE_CLUSTER_BYTES,
     MAX_NODE_ID_BYTES,
     MAX_NODE_METADATA_BYTES,
     MAX_SUBSCRIBED_NAMES,
 )
-from controlplane.xds.registry import ERROR_LIMIT_BYTES, ProxyRegistry, truncate_error
 from controlplane.xds.server import (
     CONNECTION_LINES_PER_MINUTE,
     FAN_OUT_CHUNK,
@@ -451,20 +452,22 @@ def test_registry_status_sorted_json_ready_and_nack_lifecycle() -> None:
     assert registry.disconnect(a2) == [ROUTE]
     assert registry.disconnect(b) == []
     # The memory outlives the streams.
-    assert registry.is_rejected("n2", ROUTE, "r9") and registry.is_rejected("n1", LISTENER, "l2")
-    assert not registry.is_rejected("n2", LISTENER, "r9") and not registry.is_rejected("n3", ROUTE, "r9")
+    assert registry.rejections.is_rejected("n2", ROUTE, "r9") and registry.rejections.is_rejected("n1", LISTENER, "l2")
+    assert not registry.rejections.is_rejected("n2", LISTENER, "r9") and not registry.rejections.is_rejected(
+        "n3", ROUTE, "r9"
+    )
 
 
 def test_registry_nack_memory_is_bounded_to_recent_nodes() -> None:
-    registry = ProxyRegistry(memory_nodes=3)
+    memory = NackMemory(memory_nodes=3)
     for node in ("a", "b", "c"):
-        registry.remember_rejected(node, CLUSTER, "v")
-    registry.remember_rejected("a", CLUSTER, "w")  # a is now the most recent
-    registry.remember_rejected("d", CLUSTER, "v")  # evicts b, the least recent
-    assert [registry.is_rejected(n, CLUSTER, "v") for n in "abcd"] == [True, False, True, True]
-    assert registry.is_rejected("a", CLUSTER, "w")
-    assert [registry.has_rejections(n, CLUSTER) for n in "abcd"] == [True, False, True, True]
-    assert not registry.has_rejections("a", ROUTE)
+        memory.remember_rejected(node, CLUSTER, "v")
+    memory.remember_rejected("a", CLUSTER, "w")  # a is now the most recent
+    memory.remember_rejected("d", CLUSTER, "v")  # evicts b, the least recent
+    assert [memory.is_rejected(n, CLUSTER, "v") for n in "abcd"] == [True, False, True, True]
+    assert memory.is_rejected("a", CLUSTER, "w")
+    assert [memory.has_rejections(n, CLUSTER) for n in "abcd"] == [True, False, True, True]
+    assert not memory.has_rejections("a", ROUTE)
 
 
 # ------------------------------------------------------------------------------ fan-out pacing, coalescing
@@ -658,17 +661,20 @@ def test_the_server_bounds_what_one_connection_may_send() -> None:
 
 def test_a_node_gone_for_longer_than_the_grace_period_is_forgotten_entirely() -> None:
     """Only a reconnect within the grace period still finds the versions the node rejected."""
-    registry = ProxyRegistry(forget_after=600.0)
+    memory = NackMemory(forget_after=600.0)
+    registry = ProxyRegistry(memory)
     first = registry.connect("n1", "g", "peer", 0.0)
     registry.nacked(first, LISTENER, "l1", "bad", 0.0)
     registry.disconnect(first, now=100.0)
     again = registry.connect("n1", "g", "peer", 0.0)  # back within the grace period: remembered
-    assert registry.is_rejected("n1", LISTENER, "l1")
+    assert memory.is_rejected("n1", LISTENER, "l1")
     registry.disconnect(again, now=200.0)
     other = registry.connect("n2", "g", "peer", 0.0)
     registry.disconnect(other, now=801.0)  # a later departure sweeps nodes gone for longer than the grace
-    assert not registry.is_rejected("n1", LISTENER, "l1") and not registry.has_rejections("n1", LISTENER)
-    assert registry.memory_size() == 0
+    assert not registry.rejections.is_rejected("n1", LISTENER, "l1") and not registry.rejections.has_rejections(
+        "n1", LISTENER
+    )
+    assert registry.rejections.memory_size() == 0
 
 
 async def test_a_node_id_cannot_forge_log_lines(plane: Plane, caplog: pytest.LogCaptureFixture) -> None:

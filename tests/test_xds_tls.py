@@ -22,7 +22,7 @@ from controlplane.cli.main import main
 from controlplane.cli.serve import ServeOptions, serve
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import LISTENER
-from controlplane.xds.registry import ProxyRegistry
+from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import SERVICE, XdsServer
 from controlplane.xds.tls import (
     InsecureTransport,

@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
 from controlplane.serving import ADMIN_LIMITS, AppServer, HttpLimits
 from controlplane.telemetry.metrics import REGISTRY
-from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
+from controlplane.xds.fleet_status import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,12 @@ Cost of a push. What a client holds is not copied per stream: per type the strea
 TypeSnapshot it was last brought in line with (shared by every stream of the group), and a small dict of
 *overrides* where the client differs from it (withheld or kept resources, fresh subscriptions, reconnect
 versions not yet reconciled). On a new snapshot the diff base → current is computed once for the whole
-fan-out (`_Diffs`), filtered and framed once per subscription (`_Views`), and each stream only looks at that
+fan-out (`_diff`), filtered and framed once per subscription (`_View`), and each stream only looks at that
 diff and its own overrides: CPU per stream and push is O(changed + overrides), memory per stream O(overrides).
-Streams sent the same change share one framed response, nonce included (`_View.framed`).
-These memos live exactly as long as the snapshot they describe (`_PerSnapshot`): old snapshots are freed by
-reference counting as soon as no stream's base or outstanding response names them.
+Streams sent the same change share one framed response but for the nonce (`_View.unsent`); each stream
+numbers its own responses. These memos live in the server's `FanOutCache`, handed to every stream, exactly as
+long as the snapshot they describe (`PerSnapshot`): old snapshots are freed by reference counting as soon as
+no stream's base or outstanding response names them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
-import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -59,8 +59,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
     varint,
 )
-from controlplane.xds.memo import SUBSCRIPTIONS as _SUBSCRIPTIONS
-from controlplane.xds.memo import PerSnapshot
+from controlplane.xds.memo import FanOutCache, PerResource
 from controlplane.xds.protocol import (
     MAX_SUBSCRIBED_NAMES,
     Ack,
@@ -75,6 +74,7 @@ from controlplane.xds.protocol import (
     Subscribed,
     Withheld,
     check_subscription,
+    frame_nonce,
 )
 
 WILDCARD = "*"
@@ -88,7 +88,6 @@ _CLUSTER_USERS = (LISTENER, ROUTE)
 _RESOURCES_TAG = b"\x12"  # DeltaDiscoveryResponse.resources = 2, wire type 2
 _SYSTEM_VERSION_TAG = b"\x0a"  # DeltaDiscoveryResponse.system_version_info = 1
 _TYPE_URL_TAG = b"\x22"  # DeltaDiscoveryResponse.type_url = 4
-_NONCE_TAG = b"\x2a"  # DeltaDiscoveryResponse.nonce = 5
 _REMOVED_TAG = b"\x32"  # DeltaDiscoveryResponse.removed_resources = 6
 _NAME_TAG = b"\x1a"  # Resource.name = 3
 _VERSION_TAG = b"\x0a"  # Resource.version = 1
@@ -142,26 +141,11 @@ def _frame_resource(resource: EncodedResource) -> bytes:
     return b"".join((_RESOURCES_TAG, varint(size), head, resource.response_entry))
 
 
-class _FramedResources:
-    """Framed entries per resource (and so per version), built once however many streams a fan-out reaches.
-
-    Keyed weakly by the EncodedResource, so an entry lives exactly as long as a snapshot holding it.
-    """
-
-    def __init__(self) -> None:
-        self._entries: weakref.WeakKeyDictionary[EncodedResource, bytes] = weakref.WeakKeyDictionary()
-
-    def entry(self, resource: EncodedResource) -> bytes:
-        framed = self._entries.get(resource)
-        if framed is None:
-            framed = self._entries[resource] = _frame_resource(resource)
-        return framed
-
-    def body(self, resources: Iterable[EncodedResource]) -> bytes:
-        return b"".join(self.entry(r) for r in resources)
-
-
-_FRAMED = _FramedResources()
+def framed_body(entries: PerResource, resources: Iterable[EncodedResource]) -> bytes:
+    """The `resources` entries of a response, each framed once per resource however many streams it reaches
+    (`entries` is the server's `FanOutCache.resource_entries`)."""
+    entry = entries.get
+    return b"".join(entry(r, _frame_resource) for r in resources)
 
 
 def _string(tag: bytes, value: str) -> bytes:
@@ -174,10 +158,6 @@ def frame_unsent(entries: bytes, version: str, type_url: str, removed: tuple[str
     appends its own nonce (`frame_nonce`); protobuf takes fields in any order."""
     head = _string(_SYSTEM_VERSION_TAG, version) + _string(_TYPE_URL_TAG, type_url)
     return b"".join((entries, head, *(_string(_REMOVED_TAG, n) for n in removed)))
-
-
-def frame_nonce(nonce: str) -> bytes:
-    return _string(_NONCE_TAG, nonce)
 
 
 def frame_delta_response(
@@ -203,7 +183,7 @@ class Diff(NamedTuple):
 
 
 def diff(base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
-    """The one O(resources) step of a push; `_DIFFS` runs it once per (base, current) for all streams."""
+    """The one O(resources) step of a push; `_diff` runs it once per (base, current) for all streams."""
     resources = current.resources
     if base is None:
         return Diff(tuple(resources), ())
@@ -216,25 +196,9 @@ def diff(base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
     return Diff(changed, tuple(n for n in old if n not in resources))
 
 
-_PerSnapshot = PerSnapshot
-
-
-class _Diffs:
+def _diff(shared: FanOutCache, base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
     """`diff` memoized per (base, current): a fan-out computes it once, not once per stream."""
-
-    def __init__(self) -> None:
-        self._memo = _PerSnapshot()
-        self.computed = 0  # how many diffs were actually computed (tests count work with it)
-
-    def diff(self, base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
-        return self._memo.get(current, base, None, lambda: self._compute(base, current))
-
-    def _compute(self, base: TypeSnapshot | None, current: TypeSnapshot) -> Diff:
-        self.computed += 1
-        return diff(base, current)
-
-
-_DIFFS = _Diffs()
+    return shared.diffs.get(current, base, None, lambda: diff(base, current))
 
 
 class _View:
@@ -242,12 +206,19 @@ class _View:
 
     Every stream with the same base, snapshot and subscription shares one view, so the resources, their
     names, their rejection keys and the framed body (built on first use) exist once per fan-out. It holds no
-    reference to the snapshots it was computed from (see `_PerSnapshot`), only their resources.
+    reference to the snapshots it was computed from (see `PerSnapshot`), only their resources.
     """
 
-    __slots__ = ("_framed", "_unsent", "keys", "names", "removed", "removed_keys", "resources", "type_url", "version")
+    __slots__ = ("_entries", "_unsent", "keys", "names", "removed", "removed_keys", "resources", "type_url", "version")
 
-    def __init__(self, resources: tuple[EncodedResource, ...], removed: tuple[str, ...], current: TypeSnapshot) -> None:
+    def __init__(
+        self,
+        shared: FanOutCache,
+        resources: tuple[EncodedResource, ...],
+        removed: tuple[str, ...],
+        current: TypeSnapshot,
+    ) -> None:
+        self._entries = shared.resource_entries  # not `shared`: it holds this view (no cycle)
         self.resources = resources
         self.names = tuple(r.name for r in resources)
         self.keys = tuple(resource_key(r.name, r.version) for r in resources)
@@ -256,60 +227,41 @@ class _View:
         self.version = current.version
         self.type_url = current.type_url
         self._unsent: bytes | None = None
-        self._framed: tuple[int, bytes] | None = None
 
     @property
     def unsent(self) -> bytes:
         """The whole response but the nonce (`frame_unsent`), built on first use."""
         if self._unsent is None:
-            body = _FRAMED.body(self.resources)
+            body = framed_body(self._entries, self.resources)
             self._unsent = frame_unsent(body, self.version, self.type_url, self.removed)
         return self._unsent
 
-    def framed(self, after: int) -> tuple[int, bytes]:
-        """The whole response under a nonce newer than `after`: one bytes object for a whole fan-out.
 
-        Envoy only echoes a nonce, so it need not be unique across streams, only increase per stream: a
-        stream whose last nonce is newer than the shared one gets a fresh one (and the next streams share it).
-        """
-        if self._framed is None or self._framed[0] <= after:
-            nonce = next(_NONCES)
-            self._framed = (nonce, self.unsent + frame_nonce(str(nonce)))
-        return self._framed
-
-
-_NONCES = itertools.count(1)  # process-wide, so that responses can be shared between streams
-
-
-def _view(base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None) -> _View:
+def _view(
+    shared: FanOutCache, base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None
+) -> _View:
     """The view of `diff(base, current)` for a subscription (`wanted` None = wildcard)."""
     resources = current.resources
     if base is None and wanted is not None:  # a first answer: the subscription is usually the smaller side
         names: Iterable[str] = sorted(n for n in wanted if n in resources)
         removed: tuple[str, ...] = ()
     else:
-        changes = _DIFFS.diff(base, current)
+        changes = _diff(shared, base, current)
         names, removed = changes.changed, changes.removed
         if wanted is not None:
             names = [n for n in names if n in wanted]
             removed = tuple(n for n in removed if n in wanted)
-    return _View(tuple(resources[n] for n in names), removed, current)
+    return _View(shared, tuple(resources[n] for n in names), removed, current)
 
 
-class _Views:
-    """`_view` memoized per snapshots (by identity, see `_PerSnapshot`) and interned subscription (by value)."""
-
-    def __init__(self) -> None:
-        self._memo = _PerSnapshot()
-
-    def view(self, base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None) -> _View:
-        return self._memo.get(current, base, wanted, lambda: _view(base, current, wanted))
+def _shared_view(
+    shared: FanOutCache, base: TypeSnapshot | None, current: TypeSnapshot, wanted: frozenset[str] | None
+) -> _View:
+    """`_view` memoized per snapshots (by identity, see `PerSnapshot`) and interned subscription (by value)."""
+    return shared.views.get(current, base, wanted, lambda: _view(shared, base, current, wanted))
 
 
-_VIEWS = _Views()
-
-
-_NOTHING = _SUBSCRIPTIONS.intern(())
+_NOTHING: frozenset[str] = frozenset()
 
 
 # ----------------------------------------------------------------------------------------- per stream
@@ -394,7 +346,6 @@ class _Plan(NamedTuple):
     removed: tuple[str, ...]
     unsent: bytes
     blocked: bool  # something was withheld because this node rejected it
-    shared: _View | None  # the view the plan is exactly, whose framed response streams share
 
 
 def _check_growth(type_url: str, state: DeltaTypeState | None, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
@@ -414,9 +365,11 @@ def _check_growth(type_url: str, state: DeltaTypeState | None, request: discover
 class DeltaStream(StreamIdentity):
     """The protocol state of one Delta ADS stream (the node is identified as in `AdsStream`)."""
 
-    def __init__(self, rejected: RejectionMemory | None = None) -> None:
+    def __init__(self, shared: FanOutCache, rejected: RejectionMemory | None = None) -> None:
+        """`shared`: the server's cache of what every stream of a fan-out computes alike."""
         super().__init__()
         self.snapshot: Snapshot | None = None
+        self._shared = shared
         self._rejected: RejectionMemory = rejected if rejected is not None else _Forgetful()
         self._types: dict[str, DeltaTypeState] = {}
         self._last_nonce = 0
@@ -473,7 +426,7 @@ class DeltaStream(StreamIdentity):
             state.wildcard = False
         names = (state.names | subscribe) - unsubscribe
         if names != state.names:
-            state.names = _SUBSCRIPTIONS.intern(names)
+            state.names = self._shared.subscriptions.intern(names)
         for name in fresh:
             state.hold(name, None)  # a new subscription is not held, whatever the base has
         for name in [n for n in state.overrides if not state.wants(n)]:
@@ -594,12 +547,12 @@ class DeltaStream(StreamIdentity):
 
     def _reconcile(self, type_url: str, state: DeltaTypeState, current: TypeSnapshot) -> _Plan:
         """Decide what to send, looking only at the shared diff and this stream's overrides, and rebase."""
-        view = _VIEWS.view(state.base, current, state.subscription())
+        view = _shared_view(self._shared, state.base, current, state.subscription())
         keep = self._keeper(type_url, state, view)
         if not state.overrides and keep is None and not self._any_rejected(type_url, state, view):
             state.base = current
             state.kept = _NOTHING
-            return _Plan(view.resources, view.names, view.removed, view.unsent, False, view)
+            return _Plan(view.resources, view.names, view.removed, view.unsent, False)
         return self._reconcile_each(type_url, state, current, view, keep or _keeps_nothing)
 
     def _reconcile_each(
@@ -647,11 +600,11 @@ class DeltaStream(StreamIdentity):
         state.kept = frozenset(kept) if kept else _NOTHING
         blocked = len(after) > len(kept)
         if not overrides and len(send) == len(view.resources) and len(removed) == len(view.removed):
-            return _Plan(view.resources, view.names, view.removed, view.unsent, blocked, view)
+            return _Plan(view.resources, view.names, view.removed, view.unsent, blocked)
         send.sort(key=lambda r: r.name)
         gone = tuple(sorted(removed))
-        unsent = frame_unsent(_FRAMED.body(send), current.version, current.type_url, gone)
-        return _Plan(tuple(send), tuple(r.name for r in send), gone, unsent, blocked, None)
+        unsent = frame_unsent(framed_body(self._shared.resource_entries, send), current.version, current.type_url, gone)
+        return _Plan(tuple(send), tuple(r.name for r in send), gone, unsent, blocked)
 
     def _keeper(self, type_url: str, state: DeltaTypeState, view: _View) -> Callable[[str], bool] | None:
         """Which removals to hold back (make-before-break), or None when nothing is.
@@ -706,18 +659,13 @@ class DeltaStream(StreamIdentity):
         return key in state.nacked or self._rejected.is_rejected(self.node_id, type_url, key)
 
     def _send(self, type_url: str, state: DeltaTypeState, sent: _Sent, plan: _Plan) -> Response:
-        if plan.shared is not None:
-            number, data = plan.shared.framed(self._last_nonce)
-        else:
-            number = next(_NONCES)
-            data = plan.unsent + frame_nonce(str(number))
-        self._last_nonce = number
-        nonce = str(number)
+        self._last_nonce += 1
+        nonce = str(self._last_nonce)
         state.outstanding[nonce] = sent
         if len(state.outstanding) > MAX_OUTSTANDING:
             del state.outstanding[next(iter(state.outstanding))]
         state.answered = True
-        return Response(type_url, sent.version, nonce, data, plan.names)
+        return Response(type_url, sent.version, nonce, plan.unsent, plan.names)
 
 
 def _keeps_everything(name: str) -> bool:

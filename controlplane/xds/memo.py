@@ -1,9 +1,13 @@
-"""A memo whose entries live exactly as long as the snapshot they were computed from.
+"""The work a fan-out shares between its streams, in one object the server owns: `FanOutCache`.
 
 Both xDS machines answer the same questions for every stream of a fan-out (which resources changed, what is
-left after a removal, the make-before-break union); computing each once per snapshot keeps a push
-O(streams). Keeping the answers in a plain bounded dict would keep old snapshots, and everything they
-reference, alive until the bound is reached, so server memory would climb for hundreds of pushes.
+left after a removal, the make-before-break union, the framed bytes of a response); computing each once per
+snapshot keeps a push O(streams). The memos live in an object handed to every stream machine, not in module
+globals, so the state machines stay pure: two servers (or two tests) never see each other's entries.
+
+Keeping the answers in a plain bounded dict would keep old snapshots, and everything they reference, alive
+until the bound is reached, so server memory would climb for hundreds of pushes: `PerSnapshot` ties each
+entry to the snapshot it was computed from.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TypeVar, cast
 
-from controlplane.snapshots.snapshot import TypeSnapshot
+from controlplane.snapshots.snapshot import EncodedResource, TypeSnapshot
 
 _T = TypeVar("_T")
 _MemoEntry = tuple["weakref.ref[TypeSnapshot] | None", object]  # (the base, weakly; the result)
@@ -36,6 +40,7 @@ class PerSnapshot:
 
     def __init__(self) -> None:
         self._memos: dict[int, tuple[weakref.ref[TypeSnapshot], dict[tuple[int, object], _MemoEntry]]] = {}
+        self.computed = 0  # how many results were actually computed (tests count a fan-out's work with it)
 
     def __len__(self) -> int:
         """How many snapshots have memos (tests check that old ones are gone)."""
@@ -49,6 +54,7 @@ class PerSnapshot:
         if hit is not None and (hit[0]() if hit[0] is not None else None) is base:
             return cast(_T, hit[1])
         result = compute()
+        self.computed += 1
         if len(memo) >= self.LIMIT:
             memo.clear()
         memo[key] = (weakref.ref(base) if base is not None else None, result)
@@ -92,5 +98,100 @@ class Interned:
         return names
 
 
-# One table for both protocols: SotW and Delta streams of a group subscribe to the same names.
-SUBSCRIPTIONS = Interned()
+class IdentityMemo:
+    """Results of pure functions of shared immutable arguments (no snapshots), computed once per fan-out.
+
+    Streams that were sent the same response hold the same tuple of names and subscriptions are interned, so
+    "what is left after this unsubscribe?" has the same arguments by identity on every stream. Entries keep
+    their arguments alive, so a recycled id() can never match; they hold names only, never a snapshot.
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, ...], tuple[tuple[object, ...], object]] = {}
+
+    def call(self, fn: Callable[..., _T], *args: object) -> _T:
+        key = (id(fn), *map(id, args))
+        hit = self._entries.get(key)
+        if hit is not None and all(x is y for x, y in zip(hit[0], (fn, *args), strict=True)):
+            return cast(_T, hit[1])
+        result = fn(*args)
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        self._entries[key] = ((fn, *args), result)
+        return result
+
+
+class Frames:
+    """Bytes framed around a shared body, kept for every stream that frames the same body with the same fields.
+
+    A multi-megabyte route configuration is framed once per push, not once per stream. Bounded in entries and
+    bytes (bodies and frames counted): past either, the cache starts over and the current push's frames are
+    rebuilt once by the next stream asking.
+    """
+
+    LIMIT = 32
+
+    def __init__(self, bytes_limit: int) -> None:
+        self._entries: dict[tuple[int, str, str], tuple[bytes, bytes]] = {}
+        self._bytes = 0
+        self._bytes_limit = bytes_limit
+
+    def get(self, body: bytes, first: str, second: str) -> bytes | None:
+        """The frame kept for (body, first, second), if any; `body` is matched by identity."""
+        hit = self._entries.get((id(body), first, second))
+        return hit[1] if hit is not None and hit[0] is body else None
+
+    def put(self, body: bytes, first: str, second: str, data: bytes) -> bytes:
+        """Keep `data` as the frame for (body, first, second) and return it (no closure per call: a fan-out
+        asks once per stream)."""
+        size = len(body) + len(data)
+        if len(self._entries) >= self.LIMIT or self._bytes + size > self._bytes_limit:
+            self._entries.clear()
+            self._bytes = 0
+        self._entries[(id(body), first, second)] = (body, data)
+        self._bytes += size
+        return data
+
+
+class PerResource:
+    """Bytes derived from one EncodedResource (Delta's framed entry), built once however many streams a
+    fan-out reaches. Keyed weakly by the resource, so an entry lives exactly as long as a snapshot holding it."""
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[EncodedResource, bytes] = weakref.WeakKeyDictionary()
+
+    def get(self, resource: EncodedResource, build: Callable[[EncodedResource], bytes]) -> bytes:
+        found = self._entries.get(resource)
+        if found is None:
+            found = self._entries[resource] = build(resource)
+        return found
+
+
+class FanOutCache:
+    """Everything the streams of a fan-out compute once and share, owned by the server (`XdsServer.fan_out`)
+    and handed to every `AdsStream` and `DeltaStream` it creates.
+
+    Sharing is what keeps a push O(streams) rather than O(streams x resources); only streams given the same
+    object share, so a test builds a fresh one (or one for the streams whose sharing it checks). Nothing in it
+    is per stream: nonces are the streams' own, and only the bytes of responses that happen to carry the same
+    nonce (streams with the same history, the usual case in a group) are shared whole (`wire`).
+    """
+
+    def __init__(self) -> None:
+        # One table for both protocols: SotW and Delta streams of a group subscribe to the same names.
+        self.subscriptions = Interned()
+        # SotW: what a stream still holds after an unsubscribe, make-before-break CDS unions, removed clusters,
+        # and responses framed but for the nonce (a few pushes of a multi-megabyte route configuration).
+        self.kept_names = IdentityMemo()
+        self.unions = PerSnapshot()
+        self.removals = PerSnapshot()
+        self.frames = Frames(bytes_limit=64 << 20)
+        # Both: whole responses as written, nonce included (`protocol.Response.wire`), for streams whose nonces
+        # coincide; the responses of the push being written, at most.
+        self.wire = Frames(bytes_limit=32 << 20)
+        # Delta: framed resource entries, the diff base -> current, and that diff as each subscription sees it.
+        self.resource_entries = PerResource()
+        self.diffs = PerSnapshot()
+        self.views = PerSnapshot()

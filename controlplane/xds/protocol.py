@@ -8,7 +8,8 @@ without sockets; the grpc adapter stays a thin pump. Time only matters for push�
 
 The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
 
-* a request with a non-empty nonce that is not the last one sent for its type is stale and ignored entirely;
+* nonces are numbered per stream, strictly increasing (Envoy only echoes them); a request with a non-empty
+  nonce that is not the last one sent for its type on this stream is stale and ignored entirely;
 * a request echoing the last nonce is an ACK (or, with `error_detail`, a NACK of the version sent);
 * subscriptions are taken from every non-stale request, ACKs included;
 * a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent,
@@ -22,10 +23,10 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple, Protocol, TypeVar, cast
+from typing import NamedTuple, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -41,9 +42,9 @@ from controlplane.snapshots.snapshot import (
     EncodedResource,
     Snapshot,
     TypeSnapshot,
+    varint,
 )
-from controlplane.xds.memo import SUBSCRIPTIONS as _SUBSCRIPTIONS
-from controlplane.xds.memo import PerSnapshot
+from controlplane.xds.memo import FanOutCache, Interned
 
 TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
@@ -64,8 +65,8 @@ MAX_UNSUPPORTED_TYPES = 16  # distinct unknown type URLs reported per stream; mo
 # Types whose ACK means "nothing routes to a removed cluster any more" (rule 6, make-before-break).
 _CLUSTER_USERS = (LISTENER, ROUTE)
 _NO_RESOURCES: Mapping[str, EncodedResource] = MappingProxyType({})
-
-R = TypeVar("R")
+# DiscoveryResponse.nonce and DeltaDiscoveryResponse.nonce are both field 5 (wire type 2).
+_NONCE_TAG = b"\x2a"
 Names = frozenset[str] | None
 """A subscription: the resource names asked for, or None for a wildcard (all of the type)."""
 
@@ -137,8 +138,19 @@ class _NothingRejected:
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+def frame_nonce(nonce: str) -> bytes:
+    """The nonce field of a (Delta)DiscoveryResponse, appended to bytes framed without it."""
+    data = nonce.encode()
+    return _NONCE_TAG + varint(len(data)) + data if data else b""  # proto3 leaves an empty string out
+
+
 class Response(NamedTuple):
-    """One DiscoveryResponse, already serialized: `data` goes to the wire as is.
+    """One (Delta)DiscoveryResponse, serialized but for this stream's nonce.
+
+    `unsent` is shared by every stream of a fan-out sent the same response (one copy of a multi-megabyte
+    route configuration, not one per stream); the bytes on the wire append the stream's own nonce (protobuf
+    accepts fields in any order) and are built only when the response is written (`wire`), so a queue of
+    responses never holds a copy per stream.
 
     Outputs are NamedTuples, not frozen dataclasses: a fan-out builds one per stream and construction cost
     is most of the per-stream budget.
@@ -147,8 +159,27 @@ class Response(NamedTuple):
     type_url: str
     version: str
     nonce: str
-    data: bytes
+    unsent: bytes
     resource_names: tuple[str, ...]
+
+    @property
+    def data(self) -> bytes:
+        """The whole response as it goes to the wire: a copy of `unsent`, so build it only to write it."""
+        return self.unsent + frame_nonce(self.nonce)
+
+    def wire(self, shared: FanOutCache) -> bytes:
+        """`data`, built once for all the streams of a fan-out that send this response under the same nonce.
+
+        Nonces are per stream, but streams of a group that went through the same pushes number them alike, so
+        a fan-out usually makes one copy of a multi-megabyte response, not one per stream."""
+        frames = shared.wire
+        data = frames.get(self.unsent, self.nonce, "")
+        return data if data is not None else frames.put(self.unsent, self.nonce, "", self.data)
+
+    @property
+    def size(self) -> int:
+        """len(data), without building it."""
+        return len(self.unsent) + len(frame_nonce(self.nonce))
 
     @property
     def resource_count(self) -> int:
@@ -258,7 +289,6 @@ class TypeState:
     client_version: str = ""  # version_info of the latest request before anything was sent
     sent_version: str | None = None
     sent_nonce: str = ""
-    sent_nonce_number: int = 0  # nonces are a process-wide counter (see _Frames)
     sent_subscription: Names = None  # the subscription the last response answered
     sent_names: tuple[str, ...] = ()  # resources in the last response (what the client now holds)
     # where the bytes of sent_names came from (a snapshot's mapping, shared, or a make-before-break union)
@@ -279,7 +309,7 @@ class _Target(NamedTuple):
     source: Mapping[str, EncodedResource]
 
 
-def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
+def subscription(type_url: str, resource_names: Iterable[str], subscriptions: Interned) -> Names:
     """CDS and LDS with no names or with "*" are wildcards; anything else is the set of names asked for.
 
     Raises `InvalidSubscription` past the bounds, before the set is interned or kept.
@@ -291,10 +321,10 @@ def subscription(type_url: str, resource_names: Iterable[str]) -> Names:
     check_subscription(type_url, names, len(names))  # SotW repeats the whole set: this request is all of it
     if type_url in WILDCARD_TYPES and (not names or "*" in names):
         return None
-    return _SUBSCRIPTIONS.intern(names)
+    return subscriptions.intern(names)
 
 
-def _forget_unsubscribed(state: TypeState, names: Names) -> None:
+def _forget_unsubscribed(state: TypeState, names: Names, shared: FanOutCache) -> None:
     """Envoy drops the resources it unsubscribes from: what it holds is what was sent AND is still wanted.
 
     Without this, a later re-subscription would look covered by the old response and never be answered,
@@ -305,8 +335,8 @@ def _forget_unsubscribed(state: TypeState, names: Names) -> None:
     held = state.sent_subscription
     if held is not None and held <= names:
         return  # a subscription that grew: nothing is dropped (the common case, EDS after a CDS push)
-    state.sent_subscription = names if held is None else _SUBSCRIPTIONS.intern(held & names)
-    state.sent_names = _MEMO.call(kept, state.sent_names, names)
+    state.sent_subscription = names if held is None else shared.subscriptions.intern(held & names)
+    state.sent_names = shared.kept_names.call(kept, state.sent_names, names)
 
 
 def kept(held: tuple[str, ...], names: frozenset[str]) -> tuple[str, ...]:
@@ -323,54 +353,25 @@ def dropped(held: Iterable[str], names: Names, current: TypeSnapshot) -> tuple[s
     return tuple(n for n in held if n not in current.resources and (names is None or n in names))
 
 
-class _IdentityMemo:
-    """Results of pure functions of shared immutable arguments (no snapshots), computed once per fan-out.
-
-    Streams that were sent the same response hold the same tuple of names and subscriptions are interned, so
-    "what is left after this unsubscribe?" has the same arguments by identity on every stream. Entries keep
-    their arguments alive, so a recycled id() can never match; they hold names only, never a snapshot.
-    """
-
-    LIMIT = 256
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, ...], tuple[tuple[object, ...], object]] = {}
-
-    def call(self, fn: Callable[..., R], *args: object) -> R:
-        key = (id(fn), *map(id, args))
-        hit = self._entries.get(key)
-        if hit is not None and all(x is y for x, y in zip(hit[0], (fn, *args), strict=True)):
-            return cast(R, hit[1])
-        result = fn(*args)
-        if len(self._entries) >= self.LIMIT:
-            self._entries.clear()
-        self._entries[key] = ((fn, *args), result)
-        return result
-
-
-class _UnionMemo:
+def _shared_union(
+    shared: FanOutCache,
+    current: TypeSnapshot,
+    names: Names,
+    held: tuple[str, ...],
+    held_source: Mapping[str, EncodedResource],
+    removed: tuple[str, ...],
+) -> _Target:
     """Make-before-break CDS bodies (the snapshot's clusters plus the removed ones still in use), built once
     for all the streams that held the same clusters, instead of a dict and a join per stream. Entries live as
     long as the snapshot they were built for (`PerSnapshot`)."""
 
-    def __init__(self) -> None:
-        self._memo = PerSnapshot()
+    def build() -> tuple[object, object, _Target]:
+        return held, held_source, _union(current, names, held_source, removed)
 
-    def union(
-        self,
-        current: TypeSnapshot,
-        names: Names,
-        held: tuple[str, ...],
-        held_source: Mapping[str, EncodedResource],
-        removed: tuple[str, ...],
-    ) -> _Target:
-        def build() -> tuple[object, object, _Target]:
-            return held, held_source, _union(current, names, held_source, removed)
-
-        found = self._memo.get(current, None, (id(held), id(held_source), names), build)
-        if found[0] is held and found[1] is held_source:
-            return found[2]
-        return build()[2]  # an id() reused by other objects: rare, and then simply not shared
+    found = shared.unions.get(current, None, (id(held), id(held_source), names), build)
+    if found[0] is held and found[1] is held_source:
+        return found[2]
+    return build()[2]  # an id() reused by other objects: rare, and then simply not shared
 
 
 def _union(
@@ -384,65 +385,27 @@ def _union(
     return _Target(current.version + KEEP_SUFFIX, keep_body, ordered, MappingProxyType(merged))
 
 
-class _Removals:
+def _shared_dropped(shared: FanOutCache, held: tuple[str, ...], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
     """`dropped` per snapshot: every stream that held the same clusters asks the same question."""
 
-    def __init__(self) -> None:
-        self._memo = PerSnapshot()
+    def compute() -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return held, dropped(held, names, current)
 
-    def dropped(self, held: tuple[str, ...], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
-        def compute() -> tuple[tuple[str, ...], tuple[str, ...]]:
-            return held, dropped(held, names, current)
-
-        found = self._memo.get(current, None, (id(held), names), compute)
-        return found[1] if found[0] is held else compute()[1]
+    found = shared.removals.get(current, None, (id(held), names), compute)
+    return found[1] if found[0] is held else compute()[1]
 
 
-class _Frames:
-    """Framed responses shared by every stream that is sent the same body and version.
-
-    The nonce is the only per-response field, and Envoy only echoes it, so it need not be unique across
-    streams: one framed copy (and one nonce) serves a whole fan-out instead of a multi-megabyte copy per
-    stream. Nonces come from one process-wide counter; a stream reuses a framed response only when its
-    nonce is newer than the last one that stream was sent for the type, so nonces per stream and type
-    strictly increase and a delayed answer to an older response can never pass for the current one.
-    """
-
-    LIMIT = 32
-    BYTES_LIMIT = 64 << 20  # bodies and frames kept: a few pushes of a multi-megabyte route configuration
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, str, str], tuple[bytes, int, bytes]] = {}
-        self._bytes = 0
-        self._last = 0
-
-    def frame(self, body: bytes, version: str, type_url: str, after: int) -> tuple[int, bytes]:
-        key = (id(body), version, type_url)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is body and hit[1] > after:
-            return hit[1], hit[2]
-        self._last += 1
-        data = frame_response(body, version, type_url, str(self._last))
-        size = len(body) + len(data)
-        if len(self._entries) >= self.LIMIT or self._bytes + size > self.BYTES_LIMIT:
-            self._entries.clear()  # the current push's frames are rebuilt once by the next stream asking
-            self._bytes = 0
-        self._entries[key] = (body, self._last, data)
-        self._bytes += size
-        return self._last, data
-
-
-_MEMO = _IdentityMemo()
-_UNIONS = _UnionMemo()
-_REMOVALS = _Removals()
-_FRAMES = _Frames()
+def frame_unsent(body: bytes, version: str, type_url: str) -> bytes:
+    """DiscoveryResponse bytes but the nonce, from pre-framed `resources` entries: shared by every stream sent
+    the same response, each appending its own nonce (`frame_nonce`)."""
+    tail = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url)
+    encoded: bytes = tail.SerializeToString()
+    return body + encoded
 
 
 def frame_response(body: bytes, version: str, type_url: str, nonce: str) -> bytes:
     """DiscoveryResponse bytes from pre-framed `resources` entries: protobuf accepts fields in any order."""
-    tail = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
-    encoded: bytes = tail.SerializeToString()
-    return body + encoded
+    return frame_unsent(body, version, type_url) + frame_nonce(nonce)
 
 
 # ----------------------------------------------------------------------------------------------- stream
@@ -491,11 +454,14 @@ class AdsStream(StreamIdentity):
     the adapter can pick the snapshot by the node's group after the first request (`NodeIdentified`).
     """
 
-    def __init__(self, rejected: RejectedVersions | None = None) -> None:
+    def __init__(self, shared: FanOutCache, rejected: RejectedVersions | None = None) -> None:
+        """`shared`: the server's cache of what every stream of a fan-out computes alike."""
         super().__init__()
         self.snapshot: Snapshot | None = None
+        self._shared = shared
         self._rejected: RejectedVersions = rejected if rejected is not None else _NothingRejected()
         self._types: dict[str, TypeState] = {}
+        self._nonces = 0  # the last nonce sent on this stream, of any type
 
     def type_state(self, type_url: str) -> TypeState | None:
         """Read-only view for status and tests; do not mutate."""
@@ -510,7 +476,9 @@ class AdsStream(StreamIdentity):
         type_url = request.type_url
         if not self._supported(type_url, events):
             return Output((), tuple(events))
-        names = subscription(type_url, request.resource_names)  # refuses past the bounds, before anything is kept
+        names = subscription(
+            type_url, request.resource_names, self._shared.subscriptions
+        )  # refuses past the bounds, before anything is kept
         state = self._types.setdefault(type_url, TypeState())
         if not self._accept(type_url, state, request, names, now, events):
             return Output((), tuple(events))
@@ -546,7 +514,7 @@ class AdsStream(StreamIdentity):
         if not state.requested or names != state.names:
             state.requested = True
             state.names = names
-            _forget_unsubscribed(state, names)
+            _forget_unsubscribed(state, names, self._shared)
             events.append(Subscribed(type_url, names))
         return True
 
@@ -630,10 +598,10 @@ class AdsStream(StreamIdentity):
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:
             return _Target(current.version, body, names, current.resources)
-        removed = _REMOVALS.dropped(state.sent_names, state.names, current)
+        removed = _shared_dropped(self._shared, state.sent_names, state.names, current)
         if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
             return _Target(current.version, body, names, current.resources)
-        return _UNIONS.union(current, state.names, state.sent_names, state.sent_source, removed)
+        return _shared_union(self._shared, current, state.names, state.sent_names, state.sent_source, removed)
 
     def _unsettled(self, type_url: str) -> bool:
         """True while the client may still route by an older listener/route config than the snapshot's.
@@ -648,15 +616,18 @@ class AdsStream(StreamIdentity):
         return state.awaiting or (current is not None and state.acked_version != current.version)
 
     def _send(self, type_url: str, state: TypeState, target: _Target, now: float) -> Response:
-        number, data = _FRAMES.frame(target.body, target.version, type_url, state.sent_nonce_number)
-        nonce = str(number)
+        body, version, frames = target.body, target.version, self._shared.frames
+        unsent = frames.get(body, version, type_url) or frames.put(
+            body, version, type_url, frame_unsent(body, version, type_url)
+        )
+        self._nonces += 1
+        nonce = str(self._nonces)
         state.sent_version = target.version
         state.sent_nonce = nonce
-        state.sent_nonce_number = number
         state.sent_subscription = state.names
         state.sent_names = target.names
         state.sent_source = target.source
         state.sent_at = now
         state.awaiting = True
         state.withheld = None
-        return Response(type_url, target.version, nonce, data, target.names)
+        return Response(type_url, target.version, nonce, unsent, target.names)

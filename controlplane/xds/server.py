@@ -4,14 +4,16 @@ metrics, and no protocol rules.
 Per stream there is one reader (requests → state machine) and one writer (an asyncio.Queue → `context.write`),
 so writes never overlap. Snapshot changes arrive from the cache listener in the event loop and are fed to the
 state machine of every stream of that group; whatever it returns is queued for the writer. Responses are
-already serialized (serialize-once), so the response serializer is the identity.
+serialized but for the stream's nonce (serialize-once), so the response serializer only appends it.
+
+The server owns what its streams share (`FanOutCache`, handed to every state machine it creates) and the
+labelled metric children it looks up per message (`_TypeMetrics`); nothing of it lives in module globals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import socket
 import time
@@ -30,8 +32,9 @@ from controlplane.telemetry import metrics
 from controlplane.telemetry.ratelog import RateLimitedLog
 from controlplane.xds import protocol
 from controlplane.xds.delta import DeltaStream
+from controlplane.xds.fleet_status import ProxyRecord, ProxyRegistry, truncate_error
+from controlplane.xds.memo import FanOutCache
 from controlplane.xds.protocol import AdsStream, Output, Response, type_label
-from controlplane.xds.registry import ProxyRecord, ProxyRegistry, truncate_error
 from controlplane.xds.tls import ServerTls, peer_identity
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -107,19 +110,28 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _identity(data: bytes) -> bytes:
-    return data
+class _TypeMetrics:
+    """Labelled metric children, looked up once per type instead of once per message (labels() costs ~20 µs).
 
+    Looked up on first use, not at import: a child is exported as soon as it exists, and /metrics shows a
+    type's series only once something of that type was pushed or answered.
+    """
 
-# Labelled metric children, looked up once per type instead of once per message (labels() costs ~20 µs).
-@functools.cache
-def _pushes(type_url: str) -> Any:
-    return metrics.XDS_PUSHES.labels(type_label(type_url))
+    def __init__(self) -> None:
+        self._pushes: dict[str, Any] = {}
+        self._ack_latency: dict[str, Any] = {}
 
+    def pushes(self, type_url: str) -> Any:
+        child = self._pushes.get(type_url)
+        if child is None:
+            child = self._pushes[type_url] = metrics.XDS_PUSHES.labels(type_label(type_url))
+        return child
 
-@functools.cache
-def _ack_latency(type_url: str) -> Any:
-    return metrics.PUSH_ACK_LATENCY.labels(type_label(type_url))
+    def ack_latency(self, type_url: str) -> Any:
+        child = self._ack_latency.get(type_url)
+        if child is None:
+            child = self._ack_latency[type_url] = metrics.PUSH_ACK_LATENCY.labels(type_label(type_url))
+        return child
 
 
 def peer_address(peer: str) -> str:
@@ -244,6 +256,8 @@ class XdsServer:
         self.extra_handlers = tuple(extra_handlers)
         self.registry = registry
         self.log = log
+        self.fan_out = FanOutCache()  # what every stream of a push computes alike, shared by all of ours
+        self._metrics = _TypeMetrics()
         self._server: grpc.aio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -321,15 +335,19 @@ class XdsServer:
                 "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._stream,
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                    response_serializer=_identity,
+                    response_serializer=self._serialize,
                 ),
                 "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self._delta,
                     request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                    response_serializer=_identity,
+                    response_serializer=self._serialize,
                 ),
             },
         )
+
+    def _serialize(self, response: Response) -> bytes:
+        """The bytes on the wire, built as grpc writes them: queues hold the shared bytes, not a copy each."""
+        return response.wire(self.fan_out)
 
     # -- one stream
 
@@ -338,7 +356,7 @@ class XdsServer:
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        machine = AdsStream(self.registry)
+        machine = AdsStream(self.fan_out, self.registry.rejections)
         session = _Session(machine, peer_address(context.peer()), "sotw", peer_identity(context))
         await self._serve(session, machine.receive, requests, context)
 
@@ -347,7 +365,7 @@ class XdsServer:
         requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        machine = DeltaStream(self.registry)
+        machine = DeltaStream(self.fan_out, self.registry.rejections)
         session = _Session(machine, peer_address(context.peer()), "delta", peer_identity(context))
         await self._serve(session, machine.receive, requests, context)
 
@@ -382,8 +400,8 @@ class XdsServer:
     async def _write(self, session: _Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         debug = self.log.isEnabledFor(logging.DEBUG)
         while (response := await session.queue.get()) is not None:
-            await context.write(response.data)
-            _pushes(response.type_url).inc()
+            await context.write(response)
+            self._metrics.pushes(response.type_url).inc()
             if debug:
                 self.log.debug(
                     "pushed %s version %s nonce %s (%d resources, %d bytes) to %s",
@@ -391,7 +409,7 @@ class XdsServer:
                     response.version,
                     response.nonce,
                     response.resource_count,
-                    len(response.data),
+                    response.size,
                     session.machine.node_id,
                 )
 
@@ -598,13 +616,13 @@ class XdsServer:
         record = session.record
         match event:
             case protocol.Ack(type_url=t, version=v, latency=latency):
-                _ack_latency(t).observe(latency)
+                self._metrics.ack_latency(t).observe(latency)
                 self.log.debug("ACK from %s: %s version %s (%.1f ms)", node, type_label(t), v, latency * 1e3)
                 if record is not None and self.registry.acked(record, t, v):
                     metrics.XDS_PROXIES_WITH_NACK.labels(type_label(t)).dec()
             case protocol.Nack(type_url=t, version=v, latency=latency):
                 self._nack(session, event)
-                _ack_latency(t).observe(latency)
+                self._metrics.ack_latency(t).observe(latency)
             case protocol.Resumed(type_url=t, version=v):
                 self.log.debug("proxy %s already holds %s version %s: nothing to send", node, type_label(t), v)
                 if record is not None and self.registry.acked(record, t, v):
@@ -641,6 +659,6 @@ class XdsServer:
         )
         record = session.record
         if record is None:
-            self.registry.remember_rejected(session.machine.node_id, nack.type_url, nack.version)
+            self.registry.rejections.remember_rejected(session.machine.node_id, nack.type_url, nack.version)
         elif self.registry.nacked(record, nack.type_url, nack.version, error, time.time()):
             metrics.XDS_PROXIES_WITH_NACK.labels(label).inc()

@@ -17,7 +17,7 @@ from yarl import URL
 
 from controlplane.admin.http import STATUS_PARAMETERS, AdminServer, BadQuery, parse_status_query
 from controlplane.cli.status import StatusFilters, add_status_arguments, status_url
-from controlplane.xds.registry import DEFAULT_LIMIT, PROTOCOLS, FleetQuery, ProxyRegistry
+from controlplane.xds.fleet_status import DEFAULT_LIMIT, PROTOCOLS, FleetQuery, ProxyRegistry
 from tests.fuzz.figures import count
 from tests.fuzz.http_harness import LoopThread, request, serve
 from tests.fuzz.known import AVOID_KNOWN, avoid_known

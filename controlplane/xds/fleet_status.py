@@ -1,33 +1,27 @@
-"""What operators see about connected proxies, and which versions each node has rejected.
+"""What operators see about connected proxies: one record per stream, and the ``/status`` fleet queries.
 
 One `ProxyRecord` per open ADS stream (a node can briefly have two while Envoy reconnects before the old
-stream is noticed dead). The NACK memory is per node id and outlives streams: a version a node rejected is
-never pushed to it again, even after a reconnect, because Envoy would only reject it again (and for CDS/LDS
-a rejected response can still be partially applied). It is bounded to the most recently seen node ids, and a
-node's memory is forgotten once it has had no stream for `forget_after` seconds (10 minutes): Envoy reconnects
-within seconds (0.1 to 2.6 s observed), so only a node that is gone for good, or a client that invented its id,
-is forgotten, and nothing a departed client sent stays behind.
+stream is noticed dead). The versions a node rejected, which the protocol machines consult, are not kept
+here but in `nack_memory.NackMemory`: the registry tells it of streams and NACKs and hands it to the server.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import TYPE_LABELS, type_label
 
 if TYPE_CHECKING:
     from controlplane.snapshots.cache import SnapshotCache
 
 ERROR_LIMIT_BYTES = 2048
-NACK_MEMORY_NODES = 10_000
-NACK_MEMORY_VERSIONS = 64  # per node and type: enough for any realistic run of bad pushes
-FORGET_AFTER = 600.0  # seconds without a stream after which a node's NACK memory is dropped
 _TRUNCATED = " …[truncated]"
 
 
@@ -81,56 +75,31 @@ class ProxyRecord:
 
 
 class ProxyRegistry:
-    """Connected proxies and the per-node NACK memory; implements protocol.RejectedVersions."""
+    """Connected proxies as the status page shows them; tells `rejections` (the NACK memory) of streams and
+    NACKs, so a node's memory outlives its streams by exactly the grace period."""
 
-    def __init__(self, *, memory_nodes: int = NACK_MEMORY_NODES, forget_after: float = FORGET_AFTER) -> None:
+    def __init__(self, rejections: NackMemory | None = None) -> None:
+        self.rejections = rejections if rejections is not None else NackMemory()
         self._records: set[ProxyRecord] = set()
-        self._memory: OrderedDict[str, dict[str, list[str]]] = OrderedDict()
-        self._memory_nodes = memory_nodes
-        self._forget_after = forget_after
-        self._streams: dict[str, int] = {}  # node id -> open streams
-        self._gone: OrderedDict[str, float] = OrderedDict()  # node id -> when its last stream ended, oldest first
         self._ordered: list[ProxyRecord] | None = None  # records in listing order; None after membership changed
 
     def connect(self, node_id: str, group: str, peer: str, now: float) -> ProxyRecord:
         record = ProxyRecord(node_id, group, peer, now)
         self._records.add(record)
         self._ordered = None
-        self._streams[node_id] = self._streams.get(node_id, 0) + 1
-        self._gone.pop(node_id, None)
+        self.rejections.stream_opened(node_id)
         return record
 
     def disconnect(self, record: ProxyRecord, now: float | None = None) -> list[str]:
         """Forget the stream; returns the type URLs it was still NACKing (for the rejecting-proxies gauge).
 
-        `now` (any monotonic clock) starts the node's grace period when this was its last stream, and drops
-        the NACK memory of nodes gone for longer than `forget_after`; None leaves the memory as it is."""
+        `now` (any monotonic clock) is passed to the NACK memory (`NackMemory.stream_closed`)."""
         if record not in self._records:
             return []
         self._records.discard(record)
         self._ordered = None
-        left = self._streams.get(record.node_id, 1) - 1
-        if left > 0:
-            self._streams[record.node_id] = left
-        else:
-            self._streams.pop(record.node_id, None)
-            if now is not None:
-                self._gone[record.node_id] = now
-        if now is not None:
-            self._expire(now)
+        self.rejections.stream_closed(record.node_id, now)
         return list(record.nacks)
-
-    def _expire(self, now: float) -> None:
-        while self._gone:
-            node_id, since = next(iter(self._gone.items()))
-            if now - since <= self._forget_after:
-                return
-            del self._gone[node_id]
-            self._memory.pop(node_id, None)
-
-    def memory_size(self) -> int:
-        """Node ids with remembered rejections (bounded by `memory_nodes`)."""
-        return len(self._memory)
 
     def acked(self, record: ProxyRecord, type_url: str, version: str) -> bool:
         """Record an ACK; True when it ends a NACK of that type (the proxy is no longer rejecting it)."""
@@ -139,28 +108,10 @@ class ProxyRegistry:
 
     def nacked(self, record: ProxyRecord, type_url: str, version: str, error: str, now: float) -> bool:
         """Record a NACK on the stream and in the node's memory; True when the type starts NACKing."""
-        self.remember_rejected(record.node_id, type_url, version)
+        self.rejections.remember_rejected(record.node_id, type_url, version)
         starts = type_url not in record.nacks
         record.nacks[type_url] = NackRecord(type_url, version, truncate_error(error), now)
         return starts
-
-    def remember_rejected(self, node_id: str, type_url: str, version: str) -> None:
-        by_type = self._memory.pop(node_id, None) or {}
-        self._memory[node_id] = by_type  # most recently used last
-        versions = by_type.setdefault(type_url, [])
-        if version not in versions:
-            versions.append(version)
-            del versions[:-NACK_MEMORY_VERSIONS]
-        while len(self._memory) > self._memory_nodes:
-            self._memory.popitem(last=False)
-
-    def is_rejected(self, node_id: str, type_url: str, version: str) -> bool:
-        by_type = self._memory.get(node_id)
-        return by_type is not None and version in by_type.get(type_url, ())
-
-    def has_rejections(self, node_id: str, type_url: str) -> bool:
-        by_type = self._memory.get(node_id)
-        return by_type is not None and bool(by_type.get(type_url))
 
     def records(self) -> list[ProxyRecord]:
         return sorted(self._records, key=lambda r: (r.group, r.node_id, r.connected_since))
