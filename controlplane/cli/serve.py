@@ -262,17 +262,13 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     transport.check_start(serving=policy.current is not None)
     registry = ProxyRegistry()
     # A raw ID token from before a gap in webhook delivery, seen at a gateway: GitLab is asked about its job.
-    als = AccessLogService(audit, on_job=credentials.gateway_checks if credentials is not None else None)
     xds = XdsServer(
-        cache,
-        registry,
-        log=logging.getLogger("controlplane.xds"),
-        extra_handlers=[als.handler()],
-        max_connections=options.xds_max_connections,
+        cache, registry, log=logging.getLogger("controlplane.xds"), max_connections=options.xds_max_connections
     )
-    als.senders = xds  # access logs are accepted only from gateways holding an ADS stream
+    # Access logs are accepted only from gateways holding an ADS stream (`senders`).
+    als = AccessLogService(audit, senders=xds, on_job=credentials.gateway_checks if credentials is not None else None)
     xds_port = await parts.start(
-        xds.start(options.xds_host, options.xds_port, tls=options.xds_tls),
+        xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
         lambda: _drain(als, xds, options.shutdown_grace),
     )
     current_versions = cache_versions(cache)
