@@ -261,11 +261,11 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Served: the xDS port only once the policy, keys and inventories are in.
     transport.check_start(serving=policy.current is not None)
     registry = ProxyRegistry()
-    # A raw ID token from before a gap in webhook delivery, seen at a gateway: GitLab is asked about its job.
     xds = XdsServer(
         cache, registry, log=logging.getLogger("controlplane.xds"), max_connections=options.xds_max_connections
     )
-    # Access logs are accepted only from gateways holding an ADS stream (`senders`).
+    # Access logs are accepted only from gateways holding an ADS stream (`senders`). A raw ID token from before
+    # a gap in webhook delivery, seen at a gateway: GitLab is asked about its job (`on_job`).
     als = AccessLogService(audit, senders=xds, on_job=credentials.gateway_checks if credentials is not None else None)
     xds_port = await parts.start(
         xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
