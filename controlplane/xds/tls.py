@@ -128,7 +128,7 @@ class TransportPolicy:
         return None
 
     def check_start(self, *, serving: bool) -> None:
-        """Secrets never go over plain text by accident: at start-up, with no policy in `serving` because the
+        """Secrets never go over plain text by accident: when no policy is `serving` at start-up because the
         one read was refused for that reason, raise `InsecureTransport` (`serve` exits 2 before the xDS port
         opens). Plain text anywhere but loopback deserves a warning even without secrets."""
         if not serving and self.refusal is not None:
