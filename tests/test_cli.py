@@ -214,7 +214,7 @@ def test_validate_shows_the_first_errors_of_a_file_and_counts_the_rest(tmp_path:
 def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each default is written once, in the option dataclasses: `serve` with no flags is the options' defaults."""
     from controlplane.cli.main import _parser, serve_options
-    from controlplane.cli.serve import ServeOptions
+    from controlplane.cli.options import ServeOptions
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
     from controlplane.statefile import DEFAULT_STATE_DIR
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli.serve import ServeOptions, serve
+from controlplane.cli.options import ServeOptions
+from controlplane.cli.serve import serve
 from controlplane.sources.secrets import SecretsSource
 from controlplane.supervisor import Supervisor
 

@@ -17,7 +17,8 @@ import yaml
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.cli.main import main
-from controlplane.cli.serve import ServeOptions, serve
+from controlplane.cli.options import ServeOptions
+from controlplane.cli.serve import serve
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import LISTENER
 from controlplane.xds import tls as tls_module

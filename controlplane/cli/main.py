@@ -18,7 +18,7 @@ from controlplane.telemetry.grpclog import bound_native_stderr, route_grpc_logs
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from controlplane.cli.serve import ServeOptions
+    from controlplane.cli.options import ServeOptions
     from controlplane.cli.validate import ServedInputs
     from controlplane.model.policy import Policy
     from controlplane.snapshots.snapshot import Snapshot
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     from controlplane.audit.store import DB_NAME as AUDIT_DB
     from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.defaults import option_default
-    from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions
+    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions
     from controlplane.cli.status import add_status_arguments
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
     from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS, HttpLimits
@@ -397,7 +397,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
-    from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions
+    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, WebhookOptions
     from controlplane.credentials.service import CredentialOptions
     from controlplane.serving import HttpLimits
 

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,96 +19,35 @@ from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore
+from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStoreError
 from controlplane.credentials.keys import KEYS_FILE
 from controlplane.credentials.recovery import JobRecovery
 from controlplane.credentials.revocations import REVOCATIONS_FILE
-from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.credentials.service import CredentialService
 from controlplane.event_router import EventRouter
 from controlplane.gc_control import CollectorSchedule
 from controlplane.gitlab_link import GitLabLink, PolicyProject
 from controlplane.keyrelay import KeyRelay
-from controlplane.service import DEFAULT_RELOAD_TIMEOUT, PolicyService
-from controlplane.serving import (
-    ADMIN_LIMITS,
-    WEBHOOK_LIMITS,
-    HttpLimits,
-    fit_connection_budget,
-    fit_xds_connections,
-    raise_open_file_limit,
-)
+from controlplane.service import PolicyService
+from controlplane.serving import HttpLimits, fit_connection_budget, fit_xds_connections, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.gitlab import GitLabSource, token_from
 from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.pins import PINS_FILE, PinStore
-from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
 from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
-from controlplane.statefile import DEFAULT_STATE_DIR, LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
+from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
 from controlplane.supervisor import Supervisor
 from controlplane.xds.registry import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
-from controlplane.xds.tls import ServerTls, TransportPolicy, XdsTransportError
+from controlplane.xds.tls import TransportPolicy, XdsTransportError
 
 log = logging.getLogger("controlplane")
-
-
-@dataclass(frozen=True)
-class GitLabPolicyOptions:
-    """The policy lives in a GitLab project (instead of a directory)."""
-
-    url: str
-    project: str
-    token_env: str | None = None
-    token_file: str | None = None
-    poll_seconds: float = 60.0  # a push webhook reloads at once; polling catches missed hooks
-
-
-@dataclass(frozen=True)
-class WebhookOptions:
-    host: str
-    port: int
-    secret_env: str | None = None
-    secret_file: str | None = None
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Every `serve` option with its one default; the command line (cli/main.py) reads its defaults here."""
-
-    policy: Path
-    xds_host: str = "127.0.0.1"
-    xds_port: int = 18000
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 9902
-    debounce: float = 0.1
-    max_wait: float = 1.0
-    shutdown_grace: float = 5.0
-    gc_interval: float = 60.0  # seconds between scheduled garbage collections (gc_control.py); 0: CPython's own
-    gc_full_every: int = 1  # N > 1: only every Nth is full, the others skip what earlier ones kept
-    jwks_refresh: float = 30.0
-    # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
-    # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
-    jwks_startup_wait: float = 10.0
-    # The same for the first GitLab inventory read (until then GitLab-backed bindings are withdrawn).
-    gitlab_startup_wait: float = 15.0
-    state_dir: Path = DEFAULT_STATE_DIR
-    policy_gitlab: GitLabPolicyOptions | None = None
-    webhooks: WebhookOptions | None = None
-    credentials: CredentialOptions | None = None
-    audit_db: Path | None = None  # default: <state_dir>/AUDIT_DB
-    audit_retention: float = 30 * 86_400.0
-    xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
-    xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
-    admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (serving.py)
-    webhook_limits: HttpLimits = WEBHOOK_LIMITS
-    xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
-    policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
-    reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
 
 
 # What `serve` keeps in its state directory (see controlplane/statefile.py); made private at every start.

@@ -116,7 +116,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     The filters mirror the ``/status`` query parameters and are applied server-side, so the counts and the
     summary cover the whole filtered fleet even though only ``--limit`` rows are listed.
     """
-    from controlplane.cli.serve import ServeOptions
+    from controlplane.cli.options import ServeOptions
 
     served = f"http://{ServeOptions.admin_host}:{ServeOptions.admin_port}"  # serve's default admin address
     parser.add_argument(
