@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
@@ -114,7 +114,18 @@ class PolicyService:
         pin_store: PinStore | None = None,
         clock: Callable[[], float] = time.time,
         reload_timeout: float = DEFAULT_RELOAD_TIMEOUT,
+        credentials: Callable[[], CredentialInputs | None] = lambda: None,
+        secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {},
+        accept: Callable[[Policy], str | None] = lambda policy: None,
+        prepare: Callable[[Policy], str | None] = lambda policy: None,
     ) -> None:
+        """The callables are what the policy alone does not say; each defaults to "nothing", as `validate` and
+        the tests want. `credentials`: the control plane's own (signing keys, revoked jobs, exchange route).
+        `secrets`: the injected upstream credentials of the policy being compiled, by backend; given the policy
+        so a newly declared injection has its value in the very compile that introduces it. `accept`: a last
+        word on a valid policy before it is compiled (serve refuses secrets over plain-text xDS); an answer is
+        why not. `prepare`: reads from GitLab what a valid policy names beyond the watched set, before it is
+        compiled (in the worker thread); an answer is why it cannot be judged."""
         self.source: PolicySource = DirectorySource(source) if isinstance(source, Path) else source
         self.cache = cache
         self.state = PolicyState(root=self.source.description)
@@ -129,18 +140,12 @@ class PolicyService:
         self._policy: Policy | None = None  # the policy in service (last good), before live inputs
         self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
-        # The control plane's own credentials (signing keys, revoked jobs, exchange route); set by serve.
-        self.credentials: Callable[[], CredentialInputs | None] = lambda: None
-        # Injected upstream credentials of the policy being compiled, by backend; set by serve. It is given the
-        # policy so a newly declared injection has its value in the very compile that introduces it.
-        self.secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {}
+        self.credentials: Final = credentials
+        self.secrets: Final = secrets
+        self.accept: Final = accept
+        self.prepare: Final = prepare
         # What the token exchange evaluates: built from the same grants as the snapshot in service.
         self.exchange_policy: ExchangePolicy | None = None
-        # A last word on a valid policy before it is compiled (serve refuses secrets over plain-text xDS).
-        self.accept: Callable[[Policy], str | None] = lambda policy: None
-        # Reads from GitLab what a valid policy names beyond the watched set, before it is compiled (in the
-        # worker thread); an answer is why it cannot be judged. Set by serve.
-        self.prepare: Callable[[Policy], str | None] = lambda policy: None
         self._pending_exchange: ExchangePolicy | None = None
         self._clock = clock
         self._lock = asyncio.Lock()

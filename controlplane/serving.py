@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import resource
@@ -433,3 +434,11 @@ def fit_xds_connections(limit: int, listeners: dict[str, int], requested: int | 
         limit - xds - sum(listeners.values()),
     )
     return xds
+
+
+def is_loopback(host: str) -> bool:
+    """True when a bound socket address only accepts local connections."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

@@ -58,7 +58,14 @@ STATE_WRITE_FAILURES = Counter(
 
 
 LOCK_NAME = "lock"
+STATE_DIR_ENV = "CONTROLPLANE_STATE_DIR"
+DEFAULT_STATE_DIR = Path(".controlplane")
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def default_state_dir() -> Path:
+    """$CONTROLPLANE_STATE_DIR, else `.controlplane`: where every command looks for serve's state."""
+    return Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR))
 
 
 class StateFileError(Exception):

@@ -471,13 +471,10 @@ async def serving(store: AuditStore) -> AsyncIterator[Plane]:
     """An xDS server with the ALS on it, serving group GATEWAY, and a plain-text channel to it."""
     cache = SnapshotCache()
     cache.set(Snapshot.empty(GATEWAY))
-    service = AccessLogService(store)
-    server = XdsServer(
-        cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[service.handler()]
-    )
-    service.senders = server
+    server = XdsServer(cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
+    service = AccessLogService(store, senders=server)
     server.attest_wait = ATTEST_WAIT
-    port = await server.start(LOOPBACK, 0)
+    port = await server.start(LOOPBACK, 0, extra_handlers=[service.handler()])
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{port}")
     built = Plane(store, service, channel, cache)
     built.target = f"{LOOPBACK}:{port}"
@@ -825,13 +822,12 @@ async def test_with_mtls_only_the_same_certificate_identity_may_write(tmp_path: 
     store = AuditStore(tmp_path / "audit.sqlite3", retention=None)
     cache = SnapshotCache()
     cache.set(Snapshot.empty(GATEWAY))
-    service = AccessLogService(store)
-    server = XdsServer(
-        cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[service.handler()]
-    )
-    service.senders = server
+    server = XdsServer(cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
+    service = AccessLogService(store, senders=server)
     server.attest_wait = ATTEST_WAIT
-    port = await server.start(LOOPBACK, 0, tls=ServerTls(pki.server.cert, pki.server.key, pki.ca))
+    port = await server.start(
+        LOOPBACK, 0, tls=ServerTls(pki.server.cert, pki.server.key, pki.ca), extra_handlers=[service.handler()]
+    )
 
     def channel(client: CertFiles) -> grpc.aio.Channel:
         credentials = grpc.ssl_channel_credentials(

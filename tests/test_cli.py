@@ -209,3 +209,18 @@ def test_validate_shows_the_first_errors_of_a_file_and_counts_the_rest(tmp_path:
     assert lines[-2].startswith("... and ") and lines[-2].endswith("more errors not shown"), lines[-2]
     counted = re.fullmatch(rf"(at least )?(\d+) error\(s\) in {re.escape(str(tmp_path))}", lines[-1])
     assert counted is not None and int(counted.group(2)) > 2000, lines[-1]
+
+
+def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each default is written once, in the option dataclasses: `serve` with no flags is the options' defaults."""
+    from controlplane.cli.main import _parser, serve_options
+    from controlplane.cli.options import ServeOptions
+    from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
+    from controlplane.statefile import DEFAULT_STATE_DIR
+
+    monkeypatch.delenv("CONTROLPLANE_STATE_DIR", raising=False)
+    parsed = serve_options(_parser().parse_args(["serve", "--policy", "p"]))
+    credentials = CredentialOptions(DEFAULT_EXCHANGE_ADDRESS, DEFAULT_EXCHANGE_ADDRESS, DEFAULT_STATE_DIR)
+    assert parsed == ServeOptions(policy=Path("p"), credentials=credentials)
+    bootstrap = _parser().parse_args(["bootstrap", "--group", "g"])
+    assert bootstrap.xds_address == (ServeOptions.xds_host, ServeOptions.xds_port)

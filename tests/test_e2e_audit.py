@@ -49,11 +49,8 @@ class InProcessControlPlane:
         self.cache = SnapshotCache()
         self.policy = PolicyService(policy, self.cache)
         self.store = AuditStore(db)
-        self.als = AccessLogService(self.store)
-        self.xds = XdsServer(
-            self.cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"), extra_handlers=[self.als.handler()]
-        )
-        self.als.senders = self.xds
+        self.xds = XdsServer(self.cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
+        self.als = AccessLogService(self.store, senders=self.xds)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="controlplane-loop", daemon=True)
         self.port = 0
@@ -64,7 +61,7 @@ class InProcessControlPlane:
     def start(self) -> None:
         self._thread.start()
         assert self.run(self.policy.reload_off_loop()), self.policy.state.errors
-        self.port = self.run(self.xds.start(LOOPBACK, 0))
+        self.port = self.run(self.xds.start(LOOPBACK, 0, extra_handlers=[self.als.handler()]))
 
     def stop(self) -> None:
         """As serve should: end ALS streams (their records committed), stop gRPC, then drain and close the store."""

@@ -10,18 +10,18 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import grpc
 import pytest
 import yaml
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.cli import serve as serve_module
 from controlplane.cli.main import main
-from controlplane.cli.serve import ServeOptions, serve
+from controlplane.cli.options import ServeOptions
+from controlplane.cli.serve import serve
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import LISTENER
+from controlplane.xds import tls as tls_module
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import SERVICE, XdsServer
 from controlplane.xds.tls import (
@@ -97,7 +97,7 @@ async def test_serve_refuses_to_start_when_secrets_would_go_over_plain_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The policy's detection is `pushes_secrets` (tested above); here: serve consults it before binding."""
-    monkeypatch.setattr(serve_module, "pushes_secrets", lambda backends: True)
+    monkeypatch.setattr(tls_module, "pushes_secrets", lambda backends: True)
     started: list[object] = []
     monkeypatch.setattr(XdsServer, "start", lambda *args, **kwargs: started.append(args))
     with caplog.at_level(logging.CRITICAL, logger="controlplane"):
@@ -205,21 +205,12 @@ def test_a_reload_that_would_push_secrets_over_plain_text_is_rejected_and_the_ol
 ) -> None:
     """Not published even once: the vetting hook refuses it before anything is compiled."""
     from controlplane.service import PolicyService
-    from controlplane.snapshots.cache import SnapshotCache
-    from controlplane.xds.tls import check_transport, pushes_secrets
+    from controlplane.xds.tls import TransportPolicy
 
     policy_dir = tmp_path / "policy"
     shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "quickstart", policy_dir)
-    service = PolicyService(policy_dir, SnapshotCache(), clock=lambda: 1.0)
-
-    def plain_text(policy: Any) -> str | None:
-        try:
-            check_transport(tls=None, insecure=False, secrets=pushes_secrets(policy.backends))
-        except Exception as refused:
-            return str(refused)
-        return None
-
-    service.accept = plain_text
+    plain_text = TransportPolicy(host=LOOPBACK, tls=None, insecure=False)
+    service = PolicyService(policy_dir, SnapshotCache(), clock=lambda: 1.0, accept=plain_text.accept)
     assert service.reload()
     good = dict(service.state.versions)
     backends = policy_dir / "backends.yaml"

@@ -7,7 +7,6 @@ and warns loudly when it is not.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -19,7 +18,7 @@ from multidict import MultiMapping
 from prometheus_client import generate_latest
 
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
-from controlplane.serving import ADMIN_LIMITS, AppServer, HttpLimits
+from controlplane.serving import ADMIN_LIMITS, AppServer, HttpLimits, is_loopback
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.fleet_status import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
@@ -72,14 +71,6 @@ def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
         offset=parse_count("offset", query.get("offset"), 0) or 0,
         proxies=listed and not summary,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True when a bound socket address only accepts local connections."""
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 class AdminServer:

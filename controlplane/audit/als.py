@@ -47,7 +47,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -267,10 +267,10 @@ class AccessLogService:
         clock: Callable[[], float] = time.time,
         on_job: JobSeen | None = None,
     ) -> None:
-        """`senders` attests each stream's gateway; until it is set (None), every stream is refused. `on_job`
+        """`senders` attests each stream's gateway; without one (None), every stream is refused. `on_job`
         hears of each request a GitLab ID token got through (see `JobSeen`)."""
         self.store = store
-        self.senders = senders
+        self.senders: Final = senders
         self.on_job = on_job
         self.log = log or logging.getLogger("controlplane.audit")
         self._clock = clock
@@ -387,6 +387,6 @@ class AccessLogService:
 
 
 def als_handler(store: AuditStore, senders: Senders) -> grpc.GenericRpcHandler:
-    """The ALS generic handler for `XdsServer(extra_handlers=...)`, attested by `senders` (that server). To end
+    """The ALS generic handler for `XdsServer.start(extra_handlers=...)`, attested by `senders` (that server). To end
     its streams cleanly on shutdown, keep an `AccessLogService` and call its `close()` before stopping."""
     return AccessLogService(store, senders).handler()

@@ -31,7 +31,6 @@ query a live store from another process; WAL lets it read while the writer commi
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -48,13 +47,18 @@ from controlplane.audit.metrics import (
     AUDIT_WRITE_DURATION,
     UNKNOWN_LABEL,
 )
-from controlplane.statefile import StateFileError, create_database, ensure_state_dir, fsync_directory, make_private
+from controlplane.statefile import (
+    StateFileError,
+    create_database,
+    default_state_dir,
+    ensure_state_dir,
+    fsync_directory,
+    make_private,
+)
 
 log = logging.getLogger("controlplane.audit")
 
 DB_NAME = "audit.sqlite3"
-STATE_DIR_ENV = "CONTROLPLANE_STATE_DIR"
-DEFAULT_STATE_DIR = ".controlplane"
 DEFAULT_RETENTION = 90 * 24 * 3600.0  # seconds
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_SENDER_QUEUE_SIZE = 2_500  # a quarter: one sender's backlog leaves room for the others
@@ -168,7 +172,7 @@ def sanitize(record: AuditRecord) -> AuditRecord:
 
 def default_db_path() -> Path:
     """`<state dir>/audit.sqlite3`, the state dir being $CONTROLPLANE_STATE_DIR or `.controlplane`."""
-    return Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)) / DB_NAME
+    return default_state_dir() / DB_NAME
 
 
 def _connect_writer(path: Path) -> sqlite3.Connection:

@@ -23,11 +23,11 @@ from typing import Any, TextIO
 from controlplane.audit.store import (
     DB_NAME,
     DEFAULT_QUERY_LIMIT,
-    STATE_DIR_ENV,
     default_db_path,
     open_readonly,
     query_records,
 )
+from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
 
 EXIT_OK = 0
 EXIT_UNREADABLE = 1
@@ -64,7 +64,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help=f"serve's --state-dir, where the store is {DB_NAME} (default: ${STATE_DIR_ENV} or .controlplane)",
+        help=f"serve's --state-dir, where the store is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
     )
     parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from controlplane import __version__
 from controlplane.model.errors import PolicyError, PolicyInvalid
@@ -18,6 +18,7 @@ from controlplane.telemetry.grpclog import bound_native_stderr, route_grpc_logs
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from controlplane.cli.options import ServeOptions
     from controlplane.cli.validate import ServedInputs
     from controlplane.model.policy import Policy
     from controlplane.snapshots.snapshot import Snapshot
@@ -74,9 +75,22 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from controlplane.audit.store import DB_NAME as AUDIT_DB
     from controlplane.cli.audit import add_audit_arguments
+    from controlplane.cli.defaults import option_default
+    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions
     from controlplane.cli.status import add_status_arguments
-    from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS
+    from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
+    from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS, HttpLimits
+    from controlplane.statefile import default_state_dir
+
+    def serve_default(name: str) -> Any:
+        return option_default(ServeOptions, name)
+
+    def credential_default(name: str) -> Any:
+        return option_default(CredentialOptions, name)
+
+    xds_address = (serve_default("xds_host"), serve_default("xds_port"))
 
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
@@ -99,43 +113,54 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--policy", type=Path, default=Path(DEFAULT_POLICY), help="policy directory (env CONTROLPLANE_POLICY)"
     )
-    serve.add_argument(
-        "--xds-address", type=_host_port, default=_host_port("127.0.0.1:18000"), help="HOST:PORT for ADS"
-    )
+    serve.add_argument("--xds-address", type=_host_port, default=xds_address, help="HOST:PORT for ADS")
     serve.add_argument(
         "--admin-address",
         type=_host_port,
-        default=_host_port("127.0.0.1:9902"),
+        default=(serve_default("admin_host"), serve_default("admin_port")),
         help="HOST:PORT for admin HTTP",
     )
-    serve.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a policy change is applied")
-    serve.add_argument("--max-wait", type=float, default=1.0, help="longest delay for a change during constant writes")
+    serve.add_argument(
+        "--debounce",
+        type=float,
+        default=serve_default("debounce"),
+        help="seconds of quiet before a policy change is applied",
+    )
+    serve.add_argument(
+        "--max-wait",
+        type=float,
+        default=serve_default("max_wait"),
+        help="longest delay for a change during constant writes",
+    )
     _add_limit_arguments(serve)
     serve.add_argument(
         "--reload-timeout",
         type=_positive_float,
-        default=60.0,
+        default=serve_default("reload_timeout"),
         help="seconds a policy reload may run before /readyz says not ready (it cannot be interrupted)",
     )
     serve.add_argument(
         "--gc-interval",
         type=float,
-        default=60.0,
+        default=serve_default("gc_interval"),
         help="seconds between garbage collections done between pushes instead of during them (0: Python's own)",
     )
     serve.add_argument(
         "--gc-full-every",
         type=int,
-        default=1,
+        default=serve_default("gc_full_every"),
         help="N > 1: only every Nth scheduled collection is full, the others skip what earlier ones kept (frozen)",
     )
     serve.add_argument(
-        "--jwks-refresh", type=float, default=30.0, help="seconds between JWKS refreshes of relayed issuers (min 1)"
+        "--jwks-refresh",
+        type=float,
+        default=serve_default("jwks_refresh"),
+        help="seconds between JWKS refreshes of relayed issuers (min 1)",
     )
     serve.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(os.environ.get("CONTROLPLANE_STATE_DIR", ".controlplane")),
+        default=default_state_dir(),
         help="where remembered project ids are kept (env CONTROLPLANE_STATE_DIR)",
     )
     repo = serve.add_argument_group("policy on GitLab (instead of --policy)")
@@ -143,35 +168,55 @@ def _parser() -> argparse.ArgumentParser:
     repo.add_argument("--gitlab-url", help="GitLab base URL for --policy-project")
     repo.add_argument("--gitlab-token-env", help="environment variable holding a read_api + api (statuses) token")
     repo.add_argument("--gitlab-token-file", help="file holding that token")
-    repo.add_argument("--policy-poll", type=float, default=60.0, help="seconds between checks of the policy head")
+    repo.add_argument(
+        "--policy-poll",
+        type=float,
+        default=option_default(GitLabPolicyOptions, "poll_seconds"),
+        help="seconds between checks of the policy head",
+    )
     creds = serve.add_argument_group("job-scoped credentials (token exchange)")
     creds.add_argument(
         "--exchange-address",
         type=_host_port,
-        default=_host_port("127.0.0.1:9904"),
+        default=DEFAULT_EXCHANGE_ADDRESS,
         help="HOST:PORT the token exchange listens on (also routed by every gateway at /.controlplane/token)",
     )
     creds.add_argument(
         "--exchange-public-address", type=_host_port, help="what gateways dial (default: --exchange-address)"
     )
     creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
-    creds.add_argument("--key-rotation", type=float, default=86_400.0, help="seconds between signing-key rotations")
-    creds.add_argument("--max-credential-ttl", type=float, default=3_600.0, help="upper bound of any credential's life")
+    creds.add_argument(
+        "--key-rotation",
+        type=float,
+        default=credential_default("rotate_every"),
+        help="seconds between signing-key rotations",
+    )
+    creds.add_argument(
+        "--max-credential-ttl",
+        type=float,
+        default=credential_default("max_credential_ttl"),
+        help="upper bound of any credential's life",
+    )
     creds.add_argument(
         "--deny-id-tokens-for",
         type=float,
-        default=10_800.0,
+        default=credential_default("deny_id_tokens_for"),
         help="after a job ends, also deny its raw ID tokens for this many seconds (its timeout); 0: credentials only",
     )
     creds.add_argument(
         "--job-sweep-interval",
         type=float,
-        default=300.0,
+        default=credential_default("job_sweep_interval"),
         help="seconds between sweeps asking GitLab whether jobs with access finished (missed Job Hooks)",
     )
     audit = serve.add_argument_group("audit trail")
-    audit.add_argument("--audit-db", type=Path, help="SQLite file (default: <state dir>/audit.sqlite3)")
-    audit.add_argument("--audit-retention", type=float, default=30 * 86_400.0, help="seconds audit records are kept")
+    audit.add_argument("--audit-db", type=Path, help=f"SQLite file (default: <state dir>/{AUDIT_DB})")
+    audit.add_argument(
+        "--audit-retention",
+        type=float,
+        default=serve_default("audit_retention"),
+        help="seconds audit records are kept",
+    )
     xds_tls = serve.add_argument_group("xDS transport security (README: Securing xDS)")
     xds_tls.add_argument("--xds-tls-cert", type=Path, help="PEM certificate chain of the xDS server")
     xds_tls.add_argument("--xds-tls-key", type=Path, help="PEM private key of the xDS server")
@@ -182,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--xds-max-connections",
         type=int,
-        default=None,
+        default=serve_default("xds_max_connections"),
         help="connections the xDS port holds at once, more are closed (default: the open-file limit less the HTTP "
         "listeners' bounds and a reserve of 1/16)",
     )
@@ -194,11 +239,14 @@ def _parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--http-header-timeout",
         type=float,
-        default=10.0,
+        default=option_default(HttpLimits, "header_timeout"),
         help="seconds a connection may take to send complete request headers (after connecting or its last reply)",
     )
     http.add_argument(
-        "--http-request-timeout", type=float, default=30.0, help="seconds to read a request body and answer (408)"
+        "--http-request-timeout",
+        type=float,
+        default=option_default(HttpLimits, "request_timeout"),
+        help="seconds to read a request body and answer (408)",
     )
     for name, limits in (("admin", ADMIN_LIMITS), ("webhook", WEBHOOK_LIMITS), ("exchange", EXCHANGE_LIMITS)):
         http.add_argument(
@@ -217,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
-    bootstrap.add_argument("--xds-address", type=_host_port, default=_host_port("127.0.0.1:18000"))
+    bootstrap.add_argument("--xds-address", type=_host_port, default=xds_address)
     bootstrap.add_argument("--admin-port", type=int, default=9901)
     bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
     bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
@@ -334,21 +382,33 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from controlplane.cli.serve import GitLabPolicyOptions, ServeOptions, WebhookOptions, serve
+    from controlplane.cli.serve import serve
+
+    options = serve_options(args)
+    if isinstance(options, str):
+        print(options, file=sys.stderr)
+        return 2
+    restore_stderr = bound_native_stderr()  # grpc core writes a line per malformed stream, straight to fd 2
+    try:
+        return asyncio.run(serve(options))
+    finally:
+        restore_stderr()
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions | str:
+    """The parsed `serve` flags as options, or why they do not go together."""
+    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, WebhookOptions
     from controlplane.credentials.service import CredentialOptions
     from controlplane.serving import HttpLimits
 
     if args.job_sweep_interval < 1:
-        print("--job-sweep-interval must be at least 1 second", file=sys.stderr)
-        return 2
+        return "--job-sweep-interval must be at least 1 second"
     if args.gc_interval < 0 or args.gc_full_every < 1:
-        print("--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1", file=sys.stderr)
-        return 2
+        return "--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1"
     policy_gitlab = None
     if args.policy_project:
         if not args.gitlab_url:
-            print("--policy-project needs --gitlab-url", file=sys.stderr)
-            return 2
+            return "--policy-project needs --gitlab-url"
         policy_gitlab = GitLabPolicyOptions(
             args.gitlab_url, args.policy_project, args.gitlab_token_env, args.gitlab_token_file, args.policy_poll
         )
@@ -357,22 +417,18 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         xds_tls = server_tls_from_flags(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
     except ValueError as error:
-        print(error, file=sys.stderr)
-        return 2
+        return str(error)
     if xds_tls is not None and args.xds_insecure:
-        print("--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one", file=sys.stderr)
-        return 2
+        return "--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one"
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
-            print("--webhook-address needs --webhook-secret-env or --webhook-secret-file", file=sys.stderr)
-            return 2
+            return "--webhook-address needs --webhook-secret-env or --webhook-secret-file"
         host, port = args.webhook_address
         webhooks = WebhookOptions(host, port, args.webhook_secret_env, args.webhook_secret_file)
 
     if args.xds_max_connections is not None and args.xds_max_connections < 1:
-        print("--xds-max-connections must be at least 1", file=sys.stderr)
-        return 2
+        return "--xds-max-connections must be at least 1"
     try:
         http = HttpLimits(header_timeout=args.http_header_timeout, request_timeout=args.http_request_timeout)
         admin_limits, webhook_limits, exchange_limits = (
@@ -380,9 +436,8 @@ def _serve(args: argparse.Namespace) -> int:
             for count in (args.admin_max_connections, args.webhook_max_connections, args.exchange_max_connections)
         )
     except ValueError as error:
-        print(f"HTTP listener options: {error}", file=sys.stderr)
-        return 2
-    options = ServeOptions(
+        return f"HTTP listener options: {error}"
+    return ServeOptions(
         policy=args.policy,
         xds_host=args.xds_address[0],
         xds_port=args.xds_address[1],
@@ -418,11 +473,6 @@ def _serve(args: argparse.Namespace) -> int:
         policy_limits=_limits(args),
         reload_timeout=args.reload_timeout,
     )
-    restore_stderr = bound_native_stderr()  # grpc core writes a line per malformed stream, straight to fd 2
-    try:
-        return asyncio.run(serve(options))
-    finally:
-        restore_stderr()
 
 
 def _status(args: argparse.Namespace) -> int:

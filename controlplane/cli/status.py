@@ -21,7 +21,6 @@ from typing import Any, TextIO
 
 from controlplane.admin.query import BadQuery, parse_count, parse_text
 
-DEFAULT_ADMIN = "http://127.0.0.1:9902"
 ADMIN_ENV = "CONTROLPLANE_ADMIN"
 TIMEOUT_SECONDS = 5.0
 
@@ -117,10 +116,13 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     The filters mirror the ``/status`` query parameters and are applied server-side, so the counts and the
     summary cover the whole filtered fleet even though only ``--limit`` rows are listed.
     """
+    from controlplane.cli.options import ServeOptions
+
+    served = f"http://{ServeOptions.admin_host}:{ServeOptions.admin_port}"  # serve's default admin address
     parser.add_argument(
         "--admin",
-        default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN),
-        help=f"admin server base URL (default: ${ADMIN_ENV} or {DEFAULT_ADMIN})",
+        default=os.environ.get(ADMIN_ENV, served),
+        help=f"admin server base URL (default: ${ADMIN_ENV} or {served})",
     )
     parser.add_argument("--json", action="store_true", help="print the raw status JSON")
     parser.add_argument("--group", type=_text("group"), default=None, help="only proxies in this gateway group")

@@ -18,25 +18,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.credentials.keys import FileKeyStore, KeyStore, SigningKeys, StoredKey
-from controlplane.credentials.revocations import Revocations
-from controlplane.credentials.service import CredentialOptions
+from controlplane.cli.defaults import option_default
+from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, KeyStore, SigningKeys, StoredKey
+from controlplane.credentials.revocations import REVOCATIONS_FILE, Revocations
+from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.policy import JwksMode, Policy
 from controlplane.sources.jwks import JwksFetcher
-from controlplane.sources.pins import PinStore
+from controlplane.sources.pins import PINS_FILE, PinStore
 from controlplane.sources.secrets import read_secrets
+from controlplane.statefile import default_state_dir
 
-# serve's defaults, which validate must use too (tests/test_cli.py compares the two parsers).
-DEFAULT_STATE_DIR = os.environ.get("CONTROLPLANE_STATE_DIR", ".controlplane")
-DEFAULT_EXCHANGE_ADDRESS = "127.0.0.1:9904"
-DEFAULT_KEY_ROTATION = 86_400.0
-DEFAULT_MAX_CREDENTIAL_TTL = 3_600.0
 JWKS_TIMEOUT = 5.0
 
 
@@ -54,12 +50,14 @@ class ServedInputs:
 def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Callable[[str], tuple[str, int]]) -> None:
     """The serve flags that change what is compiled, with serve's defaults."""
     group = parser.add_argument_group("what serve would compile in (same flags and defaults as serve)")
-    group.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="serve's --state-dir")
-    group.add_argument("--exchange-address", type=host_port, default=host_port(DEFAULT_EXCHANGE_ADDRESS))
+    group.add_argument("--state-dir", type=Path, default=default_state_dir(), help="serve's --state-dir")
+    group.add_argument("--exchange-address", type=host_port, default=DEFAULT_EXCHANGE_ADDRESS)
     group.add_argument("--exchange-public-address", type=host_port)
     group.add_argument("--no-exchange", action="store_true", help="serve runs with --no-exchange")
-    group.add_argument("--key-rotation", type=float, default=DEFAULT_KEY_ROTATION)
-    group.add_argument("--max-credential-ttl", type=float, default=DEFAULT_MAX_CREDENTIAL_TTL)
+    group.add_argument("--key-rotation", type=float, default=option_default(CredentialOptions, "rotate_every"))
+    group.add_argument(
+        "--max-credential-ttl", type=float, default=option_default(CredentialOptions, "max_credential_ttl")
+    )
     group.add_argument(
         "--offline", action="store_true", help="the policy alone: fetch no keys, read no state dir or secrets"
     )
@@ -86,7 +84,7 @@ def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
 
 
 def _pins(state_dir: Path) -> Mapping[str, Mapping[str, int]]:
-    return PinStore(state_dir / "pins.json").load()
+    return PinStore(state_dir / PINS_FILE).load()
 
 
 async def _fetch_keys(policy: Policy, notes: list[str]) -> dict[str, str]:
@@ -118,7 +116,7 @@ def _credentials(args: argparse.Namespace, notes: list[str]) -> CredentialInputs
         rotate_every=args.key_rotation,
         max_credential_ttl=args.max_credential_ttl,
     )
-    store = _ReadOnly(FileKeyStore(options.state_dir / "signing-keys.json"))
+    store = _ReadOnly(FileKeyStore(options.state_dir / KEYS_FILE))
     keys = SigningKeys(
         store,
         rotate_every=options.rotate_every,
@@ -127,7 +125,7 @@ def _credentials(args: argparse.Namespace, notes: list[str]) -> CredentialInputs
     )
     if store.empty:
         notes.append(f"no signing keys in {options.state_dir} yet: serve creates its own at its first start")
-    revocations = Revocations(options.state_dir / "revoked-jobs.json")
+    revocations = Revocations(options.state_dir / REVOCATIONS_FILE)
     return CredentialInputs(
         jwks=keys.published_jwks(), exchange_address=options.public, revoked_jobs=revocations.active()
     )

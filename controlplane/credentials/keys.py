@@ -42,6 +42,8 @@ from controlplane.statefile import StateFileError, atomic_write_json, read_json,
 
 log = logging.getLogger("controlplane.credentials.keys")
 
+KEYS_FILE = "signing-keys.json"  # its name in the state directory
+
 ALGORITHM = "ES256"
 _COORDINATE_BYTES = 32  # P-256
 

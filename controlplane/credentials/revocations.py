@@ -29,6 +29,8 @@ from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.revocations")
 
+REVOCATIONS_FILE = "revoked-jobs.json"  # its name in the state directory
+
 TERMINAL_JOB_STATUSES = frozenset({"success", "failed", "canceled", "cancelled", "skipped"})
 
 REVOCATIONS = Counter(

@@ -20,8 +20,8 @@ from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangeP
 from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
-from controlplane.credentials.keys import FileKeyStore, SigningKeys
-from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES, Revocations
+from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
+from controlplane.credentials.revocations import REVOCATIONS_FILE, TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
 from controlplane.serving import EXCHANGE_LIMITS, HttpLimits
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
@@ -35,8 +35,13 @@ MAX_CONCURRENT_JOB_CHECKS = 4
 JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
 
 
+DEFAULT_EXCHANGE_ADDRESS = ("127.0.0.1", 9904)  # `--exchange-address` of serve and validate
+
+
 @dataclass(frozen=True)
 class CredentialOptions:
+    """The credential options with their one default; the command line reads its defaults here."""
+
     listen: tuple[str, int]  # the exchange endpoint (direct access)
     public: tuple[str, int]  # what gateways route the exchange path to
     state_dir: Path
@@ -74,7 +79,7 @@ class CredentialService:
         self.on_change = on_change
         self.clock = clock
         self.keys = SigningKeys(
-            FileKeyStore(options.state_dir / "signing-keys.json"),
+            FileKeyStore(options.state_dir / KEYS_FILE),
             rotate_every=options.rotate_every,
             max_credential_ttl=options.max_credential_ttl,
             publish_lead=options.publish_lead,
@@ -90,7 +95,7 @@ class CredentialService:
             ledger=self.store,
             max_subject_age=options.finished_job_retention,
         )
-        self.revocations = Revocations(options.state_dir / "revoked-jobs.json", clock=clock)
+        self.revocations = Revocations(options.state_dir / REVOCATIONS_FILE, clock=clock)
         self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
         self._checks: dict[str, asyncio.Task[str]] = {}  # one GitLab request per job, however many exchanges wait
         # Requests in threads at once: the client's rate bound paces them, the default pool must stay free for

@@ -16,6 +16,8 @@ from controlplane.statefile import StateFileError, atomic_write_json, malformed,
 
 log = logging.getLogger("controlplane.pins")
 
+PINS_FILE = "pins.json"  # its name in the state directory
+
 Pins = dict[str, dict[str, int]]  # issuer → project path → project id
 
 

@@ -237,14 +237,12 @@ class XdsServer:
         registry: ProxyRegistry,
         *,
         log: logging.Logger,
-        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
         max_connections: int | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
         connection_lines_per_minute: int = CONNECTION_LINES_PER_MINUTE,
     ) -> None:
-        """`extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only.
-        `max_connections`: this port's share of the process's descriptors (None: unbounded, for tests).
+        """`max_connections`: this port's share of the process's descriptors (None: unbounded, for tests).
         `connection_lines_per_minute`: "connected" and "disconnected" lines each; anyone reaching the port can
         open streams, so the rest are counted in a "suppressed" line."""
         if max_connections is not None and max_connections < 1:
@@ -253,7 +251,6 @@ class XdsServer:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
-        self.extra_handlers = tuple(extra_handlers)
         self.registry = registry
         self.log = log
         self.fan_out = FanOutCache()  # what every stream of a push computes alike, shared by all of ours
@@ -284,8 +281,19 @@ class XdsServer:
 
     # -- lifecycle
 
-    async def start(self, host: str, port: int, *, tls: ServerTls | None = None) -> int:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: ServerTls | None = None,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    ) -> int:
         """Bind `host:port` (0 = ephemeral) and serve; returns the bound port.
+
+        `extra_handlers`: other services on the same port (the audit ALS), so Envoy needs one cluster only.
+        Given here, not to the constructor: the ALS asks this server who holds an ADS stream, so it is built
+        with the server and its handler joins when the port opens.
 
         With `tls`, the port speaks TLS only and (by default) requires a client certificate signed by its CA;
         the files are read here, so a missing or malformed one stops start-up instead of every handshake.
@@ -293,7 +301,7 @@ class XdsServer:
         per_socket = None if self.max_connections is None else max(1, self.max_connections // _addresses(host))
         options = SERVER_OPTIONS + connection_options(per_socket, self.handshake_timeout, self.idle_timeout)
         server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((self._handlers(), *self.extra_handlers))
+        server.add_generic_rpc_handlers((self._handlers(), *extra_handlers))
         address = _bind_address(host, port)
         credentials = tls.credentials() if tls is not None else None
         try:

@@ -11,12 +11,20 @@ by itself and keeps serving its last config meanwhile). The private key is never
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+
+from controlplane.serving import is_loopback
+
+if TYPE_CHECKING:
+    from controlplane.model.policy import Policy
+
+log = logging.getLogger("controlplane")
 
 TLS_FLAGS = ("--xds-tls-cert", "--xds-tls-key", "--xds-client-ca")
 
@@ -95,3 +103,41 @@ def check_transport(*, tls: ServerTls | None, insecure: bool, secrets: bool) -> 
             "proxies over plain-text xDS; configure mTLS with "
             f"{' '.join(f'{flag} FILE' for flag in TLS_FLAGS)}, or pass --xds-insecure to allow plain text"
         )
+
+
+class TransportPolicy:
+    """What the xDS port, as configured, may carry: the policy service's `accept` hook, and `serve`'s checks.
+
+    Remembers the last refusal so that a start-up whose only policy was refused for this reason can say why
+    it stops (`check_start`), rather than opening a port that serves nothing."""
+
+    def __init__(self, *, host: str, tls: ServerTls | None, insecure: bool) -> None:
+        self.host = host
+        self.tls = tls
+        self.insecure = insecure
+        self.refusal: str | None = None
+
+    def accept(self, policy: Policy) -> str | None:
+        """A policy that would push secrets over plain text is rejected like an invalid one (the last good
+        policy stays in service), before anything is compiled or published."""
+        try:
+            check_transport(tls=self.tls, insecure=self.insecure, secrets=pushes_secrets(policy.backends))
+        except XdsTransportError as refused:
+            self.refusal = str(refused)
+            return self.refusal
+        return None
+
+    def check_start(self, *, serving: bool) -> None:
+        """Secrets never go over plain text by accident: when no policy is `serving` at start-up because the
+        one read was refused for that reason, raise `InsecureTransport` (`serve` exits 2 before the xDS port
+        opens). Plain text anywhere but loopback deserves a warning even without secrets."""
+        if not serving and self.refusal is not None:
+            raise InsecureTransport(self.refusal)
+        if self.tls is not None:
+            log.info("xDS requires mTLS: client certificates signed by %s", self.tls.client_ca_file)
+        elif not is_loopback(self.host):
+            log.warning(
+                "xDS on %s is plain text: anyone who can reach it can read the proxies' configuration "
+                "(see --xds-tls-cert)",
+                self.host,
+            )

@@ -1,0 +1,73 @@
+"""`serve`'s options, each with its one default: `serve` reads them, and the command line (cli/main.py) takes its
+flags' defaults from them. Kept apart from cli/serve.py so that building the parser for any command does not
+import the xDS server, gRPC and the admin server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from controlplane.service import DEFAULT_RELOAD_TIMEOUT
+from controlplane.serving import ADMIN_LIMITS, WEBHOOK_LIMITS, HttpLimits
+from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
+from controlplane.statefile import DEFAULT_STATE_DIR
+
+if TYPE_CHECKING:
+    from controlplane.credentials.service import CredentialOptions
+    from controlplane.xds.tls import ServerTls
+
+
+@dataclass(frozen=True)
+class GitLabPolicyOptions:
+    """The policy lives in a GitLab project (instead of a directory)."""
+
+    url: str
+    project: str
+    token_env: str | None = None
+    token_file: str | None = None
+    poll_seconds: float = 60.0  # a push webhook reloads at once; polling catches missed hooks
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    host: str
+    port: int
+    secret_env: str | None = None
+    secret_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Every `serve` option with its one default; the command line (cli/main.py) reads its defaults here."""
+
+    policy: Path
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9902
+    debounce: float = 0.1
+    max_wait: float = 1.0
+    shutdown_grace: float = 5.0
+    gc_interval: float = 60.0  # seconds between scheduled garbage collections (gc_control.py); 0: CPython's own
+    gc_full_every: int = 1  # N > 1: only every Nth is full, the others skip what earlier ones kept
+    jwks_refresh: float = 30.0
+    # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
+    # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
+    jwks_startup_wait: float = 10.0
+    # The same for the first GitLab inventory read (until then GitLab-backed bindings are withdrawn).
+    gitlab_startup_wait: float = 15.0
+    state_dir: Path = DEFAULT_STATE_DIR
+    policy_gitlab: GitLabPolicyOptions | None = None
+    webhooks: WebhookOptions | None = None
+    credentials: CredentialOptions | None = None
+    audit_db: Path | None = None  # default: <state_dir>/audit.store.DB_NAME
+    audit_retention: float = 30 * 86_400.0
+    xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
+    xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
+    admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (serving.py)
+    webhook_limits: HttpLimits = WEBHOOK_LIMITS
+    xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
+    policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
+    reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
