@@ -201,16 +201,6 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Served: the xDS port only once the policy, keys and inventories are in.
     transport.check_start(serving=policy.current is not None)
     registry = ProxyRegistry()
-    xds = XdsServer(
-        cache, registry, log=logging.getLogger("controlplane.xds"), max_connections=options.xds_max_connections
-    )
-    # Access logs are accepted only from gateways holding an ADS stream (`senders`). A raw ID token from before
-    # a gap in webhook delivery, seen at a gateway: GitLab is asked about its job (`on_job`).
-    als = AccessLogService(audit, senders=xds, on_job=credentials.gateway_checks if credentials is not None else None)
-    xds_port = await parts.start(
-        xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
-        lambda: _drain(als, xds, options.shutdown_grace),
-    )
     current_versions = cache_versions(cache)
     admin = AdminServer(
         status=lambda: {
@@ -227,7 +217,19 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         port=options.admin_port,
         limits=options.admin_limits,
     )
-    admin_port = await parts.start(admin.start(), admin.stop)
+    # Registered before the xDS server's stop, so /readyz and /metrics still answer while the streams drain.
+    parts.on_stop(admin.stop)
+    xds = XdsServer(
+        cache, registry, log=logging.getLogger("controlplane.xds"), max_connections=options.xds_max_connections
+    )
+    # Access logs are accepted only from gateways holding an ADS stream (`senders`). A raw ID token from before
+    # a gap in webhook delivery, seen at a gateway: GitLab is asked about its job (`on_job`).
+    als = AccessLogService(audit, senders=xds, on_job=credentials.gateway_checks if credentials is not None else None)
+    xds_port = await parts.start(
+        xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
+        lambda: _drain(als, xds, options.shutdown_grace),
+    )
+    admin_port = await admin.start()
     if options.gc_interval > 0:
         collector = CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=xds.idle_for)
         collector.start()
