@@ -145,7 +145,9 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
         parts.append(
             shared.memo.backends.get(
                 (backend, backend_grants, accepted, shared.shape, *roles),
-                functools.partial(_backend_parts, shared.memo, backend, backend_grants, accepted, shared.shape, roles),
+                functools.partial(
+                    _backend_parts, backend, backend_grants, accepted, shared.shape, roles, shared.memo.rbac
+                ),
             )
         )
     requirements = dict(p.requirement for p in parts if p.requirement is not None)
@@ -177,12 +179,12 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
 
 
 def _backend_parts(
-    memo: CompilerMemo,
     backend: Backend,
     grants: tuple[Grant, ...],
     issuers: tuple[str, ...],
     shape: _CredentialShape,
     roles: tuple[Role, ...],
+    encoder: rbac.RbacEncoder,
 ) -> _BackendParts:
     providers = [provider_name(i) for i in issuers]
     if shape.issuer is not None:
@@ -193,7 +195,7 @@ def _backend_parts(
     return _BackendParts(
         requirement=requirement,
         virtual_host=route.virtual_host_bytes(
-            backend, memo.rbac.backend_rbac_bytes(backend.name, grants), name, exchange=shape.exchange
+            backend, encoder.backend_rbac_bytes(backend.name, grants), name, exchange=shape.exchange
         ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),

@@ -128,23 +128,26 @@ def _inline(node: Node) -> bool:
     return words and len(_flow(node)) <= 100
 
 
-def _flow(node: Node) -> str:
+def _flow(node: Node, in_list: bool = False) -> str:
     if isinstance(node, str | int):
-        return _scalar(node)
+        return _scalar(node, in_list)
     if isinstance(node, Mapping):
         return "{}"
-    return "[" + ", ".join(_flow(item) for item in node) + "]"
+    return "[" + ", ".join(_flow(item, True) for item in node) + "]"
 
 
 _BARE = re.compile(r"[\w./:*?@+~-]+")  # a claim value shown without quotes: nothing in it reads as syntax
-_PLAIN = re.compile(r"[A-Za-z0-9/_.](?:[^\x00-\x1f:#,\[\]{}'\"\\]|:(?! )|(?<! )#)*(?<!:)")
+# Plain (unquoted) where nothing in it reads as YAML syntax: `: ` and ` #` never, `,[]{}` only outside `[...]`.
+_PLAIN = re.compile(r"[A-Za-z0-9/_.](?:[^\x00-\x1f:#]|:(?! )|(?<! )#)*(?<!:)")
+_PLAIN_IN_LIST = re.compile(r"[A-Za-z0-9/_.](?:[^\x00-\x1f:#,\[\]{}'\"\\]|:(?! )|(?<! )#)*(?<!:)")
 _NOT_PLAIN = re.compile(r"(?i)(true|false|yes|no|on|off|null|~|[-+]?[0-9][0-9_.:e+-]*|\.inf|\.nan)")
 
 
-def _scalar(value: str | int) -> str:
+def _scalar(value: str | int, in_list: bool = False) -> str:
     """Plain where YAML reads it back as this very string, else single-quoted (quotes doubled)."""
     if isinstance(value, int):
         return str(value)
-    if _PLAIN.fullmatch(value) and not _NOT_PLAIN.fullmatch(value) and value == value.strip():
+    plain = _PLAIN_IN_LIST if in_list else _PLAIN
+    if plain.fullmatch(value) and not _NOT_PLAIN.fullmatch(value) and value == value.strip():
         return value
     return "'" + value.replace("'", "''") + "'"

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from controlplane.compiler.grants import GrantIndex
 from controlplane.credentials.exchange import (
     GRANT_TYPE,
     TOKEN_TYPE_ACCESS_TOKEN,
@@ -40,6 +39,7 @@ from controlplane.credentials.http import FORM_CONTENT_TYPE, MAX_BODY_BYTES, Exc
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH
 from controlplane.model.load import parse_policy
+from controlplane.resolved.index import Resolution
 from controlplane.sources.jwks import normalize_jwks
 from tests.fuzz.figures import count
 from tests.fuzz.http_harness import LoopThread, request, serve
@@ -123,9 +123,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Exchange:
 def make_exchange(state: Path) -> Exchange:
     """The exchange over POLICY, the harness's issuer key and a fixed clock; signing keys kept under `state`."""
     policy = parse_policy(POLICY)
-    index = GrantIndex()
-    assert index.update(policy) == []
-    built = ExchangePolicy.build(policy, index)
+    built = ExchangePolicy.build(policy, Resolution().update(policy))
     relayed = _jwks()
     keys = SigningKeys(
         FileKeyStore(state / "keys.json"),
