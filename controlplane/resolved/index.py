@@ -28,6 +28,9 @@ class _Entry(NamedTuple):
 
 class Resolution:
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._roles: dict[str, Role] = {}
         self._issuers: dict[str, Issuer] = {}
@@ -51,7 +54,7 @@ class Resolution:
         """
         errors = self._update(policy, pins or {})
         if errors:
-            self.__init__()  # type: ignore[misc]
+            self._reset()
             raise PolicyInvalid(errors)
         return ResolvedPolicy(
             backends={b.name: self._access(b.name) for b in policy.backends},
