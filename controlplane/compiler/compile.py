@@ -78,10 +78,11 @@ def compile_policy(
     if resolved is None:
         resolved = Resolution().update(policy, pins)
     shared = _Shared(
-        grants=resolved,
+        resolved=resolved,
         memo=memo,
         keys=keys or {},
         credentials=credentials,
+        # Interned: the memo compares inputs by identity, so equal shapes must be the same object.
         shape=memo.interned(
             _CredentialShape(credentials.issuer if credentials.jwks else None, bool(credentials.exchange_address))
         ),
@@ -105,7 +106,7 @@ class _CredentialShape(NamedTuple):
 class _Shared:
     """What every gateway of one compile reads."""
 
-    grants: ResolvedPolicy
+    resolved: ResolvedPolicy
     memo: CompilerMemo
     keys: Mapping[str, str]
     credentials: CredentialInputs
@@ -128,7 +129,7 @@ class _BackendParts:
 def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> CompiledGroup:
     by_name = {b.name: b for b in policy.backends}
     backends = [by_name[name] for name in sorted(gateway.backends)]
-    issuers = _gateway_issuers(policy, backends, shared.grants)
+    issuers = _gateway_issuers(policy, backends, shared.resolved)
     # Interned: the memo compares inputs by identity, so a backend without grants (it accepts every issuer)
     # stays memoized.
     every_issuer = shared.memo.interned(tuple(i.name for i, _ in issuers))
@@ -139,8 +140,8 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             backend_grants: tuple[Grant, ...] = ()
             accepted: tuple[str, ...] = ()
         else:
-            backend_grants = shared.grants.grants(backend.name)
-            accepted = shared.grants.issuers(backend.name) or every_issuer
+            backend_grants = shared.resolved.grants(backend.name)
+            accepted = shared.resolved.issuers(backend.name) or every_issuer
         roles = shared.roles.get(backend.name, ())
         parts.append(
             shared.memo.backends.get(
@@ -243,14 +244,14 @@ def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
 
 
 def _gateway_issuers(
-    policy: Policy, backends: Sequence[Backend], grants: ResolvedPolicy
+    policy: Policy, backends: Sequence[Backend], resolved: ResolvedPolicy
 ) -> list[tuple[Issuer, list[str]]]:
     """Issuers whose tokens some backend on this gateway accepts, each with those backends' audiences."""
     audiences: dict[str, list[str]] = defaultdict(list)
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
             continue
-        for issuer in grants.issuers(backend.name):
+        for issuer in resolved.issuers(backend.name):
             audiences[issuer].append(backend.audience)
     return [(policy.issuer(name), sorted(set(aud))) for name, aud in sorted(audiences.items())]
 
