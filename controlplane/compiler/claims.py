@@ -13,7 +13,6 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.generations import ValueMemo
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY
 from controlplane.compiler.util import serialized
 from controlplane.resolved.conditions import Condition, ResolvedSubject, glob_to_regex, is_glob
@@ -65,28 +64,37 @@ class PrincipalEncoder:
     Principal{and_ids: [conditions..., Principal{or_ids: [Principal{and_ids: alternative}...]}]}.
     """
 
-    def __init__(self) -> None:
-        self._conditions: ValueMemo[Condition, bytes] = ValueMemo()
-        self._subjects: ValueMemo[ResolvedSubject, bytes] = ValueMemo()
+    LIMIT = 65536
+    """Conditions kept: past this many (a policy that changed a lot), the cache starts again at a compile."""
 
-    def principal(self, subject: ResolvedSubject) -> bytes:
-        return self._subjects.get(subject, self._encode)
+    def __init__(self) -> None:
+        self._framed: dict[Condition, bytes] = {}
 
     def next_generation(self) -> None:
-        self._conditions.next_generation()
-        self._subjects.next_generation()
+        if len(self._framed) > self.LIMIT:
+            self._framed = {}
 
-    def _encode(self, subject: ResolvedSubject) -> bytes:
-        ids = b"".join(map(self._framed, subject.conditions))
+    def principal(self, subject: ResolvedSubject) -> bytes:
+        ids = self._joined(subject.conditions)
         if subject.alternatives:
-            ands = (wire.length_delimited(_AND_IDS, b"".join(map(self._framed, alt))) for alt in subject.alternatives)
+            ands = (wire.length_delimited(_AND_IDS, self._joined(alt)) for alt in subject.alternatives)
             any_of = b"".join(wire.length_delimited(_SET_IDS, principal) for principal in ands)
             ids += wire.length_delimited(_SET_IDS, wire.length_delimited(_OR_IDS, any_of))
         return wire.length_delimited(_AND_IDS, ids)
 
-    def _framed(self, condition: Condition) -> bytes:
+    def _joined(self, conditions: Sequence[Condition]) -> bytes:
+        """Hot: when every condition is known, the lookups and the join run without a Python call each."""
+        try:
+            return b"".join(map(self._framed.__getitem__, conditions))
+        except KeyError:
+            return b"".join(map(self._frame, conditions))
+
+    def _frame(self, condition: Condition) -> bytes:
         """The condition as one `ids` entry of a Principal.Set."""
-        return self._conditions.get(condition, _framed_condition)
+        framed = self._framed.get(condition)
+        if framed is None:
+            framed = self._framed[condition] = _framed_condition(condition)
+        return framed
 
 
 def _framed_condition(condition: Condition) -> bytes:

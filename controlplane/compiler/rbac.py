@@ -15,7 +15,6 @@ from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
 from controlplane.compiler.claims import PrincipalEncoder, claim_principal
-from controlplane.compiler.generations import ValueMemo
 from controlplane.compiler.names import EXCHANGED_POLICY_PREFIX, REVOKED_POLICY, shadow_stat_prefix
 from controlplane.compiler.util import serialized
 from controlplane.model.policy import Mode, Role, RoleRule
@@ -76,13 +75,17 @@ class RbacEncoder:
     """Grants as serialized RBACPerRoute, assembled from cached pieces (see wire.py): the caches are this
     object's, held by the caller's CompilerMemo from one compile to the next."""
 
+    LIMIT = 16384
+    """Role rules kept: past this many, the cache starts again at a compile."""
+
     def __init__(self) -> None:
         self.principals = PrincipalEncoder()
-        self._rules: ValueMemo[RoleRule, bytes] = ValueMemo()
+        self._rules: dict[RoleRule, bytes] = {}
 
     def next_generation(self) -> None:
         self.principals.next_generation()
-        self._rules.next_generation()
+        if len(self._rules) > self.LIMIT:
+            self._rules = {}
 
     def backend_rbac(self, backend: str, grants: Sequence[Grant]) -> rbac_filter.RBACPerRoute:
         return rbac_filter.RBACPerRoute.FromString(self.backend_rbac_bytes(backend, grants))
@@ -108,9 +111,15 @@ class RbacEncoder:
         return b"".join(wire.map_entry(_POLICIES, g.name, self._policy_bytes(g)) for g in grants)
 
     def _policy_bytes(self, grant: Grant) -> bytes:
-        permissions = b"".join(self._rules.get(rule, _framed_rule) for rule in grant.rules)
+        permissions = b"".join(map(self._rule, grant.rules))
         principal = self.principals.principal
         return permissions + b"".join(wire.length_delimited(_PRINCIPALS, principal(s)) for s in grant.subjects)
+
+    def _rule(self, rule: RoleRule) -> bytes:
+        framed = self._rules.get(rule)
+        if framed is None:
+            framed = self._rules[rule] = _framed_rule(rule)
+        return framed
 
 
 _PER_ROUTE_RBAC = wire.number(rbac_filter.RBACPerRoute, "rbac")

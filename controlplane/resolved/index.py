@@ -8,7 +8,7 @@ holds it between compiles and hands the result to the compiler and to the token 
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -43,7 +43,7 @@ class Resolution:
         self._views: dict[str, BackendAccess] = {}
         self._warnings: tuple[PolicyError, ...] | None = None
         self._pins_view: dict[str, dict[str, int]] | None = None
-        self._bindings_of: Counter[str] = Counter()  # by issuer: every issuer with a binding has a key in pins
+        self._bindings_of: dict[str, int] = {}  # by issuer
 
     def update(self, policy: Policy, pins: Mapping[str, Mapping[str, int]] | None = None) -> ResolvedPolicy:
         """Bring the resolution to `policy`. Raises PolicyInvalid with every resolution error, and then starts
@@ -115,10 +115,16 @@ class Resolution:
         return view
 
     def _replace(self, name: str, entry: _Entry | None) -> None:
+        """Also drops the cached warnings and pins that this entry's coming or going changes (every issuer
+        with a binding has a key in the pins, so an issuer's first and last bindings change them too)."""
         old = self._entries.pop(name, None)
         if old is not None:
-            self._bindings_of[old.binding.issuer] -= 1
-            self._forget(old, self._bindings_of[old.binding.issuer] == 0)
+            left = self._bindings_of[old.binding.issuer] - 1
+            self._bindings_of[old.binding.issuer] = left
+            if old.warnings:
+                self._warnings = None
+            if old.pins or not left:
+                self._pins_view = None
             for backend, _ in old.granted:
                 self._by_backend[backend].pop(name, None)
                 self._issuer_by_backend[backend].pop(name, None)
@@ -127,21 +133,18 @@ class Resolution:
         if entry is None:
             return
         self._entries[name] = entry
-        self._bindings_of[entry.binding.issuer] += 1
-        self._forget(entry, self._bindings_of[entry.binding.issuer] == 1)
+        before = self._bindings_of.get(entry.binding.issuer, 0)
+        self._bindings_of[entry.binding.issuer] = before + 1
+        if entry.warnings:
+            self._warnings = None
+        if entry.pins or not before:
+            self._pins_view = None
         if entry.errors:
             self._failing.add(name)
         for backend, _ in entry.granted:
             self._by_backend[backend][name] = tuple(g for b, g in entry.granted if b == backend)
             self._issuer_by_backend[backend][name] = entry.binding.issuer
             self._views.pop(backend, None)
-
-    def _forget(self, entry: _Entry, issuer_came_or_went: bool) -> None:
-        """Drop the cached warnings and pins this entry's coming or going changes."""
-        if entry.warnings:
-            self._warnings = None
-        if entry.pins or issuer_came_or_went:
-            self._pins_view = None
 
 
 def _resolve(binding: Binding, roles: dict[str, Role], resolver: Resolver) -> _Entry:
