@@ -30,7 +30,7 @@ from controlplane.compiler.util import serialized
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy, Role
-from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.access import NO_ACCESS, Grant, ResolvedPolicy
 from controlplane.resolved.index import Resolution
 
 # Backend.credentials: only the control plane's exchanged credentials are accepted (raw ID tokens refused).
@@ -133,6 +133,7 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
     # Interned: the memo compares inputs by identity, so a backend without grants (it accepts every issuer)
     # stays memoized.
     every_issuer = shared.memo.interned(tuple(i.name for i, _ in issuers))
+    resolved = shared.resolved.backends
     parts = []
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
@@ -140,8 +141,9 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             backend_grants: tuple[Grant, ...] = ()
             accepted: tuple[str, ...] = ()
         else:
-            backend_grants = shared.resolved.grants(backend.name)
-            accepted = shared.resolved.issuers(backend.name) or every_issuer
+            access = resolved.get(backend.name, NO_ACCESS)
+            backend_grants = access.grants
+            accepted = access.issuers or every_issuer
         roles = shared.roles.get(backend.name, ())
         parts.append(
             shared.memo.backends.get(
@@ -251,7 +253,7 @@ def _gateway_issuers(
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
             continue
-        for issuer in resolved.issuers(backend.name):
+        for issuer in resolved.backends.get(backend.name, NO_ACCESS).issuers:
             audiences[issuer].append(backend.audience)
     return [(policy.issuer(name), sorted(set(aud))) for name, aud in sorted(audiences.items())]
 

@@ -56,8 +56,9 @@ class Resolution:
         if errors:
             self._reset()
             raise PolicyInvalid(errors)
+        views = self._views
         return ResolvedPolicy(
-            backends={b.name: self._access(b.name) for b in policy.backends},
+            backends={b.name: views.get(b.name) or self._access(b.name) for b in policy.backends},
             warnings=self._warning_view(),
             pins=self._pin_view(),
         )
@@ -107,11 +108,12 @@ class Resolution:
         view = self._views.get(backend)
         if view is None:
             by_binding = self._by_backend.get(backend)
-            if not by_binding:
-                return NO_ACCESS
-            grants = tuple(sorted((g for gs in by_binding.values() for g in gs), key=lambda g: g.name))
-            issuers = tuple(sorted(set(self._issuer_by_backend[backend].values())))
-            view = self._views[backend] = BackendAccess(issuers, grants)
+            if by_binding:
+                grants = tuple(sorted((g for gs in by_binding.values() for g in gs), key=lambda g: g.name))
+                view = BackendAccess(tuple(sorted(set(self._issuer_by_backend[backend].values()))), grants)
+            else:
+                view = NO_ACCESS
+            self._views[backend] = view
         return view
 
     def _replace(self, name: str, entry: _Entry | None) -> None:
