@@ -25,7 +25,8 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from controlplane.telemetry import metrics
 
@@ -34,6 +35,19 @@ log = logging.getLogger(__name__)
 AUTOMATIC_FULL_OFF = 1 << 30
 """gc threshold 2: young collections between automatic full ones; this many never happen."""
 CPYTHON_FULL_THRESHOLD = 10
+
+
+@contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """For a policy compile: it allocates many small acyclic objects, and collector passes over a big policy
+    only cost time. The run time decides this, not the compiler, which keeps no hand on the process."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class CollectorSchedule:

@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING, Final
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
+from controlplane.gc_control import no_cyclic_gc
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import QUOTE_LIMIT, PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
 from controlplane.model.loader import PolicyLoader, parse_policy, policy_warnings
 from controlplane.model.policy import Policy
 from controlplane.model.reuse import reuse_unchanged
+from controlplane.resolved.access import ResolvedPolicy
+from controlplane.resolved.index import Resolution
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
@@ -69,12 +72,13 @@ def compile_model(
     *,
     credentials: CredentialInputs | None = None,
     secrets: Mapping[str, str] | None = None,
+    resolved: ResolvedPolicy | None = None,
 ) -> dict[str, Snapshot]:
     """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`.
 
     `credentials`: the control plane's own credential inputs; `secrets`: injected upstream credentials by
-    backend (see compile_policy)."""
-    compiled = compile_policy(policy, memo, keys, pins, credentials, secrets)
+    backend; `resolved`: the policy's resolution, None: resolved here with `pins` (see compile_policy)."""
+    compiled = compile_policy(policy, memo, keys, pins, credentials, secrets, resolved=resolved)
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 
@@ -133,6 +137,7 @@ class PolicyService:
         self._pin_store = pin_store
         self._pins: Pins = pin_store.load() if pin_store else {}
         self._memo = CompilerMemo()
+        self._resolution = Resolution()  # who may do what, kept between compiles: read by compiler and exchange
         self._exchange_memo: ExchangeMemo = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._loader = PolicyLoader()  # keeps what unchanged files gave, so a commit rebuilds only its own files
@@ -271,19 +276,21 @@ class PolicyService:
 
     def _compile(self, policy: Policy) -> dict[str, Snapshot]:
         model = self._with_live_inputs(policy)
-        snapshots = compile_model(
-            model,
-            self._memo,
-            self._snapshots,
-            self._keys,
-            self._pins,
-            credentials=self.credentials(),
-            secrets=self.secrets(model),
-        )
-        self._note_resolution(policy_warnings(policy))
-        # Built here, under the compile lock, from the grant index this very compile produced; published with
-        # the snapshots, so the exchange never grants what Envoy is not told (or the reverse).
-        self._pending_exchange = ExchangePolicy.build(model, self._memo.grant_index, self._exchange_memo)
+        with no_cyclic_gc():
+            resolved = self._resolution.update(model, self._pins)
+            snapshots = compile_model(
+                model,
+                self._memo,
+                self._snapshots,
+                self._keys,
+                credentials=self.credentials(),
+                secrets=self.secrets(model),
+                resolved=resolved,
+            )
+            self._note_resolution(policy_warnings(policy), resolved)
+            # Built here, under the compile lock, from the very resolution Envoy's RBAC was compiled from;
+            # published with the snapshots, so the exchange never grants what Envoy is not told (or the reverse).
+            self._pending_exchange = ExchangePolicy.build(model, resolved, self._exchange_memo)
         return snapshots
 
     def _with_live_inputs(self, policy: Policy) -> Policy:
@@ -302,15 +309,15 @@ class PolicyService:
         self._world = (policy, watched, model)
         return model
 
-    def _note_resolution(self, policy_warnings: list[PolicyError]) -> None:
-        """`policy_warnings`: those of the policy itself (see model.loader.policy_warnings); the grant index adds
+    def _note_resolution(self, policy_warnings: list[PolicyError], resolved: ResolvedPolicy) -> None:
+        """`policy_warnings`: those of the policy itself (see model.loader.policy_warnings); the resolution adds
         GitLab's (access withdrawn, stale paths)."""
-        warnings = [str(w) for w in sorted([*policy_warnings, *self._memo.grant_index.warnings()])]
+        warnings = [str(w) for w in sorted([*policy_warnings, *resolved.warnings])]
         for new in sorted(set(warnings) - set(self.state.warnings)):
             log.warning("%s", new)
         self.state.warnings = warnings
         metrics.POLICY_WARNINGS.set(len(warnings))
-        pins = self._memo.grant_index.pins()
+        pins = resolved.pins
         if self._pin_store is not None and pins:
             self._pin_store.save(pins)
             remembered = self._pin_store.current

@@ -97,9 +97,11 @@ def test_compile_writes_the_golden_layout(tmp_path: Path) -> None:
     result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.yaml"))
-    assert written == [f"ci-gateway/{n}.yaml" for n in ("clusters", "endpoints", "listeners", "routes")]
-    expected = ROOT / "snapshots" / "quickstart" / "ci-gateway" / "routes.yaml"
-    assert (tmp_path / "out" / "ci-gateway" / "routes.yaml").read_text() == expected.read_text()
+    groups = [f"ci-gateway/{n}.yaml" for n in ("clusters", "endpoints", "listeners", "routes")]
+    assert written == [*groups, "resolved.yaml"]  # the resolved policy beside the groups it compiles to
+    for name in ("ci-gateway/routes.yaml", "resolved.yaml"):
+        expected = ROOT / "snapshots" / "quickstart" / name
+        assert (tmp_path / "out" / name).read_text() == expected.read_text()
 
 
 def test_bootstrap_names_the_group_and_the_control_plane() -> None:

@@ -8,11 +8,12 @@ import pytest
 from google.protobuf import json_format
 
 from controlplane.compiler import route
-from controlplane.compiler.claims import glob_to_regex
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.rbac import path_string_matcher
 from controlplane.model.errors import PolicyInvalid
+from controlplane.resolved.conditions import glob_to_regex
+from controlplane.resolved.index import Resolution
 from tests.compiled import (
     clusters,
     connection_manager,
@@ -232,15 +233,16 @@ def test_assembled_route_configuration_is_what_protobuf_itself_would_encode() ->
 
 def test_same_policy_same_bytes_with_and_without_memo() -> None:
     first = compile_with(BINDING)
-    memo = CompilerMemo()
+    memo, resolution = CompilerMemo(), Resolution()
     policy = policy_of(issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDING)
-    warm = compile_policy(policy, memo)
-    again = compile_policy(policy, memo)
+    warm = compile_policy(policy, memo, resolved=resolution.update(policy))
+    again = compile_policy(policy, memo, resolved=resolution.update(policy))
     changed = policy_of(
         issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDING.replace("release", "hotfix")
     )
     assert first["gw"].resources == warm["gw"].resources == again["gw"].resources  # type: ignore[attr-defined]
-    assert compile_policy(changed, memo)["gw"].resources == compile_policy(changed)["gw"].resources
+    warm_changed = compile_policy(changed, memo, resolved=resolution.update(changed))
+    assert warm_changed["gw"].resources == compile_policy(changed)["gw"].resources
 
 
 def test_oidc_claims_match_strings_or_list_members() -> None:

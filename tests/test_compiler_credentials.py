@@ -26,13 +26,15 @@ from jwt.algorithms import ECAlgorithm
 
 from controlplane.compiler import compile as compile_module
 from controlplane.compiler import rbac, route
-from controlplane.compiler.claims import Condition, ResolvedSubject
 from controlplane.compiler.compile import CompiledGroup, compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.util import packed
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Backend, Mode, Policy
+from controlplane.resolved.access import Grant
+from controlplane.resolved.conditions import Condition, ResolvedSubject
+from controlplane.resolved.index import Resolution
 from controlplane.service import compile_model
 from controlplane.snapshots.snapshot import ENDPOINT, LISTENER, ROUTE
 from tests.compiled import (
@@ -117,8 +119,15 @@ def policy() -> Policy:
     return policy_of(issuer=ISSUER, inventory=INVENTORY, backends=BACKENDS, bindings=BINDINGS)
 
 
-def gateway(credentials: CredentialInputs | None = CREDENTIALS, memo: CompilerMemo | None = None) -> CompiledGroup:
-    return compile_policy(policy(), memo, credentials=credentials)["gw"]
+def gateway(
+    credentials: CredentialInputs | None = CREDENTIALS,
+    memo: CompilerMemo | None = None,
+    resolution: Resolution | None = None,
+) -> CompiledGroup:
+    """With a memo, pass the resolution held beside it: the memo reuses a backend while its grants are the
+    very objects the resolution handed out last time."""
+    resolved = resolution.update(policy()) if resolution is not None else None
+    return compile_policy(policy(), memo, credentials=credentials, resolved=resolved)["gw"]
 
 
 def vhost(group: CompiledGroup, name: str) -> rc.VirtualHost:
@@ -238,9 +247,11 @@ def test_one_exchanged_policy_per_role_beside_the_binding_policies() -> None:
 @pytest.mark.parametrize("role", ["reports-read", "reports-write"])
 def test_exchanged_policy_permissions_are_the_roles_rules(role: str) -> None:
     anyone = ResolvedSubject.of([Condition("sub", ("x",))])
-    alone = rbac.backend_rbac("reports", [rbac.GrantSpec("p", Mode.ENFORCE, policy().role(role).rules, (anyone,))])
+    alone = rbac.RbacEncoder().backend_rbac(
+        "reports", [Grant("b", "p", Mode.ENFORCE, policy().role(role).rules, (anyone,))]
+    )
     policies = vhost_rbac(gateway(), "reports").rbac.rules.policies
-    assert policies[f"exchanged/{role}"].permissions == alone.rbac.rules.policies["p"].permissions
+    assert policies[f"exchanged/{role}"].permissions == alone.rbac.rules.policies["b/p"].permissions
 
 
 def test_deny_by_default_holds_with_credentials() -> None:
@@ -299,8 +310,8 @@ def test_appended_revocation_bytes_parse_and_equal_the_message_built_route_confi
 
 
 def test_revocations_leave_the_memo_and_the_listener_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    memo = CompilerMemo()
-    first = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1",)), memo)
+    memo, resolution = CompilerMemo(), Resolution()
+    first = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1",)), memo, resolution)
     calls: list[str] = []
     real = compile_module._backend_parts
 
@@ -309,14 +320,14 @@ def test_revocations_leave_the_memo_and_the_listener_alone(monkeypatch: pytest.M
         return real(backend, *rest)
 
     monkeypatch.setattr(compile_module, "_backend_parts", counted)
-    second = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1", "2")), memo)
+    second = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1", "2")), memo, resolution)
     assert calls == []  # every backend's parts came from the memo
     assert second.resources[LISTENER] == first.resources[LISTENER]
     assert second.resources[ROUTE] != first.resources[ROUTE]
 
 
 def test_memo_equals_a_cold_compile_with_credentials_and_revocations() -> None:
-    memo = CompilerMemo()
+    memo, resolution = CompilerMemo(), Resolution()
     steps = [
         None,
         CREDENTIALS,
@@ -326,7 +337,7 @@ def test_memo_equals_a_cold_compile_with_credentials_and_revocations() -> None:
         CREDENTIALS,
     ]
     for credentials in steps:
-        warm = compile_policy(policy(), memo, credentials=credentials)
+        warm = compile_policy(policy(), memo, credentials=credentials, resolved=resolution.update(policy()))
         cold = compile_policy(policy(), credentials=credentials)
         assert {g: c.resources for g, c in warm.items()} == {g: c.resources for g, c in cold.items()}, credentials
 

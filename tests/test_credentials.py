@@ -26,9 +26,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import string_pb2, value_pb2
 
 from controlplane import statefile
-from controlplane.compiler.claims import Condition, ResolvedSubject, subject_principal
-from controlplane.compiler.rbac import GrantSpec
-from controlplane.credentials.evaluate import grants_for, subject_matches
+from controlplane.compiler.claims import PrincipalEncoder
 from controlplane.credentials.exchange import (
     GRANT_TYPE,
     TOKEN_TYPE_ID_TOKEN,
@@ -41,6 +39,9 @@ from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import FileKeyStore, KeyStoreError, SigningKeys, StoredKey, thumbprint
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH
 from controlplane.model.policy import Mode
+from controlplane.resolved.access import Grant
+from controlplane.resolved.conditions import Condition, ResolvedSubject
+from controlplane.resolved.evaluate import Evaluator
 from controlplane.sources.jwks import normalize_jwks
 from controlplane.statefile import StateFileError
 from controlplane.telemetry.metrics import REGISTRY
@@ -58,8 +59,18 @@ def subject(*conditions: Condition, alternatives: tuple[tuple[Condition, ...], .
     return ResolvedSubject.of(conditions, alternatives)
 
 
-def grant(name: str, *subjects: ResolvedSubject, mode: Mode = Mode.ENFORCE) -> GrantSpec:
-    return GrantSpec(name, mode, (), subjects)
+def grant(name: str, *subjects: ResolvedSubject, mode: Mode = Mode.ENFORCE) -> Grant:
+    binding, _, role = name.partition("/")
+    return Grant(binding, role, mode, (), subjects)
+
+
+def subject_principal(subject: ResolvedSubject) -> rbac_pb2.Principal:
+    return rbac_pb2.Principal.FromString(PrincipalEncoder().principal(subject))
+
+
+EVALUATOR = Evaluator()
+grants_for = EVALUATOR.grants_for
+subject_matches = EVALUATOR.subject_matches
 
 
 BASE = {"iss": ISS, "project_id": "42", "ref": "release/1", "ref_protected": "true", "groups": ["a", "b/c"]}
@@ -123,7 +134,7 @@ def test_grants_for_keeps_enforced_grants_of_which_any_subject_matches() -> None
         grant("d/r"),  # all subjects withdrawn
         grant("e/r", yes),
     ]
-    assert [g.policy_name for g in grants_for(BASE, grants)] == ["a/r", "e/r"]
+    assert [g.name for g in grants_for(BASE, grants)] == ["a/r", "e/r"]
 
 
 # --- evaluate: against the compiled RBAC principals ------------------------------------------------------------

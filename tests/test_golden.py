@@ -1,5 +1,8 @@
 """Golden snapshots: every `examples/<case>/` compiles to exactly `snapshots/<case>/`, and Envoy accepts it.
 
+`snapshots/<case>/resolved.yaml` is the resolved policy the snapshots were compiled from (who may do what on
+which backend), so a change to access shows up in review as such, not only as RBAC protobuf.
+
 After a deliberate compiler change: `make snapshots`, then review the diff like any other code.
 """
 
@@ -9,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model.loader import parse_policy
+from controlplane.resolved import render
+from controlplane.resolved.index import Resolution
 from controlplane.service import compile_dir
 from controlplane.snapshots import golden
+from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.envoy import validate_config
 from tests.support.static_bootstrap import as_static_bootstrap
 
@@ -30,6 +37,8 @@ def test_example_matches_its_golden_snapshot(case: str) -> None:
     actual = {
         f"{group}/{name}": text for group, snap in snapshots.items() for name, text in golden.render(snap).items()
     }
+    resolved = Resolution().update(parse_policy(read_policy_dir(ROOT / "examples" / case)))
+    actual[render.FILE_NAME] = render.render(resolved)
     assert sorted(actual) == sorted(expected), "files differ: run `make snapshots` and review"
     for name, text in actual.items():
         assert text == expected[name], f"snapshots/{case}/{name} is stale: run `make snapshots` and review the diff"

@@ -7,12 +7,13 @@ from dataclasses import replace
 import pytest
 from google.protobuf import json_format
 
-from controlplane.compiler.claims import ResolvedSubject
-from controlplane.compiler.grants import GrantIndex
-from controlplane.compiler.resolve import Findings, Resolver
-from controlplane.model.errors import Source
+from controlplane.compiler.claims import PrincipalEncoder
+from controlplane.model.errors import PolicyInvalid, Source
 from controlplane.model.inventory import Environment, Group, Inventory, Project, Ref
 from controlplane.model.policy import ClaimMatch, Issuer, IssuerKind, Policy, Subject
+from controlplane.resolved.conditions import ResolvedSubject
+from controlplane.resolved.index import Resolution
+from controlplane.resolved.resolve import Findings, Resolver
 from tests.compiled import policy_of
 
 SOURCE = Source("bindings.yaml", 7)
@@ -51,7 +52,7 @@ def principal_json(resolved: ResolvedSubject | None) -> str:
     from envoy.config.rbac.v3 import rbac_pb2
 
     assert resolved is not None
-    return json_format.MessageToJson(rbac_pb2.Principal.FromString(resolved.principal))
+    return json_format.MessageToJson(rbac_pb2.Principal.FromString(PrincipalEncoder().principal(resolved)))
 
 
 def test_renamed_project_keeps_access_by_id_and_warns() -> None:
@@ -143,7 +144,7 @@ def test_merge_request_rule_still_applies_on_live_inventories() -> None:
     assert "merge_request_event" in text and "notId" in text
 
 
-def test_grant_index_reports_warnings_and_pins_and_reresolves_on_new_pins() -> None:
+def test_a_resolution_reports_warnings_and_pins_and_reresolves_on_new_pins() -> None:
     base = policy_of(
         issuer="kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://gitlab.example.com\n",
         backends="kind: Backend\nname: b\nhosts: [b.local]\nendpoints: [{address: 127.0.0.1, port: 1}]\n---\n"
@@ -152,21 +153,23 @@ def test_grant_index_reports_warnings_and_pins_and_reresolves_on_new_pins() -> N
     )
     issuer = replace(base.issuers[0], inventory=live(project(42, "acme/platform/deployer")))
     policy: Policy = replace(base, issuers=(issuer,))
-    index = GrantIndex()
-    assert index.update(policy) == []
-    assert index.pins() == {"gitlab": {"acme/platform/deployer": 42}}
+    resolution = Resolution()
+    assert resolution.update(policy).pins == {"gitlab": {"acme/platform/deployer": 42}}
     moved = replace(issuer, inventory=live(project(42, "acme/platform/new"), project(7, "acme/platform/deployer")))
-    errors = index.update(replace(policy, issuers=(moved,)), pins={"gitlab": {"acme/platform/deployer": 42}})
+    with pytest.raises(PolicyInvalid) as invalid:
+        resolution.update(replace(policy, issuers=(moved,)), pins={"gitlab": {"acme/platform/deployer": 42}})
+    errors = invalid.value.errors
     assert errors and "now belongs to project 7" in errors[0].message
 
 
 def test_a_binding_whose_subjects_all_lost_access_emits_no_empty_policy() -> None:
     """Envoy NACKs an RBAC policy without principals (PGV); the grant must vanish instead."""
-    from controlplane.compiler.rbac import GrantSpec, backend_rbac
+    from controlplane.compiler.rbac import RbacEncoder
     from controlplane.model.policy import Mode, RoleRule
+    from controlplane.resolved.access import Grant
 
-    withdrawn = GrantSpec("b/r", Mode.ENFORCE, (RoleRule(("GET",), ()),), ())
-    per_route = backend_rbac("svc", [withdrawn])
+    withdrawn = Grant("b", "r", Mode.ENFORCE, (RoleRule(("GET",), ()),), ())
+    per_route = RbacEncoder().backend_rbac("svc", [withdrawn])
     assert per_route.rbac.HasField("rules") and len(per_route.rbac.rules.policies) == 0
 
 

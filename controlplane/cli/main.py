@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from controlplane.cli.options import ServeOptions
     from controlplane.cli.validate import ServedInputs
     from controlplane.model.policy import Policy
+    from controlplane.resolved.access import ResolvedPolicy
     from controlplane.snapshots.snapshot import Snapshot
     from controlplane.sources.policy_dir import ReadLimits
 
@@ -309,32 +310,33 @@ def _stdout_closed() -> int:
 
 def _compile_or_report(
     policy_dir: Path, limits: ReadLimits, served: Callable[[Policy], ServedInputs] | None = None
-) -> tuple[Policy, dict[str, Snapshot], list[PolicyError], ServedInputs] | None:
+) -> tuple[Policy, dict[str, Snapshot], list[PolicyError], ServedInputs, ResolvedPolicy] | None:
     """Compile a policy tree, or print every error (file:line: field: message) and return None.
 
     `served`: what serve would compile in besides the files (see cli/validate.py); without it, the policy
     alone. Also returns the warnings: the policy's own and those of resolving its subjects, as serve reports
-    them."""
+    them; and the resolved policy the snapshots were compiled from."""
     from controlplane.cli.validate import ServedInputs
-    from controlplane.compiler.memo import CompilerMemo
+    from controlplane.gc_control import no_cyclic_gc
     from controlplane.model.errors import QUOTE_LIMIT
     from controlplane.model.loader import parse_policy, policy_warnings
+    from controlplane.resolved.index import Resolution
     from controlplane.service import compile_model
     from controlplane.sources.policy_dir import read_policy_dir
 
-    memo = CompilerMemo()
     try:
         policy = parse_policy(read_policy_dir(policy_dir, limits))
         inputs = served(policy) if served is not None else ServedInputs()
-        snapshots = compile_model(
-            policy,
-            memo,
-            keys=inputs.keys,
-            pins=inputs.pins,
-            credentials=inputs.credentials,
-            secrets=inputs.secrets,
-        )
-        return policy, snapshots, sorted([*policy_warnings(policy), *memo.grant_index.warnings()]), inputs
+        with no_cyclic_gc():
+            resolved = Resolution().update(policy, inputs.pins)
+            snapshots = compile_model(
+                policy,
+                keys=inputs.keys,
+                credentials=inputs.credentials,
+                secrets=inputs.secrets,
+                resolved=resolved,
+            )
+        return policy, snapshots, sorted([*policy_warnings(policy), *resolved.warnings]), inputs, resolved
     except PolicyInvalid as invalid:
         for line in invalid.lines():  # bounded: at most 100 per file, 1,000 in all, then a count of the rest
             print(line, file=sys.stderr)
@@ -355,7 +357,7 @@ def _validate(args: argparse.Namespace) -> int:
     compiled = _compile_or_report(args.policy, _limits(args), lambda policy: served_inputs(policy, args))
     if compiled is None:
         return 1
-    policy, snapshots, warnings, inputs = compiled
+    policy, snapshots, warnings, inputs, _ = compiled
     counts = (
         f"{len(policy.issuers)} issuer(s), {len(policy.backends)} backend(s), {len(policy.roles)} role(s), "
         f"{len(policy.bindings)} binding(s), {len(policy.gateways)} gateway(s)"
@@ -371,6 +373,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from controlplane.resolved import render
     from controlplane.snapshots import golden
 
     compiled = _compile_or_report(args.policy, _limits(args))
@@ -378,6 +381,7 @@ def _compile(args: argparse.Namespace) -> int:
         return 1
     for path in golden.write(compiled[1], args.out):
         print(path)
+    print(render.write(compiled[4], args.out))
     return 0
 
 

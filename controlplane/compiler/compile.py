@@ -7,15 +7,12 @@ makes content-hash versions and golden snapshots work.
 from __future__ import annotations
 
 import functools
-import gc
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from controlplane.compiler import cluster, inject, jwt, listener, rbac, route
-from controlplane.compiler.grants import GrantIndex
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
     CREDENTIAL_PROVIDER,
@@ -28,12 +25,13 @@ from controlplane.compiler.names import (
     requirement_name,
     route_config_name,
 )
-from controlplane.compiler.rbac import GrantSpec
+from controlplane.compiler.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from controlplane.compiler.util import serialized
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy, Role
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.resolved.access import NO_ACCESS, Grant, ResolvedPolicy
+from controlplane.resolved.index import Resolution
 
 # Backend.credentials: only the control plane's exchanged credentials are accepted (raw ID tokens refused).
 EXCHANGED_ONLY = "exchanged"
@@ -56,55 +54,44 @@ def compile_policy(
     pins: Mapping[str, Mapping[str, int]] | None = None,
     credentials: CredentialInputs | None = None,
     secrets: Mapping[str, str] | None = None,
+    *,
+    resolved: ResolvedPolicy | None = None,
 ) -> dict[str, CompiledGroup]:
     """Raises PolicyInvalid when a subject cannot be resolved (unknown path, re-used path, missing pin).
 
+    `resolved`: the policy's resolution (who may do what, see `controlplane.resolved`), when the caller keeps
+    a `Resolution` between compiles and hands the same result to the token exchange; None resolves the policy
+    afresh, with `pins` (the ids project paths resolved to before, issuer → path → id).
     With a memo from the previous compile, unchanged parts are reused; the result is identical.
     `keys` maps issuer names to the JWKS (canonical JSON) the control plane relays for them; a relayed
-    issuer without keys gets a placeholder no token verifies against (fail closed). `pins` are the ids
-    project paths resolved to before (issuer → path → id). Warnings (access GitLab withdrew, stale paths)
-    and the pins of this compile are then in `memo.grant_index`. `credentials` are the control plane's own
-    (exchanged credentials, revoked jobs, the exchange endpoint); None: none of them. `secrets` are the
-    injected upstream credentials by backend name, read by the control plane; a missing one is delivered
-    empty (Envoy refuses the request rather than forward it without the credential).
+    issuer without keys gets a placeholder no token verifies against (fail closed). `credentials` are the
+    control plane's own (exchanged credentials, revoked jobs, the exchange endpoint); None: none of them.
+    `secrets` are the injected upstream credentials by backend name, read by the control plane; a missing one
+    is delivered empty (Envoy refuses the request rather than forward it without the credential).
     """
     memo = memo or CompilerMemo()
     memo.next_generation()
     credentials = credentials or CredentialInputs()
-    with _no_cyclic_gc():
-        errors = _reserved_name_errors(policy, credentials)
-        if errors:
-            raise PolicyInvalid(errors)
-        errors = memo.grant_index.update(policy, pins)
-        if errors:
-            memo.grant_index = GrantIndex()  # a failed update leaves no half-applied state behind
-            raise PolicyInvalid(errors)
-        shared = _Shared(
-            grants=memo.grant_index,
-            memo=memo,
-            keys=keys or {},
-            credentials=credentials,
-            shape=_credential_shape(
-                credentials.issuer if credentials.jwks else None, bool(credentials.exchange_address)
-            ),
-            roles=_roles_by_backend(policy) if credentials.jwks else {},
-            # Encoded once for every gateway's route configuration (see route.revocations_entry).
-            revocations=_revocations(credentials.revoked_jobs),
-            secrets=secrets or {},
-        )
-        return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
-
-
-@contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """A compile allocates many small acyclic objects; collector passes over a big policy only cost time."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    errors = _reserved_name_errors(policy, credentials)
+    if errors:
+        raise PolicyInvalid(errors)
+    if resolved is None:
+        resolved = Resolution().update(policy, pins)
+    shared = _Shared(
+        resolved=resolved,
+        memo=memo,
+        keys=keys or {},
+        credentials=credentials,
+        # Interned: the memo compares inputs by identity, so equal shapes must be the same object.
+        shape=memo.interned(
+            _CredentialShape(credentials.issuer if credentials.jwks else None, bool(credentials.exchange_address))
+        ),
+        roles=_roles_by_backend(policy) if credentials.jwks else {},
+        # Encoded once for every gateway's route configuration (see route.revocations_entry).
+        revocations=memo.revocations.get(credentials.revoked_jobs, route.revocations_entry),
+        secrets=secrets or {},
+    )
+    return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
 
 
 class _CredentialShape(NamedTuple):
@@ -115,29 +102,11 @@ class _CredentialShape(NamedTuple):
     exchange: bool  # the token-exchange route is on every host
 
 
-@functools.lru_cache(maxsize=64)
-def _credential_shape(issuer: str | None, exchange: bool) -> _CredentialShape:
-    """Interned: the memo compares inputs by identity, so equal shapes must be the same object."""
-    return _CredentialShape(issuer, exchange)
-
-
-@functools.lru_cache(maxsize=2)
-def _revocations(job_ids: tuple[str, ...]) -> bytes:
-    """The list changes with every finished job, not with every policy change: keep the last one encoded."""
-    return route.revocations_entry(job_ids)
-
-
-@functools.lru_cache(maxsize=256)
-def _interned(names: tuple[str, ...]) -> tuple[str, ...]:
-    """Equal tuples as one object, so a backend without grants (it accepts every issuer) stays memoized."""
-    return names
-
-
 @dataclass(frozen=True)
 class _Shared:
     """What every gateway of one compile reads."""
 
-    grants: GrantIndex
+    resolved: ResolvedPolicy
     memo: CompilerMemo
     keys: Mapping[str, str]
     credentials: CredentialInputs
@@ -160,22 +129,28 @@ class _BackendParts:
 def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> CompiledGroup:
     by_name = {b.name: b for b in policy.backends}
     backends = [by_name[name] for name in sorted(gateway.backends)]
-    issuers = _gateway_issuers(policy, backends, shared.grants)
-    every_issuer = _interned(tuple(i.name for i, _ in issuers))
+    issuers = _gateway_issuers(policy, backends, shared.resolved)
+    # Interned: the memo compares inputs by identity, so a backend without grants (it accepts every issuer)
+    # stays memoized.
+    every_issuer = shared.memo.interned(tuple(i.name for i, _ in issuers))
+    resolved = shared.resolved.backends
     parts = []
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
             # Raw ID tokens are refused here: no issuer of theirs is accepted, no binding's policy applies.
-            backend_grants: tuple[GrantSpec, ...] = ()
+            backend_grants: tuple[Grant, ...] = ()
             accepted: tuple[str, ...] = ()
         else:
-            backend_grants = shared.grants.grants(backend.name)
-            accepted = shared.grants.issuers(backend.name) or every_issuer
+            access = resolved.get(backend.name, NO_ACCESS)
+            backend_grants = access.grants
+            accepted = access.issuers or every_issuer
         roles = shared.roles.get(backend.name, ())
         parts.append(
             shared.memo.backends.get(
                 (backend, backend_grants, accepted, shared.shape, *roles),
-                functools.partial(_backend_parts, backend, backend_grants, accepted, shared.shape, roles),
+                functools.partial(
+                    _backend_parts, backend, backend_grants, accepted, shared.shape, roles, shared.memo.rbac
+                ),
             )
         )
     requirements = dict(p.requirement for p in parts if p.requirement is not None)
@@ -208,10 +183,11 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
 
 def _backend_parts(
     backend: Backend,
-    grants: tuple[GrantSpec, ...],
+    grants: tuple[Grant, ...],
     issuers: tuple[str, ...],
     shape: _CredentialShape,
     roles: tuple[Role, ...],
+    encoder: rbac.RbacEncoder,
 ) -> _BackendParts:
     providers = [provider_name(i) for i in issuers]
     if shape.issuer is not None:
@@ -221,7 +197,9 @@ def _backend_parts(
     requirement = (name, serialized(jwt.requirement(providers, backend.audience))) if name is not None else None
     return _BackendParts(
         requirement=requirement,
-        virtual_host=route.virtual_host_bytes(backend, grants, name, exchange=shape.exchange),
+        virtual_host=route.virtual_host_bytes(
+            backend, encoder.backend_rbac_bytes(backend.name, grants), name, exchange=shape.exchange
+        ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),
     )
@@ -267,13 +245,15 @@ def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:
     return jwks_cluster(issuer.name), serialized(cluster.jwks_cluster_config(issuer, host, port, tls))
 
 
-def _gateway_issuers(policy: Policy, backends: Sequence[Backend], grants: GrantIndex) -> list[tuple[Issuer, list[str]]]:
+def _gateway_issuers(
+    policy: Policy, backends: Sequence[Backend], resolved: ResolvedPolicy
+) -> list[tuple[Issuer, list[str]]]:
     """Issuers whose tokens some backend on this gateway accepts, each with those backends' audiences."""
     audiences: dict[str, list[str]] = defaultdict(list)
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
             continue
-        for issuer in grants.issuers(backend.name):
+        for issuer in resolved.backends.get(backend.name, NO_ACCESS).issuers:
             audiences[issuer].append(backend.audience)
     return [(policy.issuer(name), sorted(set(aud))) for name, aud in sorted(audiences.items())]
 

@@ -12,7 +12,8 @@ import operator
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from controlplane.compiler.grants import GrantIndex
+from controlplane.compiler.generations import Interner, ValueMemo
+from controlplane.compiler.rbac import RbacEncoder
 
 V = TypeVar("V")
 
@@ -37,11 +38,18 @@ class IdentityMemo(Generic[V]):
 
 
 class CompilerMemo:
-    """One memo per kind of intermediate result."""
+    """One memo per kind of intermediate result: everything the compiler reuses between compiles, held by
+    the caller (the compiler itself keeps nothing between calls)."""
 
     def __init__(self) -> None:
-        self.grant_index = GrantIndex()
         self.backends: IdentityMemo[Any] = IdentityMemo()
+        self.rbac = RbacEncoder()
+        # The revoked jobs change with every finished job, not with every policy change: kept encoded.
+        self.revocations: ValueMemo[tuple[str, ...], bytes] = ValueMemo()
+        self.interned = Interner()
 
     def next_generation(self) -> None:
         self.backends.next_generation()
+        self.rbac.next_generation()
+        self.revocations.next_generation()
+        self.interned.next_generation()

@@ -70,23 +70,6 @@ def requirement_name(providers: Sequence[str], audience: str) -> str:
     return f"aud={audience} providers={','.join(sorted(set(providers)))}"
 
 
-def policy_name(binding: str, role: str) -> str:
-    """RBAC policy ids appear in access logs and response details: they lead back to the binding."""
-    return f"{binding}/{role}"
-
-
-def split_policy_name(name: str) -> tuple[str, str]:
-    """(binding, role) of a `policy_name`: neither name can hold a '/' (both are DNS labels)."""
-    binding, _, role = name.partition("/")
-    return binding, role
-
-
-def exchanged_policy_name(role: str) -> str:
-    """The RBAC policy admitting exchanged credentials that carry `role`. A Binding named like the prefix would
-    collide with it (`<binding>/<role>`), so that name is reserved whenever credentials are enabled."""
-    return f"{EXCHANGED_POLICY_PREFIX}/{role}"
-
-
 def shadow_stat_prefix(backend: str) -> str:
     return f"{backend.replace('-', '_')}_"
 

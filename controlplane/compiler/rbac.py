@@ -6,9 +6,7 @@ ALLOWS everything in Envoy (envoy-1.40-verified.md G11); `rules{action: ALLOW}` 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
 from envoy.config.route.v3 import route_components_pb2
@@ -16,19 +14,12 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.claims import Condition, ResolvedSubject, claim_principal
-from controlplane.compiler.names import REVOKED_POLICY, exchanged_policy_name, shadow_stat_prefix
+from controlplane.compiler.claims import PrincipalEncoder, claim_principal
+from controlplane.compiler.names import EXCHANGED_POLICY_PREFIX, REVOKED_POLICY, shadow_stat_prefix
 from controlplane.compiler.util import serialized
 from controlplane.model.policy import Mode, Role, RoleRule
-
-
-class GrantSpec(NamedTuple):
-    """One RBAC policy: the roles' rules a binding grants, to the binding's subjects."""
-
-    policy_name: str
-    mode: Mode
-    rules: tuple[RoleRule, ...]
-    subjects: tuple[ResolvedSubject, ...]
+from controlplane.resolved.access import Grant
+from controlplane.resolved.conditions import Condition, ResolvedSubject
 
 
 def deny_all_filter() -> rbac_filter.RBAC:
@@ -36,16 +27,19 @@ def deny_all_filter() -> rbac_filter.RBAC:
     return rbac_filter.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.ALLOW))
 
 
-def exchanged_grants(credential_issuer: str, roles: Sequence[Role]) -> tuple[GrantSpec, ...]:
+def exchanged_grants(credential_issuer: str, roles: Sequence[Role]) -> tuple[Grant, ...]:
     """One policy per role of a backend: its rules, to a credential of the control plane listing the role.
 
     `iss` is pinned like every principal's, so an OIDC token with its own `roles` claim never qualifies. The
-    claim is a list (a credential may carry several roles); `listy` also accepts a lone string.
+    claim is a list (a credential may carry several roles); `listy` also accepts a lone string. Named
+    `exchanged/<role>`: a Binding named like the prefix would collide, so that name is reserved whenever
+    credentials are enabled.
     """
     issued = Condition("iss", (credential_issuer,))
     return tuple(
-        GrantSpec(
-            exchanged_policy_name(role.name),
+        Grant(
+            EXCHANGED_POLICY_PREFIX,
+            role.name,
             Mode.ENFORCE,
             role.rules,
             (ResolvedSubject.of([issued, Condition("roles", (role.name,), listy=True)]),),
@@ -77,26 +71,55 @@ def revocations_per_route(job_ids: Sequence[str]) -> rbac_filter.RBACPerRoute:
     )
 
 
-def backend_rbac(backend: str, grants: Sequence[GrantSpec]) -> rbac_filter.RBACPerRoute:
-    return rbac_filter.RBACPerRoute.FromString(backend_rbac_bytes(backend, grants))
+class RbacEncoder:
+    """Grants as serialized RBACPerRoute, assembled from cached pieces (see wire.py): the caches are this
+    object's, held by the caller's CompilerMemo from one compile to the next."""
 
+    LIMIT = 16384
+    """Role rules kept: past this many, the cache starts again at a compile."""
 
-def backend_rbac_bytes(backend: str, grants: Sequence[GrantSpec]) -> bytes:
-    """Serialized RBACPerRoute: ALLOW with the enforced policies (none = deny all), plus shadow rules.
+    def __init__(self) -> None:
+        self.principals = PrincipalEncoder()
+        self._rules: dict[RoleRule, bytes] = {}
 
-    Assembled from cached pieces (see wire.py); ALLOW is the enum's zero value, so `rules` is an
-    explicitly present but empty-looking message when nothing is granted, which Envoy reads as deny all.
-    """
-    # A grant whose subjects all lost access (GitLab withdrew them) has no principal left: it grants nothing,
-    # and Envoy rejects a policy without principals, so it is left out rather than emitted empty.
-    live = [g for g in grants if g.subjects]
-    enforced = sorted((g for g in live if g.mode is Mode.ENFORCE), key=lambda g: g.policy_name)
-    shadow = sorted((g for g in live if g.mode is Mode.SHADOW), key=lambda g: g.policy_name)
-    rbac = wire.length_delimited(_RULES, _allow_policies(enforced))
-    if shadow:
-        rbac += wire.length_delimited(_SHADOW_RULES, _allow_policies(shadow))
-        rbac += wire.length_delimited(_SHADOW_PREFIX, shadow_stat_prefix(backend).encode())
-    return wire.length_delimited(_PER_ROUTE_RBAC, rbac)
+    def next_generation(self) -> None:
+        self.principals.next_generation()
+        if len(self._rules) > self.LIMIT:
+            self._rules = {}
+
+    def backend_rbac(self, backend: str, grants: Sequence[Grant]) -> rbac_filter.RBACPerRoute:
+        return rbac_filter.RBACPerRoute.FromString(self.backend_rbac_bytes(backend, grants))
+
+    def backend_rbac_bytes(self, backend: str, grants: Sequence[Grant]) -> bytes:
+        """Serialized RBACPerRoute: ALLOW with the enforced policies (none = deny all), plus shadow rules.
+
+        ALLOW is the enum's zero value, so `rules` is an explicitly present but empty-looking message when
+        nothing is granted, which Envoy reads as deny all.
+        """
+        # A grant whose subjects all lost access (GitLab withdrew them) has no principal left: it grants nothing,
+        # and Envoy rejects a policy without principals, so it is left out rather than emitted empty.
+        live = [g for g in grants if g.subjects]
+        enforced = sorted((g for g in live if g.mode is Mode.ENFORCE), key=lambda g: g.name)
+        shadow = sorted((g for g in live if g.mode is Mode.SHADOW), key=lambda g: g.name)
+        rbac = wire.length_delimited(_RULES, self._allow_policies(enforced))
+        if shadow:
+            rbac += wire.length_delimited(_SHADOW_RULES, self._allow_policies(shadow))
+            rbac += wire.length_delimited(_SHADOW_PREFIX, shadow_stat_prefix(backend).encode())
+        return wire.length_delimited(_PER_ROUTE_RBAC, rbac)
+
+    def _allow_policies(self, grants: Sequence[Grant]) -> bytes:
+        return b"".join(wire.map_entry(_POLICIES, g.name, self._policy_bytes(g)) for g in grants)
+
+    def _policy_bytes(self, grant: Grant) -> bytes:
+        permissions = b"".join(map(self._rule, grant.rules))
+        principal = self.principals.principal
+        return permissions + b"".join(wire.length_delimited(_PRINCIPALS, principal(s)) for s in grant.subjects)
+
+    def _rule(self, rule: RoleRule) -> bytes:
+        framed = self._rules.get(rule)
+        if framed is None:
+            framed = self._rules[rule] = _framed_rule(rule)
+        return framed
 
 
 _PER_ROUTE_RBAC = wire.number(rbac_filter.RBACPerRoute, "rbac")
@@ -109,16 +132,6 @@ _PRINCIPALS = wire.number(rbac_config.Policy, "principals")
 assert rbac_config.RBAC.ALLOW == 0, "ALLOW must be the default action for the encoding above"
 
 
-def _allow_policies(grants: Sequence[GrantSpec]) -> bytes:
-    return b"".join(wire.map_entry(_POLICIES, g.policy_name, _policy_bytes(g)) for g in grants)
-
-
-def _policy_bytes(grant: GrantSpec) -> bytes:
-    permissions = b"".join(map(_framed_rule, grant.rules))
-    return permissions + b"".join(wire.length_delimited(_PRINCIPALS, s.principal) for s in grant.subjects)
-
-
-@functools.lru_cache(maxsize=16384)
 def _framed_rule(rule: RoleRule) -> bytes:
     return wire.length_delimited(_PERMISSIONS, serialized(_rule_permission(rule)))
 

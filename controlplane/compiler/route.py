@@ -25,11 +25,11 @@ from controlplane.compiler.names import (
     REVOCATIONS_FILTER,
     backend_cluster,
 )
-from controlplane.compiler.rbac import GrantSpec, backend_rbac_bytes, rbac_disabled, revocations_per_route
+from controlplane.compiler.rbac import rbac_disabled, revocations_per_route
 from controlplane.compiler.util import millis, packed, serialized
+from controlplane.compiler.wire import varint
 from controlplane.model.credentials import EXCHANGE_PATH
 from controlplane.model.policy import Backend
-from controlplane.snapshots.snapshot import varint
 
 _VIRTUAL_HOSTS_TAG = b"\x12"  # RouteConfiguration.virtual_hosts = 2, wire type 2
 _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPTOR.full_name
@@ -39,12 +39,11 @@ _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPT
 EXCHANGE_TIMEOUT_MS = 10_000
 
 
-def virtual_host(
-    backend: Backend, grants: Sequence[GrantSpec], requirement: str | None, exchange: bool = False
-) -> rc.VirtualHost:
-    """`requirement`: the name of the listener's JWT requirement for this host (None: no issuer accepts
-    tokens here); `exchange`: the token-exchange endpoint is routed first on this host (see `_exchange_route`)."""
-    per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=backend_rbac_bytes(backend.name, grants))}
+def virtual_host(backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False) -> rc.VirtualHost:
+    """`rbac`: the host's serialized RBACPerRoute (see `rbac.RbacEncoder`); `requirement`: the name of the
+    listener's JWT requirement for this host (None: no issuer accepts tokens here); `exchange`: the
+    token-exchange endpoint is routed first on this host (see `_exchange_route`)."""
+    per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=rbac)}
     if requirement is not None:
         per_filter[JWT_FILTER] = packed(per_route_requirement(requirement))
     per_filter.update((name, packed(config)) for name, config in inject.per_filter_config(backend).items())
@@ -60,10 +59,8 @@ def virtual_host(
     )
 
 
-def virtual_host_bytes(
-    backend: Backend, grants: Sequence[GrantSpec], requirement: str | None, exchange: bool = False
-) -> bytes:
-    return serialized(virtual_host(backend, grants, requirement, exchange))
+def virtual_host_bytes(backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False) -> bytes:
+    return serialized(virtual_host(backend, rbac, requirement, exchange))
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> bytes:

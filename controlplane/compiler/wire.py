@@ -11,7 +11,21 @@ from collections.abc import Iterable
 
 from google.protobuf.message import Message
 
-from controlplane.snapshots.snapshot import varint
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint, for framing pre-serialized messages by hand (hot: keep the fast paths)."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def number(message: type[Message], field: str) -> int:

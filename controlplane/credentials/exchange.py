@@ -8,7 +8,7 @@ credential issued here is scoped to one backend and to named roles, lives minute
 (so a finished job's credentials can be revoked fleet-wide by job_id), and is signed by keys the control plane
 rotates itself.
 
-Authorization is `evaluate.grants_for` over the very grants the compiler turns into Envoy RBAC, so the
+Authorization is `Evaluator.grants_for` over the very grants the compiler turns into Envoy RBAC, so the
 exchange grants a role exactly when Envoy would let the same ID token through under that role.
 
 Errors follow RFC 6749 §5.2 (JSON `error`, `error_description`, status 400). A description never echoes a
@@ -31,11 +31,7 @@ from typing import Any
 
 import jwt
 
-from controlplane.compiler.grants import GrantIndex
-from controlplane.compiler.names import split_policy_name
-from controlplane.compiler.rbac import GrantSpec
 from controlplane.credentials import metrics
-from controlplane.credentials.evaluate import grants_for
 from controlplane.credentials.exchange_store import (
     ExchangeStoreError,
     JobLedger,
@@ -45,6 +41,8 @@ from controlplane.credentials.exchange_store import (
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.policy import Backend, Policy
+from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.evaluate import Evaluator
 
 log = logging.getLogger("controlplane.credentials")
 
@@ -90,12 +88,10 @@ class ExchangeIssuer:
 
 @dataclass(frozen=True)
 class ExchangeGrant:
-    """One GrantSpec with what the exchange needs beside it: the role it stands for and its binding's TTL."""
+    """One resolved grant with what the exchange needs beside it: its binding's credential TTL."""
 
-    binding: str
-    role: str
     ttl: int
-    spec: GrantSpec
+    grant: Grant
 
 
 @dataclass(frozen=True)
@@ -106,37 +102,35 @@ class ExchangeBackend:
     grants: tuple[ExchangeGrant, ...]
 
     @cached_property
-    def specs(self) -> tuple[GrantSpec, ...]:
-        return tuple(g.spec for g in self.grants)
+    def resolved(self) -> tuple[Grant, ...]:
+        return tuple(g.grant for g in self.grants)
 
     @cached_property
-    def by_policy_name(self) -> Mapping[str, ExchangeGrant]:
-        return {g.spec.policy_name: g for g in self.grants}
+    def ttl_by_name(self) -> Mapping[str, int]:
+        return {g.grant.name: g.ttl for g in self.grants}
 
 
-ExchangeMemo = dict[str, tuple[Backend, tuple[GrantSpec, ...], tuple[str, ...], "ExchangeBackend"]]
+ExchangeMemo = dict[str, tuple[Backend, tuple[Grant, ...], tuple[str, ...], "ExchangeBackend"]]
 """Per backend name: the inputs its entry was built from, and the entry (see `ExchangePolicy.build`)."""
 
 
-def _exchange_grants(grants: tuple[GrantSpec, ...], ttl: Mapping[str, int]) -> tuple[ExchangeGrant, ...]:
-    out = []
-    for spec in grants:
-        binding, role = split_policy_name(spec.policy_name)
-        out.append(ExchangeGrant(binding, role, ttl[binding], spec))
-    return tuple(out)
+def _exchange_grants(grants: tuple[Grant, ...], ttl: Mapping[str, int]) -> tuple[ExchangeGrant, ...]:
+    return tuple(ExchangeGrant(ttl[grant.binding], grant) for grant in grants)
 
 
 @dataclass(frozen=True)
 class ExchangePolicy:
     issuers: tuple[ExchangeIssuer, ...]
     backends: tuple[ExchangeBackend, ...]
+    # Evaluates this policy's grants; its compiled globs go with the policy.
+    evaluator: Evaluator = field(default_factory=Evaluator, compare=False, repr=False)
 
     @classmethod
-    def build(cls, policy: Policy, index: GrantIndex, memo: ExchangeMemo | None = None) -> ExchangePolicy:
-        """From the policy and the compiler's grant index (the same GrantSpecs Envoy's RBAC is built from).
+    def build(cls, policy: Policy, resolved: ResolvedPolicy, memo: ExchangeMemo | None = None) -> ExchangePolicy:
+        """From the policy and its resolution: the very grants Envoy's RBAC is compiled from.
 
-        With `memo` (kept by the caller between builds), a backend whose model object, grants (the index
-        returns the same tuple until a grant on it changes) and roles are unchanged keeps its entry: a
+        With `memo` (kept by the caller between builds), a backend whose model object, grants (a resolution
+        keeps the same tuple until a grant on it changes) and roles are unchanged keeps its entry: a
         one-binding commit rebuilds one backend, not ten thousand grants.
         """
         ttl = {b.name: b.credential_ttl_seconds for b in policy.bindings}
@@ -146,7 +140,7 @@ class ExchangePolicy:
         memo = {} if memo is None else memo
         backends = []
         for backend in policy.backends:
-            grants = index.grants(backend.name)
+            grants = resolved.grants(backend.name)
             roles = tuple(sorted(roles_of.get(backend.name, ())))
             hit = memo.get(backend.name)
             if hit is not None and hit[0] is backend and hit[1] is grants and hit[2] == roles:
@@ -161,7 +155,7 @@ class ExchangePolicy:
             ExchangeIssuer(
                 issuer.name,
                 issuer.url,
-                frozenset(b.audience for b in policy.backends if issuer.name in index.issuers(b.name)),
+                frozenset(b.audience for b in policy.backends if issuer.name in resolved.issuers(b.name)),
                 float(issuer.clock_skew_seconds),
             )
             for issuer in policy.issuers
@@ -467,7 +461,7 @@ class TokenExchange:
         self._check_job(claims, context["job_id"], now)
         if context["job_id"] != checked:
             self._check_missed_hook(claims, issuer, context)
-        roles, policy_ttl = _authorize(claims, backend, request.scope)
+        roles, policy_ttl = _authorize(policy.evaluator, claims, backend, request.scope)
         context["roles"] = roles
         remaining = int(claims["exp"] - now)
         ttl = min(policy_ttl, request.lifetime or policy_ttl, remaining, int(self._keys.max_credential_ttl))
@@ -665,7 +659,7 @@ def _target(policy: ExchangePolicy, targets: Sequence[str]) -> ExchangeBackend:
 
 
 def _authorize(
-    claims: Mapping[str, Any], backend: ExchangeBackend, requested: tuple[str, ...]
+    evaluator: Evaluator, claims: Mapping[str, Any], backend: ExchangeBackend, requested: tuple[str, ...]
 ) -> tuple[tuple[str, ...], int]:
     """The roles to issue and the longest TTL the policy allows for them.
 
@@ -673,9 +667,8 @@ def _authorize(
     roles lives no longer than its shortest-lived role, so no role outlives what its own bindings allow.
     """
     ttl_by_role: dict[str, int] = {}
-    for spec in grants_for(claims, backend.specs):
-        grant = backend.by_policy_name[spec.policy_name]
-        ttl_by_role[grant.role] = max(ttl_by_role.get(grant.role, 0), grant.ttl)
+    for grant in evaluator.grants_for(claims, backend.resolved):
+        ttl_by_role[grant.role] = max(ttl_by_role.get(grant.role, 0), backend.ttl_by_name[grant.name])
     roles = requested or tuple(sorted(ttl_by_role))
     if not roles:
         raise Refused("invalid_scope", f"no role on backend {_named(backend.name)} is granted to this token")

@@ -15,7 +15,8 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.compiler.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.snapshots.snapshot import Snapshot
 from controlplane.statefile import atomic_write_text
 
 FILE_NAMES: Mapping[str, str] = {

@@ -15,11 +15,13 @@ from types import MappingProxyType
 
 from google.protobuf.message import Message
 
-CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# Named by the compiler, which produces them; re-exported for the xDS layer, which serves them by type.
+from controlplane.compiler.types import CLUSTER as CLUSTER
+from controlplane.compiler.types import ENDPOINT as ENDPOINT
+from controlplane.compiler.types import LISTENER as LISTENER
+from controlplane.compiler.types import ROUTE as ROUTE
+from controlplane.compiler.types import SECRET as SECRET
+from controlplane.compiler.wire import varint as varint
 
 # Make before break: secrets exist before anything uses them; clusters and their endpoints before anything
 # routes to them. Secrets are named subscriptions (SDS), never wildcards.
@@ -29,23 +31,6 @@ WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 # Distinct subscriptions remembered per TypeSnapshot; proxies of a group normally share one or two.
 _BODY_MEMO_LIMIT = 64
 _REPEATED_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources = 2, wire type 2
-
-
-_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
-
-
-def varint(value: int) -> bytes:
-    """Protobuf base-128 varint, for framing pre-serialized messages by hand (hot: keep the fast paths)."""
-    if value < 0x80:
-        return _ONE_BYTE[value]
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from controlplane.compiler.grants import GrantIndex
 from controlplane.credentials.exchange import (
     ExchangePolicy,
     TokenExchange,
 )
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.loader import parse_policy
+from controlplane.resolved.index import Resolution
 from controlplane.sources.jwks import normalize_jwks
 
 ISS = "https://gitlab.example.com"
@@ -98,9 +98,7 @@ class Exchange:
 def make_exchange(state: Path) -> Exchange:
     """The exchange over POLICY, the harness's issuer key and a fixed clock; signing keys kept under `state`."""
     policy = parse_policy(POLICY)
-    index = GrantIndex()
-    assert index.update(policy) == []
-    built = ExchangePolicy.build(policy, index)
+    built = ExchangePolicy.build(policy, Resolution().update(policy))
     relayed = _jwks()
     keys = SigningKeys(
         FileKeyStore(state / "keys.json"),

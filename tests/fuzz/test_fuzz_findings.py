@@ -48,7 +48,7 @@ def test_f2_duration_past_the_conversion_limit_is_a_located_error() -> None:
 
 
 # F3: a hex id is not limited by int(), so the loader accepts a 4,800-digit project id; `validate` and `compile`
-# then crash in compiler/resolve.py (_sorted_ids: str(id) raises ValueError).
+# then crash in resolved/resolve.py (_sorted_ids: str(id) raises ValueError).
 def test_f3_project_id_beyond_any_gitlab_id_is_an_error() -> None:
     binding = "kind: Binding\nname: b\nroles: [r]\nsubjects:\n  - project: 0x" + "f" * 4000 + "\n"
     role = "kind: Role\nname: r\nbackend: api\nrules: [{paths: ['/**']}]\n"

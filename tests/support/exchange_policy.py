@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from controlplane.compiler.grants import GrantIndex
 from controlplane.credentials.exchange import ExchangePolicy
+from controlplane.resolved.index import Resolution
 from tests.compiled import policy_of
 
 from .fake_gitlab import FakeGitLab
@@ -83,6 +83,4 @@ def exchange_policy(fake: FakeGitLab) -> ExchangePolicy:
     policy = policy_of(issuer=issuer, inventory=INVENTORY, backends=BACKENDS, bindings=BINDINGS)
     bindings = tuple(replace(b, credential_ttl_seconds=TTLS[b.name]) for b in policy.bindings)
     policy = replace(policy, bindings=bindings)
-    index = GrantIndex()
-    assert index.update(policy) == []
-    return ExchangePolicy.build(policy, index)
+    return ExchangePolicy.build(policy, Resolution().update(policy))

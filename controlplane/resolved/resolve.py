@@ -18,10 +18,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.compiler.claims import Condition, ResolvedSubject, glob_to_regex, is_glob
 from controlplane.model.errors import PolicyError, quoted
 from controlplane.model.inventory import Inventory, Project
 from controlplane.model.policy import ClaimMatch, Issuer, IssuerKind, Subject
+from controlplane.resolved.conditions import Condition, ResolvedSubject, glob_to_regex, is_glob
 
 MERGE_REQUEST_SOURCE = "merge_request_event"
 
