@@ -27,6 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check controlplane tests benchmarks
 	$(VENV)/bin/ruff format --check controlplane tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 # Regenerate the golden snapshots after a deliberate compiler change; review the diff.
 snapshots: setup

@@ -19,7 +19,6 @@ from dataclasses import replace
 
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
-from controlplane.gc_control import no_cyclic_gc
 from controlplane.model.errors import Source
 from controlplane.model.policy import (
     Backend,
@@ -36,6 +35,7 @@ from controlplane.model.policy import (
     Subject,
 )
 from controlplane.resolved.index import Resolution
+from controlplane.runtime.gc_control import no_cyclic_gc
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 
 SOURCE = Source("generated.yaml", 1)

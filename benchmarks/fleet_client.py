@@ -672,7 +672,7 @@ class Worker:
         failed = await self.open_all(self.streams.values(), timeout)
         ok = await poll(lambda: all(s.state.settled() for s in self._live()), timeout)
         # The streams' long-lived state leaves the cyclic collector's view and automatic full collections stop
-        # (as the server does, controlplane/gc_control.py): this load generator shares the server's cores, and
+        # (as the server does, controlplane/runtime/gc_control.py): this load generator shares the server's cores, and
         # full collections over thousands of streams' pending reads would be charged to every push.
         gc.collect()
         gc.freeze()

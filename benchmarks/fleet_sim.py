@@ -677,7 +677,7 @@ def targets(results: list[Result], streams: int) -> list[str]:
 
 
 def collector_summary(metrics: str) -> str:
-    """The server's scheduled garbage collections (controlplane/gc_control.py): how many, and their pauses."""
+    """The server's scheduled garbage collections (controlplane/runtime/gc_control.py): how many, and their pauses."""
     found = {
         (name, kind): float(value)
         for name, kind, value in re.findall(

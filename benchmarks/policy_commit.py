@@ -9,7 +9,7 @@ is the same reload in a fresh `PolicyService` (nothing to reuse: what every comm
 
 compile_scale.py measures the compiler alone on an in-memory model; this one adds YAML, validation and the
 service's bookkeeping, which are most of a commit's cost. Python's garbage collector runs as `serve` runs it
-(controlplane/gc_control.py: no automatic full collections).
+(controlplane/runtime/gc_control.py: no automatic full collections).
 
     python benchmarks/policy_commit.py --backends 1000 --bindings 10
 """
@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from controlplane.gc_control import CollectorSchedule
-from controlplane.service import PolicyService
+from controlplane.runtime.gc_control import CollectorSchedule
+from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 
 HEADER = (

@@ -22,7 +22,7 @@ import pytest
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import AuditStore
 from controlplane.cli.audit import run_audit
-from controlplane.service import PolicyService
+from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer

@@ -1,4 +1,4 @@
-"""Who hears of what (controlplane/event_router.py), with stand-ins for the parts that listen."""
+"""Who hears of what (controlplane/runtime/event_router.py), with stand-ins for the parts that listen."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from controlplane.event_router import EventRouter
+from controlplane.runtime.event_router import EventRouter
 from controlplane.sources.gitlab_events import PushEvent
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.gc_control import AUTOMATIC_FULL_OFF, CollectorSchedule
+from controlplane.runtime.gc_control import AUTOMATIC_FULL_OFF, CollectorSchedule
 from controlplane.telemetry import metrics
 from tests.support.ports import eventually
 

@@ -15,7 +15,7 @@ import pytest
 from controlplane.model.loader import parse_policy
 from controlplane.resolved import render
 from controlplane.resolved.index import Resolution
-from controlplane.service import compile_dir
+from controlplane.runtime.policy_service import compile_dir
 from controlplane.snapshots import golden
 from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.envoy import validate_config

@@ -23,9 +23,9 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from controlplane.compiler.compile import CompiledGroup, compile_policy
 from controlplane.compiler.jwt import PLACEHOLDER_JWKS, PLACEHOLDER_KID
-from controlplane.keyrelay import KeyRelay
 from controlplane.model.policy import JwksMode, Policy
-from controlplane.service import PolicyService
+from controlplane.runtime.keyrelay import KeyRelay
+from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, LISTENER, ROUTE
 from controlplane.sources.jwks import JwksDocument, JwksError, JwksFetcher, normalize_jwks

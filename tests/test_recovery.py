@@ -7,9 +7,9 @@ from collections.abc import Callable, Collection, Iterable
 
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob, MemoryExchangeStore
 from controlplane.credentials.recovery import Candidate, JobRecovery, StatusReader, candidates
-from controlplane.gitlab_link import GitLabLink
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.inventory import Inventory
+from controlplane.runtime.gitlab_link import GitLabLink
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import service as service_module
 from controlplane.model.loader import PolicyLoader
-from controlplane.service import PolicyService
+from controlplane.runtime import policy_service as service_module
+from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER
 from controlplane.sources.pins import PinStore

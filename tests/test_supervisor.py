@@ -11,8 +11,8 @@ import pytest
 
 from controlplane.cli.options import ServeOptions
 from controlplane.cli.serve import serve
+from controlplane.runtime.supervisor import Supervisor
 from controlplane.sources.secrets import SecretsSource
-from controlplane.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 

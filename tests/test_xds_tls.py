@@ -204,7 +204,7 @@ def test_a_reload_that_would_push_secrets_over_plain_text_is_rejected_and_the_ol
     tmp_path: Path,
 ) -> None:
     """Not published even once: the vetting hook refuses it before anything is compiled."""
-    from controlplane.service import PolicyService
+    from controlplane.runtime.policy_service import PolicyService
     from controlplane.xds.tls import TransportPolicy
 
     policy_dir = tmp_path / "policy"

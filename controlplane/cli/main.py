@@ -317,11 +317,11 @@ def _compile_or_report(
     alone. Also returns the warnings: the policy's own and those of resolving its subjects, as serve reports
     them; and the resolved policy the snapshots were compiled from."""
     from controlplane.cli.validate import ServedInputs
-    from controlplane.gc_control import no_cyclic_gc
     from controlplane.model.errors import QUOTE_LIMIT
     from controlplane.model.loader import parse_policy, policy_warnings
     from controlplane.resolved.index import Resolution
-    from controlplane.service import compile_model
+    from controlplane.runtime.gc_control import no_cyclic_gc
+    from controlplane.runtime.policy_service import compile_model
     from controlplane.sources.policy_dir import read_policy_dir
 
     try:

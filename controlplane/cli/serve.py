@@ -26,11 +26,12 @@ from controlplane.credentials.keys import KEYS_FILE
 from controlplane.credentials.recovery import JobRecovery
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialService
-from controlplane.event_router import EventRouter
-from controlplane.gc_control import CollectorSchedule
-from controlplane.gitlab_link import GitLabLink, PolicyProject
-from controlplane.keyrelay import KeyRelay
-from controlplane.service import PolicyService
+from controlplane.runtime.event_router import EventRouter
+from controlplane.runtime.gc_control import CollectorSchedule
+from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
+from controlplane.runtime.keyrelay import KeyRelay
+from controlplane.runtime.policy_service import PolicyService
+from controlplane.runtime.supervisor import Supervisor
 from controlplane.serving import HttpLimits, fit_connection_budget, fit_xds_connections, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.gitlab import GitLabSource
@@ -43,7 +44,6 @@ from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
-from controlplane.supervisor import Supervisor
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import TransportPolicy, XdsTransportError

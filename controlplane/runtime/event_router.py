@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from controlplane.credentials.recovery import JobRecovery
     from controlplane.credentials.service import CredentialService
-    from controlplane.gitlab_link import GitLabLink
-    from controlplane.keyrelay import KeyRelay
-    from controlplane.service import PolicyService
+    from controlplane.runtime.gitlab_link import GitLabLink
+    from controlplane.runtime.keyrelay import KeyRelay
+    from controlplane.runtime.policy_service import PolicyService
     from controlplane.sources.gitlab_events import GitLabEvent
 
 log = logging.getLogger("controlplane")

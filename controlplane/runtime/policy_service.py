@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Final
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
-from controlplane.gc_control import no_cyclic_gc
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import QUOTE_LIMIT, PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
@@ -32,6 +31,7 @@ from controlplane.model.policy import Policy
 from controlplane.model.reuse import reuse_unchanged
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.index import Resolution
+from controlplane.runtime.gc_control import no_cyclic_gc
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
