@@ -70,7 +70,7 @@ def _pure_modules() -> Iterator[types.ModuleType]:
 
 def _state(module: str, name: str, value: object) -> str | None:
     """Why `value`, bound to `name` at module level, is state kept between calls; None when it is not."""
-    if isinstance(value, type) or isinstance(value, types.ModuleType):
+    if isinstance(value, (type, types.ModuleType)):
         return None
     if callable(value) and hasattr(value, "cache_info") and getattr(value, "__module__", None) == module:
         return "a cache kept by the module (functools.lru_cache/cache)"
