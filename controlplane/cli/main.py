@@ -373,15 +373,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from controlplane.resolved import render
     from controlplane.snapshots import golden
 
     compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
-    for path in golden.write(compiled[1], args.out):
+    for path in golden.write(compiled[1], args.out, resolved=compiled[4]):
         print(path)
-    print(render.write(compiled[4], args.out))
     return 0
 
 
