@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeAlias, cast
 
 import yaml
@@ -25,7 +26,7 @@ from controlplane.model.errors import QUOTE_LIMIT, Errors, PolicyError, quoted
 Scalar: TypeAlias = str | int | bool | float | None
 
 _TAG = "tag:yaml.org,2002:"
-_BOOL_WORDS = {"true": True, "false": False}
+_BOOL_WORDS = MappingProxyType({"true": True, "false": False})
 _SCALAR_TAGS = frozenset(f"{_TAG}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp"))
 
 
