@@ -52,10 +52,11 @@ def test_an_upward_import_breaks_the_layer_contract(tmp_path: Path) -> None:
     assert "controlplane.compiler is not allowed to import controlplane.xds" in result.stdout
 
 
-def test_a_clock_in_the_pure_core_breaks_its_contract(tmp_path: Path) -> None:
-    result = _lint_imports(_tree_with(tmp_path, "resolved/conditions.py", "import time"))
+def test_a_clock_or_file_access_in_the_pure_core_breaks_its_contract(tmp_path: Path) -> None:
+    result = _lint_imports(_tree_with(tmp_path, "resolved/conditions.py", "import time\nfrom pathlib import Path"))
     assert result.returncode != 0
     assert "controlplane.resolved is not allowed to import time" in result.stdout
+    assert "controlplane.resolved is not allowed to import pathlib" in result.stdout
 
 
 # -- module state ---------------------------------------------------------------------------------------------
