@@ -1465,8 +1465,8 @@ def test_a_file_of_too_many_values_is_refused_before_it_is_built() -> None:
 def test_both_composers_count_values_alike(monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
     if not fast:
         monkeypatch.setattr(yaml_source, "_FastLoader", None)
-    monkeypatch.setattr(yaml_source, "MAX_NODES_PER_FILE", 1000)
-    parsed = parse_yaml(f"many-{fast}.yaml", "a: 1\nrules:\n" + "- 1\n" * 1000)  # item 996 is value 1,001
+    text = "a: 1\nrules:\n" + "- 1\n" * 1000
+    parsed = parse_yaml(f"many-{fast}.yaml", text, max_nodes=1000)  # item 996 is value 1,001
     assert [str(e) for e in parsed.errors] == [
         f"many-{fast}.yaml:998: more than 1000 values (scalars, lists and mappings) in one file: split it"
     ]

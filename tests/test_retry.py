@@ -42,6 +42,16 @@ def test_jwks_fetches_back_off_exactly_from_200_ms_to_2_s() -> None:
     assert [jwks.BACKOFF.delay(n) for n in range(5)] == pytest.approx([0.2, 0.4, 0.8, 1.6, 2.0])
 
 
+def test_a_jwks_fetch_waits_as_the_issuer_asks_up_to_5_s() -> None:
+    retry = RetryPolicy(max_retries=3, backoff=jwks.BACKOFF)
+    assert jwks.retry_delay(retry, 0, None) == pytest.approx(0.2)
+    assert jwks.retry_delay(retry, 2, 0.1) == pytest.approx(0.8)  # the backoff when longer than the hint
+    assert jwks.retry_delay(retry, 0, 3.0) == 3.0
+    assert jwks.retry_delay(retry, 0, 3600.0) == 5.0
+    hinted = retry_after_seconds({"Retry-After": "Thu, 01 Jan 1970 00:00:44 GMT"}, now=40)
+    assert jwks.retry_delay(retry, 0, hinted) == 4.0
+
+
 @pytest.mark.parametrize("reconcile_seconds", [10.0, 60.0, 300.0, 3600.0])
 def test_the_inventory_watcher_backs_off_as_before(reconcile_seconds: float) -> None:
     """Was: ceiling = min(reconcile_seconds, 2 ** min(failures, 8)), times uniform(0.5, 1)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model.credentials import CredentialInputs
 from controlplane.model.loader import PolicyLoader
 from controlplane.runtime import policy_service as service_module
 from controlplane.runtime.policy_service import PolicyService
@@ -268,3 +269,24 @@ def test_a_flood_of_errors_is_logged_and_shown_within_bounds(tmp_path: Path, cap
     assert errors[-1] == "... and more errors not shown"
     assert metrics.POLICY_CURRENT_ERRORS._value.get() == 1000
     assert service.ready  # the last good snapshot stays in service
+
+
+def test_a_reserved_name_is_reported_before_a_subject_that_does_not_resolve(tmp_path: Path) -> None:
+    """As the compiler always checked: the names its own entries need first, then who the subjects are."""
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    issuer = tmp_path / "policy" / "issuer.yaml"
+    issuer.write_text(issuer.read_text().replace("name: gitlab", "name: controlplane"))
+    bindings = tmp_path / "policy" / "billing" / "bindings.yaml"
+    text = bindings.read_text().replace("name: deploy-prod-billing-read\n", "name: exchanged\n")
+    bindings.write_text(text.replace("project: infra/deploy-prod", "project: infra/nowhere"))
+    credentials = CredentialInputs(jwks='{"keys":[]}')
+    without = PolicyService(tmp_path / "policy", SnapshotCache())
+    assert not without.reload()
+    assert without.state.errors and all("infra/nowhere" in e for e in without.state.errors)
+    service = PolicyService(tmp_path / "policy", SnapshotCache(), credentials=lambda: credentials)
+    assert not service.reload()
+    reserved = "is reserved for the control plane's exchanged credentials; rename it"
+    assert sorted(service.state.errors) == [
+        f"billing/bindings.yaml:3: name: 'exchanged' {reserved}",
+        f"issuer.yaml:1: name: 'controlplane' {reserved}",
+    ]

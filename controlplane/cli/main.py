@@ -317,6 +317,7 @@ def _compile_or_report(
     alone. Also returns the warnings: the policy's own and those of resolving its subjects, as serve reports
     them; and the resolved policy the snapshots were compiled from."""
     from controlplane.cli.validate import ServedInputs
+    from controlplane.compiler.compile import check_reserved_names
     from controlplane.model.errors import QUOTE_LIMIT
     from controlplane.model.loader import parse_policy, policy_warnings
     from controlplane.resolved.index import Resolution
@@ -327,6 +328,7 @@ def _compile_or_report(
     try:
         policy = parse_policy(read_policy_dir(policy_dir, limits))
         inputs = served(policy) if served is not None else ServedInputs()
+        check_reserved_names(policy, inputs.credentials)  # before resolving, as compile_policy does
         with no_cyclic_gc():
             resolved = Resolution().update(policy, inputs.pins)
             snapshots = compile_model(
@@ -373,15 +375,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from controlplane.resolved import render
     from controlplane.snapshots import golden
 
     compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
-    for path in golden.write(compiled[1], args.out):
+    for path in golden.write(compiled[1], args.out, resolved=compiled[4]):
         print(path)
-    print(render.write(compiled[4], args.out))
     return 0
 
 

@@ -14,6 +14,8 @@ it) is in both. The token itself never is: no request header is added to the ALS
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import config_source_pb2, extension_pb2, grpc_service_pb2, substitution_format_string_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
@@ -46,29 +48,31 @@ _CLAIMS = (
     "user_login",
 )
 
-_REQUEST_FIELDS = {
-    "ts": "%START_TIME%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-    "method": "%REQ(:METHOD)%",
-    "authority": "%REQ(:AUTHORITY)%",
-    # Without the query: tokens sometimes travel in query strings, and they must never be logged.
-    "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-    "route": "%ROUTE_NAME%",
-    "upstream_cluster": "%UPSTREAM_CLUSTER%",
-    "code": "%RESPONSE_CODE%",
-    # Why a token was refused (`jwt_authn_access_denied{Jwt_is_expired}`): the status Envoy answered with. Not
-    # jwt_authn's per-provider failure metadata: requires_any tries every provider, and each whose issuer is
-    # not the token's writes "Jwt issuer is not configured" there, on accepted tokens too, and last wins.
-    "details": "%RESPONSE_CODE_DETAILS%",
-    "flags": "%RESPONSE_FLAGS%",
-    "duration_ms": "%DURATION%",
-    "jwt_kid": f"%DYNAMIC_METADATA({JWT_FILTER}:{HEADER_KEY}:kid)%",
-    "rbac_result": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_engine_result)%",
-    "rbac_policy": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_effective_policy_id)%",
-    # The whole RBAC struct also carries the shadow (dry-run) decision of each backend.
-    "rbac": f"%DYNAMIC_METADATA({RBAC_FILTER})%",
-}
+_REQUEST_FIELDS = MappingProxyType(
+    {
+        "ts": "%START_TIME%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+        "method": "%REQ(:METHOD)%",
+        "authority": "%REQ(:AUTHORITY)%",
+        # Without the query: tokens sometimes travel in query strings, and they must never be logged.
+        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "route": "%ROUTE_NAME%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "code": "%RESPONSE_CODE%",
+        # Why a token was refused (`jwt_authn_access_denied{Jwt_is_expired}`): the status Envoy answered with. Not
+        # jwt_authn's per-provider failure metadata: requires_any tries every provider, and each whose issuer is
+        # not the token's writes "Jwt issuer is not configured" there, on accepted tokens too, and last wins.
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "flags": "%RESPONSE_FLAGS%",
+        "duration_ms": "%DURATION%",
+        "jwt_kid": f"%DYNAMIC_METADATA({JWT_FILTER}:{HEADER_KEY}:kid)%",
+        "rbac_result": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_engine_result)%",
+        "rbac_policy": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_effective_policy_id)%",
+        # The whole RBAC struct also carries the shadow (dry-run) decision of each backend.
+        "rbac": f"%DYNAMIC_METADATA({RBAC_FILTER})%",
+    }
+)
 
 
 def json_fields() -> dict[str, str]:

@@ -72,9 +72,7 @@ def compile_policy(
     memo = memo or CompilerMemo()
     memo.next_generation()
     credentials = credentials or CredentialInputs()
-    errors = _reserved_name_errors(policy, credentials)
-    if errors:
-        raise PolicyInvalid(errors)
+    check_reserved_names(policy, credentials)
     if resolved is None:
         resolved = Resolution().update(policy, pins)
     shared = _Shared(
@@ -212,9 +210,17 @@ def _roles_by_backend(policy: Policy) -> dict[str, tuple[Role, ...]]:
     return {name: tuple(roles) for name, roles in by_backend.items()}
 
 
+def check_reserved_names(policy: Policy, credentials: CredentialInputs | None) -> None:
+    """Raises PolicyInvalid when, with credentials on, an Issuer is named like their provider, or a Binding like
+    the prefix of their RBAC policies: either would silently replace (or be replaced by) the control plane's own
+    entries. Checked before anything else of a compile: a caller that resolves the policy first calls this
+    before resolving, so such a clash is reported, as ever, even when a subject cannot be resolved too."""
+    errors = _reserved_name_errors(policy, credentials or CredentialInputs())
+    if errors:
+        raise PolicyInvalid(errors)
+
+
 def _reserved_name_errors(policy: Policy, credentials: CredentialInputs) -> list[PolicyError]:
-    """With credentials on, an Issuer named like their provider, or a Binding named like the prefix of their
-    RBAC policies, would silently replace (or be replaced by) the control plane's own entries."""
     if not credentials.jwks:
         return []
     why = "is reserved for the control plane's exchanged credentials; rename it"

@@ -42,7 +42,7 @@ def http_filters(backends: Sequence[Backend]) -> list[hcm.HttpFilter]:
                         name=GENERIC_CREDENTIAL,
                         typed_config=packed(
                             generic_pb2.Generic(
-                                credential=secret_pb2.SdsSecretConfig(name=backend_secret(b.name), sds_config=_ADS),
+                                credential=secret_pb2.SdsSecretConfig(name=backend_secret(b.name), sds_config=_ads()),
                                 header=b.inject.header,
                             )
                         ),
@@ -89,6 +89,8 @@ def secrets(backends: Sequence[Backend], values: Mapping[str, str]) -> list[tupl
     return sorted(out)
 
 
-_ADS = config_source_pb2.ConfigSource(
-    ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
-)
+def _ads() -> config_source_pb2.ConfigSource:
+    """A new message each time: a module-level one would be mutable state shared by every compile."""
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )

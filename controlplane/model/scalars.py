@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Collection
+from types import MappingProxyType
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -28,7 +29,7 @@ _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 _WILDCARD_HOST_RE = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*\Z")
 _DURATION_RE = re.compile(r"^([0-9]{1,18})(ms|s|m|h)\Z")  # 18 digits: past any bound, far from int()'s cap
-_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION_UNITS_MS = MappingProxyType({"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000})
 _GITLAB_SEGMENT = r"[A-Za-z0-9_.][A-Za-z0-9_.-]*"
 _GROUP_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})*\Z")
 _PROJECT_PATH_RE = re.compile(rf"^{_GITLAB_SEGMENT}(/{_GITLAB_SEGMENT})+\Z")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeAlias, cast
 
 import yaml
@@ -25,7 +26,7 @@ from controlplane.model.errors import QUOTE_LIMIT, Errors, PolicyError, quoted
 Scalar: TypeAlias = str | int | bool | float | None
 
 _TAG = "tag:yaml.org,2002:"
-_BOOL_WORDS = {"true": True, "false": False}
+_BOOL_WORDS = MappingProxyType({"true": True, "false": False})
 _SCALAR_TAGS = frozenset(f"{_TAG}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp"))
 
 
@@ -95,7 +96,7 @@ def describe(node: YNode) -> str:
 
 
 class _TooManyNodes(Exception):
-    """A file holds more than `MAX_NODES_PER_FILE` values; `line` is where the bound was passed."""
+    """A file holds more than its bound of values (`MAX_NODES_PER_FILE`); `line` is where it was passed."""
 
     def __init__(self, line: int) -> None:
         super().__init__(line)
@@ -104,16 +105,19 @@ class _TooManyNodes(Exception):
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses aliases (a shared node would make one line answer for two places) and counts
-    values (see `MAX_NODES_PER_FILE`)."""
+    values, up to `max_nodes` (see `MAX_NODES_PER_FILE`)."""
 
-    _nodes = 0
+    def __init__(self, stream: str, max_nodes: int) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._max_nodes = max_nodes
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(None, None, _alias_message(event), event.start_mark)
         self._nodes += 1
-        if self._nodes > MAX_NODES_PER_FILE:
+        if self._nodes > self._max_nodes:
             raise _TooManyNodes(int(self.peek_event().start_mark.line) + 1)  # type: ignore[no-untyped-call]
         return super().compose_node(parent, index)
 
@@ -243,18 +247,28 @@ def _is_empty(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == f"{_TAG}null" and node.value in ("", "~", "null")
 
 
-def _composed(text: str) -> Iterator[Node]:
+def _composed(text: str, max_nodes: int) -> Iterator[Node]:
     if _FastLoader is None:
-        yield from yaml.compose_all(text, Loader=_Loader)
+        yield from _composed_slowly(text, max_nodes)
         return
     # Only a text with an asterisk can hold an alias, and every value takes at least half a character
     # (`[1,1]`, `{a,b}`): other texts need no look before composing.
-    if "*" in text or len(text) > MAX_NODES_PER_FILE // 2:
-        _check_events(text)
+    if "*" in text or len(text) > max_nodes // 2:
+        _check_events(text, max_nodes)
     yield from yaml.compose_all(text, Loader=_FastLoader)
 
 
-def _check_events(text: str) -> None:
+def _composed_slowly(text: str, max_nodes: int) -> Iterator[Node]:
+    """`yaml.compose_all` with our `_Loader`, which takes the bound."""
+    loader = _Loader(text, max_nodes)
+    try:
+        while loader.check_node() and (node := loader.get_node()) is not None:
+            yield node
+    finally:
+        loader.dispose()
+
+
+def _check_events(text: str, max_nodes: int) -> None:
     """Refuses aliases and counts values in one pass of libyaml's parser, which keeps nothing."""
     nodes = 0
     for event in yaml.parse(text, Loader=yaml.CSafeLoader):
@@ -263,7 +277,7 @@ def _check_events(text: str) -> None:
             raise yaml.composer.ComposerError(None, None, _alias_message(event), mark)
         if isinstance(event, _NODE_EVENTS):
             nodes += 1
-            if nodes > MAX_NODES_PER_FILE:
+            if nodes > max_nodes:
                 raise _TooManyNodes(int(cast(yaml.error.Mark, event.start_mark).line) + 1)
 
 
@@ -289,8 +303,9 @@ class ParsedYaml:
     omitted: int = 0  # errors found beyond the per-file bound, not kept
 
 
-def parse_yaml(file: str, text: str) -> ParsedYaml:
-    """Every non-empty document of one file, and every error found in it.
+def parse_yaml(file: str, text: str, *, max_nodes: int = MAX_NODES_PER_FILE) -> ParsedYaml:
+    """Every non-empty document of one file, and every error found in it: a file of more than `max_nodes`
+    values is refused whole.
 
     A syntax error ends the file (YAML cannot be resumed after one): the documents before it are
     kept, `complete` is False, and the error carries the line PyYAML reports.
@@ -303,7 +318,7 @@ def parse_yaml(file: str, text: str) -> ParsedYaml:
     documents: list[YNode] = []
     complete = False
     try:
-        for node in _composed(text):
+        for node in _composed(text, max_nodes):
             if not _is_empty(node):
                 documents.append(walker.walk(node, ""))
         complete = True
@@ -315,7 +330,7 @@ def parse_yaml(file: str, text: str) -> ParsedYaml:
         errors.append(PolicyError(file, 1, "", _too_deep()))
     except _TooManyNodes as many:
         documents.clear()  # nothing of a file this size is used: its errors would be noise
-        message = f"more than {MAX_NODES_PER_FILE} values (scalars, lists and mappings) in one file: split it"
+        message = f"more than {max_nodes} values (scalars, lists and mappings) in one file: split it"
         errors.append(PolicyError(file, many.line, "", message))
     return ParsedYaml(tuple(documents), tuple(errors.kept), complete, errors.omitted)
 

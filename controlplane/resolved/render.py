@@ -2,6 +2,7 @@
 see who may do what on which backend, and diffs when a change to the policy or the resolver moves access.
 
 Written by hand (block style, keys in a fixed order) so this layer needs nothing beyond the standard library.
+Text only: `controlplane.snapshots.golden` writes the file, beside the snapshots, so this layer stays pure.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from controlplane.model.policy import RoleRule
 from controlplane.resolved.access import Grant, ResolvedPolicy
@@ -40,13 +40,6 @@ def document(resolved: ResolvedPolicy) -> dict[str, Node]:
         "warnings": [str(w) for w in resolved.warnings],
         "pins": {issuer: dict(sorted(paths.items())) for issuer, paths in sorted(resolved.pins.items())},
     }
-
-
-def write(resolved: ResolvedPolicy, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / FILE_NAME
-    path.write_text(render(resolved))
-    return path
 
 
 def _backend(resolved: ResolvedPolicy, name: str) -> Node:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from controlplane.compiler.compile import compile_policy
+from controlplane.compiler.compile import check_reserved_names, compile_policy
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
 from controlplane.model.credentials import CredentialInputs
@@ -276,6 +276,8 @@ class PolicyService:
 
     def _compile(self, policy: Policy) -> dict[str, Snapshot]:
         model = self._with_live_inputs(policy)
+        credentials = self.credentials()
+        check_reserved_names(model, credentials)  # before resolving: its errors come first, as they always have
         with no_cyclic_gc():
             resolved = self._resolution.update(model, self._pins)
             snapshots = compile_model(
@@ -283,7 +285,7 @@ class PolicyService:
                 self._memo,
                 self._snapshots,
                 self._keys,
-                credentials=self.credentials(),
+                credentials=credentials,
                 secrets=self.secrets(model),
                 resolved=resolved,
             )

@@ -16,6 +16,8 @@ from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
 
 from controlplane.compiler.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.resolved import render as resolved_yaml
+from controlplane.resolved.access import ResolvedPolicy
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.statefile import atomic_write_text
 
@@ -65,8 +67,9 @@ def render(snapshot: Snapshot) -> dict[str, str]:
     return files
 
 
-def write(snapshots: Mapping[str, Snapshot], out_dir: Path) -> list[Path]:
-    """Replace `out_dir` with one folder per group, so removed groups and types disappear from the diff.
+def write(snapshots: Mapping[str, Snapshot], out_dir: Path, *, resolved: ResolvedPolicy) -> list[Path]:
+    """Replace `out_dir` with one folder per group, so removed groups and types disappear from the diff, and
+    the resolved policy they were compiled from (`resolved.yaml`) beside them.
 
     Each file is replaced whole (`statefile.atomic_write_text`): a crash, or a reader such as a deploy job
     picking the files up, never sees half a file."""
@@ -84,4 +87,8 @@ def write(snapshots: Mapping[str, Snapshot], out_dir: Path) -> list[Path]:
     for empty in sorted((d for d in out_dir.rglob("*") if d.is_dir()), reverse=True):
         if not any(empty.iterdir()):
             empty.rmdir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / resolved_yaml.FILE_NAME
+    atomic_write_text(path, resolved_yaml.render(resolved), mode=None)
+    written.append(path)
     return written

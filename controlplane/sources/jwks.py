@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import Counter, Gauge
 
 from controlplane import __version__
-from controlplane.retry import Backoff
+from controlplane.retry import Backoff, RetryPolicy, retry_after_seconds
 from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.jwks")
@@ -68,6 +68,8 @@ MIN_RSA_BITS = 2048  # Envoy would verify with weaker keys; we do not trust them
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 # 0.2 s, 0.4 s, 0.8 s... capped at 2 s, exact: one relay per issuer, nobody to spread out.
 BACKOFF: Final = Backoff(base_seconds=0.2, cap_seconds=2.0, jitter=False)
+MAX_RETRY_AFTER_SECONDS: Final = 5.0
+"""The longest an issuer's Retry-After holds one fetch: a longer wait is left to `run`, which retries later."""
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_CURVES: Mapping[str, tuple[ec.EllipticCurve, int, str]] = {
     "P-256": (ec.SECP256R1(), 32, "ES256"),
@@ -229,7 +231,7 @@ class JwksFetcher:
         self.issuer_url = issuer_url.rstrip("/")
         self.jwks_uri = jwks_uri
         self.timeout = timeout
-        self.max_retries = max_retries
+        self.retry = RetryPolicy(max_retries=max_retries, backoff=BACKOFF)
         self.min_interval = min_interval
         self.refresh_interval = max(refresh_interval, min_interval)
         self._failure_backoff = Backoff(base_seconds=min_interval, cap_seconds=self.refresh_interval, jitter=False)
@@ -414,21 +416,23 @@ class JwksFetcher:
         return self._discovered
 
     async def _request(self, url: str, headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
-        """GET with bounded retries: transport errors, timeouts, 408/429/5xx are retried with backoff."""
-        error, retry_after = "no attempt", 0.0
-        for attempt in range(self.max_retries + 1):
-            if attempt:  # a Retry-After is obeyed up to 5 s (`run` retries later)
-                await asyncio.sleep(max(BACKOFF.delay(attempt - 1), retry_after))
+        """GET with `self.retry`: transport errors, timeouts, 408/429/5xx are retried with backoff, or after the
+        server's Retry-After when that is longer (up to MAX_RETRY_AFTER_SECONDS)."""
+        attempt = 0
+        while True:
             try:
                 session = self._client()
                 async with session.get(url, headers=headers, max_redirects=3) as response:
                     body = await _read_bounded(response)
                     if response.status not in _RETRYABLE:
                         return response.status, response.headers, body
-                    error, retry_after = f"HTTP {response.status}", _retry_after(response.headers)
+                    error, hinted = f"HTTP {response.status}", retry_after_seconds(response.headers, self._wall_clock())
             except (aiohttp.ClientError, TimeoutError) as failure:
-                error, retry_after = f"{type(failure).__name__} {failure}".strip(), 0.0
-        raise JwksError(f"{url}: {error} after {self.max_retries + 1} attempt(s)")
+                error, hinted = f"{type(failure).__name__} {failure}".strip(), None
+            if self.retry.exhausted(attempt):
+                raise JwksError(f"{url}: {error} after {attempt + 1} attempt(s)")
+            await asyncio.sleep(retry_delay(self.retry, attempt, hinted))
+            attempt += 1
 
     def _client(self) -> aiohttp.ClientSession:
         """Created in the running loop. `trust_env=False`: proxy environment variables are ignored, so keys
@@ -450,9 +454,9 @@ class JwksFetcher:
                 log.warning("jwks %s: key %s dropped: %s", self.name, key.kid, key.reason)
 
 
-def _retry_after(headers: Mapping[str, str]) -> float:
-    value = headers.get("Retry-After", "")
-    return min(float(value), 5.0) if value.isdigit() else 0.0
+def retry_delay(retry: RetryPolicy, attempt: int, hinted: float | None) -> float:
+    """The wait after failed attempt `attempt`: the backoff, or the server's hint when longer, up to 5 s."""
+    return max(retry.backoff.delay(attempt), min(hinted or 0.0, MAX_RETRY_AFTER_SECONDS))
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
+from types import MappingProxyType
 
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
@@ -77,11 +78,13 @@ def build(doc: Doc, env: Env) -> Backend:
 
 
 _INJECT_KEYS = ("header", "value_prefix", "secret_env", "secret_file")
-_NO_SECRETS = {
-    key: "secrets never go in policy files (they are read by many and kept in git history): "
-    "name where to find it with secret_env or secret_file"
-    for key in ("secret", "value", "token")
-}
+_NO_SECRETS = MappingProxyType(
+    {
+        key: "secrets never go in policy files (they are read by many and kept in git history): "
+        "name where to find it with secret_env or secret_file"
+        for key in ("secret", "value", "token")
+    }
+)
 # An HTTP field name (RFC 9110 token); pseudo-headers and Host are routing, not credentials.
 _HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _header_name = scalars.checked(

@@ -3,6 +3,9 @@ conditions) are granted which roles. Built last: what a subject may say depends 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
@@ -14,7 +17,7 @@ RESERVED_CLAIMS = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti"})
 
 _BINDING_KEYS = (*COMMON_KEYS, "issuer", "roles", "mode", "subjects", "credential_ttl")
 _PIN_KEYS = ("project", "group", "include_subgroups")
-_PINNED_CLAIMS = {"project_id": "project", "namespace_id": "group"}
+_PINNED_CLAIMS = MappingProxyType({"project_id": "project", "namespace_id": "group"})
 
 
 def _claim_text(ctx: Ctx, node: YNode, path: str) -> str | None:
@@ -49,25 +52,27 @@ _claim_bool = scalars.checked(
     _claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {quoted(v)}"
 )
 
-GITLAB_CLAIMS: dict[str, Conv[str]] = {
-    "ref": _claim_glob,
-    "ref_type": _claim_enum("branch", "tag"),
-    "ref_path": _claim_glob,
-    "ref_protected": _claim_bool,
-    "environment": _claim_glob,
-    "environment_protected": _claim_bool,
-    "deployment_tier": _claim_enum("production", "staging", "testing", "development", "other"),
-    "environment_action": _claim_glob,
-    "pipeline_source": _claim_glob,
-    "user_access_level": _claim_enum("guest", "planner", "reporter", "developer", "maintainer", "owner"),
-    "user_id": _claim_glob,
-    "user_login": _claim_glob,
-    "runner_environment": _claim_enum("gitlab-hosted", "self-hosted"),
-    "sha": _claim_glob,
-    "ci_config_ref_uri": _claim_glob,
-    "ci_config_sha": _claim_glob,
-    "project_visibility": _claim_glob,
-}
+GITLAB_CLAIMS: Mapping[str, Conv[str]] = MappingProxyType(
+    {
+        "ref": _claim_glob,
+        "ref_type": _claim_enum("branch", "tag"),
+        "ref_path": _claim_glob,
+        "ref_protected": _claim_bool,
+        "environment": _claim_glob,
+        "environment_protected": _claim_bool,
+        "deployment_tier": _claim_enum("production", "staging", "testing", "development", "other"),
+        "environment_action": _claim_glob,
+        "pipeline_source": _claim_glob,
+        "user_access_level": _claim_enum("guest", "planner", "reporter", "developer", "maintainer", "owner"),
+        "user_id": _claim_glob,
+        "user_login": _claim_glob,
+        "runner_environment": _claim_enum("gitlab-hosted", "self-hosted"),
+        "sha": _claim_glob,
+        "ci_config_ref_uri": _claim_glob,
+        "ci_config_sha": _claim_glob,
+        "project_visibility": _claim_glob,
+    }
+)
 """The GitLab claims a subject may name directly, each with how its values are checked."""
 
 
@@ -85,7 +90,7 @@ def _claim_name_problem(name: str, kind: IssuerKind) -> str | None:
 
 def _claim_matches(f: Fields, kind: IssuerKind) -> list[ClaimMatch]:
     """Typed GitLab keys and the free-form `claims:` mapping, as one list of claim conditions."""
-    typed = GITLAB_CLAIMS if kind is IssuerKind.GITLAB else {}
+    typed: Mapping[str, Conv[str]] = GITLAB_CLAIMS if kind is IssuerKind.GITLAB else {}
     found = [(k, f.line(k), f.maybe(k, one_or_list(read))) for k, read in typed.items() if f.has(k)]
     node = f.node.get("claims")
     if node is not None and (not isinstance(node, YMap) or node.reported or not node.entries):
@@ -138,11 +143,13 @@ def _sorted_claims(claims: list[ClaimMatch]) -> tuple[ClaimMatch, ...]:
     return tuple(sorted(claims, key=lambda c: c.claim))
 
 
-_GITLAB_ONLY = {key: "only for gitlab issuers" for key in (*_PIN_KEYS, *GITLAB_CLAIMS)}
-_SUBJECTS: dict[IssuerKind, Conv[tuple[Subject, ...]]] = {
-    IssuerKind.GITLAB: list_of(record(_gitlab_subject, (*_PIN_KEYS, *GITLAB_CLAIMS, "claims")), unique=False),
-    IssuerKind.OIDC: list_of(record(_oidc_subject, ("claims",), _GITLAB_ONLY), unique=False),
-}
+_GITLAB_ONLY = MappingProxyType({key: "only for gitlab issuers" for key in (*_PIN_KEYS, *GITLAB_CLAIMS)})
+_SUBJECTS: Mapping[IssuerKind, Conv[tuple[Subject, ...]]] = MappingProxyType(
+    {
+        IssuerKind.GITLAB: list_of(record(_gitlab_subject, (*_PIN_KEYS, *GITLAB_CLAIMS, "claims")), unique=False),
+        IssuerKind.OIDC: list_of(record(_oidc_subject, ("claims",), _GITLAB_ONLY), unique=False),
+    }
+)
 
 
 def build(doc: Doc, env: Env) -> Binding:

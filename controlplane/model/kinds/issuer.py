@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import posixpath
 from functools import partial
+from types import MappingProxyType
 
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
@@ -20,11 +21,13 @@ GITLAB_JWKS_PATH = "/oauth/discovery/keys"
 _ISSUER_KEYS = (*COMMON_KEYS, "type", "url", "jwks", "jwks_uri", "jwks_cache", "clock_skew", "inventory", "api")
 _SKEW_WHY = " (0 is not allowed: Envoy reads 0 as its default of 60s)"
 _TOKEN_KEYS = ("token", "private_token", "access_token", "api_token", "gitlab_token")
-_NO_TOKENS = {
-    key: "tokens never go in policy files (they are read by many and kept in git history): "
-    "name where to find it with token_env or token_file"
-    for key in _TOKEN_KEYS
-}
+_NO_TOKENS = MappingProxyType(
+    {
+        key: "tokens never go in policy files (they are read by many and kept in git history): "
+        "name where to find it with token_env or token_file"
+        for key in _TOKEN_KEYS
+    }
+)
 
 
 def _inventory_path_check(value: str) -> str | None:
