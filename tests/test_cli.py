@@ -177,12 +177,12 @@ def test_validate_reports_an_internal_error_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from controlplane.cli.main import main
-    from controlplane.runtime import policy_service
+    from controlplane.snapshots import build
 
     def explode(*args: object, **kwargs: object) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(policy_service, "compile_model", explode)
+    monkeypatch.setattr(build, "compile_model", explode)
     assert main(["validate", str(_quickstart(tmp_path))]) == 1
     err = capsys.readouterr().err
     assert err == f"{tmp_path}: internal error: RecursionError: maximum recursion depth exceeded\n"

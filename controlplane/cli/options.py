@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane.runtime.policy_service import DEFAULT_RELOAD_TIMEOUT
+from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
 from controlplane.serving import ADMIN_LIMITS, WEBHOOK_LIMITS, HttpLimits
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
 from controlplane.statefile import DEFAULT_STATE_DIR
