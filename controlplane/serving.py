@@ -59,6 +59,7 @@ PEER_SHARE = "peer share"
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY_SECONDS = 0.5
 BACKLOG = 128
+LOOPBACK = "127.0.0.1"  # where every listener binds unless told: nothing is exposed by default
 FD_LIMIT_CEILING = 1 << 20  # Linux refuses a soft RLIMIT_NOFILE above fs.nr_open (1048576 by default)
 
 

@@ -78,6 +78,7 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 def _parser() -> argparse.ArgumentParser:
     from controlplane.audit.store import DB_NAME as AUDIT_DB
     from controlplane.cli.audit import add_audit_arguments
+    from controlplane.cli.bootstrap import API_TYPES, DEFAULT_ADMIN_PORT, DEFAULT_API
     from controlplane.cli.defaults import option_default
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions
     from controlplane.cli.status import add_status_arguments
@@ -267,12 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
     bootstrap.add_argument("--xds-address", type=_host_port, default=xds_address)
-    bootstrap.add_argument("--admin-port", type=int, default=9901)
+    bootstrap.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
     bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
     bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
     bootstrap.add_argument("--tls-key", help="this proxy's client private key (PEM file path on the proxy)")
     bootstrap.add_argument(
-        "--api", choices=("sotw", "delta"), default="sotw", help="ADS flavour: State of the World or Delta xDS"
+        "--api", choices=tuple(API_TYPES), default=DEFAULT_API, help="ADS flavour: State of the World or Delta xDS"
     )
     bootstrap.add_argument("--tls-sni", help="server name to send and verify (default: the --xds-address host)")
     return parser

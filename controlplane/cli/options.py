@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controlplane.audit.store import DEFAULT_RETENTION
+from controlplane.runtime.gc_control import DEFAULT_FULL_EVERY, DEFAULT_INTERVAL
 from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
-from controlplane.serving import ADMIN_LIMITS, WEBHOOK_LIMITS, HttpLimits
+from controlplane.serving import ADMIN_LIMITS, LOOPBACK, WEBHOOK_LIMITS, HttpLimits
+from controlplane.sources.jwks import DEFAULT_REFRESH_INTERVAL
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
+from controlplane.sources.watch import DEFAULT_MAX_WAIT, DEFAULT_QUIET
 from controlplane.statefile import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
@@ -43,16 +47,16 @@ class ServeOptions:
     """Every `serve` option with its one default; the command line (cli/main.py) reads its defaults here."""
 
     policy: Path
-    xds_host: str = "127.0.0.1"
+    xds_host: str = LOOPBACK
     xds_port: int = 18000
-    admin_host: str = "127.0.0.1"
+    admin_host: str = LOOPBACK
     admin_port: int = 9902
-    debounce: float = 0.1
-    max_wait: float = 1.0
+    debounce: float = DEFAULT_QUIET
+    max_wait: float = DEFAULT_MAX_WAIT
     shutdown_grace: float = 5.0
-    gc_interval: float = 60.0  # seconds between scheduled garbage collections (gc_control.py); 0: CPython's own
-    gc_full_every: int = 1  # N > 1: only every Nth is full, the others skip what earlier ones kept
-    jwks_refresh: float = 30.0
+    gc_interval: float = DEFAULT_INTERVAL  # seconds between scheduled collections (gc_control.py); 0: CPython's
+    gc_full_every: int = DEFAULT_FULL_EVERY  # N > 1: only every Nth is full, the others skip what earlier ones kept
+    jwks_refresh: float = DEFAULT_REFRESH_INTERVAL
     # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
     # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
     jwks_startup_wait: float = 10.0
@@ -63,7 +67,7 @@ class ServeOptions:
     webhooks: WebhookOptions | None = None
     credentials: CredentialOptions | None = None
     audit_db: Path | None = None  # default: <state_dir>/audit.store.DB_NAME
-    audit_retention: float = 30 * 86_400.0
+    audit_retention: float = DEFAULT_RETENTION
     xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
     admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (serving.py)

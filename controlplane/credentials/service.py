@@ -23,7 +23,7 @@ from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
 from controlplane.credentials.revocations import REVOCATIONS_FILE, TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
-from controlplane.serving import EXCHANGE_LIMITS, HttpLimits
+from controlplane.serving import EXCHANGE_LIMITS, LOOPBACK, HttpLimits
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.sources.gitlab_events import GitLabEvent, JobEvent
 from controlplane.telemetry.ratelog import RateLimitedLog
@@ -35,7 +35,7 @@ MAX_CONCURRENT_JOB_CHECKS = 4
 JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
 
 
-DEFAULT_EXCHANGE_ADDRESS = ("127.0.0.1", 9904)  # `--exchange-address` of serve and validate
+DEFAULT_EXCHANGE_ADDRESS = (LOOPBACK, 9904)  # `--exchange-address` of serve and validate
 
 
 @dataclass(frozen=True)

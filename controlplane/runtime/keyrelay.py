@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controlplane.model.policy import Issuer, JwksMode
-from controlplane.sources.jwks import JwksDocument, JwksFetcher
+from controlplane.sources.jwks import DEFAULT_REFRESH_INTERVAL, JwksDocument, JwksFetcher
 
 log = logging.getLogger("controlplane.jwks")
 
@@ -48,7 +48,7 @@ class KeyRelay:
         self,
         on_change: Callable[[Mapping[str, str]], Awaitable[object]],
         *,
-        refresh_interval: float = 30.0,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         min_interval: float = 1.0,
         timeout: float = 5.0,
         max_retries: int = 3,

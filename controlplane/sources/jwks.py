@@ -63,6 +63,7 @@ LAST_SUCCESS = Gauge(
 )
 RESULTS: Final = ("changed", "unchanged", "not_modified", "error")
 
+DEFAULT_REFRESH_INTERVAL = 30.0  # seconds between reads of a relayed issuer's keys (serve's `--jwks-refresh`)
 MAX_BODY_BYTES = 1 << 20  # a JWKS is a few kB; anything near this is not one
 MIN_RSA_BITS = 2048  # Envoy would verify with weaker keys; we do not trust them
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
@@ -221,7 +222,7 @@ class JwksFetcher:
         timeout: float = 5,
         max_retries: int = 3,
         min_interval: float = 1.0,
-        refresh_interval: float = 30.0,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
