@@ -274,3 +274,10 @@ def test_run_time_defaults_are_the_options_defaults() -> None:
     )
     assert default(AuditStore, "retention") == ServeOptions.audit_retention == 30 * 86_400.0  # README: 30 days
     assert default(PolicyService, "reload_timeout") == ServeOptions.reload_timeout
+
+
+def test_a_policy_project_is_an_id_when_it_is_digits_and_a_path_otherwise() -> None:
+    from controlplane.cli.options import GitLabPolicyOptions
+
+    assert GitLabPolicyOptions("https://gitlab.example.com", "42").project_ref == 42
+    assert GitLabPolicyOptions("https://gitlab.example.com", "acme/policy").project_ref == "acme/policy"

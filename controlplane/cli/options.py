@@ -5,14 +5,14 @@ import the xDS server, gRPC and the admin server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane.audit.store import DEFAULT_RETENTION
 from controlplane.runtime.gc_control import DEFAULT_FULL_EVERY, DEFAULT_INTERVAL
 from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
-from controlplane.serving import ADMIN_LIMITS, LOOPBACK, WEBHOOK_LIMITS, HttpLimits
+from controlplane.serving import ADMIN_LIMITS, LOOPBACK, WEBHOOK_LIMITS, HttpLimits, fit_listeners
 from controlplane.sources.jwks import DEFAULT_REFRESH_INTERVAL
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
 from controlplane.sources.watch import DEFAULT_MAX_WAIT, DEFAULT_QUIET
@@ -32,6 +32,11 @@ class GitLabPolicyOptions:
     token_env: str | None = None
     token_file: str | None = None
     poll_seconds: float = 60.0  # a push webhook reloads at once; polling catches missed hooks
+
+    @property
+    def project_ref(self) -> int | str:
+        """How GitLab's API is asked for the project: digits are its id, anything else its path."""
+        return int(self.project) if self.project.isdigit() else self.project
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,23 @@ class ServeOptions:
     xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
     policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
+
+    def fitted_to(self, open_files: int) -> ServeOptions:
+        """These options with every listener that is on bounded within the open-file limit (serving.py decides
+        how; this only says which listeners there are)."""
+        http = {"admin": self.admin_limits}
+        if self.webhooks is not None:
+            http["webhook"] = self.webhook_limits
+        if self.credentials is not None:
+            http["exchange"] = self.credentials.http
+        fitted, xds = fit_listeners(open_files, http, self.xds_max_connections)
+        credentials = self.credentials
+        if credentials is not None:
+            credentials = replace(credentials, http=fitted["exchange"])
+        return replace(
+            self,
+            xds_max_connections=xds,
+            admin_limits=fitted["admin"],
+            webhook_limits=fitted.get("webhook", self.webhook_limits),
+            credentials=credentials,
+        )
