@@ -26,7 +26,7 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from aiohttp import web
@@ -59,6 +59,7 @@ PEER_SHARE = "peer share"
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY_SECONDS = 0.5
 BACKLOG = 128
+LOOPBACK = "127.0.0.1"  # where every listener binds unless told: nothing is exposed by default
 FD_LIMIT_CEILING = 1 << 20  # Linux refuses a soft RLIMIT_NOFILE above fs.nr_open (1048576 by default)
 
 
@@ -434,6 +435,15 @@ def fit_xds_connections(limit: int, listeners: dict[str, int], requested: int | 
         limit - xds - sum(listeners.values()),
     )
     return xds
+
+
+def fit_listeners(limit: int, http: Mapping[str, HttpLimits], xds: int | None) -> tuple[dict[str, HttpLimits], int]:
+    """Every listener's connection bound within the open-file limit `limit`: the HTTP listeners (by name) lowered
+    if need be to leave half the descriptors to xDS, and xDS given what they and a reserve leave, or `xds` if
+    that is less (docs/http-listeners.md)."""
+    fitted = fit_connection_budget(limit, {name: limits.max_connections for name, limits in http.items()})
+    lowered = {name: limits.with_connections(fitted[name]) for name, limits in http.items()}
+    return lowered, fit_xds_connections(limit, fitted, xds)
 
 
 def is_loopback(host: str) -> bool:

@@ -34,8 +34,8 @@ from controlplane.audit.store import REDACTED, AuditRecord, AuditStore, open_rea
 from controlplane.cli.audit import add_audit_arguments, parse_since, run_audit
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER
 from controlplane.model.credentials import CREDENTIAL_ISSUER
-from controlplane.runtime.policy_service import compile_dir
 from controlplane.snapshots import golden
+from controlplane.snapshots.build import compile_dir
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ROUTE, Snapshot
 from controlplane.statefile import StateFileError

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,12 +178,12 @@ def test_validate_reports_an_internal_error_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from controlplane.cli.main import main
-    from controlplane.runtime import policy_service
+    from controlplane.snapshots import build
 
     def explode(*args: object, **kwargs: object) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(policy_service, "compile_model", explode)
+    monkeypatch.setattr(build, "compile_model", explode)
     assert main(["validate", str(_quickstart(tmp_path))]) == 1
     err = capsys.readouterr().err
     assert err == f"{tmp_path}: internal error: RecursionError: maximum recursion depth exceeded\n"
@@ -226,3 +227,57 @@ def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyP
     assert parsed == ServeOptions(policy=Path("p"), credentials=credentials)
     bootstrap = _parser().parse_args(["bootstrap", "--group", "g"])
     assert bootstrap.xds_address == (ServeOptions.xds_host, ServeOptions.xds_port)
+
+
+def test_bootstrap_and_status_flags_default_to_their_owners_constants() -> None:
+    """`bootstrap` and `status` take their defaults from the code that owns the behaviour, as `serve` does."""
+    from controlplane.cli import bootstrap as envoy_bootstrap
+    from controlplane.cli.main import _parser
+    from controlplane.cli.options import ServeOptions
+    from controlplane.cli.status import ADMIN_ENV, PROTOCOLS
+    from controlplane.xds import fleet_status
+
+    bootstrap = _parser().parse_args(["bootstrap", "--group", "g"])
+    assert (bootstrap.admin_port, bootstrap.api) == (envoy_bootstrap.DEFAULT_ADMIN_PORT, envoy_bootstrap.DEFAULT_API)
+    rendered = envoy_bootstrap.render_bootstrap(group="g", node_id="n", xds_host="127.0.0.1", xds_port=1)
+    assert rendered["admin"]["address"]["socket_address"] == {
+        "address": envoy_bootstrap.DEFAULT_ADMIN_ADDRESS,
+        "port_value": envoy_bootstrap.DEFAULT_ADMIN_PORT,
+    }
+    assert set(envoy_bootstrap.API_TYPES) == set(PROTOCOLS) == set(fleet_status.PROTOCOLS)
+    if ADMIN_ENV not in os.environ:
+        status = _parser().parse_args(["status"])
+        assert status.admin == f"http://{ServeOptions.admin_host}:{ServeOptions.admin_port}"
+
+
+def test_run_time_defaults_are_the_options_defaults() -> None:
+    """Each part's own default is the one `serve` uses: a part built without the option behaves as `serve`."""
+    import inspect
+
+    from controlplane.audit.store import AuditStore
+    from controlplane.cli.options import ServeOptions
+    from controlplane.runtime.gc_control import CollectorSchedule
+    from controlplane.runtime.keyrelay import KeyRelay
+    from controlplane.runtime.policy_service import PolicyService
+    from controlplane.sources.jwks import JwksFetcher
+    from controlplane.sources.watch import watch_policy_dir
+
+    def default(function: Callable[..., object], name: str) -> object:
+        return inspect.signature(function).parameters[name].default
+
+    assert default(watch_policy_dir, "quiet") == ServeOptions.debounce
+    assert default(watch_policy_dir, "max_wait") == ServeOptions.max_wait
+    assert default(CollectorSchedule, "interval") == ServeOptions.gc_interval
+    assert default(CollectorSchedule, "full_every") == ServeOptions.gc_full_every
+    assert (
+        default(KeyRelay, "refresh_interval") == default(JwksFetcher, "refresh_interval") == ServeOptions.jwks_refresh
+    )
+    assert default(AuditStore, "retention") == ServeOptions.audit_retention == 30 * 86_400.0  # README: 30 days
+    assert default(PolicyService, "reload_timeout") == ServeOptions.reload_timeout
+
+
+def test_a_policy_project_is_an_id_when_it_is_digits_and_a_path_otherwise() -> None:
+    from controlplane.cli.options import GitLabPolicyOptions
+
+    assert GitLabPolicyOptions("https://gitlab.example.com", "42").project_ref == 42
+    assert GitLabPolicyOptions("https://gitlab.example.com", "acme/policy").project_ref == "acme/policy"

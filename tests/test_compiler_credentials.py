@@ -35,7 +35,7 @@ from controlplane.model.policy import Backend, Mode, Policy
 from controlplane.resolved.access import Grant
 from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.index import Resolution
-from controlplane.runtime.policy_service import compile_model
+from controlplane.snapshots.build import compile_model
 from controlplane.snapshots.snapshot import ENDPOINT, LISTENER, ROUTE
 from tests.compiled import (
     clusters,

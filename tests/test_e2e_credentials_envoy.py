@@ -23,7 +23,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs
 from controlplane.model.loader import parse_policy
-from controlplane.runtime.policy_service import compile_model
+from controlplane.snapshots.build import compile_model
 from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess
 from tests.support.ports import LOOPBACK, free_port

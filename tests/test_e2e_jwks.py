@@ -17,7 +17,7 @@ import pytest
 
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import JwksMode
-from controlplane.runtime.policy_service import compile_model
+from controlplane.snapshots.build import compile_model
 from tests.support.backends import EchoBackend, http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess

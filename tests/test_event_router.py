@@ -28,7 +28,7 @@ def _router(heard: Heard, *, credentials: bool = True) -> EventRouter:
     gitlab = SimpleNamespace(on_event=heard.recorder("gitlab"), follow=heard.note("follow"))
     creds = SimpleNamespace(
         on_event=heard.recorder("credentials"),
-        exchange=SimpleNamespace(missed_hooks=SimpleNamespace(gap_ended=heard.note("gap ended"))),
+        job_hooks_arrive=heard.note("gap ended"),
     )
     recovery = SimpleNamespace(request=heard.note("sweep"))
     policy = SimpleNamespace(recompile=heard.recorder("recompile"), current=None, pins={})

@@ -260,7 +260,7 @@ async def test_a_job_that_finished_during_a_gap_and_never_exchanged_is_refused(
     job = gitlab.add_job(project)
     token = node.mint(job, iat=int(clock.now) - 60)
     gitlab.set_job_status(job, "success")  # no webhook: this is the missed Job Hook
-    node.service.exchange.missed_hooks.gap_ended()  # the restart
+    node.service.job_hooks_arrive()  # the restart
     result = await node.exchange_checked(token)
     assert refused_because_finished(result), result.body
     assert asked.calls == [("42", str(job))]
@@ -275,7 +275,7 @@ async def test_a_token_minted_after_the_gap_is_not_checked(
 ) -> None:
     asked = Asked(gitlab)
     node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
-    node.service.exchange.missed_hooks.gap_ended()
+    node.service.job_hooks_arrive()
     job = gitlab.add_job(project)
     clock.now += exchange_policy(gitlab).issuers[0].clock_skew + 1  # beyond GitLab's clock running ahead
     assert (await node.exchange_checked(node.mint(job))).status == 200
@@ -310,7 +310,7 @@ async def test_gitlab_unreachable_fails_closed_with_503(
     node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
     job = gitlab.add_job(project)
     token = node.mint(job, iat=int(clock.now) - 60)
-    node.service.exchange.missed_hooks.gap_ended()
+    node.service.job_hooks_arrive()
     errors, unavailable = job_checks("error"), metric_exchanges("unavailable")
     gitlab.set_down()
     try:
@@ -329,7 +329,7 @@ async def test_a_job_gitlab_does_not_know_is_refused(
 ) -> None:
     asked = Asked(gitlab)
     node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
-    node.service.exchange.missed_hooks.gap_ended()
+    node.service.job_hooks_arrive()
     result = await node.exchange_checked(node.mint(987_654_321, iat=int(clock.now) - 60))
     assert (result.status, result.result) == (503, "unavailable")
     node.close()
@@ -339,7 +339,7 @@ async def test_an_issuer_without_gitlab_api_is_exchanged_unchecked_and_counted(
     gitlab: FakeGitLab, tmp_path: Path, clock: Clock
 ) -> None:
     node = Node(gitlab, tmp_path, clock, job_status_reader=lambda issuer_url: None)
-    node.service.exchange.missed_hooks.gap_ended()
+    node.service.job_hooks_arrive()
     before = job_checks("no_gitlab")
     for _ in range(2):
         assert (await node.exchange_checked(node.mint(8801, iat=int(clock.now) - 60))).status == 200
@@ -352,7 +352,7 @@ async def test_while_the_webhook_listener_is_not_up_every_exchange_asks(
 ) -> None:
     asked = Asked(gitlab)
     node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
-    node.service.exchange.missed_hooks.gap_open()
+    node.service.job_hooks_may_be_lost()
     job = gitlab.add_job(project)
     for _ in range(2):
         assert (await node.exchange_checked(node.mint(job))).status == 200
@@ -362,7 +362,7 @@ async def test_while_the_webhook_listener_is_not_up_every_exchange_asks(
 
 async def test_without_a_verifier_the_exchange_fails_closed(gitlab: FakeGitLab, tmp_path: Path, clock: Clock) -> None:
     node = Node(gitlab, tmp_path, clock)
-    node.service.exchange.missed_hooks.gap_ended()
+    node.service.job_hooks_arrive()
     pending = node.exchange(node.mint(8901, iat=int(clock.now) - 60))
     assert (pending.status, pending.result) == (503, "verify") and pending.verify is not None
     assert pending.verify.job_id == "8901" and pending.verify.project_id == "42"

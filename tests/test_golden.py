@@ -15,8 +15,8 @@ import pytest
 from controlplane.model.loader import parse_policy
 from controlplane.resolved import render
 from controlplane.resolved.index import Resolution
-from controlplane.runtime.policy_service import compile_dir
 from controlplane.snapshots import golden
+from controlplane.snapshots.build import compile_dir
 from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.envoy import validate_config
 from tests.support.static_bootstrap import as_static_bootstrap

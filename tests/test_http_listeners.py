@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from controlplane.serving import AppServer, HttpLimits, fit_connection_budget, fit_xds_connections
+from controlplane.serving import (
+    ADMIN_LIMITS,
+    EXCHANGE_LIMITS,
+    WEBHOOK_LIMITS,
+    AppServer,
+    HttpLimits,
+    fit_connection_budget,
+    fit_listeners,
+    fit_xds_connections,
+)
 from controlplane.sources.webhooks import WebhookReceiver
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.telemetry.ratelog import RateLimitedLog
@@ -319,6 +328,39 @@ def test_xds_gets_what_the_http_listeners_and_the_reserve_leave(caplog: pytest.L
         assert fit_xds_connections(1024, http, 5000) == 544
     assert "--xds-max-connections 5000 lowered to 544" in caplog.text
     assert fit_xds_connections(100, {"admin": 50}, None) == 1  # never 0
+
+
+def test_every_listener_is_fitted_keeping_its_timeouts() -> None:
+    slow = HttpLimits(header_timeout=3.0, request_timeout=7.0, max_connections=256)
+    fitted, xds = fit_listeners(256, {"admin": ADMIN_LIMITS, "exchange": slow}, None)
+    assert fitted["admin"] == ADMIN_LIMITS.with_connections(ADMIN_LIMITS.max_connections * 128 // 288)
+    assert fitted["exchange"] == slow.with_connections(256 * 128 // 288)
+    assert (fitted["exchange"].header_timeout, fitted["exchange"].request_timeout) == (3.0, 7.0)
+    assert xds == fit_xds_connections(256, {name: limits.max_connections for name, limits in fitted.items()}, None)
+    assert fit_listeners(1024, {"admin": ADMIN_LIMITS}, 10) == ({"admin": ADMIN_LIMITS}, 10)
+
+
+def test_serve_fits_only_the_listeners_it_opens(tmp_path: Path) -> None:
+    """A webhook or exchange listener that is off takes no share of the descriptors (cli/options.py)."""
+    from dataclasses import replace
+
+    from controlplane.cli.options import ServeOptions, WebhookOptions
+    from controlplane.credentials.service import CredentialOptions
+
+    alone = ServeOptions(policy=tmp_path).fitted_to(256)
+    assert alone.admin_limits == ADMIN_LIMITS and alone.webhook_limits == WEBHOOK_LIMITS
+    assert alone.xds_max_connections == 256 - ADMIN_LIMITS.max_connections - 64
+    every = replace(
+        alone,
+        xds_max_connections=None,
+        webhooks=WebhookOptions("127.0.0.1", 0),
+        credentials=CredentialOptions(("127.0.0.1", 0), ("127.0.0.1", 0), tmp_path),
+    ).fitted_to(256)
+    assert every.credentials is not None
+    wanted = {"admin": ADMIN_LIMITS, "webhook": WEBHOOK_LIMITS, "exchange": EXCHANGE_LIMITS}
+    fitted, xds = fit_listeners(256, wanted, None)
+    assert (every.admin_limits, every.webhook_limits, every.credentials.http) == tuple(fitted.values())
+    assert every.xds_max_connections == xds
 
 
 LISTENER_SCRIPT = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
 
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob, MemoryExchangeStore
 from controlplane.credentials.recovery import Candidate, JobRecovery, StatusReader, candidates
@@ -248,3 +249,30 @@ async def test_a_job_is_asked_of_the_gitlab_its_token_came_from() -> None:
         assert link.job_status_reader(None) is None  # a credential's job, with two GitLabs: not guessed
     finally:
         await link.stop()
+
+
+def test_the_sweep_looks_back_as_long_as_a_raw_token_or_a_credential_could_be_used(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from controlplane.credentials.service import CredentialOptions, CredentialService
+
+    options = CredentialOptions(
+        ("127.0.0.1", 0),
+        ("127.0.0.1", 0),
+        tmp_path,
+        max_credential_ttl=3_600.0,
+        deny_id_tokens_for=7_200.0,
+        job_sweep_interval=42.0,
+    )
+    assert options.recovery_lookback == 7_200.0
+    assert replace(options, deny_id_tokens_for=0.0).recovery_lookback == 3_600.0
+
+    async def unchanged() -> None:
+        return None
+
+    service = CredentialService(options, issuer_keys=lambda issuer: None, policy=lambda: None, on_change=unchanged)
+    try:
+        sweep = service.job_recovery(seen=lambda since, limit: [], reader_for=lambda issuer: None)
+        assert (sweep.lookback, sweep.interval) == (7_200.0, 42.0)
+    finally:
+        service.close()

@@ -363,7 +363,10 @@ def test_status_of_10000_proxies_is_fast_and_the_default_answer_small(
 ) -> None:
     registry, _ = big_fleet
     server = AdminServer(
-        status=lambda: {"version": "x"}, fleet=lambda q: registry.fleet(q, current_versions), ready=lambda: True
+        status=lambda: {"version": "x"},
+        fleet=lambda q: registry.fleet(q, current_versions),
+        ready=lambda: True,
+        port=0,  # never started: only its status document is read
     )
 
     def serve(query: FleetQuery) -> str:

@@ -18,7 +18,7 @@ from multidict import MultiMapping
 from prometheus_client import generate_latest
 
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
-from controlplane.serving import ADMIN_LIMITS, AppServer, HttpLimits, is_loopback
+from controlplane.serving import ADMIN_LIMITS, LOOPBACK, AppServer, HttpLimits, is_loopback
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.fleet_status import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
@@ -81,8 +81,8 @@ class AdminServer:
         *,
         status: Callable[[], dict[str, Any]],
         ready: Callable[[], bool],
-        host: str = "127.0.0.1",
-        port: int = 9902,
+        port: int,  # serve's default: cli/options.py
+        host: str = LOOPBACK,
         fleet: Callable[[FleetQuery], dict[str, Any]] | None = None,
         limits: HttpLimits = ADMIN_LIMITS,
         not_ready_reason: Callable[[], str | None] | None = None,

@@ -59,7 +59,7 @@ from controlplane.statefile import (
 log = logging.getLogger("controlplane.audit")
 
 DB_NAME = "audit.sqlite3"
-DEFAULT_RETENTION = 90 * 24 * 3600.0  # seconds
+DEFAULT_RETENTION = 30 * 86_400.0  # seconds; serve's `--audit-retention` (README: 30 days)
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_SENDER_QUEUE_SIZE = 2_500  # a quarter: one sender's backlog leaves room for the others
 DEFAULT_BATCH_SIZE = 500

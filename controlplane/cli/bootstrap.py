@@ -30,6 +30,7 @@ import yaml
 
 from controlplane.compiler.names import XDS_CLUSTER
 from controlplane.compiler.util import is_ip
+from controlplane.serving import LOOPBACK
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
 UPSTREAM_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -124,6 +125,10 @@ def _xds_cluster(xds_host: str, xds_port: int, tls: ClientTls | None) -> dict[st
 
 # State of the World, or Delta (incremental: only changed resources travel, and a reconnect costs nothing).
 API_TYPES: dict[str, str] = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
+DEFAULT_API = "sotw"
+# Envoy's own admin interface: loopback (it can dump config and quit the server), on Envoy's customary port.
+DEFAULT_ADMIN_ADDRESS = LOOPBACK
+DEFAULT_ADMIN_PORT = 9901
 
 
 def render_bootstrap(
@@ -132,10 +137,10 @@ def render_bootstrap(
     node_id: str,
     xds_host: str,
     xds_port: int,
-    admin_address: str = "127.0.0.1",
-    admin_port: int = 9901,
+    admin_address: str = DEFAULT_ADMIN_ADDRESS,
+    admin_port: int = DEFAULT_ADMIN_PORT,
     tls: ClientTls | None = None,
-    api: str = "sotw",
+    api: str = DEFAULT_API,
 ) -> dict[str, Any]:
     """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo
     fails here rather than as an Envoy that never becomes ready."""
@@ -203,10 +208,10 @@ def bootstrap_yaml(
     node_id: str,
     xds_host: str,
     xds_port: int,
-    admin_address: str = "127.0.0.1",
-    admin_port: int = 9901,
+    admin_address: str = DEFAULT_ADMIN_ADDRESS,
+    admin_port: int = DEFAULT_ADMIN_PORT,
     tls: ClientTls | None = None,
-    api: str = "sotw",
+    api: str = DEFAULT_API,
 ) -> str:
     """The same bootstrap as YAML, in Envoy's field order (``sort_keys=False``) so it reads like the docs."""
     return yaml.dump(

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from controlplane import __version__
 from controlplane.model.errors import PolicyError, PolicyInvalid
@@ -78,6 +78,7 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 def _parser() -> argparse.ArgumentParser:
     from controlplane.audit.store import DB_NAME as AUDIT_DB
     from controlplane.cli.audit import add_audit_arguments
+    from controlplane.cli.bootstrap import API_TYPES, DEFAULT_ADMIN_PORT, DEFAULT_API
     from controlplane.cli.defaults import option_default
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions
     from controlplane.cli.status import add_status_arguments
@@ -267,12 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
     bootstrap.add_argument("--xds-address", type=_host_port, default=xds_address)
-    bootstrap.add_argument("--admin-port", type=int, default=9901)
+    bootstrap.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
     bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
     bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
     bootstrap.add_argument("--tls-key", help="this proxy's client private key (PEM file path on the proxy)")
     bootstrap.add_argument(
-        "--api", choices=("sotw", "delta"), default="sotw", help="ADS flavour: State of the World or Delta xDS"
+        "--api", choices=tuple(API_TYPES), default=DEFAULT_API, help="ADS flavour: State of the World or Delta xDS"
     )
     bootstrap.add_argument("--tls-sni", help="server name to send and verify (default: the --xds-address host)")
     return parser
@@ -308,21 +309,30 @@ def _stdout_closed() -> int:
     return EXIT_BROKEN_PIPE
 
 
+class Compiled(NamedTuple):
+    """What `validate` reports and `compile` writes, from one compile of a policy tree."""
+
+    policy: Policy
+    snapshots: dict[str, Snapshot]
+    warnings: list[PolicyError]  # the policy's own and those of resolving its subjects, as serve reports them
+    inputs: ServedInputs
+    resolved: ResolvedPolicy  # what the snapshots were compiled from
+
+
 def _compile_or_report(
     policy_dir: Path, limits: ReadLimits, served: Callable[[Policy], ServedInputs] | None = None
-) -> tuple[Policy, dict[str, Snapshot], list[PolicyError], ServedInputs, ResolvedPolicy] | None:
+) -> Compiled | None:
     """Compile a policy tree, or print every error (file:line: field: message) and return None.
 
     `served`: what serve would compile in besides the files (see cli/validate.py); without it, the policy
-    alone. Also returns the warnings: the policy's own and those of resolving its subjects, as serve reports
-    them; and the resolved policy the snapshots were compiled from."""
+    alone."""
     from controlplane.cli.validate import ServedInputs
     from controlplane.compiler.compile import check_reserved_names
     from controlplane.model.errors import QUOTE_LIMIT
     from controlplane.model.loader import parse_policy, policy_warnings
     from controlplane.resolved.index import Resolution
     from controlplane.runtime.gc_control import no_cyclic_gc
-    from controlplane.runtime.policy_service import compile_model
+    from controlplane.snapshots.build import compile_model
     from controlplane.sources.policy_dir import read_policy_dir
 
     try:
@@ -338,7 +348,7 @@ def _compile_or_report(
                 secrets=inputs.secrets,
                 resolved=resolved,
             )
-        return policy, snapshots, sorted([*policy_warnings(policy), *resolved.warnings]), inputs, resolved
+        return Compiled(policy, snapshots, sorted([*policy_warnings(policy), *resolved.warnings]), inputs, resolved)
     except PolicyInvalid as invalid:
         for line in invalid.lines():  # bounded: at most 100 per file, 1,000 in all, then a count of the rest
             print(line, file=sys.stderr)
@@ -359,17 +369,17 @@ def _validate(args: argparse.Namespace) -> int:
     compiled = _compile_or_report(args.policy, _limits(args), lambda policy: served_inputs(policy, args))
     if compiled is None:
         return 1
-    policy, snapshots, warnings, inputs, _ = compiled
+    policy = compiled.policy
     counts = (
         f"{len(policy.issuers)} issuer(s), {len(policy.backends)} backend(s), {len(policy.roles)} role(s), "
         f"{len(policy.bindings)} binding(s), {len(policy.gateways)} gateway(s)"
     )
-    for warning in warnings:
+    for warning in compiled.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.policy}: {counts}")
-    for group, snapshot in sorted(snapshots.items()):
+    for group, snapshot in sorted(compiled.snapshots.items()):
         print(f"  gateway {group}: version {snapshot.summary_version}")
-    for note in inputs.notes:
+    for note in compiled.inputs.notes:
         print(f"note: {note}")
     return 0
 
@@ -380,7 +390,7 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
-    for path in golden.write(compiled[1], args.out, resolved=compiled[4]):
+    for path in golden.write(compiled.snapshots, args.out, resolved=compiled.resolved):
         print(path)
     return 0
 

@@ -5,13 +5,17 @@ import the xDS server, gRPC and the admin server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane.runtime.policy_service import DEFAULT_RELOAD_TIMEOUT
-from controlplane.serving import ADMIN_LIMITS, WEBHOOK_LIMITS, HttpLimits
+from controlplane.audit.store import DEFAULT_RETENTION
+from controlplane.runtime.gc_control import DEFAULT_FULL_EVERY, DEFAULT_INTERVAL
+from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
+from controlplane.serving import ADMIN_LIMITS, LOOPBACK, WEBHOOK_LIMITS, HttpLimits, fit_listeners
+from controlplane.sources.jwks import DEFAULT_REFRESH_INTERVAL
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
+from controlplane.sources.watch import DEFAULT_MAX_WAIT, DEFAULT_QUIET
 from controlplane.statefile import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
@@ -29,6 +33,11 @@ class GitLabPolicyOptions:
     token_file: str | None = None
     poll_seconds: float = 60.0  # a push webhook reloads at once; polling catches missed hooks
 
+    @property
+    def project_ref(self) -> int | str:
+        """How GitLab's API is asked for the project: digits are its id, anything else its path."""
+        return int(self.project) if self.project.isdigit() else self.project
+
 
 @dataclass(frozen=True)
 class WebhookOptions:
@@ -43,16 +52,16 @@ class ServeOptions:
     """Every `serve` option with its one default; the command line (cli/main.py) reads its defaults here."""
 
     policy: Path
-    xds_host: str = "127.0.0.1"
+    xds_host: str = LOOPBACK
     xds_port: int = 18000
-    admin_host: str = "127.0.0.1"
+    admin_host: str = LOOPBACK
     admin_port: int = 9902
-    debounce: float = 0.1
-    max_wait: float = 1.0
+    debounce: float = DEFAULT_QUIET
+    max_wait: float = DEFAULT_MAX_WAIT
     shutdown_grace: float = 5.0
-    gc_interval: float = 60.0  # seconds between scheduled garbage collections (gc_control.py); 0: CPython's own
-    gc_full_every: int = 1  # N > 1: only every Nth is full, the others skip what earlier ones kept
-    jwks_refresh: float = 30.0
+    gc_interval: float = DEFAULT_INTERVAL  # seconds between scheduled collections (gc_control.py); 0: CPython's
+    gc_full_every: int = DEFAULT_FULL_EVERY  # N > 1: only every Nth is full, the others skip what earlier ones kept
+    jwks_refresh: float = DEFAULT_REFRESH_INTERVAL
     # How long start-up waits for relayed issuers' first keys before serving xDS: an Envoy reconnecting to a
     # restarted control plane must not be sent the placeholder keys (every token refused) in the meantime.
     jwks_startup_wait: float = 10.0
@@ -63,7 +72,7 @@ class ServeOptions:
     webhooks: WebhookOptions | None = None
     credentials: CredentialOptions | None = None
     audit_db: Path | None = None  # default: <state_dir>/audit.store.DB_NAME
-    audit_retention: float = 30 * 86_400.0
+    audit_retention: float = DEFAULT_RETENTION
     xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text
     xds_insecure: bool = False  # plain text explicitly allowed even when the policy pushes secrets
     admin_limits: HttpLimits = ADMIN_LIMITS  # connections and timeouts per HTTP listener (serving.py)
@@ -71,3 +80,23 @@ class ServeOptions:
     xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
     policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
+
+    def fitted_to(self, open_files: int) -> ServeOptions:
+        """These options with every listener that is on bounded within the open-file limit (serving.py decides
+        how; this only says which listeners there are)."""
+        http = {"admin": self.admin_limits}
+        if self.webhooks is not None:
+            http["webhook"] = self.webhook_limits
+        if self.credentials is not None:
+            http["exchange"] = self.credentials.http
+        fitted, xds = fit_listeners(open_files, http, self.xds_max_connections)
+        credentials = self.credentials
+        if credentials is not None:
+            credentials = replace(credentials, http=fitted["exchange"])
+        return replace(
+            self,
+            xds_max_connections=xds,
+            admin_limits=fitted["admin"],
+            webhook_limits=fitted.get("webhook", self.webhook_limits),
+            credentials=credentials,
+        )

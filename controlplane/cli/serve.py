@@ -1,5 +1,13 @@
 """`controlplane serve`: the long-running process. Builds the parts and connects them; the decisions are theirs
-(what an event reaches: event_router.py; what the xDS port may carry: xds/tls.py; start and stop: supervisor.py).
+(what an event reaches: event_router.py; what the xDS port may carry: xds/tls.py; start and stop: supervisor.py;
+how connections share the open-file limit: serving.py; how far back revocation looks and when Job Hooks may
+have been missed: credentials/service.py).
+
+The parts form cycles (the policy service compiles in the credential service's keys and the GitLab link's
+inventories, and those recompile it when they change; the GitLab link reports to the event router, which
+drives it). Each cycle is cut by a `Forward` (runtime/forward.py) to the policy service or the event router,
+built before anything that calls them and connected as soon as they exist: every other part is built after
+what it calls, and a call that came too early would fail naming the part, not as a NameError from a closure.
 """
 
 from __future__ import annotations
@@ -10,7 +18,6 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +26,20 @@ from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore
-from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, WebhookOptions
+from controlplane.cli.options import ServeOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStoreError
 from controlplane.credentials.keys import KEYS_FILE
-from controlplane.credentials.recovery import JobRecovery
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialService
 from controlplane.runtime.event_router import EventRouter
+from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.runtime.supervisor import Supervisor
-from controlplane.serving import HttpLimits, fit_connection_budget, fit_xds_connections, raise_open_file_limit
+from controlplane.serving import HttpLimits, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
@@ -55,60 +62,12 @@ log = logging.getLogger("controlplane")
 STATE_FILES = (LOCK_NAME, KEYS_FILE, REVOCATIONS_FILE, PINS_FILE, EXCHANGE_DB, AUDIT_DB)
 
 
-def _job_recovery(credentials: CredentialService | None, audit: AuditStore, gitlab: GitLabLink) -> JobRecovery | None:
-    """Revocation needs the credential service; jobs are looked for among its live credentials and the audit
-    trail's recent requests, for as long as a finished job's raw ID token or credential could still be used."""
-    if credentials is None:
-        return None
-    options = credentials.options
-    return JobRecovery(
-        live=credentials.store.jobs_with_credentials,
-        seen=audit.recent_jobs,
-        revoked=credentials.revocations.active,
-        reader_for=gitlab.job_status_reader,
-        revoke=credentials.revoke_finished,
-        lookback=max(options.deny_id_tokens_for, options.max_credential_ttl),
-        interval=options.job_sweep_interval,
-    )
-
-
-def _policy_project(options: GitLabPolicyOptions | None) -> PolicyProject | None:
-    return (
-        None
-        if options is None
-        else PolicyProject(int(options.project) if options.project.isdigit() else options.project)
-    )
-
-
 def _policy_source(options: ServeOptions) -> PolicySource:
     gitlab = options.policy_gitlab
     if gitlab is None:
         return DirectorySource(options.policy, options.policy_limits)
     client = GitLabSource(gitlab.url, token_from(gitlab.token_env, gitlab.token_file))
-    project = int(gitlab.project) if gitlab.project.isdigit() else gitlab.project
-    return GitLabPolicySource(PolicyRepo(client, project, options.policy_limits))
-
-
-def _fit_listeners(options: ServeOptions, open_files: int) -> ServeOptions:
-    """Every listener's connection bound within the open-file limit: the HTTP listeners lowered if need be to
-    leave half the descriptors to xDS, and xDS given what they and a reserve leave (docs/http-listeners.md)."""
-    listeners = {"admin": options.admin_limits.max_connections}
-    if options.webhooks is not None:
-        listeners["webhook"] = options.webhook_limits.max_connections
-    if options.credentials is not None:
-        listeners["exchange"] = options.credentials.http.max_connections
-    fitted = fit_connection_budget(open_files, listeners)
-    credentials = options.credentials
-    if credentials is not None:
-        credentials = replace(credentials, http=credentials.http.with_connections(fitted["exchange"]))
-    webhooks = fitted.get("webhook", options.webhook_limits.max_connections)
-    return replace(
-        options,
-        xds_max_connections=fit_xds_connections(open_files, fitted, options.xds_max_connections),
-        admin_limits=options.admin_limits.with_connections(fitted["admin"]),
-        webhook_limits=options.webhook_limits.with_connections(webhooks),
-        credentials=credentials,
-    )
+    return GitLabPolicySource(PolicyRepo(client, gitlab.project_ref, options.policy_limits))
 
 
 async def serve(options: ServeOptions) -> int:
@@ -117,7 +76,7 @@ async def serve(options: ServeOptions) -> int:
     pins, use counts or finished jobs)."""
     try:
         async with Supervisor() as parts:
-            await _serve(_fit_listeners(options, raise_open_file_limit()), parts)
+            await _serve(options.fitted_to(raise_open_file_limit()), parts)
     except (StateFileError, ExchangeStoreError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
@@ -130,32 +89,34 @@ async def serve(options: ServeOptions) -> int:
 
 async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     """The parts in the order they are built and started; `parts` stops them in the reverse order. Cycles
-    (the policy service recompiles on events of parts that read it) are closed by lambdas over later names."""
+    (the policy service recompiles on events of parts that read it) are cut by `Forward`s (module docstring)."""
     parts.enter(_held_state_dir(options.state_dir))  # one serve per state dir, for the process's life
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, parts.request_stop)
 
     # Built: every state file is read here, before anything is served.
+    to_policy: Forward[PolicyService] = Forward("policy service")
+    to_events: Forward[EventRouter] = Forward("event router")
     audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
     parts.on_stop(lambda: asyncio.to_thread(audit.close))
     gitlab = GitLabLink(
-        on_inventory_change=lambda: events.inventory_changed(),
-        on_policy_push=lambda: events.policy_pushed(),
-        policy_project=_policy_project(options.policy_gitlab),
-        on_reachable=lambda issuer: events.gitlab_reachable(issuer),
+        on_inventory_change=lambda: to_events().inventory_changed(),
+        on_policy_push=lambda: to_events().policy_pushed(),
+        policy_project=None if options.policy_gitlab is None else PolicyProject(options.policy_gitlab.project_ref),
+        on_reachable=lambda issuer: to_events().gitlab_reachable(issuer),
     )
     parts.on_stop(gitlab.stop)
-    keys = KeyRelay(lambda relayed: policy.set_keys(relayed), refresh_interval=options.jwks_refresh)
+    keys = KeyRelay(lambda relayed: to_policy().set_keys(relayed), refresh_interval=options.jwks_refresh)
     parts.on_stop(keys.stop)
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
-    secrets = SecretsSource(lambda: policy.recompile("backend secret changed"))
+    secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
     credentials = (
         CredentialService(
             options.credentials,
             issuer_keys=lambda issuer: keys.keys.get(issuer),
-            policy=lambda: policy.exchange_policy,
-            on_change=lambda: policy.recompile("credentials changed"),
+            policy=lambda: to_policy().exchange_policy,
+            on_change=lambda: to_policy().recompile("credentials changed"),
             job_status_reader=gitlab.job_status_reader,
         )
         if options.credentials
@@ -163,19 +124,28 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     )
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
-    policy = PolicyService(
-        _policy_source(options),
-        cache,
-        inventories=gitlab.inventories,
-        pin_store=PinStore(options.state_dir / PINS_FILE),
-        reload_timeout=options.reload_timeout,
-        credentials=credentials.inputs if credentials is not None else lambda: None,
-        secrets=secrets.for_policy,
-        accept=transport.accept,
-        prepare=lambda candidate: gitlab.read_new_subjects(candidate, policy.pins),
+    policy = to_policy.connect(
+        PolicyService(
+            _policy_source(options),
+            cache,
+            inventories=gitlab.inventories,
+            pin_store=PinStore(options.state_dir / PINS_FILE),
+            reload_timeout=options.reload_timeout,
+            credentials=credentials.inputs if credentials is not None else lambda: None,
+            secrets=secrets.for_policy,
+            accept=transport.accept,
+            prepare=lambda candidate: gitlab.read_new_subjects(candidate, to_policy().pins),
+        )
     )
-    recovery = _job_recovery(credentials, audit, gitlab)
-    events = EventRouter(policy=policy, gitlab=gitlab, keys=keys, credentials=credentials, recovery=recovery)
+    # Revocation needs the credential service; jobs are looked for among its credentials and the audit trail.
+    recovery = (
+        credentials.job_recovery(seen=audit.recent_jobs, reader_for=gitlab.job_status_reader)
+        if credentials is not None
+        else None
+    )
+    events = to_events.connect(
+        EventRouter(policy=policy, gitlab=gitlab, keys=keys, credentials=credentials, recovery=recovery)
+    )
 
     # Started, inputs first: watch before the first load, so an edit made while it runs is never missed.
     watching = asyncio.Event()
@@ -183,7 +153,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching)), watching
     )
     if credentials is not None:
-        credentials.exchange.missed_hooks.gap_open()  # until the webhook listener is up: ask GitLab
+        credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab
         await parts.start(credentials.start(), credentials.stop)  # keys exist (compiled in) before anything is served
         parts.run("credential service", credentials.run(parts.stopping))
     await policy.reload_off_loop()
@@ -196,7 +166,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     if options.webhooks is not None:
         await _start_webhooks(options.webhooks, options.webhook_limits, events, parts)
     if credentials is not None:  # jobs minted before now are asked about once (credentials/exchange.py)
-        credentials.exchange.missed_hooks.gap_ended()
+        credentials.job_hooks_arrive()
 
     # Served: the xDS port only once the policy, keys and inventories are in.
     transport.check_start(serving=policy.current is not None)

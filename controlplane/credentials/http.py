@@ -16,7 +16,7 @@ from aiohttp import web
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, JobToVerify, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
-from controlplane.serving import EXCHANGE_LIMITS, AppServer, HttpLimits
+from controlplane.serving import EXCHANGE_LIMITS, LOOPBACK, AppServer, HttpLimits
 from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.credentials")
@@ -58,7 +58,7 @@ class ExchangeEndpoint:
     def routes(self) -> list[web.RouteDef]:
         return [web.post(EXCHANGE_PATH, self.handle)]
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
         """Serve alone; returns the bound port (useful with port 0). `handle` logs each exchange itself."""
         bound = (await self._server.start(self.routes(), host, port, self.limits))[0][1]
         log.info("token exchange listening on %s:%d%s", host, bound, EXCHANGE_PATH)

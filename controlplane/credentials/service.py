@@ -21,9 +21,11 @@ from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError,
 from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
+from controlplane.credentials.recovery import DEFAULT_INTERVAL as DEFAULT_SWEEP_INTERVAL
+from controlplane.credentials.recovery import JobRecovery, StatusReader
 from controlplane.credentials.revocations import REVOCATIONS_FILE, TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
-from controlplane.serving import EXCHANGE_LIMITS, HttpLimits
+from controlplane.serving import EXCHANGE_LIMITS, LOOPBACK, HttpLimits
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.sources.gitlab_events import GitLabEvent, JobEvent
 from controlplane.telemetry.ratelog import RateLimitedLog
@@ -35,7 +37,7 @@ MAX_CONCURRENT_JOB_CHECKS = 4
 JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
 
 
-DEFAULT_EXCHANGE_ADDRESS = ("127.0.0.1", 9904)  # `--exchange-address` of serve and validate
+DEFAULT_EXCHANGE_ADDRESS = (LOOPBACK, 9904)  # `--exchange-address` of serve and validate
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,14 @@ class CredentialOptions:
         token the exchange still accepts (it refuses subject tokens older than this) and any credential."""
         return max(DEFAULT_MAX_SUBJECT_AGE, self.deny_id_tokens_for, self.max_credential_ttl)
 
+    @property
+    def recovery_lookback(self) -> float:
+        """How far back the recovery sweep looks for jobs: as long as a finished job's raw ID token (denied for
+        `deny_id_tokens_for`) or credential (`max_credential_ttl`) could still be used."""
+        return max(self.deny_id_tokens_for, self.max_credential_ttl)
+
     # Seconds between sweeps asking GitLab about jobs whose Job Hook may have been missed (credentials/recovery.py).
-    job_sweep_interval: float = 300.0
+    job_sweep_interval: float = DEFAULT_SWEEP_INTERVAL
 
 
 class CredentialService:
@@ -125,6 +133,35 @@ class CredentialService:
         if fresh != self._inputs:
             self._inputs = fresh
         return self._inputs
+
+    def job_recovery(
+        self,
+        *,
+        seen: Callable[[float, int], list[tuple[str, str, str | None, float]]],
+        reader_for: Callable[[str | None], StatusReader | None],
+    ) -> JobRecovery:
+        """The sweep that catches Job Hooks sent while nobody listened: it looks among this service's live
+        credentials and the jobs `seen` recently (the audit trail), asks `reader_for` the job's GitLab, and
+        revokes here."""
+        return JobRecovery(
+            live=self.store.jobs_with_credentials,
+            seen=seen,
+            revoked=self.revocations.active,
+            reader_for=reader_for,
+            revoke=self.revoke_finished,
+            lookback=self.options.recovery_lookback,
+            interval=self.options.job_sweep_interval,
+        )
+
+    def job_hooks_may_be_lost(self) -> None:
+        """Until `job_hooks_arrive` (the webhook listener is not up yet), any job may have ended unheard: the
+        exchange asks GitLab about each (exchange.MissedHooks)."""
+        self.exchange.missed_hooks.gap_open()
+
+    def job_hooks_arrive(self, issuer: str | None = None) -> None:
+        """Job Hooks are heard from now on (from `issuer`'s GitLab, None: every one): jobs whose tokens were
+        minted before now are asked about once, later ones never."""
+        self.exchange.missed_hooks.gap_ended(issuer)
 
     async def start(self) -> int:
         self.keys.rotate_if_due()

@@ -49,7 +49,7 @@ class EventRouter:
 
     def gitlab_reachable(self, issuer: str) -> None:
         if self.credentials is not None:
-            self.credentials.exchange.missed_hooks.gap_ended(issuer)
+            self.credentials.job_hooks_arrive(issuer)
         if self.recovery is not None:
             self.recovery.request(f"gitlab {issuer} reachable again")
 

@@ -50,12 +50,18 @@ def no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
+DEFAULT_INTERVAL = 60.0
+"""Seconds between scheduled collections (serve's `--gc-interval`)."""
+DEFAULT_FULL_EVERY = 1
+"""N > 1: only every Nth scheduled collection is full, the others skip what earlier ones kept."""
+
+
 class CollectorSchedule:
     def __init__(
         self,
-        interval: float = 60.0,
+        interval: float = DEFAULT_INTERVAL,
         *,
-        full_every: int = 1,
+        full_every: int = DEFAULT_FULL_EVERY,
         quiet: float = 1.0,
         max_delay: float | None = None,
         idle_for: Callable[[], float] = lambda: float("inf"),

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controlplane.model.policy import Issuer, JwksMode
-from controlplane.sources.jwks import JwksDocument, JwksFetcher
+from controlplane.sources.jwks import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_MIN_INTERVAL,
+    DEFAULT_REFRESH_INTERVAL,
+    DEFAULT_TIMEOUT,
+    JwksDocument,
+    JwksFetcher,
+)
 
 log = logging.getLogger("controlplane.jwks")
 
@@ -48,10 +55,10 @@ class KeyRelay:
         self,
         on_change: Callable[[Mapping[str, str]], Awaitable[object]],
         *,
-        refresh_interval: float = 30.0,
-        min_interval: float = 1.0,
-        timeout: float = 5.0,
-        max_retries: int = 3,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         fetcher_factory: FetcherFactory = JwksFetcher,
     ) -> None:
         self.on_change = on_change

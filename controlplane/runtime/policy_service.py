@@ -20,20 +20,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from controlplane.compiler.compile import check_reserved_names, compile_policy
+from controlplane.compiler.compile import check_reserved_names
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import QUOTE_LIMIT, PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
-from controlplane.model.loader import PolicyLoader, parse_policy, policy_warnings
+from controlplane.model.loader import PolicyLoader, policy_warnings
 from controlplane.model.policy import Policy
 from controlplane.model.reuse import reuse_unchanged
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.index import Resolution
 from controlplane.runtime.gc_control import no_cyclic_gc
-from controlplane.snapshots.snapshot import Snapshot, build_snapshots
-from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
+from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
+from controlplane.snapshots.build import Pins, compile_model
+from controlplane.snapshots.snapshot import Snapshot
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
 from controlplane.telemetry import metrics
 
@@ -42,51 +43,6 @@ if TYPE_CHECKING:
     from controlplane.sources.pins import PinStore
 
 log = logging.getLogger("controlplane.policy")
-
-Pins = Mapping[str, Mapping[str, int]]
-
-DEFAULT_RELOAD_TIMEOUT = 60.0
-"""Seconds a policy reload may run before the server says it is not ready: a few seconds at thousands of
-backends, longer only when a GitLab policy project is read under its rate bound."""
-
-
-def compile_files(
-    files: Mapping[str, str],
-    memo: CompilerMemo | None = None,
-    previous: Mapping[str, Snapshot] | None = None,
-    keys: Mapping[str, str] | None = None,
-) -> tuple[Policy, dict[str, Snapshot]]:
-    """Parse, validate and compile a policy tree. Raises PolicyInvalid with every error found.
-
-    `keys`: relayed issuers' JWKS by issuer name (see compile_policy)."""
-    policy = parse_policy(files)
-    return policy, compile_model(policy, memo, previous, keys)
-
-
-def compile_model(
-    policy: Policy,
-    memo: CompilerMemo | None = None,
-    previous: Mapping[str, Snapshot] | None = None,
-    keys: Mapping[str, str] | None = None,
-    pins: Pins | None = None,
-    *,
-    credentials: CredentialInputs | None = None,
-    secrets: Mapping[str, str] | None = None,
-    resolved: ResolvedPolicy | None = None,
-) -> dict[str, Snapshot]:
-    """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`.
-
-    `credentials`: the control plane's own credential inputs; `secrets`: injected upstream credentials by
-    backend; `resolved`: the policy's resolution, None: resolved here with `pins` (see compile_policy)."""
-    compiled = compile_policy(policy, memo, keys, pins, credentials, secrets, resolved=resolved)
-    return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
-
-
-def compile_dir(
-    root: Path, memo: CompilerMemo | None = None, limits: ReadLimits = DEFAULT_LIMITS
-) -> tuple[Policy, dict[str, Snapshot]]:
-    return compile_files(read_policy_dir(root, limits), memo)
-
 
 LOGGED_ERRORS = 20
 """Error lines logged per rejected load, then one line counting the rest: 2 million errors were 225 MB of log."""

@@ -63,6 +63,10 @@ LAST_SUCCESS = Gauge(
 )
 RESULTS: Final = ("changed", "unchanged", "not_modified", "error")
 
+DEFAULT_REFRESH_INTERVAL = 30.0  # seconds between reads of a relayed issuer's keys (serve's `--jwks-refresh`)
+DEFAULT_MIN_INTERVAL = 1.0  # seconds: never read an issuer more often, whatever asks
+DEFAULT_TIMEOUT = 5.0  # seconds per request
+DEFAULT_MAX_RETRIES = 3
 MAX_BODY_BYTES = 1 << 20  # a JWKS is a few kB; anything near this is not one
 MIN_RSA_BITS = 2048  # Envoy would verify with weaker keys; we do not trust them
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
@@ -220,10 +224,10 @@ class JwksFetcher:
         issuer_url: str,
         *,
         jwks_uri: str | None,
-        timeout: float = 5,
-        max_retries: int = 3,
-        min_interval: float = 1.0,
-        refresh_interval: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,

@@ -36,6 +36,10 @@ TEMP_SUFFIXES = ("~", ".swp", ".tmp")
 KUBERNETES_DATA_LINK = "..data"
 ROOT_CHECK_INTERVAL = 1.0
 """Seconds between checks that the root directory is still the one being watched (only while idle)."""
+DEFAULT_QUIET = 0.1
+"""Seconds of quiet that end a burst of changes (serve's `--debounce`)."""
+DEFAULT_MAX_WAIT = 1.0
+"""Longest a burst is collected while writes keep coming (serve's `--max-wait`)."""
 
 OnChange = Callable[[set[str]], Awaitable[None]]
 RootId = tuple[int, int]
@@ -45,8 +49,8 @@ async def watch_policy_dir(
     root: Path,
     on_change: OnChange,
     *,
-    quiet: float = 0.1,
-    max_wait: float = 1.0,
+    quiet: float = DEFAULT_QUIET,
+    max_wait: float = DEFAULT_MAX_WAIT,
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
 ) -> None:

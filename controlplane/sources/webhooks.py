@@ -43,7 +43,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from controlplane.serving import WEBHOOK_LIMITS, AppServer, HttpLimits
+from controlplane.serving import LOOPBACK, WEBHOOK_LIMITS, AppServer, HttpLimits
 from controlplane.sources.gitlab_events import GitLabEvent, Malformed, parse_event
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.telemetry.ratelog import RateLimitedLog
@@ -192,7 +192,7 @@ class WebhookReceiver:
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self._handle)]
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
         """Serve on a port of its own (GitLab must reach it; the admin port should not be exposed)."""
         addresses = await self._server.start(self.routes(), host, port, self._limits)  # the handler logs each delivery
         log.info("webhook receiver listening on %s", ", ".join(f"{h}:{p}{PATH}" for h, p in addresses))
