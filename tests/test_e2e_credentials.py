@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
+from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
-TTL_10M = "credential_ttl: 10m"
 KEY_ROTATION = 3  # seconds: several rotations happen while the rotation test runs
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+TTL_10M = "credential_ttl: 10m"  # a binding's `extra`: the exchanged credential lives ten minutes
+
 
 def documents(*parts: str) -> str:
     """One YAML stream of `parts`, in the order given."""
