@@ -15,51 +15,25 @@ from typing import Any
 
 import pytest
 
-from tests.support.backends import EchoBackend, http_request
-from tests.support.controlplane import ControlPlaneProcess
-from tests.support.envoy import EnvoyProcess
 from tests.support.fake_gitlab import FakeGitLab
-from tests.support.gateway import Webhook, gateway_envoy
-from tests.support.gitlab_hooks import HookTarget, deliver, project_system_hook
-from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.gitlab_hooks import deliver, project_system_hook
+from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
+from tests.support.ports import poll_until
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
 RECONCILE = 10  # the shortest the policy language allows
 
-POLICY = """\
-kind: Issuer
-name: gitlab
-type: gitlab
-url: {issuer}
-api:
-  token_env: GITLAB_TOKEN
-  reconcile: {reconcile}s
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-endpoints: [{{address: 127.0.0.1, port: {backend_port}}}]
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules: [{{methods: [GET]}}]
----
-kind: Binding
-name: deployer-reads-reports
-roles: [reports-read]
-subjects:
-  - project: acme/platform/deployer
-    ref_protected: true
----
-kind: Gateway
-name: ci-gateway
-listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [reports-api]
-access_log: /dev/null
-"""
+
+def policy(given: PolicyInputs) -> str:
+    return documents(
+        issuer(given.issuer, extra=f"api:\n  token_env: GITLAB_TOKEN\n  reconcile: {RECONCILE}s"),
+        backend("reports-api", given.ports["reports"]),
+        role("reports-read", "reports-api"),
+        binding("deployer-reads-reports", ["reports-read"], "{project: acme/platform/deployer, ref_protected: true}"),
+        gateway(given.listen_port, ["reports-api"]),
+    )
 
 
 NEWCOMER = """\
@@ -73,20 +47,17 @@ subjects:
 
 
 @dataclass
-class Stack:
-    gitlab: FakeGitLab
-    deployer: int
-    policy_project: int
-    policy_text: str
-    listen_port: int
-    hook: HookTarget
-    controlplane: ControlPlaneProcess
-    envoy: EnvoyProcess
+class GitLabStack(Served):
+    deployer: int = 0
+
+    @property
+    def policy_text(self) -> str:
+        """The policy as first committed to the policy project."""
+        return (self.policy / "policy.yaml").read_text()
 
     def get(self, **claims: Any) -> int:
         token = self.gitlab.mint(aud="https://reports.local", **{"project_id": self.deployer, **claims})
-        headers = {"Host": "reports.local", "Authorization": f"Bearer {token}"}
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}/r", headers=headers).status
+        return self.call("reports.local", token)
 
     def wait_get(self, expected: int, timeout: float = 10.0, **claims: Any) -> float:
         started = time.monotonic()
@@ -99,31 +70,25 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("gitlab-e2e")
-    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitLabStack]:
+    with FakeGitLab() as gitlab:
         deployer = gitlab.add_project("acme/platform/deployer", branches=["main", "feature"])
-        listen_port = free_port()
-        text = POLICY.format(
-            issuer=gitlab.issuer, reconcile=RECONCILE, backend_port=backend.port, listen_port=listen_port
-        )
-        policy_project = gitlab.add_project("infra/ci-access", files={"policy.yaml": text})
-        webhook = Webhook()
-        args = (
-            "--policy-project", "infra/ci-access", "--gitlab-url", gitlab.base_url,
-            "--gitlab-token-env", "GITLAB_TOKEN", "--policy-poll", "3600",
-            *webhook.args, "--state-dir", str(root / "state"),
-        )  # fmt: skip
-        env = {"GITLAB_TOKEN": gitlab.api_token, **webhook.env}
-        with ControlPlaneProcess(root, extra_args=args, env=env, log_path=root / "cp.log") as cp:
-            hook = webhook.register(gitlab)
-            with gateway_envoy(cp.xds_port, node="gl-1", name="gitlab-e2e-envoy") as envoy:
-                built = Stack(gitlab, deployer, policy_project, text, listen_port, hook, cp, envoy)
-                built.wait_get(200, timeout=20)
-                yield built
+        with serve_stack(
+            tmp_path_factory.mktemp("gitlab-e2e"),
+            policy,
+            kind=GitLabStack,
+            envoy=EnvoySpec("gl-1", "gitlab-e2e-envoy"),
+            gitlab=gitlab,
+            policy_project="infra/ci-access",
+            serve_args=("--policy-poll", "3600"),  # no periodic re-read while the module runs
+            webhook=True,
+        ) as built:
+            built.deployer = deployer
+            built.wait_get(200, timeout=20)
+            yield built
 
 
-def test_policy_from_gitlab_is_enforced_and_its_commit_gets_a_success_status(stack: Stack) -> None:
+def test_policy_from_gitlab_is_enforced_and_its_commit_gets_a_success_status(stack: GitLabStack) -> None:
     assert stack.get() == 200
     assert stack.get(ref="feature", ref_protected=False) == 403
     head = stack.gitlab.head(stack.policy_project)
@@ -131,7 +96,7 @@ def test_policy_from_gitlab_is_enforced_and_its_commit_gets_a_success_status(sta
     assert statuses[-1]["status"] == "success" and statuses[-1]["name"] == "controlplane"
 
 
-def test_broken_policy_commit_fails_with_file_and_line_and_envoy_is_unchanged(stack: Stack) -> None:
+def test_broken_policy_commit_fails_with_file_and_line_and_envoy_is_unchanged(stack: GitLabStack) -> None:
     broken = stack.policy_text.replace("ref_protected: true", "ref_protected: maybe")
     sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": broken})
     failed = poll_until(lambda: stack.gitlab.statuses(stack.policy_project, sha), 10, message="failed status")
@@ -143,7 +108,7 @@ def test_broken_policy_commit_fails_with_file_and_line_and_envoy_is_unchanged(st
     assert ok[-1]["status"] == "success"
 
 
-def test_renamed_project_keeps_access(stack: Stack) -> None:
+def test_renamed_project_keeps_access(stack: GitLabStack) -> None:
     stack.gitlab.rename_project(stack.deployer, "deployer-renamed")
     try:
         warnings = poll_until(
@@ -158,7 +123,7 @@ def test_renamed_project_keeps_access(stack: Stack) -> None:
     poll_until(lambda: not stack.controlplane.status()["policy"]["warnings"], 10, message="warning cleared")
 
 
-def test_archived_project_loses_access_within_a_second_of_its_webhook(stack: Stack) -> None:
+def test_archived_project_loses_access_within_a_second_of_its_webhook(stack: GitLabStack) -> None:
     stack.gitlab.archive_project(stack.deployer)
     try:
         assert stack.wait_get(403, timeout=5) < 1.0
@@ -167,7 +132,7 @@ def test_archived_project_loses_access_within_a_second_of_its_webhook(stack: Sta
     stack.wait_get(200)
 
 
-def test_unprotected_branch_loses_access_within_one_reconcile(stack: Stack) -> None:
+def test_unprotected_branch_loses_access_within_one_reconcile(stack: GitLabStack) -> None:
     stack.gitlab.unprotect_branch(stack.deployer, "main")  # GitLab sends no webhook for this
     try:
         took = stack.wait_get(403, timeout=RECONCILE + 5)
@@ -177,7 +142,7 @@ def test_unprotected_branch_loses_access_within_one_reconcile(stack: Stack) -> N
     stack.wait_get(200, timeout=RECONCILE + 5)
 
 
-def test_a_push_every_two_seconds_does_not_hold_back_the_reconcile(stack: Stack) -> None:
+def test_a_push_every_two_seconds_does_not_hold_back_the_reconcile(stack: GitLabStack) -> None:
     """An active GitLab sends webhooks all the time (here: a push every 2 s to another watched project);
     a protection change, which has no webhook, must still be seen within one reconcile."""
     busy = stack.gitlab.add_project("acme/busy")
@@ -212,7 +177,9 @@ def test_a_push_every_two_seconds_does_not_hold_back_the_reconcile(stack: Stack)
     stack.wait_get(200, timeout=RECONCILE + 5)
 
 
-def test_environments_off_on_a_project_is_read_once_per_reconcile_and_changes_are_still_seen(stack: Stack) -> None:
+def test_environments_off_on_a_project_is_read_once_per_reconcile_and_changes_are_still_seen(
+    stack: GitLabStack,
+) -> None:
     """GitLab answers 403 on /environments when the feature is off: no loop, no blind spot."""
     stack.gitlab.set_environments_enabled(stack.deployer, False)
     stack.gitlab.clear_api_calls()
@@ -228,7 +195,7 @@ def test_environments_off_on_a_project_is_read_once_per_reconcile_and_changes_ar
     stack.wait_get(200, timeout=RECONCILE + 5)
 
 
-def test_forged_or_replayed_webhooks_change_nothing(stack: Stack) -> None:
+def test_forged_or_replayed_webhooks_change_nothing(stack: GitLabStack) -> None:
     payload = project_system_hook("project_update", stack.deployer, "acme/platform/deployer")
     calls = len(stack.gitlab.api_calls("/projects/:id"))
     forged = deliver(stack.hook, "System Hook", payload, token="not-the-secret")
@@ -241,7 +208,7 @@ def test_forged_or_replayed_webhooks_change_nothing(stack: Stack) -> None:
     assert stack.get() == 200
 
 
-def test_gitlab_down_keeps_the_last_good_policy_enforced(stack: Stack) -> None:
+def test_gitlab_down_keeps_the_last_good_policy_enforced(stack: GitLabStack) -> None:
     stack.gitlab.set_down(True)
     try:
         payload = project_system_hook("project_update", stack.deployer, "acme/platform/deployer")
@@ -255,7 +222,7 @@ def test_gitlab_down_keeps_the_last_good_policy_enforced(stack: Stack) -> None:
     assert stack.get() == 200
 
 
-def test_deleted_branch_loses_access(stack: Stack) -> None:
+def test_deleted_branch_loses_access(stack: GitLabStack) -> None:
     stack.gitlab.add_branch(stack.deployer, "release")
     stack.gitlab.protect_branch(stack.deployer, "release")
     stack.gitlab.commit(stack.deployer, {"x.txt": "1"}, branch="release")  # a push webhook: re-sync
@@ -265,7 +232,7 @@ def test_deleted_branch_loses_access(stack: Stack) -> None:
     assert stack.get() == 200
 
 
-def test_status_and_metrics_show_the_inventory(stack: Stack) -> None:
+def test_status_and_metrics_show_the_inventory(stack: GitLabStack) -> None:
     watch = stack.gitlab_status()
     assert watch["issuer"] == "gitlab" and watch["stale"] is False and watch["projects"] >= 1
     metrics = stack.controlplane.metrics()
@@ -282,7 +249,7 @@ def test_status_and_metrics_show_the_inventory(stack: Stack) -> None:
     assert stack.gitlab.api_token not in (Path(stack.controlplane.log_path).read_text())
 
 
-def test_a_path_taken_over_by_another_project_is_an_error_never_a_rebind(stack: Stack) -> None:
+def test_a_path_taken_over_by_another_project_is_an_error_never_a_rebind(stack: GitLabStack) -> None:
     stack.gitlab.rename_project(stack.deployer, "deployer-old")
     impostor = stack.gitlab.add_project("acme/platform/deployer")
     try:
@@ -298,7 +265,7 @@ def test_a_path_taken_over_by_another_project_is_an_error_never_a_rebind(stack: 
     assert stack.get() == 200
 
 
-def test_a_binding_for_a_project_gitlab_has_but_nobody_watched_is_accepted_without_restart(stack: Stack) -> None:
+def test_a_binding_for_a_project_gitlab_has_but_nobody_watched_is_accepted_without_restart(stack: GitLabStack) -> None:
     """The watched set is what the policy in service names; a new policy naming a project outside it must be
     judged against GitLab (which has it), not against the old watched set."""
     newcomer = stack.gitlab.add_project("acme/newcomer")
@@ -316,7 +283,7 @@ def test_a_binding_for_a_project_gitlab_has_but_nobody_watched_is_accepted_witho
     stack.wait_get(403, project_id=newcomer, project_path="acme/newcomer")
 
 
-def test_a_policy_push_webhook_is_answered_before_a_slow_reload(stack: Stack) -> None:
+def test_a_policy_push_webhook_is_answered_before_a_slow_reload(stack: GitLabStack) -> None:
     """The push webhook awaited the whole reload (reading the tree from GitLab, judging new subjects): a slow
     GitLab made the delivery time out (GitLab then reports the hook failing) instead of a quick acknowledgement."""
     tree = "/projects/:id/repository/tree"
@@ -332,7 +299,7 @@ def test_a_policy_push_webhook_is_answered_before_a_slow_reload(stack: Stack) ->
     assert verdict[-1]["status"] == "success"
 
 
-def test_a_binding_for_a_project_gitlab_does_not_have_is_still_an_error(stack: Stack) -> None:
+def test_a_binding_for_a_project_gitlab_does_not_have_is_still_an_error(stack: GitLabStack) -> None:
     added = NEWCOMER.format(path="acme/nobody")
     sha = stack.gitlab.commit(stack.policy_project, {"policy.yaml": stack.policy_text + added})
     try:

@@ -153,7 +153,7 @@ class Served(OutsideWorld):
 
     controlplane: ControlPlaneProcess
     envoy_process: EnvoyProcess | None = None
-    hook: HookTarget | None = None
+    hook_target: HookTarget | None = None
     policy_project: int | None = None
     exchange_host: ClassVar[str | None] = "reports.local"
 
@@ -182,6 +182,12 @@ class Served(OutsideWorld):
         """The status of one request through the gateway."""
         return self.request(host, path, token, method).status
 
+    @property
+    def hook(self) -> HookTarget:
+        """The fake GitLab's system hook to serve's webhook listener."""
+        assert self.hook_target is not None, "this stack has no webhook"
+        return self.hook_target
+
     def subject(self, job_id: int, aud: str = "https://reports.local", **claims: Any) -> str:
         """A running job's ID token as GitLab mints it: project 42 unless `claims` say otherwise, valid an hour."""
         return self.gitlab.mint(job_id=job_id, aud=aud, **{"project_id": 42, "ttl": 3600, **claims})
@@ -201,7 +207,6 @@ class Served(OutsideWorld):
 
     def job_finished(self, job_id: int, project_id: int = 42, project_name: str = "acme / deployer") -> None:
         """GitLab's Job Hook for a job that succeeded, answered once the control plane handled it."""
-        assert self.hook is not None, "this stack has no webhook"
         payload = {"object_kind": "build", "build_id": job_id, "build_status": "success", "pipeline_id": 9}
         payload |= {"project_id": project_id, "ref": "main", "project_name": project_name}
         assert deliver(self.hook, "Job Hook", payload).status == 200
@@ -248,7 +253,7 @@ def serve_stack(
             text = (world.policy / "policy.yaml").read_text()
             project_id = world.gitlab.add_project(policy_project, files={"policy.yaml": text})
             args += ["--policy-project", policy_project, "--gitlab-url", world.gitlab.base_url]
-            args += ["--gitlab-token-env", "GITLAB_TOKEN", "--policy-poll", "3600"]
+            args += ["--gitlab-token-env", "GITLAB_TOKEN"]
         if gitlab_token or policy_project is not None:
             environment["GITLAB_TOKEN"] = world.gitlab.api_token
         hook = Webhook() if webhook else None
@@ -277,7 +282,7 @@ def serve_stack(
                     flush_logs=envoy.flush_logs,
                 )
             )
-        built = kind(**vars(world), controlplane=controlplane, envoy_process=proxy, hook=target)
+        built = kind(**vars(world), controlplane=controlplane, envoy_process=proxy, hook_target=target)
         built.policy_project = project_id
         if ready is not None:
             poll_until(lambda: bool(ready(built)), ready_timeout, message=f"{envoy.name if envoy else 'stack'} ready")
