@@ -8,29 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from controlplane.audit.store import open_readonly, query_records
 from controlplane.cli.bootstrap import ClientTls, render_bootstrap
-from tests.support.backends import EchoBackend, http_request
 from tests.support.certs import Pki, make_pki
-from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
-from tests.support.fake_gitlab import FakeGitLab
 from tests.support.one_backend import one_backend_policy
 from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.stack import Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
 
 @dataclass
-class Stack:
-    pki: Pki
-    gitlab: FakeGitLab
-    controlplane: ControlPlaneProcess
-    listen_port: int
+class TlsStack(Served):
+    pki: Pki | None = None
 
     def bootstrap(self, node_id: str, tls: ClientTls | None) -> dict[str, object]:
         return render_bootstrap(
@@ -38,33 +34,33 @@ class Stack:
         )
 
     def get(self, token: str) -> int:
-        headers = {"Host": "reports.local", "Authorization": f"Bearer {token}"}
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}/reports/1", headers=headers).status
+        return self.call("reports.local", token, path="/reports/1")
 
     def node_ids(self) -> set[str]:
         return {proxy["node"] for proxy in self.controlplane.status()["proxies"]}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     root = tmp_path_factory.mktemp("xds-tls")
     pki = make_pki(root / "pki")
-    policy = root / "policy"
-    policy.mkdir()
-    listen_port = free_port()
-    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        (policy / "policy.yaml").write_text(one_backend_policy(gitlab, backend, listen_port, free_port()))
-        tls_args = ("--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key))
-        args = (*tls_args, "--xds-client-ca", str(pki.ca))
-        with ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane:
-            yield Stack(pki, gitlab, controlplane, listen_port)
+    tls_args = ("--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key))
+    with serve_stack(
+        root,
+        partial(one_backend_policy, cold_port=free_port()),
+        kind=TlsStack,
+        envoy=None,  # each test starts its own, with or without a client certificate
+        serve_args=(*tls_args, "--xds-client-ca", str(pki.ca)),
+    ) as built:
+        built.pki = pki
+        yield built
 
 
 def _client_tls(pki: Pki, cert: Path, key: Path) -> ClientTls:
     return ClientTls(str(pki.ca), str(cert), str(key))
 
 
-def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(stack: Stack) -> None:
+def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(stack: TlsStack) -> None:
     tls = _client_tls(stack.pki, stack.pki.client.cert, stack.pki.client.key)
     with EnvoyProcess(stack.bootstrap("tls-envoy-1", tls), name="tls-envoy"):
         token = stack.gitlab.mint(aud="https://reports.local", project_id=42)
@@ -78,7 +74,7 @@ def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(stack: St
     assert "mTLS" in stack.controlplane.log_text()
 
 
-def _audit(stack: Stack, job: str) -> list[dict[str, object]]:
+def _audit(stack: TlsStack, job: str) -> list[dict[str, object]]:
     path = stack.controlplane.state_dir / "audit.sqlite3"
     if not path.exists():
         return []
@@ -90,7 +86,7 @@ def _audit(stack: Stack, job: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("who", ["no client certificate", "a certificate from another CA"])
-def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(stack: Stack, who: str) -> None:
+def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(stack: TlsStack, who: str) -> None:
     node_id = f"tls-intruder-{'none' if who.startswith('no') else 'other-ca'}"
     if who.startswith("no"):
         # Trusts the control plane's CA but presents nothing: the bootstrap as it would be without --tls-cert.
