@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -45,16 +45,14 @@ def policy(given: PolicyInputs) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("credentials")
-    with serve_stack(
+    with serve_exchange_stack(
         root,
         policy,
         kind=Served,
         envoy=EnvoySpec("cred-1", "credentials-envoy", flush_logs=True),
         backends=("reports", "deploy"),
-        webhook=True,
         state_dir=root / "state",
-        serve_args=("--jwks-refresh", "1", "--key-rotation", str(KEY_ROTATION)),
-        ready=lambda built: built.exchange(built.subject(1)).status == 200,
+        serve_args=("--key-rotation", str(KEY_ROTATION)),
     ) as built:
         yield built
 

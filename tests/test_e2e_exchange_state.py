@@ -20,7 +20,7 @@ import pytest
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -56,15 +56,13 @@ class ExchangeStack(Served):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExchangeStack]:
     root = tmp_path_factory.mktemp("exchange-state")
-    with serve_stack(
+    with serve_exchange_stack(
         root,
         policy,
         kind=ExchangeStack,
         envoy=EnvoySpec("state-1", "exchange-state-envoy"),
         backends=("reports", "billing"),
-        webhook=True,
-        serve_args=("--jwks-refresh", "1", "--deny-id-tokens-for", "0"),
-        ready=lambda built: built.exchange(built.subject(1)).status == 200,
+        serve_args=("--deny-id-tokens-for", "0"),
     ) as built:
         yield built
     assert "eyJ" not in (root / "controlplane.log").read_text(), "a token was logged"

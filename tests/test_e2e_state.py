@@ -22,7 +22,7 @@ from tests.support.controlplane import ControlPlaneProcess
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -80,16 +80,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StateStack]:
     root = tmp_path_factory.mktemp("state-e2e")
     with FakeGitLab() as gitlab:
         project = gitlab.add_project("acme/deployer")
-        with serve_stack(
+        with serve_exchange_stack(
             root,
             policy,
             kind=StateStack,
             envoy=EnvoySpec("state-1", "state-envoy", flush_logs=True),
             gitlab=gitlab,
             gitlab_token=True,
-            webhook=True,
+            ready=None,  # the gateway, once the project is known
             state_dir=root / "state",
-            serve_args=("--jwks-refresh", "1", *NO_SWEEP),
+            serve_args=NO_SWEEP,
         ) as built:
             built.project = project
             job = gitlab.add_job(project)

@@ -289,6 +289,23 @@ def serve_stack(
         yield built
 
 
+def exchange_answers(built: Served) -> bool:
+    """Whether the token exchange grants a running job's subject token (job 1 of project 42)."""
+    return built.exchange(built.subject(1)).status == 200
+
+
+@contextmanager
+def serve_exchange_stack(
+    root: Path, policy: PolicyWriter, *, kind: type[S], envoy: EnvoySpec, serve_args: tuple[str, ...] = (), **more: Any
+) -> Iterator[S]:
+    """The stack of the credential suites: job ends arrive as Job Hooks on the webhook, GitLab's keys are
+    re-read every second, and it is ready once the exchange answers (unless `ready` says otherwise)."""
+    more.setdefault("ready", exchange_answers)
+    args = ("--jwks-refresh", "1", *serve_args)
+    with serve_stack(root, policy, kind=kind, envoy=envoy, webhook=True, serve_args=args, **more) as built:
+        yield built
+
+
 @dataclass
 class Stack(Served):
     """The reference policy's stack: the SotW and Delta suites' `stack`."""
