@@ -11,6 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+# Two projects in acme/platform: the deployer (42) and another (43), as an issuer's `inventory` file.
+ACME_INVENTORY = """\
+groups:
+  - {id: 10, path: acme}
+  - {id: 11, path: acme/platform, parent_id: 10}
+projects:
+  - {id: 42, path: acme/platform/deployer, namespace_id: 11}
+  - {id: 43, path: acme/platform/other, namespace_id: 11}
+"""
 TTL_10M = "credential_ttl: 10m"  # a binding's `extra`: the exchanged credential lives ten minutes
 
 

@@ -26,7 +26,7 @@ from .exchange import post_exchange
 from .fake_gitlab import FakeGitLab
 from .gateway import Webhook, gateway_envoy
 from .gitlab_hooks import HookTarget, deliver
-from .policy_parts import backend, binding, documents, gateway, issuer, role
+from .policy_parts import ACME_INVENTORY, backend, binding, documents, gateway, issuer, role
 from .ports import LOOPBACK, free_port, poll_until
 
 Protocol = Literal["sotw", "delta"]
@@ -37,14 +37,6 @@ DEPLOYER_PATH = "acme/platform/deployer"
 DEPLOYER = {"project_id": 42, "project_path": DEPLOYER_PATH, "namespace_id": 11}
 OTHER = {"project_id": 43, "project_path": "acme/platform/other", "namespace_id": 11}
 
-INVENTORY = """\
-groups:
-  - {id: 10, path: acme}
-  - {id: 11, path: acme/platform, parent_id: 10}
-projects:
-  - {id: 42, path: acme/platform/deployer, namespace_id: 11}
-  - {id: 43, path: acme/platform/other, namespace_id: 11}
-"""
 OTHER_PROJECT_BINDING = binding("other-reads-reports", ["reports-read"], "{project: 43}")
 
 
@@ -67,7 +59,7 @@ def reference_policy(given: PolicyInputs) -> dict[str, str]:
     """The reference policy, one kind a file as an operator lays it out."""
     return {
         "issuer.yaml": issuer(given.issuer, extra="inventory: inventory.yaml"),
-        "inventory.yaml": INVENTORY,
+        "inventory.yaml": ACME_INVENTORY,
         "backends.yaml": documents(
             backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
             backend("deploy-api", given.ports["deploy"]),
