@@ -48,10 +48,15 @@ from tests.compiled import (
     vhost_requirement_name,
 )
 from tests.support.envoy import validate_config
-from tests.support.policy_parts import issuer
 from tests.support.static_bootstrap import as_static_bootstrap
 
-ISSUER = issuer("https://gitlab.example.com", extra="inventory: inventory.yaml")
+ISSUER = """
+kind: Issuer
+name: gitlab
+type: gitlab
+url: https://gitlab.example.com
+inventory: inventory.yaml
+"""
 INVENTORY = """
 groups:
   - {id: 10, path: acme}
