@@ -94,7 +94,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def audit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e-audit")
     with outside_world(root) as world:
         policy = world.policy
@@ -113,29 +113,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             controlplane.stop()
 
 
-def _job_a_requests(stack: Stack) -> tuple[list[tuple[str, str, int]], list[str]]:
+def _job_a_requests(audit_stack: Stack) -> tuple[list[tuple[str, str, int]], list[str]]:
     """Job A: allowed read (with a query that must not be stored), denied write, allowed deploy."""
-    reports = stack.token(DEPLOYER, "https://reports.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
-    deploy = stack.token(DEPLOYER, "https://deploy.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
+    reports = audit_stack.token(DEPLOYER, "https://reports.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
+    deploy = audit_stack.token(DEPLOYER, "https://deploy.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
     made = [
         ("reports.local", "GET", "/reports/2026?private_token=secret-value", reports, 200),
         ("reports.local", "POST", "/reports/2026", reports, 403),
         ("deploy.local", "POST", "/deployments/prod", deploy, 200),
     ]
     for host, method, path, token, expected in made:
-        response = stack.request(host, path, token, method=method)
+        response = audit_stack.request(host, path, token, method=method)
         assert response.status == expected, (method, path, response.status, response.text)
     return [(m, p, s) for _, m, p, _, s in made], [reports, deploy]
 
 
-def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> None:
-    made, tokens = _job_a_requests(stack)
-    other = stack.token(OTHER, "https://reports.local", job_id=JOB_B, pipeline_id=PIPELINE_B)
-    assert stack.request("reports.local", "/reports/2026", other).status == 403
-    assert stack.request("reports.local", "/reports/2026", None).status == 401
+def test_audit_query_returns_exactly_the_requests_a_job_made(audit_stack: Stack) -> None:
+    made, tokens = _job_a_requests(audit_stack)
+    other = audit_stack.token(OTHER, "https://reports.local", job_id=JOB_B, pipeline_id=PIPELINE_B)
+    assert audit_stack.request("reports.local", "/reports/2026", other).status == 403
+    assert audit_stack.request("reports.local", "/reports/2026", None).status == 401
     tokens.append(other)
 
-    store = stack.controlplane.store
+    store = audit_stack.controlplane.store
     records: list[dict[str, Any]] = poll_until(
         lambda: r if len(r := store.query(job=JOB_A)) >= len(made) else [], 10, message="job A's records"
     )
@@ -150,7 +150,7 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
         "job_id": JOB_A,
         "ref": "main",
         "user": "ci-user",
-        "issuer": stack.gitlab.issuer,
+        "issuer": audit_stack.gitlab.issuer,
         "credential_jti": None,  # a GitLab ID token is not a control-plane credential
     }
     expected = [
@@ -190,8 +190,8 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
     ]
 
     # Nothing secret on disk: no token, and no query string (the database and its WAL).
-    stack.controlplane.store.flush(10)
-    for path in stack.db.parent.glob("audit.sqlite3*"):
+    audit_stack.controlplane.store.flush(10)
+    for path in audit_stack.db.parent.glob("audit.sqlite3*"):
         data = path.read_bytes()
         assert b"secret-value" not in data, path
         for token in tokens:
@@ -199,13 +199,13 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
             assert token.split(".")[2].encode() not in data, path
 
 
-def test_cli_reads_the_live_store(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
-    token = stack.token(DEPLOYER, "https://reports.local", job_id="70003", pipeline_id="80003")
-    assert stack.request("reports.local", "/cli/check", token).status == 200
-    poll_until(lambda: stack.controlplane.store.query(job="70003"), 10, message="record of job 70003")
+def test_cli_reads_the_live_store(audit_stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    token = audit_stack.token(DEPLOYER, "https://reports.local", job_id="70003", pipeline_id="80003")
+    assert audit_stack.request("reports.local", "/cli/check", token).status == 200
+    poll_until(lambda: audit_stack.controlplane.store.query(job="70003"), 10, message="record of job 70003")
     capsys.readouterr()
 
-    assert run_audit(_args(job="70003", as_json=True, db=stack.db)) == 0
+    assert run_audit(_args(job="70003", as_json=True, db=audit_stack.db)) == 0
     (record,) = json.loads(capsys.readouterr().out)
     assert (record["path"], record["decision"], record["policy"]) == (
         "/cli/check",
@@ -213,7 +213,7 @@ def test_cli_reads_the_live_store(stack: Stack, capsys: pytest.CaptureFixture[st
         "deployer-reads-reports/reports-read",
     )
 
-    assert run_audit(_args(job="70003", as_json=False, db=stack.db)) == 0
+    assert run_audit(_args(job="70003", as_json=False, db=audit_stack.db)) == 0
     table = capsys.readouterr().out
     for shown in ("/cli/check", "deployer-reads-reports/reports-read", "acme/platform/deployer", "70003"):
         assert shown in table, table

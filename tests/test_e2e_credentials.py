@@ -43,7 +43,7 @@ def policy(given: PolicyInputs) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def credentials_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("credentials")
     with serve_exchange_stack(
         root,
@@ -57,52 +57,62 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield built
 
 
-def test_exchanged_credential_opens_its_backend_only(stack: Served) -> None:
-    credential = stack.credential(101)
-    assert stack.call("reports.local", credential) == 200
-    assert stack.call("reports.local", credential, method="POST") == 403  # role is read-only
-    assert stack.call("deploy.local", credential, method="POST") == 403  # audience/role of another backend
-    assert stack.call("reports.local", stack.subject(101)) in (401, 403)  # raw ID tokens refused: exchanged only
+def test_exchanged_credential_opens_its_backend_only(credentials_stack: Served) -> None:
+    credential = credentials_stack.credential(101)
+    assert credentials_stack.call("reports.local", credential) == 200
+    assert credentials_stack.call("reports.local", credential, method="POST") == 403  # role is read-only
+    assert credentials_stack.call("deploy.local", credential, method="POST") == 403  # audience/role of another backend
+    assert credentials_stack.call("reports.local", credentials_stack.subject(101)) in (
+        401,
+        403,
+    )  # raw ID tokens refused: exchanged only
 
 
-def test_exchange_refusals_follow_rfc_8693(stack: Served) -> None:
-    assert stack.exchange(stack.subject(102, project_id=43)).json()["error"] == "invalid_scope"
-    assert stack.exchange(stack.subject(102), audience="nope").json()["error"] == "invalid_target"
-    assert stack.exchange(stack.subject(102, key=stack.gitlab.rogue)).json()["error"] == "invalid_grant"
-    refused = stack.exchange("not-a-token")
+def test_exchange_refusals_follow_rfc_8693(credentials_stack: Served) -> None:
+    assert credentials_stack.exchange(credentials_stack.subject(102, project_id=43)).json()["error"] == "invalid_scope"
+    assert (
+        credentials_stack.exchange(credentials_stack.subject(102), audience="nope").json()["error"] == "invalid_target"
+    )
+    assert (
+        credentials_stack.exchange(credentials_stack.subject(102, key=credentials_stack.gitlab.rogue)).json()["error"]
+        == "invalid_grant"
+    )
+    refused = credentials_stack.exchange("not-a-token")
     assert refused.status == 400 and "not-a-token" not in refused.text
 
 
-def test_a_subject_token_is_exchanged_a_bounded_number_of_times(stack: Served) -> None:
-    subject = stack.subject(103)
-    results = [stack.exchange(subject).status for _ in range(5)]
+def test_a_subject_token_is_exchanged_a_bounded_number_of_times(credentials_stack: Served) -> None:
+    subject = credentials_stack.subject(103)
+    results = [credentials_stack.exchange(subject).status for _ in range(5)]
     assert results[0] == 200 and results[-1] == 400 and results.count(200) <= 3
 
 
-def test_an_expired_credential_is_401(stack: Served) -> None:
-    credential = stack.credential(104, requested_token_lifetime="1")
-    assert stack.call("reports.local", credential) == 200
-    poll_until(lambda: stack.call("reports.local", credential) == 401, 40, interval=0.2, message="expired → 401")
+def test_an_expired_credential_is_401(credentials_stack: Served) -> None:
+    credential = credentials_stack.credential(104, requested_token_lifetime="1")
+    assert credentials_stack.call("reports.local", credential) == 200
+    poll_until(
+        lambda: credentials_stack.call("reports.local", credential) == 401, 40, interval=0.2, message="expired → 401"
+    )
 
 
-def test_job_finished_webhook_denies_within_a_second(stack: Served) -> None:
-    credential = stack.credential(105)
-    assert stack.call("reports.local", credential) == 200
+def test_job_finished_webhook_denies_within_a_second(credentials_stack: Served) -> None:
+    credential = credentials_stack.credential(105)
+    assert credentials_stack.call("reports.local", credential) == 200
     started = time.monotonic()
-    stack.job_finished(105)
-    poll_until(lambda: stack.call("reports.local", credential) == 403, 5, interval=0.01, message="revoked")
+    credentials_stack.job_finished(105)
+    poll_until(lambda: credentials_stack.call("reports.local", credential) == 403, 5, interval=0.01, message="revoked")
     assert time.monotonic() - started < 1.0
-    assert stack.call("reports.local", stack.credential(106)) == 200  # other jobs unaffected
+    assert credentials_stack.call("reports.local", credentials_stack.credential(106)) == 200  # other jobs unaffected
 
 
-def test_rotation_under_continuous_traffic_rejects_nothing(stack: Served) -> None:
+def test_rotation_under_continuous_traffic_rejects_nothing(credentials_stack: Served) -> None:
     failures: list[int] = []
     stop = threading.Event()
-    credentials = [stack.credential(200)]
+    credentials = [credentials_stack.credential(200)]
 
     def traffic() -> None:
         while not stop.is_set():
-            status = stack.call("reports.local", credentials[-1])
+            status = credentials_stack.call("reports.local", credentials[-1])
             if status != 200:
                 failures.append(status)
 
@@ -111,7 +121,7 @@ def test_rotation_under_continuous_traffic_rejects_nothing(stack: Served) -> Non
     try:
         deadline = time.monotonic() + KEY_ROTATION * 3
         while time.monotonic() < deadline:  # new credentials signed by each new key, old ones still in use
-            credentials.append(stack.credential(200 + len(credentials)))
+            credentials.append(credentials_stack.credential(200 + len(credentials)))
             stop.wait(0.5)
     finally:
         stop.set()
@@ -119,15 +129,15 @@ def test_rotation_under_continuous_traffic_rejects_nothing(stack: Served) -> Non
     kids = {json.loads(_b64(c.split(".")[0]))["kid"] for c in credentials}
     assert len(kids) >= 2, "no rotation happened during the test"
     assert failures == []
-    assert all(stack.call("reports.local", c) == 200 for c in credentials)
+    assert all(credentials_stack.call("reports.local", c) == 200 for c in credentials)
 
 
-def test_audit_returns_exactly_the_requests_a_job_made(stack: Served) -> None:
-    mine, other = stack.credential(301), stack.credential(302)
+def test_audit_returns_exactly_the_requests_a_job_made(credentials_stack: Served) -> None:
+    mine, other = credentials_stack.credential(301), credentials_stack.credential(302)
     for path in ("/a?secret=x", "/b"):
-        assert stack.call("reports.local", mine, path=path) == 200
-    assert stack.call("reports.local", other, path="/c") == 200
-    assert stack.call("reports.local", mine, method="POST", path="/d") == 403
+        assert credentials_stack.call("reports.local", mine, path=path) == 200
+    assert credentials_stack.call("reports.local", other, path="/c") == 200
+    assert credentials_stack.call("reports.local", mine, method="POST", path="/d") == 403
 
     def rows() -> list[dict[str, Any]]:
         out = subprocess.run(
@@ -140,7 +150,7 @@ def test_audit_returns_exactly_the_requests_a_job_made(stack: Served) -> None:
                 "301",
                 "--json",
                 "--db",
-                str(stack.controlplane.state_dir / "audit.sqlite3"),
+                str(credentials_stack.controlplane.state_dir / "audit.sqlite3"),
             ],
             capture_output=True,
             text=True,

@@ -54,7 +54,7 @@ class ExchangeStack(Served):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExchangeStack]:
+def exchange_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExchangeStack]:
     root = tmp_path_factory.mktemp("exchange-state")
     with serve_exchange_stack(
         root,
@@ -68,43 +68,45 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExchangeStack]:
     assert "eyJ" not in (root / "controlplane.log").read_text(), "a token was logged"
 
 
-def test_a_token_for_billing_is_not_exchanged_for_reports(stack: ExchangeStack) -> None:
-    for_billing = stack.subject(501, aud="https://billing.local")
-    poll_until(lambda: stack.call("billing.local", for_billing) == 200, 10, message="billing token on billing")
-    assert stack.call("reports.local", for_billing) in (401, 403)  # Envoy refuses it on reports...
-    refused = stack.exchange(for_billing, audience="reports-api")  # ...so the exchange must too
+def test_a_token_for_billing_is_not_exchanged_for_reports(exchange_stack: ExchangeStack) -> None:
+    for_billing = exchange_stack.subject(501, aud="https://billing.local")
+    poll_until(lambda: exchange_stack.call("billing.local", for_billing) == 200, 10, message="billing token on billing")
+    assert exchange_stack.call("reports.local", for_billing) in (401, 403)  # Envoy refuses it on reports...
+    refused = exchange_stack.exchange(for_billing, audience="reports-api")  # ...so the exchange must too
     assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), refused.text
-    granted = stack.exchange(for_billing, audience="billing-api")  # for its own backend it is exchanged
+    granted = exchange_stack.exchange(for_billing, audience="billing-api")  # for its own backend it is exchanged
     assert granted.status == 200, granted.text
-    assert stack.call("billing.local", granted.json()["access_token"]) == 200
+    assert exchange_stack.call("billing.local", granted.json()["access_token"]) == 200
 
 
-def test_a_job_finished_before_its_first_exchange_gets_no_credential(stack: ExchangeStack) -> None:
-    minted_while_running = stack.subject(502)
-    stack.job_finished(502)
-    refused = stack.exchange(minted_while_running)
+def test_a_job_finished_before_its_first_exchange_gets_no_credential(exchange_stack: ExchangeStack) -> None:
+    minted_while_running = exchange_stack.subject(502)
+    exchange_stack.job_finished(502)
+    refused = exchange_stack.exchange(minted_while_running)
     assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), refused.text
     assert "finished" in refused.json()["error_description"]
-    assert stack.exchange(stack.subject(503)).status == 200  # a running job is not affected
+    assert exchange_stack.exchange(exchange_stack.subject(503)).status == 200  # a running job is not affected
 
 
-def test_a_credential_from_before_a_crash_is_revoked_when_its_job_finishes(stack: ExchangeStack) -> None:
-    granted = stack.exchange(stack.subject(504))
+def test_a_credential_from_before_a_crash_is_revoked_when_its_job_finishes(exchange_stack: ExchangeStack) -> None:
+    granted = exchange_stack.exchange(exchange_stack.subject(504))
     assert granted.status == 200, granted.text
     credential = granted.json()["access_token"]
-    assert stack.call("reports.local", credential) == 200
-    stack.crash_and_restart()
-    poll_until(lambda: stack.call("reports.local", credential) == 200, 10, message="credential valid after restart")
-    stack.job_finished(504)  # --deny-id-tokens-for 0: the deny entry lasts as long as the credential
-    poll_until(lambda: stack.call("reports.local", credential) == 403, 5, interval=0.02, message="revoked")
-    assert stack.exchange(stack.subject(504)).status == 400
+    assert exchange_stack.call("reports.local", credential) == 200
+    exchange_stack.crash_and_restart()
+    poll_until(
+        lambda: exchange_stack.call("reports.local", credential) == 200, 10, message="credential valid after restart"
+    )
+    exchange_stack.job_finished(504)  # --deny-id-tokens-for 0: the deny entry lasts as long as the credential
+    poll_until(lambda: exchange_stack.call("reports.local", credential) == 403, 5, interval=0.02, message="revoked")
+    assert exchange_stack.exchange(exchange_stack.subject(504)).status == 400
 
 
-def test_the_replay_bound_survives_kill_9(stack: ExchangeStack) -> None:
-    subject = stack.subject(505)
-    assert [stack.exchange(subject).status for _ in range(3)] == [200, 200, 200]
-    stack.crash_and_restart()
-    replay = stack.exchange(subject)
+def test_the_replay_bound_survives_kill_9(exchange_stack: ExchangeStack) -> None:
+    subject = exchange_stack.subject(505)
+    assert [exchange_stack.exchange(subject).status for _ in range(3)] == [200, 200, 200]
+    exchange_stack.crash_and_restart()
+    replay = exchange_stack.exchange(subject)
     assert (replay.status, replay.json()["error"]) == (400, "invalid_grant"), replay.text
     assert "too many times" in replay.json()["error_description"]
 

@@ -67,7 +67,7 @@ def write_secret(path: Path, value: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InjectStack]:
+def inject_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InjectStack]:
     root = tmp_path_factory.mktemp("inject")
     write_secret(root / SECRET, "first-backend-secret")
     vault = LoopbackHTTPServer(name="vault")
@@ -89,66 +89,69 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InjectStack]:
         assert "second-backend-secret" not in built.controlplane.log_text()
 
 
-def _last_authorization(stack: InjectStack) -> str:
-    return stack.backend.requests[-1].headers.get("authorization", "")
+def _last_authorization(inject_stack: InjectStack) -> str:
+    return inject_stack.backend.requests[-1].headers.get("authorization", "")
 
 
-def test_backend_gets_its_secret_and_never_the_jobs_token(stack: InjectStack) -> None:
-    token = stack.token()
-    response = stack.fetch(token)
+def test_backend_gets_its_secret_and_never_the_jobs_token(inject_stack: InjectStack) -> None:
+    token = inject_stack.token()
+    response = inject_stack.fetch(token)
     assert response.status == 200
-    received = stack.backend.requests[-1].headers
+    received = inject_stack.backend.requests[-1].headers
     assert received["authorization"] == "Bearer first-backend-secret"
     assert all(token not in value for value in received.values())
     assert "first-backend-secret" not in response.text
     assert all("first-backend-secret" not in value for value in response.headers.values())
 
 
-def test_public_path_injects_the_backends_credential_in_place_of_the_jobs_token(stack: InjectStack) -> None:
+def test_public_path_injects_the_backends_credential_in_place_of_the_jobs_token(inject_stack: InjectStack) -> None:
     """jwt_authn is off on a public path, so it strips nothing there: the injector's overwrite replaces the
     job's Authorization with the backend's own credential."""
-    token = stack.token()
-    assert stack.fetch(token, path="/healthz").status == 200
-    received = stack.backend.requests[-1].headers
+    token = inject_stack.token()
+    assert inject_stack.fetch(token, path="/healthz").status == 200
+    received = inject_stack.backend.requests[-1].headers
     assert received["authorization"] == "Bearer first-backend-secret"
     assert all(token not in value for value in received.values())
 
 
-def test_public_path_of_a_backend_injecting_another_header_drops_the_jobs_token(stack: InjectStack) -> None:
-    token = stack.token()
-    assert stack.fetch(token, host="keyed.local", path="/healthz").status == 200
-    received = stack.backend.requests[-1].headers
+def test_public_path_of_a_backend_injecting_another_header_drops_the_jobs_token(inject_stack: InjectStack) -> None:
+    token = inject_stack.token()
+    assert inject_stack.fetch(token, host="keyed.local", path="/healthz").status == 200
+    received = inject_stack.backend.requests[-1].headers
     assert received["x-api-key"] == "first-backend-secret"
     assert "authorization" not in received
     assert all(token not in value for value in received.values())
 
 
-def test_a_rewritten_secret_reaches_envoy_without_restart_or_listener_change(stack: InjectStack) -> None:
-    pid = stack.envoy.pid
-    listeners_before = stack.envoy.stats("listener_manager.lds.update_success")
-    stack.write_secret("second-backend-secret")
-    token = stack.token()
+def test_a_rewritten_secret_reaches_envoy_without_restart_or_listener_change(inject_stack: InjectStack) -> None:
+    pid = inject_stack.envoy.pid
+    listeners_before = inject_stack.envoy.stats("listener_manager.lds.update_success")
+    inject_stack.write_secret("second-backend-secret")
+    token = inject_stack.token()
     started = time.monotonic()
 
     def rotated() -> bool:
-        return stack.fetch(token).status == 200 and _last_authorization(stack) == "Bearer second-backend-secret"
+        return (
+            inject_stack.fetch(token).status == 200
+            and _last_authorization(inject_stack) == "Bearer second-backend-secret"
+        )
 
     poll_until(rotated, 10, message="backend sees the new secret")
     elapsed = time.monotonic() - started
     assert elapsed < 5, elapsed
-    assert stack.envoy.pid == pid and stack.envoy.running
-    assert stack.envoy.stats("listener_manager.lds.update_success") == listeners_before
-    response = stack.fetch(token)
+    assert inject_stack.envoy.pid == pid and inject_stack.envoy.running
+    assert inject_stack.envoy.stats("listener_manager.lds.update_success") == listeners_before
+    response = inject_stack.fetch(token)
     assert "second-backend-secret" not in response.text
 
 
-def test_an_emptied_secret_fails_closed_and_recovers(stack: InjectStack) -> None:
+def test_an_emptied_secret_fails_closed_and_recovers(inject_stack: InjectStack) -> None:
     """No credential to inject: Envoy refuses the request rather than forward it without one."""
-    token = stack.token()
-    stack.write_secret("")
-    poll_until(lambda: stack.fetch(token).status == 401, 10, message="refused without a credential")
-    served = len(stack.backend.requests)
-    assert stack.fetch(token).status == 401 and len(stack.backend.requests) == served
-    stack.write_secret("second-backend-secret")
-    poll_until(lambda: stack.fetch(token).status == 200, 10, message="served again")
-    assert _last_authorization(stack) == "Bearer second-backend-secret"
+    token = inject_stack.token()
+    inject_stack.write_secret("")
+    poll_until(lambda: inject_stack.fetch(token).status == 401, 10, message="refused without a credential")
+    served = len(inject_stack.backend.requests)
+    assert inject_stack.fetch(token).status == 401 and len(inject_stack.backend.requests) == served
+    inject_stack.write_secret("second-backend-secret")
+    poll_until(lambda: inject_stack.fetch(token).status == 200, 10, message="served again")
+    assert _last_authorization(inject_stack) == "Bearer second-backend-secret"

@@ -57,7 +57,7 @@ class JwksStack(Served):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwksStack]:
+def jwks_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwksStack]:
     cold_port = free_port()
     with serve_stack(
         tmp_path_factory.mktemp("jwks"),
@@ -79,60 +79,62 @@ def _cluster_names(envoy: EnvoyProcess) -> set[str]:
     return names
 
 
-def test_a_cold_envoy_accepts_tokens_with_no_route_to_the_issuer(stack: JwksStack) -> None:
-    assert stack.get(stack.token()) == 200  # the very first request: no JWKS fetch by Envoy, no 401
-    assert stack.get(stack.token(key=stack.gitlab.rogue, kid=stack.gitlab.signing_key.kid)) == 401
-    assert stack.get(stack.token(project_id=43)) == 403
-    clusters = _cluster_names(stack.envoy)
+def test_a_cold_envoy_accepts_tokens_with_no_route_to_the_issuer(jwks_stack: JwksStack) -> None:
+    assert jwks_stack.get(jwks_stack.token()) == 200  # the very first request: no JWKS fetch by Envoy, no 401
+    assert jwks_stack.get(jwks_stack.token(key=jwks_stack.gitlab.rogue, kid=jwks_stack.gitlab.signing_key.kid)) == 401
+    assert jwks_stack.get(jwks_stack.token(project_id=43)) == 403
+    clusters = _cluster_names(jwks_stack.envoy)
     assert "backend-reports-api" in clusters and not any(c.startswith("jwks-") for c in clusters)
-    jwks_clients = {r.headers.get("user-agent", "") for r in stack.gitlab.requests if r.path.endswith("/keys")}
+    jwks_clients = {r.headers.get("user-agent", "") for r in jwks_stack.gitlab.requests if r.path.endswith("/keys")}
     assert jwks_clients and all(agent.startswith("controlplane/") for agent in jwks_clients)  # never Envoy
-    status = stack.controlplane.status()["jwks"]["gitlab"]
-    assert status["kids"] == [stack.gitlab.signing_key.kid] and status["last_error"] is None
-    assert stack.controlplane.metric("controlplane_jwks_keys", issuer="gitlab") == 1
+    status = jwks_stack.controlplane.status()["jwks"]["gitlab"]
+    assert status["kids"] == [jwks_stack.gitlab.signing_key.kid] and status["last_error"] is None
+    assert jwks_stack.controlplane.metric("controlplane_jwks_keys", issuer="gitlab") == 1
 
 
 def test_a_rotation_reaches_envoy_within_seconds_and_a_withdrawal_too(
-    stack: JwksStack, record_property: Callable[[str, object], None]
+    jwks_stack: JwksStack, record_property: Callable[[str, object], None]
 ) -> None:
-    old_key = stack.gitlab.signing_key
-    old_token = stack.token()
-    assert stack.get(old_token) == 200
-    new_key = stack.gitlab.rotate_key(keep_old=True)  # GitLab publishes the new key beside the old one
-    new_token = stack.token()
-    accepted = stack.wait_status(new_token, 200, timeout=10)
-    assert stack.get(old_token) == 200  # both keys are trusted during the overlap
-    assert stack.get(stack.token(key=old_key)) == 200
-    stack.gitlab.publish([new_key])  # the old key is withdrawn
-    withdrawn = stack.wait_status(stack.token(key=old_key), 401, timeout=10)
-    assert stack.get(old_token) == 401  # also a token Envoy had verified (and cached) before
-    assert stack.get(new_token) == 200
-    assert stack.controlplane.metric("controlplane_jwks_key_changes_total", issuer="gitlab") >= 2
+    old_key = jwks_stack.gitlab.signing_key
+    old_token = jwks_stack.token()
+    assert jwks_stack.get(old_token) == 200
+    new_key = jwks_stack.gitlab.rotate_key(keep_old=True)  # GitLab publishes the new key beside the old one
+    new_token = jwks_stack.token()
+    accepted = jwks_stack.wait_status(new_token, 200, timeout=10)
+    assert jwks_stack.get(old_token) == 200  # both keys are trusted during the overlap
+    assert jwks_stack.get(jwks_stack.token(key=old_key)) == 200
+    jwks_stack.gitlab.publish([new_key])  # the old key is withdrawn
+    withdrawn = jwks_stack.wait_status(jwks_stack.token(key=old_key), 401, timeout=10)
+    assert jwks_stack.get(old_token) == 401  # also a token Envoy had verified (and cached) before
+    assert jwks_stack.get(new_token) == 200
+    assert jwks_stack.controlplane.metric("controlplane_jwks_key_changes_total", issuer="gitlab") >= 2
     record_property("rotation_to_acceptance_seconds", round(accepted, 3))
     record_property("withdrawal_to_rejection_seconds", round(withdrawn, 3))
     print(f"rotation → accepted in {accepted:.3f}s; withdrawal → rejected in {withdrawn:.3f}s")
     assert accepted < 5 and withdrawn < 5
 
 
-def test_an_issuer_outage_keeps_the_last_good_keys_even_for_a_cold_envoy(stack: JwksStack) -> None:
-    token = stack.token()
-    assert stack.get(token) == 200
-    errors = stack.fetch_errors()
-    stack.gitlab.fail_jwks(503)
+def test_an_issuer_outage_keeps_the_last_good_keys_even_for_a_cold_envoy(jwks_stack: JwksStack) -> None:
+    token = jwks_stack.token()
+    assert jwks_stack.get(token) == 200
+    errors = jwks_stack.fetch_errors()
+    jwks_stack.gitlab.fail_jwks(503)
     try:
-        poll_until(lambda: stack.fetch_errors() >= errors + 2, 20, message="two failed refreshes")
-        assert stack.get(token) == 200
-        assert stack.get(stack.token()) == 200
-        status = stack.controlplane.status()["jwks"]["gitlab"]
+        poll_until(lambda: jwks_stack.fetch_errors() >= errors + 2, 20, message="two failed refreshes")
+        assert jwks_stack.get(token) == 200
+        assert jwks_stack.get(jwks_stack.token()) == 200
+        status = jwks_stack.controlplane.status()["jwks"]["gitlab"]
         assert status["last_error"] and "503" in status["last_error"]
-        assert status["kids"] == [stack.gitlab.signing_key.kid]
-        xds_port = stack.controlplane.xds_port
+        assert status["kids"] == [jwks_stack.gitlab.signing_key.kid]
+        xds_port = jwks_stack.controlplane.xds_port
         with gateway_envoy(xds_port, group="cold-gateway", node="jwks-cold-1", name="jwks-cold-envoy"):
             # A fresh Envoy while the issuer is down: never "Jwks remote fetch is failed".
-            stack.wait_status(token, 200, timeout=20, port=stack.cold_port)
+            jwks_stack.wait_status(token, 200, timeout=20, port=jwks_stack.cold_port)
     finally:
-        stack.gitlab.fail_jwks(None)
-    poll_until(lambda: stack.controlplane.status()["jwks"]["gitlab"]["last_error"] is None, 10, message="recovered")
+        jwks_stack.gitlab.fail_jwks(None)
+    poll_until(
+        lambda: jwks_stack.controlplane.status()["jwks"]["gitlab"]["last_error"] is None, 10, message="recovered"
+    )
 
 
 def test_remote_mode_still_has_envoy_fetch_the_keys(tmp_path: Path) -> None:

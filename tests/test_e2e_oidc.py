@@ -60,7 +60,7 @@ class OidcStack(Served):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcStack]:
+def oidc_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcStack]:
     with (
         FakeOidc() as okta,
         serve_stack(
@@ -76,48 +76,50 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcStack]:
         yield built
 
 
-def test_okta_group_member_is_allowed_and_others_are_not(stack: OidcStack) -> None:
-    assert stack.get(stack.okta.mint(aud="api://flags", groups=["eng", "platform-admins"])) == 200
-    as_string = stack.okta.mint(aud="api://flags", raw={"groups": "platform-admins"})  # a string, not a list
-    assert stack.get(as_string) == 200
-    assert stack.get(stack.okta.mint(aud="api://flags", groups=["eng"])) == 403
-    assert stack.get(stack.okta.mint(aud="api://flags", groups=["platform-admins"], email="x@evil.com")) == 403
-    assert stack.get(stack.okta.mint(aud="api://other", groups=["platform-admins"])) == 403
+def test_okta_group_member_is_allowed_and_others_are_not(oidc_stack: OidcStack) -> None:
+    assert oidc_stack.get(oidc_stack.okta.mint(aud="api://flags", groups=["eng", "platform-admins"])) == 200
+    as_string = oidc_stack.okta.mint(aud="api://flags", raw={"groups": "platform-admins"})  # a string, not a list
+    assert oidc_stack.get(as_string) == 200
+    assert oidc_stack.get(oidc_stack.okta.mint(aud="api://flags", groups=["eng"])) == 403
+    assert (
+        oidc_stack.get(oidc_stack.okta.mint(aud="api://flags", groups=["platform-admins"], email="x@evil.com")) == 403
+    )
+    assert oidc_stack.get(oidc_stack.okta.mint(aud="api://other", groups=["platform-admins"])) == 403
 
 
-def test_gitlab_jobs_work_beside_the_idp(stack: OidcStack) -> None:
-    assert stack.get(stack.gitlab.mint(aud="api://flags", project_id=42)) == 200
-    assert stack.get(stack.gitlab.mint(aud="api://flags", project_id=43)) == 403
+def test_gitlab_jobs_work_beside_the_idp(oidc_stack: OidcStack) -> None:
+    assert oidc_stack.get(oidc_stack.gitlab.mint(aud="api://flags", project_id=42)) == 200
+    assert oidc_stack.get(oidc_stack.gitlab.mint(aud="api://flags", project_id=43)) == 403
 
 
-def test_claims_from_one_issuer_never_satisfy_another_issuers_binding(stack: OidcStack) -> None:
+def test_claims_from_one_issuer_never_satisfy_another_issuers_binding(oidc_stack: OidcStack) -> None:
     """An IdP token dressed up with GitLab claims, and a GitLab token carrying the IdP's group claim."""
-    forged_job = stack.okta.mint(aud="api://flags", project_id="42", ref_protected="true", pipeline_source="push")
-    assert stack.get(forged_job) == 403
-    forged_admin = stack.gitlab.mint(
+    forged_job = oidc_stack.okta.mint(aud="api://flags", project_id="42", ref_protected="true", pipeline_source="push")
+    assert oidc_stack.get(forged_job) == 403
+    forged_admin = oidc_stack.gitlab.mint(
         aud="api://flags", project_id=99, groups=["platform-admins"], email="a@example.com"
     )
-    assert stack.get(forged_admin) == 403
+    assert oidc_stack.get(forged_admin) == 403
 
 
-def test_shadow_binding_is_logged_not_enforced(stack: OidcStack) -> None:
-    token = stack.gitlab.mint(aud="api://flags", project_id=77, namespace_id=7, job_id=424242)
-    assert stack.get(token) == 403  # shadow grants nothing
-    entry = poll_until(lambda: stack.log_entry(job_id="424242"), 5, message="access log line")
+def test_shadow_binding_is_logged_not_enforced(oidc_stack: OidcStack) -> None:
+    token = oidc_stack.gitlab.mint(aud="api://flags", project_id=77, namespace_id=7, job_id=424242)
+    assert oidc_stack.get(token) == 403  # shadow grants nothing
+    entry = poll_until(lambda: oidc_stack.log_entry(job_id="424242"), 5, message="access log line")
     assert entry["rbac"]["flags_shadow_effective_policy_id"] == "any-protected-ref-dry-run/flags-read"
     assert entry["rbac"]["flags_shadow_engine_result"] == "allowed"
     assert entry["rbac_result"] == "denied"
 
 
-def test_a_refused_token_is_logged_with_its_own_reason_beside_other_issuers(stack: OidcStack) -> None:
+def test_a_refused_token_is_logged_with_its_own_reason_beside_other_issuers(oidc_stack: OidcStack) -> None:
     """Three providers (controlplane, gitlab, okta): an expired GitLab token is logged as expired, not
     as the "issuer is not configured" of the providers after it."""
     now = int(time.time())
-    expired = stack.gitlab.mint(aud="api://flags", project_id=42, job_id=424242, iat=now - 900, exp=now - 300)
-    assert stack.get(expired) == 401
+    expired = oidc_stack.gitlab.mint(aud="api://flags", project_id=42, job_id=424242, iat=now - 900, exp=now - 300)
+    assert oidc_stack.get(expired) == 401
 
     def line() -> str | None:
-        lines = stack.access_log.read_text().splitlines() if stack.access_log.exists() else []
+        lines = oidc_stack.access_log.read_text().splitlines() if oidc_stack.access_log.exists() else []
         refused = [raw for raw in lines if json.loads(raw)["details"] == "jwt_authn_access_denied{Jwt_is_expired}"]
         return refused[-1] if refused else None
 
