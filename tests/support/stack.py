@@ -37,6 +37,7 @@ DEPLOYER_PATH = "acme/platform/deployer"
 DEPLOYER = {"project_id": 42, "project_path": DEPLOYER_PATH, "namespace_id": 11}
 OTHER = {"project_id": 43, "project_path": "acme/platform/other", "namespace_id": 11}
 
+INVENTORY_FILE = "inventory: inventory.yaml"  # the reference issuer's projects and groups, without an API
 OTHER_PROJECT_BINDING = binding("other-reads-reports", ["reports-read"], "{project: 43}")
 
 
@@ -58,7 +59,7 @@ PolicyWriter = Callable[[PolicyInputs], "str | Mapping[str, str]"]
 def reference_policy(given: PolicyInputs) -> dict[str, str]:
     """The reference policy, one kind a file as an operator lays it out."""
     return {
-        "issuer.yaml": issuer(given.issuer, extra="inventory: inventory.yaml"),
+        "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
         "inventory.yaml": ACME_INVENTORY,
         "backends.yaml": documents(
             backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
@@ -98,6 +99,32 @@ class OutsideWorld:
 
     def remove(self, name: str) -> None:
         (self.policy / name).unlink()
+
+    def request(
+        self,
+        host: str,
+        path: str = "/r",
+        token: str | None = None,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> HttpResponse:
+        """Through the gateway's listener (or `port`, another gateway's), as a job's request goes."""
+        sent = {"Host": host, **(headers or {})}
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        url = f"http://{LOOPBACK}:{port or self.listen_port}{path}"
+        return http_request(url, method=method, headers=sent)
+
+    def call(self, host: str, token: str | None, method: str = "GET", path: str = "/r") -> int:
+        """The status of one request through the gateway."""
+        return self.request(host, path, token, method).status
+
+    @property
+    def hook(self) -> HookTarget:
+        """The fake GitLab's system hook to serve's webhook listener."""
+        assert self.hook_target is not None, "this stack has no webhook"
+        return self.hook_target
 
 
 @contextmanager
@@ -153,32 +180,6 @@ class Served(OutsideWorld):
     def envoy(self) -> EnvoyProcess:
         assert self.envoy_process is not None, "this stack runs no Envoy"
         return self.envoy_process
-
-    def request(
-        self,
-        host: str,
-        path: str = "/r",
-        token: str | None = None,
-        method: str = "GET",
-        headers: dict[str, str] | None = None,
-        port: int | None = None,
-    ) -> HttpResponse:
-        """Through the gateway's listener (or `port`, another gateway's), as a job's request goes."""
-        sent = {"Host": host, **(headers or {})}
-        if token:
-            sent["Authorization"] = f"Bearer {token}"
-        url = f"http://{LOOPBACK}:{port or self.listen_port}{path}"
-        return http_request(url, method=method, headers=sent)
-
-    def call(self, host: str, token: str | None, method: str = "GET", path: str = "/r") -> int:
-        """The status of one request through the gateway."""
-        return self.request(host, path, token, method).status
-
-    @property
-    def hook(self) -> HookTarget:
-        """The fake GitLab's system hook to serve's webhook listener."""
-        assert self.hook_target is not None, "this stack has no webhook"
-        return self.hook_target
 
     def subject(self, job_id: int, aud: str = "https://reports.local", **claims: Any) -> str:
         """A running job's ID token as GitLab mints it: project 42 unless `claims` say otherwise, valid an hour."""
