@@ -44,6 +44,22 @@ def ads_method(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     )
 
 
+def delta_method(channel: grpc.aio.Channel) -> Any:
+    """The Delta ADS method on `channel`, carrying Envoy's incremental discovery messages."""
+    return channel.stream_stream(
+        f"/{SERVICE}/DeltaAggregatedResources",
+        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+    )
+
+
+def first_delta_request(type_url: str, node_id: str, group: str) -> discovery_pb2.DeltaDiscoveryRequest:
+    """A Delta stream's first request: the only one that names the node."""
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url)
+    request.node.id, request.node.cluster = node_id, group
+    return request
+
+
 def first_request(type_url: str, node_id: str, group: str = "ci-gateway") -> discovery_pb2.DiscoveryRequest:
     """A stream's first request: the only one that names the node."""
     request = discovery_pb2.DiscoveryRequest(type_url=type_url)
