@@ -120,12 +120,6 @@ class OutsideWorld:
         """The status of one request through the gateway."""
         return self.request(host, path, token, method).status
 
-    @property
-    def hook(self) -> HookTarget:
-        """The fake GitLab's system hook to serve's webhook listener."""
-        assert self.hook_target is not None, "this stack has no webhook"
-        return self.hook_target
-
 
 @contextmanager
 def outside_world(
@@ -180,6 +174,12 @@ class Served(OutsideWorld):
     def envoy(self) -> EnvoyProcess:
         assert self.envoy_process is not None, "this stack runs no Envoy"
         return self.envoy_process
+
+    @property
+    def hook(self) -> HookTarget:
+        """The fake GitLab's system hook to serve's webhook listener."""
+        assert self.hook_target is not None, "this stack has no webhook"
+        return self.hook_target
 
     def subject(self, job_id: int, aud: str = "https://reports.local", **claims: Any) -> str:
         """A running job's ID token as GitLab mints it: project 42 unless `claims` say otherwise, valid an hour."""
