@@ -3,6 +3,9 @@
 A module that wants the stack asks for `stack`; it gets one of its own (module scope), so the policy changes
 of one suite never leak into another. The xDS protocol Envoy speaks is the `protocol` fixture: SotW unless
 the module overrides it, or parametrizes it to run the same tests on both.
+
+A suite with a policy of its own builds its stack with the same `serve_stack`, in a fixture named for the suite
+(`credentials_stack`, `gitlab_stack`, ...), so no module's `stack` means anything but the reference stack.
 """
 
 from __future__ import annotations

@@ -24,14 +24,9 @@ from tests.compiled import (
     vhost_requirement,
     vhost_requirement_name,
 )
+from tests.support.policy_parts import issuer
 
-ISSUER = """
-kind: Issuer
-name: gitlab
-type: gitlab
-url: https://gitlab.example.com
-inventory: inventory.yaml
-"""
+ISSUER = issuer("https://gitlab.example.com", extra="inventory: inventory.yaml")
 INVENTORY = """
 groups:
   - {id: 10, path: acme}

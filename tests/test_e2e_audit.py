@@ -26,12 +26,19 @@ from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
-from tests.support.backends import HttpResponse, http_request
 from tests.support.envoy import EnvoyProcess
-from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gateway import gateway_envoy
+from tests.support.policy_parts import issuer
 from tests.support.ports import LOOPBACK, poll_until
-from tests.support.stack import DEPLOYER, OTHER, outside_world
+from tests.support.stack import (
+    DEPLOYER,
+    INVENTORY_FILE,
+    OTHER,
+    OutsideWorld,
+    PolicyInputs,
+    outside_world,
+    reference_policy,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -75,67 +82,61 @@ class InProcessControlPlane:
             self.store.close(10)
 
 
+def policy(given: PolicyInputs) -> dict[str, str]:
+    """The reference policy, with Envoy fetching GitLab's keys itself: no key relay in this wiring."""
+    return reference_policy(given) | {"issuer.yaml": issuer(given.issuer, extra=f"{INVENTORY_FILE}\njwks: remote")}
+
+
 @dataclass
-class Stack:
-    gitlab: FakeGitLab
-    listen_port: int
+class AuditStack(OutsideWorld):
+    """The reference outside world served by the in-process control plane above, which writes `db`."""
+
     db: Path
     controlplane: InProcessControlPlane
     envoy: EnvoyProcess
-
-    def request(self, host: str, path: str, token: str | None, method: str = "GET") -> HttpResponse:
-        headers = {"Host": host}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}{path}", method=method, headers=headers)
 
     def token(self, project: dict[str, Any], aud: str, **claims: Any) -> str:
         return self.gitlab.mint(aud=aud, **{**project, **claims})
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def audit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStack]:
     root = tmp_path_factory.mktemp("e2e-audit")
-    with outside_world(root) as world:
-        policy = world.policy
-        with (policy / "issuer.yaml").open("a") as issuer:
-            issuer.write("jwks: remote\n")  # Envoy fetches the keys itself: no key relay in this wiring
-        controlplane = InProcessControlPlane(policy, root / "audit.sqlite3")
+    with outside_world(root, policy) as world:
+        controlplane = InProcessControlPlane(world.policy, root / "audit.sqlite3")
         controlplane.start()
         try:
             with gateway_envoy(controlplane.port, group=GATEWAY, node=NODE, name="audit-envoy") as envoy:
-                built = Stack(world.gitlab, world.listen_port, root / "audit.sqlite3", controlplane, envoy)
-                poll_until(
-                    lambda: built.request("reports.local", "/healthz", None).status == 200, 20, message="listener up"
-                )
+                built = AuditStack(**vars(world), db=root / "audit.sqlite3", controlplane=controlplane, envoy=envoy)
+                poll_until(lambda: built.call("reports.local", None, path="/healthz") == 200, 20, message="listener up")
                 yield built
         finally:
             controlplane.stop()
 
 
-def _job_a_requests(stack: Stack) -> tuple[list[tuple[str, str, int]], list[str]]:
+def _job_a_requests(audit_stack: AuditStack) -> tuple[list[tuple[str, str, int]], list[str]]:
     """Job A: allowed read (with a query that must not be stored), denied write, allowed deploy."""
-    reports = stack.token(DEPLOYER, "https://reports.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
-    deploy = stack.token(DEPLOYER, "https://deploy.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
+    reports = audit_stack.token(DEPLOYER, "https://reports.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
+    deploy = audit_stack.token(DEPLOYER, "https://deploy.local", job_id=JOB_A, pipeline_id=PIPELINE_A)
     made = [
         ("reports.local", "GET", "/reports/2026?private_token=secret-value", reports, 200),
         ("reports.local", "POST", "/reports/2026", reports, 403),
         ("deploy.local", "POST", "/deployments/prod", deploy, 200),
     ]
     for host, method, path, token, expected in made:
-        response = stack.request(host, path, token, method=method)
+        response = audit_stack.request(host, path, token, method=method)
         assert response.status == expected, (method, path, response.status, response.text)
     return [(m, p, s) for _, m, p, _, s in made], [reports, deploy]
 
 
-def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> None:
-    made, tokens = _job_a_requests(stack)
-    other = stack.token(OTHER, "https://reports.local", job_id=JOB_B, pipeline_id=PIPELINE_B)
-    assert stack.request("reports.local", "/reports/2026", other).status == 403
-    assert stack.request("reports.local", "/reports/2026", None).status == 401
+def test_audit_query_returns_exactly_the_requests_a_job_made(audit_stack: AuditStack) -> None:
+    made, tokens = _job_a_requests(audit_stack)
+    other = audit_stack.token(OTHER, "https://reports.local", job_id=JOB_B, pipeline_id=PIPELINE_B)
+    assert audit_stack.request("reports.local", "/reports/2026", other).status == 403
+    assert audit_stack.request("reports.local", "/reports/2026", None).status == 401
     tokens.append(other)
 
-    store = stack.controlplane.store
+    store = audit_stack.controlplane.store
     records: list[dict[str, Any]] = poll_until(
         lambda: r if len(r := store.query(job=JOB_A)) >= len(made) else [], 10, message="job A's records"
     )
@@ -150,7 +151,7 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
         "job_id": JOB_A,
         "ref": "main",
         "user": "ci-user",
-        "issuer": stack.gitlab.issuer,
+        "issuer": audit_stack.gitlab.issuer,
         "credential_jti": None,  # a GitLab ID token is not a control-plane credential
     }
     expected = [
@@ -190,8 +191,8 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
     ]
 
     # Nothing secret on disk: no token, and no query string (the database and its WAL).
-    stack.controlplane.store.flush(10)
-    for path in stack.db.parent.glob("audit.sqlite3*"):
+    audit_stack.controlplane.store.flush(10)
+    for path in audit_stack.db.parent.glob("audit.sqlite3*"):
         data = path.read_bytes()
         assert b"secret-value" not in data, path
         for token in tokens:
@@ -199,13 +200,13 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(stack: Stack) -> No
             assert token.split(".")[2].encode() not in data, path
 
 
-def test_cli_reads_the_live_store(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
-    token = stack.token(DEPLOYER, "https://reports.local", job_id="70003", pipeline_id="80003")
-    assert stack.request("reports.local", "/cli/check", token).status == 200
-    poll_until(lambda: stack.controlplane.store.query(job="70003"), 10, message="record of job 70003")
+def test_cli_reads_the_live_store(audit_stack: AuditStack, capsys: pytest.CaptureFixture[str]) -> None:
+    token = audit_stack.token(DEPLOYER, "https://reports.local", job_id="70003", pipeline_id="80003")
+    assert audit_stack.request("reports.local", "/cli/check", token).status == 200
+    poll_until(lambda: audit_stack.controlplane.store.query(job="70003"), 10, message="record of job 70003")
     capsys.readouterr()
 
-    assert run_audit(_args(job="70003", as_json=True, db=stack.db)) == 0
+    assert run_audit(_args(job="70003", as_json=True, db=audit_stack.db)) == 0
     (record,) = json.loads(capsys.readouterr().out)
     assert (record["path"], record["decision"], record["policy"]) == (
         "/cli/check",
@@ -213,7 +214,7 @@ def test_cli_reads_the_live_store(stack: Stack, capsys: pytest.CaptureFixture[st
         "deployer-reads-reports/reports-read",
     )
 
-    assert run_audit(_args(job="70003", as_json=False, db=stack.db)) == 0
+    assert run_audit(_args(job="70003", as_json=False, db=audit_stack.db)) == 0
     table = capsys.readouterr().out
     for shown in ("/cli/check", "deployer-reads-reports/reports-read", "acme/platform/deployer", "70003"):
         assert shown in table, table

@@ -13,86 +13,34 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import pytest
 
-from tests.support.backends import EchoBackend, HttpResponse, http_request
 from tests.support.controlplane import ControlPlaneProcess
-from tests.support.exchange import post_exchange
-from tests.support.fake_gitlab import FakeGitLab
-from tests.support.gateway import Webhook, gateway_envoy
-from tests.support.gitlab_hooks import HookTarget, deliver
-from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
+from tests.support.ports import poll_until
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
 
-POLICY = """\
-kind: Issuer
-name: gitlab
-type: gitlab
-url: {issuer}
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-credentials: exchanged
-endpoints: [{{address: 127.0.0.1, port: {reports_port}}}]
----
-kind: Backend
-name: billing-api
-hosts: [billing.local]
-audience: https://billing.local
-endpoints: [{{address: 127.0.0.1, port: {billing_port}}}]
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules: [{{methods: [GET]}}]
----
-kind: Role
-name: billing-read
-backend: billing-api
-rules: [{{methods: [GET]}}]
----
-kind: Binding
-name: deployer
-roles: [reports-read, billing-read]
-credential_ttl: 10m
-subjects:
-  - project: 42
-    ref_protected: true
----
-kind: Gateway
-name: ci-gateway
-listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [reports-api, billing-api]
-access_log: /dev/null
-"""
+
+def policy(given: PolicyInputs) -> str:
+    """One binding over an exchanged backend (reports) and a raw-token one (billing)."""
+    return documents(
+        issuer(given.issuer),
+        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
+        backend("billing-api", given.ports["billing"]),
+        role("reports-read", "reports-api"),
+        role("billing-read", "billing-api"),
+        binding("deployer", ["reports-read", "billing-read"], "{project: 42, ref_protected: true}", extra=TTL_10M),
+        gateway(given.listen_port, ["reports-api", "billing-api"]),
+    )
 
 
 @dataclass
-class Stack:
-    gitlab: FakeGitLab
-    listen_port: int
-    hook: HookTarget
-    controlplane: ControlPlaneProcess
-
-    def subject(self, job_id: int, aud: str = "https://reports.local", **claims: Any) -> str:
-        return self.gitlab.mint(job_id=job_id, aud=aud, project_id=42, ttl=3600, **claims)
-
-    def exchange(self, subject: str, backend: str = "reports-api") -> HttpResponse:
-        return post_exchange(self.controlplane.exchange_port, subject, backend)
-
-    def call(self, host: str, token: str) -> int:
-        headers = {"Host": host, "Authorization": f"Bearer {token}"}
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}/r", headers=headers).status
-
-    def job_finished(self, job_id: int) -> None:
-        payload = {"object_kind": "build", "build_id": job_id, "build_status": "success", "pipeline_id": 9}
-        payload |= {"project_id": 42, "ref": "main", "project_name": "acme / deployer"}
-        assert deliver(self.hook, "Job Hook", payload).status == 200  # answered once the event was handled
+class ExchangeStack(Served):
+    exchange_host: ClassVar[str | None] = None  # the exchange's own port: one state, whichever route
 
     def crash_and_restart(self) -> None:
         """kill -9: no shutdown path runs; whatever was not on disk is gone."""
@@ -106,66 +54,59 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def exchange_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExchangeStack]:
     root = tmp_path_factory.mktemp("exchange-state")
-    policy = root / "policy"
-    policy.mkdir()
-    with FakeGitLab() as gitlab, EchoBackend("reports") as reports, EchoBackend("billing") as billing:
-        listen_port = free_port()
-        (policy / "policy.yaml").write_text(
-            POLICY.format(
-                issuer=gitlab.issuer, reports_port=reports.port, billing_port=billing.port, listen_port=listen_port
-            )
-        )
-        webhook = Webhook()
-        args = ("--jwks-refresh", "1", "--deny-id-tokens-for", "0", *webhook.args)
-        log_path = root / "cp.log"
-        with ControlPlaneProcess(policy, extra_args=args, env=webhook.env, log_path=log_path) as cp:
-            hook = webhook.register(gitlab)
-            with gateway_envoy(cp.xds_port, node="state-1", name="exchange-state-envoy"):
-                built = Stack(gitlab, listen_port, hook, cp)
-                poll_until(lambda: built.exchange(built.subject(1)).status == 200, 20, message="exchange up")
-                yield built
-            assert "eyJ" not in Path(log_path).read_text(), "a token was logged"
+    with serve_exchange_stack(
+        root,
+        policy,
+        kind=ExchangeStack,
+        envoy=EnvoySpec("state-1", "exchange-state-envoy"),
+        backends=("reports", "billing"),
+        serve_args=("--deny-id-tokens-for", "0"),
+    ) as built:
+        yield built
+    assert "eyJ" not in (root / "controlplane.log").read_text(), "a token was logged"
 
 
-def test_a_token_for_billing_is_not_exchanged_for_reports(stack: Stack) -> None:
-    for_billing = stack.subject(501, aud="https://billing.local")
-    poll_until(lambda: stack.call("billing.local", for_billing) == 200, 10, message="billing token on billing")
-    assert stack.call("reports.local", for_billing) in (401, 403)  # Envoy refuses it on reports...
-    refused = stack.exchange(for_billing, backend="reports-api")  # ...so the exchange must too
+def test_a_token_for_billing_is_not_exchanged_for_reports(exchange_stack: ExchangeStack) -> None:
+    for_billing = exchange_stack.subject(501, aud="https://billing.local")
+    poll_until(lambda: exchange_stack.call("billing.local", for_billing) == 200, 10, message="billing token on billing")
+    assert exchange_stack.call("reports.local", for_billing) in (401, 403)  # Envoy refuses it on reports...
+    refused = exchange_stack.exchange(for_billing, audience="reports-api")  # ...so the exchange must too
     assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), refused.text
-    granted = stack.exchange(for_billing, backend="billing-api")  # for its own backend it is exchanged
+    granted = exchange_stack.exchange(for_billing, audience="billing-api")  # for its own backend it is exchanged
     assert granted.status == 200, granted.text
-    assert stack.call("billing.local", granted.json()["access_token"]) == 200
+    assert exchange_stack.call("billing.local", granted.json()["access_token"]) == 200
 
 
-def test_a_job_finished_before_its_first_exchange_gets_no_credential(stack: Stack) -> None:
-    minted_while_running = stack.subject(502)
-    stack.job_finished(502)
-    refused = stack.exchange(minted_while_running)
+def test_a_job_finished_before_its_first_exchange_gets_no_credential(exchange_stack: ExchangeStack) -> None:
+    minted_while_running = exchange_stack.subject(502)
+    exchange_stack.job_finished(502)
+    refused = exchange_stack.exchange(minted_while_running)
     assert (refused.status, refused.json()["error"]) == (400, "invalid_grant"), refused.text
     assert "finished" in refused.json()["error_description"]
-    assert stack.exchange(stack.subject(503)).status == 200  # a running job is not affected
+    assert exchange_stack.exchange(exchange_stack.subject(503)).status == 200  # a running job is not affected
 
 
-def test_a_credential_from_before_a_crash_is_revoked_when_its_job_finishes(stack: Stack) -> None:
-    granted = stack.exchange(stack.subject(504))
+def test_a_credential_from_before_a_crash_is_revoked_when_its_job_finishes(exchange_stack: ExchangeStack) -> None:
+    granted = exchange_stack.exchange(exchange_stack.subject(504))
     assert granted.status == 200, granted.text
     credential = granted.json()["access_token"]
-    assert stack.call("reports.local", credential) == 200
-    stack.crash_and_restart()
-    poll_until(lambda: stack.call("reports.local", credential) == 200, 10, message="credential valid after restart")
-    stack.job_finished(504)  # --deny-id-tokens-for 0: the deny entry lasts as long as the credential
-    poll_until(lambda: stack.call("reports.local", credential) == 403, 5, interval=0.02, message="revoked")
-    assert stack.exchange(stack.subject(504)).status == 400
+    assert exchange_stack.call("reports.local", credential) == 200
+    exchange_stack.crash_and_restart()
+    poll_until(
+        lambda: exchange_stack.call("reports.local", credential) == 200, 10, message="credential valid after restart"
+    )
+    exchange_stack.job_finished(504)  # --deny-id-tokens-for 0: the deny entry lasts as long as the credential
+    poll_until(lambda: exchange_stack.call("reports.local", credential) == 403, 5, interval=0.02, message="revoked")
+    assert exchange_stack.exchange(exchange_stack.subject(504)).status == 400
 
 
-def test_the_replay_bound_survives_kill_9(stack: Stack) -> None:
-    subject = stack.subject(505)
-    assert [stack.exchange(subject).status for _ in range(3)] == [200, 200, 200]
-    stack.crash_and_restart()
-    replay = stack.exchange(subject)
+def test_the_replay_bound_survives_kill_9(exchange_stack: ExchangeStack) -> None:
+    subject = exchange_stack.subject(505)
+    assert [exchange_stack.exchange(subject).status for _ in range(3)] == [200, 200, 200]
+    exchange_stack.crash_and_restart()
+    replay = exchange_stack.exchange(subject)
     assert (replay.status, replay.json()["error"]) == (400, "invalid_grant"), replay.text
     assert "too many times" in replay.json()["error_description"]
 

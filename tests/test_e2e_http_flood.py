@@ -13,19 +13,21 @@ import selectors
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import grpc
 import pytest
-from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.model.credentials import EXCHANGE_PATH
 from controlplane.snapshots.snapshot import CLUSTER
-from controlplane.xds.server import SERVICE
+from tests.support.ads import ads_method, first_request
 from tests.support.backends import http_request
 from tests.support.controlplane import ControlPlaneProcess
+from tests.support.gateway import Webhook
 from tests.support.malformed_h2 import REQUESTS, send_malformed_header
-from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.ports import LOOPBACK, poll_until
 
 OPEN_FILES = 256
 FLOOD = 320  # more half-sent connections than the child has file descriptors
@@ -80,14 +82,7 @@ def closed_by_server(sock: socket.socket) -> bool:
 def xds_answers(port: int) -> bool:
     """A new ADS stream connects and gets CDS for its group (what a restarting Envoy needs)."""
     with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
-        method = channel.stream_stream(
-            f"/{SERVICE}/StreamAggregatedResources",
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-        )
-        request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
-        request.node.id, request.node.cluster = "flood-envoy", "ci-gateway"
-        responses = method(iter([request]), timeout=5.0)
+        responses = ads_method(channel)(iter([first_request(CLUSTER, "flood-envoy")]), timeout=5.0)
         return bool(next(responses).type_url == CLUSTER)
 
 
@@ -96,19 +91,15 @@ def plane(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, int]]:
     policy = tmp_path / "policy"
     policy.mkdir()
     (policy / "policy.yaml").write_text(POLICY)
-    webhook_port = free_port()
-    args = (
-        "--webhook-address", f"{LOOPBACK}:{webhook_port}", "--webhook-secret-env", "HOOK_SECRET",
-        "--http-header-timeout", str(HEADER_TIMEOUT),
-    )  # fmt: skip
+    webhook = Webhook()
     with ControlPlaneProcess(
         policy,
-        extra_args=args,
-        env={"HOOK_SECRET": "flood-test-secret"},
+        extra_args=(*webhook.args, "--http-header-timeout", str(HEADER_TIMEOUT)),
+        env=webhook.env,
         open_files=OPEN_FILES,
         log_path=tmp_path / "cp.log",
     ) as cp:
-        yield cp, webhook_port
+        yield cp, webhook.port
 
 
 def exchange_answers(cp: ControlPlaneProcess) -> bool:
@@ -120,6 +111,28 @@ def exchange_answers(cp: ControlPlaneProcess) -> bool:
         timeout=5.0,
     )
     return response.status == 400 and b"invalid_request" in response.body
+
+
+@dataclass
+class Flood:
+    """The connections a test floods `cp` with: all closed when the `with` ends, which checks that the flood
+    added fewer than MAX_LOG_LINES lines to the control plane's log (`new_lines`)."""
+
+    cp: ControlPlaneProcess
+    sockets: list[socket.socket] = field(default_factory=list)
+    new_lines: list[str] = field(default_factory=list)
+    lines_before: int = 0
+
+    def __enter__(self) -> Self:
+        self.lines_before = len(self.cp.log_text().splitlines())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if exc[0] is None:
+            self.new_lines = self.cp.log_text().splitlines()[self.lines_before :]
+            assert len(self.new_lines) < MAX_LOG_LINES, "\n".join(self.new_lines[:40])
 
 
 def all_closed_by_server(flood: list[socket.socket]) -> None:
@@ -136,29 +149,22 @@ def all_closed_by_server(flood: list[socket.socket]) -> None:
 
 def test_flooded_http_listeners_starve_nothing_else(plane: tuple[ControlPlaneProcess, int]) -> None:
     cp, webhook_port = plane
-    lines_before = len(cp.log_text().splitlines())
     assert "lowered to admin 9, webhook 39, exchange 78" in cp.log_text()  # 32/128/256 fitted into 256 // 2
-    flood: list[socket.socket] = []
-    try:
-        flood = half_sent_connections(webhook_port, FLOOD)
+    with Flood(cp) as flood:
+        flood.sockets += half_sent_connections(webhook_port, FLOOD)
         assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
         assert exchange_answers(cp)
         assert xds_answers(cp.xds_port)
-        all_closed_by_server(flood)
+        all_closed_by_server(flood.sockets)
         # Both public listeners at once: their bounds together still leave admin and xDS their descriptors.
         half = FLOOD // 2
-        flood += half_sent_connections(webhook_port, half) + half_sent_connections(cp.exchange_port, half)
+        flood.sockets += half_sent_connections(webhook_port, half) + half_sent_connections(cp.exchange_port, half)
         assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
         assert xds_answers(cp.xds_port)
-        all_closed_by_server(flood)
+        all_closed_by_server(flood.sockets)
         assert exchange_answers(cp)
         assert cp.running
-    finally:
-        for sock in flood:
-            sock.close()
-    new_lines = cp.log_text().splitlines()[lines_before:]
-    assert len(new_lines) < MAX_LOG_LINES, "\n".join(new_lines[:40])
-    assert not [line for line in new_lines if "Traceback" in line], "\n".join(new_lines[:40])
+    assert not [line for line in flood.new_lines if "Traceback" in line], "\n".join(flood.new_lines[:40])
 
 
 def silent_connections(port: int, count: int) -> list[socket.socket]:
@@ -197,26 +203,19 @@ def xds_answers_eventually(port: int, timeout: float) -> None:
 def test_flooded_xds_port_starves_nothing_else(plane: tuple[ControlPlaneProcess, int]) -> None:
     """Point 2 of issue 10 for the xDS port: more silent connections than the process has descriptors."""
     cp, webhook_port = plane
-    lines_before = len(cp.log_text().splitlines())
-    flood: list[socket.socket] = []
-    try:
-        flood = silent_connections(cp.xds_port, FLOOD)
+    with Flood(cp) as flood:
+        flood.sockets += silent_connections(cp.xds_port, FLOOD)
         assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
         assert exchange_answers(cp)
         assert webhook_answers(webhook_port)
         # Silent connections past the bound are closed at once, the ones within it after the handshake timeout:
         # then a real ADS stream gets its slot.
         xds_answers_eventually(cp.xds_port, timeout=30.0)
-        flood += silent_connections(cp.xds_port, FLOOD)  # a second wave while the first is being dropped
+        flood.sockets += silent_connections(cp.xds_port, FLOOD)  # a second wave while the first is being dropped
         assert http_request(f"{cp.admin_url}/healthz", timeout=5.0).status == 200
         assert exchange_answers(cp)
         xds_answers_eventually(cp.xds_port, timeout=30.0)
         assert cp.running
-    finally:
-        for sock in flood:
-            sock.close()
-    new_lines = cp.log_text().splitlines()[lines_before:]
-    assert len(new_lines) < MAX_LOG_LINES, "\n".join(new_lines[:40])
 
 
 def test_grpc_logs_no_header_bytes_and_a_bounded_number_of_lines(plane: tuple[ControlPlaneProcess, int]) -> None:

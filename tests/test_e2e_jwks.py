@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,12 @@ import pytest
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import JwksMode
 from controlplane.snapshots.build import compile_model
-from tests.support.backends import EchoBackend, http_request
-from tests.support.controlplane import ControlPlaneProcess
+from tests.support.backends import http_request
 from tests.support.envoy import EnvoyProcess
-from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gateway import gateway_envoy
 from tests.support.one_backend import one_backend_policy
 from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.stack import EnvoySpec, Served, outside_world, serve_stack
 from tests.support.static_bootstrap import as_static_bootstrap
 
 pytestmark = pytest.mark.e2e
@@ -38,12 +38,8 @@ def get(port: int, token: str | None) -> int:
 
 
 @dataclass
-class Stack:
-    gitlab: FakeGitLab
-    controlplane: ControlPlaneProcess
-    envoy: EnvoyProcess
-    listen_port: int
-    cold_port: int
+class JwksStack(Served):
+    cold_port: int = 0
 
     def token(self, **claims: Any) -> str:
         return self.gitlab.mint(aud="https://reports.local", **{"project_id": 42, **claims})
@@ -61,21 +57,18 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("jwks")
-    policy = root / "policy"
-    policy.mkdir()
-    listen_port, cold_port = free_port(), free_port()
-    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        (policy / "policy.yaml").write_text(one_backend_policy(gitlab, backend, listen_port, cold_port))
-        args = ("--jwks-refresh", "1")
-        with (
-            ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane,
-            gateway_envoy(controlplane.xds_port, node="jwks-envoy-1", name="jwks-envoy") as envoy,
-        ):
-            built = Stack(gitlab, controlplane, envoy, listen_port, cold_port)
-            poll_until(lambda: built.get(None) == 401, 20, message="listener up")
-            yield built
+def jwks_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwksStack]:
+    cold_port = free_port()
+    with serve_stack(
+        tmp_path_factory.mktemp("jwks"),
+        partial(one_backend_policy, cold_port=cold_port),
+        kind=JwksStack,
+        envoy=EnvoySpec("jwks-envoy-1", "jwks-envoy"),
+        serve_args=("--jwks-refresh", "1"),
+        ready=lambda built: built.get(None) == 401,
+    ) as built:
+        built.cold_port = cold_port
+        yield built
 
 
 def _cluster_names(envoy: EnvoyProcess) -> set[str]:
@@ -86,90 +79,89 @@ def _cluster_names(envoy: EnvoyProcess) -> set[str]:
     return names
 
 
-def test_a_cold_envoy_accepts_tokens_with_no_route_to_the_issuer(stack: Stack) -> None:
-    assert stack.get(stack.token()) == 200  # the very first request: no JWKS fetch by Envoy, no 401
-    assert stack.get(stack.token(key=stack.gitlab.rogue, kid=stack.gitlab.signing_key.kid)) == 401
-    assert stack.get(stack.token(project_id=43)) == 403
-    clusters = _cluster_names(stack.envoy)
+def test_a_cold_envoy_accepts_tokens_with_no_route_to_the_issuer(jwks_stack: JwksStack) -> None:
+    assert jwks_stack.get(jwks_stack.token()) == 200  # the very first request: no JWKS fetch by Envoy, no 401
+    assert jwks_stack.get(jwks_stack.token(key=jwks_stack.gitlab.rogue, kid=jwks_stack.gitlab.signing_key.kid)) == 401
+    assert jwks_stack.get(jwks_stack.token(project_id=43)) == 403
+    clusters = _cluster_names(jwks_stack.envoy)
     assert "backend-reports-api" in clusters and not any(c.startswith("jwks-") for c in clusters)
-    jwks_clients = {r.headers.get("user-agent", "") for r in stack.gitlab.requests if r.path.endswith("/keys")}
+    jwks_clients = {r.headers.get("user-agent", "") for r in jwks_stack.gitlab.requests if r.path.endswith("/keys")}
     assert jwks_clients and all(agent.startswith("controlplane/") for agent in jwks_clients)  # never Envoy
-    status = stack.controlplane.status()["jwks"]["gitlab"]
-    assert status["kids"] == [stack.gitlab.signing_key.kid] and status["last_error"] is None
-    assert stack.controlplane.metric("controlplane_jwks_keys", issuer="gitlab") == 1
+    status = jwks_stack.controlplane.status()["jwks"]["gitlab"]
+    assert status["kids"] == [jwks_stack.gitlab.signing_key.kid] and status["last_error"] is None
+    assert jwks_stack.controlplane.metric("controlplane_jwks_keys", issuer="gitlab") == 1
 
 
 def test_a_rotation_reaches_envoy_within_seconds_and_a_withdrawal_too(
-    stack: Stack, record_property: Callable[[str, object], None]
+    jwks_stack: JwksStack, record_property: Callable[[str, object], None]
 ) -> None:
-    old_key = stack.gitlab.signing_key
-    old_token = stack.token()
-    assert stack.get(old_token) == 200
-    new_key = stack.gitlab.rotate_key(keep_old=True)  # GitLab publishes the new key beside the old one
-    new_token = stack.token()
-    accepted = stack.wait_status(new_token, 200, timeout=10)
-    assert stack.get(old_token) == 200  # both keys are trusted during the overlap
-    assert stack.get(stack.token(key=old_key)) == 200
-    stack.gitlab.publish([new_key])  # the old key is withdrawn
-    withdrawn = stack.wait_status(stack.token(key=old_key), 401, timeout=10)
-    assert stack.get(old_token) == 401  # also a token Envoy had verified (and cached) before
-    assert stack.get(new_token) == 200
-    assert stack.controlplane.metric("controlplane_jwks_key_changes_total", issuer="gitlab") >= 2
+    old_key = jwks_stack.gitlab.signing_key
+    old_token = jwks_stack.token()
+    assert jwks_stack.get(old_token) == 200
+    new_key = jwks_stack.gitlab.rotate_key(keep_old=True)  # GitLab publishes the new key beside the old one
+    new_token = jwks_stack.token()
+    accepted = jwks_stack.wait_status(new_token, 200, timeout=10)
+    assert jwks_stack.get(old_token) == 200  # both keys are trusted during the overlap
+    assert jwks_stack.get(jwks_stack.token(key=old_key)) == 200
+    jwks_stack.gitlab.publish([new_key])  # the old key is withdrawn
+    withdrawn = jwks_stack.wait_status(jwks_stack.token(key=old_key), 401, timeout=10)
+    assert jwks_stack.get(old_token) == 401  # also a token Envoy had verified (and cached) before
+    assert jwks_stack.get(new_token) == 200
+    assert jwks_stack.controlplane.metric("controlplane_jwks_key_changes_total", issuer="gitlab") >= 2
     record_property("rotation_to_acceptance_seconds", round(accepted, 3))
     record_property("withdrawal_to_rejection_seconds", round(withdrawn, 3))
     print(f"rotation → accepted in {accepted:.3f}s; withdrawal → rejected in {withdrawn:.3f}s")
     assert accepted < 5 and withdrawn < 5
 
 
-def test_an_issuer_outage_keeps_the_last_good_keys_even_for_a_cold_envoy(stack: Stack) -> None:
-    token = stack.token()
-    assert stack.get(token) == 200
-    errors = stack.fetch_errors()
-    stack.gitlab.fail_jwks(503)
+def test_an_issuer_outage_keeps_the_last_good_keys_even_for_a_cold_envoy(jwks_stack: JwksStack) -> None:
+    token = jwks_stack.token()
+    assert jwks_stack.get(token) == 200
+    errors = jwks_stack.fetch_errors()
+    jwks_stack.gitlab.fail_jwks(503)
     try:
-        poll_until(lambda: stack.fetch_errors() >= errors + 2, 20, message="two failed refreshes")
-        assert stack.get(token) == 200
-        assert stack.get(stack.token()) == 200
-        status = stack.controlplane.status()["jwks"]["gitlab"]
+        poll_until(lambda: jwks_stack.fetch_errors() >= errors + 2, 20, message="two failed refreshes")
+        assert jwks_stack.get(token) == 200
+        assert jwks_stack.get(jwks_stack.token()) == 200
+        status = jwks_stack.controlplane.status()["jwks"]["gitlab"]
         assert status["last_error"] and "503" in status["last_error"]
-        assert status["kids"] == [stack.gitlab.signing_key.kid]
-        xds_port = stack.controlplane.xds_port
+        assert status["kids"] == [jwks_stack.gitlab.signing_key.kid]
+        xds_port = jwks_stack.controlplane.xds_port
         with gateway_envoy(xds_port, group="cold-gateway", node="jwks-cold-1", name="jwks-cold-envoy"):
             # A fresh Envoy while the issuer is down: never "Jwks remote fetch is failed".
-            stack.wait_status(token, 200, timeout=20, port=stack.cold_port)
+            jwks_stack.wait_status(token, 200, timeout=20, port=jwks_stack.cold_port)
     finally:
-        stack.gitlab.fail_jwks(None)
-    poll_until(lambda: stack.controlplane.status()["jwks"]["gitlab"]["last_error"] is None, 10, message="recovered")
+        jwks_stack.gitlab.fail_jwks(None)
+    poll_until(
+        lambda: jwks_stack.controlplane.status()["jwks"]["gitlab"]["last_error"] is None, 10, message="recovered"
+    )
 
 
-def test_remote_mode_still_has_envoy_fetch_the_keys() -> None:
+def test_remote_mode_still_has_envoy_fetch_the_keys(tmp_path: Path) -> None:
     """`jwks: remote` compiles to Envoy's own fetch through a `jwks-<issuer>` cluster; checked on a static
     bootstrap of the compiled resources, so it runs whatever the loader supports."""
-    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        listen_port = free_port()
-        policy = parse_policy({"policy.yaml": one_backend_policy(gitlab, backend, listen_port, free_port())})
+    with outside_world(tmp_path, partial(one_backend_policy, cold_port=free_port()), backends=("reports",)) as world:
+        policy = parse_policy({"policy.yaml": (world.policy / "policy.yaml").read_text()})
         remote = replace(policy, issuers=tuple(replace(i, jwks_mode=JwksMode.REMOTE) for i in policy.issuers))
         snapshot = compile_model(remote)["ci-gateway"]
         with EnvoyProcess(as_static_bootstrap(snapshot), name="jwks-remote-envoy") as envoy:
-            assert get(listen_port, gitlab.mint(aud="https://reports.local", project_id=42)) == 200
+            token = world.gitlab.mint(aud="https://reports.local", project_id=42)
+            assert get(world.listen_port, token) == 200
             assert "jwks-gitlab" in _cluster_names(envoy)
-            assert any(r.headers.get("user-agent", "").startswith("Go-") for r in gitlab.requests)  # Envoy's
+            assert any(r.headers.get("user-agent", "").startswith("Go-") for r in world.gitlab.requests)  # Envoy's
 
 
 def test_remote_mode_through_serve(tmp_path: Path) -> None:
     """The same through `controlplane serve`, from a policy that says `jwks: remote`."""
-    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        listen_port = free_port()
-        text = one_backend_policy(gitlab, backend, listen_port, free_port(), extra="jwks: remote")
+    with serve_stack(
+        tmp_path,
+        partial(one_backend_policy, cold_port=free_port(), issuer_extra="jwks: remote"),
+        kind=JwksStack,
+        envoy=EnvoySpec("jwks-remote-2", "jwks-remote-serve"),
+    ) as built:
+        text = (built.policy / "policy.yaml").read_text()
         assert parse_policy({"policy.yaml": text}).issuers[0].jwks_mode is JwksMode.REMOTE
-        policy = tmp_path / "policy"
-        policy.mkdir()
-        (policy / "policy.yaml").write_text(text)
-        with (
-            ControlPlaneProcess(policy, log_path=tmp_path / "controlplane.log") as controlplane,
-            gateway_envoy(controlplane.xds_port, node="jwks-remote-2", name="jwks-remote-serve") as envoy,
-        ):
-            token = gitlab.mint(aud="https://reports.local", project_id=42)
-            poll_until(lambda: get(listen_port, token) == 200, 20, message="remote JWKS token accepted")
-            assert "jwks-gitlab" in _cluster_names(envoy)
-            assert controlplane.status()["jwks"] == {}  # nothing relayed
+        token = built.gitlab.mint(aud="https://reports.local", project_id=42)
+        poll_until(lambda: built.get(token) == 200, 20, message="remote JWKS token accepted")
+        assert "jwks-gitlab" in _cluster_names(built.envoy)
+        assert built.controlplane.status()["jwks"] == {}  # nothing relayed

@@ -8,29 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from controlplane.audit.store import open_readonly, query_records
 from controlplane.cli.bootstrap import ClientTls, render_bootstrap
-from tests.support.backends import EchoBackend, http_request
 from tests.support.certs import Pki, make_pki
-from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
-from tests.support.fake_gitlab import FakeGitLab
 from tests.support.one_backend import one_backend_policy
 from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.stack import Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
 
 @dataclass
-class Stack:
-    pki: Pki
-    gitlab: FakeGitLab
-    controlplane: ControlPlaneProcess
-    listen_port: int
+class TlsStack(Served):
+    pki: Pki | None = None
 
     def bootstrap(self, node_id: str, tls: ClientTls | None) -> dict[str, object]:
         return render_bootstrap(
@@ -38,48 +34,48 @@ class Stack:
         )
 
     def get(self, token: str) -> int:
-        headers = {"Host": "reports.local", "Authorization": f"Bearer {token}"}
-        return http_request(f"http://{LOOPBACK}:{self.listen_port}/reports/1", headers=headers).status
+        return self.call("reports.local", token, path="/reports/1")
 
     def node_ids(self) -> set[str]:
         return {proxy["node"] for proxy in self.controlplane.status()["proxies"]}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     root = tmp_path_factory.mktemp("xds-tls")
     pki = make_pki(root / "pki")
-    policy = root / "policy"
-    policy.mkdir()
-    listen_port = free_port()
-    with FakeGitLab() as gitlab, EchoBackend("reports") as backend:
-        (policy / "policy.yaml").write_text(one_backend_policy(gitlab, backend, listen_port, free_port()))
-        tls_args = ("--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key))
-        args = (*tls_args, "--xds-client-ca", str(pki.ca))
-        with ControlPlaneProcess(policy, log_path=root / "controlplane.log", extra_args=args) as controlplane:
-            yield Stack(pki, gitlab, controlplane, listen_port)
+    tls_args = ("--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key))
+    with serve_stack(
+        root,
+        partial(one_backend_policy, cold_port=free_port()),
+        kind=TlsStack,
+        envoy=None,  # each test starts its own, with or without a client certificate
+        serve_args=(*tls_args, "--xds-client-ca", str(pki.ca)),
+    ) as built:
+        built.pki = pki
+        yield built
 
 
 def _client_tls(pki: Pki, cert: Path, key: Path) -> ClientTls:
     return ClientTls(str(pki.ca), str(cert), str(key))
 
 
-def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(stack: Stack) -> None:
-    tls = _client_tls(stack.pki, stack.pki.client.cert, stack.pki.client.key)
-    with EnvoyProcess(stack.bootstrap("tls-envoy-1", tls), name="tls-envoy"):
-        token = stack.gitlab.mint(aud="https://reports.local", project_id=42)
-        poll_until(lambda: stack.get(token) == 200, 20, message="200 through the mTLS-configured Envoy")
-        assert stack.get(stack.gitlab.mint(aud="https://reports.local", project_id=43)) == 403
-        assert "tls-envoy-1" in stack.node_ids()
+def test_an_envoy_with_a_client_certificate_gets_its_config_and_serves(tls_stack: TlsStack) -> None:
+    tls = _client_tls(tls_stack.pki, tls_stack.pki.client.cert, tls_stack.pki.client.key)
+    with EnvoyProcess(tls_stack.bootstrap("tls-envoy-1", tls), name="tls-envoy"):
+        token = tls_stack.gitlab.mint(aud="https://reports.local", project_id=42)
+        poll_until(lambda: tls_stack.get(token) == 200, 20, message="200 through the mTLS-configured Envoy")
+        assert tls_stack.get(tls_stack.gitlab.mint(aud="https://reports.local", project_id=43)) == 403
+        assert "tls-envoy-1" in tls_stack.node_ids()
         # Its access log is attested by the same client certificate as its ADS stream, and says so.
-        assert stack.get(stack.gitlab.mint(aud="https://reports.local", project_id=42, job_id="91001")) == 200
-        (record,) = poll_until(lambda: _audit(stack, "91001"), 20, message="the audit record of job 91001")
+        assert tls_stack.get(tls_stack.gitlab.mint(aud="https://reports.local", project_id=42, job_id="91001")) == 200
+        (record,) = poll_until(lambda: _audit(tls_stack, "91001"), 20, message="the audit record of job 91001")
         assert (record["node"], record["peer"], record["identity"]) == ("tls-envoy-1", LOOPBACK, "gateway-client")
-    assert "mTLS" in stack.controlplane.log_text()
+    assert "mTLS" in tls_stack.controlplane.log_text()
 
 
-def _audit(stack: Stack, job: str) -> list[dict[str, object]]:
-    path = stack.controlplane.state_dir / "audit.sqlite3"
+def _audit(tls_stack: TlsStack, job: str) -> list[dict[str, object]]:
+    path = tls_stack.controlplane.state_dir / "audit.sqlite3"
     if not path.exists():
         return []
     conn = open_readonly(path)
@@ -90,15 +86,19 @@ def _audit(stack: Stack, job: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("who", ["no client certificate", "a certificate from another CA"])
-def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(stack: Stack, who: str) -> None:
+def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(tls_stack: TlsStack, who: str) -> None:
     node_id = f"tls-intruder-{'none' if who.startswith('no') else 'other-ca'}"
     if who.startswith("no"):
         # Trusts the control plane's CA but presents nothing: the bootstrap as it would be without --tls-cert.
-        bootstrap = stack.bootstrap(node_id, _client_tls(stack.pki, stack.pki.client.cert, stack.pki.client.key))
+        bootstrap = tls_stack.bootstrap(
+            node_id, _client_tls(tls_stack.pki, tls_stack.pki.client.cert, tls_stack.pki.client.key)
+        )
         common = bootstrap["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]  # type: ignore[index]
         del common["common_tls_context"]["tls_certificates"]
     else:
-        bootstrap = stack.bootstrap(node_id, _client_tls(stack.pki, stack.pki.stranger.cert, stack.pki.stranger.key))
+        bootstrap = tls_stack.bootstrap(
+            node_id, _client_tls(tls_stack.pki, tls_stack.pki.stranger.cert, tls_stack.pki.stranger.key)
+        )
     with EnvoyProcess(bootstrap, name="tls-intruder", wait_ready=False) as envoy:
         # Two connections to the control plane: the first ended without config and Envoy is retrying.
         envoy.wait_for_stat("cluster.xds_cluster.upstream_cx_total", at_least=2, timeout=20)
@@ -108,4 +108,4 @@ def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(stack: 
         assert envoy.ready_state() != "LIVE"
         assert not envoy.config_dump("dynamic_listeners").get("configs")  # no listener, active or warming
         assert envoy.stats("^cluster_manager.cds.update_success$").get("cluster_manager.cds.update_success") == 0
-        assert node_id not in stack.node_ids()
+        assert node_id not in tls_stack.node_ids()

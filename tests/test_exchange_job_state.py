@@ -241,6 +241,19 @@ class Asked:
         return self.source.fetch_job_status(project_id, job_id)
 
 
+@pytest.fixture
+def asked(gitlab: FakeGitLab) -> Asked:
+    return Asked(gitlab)
+
+
+@pytest.fixture
+def node(gitlab: FakeGitLab, tmp_path: Path, clock: Clock, asked: Asked) -> Iterator[Node]:
+    """A node whose exchange asks GitLab (through `asked`) about jobs whose Job Hook may have been missed."""
+    built = Node(gitlab, tmp_path, clock, job_status_reader=asked)
+    yield built
+    built.close()
+
+
 @pytest.fixture(scope="module")
 def project(gitlab: FakeGitLab) -> int:
     return gitlab.add_project("acme/platform/deployer", id=42)
@@ -271,23 +284,18 @@ async def test_a_job_that_finished_during_a_gap_and_never_exchanged_is_refused(
 
 
 async def test_a_token_minted_after_the_gap_is_not_checked(
-    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, project: int, clock: Clock, asked: Asked, node: Node
 ) -> None:
-    asked = Asked(gitlab)
-    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
     node.service.job_hooks_arrive()
     job = gitlab.add_job(project)
     clock.now += exchange_policy(gitlab).issuers[0].clock_skew + 1  # beyond GitLab's clock running ahead
     assert (await node.exchange_checked(node.mint(job))).status == 200
     assert asked.calls == []  # its Job Hook would have arrived
-    node.close()
 
 
 async def test_a_running_job_is_granted_and_not_asked_twice_until_the_next_gap(
-    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, project: int, clock: Clock, asked: Asked, node: Node
 ) -> None:
-    asked = Asked(gitlab)
-    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
     job = gitlab.add_job(project)
     hooks = node.service.exchange.missed_hooks
     hooks.gap_ended()
@@ -300,14 +308,11 @@ async def test_a_running_job_is_granted_and_not_asked_twice_until_the_next_gap(
     hooks.gap_ended("gitlab")  # GitLab answered again after failures: hooks may have been missed meanwhile
     assert (await node.exchange_checked(node.mint(job, iat=int(clock.now) - 5))).status == 200
     assert len(asked.calls) == 2
-    node.close()
 
 
 async def test_gitlab_unreachable_fails_closed_with_503(
-    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, project: int, clock: Clock, asked: Asked, node: Node
 ) -> None:
-    asked = Asked(gitlab)
-    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
     job = gitlab.add_job(project)
     token = node.mint(job, iat=int(clock.now) - 60)
     node.service.job_hooks_arrive()
@@ -321,18 +326,14 @@ async def test_gitlab_unreachable_fails_closed_with_503(
     assert "access_token" not in result.body
     assert job_checks("error") == errors + 1 and metric_exchanges("unavailable") == unavailable + 1
     assert (await node.exchange_checked(token)).status == 200  # GitLab back: nothing was used up by the 503
-    node.close()
 
 
 async def test_a_job_gitlab_does_not_know_is_refused(
-    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, project: int, clock: Clock, asked: Asked, node: Node
 ) -> None:
-    asked = Asked(gitlab)
-    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
     node.service.job_hooks_arrive()
     result = await node.exchange_checked(node.mint(987_654_321, iat=int(clock.now) - 60))
     assert (result.status, result.result) == (503, "unavailable")
-    node.close()
 
 
 async def test_an_issuer_without_gitlab_api_is_exchanged_unchecked_and_counted(
@@ -348,16 +349,13 @@ async def test_an_issuer_without_gitlab_api_is_exchanged_unchecked_and_counted(
 
 
 async def test_while_the_webhook_listener_is_not_up_every_exchange_asks(
-    gitlab: FakeGitLab, project: int, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, project: int, asked: Asked, node: Node
 ) -> None:
-    asked = Asked(gitlab)
-    node = Node(gitlab, tmp_path, clock, job_status_reader=asked)
     node.service.job_hooks_may_be_lost()
     job = gitlab.add_job(project)
     for _ in range(2):
         assert (await node.exchange_checked(node.mint(job))).status == 200
     assert len(asked.calls) == 2  # nothing vouches for the job until Job Hooks can arrive
-    node.close()
 
 
 async def test_without_a_verifier_the_exchange_fails_closed(gitlab: FakeGitLab, tmp_path: Path, clock: Clock) -> None:

@@ -42,14 +42,13 @@ from controlplane.xds.server import (
     MAX_RECEIVE_MESSAGE_BYTES,
     MAX_STREAMS_PER_CONNECTION,
     SERVER_OPTIONS,
-    SERVICE,
     UNKNOWN_GROUP,
     WARNINGS_PER_MINUTE,
     XdsServer,
     _Session,
     peer_address,
 )
-from tests.support.ads import FakeEnvoy, names_of, within
+from tests.support.ads import FakeEnvoy, delta_method, first_delta_request, names_of, within
 from tests.support.ports import eventually
 
 LOOPBACK = "127.0.0.1"
@@ -329,14 +328,8 @@ async def test_client_half_close_ends_the_stream(plane: Plane) -> None:
 
 async def test_delta_stream_is_served_and_registered_as_delta(plane: Plane) -> None:
     plane.cache.set(snap("delta"))
-    method = plane.channel.stream_stream(
-        f"/{SERVICE}/DeltaAggregatedResources",
-        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
-    )
-    call = method()
-    request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
-    request.node.id, request.node.cluster = "delta-1", "delta"
+    call = delta_method(plane.channel)()
+    request = first_delta_request(CLUSTER, "delta-1", "delta")
     await call.write(request)
     response = await within(call.read())
     assert isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
@@ -589,14 +582,8 @@ async def test_a_delta_stream_subscribing_past_the_bound_is_refused_and_forgotte
     """Names from later Delta requests added up without limit: 1.8M names on one stream took RSS to 1.7 GB."""
     caplog.set_level(logging.INFO, logger="controlplane.xds")  # DEBUG lists (clipped) subscriptions by design
     plane.cache.set(snap("subs"))
-    method = plane.channel.stream_stream(
-        f"/{SERVICE}/DeltaAggregatedResources",
-        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
-    )
-    call = method()
-    request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
-    request.node.id, request.node.cluster = "subs-1", "subs"
+    call = delta_method(plane.channel)()
+    request = first_delta_request(CLUSTER, "subs-1", "subs")
     await within(call.write(request))
     await within(call.read())
     await eventually(lambda: bool(plane.proxies("subs-1")), "registered")

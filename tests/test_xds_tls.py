@@ -32,6 +32,7 @@ from controlplane.xds.tls import (
     pushes_secrets,
     server_tls_from_flags,
 )
+from tests.support.ads import ads_method, first_request
 from tests.support.certs import CertFiles, Pki, make_pki
 
 LOOPBACK = "127.0.0.1"
@@ -138,14 +139,8 @@ async def _first_response(
         certificate_chain=client.cert.read_bytes() if client else None,
     )
     async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
-        call = channel.stream_stream(
-            f"/{SERVICE}/StreamAggregatedResources",
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-        )()
-        request = discovery_pb2.DiscoveryRequest(type_url=LISTENER)
-        request.node.id, request.node.cluster = "tls-test", "ci-gateway"
-        await call.write(request)
+        call = ads_method(channel)()
+        await call.write(first_request(LISTENER, "tls-test"))
         response: discovery_pb2.DiscoveryResponse = await call.read()
         call.cancel()
         return response

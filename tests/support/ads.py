@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -35,6 +35,38 @@ def names_of(response: discovery_pb2.DiscoveryResponse) -> list[str]:
     return out
 
 
+def ads_method(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """The ADS method on `channel` (blocking or asyncio), carrying Envoy's discovery messages."""
+    return channel.stream_stream(
+        f"/{SERVICE}/StreamAggregatedResources",
+        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+    )
+
+
+def delta_method(channel: grpc.aio.Channel) -> Any:
+    """The Delta ADS method on `channel`, carrying Envoy's incremental discovery messages."""
+    return channel.stream_stream(
+        f"/{SERVICE}/DeltaAggregatedResources",
+        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+    )
+
+
+def first_delta_request(type_url: str, node_id: str, group: str) -> discovery_pb2.DeltaDiscoveryRequest:
+    """A Delta stream's first request: the only one that names the node."""
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url)
+    request.node.id, request.node.cluster = node_id, group
+    return request
+
+
+def first_request(type_url: str, node_id: str, group: str = "ci-gateway") -> discovery_pb2.DiscoveryRequest:
+    """A stream's first request: the only one that names the node."""
+    request = discovery_pb2.DiscoveryRequest(type_url=type_url)
+    request.node.id, request.node.cluster = node_id, group
+    return request
+
+
 async def within(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, TIMEOUT)
 
@@ -43,12 +75,7 @@ class FakeEnvoy:
     """One ADS stream that sends what Envoy sends (node on the first message only)."""
 
     def __init__(self, channel: grpc.aio.Channel, node_id: str, group: str) -> None:
-        method = channel.stream_stream(
-            f"/{SERVICE}/StreamAggregatedResources",
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-        )
-        self.call = method()
+        self.call = ads_method(channel)()
         self.node_id = node_id
         self.group = group
         self.sent_node = False

@@ -19,10 +19,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .lifecycle import Started
 from .ports import LOOPBACK
 
 # --- request/response
@@ -208,7 +208,7 @@ class _Server(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-class LoopbackHTTPServer:
+class LoopbackHTTPServer(Started):
     """A routed HTTP server on 127.0.0.1:<ephemeral> serving from a daemon thread.
 
     Binding to port 0 (rather than probing for a free port) means there is no race with other tests for the
@@ -273,14 +273,6 @@ class LoopbackHTTPServer:
             return []
         with self._server._lock:
             return [req for req, _ in self._server.log]
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 # --- echo backend

@@ -109,7 +109,11 @@ class ControlPlaneProcess:
                     self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit
                 )
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()  # never ready: a `with` block's exit will not run, so nothing else would stop it
+                raise
         return self
 
     def _limit_open_files(self) -> None:

@@ -31,11 +31,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 from .backends import http_request
+from .lifecycle import Started
 from .ports import LOOPBACK, poll_until
 
 T = TypeVar("T")
@@ -79,7 +79,7 @@ def _kill_on_parent_death() -> None:  # pragma: no cover - runs in the child bet
         _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class EnvoyProcess:
+class EnvoyProcess(Started):
     """One Envoy process bound to a temp dir, with its admin on 127.0.0.1 at a kernel-chosen port.
 
     The bootstrap's ``admin`` is always rewritten to loopback port 0 and the real port is read back through
@@ -204,14 +204,6 @@ class EnvoyProcess:
             if self._own_workdir and not self._keep_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return self.returncode
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def pid(self) -> int:

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, ClassVar, Final, Self
 
 import jwt
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from .backends import LoopbackHTTPServer, Request, Response, Router, json_response
+from .lifecycle import Started
 
 
 class _Omit:
@@ -92,7 +92,7 @@ def apply_raw(claims: dict[str, Any], raw: Mapping[str, Any] | None) -> dict[str
     return claims
 
 
-class OidcIssuer:
+class OidcIssuer(Started):
     """Base for fake issuers: serves discovery and JWKS, counts JWKS fetches, signs tokens.
 
     Subclasses pass their URL layout, add routes in ``_add_routes`` and shape ``discovery()``.
@@ -124,14 +124,6 @@ class OidcIssuer:
 
     def stop(self) -> None:
         self._server.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:

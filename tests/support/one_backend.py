@@ -5,54 +5,18 @@ The key relay suite starts a second, cold Envoy on the second gateway; the xDS T
 
 from __future__ import annotations
 
-from .backends import EchoBackend
-from .fake_gitlab import FakeGitLab
-
-ONE_BACKEND_POLICY = """\
-kind: Issuer
-name: gitlab
-type: gitlab
-url: {issuer}
-{issuer_extra}
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-endpoints: [{{address: 127.0.0.1, port: {backend_port}}}]
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules: [{{methods: [GET]}}]
----
-kind: Binding
-name: deployer-reads-reports
-roles: [reports-read]
-subjects: [{{project: 42}}]
----
-kind: Gateway
-name: ci-gateway
-listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [reports-api]
-access_log: /dev/null
----
-kind: Gateway
-name: cold-gateway
-listen: {{address: 127.0.0.1, port: {cold_port}}}
-backends: [reports-api]
-access_log: /dev/null
-"""
+from .policy_parts import backend, binding, documents, gateway, issuer, role
+from .stack import PolicyInputs
 
 
-def one_backend_policy(
-    gitlab: FakeGitLab, backend: EchoBackend, listen_port: int, cold_port: int, extra: str = ""
-) -> str:
-    """One issuer, one backend behind two gateways: `listen_port` serves, `cold_port` is an Envoy started later."""
-    return ONE_BACKEND_POLICY.format(
-        issuer=gitlab.issuer,
-        issuer_extra=extra,
-        backend_port=backend.port,
-        listen_port=listen_port,
-        cold_port=cold_port,
+def one_backend_policy(given: PolicyInputs, *, cold_port: int, issuer_extra: str = "") -> str:
+    """One issuer, one backend behind two gateways: the stack's listener serves, `cold_port` is an Envoy started
+    later. A `serve_stack` policy once `cold_port` is bound (functools.partial)."""
+    return documents(
+        issuer(given.issuer, extra=issuer_extra),
+        backend("reports-api", given.ports["reports"]),
+        role("reports-read", "reports-api"),
+        binding("deployer-reads-reports", ["reports-read"], "{project: 42}"),
+        gateway(given.listen_port, ["reports-api"]),
+        gateway(cold_port, ["reports-api"], name="cold-gateway"),
     )
