@@ -93,7 +93,7 @@ def _issuer_inventory(f: Fields, kind: IssuerKind | None, env: Env) -> Inventory
     return need(env.inventories[path])  # None: the inventory file had errors, reported there
 
 
-_jwks_mode = scalars.mapped(scalars.enum("jwks mode", [m.value for m in JwksMode]), JwksMode)
+_jwks_mode = scalars.mapped(scalars.enum("jwks mode", tuple(m.value for m in JwksMode)), JwksMode)
 _API_KEYS = (
     "url",
     "token_env",
