@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 # Written once: a project an inventory file does not mark archived is live, as GitLab's API reports it.
 DEFAULT_ARCHIVED = False
 
