@@ -105,6 +105,46 @@ def test_compile_writes_the_golden_layout(tmp_path: Path) -> None:
         assert (tmp_path / "out" / name).read_text() == expected.read_text()
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_compile_refuses_an_out_holding_yaml_it_did_not_write(tmp_path: Path) -> None:
+    """Compile replaces every YAML file below --out: a directory with anyone else's YAML is refused whole."""
+    out = tmp_path / "out"
+    result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for foreign in ("notes.yaml", "ci-gateway/extra.yaml", "ci-gateway/deep/routes.yaml"):
+        (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+        (out / foreign).write_text("kept: true\n")
+        before = _tree(out)
+        result = run("compile", str(ROOT / "examples" / "multi-backend"), "--out", str(out))
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.startswith(f"error: {out}: holds YAML that is not a compiled snapshot ({foreign})")
+        assert result.stdout == "" and _tree(out) == before  # nothing deleted, nothing written
+        (out / foreign).unlink()
+    # Only its own files there (and an empty folder left by the last one removed): replaced whole.
+    result = run("compile", str(ROOT / "examples" / "multi-backend"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert _tree(out) == _tree(ROOT / "snapshots" / "multi-backend")
+
+
+@pytest.mark.parametrize("where", [".", "snapshots", "..", "../.."])
+def test_compile_refuses_an_out_in_or_around_the_policy_directory(tmp_path: Path, where: str) -> None:
+    """`compile examples/quickstart --out examples/quickstart` once deleted the policy it compiled."""
+    policy = tmp_path / "policy" / "quickstart"
+    policy.mkdir(parents=True)
+    for source in (ROOT / "examples" / "quickstart").iterdir():
+        (policy / source.name).write_text(source.read_text())
+    before = _tree(tmp_path)
+    out = policy / where
+    result = run("compile", str(policy), "--out", str(out))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"error: {out}: the output directory "), result.stderr
+    assert "policy directory" in result.stderr and result.stdout == ""
+    assert _tree(tmp_path) == before and not (policy / "snapshots").exists()
+
+
 def test_bootstrap_names_the_group_and_the_control_plane() -> None:
     result = run("bootstrap", "--group", "ci-gateway", "--node-id", "n1", "--xds-address", "10.1.2.3:18000")
     assert result.returncode == 0, result.stderr

@@ -177,7 +177,8 @@ async def test_a_refused_read_backs_off_instead_of_looping() -> None:
 
 def test_backoff_is_exponential_and_capped() -> None:
     w = watcher(FakeSource(), Changes(), reconcile_seconds=60)
-    ceilings = [max(w.backoff.delay(n) for _ in range(50)) for n in range(1, 12)]
+    # Failure n is retry n - 1: retry numbers count from 0 (controlplane.retry).
+    ceilings = [max(w.backoff.delay(failures - 1) for _ in range(50)) for failures in range(1, 12)]
     assert ceilings[0] <= 2 and 2 < ceilings[1] <= 4 and 4 < ceilings[2] <= 8
     assert all(c <= 60 for c in ceilings) and ceilings[-1] > 30
 

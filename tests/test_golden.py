@@ -26,7 +26,7 @@ CASES = sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
 
 
 def test_there_are_at_least_three_examples() -> None:
-    assert {"quickstart", "multi-backend", "gitlab-and-oidc"} <= set(CASES)
+    assert {"quickstart", "multi-backend", "gitlab-and-oidc", "gitlab-state"} <= set(CASES)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -8,6 +8,8 @@ import stat
 import textwrap
 import threading
 import time
+from dataclasses import MISSING, fields
+from inspect import signature
 from pathlib import Path
 
 import pytest
@@ -15,16 +17,24 @@ import pytest
 from controlplane.model import errors as errors_module
 from controlplane.model import yaml_source
 from controlplane.model.errors import PolicyError, PolicyInvalid, Source
-from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.model.inventory import DEFAULT_ARCHIVED, Group, Inventory, Project
 from controlplane.model.loader import PolicyLoader, parse_policy
 from controlplane.model.parse_cache import PARSE_CACHE_BYTES, ParseCache
 from controlplane.model.policy import (
+    DEFAULT_BACKEND_CREDENTIALS,
+    DEFAULT_CREDENTIAL_TTL_SECONDS,
+    DEFAULT_INJECTION_HEADER,
+    DEFAULT_INJECTION_PREFIX,
+    DEFAULT_JWKS_MODE,
+    DEFAULT_RECONCILE_SECONDS,
+    DEFAULT_REQUESTS_PER_SECOND,
     Backend,
     Binding,
     ClaimMatch,
     Endpoint,
     Gateway,
     GitLabApi,
+    Injection,
     Issuer,
     IssuerKind,
     JwksMode,
@@ -37,6 +47,7 @@ from controlplane.model.policy import (
 )
 from controlplane.model.yaml_source import parse_yaml, to_plain
 from controlplane.sources import policy_dir
+from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.policy_dir import ReadLimits, load_policy_dir, read_policy_dir
 
 
@@ -926,6 +937,53 @@ def test_api_defaults_follow_the_issuer() -> None:
         max_staleness_seconds=None,
         requests_per_second=1000.0,
     )
+
+
+def _field_default(cls: type, name: str) -> object:
+    (found,) = [f for f in fields(cls) if f.name == name]
+    assert found.default is not MISSING, f"{cls.__name__}.{name} has no default"
+    return found.default
+
+
+def test_an_omitted_optional_key_gets_the_dataclass_default() -> None:
+    """Drift guard for "one place for each default": what the loader fills in for an absent key is exactly the
+    field's default in model/policy.py (and model/inventory.py), and both are the named constant."""
+    files = _with(
+        issuer=GITLAB_HEAD + "inventory: inv.yaml\n",
+        inv="groups: [{id: 10, path: acme}]\nprojects: [{id: 42, path: acme/app, namespace_id: 10}]\n",
+        backend=BACKEND_HEAD + "hosts: [api.example.com]\nendpoints: [{address: a, port: 8}]\n"
+        "inject: {secret_env: API_KEY}\n",
+    )
+    policy = parse_policy(files)
+    (issuer,), (backend,), (binding,) = policy.issuers, policy.backends, policy.bindings
+    assert backend.inject is not None and issuer.inventory is not None
+    live = GITLAB_HEAD + "api: {token_env: GITLAB_TOKEN}\n"
+    (watched,) = parse_policy(_with(issuer=live)).issuers
+    assert watched.api is not None
+    read = {
+        (Issuer, "jwks_mode"): issuer.jwks_mode,
+        (GitLabApi, "reconcile_seconds"): watched.api.reconcile_seconds,
+        (GitLabApi, "requests_per_second"): watched.api.requests_per_second,
+        (Backend, "credentials"): backend.credentials,
+        (Injection, "header"): backend.inject.header,
+        (Injection, "prefix"): backend.inject.prefix,
+        (Binding, "credential_ttl_seconds"): binding.credential_ttl_seconds,
+        (Project, "archived"): issuer.inventory.projects[0].archived,
+    }
+    assert read == {key: _field_default(*key) for key in read}
+    constants = {
+        (Issuer, "jwks_mode"): DEFAULT_JWKS_MODE,
+        (GitLabApi, "reconcile_seconds"): DEFAULT_RECONCILE_SECONDS,
+        (GitLabApi, "requests_per_second"): DEFAULT_REQUESTS_PER_SECOND,
+        (Backend, "credentials"): DEFAULT_BACKEND_CREDENTIALS,
+        (Injection, "header"): DEFAULT_INJECTION_HEADER,
+        (Injection, "prefix"): DEFAULT_INJECTION_PREFIX,
+        (Binding, "credential_ttl_seconds"): DEFAULT_CREDENTIAL_TTL_SECONDS,
+        (Project, "archived"): DEFAULT_ARCHIVED,
+    }
+    assert read == constants
+    # The GitLab client built without the policy's value (the policy repository's reader) uses the same bound.
+    assert signature(GitLabSource).parameters["requests_per_second"].default == DEFAULT_REQUESTS_PER_SECOND
 
 
 def test_jwks_mode_applies_to_oidc_issuers_too() -> None:

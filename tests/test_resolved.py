@@ -3,6 +3,7 @@ unchanged backends, and the package stands alone (no protobuf, nothing of the co
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,8 +13,9 @@ import pytest
 import yaml
 
 from controlplane.model.errors import PolicyError, Source
+from controlplane.model.inventory import Inventory, Project, Ref
 from controlplane.model.loader import parse_policy
-from controlplane.model.policy import Mode, RoleRule
+from controlplane.model.policy import Mode, Policy, RoleRule
 from controlplane.resolved import render
 from controlplane.resolved.access import BackendAccess, Grant, ResolvedPolicy
 from controlplane.resolved.conditions import Condition, ResolvedSubject
@@ -29,6 +31,42 @@ AWKWARD = ("", "a b", "it's", 'say "hi"', "true", "42", "x: y", "#c", "*glob", "
 def test_every_example_renders_to_yaml_that_reads_back_as_its_data(case: str) -> None:
     resolved = Resolution().update(parse_policy(read_policy_dir(ROOT / "examples" / case)))
     assert yaml.safe_load(render.render(resolved)) == render.document(resolved)
+
+
+# examples/gitlab-state as live GitLab reports it now (its inventory file cannot say this): project 42 was renamed
+# from acme/platform/deployer, which the policy still names (remembered in the pins); 44 is archived; refs and
+# their protection are known. `UPDATE_GOLDEN=1` rewrites the expected file; review its diff like a snapshot's.
+LIVE_GOLDEN = ROOT / "tests" / "resolved" / "gitlab-state-live.yaml"
+LIVE_PINS = {"gitlab": {"acme/platform/deployer": 42}}
+
+
+def _live(policy: Policy) -> Policy:
+    branch, tag = "branch", "tag"
+    projects = (
+        Project(42, "acme/platform/deploy-bot", 11, refs=(Ref("main", branch, True), Ref("wip", branch, False))),
+        Project(43, "acme/web/frontend", 12, refs=(Ref("main", branch, False),)),
+        Project(44, "acme/platform/legacy", 11, archived=True, refs=(Ref("main", branch, True),)),
+        Project(45, "acme/platform/tools/lint", 13, refs=(Ref("main", branch, True), Ref("v1", tag, True))),
+    )
+    (issuer,) = policy.issuers
+    assert issuer.inventory is not None
+    inventory = Inventory(projects, issuer.inventory.groups, fetched_at=1.0)
+    return replace(policy, issuers=(replace(issuer, inventory=inventory),))
+
+
+def test_gitlab_state_applied_by_live_inventory_matches_its_golden_file() -> None:
+    policy = _live(parse_policy(read_policy_dir(ROOT / "examples" / "gitlab-state")))
+    text = render.render(Resolution().update(policy, LIVE_PINS))
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        LIVE_GOLDEN.parent.mkdir(exist_ok=True)
+        LIVE_GOLDEN.write_text(text)
+    assert text == LIVE_GOLDEN.read_text(), f"{LIVE_GOLDEN} is stale: rerun with UPDATE_GOLDEN=1 and review the diff"
+    # What the golden file must show, said once more in words (a regenerated file cannot silently lose it):
+    assert "access kept; update the policy" in text  # the renamed project, still bound by its id
+    assert "project acme/platform/legacy (id 44) is archived" in text  # withdrawn
+    deployer = text.split("deployer-publishes/")[1].split("- name:")[0]
+    assert "- ref = main" in deployer and "wip" not in text  # narrowed to the refs GitLab protects now
+    assert "- - project_id = 45" in text and "project_id = 44" not in text  # the group pin, less the archived
 
 
 def test_awkward_values_alternatives_warnings_and_pins_read_back_exactly() -> None:

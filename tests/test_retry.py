@@ -8,6 +8,7 @@ from controlplane.credentials.recovery import DEFAULT_INTERVAL, DEFAULT_RETRY
 from controlplane.retry import Backoff, RetryPolicy, retry_after_seconds
 from controlplane.sources import jwks
 from controlplane.sources.gitlab_client import BACKOFF as GITLAB_BACKOFF
+from controlplane.sources.gitlab_watch import inventory_backoff
 
 
 def test_without_jitter_the_delay_doubles_from_the_base_up_to_the_cap() -> None:
@@ -54,11 +55,16 @@ def test_a_jwks_fetch_waits_as_the_issuer_asks_up_to_5_s() -> None:
 
 @pytest.mark.parametrize("reconcile_seconds", [10.0, 60.0, 300.0, 3600.0])
 def test_the_inventory_watcher_backs_off_as_before(reconcile_seconds: float) -> None:
-    """Was: ceiling = min(reconcile_seconds, 2 ** min(failures, 8)), times uniform(0.5, 1)."""
-    backoff = Backoff(base_seconds=1.0, cap_seconds=min(reconcile_seconds, 256.0))
+    """Was: ceiling = min(reconcile_seconds, 2 ** min(failures, 8)), times uniform(0.5, 1); now retry
+    `failures - 1` (from 0, as the other callers count) of the watcher's own backoff."""
+    backoff = inventory_backoff(reconcile_seconds)
     for failures in range(1, 40):
         ceiling = min(reconcile_seconds, 2.0 ** min(failures, 8))
-        assert all(ceiling / 2 <= backoff.delay(failures) <= ceiling for _ in range(20))
+        assert all(ceiling / 2 <= backoff.delay(failures - 1) <= ceiling for _ in range(20))
+    exact = Backoff(base_seconds=backoff.base_seconds, cap_seconds=backoff.cap_seconds, jitter=False)
+    assert [exact.delay(failures - 1) for failures in range(1, 40)] == [
+        min(reconcile_seconds, 2.0 ** min(failures, 8)) for failures in range(1, 40)
+    ]
 
 
 def test_job_recovery_retries_an_incomplete_sweep_as_before() -> None:

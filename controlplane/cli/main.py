@@ -387,10 +387,15 @@ def _validate(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from controlplane.snapshots import golden
 
+    try:
+        golden.check_output(args.out, args.policy)  # before compiling: a refused --out costs no compile
+    except golden.OutputRefused as refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
-    for path in golden.write(compiled.snapshots, args.out, resolved=compiled.resolved):
+    for path in golden.write(compiled.snapshots, args.out, resolved=compiled.resolved, policy_dir=args.policy):
         print(path)
     return 0
 

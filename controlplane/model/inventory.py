@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Written once: a project an inventory file does not mark archived is live, as GitLab's API reports it.
+DEFAULT_ARCHIVED = False
+
 
 @dataclass(frozen=True)
 class Ref:
@@ -29,7 +32,7 @@ class Project:
     id: int
     path: str
     namespace_id: int
-    archived: bool = False
+    archived: bool = DEFAULT_ARCHIVED
     default_branch: str | None = None
     # None = not known (an inventory file): no ref or environment checks. A tuple = what GitLab has now.
     refs: tuple[Ref, ...] | None = None

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from controlplane.model import scalars
 from controlplane.model.errors import quoted
 from controlplane.model.fields import Ctx, Fields, list_of, need, record, report_duplicates
-from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.model.inventory import DEFAULT_ARCHIVED, Group, Inventory, Project
 from controlplane.model.yaml_source import YNode, YSeq
 
 
@@ -23,7 +23,7 @@ def _group_fields(f: Fields) -> Group:
 def _project_fields(f: Fields) -> Project:
     project_id, path = f.required("id", scalars.positive), f.required("path", scalars.project_path)
     namespace_id = f.required("namespace_id", scalars.positive)
-    archived = f.optional("archived", scalars.boolean, False)
+    archived = f.optional("archived", scalars.boolean, DEFAULT_ARCHIVED)
     return Project(need(project_id), need(path), need(namespace_id), need(archived))
 
 

@@ -36,6 +36,17 @@ class Mode(StrEnum):
     SHADOW = "shadow"
 
 
+# The defaults of optional policy keys, each written once: the dataclass fields below and the kinds that read
+# the YAML (model/kinds) both name these, so a policy that omits a key and one that spells the default agree.
+DEFAULT_RECONCILE_SECONDS = 300
+DEFAULT_REQUESTS_PER_SECOND = 10.0
+DEFAULT_JWKS_MODE = JwksMode.RELAY
+DEFAULT_INJECTION_HEADER = "Authorization"
+DEFAULT_INJECTION_PREFIX = ""
+DEFAULT_BACKEND_CREDENTIALS = "any"
+DEFAULT_CREDENTIAL_TTL_SECONDS = 900
+
+
 @dataclass(frozen=True)
 class GitLabApi:
     """How the control plane watches a GitLab instance. The token is never in the policy: only where to find it."""
@@ -44,9 +55,9 @@ class GitLabApi:
     token_env: str | None = None  # environment variable holding a read_api token
     token_file: str | None = None  # or a file holding it
     groups: tuple[str, ...] = ()  # top-level groups (paths) watched beyond the ones the policy names
-    reconcile_seconds: int = 300  # full re-sync period; catches what webhooks never report
+    reconcile_seconds: int = DEFAULT_RECONCILE_SECONDS  # full re-sync period; catches what webhooks never report
     max_staleness_seconds: int | None = None  # past this, inventory-dependent bindings are withdrawn
-    requests_per_second: float = 10.0  # bound on API request rate
+    requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND  # bound on API request rate
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class Issuer:
     source: Source
     # GitLab only: where project and group paths resolve to ids when GitLab is not watched live.
     inventory: Inventory | None = None
-    jwks_mode: JwksMode = JwksMode.RELAY
+    jwks_mode: JwksMode = DEFAULT_JWKS_MODE
     # GitLab only: watch this instance through its API (projects, branches, protections, environments).
     api: GitLabApi | None = None
 
@@ -88,8 +99,8 @@ class Injection:
     `secret_env` and `secret_file` is set.
     """
 
-    header: str = "Authorization"
-    prefix: str = ""  # prepended to the secret, e.g. "Bearer "
+    header: str = DEFAULT_INJECTION_HEADER
+    prefix: str = DEFAULT_INJECTION_PREFIX  # prepended to the secret, e.g. "Bearer "
     secret_env: str | None = None
     secret_file: str | None = None
 
@@ -109,7 +120,7 @@ class Backend:
     source: Source
     # "any": GitLab ID tokens (per bindings) or exchanged credentials; "exchanged": only credentials the
     # control plane issued (raw ID tokens are refused, so access ends with the job, not with the token).
-    credentials: str = "any"
+    credentials: str = DEFAULT_BACKEND_CREDENTIALS
     # A credential of the backend's own, injected upstream by Envoy: the backend never sees the job's token.
     inject: Injection | None = None
 
@@ -170,7 +181,7 @@ class Binding:
     mode: Mode
     source: Source
     # The longest life of a credential exchanged under this binding (capped by the subject token's own).
-    credential_ttl_seconds: int = 900
+    credential_ttl_seconds: int = DEFAULT_CREDENTIAL_TTL_SECONDS
 
 
 @dataclass(frozen=True)

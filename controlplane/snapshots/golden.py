@@ -67,16 +67,53 @@ def render(snapshot: Snapshot) -> dict[str, str]:
     return files
 
 
-def write(snapshots: Mapping[str, Snapshot], out_dir: Path, *, resolved: ResolvedPolicy) -> list[Path]:
+class OutputRefused(ValueError):
+    """`--out` is not a snapshot directory this module may replace: nothing was deleted or written."""
+
+
+def _is_ours(relative: Path) -> bool:
+    """`resolved.yaml`, or `<group>/<one of FILE_NAMES>`: the only YAML `write` ever puts in its directory."""
+    parts = relative.parts
+    if len(parts) == 1:
+        return parts[0] == resolved_yaml.FILE_NAME
+    return len(parts) == 2 and parts[1] in FILE_NAMES.values()
+
+
+def check_output(out_dir: Path, policy_dir: Path) -> list[Path]:
+    """The YAML files `write` would replace in `out_dir`; `OutputRefused` when replacing them could lose work.
+
+    Writing replaces every YAML file below `out_dir`, so a mistyped `--out` (the policy directory itself, or a
+    folder of someone's YAML) would delete what is not ours to delete; and snapshots written inside the policy
+    directory would be read back as policy on the next load."""
+    out, policy = out_dir.resolve(), policy_dir.resolve()
+    if out == policy or policy in out.parents:
+        raise OutputRefused(f"{out_dir}: the output directory is (inside) the policy directory {policy_dir}")
+    if out in policy.parents:
+        raise OutputRefused(f"{out_dir}: the output directory holds the policy directory {policy_dir}")
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        raise OutputRefused(f"{out_dir}: not a directory")
+    found = sorted(out_dir.rglob("*.yaml"), reverse=True)
+    foreign = sorted(p.relative_to(out_dir).as_posix() for p in found if not _is_ours(p.relative_to(out_dir)))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputRefused(f"{out_dir}: holds YAML that is not a compiled snapshot ({listed}); nothing was replaced")
+    return found
+
+
+def write(
+    snapshots: Mapping[str, Snapshot], out_dir: Path, *, resolved: ResolvedPolicy, policy_dir: Path
+) -> list[Path]:
     """Replace `out_dir` with one folder per group, so removed groups and types disappear from the diff, and
-    the resolved policy they were compiled from (`resolved.yaml`) beside them.
+    the resolved policy they were compiled from (`resolved.yaml`) beside them. Refused (`OutputRefused`,
+    before anything is deleted) when `out_dir` holds other YAML or lies in `policy_dir` (`check_output`).
 
     Each file is replaced whole (`statefile.atomic_write_text`): a crash, or a reader such as a deploy job
     picking the files up, never sees half a file."""
     written = []
-    if out_dir.exists():
-        for stale in sorted(out_dir.rglob("*.yaml"), reverse=True):
-            stale.unlink()
+    for stale in check_output(out_dir, policy_dir):
+        stale.unlink()
     for group, snapshot in sorted(snapshots.items()):
         group_dir = out_dir / group
         group_dir.mkdir(parents=True, exist_ok=True)

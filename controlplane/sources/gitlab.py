@@ -24,6 +24,7 @@ from gitlab.exceptions import GitlabAuthenticationError, GitlabError, GitlabGetE
 from gitlab.mixins import GetMixin, ListMixin
 
 from controlplane.model.inventory import Environment, Group, Inventory, Project, Ref
+from controlplane.model.policy import DEFAULT_REQUESTS_PER_SECOND
 from controlplane.retry import RetryPolicy
 from controlplane.sources.gitlab_client import API_PREFIX, BACKOFF, GitLabRefused, GitLabTransport, GitLabUnavailable
 from controlplane.sources.rate_limit import split_rate
@@ -50,7 +51,7 @@ class GitLabSource:
         api_url: str,
         token: str,
         *,
-        requests_per_second: float = 10.0,
+        requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND,
         max_retries: int = 5,
         timeout: float = 10.0,
     ) -> None:

@@ -27,6 +27,7 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from controlplane.model.inventory import Group, Inventory, Project
+from controlplane.model.policy import DEFAULT_RECONCILE_SECONDS
 from controlplane.retry import Backoff
 from controlplane.telemetry.metrics import REGISTRY
 
@@ -81,6 +82,13 @@ class Scope:
     projects: frozenset[str | int] = frozenset()
 
 
+def inventory_backoff(reconcile_seconds: float) -> Backoff:
+    """Failure n (retry n - 1, counted from 0 as everywhere) waits up to min(reconcile, 2**n s): 1-2 s after the
+    first, doubling, capped at `reconcile_seconds` (and 256 s); jittered so several control planes do not come
+    back to a recovering GitLab at once."""
+    return Backoff(base_seconds=2.0, cap_seconds=min(reconcile_seconds, 256.0))
+
+
 class InventoryWatcher:
     def __init__(
         self,
@@ -88,7 +96,7 @@ class InventoryWatcher:
         source: InventorySource,
         *,
         on_change: Callable[[], Awaitable[object]],
-        reconcile_seconds: float = 300.0,
+        reconcile_seconds: float = DEFAULT_RECONCILE_SECONDS,
         max_staleness_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
         on_reachable: Callable[[], None] | None = None,
@@ -98,9 +106,7 @@ class InventoryWatcher:
         self.source = source
         self.on_change = on_change
         self.reconcile_seconds = reconcile_seconds
-        # 1-2 s after the first failure, doubling, capped at `reconcile_seconds` (and 256 s); jittered so
-        # several control planes do not come back to a recovering GitLab at once.
-        self.backoff = Backoff(base_seconds=1.0, cap_seconds=min(reconcile_seconds, 256.0))
+        self.backoff = inventory_backoff(reconcile_seconds)
         self.max_staleness_seconds = max_staleness_seconds
         self.clock = clock
         self.scope = Scope()
@@ -302,7 +308,7 @@ class InventoryWatcher:
         re-sync was pending). One log line per attempt: the backoff bounds their rate."""
         self._full = True
         self._failures += 1
-        backoff = self.backoff.delay(self._failures)
+        backoff = self.backoff.delay(self._failures - 1)  # retry numbers count from 0, as in retry.py
         self._retry_at = self.clock() + backoff
         self.last_error = str(error)[:500]
         READ_FAILURES.labels(self.issuer).set(self._failures)

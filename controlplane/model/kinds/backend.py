@@ -13,7 +13,15 @@ from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
 from controlplane.model.fields import Fields, list_of, need, record
-from controlplane.model.policy import Backend, Endpoint, Injection, UpstreamTLS
+from controlplane.model.policy import (
+    DEFAULT_BACKEND_CREDENTIALS,
+    DEFAULT_INJECTION_HEADER,
+    DEFAULT_INJECTION_PREFIX,
+    Backend,
+    Endpoint,
+    Injection,
+    UpstreamTLS,
+)
 from controlplane.model.yaml_source import YMap, YScalar, YSeq
 
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
@@ -23,7 +31,7 @@ _BACKEND_KEYS = (
     *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials", "inject"),
 )
 # "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
-_BACKEND_CREDENTIALS = ("any", "exchanged")
+_BACKEND_CREDENTIALS = (DEFAULT_BACKEND_CREDENTIALS, "exchanged")
 
 
 def _exact_path_check(value: str) -> str | None:
@@ -60,7 +68,9 @@ def build(doc: Doc, env: Env) -> Backend:
     connect_timeout = f.optional("connect_timeout", scalars.duration(1, 60_000), 2000)
     timeout = f.optional("timeout", scalars.duration(1, 86_400_000), 15_000)
     public_paths = f.optional_tuple("public_paths", list_of(_exact_path, non_empty=False))
-    credentials = f.optional("credentials", scalars.enum("credentials", _BACKEND_CREDENTIALS), "any")
+    credentials = f.optional(
+        "credentials", scalars.enum("credentials", _BACKEND_CREDENTIALS), DEFAULT_BACKEND_CREDENTIALS
+    )
     inject = f.maybe("inject", _injection)
     return Backend(
         name=need(doc.name),
@@ -103,8 +113,8 @@ def _injection_fields(i: Fields) -> Injection:
         i.ctx.error(i.node.line, i.at("secret_env"), "missing required key: secret_env or secret_file")
     elif len(places) == 2:
         i.error("secret_file", "use secret_env or secret_file, not both")
-    header = i.optional("header", _header_name, "Authorization")
-    prefix = i.optional("value_prefix", _value_prefix, "")
+    header = i.optional("header", _header_name, DEFAULT_INJECTION_HEADER)
+    prefix = i.optional("value_prefix", _value_prefix, DEFAULT_INJECTION_PREFIX)
     secret_env, secret_file = i.maybe("secret_env", scalars.env_name), i.maybe("secret_file", scalars.absolute_path)
     return Injection(header=need(header), prefix=need(prefix), secret_env=secret_env, secret_file=secret_file)
 

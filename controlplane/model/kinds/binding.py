@@ -10,7 +10,16 @@ from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
 from controlplane.model.fields import Conv, Ctx, Fields, fail, list_of, need, one_of_message, one_or_list, record
-from controlplane.model.policy import Binding, ClaimMatch, GroupRef, IssuerKind, Mode, ProjectRef, Subject
+from controlplane.model.policy import (
+    DEFAULT_CREDENTIAL_TTL_SECONDS,
+    Binding,
+    ClaimMatch,
+    GroupRef,
+    IssuerKind,
+    Mode,
+    ProjectRef,
+    Subject,
+)
 from controlplane.model.yaml_source import YMap, YNode, YScalar, child_path
 
 RESERVED_CLAIMS = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti"})
@@ -160,7 +169,7 @@ def build(doc: Doc, env: Env) -> Binding:
     kind = env.issuer_kinds.get(issuer) if issuer else None
     # An issuer whose type is invalid was reported there; its subjects cannot be checked meanwhile.
     subjects = f.required("subjects", _SUBJECTS[kind]) if kind else None
-    credential_ttl = f.optional("credential_ttl", scalars.seconds(10, 86_400), 900)
+    credential_ttl = f.optional("credential_ttl", scalars.seconds(10, 86_400), DEFAULT_CREDENTIAL_TTL_SECONDS)
     return Binding(
         name=need(doc.name),
         issuer=need(issuer),

@@ -14,7 +14,15 @@ from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
 from controlplane.model.fields import Fields, list_of, need, record
 from controlplane.model.inventory import Inventory
-from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, JwksMode
+from controlplane.model.policy import (
+    DEFAULT_JWKS_MODE,
+    DEFAULT_RECONCILE_SECONDS,
+    DEFAULT_REQUESTS_PER_SECOND,
+    GitLabApi,
+    Issuer,
+    IssuerKind,
+    JwksMode,
+)
 
 GITLAB_JWKS_PATH = "/oauth/discovery/keys"
 
@@ -53,7 +61,7 @@ def build(doc: Doc, env: Env) -> Issuer:
         jwks_uri = f.maybe("jwks_uri", scalars.url)
     else:
         jwks_uri = None if url is None else url + GITLAB_JWKS_PATH
-    jwks_mode = f.optional("jwks", _jwks_mode, JwksMode.RELAY)
+    jwks_mode = f.optional("jwks", _jwks_mode, DEFAULT_JWKS_MODE)
     cache = f.optional("jwks_cache", scalars.seconds(1, 86400), 300)
     skew = f.optional("clock_skew", scalars.seconds(1, 300, _SKEW_WHY), 30)
     inventory = _issuer_inventory(f, kind, env)
@@ -85,7 +93,7 @@ def _issuer_inventory(f: Fields, kind: IssuerKind | None, env: Env) -> Inventory
     return need(env.inventories[path])  # None: the inventory file had errors, reported there
 
 
-_jwks_mode = scalars.mapped(scalars.enum("jwks mode", [m.value for m in JwksMode]), JwksMode)
+_jwks_mode = scalars.mapped(scalars.enum("jwks mode", tuple(m.value for m in JwksMode)), JwksMode)
 _API_KEYS = (
     "url",
     "token_env",
@@ -129,13 +137,13 @@ def _api_fields(a: Fields, issuer_url: str | None) -> GitLabApi:
     url = a.optional("url", _api_url, issuer_url)
     token_env, token_file = a.maybe("token_env", scalars.env_name), a.maybe("token_file", scalars.absolute_path)
     groups = a.optional_tuple("groups", list_of(_api_group, non_empty=False))
-    reconcile = a.optional("reconcile", scalars.seconds(10, 86400), 300)
+    reconcile = a.optional("reconcile", scalars.seconds(10, 86400), DEFAULT_RECONCILE_SECONDS)
     max_staleness = a.maybe("max_staleness", scalars.seconds(10, _API_MAX_STALENESS_S))
     if max_staleness is not None and reconcile is not None and max_staleness < reconcile:
         at_least = scalars.format_ms(reconcile * 1000)
         message = f"must be at least reconcile ({at_least}): one late reconcile would withdraw"
         a.error("max_staleness", message + " every binding that depends on GitLab")
-    rate = a.optional("requests_per_second", _rate, 10.0)
+    rate = a.optional("requests_per_second", _rate, DEFAULT_REQUESTS_PER_SECOND)
     return GitLabApi(
         url=need(url),
         token_env=token_env,
