@@ -105,11 +105,11 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         policy_project=None if options.policy_gitlab is None else PolicyProject(options.policy_gitlab.project_ref),
         on_reachable=lambda issuer: to_events().gitlab_reachable(issuer),
     )
-    parts.on_stop(gitlab.stop)
+    parts.on_stop(gitlab.stop, name="GitLab watchers")
     keys = KeyRelay(
         lambda relayed: to_policy().set_keys(relayed), spawn=parts.spawn, refresh_interval=options.jwks_refresh
     )
-    parts.on_stop(keys.stop)
+    parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
     credentials = (
@@ -155,7 +155,9 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.step(watching.wait())  # a watcher that could not start stops the start here
     if credentials is not None:
         credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab
-        await parts.start(credentials.start(), credentials.stop)  # keys exist (compiled in) before anything is served
+        await parts.start(
+            credentials.start(), credentials.stop, name="credential service"
+        )  # keys exist (compiled in) before anything is served
         parts.run("credential service", credentials.run(parts.stopping))
     await parts.step(policy.reload_off_loop())
     parts.run("secrets watcher", secrets.run(parts.stopping))
@@ -205,7 +207,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     if options.gc_interval > 0:
         collector = CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=xds.idle_for)
         collector.start()
-        parts.on_stop(collector.stop)
+        parts.on_stop(collector.stop, name="garbage collector")
         parts.run("garbage collector schedule", collector.run(parts.stopping))
     log.info(
         "controlplane %s serving xDS on %s:%d, admin on http://%s:%d, policy %s",
@@ -250,7 +252,7 @@ async def _start_webhooks(options: WebhookOptions, limits: HttpLimits, events: E
     webhooks = WebhookReceiver(
         secrets=secrets_from(options.secret_env, options.secret_file), on_event=events.webhook, limits=limits
     )
-    port = await parts.start(webhooks.start(options.host, options.port), webhooks.stop)
+    port = await parts.start(webhooks.start(options.host, options.port), webhooks.stop, name="webhook receiver")
     log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", options.host, port)
 
 
