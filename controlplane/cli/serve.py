@@ -155,9 +155,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.step(watching.wait())  # a watcher that could not start stops the start here
     if credentials is not None:
         credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab
-        await parts.start(
-            credentials.start(), credentials.stop, name="credential service"
-        )  # keys exist (compiled in) before anything is served
+        # Its keys exist (compiled in) before anything is served.
+        await parts.start(credentials.start(), credentials.stop, name="credential service")
         parts.run("credential service", credentials.run(parts.stopping))
     await parts.step(policy.reload_off_loop())
     parts.run("secrets watcher", secrets.run(parts.stopping))
