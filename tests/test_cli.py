@@ -269,6 +269,17 @@ def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyP
     assert bootstrap.xds_address == (ServeOptions.xds_host, ServeOptions.xds_port)
 
 
+def test_serve_options_find_the_state_dir_where_the_command_line_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` used as a library agrees with `controlplane serve`: both honour $CONTROLPLANE_STATE_DIR."""
+    from controlplane.cli.main import _parser, serve_options
+    from controlplane.cli.options import ServeOptions
+
+    monkeypatch.setenv("CONTROLPLANE_STATE_DIR", "/srv/controlplane")
+    parsed = serve_options(_parser().parse_args(["serve", "--policy", "p"]))
+    assert not isinstance(parsed, str)
+    assert ServeOptions(policy=Path("p")).state_dir == parsed.state_dir == Path("/srv/controlplane")
+
+
 def test_bootstrap_and_status_flags_default_to_their_owners_constants() -> None:
     """`bootstrap` and `status` take their defaults from the code that owns the behaviour, as `serve` does."""
     from controlplane.cli import bootstrap as envoy_bootstrap

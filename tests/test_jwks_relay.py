@@ -500,7 +500,7 @@ async def test_key_relay_follows_the_policys_relayed_issuers(server: JwksServer)
     async def on_change(keys: Mapping[str, str]) -> None:
         seen.append(dict(keys))
 
-    relay = KeyRelay(on_change, refresh_interval=3600, min_interval=0.0)
+    relay = KeyRelay(on_change, spawn=asyncio.create_task, refresh_interval=3600, min_interval=0.0)
     issuer = replace(policy_of(**POLICY).issuers[0], url=server.issuer, jwks_uri=server.jwks_uri)
     try:
         await relay.update([issuer, replace(issuer, name="remote-one", jwks_mode=JwksMode.REMOTE)], wait=5)

@@ -237,7 +237,9 @@ async def test_a_job_is_asked_of_the_gitlab_its_token_came_from() -> None:
     async def changed() -> None:
         return None
 
-    link = GitLabLink(on_inventory_change=changed, source_factory=lambda api: JobSource(api.url))
+    link = GitLabLink(
+        on_inventory_change=changed, spawn=asyncio.create_task, source_factory=lambda api: JobSource(api.url)
+    )
     policy = policy_of(issuers=TWO_GITLABS)
     link.follow(policy, {})
     try:

@@ -84,7 +84,6 @@ def _parser() -> argparse.ArgumentParser:
     from controlplane.cli.status import add_status_arguments
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
     from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS, HttpLimits
-    from controlplane.statefile import default_state_dir
 
     def serve_default(name: str) -> Any:
         return option_default(ServeOptions, name)
@@ -162,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--state-dir",
         type=Path,
-        default=default_state_dir(),
+        default=serve_default("state_dir"),
         help="where remembered project ids are kept (env CONTROLPLANE_STATE_DIR)",
     )
     repo = serve.add_argument_group("policy on GitLab (instead of --policy)")

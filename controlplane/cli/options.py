@@ -5,18 +5,19 @@ import the xDS server, gRPC and the admin server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane.audit.store import DEFAULT_RETENTION
 from controlplane.runtime.gc_control import DEFAULT_FULL_EVERY, DEFAULT_INTERVAL
 from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
+from controlplane.runtime.supervisor import DEFAULT_STOP_DEADLINE
 from controlplane.serving import ADMIN_LIMITS, LOOPBACK, WEBHOOK_LIMITS, HttpLimits, fit_listeners
 from controlplane.sources.jwks import DEFAULT_REFRESH_INTERVAL
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits
 from controlplane.sources.watch import DEFAULT_MAX_WAIT, DEFAULT_QUIET
-from controlplane.statefile import DEFAULT_STATE_DIR
+from controlplane.statefile import default_state_dir
 
 if TYPE_CHECKING:
     from controlplane.credentials.service import CredentialOptions
@@ -58,7 +59,8 @@ class ServeOptions:
     admin_port: int = 9902
     debounce: float = DEFAULT_QUIET
     max_wait: float = DEFAULT_MAX_WAIT
-    shutdown_grace: float = 5.0
+    shutdown_grace: float = 5.0  # the xDS streams' drain
+    stop_deadline: float = DEFAULT_STOP_DEADLINE  # every stop together, the drain included; then exit 1 at once
     gc_interval: float = DEFAULT_INTERVAL  # seconds between scheduled collections (gc_control.py); 0: CPython's
     gc_full_every: int = DEFAULT_FULL_EVERY  # N > 1: only every Nth is full, the others skip what earlier ones kept
     jwks_refresh: float = DEFAULT_REFRESH_INTERVAL
@@ -67,7 +69,7 @@ class ServeOptions:
     jwks_startup_wait: float = 10.0
     # The same for the first GitLab inventory read (until then GitLab-backed bindings are withdrawn).
     gitlab_startup_wait: float = 15.0
-    state_dir: Path = DEFAULT_STATE_DIR
+    state_dir: Path = field(default_factory=default_state_dir)  # $CONTROLPLANE_STATE_DIR, as on the command line
     policy_gitlab: GitLabPolicyOptions | None = None
     webhooks: WebhookOptions | None = None
     credentials: CredentialOptions | None = None
@@ -80,6 +82,12 @@ class ServeOptions:
     xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
     policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
+
+    def __post_init__(self) -> None:
+        if not self.stop_deadline > self.shutdown_grace:
+            raise ValueError(
+                f"stop_deadline ({self.stop_deadline}s) must exceed shutdown_grace ({self.shutdown_grace}s)"
+            )
 
     def fitted_to(self, open_files: int) -> ServeOptions:
         """These options with every listener that is on bounded within the open-file limit (serving.py decides

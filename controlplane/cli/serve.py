@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,12 @@ def _policy_source(options: ServeOptions) -> PolicySource:
 
 
 async def serve(options: ServeOptions) -> int:
-    """Exit code 0 when stopped (SIGTERM, SIGINT), 1 when a part failed, 2 when the xDS transport refuses the
+    """Exit code 0 when stopped (SIGTERM, SIGINT), 1 when a part failed (or failed to stop in time, or at all;
+    a second SIGTERM or SIGINT exits at once with 128 + the signal), 2 when the xDS transport refuses the
     configuration, 3 when a state file cannot be read (fail closed: never start with an empty deny list, keys,
     pins, use counts or finished jobs)."""
     try:
-        async with Supervisor() as parts:
+        async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
     except (StateFileError, ExchangeStoreError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
@@ -90,25 +90,26 @@ async def serve(options: ServeOptions) -> int:
 async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     """The parts in the order they are built and started; `parts` stops them in the reverse order. Cycles
     (the policy service recompiles on events of parts that read it) are cut by `Forward`s (module docstring)."""
-    parts.enter(_held_state_dir(options.state_dir))  # one serve per state dir, for the process's life
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, parts.request_stop)
+    parts.enter(_held_state_dir(options.state_dir), name="state directory lock")  # one serve per state dir
+    parts.stop_on_signals()
 
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
     to_events: Forward[EventRouter] = Forward("event router")
     audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
-    parts.on_stop(lambda: asyncio.to_thread(audit.close))
+    parts.on_stop(lambda: asyncio.to_thread(audit.close), name="audit store")
     gitlab = GitLabLink(
         on_inventory_change=lambda: to_events().inventory_changed(),
+        spawn=parts.spawn,
         on_policy_push=lambda: to_events().policy_pushed(),
         policy_project=None if options.policy_gitlab is None else PolicyProject(options.policy_gitlab.project_ref),
         on_reachable=lambda issuer: to_events().gitlab_reachable(issuer),
     )
-    parts.on_stop(gitlab.stop)
-    keys = KeyRelay(lambda relayed: to_policy().set_keys(relayed), refresh_interval=options.jwks_refresh)
-    parts.on_stop(keys.stop)
+    parts.on_stop(gitlab.stop, name="GitLab watchers")
+    keys = KeyRelay(
+        lambda relayed: to_policy().set_keys(relayed), spawn=parts.spawn, refresh_interval=options.jwks_refresh
+    )
+    parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
     credentials = (
@@ -147,19 +148,20 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         EventRouter(policy=policy, gitlab=gitlab, keys=keys, credentials=credentials, recovery=recovery)
     )
 
-    # Started, inputs first: watch before the first load, so an edit made while it runs is never missed.
+    # Started, inputs first: watch before the first load, so an edit made while it runs is never missed. Each
+    # step is abandoned, and the rest of the start with it, once a part failed (supervisor.py).
     watching = asyncio.Event()
-    await _until_either(
-        parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching)), watching
-    )
+    parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching))
+    await parts.step(watching.wait())  # a watcher that could not start stops the start here
     if credentials is not None:
         credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab
-        await parts.start(credentials.start(), credentials.stop)  # keys exist (compiled in) before anything is served
+        # Its keys exist (compiled in) before anything is served.
+        await parts.start(credentials.start(), credentials.stop, name="credential service")
         parts.run("credential service", credentials.run(parts.stopping))
-    await policy.reload_off_loop()
+    await parts.step(policy.reload_off_loop())
     parts.run("secrets watcher", secrets.run(parts.stopping))
-    await events.follow_issuers(wait=options.jwks_startup_wait)
-    await gitlab.settled(options.gitlab_startup_wait)
+    await parts.step(events.follow_issuers(wait=options.jwks_startup_wait))
+    await parts.step(gitlab.settled(options.gitlab_startup_wait))
     if recovery is not None:  # Job Hooks sent while we were down are lost: ask GitLab (recovery.py)
         # Cancelled when stopping: a sweep may be waiting on GitLab's retries, no reason to wait for it.
         parts.run("job recovery", recovery.run(parts.stopping), cancel=True)
@@ -188,7 +190,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         limits=options.admin_limits,
     )
     # Registered before the xDS server's stop, so /readyz and /metrics still answer while the streams drain.
-    parts.on_stop(admin.stop)
+    parts.on_stop(admin.stop, name="admin server")
     xds = XdsServer(
         cache, registry, log=logging.getLogger("controlplane.xds"), max_connections=options.xds_max_connections
     )
@@ -198,12 +200,13 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     xds_port = await parts.start(
         xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
         lambda: _drain(als, xds, options.shutdown_grace),
+        name="xDS server",
     )
-    admin_port = await admin.start()
+    admin_port = await parts.step(admin.start())
     if options.gc_interval > 0:
         collector = CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=xds.idle_for)
         collector.start()
-        parts.on_stop(collector.stop)
+        parts.on_stop(collector.stop, name="garbage collector")
         parts.run("garbage collector schedule", collector.run(parts.stopping))
     log.info(
         "controlplane %s serving xDS on %s:%d, admin on http://%s:%d, policy %s",
@@ -228,13 +231,6 @@ def _held_state_dir(state_dir: Path) -> Iterator[None]:
         os.close(lock)
 
 
-async def _until_either(task: asyncio.Task[None], event: asyncio.Event) -> None:
-    """Wait for `event`, or for `task` to end first (a watcher that could not start: the supervisor stops)."""
-    waiter = asyncio.ensure_future(event.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-
-
 def _policy_watcher(
     options: ServeOptions, events: EventRouter, stopping: asyncio.Event, ready: asyncio.Event
 ) -> Coroutine[Any, Any, None]:
@@ -255,7 +251,7 @@ async def _start_webhooks(options: WebhookOptions, limits: HttpLimits, events: E
     webhooks = WebhookReceiver(
         secrets=secrets_from(options.secret_env, options.secret_file), on_event=events.webhook, limits=limits
     )
-    port = await parts.start(webhooks.start(options.host, options.port), webhooks.stop)
+    port = await parts.start(webhooks.start(options.host, options.port), webhooks.stop, name="webhook receiver")
     log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", options.host, port)
 
 

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from controlplane.model.inventory import Inventory
 from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
+from controlplane.runtime.supervisor import Spawn
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
 from controlplane.sources.gitlab_events import GitLabEvent, GroupEvent, PipelineEvent, ProjectEvent, PushEvent
@@ -64,6 +65,7 @@ class GitLabLink:
         self,
         *,
         on_inventory_change: Callable[[], Awaitable[object]],
+        spawn: Spawn,
         on_policy_push: Callable[[], Awaitable[object]] | None = None,
         policy_project: PolicyProject | None = None,
         source_factory: SourceFactory = gitlab_source,
@@ -74,6 +76,7 @@ class GitLabLink:
         self.on_policy_push = on_policy_push
         self.policy_project = policy_project
         self.source_factory = source_factory
+        self._spawn = spawn  # a watcher that dies stops the process (supervisor.py); one unwatched is cancelled
         self._watches: dict[str, _Watch] = {}
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None  # where the watchers run
@@ -138,7 +141,7 @@ class GitLabLink:
             max_staleness_seconds=api.max_staleness_seconds,
             on_reachable=None if self.on_reachable is None else functools.partial(self.on_reachable, issuer.name),
         )
-        task = asyncio.create_task(watcher.run(self._stop), name=f"gitlab-watch-{issuer.name}")
+        task = self._spawn(watcher.run(self._stop), name=f"gitlab-watch-{issuer.name}")
         watch = _Watch(api, issuer.url, watcher, task)
         self._watches[issuer.name] = watch
         log.info("watching GitLab %s for issuer %s", api.url, issuer.name)

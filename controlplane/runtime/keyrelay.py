@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controlplane.model.policy import Issuer, JwksMode
+from controlplane.runtime.supervisor import Spawn
 from controlplane.sources.jwks import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MIN_INTERVAL,
@@ -55,6 +56,7 @@ class KeyRelay:
         self,
         on_change: Callable[[Mapping[str, str]], Awaitable[object]],
         *,
+        spawn: Spawn,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         min_interval: float = DEFAULT_MIN_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
@@ -67,6 +69,7 @@ class KeyRelay:
         self.timeout = timeout
         self.max_retries = max_retries
         self._factory = fetcher_factory
+        self._spawn = spawn  # a fetcher that dies stops the process (supervisor.py); one no longer wanted is cancelled
         self._relayed: dict[str, _Relayed] = {}
         self._keys: dict[str, str] = {}
         self._notify = asyncio.Lock()
@@ -130,7 +133,7 @@ class KeyRelay:
                 self._keys[name] = fetcher.document.canonical
                 await self.on_change(dict(self._keys))
 
-        task = asyncio.create_task(fetcher.run(stop, changed), name=f"jwks-{name}")
+        task = self._spawn(fetcher.run(stop, changed), name=f"jwks-{name}")
         self._relayed[name] = _Relayed((url, jwks_uri), fetcher, stop, task)
         log.info("jwks %s: relaying keys from %s every %gs", name, jwks_uri, fetcher.refresh_interval)
         return fetcher
