@@ -14,6 +14,7 @@ from controlplane.runtime.gitlab_link import GitLabLink
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of
+from tests.support.policy_parts import TWO_GITLABS
 from tests.support.ports import eventually
 
 GITLAB = "https://gitlab.example.com"
@@ -202,21 +203,6 @@ async def test_a_ledger_that_cannot_be_read_leaves_the_gateway_jobs_asked_and_th
 
 
 # --- which GitLab is asked
-
-
-TWO_GITLABS = """\
-kind: Issuer
-name: main
-type: gitlab
-url: https://gitlab.example.com
-api: {token_env: GITLAB_TOKEN}
----
-kind: Issuer
-name: other
-type: gitlab
-url: https://gitlab.other.example
-api: {token_env: OTHER_TOKEN}
-"""
 
 
 class JobSource:

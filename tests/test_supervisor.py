@@ -27,6 +27,7 @@ from controlplane.sources.jwks import JwksFetcher
 from controlplane.sources.secrets import SecretsSource
 from tests.compiled import policy_of
 from tests.support.backends import http_request
+from tests.support.policy_parts import MAIN_GITLAB, TWO_GITLABS
 from tests.support.ports import LOOPBACK, free_port, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,21 +233,6 @@ class _Inventories:
         return None
 
 
-GITLAB_ISSUERS = """\
-kind: Issuer
-name: main
-type: gitlab
-url: https://gitlab.example.com
-api: {token_env: GITLAB_TOKEN}
----
-kind: Issuer
-name: other
-type: gitlab
-url: https://gitlab.other.example
-api: {token_env: OTHER_TOKEN}
-"""
-
-
 async def test_a_gitlab_watcher_that_dies_stops_the_process() -> None:
     """An inventory watcher whose `on_change` raises (inside `_tell`) no longer leaves a half-alive server."""
 
@@ -256,7 +242,7 @@ async def test_a_gitlab_watcher_that_dies_stops_the_process() -> None:
     async with Supervisor() as parts:
         link = GitLabLink(on_inventory_change=recompile, spawn=parts.spawn, source_factory=lambda api: _Inventories())
         parts.on_stop(link.stop)
-        link.follow(policy_of(issuers=GITLAB_ISSUERS.split("---")[0]), {})
+        link.follow(policy_of(issuers=MAIN_GITLAB), {})
         await asyncio.wait_for(parts.wait(), 10)
     assert parts.failed == "gitlab-watch-main stopped (recompile broke)"
 
@@ -270,9 +256,9 @@ async def test_a_gitlab_watcher_unwatched_on_purpose_is_no_failure() -> None:
     async with Supervisor() as parts:
         link = GitLabLink(on_inventory_change=recompile, spawn=parts.spawn, source_factory=lambda api: _Inventories())
         parts.on_stop(link.stop)
-        link.follow(policy_of(issuers=GITLAB_ISSUERS), {})
+        link.follow(policy_of(issuers=TWO_GITLABS), {})
         await asyncio.wait_for(changes.wait(), 10)
-        link.follow(policy_of(issuers=GITLAB_ISSUERS.split("---")[0]), {})  # "other" left the policy
+        link.follow(policy_of(issuers=MAIN_GITLAB), {})  # "other" left the policy
         await asyncio.sleep(0)  # the cancelled watcher ends (a turn of the loop, not a wait for time)
         assert not parts.stopping.is_set()
         parts.request_stop()

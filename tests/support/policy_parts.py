@@ -68,3 +68,9 @@ def gateway(port: int, backends: Iterable[str], *, name: str = "ci-gateway", acc
 def _lines(extra: str) -> str:
     extra = extra.strip("\n")
     return f"{extra}\n" if extra else ""
+
+
+# Two GitLab instances watched through their APIs (the tokens' env names only: nothing is read from them here).
+MAIN_GITLAB = issuer("https://gitlab.example.com", name="main", extra="api: {token_env: GITLAB_TOKEN}")
+OTHER_GITLAB = issuer("https://gitlab.other.example", name="other", extra="api: {token_env: OTHER_TOKEN}")
+TWO_GITLABS = documents(MAIN_GITLAB, OTHER_GITLAB)
