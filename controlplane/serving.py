@@ -294,7 +294,10 @@ def _bind(host: str, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as error:  # the errno's text alone does not say which listener
+                raise OSError(error.errno, f"cannot bind to {host}:{port}: {error.strerror}") from error
             sock.listen(BACKLOG)
             sock.setblocking(False)
     except BaseException:

@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,14 +125,7 @@ async def test_serve_exits_non_zero_and_stops_everything_when_a_part_crashes(
         raise RuntimeError("secrets watcher broke")
 
     monkeypatch.setattr(SecretsSource, "run", crash)
-    options = ServeOptions(
-        policy=ROOT / "examples" / "quickstart",
-        xds_port=0,
-        admin_port=0,
-        jwks_startup_wait=0.0,
-        gitlab_startup_wait=0.0,
-        state_dir=tmp_path,
-    )
+    options = _serve_options(tmp_path)
     with caplog.at_level(logging.INFO, logger="controlplane"):
         assert await asyncio.wait_for(serve(options), 30) == 1
     assert "secrets watcher stopped (secrets watcher broke); shutting down" in caplog.text
@@ -388,3 +383,21 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, sig: signal.Signals) -> N
         proc.kill()
         proc.wait()
     assert f"{sig.name} while stopping: exiting now" in log.read_text()
+
+
+@pytest.mark.parametrize("taken", ["xds_port", "admin_port"])
+async def test_a_part_that_cannot_start_is_one_log_line_and_exit_1(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, taken: str
+) -> None:
+    """A port already in use is an operator's mistake with a clear cause: one line naming it, no traceback."""
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        options = replace(_serve_options(tmp_path), **{taken: port})
+        with caplog.at_level(logging.INFO, logger="controlplane"):
+            assert await asyncio.wait_for(serve(options), 30) == 1
+    failed = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(failed) == 1 and str(port) in failed[0].getMessage(), caplog.text
+    assert not any(r.exc_info for r in caplog.records), caplog.text
+    assert "serving xDS" not in caplog.text

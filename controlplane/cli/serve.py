@@ -70,10 +70,10 @@ def _policy_source(options: ServeOptions) -> PolicySource:
 
 
 async def serve(options: ServeOptions) -> int:
-    """Exit code 0 when stopped (SIGTERM, SIGINT), 1 when a part failed (or failed to stop in time, or at all;
-    a second SIGTERM or SIGINT exits at once with 128 + the signal), 2 when the xDS transport refuses the
-    configuration, 3 when a state file cannot be read (fail closed: never start with an empty deny list, keys,
-    pins, use counts or finished jobs)."""
+    """Exit code 0 when stopped (SIGTERM, SIGINT), 1 when a part failed (or failed to stop in time, or at all,
+    or could not start: a port in use; a second SIGTERM or SIGINT exits at once with 128 + the signal), 2 when
+    the xDS transport refuses the configuration, 3 when a state file cannot be read (fail closed: never start
+    with an empty deny list, keys, pins, use counts or finished jobs)."""
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
@@ -83,6 +83,9 @@ async def serve(options: ServeOptions) -> int:
     except XdsTransportError as refused:
         log.critical("refusing to start: %s", refused)
         return 2
+    except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not
+        log.critical("could not start: %s", failed)
+        return 1
     log.info("stopped")
     return 1 if parts.failed else 0
 

@@ -23,7 +23,7 @@ from gitlab.base import RESTObject
 from gitlab.exceptions import GitlabAuthenticationError, GitlabError, GitlabGetError, GitlabListError
 from gitlab.mixins import GetMixin, ListMixin
 
-from controlplane.model.inventory import Environment, Group, Inventory, Project, Ref
+from controlplane.model.inventory import DEFAULT_ARCHIVED, Environment, Group, Inventory, Project, Ref
 from controlplane.model.policy import DEFAULT_REQUESTS_PER_SECOND
 from controlplane.retry import RetryPolicy
 from controlplane.sources.gitlab_client import API_PREFIX, BACKOFF, GitLabRefused, GitLabTransport, GitLabUnavailable
@@ -168,7 +168,7 @@ class GitLabSource:
             id=project_id,
             path=str(attrs["path_with_namespace"]),
             namespace_id=int(attrs["namespace"]["id"]),
-            archived=bool(attrs.get("archived", False)),
+            archived=bool(attrs.get("archived", DEFAULT_ARCHIVED)),
             default_branch=attrs.get("default_branch") or None,
             refs=self._refs(handle),
             environments=self._environments(handle, str(attrs["path_with_namespace"])),
