@@ -2,9 +2,9 @@
 contracts in pyproject.toml), and the layers documented as pure keep no hidden state (no caches, counters, memos
 or mutable globals: whatever they reuse is owned by an object their caller holds). Two passes: (a) every value a
 pure module or one of its classes holds is on an allow-list of immutable types, all the way down (functions
-included: their closures, defaults, caches); (b) the source makes no state for later calls (mutable default
-arguments, class attributes written in methods, `global`/`nonlocal`, closures over a mutable local that outlive
-the call)."""
+included: their closures, defaults, caches, attributes; enum members: their values); (b) the source makes no state
+for later calls (mutable default arguments, class attributes written in methods, `global`/`nonlocal`, closures
+over a mutable local that outlive the call, writes into `globals()` or onto a module-level function)."""
 
 from __future__ import annotations
 import __future__
@@ -120,8 +120,12 @@ def _why_mutable(value: object, seen: frozenset[int] = frozenset()) -> str | Non
     seen |= {id(value)}
     if isinstance(value, Message):
         return f"a protobuf message ({type(value).__name__}): mutable, shared by every caller"
-    if isinstance(value, enum.Enum):
-        return None  # members are singletons; their values are checked where the enum class is
+    if isinstance(value, enum.Enum):  # a singleton, but what it holds is shared by every caller
+        held = {"value": value.value, **{k: v for k, v in vars(value).items() if not k.startswith("_")}}
+        for attr, part in held.items():
+            if why := _why_mutable(part, seen):
+                return f"an enum member whose {attr} is {why}"
+        return None
     if isinstance(value, _IMMUTABLE_CONTAINERS):
         items = value.items() if isinstance(value, types.MappingProxyType) else ((v, None) for v in value)
         for held in itertools.chain.from_iterable(items):
@@ -153,7 +157,7 @@ def _why_mutable(value: object, seen: frozenset[int] = frozenset()) -> str | Non
 
 def _why_function(value: object, seen: frozenset[int]) -> str | None:
     """A function is state when it carries some: a cache, a wrapped original, a bound object, a closure's cells,
-    mutable default arguments."""
+    mutable default arguments, mutable attributes of its own."""
     if isinstance(value, staticmethod):
         value = value.__func__
     if isinstance(value, types.MethodType) or (
@@ -180,6 +184,9 @@ def _why_function(value: object, seen: frozenset[int]) -> str | None:
     for default in defaults:
         if why := _why_mutable(default, seen):
             return f"a default argument that is {why}"
+    for attr, held in vars(value).items():  # `f.memo = {}`, `f.__dict__.setdefault("memo", {})`
+        if why := _why_mutable(held, seen):
+            return f"a function whose attribute {attr} is {why}"
     return None
 
 
@@ -250,9 +257,49 @@ def _targets(node: ast.AST) -> list[ast.AST]:
         return [node.target]
     if isinstance(node, ast.Delete):
         return list(node.targets)
-    if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("setattr", "delattr") and node.args:
+    if isinstance(node, ast.Call) and node.args and _sets_an_attribute(node.func):
         return [ast.Attribute(value=node.args[0], attr="?", ctx=ast.Store())]
     return []
+
+
+def _sets_an_attribute(func: ast.expr) -> bool:
+    """`setattr`, `delattr`, and `object.__setattr__`/`type.__setattr__` (and `__delattr__`), which get past a
+    class's own `__setattr__`: all write an attribute of their first argument."""
+    if isinstance(func, ast.Name):
+        return func.id in ("setattr", "delattr")
+    if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)):
+        return False
+    return func.attr in ("__setattr__", "__delattr__") and func.value.id in ("object", "type")
+
+
+_MUTATORS = frozenset({"setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__"})
+
+
+def _shared_namespace(node: ast.AST, functions: frozenset[str]) -> str | None:
+    """`globals()`, `f.__dict__`, `vars(f)` (f a module-level function): a namespace that outlives every call."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id == "globals" and not node.args:
+            return "the module's globals()"
+        held = node.args[0] if node.func.id == "vars" and len(node.args) == 1 else None
+        if isinstance(held, ast.Name) and held.id in functions:
+            return f"the attributes of the function {held.id}"
+    if isinstance(node, ast.Attribute) and node.attr == "__dict__" and isinstance(node.value, ast.Name):
+        return f"the attributes of the function {node.value.id}" if node.value.id in functions else None
+    return None
+
+
+def _shared_write(node: ast.AST, functions: frozenset[str]) -> str | None:
+    """Writes that make state for later calls wherever they run: into `globals()`, onto a module-level function
+    (`f.memo = {}`, `f.__dict__.setdefault(...)`: a memo every caller of `f` shares)."""
+    for part in (p for target in _targets(node) for p in ast.walk(target)):
+        if isinstance(part, ast.Attribute) and isinstance(part.value, ast.Name) and part.value.id in functions:
+            return f"writes an attribute of the function {part.value.id}, shared by every call"
+        if where := _shared_namespace(part, functions):
+            return f"writes into {where}"
+    func = node.func if isinstance(node, ast.Call) else None
+    mutates = isinstance(func, ast.Attribute) and func.attr in _MUTATORS
+    where = _shared_namespace(func.value, functions) if isinstance(func, ast.Attribute) and mutates else None
+    return f"writes into {where}" if where else None
 
 
 def _escapes(inner: str, function: ast.AST) -> bool:
@@ -317,20 +364,28 @@ def _closure_findings(function: ast.FunctionDef | ast.AsyncFunctionDef) -> Itera
 def _source_findings(path: str, source: str) -> list[str]:
     tree = ast.parse(source)
     classes = frozenset(n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef))
+    functions = frozenset(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
     found: list[tuple[int, str]] = []
-    for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+    for node in _own_scope(tree):  # the module's own statements: what runs once, at import
+        if why := _shared_write(node, functions):
+            found.append((node.lineno, f"<module>: {why}"))
+    for function in (n for n in ast.walk(tree) if isinstance(n, _FUNCTIONS)):
+        name = getattr(function, "name", "<lambda>")
         arguments = function.args
         for default in (*arguments.defaults, *arguments.kw_defaults):
             if _makes_mutable(default):
-                found.append((function.lineno, f"{function.name}: a mutable default argument, shared by every call"))
+                found.append((function.lineno, f"{name}: a mutable default argument, shared by every call"))
         for node in _own_scope(function):  # each function reports its own body, nested ones theirs
             if isinstance(node, (ast.Global, ast.Nonlocal)):
                 kind = type(node).__name__.lower()
-                found.append((node.lineno, f"{function.name}: `{kind} {', '.join(node.names)}` rebinds outer state"))
+                found.append((node.lineno, f"{name}: `{kind} {', '.join(node.names)}` rebinds outer state"))
             for target in _targets(node):
                 if _is_class_target(target, classes):
-                    found.append((node.lineno, f"{function.name}: writes a class attribute, shared by every instance"))
-        found.extend((line, f"{function.name}: {why}") for line, why in _closure_findings(function))
+                    found.append((node.lineno, f"{name}: writes a class attribute, shared by every instance"))
+            if why := _shared_write(node, functions):
+                found.append((node.lineno, f"{name}: {why}"))
+        if not isinstance(function, ast.Lambda):
+            found.extend((line, f"{name}: {why}") for line, why in _closure_findings(function))
     return [f"{path}:{line}: {why}" for line, why in sorted(set(found))]
 
 
@@ -417,11 +472,26 @@ class Colour(enum.Enum):
     RED = 1
 class Pair(NamedTuple):
     a: int = 0
+def with_memo(x): return x
+with_memo.memo = {}
+def grows(x): return grows.__dict__.setdefault("memo", {}).setdefault(x, x)
+grows(1)
+def marked(x): return x
+marked.flag = True
+class Shade(enum.Enum):
+    DARK = {"a": 1}
+    LIGHT = (1, ("b",))
+class Tone(enum.Enum):
+    LOUD = 1
+    def __init__(self, level):
+        self.seen = []
+DEFAULT_SHADE = Shade.DARK
 """
     module = types.ModuleType("controlplane.fake_pure")
     filename = str(SOURCE_ROOT / "fake_pure.py")  # never written: the code only claims to come from there
     exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
-    for kind in (module.Memo, module.Registry, module.Template, module.Point, module.Bag, module.Colour, module.Pair):
+    kinds = (module.Memo, module.Registry, module.Template, module.Point, module.Bag, module.Colour, module.Pair)
+    for kind in (*kinds, module.Shade, module.Tone):
         kind.__module__ = "controlplane.fake_pure"
     found = {f.split(":")[0].removeprefix("controlplane.fake_pure.") for f in _findings(iter([module]))}
     assert found == {
@@ -430,6 +500,7 @@ class Pair(NamedTuple):
         *("LISTS_BEHIND_A_PROXY", "next_id", "A_BAG"),
         *("Registry.known", "Registry.method_cache", "Registry.static_cache", "Registry.with_default"),
         "Template.shared",
+        *("with_memo", "grows", "Shade.DARK", "Tone.LOUD", "DEFAULT_SHADE"),
     }
 
 
@@ -437,7 +508,7 @@ def test_state_made_for_later_calls_is_found_in_the_source() -> None:
     """What no module attribute shows before the code runs: `type(self).n += 1` on an int, a closure made per
     call, `global`. Each line marked `# found` must be reported, and nothing else."""
     source = """
-import collections
+import collections, dataclasses
 class Counter:
     n = 0
     def bump(self):
@@ -479,8 +550,34 @@ class Holder:
         def check(x):  # found
             return x in made
         self.check = check
+def memo_on_a_function(key):
+    return memo_on_a_function.__dict__.setdefault("memo", {})  # found
+def fills_a_function(key):
+    memo_on_a_function.seen = key  # found
+    memo_on_a_function.__dict__[key] = key  # found
+    setattr(memo_on_a_function, "last", key)  # found
+    vars(memo_on_a_function).update(last=key)  # found
+memo_on_a_function.memo = {}  # found
+def into_globals(key):
+    globals()[key] = key  # found
+    globals().update({key: key})  # found
+    globals().setdefault(key, key)  # found
+globals()["LATE"] = {}  # found
+def on_a_class(value):
+    object.__setattr__(Counter, "n", value)  # found
+    type.__setattr__(Counter, "n", value)  # found
+    object.__delattr__(Counter, "n")  # found
+remember = lambda key, memo={}: memo.setdefault(key, key)  # found
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    x: int
+    def __post_init__(self):
+        object.__setattr__(self, "x", int(self.x))
 def fine(items):
     local = {}
+    local.update(items)
+    local.__dict__ = {}
+    vars(local).update(a=1)
     def put(k):
         local[k] = 1
     for item in items:

@@ -129,6 +129,37 @@ def test_compile_refuses_an_out_holding_yaml_it_did_not_write(tmp_path: Path) ->
     assert _tree(out) == _tree(ROOT / "snapshots" / "multi-backend")
 
 
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("ci-gateway/routes.yaml", "x: 1\n"),  # one of compile's names, someone else's content
+        ("resolved.yaml", "# my notes\n"),
+        ("ci-gateway/routes.yaml", "# type.googleapis.com/envoy.config.cluster.v3.Cluster\n"),  # another file's
+        ("ci-gateway/clusters.yaml", ""),
+    ],
+)
+def test_compile_owns_a_file_by_its_content_not_only_its_name(tmp_path: Path, name: str, text: str) -> None:
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).write_text(text)
+    before = _tree(out)
+    result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(out))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"error: {out}: holds YAML that is not a compiled snapshot ({name})")
+    assert result.stdout == "" and _tree(out) == before
+
+
+def test_compile_to_an_out_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """`--out afile/x`: the directory cannot be created below a regular file; an error line, not a traceback."""
+    (tmp_path / "afile").write_text("mine\n")
+    out = tmp_path / "afile" / "x"
+    result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(out))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"error: {out}: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
 @pytest.mark.parametrize("where", [".", "snapshots", "..", "../.."])
 def test_compile_refuses_an_out_in_or_around_the_policy_directory(tmp_path: Path, where: str) -> None:
     """`compile examples/quickstart --out examples/quickstart` once deleted the policy it compiled."""

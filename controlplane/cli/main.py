@@ -391,10 +391,18 @@ def _compile(args: argparse.Namespace) -> int:
     except golden.OutputRefused as refused:
         print(f"error: {refused}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"error: {args.out}: {error}", file=sys.stderr)
+        return 1
     compiled = _compile_or_report(args.policy, _limits(args))
     if compiled is None:
         return 1
-    for path in golden.write(compiled.snapshots, args.out, resolved=compiled.resolved, policy_dir=args.policy):
+    try:  # `--out afile/x`, a full disk, no permission: one line naming the path, as for the policy's own OSError
+        written = golden.write(compiled.snapshots, args.out, resolved=compiled.resolved, policy_dir=args.policy)
+    except OSError as error:
+        print(f"error: {args.out}: {error}", file=sys.stderr)
+        return 1
+    for path in written:
         print(path)
     return 0
 

@@ -71,12 +71,34 @@ class OutputRefused(ValueError):
     """`--out` is not a snapshot directory this module may replace: nothing was deleted or written."""
 
 
-def _is_ours(relative: Path) -> bool:
-    """`resolved.yaml`, or `<group>/<one of FILE_NAMES>`: the only YAML `write` ever puts in its directory."""
+def _first_line(type_url: str) -> bytes:
+    """The line `render` starts each file of that type with: what marks a file as ours, beyond its name."""
+    return f"# {type_url}\n".encode()
+
+
+_OWN_FIRST_LINES: Mapping[str, bytes] = {
+    **{file_name: _first_line(type_url) for type_url, file_name in FILE_NAMES.items()},
+    resolved_yaml.FILE_NAME: resolved_yaml.HEADER.splitlines(keepends=True)[0].encode(),
+}
+
+
+def _is_ours(out_dir: Path, relative: Path) -> bool:
+    """`resolved.yaml`, or `<group>/<one of FILE_NAMES>`, starting with the line `write` starts it with: a
+    stranger's file under one of our names (`x/routes.yaml` holding `x: 1`) is not ours to delete."""
     parts = relative.parts
-    if len(parts) == 1:
-        return parts[0] == resolved_yaml.FILE_NAME
-    return len(parts) == 2 and parts[1] in FILE_NAMES.values()
+    named = len(parts) == 1 and parts[0] == resolved_yaml.FILE_NAME
+    named = named or (len(parts) == 2 and parts[1] in FILE_NAMES.values())
+    if not named:
+        return False
+    expected = _OWN_FIRST_LINES[parts[-1]]
+    path = out_dir / relative
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as file:
+            return file.readline(len(expected) + 1) == expected  # bounded: never more than the line we want
+    except OSError:
+        return False  # unreadable: cannot be shown to be ours
 
 
 def check_output(out_dir: Path, policy_dir: Path) -> list[Path]:
@@ -95,7 +117,7 @@ def check_output(out_dir: Path, policy_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         raise OutputRefused(f"{out_dir}: not a directory")
     found = sorted(out_dir.rglob("*.yaml"), reverse=True)
-    foreign = sorted(p.relative_to(out_dir).as_posix() for p in found if not _is_ours(p.relative_to(out_dir)))
+    foreign = sorted(p.relative_to(out_dir).as_posix() for p in found if not _is_ours(out_dir, p.relative_to(out_dir)))
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputRefused(f"{out_dir}: holds YAML that is not a compiled snapshot ({listed}); nothing was replaced")
