@@ -1,0 +1,67 @@
+"""The test PostgreSQL harness itself: a real 18 server, isolated databases, nothing left running or on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from tests.support.postgres import PostgresServer, running_server
+
+
+def test_server_is_postgresql_18(postgres: PostgresServer) -> None:
+    with psycopg.connect(postgres.admin_dsn) as db:
+        row = db.execute("SHOW server_version_num").fetchone()
+        assert row is not None and int(row[0]) // 10000 == 18
+        version = db.execute("SELECT version()").fetchone()
+        assert version is not None and str(version[0]).startswith("PostgreSQL 18")
+
+
+def test_listens_on_loopback_only(postgres: PostgresServer) -> None:
+    with psycopg.connect(postgres.admin_dsn) as db:
+        row = db.execute("SHOW listen_addresses").fetchone()
+    assert row == ("127.0.0.1",)
+
+
+def test_per_test_database_is_empty_and_dropped_after(postgres: PostgresServer) -> None:
+    with postgres.database() as dsn:
+        name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+        with psycopg.connect(dsn) as db:
+            tables = db.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+            ).fetchone()
+            assert tables == (0,)
+            db.execute("CREATE TABLE leftover (x int)")
+    with psycopg.connect(postgres.admin_dsn) as admin:
+        assert admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None
+
+
+def test_pg_dsn_fixtures_are_distinct(pg_dsn: str, postgres: PostgresServer) -> None:
+    assert psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"] != "postgres"
+    with psycopg.connect(pg_dsn) as db:
+        db.execute("CREATE TABLE mine (x int)")
+
+
+def test_stop_ends_every_process_and_removes_the_directory() -> None:
+    with running_server() as server:
+        pid, directory = server.process.pid, server.directory
+        children = psutil.Process(pid).children(recursive=True)
+        assert children, "the postmaster runs its background workers"
+        owner = psutil.Process(pid).uids().effective
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not any(child.is_running() for child in children)
+    assert not Path(directory).exists()
+    if os.geteuid() == 0:
+        assert owner != 0, "the server must not run as root"
+    else:
+        assert owner == os.geteuid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only meaningful when the tests run as root")
+def test_runs_unprivileged_when_started_as_root(postgres: PostgresServer) -> None:
+    assert psutil.Process(postgres.process.pid).uids().effective != 0
+    with psycopg.connect(postgres.admin_dsn) as db:
+        assert db.execute("SELECT current_setting('data_directory')").fetchone() is not None
