@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from controlplane.store.dsn import StoreDsn
@@ -53,6 +54,9 @@ class StorePool:
         self.dsn = dsn
         self.settings = settings or PoolSettings()
         s = self.settings
+        # the DSN's own `options` (e.g. a search_path) are kept; the statement timeout is added after them
+        own = conninfo.conninfo_to_dict(dsn.dsn).get("options")
+        options = f"{own or ''} -c statement_timeout={math.ceil(s.statement_timeout * 1000)}".strip()
         self._pool = AsyncConnectionPool(
             dsn.dsn,
             min_size=s.min_size,
@@ -65,7 +69,7 @@ class StorePool:
             kwargs={
                 "connect_timeout": max(2, math.ceil(s.connect_timeout)),
                 "application_name": APPLICATION_NAME,
-                "options": f"-c statement_timeout={math.ceil(s.statement_timeout * 1000)}",
+                "options": options,
             },
         )
 
