@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.postgres import PostgresServer, running_server
 from tests.support.stack import Protocol, Stack, running_stack
 
 
@@ -26,3 +27,17 @@ def protocol() -> Protocol:
 def stack(protocol: Protocol, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp(f"e2e-{protocol}"), protocol) as built:
         yield built
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL 18 server for the whole session (about half a second to start), stopped at the end."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresServer) -> Iterator[str]:
+    """A DSN to a fresh, empty database of its own for one test, dropped after it."""
+    with postgres.database() as dsn:
+        yield dsn

@@ -1,0 +1,134 @@
+"""The store's schema, created and migrated by the control plane itself, safely from several replicas at once.
+
+Why in the binary: a fleet of replicas rolls out without a separate migration job, and each replica knows the
+schema it needs. The migrations are listed below in order, each (version, name, SQL), and never edited once
+released: a change is a new migration. `migrate()` applies every pending one in ONE transaction that first
+takes `pg_advisory_xact_lock(MIGRATION_LOCK)`, so replicas starting together serialise on the lock; the second
+finds the work done and applies nothing; a failure rolls everything back (PostgreSQL DDL is transactional), and
+the lock is released with the transaction, even when the process dies. A database at a version newer than any
+this binary knows was migrated by a newer release: this one refuses to start rather than run against a schema
+it does not understand (roll forward, or restore the database).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+
+log = logging.getLogger("controlplane.store")
+
+# A fixed advisory-lock key for schema migrations ("cp-mig" in ASCII): any value works as long as no other
+# user of the database takes the same one for something else.
+MIGRATION_LOCK = 0x63702D6D6967
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+class MigrationError(Exception):
+    """The schema could not be brought to this binary's version; the control plane must not start."""
+
+
+class SchemaTooNew(MigrationError):
+    """The database was migrated by a newer release than this one (a downgrade)."""
+
+
+# Timestamps are double precision Unix seconds, as in the SQLite exchange store, so the two implementations
+# of ReplayCounter/JobLedger share their arithmetic and the clock they are tested with (an injected float
+# clock), instead of mixing the database's now() with the process's.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "exchange store: replay counts, finished jobs, job credentials",
+        """
+        CREATE TABLE replay (
+            subject text PRIMARY KEY,
+            uses integer NOT NULL CHECK (uses >= 0),
+            expires_at double precision NOT NULL
+        );
+        CREATE INDEX replay_expiry ON replay (expires_at);
+        CREATE TABLE finished_jobs (
+            job_id text PRIMARY KEY,
+            keep_until double precision NOT NULL
+        );
+        CREATE INDEX finished_jobs_expiry ON finished_jobs (keep_until);
+        CREATE TABLE job_credentials (
+            job_id text PRIMARY KEY,
+            project_id text,
+            issuer text NOT NULL,
+            expires_at double precision NOT NULL
+        );
+        CREATE INDEX job_credentials_expiry ON job_credentials (expires_at);
+        """,
+    ),
+)
+
+_CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def check_order(migrations: tuple[Migration, ...]) -> None:
+    """Versions are 1, 2, 3... with no gap or repeat: a gap would make "the latest" ambiguous."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(migrations) + 1)):
+        raise MigrationError(f"migrations must be numbered 1..n in order, got {versions}")
+
+
+async def migrate(
+    conn: psycopg.AsyncConnection[tuple[object, ...]], migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[int]:
+    """Bring the database to the latest version; returns the versions this call applied (empty when none).
+    `conn` must be idle (no transaction open): the migration is one transaction of its own."""
+    check_order(migrations)
+    latest = migrations[-1].version if migrations else 0
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute(_CREATE_LEDGER)
+        cursor = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        done = {int(str(version)): str(name) for version, name in await cursor.fetchall()}
+        current = max(done, default=0)
+        if current > latest:
+            raise SchemaTooNew(
+                f"the database schema is at version {current}, newer than this release knows ({latest}): "
+                "it was migrated by a newer control plane; run that release, or restore the database"
+            )
+        for migration in migrations:
+            known = done.get(migration.version)
+            if known is not None:
+                if known != migration.name:
+                    raise MigrationError(
+                        f"schema version {migration.version} was applied as {known!r}, "
+                        f"this release calls it {migration.name!r}: the database belongs to another build"
+                    )
+                continue
+            await conn.execute(migration.sql.encode())
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
+            )
+            applied.append(migration.version)
+    if applied:
+        log.info("store schema migrated to version %d (applied %s)", latest, applied)
+    return applied
+
+
+async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:
+    """The database's schema version (0 when never migrated)."""
+    cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        return 0
+    cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+    row = await cursor.fetchone()
+    return int(str(row[0])) if row is not None else 0
