@@ -1,5 +1,6 @@
 """The exchange's store, against its interfaces (`ReplayCounter`, `JobLedger`): every implementation runs the
-same tests, so a shared-database implementation (issue 12) only needs adding to `STORES`. Then what only the
+same tests: memory, SQLite and PostgreSQL (issue 12, on the session's real server). Then what only PostgreSQL
+promises (claims and finish/issued atomic across replicas, bounded pruning, fail closed), and what only the
 SQLite file promises: durability across processes, atomicity under concurrent writers, mode 0600, fail closed.
 """
 
@@ -9,7 +10,7 @@ import asyncio
 import multiprocessing
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ from controlplane.credentials.exchange_store import (
     ReplayCounter,
     SqliteExchangeStore,
 )
+from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
+from controlplane.store.dsn import StoreDsn
+from controlplane.store.pool import PoolSettings, StorePool
 
 GITLAB = "https://gitlab.example.com"
 OTHER = "https://gitlab.other.example"
@@ -42,11 +46,8 @@ class Clock:
         return self.now
 
 
-Store = MemoryExchangeStore | SqliteExchangeStore
-STORES: dict[str, Callable[[Path, Clock], Store]] = {
-    "memory": lambda _, clock: MemoryExchangeStore(clock=clock),
-    "sqlite": lambda path, clock: SqliteExchangeStore(path / "exchange.sqlite3", clock=clock),
-}
+Store = MemoryExchangeStore | SqliteExchangeStore | PostgresExchangeStore
+STORES = ("memory", "postgres", "sqlite")
 
 
 @pytest.fixture
@@ -54,12 +55,27 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Store]:
-    made = STORES[request.param](tmp_path, clock)
+async def open_postgres(dsn: str, clock: Clock, settings: PoolSettings | None = None) -> PostgresExchangeStore:
+    store = PostgresExchangeStore(StorePool(StoreDsn(dsn, "test"), settings), clock=clock)
+    await store.open()
+    return store
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    """Each implementation in turn; PostgreSQL's on a fresh database of the session's real server."""
+    made: Store
+    if request.param == "memory":
+        made = MemoryExchangeStore(clock=clock)
+    elif request.param == "sqlite":
+        made = SqliteExchangeStore(tmp_path / "exchange.sqlite3", clock=clock)
+    else:
+        made = await open_postgres(request.getfixturevalue("pg_dsn"), clock)
     yield made
     if isinstance(made, SqliteExchangeStore):
         made.close()
+    elif isinstance(made, PostgresExchangeStore):
+        await made.close()
 
 
 def test_stores_implement_both_interfaces(store: Store) -> None:
@@ -277,3 +293,79 @@ async def test_a_write_that_cannot_take_the_lock_raises_instead_of_granting(tmp_
         blocker.close()
     assert await store.claim("a", clock.now + 10, 3)
     store.close()
+
+
+# --- PostgreSQL only --------------------------------------------------------------------------------------------
+
+REPLICA = PoolSettings(min_size=2, max_size=8, connect_timeout=5.0, acquire_timeout=10.0, statement_timeout=5.0)
+
+
+async def test_claims_spread_over_two_replicas_never_exceed_the_limit(pg_dsn: str, clock: Clock) -> None:
+    """Two stores, two pools, one database: 60 concurrent claims of one subject, alternating, grant exactly 3."""
+    one = await open_postgres(pg_dsn, clock, REPLICA)
+    two = await open_postgres(pg_dsn, clock, REPLICA)
+    try:
+        for subject in ("shared-1", "shared-2", "shared-3"):
+            claims = [(one, two)[i % 2].claim(subject, clock.now + 300, 3) for i in range(60)]
+            counted = await asyncio.gather(*claims)
+            assert sum(counted) == 3, counted
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_finish_and_issued_racing_on_two_replicas_never_leave_a_credential_after_the_end(
+    pg_dsn: str, clock: Clock
+) -> None:
+    """For 100 jobs, `issued` on one replica races `finish` on the other: either the credential was recorded
+    first (and `finish` answers its expiry, so the denial covers it) or it was refused; never recorded unseen."""
+    one = await open_postgres(pg_dsn, clock, REPLICA)
+    two = await open_postgres(pg_dsn, clock, REPLICA)
+    try:
+        jobs = [str(9000 + n) for n in range(100)]
+        expiry = clock.now + 300
+
+        async def race(job: str, n: int) -> tuple[bool, float | None]:
+            issuer_side, finisher = (one, two) if n % 2 else (two, one)
+            granted, until = await asyncio.gather(
+                issued(issuer_side, job, expiry), finisher.finish(job, clock.now + 1000)
+            )
+            return granted, until
+
+        outcomes = await asyncio.gather(*(race(job, n) for n, job in enumerate(jobs)))
+        for job, (granted, until) in zip(jobs, outcomes, strict=True):
+            assert until == (expiry if granted else None), (job, granted, until)
+            assert await one.credentials_until(job) == until
+            assert not await issued(two, job, expiry)  # finished: refused from now on, on either replica
+        both = sum(granted for granted, _ in outcomes)
+        print(f"finish/issued races: {both} issued before the end, {len(jobs) - both} refused after it")
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_expired_rows_are_pruned_in_bounded_batches(pg_dsn: str, clock: Clock) -> None:
+    store = PostgresExchangeStore(StorePool(StoreDsn(pg_dsn, "test")), clock=clock, prune_batch=4)
+    await store.open()
+    try:
+        for n in range(10):
+            assert await store.claim(f"s{n}", clock.now + 10, 3)
+        clock.now += 10
+        assert await store.prune() == 4 and await store.prune() == 4 and await store.prune() == 2
+        assert await store.prune() == 0
+        assert await store.claim("s0", clock.now + 10, 1)  # forgotten: counted afresh
+    finally:
+        await store.close()
+
+
+async def test_postgres_failures_raise_exchange_store_errors_without_the_password(pg_dsn: str, clock: Clock) -> None:
+    store = await open_postgres(pg_dsn, clock)
+    await store.close()  # every call now fails
+    for call in (store.claim("a", clock.now + 10, 3), store.is_finished("7"), store.jobs_with_credentials(5)):
+        with pytest.raises(ExchangeStoreError, match="PostgreSQL exchange state"):
+            await call
+    fast = PoolSettings(connect_timeout=1.0, acquire_timeout=0.5, statement_timeout=0.5)
+    away = PostgresExchangeStore(StorePool(StoreDsn("host=127.0.0.1 port=1 password=hunter2", "test"), fast))
+    with pytest.raises(ExchangeStoreError, match="cannot open") as raised:
+        await away.open()
+    assert "hunter2" not in str(raised.value)
