@@ -8,6 +8,7 @@ mints tokens with real `iat`s; there the clock starts at real time and is moved 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -270,7 +271,8 @@ class Setup:
         }
 
     def run(self, token: str, **fields: str) -> ExchangeResult:
-        return self.exchange.exchange(self.form(token, **fields))
+        """One exchange, run to completion: these tests are synchronous, the exchange is a coroutine."""
+        return asyncio.run(self.exchange.exchange(self.form(token, **fields)))
 
     def verify(self, credential: str, audience: str = "https://reports.local") -> dict[str, Any]:
         header = jwt.get_unverified_header(credential)
@@ -359,8 +361,10 @@ def test_default_scope_is_every_granted_role_and_a_subset_can_be_asked(setup: Se
 
 def test_the_backend_may_be_named_by_audience_or_resource(setup: Setup) -> None:
     token = setup.mint()
-    by_uri = setup.exchange.exchange(
-        {**setup.form(token, subject_token_type=TOKEN_TYPE_ID_TOKEN), "audience": "https://reports.local"}
+    by_uri = asyncio.run(
+        setup.exchange.exchange(
+            {**setup.form(token, subject_token_type=TOKEN_TYPE_ID_TOKEN), "audience": "https://reports.local"}
+        )
     )
     assert by_uri.status == 200, by_uri.body
     both = setup.run(token, resource="https://reports.local")
@@ -529,12 +533,12 @@ def test_issued_credentials_are_indexed_by_job_until_they_expire(setup: Setup) -
     setup.run(setup.mint(job_id=7002))
     now = setup.clock.now
     assert setup.exchange.credentials_of("7001") == [(first.jti, now + 100), (second.jti, now + 200)]
-    assert setup.exchange.latest_expiry("7001") == now + 200
+    assert asyncio.run(setup.exchange.latest_expiry("7001")) == now + 200
     assert REGISTRY.get_sample_value("controlplane_credentials_active") == setup.exchange.active_credentials() == 3
     setup.clock.now += 150
     assert setup.exchange.credentials_of("7001") == [(second.jti, now + 200)]
     setup.clock.now += 10_000
-    assert setup.exchange.credentials_of("7001") == [] and setup.exchange.latest_expiry("7001") is None
+    assert setup.exchange.credentials_of("7001") == [] and asyncio.run(setup.exchange.latest_expiry("7001")) is None
     assert setup.exchange.active_credentials() == 0
 
 

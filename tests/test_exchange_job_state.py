@@ -83,8 +83,8 @@ class Node:
         }
         return self.fake.mint(job_id=job_id, **{**defaults, **claims})
 
-    def exchange(self, token: str) -> ExchangeResult:
-        return self.service.exchange.exchange(form_for(token))
+    async def exchange(self, token: str) -> ExchangeResult:
+        return await self.service.exchange.exchange(form_for(token))
 
     async def exchange_checked(self, token: str) -> ExchangeResult:
         """As the HTTP endpoint does: GitLab is asked about the job first when the exchange says so."""
@@ -123,12 +123,12 @@ async def test_a_finished_job_gets_no_credential(
     node = Node(gitlab, tmp_path, clock, deny_id_tokens_for=deny_id_tokens_for)
     token = node.mint(8001)  # minted while the job ran, exchanged only after it finished
     await node.finished(8001)
-    result = node.exchange(token)
+    result = await node.exchange(token)
     assert refused_because_finished(result), result.body
     assert "finished" in result.body["error_description"]
     clock.now += deny_id_tokens_for + 10  # past the ID-token deny window: the finished record still holds
-    assert refused_because_finished(node.exchange(node.mint(8001, iat=int(clock.now) - 60)))
-    assert node.exchange(node.mint(8002)).status == 200  # other jobs are not affected
+    assert refused_because_finished(await node.exchange(node.mint(8001, iat=int(clock.now) - 60)))
+    assert (await node.exchange(node.mint(8002))).status == 200  # other jobs are not affected
     node.close()
 
 
@@ -137,7 +137,7 @@ async def test_a_finished_job_is_remembered_across_a_restart(gitlab: FakeGitLab,
     await first.finished(8101, status="canceled")
     first.close()
     second = Node(gitlab, tmp_path, clock)
-    assert refused_because_finished(second.exchange(second.mint(8101)))
+    assert refused_because_finished(await second.exchange(second.mint(8101)))
     second.close()
 
 
@@ -147,7 +147,7 @@ async def test_credentials_issued_before_a_restart_are_revoked_when_the_job_fini
     """With --deny-id-tokens-for 0 the deny entry lasts exactly as long as the job's credentials: the restarted
     process must still know how long that is, or the credential keeps working after the job ended."""
     first = Node(gitlab, tmp_path, clock)
-    granted = first.exchange(first.mint(8201))
+    granted = await first.exchange(first.mint(8201))
     assert granted.status == 200, granted.body
     expires = clock.now + granted.body["expires_in"]
     first.close()
@@ -158,16 +158,16 @@ async def test_credentials_issued_before_a_restart_are_revoked_when_the_job_fini
     second.close()
 
 
-def test_a_restarted_process_knows_which_gitlab_and_project_to_ask_about_a_job_holding_credentials(
+async def test_a_restarted_process_knows_which_gitlab_and_project_to_ask_about_a_job_holding_credentials(
     gitlab: FakeGitLab, tmp_path: Path, clock: Clock
 ) -> None:
     """The ledger the exchange writes before signing is what the recovery sweep reads: no second record."""
     first = Node(gitlab, tmp_path, clock)
-    granted = first.exchange(first.mint(8301))
+    granted = await first.exchange(first.mint(8301))
     assert granted.status == 200, granted.body
     first.close()
     second = Node(gitlab, tmp_path, clock)
-    assert second.service.store.jobs_with_credentials(10) == [
+    assert await second.service.store.jobs_with_credentials(10) == [
         LiveJob("8301", "42", gitlab.issuer, clock.now + granted.body["expires_in"])
     ]
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == ["signing-keys.json"]
@@ -177,10 +177,10 @@ def test_a_restarted_process_knows_which_gitlab_and_project_to_ask_about_a_job_h
 async def test_the_replay_bound_survives_a_restart(gitlab: FakeGitLab, tmp_path: Path, clock: Clock) -> None:
     first = Node(gitlab, tmp_path, clock)
     token = first.mint(8301)
-    assert [first.exchange(token).status for _ in range(3)] == [200, 200, 200]
+    assert [(await first.exchange(token)).status for _ in range(3)] == [200, 200, 200]
     first.close()
     second = Node(gitlab, tmp_path, clock)
-    replay = second.exchange(token)
+    replay = await second.exchange(token)
     assert (replay.status, replay.body["error"], replay.result) == (400, "invalid_grant", "replayed")
     second.close()
 
@@ -190,10 +190,12 @@ async def test_the_replay_bound_holds_across_replicas_sharing_the_state(
 ) -> None:
     one, two = Node(gitlab, tmp_path, clock), Node(gitlab, tmp_path, clock)
     token = one.mint(8401)
-    statuses = [node.exchange(token).status for node in (one, two, one, two, one)]
+    statuses = [(await node.exchange(token)).status for node in (one, two, one, two, one)]
     assert statuses == [200, 200, 200, 400, 400]
     await one.finished(8402)
-    assert refused_because_finished(two.exchange(two.mint(8402)))  # a job finished on one replica, refused on both
+    assert refused_because_finished(
+        await two.exchange(two.mint(8402))
+    )  # a job finished on one replica, refused on both
     one.close()
     two.close()
 
@@ -207,7 +209,7 @@ async def test_a_subject_token_older_than_the_finished_job_record_is_refused(
     retention = node.service.options.finished_job_retention
     assert retention >= 7 * 24 * HOUR
     old = node.mint(8501, iat=int(clock.now - retention - 1), ttl=int(retention) + 3600)
-    result = node.exchange(old)
+    result = await node.exchange(old)
     assert (result.status, result.body["error"]) == (400, "invalid_grant") and "older" in result.body[
         "error_description"
     ]
@@ -217,7 +219,7 @@ async def test_a_subject_token_older_than_the_finished_job_record_is_refused(
 async def test_a_store_that_cannot_count_refuses_with_503(gitlab: FakeGitLab, tmp_path: Path, clock: Clock) -> None:
     node = Node(gitlab, tmp_path, clock)
     node.service.store.close()  # every read and write now fails
-    result = node.exchange(node.mint(8601))
+    result = await node.exchange(node.mint(8601))
     assert (result.status, result.body["error"], result.result) == (503, "temporarily_unavailable", "unavailable")
     assert "access_token" not in result.body
 
@@ -361,7 +363,7 @@ async def test_while_the_webhook_listener_is_not_up_every_exchange_asks(
 async def test_without_a_verifier_the_exchange_fails_closed(gitlab: FakeGitLab, tmp_path: Path, clock: Clock) -> None:
     node = Node(gitlab, tmp_path, clock)
     node.service.job_hooks_arrive()
-    pending = node.exchange(node.mint(8901, iat=int(clock.now) - 60))
+    pending = await node.exchange(node.mint(8901, iat=int(clock.now) - 60))
     assert (pending.status, pending.result) == (503, "verify") and pending.verify is not None
     assert pending.verify.job_id == "8901" and pending.verify.project_id == "42"
     node.service.endpoint.verify = None

@@ -1,14 +1,16 @@
 """The exchange's store, against its interfaces (`ReplayCounter`, `JobLedger`): every implementation runs the
-same tests, so a shared-database implementation (issue 12) only needs adding to `STORES`. Then what only the
+same tests: memory, SQLite and PostgreSQL (issue 12, on the session's real server). Then what only PostgreSQL
+promises (claims and finish/issued atomic across replicas, bounded pruning, fail closed), and what only the
 SQLite file promises: durability across processes, atomicity under concurrent writers, mode 0600, fail closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +24,18 @@ from controlplane.credentials.exchange_store import (
     ReplayCounter,
     SqliteExchangeStore,
 )
+from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
+from controlplane.store.dsn import StoreDsn
+from controlplane.store.pool import PoolSettings, StorePool
 
 GITLAB = "https://gitlab.example.com"
 OTHER = "https://gitlab.other.example"
 
 
-def issued(store: JobLedger, job_id: str, expires_at: float, project_id: str = "42", issuer: str = GITLAB) -> bool:
-    return store.issued(job_id, expires_at, project_id=project_id, issuer=issuer)
+async def issued(
+    store: JobLedger, job_id: str, expires_at: float, project_id: str = "42", issuer: str = GITLAB
+) -> bool:
+    return await store.issued(job_id, expires_at, project_id=project_id, issuer=issuer)
 
 
 class Clock:
@@ -39,11 +46,8 @@ class Clock:
         return self.now
 
 
-Store = MemoryExchangeStore | SqliteExchangeStore
-STORES: dict[str, Callable[[Path, Clock], Store]] = {
-    "memory": lambda _, clock: MemoryExchangeStore(clock=clock),
-    "sqlite": lambda path, clock: SqliteExchangeStore(path / "exchange.sqlite3", clock=clock),
-}
+Store = MemoryExchangeStore | SqliteExchangeStore | PostgresExchangeStore
+STORES = ("memory", "postgres", "sqlite")
 
 
 @pytest.fixture
@@ -51,12 +55,27 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Store]:
-    made = STORES[request.param](tmp_path, clock)
+async def open_postgres(dsn: str, clock: Clock, settings: PoolSettings | None = None) -> PostgresExchangeStore:
+    store = PostgresExchangeStore(StorePool(StoreDsn(dsn, "test"), settings), clock=clock)
+    await store.open()
+    return store
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    """Each implementation in turn; PostgreSQL's on a fresh database of the session's real server."""
+    made: Store
+    if request.param == "memory":
+        made = MemoryExchangeStore(clock=clock)
+    elif request.param == "sqlite":
+        made = SqliteExchangeStore(tmp_path / "exchange.sqlite3", clock=clock)
+    else:
+        made = await open_postgres(request.getfixturevalue("pg_dsn"), clock)
     yield made
     if isinstance(made, SqliteExchangeStore):
         made.close()
+    elif isinstance(made, PostgresExchangeStore):
+        await made.close()
 
 
 def test_stores_implement_both_interfaces(store: Store) -> None:
@@ -65,99 +84,99 @@ def test_stores_implement_both_interfaces(store: Store) -> None:
     assert callable(counter.claim) and callable(ledger.issued)
 
 
-def test_claim_counts_up_to_the_limit_per_subject(store: Store, clock: Clock) -> None:
+async def test_claim_counts_up_to_the_limit_per_subject(store: Store, clock: Clock) -> None:
     expires = clock.now + 300
-    assert [store.claim("a", expires, 3) for _ in range(4)] == [True, True, True, False]
-    assert store.claim("b", expires, 3)  # another subject has its own count
-    assert not store.claim("c", expires, 0)
+    assert [await store.claim("a", expires, 3) for _ in range(4)] == [True, True, True, False]
+    assert await store.claim("b", expires, 3)  # another subject has its own count
+    assert not await store.claim("c", expires, 0)
 
 
-def test_a_claim_is_forgotten_once_its_subject_token_expired(store: Store, clock: Clock) -> None:
-    assert store.claim("a", clock.now + 100, 1) and not store.claim("a", clock.now + 100, 1)
+async def test_a_claim_is_forgotten_once_its_subject_token_expired(store: Store, clock: Clock) -> None:
+    assert await store.claim("a", clock.now + 100, 1) and not await store.claim("a", clock.now + 100, 1)
     clock.now += 100
-    assert store.claim("a", clock.now + 100, 1)
+    assert await store.claim("a", clock.now + 100, 1)
 
 
-def test_finished_jobs_are_remembered_until_keep_until(store: Store, clock: Clock) -> None:
-    assert not store.is_finished("7")
-    store.finish("7", clock.now + 50)
-    store.finish("7", clock.now + 10)  # an earlier end never shortens the record
-    assert store.is_finished("7") and not store.is_finished("8")
+async def test_finished_jobs_are_remembered_until_keep_until(store: Store, clock: Clock) -> None:
+    assert not await store.is_finished("7")
+    await store.finish("7", clock.now + 50)
+    await store.finish("7", clock.now + 10)  # an earlier end never shortens the record
+    assert await store.is_finished("7") and not await store.is_finished("8")
     clock.now += 50
-    assert not store.is_finished("7")
+    assert not await store.is_finished("7")
 
 
-def test_the_ledger_keeps_the_latest_credential_expiry_of_a_job(store: Store, clock: Clock) -> None:
-    assert store.credentials_until("7") is None
-    assert issued(store, "7", clock.now + 200) and issued(store, "7", clock.now + 100)
-    assert store.credentials_until("7") == clock.now + 200 and store.credentials_until("8") is None
+async def test_the_ledger_keeps_the_latest_credential_expiry_of_a_job(store: Store, clock: Clock) -> None:
+    assert await store.credentials_until("7") is None
+    assert await issued(store, "7", clock.now + 200) and await issued(store, "7", clock.now + 100)
+    assert await store.credentials_until("7") == clock.now + 200 and await store.credentials_until("8") is None
     clock.now += 200
-    assert store.credentials_until("7") is None
+    assert await store.credentials_until("7") is None
 
 
-def test_finishing_a_job_answers_how_long_it_must_be_denied_and_stops_issuing(store: Store, clock: Clock) -> None:
+async def test_finishing_a_job_answers_how_long_it_must_be_denied_and_stops_issuing(store: Store, clock: Clock) -> None:
     """One step each, so a replica issuing while another records the end cannot slip a credential between."""
-    assert issued(store, "7", clock.now + 300)
-    assert store.finish("7", clock.now + 1000) == clock.now + 300
-    assert not issued(store, "7", clock.now + 600)  # refused, and not recorded
-    assert store.credentials_until("7") == clock.now + 300
-    assert store.finish("8", clock.now + 1000) is None  # a job that never exchanged
+    assert await issued(store, "7", clock.now + 300)
+    assert await store.finish("7", clock.now + 1000) == clock.now + 300
+    assert not await issued(store, "7", clock.now + 600)  # refused, and not recorded
+    assert await store.credentials_until("7") == clock.now + 300
+    assert await store.finish("8", clock.now + 1000) is None  # a job that never exchanged
 
 
-def test_the_ledger_lists_the_jobs_holding_unexpired_credentials_latest_first_and_bounded(
+async def test_the_ledger_lists_the_jobs_holding_unexpired_credentials_latest_first_and_bounded(
     store: Store, clock: Clock
 ) -> None:
     """What the recovery sweep asks GitLab about after a restart: which job, of which project, on which GitLab."""
-    assert store.jobs_with_credentials(10) == []
-    assert issued(store, "7", clock.now + 200)
-    assert issued(store, "8", clock.now + 100, project_id="43", issuer=OTHER)
-    assert issued(store, "9", clock.now + 300)
-    assert issued(store, "7", clock.now + 50)  # an earlier credential never shortens the record
-    assert store.jobs_with_credentials(10) == [
+    assert await store.jobs_with_credentials(10) == []
+    assert await issued(store, "7", clock.now + 200)
+    assert await issued(store, "8", clock.now + 100, project_id="43", issuer=OTHER)
+    assert await issued(store, "9", clock.now + 300)
+    assert await issued(store, "7", clock.now + 50)  # an earlier credential never shortens the record
+    assert await store.jobs_with_credentials(10) == [
         LiveJob("9", "42", GITLAB, clock.now + 300),
         LiveJob("7", "42", GITLAB, clock.now + 200),
         LiveJob("8", "43", OTHER, clock.now + 100),
     ]
-    assert [job.job_id for job in store.jobs_with_credentials(2)] == ["9", "7"]
-    assert store.jobs_with_credentials(0) == []
+    assert [job.job_id for job in await store.jobs_with_credentials(2)] == ["9", "7"]
+    assert await store.jobs_with_credentials(0) == []
     clock.now += 150
-    assert [job.job_id for job in store.jobs_with_credentials(10)] == ["9", "7"]
+    assert [job.job_id for job in await store.jobs_with_credentials(10)] == ["9", "7"]
 
 
-def test_a_finished_job_stays_listed_while_its_credentials_live_and_a_refused_one_is_not_added(
+async def test_a_finished_job_stays_listed_while_its_credentials_live_and_a_refused_one_is_not_added(
     store: Store, clock: Clock
 ) -> None:
     """Listed until its credentials expire: if the deny list entry was lost in a crash after `finish`, the sweep
     still asks GitLab about the job (it skips jobs already on the deny list itself)."""
-    assert issued(store, "7", clock.now + 300)
-    store.finish("7", clock.now + 1000)
-    store.finish("8", clock.now + 1000)
-    assert not issued(store, "8", clock.now + 300)
-    assert [job.job_id for job in store.jobs_with_credentials(10)] == ["7"]
+    assert await issued(store, "7", clock.now + 300)
+    await store.finish("7", clock.now + 1000)
+    await store.finish("8", clock.now + 1000)
+    assert not await issued(store, "8", clock.now + 300)
+    assert [job.job_id for job in await store.jobs_with_credentials(10)] == ["7"]
 
 
-def test_a_job_without_a_project_id_is_recorded_for_revocation(store: Store, clock: Clock) -> None:
+async def test_a_job_without_a_project_id_is_recorded_for_revocation(store: Store, clock: Clock) -> None:
     """GitLab always sets `project_id`; a token without one still gets its credential's expiry recorded."""
-    assert store.issued("7", clock.now + 300, project_id=None, issuer=GITLAB)
-    assert store.finish("7", clock.now + 1000) == clock.now + 300
-    assert store.jobs_with_credentials(10) == [LiveJob("7", None, GITLAB, clock.now + 300)]
+    assert await store.issued("7", clock.now + 300, project_id=None, issuer=GITLAB)
+    assert await store.finish("7", clock.now + 1000) == clock.now + 300
+    assert await store.jobs_with_credentials(10) == [LiveJob("7", None, GITLAB, clock.now + 300)]
 
 
-def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
+async def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
     store = MemoryExchangeStore(capacity=1, clock=clock)
-    assert store.claim("a", clock.now + 10, 3)
+    assert await store.claim("a", clock.now + 10, 3)
     with pytest.raises(ExchangeStoreError):
-        store.claim("b", clock.now + 10, 3)
+        await store.claim("b", clock.now + 10, 3)
     clock.now += 10
-    assert store.claim("b", clock.now + 10, 3)
+    assert await store.claim("b", clock.now + 10, 3)
 
 
 # --- SQLite only ------------------------------------------------------------------------------------------------
 
 
-def test_the_sqlite_file_is_0600_in_wal_mode_with_full_sync(tmp_path: Path, clock: Clock) -> None:
+async def test_the_sqlite_file_is_0600_in_wal_mode_with_full_sync(tmp_path: Path, clock: Clock) -> None:
     store = SqliteExchangeStore(tmp_path / "state" / "exchange.sqlite3", clock=clock)
-    store.claim("a", clock.now + 10, 3)
+    await store.claim("a", clock.now + 10, 3)
     for name in ("exchange.sqlite3", "exchange.sqlite3-wal"):
         assert stat.S_IMODE((tmp_path / "state" / name).stat().st_mode) == 0o600, name
     with sqlite3.connect(tmp_path / "state" / "exchange.sqlite3") as db:
@@ -165,24 +184,28 @@ def test_the_sqlite_file_is_0600_in_wal_mode_with_full_sync(tmp_path: Path, cloc
     store.close()
 
 
-def test_a_second_store_on_the_same_file_shares_every_record(tmp_path: Path, clock: Clock) -> None:
+async def test_a_second_store_on_the_same_file_shares_every_record(tmp_path: Path, clock: Clock) -> None:
     """Two replicas on one state directory, or a process and its restart."""
     path = tmp_path / "exchange.sqlite3"
     one, two = SqliteExchangeStore(path, clock=clock), SqliteExchangeStore(path, clock=clock)
-    assert one.claim("a", clock.now + 10, 2) and two.claim("a", clock.now + 10, 2)
-    assert not one.claim("a", clock.now + 10, 2) and not two.claim("a", clock.now + 10, 2)
-    assert issued(one, "9", clock.now + 5)
-    assert two.finish("9", clock.now + 10) == clock.now + 5
-    assert one.is_finished("9") and not issued(one, "9", clock.now + 8)
-    assert two.jobs_with_credentials(10) == [LiveJob("9", "42", GITLAB, clock.now + 5)]
+    assert await one.claim("a", clock.now + 10, 2) and await two.claim("a", clock.now + 10, 2)
+    assert not await one.claim("a", clock.now + 10, 2) and not await two.claim("a", clock.now + 10, 2)
+    assert await issued(one, "9", clock.now + 5)
+    assert await two.finish("9", clock.now + 10) == clock.now + 5
+    assert await one.is_finished("9") and not await issued(one, "9", clock.now + 8)
+    assert await two.jobs_with_credentials(10) == [LiveJob("9", "42", GITLAB, clock.now + 5)]
     one.close()
     two.close()
 
 
 def _claim_many(path: str, subject: str, times: int, out: multiprocessing.Queue[int]) -> None:
     store = SqliteExchangeStore(Path(path), busy_timeout=30.0)
-    out.put(sum(store.claim(subject, 4e9, 3) for _ in range(times)))
+    out.put(asyncio.run(_claims(store, subject, times)))
     store.close()
+
+
+async def _claims(store: SqliteExchangeStore, subject: str, times: int) -> int:
+    return sum([await store.claim(subject, 4e9, 3) for _ in range(times)])
 
 
 def test_concurrent_processes_never_exceed_the_limit(tmp_path: Path) -> None:
@@ -257,16 +280,92 @@ def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:
         SqliteExchangeStore(path)
 
 
-def test_a_write_that_cannot_take_the_lock_raises_instead_of_granting(tmp_path: Path, clock: Clock) -> None:
+async def test_a_write_that_cannot_take_the_lock_raises_instead_of_granting(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "exchange.sqlite3"
     store = SqliteExchangeStore(path, clock=clock, busy_timeout=0.05)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         with pytest.raises(ExchangeStoreError, match="cannot write"):
-            store.claim("a", clock.now + 10, 3)
+            await store.claim("a", clock.now + 10, 3)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert store.claim("a", clock.now + 10, 3)
+    assert await store.claim("a", clock.now + 10, 3)
     store.close()
+
+
+# --- PostgreSQL only --------------------------------------------------------------------------------------------
+
+REPLICA = PoolSettings(min_size=2, max_size=8, connect_timeout=5.0, acquire_timeout=10.0, statement_timeout=5.0)
+
+
+async def test_claims_spread_over_two_replicas_never_exceed_the_limit(pg_dsn: str, clock: Clock) -> None:
+    """Two stores, two pools, one database: 60 concurrent claims of one subject, alternating, grant exactly 3."""
+    one = await open_postgres(pg_dsn, clock, REPLICA)
+    two = await open_postgres(pg_dsn, clock, REPLICA)
+    try:
+        for subject in ("shared-1", "shared-2", "shared-3"):
+            claims = [(one, two)[i % 2].claim(subject, clock.now + 300, 3) for i in range(60)]
+            counted = await asyncio.gather(*claims)
+            assert sum(counted) == 3, counted
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_finish_and_issued_racing_on_two_replicas_never_leave_a_credential_after_the_end(
+    pg_dsn: str, clock: Clock
+) -> None:
+    """For 100 jobs, `issued` on one replica races `finish` on the other: either the credential was recorded
+    first (and `finish` answers its expiry, so the denial covers it) or it was refused; never recorded unseen."""
+    one = await open_postgres(pg_dsn, clock, REPLICA)
+    two = await open_postgres(pg_dsn, clock, REPLICA)
+    try:
+        jobs = [str(9000 + n) for n in range(100)]
+        expiry = clock.now + 300
+
+        async def race(job: str, n: int) -> tuple[bool, float | None]:
+            issuer_side, finisher = (one, two) if n % 2 else (two, one)
+            granted, until = await asyncio.gather(
+                issued(issuer_side, job, expiry), finisher.finish(job, clock.now + 1000)
+            )
+            return granted, until
+
+        outcomes = await asyncio.gather(*(race(job, n) for n, job in enumerate(jobs)))
+        for job, (granted, until) in zip(jobs, outcomes, strict=True):
+            assert until == (expiry if granted else None), (job, granted, until)
+            assert await one.credentials_until(job) == until
+            assert not await issued(two, job, expiry)  # finished: refused from now on, on either replica
+        both = sum(granted for granted, _ in outcomes)
+        print(f"finish/issued races: {both} issued before the end, {len(jobs) - both} refused after it")
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_expired_rows_are_pruned_in_bounded_batches(pg_dsn: str, clock: Clock) -> None:
+    store = PostgresExchangeStore(StorePool(StoreDsn(pg_dsn, "test")), clock=clock, prune_batch=4)
+    await store.open()
+    try:
+        for n in range(10):
+            assert await store.claim(f"s{n}", clock.now + 10, 3)
+        clock.now += 10
+        assert await store.prune() == 4 and await store.prune() == 4 and await store.prune() == 2
+        assert await store.prune() == 0
+        assert await store.claim("s0", clock.now + 10, 1)  # forgotten: counted afresh
+    finally:
+        await store.close()
+
+
+async def test_postgres_failures_raise_exchange_store_errors_without_the_password(pg_dsn: str, clock: Clock) -> None:
+    store = await open_postgres(pg_dsn, clock)
+    await store.close()  # every call now fails
+    for call in (store.claim("a", clock.now + 10, 3), store.is_finished("7"), store.jobs_with_credentials(5)):
+        with pytest.raises(ExchangeStoreError, match="PostgreSQL exchange state"):
+            await call
+    fast = PoolSettings(connect_timeout=1.0, acquire_timeout=0.5, statement_timeout=0.5)
+    away = PostgresExchangeStore(StorePool(StoreDsn("host=127.0.0.1 port=1 password=hunter2", "test"), fast))
+    with pytest.raises(ExchangeStoreError, match="cannot open") as raised:
+        await away.open()
+    assert "hunter2" not in str(raised.value)

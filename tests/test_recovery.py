@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob, MemoryExchangeStore
@@ -61,7 +61,7 @@ def recovery(
     gitlab: GitLab,
     revoker: Revoker,
     *,
-    live: Iterable[LiveJob] | Callable[[int], list[LiveJob]] = (),
+    live: Iterable[LiveJob] | Callable[[int], Awaitable[list[LiveJob]]] = (),
     seen: Iterable[tuple[str, str, str | None, float]] = (),
     readers: dict[str | None, StatusReader] | None = None,
     **kw: float,
@@ -71,7 +71,10 @@ def recovery(
     def revoked() -> Collection[str]:
         return set(revoker.revoked)
 
-    listed = live if callable(live) else (lambda limit: list(live)[:limit])  # type: ignore[arg-type]
+    async def fixed(limit: int) -> list[LiveJob]:
+        return list(live)[:limit]  # type: ignore[arg-type]
+
+    listed = live if callable(live) else fixed
     return JobRecovery(
         live=listed,
         seen=lambda since, limit: list(seen),
@@ -184,7 +187,7 @@ async def test_jobs_holding_credentials_are_read_from_the_ledger_past_the_revoke
     clock = Clock()
     ledger = MemoryExchangeStore(clock=clock)
     for job, until in (("1", 2000.0), ("2", 1900.0), ("3", 1800.0)):
-        assert ledger.issued(job, until, project_id="42", issuer=GITLAB)
+        assert await ledger.issued(job, until, project_id="42", issuer=GITLAB)
     gitlab, revoker = GitLab({("42", "3"): "failed"}), Revoker()
     revoker.revoked = {"1": "success", "2": "success"}
     sweep = recovery(gitlab, revoker, live=ledger.jobs_with_credentials, max_jobs=1)
@@ -193,7 +196,7 @@ async def test_jobs_holding_credentials_are_read_from_the_ledger_past_the_revoke
 
 
 async def test_a_ledger_that_cannot_be_read_leaves_the_gateway_jobs_asked_and_the_sweep_retried() -> None:
-    def broken(limit: int) -> list[LiveJob]:
+    async def broken(limit: int) -> list[LiveJob]:
         raise ExchangeStoreError("exchange.sqlite3: cannot read the exchange state: disk I/O error")
 
     gitlab, revoker = GitLab({("42", "1"): "success"}), Revoker()

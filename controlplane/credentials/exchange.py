@@ -397,7 +397,7 @@ class TokenExchange:
         """(jti, exp) of this job's credentials that have not expired yet."""
         return self._issued.of(job_id, self._clock())
 
-    def latest_expiry(self, job_id: str) -> float | None:
+    async def latest_expiry(self, job_id: str) -> float | None:
         """When the job's last credential expires: a deny entry on the job is useless after it.
 
         The ledger knows credentials issued before a restart (or by another replica); this process's own index
@@ -405,7 +405,7 @@ class TokenExchange:
         """
         own = max((exp for _, exp in self.credentials_of(job_id)), default=None)
         try:
-            recorded = self._ledger.credentials_until(job_id)
+            recorded = await self._ledger.credentials_until(job_id)
         except ExchangeStoreError as error:
             log.error("%s; revoking job %s by this process's own record", error, job_id)
             recorded = None
@@ -416,13 +416,13 @@ class TokenExchange:
 
     # -- the exchange
 
-    def exchange(self, form: Mapping[str, str], *, checked: str | None = None) -> ExchangeResult:
+    async def exchange(self, form: Mapping[str, str], *, checked: str | None = None) -> ExchangeResult:
         """The answer, or (result `verify`, not counted) a job GitLab must be asked about first: the caller
         asks (`CredentialService.verify_job`) and exchanges again with `checked` naming the job GitLab just said
         is running, else sends `unverified(result)`."""
         context: dict[str, Any] = {}
         try:
-            result = self._exchange(form, context, checked)
+            result = await self._exchange(form, context, checked)
         except _VerifyFirst as first:
             body = {"error": "temporarily_unavailable", "error_description": "the job's status is being checked"}
             return ExchangeResult(503, body, "verify", verify=first.job, **context)
@@ -448,7 +448,7 @@ class TokenExchange:
         metrics.count_exchange(refused.result)
         return refused
 
-    def _exchange(self, form: Mapping[str, str], context: dict[str, Any], checked: str | None) -> ExchangeResult:
+    async def _exchange(self, form: Mapping[str, str], context: dict[str, Any], checked: str | None) -> ExchangeResult:
         policy = self._policy()
         if policy is None:
             raise Refused("temporarily_unavailable", "no policy is loaded yet", result="unavailable", status=503)
@@ -458,7 +458,7 @@ class TokenExchange:
         context["backend"] = backend.name
         claims, issuer = self._validate_subject(request.subject_token, policy, backend, now)
         context.update(project_id=_string(claims, "project_id"), job_id=_string(claims, "job_id"))
-        self._check_job(claims, context["job_id"], now)
+        await self._check_job(claims, context["job_id"], now)
         if context["job_id"] != checked:
             self._check_missed_hook(claims, issuer, context)
         roles, policy_ttl = _authorize(policy.evaluator, claims, backend, request.scope)
@@ -469,13 +469,13 @@ class TokenExchange:
             raise _invalid_grant("the subject token has expired")
         # Counted last, once everything else agreed (a refusal uses nothing up), and durably before issuing.
         subject = json.dumps([issuer.url, claims["jti"]])
-        if not self._replay.claim(subject, claims["exp"] + issuer.clock_skew, self.max_uses_per_subject):
+        if not await self._replay.claim(subject, claims["exp"] + issuer.clock_skew, self.max_uses_per_subject):
             raise Refused("invalid_grant", "the subject token was exchanged too many times", result="replayed")
         # Recorded before the credential exists, and refused if the job finished since `_check_job` (another
         # replica may have been told): the ledger answers both in one step. Project and issuer say where the
         # recovery sweep asks whether the job has finished.
         job_id = context["job_id"]
-        if job_id is not None and not self._ledger.issued(
+        if job_id is not None and not await self._ledger.issued(
             job_id, int(now) + ttl, project_id=context["project_id"], issuer=issuer.url
         ):
             raise _job_finished()
@@ -490,7 +490,7 @@ class TokenExchange:
         }
         return ExchangeResult(200, body, "granted", jti=jti, **context)
 
-    def _check_job(self, claims: Mapping[str, Any], job_id: str | None, now: float) -> None:
+    async def _check_job(self, claims: Mapping[str, Any], job_id: str | None, now: float) -> None:
         """A job GitLab reported finished gets nothing, however long its ID token still lives.
 
         The ledger remembers a finished job for `max_subject_age`; a token older than that (by `iat`) is refused
@@ -501,7 +501,7 @@ class TokenExchange:
             raise _invalid_grant("the subject token has no iat: its age cannot be checked")
         if now - issued_at > self.max_subject_age:
             raise _invalid_grant(f"the subject token is older than {int(self.max_subject_age)} s")
-        if job_id is not None and self._ledger.is_finished(job_id):
+        if job_id is not None and await self._ledger.is_finished(job_id):
             raise _job_finished()
 
     def _check_missed_hook(self, claims: Mapping[str, Any], issuer: ExchangeIssuer, context: dict[str, Any]) -> None:

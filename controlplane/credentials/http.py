@@ -81,10 +81,10 @@ class ExchangeEndpoint:
 
     async def exchange_checked(self, form: dict[str, str]) -> ExchangeResult:
         """The exchange, asking GitLab about the job first when the exchange says so, and retrying once."""
-        result = self.exchange.exchange(form)
+        result = await self.exchange.exchange(form)
         job = result.verify
         if job is not None and self.verify is not None and await self.verify(job):
-            result = self.exchange.exchange(form, checked=job.job_id)
+            result = await self.exchange.exchange(form, checked=job.job_id)
         return result if result.verify is None else self.exchange.unverified(result)
 
     def _log(self, result: ExchangeResult) -> None:

@@ -113,7 +113,7 @@ class JobRecovery:
     def __init__(
         self,
         *,
-        live: Callable[[int], Iterable[LiveJob]],
+        live: Callable[[int], Awaitable[Iterable[LiveJob]]],
         seen: Callable[[float, int], list[tuple[str, str, str | None, float]]],
         revoked: Callable[[], Collection[str]],
         reader_for: Callable[[str | None], StatusReader | None],
@@ -177,7 +177,7 @@ class JobRecovery:
         seen = await asyncio.to_thread(self._seen, since, self.max_jobs)
         revoked = frozenset(self._revoked())
         result = SweepResult()
-        jobs = candidates(self._live_jobs(len(revoked), result), seen, revoked, self.max_jobs)
+        jobs = candidates(await self._live_jobs(len(revoked), result), seen, revoked, self.max_jobs)
         unreachable: set[StatusReader] = set()
         for job in jobs:
             if stop is not None and stop.is_set():
@@ -216,11 +216,11 @@ class JobRecovery:
         self.last = result
         return result
 
-    def _live_jobs(self, revoked: int, result: SweepResult) -> list[LiveJob]:
+    async def _live_jobs(self, revoked: int, result: SweepResult) -> list[LiveJob]:
         """The ledger keeps a revoked job until its credentials expire, so up to `revoked` more are read: they
         must not crowd the others out of the bound. Unreadable: the gateway's jobs are still asked about."""
         try:
-            return list(self._live(self.max_jobs + revoked))
+            return list(await self._live(self.max_jobs + revoked))
         except ExchangeStoreError as error:
             log.error("job recovery: %s; jobs holding credentials are asked about at the next sweep", error)
             result.complete = False

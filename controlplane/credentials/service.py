@@ -204,10 +204,10 @@ class CredentialService:
         """
         recorded: float | None = None
         try:
-            recorded = self.store.finish(job, self.clock() + self.options.finished_job_retention)
+            recorded = await self.store.finish(job, self.clock() + self.options.finished_job_retention)
         except ExchangeStoreError as error:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
-        held = max(recorded or 0.0, self.exchange.latest_expiry(job) or 0.0)
+        held = max(recorded or 0.0, await self.exchange.latest_expiry(job) or 0.0)
         until = max(held, self.clock() + self.options.deny_id_tokens_for)
         revoked = self.revocations.revoke(job, until, save=False)
         if revoked:
@@ -240,7 +240,7 @@ class CredentialService:
                 key="unchecked",
             )
         if result == "finished":
-            return self._recorded_finished(job.job_id)  # exchanged again: the ledger refuses it
+            return await self._recorded_finished(job.job_id)  # exchanged again: the ledger refuses it
         return result in ("not_finished", "no_gitlab")
 
     async def check_job(self, job: JobToVerify, *, via: str = "gateway") -> str:
@@ -283,10 +283,10 @@ class CredentialService:
         self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
         return "not_finished"
 
-    def _recorded_finished(self, job: str) -> bool:
+    async def _recorded_finished(self, job: str) -> bool:
         """False (503) when the ledger could not record the end: the exchange again would not see it."""
         try:
-            return self.store.is_finished(job)
+            return await self.store.is_finished(job)
         except ExchangeStoreError:
             return False
 

@@ -19,9 +19,12 @@ import psycopg
 
 log = logging.getLogger("controlplane.store")
 
-# A fixed advisory-lock key for schema migrations ("cp-mig" in ASCII): any value works as long as no other
-# user of the database takes the same one for something else.
+# Every advisory-lock key the control plane takes, listed here so no two uses collide. MIGRATION_LOCK ("cp-mig"
+# in ASCII) is the single bigint form; per-row locks use the two-int4 form (namespace, hashtext(key)), a key
+# space PostgreSQL keeps apart from the bigint one. Any value works as long as no other user of the database
+# takes the same one for something else.
 MIGRATION_LOCK = 0x63702D6D6967
+EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ It ends after N inputs or S seconds and prints `atheris TARGET: R runs, C distin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
@@ -74,7 +75,7 @@ def exchange(data: bytes) -> None:
         pairs = parse_qsl(data.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FIELDS)
     except (UnicodeDecodeError, ValueError):
         return  # the endpoint answers 400 (its harness checks that)
-    result = _EXCHANGE.exchange.exchange(dict(pairs))
+    result = asyncio.run(_EXCHANGE.exchange.exchange(dict(pairs)))
     assert not result.granted, "a credential for bytes that hold no token signed by the issuer"
 
 

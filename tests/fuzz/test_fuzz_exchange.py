@@ -9,6 +9,7 @@ RFC 6749 error that never echoes the token. Nothing raises, nothing answers 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import uuid
@@ -295,7 +296,7 @@ def independently_valid(form: dict[str, str]) -> str | None:
 
 def check_exchange(service: Exchange, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
     try:
-        result = service.exchange.exchange(form)  # must never raise
+        result = asyncio.run(service.exchange.exchange(form))  # must never raise
     except Exception as error:
         avoid_known(error)
         raise
