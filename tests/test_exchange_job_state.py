@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult, MissedHooks
-from controlplane.credentials.exchange_store import LiveJob
+from controlplane.credentials.exchange_store import DB_NAME, LiveJob, SqliteExchangeStore
 from controlplane.credentials.service import CredentialOptions, CredentialService, JobStatusReaders
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_events import JobEvent
@@ -63,8 +63,10 @@ class Node:
             state_dir=state,
             deny_id_tokens_for=deny_id_tokens_for,
         )
+        self.store = SqliteExchangeStore(state / DB_NAME, clock=clock)
         self.service = CredentialService(
             options,
+            store=self.store,
             issuer_keys=lambda name: relayed if name == "gitlab" else None,
             policy=lambda: policy,
             on_change=changed,
@@ -95,7 +97,7 @@ class Node:
         await self.service.on_event(event)
 
     def close(self) -> None:
-        self.service.close()
+        self.store.close()
 
 
 def form_for(token: str) -> dict[str, str]:
