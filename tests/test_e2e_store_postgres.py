@@ -4,6 +4,9 @@ would read it (docs/shared-state.md)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -14,6 +17,7 @@ import pytest
 from controlplane.credentials.exchange_store import DB_NAME
 from controlplane.store.dsn import redacted
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
+from tests.support.ports import LOOPBACK, free_port
 from tests.support.stack import PolicyInputs, Served, exchange_answers, serve_stack
 
 pytestmark = pytest.mark.e2e
@@ -54,3 +58,19 @@ def test_serve_keeps_the_replay_bound_in_postgresql(tmp_path: Path, pg_dsn: str)
         assert uses[0] == (3,) and credentials == [("601",)], (uses, credentials)
         assert not (built.controlplane.state_dir / DB_NAME).exists()
     assert "eyJ" not in (tmp_path / "controlplane.log").read_text(), "a token was logged"
+
+
+def test_serve_refuses_to_start_when_postgresql_is_unreachable(tmp_path: Path) -> None:
+    """Fail closed at start, as with an unreadable state file: exit 3, one line naming the DSN without its
+    password."""
+    dsn = f"postgresql://cp:s3cret@{LOOPBACK}:{free_port()}/cp"
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane", "serve", "--policy", str(tmp_path), "--state-dir", str(tmp_path / "s"),
+         "--admin-address", f"{LOOPBACK}:{free_port()}", "--exchange-address", f"{LOOPBACK}:{free_port()}",
+         "--xds-address", f"{LOOPBACK}:{free_port()}", "--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"],
+        env={**os.environ, "CP_STORE_DSN": dsn}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    refused = [line for line in result.stderr.splitlines() if "refusing to start" in line]
+    assert len(refused) == 1 and "PostgreSQL exchange state at" in refused[0] and "port=" in refused[0], refused
+    assert "s3cret" not in result.stderr
