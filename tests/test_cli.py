@@ -288,7 +288,7 @@ def test_validate_shows_the_first_errors_of_a_file_and_counts_the_rest(tmp_path:
 def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each default is written once, in the option dataclasses: `serve` with no flags is the options' defaults."""
     from controlplane.cli.main import _parser, serve_options
-    from controlplane.cli.options import ServeOptions
+    from controlplane.cli.options import ServeOptions, StoreOptions
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
     from controlplane.statefile import DEFAULT_STATE_DIR
 
@@ -298,6 +298,39 @@ def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyP
     assert parsed == ServeOptions(policy=Path("p"), credentials=credentials)
     bootstrap = _parser().parse_args(["bootstrap", "--group", "g"])
     assert bootstrap.xds_address == (ServeOptions.xds_host, ServeOptions.xds_port)
+    args = _parser().parse_args(["serve", "--policy", "p"])
+    store = StoreOptions()
+    assert (args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file) == (
+        store.kind,
+        store.dsn,
+        store.dsn_env,
+        store.dsn_file,
+    )
+    assert not isinstance(parsed, str) and parsed.store == store
+
+
+def test_serve_store_flags_name_one_dsn_source_without_a_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--store postgres` needs exactly one DSN source; a DSN argument with a password is refused (store/dsn.py);
+    DSN sources without `--store postgres` are a mistake, not ignored. Each is a usage error: exit 2."""
+    from controlplane.cli.main import _parser, main, serve_options
+    from controlplane.cli.options import StoreOptions
+
+    def options(*flags: str) -> object:
+        return serve_options(_parser().parse_args(["serve", "--policy", "p", *flags]))
+
+    monkeypatch.setenv("CP_STORE_DSN", "postgresql://cp:s3cret@db.internal/cp")
+    parsed = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN")
+    assert not isinstance(parsed, str) and parsed.store == StoreOptions("postgres", dsn_env="CP_STORE_DSN")
+    missing = options("--store", "postgres")
+    assert isinstance(missing, str) and "--store-dsn-env" in missing and "got none" in missing
+    with_password = options("--store", "postgres", "--store-dsn", "postgresql://cp:s3cret@db.internal/cp")
+    assert isinstance(with_password, str) and with_password.startswith("--store-dsn:")
+    assert "s3cret" not in with_password
+    stray = options("--store-dsn-env", "CP_STORE_DSN")
+    assert isinstance(stray, str) and "need --store postgres" in stray
+    assert main(["serve", "--policy", str(tmp_path), "--store", "postgres"]) == 2
 
 
 def test_serve_options_find_the_state_dir_where_the_command_line_does(monkeypatch: pytest.MonkeyPatch) -> None:

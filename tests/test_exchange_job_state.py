@@ -8,6 +8,7 @@ same state directory: nothing but the files carries over.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -17,15 +18,19 @@ from typing import Any
 import pytest
 
 from controlplane.credentials.exchange import ExchangePolicy, ExchangeResult, MissedHooks
-from controlplane.credentials.exchange_store import LiveJob
+from controlplane.credentials.exchange_store import DB_NAME, ExchangeStore, LiveJob, SqliteExchangeStore
+from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
 from controlplane.credentials.service import CredentialOptions, CredentialService, JobStatusReaders
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_events import JobEvent
 from controlplane.sources.jwks import normalize_jwks
+from controlplane.store.dsn import StoreDsn
+from controlplane.store.pool import PoolSettings, StorePool
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.clock import Clock
 from tests.support.exchange_policy import exchange_policy
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.postgres import Gate, running_server
 
 HOUR = 3600.0
 
@@ -47,6 +52,7 @@ class Node:
         *,
         deny_id_tokens_for: float = 0.0,
         job_status_reader: JobStatusReaders | None = None,
+        store: ExchangeStore | None = None,
     ) -> None:
         self.fake = fake
         self.clock = clock
@@ -63,8 +69,13 @@ class Node:
             state_dir=state,
             deny_id_tokens_for=deny_id_tokens_for,
         )
+        self.sqlite: SqliteExchangeStore | None = None
+        if store is None:
+            store = self.sqlite = SqliteExchangeStore(state / DB_NAME, clock=clock)
+        self.store = store
         self.service = CredentialService(
             options,
+            store=self.store,
             issuer_keys=lambda name: relayed if name == "gitlab" else None,
             policy=lambda: policy,
             on_change=changed,
@@ -95,7 +106,8 @@ class Node:
         await self.service.on_event(event)
 
     def close(self) -> None:
-        self.service.close()
+        if self.sqlite is not None:
+            self.sqlite.close()
 
 
 def form_for(token: str) -> dict[str, str]:
@@ -387,3 +399,41 @@ def test_verified_jobs_are_bounded_and_expire_with_their_tokens() -> None:
 
 def metric_exchanges(result: str) -> float:
     return REGISTRY.get_sample_value("controlplane_credential_exchanges_total", {"result": result}) or 0.0
+
+
+async def test_while_postgresql_is_away_the_exchange_fails_closed_and_recovers_when_it_is_back(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    """`serve --store postgres` after start: PostgreSQL unreachable means 503 and no credential (never a credential
+    whose use was not counted), then credentials again once it answers. A server of its own behind a gate."""
+    settings = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=0.5, statement_timeout=1.0)
+    with running_server() as server:
+        gate = Gate(server.port)
+        await gate.restore()
+        store = PostgresExchangeStore(StorePool(StoreDsn(gate.dsn(server.admin_dsn), "test"), settings), clock=clock)
+        await store.open()
+        try:
+            node = Node(gitlab, tmp_path, clock, store=store)
+            assert node.service.status()["store"] == {
+                "kind": "postgres",
+                "dsn": StoreDsn(gate.dsn(server.admin_dsn), "t").redacted(),
+            }
+            assert (await node.exchange(node.mint(8501))).status == 200
+            gate.cut()
+            token = node.mint(8502)
+            away = await node.exchange(token)
+            assert (away.status, away.body["error"], away.result) == (503, "temporarily_unavailable", "unavailable")
+            assert "access_token" not in away.body
+            await gate.restore()
+            statuses = []
+            for _ in range(40):  # the pool replaces its broken connections within its bounds
+                result = await node.exchange(token)
+                statuses.append(result.status)
+                if result.status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert statuses[-1] == 200 and set(statuses[:-1]) <= {503}, statuses
+            assert "access_token" in result.body
+        finally:
+            gate.cut()
+            await store.close()

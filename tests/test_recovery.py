@@ -261,9 +261,12 @@ def test_the_sweep_looks_back_as_long_as_a_raw_token_or_a_credential_could_be_us
     async def unchanged() -> None:
         return None
 
-    service = CredentialService(options, issuer_keys=lambda issuer: None, policy=lambda: None, on_change=unchanged)
-    try:
-        sweep = service.job_recovery(seen=lambda since, limit: [], reader_for=lambda issuer: None)
-        assert (sweep.lookback, sweep.interval) == (7_200.0, 42.0)
-    finally:
-        service.close()
+    service = CredentialService(
+        options,
+        issuer_keys=lambda issuer: None,
+        policy=lambda: None,
+        on_change=unchanged,
+        store=MemoryExchangeStore(),
+    )
+    sweep = service.job_recovery(seen=lambda since, limit: [], reader_for=lambda issuer: None)
+    assert (sweep.lookback, sweep.interval) == (7_200.0, 42.0)

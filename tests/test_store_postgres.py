@@ -152,10 +152,10 @@ def test_a_password_on_the_command_line_is_refused() -> None:
         with pytest.raises(DsnError) as raised:
             store_dsn.from_argument(value)
         message = str(raised.value)
-        assert message.startswith("--store:")
+        assert message.startswith("--store-dsn:")
         assert "--store-dsn-env" in message and "--store-dsn-file" in message
         assert "hunter2" not in message
-    assert store_dsn.from_argument("postgres://cp@db.internal:5432/cp").source == "--store"
+    assert store_dsn.from_argument("postgres://cp@db.internal:5432/cp").source == "--store-dsn"
 
 
 def test_an_invalid_dsn_is_not_echoed() -> None:

@@ -80,13 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.bootstrap import API_TYPES, DEFAULT_ADMIN_PORT, DEFAULT_API
     from controlplane.cli.defaults import option_default
-    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions
+    from controlplane.cli.options import STORE_KINDS, GitLabPolicyOptions, ServeOptions, StoreOptions
     from controlplane.cli.status import add_status_arguments
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
     from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS, HttpLimits
 
     def serve_default(name: str) -> Any:
         return option_default(ServeOptions, name)
+
+    def store_default(name: str) -> Any:
+        return option_default(StoreOptions, name)
 
     def credential_default(name: str) -> Any:
         return option_default(CredentialOptions, name)
@@ -163,6 +166,22 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=serve_default("state_dir"),
         help="where remembered project ids are kept (env CONTROLPLANE_STATE_DIR)",
+    )
+    store = serve.add_argument_group("exchange state: replay counts and finished jobs (docs/shared-state.md)")
+    store.add_argument(
+        "--store",
+        choices=STORE_KINDS,
+        default=store_default("kind"),
+        help="file: SQLite in the state directory (one host); postgres: shared by replicas, needs one DSN source",
+    )
+    store.add_argument("--store-dsn-env", default=store_default("dsn_env"), help="environment variable holding the DSN")
+    store.add_argument(
+        "--store-dsn-file", type=Path, default=store_default("dsn_file"), help="file holding the DSN (one line)"
+    )
+    store.add_argument(
+        "--store-dsn",
+        default=store_default("dsn"),
+        help="the DSN itself, refused with a password (visible to every user: use the two above or PGPASSFILE)",
     )
     repo = serve.add_argument_group("policy on GitLab (instead of --policy)")
     repo.add_argument("--policy-project", help="GitLab project (path or id) whose default branch holds the policy")
@@ -423,9 +442,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
-    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, WebhookOptions
+    from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
     from controlplane.credentials.service import CredentialOptions
     from controlplane.serving import HttpLimits
+    from controlplane.store.dsn import DsnError
 
     if args.job_sweep_interval < 1:
         return "--job-sweep-interval must be at least 1 second"
@@ -463,7 +483,13 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         )
     except ValueError as error:
         return f"HTTP listener options: {error}"
+    store = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file)
+    try:
+        store.resolve_dsn()  # a missing or unusable source is a usage error here; serve reads it again at start
+    except DsnError as error:
+        return str(error)
     return ServeOptions(
+        store=store,
         policy=args.policy,
         xds_host=args.xds_address[0],
         xds_port=args.xds_address[1],

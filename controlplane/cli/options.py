@@ -21,6 +21,7 @@ from controlplane.statefile import default_state_dir
 
 if TYPE_CHECKING:
     from controlplane.credentials.service import CredentialOptions
+    from controlplane.store.dsn import StoreDsn
     from controlplane.xds.tls import ServerTls
 
 
@@ -48,6 +49,36 @@ class WebhookOptions:
     secret_file: str | None = None
 
 
+STORE_KINDS = ("file", "postgres")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Where the exchange's replay counts and finished jobs live: `file` (SQLite in the state directory, one
+    host) or `postgres` (shared by replicas, docs/shared-state.md), with the DSN's one source. A DSN given as
+    an argument must hold no password (store/dsn.py says why; it validates every source)."""
+
+    kind: str = "file"
+    dsn: str | None = None  # --store-dsn URL, without a password
+    dsn_env: str | None = None  # --store-dsn-env NAME
+    dsn_file: Path | None = None  # --store-dsn-file PATH
+
+    def __post_init__(self) -> None:
+        if self.kind not in STORE_KINDS:
+            raise ValueError(f"store kind must be one of {', '.join(STORE_KINDS)}, got {self.kind!r}")
+
+    def resolve_dsn(self) -> StoreDsn | None:
+        """The PostgreSQL DSN (None for `file`); raises store.dsn.DsnError naming the flag, never the password."""
+        from controlplane.store.dsn import DsnError, resolve
+
+        sources = (self.dsn, self.dsn_env, self.dsn_file)
+        if self.kind == "file":
+            if any(source is not None for source in sources):
+                raise DsnError("--store-dsn, --store-dsn-env and --store-dsn-file need --store postgres")
+            return None
+        return resolve(store=self.dsn, dsn_env=self.dsn_env, dsn_file=self.dsn_file)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """Every `serve` option with its one default; the command line (cli/main.py) reads its defaults here."""
@@ -73,6 +104,7 @@ class ServeOptions:
     policy_gitlab: GitLabPolicyOptions | None = None
     webhooks: WebhookOptions | None = None
     credentials: CredentialOptions | None = None
+    store: StoreOptions = StoreOptions()  # the exchange's state: SQLite in state_dir, or a shared PostgreSQL
     audit_db: Path | None = None  # default: <state_dir>/audit.store.DB_NAME
     audit_retention: float = DEFAULT_RETENTION
     xds_tls: ServerTls | None = None  # mTLS on the xDS port; None: plain text

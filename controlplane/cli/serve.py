@@ -27,7 +27,8 @@ from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore
 from controlplane.cli.options import ServeOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
-from controlplane.credentials.exchange_store import ExchangeStoreError
+from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
+from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
 from controlplane.credentials.keys import KEYS_FILE
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialService
@@ -50,6 +51,8 @@ from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
+from controlplane.store.dsn import DsnError
+from controlplane.store.pool import StorePool
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import TransportPolicy, XdsTransportError
@@ -72,15 +75,16 @@ def _policy_source(options: ServeOptions) -> PolicySource:
 async def serve(options: ServeOptions) -> int:
     """Exit code 0 when stopped (SIGTERM, SIGINT), 1 when a part failed (or failed to stop in time, or at all,
     or could not start: a port in use; a second SIGTERM or SIGINT exits at once with 128 + the signal), 2 when
-    the xDS transport refuses the configuration, 3 when a state file cannot be read (fail closed: never start
-    with an empty deny list, keys, pins, use counts or finished jobs)."""
+    the xDS transport refuses the configuration (or the store's DSN source is unusable), 3 when a state file
+    cannot be read or the shared PostgreSQL store cannot be reached and migrated (fail closed: never start with
+    an empty deny list, keys, pins, use counts or finished jobs)."""
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
     except (StateFileError, ExchangeStoreError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
-    except XdsTransportError as refused:
+    except (XdsTransportError, DsnError) as refused:
         log.critical("refusing to start: %s", refused)
         return 2
     except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not
@@ -118,6 +122,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     credentials = (
         CredentialService(
             options.credentials,
+            store=await _exchange_store(options, parts),
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
@@ -221,6 +226,21 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         policy.source.description,
     )
     await parts.wait()
+
+
+async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeStore:
+    """The exchange's replay counts and finished jobs (`--store`), opened now, before anything is served, and
+    closed after the credential service stopped. PostgreSQL is connected and migrated here: unreachable, it
+    raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
+    dsn = options.store.resolve_dsn()
+    if dsn is None:
+        sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
+        parts.on_stop(sqlite.close, name="exchange store")
+        return sqlite
+    shared = PostgresExchangeStore(StorePool(dsn))
+    await parts.start(shared.open(), shared.close, name="exchange store")
+    log.info("exchange state in PostgreSQL at %s", dsn)
+    return shared
 
 
 @contextlib.contextmanager

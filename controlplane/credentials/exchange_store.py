@@ -123,6 +123,15 @@ class JobLedger(Protocol):
         ...
 
 
+class ExchangeStore(ReplayCounter, JobLedger, Protocol):
+    """What the credential service is given (cli/serve.py picks it: SQLite in the state directory, or the shared
+    PostgreSQL of exchange_store_pg.py); its owner opens and closes it."""
+
+    def status(self) -> dict[str, str]:
+        """Which store this is and where, for /status: never a password."""
+        ...
+
+
 class MemoryExchangeStore:
     """Both interfaces in this process's memory: forgotten on restart, per process, so for tests only.
 
@@ -173,6 +182,9 @@ class MemoryExchangeStore:
         now = self._clock()
         live = (job for job in self._credentials.values() if job.expires_at > now)
         return heapq.nsmallest(max(limit, 0), live, key=lambda job: (-job.expires_at, job.job_id))
+
+    def status(self) -> dict[str, str]:
+        return {"kind": "memory"}
 
     def _prune(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -249,6 +261,9 @@ class SqliteExchangeStore:
             LiveJob(str(job), None if project is None else str(project), str(issuer), float(expires_at))
             for job, project, issuer, expires_at in rows
         ]
+
+    def status(self) -> dict[str, str]:
+        return {"kind": "file", "path": str(self.path)}
 
     def close(self) -> None:
         self._db.close()

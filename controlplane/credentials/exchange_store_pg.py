@@ -99,6 +99,9 @@ class PostgresExchangeStore:
     async def close(self) -> None:
         await self._pool.close()
 
+    def status(self) -> dict[str, str]:
+        return {"kind": "postgres", "dsn": self._pool.dsn.redacted()}
+
     async def claim(self, subject: str, expires_at: float, limit: int) -> bool:
         if limit < 1:
             return False

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
-from controlplane.credentials.exchange_store import DB_NAME, ExchangeStoreError, SqliteExchangeStore
+from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError
 from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
@@ -79,9 +79,11 @@ class CredentialService:
         issuer_keys: Callable[[str], str | None],
         policy: Callable[[], ExchangePolicy | None],
         on_change: Callable[[], Awaitable[object]],
+        store: ExchangeStore,
         clock: Callable[[], float] = time.time,
         job_status_reader: JobStatusReaders | None = None,
     ) -> None:
+        """`store` (replay counts, finished jobs) is opened and closed by the caller (cli/serve.py)."""
         self.options = options
         self.job_status_reader = job_status_reader
         self.on_change = on_change
@@ -93,7 +95,7 @@ class CredentialService:
             publish_lead=options.publish_lead,
             clock=clock,
         )
-        self.store = SqliteExchangeStore(options.state_dir / DB_NAME, clock=clock)
+        self.store = store
         self.exchange = TokenExchange(
             keys=self.keys,
             issuer_keys=issuer_keys,
@@ -177,10 +179,6 @@ class CredentialService:
     async def stop(self) -> None:
         await self.gateway_checks.close()
         await self.endpoint.stop()
-        self.close()
-
-    def close(self) -> None:
-        self.store.close()
 
     async def on_event(self, event: GitLabEvent) -> None:
         """A job reached a terminal status: no more exchanges for it, and its job_id denied until nothing it holds
@@ -309,5 +307,6 @@ class CredentialService:
             "signing_key_age_seconds": round(self.keys.signing_key_age(), 1),
             "published_keys": len(self.keys.keys),
             "active_credentials": self.exchange.active_credentials(),
+            "store": self.store.status(),
             **self.revocations.status(),
         }

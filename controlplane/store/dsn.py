@@ -36,7 +36,7 @@ class StoreDsn:
     """A validated DSN and where it came from. `repr` and `str` are redacted, so logging one is safe."""
 
     dsn: str = field(repr=False)
-    source: str  # "--store", "$NAME" or a file path: for error messages and /status
+    source: str  # "--store-dsn", "$NAME" or a file path: for error messages and /status
 
     def redacted(self) -> str:
         return redacted(self.dsn)
@@ -57,7 +57,7 @@ def _parse(dsn: str, where: str) -> Mapping[str, object]:
         raise DsnError(f"{where}: not a valid PostgreSQL DSN") from None
 
 
-def from_argument(value: str, *, flag: str = "--store") -> StoreDsn:
+def from_argument(value: str, *, flag: str = "--store-dsn") -> StoreDsn:
     """A DSN given on the command line: valid, and holding no password (see the module docstring)."""
     parts = _parse(value, flag)
     secret = sorted(key for key in SECRET_KEYS if parts.get(key))
@@ -112,11 +112,12 @@ def from_file(path: Path) -> StoreDsn:
 
 def resolve(*, store: str | None, dsn_env: str | None, dsn_file: Path | None) -> StoreDsn:
     """The one DSN source the options name (exactly one of them)."""
-    given = [name for name, value in (("--store", store), ("--store-dsn-env", dsn_env), ("--store-dsn-file", dsn_file))
-             if value is not None]  # fmt: skip
+    given = [name for name, value in (("--store-dsn", store), ("--store-dsn-env", dsn_env),
+                                      ("--store-dsn-file", dsn_file)) if value is not None]  # fmt: skip
     if len(given) != 1:
         raise DsnError(
-            f"give the store's DSN exactly once (--store, --store-dsn-env or --store-dsn-file), got {given or 'none'}"
+            "--store postgres needs its DSN exactly once (--store-dsn, --store-dsn-env or --store-dsn-file), "
+            f"got {', '.join(given) or 'none'}"
         )
     if store is not None:
         return from_argument(store)

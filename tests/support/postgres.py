@@ -18,6 +18,7 @@ connecting, against a deadline: no sleep stands in for synchronisation.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
@@ -225,3 +226,48 @@ def running_server(bin_dir: Path | None = None) -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+class Gate:
+    """A TCP relay in front of a server, on this event loop, that a test cuts (every relayed connection closed,
+    new ones refused) and restores (same port): PostgreSQL going away and coming back, while the server itself,
+    and its data, stay as they were."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def dsn(self, server_dsn: str) -> str:
+        return server_dsn.replace(f"port={self.target_port}", f"port={self.port}")
+
+    async def restore(self) -> None:
+        self._server = await asyncio.start_server(self._relay, LOOPBACK, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        try:
+            server_in, server_out = await asyncio.open_connection(LOOPBACK, self.target_port)
+        except OSError:
+            client_out.transport.abort()
+            return
+        self._writers.update((client_out, server_out))
+        await asyncio.gather(_pipe(client_in, server_out), _pipe(server_in, client_out), return_exceptions=True)
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    finally:
+        sink.transport.abort()
