@@ -14,7 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from controlplane.model.errors import quoted
-from controlplane.model.fields import Conv, Ctx, fail, one_of_message
+from controlplane.model.fields import Conv, Ctx, Fields, fail, one_of_message
 from controlplane.model.policy import GroupRef, ProjectRef
 from controlplane.model.yaml_source import YNode, YScalar
 
@@ -128,6 +128,18 @@ def _absolute_path_check(value: str) -> str | None:
 
 
 absolute_path = checked(string, _absolute_path_check)
+
+
+def secret_source(f: Fields, env_key: str, file_key: str) -> tuple[str | None, str | None]:
+    """A secret is never in the policy, only where the control plane reads it: exactly one of an environment
+    variable (`env_key`) or an absolute file path (`file_key`). Both are read either way, so the mistakes of
+    each are reported in the same pass."""
+    places = [key for key in (env_key, file_key) if f.has(key)]
+    if not places:
+        f.ctx.error(f.node.line, f.at(env_key), f"missing required key: {env_key} or {file_key}")
+    elif len(places) == 2:
+        f.error(file_key, f"use {env_key} or {file_key}, not both")
+    return f.maybe(env_key, env_name), f.maybe(file_key, absolute_path)
 
 
 def _address_check(value: str) -> str | None:

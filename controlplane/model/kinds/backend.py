@@ -107,15 +107,9 @@ _value_prefix = scalars.checked(
 
 
 def _injection_fields(i: Fields) -> Injection:
-    """The secret is never in the policy, only where the control plane reads it: exactly one place."""
-    places = [key for key in ("secret_env", "secret_file") if i.has(key)]
-    if not places:
-        i.ctx.error(i.node.line, i.at("secret_env"), "missing required key: secret_env or secret_file")
-    elif len(places) == 2:
-        i.error("secret_file", "use secret_env or secret_file, not both")
+    secret_env, secret_file = scalars.secret_source(i, "secret_env", "secret_file")
     header = i.optional("header", _header_name, DEFAULT_INJECTION_HEADER)
     prefix = i.optional("value_prefix", _value_prefix, DEFAULT_INJECTION_PREFIX)
-    secret_env, secret_file = i.maybe("secret_env", scalars.env_name), i.maybe("secret_file", scalars.absolute_path)
     return Injection(header=need(header), prefix=need(prefix), secret_env=secret_env, secret_file=secret_file)
 
 

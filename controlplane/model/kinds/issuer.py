@@ -128,14 +128,8 @@ def _issuer_api(f: Fields, kind: IssuerKind | None, issuer_url: str | None) -> G
 
 
 def _api_fields(a: Fields, issuer_url: str | None) -> GitLabApi:
-    """The token is never in the policy, only where the control plane finds it: exactly one place."""
-    places = [key for key in ("token_env", "token_file") if a.has(key)]
-    if not places:
-        a.ctx.error(a.node.line, a.at("token_env"), "missing required key: token_env or token_file")
-    elif len(places) == 2:
-        a.error("token_file", "use token_env or token_file, not both")
+    token_env, token_file = scalars.secret_source(a, "token_env", "token_file")
     url = a.optional("url", _api_url, issuer_url)
-    token_env, token_file = a.maybe("token_env", scalars.env_name), a.maybe("token_file", scalars.absolute_path)
     groups = a.optional_tuple("groups", list_of(_api_group, non_empty=False))
     reconcile = a.optional("reconcile", scalars.seconds(10, 86400), DEFAULT_RECONCILE_SECONDS)
     max_staleness = a.maybe("max_staleness", scalars.seconds(10, _API_MAX_STALENESS_S))
