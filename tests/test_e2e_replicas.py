@@ -132,11 +132,7 @@ def test_replicas_on_the_same_inputs_serve_byte_identical_versions(
     last = fleet.envoy(protocol, replicas[-1:], node="envoy-on-last")
     for envoy in (first, last):
         poll_until(lambda e=envoy: e.ready_state() == "LIVE", 20, message="Envoy LIVE")
-    one, other = _dynamic(first.config_dump()), _dynamic(last.config_dump())
-    if one != other:
-        import difflib, json
-        print("\n".join(difflib.unified_diff(json.dumps(one, indent=1, sort_keys=True).splitlines(), json.dumps(other, indent=1, sort_keys=True).splitlines(), lineterm="", n=8)))
-    assert one == other
+    assert _dynamic(first.config_dump()) == _dynamic(last.config_dump())
     for envoy in (first, last):
         envoy.stop()
 
@@ -149,6 +145,7 @@ def test_killing_the_replica_an_envoy_streams_from_moves_it_to_another_with_noth
     poll_until(lambda: fleet.get() == 200, 20, message="200 through the Envoy")
     connected = poll_until(fleet.holder, 10, message="the Envoy on one replica")
     before_stats = envoy.stats()
+    assert _refused(replicas) == [0, 0, 0]  # its access log goes to the same replica as its ADS stream
     before_dump = envoy.config_dump()
     before_pushes = {r.admin_url: _pushes(r) for r in replicas if r is not connected}
 
@@ -191,9 +188,19 @@ def test_killing_the_replica_an_envoy_streams_from_moves_it_to_another_with_noth
     assert _dynamic(envoy.config_dump()) == _dynamic(before_dump)
     assert envoy.config_dump() == before_dump  # not even re-applied at the same version (last_updated)
     assert _pushes(survivor) == before_pushes[survivor.admin_url] == {}, _pushes(survivor)
+    # The access log followed the ADS stream to the survivor; the third replica saw neither. The survivor may
+    # refuse access-log streams that came before the ADS stream with a first message over what it holds while
+    # waiting for one (audit/als.py MAX_AWAITED_MESSAGE_BYTES): reported here, see docs/shared-state.md.
+    third = [replica for replica in fleet.live() if replica is not survivor]
+    assert _refused(third) == [0]
+    print(f"[{protocol}] access-log streams refused by the survivor: {_refused([survivor])[0]:.0f}")
     proxy = next(p for p in survivor.status()["proxies"] if p["node"] == NODE)
     assert proxy["protocol"] == protocol
     envoy.stop()
+
+
+def _refused(replicas: list[ControlPlaneProcess]) -> list[float]:
+    return [r.metric("controlplane_audit_streams_refused_total", reason="no_xds_stream") for r in replicas]
 
 
 def _pushes(replica: ControlPlaneProcess) -> dict[str, float]:

@@ -25,6 +25,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,15 @@ from controlplane.compiler.util import is_ip
 from controlplane.serving import LOOPBACK
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+# With several replicas: one failed connect or reset stream (counted as a 503) takes a replica out of the
+# proxy's choice, so its next stream goes to the next replica by priority; it is tried again after the ejection
+# time (longer each time it fails again). Any share of the replicas may be out: with all out Envoy tries anyway.
+FAILOVER_DETECTION: dict[str, Any] = {
+    "consecutive_5xx": 1,
+    "interval": "1s",
+    "base_ejection_time": "10s",
+    "max_ejection_percent": 100,
+}
 UPSTREAM_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
@@ -109,13 +119,23 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _xds_cluster(addresses: Sequence[tuple[str, int]], tls: ClientTls | None) -> dict[str, Any]:
+def replica_order(node_id: str, addresses: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The replicas in the order this proxy prefers them: rotated by a stable hash of its node id, so a fleet
+    spreads over the replicas while each proxy keeps to one (its ADS and access-log streams on the same one)."""
+    start = int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "big") % len(addresses)
+    return [*addresses[start:], *addresses[:start]]
+
+
+def _xds_cluster(node_id: str, addresses: Sequence[tuple[str, int]], tls: ClientTls | None) -> dict[str, Any]:
     ip = all(is_ip(host) for host, _ in addresses)
-    endpoints = [{"endpoint": {"address": _socket_address(host, port)}} for host, port in addresses]
+    preferred = replica_order(node_id, addresses)
+    endpoints = [
+        {"priority": priority, "lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+        for priority, (host, port) in enumerate(preferred)
+    ]
     cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
         "type": "STATIC" if ip else "STRICT_DNS",
-        "lb_policy": "ROUND_ROBIN",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -128,11 +148,10 @@ def _xds_cluster(addresses: Sequence[tuple[str, int]], tls: ClientTls | None) ->
             }
         },
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 300}},
-        "load_assignment": {
-            "cluster_name": XDS_CLUSTER,
-            "endpoints": [{"lb_endpoints": endpoints}],
-        },
+        "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": endpoints},
     }
+    if len(addresses) > 1:
+        cluster["outlier_detection"] = FAILOVER_DETECTION
     if not ip:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if tls is not None:
@@ -199,7 +218,7 @@ def render_bootstrap(
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [_xds_cluster(addresses, tls)]},
+        "static_resources": {"clusters": [_xds_cluster(node_id, addresses, tls)]},
         "layered_runtime": {
             "layers": [
                 {"name": "static_layer", "static_layer": {}},
