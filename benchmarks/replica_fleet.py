@@ -130,7 +130,6 @@ class Phase:
         return {
             "acked": f"{min(acked)}/{self.args.streams}",
             "converged_ms p50/p99/max": spread(converged),
-            "converged_ms_median": round(statistics.median(converged)) if converged else None,
             "server_cpu_s_per_commit": round(statistics.median(cpu), 2),
             "busiest_replica_cpu_s_per_commit": round(statistics.median(busiest), 2),
         }
