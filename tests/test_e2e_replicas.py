@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 from controlplane.cli.bootstrap import render_bootstrap
-from tests.support.backends import http_request
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.one_backend import one_backend_policy
@@ -71,7 +70,12 @@ class Fleet:
     def envoy(self, protocol: Protocol, replicas: list[ControlPlaneProcess], node: str = NODE) -> EnvoyProcess:
         (first, *more) = [(LOOPBACK, replica.xds_port) for replica in replicas]
         bootstrap = render_bootstrap(
-            group="ci-gateway", node_id=node, xds_host=first[0], xds_port=first[1], api=protocol, more_xds_addresses=more
+            group="ci-gateway",
+            node_id=node,
+            xds_host=first[0],
+            xds_port=first[1],
+            api=protocol,
+            more_xds_addresses=more,
         )
         return self.stack.enter_context(EnvoyProcess(bootstrap, name=node))
 

@@ -11,9 +11,12 @@ Choices worth knowing:
 - ``xds_cluster`` is HTTP/2 (gRPC needs it) with keepalive pings, so a half-dead control plane connection is
   noticed and re-established rather than waiting forever; STATIC for IPs, STRICT_DNS when a hostname is given:
   every address a name resolves to becomes an endpoint (a headless Service lists each replica), re-resolved
-  as replicas come and go. Several addresses (replicas) are endpoints of the one cluster, round robin: when
-  the replica an Envoy streams from dies, Envoy's next attempt picks the next replica, and since replicas
-  serve identical content-hashed versions the resumed stream re-sends nothing (docs/shared-state.md).
+  as replicas come and go.
+- Several addresses (replicas) are one priority each, in an order rotated by the node id: a fleet spreads over
+  the replicas while each Envoy's streams (ADS and the access log, which a replica attests by an ADS stream on
+  itself) go to the same one; round robin split them. One refused connect or reset stream ejects a replica, so
+  Envoy's next attempt goes to the next; replicas serve identical content-hashed versions, so the resumed
+  stream re-sends nothing (docs/shared-state.md, "Replicas: identical versions and failover").
 - The admin interface defaults to loopback: it can dump config and quit the server, so it must not be exposed.
 - With ``--tls-ca/--tls-cert/--tls-key`` the xds_cluster speaks mTLS (ALPN h2) and checks the control plane's
   certificate against the CA *and* its name (SNI as a DNS SAN, or the address as an IP SAN): Envoy checks no
@@ -67,7 +70,9 @@ def _server_name(tls: ClientTls, hosts: Sequence[str]) -> str | None:
         return tls.sni
     names = sorted({host for host in hosts if not is_ip(host)})
     if len(names) > 1 or (names and len(set(hosts)) > 1):
-        raise ValueError(f"several xDS hosts {', '.join(hosts)}: give tls sni, the name every replica's certificate holds")
+        raise ValueError(
+            f"several xDS hosts {', '.join(hosts)}: give tls sni, the name every replica's certificate holds"
+        )
     return names[0] if names else None
 
 
