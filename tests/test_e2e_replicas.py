@@ -68,14 +68,9 @@ class Fleet:
         return holding[0] if holding else None
 
     def envoy(self, protocol: Protocol, replicas: list[ControlPlaneProcess], node: str = NODE) -> EnvoyProcess:
-        (first, *more) = [(LOOPBACK, replica.xds_port) for replica in replicas]
+        (host, port), *more = [(LOOPBACK, replica.xds_port) for replica in replicas]
         bootstrap = render_bootstrap(
-            group="ci-gateway",
-            node_id=node,
-            xds_host=first[0],
-            xds_port=first[1],
-            api=protocol,
-            more_xds_addresses=more,
+            group="ci-gateway", node_id=node, xds_host=host, xds_port=port, api=protocol, more_xds_addresses=more
         )
         return self.stack.enter_context(EnvoyProcess(bootstrap, name=node))
 
