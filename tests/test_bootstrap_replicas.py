@@ -1,7 +1,7 @@
 """`controlplane bootstrap` with several control plane replicas: the xds_cluster Envoy fails over with.
 
 The shape is pinned here (priorities in a per-node order, ejection on one failure, one SNI) and the real Envoy
-validates every variant; tests/test_e2e_replicas.py shows the behaviour with three live replicas.
+validates every variant; tests/test_e2e_failover.py shows the behaviour with three live replicas.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A replica differs from another in everything but its inputs: its process (so Pyt
 orders sets), where its checkout of the policy lives, its working directory. None of it may reach a resource
 or a version, or an Envoy moving between replicas would be sent everything again. `controlplane compile`
 writes every group's resources with their versions, so two compiles in two such processes must write the
-same bytes. The live check, with `serve` processes and a real Envoy, is tests/test_e2e_replicas.py.
+same bytes. The live check, with `serve` processes and a real Envoy, is tests/test_e2e_failover.py.
 """
 
 from __future__ import annotations
