@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from controlplane.store.pool import StorePool, StoreUnavailable
@@ -141,10 +142,10 @@ class ReplicaRegistry:
         while not stop.is_set():
             try:
                 await self.beat()
-            except StoreUnavailable as error:
+            except (StoreUnavailable, psycopg.Error) as error:
                 if self._last_error is None:
                     log.warning("replica registry: %s", error)
-                self._last_error = str(error)
+                self._last_error = str(error) if isinstance(error, StoreUnavailable) else type(error).__name__
             try:
                 await asyncio.wait_for(stop.wait(), self.heartbeat_every)
             except TimeoutError:
@@ -158,7 +159,7 @@ class ReplicaRegistry:
                     "UPDATE replicas SET stopped_at = %s, leader = false WHERE replica_id = %s",
                     (self._clock(), self.info.replica_id),
                 )
-        except StoreUnavailable as error:
+        except (StoreUnavailable, psycopg.Error) as error:
             log.warning("replica registry: could not mark this replica stopped: %s", error)
 
     def list(self, *, with_fleet: bool = False) -> list[dict[str, Any]]:

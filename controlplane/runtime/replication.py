@@ -1,0 +1,73 @@
+"""How a replica of `serve --store postgres` takes part in the fleet: the leader lease (store/leader.py) and its
+row in the replica registry (store/replicas.py), built from serve's options. With `--store file` there is one
+replica and it always leads (StaticLeader), and nothing is registered.
+
+The lease's `is_leader` is what the singleton duties (key rotation, GitLab polling and reconcile, commit
+statuses, retention) ask before acting; a follower does none of them.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from controlplane.retry import Backoff
+from controlplane.store.dsn import StoreDsn
+from controlplane.store.leader import LeaderLease, LeaseSettings, StaticLeader
+from controlplane.store.migrations import migrate
+from controlplane.store.pool import PoolSettings, StorePool
+from controlplane.store.replicas import PROXIES_LISTED, ReplicaInfo, ReplicaRegistry
+from controlplane.xds.fleet_status import CurrentVersions, FleetQuery, ProxyRegistry
+
+RECONNECT = Backoff(0.5, 10.0)  # the lease's reconnects: jittered, so replicas do not come back in step
+REGISTRY_POOL = PoolSettings(min_size=1, max_size=2)  # one beat at a time, plus a stop
+
+
+def replica_id(given: str | None) -> str:
+    return given or str(uuid.uuid4())
+
+
+def leader(dsn: StoreDsn | None, replica: str, retry_every: float) -> LeaderLease | StaticLeader:
+    if dsn is None:
+        return StaticLeader()
+    return LeaderLease(dsn, replica_id=replica, backoff=RECONNECT, settings=LeaseSettings(retry_every=retry_every))
+
+
+def proxies_summary(
+    proxies: ProxyRegistry, current: CurrentVersions, versions: Callable[[], Mapping[str, object]]
+) -> Callable[[], dict[str, Any]]:
+    """What a replica publishes of its proxies at each beat: the fleet view's counts and first rows, and the
+    snapshot version it serves per group."""
+
+    def summary() -> dict[str, Any]:
+        return {**proxies.fleet(FleetQuery(limit=PROXIES_LISTED), current), "versions": dict(versions())}
+
+    return summary
+
+
+async def open_registry(
+    dsn: StoreDsn,
+    info: ReplicaInfo,
+    *,
+    fleet: Callable[[], dict[str, Any]],
+    is_leader: Callable[[], bool],
+) -> ReplicaRegistry:
+    """The registry on a small pool of its own, connected and migrated, its first beat done (so `/status`
+    lists this replica from the start); raises StoreUnavailable or MigrationError."""
+    pool = StorePool(dsn, REGISTRY_POOL)
+    await pool.open()
+    try:
+        async with pool.connection() as conn:
+            await migrate(conn)
+        registry = ReplicaRegistry(pool, info, fleet=fleet, is_leader=is_leader)
+        await registry.beat()
+    except BaseException:
+        await pool.close()
+        raise
+    return registry
+
+
+def this_replica(replica: str, xds: tuple[str, int], admin: tuple[str, int], version: str, now: float) -> ReplicaInfo:
+    return ReplicaInfo(replica, socket.gethostname(), f"{xds[0]}:{xds[1]}", f"{admin[0]}:{admin[1]}", version, now)
