@@ -14,6 +14,7 @@ visible long enough to be noticed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -146,10 +147,8 @@ class ReplicaRegistry:
                 if self._last_error is None:
                     log.warning("replica registry: %s", error)
                 self._last_error = str(error) if isinstance(error, StoreUnavailable) else type(error).__name__
-            try:
+            with contextlib.suppress(TimeoutError):  # the next beat is due
                 await asyncio.wait_for(stop.wait(), self.heartbeat_every)
-            except TimeoutError:
-                pass
 
     async def stop(self) -> None:
         """Mark this replica's row stopped (status shows it so, the leader prunes it after PRUNE_AFTER)."""
