@@ -161,13 +161,14 @@ async def test_cut_off_leader_steps_down_before_anyone_takes_over(postgres: Post
 
         leader.subscribe(stepped_down)
         follower.subscribe(took_over)
-        async with running(leader, follower):
-            await until(leader.is_leader)
-            await until(lambda: follower.status()["holder"] == "cut")
-            gate.cut()
-            cut = time.monotonic()
-            await until(lambda: "took_over" in times and "stepped_down" in times)
-            assert not leader.is_leader()
+        async with running(leader):
+            await until(leader.is_leader)  # first, alone: the follower would win a race through no relay
+            async with running(follower):
+                await until(lambda: follower.status()["holder"] == "cut")
+                gate.cut()
+                cut = time.monotonic()
+                await until(lambda: "took_over" in times and "stepped_down" in times)
+                assert not leader.is_leader()
         gate.cut()
         down, over = times["stepped_down"] - cut, times["took_over"] - cut
         print(f"\ncut off: old leader stepped down after {down:.2f}s, the other took over after {over:.2f}s")
@@ -188,3 +189,25 @@ async def test_unreachable_store_is_no_leader_and_no_exception(postgres: Postgre
             await gate.restore()  # same port
             await until(alone.is_leader)
         gate.cut()
+
+
+async def test_leadership_expires_with_the_step_down_bound_even_if_no_check_runs() -> None:
+    """A stalled loop cannot stretch the lease: is_leader() compares with the deadline the last check set."""
+    now = [100.0]
+    stalled = LeaderLease(StoreDsn("host=unused", "test"), replica_id="x", backoff=FAST, monotonic=lambda: now[0])
+    await stalled._become_leader(sent=100.0)
+    assert stalled.is_leader()
+    now[0] = 100.0 + stalled.settings.step_down_bound - 0.01
+    assert stalled.is_leader()
+    now[0] = 100.0 + stalled.settings.step_down_bound
+    assert not stalled.is_leader()
+
+
+def test_replica_flags_need_the_postgres_store() -> None:
+    from controlplane.cli.options import StoreOptions
+    from controlplane.store.dsn import DsnError
+
+    with pytest.raises(DsnError, match="--replica-id and --leader-retry need --store postgres"):
+        StoreOptions(replica_id="a").resolve_dsn()
+    with pytest.raises(ValueError, match="--leader-retry"):
+        StoreOptions(kind="postgres", leader_retry=0)
