@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from controlplane.retry import Backoff
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.leader import LeaderLease, LeaseSettings, StaticLeader
 from controlplane.store.migrations import migrate
@@ -21,7 +20,6 @@ from controlplane.store.pool import PoolSettings, StorePool
 from controlplane.store.replicas import PROXIES_LISTED, ReplicaInfo, ReplicaRegistry
 from controlplane.xds.fleet_status import CurrentVersions, FleetQuery, ProxyRegistry
 
-RECONNECT = Backoff(0.5, 10.0)  # the lease's reconnects: jittered, so replicas do not come back in step
 REGISTRY_POOL = PoolSettings(min_size=1, max_size=2)  # one beat at a time, plus a stop
 
 
@@ -32,7 +30,7 @@ def replica_id(given: str | None) -> str:
 def leader(dsn: StoreDsn | None, replica: str, retry_every: float) -> LeaderLease | StaticLeader:
     if dsn is None:
         return StaticLeader()
-    return LeaderLease(dsn, replica_id=replica, backoff=RECONNECT, settings=LeaseSettings(retry_every=retry_every))
+    return LeaderLease(dsn, replica_id=replica, settings=LeaseSettings(retry_every=retry_every))
 
 
 def proxies_summary(

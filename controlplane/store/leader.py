@@ -36,11 +36,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import conninfo
 
+from controlplane.retry import Backoff
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.migrations import LEADER_LOCK, MigrationError, migrate
 from controlplane.store.pool import APPLICATION_NAME
@@ -50,6 +51,7 @@ log = logging.getLogger("controlplane.store")
 
 OnChange = Callable[[bool], Awaitable[None]]
 T = TypeVar("T")
+RECONNECT = Backoff(0.5, 10.0)  # jittered: replicas that lost PostgreSQL together do not come back in step
 
 # pg_locks shows a bigint advisory key as classid (high 32 bits), objid (low 32 bits), objsubid 1
 _CLASSID, _OBJID = LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF
@@ -64,13 +66,6 @@ INSERT INTO leader_holder (singleton, replica_id, pid, since) VALUES (true, %s, 
 ON CONFLICT (singleton) DO UPDATE SET replica_id = excluded.replica_id, pid = excluded.pid, since = excluded.since
 """
 _RELEASE = "UPDATE leader_holder SET replica_id = NULL, pid = NULL, since = NULL WHERE pid = pg_backend_pid()"
-
-
-class Delays(Protocol):
-    """How long to wait before reconnect attempt n (controlplane.retry.Backoff, handed in by the caller: the
-    store layer does not import retry)."""
-
-    def delay(self, attempt: int) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -143,7 +138,7 @@ class LeaderLease:
         dsn: StoreDsn,
         *,
         replica_id: str,
-        backoff: Delays,
+        backoff: Backoff = RECONNECT,
         settings: LeaseSettings | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
