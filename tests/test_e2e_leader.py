@@ -133,3 +133,19 @@ def test_file_store_output_unchanged(tmp_path: Path) -> None:
         text = status_command(alone, "--fleet")
         assert "this replica" not in text and "whole fleet" not in text
         assert alone.metric("controlplane_store_leader") == 1.0
+
+
+def test_without_the_exchange_an_unreachable_store_still_refuses_to_start(tmp_path: Path) -> None:
+    """The registry's pool is opened before xDS is served: no exchange store, still exit 3, nothing served."""
+    from tests.support.ports import free_port
+
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane", "serve", "--policy", str(tmp_path), "--state-dir", str(tmp_path / "s"),
+         "--admin-address", f"{LOOPBACK}:{free_port()}", "--xds-address", f"{LOOPBACK}:{free_port()}",
+         "--no-exchange", "--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"],
+        env={**os.environ, "CP_STORE_DSN": f"postgresql://cp:s3cret@{LOOPBACK}:{free_port()}/cp"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "refusing to start: PostgreSQL at" in result.stderr and "s3cret" not in result.stderr
+    assert "serving xDS" not in result.stderr

@@ -39,7 +39,14 @@ from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
 from controlplane.runtime.policy_service import PolicyService
-from controlplane.runtime.replication import leader, open_registry, proxies_summary, replica_id, this_replica
+from controlplane.runtime.replication import (
+    leader,
+    proxies_summary,
+    registered,
+    registry_pool,
+    replica_id,
+    this_replica,
+)
 from controlplane.runtime.supervisor import Supervisor
 from controlplane.serving import HttpLimits, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
@@ -142,6 +149,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         if options.credentials
         else None
     )
+    pool = None
+    if isinstance(lease, LeaderLease):  # the replica registry's pool: PostgreSQL unreachable now is exit 3
+        pool = await parts.step(registry_pool(lease.dsn))
+        parts.on_stop(pool.close, name="replica registry pool")
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
     policy = to_policy.connect(
@@ -225,18 +236,15 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         name="xDS server",
     )
     admin_port = await parts.step(admin.start())
-    if isinstance(lease, LeaderLease):
+    if isinstance(lease, LeaderLease) and pool is not None:
         info = this_replica(
             lease.replica_id, (options.xds_host, xds_port), (options.admin_host, admin_port), __version__, started
         )
         summary = proxies_summary(registry, current_versions, lambda: policy.state.versions)
-        registered = await parts.start(
-            open_registry(lease.dsn, info, fleet=summary, is_leader=is_leader), lambda: None, name="replica registry"
-        )
-        parts.on_stop(registered.pool.close, name="replica registry pool")
-        parts.on_stop(registered.stop, name="replica registry row")  # marked stopped before the pool closes
-        parts.run("replica registry", registered.run(parts.stopping))
-        replicas.append(registered)
+        registry_of_replicas = await parts.step(registered(pool, info, fleet=summary, is_leader=is_leader))
+        parts.on_stop(registry_of_replicas.stop, name="replica registry row")  # marked stopped before the pool closes
+        parts.run("replica registry", registry_of_replicas.run(parts.stopping))
+        replicas.append(registry_of_replicas)
     if options.gc_interval > 0:
         collector = CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=xds.idle_for)
         collector.start()

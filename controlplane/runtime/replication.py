@@ -8,15 +8,18 @@ statuses, retention) ask before acting; a follower does none of them.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import psycopg
+
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.leader import LeaderLease, LeaseSettings, StaticLeader
 from controlplane.store.migrations import migrate
-from controlplane.store.pool import PoolSettings, StorePool
+from controlplane.store.pool import PoolSettings, StorePool, StoreUnavailable
 from controlplane.store.replicas import PROXIES_LISTED, ReplicaInfo, ReplicaRegistry
 from controlplane.xds.fleet_status import CurrentVersions, FleetQuery, ProxyRegistry
 
@@ -45,25 +48,28 @@ def proxies_summary(
     return summary
 
 
-async def open_registry(
-    dsn: StoreDsn,
-    info: ReplicaInfo,
-    *,
-    fleet: Callable[[], dict[str, Any]],
-    is_leader: Callable[[], bool],
-) -> ReplicaRegistry:
-    """The registry on a small pool of its own, connected and migrated, its first beat done (so `/status`
-    lists this replica from the start); raises StoreUnavailable or MigrationError."""
+async def registry_pool(dsn: StoreDsn) -> StorePool:
+    """The registry's small pool, connected and the schema migrated, before anything is served (unreachable:
+    StoreUnavailable or MigrationError, and `serve` refuses to start, as for the exchange store)."""
     pool = StorePool(dsn, REGISTRY_POOL)
     await pool.open()
     try:
         async with pool.connection() as conn:
             await migrate(conn)
-        registry = ReplicaRegistry(pool, info, fleet=fleet, is_leader=is_leader)
-        await registry.beat()
     except BaseException:
         await pool.close()
         raise
+    return pool
+
+
+async def registered(
+    pool: StorePool, info: ReplicaInfo, *, fleet: Callable[[], dict[str, Any]], is_leader: Callable[[], bool]
+) -> ReplicaRegistry:
+    """The registry with its first beat done, so `/status` lists this replica from the start. PostgreSQL away
+    by now is no reason to stop serving: the beats that follow retry (and `/status` says so)."""
+    registry = ReplicaRegistry(pool, info, fleet=fleet, is_leader=is_leader)
+    with contextlib.suppress(StoreUnavailable, psycopg.Error):
+        await registry.beat()
     return registry
 
 
