@@ -211,3 +211,27 @@ def test_replica_flags_need_the_postgres_store() -> None:
         StoreOptions(replica_id="a").resolve_dsn()
     with pytest.raises(ValueError, match="--leader-retry"):
         StoreOptions(kind="postgres", leader_retry=0)
+
+
+async def test_a_leader_whose_server_stops_answering_steps_down_and_keeps_the_lock_from_others(pg_dsn: str) -> None:
+    """The leader's own backend frozen (SIGSTOP): its checks time out, it steps down within its bound; the
+    server still holds the lock for the frozen session, so nobody else leads until that session ends."""
+    hung, other = lease(pg_dsn, "hung"), lease(pg_dsn, "other")
+    async with running(hung):
+        await until(hung.is_leader)
+        async with running(other):
+            await until(lambda: other.status()["holder"] == "hung")
+            with psycopg.connect(pg_dsn) as db:
+                row = db.execute("SELECT pid FROM leader_holder").fetchone()
+            assert row is not None
+            os.kill(row[0], signal.SIGSTOP)
+            frozen = time.monotonic()
+            try:
+                down = await until(lambda: not hung.is_leader()) - frozen
+                print(f"\nfrozen backend: the leader stepped down after {down:.2f}s")
+                assert down <= hung.settings.step_down_bound + 0.2
+                assert not other.is_leader()
+            finally:
+                os.kill(row[0], signal.SIGCONT)  # it reads the closed socket and ends: the lock is freed
+            await until(lambda: hung.is_leader() or other.is_leader())  # either may win it now (reconnected)
+            assert hung.is_leader() != other.is_leader()
