@@ -188,6 +188,18 @@ def _parser() -> argparse.ArgumentParser:
         default=store_default("dsn"),
         help="the DSN itself, refused with a password (visible to every user: use the two above or PGPASSFILE)",
     )
+    store.add_argument(
+        "--replica-id",
+        default=store_default("replica_id"),
+        help="this replica's name in the shared registry (--store postgres; default: a new uuid at each start)",
+    )
+    store.add_argument(
+        "--leader-retry",
+        type=float,
+        default=store_default("leader_retry"),
+        metavar="S",
+        help="seconds between a follower's tries of the leader lock (--store postgres)",
+    )
     repo = serve.add_argument_group("policy on GitLab (instead of --policy)")
     repo.add_argument("--policy-project", help="GitLab project (path or id) whose default branch holds the policy")
     repo.add_argument("--gitlab-url", help="GitLab base URL for --policy-project")
@@ -495,7 +507,17 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         )
     except ValueError as error:
         return f"HTTP listener options: {error}"
-    store = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file)
+    try:
+        store = StoreOptions(
+            args.store,
+            args.store_dsn,
+            args.store_dsn_env,
+            args.store_dsn_file,
+            replica_id=args.replica_id,
+            leader_retry=args.leader_retry,
+        )
+    except ValueError as error:
+        return str(error)
     try:
         store.resolve_dsn()  # a missing or unusable source is a usage error here; serve reads it again at start
     except DsnError as error:

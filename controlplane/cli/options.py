@@ -62,10 +62,16 @@ class StoreOptions:
     dsn: str | None = None  # --store-dsn URL, without a password
     dsn_env: str | None = None  # --store-dsn-env NAME
     dsn_file: Path | None = None  # --store-dsn-file PATH
+    replica_id: str | None = None  # --replica-id: this replica's name in the registry; default a new uuid
+    leader_retry: float = 1.0  # --leader-retry: seconds between a follower's tries of the leader lock
 
     def __post_init__(self) -> None:
         if self.kind not in STORE_KINDS:
             raise ValueError(f"store kind must be one of {', '.join(STORE_KINDS)}, got {self.kind!r}")
+        if not 0 < self.leader_retry <= 60:
+            raise ValueError(f"--leader-retry must be more than 0 and at most 60 seconds, got {self.leader_retry:g}")
+        if self.replica_id is not None and not (0 < len(self.replica_id) <= 128 and self.replica_id.isprintable()):
+            raise ValueError("--replica-id must be 1 to 128 printable characters")
 
     def resolve_dsn(self) -> StoreDsn | None:
         """The PostgreSQL DSN (None for `file`); raises store.dsn.DsnError naming the flag, never the password."""
@@ -75,6 +81,8 @@ class StoreOptions:
         if self.kind == "file":
             if any(source is not None for source in sources):
                 raise DsnError("--store-dsn, --store-dsn-env and --store-dsn-file need --store postgres")
+            if self.replica_id is not None or self.leader_retry != StoreOptions.leader_retry:
+                raise DsnError("--replica-id and --leader-retry need --store postgres (one file store, one replica)")
             return None
         return resolve(store=self.dsn, dsn_env=self.dsn_env, dsn_file=self.dsn_file)
 

@@ -16,7 +16,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,14 @@ from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
 from controlplane.runtime.policy_service import PolicyService
+from controlplane.runtime.replication import (
+    leader,
+    proxies_summary,
+    registered,
+    registry_pool,
+    replica_id,
+    this_replica,
+)
 from controlplane.runtime.supervisor import Supervisor
 from controlplane.serving import HttpLimits, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
@@ -52,7 +61,10 @@ from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
 from controlplane.store.dsn import DsnError
-from controlplane.store.pool import StorePool
+from controlplane.store.leader import LeaderLease, StaticLeader
+from controlplane.store.migrations import MigrationError
+from controlplane.store.pool import StorePool, StoreUnavailable
+from controlplane.store.replicas import ReplicaRegistry
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import TransportPolicy, XdsTransportError
@@ -81,7 +93,7 @@ async def serve(options: ServeOptions) -> int:
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
-    except (StateFileError, ExchangeStoreError) as unreadable:
+    except (StateFileError, ExchangeStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
     except (XdsTransportError, DsnError) as refused:
@@ -99,6 +111,12 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     (the policy service recompiles on events of parts that read it) are cut by `Forward`s (module docstring)."""
     parts.enter(_held_state_dir(options.state_dir), name="state directory lock")  # one serve per state dir
     parts.stop_on_signals()
+    started = time.time()
+
+    # The leader lease first: singleton duties built below ask `is_leader` (always True with --store file).
+    lease = leader(options.store.resolve_dsn(), replica_id(options.store.replica_id), options.store.leader_retry)
+    parts.run("leader lease", lease.run(parts.stopping))
+    is_leader: Callable[[], bool] = lease.is_leader  # the lead hands this to key rotation, polling, statuses...
 
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
@@ -131,6 +149,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         if options.credentials
         else None
     )
+    pool = None
+    if isinstance(lease, LeaderLease):  # the replica registry's pool: PostgreSQL unreachable now is exit 3
+        pool = await parts.step(registry_pool(lease.dsn))
+        parts.on_stop(pool.close, name="replica registry pool")
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
     policy = to_policy.connect(
@@ -182,6 +204,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     transport.check_start(serving=policy.current is not None)
     registry = ProxyRegistry()
     current_versions = cache_versions(cache)
+    replicas: list[ReplicaRegistry] = []  # the registry, once the addresses are bound (--store postgres)
     admin = AdminServer(
         status=lambda: {
             "version": __version__,
@@ -189,8 +212,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
+            **_store_status(lease, replicas),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
+        whole_fleet=lambda: replicas[0].whole_fleet() if replicas else None,
         ready=lambda: policy.ready,
         not_ready_reason=policy.not_ready_reason,
         host=options.admin_host,
@@ -211,6 +236,15 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         name="xDS server",
     )
     admin_port = await parts.step(admin.start())
+    if isinstance(lease, LeaderLease) and pool is not None:
+        info = this_replica(
+            lease.replica_id, (options.xds_host, xds_port), (options.admin_host, admin_port), __version__, started
+        )
+        summary = proxies_summary(registry, current_versions, lambda: policy.state.versions)
+        registry_of_replicas = await parts.step(registered(pool, info, fleet=summary, is_leader=is_leader))
+        parts.on_stop(registry_of_replicas.stop, name="replica registry row")  # marked stopped before the pool closes
+        parts.run("replica registry", registry_of_replicas.run(parts.stopping))
+        replicas.append(registry_of_replicas)
     if options.gc_interval > 0:
         collector = CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=xds.idle_for)
         collector.start()
@@ -241,6 +275,14 @@ async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeS
     await parts.start(shared.open(), shared.close, name="exchange store")
     log.info("exchange state in PostgreSQL at %s", dsn)
     return shared
+
+
+def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegistry]) -> dict[str, object]:
+    """`/status` `store`: the leader and the replicas (--store postgres only: with files, the document is
+    as it always was)."""
+    if not isinstance(lease, LeaderLease):
+        return {}
+    return {"store": {"leader": lease.status(), "replicas": replicas[0].status() if replicas else None}}
 
 
 @contextlib.contextmanager

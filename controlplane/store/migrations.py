@@ -25,6 +25,7 @@ log = logging.getLogger("controlplane.store")
 # takes the same one for something else.
 MIGRATION_LOCK = 0x63702D6D6967
 EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
+LEADER_LOCK = 0x63702D6C6561  # "cp-lea": the one leader's session lock (store/leader.py), bigint form
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,32 @@ MIGRATIONS: tuple[Migration, ...] = (
             expires_at double precision NOT NULL
         );
         CREATE INDEX job_credentials_expiry ON job_credentials (expires_at);
+        """,
+    ),
+    Migration(
+        2,
+        "leader and replicas: who holds the leader lock, each replica's heartbeat",
+        """
+        CREATE TABLE leader_holder (
+            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+            replica_id text,
+            pid integer,
+            since double precision
+        );
+        CREATE TABLE replicas (
+            replica_id text PRIMARY KEY,
+            host text NOT NULL,
+            xds_address text NOT NULL,
+            admin_address text NOT NULL,
+            version text NOT NULL,
+            started_at double precision NOT NULL,
+            last_seen double precision NOT NULL,
+            heartbeat_every double precision NOT NULL,
+            stopped_at double precision,
+            leader boolean NOT NULL DEFAULT false,
+            fleet jsonb NOT NULL DEFAULT '{}'::jsonb
+        );
+        CREATE INDEX replicas_last_seen ON replicas (last_seen);
         """,
     ),
 )
