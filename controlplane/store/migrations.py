@@ -25,6 +25,7 @@ log = logging.getLogger("controlplane.store")
 # takes the same one for something else.
 MIGRATION_LOCK = 0x63702D6D6967
 EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
+SIGNING_KEYS_LOCK = 0x63704B59  # "cpKY": (SIGNING_KEYS_LOCK, 0), held by each change of the signing-key set
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             expires_at double precision NOT NULL
         );
         CREATE INDEX job_credentials_expiry ON job_credentials (expires_at);
+        """,
+    ),
+    Migration(
+        2,
+        "signing keys: the set every replica signs with and publishes, private keys sealed",
+        """
+        CREATE TABLE signing_keys (
+            kid text PRIMARY KEY,
+            sealed_private_key bytea NOT NULL,
+            created_at double precision NOT NULL,
+            not_before double precision NOT NULL,
+            retire_after double precision
+        );
         """,
     ),
 )
