@@ -115,7 +115,7 @@ def test_kek_sources_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert isinstance(key_cipher.resolve(key_env="CP_TEST_KEK", key_file=None), KeyCipher)
     with pytest.raises(KekError, match="CP_TEST_NOPE is not set"):
         key_cipher.resolve(key_env="CP_TEST_NOPE", key_file=None)
-    with pytest.raises(KekError, match="exactly once.*got none"):
+    with pytest.raises(KekError, match=r"exactly once.*got none"):
         key_cipher.resolve(key_env=None, key_file=None)
     path = tmp_path / "kek"
     path.write_text(KEK + "\n")
