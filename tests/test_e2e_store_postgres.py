@@ -4,6 +4,8 @@ would read it (docs/shared-state.md)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import jwt
 import psycopg
 import pytest
 
@@ -21,6 +24,9 @@ from tests.support.ports import LOOPBACK, free_port
 from tests.support.stack import PolicyInputs, Served, exchange_answers, serve_stack
 
 pytestmark = pytest.mark.e2e
+
+SHARED = ("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key-env", "CP_STORE_KEY")
+KEK = base64.b64encode(bytes(range(32))).decode()
 
 
 def policy(given: PolicyInputs) -> str:
@@ -45,8 +51,8 @@ def test_serve_keeps_the_replay_bound_in_postgresql(tmp_path: Path, pg_dsn: str)
         kind=DirectExchange,
         envoy=None,
         ready=exchange_answers,
-        serve_args=("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"),
-        env={"CP_STORE_DSN": pg_dsn},
+        serve_args=SHARED,
+        env={"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK},
     ) as built:
         assert built.controlplane.status()["credentials"]["store"] == {"kind": "postgres", "dsn": redacted(pg_dsn)}
         token = built.subject(601)
@@ -67,10 +73,38 @@ def test_serve_refuses_to_start_when_postgresql_is_unreachable(tmp_path: Path) -
     result = subprocess.run(
         [sys.executable, "-m", "controlplane", "serve", "--policy", str(tmp_path), "--state-dir", str(tmp_path / "s"),
          "--admin-address", f"{LOOPBACK}:{free_port()}", "--exchange-address", f"{LOOPBACK}:{free_port()}",
-         "--xds-address", f"{LOOPBACK}:{free_port()}", "--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"],
-        env={**os.environ, "CP_STORE_DSN": dsn}, capture_output=True, text=True, timeout=60,
+         "--xds-address", f"{LOOPBACK}:{free_port()}", *SHARED],
+        env={**os.environ, "CP_STORE_DSN": dsn, "CP_STORE_KEY": KEK}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
     refused = [line for line in result.stderr.splitlines() if "refusing to start" in line]
     assert len(refused) == 1 and "PostgreSQL exchange state at" in refused[0] and "port=" in refused[0], refused
     assert "s3cret" not in result.stderr
+
+
+def test_two_replicas_sign_with_and_publish_the_same_keys(tmp_path: Path, pg_dsn: str) -> None:
+    """Two `serve --store postgres` on one database (started together, each creating the first key if none):
+    one key set, sealed in the database, a credential exchanged at either signed by a key both publish."""
+    env = {"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK}
+    for replica in ("a", "b"):
+        (tmp_path / replica).mkdir()
+    with (
+        serve_stack(tmp_path / "a", policy, kind=DirectExchange, envoy=None, ready=exchange_answers,
+                    serve_args=SHARED, env=env) as a,
+        serve_stack(tmp_path / "b", policy, kind=DirectExchange, envoy=None, ready=exchange_answers,
+                    serve_args=SHARED, env=env) as b,
+    ):  # fmt: skip
+        kids_a = a.controlplane.status()["credentials"]["published_kids"]
+        kids_b = b.controlplane.status()["credentials"]["published_kids"]
+        assert kids_a == kids_b and len(kids_a) == 1, (kids_a, kids_b)
+        assert b.controlplane.status()["credentials"]["signing_keys"]["kind"] == "postgres"
+        for replica in (a, b):
+            answer = replica.exchange(replica.subject(701))
+            assert answer.status == 200
+            assert jwt.get_unverified_header(json.loads(answer.body)["access_token"])["kid"] in kids_b
+        with psycopg.connect(pg_dsn) as db:
+            sealed = db.execute("SELECT kid, sealed_private_key FROM signing_keys").fetchall()
+        assert [kid for kid, _ in sealed] == kids_a and b"PRIVATE KEY" not in sealed[0][1]
+        assert not (a.controlplane.state_dir / "signing-keys.json").exists()
+    for replica in ("a", "b"):
+        assert "PRIVATE KEY" not in (tmp_path / replica / "controlplane.log").read_text()

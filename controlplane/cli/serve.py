@@ -25,13 +25,16 @@ from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore
-from controlplane.cli.options import ServeOptions, WebhookOptions
+from controlplane.cli.options import ServeOptions, StoreOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
+from controlplane.credentials.key_cipher import KekError
 from controlplane.credentials.keys import KEYS_FILE
+from controlplane.credentials.keys_pg import TOPIC as KEYS_TOPIC
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
 from controlplane.credentials.revocations import REVOCATIONS_FILE
-from controlplane.credentials.service import CredentialService
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.runtime.event_router import EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
@@ -51,6 +54,7 @@ from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
+from controlplane.store.changes import ChangeFeed
 from controlplane.store.dsn import DsnError
 from controlplane.store.pool import StorePool
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
@@ -84,7 +88,7 @@ async def serve(options: ServeOptions) -> int:
     except (StateFileError, ExchangeStoreError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
-    except (XdsTransportError, DsnError) as refused:
+    except (XdsTransportError, DsnError, KekError) as refused:
         log.critical("refusing to start: %s", refused)
         return 2
     except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not
@@ -119,16 +123,18 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
+    exchange_store = await _exchange_store(options, parts) if options.credentials else None
     credentials = (
         CredentialService(
             options.credentials,
-            store=await _exchange_store(options, parts),
+            store=exchange_store,
+            shared_keys=await _shared_keys(options.credentials, options.store, exchange_store, parts),
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
             job_status_reader=gitlab.job_status_reader,
         )
-        if options.credentials
+        if options.credentials is not None and exchange_store is not None
         else None
     )
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
@@ -240,6 +246,26 @@ async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeS
     shared = PostgresExchangeStore(StorePool(dsn))
     await parts.start(shared.open(), shared.close, name="exchange store")
     log.info("exchange state in PostgreSQL at %s", dsn)
+    return shared
+
+
+async def _shared_keys(
+    options: CredentialOptions, store: StoreOptions, exchange: ExchangeStore, parts: Supervisor
+) -> SharedKeys | None:
+    """With PostgreSQL, the signing keys every replica shares (None: the state directory's file), read (the first
+    key created when there is none) on the exchange store's pool before anything is served, and followed through
+    the change feed. A missing KEK is a usage error (exit 2); keys that do not open, exit 3."""
+    if not isinstance(exchange, PostgresExchangeStore):
+        return None
+    shared = await SharedKeys.open(
+        PostgresKeyStore(exchange.pool, store.key_cipher()),
+        rotate_every=options.rotate_every,
+        max_credential_ttl=options.max_credential_ttl,
+        publish_lead=options.publish_lead,
+    )
+    feed = ChangeFeed(exchange.pool)
+    feed.subscribe(KEYS_TOPIC, shared.on_notification)
+    parts.run("change feed", feed.run(parts.stopping))
     return shared
 
 

@@ -325,6 +325,7 @@ class CredentialService:
             "exchange": f"{self.options.listen[0]}:{self.port}",
             "signing_key_age_seconds": round(self.keys.signing_key_age(), 1),
             "published_keys": len(self.keys.keys),
+            "published_kids": [k.kid for k in self.keys.keys],  # public thumbprints: replicas compare them
             "signing_keys": {"kind": "file"} if self.shared_keys is None else self.shared_keys.status(),
             "active_credentials": self.exchange.active_credentials(),
             "store": self.store.status(),
