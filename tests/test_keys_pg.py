@@ -16,13 +16,16 @@ import psycopg
 import pytest
 
 from controlplane.credentials import key_cipher
+from controlplane.credentials.exchange_store import MemoryExchangeStore
 from controlplane.credentials.key_cipher import KekError, KeyCipher, SealError, parse_keks
 from controlplane.credentials.keys import KeyStoreError
 from controlplane.credentials.keys_pg import TOPIC, KeyStoreUnavailable, PostgresKeyStore, SharedKeys
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.store.changes import ChangeFeed
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.migrations import migrate
 from controlplane.store.pool import PoolSettings, StorePool
+from tests.support.ports import LOOPBACK
 from tests.support.postgres import Gate, PostgresServer
 
 ROTATE, TTL, LEAD = 100.0, 30.0, 10.0
@@ -326,3 +329,49 @@ async def test_a_notification_never_carries_key_material(pool: StorePool) -> Non
         assert payloads[-1] == f"{TOPIC}:{keys.keys.keys[-1].kid}"
     finally:
         await conn.close()
+
+
+async def test_credential_services_on_one_database_follow_the_leader(pg_dsn: str, tmp_path: Path) -> None:
+    """The service level: a follower's run loop is woken by the leader's notification, re-reads, and recompiles
+    (on_change) with the leader's JWKS; its own run loop never rotates."""
+    clock = Clock()
+    pools = [await open_pool(pg_dsn), await open_pool(pg_dsn)]
+    stop = asyncio.Event()
+    recompiled: dict[str, int] = {"leader": 0, "follower": 0}
+
+    def service(name: str, shared: SharedKeys, leader: bool) -> CredentialService:
+        async def on_change() -> None:
+            recompiled[name] += 1
+
+        options = CredentialOptions(
+            listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path / name,
+            rotate_every=ROTATE, max_credential_ttl=TTL, publish_lead=LEAD,
+        )  # fmt: skip
+        return CredentialService(
+            options, issuer_keys=lambda _: None, policy=lambda: None, on_change=on_change,
+            store=MemoryExchangeStore(clock=clock), clock=clock, shared_keys=shared, is_leader=lambda: leader,
+        )  # fmt: skip
+
+    try:
+        leader = service("leader", await open_keys(pools[0], clock), True)
+        follower = service("follower", await open_keys(pools[1], clock), False)
+        assert leader.inputs().jwks == follower.inputs().jwks
+        assert follower.status()["signing_keys"]["kind"] == "postgres"  # type: ignore[index]
+        feed = ChangeFeed(pools[1])
+        assert follower.shared_keys is not None
+        feed.subscribe(TOPIC, follower.shared_keys.on_notification)
+        tasks = [asyncio.create_task(feed.run(stop)), asyncio.create_task(follower.run(stop))]
+        await asyncio.wait_for(feed.listening(), 10)
+        clock.now += ROTATE - LEAD
+        assert await leader._rotate_keys()
+        async with asyncio.timeout(10):
+            while recompiled["follower"] == 0:
+                await asyncio.sleep(0.01)
+        assert follower.inputs().jwks == leader.inputs().jwks and len(follower.keys.keys) == 2
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert len(await rows(pools[0])) == 2  # the follower wrote nothing of its own
+    finally:
+        stop.set()
+        for p in pools:
+            await p.close()
