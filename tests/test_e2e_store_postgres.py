@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -21,7 +22,7 @@ from controlplane.credentials.exchange_store import DB_NAME
 from controlplane.store.dsn import redacted
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
-from tests.support.stack import PolicyInputs, Served, exchange_answers, serve_stack
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, exchange_answers, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -108,3 +109,33 @@ def test_two_replicas_sign_with_and_publish_the_same_keys(tmp_path: Path, pg_dsn
         assert not (a.controlplane.state_dir / "signing-keys.json").exists()
     for replica in ("a", "b"):
         assert "PRIVATE KEY" not in (tmp_path / replica / "controlplane.log").read_text()
+
+
+def test_a_credential_from_one_replica_opens_the_envoy_of_another_across_rotations(tmp_path: Path, pg_dsn: str) -> None:
+    """Replica B signs, replica A's Envoy verifies: B's credentials pass A's gateway while the shared keys rotate
+    every 3 s (rotated once, planned from the rows under the lock, though both replicas lead here: the real
+    leader election is wired at merge), and A publishes each new key before B signs with it."""
+    env = {"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK}
+    rotating = (*SHARED, "--key-rotation", "3")
+    for replica in ("a", "b"):
+        (tmp_path / replica).mkdir()
+    with (
+        serve_stack(tmp_path / "a", policy, kind=Served, envoy=EnvoySpec("replica-a", "replica-a-envoy"),
+                    ready=exchange_answers, serve_args=rotating, env=env) as a,
+        serve_stack(tmp_path / "b", policy, kind=DirectExchange, envoy=None, ready=exchange_answers,
+                    serve_args=rotating, env=env) as b,
+    ):  # fmt: skip
+        statuses: list[int] = []
+        kids: set[str] = set()
+        deadline = time.monotonic() + 10
+        job = 800
+        while time.monotonic() < deadline:
+            job += 1
+            credential = b.credential(job)
+            kids.add(jwt.get_unverified_header(credential)["kid"])
+            statuses.append(a.call("reports.local", credential))
+        assert len(kids) >= 3, kids  # several rotations happened
+        assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200]
+        with psycopg.connect(pg_dsn) as db:
+            (count,) = db.execute("SELECT count(*) FROM signing_keys").fetchone() or (0,)
+        assert 1 <= int(count) <= 3  # one rotation at a time, retired keys dropped
