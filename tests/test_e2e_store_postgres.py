@@ -23,6 +23,7 @@ from controlplane.credentials.exchange_store import DB_NAME
 from controlplane.store.dsn import redacted
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
+from tests.support.replicas import replicated
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, exchange_answers, serve_stack
 
 pytestmark = pytest.mark.e2e
@@ -142,3 +143,18 @@ def test_a_credential_from_one_replica_opens_the_envoy_of_another_across_rotatio
         assert kids <= {kid for kid, _ in stored}
         starts = [float(str(not_before)) for _, not_before in stored]
         assert all(later - earlier >= 3 for earlier, later in itertools.pairwise(starts)), starts
+
+
+def test_three_replicas_started_together_compile_the_same_versions(tmp_path: Path, pg_dsn: str) -> None:
+    """Three replicas started at once on an empty database: one first key between them, and, routing the
+    exchange to one public address as a fleet does, byte-identical snapshots (the same version per gateway
+    group), so an Envoy moving between replicas gets nothing re-sent."""
+    public = ("--exchange-public-address", f"{LOOPBACK}:{free_port()}")
+    with replicated(tmp_path, policy, pg_dsn, serve_args=public) as fleet:
+        statuses = [replica.status() for replica in fleet]
+        kids = [s["credentials"]["published_kids"] for s in statuses]
+        assert kids[0] == kids[1] == kids[2] and len(kids[0]) == 1, kids
+        versions = [s["policy"]["snapshot_versions"] for s in statuses]
+        assert versions[0] and versions[0] == versions[1] == versions[2], versions
+        with psycopg.connect(pg_dsn) as db:
+            assert db.execute("SELECT kid FROM signing_keys").fetchall() == [(kids[0][0],)]
