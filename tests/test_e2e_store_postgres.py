@@ -4,6 +4,7 @@ would read it (docs/shared-state.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -20,7 +21,11 @@ import psycopg
 import pytest
 
 from controlplane.credentials.exchange_store import DB_NAME
-from controlplane.store.dsn import redacted
+from controlplane.credentials.key_cipher import parse_keks
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
+from controlplane.store.dsn import StoreDsn, redacted
+from controlplane.store.migrations import migrate
+from controlplane.store.pool import StorePool
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
 from tests.support.replicas import replicated
@@ -158,3 +163,38 @@ def test_three_replicas_started_together_compile_the_same_versions(tmp_path: Pat
         assert versions[0] and versions[0] == versions[1] == versions[2], versions
         with psycopg.connect(pg_dsn) as db:
             assert db.execute("SELECT kid FROM signing_keys").fetchall() == [(kids[0][0],)]
+
+
+def test_serve_refuses_keys_it_cannot_open_and_a_missing_kek(tmp_path: Path, pg_dsn: str) -> None:
+    """Keys sealed under another KEK: exit 3 naming the kid and the KEK id, never a KEK. No KEK at all: exit 2."""
+    other = base64.b64encode(b"another KEK, not this replica's!").decode()
+
+    def serve(*extra: str, kek: str | None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "CP_STORE_DSN": pg_dsn} | ({"CP_STORE_KEY": kek} if kek else {})
+        return subprocess.run(
+            [sys.executable, "-m", "controlplane", "serve", "--policy", str(tmp_path), "--state-dir",
+             str(tmp_path / "s"), "--admin-address", f"{LOOPBACK}:{free_port()}", "--exchange-address",
+             f"{LOOPBACK}:{free_port()}", "--xds-address", f"{LOOPBACK}:{free_port()}", *extra],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    async def sealed_under_other() -> None:
+        pool = StorePool(StoreDsn(pg_dsn, "test"))
+        await pool.open()
+        try:
+            async with pool.connection() as conn:
+                await migrate(conn)
+            await SharedKeys.open(
+                PostgresKeyStore(pool, parse_keks(other, "t")), rotate_every=100, max_credential_ttl=10, publish_lead=1
+            )
+        finally:
+            await pool.close()
+
+    asyncio.run(sealed_under_other())
+    refused = serve(*SHARED, kek=KEK)
+    assert refused.returncode == 3, refused.stderr
+    line = next(line for line in refused.stderr.splitlines() if "refusing to start" in line)
+    assert "signing keys in PostgreSQL" in line and "does not hold" in line, line
+    assert KEK not in refused.stderr and other not in refused.stderr
+    missing = serve("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", kek=None)
+    assert missing.returncode == 2 and "--store-key-env NAME or --store-key-file PATH" in missing.stderr
