@@ -20,6 +20,7 @@ from controlplane.sources.watch import DEFAULT_MAX_WAIT, DEFAULT_QUIET
 from controlplane.statefile import default_state_dir
 
 if TYPE_CHECKING:
+    from controlplane.credentials.key_cipher import KeyCipher
     from controlplane.credentials.service import CredentialOptions
     from controlplane.store.dsn import StoreDsn
     from controlplane.xds.tls import ServerTls
@@ -62,6 +63,10 @@ class StoreOptions:
     dsn: str | None = None  # --store-dsn URL, without a password
     dsn_env: str | None = None  # --store-dsn-env NAME
     dsn_file: Path | None = None  # --store-dsn-file PATH
+    # The signing keys' key-encryption key (credentials/key_cipher.py), never argv: --store-key-env NAME,
+    # --store-key-file PATH; required with `postgres` when credentials are on.
+    key_env: str | None = None
+    key_file: Path | None = None
     replica_id: str | None = None  # --replica-id: this replica's name in the registry; default a new uuid
     leader_retry: float = 1.0  # --leader-retry: seconds between a follower's tries of the leader lock
 
@@ -85,6 +90,23 @@ class StoreOptions:
                 raise DsnError("--replica-id and --leader-retry need --store postgres (one file store, one replica)")
             return None
         return resolve(store=self.dsn, dsn_env=self.dsn_env, dsn_file=self.dsn_file)
+
+    def key_cipher(self) -> KeyCipher:
+        """What seals the signing keys in PostgreSQL; raises key_cipher.KekError naming the source, never the KEK."""
+        from controlplane.credentials.key_cipher import resolve
+
+        return resolve(key_env=self.key_env, key_file=self.key_file)
+
+    def check_key_source(self, *, credentials: bool) -> None:
+        """A usage error (KekError) when the KEK source does not fit: missing with `postgres` and credentials,
+        or given where nothing uses it. Reads and validates the KEK, so a bad one stops the start at once."""
+        from controlplane.credentials.key_cipher import KekError
+
+        given = self.key_env is not None or self.key_file is not None
+        if self.kind == "postgres" and credentials:
+            self.key_cipher()
+        elif given:
+            raise KekError("--store-key-env and --store-key-file need --store postgres and the token exchange")
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,16 @@ from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore
-from controlplane.cli.options import ServeOptions, WebhookOptions
+from controlplane.cli.options import ServeOptions, StoreOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
+from controlplane.credentials.key_cipher import KekError
 from controlplane.credentials.keys import KEYS_FILE
+from controlplane.credentials.keys_pg import TOPIC as KEYS_TOPIC
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
 from controlplane.credentials.revocations import REVOCATIONS_FILE
-from controlplane.credentials.service import CredentialService
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.runtime.event_router import EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
@@ -60,6 +63,7 @@ from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
+from controlplane.store.changes import ChangeFeed
 from controlplane.store.dsn import DsnError
 from controlplane.store.leader import LeaderLease, StaticLeader
 from controlplane.store.migrations import MigrationError
@@ -96,7 +100,7 @@ async def serve(options: ServeOptions) -> int:
     except (StateFileError, ExchangeStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
-    except (XdsTransportError, DsnError) as refused:
+    except (XdsTransportError, DsnError, KekError) as refused:
         log.critical("refusing to start: %s", refused)
         return 2
     except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not
@@ -116,7 +120,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # The leader lease first: singleton duties built below ask `is_leader` (always True with --store file).
     lease = leader(options.store.resolve_dsn(), replica_id(options.store.replica_id), options.store.leader_retry)
     parts.run("leader lease", lease.run(parts.stopping))
-    is_leader: Callable[[], bool] = lease.is_leader  # the lead hands this to key rotation, polling, statuses...
+    is_leader: Callable[[], bool] = lease.is_leader  # key rotation, GitLab polling, commit statuses, retention
 
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
@@ -137,16 +141,19 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
+    exchange_store = await _exchange_store(options, parts) if options.credentials else None
     credentials = (
         CredentialService(
             options.credentials,
-            store=await _exchange_store(options, parts),
+            store=exchange_store,
+            shared_keys=await _shared_keys(options.credentials, options.store, exchange_store, parts),
+            is_leader=is_leader,
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
             job_status_reader=gitlab.job_status_reader,
         )
-        if options.credentials
+        if options.credentials is not None and exchange_store is not None
         else None
     )
     pool = None
@@ -283,6 +290,26 @@ def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegis
     if not isinstance(lease, LeaderLease):
         return {}
     return {"store": {"leader": lease.status(), "replicas": replicas[0].status() if replicas else None}}
+
+
+async def _shared_keys(
+    options: CredentialOptions, store: StoreOptions, exchange: ExchangeStore, parts: Supervisor
+) -> SharedKeys | None:
+    """With PostgreSQL, the signing keys every replica shares (None: the state directory's file), read (the first
+    key created when there is none) on the exchange store's pool before anything is served, and followed through
+    the change feed. A missing KEK is a usage error (exit 2); keys that do not open, exit 3."""
+    if not isinstance(exchange, PostgresExchangeStore):
+        return None
+    shared = await SharedKeys.open(
+        PostgresKeyStore(exchange.pool, store.key_cipher()),
+        rotate_every=options.rotate_every,
+        max_credential_ttl=options.max_credential_ttl,
+        publish_lead=options.publish_lead,
+    )
+    feed = ChangeFeed(exchange.pool)
+    feed.subscribe(KEYS_TOPIC, shared.on_notification)
+    parts.run("change feed", feed.run(parts.stopping))
+    return shared
 
 
 @contextlib.contextmanager

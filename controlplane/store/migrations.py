@@ -26,6 +26,7 @@ log = logging.getLogger("controlplane.store")
 MIGRATION_LOCK = 0x63702D6D6967
 EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
 LEADER_LOCK = 0x63702D6C6561  # "cp-lea": the one leader's session lock (store/leader.py), bigint form
+SIGNING_KEYS_LOCK = 0x63704B59  # "cpKY": (SIGNING_KEYS_LOCK, 0), held by each change of the signing-key set
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             fleet jsonb NOT NULL DEFAULT '{}'::jsonb
         );
         CREATE INDEX replicas_last_seen ON replicas (last_seen);
+        """,
+    ),
+    Migration(
+        3,
+        "signing keys: the set every replica signs with and publishes, private keys sealed",
+        """
+        CREATE TABLE signing_keys (
+            kid text PRIMARY KEY,
+            sealed_private_key bytea NOT NULL,
+            created_at double precision NOT NULL,
+            not_before double precision NOT NULL,
+            retire_after double precision
+        );
         """,
     ),
 )
