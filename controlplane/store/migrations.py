@@ -25,6 +25,7 @@ log = logging.getLogger("controlplane.store")
 # takes the same one for something else.
 MIGRATION_LOCK = 0x63702D6D6967
 EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
+REVOCATION_LOCK = 0x63702D726576  # "cp-rev": serialises deny-list writes, so `seq` commits in order
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             expires_at double precision NOT NULL
         );
         CREATE INDEX job_credentials_expiry ON job_credentials (expires_at);
+        """,
+    ),
+    Migration(
+        2,
+        "revocations: the fleet-wide deny list, read incrementally by seq",
+        """
+        CREATE SEQUENCE revocations_seq AS bigint;
+        CREATE TABLE revocations (
+            job_id text PRIMARY KEY,
+            denied_until double precision NOT NULL,
+            seq bigint NOT NULL
+        );
+        CREATE INDEX revocations_by_seq ON revocations (seq);
+        CREATE INDEX revocations_expiry ON revocations (denied_until);
         """,
     ),
 )
