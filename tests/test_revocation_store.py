@@ -269,4 +269,3 @@ async def _rows(store: PostgresRevocationStore) -> int:
         row = await cursor.fetchone()
     assert row is not None
     return int(str(row[0]))
-

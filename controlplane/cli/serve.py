@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
 from controlplane.credentials.keys import KEYS_FILE
+from controlplane.credentials.revocation_store import RevocationStoreError
+from controlplane.credentials.revocation_store_pg import TOPIC as REVOCATIONS_TOPIC
+from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialService
 from controlplane.runtime.event_router import EventRouter
@@ -51,6 +55,7 @@ from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
+from controlplane.store.changes import ChangeFeed
 from controlplane.store.dsn import DsnError
 from controlplane.store.pool import StorePool
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
@@ -81,7 +86,7 @@ async def serve(options: ServeOptions) -> int:
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
-    except (StateFileError, ExchangeStoreError) as unreadable:
+    except (StateFileError, ExchangeStoreError, RevocationStoreError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
     except (XdsTransportError, DsnError) as refused:
@@ -119,10 +124,12 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
+    stores = await _shared_stores(options, parts)
     credentials = (
         CredentialService(
             options.credentials,
-            store=await _exchange_store(options, parts),
+            store=stores.exchange,
+            revocation_store=None if stores.pool is None else PostgresRevocationStore(stores.pool),
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
@@ -167,6 +174,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         await parts.start(credentials.start(), credentials.stop, name="credential service")
         parts.run("credential service", credentials.run(parts.stopping))
     await parts.step(policy.reload_off_loop())
+    if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
+        if credentials is not None:
+            stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed)
+        parts.run("change feed", stores.feed.run(parts.stopping))
     parts.run("secrets watcher", secrets.run(parts.stopping))
     await parts.step(events.follow_issuers(wait=options.jwks_startup_wait))
     await parts.step(gitlab.settled(options.gitlab_startup_wait))
@@ -189,6 +200,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
+            "change_feed": stores.feed.status() if stores.feed is not None else None,
         },
         fleet=lambda query: registry.fleet(query, current_versions),
         ready=lambda: policy.ready,
@@ -228,19 +240,30 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.wait()
 
 
-async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeStore:
-    """The exchange's replay counts and finished jobs (`--store`), opened now, before anything is served, and
-    closed after the credential service stopped. PostgreSQL is connected and migrated here: unreachable, it
-    raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
+@dataclass(frozen=True)
+class SharedStores:
+    """What `--store` chose. With PostgreSQL, one pool serves every store (`pool`), and one change feed tells this
+    replica what the others wrote (`feed`); with files both are None and each part keeps its state-directory file."""
+
+    exchange: ExchangeStore
+    pool: StorePool | None = None
+    feed: ChangeFeed | None = None
+
+
+async def _shared_stores(options: ServeOptions, parts: Supervisor) -> SharedStores:
+    """The stores, opened now, before anything is served, and closed after the credential service stopped.
+    PostgreSQL is connected and migrated here (by the exchange store, which owns the shared pool and closes it):
+    unreachable, it raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
     dsn = options.store.resolve_dsn()
     if dsn is None:
         sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
         parts.on_stop(sqlite.close, name="exchange store")
-        return sqlite
-    shared = PostgresExchangeStore(StorePool(dsn))
+        return SharedStores(sqlite)
+    pool = StorePool(dsn)
+    shared = PostgresExchangeStore(pool)
     await parts.start(shared.open(), shared.close, name="exchange store")
     log.info("exchange state in PostgreSQL at %s", dsn)
-    return shared
+    return SharedStores(shared, pool, ChangeFeed(pool))
 
 
 @contextlib.contextmanager
