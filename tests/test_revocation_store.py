@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from controlplane.credentials.exchange_store import MemoryExchangeStore
 from controlplane.credentials.revocation_store import FileRevocationStore, RevocationStore, RevocationStoreError
-from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
+from controlplane.credentials.revocation_store_pg import TOPIC, PostgresRevocationStore
 from controlplane.credentials.revocations import Revocations
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.retry import Backoff
-from controlplane.store.changes import CHANNEL, RESYNC
+from controlplane.store.changes import CHANNEL, RESYNC, ChangeFeed
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.pool import PoolSettings, StorePool
 from controlplane.telemetry.metrics import REGISTRY
+from tests.support.ports import LOOPBACK
 from tests.support.postgres import Gate, PostgresServer
 
 FAST = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=1.0, statement_timeout=1.0)
@@ -47,7 +50,7 @@ def clock() -> Clock:
 
 @asynccontextmanager
 async def postgres_store(
-    dsn: str, clock: Clock, settings: PoolSettings | None = None
+    dsn: str, clock: Callable[[], float], settings: PoolSettings | None = None
 ) -> AsyncIterator[PostgresRevocationStore]:
     pool = StorePool(StoreDsn(dsn, "test"), settings)
     await pool.open()
@@ -269,3 +272,90 @@ async def _rows(store: PostgresRevocationStore) -> int:
         row = await cursor.fetchone()
     assert row is not None
     return int(str(row[0]))
+
+
+# The credential service on PostgreSQL: what `serve --store postgres` wires, without Envoy.
+
+
+class Recompiles:
+    def __init__(self, service: Callable[[], CredentialService]) -> None:
+        self.service = service
+        self.seen: list[tuple[str, ...]] = []
+
+    async def __call__(self) -> None:
+        self.seen.append(self.service().inputs().revoked_jobs)
+
+
+@asynccontextmanager
+async def credential_service(
+    dsn: str, tmp_path: Path, name: str, settings: PoolSettings | None = None
+) -> AsyncIterator[tuple[CredentialService, Recompiles, ChangeFeed]]:
+    """A replica's credential service on `dsn`, its change feed running (the subscription `serve` makes)."""
+    async with postgres_store(dsn, time.time, settings) as store:
+        options = CredentialOptions(listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path / name)
+        options.state_dir.mkdir()
+        made: list[CredentialService] = []
+        recompiles = Recompiles(lambda: made[0])
+        service = CredentialService(
+            options,
+            issuer_keys=lambda _: None,
+            policy=lambda: None,
+            on_change=recompiles,
+            store=MemoryExchangeStore(),
+            revocation_store=store,
+        )
+        made.append(service)
+        await service.revocations.open()
+        feed = ChangeFeed(store._pool, check_every=0.2)
+        feed.subscribe(TOPIC, service.revocations_changed)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(feed.run(stop)), asyncio.create_task(service.run(stop))]
+        try:
+            await asyncio.wait_for(feed.listening(), DEADLINE)
+            yield service, recompiles, feed
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < DEADLINE, f"not within {DEADLINE}s: {what}"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_a_job_finished_on_one_replica_recompiles_the_other(pg_dsn: str, tmp_path: Path) -> None:
+    async with (
+        credential_service(pg_dsn, tmp_path, "a") as (a, a_recompiles, _),
+        credential_service(pg_dsn, tmp_path, "b") as (b, b_recompiles, _),
+    ):
+        assert await a.revoke_finished("7", "success")
+        assert a_recompiles.seen == [("7",)]  # this replica's Envoys first, before any write
+        await _until(lambda: b_recompiles.seen == [("7",)], "replica B recompiled with job 7 denied")
+        assert b.revocations.is_revoked("7") and a_recompiles.seen == [("7",)]  # its own notification: no recompile
+
+
+async def test_a_revocation_made_while_postgres_is_away_reaches_the_other_replica_once_it_is_back(
+    postgres: PostgresServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Replica A loses PostgreSQL, revokes (in force on its Envoys at once: one recompile), reports the pending
+    write in /status; PostgreSQL back, `run` writes the outbox and replica B denies the job too."""
+    gate = Gate(postgres.port)
+    await gate.restore()
+    async with (
+        credential_service(gate.dsn(pg_dsn), tmp_path, "a", FAST) as (a, a_recompiles, _),
+        credential_service(pg_dsn, tmp_path, "b") as (b, b_recompiles, _),
+    ):
+        gate.cut()
+        assert await a.revoke_finished("7", "success")
+        assert a_recompiles.seen == [("7",)]
+        revocations = a.status()["revocations_store"]
+        assert isinstance(revocations, dict) and revocations["pending"] == 1 and not revocations["healthy"]
+        assert not b.revocations.is_revoked("7")
+        await gate.restore()
+        waited = await _until(lambda: b_recompiles.seen == [("7",)], "replica B denied job 7 after the outage")
+        revocations = a.status()["revocations_store"]
+        assert isinstance(revocations, dict) and revocations["pending"] == 0 and revocations["healthy"]
+        print(f"\nwritten and seen by the other replica {waited:.2f}s after PostgreSQL came back")
