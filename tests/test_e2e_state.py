@@ -114,7 +114,12 @@ def test_a_job_that_ended_while_the_control_plane_was_down_is_revoked_on_start(s
         message="finished jobs revoked after restart",
     )
     elapsed = time.monotonic() - started
-    assert state_stack.controlplane.metric("controlplane_job_recovery_revocations_total") == 2
+    # Counted once `revoke_finished` returned, after the deny list's write that follows the push.
+    poll_until(
+        lambda: state_stack.controlplane.metric("controlplane_job_recovery_revocations_total") == 2,
+        5,
+        message="both revocations counted",
+    )
     print(f"restart -> job revoked at the gateway in {elapsed:.2f}s")
     running = state_stack.gitlab.add_job(state_stack.project, status="running")
     assert state_stack.get(state_stack.credential(running)) == 200  # a running job is asked about and left alone
