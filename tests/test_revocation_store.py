@@ -26,7 +26,7 @@ from controlplane.store.dsn import StoreDsn
 from controlplane.store.pool import PoolSettings, StorePool
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.ports import LOOPBACK
-from tests.support.postgres import Gate, PostgresServer
+from tests.support.postgres import Gate, PostgresServer, running_server
 
 FAST = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=1.0, statement_timeout=1.0)
 DEADLINE = 10.0
@@ -359,3 +359,24 @@ async def test_a_revocation_made_while_postgres_is_away_reaches_the_other_replic
         revocations = a.status()["revocations_store"]
         assert isinstance(revocations, dict) and revocations["pending"] == 0 and revocations["healthy"]
         print(f"\nwritten and seen by the other replica {waited:.2f}s after PostgreSQL came back")
+
+
+async def test_no_revocation_is_lost_across_a_postgres_restart(tmp_path: Path) -> None:
+    """PostgreSQL itself stopped (fast shutdown) and started again on its data: a job finished meanwhile is denied
+    at once, written once the server is back, and read by a replica started afterwards."""
+    with running_server() as server:
+        async with credential_service(server.admin_dsn, tmp_path, "a", FAST) as (a, recompiles, _):
+            server.shut_down()
+            assert await a.revoke_finished("7", "success")
+            assert recompiles.seen == [("7",)] and a.revocations.is_revoked("7") and _pending(a) == 1
+            await asyncio.to_thread(server.start_again)
+            waited = await _until(lambda: _pending(a) == 0, "the outbox written after the restart")
+        async with credential_service(server.admin_dsn, tmp_path, "b") as (b, _, _):
+            assert b.revocations.active() == ("7",)
+        print(f"\noutbox written {waited:.2f}s after PostgreSQL accepted connections again")
+
+
+def _pending(service: CredentialService) -> object:
+    revocations = service.status()["revocations_store"]
+    assert isinstance(revocations, dict)
+    return revocations["pending"]
