@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ from controlplane.credentials.key_cipher import KekError
 from controlplane.credentials.keys import KEYS_FILE
 from controlplane.credentials.keys_pg import TOPIC as KEYS_TOPIC
 from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
+from controlplane.credentials.revocation_store import RevocationStoreError
+from controlplane.credentials.revocation_store_pg import TOPIC as REVOCATIONS_TOPIC
+from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.runtime.event_router import EventRouter
@@ -97,7 +101,7 @@ async def serve(options: ServeOptions) -> int:
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
-    except (StateFileError, ExchangeStoreError, StoreUnavailable, MigrationError) as unreadable:
+    except (StateFileError, ExchangeStoreError, RevocationStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
     except (XdsTransportError, DsnError, KekError) as refused:
@@ -141,19 +145,20 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
-    exchange_store = await _exchange_store(options, parts) if options.credentials else None
+    stores = await _shared_stores(options, parts)
     credentials = (
         CredentialService(
             options.credentials,
-            store=exchange_store,
-            shared_keys=await _shared_keys(options.credentials, options.store, exchange_store, parts),
+            store=stores.exchange,
+            shared_keys=await _shared_keys(options.credentials, options.store, stores, parts),
+            revocation_store=None if stores.pool is None else PostgresRevocationStore(stores.pool),
             is_leader=is_leader,
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
             job_status_reader=gitlab.job_status_reader,
         )
-        if options.credentials is not None and exchange_store is not None
+        if options.credentials is not None
         else None
     )
     pool = None
@@ -196,6 +201,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         await parts.start(credentials.start(), credentials.stop, name="credential service")
         parts.run("credential service", credentials.run(parts.stopping))
     await parts.step(policy.reload_off_loop())
+    if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
+        if credentials is not None:
+            stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed)
+        parts.run("change feed", stores.feed.run(parts.stopping))
     parts.run("secrets watcher", secrets.run(parts.stopping))
     await parts.step(events.follow_issuers(wait=options.jwks_startup_wait))
     await parts.step(gitlab.settled(options.gitlab_startup_wait))
@@ -219,6 +228,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
+            "change_feed": stores.feed.status() if stores.feed is not None else None,
             **_store_status(lease, replicas),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
@@ -269,19 +279,30 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.wait()
 
 
-async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeStore:
-    """The exchange's replay counts and finished jobs (`--store`), opened now, before anything is served, and
-    closed after the credential service stopped. PostgreSQL is connected and migrated here: unreachable, it
-    raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
+@dataclass(frozen=True)
+class SharedStores:
+    """What `--store` chose. With PostgreSQL, one pool serves every store (`pool`), and one change feed tells this
+    replica what the others wrote (`feed`); with files both are None and each part keeps its state-directory file."""
+
+    exchange: ExchangeStore
+    pool: StorePool | None = None
+    feed: ChangeFeed | None = None
+
+
+async def _shared_stores(options: ServeOptions, parts: Supervisor) -> SharedStores:
+    """The stores, opened now, before anything is served, and closed after the credential service stopped.
+    PostgreSQL is connected and migrated here (by the exchange store, which owns the shared pool and closes it):
+    unreachable, it raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
     dsn = options.store.resolve_dsn()
     if dsn is None:
         sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
         parts.on_stop(sqlite.close, name="exchange store")
-        return sqlite
-    shared = PostgresExchangeStore(StorePool(dsn))
+        return SharedStores(sqlite)
+    pool = StorePool(dsn)
+    shared = PostgresExchangeStore(pool)
     await parts.start(shared.open(), shared.close, name="exchange store")
     log.info("exchange state in PostgreSQL at %s", dsn)
-    return shared
+    return SharedStores(shared, pool, ChangeFeed(pool))
 
 
 def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegistry]) -> dict[str, object]:
@@ -293,22 +314,20 @@ def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegis
 
 
 async def _shared_keys(
-    options: CredentialOptions, store: StoreOptions, exchange: ExchangeStore, parts: Supervisor
+    options: CredentialOptions, store: StoreOptions, stores: SharedStores, parts: Supervisor
 ) -> SharedKeys | None:
     """With PostgreSQL, the signing keys every replica shares (None: the state directory's file), read (the first
     key created when there is none) on the exchange store's pool before anything is served, and followed through
     the change feed. A missing KEK is a usage error (exit 2); keys that do not open, exit 3."""
-    if not isinstance(exchange, PostgresExchangeStore):
+    if stores.pool is None or stores.feed is None:
         return None
     shared = await SharedKeys.open(
-        PostgresKeyStore(exchange.pool, store.key_cipher()),
+        PostgresKeyStore(stores.pool, store.key_cipher()),
         rotate_every=options.rotate_every,
         max_credential_ttl=options.max_credential_ttl,
         publish_lead=options.publish_lead,
     )
-    feed = ChangeFeed(exchange.pool)
-    feed.subscribe(KEYS_TOPIC, shared.on_notification)
-    parts.run("change feed", feed.run(parts.stopping))
+    stores.feed.subscribe(KEYS_TOPIC, shared.on_notification)
     return shared
 
 

@@ -27,6 +27,7 @@ MIGRATION_LOCK = 0x63702D6D6967
 EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
 LEADER_LOCK = 0x63702D6C6561  # "cp-lea": the one leader's session lock (store/leader.py), bigint form
 SIGNING_KEYS_LOCK = 0x63704B59  # "cpKY": (SIGNING_KEYS_LOCK, 0), held by each change of the signing-key set
+REVOCATION_LOCK = 0x63702D726576  # "cp-rev": serialises deny-list writes, so `seq` commits in order
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             not_before double precision NOT NULL,
             retire_after double precision
         );
+        """,
+    ),
+    Migration(
+        4,
+        "revocations: the fleet-wide deny list, read incrementally by seq",
+        """
+        CREATE SEQUENCE revocations_seq AS bigint;
+        CREATE TABLE revocations (
+            job_id text PRIMARY KEY,
+            denied_until double precision NOT NULL,
+            seq bigint NOT NULL
+        );
+        CREATE INDEX revocations_by_seq ON revocations (seq);
+        CREATE INDEX revocations_expiry ON revocations (denied_until);
         """,
     ),
 )
