@@ -20,6 +20,7 @@ import pytest
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
+from tests.support.replicas import KEY_ENV, STORE_ARGS, STORE_ENV, STORE_KEY
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,7 @@ def policy(given: PolicyInputs) -> str:
 def replicas(tmp_path: Path, pg_dsn: str) -> Iterator[tuple[Served, Served]]:
     """Replica A and replica B: one fake GitLab, one database, a policy directory, state directory, backend and
     Envoy each (two Envoys cannot share a listener port)."""
-    store = ("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN")
+    store = STORE_ARGS
     with FakeGitLab() as gitlab, ExitStack() as running:
         built = []
         for name in ("a", "b"):
@@ -56,7 +57,7 @@ def replicas(tmp_path: Path, pg_dsn: str) -> Iterator[tuple[Served, Served]]:
                         envoy=EnvoySpec(f"replica-{name}-envoy", f"envoy-{name}"),
                         gitlab=gitlab,
                         serve_args=store,
-                        env={"CP_STORE_DSN": pg_dsn},
+                        env={STORE_ENV: pg_dsn, KEY_ENV: STORE_KEY},
                     )
                 )
             )
