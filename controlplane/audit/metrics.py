@@ -22,7 +22,8 @@ AUDIT_RECORDS_DROPPED = Counter(
     "controlplane_audit_records_dropped_total",
     "Audit records lost, by sending gateway (a policy group, or unattested) and reason: queue_full "
     "(that sender's share or the whole queue; the log names the stream that dropped the most), closed, "
-    "unreadable, write_failed, refused (an unattested stream).",
+    "unreadable, write_failed, refused (an unattested stream), buffer_full (PostgreSQL away past the in-memory "
+    "buffer's bound, store_pg.py).",
     ["gateway", "reason"],
     registry=REGISTRY,
 )
