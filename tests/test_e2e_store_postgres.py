@@ -14,6 +14,7 @@ from typing import ClassVar
 import psycopg
 import pytest
 
+from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.credentials.exchange_store import DB_NAME
 from controlplane.store.dsn import redacted
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
@@ -48,7 +49,12 @@ def test_serve_keeps_the_replay_bound_in_postgresql(tmp_path: Path, pg_dsn: str)
         serve_args=("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"),
         env={"CP_STORE_DSN": pg_dsn},
     ) as built:
-        assert built.controlplane.status()["credentials"]["store"] == {"kind": "postgres", "dsn": redacted(pg_dsn)}
+        status = built.controlplane.status()
+        assert status["credentials"]["store"] == {"kind": "postgres", "dsn": redacted(pg_dsn)}
+        audit = status["audit"]  # the trail shares the pool: in PostgreSQL too, nothing buffered or dropped
+        assert (audit["kind"], audit["dsn"], audit["healthy"], audit["buffered"], audit["dropped"]) == (
+            "postgres", redacted(pg_dsn), True, 0, 0,
+        )  # fmt: skip
         token = built.subject(601)
         statuses = [built.exchange(token).status for _ in range(4)]
         assert statuses == [200, 200, 200, 400]  # three exchanges per subject token, the fourth refused
@@ -57,6 +63,7 @@ def test_serve_keeps_the_replay_bound_in_postgresql(tmp_path: Path, pg_dsn: str)
             credentials = db.execute("SELECT job_id FROM job_credentials WHERE job_id = '601'").fetchall()
         assert uses[0] == (3,) and credentials == [("601",)], (uses, credentials)
         assert not (built.controlplane.state_dir / DB_NAME).exists()
+        assert not (built.controlplane.state_dir / AUDIT_DB).exists()
     assert "eyJ" not in (tmp_path / "controlplane.log").read_text(), "a token was logged"
 
 

@@ -24,7 +24,8 @@ from controlplane import __version__
 from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
-from controlplane.audit.store import AuditStore
+from controlplane.audit.store import AuditStore, AuditTrail
+from controlplane.audit.store_pg import PostgresAuditStore
 from controlplane.cli.options import ServeOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
@@ -52,7 +53,8 @@ from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
 from controlplane.store.dsn import DsnError
-from controlplane.store.pool import StorePool
+from controlplane.store.migrations import MigrationError
+from controlplane.store.pool import StorePool, StoreUnavailable
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import TransportPolicy, XdsTransportError
@@ -81,7 +83,7 @@ async def serve(options: ServeOptions) -> int:
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
-    except (StateFileError, ExchangeStoreError) as unreadable:
+    except (StateFileError, ExchangeStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
     except (XdsTransportError, DsnError) as refused:
@@ -103,8 +105,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
     to_events: Forward[EventRouter] = Forward("event router")
-    audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
-    parts.on_stop(lambda: asyncio.to_thread(audit.close), name="audit store")
+    pool = _store_pool(options, parts)
     gitlab = GitLabLink(
         on_inventory_change=lambda: to_events().inventory_changed(),
         spawn=parts.spawn,
@@ -122,7 +123,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     credentials = (
         CredentialService(
             options.credentials,
-            store=await _exchange_store(options, parts),
+            store=await _exchange_store(options, parts, pool),
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
@@ -131,6 +132,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         if options.credentials
         else None
     )
+    audit = await _audit_store(options, parts, pool)  # stopped before the exchange store (the pool's other user)
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
     policy = to_policy.connect(
@@ -189,6 +191,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
+            "audit": audit.status(),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
         ready=lambda: policy.ready,
@@ -228,18 +231,41 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.wait()
 
 
-async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeStore:
+def _store_pool(options: ServeOptions, parts: Supervisor) -> StorePool | None:
+    """The one pool every PostgreSQL-backed part shares (`--store postgres`), None with `--store file`. Not
+    connected here (its first user opens it: opening is idempotent); closed after every part using it stopped."""
+    dsn = options.store.resolve_dsn()
+    if dsn is None:
+        return None
+    pool = StorePool(dsn)
+    parts.on_stop(pool.close, name="PostgreSQL pool")
+    return pool
+
+
+async def _audit_store(options: ServeOptions, parts: Supervisor, pool: StorePool | None) -> AuditTrail:
+    """The audit trail: SQLite in the state directory, or PostgreSQL (connected and migrated now: unreachable,
+    exit 3) with its writer on this loop, buffering while PostgreSQL is away (audit/store_pg.py)."""
+    if pool is None:
+        sqlite = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
+        parts.on_stop(lambda: asyncio.to_thread(sqlite.close), name="audit store")
+        return sqlite
+    shared = PostgresAuditStore(pool, retention=options.audit_retention)
+    await parts.start(shared.open(), shared.close, name="audit store")
+    log.info("audit trail in PostgreSQL at %s", pool.dsn)
+    return shared
+
+
+async def _exchange_store(options: ServeOptions, parts: Supervisor, pool: StorePool | None) -> ExchangeStore:
     """The exchange's replay counts and finished jobs (`--store`), opened now, before anything is served, and
     closed after the credential service stopped. PostgreSQL is connected and migrated here: unreachable, it
     raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
-    dsn = options.store.resolve_dsn()
-    if dsn is None:
+    if pool is None:
         sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
         parts.on_stop(sqlite.close, name="exchange store")
         return sqlite
-    shared = PostgresExchangeStore(StorePool(dsn))
+    shared = PostgresExchangeStore(pool)
     await parts.start(shared.open(), shared.close, name="exchange store")
-    log.info("exchange state in PostgreSQL at %s", dsn)
+    log.info("exchange state in PostgreSQL at %s", pool.dsn)
     return shared
 
 
