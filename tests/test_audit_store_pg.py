@@ -253,6 +253,8 @@ async def test_past_the_bound_exactly_the_excess_is_dropped_and_counted(postgres
         assert accepted == [True] * 40 + [False] * 15  # never blocking: refused at once
         assert store.status()["dropped"] == 15 and store.status()["buffered"] == 40
         assert _dropped() - dropped == 15
+        await _until(lambda: store.status()["healthy"] is False, "the writer tried, and kept the records")
+        assert store.status()["buffered"] == 40
         await gate.restore()
         await _until(lambda: store.status()["buffered"] == 0, "the buffer written on reconnect")
         assert [path for path, _ in _rows(pg_dsn)] == [f"/r/{i}" for i in range(40)]
