@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED
+from controlplane.audit.metrics import AUDIT_BUFFERED, AUDIT_RECORDS_DROPPED
 from controlplane.audit.store import REDACTED, AuditRecord, AuditStore, AuditTrail
 from controlplane.audit.store_pg import RECORD_OVERHEAD_BYTES, PostgresAuditStore, record_bytes
 from controlplane.cli.audit import add_audit_arguments, run_audit
@@ -229,6 +229,7 @@ async def test_records_sent_while_postgres_is_away_are_written_in_order_on_recon
         assert await asyncio.to_thread(store.flush, 5) is False  # at once: the records are buffered, not durable
         status = store.status()
         assert status["buffered"] == 300 and status["dropped"] == 0
+        assert AUDIT_BUFFERED.collect()[0].samples[0].value == 300  # the gauge an operator alerts on
         assert isinstance(status["oldest_buffered_seconds"], float) and status["oldest_buffered_seconds"] > 0
         assert status["last_error"] and "password" not in str(status)
         await gate.restore()

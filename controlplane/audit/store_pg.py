@@ -42,7 +42,13 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
-from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_RECORDS_WRITTEN, AUDIT_WRITE_DURATION, UNKNOWN_LABEL
+from controlplane.audit.metrics import (
+    AUDIT_BUFFERED,
+    AUDIT_RECORDS_DROPPED,
+    AUDIT_RECORDS_WRITTEN,
+    AUDIT_WRITE_DURATION,
+    UNKNOWN_LABEL,
+)
 from controlplane.audit.store import (
     COLUMNS,
     DEFAULT_BATCH_SIZE,
@@ -156,6 +162,7 @@ class PostgresAuditStore:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._run(), name="audit writer (PostgreSQL)")
+        AUDIT_BUFFERED.set_function(lambda: len(self._buffer))  # read at scrape time: nothing on the hot path
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Refuse new records, write what is buffered (for at most `timeout`: PostgreSQL may be away), stop."""
