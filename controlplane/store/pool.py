@@ -54,9 +54,6 @@ class StorePool:
         self.dsn = dsn
         self.settings = settings or PoolSettings()
         s = self.settings
-        # the DSN's own `options` (e.g. a search_path) are kept; the statement timeout is added after them
-        own = conninfo.conninfo_to_dict(dsn.dsn).get("options")
-        options = f"{own or ''} -c statement_timeout={math.ceil(s.statement_timeout * 1000)}".strip()
         self._pool = AsyncConnectionPool(
             dsn.dsn,
             min_size=s.min_size,
@@ -66,12 +63,35 @@ class StorePool:
             open=False,
             name="controlplane-store",
             check=AsyncConnectionPool.check_connection,  # a connection broken while idle is replaced, not handed out
-            kwargs={
-                "connect_timeout": max(2, math.ceil(s.connect_timeout)),
-                "application_name": APPLICATION_NAME,
-                "options": options,
-            },
+            kwargs=self.connection_kwargs(),
         )
+
+    def connection_kwargs(self) -> dict[str, str | int]:
+        """libpq settings of every connection the control plane opens, pooled or dedicated (a LISTEN, a lock).
+        The DSN's own `options` (e.g. a search_path) are kept; the statement timeout is added after them.
+        TCP keepalives make a peer that vanished without closing (a cut network) an error within ~10 s on an
+        otherwise idle connection, instead of never."""
+        s = self.settings
+        own = conninfo.conninfo_to_dict(self.dsn.dsn).get("options")
+        options = f"{own or ''} -c statement_timeout={math.ceil(s.statement_timeout * 1000)}".strip()
+        return {
+            "connect_timeout": max(2, math.ceil(s.connect_timeout)),
+            "application_name": APPLICATION_NAME,
+            "options": options,
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        }
+
+    async def dedicated(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        """A connection of its own, outside the pool, in autocommit: for what holds a session (LISTEN, an
+        advisory lock) and must not be handed back. The caller closes it. StoreUnavailable when unreachable."""
+        try:
+            info = conninfo.make_conninfo(self.dsn.dsn, **self.connection_kwargs())
+            return await psycopg.AsyncConnection.connect(info, autocommit=True)
+        except psycopg.OperationalError as error:
+            raise self._unavailable(type(error).__name__) from None
 
     async def open(self) -> None:
         """Connect `min_size` connections, or raise StoreUnavailable once connect_timeout has passed."""
