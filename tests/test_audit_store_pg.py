@@ -291,7 +291,8 @@ async def test_both_insert_methods_write_every_column(pg_dsn: str, insert: str) 
     await store.open()
     try:
         full = record(details="rbac_access_denied", credential_jti="j1", peer="10.0.0.1", identity="spiffe://gw",
-                      reported_time=1_699_999_999.25, backend=None, user="o'brien \\ \t tab")  # fmt: skip
+                      reported_time=1_699_999_999.25, backend=None, user="o'brien \\ \t tab \\N \n\r é",
+                      ref="\\t")  # fmt: skip
         for i in range(3):
             store.submit(replace(full, path=f"/{i}"))
         assert await asyncio.to_thread(store.flush, 10)
