@@ -299,6 +299,9 @@ async def test_both_insert_methods_write_every_column(pg_dsn: str, insert: str) 
         rows = await store.query_async(job="7")
         assert [r["path"] for r in rows] == ["/0", "/1", "/2"]
         assert {k: v for k, v in rows[0].items() if k != "id"} == {**full.__dict__, "path": "/0"}
+        store.submit(replace(full, path="/nul\x00/x", job_id="8"))  # PostgreSQL text cannot hold NUL
+        assert await asyncio.to_thread(store.flush, 10)
+        assert [r["path"] for r in await store.query_async(job="8")] == ["/nul/x"]
     finally:
         await store.close()
         await store._pool.close()
