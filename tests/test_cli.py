@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -297,7 +298,7 @@ def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyP
     credentials = CredentialOptions(DEFAULT_EXCHANGE_ADDRESS, DEFAULT_EXCHANGE_ADDRESS, DEFAULT_STATE_DIR)
     assert parsed == ServeOptions(policy=Path("p"), credentials=credentials)
     bootstrap = _parser().parse_args(["bootstrap", "--group", "g"])
-    assert bootstrap.xds_address == (ServeOptions.xds_host, ServeOptions.xds_port)
+    assert bootstrap.xds_addresses is None  # `_bootstrap` then dials serve's default xDS address
     args = _parser().parse_args(["serve", "--policy", "p"])
     store = StoreOptions()
     assert (args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file) == (
@@ -321,8 +322,19 @@ def test_serve_store_flags_name_one_dsn_source_without_a_password(
         return serve_options(_parser().parse_args(["serve", "--policy", "p", *flags]))
 
     monkeypatch.setenv("CP_STORE_DSN", "postgresql://cp:s3cret@db.internal/cp")
-    parsed = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN")
-    assert not isinstance(parsed, str) and parsed.store == StoreOptions("postgres", dsn_env="CP_STORE_DSN")
+    monkeypatch.setenv("CP_STORE_KEY", base64.b64encode(b"k" * 32).decode())
+    parsed = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key-env", "CP_STORE_KEY")
+    assert not isinstance(parsed, str)
+    assert parsed.store == StoreOptions("postgres", dsn_env="CP_STORE_DSN", key_env="CP_STORE_KEY")
+    no_kek = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN")
+    assert isinstance(no_kek, str) and "--store-key-env NAME or --store-key-file PATH" in no_kek
+    bad_kek = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key-env", "CP_STORE_DSN")
+    assert isinstance(bad_kek, str) and "is not base64" in bad_kek and "s3cret" not in bad_kek
+    without_exchange = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--no-exchange")
+    assert not isinstance(without_exchange, str)  # nothing to seal
+    stray_kek = options("--store-key-env", "CP_STORE_KEY")
+    assert isinstance(stray_kek, str) and "need --store postgres" in stray_kek
+    assert main(["serve", "--policy", str(tmp_path), "--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"]) == 2
     missing = options("--store", "postgres")
     assert isinstance(missing, str) and "--store-dsn-env" in missing and "got none" in missing
     with_password = options("--store", "postgres", "--store-dsn", "postgresql://cp:s3cret@db.internal/cp")

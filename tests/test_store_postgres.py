@@ -21,6 +21,7 @@ from controlplane.store.migrations import MIGRATIONS, Migration, MigrationError,
 from controlplane.store.pool import PoolSettings, StorePool, StoreUnavailable
 from tests.support.postgres import running_server
 
+ALL = [m.version for m in MIGRATIONS]  # what a fresh database gets: tests do not hard-code how many there are
 FAST = PoolSettings(min_size=1, max_size=4, connect_timeout=1.0, acquire_timeout=0.5, statement_timeout=0.2)
 ALL = [m.version for m in MIGRATIONS]  # every migration this release knows, applied by one starter
 
@@ -28,6 +29,9 @@ ALL = [m.version for m in MIGRATIONS]  # every migration this release knows, app
 async def _migrate_once(dsn: str, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         return await migrate(conn, migrations)
+
+
+ALL = [m.version for m in MIGRATIONS]
 
 
 def _ledger(dsn: str) -> list[tuple[object, ...]]:
@@ -101,7 +105,7 @@ async def test_a_renamed_or_misnumbered_migration_is_refused(pg_dsn: str) -> Non
     with pytest.raises(MigrationError, match="belongs to another build"):
         await _migrate_once(pg_dsn, renamed)
     with pytest.raises(MigrationError, match=r"numbered 1\.\.n"):
-        await _migrate_once(pg_dsn, (Migration(2, "gap", "SELECT 1"),))
+        await _migrate_once(pg_dsn, (Migration(len(ALL) + 1, "gap", "SELECT 1"),))
 
 
 async def test_pool_connections_carry_name_and_statement_timeout(pg_dsn: str) -> None:

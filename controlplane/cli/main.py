@@ -35,6 +35,11 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _host_ports(value: str) -> list[tuple[str, int]]:
+    """One or more HOST:PORT, comma-separated: `bootstrap --xds-address` lists the control plane's replicas."""
+    return [_host_port(part.strip()) for part in value.split(",") if part.strip()] or [_host_port(value)]
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {value!r}")
@@ -183,6 +188,29 @@ def _parser() -> argparse.ArgumentParser:
         default=store_default("dsn"),
         help="the DSN itself, refused with a password (visible to every user: use the two above or PGPASSFILE)",
     )
+    store.add_argument(
+        "--replica-id",
+        default=store_default("replica_id"),
+        help="this replica's name in the shared registry (--store postgres; default: a new uuid at each start)",
+    )
+    store.add_argument(
+        "--leader-retry",
+        type=float,
+        default=store_default("leader_retry"),
+        metavar="S",
+        help="seconds between a follower's tries of the leader lock (--store postgres)",
+    )
+    store.add_argument(
+        "--store-key-env",
+        default=store_default("key_env"),
+        help="environment variable holding the key-encryption key of the signing keys (postgres, base64 of 32 bytes)",
+    )
+    store.add_argument(
+        "--store-key-file",
+        type=Path,
+        default=store_default("key_file"),
+        help="file holding that key (a second one after it: the previous key, during a KEK rotation)",
+    )
     repo = serve.add_argument_group("policy on GitLab (instead of --policy)")
     repo.add_argument("--policy-project", help="GitLab project (path or id) whose default branch holds the policy")
     repo.add_argument("--gitlab-url", help="GitLab base URL for --policy-project")
@@ -285,7 +313,14 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
-    bootstrap.add_argument("--xds-address", type=_host_port, default=xds_address)
+    bootstrap.add_argument(
+        "--xds-address",
+        dest="xds_addresses",
+        type=_host_ports,
+        action="extend",
+        help="control plane HOST:PORT; repeat it or give a comma list for several replicas (Envoy fails over "
+        f"between them), or one name that resolves to all of them (default: {xds_address[0]}:{xds_address[1]})",
+    )
     bootstrap.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
     bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
     bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
@@ -443,6 +478,7 @@ def _serve(args: argparse.Namespace) -> int:
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
+    from controlplane.credentials.key_cipher import KekError
     from controlplane.credentials.service import CredentialOptions
     from controlplane.serving import HttpLimits
     from controlplane.store.dsn import DsnError
@@ -483,10 +519,23 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         )
     except ValueError as error:
         return f"HTTP listener options: {error}"
-    store = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file)
+    try:
+        store = StoreOptions(
+            args.store,
+            args.store_dsn,
+            args.store_dsn_env,
+            args.store_dsn_file,
+            args.store_key_env,
+            args.store_key_file,
+            replica_id=args.replica_id,
+            leader_retry=args.leader_retry,
+        )
+    except ValueError as error:
+        return str(error)
     try:
         store.resolve_dsn()  # a missing or unusable source is a usage error here; serve reads it again at start
-    except DsnError as error:
+        store.check_key_source(credentials=not args.no_exchange)
+    except (DsnError, KekError) as error:
         return str(error)
     return ServeOptions(
         store=store,
@@ -537,16 +586,17 @@ def _bootstrap(args: argparse.Namespace) -> int:
     import socket
 
     from controlplane.cli.bootstrap import ClientTls, bootstrap_yaml
+    from controlplane.cli.options import ServeOptions
 
     tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
     if (any(tls_files) and not all(tls_files)) or (args.tls_sni and not any(tls_files)):
         print("--tls-ca, --tls-cert and --tls-key go together (and --tls-sni needs them)", file=sys.stderr)
         return 2
     tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni) if all(tls_files) else None
-    host, port = args.xds_address
+    (host, port), *more = args.xds_addresses or [(ServeOptions.xds_host, ServeOptions.xds_port)]
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
-    print(
-        bootstrap_yaml(
+    try:
+        text = bootstrap_yaml(
             group=args.group,
             node_id=node_id,
             xds_host=host,
@@ -554,8 +604,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             tls=tls,
             api=args.api,
+            more_xds_addresses=more,
         )
-    )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 
