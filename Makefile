@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/policy_to_enforcement.py
 	$(PY) benchmarks/xds_fanout.py
 	$(PY) benchmarks/revocation_latency.py
+	$(PY) benchmarks/audit_writes.py
 
 bench-fleet: setup
 	$(PY) benchmarks/grpc_floor.py --size 83000 --rounds 10

@@ -1,4 +1,5 @@
-"""The audit trail end to end on the REAL Envoy: requests → Envoy → gRPC ALS → SQLite → query and CLI.
+"""The audit trail end to end on the REAL Envoy: requests → Envoy → gRPC ALS → SQLite or PostgreSQL → query
+and CLI (the module runs once per store).
 
 The control plane runs in process (SnapshotCache + PolicyService + XdsServer with the ALS handler on the
 same grpc server, as `serve` wires it) on an event loop in a background thread, so the test itself can make
@@ -9,6 +10,7 @@ exactly the requests each one made, with the policy that decided them, and no to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -17,19 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 from controlplane.audit.als import AccessLogService
-from controlplane.audit.store import AuditStore
+from controlplane.audit.store import AuditStore, AuditTrail
+from controlplane.audit.store_pg import PostgresAuditStore
 from controlplane.cli.audit import run_audit
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
+from controlplane.store.dsn import StoreDsn
+from controlplane.store.pool import StorePool
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.envoy import EnvoyProcess
 from tests.support.gateway import gateway_envoy
 from tests.support.policy_parts import issuer
 from tests.support.ports import LOOPBACK, poll_until
+from tests.support.postgres import PostgresServer
 from tests.support.stack import (
     DEPLOYER,
     INVENTORY_FILE,
@@ -47,15 +54,17 @@ GATEWAY = "ci-gateway"
 NODE = "audit-envoy-1"
 JOB_A, PIPELINE_A = "70001", "80001"
 JOB_B, PIPELINE_B = "70002", "80002"
+DSN_ENV = "CONTROLPLANE_E2E_AUDIT_DSN"
 
 
 class InProcessControlPlane:
     """The serve wiring that matters here, on its own event loop thread: policy → snapshots → ADS, and ALS → store."""
 
-    def __init__(self, policy: Path, db: Path) -> None:
+    def __init__(self, policy: Path, db: Path, dsn: str | None = None) -> None:
         self.cache = SnapshotCache()
         self.policy = PolicyService(policy, self.cache)
-        self.store = AuditStore(db)
+        self.pool = None if dsn is None else StorePool(StoreDsn(dsn, "test"))
+        self.store: AuditTrail = AuditStore(db) if self.pool is None else PostgresAuditStore(self.pool)
         self.xds = XdsServer(self.cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
         self.als = AccessLogService(self.store, senders=self.xds)
         self.loop = asyncio.new_event_loop()
@@ -67,6 +76,8 @@ class InProcessControlPlane:
 
     def start(self) -> None:
         self._thread.start()
+        if isinstance(self.store, PostgresAuditStore):
+            self.run(self.store.open())
         assert self.run(self.policy.reload_off_loop()), self.policy.state.errors
         self.port = self.run(self.xds.start(LOOPBACK, 0, extra_handlers=[self.als.handler()]))
 
@@ -75,11 +86,15 @@ class InProcessControlPlane:
         try:
             self.run(self.als.close())
             self.run(self.xds.stop(1.0))
+            if isinstance(self.store, PostgresAuditStore) and self.pool is not None:
+                self.run(self.store.close())
+                self.run(self.pool.close())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
-            self.store.close(10)
+            if isinstance(self.store, AuditStore):
+                self.store.close(10)
 
 
 def policy(given: PolicyInputs) -> dict[str, str]:
@@ -92,6 +107,7 @@ class AuditStack(OutsideWorld):
     """The reference outside world served by the in-process control plane above, which writes `db`."""
 
     db: Path
+    dsn: str | None  # the PostgreSQL database the trail is in; None: the SQLite file `db`
     controlplane: InProcessControlPlane
     envoy: EnvoyProcess
 
@@ -99,15 +115,26 @@ class AuditStack(OutsideWorld):
         return self.gitlab.mint(aud=aud, **{**project, **claims})
 
 
-@pytest.fixture(scope="module")
-def audit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStack]:
-    root = tmp_path_factory.mktemp("e2e-audit")
+@pytest.fixture(scope="module", params=["file", "postgres"])
+def audit_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditStack]:
+    with contextlib.ExitStack() as scope:
+        dsn = None
+        if request.param == "postgres":
+            server: PostgresServer = request.getfixturevalue("postgres")
+            dsn = scope.enter_context(server.database())
+        yield scope.enter_context(_audit_stack(tmp_path_factory.mktemp(f"e2e-audit-{request.param}"), dsn))
+
+
+@contextlib.contextmanager
+def _audit_stack(root: Path, dsn: str | None) -> Iterator[AuditStack]:
     with outside_world(root, policy) as world:
-        controlplane = InProcessControlPlane(world.policy, root / "audit.sqlite3")
+        controlplane = InProcessControlPlane(world.policy, root / "audit.sqlite3", dsn)
         controlplane.start()
         try:
             with gateway_envoy(controlplane.port, group=GATEWAY, node=NODE, name="audit-envoy") as envoy:
-                built = AuditStack(**vars(world), db=root / "audit.sqlite3", controlplane=controlplane, envoy=envoy)
+                built = AuditStack(
+                    **vars(world), db=root / "audit.sqlite3", dsn=dsn, controlplane=controlplane, envoy=envoy
+                )
                 poll_until(lambda: built.call("reports.local", None, path="/healthz") == 200, 20, message="listener up")
                 yield built
         finally:
@@ -190,23 +217,35 @@ def test_audit_query_returns_exactly_the_requests_a_job_made(audit_stack: AuditS
         (None, "denied", "jwt_authn_access_denied{Jwt_is_missing}")
     ]
 
-    # Nothing secret on disk: no token, and no query string (the database and its WAL).
+    # Nothing secret on disk: no token, and no query string (the database and its WAL; or PostgreSQL's rows).
     audit_stack.controlplane.store.flush(10)
-    for path in audit_stack.db.parent.glob("audit.sqlite3*"):
-        data = path.read_bytes()
+    for path, data in _stored(audit_stack):
         assert b"secret-value" not in data, path
         for token in tokens:
             assert token.encode() not in data, path
             assert token.split(".")[2].encode() not in data, path
 
 
-def test_cli_reads_the_live_store(audit_stack: AuditStack, capsys: pytest.CaptureFixture[str]) -> None:
+def _stored(stack: AuditStack) -> Iterator[tuple[str, bytes]]:
+    if stack.dsn is None:
+        yield from ((str(path), path.read_bytes()) for path in stack.db.parent.glob("audit.sqlite3*"))
+        return
+    with psycopg.connect(stack.dsn) as db:
+        rows = db.execute("SELECT audit::text FROM audit").fetchall()
+    yield "the audit table", "\n".join(str(row[0]) for row in rows).encode()
+
+
+def test_cli_reads_the_live_store(
+    audit_stack: AuditStack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if audit_stack.dsn is not None:
+        monkeypatch.setenv(DSN_ENV, audit_stack.dsn)  # the CLI reads its DSN from the environment, never argv
     token = audit_stack.token(DEPLOYER, "https://reports.local", job_id="70003", pipeline_id="80003")
     assert audit_stack.request("reports.local", "/cli/check", token).status == 200
     poll_until(lambda: audit_stack.controlplane.store.query(job="70003"), 10, message="record of job 70003")
     capsys.readouterr()
 
-    assert run_audit(_args(job="70003", as_json=True, db=audit_stack.db)) == 0
+    assert run_audit(_args(job="70003", as_json=True, stack=audit_stack)) == 0
     (record,) = json.loads(capsys.readouterr().out)
     assert (record["path"], record["decision"], record["policy"]) == (
         "/cli/check",
@@ -214,18 +253,19 @@ def test_cli_reads_the_live_store(audit_stack: AuditStack, capsys: pytest.Captur
         "deployer-reads-reports/reports-read",
     )
 
-    assert run_audit(_args(job="70003", as_json=False, db=audit_stack.db)) == 0
+    assert run_audit(_args(job="70003", as_json=False, stack=audit_stack)) == 0
     table = capsys.readouterr().out
     for shown in ("/cli/check", "deployer-reads-reports/reports-read", "acme/platform/deployer", "70003"):
         assert shown in table, table
 
 
-def _args(*, job: str, as_json: bool, db: Path) -> Any:
+def _args(*, job: str, as_json: bool, stack: AuditStack) -> Any:
     import argparse
 
     from controlplane.cli.audit import add_audit_arguments
 
     parser = argparse.ArgumentParser()
     add_audit_arguments(parser)
-    argv = ["--job", job, "--db", str(db), *(["--json"] if as_json else [])]
+    store = ["--db", str(stack.db)] if stack.dsn is None else ["--store", "postgres", "--store-dsn-env", DSN_ENV]
+    argv = ["--job", job, *store, *(["--json"] if as_json else [])]
     return parser.parse_args(argv)

@@ -12,6 +12,7 @@ from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.inventory import Inventory
 from controlplane.runtime.gitlab_link import GitLabLink
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
+from controlplane.store.pool import StoreUnavailable
 from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of
 from tests.support.policy_parts import TWO_GITLABS
@@ -270,3 +271,16 @@ def test_the_sweep_looks_back_as_long_as_a_raw_token_or_a_credential_could_be_us
     )
     sweep = service.job_recovery(seen=lambda since, limit: [], reader_for=lambda issuer: None)
     assert (sweep.lookback, sweep.interval) == (7_200.0, 42.0)
+
+
+async def test_an_audit_trail_that_cannot_be_read_leaves_the_live_jobs_asked_and_the_sweep_retried() -> None:
+    """`seen` is the audit trail, in PostgreSQL with `--store postgres`: away, the sweep goes on without it."""
+
+    def away(since: float, limit: int) -> list[tuple[str, str, str | None, float]]:
+        raise StoreUnavailable("PostgreSQL at host=db unavailable: no connection within 5s")
+
+    gitlab, revoker = GitLab({("42", "1"): "success"}), Revoker()
+    sweep = recovery(gitlab, revoker, live=[LiveJob("1", "42", GITLAB, 2000.0)])
+    sweep._seen = away
+    result = await sweep.sweep("start")
+    assert revoker.revoked == {"1": "success"} and not result.complete

@@ -56,7 +56,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import struct_pb2
 
 from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_STREAMS_REFUSED, UNATTESTED_LABEL
-from controlplane.audit.store import AuditRecord, AuditStore
+from controlplane.audit.store import AuditRecord, AuditTrail
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.telemetry.ratelog import RateLimitedLog
@@ -260,7 +260,7 @@ class AccessLogService:
 
     def __init__(
         self,
-        store: AuditStore,
+        store: AuditTrail,
         senders: Senders | None = None,
         *,
         log: logging.Logger | None = None,
@@ -386,7 +386,7 @@ class AccessLogService:
                 self.log.exception("job check request from an access log entry failed")
 
 
-def als_handler(store: AuditStore, senders: Senders) -> grpc.GenericRpcHandler:
+def als_handler(store: AuditTrail, senders: Senders) -> grpc.GenericRpcHandler:
     """The ALS generic handler for `XdsServer.start(extra_handlers=...)`, attested by `senders` (that server). To end
     its streams cleanly on shutdown, keep an `AccessLogService` and call its `close()` before stopping."""
     return AccessLogService(store, senders).handler()

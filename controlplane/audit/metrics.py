@@ -6,7 +6,7 @@ cannot keep up it sheds records and says so here rather than back-pressuring the
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from controlplane.telemetry.metrics import REGISTRY
 
@@ -22,7 +22,8 @@ AUDIT_RECORDS_DROPPED = Counter(
     "controlplane_audit_records_dropped_total",
     "Audit records lost, by sending gateway (a policy group, or unattested) and reason: queue_full "
     "(that sender's share or the whole queue; the log names the stream that dropped the most), closed, "
-    "unreadable, write_failed, refused (an unattested stream).",
+    "unreadable, write_failed, refused (an unattested stream), buffer_full (PostgreSQL away past the in-memory "
+    "buffer's bound, store_pg.py).",
     ["gateway", "reason"],
     registry=REGISTRY,
 )
@@ -38,5 +39,11 @@ AUDIT_WRITE_DURATION = Histogram(
     "controlplane_audit_write_duration_seconds",
     "Time to commit one batch of audit records (including the fsync).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+AUDIT_BUFFERED = Gauge(
+    "controlplane_audit_buffered_records",
+    "Audit records waiting in memory for PostgreSQL (--store postgres): near zero while it answers; growing while "
+    "it is away, up to the buffer's bound, past which records are dropped (reason buffer_full).",
     registry=REGISTRY,
 )

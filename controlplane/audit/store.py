@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from controlplane.audit.metrics import (
     AUDIT_RECORDS_DROPPED,
@@ -148,6 +148,32 @@ class AuditRecord:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
+SeenJob = tuple[str, str, str | None, float]  # (job_id, project_id, issuer, last seen): see `recent_jobs`
+
+
+class AuditTrail(Protocol):
+    """What the ALS receiver, the recovery sweep and /status need of an audit store, whichever it is: this
+    module's SQLite `AuditStore` or store_pg.py's `PostgresAuditStore`. `submit` never blocks (it is called on
+    the event loop for every access-log entry); `flush` and the reads block, and are called from worker threads.
+    Opening and closing differ (a file, or a pool on the event loop) and are left to their owner (cli/serve.py)."""
+
+    def submit(self, record: AuditRecord, *, sender: str = "", label: str = UNKNOWN_LABEL) -> bool: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def query(
+        self,
+        job: str | None = None,
+        project: str | None = None,
+        since: float | None = None,
+        limit: int = DEFAULT_QUERY_LIMIT,
+    ) -> list[dict[str, Any]]: ...
+
+    def recent_jobs(self, since: float, limit: int = 1000) -> list[SeenJob]: ...
+
+    def status(self) -> dict[str, object]: ...
+
+
 _INSERT = f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 
 
@@ -275,7 +301,7 @@ def query_records(
     return [{key: row[key] for key in ("id", *COLUMNS)} for row in reversed(rows)]
 
 
-def recent_jobs(conn: sqlite3.Connection, since: float, limit: int) -> list[tuple[str, str, str | None, float]]:
+def recent_jobs(conn: sqlite3.Connection, since: float, limit: int) -> list[SeenJob]:
     """(job_id, project_id, issuer, last seen) of the jobs seen at a gateway since `since`, most recent first,
     at most `limit`: the jobs whose finish the control plane may have missed (see credentials/recovery.py)."""
     rows = conn.execute(
@@ -510,13 +536,18 @@ class AuditStore:
         finally:
             conn.close()
 
-    def recent_jobs(self, since: float, limit: int = 1000) -> list[tuple[str, str, str | None, float]]:
+    def recent_jobs(self, since: float, limit: int = 1000) -> list[SeenJob]:
         """See the module-level `recent_jobs`; a read-only connection, never waiting for the writer."""
         conn = open_readonly(self.path)
         try:
             return recent_jobs(conn, since, limit)
         finally:
             conn.close()
+
+    def status(self) -> dict[str, object]:
+        """For /status: the file, and what waits in the writer's queue."""
+        with self._progress:
+            return {"kind": "file", "path": str(self.path), "queued": self._queued}
 
 
 def _dropped(label: str, reason: str) -> None:

@@ -1,7 +1,9 @@
 """``controlplane audit``: what a job (or a project, or everyone since T) did through the gateways.
 
 It opens the audit store's SQLite file read-only, directly: no server needs to be up, a running ``serve`` is
-not disturbed (WAL lets readers and the writer work at once), and the command cannot alter the trail.
+not disturbed (WAL lets readers and the writer work at once), and the command cannot alter the trail. With
+``--store postgres`` it reads the fleet's trail from PostgreSQL instead (the DSN from ``--store-dsn-env`` or
+``--store-dsn-file``, as ``serve``), one connection, one SELECT; the output is the same.
 Times are shown and parsed in UTC, so what is printed can be pasted back into ``--since``.
 
 Exit codes: 0 (even when nothing matches), 1 the store cannot be read, 2 bad arguments.
@@ -10,6 +12,7 @@ Exit codes: 0 (even when nothing matches), 1 the store cannot be read, 2 bad arg
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import sqlite3
@@ -27,7 +30,9 @@ from controlplane.audit.store import (
     open_readonly,
     query_records,
 )
+from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
+from controlplane.store.dsn import DsnError, StoreDsn
 
 EXIT_OK = 0
 EXIT_UNREADABLE = 1
@@ -67,6 +72,15 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"serve's --state-dir, where the store is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
     )
     parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
+    parser.add_argument(
+        "--store",
+        choices=STORE_KINDS,
+        default=StoreOptions.kind,
+        help="file: the SQLite file; postgres: serve's shared trail",
+    )
+    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
+    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
+    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -100,16 +114,30 @@ def run_audit(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"controlplane audit: {error}", file=sys.stderr)
         return EXIT_USAGE
-    db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
     try:
-        conn = open_readonly(db)
+        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+    except DsnError as error:
+        print(f"controlplane audit: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if dsn is not None:
         try:
-            records = query_records(conn, job=args.job, project=args.project, since=since, limit=args.limit)
-        finally:
-            conn.close()
-    except (OSError, sqlite3.Error) as error:
-        print(f"controlplane audit: cannot read {db}: {error}", file=sys.stderr)
-        return EXIT_UNREADABLE
+            records = asyncio.run(_query_postgres(dsn, args.job, args.project, since, args.limit))
+        except Exception as error:  # StoreUnavailable (names the redacted DSN) or a server error: never the DSN
+            print(
+                f"controlplane audit: cannot read the trail at {dsn.redacted()}: {_first_line(error)}", file=sys.stderr
+            )
+            return EXIT_UNREADABLE
+    else:
+        db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
+        try:
+            conn = open_readonly(db)
+            try:
+                records = query_records(conn, job=args.job, project=args.project, since=since, limit=args.limit)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as error:
+            print(f"controlplane audit: cannot read {db}: {error}", file=sys.stderr)
+            return EXIT_UNREADABLE
     shown = [{**record, "time": format_time(record["time"])} for record in records]
     if args.json:
         json.dump(shown, sys.stdout, indent=2)
@@ -117,6 +145,28 @@ def run_audit(args: argparse.Namespace) -> int:
     else:
         print_table(shown, sys.stdout)
     return EXIT_OK
+
+
+async def _query_postgres(
+    dsn: StoreDsn, job: str | None, project: str | None, since: float | None, limit: int
+) -> list[dict[str, Any]]:
+    """One pooled connection, the query, closed: the CLI never migrates, so it cannot alter the schema either."""
+    from controlplane.audit import store_pg
+    from controlplane.store.pool import PoolSettings, StorePool
+
+    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=1, statement_timeout=60.0))
+    await pool.open()
+    try:
+        async with pool.connection() as conn:
+            await conn.set_read_only(True)
+            return await store_pg.query_records(conn, job=job, project=project, since=since, limit=limit)
+    finally:
+        await pool.close()
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def print_table(records: Sequence[dict[str, Any]], out: TextIO) -> None:

@@ -26,7 +26,8 @@ from controlplane import __version__
 from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
-from controlplane.audit.store import AuditStore
+from controlplane.audit.store import AuditStore, AuditTrail
+from controlplane.audit.store_pg import PostgresAuditStore
 from controlplane.cli.options import ServeOptions, StoreOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
@@ -129,8 +130,6 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
     to_events: Forward[EventRouter] = Forward("event router")
-    audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
-    parts.on_stop(lambda: asyncio.to_thread(audit.close), name="audit store")
     gitlab = GitLabLink(
         on_inventory_change=lambda: to_events().inventory_changed(),
         spawn=parts.spawn,
@@ -146,6 +145,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
     stores = await _shared_stores(options, parts)
+    audit = await _audit_store(options, parts, stores.pool, is_leader)  # stopped before the pool's owner
     credentials = (
         CredentialService(
             options.credentials,
@@ -229,6 +229,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
             "change_feed": stores.feed.status() if stores.feed is not None else None,
+            "audit": audit.status(),
             **_store_status(lease, replicas),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
@@ -303,6 +304,22 @@ async def _shared_stores(options: ServeOptions, parts: Supervisor) -> SharedStor
     await parts.start(shared.open(), shared.close, name="exchange store")
     log.info("exchange state in PostgreSQL at %s", dsn)
     return SharedStores(shared, pool, ChangeFeed(pool))
+
+
+async def _audit_store(
+    options: ServeOptions, parts: Supervisor, pool: StorePool | None, is_leader: Callable[[], bool]
+) -> AuditTrail:
+    """The audit trail: SQLite in the state directory, or PostgreSQL on the shared pool (migrated with it), its
+    writer on this loop buffering while PostgreSQL is away, its retention swept by the leader (audit/store_pg.py).
+    Built after the exchange store, so stopped (its buffer written) before that store closes the pool."""
+    if pool is None:
+        sqlite = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
+        parts.on_stop(lambda: asyncio.to_thread(sqlite.close), name="audit store")
+        return sqlite
+    shared = PostgresAuditStore(pool, retention=options.audit_retention, is_leader=is_leader)
+    await parts.start(shared.open(), shared.close, name="audit store")
+    log.info("audit trail in PostgreSQL at %s", pool.dsn)
+    return shared
 
 
 def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegistry]) -> dict[str, object]:

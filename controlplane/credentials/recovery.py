@@ -41,6 +41,7 @@ from controlplane.credentials.revocations import TERMINAL_JOB_STATUSES
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.retry import Backoff
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
+from controlplane.store.pool import StoreUnavailable
 from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.credentials.recovery")
@@ -173,10 +174,9 @@ class JobRecovery:
 
     async def sweep(self, reason: str, stop: asyncio.Event | None = None) -> SweepResult:
         """Ask GitLab about every candidate job; revoke the finished ones. Returns what happened."""
-        since = self._clock() - self.lookback
-        seen = await asyncio.to_thread(self._seen, since, self.max_jobs)
-        revoked = frozenset(self._revoked())
         result = SweepResult()
+        seen = await self._seen_jobs(self._clock() - self.lookback, result)
+        revoked = frozenset(self._revoked())
         jobs = candidates(await self._live_jobs(len(revoked), result), seen, revoked, self.max_jobs)
         unreachable: set[StatusReader] = set()
         for job in jobs:
@@ -215,6 +215,16 @@ class JobRecovery:
         )
         self.last = result
         return result
+
+    async def _seen_jobs(self, since: float, result: SweepResult) -> list[tuple[str, str, str | None, float]]:
+        """The audit trail's recent jobs. Unreadable (its PostgreSQL away): the jobs holding credentials are
+        still asked about, and the sweep, incomplete, is retried sooner."""
+        try:
+            return await asyncio.to_thread(self._seen, since, self.max_jobs)
+        except StoreUnavailable as error:
+            log.error("job recovery: %s; jobs seen at gateways are asked about at the next sweep", error)
+            result.complete = False
+            return []
 
     async def _live_jobs(self, revoked: int, result: SweepResult) -> list[LiveJob]:
         """The ledger keeps a revoked job until its credentials expire, so up to `revoked` more are read: they

@@ -28,6 +28,7 @@ EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EX
 LEADER_LOCK = 0x63702D6C6561  # "cp-lea": the one leader's session lock (store/leader.py), bigint form
 SIGNING_KEYS_LOCK = 0x63704B59  # "cpKY": (SIGNING_KEYS_LOCK, 0), held by each change of the signing-key set
 REVOCATION_LOCK = 0x63702D726576  # "cp-rev": serialises deny-list writes, so `seq` commits in order
+AUDIT_PRUNE_LOCK = 0x63704150  # "cpAP": one retention sweep of the audit table at a time, (AUDIT_PRUNE_LOCK, 0)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,47 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         CREATE INDEX revocations_by_seq ON revocations (seq);
         CREATE INDEX revocations_expiry ON revocations (denied_until);
+        """,
+    ),
+    Migration(
+        5,
+        "audit trail: append-only records, indexed for the audit command's queries",
+        # The columns of audit/store.py's AuditRecord, as in audit.sqlite3; "user" is quoted (a reserved word).
+        # The indexes serve `audit --job`, `--project` (a path or an id) and `--since`, each ordered by time,
+        # and the retention sweep (time). Append-only as in SQLite: a trigger refuses UPDATE.
+        """
+        CREATE TABLE audit (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            time double precision NOT NULL,
+            gateway text NOT NULL,
+            node text NOT NULL,
+            backend text,
+            method text NOT NULL,
+            path text NOT NULL,
+            status integer NOT NULL,
+            decision text NOT NULL CHECK (decision IN ('allowed', 'denied')),
+            details text,
+            policy text,
+            project_id text,
+            project_path text,
+            pipeline_id text,
+            job_id text,
+            ref text,
+            "user" text,
+            credential_jti text,
+            issuer text,
+            peer text,
+            identity text,
+            reported_time double precision
+        );
+        CREATE INDEX audit_job ON audit (job_id, time);
+        CREATE INDEX audit_project ON audit (project_path, time);
+        CREATE INDEX audit_project_id ON audit (project_id, time);
+        CREATE INDEX audit_time ON audit (time);
+        CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'audit records are append-only'; END $$;
+        CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit
+            FOR EACH ROW EXECUTE FUNCTION audit_append_only();
         """,
     ),
 )
