@@ -898,16 +898,35 @@ def test_a_version_1_store_gains_the_new_columns_and_keeps_its_rows(tmp_path: Pa
         store.close(10)
 
 
-async def test_a_large_or_oversized_claim_is_judged_at_once_not_held(plane: Plane) -> None:
-    """Claims awaiting their ADS stream are held in memory: only small ones may wait."""
+async def test_a_large_first_message_waits_for_its_ads_stream_too(plane: Plane) -> None:
+    """What an Envoy buffered while its replica was gone arrives as one big first message, before its ADS stream
+    is back (docs/shared-state.md): it waits like a small one, so those records are not lost at a failover."""
+    call = plane.stream()
+    backlog = [entry(claims=gitlab_claims(job_id="27"), rbac=ALLOWED, path="/" + "p" * 2_000) for _ in range(100)]
+    first = message(*backlog, node="envoy-27")
+    assert first.ByteSize() > 200_000
+    await call.write(first)
+    await plane.gateway("envoy-27")
+    await call.done_writing()
+    await asyncio.wait_for(call, 10)
+    assert len(await asyncio.to_thread(plane.store.query, job="27", limit=1_000)) == 100
+
+
+async def test_first_messages_past_the_awaiting_budget_are_judged_at_once_not_held(plane: Plane) -> None:
+    """Claims awaiting their ADS stream are held in memory: together they stay within a budget, and a node id
+    no ADS stream could have is not waited for at all."""
     plane.service.senders.attest_wait = 60.0  # type: ignore[union-attr]
+    plane.service.awaited_bytes_limit = 64 * 1024
+    waiting = plane.stream()
+    await waiting.write(message(entry(path="/" + "w" * 40_000), node="not-yet-connected-1"))  # held: in budget
     started = time.monotonic()
-    big = entry(claims=gitlab_claims(job_id="26"), path="/" + "p" * (als.MAX_AWAITED_MESSAGE_BYTES + 1))
-    for first in (message(big, node="not-yet-connected"), message(entry(), node="n" * 100_000)):
+    over = message(entry(claims=gitlab_claims(job_id="26"), path="/" + "p" * 30_000), node="not-yet-connected-2")
+    for first in (over, message(entry(), node="n" * 100_000)):
         call = plane.stream()
         await call.write(first)
         assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
     assert time.monotonic() - started < 10.0
+    waiting.cancel()
 
 
 def test_cli_into_a_closed_pipe_exits_quietly(store: AuditStore) -> None:

@@ -71,9 +71,11 @@ FLUSH_TIMEOUT = 10.0  # seconds an ending stream waits for its records to be com
 REPORTED_TIME_PAST = 25 * 3600.0
 REPORTED_TIME_FUTURE = 300.0  # clock skew between a gateway and the control plane
 REFUSED_DETAILS = "access logs are accepted only from a gateway that holds an xDS stream"
-# A first message is held while its sender's ADS stream is awaited; past this size (4 times the buffer Envoy is
-# configured to flush, compiler/access_log.py) it is judged at once, so awaiting claims hold little memory.
-MAX_AWAITED_MESSAGE_BYTES = 64 * 1024
+# A first message is held while its sender's ADS stream is awaited: an Envoy that reconnects (a replica died, the
+# control plane restarted) opens its access-log stream before its ADS stream, and that first message carries
+# everything it buffered meanwhile, often far more than one flush. All first messages held at once share this
+# budget; one that would go past it is judged at once, so awaiting claims hold bounded memory.
+MAX_AWAITED_BYTES = 16 * 1024 * 1024
 
 _BACKEND_PREFIX = backend_cluster("")
 _PUBLIC_ROUTE = "-public/"
@@ -278,6 +280,8 @@ class AccessLogService:
         self._readers: set[asyncio.Task[str | None]] = set()
         self._streams = itertools.count(1)  # numbers accepted streams, for their queue share's key
         self._closing = False
+        self.awaited_bytes_limit = MAX_AWAITED_BYTES
+        self._awaited_bytes = 0  # first messages held now, waiting for their sender's ADS stream
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -347,8 +351,14 @@ class AccessLogService:
         if not message.HasField("identifier") or self.senders is None:
             return "unidentified" if self.senders is not None else "no_xds_stream"
         node = message.identifier.node
-        wait = 0.0 if message.ByteSize() > MAX_AWAITED_MESSAGE_BYTES else None
-        return await self.senders.attest(node.id, node.cluster, peer, identity, wait=wait)
+        size = message.ByteSize()
+        if self._awaited_bytes + size > self.awaited_bytes_limit:
+            return await self.senders.attest(node.id, node.cluster, peer, identity, wait=0.0)
+        self._awaited_bytes += size
+        try:
+            return await self.senders.attest(node.id, node.cluster, peer, identity)
+        finally:
+            self._awaited_bytes -= size
 
     def _refuse(self, reason: str, message: als_pb2.StreamAccessLogsMessage, peer: str) -> None:
         AUDIT_STREAMS_REFUSED.labels(reason).inc()
