@@ -201,6 +201,27 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between a follower's tries of the leader lock (--store postgres)",
     )
     store.add_argument(
+        "--store-pool-size",
+        type=int,
+        default=store_default("pool_size"),
+        metavar="N",
+        help="connections to PostgreSQL at most, every shared store together (--store postgres)",
+    )
+    store.add_argument(
+        "--store-timeout",
+        type=float,
+        default=store_default("timeout"),
+        metavar="S",
+        help="bound of one connect, one wait for a pooled connection and one statement (--store postgres)",
+    )
+    store.add_argument(
+        "--store-unready-after",
+        type=float,
+        default=store_default("unready_after"),
+        metavar="S",
+        help="/readyz answers 503 once PostgreSQL has been unreachable this long (--store postgres)",
+    )
+    store.add_argument(
         "--store-key-env",
         default=store_default("key_env"),
         help="environment variable holding the key-encryption key of the signing keys (postgres, base64 of 32 bytes)",
@@ -529,6 +550,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             args.store_key_file,
             replica_id=args.replica_id,
             leader_retry=args.leader_retry,
+            pool_size=args.store_pool_size,
+            timeout=args.store_timeout,
+            unready_after=args.store_unready_after,
         )
     except ValueError as error:
         return str(error)

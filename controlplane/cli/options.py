@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from controlplane.credentials.key_cipher import KeyCipher
     from controlplane.credentials.service import CredentialOptions
     from controlplane.store.dsn import StoreDsn
+    from controlplane.store.pool import PoolSettings
     from controlplane.xds.tls import ServerTls
 
 
@@ -69,10 +70,21 @@ class StoreOptions:
     key_file: Path | None = None
     replica_id: str | None = None  # --replica-id: this replica's name in the registry; default a new uuid
     leader_retry: float = 1.0  # --leader-retry: seconds between a follower's tries of the leader lock
+    pool_size: int = 8  # --store-pool-size: connections at most, for every shared store together
+    timeout: float = 5.0  # --store-timeout: one connect, one wait for a pooled connection, one statement
+    unready_after: float = 10.0  # --store-unready-after: the store unreachable this long makes /readyz 503
 
     def __post_init__(self) -> None:
         if self.kind not in STORE_KINDS:
             raise ValueError(f"store kind must be one of {', '.join(STORE_KINDS)}, got {self.kind!r}")
+        if not 2 <= self.pool_size <= 100:
+            raise ValueError(f"--store-pool-size must be 2 to 100, got {self.pool_size}")
+        if not 0.5 <= self.timeout <= 60:
+            raise ValueError(f"--store-timeout must be 0.5 to 60 seconds, got {self.timeout:g}")
+        if not 0 < self.unready_after <= 3600:
+            raise ValueError(
+                f"--store-unready-after must be more than 0 and at most 3600 seconds, got {self.unready_after:g}"
+            )
         if not 0 < self.leader_retry <= 60:
             raise ValueError(f"--leader-retry must be more than 0 and at most 60 seconds, got {self.leader_retry:g}")
         if self.replica_id is not None and not (0 < len(self.replica_id) <= 128 and self.replica_id.isprintable()):
@@ -90,6 +102,18 @@ class StoreOptions:
                 raise DsnError("--replica-id and --leader-retry need --store postgres (one file store, one replica)")
             return None
         return resolve(store=self.dsn, dsn_env=self.dsn_env, dsn_file=self.dsn_file)
+
+    def pool_settings(self) -> PoolSettings:
+        from controlplane.store.pool import PoolSettings
+
+        timeout = self.timeout
+        return PoolSettings(
+            min_size=1,
+            max_size=self.pool_size,
+            connect_timeout=timeout,
+            acquire_timeout=timeout,
+            statement_timeout=timeout,
+        )
 
     def key_cipher(self) -> KeyCipher:
         """What seals the signing keys in PostgreSQL; raises key_cipher.KekError naming the source, never the KEK."""

@@ -51,7 +51,6 @@ from controlplane.runtime.replication import (
     leader,
     proxies_summary,
     registered,
-    registry_pool,
     replica_id,
     this_replica,
 )
@@ -161,10 +160,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         if options.credentials is not None
         else None
     )
-    pool = None
-    if isinstance(lease, LeaderLease):  # the replica registry's pool: PostgreSQL unreachable now is exit 3
-        pool = await parts.step(registry_pool(lease.dsn))
-        parts.on_stop(pool.close, name="replica registry pool")
+    pool = stores.pool  # the replica registry's: every shared store's one pool
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
     policy = to_policy.connect(
@@ -234,8 +230,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         },
         fleet=lambda query: registry.fleet(query, current_versions),
         whole_fleet=lambda: replicas[0].whole_fleet() if replicas else None,
-        ready=lambda: policy.ready,
-        not_ready_reason=policy.not_ready_reason,
+        ready=lambda: _not_ready(policy, stores, options.store.unready_after) is None,
+        not_ready_reason=lambda: _not_ready(policy, stores, options.store.unready_after),
         host=options.admin_host,
         port=options.admin_port,
         limits=options.admin_limits,
@@ -299,7 +295,7 @@ async def _shared_stores(options: ServeOptions, parts: Supervisor) -> SharedStor
         sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
         parts.on_stop(sqlite.close, name="exchange store")
         return SharedStores(sqlite)
-    pool = StorePool(dsn)
+    pool = StorePool(dsn, options.store.pool_settings())
     shared = PostgresExchangeStore(pool)
     await parts.start(shared.open(), shared.close, name="exchange store")
     log.info("exchange state in PostgreSQL at %s", dsn)
@@ -320,6 +316,16 @@ async def _audit_store(
     await parts.start(shared.open(), shared.close, name="audit store")
     log.info("audit trail in PostgreSQL at %s", pool.dsn)
     return shared
+
+
+def _not_ready(policy: PolicyService, stores: SharedStores, unready_after: float) -> str | None:
+    """Why new Envoys should go to another replica, or None. A replica cut off from PostgreSQL keeps serving its
+    Envoys the last good snapshot, but it no longer hears of revocations and key changes made through the
+    others, and it could not start again: past `unready_after` it stops taking new ones (docs/shared-state.md)."""
+    reason = policy.not_ready_reason()
+    if reason is None and stores.feed is not None and (away := stores.feed.unreachable_for()) > unready_after:
+        reason = f"shared store unreachable for {away:.0f}s: changes made through other replicas are not seen here"
+    return reason
 
 
 def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegistry]) -> dict[str, object]:

@@ -18,12 +18,9 @@ import psycopg
 
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.leader import LeaderLease, LeaseSettings, StaticLeader
-from controlplane.store.migrations import migrate
-from controlplane.store.pool import PoolSettings, StorePool, StoreUnavailable
+from controlplane.store.pool import StorePool, StoreUnavailable
 from controlplane.store.replicas import PROXIES_LISTED, ReplicaInfo, ReplicaRegistry
 from controlplane.xds.fleet_status import CurrentVersions, FleetQuery, ProxyRegistry
-
-REGISTRY_POOL = PoolSettings(min_size=1, max_size=2)  # one beat at a time, plus a stop
 
 
 def replica_id(given: str | None) -> str:
@@ -46,20 +43,6 @@ def proxies_summary(
         return {**proxies.fleet(FleetQuery(limit=PROXIES_LISTED), current), "versions": dict(versions())}
 
     return summary
-
-
-async def registry_pool(dsn: StoreDsn) -> StorePool:
-    """The registry's small pool, connected and the schema migrated, before anything is served (unreachable:
-    StoreUnavailable or MigrationError, and `serve` refuses to start, as for the exchange store)."""
-    pool = StorePool(dsn, REGISTRY_POOL)
-    await pool.open()
-    try:
-        async with pool.connection() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
 
 
 async def registered(
