@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,25 @@ from controlplane.runtime.policy_service import PolicyService
 from controlplane.runtime.supervisor import Supervisor
 from controlplane.serving import HttpLimits, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
+from controlplane.sources.deliveries_pg import PostgresDeliveryKeys
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
 from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
-from controlplane.sources.pins import PINS_FILE, PinStore
+from controlplane.sources.inventory_table import RESYNC_TOPIC, InventoryTable
+from controlplane.sources.inventory_table import TOPIC as INVENTORY_TOPIC
+from controlplane.sources.pins import PINS_FILE, PinStore, RememberedPins
+from controlplane.sources.pins_pg import TOPIC as PINS_TOPIC
+from controlplane.sources.pins_pg import PostgresPinStore
 from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
+from controlplane.store.changes import ChangeFeed
 from controlplane.store.dsn import DsnError
-from controlplane.store.pool import StorePool
+from controlplane.store.migrations import MigrationError, migrate
+from controlplane.store.pool import StorePool, StoreUnavailable
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import TransportPolicy, XdsTransportError
@@ -64,12 +71,12 @@ log = logging.getLogger("controlplane")
 STATE_FILES = (LOCK_NAME, KEYS_FILE, REVOCATIONS_FILE, PINS_FILE, EXCHANGE_DB, AUDIT_DB)
 
 
-def _policy_source(options: ServeOptions) -> PolicySource:
+def _policy_source(options: ServeOptions, is_leader: Callable[[], bool]) -> PolicySource:
     gitlab = options.policy_gitlab
     if gitlab is None:
         return DirectorySource(options.policy, options.policy_limits)
     client = GitLabSource(gitlab.url, token_from(gitlab.token_env, gitlab.token_file))
-    return GitLabPolicySource(PolicyRepo(client, gitlab.project_ref, options.policy_limits))
+    return GitLabPolicySource(PolicyRepo(client, gitlab.project_ref, options.policy_limits), is_leader=is_leader)
 
 
 async def serve(options: ServeOptions) -> int:
@@ -81,7 +88,7 @@ async def serve(options: ServeOptions) -> int:
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
-    except (StateFileError, ExchangeStoreError) as unreadable:
+    except (StateFileError, ExchangeStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
     except (XdsTransportError, DsnError) as refused:
@@ -103,6 +110,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
     to_events: Forward[EventRouter] = Forward("event router")
+    pool = await _shared_store(options, parts)  # None with `--store file`
+    feed = ChangeFeed(pool) if pool is not None else None
     audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
     parts.on_stop(lambda: asyncio.to_thread(audit.close), name="audit store")
     gitlab = GitLabLink(
@@ -111,8 +120,16 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         on_policy_push=lambda: to_events().policy_pushed(),
         policy_project=None if options.policy_gitlab is None else PolicyProject(options.policy_gitlab.project_ref),
         on_reachable=lambda issuer: to_events().gitlab_reachable(issuer),
+        share=InventoryTable(pool) if pool is not None else None,
+        is_leader=lambda: True,  # the leader lease (store/leader.py) is wired here, with gitlab.on_leadership
     )
     parts.on_stop(gitlab.stop, name="GitLab watchers")
+    pin_store = await _pin_store(options, pool, parts, lambda: to_policy().recompile("remembered project ids changed"))
+    if feed is not None:
+        feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared)
+        feed.subscribe(RESYNC_TOPIC, gitlab.on_resync_request)
+        if isinstance(pin_store, PostgresPinStore):
+            feed.subscribe(PINS_TOPIC, pin_store.on_notify)
     keys = KeyRelay(
         lambda relayed: to_policy().set_keys(relayed), spawn=parts.spawn, refresh_interval=options.jwks_refresh
     )
@@ -122,7 +139,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     credentials = (
         CredentialService(
             options.credentials,
-            store=await _exchange_store(options, parts),
+            store=await _exchange_store(options, parts, pool),
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
@@ -135,10 +152,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     cache = SnapshotCache()
     policy = to_policy.connect(
         PolicyService(
-            _policy_source(options),
+            _policy_source(options, lambda: gitlab.leading),  # commit statuses: posted by the leader
             cache,
             inventories=gitlab.inventories,
-            pin_store=PinStore(options.state_dir / PINS_FILE),
+            pin_store=pin_store,
             reload_timeout=options.reload_timeout,
             credentials=credentials.inputs if credentials is not None else lambda: None,
             secrets=secrets.for_policy,
@@ -158,6 +175,9 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
 
     # Started, inputs first: watch before the first load, so an edit made while it runs is never missed. Each
     # step is abandoned, and the rest of the start with it, once a part failed (supervisor.py).
+    if feed is not None:  # what other replicas change, and (followers) the leader's GitLab inventories
+        parts.run("change feed", feed.run(parts.stopping))
+        parts.run("GitLab inventory share", gitlab.run(parts.stopping))
     watching = asyncio.Event()
     parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching))
     await parts.step(watching.wait())  # a watcher that could not start stops the start here
@@ -174,7 +194,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         # Cancelled when stopping: a sweep may be waiting on GitLab's retries, no reason to wait for it.
         parts.run("job recovery", recovery.run(parts.stopping), cancel=True)
     if options.webhooks is not None:
-        await _start_webhooks(options.webhooks, options.webhook_limits, events, parts)
+        seen = PostgresDeliveryKeys(pool) if pool is not None else None
+        await _start_webhooks(options.webhooks, options.webhook_limits, events, parts, seen)
     if credentials is not None:  # jobs minted before now are asked about once (credentials/exchange.py)
         credentials.job_hooks_arrive()
 
@@ -189,6 +210,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
+            **({"store": _store_status(feed, pin_store)} if feed is not None else {}),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
         ready=lambda: policy.ready,
@@ -228,19 +250,56 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.wait()
 
 
-async def _exchange_store(options: ServeOptions, parts: Supervisor) -> ExchangeStore:
+async def _shared_store(options: ServeOptions, parts: Supervisor) -> StorePool | None:
+    """The one pool to PostgreSQL every shared store uses (`--store postgres`), connected and migrated before
+    anything is served; unreachable: StoreUnavailable naming the redacted DSN (exit 3). None with `--store file`."""
+    dsn = options.store.resolve_dsn()
+    if dsn is None:
+        return None
+    pool = StorePool(dsn)
+    await parts.start(_opened(pool), pool.close, name="shared store")
+    return pool
+
+
+async def _opened(pool: StorePool) -> None:
+    try:
+        await pool.open()
+        async with pool.connection() as conn:
+            await migrate(conn)
+    except BaseException:
+        await pool.close()
+        raise
+
+
+async def _pin_store(
+    options: ServeOptions, pool: StorePool | None, parts: Supervisor, on_change: Callable[[], Awaitable[object]]
+) -> RememberedPins | PostgresPinStore:
+    """The remembered project ids: the state directory's file, or the shared table (read now: StoreUnavailable
+    stops the start, as an unreadable pins file does); its writer runs until stopping."""
+    if pool is None:
+        return PinStore(options.state_dir / PINS_FILE)
+    pins = PostgresPinStore(pool, on_change=on_change)
+    await pins.open()
+    parts.run("pins writer", pins.run(parts.stopping))
+    return pins
+
+
+async def _exchange_store(options: ServeOptions, parts: Supervisor, pool: StorePool | None) -> ExchangeStore:
     """The exchange's replay counts and finished jobs (`--store`), opened now, before anything is served, and
     closed after the credential service stopped. PostgreSQL is connected and migrated here: unreachable, it
     raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
-    dsn = options.store.resolve_dsn()
-    if dsn is None:
+    if pool is None:
         sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
         parts.on_stop(sqlite.close, name="exchange store")
         return sqlite
-    shared = PostgresExchangeStore(StorePool(dsn))
-    await parts.start(shared.open(), shared.close, name="exchange store")
-    log.info("exchange state in PostgreSQL at %s", dsn)
+    shared = PostgresExchangeStore(pool)  # the shared pool, already open and migrated; closed by `_shared_store`
+    await parts.start(shared.open(), lambda: None, name="exchange store")
+    log.info("exchange state in PostgreSQL at %s", pool.dsn)
     return shared
+
+
+def _store_status(feed: ChangeFeed, pins: RememberedPins | PostgresPinStore) -> dict[str, object]:
+    return {"changes": feed.status(), "pins": pins.status() if isinstance(pins, PostgresPinStore) else None}
 
 
 @contextlib.contextmanager
@@ -270,9 +329,18 @@ def _policy_watcher(
     return events.poll_policy_project(options.policy_gitlab.poll_seconds, ready, stopping)
 
 
-async def _start_webhooks(options: WebhookOptions, limits: HttpLimits, events: EventRouter, parts: Supervisor) -> None:
+async def _start_webhooks(
+    options: WebhookOptions,
+    limits: HttpLimits,
+    events: EventRouter,
+    parts: Supervisor,
+    seen: PostgresDeliveryKeys | None,
+) -> None:
     webhooks = WebhookReceiver(
-        secrets=secrets_from(options.secret_env, options.secret_file), on_event=events.webhook, limits=limits
+        secrets=secrets_from(options.secret_env, options.secret_file),
+        on_event=events.webhook,
+        limits=limits,
+        seen=seen,
     )
     port = await parts.start(webhooks.start(options.host, options.port), webhooks.stop, name="webhook receiver")
     log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", options.host, port)
