@@ -69,7 +69,7 @@ class PostgresPinStore:
     async def open(self) -> None:
         """Read the table (StoreUnavailable if PostgreSQL does not answer: the start must stop)."""
         self._loop = asyncio.get_running_loop()
-        await self.reread()
+        await self.reread(tell=False)  # read by the policy service when it is built (`load`)
 
     def load(self) -> Pins:
         return self.current
@@ -131,7 +131,7 @@ class PostgresPinStore:
         except StoreUnavailable as error:
             log.warning("pins not re-read (the next notification or reconnect re-reads them): %s", error)
 
-    async def reread(self) -> None:
+    async def reread(self, *, tell: bool = True) -> None:
         try:
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(_READ)
@@ -149,7 +149,7 @@ class PostgresPinStore:
                 if not paths:
                     del self._unwritten[issuer]
             after = _merged(self._unwritten, self._table)
-        if after != before and self.on_change is not None:
+        if tell and after != before and self.on_change is not None:
             await self.on_change()
 
     def _pending(self) -> int:
