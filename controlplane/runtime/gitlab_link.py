@@ -309,17 +309,25 @@ class GitLabLink:
     async def _write_dirty(self) -> None:
         assert self.share is not None
         for name in sorted(self._dirty):
+            self._dirty.discard(name)  # before the write: a read made while it runs marks it again
             watch = self._watches.get(name)
             read = watch.watcher.last_read if watch is not None else None
             if read is not None and read is not self._written.get(name):
-                await self.share.write(name, read)  # StoreUnavailable: stays dirty, retried
+                try:
+                    await self.share.write(name, read)
+                except StoreUnavailable:
+                    self._dirty.add(name)  # retried after the backoff
+                    raise
                 self._written[name] = read
-            self._dirty.discard(name)
 
     async def _reread(self) -> None:
         assert self.share is not None
-        rows = await self.share.read({n: m.content_hash for n, m in self._mirrors.items()})
-        self._reread_due = False
+        self._reread_due = False  # before the read: a notification that arrives while it runs asks again
+        try:
+            rows = await self.share.read({n: m.content_hash for n, m in self._mirrors.items()})
+        except StoreUnavailable:
+            self._reread_due = True
+            raise
         for name, row in rows.items():
             mirror = self._mirrors.get(name)
             if row.inventory is not None:
