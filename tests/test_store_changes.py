@@ -135,8 +135,10 @@ async def test_a_lost_session_is_followed_by_a_full_reread(postgres: PostgresSer
             while feed.status()["connected"]:
                 assert time.monotonic() < deadline, "the cut session was never noticed"
                 await asyncio.sleep(0.05)
+            assert feed.unreachable_for() > 0
             await gate.restore()
             await inbox.until(lambda got: got.count(RESYNC) == 2)
+            assert feed.unreachable_for() == 0
             assert "lost" not in inbox.payloads
             await write(writer, "pins", "after")
             await inbox.until(lambda got: got[-1:] == ["after"])

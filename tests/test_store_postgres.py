@@ -215,3 +215,32 @@ def test_redaction_never_shows_a_password() -> None:
     assert store_dsn.redacted("postgres://cp:hunter2@db:5433/cp") == (
         "user=cp dbname=cp host=db port=5433 password=redacted"
     )
+
+
+async def test_a_restarted_server_keeps_its_data_and_the_pool_comes_back() -> None:
+    """The test server's own restart (shut_down, start_again on the same port) as the outage tests use it."""
+    settings = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=1.0, statement_timeout=1.0)
+    with running_server() as server:
+        pool = StorePool(StoreDsn(server.admin_dsn, "test"), settings)
+        await pool.open()
+        try:
+            async with pool.connection() as conn:
+                await conn.execute("CREATE TABLE kept (n int)")
+                await conn.execute("INSERT INTO kept VALUES (7)")
+            server.shut_down()
+            with pytest.raises(StoreUnavailable):
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+            server.start_again()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    async with pool.connection() as conn:
+                        row = await (await conn.execute("SELECT n FROM kept")).fetchone()
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the pool never came back"
+                    await asyncio.sleep(0.05)
+            assert row == (7,)
+        finally:
+            await pool.close()

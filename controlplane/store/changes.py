@@ -114,6 +114,7 @@ class ChangeFeed:
         self.clock = clock
         self._subscriptions: list[_Subscription] = []
         self._connected = False
+        self._down_since: float | None = clock()  # not connected yet: "down" since construction
         self._connects = 0
         self._last_event: float | None = None
         self._last_error: str | None = None
@@ -186,13 +187,23 @@ class ChangeFeed:
                 subscription.put(payload)
 
     def _set_connected(self, connected: bool) -> None:
+        if connected:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = self.clock()
         self._connected = connected
         FEED_CONNECTED.set(1 if connected else 0)
+
+    def unreachable_for(self) -> float:
+        """Seconds since the listening session was lost (0 while connected): the replica's view of the shared
+        state is at most this stale, which is what readiness and alerts judge."""
+        return 0.0 if self._down_since is None else self.clock() - self._down_since
 
     def status(self) -> dict[str, object]:
         return {
             "connected": self._connected,
             "connects": self._connects,
+            "unreachable_seconds": round(self.unreachable_for(), 3),
             "last_event_age_seconds": None if self._last_event is None else round(self.clock() - self._last_event, 3),
             "last_error": self._last_error,
             "topics": sorted({s.topic for s in self._subscriptions}),

@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +96,7 @@ class PostgresServer:
     directory: Path
     port: int
     process: subprocess.Popen[bytes]
+    launch: Callable[[], subprocess.Popen[bytes]] | None = field(default=None, repr=False)
     stopped: bool = field(default=False)
 
     @property
@@ -110,6 +111,17 @@ class PostgresServer:
         with contextlib.suppress(OSError):
             return (self.directory / "server.log").read_text(errors="replace")
         return ""
+
+    def shut_down(self) -> None:
+        """PostgreSQL stopped as an operator stops it (fast shutdown: sessions cut, data checkpointed), its data
+        kept for `start_again`: what a restart or a failover looks like to the control plane."""
+        _terminate(self.process)
+
+    def start_again(self) -> None:
+        """The same data on the same port, once it accepts connections again."""
+        assert self.launch is not None and self.process.poll() is not None, "shut_down() first"
+        self.process = self.launch()
+        _wait_ready(self)
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL past the deadline, then remove the directory. Idempotent."""
@@ -184,18 +196,23 @@ def start_server(bin_dir: Path | None = None) -> PostgresServer:
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb exited with {initdb.returncode}: {initdb.stderr.decode(errors='replace')}")
         port = free_port()
-        with open(directory / "server.log", "wb") as log:
-            if run_as is not None:
-                os.fchown(log.fileno(), *run_as)
-            process = subprocess.Popen(
-                [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
-                 "-c", f"listen_addresses={LOOPBACK}", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=100"],
-                env=env, cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-                user=user, group=group, extra_groups=extra_groups,
-            )  # fmt: skip
-        server = PostgresServer(directory, port, process)
+        command = [
+            str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
+            "-c", f"listen_addresses={LOOPBACK}", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off", "-c", "max_connections=100",
+        ]  # fmt: skip
+
+        def launch() -> subprocess.Popen[bytes]:
+            with open(directory / "server.log", "ab") as log:
+                if run_as is not None:
+                    os.fchown(log.fileno(), *run_as)
+                return subprocess.Popen(
+                    command, env=env, cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, user=user, group=group, extra_groups=extra_groups,
+                )  # fmt: skip
+
+        process = launch()
+        server = PostgresServer(directory, port, process, launch)
         _wait_ready(server)
         return server
     except BaseException:
