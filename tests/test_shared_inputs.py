@@ -331,11 +331,11 @@ def test_an_inventory_round_trips_to_equal_values() -> None:
 API = "api:\n  token_env: GITLAB_TOKEN\n  reconcile: 1h"
 
 
-def write_policy(directory: Path, gitlab: FakeGitLab, subjects: Iterable[str] = ("acme/app",)) -> Path:
+def write_policy(directory: Path, gitlab: FakeGitLab, subjects: Iterable[str] = ("acme/app",), api: str = API) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policy.yaml").write_text(
         documents(
-            issuer(gitlab.issuer, extra=API),
+            issuer(gitlab.issuer, extra=api),
             backend("reports-api", 18080),
             role("reports-read", "reports-api"),
             *(binding(f"b{i}", ["reports-read"], f"{{project: {s}}}") for i, s in enumerate(subjects)),
@@ -499,10 +499,12 @@ async def test_a_follower_reads_nothing_from_gitlab_and_compiles_what_the_leader
             project_id=gitlab_project_id(gitlab), path_with_namespace="acme/app", old_path_with_namespace=None,
             event_name="project_update",
         )  # fmt: skip
+        sent = time.monotonic()
         await followers[0].link.on_event(event)
         await until(lambda: leader.versions != before, "the leader re-synced on the follower's request")
         for follower in followers:
             await until(lambda f=follower: f.versions == leader.versions, "followers recompile with the change")
+        print(f"webhook at a follower -> every replica recompiled: {time.monotonic() - sent:.3f}s")
         assert [f.inventory_reads for f in followers] == [0, 0]
         assert all(c.method == "GET" for c in gitlab.api_calls())
 
@@ -570,3 +572,22 @@ async def test_file_store_link_needs_no_table(gitlab: FakeGitLab, tmp_path: Path
     await link.settled(DEADLINE)
     assert "gitlab" in link.inventories() and "role" not in link.status()[0]
     await link.stop()
+
+
+async def test_a_follower_withdraws_on_time_when_the_leader_stops_reading(
+    pg_dsn: str, gitlab: FakeGitLab, tmp_path: Path
+) -> None:
+    """Staleness is judged from the leader's read time on every replica: a leader that stops reading (dead, no
+    successor yet) leaves followers failing closed after `max_staleness`, as its own watcher would have."""
+    api = "api:\n  token_env: GITLAB_TOKEN\n  reconcile: 10s\n  max_staleness: 10s"
+    policy = write_policy(tmp_path / "policy", gitlab, api=api)
+    async with replicas(pg_dsn, policy, [False]) as (follower,):
+        async with replicas(pg_dsn, policy, [True]) as (leader,):
+            await until(lambda: _has_live(follower) and follower.versions == leader.versions, "follower in step")
+            served = dict(follower.versions)
+        inventory = follower.inventory()
+        assert inventory is not None and inventory.fetched_at is not None
+        await until(lambda: follower.versions != served, "bindings withdrawn", timeout=15.0)
+        assert follower.inventory() is not None and follower.inventory().stale  # type: ignore[union-attr]
+        assert time.time() - inventory.fetched_at >= 10.0
+        assert follower.inventory_reads == 0
