@@ -132,3 +132,6 @@ def test_serve_shares_what_it_learns_from_gitlab_in_postgresql(tmp_path: Path, p
             assert [p["path"] for p in rows[0][1]["projects"]] == ["acme/app"]
             assert keys == [("k-1",)]
             assert not (built.controlplane.state_dir / "pins.json").exists()
+            shared = built.controlplane.status()["store"]
+            assert shared["pins"] == {"kind": "postgres", "unwritten": 0, "last_error": None}
+            assert shared["webhook_deliveries"] == {"kind": "postgres", "memory_fallbacks": 0, "last_error": None}

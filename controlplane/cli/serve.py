@@ -112,6 +112,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     to_events: Forward[EventRouter] = Forward("event router")
     pool = await _shared_store(options, parts)  # None with `--store file`
     feed = ChangeFeed(pool) if pool is not None else None
+    deliveries = PostgresDeliveryKeys(pool) if pool is not None else None  # webhook keys, shared by replicas
     audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
     parts.on_stop(lambda: asyncio.to_thread(audit.close), name="audit store")
     gitlab = GitLabLink(
@@ -194,8 +195,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         # Cancelled when stopping: a sweep may be waiting on GitLab's retries, no reason to wait for it.
         parts.run("job recovery", recovery.run(parts.stopping), cancel=True)
     if options.webhooks is not None:
-        seen = PostgresDeliveryKeys(pool) if pool is not None else None
-        await _start_webhooks(options.webhooks, options.webhook_limits, events, parts, seen)
+        await _start_webhooks(options.webhooks, options.webhook_limits, events, parts, deliveries)
     if credentials is not None:  # jobs minted before now are asked about once (credentials/exchange.py)
         credentials.job_hooks_arrive()
 
@@ -210,7 +210,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
-            **({"store": _store_status(feed, pin_store)} if feed is not None else {}),
+            **({"store": _store_status(feed, pin_store, deliveries)} if feed is not None else {}),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
         ready=lambda: policy.ready,
@@ -298,8 +298,14 @@ async def _exchange_store(options: ServeOptions, parts: Supervisor, pool: StoreP
     return shared
 
 
-def _store_status(feed: ChangeFeed, pins: RememberedPins | PostgresPinStore) -> dict[str, object]:
-    return {"changes": feed.status(), "pins": pins.status() if isinstance(pins, PostgresPinStore) else None}
+def _store_status(
+    feed: ChangeFeed, pins: RememberedPins | PostgresPinStore, deliveries: PostgresDeliveryKeys | None
+) -> dict[str, object]:
+    return {
+        "changes": feed.status(),
+        "pins": pins.status() if isinstance(pins, PostgresPinStore) else None,
+        "webhook_deliveries": deliveries.status() if deliveries is not None else None,
+    }
 
 
 @contextlib.contextmanager
