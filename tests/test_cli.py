@@ -297,7 +297,7 @@ def test_serve_flags_default_to_the_options_defaults(monkeypatch: pytest.MonkeyP
     credentials = CredentialOptions(DEFAULT_EXCHANGE_ADDRESS, DEFAULT_EXCHANGE_ADDRESS, DEFAULT_STATE_DIR)
     assert parsed == ServeOptions(policy=Path("p"), credentials=credentials)
     bootstrap = _parser().parse_args(["bootstrap", "--group", "g"])
-    assert bootstrap.xds_address == (ServeOptions.xds_host, ServeOptions.xds_port)
+    assert bootstrap.xds_addresses is None  # `_bootstrap` then dials serve's default xDS address
     args = _parser().parse_args(["serve", "--policy", "p"])
     store = StoreOptions()
     assert (args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file) == (

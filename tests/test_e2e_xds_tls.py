@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.audit.store import open_readonly, query_records
-from controlplane.cli.bootstrap import ClientTls, render_bootstrap
+from controlplane.cli.bootstrap import ClientTls, render_bootstrap, replica_order
 from tests.support.certs import Pki, make_pki
 from tests.support.envoy import EnvoyProcess
 from tests.support.one_backend import one_backend_policy
@@ -109,3 +109,24 @@ def test_an_envoy_without_a_trusted_client_certificate_never_gets_config(tls_sta
         assert not envoy.config_dump("dynamic_listeners").get("configs")  # no listener, active or warming
         assert envoy.stats("^cluster_manager.cds.update_success$").get("cluster_manager.cds.update_success") == 0
         assert node_id not in tls_stack.node_ids()
+
+
+def test_with_several_addresses_an_envoy_skips_a_dead_one_and_checks_the_live_ones_certificate(
+    tls_stack: TlsStack,
+) -> None:
+    """Replicas by IP: each is accepted as an IP SAN, and a replica that refuses connections is skipped, whatever
+    place the node's order gives it (both orders are tried: node ids that put the dead one first and last)."""
+    live = (LOOPBACK, tls_stack.controlplane.xds_port)
+    dead = ("127.0.0.2", free_port())  # nothing listens there: refused at once
+    tls = _client_tls(tls_stack.pki, tls_stack.pki.client.cert, tls_stack.pki.client.key)
+    firsts = {}
+    for i in range(40):
+        node = f"tls-replicas-{i}"
+        firsts.setdefault(replica_order(node, [dead, live])[0], node)
+    assert firsts.keys() == {dead, live}
+    for node in firsts.values():
+        bootstrap = render_bootstrap(
+            group="ci-gateway", node_id=node, xds_host=dead[0], xds_port=dead[1], tls=tls, more_xds_addresses=[live]
+        )
+        with EnvoyProcess(bootstrap, name="tls-replicas"):
+            poll_until(lambda n=node: n in tls_stack.node_ids(), 20, message=f"{node} on the live replica")

@@ -456,7 +456,7 @@ def test_rendered_bootstrap_shape() -> None:
     ads = boot["dynamic_resources"]["ads_config"]
     assert (ads["api_type"], ads["set_node_on_first_message_only"]) == ("GRPC", True)
     (xds,) = boot["static_resources"]["clusters"]
-    assert xds["type"] == "LOGICAL_DNS"
+    assert xds["type"] == "STRICT_DNS"  # every address the name resolves to is an endpoint
     assert (
         render_bootstrap(group="e", node_id="n", xds_host="10.0.0.1", xds_port=1)["static_resources"]["clusters"][0][
             "type"

@@ -9,8 +9,14 @@ Choices worth knowing:
 - SotW ADS (``GRPC``) with ``set_node_on_first_message_only``: the node is sent once per stream, not per
   request.
 - ``xds_cluster`` is HTTP/2 (gRPC needs it) with keepalive pings, so a half-dead control plane connection is
-  noticed and re-established rather than waiting forever; STATIC for an IP, LOGICAL_DNS for a hostname (a
-  Kubernetes Service name re-resolves when the Service's endpoints move).
+  noticed and re-established rather than waiting forever; STATIC for IPs, STRICT_DNS when a hostname is given:
+  every address a name resolves to becomes an endpoint (a headless Service lists each replica), re-resolved
+  as replicas come and go.
+- Several addresses (replicas) are one priority each, in an order rotated by the node id: a fleet spreads over
+  the replicas while each Envoy's streams (ADS and the access log, which a replica attests by an ADS stream on
+  itself) go to the same one; round robin split them. One refused connect or reset stream ejects a replica, so
+  Envoy's next attempt goes to the next; replicas serve identical content-hashed versions, so the resumed
+  stream re-sends nothing (docs/shared-state.md, "Replicas: identical versions and failover").
 - The admin interface defaults to loopback: it can dump config and quit the server, so it must not be exposed.
 - With ``--tls-ca/--tls-cert/--tls-key`` the xds_cluster speaks mTLS (ALPN h2) and checks the control plane's
   certificate against the CA *and* its name (SNI as a DNS SAN, or the address as an IP SAN): Envoy checks no
@@ -22,7 +28,9 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +41,15 @@ from controlplane.compiler.util import is_ip
 from controlplane.serving import LOOPBACK
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+# With several replicas: one failed connect or reset stream (counted as a 503) takes a replica out of the
+# proxy's choice, so its next stream goes to the next replica by priority; it is tried again after the ejection
+# time (longer each time it fails again). Any share of the replicas may be out: with all out Envoy tries anyway.
+FAILOVER_DETECTION: dict[str, Any] = {
+    "consecutive_5xx": 1,
+    "interval": "1s",
+    "base_ejection_time": "10s",
+    "max_ejection_percent": 100,
+}
 UPSTREAM_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
@@ -46,12 +63,25 @@ class ClientTls:
     sni: str | None = None  # default: the xDS host when it is a name
 
 
-def _transport_socket(tls: ClientTls, xds_host: str) -> dict[str, Any]:
-    sni = tls.sni or (None if is_ip(xds_host) else xds_host)
+def _server_name(tls: ClientTls, hosts: Sequence[str]) -> str | None:
+    """The one name every replica's certificate must hold. One cluster sends one SNI, so several different
+    hostnames need an explicit ``sni``; IPs alone are checked as IP SANs instead."""
+    if tls.sni:
+        return tls.sni
+    names = sorted({host for host in hosts if not is_ip(host)})
+    if len(names) > 1 or (names and len(set(hosts)) > 1):
+        raise ValueError(
+            f"several xDS hosts {', '.join(hosts)}: give tls sni, the name every replica's certificate holds"
+        )
+    return names[0] if names else None
+
+
+def _transport_socket(tls: ClientTls, hosts: Sequence[str]) -> dict[str, Any]:
+    sni = _server_name(tls, hosts)
     san = (
-        {"san_type": "DNS", "matcher": {"exact": sni}}
+        [{"san_type": "DNS", "matcher": {"exact": sni}}]
         if sni
-        else {"san_type": "IP_ADDRESS", "matcher": {"exact": xds_host}}
+        else [{"san_type": "IP_ADDRESS", "matcher": {"exact": host}} for host in dict.fromkeys(hosts)]
     )
     context: dict[str, Any] = {
         "@type": UPSTREAM_TLS_CONTEXT,
@@ -62,7 +92,7 @@ def _transport_socket(tls: ClientTls, xds_host: str) -> dict[str, Any]:
             ],
             "validation_context": {
                 "trusted_ca": {"filename": tls.ca_file},
-                "match_typed_subject_alt_names": [san],
+                "match_typed_subject_alt_names": san,
             },
         },
     }
@@ -94,11 +124,23 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _xds_cluster(xds_host: str, xds_port: int, tls: ClientTls | None) -> dict[str, Any]:
-    ip = is_ip(xds_host)
+def replica_order(node_id: str, addresses: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The replicas in the order this proxy prefers them: rotated by a stable hash of its node id, so a fleet
+    spreads over the replicas while each proxy keeps to one (its ADS and access-log streams on the same one)."""
+    start = int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "big") % len(addresses)
+    return [*addresses[start:], *addresses[:start]]
+
+
+def _xds_cluster(node_id: str, addresses: Sequence[tuple[str, int]], tls: ClientTls | None) -> dict[str, Any]:
+    ip = all(is_ip(host) for host, _ in addresses)
+    preferred = replica_order(node_id, addresses)
+    endpoints = [
+        {"priority": priority, "lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+        for priority, (host, port) in enumerate(preferred)
+    ]
     cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if ip else "LOGICAL_DNS",
+        "type": "STATIC" if ip else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -111,15 +153,14 @@ def _xds_cluster(xds_host: str, xds_port: int, tls: ClientTls | None) -> dict[st
             }
         },
         "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 300}},
-        "load_assignment": {
-            "cluster_name": XDS_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(xds_host, xds_port)}}]}],
-        },
+        "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": endpoints},
     }
+    if len(addresses) > 1:
+        cluster["outlier_detection"] = FAILOVER_DETECTION
     if not ip:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if tls is not None:
-        cluster["transport_socket"] = _transport_socket(tls, xds_host)
+        cluster["transport_socket"] = _transport_socket(tls, [host for host, _ in addresses])
     return cluster
 
 
@@ -141,18 +182,20 @@ def render_bootstrap(
     admin_port: int = DEFAULT_ADMIN_PORT,
     tls: ClientTls | None = None,
     api: str = DEFAULT_API,
+    more_xds_addresses: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
     """A complete Envoy v3 bootstrap as plain data (JSON/YAML-serialisable), validated up front so a typo
-    fails here rather than as an Envoy that never becomes ready."""
-    for name, value in (
-        ("group", group),
-        ("node_id", node_id),
-        ("xds_host", xds_host),
-        ("admin_address", admin_address),
-    ):
+    fails here rather than as an Envoy that never becomes ready.
+
+    `more_xds_addresses`: further control plane replicas, (host, port) each, after `xds_host:xds_port`."""
+    addresses = list(dict.fromkeys([(xds_host, xds_port), *more_xds_addresses]))
+    for name, value in (("group", group), ("node_id", node_id), ("admin_address", admin_address)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    _check_port("xds_port", xds_port)
+    for host, port in addresses:
+        if not isinstance(host, str) or not host.strip():
+            raise ValueError(f"xds_host must be a non-empty string, got {host!r}")
+        _check_port("xds_port", port)
     if api not in API_TYPES:
         raise ValueError(f"api must be one of {', '.join(API_TYPES)}, got {api!r}")
     _check_port("admin_port", admin_port, allow_zero=True)  # 0 = kernel-chosen, useful with --admin-address-path
@@ -180,7 +223,7 @@ def render_bootstrap(
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [_xds_cluster(xds_host, xds_port, tls)]},
+        "static_resources": {"clusters": [_xds_cluster(node_id, addresses, tls)]},
         "layered_runtime": {
             "layers": [
                 {"name": "static_layer", "static_layer": {}},
@@ -212,6 +255,7 @@ def bootstrap_yaml(
     admin_port: int = DEFAULT_ADMIN_PORT,
     tls: ClientTls | None = None,
     api: str = DEFAULT_API,
+    more_xds_addresses: Sequence[tuple[str, int]] = (),
 ) -> str:
     """The same bootstrap as YAML, in Envoy's field order (``sort_keys=False``) so it reads like the docs."""
     return yaml.dump(
@@ -224,6 +268,7 @@ def bootstrap_yaml(
             admin_port=admin_port,
             tls=tls,
             api=api,
+            more_xds_addresses=more_xds_addresses,
         ),
         Dumper=_EnvoySafeDumper,
         sort_keys=False,

@@ -35,6 +35,11 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _host_ports(value: str) -> list[tuple[str, int]]:
+    """One or more HOST:PORT, comma-separated: `bootstrap --xds-address` lists the control plane's replicas."""
+    return [_host_port(part.strip()) for part in value.split(",") if part.strip()] or [_host_port(value)]
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {value!r}")
@@ -285,7 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
-    bootstrap.add_argument("--xds-address", type=_host_port, default=xds_address)
+    bootstrap.add_argument(
+        "--xds-address",
+        dest="xds_addresses",
+        type=_host_ports,
+        action="extend",
+        help="control plane HOST:PORT; repeat it or give a comma list for several replicas (Envoy fails over "
+        f"between them), or one name that resolves to all of them (default: {xds_address[0]}:{xds_address[1]})",
+    )
     bootstrap.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
     bootstrap.add_argument("--tls-ca", help="mTLS to the control plane: CA that signed its server certificate")
     bootstrap.add_argument("--tls-cert", help="this proxy's client certificate chain (PEM file path on the proxy)")
@@ -537,16 +549,17 @@ def _bootstrap(args: argparse.Namespace) -> int:
     import socket
 
     from controlplane.cli.bootstrap import ClientTls, bootstrap_yaml
+    from controlplane.cli.options import ServeOptions
 
     tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
     if (any(tls_files) and not all(tls_files)) or (args.tls_sni and not any(tls_files)):
         print("--tls-ca, --tls-cert and --tls-key go together (and --tls-sni needs them)", file=sys.stderr)
         return 2
     tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni) if all(tls_files) else None
-    host, port = args.xds_address
+    (host, port), *more = args.xds_addresses or [(ServeOptions.xds_host, ServeOptions.xds_port)]
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
-    print(
-        bootstrap_yaml(
+    try:
+        text = bootstrap_yaml(
             group=args.group,
             node_id=node_id,
             xds_host=host,
@@ -554,8 +567,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             tls=tls,
             api=args.api,
+            more_xds_addresses=more,
         )
-    )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 

@@ -144,6 +144,13 @@ class ControlPlaneProcess:
                 return proc.wait(5)
         return proc.returncode
 
+    def kill(self) -> int:
+        """SIGKILL, as a crashed pod or an OOM kill ends it: no graceful shutdown, no goodbye to its streams."""
+        proc, self._proc = self._proc, None
+        assert proc is not None, "not running"
+        proc.kill()
+        return proc.wait(10)
+
     def restart(self) -> None:
         self.stop()
         self.start()
