@@ -535,6 +535,7 @@ async def test_a_new_leader_carries_on_from_the_table_then_reads_gitlab(
         await until(lambda: _has_live(follower) and follower.versions == leader.versions, "follower in step")
         served = dict(follower.versions)
         await leader.link.on_leadership(False)  # the lease moved
+        assert not leader.link.leading and _has_live(leader)  # its last read stands until the table is re-read
         await follower.link.on_leadership(True)
         assert follower.link.leading and follower.versions == served  # seeded: nothing withdrawn meanwhile
         assert _has_live(follower)

@@ -35,7 +35,7 @@ from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
 from controlplane.sources.gitlab_events import GitLabEvent, GroupEvent, PipelineEvent, ProjectEvent, PushEvent
 from controlplane.sources.gitlab_watch import InventorySource, InventoryWatcher, Scope
-from controlplane.sources.inventory_table import InventoryTable
+from controlplane.sources.inventory_table import InventoryTable, content_hash
 from controlplane.store.pool import StoreUnavailable
 
 log = logging.getLogger("controlplane.gitlab")
@@ -339,17 +339,18 @@ class GitLabLink:
 
     async def _tell(self) -> None:
         """on_inventory_change when a followed issuer's content or staleness changed (as a watcher would)."""
-        now = self.clock()
-        current: dict[str, tuple[str | None, bool]] = {}
-        for name, source in self._sources.items():
-            mirror = self._mirrors.get(name)
-            if mirror is None:
-                current[name] = (None, True)
-            else:
-                current[name] = (mirror.content_hash, mirror.inventory(source.api.max_staleness_seconds, now).stale)
+        current = {name: self._state(name) for name in self._sources}
         if any(self._told.get(name) != state for name, state in current.items()):
             self._told.update(current)
             await self.on_inventory_change()
+
+    def _state(self, name: str) -> tuple[str | None, bool]:
+        """What the policy service was told of a followed issuer: its content (hash) and staleness."""
+        mirror = self._mirrors.get(name)
+        if mirror is None:
+            return (None, True)
+        limit = self._sources[name].api.max_staleness_seconds
+        return (mirror.content_hash, mirror.inventory(limit, self.clock()).stale)
 
     def _next_stale_in(self) -> float | None:
         """Seconds until a mirrored inventory turns stale (then bindings are withdrawn, on time)."""
@@ -392,14 +393,19 @@ class GitLabLink:
             if followed is not None:
                 self.follow(*followed)
             return
+        # What it read last stands until the table is re-read: a compile meanwhile withdraws nothing.
+        self._mirrors = {
+            name: _Mirror(content_hash(read), replace(read, stale=False))
+            for name, w in self._watches.items()
+            if (read := w.watcher.last_read) is not None
+        }
         tasks = [w.task for w in self._watches.values()]
         for name in list(self._watches):
             self._unwatch(name)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._written.clear()
         self._dirty.clear()
-        self._told = {name: (None, True) for name in self._sources}
-        self._mirrors.clear()
+        self._told = {name: self._state(name) for name in self._sources}
         self._reread_due = True
         self._wake.set()
 
