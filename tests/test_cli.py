@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -321,8 +322,19 @@ def test_serve_store_flags_name_one_dsn_source_without_a_password(
         return serve_options(_parser().parse_args(["serve", "--policy", "p", *flags]))
 
     monkeypatch.setenv("CP_STORE_DSN", "postgresql://cp:s3cret@db.internal/cp")
-    parsed = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN")
-    assert not isinstance(parsed, str) and parsed.store == StoreOptions("postgres", dsn_env="CP_STORE_DSN")
+    monkeypatch.setenv("CP_STORE_KEY", base64.b64encode(b"k" * 32).decode())
+    parsed = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key-env", "CP_STORE_KEY")
+    assert not isinstance(parsed, str)
+    assert parsed.store == StoreOptions("postgres", dsn_env="CP_STORE_DSN", key_env="CP_STORE_KEY")
+    no_kek = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN")
+    assert isinstance(no_kek, str) and "--store-key-env NAME or --store-key-file PATH" in no_kek
+    bad_kek = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key-env", "CP_STORE_DSN")
+    assert isinstance(bad_kek, str) and "is not base64" in bad_kek and "s3cret" not in bad_kek
+    without_exchange = options("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--no-exchange")
+    assert not isinstance(without_exchange, str)  # nothing to seal
+    stray_kek = options("--store-key-env", "CP_STORE_KEY")
+    assert isinstance(stray_kek, str) and "need --store postgres" in stray_kek
+    assert main(["serve", "--policy", str(tmp_path), "--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"]) == 2
     missing = options("--store", "postgres")
     assert isinstance(missing, str) and "--store-dsn-env" in missing and "got none" in missing
     with_password = options("--store", "postgres", "--store-dsn", "postgresql://cp:s3cret@db.internal/cp")

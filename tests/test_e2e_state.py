@@ -114,7 +114,12 @@ def test_a_job_that_ended_while_the_control_plane_was_down_is_revoked_on_start(s
         message="finished jobs revoked after restart",
     )
     elapsed = time.monotonic() - started
-    assert state_stack.controlplane.metric("controlplane_job_recovery_revocations_total") == 2
+    # Counted once `revoke_finished` returned, after the deny list's write that follows the push.
+    poll_until(
+        lambda: state_stack.controlplane.metric("controlplane_job_recovery_revocations_total") == 2,
+        5,
+        message="both revocations counted",
+    )
     print(f"restart -> job revoked at the gateway in {elapsed:.2f}s")
     running = state_stack.gitlab.add_job(state_stack.project, status="running")
     assert state_stack.get(state_stack.credential(running)) == 200  # a running job is asked about and left alone
@@ -164,7 +169,12 @@ def test_a_raw_id_token_of_a_job_that_ended_while_the_control_plane_was_down_is_
     poll_until(denied, 2.0, interval=0.02, message="raw ID token of a finished job denied")
     elapsed = time.monotonic() - first
     assert set(statuses) <= {200, 403}, statuses
-    assert state_stack.controlplane.metric("controlplane_gateway_job_checks_total", result="finished") == 1
+    # Counted once the check returns, after the deny list's write that follows the push: Envoy may deny first.
+    poll_until(
+        lambda: state_stack.controlplane.metric("controlplane_gateway_job_checks_total", result="finished") == 1,
+        5,
+        message="the gateway check counted as finished",
+    )
     print(f"first raw request -> 403 in {elapsed:.2f}s ({statuses.count(200)} of {len(statuses)} passed)")
     running = state_stack.gitlab.add_job(state_stack.project)  # minted after the restart: never asked about
     assert state_stack.get(state_stack.raw_token(running), "raw.local") == 200

@@ -4,25 +4,39 @@ would read it (docs/shared-state.md)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import itertools
+import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import jwt
 import psycopg
 import pytest
 
 from controlplane.credentials.exchange_store import DB_NAME
-from controlplane.store.dsn import redacted
+from controlplane.credentials.key_cipher import parse_keks
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
+from controlplane.store.dsn import StoreDsn, redacted
+from controlplane.store.migrations import migrate
+from controlplane.store.pool import StorePool
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import deliver, push_hook
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.support.stack import PolicyInputs, Served, exchange_answers, serve_stack
+from tests.support.replicas import replicated
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, exchange_answers, serve_stack
 
 pytestmark = pytest.mark.e2e
+
+SHARED = ("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key-env", "CP_STORE_KEY")
+KEK = base64.b64encode(bytes(range(32))).decode()
 
 
 def policy(given: PolicyInputs) -> str:
@@ -47,8 +61,8 @@ def test_serve_keeps_the_replay_bound_in_postgresql(tmp_path: Path, pg_dsn: str)
         kind=DirectExchange,
         envoy=None,
         ready=exchange_answers,
-        serve_args=("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"),
-        env={"CP_STORE_DSN": pg_dsn},
+        serve_args=SHARED,
+        env={"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK},
     ) as built:
         assert built.controlplane.status()["credentials"]["store"] == {"kind": "postgres", "dsn": redacted(pg_dsn)}
         token = built.subject(601)
@@ -69,8 +83,8 @@ def test_serve_refuses_to_start_when_postgresql_is_unreachable(tmp_path: Path) -
     result = subprocess.run(
         [sys.executable, "-m", "controlplane", "serve", "--policy", str(tmp_path), "--state-dir", str(tmp_path / "s"),
          "--admin-address", f"{LOOPBACK}:{free_port()}", "--exchange-address", f"{LOOPBACK}:{free_port()}",
-         "--xds-address", f"{LOOPBACK}:{free_port()}", "--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"],
-        env={**os.environ, "CP_STORE_DSN": dsn}, capture_output=True, text=True, timeout=60,
+         "--xds-address", f"{LOOPBACK}:{free_port()}", *SHARED],
+        env={**os.environ, "CP_STORE_DSN": dsn, "CP_STORE_KEY": KEK}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
     refused = [line for line in result.stderr.splitlines() if "refusing to start" in line]
@@ -114,7 +128,7 @@ def test_serve_shares_what_it_learns_from_gitlab_in_postgresql(tmp_path: Path, p
             env={"CP_STORE_DSN": pg_dsn},
         ) as built:
             status = built.controlplane.status()
-            assert status["gitlab"][0]["role"] == "leader" and status["store"]["changes"]["connected"]
+            assert status["gitlab"][0]["role"] == "leader" and status["change_feed"]["connected"]
             payload = push_hook(project_id, "acme/app", "refs/heads/main", "0" * 40, "1" * 40)
             assert [deliver(built.hook, "Push Hook", payload, idempotency_key="k-1").json() for _ in range(2)] == [
                 {"accepted": True, "kind": "push"},
@@ -132,6 +146,116 @@ def test_serve_shares_what_it_learns_from_gitlab_in_postgresql(tmp_path: Path, p
             assert [p["path"] for p in rows[0][1]["projects"]] == ["acme/app"]
             assert keys == [("k-1",)]
             assert not (built.controlplane.state_dir / "pins.json").exists()
-            shared = built.controlplane.status()["store"]
+            shared = built.controlplane.status()["shared_inputs"]
             assert shared["pins"] == {"kind": "postgres", "unwritten": 0, "last_error": None}
             assert shared["webhook_deliveries"] == {"kind": "postgres", "memory_fallbacks": 0, "last_error": None}
+
+
+def test_two_replicas_sign_with_and_publish_the_same_keys(tmp_path: Path, pg_dsn: str) -> None:
+    """Two `serve --store postgres` on one database (started together, each creating the first key if none):
+    one key set, sealed in the database, a credential exchanged at either signed by a key both publish."""
+    env = {"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK}
+    for replica in ("a", "b"):
+        (tmp_path / replica).mkdir()
+    with (
+        serve_stack(tmp_path / "a", policy, kind=DirectExchange, envoy=None, ready=exchange_answers,
+                    serve_args=SHARED, env=env) as a,
+        serve_stack(tmp_path / "b", policy, kind=DirectExchange, envoy=None, ready=exchange_answers,
+                    serve_args=SHARED, env=env) as b,
+    ):  # fmt: skip
+        kids_a = a.controlplane.status()["credentials"]["published_kids"]
+        kids_b = b.controlplane.status()["credentials"]["published_kids"]
+        assert kids_a == kids_b and len(kids_a) == 1, (kids_a, kids_b)
+        assert b.controlplane.status()["credentials"]["signing_keys"]["kind"] == "postgres"
+        for replica in (a, b):
+            answer = replica.exchange(replica.subject(701))
+            assert answer.status == 200
+            assert jwt.get_unverified_header(json.loads(answer.body)["access_token"])["kid"] in kids_b
+        with psycopg.connect(pg_dsn) as db:
+            sealed = db.execute("SELECT kid, sealed_private_key FROM signing_keys").fetchall()
+        assert [kid for kid, _ in sealed] == kids_a and b"PRIVATE KEY" not in sealed[0][1]
+        assert not (a.controlplane.state_dir / "signing-keys.json").exists()
+    for replica in ("a", "b"):
+        assert "PRIVATE KEY" not in (tmp_path / replica / "controlplane.log").read_text()
+
+
+def test_a_credential_from_one_replica_opens_the_envoy_of_another_across_rotations(tmp_path: Path, pg_dsn: str) -> None:
+    """Replica B signs, replica A's Envoy verifies: B's credentials pass A's gateway while the shared keys rotate
+    every 3 s, and A publishes each new key before B signs with it. Both replicas lead here (the real election is
+    wired at merge), yet each period rotates once: the change is planned from the rows under the lock."""
+    env = {"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK}
+    rotating = (*SHARED, "--key-rotation", "3")
+    for replica in ("a", "b"):
+        (tmp_path / replica).mkdir()
+    with (
+        serve_stack(tmp_path / "a", policy, kind=Served, envoy=EnvoySpec("replica-a", "replica-a-envoy"),
+                    ready=exchange_answers, serve_args=rotating, env=env) as a,
+        serve_stack(tmp_path / "b", policy, kind=DirectExchange, envoy=None, ready=exchange_answers,
+                    serve_args=rotating, env=env) as b,
+    ):  # fmt: skip
+        statuses: list[int] = []
+        kids: set[str] = set()
+        deadline = time.monotonic() + 10
+        job = 800
+        while time.monotonic() < deadline:
+            job += 1
+            credential = b.credential(job)
+            kids.add(jwt.get_unverified_header(credential)["kid"])
+            statuses.append(a.call("reports.local", credential))
+        assert len(kids) >= 3, kids  # several rotations happened
+        assert statuses and set(statuses) == {200}, [s for s in statuses if s != 200]
+        with psycopg.connect(pg_dsn) as db:
+            stored = db.execute("SELECT kid, not_before FROM signing_keys ORDER BY not_before").fetchall()
+        assert kids <= {kid for kid, _ in stored}
+        starts = [float(str(not_before)) for _, not_before in stored]
+        assert all(later - earlier >= 3 for earlier, later in itertools.pairwise(starts)), starts
+
+
+def test_three_replicas_started_together_compile_the_same_versions(tmp_path: Path, pg_dsn: str) -> None:
+    """Three replicas started at once on an empty database: one first key between them, and, routing the
+    exchange to one public address as a fleet does, byte-identical snapshots (the same version per gateway
+    group), so an Envoy moving between replicas gets nothing re-sent."""
+    public = ("--exchange-public-address", f"{LOOPBACK}:{free_port()}")
+    with replicated(tmp_path, policy, pg_dsn, serve_args=public) as fleet:
+        statuses = [replica.status() for replica in fleet]
+        kids = [s["credentials"]["published_kids"] for s in statuses]
+        assert kids[0] == kids[1] == kids[2] and len(kids[0]) == 1, kids
+        versions = [s["policy"]["snapshot_versions"] for s in statuses]
+        assert versions[0] and versions[0] == versions[1] == versions[2], versions
+        with psycopg.connect(pg_dsn) as db:
+            assert db.execute("SELECT kid FROM signing_keys").fetchall() == [(kids[0][0],)]
+
+
+def test_serve_refuses_keys_it_cannot_open_and_a_missing_kek(tmp_path: Path, pg_dsn: str) -> None:
+    """Keys sealed under another KEK: exit 3 naming the kid and the KEK id, never a KEK. No KEK at all: exit 2."""
+    other = base64.b64encode(b"another KEK, not this replica's!").decode()
+
+    def serve(*extra: str, kek: str | None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "CP_STORE_DSN": pg_dsn} | ({"CP_STORE_KEY": kek} if kek else {})
+        return subprocess.run(
+            [sys.executable, "-m", "controlplane", "serve", "--policy", str(tmp_path), "--state-dir",
+             str(tmp_path / "s"), "--admin-address", f"{LOOPBACK}:{free_port()}", "--exchange-address",
+             f"{LOOPBACK}:{free_port()}", "--xds-address", f"{LOOPBACK}:{free_port()}", *extra],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    async def sealed_under_other() -> None:
+        pool = StorePool(StoreDsn(pg_dsn, "test"))
+        await pool.open()
+        try:
+            async with pool.connection() as conn:
+                await migrate(conn)
+            await SharedKeys.open(
+                PostgresKeyStore(pool, parse_keks(other, "t")), rotate_every=100, max_credential_ttl=10, publish_lead=1
+            )
+        finally:
+            await pool.close()
+
+    asyncio.run(sealed_under_other())
+    refused = serve(*SHARED, kek=KEK)
+    assert refused.returncode == 3, refused.stderr
+    line = next(line for line in refused.stderr.splitlines() if "refusing to start" in line)
+    assert "signing keys in PostgreSQL" in line and "does not hold" in line, line
+    assert KEK not in refused.stderr and other not in refused.stderr
+    missing = serve("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", kek=None)
+    assert missing.returncode == 2 and "--store-key-env NAME or --store-key-file PATH" in missing.stderr

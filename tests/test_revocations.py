@@ -19,16 +19,18 @@ class Clock:
         return self.now
 
 
-def test_entries_age_out_and_survive_a_restart(tmp_path: Path) -> None:
+async def test_entries_age_out_and_survive_a_restart(tmp_path: Path) -> None:
     clock = Clock()
     path = tmp_path / "revoked.json"
     deny = Revocations(path, clock=clock)
     assert deny.revoke("77", until=1600) and deny.revoke("78", until=1100)
     assert not deny.revoke("77", until=1500)  # an earlier expiry never shortens an entry
     assert deny.active() == ("77", "78") and deny.next_expiry() == 1100
+    assert await deny.persist()
     assert Revocations(path, clock=clock).active() == ("77", "78")
     clock.now = 1200
     assert deny.active() == ("77",) and deny.prune() and not deny.prune()
+    await deny.persist()
     assert Revocations(path, clock=clock).active() == ("77",)
 
 
@@ -37,9 +39,11 @@ def test_an_already_expired_revocation_is_not_recorded(tmp_path: Path) -> None:
     assert not deny.revoke("1", until=999) and deny.active() == ()
 
 
-def test_a_truncated_deny_list_stops_the_start_instead_of_emptying_it(tmp_path: Path) -> None:
+async def test_a_truncated_deny_list_stops_the_start_instead_of_emptying_it(tmp_path: Path) -> None:
     path = tmp_path / "revoked-jobs.json"
-    Revocations(path, clock=Clock()).revoke("77", until=1600)
+    deny = Revocations(path, clock=Clock())
+    deny.revoke("77", until=1600)
+    await deny.persist()
     path.write_text(path.read_text()[:12])
     with pytest.raises(StateFileError, match=r"revoked-jobs\.json"):
         Revocations(path, clock=Clock())
@@ -74,7 +78,7 @@ def test_a_deny_list_that_is_a_dangling_symlink_is_refused(tmp_path: Path) -> No
         Revocations(path, clock=Clock())
 
 
-def test_a_failed_write_is_reported_and_the_revocation_still_holds(
+async def test_a_failed_write_is_reported_and_the_revocation_still_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "revoked-jobs.json"
@@ -86,17 +90,21 @@ def test_a_failed_write_is_reported_and_the_revocation_still_holds(
 
     monkeypatch.setattr(statefile.os, "replace", full)
     assert deny.revoke("77", until=1600)
-    assert deny.active() == ("77",)
+    assert not await deny.persist()
+    assert deny.active() == ("77",) and deny.status()["revocations_store"]["pending"] == 1  # type: ignore[index]
     assert _write_failures(path) == failures + 1
     assert "revoked-jobs.json" in caplog.text and "No space left" in caplog.text
     monkeypatch.undo()
-    assert deny.revoke("78", until=1600)  # the next write carries everything, the failed change included
+    assert deny.revoke("78", until=1600)
+    assert await deny.persist(now=True)  # the outbox carries the failed change too
     assert Revocations(path, clock=Clock()).active() == ("77", "78")
 
 
-def test_the_deny_list_file_is_private(tmp_path: Path) -> None:
+async def test_the_deny_list_file_is_private(tmp_path: Path) -> None:
     path = tmp_path / "revoked-jobs.json"
-    Revocations(path, clock=Clock()).revoke("77", until=1600)
+    deny = Revocations(path, clock=Clock())
+    deny.revoke("77", until=1600)
+    await deny.persist()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 

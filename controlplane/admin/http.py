@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # is spelled out here (it is what ``choose_encoder`` pairs with ``generate_latest`` too).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies")
+STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies", "scope")
+SCOPES = ("replica", "all")  # this replica's proxies (the default), or every registered replica's too
 # What each endpoint accepts; anything else is refused, so no parameter is silently ignored.
 PARAMETERS: dict[str, tuple[str, ...]] = {"/status": STATUS_PARAMETERS, "/metrics": (), "/healthz": (), "/readyz": ()}
 
@@ -55,6 +56,7 @@ def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
     if unknown:
         names = ", ".join(shown(u) for u in unknown)
         raise BadQuery(f"unknown parameter(s) {names}; known: {', '.join(STATUS_PARAMETERS)}")
+    parse_scope(query)
     protocol = query.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
         raise BadQuery(f"protocol must be one of {', '.join(PROTOCOLS)}, got {shown(protocol)}")
@@ -73,6 +75,14 @@ def parse_status_query(query: Mapping[str, str]) -> FleetQuery:
     )
 
 
+def parse_scope(query: Mapping[str, str]) -> str:
+    """``scope=all``: add the proxies of every replica, as the replica registry last read them."""
+    scope = query.get("scope") or "replica"
+    if scope not in SCOPES:
+        raise BadQuery(f"scope must be one of {', '.join(SCOPES)}, got {shown(scope)}")
+    return scope
+
+
 class AdminServer:
     """Serves ``/metrics``, ``/healthz``, ``/readyz`` and ``/status`` from the control plane's event loop."""
 
@@ -86,6 +96,7 @@ class AdminServer:
         fleet: Callable[[FleetQuery], dict[str, Any]] | None = None,
         limits: HttpLimits = ADMIN_LIMITS,
         not_ready_reason: Callable[[], str | None] | None = None,
+        whole_fleet: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         """``status`` gives the document's fleet-independent part (policy, JWKS, GitLab...); ``fleet`` answers
         a query with ``proxies``, ``page``, ``filters`` and ``summary`` (``ProxyRegistry.fleet``), merged in.
@@ -93,6 +104,8 @@ class AdminServer:
         ``proxies``; that is for embedding and tests, where there is no registry."""
         self._status = status
         self._fleet = fleet
+        # ``scope=all``: every replica's proxies (None without a shared registry: this replica is the fleet)
+        self._whole_fleet = whole_fleet
         self._ready = ready
         self._not_ready_reason = not_ready_reason  # what /readyz says when not ready
         self._host = host
@@ -154,9 +167,13 @@ class AdminServer:
     async def _status_view(self, request: web.Request) -> web.Response:
         try:
             query = parse_status_query(request.query)
+            scope = parse_scope(request.query)
         except BadQuery as exc:
             return web.Response(status=400, text=f"{exc}\n")
         body = self.status_document(query)
+        everywhere = self._whole_fleet() if scope == "all" and self._whole_fleet is not None else None
+        if everywhere is not None:
+            body["fleet"] = everywhere
         return web.Response(text=json.dumps(body, indent=2, default=str) + "\n", content_type="application/json")
 
     def status_document(self, query: FleetQuery) -> dict[str, Any]:

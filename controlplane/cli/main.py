@@ -188,6 +188,29 @@ def _parser() -> argparse.ArgumentParser:
         default=store_default("dsn"),
         help="the DSN itself, refused with a password (visible to every user: use the two above or PGPASSFILE)",
     )
+    store.add_argument(
+        "--replica-id",
+        default=store_default("replica_id"),
+        help="this replica's name in the shared registry (--store postgres; default: a new uuid at each start)",
+    )
+    store.add_argument(
+        "--leader-retry",
+        type=float,
+        default=store_default("leader_retry"),
+        metavar="S",
+        help="seconds between a follower's tries of the leader lock (--store postgres)",
+    )
+    store.add_argument(
+        "--store-key-env",
+        default=store_default("key_env"),
+        help="environment variable holding the key-encryption key of the signing keys (postgres, base64 of 32 bytes)",
+    )
+    store.add_argument(
+        "--store-key-file",
+        type=Path,
+        default=store_default("key_file"),
+        help="file holding that key (a second one after it: the previous key, during a KEK rotation)",
+    )
     repo = serve.add_argument_group("policy on GitLab (instead of --policy)")
     repo.add_argument("--policy-project", help="GitLab project (path or id) whose default branch holds the policy")
     repo.add_argument("--gitlab-url", help="GitLab base URL for --policy-project")
@@ -455,6 +478,7 @@ def _serve(args: argparse.Namespace) -> int:
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
+    from controlplane.credentials.key_cipher import KekError
     from controlplane.credentials.service import CredentialOptions
     from controlplane.serving import HttpLimits
     from controlplane.store.dsn import DsnError
@@ -495,10 +519,23 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         )
     except ValueError as error:
         return f"HTTP listener options: {error}"
-    store = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file)
+    try:
+        store = StoreOptions(
+            args.store,
+            args.store_dsn,
+            args.store_dsn_env,
+            args.store_dsn_file,
+            args.store_key_env,
+            args.store_key_file,
+            replica_id=args.replica_id,
+            leader_retry=args.leader_retry,
+        )
+    except ValueError as error:
+        return str(error)
     try:
         store.resolve_dsn()  # a missing or unusable source is a usage error here; serve reads it again at start
-    except DsnError as error:
+        store.check_key_source(credentials=not args.no_exchange)
+    except (DsnError, KekError) as error:
         return str(error)
     return ServeOptions(
         store=store,

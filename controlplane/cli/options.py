@@ -20,6 +20,7 @@ from controlplane.sources.watch import DEFAULT_MAX_WAIT, DEFAULT_QUIET
 from controlplane.statefile import default_state_dir
 
 if TYPE_CHECKING:
+    from controlplane.credentials.key_cipher import KeyCipher
     from controlplane.credentials.service import CredentialOptions
     from controlplane.store.dsn import StoreDsn
     from controlplane.xds.tls import ServerTls
@@ -62,10 +63,20 @@ class StoreOptions:
     dsn: str | None = None  # --store-dsn URL, without a password
     dsn_env: str | None = None  # --store-dsn-env NAME
     dsn_file: Path | None = None  # --store-dsn-file PATH
+    # The signing keys' key-encryption key (credentials/key_cipher.py), never argv: --store-key-env NAME,
+    # --store-key-file PATH; required with `postgres` when credentials are on.
+    key_env: str | None = None
+    key_file: Path | None = None
+    replica_id: str | None = None  # --replica-id: this replica's name in the registry; default a new uuid
+    leader_retry: float = 1.0  # --leader-retry: seconds between a follower's tries of the leader lock
 
     def __post_init__(self) -> None:
         if self.kind not in STORE_KINDS:
             raise ValueError(f"store kind must be one of {', '.join(STORE_KINDS)}, got {self.kind!r}")
+        if not 0 < self.leader_retry <= 60:
+            raise ValueError(f"--leader-retry must be more than 0 and at most 60 seconds, got {self.leader_retry:g}")
+        if self.replica_id is not None and not (0 < len(self.replica_id) <= 128 and self.replica_id.isprintable()):
+            raise ValueError("--replica-id must be 1 to 128 printable characters")
 
     def resolve_dsn(self) -> StoreDsn | None:
         """The PostgreSQL DSN (None for `file`); raises store.dsn.DsnError naming the flag, never the password."""
@@ -75,8 +86,27 @@ class StoreOptions:
         if self.kind == "file":
             if any(source is not None for source in sources):
                 raise DsnError("--store-dsn, --store-dsn-env and --store-dsn-file need --store postgres")
+            if self.replica_id is not None or self.leader_retry != StoreOptions.leader_retry:
+                raise DsnError("--replica-id and --leader-retry need --store postgres (one file store, one replica)")
             return None
         return resolve(store=self.dsn, dsn_env=self.dsn_env, dsn_file=self.dsn_file)
+
+    def key_cipher(self) -> KeyCipher:
+        """What seals the signing keys in PostgreSQL; raises key_cipher.KekError naming the source, never the KEK."""
+        from controlplane.credentials.key_cipher import resolve
+
+        return resolve(key_env=self.key_env, key_file=self.key_file)
+
+    def check_key_source(self, *, credentials: bool) -> None:
+        """A usage error (KekError) when the KEK source does not fit: missing with `postgres` and credentials,
+        or given where nothing uses it. Reads and validates the KEK, so a bad one stops the start at once."""
+        from controlplane.credentials.key_cipher import KekError
+
+        given = self.key_env is not None or self.key_file is not None
+        if self.kind == "postgres" and credentials:
+            self.key_cipher()
+        elif given:
+            raise KekError("--store-key-env and --store-key-file need --store postgres and the token exchange")
 
 
 @dataclass(frozen=True)

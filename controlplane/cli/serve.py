@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +27,33 @@ from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore
-from controlplane.cli.options import ServeOptions, WebhookOptions
+from controlplane.cli.options import ServeOptions, StoreOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
 from controlplane.credentials.exchange_store_pg import PostgresExchangeStore
+from controlplane.credentials.key_cipher import KekError
 from controlplane.credentials.keys import KEYS_FILE
+from controlplane.credentials.keys_pg import TOPIC as KEYS_TOPIC
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
+from controlplane.credentials.revocation_store import RevocationStoreError
+from controlplane.credentials.revocation_store_pg import TOPIC as REVOCATIONS_TOPIC
+from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE
-from controlplane.credentials.service import CredentialService
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.runtime.event_router import EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
 from controlplane.runtime.policy_service import PolicyService
+from controlplane.runtime.replication import (
+    leader,
+    proxies_summary,
+    registered,
+    registry_pool,
+    replica_id,
+    this_replica,
+)
 from controlplane.runtime.supervisor import Supervisor
 from controlplane.serving import HttpLimits, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
@@ -58,8 +74,10 @@ from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
 from controlplane.store.changes import ChangeFeed
 from controlplane.store.dsn import DsnError
-from controlplane.store.migrations import MigrationError, migrate
+from controlplane.store.leader import LeaderLease, StaticLeader
+from controlplane.store.migrations import MigrationError
 from controlplane.store.pool import StorePool, StoreUnavailable
+from controlplane.store.replicas import ReplicaRegistry
 from controlplane.xds.fleet_status import ProxyRegistry, cache_versions
 from controlplane.xds.server import XdsServer
 from controlplane.xds.tls import TransportPolicy, XdsTransportError
@@ -88,10 +106,10 @@ async def serve(options: ServeOptions) -> int:
     try:
         async with Supervisor(stop_deadline=options.stop_deadline) as parts:
             await _serve(options.fitted_to(raise_open_file_limit()), parts)
-    except (StateFileError, ExchangeStoreError, StoreUnavailable, MigrationError) as unreadable:
+    except (StateFileError, ExchangeStoreError, RevocationStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
-    except (XdsTransportError, DsnError) as refused:
+    except (XdsTransportError, DsnError, KekError) as refused:
         log.critical("refusing to start: %s", refused)
         return 2
     except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not
@@ -106,31 +124,32 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     (the policy service recompiles on events of parts that read it) are cut by `Forward`s (module docstring)."""
     parts.enter(_held_state_dir(options.state_dir), name="state directory lock")  # one serve per state dir
     parts.stop_on_signals()
+    started = time.time()
+
+    # The leader lease first: singleton duties built below ask `is_leader` (always True with --store file).
+    lease = leader(options.store.resolve_dsn(), replica_id(options.store.replica_id), options.store.leader_retry)
+    parts.run("leader lease", lease.run(parts.stopping))
+    is_leader: Callable[[], bool] = lease.is_leader  # key rotation, GitLab polling, commit statuses, retention
 
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
     to_events: Forward[EventRouter] = Forward("event router")
-    pool = await _shared_store(options, parts)  # None with `--store file`
-    feed = ChangeFeed(pool) if pool is not None else None
-    deliveries = PostgresDeliveryKeys(pool) if pool is not None else None  # webhook keys, shared by replicas
     audit = AuditStore(options.audit_db or options.state_dir / AUDIT_DB, retention=options.audit_retention)
     parts.on_stop(lambda: asyncio.to_thread(audit.close), name="audit store")
+    stores = await _shared_stores(options, parts)
+    deliveries = PostgresDeliveryKeys(stores.pool) if stores.pool is not None else None  # webhook keys, shared
     gitlab = GitLabLink(
         on_inventory_change=lambda: to_events().inventory_changed(),
         spawn=parts.spawn,
         on_policy_push=lambda: to_events().policy_pushed(),
         policy_project=None if options.policy_gitlab is None else PolicyProject(options.policy_gitlab.project_ref),
         on_reachable=lambda issuer: to_events().gitlab_reachable(issuer),
-        share=InventoryTable(pool) if pool is not None else None,
-        is_leader=lambda: True,  # the leader lease (store/leader.py) is wired here, with gitlab.on_leadership
+        share=InventoryTable(stores.pool) if stores.pool is not None else None,  # only the leader reads GitLab
+        is_leader=is_leader,
     )
     parts.on_stop(gitlab.stop, name="GitLab watchers")
-    pin_store = await _pin_store(options, pool, parts, lambda: to_policy().recompile("remembered project ids changed"))
-    if feed is not None:
-        feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared)
-        feed.subscribe(RESYNC_TOPIC, gitlab.on_resync_request)
-        if isinstance(pin_store, PostgresPinStore):
-            feed.subscribe(PINS_TOPIC, pin_store.on_notify)
+    lease.subscribe(gitlab.on_leadership)
+    pins = await _pin_store(options, stores, parts, lambda: to_policy().recompile("remembered project ids changed"))
     keys = KeyRelay(
         lambda relayed: to_policy().set_keys(relayed), spawn=parts.spawn, refresh_interval=options.jwks_refresh
     )
@@ -140,23 +159,30 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     credentials = (
         CredentialService(
             options.credentials,
-            store=await _exchange_store(options, parts, pool),
+            store=stores.exchange,
+            shared_keys=await _shared_keys(options.credentials, options.store, stores, parts),
+            revocation_store=None if stores.pool is None else PostgresRevocationStore(stores.pool),
+            is_leader=is_leader,
             issuer_keys=lambda issuer: keys.keys.get(issuer),
             policy=lambda: to_policy().exchange_policy,
             on_change=lambda: to_policy().recompile("credentials changed"),
             job_status_reader=gitlab.job_status_reader,
         )
-        if options.credentials
+        if options.credentials is not None
         else None
     )
+    pool = None
+    if isinstance(lease, LeaderLease):  # the replica registry's pool: PostgreSQL unreachable now is exit 3
+        pool = await parts.step(registry_pool(lease.dsn))
+        parts.on_stop(pool.close, name="replica registry pool")
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
     policy = to_policy.connect(
         PolicyService(
-            _policy_source(options, lambda: gitlab.leading),  # commit statuses: posted by the leader
+            _policy_source(options, is_leader),  # commit statuses: posted by the leader
             cache,
             inventories=gitlab.inventories,
-            pin_store=pin_store,
+            pin_store=pins,
             reload_timeout=options.reload_timeout,
             credentials=credentials.inputs if credentials is not None else lambda: None,
             secrets=secrets.for_policy,
@@ -176,8 +202,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
 
     # Started, inputs first: watch before the first load, so an edit made while it runs is never missed. Each
     # step is abandoned, and the rest of the start with it, once a part failed (supervisor.py).
-    if feed is not None:  # what other replicas change, and (followers) the leader's GitLab inventories
-        parts.run("change feed", feed.run(parts.stopping))
+    if stores.feed is not None:  # followers: the leader's GitLab inventories, read from the table from now on
         parts.run("GitLab inventory share", gitlab.run(parts.stopping))
     watching = asyncio.Event()
     parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching))
@@ -188,6 +213,14 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         await parts.start(credentials.start(), credentials.stop, name="credential service")
         parts.run("credential service", credentials.run(parts.stopping))
     await parts.step(policy.reload_off_loop())
+    if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
+        if credentials is not None:
+            stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed)
+        stores.feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared)
+        stores.feed.subscribe(RESYNC_TOPIC, gitlab.on_resync_request)
+        if isinstance(pins, PostgresPinStore):
+            stores.feed.subscribe(PINS_TOPIC, pins.on_notify)
+        parts.run("change feed", stores.feed.run(parts.stopping))
     parts.run("secrets watcher", secrets.run(parts.stopping))
     await parts.step(events.follow_issuers(wait=options.jwks_startup_wait))
     await parts.step(gitlab.settled(options.gitlab_startup_wait))
@@ -203,6 +236,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     transport.check_start(serving=policy.current is not None)
     registry = ProxyRegistry()
     current_versions = cache_versions(cache)
+    replicas: list[ReplicaRegistry] = []  # the registry, once the addresses are bound (--store postgres)
     admin = AdminServer(
         status=lambda: {
             "version": __version__,
@@ -210,9 +244,12 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
             "credentials": credentials.status() if credentials else None,
-            **({"store": _store_status(feed, pin_store, deliveries)} if feed is not None else {}),
+            "change_feed": stores.feed.status() if stores.feed is not None else None,
+            **_store_status(lease, replicas),
+            **_shared_inputs_status(pins, deliveries),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
+        whole_fleet=lambda: replicas[0].whole_fleet() if replicas else None,
         ready=lambda: policy.ready,
         not_ready_reason=policy.not_ready_reason,
         host=options.admin_host,
@@ -233,6 +270,15 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         name="xDS server",
     )
     admin_port = await parts.step(admin.start())
+    if isinstance(lease, LeaderLease) and pool is not None:
+        info = this_replica(
+            lease.replica_id, (options.xds_host, xds_port), (options.admin_host, admin_port), __version__, started
+        )
+        summary = proxies_summary(registry, current_versions, lambda: policy.state.versions)
+        registry_of_replicas = await parts.step(registered(pool, info, fleet=summary, is_leader=is_leader))
+        parts.on_stop(registry_of_replicas.stop, name="replica registry row")  # marked stopped before the pool closes
+        parts.run("replica registry", registry_of_replicas.run(parts.stopping))
+        replicas.append(registry_of_replicas)
     if options.gc_interval > 0:
         collector = CollectorSchedule(options.gc_interval, full_every=options.gc_full_every, idle_for=xds.idle_for)
         collector.start()
@@ -250,62 +296,78 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.wait()
 
 
-async def _shared_store(options: ServeOptions, parts: Supervisor) -> StorePool | None:
-    """The one pool to PostgreSQL every shared store uses (`--store postgres`), connected and migrated before
-    anything is served; unreachable: StoreUnavailable naming the redacted DSN (exit 3). None with `--store file`."""
+@dataclass(frozen=True)
+class SharedStores:
+    """What `--store` chose. With PostgreSQL, one pool serves every store (`pool`), and one change feed tells this
+    replica what the others wrote (`feed`); with files both are None and each part keeps its state-directory file."""
+
+    exchange: ExchangeStore
+    pool: StorePool | None = None
+    feed: ChangeFeed | None = None
+
+
+async def _shared_stores(options: ServeOptions, parts: Supervisor) -> SharedStores:
+    """The stores, opened now, before anything is served, and closed after the credential service stopped.
+    PostgreSQL is connected and migrated here (by the exchange store, which owns the shared pool and closes it):
+    unreachable, it raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
     dsn = options.store.resolve_dsn()
     if dsn is None:
-        return None
+        sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
+        parts.on_stop(sqlite.close, name="exchange store")
+        return SharedStores(sqlite)
     pool = StorePool(dsn)
-    await parts.start(_opened(pool), pool.close, name="shared store")
-    return pool
+    shared = PostgresExchangeStore(pool)
+    await parts.start(shared.open(), shared.close, name="exchange store")
+    log.info("exchange state in PostgreSQL at %s", dsn)
+    return SharedStores(shared, pool, ChangeFeed(pool))
 
 
-async def _opened(pool: StorePool) -> None:
-    try:
-        await pool.open()
-        async with pool.connection() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
+def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegistry]) -> dict[str, object]:
+    """`/status` `store`: the leader and the replicas (--store postgres only: with files, the document is
+    as it always was)."""
+    if not isinstance(lease, LeaderLease):
+        return {}
+    return {"store": {"leader": lease.status(), "replicas": replicas[0].status() if replicas else None}}
 
 
 async def _pin_store(
-    options: ServeOptions, pool: StorePool | None, parts: Supervisor, on_change: Callable[[], Awaitable[object]]
+    options: ServeOptions, stores: SharedStores, parts: Supervisor, on_change: Callable[[], Awaitable[object]]
 ) -> RememberedPins | PostgresPinStore:
     """The remembered project ids: the state directory's file, or the shared table (read now: StoreUnavailable
     stops the start, as an unreadable pins file does); its writer runs until stopping."""
-    if pool is None:
+    if stores.pool is None:
         return PinStore(options.state_dir / PINS_FILE)
-    pins = PostgresPinStore(pool, on_change=on_change)
+    pins = PostgresPinStore(stores.pool, on_change=on_change)
     await pins.open()
     parts.run("pins writer", pins.run(parts.stopping))
     return pins
 
 
-async def _exchange_store(options: ServeOptions, parts: Supervisor, pool: StorePool | None) -> ExchangeStore:
-    """The exchange's replay counts and finished jobs (`--store`), opened now, before anything is served, and
-    closed after the credential service stopped. PostgreSQL is connected and migrated here: unreachable, it
-    raises ExchangeStoreError naming the redacted DSN (exit 3, as an unreadable state file)."""
-    if pool is None:
-        sqlite = SqliteExchangeStore(options.state_dir / EXCHANGE_DB)
-        parts.on_stop(sqlite.close, name="exchange store")
-        return sqlite
-    shared = PostgresExchangeStore(pool)  # the shared pool, already open and migrated; closed by `_shared_store`
-    await parts.start(shared.open(), lambda: None, name="exchange store")
-    log.info("exchange state in PostgreSQL at %s", pool.dsn)
-    return shared
-
-
-def _store_status(
-    feed: ChangeFeed, pins: RememberedPins | PostgresPinStore, deliveries: PostgresDeliveryKeys | None
+def _shared_inputs_status(
+    pins: RememberedPins | PostgresPinStore, deliveries: PostgresDeliveryKeys | None
 ) -> dict[str, object]:
-    return {
-        "changes": feed.status(),
-        "pins": pins.status() if isinstance(pins, PostgresPinStore) else None,
-        "webhook_deliveries": deliveries.status() if deliveries is not None else None,
-    }
+    """`/status` `shared_inputs` (--store postgres only): pins not yet written, webhook keys kept in memory only."""
+    if not isinstance(pins, PostgresPinStore) or deliveries is None:
+        return {}
+    return {"shared_inputs": {"pins": pins.status(), "webhook_deliveries": deliveries.status()}}
+
+
+async def _shared_keys(
+    options: CredentialOptions, store: StoreOptions, stores: SharedStores, parts: Supervisor
+) -> SharedKeys | None:
+    """With PostgreSQL, the signing keys every replica shares (None: the state directory's file), read (the first
+    key created when there is none) on the exchange store's pool before anything is served, and followed through
+    the change feed. A missing KEK is a usage error (exit 2); keys that do not open, exit 3."""
+    if stores.pool is None or stores.feed is None:
+        return None
+    shared = await SharedKeys.open(
+        PostgresKeyStore(stores.pool, store.key_cipher()),
+        rotate_every=options.rotate_every,
+        max_credential_ttl=options.max_credential_ttl,
+        publish_lead=options.publish_lead,
+    )
+    stores.feed.subscribe(KEYS_TOPIC, shared.on_notification)
+    return shared
 
 
 @contextlib.contextmanager

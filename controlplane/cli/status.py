@@ -50,6 +50,7 @@ class StatusFilters:
     limit: str | None = None  # a count or "all"; None leaves the server's default (100 rows)
     offset: int = 0
     summary: bool = False
+    fleet: bool = False  # every replica's proxies too, from the shared registry (scope=all)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StatusFilters:
@@ -62,6 +63,7 @@ class StatusFilters:
             limit=args.limit,
             offset=args.offset,
             summary=args.summary,
+            fleet=args.fleet,
         )
 
     def query(self) -> dict[str, str]:
@@ -75,6 +77,7 @@ class StatusFilters:
             "limit": self.limit,
             "offset": str(self.offset) if self.offset else None,
             "summary": "1" if self.summary else None,
+            "scope": "all" if self.fleet else None,
         }
         return {name: value for name, value in given.items() if value is not None}
 
@@ -141,6 +144,11 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--offset", type=_offset, default=0, metavar="N", help="skip the first N matching proxies")
     parser.add_argument("--summary", action="store_true", help="counts by group and version only, no proxy list")
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also the proxies of every replica (--store postgres: from the replica registry, as of their last beat)",
+    )
 
 
 def run_status_command(args: argparse.Namespace) -> int:
@@ -233,6 +241,12 @@ def render(status: dict[str, Any], out: TextIO, *, now: float) -> None:
     if proxies is not None:
         _write_table(out, PROXY_HEADER, proxy_rows(proxies, now=now), empty=NO_PROXIES)
         out.write(showing_line(len(proxies), status.get("page") or {}) + "\n\n")
+    store = status.get("store")
+    if isinstance(store, dict):
+        _write_replicas(out, store, now=now)
+    fleet = status.get("fleet")
+    if isinstance(fleet, dict):
+        _write_whole_fleet(out, fleet, now=now)
     _write_policy(out, status.get("policy") or {}, now=now)
 
 
@@ -390,6 +404,51 @@ def _write_table(out: TextIO, header: tuple[str, ...], rows: Sequence[tuple[str,
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+REPLICA_HEADER = ("REPLICA", "STATE", "LEADER", "XDS", "ADMIN", "HOST", "PROXIES", "VERSIONS", "LAST SEEN")
+FLEET_HEADER = ("REPLICA", *PROXY_HEADER)
+
+
+def _write_replicas(out: TextIO, store: dict[str, Any], *, now: float) -> None:
+    """The leader lease and every registered replica (address, proxies, versions served, last beat)."""
+    lease = store.get("leader") or {}
+    holder = lease.get("holder") or "unknown"
+    role = "leader" if lease.get("leader") else f"follower (leader: {holder})"
+    out.write(f"this replica: {lease.get('replica', '?')}, {role}\n")
+    registry = store.get("replicas") or {}
+    rows = [_replica_row(r, now=now) for r in registry.get("replicas") or []]
+    _write_table(out, REPLICA_HEADER, rows, empty="no replicas registered")
+    if registry.get("last_error"):
+        out.write(f"  registry not updated: {registry['last_error']}\n")
+    out.write("\n")
+
+
+def _replica_row(replica: dict[str, Any], *, now: float) -> tuple[str, ...]:
+    versions = replica.get("versions") or {}
+    seen = replica.get("last_seen")
+    return (
+        str(replica.get("replica", "?")) + (" *" if replica.get("this") else ""),
+        str(replica.get("state", "?")),
+        "yes" if replica.get("leader") else "-",
+        str(replica.get("xds_address") or "-"),
+        str(replica.get("admin_address") or "-"),
+        str(replica.get("host") or "-"),
+        str(replica.get("proxies") if replica.get("proxies") is not None else "-"),
+        ", ".join(f"{g}@{shorten(str(versions[g]))}" for g in sorted(versions)) or "-",
+        f"{format_age(now - seen)} ago" if isinstance(seen, int | float) else "-",
+    )
+
+
+def _write_whole_fleet(out: TextIO, fleet: dict[str, Any], *, now: float) -> None:
+    """Every replica's proxies, as each replica last published them."""
+    replicas = fleet.get("replicas") or []
+    out.write(f"whole fleet: {fleet.get('connected', 0)} proxies on {len(replicas)} replicas\n")
+    rows = [(str(p.get("replica", "?")), *_proxy_row(p, now=now)) for p in fleet.get("proxies") or []]
+    _write_table(out, FLEET_HEADER, rows, empty=NO_PROXIES)
+    if fleet.get("not_listed"):
+        out.write(f"  {fleet['not_listed']} more not listed (each replica publishes its first proxies only)\n")
+    out.write("\n")
 
 
 def _write_policy(out: TextIO, policy: dict[str, Any], *, now: float) -> None:

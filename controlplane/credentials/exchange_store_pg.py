@@ -99,6 +99,11 @@ class PostgresExchangeStore:
     async def close(self) -> None:
         await self._pool.close()
 
+    @property
+    def pool(self) -> StorePool:
+        """The one pool of this replica, shared with the other stores (opened and closed by this one)."""
+        return self._pool
+
     def status(self) -> dict[str, str]:
         return {"kind": "postgres", "dsn": self._pool.dsn.redacted()}
 

@@ -147,16 +147,21 @@ class SigningKeys:
 
     Loads the store (creating the first key on an empty one) when constructed. Call `rotate_if_due` at
     `next_change_at()` (or any time: it is idempotent); it returns True when the published JWKS changed.
+
+    With a shared store (`store=None`, keys_pg.py) the keys are read by the caller and handed in (`adopted`,
+    then `adopt()` after every re-read); the caller asks `planned()` what the set should become and writes it
+    itself, so everything read on the hot path (`signing_key()`, `published_jwks()`) stays synchronous.
     """
 
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyStore | None,
         *,
         rotate_every: float,
         max_credential_ttl: float,
         publish_lead: float,
         clock: Callable[[], float] = time.time,
+        adopted: Sequence[StoredKey] = (),
     ) -> None:
         if rotate_every <= publish_lead:
             raise ValueError("rotate_every must be longer than publish_lead")
@@ -167,10 +172,16 @@ class SigningKeys:
         self.publish_lead = publish_lead
         self._store = store
         self._clock = clock
-        self._keys: list[StoredKey] = sorted(store.load(), key=lambda k: k.not_before)
         self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
         self._unsaved = False
-        self.rotate_if_due()
+        if store is None:  # a shared store's keys, read by its caller (keys_pg.py): changed only through adopt()
+            if not adopted:
+                raise ValueError("signing keys without a store need the keys read from the shared store")
+            self._keys: list[StoredKey] = []
+            self.adopt(adopted)
+        else:
+            self._keys = sorted(store.load(), key=lambda k: k.not_before)
+            self.rotate_if_due()
         metrics.track_signing_keys(self.signing_key_age, lambda: len(self._keys))
 
     # -- what callers read
@@ -215,26 +226,52 @@ class SigningKeys:
 
     def rotate_if_due(self) -> bool:
         """Drop keys past `retire_after`, schedule the next key when due; persist and return True on change."""
+        if self._store is None:
+            raise RuntimeError("keys of a shared store are rotated by its caller (planned, then adopt)")
+        kept = self.planned(self._keys)
+        if kept is not None or self._unsaved:
+            self._save(kept if kept is not None else self._keys)
+        if kept is None:
+            return False
+        self._forget_private_keys(kept)
+        self._keys = kept
+        log.info("signing keys now published: %s", ", ".join(k.kid for k in kept))
+        return True
+
+    def planned(self, stored: Sequence[StoredKey]) -> list[StoredKey] | None:
+        """What `stored` should become now (keys past `retire_after` dropped, the first key or the next one
+        added), or None when nothing is due. Generates a key when one is due, changes nothing else."""
         now = self._clock()
-        kept = [k for k in self._keys if k.retire_after is None or k.retire_after > now]
-        changed = len(kept) != len(self._keys)
+        ordered = sorted(stored, key=lambda k: k.not_before)
+        kept = [k for k in ordered if k.retire_after is None or k.retire_after > now]
+        changed = len(kept) != len(ordered)
         if not kept:
-            kept = [self._new_key(now, not_before=now)]
-            changed = True
-        elif self._successor_due(kept[-1], now):
-            kept = self._with_successor(kept, now)
-            changed = True
-        if changed or self._unsaved:
-            self._save(kept)
+            return [self._new_key(now, not_before=now)]
+        if self._successor_due(kept[-1], now):
+            return self._with_successor(kept, now)
+        return kept if changed else None
+
+    def adopt(self, stored: Sequence[StoredKey]) -> bool:
+        """Take the key set read from a shared store; True when the published set changed. Every private key is
+        parsed first (a bad one raises KeyStoreError and nothing changes)."""
+        keys = sorted(stored, key=lambda k: k.not_before)
+        if not keys:
+            raise KeyStoreError("the shared store holds no signing key")
+        for key in keys:
+            self._private_key(key)
+        changed = [(k.kid, k.not_before, k.retire_after) for k in keys] != [
+            (k.kid, k.not_before, k.retire_after) for k in self._keys
+        ]
+        self._forget_private_keys(keys)
+        self._keys = keys
         if changed:
-            self._forget_private_keys(kept)
-            self._keys = kept
-            log.info("signing keys now published: %s", ", ".join(k.kid for k in kept))
+            log.info("signing keys now published: %s", ", ".join(k.kid for k in keys))
         return changed
 
     def _save(self, keys: list[StoredKey]) -> None:
         """A key set the disk refused is still used (reported, retried at the next call): refusing to rotate
         would keep an old key signing, and a restart then falls back to the last set written."""
+        assert self._store is not None  # rotate_if_due refuses without one
         try:
             self._store.save(keys)
         except StateFileError as error:
@@ -259,14 +296,9 @@ class SigningKeys:
         return [*keys[:-1], retired, self._new_key(now, not_before=not_before)]
 
     def _new_key(self, now: float, *, not_before: float) -> StoredKey:
-        private = ec.generate_private_key(ec.SECP256R1())
-        kid = thumbprint(public_jwk(private.public_key()))
-        pem = private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode("ascii")
-        self._private[kid] = private
-        log.info("signing key %s created; signs from %.0f", kid, not_before)
-        return StoredKey(kid=kid, private_pem=pem, created_at=now, not_before=not_before)
+        key, private = _generate(now, not_before=not_before)
+        self._private[key.kid] = private
+        return key
 
     def _private_key(self, key: StoredKey) -> ec.EllipticCurvePrivateKey:
         cached = self._private.get(key.kid)
@@ -278,6 +310,30 @@ class SigningKeys:
         live = {k.kid for k in keys}
         for kid in self._private.keys() - live:
             del self._private[kid]
+
+
+def first_key(now: float) -> StoredKey:
+    """A new key that signs at once: the first of an empty store."""
+    return _generate(now, not_before=now)[0]
+
+
+def _generate(now: float, *, not_before: float) -> tuple[StoredKey, ec.EllipticCurvePrivateKey]:
+    private = ec.generate_private_key(ec.SECP256R1())
+    kid = thumbprint(public_jwk(private.public_key()))
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+    log.info("signing key %s created; signs from %.0f", kid, not_before)
+    return StoredKey(kid=kid, private_pem=pem, created_at=now, not_before=not_before), private
+
+
+def load_private_key(key: StoredKey) -> ec.EllipticCurvePrivateKey:
+    """The key's private half, checked: a P-256 key whose public thumbprint is its kid (a row whose private key
+    was swapped for another is refused, not published under a kid that is not its own)."""
+    loaded = _load_private_key(key)
+    if thumbprint(public_jwk(loaded.public_key())) != key.kid:
+        raise KeyStoreError(f"key {key.kid}: the private key does not belong to this kid")
+    return loaded
 
 
 def _load_private_key(key: StoredKey) -> ec.EllipticCurvePrivateKey:

@@ -5,7 +5,15 @@ exchanged credential until its own expiry. When GitLab reports the job finished,
 that every Envoy enforces (one RBAC DENY policy on the `job_id` claim, which credentials and ID tokens both
 carry). An entry ages out when the last thing it guards has expired, so the list stays short.
 
-The list is kept in the state directory, so a restart does not hand back access a finished job lost.
+`Revocations` is this replica's view of the list, in memory, because it is read synchronously on hot paths
+(every compile, every gateway check). It is fed by a `RevocationStore` (revocation_store.py): the state
+directory's file, or PostgreSQL shared by every replica. Loaded at start (unreadable: the start fails, never an
+empty list); a revocation is enforced here at once and written through afterwards; with PostgreSQL, what other
+replicas revoke arrives through `refresh()` (the change feed).
+
+When the store cannot be written (PostgreSQL away, a full disk) nothing waits: the revocation is in force on this
+replica's Envoys, and kept in a bounded outbox, retried with backoff until written. Past `OUTBOX_LIMIT` the
+entry that expires first leaves the outbox (still enforced here, never shared): counted, logged and in /status.
 """
 
 from __future__ import annotations
@@ -17,73 +25,158 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from controlplane.statefile import (
-    OffLoopWriter,
-    StateFileError,
-    atomic_write_json,
-    malformed,
-    read_json,
-    report_write_failure,
+from controlplane.credentials.revocation_store import (
+    REVOCATIONS_FILE,
+    FileRevocationStore,
+    RevocationStore,
+    RevocationStoreError,
 )
+from controlplane.retry import Backoff
+from controlplane.store.changes import RESYNC
 from controlplane.telemetry.metrics import REGISTRY
+from controlplane.telemetry.ratelog import RateLimitedLog
+
+__all__ = ["OUTBOX_LIMIT", "REVOCATIONS_FILE", "TERMINAL_JOB_STATUSES", "Revocations"]
 
 log = logging.getLogger("controlplane.revocations")
 
-REVOCATIONS_FILE = "revoked-jobs.json"  # its name in the state directory
-
 TERMINAL_JOB_STATUSES = frozenset({"success", "failed", "canceled", "cancelled", "skipped"})
+# Revocations not yet written to the store, at most. 10,000 job ids is under 1 MB of memory and more jobs than a
+# large GitLab finishes in an hour of store outage; past it the soonest-expiring one is dropped from the outbox.
+OUTBOX_LIMIT = 10_000
+RETRY = Backoff(0.5, 30.0)  # between attempts to write the outbox while the store fails
 
 REVOCATIONS = Counter(
     "controlplane_revocations_total",
     "Jobs whose access was revoked when GitLab reported them finished.",
     registry=REGISTRY,
 )
-_UNSAVED = "the deny list is enforced from memory, not yet on disk"
 REVOKED_JOBS = Gauge("controlplane_revoked_jobs", "Job ids currently on the fleet-wide deny list.", registry=REGISTRY)
+PENDING = Gauge(
+    "controlplane_revocations_pending",
+    "Revocations enforced by this replica but not yet written to the store (its outbox).",
+    registry=REGISTRY,
+)
+UNSHARED = Counter(
+    "controlplane_revocations_unshared_total",
+    "Revocations dropped from a full outbox: still enforced by this replica, never written to the store.",
+    registry=REGISTRY,
+)
+STORE_FAILURES = Counter(
+    "controlplane_revocation_store_failures_total",
+    "Failed reads and writes of the deny list's store (each one is retried).",
+    registry=REGISTRY,
+)
 
 
 class Revocations:
-    def __init__(self, path: Path | None, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = path
+    def __init__(
+        self,
+        store: RevocationStore | Path | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        is_leader: Callable[[], bool] = lambda: True,
+        outbox_limit: int = OUTBOX_LIMIT,
+        retry: Backoff = RETRY,
+    ) -> None:
+        """A path (or None: memory only) is the state directory's file, read now: a file that cannot be read
+        raises `StateFileError` here. Any other store is read by `await open()`. `is_leader`: whether this
+        replica prunes the shared store (expired entries are ignored by every reader anyway)."""
         self.clock = clock
-        self._until: dict[str, float] = self._load()
-        self._dirty = False
-        self._writer = None if path is None else OffLoopWriter(path, _UNSAVED)
+        self.is_leader = is_leader
+        self.outbox_limit = outbox_limit
+        self.retry = retry
+        if store is None or isinstance(store, Path):
+            file = FileRevocationStore(store, clock=clock)
+            self._until: dict[str, float] = file.read()
+            self._loaded = True
+            self.store: RevocationStore = file
+        else:
+            self._until, self._loaded, self.store = {}, False, store
+        self._outbox: dict[str, float] = {}
+        self._cursor = 0
+        self._prune_due = False
+        self._failures = 0  # consecutive failed writes
+        self._retry_at: float | None = None
+        self._last_error: str | None = None
+        self._unshared = 0
+        self._overflow_log = RateLimitedLog(log, burst=5, interval=60.0)
+        self._failure_log = RateLimitedLog(log, burst=3, interval=60.0)
         REVOKED_JOBS.set_function(lambda: len(self._until))
+        PENDING.set_function(lambda: len(self._outbox))
 
-    def revoke(self, job_id: str, until: float, *, save: bool = True) -> bool:
-        """Deny `job_id` until `until` (Unix time). True when the deny list changed. With `save=False` the caller
-        persists later with `persist()` (off the event loop, after pushing the denial to Envoy)."""
+    async def open(self) -> None:
+        """Load the whole list (once); the store's error propagates: fail closed, as an unreadable file."""
+        if self._loaded:
+            return
+        await self.store.open()
+        entries, self._cursor = await self.store.changes(0)
+        for job, until in entries.items():
+            self._until[job] = max(until, self._until.get(job, 0.0))
+        self._loaded = True
+
+    def revoke(self, job_id: str, until: float) -> bool:
+        """Deny `job_id` until `until` (Unix time), here at once; True when the deny list changed. Written to the
+        store by `persist()` (after the caller pushed the denial to Envoy)."""
         if until <= self.clock() or self._until.get(job_id, 0.0) >= until:
             return False
         first = job_id not in self._until
         self._until[job_id] = until
-        self._dirty = True
-        if save:
-            self._save()
+        self._queue(job_id, until)
         if first:
             REVOCATIONS.inc()
         return True
 
-    def prune(self, *, save: bool = True) -> bool:
-        """Drop entries whose guarded tokens have all expired. True when the list changed."""
+    def prune(self) -> bool:
+        """Drop entries whose guarded tokens have all expired from this view (the store is pruned by `persist()`,
+        on the leader). True when the list changed."""
         now = self.clock()
         expired = [job for job, until in self._until.items() if until <= now]
         for job in expired:
             del self._until[job]
+            self._outbox.pop(job, None)
         if expired:
-            self._dirty = True
-            if save:
-                self._save()
+            self._prune_due = True
         return bool(expired)
 
-    async def persist(self) -> None:
-        """Write the list if it changed since the last successful write, in a worker thread."""
-        if self._writer is None or not self._dirty:
-            return
-        self._dirty = False
-        if not await self._writer.write(self._document()):
-            self._dirty = True
+    async def persist(self, *, now: bool = False) -> bool:
+        """Write the outbox to the store, unless a failed write's backoff has not passed (`now`: try anyway, e.g.
+        the store just came back); then prune the store if due and this replica leads. True when nothing is
+        left to write."""
+        if self._outbox and (now or self._retry_at is None or self.clock() >= self._retry_at):
+            batch = dict(self._outbox)
+            try:
+                await self.store.save(batch)
+            except RevocationStoreError as error:
+                self._failed(error, f"{len(batch)} revocation(s) not written")
+                return False
+            for job, until in batch.items():
+                if self._outbox.get(job) == until:
+                    del self._outbox[job]
+            self._recovered()
+        if self._prune_due and self.is_leader():
+            try:
+                await self.store.prune()
+            except RevocationStoreError as error:
+                self._failed(error, "expired revocations not pruned")
+            else:
+                self._prune_due = False
+        return not self._outbox
+
+    async def refresh(self, payload: str = RESYNC) -> bool:
+        """Take in what other replicas revoked: entries written after the last one seen, or all of them on a
+        resync (`""`: after the change feed reconnected). True when a job became denied here, so the caller
+        recompiles. A store error propagates (the feed logs it; the next notification reads again)."""
+        since = 0 if payload == RESYNC else self._cursor
+        entries, cursor = await self.store.changes(since)
+        self._cursor = max(self._cursor, cursor)
+        now = self.clock()
+        added = False
+        for job, until in entries.items():
+            if until > self._until.get(job, 0.0) and until > now:
+                added = added or self._until.get(job, 0.0) <= now
+                self._until[job] = until
+        return added
 
     def active(self) -> tuple[str, ...]:
         now = self.clock()
@@ -95,35 +188,58 @@ class Revocations:
     def next_expiry(self) -> float | None:
         return min(self._until.values(), default=None)
 
+    def retry_at(self) -> float | None:
+        """When the outbox is next written (None: nothing waits)."""
+        return self._retry_at if self._outbox else None
+
     def status(self) -> dict[str, object]:
-        return {"revoked_jobs": len(self._until), "next_expiry": self.next_expiry()}
+        return {
+            "revoked_jobs": len(self._until),
+            "next_expiry": self.next_expiry(),
+            "revocations_store": {
+                **self.store.status(),
+                "healthy": self._failures == 0,
+                "pending": len(self._outbox),
+                "outbox_limit": self.outbox_limit,
+                "unshared": self._unshared,
+                "last_error": self._last_error,
+            },
+        }
 
-    def _load(self) -> dict[str, float]:
-        """The persisted list; {} only when there is none yet. A file that cannot be read raises
-        `StateFileError`: starting with an empty list would hand access back to every finished job."""
-        if self.path is None:
-            return {}
-        document = read_json(self.path)
-        if document is None:
-            return {}
-        revoked = document.get("revoked") if isinstance(document, dict) else None
-        if not isinstance(revoked, dict):
-            raise malformed(self.path, 'expected an object with a "revoked" object (job id -> Unix time)')
-        try:
-            return {str(job): float(until) for job, until in revoked.items()}
-        except (TypeError, ValueError):
-            raise malformed(self.path, "a revocation's time is not a number") from None
-
-    def _save(self) -> None:
-        """The whole list, atomically; a failure is reported and the in-memory list stays in force."""
-        if self.path is None:
+    def _queue(self, job_id: str, until: float) -> None:
+        """Into the bounded outbox; when full, the entry expiring first leaves it (still enforced here)."""
+        self._outbox[job_id] = until
+        if len(self._outbox) <= self.outbox_limit:
             return
-        try:
-            atomic_write_json(self.path, self._document())
-        except StateFileError as error:
-            report_write_failure(self.path, error, _UNSAVED)
-        else:
-            self._dirty = False
+        dropped = min(self._outbox, key=lambda job: self._outbox[job])
+        del self._outbox[dropped]
+        self._unshared += 1
+        UNSHARED.inc()
+        self._overflow_log.log(
+            logging.ERROR,
+            "revocation outbox full (%d): job %s stays denied by this replica only, other replicas will not "
+            "learn of it from this one",
+            self.outbox_limit,
+            dropped,
+            key="overflow",
+        )
 
-    def _document(self) -> dict[str, object]:
-        return {"version": 1, "revoked": dict(self._until)}
+    def _failed(self, error: RevocationStoreError, what: str) -> None:
+        STORE_FAILURES.inc()
+        self._last_error = str(error)
+        delay = self.retry.delay(self._failures)
+        self._failures += 1
+        self._retry_at = self.clock() + delay
+        self._failure_log.log(
+            logging.ERROR,
+            "%s: %s; enforced by this replica meanwhile, retrying in %.1fs",
+            error,
+            what,
+            delay,
+            key="failed",
+        )
+
+    def _recovered(self) -> None:
+        if self._failures:
+            log.info("deny list store reachable again: the outbox is written")
+        self._failures, self._retry_at, self._last_error = 0, None, None

@@ -8,7 +8,6 @@ changes, so the compiler's memo stays warm.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +20,10 @@ from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStore
 from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
+from controlplane.credentials.keys_pg import SharedKeys
 from controlplane.credentials.recovery import DEFAULT_INTERVAL as DEFAULT_SWEEP_INTERVAL
 from controlplane.credentials.recovery import JobRecovery, StatusReader
+from controlplane.credentials.revocation_store import RevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE, TERMINAL_JOB_STATUSES, Revocations
 from controlplane.model.credentials import CredentialInputs
 from controlplane.serving import EXCHANGE_LIMITS, LOOPBACK, HttpLimits
@@ -82,18 +83,30 @@ class CredentialService:
         store: ExchangeStore,
         clock: Callable[[], float] = time.time,
         job_status_reader: JobStatusReaders | None = None,
+        shared_keys: SharedKeys | None = None,
+        revocation_store: RevocationStore | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`store` (replay counts, finished jobs) is opened and closed by the caller (cli/serve.py)."""
+        """`store` (replay counts, finished jobs) is opened and closed by the caller (cli/serve.py), and so are
+        `shared_keys` (signing keys shared by replicas, keys_pg.py; None: the state directory's file) and
+        `revocation_store` (None: the state directory's file). Key rotation and pruning the shared deny list are
+        singleton duties: only while `is_leader()` (always, with the files)."""
         self.options = options
         self.job_status_reader = job_status_reader
         self.on_change = on_change
         self.clock = clock
-        self.keys = SigningKeys(
-            FileKeyStore(options.state_dir / KEYS_FILE),
-            rotate_every=options.rotate_every,
-            max_credential_ttl=options.max_credential_ttl,
-            publish_lead=options.publish_lead,
-            clock=clock,
+        self.shared_keys = shared_keys
+        self.is_leader = is_leader
+        self.keys = (
+            shared_keys.keys
+            if shared_keys is not None
+            else SigningKeys(
+                FileKeyStore(options.state_dir / KEYS_FILE),
+                rotate_every=options.rotate_every,
+                max_credential_ttl=options.max_credential_ttl,
+                publish_lead=options.publish_lead,
+                clock=clock,
+            )
         )
         self.store = store
         self.exchange = TokenExchange(
@@ -105,7 +118,9 @@ class CredentialService:
             ledger=self.store,
             max_subject_age=options.finished_job_retention,
         )
-        self.revocations = Revocations(options.state_dir / REVOCATIONS_FILE, clock=clock)
+        self.revocations = Revocations(
+            revocation_store or options.state_dir / REVOCATIONS_FILE, clock=clock, is_leader=is_leader
+        )
         self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
         self._checks: dict[str, asyncio.Task[str]] = {}  # one GitLab request per job, however many exchanges wait
         # Requests in threads at once: the client's rate bound paces them, the default pool must stay free for
@@ -123,7 +138,7 @@ class CredentialService:
             clock=clock,
         )
         self._inputs: CredentialInputs | None = None
-        self._wake = asyncio.Event()
+        self._wake = shared_keys.wake if shared_keys is not None else asyncio.Event()
         self.port = 0
 
     def inputs(self) -> CredentialInputs:
@@ -166,7 +181,8 @@ class CredentialService:
         self.exchange.missed_hooks.gap_ended(issuer)
 
     async def start(self) -> int:
-        self.keys.rotate_if_due()
+        await self.revocations.open()  # before the first compile; unreadable: the start fails (fail closed)
+        await self._rotate_keys()
         self.port = await self.endpoint.start(*self.options.listen)
         log.info(
             "token exchange on http://%s:%d (gateways route it to %s:%d)",
@@ -207,14 +223,28 @@ class CredentialService:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
         held = max(recorded or 0.0, await self.exchange.latest_expiry(job) or 0.0)
         until = max(held, self.clock() + self.options.deny_id_tokens_for)
-        revoked = self.revocations.revoke(job, until, save=False)
+        revoked = self.revocations.revoke(job, until)
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
             await self.on_change()
-        # Written after the push, in a thread: the denial reaches Envoy without waiting for two fsyncs, and a
-        # crash in between is caught by the job recovery sweep at start (GitLab still says the job finished).
-        await self.revocations.persist()
+        # Written after the push (a file in a thread, or PostgreSQL, which tells the other replicas): the denial
+        # reaches this replica's Envoys without waiting for the store, and a crash in between is caught by the
+        # job recovery sweep at start (GitLab still says the job finished). A failed write waits in the outbox,
+        # retried by `run`.
+        if not await self.revocations.persist():
+            self._wake.set()
         return revoked
+
+    async def revocations_changed(self, payload: str) -> None:
+        """The change feed's subscriber (topic "revocations"): jobs another replica revoked are denied by this
+        one's Envoys too (one recompile). A resync (`""`, after the feed reconnected) also writes the outbox at
+        once: PostgreSQL is back."""
+        if payload == "":
+            await self.revocations.persist(now=True)
+        if await self.revocations.refresh(payload):
+            log.info("jobs revoked by another replica: denied here too")
+            await self.on_change()
+        self._wake.set()  # the next expiry may be sooner
 
     async def verify_job(self, job: JobToVerify) -> bool:
         """Ask GitLab whether a job whose Job Hook may have been missed is still running; True: exchange again.
@@ -289,24 +319,50 @@ class CredentialService:
             return False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Rotate keys and age out revocations exactly when due."""
+        """Rotate keys (or, on a follower of a shared store, follow the leader's rotation) and age out revocations
+        exactly when due; woken early by a change notification of the shared keys."""
         while not stop.is_set():
-            changed = self.keys.rotate_if_due()
-            changed = self.revocations.prune(save=False) or changed
+            self._wake.clear()  # set from here on: something is due sooner, go round again at once
+            changed = await self._rotate_keys()
+            changed = self.revocations.prune() or changed
             if changed:
                 await self.on_change()
             await self.revocations.persist()
-            due = [self.keys.next_change_at(), self.revocations.next_expiry() or float("inf")]
+            next_keys = self.shared_keys.next_step_at() if self.shared_keys else self.keys.next_change_at()
+            due = [
+                next_keys,
+                self.revocations.next_expiry() or float("inf"),
+                self.revocations.retry_at() or float("inf"),
+            ]
             delay = max(0.05, min(due) - self.clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=min(delay, 60.0))
+            await _first_of(stop, self._wake, timeout=min(delay, 60.0))
+
+    async def _rotate_keys(self) -> bool:
+        """True when the published JWKS changed. With the file, rotated here (one replica: always the leader);
+        shared, the leader writes the rotation and every replica adopts what the database holds."""
+        if self.shared_keys is None:
+            return self.keys.rotate_if_due() if self.is_leader() else False
+        return await self.shared_keys.step(self.is_leader())
 
     def status(self) -> dict[str, object]:
         return {
             "exchange": f"{self.options.listen[0]}:{self.port}",
             "signing_key_age_seconds": round(self.keys.signing_key_age(), 1),
             "published_keys": len(self.keys.keys),
+            "published_kids": [k.kid for k in self.keys.keys],  # public thumbprints: replicas compare them
+            "signing_keys": {"kind": "file"} if self.shared_keys is None else self.shared_keys.status(),
             "active_credentials": self.exchange.active_credentials(),
             "store": self.store.status(),
             **self.revocations.status(),
         }
+
+
+async def _first_of(stop: asyncio.Event, wake: asyncio.Event, *, timeout: float) -> None:
+    """Returns when `stop` or `wake` is set, or after `timeout`."""
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)

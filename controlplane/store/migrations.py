@@ -25,6 +25,9 @@ log = logging.getLogger("controlplane.store")
 # takes the same one for something else.
 MIGRATION_LOCK = 0x63702D6D6967
 EXCHANGE_JOB_LOCK = 0x63704A42  # "cpJB": the exchange store's per-job lock, (EXCHANGE_JOB_LOCK, hashtext(job_id))
+LEADER_LOCK = 0x63702D6C6561  # "cp-lea": the one leader's session lock (store/leader.py), bigint form
+SIGNING_KEYS_LOCK = 0x63704B59  # "cpKY": (SIGNING_KEYS_LOCK, 0), held by each change of the signing-key set
+REVOCATION_LOCK = 0x63702D726576  # "cp-rev": serialises deny-list writes, so `seq` commits in order
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,59 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         2,
+        "leader and replicas: who holds the leader lock, each replica's heartbeat",
+        """
+        CREATE TABLE leader_holder (
+            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+            replica_id text,
+            pid integer,
+            since double precision
+        );
+        CREATE TABLE replicas (
+            replica_id text PRIMARY KEY,
+            host text NOT NULL,
+            xds_address text NOT NULL,
+            admin_address text NOT NULL,
+            version text NOT NULL,
+            started_at double precision NOT NULL,
+            last_seen double precision NOT NULL,
+            heartbeat_every double precision NOT NULL,
+            stopped_at double precision,
+            leader boolean NOT NULL DEFAULT false,
+            fleet jsonb NOT NULL DEFAULT '{}'::jsonb
+        );
+        CREATE INDEX replicas_last_seen ON replicas (last_seen);
+        """,
+    ),
+    Migration(
+        3,
+        "signing keys: the set every replica signs with and publishes, private keys sealed",
+        """
+        CREATE TABLE signing_keys (
+            kid text PRIMARY KEY,
+            sealed_private_key bytea NOT NULL,
+            created_at double precision NOT NULL,
+            not_before double precision NOT NULL,
+            retire_after double precision
+        );
+        """,
+    ),
+    Migration(
+        4,
+        "revocations: the fleet-wide deny list, read incrementally by seq",
+        """
+        CREATE SEQUENCE revocations_seq AS bigint;
+        CREATE TABLE revocations (
+            job_id text PRIMARY KEY,
+            denied_until double precision NOT NULL,
+            seq bigint NOT NULL
+        );
+        CREATE INDEX revocations_by_seq ON revocations (seq);
+        CREATE INDEX revocations_expiry ON revocations (denied_until);
+        """,
+    ),
+    Migration(
+        5,
         "gitlab inputs: remembered project ids, webhook deliveries, inventories as last read",
         """
         CREATE TABLE pins (

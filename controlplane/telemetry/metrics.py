@@ -123,3 +123,14 @@ def _seconds_since_good_load() -> float:
 
 
 POLICY_SECONDS_SINCE_GOOD_LOAD.set_function(_seconds_since_good_load)
+STORE_LEADER = Gauge(
+    "controlplane_store_leader",
+    "1 while this replica holds the leader lease (key rotation, GitLab polling, commit statuses, retention), "
+    "else 0; always 1 with --store file.",
+    registry=REGISTRY,
+)
+STORE_LEADER_TRANSITIONS = Counter(
+    "controlplane_store_leader_transitions_total",
+    "Times this replica became leader or stepped down.",
+    registry=REGISTRY,
+)

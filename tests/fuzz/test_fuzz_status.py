@@ -51,6 +51,7 @@ values = (
             "sotw",
             "delta",
             "SotW",
+            "replica",
             "g1",
             "node-*",
             "[",
@@ -96,6 +97,8 @@ def expected(query: dict[str, str]) -> FleetQuery | None:
             return None  # not a count, or past the documented bound (README: /status parameters)
     protocol = query.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
+        return None
+    if (query.get("scope") or "replica") not in ("replica", "all"):  # scope=all: every replica's proxies too
         return None
     if any(len(query.get(name) or "") > MAX_TEXT for name in ("group", "node")):
         return None

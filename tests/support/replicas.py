@@ -23,7 +23,9 @@ from .ports import poll_until
 from .stack import OutsideWorld, PolicyWriter, outside_world
 
 STORE_ENV = "CP_STORE_DSN"
-STORE_ARGS = ("--store", "postgres", "--store-dsn-env", STORE_ENV)
+KEY_ENV = "CP_STORE_KEY"  # the signing keys' key-encryption key, the same on every replica
+STORE_KEY = "Y29udHJvbHBsYW5lIHRlc3QgS0VLLCAzMiBieXRlcyE="  # base64 of 32 bytes, for tests only
+STORE_ARGS = ("--store", "postgres", "--store-dsn-env", STORE_ENV, "--store-key-env", KEY_ENV)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def replicated(
             controlplane = ControlPlaneProcess(
                 world.policy,
                 extra_args=(*STORE_ARGS, "--jwks-refresh", "1", *hook.args, *serve_args),
-                env={STORE_ENV: dsn, **hook.env, **(env or {})},
+                env={STORE_ENV: dsn, KEY_ENV: STORE_KEY, **hook.env, **(env or {})},
                 log_path=root / f"replica-{index}.log",
             )
             controlplane.start(wait_ready=False)
