@@ -124,8 +124,8 @@ def test_serve_shares_what_it_learns_from_gitlab_in_postgresql(tmp_path: Path, p
             gitlab=gitlab,
             webhook=True,
             gitlab_token=True,
-            serve_args=("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN"),
-            env={"CP_STORE_DSN": pg_dsn},
+            serve_args=SHARED,
+            env={"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK},
         ) as built:
             status = built.controlplane.status()
             assert status["gitlab"][0]["role"] == "leader" and status["change_feed"]["connected"]
