@@ -28,6 +28,8 @@ from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
 from controlplane.store.dsn import StoreDsn, redacted
 from controlplane.store.migrations import migrate
 from controlplane.store.pool import StorePool
+from tests.support.fake_gitlab import FakeGitLab
+from tests.support.gitlab_hooks import deliver, push_hook
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
 from tests.support.postgres import Gate, PostgresServer
@@ -102,8 +104,67 @@ def test_serve_refuses_to_start_when_postgresql_is_unreachable(tmp_path: Path) -
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
     refused = [line for line in result.stderr.splitlines() if "refusing to start" in line]
-    assert len(refused) == 1 and "PostgreSQL exchange state at" in refused[0] and "port=" in refused[0], refused
+    assert len(refused) == 1 and "PostgreSQL" in refused[0] and "port=" in refused[0], refused
     assert "s3cret" not in result.stderr
+
+
+API = "api:\n  token_env: GITLAB_TOKEN\n  reconcile: 1h"
+
+
+def gitlab_policy(given: PolicyInputs) -> str:
+    return documents(
+        issuer(given.issuer, extra=API),
+        backend("reports-api", given.ports["reports"]),
+        role("reports-read", "reports-api"),
+        binding("app", ["reports-read"], "{project: acme/app}"),
+        gateway(given.listen_port, ["reports-api"]),
+    )
+
+
+def _inventory_read(built: Served) -> bool:
+    entries = built.controlplane.status()["gitlab"]
+    return bool(entries) and entries[0]["projects"] == 1 and not entries[0]["stale"]
+
+
+def test_serve_shares_what_it_learns_from_gitlab_in_postgresql(tmp_path: Path, pg_dsn: str) -> None:
+    """The inventory as read, the project id its path resolved to, and a webhook delivery's key land in the
+    tables other replicas read (docs/shared-state.md, "GitLab state across replicas")."""
+    with FakeGitLab() as gitlab:
+        project_id = gitlab.add_project("acme/app", branches=["main"], protected=["main"])
+        with serve_stack(
+            tmp_path,
+            gitlab_policy,
+            kind=Served,
+            envoy=None,
+            ready=_inventory_read,
+            gitlab=gitlab,
+            webhook=True,
+            gitlab_token=True,
+            serve_args=SHARED,
+            env={"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK},
+        ) as built:
+            status = built.controlplane.status()
+            assert status["gitlab"][0]["role"] == "leader" and status["change_feed"]["connected"]
+            payload = push_hook(project_id, "acme/app", "refs/heads/main", "0" * 40, "1" * 40)
+            assert [deliver(built.hook, "Push Hook", payload, idempotency_key="k-1").json() for _ in range(2)] == [
+                {"accepted": True, "kind": "push"},
+                {"duplicate": True},
+            ]
+            with psycopg.connect(pg_dsn) as db:
+                poll_until(
+                    lambda: db.execute("SELECT path, project_id FROM pins").fetchall() == [("acme/app", project_id)],
+                    10,
+                    message="the pin in the table",
+                )
+                rows = db.execute("SELECT issuer, document, read_at FROM gitlab_inventories").fetchall()
+                keys = db.execute("SELECT key FROM webhook_deliveries").fetchall()
+            assert len(rows) == 1 and rows[0][0] == "gitlab" and rows[0][2] is not None
+            assert [p["path"] for p in rows[0][1]["projects"]] == ["acme/app"]
+            assert keys == [("k-1",)]
+            assert not (built.controlplane.state_dir / "pins.json").exists()
+            shared = built.controlplane.status()["shared_inputs"]
+            assert shared["pins"] == {"kind": "postgres", "unwritten": 0, "last_error": None}
+            assert shared["webhook_deliveries"] == {"kind": "postgres", "memory_fallbacks": 0, "last_error": None}
 
 
 def test_two_replicas_sign_with_and_publish_the_same_keys(tmp_path: Path, pg_dsn: str) -> None:

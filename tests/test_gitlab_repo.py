@@ -14,6 +14,7 @@ import pytest
 from controlplane.model.errors import PolicyInvalid
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import GitLabUnavailable
+from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import STATUS_NAME, PolicyRepo, PolicyRepoError, truncate_description
 from controlplane.sources.policy_dir import READ_CHUNK, ReadLimits, read_policy_dir
 from tests.support.fake_gitlab import FakeGitLab
@@ -152,3 +153,17 @@ def test_the_size_bounds_of_a_directory_apply_to_a_gitlab_tree(fake: FakeGitLab,
     repo = PolicyRepo(source, "platform/policy", ReadLimits(max_tree_bytes=1_000_010))
     with pytest.raises(PolicyInvalid, match="more than the 1000010-byte limit"):
         repo.read_tree(repo.head()[1])
+
+
+def test_only_the_leader_posts_the_verdict_and_a_new_leader_posts_it_at_its_next_read(
+    fake: FakeGitLab, repo: PolicyRepo
+) -> None:
+    """Replicas read the same commit and reach the same verdict; one status from the fleet, not one each."""
+    leading = [False]
+    source = GitLabPolicySource(repo, is_leader=lambda: leading[0])
+    files = source.read()
+    source.report(files, True, "accepted")
+    assert fake.statuses("platform/policy", files.revision or "") == []
+    leading[0] = True
+    source.report(source.read(), True, "accepted")
+    assert [s["status"] for s in fake.statuses("platform/policy", files.revision or "")] == ["success"]

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,16 @@ from controlplane.runtime.replication import (
 from controlplane.runtime.supervisor import Supervisor
 from controlplane.serving import HttpLimits, raise_open_file_limit
 from controlplane.snapshots.cache import SnapshotCache
+from controlplane.sources.deliveries_pg import PostgresDeliveryKeys
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
 from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
-from controlplane.sources.pins import PINS_FILE, PinStore
+from controlplane.sources.inventory_table import RESYNC_TOPIC, InventoryTable
+from controlplane.sources.inventory_table import TOPIC as INVENTORY_TOPIC
+from controlplane.sources.pins import PINS_FILE, PinStore, RememberedPins
+from controlplane.sources.pins_pg import TOPIC as PINS_TOPIC
+from controlplane.sources.pins_pg import PostgresPinStore
 from controlplane.sources.policy_source import DirectorySource, PolicySource
 from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
@@ -84,12 +89,12 @@ log = logging.getLogger("controlplane")
 STATE_FILES = (LOCK_NAME, KEYS_FILE, REVOCATIONS_FILE, PINS_FILE, EXCHANGE_DB, AUDIT_DB)
 
 
-def _policy_source(options: ServeOptions) -> PolicySource:
+def _policy_source(options: ServeOptions, is_leader: Callable[[], bool]) -> PolicySource:
     gitlab = options.policy_gitlab
     if gitlab is None:
         return DirectorySource(options.policy, options.policy_limits)
     client = GitLabSource(gitlab.url, token_from(gitlab.token_env, gitlab.token_file))
-    return GitLabPolicySource(PolicyRepo(client, gitlab.project_ref, options.policy_limits))
+    return GitLabPolicySource(PolicyRepo(client, gitlab.project_ref, options.policy_limits), is_leader=is_leader)
 
 
 async def serve(options: ServeOptions) -> int:
@@ -129,22 +134,27 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Built: every state file is read here, before anything is served.
     to_policy: Forward[PolicyService] = Forward("policy service")
     to_events: Forward[EventRouter] = Forward("event router")
+    stores = await _shared_stores(options, parts)
+    audit = await _audit_store(options, parts, stores.pool, is_leader)  # stopped before the pool's owner
+    deliveries = PostgresDeliveryKeys(stores.pool) if stores.pool is not None else None  # webhook keys, shared
     gitlab = GitLabLink(
         on_inventory_change=lambda: to_events().inventory_changed(),
         spawn=parts.spawn,
         on_policy_push=lambda: to_events().policy_pushed(),
         policy_project=None if options.policy_gitlab is None else PolicyProject(options.policy_gitlab.project_ref),
         on_reachable=lambda issuer: to_events().gitlab_reachable(issuer),
+        share=InventoryTable(stores.pool) if stores.pool is not None else None,  # only the leader reads GitLab
+        is_leader=is_leader,
     )
     parts.on_stop(gitlab.stop, name="GitLab watchers")
+    lease.subscribe(gitlab.on_leadership)
+    pins = await _pin_store(options, stores, parts, lambda: to_policy().recompile("remembered project ids changed"))
     keys = KeyRelay(
         lambda relayed: to_policy().set_keys(relayed), spawn=parts.spawn, refresh_interval=options.jwks_refresh
     )
     parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
-    stores = await _shared_stores(options, parts)
-    audit = await _audit_store(options, parts, stores.pool, is_leader)  # stopped before the pool's owner
     credentials = (
         CredentialService(
             options.credentials,
@@ -165,10 +175,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     cache = SnapshotCache()
     policy = to_policy.connect(
         PolicyService(
-            _policy_source(options),
+            _policy_source(options, is_leader),  # commit statuses: posted by the leader
             cache,
             inventories=gitlab.inventories,
-            pin_store=PinStore(options.state_dir / PINS_FILE),
+            pin_store=pins,
             reload_timeout=options.reload_timeout,
             credentials=credentials.inputs if credentials is not None else lambda: None,
             secrets=secrets.for_policy,
@@ -188,6 +198,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
 
     # Started, inputs first: watch before the first load, so an edit made while it runs is never missed. Each
     # step is abandoned, and the rest of the start with it, once a part failed (supervisor.py).
+    if stores.feed is not None:  # followers: the leader's GitLab inventories, read from the table from now on
+        parts.run("GitLab inventory share", gitlab.run(parts.stopping))
     watching = asyncio.Event()
     parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching))
     await parts.step(watching.wait())  # a watcher that could not start stops the start here
@@ -200,6 +212,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
         if credentials is not None:
             stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed)
+        stores.feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared)
+        stores.feed.subscribe(RESYNC_TOPIC, gitlab.on_resync_request)
+        if isinstance(pins, PostgresPinStore):
+            stores.feed.subscribe(PINS_TOPIC, pins.on_notify)
         parts.run("change feed", stores.feed.run(parts.stopping))
     parts.run("secrets watcher", secrets.run(parts.stopping))
     await parts.step(events.follow_issuers(wait=options.jwks_startup_wait))
@@ -208,7 +224,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         # Cancelled when stopping: a sweep may be waiting on GitLab's retries, no reason to wait for it.
         parts.run("job recovery", recovery.run(parts.stopping), cancel=True)
     if options.webhooks is not None:
-        await _start_webhooks(options.webhooks, options.webhook_limits, events, parts)
+        await _start_webhooks(options.webhooks, options.webhook_limits, events, parts, deliveries)
     if credentials is not None:  # jobs minted before now are asked about once (credentials/exchange.py)
         credentials.job_hooks_arrive()
 
@@ -227,6 +243,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "change_feed": stores.feed.status() if stores.feed is not None else None,
             "audit": audit.status(),
             **_store_status(lease, replicas),
+            **_shared_inputs_status(pins, deliveries),
         },
         fleet=lambda query: registry.fleet(query, current_versions),
         whole_fleet=lambda: replicas[0].whole_fleet() if replicas else None,
@@ -336,6 +353,28 @@ def _store_status(lease: LeaderLease | StaticLeader, replicas: list[ReplicaRegis
     return {"store": {"leader": lease.status(), "replicas": replicas[0].status() if replicas else None}}
 
 
+async def _pin_store(
+    options: ServeOptions, stores: SharedStores, parts: Supervisor, on_change: Callable[[], Awaitable[object]]
+) -> RememberedPins | PostgresPinStore:
+    """The remembered project ids: the state directory's file, or the shared table (read now: StoreUnavailable
+    stops the start, as an unreadable pins file does); its writer runs until stopping."""
+    if stores.pool is None:
+        return PinStore(options.state_dir / PINS_FILE)
+    pins = PostgresPinStore(stores.pool, on_change=on_change)
+    await pins.open()
+    parts.run("pins writer", pins.run(parts.stopping))
+    return pins
+
+
+def _shared_inputs_status(
+    pins: RememberedPins | PostgresPinStore, deliveries: PostgresDeliveryKeys | None
+) -> dict[str, object]:
+    """`/status` `shared_inputs` (--store postgres only): pins not yet written, webhook keys kept in memory only."""
+    if not isinstance(pins, PostgresPinStore) or deliveries is None:
+        return {}
+    return {"shared_inputs": {"pins": pins.status(), "webhook_deliveries": deliveries.status()}}
+
+
 async def _shared_keys(
     options: CredentialOptions, store: StoreOptions, stores: SharedStores, parts: Supervisor
 ) -> SharedKeys | None:
@@ -381,9 +420,18 @@ def _policy_watcher(
     return events.poll_policy_project(options.policy_gitlab.poll_seconds, ready, stopping)
 
 
-async def _start_webhooks(options: WebhookOptions, limits: HttpLimits, events: EventRouter, parts: Supervisor) -> None:
+async def _start_webhooks(
+    options: WebhookOptions,
+    limits: HttpLimits,
+    events: EventRouter,
+    parts: Supervisor,
+    seen: PostgresDeliveryKeys | None,
+) -> None:
     webhooks = WebhookReceiver(
-        secrets=secrets_from(options.secret_env, options.secret_file), on_event=events.webhook, limits=limits
+        secrets=secrets_from(options.secret_env, options.secret_file),
+        on_event=events.webhook,
+        limits=limits,
+        seen=seen,
     )
     port = await parts.start(webhooks.start(options.host, options.port), webhooks.stop, name="webhook receiver")
     log.info("GitLab webhooks on http://%s:%d/webhooks/gitlab", options.host, port)

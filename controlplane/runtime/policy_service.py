@@ -40,7 +40,7 @@ from controlplane.telemetry import metrics
 
 if TYPE_CHECKING:
     from controlplane.snapshots.cache import SnapshotCache
-    from controlplane.sources.pins import PinStore
+    from controlplane.sources.pins import RememberedPins
 
 log = logging.getLogger("controlplane.policy")
 
@@ -71,7 +71,7 @@ class PolicyService:
         cache: SnapshotCache,
         *,
         inventories: Callable[[], Mapping[str, Inventory]] = dict,
-        pin_store: PinStore | None = None,
+        pin_store: RememberedPins | None = None,
         clock: Callable[[], float] = time.time,
         reload_timeout: float = DEFAULT_RELOAD_TIMEOUT,
         credentials: Callable[[], CredentialInputs | None] = lambda: None,
@@ -231,6 +231,10 @@ class PolicyService:
         return policy
 
     def _compile(self, policy: Policy) -> dict[str, Snapshot]:
+        if self._pin_store is not None:  # pins another replica wrote (a shared store) are compiled in too
+            remembered = self._pin_store.current
+            if remembered != self._pins:
+                self._pins = remembered
         model = self._with_live_inputs(policy)
         credentials = self.credentials()
         check_reserved_names(model, credentials)  # before resolving: its errors come first, as they always have

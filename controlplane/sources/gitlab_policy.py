@@ -8,6 +8,7 @@ errors and their file:line. Files are read through the API at one commit (no git
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.policy_source import PolicyFiles
@@ -16,8 +17,11 @@ log = logging.getLogger("controlplane.policy")
 
 
 class GitLabPolicySource:
-    def __init__(self, repo: PolicyRepo) -> None:
+    def __init__(self, repo: PolicyRepo, *, is_leader: Callable[[], bool] = lambda: True) -> None:
+        """`is_leader`: of several replicas reading the same commit, only the leader posts its verdict (they
+        compile the same inputs, so they reach the same one); a new leader posts it at its next read."""
         self.repo = repo
+        self.is_leader = is_leader
         self.description = f"gitlab project {repo.project}"
         self._tree: tuple[str, dict[str, str]] | None = None  # (sha, files): a commit's tree never changes
         self._reported: set[tuple[str, bool]] = set()
@@ -30,7 +34,7 @@ class GitLabPolicySource:
 
     def report(self, files: PolicyFiles, accepted: bool, summary: str) -> None:
         """One status per commit and verdict: polling the same head again posts nothing."""
-        if files.revision is None or (files.revision, accepted) in self._reported:
+        if files.revision is None or (files.revision, accepted) in self._reported or not self.is_leader():
             return
         self.repo.post_status(files.revision, "success" if accepted else "failed", summary)
         self._reported.add((files.revision, accepted))

@@ -100,8 +100,10 @@ class InventoryWatcher:
         max_staleness_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
         on_reachable: Callable[[], None] | None = None,
+        on_read: Callable[[], None] | None = None,
     ) -> None:
         self.issuer = issuer
+        self.on_read = on_read  # after every good read, changed or not (the leader shares each with followers)
         self.on_reachable = on_reachable  # GitLab answers again after failures: what it said meanwhile was missed
         self.source = source
         self.on_change = on_change
@@ -131,6 +133,18 @@ class InventoryWatcher:
         for gauge in (INVENTORY_AGE, INVENTORY_STALE, READ_FAILURES):
             with contextlib.suppress(KeyError):  # never labelled
                 gauge.remove(self.issuer)
+
+    def seed(self, inventory: Inventory) -> None:
+        """Start from an inventory read before (by the previous leader), not from "never read": a replica that
+        becomes leader keeps the bindings its followers' compile had until its own first read replaces it."""
+        if self._inventory is None:
+            self._inventory = replace(inventory, stale=False)
+            self._told_stale = self.is_stale()
+
+    @property
+    def last_read(self) -> Inventory | None:
+        """The last good inventory as read (not marked stale): what the leader shares."""
+        return self._inventory
 
     # -- what the compiler gets
 
@@ -210,6 +224,8 @@ class InventoryWatcher:
             except Exception as error:
                 return f"GitLab {self.issuer}: could not read what the policy adds: {str(error)[:300]}"
             self._inventory = _merged(have, extra)  # fetched_at stays: only a full reconcile vouches for all
+            if self.on_read is not None:
+                self.on_read()
             log.info("GitLab %s: read %d project(s) a new policy names", self.issuer, len(extra.projects))
             return None
 
@@ -296,6 +312,8 @@ class InventoryWatcher:
                 self._failed(error)
                 return False, False
         self.last_error = None
+        if self.on_read is not None:
+            self.on_read()
         if self._failures and self.on_reachable is not None:
             self.on_reachable()
         self._failures = 0

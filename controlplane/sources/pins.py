@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 from controlplane.statefile import StateFileError, atomic_write_json, malformed, read_json, report_write_failure
 
@@ -19,6 +20,19 @@ log = logging.getLogger("controlplane.pins")
 PINS_FILE = "pins.json"  # its name in the state directory
 
 Pins = dict[str, dict[str, int]]  # issuer → project path → project id
+
+
+class RememberedPins(Protocol):
+    """What the policy service needs: `PinStore` (a file) or `PostgresPinStore` (shared by replicas).
+
+    Synchronous on purpose: `save` is called by the compiler in the policy service's worker thread."""
+
+    def load(self) -> Pins: ...
+
+    def save(self, pins: Mapping[str, Mapping[str, int]]) -> None: ...
+
+    @property
+    def current(self) -> Pins: ...
 
 
 class PinStore:

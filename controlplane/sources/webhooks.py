@@ -38,7 +38,7 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge
@@ -156,6 +156,35 @@ class _SeenKeys:
         self._expiry.pop(key, None)
 
 
+class DeliveryKeys(Protocol):
+    """Where delivered keys are remembered: this process (`MemoryDeliveryKeys`) or every replica's table
+    (`deliveries_pg.PostgresDeliveryKeys`), so a delivery retried to another replica is still applied once."""
+
+    async def first(self, key: str) -> bool:
+        """Remember `key`; False if it was already remembered (a replay)."""
+        ...
+
+    async def forget(self, key: str) -> None: ...
+
+    def status(self) -> dict[str, object]: ...
+
+
+class MemoryDeliveryKeys:
+    """The keys in this process only (`--store file`): one replica sees every delivery."""
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
+        self._seen = _SeenKeys(size, ttl, clock)
+
+    async def first(self, key: str) -> bool:
+        return self._seen.add(key)
+
+    async def forget(self, key: str) -> None:
+        self._seen.forget(key)
+
+    def status(self) -> dict[str, object]:
+        return {"kind": "memory"}
+
+
 # --- the receiver ----------------------------------------------------------------------------------
 
 
@@ -173,7 +202,10 @@ class WebhookReceiver:
         callback_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         limits: HttpLimits = WEBHOOK_LIMITS,
+        seen: DeliveryKeys | None = None,
     ) -> None:
+        """`seen`: where idempotency keys are remembered; by default this process, `dedup_size` keys for
+        `dedup_ttl` seconds."""
         if not secrets or any(not s for s in secrets):
             raise WebhookSecretError("at least one non-empty webhook secret is required")
         if max_body_bytes < 1 or dedup_size < 1 or dedup_ttl <= 0 or callback_timeout <= 0:
@@ -182,7 +214,7 @@ class WebhookReceiver:
         self._digests = tuple(hashlib.sha256(s).digest() for s in secrets)
         self._on_event = on_event
         self._max_body = max_body_bytes
-        self._seen = _SeenKeys(dedup_size, dedup_ttl, clock)
+        self._seen = seen if seen is not None else MemoryDeliveryKeys(dedup_size, dedup_ttl, clock)
         self._callback_timeout = callback_timeout
         self._limits = limits
         # Anyone who can reach the port can be refused: a few lines a minute tell the operator, not thousands.
@@ -262,14 +294,14 @@ class WebhookReceiver:
 
     async def _dispatch(self, event: GitLabEvent) -> web.StreamResponse:
         key = event.idempotency_key
-        if key is not None and not self._seen.add(key):
+        if key is not None and not await self._seen.first(key):
             log.debug("webhook %s: duplicate delivery %s ignored", event.kind, key)
             return _answer(200, event.kind, "duplicate", {"duplicate": True})
         try:
             await asyncio.wait_for(self._on_event(event), self._callback_timeout)
         except Exception as error:
             if key is not None:
-                self._seen.forget(key)  # a re-send of this event must be processed, not dropped as a replay
+                await self._seen.forget(key)  # a re-send of this event must be processed, not dropped as a replay
             why = "timed out (on_event must only schedule work)" if isinstance(error, TimeoutError) else "failed"
             log.error("webhook %s %s: handling %s", event.kind, key, why, exc_info=not isinstance(error, TimeoutError))
             return _answer(500, event.kind, "failed", {"error": "event not handled"})

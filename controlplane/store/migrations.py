@@ -168,6 +168,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH ROW EXECUTE FUNCTION audit_append_only();
         """,
     ),
+    Migration(
+        6,
+        "gitlab inputs: remembered project ids, webhook deliveries, inventories as last read",
+        """
+        CREATE TABLE pins (
+            issuer text NOT NULL,
+            path text NOT NULL,
+            project_id bigint NOT NULL CHECK (project_id > 0),
+            pinned_at double precision NOT NULL,
+            PRIMARY KEY (issuer, path)
+        );
+        CREATE TABLE webhook_deliveries (
+            key text PRIMARY KEY,
+            expires_at double precision NOT NULL
+        );
+        CREATE INDEX webhook_deliveries_expiry ON webhook_deliveries (expires_at);
+        CREATE TABLE gitlab_inventories (
+            issuer text PRIMARY KEY,
+            document jsonb NOT NULL,
+            content_hash text NOT NULL,
+            read_at double precision,
+            written_at double precision NOT NULL
+        );
+        """,
+    ),
 )
 
 _CREATE_LEDGER = """
