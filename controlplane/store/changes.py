@@ -36,7 +36,7 @@ RESYNC = ""  # the payload that means "re-read everything": sent to every subscr
 MAX_PENDING = 1_000  # notifications queued for one subscriber before they collapse into one RESYNC
 MAX_PAYLOAD = 7_000  # PostgreSQL refuses a payload of 8000 bytes or more; the topic and ':' fit beside this
 CHECK_EVERY = 2.0  # seconds: how often an idle listening session is checked to be alive
-RECONNECT = Backoff(0.2, 5.0)  # jittered: replicas coming back to a restarted server do not arrive at once
+RECONNECT = Backoff(0.2, 2.0)  # jittered: replicas coming back to a restarted server do not arrive at once
 
 Subscriber = Callable[[str], Awaitable[None]]
 
