@@ -93,3 +93,82 @@ async def test_a_policy_push_wakes_the_project_poll_once() -> None:
     stopping.set()
     await asyncio.wait_for(poll, 5)
     assert reloads == [True]
+
+
+class Replica:
+    """A router on a replica sharing a store: its reloads (each says whether the policy changed) and its notices
+    to the other replicas, counted."""
+
+    def __init__(self, *, leader: bool, changes: bool, announce_fails: bool = False) -> None:
+        self.leader, self.reloads, self.announced = leader, 0, 0
+        self.router = _router(Heard())
+        self.router.is_leader = lambda: self.leader
+        self.router.announce_policy = self._announce
+        self.changes, self.announce_fails = changes, announce_fails
+
+        async def reload() -> bool:
+            self.reloads += 1
+            return self.changes
+
+        async def follow(wait: float = 0.0) -> None:
+            pass
+
+        self.router.policy.reload_off_loop = reload  # type: ignore[method-assign]
+        self.router.follow_issuers = follow  # type: ignore[method-assign]
+
+    async def _announce(self) -> None:
+        self.announced += 1
+        if self.announce_fails:
+            raise ConnectionError("store away")
+
+
+async def _until(condition: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def _polling(replica: Replica, every: float) -> tuple[asyncio.Task[None], asyncio.Event]:
+    stopping, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(replica.router.poll_policy_project(every, ready, stopping))
+    await ready.wait()
+    return task, stopping
+
+
+async def test_a_follower_never_polls_gitlab_but_rereads_on_the_leaders_notice() -> None:
+    follower = Replica(leader=False, changes=True)
+    task, stopping = await _polling(follower, every=0.01)
+    await asyncio.sleep(0.2)  # twenty poll periods: none of them reads GitLab
+    assert follower.reloads == 0
+    await follower.router.policy_noticed("")
+    await _until(lambda: follower.reloads == 1)
+    stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert follower.announced == 0  # a change it read because it was told is not announced again
+
+
+async def test_the_leader_polls_and_tells_the_others_of_a_new_commit() -> None:
+    leader = Replica(leader=True, changes=True)
+    task, stopping = await _polling(leader, every=0.01)
+    await _until(lambda: leader.reloads >= 2 and leader.announced >= 2)
+    stopping.set()
+    await asyncio.wait_for(task, 5)
+    unchanged = Replica(leader=True, changes=False)
+    task, stopping = await _polling(unchanged, every=0.01)
+    await _until(lambda: unchanged.reloads >= 3)
+    stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert unchanged.announced == 0  # nothing new: nothing to tell
+
+
+async def test_a_push_webhook_at_any_replica_is_told_to_all_and_a_store_away_is_survived() -> None:
+    follower = Replica(leader=False, changes=False, announce_fails=True)
+    task, stopping = await _polling(follower, every=3600)
+    await follower.router.policy_pushed()
+    await _until(lambda: follower.reloads == 1 and follower.announced == 1)
+    await follower.router.policy_pushed()  # the failed notice did not end the loop
+    await _until(lambda: follower.reloads == 2)
+    stopping.set()
+    await asyncio.wait_for(task, 5)

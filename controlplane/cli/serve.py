@@ -41,7 +41,7 @@ from controlplane.credentials.revocation_store_pg import TOPIC as REVOCATIONS_TO
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialOptions, CredentialService
-from controlplane.runtime.event_router import EventRouter
+from controlplane.runtime.event_router import POLICY_TOPIC, EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
@@ -72,7 +72,7 @@ from controlplane.sources.secrets import SecretsSource
 from controlplane.sources.watch import watch_policy_dir
 from controlplane.sources.webhooks import WebhookReceiver, secrets_from
 from controlplane.statefile import LOCK_NAME, StateFileError, lock_state_dir, secure_state_dir
-from controlplane.store.changes import ChangeFeed
+from controlplane.store.changes import ChangeFeed, publish
 from controlplane.store.dsn import DsnError
 from controlplane.store.leader import LeaderLease, StaticLeader
 from controlplane.store.migrations import MigrationError
@@ -193,7 +193,15 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         else None
     )
     events = to_events.connect(
-        EventRouter(policy=policy, gitlab=gitlab, keys=keys, credentials=credentials, recovery=recovery)
+        EventRouter(
+            policy=policy,
+            gitlab=gitlab,
+            keys=keys,
+            credentials=credentials,
+            recovery=recovery,
+            is_leader=is_leader,
+            announce_policy=_announcer(stores.pool, POLICY_TOPIC) if options.policy_gitlab is not None else None,
+        )
     )
 
     # Started, inputs first: watch before the first load, so an edit made while it runs is never missed. Each
@@ -212,6 +220,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
         if credentials is not None:
             stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed)
+        if options.policy_gitlab is not None:
+            stores.feed.subscribe(POLICY_TOPIC, events.policy_noticed)
         stores.feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared)
         stores.feed.subscribe(RESYNC_TOPIC, gitlab.on_resync_request)
         if isinstance(pins, PostgresPinStore):
@@ -333,6 +343,18 @@ async def _audit_store(
     await parts.start(shared.open(), shared.close, name="audit store")
     log.info("audit trail in PostgreSQL at %s", pool.dsn)
     return shared
+
+
+def _announcer(pool: StorePool | None, topic: str) -> Callable[[], Awaitable[None]] | None:
+    """Tells every replica (this one too) that `topic` changed; None without a shared store."""
+    if pool is None:
+        return None
+
+    async def announce() -> None:
+        async with pool.connection() as conn:
+            await publish(conn, topic)
+
+    return announce
 
 
 def _not_ready(policy: PolicyService, stores: SharedStores, unready_after: float) -> str | None:

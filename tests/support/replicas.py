@@ -8,7 +8,7 @@ environment. Every process is started by a context manager, so leaving the `with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from .controlplane import ControlPlaneProcess
 from .exchange import post_exchange
 from .gateway import Webhook
 from .gitlab_hooks import HookTarget, deliver
-from .ports import poll_until
+from .ports import LOOPBACK, poll_until
 from .stack import OutsideWorld, PolicyWriter, outside_world
 
 STORE_ENV = "CP_STORE_DSN"
@@ -52,6 +52,7 @@ class Replica:
 class Replicas:
     world: OutsideWorld
     replicas: list[Replica] = field(default_factory=list)
+    policy_project: int | None = None  # the GitLab project the policy is served from, if any
 
     def __getitem__(self, index: int) -> Replica:
         return self.replicas[index]
@@ -75,21 +76,42 @@ def replicated(
     serve_args: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 60.0,
+    policy_project: str | None = None,
+    hooked: Collection[int] | None = None,
 ) -> Iterator[Replicas]:
-    """`count` replicas on `dsn`, yielded once each answers /readyz."""
+    """`count` replicas on `dsn`, yielded once each answers /readyz. `policy_project`: the policy is served from
+    that GitLab project (created with `policy`'s text) instead of the directory. `hooked`: the replicas whose
+    webhook listener GitLab delivers to (default all; the others receive only what a test sends them)."""
     with outside_world(root, policy, backends=backends) as world, ExitStack() as up:
         built = Replicas(world)
+        source: tuple[str, ...] = ()
+        if policy_project is not None:
+            built.policy_project = world.gitlab.add_project(
+                policy_project, files={"policy.yaml": (world.policy / "policy.yaml").read_text()}
+            )
+            source = ("--policy-project", policy_project, "--gitlab-url", world.gitlab.base_url)
+            source += ("--gitlab-token-env", "GITLAB_TOKEN")
         for index in range(count):
             hook = Webhook()
             controlplane = ControlPlaneProcess(
                 world.policy,
-                extra_args=(*STORE_ARGS, "--jwks-refresh", "1", *hook.args, *serve_args),
-                env={STORE_ENV: dsn, KEY_ENV: STORE_KEY, **hook.env, **(env or {})},
+                extra_args=(*STORE_ARGS, "--jwks-refresh", "1", *hook.args, *source, *serve_args),
+                env={
+                    STORE_ENV: dsn,
+                    KEY_ENV: STORE_KEY,
+                    "GITLAB_TOKEN": world.gitlab.api_token,
+                    **hook.env,
+                    **(env or {}),
+                },
                 log_path=root / f"replica-{index}.log",
             )
             controlplane.start(wait_ready=False)
             up.callback(controlplane.close)
-            built.replicas.append(Replica(index, controlplane, hook.register(world.gitlab)))
+            if hooked is None or index in hooked:
+                target = hook.register(world.gitlab)
+            else:
+                target = HookTarget(f"http://{LOOPBACK}:{hook.port}/webhooks/gitlab", hook.secret)
+            built.replicas.append(Replica(index, controlplane, target))
         for replica in built:
             replica.controlplane.wait_ready(ready_timeout)
         poll_until(
