@@ -500,7 +500,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
     from controlplane.credentials.key_cipher import KekError
-    from controlplane.credentials.service import CredentialOptions
+    from controlplane.credentials.service import CredentialOptions, shared_publish_lead
     from controlplane.serving import HttpLimits
     from controlplane.store.dsn import DsnError
 
@@ -583,6 +583,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             public=args.exchange_public_address or args.exchange_address,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
+            publish_lead=(
+                shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
+            ),
             max_credential_ttl=args.max_credential_ttl,
             deny_id_tokens_for=args.deny_id_tokens_for,
             http=exchange_limits,

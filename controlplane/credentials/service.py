@@ -41,6 +41,14 @@ JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
 DEFAULT_EXCHANGE_ADDRESS = (LOOPBACK, 9904)  # `--exchange-address` of serve and validate
 
 
+def shared_publish_lead(rotate_every: float) -> float:
+    """The lead for replicas sharing keys: a follower hears of a new key, recompiles and pushes it to all its
+    Envoys before the leader's first credential signed with it can reach them, with room for a busy replica and a
+    notification lost to a reconnect (docs/shared-state.md, "the follower rule"): 10 s, or a quarter of a
+    rotation period shorter than 40 s, never under the single-replica 1 s."""
+    return max(1.0, min(10.0, rotate_every / 4))
+
+
 @dataclass(frozen=True)
 class CredentialOptions:
     """The credential options with their one default; the command line reads its defaults here."""
@@ -50,7 +58,7 @@ class CredentialOptions:
     state_dir: Path
     rotate_every: float = 86_400.0
     max_credential_ttl: float = 3_600.0
-    publish_lead: float = 1.0  # a new key is in every Envoy's config this long before it signs
+    publish_lead: float = 1.0  # a new key is in every Envoy's config this long before it signs (shared_publish_lead)
     # After a job ends, its raw ID tokens are denied for this long too (0: only exchanged credentials).
     # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
     deny_id_tokens_for: float = 3 * 3_600.0
