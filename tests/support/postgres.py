@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib.util
 import os
 import pwd
@@ -39,6 +40,7 @@ import psycopg
 from tests.support.ports import LOOPBACK, free_port
 
 UNPRIVILEGED_USER = "nobody"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -158,6 +160,14 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT)
 
 
+def _die_with_the_test_run() -> None:
+    """In the server's process before it runs: an immediate shutdown (SIGQUIT) when the process that started it
+    dies, even by SIGKILL, so a killed test run leaves no server behind. Set after the switch to the unprivileged
+    user (a change of credentials clears it), which Popen does before calling this."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)
+
+
 def _temporary_base(run_as: tuple[int, int] | None) -> str:
     """Where the server's directory goes: the usual temporary directory, unless the unprivileged user could not
     reach it or its path would push the unix socket's past the 107-byte limit; then /tmp."""
@@ -209,6 +219,7 @@ def start_server(bin_dir: Path | None = None) -> PostgresServer:
                 return subprocess.Popen(
                     command, env=env, cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True, user=user, group=group, extra_groups=extra_groups,
+                    preexec_fn=_die_with_the_test_run,
                 )  # fmt: skip
 
         process = launch()
