@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import hashlib
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from controlplane.secretfile import SecretFileError, read_secret_file
 
 KEK_BYTES = 32
 MAX_KEK_FILE_BYTES = 1024
@@ -131,21 +131,9 @@ def from_file(path: Path) -> KeyCipher:
     """Read strictly, as the DSN file (store/dsn.py): a regular file, not followed through a symbolic link."""
     where = f"--store-key-file {path}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise KekError(f"{where}: is a symbolic link; give the file it points to") from None
-        raise KekError(f"{where}: cannot read: {error.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise KekError(f"{where}: not a regular file")
-        data = os.read(fd, MAX_KEK_FILE_BYTES + 1)
-    except OSError as error:
-        raise KekError(f"{where}: cannot read: {error.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_KEK_FILE_BYTES:
-        raise KekError(f"{where}: larger than {MAX_KEK_FILE_BYTES} bytes; it should hold one or two KEKs")
+        data = read_secret_file(path, flag="--store-key-file", max_bytes=MAX_KEK_FILE_BYTES, holds="one or two KEKs")
+    except SecretFileError as error:
+        raise KekError(str(error)) from None
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -9,14 +9,14 @@ the URL's user-info or its query string (`?password=`).
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from psycopg import conninfo
+
+from controlplane.secretfile import SecretFileError, read_secret_file
 
 MAX_DSN_FILE_BYTES = 4096
 # libpq keys whose values are secrets: never on a command line, never shown
@@ -84,21 +84,9 @@ def from_file(path: Path) -> StoreDsn:
     or mount it with subPath."""
     where = f"--store-dsn-file {path}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise DsnError(f"{where}: is a symbolic link; give the file it points to") from None
-        raise DsnError(f"{where}: cannot read: {error.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DsnError(f"{where}: not a regular file")
-        data = os.read(fd, MAX_DSN_FILE_BYTES + 1)
-    except OSError as error:
-        raise DsnError(f"{where}: cannot read: {error.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_DSN_FILE_BYTES:
-        raise DsnError(f"{where}: larger than {MAX_DSN_FILE_BYTES} bytes; it should hold one DSN")
+        data = read_secret_file(path, flag="--store-dsn-file", max_bytes=MAX_DSN_FILE_BYTES, holds="one DSN")
+    except SecretFileError as error:
+        raise DsnError(str(error)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
