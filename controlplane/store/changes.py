@@ -114,7 +114,7 @@ class ChangeFeed:
         self.clock = clock
         self._subscriptions: list[_Subscription] = []
         self._connected = False
-        self._down_since: float | None = clock()  # not connected yet: "down" since construction
+        self._down_since: float | None = None  # counted from `run()`: the start proved the store reachable
         self._connects = 0
         self._last_event: float | None = None
         self._last_error: str | None = None
@@ -133,6 +133,7 @@ class ChangeFeed:
         """Listen until `stop`; reconnect with backoff whenever the session is lost. Never raises
         StoreUnavailable: an unreachable store is reported in `status()` and metrics."""
         workers = [asyncio.create_task(s.deliver(stop), name=f"change feed {s.topic}") for s in self._subscriptions]
+        self._down_since = self.clock()
         attempt = 0
         try:
             while not stop.is_set():
