@@ -272,6 +272,23 @@ def open_readonly(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def record_filter(job: str | None, project: str | None, since: float | None, placeholder: str) -> tuple[str, list[Any]]:
+    """The WHERE clause of `audit`'s filters and its parameters, in the driver's `placeholder` (SQLite's `?`,
+    psycopg's `%s`), so both stores answer a query alike. `project` is a path or, if all digits, an id."""
+    where: list[str] = []
+    params: list[Any] = []
+    if job is not None:
+        where.append(f"job_id = {placeholder}")
+        params.append(job)
+    if project is not None:
+        where.append(f"{'project_id' if project.isdigit() else 'project_path'} = {placeholder}")
+        params.append(project)
+    if since is not None:
+        where.append(f"time >= {placeholder}")
+        params.append(since)
+    return (f"WHERE {' AND '.join(where)}" if where else ""), params
+
+
 def query_records(
     conn: sqlite3.Connection,
     *,
@@ -284,18 +301,7 @@ def query_records(
 
     `project` is a path (`acme/app`) or, if all digits, a project id.
     """
-    where: list[str] = []
-    params: list[Any] = []
-    if job is not None:
-        where.append("job_id = ?")
-        params.append(job)
-    if project is not None:
-        where.append("project_id = ?" if project.isdigit() else "project_path = ?")
-        params.append(project)
-    if since is not None:
-        where.append("time >= ?")
-        params.append(since)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    clause, params = record_filter(job, project, since, "?")
     sql = f"SELECT id, {', '.join(COLUMNS)} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
     rows = conn.execute(sql, (*params, max(0, limit))).fetchall()
     return [{key: row[key] for key in ("id", *COLUMNS)} for row in reversed(rows)]

@@ -58,6 +58,7 @@ from controlplane.audit.store import (
     DROP_REPORT_INTERVAL,
     AuditRecord,
     SeenJob,
+    record_filter,
     sanitize,
 )
 from controlplane.store.migrations import AUDIT_PRUNE_LOCK, migrate
@@ -440,18 +441,7 @@ async def query_records(
     limit: int = DEFAULT_QUERY_LIMIT,
 ) -> list[dict[str, Any]]:
     """audit/store.py's `query_records` against PostgreSQL: the same filters, order and keys."""
-    where: list[str] = []
-    params: list[Any] = []
-    if job is not None:
-        where.append("job_id = %s")
-        params.append(job)
-    if project is not None:
-        where.append("project_id = %s" if project.isdigit() else "project_path = %s")
-        params.append(project)
-    if since is not None:
-        where.append("time >= %s")
-        params.append(since)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    clause, params = record_filter(job, project, since, "%s")
     sql = f"SELECT id, {_QUOTED} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT %s"
     async with conn.cursor(row_factory=dict_row) as cursor:
         await cursor.execute(sql.encode(), (*params, max(0, limit)))
