@@ -28,24 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.backends import http_request  # noqa: E402
 from tests.support.gateway import gateway_envoy  # noqa: E402
-from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role  # noqa: E402
 from tests.support.ports import LOOPBACK, free_port, poll_until  # noqa: E402
 from tests.support.postgres import running_server  # noqa: E402
-from tests.support.replicas import replicated  # noqa: E402
-from tests.support.stack import PolicyInputs  # noqa: E402
+from tests.support.replicas import gateway_per_replica, replicated  # noqa: E402
 
 REPLICAS = 3
 GATEWAY_PORTS = [free_port() for _ in range(REPLICAS)]
-
-
-def policy(given: PolicyInputs) -> str:
-    return documents(
-        issuer(given.issuer),
-        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
-        role("reports-read", "reports-api"),
-        binding("jobs-read-reports", ["reports-read"], "{project: 42}"),
-        *(gateway(port, ["reports-api"], name=f"gw-{n}") for n, port in enumerate(GATEWAY_PORTS)),
-    )
 
 
 def status_at(port: int, credential: str) -> int:
@@ -62,7 +50,7 @@ def main() -> None:
     with ExitStack() as up:
         tmp = up.enter_context(tempfile.TemporaryDirectory())
         dsn = up.enter_context(up.enter_context(running_server()).database())
-        fleet = up.enter_context(replicated(Path(tmp), policy, dsn, count=REPLICAS))
+        fleet = up.enter_context(replicated(Path(tmp), gateway_per_replica(GATEWAY_PORTS), dsn, count=REPLICAS))
         for n, replica in enumerate(fleet):
             up.enter_context(
                 gateway_envoy(replica.controlplane.xds_port, node=f"bench-{n}", name=f"bench-{n}", group=f"gw-{n}")

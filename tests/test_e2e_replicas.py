@@ -9,22 +9,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.support.replicas import replicated
-from tests.support.stack import PolicyInputs
+from tests.support.replicas import exchanged_reports, replicated
 
 pytestmark = pytest.mark.e2e
 
 
-def policy(given: PolicyInputs) -> str:
-    return documents(
-        issuer(given.issuer),
-        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
-        role("reports-read", "reports-api"),
-        binding("deployer", ["reports-read"], "{project: 42, ref_protected: true}", extra=TTL_10M),
-        gateway(given.listen_port, ["reports-api"]),
-    )
+policy = exchanged_reports
 
 
 def test_the_replay_bound_holds_across_replicas(tmp_path: Path, pg_dsn: str) -> None:

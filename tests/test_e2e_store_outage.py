@@ -19,11 +19,9 @@ import pytest
 
 from tests.support.backends import http_request
 from tests.support.gateway import gateway_envoy
-from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
 from tests.support.postgres import running_server
-from tests.support.replicas import Replica, replicated
-from tests.support.stack import PolicyInputs
+from tests.support.replicas import Replica, gateway_per_replica, replicated
 
 pytestmark = pytest.mark.e2e
 
@@ -33,19 +31,6 @@ UNREADY_AFTER = 1.0
 
 def ports() -> list[int]:
     return [free_port() for _ in range(REPLICAS)]
-
-
-def policy_for(gateway_ports: list[int]):  # type: ignore[no-untyped-def]
-    def policy(given: PolicyInputs) -> str:
-        return documents(
-            issuer(given.issuer),
-            backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
-            role("reports-read", "reports-api"),
-            binding("jobs-read-reports", ["reports-read"], "{project: 42}"),
-            *(gateway(port, ["reports-api"], name=f"gw-{n}") for n, port in enumerate(gateway_ports)),
-        )
-
-    return policy
 
 
 def call(port: int, credential: str, path: str = "/r") -> int:
@@ -102,7 +87,7 @@ def test_postgresql_restarted_under_traffic_loses_nothing(tmp_path: Path) -> Non
         fleet = up.enter_context(
             replicated(
                 tmp_path,
-                policy_for(gateway_ports),
+                gateway_per_replica(gateway_ports),
                 dsn,
                 count=REPLICAS,
                 serve_args=("--store-unready-after", str(UNREADY_AFTER), "--store-timeout", "1"),

@@ -30,10 +30,10 @@ from controlplane.store.migrations import migrate
 from controlplane.store.pool import StorePool
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import deliver, push_hook
-from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
+from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
 from tests.support.postgres import Gate, PostgresServer
-from tests.support.replicas import replicated
+from tests.support.replicas import exchanged_reports, replicated
 from tests.support.stack import (
     EnvoySpec,
     PolicyInputs,
@@ -49,14 +49,7 @@ SHARED = ("--store", "postgres", "--store-dsn-env", "CP_STORE_DSN", "--store-key
 KEK = base64.b64encode(bytes(range(32))).decode()
 
 
-def policy(given: PolicyInputs) -> str:
-    return documents(
-        issuer(given.issuer),
-        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
-        role("reports-read", "reports-api"),
-        binding("deployer", ["reports-read"], "{project: 42, ref_protected: true}", extra=TTL_10M),
-        gateway(given.listen_port, ["reports-api"]),
-    )
+policy = exchanged_reports
 
 
 @dataclass

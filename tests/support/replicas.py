@@ -8,7 +8,7 @@ environment. Every process is started by a context manager, so leaving the `with
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +19,40 @@ from .controlplane import ControlPlaneProcess
 from .exchange import post_exchange
 from .gateway import Webhook
 from .gitlab_hooks import HookTarget, deliver
+from .policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from .ports import LOOPBACK, poll_until
-from .stack import OutsideWorld, PolicyWriter, outside_world
+from .stack import OutsideWorld, PolicyInputs, PolicyWriter, outside_world
 
 STORE_ENV = "CP_STORE_DSN"
 KEY_ENV = "CP_STORE_KEY"  # the signing keys' key-encryption key, the same on every replica
 STORE_KEY = "Y29udHJvbHBsYW5lIHRlc3QgS0VLLCAzMiBieXRlcyE="  # base64 of 32 bytes, for tests only
 STORE_ARGS = ("--store", "postgres", "--store-dsn-env", STORE_ENV, "--store-key-env", KEY_ENV)
+
+
+def exchanged_reports(given: PolicyInputs) -> str:
+    """One gateway, one backend that takes only exchanged credentials, bound to project 42's protected refs."""
+    return documents(
+        issuer(given.issuer),
+        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
+        role("reports-read", "reports-api"),
+        binding("deployer", ["reports-read"], "{project: 42, ref_protected: true}", extra=TTL_10M),
+        gateway(given.listen_port, ["reports-api"]),
+    )
+
+
+def gateway_per_replica(ports: Sequence[int]) -> PolicyWriter:
+    """`exchanged_reports` with a gateway `gw-<n>` on each of `ports`, so replica n's own Envoy can be asked."""
+
+    def policy(given: PolicyInputs) -> str:
+        return documents(
+            issuer(given.issuer),
+            backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
+            role("reports-read", "reports-api"),
+            binding("jobs-read-reports", ["reports-read"], "{project: 42}"),
+            *(gateway(port, ["reports-api"], name=f"gw-{n}") for n, port in enumerate(ports)),
+        )
+
+    return policy
 
 
 @dataclass
