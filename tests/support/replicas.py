@@ -17,6 +17,7 @@ from typing import Any
 from .backends import HttpResponse
 from .controlplane import ControlPlaneProcess
 from .exchange import post_exchange
+from .fake_gitlab import FakeGitLab
 from .gateway import Webhook
 from .gitlab_hooks import HookTarget, deliver
 from .ports import poll_until
@@ -75,9 +76,11 @@ def replicated(
     serve_args: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 60.0,
+    gitlab: FakeGitLab | None = None,
 ) -> Iterator[Replicas]:
-    """`count` replicas on `dsn`, yielded once each answers /readyz."""
-    with outside_world(root, policy, backends=backends) as world, ExitStack() as up:
+    """`count` replicas on `dsn`, yielded once each answers /readyz and its exchange issues (`gitlab`: a fake
+    GitLab already running, e.g. holding the projects a policy's `api:` issuer reads)."""
+    with outside_world(root, policy, backends=backends, gitlab=gitlab) as world, ExitStack() as up:
         built = Replicas(world)
         for index in range(count):
             hook = Webhook()
