@@ -136,7 +136,7 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
         due = next_due()
         while due - time.time() < 1.0 or due < wall_start + RECONCILE + 1:
             passed = due
-            due = poll_until(lambda: next_due() > passed and next_due(), 2 * ROTATE, message="a rotation")
+            due = poll_until(lambda was=passed: next_due() > was and next_due(), 2 * ROTATE, message="a rotation")
         traffic = Traffic(fleet, survivors)
         sender = threading.Thread(target=traffic.run, name="credential-traffic")
         sender.start()
