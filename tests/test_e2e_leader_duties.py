@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,13 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
         def next_due() -> float:
             return max(nb for _, _, nb in stored_keys(pg_dsn)) + ROTATE - PUBLISH_LEAD
 
+        def later_due(than: float) -> float | None:
+            due = next_due()
+            return due if due > than else None
+
         due = next_due()
         while due - time.time() < 1.0 or due < wall_start + RECONCILE + 1:
-            passed = due
-            due = poll_until(lambda was=passed: next_due() > was and next_due(), 2 * ROTATE, message="a rotation")
+            due = poll_until(partial(later_due, due), 2 * ROTATE, message="a rotation") or due
         traffic = Traffic(fleet, survivors)
         sender = threading.Thread(target=traffic.run, name="credential-traffic")
         sender.start()
