@@ -256,9 +256,15 @@ def _parser() -> argparse.ArgumentParser:
     creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
     creds.add_argument(
         "--key-rotation",
-        type=float,
+        type=_positive_float,
         default=credential_default("rotate_every"),
         help="seconds between signing-key rotations",
+    )
+    creds.add_argument(
+        "--key-publish-lead",
+        type=_positive_float,
+        default=credential_default("publish_lead"),
+        help="seconds a new signing key is published before it signs (several replicas: a few seconds)",
     )
     creds.add_argument(
         "--max-credential-ttl",
@@ -506,6 +512,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
 
     if args.job_sweep_interval < 1:
         return "--job-sweep-interval must be at least 1 second"
+    if not args.no_exchange and args.key_rotation <= args.key_publish_lead:
+        rotation, lead = args.key_rotation, args.key_publish_lead
+        return f"--key-rotation ({rotation:g}s) must be longer than --key-publish-lead ({lead:g}s)"
     if args.gc_interval < 0 or args.gc_full_every < 1:
         return "--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1"
     policy_gitlab = None
@@ -583,6 +592,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             public=args.exchange_public_address or args.exchange_address,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
+            publish_lead=args.key_publish_lead,
             max_credential_ttl=args.max_credential_ttl,
             deny_id_tokens_for=args.deny_id_tokens_for,
             http=exchange_limits,
