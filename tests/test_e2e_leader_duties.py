@@ -139,7 +139,7 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
             return due if due > than else None
 
         due = next_due()
-        while due - time.time() < 1.0 or due < wall_start + RECONCILE + 1:
+        while due - time.time() < 1.0 or due < wall_start + RECONCILE + 2:
             due = poll_until(partial(later_due, due), 2 * ROTATE, message="a rotation") or due
         traffic = Traffic(fleet, survivors)
         sender = threading.Thread(target=traffic.run, name="credential-traffic")
