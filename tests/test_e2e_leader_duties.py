@@ -35,9 +35,11 @@ from tests.support.stack import PolicyInputs
 pytestmark = pytest.mark.e2e
 
 RECONCILE = 10  # the shortest period the policy language allows
-ROTATE = 12.0  # --key-rotation: a rotation falls due soon after the fleet is up
+ROTATE = 6.0  # --key-rotation: several rotations under traffic, one falling due soon after the window has run
 PUBLISH_LEAD = 1.0  # CredentialOptions.publish_lead's default: a successor is written this long before it signs
 OTHER = 43  # acme/other: its `release` branch is protected only after the leader is killed
+OTHER_JOB = 5000  # a job of acme/other on `release`
+FIRST_JOB = 899  # the traffic's jobs of project 42 follow it, one per exchange
 READ_REQUESTS = 2 * 4  # one full read: each project, its branches, tags and environments
 SLACK = 1.5  # round trips and a busy 2-core machine on top of a stated bound
 
@@ -81,7 +83,7 @@ class Traffic:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        job, credential, kid, renewed = 900, "", "", 0.0
+        job, credential, kid, renewed = FIRST_JOB + 1, "", "", 0.0
         while not self.stop.is_set():
             if time.monotonic() - renewed >= 0.3:
                 job += 1
@@ -106,6 +108,10 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
     with FakeGitLab() as gitlab, ExitStack() as running:
         gitlab.add_project("acme/deployer", id=42)
         gitlab.add_project("acme/other", id=OTHER, branches=["main", "release"])  # only main is protected
+        # Running jobs: right after a start the exchange asks GitLab about each job (a Job Hook may have been missed)
+        for job in (1, *range(FIRST_JOB, FIRST_JOB + 1000)):
+            gitlab.add_job(42, id=job)
+        gitlab.add_job(OTHER, id=OTHER_JOB, ref="release")
         args = ("--exchange-public-address", f"{LOOPBACK}:{free_port()}", "--key-rotation", f"{ROTATE:g}")
         fleet = running.enter_context(
             replicated(tmp_path, policy, pg_dsn, gitlab=gitlab, serve_args=args, env={"GITLAB_TOKEN": gitlab.api_token})
@@ -125,7 +131,7 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
                 name="duties-envoy",
             )
         )  # fmt: skip
-        first = survivors[0].exchange(fleet.subject(899))
+        first = survivors[0].exchange(fleet.subject(FIRST_JOB))
         assert first.status == 200, first.text
         poll_until(lambda: fleet.world.call("reports.local", first.json()["access_token"]) == 200, 20, message="200")
 
@@ -138,13 +144,13 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
             due = next_due()
             return due if due > than else None
 
-        due = next_due()
-        while due - time.time() < 1.0 or due < wall_start + RECONCILE + 2:
-            due = poll_until(partial(later_due, due), 2 * ROTATE, message="a rotation") or due
         traffic = Traffic(fleet, survivors)
         sender = threading.Thread(target=traffic.run, name="credential-traffic")
         sender.start()
         try:
+            due = next_due()
+            while due - time.time() < 1.0 or due < wall_start + RECONCILE + 2:  # rotations go on meanwhile
+                due = poll_until(partial(later_due, due), 2 * ROTATE, message="a rotation") or due
             poll_until(lambda: time.time() >= due - 0.5, ROTATE + 5, interval=0.02, message="just before the rotation")
             window = time.monotonic() - window_start
             before = inventory_calls(gitlab, window_start)
@@ -172,7 +178,7 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
             assert kids[0] == kids[1], kids
 
             granted = poll_until(
-                lambda: all(r.exchange(fleet.subject(990, project_id=OTHER, project_path="acme/other",
+                lambda: all(r.exchange(fleet.subject(OTHER_JOB, project_id=OTHER, project_path="acme/other",
                                                      ref="release")).status == 200 for r in survivors),
                 RECONCILE + 10, interval=0.05, message="the protected branch seen by every survivor",
             )  # fmt: skip
