@@ -84,7 +84,8 @@ def test_validate_reads_serves_inputs_with_serves_defaults_and_writes_nothing(tm
 
     validate = vars(_parser().parse_args(["validate", "p"]))
     serve = vars(_parser().parse_args(["serve"]))
-    shared = ("state_dir", "exchange_address", "exchange_public_address", "no_exchange", "key_rotation")
+    shared = ("state_dir", "exchange_address", "exchange_public_address", "no_exchange", "key_rotation",
+              "key_publish_lead")  # fmt: skip
     assert {k: validate[k] for k in (*shared, "max_credential_ttl")} == {
         k: serve[k] for k in (*shared, "max_credential_ttl")
     }
@@ -221,6 +222,17 @@ def test_serve_with_a_broken_policy_is_alive_but_not_ready(tmp_path: Path) -> No
 def test_serve_refuses_nonsense_collector_settings(tmp_path: Path) -> None:
     result = run("serve", "--policy", str(ROOT / "examples" / "quickstart"), "--gc-full-every", "0")
     assert result.returncode == 2 and "--gc-full-every >= 1" in result.stderr
+
+
+def test_serve_refuses_a_rotation_not_longer_than_its_publish_lead(tmp_path: Path) -> None:
+    """A usage error naming both flags, not a traceback from the credential service once serving started."""
+    policy = str(ROOT / "examples" / "quickstart")
+    for args in (("--key-rotation", "1"), ("--key-rotation", "10", "--key-publish-lead", "10")):
+        result = run("serve", "--policy", policy, "--state-dir", str(tmp_path / "s"), *args)
+        assert result.returncode == 2 and "must be longer than --key-publish-lead" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    negative = run("serve", "--policy", policy, "--key-rotation", "-5")
+    assert negative.returncode == 2 and "expected a positive number of seconds" in negative.stderr
 
 
 def _quickstart(tmp_path: Path) -> Path:

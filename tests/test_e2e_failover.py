@@ -1,13 +1,15 @@
 """Replicas serve identical versions, and a real Envoy fails over between them by itself with nothing re-sent.
 
 Three `controlplane serve` processes read the same policy directory, each with a state directory of its own
-(`--store file`: no shared state is needed for this, only identical inputs; the policy has no token exchange,
-whose signing keys are per replica until they are shared). One Envoy is bootstrapped with all three xDS
-addresses (`controlplane bootstrap --xds-address A,B,C`). The replica it streams from is killed with SIGKILL
-while a thread sends requests through the Envoy without pause: no request may fail, the Envoy must appear on
-another replica, and nothing may be re-applied (Envoy's own counters) or re-sent (the survivor's push counter).
-Both protocols: SotW resumes by the version each type's first request carries, Delta by the per-resource
-versions of `initial_resource_versions` (controlplane/xds/protocol.py rule 4, delta.py).
+(`--store file`: no shared state is needed for this, only identical inputs, so that policy has no token exchange,
+whose signing keys would be per replica). One Envoy is bootstrapped with all three xDS addresses (`controlplane
+bootstrap --xds-address A,B,C`). The replica it streams from is killed with SIGKILL while a thread sends
+requests through the Envoy without pause: no request may fail, the Envoy must appear on another replica, and
+nothing may be re-applied (Envoy's own counters) or re-sent (the survivor's push counter). Both protocols: SotW
+resumes by the version each type's first request carries, Delta by the per-resource versions of
+`initial_resource_versions` (controlplane/xds/protocol.py rule 4, delta.py). The same kill again with
+`--store postgres` and exchanged credentials: signing keys and the deny list are then shared, so the
+credentials' configuration is identical on every replica too.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.one_backend import one_backend_policy
+from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.support.stack import OutsideWorld, Protocol, outside_world
+from tests.support.replicas import replicated
+from tests.support.stack import OutsideWorld, PolicyInputs, Protocol, outside_world
 
 pytestmark = pytest.mark.e2e
 
@@ -139,7 +143,50 @@ def test_replicas_on_the_same_inputs_serve_byte_identical_versions(
 def test_killing_the_replica_an_envoy_streams_from_moves_it_to_another_with_nothing_resent(
     fleet: Fleet, protocol: Protocol, tmp_path: Path
 ) -> None:
-    replicas = _start_replicas(fleet, tmp_path)
+    _start_replicas(fleet, tmp_path)
+    _kill_under_traffic(fleet, protocol).stop()
+
+
+def credentials_policy(given: PolicyInputs) -> str:
+    return documents(
+        issuer(given.issuer),
+        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
+        role("reports-read", "reports-api"),
+        binding("deployer", ["reports-read"], "{project: 42, ref_protected: true}", extra=TTL_10M),
+        gateway(given.listen_port, ["reports-api"]),
+    )
+
+
+def test_with_shared_state_and_credentials_nothing_is_resent_either(
+    protocol: Protocol, tmp_path: Path, pg_dsn: str
+) -> None:
+    """The same kill with `--store postgres` and the token exchange on: the signing keys and the deny list come
+    from PostgreSQL, so the three replicas compile byte-identical credentials configuration (jwt_authn with the
+    shared JWKS) and the Envoy, holding a credential exchanged at one replica, moves with nothing re-sent."""
+    public = ("--exchange-public-address", f"{LOOPBACK}:{free_port()}")  # one route to the exchange, as a fleet has
+    with replicated(tmp_path, credentials_policy, pg_dsn, serve_args=public) as shared:
+        statuses = [replica.status() for replica in shared]
+        versions = [s["policy"]["snapshot_versions"] for s in statuses]
+        kids = [s["credentials"]["published_kids"] for s in statuses]
+        assert versions[0] and versions.count(versions[0]) == REPLICAS, versions
+        assert kids[0] and kids.count(kids[0]) == REPLICAS, kids
+        answer = shared[1].exchange(shared.subject(801))
+        assert answer.status == 200, answer.text
+        fleet = Fleet(shared.world, [replica.controlplane for replica in shared], str(answer.json()["access_token"]))
+        with fleet.stack:
+            envoy = _kill_under_traffic(fleet, protocol, "postgres store, credentials")
+            survivors = [replica for replica in shared if replica.controlplane.running]
+            later = [replica.exchange(shared.subject(810 + replica.index)) for replica in survivors]
+            assert [a.status for a in later] == [200] * len(survivors), [a.text for a in later]
+            for credential in (str(a.json()["access_token"]) for a in later):  # signed by the survivors, as before
+                assert fleet.world.call("reports.local", credential, path="/reports/1") == 200
+            envoy.stop()
+
+
+def _kill_under_traffic(fleet: Fleet, protocol: Protocol, label: str = "file store") -> EnvoyProcess:
+    """SIGKILL the replica the Envoy streams from while a thread sends requests through it without pause: none
+    fails, the Envoy moves to another replica, and nothing is re-applied or re-sent."""
+    replicas = fleet.replicas
     envoy = fleet.envoy(protocol, replicas)
     poll_until(lambda: fleet.get() == 200, 20, message="200 through the Envoy")
     connected = poll_until(fleet.holder, 10, message="the Envoy on one replica")
@@ -179,7 +226,10 @@ def test_killing_the_replica_an_envoy_streams_from_moves_it_to_another_with_noth
         stop.set()
         sender.join(10)
     after_stats = envoy.stats()
-    print(f"\n[{protocol}] reconnect {reconnect * 1000:.0f} ms after SIGKILL; {sent} requests, {len(failures)} failed")
+    print(
+        f"\n[{protocol}, {label}] reconnect {reconnect * 1000:.0f} ms after SIGKILL; "
+        f"{sent} requests, {len(failures)} failed"
+    )
     assert failures == [], failures[:10]
     assert survivor is not connected
     changed = {name: (before_stats.get(name), after_stats.get(name)) for name in REAPPLIED}
@@ -195,7 +245,7 @@ def test_killing_the_replica_an_envoy_streams_from_moves_it_to_another_with_noth
     assert _refused([survivor]) == [0]
     proxy = next(p for p in survivor.status()["proxies"] if p["node"] == NODE)
     assert proxy["protocol"] == protocol
-    envoy.stop()
+    return envoy
 
 
 def _refused(replicas: list[ControlPlaneProcess]) -> list[float]:

@@ -256,9 +256,15 @@ def _parser() -> argparse.ArgumentParser:
     creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
     creds.add_argument(
         "--key-rotation",
-        type=float,
+        type=_positive_float,
         default=credential_default("rotate_every"),
         help="seconds between signing-key rotations",
+    )
+    creds.add_argument(
+        "--key-publish-lead",
+        type=_positive_float,
+        help="seconds a new signing key is published before it signs (default 1; with --store postgres 10, or a "
+        "quarter of a shorter --key-rotation, so every replica's Envoys hold it first)",
     )
     creds.add_argument(
         "--max-credential-ttl",
@@ -506,6 +512,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
 
     if args.job_sweep_interval < 1:
         return "--job-sweep-interval must be at least 1 second"
+    lead = args.key_publish_lead
+    if lead is None:  # one replica: 1 s; replicas sharing keys: time for every one to push it first
+        lead = shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
+    if not args.no_exchange and args.key_rotation <= lead:
+        return f"--key-rotation ({args.key_rotation:g}s) must be longer than --key-publish-lead ({lead:g}s)"
     if args.gc_interval < 0 or args.gc_full_every < 1:
         return "--gc-interval must be >= 0 (0: Python's own collector) and --gc-full-every >= 1"
     policy_gitlab = None
@@ -583,9 +594,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             public=args.exchange_public_address or args.exchange_address,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
-            publish_lead=(
-                shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
-            ),
+            publish_lead=lead,
             max_credential_ttl=args.max_credential_ttl,
             deny_id_tokens_for=args.deny_id_tokens_for,
             http=exchange_limits,

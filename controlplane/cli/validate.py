@@ -55,6 +55,7 @@ def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Calla
     group.add_argument("--exchange-public-address", type=host_port)
     group.add_argument("--no-exchange", action="store_true", help="serve runs with --no-exchange")
     group.add_argument("--key-rotation", type=float, default=option_default(CredentialOptions, "rotate_every"))
+    group.add_argument("--key-publish-lead", type=float, default=option_default(CredentialOptions, "publish_lead"))
     group.add_argument(
         "--max-credential-ttl", type=float, default=option_default(CredentialOptions, "max_credential_ttl")
     )
@@ -114,6 +115,7 @@ def _credentials(args: argparse.Namespace, notes: list[str]) -> CredentialInputs
         public=args.exchange_public_address or args.exchange_address,
         state_dir=args.state_dir,
         rotate_every=args.key_rotation,
+        publish_lead=CredentialOptions.publish_lead if args.key_publish_lead is None else args.key_publish_lead,
         max_credential_ttl=args.max_credential_ttl,
     )
     store = _ReadOnly(FileKeyStore(options.state_dir / KEYS_FILE))

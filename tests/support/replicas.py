@@ -17,6 +17,7 @@ from typing import Any
 from .backends import HttpResponse
 from .controlplane import ControlPlaneProcess
 from .exchange import post_exchange
+from .fake_gitlab import FakeGitLab
 from .gateway import Webhook
 from .gitlab_hooks import HookTarget, deliver
 from .policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
@@ -105,11 +106,13 @@ def replicated(
     ready_timeout: float = 60.0,
     policy_project: str | None = None,
     hooked: Collection[int] | None = None,
+    gitlab: FakeGitLab | None = None,
 ) -> Iterator[Replicas]:
-    """`count` replicas on `dsn`, yielded once each answers /readyz. `policy_project`: the policy is served from
-    that GitLab project (created with `policy`'s text) instead of the directory. `hooked`: the replicas whose
-    webhook listener GitLab delivers to (default all; the others receive only what a test sends them)."""
-    with outside_world(root, policy, backends=backends) as world, ExitStack() as up:
+    """`count` replicas on `dsn`, yielded once each answers /readyz and its exchange issues. `policy_project`: the
+    policy is served from that GitLab project (created with `policy`'s text) instead of the directory. `hooked`:
+    the replicas whose webhook listener GitLab delivers to (default all; the others receive only what a test
+    sends them). `gitlab`: a fake GitLab already running, e.g. holding the projects a policy's `api:` issuer reads."""
+    with outside_world(root, policy, backends=backends, gitlab=gitlab) as world, ExitStack() as up:
         built = Replicas(world)
         source: tuple[str, ...] = ()
         if policy_project is not None:
