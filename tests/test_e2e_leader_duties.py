@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 
 RECONCILE = 10  # the shortest period the policy language allows
 ROTATE = 6.0  # --key-rotation: several rotations under traffic, one falling due soon after the window has run
-PUBLISH_LEAD = 1.0  # CredentialOptions.publish_lead's default: a successor is written this long before it signs
+PUBLISH_LEAD = 1.0  # --key-publish-lead: a successor is written this long before it signs
 OTHER = 43  # acme/other: its `release` branch is protected only after the leader is killed
 OTHER_JOB = 5000  # a job of acme/other on `release`
 FIRST_JOB = 899  # the traffic's jobs of project 42 follow it, one per exchange
@@ -113,6 +113,7 @@ def test_a_killed_leaders_key_rotation_and_gitlab_reads_move_to_another_replica(
             gitlab.add_job(42, id=job)
         gitlab.add_job(OTHER, id=OTHER_JOB, ref="release")
         args = ("--exchange-public-address", f"{LOOPBACK}:{free_port()}", "--key-rotation", f"{ROTATE:g}")
+        args += ("--key-publish-lead", f"{PUBLISH_LEAD:g}")
         fleet = running.enter_context(
             replicated(tmp_path, policy, pg_dsn, gitlab=gitlab, serve_args=args, env={"GITLAB_TOKEN": gitlab.api_token})
         )

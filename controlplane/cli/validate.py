@@ -55,7 +55,7 @@ def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Calla
     group.add_argument("--exchange-public-address", type=host_port)
     group.add_argument("--no-exchange", action="store_true", help="serve runs with --no-exchange")
     group.add_argument("--key-rotation", type=float, default=option_default(CredentialOptions, "rotate_every"))
-    group.add_argument("--key-publish-lead", type=float, default=option_default(CredentialOptions, "publish_lead"))
+    group.add_argument("--key-publish-lead", type=float)  # unset: serve's default for a file store, 1 s
     group.add_argument(
         "--max-credential-ttl", type=float, default=option_default(CredentialOptions, "max_credential_ttl")
     )
