@@ -8,7 +8,9 @@ it had for the bad row only, stays bounded, and says which table and key it refu
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +20,7 @@ import pytest
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.sources import inventory_table
 from controlplane.sources.inventory_table import InventoryTable, content_hash
+from controlplane.store.changes import CHANNEL, NOTIFICATIONS, RESYNC, ChangeFeed
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.migrations import migrate
 from controlplane.store.pool import PoolSettings, StorePool
@@ -100,3 +103,46 @@ async def test_an_oversized_inventory_document_is_never_fetched(pg_dsn: str, mon
         rows = await table.read()
         assert set(rows) == {"gitlab.example"}
         assert "over the 65536 bytes bound" in table.refused["big.example"]
+
+
+# --- the change feed ------------------------------------------------------------------------------------------
+
+
+async def test_a_notify_flood_with_spoofed_topics_and_payloads_stays_bounded(pg_dsn: str) -> None:
+    """Any session can NOTIFY the channel. 3,000 notifications of made-up topics and 3,000 distinct payloads on a
+    subscribed topic: the metric gains one label, not 3,000 (before: one series per made-up topic, forever), and a
+    subscriber that re-reads whatever the payload is called a few times, not 3,000 (before: once each, one
+    PostgreSQL read apiece)."""
+    calls: list[str] = []
+    done = asyncio.Event()
+
+    async def reread(payload: str) -> None:
+        calls.append(payload)
+        if payload == "last":
+            done.set()
+        await asyncio.sleep(0.01)  # a re-read takes a moment
+
+    async with opened(pg_dsn) as pool:
+        feed = ChangeFeed(pool, check_every=0.5)
+        feed.subscribe("revocations", reread, coalesce=True)
+        stop = asyncio.Event()
+        task = asyncio.create_task(feed.run(stop))
+        try:
+            await asyncio.wait_for(feed.listening(), 10)
+            before = {s.labels["topic"] for m in NOTIFICATIONS.collect() for s in m.samples}
+            started = time.monotonic()
+            with psycopg.connect(pg_dsn, autocommit=True) as hostile:
+                hostile.execute(
+                    "SELECT pg_notify(%s, 'spoof' || n || ':' || n) FROM generate_series(1, 3000) n", (CHANNEL,)
+                )
+                hostile.execute("SELECT pg_notify(%s, 'revocations:' || n) FROM generate_series(1, 3000) n", (CHANNEL,))
+                hostile.execute("NOTIFY controlplane_changes, 'revocations:last'")
+            await asyncio.wait_for(done.wait(), 10)
+            elapsed = time.monotonic() - started
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    after = {s.labels["topic"] for m in NOTIFICATIONS.collect() for s in m.samples}
+    assert after - before <= {"other", "revocations"}
+    assert calls[0] == RESYNC
+    assert len(calls) <= 2 + elapsed / feed.min_interval, (len(calls), elapsed)
