@@ -19,6 +19,7 @@ import pytest
 
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.sources import inventory_table
+from controlplane.sources.gitlab_watch import MAX_PROJECTS_DUE, MIN_FULL_GAP, InventoryWatcher
 from controlplane.sources.inventory_table import InventoryTable, content_hash
 from controlplane.store.changes import CHANNEL, NOTIFICATIONS, RESYNC, ChangeFeed
 from controlplane.store.dsn import StoreDsn
@@ -146,3 +147,37 @@ async def test_a_notify_flood_with_spoofed_topics_and_payloads_stays_bounded(pg_
     assert after - before <= {"other", "revocations"}
     assert calls[0] == RESYNC
     assert len(calls) <= 2 + elapsed / feed.min_interval, (len(calls), elapsed)
+
+
+async def test_a_resync_request_flood_reads_gitlab_at_a_bounded_rate() -> None:
+    """`gitlab-resync` is a NOTIFY any session can send ("all", "rename:<any id>"); the leader's watcher is then
+    asked for full reads and unknown projects without end. Before: a full reconcile back-to-back for as long as
+    the flood lasted, and one queued project per distinct id (unbounded)."""
+    from tests.test_gitlab_watch import Changes, FakeSource
+
+    source = FakeSource()
+    source.now = time.time()
+    watcher = InventoryWatcher(
+        "gitlab",
+        source,
+        on_change=Changes(),
+        clock=time.time,  # type: ignore[arg-type]
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    try:
+        await asyncio.wait_for(watcher.settled.wait(), 10)
+        started = time.monotonic()
+        for n in range(3000):
+            watcher.request_full()
+            watcher.request_project(1_000_000 + n)
+            assert len(watcher._projects_due) <= MAX_PROJECTS_DUE
+            if n % 10 == 0:
+                await asyncio.sleep(0.003)  # a flood spread over a second or so, as notifications arrive
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    full_reads = sum(call.startswith("inventory") for call in source.calls)
+    assert full_reads <= 2 + elapsed / MIN_FULL_GAP, (full_reads, elapsed)
+    # One project's re-read is one request: their rate is the GitLab client's token bucket (rate_limit.py).
