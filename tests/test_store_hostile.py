@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from contextlib import asynccontextmanager
 import psycopg
 import pytest
 
+from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
+from controlplane.credentials.revocations import Revocations
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.sources import inventory_table
 from controlplane.sources.gitlab_watch import MAX_PROJECTS_DUE, MIN_FULL_GAP, InventoryWatcher
@@ -45,6 +48,50 @@ def sql(dsn: str, statement: str, params: tuple[object, ...] = ()) -> None:
     """What another writer does: plain SQL on its own session."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(statement, params)  # type: ignore[arg-type]
+
+
+# --- revocations ---------------------------------------------------------------------------------------------
+
+
+async def test_corrupt_revocation_rows_never_drop_the_deny_list_nor_open_it(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows another writer put in `revocations`: a NaN time (before: silently not denied, fail open), an infinite
+    one, a job id of 200 kB (about the most the primary key index takes, compressed) and one with a control
+    character (before: both compiled into every Envoy's routes), an expired one. Every good row is still denied,
+    on start and on refresh; the bad ones are said and counted."""
+    now = time.time()
+    async with opened(pg_dsn) as pool:
+        store = PostgresRevocationStore(pool)
+        await store.open()
+        writer = Revocations(PostgresRevocationStore(pool))
+        await writer.open()
+        assert writer.revoke("100", now + 600) and await writer.persist()
+        rows = [
+            ("101", "NaN"),
+            ("102", "Infinity"),
+            ("7" * 200_000, str(now + 600)),
+            ("103\u0007bell", str(now + 600)),
+            ("104", "-1e308"),
+        ]
+        for job, until in rows:
+            sql(
+                pg_dsn,
+                "INSERT INTO revocations VALUES (%s, %s::double precision, nextval('revocations_seq'))",
+                (job.replace("\\u0007", "\x07"), until),
+            )
+        reader = Revocations(store)
+        with caplog.at_level(logging.ERROR, "controlplane.revocations"):
+            await reader.open()
+        assert reader.active() == ("100", "101", "102")
+        assert reader.is_revoked("101") and reader.next_expiry() is not None
+        assert not math.isnan(reader.next_expiry() or 0.0)
+        assert reader.status()["revocations_store"]["refused_rows"] == 3  # type: ignore[index]
+        logged = " ".join(r.getMessage() for r in caplog.records)
+        assert "revocations table" in logged and "job 101" in logged and "200000 characters" in logged
+        assert len(logged) < 10_000  # the long id is never logged whole
+        assert writer.revoke("105", now + 600) and await writer.persist()
+        assert await reader.refresh("1") and "105" in reader.active()  # later writes still arrive
 
 
 # --- gitlab_inventories ---------------------------------------------------------------------------------------
