@@ -18,6 +18,9 @@ from contextlib import asynccontextmanager
 import psycopg
 import pytest
 
+from controlplane.credentials.key_cipher import parse_keks
+from controlplane.credentials.keys import KeyStoreError
+from controlplane.credentials.keys_pg import PostgresKeyStore
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import Revocations
 from controlplane.model.inventory import Group, Inventory, Project
@@ -228,3 +231,29 @@ async def test_a_resync_request_flood_reads_gitlab_at_a_bounded_rate() -> None:
     full_reads = sum(call.startswith("inventory") for call in source.calls)
     assert full_reads <= 2 + elapsed / MIN_FULL_GAP, (full_reads, elapsed)
     # One project's re-read is one request: their rate is the GitLab client's token bucket (rate_limit.py).
+
+
+# --- signing_keys ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["not_before", "retire_after", "created_at"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+async def test_a_signing_key_with_a_non_finite_time_is_refused_and_the_held_keys_kept(
+    pg_dsn: str, column: str, value: str
+) -> None:
+    """The seal covers the key, not its times. Before: a NaN `not_before` was taken (sorting undefined, the
+    leader's rotation never due again, `next_change_at` NaN: the run loop spinning every 50 ms)."""
+    from tests.test_keys_pg import KEK, Clock, kids, open_keys
+
+    clock = Clock()
+    async with opened(pg_dsn) as pool:
+        keys = await open_keys(pool, clock)
+        before = kids(keys)
+        sql(pg_dsn, f"UPDATE signing_keys SET {column} = %s::double precision", (value,))
+        follower = PostgresKeyStore(pool, parse_keks(KEK, "test KEK"))
+        with pytest.raises(KeyStoreError, match=f"key {before[0]}: a time is not a finite number.*{column}"):
+            await follower.load()
+        clock.now += 1_000  # a rotation is due: the leader must neither adopt nor overwrite the row
+        await keys.on_notification("")
+        assert not await keys.step(is_leader=True)
+        assert kids(keys) == before and keys.status()["last_error"]
