@@ -30,7 +30,8 @@ from controlplane.sources.inventory_table import InventoryTable, content_hash
 from controlplane.store.changes import CHANNEL, NOTIFICATIONS, RESYNC, ChangeFeed
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.migrations import migrate
-from controlplane.store.pool import PoolSettings, StorePool
+from controlplane.store.pool import PoolSettings, StorePool, StoreUnavailable
+from tests.support.postgres import Gate, PostgresServer
 
 FAST = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=1.0, statement_timeout=2.0)
 
@@ -257,3 +258,37 @@ async def test_a_signing_key_with_a_non_finite_time_is_refused_and_the_held_keys
         await keys.on_notification("")
         assert not await keys.step(is_leader=True)
         assert kids(keys) == before and keys.status()["last_error"]
+
+
+# --- a server that accepts and never answers ------------------------------------------------------------------
+
+
+async def test_a_server_that_never_answers_is_unavailable_within_the_bound(
+    postgres: PostgresServer, pg_dsn: str
+) -> None:
+    """A hung PostgreSQL (or a relay in front of it) that keeps the connection open and answers nothing: the
+    server-side statement_timeout never fires and the kernel answers TCP keepalives. Before: the call waited
+    forever, holding its pooled connection (the exchange request, the audit writer or a feed subscriber stuck
+    with it)."""
+    gate = Gate(postgres.port)
+    await gate.restore()
+    settings = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=1.0, statement_timeout=1.0)
+    pool = StorePool(StoreDsn(gate.dsn(pg_dsn), "test"), settings)
+    await pool.open()
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        gate.silent = True
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"no answer within 4s|no connection"):
+
+            async def one() -> None:
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+
+            await asyncio.wait_for(one(), 60)
+        assert time.monotonic() - started < settings.work_timeout + 12  # psycopg's cancel attempt: up to 10 s
+    finally:
+        gate.silent = False
+        gate.cut()
+        await asyncio.wait_for(pool.close(), 30)
