@@ -145,7 +145,7 @@ class InventoryTable:
                 documents: dict[str, tuple[int, Any]] = {}
                 if wanted:
                     cursor = await conn.execute(_DOCUMENTS, {"wanted": wanted, "limit": MAX_DOCUMENT_BYTES})
-                    documents = {str(i): (int(n), d) for i, n, d in await cursor.fetchall()}
+                    documents = {str(i): (int(str(n)), d) for i, n, d in await cursor.fetchall()}
         except psycopg.Error as error:
             raise StoreUnavailable(f"gitlab inventories: {type(error).__name__}") from None
         rows: dict[str, StoredInventory] = {}
