@@ -292,3 +292,42 @@ async def test_a_server_that_never_answers_is_unavailable_within_the_bound(
         gate.silent = False
         gate.cut()
         await asyncio.wait_for(pool.close(), 30)
+
+
+# --- replicas -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fleet",
+    [
+        "'[1, 2, 3]'",
+        """'{"summary": "x", "proxies": 5}'""",
+        """'{"summary": {"connected": "many", "by_group": {"edge": "x"}}}'""",
+        """'{"proxies": [1, "two"], "versions": []}'""",
+        # 10 MB of proxies: never fetched whole (PostgreSQL replaces it), whatever the writer meant
+        """jsonb_build_object('proxies', (SELECT jsonb_agg(jsonb_build_object('node', repeat('n', 100)))
+                                          FROM generate_series(1, 100000)))""",
+    ],
+)
+async def test_a_hostile_replica_row_leaves_status_and_the_fleet_answering(pg_dsn: str, fleet: str) -> None:
+    """Before: a `fleet` not of the published shape raised in `list()` / `whole_fleet()`, i.e. in every
+    `/status` and `status --fleet`; and every replica fetched any size of it at every heartbeat."""
+    from tests.support.clock import Clock
+    from tests.test_store_replicas import fleet_of, registry
+
+    clock = Clock(1000.0)
+    async with opened(pg_dsn) as pool:
+        a = registry(pool, "a", clock, fleet_of("gw-1"))
+        await a.beat()
+        sql(
+            pg_dsn,
+            "INSERT INTO replicas SELECT 'evil', host, xds_address, admin_address, version, started_at, last_seen, "
+            f"heartbeat_every, NULL, false, {fleet} FROM replicas WHERE replica_id = 'a'",
+        )
+        await a.beat()
+        listed = {row["replica"]: row for row in a.list(with_fleet=True)}
+        assert set(listed) == {"a", "evil"} and "invalid" in listed["evil"]["fleet"]
+        assert len(str(listed["evil"]["fleet"])) < 100
+        whole = a.whole_fleet()
+        assert whole["connected"] == 1 and [p["node"] for p in whole["proxies"]] == ["gw-1"]
+        assert a.status()["replicas"]
