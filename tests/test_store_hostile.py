@@ -331,3 +331,27 @@ async def test_a_hostile_replica_row_leaves_status_and_the_fleet_answering(pg_ds
         whole = a.whole_fleet()
         assert whole["connected"] == 1 and [p["node"] for p in whole["proxies"]] == ["gw-1"]
         assert a.status()["replicas"]
+
+
+# --- two leaders at once --------------------------------------------------------------------------------------
+
+
+async def test_two_replicas_that_both_believe_they_lead_rotate_the_keys_once(pg_dsn: str) -> None:
+    """A lease lost but not yet noticed (pg_terminate_backend of the leader's session) leaves two leaders for up
+    to `step_down_bound`. Key rotation is the duty whose double action would hurt most (two successors: replicas
+    signing with different keys); it plans from the rows it reads under SIGNING_KEYS_LOCK, so it acts once."""
+    from tests.test_keys_pg import ROTATE, Clock, kids, open_keys, rows
+
+    clock = Clock()
+    async with opened(pg_dsn) as pool:
+        replicas = [await open_keys(pool, clock) for _ in range(4)]
+        first = kids(replicas[0])
+        clock.now += ROTATE  # a successor is due
+        await asyncio.gather(*(keys.step(is_leader=True) for keys in replicas))
+        await asyncio.gather(*(keys.step(is_leader=True) for keys in replicas))  # and again: nothing more
+        stored = await rows(pool)
+        assert len(stored) == 2 and first[0] in [kid for kid, _ in stored]
+        for keys in replicas:
+            await keys.on_notification("")
+            await keys.step(is_leader=False)
+        assert len({tuple(kids(keys)) for keys in replicas}) == 1
