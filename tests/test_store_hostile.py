@@ -9,10 +9,12 @@ it had for the bad row only, stays bounded, and says which table and key it refu
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import psycopg
@@ -20,7 +22,7 @@ import pytest
 
 from controlplane.credentials.key_cipher import parse_keks
 from controlplane.credentials.keys import KeyStoreError
-from controlplane.credentials.keys_pg import PostgresKeyStore
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import Revocations
 from controlplane.model.inventory import Group, Inventory, Project
@@ -31,8 +33,12 @@ from controlplane.store.changes import CHANNEL, NOTIFICATIONS, RESYNC, ChangeFee
 from controlplane.store.dsn import StoreDsn
 from controlplane.store.migrations import migrate
 from controlplane.store.pool import PoolSettings, StorePool, StoreUnavailable
+from controlplane.store.replicas import ReplicaInfo, ReplicaRegistry
+from tests.support.clock import Clock
 from tests.support.postgres import Gate, PostgresServer
 
+KEK = base64.b64encode(b"k" * 32).decode()
+ROTATE, TTL, LEAD = 100.0, 30.0, 10.0
 FAST = PoolSettings(min_size=1, max_size=2, connect_timeout=1.0, acquire_timeout=1.0, statement_timeout=2.0)
 
 
@@ -46,6 +52,40 @@ async def opened(dsn: str) -> AsyncIterator[StorePool]:
         yield pool
     finally:
         await pool.close()
+
+
+async def open_keys(pool: StorePool, clock: Clock) -> SharedKeys:
+    store = PostgresKeyStore(pool, parse_keks(KEK, "test KEK"))
+    return await SharedKeys.open(store, rotate_every=ROTATE, max_credential_ttl=TTL, publish_lead=LEAD, clock=clock)
+
+
+def kids(keys: SharedKeys) -> list[str]:
+    return [k["kid"] for k in json.loads(keys.keys.published_jwks())["keys"]]
+
+
+async def rows(pool: StorePool) -> list[tuple[object, ...]]:
+    async with pool.connection() as conn:
+        cursor = await conn.execute("SELECT kid, sealed_private_key FROM signing_keys ORDER BY not_before")
+        return await cursor.fetchall()
+
+
+class CountingGitLab:
+    """A GitLab that answers at once and counts what it is asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def fetch_inventory(self, *, groups: Iterable[str | int], projects: Iterable[str | int]) -> Inventory:
+        self.calls.append("inventory")
+        return Inventory((Project(42, "acme/app", 10),), (Group(10, "acme"),), fetched_at=time.time())
+
+    def fetch_project(self, project: str | int) -> Project | None:
+        self.calls.append(f"project {project}")
+        return None
+
+
+async def nothing() -> None:
+    return None
 
 
 def sql(dsn: str, statement: str, params: tuple[object, ...] = ()) -> None:
@@ -204,16 +244,8 @@ async def test_a_resync_request_flood_reads_gitlab_at_a_bounded_rate() -> None:
     """`gitlab-resync` is a NOTIFY any session can send ("all", "rename:<any id>"); the leader's watcher is then
     asked for full reads and unknown projects without end. Before: a full reconcile back-to-back for as long as
     the flood lasted, and one queued project per distinct id (unbounded)."""
-    from tests.test_gitlab_watch import Changes, FakeSource
-
-    source = FakeSource()
-    source.now = time.time()
-    watcher = InventoryWatcher(
-        "gitlab",
-        source,
-        on_change=Changes(),
-        clock=time.time,  # type: ignore[arg-type]
-    )
+    source = CountingGitLab()
+    watcher = InventoryWatcher("gitlab", source, on_change=nothing, clock=time.time)
     stop = asyncio.Event()
     task = asyncio.create_task(watcher.run(stop))
     try:
@@ -244,9 +276,7 @@ async def test_a_signing_key_with_a_non_finite_time_is_refused_and_the_held_keys
 ) -> None:
     """The seal covers the key, not its times. Before: a NaN `not_before` was taken (sorting undefined, the
     leader's rotation never due again, `next_change_at` NaN: the run loop spinning every 50 ms)."""
-    from tests.test_keys_pg import KEK, Clock, kids, open_keys
-
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     async with opened(pg_dsn) as pool:
         keys = await open_keys(pool, clock)
         before = kids(keys)
@@ -298,7 +328,7 @@ async def test_a_server_that_never_answers_is_unavailable_within_the_bound(
 
 
 @pytest.mark.parametrize(
-    "fleet",
+    "hostile",
     [
         "'[1, 2, 3]'",
         """'{"summary": "x", "proxies": 5}'""",
@@ -309,20 +339,19 @@ async def test_a_server_that_never_answers_is_unavailable_within_the_bound(
                                           FROM generate_series(1, 100000)))""",
     ],
 )
-async def test_a_hostile_replica_row_leaves_status_and_the_fleet_answering(pg_dsn: str, fleet: str) -> None:
+async def test_a_hostile_replica_row_leaves_status_and_the_fleet_answering(pg_dsn: str, hostile: str) -> None:
     """Before: a `fleet` not of the published shape raised in `list()` / `whole_fleet()`, i.e. in every
     `/status` and `status --fleet`; and every replica fetched any size of it at every heartbeat."""
-    from tests.support.clock import Clock
-    from tests.test_store_replicas import fleet_of, registry
-
     clock = Clock(1000.0)
     async with opened(pg_dsn) as pool:
-        a = registry(pool, "a", clock, fleet_of("gw-1"))
+        fleet = {"summary": {"connected": 1, "by_group": {"edge": 1}}, "proxies": [{"node": "gw-1", "group": "edge"}]}
+        info = ReplicaInfo("a", "a.host", "a:18000", "a:9902", "1.2.3", clock())
+        a = ReplicaRegistry(pool, info, fleet=lambda: fleet, clock=clock)
         await a.beat()
         sql(
             pg_dsn,
             "INSERT INTO replicas SELECT 'evil', host, xds_address, admin_address, version, started_at, last_seen, "
-            f"heartbeat_every, NULL, false, {fleet} FROM replicas WHERE replica_id = 'a'",
+            f"heartbeat_every, NULL, false, {hostile} FROM replicas WHERE replica_id = 'a'",
         )
         await a.beat()
         listed = {row["replica"]: row for row in a.list(with_fleet=True)}
@@ -340,9 +369,7 @@ async def test_two_replicas_that_both_believe_they_lead_rotate_the_keys_once(pg_
     """A lease lost but not yet noticed (pg_terminate_backend of the leader's session) leaves two leaders for up
     to `step_down_bound`. Key rotation is the duty whose double action would hurt most (two successors: replicas
     signing with different keys); it plans from the rows it reads under SIGNING_KEYS_LOCK, so it acts once."""
-    from tests.test_keys_pg import ROTATE, Clock, kids, open_keys, rows
-
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     async with opened(pg_dsn) as pool:
         replicas = [await open_keys(pool, clock) for _ in range(4)]
         first = kids(replicas[0])
