@@ -219,13 +219,13 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     await parts.step(policy.reload_off_loop())
     if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
         if credentials is not None:
-            stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed)
+            stores.feed.subscribe(REVOCATIONS_TOPIC, credentials.revocations_changed, coalesce=True)
         if options.policy_gitlab is not None:
-            stores.feed.subscribe(POLICY_TOPIC, events.policy_noticed)
-        stores.feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared)
+            stores.feed.subscribe(POLICY_TOPIC, events.policy_noticed, coalesce=True)
+        stores.feed.subscribe(INVENTORY_TOPIC, gitlab.on_shared, coalesce=True)
         stores.feed.subscribe(RESYNC_TOPIC, gitlab.on_resync_request)
         if isinstance(pins, PostgresPinStore):
-            stores.feed.subscribe(PINS_TOPIC, pins.on_notify)
+            stores.feed.subscribe(PINS_TOPIC, pins.on_notify, coalesce=True)
         parts.run("change feed", stores.feed.run(parts.stopping))
     parts.run("secrets watcher", secrets.run(parts.stopping))
     await parts.step(events.follow_issuers(wait=options.jwks_startup_wait))
@@ -411,7 +411,7 @@ async def _shared_keys(
         max_credential_ttl=options.max_credential_ttl,
         publish_lead=options.publish_lead,
     )
-    stores.feed.subscribe(KEYS_TOPIC, shared.on_notification)
+    stores.feed.subscribe(KEYS_TOPIC, shared.on_notification, coalesce=True)
     return shared
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -107,12 +108,17 @@ class PostgresKeyStore:
         keys: list[StoredKey] = []
         resealable = False
         for kid, sealed, created_at, not_before, retire_after in await cursor.fetchall():
+            shown = str(kid)[:80]  # a kid another writer made huge is never repeated whole
             if not isinstance(sealed, bytes):
-                raise KeyStoreError(f"{self._where}: key {kid}: the sealed private key is not bytes")
+                raise KeyStoreError(f"{self._where}: key {shown}: the sealed private key is not bytes")
+            times = {"created_at": created_at, "not_before": not_before, "retire_after": retire_after}
+            if any(v is not None and not math.isfinite(_float(v)) for v in times.values()):
+                # the seal does not cover the times: NaN or an infinity would stall or skew rotation everywhere
+                raise KeyStoreError(f"{self._where}: key {shown}: a time is not a finite number: {times}")
             try:
                 pem = self._cipher.open(str(kid), sealed)
             except SealError as error:
-                raise KeyStoreError(f"{self._where}: {error}") from None
+                raise KeyStoreError(f"{self._where}: {str(error)[:300]}") from None
             key = StoredKey(
                 kid=str(kid),
                 private_pem=pem,

@@ -10,10 +10,18 @@ A write announces itself (`publish("revocations", <its seq>)`) in the same trans
 goes out only if, and after, the rows are committed; replicas then read `changes(last_seen)`.
 
 The store does not own the pool: it shares the one `serve` opened (and migrated) for the exchange store.
+
+Rows are read as another writer may have left them (a buggy replica, a manual UPDATE): a `denied_until` that is
+not a number (NaN) denies its job until the row is changed (fail closed); a job id no GitLab job can have (over
+`MAX_JOB_ID` characters, or with control characters) is left out, because it would be compiled into every
+Envoy's routes (one 100 MB id would make every Envoy refuse the configuration, and with it every later
+revocation). Either is counted, logged naming the table and the job (shortened), and shown in `status()`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -24,10 +32,14 @@ from controlplane.credentials.revocation_store import RevocationStoreError
 from controlplane.store.changes import publish
 from controlplane.store.migrations import REVOCATION_LOCK, MigrationError, migrate
 from controlplane.store.pool import StorePool, StoreUnavailable
+from controlplane.telemetry.ratelog import RateLimitedLog
+
+log = logging.getLogger("controlplane.revocations")
 
 Connection = psycopg.AsyncConnection[tuple[object, ...]]
 
 TOPIC = "revocations"  # the change feed's topic; the payload is the writer's highest seq (a hint only)
+MAX_JOB_ID = 64  # characters; GitLab's job ids are decimal integers
 
 _LOCK = "SELECT pg_advisory_xact_lock(%s)"
 _SAVE = """
@@ -60,6 +72,8 @@ class PostgresRevocationStore:
         self._clock = clock
         self._prune_batch = prune_batch
         self._where = f"PostgreSQL deny list at {pool.dsn.redacted()}"
+        self._refused = 0  # rows left out or taken as "denied until changed" (see the module docstring)
+        self._refused_log = RateLimitedLog(log, burst=5, interval=60.0)
 
     async def open(self) -> None:
         try:
@@ -76,7 +90,24 @@ class PostgresRevocationStore:
             cursor = await conn.execute(_CHANGES, {"since": since, "now": self._clock()})
             rows = await cursor.fetchall()
         top = max([since, *(_int(row[0]) for row in rows)])
-        return {str(job): _float(until) for _, job, until in rows if job is not None}, top
+        entries: dict[str, float] = {}
+        for _, job, until in rows:
+            if job is not None and (entry := self._entry(str(job), _float(until))) is not None:
+                entries[entry[0]] = entry[1]
+        return entries, top
+
+    def _entry(self, job: str, until: float) -> tuple[str, float] | None:
+        if len(job) > MAX_JOB_ID or not job.isprintable():
+            self._refuse("job id %r... (%d characters) is no GitLab job's: row left out", job[:32], len(job))
+            return None
+        if math.isnan(until):
+            self._refuse("job %s: denied_until is NaN: denied until the row is changed", job)
+            return job, math.inf
+        return job, until
+
+    def _refuse(self, message: str, *args: object) -> None:
+        self._refused += 1
+        self._refused_log.log(logging.ERROR, "revocations table: " + message, *args, key="refused")
 
     async def save(self, entries: Mapping[str, float]) -> None:
         now = self._clock()
@@ -96,7 +127,7 @@ class PostgresRevocationStore:
             return max(cursor.rowcount, 0)
 
     def status(self) -> dict[str, object]:
-        return {"kind": "postgres", "dsn": self._pool.dsn.redacted()}
+        return {"kind": "postgres", "dsn": self._pool.dsn.redacted(), "refused_rows": self._refused}
 
     @asynccontextmanager
     async def _transaction(self, what: str) -> AsyncIterator[Connection]:

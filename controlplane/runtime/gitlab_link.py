@@ -500,7 +500,7 @@ class GitLabLink:
                         "age_seconds": None if fetched is None else round(now - fetched, 3),
                         "stale": mirror is None or mirror.inventory(source.api.max_staleness_seconds, now).stale,
                         "projects": len(mirror.base.projects) if mirror is not None else 0,
-                        "last_error": self.share_error,
+                        "last_error": self.share_error or (self.share.refused.get(name) if self.share else None),
                     }
                 )
             )

@@ -33,6 +33,12 @@ from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.gitlab")
 
+# Full reconciles asked for by events start at most this often: a flood of them (webhooks, or the re-sync requests
+# any database session can NOTIFY) then costs GitLab one full read per interval, never back-to-back reads.
+MIN_FULL_GAP = 2.0
+# Projects waiting for a re-read, at most; past it one full reconcile covers them (memory bounded whatever asks).
+MAX_PROJECTS_DUE = 100
+
 INVENTORY_AGE = Gauge(
     "controlplane_gitlab_inventory_age_seconds",
     "Seconds since the issuer's inventory was last read from GitLab (-1 before the first read).",
@@ -118,6 +124,7 @@ class InventoryWatcher:
         self._wake = asyncio.Event()
         self._full = True  # a full reconcile was asked for (scope change, group event, failed read)
         self._full_due = -math.inf  # clock time of the next periodic full reconcile
+        self._full_at = -math.inf  # clock time the last full reconcile started
         self._projects_due: set[int | str] = set()
         self._failures = 0
         self._retry_at = -math.inf  # after a failure, no read before this clock time
@@ -191,6 +198,7 @@ class InventoryWatcher:
         """A policy change may name new groups or projects: read them now."""
         if scope != self.scope:
             self.scope = scope
+            self._full_at = -math.inf  # the policy's own change is read at once, never paced
             self.request_full()
 
     async def widen(self, scope: Scope) -> str | None:
@@ -234,6 +242,9 @@ class InventoryWatcher:
         self._wake.set()
 
     def request_project(self, project: int | str) -> None:
+        if len(self._projects_due) >= MAX_PROJECTS_DUE and project not in self._projects_due:
+            self.request_full()
+            return
         self._projects_due.add(project)
         self._wake.set()
 
@@ -253,7 +264,7 @@ class InventoryWatcher:
         await self._tell(changed=False)
         changed = False
         if self.clock() >= self._retry_at and self._due():
-            _, changed = await self._sync()
+            _, changed = await self._sync(paced=True)
         await self._tell(changed)
 
     async def _tell(self, changed: bool) -> None:
@@ -263,7 +274,14 @@ class InventoryWatcher:
             await self.on_change()
 
     def _due(self) -> bool:
-        return bool(self._full or self._projects_due or self._inventory is None or self.clock() >= self._full_due)
+        return bool(self._projects_due or self._full_ready(paced=True))
+
+    def _full_ready(self, *, paced: bool) -> bool:
+        """A full reconcile is due: never read, the periodic one, or one asked for (`paced`: not sooner than
+        MIN_FULL_GAP after the last one started)."""
+        now = self.clock()
+        asked = self._full and (not paced or now >= self._full_at + MIN_FULL_GAP)
+        return asked or self._inventory is None or now >= self._full_due
 
     def _next_delay(self) -> float:
         """Seconds until something is due: the retry after a failure, else a pending request (now) or the
@@ -272,8 +290,10 @@ class InventoryWatcher:
         now = self.clock()
         if self._failures:
             delay = self._retry_at - now
-        elif self._full or self._projects_due:
+        elif self._projects_due:
             return 0.0
+        elif self._full:
+            delay = min(self._full_at + MIN_FULL_GAP, self._full_due) - now
         else:
             delay = self._full_due - now
         if self.max_staleness_seconds is not None and self._inventory and self._inventory.fetched_at:
@@ -301,10 +321,10 @@ class InventoryWatcher:
             await self.on_change()
         return ok
 
-    async def _sync(self) -> tuple[bool, bool]:
+    async def _sync(self, *, paced: bool = False) -> tuple[bool, bool]:
         async with self._lock:
             try:
-                if self._full or self._inventory is None or self.clock() >= self._full_due:
+                if self._full_ready(paced=paced):
                     changed = await self._reconcile()
                 else:
                     changed = await self._resync_projects()
@@ -343,6 +363,7 @@ class InventoryWatcher:
         self._full = False
         self._projects_due.clear()
         self._full_due = self.clock() + self.reconcile_seconds  # from its start: a deadline, whatever comes
+        self._full_at = self.clock()
         started = time.perf_counter()
         try:
             fresh = await asyncio.to_thread(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -26,8 +28,13 @@ from controlplane.model.inventory import Environment, Group, Inventory, Project,
 from controlplane.store.changes import publish
 from controlplane.store.pool import StorePool, StoreUnavailable
 
+log = logging.getLogger("controlplane.gitlab")
+
 TOPIC = "gitlab-inventory"
 RESYNC_TOPIC = "gitlab-resync"
+# A document larger than this (as JSON text) is refused unread: thousands of projects take a few hundred kB, and
+# parsing a row another writer bloated must not cost a replica gigabytes.
+MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 
 _WRITE = """
 INSERT INTO gitlab_inventories AS g (issuer, document, content_hash, read_at, written_at)
@@ -39,7 +46,16 @@ WHERE g.content_hash IS DISTINCT FROM excluded.content_hash OR g.read_at IS DIST
 RETURNING 1
 """
 _HEADS = "SELECT issuer, content_hash, read_at FROM gitlab_inventories"
-_DOCUMENTS = "SELECT issuer, document FROM gitlab_inventories WHERE issuer = ANY(%s)"
+# The size is judged by the server, so an oversized document never crosses the wire.
+_DOCUMENTS = """
+SELECT issuer, size, CASE WHEN size <= %(limit)s THEN document END
+FROM (SELECT issuer, document, octet_length(document::text) AS size FROM gitlab_inventories
+      WHERE issuer = ANY(%(wanted)s)) AS d
+"""
+
+
+class RowRefused(ValueError):
+    """A row this replica cannot take as a leader's read: malformed, oversized, or its hash does not match."""
 
 
 def document(inventory: Inventory) -> dict[str, Any]:
@@ -93,6 +109,7 @@ class InventoryTable:
     def __init__(self, pool: StorePool, *, clock: Callable[[], float] = time.time) -> None:
         self._pool = pool
         self._clock = clock
+        self.refused: dict[str, str] = {}  # issuer -> why its row was not taken (status; logged once per reason)
 
     async def write(self, issuer: str, inventory: Inventory) -> bool:
         """True when the row changed (content or read time); the change is then announced."""
@@ -114,25 +131,44 @@ class InventoryTable:
         return changed
 
     async def read(self, known: Mapping[str, str] | None = None) -> dict[str, StoredInventory]:
-        """Every issuer's row; the document only of those whose hash differs from `known` (issuer → hash)."""
+        """Every issuer's row; the document only of those whose hash differs from `known` (issuer → hash).
+
+        A row that cannot be taken (malformed document or read time, oversized, hash not its content: another
+        writer's bug or tampering) is left out, logged and kept in `refused`: the reader keeps its last good
+        inventory for that issuer, which turns stale on time (fail closed), and every other row is still read."""
         known = known or {}
         try:
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(_HEADS)
-                heads = {str(i): (str(h), None if r is None else float(str(r))) for i, h, r in await cursor.fetchall()}
+                heads = {str(i): (str(h), r) for i, h, r in await cursor.fetchall()}
                 wanted = sorted(i for i, (h, _) in heads.items() if known.get(i) != h)
-                documents: dict[str, Any] = {}
+                documents: dict[str, tuple[int, Any]] = {}
                 if wanted:
-                    cursor = await conn.execute(_DOCUMENTS, (wanted,))
-                    documents = {str(i): d for i, d in await cursor.fetchall()}
+                    cursor = await conn.execute(_DOCUMENTS, {"wanted": wanted, "limit": MAX_DOCUMENT_BYTES})
+                    documents = {str(i): (int(str(n)), d) for i, n, d in await cursor.fetchall()}
         except psycopg.Error as error:
             raise StoreUnavailable(f"gitlab inventories: {type(error).__name__}") from None
-        return {
-            issuer: StoredInventory(
-                hash_, read_at, from_document(documents[issuer], read_at) if issuer in documents else None
+        rows: dict[str, StoredInventory] = {}
+        for issuer, (hash_, read_at) in heads.items():
+            try:
+                rows[issuer] = _row(hash_, read_at, documents.get(issuer))
+            except RowRefused as error:
+                self._refuse(issuer, str(error))
+            else:
+                self.refused.pop(issuer, None)
+        for issuer in set(self.refused) - set(heads):
+            del self.refused[issuer]
+        return rows
+
+    def _refuse(self, issuer: str, reason: str) -> None:
+        if self.refused.get(issuer) != reason:
+            log.error(
+                "gitlab_inventories row %r refused: %s; this replica keeps its last good inventory of it "
+                "(stale on time)",
+                issuer[:200],
+                reason,
             )
-            for issuer, (hash_, read_at) in heads.items()
-        }
+        self.refused[issuer] = reason
 
     async def request_resync(self, payload: str) -> None:
         """Ask the leader to re-read what a webhook named (`all`, `project:<id>`, `rename:<id>`)."""
@@ -141,3 +177,22 @@ class InventoryTable:
                 await publish(conn, RESYNC_TOPIC, payload)
         except psycopg.Error as error:
             raise StoreUnavailable(f"gitlab re-sync request: {type(error).__name__}") from None
+
+
+def _row(hash_: str, read_at: object, fetched: tuple[int, Any] | None) -> StoredInventory:
+    if read_at is not None and not (isinstance(read_at, float | int) and math.isfinite(read_at)):
+        raise RowRefused(f"read_at is not a finite time: {str(read_at)[:40]}")
+    when = None if read_at is None else float(read_at)
+    if fetched is None:
+        return StoredInventory(hash_, when, None)
+    size, doc = fetched
+    if doc is None:
+        raise RowRefused(f"document of {size} bytes, over the {MAX_DOCUMENT_BYTES} bytes bound")
+    try:
+        inventory = from_document(doc, when)
+        own = content_hash(inventory)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        raise RowRefused(f"malformed document ({type(error).__name__}: {str(error)[:200]})") from None
+    if own != hash_:
+        raise RowRefused("content_hash does not match the document")
+    return StoredInventory(hash_, when, inventory)

@@ -11,6 +11,11 @@ re-reads what it wrote).
 
 A slow subscriber does not hold up the others: each has its own queue and task. A queue that grows past
 `MAX_PENDING` is collapsed into one "re-read everything" (bounded memory whatever the write rate).
+
+Any session on the database may NOTIFY the channel, with any topic and payload at any rate, so nothing here
+trusts one: a payload queued twice is queued once, a subscriber whose payloads are only hints (`coalesce`) has
+at most one queued, each subscriber is called at most every `MIN_INTERVAL` (a flood costs PostgreSQL a bounded
+number of re-reads), and topics nobody subscribed to are counted under one label (bounded metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +43,8 @@ MAX_PENDING = 1_000  # notifications queued for one subscriber before they colla
 MAX_PAYLOAD = 7_000  # PostgreSQL refuses a payload of 8000 bytes or more; the topic and ':' fit beside this
 CHECK_EVERY = 2.0  # seconds: how often an idle listening session is checked to be alive
 RECONNECT = Backoff(0.2, 2.0)  # jittered: replicas coming back to a restarted server do not arrive at once
+MIN_INTERVAL = 0.05  # seconds between two calls of one subscriber: at most 20 re-reads a second under a flood
+OTHER_TOPIC = "other"  # the metric label of a topic no subscriber asked for (another session's NOTIFY)
 
 Subscriber = Callable[[str], Awaitable[None]]
 
@@ -73,22 +81,31 @@ async def publish(conn: psycopg.AsyncConnection[tuple[object, ...]], topic: str,
 class _Subscription:
     topic: str
     on_change: Subscriber
-    pending: list[str] = field(default_factory=list)
+    coalesce: bool = False  # payloads are hints only ("re-read"): one queued stands for any number
+    pending: dict[str, None] = field(default_factory=dict)  # ordered, and a payload queued twice is queued once
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     failures: int = 0
 
     def put(self, payload: str) -> None:
         if payload == RESYNC or len(self.pending) >= MAX_PENDING:
-            self.pending = [RESYNC]  # everything is re-read anyway: what was queued is covered
-        elif self.pending[:1] != [RESYNC]:  # a re-read still to come covers this change too
-            self.pending.append(payload)
+            self.pending = {RESYNC: None}  # everything is re-read anyway: what was queued is covered
+        elif RESYNC not in self.pending:  # a re-read still to come covers this change too
+            if self.coalesce:
+                self.pending = {payload: None}
+            else:
+                self.pending[payload] = None
         self.wake.set()
 
-    async def deliver(self, stop: asyncio.Event) -> None:
+    async def deliver(self, stop: asyncio.Event, min_interval: float) -> None:
+        last = -math.inf
         while not stop.is_set():
             await self.wake.wait()
+            wait = last + min_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # a burst: what arrives meanwhile joins this batch
             self.wake.clear()
-            batch, self.pending = self.pending, []
+            batch, self.pending = list(self.pending), {}
+            last = time.monotonic()
             for payload in batch:
                 try:
                     await self.on_change(payload)
@@ -106,11 +123,13 @@ class ChangeFeed:
         *,
         backoff: Backoff = RECONNECT,
         check_every: float = CHECK_EVERY,
+        min_interval: float = MIN_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.backoff = backoff
         self.check_every = check_every
+        self.min_interval = min_interval
         self.clock = clock
         self._subscriptions: list[_Subscription] = []
         self._connected = False
@@ -120,10 +139,11 @@ class ChangeFeed:
         self._last_error: str | None = None
         self._listening = asyncio.Event()
 
-    def subscribe(self, topic: str, on_change: Subscriber) -> None:
-        """`on_change(payload)` for each notification of `topic`, in order, and `on_change("")` after every
-        (re)connect. Subscribe before `run()`."""
-        self._subscriptions.append(_Subscription(topic, on_change))
+    def subscribe(self, topic: str, on_change: Subscriber, *, coalesce: bool = False) -> None:
+        """`on_change(payload)` for each notification of `topic`, in order (a payload still queued is not queued
+        again), and `on_change("")` after every (re)connect. `coalesce`: the subscriber re-reads whatever the
+        payload, so only the latest one queued is kept. Subscribe before `run()`."""
+        self._subscriptions.append(_Subscription(topic, on_change, coalesce))
 
     async def listening(self) -> None:
         """Returns once the feed listens (tests and start-up ordering: nothing committed after this is missed)."""
@@ -132,7 +152,10 @@ class ChangeFeed:
     async def run(self, stop: asyncio.Event) -> None:
         """Listen until `stop`; reconnect with backoff whenever the session is lost. Never raises
         StoreUnavailable: an unreachable store is reported in `status()` and metrics."""
-        workers = [asyncio.create_task(s.deliver(stop), name=f"change feed {s.topic}") for s in self._subscriptions]
+        workers = [
+            asyncio.create_task(s.deliver(stop, self.min_interval), name=f"change feed {s.topic}")
+            for s in self._subscriptions
+        ]
         self._down_since = self.clock()
         attempt = 0
         try:
@@ -182,10 +205,12 @@ class ChangeFeed:
     def _dispatch(self, message: str) -> None:
         topic, _, payload = message.partition(":")
         self._last_event = self.clock()
-        NOTIFICATIONS.labels(topic).inc()
+        known = False
         for subscription in self._subscriptions:
             if subscription.topic == topic:
                 subscription.put(payload)
+                known = True
+        NOTIFICATIONS.labels(topic if known else OTHER_TOPIC).inc()
 
     def _set_connected(self, connected: bool) -> None:
         if connected:

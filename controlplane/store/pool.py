@@ -10,6 +10,7 @@ pg_stat_activity. The pool is opened and closed explicitly by its owner; nothing
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -38,6 +39,14 @@ class PoolSettings:
     connect_timeout: float = 5.0  # one connection attempt (libpq rounds up to whole seconds, at least 2)
     acquire_timeout: float = 5.0  # waiting for a free (or new) connection from the pool
     statement_timeout: float = 5.0  # the server cancels a statement running longer
+
+    @property
+    def work_timeout(self) -> float:
+        """A unit of work (a connection's few statements) not finished by then is abandoned client-side: a
+        server that accepts and never answers (hung, or a relay in front of it) is never noticed by the
+        server-side statement_timeout, nor by TCP keepalives, which its kernel answers. psycopg then spends up to
+        10 s trying to cancel the statement before it closes the connection."""
+        return 4 * self.statement_timeout
 
     def __post_init__(self) -> None:
         if not 0 < self.min_size <= self.max_size:
@@ -107,10 +116,16 @@ class StorePool:
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
         """A connection for one unit of work (committed on a clean exit, rolled back on an error); a server that
-        is down or too slow is StoreUnavailable within acquire_timeout (plus one connect attempt)."""
+        is down or too slow is StoreUnavailable within acquire_timeout (plus one connect attempt), one that does
+        not answer within `work_timeout` (plus psycopg's cancel attempt)."""
+        bound = asyncio.timeout(self.settings.work_timeout)
         try:
-            async with self._pool.connection() as conn:
+            async with bound, self._pool.connection() as conn:
                 yield conn
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the caller's own
+            raise self._unavailable(f"no answer within {self.settings.work_timeout:g}s") from None
         except PoolTimeout:
             raise self._unavailable(f"no connection within {self.settings.acquire_timeout:g}s") from None
         except psycopg.OperationalError as error:  # the server went away mid-use, or cancelled a slow statement

@@ -47,7 +47,8 @@ ON CONFLICT (replica_id) DO UPDATE SET host = excluded.host, xds_address = exclu
 """
 _READ = """
 SELECT replica_id, host, xds_address, admin_address, version, started_at, last_seen, heartbeat_every,
-       stopped_at, leader, fleet
+       stopped_at, leader,
+       CASE WHEN octet_length(fleet::text) <= %(limit)s THEN fleet ELSE '{"invalid": "oversized"}'::jsonb END
 FROM replicas ORDER BY replica_id
 """
 _COLUMNS = (
@@ -91,6 +92,27 @@ def bounded(fleet: dict[str, Any], limit: int = MAX_FLEET_BYTES) -> dict[str, An
     return {"summary": {"connected": summary.get("connected")}, "proxies_dropped": len(rows), "truncated": True}
 
 
+def checked(fleet: object) -> dict[str, Any]:
+    """A replica's summary as another writer may have left it (oversized ones are replaced by PostgreSQL): one not
+    of the shape `bounded` publishes becomes `{"invalid": ...}`, so `/status` and `status --fleet` still answer,
+    listing that replica without its proxies."""
+    if not isinstance(fleet, dict):
+        return {"invalid": "not an object"}
+    summary, proxies, versions = fleet.get("summary") or {}, fleet.get("proxies") or [], fleet.get("versions") or {}
+    counts = (
+        [summary.get("connected") or 0, *(summary.get("by_group") or {}).values()] if isinstance(summary, dict) else []
+    )
+    well_formed = (
+        isinstance(summary, dict)
+        and isinstance(summary.get("by_group") or {}, dict)
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+        and isinstance(proxies, list)
+        and all(isinstance(p, dict) for p in proxies)
+        and isinstance(versions, dict)
+    )
+    return fleet if well_formed else {"invalid": "malformed"}
+
+
 class ReplicaRegistry:
     """`await registry.run(stop)` beats until stopped; `await registry.stop()` marks the row stopped."""
 
@@ -132,9 +154,11 @@ class ReplicaRegistry:
             if self._is_leader():
                 cursor = await conn.execute("DELETE FROM replicas WHERE last_seen < %s", (now - PRUNE_AFTER,))
                 self.pruned += max(0, cursor.rowcount)
-            cursor = await conn.execute(_READ)
+            cursor = await conn.execute(_READ, {"limit": 2 * MAX_FLEET_BYTES})
             rows = await cursor.fetchall()
         self._rows = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
+        for row in self._rows:
+            row["fleet"] = checked(row["fleet"])
         self._read_at = now
         self._last_error = None
 

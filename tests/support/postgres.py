@@ -266,6 +266,7 @@ class Gate:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.silent = False  # connections stay open, bytes are read and dropped: a server that never answers
 
     def dsn(self, server_dsn: str) -> str:
         return server_dsn.replace(f"port={self.target_port}", f"port={self.port}")
@@ -289,12 +290,15 @@ class Gate:
             client_out.transport.abort()
             return
         self._writers.update((client_out, server_out))
-        await asyncio.gather(_pipe(client_in, server_out), _pipe(server_in, client_out), return_exceptions=True)
+        pipes = (_pipe(client_in, server_out, self), _pipe(server_in, client_out, self))
+        await asyncio.gather(*pipes, return_exceptions=True)
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: Gate) -> None:
     try:
         while data := await source.read(65536):
+            if gate.silent:
+                continue
             sink.write(data)
             await sink.drain()
     finally:
