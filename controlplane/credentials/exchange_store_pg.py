@@ -23,14 +23,14 @@ exchange then answers 503 and never grants. Messages carry the redacted DSN only
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import psycopg
 
 from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob
 from controlplane.store.migrations import EXCHANGE_JOB_LOCK, MigrationError, migrate
-from controlplane.store.pool import StorePool, StoreUnavailable
+from controlplane.store.pool import StorePool, StoreUnavailable, failure_reason
 
 Connection = psycopg.AsyncConnection[tuple[object, ...]]
 
@@ -94,7 +94,7 @@ class PostgresExchangeStore:
                 await migrate(conn)
         except (StoreUnavailable, MigrationError, psycopg.Error) as error:
             await self._pool.close()
-            raise ExchangeStoreError(f"{self._where}: cannot open: {_reason(error)}") from None
+            raise ExchangeStoreError(f"{self._where}: cannot open: {failure_reason(error)}") from None
 
     async def close(self) -> None:
         await self._pool.close()
@@ -181,20 +181,11 @@ class PostgresExchangeStore:
         self._next_prune = now + self._prune_interval
         await self.prune()
 
-    @asynccontextmanager
-    async def _transaction(self, what: str) -> AsyncIterator[Connection]:
+    def _transaction(self, what: str) -> AbstractAsyncContextManager[Connection]:
         """One transaction on a pooled connection; any failure, PostgreSQL's or the pool's, is ExchangeStoreError."""
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
-        except (StoreUnavailable, psycopg.Error) as error:
-            raise ExchangeStoreError(f"{self._where}: cannot {what} the exchange state: {_reason(error)}") from None
-
-
-def _reason(error: Exception) -> str:
-    """The error's first line: a StoreUnavailable names the redacted DSN; a server error never holds a password."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+        return self._pool.transaction(
+            lambda why: ExchangeStoreError(f"{self._where}: cannot {what} the exchange state: {why}")
+        )
 
 
 def _float(value: object) -> float:

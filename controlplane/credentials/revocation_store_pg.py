@@ -23,15 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 
 import psycopg
 
 from controlplane.credentials.revocation_store import RevocationStoreError
 from controlplane.store.changes import publish
 from controlplane.store.migrations import REVOCATION_LOCK, MigrationError, migrate
-from controlplane.store.pool import StorePool, StoreUnavailable
+from controlplane.store.pool import StorePool, StoreUnavailable, failure_reason
 from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.revocations")
@@ -80,7 +80,7 @@ class PostgresRevocationStore:
             async with self._pool.connection() as conn:
                 await migrate(conn)
         except (StoreUnavailable, MigrationError, psycopg.Error) as error:
-            raise RevocationStoreError(f"{self._where}: cannot open: {_reason(error)}") from None
+            raise RevocationStoreError(f"{self._where}: cannot open: {failure_reason(error)}") from None
 
     async def close(self) -> None:
         return None  # the pool is its opener's to close
@@ -129,18 +129,8 @@ class PostgresRevocationStore:
     def status(self) -> dict[str, object]:
         return {"kind": "postgres", "dsn": self._pool.dsn.redacted(), "refused_rows": self._refused}
 
-    @asynccontextmanager
-    async def _transaction(self, what: str) -> AsyncIterator[Connection]:
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
-        except (StoreUnavailable, psycopg.Error) as error:
-            raise RevocationStoreError(f"{self._where}: cannot {what} it: {_reason(error)}") from None
-
-
-def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    def _transaction(self, what: str) -> AbstractAsyncContextManager[Connection]:
+        return self._pool.transaction(lambda why: RevocationStoreError(f"{self._where}: cannot {what} it: {why}"))
 
 
 def _float(value: object) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,6 +26,7 @@ from controlplane.store.dsn import StoreDsn
 log = logging.getLogger("controlplane.store")
 
 APPLICATION_NAME = "controlplane"
+Connection = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 class StoreUnavailable(Exception):
@@ -131,5 +132,21 @@ class StorePool:
         except psycopg.OperationalError as error:  # the server went away mid-use, or cancelled a slow statement
             raise self._unavailable(type(error).__name__) from None
 
+    @asynccontextmanager
+    async def transaction(self, failed: Callable[[str], Exception]) -> AsyncIterator[Connection]:
+        """One transaction on a pooled connection; any failure, PostgreSQL's or the pool's, raised as
+        `failed(reason)`, so each store reports it in its own error naming what it was doing."""
+        try:
+            async with self.connection() as conn, conn.transaction():
+                yield conn
+        except (StoreUnavailable, psycopg.Error) as error:
+            raise failed(failure_reason(error)) from None
+
     def _unavailable(self, why: str) -> StoreUnavailable:
         return StoreUnavailable(f"PostgreSQL at {self.dsn.redacted()} unavailable: {why}")
+
+
+def failure_reason(error: Exception) -> str:
+    """The error's first line: a StoreUnavailable names the redacted DSN; a server error never holds a password."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
