@@ -18,7 +18,7 @@ demo: setup
 	$(PY) -m tests.support.demo
 
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 unit: setup
 	$(PY) -m pytest -q -m "not e2e"
