@@ -9,7 +9,6 @@ routes are inline direct responses, so no upstream is involved.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import time
@@ -85,21 +84,25 @@ def listener(port: int, filters: list[dict[str, Any]], routes: list[dict[str, An
         {
             "name": "ecds-listener",
             "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                            "typed_config": manager}]}],
-        },  # fmt: skip
+            "filter_chains": [
+                {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+            ],
+        },
         listener_pb2.Listener(),
     )
 
 
 @contextmanager
-def envoy_on_ads(api: str = "sotw") -> Iterator[tuple[TinyAds, EnvoyProcess]]:
-    with TinyAds() as ads:
-        boot = render_bootstrap(group="ecds", node_id=f"ecds-{api}", xds_host=LOOPBACK, xds_port=ads.port, api=api,
-                                admin_port=0)  # fmt: skip
-        del boot["dynamic_resources"]["cds_config"]
-        with EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False) as envoy:
-            yield ads, envoy
+def envoy_on_ads(api: str = "sotw", runtime: dict[str, Any] | None = None) -> Iterator[tuple[TinyAds, EnvoyProcess]]:
+    """Envoy is forked before the ADS server starts serving (its port is bound already): a fork while gRPC's
+    threads are busy once aborted the child before exec (SIGABRT, an epoll error in its stdio log)."""
+    ads = TinyAds()
+    boot = render_bootstrap(group="ecds", node_id=f"ecds-{api}", xds_host=LOOPBACK, xds_port=ads.port, api=api,
+                            admin_port=0)  # fmt: skip
+    del boot["dynamic_resources"]["cds_config"]
+    boot["layered_runtime"]["layers"][0]["static_layer"] = runtime or {}
+    with EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False) as envoy, ads:
+        yield ads, envoy
 
 
 class Client:
@@ -230,8 +233,8 @@ def test_default_without_warming_applies_at_once() -> None:
 
 @pytest.mark.parametrize(("api", "after_removal"), [("sotw", 200), ("delta", 403)])
 def test_removed_resource(api: str, after_removal: int) -> None:
-    """Delta: a removed resource puts the filter back on its default. SotW: an empty response is refused
-    (the filter wants exactly one resource) and the last configuration stays in force."""
+    """Delta: a removed resource puts the filter back on its default (500 without one). SotW: Envoy ACKs the
+    empty response, no ECDS stat moves, and the last configuration stays in force: SotW cannot take it back."""
     port = free_port()
     with envoy_on_ads(api) as (ads, envoy):
         ads.put(ECDS, "deny-list", typed("deny-list", rbac("ALLOW")))
@@ -241,6 +244,8 @@ def test_removed_resource(api: str, after_removal: int) -> None:
         ads.remove(ECDS, "deny-list")
         envoy.wait_for(lambda: len(ads.sent) > sent and ads.last_answered(ECDS), 5, "removal answered")
         envoy.wait_for(lambda: once(port) == after_removal, 5, f"{after_removal} after removal")
+        assert not ads.nacks
+        assert ecds_stat(envoy, "deny-list", "config_reload") == (1 if api == "sotw" else 2)
         assert listener_stats(envoy) == dict.fromkeys(LISTENER_STATS, 0)
 
 
@@ -266,3 +271,111 @@ def any_of(message: Any) -> dict[str, Any]:
     packed.Pack(message)
     as_dict: dict[str, Any] = json_format.MessageToDict(packed)
     return as_dict
+
+
+class Keys:
+    """ES256 keys and the tokens they sign, as an issuer's JWKS rotation would publish them."""
+
+    ISSUER, AUDIENCE = "https://ci.invalid", "gateway"
+
+    def __init__(self, *kids: str) -> None:
+        self.private = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in kids}
+
+    def jwks(self, *kids: str) -> str:
+        keys = []
+        for kid in kids:
+            jwk = json.loads(ECAlgorithm.to_jwk(self.private[kid].public_key()))
+            keys.append({**jwk, "kid": kid, "alg": "ES256", "use": "sig"})
+        return json.dumps({"keys": keys})
+
+    def token(self, kid: str) -> str:
+        claims = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "job", "exp": int(time.time()) + 600}
+        return jwt.encode(claims, self.private[kid], algorithm="ES256", headers={"kid": kid})
+
+
+def jwt_authn(jwks: str) -> jwt_pb2.JwtAuthentication:
+    provider = {"issuer": Keys.ISSUER, "audiences": [Keys.AUDIENCE], "local_jwks": {"inline_string": jwks}}
+    config = {"providers": {"ci": provider}, "requirement_map": {"ci-token": {"provider_name": "ci"}}}
+    return json_format.ParseDict(config, jwt_pb2.JwtAuthentication())
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+def test_jwt_authn_keys_rotate_through_ecds_and_route_requirements_apply(api: str) -> None:
+    """A key rotation is an ECDS push: no listener change, the same connection, the new key accepted at once;
+    a route's PerRouteConfig `requirement_name` still selects the requirement of the ECDS-configured filter."""
+    keys = Keys("old", "new")
+    port = free_port()
+    protected = {
+        "match": {"prefix": "/protected"},
+        "direct_response": {"status": 200, "body": {"inline_string": "protected"}},
+        "typed_per_filter_config": {
+            "jwt": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig",
+                "requirement_name": "ci-token",
+            }
+        },
+    }
+    with envoy_on_ads(api) as (ads, envoy):
+        ads.put(ECDS, "jwt", typed("jwt", jwt_authn(keys.jwks("old"))))
+        live_listener(ads, envoy, port, [ecds_filter("jwt", JWT_URL)], routes=[protected])
+        envoy.wait_for(lambda: once(port) == 200, 5, "listener up")
+        client = Client(port)
+        old, new = (f"Bearer {keys.token(kid)}" for kid in ("old", "new"))
+        assert client.get("/protected", authorization=old) == (200, "protected")
+        assert client.status("/protected") == 401  # the route's requirement applies
+        assert client.status("/protected", authorization=new) == 401  # not yet published
+        assert client.status("/elsewhere") == 200  # no requirement on that route
+        listeners = listener_stats(envoy)
+
+        ads.put(ECDS, "jwt", typed("jwt", jwt_authn(keys.jwks("old", "new"))))
+        envoy.wait_for(lambda: client.status("/protected", authorization=new) == 200, 5, "new key", interval=0.001)
+        assert client.status("/protected", authorization=old) == 200  # both during the overlap
+        ads.put(ECDS, "jwt", typed("jwt", jwt_authn(keys.jwks("new"))))
+        envoy.wait_for(lambda: client.status("/protected", authorization=old) == 401, 5, "old key retired")
+        assert client.status("/protected", authorization=new) == 200
+        assert listener_stats(envoy) == listeners == dict.fromkeys(LISTENER_STATS, 0)
+        assert ecds_stat(envoy, "jwt", "config_reload") == 3
+        client.close()
+        assert not ads.nacks
+
+
+def job_ids(count: int) -> list[str]:
+    """Eight-digit and longer ids, spread apart (a step of 7,919) so RE2 shares few prefixes between them."""
+    return [str(10_000_000 + i * 7919) for i in range(count)]
+
+
+def test_re2_alternation_needs_the_program_size_runtime_key() -> None:
+    """By default a deny list of 100 ids as one RE2 alternation is refused (program size 493 > 100); the
+    runtime key `re2.max_program_size.error_level` lets 50,000 ids through, enforced as one regex."""
+    port = free_port()
+    with envoy_on_ads("delta") as (ads, envoy):
+        ads.put(ECDS, "deny-list", typed("deny-list", rbac("DENY", ["1"])))
+        live_listener(ads, envoy, port, [ecds_filter("deny-list", RBAC_URL)])
+        envoy.wait_for(lambda: once(port, x_job="1") == 403, 5, "listener up")
+        ads.put(ECDS, "deny-list", typed("deny-list", rbac("DENY", job_ids(100))))
+        envoy.wait_for(lambda: ads.nacks, 5, "the NACK")
+        assert "RE2 program size of 493 > max program size of 100 set for the error level" in ads.nacks[0]
+        counts = {stat: ecds_stat(envoy, "deny-list", stat) for stat in ("update_success", "update_rejected")}
+        assert counts == {"update_success": 1, "update_rejected": 1}  # config_reload moves too: not a success
+        assert (once(port, x_job="1"), once(port, x_job=job_ids(100)[5])) == (403, 200)  # the old list kept
+    ids = job_ids(50_000)
+    with envoy_on_ads("delta", runtime={"re2.max_program_size.error_level": 1_000_000}) as (ads, envoy):
+        ads.put(ECDS, "deny-list", typed("deny-list", rbac("DENY", ids)))
+        live_listener(ads, envoy, port, [ecds_filter("deny-list", RBAC_URL)])
+        envoy.wait_for(lambda: once(port, x_job="1") == 200, 10, "listener up")
+        assert [once(port, x_job=job) for job in (ids[0], ids[-1], ids[-1] + "0")] == [403, 403, 200]
+        assert not ads.nacks
+
+
+def test_server_stays_initializing_until_its_first_listeners_filter_config_arrives() -> None:
+    """At startup the listener counts as active at once, yet Envoy is not LIVE and the port is not bound until the
+    ECDS resource arrives (or initial_fetch_timeout, 15 s by default, expires)."""
+    port = free_port()
+    with envoy_on_ads("sotw") as (ads, envoy):
+        ads.put(LISTENER, "ecds-listener", listener(port, [ecds_filter("deny-list", RBAC_URL)]))
+        envoy.wait_for(lambda: ads.last_answered(LISTENER), 10, "LDS ACKed")
+        envoy.wait_for_stat("listener_manager.total_listeners_active")
+        assert (envoy.ready_state(), once(port)) == ("INITIALIZING", "ConnectionRefusedError")
+        ads.put(ECDS, "deny-list", typed("deny-list", rbac("ALLOW")))
+        envoy.wait_ready(5)
+        assert once(port) == 200

@@ -110,7 +110,7 @@ class TinyAds:
     def _sotw(self, requests: Iterator[discovery_pb2.DiscoveryRequest], context: Any) -> Iterator[Any]:
         inbox = self._inbox(requests)
         names: dict[str, set[str]] = {}
-        sent: dict[str, tuple[str, ...]] = {}
+        sent: dict[str, tuple[tuple[str, str], ...]] = {}
         while (item := inbox.get()) is not _END:
             if item is not _WAKE:
                 names[item.type_url] = set(item.resource_names)
@@ -119,7 +119,7 @@ class TinyAds:
                     if type_url not in self._resources:
                         continue
                     held = {n: r for n, r in self._resources[type_url].items() if not wanted or n in wanted}
-                versions = tuple(sorted((n, v) for n, (v, _) in held.items()))  # type: ignore[misc]
+                versions = tuple(sorted((n, v) for n, (v, _) in held.items()))
                 if sent.get(type_url) == versions:
                     continue
                 sent[type_url] = versions
@@ -146,9 +146,7 @@ class TinyAds:
             for type_url, wanted in names.items():
                 wildcard = not wanted or "*" in wanted
                 with self._lock:
-                    held = {
-                        n: r for n, r in self._resources.get(type_url, {}).items() if wildcard or n in wanted
-                    }
+                    held = {n: r for n, r in self._resources.get(type_url, {}).items() if wildcard or n in wanted}
                 known = sent.setdefault(type_url, {})
                 changed = [
                     discovery_pb2.Resource(name=n, version=v, resource=packed)
