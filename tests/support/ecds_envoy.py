@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -82,15 +83,25 @@ def listener(port: int, filters: list[dict[str, Any]], routes: list[dict[str, An
 
 @contextmanager
 def envoy_on_ads(api: str = "sotw", runtime: dict[str, Any] | None = None) -> Iterator[tuple[TinyAds, EnvoyProcess]]:
-    """Envoy is forked before the ADS server starts serving (its port is bound already): a fork while gRPC's
-    threads are busy once aborted the child before exec (SIGABRT, an epoll error in its stdio log)."""
+    """Envoy bootstrapped on a `TinyAds` (LDS over ADS, no CDS), `runtime` in its static runtime layer.
+
+    Envoy is started from a worker thread: there `EnvoyProcess` sets no `preexec_fn`, so Python spawns with
+    vfork, which runs no fork handlers. Forked from the main thread (a plain fork) while this process's gRPC
+    server had threads, the child now and then aborted before exec (SIGABRT, an epoll error in its stdio log,
+    from gRPC's fork handlers): in 2 of 13 runs of this file."""
     ads = TinyAds()
     boot = render_bootstrap(group="ecds", node_id=f"ecds-{api}", xds_host=LOOPBACK, xds_port=ads.port, api=api,
                             admin_port=0)  # fmt: skip
     del boot["dynamic_resources"]["cds_config"]
     boot["layered_runtime"]["layers"][0]["static_layer"] = runtime or {}
-    with EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False) as envoy, ads:
-        yield ads, envoy
+    envoy = EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False)
+    try:
+        with ThreadPoolExecutor(1) as spawner:
+            spawner.submit(envoy.start).result()
+        with ads:
+            yield ads, envoy
+    finally:
+        envoy.stop()
 
 
 class Client:
