@@ -57,7 +57,12 @@ def push(ads: TinyAds, envoy: EnvoyProcess, ids: list[str]) -> float:
 
 def logged_sizes(envoy: EnvoyProcess, seen: int) -> list[str]:
     """Every program size Envoy has logged, once it has logged more than `seen` of them."""
-    return envoy.wait_for(lambda: (lambda f: f if len(f) > seen else None)(SIZE.findall(envoy.log_text())), 20)
+
+    def more() -> list[str]:
+        found = SIZE.findall(envoy.log_text())
+        return found if len(found) > seen else []
+
+    return envoy.wait_for(more, 20, "a new program size logged")
 
 
 def main() -> None:
