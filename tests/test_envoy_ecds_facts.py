@@ -116,14 +116,18 @@ def test_default_without_warming_applies_at_once() -> None:
         envoy.wait_for(lambda: once(port) == 200, 5, "the resource replaces the default")
 
 
-@pytest.mark.parametrize(("api", "after_removal"), [("sotw", 200), ("delta", 403)])
-def test_removed_resource(api: str, after_removal: int) -> None:
+@pytest.mark.parametrize(
+    ("api", "default", "after_removal"),
+    [("sotw", "DENY", 200), ("delta", "DENY", 403), ("delta", None, 500)],
+)
+def test_removed_resource(api: str, default: str | None, after_removal: int) -> None:
     """Delta: a removed resource puts the filter back on its default (500 without one). SotW: Envoy ACKs the
     empty response, no ECDS stat moves, and the last configuration stays in force: SotW cannot take it back."""
     port = free_port()
     with envoy_on_ads(api) as (ads, envoy):
         ads.put(ECDS, "deny-list", typed("deny-list", rbac("ALLOW")))
-        live_listener(ads, envoy, port, [ecds_filter("deny-list", RBAC_URL, default_config=any_of(rbac("DENY")))])
+        options = {"default_config": any_of(rbac(default))} if default else {}
+        live_listener(ads, envoy, port, [ecds_filter("deny-list", RBAC_URL, **options)])
         envoy.wait_for(lambda: once(port) == 200, 5, "listener up")
         sent = len(ads.sent)
         ads.remove(ECDS, "deny-list")
