@@ -246,7 +246,7 @@ def test_re2_alternation_needs_the_program_size_runtime_key() -> None:
 
 def test_server_stays_initializing_until_its_first_listeners_filter_config_arrives() -> None:
     """At startup the listener counts as active at once, yet Envoy is not LIVE and the port is not bound until the
-    ECDS resource arrives (or initial_fetch_timeout, 15 s by default, expires)."""
+    ECDS resource arrives (or initial_fetch_timeout expires: 15 s by default per the API reference)."""
     port = free_port()
     with envoy_on_ads("sotw") as (ads, envoy):
         ads.put(LISTENER, "ecds-listener", listener(port, [ecds_filter("deny-list", RBAC_URL)]))
