@@ -45,6 +45,9 @@ from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fleet_sim  # noqa: E402
 
 from controlplane.cli.bootstrap import render_bootstrap  # noqa: E402
 from controlplane.compiler.route import revocations_entry  # noqa: E402
@@ -58,6 +61,8 @@ from tests.support.backends import EchoBackend, http_request  # noqa: E402
 from tests.support.controlplane import ControlPlaneProcess  # noqa: E402
 from tests.support.envoy import EnvoyProcess  # noqa: E402
 from tests.support.fake_gitlab import FakeGitLab  # noqa: E402
+from tests.support.gateway import Webhook  # noqa: E402
+from tests.support.gitlab_hooks import HookTarget, deliver  # noqa: E402
 from tests.support.ports import LOOPBACK, free_port, poll_until  # noqa: E402
 
 FLEET = 1_000  # Envoys, for the computed fleet cost
@@ -327,6 +332,69 @@ def envoy_figures(outstanding: int, requests: int, warmup: int) -> tuple[dict[st
     return results[0], results[1]
 
 
+# -- a simulated fleet receiving one revocation
+
+
+def fleet_figures(outstanding: int, streams: int, workers: int, mode: str) -> dict[str, object]:
+    """`controlplane serve` started with `outstanding` jobs in its state directory's deny list and fleet_sim.py's
+    policy (100 backends), `streams` simulated Envoys connected; then one Job Hook for a job never seen. Reported:
+    the server's CPU from the delivery until every stream ACKed the new RDS, and that time."""
+    args = fleet_sim.parse_args(["--streams", str(streams), "--workers", str(workers), "--mode", mode])
+    fleet_sim.raise_nofile()
+    with tempfile.TemporaryDirectory(prefix="revocation-fleet-") as tmp:
+        directory, state, hook = Path(tmp) / "policy", Path(tmp) / "state", Webhook()
+        directory.mkdir()
+        state.mkdir()
+        policy = fleet_sim.Policy(directory, args.backends)
+        policy.write_all()
+        write_revocations(state / REVOCATIONS_FILE, outstanding)
+        extra = ("--state-dir", str(state), *hook.args)
+        cp = ControlPlaneProcess(directory, log_level="WARNING", extra_args=extra, env=hook.env)
+        target = HookTarget(f"http://{LOOPBACK}:{hook.port}/webhooks/gitlab", hook.secret)
+        fleet: fleet_sim.Fleet | None = None
+        try:
+            cp.start()
+            fleet = fleet_sim.Fleet(args, f"{LOOPBACK}:{cp.xds_port}")
+            sim = fleet_sim.Sim(args, policy, cp, fleet)
+            connect = sim.measured("connect", sim.connect)
+            if not connect.ok:
+                return {"error": f"the fleet did not connect: {connect.figures}"}
+            job = FIRST_JOB + outstanding
+
+            def revoke(result: fleet_sim.Result) -> None:
+                base = sim.baseline()
+                payload = {"object_kind": "build", "build_id": job, "build_status": "success", "pipeline_id": 1,
+                           "project_id": 42, "ref": "main"}  # fmt: skip
+                started = time.monotonic()
+                status = deliver(target, "Job Hook", payload).status
+                out = sim.await_change(base, ["rds"])
+                acked = [t["rds"] - started for t in out["times"].values() if t.get("rds") is not None]
+                result.ok = status == 200 and out["converged"] and len(acked) == streams
+                result.figures = {
+                    "hook_status": status,
+                    "acked": len(acked),
+                    "all_acked_s": max(acked) if acked else float("nan"),
+                    "p50_acked_s": statistics.median(acked) if acked else float("nan"),
+                }
+
+            result = sim.measured("revoke", revoke)
+            return {
+                "ok": result.ok,
+                **result.figures,
+                "server_cpu_s": result.server_cpu,
+                "client_cpu_s": result.client_cpu,
+                "wall_s": result.wall,
+                "pushes": result.pushes,
+                "connect_wall_s": connect.wall,
+                "connect_server_cpu_s": connect.server_cpu,
+                "rss_mb": result.rss_after / 1024,
+            }
+        finally:
+            if fleet is not None:
+                fleet.close()
+            cp.stop()
+
+
 # -- the table
 
 
@@ -357,6 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--envoy-at", type=int, default=50000, help="outstanding revocations for Envoy (0: skip)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--fleet-at", type=int, default=0, help="outstanding revocations, fleet run (0: skip)")
+    parser.add_argument("--streams", type=int, default=1000, help="simulated Envoys in the fleet run")
+    parser.add_argument("--workers", type=int, default=2, help="fleet client processes")
+    parser.add_argument("--mode", choices=["sotw", "delta"], default="delta", help="fleet run's ADS protocol")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     designs: dict[str, Callable[[int], Figures]] = {
@@ -386,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
             ],
             columns,
         )
+    if args.fleet_at:
+        fleet = fleet_figures(args.fleet_at, args.streams, args.workers, args.mode)
+        print(f"\nSimulated fleet ({args.mode}), {args.streams:,} streams, {args.fleet_at:,} revoked, one more:")
+        for key, value in fleet.items():
+            print(f"  {key:<22} {round(value, 3) if isinstance(value, float) else value}")
     if args.envoy_at:
         none, many = envoy_figures(args.envoy_at, args.requests, args.warmup)
         print(f"\nReal Envoy, {args.requests} sequential GETs each (keep-alive, after {args.warmup} warm-up), one run")
