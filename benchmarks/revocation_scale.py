@@ -8,7 +8,7 @@ Measured for N outstanding revocations (`--sizes`), each design being one functi
 (today's: `todays_design`; the new design adds its own beside it, and the table prints one column per design):
 
 1. One more revocation, on the compiler as `serve` runs it: a `PolicyService` with its memo kept warm and a
-   `Revocations` list in memory holding N jobs; the job is revoked and `recompile` is awaited, as
+   `Revocations` list read from a `revoked-jobs.json` of N jobs; the job is revoked and `recompile` is awaited, as
    `CredentialService.revoke_finished` does. Reported: the control plane's CPU (`time.process_time`, every
    thread: the compile runs in a worker thread) for the recompile and snapshot build (median of `--repeat`), and
    the bytes of the resources that changed, which is what each Envoy is re-sent (Delta xDS: the changed
@@ -22,8 +22,15 @@ Measured for N outstanding revocations (`--sizes`), each design being one functi
    keep-alive connection after `--warmup` (stacks alternated in blocks of 100, so both see the same machine).
    Reported: p50/p99 latency and Envoy's `/memory` `allocated` and `heap_size`, and how long Envoy took from
    start to its first 200 (it loads the N-entry route configuration).
+4. A simulated fleet (`--fleet-at`, 0: skipped): `controlplane serve` started with N jobs in its state directory
+   and fleet_sim.py's policy, `--streams` simulated Envoys (fleet_sim's `Fleet`, `--mode` sotw or delta), then
+   one Job Hook for a job never seen: the time until every stream ACKed the new RDS, the server's CPU over it,
+   and when the hook was answered.
+
+Method and figures: docs/performance.md, "Issue 13 baseline: today's deny list".
 
 Usage: PYTHONPATH=. python benchmarks/revocation_scale.py [--sizes 500,5000,50000] [--envoy-at 50000]
+       [--fleet-at 50000 --streams 1000 --mode delta]
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fleet_sim  # noqa: E402
+from fleet_client import raise_nofile  # noqa: E402
 
 from controlplane.cli.bootstrap import render_bootstrap  # noqa: E402
 from controlplane.compiler.route import revocations_entry  # noqa: E402
@@ -277,6 +285,7 @@ def envoy_stack(gitlab: FakeGitLab, tmp: Path, label: str, outstanding: int) -> 
             return str(response.json()["access_token"]) if response.status == 200 else None
 
         token = poll_until(exchanged, 120, message=f"exchange through Envoy ({label})")
+        assert token is not None  # poll_until returns the first truthy answer or raises
         auth = {"Host": "reports.local", "Authorization": "Bearer " + token}
         poll_until(lambda: http_request(url + "/r", headers=auth).status == 200, 60, message=f"200 ({label})")
         ready = time.perf_counter() - started
@@ -343,7 +352,7 @@ def fleet_figures(outstanding: int, streams: int, workers: int, mode: str) -> di
     policy (100 backends), `streams` simulated Envoys connected; then one Job Hook for a job never seen. Reported:
     the server's CPU from the delivery until every stream ACKed the new RDS, and that time."""
     args = fleet_sim.parse_args(["--streams", str(streams), "--workers", str(workers), "--mode", mode])
-    fleet_sim.raise_nofile()
+    raise_nofile()
     with tempfile.TemporaryDirectory(prefix="revocation-fleet-") as tmp:
         directory, state, hook = Path(tmp) / "policy", Path(tmp) / "state", Webhook()
         directory.mkdir()
