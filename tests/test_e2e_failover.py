@@ -29,10 +29,9 @@ from controlplane.cli.bootstrap import render_bootstrap
 from tests.support.controlplane import ControlPlaneProcess
 from tests.support.envoy import EnvoyProcess
 from tests.support.one_backend import one_backend_policy
-from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
-from tests.support.replicas import replicated
-from tests.support.stack import OutsideWorld, PolicyInputs, Protocol, outside_world
+from tests.support.replicas import exchanged_reports, replicated
+from tests.support.stack import OutsideWorld, Protocol, outside_world
 
 pytestmark = pytest.mark.e2e
 
@@ -147,14 +146,7 @@ def test_killing_the_replica_an_envoy_streams_from_moves_it_to_another_with_noth
     _kill_under_traffic(fleet, protocol).stop()
 
 
-def credentials_policy(given: PolicyInputs) -> str:
-    return documents(
-        issuer(given.issuer),
-        backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
-        role("reports-read", "reports-api"),
-        binding("deployer", ["reports-read"], "{project: 42, ref_protected: true}", extra=TTL_10M),
-        gateway(given.listen_port, ["reports-api"]),
-    )
+credentials_policy = exchanged_reports  # the token exchange on: keys shared through PostgreSQL
 
 
 def test_with_shared_state_and_credentials_nothing_is_resent_either(

@@ -9,6 +9,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -344,3 +345,39 @@ def test_the_audit_trail_survives_postgresql_going_away_under_traffic(
             assert 'reason="buffer_full"' not in built.controlplane.metrics()
     finally:
         gate.stop()
+
+
+def test_validate_reads_the_shared_store_and_prints_the_versions_served(tmp_path: Path, pg_dsn: str) -> None:
+    """`validate --store postgres` with serve's flags reads the shared keys, deny list and pins (never writing):
+    the versions it prints are the ones served, before and after a job is revoked through the shared store."""
+    with serve_exchange_stack(
+        tmp_path,
+        policy,
+        kind=DirectExchange,
+        envoy=EnvoySpec("validate-pg", "validate-pg-envoy"),
+        serve_args=SHARED,
+        env={"CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK},
+    ) as built:
+        cp = built.controlplane
+
+        def validated() -> dict[str, str]:
+            result = subprocess.run(
+                [sys.executable, "-m", "controlplane", "validate", str(built.policy), "--state-dir", str(cp.state_dir),
+                 "--exchange-address", f"{LOOPBACK}:{cp.exchange_port}", *SHARED],
+                env={**os.environ, "CP_STORE_DSN": pg_dsn, "CP_STORE_KEY": KEK},
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert "note:" not in result.stdout, result.stdout
+            return dict(re.findall(r"^  gateway (\S+): version (\S+)$", result.stdout, re.MULTILINE))
+
+        assert validated() == cp.status()["policy"]["snapshot_versions"]
+        assert built.exchange(built.subject(611)).status == 200
+        before = cp.status()["policy"]["snapshot_versions"]
+        built.job_finished(611)
+        after = poll_until(
+            lambda: (v := cp.status()["policy"]["snapshot_versions"]) != before and v, 10, message="revoked"
+        )
+        assert validated() == after
+        with psycopg.connect(pg_dsn) as db:  # nothing written by validate: one key, as serve made it
+            assert db.execute("SELECT count(*) FROM signing_keys").fetchone() == (1,)

@@ -444,7 +444,20 @@ def _compile_or_report(
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from controlplane.cli.options import StoreOptions
     from controlplane.cli.validate import served_inputs
+    from controlplane.credentials.key_cipher import KekError
+    from controlplane.store.dsn import DsnError
+
+    store = StoreOptions(
+        args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file, args.store_key_env, args.store_key_file
+    )
+    try:  # as serve checks them: a missing or unusable source is a usage error, named, never echoing a secret
+        store.resolve_dsn()
+        store.check_key_source(credentials=not args.no_exchange)
+    except (DsnError, KekError) as error:
+        print(f"controlplane validate: {error}", file=sys.stderr)
+        return 2
 
     compiled = _compile_or_report(args.policy, _limits(args), lambda policy: served_inputs(policy, args))
     if compiled is None:

@@ -18,20 +18,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.cli.defaults import option_default
-from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, KeyStore, SigningKeys, StoredKey
+from controlplane.cli.options import STORE_KINDS, StoreOptions
+from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, KeyStoreError, SigningKeys, StoredKey
+from controlplane.credentials.keys_pg import PostgresKeyStore
+from controlplane.credentials.revocation_store import RevocationStoreError
+from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE, Revocations
-from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
+from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions, shared_publish_lead
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.policy import JwksMode, Policy
 from controlplane.sources.jwks import JwksFetcher
 from controlplane.sources.pins import PINS_FILE, PinStore
+from controlplane.sources.pins_pg import PostgresPinStore
 from controlplane.sources.secrets import read_secrets
 from controlplane.statefile import default_state_dir
+from controlplane.store.migrations import schema_version
+from controlplane.store.pool import PoolSettings, StorePool, StoreUnavailable
 
 JWKS_TIMEOUT = 5.0
 
@@ -62,6 +70,13 @@ def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Calla
     group.add_argument(
         "--offline", action="store_true", help="the policy alone: fetch no keys, read no state dir or secrets"
     )
+    shared = parser.add_argument_group("serve's shared store (serve --store postgres): read, never written")
+    shared.add_argument("--store", choices=STORE_KINDS, default=option_default(StoreOptions, "kind"))
+    shared.add_argument("--store-dsn-env", help="environment variable holding the DSN")
+    shared.add_argument("--store-dsn-file", type=Path, help="file holding the DSN (one line)")
+    shared.add_argument("--store-dsn", help="the DSN itself, refused with a password")
+    shared.add_argument("--store-key-env", help="environment variable holding the signing keys' KEK")
+    shared.add_argument("--store-key-file", type=Path, help="file holding the signing keys' KEK")
 
 
 def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
@@ -71,10 +86,15 @@ def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.offline:
         return ServedInputs(notes=["--offline: the policy alone; serve also compiles in keys, credentials, secrets"])
-    inputs = ServedInputs(pins=_pins(args.state_dir), secrets=read_secrets(policy))
+    inputs = ServedInputs(secrets=read_secrets(policy))
     inputs.keys = asyncio.run(_fetch_keys(policy, inputs.notes))
+    if args.store == "postgres":
+        state = asyncio.run(_read_shared_store(args, inputs.notes))
+    else:
+        state = _read_state_dir(args, inputs.notes)
+    inputs.pins = state.pins
     if not args.no_exchange:
-        inputs.credentials = _credentials(args, inputs.notes)
+        inputs.credentials = _credentials(args, state)
     live = [i.name for i in policy.issuers if i.api is not None]
     if live:
         inputs.notes.append(f"issuer(s) {', '.join(live)} are read from GitLab live by serve: not included here")
@@ -84,8 +104,52 @@ def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
     return inputs
 
 
-def _pins(state_dir: Path) -> Mapping[str, Mapping[str, int]]:
-    return PinStore(state_dir / PINS_FILE).load()
+@dataclass
+class _ServeState:
+    """What `serve` keeps between starts and compiles in: signing keys, the deny list, remembered ids."""
+
+    keys: list[StoredKey] = field(default_factory=list)
+    revoked: Mapping[str, float] = field(default_factory=dict)  # job id -> denied until
+    pins: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+def _read_state_dir(args: argparse.Namespace, notes: list[str]) -> _ServeState:
+    keys = FileKeyStore(args.state_dir / KEYS_FILE).load()
+    if not keys and not args.no_exchange:
+        notes.append(f"no signing keys in {args.state_dir} yet: serve creates its own at its first start")
+    revoked = Revocations(args.state_dir / REVOCATIONS_FILE)
+    until = {job: float("inf") for job in revoked.active()}
+    return _ServeState(keys, until, PinStore(args.state_dir / PINS_FILE).load())
+
+
+async def _read_shared_store(args: argparse.Namespace, notes: list[str]) -> _ServeState:
+    """The same from PostgreSQL, with a connection of its own and no migration: validate never changes the schema
+    or a row. Unreachable or not yet created: a note, and serve's versions will differ."""
+    options = StoreOptions(
+        "postgres", args.store_dsn, args.store_dsn_env, args.store_dsn_file, args.store_key_env, args.store_key_file
+    )
+    dsn = options.resolve_dsn()
+    assert dsn is not None
+    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=2))
+    try:
+        await pool.open()
+        async with pool.connection() as conn:
+            version = await schema_version(conn)
+        if version == 0:
+            notes.append(f"no schema in {dsn.redacted()} yet: serve creates it, and its keys, at its first start")
+            return _ServeState()
+        keys = [] if args.no_exchange else await PostgresKeyStore(pool, options.key_cipher()).load()
+        if not keys and not args.no_exchange:
+            notes.append(f"no signing keys in {dsn.redacted()} yet: serve creates them at its first start")
+        revoked, _ = await PostgresRevocationStore(pool).changes(0)
+        pins = PostgresPinStore(pool)
+        await pins.open()
+        return _ServeState(keys, revoked, pins.current)
+    except (StoreUnavailable, KeyStoreError, RevocationStoreError) as error:
+        notes.append(f"serve's shared store could not be read ({error}): serve's versions will differ")
+        return _ServeState()
+    finally:
+        await pool.close()
 
 
 async def _fetch_keys(policy: Policy, notes: list[str]) -> dict[str, str]:
@@ -108,42 +172,38 @@ async def _fetch_keys(policy: Policy, notes: list[str]) -> dict[str, str]:
     return keys
 
 
-def _credentials(args: argparse.Namespace, notes: list[str]) -> CredentialInputs:
-    """What serve's credential service hands the compiler now, read without writing its state dir."""
+def _credentials(args: argparse.Namespace, state: _ServeState) -> CredentialInputs:
+    """What serve's credential service hands the compiler now, from the keys and deny list read, written nowhere."""
+    lead = args.key_publish_lead
+    if lead is None:  # serve's default: one replica, or replicas sharing keys
+        lead = shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
     options = CredentialOptions(
         listen=args.exchange_address,
         public=args.exchange_public_address or args.exchange_address,
         state_dir=args.state_dir,
         rotate_every=args.key_rotation,
-        publish_lead=CredentialOptions.publish_lead if args.key_publish_lead is None else args.key_publish_lead,
+        publish_lead=lead,
         max_credential_ttl=args.max_credential_ttl,
     )
-    store = _ReadOnly(FileKeyStore(options.state_dir / KEYS_FILE))
     keys = SigningKeys(
-        store,
+        _ReadOnly(state.keys),
         rotate_every=options.rotate_every,
         max_credential_ttl=options.max_credential_ttl,
         publish_lead=options.publish_lead,
     )
-    if store.empty:
-        notes.append(f"no signing keys in {options.state_dir} yet: serve creates its own at its first start")
-    revocations = Revocations(options.state_dir / REVOCATIONS_FILE)
-    return CredentialInputs(
-        jwks=keys.published_jwks(), exchange_address=options.public, revoked_jobs=revocations.active()
-    )
+    now = time.time()
+    revoked = tuple(sorted(job for job, until in state.revoked.items() if until > now))
+    return CredentialInputs(jwks=keys.published_jwks(), exchange_address=options.public, revoked_jobs=revoked)
 
 
 class _ReadOnly:
-    """A key store that is read, never written: validate must not rotate a running serve's keys."""
+    """A key store that hands out the keys read, never writes: validate must not rotate a running serve's keys."""
 
-    def __init__(self, store: KeyStore) -> None:
-        self._store = store
-        self.empty = False
+    def __init__(self, keys: Sequence[StoredKey]) -> None:
+        self._keys = list(keys)
 
     def load(self) -> list[StoredKey]:
-        keys = self._store.load()
-        self.empty = not keys
-        return keys
+        return list(self._keys)
 
     def save(self, keys: Sequence[StoredKey]) -> None:
         pass
