@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-from controlplane.xds.nack_memory import NackMemory
 from controlplane.snapshots.snapshot import EXTENSION_CONFIG, TypeSnapshot
+from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import TYPE_LABELS, type_label
 
 if TYPE_CHECKING:
