@@ -23,7 +23,7 @@ from controlplane.admin.http import AdminServer, BadQuery, parse_status_query
 from controlplane.cli.main import main
 from controlplane.cli.status import StatusFilters, add_status_arguments, format_other_versions, status_url
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE, SECRET, Snapshot
 from controlplane.xds.fleet_status import (
     DEFAULT_LIMIT,
     VERSIONS_LISTED,
@@ -287,6 +287,24 @@ def test_current_versions_come_from_the_snapshot_cache() -> None:
     registry.acked(registry.connect("b", "known", "p", 0.0), CLUSTER, "older")
     summary = registry.fleet(FleetQuery(stale=True), current)["summary"]
     assert (summary["proxies"], summary["groups"]["known"]["types"]["cds"]["on_current"]) == (1, 0)
+
+
+def test_filter_configs_are_listed_only_where_a_group_has_some_or_a_proxy_holds_one() -> None:
+    """No compiled policy has ECDS resources yet: the summary of such a group is what it was before ECDS."""
+    cache = SnapshotCache()
+    cache.set(Snapshot.build("plain", {CLUSTER: [("c", b"\x0a\x01c")]}))
+    with_filters = Snapshot.build("filters", {EXTENSION_CONFIG: [("deny", b"\x0a\x04deny")]})
+    cache.set(with_filters)
+    registry = ProxyRegistry()
+    for group in ("plain", "filters"):
+        registry.acked(registry.connect(group, group, "p", 0.0), CLUSTER, "v")
+    groups = registry.fleet(FleetQuery(), cache_versions(cache))["summary"]["groups"]
+    assert list(groups["plain"]["types"]) == ["sds", "cds", "eds", "lds", "rds"]
+    assert list(groups["filters"]["types"]) == ["sds", "cds", "eds", "lds", "rds", "ecds"]
+    assert groups["filters"]["types"]["ecds"]["current"] == with_filters.version(EXTENSION_CONFIG)
+    registry.acked(registry.connect("held", "plain", "p", 0.0), EXTENSION_CONFIG, "older")  # one it still holds
+    groups = registry.fleet(FleetQuery(), cache_versions(cache))["summary"]["groups"]
+    assert groups["plain"]["types"]["ecds"]["versions"] == {"older": 1}
 
 
 def test_fleet_status_lists_records_in_the_order_given(fleet: ProxyRegistry) -> None:

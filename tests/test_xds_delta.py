@@ -10,13 +10,23 @@ from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, EncodedResource, Snapshot, TypeSnapshot
+from controlplane.snapshots.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    EXTENSION_CONFIG,
+    LISTENER,
+    ROUTE,
+    EncodedResource,
+    Snapshot,
+    TypeSnapshot,
+)
 from controlplane.xds import delta
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.memo import FanOutCache, PerResource
@@ -586,6 +596,98 @@ def test_a_fresh_subscription_with_no_reported_version_is_still_sent_on_reconnec
     initial = request(ENDPOINT, resource_names_subscribe=["a", "b"], initial_resource_versions={"a": current["a"]})
     (eds,) = decode(stream.receive(initial, 0.0))
     assert list(held(eds)) == ["b"]
+
+
+# --- filter configurations (ECDS) -------------------------------------------------------------------
+
+
+def with_filters(base: Snapshot, **denied: str) -> Snapshot:
+    """`base` plus filter configurations (ECDS): filter name → the job an RBAC deny list holds."""
+    resources: dict[str, list[tuple[str, Any]]] = {
+        t: [(n, r.payload) for n, r in s.resources.items()] for t, s in base.types.items()
+    }
+    resources[EXTENSION_CONFIG] = []
+    for name, job in denied.items():
+        config = extension_pb2.TypedExtensionConfig(name=name)
+        config.typed_config.Pack(rbac_pb2.RBAC(rules_stat_prefix=job))
+        resources[EXTENSION_CONFIG].append((name, config))
+    return Snapshot.build(base.group, resources)
+
+
+def filters_stream(snapshot: Snapshot, names: list[str], memory: NackMemory | None = None) -> DeltaStream:
+    """Envoy's startup, then the filter configurations its listener names, subscribed and ACKed."""
+    stream = envoy(snapshot, ["a"]) if memory is None else DeltaStream(FanOutCache(), memory)
+    if memory is not None:
+        stream.set_snapshot(snapshot, 0.0)
+    (ecds,) = decode(stream.receive(request(EXTENSION_CONFIG, resource_names_subscribe=names), 0.0))
+    assert ecds.type_url == EXTENSION_CONFIG and list(held(ecds)) == sorted(names)
+    assert [type(e) for e in respond(stream, ecds).events] == [Ack]
+    return stream
+
+
+def test_filter_configs_are_named_and_a_change_to_one_sends_only_it() -> None:
+    base = gateway({"a": "1"}, "a")
+    stream = filters_stream(with_filters(base, one="1", two="2", unnamed="3"), ["one", "two"])
+    state = stream.type_state(EXTENSION_CONFIG)
+    assert state is not None and not state.wildcard and state.names == {"one", "two"}
+    pushed = stream.set_snapshot(with_filters(base, one="1", two="22", unnamed="33"), 1.0)
+    (ecds,) = decode(pushed)
+    assert ecds.type_url == EXTENSION_CONFIG and list(held(ecds)) == ["two"] and not ecds.removed_resources
+    config = extension_pb2.TypedExtensionConfig()
+    assert ecds.resources[0].resource.Unpack(config) and config.name == "two"
+    # Not held while clusters warm (ECDS names no cluster), and pushed after listeners, before routes.
+    changed = gateway({"a": "2"}, "a", routes={"r2": "a"})
+    types = [r.type_url for r in stream.set_snapshot(with_filters(changed, one="9", two="22"), 2.0).responses]
+    assert types == [CLUSTER, ENDPOINT, EXTENSION_CONFIG]
+
+
+def test_a_nacked_filter_config_is_withheld_on_this_stream_and_after_reconnect() -> None:
+    memory = NackMemory()
+    base = gateway({"a": "1"}, "a")
+    stream = filters_stream(with_filters(base, one="1", two="2"), ["one", "two"], memory)
+    (bad,) = decode(stream.set_snapshot(with_filters(base, one="bad", two="2"), 1.0))
+    error = {"code": 13, "message": "RE2 program size"}
+    nack = stream.receive(request(EXTENSION_CONFIG, response_nonce=bad.nonce, error_detail=error), 2.0)
+    assert [e.error for e in nack.events if isinstance(e, Nack)] == ["RE2 program size"] and nack.responses == ()
+    output = stream.set_snapshot(with_filters(base, one="bad", two="22"), 3.0)
+    (other,) = decode(output)
+    assert list(held(other)) == ["two"] and any(isinstance(e, Withheld) for e in output.events)
+    fresh = filters_stream(with_filters(base, one="1", two="2"), ["one", "two"], memory)
+    (reconnected,) = decode(fresh.set_snapshot(with_filters(base, one="bad", two="22"), 0.0))
+    assert list(held(reconnected)) == ["two"]
+    (fixed,) = decode(stream.set_snapshot(with_filters(base, one="good", two="22"), 4.0))
+    assert list(held(fixed)) == ["one"]
+
+
+def test_a_reconnect_holding_the_current_filter_configs_gets_nothing() -> None:
+    snapshot = with_filters(gateway({"a": "1"}, "a"), one="1", two="2")
+    current = versions_of(snapshot)[EXTENSION_CONFIG]
+    stream = DeltaStream(FanOutCache())
+    stream.set_snapshot(snapshot, 0.0)
+    subscribe = request(EXTENSION_CONFIG, resource_names_subscribe=["one", "two"], initial_resource_versions=current)
+    output = stream.receive(subscribe, 0.0)
+    assert output.responses == () and Resumed(EXTENSION_CONFIG, snapshot.version(EXTENSION_CONFIG)) in output.events
+    older = DeltaStream(FanOutCache())
+    older.set_snapshot(snapshot, 0.0)
+    versions = {"one": current["one"], "two": "older"}
+    subscribe = request(EXTENSION_CONFIG, resource_names_subscribe=["one", "two"], initial_resource_versions=versions)
+    (ecds,) = decode(older.receive(subscribe, 0.0))
+    assert list(held(ecds)) == ["two"]
+
+
+def test_an_unsubscribed_filter_config_is_not_removed_and_a_dropped_one_is() -> None:
+    """Unsubscribing (a listener that stops naming it) needs no answer; a configuration the snapshot drops while
+    still subscribed is listed in removed_resources (Envoy falls back to its default: docs/envoy-ecds.md §2)."""
+    base = gateway({"a": "1"}, "a")
+    stream = filters_stream(with_filters(base, one="1", two="2"), ["one", "two"])
+    assert stream.receive(request(EXTENSION_CONFIG, resource_names_unsubscribe=["one"]), 0.0).responses == ()
+    assert stream.set_snapshot(with_filters(base, one="11", two="2"), 1.0).responses == ()  # "one" not wanted
+    # Subscribed again (a listener names it again): Envoy dropped it, so it is sent again.
+    (again,) = decode(stream.receive(request(EXTENSION_CONFIG, resource_names_subscribe=["one"]), 0.0))
+    assert list(held(again)) == ["one"] and not again.removed_resources
+    respond(stream, again)
+    (removed,) = decode(stream.set_snapshot(with_filters(base, one="11"), 2.0))
+    assert removed.type_url == EXTENSION_CONFIG and list(removed.removed_resources) == ["two"] and not held(removed)
 
 
 # --- memory ----------------------------------------------------------------------------------------

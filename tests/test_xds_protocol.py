@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
@@ -22,6 +24,7 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 from controlplane.snapshots.snapshot import (
     CLUSTER,
     ENDPOINT,
+    EXTENSION_CONFIG,
     LISTENER,
     PUSH_ORDER,
     ROUTE,
@@ -81,6 +84,7 @@ def route(name: str, tag: str) -> Message:
 
 MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment}
 MESSAGES |= {LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
+MESSAGES |= {EXTENSION_CONFIG: extension_pb2.TypedExtensionConfig}
 
 
 def snap(
@@ -208,6 +212,7 @@ def test_framed_bytes_equal_a_normally_serialized_response() -> None:
 
 def test_type_labels() -> None:
     assert [type_label(t) for t in (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)] == ["sds", "cds", "eds", "lds", "rds"]
+    assert type_label(EXTENSION_CONFIG) == "ecds"
     assert type_label("type.googleapis.com/envoy.service.runtime.v3.Runtime") == "other"
 
 
@@ -246,6 +251,109 @@ def test_secrets_are_pushed_before_clusters() -> None:
     ack(stream, one(stream.receive(req(SECRET, ["s"]), 0.0)), ["s"])
     out = stream.set_snapshot(_with_secrets(snap(clusters={"backend": "v2"}), s="two"), 1.0)
     assert [r.type_url for r in out.responses] == [SECRET, CLUSTER, ENDPOINT]
+
+
+def _with_filters(base: Snapshot, **denied: str) -> Snapshot:
+    """`base` plus filter configurations (ECDS): filter name → the job an RBAC deny list holds."""
+    resources: dict[str, list[tuple[str, Message | bytes]]] = {
+        t: [(n, r.payload) for n, r in s.resources.items()] for t, s in base.types.items()
+    }
+    resources[EXTENSION_CONFIG] = []
+    for name, job in denied.items():
+        config = extension_pb2.TypedExtensionConfig(name=name)
+        config.typed_config.Pack(rbac_pb2.RBAC(rules_stat_prefix=job))
+        resources[EXTENSION_CONFIG].append((name, config))
+    return Snapshot.build(base.group, resources)
+
+
+def _filter_stream(snapshot: Snapshot) -> tuple[AdsStream, Response]:
+    """A started stream that asked for (as a listener naming it makes Envoy do) and ACKed the filter "deny"."""
+    stream, _ = started(snapshot)
+    ecds = one(stream.receive(req(EXTENSION_CONFIG, ["deny"]), 0.0))
+    ack(stream, ecds, ["deny"])
+    return stream, ecds
+
+
+def test_filter_configs_are_a_named_subscription_served_like_routes() -> None:
+    assert subscription(EXTENSION_CONFIG, [], Interned()) == frozenset()  # never a wildcard
+    s = _with_filters(snap(), deny="1001", other="7")
+    stream, ecds = _filter_stream(s)
+    message, names = decode(ecds)
+    assert message.type_url == EXTENSION_CONFIG and names == ["deny"] and ecds.version == s.version(EXTENSION_CONFIG)
+    config = extension_pb2.TypedExtensionConfig.FromString(message.resources[0].value)
+    deny_list = rbac_pb2.RBAC()
+    assert config.typed_config.Unpack(deny_list) and deny_list.rules_stat_prefix == "1001"
+    # A new deny list is an ECDS push and nothing else: no listener, no route.
+    out = stream.set_snapshot(_with_filters(snap(), deny="1002", other="7"), 1.0)
+    assert [r.type_url for r in out.responses] == [EXTENSION_CONFIG] and decode(one(out))[1] == ["deny"]
+
+
+def test_filter_configs_are_not_held_while_clusters_warm_and_precede_routes() -> None:
+    """ECDS names no cluster: it does not wait for CDS/EDS ACKs; it goes after listeners, before routes."""
+    stream, _ = _filter_stream(_with_filters(snap(), deny="1001"))
+    out = stream.set_snapshot(
+        _with_filters(snap(clusters={"backend": "v2"}, routes={"local_route": "v2"}), deny="2"), 0
+    )
+    assert [r.type_url for r in out.responses] == [CLUSTER, ENDPOINT, EXTENSION_CONFIG]
+    assert [r.type_url for r in warm(stream, out)] == [ROUTE]
+    changed = snap(clusters={"backend": "v2"}, listeners={"listener_0": "v3"}, routes={"local_route": "v3"})
+    out = stream.set_snapshot(_with_filters(changed, deny="3"), 0.0)
+    assert [r.type_url for r in out.responses] == [LISTENER, EXTENSION_CONFIG, ROUTE]
+    assert PUSH_ORDER.index(LISTENER) < PUSH_ORDER.index(EXTENSION_CONFIG) < PUSH_ORDER.index(ROUTE)
+
+
+def test_a_nacked_filter_config_is_withheld_until_a_newer_one() -> None:
+    stream, good = _filter_stream(_with_filters(snap(), deny="1001"))
+    bad = _with_filters(snap(), deny="bad", other="x")
+    push = one(stream.set_snapshot(bad, 1.0))
+    out = stream.receive(req(EXTENSION_CONFIG, ["deny"], version=good.version, nonce=push.nonce, error="RE2"), 2.0)
+    assert of_type(out, Nack) == [Nack(EXTENSION_CONFIG, push.version, push.nonce, good.version, "RE2", 13, 1.0)]
+    assert out.responses == ()
+    grown = stream.receive(req(EXTENSION_CONFIG, ["deny", "other"], version=good.version, nonce=push.nonce), 2.0)
+    assert grown.responses == () and of_type(grown, Withheld) == [
+        Withheld(EXTENSION_CONFIG, bad.version(EXTENSION_CONFIG))
+    ]
+    fixed = one(stream.set_snapshot(_with_filters(snap(), deny="fixed", other="x"), 3.0))
+    assert fixed.type_url == EXTENSION_CONFIG and decode(fixed)[1] == ["deny", "other"]
+
+
+def test_a_reconnect_holding_the_current_filter_configs_gets_nothing() -> None:
+    s = _with_filters(snap(), deny="1001")
+    stream = AdsStream(FanOutCache())
+    stream.set_snapshot(s, 0.0)
+    stream.receive(req(LISTENER, version=s.version(LISTENER), node=True), 0.0)
+    out = stream.receive(req(EXTENSION_CONFIG, ["deny"], version=s.version(EXTENSION_CONFIG)), 0.0)
+    assert out.responses == () and of_type(out, Resumed) == [Resumed(EXTENSION_CONFIG, s.version(EXTENSION_CONFIG))]
+    out = stream.set_snapshot(_with_filters(snap(), deny="1002"), 0.0)
+    assert [r.type_url for r in out.responses] == [EXTENSION_CONFIG]
+    # An older version is answered at once.
+    older = AdsStream(FanOutCache())
+    older.set_snapshot(s, 0.0)
+    older.receive(req(LISTENER, version=s.version(LISTENER), node=True), 0.0)
+    assert decode(one(older.receive(req(EXTENSION_CONFIG, ["deny"], version="older"), 0.0)))[1] == ["deny"]
+
+
+def test_unsubscribed_and_removed_filter_configs() -> None:
+    """Unsubscribing needs no answer and a re-subscription is answered again. A removed configuration is just
+    missing from the next response (Envoy keeps the last one over SotW: docs/envoy-ecds.md §2)."""
+    s = _with_filters(snap(), deny="1001", other="7")
+    stream, ecds = _filter_stream(s)
+    assert ack(stream, ecds, []).responses == ()
+    again = one(stream.receive(req(EXTENSION_CONFIG, ["deny"], version=ecds.version, nonce=ecds.nonce), 0.0))
+    assert again.version == ecds.version and decode(again)[1] == ["deny"]
+    ack(stream, again, ["deny"])
+    gone = one(stream.set_snapshot(_with_filters(snap(), other="7"), 1.0))
+    assert gone.type_url == EXTENSION_CONFIG and decode(gone)[1] == []
+
+
+def test_a_snapshot_without_filter_configs_keeps_its_summary_version() -> None:
+    """Counted only when present, so every snapshot compiled today keeps the name it had before ECDS."""
+    s = snap()
+    legacy = hashlib.sha256()
+    for type_url in (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE):
+        legacy.update(s.version(type_url).encode())
+    assert s.summary_version == legacy.hexdigest()[:12]
+    assert _with_filters(s, deny="1").summary_version != s.summary_version
 
 
 # ------------------------------------------------------------------------ rule 1: node and per-type state

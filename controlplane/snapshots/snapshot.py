@@ -18,14 +18,18 @@ from google.protobuf.message import Message
 # Named by the compiler, which produces them; re-exported for the xDS layer, which serves them by type.
 from controlplane.compiler.types import CLUSTER as CLUSTER
 from controlplane.compiler.types import ENDPOINT as ENDPOINT
+from controlplane.compiler.types import EXTENSION_CONFIG as EXTENSION_CONFIG
 from controlplane.compiler.types import LISTENER as LISTENER
 from controlplane.compiler.types import ROUTE as ROUTE
 from controlplane.compiler.types import SECRET as SECRET
 from controlplane.compiler.wire import varint as varint
 
 # Make before break: secrets exist before anything uses them; clusters and their endpoints before anything
-# routes to them. Secrets are named subscriptions (SDS), never wildcards.
-PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
+# routes to them. Secrets are named subscriptions (SDS), never wildcards. Filter configurations (ECDS, named
+# subscriptions too) go after the listeners, whose arrival is what makes Envoy ask for them (a listener naming
+# one warms until it comes, docs/envoy-ecds.md §2), and before the routes, whose per-filter settings name
+# parts of them (a jwt_authn `requirement_name`).
+PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, EXTENSION_CONFIG, ROUTE)
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
 # Distinct subscriptions remembered per TypeSnapshot; proxies of a group normally share one or two.
@@ -151,10 +155,17 @@ class Snapshot:
 
     @property
     def summary_version(self) -> str:
-        """One name for the whole snapshot (status pages, logs, metrics)."""
+        """One name for the whole snapshot (status pages, logs, metrics).
+
+        Filter configurations (ECDS) count only when there are some: a snapshot without them keeps the name it
+        had before ECDS was served, so replicas of both releases name the same snapshot alike during an upgrade.
+        """
         digest = hashlib.sha256()
         for type_url in PUSH_ORDER:
-            digest.update(self.types[type_url].version.encode())
+            typed = self.types[type_url]
+            if type_url == EXTENSION_CONFIG and not typed.resources:
+                continue
+            digest.update(typed.version.encode())
         return digest.hexdigest()[:12]
 
 

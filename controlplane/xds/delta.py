@@ -19,9 +19,14 @@ serialized, events for the registry, metrics and logs), with no I/O and no clock
   never sent again, while a later snapshot with a different version of that resource is;
 * make-before-break: a cluster that a new snapshot removes is kept (not listed in `removed_resources`, nor its
   endpoints) while the client may still route to it, i.e. until the listeners and routes of that snapshot are
-  ACKed by this stream. Additions and changes go out at once, in PUSH_ORDER (SECRET, CDS, EDS, LDS, RDS).
+  ACKed by this stream. Additions and changes go out at once, in PUSH_ORDER (SECRET, CDS, EDS, LDS, ECDS, RDS).
   Delta needs this as much as SotW: each type travels in its own response, and Envoy applies a CDS removal
   before it has seen the RDS update that stops routing to the cluster.
+* filter configurations (ECDS) are named subscriptions like RDS and EDS, one resource per filter, so a change
+  to one sends only that one. No hold applies to them: Envoy asks for one when a listener naming it arrives,
+  and the listener warms until it comes (docs/envoy-ecds.md §2). A removal is sent as for any named type, and
+  Envoy then falls back to the filter's `default_config` (or fails every request): a resource is retired by
+  a listener that stops naming it, which unsubscribes it, not by dropping it first.
 
 Cost of a push. What a client holds is not copied per stream: per type the stream keeps a *base*, the
 TypeSnapshot it was last brought in line with (shared by every stream of the group), and a small dict of

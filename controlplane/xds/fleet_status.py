@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from controlplane.snapshots.snapshot import EXTENSION_CONFIG, TypeSnapshot
 from controlplane.xds.nack_memory import NackMemory
 from controlplane.xds.protocol import TYPE_LABELS, type_label
 
@@ -150,7 +151,10 @@ class ProxyRegistry:
 DEFAULT_LIMIT = 100  # rows listed unless asked for more: a 10k fleet must not answer 10k rows by default
 PROTOCOLS = ("sotw", "delta")
 VERSIONS_LISTED = 8  # per group and type; more distinct versions than this means churn, counted as a rest
-_TYPE_ORDER = tuple(TYPE_LABELS)  # sds, cds, eds, lds, rds: push order, as the status table shows them
+# sds, cds, eds, lds, rds: push order, as the status table shows them. Filter configurations (ECDS) are listed
+# (after these) only where a group has some or a proxy holds or rejects one: no compiled policy has them yet.
+_TYPE_ORDER = tuple(t for t in TYPE_LABELS if t != EXTENSION_CONFIG)
+_NO_EXTENSION_CONFIGS = TypeSnapshot.of(EXTENSION_CONFIG, ()).version  # the version of a group without any
 _GLOB_CHARACTERS = frozenset("*?[")
 
 CurrentVersions = Callable[[str], Mapping[str, str]]
@@ -238,6 +242,9 @@ class _GroupTally:
 
     def as_dict(self, current: Mapping[str, str]) -> dict[str, Any]:
         others = {t for t in (*self.versions, *self.nacking_types, *current) if t not in _TYPE_ORDER}
+        used = EXTENSION_CONFIG in self.versions or EXTENSION_CONFIG in self.nacking_types
+        if not used and current.get(EXTENSION_CONFIG) == _NO_EXTENSION_CONFIGS:
+            others.discard(EXTENSION_CONFIG)  # nothing to show: the group has none, no proxy holds or rejects one
         return {
             "proxies": self.proxies,
             "nacking": self.nacking,

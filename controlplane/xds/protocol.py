@@ -19,6 +19,14 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
   snapshot are ACKed, so no route points at a cluster Envoy already dropped;
 * listeners and routes wait while a cluster or endpoint response is unanswered (rule 7), so no route points
   at a cluster Envoy is still warming.
+
+Filter configurations (ECDS, `EXTENSION_CONFIG`) are served like routes: subscribed by name (never a
+wildcard), answered, resumed, ACKed and NACKed per type version. They need no hold of their own: Envoy asks
+for one only when a listener naming it arrives, and that listener warms (no connection accepted) until the
+configuration comes (docs/envoy-ecds.md §2), so an answer can never be early; and they route to no cluster,
+so they do not wait for clusters to warm either. A resource the snapshot drops is simply no longer in the
+type's next response, which Envoy ignores over SotW (the last configuration stays in force, docs/envoy-ecds.md
+§2): retiring one is the listener's business, as it is over Delta.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.snapshots.snapshot import (
     CLUSTER,
     ENDPOINT,
+    EXTENSION_CONFIG,
     LISTENER,
     PUSH_ORDER,
     ROUTE,
@@ -47,7 +56,7 @@ from controlplane.snapshots.snapshot import (
 from controlplane.xds.memo import FanOutCache, Interned
 
 TYPE_LABELS: Mapping[str, str] = MappingProxyType(
-    {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+    {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", EXTENSION_CONFIG: "ecds", ROUTE: "rds"}
 )
 KEEP_SUFFIX = "+keep"
 # What one stream's node may weigh (docs/xds-and-audit-bounds.md). Envoy's ids are host or pod names (at most
@@ -563,6 +572,7 @@ class AdsStream(StreamIdentity):
         endpoints before it ACKs the clusters, so "both ACKed" means warm, and a client that ACKs without
         subscribing is not held up. A change that touches no cluster is not delayed at all, nor is the first
         answer to a listener or route request: Envoy asks for those only once its clusters are initialised.
+        Filter configurations (ECDS) never wait: they name no cluster, and a listener waiting for one warms.
         """
         return any(
             state is not None and state.requested and state.awaiting

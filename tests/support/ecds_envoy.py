@@ -90,11 +90,7 @@ def envoy_on_ads(api: str = "sotw", runtime: dict[str, Any] | None = None) -> It
     server had threads, the child now and then aborted before exec (SIGABRT, an epoll error in its stdio log,
     from gRPC's fork handlers): in 2 of 13 runs of this file."""
     ads = TinyAds()
-    boot = render_bootstrap(group="ecds", node_id=f"ecds-{api}", xds_host=LOOPBACK, xds_port=ads.port, api=api,
-                            admin_port=0)  # fmt: skip
-    del boot["dynamic_resources"]["cds_config"]
-    boot["layered_runtime"]["layers"][0]["static_layer"] = runtime or {}
-    envoy = EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False)
+    envoy = ads_envoy(ads.port, api, runtime)
     try:
         with ThreadPoolExecutor(1) as spawner:
             spawner.submit(envoy.start).result()
@@ -102,6 +98,17 @@ def envoy_on_ads(api: str = "sotw", runtime: dict[str, Any] | None = None) -> It
             yield ads, envoy
     finally:
         envoy.stop()
+
+
+def ads_envoy(port: int, api: str = "sotw", runtime: dict[str, Any] | None = None, group: str = "ecds") -> EnvoyProcess:
+    """An Envoy (not started) whose node is in `group`, on the ADS server at `port`: LDS over ADS, no CDS.
+
+    Start it from a worker thread (see `envoy_on_ads`)."""
+    boot = render_bootstrap(group=group, node_id=f"ecds-{api}", xds_host=LOOPBACK, xds_port=port, api=api,
+                            admin_port=0)  # fmt: skip
+    del boot["dynamic_resources"]["cds_config"]
+    boot["layered_runtime"]["layers"][0]["static_layer"] = runtime or {}
+    return EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False)
 
 
 class Client:
