@@ -29,11 +29,12 @@ type's next response, which Envoy ignores over SotW (the last configuration stay
 §2): retiring one is the listener's business, as it is over Delta.
 
 That same behaviour lets a filter configuration response carry only what changed (docs/envoy-ecds.md §7): to a
-client that ACKed the last response of the type (or resumed at the current version), an ECDS response holds
-only the configurations whose bytes differ from what that client holds, and names it newly subscribed to (an
-empty response when none did: Envoy ACKs it and changes nothing). Everything subscribed is sent on a new stream,
-after a NACK, and while the last response is unanswered, when what the client holds is not known for sure. The
-version is still the content hash of the whole type, so a reconnect at the current version still gets nothing.
+client that ACKed the last response of the type on this stream, an ECDS response holds only the configurations
+whose bytes differ from what that client holds, and names it newly subscribed to (an empty response when none
+did: Envoy ACKs it and changes nothing). Everything subscribed is sent on a new stream (also the first push
+after a resume), after a NACK, and while the last response is unanswered: what the client holds is then not
+known for sure. The version is still the content hash of the whole type, so a reconnect at the current version
+still gets nothing.
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
 subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
 one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream.
@@ -315,7 +316,7 @@ class TypeState:
     sent_source: Mapping[str, EncodedResource] = field(default_factory=lambda: _NO_RESOURCES)
     sent_at: float = 0.0
     awaiting: bool = False  # the last response has been neither ACKed nor NACKed yet
-    holds_sent: bool = False  # the client ACKed the last response (or resumed at it): it holds sent_names' bytes
+    holds_sent: bool = False  # the client ACKed the last response on this stream: it holds sent_names' bytes
     acked_version: str | None = None
     nacked: set[str] = field(default_factory=set)
     withheld: str | None = None  # last version reported as Withheld, to report it once
@@ -639,7 +640,9 @@ class AdsStream(StreamIdentity):
         state.sent_subscription = state.names
         state.sent_names = names
         state.sent_source = current.resources
-        state.holds_sent = True
+        # Which names it holds is not known: the version says nothing of a name asked for after accepting it and
+        # never answered. The next filter-configuration push is whole (then subsets again).
+        state.holds_sent = False
         events.append(Resumed(type_url, current.version))
 
     def _respond(
