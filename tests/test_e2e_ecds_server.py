@@ -96,10 +96,13 @@ def _acked_ecds(registry: ProxyRegistry) -> str | None:
     return acked
 
 
-def buckets(port: int, a: list[str], b: list[str]) -> Snapshot:
-    """One listener with two RBAC filters by ECDS, "bucket-a" then "bucket-b", each denying its own jobs."""
+def buckets(port: int, a: list[str], b: list[str], unused: list[str] | None = None) -> Snapshot:
+    """One listener with two RBAC filters by ECDS, "bucket-a" then "bucket-b", each denying its own jobs; with
+    `unused`, a third configuration that no filter names (so Envoy never asks for it)."""
     configs = {"bucket-a": rbac("DENY", a, stat_prefix="a_"), "bucket-b": rbac("DENY", b, stat_prefix="b_")}
     filters = [ecds_filter(name, RBAC_URL) for name in configs]
+    if unused is not None:
+        configs["unused"] = rbac("DENY", unused)
     return Snapshot.build(
         GROUP,
         {
@@ -159,6 +162,20 @@ async def test_a_change_to_one_of_two_filter_configs_sends_only_that_one(api: st
             assert await asyncio.to_thread(ecds_stat, envoy, unchanged, "config_reload") == reloads[unchanged]
             assert await asyncio.to_thread(ecds_stat, envoy, changed, "config_reload") == reloads[changed] + 1
             assert await asyncio.to_thread(statuses, "1001", "1002", "2001", "2002", "3001") == enforced  # both apply
+        # A change to a configuration no filter names: over SotW an empty response at the new version, ACKed,
+        # and nothing moves in Envoy; over Delta nothing at all (it subscribes by name).
+        reloads = {n: await asyncio.to_thread(ecds_stat, envoy, n, "config_reload") for n in ("bucket-a", "bucket-b")}
+        before = pushed_ecds()
+        elsewhere = buckets(port, ["1001", "1002"], ["2001", "2002"], unused=["9"])
+        cache.set(elsewhere)
+        if api == "sotw":
+            version = elsewhere.version(EXTENSION_CONFIG)
+            await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "empty ACKed")
+            responses, resources, _ = (now - was for now, was in zip(pushed_ecds(), before, strict=True))
+            assert (responses, resources) == (1, 0)
+        for name, count in reloads.items():
+            assert await asyncio.to_thread(ecds_stat, envoy, name, "config_reload") == count
+        assert await asyncio.to_thread(statuses, "1001", "1002", "2001", "2002", "3001") == [403, 403, 403, 403, 200]
         assert await asyncio.to_thread(listener_stats, envoy) == dict.fromkeys(LISTENER_STATS, 0)
         (proxy,) = registry.status()
         assert proxy["protocol"] == api and proxy["last_nack"] is None
