@@ -16,7 +16,7 @@ import pytest
 
 from controlplane.admin.http import AdminServer
 from controlplane.cli.status import StatusFilters, add_status_arguments, format_age, format_nack, run_status
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE, SECRET
 from controlplane.telemetry.metrics import SNAPSHOT_BUILDS
 from controlplane.xds.fleet_status import ProxyRegistry
 
@@ -384,17 +384,33 @@ async def test_cli_table_healthy_exits_0(admin: Admin, capsys: pytest.CaptureFix
         "ci-staging lds bbbbbbbb 1 0 0 0 -",
         "",
     ]
-    table = lines.index("NODE GROUP PROTO PEER CONNECTED SINCE SDS CDS EDS LDS RDS LAST NACK")
+    table = lines.index("NODE GROUP PROTO PEER CONNECTED SINCE SDS CDS EDS LDS ECDS RDS LAST NACK")
     assert table > versions
     assert lines[table + 1 : table + 5] == [
-        "gw-prod-1 ci-prod sotw 10.0.0.1:4242 3m12s - aaaaaaaa aaaaaaaa aaaaaaaa aaaaaaaa -",
-        "gw-prod-2 ci-prod sotw 10.0.0.2:4242 1h01m - cccccccc - cccccccc - -",
-        "gw-staging-1 ci-staging delta 10.0.1.1:4242 5s - bbbbbbbb - bbbbbbbb - -",
+        "gw-prod-1 ci-prod sotw 10.0.0.1:4242 3m12s - aaaaaaaa aaaaaaaa aaaaaaaa - aaaaaaaa -",
+        "gw-prod-2 ci-prod sotw 10.0.0.2:4242 1h01m - cccccccc - cccccccc - - -",
+        "gw-staging-1 ci-staging delta 10.0.1.1:4242 5s - bbbbbbbb - bbbbbbbb - - -",
         "showing 3 of 3 proxies",
     ]
     assert "last good load: 2m05s ago" in out
     assert "errors: none" in out
     assert lines.index("policy: /etc/controlplane/policy") > table  # errors end up next to the prompt
+
+
+async def test_cli_table_shows_the_filter_configs_each_proxy_holds(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ECDS column sits in push order, between listeners and routes; "-" for a proxy holding none."""
+    healthy(admin.registry)
+    (prod1,) = (r for r in admin.registry.records() if r.node_id == "gw-prod-1")
+    admin.registry.acked(prod1, EXTENSION_CONFIG, "e" * 64)
+    assert await run_cli(admin.url) == 0
+    lines = [squash(line) for line in capsys.readouterr().out.splitlines()]
+    table = lines.index("NODE GROUP PROTO PEER CONNECTED SINCE SDS CDS EDS LDS ECDS RDS LAST NACK")
+    assert lines[table + 1 : table + 3] == [
+        "gw-prod-1 ci-prod sotw 10.0.0.1:4242 3m12s - aaaaaaaa aaaaaaaa aaaaaaaa eeeeeeee aaaaaaaa -",
+        "gw-prod-2 ci-prod sotw 10.0.0.2:4242 1h01m - cccccccc - cccccccc - - -",
+    ]
 
 
 async def test_cli_nack_exits_2_and_shows_squashed_error(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import EXTENSION_CONFIG, LISTENER, Snapshot
+from controlplane.telemetry import metrics
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.ecds_envoy import (
@@ -93,3 +94,92 @@ def _acked_ecds(registry: ProxyRegistry) -> str | None:
     (proxy,) = registry.status()
     acked: str | None = proxy["acked"].get("ecds")
     return acked
+
+
+def buckets(port: int, a: list[str], b: list[str], unused: list[str] | None = None) -> Snapshot:
+    """One listener with two RBAC filters by ECDS, "bucket-a" then "bucket-b", each denying its own jobs; with
+    `unused`, a third configuration that no filter names (so Envoy never asks for it)."""
+    configs = {"bucket-a": rbac("DENY", a, stat_prefix="a_"), "bucket-b": rbac("DENY", b, stat_prefix="b_")}
+    filters = [ecds_filter(name, RBAC_URL) for name in configs]
+    if unused is not None:
+        configs["unused"] = rbac("DENY", unused)
+    return Snapshot.build(
+        GROUP,
+        {
+            LISTENER: [("ecds-listener", listener(port, filters))],
+            EXTENSION_CONFIG: [(name, typed(name, config)) for name, config in configs.items()],
+        },
+    )
+
+
+def pushed_ecds() -> tuple[float, float, float]:
+    """ECDS responses, resources and bytes the server has written so far (this process's metrics)."""
+    return tuple(  # type: ignore[return-value]
+        metrics.REGISTRY.get_sample_value(f"controlplane_xds_{name}_total", {"type": "ecds"}) or 0.0
+        for name in ("pushes", "pushed_resources", "pushed_bytes")
+    )
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+async def test_a_change_to_one_of_two_filter_configs_sends_only_that_one(api: str) -> None:
+    """SotW too sends only the changed filter configuration once the last one is ACKed (docs/envoy-ecds.md §7):
+    Envoy keeps the one left out in force (its `config_reload` does not move) and enforces both, no NACK."""
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
+    port = free_port()
+    first = buckets(port, ["1001"], ["2001"])
+    cache.set(first)
+    envoy = ads_envoy(await server.start(LOOPBACK, 0), api, group=GROUP)
+    try:
+        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
+            await asyncio.wrap_future(spawner.submit(envoy.start))
+        await asyncio.to_thread(envoy.wait_ready, 10)
+        await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="3001") == 200, 5, "listener up")
+        await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == first.version(EXTENSION_CONFIG), 5)
+        client = await asyncio.to_thread(Client, port)
+
+        def statuses(*jobs: str) -> list[int]:
+            return [client.status(x_job=job) for job in jobs]
+
+        assert await asyncio.to_thread(statuses, "1001", "2001", "2002", "3001") == [403, 403, 200, 200]
+        full = len(first.types[EXTENSION_CONFIG].all_entries)  # both configurations' bytes
+        for changed, (a, b), denied, enforced in (
+            ("bucket-b", (["1001"], ["2001", "2002"]), "2002", [403, 200, 403, 403, 200]),
+            ("bucket-a", (["1001", "1002"], ["2001", "2002"]), "1002", [403, 403, 403, 403, 200]),
+        ):
+            unchanged = "bucket-a" if changed == "bucket-b" else "bucket-b"
+            reloads = {n: await asyncio.to_thread(ecds_stat, envoy, n, "config_reload") for n in (changed, unchanged)}
+            before = pushed_ecds()
+            snapshot = buckets(port, a, b)
+            assert snapshot.version(LISTENER) == first.version(LISTENER)
+            version = snapshot.version(EXTENSION_CONFIG)
+            cache.set(snapshot)
+            await asyncio.to_thread(envoy.wait_for, lambda job=denied: client.status(x_job=job) == 403, 5, changed)
+            await asyncio.to_thread(envoy.wait_for, lambda v=version: _acked_ecds(registry) == v, 5, "ACKed")
+            responses, resources, sent = (now - was for now, was in zip(pushed_ecds(), before, strict=True))
+            assert (responses, resources) == (1, 1), (changed, responses, resources)
+            assert sent < full, (sent, full)  # one configuration's bytes, not both
+            assert await asyncio.to_thread(ecds_stat, envoy, unchanged, "config_reload") == reloads[unchanged]
+            assert await asyncio.to_thread(ecds_stat, envoy, changed, "config_reload") == reloads[changed] + 1
+            assert await asyncio.to_thread(statuses, "1001", "1002", "2001", "2002", "3001") == enforced  # both apply
+        # A change to a configuration no filter names: over SotW an empty response at the new version, ACKed,
+        # and nothing moves in Envoy; over Delta nothing at all (it subscribes by name).
+        reloads = {n: await asyncio.to_thread(ecds_stat, envoy, n, "config_reload") for n in ("bucket-a", "bucket-b")}
+        before = pushed_ecds()
+        elsewhere = buckets(port, ["1001", "1002"], ["2001", "2002"], unused=["9"])
+        cache.set(elsewhere)
+        if api == "sotw":
+            version = elsewhere.version(EXTENSION_CONFIG)
+            await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "empty ACKed")
+            responses, resources, _ = (now - was for now, was in zip(pushed_ecds(), before, strict=True))
+            assert (responses, resources) == (1, 0)
+        for name, count in reloads.items():
+            assert await asyncio.to_thread(ecds_stat, envoy, name, "config_reload") == count
+        assert await asyncio.to_thread(statuses, "1001", "1002", "2001", "2002", "3001") == [403, 403, 403, 403, 200]
+        assert await asyncio.to_thread(listener_stats, envoy) == dict.fromkeys(LISTENER_STATS, 0)
+        (proxy,) = registry.status()
+        assert proxy["protocol"] == api and proxy["last_nack"] is None
+        client.close()
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await server.stop(1.0)

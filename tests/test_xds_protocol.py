@@ -356,6 +356,185 @@ def test_a_snapshot_without_filter_configs_keeps_its_summary_version() -> None:
     assert _with_filters(s, deny="1").summary_version != s.summary_version
 
 
+# ------------------------------------------------ filter configurations: only what changed, after an ACK
+
+
+BUCKETS = ("a", "b", "c")
+
+
+def _buckets(**changed: str) -> Snapshot:
+    """Three deny-list buckets ("a", "b", "c", each denying job "1" unless `changed` says otherwise)."""
+    return _with_filters(snap(), **({n: "1" for n in BUCKETS} | changed))
+
+
+def _bucket_stream(snapshot: Snapshot, shared: FanOutCache | None = None) -> tuple[AdsStream, Response]:
+    """A started stream subscribed to (and ACKing) the three buckets, as a listener naming them makes Envoy do."""
+    stream = AdsStream(shared or FanOutCache())
+    stream.set_snapshot(snapshot, 0.0)
+    for type_url, names in ((CLUSTER, ()), (ENDPOINT, ("backend",)), (LISTENER, ()), (ROUTE, ("local_route",))):
+        ack(stream, one(stream.receive(req(type_url, names, node=type_url == CLUSTER), 0.0)), names)
+    ecds = one(stream.receive(req(EXTENSION_CONFIG, BUCKETS), 0.0))
+    ack(stream, ecds, BUCKETS)
+    return stream, ecds
+
+
+def _denied(response: Response) -> dict[str, str]:
+    """Filter name → the job its deny list holds, as Envoy would read the response."""
+    found = {}
+    for packed in discovery_pb2.DiscoveryResponse.FromString(response.data).resources:
+        config = extension_pb2.TypedExtensionConfig.FromString(packed.value)
+        deny_list = rbac_pb2.RBAC()
+        assert config.typed_config.Unpack(deny_list)
+        found[config.name] = deny_list.rules_stat_prefix
+    return found
+
+
+def test_after_an_ack_a_filter_config_response_carries_only_what_changed() -> None:
+    stream, first = _bucket_stream(_buckets())
+    assert _denied(first) == {"a": "1", "b": "1", "c": "1"}  # the first answer: everything subscribed
+    changed = _buckets(b="2")
+    push = one(stream.set_snapshot(changed, 1.0))
+    assert (push.type_url, push.resource_names, _denied(push)) == (EXTENSION_CONFIG, ("b",), {"b": "2"})
+    # The version is still the content hash of the whole type: the same as a full response's.
+    assert push.version == changed.version(EXTENSION_CONFIG) == decode(push)[0].version_info
+    assert of_type(ack(stream, push, BUCKETS), Ack) == [Ack(EXTENSION_CONFIG, push.version, push.nonce, 0.0)]
+    both = one(stream.set_snapshot(_buckets(a="3", b="2", c="3"), 2.0))
+    assert _denied(both) == {"a": "3", "c": "3"}
+    assert stream.set_snapshot(_buckets(a="3", b="2", c="3"), 3.0).responses == ()  # same bytes: nothing
+
+
+def test_unchanged_filter_configs_are_never_resent() -> None:
+    stream, _ = _bucket_stream(_buckets())
+    for round_ in range(2, 7):
+        push = one(stream.set_snapshot(_buckets(b=str(round_)), float(round_)))
+        assert _denied(push) == {"b": str(round_)}
+        assert ack(stream, push, BUCKETS).responses == ()
+    assert stream.type_state(EXTENSION_CONFIG).sent_names == BUCKETS  # type: ignore[union-attr]
+
+
+def test_a_whole_change_is_the_whole_body_shared_with_full_responses() -> None:
+    stream, _ = _bucket_stream(_buckets())
+    everything = _buckets(a="2", b="2", c="2")
+    push = one(stream.set_snapshot(everything, 1.0))
+    assert push.resource_names == BUCKETS
+    assert push.unsent.startswith(everything.types[EXTENSION_CONFIG].entries_for(frozenset(BUCKETS))[0])
+
+
+def test_a_reconnect_with_an_older_or_unknown_version_gets_every_filter_config() -> None:
+    old, current = _buckets(), _buckets(b="2")
+    for held in (old.version(EXTENSION_CONFIG), "", "unknown"):
+        stream = AdsStream(FanOutCache())
+        stream.set_snapshot(current, 0.0)
+        stream.receive(req(LISTENER, version=current.version(LISTENER), node=True), 0.0)
+        response = one(stream.receive(req(EXTENSION_CONFIG, BUCKETS, version=held), 0.0))
+        assert _denied(response) == {"a": "1", "b": "2", "c": "1"}, held
+
+
+def test_a_reconnect_holding_the_current_filter_configs_gets_nothing_then_everything_once() -> None:
+    """The version a reconnecting Envoy reports says nothing of a name it asked for after accepting it and was never
+    answered: after a resume what it holds is not known, so the next push is whole, and subsets start after its ACK."""
+    current = _buckets()
+    stream = AdsStream(FanOutCache())
+    stream.set_snapshot(current, 0.0)
+    stream.receive(req(LISTENER, version=current.version(LISTENER), node=True), 0.0)
+    out = stream.receive(req(EXTENSION_CONFIG, BUCKETS, version=current.version(EXTENSION_CONFIG)), 0.0)
+    assert out.responses == () and of_type(out, Resumed) == [
+        Resumed(EXTENSION_CONFIG, current.version(EXTENSION_CONFIG))
+    ]
+    whole = one(stream.set_snapshot(_buckets(c="2"), 1.0))
+    assert _denied(whole) == {"a": "1", "b": "1", "c": "2"}
+    ack(stream, whole, BUCKETS)
+    assert _denied(one(stream.set_snapshot(_buckets(b="2", c="2"), 2.0))) == {"b": "2"}
+
+
+def test_after_a_nack_every_filter_config_is_sent() -> None:
+    stream, good = _bucket_stream(_buckets())
+    bad = one(stream.set_snapshot(_buckets(b="bad"), 1.0))
+    assert _denied(bad) == {"b": "bad"}
+    out = stream.receive(req(EXTENSION_CONFIG, BUCKETS, version=good.version, nonce=bad.nonce, error="RE2"), 2.0)
+    assert out.responses == () and len(of_type(out, Nack)) == 1
+    fixed = one(stream.set_snapshot(_buckets(b="fixed"), 3.0))
+    assert _denied(fixed) == {"a": "1", "b": "fixed", "c": "1"}  # what it holds after a NACK is not known for sure
+    ack(stream, fixed, BUCKETS)
+    assert _denied(one(stream.set_snapshot(_buckets(b="fixed", c="2"), 4.0))) == {"c": "2"}  # ACKed: subsets again
+
+
+def test_an_ack_naming_another_version_than_the_one_sent_makes_the_next_response_whole() -> None:
+    """Envoy's ACK carries the version it accepted, which is the one sent; anything else is not trusted."""
+    stream, first = _bucket_stream(_buckets())
+    push = one(stream.set_snapshot(_buckets(b="2"), 1.0))
+    stream.receive(req(EXTENSION_CONFIG, BUCKETS, version=first.version, nonce=push.nonce), 2.0)
+    assert _denied(one(stream.set_snapshot(_buckets(b="2", c="2"), 3.0))) == {"a": "1", "b": "2", "c": "2"}
+
+
+def test_a_push_while_the_last_one_is_unanswered_sends_every_filter_config() -> None:
+    stream, _ = _bucket_stream(_buckets())
+    assert _denied(one(stream.set_snapshot(_buckets(b="2"), 1.0))) == {"b": "2"}
+    assert _denied(one(stream.set_snapshot(_buckets(b="2", c="2"), 2.0))) == {"a": "1", "b": "2", "c": "2"}
+
+
+def test_a_newly_subscribed_filter_config_is_sent_without_the_held_ones() -> None:
+    s = _buckets()
+    stream, _ = _bucket_stream(s)
+    grown = (*BUCKETS, "d")
+    both = _with_filters(snap(), a="1", b="1", c="1", d="9")
+    one_more = one(stream.set_snapshot(both, 1.0))
+    assert one_more.resource_names == ()  # "d" is in the snapshot, but nobody asked for it yet: an empty response
+    answered = one(ack(stream, one_more, grown))  # the listener naming "d" arrived: Envoy asks for it
+    assert (answered.version, _denied(answered)) == (one_more.version, {"d": "9"})
+    ack(stream, answered, grown)
+    # A new name and a change in the same push: both, and only them.
+    stream2, _ = _bucket_stream(s)
+    push = one(stream2.receive(req(EXTENSION_CONFIG, grown, version=s.version(EXTENSION_CONFIG)), 1.0))
+    assert _denied(push) == {}  # "d" is not in the stream's snapshot yet
+    ack(stream2, push, grown)
+    assert _denied(one(stream2.set_snapshot(_with_filters(snap(), a="2", b="1", c="1", d="9"), 2.0))) == {
+        "a": "2",
+        "d": "9",
+    }
+
+
+def test_a_change_nobody_subscribed_to_is_an_empty_response_envoy_acks() -> None:
+    """Envoy ACKs an empty SotW ECDS response and changes nothing (docs/envoy-ecds.md §2): the client is then at
+    the new version, which its status shows, and the next change is again only what changed."""
+    stream, _ = _bucket_stream(_buckets())
+    elsewhere = _with_filters(snap(), a="1", b="1", c="1", other="x")
+    empty = one(stream.set_snapshot(elsewhere, 1.0))
+    assert (empty.resource_names, decode(empty)[1], empty.version) == ((), [], elsewhere.version(EXTENSION_CONFIG))
+    ack(stream, empty, BUCKETS)
+    removed = one(stream.set_snapshot(_with_filters(snap(), a="1", c="1", other="x"), 2.0))  # "b" removed
+    assert removed.resource_names == ()  # Envoy keeps a configuration left out over SotW; the listener retires it
+    ack(stream, removed, BUCKETS)
+    assert _denied(one(stream.set_snapshot(_with_filters(snap(), a="1", b="1", c="1", other="x"), 3.0))) == {"b": "1"}
+
+
+def test_routes_and_the_other_types_are_still_sent_whole() -> None:
+    stream = AdsStream(FanOutCache())
+    stream.set_snapshot(snap(routes=("r1", "r2")), 0.0)
+    ack(stream, one(stream.receive(req(ROUTE, ["r1", "r2"], node=True), 0.0)), ["r1", "r2"])
+    out = stream.set_snapshot(snap(routes={"r1": "v1", "r2": "v2"}), 1.0)
+    assert decode(one(out))[1] == ["r1", "r2"]
+
+
+def test_streams_at_the_same_acked_version_share_one_subset() -> None:
+    shared, first = FanOutCache(), _buckets()
+    streams = [_bucket_stream(first, shared)[0] for _ in range(3)]
+    computed = shared.subsets.computed
+    changed = _buckets(b="2")
+    pushes = [one(s.set_snapshot(changed, 1.0)) for s in streams]
+    assert shared.subsets.computed == computed + 1  # one diff for the fan-out
+    assert all(p.unsent is pushes[0].unsent for p in pushes)  # one framed body
+    assert all(p.wire(shared) is pushes[0].wire(shared) for p in pushes)  # same history, same nonce: one copy
+    assert all(_denied(p) == {"b": "2"} for p in pushes)
+    # A stream whose last response is unanswered gets everything, the others the subset, from the same snapshot.
+    for s, p in zip(streams[:2], pushes[:2], strict=True):
+        ack(s, p, BUCKETS)
+    later = _buckets(b="2", c="2")
+    subset, subset2, whole = (one(s.set_snapshot(later, 2.0)) for s in streams)
+    assert subset.unsent is subset2.unsent and _denied(subset) == {"c": "2"}
+    assert _denied(whole) == {"a": "1", "b": "2", "c": "2"}
+
+
 # ------------------------------------------------------------------------ rule 1: node and per-type state
 
 

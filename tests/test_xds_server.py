@@ -116,6 +116,8 @@ async def test_start_binds_an_ephemeral_port_and_serves_envoys_startup(plane: Pl
     group = "startup"
     plane.cache.set(snap(group))
     pushes = {t: sample("controlplane_xds_pushes_total", type=t) for t in ("cds", "eds", "lds", "rds")}
+    pushed_bytes = sample("controlplane_xds_pushed_bytes_total", type="lds")
+    pushed_resources = sample("controlplane_xds_pushed_resources_total", type="lds")
     acks = sample("controlplane_xds_push_ack_latency_seconds_count", type="rds")
     assert plane.port > 0
 
@@ -141,6 +143,9 @@ async def test_start_binds_an_ephemeral_port_and_serves_envoys_startup(plane: Pl
     assert plane.registry.summary() == {"by_group": {group: 1}}
     assert sample("controlplane_xds_connected_proxies", group=group) == 1
     assert all(sample("controlplane_xds_pushes_total", type=t) == pushes[t] + 1 for t in pushes)
+    lds_bytes = len(got[LISTENER].SerializeToString())  # the response as received: the bytes the metric counts
+    assert sample("controlplane_xds_pushed_bytes_total", type="lds") == pushed_bytes + lds_bytes
+    assert sample("controlplane_xds_pushed_resources_total", type="lds") == pushed_resources + 1
     await eventually(lambda: sample("controlplane_xds_push_ack_latency_seconds_count", type="rds") == acks + 1, "hist")
     envoy.call.cancel()
 

@@ -28,7 +28,9 @@ EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 EXIT_UNHEALTHY = 2
 
-ACKED_TYPES = ("sds", "cds", "eds", "lds", "rds")  # in push order; "-" where a proxy has none
+# In push order; "-" where a proxy has none. ECDS: the filter configurations (deny lists, jwt_authn) a
+# gateway's listener names, each a resource of its own since issue 13.
+ACKED_TYPES = ("sds", "cds", "eds", "lds", "ecds", "rds")
 PROTOCOLS = ("sotw", "delta")  # what --protocol accepts (the server checks the same list)
 VERSION_WIDTH = 8
 NACK_ERROR_WIDTH = 60

@@ -61,6 +61,18 @@ XDS_PUSHES = Counter(
     ["type"],
     registry=REGISTRY,
 )
+XDS_PUSHED_BYTES = Counter(
+    "controlplane_xds_pushed_bytes_total",
+    "Bytes of the (Delta)DiscoveryResponses sent, by resource type: what pushes cost the proxies' links.",
+    ["type"],
+    registry=REGISTRY,
+)
+XDS_PUSHED_RESOURCES = Counter(
+    "controlplane_xds_pushed_resources_total",
+    "Resources carried by the (Delta)DiscoveryResponses sent, by resource type.",
+    ["type"],
+    registry=REGISTRY,
+)
 XDS_NACKS = Counter(
     "controlplane_xds_nacks_total",
     "DiscoveryRequests that rejected a pushed version (NACK), by resource type.",

@@ -187,6 +187,8 @@ class FanOutCache:
         self.kept_names = IdentityMemo()
         self.unions = PerSnapshot()
         self.removals = PerSnapshot()
+        # SotW filter configurations: what changed for the streams holding the same names (`protocol.changes`).
+        self.subsets = PerSnapshot()
         self.frames = Frames(bytes_limit=64 << 20)
         # Both: whole responses as written, nonce included (`protocol.Response.wire`), for streams whose nonces
         # coincide; the responses of the push being written, at most.

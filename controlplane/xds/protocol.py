@@ -27,6 +27,17 @@ configuration comes (docs/envoy-ecds.md §2), so an answer can never be early; a
 so they do not wait for clusters to warm either. A resource the snapshot drops is simply no longer in the
 type's next response, which Envoy ignores over SotW (the last configuration stays in force, docs/envoy-ecds.md
 §2): retiring one is the listener's business, as it is over Delta.
+
+That same behaviour lets a filter configuration response carry only what changed (docs/envoy-ecds.md §7): to a
+client that ACKed the last response of the type on this stream, an ECDS response holds only the configurations
+whose bytes differ from what that client holds, and names it newly subscribed to (an empty response when none
+did: Envoy ACKs it and changes nothing). Everything subscribed is sent on a new stream (also the first push
+after a resume), after a NACK, and while the last response is unanswered: what the client holds is then not
+known for sure. The version is still the content hash of the whole type, so a reconnect at the current version
+still gets nothing.
+Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
+subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
+one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream.
 """
 
 from __future__ import annotations
@@ -299,23 +310,27 @@ class TypeState:
     sent_version: str | None = None
     sent_nonce: str = ""
     sent_subscription: Names = None  # the subscription the last response answered
-    sent_names: tuple[str, ...] = ()  # resources in the last response (what the client now holds)
+    sent_names: tuple[str, ...] = ()  # what the client holds once it accepts the last response (every name
+    # subscribed and present, also after a filter-configuration subset that carried only some of them)
     # where the bytes of sent_names came from (a snapshot's mapping, shared, or a make-before-break union)
     sent_source: Mapping[str, EncodedResource] = field(default_factory=lambda: _NO_RESOURCES)
     sent_at: float = 0.0
     awaiting: bool = False  # the last response has been neither ACKed nor NACKed yet
+    holds_sent: bool = False  # the client ACKed the last response on this stream: it holds sent_names' bytes
     acked_version: str | None = None
     nacked: set[str] = field(default_factory=set)
     withheld: str | None = None  # last version reported as Withheld, to report it once
 
 
 class _Target(NamedTuple):
-    """The response a type should have: version, body and names, and where the bytes live."""
+    """The response a type should have: version, body and the names it carries (`sent`), and what the client
+    holds once it accepts it: `names`, whose bytes are in `source` (for a whole response `sent` is `names`)."""
 
     version: str
     body: bytes
     names: tuple[str, ...]
     source: Mapping[str, EncodedResource]
+    sent: tuple[str, ...]
 
 
 def subscription(type_url: str, resource_names: Iterable[str], subscriptions: Interned) -> Names:
@@ -391,7 +406,45 @@ def _union(
     merged.update((n, held_source[n]) for n in removed)
     ordered = tuple(sorted(merged))
     keep_body = b"".join(merged[n].response_entry for n in ordered)
-    return _Target(current.version + KEEP_SUFFIX, keep_body, ordered, MappingProxyType(merged))
+    return _Target(current.version + KEEP_SUFFIX, keep_body, ordered, MappingProxyType(merged), ordered)
+
+
+def _shared_changes(
+    shared: FanOutCache,
+    current: TypeSnapshot,
+    names: Names,
+    held: tuple[str, ...],
+    held_source: Mapping[str, EncodedResource],
+) -> _Target:
+    """`changes` once for all the streams that hold the same names from the same snapshot (a group's proxies
+    after the same ACK): they share one body, so the framed response is shared too (`FanOutCache.frames`)."""
+
+    def build() -> tuple[object, object, _Target]:
+        return held, held_source, changes(current, names, held, held_source)
+
+    found = shared.subsets.get(current, None, (id(held), id(held_source), names), build)
+    if found[0] is held and found[1] is held_source:
+        return found[2]
+    return build()[2]  # an id() reused by other objects: rare, and then simply not shared
+
+
+def changes(
+    current: TypeSnapshot, names: Names, held: tuple[str, ...], held_source: Mapping[str, EncodedResource]
+) -> _Target:
+    """The response to a client holding `held` (bytes in `held_source`): only the subscribed resources of
+    `current` it does not hold with the same bytes; it holds all of them once it accepts it."""
+    body, present = current.entries_for(names)
+    known = frozenset(held)
+    fresh = tuple(n for n in present if n not in known or not same(held_source.get(n), current.resources[n]))
+    if len(fresh) == len(present):
+        return _Target(current.version, body, present, current.resources, present)  # the whole body, shared
+    subset = b"".join(current.resources[n].response_entry for n in fresh)
+    return _Target(current.version, subset, present, current.resources, fresh)
+
+
+def same(held: EncodedResource | None, resource: EncodedResource) -> bool:
+    """True when `held` has the bytes of `resource` (versions are hashes of the framed entry, as Delta uses)."""
+    return held is resource or (held is not None and held.version == resource.version)
 
 
 def _shared_dropped(shared: FanOutCache, held: tuple[str, ...], names: Names, current: TypeSnapshot) -> tuple[str, ...]:
@@ -539,6 +592,7 @@ class AdsStream(StreamIdentity):
             detail = request.error_detail
             return Nack(type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency)
         state.acked_version = request.version_info
+        state.holds_sent = request.version_info == sent
         return Ack(type_url, request.version_info, state.sent_nonce, latency)
 
     # -- deciding what to send
@@ -586,6 +640,9 @@ class AdsStream(StreamIdentity):
         state.sent_subscription = state.names
         state.sent_names = names
         state.sent_source = current.resources
+        # Which names it holds is not known: the version says nothing of a name asked for after accepting it and
+        # never answered. The next filter-configuration push is whole (then subsets again).
+        state.holds_sent = False
         events.append(Resumed(type_url, current.version))
 
     def _respond(
@@ -604,13 +661,16 @@ class AdsStream(StreamIdentity):
         return self._send(type_url, state, target, now)
 
     def _target(self, type_url: str, state: TypeState, current: TypeSnapshot) -> _Target:
-        """What the client should get now: the snapshot, or for CDS the make-before-break union (rule 6)."""
+        """What the client should get now: the snapshot, for CDS the make-before-break union (rule 6), and for
+        filter configurations only what changed when the client is known to hold the last response."""
+        if type_url == EXTENSION_CONFIG and state.holds_sent:
+            return _shared_changes(self._shared, current, state.names, state.sent_names, state.sent_source)
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:
-            return _Target(current.version, body, names, current.resources)
+            return _Target(current.version, body, names, current.resources, names)
         removed = _shared_dropped(self._shared, state.sent_names, state.names, current)
         if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
-            return _Target(current.version, body, names, current.resources)
+            return _Target(current.version, body, names, current.resources, names)
         return _shared_union(self._shared, current, state.names, state.sent_names, state.sent_source, removed)
 
     def _unsettled(self, type_url: str) -> bool:
@@ -639,5 +699,6 @@ class AdsStream(StreamIdentity):
         state.sent_source = target.source
         state.sent_at = now
         state.awaiting = True
+        state.holds_sent = False  # until the ACK: a NACKed response may have been applied in part, or not at all
         state.withheld = None
-        return Response(type_url, target.version, nonce, unsent, target.names)
+        return Response(type_url, target.version, nonce, unsent, target.sent)

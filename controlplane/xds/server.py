@@ -118,14 +118,23 @@ class _TypeMetrics:
     """
 
     def __init__(self) -> None:
-        self._pushes: dict[str, Any] = {}
+        self._pushes: dict[str, tuple[Any, Any, Any]] = {}
         self._ack_latency: dict[str, Any] = {}
 
-    def pushes(self, type_url: str) -> Any:
-        child = self._pushes.get(type_url)
-        if child is None:
-            child = self._pushes[type_url] = metrics.XDS_PUSHES.labels(type_label(type_url))
-        return child
+    def pushed(self, response: Response) -> None:
+        """Count one response written: the response, its bytes and its resources, by type."""
+        children = self._pushes.get(response.type_url)
+        if children is None:
+            label = type_label(response.type_url)
+            children = self._pushes[response.type_url] = (
+                metrics.XDS_PUSHES.labels(label),
+                metrics.XDS_PUSHED_BYTES.labels(label),
+                metrics.XDS_PUSHED_RESOURCES.labels(label),
+            )
+        pushes, sent_bytes, resources = children
+        pushes.inc()
+        sent_bytes.inc(response.size)
+        resources.inc(response.resource_count)
 
     def ack_latency(self, type_url: str) -> Any:
         child = self._ack_latency.get(type_url)
@@ -409,7 +418,7 @@ class XdsServer:
         debug = self.log.isEnabledFor(logging.DEBUG)
         while (response := await session.queue.get()) is not None:
             await context.write(response)
-            self._metrics.pushes(response.type_url).inc()
+            self._metrics.pushed(response)
             if debug:
                 self.log.debug(
                     "pushed %s version %s nonce %s (%d resources, %d bytes) to %s",
