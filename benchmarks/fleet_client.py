@@ -49,6 +49,9 @@ LABELS = {CDS: "cds", EDS: "eds", LDS: "lds", ECDS: "ecds", RDS: "rds"}
 URLS = {v: k for k, v in LABELS.items()}
 ORDER = ("cds", "eds", "lds", "ecds", "rds")  # the server's push order (controlplane/snapshots/snapshot.py)
 NAMED_BY_LISTENERS = ("ecds", "rds")  # types whose names a listener's HCMs give, subscribed after LDS
+# Envoy subscribes to each filter configuration on its own as it builds the filter: one ECDS request per new name
+# (SotW: the names so far; Delta: that name), ECDS before RDS, all before the LDS ACK (docs/envoy-ecds.md §7).
+ONE_REQUEST_PER_NAME = ("ecds",)
 MAKE_BEFORE_BREAK = ("cds", "eds")  # types a Delta client holds a transitional union of during a swap
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -283,9 +286,18 @@ class SotwDriver(StreamDriver):
     def _subscribe(self, label: str, names: tuple[str, ...]) -> list[Any]:
         if not names or (label in self.state.subscribed and names == self.names[label]):
             return []
-        self.names[label] = self.state.sotw_names[label] = names
+        steps = [names]
+        if label in ONE_REQUEST_PER_NAME:  # a request per new name, each naming the ones kept and added so far
+            kept = [n for n in self.names[label] if n in names]
+            added = [n for n in names if n not in kept]
+            steps = [tuple(sorted([*kept, *added[: i + 1]])) for i in range(len(added))] or [names]
         self.state.subscribed.add(label)
-        return [self._request(label)]
+        out = []
+        for step in steps:
+            self.names[label] = step
+            out.append(self._request(label))
+        self.state.sotw_names[label] = names
+        return out
 
     def on_response(self, response: Any, now: float) -> list[Any]:
         label = LABELS.get(response.type_url)
@@ -430,7 +442,8 @@ class DeltaDriver(StreamDriver):
         if added or target not in self.state.subscribed:
             self.state.subscribed.add(target)
             self.state.held.setdefault(target, {})
-            before.append(self._request(target, resource_names_subscribe=sorted(added)))
+            batches = [[n] for n in sorted(added)] if target in ONE_REQUEST_PER_NAME and added else [sorted(added)]
+            before += [self._request(target, resource_names_subscribe=batch) for batch in batches]
         after = []
         if gone:
             after.append(self._request(target, resource_names_unsubscribe=sorted(gone)))
