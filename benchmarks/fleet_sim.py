@@ -10,6 +10,9 @@ each scenario.
 "The client holds the new config" means, per type, the same thing in both modes: SotW's acked version_info,
 and for Delta a digest of the held {name: version} set (equal to the server's type version when the client
 holds the whole type; the `delta consistency` figure checks it against the server's system_version_info).
+Types are labelled cds, eds, lds, ecds (HTTP filter configurations a listener names, subscribed as Envoy does:
+docs/envoy-ecds.md §7) and rds. Every scenario reports `received_kb_per_stream`: per type, the response bytes
+each stream received during it (p50/max over the streams), what the change cost each Envoy on the wire.
 
 Scenarios:
   connect    the storm: every stream connects and completes Envoy's startup; server RSS per stream
