@@ -43,9 +43,16 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-LABELS = {CDS: "cds", EDS: "eds", LDS: "lds", RDS: "rds"}
+# ECDS: an HTTP filter's configuration, named by the filter (HttpFilter.config_discovery; docs/envoy-ecds.md).
+ECDS = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+LABELS = {CDS: "cds", EDS: "eds", LDS: "lds", ECDS: "ecds", RDS: "rds"}
 URLS = {v: k for k, v in LABELS.items()}
-ORDER = ("cds", "eds", "lds", "rds")
+ORDER = ("cds", "eds", "lds", "ecds", "rds")  # the server's push order (controlplane/snapshots/snapshot.py)
+NAMED_BY_LISTENERS = ("ecds", "rds")  # types whose names a listener's HCMs give, subscribed after LDS
+# Envoy subscribes to each filter configuration on its own as it builds the filter: one ECDS request per new name
+# (SotW: the names so far; Delta: that name), ECDS before RDS, all before the LDS ACK (docs/envoy-ecds.md §8).
+ONE_REQUEST_PER_NAME = ("ecds",)
+MAKE_BEFORE_BREAK = ("cds", "eds")  # types a Delta client holds a transitional union of during a swap
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 HCM_URL = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -79,7 +86,8 @@ POLL = 0.02  # worker-side poll interval for convergence checks; ACK times are s
 # worker, otherwise the load generator's CPU (on the server's cores) grows with N x response size.
 _NAMES_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
 _CLUSTER_CACHE: dict[tuple[str, str], str | None] = {}  # (name, version) -> EDS service name, None if not EDS
-_LISTENER_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}  # (name, version) -> RDS names of its HCMs
+# (name, version) -> {"rds": route config names, "ecds": filter config names} of its HCMs
+_LISTENER_CACHE: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -111,32 +119,45 @@ def cluster_eds_name(any_value: bytes) -> str | None:
     return name
 
 
-def listener_route_names(any_value: bytes) -> tuple[str, ...]:
-    names = set()
+def listener_names(any_value: bytes) -> dict[str, tuple[str, ...]]:
+    """What a listener makes Envoy subscribe to: its HCMs' route configurations (RDS) and the HTTP filters whose
+    configuration comes by discovery (ECDS: the filter's name is the resource's name).
+
+    Every ``config_discovery`` filter counts: the simulator speaks only ADS, where a real Envoy would also
+    subscribe to a filter's configuration from another config source.
+    """
+    routes: set[str] = set()
+    filters: set[str] = set()
     listener = listener_pb2.Listener.FromString(any_value)
-    for chain in listener.filter_chains:
+    chains = [
+        *listener.filter_chains,
+        *([listener.default_filter_chain] if listener.HasField("default_filter_chain") else []),
+    ]
+    for chain in chains:
         for filt in chain.filters:
             if filt.typed_config.type_url == HCM_URL:
                 hcm = http_connection_manager_pb2.HttpConnectionManager.FromString(filt.typed_config.value)
                 if hcm.HasField("rds"):
-                    names.add(hcm.rds.route_config_name)
-    return tuple(sorted(names))
+                    routes.add(hcm.rds.route_config_name)
+                filters.update(f.name for f in hcm.http_filters if f.HasField("config_discovery"))
+    return {"rds": tuple(sorted(routes)), "ecds": tuple(sorted(filters))}
 
 
 def eds_names(response: discovery_pb2.DiscoveryResponse) -> tuple[str, ...]:
     """Clusters Envoy would subscribe to over EDS: those of type EDS, by service name or cluster name."""
-    key = (response.type_url, response.version_info)
+    key = ("eds", response.version_info)
     if key not in _NAMES_CACHE:
         names = (cluster_eds_name(any_.value) for any_ in response.resources)
         _NAMES_CACHE[key] = tuple(sorted(n for n in names if n is not None))
     return _NAMES_CACHE[key]
 
 
-def route_names(response: discovery_pb2.DiscoveryResponse) -> tuple[str, ...]:
-    """Route configurations named by the listeners' HTTP connection managers (what Envoy asks RDS for)."""
-    key = (response.type_url, response.version_info)
+def listed_names(response: discovery_pb2.DiscoveryResponse, label: str) -> tuple[str, ...]:
+    """Names of type ``label`` (rds, ecds) the listeners of a SotW LDS response make Envoy subscribe to."""
+    key = (label, response.version_info)
     if key not in _NAMES_CACHE:
-        _NAMES_CACHE[key] = tuple(sorted({n for any_ in response.resources for n in listener_route_names(any_.value)}))
+        names = {n for any_ in response.resources for n in listener_names(any_.value)[label]}
+        _NAMES_CACHE[key] = tuple(sorted(names))
     return _NAMES_CACHE[key]
 
 
@@ -165,6 +186,9 @@ class StreamState:
     system_version: dict[str, str] = field(default_factory=dict)
     resources_received: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     nacked_resources: list[tuple[str, str, str]] = field(default_factory=list)
+    # Serialized DiscoveryResponse bytes received per type over the proxy's life (kept across reconnects): what a
+    # change costs each Envoy on the wire, gRPC and HTTP/2 framing aside.
+    bytes_received: Counter[str] = field(default_factory=Counter)
 
     def settled(self) -> bool:
         """Startup finished, every latest response was answered and every explicit subscription is held."""
@@ -183,11 +207,13 @@ class StreamState:
 
         SotW marks the step in version_info (``+keep``). Delta clients hold the union of old and new clusters
         (and endpoints) meanwhile, so their digest differs from the ``system_version_info`` the server sent.
+        Types subscribed by name from listeners (RDS, ECDS) have no such step, and a proxy may hold only some of
+        the type's resources, so their digest is not compared with the server's.
         """
         acked = self.acked.get(label)
         if acked is None or acked.endswith(transitional):
             return None
-        system = self.system_version.get(label)
+        system = self.system_version.get(label) if label in MAKE_BEFORE_BREAK else None
         return None if system is not None and system != acked else acked
 
     def stamp(self, label: str, version: str, now: float) -> None:
@@ -217,15 +243,19 @@ class StreamDriver:
 
 
 class SotwDriver(StreamDriver):
-    """Envoy's SotW startup: CDS wildcard, EDS for EDS clusters, then LDS wildcard, RDS for the HCMs' routes.
+    """Envoy's SotW startup: CDS wildcard, EDS for EDS clusters, then LDS wildcard, then ECDS for the HTTP
+    filters configured by discovery and RDS for the HCMs' routes.
 
     Envoy sends the EDS subscription before ACKing CDS (cluster warming), and asks for listeners only once
-    the clusters are warm; every later response is ACKed with the version and nonce it carried.
+    the clusters are warm; the ECDS and RDS subscriptions a listener implies go out before its LDS ACK (the
+    listener warms until they are answered); every later response is ACKed with the version and nonce it
+    carried. ECDS, like RDS, is a named type: a response may carry only some of the subscribed configurations
+    (docs/envoy-ecds.md §2: one absent from a later response stays in force), so only its version is tracked.
     """
 
     def __init__(self, state: StreamState, group: str) -> None:
         super().__init__(state, group)
-        self.names: dict[str, tuple[str, ...]] = {"cds": (), "lds": (), "eds": (), "rds": (), **state.sotw_names}
+        self.names: dict[str, tuple[str, ...]] = {label: () for label in ORDER} | state.sotw_names
         self.nonce: dict[str, str] = {}
         self.lds_requested = False
 
@@ -245,7 +275,7 @@ class SotwDriver(StreamDriver):
 
     def first_requests(self) -> list[Any]:
         """Startup asks for CDS; a reconnect re-subscribes every type at once with the versions it holds (§1.3)."""
-        held = [label for label in ("cds", "eds", "lds", "rds") if label in self.state.acked]
+        held = [label for label in ORDER if label in self.state.acked]
         if not held:
             self.state.subscribed.add("cds")
             return [self._request("cds", first=True)]
@@ -256,9 +286,18 @@ class SotwDriver(StreamDriver):
     def _subscribe(self, label: str, names: tuple[str, ...]) -> list[Any]:
         if not names or (label in self.state.subscribed and names == self.names[label]):
             return []
-        self.names[label] = self.state.sotw_names[label] = names
+        steps = [names]
+        if label in ONE_REQUEST_PER_NAME:  # a request per new name, each naming the ones kept and added so far
+            kept = [n for n in self.names[label] if n in names]
+            added = [n for n in names if n not in kept]
+            steps = [tuple(sorted([*kept, *added[: i + 1]])) for i in range(len(added))] or [names]
         self.state.subscribed.add(label)
-        return [self._request(label)]
+        out = []
+        for step in steps:
+            self.names[label] = step
+            out.append(self._request(label))
+        self.state.sotw_names[label] = names
+        return out
 
     def on_response(self, response: Any, now: float) -> list[Any]:
         label = LABELS.get(response.type_url)
@@ -276,7 +315,8 @@ class SotwDriver(StreamDriver):
         if label == "cds":
             out += self._subscribe("eds", eds_names(response))
         elif label == "lds":
-            out += self._subscribe("rds", route_names(response))
+            for named in NAMED_BY_LISTENERS:
+                out += self._subscribe(named, listed_names(response, named))
         state.stamp(label, version, now)
         out.append(self._request(label))
         if not self.lds_requested and (label == "eds" or (label == "cds" and "eds" not in state.subscribed)):
@@ -292,13 +332,15 @@ class SotwDriver(StreamDriver):
 
 
 class DeltaDriver(StreamDriver):
-    """Envoy 1.40's Delta ADS (reference §2): wildcard CDS/LDS, explicit EDS/RDS, per-resource versions.
+    """Envoy 1.40's Delta ADS (reference §2): wildcard CDS/LDS, explicit EDS/ECDS/RDS, per-resource versions.
 
     Startup is CDS with an EMPTY subscribe list (legacy wildcard) and the node; EDS subscriptions for the EDS
-    clusters go out, as separate empty-nonce requests, before the CDS ACK; LDS once the clusters are warm; RDS
-    for the HCMs' route names. Names that go away are unsubscribed after the ACK, and dropped from what is held
-    (as the server does). A reconnect re-sends all four types at once with ``initial_resource_versions`` =
-    everything held, so a server with content-hash versions has nothing to send.
+    clusters go out, as separate empty-nonce requests, before the CDS ACK; LDS once the clusters are warm; ECDS
+    for the HTTP filters configured by discovery and RDS for the HCMs' route names, before the LDS ACK. Names
+    that go away are unsubscribed after the ACK, and dropped from what is held (as the server does). A reconnect
+    re-sends every type it subscribed at once with ``initial_resource_versions`` = everything held, so a server
+    with content-hash versions has nothing to send; a named type holding nothing is not re-sent (an empty
+    subscribe list would be a wildcard).
     """
 
     method = DELTA_METHOD
@@ -307,7 +349,7 @@ class DeltaDriver(StreamDriver):
 
     def __init__(self, state: StreamState, group: str) -> None:
         super().__init__(state, group)
-        self.names: dict[str, frozenset[str]] = {"eds": frozenset(), "rds": frozenset()}
+        self.names: dict[str, frozenset[str]] = {"eds": frozenset(), "ecds": frozenset(), "rds": frozenset()}
         self.lds_requested = False
 
     def _request(self, label: str, **fields: Any) -> discovery_pb2.DeltaDiscoveryRequest:
@@ -325,6 +367,8 @@ class DeltaDriver(StreamDriver):
         self.resumed = self.lds_requested = True
         out = []
         for label in ORDER:
+            if label in self.names and not state.held.get(label):
+                continue
             held = state.held.setdefault(label, {})
             state.subscribed.add(label)
             if label in self.names:
@@ -372,13 +416,23 @@ class DeltaDriver(StreamDriver):
         return out
 
     def _follow(self, label: str, held: Mapping[str, str]) -> tuple[list[Any], list[Any]]:
-        """Subscription changes a CDS/LDS response implies for EDS/RDS: (before the ACK, after the ACK)."""
+        """Subscription changes a CDS/LDS response implies for EDS, or ECDS and RDS: (before the ACK, after)."""
         if label == "cds":
-            target, names = "eds", frozenset(n for k, v in held.items() if (n := _CLUSTER_CACHE.get((k, v))))
-        elif label == "lds":
-            target, names = "rds", frozenset(n for k, v in held.items() for n in _LISTENER_CACHE.get((k, v), ()))
-        else:
+            names = frozenset(n for k, v in held.items() if (n := _CLUSTER_CACHE.get((k, v))))
+            return self._retarget("eds", names)
+        if label != "lds":
             return [], []
+        before: list[Any] = []
+        after: list[Any] = []
+        for target in NAMED_BY_LISTENERS:
+            names = frozenset(n for k, v in held.items() for n in _LISTENER_CACHE.get((k, v), {}).get(target, ()))
+            subscribe, unsubscribe = self._retarget(target, names)
+            before += subscribe
+            after += unsubscribe
+        return before, after
+
+    def _retarget(self, target: str, names: frozenset[str]) -> tuple[list[Any], list[Any]]:
+        """Subscribe the names ``target`` newly needs (before the ACK), unsubscribe those gone (after it)."""
         added, gone = names - self.names[target], self.names[target] - names
         self.names[target] = names
         if not names and target not in self.state.subscribed:
@@ -388,7 +442,8 @@ class DeltaDriver(StreamDriver):
         if added or target not in self.state.subscribed:
             self.state.subscribed.add(target)
             self.state.held.setdefault(target, {})
-            before.append(self._request(target, resource_names_subscribe=sorted(added)))
+            batches = [[n] for n in sorted(added)] if target in ONE_REQUEST_PER_NAME and added else [sorted(added)]
+            before += [self._request(target, resource_names_subscribe=batch) for batch in batches]
         after = []
         if gone:
             after.append(self._request(target, resource_names_unsubscribe=sorted(gone)))
@@ -416,7 +471,7 @@ def _learn(label: str, response: discovery_pb2.DeltaDiscoveryResponse) -> None:
     elif label == "lds":
         for res in response.resources:
             if (res.name, res.version) not in _LISTENER_CACHE:
-                _LISTENER_CACHE[res.name, res.version] = listener_route_names(res.resource.value)
+                _LISTENER_CACHE[res.name, res.version] = listener_names(res.resource.value)
 
 
 DRIVERS: dict[str, Callable[[StreamState, str], StreamDriver]] = {"sotw": SotwDriver, "delta": DeltaDriver}
@@ -558,16 +613,23 @@ class SimStream:
             acked=dict(old.acked) if sotw else {},
             last_version=dict(old.acked) if sotw else {},
             sotw_names=dict(old.sotw_names) if sotw else {},
+            bytes_received=old.bytes_received,
         )
 
     async def _call(self, channel: grpc.aio.Channel) -> bool:
         """One ADS call; True when it failed during startup in a way worth retrying."""
         self.state = self._fresh_state()
         driver = DRIVERS[self.mode](self.state, self.group)
+        parse, received = driver.response_type.FromString, self.state.bytes_received
+
+        def deserialize(raw: bytes) -> Any:
+            """Parse a response and count its size under its type (the type URL is known only once parsed)."""
+            response = parse(raw)
+            received[LABELS.get(response.type_url, response.type_url)] += len(raw)
+            return response
+
         call = channel.stream_stream(
-            driver.method,
-            request_serializer=driver.request_type.SerializeToString,
-            response_deserializer=driver.response_type.FromString,
+            driver.method, request_serializer=driver.request_type.SerializeToString, response_deserializer=deserialize
         )()
         try:
             for request in driver.first_requests():
@@ -764,7 +826,12 @@ class Worker:
             "nacked": list(state.nacked),
             "resources_received": dict(state.resources_received),
             "nacked_resources": list(state.nacked_resources),
+            "bytes_received": dict(state.bytes_received),
         }
+
+    async def cmd_bytes_received(self) -> dict[int, dict[str, int]]:
+        """Per stream, response bytes received so far by type (the parent subtracts two readings)."""
+        return {i: dict(s.state.bytes_received) for i, s in self.streams.items()}
 
     async def cmd_consistency(self) -> dict[str, Any]:
         """Delta: per type, how many streams' held digest equals the server's last system_version_info."""

@@ -10,6 +10,9 @@ each scenario.
 "The client holds the new config" means, per type, the same thing in both modes: SotW's acked version_info,
 and for Delta a digest of the held {name: version} set (equal to the server's type version when the client
 holds the whole type; the `delta consistency` figure checks it against the server's system_version_info).
+Types are labelled cds, eds, lds, ecds (HTTP filter configurations a listener names, subscribed as Envoy does:
+docs/envoy-ecds.md §8) and rds. Every scenario reports `received_kb_per_stream`: per type, the response bytes
+each stream received during it (p50/max over the streams), what the change cost each Envoy on the wire.
 
 Scenarios:
   connect    the storm: every stream connects and completes Envoy's startup; server RSS per stream
@@ -52,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fleet_client import WorkerConfig, raise_nofile, worker_main  # noqa: E402
+from fleet_client import ORDER, WorkerConfig, raise_nofile, worker_main  # noqa: E402
 
 from tests.support.controlplane import ControlPlaneProcess  # noqa: E402
 from tests.support.ports import LOOPBACK, poll_until  # noqa: E402
@@ -261,6 +264,7 @@ class Sim:
     # -- measuring
 
     def measured(self, name: str, body: Callable[[Result], None]) -> Result:
+        bytes0 = self.bytes_received()  # read outside the CPU window: the pipe round-trips are not the scenario's
         result = Result(name, False, rss_before=rss_kb(self.server_pid))
         pushes0 = self.pushes()
         server0 = cpu_s(self.server_pid)
@@ -278,6 +282,9 @@ class Sim:
         result.client_cpu = sum(cpu_s(p) for p in self.fleet.pids()) - clients0
         result.rss_after = rss_kb(self.server_pid)
         pushes = self.settled_pushes()
+        received = received_per_stream(bytes0, self.bytes_received())
+        if received:
+            result.figures["received_kb_per_stream"] = received
         result.pushes = {t: n - pushes0.get(t, 0) for t, n in pushes.items() if n - pushes0.get(t, 0)}
         return result
 
@@ -298,6 +305,10 @@ class Sim:
                 return now
             last = now
         return last
+
+    def bytes_received(self) -> dict[int, dict[str, int]]:
+        """Per stream, response bytes received so far by type (fleet_client's ``bytes_received``)."""
+        return {int(i): b for reply in self.fleet.all("bytes_received", 30) for i, b in reply.items()}
 
     def baseline(self, index: int = 0) -> dict[str, str]:
         return dict(self.fleet.one(index, "versions"))
@@ -619,7 +630,7 @@ class Sim:
         """Delta: streams whose held digest equals the server's last system_version_info, per type."""
         replies = self.fleet.all("consistency", 30)
         parts = []
-        for label in ("cds", "eds", "lds", "rds"):
+        for label in ORDER:
             total = sum(x["total"].get(label, 0) for x in replies)
             if total:
                 parts.append(f"{label} {sum(x['equal'].get(label, 0) for x in replies)}/{total}")
@@ -646,6 +657,17 @@ class Sim:
         if self.args.mode == "delta":
             print(f"delta consistency (held digest == server system_version_info): {self.consistency()}")
         return results
+
+
+def received_per_stream(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]]) -> dict[str, str]:
+    """Per type, the KB of responses each stream received between two readings, as "p50/max" over the streams
+    (what one change costs each Envoy on the wire); types nobody received are left out."""
+    figures = {}
+    for label in [*ORDER, *sorted({k for b in after.values() for k in b} - set(ORDER))]:
+        kb = [(b.get(label, 0) - before.get(i, {}).get(label, 0)) / 1024 for i, b in after.items()]
+        if any(kb):
+            figures[label] = f"{pct(kb, 0.5):.1f}/{max(kb):.1f}"
+    return figures
 
 
 def format_result(r: Result) -> str:

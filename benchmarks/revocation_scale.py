@@ -347,10 +347,11 @@ def envoy_figures(outstanding: int, requests: int, warmup: int) -> tuple[dict[st
 # -- a simulated fleet receiving one revocation
 
 
-def fleet_figures(outstanding: int, streams: int, workers: int, mode: str) -> dict[str, object]:
+def fleet_figures(outstanding: int, streams: int, workers: int, mode: str, label: str = "rds") -> dict[str, object]:
     """`controlplane serve` started with `outstanding` jobs in its state directory's deny list and fleet_sim.py's
     policy (100 backends), `streams` simulated Envoys connected; then one Job Hook for a job never seen. Reported:
-    the server's CPU from the delivery until every stream ACKed the new RDS, and that time."""
+    the server's CPU from the delivery until every stream ACKed the new `label` (rds; ecds where the deny list is
+    delivered by ECDS), and that time."""
     args = fleet_sim.parse_args(["--streams", str(streams), "--workers", str(workers), "--mode", mode])
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="revocation-fleet-") as tmp:
@@ -389,9 +390,9 @@ def fleet_figures(outstanding: int, streams: int, workers: int, mode: str) -> di
                 started = time.monotonic()
                 sender = threading.Thread(target=post)
                 sender.start()
-                out = sim.await_change(base, ["rds"])
+                out = sim.await_change(base, [label])
                 sender.join(HOOK_TIMEOUT)
-                acked = [t["rds"] - started for t in out["times"].values() if t.get("rds") is not None]
+                acked = [t[label] - started for t in out["times"].values() if t.get(label) is not None]
                 result.ok = bool(answered) and isinstance(answered[0], float) and out["converged"]
                 result.ok = result.ok and len(acked) == streams
                 result.figures = {
