@@ -514,7 +514,11 @@ class TokenExchange:
         # recovery sweep asks whether the job has finished.
         job_id = context["job_id"]
         if job_id is not None and not await self._ledger.issued(
-            job_id, int(now) + ttl, project_id=context["project_id"], issuer=issuer.url
+            job_id,
+            int(now) + ttl,
+            project_id=context["project_id"],
+            issuer=issuer.url,
+            subject_expires_at=float(claims["exp"]) + issuer.clock_skew,
         ):
             raise _job_finished()
         token, jti, exp = self._issue(claims, backend, roles, ttl, now)

@@ -332,6 +332,7 @@ class CredentialService:
         empty: the ledger's record is what makes the denial last as long as the job's credentials.
         """
         recorded: float | None = None
+        unknown = False  # the ledger failed
         now = self.clock()
         try:
             recorded = await self.store.finish(job, now + self.options.finished_job_retention)
@@ -339,8 +340,13 @@ class CredentialService:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
             # What the job holds (another replica's credentials included) is unknown: deny it for as long as
             # any credential or raw token of it could live, as before coverage existed.
+            unknown = True
             recorded = now + max(self.options.max_credential_ttl, self.options.deny_id_tokens_for)
-        held = max(recorded or 0.0, await self.exchange.latest_expiry(job) or 0.0)
+        # Read after `finish`: every credential of the job is counted (any later one is refused).
+        credentials = await self.exchange.latest_expiry(job) or 0.0
+        # `recorded` includes the subject token's `exp`: a raw ID token, denied only with a deny window.
+        raw_tokens_denied = self.options.deny_id_tokens_for > 0 or unknown
+        held = max(recorded or 0.0, credentials) if raw_tokens_denied else credentials
         seen = await self._seen_anywhere(job)
         policy = self._policy()
         covered = policy is None or policy.covers(project_id)

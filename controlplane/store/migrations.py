@@ -193,6 +193,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        7,
+        "exchange store: the latest subject token expiry of each job holding credentials",
+        # A finished job stays denied until its ID token expires too (docs/revocation-coverage.md); NULL: rows
+        # written before this migration, whose credentials alone count.
+        "ALTER TABLE job_credentials ADD COLUMN subject_expires_at double precision;",
+    ),
 )
 
 _CREATE_LEDGER = """
