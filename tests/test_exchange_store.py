@@ -311,7 +311,9 @@ async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_records(tmp_p
     store = SqliteExchangeStore(path, clock=clock)
     try:
         assert await store.is_finished("7") and await store.credentials_until("8") == clock.now + 100
-        assert await store.issued("8", clock.now + 50, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 700)
+        assert await store.issued(
+            "8", clock.now + 50, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 700
+        )
         assert await store.finish("8", clock.now + 1000) == clock.now + 700
     finally:
         store.close()

@@ -29,7 +29,18 @@ DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 _BACKEND_KEYS = (
     *COMMON_KEYS,
-    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials", "inject", "revoke"),
+    *(
+        "hosts",
+        "audience",
+        "endpoints",
+        "tls",
+        "connect_timeout",
+        "timeout",
+        "public_paths",
+        "credentials",
+        "inject",
+        "revoke",
+    ),
 )
 # "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
 _BACKEND_CREDENTIALS = (DEFAULT_BACKEND_CREDENTIALS, "exchanged")
@@ -77,8 +88,11 @@ def build(doc: Doc, env: Env) -> Backend:
     inject = f.maybe("inject", _injection)
     revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
     if f.has("revoke") and credentials == "exchanged":
-        f.error("revoke", "applies only to a backend accepting raw ID tokens (credentials: any): an exchanged "
-                "credential is refused once its job is over, whatever this says")
+        f.error(
+            "revoke",
+            "applies only to a backend accepting raw ID tokens (credentials: any): an exchanged "
+            "credential is refused once its job is over, whatever this says",
+        )
     return Backend(
         name=need(doc.name),
         hosts=need(hosts),
