@@ -334,3 +334,21 @@ def test_sightings_are_bounded_and_forget_old_ones(clock: Clock) -> None:
     assert seen.seen("4") is not None  # its token still lives
     seen.finished_unlisted("9", clock.now + 10)
     assert seen.take_finished("9") and not seen.take_finished("9")
+
+
+async def test_a_burst_of_new_jobs_costs_one_audit_flush(node: Node, clock: Clock) -> None:
+    """Seen jobs queue for the ledger question; one worker flushes the trail once per batch, then asks each."""
+    flushes: list[float] = []
+
+    def flush(timeout: float) -> bool:
+        flushes.append(timeout)
+        return True
+
+    node.service.use_audit_trail(lambda job, since: False, flush)
+    await node.finished(5501)  # finished on "another replica" (the shared ledger), unlisted: never seen there
+    node.service.sightings = type(node.service.sightings)(keep_for=DENY, clock=clock)  # this replica knows nothing
+    for job in range(5500, 5510):
+        node.seen(job, clock.now + 100)
+    await node.settled()
+    assert len(flushes) == 1
+    assert node.listed() == {"5501": clock.now + 100 + node.skew}

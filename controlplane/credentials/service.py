@@ -42,6 +42,7 @@ AuditSeen = Callable[[str, float], bool]
 # (timeout) -> True once every access-log record received before the call is written (blocking, AuditTrail.flush).
 AuditFlush = Callable[[float], bool]
 AUDIT_FLUSH_TIMEOUT = 5.0
+MAX_PENDING_ASKS = 10_000  # seen jobs waiting to ask the ledger whether they finished (beyond: the next sighting)
 
 
 DEFAULT_EXCHANGE_ADDRESS = (LOOPBACK, 9904)  # `--exchange-address` of serve and validate
@@ -157,6 +158,8 @@ class CredentialService:
         self._audit_seen: AuditSeen | None = None
         self._audit_flush: AuditFlush | None = None
         self._sighting_tasks: set[asyncio.Task[None]] = set()
+        self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
+        self._asking = False
         self._inputs: CredentialInputs | None = None
         self._wake = shared_keys.wake if shared_keys is not None else asyncio.Event()
         self.port = 0
@@ -214,33 +217,58 @@ class CredentialService:
         if self.revocations.is_revoked(job_id):
             return
         if self.sightings.take_finished(job_id):
-            self._spawn(self._list_seen(job_id, flushed=True))
+            self._spawn(self._list_seen(job_id))
         elif self.sightings.first_ask(job_id):
-            self._spawn(self._list_seen(job_id, flushed=False))
+            self._ask_ledger(job_id)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._sighting_tasks.add(task)
         task.add_done_callback(self._sighting_tasks.discard)
 
-    async def _list_seen(self, job: str, *, flushed: bool) -> None:
-        """List a seen job that finished unlisted. Unless this replica recorded the end itself (`flushed`), the
-        ledger is asked after this sighting is in the audit trail: a Job Hook on another replica writes the
-        ledger before it reads the trail, so one of the two sees the other (docs/revocation-coverage.md)."""
+    def _ask_ledger(self, job: str) -> None:
+        """Queue a seen job for the ledger question (did it finish on another replica?); one worker asks them in
+        batches, so a burst of new jobs costs one audit flush and one thread, not one each. Bounded: a job over
+        `MAX_PENDING_ASKS` is asked by its next sighting."""
+        if len(self._asks) >= MAX_PENDING_ASKS:
+            self.sightings.forget_ask(job)
+            return
+        self._asks[job] = None
+        if not self._asking:
+            self._asking = True
+            self._spawn(self._ask_worker())
+
+    async def _ask_worker(self) -> None:
+        """Ask the ledger about the queued jobs after this replica's audit trail has written their sightings: a
+        Job Hook on another replica writes the ledger before it reads the trail, so one of the two sees the
+        other (docs/revocation-coverage.md)."""
         try:
-            if not flushed:
-                if self._audit_flush is not None and not await asyncio.to_thread(
-                    self._audit_flush, AUDIT_FLUSH_TIMEOUT
-                ):
-                    self.sightings.forget_ask(job)  # not written yet: the next sighting asks again
-                if not await self.store.is_finished(job):
-                    return
+            while self._asks:
+                batch = list(self._asks)
+                self._asks.clear()
+                written = self._audit_flush is None or await asyncio.to_thread(self._audit_flush, AUDIT_FLUSH_TIMEOUT)
+                for job in batch:
+                    if not written:
+                        self.sightings.forget_ask(job)  # not in the trail yet: its next sighting asks again
+                    if self.revocations.is_revoked(job):
+                        continue
+                    try:
+                        finished = await self.store.is_finished(job)
+                    except ExchangeStoreError as error:
+                        self.sightings.forget_ask(job)
+                        log.error("%s: job %s seen at a gateway could not be checked against finished jobs", error, job)
+                        continue
+                    if finished:
+                        await self._list_seen(job)
+        finally:
+            self._asking = False
+
+    async def _list_seen(self, job: str) -> None:
+        """List a job seen at a gateway after it finished unlisted (its access-log record came after the hook)."""
+        try:
             if not self.revocations.is_revoked(job):
                 log.warning("job %s seen at a gateway after it finished: revoked", job)
                 await self._list(job, "finished", await self._until_for_seen(job))
-        except ExchangeStoreError as error:
-            self.sightings.forget_ask(job)
-            log.error("%s: job %s seen at a gateway could not be checked against finished jobs", error, job)
         except Exception:
             log.exception("listing job %s seen at a gateway failed", job)
 
