@@ -5,7 +5,9 @@ jobs (`revoke: seen-jobs`),
 - a job that never touched a gateway and never exchanged is not listed when it finishes;
 - a job whose raw ID token a gateway let through is listed, and its token denied;
 - a job first seen after its Job Hook (the token used after the job ended) is listed as soon as the access log
-  reaches the control plane (~1 s), its first request having passed.
+  reaches the control plane (~1 s), its first request having passed;
+- across two replicas on PostgreSQL (hook at A, gateway at B): the same three, through the shared audit trail and
+  ledger.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
+from tests.support.replicas import KEY_ENV, STORE_ARGS, STORE_ENV, STORE_KEY
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
@@ -117,3 +123,71 @@ def test_a_token_first_used_after_its_job_finished_is_denied_once_the_access_log
     assert elapsed < 1.5, elapsed
     assert stack.revoked_jobs() == before + 1
     print(f"first use after the hook -> 403 in {elapsed:.2f}s ({statuses.count(200)} of {len(statuses)} passed)")
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, pg_dsn: str) -> Iterator[tuple[CoverageStack, CoverageStack, str]]:
+    """Replica A (Job Hooks) and replica B (the gateway traffic) on one database, an Envoy each."""
+    with FakeGitLab() as gitlab, ExitStack() as running:
+        built = []
+        for name in ("a", "b"):
+            root = tmp_path / name
+            root.mkdir()
+            built.append(
+                running.enter_context(
+                    serve_exchange_stack(
+                        root,
+                        policy,
+                        kind=CoverageStack,
+                        envoy=EnvoySpec(f"coverage-{name}-envoy", f"envoy-{name}", flush_logs=True),
+                        gitlab=gitlab,
+                        serve_args=(*STORE_ARGS, *NO_SWEEP),
+                        env={STORE_ENV: pg_dsn, KEY_ENV: STORE_KEY},
+                    )
+                )
+            )
+        a, b = built
+        poll_until(lambda: all(r.controlplane.status()["change_feed"]["connected"] for r in built), 10, message="feeds")
+        poll_until(lambda: b.get_raw(b.raw(1)) == 200, 30, interval=0.1, message="gateway B up")
+        yield a, b, pg_dsn
+
+
+def test_across_replicas_only_seen_jobs_are_listed_and_a_late_sighting_lists_at_once(
+    replicas: tuple[CoverageStack, CoverageStack, str],
+) -> None:
+    a, b, dsn = replicas
+    before = a.revoked_jobs()
+    # never seen, never exchanged: not listed anywhere
+    a.job_finished(7201)
+    assert a.revoked_jobs() == before
+
+    # seen at B's gateway (B's audit trail row in PostgreSQL), then its hook at A: A finds the row and lists it
+    seen = b.raw(7202)
+    assert b.get_raw(seen) == 200
+    poll_until(lambda: _audited(dsn, 7202), 5, interval=0.02, message="B's audit row written")
+    a.job_finished(7202)
+    assert a.revoked_jobs() == before + 1
+    poll_until(lambda: b.get_raw(seen) == 403, 2, interval=0.02, message="denied at B")
+
+    # hook at A first (unlisted), then the token's first use at B: B asks the shared ledger and lists it
+    late = b.raw(7203)
+    a.job_finished(7203)
+    assert a.revoked_jobs() == before + 1
+    statuses: list[int] = []
+
+    def denied() -> bool:
+        statuses.append(b.get_raw(late))
+        return statuses[-1] == 403
+
+    first = time.monotonic()
+    poll_until(denied, 3.0, interval=0.02, message="the late sighting at B lists the job")
+    elapsed = time.monotonic() - first
+    assert statuses[0] == 200 and elapsed < 1.5, (statuses, elapsed)
+    poll_until(lambda: a.revoked_jobs() == before + 2, 2, interval=0.02, message="listed at A too")
+    print(f"\nlate sighting at replica B (hook at A) -> 403 in {elapsed:.2f}s ({statuses.count(200)} passed)")
+
+
+def _audited(dsn: str, job: int) -> bool:
+    """The shared audit trail (PostgreSQL) holds a request of `job`."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT 1 FROM audit WHERE job_id = %s", (str(job),)).fetchone() is not None
