@@ -27,6 +27,7 @@ from controlplane.model.loader import parse_policy
 from controlplane.resolved.index import Resolution
 from controlplane.sources.gitlab_events import JobEvent
 from controlplane.sources.jwks import normalize_jwks
+from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import policy_of
 from tests.support.clock import Clock
 from tests.support.fake_gitlab import FakeGitLab
@@ -188,9 +189,15 @@ async def test_with_a_covering_backend_a_never_seen_job_is_listed_for_the_deny_w
 # --- nothing of it can pass: not listed ------------------------------------------------------------------------
 
 
+def finished_jobs(reason: str) -> float:
+    return REGISTRY.get_sample_value("controlplane_finished_jobs_total", {"reason": reason}) or 0.0
+
+
 async def test_an_exchanged_only_policy_does_not_list_a_job_that_never_touched_a_gateway(node: Node) -> None:
+    unlisted = finished_jobs("not_listed")
     await node.finished(5101)
     assert node.listed() == {}
+    assert finished_jobs("not_listed") == unlisted + 1
     assert await node.store.is_finished("5101")  # the exchange still refuses it
 
 
@@ -275,11 +282,13 @@ async def test_an_unreadable_audit_trail_lists_the_job(node: Node, clock: Clock)
 
 
 async def test_a_sighting_after_the_job_hook_lists_it_at_once(node: Node, clock: Clock) -> None:
+    late = finished_jobs("seen_after_finish")
     await node.finished(5401)
     assert node.listed() == {}
     node.seen(5401, clock.now + 600)
     await node.settled()
     assert node.listed() == {"5401": clock.now + 600 + node.skew}
+    assert finished_jobs("seen_after_finish") == late + 1
 
 
 async def test_a_sighting_on_another_replica_after_the_hook_asks_the_shared_ledger(

@@ -268,6 +268,7 @@ class CredentialService:
         try:
             if not self.revocations.is_revoked(job):
                 log.warning("job %s seen at a gateway after it finished: revoked", job)
+                metrics.count_finished_job("seen_after_finish")
                 await self._list(job, "finished", await self._until_for_seen(job))
         except Exception:
             log.exception("listing job %s seen at a gateway failed", job)
@@ -383,7 +384,9 @@ class CredentialService:
             # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
             self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback)
             log.info("job %s %s: nothing to deny (no credential, not seen, not covered)", job, status)
+            metrics.count_finished_job("not_listed")
             return False
+        metrics.count_finished_job("credentials" if held > self.clock() else "seen" if seen else "covered")
         return await self._list(job, status, until)
 
     async def _list(self, job: str, status: str, until: float) -> bool:
