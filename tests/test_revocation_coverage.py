@@ -266,6 +266,21 @@ async def test_a_seen_job_is_listed_until_its_tokens_exp(node: Node, clock: Cloc
     assert node.listed() == {"5301": clock.now + 1200 + node.skew, "5302": clock.now + DENY}
 
 
+async def test_a_covered_job_is_listed_for_the_deny_window_even_if_its_seen_token_expires_sooner(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    """Its other ID tokens (other audiences) were never seen, and a covering backend could admit them."""
+    covering = Node(gitlab, tmp_path, clock, policy(gitlab))
+    try:
+        covering.seen(5305, clock.now + 600)
+        covering.seen(5306, clock.now + DENY + 600)  # a token outliving the window: its exp
+        await covering.finished(5305)
+        await covering.finished(5306)
+        assert covering.listed() == {"5305": clock.now + DENY, "5306": clock.now + DENY + 600 + covering.skew}
+    finally:
+        covering.close()
+
+
 async def test_a_job_seen_at_another_replica_is_listed_from_the_audit_trail(node: Node, clock: Clock) -> None:
     node.audit.add("5303")
     await node.finished(5303)

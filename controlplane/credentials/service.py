@@ -277,24 +277,25 @@ class CredentialService:
         """How long a seen, finished job stays listed: the token's `exp` when known, else the deny window, and
         at least as long as its credentials."""
         held = await self.exchange.latest_expiry(job) or 0.0
-        return max(held, self._raw_token_until(job, seen=True))
+        return max(held, self._raw_token_until(job, seen=True, covered=False))
 
-    def _raw_token_until(self, job: str, *, seen: bool) -> float:
-        """Until when a finished job's raw ID tokens must be denied: the seen token's `exp` (with the issuer's
-        clock skew) when the access log carried it, else `--deny-id-tokens-for` from now; 0 with a zero window
-        (raw tokens are not denied at all)."""
-        if self.options.deny_id_tokens_for <= 0:
+    def _raw_token_until(self, job: str, *, seen: bool, covered: bool) -> float:
+        """Until when a finished job's raw ID tokens must be denied; 0 when none can pass or with a zero window
+        (raw tokens are not denied at all). Seen: the seen token's `exp` (with the issuer's clock skew) when the
+        access log carried it, else `--deny-id-tokens-for` from now. Covered: that window at least, since its
+        other, unseen tokens could be used too."""
+        window = self.options.deny_id_tokens_for
+        if window <= 0 or not (seen or covered):
             return 0.0
+        fallback = self.clock() + window
         sighting = self.sightings.seen(job) if seen else None
-        if sighting is not None and sighting.token_until is not None:
-            return sighting.token_until
-        return self.clock() + self.options.deny_id_tokens_for
+        if sighting is None or sighting.token_until is None:
+            return fallback
+        return max(sighting.token_until, fallback) if covered else sighting.token_until
 
-    async def _seen_anywhere(self, job: str) -> bool:
-        """A gateway let a raw ID token of the job through: here (in memory, unwritten ones included) or at any
-        replica (the audit trail)."""
-        if self.sightings.seen(job) is not None:
-            return True
+    async def _seen_in_trail(self, job: str) -> bool:
+        """A gateway of any replica let a raw ID token of the job through (the audit trail; this replica's own
+        sightings, written or not, are in `sightings`)."""
         if self._audit_seen is None:
             return False
         since = self.clock() - self.options.recovery_lookback
@@ -376,10 +377,11 @@ class CredentialService:
         # `recorded` includes the subject token's `exp`: a raw ID token, denied only with a deny window.
         raw_tokens_denied = self.options.deny_id_tokens_for > 0 or unknown
         held = max(recorded or 0.0, credentials) if raw_tokens_denied else credentials
-        seen = await self._seen_anywhere(job)
         policy = self._policy()
         covered = policy is None or policy.covers(project_id)
-        until = max(held, self._raw_token_until(job, seen=seen) if seen or covered else 0.0)
+        # Covered, the deny window applies anyway: only this replica's sightings (a later `exp`) are worth asking.
+        seen = self.sightings.seen(job) is not None or (not covered and await self._seen_in_trail(job))
+        until = max(held, self._raw_token_until(job, seen=seen, covered=covered))
         if until <= self.clock():
             # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
             self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback)
