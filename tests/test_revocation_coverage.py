@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +377,25 @@ async def test_a_burst_of_new_jobs_costs_one_audit_flush(node: Node, clock: Cloc
     await node.settled()
     assert len(flushes) == 1
     assert node.listed() == {"5501": clock.now + 100 + node.skew}
+
+
+async def test_an_audit_trail_that_does_not_answer_in_time_lists_the_job(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Job Hook must not hang on PostgreSQL: past AUDIT_SEEN_TIMEOUT the job is listed (fail closed)."""
+    from controlplane.credentials import service
+
+    monkeypatch.setattr(service, "AUDIT_SEEN_TIMEOUT", 0.05)
+    release = threading.Event()
+
+    def hanging(job: str, since: float) -> bool:
+        release.wait(5)
+        return False
+
+    node.service.use_audit_trail(hanging, lambda timeout: True)
+    try:
+        started = time.monotonic()
+        await node.finished(5601)
+        assert "5601" in node.listed() and time.monotonic() - started < 1
+    finally:
+        release.set()

@@ -42,6 +42,7 @@ AuditSeen = Callable[[str, float], bool]
 # (timeout) -> True once every access-log record received before the call is written (blocking, AuditTrail.flush).
 AuditFlush = Callable[[float], bool]
 AUDIT_FLUSH_TIMEOUT = 5.0
+AUDIT_SEEN_TIMEOUT = 2.0  # a Job Hook waits at most this for the audit trail's answer, then lists the job
 MAX_PENDING_ASKS = 10_000  # seen jobs waiting to ask the ledger whether they finished (beyond: the next sighting)
 
 
@@ -300,8 +301,8 @@ class CredentialService:
             return False
         since = self.clock() - self.options.recovery_lookback
         try:
-            return await asyncio.to_thread(self._audit_seen, job, since)
-        except Exception as error:  # cannot tell: cover it (fail closed)
+            return await asyncio.wait_for(asyncio.to_thread(self._audit_seen, job, since), AUDIT_SEEN_TIMEOUT)
+        except Exception as error:  # cannot tell (in time): cover it (fail closed)
             log.error("the audit trail could not say whether job %s was seen (%s): listed", job, error)
             return True
 
@@ -380,7 +381,9 @@ class CredentialService:
         policy = self._policy()
         covered = policy is None or policy.covers(project_id)
         # Covered, the deny window applies anyway: only this replica's sightings (a later `exp`) are worth asking.
-        seen = self.sightings.seen(job) is not None or (not covered and await self._seen_in_trail(job))
+        # A failed ledger (`unknown`) already lists it for the whole window: PostgreSQL is likely away for the
+        # trail too, and the Job Hook must not wait for it.
+        seen = self.sightings.seen(job) is not None or (not covered and not unknown and await self._seen_in_trail(job))
         until = max(held, self._raw_token_until(job, seen=seen, covered=covered))
         if until <= self.clock():
             # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
