@@ -82,6 +82,9 @@ class Sightings:
         until = self._finished.pop(job_id, None)
         return until is not None and until > self.clock()
 
+    def status(self) -> dict[str, int]:
+        return {"seen_jobs": len(self._seen), "finished_unlisted": len(self._finished)}
+
     def first_ask(self, job_id: str) -> bool:
         """True the first time (while remembered) a sighting of this job should ask the ledger."""
         if job_id in self._asked:

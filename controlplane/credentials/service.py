@@ -526,6 +526,8 @@ class CredentialService:
             "active_credentials": self.exchange.active_credentials(),
             "store": self.store.status(),
             **self.revocations.status(),
+            # Which finished jobs are listed (docs/revocation-coverage.md): this replica's sightings.
+            "coverage": {**self.sightings.status(), "pending_ledger_asks": len(self._asks)},
         }
 
 
