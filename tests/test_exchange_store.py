@@ -304,7 +304,8 @@ async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_records(tmp_p
     the new column is added (a restart must never forget a finished job)."""
     path = tmp_path / "exchange.sqlite3"
     with sqlite3.connect(path) as db:
-        db.executescript(exchange_store._SCHEMA.replace(",\n    subject_expires_at REAL", ""))
+        version_1 = exchange_store._SCHEMA.replace(",\n    subject_expires_at REAL", "")
+        db.executescript(version_1.replace(exchange_store._HELD_INDEX + ";", ""))
         db.execute("INSERT INTO finished_jobs VALUES ('7', ?)", (clock.now + 100,))
         db.execute("INSERT INTO job_credentials VALUES ('8', '42', ?, ?)", (GITLAB, clock.now + 100))
         db.execute("PRAGMA user_version = 1")
@@ -319,6 +320,8 @@ async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_records(tmp_p
         store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == exchange_store.SCHEMA_VERSION == 2
+        plan = db.execute("EXPLAIN QUERY PLAN DELETE FROM job_credentials WHERE " + exchange_store._HELD + " <= 1")
+        assert "job_credentials_held" in str(plan.fetchall())  # the sweep uses the index
 
 
 def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:

@@ -56,10 +56,13 @@ CREATE TABLE IF NOT EXISTS job_credentials (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS job_credentials_expiry ON job_credentials (expires_at);
 """
+# A row lives until its credentials and the subject token they were exchanged for have both expired; writes sweep
+# by it, so it is indexed (the expression must be spelled exactly so for SQLite to use the index).
+_HELD = "max(expires_at, coalesce(subject_expires_at, 0))"
+_HELD_INDEX = f"CREATE INDEX IF NOT EXISTS job_credentials_held ON job_credentials ({_HELD})"
+_SCHEMA += _HELD_INDEX + ";\n"
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
 _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
-# A row lives until its credentials and the subject token they were exchanged for have both expired.
-_HELD = "max(expires_at, coalesce(subject_expires_at, 0))"
 _HELD_UNTIL = f"SELECT {_HELD} FROM job_credentials WHERE job_id = ? AND {_HELD} > ?"
 _UPGRADE_FROM_1 = "ALTER TABLE job_credentials ADD COLUMN subject_expires_at REAL"
 _LIVE_JOBS = (
@@ -357,7 +360,9 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         if version == 0:
             raise sqlite3.DatabaseError("not an exchange state database (empty or foreign: no schema version)")
         if version == 1:  # a file of the release before subject expiries were kept: one column more
-            db.executescript(f"BEGIN IMMEDIATE; {_UPGRADE_FROM_1}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_UPGRADE_FROM_1}; {_HELD_INDEX}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")

@@ -478,7 +478,7 @@ class CredentialService:
             return "not_found"
         if status in TERMINAL_JOB_STATUSES:
             log.warning("job %s is %s in GitLab but no Job Hook said so: revoked (at %s)", job.job_id, status, via)
-            await self.revoke_finished(job.job_id, status)
+            await self.revoke_finished(job.job_id, status, job.project_id)
             return "finished"
         self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
         return "not_finished"
