@@ -162,6 +162,34 @@ async def test_a_job_without_a_project_id_is_recorded_for_revocation(store: Stor
     assert await store.jobs_with_credentials(10) == [LiveJob("7", None, GITLAB, clock.now + 300)]
 
 
+async def test_finishing_a_job_answers_until_its_exchanged_subject_token_expires_too(
+    store: Store, clock: Clock
+) -> None:
+    """The ID token a credential was exchanged for may outlive the credential: the job stays denied until both
+    expired (a raw use of that token at a backend accepting raw tokens), the latest token's `exp` kept."""
+    assert await store.issued("7", clock.now + 300, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 900)
+    assert await store.issued("7", clock.now + 200, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 600)
+    assert await store.issued("7", clock.now + 100, project_id="42", issuer=GITLAB)  # unknown never shortens it
+    assert await store.credentials_until("7") == clock.now + 300  # credentials alone, as before
+    clock.now += 400  # the credentials have expired, the token not: the ledger still knows it
+    assert await store.credentials_until("7") is None
+    assert await store.claim("other", clock.now + 10, 1)  # a write: expired rows are swept (SQLite, PostgreSQL)
+    if isinstance(store, PostgresExchangeStore):
+        await store.prune()
+    assert await store.finish("7", clock.now + 1000) == clock.now + 500
+    clock.now += 500
+    assert await store.finish("7", clock.now + 1000) is None
+
+
+async def test_a_credential_without_a_subject_expiry_answers_its_own(store: Store, clock: Clock) -> None:
+    """Rows written before subject expiries were recorded (or without one) count their credentials alone."""
+    assert await issued(store, "7", clock.now + 300)
+    clock.now += 300
+    if isinstance(store, PostgresExchangeStore):
+        await store.prune()
+    assert await store.finish("7", clock.now + 1000) is None
+
+
 async def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
     store = MemoryExchangeStore(capacity=1, clock=clock)
     assert await store.claim("a", clock.now + 10, 3)
@@ -269,6 +297,31 @@ def test_a_job_credentials_table_without_the_job_columns_fails_at_open(tmp_path:
         db.execute("PRAGMA user_version = 1")  # what that build wrote: the columns came without a version bump
     with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3.*project_id"):
         SqliteExchangeStore(path)
+
+
+async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_records(tmp_path: Path, clock: Clock) -> None:
+    """The release before subject expiries were kept wrote version 1: its finished jobs and credentials stay, and
+    the new column is added (a restart must never forget a finished job)."""
+    path = tmp_path / "exchange.sqlite3"
+    with sqlite3.connect(path) as db:
+        version_1 = exchange_store._SCHEMA.replace(",\n    subject_expires_at REAL", "")
+        db.executescript(version_1.replace(exchange_store._HELD_INDEX + ";", ""))
+        db.execute("INSERT INTO finished_jobs VALUES ('7', ?)", (clock.now + 100,))
+        db.execute("INSERT INTO job_credentials VALUES ('8', '42', ?, ?)", (GITLAB, clock.now + 100))
+        db.execute("PRAGMA user_version = 1")
+    store = SqliteExchangeStore(path, clock=clock)
+    try:
+        assert await store.is_finished("7") and await store.credentials_until("8") == clock.now + 100
+        assert await store.issued(
+            "8", clock.now + 50, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 700
+        )
+        assert await store.finish("8", clock.now + 1000) == clock.now + 700
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == exchange_store.SCHEMA_VERSION == 2
+        plan = db.execute("EXPLAIN QUERY PLAN DELETE FROM job_credentials WHERE " + exchange_store._HELD + " <= 1")
+        assert "job_credentials_held" in str(plan.fetchall())  # the sweep uses the index
 
 
 def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:

@@ -186,6 +186,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             prepare=lambda candidate: gitlab.read_new_subjects(candidate, to_policy().pins),
         )
     )
+    if credentials is not None:
+        credentials.use_audit_trail(
+            lambda job, since: bool(audit.query(job=job, since=since, limit=1)), lambda timeout: audit.flush(timeout)
+        )
     # Revocation needs the credential service; jobs are looked for among its credentials and the audit trail.
     recovery = (
         credentials.job_recovery(seen=audit.recent_jobs, reader_for=gitlab.job_status_reader)
@@ -270,7 +274,9 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     )
     # Access logs are accepted only from gateways holding an ADS stream (`senders`). A raw ID token from before
     # a gap in webhook delivery, seen at a gateway: GitLab is asked about its job (`on_job`).
-    als = AccessLogService(audit, senders=xds, on_job=credentials.gateway_checks if credentials is not None else None)
+    # Every such sighting is also remembered for the deny list: a finished job is listed only if something of it
+    # could still pass (credentials/coverage.py), and a sighting after its Job Hook lists it at once.
+    als = AccessLogService(audit, senders=xds, on_job=credentials.job_seen if credentials is not None else None)
     xds_port = await parts.start(
         xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
         lambda: _drain(als, xds, options.shutdown_grace),

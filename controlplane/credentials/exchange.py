@@ -42,6 +42,7 @@ from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.policy import Backend, Policy
 from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.evaluate import Evaluator
 
 log = logging.getLogger("controlplane.credentials")
@@ -100,6 +101,8 @@ class ExchangeBackend:
     audience: str
     roles: tuple[str, ...]  # every role defined on this backend
     grants: tuple[ExchangeGrant, ...]
+    # Accepts raw ID tokens and keeps every finished job that could reach it denied (Backend.covers_unseen_jobs).
+    covers_unseen_jobs: bool = False
 
     @cached_property
     def resolved(self) -> tuple[Grant, ...]:
@@ -146,7 +149,9 @@ class ExchangePolicy:
             if hit is not None and hit[0] is backend and hit[1] is grants and hit[2] == roles:
                 entry = hit[3]
             else:
-                entry = ExchangeBackend(backend.name, backend.audience, roles, _exchange_grants(grants, ttl))
+                entry = ExchangeBackend(
+                    backend.name, backend.audience, roles, _exchange_grants(grants, ttl), backend.covers_unseen_jobs
+                )
                 memo[backend.name] = (backend, grants, roles, entry)
             backends.append(entry)
         for gone in memo.keys() - {b.name for b in policy.backends}:
@@ -165,10 +170,43 @@ class ExchangePolicy:
     def issuer_by_url(self, url: str) -> ExchangeIssuer | None:
         return next((i for i in self.issuers if i.url == url), None)
 
+    def covers(self, project_id: str | None) -> bool:
+        """Whether a finished job of `project_id` (None: unknown) must be denied though no gateway saw its tokens
+        and it holds no credential: some backend accepting raw ID tokens, not opted out (`revoke: seen-jobs`),
+        has a grant whose subjects do not provably exclude the project (docs/revocation-coverage.md).
+
+        Narrowed only by what a Job Hook states (the project id), against grants that pin `project_id`; any
+        other condition (ref, environment, user, ...) could hold for the job, so it is assumed to."""
+        return any(
+            backend.covers_unseen_jobs and any(_may_admit(g.grant, project_id) for g in backend.grants)
+            for backend in self.backends
+        )
+
     def backends_named(self, target: str) -> list[ExchangeBackend]:
         """A backend by name, else every backend with that audience (more than one is ambiguous)."""
         by_name = [b for b in self.backends if b.name == target]
         return by_name or [b for b in self.backends if b.audience == target]
+
+
+def _may_admit(grant: Grant, project_id: str | None) -> bool:
+    return any(_subject_may_admit(subject, project_id) for subject in grant.subjects)
+
+
+def _subject_may_admit(subject: ResolvedSubject, project_id: str | None) -> bool:
+    """False only when a `project_id` condition every admitted token must meet rules the project out."""
+    if project_id is None:
+        return True
+    if any(_excludes(condition, project_id) for condition in subject.conditions):
+        return False
+    return not subject.alternatives or any(
+        not any(_excludes(condition, project_id) for condition in alternative) for alternative in subject.alternatives
+    )
+
+
+def _excludes(condition: Condition, project_id: str) -> bool:
+    if condition.claim != "project_id" or condition.listy:
+        return False
+    return (project_id in condition.values) == condition.negated
 
 
 # -- results
@@ -476,7 +514,11 @@ class TokenExchange:
         # recovery sweep asks whether the job has finished.
         job_id = context["job_id"]
         if job_id is not None and not await self._ledger.issued(
-            job_id, int(now) + ttl, project_id=context["project_id"], issuer=issuer.url
+            job_id,
+            int(now) + ttl,
+            project_id=context["project_id"],
+            issuer=issuer.url,
+            subject_expires_at=float(claims["exp"]) + issuer.clock_skew,
         ):
             raise _job_finished()
         token, jti, exp = self._issue(claims, backend, roles, ttl, now)

@@ -34,7 +34,7 @@ from controlplane.statefile import StateFileError, create_database, make_private
 log = logging.getLogger("controlplane.credentials")
 
 DB_NAME = "exchange.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: job_credentials.subject_expires_at (a version-1 file is upgraded in place)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replay (
     subject TEXT PRIMARY KEY,
@@ -51,22 +51,30 @@ CREATE TABLE IF NOT EXISTS job_credentials (
     job_id TEXT PRIMARY KEY,
     project_id TEXT,
     issuer TEXT NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    subject_expires_at REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS job_credentials_expiry ON job_credentials (expires_at);
 """
+# A row lives until its credentials and the subject token they were exchanged for have both expired; writes sweep
+# by it, so it is indexed (the expression must be spelled exactly so for SQLite to use the index).
+_HELD = "max(expires_at, coalesce(subject_expires_at, 0))"
+_HELD_INDEX = f"CREATE INDEX IF NOT EXISTS job_credentials_held ON job_credentials ({_HELD})"
+_SCHEMA += _HELD_INDEX + ";\n"
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
 _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
+_HELD_UNTIL = f"SELECT {_HELD} FROM job_credentials WHERE job_id = ? AND {_HELD} > ?"
+_UPGRADE_FROM_1 = "ALTER TABLE job_credentials ADD COLUMN subject_expires_at REAL"
 _LIVE_JOBS = (
     "SELECT job_id, project_id, issuer, expires_at FROM job_credentials WHERE expires_at > ? "
     "ORDER BY expires_at DESC, job_id LIMIT ?"
 )
 _SHAPE = (
-    "SELECT job_id, project_id, issuer, expires_at FROM job_credentials LIMIT 0",
+    "SELECT job_id, project_id, issuer, expires_at, subject_expires_at FROM job_credentials LIMIT 0",
     "SELECT subject, uses, expires_at FROM replay LIMIT 0",
     "SELECT job_id, keep_until FROM finished_jobs LIMIT 0",
 )
-_TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", "expires_at"))
+_TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", _HELD))
 
 
 class ExchangeStoreError(Exception):
@@ -102,15 +110,26 @@ class JobLedger(Protocol):
 
     async def finish(self, job_id: str, keep_until: float) -> float | None:
         """GitLab reported the job finished: `is_finished` answers True until `keep_until`, and `issued`
-        refuses. Returns `credentials_until(job_id)` as of that moment."""
+        refuses. Returns, as of that moment, until when anything the ledger knows of the job may still pass a
+        gateway: the latest of `credentials_until(job_id)` and the `subject_expires_at` recorded by `issued`
+        (None: nothing unexpired)."""
         ...
 
     async def is_finished(self, job_id: str) -> bool: ...
 
-    async def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
+    async def issued(
+        self,
+        job_id: str,
+        expires_at: float,
+        *,
+        project_id: str | None,
+        issuer: str,
+        subject_expires_at: float | None = None,
+    ) -> bool:
         """Record that a credential of this job (of `project_id`, its ID token from GitLab `issuer`) lives until
-        `expires_at` (the ledger keeps the latest), unless the job has finished: then record nothing and return
-        False (issue nothing)."""
+        `expires_at`, exchanged for an ID token valid until `subject_expires_at` (its `exp` with the issuer's
+        clock skew; the ledger keeps the latest of each), unless the job has finished: then record nothing and
+        return False (issue nothing)."""
         ...
 
     async def credentials_until(self, job_id: str) -> float | None:
@@ -146,6 +165,7 @@ class MemoryExchangeStore:
         self._expiry: list[tuple[float, str]] = []
         self._finished: dict[str, float] = {}
         self._credentials: dict[str, LiveJob] = {}
+        self._subjects: dict[str, float] = {}
 
     async def claim(self, subject: str, expires_at: float, limit: int) -> bool:
         self._prune(self._clock())
@@ -161,14 +181,25 @@ class MemoryExchangeStore:
 
     async def finish(self, job_id: str, keep_until: float) -> float | None:
         self._finished[job_id] = max(keep_until, self._finished.get(job_id, 0.0))
-        return await self.credentials_until(job_id)
+        held = max(await self.credentials_until(job_id) or 0.0, self._subjects.get(job_id, 0.0))
+        return held if held > self._clock() else None
 
     async def is_finished(self, job_id: str) -> bool:
         return self._finished.get(job_id, 0.0) > self._clock()
 
-    async def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
+    async def issued(
+        self,
+        job_id: str,
+        expires_at: float,
+        *,
+        project_id: str | None,
+        issuer: str,
+        subject_expires_at: float | None = None,
+    ) -> bool:
         if await self.is_finished(job_id):
             return False
+        if subject_expires_at is not None:
+            self._subjects[job_id] = max(subject_expires_at, self._subjects.get(job_id, 0.0))
         known = self._credentials.get(job_id)
         latest = max(expires_at, known.expires_at) if known is not None else expires_at
         self._credentials[job_id] = LiveJob(job_id, project_id, issuer, latest)
@@ -231,21 +262,31 @@ class SqliteExchangeStore:
     async def finish(self, job_id: str, keep_until: float) -> float | None:
         with self._write() as db:
             _keep_latest(db, "finished_jobs", "keep_until", job_id, keep_until)
-            row = db.execute(_CREDENTIALS_UNTIL, (job_id, self._clock())).fetchone()
+            row = db.execute(_HELD_UNTIL, (job_id, self._clock())).fetchone()
         return None if row is None else float(row[0])
 
     async def is_finished(self, job_id: str) -> bool:
         return self._read(_FINISHED, job_id) is not None
 
-    async def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
+    async def issued(
+        self,
+        job_id: str,
+        expires_at: float,
+        *,
+        project_id: str | None,
+        issuer: str,
+        subject_expires_at: float | None = None,
+    ) -> bool:
         with self._write() as db:
             if db.execute(_FINISHED, (job_id, self._clock())).fetchone() is not None:
                 return False
             db.execute(
-                "INSERT INTO job_credentials (job_id, project_id, issuer, expires_at) VALUES (?, ?, ?, ?) "
+                "INSERT INTO job_credentials (job_id, project_id, issuer, expires_at, subject_expires_at) "
+                "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id) DO UPDATE SET project_id = excluded.project_id, issuer = excluded.issuer, "
-                "expires_at = max(expires_at, excluded.expires_at)",
-                (job_id, project_id, issuer, expires_at),
+                "expires_at = max(expires_at, excluded.expires_at), subject_expires_at = "
+                "max(coalesce(subject_expires_at, 0), coalesce(excluded.subject_expires_at, 0))",
+                (job_id, project_id, issuer, expires_at, subject_expires_at),
             )
         return True
 
@@ -318,6 +359,11 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             raise sqlite3.DatabaseError("not an exchange state database (empty or foreign: no schema version)")
+        if version == 1:  # a file of the release before subject expiries were kept: one column more
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_UPGRADE_FROM_1}; {_HELD_INDEX}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]

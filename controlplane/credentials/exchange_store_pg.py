@@ -50,11 +50,16 @@ ON CONFLICT (job_id) DO UPDATE SET keep_until = greatest(f.keep_until, excluded.
 """
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = %s AND keep_until > %s"
 _ISSUED = """
-INSERT INTO job_credentials AS c (job_id, project_id, issuer, expires_at) VALUES (%s, %s, %s, %s)
+INSERT INTO job_credentials AS c (job_id, project_id, issuer, expires_at, subject_expires_at)
+VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (job_id) DO UPDATE SET project_id = excluded.project_id, issuer = excluded.issuer,
-    expires_at = greatest(c.expires_at, excluded.expires_at)
+    expires_at = greatest(c.expires_at, excluded.expires_at),
+    subject_expires_at = greatest(c.subject_expires_at, excluded.subject_expires_at)
 """
 _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = %s AND expires_at > %s"
+# A row lives until its credentials and the subject token they were exchanged for have both expired (migration 7).
+_HELD = "greatest(expires_at, subject_expires_at)"  # greatest() ignores a NULL
+_HELD_UNTIL = f"SELECT {_HELD} FROM job_credentials WHERE job_id = %s AND {_HELD} > %s"
 _LIVE_JOBS = (
     "SELECT job_id, project_id, issuer, expires_at FROM job_credentials WHERE expires_at > %s "
     "ORDER BY expires_at DESC, job_id LIMIT %s"
@@ -63,7 +68,7 @@ _LIVE_JOBS = (
 _TABLES = (
     ("replay", "subject", "expires_at"),
     ("finished_jobs", "job_id", "keep_until"),
-    ("job_credentials", "job_id", "expires_at"),
+    ("job_credentials", "job_id", _HELD),
 )
 
 
@@ -121,7 +126,7 @@ class PostgresExchangeStore:
         async with self._transaction("write") as conn:
             await conn.execute(_LOCK_JOB, (EXCHANGE_JOB_LOCK, job_id))
             await conn.execute(_FINISH, (job_id, keep_until))
-            cursor = await conn.execute(_CREDENTIALS_UNTIL, (job_id, self._clock()))
+            cursor = await conn.execute(_HELD_UNTIL, (job_id, self._clock()))
             row = await cursor.fetchone()
         return None if row is None else _float(row[0])
 
@@ -130,14 +135,22 @@ class PostgresExchangeStore:
             cursor = await conn.execute(_FINISHED, (job_id, self._clock()))
             return await cursor.fetchone() is not None
 
-    async def issued(self, job_id: str, expires_at: float, *, project_id: str | None, issuer: str) -> bool:
+    async def issued(
+        self,
+        job_id: str,
+        expires_at: float,
+        *,
+        project_id: str | None,
+        issuer: str,
+        subject_expires_at: float | None = None,
+    ) -> bool:
         await self._prune_if_due()
         async with self._transaction("write") as conn:
             await conn.execute(_LOCK_JOB, (EXCHANGE_JOB_LOCK, job_id))
             cursor = await conn.execute(_FINISHED, (job_id, self._clock()))
             if await cursor.fetchone() is not None:
                 return False
-            await conn.execute(_ISSUED, (job_id, project_id, issuer, expires_at))
+            await conn.execute(_ISSUED, (job_id, project_id, issuer, expires_at, subject_expires_at))
         return True
 
     async def credentials_until(self, job_id: str) -> float | None:

@@ -91,3 +91,21 @@ GATEWAY_JOB_CHECKS = Counter(
 
 def count_gateway_job_check(result: str) -> None:
     GATEWAY_JOB_CHECKS.labels(result).inc()
+
+
+# Why a finished job went on the deny list (docs/revocation-coverage.md), or `not_listed`: nothing of it can pass.
+FINISHED_JOB_REASONS: Final = ("credentials", "seen", "covered", "seen_after_finish", "not_listed")
+FINISHED_JOBS = Counter(
+    "controlplane_finished_jobs_total",
+    "Finished jobs by what listed them on the deny list: credentials (it exchanged), seen (a gateway let its raw "
+    "ID token through), covered (a backend accepting raw ID tokens covers it), seen_after_finish (first seen after "
+    "its Job Hook, listed then), or not_listed (none of these: it costs the fleet nothing).",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in FINISHED_JOB_REASONS:
+    FINISHED_JOBS.labels(reason=_reason)
+
+
+def count_finished_job(reason: str) -> None:
+    FINISHED_JOBS.labels(reason=reason).inc()

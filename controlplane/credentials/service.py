@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.credentials import metrics
+from controlplane.credentials.coverage import Sightings
 from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError
 from controlplane.credentials.gateway_checks import GatewayJobChecks
@@ -36,6 +37,13 @@ log = logging.getLogger("controlplane.credentials")
 MAX_CONCURRENT_JOB_CHECKS = 4
 # The issuer's URL -> how to ask its GitLab for a job's status (blocking), None without `api:` (gitlab_link.py).
 JobStatusReaders = Callable[[str], Callable[[str, str], "str | None"] | None]
+# (job_id, since) -> whether the audit trail holds a request of that job since then (blocking: run in a thread).
+AuditSeen = Callable[[str, float], bool]
+# (timeout) -> True once every access-log record received before the call is written (blocking, AuditTrail.flush).
+AuditFlush = Callable[[float], bool]
+AUDIT_FLUSH_TIMEOUT = 5.0
+AUDIT_SEEN_TIMEOUT = 2.0  # a Job Hook waits at most this for the audit trail's answer, then lists the job
+MAX_PENDING_ASKS = 10_000  # seen jobs waiting to ask the ledger whether they finished (beyond: the next sighting)
 
 
 DEFAULT_EXCHANGE_ADDRESS = (LOOPBACK, 9904)  # `--exchange-address` of serve and validate
@@ -145,6 +153,14 @@ class CredentialService:
             check=self.check_job,
             clock=clock,
         )
+        # Which finished jobs to list (coverage.py): raw ID tokens seen here, finished jobs nothing listed yet.
+        self.sightings = Sightings(keep_for=options.recovery_lookback, clock=clock)
+        self._policy = policy
+        self._audit_seen: AuditSeen | None = None
+        self._audit_flush: AuditFlush | None = None
+        self._sighting_tasks: set[asyncio.Task[None]] = set()
+        self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
+        self._asking = False
         self._inputs: CredentialInputs | None = None
         self._wake = shared_keys.wake if shared_keys is not None else asyncio.Event()
         self.port = 0
@@ -178,6 +194,118 @@ class CredentialService:
             interval=self.options.job_sweep_interval,
         )
 
+    def use_audit_trail(self, seen: AuditSeen, flush: AuditFlush) -> None:
+        """Where jobs seen at any replica's gateways are recorded (`serve` passes the audit trail's reads): a
+        finished job seen there is listed though this replica never saw it."""
+        self._audit_seen = seen
+        self._audit_flush = flush
+
+    def job_seen(
+        self, *, job_id: str, project_id: str | None, issuer: str, issued_at: float, expires_at: float | None
+    ) -> None:
+        """`JobSeen` for the access-log receiver: a gateway let a raw ID token of `job_id` through.
+
+        Remembered (with the token's `exp` and the issuer's clock skew) for when the job finishes; and if it has
+        finished already unlisted (the record reached us after the Job Hook), listed at once. The gap-in-webhooks
+        check (`gateway_checks`) runs as before. Returns at once: the ledger is asked in a task."""
+        policy = self._policy()
+        found = None if policy is None else policy.issuer_by_url(issuer)
+        skew = found.clock_skew if found is not None else 0.0
+        self.sightings.saw(job_id, None if expires_at is None else expires_at + skew)
+        self.gateway_checks(
+            job_id=job_id, project_id=project_id, issuer=issuer, issued_at=issued_at, expires_at=expires_at
+        )
+        if self.revocations.is_revoked(job_id):
+            return
+        if self.sightings.take_finished(job_id):
+            self._spawn(self._list_seen(job_id))
+        elif self.sightings.first_ask(job_id):
+            self._ask_ledger(job_id)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._sighting_tasks.add(task)
+        task.add_done_callback(self._sighting_tasks.discard)
+
+    def _ask_ledger(self, job: str) -> None:
+        """Queue a seen job for the ledger question (did it finish on another replica?); one worker asks them in
+        batches, so a burst of new jobs costs one audit flush and one thread, not one each. Bounded: a job over
+        `MAX_PENDING_ASKS` is asked by its next sighting."""
+        if len(self._asks) >= MAX_PENDING_ASKS:
+            self.sightings.forget_ask(job)
+            return
+        self._asks[job] = None
+        if not self._asking:
+            self._asking = True
+            self._spawn(self._ask_worker())
+
+    async def _ask_worker(self) -> None:
+        """Ask the ledger about the queued jobs after this replica's audit trail has written their sightings: a
+        Job Hook on another replica writes the ledger before it reads the trail, so one of the two sees the
+        other (docs/revocation-coverage.md)."""
+        try:
+            while self._asks:
+                batch = list(self._asks)
+                self._asks.clear()
+                written = self._audit_flush is None or await asyncio.to_thread(self._audit_flush, AUDIT_FLUSH_TIMEOUT)
+                for job in batch:
+                    if not written:
+                        self.sightings.forget_ask(job)  # not in the trail yet: its next sighting asks again
+                    if self.revocations.is_revoked(job):
+                        continue
+                    try:
+                        finished = await self.store.is_finished(job)
+                    except ExchangeStoreError as error:
+                        self.sightings.forget_ask(job)
+                        log.error("%s: job %s seen at a gateway could not be checked against finished jobs", error, job)
+                        continue
+                    if finished:
+                        await self._list_seen(job)
+        finally:
+            self._asking = False
+
+    async def _list_seen(self, job: str) -> None:
+        """List a job seen at a gateway after it finished unlisted (its access-log record came after the hook)."""
+        try:
+            if not self.revocations.is_revoked(job):
+                log.warning("job %s seen at a gateway after it finished: revoked", job)
+                metrics.count_finished_job("seen_after_finish")
+                await self._list(job, "finished", await self._until_for_seen(job))
+        except Exception:
+            log.exception("listing job %s seen at a gateway failed", job)
+
+    async def _until_for_seen(self, job: str) -> float:
+        """How long a seen, finished job stays listed: the token's `exp` when known, else the deny window, and
+        at least as long as its credentials."""
+        held = await self.exchange.latest_expiry(job) or 0.0
+        return max(held, self._raw_token_until(job, seen=True, covered=False))
+
+    def _raw_token_until(self, job: str, *, seen: bool, covered: bool) -> float:
+        """Until when a finished job's raw ID tokens must be denied; 0 when none can pass or with a zero window
+        (raw tokens are not denied at all). Seen: the seen token's `exp` (with the issuer's clock skew) when the
+        access log carried it, else `--deny-id-tokens-for` from now. Covered: that window at least, since its
+        other, unseen tokens could be used too."""
+        window = self.options.deny_id_tokens_for
+        if window <= 0 or not (seen or covered):
+            return 0.0
+        fallback = self.clock() + window
+        sighting = self.sightings.seen(job) if seen else None
+        if sighting is None or sighting.token_until is None:
+            return fallback
+        return max(sighting.token_until, fallback) if covered else sighting.token_until
+
+    async def _seen_in_trail(self, job: str) -> bool:
+        """A gateway of any replica let a raw ID token of the job through (the audit trail; this replica's own
+        sightings, written or not, are in `sightings`)."""
+        if self._audit_seen is None:
+            return False
+        since = self.clock() - self.options.recovery_lookback
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._audit_seen, job, since), AUDIT_SEEN_TIMEOUT)
+        except Exception as error:  # cannot tell (in time): cover it (fail closed)
+            log.error("the audit trail could not say whether job %s was seen (%s): listed", job, error)
+            return True
+
     def job_hooks_may_be_lost(self) -> None:
         """Until `job_hooks_arrive` (the webhook listener is not up yet), any job may have ended unheard: the
         exchange asks GitLab about each (exchange.MissedHooks)."""
@@ -202,6 +330,10 @@ class CredentialService:
 
     async def stop(self) -> None:
         await self.gateway_checks.close()
+        tasks = tuple(self._sighting_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.endpoint.stop()
 
     async def on_event(self, event: GitLabEvent) -> None:
@@ -214,10 +346,16 @@ class CredentialService:
         """
         if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
             return
-        await self.revoke_finished(str(event.job_id), event.status)
+        await self.revoke_finished(str(event.job_id), event.status, str(event.project_id))
 
-    async def revoke_finished(self, job: str, status: str) -> bool:
-        """Deny a finished job (reported by a Job Hook, or found by the recovery sweep); True when newly denied.
+    async def revoke_finished(self, job: str, status: str, project_id: str | None = None) -> bool:
+        """Deny a finished job (reported by a Job Hook, or found by the recovery sweep) if anything of it could
+        still pass a gateway; True when newly denied.
+
+        Listed (coverage.py, docs/revocation-coverage.md) until the latest of: its credentials' and exchanged
+        subject tokens' expiry (the ledger); its raw ID tokens' expiry (`_raw_token_until`) when a gateway saw
+        one or the policy covers the job (`ExchangePolicy.covers`, by `project_id`; None: unknown, covered). A job
+        with none of these is not listed, and a sighting arriving later lists it (`job_seen`).
 
         Recording the end and reading how long the job's credentials live is one step of the ledger, which the
         exchange's own recording of a credential cannot interleave with (on any replica sharing the ledger): a
@@ -225,12 +363,38 @@ class CredentialService:
         empty: the ledger's record is what makes the denial last as long as the job's credentials.
         """
         recorded: float | None = None
+        unknown = False  # the ledger failed
+        now = self.clock()
         try:
-            recorded = await self.store.finish(job, self.clock() + self.options.finished_job_retention)
+            recorded = await self.store.finish(job, now + self.options.finished_job_retention)
         except ExchangeStoreError as error:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
-        held = max(recorded or 0.0, await self.exchange.latest_expiry(job) or 0.0)
-        until = max(held, self.clock() + self.options.deny_id_tokens_for)
+            # What the job holds (another replica's credentials included) is unknown: deny it for as long as
+            # any credential or raw token of it could live, as before coverage existed.
+            unknown = True
+            recorded = now + max(self.options.max_credential_ttl, self.options.deny_id_tokens_for)
+        # Read after `finish`: every credential of the job is counted (any later one is refused).
+        credentials = await self.exchange.latest_expiry(job) or 0.0
+        # `recorded` includes the subject token's `exp`: a raw ID token, denied only with a deny window.
+        raw_tokens_denied = self.options.deny_id_tokens_for > 0 or unknown
+        held = max(recorded or 0.0, credentials) if raw_tokens_denied else credentials
+        policy = self._policy()
+        covered = policy is None or policy.covers(project_id)
+        # Covered, the deny window applies anyway: only this replica's sightings (a later `exp`) are worth asking.
+        # A failed ledger (`unknown`) already lists it for the whole window: PostgreSQL is likely away for the
+        # trail too, and the Job Hook must not wait for it.
+        seen = self.sightings.seen(job) is not None or (not covered and not unknown and await self._seen_in_trail(job))
+        until = max(held, self._raw_token_until(job, seen=seen, covered=covered))
+        if until <= self.clock():
+            # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
+            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback)
+            log.info("job %s %s: nothing to deny (no credential, not seen, not covered)", job, status)
+            metrics.count_finished_job("not_listed")
+            return False
+        metrics.count_finished_job("credentials" if held > self.clock() else "seen" if seen else "covered")
+        return await self._list(job, status, until)
+
+    async def _list(self, job: str, status: str, until: float) -> bool:
         revoked = self.revocations.revoke(job, until)
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
@@ -314,7 +478,7 @@ class CredentialService:
             return "not_found"
         if status in TERMINAL_JOB_STATUSES:
             log.warning("job %s is %s in GitLab but no Job Hook said so: revoked (at %s)", job.job_id, status, via)
-            await self.revoke_finished(job.job_id, status)
+            await self.revoke_finished(job.job_id, status, job.project_id)
             return "finished"
         self.exchange.missed_hooks.verified(job.job_id, asked_at, job.until)
         return "not_finished"
@@ -362,6 +526,8 @@ class CredentialService:
             "active_credentials": self.exchange.active_credentials(),
             "store": self.store.status(),
             **self.revocations.status(),
+            # Which finished jobs are listed (docs/revocation-coverage.md): this replica's sightings.
+            "coverage": {**self.sightings.status(), "pending_ledger_asks": len(self._asks)},
         }
 
 

@@ -44,6 +44,11 @@ DEFAULT_JWKS_MODE = JwksMode.RELAY
 DEFAULT_INJECTION_HEADER = "Authorization"
 DEFAULT_INJECTION_PREFIX = ""
 DEFAULT_BACKEND_CREDENTIALS = "any"
+# Which finished jobs a backend accepting raw ID tokens keeps denied (docs/revocation-coverage.md): "finished-jobs"
+# every finished job (a token first used after its job ended is refused at once); "seen-jobs" only jobs whose
+# tokens a gateway has seen or that hold credentials (a token first used after its job ended passes until its
+# access-log record reaches the control plane, then the job is denied fleet-wide).
+DEFAULT_BACKEND_REVOKE = "finished-jobs"
 DEFAULT_CREDENTIAL_TTL_SECONDS = 900
 
 
@@ -123,6 +128,14 @@ class Backend:
     credentials: str = DEFAULT_BACKEND_CREDENTIALS
     # A credential of the backend's own, injected upstream by Envoy: the backend never sees the job's token.
     inject: Injection | None = None
+    # With raw ID tokens accepted: which finished jobs must be denied for it (DEFAULT_BACKEND_REVOKE).
+    revoke: str = DEFAULT_BACKEND_REVOKE
+
+    @property
+    def covers_unseen_jobs(self) -> bool:
+        """Whether every finished job that could reach it must be denied, seen at a gateway or not: it accepts raw
+        ID tokens (which Envoy alone judges) and did not opt out with `revoke: seen-jobs`."""
+        return self.credentials != "exchanged" and self.revoke != "seen-jobs"
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        7,
+        "exchange store: the latest subject token expiry of each job holding credentials",
+        # A finished job stays denied until its ID token expires too (docs/revocation-coverage.md); NULL: rows
+        # written before this migration, whose credentials alone count.
+        """
+        ALTER TABLE job_credentials ADD COLUMN subject_expires_at double precision;
+        CREATE INDEX job_credentials_held ON job_credentials (greatest(expires_at, subject_expires_at));
+        """,
+    ),
 )
 
 _CREATE_LEDGER = """

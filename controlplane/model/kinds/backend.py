@@ -15,6 +15,7 @@ from controlplane.model.errors import quoted
 from controlplane.model.fields import Fields, list_of, need, record
 from controlplane.model.policy import (
     DEFAULT_BACKEND_CREDENTIALS,
+    DEFAULT_BACKEND_REVOKE,
     DEFAULT_INJECTION_HEADER,
     DEFAULT_INJECTION_PREFIX,
     Backend,
@@ -28,10 +29,23 @@ DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 _BACKEND_KEYS = (
     *COMMON_KEYS,
-    *("hosts", "audience", "endpoints", "tls", "connect_timeout", "timeout", "public_paths", "credentials", "inject"),
+    *(
+        "hosts",
+        "audience",
+        "endpoints",
+        "tls",
+        "connect_timeout",
+        "timeout",
+        "public_paths",
+        "credentials",
+        "inject",
+        "revoke",
+    ),
 )
 # "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
 _BACKEND_CREDENTIALS = (DEFAULT_BACKEND_CREDENTIALS, "exchanged")
+# Which finished jobs stay denied for a backend accepting raw ID tokens (model/policy.py DEFAULT_BACKEND_REVOKE).
+_BACKEND_REVOKE = (DEFAULT_BACKEND_REVOKE, "seen-jobs")
 
 
 def _exact_path_check(value: str) -> str | None:
@@ -72,6 +86,13 @@ def build(doc: Doc, env: Env) -> Backend:
         "credentials", scalars.enum("credentials", _BACKEND_CREDENTIALS), DEFAULT_BACKEND_CREDENTIALS
     )
     inject = f.maybe("inject", _injection)
+    revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
+    if f.has("revoke") and credentials == "exchanged":
+        f.error(
+            "revoke",
+            "applies only to a backend accepting raw ID tokens (credentials: any): an exchanged "
+            "credential is refused once its job is over, whatever this says",
+        )
     return Backend(
         name=need(doc.name),
         hosts=need(hosts),
@@ -84,6 +105,7 @@ def build(doc: Doc, env: Env) -> Backend:
         source=doc.source,
         credentials=need(credentials),
         inject=inject,
+        revoke=need(revoke),
     )
 
 
