@@ -316,7 +316,10 @@ class TypeState:
     sent_source: Mapping[str, EncodedResource] = field(default_factory=lambda: _NO_RESOURCES)
     sent_at: float = 0.0
     awaiting: bool = False  # the last response has been neither ACKed nor NACKed yet
-    holds_sent: bool = False  # the client ACKed the last response on this stream: it holds sent_names' bytes
+    # sent_names' bytes were all sent on this stream (ACKed or not yet) and nothing NACKed since: the client holds
+    # them, or will once the responses in flight are applied. Filter configurations are then sent as changes.
+    knows_sent: bool = False
+    resend: bool = False  # a NACK crossed a newer response: send the type whole again, even at the same version
     acked_version: str | None = None
     nacked: set[str] = field(default_factory=set)
     withheld: str | None = None  # last version reported as Withheld, to report it once
@@ -568,7 +571,7 @@ class AdsStream(StreamIdentity):
         nonce = request.response_nonce
         if nonce and nonce != state.sent_nonce:
             events.append(Stale(type_url, nonce, state.sent_nonce))
-            return False
+            return self._stale_nack(type_url, state, request)
         if nonce:
             events.append(self._answer(type_url, state, request, now))
         elif state.sent_version is None:
@@ -580,6 +583,19 @@ class AdsStream(StreamIdentity):
             events.append(Subscribed(type_url, names))
         return True
 
+    @staticmethod
+    def _stale_nack(type_url: str, state: TypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
+        """A filter-configuration NACK of an older response (True: plan again, whole); the request is still ignored.
+
+        Configurations are sent once per stream, also before the last response is ACKed (a connect burst): a
+        later response then leaves out the one Envoy refused, Envoy ACKs it, and the refusal would be seen
+        nowhere. Sending the type whole again makes Envoy NACK the current response, which is recorded."""
+        if type_url != EXTENSION_CONFIG or not request.HasField("error_detail") or not state.knows_sent:
+            return False
+        state.knows_sent = False
+        state.resend = True
+        return True
+
     def _answer(
         self, type_url: str, state: TypeState, request: discovery_pb2.DiscoveryRequest, now: float
     ) -> Ack | Nack:
@@ -589,10 +605,12 @@ class AdsStream(StreamIdentity):
         sent = state.sent_version or ""
         if request.HasField("error_detail"):
             state.nacked.add(sent)
+            state.knows_sent = False  # Envoy may have applied part of the response, or none of it
             detail = request.error_detail
             return Nack(type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency)
         state.acked_version = request.version_info
-        state.holds_sent = request.version_info == sent
+        if request.version_info != sent:
+            state.knows_sent = False  # Envoy's ACK names the version it accepted, the one sent: anything else is odd
         return Ack(type_url, request.version_info, state.sent_nonce, latency)
 
     # -- deciding what to send
@@ -641,17 +659,18 @@ class AdsStream(StreamIdentity):
         state.sent_names = names
         state.sent_source = current.resources
         # Which names it holds is not known: the version says nothing of a name asked for after accepting it and
-        # never answered. The next filter-configuration push is whole (then subsets again).
-        state.holds_sent = False
+        # never answered. The next filter-configuration response is whole (then only what it was not sent).
+        state.knows_sent = False
         events.append(Resumed(type_url, current.version))
 
     def _respond(
         self, type_url: str, state: TypeState, current: TypeSnapshot, now: float, events: list[Event]
     ) -> Response | None:
-        if state.sent_version == current.version and covered(state.names, state.sent_subscription):
+        answered = covered(state.names, state.sent_subscription) and not state.resend
+        if state.sent_version == current.version and answered:
             return None  # the fast path of a fan-out: this type did not change
         target = self._target(type_url, state, current)
-        if target.version == state.sent_version and covered(state.names, state.sent_subscription):
+        if target.version == state.sent_version and answered:
             return None
         if target.version in state.nacked or self._rejected.is_rejected(self.node_id, type_url, target.version):
             if state.withheld != target.version:
@@ -663,7 +682,7 @@ class AdsStream(StreamIdentity):
     def _target(self, type_url: str, state: TypeState, current: TypeSnapshot) -> _Target:
         """What the client should get now: the snapshot, for CDS the make-before-break union (rule 6), and for
         filter configurations only what changed when the client is known to hold the last response."""
-        if type_url == EXTENSION_CONFIG and state.holds_sent:
+        if type_url == EXTENSION_CONFIG and state.knows_sent:
             return _shared_changes(self._shared, current, state.names, state.sent_names, state.sent_source)
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:
@@ -699,6 +718,9 @@ class AdsStream(StreamIdentity):
         state.sent_source = target.source
         state.sent_at = now
         state.awaiting = True
-        state.holds_sent = False  # until the ACK: a NACKed response may have been applied in part, or not at all
+        # Sent, and so known, until a NACK says otherwise (Envoy applies SotW responses in order; one that leaves a
+        # configuration out keeps the one sent before in force, docs/envoy-ecds.md §2).
+        state.knows_sent = True
+        state.resend = False
         state.withheld = None
         return Response(type_url, target.version, nonce, unsent, target.sent)
