@@ -320,6 +320,7 @@ class TypeState:
     # them, or will once the responses in flight are applied. Filter configurations are then sent as changes.
     knows_sent: bool = False
     resend: bool = False  # a NACK crossed a newer response: send the type whole again, even at the same version
+    whole_nonce: int = 0  # the last response that held everything the client should hold (a NACK before it is known)
     acked_version: str | None = None
     nacked: set[str] = field(default_factory=set)
     withheld: str | None = None  # last version reported as Withheld, to report it once
@@ -589,8 +590,15 @@ class AdsStream(StreamIdentity):
 
         Configurations are sent once per stream, also before the last response is ACKed (a connect burst): a
         later response then leaves out the one Envoy refused, Envoy ACKs it, and the refusal would be seen
-        nowhere. Sending the type whole again makes Envoy NACK the current response, which is recorded."""
+        nowhere. Sending the type whole again makes Envoy NACK the current response, which is recorded. Only for a
+        response sent before no whole one: Envoy answers that whole one too, so a later NACK is not lost, and
+        NACKs crossing whole re-sends cannot keep each other going."""
         if type_url != EXTENSION_CONFIG or not request.HasField("error_detail") or not state.knows_sent:
+            return False
+        nonce = request.response_nonce
+        if not (nonce.isascii() and nonce.isdigit() and len(nonce) < 20):
+            return False  # not one of ours (they are numbers)
+        if not state.whole_nonce <= int(nonce) < int(state.sent_nonce or "0"):
             return False
         state.knows_sent = False
         state.resend = True
@@ -722,5 +730,7 @@ class AdsStream(StreamIdentity):
         # configuration out keeps the one sent before in force, docs/envoy-ecds.md §2).
         state.knows_sent = True
         state.resend = False
+        if len(target.sent) == len(target.names):
+            state.whole_nonce = self._nonces
         state.withheld = None
         return Response(type_url, target.version, nonce, unsent, target.sent)
