@@ -597,9 +597,9 @@ class AdsStream(StreamIdentity):
 
         Configurations are sent once per stream, also before the last response is ACKed (a connect burst): a
         later response then leaves out the one Envoy refused, Envoy ACKs it, and the refusal would be seen
-        nowhere. Sending the type whole again makes Envoy NACK the current response, which is recorded. Only for a
-        response sent before no whole one: Envoy answers that whole one too, so a later NACK is not lost, and
-        NACKs crossing whole re-sends cannot keep each other going."""
+        nowhere. Sending the type whole again makes Envoy NACK the current response, which is recorded. Only when
+        no whole response followed the NACKed one (otherwise Envoy answers that whole one too, so the refusal is
+        not lost), so that NACKs crossing whole re-sends cannot keep each other going."""
         if type_url != EXTENSION_CONFIG or not request.HasField("error_detail") or not state.knows_sent:
             return False
         nonce = request.response_nonce
