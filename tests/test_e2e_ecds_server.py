@@ -304,3 +304,39 @@ async def test_a_reconnect_to_17_filter_configs_is_sent_none_again(api: str) -> 
     finally:
         await asyncio.to_thread(envoy.stop)
         await server.stop(1.0)
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+async def test_a_configuration_refused_in_the_connect_burst_fails_closed(api: str) -> None:
+    """The first of 17 configurations is one Envoy refuses (an RE2 program over the default size limit, §5). Envoy
+    NACKs the response that carried it, but only after it sent its 17 requests and the server answered them all,
+    so over SotW that NACK answers an older response (stale, ignored); a later response carrying the same bytes
+    (every one did before configurations were sent once) is ACKed without being applied. Either way the listener
+    goes active and that filter answers 500 (it has no configuration, and no default here, §2); the 16 others are
+    configured once each (docs/envoy-ecds.md §8)."""
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
+    port = free_port()
+    denied = {name: [f"{i}"] for i, name in enumerate(FILTERS)}
+    denied[FILTERS[0]] = job_ids(100)  # program size 493 > 100 (no runtime key here)
+    snapshot, _ = seventeen(port, denied)
+    cache.set(snapshot)
+    envoy = ads_envoy(await server.start(LOOPBACK, 0), api, group=GROUP)
+    try:
+        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
+            await asyncio.wrap_future(spawner.submit(envoy.start))
+        await asyncio.to_thread(envoy.wait_ready, 10)
+        assert await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="5") == 500, 5, "fail closed")
+        assert await asyncio.to_thread(ecds_stat, envoy, FILTERS[0], "update_rejected") == 1
+        assert await asyncio.to_thread(ecds_stat, envoy, FILTERS[0], "config_fail") == 1
+        for name in FILTERS[1:]:
+            assert await asyncio.to_thread(ecds_stat, envoy, name, "update_success") >= 1, name
+            assert await asyncio.to_thread(ecds_stat, envoy, name, "config_reload") == 1, name
+        # What the server records: the last response ACKed, no NACK (the refusal is seen in Envoy's counters only).
+        version = snapshot.version(EXTENSION_CONFIG)
+        await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "ECDS ACKed")
+        (proxy,) = registry.status()
+        assert proxy["last_nack"] is None
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await server.stop(1.0)

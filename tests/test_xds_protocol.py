@@ -598,41 +598,6 @@ def test_a_nack_in_the_middle_of_a_burst_makes_the_next_response_whole() -> None
     assert _denied(one(stream.set_snapshot(_seventeen(f05="2", f16="2"), 5.0))) == {"f16": "2"}
 
 
-def test_a_nack_that_crossed_later_answers_sends_everything_again_so_envoy_nacks_it_again() -> None:
-    """In a burst Envoy answers response 1 after the server sent 2 to 17: its NACK of 1 is stale. The later
-    answers left the refused configuration out, so Envoy would ACK them and the refusal would be lost: the type
-    is sent whole again at once (the same version), and Envoy's NACK of that one is recorded."""
-    current = _seventeen(f00="bad")
-    stream, _ = started(current)
-    burst = _connect_burst(stream)
-    stale = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=burst[0].nonce, error="f00"), 18.0)
-    assert of_type(stale, Stale) and not of_type(stale, Nack)
-    again = one(stale)
-    assert again.resource_names == SEVENTEEN and again.version == burst[-1].version
-    for response in burst[1:]:  # Envoy's answers to 2..17, now stale too: nothing more
-        assert stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=response.nonce), 19.0).responses == ()
-    out = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=again.nonce, error="f00"), 20.0)
-    assert of_type(out, Nack) and out.responses == ()  # withheld from now on, until a newer version
-
-
-def test_nacks_crossing_whole_resends_do_not_keep_each_other_going() -> None:
-    """Two refused configurations in a burst: Envoy NACKs responses 1 and 2 (stale), and each whole re-send while
-    the next NACK is in flight; only a NACK of a response older than the last whole one is acted on."""
-    current = _seventeen(f00="bad", f01="bad")
-    stream, _ = started(current)
-    burst = _connect_burst(stream)
-    nack = {"version": "", "error": "bad"}
-    again = one(stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=burst[0].nonce, **nack), 18.0))
-    assert stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=burst[1].nonce, **nack), 18.0).responses == ()
-    changed = one(stream.set_snapshot(_seventeen(f00="bad", f01="bad", f02="2"), 19.0))  # while `again` is in flight
-    assert changed.resource_names == ("f02",)
-    third = one(stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=again.nonce, **nack), 20.0))  # stale too
-    assert third.resource_names == SEVENTEEN
-    assert stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=changed.nonce, **nack), 21.0).responses == ()
-    out = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=third.nonce, **nack), 22.0)
-    assert of_type(out, Nack) and out.responses == ()
-
-
 def test_a_reconnect_in_a_burst_gets_everything_it_names_once() -> None:
     """A new stream resuming at the current version holds something, but not known what: the first answer holds
     every name asked for so far, later ones only the new names. With an older version, each name once from the

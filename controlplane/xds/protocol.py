@@ -12,9 +12,8 @@ The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md
   nonce that is not the last one sent for its type on this stream is stale and ignored entirely;
 * a request echoing the last nonce is an ACK (or, with `error_detail`, a NACK of the version sent);
 * subscriptions are taken from every non-stale request, ACKs included;
-* a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent
-  (or, for filter configurations, a stale NACK asks for it whole), and never when this node NACKed it (also on
-  an earlier stream: see `RejectedVersions`);
+* a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent,
+  and never when this node NACKed it (also on an earlier stream: see `RejectedVersions`);
 * a reconnecting client that already holds the current version gets nothing (versions are content hashes);
 * clusters that a new snapshot removes are kept (make-before-break) until the listeners and routes of that
   snapshot are ACKed, so no route points at a cluster Envoy already dropped;
@@ -38,8 +37,8 @@ about 10 KB 153 configurations and 1.43 MB, now 17 and 163 KB, the same as Delta
 content hash of the whole type, so responses in a row may share it (Envoy accepts them), and a reconnect at the
 current version still gets nothing. Everything subscribed is sent when what the client holds is not known: on a
 new stream (also the first response after a resume), after a NACK, after an ACK of another version than the
-one sent. A NACK crossed by later responses (stale) would otherwise be lost, those having left the refused
-configuration out: it re-sends the type whole once, so that Envoy NACKs a current response.
+one sent. A NACK crossed by later responses is stale and ignored, as before: re-sending the refused bytes would
+not bring it back, Envoy ACKs a configuration it refused when it comes again unchanged (docs/envoy-ecds.md §8).
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
 subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
 one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream,
@@ -325,8 +324,6 @@ class TypeState:
     # sent_names' bytes were all sent on this stream (ACKed or not yet) and nothing NACKed since: the client holds
     # them, or will once the responses in flight are applied. Filter configurations are then sent as changes.
     knows_sent: bool = False
-    resend: bool = False  # a NACK crossed a newer response: send the type whole again, even at the same version
-    whole_nonce: int = 0  # the last response that held everything the client should hold (a NACK before it is known)
     acked_version: str | None = None
     nacked: set[str] = field(default_factory=set)
     withheld: str | None = None  # last version reported as Withheld, to report it once
@@ -579,7 +576,7 @@ class AdsStream(StreamIdentity):
         nonce = request.response_nonce
         if nonce and nonce != state.sent_nonce:
             events.append(Stale(type_url, nonce, state.sent_nonce))
-            return self._stale_nack(type_url, state, request)
+            return False
         if nonce:
             events.append(self._answer(type_url, state, request, now))
         elif state.sent_version is None:
@@ -589,26 +586,6 @@ class AdsStream(StreamIdentity):
             state.names = names
             _forget_unsubscribed(state, names, self._shared)
             events.append(Subscribed(type_url, names))
-        return True
-
-    @staticmethod
-    def _stale_nack(type_url: str, state: TypeState, request: discovery_pb2.DiscoveryRequest) -> bool:
-        """A filter-configuration NACK of an older response (True: plan again, whole); the request is still ignored.
-
-        Configurations are sent once per stream, also before the last response is ACKed (a connect burst): a
-        later response then leaves out the one Envoy refused, Envoy ACKs it, and the refusal would be seen
-        nowhere. Sending the type whole again makes Envoy NACK the current response, which is recorded. Only when
-        no whole response followed the NACKed one (otherwise Envoy answers that whole one too, so the refusal is
-        not lost), so that NACKs crossing whole re-sends cannot keep each other going."""
-        if type_url != EXTENSION_CONFIG or not request.HasField("error_detail") or not state.knows_sent:
-            return False
-        nonce = request.response_nonce
-        if not (nonce.isascii() and nonce.isdigit() and len(nonce) < 20):
-            return False  # not one of ours (they are numbers)
-        if not state.whole_nonce <= int(nonce) < int(state.sent_nonce or "0"):
-            return False
-        state.knows_sent = False
-        state.resend = True
         return True
 
     def _answer(
@@ -681,7 +658,7 @@ class AdsStream(StreamIdentity):
     def _respond(
         self, type_url: str, state: TypeState, current: TypeSnapshot, now: float, events: list[Event]
     ) -> Response | None:
-        answered = covered(state.names, state.sent_subscription) and not state.resend
+        answered = covered(state.names, state.sent_subscription)
         if state.sent_version == current.version and answered:
             return None  # the fast path of a fan-out: this type did not change
         target = self._target(type_url, state, current)
@@ -736,8 +713,5 @@ class AdsStream(StreamIdentity):
         # Sent, and so known, until a NACK says otherwise (Envoy applies SotW responses in order; one that leaves a
         # configuration out keeps the one sent before in force, docs/envoy-ecds.md §2).
         state.knows_sent = True
-        state.resend = False
-        if len(target.sent) == len(target.names):
-            state.whole_nonce = self._nonces
         state.withheld = None
         return Response(type_url, target.version, nonce, unsent, target.sent)
