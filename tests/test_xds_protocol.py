@@ -467,10 +467,12 @@ def test_an_ack_naming_another_version_than_the_one_sent_makes_the_next_response
     assert _denied(one(stream.set_snapshot(_buckets(b="2", c="2"), 3.0))) == {"a": "1", "b": "2", "c": "2"}
 
 
-def test_a_push_while_the_last_one_is_unanswered_sends_every_filter_config() -> None:
+def test_a_push_while_the_last_one_is_unanswered_sends_only_what_was_not_sent() -> None:
+    """A configuration sent and not yet ACKed is not sent again: Envoy applies SotW responses in order, and one that
+    leaves it out keeps it in force (docs/envoy-ecds.md §2); a NACK of either response makes the next one whole."""
     stream, _ = _bucket_stream(_buckets())
     assert _denied(one(stream.set_snapshot(_buckets(b="2"), 1.0))) == {"b": "2"}
-    assert _denied(one(stream.set_snapshot(_buckets(b="2", c="2"), 2.0))) == {"a": "1", "b": "2", "c": "2"}
+    assert _denied(one(stream.set_snapshot(_buckets(b="2", c="2"), 2.0))) == {"c": "2"}
 
 
 def test_a_newly_subscribed_filter_config_is_sent_without_the_held_ones() -> None:
@@ -526,13 +528,91 @@ def test_streams_at_the_same_acked_version_share_one_subset() -> None:
     assert all(p.unsent is pushes[0].unsent for p in pushes)  # one framed body
     assert all(p.wire(shared) is pushes[0].wire(shared) for p in pushes)  # same history, same nonce: one copy
     assert all(_denied(p) == {"b": "2"} for p in pushes)
-    # A stream whose last response is unanswered gets everything, the others the subset, from the same snapshot.
-    for s, p in zip(streams[:2], pushes[:2], strict=True):
-        ack(s, p, BUCKETS)
+    # ACKed or not yet, streams that were sent the same get the same subset, framed once; one that NACKed, whole.
+    ack(streams[0], pushes[0], BUCKETS)
+    nack = req(EXTENSION_CONFIG, BUCKETS, version=first.version(EXTENSION_CONFIG), nonce=pushes[1].nonce, error="x")
+    assert of_type(streams[1].receive(nack, 1.0), Nack)
     later = _buckets(b="2", c="2")
-    subset, subset2, whole = (one(s.set_snapshot(later, 2.0)) for s in streams)
+    subset, whole, subset2 = (one(s.set_snapshot(later, 2.0)) for s in streams)
     assert subset.unsent is subset2.unsent and _denied(subset) == {"c": "2"}
     assert _denied(whole) == {"a": "1", "b": "2", "c": "2"}
+
+
+SEVENTEEN = tuple(f"f{i:02}" for i in range(17))
+
+
+def _seventeen(**changed: str) -> Snapshot:
+    """issue 13's listener: 17 filter configurations (jwt_authn and 16 deny-list buckets, here all RBAC)."""
+    return _with_filters(snap(), **({n: "1" for n in SEVENTEEN} | changed))
+
+
+def _connect_burst(stream: AdsStream, version: str = "") -> list[Response]:
+    """What Envoy sends when a listener with 17 ECDS filters arrives (docs/envoy-ecds.md §8): one request per filter,
+    each naming every filter so far, all with an empty nonce (before it ACKs anything)."""
+    responses: list[Response] = []
+    for count in range(1, len(SEVENTEEN) + 1):
+        responses += stream.receive(req(EXTENSION_CONFIG, SEVENTEEN[:count], version=version), float(count)).responses
+    return responses
+
+
+def test_a_connect_burst_of_growing_requests_sends_each_filter_config_once() -> None:
+    current = _seventeen()
+    stream, _ = started(current)
+    burst = _connect_burst(stream)
+    assert [r.resource_names for r in burst] == [(n,) for n in SEVENTEEN]  # 17 answers, one configuration each
+    assert {r.version for r in burst} == {current.version(EXTENSION_CONFIG)}  # all at the type's version
+    assert sum(r.size for r in burst) < 2 * len(current.types[EXTENSION_CONFIG].all_entries)  # not 17 x 9 of them
+    for response in burst[:-1]:  # Envoy then answers each in order: all but the last are stale
+        assert of_type(ack(stream, response, SEVENTEEN), Stale) and stream.type_state(EXTENSION_CONFIG).awaiting  # type: ignore[union-attr]
+    assert of_type(ack(stream, burst[-1], SEVENTEEN), Ack) == [
+        Ack(EXTENSION_CONFIG, burst[-1].version, burst[-1].nonce, 0.0)
+    ]
+    assert _denied(one(stream.set_snapshot(_seventeen(f09="2"), 20.0))) == {"f09": "2"}
+
+
+def test_streams_in_the_same_connect_burst_share_every_answer() -> None:
+    shared, current = FanOutCache(), _seventeen()
+    streams = [AdsStream(shared) for _ in range(3)]
+    for stream in streams:
+        stream.set_snapshot(current, 0.0)
+        stream.receive(req(LISTENER, node=True), 0.0)
+    bursts = [_connect_burst(stream) for stream in streams]
+    assert all(len(b) == 17 for b in bursts)
+    for answers in zip(*bursts, strict=True):
+        assert all(a.unsent is answers[0].unsent and a.wire(shared) is answers[0].wire(shared) for a in answers)
+
+
+def test_a_nack_in_the_middle_of_a_burst_makes_the_next_response_whole() -> None:
+    current = _seventeen(f05="bad")
+    stream, _ = started(current)
+    version = current.version(EXTENSION_CONFIG)
+    burst = [one(stream.receive(req(EXTENSION_CONFIG, SEVENTEEN[:count]), 1.0)) for count in range(1, 9)]
+    assert [r.resource_names for r in burst] == [(n,) for n in SEVENTEEN[:8]]
+    nacked = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN[:8], nonce=burst[-1].nonce, error="f05"), 2.0)
+    assert of_type(nacked, Nack) and nacked.responses == ()
+    grown = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=burst[-1].nonce), 3.0)
+    assert grown.responses == () and of_type(grown, Withheld) == [Withheld(EXTENSION_CONFIG, version)]
+    fixed = one(stream.set_snapshot(_seventeen(f05="2"), 4.0))
+    assert fixed.resource_names == SEVENTEEN  # what it holds after a NACK is not known: everything, once
+    ack(stream, fixed, SEVENTEEN)
+    assert _denied(one(stream.set_snapshot(_seventeen(f05="2", f16="2"), 5.0))) == {"f16": "2"}
+
+
+def test_a_reconnect_in_a_burst_gets_everything_it_names_once() -> None:
+    """A new stream resuming at the current version holds something, but not known what: the first answer holds
+    every name asked for so far, later ones only the new names. With an older version, each name once from the
+    start."""
+    current = _seventeen()
+    version = current.version(EXTENSION_CONFIG)
+    resumed = AdsStream(FanOutCache())
+    resumed.set_snapshot(current, 0.0)
+    resumed.receive(req(LISTENER, node=True), 0.0)
+    burst = _connect_burst(resumed, version)
+    assert [r.resource_names for r in burst] == [SEVENTEEN[:2], *((n,) for n in SEVENTEEN[2:])]
+    older = AdsStream(FanOutCache())
+    older.set_snapshot(current, 0.0)
+    older.receive(req(LISTENER, node=True), 0.0)
+    assert [r.resource_names for r in _connect_burst(older, "older")] == [(n,) for n in SEVENTEEN]
 
 
 # ------------------------------------------------------------------------ rule 1: node and per-type state
