@@ -1,7 +1,10 @@
-"""The gateway listener: HTTP connection manager with jwt_authn → revocations → RBAC → credential injection →
-router, in that order.
+"""The gateway listener: HTTP connection manager with jwt_authn → revocation buckets → RBAC → credential
+injection → router, in that order.
 
-Revocations come before the main RBAC so that a revoked job is denied whatever its grants.
+Revocations come before the main RBAC so that a revoked job is denied whatever its grants. The buckets' deny
+lists are not in the listener: each bucket filter names its configuration (ECDS, `config_discovery`), which the
+compiler emits as an EXTENSION_CONFIG resource (compiler/revocations.py), so a revocation never replaces the
+listener (Envoy would drain its connections).
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ from controlplane.compiler.names import (
     HCM_FILTER,
     JWT_FILTER,
     RBAC_FILTER,
-    REVOCATIONS_FILTER,
     ROUTER_FILTER,
     listener_name,
     route_config_name,
 )
-from controlplane.compiler.rbac import deny_all_filter, revocations_filter
+from controlplane.compiler.rbac import deny_all_filter
+from controlplane.compiler.revocations import RBAC_URL, bucket_names
 from controlplane.compiler.util import packed
 from controlplane.model.policy import Backend, Gateway
 
@@ -45,13 +48,11 @@ def gateway_listener(
         codec_type=HCM.AUTO,
         rds=hcm.Rds(
             route_config_name=route_config_name(gateway.name),
-            config_source=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
-            ),
+            config_source=_ads(),
         ),
         http_filters=[
             hcm.HttpFilter(name=JWT_FILTER, typed_config=AnyProto(type_url=_JWT_CONFIG_URL, value=authentication)),
-            hcm.HttpFilter(name=REVOCATIONS_FILTER, typed_config=packed(revocations_filter())),
+            *_revocation_buckets(),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             *inject.http_filters(backends),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
@@ -73,6 +74,30 @@ def gateway_listener(
                 filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=packed(manager))]
             )
         ],
+    )
+
+
+def _revocation_buckets() -> list[hcm.HttpFilter]:
+    """One RBAC filter per bucket, configured by ECDS. Until its configuration arrives the listener warms (no
+    `apply_default_config_without_warming`); after `initial_fetch_timeout` the deny-all default applies:
+    fail-closed. The same filters, in the same order, on every gateway."""
+    return [
+        hcm.HttpFilter(
+            name=name,
+            config_discovery=config_source_pb2.ExtensionConfigSource(
+                config_source=_ads(),
+                default_config=packed(deny_all_filter()),
+                apply_default_config_without_warming=False,
+                type_urls=[RBAC_URL],
+            ),
+        )
+        for name in bucket_names()
+    ]
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
     )
 
 
