@@ -290,7 +290,8 @@ def bucket_rbac(group: CompiledGroup, index: int) -> Any:
 
 def test_every_bucket_is_emitted_and_only_a_listed_jobs_bucket_denies() -> None:
     group = gateway()  # 555 and 777 (and 777 again): both in bucket 0 (thousand-block 0)
-    assert sorted(filter_configs(group)) == BUCKETS  # empty ones too: a removed bucket would deny everyone
+    # Empty buckets too (a removed bucket would deny everyone), and jwt_authn's configuration.
+    assert sorted(filter_configs(group)) == [*BUCKETS, "envoy.filters.http.jwt_authn"]
     listed = bucket_rbac(group, 0).rules
     assert listed.action == rbac_config.RBAC.DENY and list(listed.policies) == ["revoked-jobs"]
     policy = listed.policies["revoked-jobs"]
@@ -349,8 +350,34 @@ def test_every_gateway_group_gets_the_same_buckets() -> None:
     )
     groups = compile_policy(policy_two, credentials=CREDENTIALS)
     assert len(groups) == 2
-    first, second = groups.values()
-    assert first.resources[EXTENSION_CONFIG] == second.resources[EXTENSION_CONFIG]
+    first, second = ([r for r in g.resources[EXTENSION_CONFIG] if r[0] in BUCKETS] for g in groups.values())
+    assert len(first) == 16 and first == second
+
+
+def test_jwt_authn_comes_by_ecds_and_a_key_rotation_changes_only_its_configuration() -> None:
+    """The listener names jwt_authn's configuration (no default: it warms, then fails closed); the keys, ours or
+    a relayed issuer's, are in that ECDS resource, so a rotation leaves the listener's bytes alone."""
+    group = gateway()
+    (jwt_filter,) = [f for f in connection_manager(group).http_filters if f.name == "envoy.filters.http.jwt_authn"]
+    assert not jwt_filter.HasField("typed_config") and jwt_filter.config_discovery.config_source.HasField("ads")
+    assert not jwt_filter.config_discovery.HasField("default_config")
+    assert list(jwt_filter.config_discovery.type_urls) == [
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+    ]
+    assert "controlplane" in jwt_authentication(group).providers
+    rotated = gateway(
+        CredentialInputs(
+            jwks=KEYS.replace("cp-1", "cp-2"),
+            exchange_address=CREDENTIALS.exchange_address,
+            revoked=CREDENTIALS.revoked,
+        )
+    )
+    assert rotated.resources[LISTENER] == group.resources[LISTENER]
+    assert rotated.resources[ROUTE] == group.resources[ROUTE]
+    before, after = dict(group.resources[EXTENSION_CONFIG]), dict(rotated.resources[EXTENSION_CONFIG])
+    assert [name for name in before if before[name] != after[name]] == ["envoy.filters.http.jwt_authn"]
+    relayed = compile_policy(policy(), credentials=CREDENTIALS, keys={"gitlab": KEYS})["gw"]
+    assert relayed.resources[LISTENER] == group.resources[LISTENER]
 
 
 def test_memo_equals_a_cold_compile_with_credentials_and_revocations() -> None:

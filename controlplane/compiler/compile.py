@@ -18,6 +18,7 @@ from controlplane.compiler.names import (
     CREDENTIAL_PROVIDER,
     EXCHANGE_CLUSTER,
     EXCHANGED_POLICY_PREFIX,
+    JWT_FILTER,
     backend_cluster,
     jwks_cluster,
     listener_name,
@@ -171,11 +172,12 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             for b, p in zip(backends, parts, strict=True)
             if p.endpoints is not None
         ],
-        LISTENER: [
-            (listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication, backends)))
-        ],
+        LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, backends)))],
         ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts))],
-        EXTENSION_CONFIG: list(shared.revocations),
+        # jwt_authn's configuration (keys, requirements) and the deny list: changing either changes no listener.
+        EXTENSION_CONFIG: sorted(
+            [(JWT_FILTER, listener.authentication_config_bytes(authentication)), *shared.revocations]
+        ),
         SECRET: inject.secrets(backends, shared.secrets),
     }
     return CompiledGroup(gateway.name, resources)
