@@ -53,7 +53,7 @@ def gateway_listener(gateway: Gateway, backends: Sequence[Backend] = ()) -> list
         ),
         http_filters=[
             _jwt_authn(),
-            *_revocation_buckets(),
+            *revocation_bucket_filters(),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             *inject.http_filters(backends),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
@@ -99,7 +99,7 @@ def authentication_config_bytes(authentication: bytes) -> bytes:
     )
 
 
-def _revocation_buckets() -> list[hcm.HttpFilter]:
+def revocation_bucket_filters() -> list[hcm.HttpFilter]:
     """One RBAC filter per bucket, configured by ECDS. Until its configuration arrives the listener warms (no
     `apply_default_config_without_warming`); after `initial_fetch_timeout` the deny-all default applies:
     fail-closed. The same filters, in the same order, on every gateway."""
