@@ -4,7 +4,7 @@ Envoy is fed by `TinyAds` (tests/support/ecds_envoy.py): a listener with jwt_aut
 metadata key the compiler's principals read) and the compiler's own 16 bucket filters (`config_discovery`), whose
 configurations are the compiler's bucket resources. Every request passes all 16 filters, so each job id below is
 matched against every bucket's regex, not only its own bucket's: a listed `123` must deny neither `12` nor
-`1234`. Observed facts: docs/envoy-ecds.md §7.
+`1234`. Observed facts: docs/envoy-ecds.md §9.
 """
 
 from __future__ import annotations
