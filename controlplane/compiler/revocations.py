@@ -6,7 +6,7 @@ a revocation changes one resource, never a route or a listener, and over Delta o
 
 A bucket's ids are matched by one RE2 regex on the `job_id` claim: RE2 runs in time linear in the claim, not in
 the list's length (one principal per id was a linear scan of the list per request). Envoy's `safe_regex` is a
-full match, so `123` never matches `12` or `1234` (docs/envoy-ecds.md §7). The regex groups GitLab's decimal ids
+full match, so `123` never matches `12` or `1234` (docs/envoy-ecds.md §9). The regex groups GitLab's decimal ids
 by their thousand-block prefix and the next two digits, with a character class for the last digit:
 `8000012(?:0[0-35]|17[7-9])` is 8000012000..3, 8000012005, 8000012177..9. A regex over RE2's default program
 size (100) needs the `re2.max_program_size.error_level` runtime key that `controlplane bootstrap` sets.
