@@ -1,7 +1,8 @@
 """What one more revoked job costs as the deny list grows: issue 13's baseline (today's design).
 
 Today every revoked job id is one principal of an RBAC DENY policy embedded in every gateway's route
-configuration (`route.revocations_entry`), so each revocation re-sends the whole route configuration to every
+configuration (`route.revocations_entry`, gone since: the list is now 16 ECDS buckets, compiler/revocations.py,
+and this script measures that), so each revocation re-sends the whole route configuration to every
 Envoy, and every request is matched against the whole list.
 
 Measured for N outstanding revocations (`--sizes`), each design being one function returning a `Figures`
@@ -60,10 +61,10 @@ import fleet_sim  # noqa: E402
 from fleet_client import raise_nofile  # noqa: E402
 
 from controlplane.cli.bootstrap import render_bootstrap  # noqa: E402
-from controlplane.compiler.route import revocations_entry  # noqa: E402
+from controlplane.compiler.revocations import bucket_config_bytes  # noqa: E402
 from controlplane.credentials.revocation_store import REVOCATIONS_FILE  # noqa: E402
 from controlplane.credentials.revocations import Revocations  # noqa: E402
-from controlplane.model.credentials import EXCHANGE_PATH, CredentialInputs  # noqa: E402
+from controlplane.model.credentials import EXCHANGE_PATH, CredentialInputs, revocation_bucket  # noqa: E402
 from controlplane.runtime.policy_service import PolicyService  # noqa: E402
 from controlplane.snapshots.cache import SnapshotCache  # noqa: E402
 from controlplane.snapshots.snapshot import PUSH_ORDER, ROUTE, Snapshot  # noqa: E402
@@ -123,7 +124,7 @@ class Figures:
     burst_bytes: int | None = None  # route bytes sent to each Envoy over the whole burst
     burst_seconds: float | None = None  # first revocation → last push published
     burst_cpu_ms: float | None = None  # control plane CPU over the whole burst
-    entry_ms: float | None = None  # of the CPU: `route.revocations_entry` alone (median)
+    entry_ms: float | None = None  # of the CPU: encoding the changed deny-list bucket alone (median)
     envoy: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -162,7 +163,7 @@ class _Stack:
 
     def _inputs(self) -> CredentialInputs:
         self.compiles += 1  # read once per compile, in the worker thread
-        return CredentialInputs(jwks=KEYS, exchange_address=(LOOPBACK, 18080), revoked_jobs=self.revocations.active())
+        return CredentialInputs(jwks=KEYS, exchange_address=(LOOPBACK, 18080), revoked=self.revocations.buckets())
 
     async def revoke_one(self) -> None:
         """What `CredentialService.revoke_finished` does once the job is recorded: deny, then recompile."""
@@ -213,11 +214,13 @@ def todays_design(outstanding: int, repeat: int, burst: int, burst_at: int) -> F
         figures.cpu_ms = statistics.median(cpu) * 1000
         figures.route_bytes = int(statistics.median(sizes))
         figures.changed_types = "/".join(sorted(kinds))
-        jobs = stack.revocations.active()
+        # Since issue 13 the list is 16 ECDS buckets: a revocation re-encodes the one its job falls in.
+        index = revocation_bucket(str(stack._next - 1))
+        jobs = stack.revocations.buckets()[index]
         entry = []
         for _ in range(repeat):
             started = time.process_time()
-            revocations_entry(jobs)
+            bucket_config_bytes(index, jobs)
             entry.append(time.process_time() - started)
         figures.entry_ms = statistics.median(entry) * 1000
     if outstanding == burst_at:

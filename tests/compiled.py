@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_config
@@ -12,7 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from controlplane.compiler.compile import CompiledGroup
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
-from controlplane.snapshots.snapshot import CLUSTER, LISTENER, ROUTE
+from controlplane.snapshots.snapshot import CLUSTER, EXTENSION_CONFIG, LISTENER, ROUTE
 
 
 def policy_of(**files: str) -> Policy:
@@ -39,9 +40,19 @@ def connection_manager(group: CompiledGroup) -> hcm_pb2.HttpConnectionManager:
     return manager
 
 
+def filter_configs(group: CompiledGroup) -> dict[str, extension_pb2.TypedExtensionConfig]:
+    """The group's ECDS resources by name."""
+    return {name: extension_pb2.TypedExtensionConfig.FromString(b) for name, b in group.resources[EXTENSION_CONFIG]}
+
+
 def jwt_authentication(group: CompiledGroup) -> jwt_config.JwtAuthentication:
+    """Inline in the listener, or its ECDS resource when the filter names one."""
     config = jwt_config.JwtAuthentication()
-    connection_manager(group).http_filters[0].typed_config.Unpack(config)
+    first = connection_manager(group).http_filters[0]
+    packed = (
+        filter_configs(group)[first.name].typed_config if first.HasField("config_discovery") else first.typed_config
+    )
+    assert packed.Unpack(config)
     return config
 
 

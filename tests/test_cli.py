@@ -100,7 +100,7 @@ def test_compile_writes_the_golden_layout(tmp_path: Path) -> None:
     result = run("compile", str(ROOT / "examples" / "quickstart"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.yaml"))
-    groups = [f"ci-gateway/{n}.yaml" for n in ("clusters", "endpoints", "listeners", "routes")]
+    groups = [f"ci-gateway/{n}.yaml" for n in ("clusters", "endpoints", "filter_configs", "listeners", "routes")]
     assert written == [*groups, "resolved.yaml"]  # the resolved policy beside the groups it compiles to
     for name in ("ci-gateway/routes.yaml", "resolved.yaml"):
         expected = ROOT / "snapshots" / "quickstart" / name

@@ -87,11 +87,11 @@ def test_backend_without_bindings_denies_everything_explicitly() -> None:
     manager = connection_manager(group)  # type: ignore[arg-type]
     assert [f.name for f in manager.http_filters] == [
         "envoy.filters.http.jwt_authn",
-        "controlplane.revocations",
+        *(f"controlplane.revoked_jobs.{i:02d}" for i in range(16)),
         "envoy.filters.http.rbac",
         "envoy.filters.http.router",
     ]
-    assert "rules" in as_json(manager.http_filters[2].typed_config)
+    assert "rules" in as_json(manager.http_filters[17].typed_config)
 
 
 def test_claims_compile_to_strings_and_pins_to_ids() -> None:
@@ -220,10 +220,9 @@ def test_assembled_route_configuration_is_what_protobuf_itself_would_encode() ->
     """Envoy hashes nothing, but our versions do: assembling from cached pieces must not change the bytes."""
     config = routes(compile_with(BINDING)["gw"])  # type: ignore[arg-type]
     hosts = [v.SerializeToString(deterministic=True) for v in config.virtual_hosts]
-    assembled = route.route_configuration_bytes(config.name, hosts, route.revocations_entry(["41", "42"]))
-    parsed = route.route_configuration(config.name, hosts, route.revocations_entry(["41", "42"]))
+    assembled = route.route_configuration_bytes(config.name, hosts)
+    parsed = route.route_configuration(config.name, hosts)
     assert parsed.SerializeToString(deterministic=True) == assembled
-    assert set(parsed.typed_per_filter_config) == {"controlplane.revocations"}
 
 
 def test_same_policy_same_bytes_with_and_without_memo() -> None:
@@ -276,10 +275,11 @@ def test_backend_credentials_key_defaults_to_any_and_names_the_allowed_values() 
     assert error.message == "unknown credentials 'exchange' (did you mean 'exchanged'?); allowed: any, exchanged"
 
 
-def test_without_credentials_every_listener_has_the_revocation_filter_and_no_host_lists_jobs() -> None:
+def test_without_credentials_every_listener_has_the_revocation_buckets_and_no_host_lists_jobs() -> None:
     group = compile_with(BINDING)["gw"]
-    assert [f.name for f in connection_manager(group).http_filters].index("controlplane.revocations") == 1  # type: ignore[arg-type]
+    names = [f.name for f in connection_manager(group).http_filters]  # type: ignore[arg-type]
+    assert names.index("controlplane.revoked_jobs.00") == 1 and names.index("controlplane.revoked_jobs.15") == 16
     for host in routes(group).virtual_hosts:  # type: ignore[arg-type]
-        assert "controlplane.revocations" not in host.typed_per_filter_config
+        assert not any(name.startswith("controlplane.") for name in host.typed_per_filter_config)
         assert all(r.match.path != "/.controlplane/token" for r in host.routes)
     assert set(jwt_authentication(group).providers) == {"gitlab"}  # type: ignore[arg-type]

@@ -18,28 +18,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
 from envoy.config.route.v3 import route_components_pb2 as rc
-from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_config
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf import json_format
 from jwt.algorithms import ECAlgorithm
 
 from controlplane.compiler import compile as compile_module
-from controlplane.compiler import rbac, route
+from controlplane.compiler import rbac, revocations
 from controlplane.compiler.compile import CompiledGroup, compile_policy
 from controlplane.compiler.memo import CompilerMemo
-from controlplane.compiler.util import packed
-from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs
+from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs, revocation_buckets
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Backend, Mode, Policy
 from controlplane.resolved.access import Grant
 from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.index import Resolution
 from controlplane.snapshots.build import compile_model
-from controlplane.snapshots.snapshot import ENDPOINT, LISTENER, ROUTE
+from controlplane.snapshots.snapshot import ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE
 from tests.compiled import (
     clusters,
     connection_manager,
+    filter_configs,
     jwt_authentication,
     policy_of,
     routes,
@@ -111,7 +110,9 @@ subjects:
     ref_protected: true
 """
 KEYS = '{"keys":[{"crv":"P-256","kid":"cp-1","kty":"EC","x":"x","y":"y"}]}'  # shape only; Envoy is not asked here
-CREDENTIALS = CredentialInputs(jwks=KEYS, exchange_address=("127.0.0.1", 18080), revoked_jobs=("777", "555", "777"))
+CREDENTIALS = CredentialInputs(
+    jwks=KEYS, exchange_address=("127.0.0.1", 18080), revoked=revocation_buckets(["777", "555", "777"])
+)
 
 
 @functools.cache
@@ -258,72 +259,125 @@ def test_deny_by_default_holds_with_credentials() -> None:
     group = gateway()
     ledger = vhost_rbac(group, "ledger").rbac.rules  # no roles on ledger: nothing to exchange for either
     assert ledger.action == rbac_config.RBAC.ALLOW and len(ledger.policies) == 0
-    main = unpacked(connection_manager(group).http_filters[2].typed_config, rbac_filter.RBAC)
+    main = unpacked(connection_manager(group).http_filters[17].typed_config, rbac_filter.RBAC)
     assert main.rules.action == rbac_config.RBAC.ALLOW and len(main.rules.policies) == 0
 
 
 # --- revocations ------------------------------------------------------------------------------------
 
 
-def test_revocation_filter_sits_between_jwt_authn_and_rbac_and_denies_nothing_by_itself() -> None:
+BUCKETS = [f"controlplane.revoked_jobs.{i:02d}" for i in range(16)]
+
+
+def test_revocation_buckets_sit_between_jwt_authn_and_rbac_by_ecds_failing_closed() -> None:
     for credentials in (None, CREDENTIALS):
         filters = connection_manager(gateway(credentials)).http_filters
-        assert [f.name for f in filters][:3] == [
-            "envoy.filters.http.jwt_authn",
-            "controlplane.revocations",
-            "envoy.filters.http.rbac",
-        ]
-        config = unpacked(filters[1].typed_config, rbac_filter.RBAC)
-        assert config.HasField("rules") and config.rules.action == rbac_config.RBAC.DENY
-        assert len(config.rules.policies) == 0
+        assert [f.name for f in filters][:18] == ["envoy.filters.http.jwt_authn", *BUCKETS, "envoy.filters.http.rbac"]
+        for bucket in filters[1:17]:
+            discovery = bucket.config_discovery
+            assert not bucket.HasField("typed_config") and discovery.config_source.HasField("ads")
+            assert list(discovery.type_urls) == ["type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"]
+            assert not discovery.apply_default_config_without_warming  # warm until the bucket arrives
+            default = unpacked(discovery.default_config, rbac_filter.RBAC)
+            assert default.rules.action == rbac_config.RBAC.ALLOW and not default.rules.policies  # deny-all
 
 
-def test_the_route_configuration_carries_the_revoked_jobs_once_for_every_host() -> None:
-    """Route configuration level: the least specific per-filter config, so it covers every virtual host."""
-    config = routes(gateway())
-    deny = unpacked(config.typed_per_filter_config["controlplane.revocations"], rbac_filter.RBACPerRoute)
-    assert deny.rbac.rules.action == rbac_config.RBAC.DENY
-    assert list(deny.rbac.rules.policies) == ["revoked-jobs"]
-    revoked = deny.rbac.rules.policies["revoked-jobs"]
-    assert [p.any for p in revoked.permissions] == [True]
-    jobs = [i.sourced_metadata.metadata_matcher for i in revoked.principals]
-    assert [m.value.string_match.exact for m in jobs] == ["555", "777"]  # sorted, without duplicates
-    assert all(m.filter == "envoy.filters.http.jwt_authn" for m in jobs)
-    assert all([s.key for s in m.path] == ["jwt_payload", "job_id"] for m in jobs)  # credentials and ID tokens
-    # No host or default route overrides it (route and host level would replace it, G12).
-    assert all("controlplane.revocations" not in v.typed_per_filter_config for v in config.virtual_hosts)
-    assert all("controlplane.revocations" not in v.routes[-1].typed_per_filter_config for v in config.virtual_hosts)
-    assert "controlplane.revocations" not in routes(gateway(CredentialInputs(jwks=KEYS))).typed_per_filter_config
+def bucket_rbac(group: CompiledGroup, index: int) -> Any:
+    config = filter_configs(group)[BUCKETS[index]]
+    assert config.name == BUCKETS[index]
+    return unpacked(config.typed_config, rbac_filter.RBAC)
 
 
-def test_appended_revocation_bytes_parse_and_equal_the_message_built_route_configuration() -> None:
-    ((_, appended),) = gateway().resources[ROUTE]
-    ((_, plain),) = gateway(CredentialInputs(jwks=KEYS, exchange_address=CREDENTIALS.exchange_address)).resources[ROUTE]
-    built = route_pb2.RouteConfiguration.FromString(plain)
-    built.typed_per_filter_config["controlplane.revocations"].CopyFrom(
-        packed(rbac.revocations_per_route(["777", "555"]))
-    )
-    assert route_pb2.RouteConfiguration.FromString(appended) == built
-    # The highest field number goes last in deterministic order, so appending gives the very same bytes.
-    assert appended == built.SerializeToString(deterministic=True)
-    assert len(appended) == len(plain) + len(route.revocations_entry(["555", "777"]))
+def test_every_bucket_is_emitted_and_only_a_listed_jobs_bucket_denies() -> None:
+    group = gateway()  # 555 and 777 (and 777 again): both in bucket 0 (thousand-block 0)
+    # Empty buckets too (a removed bucket would deny everyone), and jwt_authn's configuration.
+    assert sorted(filter_configs(group)) == [*BUCKETS, "envoy.filters.http.jwt_authn"]
+    listed = bucket_rbac(group, 0).rules
+    assert listed.action == rbac_config.RBAC.DENY and list(listed.policies) == ["revoked-jobs"]
+    policy = listed.policies["revoked-jobs"]
+    assert [p.any for p in policy.permissions] == [True]
+    (principal,) = policy.principals
+    matcher = principal.sourced_metadata.metadata_matcher
+    assert matcher.filter == "envoy.filters.http.jwt_authn"
+    assert [s.key for s in matcher.path] == ["jwt_payload", "job_id"]  # credentials and ID tokens alike
+    assert matcher.value.string_match.safe_regex.regex == "(?:555|777)"
+    for index in range(1, 16):
+        rules = bucket_rbac(group, index).rules
+        assert rules.action == rbac_config.RBAC.DENY and not rules.policies  # denies nothing
+    # The route configuration no longer carries a deny list, nor switches one off.
+    config = routes(group)
+    assert not config.typed_per_filter_config
+    assert all(not name.startswith("controlplane.") for v in config.virtual_hosts for name in v.typed_per_filter_config)
 
 
-def test_revocations_leave_the_memo_and_the_listener_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_revocation_re_encodes_one_bucket_and_leaves_listener_routes_and_backends_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     memo, resolution = CompilerMemo(), Resolution()
-    first = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1",)), memo, resolution)
+    first = gateway(CredentialInputs(jwks=KEYS, revoked=revocation_buckets(["1", "5001"])), memo, resolution)
     calls: list[str] = []
-    real = compile_module._backend_parts
+    encoded: list[int] = []
+    real_parts, real_bucket = compile_module._backend_parts, revocations.bucket_config_bytes
 
     def counted(backend: Backend, *rest: Any) -> Any:
         calls.append(backend.name)
-        return real(backend, *rest)
+        return real_parts(backend, *rest)
+
+    def counted_bucket(index: int, ids: Any) -> bytes:
+        encoded.append(index)
+        return real_bucket(index, ids)
 
     monkeypatch.setattr(compile_module, "_backend_parts", counted)
-    second = gateway(CredentialInputs(jwks=KEYS, revoked_jobs=("1", "2")), memo, resolution)
-    assert calls == []  # every backend's parts came from the memo
+    monkeypatch.setattr(revocations, "bucket_config_bytes", counted_bucket)
+    second = gateway(CredentialInputs(jwks=KEYS, revoked=revocation_buckets(["1", "2", "5001"])), memo, resolution)
+    assert calls == [] and encoded == [0]  # only bucket 0 changed
     assert second.resources[LISTENER] == first.resources[LISTENER]
-    assert second.resources[ROUTE] != first.resources[ROUTE]
+    assert second.resources[ROUTE] == first.resources[ROUTE]
+    changed = [
+        a[0]
+        for a, b in zip(first.resources[EXTENSION_CONFIG], second.resources[EXTENSION_CONFIG], strict=True)
+        if a != b
+    ]
+    assert changed == [BUCKETS[0]]
+
+
+def test_every_gateway_group_gets_the_same_buckets() -> None:
+    policy_two = policy_of(
+        issuer=ISSUER,
+        inventory=INVENTORY,
+        backends=BACKENDS + "---\nkind: Gateway\nname: other\nlisten: {port: 10001}\nbackends: [reports]\n",
+        bindings=BINDINGS,
+    )
+    groups = compile_policy(policy_two, credentials=CREDENTIALS)
+    assert len(groups) == 2
+    first, second = ([r for r in g.resources[EXTENSION_CONFIG] if r[0] in BUCKETS] for g in groups.values())
+    assert len(first) == 16 and first == second
+
+
+def test_jwt_authn_comes_by_ecds_and_a_key_rotation_changes_only_its_configuration() -> None:
+    """The listener names jwt_authn's configuration (no default: it warms, then fails closed); the keys, ours or
+    a relayed issuer's, are in that ECDS resource, so a rotation leaves the listener's bytes alone."""
+    group = gateway()
+    (jwt_filter,) = [f for f in connection_manager(group).http_filters if f.name == "envoy.filters.http.jwt_authn"]
+    assert not jwt_filter.HasField("typed_config") and jwt_filter.config_discovery.config_source.HasField("ads")
+    assert not jwt_filter.config_discovery.HasField("default_config")
+    assert list(jwt_filter.config_discovery.type_urls) == [
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+    ]
+    assert "controlplane" in jwt_authentication(group).providers
+    rotated = gateway(
+        CredentialInputs(
+            jwks=KEYS.replace("cp-1", "cp-2"),
+            exchange_address=CREDENTIALS.exchange_address,
+            revoked=CREDENTIALS.revoked,
+        )
+    )
+    assert rotated.resources[LISTENER] == group.resources[LISTENER]
+    assert rotated.resources[ROUTE] == group.resources[ROUTE]
+    before, after = dict(group.resources[EXTENSION_CONFIG]), dict(rotated.resources[EXTENSION_CONFIG])
+    assert [name for name in before if before[name] != after[name]] == ["envoy.filters.http.jwt_authn"]
+    relayed = compile_policy(policy(), credentials=CREDENTIALS, keys={"gitlab": KEYS})["gw"]
+    assert relayed.resources[LISTENER] == group.resources[LISTENER]
 
 
 def test_memo_equals_a_cold_compile_with_credentials_and_revocations() -> None:
@@ -331,9 +385,9 @@ def test_memo_equals_a_cold_compile_with_credentials_and_revocations() -> None:
     steps = [
         None,
         CREDENTIALS,
-        CredentialInputs(jwks=KEYS, revoked_jobs=("9",)),
+        CredentialInputs(jwks=KEYS, revoked=revocation_buckets(["9"])),
         CredentialInputs(jwks=KEYS.replace("cp-1", "cp-2"), exchange_address=("cp.internal", 8443)),
-        CredentialInputs(revoked_jobs=("9",)),
+        CredentialInputs(revoked=revocation_buckets(["9", "12345", "x-1"])),
         CREDENTIALS,
     ]
     for credentials in steps:
@@ -352,10 +406,10 @@ def test_exchange_route_comes_first_on_every_host_with_every_check_off() -> None
         assert first.name == f"{host.name}-exchange"
         assert first.match.path == EXCHANGE_PATH and first.route.cluster == "controlplane-exchange"
         config = first.typed_per_filter_config
-        assert sorted(config) == ["controlplane.revocations", "envoy.filters.http.jwt_authn", "envoy.filters.http.rbac"]
+        # The buckets need no switch: with jwt_authn off there is no `job_id` metadata they could match.
+        assert sorted(config) == ["envoy.filters.http.jwt_authn", "envoy.filters.http.rbac"]
         assert unpacked(config["envoy.filters.http.jwt_authn"], jwt_config.PerRouteConfig).disabled
-        for name in ("envoy.filters.http.rbac", "controlplane.revocations"):
-            assert not unpacked(config[name], rbac_filter.RBACPerRoute).HasField("rbac")  # off (G11)
+        assert not unpacked(config["envoy.filters.http.rbac"], rbac_filter.RBACPerRoute).HasField("rbac")  # off (G11)
         assert host.routes[-1].match.prefix == "/"
     public = vhost(group, "reports").routes[1]
     assert public.match.path == "/healthz" and "envoy.filters.http.rbac" in public.typed_per_filter_config
@@ -383,7 +437,11 @@ def test_exchange_cluster_is_static_for_an_ip_and_dns_otherwise(address: tuple[s
 def test_real_envoy_accepts_credentials_revocations_and_the_exchange_route() -> None:
     public = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True)
     keys = json.dumps({"keys": [{**public, "kid": "cp-1", "alg": "ES256", "use": "sig"}]})
-    credentials = CredentialInputs(jwks=keys, exchange_address=("cp.internal", 8443), revoked_jobs=("555", "777"))
+    credentials = CredentialInputs(
+        jwks=keys,
+        exchange_address=("cp.internal", 8443),
+        revoked=revocation_buckets(["555", "777", "8000012001", "8000012003"]),
+    )
     snapshots = compile_model(policy(), credentials=credentials)
     ok, output = validate_config(as_static_bootstrap(snapshots["gw"]))
     assert ok, output[-3000:]

@@ -5,6 +5,7 @@ rotation under continuous traffic, and the audit trail by job.
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
-from tests.support.ports import poll_until
+from tests.support.ports import LOOPBACK, poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
@@ -130,6 +131,44 @@ def test_rotation_under_continuous_traffic_rejects_nothing(credentials_stack: Se
     assert len(kids) >= 2, "no rotation happened during the test"
     assert failures == []
     assert all(credentials_stack.call("reports.local", c) == 200 for c in credentials)
+
+
+JWT_RELOADS = "extension_config_discovery.http_filter.envoy.filters.http.jwt_authn.config_reload"
+LISTENER_STATS = ("listener_manager.listener_modified", "listener_manager.total_filter_chains_draining")
+
+
+def test_rotation_changes_no_listener_and_drains_no_connection(credentials_stack: Served) -> None:
+    """jwt_authn comes by ECDS: each rotation re-sends its configuration, never the listener, so Envoy drains
+    nothing and a keep-alive connection opened before the rotations carries requests after them."""
+    envoy, credential = credentials_stack.envoy, credentials_stack.credential(300)
+    before = envoy.stats()
+    connection = http.client.HTTPConnection(LOOPBACK, credentials_stack.listen_port, timeout=5)
+    headers = {"Host": "reports.local", "Authorization": f"Bearer {credential}"}
+
+    def status() -> int:
+        connection.request("GET", "/r", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+
+    try:
+        assert status() == 200
+        local = connection.sock.getsockname()
+        statuses: list[int] = []
+
+        def reloaded_twice() -> bool:
+            statuses.append(status())
+            return envoy.stats(JWT_RELOADS).get(JWT_RELOADS, 0) >= before[JWT_RELOADS] + 2
+
+        poll_until(reloaded_twice, KEY_ROTATION * 5, interval=0.05, message="two key rotations reached Envoy")
+        assert set(statuses) == {200}
+        assert connection.sock.getsockname() == local  # the same connection throughout
+    finally:
+        connection.close()
+    after = envoy.stats()
+    assert {s: after[s] for s in LISTENER_STATS} == {s: before[s] for s in LISTENER_STATS}
+    assert after["listener_manager.total_filter_chains_draining"] == 0
+    assert after["extension_config_discovery.http_filter.envoy.filters.http.jwt_authn.update_rejected"] == 0
 
 
 def test_audit_returns_exactly_the_requests_a_job_made(credentials_stack: Served) -> None:

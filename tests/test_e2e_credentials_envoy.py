@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs
+from controlplane.model.credentials import CREDENTIAL_ISSUER, EXCHANGE_PATH, CredentialInputs, revocation_buckets
 from controlplane.model.loader import parse_policy
 from controlplane.snapshots.build import compile_model
 from tests.support.backends import EchoBackend, HttpResponse, http_request
@@ -146,7 +146,7 @@ def _static_envoy(files: dict[str, str], keys: Keys, revoked: tuple[str, ...], n
     credentials = CredentialInputs(
         jwks=_jwks(ECAlgorithm.to_jwk(keys.credentials.public_key(), as_dict=True), "cp-1", "ES256"),
         exchange_address=(LOOPBACK, free_port()),  # nothing listens there
-        revoked_jobs=revoked,
+        revoked=revocation_buckets(revoked),
     )
     relayed = {"gitlab": _jwks(RSAAlgorithm.to_jwk(keys.gitlab.public_key(), as_dict=True), "gl-1", "RS256")}
     snapshot = compile_model(parse_policy(files), keys=relayed, credentials=credentials)["gw"]

@@ -109,7 +109,8 @@ def _start_replicas(fleet: Fleet, root: Path) -> list[ControlPlaneProcess]:
 
 def _dynamic(dump: dict[str, Any]) -> dict[str, Any]:
     """What Envoy received over xDS, without the times it applied it (those differ between two Envoys) and
-    without its bootstrap's static parts (the xds_cluster names the replica it was pointed at)."""
+    without its bootstrap's static parts (the xds_cluster names the replica it was pointed at); filter
+    configurations sorted by name."""
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
@@ -119,6 +120,9 @@ def _dynamic(dump: dict[str, Any]) -> dict[str, Any]:
         return value
 
     kept = [{k: v for k, v in c.items() if not k.startswith("static")} for c in dump["configs"]]
+    for config in kept:  # Envoy lists filter configurations (ECDS) in no fixed order: compare them by name
+        if "ecds_filters" in config:
+            config["ecds_filters"] = sorted(config["ecds_filters"], key=lambda f: f["ecds_filter"]["name"])
     return {"configs": strip([c for c in kept if not c["@type"].endswith("BootstrapConfigDump")])}
 
 

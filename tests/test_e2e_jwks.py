@@ -29,6 +29,8 @@ from tests.support.static_bootstrap import as_static_bootstrap
 
 pytestmark = pytest.mark.e2e
 
+JWT_RELOADS = "extension_config_discovery.http_filter.envoy.filters.http.jwt_authn.config_reload"
+
 
 def get(port: int, token: str | None) -> int:
     headers = {"Host": "reports.local"}
@@ -98,6 +100,7 @@ def test_a_rotation_reaches_envoy_within_seconds_and_a_withdrawal_too(
     old_key = jwks_stack.gitlab.signing_key
     old_token = jwks_stack.token()
     assert jwks_stack.get(old_token) == 200
+    before = jwks_stack.envoy.stats()
     new_key = jwks_stack.gitlab.rotate_key(keep_old=True)  # GitLab publishes the new key beside the old one
     new_token = jwks_stack.token()
     accepted = jwks_stack.wait_status(new_token, 200, timeout=10)
@@ -108,6 +111,11 @@ def test_a_rotation_reaches_envoy_within_seconds_and_a_withdrawal_too(
     assert jwks_stack.get(old_token) == 401  # also a token Envoy had verified (and cached) before
     assert jwks_stack.get(new_token) == 200
     assert jwks_stack.controlplane.metric("controlplane_jwks_key_changes_total", issuer="gitlab") >= 2
+    # jwt_authn comes by ECDS: the relayed keys changed its configuration twice, never the listener (no drain).
+    after = jwks_stack.envoy.stats()
+    assert after[JWT_RELOADS] >= before[JWT_RELOADS] + 2
+    assert after["listener_manager.listener_modified"] == before["listener_manager.listener_modified"]
+    assert after["listener_manager.total_filter_chains_draining"] == 0
     record_property("rotation_to_acceptance_seconds", round(accepted, 3))
     record_property("withdrawal_to_rejection_seconds", round(withdrawn, 3))
     print(f"rotation → accepted in {accepted:.3f}s; withdrawal → rejected in {withdrawn:.3f}s")

@@ -27,7 +27,7 @@ from controlplane.model.policy import JwksMode, Policy
 from controlplane.runtime.keyrelay import KeyRelay
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.snapshots.snapshot import CLUSTER, LISTENER, ROUTE
+from controlplane.snapshots.snapshot import CLUSTER, EXTENSION_CONFIG, LISTENER, ROUTE
 from controlplane.sources.jwks import JwksDocument, JwksError, JwksFetcher, normalize_jwks
 from controlplane.telemetry.metrics import REGISTRY
 from tests.compiled import clusters, jwt_authentication, policy_of
@@ -480,15 +480,18 @@ def test_a_remote_issuer_keeps_remote_jwks_and_its_cluster() -> None:
     assert "jwks-gitlab" in clusters(group)
 
 
-def test_new_keys_change_the_listener_only() -> None:
+def test_new_keys_change_jwt_authns_filter_configuration_only() -> None:
+    """jwt_authn comes by ECDS: new keys change its configuration, never the listener (no drain in Envoy)."""
     one, _ = normalize_jwks(jwks(rsa_jwk(KEY_A)))
     two, _ = normalize_jwks(jwks(rsa_jwk(KEY_A), rsa_jwk(KEY_B)))
     first = compile_policy(relayed_policy(), keys={"gitlab": one.canonical})["gw"].resources
     again = compile_policy(relayed_policy(), keys={"gitlab": one.canonical})["gw"].resources
     second = compile_policy(relayed_policy(), keys={"gitlab": two.canonical})["gw"].resources
     assert first == again
-    assert first[LISTENER] != second[LISTENER]
+    assert first[LISTENER] == second[LISTENER]
     assert first[CLUSTER] == second[CLUSTER] and first[ROUTE] == second[ROUTE]
+    before, after = dict(first[EXTENSION_CONFIG]), dict(second[EXTENSION_CONFIG])
+    assert [name for name in before if before[name] != after[name]] == ["envoy.filters.http.jwt_authn"]
 
 
 # --- the relay and the service --------------------------------------------------------------------------------
@@ -525,9 +528,12 @@ def _service(tmp_path: Path) -> PolicyService:
 
 
 def _provider_keys(service: PolicyService) -> list[str]:
-    """The inline JWKS of every provider in the listener the cache serves."""
-    (entry,) = service.cache.get("ci-gateway").types[LISTENER].resources.values()
-    group = CompiledGroup("ci-gateway", {LISTENER: [(entry.name, entry.payload)]})
+    """The inline JWKS of every provider in the jwt_authn configuration the cache serves (listener and ECDS)."""
+    types = service.cache.get("ci-gateway").types
+    group = CompiledGroup(
+        "ci-gateway",
+        {t: [(e.name, e.payload) for e in types[t].resources.values()] for t in (LISTENER, EXTENSION_CONFIG)},
+    )
     return [p.local_jwks.inline_string for _, p in sorted(jwt_authentication(group).providers.items())]
 
 

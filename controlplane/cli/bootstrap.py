@@ -172,6 +172,12 @@ DEFAULT_ADMIN_ADDRESS = LOOPBACK
 DEFAULT_ADMIN_PORT = 9901
 
 
+# Envoy's runtime key for the largest RE2 program a regex may compile to; 50,000 revoked ids in one bucket need
+# about 250,000 (docs/envoy-ecds.md §5).
+RE2_PROGRAM_SIZE_KEY = "re2.max_program_size.error_level"
+RE2_MAX_PROGRAM_SIZE = 1_000_000
+
+
 def render_bootstrap(
     *,
     group: str,
@@ -226,7 +232,9 @@ def render_bootstrap(
         "static_resources": {"clusters": [_xds_cluster(node_id, addresses, tls)]},
         "layered_runtime": {
             "layers": [
-                {"name": "static_layer", "static_layer": {}},
+                # A revocation bucket's regex (compiler/revocations.py) is far over RE2's default program size
+                # limit (100), which Envoy would refuse (NACK) and keep the previous bucket in force.
+                {"name": "static_layer", "static_layer": {RE2_PROGRAM_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}},
                 {"name": "admin_layer", "admin_layer": {}},
             ]
         },

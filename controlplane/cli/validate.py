@@ -31,7 +31,7 @@ from controlplane.credentials.revocation_store import RevocationStoreError
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE, Revocations
 from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions, shared_publish_lead
-from controlplane.model.credentials import CredentialInputs
+from controlplane.model.credentials import CredentialInputs, revocation_buckets
 from controlplane.model.policy import JwksMode, Policy
 from controlplane.sources.jwks import JwksFetcher
 from controlplane.sources.pins import PINS_FILE, PinStore
@@ -193,7 +193,9 @@ def _credentials(args: argparse.Namespace, state: _ServeState) -> CredentialInpu
     )
     now = time.time()
     revoked = tuple(sorted(job for job, until in state.revoked.items() if until > now))
-    return CredentialInputs(jwks=keys.published_jwks(), exchange_address=options.public, revoked_jobs=revoked)
+    return CredentialInputs(
+        jwks=keys.published_jwks(), exchange_address=options.public, revoked=revocation_buckets(revoked)
+    )
 
 
 class _ReadOnly:

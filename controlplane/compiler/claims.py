@@ -35,13 +35,22 @@ def _claim_value_matcher(value: str, listy: bool) -> value_pb2.ValueMatcher:
 
 def claim_principal(claim: str, value: str, listy: bool = False) -> rbac_pb2.Principal:
     """The claim equals `value` (or, `listy`, is a list holding it); uncached, for one-off lists."""
+    return _claim_principal(claim, _claim_value_matcher(value, listy))
+
+
+def claim_string_principal(claim: str, matcher: string_pb2.StringMatcher) -> rbac_pb2.Principal:
+    """The claim is a string `matcher` matches (the revocation buckets' regex)."""
+    return _claim_principal(claim, value_pb2.ValueMatcher(string_match=matcher))
+
+
+def _claim_principal(claim: str, value: value_pb2.ValueMatcher) -> rbac_pb2.Principal:
     matcher = metadata_pb2.MetadataMatcher(
         filter=JWT_FILTER,
         path=[
             metadata_pb2.MetadataMatcher.PathSegment(key=PAYLOAD_KEY),
             metadata_pb2.MetadataMatcher.PathSegment(key=claim),
         ],
-        value=_claim_value_matcher(value, listy),
+        value=value,
     )
     return rbac_pb2.Principal(sourced_metadata=rbac_pb2.SourcedMetadata(metadata_matcher=matcher))
 

@@ -12,20 +12,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from controlplane.compiler import cluster, inject, jwt, listener, rbac, route
+from controlplane.compiler import cluster, inject, jwt, listener, rbac, revocations, route
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
     CREDENTIAL_PROVIDER,
     EXCHANGE_CLUSTER,
     EXCHANGED_POLICY_PREFIX,
+    JWT_FILTER,
     backend_cluster,
     jwks_cluster,
     listener_name,
     provider_name,
     requirement_name,
+    revocation_bucket_filter,
     route_config_name,
 )
-from controlplane.compiler.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.compiler.types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE, SECRET
 from controlplane.compiler.util import serialized
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
@@ -85,8 +87,8 @@ def compile_policy(
             _CredentialShape(credentials.issuer if credentials.jwks else None, bool(credentials.exchange_address))
         ),
         roles=_roles_by_backend(policy) if credentials.jwks else {},
-        # Encoded once for every gateway's route configuration (see route.revocations_entry).
-        revocations=memo.revocations.get(credentials.revoked_jobs, route.revocations_entry),
+        # Encoded once for every gateway (the same bytes everywhere), each bucket only when its ids changed.
+        revocations=_revocation_buckets(credentials, memo),
         secrets=secrets or {},
     )
     return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
@@ -110,7 +112,7 @@ class _Shared:
     credentials: CredentialInputs
     shape: _CredentialShape
     roles: Mapping[str, tuple[Role, ...]]  # by backend; only with a credentials provider
-    revocations: bytes
+    revocations: tuple[tuple[str, bytes], ...]  # (ECDS resource name, serialized TypedExtensionConfig)
     secrets: Mapping[str, str]  # injected upstream credentials, by backend
 
 
@@ -170,13 +172,28 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             for b, p in zip(backends, parts, strict=True)
             if p.endpoints is not None
         ],
-        LISTENER: [
-            (listener_name(gateway.name), serialized(listener.gateway_listener(gateway, authentication, backends)))
-        ],
-        ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts, shared.revocations))],
+        LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, backends)))],
+        ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts))],
+        # jwt_authn's configuration (keys, requirements) and the deny list: changing either changes no listener.
+        EXTENSION_CONFIG: sorted(
+            [(JWT_FILTER, listener.authentication_config_bytes(authentication)), *shared.revocations]
+        ),
         SECRET: inject.secrets(backends, shared.secrets),
     }
     return CompiledGroup(gateway.name, resources)
+
+
+def _revocation_buckets(credentials: CredentialInputs, memo: CompilerMemo) -> tuple[tuple[str, bytes], ...]:
+    """Every bucket, empty ones too: a bucket missing from a snapshot would be removed (Delta), and a removed
+    filter configuration falls back to its deny-all default for everyone (docs/envoy-ecds.md §2)."""
+    return tuple(
+        (revocation_bucket_filter(index), memo.revocations.get((index, ids), _encode_bucket))
+        for index, ids in enumerate(credentials.revoked)
+    )
+
+
+def _encode_bucket(key: tuple[int, tuple[str, ...]]) -> bytes:
+    return revocations.bucket_config_bytes(*key)
 
 
 def _backend_parts(

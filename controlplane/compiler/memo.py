@@ -44,8 +44,9 @@ class CompilerMemo:
     def __init__(self) -> None:
         self.backends: IdentityMemo[Any] = IdentityMemo()
         self.rbac = RbacEncoder()
-        # The revoked jobs change with every finished job, not with every policy change: kept encoded.
-        self.revocations: ValueMemo[tuple[str, ...], bytes] = ValueMemo()
+        # The revocation buckets change with every finished job, not with every policy change: each kept encoded,
+        # keyed by (bucket, its ids), so a revocation re-encodes one bucket.
+        self.revocations: ValueMemo[tuple[int, tuple[str, ...]], bytes] = ValueMemo()
         self.interned = Interner()
 
     def next_generation(self) -> None:

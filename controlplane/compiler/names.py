@@ -15,10 +15,10 @@ JWT_FILTER = "envoy.filters.http.jwt_authn"
 RBAC_FILTER = "envoy.filters.http.rbac"
 ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
-# A second RBAC instance (a DENY list of revoked jobs) ahead of the main one. Its per-route entries are keyed by
-# this instance name (G1); its decisions land in the same metadata namespace as the main RBAC filter's, so a
-# revoked request is logged with the policy `revoked-jobs`.
-REVOCATIONS_FILTER = "controlplane.revocations"
+# The deny list's RBAC DENY instances (one per revocation bucket) ahead of the main one, each configured by ECDS
+# under its own name (the HttpFilter's name is the ECDS resource's). Their decisions land in the same metadata
+# namespace as the main RBAC filter's, so a revoked request is logged with the policy `revoked-jobs`.
+REVOCATION_BUCKET_PREFIX = "controlplane.revoked_jobs."
 REVOKED_POLICY = "revoked-jobs"
 
 # The jwt_authn provider of the credentials the control plane issues in exchange for ID tokens, and the
@@ -40,6 +40,11 @@ IDENTITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("x-ci-job-id", "job_id"),
     ("x-ci-ref", "ref"),
 )
+
+
+def revocation_bucket_filter(index: int) -> str:
+    """`controlplane.revoked_jobs.00` .. `.15`: the filter, and its ECDS resource, of one revocation bucket."""
+    return f"{REVOCATION_BUCKET_PREFIX}{index:02d}"
 
 
 def listener_name(gateway: str) -> str:

@@ -14,8 +14,8 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 
 from controlplane.compiler import wire
-from controlplane.compiler.claims import PrincipalEncoder, claim_principal
-from controlplane.compiler.names import EXCHANGED_POLICY_PREFIX, REVOKED_POLICY, shadow_stat_prefix
+from controlplane.compiler.claims import PrincipalEncoder
+from controlplane.compiler.names import EXCHANGED_POLICY_PREFIX, shadow_stat_prefix
 from controlplane.compiler.util import serialized
 from controlplane.model.policy import Mode, Role, RoleRule
 from controlplane.resolved.access import Grant
@@ -45,29 +45,6 @@ def exchanged_grants(credential_issuer: str, roles: Sequence[Role]) -> tuple[Gra
             (ResolvedSubject.of([issued, Condition("roles", (role.name,), listy=True)]),),
         )
         for role in roles
-    )
-
-
-def revocations_filter() -> rbac_filter.RBAC:
-    """The filter-level revocation list: DENY with no policies denies nothing (unlike ALLOW with none, G11).
-
-    Revoked jobs are listed in the route configuration instead (`revocations_per_route`), so that a revocation
-    changes route bytes only and the listener, which Envoy drains connections to replace, stays as it is.
-    """
-    return rbac_filter.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.DENY))
-
-
-def revocations_per_route(job_ids: Sequence[str]) -> rbac_filter.RBACPerRoute:
-    """Any request whose token (exchanged credential or raw ID token: both put `job_id` in the same metadata
-    key) belongs to a revoked job is denied, whatever it asks for. `job_id` is a string claim (G10)."""
-    policy = rbac_config.Policy(
-        permissions=[rbac_config.Permission(any=True)],
-        principals=[claim_principal("job_id", job) for job in sorted(set(job_ids))],
-    )
-    return rbac_filter.RBACPerRoute(
-        rbac=rbac_filter.RBAC(
-            rules=rbac_config.RBAC(action=rbac_config.RBAC.DENY, policies={REVOKED_POLICY: policy}),
-        )
     )
 
 

@@ -14,7 +14,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.compiler import inject, wire
+from controlplane.compiler import inject
 from controlplane.compiler.jwt import per_route_disabled, per_route_requirement
 from controlplane.compiler.names import (
     EXCHANGE_CLUSTER,
@@ -22,10 +22,9 @@ from controlplane.compiler.names import (
     JWT_FILTER,
     PAYLOAD_KEY,
     RBAC_FILTER,
-    REVOCATIONS_FILTER,
     backend_cluster,
 )
-from controlplane.compiler.rbac import rbac_disabled, revocations_per_route
+from controlplane.compiler.rbac import rbac_disabled
 from controlplane.compiler.util import millis, packed, serialized
 from controlplane.compiler.wire import varint
 from controlplane.model.credentials import EXCHANGE_PATH
@@ -63,40 +62,21 @@ def virtual_host_bytes(backend: Backend, rbac: bytes, requirement: str | None, e
     return serialized(virtual_host(backend, rbac, requirement, exchange))
 
 
-def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> bytes:
+def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:
     """Byte-identical to serializing the RouteConfiguration (name, virtual hosts, identity headers) in one go.
 
-    `tail` is appended as is: serialized RouteConfiguration fields (see `revocations_entry`), which a parser
-    merges as if they had been set on the message, without re-encoding a thousand cached virtual hosts.
+    The deny list is not here: it is the listener's revocation buckets, by ECDS (compiler/revocations.py).
     """
     encoded_name = name.encode()
     parts = [b"\x0a", varint(len(encoded_name)), encoded_name]
     for vhost in virtual_hosts:
         parts += [_VIRTUAL_HOSTS_TAG, varint(len(vhost)), vhost]
-    parts += [_IDENTITY_HEADERS_ENTRY, tail]
+    parts.append(_IDENTITY_HEADERS_ENTRY)
     return b"".join(parts)
 
 
-def route_configuration(name: str, virtual_hosts: Sequence[bytes], tail: bytes = b"") -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration.FromString(route_configuration_bytes(name, virtual_hosts, tail))
-
-
-def revocations_entry(job_ids: Sequence[str]) -> bytes:
-    """RouteConfiguration.typed_per_filter_config[REVOCATIONS_FILTER] = the revoked-jobs DENY list, as wire bytes.
-
-    At the route-configuration level, the least specific one Envoy consults (route, then virtual host, then
-    route configuration): one copy covers every virtual host, where one per host would multiply the list by
-    the number of backends (500 jobs on 1,000 hosts: 43 MB of RDS instead of 43 kB). Revocations change with
-    every finished job; appended to the assembled bytes, they never touch the per-backend memo. No jobs: no
-    bytes, and the filter-level config (DENY, no policies) denies nothing.
-    """
-    if not job_ids:
-        return b""
-    config = AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=serialized(revocations_per_route(job_ids)))
-    return wire.map_entry(_PER_FILTER_CONFIG, REVOCATIONS_FILTER, serialized(config))
-
-
-_PER_FILTER_CONFIG = wire.number(route_pb2.RouteConfiguration, "typed_per_filter_config")
+def route_configuration(name: str, virtual_hosts: Sequence[bytes]) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration.FromString(route_configuration_bytes(name, virtual_hosts))
 
 
 def _identity_header(name: str, claim: str) -> base_pb2.HeaderValueOption:
@@ -133,12 +113,12 @@ def _default_route(backend: Backend) -> rc.Route:
 def _public_route(backend: Backend, path: str) -> rc.Route:
     """A path the backend declared public: no token, no RBAC. Route-level config replaces the vhost's (G12).
 
-    The revocation list needs no switching off here: with jwt_authn off there is no `job_id` it could match.
+    The revocation buckets need no switching off here: with jwt_authn off there is no `job_id` they could match.
     With jwt_authn off, its `forward: false` does not strip a token the job sent anyway, so the route removes
     `Authorization` (see `_public_headers_to_remove`).
     """
     route = _tokenless_route(
-        f"{backend.name}-public{path}", path, backend_cluster(backend.name), backend.request_timeout_ms, ()
+        f"{backend.name}-public{path}", path, backend_cluster(backend.name), backend.request_timeout_ms
     )
     route.request_headers_to_remove.extend(_public_headers_to_remove(backend))
     return route
@@ -163,24 +143,23 @@ AUTHORIZATION = "authorization"
 def _exchange_route(backend: Backend) -> rc.Route:
     """First on every host: jobs trade their ID token at the control plane. The subject token travels in the
     form body (RFC 8693), not as a Bearer token, and the control plane authenticates it itself: jwt_authn and
-    both RBAC instances are off, so the exchange can answer a revoked job with an OAuth error, not a bare 403."""
-    route = _tokenless_route(
-        f"{backend.name}-exchange", EXCHANGE_PATH, EXCHANGE_CLUSTER, EXCHANGE_TIMEOUT_MS, (REVOCATIONS_FILTER,)
-    )
+    RBAC are off, so the exchange can answer a revoked job with an OAuth error, not a bare 403. The revocation
+    buckets stay on but cannot match: with jwt_authn off there is no `job_id` metadata."""
+    route = _tokenless_route(f"{backend.name}-exchange", EXCHANGE_PATH, EXCHANGE_CLUSTER, EXCHANGE_TIMEOUT_MS)
     # The backend's own credential is for the backend only, never for the control plane.
     for name, config in inject.per_route_off(backend).items():
         route.typed_per_filter_config[name].CopyFrom(packed(config))
     return route
 
 
-def _tokenless_route(name: str, path: str, cluster: str, timeout_ms: int, rbac_filters: Sequence[str]) -> rc.Route:
-    """An exact path with jwt_authn and RBAC off, plus any other RBAC instances in `rbac_filters`."""
+def _tokenless_route(name: str, path: str, cluster: str, timeout_ms: int) -> rc.Route:
+    """An exact path with jwt_authn and the main RBAC off."""
     return rc.Route(
         name=name,
         match=rc.RouteMatch(path=path),
         route=rc.RouteAction(cluster=cluster, timeout=millis(timeout_ms)),
         typed_per_filter_config={
             JWT_FILTER: packed(per_route_disabled()),
-            **{f: packed(rbac_disabled()) for f in (RBAC_FILTER, *rbac_filters)},
+            RBAC_FILTER: packed(rbac_disabled()),
         },
     )

@@ -11,6 +11,12 @@ directory's file, or PostgreSQL shared by every replica. Loaded at start (unread
 empty list); a revocation is enforced here at once and written through afterwards; with PostgreSQL, what other
 replicas revoke arrives through `refresh()` (the change feed).
 
+The list is held by bucket (`revocation_bucket`, one ECDS filter configuration each on every gateway): a
+revocation changes one bucket's cached sorted tuple, the other buckets are handed to the compiler as the same
+objects, so nothing sorts or encodes the whole list per revocation. Entries leave the list at quantized times
+(`EXPIRY_QUANTUM`): every replica holding the same entries lists the same ids, and expiry costs one push per
+changed bucket per quantum, not one per expiring job. (`is_revoked` stays exact.)
+
 When the store cannot be written (PostgreSQL away, a full disk) nothing waits: the revocation is in force on this
 replica's Envoys, and kept in a bounded outbox, retried with backoff until written. Past `OUTBOX_LIMIT` the
 entry that expires first leaves the outbox (still enforced here, never shared): counted, logged and in /status.
@@ -19,6 +25,7 @@ entry that expires first leaves the outbox (still enforced here, never shared): 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +38,13 @@ from controlplane.credentials.revocation_store import (
     RevocationStore,
     RevocationStoreError,
 )
+from controlplane.model.credentials import REVOCATION_BUCKETS, Buckets, revocation_bucket
 from controlplane.retry import Backoff
 from controlplane.store.changes import RESYNC
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.telemetry.ratelog import RateLimitedLog
 
-__all__ = ["OUTBOX_LIMIT", "REVOCATIONS_FILE", "TERMINAL_JOB_STATUSES", "Revocations"]
+__all__ = ["EXPIRY_QUANTUM", "OUTBOX_LIMIT", "REVOCATIONS_FILE", "TERMINAL_JOB_STATUSES", "Revocations"]
 
 log = logging.getLogger("controlplane.revocations")
 
@@ -45,6 +53,14 @@ TERMINAL_JOB_STATUSES = frozenset({"success", "failed", "canceled", "cancelled",
 # large GitLab finishes in an hour of store outage; past it the soonest-expiring one is dropped from the outbox.
 OUTBOX_LIMIT = 10_000
 RETRY = Backoff(0.5, 30.0)  # between attempts to write the outbox while the store fails
+# Expired entries leave the list when the clock passes a multiple of this many seconds (`horizon`).
+EXPIRY_QUANTUM = 300.0
+
+
+def horizon(now: float) -> float:
+    """Entries until this time have left the list: `now` rounded down to EXPIRY_QUANTUM, alike on every replica."""
+    return math.floor(now / EXPIRY_QUANTUM) * EXPIRY_QUANTUM
+
 
 REVOCATIONS = Counter(
     "controlplane_revocations_total",
@@ -93,6 +109,12 @@ class Revocations:
             self.store: RevocationStore = file
         else:
             self._until, self._loaded, self.store = {}, False, store
+        # The same entries by bucket, and each bucket's sorted ids (None: to sort again, after a change).
+        self._buckets: list[dict[str, float]] = [{} for _ in range(REVOCATION_BUCKETS)]
+        self._sorted: list[tuple[str, ...] | None] = [None] * REVOCATION_BUCKETS
+        self._all: Buckets | None = None
+        for job, until in self._until.items():
+            self._buckets[revocation_bucket(job)][job] = until
         self._outbox: dict[str, float] = {}
         self._cursor = 0
         self._prune_due = False
@@ -112,7 +134,7 @@ class Revocations:
         await self.store.open()
         entries, self._cursor = await self.store.changes(0)
         for job, until in entries.items():
-            self._until[job] = max(until, self._until.get(job, 0.0))
+            self._set(job, max(until, self._until.get(job, 0.0)))
         self._loaded = True
 
     def revoke(self, job_id: str, until: float) -> bool:
@@ -121,19 +143,19 @@ class Revocations:
         if until <= self.clock() or self._until.get(job_id, 0.0) >= until:
             return False
         first = job_id not in self._until
-        self._until[job_id] = until
+        self._set(job_id, until)
         self._queue(job_id, until)
         if first:
             REVOCATIONS.inc()
         return True
 
     def prune(self) -> bool:
-        """Drop entries whose guarded tokens have all expired from this view (the store is pruned by `persist()`,
-        on the leader). True when the list changed."""
-        now = self.clock()
-        expired = [job for job, until in self._until.items() if until <= now]
+        """Drop entries whose guarded tokens have all expired by the quantized `horizon` from this view (the store
+        is pruned by `persist()`, on the leader). True when the list changed."""
+        cutoff = horizon(self.clock())
+        expired = [job for job, until in self._until.items() if until <= cutoff]
         for job in expired:
-            del self._until[job]
+            self._drop(job)
             self._outbox.pop(job, None)
         if expired:
             self._prune_due = True
@@ -175,18 +197,35 @@ class Revocations:
         for job, until in entries.items():
             if until > self._until.get(job, 0.0) and until > now:
                 added = added or self._until.get(job, 0.0) <= now
-                self._until[job] = until
+                self._set(job, until)
         return added
 
     def active(self) -> tuple[str, ...]:
         now = self.clock()
         return tuple(sorted(job for job, until in self._until.items() if until > now))
 
+    def buckets(self) -> Buckets:
+        """The listed ids by bucket, for the compiler: unchanged buckets (and, with no change, the whole) are the
+        same objects as last time. Expired entries stay until `prune()` at the next quantum."""
+        if self._all is None:
+            self._all = tuple(self._bucket(index) for index in range(REVOCATION_BUCKETS))
+        return self._all
+
+    def _bucket(self, index: int) -> tuple[str, ...]:
+        cached = self._sorted[index]
+        if cached is None:
+            cached = self._sorted[index] = tuple(sorted(self._buckets[index]))
+        return cached
+
     def is_revoked(self, job_id: str) -> bool:
         return self._until.get(job_id, 0.0) > self.clock()
 
     def next_expiry(self) -> float | None:
-        return min(self._until.values(), default=None)
+        """When `prune()` next has something to drop: the quantum boundary at or after the earliest expiry."""
+        earliest = min(self._until.values(), default=None)
+        if earliest is None:
+            return None
+        return math.ceil(earliest / EXPIRY_QUANTUM) * EXPIRY_QUANTUM
 
     def retry_at(self) -> float | None:
         """When the outbox is next written (None: nothing waits)."""
@@ -205,6 +244,20 @@ class Revocations:
                 "last_error": self._last_error,
             },
         }
+
+    def _set(self, job_id: str, until: float) -> None:
+        self._until[job_id] = until
+        index = revocation_bucket(job_id)
+        bucket = self._buckets[index]
+        if job_id not in bucket:
+            self._sorted[index] = self._all = None
+        bucket[job_id] = until
+
+    def _drop(self, job_id: str) -> None:
+        del self._until[job_id]
+        index = revocation_bucket(job_id)
+        del self._buckets[index][job_id]
+        self._sorted[index] = self._all = None
 
     def _queue(self, job_id: str, until: float) -> None:
         """Into the bounded outbox; when full, the entry expiring first leaves it (still enforced here)."""

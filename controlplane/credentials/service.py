@@ -169,7 +169,7 @@ class CredentialService:
         fresh = CredentialInputs(
             jwks=self.keys.published_jwks(),
             exchange_address=self.options.public,
-            revoked_jobs=self.revocations.active(),
+            revoked=self.revocations.buckets(),
         )
         if fresh != self._inputs:
             self._inputs = fresh

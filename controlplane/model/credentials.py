@@ -1,16 +1,42 @@
 """What the compiler needs to know about the control plane's own credentials (issue 4).
 
 These are inputs like the relayed JWKS: produced at run time by the credentials service, passed to the
-pure compiler, which turns them into a jwt_authn provider, role-based RBAC, a revocation deny list and a
-route to the token-exchange endpoint on every gateway.
+pure compiler, which turns them into a jwt_authn provider, role-based RBAC, the revocation deny list (16
+buckets, each its own ECDS filter configuration) and a route to the token-exchange endpoint on every gateway.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 CREDENTIAL_ISSUER = "urn:controlplane:credentials"
 EXCHANGE_PATH = "/.controlplane/token"  # reachable on every gateway listener, and on the control plane directly
+
+# The deny list is split into this many buckets, each an RBAC filter configuration of its own (ECDS), so that a
+# revocation re-sends one bucket. Changing it changes every gateway listener: only on upgrade.
+REVOCATION_BUCKETS = 16
+
+Buckets = tuple[tuple[str, ...], ...]
+NO_REVOCATIONS: Buckets = ((),) * REVOCATION_BUCKETS
+
+
+def revocation_bucket(job_id: str) -> int:
+    """The bucket a job id is denied in, the same on every replica. GitLab's decimal ids go by thousand-block
+    (`id // 1000`): jobs that finish around the same time share a bucket and a regex prefix. Anything else
+    by CRC-32."""
+    if job_id.isascii() and job_id.isdigit():
+        return (int(job_id) // 1000) % REVOCATION_BUCKETS
+    return zlib.crc32(job_id.encode()) % REVOCATION_BUCKETS
+
+
+def revocation_buckets(job_ids: Iterable[str]) -> Buckets:
+    """A plain list of job ids as the compiler's input: REVOCATION_BUCKETS sorted, de-duplicated tuples."""
+    buckets: list[set[str]] = [set() for _ in range(REVOCATION_BUCKETS)]
+    for job in job_ids:
+        buckets[revocation_bucket(job)].add(job)
+    return tuple(tuple(sorted(bucket)) for bucket in buckets)
 
 
 @dataclass(frozen=True)
@@ -21,6 +47,16 @@ class CredentialInputs:
     jwks: str | None = None
     # Where gateways send EXCHANGE_PATH (the control plane's exchange listener); None: no route emitted.
     exchange_address: tuple[str, int] | None = None
-    # Job ids denied fleet-wide (their credentials and, optionally, their raw ID tokens). The service drops
-    # an entry once every credential of that job has expired; the compiler only lists them.
-    revoked_jobs: tuple[str, ...] = ()
+    # Job ids denied fleet-wide (their credentials and, optionally, their raw ID tokens), by bucket
+    # (`revocation_bucket`): REVOCATION_BUCKETS sorted tuples. The service hands an unchanged bucket as the same
+    # tuple, so the compiler re-encodes only the one that changed. See `revocation_buckets` for a plain list.
+    revoked: Buckets = NO_REVOCATIONS
+
+    def __post_init__(self) -> None:
+        if len(self.revoked) != REVOCATION_BUCKETS:
+            raise ValueError(f"revoked must hold {REVOCATION_BUCKETS} buckets, got {len(self.revoked)}")
+
+    @property
+    def revoked_jobs(self) -> tuple[str, ...]:
+        """Every denied job id, sorted (for status, tests and tools; the compiler reads the buckets)."""
+        return tuple(sorted(job for bucket in self.revoked for job in bucket))

@@ -15,7 +15,7 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.compiler.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.compiler.types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE, SECRET
 from controlplane.resolved import render as resolved_yaml
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.snapshots.snapshot import Snapshot
@@ -26,6 +26,7 @@ FILE_NAMES: Mapping[str, str] = {
     ENDPOINT: "endpoints.yaml",
     LISTENER: "listeners.yaml",
     ROUTE: "routes.yaml",
+    EXTENSION_CONFIG: "filter_configs.yaml",  # ECDS: the revocation buckets (and jwt_authn)
     SECRET: "secrets.yaml",  # only when the group has secrets
 }
 REDACTED = "REDACTED"

@@ -1,0 +1,128 @@
+"""The compiled revocation buckets on a real Envoy: each bucket's regex is a full match on the `job_id` claim.
+
+Envoy is fed by `TinyAds` (tests/support/ecds_envoy.py): a listener with jwt_authn (inline, payload in the same
+metadata key the compiler's principals read) and the compiler's own 16 bucket filters (`config_discovery`), whose
+configurations are the compiler's bucket resources. Every request passes all 16 filters, so each job id below is
+matched against every bucket's regex, not only its own bucket's: a listed `123` must deny neither `12` nor
+`1234`. Observed facts: docs/envoy-ecds.md §9.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.core.v3 import extension_pb2
+from google.protobuf import json_format
+from jwt.algorithms import ECAlgorithm
+
+from controlplane.cli.bootstrap import RE2_MAX_PROGRAM_SIZE, RE2_PROGRAM_SIZE_KEY
+from controlplane.compiler.listener import revocation_bucket_filters
+from controlplane.compiler.revocations import bucket_config_bytes
+from controlplane.model.credentials import revocation_bucket, revocation_buckets
+from tests.support.ecds_envoy import (
+    ECDS,
+    LISTENER_STATS,
+    Client,
+    ecds_stat,
+    envoy_on_ads,
+    listener_stats,
+    live_listener,
+    once,
+)
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+ISSUER, AUDIENCE = "https://ci.invalid", "gateway"
+LISTED = ["123", "1005", "8000012001", "8000012003", "8000012177", "runner-x.1"]
+DENIED = LISTED
+PASSING = [
+    "12",  # a prefix of a listed id, same bucket
+    "1234",  # a listed id is its prefix
+    "1",
+    "0123",
+    "1006",  # unlisted, in a non-empty bucket
+    "8000012000",
+    "8000012002",
+    "8000012178",
+    "80000120011",
+    "800001200",
+    "runner-xx1",  # `.` is escaped
+    "x123",
+]
+
+
+class Issuer:
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+
+    def jwks(self) -> str:
+        jwk = json.loads(ECAlgorithm.to_jwk(self.key.public_key()))
+        return json.dumps({"keys": [{**jwk, "kid": "k", "alg": "ES256", "use": "sig"}]})
+
+    def authorization(self, job_id: str) -> str:
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "job_id": job_id, "exp": int(time.time()) + 600}
+        return "Bearer " + jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": "k"})
+
+
+def jwt_filter(jwks: str) -> dict[str, Any]:
+    """jwt_authn as the gateway configures it where it matters here: the payload under `jwt_payload`."""
+    provider = {
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "local_jwks": {"inline_string": jwks},
+        "payload_in_metadata": "jwt_payload",
+    }
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"ci": provider},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "ci"}}],
+    }
+    return {"name": "envoy.filters.http.jwt_authn", "typed_config": config}
+
+
+def put_buckets(ads: Any, job_ids: list[str]) -> None:
+    for index, ids in enumerate(revocation_buckets(job_ids)):
+        config = extension_pb2.TypedExtensionConfig.FromString(bucket_config_bytes(index, ids))
+        ads.put(ECDS, config.name, config)
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+def test_a_bucket_regex_denies_exactly_its_listed_job_ids(api: str) -> None:
+    assert len({revocation_bucket(j) for j in LISTED}) >= 4  # several buckets hold ids
+    issuer, port = Issuer(), free_port()
+    buckets = [json_format.MessageToDict(f, preserving_proto_field_name=True) for f in revocation_bucket_filters()]
+    with envoy_on_ads(api, runtime={RE2_PROGRAM_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}) as (ads, envoy):
+        put_buckets(ads, LISTED)
+        live_listener(ads, envoy, port, [jwt_filter(issuer.jwks()), *buckets])
+        client = _connected(envoy, port)
+        statuses = {job: client.status(authorization=issuer.authorization(job)) for job in DENIED + PASSING}
+        assert statuses == {**dict.fromkeys(DENIED, 403), **dict.fromkeys(PASSING, 200)}
+        assert client.status() == 401  # no token: jwt_authn refuses before any bucket
+        listeners = listener_stats(envoy)
+
+        # One more revocation changes one bucket: enforced on the same connection, the listener untouched.
+        changed = f"controlplane.revoked_jobs.{revocation_bucket('1006'):02d}"
+        reloads = ecds_stat(envoy, changed, "config_reload")
+        put_buckets(ads, [*LISTED, "1006"])
+        envoy.wait_for(
+            lambda: client.status(authorization=issuer.authorization("1006")) == 403, 5, "1006 denied", interval=0.005
+        )
+        assert client.status(authorization=issuer.authorization("1005")) == 403
+        assert client.status(authorization=issuer.authorization("1007")) == 200
+        assert listener_stats(envoy) == listeners == dict.fromkeys(LISTENER_STATS, 0)
+        assert ecds_stat(envoy, changed, "config_reload") == reloads + 1
+        assert not ads.nacks
+        client.close()
+
+
+def _connected(envoy: Any, port: int) -> Client:
+    """The listener warms until all 16 buckets arrived (the port refuses until then); then one keep-alive
+    connection."""
+    envoy.wait_for(lambda: once(port) == 401, 10, "the listener, its 16 buckets arrived")
+    return Client(port)

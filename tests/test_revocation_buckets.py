@@ -1,0 +1,99 @@
+"""The deny list's buckets: which bucket a job id lands in, the regex each bucket matches with, and the
+credentials service keeping them incrementally (issue 13, docs/architecture.md). Envoy's own matching of these
+regexes is tests/test_e2e_revocation_buckets.py."""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+
+import pytest
+
+from controlplane.compiler.revocations import bucket_regex
+from controlplane.credentials.revocations import EXPIRY_QUANTUM, Revocations, horizon
+from controlplane.model.credentials import (
+    NO_REVOCATIONS,
+    REVOCATION_BUCKETS,
+    CredentialInputs,
+    revocation_bucket,
+    revocation_buckets,
+)
+
+
+def test_decimal_ids_go_by_thousand_block_and_others_by_crc() -> None:
+    assert revocation_bucket("1") == revocation_bucket("999") == 0
+    assert revocation_bucket("1000") == 1 and revocation_bucket("15999") == 15 and revocation_bucket("16000") == 0
+    assert revocation_bucket("8000012345") == (8000012345 // 1000) % 16
+    assert revocation_bucket("job-a") == zlib.crc32(b"job-a") % 16
+    assert revocation_bucket("\u0661\u0662") == zlib.crc32("\u0661\u0662".encode()) % 16  # digits, not ASCII
+
+
+def test_a_plain_list_becomes_sorted_de_duplicated_buckets() -> None:
+    buckets = revocation_buckets(["2001", "1", "2000", "1", "x"])
+    assert len(buckets) == REVOCATION_BUCKETS
+    assert buckets[0] == ("1",) and buckets[2] == ("2000", "2001")
+    assert CredentialInputs(revoked=buckets).revoked_jobs == ("1", "2000", "2001", "x")
+    with pytest.raises(ValueError, match="16 buckets"):
+        CredentialInputs(revoked=((),))
+
+
+def test_the_regex_groups_by_prefix_and_uses_digit_classes() -> None:
+    ids = [f"800001200{d}" for d in (0, 1, 2, 3, 5)] + ["8000012177", "8000012178", "8000012179", "8000013001"]
+    assert bucket_regex(ids) == "8000012(?:00[0-35]|17[7-9])|8000013001"
+    assert bucket_regex(["123"]) == "123"
+    assert bucket_regex(["a.b", "x|y", "9"]) == "9|a\\.b|x\\|y"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_regex_full_matches_exactly_the_listed_ids(seed: int) -> None:
+    """Python's `re.fullmatch` stands in for RE2 here (the constructs used mean the same in both); the real
+    Envoy is asked in the e2e test."""
+    rng = random.Random(seed)
+    universe = [str(rng.randrange(1, 10 ** rng.choice([2, 4, 7, 10]))) for _ in range(3000)]
+    listed = set(rng.sample(universe, 400)) | {"job.1", "a+b"}
+    pattern = re.compile(bucket_regex(sorted(listed)))
+    for job in [*universe, "job-1", "jobx1", "ab", "aab"]:
+        assert bool(pattern.fullmatch(job)) == (job in listed), job
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_revocation_changes_one_bucket_and_hands_the_others_as_the_same_objects() -> None:
+    clock = Clock(10 * EXPIRY_QUANTUM)
+    revocations = Revocations(None, clock=clock)
+    assert revocations.buckets() == NO_REVOCATIONS
+    for job in ("1", "2", "1001", "15001"):
+        revocations.revoke(job, clock.now + 3600)
+    before = revocations.buckets()
+    assert before[0] == ("1", "2") and before[1] == ("1001",) and before[15] == ("15001",)
+    assert revocations.buckets() is before  # no change: the very same input, nothing compared
+    revocations.revoke("3", clock.now + 3600)
+    after = revocations.buckets()
+    assert after[0] == ("1", "2", "3")
+    assert all(after[i] is before[i] for i in range(1, REVOCATION_BUCKETS))
+    revocations.revoke("3", clock.now + 7200)  # a longer denial of a listed job: the ids are the same
+    assert revocations.buckets() is after
+
+
+def test_expired_entries_leave_at_the_quantum_not_one_by_one() -> None:
+    start = 100 * EXPIRY_QUANTUM
+    clock = Clock(start)
+    revocations = Revocations(None, clock=clock)
+    revocations.revoke("1", start + 10)
+    revocations.revoke("2", start + 20)
+    revocations.revoke("3", start + 2 * EXPIRY_QUANTUM + 1)
+    assert revocations.next_expiry() == start + EXPIRY_QUANTUM  # both leave at the next boundary, together
+    clock.now = start + 25
+    assert not revocations.is_revoked("1") and revocations.is_revoked("3")  # enforcement decisions stay exact
+    assert not revocations.prune() and revocations.buckets()[0] == ("1", "2", "3")  # the list waits
+    clock.now = start + EXPIRY_QUANTUM
+    assert horizon(clock.now) == start + EXPIRY_QUANTUM
+    assert revocations.prune() and revocations.buckets()[0] == ("3",)
+    assert revocations.next_expiry() == start + 3 * EXPIRY_QUANTUM
