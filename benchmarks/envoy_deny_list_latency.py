@@ -77,7 +77,7 @@ def bucket_regexes(jobs: list[str]) -> list[str | None]:
     buckets: list[list[str]] = [[] for _ in range(REVOCATION_BUCKETS)]
     for job in jobs:
         buckets[revocation_bucket(job)].append(job)
-    return [revocations.jobs_regex(sorted(b)) if b else None for b in buckets]
+    return [revocations.bucket_regex(sorted(b)) if b else None for b in buckets]
 
 
 def typed(name: str, message: Any) -> extension_pb2.TypedExtensionConfig:

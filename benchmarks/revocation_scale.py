@@ -59,8 +59,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fleet_sim  # noqa: E402
 from fleet_client import raise_nofile  # noqa: E402
 
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config  # noqa: E402
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter  # noqa: E402
+from google.protobuf.any_pb2 import Any as AnyProto  # noqa: E402
+
 from controlplane.cli.bootstrap import render_bootstrap  # noqa: E402
-from controlplane.compiler.route import revocations_entry  # noqa: E402
+from controlplane.compiler import wire  # noqa: E402
+from controlplane.compiler.claims import claim_principal  # noqa: E402
 from controlplane.credentials.revocation_store import REVOCATIONS_FILE  # noqa: E402
 from controlplane.credentials.revocations import Revocations  # noqa: E402
 from controlplane.model.credentials import EXCHANGE_PATH, CredentialInputs  # noqa: E402
@@ -143,6 +148,28 @@ def write_revocations(path: Path, count: int) -> None:
 
 
 # -- today's design: the whole deny list in every route configuration
+
+_PER_FILTER_CONFIG = 16  # RouteConfiguration.typed_per_filter_config
+_RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPTOR.full_name
+
+
+def revocations_entry(job_ids: Sequence[str]) -> bytes:
+    """Today's encoder, kept here when issue 13 took it out of the compiler (controlplane/compiler/route.py at
+    commit 5b19082): the deny list as RouteConfiguration.typed_per_filter_config["controlplane.revocations"], an
+    RBACPerRoute DENY policy with one `job_id` principal per job, appended to every route configuration."""
+    if not job_ids:
+        return b""
+    policy = rbac_config.Policy(
+        permissions=[rbac_config.Permission(any=True)],
+        principals=[claim_principal("job_id", job) for job in sorted(set(job_ids))],
+    )
+    per_route = rbac_filter.RBACPerRoute(
+        rbac=rbac_filter.RBAC(
+            rules=rbac_config.RBAC(action=rbac_config.RBAC.DENY, policies={"revoked-jobs": policy})
+        )
+    )
+    config = AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=per_route.SerializeToString(deterministic=True))
+    return wire.map_entry(_PER_FILTER_CONFIG, "controlplane.revocations", config.SerializeToString(deterministic=True))
 
 
 class _Stack:
