@@ -1,4 +1,4 @@
-"""What one more revoked job costs as the deny list grows: issue 13's baseline (today's design).
+"""What one more revoked job costs as the deny list grows: before issue 13 (today) and with its 16 ECDS buckets.
 
 Today every revoked job id is one principal of an RBAC DENY policy embedded in every gateway's route
 configuration (`route.revocations_entry`, gone since: the list is now 16 ECDS buckets, compiler/revocations.py,
@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import gc
 import http.client
+import itertools
 import json
 import statistics
 import sys
@@ -58,13 +59,24 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fleet_sim  # noqa: E402
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config  # noqa: E402
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter  # noqa: E402
 from fleet_client import raise_nofile  # noqa: E402
+from google.protobuf.any_pb2 import Any as AnyProto  # noqa: E402
 
 from controlplane.cli.bootstrap import render_bootstrap  # noqa: E402
+from controlplane.cli.serve import CREDENTIAL_CHANGES_GATHER  # noqa: E402
+from controlplane.compiler import wire  # noqa: E402
+from controlplane.compiler.claims import claim_principal  # noqa: E402
 from controlplane.compiler.revocations import bucket_config_bytes  # noqa: E402
 from controlplane.credentials.revocation_store import REVOCATIONS_FILE  # noqa: E402
 from controlplane.credentials.revocations import Revocations  # noqa: E402
-from controlplane.model.credentials import EXCHANGE_PATH, CredentialInputs, revocation_bucket  # noqa: E402
+from controlplane.model.credentials import (  # noqa: E402
+    EXCHANGE_PATH,
+    NO_REVOCATIONS,
+    CredentialInputs,
+    revocation_bucket,
+)
 from controlplane.runtime.policy_service import PolicyService  # noqa: E402
 from controlplane.snapshots.cache import SnapshotCache  # noqa: E402
 from controlplane.snapshots.snapshot import PUSH_ORDER, ROUTE, Snapshot  # noqa: E402
@@ -145,31 +157,60 @@ def write_revocations(path: Path, count: int) -> None:
 
 # -- today's design: the whole deny list in every route configuration
 
+_PER_FILTER_CONFIG = 16  # RouteConfiguration.typed_per_filter_config
+_RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPTOR.full_name
+
+
+def revocations_entry(job_ids: Sequence[str]) -> bytes:
+    """Today's encoder, kept here when issue 13 took it out of the compiler (controlplane/compiler/route.py at
+    commit 5b19082): the deny list as RouteConfiguration.typed_per_filter_config["controlplane.revocations"], an
+    RBACPerRoute DENY policy with one `job_id` principal per job, appended to every route configuration."""
+    if not job_ids:
+        return b""
+    policy = rbac_config.Policy(
+        permissions=[rbac_config.Permission(any=True)],
+        principals=[claim_principal("job_id", job) for job in sorted(set(job_ids))],
+    )
+    per_route = rbac_filter.RBACPerRoute(
+        rbac=rbac_filter.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.DENY, policies={"revoked-jobs": policy}))
+    )
+    config = AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=per_route.SerializeToString(deterministic=True))
+    return wire.map_entry(_PER_FILTER_CONFIG, "controlplane.revocations", config.SerializeToString(deterministic=True))
+
 
 class _Stack:
-    """`serve`'s compile path without its network: a PolicyService with a warm memo, fed by a Revocations list."""
+    """`serve`'s compile path without its network: a PolicyService with a warm memo, fed by a Revocations list.
 
-    def __init__(self, root: Path, outstanding: int) -> None:
+    `design` "buckets" is the code as it is (16 ECDS buckets); "today" re-creates the design before issue 13:
+    the same compile with no bucket filled, plus today's encoder run on the whole list after it (as the removed
+    `route.revocations_entry` ran inside every compile), its bytes counted as part of the route configuration."""
+
+    def __init__(self, root: Path, outstanding: int, design: str = "buckets", gather: float = 0.0) -> None:
         (root / "policy.yaml").write_text(POLICY.format(issuer="http://127.0.0.1:1", backend_port=1, listen_port=1))
         # As `serve` starts: the state directory's list, read into this replica's view (the outbox stays empty).
         write_revocations(root / REVOCATIONS_FILE, outstanding)
+        self.design, self.gather = design, gather
         self.revocations = Revocations(root / REVOCATIONS_FILE)
         self.cache = SnapshotCache()
         self.published: list[Snapshot] = []
         self.cache.subscribe(self.published.append)
         self.compiles = 0
+        self.entry = b""  # today's: the list as last encoded
         self.service = PolicyService(root, self.cache, credentials=self._inputs)
         self._next = FIRST_JOB + outstanding
 
     def _inputs(self) -> CredentialInputs:
         self.compiles += 1  # read once per compile, in the worker thread
-        return CredentialInputs(jwks=KEYS, exchange_address=(LOOPBACK, 18080), revoked=self.revocations.buckets())
+        revoked = self.revocations.buckets() if self.design == "buckets" else NO_REVOCATIONS
+        return CredentialInputs(jwks=KEYS, exchange_address=(LOOPBACK, 18080), revoked=revoked)
 
     async def revoke_one(self) -> None:
         """What `CredentialService.revoke_finished` does once the job is recorded: deny, then recompile."""
         job, self._next = str(self._next), self._next + 1
         if self.revocations.revoke(job, time.time() + DENY_FOR):
-            await self.service.recompile("credentials changed")
+            await self.service.recompile("credentials changed", gather=self.gather)
+            if self.design == "today":
+                self.entry = revocations_entry(self.revocations.active())
 
 
 def changed(before: Snapshot, after: Snapshot) -> tuple[int, str]:
@@ -188,22 +229,28 @@ def route_bytes(snapshot: Snapshot) -> int:
     return sum(len(r.response_entry) for r in snapshot.types[ROUTE].resources.values())
 
 
-def todays_design(outstanding: int, repeat: int, burst: int, burst_at: int) -> Figures:
+def one_more(design: str, outstanding: int, repeat: int) -> Figures:
+    """One more revocation, `repeat` times: CPU of revoke + recompile + snapshot, bytes each Envoy is re-sent."""
     figures = Figures()
     with tempfile.TemporaryDirectory() as tmp:
-        stack = _Stack(Path(tmp), outstanding)
+        stack = _Stack(Path(tmp), outstanding, design)
         assert stack.service.reload(), stack.service.state.errors
         cpu, sizes, kinds = [], [], set()
         gc.collect()
 
         async def one() -> None:
-            before = stack.published[-1]
+            before = stack.published[-1] if stack.published else None
             started = time.process_time()
             await stack.revoke_one()
             cpu.append(time.process_time() - started)
-            size, types = changed(before, stack.published[-1])
-            sizes.append(size)
-            kinds.add(types)
+            if design == "today":  # the whole route configuration, the list in it, to every Envoy
+                sizes.append(route_bytes(stack.service.cache.get("bench")) + len(stack.entry))
+                kinds.add("RouteConfiguration")
+            else:
+                assert before is not None
+                size, types = changed(before, stack.published[-1])
+                sizes.append(size)
+                kinds.add(types)
 
         async def runs() -> None:
             await stack.revoke_one()  # a first recompile, as after `serve`'s start: the memo is warm from here
@@ -214,26 +261,26 @@ def todays_design(outstanding: int, repeat: int, burst: int, burst_at: int) -> F
         figures.cpu_ms = statistics.median(cpu) * 1000
         figures.route_bytes = int(statistics.median(sizes))
         figures.changed_types = "/".join(sorted(kinds))
-        # Since issue 13 the list is 16 ECDS buckets: a revocation re-encodes the one its job falls in.
-        index = revocation_bucket(str(stack._next - 1))
-        jobs = stack.revocations.buckets()[index]
         entry = []
         for _ in range(repeat):
             started = time.process_time()
-            bucket_config_bytes(index, jobs)
+            if design == "today":
+                revocations_entry(stack.revocations.active())
+            else:
+                index = revocation_bucket(str(stack._next - 1))
+                bucket_config_bytes(index, stack.revocations.buckets()[index])
             entry.append(time.process_time() - started)
         figures.entry_ms = statistics.median(entry) * 1000
-    if outstanding == burst_at:
-        burst_figures(figures, outstanding, burst)
     return figures
 
 
-def burst_figures(figures: Figures, outstanding: int, burst: int) -> None:
-    """`burst` revocations spread over one second, each its own task as concurrent Job Hooks are."""
+def burst_figures(figures: Figures, outstanding: int, burst: int, gather: float) -> None:
+    """`burst` revocations spread over one second, each its own task as concurrent Job Hooks are, with serve's
+    `gather` (the new design; today's burst, which compiled once per hook, is recorded in docs/performance.md)."""
     with tempfile.TemporaryDirectory() as tmp:
-        stack = _Stack(Path(tmp), outstanding)
+        stack = _Stack(Path(tmp), outstanding, "buckets", gather)
         assert stack.service.reload()
-        stack.compiles, stack.published[:] = 0, []
+        stack.compiles, stack.published[:] = 0, [stack.service.cache.get("bench")]
 
         async def run() -> float:
             loop = asyncio.get_running_loop()
@@ -251,8 +298,8 @@ def burst_figures(figures: Figures, outstanding: int, burst: int) -> None:
         figures.burst_seconds = asyncio.run(run())
         figures.burst_cpu_ms = (time.process_time() - started) * 1000
         figures.burst_compiles = stack.compiles
-        figures.burst_pushes = len(stack.published)
-        figures.burst_bytes = sum(route_bytes(s) for s in stack.published)
+        figures.burst_pushes = len(stack.published) - 1
+        figures.burst_bytes = sum(changed(a, b)[0] for a, b in itertools.pairwise(stack.published))
 
 
 # -- a real Envoy, with none and with N revocations
@@ -475,11 +522,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=["sotw", "delta"], default="delta", help="fleet run's ADS protocol")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    designs: dict[str, Callable[[int], Figures]] = {
-        "today": lambda n: todays_design(n, args.repeat, args.burst, args.burst_at),
-    }
-    for design, measure in designs.items():
-        columns = {f"{design} N={n:,}": measure(n) for n in sizes}
+    for design in ("today", "buckets"):
+        columns = {f"{design} N={n:,}": one_more(design, n, args.repeat) for n in sizes}
+        if design == "buckets" and args.burst_at in sizes:
+            burst_figures(
+                columns[f"{design} N={args.burst_at:,}"], args.burst_at, args.burst, CREDENTIAL_CHANGES_GATHER
+            )
         print_table(
             f"One more revocation ({design})",
             [
@@ -503,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
             columns,
         )
     if args.fleet_at:
-        fleet = fleet_figures(args.fleet_at, args.streams, args.workers, args.mode)
+        fleet = fleet_figures(args.fleet_at, args.streams, args.workers, args.mode, label="ecds")
         print(f"\nSimulated fleet ({args.mode}), {args.streams:,} streams, {args.fleet_at:,} revoked, one more:")
         for key, value in fleet.items():
             print(f"  {key:<22} {round(value, 3) if isinstance(value, float) else value}")

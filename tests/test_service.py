@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model.credentials import CredentialInputs
+from controlplane.model.credentials import CredentialInputs, revocation_buckets
 from controlplane.model.loader import PolicyLoader
 from controlplane.runtime import policy_service as service_module
 from controlplane.runtime.policy_service import PolicyService
@@ -290,3 +290,67 @@ def test_a_reserved_name_is_reported_before_a_subject_that_does_not_resolve(tmp_
         f"billing/bindings.yaml:3: name: 'exchanged' {reserved}",
         f"issuer.yaml:1: name: 'controlplane' {reserved}",
     ]
+
+
+async def test_a_burst_of_live_changes_shares_compiles_and_none_is_missed(tmp_path: Path) -> None:
+    """100 revocations as concurrent Job Hooks: callers share a compile that has not started, and every change is
+    in the snapshot its caller is answered after (its compile read the inputs after the change was made)."""
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    revoked: list[str] = []
+    reads: list[int] = []
+
+    def credentials() -> CredentialInputs:
+        reads.append(len(revoked))
+        return CredentialInputs(revoked=revocation_buckets(revoked))
+
+    service = PolicyService(tmp_path / "policy", SnapshotCache(), clock=lambda: 1000.0, credentials=credentials)
+    assert service.reload()
+    reads.clear()
+
+    async def revoke(job: int) -> int:
+        await asyncio.sleep(job / 1000)  # spread over 0.1 s, as hooks arrive
+        revoked.append(str(job))
+        changed_at = len(revoked)
+        assert await service.recompile("credentials changed", gather=0.02)
+        return changed_at
+
+    made = await asyncio.gather(*(revoke(job) for job in range(100)))
+    assert len(reads) < 20, reads  # not 100 compiles
+    assert reads[-1] == 100
+    # each caller's change was read by a compile that finished before its caller was answered
+    assert all(any(read >= at for read in reads) for at in made)
+
+
+async def test_a_change_made_while_a_compile_runs_gets_a_compile_of_its_own(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    revoked: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+    reads: list[tuple[str, ...]] = []
+
+    def credentials() -> CredentialInputs:
+        reads.append(tuple(revoked))
+        if len(reads) == 2:  # the first recompile (after the load): hold it while another change is made
+            inside.set()
+            assert release.wait(10)
+        return CredentialInputs(revoked=revocation_buckets(revoked))
+
+    service = PolicyService(tmp_path / "policy", SnapshotCache(), clock=lambda: 1000.0, credentials=credentials)
+    assert service.reload()
+    revoked.append("1")
+    first = asyncio.ensure_future(service.recompile("credentials changed"))
+    assert await asyncio.to_thread(inside.wait, 10)
+    revoked.append("2")
+    second = asyncio.ensure_future(service.recompile("credentials changed"))
+    release.set()
+    assert await first and await second
+    assert reads[1:] == [("1",), ("1", "2")]
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_compile_others_share(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    assert service.reload()
+    first = asyncio.ensure_future(service.recompile("a", gather=0.05))
+    second = asyncio.ensure_future(service.recompile("b"))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second

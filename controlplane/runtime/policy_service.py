@@ -49,6 +49,15 @@ LOGGED_ERRORS = 20
 
 
 @dataclass
+class _Batch:
+    """One recompile and the callers sharing it (see `PolicyService.recompile`)."""
+
+    task: asyncio.Future[bool]
+    reasons: dict[str, None] = field(default_factory=dict)  # ordered, without repeats: for the log line
+    started: bool = False
+
+
+@dataclass
 class PolicyState:
     root: str
     last_good_load: float | None = None
@@ -110,6 +119,7 @@ class PolicyService:
         self._pending_exchange: ExchangePolicy | None = None
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._batch: _Batch | None = None  # the recompile callers join until it starts
         # A reload that never ends (a read that blocks) holds the lock: every later reload and recompile, job
         # revocations included, waits behind it. It cannot be interrupted, so it is made visible instead.
         self.reload_timeout = reload_timeout
@@ -137,32 +147,54 @@ class PolicyService:
                 outcome = await asyncio.to_thread(self._build)
             return self._apply(outcome)
 
-    async def recompile(self, reason: str) -> bool:
+    async def recompile(self, reason: str, *, gather: float = 0.0) -> bool:
         """Recompile the policy in service because a live input changed (inventory, keys). No file is read.
 
         False when no policy is in service yet (the first good load will use the inputs), or when the live
         inputs make it invalid (a path now owned by another project): the last good snapshot then stays.
+
+        Callers share one compile while it has not started: it reads the inputs once it holds the lock, so it
+        holds every change made before it started, and a burst of changes (a busy GitLab finishing jobs) is a
+        handful of compiles and pushes, not one each. `gather`: how long a new compile waits for others to
+        join before it takes its turn. A caller's cancellation never cancels the shared compile.
         """
+        batch = self._batch
+        if batch is None or batch.started:
+            batch = self._batch = _Batch(asyncio.ensure_future(self._batched(gather)))
+        else:
+            metrics.RECOMPILES_JOINED.inc()
+        batch.reasons.setdefault(reason)
+        return await asyncio.shield(batch.task)
+
+    async def _batched(self, gather: float) -> bool:
+        if gather > 0:
+            await asyncio.sleep(gather)  # a deliberate delay: let a burst join, not synchronisation
         async with self._lock:
-            policy = self._policy
-            if policy is None:
-                return False
-            started = time.perf_counter()
-            try:
-                with self._running():
-                    snapshots = await asyncio.to_thread(self._compile, policy)
-            except PolicyInvalid as invalid:
-                self._reject(invalid, live=True)
-                return False
-            except Exception as error:
-                self._reject(PolicyInvalid([self._internal_error("compiling", error)]), live=True)
-                return False
-            metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
-            self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
-            self.state.live_errors, self.state.live_error_count = [], 0
-            metrics.POLICY_CURRENT_ERRORS.set(self.state.error_count)
-            log.info("%s: %s", reason, _versions(self.state.versions))
-            return True
+            batch = self._batch
+            assert batch is not None
+            batch.started = True  # changes made from now on may be missed: later callers start a new batch
+            return await self._recompile_locked("; ".join(batch.reasons))
+
+    async def _recompile_locked(self, reason: str) -> bool:
+        policy = self._policy
+        if policy is None:
+            return False
+        started = time.perf_counter()
+        try:
+            with self._running():
+                snapshots = await asyncio.to_thread(self._compile, policy)
+        except PolicyInvalid as invalid:
+            self._reject(invalid, live=True)
+            return False
+        except Exception as error:
+            self._reject(PolicyInvalid([self._internal_error("compiling", error)]), live=True)
+            return False
+        metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
+        self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
+        self.state.live_errors, self.state.live_error_count = [], 0
+        metrics.POLICY_CURRENT_ERRORS.set(self.state.error_count)
+        log.info("%s: %s", reason, _versions(self.state.versions))
+        return True
 
     async def set_keys(self, keys: Mapping[str, str]) -> bool:
         """New relayed issuer keys: recompile the policy in service with them."""

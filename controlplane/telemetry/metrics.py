@@ -36,6 +36,12 @@ COMPILE_DURATION = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )
+RECOMPILES_JOINED = Counter(
+    "controlplane_recompiles_joined_total",
+    "Live-input changes (revocations, keys, inventory) that joined a recompile already waiting, instead of "
+    "compiling and pushing on their own.",
+    registry=REGISTRY,
+)
 GC_COLLECTION_SECONDS = Histogram(
     "controlplane_gc_collection_seconds",
     "Pauses of the scheduled garbage collections (the event loop waits meanwhile), by kind: recent (objects "
