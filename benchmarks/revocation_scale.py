@@ -25,7 +25,8 @@ Measured for N outstanding revocations (`--sizes`), each design being one functi
    start to its first 200 (it loads the N-entry route configuration).
 4. A simulated fleet (`--fleet-at`, 0: skipped): `controlplane serve` started with N jobs in its state directory
    and fleet_sim.py's policy, `--streams` simulated Envoys (fleet_sim's `Fleet`, `--mode` sotw or delta), then
-   one Job Hook for a job never seen: the time until every stream ACKed the new RDS, the server's CPU over it,
+   one Job Hook for a job never seen of project 1001 (which a raw-token backend admits, so the job is covered and
+   listed): the time until every stream ACKed the new ECDS bucket (RDS before issue 13), the server's CPU over it,
    and when the hook was answered.
 
 Method and figures: docs/performance.md, "Issue 13 baseline: today's deny list".
@@ -76,6 +77,7 @@ from controlplane.model.credentials import (  # noqa: E402
     NO_REVOCATIONS,
     CredentialInputs,
     revocation_bucket,
+    revocation_buckets,
 )
 from controlplane.runtime.policy_service import PolicyService  # noqa: E402
 from controlplane.snapshots.cache import SnapshotCache  # noqa: E402
@@ -144,8 +146,8 @@ class Figures:
         return None if self.route_bytes is None else self.route_bytes * FLEET
 
 
-def job_ids(count: int, first: int = FIRST_JOB) -> list[str]:
-    return [str(first + i) for i in range(count)]
+def job_ids(count: int, first: int = FIRST_JOB, step: int = 1) -> list[str]:
+    return [str(first + i * step) for i in range(count)]
 
 
 def write_revocations(path: Path, count: int) -> None:
@@ -427,7 +429,7 @@ def fleet_figures(outstanding: int, streams: int, workers: int, mode: str, label
             def revoke(result: fleet_sim.Result) -> None:
                 base = sim.baseline()
                 payload = {"object_kind": "build", "build_id": job, "build_status": "success", "pipeline_id": 1,
-                           "project_id": 42, "ref": "main"}  # fmt: skip
+                           "project_id": 1001, "ref": "main"}  # fmt: skip
                 answered: list[float | str] = []
 
                 def post() -> None:  # in a thread: the webhook's answer can come after the push (see the docs)
@@ -507,6 +509,18 @@ def kb(value: int | None) -> str | None:
     return None if value is None else f"{value / 1000:,.1f} kB"
 
 
+def density_table(outstanding: int) -> None:
+    """A bucket's bytes depend on how densely its ids fill their thousand-blocks: consecutive ids (a GitLab whose
+    finished jobs are all listed) share prefixes and digit classes; ids `step` apart share less. One revocation
+    re-sends one bucket, so its largest size is what one more revocation costs each Envoy at worst."""
+    print(f"\nBucket sizes at {outstanding:,} outstanding, by how far apart the listed job ids are")
+    print(f"{'ids apart':>10}  {'largest bucket':>15}  {'all 16':>10}  {'bytes per id':>12}")
+    for step in (1, 3, 10, 100, 1000, 7919):
+        buckets = revocation_buckets(job_ids(outstanding, step=step))
+        sizes = [len(bucket_config_bytes(i, jobs)) for i, jobs in enumerate(buckets)]
+        print(f"{step:>10,}  {kb(max(sizes)):>15}  {kb(sum(sizes)):>10}  {sum(sizes) / outstanding:>12.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="500,5000,50000", help="outstanding revocations, comma-separated")
@@ -543,13 +557,14 @@ def main(argv: list[str] | None = None) -> None:
                 (f"burst {args.burst}/s: pushes", lambda f: f.burst_pushes),
                 (
                     "burst: bytes per Envoy",
-                    lambda f: None if f.burst_bytes is None else f"{f.burst_bytes / 1e6:,.1f} MB",
+                    lambda f: None if f.burst_bytes is None else kb(f.burst_bytes),
                 ),
                 ("burst: CPU", lambda f: None if f.burst_cpu_ms is None else f"{f.burst_cpu_ms:,.0f} ms"),
                 ("burst: seconds", lambda f: None if f.burst_seconds is None else f"{f.burst_seconds:.2f} s"),
             ],
             columns,
         )
+    density_table(max(sizes))
     if args.fleet_at:
         fleet = fleet_figures(args.fleet_at, args.streams, args.workers, args.mode, label="ecds")
         print(f"\nSimulated fleet ({args.mode}), {args.streams:,} streams, {args.fleet_at:,} revoked, one more:")
