@@ -70,7 +70,11 @@ def _digit_class(digits: set[str]) -> str:
 
 
 def _escaped(job: str) -> str:
-    """RE2 takes `\\` before any ASCII punctuation as that character; other characters stand for themselves."""
+    """RE2 takes `\\` before any ASCII punctuation as that character; other characters stand for themselves.
+    The empty id is `(?:)`: a bucket holding it alone would otherwise be an empty regex, which Envoy refuses
+    (RegexMatcher needs at least one character: the whole bucket NACKed, its previous ids kept in force)."""
+    if not job:
+        return "(?:)"
     return "".join("\\" + c if c.isascii() and not c.isalnum() and c != "_" else c for c in job)
 
 
