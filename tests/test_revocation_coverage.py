@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials.exchange import ExchangePolicy
 from controlplane.credentials.exchange_store import DB_NAME, SqliteExchangeStore
+from controlplane.credentials.revocations import EXPIRY_QUANTUM
 from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.model.credentials import NO_REVOCATIONS
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.resolved.index import Resolution
@@ -249,6 +253,42 @@ async def test_with_no_deny_window_a_job_is_listed_for_its_credentials_only(
         node.seen(5202, clock.now + 3000)
         await node.finished(5202)
         assert node.listed() == {}  # raw ID tokens are not denied at all with --deny-id-tokens-for 0
+    finally:
+        node.close()
+
+
+async def test_a_credential_stays_denied_while_envoy_still_accepts_it_past_its_exp(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    """Envoy accepts our credentials CREDENTIAL_CLOCK_SKEW_SECONDS past their `exp` (jwt_authn's clock skew): the
+    entry must last as long. Ending at `exp`, it left at the first expiry quantum after it, and a credential
+    expiring just before one passed again for up to that skew."""
+    clock.now = EXPIRY_QUANTUM * math.ceil(clock.now / EXPIRY_QUANTUM) + 10 * EXPIRY_QUANTUM - 600 - 1
+    node = Node(gitlab, tmp_path, clock, policy(gitlab), deny=0.0)
+    try:
+        token = gitlab.mint(
+            job_id=5203,
+            project_id=42,
+            project_path="acme/platform/deployer",
+            namespace_id=11,
+            iat=int(clock.now),
+            ttl=3000,
+            aud="https://deploy.local",
+        )
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": "deploy-api",
+        }
+        assert (await node.service.exchange.exchange(form)).status == 200
+        ((_, exp),) = node.service.exchange.credentials_of("5203")
+        assert exp % EXPIRY_QUANTUM == EXPIRY_QUANTUM - 1  # a quantum boundary 1 s after it
+        await node.finished(5203)
+        assert node.listed() == {"5203": exp + CREDENTIAL_CLOCK_SKEW_SECONDS}
+        clock.now = exp + CREDENTIAL_CLOCK_SKEW_SECONDS - 1  # past the boundary; Envoy still accepts it
+        node.service.revocations.prune()
+        assert node.service.revocations.buckets() != NO_REVOCATIONS
     finally:
         node.close()
 

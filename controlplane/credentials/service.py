@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials import metrics
 from controlplane.credentials.coverage import Sightings
 from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
@@ -277,8 +278,15 @@ class CredentialService:
     async def _until_for_seen(self, job: str) -> float:
         """How long a seen, finished job stays listed: the token's `exp` when known, else the deny window, and
         at least as long as its credentials."""
-        held = await self.exchange.latest_expiry(job) or 0.0
+        held = await self._credentials_until(job)
         return max(held, self._raw_token_until(job, seen=True, covered=False))
+
+    async def _credentials_until(self, job: str) -> float:
+        """Until when Envoy accepts the job's credentials: the last one's `exp` plus the clock skew jwt_authn
+        allows them (0: none). A deny entry ending at `exp` left at the next expiry quantum, and a credential
+        expiring just before one passed again for up to that skew."""
+        latest = await self.exchange.latest_expiry(job)
+        return 0.0 if latest is None else latest + CREDENTIAL_CLOCK_SKEW_SECONDS
 
     def _raw_token_until(self, job: str, *, seen: bool, covered: bool) -> float:
         """Until when a finished job's raw ID tokens must be denied; 0 when none can pass or with a zero window
@@ -372,9 +380,11 @@ class CredentialService:
             # What the job holds (another replica's credentials included) is unknown: deny it for as long as
             # any credential or raw token of it could live, as before coverage existed.
             unknown = True
-            recorded = now + max(self.options.max_credential_ttl, self.options.deny_id_tokens_for)
+            recorded = now + max(
+                self.options.max_credential_ttl + CREDENTIAL_CLOCK_SKEW_SECONDS, self.options.deny_id_tokens_for
+            )
         # Read after `finish`: every credential of the job is counted (any later one is refused).
-        credentials = await self.exchange.latest_expiry(job) or 0.0
+        credentials = await self._credentials_until(job)
         # `recorded` includes the subject token's `exp`: a raw ID token, denied only with a deny window.
         raw_tokens_denied = self.options.deny_id_tokens_for > 0 or unknown
         held = max(recorded or 0.0, credentials) if raw_tokens_denied else credentials
