@@ -148,3 +148,33 @@ def test_odd_job_ids_are_matched_exactly(api: str) -> None:
         assert statuses == {**dict.fromkeys(ODD_LISTED, 403), **dict.fromkeys(ODD_PASSING, 200)}
         assert not ads.nacks
         client.close()
+
+
+def test_a_bucket_past_re2s_program_size_limit_is_still_enforced() -> None:
+    """250,000 ids of one bucket, each in its own thousand-block (nothing shared but the leading digits): one
+    regex of them is an RE2 program over the 1,000,000 `controlplane bootstrap` allows, which Envoy refuses,
+    keeping the bucket's previous configuration (its new ids not denied). The compiler splits such a bucket
+    into several principals, each regex well under the limit. Unreachable in practice (3-4 million outstanding
+    revocations spread over 16 buckets), but a bucket must never be refused for its size."""
+    listed = [str(10**9 + 16000 * k + (k * 7919) % 1000) for k in range(250_000)]
+    assert {revocation_bucket(j) for j in listed} == {0}
+    issuer, port = Issuer(), free_port()
+    buckets = [json_format.MessageToDict(f, preserving_proto_field_name=True) for f in revocation_bucket_filters()]
+    with envoy_on_ads("delta", runtime={RE2_PROGRAM_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}) as (ads, envoy):
+        put_buckets(ads, ["5"])
+        live_listener(ads, envoy, port, [jwt_filter(issuer.jwks()), *buckets])
+        client = _connected(envoy, port)
+        assert client.status(authorization=issuer.authorization("5")) == 403
+        put_buckets(ads, listed)
+        bucket = "controlplane.revoked_jobs.00"
+        envoy.wait_for(
+            lambda: ecds_stat(envoy, bucket, "update_success") + ecds_stat(envoy, bucket, "update_rejected") >= 2,
+            30,
+            "the big bucket accepted or refused",
+        )
+        assert not ads.nacks
+        for job in (listed[0], listed[-1], listed[123_457]):
+            assert client.status(authorization=issuer.authorization(job)) == 403, job
+        for job in ("5", str(int(listed[1]) + 1), "1000000001"):
+            assert client.status(authorization=issuer.authorization(job)) == 200, job
+        client.close()

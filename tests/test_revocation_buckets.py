@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from controlplane.compiler.revocations import bucket_regex
+from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
 from controlplane.credentials.revocations import EXPIRY_QUANTUM, Revocations, horizon
 from controlplane.model.credentials import (
     NO_REVOCATIONS,
@@ -127,3 +127,15 @@ def test_expired_entries_leave_at_the_quantum_not_one_by_one() -> None:
     assert horizon(clock.now) == start + EXPIRY_QUANTUM
     assert revocations.prune() and revocations.buckets()[0] == ("3",)
     assert revocations.next_expiry() == start + 3 * EXPIRY_QUANTUM
+
+
+def test_a_bucket_over_the_regex_budget_is_split_and_still_matches_exactly() -> None:
+    rng = random.Random(7)
+    listed = sorted({str(rng.randrange(10**9, 10**10)) for _ in range(3000)} | {"a.b", ""})
+    assert bucket_regexes(listed) == [bucket_regex(listed)]  # under the budget: one regex, as before
+    chunks = bucket_regexes(listed, limit=2000)
+    assert len(chunks) > 10 and all(len(chunk) <= 2000 for chunk in chunks)
+    patterns = [re.compile(chunk) for chunk in chunks]
+    for job in [*listed, *(str(rng.randrange(10**9, 10**10)) for _ in range(3000)), "a", "ab"]:
+        assert any(p.fullmatch(job) for p in patterns) == (job in listed), job
+    assert len(bucket_rbac(listed).rules.policies["revoked-jobs"].principals) == 1
