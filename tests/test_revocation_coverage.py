@@ -37,6 +37,7 @@ from tests.compiled import policy_of
 from tests.support.clock import Clock
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import ACME_INVENTORY, TTL_10M, backend, binding, documents, issuer, role
+from tests.support.ports import eventually
 
 HOUR = 3600.0
 DENY = 3 * HOUR
@@ -211,6 +212,44 @@ async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
         await node.service.policy_changed()  # type: ignore[attr-defined]  # what a fix would add
         await node.settled()
         assert "5003" in node.listed()
+    finally:
+        node.close()
+
+
+async def test_a_job_hook_cut_short_by_its_timeout_still_lists_the_job(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook listener gives `on_event` 5 s (`callback_timeout`) and then cancels it (answering 500). A
+    revocation cancelled while the ledger records the end listed nothing (the job's tokens passed until the
+    recovery sweep); cancelled while its push waited (a reload holding the compile lock), it was never written to
+    the store, so other replicas did not deny it until this one's next housekeeping round (up to a minute)."""
+    node = Node(gitlab, tmp_path, clock, policy(gitlab))  # covers project 42's finished jobs
+    try:
+        release = asyncio.Event()
+        finish = node.store.finish
+
+        async def slow_finish(job_id: str, keep_until: float) -> float | None:
+            await release.wait()
+            return await finish(job_id, keep_until)
+
+        monkeypatch.setattr(node.store, "finish", slow_finish)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(node.finished(5004), 0.05)
+        release.set()
+        await eventually(lambda: "5004" in node.listed(), "the job listed after its hook timed out")
+        await eventually(lambda: not node.service.revocations._outbox, "the entry written to the store")
+
+        pushed = asyncio.Event()
+
+        async def slow_push() -> None:
+            await pushed.wait()
+
+        node.service.on_change = slow_push
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(node.finished(5005), 0.05)
+        assert "5005" in node.listed()  # enforced here at once, its push pending
+        pushed.set()
+        await eventually(lambda: not node.service.revocations._outbox, "the entry written to the store after its push")
     finally:
         node.close()
 

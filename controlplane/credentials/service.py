@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials import metrics
@@ -159,7 +160,7 @@ class CredentialService:
         self._policy = policy
         self._audit_seen: AuditSeen | None = None
         self._audit_flush: AuditFlush | None = None
-        self._sighting_tasks: set[asyncio.Task[None]] = set()
+        self._sighting_tasks: set[asyncio.Task[Any]] = set()  # and revocations whose Job Hook gave up waiting
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
@@ -354,7 +355,20 @@ class CredentialService:
         """
         if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
             return
-        await self.revoke_finished(str(event.job_id), event.status, str(event.project_id))
+        # Shielded: the webhook listener cancels a callback that takes too long (its `callback_timeout`, when a
+        # reload holds the compile lock or the ledger is slow) and answers 500. The revocation must still finish:
+        # cancelled while the ledger records the end it listed nothing, and after its push it was not written to
+        # the store, which is how other replicas learn of it.
+        task = asyncio.ensure_future(self.revoke_finished(str(event.job_id), event.status, str(event.project_id)))
+        self._sighting_tasks.add(task)
+        task.add_done_callback(self._hook_done)
+        await asyncio.shield(task)
+
+    def _hook_done(self, task: asyncio.Task[bool]) -> None:
+        """A revocation whose Job Hook gave up waiting: its failure is logged here, nobody else reads it."""
+        self._sighting_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("revoking a finished job failed", exc_info=task.exception())
 
     async def revoke_finished(self, job: str, status: str, project_id: str | None = None) -> bool:
         """Deny a finished job (reported by a Job Hook, or found by the recovery sweep) if anything of it could
