@@ -192,16 +192,13 @@ async def test_with_a_covering_backend_a_never_seen_job_is_listed_for_the_deny_w
         node.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a policy change that makes a raw-token backend cover a project is not applied to jobs of it that "
-    "finished unlisted before the change: nothing re-evaluates them (no hook on policy change, and the ledger "
-    "keeps no project per finished job), so their unexpired ID tokens pass until a sighting lists them "
-    "(the `revoke: seen-jobs` window, though the backend is `finished-jobs`)",
-)
 async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
     gitlab: FakeGitLab, tmp_path: Path, clock: Clock
 ) -> None:
+    """A job not covered when it finished (no raw-token backend admitted its project) is listed when a new policy
+    covers its project, for the deny window from its end: its ID tokens are still valid, and the backend's
+    `finished-jobs` default promises no window. Before, nothing re-judged it: its tokens passed until a sighting
+    listed it."""
     node = Node(gitlab, tmp_path, clock, policy(gitlab))
     try:
         await node.finished(5003, project=43)  # no raw-token backend admits project 43: not listed
@@ -209,9 +206,12 @@ async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
         # A commit grants project 43's jobs the raw-token deploy-api: 5003's ID token (valid for hours) passes now.
         node.policy = policy(gitlab, deploy_subject="{project: 43}")
         assert node.policy.covers("43")
-        await node.service.policy_changed()  # type: ignore[attr-defined]  # what a fix would add
+        node.service.policy_changed()  # what the policy service calls when it publishes a new policy
         await node.settled()
-        assert "5003" in node.listed()
+        assert node.listed() == {"5003": clock.now + DENY}
+        node.policy = policy(gitlab, deploy_subject="{project: 44}")
+        node.service.policy_changed()  # nothing left to re-judge
+        assert not node.service._sighting_tasks
     finally:
         node.close()
 

@@ -18,7 +18,13 @@ from typing import Any
 from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials import metrics
 from controlplane.credentials.coverage import Sightings
-from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
+from controlplane.credentials.exchange import (
+    DEFAULT_MAX_SUBJECT_AGE,
+    ExchangeBackend,
+    ExchangePolicy,
+    JobToVerify,
+    TokenExchange,
+)
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError
 from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
@@ -161,6 +167,7 @@ class CredentialService:
         self._audit_seen: AuditSeen | None = None
         self._audit_flush: AuditFlush | None = None
         self._sighting_tasks: set[asyncio.Task[Any]] = set()  # and revocations whose Job Hook gave up waiting
+        self._judged_backends: tuple[ExchangeBackend, ...] = ()  # those `policy_changed` last re-judged jobs by
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
@@ -411,12 +418,39 @@ class CredentialService:
         until = max(held, self._raw_token_until(job, seen=seen, covered=covered))
         if until <= self.clock():
             # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
-            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback)
+            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback, project_id)
             log.info("job %s %s: nothing to deny (no credential, not seen, not covered)", job, status)
             metrics.count_finished_job("not_listed")
             return False
         metrics.count_finished_job("credentials" if held > self.clock() else "seen" if seen else "covered")
         return await self._list(job, status, until)
+
+    def policy_changed(self) -> None:
+        """A new policy is in service: a raw-token backend may now cover projects it did not, whose jobs finished
+        unlisted before it (their ID tokens still valid). List those this replica recorded (each replica records
+        the jobs whose Job Hook it received, for `recovery_lookback`), for the deny window from their end."""
+        policy = self._policy()
+        window = self.options.deny_id_tokens_for
+        if policy is None or window <= 0 or not self.sightings.has_finished_unlisted():
+            return
+        # Every compile (each revocation's too) builds a new ExchangePolicy, but its backend entries are kept while
+        # unchanged (ExchangePolicy.build's memo): the same entries cover the same jobs, nothing to re-judge.
+        judged, self._judged_backends = self._judged_backends, policy.backends
+        if len(judged) == len(policy.backends) and all(a is b for a, b in zip(judged, policy.backends, strict=True)):
+            return
+        lookback = self.options.recovery_lookback
+        for job, relevant_until in self.sightings.take_finished_of(policy.covers):
+            until = relevant_until - lookback + window  # the hook's time + the deny window
+            if until > self.clock():
+                log.warning("job %s finished unlisted and the new policy covers its project: revoked", job)
+                metrics.count_finished_job("covered_by_policy_change")
+                self._spawn(self._list_quietly(job, until))
+
+    async def _list_quietly(self, job: str, until: float) -> None:
+        try:
+            await self._list(job, "finished", until)
+        except Exception:
+            log.exception("listing job %s that a new policy covers failed", job)
 
     async def _list(self, job: str, status: str, until: float) -> bool:
         revoked = self.revocations.revoke(job, until)

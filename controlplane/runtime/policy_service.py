@@ -84,6 +84,7 @@ class PolicyService:
         clock: Callable[[], float] = time.time,
         reload_timeout: float = DEFAULT_RELOAD_TIMEOUT,
         credentials: Callable[[], CredentialInputs | None] = lambda: None,
+        exchange_policy_changed: Callable[[], None] = lambda: None,
         secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {},
         accept: Callable[[Policy], str | None] = lambda policy: None,
         prepare: Callable[[Policy], str | None] = lambda policy: None,
@@ -111,6 +112,7 @@ class PolicyService:
         self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
         self.credentials: Final = credentials
+        self.exchange_policy_changed: Final = exchange_policy_changed
         self.secrets: Final = secrets
         self.accept: Final = accept
         self.prepare: Final = prepare
@@ -360,8 +362,14 @@ class PolicyService:
         log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
 
     def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
+        changed = self.exchange_policy is not self._pending_exchange
         self.exchange_policy = self._pending_exchange
         self._set_snapshots(snapshots)
+        if changed:
+            try:
+                self.exchange_policy_changed()
+            except Exception:  # the snapshot is published; coverage of earlier jobs is best effort
+                log.exception("re-judging finished jobs against the new policy failed")
 
     def _set_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
         self._snapshots = snapshots
