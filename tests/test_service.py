@@ -406,3 +406,19 @@ async def test_a_revocation_is_published_while_live_inputs_make_the_policy_inval
         now = cache.get(group)
         assert now is not None
         assert now.types[EXTENSION_CONFIG].resources[bucket].payload == bucket_config_bytes(index, ("4242", "4243"))
+
+
+async def test_the_credential_service_hears_of_each_exchange_policy_published(tmp_path: Path) -> None:
+    """What lets a policy that now covers a project list its jobs that finished unlisted (coverage)."""
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    heard: list[object] = []
+    service = PolicyService(
+        tmp_path / "policy",
+        SnapshotCache(),
+        clock=lambda: 1000.0,
+        exchange_policy_changed=lambda: heard.append(service.exchange_policy),
+    )
+    assert service.reload()
+    assert heard == [service.exchange_policy] and heard[0] is not None
+    assert await service.recompile("credentials changed")
+    assert heard[-1] is service.exchange_policy
