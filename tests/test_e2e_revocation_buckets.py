@@ -126,3 +126,55 @@ def _connected(envoy: Any, port: int) -> Client:
     connection."""
     envoy.wait_for(lambda: once(port) == 401, 10, "the listener, its 16 buckets arrived")
     return Client(port)
+
+
+# Job ids GitLab never sends (its are decimal), which a bucket must still match exactly if one is ever listed:
+# RE2's escaping of ASCII punctuation, whitespace and control characters, non-ASCII digits, and the empty id
+# (alone in its bucket: the regex would be empty, which Envoy's RegexMatcher refuses).
+ODD_LISTED = ["", " 7", "a|b", "(x)", "[1]", "x*", "\\", "^$", "\t\n", "١٢٣", "+123", "010042", "a\x00b", "é.ü"]
+ODD_PASSING = ["7", "a", "b", "x", "xx", "1", "^", "$", "\t", "123", "10042", "0010042", "a", "éxü", "ab", "\\\\"]
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+def test_odd_job_ids_are_matched_exactly(api: str) -> None:
+    assert revocation_bucket("") not in {revocation_bucket(j) for j in ODD_LISTED if j}  # "" alone in its bucket
+    issuer, port = Issuer(), free_port()
+    buckets = [json_format.MessageToDict(f, preserving_proto_field_name=True) for f in revocation_bucket_filters()]
+    with envoy_on_ads(api, runtime={RE2_PROGRAM_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}) as (ads, envoy):
+        put_buckets(ads, ODD_LISTED)
+        live_listener(ads, envoy, port, [jwt_filter(issuer.jwks()), *buckets])
+        client = _connected(envoy, port)
+        statuses = {job: client.status(authorization=issuer.authorization(job)) for job in ODD_LISTED + ODD_PASSING}
+        assert statuses == {**dict.fromkeys(ODD_LISTED, 403), **dict.fromkeys(ODD_PASSING, 200)}
+        assert not ads.nacks
+        client.close()
+
+
+def test_a_bucket_past_re2s_program_size_limit_is_still_enforced() -> None:
+    """250,000 ids of one bucket, each in its own thousand-block (nothing shared but the leading digits): one
+    regex of them is an RE2 program over the 1,000,000 `controlplane bootstrap` allows, which Envoy refuses,
+    keeping the bucket's previous configuration (its new ids not denied). The compiler splits such a bucket
+    into several principals, each regex well under the limit. Unreachable in practice (3-4 million outstanding
+    revocations spread over 16 buckets), but a bucket must never be refused for its size."""
+    listed = [str(10**9 + 16000 * k + (k * 7919) % 1000) for k in range(250_000)]
+    assert {revocation_bucket(j) for j in listed} == {0}
+    issuer, port = Issuer(), free_port()
+    buckets = [json_format.MessageToDict(f, preserving_proto_field_name=True) for f in revocation_bucket_filters()]
+    with envoy_on_ads("delta", runtime={RE2_PROGRAM_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}) as (ads, envoy):
+        put_buckets(ads, ["5"])
+        live_listener(ads, envoy, port, [jwt_filter(issuer.jwks()), *buckets])
+        client = _connected(envoy, port)
+        assert client.status(authorization=issuer.authorization("5")) == 403
+        put_buckets(ads, listed)
+        bucket = "controlplane.revoked_jobs.00"
+        envoy.wait_for(
+            lambda: ecds_stat(envoy, bucket, "update_success") + ecds_stat(envoy, bucket, "update_rejected") >= 2,
+            30,
+            "the big bucket accepted or refused",
+        )
+        assert not ads.nacks
+        for job in (listed[0], listed[-1], listed[123_457]):
+            assert client.status(authorization=issuer.authorization(job)) == 403, job
+        for job in ("5", str(int(listed[1]) + 1), "1000000001"):
+            assert client.status(authorization=issuer.authorization(job)) == 200, job
+        client.close()

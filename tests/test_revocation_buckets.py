@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from controlplane.compiler.revocations import bucket_regex
+from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
 from controlplane.credentials.revocations import EXPIRY_QUANTUM, Revocations, horizon
 from controlplane.model.credentials import (
     NO_REVOCATIONS,
@@ -57,6 +57,36 @@ def test_the_regex_full_matches_exactly_the_listed_ids(seed: int) -> None:
         assert bool(pattern.fullmatch(job)) == (job in listed), job
 
 
+ODD_ALPHABET = "0123456789+-.*?()[]{}|^$\\ \t\n_aZ\u0661\u0662\u00b2\u00e9\x00/#"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_odd_and_mixed_length_ids_full_match_exactly(seed: int) -> None:
+    """Ids of one thousand-block with different lengths (`5`, `12`, `123`, `0123`), leading zeros, regex
+    metacharacters, whitespace, NUL, non-ASCII digits and the empty id: each matches itself alone."""
+    rng = random.Random(seed)
+
+    def odd() -> str:
+        if rng.random() < 0.5:
+            return "0" * rng.randrange(3) + str(rng.randrange(10 ** rng.randrange(1, 5)))
+        return "".join(rng.choice(ODD_ALPHABET) for _ in range(rng.randrange(4)))
+
+    for _ in range(300):
+        listed = {odd() for _ in range(rng.randrange(1, 20))}
+        pattern = re.compile(bucket_regex(sorted(listed)))
+        probes = {odd() for _ in range(40)} | listed
+        probes |= {variant for job in listed for variant in (job[:-1], job + "0", "0" + job, job[1:])}
+        for job in probes:
+            assert bool(pattern.fullmatch(job)) == (job in listed), (sorted(listed), job)
+
+
+def test_the_empty_id_alone_is_a_regex_envoy_accepts() -> None:
+    """Envoy refuses an empty `safe_regex` (the whole bucket NACKed: seen on the real Envoy, e2e)."""
+    assert bucket_regex([""]) == "(?:)"
+    assert re.fullmatch(bucket_regex([""]), "") and not re.fullmatch(bucket_regex([""]), "1")
+    assert bucket_regex(["", "7"]) == "7|(?:)"
+
+
 class Clock:
     def __init__(self, now: float) -> None:
         self.now = now
@@ -97,3 +127,15 @@ def test_expired_entries_leave_at_the_quantum_not_one_by_one() -> None:
     assert horizon(clock.now) == start + EXPIRY_QUANTUM
     assert revocations.prune() and revocations.buckets()[0] == ("3",)
     assert revocations.next_expiry() == start + 3 * EXPIRY_QUANTUM
+
+
+def test_a_bucket_over_the_regex_budget_is_split_and_still_matches_exactly() -> None:
+    rng = random.Random(7)
+    listed = sorted({str(rng.randrange(10**9, 10**10)) for _ in range(3000)} | {"a.b", ""})
+    assert bucket_regexes(listed) == [bucket_regex(listed)]  # under the budget: one regex, as before
+    chunks = bucket_regexes(listed, limit=2000)
+    assert len(chunks) > 10 and all(len(chunk) <= 2000 for chunk in chunks)
+    patterns = [re.compile(chunk) for chunk in chunks]
+    for job in [*listed, *(str(rng.randrange(10**9, 10**10)) for _ in range(3000)), "a", "ab"]:
+        assert any(p.fullmatch(job) for p in patterns) == (job in listed), job
+    assert len(bucket_rbac(listed).rules.policies["revoked-jobs"].principals) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials.exchange import ExchangePolicy
 from controlplane.credentials.exchange_store import DB_NAME, SqliteExchangeStore
+from controlplane.credentials.revocations import EXPIRY_QUANTUM
 from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.model.credentials import NO_REVOCATIONS
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.resolved.index import Resolution
@@ -33,6 +37,7 @@ from tests.compiled import policy_of
 from tests.support.clock import Clock
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import ACME_INVENTORY, TTL_10M, backend, binding, documents, issuer, role
+from tests.support.ports import eventually
 
 HOUR = 3600.0
 DENY = 3 * HOUR
@@ -187,6 +192,68 @@ async def test_with_a_covering_backend_a_never_seen_job_is_listed_for_the_deny_w
         node.close()
 
 
+async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    """A job not covered when it finished (no raw-token backend admitted its project) is listed when a new policy
+    covers its project, for the deny window from its end: its ID tokens are still valid, and the backend's
+    `finished-jobs` default promises no window. Before, nothing re-judged it: its tokens passed until a sighting
+    listed it."""
+    node = Node(gitlab, tmp_path, clock, policy(gitlab))
+    try:
+        await node.finished(5003, project=43)  # no raw-token backend admits project 43: not listed
+        assert "5003" not in node.listed()
+        # A commit grants project 43's jobs the raw-token deploy-api: 5003's ID token (valid for hours) passes now.
+        node.policy = policy(gitlab, deploy_subject="{project: 43}")
+        assert node.policy.covers("43")
+        node.service.policy_changed()  # what the policy service calls when it publishes a new policy
+        await node.settled()
+        assert node.listed() == {"5003": clock.now + DENY}
+        node.policy = policy(gitlab, deploy_subject="{project: 44}")
+        node.service.policy_changed()  # nothing left to re-judge
+        assert not node.service._sighting_tasks
+    finally:
+        node.close()
+
+
+async def test_a_job_hook_cut_short_by_its_timeout_still_lists_the_job(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook listener gives `on_event` 5 s (`callback_timeout`) and then cancels it (answering 500). A
+    revocation cancelled while the ledger records the end listed nothing (the job's tokens passed until the
+    recovery sweep); cancelled while its push waited (a reload holding the compile lock), it was never written to
+    the store, so other replicas did not deny it until this one's next housekeeping round (up to a minute)."""
+    node = Node(gitlab, tmp_path, clock, policy(gitlab))  # covers project 42's finished jobs
+    try:
+        release = asyncio.Event()
+        finish = node.store.finish
+
+        async def slow_finish(job_id: str, keep_until: float) -> float | None:
+            await release.wait()
+            return await finish(job_id, keep_until)
+
+        monkeypatch.setattr(node.store, "finish", slow_finish)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(node.finished(5004), 0.05)
+        release.set()
+        await eventually(lambda: "5004" in node.listed(), "the job listed after its hook timed out")
+        await eventually(lambda: not node.service.revocations._outbox, "the entry written to the store")
+
+        pushed = asyncio.Event()
+
+        async def slow_push() -> None:
+            await pushed.wait()
+
+        node.service.on_change = slow_push
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(node.finished(5005), 0.05)
+        assert "5005" in node.listed()  # enforced here at once, its push pending
+        pushed.set()
+        await eventually(lambda: not node.service.revocations._outbox, "the entry written to the store after its push")
+    finally:
+        node.close()
+
+
 # --- nothing of it can pass: not listed ------------------------------------------------------------------------
 
 
@@ -249,6 +316,42 @@ async def test_with_no_deny_window_a_job_is_listed_for_its_credentials_only(
         node.seen(5202, clock.now + 3000)
         await node.finished(5202)
         assert node.listed() == {}  # raw ID tokens are not denied at all with --deny-id-tokens-for 0
+    finally:
+        node.close()
+
+
+async def test_a_credential_stays_denied_while_envoy_still_accepts_it_past_its_exp(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+) -> None:
+    """Envoy accepts our credentials CREDENTIAL_CLOCK_SKEW_SECONDS past their `exp` (jwt_authn's clock skew): the
+    entry must last as long. Ending at `exp`, it left at the first expiry quantum after it, and a credential
+    expiring just before one passed again for up to that skew."""
+    clock.now = EXPIRY_QUANTUM * math.ceil(clock.now / EXPIRY_QUANTUM) + 10 * EXPIRY_QUANTUM - 600 - 1
+    node = Node(gitlab, tmp_path, clock, policy(gitlab), deny=0.0)
+    try:
+        token = gitlab.mint(
+            job_id=5203,
+            project_id=42,
+            project_path="acme/platform/deployer",
+            namespace_id=11,
+            iat=int(clock.now),
+            ttl=3000,
+            aud="https://deploy.local",
+        )
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": "deploy-api",
+        }
+        assert (await node.service.exchange.exchange(form)).status == 200
+        ((_, exp),) = node.service.exchange.credentials_of("5203")
+        assert exp % EXPIRY_QUANTUM == EXPIRY_QUANTUM - 1  # a quantum boundary 1 s after it
+        await node.finished(5203)
+        assert node.listed() == {"5203": exp + CREDENTIAL_CLOCK_SKEW_SECONDS}
+        clock.now = exp + CREDENTIAL_CLOCK_SKEW_SECONDS - 1  # past the boundary; Envoy still accepts it
+        node.service.revocations.prune()
+        assert node.service.revocations.buckets() != NO_REVOCATIONS
     finally:
         node.close()
 

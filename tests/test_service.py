@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model.credentials import CredentialInputs, revocation_buckets
+from controlplane.compiler.names import revocation_bucket_filter
+from controlplane.compiler.revocations import bucket_config_bytes
+from controlplane.model.credentials import CredentialInputs, revocation_bucket, revocation_buckets
+from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.loader import PolicyLoader
 from controlplane.runtime import policy_service as service_module
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.snapshots.snapshot import CLUSTER
+from controlplane.snapshots.snapshot import CLUSTER, EXTENSION_CONFIG
 from controlplane.sources.pins import PinStore
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles
 from controlplane.telemetry import metrics
@@ -354,3 +357,68 @@ async def test_a_cancelled_caller_does_not_cancel_the_compile_others_share(tmp_p
     await asyncio.sleep(0)
     first.cancel()
     assert await second
+
+
+async def test_a_revocation_is_published_while_live_inputs_make_the_policy_invalid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live compile that fails (GitLab's inventory makes the policy invalid, or the compiler raises) keeps the
+    last good snapshot; a job revoked meanwhile must still reach Envoy: its Job Hook is answered after this
+    recompile, and nothing else would push the deny list until the policy compiles again (fail open)."""
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    revoked: list[str] = []
+    cache = SnapshotCache()
+    service = PolicyService(
+        tmp_path / "policy",
+        cache,
+        clock=lambda: 1000.0,
+        credentials=lambda: CredentialInputs(revoked=revocation_buckets(revoked)),
+    )
+    assert service.reload()
+    groups = sorted(service.state.versions)
+    before = {g: cache.get(g) for g in groups}
+
+    def invalid(*args: object, **kwargs: object) -> None:
+        raise PolicyInvalid([PolicyError("gitlab", 0, "projects", "path now owned by another project")])
+
+    monkeypatch.setattr(service_module, "compile_model", invalid)
+    revoked.append("4242")
+    assert not await service.recompile("credentials changed")
+    assert service.state.live_errors
+    index = revocation_bucket("4242")
+    bucket = revocation_bucket_filter(index)
+    for group in groups:
+        now = cache.get(group)
+        assert now is not None and before[group] is not None
+        ecds = now.types[EXTENSION_CONFIG].resources
+        assert ecds[bucket].payload == bucket_config_bytes(index, ("4242",)), group
+        # Only the deny list changed: the rest is the last good snapshot's.
+        for type_url, typed in now.types.items():
+            if type_url != EXTENSION_CONFIG:
+                assert typed is before[group].types[type_url]
+        changed = {n for n, r in ecds.items() if before[group].types[EXTENSION_CONFIG].resources[n] is not r}
+        assert changed == {bucket}
+    # And an exception other than an invalid policy too.
+    monkeypatch.setattr(service_module, "compile_model", lambda *a, **k: 1 / 0)
+    revoked.append("4243")  # the same bucket
+    assert not await service.recompile("credentials changed")
+    for group in groups:
+        now = cache.get(group)
+        assert now is not None
+        assert now.types[EXTENSION_CONFIG].resources[bucket].payload == bucket_config_bytes(index, ("4242", "4243"))
+
+
+async def test_the_credential_service_hears_of_each_exchange_policy_published(tmp_path: Path) -> None:
+    """What lets a policy that now covers a project list its jobs that finished unlisted (coverage)."""
+    shutil.copytree(ROOT / "examples" / "multi-backend", tmp_path / "policy")
+    heard: list[object] = []
+    service = PolicyService(
+        tmp_path / "policy",
+        SnapshotCache(),
+        clock=lambda: 1000.0,
+        exchange_policy_changed=lambda: heard.append(service.exchange_policy),
+    )
+    assert service.reload()
+    assert heard == [service.exchange_policy] and heard[0] is not None
+    assert await service.recompile("credentials changed")
+    assert heard[-1] is service.exchange_policy

@@ -265,6 +265,40 @@ async def test_nack_is_logged_recorded_and_never_resent_even_after_reconnect(
     again.call.cancel()
 
 
+async def test_a_restarted_envoy_is_sent_what_its_previous_process_rejected(plane: Plane) -> None:
+    """The NACK memory outlives streams so that a reconnecting Envoy is not sent again what it refused. A new
+    Envoy process (its first request holds no version: nothing accepted yet) may refuse nothing of it: the remedy
+    docs/envoy-ecds.md gives for a refused deny-list bucket is to re-bootstrap the Envoy, and a re-bootstrapped
+    Envoy that was withheld its filter configurations warmed until their fetch timeout, then answered every request
+    500 (jwt_authn) or 403 (the buckets' deny-all default) until the next revocation changed the version."""
+    group = "nack-restart"
+    plane.cache.set(snap(group))
+    envoy = plane.envoy("restarted", group)
+    got = await envoy.startup()
+    plane.cache.set(snap(group, "refused-listener", route_tag="v1", clusters=("backend",)))
+    await envoy.ack(await envoy.recv())  # CDS
+    lds = await envoy.recv()
+    assert lds.type_url == LISTENER
+    await envoy.send(LISTENER, version=got[LISTENER].version_info, nonce=lds.nonce, error="refused: old bootstrap")
+    await eventually(lambda: [p for p in plane.proxies("restarted") if p["last_nack"]], "NACK in status")
+    envoy.call.cancel()
+    await eventually(lambda: not plane.proxies("restarted"), "disconnect")
+
+    # A reconnect of the same process (it holds versions) is still not sent the refused listener...
+    again = plane.envoy("restarted", group)
+    await again.send(CLUSTER, version=plane.cache.get(group).version(CLUSTER))
+    await again.send(LISTENER, version=got[LISTENER].version_info)
+    await again.barrier(["backend"])
+    again.call.cancel()
+    await eventually(lambda: not plane.proxies("restarted"), "disconnect")
+
+    # ...but a new process is: its startup gets the current listener.
+    fresh = plane.envoy("restarted", group)
+    started = await fresh.startup()
+    assert started[LISTENER].version_info == lds.version_info
+    fresh.call.cancel()
+
+
 async def test_reconnect_holding_current_versions_gets_nothing(plane: Plane) -> None:
     group = "resume"
     s = snap(group)

@@ -184,6 +184,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             pin_store=pins,
             reload_timeout=options.reload_timeout,
             credentials=credentials.inputs if credentials is not None else lambda: None,
+            # A policy that now covers a project lists its jobs that finished unlisted (coverage).
+            exchange_policy_changed=credentials.policy_changed if credentials is not None else lambda: None,
             secrets=secrets.for_policy,
             accept=transport.accept,
             prepare=lambda candidate: gitlab.read_new_subjects(candidate, to_policy().pins),

@@ -88,7 +88,7 @@ def compile_policy(
         ),
         roles=_roles_by_backend(policy) if credentials.jwks else {},
         # Encoded once for every gateway (the same bytes everywhere), each bucket only when its ids changed.
-        revocations=_revocation_buckets(credentials, memo),
+        revocations=revocation_resources(credentials, memo),
         secrets=secrets or {},
     )
     return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
@@ -183,9 +183,11 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
     return CompiledGroup(gateway.name, resources)
 
 
-def _revocation_buckets(credentials: CredentialInputs, memo: CompilerMemo) -> tuple[tuple[str, bytes], ...]:
+def revocation_resources(credentials: CredentialInputs, memo: CompilerMemo) -> tuple[tuple[str, bytes], ...]:
     """Every bucket, empty ones too: a bucket missing from a snapshot would be removed (Delta), and a removed
-    filter configuration falls back to its deny-all default for everyone (docs/envoy-ecds.md §2)."""
+    filter configuration falls back to its deny-all default for everyone (docs/envoy-ecds.md §2). The same for
+    every gateway group; also used alone to put a revocation into the last good snapshots when the policy
+    cannot be compiled (snapshots.build.with_revocations)."""
     return tuple(
         (revocation_bucket_filter(index), memo.revocations.get((index, ids), _encode_bucket))
         for index, ids in enumerate(credentials.revoked)

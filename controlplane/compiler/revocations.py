@@ -33,8 +33,36 @@ from controlplane.model.credentials import REVOCATION_BUCKETS
 RBAC_URL = "type.googleapis.com/" + rbac_filter.RBAC.DESCRIPTOR.full_name
 
 
+# At most this many characters in one regex: a bucket with more ids is denied by several principals (RBAC ORs
+# them), each regex far from RE2's limits. Observed on the real Envoy (tests/test_e2e_revocation_buckets.py):
+# about 110,000 ids of one bucket in distinct thousand-blocks (1.2 MB of regex) are refused by RE2 itself
+# ("pattern too large - compile failed", its memory budget) before Envoy's program-size limit of 1,000,000,
+# and a refused bucket keeps its previous configuration: its new ids would not be denied. 200,000 characters
+# is about 20,000 such ids (RE2 program ~100,000), or 18,000 consecutive ones; a busy GitLab's bucket holds a
+# few thousand, so this only ever splits a list far larger than the design's 50,000.
+MAX_REGEX_CHARS = 200_000
+
+
 def bucket_regex(job_ids: Sequence[str]) -> str:
     """One RE2 alternation matching exactly `job_ids` (as a full match); deterministic for a sorted input."""
+    return "|".join(_alternatives(job_ids))
+
+
+def bucket_regexes(job_ids: Sequence[str], limit: int = MAX_REGEX_CHARS) -> list[str]:
+    """Alternations of at most `limit` characters (one thousand-block's alternative is never split) that
+    together match exactly `job_ids`: one for any bucket under the limit."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for alternative in _alternatives(job_ids):
+        if chunks[-1] and size + 1 + len(alternative) > limit:
+            chunks.append([])
+            size = 0
+        size += len(alternative) + (1 if len(chunks[-1]) else 0)
+        chunks[-1].append(alternative)
+    return ["|".join(chunk) for chunk in chunks if chunk]
+
+
+def _alternatives(job_ids: Sequence[str]) -> list[str]:
     groups: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     others: list[str] = []
     for job in sorted(set(job_ids)):
@@ -42,8 +70,7 @@ def bucket_regex(job_ids: Sequence[str]) -> str:
             groups[job[:-3]][job[-3:-1]].add(job[-1])
         else:
             others.append(_escaped(job))
-    alternatives = [_block(prefix, tails) for prefix, tails in sorted(groups.items())]
-    return "|".join(alternatives + others)
+    return [_block(prefix, tails) for prefix, tails in sorted(groups.items())] + others
 
 
 def _block(prefix: str, tails: dict[str, set[str]]) -> str:
@@ -70,21 +97,26 @@ def _digit_class(digits: set[str]) -> str:
 
 
 def _escaped(job: str) -> str:
-    """RE2 takes `\\` before any ASCII punctuation as that character; other characters stand for themselves."""
+    """RE2 takes `\\` before any ASCII punctuation as that character; other characters stand for themselves.
+    The empty id is `(?:)`: a bucket holding it alone would otherwise be an empty regex, which Envoy refuses
+    (RegexMatcher needs at least one character: the whole bucket NACKed, its previous ids kept in force)."""
+    if not job:
+        return "(?:)"
     return "".join("\\" + c if c.isascii() and not c.isalnum() and c != "_" else c for c in job)
 
 
 def bucket_rbac(job_ids: Sequence[str]) -> rbac_filter.RBAC:
-    """DENY the bucket's jobs: one policy, any permission, the `job_id` claim matching the bucket's regex. No
-    ids: no policy, which denies nothing (a DENY filter without policies lets everything through)."""
+    """DENY the bucket's jobs: one policy, any permission, the `job_id` claim matching the bucket's regex (one
+    principal per `MAX_REGEX_CHARS` of it: any of them matching denies). No ids: no policy, which denies
+    nothing (a DENY filter without policies lets everything through)."""
     rules = rbac_config.RBAC(action=rbac_config.RBAC.DENY)
     if job_ids:
-        matcher = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=bucket_regex(job_ids)))
+        principals = [
+            claim_string_principal("job_id", string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex)))
+            for regex in bucket_regexes(job_ids)
+        ]
         rules.policies[REVOKED_POLICY].CopyFrom(
-            rbac_config.Policy(
-                permissions=[rbac_config.Permission(any=True)],
-                principals=[claim_string_principal("job_id", matcher)],
-            )
+            rbac_config.Policy(permissions=[rbac_config.Permission(any=True)], principals=principals)
         )
     return rbac_filter.RBAC(rules=rules)
 

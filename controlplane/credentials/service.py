@@ -13,10 +13,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials import metrics
 from controlplane.credentials.coverage import Sightings
-from controlplane.credentials.exchange import DEFAULT_MAX_SUBJECT_AGE, ExchangePolicy, JobToVerify, TokenExchange
+from controlplane.credentials.exchange import (
+    DEFAULT_MAX_SUBJECT_AGE,
+    ExchangeBackend,
+    ExchangePolicy,
+    JobToVerify,
+    TokenExchange,
+)
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError
 from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint
@@ -158,7 +166,8 @@ class CredentialService:
         self._policy = policy
         self._audit_seen: AuditSeen | None = None
         self._audit_flush: AuditFlush | None = None
-        self._sighting_tasks: set[asyncio.Task[None]] = set()
+        self._sighting_tasks: set[asyncio.Task[Any]] = set()  # and revocations whose Job Hook gave up waiting
+        self._judged_backends: tuple[ExchangeBackend, ...] = ()  # those `policy_changed` last re-judged jobs by
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
@@ -277,8 +286,15 @@ class CredentialService:
     async def _until_for_seen(self, job: str) -> float:
         """How long a seen, finished job stays listed: the token's `exp` when known, else the deny window, and
         at least as long as its credentials."""
-        held = await self.exchange.latest_expiry(job) or 0.0
+        held = await self._credentials_until(job)
         return max(held, self._raw_token_until(job, seen=True, covered=False))
+
+    async def _credentials_until(self, job: str) -> float:
+        """Until when Envoy accepts the job's credentials: the last one's `exp` plus the clock skew jwt_authn
+        allows them (0: none). A deny entry ending at `exp` left at the next expiry quantum, and a credential
+        expiring just before one passed again for up to that skew."""
+        latest = await self.exchange.latest_expiry(job)
+        return 0.0 if latest is None else latest + CREDENTIAL_CLOCK_SKEW_SECONDS
 
     def _raw_token_until(self, job: str, *, seen: bool, covered: bool) -> float:
         """Until when a finished job's raw ID tokens must be denied; 0 when none can pass or with a zero window
@@ -346,7 +362,20 @@ class CredentialService:
         """
         if not isinstance(event, JobEvent) or event.status not in TERMINAL_JOB_STATUSES:
             return
-        await self.revoke_finished(str(event.job_id), event.status, str(event.project_id))
+        # Shielded: the webhook listener cancels a callback that takes too long (its `callback_timeout`, when a
+        # reload holds the compile lock or the ledger is slow) and answers 500. The revocation must still finish:
+        # cancelled while the ledger records the end it listed nothing, and after its push it was not written to
+        # the store, which is how other replicas learn of it.
+        task = asyncio.ensure_future(self.revoke_finished(str(event.job_id), event.status, str(event.project_id)))
+        self._sighting_tasks.add(task)
+        task.add_done_callback(self._hook_done)
+        await asyncio.shield(task)
+
+    def _hook_done(self, task: asyncio.Task[bool]) -> None:
+        """A revocation whose Job Hook gave up waiting: its failure is logged here, nobody else reads it."""
+        self._sighting_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("revoking a finished job failed", exc_info=task.exception())
 
     async def revoke_finished(self, job: str, status: str, project_id: str | None = None) -> bool:
         """Deny a finished job (reported by a Job Hook, or found by the recovery sweep) if anything of it could
@@ -372,9 +401,11 @@ class CredentialService:
             # What the job holds (another replica's credentials included) is unknown: deny it for as long as
             # any credential or raw token of it could live, as before coverage existed.
             unknown = True
-            recorded = now + max(self.options.max_credential_ttl, self.options.deny_id_tokens_for)
+            recorded = now + max(
+                self.options.max_credential_ttl + CREDENTIAL_CLOCK_SKEW_SECONDS, self.options.deny_id_tokens_for
+            )
         # Read after `finish`: every credential of the job is counted (any later one is refused).
-        credentials = await self.exchange.latest_expiry(job) or 0.0
+        credentials = await self._credentials_until(job)
         # `recorded` includes the subject token's `exp`: a raw ID token, denied only with a deny window.
         raw_tokens_denied = self.options.deny_id_tokens_for > 0 or unknown
         held = max(recorded or 0.0, credentials) if raw_tokens_denied else credentials
@@ -387,12 +418,39 @@ class CredentialService:
         until = max(held, self._raw_token_until(job, seen=seen, covered=covered))
         if until <= self.clock():
             # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
-            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback)
+            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback, project_id)
             log.info("job %s %s: nothing to deny (no credential, not seen, not covered)", job, status)
             metrics.count_finished_job("not_listed")
             return False
         metrics.count_finished_job("credentials" if held > self.clock() else "seen" if seen else "covered")
         return await self._list(job, status, until)
+
+    def policy_changed(self) -> None:
+        """A new policy is in service: a raw-token backend may now cover projects it did not, whose jobs finished
+        unlisted before it (their ID tokens still valid). List those this replica recorded (each replica records
+        the jobs whose Job Hook it received, for `recovery_lookback`), for the deny window from their end."""
+        policy = self._policy()
+        window = self.options.deny_id_tokens_for
+        if policy is None or window <= 0 or not self.sightings.has_finished_unlisted():
+            return
+        # Every compile (each revocation's too) builds a new ExchangePolicy, but its backend entries are kept while
+        # unchanged (ExchangePolicy.build's memo): the same entries cover the same jobs, nothing to re-judge.
+        judged, self._judged_backends = self._judged_backends, policy.backends
+        if len(judged) == len(policy.backends) and all(a is b for a, b in zip(judged, policy.backends, strict=True)):
+            return
+        lookback = self.options.recovery_lookback
+        for job, relevant_until in self.sightings.take_finished_of(policy.covers):
+            until = relevant_until - lookback + window  # the hook's time + the deny window
+            if until > self.clock():
+                log.warning("job %s finished unlisted and the new policy covers its project: revoked", job)
+                metrics.count_finished_job("covered_by_policy_change")
+                self._spawn(self._list_quietly(job, until))
+
+    async def _list_quietly(self, job: str, until: float) -> None:
+        try:
+            await self._list(job, "finished", until)
+        except Exception:
+            log.exception("listing job %s that a new policy covers failed", job)
 
     async def _list(self, job: str, status: str, until: float) -> bool:
         revoked = self.revocations.revoke(job, until)

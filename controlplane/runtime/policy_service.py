@@ -33,7 +33,7 @@ from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.index import Resolution
 from controlplane.runtime.gc_control import no_cyclic_gc
 from controlplane.runtime.readiness import DEFAULT_RELOAD_TIMEOUT
-from controlplane.snapshots.build import Pins, compile_model
+from controlplane.snapshots.build import Pins, compile_model, with_revocations
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles, PolicySource
 from controlplane.telemetry import metrics
@@ -84,6 +84,7 @@ class PolicyService:
         clock: Callable[[], float] = time.time,
         reload_timeout: float = DEFAULT_RELOAD_TIMEOUT,
         credentials: Callable[[], CredentialInputs | None] = lambda: None,
+        exchange_policy_changed: Callable[[], None] = lambda: None,
         secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {},
         accept: Callable[[Policy], str | None] = lambda policy: None,
         prepare: Callable[[Policy], str | None] = lambda policy: None,
@@ -111,6 +112,7 @@ class PolicyService:
         self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
         self.credentials: Final = credentials
+        self.exchange_policy_changed: Final = exchange_policy_changed
         self.secrets: Final = secrets
         self.accept: Final = accept
         self.prepare: Final = prepare
@@ -185,9 +187,11 @@ class PolicyService:
                 snapshots = await asyncio.to_thread(self._compile, policy)
         except PolicyInvalid as invalid:
             self._reject(invalid, live=True)
+            await self._publish_revocations()
             return False
         except Exception as error:
             self._reject(PolicyInvalid([self._internal_error("compiling", error)]), live=True)
+            await self._publish_revocations()
             return False
         metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
         self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
@@ -195,6 +199,21 @@ class PolicyService:
         metrics.POLICY_CURRENT_ERRORS.set(self.state.error_count)
         log.info("%s: %s", reason, _versions(self.state.versions))
         return True
+
+    async def _publish_revocations(self) -> None:
+        """The compile failed and the last good snapshots stay, but with the current deny list: a revocation's
+        caller (the Job Hook) is answered after this, and nothing else would push it until the policy compiles
+        again. Only the buckets change (no policy, route, key or exchange decision moves)."""
+        credentials = self.credentials()
+        if not self._snapshots or credentials is None:
+            return
+        try:
+            snapshots = await asyncio.to_thread(with_revocations, self._snapshots, credentials, self._memo)
+        except Exception:
+            log.exception("the deny list could not be published with the last good snapshot")
+            return
+        self._set_snapshots(snapshots)
+        log.warning("deny list published with the last good snapshot: %s", _versions(self.state.versions))
 
     async def set_keys(self, keys: Mapping[str, str]) -> bool:
         """New relayed issuer keys: recompile the policy in service with them."""
@@ -343,8 +362,17 @@ class PolicyService:
         log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
 
     def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
-        self._snapshots = snapshots
+        changed = self.exchange_policy is not self._pending_exchange
         self.exchange_policy = self._pending_exchange
+        self._set_snapshots(snapshots)
+        if changed:
+            try:
+                self.exchange_policy_changed()
+            except Exception:  # the snapshot is published; coverage of earlier jobs is best effort
+                log.exception("re-judging finished jobs against the new policy failed")
+
+    def _set_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
+        self._snapshots = snapshots
         for group in sorted(set(self.state.versions) - set(snapshots)):
             # A gateway removed from the policy: its Envoys now get nothing (never another group's config).
             self.cache.set(Snapshot.empty(group))

@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from controlplane.compiler.compile import compile_policy
+from controlplane.compiler.compile import compile_policy, revocation_resources
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
 from controlplane.resolved.access import ResolvedPolicy
-from controlplane.snapshots.snapshot import Snapshot, build_snapshots
+from controlplane.snapshots.snapshot import EXTENSION_CONFIG, Snapshot, build_snapshots
 from controlplane.sources.policy_dir import DEFAULT_LIMITS, ReadLimits, read_policy_dir
 
 Pins = Mapping[str, Mapping[str, int]]
@@ -50,6 +50,16 @@ def compile_model(
     backend; `resolved`: the policy's resolution, None: resolved here with `pins` (see compile_policy)."""
     compiled = compile_policy(policy, memo, keys, pins, credentials, secrets, resolved=resolved)
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
+
+
+def with_revocations(
+    snapshots: Mapping[str, Snapshot], credentials: CredentialInputs, memo: CompilerMemo
+) -> dict[str, Snapshot]:
+    """`snapshots` with the deny list's buckets of `credentials`: what the run time publishes when a revocation
+    comes while the policy in service cannot be compiled (live inputs made it invalid). The last good snapshot
+    stays, but a finished job must not keep its access until the policy compiles again."""
+    buckets = revocation_resources(credentials, memo)
+    return {group: snapshot.replacing(EXTENSION_CONFIG, buckets) for group, snapshot in snapshots.items()}
 
 
 def compile_dir(

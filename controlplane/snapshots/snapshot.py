@@ -153,6 +153,18 @@ class Snapshot:
     def version(self, type_url: str) -> str:
         return self.types[type_url].version
 
+    def replacing(self, type_url: str, resources: Iterable[tuple[str, bytes]]) -> Snapshot:
+        """This snapshot with the named resources of `type_url` that it holds replaced (others are ignored);
+        every other type, and every unchanged resource, is the same object."""
+        typed = self.types[type_url]
+        merged = dict(typed.resources)
+        for name, payload in resources:
+            if name in merged:
+                merged[name] = _encode(type_url, name, payload, merged[name])
+        types = dict(self.types)
+        types[type_url] = TypeSnapshot.of(type_url, merged.values())
+        return Snapshot(self.group, MappingProxyType(types))
+
     @property
     def summary_version(self) -> str:
         """One name for the whole snapshot (status pages, logs, metrics).

@@ -5,7 +5,8 @@ even after a reconnect, because Envoy would only reject it again (and for CDS/LD
 still be partially applied). It is bounded to the most recently seen node ids, and a node's memory is
 forgotten once it has had no stream for `forget_after` seconds (10 minutes): Envoy reconnects within seconds
 (0.1 to 2.6 s observed), so only a node that is gone for good, or a client that invented its id, is
-forgotten, and nothing a departed client sent stays behind.
+forgotten, and nothing a departed client sent stays behind. A new process under the same node id (its first
+request holds no version) starts with no memory (`forget`): it is sent what it asks for, as a new node would be.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class NackMemory:
                 return
             del self._gone[node_id]
             self._memory.pop(node_id, None)
+
+    def forget(self, node_id: str) -> None:
+        """A new Envoy process took this node id (its first request holds no version): what an earlier process
+        refused says nothing of this one, which may run another bootstrap (the remedy for a refused RE2 program
+        size, docs/envoy-ecds.md §9) or binary. It refuses a version again if it must."""
+        self._memory.pop(node_id, None)
 
     def memory_size(self) -> int:
         """Node ids with remembered rejections (bounded by `memory_nodes`)."""

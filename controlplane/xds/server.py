@@ -450,6 +450,8 @@ class XdsServer:
         now = self._last_activity = time.monotonic()
         self._apply(session, receive(request, now))
         if session.record is None and session.machine.node is not None:
+            if _new_process(request):  # before the snapshot is set: nothing was withheld from it yet
+                self.registry.rejections.forget(session.machine.node_id)
             self._identify(session, now)
 
     def _identify(self, session: _Session, now: float) -> None:
@@ -679,3 +681,13 @@ class XdsServer:
             self.registry.rejections.remember_rejected(session.machine.node_id, nack.type_url, nack.version)
         elif self.registry.nacked(record, nack.type_url, nack.version, error, time.time()):
             metrics.XDS_PROXIES_WITH_NACK.labels(label).inc()
+
+
+def _new_process(request: object) -> bool:
+    """The stream's first request holds no version: an Envoy that accepted nothing yet (a new process), not a
+    reconnect (which names the versions it holds, SotW `version_info` or Delta `initial_resource_versions`)."""
+    if isinstance(request, discovery_pb2.DiscoveryRequest):
+        return not request.response_nonce and not request.version_info
+    if isinstance(request, discovery_pb2.DeltaDiscoveryRequest):
+        return not request.response_nonce and not request.initial_resource_versions
+    return False
