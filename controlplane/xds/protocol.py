@@ -47,7 +47,7 @@ and a group's proxies connecting alike share each answer of their connect burst.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple, Protocol
@@ -69,7 +69,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
     varint,
 )
-from controlplane.xds.memo import FanOutCache, Interned
+from controlplane.xds.memo import FanOutCache, Interned, PerSnapshot
 
 TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", EXTENSION_CONFIG: "ecds", ROUTE: "rds"}
@@ -396,13 +396,9 @@ def _shared_union(
     for all the streams that held the same clusters, instead of a dict and a join per stream. Entries live as
     long as the snapshot they were built for (`PerSnapshot`)."""
 
-    def build() -> tuple[object, object, _Target]:
-        return held, held_source, _union(current, names, held_source, removed)
-
-    found = shared.unions.get(current, None, (id(held), id(held_source), names), build)
-    if found[0] is held and found[1] is held_source:
-        return found[2]
-    return build()[2]  # an id() reused by other objects: rare, and then simply not shared
+    return _shared_by_identity(
+        shared.unions, current, names, held, held_source, lambda: _union(current, names, held_source, removed)
+    )
 
 
 def _union(
@@ -427,10 +423,26 @@ def _shared_changes(
     after the same push, or at the same step of their connect burst): they share one body, so the framed
     response is shared too (`FanOutCache.frames`)."""
 
-    def build() -> tuple[object, object, _Target]:
-        return held, held_source, changes(current, names, held, held_source)
+    return _shared_by_identity(
+        shared.subsets, current, names, held, held_source, lambda: changes(current, names, held, held_source)
+    )
 
-    found = shared.subsets.get(current, None, (id(held), id(held_source), names), build)
+
+def _shared_by_identity(
+    cache: PerSnapshot,
+    current: TypeSnapshot,
+    names: Names,
+    held: tuple[str, ...],
+    held_source: Mapping[str, EncodedResource],
+    compute: Callable[[], _Target],
+) -> _Target:
+    """`compute()` once for the streams holding the same `held` and `held_source` objects (keyed by identity, and
+    checked, since an id() may be reused once an object is gone)."""
+
+    def build() -> tuple[object, object, _Target]:
+        return held, held_source, compute()
+
+    found = cache.get(current, None, (id(held), id(held_source), names), build)
     if found[0] is held and found[1] is held_source:
         return found[2]
     return build()[2]  # an id() reused by other objects: rare, and then simply not shared
