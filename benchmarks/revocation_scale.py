@@ -64,6 +64,7 @@ from envoy.config.rbac.v3 import rbac_pb2 as rbac_config  # noqa: E402
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter  # noqa: E402
 from fleet_client import raise_nofile  # noqa: E402
 from google.protobuf.any_pb2 import Any as AnyProto  # noqa: E402
+from revocation_latency import POLICY  # noqa: E402  (the same one-backend policy, exchanged credentials)
 
 from controlplane.cli.bootstrap import render_bootstrap  # noqa: E402
 from controlplane.cli.serve import CREDENTIAL_CHANGES_GATHER  # noqa: E402
@@ -95,35 +96,6 @@ FIRST_JOB = 9_000_000_000  # GitLab job ids of a large instance have ten digits:
 DENY_FOR = 3 * 3600.0  # serve's --deny-id-tokens-for default
 HOOK_TIMEOUT = 120.0
 KEYS = '{"keys":[{"crv":"P-256","kid":"cp-1","kty":"EC","x":"x","y":"y"}]}'  # shape only, for the compiler runs
-
-POLICY = """\
-kind: Issuer
-name: gitlab
-type: gitlab
-url: {issuer}
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-credentials: exchanged
-endpoints: [{{address: 127.0.0.1, port: {backend_port}}}]
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules: [{{methods: [GET]}}]
----
-kind: Binding
-name: jobs-read-reports
-roles: [reports-read]
-subjects: [{{project: 42}}]
----
-kind: Gateway
-name: bench
-listen: {{address: 127.0.0.1, port: {listen_port}}}
-backends: [reports-api]
-access_log: /dev/null
-"""
 
 
 @dataclass
