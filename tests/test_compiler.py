@@ -88,10 +88,11 @@ def test_backend_without_bindings_denies_everything_explicitly() -> None:
     assert [f.name for f in manager.http_filters] == [
         "envoy.filters.http.jwt_authn",
         *(f"controlplane.revoked_jobs.{i:02d}" for i in range(16)),
+        "controlplane.revoked_jobs.recent",
         "envoy.filters.http.rbac",
         "envoy.filters.http.router",
     ]
-    assert "rules" in as_json(manager.http_filters[17].typed_config)
+    assert "rules" in as_json(manager.http_filters[18].typed_config)
 
 
 def test_claims_compile_to_strings_and_pins_to_ids() -> None:

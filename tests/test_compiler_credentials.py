@@ -259,7 +259,7 @@ def test_deny_by_default_holds_with_credentials() -> None:
     group = gateway()
     ledger = vhost_rbac(group, "ledger").rbac.rules  # no roles on ledger: nothing to exchange for either
     assert ledger.action == rbac_config.RBAC.ALLOW and len(ledger.policies) == 0
-    main = unpacked(connection_manager(group).http_filters[17].typed_config, rbac_filter.RBAC)
+    main = unpacked(connection_manager(group).http_filters[18].typed_config, rbac_filter.RBAC)
     assert main.rules.action == rbac_config.RBAC.ALLOW and len(main.rules.policies) == 0
 
 
@@ -267,13 +267,16 @@ def test_deny_by_default_holds_with_credentials() -> None:
 
 
 BUCKETS = [f"controlplane.revoked_jobs.{i:02d}" for i in range(16)]
+RECENT = "controlplane.revoked_jobs.recent"
+DENY_LISTS = [*BUCKETS, RECENT]
 
 
 def test_revocation_buckets_sit_between_jwt_authn_and_rbac_by_ecds_failing_closed() -> None:
     for credentials in (None, CREDENTIALS):
         filters = connection_manager(gateway(credentials)).http_filters
-        assert [f.name for f in filters][:18] == ["envoy.filters.http.jwt_authn", *BUCKETS, "envoy.filters.http.rbac"]
-        for bucket in filters[1:17]:
+        names = [f.name for f in filters][:19]
+        assert names == ["envoy.filters.http.jwt_authn", *DENY_LISTS, "envoy.filters.http.rbac"]
+        for bucket in filters[1:18]:
             discovery = bucket.config_discovery
             assert not bucket.HasField("typed_config") and discovery.config_source.HasField("ads")
             assert list(discovery.type_urls) == ["type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"]
@@ -283,15 +286,15 @@ def test_revocation_buckets_sit_between_jwt_authn_and_rbac_by_ecds_failing_close
 
 
 def bucket_rbac(group: CompiledGroup, index: int) -> Any:
-    config = filter_configs(group)[BUCKETS[index]]
-    assert config.name == BUCKETS[index]
+    config = filter_configs(group)[DENY_LISTS[index]]
+    assert config.name == DENY_LISTS[index]
     return unpacked(config.typed_config, rbac_filter.RBAC)
 
 
 def test_every_bucket_is_emitted_and_only_a_listed_jobs_bucket_denies() -> None:
     group = gateway()  # 555 and 777 (and 777 again): both in bucket 0 (thousand-block 0)
     # Empty buckets too (a removed bucket would deny everyone), and jwt_authn's configuration.
-    assert sorted(filter_configs(group)) == [*BUCKETS, "envoy.filters.http.jwt_authn"]
+    assert sorted(filter_configs(group)) == [*BUCKETS, RECENT, "envoy.filters.http.jwt_authn"]
     listed = bucket_rbac(group, 0).rules
     assert listed.action == rbac_config.RBAC.DENY and list(listed.policies) == ["revoked-jobs"]
     policy = listed.policies["revoked-jobs"]
@@ -301,7 +304,7 @@ def test_every_bucket_is_emitted_and_only_a_listed_jobs_bucket_denies() -> None:
     assert matcher.filter == "envoy.filters.http.jwt_authn"
     assert [s.key for s in matcher.path] == ["jwt_payload", "job_id"]  # credentials and ID tokens alike
     assert matcher.value.string_match.safe_regex.regex == "(?:555|777)"
-    for index in range(1, 16):
+    for index in range(1, 17):
         rules = bucket_rbac(group, index).rules
         assert rules.action == rbac_config.RBAC.DENY and not rules.policies  # denies nothing
     # The route configuration no longer carries a deny list, nor switches one off.
@@ -316,21 +319,21 @@ def test_a_revocation_re_encodes_one_bucket_and_leaves_listener_routes_and_backe
     memo, resolution = CompilerMemo(), Resolution()
     first = gateway(CredentialInputs(jwks=KEYS, revoked=revocation_buckets(["1", "5001"])), memo, resolution)
     calls: list[str] = []
-    encoded: list[int] = []
+    encoded: list[str] = []
     real_parts, real_bucket = compile_module._backend_parts, revocations.bucket_config_bytes
 
     def counted(backend: Backend, *rest: Any) -> Any:
         calls.append(backend.name)
         return real_parts(backend, *rest)
 
-    def counted_bucket(index: int, ids: Any) -> bytes:
-        encoded.append(index)
-        return real_bucket(index, ids)
+    def counted_bucket(name: str, ids: Any) -> bytes:
+        encoded.append(name)
+        return real_bucket(name, ids)
 
     monkeypatch.setattr(compile_module, "_backend_parts", counted)
     monkeypatch.setattr(revocations, "bucket_config_bytes", counted_bucket)
     second = gateway(CredentialInputs(jwks=KEYS, revoked=revocation_buckets(["1", "2", "5001"])), memo, resolution)
-    assert calls == [] and encoded == [0]  # only bucket 0 changed
+    assert calls == [] and encoded == [BUCKETS[0]]  # only bucket 0 changed
     assert second.resources[LISTENER] == first.resources[LISTENER]
     assert second.resources[ROUTE] == first.resources[ROUTE]
     changed = [
@@ -339,6 +342,30 @@ def test_a_revocation_re_encodes_one_bucket_and_leaves_listener_routes_and_backe
         if a != b
     ]
     assert changed == [BUCKETS[0]]
+
+
+def test_a_recent_revocation_re_encodes_the_recent_list_alone_whatever_the_buckets_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    memo, resolution = CompilerMemo(), Resolution()
+    sealed = revocation_buckets(str(n) for n in range(1, 20_000, 7))
+    first = gateway(CredentialInputs(jwks=KEYS, revoked=sealed, revoked_recently=("30001",)), memo, resolution)
+    encoded: list[tuple[str, int]] = []
+    real_bucket = revocations.bucket_config_bytes
+
+    def counted_bucket(name: str, ids: Any) -> bytes:
+        encoded.append((name, len(ids)))
+        return real_bucket(name, ids)
+
+    monkeypatch.setattr(revocations, "bucket_config_bytes", counted_bucket)
+    inputs = CredentialInputs(jwks=KEYS, revoked=sealed, revoked_recently=("30001", "30002"))
+    second = gateway(inputs, memo, resolution)
+    assert encoded == [(RECENT, 2)]
+    before, after = dict(first.resources[EXTENSION_CONFIG]), dict(second.resources[EXTENSION_CONFIG])
+    assert [n for n in after if after[n] != before[n]] == [RECENT] and len(after[RECENT]) < 300
+    recent = bucket_rbac(second, 16).rules.policies["revoked-jobs"].principals[0]
+    assert recent.sourced_metadata.metadata_matcher.value.string_match.safe_regex.regex == "3000[12]"
+    assert inputs.revoked_jobs[:2] == ("1", "10004") and "30002" in inputs.revoked_jobs
 
 
 def test_every_gateway_group_gets_the_same_buckets() -> None:

@@ -1,16 +1,19 @@
 """The compiled revocation buckets on a real Envoy: each bucket's regex is a full match on the `job_id` claim.
 
 Envoy is fed by `TinyAds` (tests/support/ecds_envoy.py): a listener with jwt_authn (inline, payload in the same
-metadata key the compiler's principals read) and the compiler's own 16 bucket filters (`config_discovery`), whose
-configurations are the compiler's bucket resources. Every request passes all 16 filters, so each job id below is
-matched against every bucket's regex, not only its own bucket's: a listed `123` must deny neither `12` nor
-`1234`. Observed facts: docs/envoy-ecds.md §9.
+metadata key the compiler's principals read) and the compiler's own 16 bucket filters and recent list
+(`config_discovery`), whose configurations are the compiler's resources. Every request passes all 17 filters, so
+each job id below is matched against every bucket's regex, not only its own bucket's: a listed `123` must deny
+neither `12` nor `1234`. Observed facts: docs/envoy-ecds.md §9.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jwt
@@ -22,6 +25,7 @@ from jwt.algorithms import ECAlgorithm
 
 from controlplane.cli.bootstrap import RE2_MAX_PROGRAM_SIZE, RE2_PROGRAM_SIZE_KEY
 from controlplane.compiler.listener import revocation_bucket_filters
+from controlplane.compiler.names import REVOKED_RECENTLY_FILTER, revocation_bucket_filter
 from controlplane.compiler.revocations import bucket_config_bytes
 from controlplane.model.credentials import revocation_bucket, revocation_buckets
 from tests.support.ecds_envoy import (
@@ -86,9 +90,12 @@ def jwt_filter(jwks: str) -> dict[str, Any]:
     return {"name": "envoy.filters.http.jwt_authn", "typed_config": config}
 
 
-def put_buckets(ads: Any, job_ids: list[str]) -> None:
-    for index, ids in enumerate(revocation_buckets(job_ids)):
-        config = extension_pb2.TypedExtensionConfig.FromString(bucket_config_bytes(index, ids))
+def put_buckets(ads: Any, job_ids: list[str], recent: Sequence[str] = ()) -> None:
+    """`job_ids` sealed in their buckets, `recent` in the recent list: as compile.revocation_resources emits them,
+    buckets first."""
+    lists = [(revocation_bucket_filter(i), ids) for i, ids in enumerate(revocation_buckets(job_ids))]
+    for name, ids in [*lists, (REVOKED_RECENTLY_FILTER, tuple(sorted(recent)))]:
+        config = extension_pb2.TypedExtensionConfig.FromString(bucket_config_bytes(name, ids))
         ads.put(ECDS, config.name, config)
 
 
@@ -106,19 +113,56 @@ def test_a_bucket_regex_denies_exactly_its_listed_job_ids(api: str) -> None:
         assert client.status() == 401  # no token: jwt_authn refuses before any bucket
         listeners = listener_stats(envoy)
 
-        # One more revocation changes one bucket: enforced on the same connection, the listener untouched.
-        changed = f"controlplane.revoked_jobs.{revocation_bucket('1006'):02d}"
-        reloads = ecds_stat(envoy, changed, "config_reload")
-        put_buckets(ads, [*LISTED, "1006"])
+        # One more revocation changes the recent list: enforced on the same connection, the listener untouched.
+        bucket = f"controlplane.revoked_jobs.{revocation_bucket('1006'):02d}"
+        reloads = {name: ecds_stat(envoy, name, "config_reload") for name in (bucket, REVOKED_RECENTLY_FILTER)}
+        put_buckets(ads, LISTED, ["1006"])
         envoy.wait_for(
             lambda: client.status(authorization=issuer.authorization("1006")) == 403, 5, "1006 denied", interval=0.005
         )
         assert client.status(authorization=issuer.authorization("1005")) == 403
         assert client.status(authorization=issuer.authorization("1007")) == 200
         assert listener_stats(envoy) == listeners == dict.fromkeys(LISTENER_STATS, 0)
-        assert ecds_stat(envoy, changed, "config_reload") == reloads + 1
+        assert ecds_stat(envoy, REVOKED_RECENTLY_FILTER, "config_reload") == reloads[REVOKED_RECENTLY_FILTER] + 1
+        assert ecds_stat(envoy, bucket, "config_reload") == reloads[bucket]
+
+        # The seal, make before break: 1006 joins its bucket, then leaves the recent list; denied throughout.
+        statuses: list[int] = []
+        with hammering(lambda: statuses.append(client.status(authorization=issuer.authorization("1006")))):
+            put_buckets(ads, [*LISTED, "1006"], ["1006"])
+            envoy.wait_for(lambda: ecds_stat(envoy, bucket, "config_reload") == reloads[bucket] + 1, 5, "sealed")
+            put_buckets(ads, [*LISTED, "1006"])
+            envoy.wait_for(
+                lambda: (
+                    ecds_stat(envoy, REVOKED_RECENTLY_FILTER, "config_reload") == reloads[REVOKED_RECENTLY_FILTER] + 2
+                ),
+                5,
+                "settled",
+            )
+        assert statuses and set(statuses) == {403}, statuses
+        assert client.status(authorization=issuer.authorization("1007")) == 200
+        assert listener_stats(envoy) == dict.fromkeys(LISTENER_STATS, 0)
         assert not ads.nacks
         client.close()
+
+
+@contextlib.contextmanager
+def hammering(request: Callable[[], None]) -> Iterator[None]:
+    """`request` over and over on this thread's behalf in another one, while the block runs (at least once)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        request()
+        while not stop.is_set():
+            request()
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join(10)
 
 
 def _connected(envoy: Any, port: int) -> Client:

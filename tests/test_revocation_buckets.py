@@ -4,14 +4,16 @@ regexes is tests/test_e2e_revocation_buckets.py."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import zlib
+from pathlib import Path
 
 import pytest
 
 from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
-from controlplane.credentials.revocations import EXPIRY_QUANTUM, Revocations, horizon
+from controlplane.credentials.revocations import EXPIRY_QUANTUM, SEAL_SETTLE, Revocations, horizon
 from controlplane.model.credentials import (
     NO_REVOCATIONS,
     REVOCATION_BUCKETS,
@@ -95,21 +97,88 @@ class Clock:
         return self.now
 
 
-def test_a_revocation_changes_one_bucket_and_hands_the_others_as_the_same_objects() -> None:
-    clock = Clock(10 * EXPIRY_QUANTUM)
+def test_a_revocation_joins_the_recent_list_and_hands_every_bucket_as_the_same_objects() -> None:
+    clock = Clock(10 * EXPIRY_QUANTUM + 1)
     revocations = Revocations(None, clock=clock)
-    assert revocations.buckets() == NO_REVOCATIONS
-    for job in ("1", "2", "1001", "15001"):
-        revocations.revoke(job, clock.now + 3600)
+    assert revocations.buckets() == NO_REVOCATIONS and revocations.recent() == ()
     before = revocations.buckets()
-    assert before[0] == ("1", "2") and before[1] == ("1001",) and before[15] == ("15001",)
-    assert revocations.buckets() is before  # no change: the very same input, nothing compared
-    revocations.revoke("3", clock.now + 3600)
-    after = revocations.buckets()
-    assert after[0] == ("1", "2", "3")
-    assert all(after[i] is before[i] for i in range(1, REVOCATION_BUCKETS))
-    revocations.revoke("3", clock.now + 7200)  # a longer denial of a listed job: the ids are the same
-    assert revocations.buckets() is after
+    for job in ("2", "1", "1001", "15001"):
+        assert revocations.revoke(job, clock.now + 3600)
+    assert revocations.recent() == ("1", "1001", "15001", "2")
+    assert revocations.buckets() is before  # no bucket re-sent, however many ids they hold
+    recent = revocations.recent()
+    assert revocations.recent() is recent  # no change: the very same input, nothing compared
+    assert not revocations.revoke("1", clock.now + 60)  # a shorter denial of a listed job: nothing
+    assert revocations.revoke("1", clock.now + 7200)  # a longer one: the time, not the ids
+    assert revocations.recent() is recent and revocations.is_revoked("1")
+
+
+def test_the_recent_list_is_sealed_into_its_buckets_when_the_next_quantum_begins() -> None:
+    start = 10 * EXPIRY_QUANTUM
+    clock = Clock(start + 1)
+    revocations = Revocations(None, clock=clock)
+    for job in ("1", "2", "1001", "15001"):
+        revocations.revoke(job, start + 3600)
+    empty = revocations.buckets()
+    assert revocations.next_expiry() == start + EXPIRY_QUANTUM  # the seal is due, though nothing expires
+    clock.now = start + EXPIRY_QUANTUM - 1
+    assert not revocations.prune() and revocations.buckets() is empty
+    clock.now = start + EXPIRY_QUANTUM
+    recent = revocations.recent()
+    assert revocations.prune()
+    sealed = revocations.buckets()
+    assert sealed[0] == ("1", "2") and sealed[1] == ("1001",) and sealed[15] == ("15001",)
+    assert all(sealed[i] is empty[i] for i in range(2, 15))  # buckets no id joined: the same objects
+    # Make before break: the recent list still holds them, until they settled in their buckets.
+    assert revocations.recent() is recent and revocations.next_expiry() == start + EXPIRY_QUANTUM + SEAL_SETTLE
+    clock.now = start + EXPIRY_QUANTUM + SEAL_SETTLE - 0.1
+    assert not revocations.prune() and revocations.recent() is recent
+    clock.now = start + EXPIRY_QUANTUM + SEAL_SETTLE
+    assert revocations.prune() and revocations.buckets() is sealed
+    assert revocations.recent() == () and revocations.next_expiry() == start + 12 * EXPIRY_QUANTUM
+    revocations.revoke("3", start + 3600)  # the next one: the recent list again, the buckets untouched
+    assert revocations.recent() == ("3",) and revocations.buckets() is sealed
+    assert revocations.revoke("1", start + 7200)  # a longer denial of a sealed job: its bucket keeps its ids
+    assert revocations.buckets() is sealed and revocations.recent() == ("3",)
+    assert set(CredentialInputs(revoked=sealed, revoked_recently=revocations.recent()).revoked_jobs) == {
+        "1",
+        "2",
+        "3",
+        "1001",
+        "15001",
+    }
+
+
+def test_the_recent_list_is_sealed_at_once_past_its_limit() -> None:
+    clock = Clock(10 * EXPIRY_QUANTUM + 1)
+    revocations = Revocations(None, clock=clock, recent_limit=3)
+    for job in ("1", "2", "3"):
+        revocations.revoke(job, clock.now + 3600)
+    assert revocations.recent() == ("1", "2", "3") and revocations.buckets() == NO_REVOCATIONS
+    revocations.revoke("1004", clock.now + 3600)  # the fourth: all four sealed
+    assert revocations.buckets()[0] == ("1", "2", "3") and revocations.buckets()[1] == ("1004",)
+    revocations.revoke("5", clock.now + 3600)  # a new one joins the recent list, with the settling ones
+    assert revocations.recent() == ("1", "1004", "2", "3", "5")
+    assert revocations.status()["revoked_recently"] == 5
+    clock.now += SEAL_SETTLE
+    assert revocations.prune() and revocations.recent() == ("5",)
+    assert revocations.buckets()[0] == ("1", "2", "3")
+    assert not revocations.prune()  # nothing more until the quantum
+
+
+def test_what_a_start_loads_is_sealed_and_expiry_leaves_from_either_tier(tmp_path: Path) -> None:
+    start = 100 * EXPIRY_QUANTUM
+    clock = Clock(start)
+    first = Revocations(tmp_path / "revocations.json", clock=clock)
+    first.revoke("1", start + 10)
+    first.revoke("1001", start + 2 * EXPIRY_QUANTUM + 1)
+    assert asyncio.run(first.persist())
+    again = Revocations(tmp_path / "revocations.json", clock=clock)
+    assert again.recent() == () and again.buckets()[0] == ("1",) and again.buckets()[1] == ("1001",)
+    again.revoke("2", start + 20)  # recent, expiring at the same boundary as the sealed "1"
+    clock.now = start + EXPIRY_QUANTUM
+    assert again.prune()  # "2" leaves from the recent list, "1" from its bucket
+    assert again.recent() == () and again.buckets()[0] == () and again.buckets()[1] == ("1001",)
 
 
 def test_expired_entries_leave_at_the_quantum_not_one_by_one() -> None:
@@ -122,10 +191,12 @@ def test_expired_entries_leave_at_the_quantum_not_one_by_one() -> None:
     assert revocations.next_expiry() == start + EXPIRY_QUANTUM  # both leave at the next boundary, together
     clock.now = start + 25
     assert not revocations.is_revoked("1") and revocations.is_revoked("3")  # enforcement decisions stay exact
-    assert not revocations.prune() and revocations.buckets()[0] == ("1", "2", "3")  # the list waits
+    assert not revocations.prune() and revocations.recent() == ("1", "2", "3")  # the list waits
     clock.now = start + EXPIRY_QUANTUM
     assert horizon(clock.now) == start + EXPIRY_QUANTUM
-    assert revocations.prune() and revocations.buckets()[0] == ("3",)
+    assert revocations.prune() and revocations.buckets()[0] == ("3",) and revocations.recent() == ("3",)
+    clock.now += SEAL_SETTLE
+    assert revocations.prune() and revocations.recent() == ()
     assert revocations.next_expiry() == start + 3 * EXPIRY_QUANTUM
 
 

@@ -391,7 +391,7 @@ async def test_a_revocation_is_published_while_live_inputs_make_the_policy_inval
         now = cache.get(group)
         assert now is not None and before[group] is not None
         ecds = now.types[EXTENSION_CONFIG].resources
-        assert ecds[bucket].payload == bucket_config_bytes(index, ("4242",)), group
+        assert ecds[bucket].payload == bucket_config_bytes(bucket, ("4242",)), group
         # Only the deny list changed: the rest is the last good snapshot's.
         for type_url, typed in now.types.items():
             if type_url != EXTENSION_CONFIG:
@@ -405,7 +405,7 @@ async def test_a_revocation_is_published_while_live_inputs_make_the_policy_inval
     for group in groups:
         now = cache.get(group)
         assert now is not None
-        assert now.types[EXTENSION_CONFIG].resources[bucket].payload == bucket_config_bytes(index, ("4242", "4243"))
+        assert now.types[EXTENSION_CONFIG].resources[bucket].payload == bucket_config_bytes(bucket, ("4242", "4243"))
 
 
 async def test_the_credential_service_hears_of_each_exchange_policy_published(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from controlplane.compiler.names import (
     EXCHANGE_CLUSTER,
     EXCHANGED_POLICY_PREFIX,
     JWT_FILTER,
+    REVOKED_RECENTLY_FILTER,
     backend_cluster,
     jwks_cluster,
     listener_name,
@@ -184,17 +185,16 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
 
 
 def revocation_resources(credentials: CredentialInputs, memo: CompilerMemo) -> tuple[tuple[str, bytes], ...]:
-    """Every bucket, empty ones too: a bucket missing from a snapshot would be removed (Delta), and a removed
-    filter configuration falls back to its deny-all default for everyone (docs/envoy-ecds.md §2). The same for
-    every gateway group; also used alone to put a revocation into the last good snapshots when the policy
-    cannot be compiled (snapshots.build.with_revocations)."""
-    return tuple(
-        (revocation_bucket_filter(index), memo.revocations.get((index, ids), _encode_bucket))
-        for index, ids in enumerate(credentials.revoked)
-    )
+    """Every bucket and the recent list, empty ones too: a configuration missing from a snapshot would be removed
+    (Delta), and a removed filter configuration falls back to its deny-all default for everyone
+    (docs/envoy-ecds.md §2). The same for every gateway group; also used alone to put a revocation into the last
+    good snapshots when the policy cannot be compiled (snapshots.build.with_revocations)."""
+    lists = [*((revocation_bucket_filter(i), ids) for i, ids in enumerate(credentials.revoked))]
+    lists.append((REVOKED_RECENTLY_FILTER, credentials.revoked_recently))
+    return tuple((name, memo.revocations.get((name, ids), _encode_bucket)) for name, ids in lists)
 
 
-def _encode_bucket(key: tuple[int, tuple[str, ...]]) -> bytes:
+def _encode_bucket(key: tuple[str, tuple[str, ...]]) -> bytes:
     return revocations.bucket_config_bytes(*key)
 
 

@@ -46,7 +46,7 @@ class CompilerMemo:
         self.rbac = RbacEncoder()
         # The revocation buckets change with every finished job, not with every policy change: each kept encoded,
         # keyed by (bucket, its ids), so a revocation re-encodes one bucket.
-        self.revocations: ValueMemo[tuple[int, tuple[str, ...]], bytes] = ValueMemo()
+        self.revocations: ValueMemo[tuple[str, tuple[str, ...]], bytes] = ValueMemo()
         self.interned = Interner()
 
     def next_generation(self) -> None:

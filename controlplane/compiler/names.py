@@ -20,6 +20,8 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 # namespace as the main RBAC filter's, so a revoked request is logged with the policy `revoked-jobs`.
 REVOCATION_BUCKET_PREFIX = "controlplane.revoked_jobs."
 REVOKED_POLICY = "revoked-jobs"
+# The deny list's configuration of recent revocations (model/credentials.py `revoked_recently`).
+REVOKED_RECENTLY_FILTER = REVOCATION_BUCKET_PREFIX + "recent"
 
 # The jwt_authn provider of the credentials the control plane issues in exchange for ID tokens, and the
 # cluster gateways send the exchange endpoint to. Both are reserved: an Issuer may not be named like the provider.

@@ -1,8 +1,11 @@
-"""The fleet-wide deny list as REVOCATION_BUCKETS RBAC filter configurations, each delivered by ECDS.
+"""The fleet-wide deny list as RBAC filter configurations, each delivered by ECDS: REVOCATION_BUCKETS sealed
+buckets and one of recent revocations.
 
-A job id's bucket is `revocation_bucket(id)` (model/credentials.py). Each bucket is one RBAC DENY filter of the
-gateway listener whose configuration is its own xDS resource (named like the filter, `names.revocation_bucket`):
-a revocation changes one resource, never a route or a listener, and over Delta only that resource is sent.
+A job id's bucket is `revocation_bucket(id)` (model/credentials.py). Each bucket, and the recent list, is one RBAC
+DENY filter of the gateway listener whose configuration is its own xDS resource (named like the filter,
+`names.revocation_bucket_filter`, `names.REVOKED_RECENTLY_FILTER`): a revocation changes the recent list's
+resource, never a route or a listener, and over Delta only that resource is sent. When the service seals the
+recent ids into their buckets, the buckets they join change once (credentials/revocations.py).
 
 A bucket's ids are matched by one RE2 regex on the `job_id` claim: RE2 runs in time linear in the claim, not in
 the list's length (one principal per id was a linear scan of the list per request). Envoy's `safe_regex` is a
@@ -26,7 +29,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from controlplane.compiler.claims import claim_string_principal
-from controlplane.compiler.names import REVOKED_POLICY, revocation_bucket_filter
+from controlplane.compiler.names import REVOKED_POLICY, REVOKED_RECENTLY_FILTER, revocation_bucket_filter
 from controlplane.compiler.util import packed, serialized
 from controlplane.model.credentials import REVOCATION_BUCKETS
 
@@ -121,13 +124,12 @@ def bucket_rbac(job_ids: Sequence[str]) -> rbac_filter.RBAC:
     return rbac_filter.RBAC(rules=rules)
 
 
-def bucket_config_bytes(index: int, job_ids: Sequence[str]) -> bytes:
-    """The serialized TypedExtensionConfig of bucket `index`: the ECDS resource named like its filter."""
-    config = extension_pb2.TypedExtensionConfig(
-        name=revocation_bucket_filter(index), typed_config=packed(bucket_rbac(job_ids))
-    )
+def bucket_config_bytes(name: str, job_ids: Sequence[str]) -> bytes:
+    """The serialized TypedExtensionConfig denying `job_ids`: the ECDS resource named like its filter, `name`."""
+    config = extension_pb2.TypedExtensionConfig(name=name, typed_config=packed(bucket_rbac(job_ids)))
     return serialized(config)
 
 
 def bucket_names() -> list[str]:
-    return [revocation_bucket_filter(i) for i in range(REVOCATION_BUCKETS)]
+    """Every deny-list filter, in the listener's order: the sealed buckets, then the recent revocations."""
+    return [*(revocation_bucket_filter(i) for i in range(REVOCATION_BUCKETS)), REVOKED_RECENTLY_FILTER]

@@ -11,11 +11,16 @@ directory's file, or PostgreSQL shared by every replica. Loaded at start (unread
 empty list); a revocation is enforced here at once and written through afterwards; with PostgreSQL, what other
 replicas revoke arrives through `refresh()` (the change feed).
 
-The list is held by bucket (`revocation_bucket`, one ECDS filter configuration each on every gateway): a
-revocation changes one bucket's cached sorted tuple, the other buckets are handed to the compiler as the same
-objects, so nothing sorts or encodes the whole list per revocation. Entries leave the list at quantized times
-(`EXPIRY_QUANTUM`): every replica holding the same entries lists the same ids, and expiry costs one push per
-changed bucket per quantum, not one per expiring job. (`is_revoked` stays exact.)
+The list is held in two tiers, each ECDS filter configurations on every gateway (docs/revocation-at-scale.md):
+a short list of recent revocations, and 16 sealed buckets (`revocation_bucket`) holding the rest. A revocation
+joins the recent list, so what it re-sends to every Envoy is set by how many jobs ended lately, never by how many
+are listed. The recent list is sealed into the buckets (each id to its own) when the clock passes a multiple of
+`EXPIRY_QUANTUM`, or at once when it would hold more than `RECENT_LIMIT` ids. A seal makes before it breaks: the
+ids join their buckets first and leave the recent list `SEAL_SETTLE` seconds later, in a push of its own, so no
+Envoy ever holds a configuration where neither denies them. Buckets no id joined or left are
+handed to the compiler as the same objects, so nothing sorts or encodes the whole list per revocation. Entries
+leave the list at the same quantized times: every replica holding the same entries lists the same ids, and
+expiry costs one push per changed bucket per quantum, not one per expiring job. (`is_revoked` stays exact.)
 
 When the store cannot be written (PostgreSQL away, a full disk) nothing waits: the revocation is in force on this
 replica's Envoys, and kept in a bounded outbox, retried with backoff until written. Past `OUTBOX_LIMIT` the
@@ -44,7 +49,15 @@ from controlplane.store.changes import RESYNC
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.telemetry.ratelog import RateLimitedLog
 
-__all__ = ["EXPIRY_QUANTUM", "OUTBOX_LIMIT", "REVOCATIONS_FILE", "TERMINAL_JOB_STATUSES", "Revocations"]
+__all__ = [
+    "EXPIRY_QUANTUM",
+    "OUTBOX_LIMIT",
+    "RECENT_LIMIT",
+    "REVOCATIONS_FILE",
+    "SEAL_SETTLE",
+    "TERMINAL_JOB_STATUSES",
+    "Revocations",
+]
 
 log = logging.getLogger("controlplane.revocations")
 
@@ -53,8 +66,15 @@ TERMINAL_JOB_STATUSES = frozenset({"success", "failed", "canceled", "cancelled",
 # large GitLab finishes in an hour of store outage; past it the soonest-expiring one is dropped from the outbox.
 OUTBOX_LIMIT = 10_000
 RETRY = Backoff(0.5, 30.0)  # between attempts to write the outbox while the store fails
-# Expired entries leave the list when the clock passes a multiple of this many seconds (`horizon`).
+# Expired entries leave the list, and recent ones are sealed into their buckets, when the clock passes a multiple
+# of this many seconds (`horizon`).
 EXPIRY_QUANTUM = 300.0
+# The recent list is sealed early past this many ids: 512 ten-digit ids spread over as many thousand-blocks are
+# a 6 kB configuration (consecutive ones under 1 kB), so one revocation never re-sends more than that.
+RECENT_LIMIT = 512
+# Sealed ids stay in the recent list this long after they joined their buckets (the push that carried them has
+# reached every connected Envoy long before: the fleet ACKs in well under a second).
+SEAL_SETTLE = 5.0
 
 
 def horizon(now: float) -> float:
@@ -94,6 +114,7 @@ class Revocations:
         is_leader: Callable[[], bool] = lambda: True,
         outbox_limit: int = OUTBOX_LIMIT,
         retry: Backoff = RETRY,
+        recent_limit: int = RECENT_LIMIT,
     ) -> None:
         """A path (or None: memory only) is the state directory's file, read now: a file that cannot be read
         raises `StateFileError` here. Any other store is read by `await open()`. `is_leader`: whether this
@@ -102,6 +123,7 @@ class Revocations:
         self.is_leader = is_leader
         self.outbox_limit = outbox_limit
         self.retry = retry
+        self.recent_limit = recent_limit
         if store is None or isinstance(store, Path):
             file = FileRevocationStore(store, clock=clock)
             self._until: dict[str, float] = file.read()
@@ -109,10 +131,16 @@ class Revocations:
             self.store: RevocationStore = file
         else:
             self._until, self._loaded, self.store = {}, False, store
-        # The same entries by bucket, and each bucket's sorted ids (None: to sort again, after a change).
+        # The same entries: sealed by bucket, and each bucket's sorted ids (None: to sort again, after a change);
+        # and the recent ones, since the quantum `_recent_quantum` (what came with the store is sealed).
         self._buckets: list[dict[str, float]] = [{} for _ in range(REVOCATION_BUCKETS)]
         self._sorted: list[tuple[str, ...] | None] = [None] * REVOCATION_BUCKETS
         self._all: Buckets | None = None
+        self._recent: dict[str, float] = {}
+        self._recent_sorted: tuple[str, ...] | None = ()
+        self._recent_quantum = 0.0
+        self._settling: set[str] = set()  # sealed, and still in the recent list until `_settle_at`
+        self._settle_at = 0.0
         for job, until in self._until.items():
             self._buckets[revocation_bucket(job)][job] = until
         self._outbox: dict[str, float] = {}
@@ -134,7 +162,7 @@ class Revocations:
         await self.store.open()
         entries, self._cursor = await self.store.changes(0)
         for job, until in entries.items():
-            self._set(job, max(until, self._until.get(job, 0.0)))
+            self._set(job, max(until, self._until.get(job, 0.0)), recent=False)
         self._loaded = True
 
     def revoke(self, job_id: str, until: float) -> bool:
@@ -151,15 +179,24 @@ class Revocations:
 
     def prune(self) -> bool:
         """Drop entries whose guarded tokens have all expired by the quantized `horizon` from this view (the store
-        is pruned by `persist()`, on the leader). True when the list changed."""
-        cutoff = horizon(self.clock())
+        is pruned by `persist()`, on the leader), and seal the recent list if a quantum began since its first id.
+        True when what the compiler is handed changed."""
+        now = self.clock()
+        cutoff = horizon(now)
         expired = [job for job, until in self._until.items() if until <= cutoff]
         for job in expired:
             self._drop(job)
             self._outbox.pop(job, None)
         if expired:
             self._prune_due = True
-        return bool(expired)
+        settled = bool(self._settling) and now >= self._settle_at
+        if settled:
+            self._settling.clear()
+            self._recent_sorted = None
+        sealed = bool(self._recent) and cutoff > self._recent_quantum
+        if sealed:
+            self._seal()
+        return bool(expired) or settled or sealed
 
     async def persist(self, *, now: bool = False) -> bool:
         """Write the outbox to the store, unless a failed write's backoff has not passed (`now`: try anyway, e.g.
@@ -205,11 +242,17 @@ class Revocations:
         return tuple(sorted(job for job, until in self._until.items() if until > now))
 
     def buckets(self) -> Buckets:
-        """The listed ids by bucket, for the compiler: unchanged buckets (and, with no change, the whole) are the
+        """The sealed ids by bucket, for the compiler: unchanged buckets (and, with no change, the whole) are the
         same objects as last time. Expired entries stay until `prune()` at the next quantum."""
         if self._all is None:
             self._all = tuple(self._bucket(index) for index in range(REVOCATION_BUCKETS))
         return self._all
+
+    def recent(self) -> tuple[str, ...]:
+        """The ids listed since the last seal, sorted (the same object until one joins or leaves)."""
+        if self._recent_sorted is None:
+            self._recent_sorted = tuple(sorted({*self._recent, *self._settling}))
+        return self._recent_sorted
 
     def _bucket(self, index: int) -> tuple[str, ...]:
         cached = self._sorted[index]
@@ -221,11 +264,14 @@ class Revocations:
         return self._until.get(job_id, 0.0) > self.clock()
 
     def next_expiry(self) -> float | None:
-        """When `prune()` next has something to drop: the quantum boundary at or after the earliest expiry."""
-        earliest = min(self._until.values(), default=None)
-        if earliest is None:
-            return None
-        return math.ceil(earliest / EXPIRY_QUANTUM) * EXPIRY_QUANTUM
+        """When `prune()` next has something to do: the quantum boundary at or after the earliest expiry, or the
+        one that seals the recent list."""
+        due = [self._recent_quantum + EXPIRY_QUANTUM] if self._recent else []
+        if self._settling:
+            due.append(self._settle_at)
+        if self._until:
+            due.append(math.ceil(min(self._until.values()) / EXPIRY_QUANTUM) * EXPIRY_QUANTUM)
+        return min(due, default=None)
 
     def retry_at(self) -> float | None:
         """When the outbox is next written (None: nothing waits)."""
@@ -234,6 +280,7 @@ class Revocations:
     def status(self) -> dict[str, object]:
         return {
             "revoked_jobs": len(self._until),
+            "revoked_recently": len(self._recent) + len(self._settling),
             "next_expiry": self.next_expiry(),
             "revocations_store": {
                 **self.store.status(),
@@ -245,16 +292,46 @@ class Revocations:
             },
         }
 
-    def _set(self, job_id: str, until: float) -> None:
+    def _set(self, job_id: str, until: float, *, recent: bool = True) -> None:
+        """A new id joins the recent list (`recent`), or its bucket at once (what a start loads); a listed one
+        only has its time extended, where it is."""
         self._until[job_id] = until
+        if job_id in self._recent:
+            self._recent[job_id] = until
+            return
         index = revocation_bucket(job_id)
         bucket = self._buckets[index]
-        if job_id not in bucket:
+        if job_id in bucket or not recent:
+            if job_id not in bucket:
+                self._sorted[index] = self._all = None
+            bucket[job_id] = until
+            return
+        if not self._recent:
+            self._recent_quantum = horizon(self.clock())
+        self._recent_sorted = None
+        self._recent[job_id] = until
+        if len(self._recent) > self.recent_limit:
+            self._seal()
+
+    def _seal(self) -> None:
+        """Each recent id into its bucket (the buckets they join change once); they leave the recent list only
+        once they have settled there (`prune`), so the push that empties it comes after the one that fills them."""
+        for job, until in self._recent.items():
+            index = revocation_bucket(job)
+            self._buckets[index][job] = until
             self._sorted[index] = self._all = None
-        bucket[job_id] = until
+        self._settling.update(self._recent)
+        self._settle_at = self.clock() + SEAL_SETTLE
+        self._recent.clear()
 
     def _drop(self, job_id: str) -> None:
         del self._until[job_id]
+        if self._recent.pop(job_id, None) is not None:
+            self._recent_sorted = None
+            return
+        if job_id in self._settling:
+            self._settling.discard(job_id)
+            self._recent_sorted = None
         index = revocation_bucket(job_id)
         del self._buckets[index][job_id]
         self._sorted[index] = self._all = None

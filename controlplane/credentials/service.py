@@ -179,6 +179,7 @@ class CredentialService:
             jwks=self.keys.published_jwks(),
             exchange_address=self.options.public,
             revoked=self.revocations.buckets(),
+            revoked_recently=self.revocations.recent(),
         )
         if fresh != self._inputs:
             self._inputs = fresh

@@ -1,8 +1,9 @@
 """What the compiler needs to know about the control plane's own credentials (issue 4).
 
 These are inputs like the relayed JWKS: produced at run time by the credentials service, passed to the
-pure compiler, which turns them into a jwt_authn provider, role-based RBAC, the revocation deny list (16
-buckets, each its own ECDS filter configuration) and a route to the token-exchange endpoint on every gateway.
+pure compiler, which turns them into a jwt_authn provider, role-based RBAC, the revocation deny list (16 sealed
+buckets and one of recent revocations, each its own ECDS filter configuration) and a route to the token-exchange
+endpoint on every gateway.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class CredentialInputs:
     # (`revocation_bucket`): REVOCATION_BUCKETS sorted tuples. The service hands an unchanged bucket as the same
     # tuple, so the compiler re-encodes only the one that changed. See `revocation_buckets` for a plain list.
     revoked: Buckets = NO_REVOCATIONS
+    # Job ids denied since the buckets were last sealed (sorted), in a configuration of their own: a revocation
+    # re-sends this short list, not the bucket it will join (credentials/revocations.py says when they merge).
+    revoked_recently: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.revoked) != REVOCATION_BUCKETS:
@@ -59,4 +63,4 @@ class CredentialInputs:
     @property
     def revoked_jobs(self) -> tuple[str, ...]:
         """Every denied job id, sorted (for status, tests and tools; the compiler reads the buckets)."""
-        return tuple(sorted(job for bucket in self.revoked for job in bucket))
+        return tuple(sorted({*self.revoked_recently, *(job for bucket in self.revoked for job in bucket)}))
