@@ -11,6 +11,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
 from controlplane.credentials.revocations import EXPIRY_QUANTUM, SEAL_SETTLE, Revocations, horizon
@@ -210,3 +212,41 @@ def test_a_bucket_over_the_regex_budget_is_split_and_still_matches_exactly() -> 
     for job in [*listed, *(str(rng.randrange(10**9, 10**10)) for _ in range(3000)), "a", "ab"]:
         assert any(p.fullmatch(job) for p in patterns) == (job in listed), job
     assert len(bucket_rbac(listed).rules.policies["revoked-jobs"].principals) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("revoke"), st.integers(0, 60), st.integers(1, 3 * 3600)),
+            st.tuples(st.just("wait"), st.integers(0, 400), st.just(0)),
+        ),
+        max_size=120,
+    )
+)
+def test_no_step_ever_lists_a_denied_job_in_neither_tier(steps: list[tuple[str, int, int]]) -> None:
+    """Whatever the order of revocations, seals, settles and expiries, each published state (what one push carries)
+    lists every denied job, and a job leaves the recent list only if the previous state already had it in its
+    bucket: a push never takes an id out of both tiers, nor out of one before the other holds it."""
+    clock = Clock(10 * EXPIRY_QUANTUM)
+    revocations = Revocations(None, clock=clock, recent_limit=5)
+
+    def state() -> tuple[set[str], set[str]]:
+        return {j for bucket in revocations.buckets() for j in bucket}, set(revocations.recent())
+
+    before = state()
+    for kind, value, ttl in steps:
+        if kind == "revoke":
+            revocations.revoke(str(1000 * value + value % 7), clock.now + ttl)
+        else:
+            clock.now += value
+        revocations.prune()
+        sealed, recent = after = state()
+        for job in before[1] - recent:  # left the recent list: sealed before, or expired
+            assert job in before[0] or not revocations.is_revoked(job), job
+        for job in before[0] - sealed:  # left a bucket: only by expiry
+            assert not revocations.is_revoked(job), job
+        listed = sealed | recent
+        assert all(job in listed for job in revocations.active())  # nothing denied goes unlisted
+        assert len(revocations.recent()) <= 2 * (5 + 1)
+        before = after

@@ -69,9 +69,10 @@ RETRY = Backoff(0.5, 30.0)  # between attempts to write the outbox while the sto
 # Expired entries leave the list, and recent ones are sealed into their buckets, when the clock passes a multiple
 # of this many seconds (`horizon`).
 EXPIRY_QUANTUM = 300.0
-# The recent list is sealed early past this many ids: 512 ten-digit ids spread over as many thousand-blocks are
-# a 6 kB configuration (consecutive ones under 1 kB), so one revocation never re-sends more than that.
-RECENT_LIMIT = 512
+# The recent list is sealed early past this many ids: 400 ten-digit ids spread over as many thousand-blocks are a
+# 4.5 kB configuration (consecutive ones 0.5 kB); with the ids of a seal still settling (`SEAL_SETTLE`), at most
+# twice that: one revocation never re-sends more than 9 kB to an Envoy, however many jobs are listed.
+RECENT_LIMIT = 400
 # Sealed ids stay in the recent list this long after they joined their buckets (the push that carried them has
 # reached every connected Envoy long before: the fleet ACKs in well under a second).
 SEAL_SETTLE = 5.0
