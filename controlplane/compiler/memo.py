@@ -44,8 +44,8 @@ class CompilerMemo:
     def __init__(self) -> None:
         self.backends: IdentityMemo[Any] = IdentityMemo()
         self.rbac = RbacEncoder()
-        # The revocation buckets change with every finished job, not with every policy change: each kept encoded,
-        # keyed by (bucket, its ids), so a revocation re-encodes one bucket.
+        # The deny list changes with finished jobs, not with policy changes: each of its configurations kept
+        # encoded, keyed by (name, its ids), so a revocation re-encodes the recent list alone.
         self.revocations: ValueMemo[tuple[str, tuple[str, ...]], bytes] = ValueMemo()
         self.interned = Interner()
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 CREDENTIAL_ISSUER = "urn:controlplane:credentials"
 EXCHANGE_PATH = "/.controlplane/token"  # reachable on every gateway listener, and on the control plane directly
 
-# The deny list is split into this many buckets, each an RBAC filter configuration of its own (ECDS), so that a
-# revocation re-sends one bucket. Changing it changes every gateway listener: only on upgrade.
+# The sealed deny list is split into this many buckets, each an RBAC filter configuration of its own (ECDS), so
+# that a seal re-sends only the buckets its ids join. Changing it changes every gateway listener: only on upgrade.
 REVOCATION_BUCKETS = 16
 
 Buckets = tuple[tuple[str, ...], ...]
