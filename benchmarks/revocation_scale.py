@@ -37,15 +37,17 @@ N outstanding revocations (`--sizes`), at three id densities (`DENSITIES`: conse
    and RECENT_LIMIT // 2 ids sealed when the fake clock reaches the next quantum (a quantum seal). Reported: the
    bytes of the seal push (the buckets the ids join, and the recent list), of the settle push `SEAL_SETTLE`
    later (the recent list emptied), their sum per sealed id, and the seal push's CPU.
-3. A steady state (`--hours` of simulated time, `--rate` revocations a second, each denied for `--window`, 3 h
-   by default, as `serve`'s --deny-id-tokens-for): N = rate x window jobs are listed at start (revoked over the
-   last window, so the oldest expire first) and N stays constant. The fake clock steps from event to event:
-   a revocation (each one pushed alone: at 5 a second they are 0.2 s apart, more than `serve`'s 0.1 s gather),
-   or `Revocations.next_expiry()`, when `prune()` runs as `CredentialService.run` would (expiry, quantum seals,
-   settles; limit seals happen inside a revocation). A push is a recompile whenever what the design hands the
-   compiler changed. Reported for `buckets` and `tiered` at each density: the bytes every push re-sends to one
-   Envoy, in all per revocation ("all-in": seals, settles and expiry included) and split by kind, the largest
-   single push, and the control plane's CPU per revocation all-in.
+3. A steady state (`--hours` of simulated time, `--rate` revocations a second, each denied for `--window`, 3 h by
+   default, as `serve`'s --deny-id-tokens-for): N = rate x window jobs are listed at start (revoked over the last
+   window, so the oldest expire first) and N stays constant: 54,000 at the defaults, the issue's busy GitLab
+   (`--steady-at 50000,200000` sets N instead, each at the rate N / window). The fake clock steps from event to
+   event: a revocation, or `Revocations.next_expiry()`, when `prune()` runs as `CredentialService.run` would (expiry,
+   quantum seals, settles; limit seals happen inside a revocation). A push is a recompile whenever what the design
+   hands the compiler changed. Each revocation is pushed alone: at 5 a second they are 0.2 s apart, more than
+   `serve`'s 0.1 s gather; at faster rates `serve` would coalesce some, so the figures are then an upper bound.
+   Reported for `buckets` and `tiered` at each density: the bytes every push re-sends to one Envoy, in all per
+   revocation ("all-in": seals, settles and expiry included) and split by kind of push, the largest single push, and
+   the control plane's CPU per revocation all-in.
 4. A burst: `--burst` revocations spread evenly over one second at N = `--burst-at` (consecutive ids), each one
    an asyncio task doing what `revoke_finished` does, with `serve`'s gather, for `buckets` and `tiered`. Counted:
    compiles, snapshots published (one xDS push each to every Envoy of the group), and the bytes each Envoy is
@@ -791,12 +793,12 @@ def seal_table(density: str, step: int, sizes: Sequence[int]) -> None:
     )
 
 
-def steady_table(density: str, step: int, rate: float, window: float, hours: float) -> None:
-    runs = [steady_state(design, step, rate, window, hours) for design in ("buckets", "tiered")]
+def steady_table(density: str, step: int, rates: Sequence[float], window: float, hours: float) -> None:
+    runs = [steady_state(design, step, rate, window, hours) for rate in rates for design in ("buckets", "tiered")]
     kinds = ("revocation", "limit seal", "quantum", "settle")
     print_rows(
-        f"Steady state, {density} ids: {hours:g} h at {rate:g} revocations/s, each denied {window / 3600:g} h; bytes"
-        " each push re-sends to one Envoy",
+        f"Steady state, {density} ids: {hours:g} h at {'/'.join(f'{r:g}' for r in rates)} revocations/s, each denied"
+        f" {window / 3600:g} h; bytes each push re-sends to one Envoy",
         [
             "",
             "revocations",
@@ -850,6 +852,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--densities", default=",".join(DENSITIES), help=f"of {', '.join(DENSITIES)}")
     parser.add_argument("--repeat", type=int, default=7, help="revocations timed at each size (median)")
     parser.add_argument("--rate", type=float, default=5.0, help="steady state: revocations a second")
+    parser.add_argument(
+        "--steady-at", default="", help="steady state: outstanding revocations instead (rate = N / window), e.g. 200000"
+    )
     parser.add_argument("--window", type=float, default=DENY_FOR, help="steady state: deny window, seconds")
     parser.add_argument("--hours", type=float, default=1.0, help="steady state: simulated hours (0: skip)")
     parser.add_argument("--burst", type=int, default=100, help="revocations in one second")
@@ -869,9 +874,10 @@ def main(argv: list[str] | None = None) -> None:
         one_more_table(density, step, sizes, args.repeat)
     for density, step in densities.items():
         seal_table(density, step, sizes)
+    rates = [int(n) / args.window for n in args.steady_at.split(",")] if args.steady_at else [args.rate]
     if args.hours:
         for density, step in densities.items():
-            steady_table(density, step, args.rate, args.window, args.hours)
+            steady_table(density, step, rates, args.window, args.hours)
     if args.burst:
         bursts = {design: burst_figures(design, args.burst_at, args.burst, CREDENTIAL_CHANGES_GATHER)
                   for design in ("buckets", "tiered")}  # fmt: skip
