@@ -307,7 +307,9 @@ def test_a_nacked_filter_config_is_withheld_until_a_newer_one() -> None:
     bad = _with_filters(snap(), deny="bad", other="x")
     push = one(stream.set_snapshot(bad, 1.0))
     out = stream.receive(req(EXTENSION_CONFIG, ["deny"], version=good.version, nonce=push.nonce, error="RE2"), 2.0)
-    assert of_type(out, Nack) == [Nack(EXTENSION_CONFIG, push.version, push.nonce, good.version, "RE2", 13, 1.0)]
+    assert of_type(out, Nack) == [
+        Nack(EXTENSION_CONFIG, push.version, push.nonce, good.version, "RE2", 13, 1.0, ("deny",))
+    ]
     assert out.responses == ()
     grown = stream.receive(req(EXTENSION_CONFIG, ["deny", "other"], version=good.version, nonce=push.nonce), 2.0)
     assert grown.responses == () and of_type(grown, Withheld) == [
@@ -815,7 +817,14 @@ def test_nack_records_the_sent_version_and_does_not_resend_it() -> None:
     assert out.responses == ()
     (nack,) = of_type(out, Nack)
     assert nack == Nack(
-        LISTENER, lds.version, lds.nonce, sent[LISTENER].version, "duplicate listener", 13, nack.latency
+        LISTENER,
+        lds.version,
+        lds.nonce,
+        sent[LISTENER].version,
+        "duplicate listener",
+        13,
+        nack.latency,
+        ("listener_0",),
     )
     assert nack.latency == pytest.approx(0.002)
     state = stream.type_state(LISTENER)
