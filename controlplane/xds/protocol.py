@@ -675,6 +675,8 @@ class AdsStream(StreamIdentity):
             else:
                 events.append(Stale(type_url, clip_nonce(nonce), state.sent_nonce))
             return False
+        if state.refused and names is not None:
+            forget_unwanted(state.refused, names.__contains__)  # before the ACK reports what is still refused
         if nonce:
             events.append(self._answer(type_url, state, request, now))
         elif state.sent_version is None:
@@ -683,8 +685,6 @@ class AdsStream(StreamIdentity):
             state.requested = True
             state.names = names
             _forget_unsubscribed(state, names, self._shared)
-            if state.refused and names is not None:
-                forget_unwanted(state.refused, names.__contains__)
             events.append(Subscribed(type_url, names))
         return True
 
