@@ -784,8 +784,8 @@ def test_routes_remembered_for_a_late_nack_pin_no_route_mapping() -> None:
     """Only filter configurations need the bytes a response carried; other types keep its names alone."""
     stream, _ = started()
     one(stream.set_snapshot(snap(routes={"local_route": "v2"}), 1.0))
-    (remembered,) = stream.type_state(ROUTE).recent.values()  # type: ignore[union-attr]
-    assert remembered.sent == ("local_route",) and remembered.source == {}
+    ((_, sent, source, _),) = stream.type_state(ROUTE).recent.values()  # type: ignore[union-attr]
+    assert sent == ("local_route",) and source == {}
 
 
 # ------------------------------------------------------------------------ rule 1: node and per-type state

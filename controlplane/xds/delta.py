@@ -500,7 +500,9 @@ class DeltaStream(StreamIdentity):
         latency = max(0.0, now - sent.at)
         if not request.HasField("error_detail"):
             state.acked_version = sent.version
-            events.append(Ack(type_url, sent.version, nonce, latency, tuple(sorted(state.refused))))
+            events.append(
+                Ack(type_url, sent.version, nonce, latency, tuple(sorted(state.refused)) if state.refused else ())
+            )
             return
         self._reject(type_url, state, sent)
         detail = request.error_detail

@@ -373,13 +373,9 @@ _NOTHING = Output()
 # ------------------------------------------------------------------------------------------------ state
 
 
-class Answerable(NamedTuple):
-    """A response as a late NACK needs it: references only (the shared names tuple and source mapping)."""
-
-    version: str
-    sent: tuple[str, ...]  # the names it carried
-    source: Mapping[str, EncodedResource]  # their bytes
-    at: float
+Answerable = tuple[str, tuple[str, ...], Mapping[str, EncodedResource], float]
+"""A response as a late NACK needs it: its version, the names it carried, their bytes (for filter configurations:
+references to the shared mapping), when it was sent. A plain tuple: one is made per stream and push."""
 
 
 @dataclass(slots=True)
@@ -701,29 +697,30 @@ class AdsStream(StreamIdentity):
         (their own ACK or NACK follows); its subscription is older than theirs. Nothing is re-sent: Envoy ACKs a
         filter configuration it refused when it comes again with the same bytes, without applying it. What it
         keeps is which filter configurations were refused at which bytes, unless sent since with other bytes."""
+        version, carried, source, at = answered
         if type_url == EXTENSION_CONFIG:
             wanted, latest = state.names, state.sent_source
             refuse(
                 state.refused,
                 (
                     (n, resource.version)
-                    for n in answered.sent
-                    if (resource := answered.source.get(n)) is not None
+                    for n in carried
+                    if (resource := source.get(n)) is not None
                     and (wanted is None or n in wanted)
                     and same(latest.get(n), resource)
                 ),
             )
         detail = request.error_detail
-        latency = max(0.0, now - answered.at)
+        latency = max(0.0, now - at)
         return Nack(
             type_url,
-            answered.version,
+            version,
             request.response_nonce,
             request.version_info,
             detail.message,
             detail.code,
             latency,
-            answered.sent,
+            carried,
             late=True,
             rejects_version=False,
         )
@@ -740,11 +737,11 @@ class AdsStream(StreamIdentity):
         if request.HasField("error_detail"):
             state.nacked.add(sent)
             state.knows_sent = False  # Envoy may have applied part of the response, or none of it
-            carried = answered.sent if answered is not None else ()
-            if type_url == EXTENSION_CONFIG and answered is not None:
+            _, carried, source, _ = answered if answered is not None else ("", (), _NO_RESOURCES, 0.0)
+            if type_url == EXTENSION_CONFIG:
                 # Which of several it refused is not known (its text is not parsed): all of them, until re-sent
                 # with other bytes. The gateway's responses carry one each but on a new stream or after a NACK.
-                refuse(state.refused, ((n, r.version) for n in carried if (r := answered.source.get(n)) is not None))
+                refuse(state.refused, ((n, r.version) for n in carried if (r := source.get(n)) is not None))
             detail = request.error_detail
             return Nack(
                 type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency, carried
@@ -752,7 +749,8 @@ class AdsStream(StreamIdentity):
         state.acked_version = request.version_info
         if request.version_info != sent:
             state.knows_sent = False  # Envoy's ACK names the version it accepted, the one sent: anything else is odd
-        return Ack(type_url, request.version_info, state.sent_nonce, latency, tuple(sorted(state.refused)))
+        refusing = tuple(sorted(state.refused)) if state.refused else ()
+        return Ack(type_url, request.version_info, state.sent_nonce, latency, refusing)
 
     # -- deciding what to send
 
@@ -868,5 +866,8 @@ class AdsStream(StreamIdentity):
         source = target.source if type_url == EXTENSION_CONFIG else _NO_RESOURCES
         if state.refused:
             resend(state.refused, ((n, target.source[n].version) for n in target.sent))
-        remember_recent(state.recent, nonce, Answerable(target.version, target.sent, source, now))
+        recent = state.recent  # `remember_recent`, inlined: this runs once per stream and push
+        recent[nonce] = (target.version, target.sent, source, now)
+        if len(recent) > RECENT_NONCES:
+            del recent[next(iter(recent))]
         return Response(type_url, target.version, nonce, unsent, target.sent)
