@@ -16,7 +16,10 @@ serialized, events for the registry, metrics and logs), with no I/O and no clock
   diffs, so dropping one (even one with an unknown nonce) would lose it for good;
 * a request echoing an outstanding nonce ACKs (or, with `error_detail`, NACKs) that response; a NACKed
   resource version (or removal) is remembered for the node (`RejectionMemory`, shared with reconnects) and
-  never sent again, while a later snapshot with a different version of that resource is;
+  never sent again, while a later snapshot with a different version of that resource is. A NACK of a response
+  past the 16 outstanding, still in `recent`, is one too (Envoy's connect burst sends 17 or more, and NACKs the
+  first after all were answered: docs/envoy-ecds.md §8); a refused filter configuration stays refused, reported
+  by every later `Ack` (`refusing`), until it is sent with other bytes or unsubscribed;
 * make-before-break: a cluster that a new snapshot removes is kept (not listed in `removed_resources`, nor its
   endpoints) while the client may still route to it, i.e. until the listeners and routes of that snapshot are
   ACKed by this stream. Additions and changes go out at once, in PUSH_ORDER (SECRET, CDS, EDS, LDS, ECDS, RDS).

@@ -9,7 +9,8 @@ without sockets; the grpc adapter stays a thin pump. Time only matters for push�
 The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
 
 * nonces are numbered per stream, strictly increasing (Envoy only echoes them); a request with a non-empty
-  nonce that is not the last one sent for its type on this stream is stale and ignored entirely;
+  nonce that is not the last one sent for its type on this stream is stale and ignored entirely, but for a NACK
+  of an earlier response still unanswered (a "late" NACK, below), which is reported and changes nothing else;
 * a request echoing the last nonce is an ACK (or, with `error_detail`, a NACK of the version sent);
 * subscriptions are taken from every non-stale request, ACKs included;
 * a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent,
@@ -37,8 +38,15 @@ about 10 KB 153 configurations and 1.43 MB, now 17 and 163 KB, the same as Delta
 content hash of the whole type, so responses in a row may share it (Envoy accepts them), and a reconnect at the
 current version still gets nothing. Everything subscribed is sent when what the client holds is not known: on a
 new stream (also the first response after a resume), after a NACK, after an ACK of another version than the
-one sent. A NACK crossed by later responses is stale and ignored, as before: re-sending the refused bytes would
-not bring it back, Envoy ACKs a configuration it refused when it comes again unchanged (docs/envoy-ecds.md §8).
+one sent.
+
+A NACK crossed by later responses (Envoy's connect burst NACKs the first of its 17 answers after all were sent,
+docs/envoy-ecds.md §8) is recognised from `TypeState.recent` (the responses not answered yet, bounded, forgotten
+as Envoy answers in order) and reported as a `Nack` of what that response carried, `late`, without withholding its
+version (the later responses share it, and Envoy ACKs the last) and without re-sending anything: Envoy ACKs a
+configuration it refused when it comes again unchanged, without applying it. That is also why a refused filter
+configuration stays in `TypeState.refused`, reported by every later `Ack` (`refusing`, so the NACK stays in the
+status), until a response carries it with other bytes or it is unsubscribed.
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
 subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
 one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream,
