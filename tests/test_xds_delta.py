@@ -789,6 +789,16 @@ def test_a_huge_nonce_is_stale_shown_clipped_and_kept_nowhere() -> None:
     assert events_of(answer(stream, burst[0], REFUSED), Nack)  # the real one still counts
 
 
+def test_a_client_spraying_nonces_grows_nothing() -> None:
+    stream, burst = refused_burst()
+    state = ecds_state(stream)
+    outstanding, recent = dict(state.outstanding), dict(state.recent)
+    for i in range(5_000):
+        assert [type(e) for e in answer(stream, burst[0], REFUSED, nonce=f"{10_000 + i}").events] == [Stale]
+    assert state.outstanding == outstanding and state.recent == recent and state.refused == {} and not state.nacked
+    assert events_of(answer(stream, burst[0], REFUSED), Nack)
+
+
 def test_a_replayed_late_nack_counts_once() -> None:
     stream, burst = refused_burst()
     assert events_of(answer(stream, burst[0], REFUSED), Nack)

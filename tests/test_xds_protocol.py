@@ -745,6 +745,17 @@ def test_a_huge_nonce_is_stale_shown_clipped_and_kept_nowhere() -> None:
     assert of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 21.0), Nack)  # the real one still counts
 
 
+def test_a_client_spraying_nonces_grows_nothing() -> None:
+    stream, burst = _refused_burst()
+    state = _ecds(stream)
+    recent = dict(state.recent)
+    for i in range(5_000):
+        out = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=f"{10_000 + i}", error="x"), 20.0)
+        assert [type(e) for e in out.events] == [Stale]
+    assert state.recent == recent and state.refused == {} and state.nacked == set()
+    assert of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 21.0), Nack)
+
+
 def test_a_replayed_late_nack_counts_once() -> None:
     stream, burst = _refused_burst()
     assert of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 20.0), Nack)
