@@ -171,6 +171,8 @@ class CredentialService:
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
+        # The push of each job newly listed, while it runs: a duplicate Job Hook is answered after it (`_list`).
+        self._pushes: dict[str, asyncio.Future[object]] = {}
         self._wake = shared_keys.wake if shared_keys is not None else asyncio.Event()
         self.port = 0
 
@@ -454,10 +456,17 @@ class CredentialService:
             log.exception("listing job %s that a new policy covers failed", job)
 
     async def _list(self, job: str, status: str, until: float) -> bool:
+        """List `job` until `until` and return once Envoy is told: a Job Hook's answer means "denied fleet-wide".
+
+        A job listed already (a Job Hook delivered twice, a sighting racing the hook) changes nothing, but the push
+        of its first listing may still be pending (waiting for its compile, or gathering others): answered before
+        it ends, the duplicate would claim a denial no Envoy has yet. It waits for that same push instead."""
         revoked = self.revocations.revoke(job, until)
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
-            await self.on_change()
+            await self._push(job)
+        elif (pending := self._pushes.get(job)) is not None:
+            await asyncio.shield(pending)
         # Written after the push (a file in a thread, or PostgreSQL, which tells the other replicas): the denial
         # reaches this replica's Envoys without waiting for the store, and a crash in between is caught by the
         # job recovery sweep at start (GitLab still says the job finished). A failed write waits in the outbox,
@@ -465,6 +474,19 @@ class CredentialService:
         if not await self.revocations.persist():
             self._wake.set()
         return revoked
+
+    async def _push(self, job: str) -> None:
+        """Push the deny list now holding `job`, remembered until it ends so that a duplicate can wait for it; a
+        caller's cancellation never cancels the push others wait for."""
+        push = asyncio.ensure_future(self.on_change())
+        self._pushes[job] = push
+
+        def forget(done: asyncio.Future[object]) -> None:
+            if self._pushes.get(job) is done:
+                del self._pushes[job]
+
+        push.add_done_callback(forget)
+        await asyncio.shield(push)
 
     async def revocations_changed(self, payload: str) -> None:
         """The change feed's subscriber (topic "revocations"): jobs another replica revoked are denied by this
