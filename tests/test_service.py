@@ -437,8 +437,9 @@ async def test_a_key_withdrawn_while_gitlab_makes_the_policy_invalid_reaches_env
     tmp_path: Path,
 ) -> None:
     """The last good *policy* stays, not the last good snapshots: while GitLab's inventory makes the policy in
-    service invalid (a path taken over by another project), a relayed issuer's withdrawn key and a revoked job
-    still reach Envoy, the error stays reported, and the last good resolution (routes, RBAC) stays enforced."""
+    service invalid (a path taken over by another project), a relayed issuer's withdrawn key, our rotated signing
+    key and a revoked job still reach Envoy, the error stays reported, and the last good resolution (routes, RBAC)
+    stays enforced."""
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy" / "policy.yaml").write_text(
         documents(
@@ -453,6 +454,7 @@ async def test_a_key_withdrawn_while_gitlab_makes_the_policy_invalid_reaches_env
     deployer = Project(42, "acme/platform/deployer", 11)
     inventories = {"main": Inventory(projects=(deployer,), groups=platform, fetched_at=1000.0)}
     revoked: list[str] = []
+    signing = [_jwks("signing-1")]  # our own signing keys, as the credential service publishes them
     cache = SnapshotCache()
     service = PolicyService(
         tmp_path / "policy",
@@ -460,12 +462,13 @@ async def test_a_key_withdrawn_while_gitlab_makes_the_policy_invalid_reaches_env
         clock=lambda: 1000.0,
         inventories=lambda: inventories,
         pin_store=PinStore(tmp_path / "pins.json"),
-        credentials=lambda: CredentialInputs(revoked=revocation_buckets(revoked)),
+        credentials=lambda: CredentialInputs(jwks=signing[0], revoked=revocation_buckets(revoked)),
     )
     assert service.reload()
     assert await service.set_keys({"main": _jwks("old-key", "new-key")})
     before = cache.get("ci-gateway")
     assert before is not None and b"old-key" in before.types[EXTENSION_CONFIG].resources[JWT_FILTER].payload
+    assert b"signing-1" in before.types[EXTENSION_CONFIG].resources[JWT_FILTER].payload
 
     impostor = Project(99, "acme/platform/deployer", 11)
     renamed = replace(deployer, path="acme/platform/deployer-old")
@@ -474,11 +477,13 @@ async def test_a_key_withdrawn_while_gitlab_makes_the_policy_invalid_reaches_env
     assert "now belongs to project 99" in service.state.live_errors[0]
 
     revoked.append("4242")
+    signing[0] = _jwks("signing-2")
     assert not await service.set_keys({"main": _jwks("new-key")})  # GitLab withdrew the old key
     after = cache.get("ci-gateway")
     assert after is not None
     jwt_authn = after.types[EXTENSION_CONFIG].resources[JWT_FILTER].payload
     assert b"old-key" not in jwt_authn and b"new-key" in jwt_authn
+    assert b"signing-1" not in jwt_authn and b"signing-2" in jwt_authn
     bucket = revocation_bucket_filter(revocation_bucket("4242"))
     assert after.types[EXTENSION_CONFIG].resources[bucket].payload == bucket_config_bytes(bucket, ("4242",))
     # The last good policy is what is enforced: the routes (RBAC of project 42) and everything else unchanged.
