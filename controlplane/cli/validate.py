@@ -9,7 +9,9 @@ So validate reads the same inputs `serve` would read now, with serve's flags and
 machine with the same `--state-dir` and exchange flags, it prints the versions `serve` serves for that policy.
 What it cannot reproduce is named in a `note:` line instead of being silently left out: an issuer whose keys
 could not be fetched, a state dir with no signing keys yet (serve makes new ones on its first start), GitLab's
-live data for issuers with `api:`, and every later change (a key rotation, a revoked job, a rewritten secret).
+live data for issuers with `api:`, the deny list's split between the recent list and the buckets (run-time state:
+validate places every listed job as a starting serve does), and every later change (a key rotation, a revoked
+job, a rewritten secret).
 `--offline` compiles the policy alone: no fetch, no state dir, no credentials, no secrets.
 """
 
@@ -79,6 +81,14 @@ def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Calla
     shared.add_argument("--store-key-file", type=Path, help="file holding the signing keys' KEK")
 
 
+# The deny list's split is run-time state: which listed jobs a running serve still holds in its recent list
+# (those revoked since its last seal) is known to it alone. A serve that starts now seals all of them.
+RECENT_NOTE = (
+    "revoked jobs are placed as a serve starting now places them (all sealed in their buckets): a running serve "
+    "holds those revoked in its last 5 minutes in its recent list, and serves these versions after its next seal"
+)
+
+
 def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
     """Read as serve would read them now. What could not be read is a note; logs of the readers, which
     speak as if serving ("signing key created"), are kept quiet."""
@@ -95,6 +105,8 @@ def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
     inputs.pins = state.pins
     if not args.no_exchange:
         inputs.credentials = _credentials(args, state)
+        if inputs.credentials.revoked_jobs:
+            inputs.notes.append(RECENT_NOTE)
     live = [i.name for i in policy.issuers if i.api is not None]
     if live:
         inputs.notes.append(f"issuer(s) {', '.join(live)} are read from GitLab live by serve: not included here")
