@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,26 +193,41 @@ async def test_with_a_covering_backend_a_never_seen_job_is_listed_for_the_deny_w
         node.close()
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["same-process", "restarted"])
 async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
-    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock, restarted: bool
 ) -> None:
     """A job not covered when it finished (no raw-token backend admitted its project) is listed when a new policy
     covers its project, for the deny window from its end: its ID tokens are still valid, and the backend's
     `finished-jobs` default promises no window. Before, nothing re-judged it: its tokens passed until a sighting
-    listed it."""
+    listed it; and a replica restarted since the job ended (or another one) had forgotten it, so its tokens passed
+    on. The ledger's record of the end (project, time) is what is re-judged, so a restart changes nothing."""
     node = Node(gitlab, tmp_path, clock, policy(gitlab))
     try:
+        await node.finished(5002, project=43)  # ended longer ago than the deny window: its tokens have expired
+        clock.now += DENY + 1
+        ended = clock.now
         await node.finished(5003, project=43)  # no raw-token backend admits project 43: not listed
-        assert "5003" not in node.listed()
+        assert not node.listed()
+        if restarted:
+            node.close()
+            node = Node(gitlab, tmp_path, clock, policy(gitlab))
+            node.service.policy_changed()  # the first policy after the start: judged, nothing newly covered
+            await node.settled()
+            assert not node.listed()
+        clock.now += 600
         # A commit grants project 43's jobs the raw-token deploy-api: 5003's ID token (valid for hours) passes now.
         node.policy = policy(gitlab, deploy_subject="{project: 43}")
         assert node.policy.covers("43")
         node.service.policy_changed()  # what the policy service calls when it publishes a new policy
         await node.settled()
-        assert node.listed() == {"5003": clock.now + DENY}
-        node.policy = policy(gitlab, deploy_subject="{project: 44}")
-        node.service.policy_changed()  # nothing left to re-judge
+        assert node.listed() == {"5003": ended + DENY}
+        node.service.policy_changed()  # the same backend entries again (a revocation's recompile): no ledger read
         assert not node.service._sighting_tasks
+        node.policy = policy(gitlab, deploy_subject="{project: 44}")
+        node.service.policy_changed()  # narrowed again: what is listed stays listed
+        await node.settled()
+        assert node.listed() == {"5003": ended + DENY}
     finally:
         node.close()
 
@@ -228,9 +244,9 @@ async def test_a_job_hook_cut_short_by_its_timeout_still_lists_the_job(
         release = asyncio.Event()
         finish = node.store.finish
 
-        async def slow_finish(job_id: str, keep_until: float) -> float | None:
+        async def slow_finish(job_id: str, keep_until: float, **recorded: Any) -> float | None:
             await release.wait()
-            return await finish(job_id, keep_until)
+            return await finish(job_id, keep_until, **recorded)
 
         monkeypatch.setattr(node.store, "finish", slow_finish)
         with pytest.raises(TimeoutError):
