@@ -7,7 +7,10 @@ jobs (`revoke: seen-jobs`),
 - a job first seen after its Job Hook (the token used after the job ended) is listed as soon as the access log
   reaches the control plane (~1 s), its first request having passed;
 - across two replicas on PostgreSQL (hook at A, gateway at B): the same three, through the shared audit trail and
-  ledger.
+  ledger;
+- a policy change that makes the raw-token backend cover unseen jobs (`revoke: finished-jobs`) lists a job that
+  finished unlisted before it, though the control plane was restarted in between (the ledger keeps the job's
+  project and end), or the change reached a replica that never received the job's Job Hook.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ pytestmark = pytest.mark.e2e
 NO_SWEEP = ("--job-sweep-interval", "3600")  # no test may be rescued by the periodic sweep
 
 
-def policy(given: PolicyInputs) -> str:
+def policy(given: PolicyInputs, raw_revoke: str = "seen-jobs") -> str:
     return documents(
         issuer(given.issuer),
         backend("reports-api", given.ports["reports"], extra="credentials: exchanged"),
         role("reports-read", "reports-api"),
         binding("deployer-reads-reports", ["reports-read"], "{project: 42}", extra=TTL_10M),
-        backend("raw-api", given.ports["reports"], extra="revoke: seen-jobs"),
+        backend("raw-api", given.ports["reports"], extra=f"revoke: {raw_revoke}"),
         role("raw-read", "raw-api"),
         binding("deployer-reads-raw", ["raw-read"], "{project: 42}"),
         gateway(given.listen_port, ["reports-api", "raw-api"]),
@@ -62,6 +65,29 @@ class CoverageStack(Served):
 
     def revoked_jobs(self) -> int:
         return int(self.controlplane.status()["credentials"]["revoked_jobs"])
+
+    def widen_coverage(self) -> None:
+        """Commit the policy whose raw-token backend covers every finished job it could admit (the default)."""
+        inputs = PolicyInputs(
+            self.gitlab.issuer,
+            self.listen_port,
+            {name: server.port for name, server in self.servers.items()},
+            self.access_log,
+            self.root,
+        )
+        self.write("policy.yaml", policy(inputs, raw_revoke="finished-jobs"))
+
+    def listed_by_the_policy_change(self, token: str, before: int) -> None:
+        """The job is listed without any request of it (so no sighting can be what lists it), then denied."""
+        poll_until(lambda: self.revoked_jobs() == before + 1, 15, interval=0.05, message="listed by the new policy")
+        statuses: list[int] = []
+
+        def denied() -> bool:
+            statuses.append(self.get_raw(token))
+            return statuses[-1] == 403
+
+        poll_until(denied, 5, interval=0.02, message="the newly covered job's raw token denied")
+        assert set(statuses) <= {200, 403}, statuses  # a 200: the push still on its way, the job already listed
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +149,41 @@ def test_a_token_first_used_after_its_job_finished_is_denied_once_the_access_log
     assert elapsed < 1.5, elapsed
     assert stack.revoked_jobs() == before + 1
     print(f"first use after the hook -> 403 in {elapsed:.2f}s ({statuses.count(200)} of {len(statuses)} passed)")
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> Iterator[CoverageStack]:
+    """A stack of its own: this test restarts the control plane and changes the policy."""
+    with (
+        FakeGitLab() as gitlab,
+        serve_exchange_stack(
+            tmp_path,
+            policy,
+            kind=CoverageStack,
+            envoy=EnvoySpec("coverage-restart", "coverage-restart-envoy", flush_logs=True),
+            gitlab=gitlab,
+            serve_args=NO_SWEEP,
+        ) as built,
+    ):
+        poll_until(lambda: built.get_raw(built.raw(1)) == 200, 30, interval=0.1, message="gateway up")
+        yield built
+
+
+def test_a_policy_change_after_a_restart_lists_a_job_that_finished_unlisted_before_it(
+    restartable: CoverageStack,
+) -> None:
+    """Before, the jobs to re-judge were this process's memory: after a restart the job's token (valid for an hour)
+    passed the now covering backend until a sighting listed it."""
+    stack = restartable
+    token = stack.raw(7301)  # minted while the job ran, never used: nothing but the ledger knows the job
+    before = stack.revoked_jobs()
+    stack.job_finished(7301)
+    assert stack.revoked_jobs() == before  # `revoke: seen-jobs`: not covered, not listed
+    stack.controlplane.restart()
+    stack.wait_connected()
+    assert stack.revoked_jobs() == before
+    stack.widen_coverage()
+    stack.listed_by_the_policy_change(token, before)
 
 
 @pytest.fixture
@@ -191,3 +252,19 @@ def _audited(dsn: str, job: int) -> bool:
     """The shared audit trail (PostgreSQL) holds a request of `job`."""
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT 1 FROM audit WHERE job_id = %s", (str(job),)).fetchone() is not None
+
+
+def test_a_policy_change_at_another_replica_lists_a_job_whose_hook_it_never_received(
+    replicas: tuple[CoverageStack, CoverageStack, str],
+) -> None:
+    """The Job Hook at A, the policy change at B (each replica reads its own policy directory here): B re-judges
+    the shared ledger's finished jobs and lists the job for the fleet, its token denied at B's gateway and A's
+    deny list holding it too."""
+    a, b, _ = replicas
+    token = b.raw(7311)
+    before = a.revoked_jobs()
+    a.job_finished(7311)
+    assert a.revoked_jobs() == before and b.revoked_jobs() == before
+    b.widen_coverage()
+    b.listed_by_the_policy_change(token, before)
+    poll_until(lambda: a.revoked_jobs() == before + 1, 5, interval=0.05, message="listed at A too")
