@@ -81,7 +81,7 @@ _TABLES = (
 
 class PostgresExchangeStore:
     """`ReplayCounter` and `JobLedger` on a shared PostgreSQL: `await open()` (connects and migrates), then the
-    six coroutines, then `await close()`. The store owns the pool it is given."""
+    seven coroutines, then `await close()`. The store owns the pool it is given."""
 
     def __init__(
         self,
