@@ -18,8 +18,9 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,7 +28,7 @@ import pytest
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.replicas import KEY_ENV, STORE_ARGS, STORE_ENV, STORE_KEY
+from tests.support.replicas import stacks_on_one_store
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
 
 pytestmark = pytest.mark.e2e
@@ -90,21 +91,18 @@ class CoverageStack(Served):
         assert set(statuses) <= {200, 403}, statuses  # a 200: the push still on its way, the job already listed
 
 
+@contextmanager
+def coverage_stack(root: Path, name: str, **more: Any) -> Iterator[CoverageStack]:
+    """The control plane, its Envoy (access logs flushed at once) and the fake GitLab, once the gateway answers."""
+    envoy = EnvoySpec(f"coverage-{name}", f"coverage-{name}-envoy", flush_logs=True)
+    with serve_exchange_stack(root, policy, kind=CoverageStack, envoy=envoy, serve_args=NO_SWEEP, **more) as built:
+        poll_until(lambda: built.get_raw(built.raw(1)) == 200, 30, interval=0.1, message="gateway up")
+        yield built
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoverageStack]:
-    root = tmp_path_factory.mktemp("coverage-e2e")
-    with (
-        FakeGitLab() as gitlab,
-        serve_exchange_stack(
-            root,
-            policy,
-            kind=CoverageStack,
-            envoy=EnvoySpec("coverage-1", "coverage-envoy", flush_logs=True),
-            gitlab=gitlab,
-            serve_args=NO_SWEEP,
-        ) as built,
-    ):
-        poll_until(lambda: built.get_raw(built.raw(1)) == 200, 30, interval=0.1, message="gateway up")
+    with FakeGitLab() as gitlab, coverage_stack(tmp_path_factory.mktemp("coverage-e2e"), "1", gitlab=gitlab) as built:
         yield built
 
 
@@ -154,18 +152,7 @@ def test_a_token_first_used_after_its_job_finished_is_denied_once_the_access_log
 @pytest.fixture
 def restartable(tmp_path: Path) -> Iterator[CoverageStack]:
     """A stack of its own: this test restarts the control plane and changes the policy."""
-    with (
-        FakeGitLab() as gitlab,
-        serve_exchange_stack(
-            tmp_path,
-            policy,
-            kind=CoverageStack,
-            envoy=EnvoySpec("coverage-restart", "coverage-restart-envoy", flush_logs=True),
-            gitlab=gitlab,
-            serve_args=NO_SWEEP,
-        ) as built,
-    ):
-        poll_until(lambda: built.get_raw(built.raw(1)) == 200, 30, interval=0.1, message="gateway up")
+    with FakeGitLab() as gitlab, coverage_stack(tmp_path, "restart", gitlab=gitlab) as built:
         yield built
 
 
@@ -186,27 +173,16 @@ def test_a_policy_change_after_a_restart_lists_a_job_that_finished_unlisted_befo
     stack.listed_by_the_policy_change(token, before)
 
 
+def coverage_envoy(name: str) -> EnvoySpec:
+    return EnvoySpec(f"coverage-{name}-envoy", f"envoy-{name}", flush_logs=True)
+
+
 @pytest.fixture
 def replicas(tmp_path: Path, pg_dsn: str) -> Iterator[tuple[CoverageStack, CoverageStack, str]]:
     """Replica A (Job Hooks) and replica B (the gateway traffic) on one database, an Envoy each."""
-    with FakeGitLab() as gitlab, ExitStack() as running:
-        built = []
-        for name in ("a", "b"):
-            root = tmp_path / name
-            root.mkdir()
-            built.append(
-                running.enter_context(
-                    serve_exchange_stack(
-                        root,
-                        policy,
-                        kind=CoverageStack,
-                        envoy=EnvoySpec(f"coverage-{name}-envoy", f"envoy-{name}", flush_logs=True),
-                        gitlab=gitlab,
-                        serve_args=(*STORE_ARGS, *NO_SWEEP),
-                        env={STORE_ENV: pg_dsn, KEY_ENV: STORE_KEY},
-                    )
-                )
-            )
+    with stacks_on_one_store(
+        tmp_path, policy, pg_dsn, kind=CoverageStack, envoy=coverage_envoy, serve_args=NO_SWEEP
+    ) as built:
         a, b = built
         poll_until(lambda: all(r.controlplane.status()["change_feed"]["connected"] for r in built), 10, message="feeds")
         poll_until(lambda: b.get_raw(b.raw(1)) == 200, 30, interval=0.1, message="gateway B up")
