@@ -78,16 +78,22 @@ class CoverageStack(Served):
         )
         self.write("policy.yaml", policy(inputs, raw_revoke="finished-jobs"))
 
-    def listed_by_the_policy_change(self, token: str, before: int) -> None:
-        """The job is listed without any request of it (so no sighting can be what lists it), then denied."""
-        poll_until(lambda: self.revoked_jobs() == before + 1, 15, interval=0.05, message="listed by the new policy")
+    def until_denied(self, token: str, timeout: float, message: str) -> tuple[list[int], float]:
+        """Request with `token` every 20 ms until the gateway answers 403: every status, and the seconds taken."""
         statuses: list[int] = []
 
         def denied() -> bool:
             statuses.append(self.get_raw(token))
             return statuses[-1] == 403
 
-        poll_until(denied, 5, interval=0.02, message="the newly covered job's raw token denied")
+        first = time.monotonic()
+        poll_until(denied, timeout, interval=0.02, message=message)
+        return statuses, time.monotonic() - first
+
+    def listed_by_the_policy_change(self, token: str, before: int) -> None:
+        """The job is listed without any request of it (so no sighting can be what lists it), then denied."""
+        poll_until(lambda: self.revoked_jobs() == before + 1, 15, interval=0.05, message="listed by the new policy")
+        statuses, _ = self.until_denied(token, 5, "the newly covered job's raw token denied")
         assert set(statuses) <= {200, 403}, statuses  # a 200: the push still on its way, the job already listed
 
 
@@ -134,15 +140,7 @@ def test_a_token_first_used_after_its_job_finished_is_denied_once_the_access_log
     before = stack.revoked_jobs()
     stack.job_finished(7103)
     assert stack.revoked_jobs() == before  # nothing of it was known: not listed
-    statuses: list[int] = []
-
-    def denied() -> bool:
-        statuses.append(stack.get_raw(token))
-        return statuses[-1] == 403
-
-    first = time.monotonic()
-    poll_until(denied, 3.0, interval=0.02, message="the late sighting lists the job")
-    elapsed = time.monotonic() - first
+    statuses, elapsed = stack.until_denied(token, 3.0, "the late sighting lists the job")
     assert statuses[0] == 200 and set(statuses) <= {200, 403}, statuses  # the window the opt-out accepts
     assert elapsed < 1.5, elapsed
     assert stack.revoked_jobs() == before + 1
@@ -210,15 +208,7 @@ def test_across_replicas_only_seen_jobs_are_listed_and_a_late_sighting_lists_at_
     late = b.raw(7203)
     a.job_finished(7203)
     assert a.revoked_jobs() == before + 1
-    statuses: list[int] = []
-
-    def denied() -> bool:
-        statuses.append(b.get_raw(late))
-        return statuses[-1] == 403
-
-    first = time.monotonic()
-    poll_until(denied, 3.0, interval=0.02, message="the late sighting at B lists the job")
-    elapsed = time.monotonic() - first
+    statuses, elapsed = b.until_denied(late, 3.0, "the late sighting at B lists the job")
     assert statuses[0] == 200 and elapsed < 1.5, (statuses, elapsed)
     poll_until(lambda: a.revoked_jobs() == before + 2, 2, interval=0.02, message="listed at A too")
     print(f"\nlate sighting at replica B (hook at A) -> 403 in {elapsed:.2f}s ({statuses.count(200)} passed)")

@@ -114,6 +114,26 @@ class Node:
         event = JobEvent(project_id=project, job_id=job, pipeline_id=900, status="success", ref="main")
         await self.service.on_event(event)
 
+    async def exchanged(self, job: int) -> None:
+        """The job (of project 42) exchanges its ID token, issued now and valid 3000 s, for a deploy-api credential."""
+        token = self.fake.mint(
+            job_id=job,
+            project_id=42,
+            project_path="acme/platform/deployer",
+            namespace_id=11,
+            iat=int(self.clock.now),
+            ttl=3000,
+            aud="https://deploy.local",
+        )
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": "deploy-api",
+        }
+        granted = await self.service.exchange.exchange(form)
+        assert granted.status == 200, granted.body
+
     def seen(self, job: int, exp: float | None, project: int = 42) -> None:
         self.service.job_seen(
             job_id=str(job), project_id=str(project), issuer=self.fake.issuer, issued_at=self.clock.now, expires_at=exp
@@ -300,25 +320,9 @@ async def test_an_opted_out_raw_backend_does_not_list_an_unseen_job(
 
 
 async def test_a_job_that_exchanged_is_listed_until_its_credential_and_id_token_expired(
-    node: Node, gitlab: FakeGitLab, clock: Clock
+    node: Node, clock: Clock
 ) -> None:
-    token = gitlab.mint(
-        job_id=5201,
-        project_id=42,
-        project_path="acme/platform/deployer",
-        namespace_id=11,
-        iat=int(clock.now),
-        ttl=3000,
-        aud="https://deploy.local",
-    )
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "subject_token": token,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "audience": "deploy-api",
-    }
-    granted = await node.service.exchange.exchange(form)
-    assert granted.status == 200, granted.body
+    await node.exchanged(5201)
     await node.finished(5201)
     # the credential lives 10 minutes, the ID token 3000 s (+ skew): the later one bounds the entry
     assert node.listed() == {"5201": int(clock.now) + 3000 + node.skew}
@@ -345,22 +349,7 @@ async def test_a_credential_stays_denied_while_envoy_still_accepts_it_past_its_e
     clock.now = EXPIRY_QUANTUM * math.ceil(clock.now / EXPIRY_QUANTUM) + 10 * EXPIRY_QUANTUM - 600 - 1
     node = Node(gitlab, tmp_path, clock, policy(gitlab), deny=0.0)
     try:
-        token = gitlab.mint(
-            job_id=5203,
-            project_id=42,
-            project_path="acme/platform/deployer",
-            namespace_id=11,
-            iat=int(clock.now),
-            ttl=3000,
-            aud="https://deploy.local",
-        )
-        form = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token": token,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": "deploy-api",
-        }
-        assert (await node.service.exchange.exchange(form)).status == 200
+        await node.exchanged(5203)
         ((_, exp),) = node.service.exchange.credentials_of("5203")
         assert exp % EXPIRY_QUANTUM == EXPIRY_QUANTUM - 1  # a quantum boundary 1 s after it
         await node.finished(5203)
