@@ -192,25 +192,42 @@ async def test_a_credential_without_a_subject_expiry_answers_its_own(store: Stor
 
 
 async def test_finished_jobs_keep_their_project_and_end_for_a_later_policy_change(store: Store, clock: Clock) -> None:
-    """What `CredentialService.policy_changed` re-judges after a restart or on another replica: the jobs ended after
-    `since`, the latest first, bounded, each with its project; a repeated hook keeps the latest end and a project
-    already known; a record past `keep_until` is gone (the ledger stays as small as what may still matter)."""
+    """What `CredentialService.policy_changed` re-judges after a restart or on another replica: the projects of the
+    jobs ended after `since`, then the jobs of the projects asked for, the latest first, bounded; a repeated hook
+    keeps the latest end and a project already known; a record past `keep_until` is gone (the ledger stays as
+    small as what may still matter)."""
     start = clock.now
     await store.finish("7", start + 100, project_id="42", finished_at=start)
     await store.finish("8", start + 500, project_id=None, finished_at=start + 10)  # unknown project (the sweep)
+    await store.finish("5", start + 500, project_id="44", finished_at=start + 5)
     await store.finish("9", start + 500)  # no end time (a caller that does not re-judge): never listed here
     await store.finish("6", start + 500, project_id="43", finished_at=start - 50)  # ended before `since`
     clock.now += 20
-    assert await store.finished_since(start - 1, 10) == [
+    assert await store.finished_projects(start - 1) == {"42", "44", None}
+    assert await store.finished_since(start - 1, 10, ["42", None, "43"]) == [
         FinishedJob("8", None, start + 10),
         FinishedJob("7", "42", start),
     ]
-    assert await store.finished_since(start - 1, 1) == [FinishedJob("8", None, start + 10)]
-    assert await store.finished_since(start - 1, 0) == []
+    assert await store.finished_since(start - 1, 10, ["44"]) == [FinishedJob("5", "44", start + 5)]
+    assert await store.finished_since(start - 1, 1, ["42", None]) == [FinishedJob("8", None, start + 10)]
+    assert await store.finished_since(start - 1, 0, ["42"]) == []
+    assert await store.finished_since(start - 1, 10, []) == []
     await store.finish("7", start + 100, finished_at=start + 15)  # the hook again: later end, project kept
-    assert (await store.finished_since(start + 12, 10)) == [FinishedJob("7", "42", start + 15)]
+    assert await store.finished_since(start + 12, 10, ["42", "44", None]) == [FinishedJob("7", "42", start + 15)]
     clock.now = start + 100  # 7's record has ended
-    assert [end.job_id for end in await store.finished_since(start - 1, 10)] == ["8"]
+    assert await store.finished_projects(start - 1) == {"44", None}
+
+
+async def test_the_sqlite_store_asks_for_many_projects_in_bounded_statements(tmp_path: Path, clock: Clock) -> None:
+    store = SqliteExchangeStore(tmp_path / "exchange.sqlite3", clock=clock)
+    try:
+        for n in range(1200):
+            await store.finish(str(n), clock.now + 100, project_id=str(n), finished_at=clock.now - n)
+        asked = [str(n) for n in range(0, 1200, 2)] + [None]
+        assert [end.job_id for end in await store.finished_since(clock.now - 1000, 3, asked)] == ["0", "2", "4"]
+        assert len(await store.finished_since(clock.now - 2000, 10_000, asked)) == 600
+    finally:
+        store.close()
 
 
 async def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
@@ -363,15 +380,18 @@ async def test_an_older_file_is_upgraded_in_place_and_keeps_its_records(
             "8", clock.now + 50, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 700
         )
         assert await store.finish("8", clock.now + 1000, project_id="42", finished_at=clock.now) == clock.now + 700
-        assert await store.finished_since(clock.now - 1, 10) == [FinishedJob("8", "42", clock.now)]  # 7: no end
+        assert await store.finished_since(clock.now - 1, 10, ["42"]) == [FinishedJob("8", "42", clock.now)]  # 7: no end
     finally:
         store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == exchange_store.SCHEMA_VERSION == 3
         plan = db.execute("EXPLAIN QUERY PLAN DELETE FROM job_credentials WHERE " + exchange_store._HELD + " <= 1")
         assert "job_credentials_held" in str(plan.fetchall())  # the sweep uses the index
-        plan = db.execute("EXPLAIN QUERY PLAN " + exchange_store._FINISHED_SINCE, (0, 0, 1))
-        assert "finished_jobs_end" in str(plan.fetchall())
+        plan = db.execute("EXPLAIN QUERY PLAN " + exchange_store._FINISHED_PROJECTS, (0, 0))
+        assert "finished_jobs_project" in str(plan.fetchall())  # not the table: one short index entry a job
+        query = exchange_store._FINISHED_SINCE.format(projects="project_id IN (?)")
+        plan = db.execute("EXPLAIN QUERY PLAN " + query, (0, 0, "42", 1))
+        assert "finished_jobs_project" in str(plan.fetchall())
 
 
 def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 
 from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials.exchange import ExchangePolicy
-from controlplane.credentials.exchange_store import DB_NAME, SqliteExchangeStore
+from controlplane.credentials.exchange_store import DB_NAME, FinishedJob, SqliteExchangeStore
 from controlplane.credentials.revocations import EXPIRY_QUANTUM
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.model.credentials import NO_REVOCATIONS
@@ -244,10 +244,23 @@ async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
         assert node.listed() == {"5003": ended + DENY}
         node.service.policy_changed()  # the same backend entries again (a revocation's recompile): no ledger read
         assert not node.service._sighting_tasks
+        asked: list[object] = []
+        finished_since = node.store.finished_since
+
+        async def spied(since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+            asked.append(sorted(projects, key=str))
+            return await finished_since(since, limit, projects)
+
+        node.store.finished_since = spied  # type: ignore[method-assign]
         node.policy = policy(gitlab, deploy_subject="{project: 44}")
         node.service.policy_changed()  # narrowed again: what is listed stays listed
         await node.settled()
         assert node.listed() == {"5003": ended + DENY}
+        assert not asked  # no job of a newly covered project (44) ended: no job read
+        node.policy = policy(gitlab, deploy_subject="{group: acme}")  # covers every project: only 43 is new
+        node.service.policy_changed()
+        await node.settled()
+        assert asked == [["43"]] and node.listed() == {"5003": ended + DENY}
     finally:
         node.close()
 

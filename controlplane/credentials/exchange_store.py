@@ -24,10 +24,10 @@ import heapq
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from controlplane.statefile import StateFileError, create_database, make_private
 
@@ -66,8 +66,8 @@ _HELD = "max(expires_at, coalesce(subject_expires_at, 0))"
 _HELD_INDEX = f"CREATE INDEX IF NOT EXISTS job_credentials_held ON job_credentials ({_HELD})"
 _SCHEMA += _HELD_INDEX + ";\n"
 # When each job's end was recorded, so a policy change can re-judge the jobs that ended within the deny window
-# (`finished_since`) after a restart too.
-_FINISHED_AT_INDEX = "CREATE INDEX IF NOT EXISTS finished_jobs_end ON finished_jobs (finished_at)"
+# (`finished_projects`, then `finished_since` for the projects it now covers) after a restart too.
+_FINISHED_AT_INDEX = "CREATE INDEX IF NOT EXISTS finished_jobs_project ON finished_jobs (project_id, finished_at)"
 _SCHEMA += _FINISHED_AT_INDEX + ";\n"
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
 _FINISH = (
@@ -76,10 +76,12 @@ _FINISH = (
     "project_id = coalesce(excluded.project_id, project_id), "
     "finished_at = coalesce(max(finished_at, excluded.finished_at), finished_at, excluded.finished_at)"
 )
+_FINISHED_PROJECTS = "SELECT DISTINCT project_id FROM finished_jobs WHERE finished_at > ? AND keep_until > ?"
 _FINISHED_SINCE = (
     "SELECT job_id, project_id, finished_at FROM finished_jobs WHERE finished_at > ? AND keep_until > ? "
-    "ORDER BY finished_at DESC, job_id LIMIT ?"
+    "AND ({projects}) ORDER BY finished_at DESC, job_id LIMIT ?"
 )
+_PROJECTS_PER_QUERY = 500  # SQLite's bound on a statement's parameters is 32,766; a short IN list is also fast
 _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
 _HELD_UNTIL = f"SELECT {_HELD} FROM job_credentials WHERE job_id = ? AND {_HELD} > ?"
 _UPGRADE_FROM_1 = "ALTER TABLE job_credentials ADD COLUMN subject_expires_at REAL"
@@ -150,9 +152,15 @@ class JobLedger(Protocol):
 
     async def is_finished(self, job_id: str) -> bool: ...
 
-    async def finished_since(self, since: float, limit: int) -> list[FinishedJob]:
-        """At most `limit` jobs recorded finished (with a `finished_at`) after `since` and still kept, the latest
-        first: what a policy change re-judges, durably and on every replica (docs/revocation-coverage.md)."""
+    async def finished_projects(self, since: float) -> set[str | None]:
+        """The projects (None: unknown) of the jobs recorded finished (with a `finished_at`) after `since` and still
+        kept: a policy change judges these (a few hundred, not tens of thousands of jobs) before reading jobs."""
+        ...
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        """At most `limit` jobs of `projects` recorded finished (with a `finished_at`) after `since` and still kept,
+        the latest first: what a policy change that newly covers those projects lists, durably and on every replica
+        (docs/revocation-coverage.md)."""
         ...
 
     async def issued(
@@ -234,10 +242,17 @@ class MemoryExchangeStore:
     async def is_finished(self, job_id: str) -> bool:
         return self._finished.get(job_id, 0.0) > self._clock()
 
-    async def finished_since(self, since: float, limit: int) -> list[FinishedJob]:
-        now = self._clock()
-        kept = (e for e in self._ends.values() if e.finished_at > since and self._finished.get(e.job_id, 0.0) > now)
+    async def finished_projects(self, since: float) -> set[str | None]:
+        return {end.project_id for end in self._ended_since(since)}
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        chosen = set(projects)
+        kept = (end for end in self._ended_since(since) if end.project_id in chosen)
         return heapq.nsmallest(max(limit, 0), kept, key=lambda end: (-end.finished_at, end.job_id))
+
+    def _ended_since(self, since: float) -> Iterator[FinishedJob]:
+        now = self._clock()
+        return (e for e in self._ends.values() if e.finished_at > since and self._finished.get(e.job_id, 0.0) > now)
 
     async def issued(
         self,
@@ -322,14 +337,30 @@ class SqliteExchangeStore:
     async def is_finished(self, job_id: str) -> bool:
         return self._read(_FINISHED, job_id) is not None
 
-    async def finished_since(self, since: float, limit: int) -> list[FinishedJob]:
+    async def finished_projects(self, since: float) -> set[str | None]:
+        rows = self._rows(_FINISHED_PROJECTS, (since, self._clock()))
+        return {None if project is None else str(project) for (project,) in rows}
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        """One indexed query per `_PROJECTS_PER_QUERY` projects (the unknown one with the first), merged: each is
+        bounded by `limit` already."""
+        named = sorted(str(project) for project in projects if project is not None)
+        chunks = [named[i : i + _PROJECTS_PER_QUERY] for i in range(0, len(named), _PROJECTS_PER_QUERY)] or [[]]
+        found: list[FinishedJob] = []
+        for n, chunk in enumerate(chunks):
+            where = [f"project_id IN ({', '.join('?' * len(chunk))})"] if chunk else []
+            where += ["project_id IS NULL"] if n == 0 and None in projects else []
+            if where:
+                query = _FINISHED_SINCE.format(projects=" OR ".join(where))
+                rows = self._rows(query, (since, self._clock(), *chunk, max(limit, 0)))
+                found += (FinishedJob(str(job), None if p is None else str(p), float(at)) for job, p, at in rows)
+        return heapq.nsmallest(max(limit, 0), found, key=lambda end: (-end.finished_at, end.job_id))
+
+    def _rows(self, query: str, params: tuple[object, ...]) -> list[Any]:
         try:
-            rows = self._db.execute(_FINISHED_SINCE, (since, self._clock(), max(limit, 0))).fetchall()
+            return list(self._db.execute(query, params).fetchall())
         except sqlite3.Error as error:
             raise ExchangeStoreError(f"{self.path}: cannot read the exchange state: {error}") from None
-        return [
-            FinishedJob(str(job), None if project is None else str(project), float(at)) for job, project, at in rows
-        ]
 
     async def issued(
         self,

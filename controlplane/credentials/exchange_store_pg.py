@@ -23,7 +23,7 @@ exchange then answers 503 and never grants. Messages carry the redacted DSN only
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 
 import psycopg
@@ -51,8 +51,10 @@ ON CONFLICT (job_id) DO UPDATE SET keep_until = greatest(f.keep_until, excluded.
     finished_at = greatest(f.finished_at, excluded.finished_at)
 """
 # The jobs a policy change re-judges (migration 8); greatest() above ignores a NULL, as the SQLite store's does.
+_FINISHED_PROJECTS = "SELECT DISTINCT project_id FROM finished_jobs WHERE finished_at > %s AND keep_until > %s"
 _FINISHED_SINCE = """
 SELECT job_id, project_id, finished_at FROM finished_jobs WHERE finished_at > %s AND keep_until > %s
+AND (project_id = ANY(%s) OR (%s AND project_id IS NULL))
 ORDER BY finished_at DESC, job_id LIMIT %s
 """
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = %s AND keep_until > %s"
@@ -144,11 +146,19 @@ class PostgresExchangeStore:
             cursor = await conn.execute(_FINISHED, (job_id, self._clock()))
             return await cursor.fetchone() is not None
 
-    async def finished_since(self, since: float, limit: int) -> list[FinishedJob]:
-        if limit < 1:
-            return []
+    async def finished_projects(self, since: float) -> set[str | None]:
         async with self._transaction("read") as conn:
-            cursor = await conn.execute(_FINISHED_SINCE, (since, self._clock(), limit))
+            cursor = await conn.execute(_FINISHED_PROJECTS, (since, self._clock()))
+            rows = await cursor.fetchall()
+        return {None if project is None else str(project) for (project,) in rows}
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        if limit < 1 or not projects:
+            return []
+        named = [str(project) for project in projects if project is not None]
+        params = (since, self._clock(), named, None in projects, limit)
+        async with self._transaction("read") as conn:
+            cursor = await conn.execute(_FINISHED_SINCE, params)
             rows = await cursor.fetchall()
         return [
             FinishedJob(str(job), None if project is None else str(project), _float(at)) for job, project, at in rows

@@ -167,7 +167,7 @@ class CredentialService:
         self._audit_seen: AuditSeen | None = None
         self._audit_flush: AuditFlush | None = None
         self._sighting_tasks: set[asyncio.Task[Any]] = set()  # and revocations whose Job Hook gave up waiting
-        self._judged_backends: tuple[ExchangeBackend, ...] = ()  # those `policy_changed` last re-judged jobs by
+        self._judged: ExchangePolicy | None = None  # the policy `policy_changed` last re-judged jobs by
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
@@ -430,37 +430,41 @@ class CredentialService:
 
     def policy_changed(self) -> None:
         """A new policy is in service: a raw-token backend may now cover projects it did not, whose jobs finished
-        unlisted before it (their ID tokens still valid). Re-judge every job the ledger recorded finished within
-        the deny window (any replica's Job Hook, before a restart too: `JobLedger.finished_since`) and list those
-        now covered for the deny window from their end (a job listed for less, its credentials only, is extended).
-        Returns at once: the ledger is read in a task."""
+        unlisted before it (their ID tokens still valid). Re-judge the jobs the ledger recorded finished within the
+        deny window (any replica's Job Hook, before a restart too) and list those of the projects now covered and
+        not by the policy judged before, for the deny window from their end (one listed for less, its credentials
+        only, is extended). Returns at once: the ledger is read in a task."""
         policy = self._policy()
         if policy is None or self.options.deny_id_tokens_for <= 0:
             return
         # Every compile (each revocation's too) builds a new ExchangePolicy, but its backend entries are kept while
         # unchanged (ExchangePolicy.build's memo): the same entries cover the same jobs, nothing to re-judge. The
-        # first policy after a start is always judged: it may have widened while this replica was down.
-        judged, self._judged_backends = self._judged_backends, policy.backends
-        if len(judged) == len(policy.backends) and all(a is b for a, b in zip(judged, policy.backends, strict=True)):
+        # first policy after a start has nothing to compare with: it may have widened while this replica was down.
+        previous, self._judged = self._judged, policy
+        if previous is not None and _same_backends(previous.backends, policy.backends):
             return
-        self._spawn(self._list_newly_covered(policy))
+        self._spawn(self._list_newly_covered(policy, previous))
 
-    async def _list_newly_covered(self, policy: ExchangePolicy) -> None:
-        """The jobs ended within the deny window whose project `policy` covers, listed until their end + window.
-        At most `MAX_SIGHTINGS` (the latest ends): a fleet finishing more within the window than that is far
-        beyond what one deny list is sized for. A ledger that cannot answer is logged: the next change asks again."""
+    async def _list_newly_covered(self, policy: ExchangePolicy, previous: ExchangePolicy | None) -> None:
+        """The jobs ended within the deny window of the projects `policy` covers and `previous` did not (None:
+        every covered project), listed until their end + the window. The ledger is asked for the projects first
+        (a few hundred where tens of thousands of jobs ended), then for the jobs of those newly covered: at most
+        `MAX_SIGHTINGS`, the latest ends. A ledger that cannot answer is logged: the next change judges all."""
         window = self.options.deny_id_tokens_for
+        since = self.clock() - window
         try:
-            ended = await self.store.finished_since(self.clock() - window, MAX_SIGHTINGS)
+            projects = await self.store.finished_projects(since)
+            newly = [p for p in projects if policy.covers(p) and (previous is None or not previous.covers(p))]
+            ended = await self.store.finished_since(since, MAX_SIGHTINGS, newly) if newly else []
         except ExchangeStoreError as error:
             log.error("%s: finished jobs could not be re-judged against the new policy", error)
-            self._judged_backends = ()
+            self._judged = None
             return
         now = self.clock()
         changed = False
         for end in ended:
             until = end.finished_at + window
-            if until <= now or not policy.covers(end.project_id) or not self.revocations.revoke(end.job_id, until):
+            if until <= now or not self.revocations.revoke(end.job_id, until):
                 continue
             changed = True
             self.sightings.take_finished(end.job_id)  # listed: a sighting has nothing left to do
@@ -609,6 +613,10 @@ class CredentialService:
             # Which finished jobs are listed (docs/revocation-coverage.md): this replica's sightings.
             "coverage": {**self.sightings.status(), "pending_ledger_asks": len(self._asks)},
         }
+
+
+def _same_backends(a: tuple[ExchangeBackend, ...], b: tuple[ExchangeBackend, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 async def _first_of(stop: asyncio.Event, wake: asyncio.Event, *, timeout: float) -> None:

@@ -210,7 +210,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         # replica and after a restart (docs/revocation-coverage.md); NULL: rows written before this migration.
         """
         ALTER TABLE finished_jobs ADD COLUMN project_id text, ADD COLUMN finished_at double precision;
-        CREATE INDEX finished_jobs_end ON finished_jobs (finished_at);
+        CREATE INDEX finished_jobs_project ON finished_jobs (project_id, finished_at);
         """,
     ),
 )
