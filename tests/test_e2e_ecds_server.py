@@ -266,25 +266,57 @@ async def test_a_reconnect_to_17_filter_configs_is_sent_none_again(api: str) -> 
 @pytest.mark.parametrize("api", ["sotw", "delta"])
 async def test_a_configuration_refused_in_the_connect_burst_fails_closed(api: str) -> None:
     """The first of 17 configurations is one Envoy refuses (an RE2 program over the default size limit, §5). Envoy
-    NACKs the response that carried it, but only after it sent its 17 requests and the server answered them all,
-    so over SotW that NACK answers an older response (stale, ignored); a later response carrying the same bytes
-    (every one did before configurations were sent once) is ACKed without being applied. Either way the listener
-    goes active and that filter answers 500 (it has no configuration, and no default here, §2); the 16 others are
-    configured once each (docs/envoy-ecds.md §8)."""
+    NACKs the response that carried it only after it sent its 17 requests and the server answered them all, so that
+    NACK answers an older response than the last sent; the listener goes active all the same and that filter answers
+    500 (no configuration, and no default here, §2), the 16 others are configured once each. The server sees the
+    NACK (status, `controlplane_xds_nacks_total`, `controlplane_xds_proxies_rejecting`) and keeps it through Envoy's
+    ACK of the last response and of a later change that leaves the refused bytes as they are; it ends when the
+    refused configuration is sent with other bytes and Envoy applies it (docs/envoy-ecds.md §8)."""
     port = free_port()
     denied = {name: [f"{i}"] for i, name in enumerate(FILTERS)}
     denied[FILTERS[0]] = job_ids(100)  # program size 493 > 100 (no runtime key here)
     snapshot, _ = seventeen(port, denied)
+    nacks, rejecting = _nack_counts()
     async with served_envoy(snapshot, api, group=GROUP) as served:
-        registry, envoy = served.registry, served.envoy
+        cache, registry, envoy = served.cache, served.registry, served.envoy
         assert await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="5") == 500, 5, "fail closed")
         assert await asyncio.to_thread(ecds_stat, envoy, FILTERS[0], "update_rejected") == 1
         assert await asyncio.to_thread(ecds_stat, envoy, FILTERS[0], "config_fail") == 1
         for name in FILTERS[1:]:
             assert await asyncio.to_thread(ecds_stat, envoy, name, "update_success") >= 1, name
             assert await asyncio.to_thread(ecds_stat, envoy, name, "config_reload") == 1, name
-        # What the server records: the last response ACKed, no NACK (the refusal is seen in Envoy's counters only).
+        # Envoy ACKs the last response, and the server still records the NACK of the first.
         version = snapshot.version(EXTENSION_CONFIG)
         await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "ECDS ACKed")
+        await asyncio.to_thread(envoy.wait_for, lambda: _nack_counts() == (nacks + 1, rejecting + 1), 5, "NACK seen")
         (proxy,) = registry.status()
-        assert proxy["last_nack"] is None
+        assert proxy["last_nack"]["type"] == "ecds" and proxy["last_nack"]["version"] == version, proxy
+        assert proxy["last_nack"]["error"], proxy
+
+        # Another configuration changes, the refused one does not: ACKed, and still rejecting (the filter 500s).
+        denied[FILTERS[3]] = [*denied[FILTERS[3]], "93"]
+        other, _ = seventeen(port, denied)
+        cache.set(other)
+        await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == other.version(EXTENSION_CONFIG), 5)
+        (proxy,) = registry.status()
+        assert proxy["last_nack"] is not None and _nack_counts() == (nacks + 1, rejecting + 1), proxy
+        assert await asyncio.to_thread(once, port, x_job="5") == 500
+
+        # The refused configuration is sent with other bytes, Envoy applies it: the NACK ends.
+        denied[FILTERS[0]] = ["0"]
+        fixed, _ = seventeen(port, denied)
+        cache.set(fixed)
+        await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == fixed.version(EXTENSION_CONFIG), 5)
+        await asyncio.to_thread(envoy.wait_for, lambda: _nack_counts() == (nacks + 1, rejecting), 5, "NACK ended")
+        (proxy,) = registry.status()
+        assert proxy["last_nack"] is None, proxy
+        assert await asyncio.to_thread(once, port, x_job="99") == 200  # no filter without configuration: no 500
+        assert await asyncio.to_thread(once, port, x_job="0") == 403  # the configuration it refused before
+
+
+def _nack_counts() -> tuple[float, float]:
+    """`controlplane_xds_nacks_total` and `controlplane_xds_proxies_rejecting` for ECDS (this process's metrics)."""
+    return tuple(  # type: ignore[return-value]
+        metrics.REGISTRY.get_sample_value(name, {"type": "ecds"}) or 0.0
+        for name in ("controlplane_xds_nacks_total", "controlplane_xds_proxies_rejecting")
+    )

@@ -25,19 +25,19 @@ from controlplane.model.credentials import (
 )
 
 
-def test_decimal_ids_go_by_thousand_block_and_others_by_crc() -> None:
-    assert revocation_bucket("1") == revocation_bucket("999") == 0
-    assert revocation_bucket("1000") == 1 and revocation_bucket("15999") == 15 and revocation_bucket("16000") == 0
-    assert revocation_bucket("8000012345") == (8000012345 // 1000) % 16
+def test_decimal_ids_go_by_runs_of_16000_and_others_by_crc() -> None:
+    assert revocation_bucket("1") == revocation_bucket("15999") == 0
+    assert revocation_bucket("16000") == 1 and revocation_bucket("255999") == 15 and revocation_bucket("256000") == 0
+    assert revocation_bucket("8000072345") == (8000072345 // 16000) % 16 == 4
     assert revocation_bucket("job-a") == zlib.crc32(b"job-a") % 16
     assert revocation_bucket("\u0661\u0662") == zlib.crc32("\u0661\u0662".encode()) % 16  # digits, not ASCII
 
 
 def test_a_plain_list_becomes_sorted_de_duplicated_buckets() -> None:
-    buckets = revocation_buckets(["2001", "1", "2000", "1", "x"])
+    buckets = revocation_buckets(["32001", "1", "32000", "1", "x"])
     assert len(buckets) == REVOCATION_BUCKETS
-    assert buckets[0] == ("1",) and buckets[2] == ("2000", "2001")
-    assert CredentialInputs(revoked=buckets).revoked_jobs == ("1", "2000", "2001", "x")
+    assert buckets[0] == ("1",) and buckets[2] == ("32000", "32001")
+    assert CredentialInputs(revoked=buckets).revoked_jobs == ("1", "32000", "32001", "x")
     with pytest.raises(ValueError, match="16 buckets"):
         CredentialInputs(revoked=((),))
 
@@ -104,9 +104,9 @@ def test_a_revocation_joins_the_recent_list_and_hands_every_bucket_as_the_same_o
     revocations = Revocations(None, clock=clock)
     assert revocations.buckets() == NO_REVOCATIONS and revocations.recent() == ()
     before = revocations.buckets()
-    for job in ("2", "1", "1001", "15001"):
+    for job in ("2", "1", "16001", "240001"):
         assert revocations.revoke(job, clock.now + 3600)
-    assert revocations.recent() == ("1", "1001", "15001", "2")
+    assert revocations.recent() == ("1", "16001", "2", "240001")
     assert revocations.buckets() is before  # no bucket re-sent, however many ids they hold
     recent = revocations.recent()
     assert revocations.recent() is recent  # no change: the very same input, nothing compared
@@ -119,7 +119,7 @@ def test_the_recent_list_is_sealed_into_its_buckets_when_the_next_quantum_begins
     start = 10 * EXPIRY_QUANTUM
     clock = Clock(start + 1)
     revocations = Revocations(None, clock=clock)
-    for job in ("1", "2", "1001", "15001"):
+    for job in ("1", "2", "16001", "240001"):
         revocations.revoke(job, start + 3600)
     empty = revocations.buckets()
     assert revocations.next_expiry() == start + EXPIRY_QUANTUM  # the seal is due, though nothing expires
@@ -129,7 +129,7 @@ def test_the_recent_list_is_sealed_into_its_buckets_when_the_next_quantum_begins
     recent = revocations.recent()
     assert revocations.prune()
     sealed = revocations.buckets()
-    assert sealed[0] == ("1", "2") and sealed[1] == ("1001",) and sealed[15] == ("15001",)
+    assert sealed[0] == ("1", "2") and sealed[1] == ("16001",) and sealed[15] == ("240001",)
     assert all(sealed[i] is empty[i] for i in range(2, 15))  # buckets no id joined: the same objects
     # Make before break: the recent list still holds them, until they settled in their buckets.
     assert revocations.recent() is recent and revocations.next_expiry() == start + EXPIRY_QUANTUM + SEAL_SETTLE
@@ -146,8 +146,8 @@ def test_the_recent_list_is_sealed_into_its_buckets_when_the_next_quantum_begins
         "1",
         "2",
         "3",
-        "1001",
-        "15001",
+        "16001",
+        "240001",
     }
 
 
@@ -157,10 +157,10 @@ def test_the_recent_list_is_sealed_at_once_past_its_limit() -> None:
     for job in ("1", "2", "3"):
         revocations.revoke(job, clock.now + 3600)
     assert revocations.recent() == ("1", "2", "3") and revocations.buckets() == NO_REVOCATIONS
-    revocations.revoke("1004", clock.now + 3600)  # the fourth: all four sealed
-    assert revocations.buckets()[0] == ("1", "2", "3") and revocations.buckets()[1] == ("1004",)
+    revocations.revoke("16004", clock.now + 3600)  # the fourth: all four sealed
+    assert revocations.buckets()[0] == ("1", "2", "3") and revocations.buckets()[1] == ("16004",)
     revocations.revoke("5", clock.now + 3600)  # a new one joins the recent list, with the settling ones
-    assert revocations.recent() == ("1", "1004", "2", "3", "5")
+    assert revocations.recent() == ("1", "16004", "2", "3", "5")
     assert revocations.status()["revoked_recently"] == 5
     clock.now += SEAL_SETTLE
     assert revocations.prune() and revocations.recent() == ("5",)
@@ -173,14 +173,14 @@ def test_what_a_start_loads_is_sealed_and_expiry_leaves_from_either_tier(tmp_pat
     clock = Clock(start)
     first = Revocations(tmp_path / "revocations.json", clock=clock)
     first.revoke("1", start + 10)
-    first.revoke("1001", start + 2 * EXPIRY_QUANTUM + 1)
+    first.revoke("16001", start + 2 * EXPIRY_QUANTUM + 1)
     assert asyncio.run(first.persist())
     again = Revocations(tmp_path / "revocations.json", clock=clock)
-    assert again.recent() == () and again.buckets()[0] == ("1",) and again.buckets()[1] == ("1001",)
+    assert again.recent() == () and again.buckets()[0] == ("1",) and again.buckets()[1] == ("16001",)
     again.revoke("2", start + 20)  # recent, expiring at the same boundary as the sealed "1"
     clock.now = start + EXPIRY_QUANTUM
     assert again.prune()  # "2" leaves from the recent list, "1" from its bucket
-    assert again.recent() == () and again.buckets()[0] == () and again.buckets()[1] == ("1001",)
+    assert again.recent() == () and again.buckets()[0] == () and again.buckets()[1] == ("16001",)
 
 
 def test_expired_entries_leave_at_the_quantum_not_one_by_one() -> None:

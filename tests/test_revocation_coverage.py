@@ -303,6 +303,109 @@ async def test_a_job_hook_cut_short_by_its_timeout_still_lists_the_job(
         node.close()
 
 
+async def test_a_duplicate_job_hook_is_answered_only_once_the_first_ones_push_has_ended(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Job Hook's answer means "denied fleet-wide". GitLab delivering the same hook again while the first one's
+    push is still pending (its compile waiting for the lock, or gathering others) finds the job listed already
+    (`revoke` changes nothing): it was answered at once, before any Envoy denied the job. It now waits for that
+    same push, and a duplicate after the push is answered at once, with no push of its own."""
+    node = Node(gitlab, tmp_path, clock, policy(gitlab))  # covers project 42's finished jobs (the same `until`)
+    try:
+        released = asyncio.Event()
+        events: list[str] = []
+
+        async def gated_push() -> None:
+            events.append("push started")
+            await released.wait()
+            events.append("push ended")
+
+        async def persisted(*, now: bool = False) -> bool:
+            return True  # no thread: once listed, an answer is a few loop steps away
+
+        revoke = node.service.revocations.revoke
+        found: list[bool] = []
+
+        def counted_revoke(job_id: str, until: float) -> bool:
+            found.append(revoke(job_id, until))
+            return found[-1]
+
+        node.service.on_change = gated_push
+        monkeypatch.setattr(node.service.revocations, "persist", persisted)
+        monkeypatch.setattr(node.service.revocations, "revoke", counted_revoke)
+
+        async def hook(name: str) -> None:
+            await node.finished(5301)
+            events.append(f"{name} answered")
+
+        first = asyncio.ensure_future(hook("first"))
+        await eventually(lambda: "push started" in events, "the first hook's push started")
+        duplicate = asyncio.ensure_future(hook("duplicate"))
+        await eventually(lambda: len(found) == 2, "the duplicate found the job listed")
+        assert found == [True, False]
+        for _ in range(50):  # what is left of an answer is loop steps without I/O: let them all run
+            await asyncio.sleep(0)
+        assert not duplicate.done() and events == ["push started"]
+        released.set()
+        await asyncio.gather(first, duplicate)
+        assert events[:2] == ["push started", "push ended"] and sorted(events[2:]) == [
+            "duplicate answered",
+            "first answered",
+        ]
+        await hook("late")  # after the push: answered at once, nothing pushed again
+        assert events.count("push started") == 1 and events[-1] == "late answered"
+        assert node.service._listing_push is None
+    finally:
+        node.close()
+
+
+async def test_a_job_hook_for_a_job_another_replica_listed_waits_for_the_push_taking_it_in(
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a job another replica listed first: taken in here (the change feed), its push to this
+    replica's Envoys pending, the hook arriving here finds it listed and must not be answered before that push."""
+    node = Node(gitlab, tmp_path, clock, policy(gitlab))
+    try:
+        released = asyncio.Event()
+        events: list[str] = []
+
+        async def gated_push() -> None:
+            events.append("push started")
+            await released.wait()
+            events.append("push ended")
+
+        async def persisted(*, now: bool = False) -> bool:
+            return True
+
+        revoke = node.service.revocations.revoke
+        found: list[bool] = []
+
+        def counted_revoke(job_id: str, until: float) -> bool:
+            found.append(revoke(job_id, until))
+            return found[-1]
+
+        async def taken_in(payload: str) -> bool:  # what another replica wrote: the job, for the deny window
+            return revoke("5311", clock.now + DENY)
+
+        node.service.on_change = gated_push
+        monkeypatch.setattr(node.service.revocations, "persist", persisted)
+        monkeypatch.setattr(node.service.revocations, "refresh", taken_in)
+        monkeypatch.setattr(node.service.revocations, "revoke", counted_revoke)
+        feed = asyncio.ensure_future(node.service.revocations_changed("5311"))
+        await eventually(lambda: "push started" in events, "the push taking the job in started")
+        hook = asyncio.ensure_future(node.finished(5311))
+        await eventually(lambda: found, "the hook found the job listed")
+        assert found == [False]
+        for _ in range(50):  # what is left of an answer is loop steps without I/O: let them all run
+            await asyncio.sleep(0)
+        assert not hook.done() and events == ["push started"]
+        released.set()
+        await asyncio.gather(feed, hook)
+        assert events == ["push started", "push ended"]
+    finally:
+        node.close()
+
+
 # --- nothing of it can pass: not listed ------------------------------------------------------------------------
 
 

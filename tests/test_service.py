@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from controlplane.compiler.names import revocation_bucket_filter
+from controlplane.compiler.names import JWT_FILTER, revocation_bucket_filter
 from controlplane.compiler.revocations import bucket_config_bytes
 from controlplane.model.credentials import CredentialInputs, revocation_bucket, revocation_buckets
 from controlplane.model.errors import PolicyError, PolicyInvalid
+from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.loader import PolicyLoader
 from controlplane.runtime import policy_service as service_module
 from controlplane.runtime.policy_service import PolicyService
@@ -21,6 +23,7 @@ from controlplane.snapshots.snapshot import CLUSTER, EXTENSION_CONFIG
 from controlplane.sources.pins import PinStore
 from controlplane.sources.policy_source import DirectorySource, PolicyFiles
 from controlplane.telemetry import metrics
+from tests.support.policy_parts import MAIN_GITLAB, backend, binding, documents, gateway, role
 from tests.support.ports import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,3 +425,72 @@ async def test_the_credential_service_hears_of_each_exchange_policy_published(tm
     assert heard == [service.exchange_policy] and heard[0] is not None
     assert await service.recompile("credentials changed")
     assert heard[-1] is service.exchange_policy
+
+
+def _jwks(*kids: str) -> str:
+    """A relayed JWKS whose keys are told apart by `kid` (the compiler relays the text as it is)."""
+    keys = ", ".join(f'{{"kty": "EC", "crv": "P-256", "kid": "{kid}", "x": "AA", "y": "AA"}}' for kid in kids)
+    return f'{{"keys": [{keys}]}}'
+
+
+async def test_a_key_withdrawn_while_gitlab_makes_the_policy_invalid_reaches_envoy_with_the_last_good_policy(
+    tmp_path: Path,
+) -> None:
+    """The last good *policy* stays, not the last good snapshots: while GitLab's inventory makes the policy in
+    service invalid (a path taken over by another project), a relayed issuer's withdrawn key, our rotated signing
+    key and a revoked job still reach Envoy, the error stays reported, and the last good resolution (routes, RBAC)
+    stays enforced."""
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "policy.yaml").write_text(
+        documents(
+            MAIN_GITLAB,
+            backend("reports-api", 9),
+            role("reports-read", "reports-api"),
+            binding("deployer-reads-reports", ["reports-read"], "{project: acme/platform/deployer}"),
+            gateway(10000, ["reports-api"]),
+        )
+    )
+    platform = (Group(10, "acme"), Group(11, "acme/platform", parent_id=10))
+    deployer = Project(42, "acme/platform/deployer", 11)
+    inventories = {"main": Inventory(projects=(deployer,), groups=platform, fetched_at=1000.0)}
+    revoked: list[str] = []
+    signing = [_jwks("signing-1")]  # our own signing keys, as the credential service publishes them
+    cache = SnapshotCache()
+    service = PolicyService(
+        tmp_path / "policy",
+        cache,
+        clock=lambda: 1000.0,
+        inventories=lambda: inventories,
+        pin_store=PinStore(tmp_path / "pins.json"),
+        credentials=lambda: CredentialInputs(jwks=signing[0], revoked=revocation_buckets(revoked)),
+    )
+    assert service.reload()
+    assert await service.set_keys({"main": _jwks("old-key", "new-key")})
+    before = cache.get("ci-gateway")
+    assert before is not None and b"old-key" in before.types[EXTENSION_CONFIG].resources[JWT_FILTER].payload
+    assert b"signing-1" in before.types[EXTENSION_CONFIG].resources[JWT_FILTER].payload
+
+    impostor = Project(99, "acme/platform/deployer", 11)
+    renamed = replace(deployer, path="acme/platform/deployer-old")
+    inventories["main"] = Inventory(projects=(renamed, impostor), groups=platform, fetched_at=1001.0)
+    assert not await service.recompile("GitLab inventory changed")
+    assert "now belongs to project 99" in service.state.live_errors[0]
+
+    revoked.append("4242")
+    signing[0] = _jwks("signing-2")
+    assert not await service.set_keys({"main": _jwks("new-key")})  # GitLab withdrew the old key
+    after = cache.get("ci-gateway")
+    assert after is not None
+    jwt_authn = after.types[EXTENSION_CONFIG].resources[JWT_FILTER].payload
+    assert b"old-key" not in jwt_authn and b"new-key" in jwt_authn
+    assert b"signing-1" not in jwt_authn and b"signing-2" in jwt_authn
+    bucket = revocation_bucket_filter(revocation_bucket("4242"))
+    assert after.types[EXTENSION_CONFIG].resources[bucket].payload == bucket_config_bytes(bucket, ("4242",))
+    # The last good policy is what is enforced: the routes (RBAC of project 42) and everything else unchanged.
+    for type_url, typed in after.types.items():
+        if type_url != EXTENSION_CONFIG:
+            assert typed.resources == before.types[type_url].resources, type_url
+    # And the error is still reported until GitLab or the policy is fixed.
+    status = service.status()["errors"]
+    assert isinstance(status, list) and any("now belongs to project 99" in e for e in status)
+    assert metrics.POLICY_CURRENT_ERRORS._value.get() >= 1

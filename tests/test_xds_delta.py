@@ -31,7 +31,7 @@ from controlplane.xds import delta
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.memo import FanOutCache, PerResource
 from controlplane.xds.nack_memory import NackMemory
-from controlplane.xds.protocol import Ack, Nack, Output, Response, Resumed, Stale, Withheld
+from controlplane.xds.protocol import RECENT_NONCES, Ack, Nack, Output, Response, Resumed, Stale, Withheld
 
 
 def snap(clusters: dict[str, str]) -> Snapshot:
@@ -688,6 +688,140 @@ def test_an_unsubscribed_filter_config_is_not_removed_and_a_dropped_one_is() -> 
     respond(stream, again)
     (removed,) = decode(stream.set_snapshot(with_filters(base, one="11"), 2.0))
     assert removed.type_url == EXTENSION_CONFIG and list(removed.removed_resources) == ["two"] and not held(removed)
+
+
+# --- a NACK of an earlier response (docs/envoy-ecds.md §8) ---------------------------------------------
+
+SEVENTEEN = [f"f{i:02}" for i in range(17)]
+REFUSED = {"code": 13, "message": "RE2 program size"}
+
+
+def seventeen(**changed: str) -> Snapshot:
+    return with_filters(gateway({"a": "1"}, "a"), **({n: "1" for n in SEVENTEEN} | changed))
+
+
+def refused_burst(memory: NackMemory | None = None, **changed: str) -> tuple[DeltaStream, list[Response]]:
+    """Envoy's connect burst for a listener of 17 filters (one subscribe request each, docs/envoy-ecds.md §8),
+    all answered before Envoy answers any; `f00`, the first, is the one it refuses."""
+    snapshot = seventeen(f00="bad", **changed)
+    stream = envoy(snapshot, ["a"]) if memory is None else DeltaStream(FanOutCache(), memory)
+    stream.set_snapshot(snapshot, 0.0)
+    burst = [one(stream.receive(request(EXTENSION_CONFIG, resource_names_subscribe=[n]), 1.0)) for n in SEVENTEEN]
+    assert [r.resource_names for r in burst] == [(n,) for n in SEVENTEEN]
+    return stream, burst
+
+
+def answer(stream: DeltaStream, response: Response, error: dict[str, Any] | None = None, nonce: str = "") -> Output:
+    fields: dict[str, Any] = {"response_nonce": nonce or response.nonce}
+    if error is not None:
+        fields["error_detail"] = error
+    return stream.receive(request(response.type_url, **fields), 20.0)
+
+
+def ecds_state(stream: DeltaStream) -> delta.DeltaTypeState:
+    state = stream.type_state(EXTENSION_CONFIG)
+    assert state is not None
+    return state
+
+
+def events_of(output: Output, kind: type[Any]) -> list[Any]:
+    return [e for e in output.events if isinstance(e, kind)]
+
+
+def test_a_nack_of_the_first_of_17_responses_is_seen_after_the_burst() -> None:
+    """17 responses outstanding is past MAX_OUTSTANDING: the first was pushed out before Envoy NACKed it. It is
+    still recognised, and the refused configuration stays refused through the ACKs that follow."""
+    assert len(SEVENTEEN) > delta.MAX_OUTSTANDING
+    stream, burst = refused_burst()
+    out = answer(stream, burst[0], REFUSED)
+    (nack,) = events_of(out, Nack)
+    assert (nack.version, nack.nonce, nack.resources, nack.late, nack.error) == (
+        burst[0].version, burst[0].nonce, ("f00",), True, "RE2 program size"
+    )  # fmt: skip
+    assert out.responses == () and set(ecds_state(stream).refused) == {"f00"}
+    for response in burst[1:]:
+        (acked,) = events_of(answer(stream, response), Ack)
+        assert acked.refusing == ("f00",)
+    # A change elsewhere is sent alone (the refused bytes are withheld) and its ACK still refuses f00.
+    pushed = stream.set_snapshot(seventeen(f00="bad", f09="2"), 21.0)
+    assert one(pushed).resource_names == ("f09",)
+    assert events_of(answer(stream, one(pushed)), Ack)[0].refusing == ("f00",)
+    fixed = one(stream.set_snapshot(seventeen(f09="2"), 22.0))
+    assert fixed.resource_names == ("f00",) and ecds_state(stream).refused == {}
+    assert events_of(answer(stream, fixed), Ack)[0].refusing == ()
+
+
+def test_a_late_nack_is_remembered_for_the_node_like_any_other() -> None:
+    """As for any Delta NACK, the refused bytes are remembered for the node: a reconnect is not sent them again."""
+    memory = NackMemory()
+    stream, burst = refused_burst(memory)
+    answer(stream, burst[0], REFUSED)
+    again = DeltaStream(FanOutCache(), memory)
+    again.set_snapshot(seventeen(f00="bad"), 0.0)
+    output = again.receive(request(EXTENSION_CONFIG, resource_names_subscribe=SEVENTEEN), 1.0)
+    assert one(output).resource_names == tuple(SEVENTEEN[1:]) and events_of(output, Withheld)
+    assert not ecds_state(again).refused  # a new stream knows of no refusal of its own (docs/envoy-ecds.md §8)
+
+
+def test_a_refusal_ends_when_the_configuration_is_unsubscribed() -> None:
+    stream, burst = refused_burst()
+    answer(stream, burst[0], REFUSED)
+    stream.receive(request(EXTENSION_CONFIG, resource_names_unsubscribe=["f00"]), 21.0)
+    assert ecds_state(stream).refused == {}
+    assert events_of(answer(stream, burst[-1]), Ack)[0].refusing == ()
+
+
+@pytest.mark.parametrize("nonce", ["999", "0", "-1", "01", "x", "1" * 33, "\u00e9"])
+def test_a_nack_naming_a_nonce_never_sent_is_stale_and_changes_nothing(nonce: str) -> None:
+    stream, burst = refused_burst()
+    state = ecds_state(stream)
+    outstanding, recent = dict(state.outstanding), dict(state.recent)
+    out = answer(stream, burst[0], REFUSED, nonce=nonce)
+    assert [type(e) for e in out.events] == [Stale] and out.responses == ()
+    assert state.outstanding == outstanding and state.recent == recent and state.refused == {}
+
+
+def test_a_huge_nonce_is_stale_shown_clipped_and_kept_nowhere() -> None:
+    stream, burst = refused_burst()
+    huge = burst[0].nonce + "7" * 1_000_000
+    (stale,) = events_of(answer(stream, burst[0], REFUSED, nonce=huge), Stale)
+    assert stale.nonce == huge[: len(stale.nonce)] and len(stale.nonce) <= 32
+    assert events_of(answer(stream, burst[0], REFUSED), Nack)  # the real one still counts
+
+
+def test_a_client_spraying_nonces_grows_nothing() -> None:
+    stream, burst = refused_burst()
+    state = ecds_state(stream)
+    outstanding, recent = dict(state.outstanding), dict(state.recent)
+    for i in range(5_000):
+        assert [type(e) for e in answer(stream, burst[0], REFUSED, nonce=f"{10_000 + i}").events] == [Stale]
+    assert state.outstanding == outstanding and state.recent == recent and state.refused == {} and not state.nacked
+    assert events_of(answer(stream, burst[0], REFUSED), Nack)
+
+
+def test_a_replayed_late_nack_counts_once() -> None:
+    stream, burst = refused_burst()
+    assert events_of(answer(stream, burst[0], REFUSED), Nack)
+    assert [type(e) for e in answer(stream, burst[0], REFUSED).events] == [Stale]
+
+
+def test_an_answer_to_an_outstanding_response_forgets_the_older_ones() -> None:
+    """Envoy answers in order: once it answered an outstanding response, a NACK of an older one is not Envoy's."""
+    stream, burst = refused_burst()
+    answer(stream, burst[3])
+    assert ecds_state(stream).recent == {}
+    assert [type(e) for e in answer(stream, burst[0], REFUSED).events] == [Stale]
+
+
+def test_a_client_that_answers_nothing_holds_a_bounded_memory_that_pins_no_snapshot() -> None:
+    stream = filters_stream(with_filters(gateway({"a": "1"}, "a"), one="1"), ["one"])
+    pushes = [one(stream.set_snapshot(with_filters(gateway({"a": "1"}, "a"), one=str(i)), 0.0)) for i in range(300)]
+    state = ecds_state(stream)
+    assert len(state.outstanding) == delta.MAX_OUTSTANDING and len(state.recent) == RECENT_NONCES
+    assert all(sent.base is None and not sent.prior for sent in state.recent.values())
+    assert [type(e) for e in answer(stream, pushes[0], REFUSED).events] == [Stale]  # forgotten
+    oldest = pushes[-delta.MAX_OUTSTANDING - RECENT_NONCES]
+    assert events_of(answer(stream, oldest, REFUSED), Nack)[0].late
 
 
 # --- memory ----------------------------------------------------------------------------------------

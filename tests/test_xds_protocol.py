@@ -37,9 +37,11 @@ from controlplane.xds.memo import FanOutCache, Interned
 from controlplane.xds.protocol import (
     KEEP_SUFFIX,
     MAX_NODE_ID_BYTES,
+    MAX_NONCE_CHARS,
     MAX_RESOURCE_NAME_BYTES,
     MAX_SUBSCRIBED_NAMES,
     MAX_UNSUPPORTED_TYPES,
+    RECENT_NONCES,
     Ack,
     AdsStream,
     InvalidNode,
@@ -51,6 +53,7 @@ from controlplane.xds.protocol import (
     Resumed,
     Stale,
     Subscribed,
+    TypeState,
     Unsupported,
     Withheld,
     covered,
@@ -307,7 +310,9 @@ def test_a_nacked_filter_config_is_withheld_until_a_newer_one() -> None:
     bad = _with_filters(snap(), deny="bad", other="x")
     push = one(stream.set_snapshot(bad, 1.0))
     out = stream.receive(req(EXTENSION_CONFIG, ["deny"], version=good.version, nonce=push.nonce, error="RE2"), 2.0)
-    assert of_type(out, Nack) == [Nack(EXTENSION_CONFIG, push.version, push.nonce, good.version, "RE2", 13, 1.0)]
+    assert of_type(out, Nack) == [
+        Nack(EXTENSION_CONFIG, push.version, push.nonce, good.version, "RE2", 13, 1.0, ("deny",))
+    ]
     assert out.responses == ()
     grown = stream.receive(req(EXTENSION_CONFIG, ["deny", "other"], version=good.version, nonce=push.nonce), 2.0)
     assert grown.responses == () and of_type(grown, Withheld) == [
@@ -615,6 +620,185 @@ def test_a_reconnect_in_a_burst_gets_everything_it_names_once() -> None:
     assert [r.resource_names for r in _connect_burst(older, "older")] == [(n,) for n in SEVENTEEN]
 
 
+# ------------------------------------------------------ a NACK of an earlier response (docs/envoy-ecds.md §8)
+
+
+def _nack(response: Response, names: Iterable[str], error: str = "RE2 program size", version: str = "") -> AdsRequest:
+    return req(response.type_url, names, version=version, nonce=response.nonce, error=error)
+
+
+AdsRequest = discovery_pb2.DiscoveryRequest
+
+
+def _refused_burst(**changed: str) -> tuple[AdsStream, list[Response]]:
+    """A stream through the 17-filter connect burst where Envoy refuses `f00` (the burst's first answer)."""
+    stream, _ = started(_seventeen(f00="bad", **changed))
+    return stream, _connect_burst(stream)
+
+
+def _ecds(stream: AdsStream) -> TypeState:
+    state = stream.type_state(EXTENSION_CONFIG)
+    assert state is not None
+    return state
+
+
+def test_a_nack_of_the_first_response_of_a_burst_is_seen_after_the_burst() -> None:
+    """Envoy NACKs the response carrying the configuration it refuses only after it sent all 17 requests (and was
+    answered 17 times): that NACK is of the first response, not the last sent. It is a NACK all the same."""
+    stream, burst = _refused_burst()
+    version = burst[0].version
+    out = stream.receive(_nack(burst[0], SEVENTEEN[:1]), 20.0)
+    assert out.responses == ()  # nothing re-sent: Envoy ACKs refused bytes that come again, unapplied
+    assert of_type(out, Nack) == [
+        Nack(EXTENSION_CONFIG, version, burst[0].nonce, "", "RE2 program size", 13, 19.0, ("f00",), True, False)
+    ]
+    assert _ecds(stream).refused == {"f00": _seventeen(f00="bad").types[EXTENSION_CONFIG].resources["f00"].version}
+    assert version not in _ecds(stream).nacked  # the later responses share the version: they are not withheld
+    for response in burst[1:-1]:  # then it answers the others in order: stale, as before
+        assert of_type(ack(stream, response, SEVENTEEN), Stale)
+    (acked,) = of_type(ack(stream, burst[-1], SEVENTEEN), Ack)
+    assert acked.version == version and acked.refusing == ("f00",)  # ACKed, still refusing f00
+
+
+def test_a_refused_config_stays_refused_through_acks_until_sent_with_other_bytes() -> None:
+    stream, burst = _refused_burst()
+    stream.receive(_nack(burst[0], SEVENTEEN[:1]), 20.0)
+    ack(stream, burst[-1], SEVENTEEN)
+    other = one(stream.set_snapshot(_seventeen(f00="bad", f09="2"), 21.0))
+    assert other.resource_names == ("f09",)  # only what changed: f00's refused bytes are not sent again
+    assert of_type(ack(stream, other, SEVENTEEN), Ack)[0].refusing == ("f00",)
+    fixed = one(stream.set_snapshot(_seventeen(f09="2"), 22.0))
+    assert fixed.resource_names == ("f00",) and _ecds(stream).refused == {}  # other bytes: the new answer decides
+    assert of_type(ack(stream, fixed, SEVENTEEN), Ack)[0].refusing == ()
+
+
+def test_a_refused_config_resent_whole_with_the_same_bytes_stays_refused() -> None:
+    """After a NACK of the last response everything is sent (what Envoy holds is not known), the refused bytes too:
+    Envoy ACKs them without applying them, so the ACK does not end the refusal."""
+    stream, first = _bucket_stream(_buckets())
+    bad = one(stream.set_snapshot(_buckets(a="bad"), 1.0))
+    (nack,) = of_type(stream.receive(_nack(bad, BUCKETS, version=first.version), 2.0), Nack)
+    assert nack.resources == ("a",) and not nack.late and nack.rejects_version
+    whole = one(stream.set_snapshot(_buckets(a="bad", b="2"), 3.0))
+    assert _denied(whole) == {"a": "bad", "b": "2", "c": "1"}
+    assert of_type(ack(stream, whole, BUCKETS), Ack)[0].refusing == ("a",)
+    fixed = one(stream.set_snapshot(_buckets(a="good", b="2"), 4.0))
+    assert _denied(fixed) == {"a": "good"}
+    assert of_type(ack(stream, fixed, BUCKETS), Ack)[0].refusing == ()
+
+
+def test_a_late_nack_of_bytes_since_sent_again_differently_leaves_nothing_refused() -> None:
+    """The snapshot changed the refused configuration while the NACK was in flight: the newer bytes decide."""
+    stream, _ = started(_seventeen(f00="bad"))
+    first = one(stream.receive(req(EXTENSION_CONFIG, SEVENTEEN[:1]), 1.0))
+    changed = one(stream.set_snapshot(_seventeen(f00="good"), 2.0))
+    assert changed.resource_names == ("f00",)
+    (nack,) = of_type(stream.receive(_nack(first, SEVENTEEN[:1]), 3.0), Nack)
+    assert nack.late and nack.version == first.version and _ecds(stream).refused == {}
+    assert of_type(ack(stream, changed, SEVENTEEN[:1]), Ack)[0].refusing == ()
+
+
+def test_unsubscribing_a_refused_config_ends_its_refusal() -> None:
+    """A listener that stops naming the filter unsubscribes it; Envoy drops it, and nothing fails for want of it."""
+    stream, burst = _refused_burst()
+    stream.receive(_nack(burst[0], SEVENTEEN[:1]), 20.0)
+    assert of_type(ack(stream, burst[-1], SEVENTEEN[1:]), Ack)[0].refusing == ()
+    assert _ecds(stream).refused == {}
+
+
+def test_a_late_nack_keeps_no_subscription_and_sends_nothing() -> None:
+    stream, burst = _refused_burst()
+    out = stream.receive(_nack(burst[0], ["f00", "elsewhere"]), 20.0)
+    assert out.responses == () and not of_type(out, Subscribed) and _ecds(stream).names == frozenset(SEVENTEEN)
+
+
+def test_a_late_nack_of_another_type_is_seen_and_the_later_response_decides() -> None:
+    """Any type: a NACK crossed by a later response is reported, and its version is not withheld (the later
+    response carries the type again and its own ACK or NACK decides); only filter configurations stay refused."""
+    stream, sent = started()
+    first = one(stream.set_snapshot(snap(listeners={"listener_0": "bad"}), 1.0))
+    second = one(stream.set_snapshot(snap(listeners={"listener_0": "good"}), 2.0))
+    (nack,) = of_type(stream.receive(_nack(first, (), "bad listener", sent[LISTENER].version), 3.0), Nack)
+    assert (nack.type_url, nack.version, nack.resources, nack.late) == (LISTENER, first.version, ("listener_0",), True)
+    assert nack.accepted_version == sent[LISTENER].version and nack.latency == 2.0 and not nack.rejects_version
+    state = stream.type_state(LISTENER)
+    assert state is not None and state.nacked == set() and state.refused == {}
+    assert list(state.recent) == [second.nonce]
+    assert of_type(ack(stream, second), Ack)[0].refusing == ()
+
+
+@pytest.mark.parametrize("nonce", ["999", "0", "-1", "01", " 1", "x", "1" * 33, "\u00e9"])
+def test_a_nack_naming_a_nonce_never_sent_is_stale_and_changes_nothing(nonce: str) -> None:
+    stream, _ = _refused_burst()
+    before = dict(_ecds(stream).recent)
+    out = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=nonce, error="x"), 20.0)
+    assert out.responses == () and [type(e) for e in out.events] == [Stale]
+    assert _ecds(stream).recent == before and _ecds(stream).refused == {}
+
+
+def test_a_huge_nonce_is_stale_shown_clipped_and_kept_nowhere() -> None:
+    stream, burst = _refused_burst()
+    huge = burst[0].nonce + "9" * 1_000_000
+    out = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=huge, error="x" * 100_000), 20.0)
+    (stale,) = of_type(out, Stale)
+    assert stale.nonce == huge[:MAX_NONCE_CHARS] and len(_ecds(stream).recent) == len(burst)
+    assert of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 21.0), Nack)  # the real one still counts
+
+
+def test_a_client_spraying_nonces_grows_nothing() -> None:
+    stream, burst = _refused_burst()
+    state = _ecds(stream)
+    recent = dict(state.recent)
+    for i in range(5_000):
+        out = stream.receive(req(EXTENSION_CONFIG, SEVENTEEN, nonce=f"{10_000 + i}", error="x"), 20.0)
+        assert [type(e) for e in out.events] == [Stale]
+    assert state.recent == recent and state.refused == {} and state.nacked == set()
+    assert of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 21.0), Nack)
+
+
+def test_a_replayed_late_nack_counts_once() -> None:
+    stream, burst = _refused_burst()
+    assert of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 20.0), Nack)
+    again = stream.receive(_nack(burst[0], SEVENTEEN[:1]), 21.0)
+    assert [type(e) for e in again.events] == [Stale] and again.responses == ()
+
+
+def test_a_nack_of_another_types_response_is_stale() -> None:
+    stream, burst = _refused_burst()
+    out = stream.receive(req(ROUTE, ["local_route"], nonce=burst[0].nonce, error="x"), 20.0)
+    assert [type(e) for e in out.events] == [Stale] and len(_ecds(stream).recent) == len(burst)
+
+
+def test_once_a_later_response_is_answered_an_earlier_one_is_forgotten() -> None:
+    """Envoy answers a type's responses in the order they came: after it answered the fifth, a NACK of the
+    first is not Envoy's, and the memory of the first five is gone."""
+    stream, burst = _refused_burst()
+    assert of_type(ack(stream, burst[4], SEVENTEEN), Stale)
+    assert list(_ecds(stream).recent) == [r.nonce for r in burst[5:]]
+    assert not of_type(stream.receive(_nack(burst[0], SEVENTEEN[:1]), 20.0), Nack)
+    ack(stream, burst[-1], SEVENTEEN)
+    assert _ecds(stream).recent == {}  # the last one answered: nothing left to answer
+
+
+def test_a_client_that_answers_nothing_holds_a_bounded_memory() -> None:
+    stream, _ = _bucket_stream(_buckets())
+    pushes = [one(stream.set_snapshot(_buckets(a=str(i)), float(i))) for i in range(2, 2 + 3 * RECENT_NONCES)]
+    state = _ecds(stream)
+    assert len(state.recent) == RECENT_NONCES and list(state.recent) == [p.nonce for p in pushes[-RECENT_NONCES:]]
+    assert not of_type(stream.receive(_nack(pushes[0], BUCKETS), 500.0), Nack)  # forgotten
+    (nack,) = of_type(stream.receive(_nack(pushes[-RECENT_NONCES], BUCKETS), 500.0), Nack)
+    assert nack.late and nack.resources == ("a",)
+    assert len(state.refused) <= len(BUCKETS)
+
+
+def test_routes_remembered_for_a_late_nack_pin_no_route_mapping() -> None:
+    """Only filter configurations need the bytes a response carried; other types keep its names alone."""
+    stream, _ = started()
+    one(stream.set_snapshot(snap(routes={"local_route": "v2"}), 1.0))
+    ((_, sent, source, _),) = stream.type_state(ROUTE).recent.values()  # type: ignore[union-attr]
+    assert sent == ("local_route",) and source == {}
+
+
 # ------------------------------------------------------------------------ rule 1: node and per-type state
 
 
@@ -815,7 +999,14 @@ def test_nack_records_the_sent_version_and_does_not_resend_it() -> None:
     assert out.responses == ()
     (nack,) = of_type(out, Nack)
     assert nack == Nack(
-        LISTENER, lds.version, lds.nonce, sent[LISTENER].version, "duplicate listener", 13, nack.latency
+        LISTENER,
+        lds.version,
+        lds.nonce,
+        sent[LISTENER].version,
+        "duplicate listener",
+        13,
+        nack.latency,
+        ("listener_0",),
     )
     assert nack.latency == pytest.approx(0.002)
     state = stream.type_state(LISTENER)

@@ -24,7 +24,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.snapshots.cache import SnapshotCache
-from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE, Snapshot
 from controlplane.telemetry import metrics
 from controlplane.telemetry.logformat import LOG_FORMAT, LineFormatter
 from controlplane.xds import protocol
@@ -461,6 +461,21 @@ def test_truncate_error_bounds_bytes() -> None:
     long = "é" * 5000
     cut = truncate_error(long)
     assert len(cut.encode()) <= ERROR_LIMIT_BYTES and cut.endswith("[truncated]")
+
+
+def test_a_refused_filter_config_keeps_the_nack_through_acks_and_a_late_one_withholds_no_version() -> None:
+    """Envoy ACKs later responses without the filter configuration it refused (docs/envoy-ecds.md §8): such an ACK
+    (`refusing`) leaves the NACK in the status and the rejecting gauge; a late SotW NACK names a version the
+    later responses share, so it is not remembered as a version never to send again."""
+    registry = ProxyRegistry()
+    record = registry.connect("n1", "g1", "10.0.0.1:1", 100.0)
+    assert registry.nacked(record, EXTENSION_CONFIG, "e1", "RE2 program size", 200.0, remember=False)
+    assert not registry.rejections.is_rejected("n1", EXTENSION_CONFIG, "e1")
+    assert not registry.acked(record, EXTENSION_CONFIG, "e1", refusing=True)  # still rejecting: no end
+    (status,) = registry.status()
+    assert status["acked"] == {"ecds": "e1"} and status["last_nack"]["version"] == "e1"
+    assert registry.acked(record, EXTENSION_CONFIG, "e2")  # the refused one sent anew and applied: the NACK ends
+    assert registry.status()[0]["last_nack"] is None
 
 
 def test_registry_status_sorted_json_ready_and_nack_lifecycle() -> None:

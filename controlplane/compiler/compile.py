@@ -191,11 +191,11 @@ def revocation_resources(credentials: CredentialInputs, memo: CompilerMemo) -> t
     good snapshots when the policy cannot be compiled (snapshots.build.with_revocations)."""
     lists = [*((revocation_bucket_filter(i), ids) for i, ids in enumerate(credentials.revoked))]
     lists.append((REVOKED_RECENTLY_FILTER, credentials.revoked_recently))
-    return tuple((name, memo.revocations.get((name, ids), _encode_bucket)) for name, ids in lists)
+    return tuple((name, memo.revocations.get(name, ids, _encode_bucket)) for name, ids in lists)
 
 
-def _encode_bucket(key: tuple[str, tuple[str, ...]]) -> bytes:
-    return revocations.bucket_config_bytes(*key)
+def _encode_bucket(name: str, ids: tuple[str, ...]) -> bytes:
+    return revocations.bucket_config_bytes(name, ids)
 
 
 def _backend_parts(

@@ -264,6 +264,11 @@ class Revocations:
     def is_revoked(self, job_id: str) -> bool:
         return self._until.get(job_id, 0.0) > self.clock()
 
+    def leaves_at(self, job_id: str) -> float | None:
+        """When `job_id` leaves the list: the quantum boundary at or after its entry's end (None: not listed)."""
+        until = self._until.get(job_id)
+        return None if until is None else math.ceil(until / EXPIRY_QUANTUM) * EXPIRY_QUANTUM
+
     def next_expiry(self) -> float | None:
         """When `prune()` next has something to do: the quantum boundary at or after the earliest expiry, or the
         one that seals the recent list."""

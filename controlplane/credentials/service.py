@@ -171,6 +171,8 @@ class CredentialService:
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
+        # The latest push of a deny list that lists more jobs, while it runs: a duplicate Job Hook waits for it.
+        self._listing_push: asyncio.Future[object] | None = None
         self._wake = shared_keys.wake if shared_keys is not None else asyncio.Event()
         self.port = 0
 
@@ -472,17 +474,26 @@ class CredentialService:
             metrics.count_finished_job("covered_by_policy_change")
         try:
             if changed:
-                await self.on_change()
+                await self._push_listing()  # a duplicate Job Hook of one of them waits for it (`_list`)
             if not await self.revocations.persist():
                 self._wake.set()
         except Exception:
             log.exception("listing the finished jobs a new policy covers failed")
 
     async def _list(self, job: str, status: str, until: float) -> bool:
+        """List `job` until `until` and return once Envoy is told: a Job Hook's answer means "denied fleet-wide".
+
+        A job listed already (a Job Hook delivered twice, a sighting racing the hook, another replica's revocation
+        taken in) changes nothing, but the push of its listing may still be pending (waiting for its compile, or
+        gathering others): answered before it ends, the duplicate would claim a denial no Envoy has yet. It waits
+        for the latest push of a listing instead: pushes run one after another, each with every job listed before
+        it started, so that one holds the job (it may hold later ones too; it is never an earlier push)."""
         revoked = self.revocations.revoke(job, until)
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
-            await self.on_change()
+            await self._push_listing()
+        elif (pending := self._listing_push) is not None:
+            await asyncio.shield(pending)
         # Written after the push (a file in a thread, or PostgreSQL, which tells the other replicas): the denial
         # reaches this replica's Envoys without waiting for the store, and a crash in between is caught by the
         # job recovery sweep at start (GitLab still says the job finished). A failed write waits in the outbox,
@@ -490,6 +501,19 @@ class CredentialService:
         if not await self.revocations.persist():
             self._wake.set()
         return revoked
+
+    async def _push_listing(self) -> None:
+        """Push a deny list that lists a job more, remembered until it ends so that a duplicate Job Hook can wait
+        for it (`_list`); a caller's cancellation never cancels the push others wait for."""
+        push = asyncio.ensure_future(self.on_change())
+        self._listing_push = push
+
+        def forget(done: asyncio.Future[object]) -> None:
+            if self._listing_push is done:
+                self._listing_push = None
+
+        push.add_done_callback(forget)
+        await asyncio.shield(push)
 
     async def revocations_changed(self, payload: str) -> None:
         """The change feed's subscriber (topic "revocations"): jobs another replica revoked are denied by this
@@ -499,7 +523,7 @@ class CredentialService:
             await self.revocations.persist(now=True)
         if await self.revocations.refresh(payload):
             log.info("jobs revoked by another replica: denied here too")
-            await self.on_change()
+            await self._push_listing()
         self._wake.set()  # the next expiry may be sooner
 
     async def verify_job(self, job: JobToVerify) -> bool:

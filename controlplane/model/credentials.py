@@ -18,17 +18,21 @@ EXCHANGE_PATH = "/.controlplane/token"  # reachable on every gateway listener, a
 # The sealed deny list is split into this many buckets, each an RBAC filter configuration of its own (ECDS), so
 # that a seal re-sends only the buckets its ids join. Changing it changes every gateway listener: only on upgrade.
 REVOCATION_BUCKETS = 16
+# Consecutive decimal ids that share a bucket: a seal moves the ids of the last minutes into their buckets, and
+# GitLab numbers jobs in the order they are created, so those ids are a narrow range: one or two buckets change,
+# not every bucket a thousand-block at a time would touch. Sixteen such runs make a full turn (256,000 ids).
+BUCKET_SPAN = 16_000
 
 Buckets = tuple[tuple[str, ...], ...]
 NO_REVOCATIONS: Buckets = ((),) * REVOCATION_BUCKETS
 
 
 def revocation_bucket(job_id: str) -> int:
-    """The bucket a job id is denied in, the same on every replica. GitLab's decimal ids go by thousand-block
-    (`id // 1000`): jobs that finish around the same time share a bucket and a regex prefix. Anything else
-    by CRC-32."""
+    """The bucket a job id is denied in, the same on every replica. GitLab's decimal ids go by runs of
+    BUCKET_SPAN: jobs that finish around the same time share a bucket (and their thousand-blocks a regex
+    prefix). Anything else by CRC-32."""
     if job_id.isascii() and job_id.isdigit():
-        return (int(job_id) // 1000) % REVOCATION_BUCKETS
+        return (int(job_id) // BUCKET_SPAN) % REVOCATION_BUCKETS
     return zlib.crc32(job_id.encode()) % REVOCATION_BUCKETS
 
 

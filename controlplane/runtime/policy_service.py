@@ -6,7 +6,10 @@ snapshots stay in service, and status shows what is wrong until a good change ar
 What Envoy gets depends on more than the policy files: GitLab's live inventory (projects, refs,
 protections), the relayed issuer keys, and the ids project paths resolved to before. When only those change,
 the policy in service is recompiled without reading the files again, so a half-edited policy on disk never
-holds back a withdrawal or a key rotation.
+holds back a withdrawal or a key rotation. When the live inputs themselves make the policy in service invalid (a
+path GitLab now gives another project), the last good *policy* stays, not the last good snapshots: the model and
+resolution of the last good compile are compiled again with the fresh keys, deny list and secrets, so a withdrawn
+key or a revoked job is never held back by an error nobody has fixed yet.
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ class PolicyService:
         self._parsed: tuple[Mapping[str, str], Policy] | None = None  # last parse, reused when files are equal
         self._policy: Policy | None = None  # the policy in service (last good), before live inputs
         self._world: tuple[Policy, tuple[object, ...], Policy] | None = None  # (policy, inventories) → model
+        # The model (policy + inventories) and resolution of the last compile that succeeded: what stays enforced
+        # while live inputs make the policy in service invalid (`_publish_last_good`).
+        self._last_good: tuple[Policy, ResolvedPolicy] | None = None
         self._keys: Mapping[str, str] = {}  # relayed issuers' JWKS, by issuer name
         self.credentials: Final = credentials
         self.exchange_policy_changed: Final = exchange_policy_changed
@@ -187,11 +193,11 @@ class PolicyService:
                 snapshots = await asyncio.to_thread(self._compile, policy)
         except PolicyInvalid as invalid:
             self._reject(invalid, live=True)
-            await self._publish_revocations()
+            await self._publish_last_good()
             return False
         except Exception as error:
             self._reject(PolicyInvalid([self._internal_error("compiling", error)]), live=True)
-            await self._publish_revocations()
+            await self._publish_last_good()
             return False
         metrics.COMPILE_DURATION.observe(time.perf_counter() - started)
         self._publish_snapshots(snapshots)  # errors of a newer, broken policy on disk stay reported
@@ -200,10 +206,46 @@ class PolicyService:
         log.info("%s: %s", reason, _versions(self.state.versions))
         return True
 
+    async def _publish_last_good(self) -> None:
+        """The policy in service cannot be compiled with the live inputs as they are now (GitLab's inventory or
+        the remembered pins make it invalid, or the compiler failed): its errors stay reported, and what stays
+        enforced is the last good model (policy and inventories) with its resolution, but with the fresh keys,
+        deny list and secrets. A withdrawn issuer key, a rotated signing key or a revoked job must reach Envoy now:
+        a revocation's caller (the Job Hook) is answered after this, and nothing else would push any of them until
+        the policy compiles again. No route, RBAC rule or exchange decision moves (the resolution is the last
+        good one)."""
+        try:
+            snapshots = await asyncio.to_thread(self._compile_last_good)
+        except Exception:
+            log.exception("the live inputs could not be compiled with the last good policy; publishing the deny list")
+            await self._publish_revocations()
+            return
+        if snapshots is None:
+            return
+        self._set_snapshots(snapshots)
+        log.warning("live inputs published with the last good policy: %s", _versions(self.state.versions))
+
+    def _compile_last_good(self) -> dict[str, Snapshot] | None:
+        """The last good model and resolution with today's keys, credentials and secrets; None before any."""
+        last = self._last_good
+        if last is None:
+            return None
+        model, resolved = last
+        with no_cyclic_gc():
+            return compile_model(
+                model,
+                self._memo,
+                self._snapshots,
+                self._keys,
+                credentials=self.credentials(),
+                secrets=self.secrets(model),
+                resolved=resolved,
+            )
+
     async def _publish_revocations(self) -> None:
-        """The compile failed and the last good snapshots stay, but with the current deny list: a revocation's
-        caller (the Job Hook) is answered after this, and nothing else would push it until the policy compiles
-        again. Only the buckets change (no policy, route, key or exchange decision moves)."""
+        """The last resort, when even the last good model cannot be compiled with the fresh inputs (a compiler
+        bug, or an input the compiler chokes on): the last good snapshots with the current deny list, since a
+        revoked job must not keep its access until the compiler is fixed. Only the buckets change."""
         credentials = self.credentials()
         if not self._snapshots or credentials is None:
             return
@@ -304,6 +346,7 @@ class PolicyService:
             # Built here, under the compile lock, from the very resolution Envoy's RBAC was compiled from;
             # published with the snapshots, so the exchange never grants what Envoy is not told (or the reverse).
             self._pending_exchange = ExchangePolicy.build(model, resolved, self._exchange_memo)
+        self._last_good = (model, resolved)  # a compile that succeeded is always published (reload and recompile)
         return snapshots
 
     def _with_live_inputs(self, policy: Policy) -> Policy:

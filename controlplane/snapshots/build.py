@@ -55,9 +55,10 @@ def compile_model(
 def with_revocations(
     snapshots: Mapping[str, Snapshot], credentials: CredentialInputs, memo: CompilerMemo
 ) -> dict[str, Snapshot]:
-    """`snapshots` with the deny list's buckets of `credentials`: what the run time publishes when a revocation
-    comes while the policy in service cannot be compiled (live inputs made it invalid). The last good snapshot
-    stays, but a finished job must not keep its access until the policy compiles again."""
+    """`snapshots` with the deny list's buckets of `credentials`: the run time's last resort when neither the
+    policy in service nor its last good model can be compiled (a compiler failure; an invalid policy is handled
+    by compiling the last good model with the fresh inputs). A finished job must not keep its access until the
+    compiler is fixed."""
     buckets = revocation_resources(credentials, memo)
     return {group: snapshot.replacing(EXTENSION_CONFIG, buckets) for group, snapshot in snapshots.items()}
 

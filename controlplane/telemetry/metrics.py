@@ -27,7 +27,7 @@ SNAPSHOT_BUILDS = Counter(
 SNAPSHOT_BUILD_FAILURES = Counter(
     "controlplane_snapshot_build_failures_total",
     "Policy loads rejected, and recompiles of the policy in service that a live input (GitLab) made invalid; "
-    "the last good snapshot stays in service.",
+    "the last good policy stays in service, compiled with the fresh keys and deny list.",
     registry=REGISTRY,
 )
 COMPILE_DURATION = Histogram(

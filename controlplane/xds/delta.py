@@ -16,7 +16,10 @@ serialized, events for the registry, metrics and logs), with no I/O and no clock
   diffs, so dropping one (even one with an unknown nonce) would lose it for good;
 * a request echoing an outstanding nonce ACKs (or, with `error_detail`, NACKs) that response; a NACKed
   resource version (or removal) is remembered for the node (`RejectionMemory`, shared with reconnects) and
-  never sent again, while a later snapshot with a different version of that resource is;
+  never sent again, while a later snapshot with a different version of that resource is. A NACK of a response
+  past the 16 outstanding, still in `recent`, is one too (Envoy's connect burst sends 17 or more, and NACKs the
+  first after all were answered: docs/envoy-ecds.md §8); a refused filter configuration stays refused, reported
+  by every later `Ack` (`refusing`), until it is sent with other bytes or unsubscribed;
 * make-before-break: a cluster that a new snapshot removes is kept (not listed in `removed_resources`, nor its
   endpoints) while the client may still route to it, i.e. until the listeners and routes of that snapshot are
   ACKed by this stream. Additions and changes go out at once, in PUSH_ORDER (SECRET, CDS, EDS, LDS, ECDS, RDS).
@@ -55,6 +58,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.snapshots.snapshot import (
     CLUSTER,
     ENDPOINT,
+    EXTENSION_CONFIG,
     LISTENER,
     PUSH_ORDER,
     ROUTE,
@@ -79,11 +83,19 @@ from controlplane.xds.protocol import (
     Subscribed,
     Withheld,
     check_subscription,
+    clip_nonce,
+    forget_unwanted,
     frame_nonce,
+    refuse,
+    remember_recent,
+    resend,
+    take_through,
 )
 
 WILDCARD = "*"
-# A client that never ACKs must not grow the stream's memory: older outstanding responses are forgotten.
+# A client that never ACKs must not grow the stream's memory: older outstanding responses are forgotten, and
+# kept past that (up to `protocol.RECENT_NONCES`) without what the client held before, only so that a NACK of one
+# is still seen (Envoy's connect burst has one ECDS response per filter, 18 today: docs/envoy-ecds.md §8).
 MAX_OUTSTANDING = 16
 # The "version" of a removal in a resource key, per snapshot version: a NACKed removal is not retried until
 # the type changes again (otherwise each request would re-send it, and each NACK ask for it again).
@@ -306,6 +318,10 @@ class DeltaTypeState:
     acked_version: str = ""
     nacked: frozenset[str] = _NOTHING  # resource keys rejected on this stream
     withheld: str | None = None  # snapshot version last reported as Withheld, to report it once
+    # responses pushed out of `outstanding` (without `base` and `prior`: they must not pin old snapshots), oldest first
+    recent: dict[str, _Sent] = field(default_factory=dict)
+    # filter configurations refused and not sent with other bytes since: name -> refused version (see protocol.Ack)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -436,6 +452,8 @@ class DeltaStream(StreamIdentity):
             state.hold(name, None)  # a new subscription is not held, whatever the base has
         for name in [n for n in state.overrides if not state.wants(n)]:
             del state.overrides[name]  # Envoy drops what it unsubscribes from
+        if state.refused:
+            forget_unwanted(state.refused, state.wants)
         after = state.subscription()
         if after != before:
             events.append(Subscribed(type_url, after))
@@ -466,23 +484,59 @@ class DeltaStream(StreamIdentity):
         now: float,
         events: list[Event],
     ) -> None:
-        """The request names a response: ACK or NACK it, or report it Stale when it is not outstanding."""
+        """The request names a response: ACK or NACK it, or report it Stale when it is not outstanding.
+
+        A NACK of a response no longer outstanding but still remembered (`recent`) is a NACK all the same: in
+        Envoy's connect burst it answers the first of 17 or more responses after the server sent them all."""
         nonce = request.response_nonce
         sent = state.outstanding.pop(nonce, None)
+        late = sent is None
+        if sent is not None:
+            state.recent.clear()  # older than every outstanding response: Envoy answers in order
+        elif request.HasField("error_detail"):
+            sent = take_through(state.recent, nonce)
+        else:
+            take_through(state.recent, nonce)  # an ACK of one of them: the older ones will not be answered
         if sent is None:
-            events.append(Stale(type_url, nonce, max(state.outstanding, key=int, default="")))
+            events.append(Stale(type_url, clip_nonce(nonce), max(state.outstanding, key=int, default="")))
             return
         latency = max(0.0, now - sent.at)
         if not request.HasField("error_detail"):
             state.acked_version = sent.version
-            events.append(Ack(type_url, sent.version, nonce, latency))
+            events.append(
+                Ack(type_url, sent.version, nonce, latency, tuple(sorted(state.refused)) if state.refused else ())
+            )
             return
         self._reject(type_url, state, sent)
         detail = request.error_detail
-        events.append(Nack(type_url, sent.version, nonce, state.acked_version, detail.message, detail.code, latency))
+        names = tuple(r.name for r in sent.resources) + sent.removed
+        events.append(
+            Nack(
+                type_url,
+                sent.version,
+                nonce,
+                state.acked_version,
+                detail.message,
+                detail.code,
+                latency,
+                names,
+                late=late,
+            )
+        )
 
     def _reject(self, type_url: str, state: DeltaTypeState, sent: _Sent) -> None:
-        """A NACK: remember what the response carried as rejected; the client still holds what it had."""
+        """A NACK: remember what the response carried as rejected; the client still holds what it had (for a
+        late one, nothing: what it held before is no longer known, and a later change is sent as for a new name).
+        A filter configuration it refused stays refused until it is sent with other bytes (see `protocol.Ack`)."""
+        if type_url == EXTENSION_CONFIG:
+            refuse(
+                state.refused,
+                (
+                    (r.name, r.version)
+                    for r in sent.resources
+                    if state.wants(r.name) and state.holding(r.name) == r.version
+                ),
+            )
         keys = [resource_key(r.name, r.version) for r in sent.resources]
         keys += [resource_key(n, REMOVAL + sent.version) for n in sent.removed]
         state.nacked = state.nacked.union(keys)
@@ -668,7 +722,12 @@ class DeltaStream(StreamIdentity):
         nonce = str(self._last_nonce)
         state.outstanding[nonce] = sent
         if len(state.outstanding) > MAX_OUTSTANDING:
-            del state.outstanding[next(iter(state.outstanding))]
+            oldest = next(iter(state.outstanding))
+            remember_recent(
+                state.recent, oldest, state.outstanding.pop(oldest)._replace(base=None, prior=_NO_OVERRIDES)
+            )
+        if state.refused:
+            resend(state.refused, ((r.name, r.version) for r in sent.resources))
         state.answered = True
         return Response(type_url, sent.version, nonce, plan.unsent, plan.names)
 

@@ -102,14 +102,21 @@ class ProxyRegistry:
         self.rejections.stream_closed(record.node_id, now)
         return list(record.nacks)
 
-    def acked(self, record: ProxyRecord, type_url: str, version: str) -> bool:
-        """Record an ACK; True when it ends a NACK of that type (the proxy is no longer rejecting it)."""
-        record.acked[type_url] = version
-        return record.nacks.pop(type_url, None) is not None
+    def acked(self, record: ProxyRecord, type_url: str, version: str, *, refusing: bool = False) -> bool:
+        """Record an ACK; True when it ends a NACK of that type (the proxy is no longer rejecting it).
 
-    def nacked(self, record: ProxyRecord, type_url: str, version: str, error: str, now: float) -> bool:
-        """Record a NACK on the stream and in the node's memory; True when the type starts NACKing."""
-        self.rejections.remember_rejected(record.node_id, type_url, version)
+        `refusing`: the proxy still runs without a filter configuration it refused (Envoy ACKs later responses,
+        and the refused bytes again, without applying them: docs/envoy-ecds.md §8), so the NACK stays."""
+        record.acked[type_url] = version
+        return not refusing and record.nacks.pop(type_url, None) is not None
+
+    def nacked(
+        self, record: ProxyRecord, type_url: str, version: str, error: str, now: float, *, remember: bool = True
+    ) -> bool:
+        """Record a NACK on the stream and, with `remember`, in the node's memory (the version is not sent to it
+        again); True when the type starts NACKing."""
+        if remember:
+            self.rejections.remember_rejected(record.node_id, type_url, version)
         starts = type_url not in record.nacks
         record.nacks[type_url] = NackRecord(type_url, version, truncate_error(error), now)
         return starts

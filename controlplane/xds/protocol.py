@@ -9,7 +9,8 @@ without sockets; the grpc adapter stays a thin pump. Time only matters for push�
 The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
 
 * nonces are numbered per stream, strictly increasing (Envoy only echoes them); a request with a non-empty
-  nonce that is not the last one sent for its type on this stream is stale and ignored entirely;
+  nonce that is not the last one sent for its type on this stream is stale and ignored entirely, but for a NACK
+  of an earlier response still unanswered (a "late" NACK, below), which is reported and changes nothing else;
 * a request echoing the last nonce is an ACK (or, with `error_detail`, a NACK of the version sent);
 * subscriptions are taken from every non-stale request, ACKs included;
 * a version is (re)sent only when it differs from the one last sent or the names grew beyond what was sent,
@@ -37,8 +38,15 @@ about 10 KB 153 configurations and 1.43 MB, now 17 and 163 KB, the same as Delta
 content hash of the whole type, so responses in a row may share it (Envoy accepts them), and a reconnect at the
 current version still gets nothing. Everything subscribed is sent when what the client holds is not known: on a
 new stream (also the first response after a resume), after a NACK, after an ACK of another version than the
-one sent. A NACK crossed by later responses is stale and ignored, as before: re-sending the refused bytes would
-not bring it back, Envoy ACKs a configuration it refused when it comes again unchanged (docs/envoy-ecds.md §8).
+one sent.
+
+A NACK crossed by later responses (Envoy's connect burst NACKs the first of its 17 answers after all were sent,
+docs/envoy-ecds.md §8) is recognised from `TypeState.recent` (the responses not answered yet, bounded, forgotten
+as Envoy answers in order) and reported as a `Nack` of what that response carried, `late`, without withholding its
+version (the later responses share it, and Envoy ACKs the last) and without re-sending anything: Envoy ACKs a
+configuration it refused when it comes again unchanged, without applying it. That is also why a refused filter
+configuration stays in `TypeState.refused`, reported by every later `Ack` (`refusing`, so the NACK stays in the
+status), until a response carries it with other bytes or it is unsubscribed.
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
 subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
 one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream,
@@ -50,7 +58,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -87,6 +95,12 @@ MAX_NODE_BYTES = 32 * 1024  # the whole node as kept (without its extension list
 MAX_SUBSCRIBED_NAMES = 10_000
 MAX_RESOURCE_NAME_BYTES = 512
 MAX_UNSUPPORTED_TYPES = 16  # distinct unknown type URLs reported per stream; more are ignored silently
+# Responses of a type remembered per stream so a NACK that crossed later responses is still recognised (a
+# "late" NACK, docs/envoy-ecds.md §8): Envoy answers responses in the order they came, so everything up to the
+# answered nonce is dropped on each answer, and only a client that answers nothing holds this many.
+# A gateway's connect burst is one ECDS response per filter (18 today); this leaves room for more.
+RECENT_NONCES = 64
+MAX_NONCE_CHARS = 32  # nonces are this stream's decimal counter: a longer one is not ours, and is shown clipped
 # Types whose ACK means "nothing routes to a removed cluster any more" (rule 6, make-before-break).
 _CLUSTER_USERS = (LISTENER, ROUTE)
 _NO_RESOURCES: Mapping[str, EncodedResource] = MappingProxyType({})
@@ -94,6 +108,7 @@ _NO_RESOURCES: Mapping[str, EncodedResource] = MappingProxyType({})
 _NONCE_TAG = b"\x2a"
 Names = frozenset[str] | None
 """A subscription: the resource names asked for, or None for a wildcard (all of the type)."""
+_T = TypeVar("_T")
 
 
 def type_label(type_url: str) -> str:
@@ -161,6 +176,52 @@ class _NothingRejected:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+
+
+def clip_nonce(nonce: str) -> str:
+    """A nonce as events show it: a client may send megabytes in one, and none of ours is this long."""
+    return nonce[:MAX_NONCE_CHARS]
+
+
+def take_through(recent: dict[str, _T], nonce: str) -> _T | None:
+    """Pop `nonce` and every older entry of `recent` (kept in the order sent); None, dropping nothing, when it
+    is not there. Envoy answers a type's responses in the order they came: once it answered one, it will not
+    answer an older one, so what this drops is never needed again. A nonce that is not ours costs no lookup
+    past MAX_NONCE_CHARS and drops nothing, so no client input grows or empties the memory but its answers."""
+    if len(nonce) > MAX_NONCE_CHARS or nonce not in recent:
+        return None
+    while True:
+        key = next(iter(recent))
+        value = recent.pop(key)
+        if key == nonce:
+            return value
+
+
+def remember_recent(recent: dict[str, _T], nonce: str, value: _T) -> None:
+    """Add a response just sent, forgetting the oldest past RECENT_NONCES (a client that answers nothing)."""
+    recent[nonce] = value
+    if len(recent) > RECENT_NONCES:
+        del recent[next(iter(recent))]
+
+
+def refuse(refused: dict[str, str], carried: Iterable[tuple[str, str]]) -> None:
+    """Record filter configurations (name, bytes version) as refused by the client."""
+    refused.update(carried)
+
+
+def resend(refused: dict[str, str], carried: Iterable[tuple[str, str]]) -> None:
+    """A response carries these (name, version): a refused configuration sent with other bytes is no longer
+    refused (the new response's ACK or NACK decides); sent with the same bytes it stays refused, since Envoy
+    ACKs bytes it refused without applying them (docs/envoy-ecds.md §8)."""
+    for name, version in carried:
+        if refused.get(name, version) != version:
+            del refused[name]
+
+
+def forget_unwanted(refused: dict[str, str], wants: Callable[[str], bool]) -> None:
+    """Envoy drops a configuration it unsubscribes from: a refusal of it no longer fails anything."""
+    for name in [n for n in refused if not wants(n)]:
+        del refused[name]
 
 
 def frame_nonce(nonce: str) -> bytes:
@@ -233,12 +294,18 @@ class Subscribed:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The client accepted `version`; `latency` is seconds since that response was produced."""
+    """The client accepted `version`; `latency` is seconds since that response was produced.
+
+    `refusing`: filter configurations it refused earlier and was not sent other bytes for since. Envoy ACKs a
+    later response (even one carrying the refused bytes again) without applying them (docs/envoy-ecds.md §8),
+    so such an ACK does not end the NACK: the filter still fails closed.
+    """
 
     type_url: str
     version: str
     nonce: str
     latency: float
+    refusing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +313,11 @@ class Nack:
     """The client rejected `version` (the one we sent); it still runs `accepted_version`.
 
     `error` is Envoy's free text: unstable and possibly huge, so store it truncated and never parse it.
+    `resources`: the names the refused response carried. `late`: it answers an older response than the last
+    sent of its type (it crossed later ones, as in Envoy's connect burst). `rejects_version`: the node is not
+    to be sent `version` again; False for a late SotW NACK, whose version later responses share (the burst's
+    responses all carry the type's one version, and Envoy ACKs the last), so only the refused bytes are kept
+    from it (`TypeState.refused`), not the version.
     """
 
     type_url: str
@@ -255,11 +327,15 @@ class Nack:
     error: str
     code: int
     latency: float
+    resources: tuple[str, ...] = ()
+    late: bool = False
+    rejects_version: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Stale:
-    """A request answering an older response (it crossed a newer one in flight); ignored entirely."""
+    """A request answering an older response (it crossed a newer one in flight), or a response this stream did
+    not send or no longer remembers; ignored entirely. `nonce` is clipped to MAX_NONCE_CHARS."""
 
     type_url: str
     nonce: str
@@ -305,6 +381,11 @@ _NOTHING = Output()
 # ------------------------------------------------------------------------------------------------ state
 
 
+Answerable = tuple[str, tuple[str, ...], Mapping[str, EncodedResource], float]
+"""A response as a late NACK needs it: its version, the names it carried, their bytes (for filter configurations:
+references to the shared mapping), when it was sent. A plain tuple: one is made per stream and push."""
+
+
 @dataclass(slots=True)
 class TypeState:
     """Everything the stream knows about one type URL (rule 1)."""
@@ -327,6 +408,11 @@ class TypeState:
     acked_version: str | None = None
     nacked: set[str] = field(default_factory=set)
     withheld: str | None = None  # last version reported as Withheld, to report it once
+    # nonce -> what that response carried, oldest first, for the responses not answered yet (RECENT_NONCES)
+    recent: dict[str, Answerable] = field(default_factory=dict)
+    # filter configurations refused (NACKed) and not sent with other bytes since: name -> the refused bytes'
+    # version. At most the names subscribed (dropped on unsubscribe), so bounded by MAX_SUBSCRIBED_NAMES.
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class _Target(NamedTuple):
@@ -587,8 +673,14 @@ class AdsStream(StreamIdentity):
         """Apply a request to the type's state; False when it was stale and must be ignored (rule 2)."""
         nonce = request.response_nonce
         if nonce and nonce != state.sent_nonce:
-            events.append(Stale(type_url, nonce, state.sent_nonce))
+            answered = take_through(state.recent, nonce)
+            if answered is not None and request.HasField("error_detail"):
+                events.append(self._late_nack(type_url, state, request, answered, now))
+            else:
+                events.append(Stale(type_url, clip_nonce(nonce), state.sent_nonce))
             return False
+        if state.refused and names is not None:
+            forget_unwanted(state.refused, names.__contains__)  # before the ACK reports what is still refused
         if nonce:
             events.append(self._answer(type_url, state, request, now))
         elif state.sent_version is None:
@@ -600,6 +692,47 @@ class AdsStream(StreamIdentity):
             events.append(Subscribed(type_url, names))
         return True
 
+    def _late_nack(
+        self,
+        type_url: str,
+        state: TypeState,
+        request: discovery_pb2.DiscoveryRequest,
+        answered: Answerable,
+        now: float,
+    ) -> Nack:
+        """A NACK of an older response than the last sent (docs/envoy-ecds.md §8): seen, but the stream is left as
+        it is. The later responses were sent, and Envoy applies them after this one, so they decide what it holds
+        (their own ACK or NACK follows); its subscription is older than theirs. Nothing is re-sent: Envoy ACKs a
+        filter configuration it refused when it comes again with the same bytes, without applying it. What it
+        keeps is which filter configurations were refused at which bytes, unless sent since with other bytes."""
+        version, carried, source, at = answered
+        if type_url == EXTENSION_CONFIG:
+            wanted, latest = state.names, state.sent_source
+            refuse(
+                state.refused,
+                (
+                    (n, resource.version)
+                    for n in carried
+                    if (resource := source.get(n)) is not None
+                    and (wanted is None or n in wanted)
+                    and same(latest.get(n), resource)
+                ),
+            )
+        detail = request.error_detail
+        latency = max(0.0, now - at)
+        return Nack(
+            type_url,
+            version,
+            request.response_nonce,
+            request.version_info,
+            detail.message,
+            detail.code,
+            latency,
+            carried,
+            late=True,
+            rejects_version=False,
+        )
+
     def _answer(
         self, type_url: str, state: TypeState, request: discovery_pb2.DiscoveryRequest, now: float
     ) -> Ack | Nack:
@@ -607,15 +740,25 @@ class AdsStream(StreamIdentity):
         state.awaiting = False
         latency = max(0.0, now - state.sent_at)
         sent = state.sent_version or ""
+        answered = state.recent.get(state.sent_nonce)
+        state.recent.clear()  # every response remembered is this one or older: answered, in Envoy's order
         if request.HasField("error_detail"):
             state.nacked.add(sent)
             state.knows_sent = False  # Envoy may have applied part of the response, or none of it
+            _, carried, source, _ = answered if answered is not None else ("", (), _NO_RESOURCES, 0.0)
+            if type_url == EXTENSION_CONFIG:
+                # Which of several it refused is not known (its text is not parsed): all of them, until re-sent
+                # with other bytes. The gateway's responses carry one each but on a new stream or after a NACK.
+                refuse(state.refused, ((n, r.version) for n in carried if (r := source.get(n)) is not None))
             detail = request.error_detail
-            return Nack(type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency)
+            return Nack(
+                type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency, carried
+            )
         state.acked_version = request.version_info
         if request.version_info != sent:
             state.knows_sent = False  # Envoy's ACK names the version it accepted, the one sent: anything else is odd
-        return Ack(type_url, request.version_info, state.sent_nonce, latency)
+        refusing = tuple(sorted(state.refused)) if state.refused else ()
+        return Ack(type_url, request.version_info, state.sent_nonce, latency, refusing)
 
     # -- deciding what to send
 
@@ -726,4 +869,13 @@ class AdsStream(StreamIdentity):
         # configuration out keeps the one sent before in force, docs/envoy-ecds.md §2).
         state.knows_sent = True
         state.withheld = None
+        # Filter configurations only need their bytes kept (the only type whose refusals outlive an ACK); the other
+        # types keep the names alone, so a client that answers nothing pins no route or cluster mapping.
+        source = target.source if type_url == EXTENSION_CONFIG else _NO_RESOURCES
+        if state.refused:
+            resend(state.refused, ((n, target.source[n].version) for n in target.sent))
+        recent = state.recent  # `remember_recent`, inlined: this runs once per stream and push
+        recent[nonce] = (target.version, target.sent, source, now)
+        if len(recent) > RECENT_NONCES:
+            del recent[next(iter(recent))]
         return Response(type_url, target.version, nonce, unsent, target.sent)

@@ -634,10 +634,10 @@ class XdsServer:
         node = clip(session.machine.node_id)
         record = session.record
         match event:
-            case protocol.Ack(type_url=t, version=v, latency=latency):
+            case protocol.Ack(type_url=t, version=v, latency=latency, refusing=refusing):
                 self._metrics.ack_latency(t).observe(latency)
                 self.log.debug("ACK from %s: %s version %s (%.1f ms)", node, type_label(t), v, latency * 1e3)
-                if record is not None and self.registry.acked(record, t, v):
+                if record is not None and self.registry.acked(record, t, v, refusing=bool(refusing)):
                     metrics.XDS_PROXIES_WITH_NACK.labels(type_label(t)).dec()
             case protocol.Nack(type_url=t, version=v, latency=latency):
                 self._nack(session, event)
@@ -668,18 +668,23 @@ class XdsServer:
         metrics.XDS_NACKS.labels(label).inc()
         error = truncate_error(nack.error)
         self.log.warning(
-            "NACK from %s (group %s): %s version %s rejected, still running %s: %s",
+            "NACK from %s (group %s): %s version %s rejected%s (%s), still running %s: %s",
             clip(session.machine.node_id),
             clip(session.machine.group),
             label,
             nack.version,
+            " in an earlier response than the last sent" if nack.late else "",
+            clip(",".join(nack.resources), 1024) or "no resource",
             clip(nack.accepted_version) or "(nothing)",
             error,
         )
         record = session.record
         if record is None:
-            self.registry.rejections.remember_rejected(session.machine.node_id, nack.type_url, nack.version)
-        elif self.registry.nacked(record, nack.type_url, nack.version, error, time.time()):
+            if nack.rejects_version:
+                self.registry.rejections.remember_rejected(session.machine.node_id, nack.type_url, nack.version)
+        elif self.registry.nacked(
+            record, nack.type_url, nack.version, error, time.time(), remember=nack.rejects_version
+        ):
             metrics.XDS_PROXIES_WITH_NACK.labels(label).inc()
 
 
