@@ -90,10 +90,13 @@ class CoverageStack(Served):
         poll_until(denied, timeout, interval=0.02, message=message)
         return statuses, time.monotonic() - first
 
-    def listed_by_the_policy_change(self, token: str, before: int) -> None:
-        """The job is listed without any request of it (so no sighting can be what lists it), then denied."""
+    def listed_by_the_policy_change(self, token: str, before: int, changed_at: float) -> None:
+        """The job is listed without any request of it (so no sighting can be what lists it), then denied;
+        `changed_at`: when the policy was written (time.monotonic())."""
         poll_until(lambda: self.revoked_jobs() == before + 1, 15, interval=0.05, message="listed by the new policy")
+        listed = time.monotonic() - changed_at
         statuses, _ = self.until_denied(token, 5, "the newly covered job's raw token denied")
+        print(f"\npolicy written -> listed {listed:.2f}s, -> 403 {time.monotonic() - changed_at:.2f}s {statuses}")
         assert set(statuses) <= {200, 403}, statuses  # a 200: the push still on its way, the job already listed
 
 
@@ -167,8 +170,9 @@ def test_a_policy_change_after_a_restart_lists_a_job_that_finished_unlisted_befo
     stack.controlplane.restart()
     stack.wait_connected()
     assert stack.revoked_jobs() == before
+    changed_at = time.monotonic()
     stack.widen_coverage()
-    stack.listed_by_the_policy_change(token, before)
+    stack.listed_by_the_policy_change(token, before, changed_at)
 
 
 def coverage_envoy(name: str) -> EnvoySpec:
@@ -231,6 +235,7 @@ def test_a_policy_change_at_another_replica_lists_a_job_whose_hook_it_never_rece
     before = a.revoked_jobs()
     a.job_finished(7311)
     assert a.revoked_jobs() == before and b.revoked_jobs() == before
+    changed_at = time.monotonic()
     b.widen_coverage()
-    b.listed_by_the_policy_change(token, before)
+    b.listed_by_the_policy_change(token, before, changed_at)
     poll_until(lambda: a.revoked_jobs() == before + 1, 5, interval=0.05, message="listed at A too")
