@@ -394,6 +394,30 @@ async def test_an_older_file_is_upgraded_in_place_and_keeps_its_records(
         assert "finished_jobs_project" in str(plan.fetchall())
 
 
+def test_a_version_2_file_upgraded_by_another_process_meanwhile_is_not_upgraded_twice(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas on one host start together on an older file: the second to take the write lock finds the
+    version moved on and adds nothing (adding the columns again would fail its start)."""
+    path = tmp_path / "exchange.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_VERSION_2)
+        db.execute("PRAGMA user_version = 2")
+    upgrade = exchange_store._upgrade
+    others: list[None] = []
+
+    def after_the_other(db: sqlite3.Connection, version: int, script: str) -> int:
+        if not others:  # the other process, in between our read of the version and our lock
+            others.append(None)
+            SqliteExchangeStore(path, clock=clock).close()
+        return upgrade(db, version, script)
+
+    monkeypatch.setattr(exchange_store, "_upgrade", after_the_other)
+    SqliteExchangeStore(path, clock=clock).close()
+    with sqlite3.connect(path) as db:
+        assert others and db.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
 def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:
     path = tmp_path / "exchange.sqlite3"
     SqliteExchangeStore(path).close()

@@ -446,13 +446,9 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         if version == 0:
             raise sqlite3.DatabaseError("not an exchange state database (empty or foreign: no schema version)")
         if version == 1:  # a file of the release before subject expiries were kept: one column more
-            db.executescript(f"BEGIN IMMEDIATE; {_UPGRADE_FROM_1}; {_HELD_INDEX}; PRAGMA user_version = 2; COMMIT;")
-            version = 2
+            version = _upgrade(db, 1, f"{_UPGRADE_FROM_1}; {_HELD_INDEX}")
         if version == 2:  # a file of the release before finished jobs kept their project and end time
-            db.executescript(
-                f"BEGIN IMMEDIATE; {_UPGRADE_FROM_2}; {_FINISHED_AT_INDEX}; PRAGMA user_version = 3; COMMIT;"
-            )
-            version = 3
+            version = _upgrade(db, 2, f"{_UPGRADE_FROM_2}; {_FINISHED_AT_INDEX}")
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -468,6 +464,26 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _upgrade(db: sqlite3.Connection, version: int, script: str) -> int:
+    """Bring a file at `version` to the next one in one transaction, and return the version it is at. The version
+    is read again under the write lock: another process opening the same file at the same moment has upgraded it
+    already (its ALTERs done again would fail)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] == version:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return found
 
 
 def _initialise(db: sqlite3.Connection) -> None:
