@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import EXTENSION_CONFIG, LISTENER, Snapshot
 from controlplane.telemetry import metrics
 from controlplane.xds.fleet_status import ProxyRegistry
-from controlplane.xds.server import XdsServer
 from tests.support.ecds_envoy import (
     LISTENER_STATS,
     RBAC_URL,
     Client,
-    ads_envoy,
     ecds_filter,
     ecds_stat,
     job_ids,
@@ -31,9 +27,10 @@ from tests.support.ecds_envoy import (
     listener_stats,
     once,
     rbac,
+    served_envoy,
     typed,
 )
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -54,17 +51,10 @@ def gateway(port: int, denied: list[str]) -> Snapshot:
 
 @pytest.mark.parametrize("api", ["sotw", "delta"])
 async def test_a_filter_config_changed_alone_changes_enforcement_not_the_listener(api: str) -> None:
-    cache, registry = SnapshotCache(), ProxyRegistry()
-    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
     port = free_port()
     first = gateway(port, ["1001"])
-    cache.set(first)
-    envoy = ads_envoy(await server.start(LOOPBACK, 0), api, group=GROUP)
-    try:
-        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        # The listener is Envoy's first and waits for its filter's configuration: LIVE means ECDS was answered.
-        await asyncio.to_thread(envoy.wait_ready, 10)
+    async with served_envoy(first, api, group=GROUP) as served:
+        cache, registry, envoy = served.cache, served.registry, served.envoy
         await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="1002") == 200, 5, "listener up")
         client = await asyncio.to_thread(Client, port)
         assert await asyncio.to_thread(lambda: (client.status(x_job="1001"), client.status(x_job="1002"))) == (403, 200)
@@ -86,9 +76,6 @@ async def test_a_filter_config_changed_alone_changes_enforcement_not_the_listene
         (proxy,) = registry.status()
         assert proxy["protocol"] == api and proxy["last_nack"] is None
         client.close()
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
 
 
 def _acked_ecds(registry: ProxyRegistry) -> str | None:
@@ -129,16 +116,10 @@ def pushed_ecds() -> tuple[float, float, float]:
 async def test_a_change_to_one_of_two_filter_configs_sends_only_that_one(api: str) -> None:
     """SotW too sends only the changed filter configuration once the last one is ACKed (docs/envoy-ecds.md §7):
     Envoy keeps the one left out in force (its `config_reload` does not move) and enforces both, no NACK."""
-    cache, registry = SnapshotCache(), ProxyRegistry()
-    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
     port = free_port()
     first = buckets(port, ["1001"], ["2001"])
-    cache.set(first)
-    envoy = ads_envoy(await server.start(LOOPBACK, 0), api, group=GROUP)
-    try:
-        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        await asyncio.to_thread(envoy.wait_ready, 10)
+    async with served_envoy(first, api, group=GROUP) as served:
+        cache, registry, envoy = served.cache, served.registry, served.envoy
         await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="3001") == 200, 5, "listener up")
         await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == first.version(EXTENSION_CONFIG), 5)
         client = await asyncio.to_thread(Client, port)
@@ -185,9 +166,6 @@ async def test_a_change_to_one_of_two_filter_configs_sends_only_that_one(api: st
         (proxy,) = registry.status()
         assert proxy["protocol"] == api and proxy["last_nack"] is None
         client.close()
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
 
 
 FILTERS = [f"bucket-{i:02}" for i in range(17)]  # issue 13's listener: jwt_authn and 16 deny-list buckets
@@ -217,19 +195,13 @@ async def test_a_listener_of_17_filter_configs_costs_one_copy_of_each_at_connect
     name so far each time, docs/envoy-ecds.md §8). Each configuration is sent once all the same: the bytes written
     at connect are about one copy of each (not 17 + 16 + ... + 1 over SotW), every filter enforces its own deny
     list, and nothing is NACKed."""
-    cache, registry = SnapshotCache(), ProxyRegistry()
-    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
     port = free_port()
     snapshot, denied = seventeen(port)
-    cache.set(snapshot)
     one_copy = len(snapshot.types[EXTENSION_CONFIG].all_entries)  # the 17 configurations' framed bytes
     before = pushed_ecds()
     runtime = {"re2.max_program_size.error_level": 1_000_000}  # a 1,000-id alternation (docs/envoy-ecds.md §5)
-    envoy = ads_envoy(await server.start(LOOPBACK, 0), api, runtime=runtime, group=GROUP)
-    try:
-        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        await asyncio.to_thread(envoy.wait_ready, 10)  # its first listener: LIVE once all 17 came
+    async with served_envoy(snapshot, api, runtime=runtime, group=GROUP) as served:
+        registry, envoy = served.registry, served.envoy
         version = snapshot.version(EXTENSION_CONFIG)
         await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "ECDS ACKed")
         responses, resources, sent = (now - was for now, was in zip(pushed_ecds(), before, strict=True))
@@ -251,9 +223,6 @@ async def test_a_listener_of_17_filter_configs_costs_one_copy_of_each_at_connect
         (proxy,) = registry.status()
         assert proxy["protocol"] == api and proxy["last_nack"] is None
         client.close()
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
 
 
 @pytest.mark.parametrize("api", ["sotw", "delta"])
@@ -261,25 +230,16 @@ async def test_a_reconnect_to_17_filter_configs_is_sent_none_again(api: str) -> 
     """Envoy reconnects (a control plane restart) naming all 17 configurations at the version it holds: nothing is
     sent again. Over SotW the server cannot tell which names that version covers (docs/envoy-ecds.md §7), so the
     next change is answered whole once, the ones after it with only what changed; Delta knows each name's version."""
-    cache, registry = SnapshotCache(), ProxyRegistry()
-    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
     port = free_port()
     snapshot, denied = seventeen(port)
-    cache.set(snapshot)
     version = snapshot.version(EXTENSION_CONFIG)
     runtime = {"re2.max_program_size.error_level": 1_000_000}
-    ads_port = await server.start(LOOPBACK, 0)
-    envoy = ads_envoy(ads_port, api, runtime=runtime, group=GROUP)
-    try:
-        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        await asyncio.to_thread(envoy.wait_ready, 10)
+    async with served_envoy(snapshot, api, runtime=runtime, group=GROUP) as served:
+        cache, registry, envoy = served.cache, served.registry, served.envoy
         await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "ECDS ACKed")
-        await server.stop(1.0)
-        registry = ProxyRegistry()
-        server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
         before = pushed_ecds()
-        assert await server.start(LOOPBACK, ads_port) == ads_port
+        await served.restart_server()  # as a restarted control plane: a new registry, the same snapshots
+        registry = served.registry
         await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 15, "Envoy resumed")
         assert pushed_ecds() == before  # nothing of it sent again
 
@@ -301,9 +261,6 @@ async def test_a_reconnect_to_17_filter_configs_is_sent_none_again(api: str) -> 
         (proxy,) = registry.status()
         assert proxy["last_nack"] is None
         client.close()
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
 
 
 @pytest.mark.parametrize("api", ["sotw", "delta"])
@@ -315,19 +272,13 @@ async def test_a_configuration_refused_in_the_connect_burst_fails_closed(api: st
     NACK (status, `controlplane_xds_nacks_total`, `controlplane_xds_proxies_rejecting`) and keeps it through Envoy's
     ACK of the last response and of a later change that leaves the refused bytes as they are; it ends when the
     refused configuration is sent with other bytes and Envoy applies it (docs/envoy-ecds.md §8)."""
-    cache, registry = SnapshotCache(), ProxyRegistry()
-    server = XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
     port = free_port()
     denied = {name: [f"{i}"] for i, name in enumerate(FILTERS)}
     denied[FILTERS[0]] = job_ids(100)  # program size 493 > 100 (no runtime key here)
     snapshot, _ = seventeen(port, denied)
-    cache.set(snapshot)
     nacks, rejecting = _nack_counts()
-    envoy = ads_envoy(await server.start(LOOPBACK, 0), api, group=GROUP)
-    try:
-        with ThreadPoolExecutor(1) as spawner:  # not forked from the main thread: see `envoy_on_ads`
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        await asyncio.to_thread(envoy.wait_ready, 10)
+    async with served_envoy(snapshot, api, group=GROUP) as served:
+        cache, registry, envoy = served.cache, served.registry, served.envoy
         assert await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="5") == 500, 5, "fail closed")
         assert await asyncio.to_thread(ecds_stat, envoy, FILTERS[0], "update_rejected") == 1
         assert await asyncio.to_thread(ecds_stat, envoy, FILTERS[0], "config_fail") == 1
@@ -361,9 +312,6 @@ async def test_a_configuration_refused_in_the_connect_burst_fails_closed(api: st
         assert proxy["last_nack"] is None, proxy
         assert await asyncio.to_thread(once, port, x_job="99") == 200  # no filter without configuration: no 500
         assert await asyncio.to_thread(once, port, x_job="0") == 403  # the configuration it refused before
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
 
 
 def _nack_counts() -> tuple[float, float]:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.replicas import KEY_ENV, STORE_ARGS, STORE_ENV, STORE_KEY
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
+from tests.support.replicas import stacks_on_one_store
+from tests.support.stack import EnvoySpec, PolicyInputs, Served
 
 pytestmark = pytest.mark.e2e
 
@@ -38,30 +36,16 @@ def policy(given: PolicyInputs) -> str:
     )
 
 
+def replica_envoy(name: str) -> EnvoySpec:
+    return EnvoySpec(f"replica-{name}-envoy", f"envoy-{name}")
+
+
 @pytest.fixture
 def replicas(tmp_path: Path, pg_dsn: str) -> Iterator[tuple[Served, Served]]:
     """Replica A and replica B: one fake GitLab, one database, a policy directory, state directory, backend and
     Envoy each (two Envoys cannot share a listener port)."""
-    store = STORE_ARGS
-    with FakeGitLab() as gitlab, ExitStack() as running:
-        built = []
-        for name in ("a", "b"):
-            root = tmp_path / name
-            root.mkdir()
-            built.append(
-                running.enter_context(
-                    serve_exchange_stack(
-                        root,
-                        policy,
-                        kind=Served,
-                        envoy=EnvoySpec(f"replica-{name}-envoy", f"envoy-{name}"),
-                        gitlab=gitlab,
-                        serve_args=store,
-                        env={STORE_ENV: pg_dsn, KEY_ENV: STORE_KEY},
-                    )
-                )
-            )
-        yield built[0], built[1]
+    with stacks_on_one_store(tmp_path, policy, pg_dsn, kind=Served, envoy=replica_envoy) as (a, b):
+        yield a, b
 
 
 def _denied_after_hook(hooked: Served, enforcing: Served, job: int) -> float:

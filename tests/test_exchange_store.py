@@ -18,6 +18,7 @@ import pytest
 from controlplane.credentials import exchange_store
 from controlplane.credentials.exchange_store import (
     ExchangeStoreError,
+    FinishedJob,
     JobLedger,
     LiveJob,
     MemoryExchangeStore,
@@ -190,6 +191,45 @@ async def test_a_credential_without_a_subject_expiry_answers_its_own(store: Stor
     assert await store.finish("7", clock.now + 1000) is None
 
 
+async def test_finished_jobs_keep_their_project_and_end_for_a_later_policy_change(store: Store, clock: Clock) -> None:
+    """What `CredentialService.policy_changed` re-judges after a restart or on another replica: the projects of the
+    jobs ended after `since`, then the jobs of the projects asked for, the latest first, bounded; a repeated hook
+    keeps the latest end and a project already known; a record past `keep_until` is gone (the ledger stays as
+    small as what may still matter)."""
+    start = clock.now
+    await store.finish("7", start + 100, project_id="42", finished_at=start)
+    await store.finish("8", start + 500, project_id=None, finished_at=start + 10)  # unknown project (the sweep)
+    await store.finish("5", start + 500, project_id="44", finished_at=start + 5)
+    await store.finish("9", start + 500)  # no end time (a caller that does not re-judge): never listed here
+    await store.finish("6", start + 500, project_id="43", finished_at=start - 50)  # ended before `since`
+    clock.now += 20
+    assert await store.finished_projects(start - 1) == {"42", "44", None}
+    assert await store.finished_since(start - 1, 10, ["42", None, "43"]) == [
+        FinishedJob("8", None, start + 10),
+        FinishedJob("7", "42", start),
+    ]
+    assert await store.finished_since(start - 1, 10, ["44"]) == [FinishedJob("5", "44", start + 5)]
+    assert await store.finished_since(start - 1, 1, ["42", None]) == [FinishedJob("8", None, start + 10)]
+    assert await store.finished_since(start - 1, 0, ["42"]) == []
+    assert await store.finished_since(start - 1, 10, []) == []
+    await store.finish("7", start + 100, finished_at=start + 15)  # the hook again: later end, project kept
+    assert await store.finished_since(start + 12, 10, ["42", "44", None]) == [FinishedJob("7", "42", start + 15)]
+    clock.now = start + 100  # 7's record has ended
+    assert await store.finished_projects(start - 1) == {"44", None}
+
+
+async def test_the_sqlite_store_asks_for_many_projects_in_bounded_statements(tmp_path: Path, clock: Clock) -> None:
+    store = SqliteExchangeStore(tmp_path / "exchange.sqlite3", clock=clock)
+    try:
+        for n in range(1200):
+            await store.finish(str(n), clock.now + 100, project_id=str(n), finished_at=clock.now - n)
+        asked = [str(n) for n in range(0, 1200, 2)] + [None]
+        assert [end.job_id for end in await store.finished_since(clock.now - 1000, 3, asked)] == ["0", "2", "4"]
+        assert len(await store.finished_since(clock.now - 2000, 10_000, asked)) == 600
+    finally:
+        store.close()
+
+
 async def test_the_memory_store_is_bounded_and_fails_closed(clock: Clock) -> None:
     store = MemoryExchangeStore(capacity=1, clock=clock)
     assert await store.claim("a", clock.now + 10, 3)
@@ -294,34 +334,88 @@ def test_a_job_credentials_table_without_the_job_columns_fails_at_open(tmp_path:
     path = tmp_path / "exchange.sqlite3"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE job_credentials (job_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID")
+        db.execute("CREATE TABLE finished_jobs (job_id TEXT PRIMARY KEY, keep_until REAL NOT NULL) WITHOUT ROWID")
         db.execute("PRAGMA user_version = 1")  # what that build wrote: the columns came without a version bump
     with pytest.raises(ExchangeStoreError, match=r"exchange\.sqlite3.*project_id"):
         SqliteExchangeStore(path)
 
 
-async def test_a_version_1_file_is_upgraded_in_place_and_keeps_its_records(tmp_path: Path, clock: Clock) -> None:
-    """The release before subject expiries were kept wrote version 1: its finished jobs and credentials stay, and
-    the new column is added (a restart must never forget a finished job)."""
+# The schemas earlier releases wrote, as they were (a released schema never changes).
+_VERSION_1 = """
+CREATE TABLE replay (subject TEXT PRIMARY KEY, uses INTEGER NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX replay_expiry ON replay (expires_at);
+CREATE TABLE finished_jobs (job_id TEXT PRIMARY KEY, keep_until REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX finished_jobs_expiry ON finished_jobs (keep_until);
+CREATE TABLE job_credentials (
+    job_id TEXT PRIMARY KEY, project_id TEXT, issuer TEXT NOT NULL, expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX job_credentials_expiry ON job_credentials (expires_at);
+"""
+_VERSION_2 = (
+    _VERSION_1.replace("expires_at REAL NOT NULL\n)", "expires_at REAL NOT NULL, subject_expires_at REAL\n)")
+    + "CREATE INDEX job_credentials_held ON job_credentials (max(expires_at, coalesce(subject_expires_at, 0)));"
+)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_older_file_is_upgraded_in_place_and_keeps_its_records(
+    tmp_path: Path, clock: Clock, version: int
+) -> None:
+    """Version 1 (before subject expiries were kept) and 2 (before finished jobs kept their project and end): their
+    finished jobs and credentials stay, and the new columns are added (a restart must never forget a finished
+    job)."""
     path = tmp_path / "exchange.sqlite3"
     with sqlite3.connect(path) as db:
-        version_1 = exchange_store._SCHEMA.replace(",\n    subject_expires_at REAL", "")
-        db.executescript(version_1.replace(exchange_store._HELD_INDEX + ";", ""))
+        db.executescript(_VERSION_1 if version == 1 else _VERSION_2)
         db.execute("INSERT INTO finished_jobs VALUES ('7', ?)", (clock.now + 100,))
-        db.execute("INSERT INTO job_credentials VALUES ('8', '42', ?, ?)", (GITLAB, clock.now + 100))
-        db.execute("PRAGMA user_version = 1")
+        db.execute(
+            "INSERT INTO job_credentials (job_id, project_id, issuer, expires_at) VALUES ('8', '42', ?, ?)",
+            (GITLAB, clock.now + 100),
+        )
+        db.execute(f"PRAGMA user_version = {version}")
     store = SqliteExchangeStore(path, clock=clock)
     try:
         assert await store.is_finished("7") and await store.credentials_until("8") == clock.now + 100
         assert await store.issued(
             "8", clock.now + 50, project_id="42", issuer=GITLAB, subject_expires_at=clock.now + 700
         )
-        assert await store.finish("8", clock.now + 1000) == clock.now + 700
+        assert await store.finish("8", clock.now + 1000, project_id="42", finished_at=clock.now) == clock.now + 700
+        assert await store.finished_since(clock.now - 1, 10, ["42"]) == [FinishedJob("8", "42", clock.now)]  # 7: no end
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == exchange_store.SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == exchange_store.SCHEMA_VERSION == 3
         plan = db.execute("EXPLAIN QUERY PLAN DELETE FROM job_credentials WHERE " + exchange_store._HELD + " <= 1")
         assert "job_credentials_held" in str(plan.fetchall())  # the sweep uses the index
+        plan = db.execute("EXPLAIN QUERY PLAN " + exchange_store._FINISHED_PROJECTS, (0, 0))
+        assert "finished_jobs_project" in str(plan.fetchall())  # not the table: one short index entry a job
+        query = exchange_store._FINISHED_SINCE.format(projects="project_id IN (?)")
+        plan = db.execute("EXPLAIN QUERY PLAN " + query, (0, 0, "42", 1))
+        assert "finished_jobs_project" in str(plan.fetchall())
+
+
+def test_a_version_2_file_upgraded_by_another_process_meanwhile_is_not_upgraded_twice(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas on one host start together on an older file: the second to take the write lock finds the
+    version moved on and adds nothing (adding the columns again would fail its start)."""
+    path = tmp_path / "exchange.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_VERSION_2)
+        db.execute("PRAGMA user_version = 2")
+    upgrade = exchange_store._upgrade
+    others: list[None] = []
+
+    def after_the_other(db: sqlite3.Connection, version: int, script: str) -> int:
+        if not others:  # the other process, in between our read of the version and our lock
+            others.append(None)
+            SqliteExchangeStore(path, clock=clock).close()
+        return upgrade(db, version, script)
+
+    monkeypatch.setattr(exchange_store, "_upgrade", after_the_other)
+    SqliteExchangeStore(path, clock=clock).close()
+    with sqlite3.connect(path) as db:
+        assert others and db.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_a_newer_schema_is_refused_not_reused(tmp_path: Path) -> None:

@@ -16,14 +16,15 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials.exchange import ExchangePolicy
-from controlplane.credentials.exchange_store import DB_NAME, SqliteExchangeStore
+from controlplane.credentials.exchange_store import DB_NAME, FinishedJob, SqliteExchangeStore
 from controlplane.credentials.revocations import EXPIRY_QUANTUM
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.model.credentials import NO_REVOCATIONS
@@ -113,6 +114,26 @@ class Node:
         event = JobEvent(project_id=project, job_id=job, pipeline_id=900, status="success", ref="main")
         await self.service.on_event(event)
 
+    async def exchanged(self, job: int) -> None:
+        """The job (of project 42) exchanges its ID token, issued now and valid 3000 s, for a deploy-api credential."""
+        token = self.fake.mint(
+            job_id=job,
+            project_id=42,
+            project_path="acme/platform/deployer",
+            namespace_id=11,
+            iat=int(self.clock.now),
+            ttl=3000,
+            aud="https://deploy.local",
+        )
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "audience": "deploy-api",
+        }
+        granted = await self.service.exchange.exchange(form)
+        assert granted.status == 200, granted.body
+
     def seen(self, job: int, exp: float | None, project: int = 42) -> None:
         self.service.job_seen(
             job_id=str(job), project_id=str(project), issuer=self.fake.issuer, issued_at=self.clock.now, expires_at=exp
@@ -192,26 +213,54 @@ async def test_with_a_covering_backend_a_never_seen_job_is_listed_for_the_deny_w
         node.close()
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["same-process", "restarted"])
 async def test_a_policy_change_that_covers_a_finished_unlisted_job_lists_it(
-    gitlab: FakeGitLab, tmp_path: Path, clock: Clock
+    gitlab: FakeGitLab, tmp_path: Path, clock: Clock, restarted: bool
 ) -> None:
     """A job not covered when it finished (no raw-token backend admitted its project) is listed when a new policy
     covers its project, for the deny window from its end: its ID tokens are still valid, and the backend's
     `finished-jobs` default promises no window. Before, nothing re-judged it: its tokens passed until a sighting
-    listed it."""
+    listed it; and a replica restarted since the job ended (or another one) had forgotten it, so its tokens passed
+    on. The ledger's record of the end (project, time) is what is re-judged, so a restart changes nothing."""
     node = Node(gitlab, tmp_path, clock, policy(gitlab))
     try:
+        await node.finished(5002, project=43)  # ended longer ago than the deny window: its tokens have expired
+        clock.now += DENY + 1
+        ended = clock.now
         await node.finished(5003, project=43)  # no raw-token backend admits project 43: not listed
-        assert "5003" not in node.listed()
+        assert not node.listed()
+        if restarted:
+            node.close()
+            node = Node(gitlab, tmp_path, clock, policy(gitlab))
+            node.service.policy_changed()  # the first policy after the start: judged, nothing newly covered
+            await node.settled()
+            assert not node.listed()
+        clock.now += 600
         # A commit grants project 43's jobs the raw-token deploy-api: 5003's ID token (valid for hours) passes now.
         node.policy = policy(gitlab, deploy_subject="{project: 43}")
         assert node.policy.covers("43")
         node.service.policy_changed()  # what the policy service calls when it publishes a new policy
         await node.settled()
-        assert node.listed() == {"5003": clock.now + DENY}
-        node.policy = policy(gitlab, deploy_subject="{project: 44}")
-        node.service.policy_changed()  # nothing left to re-judge
+        assert node.listed() == {"5003": ended + DENY}
+        node.service.policy_changed()  # the same backend entries again (a revocation's recompile): no ledger read
         assert not node.service._sighting_tasks
+        asked: list[object] = []
+        finished_since = node.store.finished_since
+
+        async def spied(since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+            asked.append(sorted(projects, key=str))
+            return await finished_since(since, limit, projects)
+
+        node.store.finished_since = spied  # type: ignore[method-assign]
+        node.policy = policy(gitlab, deploy_subject="{project: 44}")
+        node.service.policy_changed()  # narrowed again: what is listed stays listed
+        await node.settled()
+        assert node.listed() == {"5003": ended + DENY}
+        assert not asked  # no job of a newly covered project (44) ended: no job read
+        node.policy = policy(gitlab, deploy_subject="{group: acme}")  # covers every project: only 43 is new
+        node.service.policy_changed()
+        await node.settled()
+        assert asked == [["43"]] and node.listed() == {"5003": ended + DENY}
     finally:
         node.close()
 
@@ -228,9 +277,9 @@ async def test_a_job_hook_cut_short_by_its_timeout_still_lists_the_job(
         release = asyncio.Event()
         finish = node.store.finish
 
-        async def slow_finish(job_id: str, keep_until: float) -> float | None:
+        async def slow_finish(job_id: str, keep_until: float, **recorded: Any) -> float | None:
             await release.wait()
-            return await finish(job_id, keep_until)
+            return await finish(job_id, keep_until, **recorded)
 
         monkeypatch.setattr(node.store, "finish", slow_finish)
         with pytest.raises(TimeoutError):
@@ -387,25 +436,9 @@ async def test_an_opted_out_raw_backend_does_not_list_an_unseen_job(
 
 
 async def test_a_job_that_exchanged_is_listed_until_its_credential_and_id_token_expired(
-    node: Node, gitlab: FakeGitLab, clock: Clock
+    node: Node, clock: Clock
 ) -> None:
-    token = gitlab.mint(
-        job_id=5201,
-        project_id=42,
-        project_path="acme/platform/deployer",
-        namespace_id=11,
-        iat=int(clock.now),
-        ttl=3000,
-        aud="https://deploy.local",
-    )
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "subject_token": token,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "audience": "deploy-api",
-    }
-    granted = await node.service.exchange.exchange(form)
-    assert granted.status == 200, granted.body
+    await node.exchanged(5201)
     await node.finished(5201)
     # the credential lives 10 minutes, the ID token 3000 s (+ skew): the later one bounds the entry
     assert node.listed() == {"5201": int(clock.now) + 3000 + node.skew}
@@ -432,22 +465,7 @@ async def test_a_credential_stays_denied_while_envoy_still_accepts_it_past_its_e
     clock.now = EXPIRY_QUANTUM * math.ceil(clock.now / EXPIRY_QUANTUM) + 10 * EXPIRY_QUANTUM - 600 - 1
     node = Node(gitlab, tmp_path, clock, policy(gitlab), deny=0.0)
     try:
-        token = gitlab.mint(
-            job_id=5203,
-            project_id=42,
-            project_path="acme/platform/deployer",
-            namespace_id=11,
-            iat=int(clock.now),
-            ttl=3000,
-            aud="https://deploy.local",
-        )
-        form = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token": token,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "audience": "deploy-api",
-        }
-        assert (await node.service.exchange.exchange(form)).status == 200
+        await node.exchanged(5203)
         ((_, exp),) = node.service.exchange.credentials_of("5203")
         assert exp % EXPIRY_QUANTUM == EXPIRY_QUANTUM - 1  # a quantum boundary 1 s after it
         await node.finished(5203)

@@ -45,9 +45,9 @@ class Sightings:
         self.clock = clock
         self.capacity = capacity
         self._seen: OrderedDict[str, Sighting] = OrderedDict()
-        # job -> (until when a sighting must list it, its project id): the project lets a policy change that now
-        # covers it list it (`CredentialService.policy_changed`)
-        self._finished: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        # job -> until when a sighting must list it (a policy change that covers it asks the ledger instead:
+        # `CredentialService.policy_changed`, which every replica and a restarted one can read)
+        self._finished: OrderedDict[str, float] = OrderedDict()
         self._asked: OrderedDict[str, None] = OrderedDict()  # jobs whose ledger entry a sighting has asked about
 
     def saw(self, job_id: str, token_until: float | None) -> bool:
@@ -73,28 +73,16 @@ class Sightings:
             return None
         return found
 
-    def finished_unlisted(self, job_id: str, until: float, project_id: str | None = None) -> None:
+    def finished_unlisted(self, job_id: str, until: float) -> None:
         """The job finished and nothing listed it: a sighting before `until` must."""
-        self._finished[job_id] = (until, project_id)
+        self._finished[job_id] = until
         self._finished.move_to_end(job_id)
         _bound(self._finished, self.capacity)
 
     def take_finished(self, job_id: str) -> bool:
         """True (once) when the job was recorded finished and unlisted here, and still matters."""
         found = self._finished.pop(job_id, None)
-        return found is not None and found[0] > self.clock()
-
-    def has_finished_unlisted(self) -> bool:
-        return bool(self._finished)
-
-    def take_finished_of(self, covered: Callable[[str | None], bool]) -> list[tuple[str, float]]:
-        """The finished, unlisted jobs (and until when they matter) whose project `covered` now says a backend
-        may admit; they are forgotten here (the caller lists them)."""
-        now = self.clock()
-        taken = [(job, until) for job, (until, project) in self._finished.items() if until > now and covered(project)]
-        for job, _ in taken:
-            del self._finished[job]
-        return taken
+        return found is not None and found > self.clock()
 
     def status(self) -> dict[str, int]:
         return {"seen_jobs": len(self._seen), "finished_unlisted": len(self._finished)}

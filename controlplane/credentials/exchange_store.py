@@ -24,17 +24,19 @@ import heapq
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from controlplane.statefile import StateFileError, create_database, make_private
 
 log = logging.getLogger("controlplane.credentials")
 
 DB_NAME = "exchange.sqlite3"
-SCHEMA_VERSION = 2  # 2: job_credentials.subject_expires_at (a version-1 file is upgraded in place)
+# 2: job_credentials.subject_expires_at; 3: finished_jobs.project_id and finished_at (an older file is upgraded in
+# place at open, one version at a time)
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replay (
     subject TEXT PRIMARY KEY,
@@ -44,7 +46,9 @@ CREATE TABLE IF NOT EXISTS replay (
 CREATE INDEX IF NOT EXISTS replay_expiry ON replay (expires_at);
 CREATE TABLE IF NOT EXISTS finished_jobs (
     job_id TEXT PRIMARY KEY,
-    keep_until REAL NOT NULL
+    keep_until REAL NOT NULL,
+    project_id TEXT,
+    finished_at REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS finished_jobs_expiry ON finished_jobs (keep_until);
 CREATE TABLE IF NOT EXISTS job_credentials (
@@ -61,10 +65,29 @@ CREATE INDEX IF NOT EXISTS job_credentials_expiry ON job_credentials (expires_at
 _HELD = "max(expires_at, coalesce(subject_expires_at, 0))"
 _HELD_INDEX = f"CREATE INDEX IF NOT EXISTS job_credentials_held ON job_credentials ({_HELD})"
 _SCHEMA += _HELD_INDEX + ";\n"
+# When each job's end was recorded, so a policy change can re-judge the jobs that ended within the deny window
+# (`finished_projects`, then `finished_since` for the projects it now covers) after a restart too.
+_FINISHED_AT_INDEX = "CREATE INDEX IF NOT EXISTS finished_jobs_project ON finished_jobs (project_id, finished_at)"
+_SCHEMA += _FINISHED_AT_INDEX + ";\n"
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = ? AND keep_until > ?"
+_FINISH = (
+    "INSERT INTO finished_jobs (job_id, keep_until, project_id, finished_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (job_id) DO UPDATE SET keep_until = max(keep_until, excluded.keep_until), "
+    "project_id = coalesce(excluded.project_id, project_id), "
+    "finished_at = coalesce(max(finished_at, excluded.finished_at), finished_at, excluded.finished_at)"
+)
+_FINISHED_PROJECTS = "SELECT DISTINCT project_id FROM finished_jobs WHERE finished_at > ? AND keep_until > ?"
+_FINISHED_SINCE = (
+    "SELECT job_id, project_id, finished_at FROM finished_jobs WHERE finished_at > ? AND keep_until > ? "
+    "AND ({projects}) ORDER BY finished_at DESC, job_id LIMIT ?"
+)
+_PROJECTS_PER_QUERY = 500  # SQLite's bound on a statement's parameters is 32,766; a short IN list is also fast
 _CREDENTIALS_UNTIL = "SELECT expires_at FROM job_credentials WHERE job_id = ? AND expires_at > ?"
 _HELD_UNTIL = f"SELECT {_HELD} FROM job_credentials WHERE job_id = ? AND {_HELD} > ?"
 _UPGRADE_FROM_1 = "ALTER TABLE job_credentials ADD COLUMN subject_expires_at REAL"
+_UPGRADE_FROM_2 = (
+    "ALTER TABLE finished_jobs ADD COLUMN project_id TEXT; ALTER TABLE finished_jobs ADD COLUMN finished_at REAL"
+)
 _LIVE_JOBS = (
     "SELECT job_id, project_id, issuer, expires_at FROM job_credentials WHERE expires_at > ? "
     "ORDER BY expires_at DESC, job_id LIMIT ?"
@@ -72,7 +95,7 @@ _LIVE_JOBS = (
 _SHAPE = (
     "SELECT job_id, project_id, issuer, expires_at, subject_expires_at FROM job_credentials LIMIT 0",
     "SELECT subject, uses, expires_at FROM replay LIMIT 0",
-    "SELECT job_id, keep_until FROM finished_jobs LIMIT 0",
+    "SELECT job_id, keep_until, project_id, finished_at FROM finished_jobs LIMIT 0",
 )
 _TABLES = (("replay", "expires_at"), ("finished_jobs", "keep_until"), ("job_credentials", _HELD))
 
@@ -89,6 +112,15 @@ class LiveJob:
     project_id: str | None  # None only for a subject token without `project_id` (GitLab always sets it)
     issuer: str  # the GitLab issuer URL of the job's ID token (its `iss`)
     expires_at: float  # when its last credential expires (Unix time)
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job whose end the ledger recorded: which project (None: unknown) and when (Unix time)."""
+
+    job_id: str
+    project_id: str | None
+    finished_at: float
 
 
 class ReplayCounter(Protocol):
@@ -108,14 +140,28 @@ class JobLedger(Protocol):
     long must its credentials be denied?" with "no, it has not finished, here is a credential".
     """
 
-    async def finish(self, job_id: str, keep_until: float) -> float | None:
+    async def finish(
+        self, job_id: str, keep_until: float, *, project_id: str | None = None, finished_at: float | None = None
+    ) -> float | None:
         """GitLab reported the job finished: `is_finished` answers True until `keep_until`, and `issued`
         refuses. Returns, as of that moment, until when anything the ledger knows of the job may still pass a
         gateway: the latest of `credentials_until(job_id)` and the `subject_expires_at` recorded by `issued`
-        (None: nothing unexpired)."""
+        (None: nothing unexpired). `project_id` and `finished_at` (the hook's time) are kept with the record for
+        `finished_since`; a repeated hook keeps the latest time and any project already known."""
         ...
 
     async def is_finished(self, job_id: str) -> bool: ...
+
+    async def finished_projects(self, since: float) -> set[str | None]:
+        """The projects (None: unknown) of the jobs recorded finished (with a `finished_at`) after `since` and still
+        kept: a policy change judges these (a few hundred, not tens of thousands of jobs) before reading jobs."""
+        ...
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        """At most `limit` jobs of `projects` recorded finished (with a `finished_at`) after `since` and still kept,
+        the latest first: what a policy change that newly covers those projects lists, durably and on every replica
+        (docs/revocation-coverage.md)."""
+        ...
 
     async def issued(
         self,
@@ -164,6 +210,7 @@ class MemoryExchangeStore:
         self._uses: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
         self._finished: dict[str, float] = {}
+        self._ends: dict[str, FinishedJob] = {}
         self._credentials: dict[str, LiveJob] = {}
         self._subjects: dict[str, float] = {}
 
@@ -179,13 +226,33 @@ class MemoryExchangeStore:
         self._uses[subject] = uses + 1
         return True
 
-    async def finish(self, job_id: str, keep_until: float) -> float | None:
+    async def finish(
+        self, job_id: str, keep_until: float, *, project_id: str | None = None, finished_at: float | None = None
+    ) -> float | None:
         self._finished[job_id] = max(keep_until, self._finished.get(job_id, 0.0))
+        known = self._ends.get(job_id)
+        if known is not None:
+            project_id = known.project_id if project_id is None else project_id
+            finished_at = known.finished_at if finished_at is None else max(finished_at, known.finished_at)
+        if finished_at is not None:
+            self._ends[job_id] = FinishedJob(job_id, project_id, finished_at)
         held = max(await self.credentials_until(job_id) or 0.0, self._subjects.get(job_id, 0.0))
         return held if held > self._clock() else None
 
     async def is_finished(self, job_id: str) -> bool:
         return self._finished.get(job_id, 0.0) > self._clock()
+
+    async def finished_projects(self, since: float) -> set[str | None]:
+        return {end.project_id for end in self._ended_since(since)}
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        chosen = set(projects)
+        kept = (end for end in self._ended_since(since) if end.project_id in chosen)
+        return heapq.nsmallest(max(limit, 0), kept, key=lambda end: (-end.finished_at, end.job_id))
+
+    def _ended_since(self, since: float) -> Iterator[FinishedJob]:
+        now = self._clock()
+        return (e for e in self._ends.values() if e.finished_at > since and self._finished.get(e.job_id, 0.0) > now)
 
     async def issued(
         self,
@@ -259,14 +326,41 @@ class SqliteExchangeStore:
             ).rowcount
         return counted == 1
 
-    async def finish(self, job_id: str, keep_until: float) -> float | None:
+    async def finish(
+        self, job_id: str, keep_until: float, *, project_id: str | None = None, finished_at: float | None = None
+    ) -> float | None:
         with self._write() as db:
-            _keep_latest(db, "finished_jobs", "keep_until", job_id, keep_until)
+            db.execute(_FINISH, (job_id, keep_until, project_id, finished_at))
             row = db.execute(_HELD_UNTIL, (job_id, self._clock())).fetchone()
         return None if row is None else float(row[0])
 
     async def is_finished(self, job_id: str) -> bool:
         return self._read(_FINISHED, job_id) is not None
+
+    async def finished_projects(self, since: float) -> set[str | None]:
+        rows = self._rows(_FINISHED_PROJECTS, (since, self._clock()))
+        return {None if project is None else str(project) for (project,) in rows}
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        """One indexed query per `_PROJECTS_PER_QUERY` projects (the unknown one with the first), merged: each is
+        bounded by `limit` already."""
+        named = sorted(str(project) for project in projects if project is not None)
+        chunks = [named[i : i + _PROJECTS_PER_QUERY] for i in range(0, len(named), _PROJECTS_PER_QUERY)] or [[]]
+        found: list[FinishedJob] = []
+        for n, chunk in enumerate(chunks):
+            where = [f"project_id IN ({', '.join('?' * len(chunk))})"] if chunk else []
+            where += ["project_id IS NULL"] if n == 0 and None in projects else []
+            if where:
+                query = _FINISHED_SINCE.format(projects=" OR ".join(where))
+                rows = self._rows(query, (since, self._clock(), *chunk, max(limit, 0)))
+                found += (FinishedJob(str(job), None if p is None else str(p), float(at)) for job, p, at in rows)
+        return heapq.nsmallest(max(limit, 0), found, key=lambda end: (-end.finished_at, end.job_id))
+
+    def _rows(self, query: str, params: tuple[object, ...]) -> list[Any]:
+        try:
+            return list(self._db.execute(query, params).fetchall())
+        except sqlite3.Error as error:
+            raise ExchangeStoreError(f"{self.path}: cannot read the exchange state: {error}") from None
 
     async def issued(
         self,
@@ -340,14 +434,6 @@ class SqliteExchangeStore:
             raise
 
 
-def _keep_latest(db: sqlite3.Connection, table: str, column: str, job_id: str, until: float) -> None:
-    db.execute(
-        f"INSERT INTO {table} (job_id, {column}) VALUES (?, ?) "
-        f"ON CONFLICT (job_id) DO UPDATE SET {column} = max({column}, excluded.{column})",
-        (job_id, until),
-    )
-
-
 def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
     """Created whole (schema and version, under a temporary name, then linked into place) and 0600 (its -wal and
     -shm files copy the mode). A file that exists must be our database at our schema version: a 0-byte, foreign
@@ -360,10 +446,9 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         if version == 0:
             raise sqlite3.DatabaseError("not an exchange state database (empty or foreign: no schema version)")
         if version == 1:  # a file of the release before subject expiries were kept: one column more
-            db.executescript(
-                f"BEGIN IMMEDIATE; {_UPGRADE_FROM_1}; {_HELD_INDEX}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-            version = SCHEMA_VERSION
+            version = _upgrade(db, 1, f"{_UPGRADE_FROM_1}; {_HELD_INDEX}")
+        if version == 2:  # a file of the release before finished jobs kept their project and end time
+            version = _upgrade(db, 2, f"{_UPGRADE_FROM_2}; {_FINISHED_AT_INDEX}")
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, this release reads {SCHEMA_VERSION}")
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -379,6 +464,26 @@ def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _upgrade(db: sqlite3.Connection, version: int, script: str) -> int:
+    """Bring a file at `version` to the next one in one transaction, and return the version it is at. The version
+    is read again under the write lock: another process opening the same file at the same moment has upgraded it
+    already (its ALTERs done again would fail)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] == version:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return found
 
 
 def _initialise(db: sqlite3.Connection) -> None:

@@ -23,12 +23,12 @@ exchange then answers 503 and never grants. Messages carry the redacted DSN only
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
 
 import psycopg
 
-from controlplane.credentials.exchange_store import ExchangeStoreError, LiveJob
+from controlplane.credentials.exchange_store import ExchangeStoreError, FinishedJob, LiveJob
 from controlplane.store.migrations import EXCHANGE_JOB_LOCK, MigrationError, migrate
 from controlplane.store.pool import StorePool, StoreUnavailable, failure_reason
 
@@ -45,8 +45,17 @@ RETURNING uses
 """
 _LOCK_JOB = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
 _FINISH = """
-INSERT INTO finished_jobs AS f (job_id, keep_until) VALUES (%s, %s)
-ON CONFLICT (job_id) DO UPDATE SET keep_until = greatest(f.keep_until, excluded.keep_until)
+INSERT INTO finished_jobs AS f (job_id, keep_until, project_id, finished_at) VALUES (%s, %s, %s, %s)
+ON CONFLICT (job_id) DO UPDATE SET keep_until = greatest(f.keep_until, excluded.keep_until),
+    project_id = coalesce(excluded.project_id, f.project_id),
+    finished_at = greatest(f.finished_at, excluded.finished_at)
+"""
+# The jobs a policy change re-judges (migration 8); greatest() above ignores a NULL, as the SQLite store's does.
+_FINISHED_PROJECTS = "SELECT DISTINCT project_id FROM finished_jobs WHERE finished_at > %s AND keep_until > %s"
+_FINISHED_SINCE = """
+SELECT job_id, project_id, finished_at FROM finished_jobs WHERE finished_at > %s AND keep_until > %s
+AND (project_id = ANY(%s) OR (%s AND project_id IS NULL))
+ORDER BY finished_at DESC, job_id LIMIT %s
 """
 _FINISHED = "SELECT 1 FROM finished_jobs WHERE job_id = %s AND keep_until > %s"
 _ISSUED = """
@@ -74,7 +83,7 @@ _TABLES = (
 
 class PostgresExchangeStore:
     """`ReplayCounter` and `JobLedger` on a shared PostgreSQL: `await open()` (connects and migrates), then the
-    six coroutines, then `await close()`. The store owns the pool it is given."""
+    seven coroutines, then `await close()`. The store owns the pool it is given."""
 
     def __init__(
         self,
@@ -121,11 +130,13 @@ class PostgresExchangeStore:
             cursor = await conn.execute(_CLAIM, params)
             return await cursor.fetchone() is not None
 
-    async def finish(self, job_id: str, keep_until: float) -> float | None:
+    async def finish(
+        self, job_id: str, keep_until: float, *, project_id: str | None = None, finished_at: float | None = None
+    ) -> float | None:
         await self._prune_if_due()
         async with self._transaction("write") as conn:
             await conn.execute(_LOCK_JOB, (EXCHANGE_JOB_LOCK, job_id))
-            await conn.execute(_FINISH, (job_id, keep_until))
+            await conn.execute(_FINISH, (job_id, keep_until, project_id, finished_at))
             cursor = await conn.execute(_HELD_UNTIL, (job_id, self._clock()))
             row = await cursor.fetchone()
         return None if row is None else _float(row[0])
@@ -134,6 +145,24 @@ class PostgresExchangeStore:
         async with self._transaction("read") as conn:
             cursor = await conn.execute(_FINISHED, (job_id, self._clock()))
             return await cursor.fetchone() is not None
+
+    async def finished_projects(self, since: float) -> set[str | None]:
+        async with self._transaction("read") as conn:
+            cursor = await conn.execute(_FINISHED_PROJECTS, (since, self._clock()))
+            rows = await cursor.fetchall()
+        return {None if project is None else str(project) for (project,) in rows}
+
+    async def finished_since(self, since: float, limit: int, projects: Collection[str | None]) -> list[FinishedJob]:
+        if limit < 1 or not projects:
+            return []
+        named = [str(project) for project in projects if project is not None]
+        params = (since, self._clock(), named, None in projects, limit)
+        async with self._transaction("read") as conn:
+            cursor = await conn.execute(_FINISHED_SINCE, params)
+            rows = await cursor.fetchall()
+        return [
+            FinishedJob(str(job), None if project is None else str(project), _float(at)) for job, project, at in rows
+        ]
 
     async def issued(
         self,

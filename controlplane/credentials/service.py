@@ -17,7 +17,7 @@ from typing import Any
 
 from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials import metrics
-from controlplane.credentials.coverage import Sightings
+from controlplane.credentials.coverage import MAX_SIGHTINGS, Sightings
 from controlplane.credentials.exchange import (
     DEFAULT_MAX_SUBJECT_AGE,
     ExchangeBackend,
@@ -167,7 +167,7 @@ class CredentialService:
         self._audit_seen: AuditSeen | None = None
         self._audit_flush: AuditFlush | None = None
         self._sighting_tasks: set[asyncio.Task[Any]] = set()  # and revocations whose Job Hook gave up waiting
-        self._judged_backends: tuple[ExchangeBackend, ...] = ()  # those `policy_changed` last re-judged jobs by
+        self._judged: ExchangePolicy | None = None  # the policy `policy_changed` last re-judged jobs by
         self._asks: dict[str, None] = {}  # seen jobs waiting for the ledger question, in order
         self._asking = False
         self._inputs: CredentialInputs | None = None
@@ -398,7 +398,9 @@ class CredentialService:
         unknown = False  # the ledger failed
         now = self.clock()
         try:
-            recorded = await self.store.finish(job, now + self.options.finished_job_retention)
+            recorded = await self.store.finish(
+                job, now + self.options.finished_job_retention, project_id=project_id, finished_at=now
+            )
         except ExchangeStoreError as error:
             log.error("%s: job %s finished but is not recorded; the deny list still applies", error, job)
             # What the job holds (another replica's credentials included) is unknown: deny it for as long as
@@ -421,7 +423,7 @@ class CredentialService:
         until = max(held, self._raw_token_until(job, seen=seen, covered=covered))
         if until <= self.clock():
             # Nothing of it can pass a gateway now; a later sighting (access log after the hook) lists it.
-            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback, project_id)
+            self.sightings.finished_unlisted(job, self.clock() + self.options.recovery_lookback)
             log.info("job %s %s: nothing to deny (no credential, not seen, not covered)", job, status)
             metrics.count_finished_job("not_listed")
             return False
@@ -430,30 +432,53 @@ class CredentialService:
 
     def policy_changed(self) -> None:
         """A new policy is in service: a raw-token backend may now cover projects it did not, whose jobs finished
-        unlisted before it (their ID tokens still valid). List those this replica recorded (each replica records
-        the jobs whose Job Hook it received, for `recovery_lookback`), for the deny window from their end."""
+        unlisted before it (their ID tokens still valid). Re-judge the jobs the ledger recorded finished within the
+        deny window (any replica's Job Hook, before a restart too) and list those of the projects now covered and
+        not by the policy judged before, for the deny window from their end (one listed for less, its credentials
+        only, is extended). Returns at once: the ledger is read in a task."""
         policy = self._policy()
-        window = self.options.deny_id_tokens_for
-        if policy is None or window <= 0 or not self.sightings.has_finished_unlisted():
+        if policy is None or self.options.deny_id_tokens_for <= 0:
             return
         # Every compile (each revocation's too) builds a new ExchangePolicy, but its backend entries are kept while
-        # unchanged (ExchangePolicy.build's memo): the same entries cover the same jobs, nothing to re-judge.
-        judged, self._judged_backends = self._judged_backends, policy.backends
-        if len(judged) == len(policy.backends) and all(a is b for a, b in zip(judged, policy.backends, strict=True)):
+        # unchanged (ExchangePolicy.build's memo): the same entries cover the same jobs, nothing to re-judge. The
+        # first policy after a start has nothing to compare with: it may have widened while this replica was down.
+        previous, self._judged = self._judged, policy
+        if previous is not None and _same_backends(previous.backends, policy.backends):
             return
-        lookback = self.options.recovery_lookback
-        for job, relevant_until in self.sightings.take_finished_of(policy.covers):
-            until = relevant_until - lookback + window  # the hook's time + the deny window
-            if until > self.clock():
-                log.warning("job %s finished unlisted and the new policy covers its project: revoked", job)
-                metrics.count_finished_job("covered_by_policy_change")
-                self._spawn(self._list_quietly(job, until))
+        self._spawn(self._list_newly_covered(policy, previous))
 
-    async def _list_quietly(self, job: str, until: float) -> None:
+    async def _list_newly_covered(self, policy: ExchangePolicy, previous: ExchangePolicy | None) -> None:
+        """The jobs ended within the deny window of the projects `policy` covers and `previous` did not (None:
+        every covered project), listed until their end + the window. The ledger is asked for the projects first
+        (a few hundred where tens of thousands of jobs ended), then for the jobs of those newly covered: at most
+        `MAX_SIGHTINGS`, the latest ends. A ledger that cannot answer is logged: the next change judges all."""
+        window = self.options.deny_id_tokens_for
+        since = self.clock() - window
         try:
-            await self._list(job, "finished", until)
+            projects = await self.store.finished_projects(since)
+            newly = [p for p in projects if policy.covers(p) and (previous is None or not previous.covers(p))]
+            ended = await self.store.finished_since(since, MAX_SIGHTINGS, newly) if newly else []
+        except ExchangeStoreError as error:
+            log.error("%s: finished jobs could not be re-judged against the new policy", error)
+            self._judged = None
+            return
+        now = self.clock()
+        changed = False
+        for end in ended:
+            until = end.finished_at + window
+            if until <= now or not self.revocations.revoke(end.job_id, until):
+                continue
+            changed = True
+            self.sightings.take_finished(end.job_id)  # listed: a sighting has nothing left to do
+            log.warning("job %s finished unlisted and the new policy covers its project: revoked", end.job_id)
+            metrics.count_finished_job("covered_by_policy_change")
+        try:
+            if changed:
+                await self._push_listing()  # a duplicate Job Hook of one of them waits for it (`_list`)
+            if not await self.revocations.persist():
+                self._wake.set()
         except Exception:
-            log.exception("listing job %s that a new policy covers failed", job)
+            log.exception("listing the finished jobs a new policy covers failed")
 
     async def _list(self, job: str, status: str, until: float) -> bool:
         """List `job` until `until` and return once Envoy is told: a Job Hook's answer means "denied fleet-wide".
@@ -612,6 +637,10 @@ class CredentialService:
             # Which finished jobs are listed (docs/revocation-coverage.md): this replica's sightings.
             "coverage": {**self.sightings.status(), "pending_ledger_asks": len(self._asks)},
         }
+
+
+def _same_backends(a: tuple[ExchangeBackend, ...], b: tuple[ExchangeBackend, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 async def _first_of(stop: asyncio.Event, wake: asyncio.Event, *, timeout: float) -> None:

@@ -203,6 +203,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX job_credentials_held ON job_credentials (greatest(expires_at, subject_expires_at));
         """,
     ),
+    Migration(
+        8,
+        "exchange store: the project and end time of each finished job",
+        # A policy change that widens coverage re-judges the jobs that ended within the deny window, on every
+        # replica and after a restart (docs/revocation-coverage.md); NULL: rows written before this migration.
+        """
+        ALTER TABLE finished_jobs ADD COLUMN project_id text, ADD COLUMN finished_at double precision;
+        CREATE INDEX finished_jobs_project ON finished_jobs (project_id, finished_at);
+        """,
+    ),
 )
 
 _CREATE_LEDGER = """

@@ -1,14 +1,18 @@
 """A real Envoy fed by `TinyAds`: a listener whose HTTP filters come by ECDS, and the builders of those filters'
 configurations (RBAC deny lists of job ids), for tests/test_envoy_ecds_facts.py and benchmarks/ that observe
 Envoy's own behaviour (docs/envoy-ecds.md). Routes are inline direct responses: no upstream is involved.
+`served_envoy` puts the same Envoy on the control plane's own `XdsServer` instead (tests/test_e2e_ecds_server.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
-from collections.abc import Iterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.core.v3 import extension_pb2
@@ -20,7 +24,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, json_format
 
 from controlplane.cli.bootstrap import render_bootstrap
-from controlplane.snapshots.snapshot import LISTENER
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import LISTENER, Snapshot
+from controlplane.xds.fleet_status import ProxyRegistry
+from controlplane.xds.server import XdsServer
 from tests.support.envoy import EnvoyProcess
 from tests.support.ports import LOOPBACK, free_port
 from tests.support.tiny_ads import TinyAds
@@ -109,6 +116,51 @@ def ads_envoy(port: int, api: str = "sotw", runtime: dict[str, Any] | None = Non
     del boot["dynamic_resources"]["cds_config"]
     boot["layered_runtime"]["layers"][0]["static_layer"] = runtime or {}
     return EnvoyProcess(boot, name=f"ecds-{api}", wait_ready=False)
+
+
+@dataclass
+class ServedEnvoy:
+    """The control plane's own `XdsServer` on the test's event loop and a real Envoy on it (`served_envoy`)."""
+
+    cache: SnapshotCache
+    registry: ProxyRegistry
+    server: XdsServer
+    envoy: EnvoyProcess
+    ads_port: int
+
+    async def restart_server(self) -> None:
+        """Stop the server and start a new one (an empty registry, the same cache) on the same port, as a restarted
+        control plane: Envoy reconnects by itself."""
+        await self.server.stop(1.0)
+        self.registry = ProxyRegistry()
+        self.server = _xds_server(self.cache, self.registry)
+        assert await self.server.start(LOOPBACK, self.ads_port) == self.ads_port
+
+
+def _xds_server(cache: SnapshotCache, registry: ProxyRegistry) -> XdsServer:
+    return XdsServer(cache, registry, log=logging.getLogger("controlplane.xds"))
+
+
+@asynccontextmanager
+async def served_envoy(
+    first: Snapshot, api: str, *, group: str, runtime: dict[str, Any] | None = None
+) -> AsyncIterator[ServedEnvoy]:
+    """`XdsServer` serving `first` and an Envoy of `group` on it over `api`, yielded once Envoy's first listener is
+    LIVE (it waits for its filters' configurations: LIVE means ECDS was answered); both stopped on leaving. Envoy
+    is started from a worker thread (see `envoy_on_ads`)."""
+    cache, registry = SnapshotCache(), ProxyRegistry()
+    cache.set(first)
+    server = _xds_server(cache, registry)
+    ads_port = await server.start(LOOPBACK, 0)
+    served = ServedEnvoy(cache, registry, server, ads_envoy(ads_port, api, runtime=runtime, group=group), ads_port)
+    try:
+        with ThreadPoolExecutor(1) as spawner:
+            await asyncio.wrap_future(spawner.submit(served.envoy.start))
+        await asyncio.to_thread(served.envoy.wait_ready, 10)
+        yield served
+    finally:
+        await asyncio.to_thread(served.envoy.stop)
+        await served.server.stop(1.0)
 
 
 class Client:

@@ -8,7 +8,7 @@ environment. Every process is started by a context manager, so leaving the `with
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from .gateway import Webhook
 from .gitlab_hooks import HookTarget, deliver
 from .policy_parts import TTL_10M, backend, binding, documents, gateway, issuer, role
 from .ports import LOOPBACK, poll_until
-from .stack import OutsideWorld, PolicyInputs, PolicyWriter, outside_world
+from .stack import EnvoySpec, OutsideWorld, PolicyInputs, PolicyWriter, S, outside_world, serve_exchange_stack
 
 STORE_ENV = "CP_STORE_DSN"
 KEY_ENV = "CP_STORE_KEY"  # the signing keys' key-encryption key, the same on every replica
@@ -149,4 +149,40 @@ def replicated(
             ready_timeout,
             message="every replica's exchange answers",
         )
+        yield built
+
+
+@contextmanager
+def stacks_on_one_store(
+    root: Path,
+    policy: PolicyWriter,
+    dsn: str,
+    *,
+    kind: type[S],
+    envoy: Callable[[str], EnvoySpec],
+    names: Sequence[str] = ("a", "b"),
+    serve_args: tuple[str, ...] = (),
+) -> Iterator[list[S]]:
+    """Replicas each with a whole stack of its own (`serve_exchange_stack`: a policy directory, state directory,
+    backend and Envoy, `envoy(name)`; two Envoys cannot share a listener port) on `dsn`, with one fake GitLab;
+    yielded once every exchange answers, everything stopped on leaving. Unlike `replicated`, each replica reads its
+    own policy directory, so a test can change one replica's policy alone."""
+    with FakeGitLab() as gitlab, ExitStack() as running:
+        built = []
+        for name in names:
+            home = root / name
+            home.mkdir()
+            built.append(
+                running.enter_context(
+                    serve_exchange_stack(
+                        home,
+                        policy,
+                        kind=kind,
+                        envoy=envoy(name),
+                        gitlab=gitlab,
+                        serve_args=(*STORE_ARGS, *serve_args),
+                        env={STORE_ENV: dsn, KEY_ENV: STORE_KEY},
+                    )
+                )
+            )
         yield built
