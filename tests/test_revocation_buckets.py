@@ -5,6 +5,7 @@ regexes is tests/test_e2e_revocation_buckets.py."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import zlib
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
+from controlplane.credentials.revocation_store import FileRevocationStore
 from controlplane.credentials.revocations import EXPIRY_QUANTUM, SEAL_SETTLE, Revocations, horizon
 from controlplane.model.credentials import (
     NO_REVOCATIONS,
@@ -250,3 +252,55 @@ def test_no_step_ever_lists_a_denied_job_in_neither_tier(steps: list[tuple[str, 
         assert all(job in listed for job in revocations.active())  # nothing denied goes unlisted
         assert len(revocations.recent()) <= 2 * (5 + 1)
         before = after
+
+
+def test_a_burst_of_seals_settles_each_seal_on_its_own_time() -> None:
+    """Revocations far faster than RECENT_LIMIT per SEAL_SETTLE (a mass cancel of pipelines): each limit seal used to
+    push the settle time of every earlier one back, so nothing left the recent list while the burst lasted (100 ids
+    a second for a minute: 6,000 ids, all re-sent with every revocation). Each seal's ids now leave SEAL_SETTLE
+    after their own seal: the recent list holds at most what the last SEAL_SETTLE seconds brought, plus the limit."""
+    clock = Clock(10 * EXPIRY_QUANTUM + 1)
+    revocations = Revocations(None, clock=clock, recent_limit=400)
+    rate = 100
+    for second in range(60):
+        for i in range(rate):
+            revocations.revoke(str(10**9 + second * rate + i), clock.now + 3600)
+        clock.now += 1
+        revocations.prune()
+        assert len(revocations.recent()) <= 400 + 1 + rate * (SEAL_SETTLE + 1), second
+    assert len(revocations.active()) == 60 * rate
+    listed = {job for bucket in revocations.buckets() for job in bucket} | set(revocations.recent())
+    assert listed == set(revocations.active())  # nothing denied left both tiers
+
+
+class EndlessStore(FileRevocationStore):
+    """What PostgresRevocationStore hands for a row whose `denied_until` is NaN or Infinity: denied until the row
+    changes (tests/test_store_hostile.py)."""
+
+    async def changes(self, since: int) -> tuple[dict[str, float], int]:
+        return {"101": math.inf}, 1
+
+
+@pytest.mark.parametrize("document", ['{"version": 1, "revoked": {"101": Infinity, "102": NaN}}', None])
+async def test_an_entry_without_end_never_breaks_expiry_nor_status(tmp_path: Path, document: str | None) -> None:
+    """An endless entry (a hostile row: the PostgreSQL store maps NaN to infinity, the file takes `Infinity` and
+    `NaN`) once alone on the list: `next_expiry` raised OverflowError (NaN: ValueError), which ended the credential
+    service's run loop (and with it the server), and /status failed. A NaN time was also not denied by the
+    gateway checks (`is_revoked`) while its bucket listed it."""
+    clock = Clock(10 * EXPIRY_QUANTUM + 1)
+    if document is None:
+        revocations = Revocations(EndlessStore(None), clock=clock)
+        await revocations.open()
+    else:
+        (tmp_path / "revoked.json").write_text(document)
+        revocations = Revocations(tmp_path / "revoked.json", clock=clock)
+    assert revocations.is_revoked("101") and revocations.leaves_at("101") is None
+    assert revocations.revoke("5", clock.now + 60) and revocations.next_expiry() is not None
+    clock.now += 2 * EXPIRY_QUANTUM
+    assert revocations.prune()
+    clock.now += SEAL_SETTLE
+    revocations.prune()
+    assert revocations.next_expiry() is None and revocations.status()["next_expiry"] is None
+    assert all(revocations.is_revoked(job) for job in ("101", *(("102",) if document else ())))
+    listed = {job for bucket in revocations.buckets() for job in bucket}
+    assert listed == set(revocations.active())
