@@ -8,6 +8,7 @@ import asyncio
 import math
 import random
 import re
+import time
 import zlib
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
+from controlplane.credentials import revocations as revocations_module
+from controlplane.credentials.exchange_store import MemoryExchangeStore
 from controlplane.credentials.revocation_store import FileRevocationStore
 from controlplane.credentials.revocations import EXPIRY_QUANTUM, SEAL_SETTLE, Revocations, horizon
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.model.credentials import (
     NO_REVOCATIONS,
     REVOCATION_BUCKETS,
@@ -25,6 +29,7 @@ from controlplane.model.credentials import (
     revocation_bucket,
     revocation_buckets,
 )
+from tests.support.ports import LOOPBACK
 
 
 def test_decimal_ids_go_by_runs_of_16000_and_others_by_crc() -> None:
@@ -304,3 +309,47 @@ async def test_an_entry_without_end_never_breaks_expiry_nor_status(tmp_path: Pat
     assert all(revocations.is_revoked(job) for job in ("101", *(("102",) if document else ())))
     listed = {job for bucket in revocations.buckets() for job in bucket}
     assert listed == set(revocations.active())
+
+
+async def test_a_limit_seal_settles_on_time_while_the_run_loop_sleeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit seal happens inside a revocation, while `CredentialService.run` sleeps until its next due time (up to
+    60 s away): the settle SEAL_SETTLE later waited for that wake-up, the recent list twice its size meanwhile. The
+    revocation that seals wakes the loop."""
+    monkeypatch.setattr(revocations_module, "SEAL_SETTLE", 0.3)
+    options = CredentialOptions(listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path)
+
+    async def pushed() -> None:
+        pass
+
+    service = CredentialService(
+        options, issuer_keys=lambda _: None, policy=lambda: None, on_change=pushed, store=MemoryExchangeStore()
+    )
+    service.revocations.recent_limit = 3
+    rounds = 0
+    prune = service.revocations.prune
+
+    def counted() -> bool:  # the loop's round: prune, then (nothing changed, nothing to write) asleep
+        nonlocal rounds
+        rounds += 1
+        return prune()
+
+    monkeypatch.setattr(service.revocations, "prune", counted)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(service.run(stop))
+    try:
+        started = time.monotonic()
+        while rounds == 0 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        assert rounds == 1  # it sleeps now, until its next due time (60 s at most)
+        for job in ("1", "2", "3", "4"):
+            assert await service.revoke_finished(job, "success")
+        assert service.revocations.settles_at() is not None and len(service.revocations.recent()) == 4
+        started = time.monotonic()
+        while service.revocations.recent() and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        assert service.revocations.recent() == (), "the sealed ids did not settle within 5 s"
+    finally:
+        stop.set()
+        await loop

@@ -463,7 +463,10 @@ class CredentialService:
         gathering others): answered before it ends, the duplicate would claim a denial no Envoy has yet. It waits
         for the latest push of a listing instead: pushes run one after another, each with every job listed before
         it started, so that one holds the job (it may hold later ones too; it is never an earlier push)."""
+        settles_at = self.revocations.settles_at()
         revoked = self.revocations.revoke(job, until)
+        if self.revocations.settles_at() != settles_at:
+            self._wake.set()  # a limit seal: its settle is due before the run loop's wake-up
         if revoked:
             log.info("job %s %s: access revoked fleet-wide until %s", job, status, time.ctime(until))
             await self._push_listing()
