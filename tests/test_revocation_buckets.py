@@ -5,11 +5,13 @@ regexes is tests/test_e2e_revocation_buckets.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import re
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -345,11 +347,81 @@ async def test_a_limit_seal_settles_on_time_while_the_run_loop_sleeps(
         assert rounds == 1  # it sleeps now, until its next due time (60 s at most)
         for job in ("1", "2", "3", "4"):
             assert await service.revoke_finished(job, "success")
-        assert service.revocations.settles_at() is not None and len(service.revocations.recent()) == 4
+        assert len(service.revocations.recent()) == 4 and service.revocations.settles_at() is not None
         started = time.monotonic()
         while service.revocations.recent() and time.monotonic() - started < 5:
             await asyncio.sleep(0.01)
         assert service.revocations.recent() == (), "the sealed ids did not settle within 5 s"
+    finally:
+        stop.set()
+        await loop
+
+
+class SharedCompiles:
+    """PolicyService.recompile's sharing (runtime/policy_service.py): callers join a compile that has not started,
+    a compile reads the inputs once it holds the lock, one compile at a time; each publishes what it read."""
+
+    def __init__(self, inputs: Callable[[], CredentialInputs], compile_seconds: float) -> None:
+        self.inputs = inputs
+        self.compile_seconds = compile_seconds
+        self.lock = asyncio.Lock()
+        self.waiting: asyncio.Future[None] | None = None
+        self.published: list[CredentialInputs] = []
+
+    async def recompile(self) -> None:
+        if self.waiting is None:
+            self.waiting = asyncio.ensure_future(self._compile())
+        await asyncio.shield(self.waiting)
+
+    async def _compile(self) -> None:
+        async with self.lock:
+            self.waiting = None  # started: later changes need another compile
+            read = self.inputs()
+            await asyncio.sleep(self.compile_seconds)  # the compile's own duration (a large policy), not a wait
+            self.published.append(read)
+
+
+async def test_a_settle_never_shares_the_push_of_its_own_seal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile outlasting SEAL_SETTLE (a policy reload of a large policy on a busy host) while a revocation seals
+    the recent list: the seal's compile waits its turn, the settle SEAL_SETTLE later joins it, and the one snapshot
+    published moved the ids from the recent list into their buckets at once, the one-response move make-before-break
+    exists to prevent (an Envoy applies the two configurations separately). Settling now counts from the publication
+    of the seal: every published state keeps a sealed id in the recent list until an earlier one had it sealed."""
+    monkeypatch.setattr(revocations_module, "SEAL_SETTLE", 0.2)
+    options = CredentialOptions(listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path)
+    made: list[CredentialService] = []
+    compiles = SharedCompiles(lambda: made[0].inputs(), compile_seconds=0.0)
+    service = CredentialService(
+        options,
+        issuer_keys=lambda _: None,
+        policy=lambda: None,
+        on_change=compiles.recompile,
+        store=MemoryExchangeStore(),
+    )
+    made.append(service)
+    service.revocations.recent_limit = 3
+    stop = asyncio.Event()
+    loop = asyncio.create_task(service.run(stop))
+    try:
+        for job in ("1", "2", "3"):
+            assert await service.revoke_finished(job, "success")
+        assert compiles.published[-1].revoked_recently == ("1", "2", "3")
+        compiles.compile_seconds = 0.6  # a long compile starts (a policy reload), holding what is listed now
+        reload = asyncio.create_task(compiles.recompile())
+        while not compiles.lock.locked() or compiles.waiting is not None:  # until it read the inputs
+            await asyncio.sleep(0.001)
+        assert await service.revoke_finished("16004", "success")  # seals; its compile runs after the reload
+        await reload
+        compiles.compile_seconds = 0.0
+        started = time.monotonic()
+        while service.revocations.recent() and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        await compiles.recompile()
+        assert compiles.published[-1].revoked_recently == ()
+        for before, after in itertools.pairwise(compiles.published):
+            sealed_before = {job for bucket in before.revoked for job in bucket}
+            for job in set(before.revoked_recently) - set(after.revoked_recently):
+                assert job in sealed_before, f"{job} left the recent list in the push that sealed it"
     finally:
         stop.set()
         await loop

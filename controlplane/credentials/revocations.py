@@ -29,7 +29,6 @@ entry that expires first leaves the outbox (still enforced here, never shared): 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -124,15 +123,20 @@ class Revocations:
         outbox_limit: int = OUTBOX_LIMIT,
         retry: Backoff = RETRY,
         recent_limit: int = RECENT_LIMIT,
+        settle_on_publication: bool = False,
     ) -> None:
         """A path (or None: memory only) is the state directory's file, read now: a file that cannot be read
         raises `StateFileError` here. Any other store is read by `await open()`. `is_leader`: whether this
-        replica prunes the shared store (expired entries are ignored by every reader anyway)."""
+        replica prunes the shared store (expired entries are ignored by every reader anyway).
+        `settle_on_publication`: sealed ids settle SEAL_SETTLE after `published()` says a push holds their seal
+        (CredentialService), not after the seal itself (a compile waiting longer than that for its turn would
+        otherwise carry the seal and the settle in one push)."""
         self.clock = clock
         self.is_leader = is_leader
         self.outbox_limit = outbox_limit
         self.retry = retry
         self.recent_limit = recent_limit
+        self.settle_on_publication = settle_on_publication
         if store is None or isinstance(store, Path):
             file = FileRevocationStore(store, clock=clock)
             self._until: dict[str, float] = {job: _endless_if_nan(until) for job, until in file.read().items()}
@@ -150,6 +154,8 @@ class Revocations:
         self._recent_quantum = 0.0
         # Sealed, and still in the recent list until the time each is mapped to (in the order of their seals).
         self._settling: dict[str, float] = {}
+        self._seals = 0  # how many seals were made
+        self._unpublished: dict[str, int] = {}  # settling ids whose seal (its number) no push is known to hold
         for job, until in self._until.items():
             self._buckets[revocation_bucket(job)][job] = until
         self._outbox: dict[str, float] = {}
@@ -279,16 +285,30 @@ class Revocations:
         """When `prune()` next has something to do: the quantum boundary at or after the earliest expiry, or the
         one that seals the recent list."""
         due = [self._recent_quantum + EXPIRY_QUANTUM] if self._recent else []
-        if self._settling:
-            due.append(next(iter(self._settling.values())))
+        if (settles := self.settles_at()) is not None:
+            due.append(settles)
         if self._until and (first := min(self._until.values())) < math.inf:  # endless entries never leave
             due.append(math.ceil(first / EXPIRY_QUANTUM) * EXPIRY_QUANTUM)
         return min(due, default=None)
 
     def settles_at(self) -> float | None:
-        """When the earliest sealed ids leave the recent list (None: none settling); a limit seal in `revoke` makes
-        it sooner than the run loop's wake-up, which therefore has to be woken."""
-        return next(iter(self._settling.values()), None)
+        """When the earliest sealed ids leave the recent list (None: none settling, or none published yet)."""
+        settles = min(self._settling.values(), default=math.inf)
+        return None if math.isinf(settles) else settles
+
+    def seals(self) -> int:
+        """How many seals were made: what a caller about to push passes to `published()` once it has."""
+        return self._seals
+
+    def published(self, seals: int) -> bool:
+        """A push of inputs read after the first `seals` seals reached the xDS server: their ids settle SEAL_SETTLE
+        from now (with `settle_on_publication`). True when some ids got a settle time."""
+        settle_at = self.clock() + SEAL_SETTLE
+        done = [job for job, seal in self._unpublished.items() if seal <= seals]
+        for job in done:
+            del self._unpublished[job]
+            self._settling[job] = settle_at
+        return bool(done)
 
     def retry_at(self) -> float | None:
         """When the outbox is next written (None: nothing waits)."""
@@ -336,17 +356,20 @@ class Revocations:
         once they have settled there (`prune`), so the push that empties it comes after the one that fills them.
         Each seal's ids settle on their own time: a later seal never holds back an earlier one's (a burst of limit
         seals would otherwise keep every id of the burst in the recent list until it ended)."""
-        settle_at = self.clock() + SEAL_SETTLE
+        self._seals += 1
+        settle_at = math.inf if self.settle_on_publication else self.clock() + SEAL_SETTLE
         for job, until in self._recent.items():
             index = revocation_bucket(job)
             self._buckets[index][job] = until
             self._sorted[index] = self._all = None
             self._settling[job] = settle_at
+            if self.settle_on_publication:
+                self._unpublished[job] = self._seals
         self._recent.clear()
 
     def _settle(self, now: float) -> bool:
         """The sealed ids whose settle time came leave the recent list; True when any did."""
-        due = [job for job, _ in itertools.takewhile(lambda item: item[1] <= now, self._settling.items())]
+        due = [job for job, settle_at in self._settling.items() if settle_at <= now]
         for job in due:
             del self._settling[job]
         if due:
@@ -358,6 +381,7 @@ class Revocations:
         if self._recent.pop(job_id, None) is not None:
             self._recent_sorted = None
             return
+        self._unpublished.pop(job_id, None)
         if self._settling.pop(job_id, None) is not None:
             self._recent_sorted = None
         index = revocation_bucket(job_id)
