@@ -5,9 +5,13 @@ regexes is tests/test_e2e_revocation_buckets.py."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import random
 import re
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.compiler.revocations import bucket_rbac, bucket_regex, bucket_regexes
+from controlplane.credentials import revocations as revocations_module
+from controlplane.credentials.exchange_store import MemoryExchangeStore
+from controlplane.credentials.revocation_store import FileRevocationStore
 from controlplane.credentials.revocations import EXPIRY_QUANTUM, SEAL_SETTLE, Revocations, horizon
+from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.model.credentials import (
     NO_REVOCATIONS,
     REVOCATION_BUCKETS,
@@ -23,6 +31,7 @@ from controlplane.model.credentials import (
     revocation_bucket,
     revocation_buckets,
 )
+from tests.support.ports import LOOPBACK
 
 
 def test_decimal_ids_go_by_runs_of_16000_and_others_by_crc() -> None:
@@ -220,24 +229,32 @@ def test_a_bucket_over_the_regex_budget_is_split_and_still_matches_exactly() -> 
         st.one_of(
             st.tuples(st.just("revoke"), st.integers(0, 60), st.integers(1, 3 * 3600)),
             st.tuples(st.just("wait"), st.integers(0, 400), st.just(0)),
+            st.tuples(st.just("publish"), st.just(0), st.just(0)),
         ),
         max_size=120,
-    )
+    ),
+    on_publication=st.booleans(),
 )
-def test_no_step_ever_lists_a_denied_job_in_neither_tier(steps: list[tuple[str, int, int]]) -> None:
+def test_no_step_ever_lists_a_denied_job_in_neither_tier(
+    steps: list[tuple[str, int, int]], on_publication: bool
+) -> None:
     """Whatever the order of revocations, seals, settles and expiries, each published state (what one push carries)
     lists every denied job, and a job leaves the recent list only if the previous state already had it in its
     bucket: a push never takes an id out of both tiers, nor out of one before the other holds it."""
     clock = Clock(10 * EXPIRY_QUANTUM)
-    revocations = Revocations(None, clock=clock, recent_limit=5)
+    revocations = Revocations(None, clock=clock, recent_limit=5, settle_on_publication=on_publication)
 
     def state() -> tuple[set[str], set[str]]:
         return {j for bucket in revocations.buckets() for j in bucket}, set(revocations.recent())
 
     before = state()
+    revoked_at: list[float] = []
     for kind, value, ttl in steps:
         if kind == "revoke":
-            revocations.revoke(str(1000 * value + value % 7), clock.now + ttl)
+            if revocations.revoke(str(1000 * value + value % 7), clock.now + ttl):
+                revoked_at.append(clock.now)
+        elif kind == "publish":  # as CredentialService: a push read the inputs after every seal so far
+            revocations.published(revocations.seals())
         else:
             clock.now += value
         revocations.prune()
@@ -248,5 +265,175 @@ def test_no_step_ever_lists_a_denied_job_in_neither_tier(steps: list[tuple[str, 
             assert not revocations.is_revoked(job), job
         listed = sealed | recent
         assert all(job in listed for job in revocations.active())  # nothing denied goes unlisted
-        assert len(revocations.recent()) <= 2 * (5 + 1)
+        if not on_publication:  # with it, unpublished seals stay listed until a push (fail closed)
+            # The recent list, the first seal of the last SEAL_SETTLE seconds and a quantum seal (each may hold
+            # older ids), and the later seals of those seconds (only ids revoked in them).
+            lately = sum(1 for at in revoked_at if at > clock.now - SEAL_SETTLE)
+            assert len(revocations.recent()) <= 3 * (5 + 1) + lately
         before = after
+
+
+def test_a_burst_of_seals_settles_each_seal_on_its_own_time() -> None:
+    """Revocations far faster than RECENT_LIMIT per SEAL_SETTLE (a mass cancel of pipelines): each limit seal used to
+    push the settle time of every earlier one back, so nothing left the recent list while the burst lasted (100 ids
+    a second for a minute: 6,000 ids, all re-sent with every revocation). Each seal's ids now leave SEAL_SETTLE
+    after their own seal: the recent list holds at most what the last SEAL_SETTLE seconds brought, plus the limit."""
+    clock = Clock(10 * EXPIRY_QUANTUM + 1)
+    revocations = Revocations(None, clock=clock, recent_limit=400)
+    rate = 100
+    for second in range(60):
+        for i in range(rate):
+            revocations.revoke(str(10**9 + second * rate + i), clock.now + 3600)
+        clock.now += 1
+        revocations.prune()
+        assert len(revocations.recent()) <= 400 + 1 + rate * (SEAL_SETTLE + 1), second
+    assert len(revocations.active()) == 60 * rate
+    listed = {job for bucket in revocations.buckets() for job in bucket} | set(revocations.recent())
+    assert listed == set(revocations.active())  # nothing denied left both tiers
+
+
+class EndlessStore(FileRevocationStore):
+    """What PostgresRevocationStore hands for a row whose `denied_until` is NaN or Infinity: denied until the row
+    changes (tests/test_store_hostile.py)."""
+
+    async def changes(self, since: int) -> tuple[dict[str, float], int]:
+        return {"101": math.inf}, 1
+
+
+@pytest.mark.parametrize("document", ['{"version": 1, "revoked": {"101": Infinity, "102": NaN}}', None])
+async def test_an_entry_without_end_never_breaks_expiry_nor_status(tmp_path: Path, document: str | None) -> None:
+    """An endless entry (a hostile row: the PostgreSQL store maps NaN to infinity, the file takes `Infinity` and
+    `NaN`) once alone on the list: `next_expiry` raised OverflowError (NaN: ValueError), which ended the credential
+    service's run loop (and with it the server), and /status failed. A NaN time was also not denied by the
+    gateway checks (`is_revoked`) while its bucket listed it."""
+    clock = Clock(10 * EXPIRY_QUANTUM + 1)
+    if document is None:
+        revocations = Revocations(EndlessStore(None), clock=clock)
+        await revocations.open()
+    else:
+        (tmp_path / "revoked.json").write_text(document)
+        revocations = Revocations(tmp_path / "revoked.json", clock=clock)
+    assert revocations.is_revoked("101") and revocations.leaves_at("101") is None
+    assert revocations.revoke("5", clock.now + 60) and revocations.next_expiry() is not None
+    clock.now += 2 * EXPIRY_QUANTUM
+    assert revocations.prune()
+    clock.now += SEAL_SETTLE
+    revocations.prune()
+    assert revocations.next_expiry() is None and revocations.status()["next_expiry"] is None
+    assert all(revocations.is_revoked(job) for job in ("101", *(("102",) if document else ())))
+    listed = {job for bucket in revocations.buckets() for job in bucket}
+    assert listed == set(revocations.active())
+
+
+async def test_a_limit_seal_settles_on_time_while_the_run_loop_sleeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit seal happens inside a revocation, while `CredentialService.run` sleeps until its next due time (up to
+    60 s away): the settle SEAL_SETTLE later waited for that wake-up, the recent list twice its size meanwhile. The
+    revocation that seals wakes the loop."""
+    monkeypatch.setattr(revocations_module, "SEAL_SETTLE", 0.3)
+    options = CredentialOptions(listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path)
+
+    async def pushed() -> None:
+        pass
+
+    service = CredentialService(
+        options, issuer_keys=lambda _: None, policy=lambda: None, on_change=pushed, store=MemoryExchangeStore()
+    )
+    service.revocations.recent_limit = 3
+    rounds = 0
+    prune = service.revocations.prune
+
+    def counted() -> bool:  # the loop's round: prune, then (nothing changed, nothing to write) asleep
+        nonlocal rounds
+        rounds += 1
+        return prune()
+
+    monkeypatch.setattr(service.revocations, "prune", counted)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(service.run(stop))
+    try:
+        started = time.monotonic()
+        while rounds == 0 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        assert rounds == 1  # it sleeps now, until its next due time (60 s at most)
+        for job in ("1", "2", "3", "4"):
+            assert await service.revoke_finished(job, "success")
+        assert len(service.revocations.recent()) == 4 and service.revocations.settles_at() is not None
+        started = time.monotonic()
+        while service.revocations.recent() and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        assert service.revocations.recent() == (), "the sealed ids did not settle within 5 s"
+    finally:
+        stop.set()
+        await loop
+
+
+class SharedCompiles:
+    """PolicyService.recompile's sharing (runtime/policy_service.py): callers join a compile that has not started,
+    a compile reads the inputs once it holds the lock, one compile at a time; each publishes what it read."""
+
+    def __init__(self, inputs: Callable[[], CredentialInputs], compile_seconds: float) -> None:
+        self.inputs = inputs
+        self.compile_seconds = compile_seconds
+        self.lock = asyncio.Lock()
+        self.waiting: asyncio.Future[None] | None = None
+        self.published: list[CredentialInputs] = []
+
+    async def recompile(self) -> None:
+        if self.waiting is None:
+            self.waiting = asyncio.ensure_future(self._compile())
+        await asyncio.shield(self.waiting)
+
+    async def _compile(self) -> None:
+        async with self.lock:
+            self.waiting = None  # started: later changes need another compile
+            read = self.inputs()
+            await asyncio.sleep(self.compile_seconds)  # the compile's own duration (a large policy), not a wait
+            self.published.append(read)
+
+
+async def test_a_settle_never_shares_the_push_of_its_own_seal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile outlasting SEAL_SETTLE (a policy reload of a large policy on a busy host) while a revocation seals
+    the recent list: the seal's compile waits its turn, the settle SEAL_SETTLE later joins it, and the one snapshot
+    published moved the ids from the recent list into their buckets at once, the one-response move make-before-break
+    exists to prevent (an Envoy applies the two configurations separately). Settling now counts from the publication
+    of the seal: every published state keeps a sealed id in the recent list until an earlier one had it sealed."""
+    monkeypatch.setattr(revocations_module, "SEAL_SETTLE", 0.2)
+    options = CredentialOptions(listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path)
+    made: list[CredentialService] = []
+    compiles = SharedCompiles(lambda: made[0].inputs(), compile_seconds=0.0)
+    service = CredentialService(
+        options,
+        issuer_keys=lambda _: None,
+        policy=lambda: None,
+        on_change=compiles.recompile,
+        store=MemoryExchangeStore(),
+    )
+    made.append(service)
+    service.revocations.recent_limit = 3
+    stop = asyncio.Event()
+    loop = asyncio.create_task(service.run(stop))
+    try:
+        for job in ("1", "2", "3"):
+            assert await service.revoke_finished(job, "success")
+        assert compiles.published[-1].revoked_recently == ("1", "2", "3")
+        compiles.compile_seconds = 0.6  # a long compile starts (a policy reload), holding what is listed now
+        reload = asyncio.create_task(compiles.recompile())
+        while not compiles.lock.locked() or compiles.waiting is not None:  # until it read the inputs
+            await asyncio.sleep(0.001)
+        assert await service.revoke_finished("16004", "success")  # seals; its compile runs after the reload
+        await reload
+        compiles.compile_seconds = 0.0
+        started = time.monotonic()
+        while service.revocations.recent() and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        await compiles.recompile()
+        assert compiles.published[-1].revoked_recently == ()
+        for before, after in itertools.pairwise(compiles.published):
+            sealed_before = {job for bucket in before.revoked for job in bucket}
+            for job in set(before.revoked_recently) - set(after.revoked_recently):
+                assert job in sealed_before, f"{job} left the recent list in the push that sealed it"
+    finally:
+        stop.set()
+        await loop

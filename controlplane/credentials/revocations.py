@@ -70,12 +70,19 @@ RETRY = Backoff(0.5, 30.0)  # between attempts to write the outbox while the sto
 # of this many seconds (`horizon`).
 EXPIRY_QUANTUM = 300.0
 # The recent list is sealed early past this many ids: 400 ten-digit ids spread over as many thousand-blocks are a
-# 4.5 kB configuration (consecutive ones 0.5 kB); with the ids of a seal still settling (`SEAL_SETTLE`), at most
-# twice that: one revocation never re-sends more than 9 kB to an Envoy, however many jobs are listed.
+# 4.5 kB configuration (consecutive ones 0.5 kB). Sealed ids settle (`SEAL_SETTLE`) each on their own seal's time:
+# the recent list holds at most this many plus the ids of the last SEAL_SETTLE seconds (twice it, 9 kB, unless
+# more than 400 jobs end within 5 s), however many jobs are listed.
 RECENT_LIMIT = 400
 # Sealed ids stay in the recent list this long after they joined their buckets (the push that carried them has
 # reached every connected Envoy long before: the fleet ACKs in well under a second).
 SEAL_SETTLE = 5.0
+
+
+def _endless_if_nan(until: float) -> float:
+    """A NaN end (a hostile store row) would be neither denied (`is_revoked`) nor ever pruned, while its bucket
+    lists it: taken as endless instead, as the PostgreSQL store does (fail closed)."""
+    return math.inf if math.isnan(until) else until
 
 
 def horizon(now: float) -> float:
@@ -116,18 +123,23 @@ class Revocations:
         outbox_limit: int = OUTBOX_LIMIT,
         retry: Backoff = RETRY,
         recent_limit: int = RECENT_LIMIT,
+        settle_on_publication: bool = False,
     ) -> None:
         """A path (or None: memory only) is the state directory's file, read now: a file that cannot be read
         raises `StateFileError` here. Any other store is read by `await open()`. `is_leader`: whether this
-        replica prunes the shared store (expired entries are ignored by every reader anyway)."""
+        replica prunes the shared store (expired entries are ignored by every reader anyway).
+        `settle_on_publication`: sealed ids settle SEAL_SETTLE after `published()` says a push holds their seal
+        (CredentialService), not after the seal itself (a compile waiting longer than that for its turn would
+        otherwise carry the seal and the settle in one push)."""
         self.clock = clock
         self.is_leader = is_leader
         self.outbox_limit = outbox_limit
         self.retry = retry
         self.recent_limit = recent_limit
+        self.settle_on_publication = settle_on_publication
         if store is None or isinstance(store, Path):
             file = FileRevocationStore(store, clock=clock)
-            self._until: dict[str, float] = file.read()
+            self._until: dict[str, float] = {job: _endless_if_nan(until) for job, until in file.read().items()}
             self._loaded = True
             self.store: RevocationStore = file
         else:
@@ -140,8 +152,10 @@ class Revocations:
         self._recent: dict[str, float] = {}
         self._recent_sorted: tuple[str, ...] | None = ()
         self._recent_quantum = 0.0
-        self._settling: set[str] = set()  # sealed, and still in the recent list until `_settle_at`
-        self._settle_at = 0.0
+        # Sealed, and still in the recent list until the time each is mapped to (in the order of their seals).
+        self._settling: dict[str, float] = {}
+        self._seals = 0  # how many seals were made
+        self._unpublished: dict[str, int] = {}  # settling ids whose seal (its number) no push is known to hold
         for job, until in self._until.items():
             self._buckets[revocation_bucket(job)][job] = until
         self._outbox: dict[str, float] = {}
@@ -190,10 +204,7 @@ class Revocations:
             self._outbox.pop(job, None)
         if expired:
             self._prune_due = True
-        settled = bool(self._settling) and now >= self._settle_at
-        if settled:
-            self._settling.clear()
-            self._recent_sorted = None
+        settled = self._settle(now)
         sealed = bool(self._recent) and cutoff > self._recent_quantum
         if sealed:
             self._seal()
@@ -265,19 +276,39 @@ class Revocations:
         return self._until.get(job_id, 0.0) > self.clock()
 
     def leaves_at(self, job_id: str) -> float | None:
-        """When `job_id` leaves the list: the quantum boundary at or after its entry's end (None: not listed)."""
+        """When `job_id` leaves the list: the quantum boundary at or after its entry's end (None: not listed, or
+        never: a hostile store row's endless entry)."""
         until = self._until.get(job_id)
-        return None if until is None else math.ceil(until / EXPIRY_QUANTUM) * EXPIRY_QUANTUM
+        return None if until is None or math.isinf(until) else math.ceil(until / EXPIRY_QUANTUM) * EXPIRY_QUANTUM
 
     def next_expiry(self) -> float | None:
         """When `prune()` next has something to do: the quantum boundary at or after the earliest expiry, or the
         one that seals the recent list."""
         due = [self._recent_quantum + EXPIRY_QUANTUM] if self._recent else []
-        if self._settling:
-            due.append(self._settle_at)
-        if self._until:
-            due.append(math.ceil(min(self._until.values()) / EXPIRY_QUANTUM) * EXPIRY_QUANTUM)
+        if (settles := self.settles_at()) is not None:
+            due.append(settles)
+        if self._until and (first := min(self._until.values())) < math.inf:  # endless entries never leave
+            due.append(math.ceil(first / EXPIRY_QUANTUM) * EXPIRY_QUANTUM)
         return min(due, default=None)
+
+    def settles_at(self) -> float | None:
+        """When the earliest sealed ids leave the recent list (None: none settling, or none published yet)."""
+        settles = min(self._settling.values(), default=math.inf)
+        return None if math.isinf(settles) else settles
+
+    def seals(self) -> int:
+        """How many seals were made: what a caller about to push passes to `published()` once it has."""
+        return self._seals
+
+    def published(self, seals: int) -> bool:
+        """A push of inputs read after the first `seals` seals reached the xDS server: their ids settle SEAL_SETTLE
+        from now (with `settle_on_publication`). True when some ids got a settle time."""
+        settle_at = self.clock() + SEAL_SETTLE
+        done = [job for job, seal in self._unpublished.items() if seal <= seals]
+        for job in done:
+            del self._unpublished[job]
+            self._settling[job] = settle_at
+        return bool(done)
 
     def retry_at(self) -> float | None:
         """When the outbox is next written (None: nothing waits)."""
@@ -300,7 +331,8 @@ class Revocations:
 
     def _set(self, job_id: str, until: float, *, recent: bool = True) -> None:
         """A new id joins the recent list (`recent`), or its bucket at once (what a start loads); a listed one
-        only has its time extended, where it is."""
+        only has its time extended, where it is. NaN (a hostile store row) is endless: denied, never expiring."""
+        until = _endless_if_nan(until)
         self._until[job_id] = until
         if job_id in self._recent:
             self._recent[job_id] = until
@@ -321,22 +353,36 @@ class Revocations:
 
     def _seal(self) -> None:
         """Each recent id into its bucket (the buckets they join change once); they leave the recent list only
-        once they have settled there (`prune`), so the push that empties it comes after the one that fills them."""
+        once they have settled there (`prune`), so the push that empties it comes after the one that fills them.
+        Each seal's ids settle on their own time: a later seal never holds back an earlier one's (a burst of limit
+        seals would otherwise keep every id of the burst in the recent list until it ended)."""
+        self._seals += 1
+        settle_at = math.inf if self.settle_on_publication else self.clock() + SEAL_SETTLE
         for job, until in self._recent.items():
             index = revocation_bucket(job)
             self._buckets[index][job] = until
             self._sorted[index] = self._all = None
-        self._settling.update(self._recent)
-        self._settle_at = self.clock() + SEAL_SETTLE
+            self._settling[job] = settle_at
+            if self.settle_on_publication:
+                self._unpublished[job] = self._seals
         self._recent.clear()
+
+    def _settle(self, now: float) -> bool:
+        """The sealed ids whose settle time came leave the recent list; True when any did."""
+        due = [job for job, settle_at in self._settling.items() if settle_at <= now]
+        for job in due:
+            del self._settling[job]
+        if due:
+            self._recent_sorted = None
+        return bool(due)
 
     def _drop(self, job_id: str) -> None:
         del self._until[job_id]
         if self._recent.pop(job_id, None) is not None:
             self._recent_sorted = None
             return
-        if job_id in self._settling:
-            self._settling.discard(job_id)
+        self._unpublished.pop(job_id, None)
+        if self._settling.pop(job_id, None) is not None:
             self._recent_sorted = None
         index = revocation_bucket(job_id)
         del self._buckets[index][job_id]

@@ -143,7 +143,10 @@ class CredentialService:
             max_subject_age=options.finished_job_retention,
         )
         self.revocations = Revocations(
-            revocation_store or options.state_dir / REVOCATIONS_FILE, clock=clock, is_leader=is_leader
+            revocation_store or options.state_dir / REVOCATIONS_FILE,
+            clock=clock,
+            is_leader=is_leader,
+            settle_on_publication=True,
         )
         self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
         self._checks: dict[str, asyncio.Task[str]] = {}  # one GitLab request per job, however many exchanges wait
@@ -505,7 +508,7 @@ class CredentialService:
     async def _push_listing(self) -> None:
         """Push a deny list that lists a job more, remembered until it ends so that a duplicate Job Hook can wait
         for it (`_list`); a caller's cancellation never cancels the push others wait for."""
-        push = asyncio.ensure_future(self.on_change())
+        push: asyncio.Future[object] = asyncio.ensure_future(self._changed())
         self._listing_push = push
 
         def forget(done: asyncio.Future[object]) -> None:
@@ -606,7 +609,7 @@ class CredentialService:
             changed = await self._rotate_keys()
             changed = self.revocations.prune() or changed
             if changed:
-                await self.on_change()
+                await self._changed(wake=False)
             await self.revocations.persist()
             next_keys = self.shared_keys.next_step_at() if self.shared_keys else self.keys.next_change_at()
             due = [
@@ -616,6 +619,16 @@ class CredentialService:
             ]
             delay = max(0.05, min(due) - self.clock())
             await _first_of(stop, self._wake, timeout=min(delay, 60.0))
+
+    async def _changed(self, *, wake: bool = True) -> None:
+        """`on_change`, after which every seal of the deny list made before it is in a published snapshot (a
+        compile reads the inputs once it starts): only now do their ids start settling, however long the compile
+        waited for its turn, so the push that empties the recent list is never the one that fills the buckets.
+        `wake`: the run loop, for the settle it now has to make (it computes that itself after its own push)."""
+        seals = self.revocations.seals()
+        await self.on_change()
+        if self.revocations.published(seals) and wake:
+            self._wake.set()
 
     async def _rotate_keys(self) -> bool:
         """True when the published JWKS changed. With the file, rotated here (one replica: always the leader);
