@@ -32,12 +32,12 @@ from google.protobuf import any_pb2
 
 from controlplane.compiler.names import JWT_FILTER
 from controlplane.compiler.revocations import bucket_names
+from controlplane.snapshots.build import compile_dir
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE, Snapshot
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.ports import LOOPBACK
-from tests.test_compiler_credentials import gateway as compiled_gateway
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -141,12 +141,13 @@ def test_the_compiled_gateway_listener_names_jwt_authn_the_16_buckets_and_the_re
     """What the compiler's gateway listener makes a simulated proxy subscribe to at connect: 18 configurations,
     each one of the group's ECDS resources. The fleet run of benchmarks/revocation_scale.py awaits the recent
     list's change on every stream: a proxy that missed that name would never see it."""
-    group = compiled_gateway()
-    ((_, listener),) = group.resources[LISTENER]
-    names = listener_names(listener)["ecds"]
+    _, snapshots = compile_dir(Path(__file__).resolve().parents[1] / "examples" / "quickstart")
+    ((_, snapshot),) = snapshots.items()
+    (listener,) = snapshot.types[LISTENER].resources.values()
+    names = listener_names(listener.payload)["ecds"]
     assert names == tuple(sorted([JWT_FILTER, *bucket_names()]))
     assert len(names) == 18
-    assert set(names) == {name for name, _ in group.resources[EXTENSION_CONFIG]}
+    assert set(names) == set(snapshot.types[EXTENSION_CONFIG].resources)
 
 
 @pytest.mark.parametrize("fleet", ["sotw", "delta"], indirect=True)
