@@ -34,7 +34,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
 )
 from controlplane.xds.delta import DeltaStream
-from controlplane.xds.memo import FanOutCache, Interned
+from controlplane.xds.memo import FanOutCache, Interned, Served
 from controlplane.xds.protocol import (
     HELD_SUFFIX,
     KEEP_SUFFIX,
@@ -636,10 +636,18 @@ def _tiers(b0: str = "", b1: str = "", recent: str = "") -> Snapshot:
 SEALED, UNSEALED = _tiers(b0="7", recent=""), _tiers(b0="", recent="7")  # job 7 in its bucket, in the recent list
 
 
-def _reconnected(current: Snapshot, held: str) -> tuple[AdsStream, Output]:
-    """A new stream from an Envoy that holds the filter configurations of version `held` (a reconnect or a failover)
-    and asks for them again."""
-    stream = AdsStream(FanOutCache())
+def _served(*snapshots: Snapshot) -> FanOutCache:
+    """A server's cache whose streams were given `snapshots` before."""
+    shared = FanOutCache()
+    for snapshot in snapshots:
+        AdsStream(shared).set_snapshot(snapshot, 0.0)
+    return shared
+
+
+def _reconnected(current: Snapshot, held: str, shared: FanOutCache | None = None) -> tuple[AdsStream, Output]:
+    """A new stream from an Envoy that holds the filter configurations of version `held` and asks for them again: a
+    reconnect to the server that gave it `held` (by default, UNSEALED's) or a failover from another one."""
+    stream = AdsStream(shared if shared is not None else _served(UNSEALED))
     stream.set_snapshot(current, 0.0)
     stream.receive(req(LISTENER, version=current.version(LISTENER), node=True), 0.0)
     return stream, stream.receive(req(EXTENSION_CONFIG, DENY_LIST, version=held), 1.0)
@@ -666,8 +674,9 @@ def test_a_reconnect_across_a_seal_gets_the_buckets_first_and_the_recent_list_af
 
 def test_a_reconnect_holding_the_held_back_version_gets_the_buckets_again_then_the_recent_list() -> None:
     """Acking the response held back is not holding the type's version: a reconnect then resumes nothing."""
-    _, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG))
-    stream, again = _reconnected(SEALED, one(out).version)
+    shared = _served(UNSEALED)
+    _, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG), shared)
+    stream, again = _reconnected(SEALED, one(out).version, shared)
     assert of_type(again, Resumed) == [] and set(_denied(one(again))) == {B0, B1}
     assert _denied(one(ack(stream, one(again), DENY_LIST))) == {RECENT: ""}
 
@@ -706,6 +715,34 @@ def test_a_recent_list_unsubscribed_while_held_is_not_sent_and_comes_alone_when_
     assert not _ecds(stream).holding
     again = req(EXTENSION_CONFIG, DENY_LIST, version=empty.version, nonce=empty.nonce)
     assert _denied(one(stream.receive(again, 2.0))) == {RECENT: ""}  # named again: alone, at once
+
+
+def test_a_failover_from_another_server_is_answered_in_one_response_and_held_back_once_it_acked_ours() -> None:
+    """Another replica may have sealed ids this one still holds as recent: the buckets first could then be the unsafe
+    order, and the versions cannot tell. Once the stream ACKed every configuration from here, the order is known."""
+    stream, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG), FanOutCache())
+    whole = one(out)
+    assert (whole.version, set(_denied(whole))) == (SEALED.version(EXTENSION_CONFIG), set(DENY_LIST))
+    assert not _ecds(stream).ours
+    ack(stream, whole, DENY_LIST)
+    assert _ecds(stream).ours
+    stream.set_snapshot(_tiers(b0="7", recent="8"), 2.0)  # unanswered: the next change is sent as a subset
+    settled = _tiers(b0="7,8")
+    split = one(stream.set_snapshot(settled, 3.0))
+    assert (split.version, _denied(split)) == (settled.version(EXTENSION_CONFIG) + HELD_SUFFIX, {B0: "7,8"})
+
+
+def test_the_versions_served_are_a_bounded_memory_noted_once_per_snapshot() -> None:
+    served = Served(limit=4)
+    typed = SEALED.types[EXTENSION_CONFIG]
+    served.note_snapshot(typed)
+    assert typed.version in served and Served.key(B0, typed.resources[B0].version) in served
+    served.note("x")
+    served.note_snapshot(typed)  # the same snapshot again (every stream of a fan-out): nothing moves
+    assert "x" in served
+    for n in range(4):
+        served.note(str(n))
+    assert "x" not in served and typed.version not in served and "3" in served and len(served._seen) == 4
 
 
 def test_a_connected_stream_gets_a_revocation_at_once_and_a_seal_it_skipped_in_two_responses() -> None:

@@ -73,7 +73,7 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
     varint,
 )
-from controlplane.xds.memo import FanOutCache, PerResource
+from controlplane.xds.memo import FanOutCache, PerResource, Served
 from controlplane.xds.protocol import (
     MAX_SUBSCRIBED_NAMES,
     SENT_LAST,
@@ -432,6 +432,8 @@ class DeltaStream(StreamIdentity):
         if snapshot is self.snapshot:
             return Output()
         self.snapshot = snapshot
+        if self._last:
+            self._shared.served.note_snapshot(snapshot.types.get(EXTENSION_CONFIG))
         return self._plan(now, [])
 
     # -- request handling
@@ -600,12 +602,10 @@ class DeltaStream(StreamIdentity):
         # An empty first answer is still sent: Envoy's initialisation waits for CDS/LDS to answer.
         before = state.overrides
         empty_handed = not state.answered and base is None and all(v is None for v in before.values())
-        last = self._last if type_url == EXTENSION_CONFIG else _NOTHING
-        prior_last = {n: state.holding(n) for n in last if state.wants(n)}
         plan = self._reconcile(type_url, state, current)
         held_back = False
-        if last and plan.resources:
-            plan, held_back = self._after_the_rest(state, current, plan, prior_last)
+        if type_url == EXTENSION_CONFIG and self._last and plan.resources:
+            plan, held_back = self._after_the_rest(state, current, plan, before, base)
         if plan.blocked and state.withheld != current.version:
             state.withheld = current.version
             events.append(Withheld(type_url, current.version))
@@ -686,28 +686,41 @@ class DeltaStream(StreamIdentity):
         return _Plan(tuple(send), tuple(r.name for r in send), gone, unsent, blocked)
 
     def _after_the_rest(
-        self, state: DeltaTypeState, current: TypeSnapshot, plan: _Plan, prior: Mapping[str, Holding]
+        self,
+        state: DeltaTypeState,
+        current: TypeSnapshot,
+        plan: _Plan,
+        before: Mapping[str, Holding],
+        base: TypeSnapshot | None,
     ) -> tuple[_Plan, bool]:
         """`plan` without the SENT_LAST configurations it carries when they must wait, and whether it left any.
 
         They wait while a response that held them back is unanswered (outstanding, or past MAX_OUTSTANDING still
-        remembered), and are held back from a plan carrying others too when the client holds an older version
-        (`prior`: what it held before this plan). A held one is recorded as still holding that version, so the
-        plan after the answer sends it."""
+        remembered), and are held back from a plan carrying others too when the client holds an older version and
+        every version it holds of what the plan changes came from this server (`memo.Served`: from another
+        replica's, which order is safe is not known). What it held before this plan is `before` (its overrides)
+        over `base`. A held one is recorded as still holding that version, so the plan after the answer sends it."""
         last = self._last
         late = [r for r in plan.resources if r.name in last]
         if not late:
             return plan, False
+
+        def prior(name: str) -> Holding:
+            return before[name] if name in before else _version_in(base, name)
+
         waiting = state.held_back_by
         if not (waiting and (waiting in state.outstanding or waiting in state.recent)):
             if len(late) == len(plan.resources) and not plan.removed:
                 return plan, False  # a change of the recent list alone: a revocation, never delayed
-            if all(prior.get(r.name) is None for r in late):
+            if all(prior(r.name) is None for r in late):
                 return plan, False  # the client holds none of them: none to keep in force
+            served = self._shared.served
+            if any((v := prior(r.name)) is not None and Served.key(r.name, v) not in served for r in plan.resources):
+                return plan, False  # another replica's configurations: which order is safe is not known
         rest = tuple(r for r in plan.resources if r.name not in last)
         state.overrides = dict(state.overrides)  # a copy: a `_Sent` may keep the dict it replaced
         for resource in late:
-            state.hold(resource.name, prior.get(resource.name))
+            state.hold(resource.name, prior(resource.name))
         body = framed_body(self._shared.resource_entries, rest)
         unsent = frame_unsent(body, current.version, current.type_url, plan.removed)
         return _Plan(rest, tuple(r.name for r in rest), plan.removed, unsent, plan.blocked), True

@@ -51,13 +51,18 @@ status), until a response carries it with other bytes or it is unsubscribed.
 Some filter configurations go after the others (`SENT_LAST`: the deny list's recent list, docs/envoy-ecds.md §10).
 Envoy applies the configurations of one response one by one, in an order not ours, so a response moving job ids
 from the recent list into a bucket could let a request pass in between. A seal moves them in two pushes; but a
-stream that reconnects with an older version (or fails over from a replica whose tiers differ, or skipped the
-seal's snapshot) would get both moves at once. So when a response would carry a SENT_LAST configuration the client
-may already hold an older one of, together with others, it carries the others alone, under the version plus
-HELD_SUFFIX, and the held ones follow once the stream answered it: an ACK sends them, a NACK is handled as any
-(the version is withheld, so nothing more goes until a newer snapshot). Meanwhile Envoy keeps its previous recent
-list, which still denies the ids moved. A change of the recent list alone (a revocation) is never held, nor is one
-the client never held (a fresh connect's burst asks for it on its own).
+stream that reconnects with an older version (or skipped the seal's snapshot) would get both moves at once. So
+when a response would carry a SENT_LAST configuration the client may already hold an older one of, together with
+others, and what the client holds came from this server (it connected with nothing or with a version this server
+gave, `memo.Served`, or ACKed a whole response since), it carries the others alone, under the version plus
+HELD_SUFFIX, and the held ones follow once the stream answered it: an ACK sends them, a NACK is handled as any (the
+version is withheld, so nothing more goes until a newer snapshot). Meanwhile Envoy keeps its previous recent list,
+which still denies the ids moved. A change of the recent list alone (a revocation) is never held, nor is one the
+client never held (a fresh connect's burst asks for it on its own). Configurations from another replica are
+answered as before, in one response: along one server's history ids only move from the recent list into the
+buckets, but another replica may have sealed ids this one still lists as recent, and then the buckets first would
+open a gap for a round trip instead of closing one; the version cannot tell which.
+
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
 subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
 one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream,
@@ -435,6 +440,10 @@ class TypeState:
     holding: bool = False
     # SENT_LAST configurations sent on this stream: the client may hold an older one (a subset of SENT_LAST).
     last_sent: frozenset[str] = frozenset()
+    # The client ACKed a response carrying every filter configuration it subscribes to: what it holds came from this
+    # server (as when it connected with none, or with a version this server gave: `memo.Served`).
+    ours: bool = False
+    sent_whole: bool = False  # the last response carried every configuration subscribed
 
 
 class _Target(NamedTuple):
@@ -683,6 +692,8 @@ class AdsStream(StreamIdentity):
         if snapshot is self.snapshot:
             return _NOTHING
         self.snapshot = snapshot
+        if self._last:
+            self._shared.served.note_snapshot(snapshot.types.get(EXTENSION_CONFIG))
         return self._plan(now, [])
 
     # -- request handling
@@ -782,6 +793,8 @@ class AdsStream(StreamIdentity):
                 type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency, carried
             )
         state.acked_version = request.version_info
+        if state.sent_whole and request.version_info == sent:
+            state.ours = True
         if request.version_info != sent:
             state.knows_sent = False  # Envoy's ACK names the version it accepted, the one sent: anything else is odd
         refusing = tuple(sorted(state.refused)) if state.refused else ()
@@ -888,6 +901,8 @@ class AdsStream(StreamIdentity):
                 return target  # a change of the recent list alone: a revocation, never delayed
             if not state.client_version and state.last_sent.isdisjoint(late):
                 return target  # the client holds none of them: none to keep in force
+            if not (state.ours or not state.client_version or state.client_version in self._shared.served):
+                return target  # another replica's configurations: which order is safe is not known
         rest = tuple(n for n in target.sent if n not in last)
         if not rest:
             return None
@@ -928,8 +943,11 @@ class AdsStream(StreamIdentity):
         state.withheld = None
         if type_url == EXTENSION_CONFIG and self._last:
             state.holding = target.version.endswith(HELD_SUFFIX)
+            if state.holding:
+                self._shared.served.note(target.version)  # so a reconnect holding it counts as ours
             if not self._last.isdisjoint(target.sent):
                 state.last_sent = state.last_sent.union(self._last.intersection(target.sent))
+            state.sent_whole = len(target.sent) == len(target.names)
         # Filter configurations only need their bytes kept (the only type whose refusals outlive an ACK); the other
         # types keep the names alone, so a client that answers nothing pins no route or cluster mapping.
         source = target.source if type_url == EXTENSION_CONFIG else _NO_RESOURCES
