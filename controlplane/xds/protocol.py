@@ -889,9 +889,10 @@ class AdsStream(StreamIdentity):
         send now); `target` itself when they need not.
 
         They wait while the answer to a response that held them back is due, and are held back from a response
-        that carries others too when the client may hold an older one: it reported a version when it connected
-        (a reconnect, a failover), or this stream sent it one. Once the answer comes, the next plan sends them
-        (`changes`: the response held back leaves them out of what the client is known to hold)."""
+        that carries others too when the client may hold an older one (it reported a version when it connected, or
+        this stream sent it one) and what it holds came from this server: it connected with nothing or with a
+        version this server gave (`memo.Served`), or ACKed a whole response since. Once the answer comes, the next
+        plan sends them (`changes`: the response held back leaves them out of what the client is known to hold)."""
         last = self._last
         late = [n for n in target.sent if n in last]
         if not late:
