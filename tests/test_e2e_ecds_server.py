@@ -13,6 +13,7 @@ import logging
 
 import pytest
 
+from controlplane.compiler.names import REVOKED_RECENTLY_FILTER, revocation_bucket_filter
 from controlplane.snapshots.snapshot import EXTENSION_CONFIG, LISTENER, Snapshot
 from controlplane.telemetry import metrics
 from controlplane.xds.fleet_status import ProxyRegistry
@@ -320,3 +321,59 @@ def _nack_counts() -> tuple[float, float]:
         metrics.REGISTRY.get_sample_value(name, {"type": "ecds"}) or 0.0
         for name in ("controlplane_xds_nacks_total", "controlplane_xds_proxies_rejecting")
     )
+
+
+def tiers(port: int, bucket: list[str], recent: list[str]) -> Snapshot:
+    """The deny list's two tiers as the compiler names them: one bucket, then the recent list (`SENT_LAST`)."""
+    configs = {
+        revocation_bucket_filter(0): rbac("DENY", bucket, stat_prefix="bucket_"),
+        REVOKED_RECENTLY_FILTER: rbac("DENY", recent, stat_prefix="recent_"),
+    }
+    return Snapshot.build(
+        GROUP,
+        {
+            LISTENER: [("ecds-listener", listener(port, [ecds_filter(name, RBAC_URL) for name in configs]))],
+            EXTENSION_CONFIG: [(name, typed(name, config)) for name, config in configs.items()],
+        },
+    )
+
+
+@pytest.mark.parametrize("api", ["sotw", "delta"])
+async def test_a_seal_and_its_settle_in_one_snapshot_reach_envoy_as_the_bucket_then_the_recent_list(api: str) -> None:
+    """A stream that skipped the seal's snapshot (a slow fan-out pass) is due the bucket gaining job 1006 and the
+    recent list losing it at once: the server sends the bucket first (SotW: at the type's version + `+held`), the
+    recent list once Envoy ACKed it (docs/envoy-ecds.md §10). Envoy accepts both, and 1006 is denied throughout."""
+    port = free_port()
+    unsealed = tiers(port, ["9999"], ["1006"])
+    async with served_envoy(unsealed, api, group=GROUP) as served:
+        cache, registry, envoy = served.cache, served.registry, served.envoy
+        version = unsealed.version(EXTENSION_CONFIG)
+        await asyncio.to_thread(envoy.wait_for, lambda: once(port, x_job="1007") == 200, 5, "listener up")
+        await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == version, 5, "ECDS ACKed")
+        client = await asyncio.to_thread(Client, port)
+        assert await asyncio.to_thread(lambda: (client.status(x_job="1006"), client.status(x_job="1007"))) == (403, 200)
+        stop = False
+
+        def hammer() -> list[int]:
+            seen = []
+            while not stop:
+                seen.append(client.status(x_job="1006"))
+            return seen
+
+        requests = asyncio.create_task(asyncio.to_thread(hammer))
+        before = pushed_ecds()
+        sealed = tiers(port, ["9999", "1006"], ["2001"])
+        cache.set(sealed)
+        new = sealed.version(EXTENSION_CONFIG)
+        await asyncio.to_thread(envoy.wait_for, lambda: _acked_ecds(registry) == new, 5, "both ACKed")
+        stop = True
+        statuses = await requests
+        assert statuses and set(statuses) == {403}, statuses
+        responses, resources, _ = (now - was for now, was in zip(pushed_ecds(), before, strict=True))
+        assert (responses, resources) == (2, 2)  # the bucket, then the recent list
+        assert await asyncio.to_thread(client.status, x_job="2001") == 403
+        for name in (revocation_bucket_filter(0), REVOKED_RECENTLY_FILTER):
+            assert await asyncio.to_thread(ecds_stat, envoy, name, "update_rejected") == 0, name
+        (proxy,) = registry.status()
+        assert proxy["protocol"] == api and proxy["last_nack"] is None
+        client.close()

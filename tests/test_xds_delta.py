@@ -17,6 +17,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from controlplane.compiler.names import REVOKED_RECENTLY_FILTER, revocation_bucket_filter
 from controlplane.snapshots.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -688,6 +689,123 @@ def test_an_unsubscribed_filter_config_is_not_removed_and_a_dropped_one_is() -> 
     respond(stream, again)
     (removed,) = decode(stream.set_snapshot(with_filters(base, one="11"), 2.0))
     assert removed.type_url == EXTENSION_CONFIG and list(removed.removed_resources) == ["two"] and not held(removed)
+
+
+# --- the deny list's recent configuration after the buckets it follows (SENT_LAST) -------------------------
+
+B0, B1, RECENT = revocation_bucket_filter(0), revocation_bucket_filter(1), REVOKED_RECENTLY_FILTER
+DENY_LIST = [B0, B1, RECENT]
+
+
+def tiers(b0: str = "", b1: str = "", recent: str = "") -> Snapshot:
+    """Two deny-list buckets and the recent list, each naming the jobs it denies (as a tag)."""
+    return with_filters(gateway({"a": "1"}, "a"), **{B0: b0, B1: b1, RECENT: recent})
+
+
+SEALED, UNSEALED = tiers(b0="7"), tiers(recent="7")  # job 7 in its bucket, in the recent list
+
+
+def denied(output: Output) -> dict[str, str]:
+    """Filter name → the jobs its deny list holds, as Envoy would read the one response of `output`."""
+    found = {}
+    for resource in one_response(output).resources:
+        config, deny_list = extension_pb2.TypedExtensionConfig(), rbac_pb2.RBAC()
+        assert resource.resource.Unpack(config) and config.typed_config.Unpack(deny_list)
+        found[config.name] = deny_list.rules_stat_prefix
+    return found
+
+
+def one_response(output: Output) -> discovery_pb2.DeltaDiscoveryResponse:
+    (response,) = decode(output)
+    return response
+
+
+def reconnected(current: Snapshot, held_: Snapshot, *, failover: bool = False) -> tuple[DeltaStream, Output]:
+    """A new stream from an Envoy holding the filter configurations of `held_`: a reconnect to the server that gave
+    them, or a failover from another one."""
+    shared = FanOutCache()
+    if not failover:
+        DeltaStream(shared).set_snapshot(held_, 0.0)
+    stream = DeltaStream(shared)
+    stream.set_snapshot(current, 0.0)
+    versions = {n: r.version for n, r in held_.types[EXTENSION_CONFIG].resources.items()}
+    subscribe = request(EXTENSION_CONFIG, resource_names_subscribe=DENY_LIST, initial_resource_versions=versions)
+    return stream, stream.receive(subscribe, 1.0)
+
+
+def test_a_reconnect_across_a_seal_gets_the_buckets_first_and_the_recent_list_after_their_ack() -> None:
+    stream, out = reconnected(SEALED, UNSEALED)
+    assert denied(out) == {B0: "7"}  # the recent list it holds still denies job 7
+    assert ecds_state(stream).held[RECENT] == UNSEALED.types[EXTENSION_CONFIG].resources[RECENT].version
+    assert stream.set_snapshot(tiers(b0="7"), 2.0).responses == ()  # the same content: it still waits
+    after = answer(stream, out.responses[0])
+    assert events_of(after, Ack) and denied(after) == {RECENT: ""}
+    assert answer(stream, after.responses[0]).responses == ()
+    assert ecds_state(stream).held == {n: r.version for n, r in SEALED.types[EXTENSION_CONFIG].resources.items()}
+    assert denied(stream.set_snapshot(tiers(b0="7", recent="8"), 3.0)) == {RECENT: "8"}  # a revocation: at once
+
+
+def test_a_nack_of_the_buckets_is_handled_as_any_and_the_recent_list_follows() -> None:
+    """As before: the refused bucket is not sent again, the rest of the snapshot is."""
+    stream, out = reconnected(SEALED, UNSEALED)
+    nacked = answer(stream, out.responses[0], REFUSED)
+    assert events_of(nacked, Nack) and denied(nacked) == {RECENT: ""}
+    assert ecds_state(stream).refused.keys() == {B0}
+
+
+def test_a_change_while_the_recent_list_is_held_goes_at_once_and_the_recent_list_after_its_answer() -> None:
+    stream, out = reconnected(SEALED, UNSEALED)
+    assert denied(second := stream.set_snapshot(tiers(b0="7", b1="9"), 2.0)) == {B1: "9"}
+    assert stream.set_snapshot(tiers(b0="7", b1="9", recent="10"), 3.0).responses == ()  # waits for the answer
+    assert answer(stream, out.responses[0]).responses == ()  # the older one's answer: the newer is still due
+    assert denied(answer(stream, second.responses[0])) == {RECENT: "10"}
+
+
+def test_a_recent_list_unsubscribed_while_held_is_not_sent_and_comes_alone_when_named_again() -> None:
+    stream, out = reconnected(SEALED, UNSEALED)
+    assert stream.receive(request(EXTENSION_CONFIG, resource_names_unsubscribe=[RECENT]), 2.0).responses == ()
+    assert answer(stream, out.responses[0]).responses == ()
+    again = stream.receive(request(EXTENSION_CONFIG, resource_names_subscribe=[RECENT]), 3.0)
+    assert denied(again) == {RECENT: ""}
+
+
+def test_a_failover_from_another_server_is_answered_in_one_response_and_held_back_once_it_holds_ours() -> None:
+    """Another replica may have sealed ids this one still holds as recent: the buckets first could then be the unsafe
+    order, and the versions cannot tell. Once the client holds this server's versions, the order is known."""
+    stream, out = reconnected(SEALED, UNSEALED, failover=True)
+    assert set(denied(out)) == {B0, RECENT}
+    answer(stream, out.responses[0])
+    assert denied(stream.set_snapshot(tiers(b0="7", recent="8"), 2.0)) == {RECENT: "8"}
+    split = stream.set_snapshot(tiers(b0="7,8"), 3.0)
+    assert denied(split) == {B0: "7,8"}
+    assert denied(answer(stream, split.responses[0])) == {RECENT: ""}
+
+
+def test_a_connected_stream_gets_a_revocation_at_once_and_a_seal_it_skipped_in_two_responses() -> None:
+    stream = filters_stream(UNSEALED, DENY_LIST)
+    assert denied(stream.set_snapshot(tiers(recent="7,8"), 1.0)) == {RECENT: "7,8"}
+    split = stream.set_snapshot(tiers(b0="7,8"), 2.0)
+    assert denied(split) == {B0: "7,8"}
+    assert denied(answer(stream, split.responses[0])) == {RECENT: ""}
+
+
+def test_a_fresh_connect_is_answered_as_before() -> None:
+    """An Envoy that holds no recent list has none to keep in force: nothing is held back from it."""
+    stream = envoy(SEALED, ["a"])
+    assert set(denied(stream.receive(request(EXTENSION_CONFIG, resource_names_subscribe=DENY_LIST), 1.0))) == set(
+        DENY_LIST
+    )
+    stream = envoy(SEALED, ["a"])
+    burst = [one(stream.receive(request(EXTENSION_CONFIG, resource_names_subscribe=[n]), 1.0)) for n in DENY_LIST]
+    assert [r.resource_names for r in burst] == [(n,) for n in DENY_LIST]
+
+
+def test_without_configurations_to_send_last_the_seal_goes_in_one_response() -> None:
+    stream = DeltaStream(FanOutCache(), last=frozenset())
+    stream.set_snapshot(SEALED, 0.0)
+    versions = {n: r.version for n, r in UNSEALED.types[EXTENSION_CONFIG].resources.items()}
+    subscribe = request(EXTENSION_CONFIG, resource_names_subscribe=DENY_LIST, initial_resource_versions=versions)
+    assert set(denied(stream.receive(subscribe, 1.0))) == {B0, RECENT}
 
 
 # --- a NACK of an earlier response (docs/envoy-ecds.md §8) ---------------------------------------------

@@ -21,6 +21,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.message import Message
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
+from controlplane.compiler.names import REVOKED_RECENTLY_FILTER, revocation_bucket_filter
 from controlplane.snapshots.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -33,8 +34,9 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
 )
 from controlplane.xds.delta import DeltaStream
-from controlplane.xds.memo import FanOutCache, Interned
+from controlplane.xds.memo import FanOutCache, Interned, Served
 from controlplane.xds.protocol import (
+    HELD_SUFFIX,
     KEEP_SUFFIX,
     MAX_NODE_ID_BYTES,
     MAX_NONCE_CHARS,
@@ -618,6 +620,168 @@ def test_a_reconnect_in_a_burst_gets_everything_it_names_once() -> None:
     older.set_snapshot(current, 0.0)
     older.receive(req(LISTENER, node=True), 0.0)
     assert [r.resource_names for r in _connect_burst(older, "older")] == [(n,) for n in SEVENTEEN]
+
+
+# ----------------------------------- the deny list's recent configuration after the buckets it follows (SENT_LAST)
+
+B0, B1, RECENT = revocation_bucket_filter(0), revocation_bucket_filter(1), REVOKED_RECENTLY_FILTER
+DENY_LIST = (B0, B1, RECENT)
+
+
+def _tiers(b0: str = "", b1: str = "", recent: str = "") -> Snapshot:
+    """Two deny-list buckets and the recent list, each naming the jobs it denies (as a tag)."""
+    return _with_filters(snap(), **{B0: b0, B1: b1, RECENT: recent})
+
+
+SEALED, UNSEALED = _tiers(b0="7", recent=""), _tiers(b0="", recent="7")  # job 7 in its bucket, in the recent list
+
+
+def _served(*snapshots: Snapshot) -> FanOutCache:
+    """A server's cache whose streams were given `snapshots` before."""
+    shared = FanOutCache()
+    for snapshot in snapshots:
+        AdsStream(shared).set_snapshot(snapshot, 0.0)
+    return shared
+
+
+def _reconnected(current: Snapshot, held: str, shared: FanOutCache | None = None) -> tuple[AdsStream, Output]:
+    """A new stream from an Envoy that holds the filter configurations of version `held` and asks for them again: a
+    reconnect to the server that gave it `held` (by default, UNSEALED's) or a failover from another one."""
+    stream = AdsStream(shared if shared is not None else _served(UNSEALED))
+    stream.set_snapshot(current, 0.0)
+    stream.receive(req(LISTENER, version=current.version(LISTENER), node=True), 0.0)
+    return stream, stream.receive(req(EXTENSION_CONFIG, DENY_LIST, version=held), 1.0)
+
+
+def test_a_reconnect_across_a_seal_gets_the_buckets_first_and_the_recent_list_after_their_ack() -> None:
+    """Envoy applies one response's configurations one by one: job 7 must never be in neither tier."""
+    stream, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG))
+    first = one(out)
+    version = SEALED.version(EXTENSION_CONFIG)
+    assert (first.version, _denied(first)) == (version + HELD_SUFFIX, {B0: "7", B1: ""})  # no recent list
+    assert decode(first)[0].version_info == version + HELD_SUFFIX
+    assert stream.set_snapshot(_tiers(b0="7"), 2.0).responses == ()  # the same content again: it still waits
+    (acked,) = of_type(out := ack(stream, first, DENY_LIST, 3.0), Ack)
+    assert acked.version == version + HELD_SUFFIX
+    after = one(out)
+    assert (after.version, _denied(after)) == (version, {RECENT: ""})
+    assert ack(stream, after, DENY_LIST).responses == ()
+    assert _ecds(stream).acked_version == version and not _ecds(stream).holding
+    # Connected and up to date: a revocation is the recent list alone, sent at once.
+    revoked = one(stream.set_snapshot(_tiers(b0="7", recent="8"), 4.0))
+    assert (revoked.version, _denied(revoked)) == (_tiers(b0="7", recent="8").version(EXTENSION_CONFIG), {RECENT: "8"})
+
+
+def test_a_reconnect_holding_the_held_back_version_gets_the_buckets_again_then_the_recent_list() -> None:
+    """Acking the response held back is not holding the type's version: a reconnect then resumes nothing."""
+    shared = _served(UNSEALED)
+    _, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG), shared)
+    stream, again = _reconnected(SEALED, one(out).version, shared)
+    assert of_type(again, Resumed) == [] and set(_denied(one(again))) == {B0, B1}
+    assert _denied(one(ack(stream, one(again), DENY_LIST))) == {RECENT: ""}
+
+
+def test_a_nack_of_the_buckets_sends_no_recent_list_and_withholds_the_version_as_any_nack() -> None:
+    stream, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG))
+    first = one(out)
+    nacked = stream.receive(_nack(first, DENY_LIST, version=UNSEALED.version(EXTENSION_CONFIG)), 2.0)
+    assert nacked.responses == () and of_type(nacked, Nack)[0].version == first.version
+    # Envoy keeps its previous recent list, which still denies job 7; the version stays withheld.
+    again = stream.receive(req(EXTENSION_CONFIG, DENY_LIST, version=UNSEALED.version(EXTENSION_CONFIG)), 3.0)
+    assert again.responses == ()
+    fixed = _tiers(b0="7", b1="9", recent="")
+    split = one(stream.set_snapshot(fixed, 4.0))  # a newer snapshot: whole (unknown after a NACK), buckets first
+    assert (split.version, set(_denied(split))) == (fixed.version(EXTENSION_CONFIG) + HELD_SUFFIX, {B0, B1})
+    assert _denied(one(ack(stream, split, DENY_LIST))) == {RECENT: ""}
+
+
+def test_a_change_while_the_recent_list_is_held_goes_at_once_and_the_recent_list_after_its_answer() -> None:
+    stream, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG))
+    first = one(out)
+    newer = _tiers(b0="7", b1="9", recent="")
+    second = one(stream.set_snapshot(newer, 2.0))  # bucket 01 changed: sent, the recent list still not
+    assert (second.version, _denied(second)) == (newer.version(EXTENSION_CONFIG) + HELD_SUFFIX, {B1: "9"})
+    only_recent = _tiers(b0="7", b1="9", recent="10")
+    assert stream.set_snapshot(only_recent, 3.0).responses == ()  # a revocation waits for the answer due
+    assert of_type(ack(stream, first, DENY_LIST), Stale)  # the first's ACK is no answer to the last
+    last = one(ack(stream, second, DENY_LIST))
+    assert (last.version, _denied(last)) == (only_recent.version(EXTENSION_CONFIG), {RECENT: "10"})
+
+
+def test_a_recent_list_unsubscribed_while_held_is_not_sent_and_comes_alone_when_named_again() -> None:
+    stream, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG))
+    empty = one(ack(stream, one(out), (B0, B1)))  # the listener no longer names it: the type's version, nothing
+    assert (empty.version, empty.resource_names) == (SEALED.version(EXTENSION_CONFIG), ())
+    assert not _ecds(stream).holding
+    again = req(EXTENSION_CONFIG, DENY_LIST, version=empty.version, nonce=empty.nonce)
+    assert _denied(one(stream.receive(again, 2.0))) == {RECENT: ""}  # named again: alone, at once
+
+
+def test_a_failover_from_another_server_is_answered_in_one_response_and_held_back_once_it_acked_ours() -> None:
+    """Another replica may have sealed ids this one still holds as recent: the buckets first could then be the unsafe
+    order, and the versions cannot tell. Once the stream ACKed every configuration from here, the order is known."""
+    stream, out = _reconnected(SEALED, UNSEALED.version(EXTENSION_CONFIG), FanOutCache())
+    whole = one(out)
+    assert (whole.version, set(_denied(whole))) == (SEALED.version(EXTENSION_CONFIG), set(DENY_LIST))
+    assert not _ecds(stream).ours
+    ack(stream, whole, DENY_LIST)
+    assert _ecds(stream).ours
+    stream.set_snapshot(_tiers(b0="7", recent="8"), 2.0)  # unanswered: the next change is sent as a subset
+    settled = _tiers(b0="7,8")
+    split = one(stream.set_snapshot(settled, 3.0))
+    assert (split.version, _denied(split)) == (settled.version(EXTENSION_CONFIG) + HELD_SUFFIX, {B0: "7,8"})
+
+
+def test_the_versions_served_are_a_bounded_memory_noted_once_per_snapshot() -> None:
+    served = Served(limit=4)
+    typed = SEALED.types[EXTENSION_CONFIG]
+    served.note_snapshot(typed)
+    assert typed.version in served and Served.key(B0, typed.resources[B0].version) in served
+    served.note("x")
+    served.note_snapshot(typed)  # the same snapshot again (every stream of a fan-out): nothing moves
+    assert "x" in served
+    for n in range(4):
+        served.note(str(n))
+    assert "x" not in served and typed.version not in served and "3" in served and len(served._seen) == 4
+
+
+def test_a_connected_stream_gets_a_revocation_at_once_and_a_seal_it_skipped_in_two_responses() -> None:
+    """A fan-out pass slower than the settle serves the seal and its settle in one snapshot: two responses again."""
+    stream = AdsStream(FanOutCache())
+    stream.set_snapshot(UNSEALED, 0.0)
+    stream.receive(req(LISTENER, node=True), 0.0)
+    ack(stream, one(stream.receive(req(EXTENSION_CONFIG, DENY_LIST), 0.0)), DENY_LIST)
+    revoked = _tiers(recent="7,8")
+    assert _denied(one(stream.set_snapshot(revoked, 1.0))) == {RECENT: "7,8"}  # unanswered, and still not held
+    settled = _tiers(b0="7,8", recent="")
+    split = one(stream.set_snapshot(settled, 2.0))
+    assert (split.version, _denied(split)) == (settled.version(EXTENSION_CONFIG) + HELD_SUFFIX, {B0: "7,8"})
+    assert _denied(one(ack(stream, split, DENY_LIST))) == {RECENT: ""}
+
+
+def test_a_fresh_connect_is_answered_as_before_whatever_order_it_names_the_deny_list_in() -> None:
+    """An Envoy that holds no recent list has none to keep in force: its per-filter burst and a request naming all
+    at once are answered without holding anything back."""
+    for order in (DENY_LIST, (RECENT, B0, B1), (B0, RECENT, B1)):
+        stream = AdsStream(FanOutCache())
+        stream.set_snapshot(SEALED, 0.0)
+        stream.receive(req(LISTENER, node=True), 0.0)
+        burst = [one(stream.receive(req(EXTENSION_CONFIG, order[:n]), 1.0)) for n in range(1, 4)]
+        assert [r.resource_names for r in burst] == [(n,) for n in order]
+        assert {r.version for r in burst} == {SEALED.version(EXTENSION_CONFIG)}
+    stream = AdsStream(FanOutCache())
+    stream.set_snapshot(SEALED, 0.0)
+    stream.receive(req(LISTENER, node=True), 0.0)
+    whole = one(stream.receive(req(EXTENSION_CONFIG, DENY_LIST), 1.0))
+    assert (whole.version, whole.resource_names) == (SEALED.version(EXTENSION_CONFIG), tuple(sorted(DENY_LIST)))
+
+
+def test_without_configurations_to_send_last_the_seal_goes_in_one_response() -> None:
+    stream = AdsStream(FanOutCache(), last=frozenset())
+    stream.set_snapshot(SEALED, 0.0)
+    stream.receive(req(LISTENER, version=SEALED.version(LISTENER), node=True), 0.0)
+    out = stream.receive(req(EXTENSION_CONFIG, DENY_LIST, version=UNSEALED.version(EXTENSION_CONFIG)), 1.0)
+    assert one(out).version == SEALED.version(EXTENSION_CONFIG) and set(_denied(one(out))) == set(DENY_LIST)
 
 
 # ------------------------------------------------------ a NACK of an earlier response (docs/envoy-ecds.md §8)

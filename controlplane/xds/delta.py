@@ -30,6 +30,11 @@ serialized, events for the registry, metrics and logs), with no I/O and no clock
   and the listener warms until it comes (docs/envoy-ecds.md §2). A removal is sent as for any named type, and
   Envoy then falls back to the filter's `default_config` (or fails every request): a resource is retired by
   a listener that stops naming it, which unsubscribes it, not by dropping it first.
+* the SENT_LAST filter configurations (the deny list's recent list) go after the others that change with them,
+  as over SotW (`protocol`'s docstring, docs/envoy-ecds.md §10): a response that would carry one the client holds
+  an older version of (`initial_resource_versions` on a reconnect, or sent on this stream) together with other
+  resources carries the others alone, and the held one waits (the client keeps its version) until that response
+  is answered. An ACK sends it; a NACK is handled as any (the refused resource is not sent again, the rest is).
 
 Cost of a push. What a client holds is not copied per stream: per type the stream keeps a *base*, the
 TypeSnapshot it was last brought in line with (shared by every stream of the group), and a small dict of
@@ -68,9 +73,10 @@ from controlplane.snapshots.snapshot import (
     TypeSnapshot,
     varint,
 )
-from controlplane.xds.memo import FanOutCache, PerResource
+from controlplane.xds.memo import FanOutCache, PerResource, Served
 from controlplane.xds.protocol import (
     MAX_SUBSCRIBED_NAMES,
+    SENT_LAST,
     Ack,
     Event,
     Nack,
@@ -322,6 +328,8 @@ class DeltaTypeState:
     recent: dict[str, _Sent] = field(default_factory=dict)
     # filter configurations refused and not sent with other bytes since: name -> refused version (see protocol.Ack)
     refused: dict[str, str] = field(default_factory=dict)
+    # the nonce of the last response that held SENT_LAST configurations back: they wait while it is unanswered
+    held_back_by: str = ""
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -386,11 +394,15 @@ def _check_growth(type_url: str, state: DeltaTypeState | None, request: discover
 class DeltaStream(StreamIdentity):
     """The protocol state of one Delta ADS stream (the node is identified as in `AdsStream`)."""
 
-    def __init__(self, shared: FanOutCache, rejected: RejectionMemory | None = None) -> None:
-        """`shared`: the server's cache of what every stream of a fan-out computes alike."""
+    def __init__(
+        self, shared: FanOutCache, rejected: RejectionMemory | None = None, last: frozenset[str] = SENT_LAST
+    ) -> None:
+        """`shared`: the server's cache of what every stream of a fan-out computes alike. `last`: the filter
+        configurations sent after the others that change with them (see the module's docstring)."""
         super().__init__()
         self.snapshot: Snapshot | None = None
         self._shared = shared
+        self._last = last
         self._rejected: RejectionMemory = rejected if rejected is not None else _Forgetful()
         self._types: dict[str, DeltaTypeState] = {}
         self._last_nonce = 0
@@ -420,6 +432,8 @@ class DeltaStream(StreamIdentity):
         if snapshot is self.snapshot:
             return Output()
         self.snapshot = snapshot
+        if self._last:
+            self._shared.served.note_snapshot(snapshot.types.get(EXTENSION_CONFIG))
         return self._plan(now, [])
 
     # -- request handling
@@ -589,15 +603,21 @@ class DeltaStream(StreamIdentity):
         before = state.overrides
         empty_handed = not state.answered and base is None and all(v is None for v in before.values())
         plan = self._reconcile(type_url, state, current)
+        held_back = False
+        if type_url == EXTENSION_CONFIG and self._last and plan.resources:
+            plan, held_back = self._after_the_rest(state, current, plan, before, base)
         if plan.blocked and state.withheld != current.version:
             state.withheld = current.version
             events.append(Withheld(type_url, current.version))
         if plan.resources or plan.removed or empty_handed:
             # `before` is kept only once replaced: the state's own dict changes in place.
             prior = before if before is not state.overrides else _NO_OVERRIDES
-            return self._send(
+            response = self._send(
                 type_url, state, _Sent(current.version, now, plan.resources, plan.removed, base, prior), plan
             )
+            if held_back:
+                state.held_back_by = response.nonce
+            return response
         if not state.answered:
             state.answered = True
             state.acked_version = current.version
@@ -664,6 +684,46 @@ class DeltaStream(StreamIdentity):
         gone = tuple(sorted(removed))
         unsent = frame_unsent(framed_body(self._shared.resource_entries, send), current.version, current.type_url, gone)
         return _Plan(tuple(send), tuple(r.name for r in send), gone, unsent, blocked)
+
+    def _after_the_rest(
+        self,
+        state: DeltaTypeState,
+        current: TypeSnapshot,
+        plan: _Plan,
+        before: Mapping[str, Holding],
+        base: TypeSnapshot | None,
+    ) -> tuple[_Plan, bool]:
+        """`plan` without the SENT_LAST configurations it carries when they must wait, and whether it left any.
+
+        They wait while a response that held them back is unanswered (outstanding, or past MAX_OUTSTANDING still
+        remembered), and are held back from a plan carrying others too when the client holds an older version and
+        every version it holds of what the plan changes came from this server (`memo.Served`: from another
+        replica's, which order is safe is not known). What it held before this plan is `before` (its overrides)
+        over `base`. A held one is recorded as still holding that version, so the plan after the answer sends it."""
+        last = self._last
+        late = [r for r in plan.resources if r.name in last]
+        if not late:
+            return plan, False
+
+        def prior(name: str) -> Holding:
+            return before[name] if name in before else _version_in(base, name)
+
+        waiting = state.held_back_by
+        if not (waiting and (waiting in state.outstanding or waiting in state.recent)):
+            if len(late) == len(plan.resources) and not plan.removed:
+                return plan, False  # a change of the recent list alone: a revocation, never delayed
+            if all(prior(r.name) is None for r in late):
+                return plan, False  # the client holds none of them: none to keep in force
+            served = self._shared.served
+            if any((v := prior(r.name)) is not None and Served.key(r.name, v) not in served for r in plan.resources):
+                return plan, False  # another replica's configurations: which order is safe is not known
+        rest = tuple(r for r in plan.resources if r.name not in last)
+        state.overrides = dict(state.overrides)  # a copy: a `_Sent` may keep the dict it replaced
+        for resource in late:
+            state.hold(resource.name, prior(resource.name))
+        body = framed_body(self._shared.resource_entries, rest)
+        unsent = frame_unsent(body, current.version, current.type_url, plan.removed)
+        return _Plan(rest, tuple(r.name for r in rest), plan.removed, unsent, plan.blocked), True
 
     def _keeper(self, type_url: str, state: DeltaTypeState, view: _View) -> Callable[[str], bool] | None:
         """Which removals to hold back (make-before-break), or None when nothing is.

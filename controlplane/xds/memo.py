@@ -169,6 +169,49 @@ class PerResource:
         return found
 
 
+class Served:
+    """Filter-configuration versions this server's streams were given, the latest LIMIT of them: the SotW type
+    versions, and Delta's per-resource keys (`delta.resource_key`).
+
+    A configuration sent after the others (`protocol.SENT_LAST`, the deny list's recent list) is held back only
+    from a client whose configurations all come from this server's history: along it, job ids only move from the
+    recent list into the buckets, so the buckets first is the safe order. A client that holds another replica's
+    (a failover) may need the other order (that replica sealed ids this one still holds as recent), which the
+    versions cannot tell: it is answered as before. Noted once per snapshot, not per stream (`note_snapshot`)."""
+
+    LIMIT = 16_384
+
+    def __init__(self, limit: int = LIMIT) -> None:
+        self._seen: dict[str, None] = {}
+        self._limit = limit
+        self._last: weakref.ref[TypeSnapshot] | None = None
+
+    @staticmethod
+    def key(name: str, version: str) -> str:
+        """One resource's version as noted (the form of `delta.resource_key`)."""
+        return f"{name}@{version}"
+
+    def note_snapshot(self, typed: TypeSnapshot | None) -> None:
+        """Note `typed`'s version and the key of each of its resources (a fan-out notes it once)."""
+        if typed is None or (self._last is not None and self._last() is typed):
+            return
+        self._last = weakref.ref(typed)
+        self.note(typed.version)
+        for name, resource in typed.resources.items():
+            self.note(self.key(name, resource.version))
+
+    def note(self, version: str) -> None:
+        """Remember `version` as the latest seen, forgetting the oldest past the limit."""
+        seen = self._seen
+        seen.pop(version, None)
+        seen[version] = None
+        if len(seen) > self._limit:
+            del seen[next(iter(seen))]
+
+    def __contains__(self, version: object) -> bool:
+        return version in self._seen
+
+
 class FanOutCache:
     """Everything the streams of a fan-out compute once and share, owned by the server (`XdsServer.fan_out`)
     and handed to every `AdsStream` and `DeltaStream` it creates.
@@ -197,3 +240,5 @@ class FanOutCache:
         self.resource_entries = PerResource()
         self.diffs = PerSnapshot()
         self.views = PerSnapshot()
+        # Both: the filter-configuration versions streams were given (`Served`).
+        self.served = Served()

@@ -47,6 +47,22 @@ version (the later responses share it, and Envoy ACKs the last) and without re-s
 configuration it refused when it comes again unchanged, without applying it. That is also why a refused filter
 configuration stays in `TypeState.refused`, reported by every later `Ack` (`refusing`, so the NACK stays in the
 status), until a response carries it with other bytes or it is unsubscribed.
+
+Some filter configurations go after the others (`SENT_LAST`: the deny list's recent list, docs/envoy-ecds.md §10).
+Envoy applies the configurations of one response one by one, in an order not ours, so a response moving job ids
+from the recent list into a bucket could let a request pass in between. A seal moves them in two pushes; but a
+stream that reconnects with an older version (or skipped the seal's snapshot) would get both moves at once. So
+when a response would carry a SENT_LAST configuration the client may already hold an older one of, together with
+others, and what the client holds came from this server (it connected with nothing or with a version this server
+gave, `memo.Served`, or ACKed a whole response since), it carries the others alone, under the version plus
+HELD_SUFFIX, and the held ones follow once the stream answered it: an ACK sends them, a NACK is handled as any (the
+version is withheld, so nothing more goes until a newer snapshot). Meanwhile Envoy keeps its previous recent list,
+which still denies the ids moved. A change of the recent list alone (a revocation) is never held, nor is one the
+client never held (a fresh connect's burst asks for it on its own). Configurations from another replica are
+answered as before, in one response: along one server's history ids only move from the recent list into the
+buckets, but another replica may have sealed ids this one still lists as recent, and then the buckets first would
+open a gap for a round trip instead of closing one; the version cannot tell which.
+
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
 subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
 one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream,
@@ -63,6 +79,7 @@ from typing import NamedTuple, Protocol, TypeVar
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from controlplane.compiler.names import REVOKED_RECENTLY_FILTER
 from controlplane.snapshots.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -83,6 +100,12 @@ TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", EXTENSION_CONFIG: "ecds", ROUTE: "rds"}
 )
 KEEP_SUFFIX = "+keep"
+# The version of a filter-configuration response that leaves the SENT_LAST configurations for a later one: not the
+# type's version, so a client that reconnects holding it is not taken to hold those (it gets them again, after).
+HELD_SUFFIX = "+held"
+# Filter configurations sent after every other one that changes with them (see `AdsStream`): the deny list's recent
+# revocations, so an Envoy applies a bucket gaining ids before the recent list that stops holding them.
+SENT_LAST: frozenset[str] = frozenset({REVOKED_RECENTLY_FILTER})
 # What one stream's node may weigh (docs/xds-and-audit-bounds.md). Envoy's ids are host or pod names (at most
 # 253 bytes in DNS and Kubernetes) and groups are policy names (63); a node past these is refused, never kept.
 MAX_NODE_ID_BYTES = 512
@@ -413,6 +436,14 @@ class TypeState:
     # filter configurations refused (NACKed) and not sent with other bytes since: name -> the refused bytes'
     # version. At most the names subscribed (dropped on unsubscribe), so bounded by MAX_SUBSCRIBED_NAMES.
     refused: dict[str, str] = field(default_factory=dict)
+    # The last response left SENT_LAST configurations for after its answer (`AdsStream._after_the_rest`).
+    holding: bool = False
+    # SENT_LAST configurations sent on this stream: the client may hold an older one (a subset of SENT_LAST).
+    last_sent: frozenset[str] = frozenset()
+    # The client ACKed a response carrying every filter configuration it subscribes to: what it holds came from this
+    # server (as when it connected with none, or with a version this server gave: `memo.Served`).
+    ours: bool = False
+    sent_whole: bool = False  # the last response carried every configuration subscribed
 
 
 class _Target(NamedTuple):
@@ -622,12 +653,16 @@ class AdsStream(StreamIdentity):
     the adapter can pick the snapshot by the node's group after the first request (`NodeIdentified`).
     """
 
-    def __init__(self, shared: FanOutCache, rejected: RejectedVersions | None = None) -> None:
-        """`shared`: the server's cache of what every stream of a fan-out computes alike."""
+    def __init__(
+        self, shared: FanOutCache, rejected: RejectedVersions | None = None, last: frozenset[str] = SENT_LAST
+    ) -> None:
+        """`shared`: the server's cache of what every stream of a fan-out computes alike. `last`: the filter
+        configurations sent after the others that change with them (see the module's docstring)."""
         super().__init__()
         self.snapshot: Snapshot | None = None
         self._shared = shared
         self._rejected: RejectedVersions = rejected if rejected is not None else _NothingRejected()
+        self._last = last
         self._types: dict[str, TypeState] = {}
         self._nonces = 0  # the last nonce sent on this stream, of any type
 
@@ -657,6 +692,8 @@ class AdsStream(StreamIdentity):
         if snapshot is self.snapshot:
             return _NOTHING
         self.snapshot = snapshot
+        if self._last:
+            self._shared.served.note_snapshot(snapshot.types.get(EXTENSION_CONFIG))
         return self._plan(now, [])
 
     # -- request handling
@@ -738,6 +775,7 @@ class AdsStream(StreamIdentity):
     ) -> Ack | Nack:
         """The request echoes our last nonce: it is the ACK or NACK of that response (rule 3)."""
         state.awaiting = False
+        state.holding = False  # answered: what it held back may go (after a NACK, as far as the version may)
         latency = max(0.0, now - state.sent_at)
         sent = state.sent_version or ""
         answered = state.recent.get(state.sent_nonce)
@@ -755,6 +793,8 @@ class AdsStream(StreamIdentity):
                 type_url, sent, state.sent_nonce, request.version_info, detail.message, detail.code, latency, carried
             )
         state.acked_version = request.version_info
+        if state.sent_whole and request.version_info == sent:
+            state.ours = True
         if request.version_info != sent:
             state.knows_sent = False  # Envoy's ACK names the version it accepted, the one sent: anything else is odd
         refusing = tuple(sorted(state.refused)) if state.refused else ()
@@ -817,6 +857,11 @@ class AdsStream(StreamIdentity):
         if state.sent_version == current.version and answered:
             return None  # the fast path of a fan-out: this type did not change
         target = self._target(type_url, state, current)
+        if type_url == EXTENSION_CONFIG and self._last:
+            held = self._after_the_rest(state, target)
+            if held is None:
+                return None  # only configurations waiting for the answer to the response sent before them
+            target = held
         if target.version == state.sent_version and answered:
             return None
         if target.version in state.nacked or self._rejected.is_rejected(self.node_id, type_url, target.version):
@@ -838,6 +883,34 @@ class AdsStream(StreamIdentity):
         if not removed or not any(self._unsettled(t) for t in _CLUSTER_USERS):
             return _Target(current.version, body, names, current.resources, names)
         return _shared_union(self._shared, current, state.names, state.sent_names, state.sent_source, removed)
+
+    def _after_the_rest(self, state: TypeState, target: _Target) -> _Target | None:
+        """`target` without the SENT_LAST configurations it carries, when they must wait (None: nothing else to
+        send now); `target` itself when they need not.
+
+        They wait while the answer to a response that held them back is due, and are held back from a response
+        that carries others too when the client may hold an older one (it reported a version when it connected, or
+        this stream sent it one) and what it holds came from this server: it connected with nothing or with a
+        version this server gave (`memo.Served`), or ACKed a whole response since. Once the answer comes, the next
+        plan sends them (`changes`: the response held back leaves them out of what the client is known to hold)."""
+        last = self._last
+        late = [n for n in target.sent if n in last]
+        if not late:
+            return target
+        if not (state.awaiting and state.holding):
+            if len(late) == len(target.sent):
+                return target  # a change of the recent list alone: a revocation, never delayed
+            if not state.client_version and state.last_sent.isdisjoint(late):
+                return target  # the client holds none of them: none to keep in force
+            if not (state.ours or not state.client_version or state.client_version in self._shared.served):
+                return target  # another replica's configurations: which order is safe is not known
+        rest = tuple(n for n in target.sent if n not in last)
+        if not rest:
+            return None
+        resources = target.source
+        body = b"".join(resources[n].response_entry for n in rest)
+        names = tuple(n for n in target.names if n not in late)
+        return _Target(target.version + HELD_SUFFIX, body, names, resources, rest)
 
     def _unsettled(self, type_url: str) -> bool:
         """True while the client may still route by an older listener/route config than the snapshot's.
@@ -869,6 +942,13 @@ class AdsStream(StreamIdentity):
         # configuration out keeps the one sent before in force, docs/envoy-ecds.md §2).
         state.knows_sent = True
         state.withheld = None
+        if type_url == EXTENSION_CONFIG and self._last:
+            state.holding = target.version.endswith(HELD_SUFFIX)
+            if state.holding:
+                self._shared.served.note(target.version)  # so a reconnect holding it counts as ours
+            if not self._last.isdisjoint(target.sent):
+                state.last_sent = state.last_sent.union(self._last.intersection(target.sent))
+            state.sent_whole = len(target.sent) == len(target.names)
         # Filter configurations only need their bytes kept (the only type whose refusals outlive an ACK); the other
         # types keep the names alone, so a client that answers nothing pins no route or cluster mapping.
         source = target.source if type_url == EXTENSION_CONFIG else _NO_RESOURCES
