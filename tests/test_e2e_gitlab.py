@@ -19,7 +19,7 @@ from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import deliver, project_system_hook
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import DeployerStack, EnvoySpec, PolicyInputs, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -47,22 +47,11 @@ subjects:
 
 
 @dataclass
-class GitLabStack(Served):
-    deployer: int = 0
-
+class GitLabStack(DeployerStack):
     @property
     def policy_text(self) -> str:
         """The policy as first committed to the policy project."""
         return (self.policy / "policy.yaml").read_text()
-
-    def get(self, **claims: Any) -> int:
-        token = self.gitlab.mint(aud="https://reports.local", **{"project_id": self.deployer, **claims})
-        return self.call("reports.local", token)
-
-    def wait_get(self, expected: int, timeout: float = 10.0, **claims: Any) -> float:
-        started = time.monotonic()
-        poll_until(lambda: self.get(**claims) == expected, timeout, interval=0.02, message=f"GET -> {expected}")
-        return time.monotonic() - started
 
     def gitlab_status(self) -> dict[str, Any]:
         (watch,) = self.controlplane.status()["gitlab"]

@@ -8,10 +8,8 @@ withdrawn key. The control plane re-reads GitLab's JWKS every second; every wait
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -19,7 +17,7 @@ from tests.support.fake_gitlab import FakeGitLab
 from tests.support.gitlab_hooks import deliver, project_system_hook
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import DeployerStack, EnvoySpec, PolicyInputs, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -37,18 +35,7 @@ def policy(given: PolicyInputs) -> str:
 
 
 @dataclass
-class LiveStack(Served):
-    deployer: int = 0
-
-    def get(self, **claims: Any) -> int:
-        token = self.gitlab.mint(aud="https://reports.local", **{"project_id": self.deployer, **claims})
-        return self.call("reports.local", token)
-
-    def wait_get(self, expected: int, timeout: float = 10.0, **claims: Any) -> float:
-        started = time.monotonic()
-        poll_until(lambda: self.get(**claims) == expected, timeout, interval=0.02, message=f"GET -> {expected}")
-        return time.monotonic() - started
-
+class LiveStack(DeployerStack):
     def policy_errors(self) -> list[str]:
         return list(self.controlplane.status()["policy"]["errors"])
 

@@ -16,7 +16,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,27 +312,7 @@ async def test_a_duplicate_job_hook_is_answered_only_once_the_first_ones_push_ha
     same push, and a duplicate after the push is answered at once, with no push of its own."""
     node = Node(gitlab, tmp_path, clock, policy(gitlab))  # covers project 42's finished jobs (the same `until`)
     try:
-        released = asyncio.Event()
-        events: list[str] = []
-
-        async def gated_push() -> None:
-            events.append("push started")
-            await released.wait()
-            events.append("push ended")
-
-        async def persisted(*, now: bool = False) -> bool:
-            return True  # no thread: once listed, an answer is a few loop steps away
-
-        revoke = node.service.revocations.revoke
-        found: list[bool] = []
-
-        def counted_revoke(job_id: str, until: float) -> bool:
-            found.append(revoke(job_id, until))
-            return found[-1]
-
-        node.service.on_change = gated_push
-        monkeypatch.setattr(node.service.revocations, "persist", persisted)
-        monkeypatch.setattr(node.service.revocations, "revoke", counted_revoke)
+        released, events, found, _ = gated_pushes(node, monkeypatch)
 
         async def hook(name: str) -> None:
             await node.finished(5301)
@@ -366,31 +346,12 @@ async def test_a_job_hook_for_a_job_another_replica_listed_waits_for_the_push_ta
     replica's Envoys pending, the hook arriving here finds it listed and must not be answered before that push."""
     node = Node(gitlab, tmp_path, clock, policy(gitlab))
     try:
-        released = asyncio.Event()
-        events: list[str] = []
-
-        async def gated_push() -> None:
-            events.append("push started")
-            await released.wait()
-            events.append("push ended")
-
-        async def persisted(*, now: bool = False) -> bool:
-            return True
-
-        revoke = node.service.revocations.revoke
-        found: list[bool] = []
-
-        def counted_revoke(job_id: str, until: float) -> bool:
-            found.append(revoke(job_id, until))
-            return found[-1]
+        released, events, found, revoke = gated_pushes(node, monkeypatch)
 
         async def taken_in(payload: str) -> bool:  # what another replica wrote: the job, for the deny window
             return revoke("5311", clock.now + DENY)
 
-        node.service.on_change = gated_push
-        monkeypatch.setattr(node.service.revocations, "persist", persisted)
         monkeypatch.setattr(node.service.revocations, "refresh", taken_in)
-        monkeypatch.setattr(node.service.revocations, "revoke", counted_revoke)
         feed = asyncio.ensure_future(node.service.revocations_changed("5311"))
         await eventually(lambda: "push started" in events, "the push taking the job in started")
         hook = asyncio.ensure_future(node.finished(5311))
@@ -404,6 +365,35 @@ async def test_a_job_hook_for_a_job_another_replica_listed_waits_for_the_push_ta
         assert events == ["push started", "push ended"]
     finally:
         node.close()
+
+
+def gated_pushes(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, list[str], list[bool], Callable[[str, float], bool]]:
+    """The node's pushes wait for the event returned (each logged in `events`), the store is always written (no
+    thread: once listed, an answer is a few loop steps away), and each `revoke` says in `found` whether it listed
+    the job; the real `revoke` is returned for what another replica would write."""
+    released = asyncio.Event()
+    events: list[str] = []
+    found: list[bool] = []
+    revoke = node.service.revocations.revoke
+
+    async def gated_push() -> None:
+        events.append("push started")
+        await released.wait()
+        events.append("push ended")
+
+    async def persisted(*, now: bool = False) -> bool:
+        return True
+
+    def counted_revoke(job_id: str, until: float) -> bool:
+        found.append(revoke(job_id, until))
+        return found[-1]
+
+    node.service.on_change = gated_push
+    monkeypatch.setattr(node.service.revocations, "persist", persisted)
+    monkeypatch.setattr(node.service.revocations, "revoke", counted_revoke)
+    return released, events, found, revoke
 
 
 # --- nothing of it can pass: not listed ------------------------------------------------------------------------

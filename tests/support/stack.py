@@ -347,3 +347,22 @@ def running_stack(root: Path, protocol: Protocol) -> Iterator[Stack]:
         ready=lambda built: built.call("reports.local", None, path="/healthz") == 200,
     ) as built:
         yield built
+
+
+@dataclass
+class DeployerStack(Served):
+    """A served stack whose GitLab has a deployer project (its id set once added) that calls the reports backend
+    with ID tokens: the GitLab-driven suites' shared client."""
+
+    deployer: int = 0
+
+    def get(self, **claims: Any) -> int:
+        """A GET to reports.local with the deployer's ID token (`claims` added or overriding)."""
+        token = self.gitlab.mint(aud="https://reports.local", **{"project_id": self.deployer, **claims})
+        return self.call("reports.local", token)
+
+    def wait_get(self, expected: int, timeout: float = 10.0, **claims: Any) -> float:
+        """Seconds until that GET answers `expected` (polled)."""
+        started = time.monotonic()
+        poll_until(lambda: self.get(**claims) == expected, timeout, interval=0.02, message=f"GET -> {expected}")
+        return time.monotonic() - started
