@@ -527,3 +527,14 @@ def test_spawning_with_preexec_under_a_live_grpc_server_never_aborts_the_child()
         stop.set()
         thread.join(10)
     assert codes.count(0) == len(codes), sorted(set(codes))
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    """An outgoing connection's local port comes from the kernel's ephemeral range: a port picked there could be
+    taken by one (a PostgreSQL pool connecting) before the server meant for it binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(10_000 <= port < low for port in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, ports[0]))  # free when handed out
