@@ -173,6 +173,7 @@ def test_the_image_command_serves_a_real_envoy_as_its_user_and_stops_cleanly(run
         )
         assert bootstrap.returncode == 0, bootstrap.stderr
         with EnvoyProcess(yaml.safe_load(bootstrap.stdout), name="image-gateway") as envoy:
+
             def served() -> bool:
                 try:
                     answer = http_request(f"http://{LOOPBACK}:{listen}/healthz", headers={"Host": "reports.local"})
@@ -181,6 +182,7 @@ def test_the_image_command_serves_a_real_envoy_as_its_user_and_stops_cleanly(run
                 return answer.status == 200 and answer.json()["backend"] == "reports"
 
             poll_until(served, 20, interval=0.05, message="a request through the gateway to the public path")
+            assert envoy.stats("control_plane.connected_state").get("control_plane.connected_state") == 1
 
             # docker stop: STOPSIGNAL, the streams drained, exit 0, within the engine's default 10 s.
             assert runtime.stop_signal() == signal.SIGTERM

@@ -309,7 +309,12 @@ class ImageRuntime(Started):
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
     def run(
-        self, command: Sequence[str], *, timeout: float = 60.0, cwd: Path | None = None, env: Mapping[str, str] | None = None
+        self,
+        command: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """`command` (exec form) as the image runs it: its user, its working directory, its environment."""
         return subprocess.run(
