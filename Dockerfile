@@ -9,8 +9,7 @@ WORKDIR /src
 COPY constraints.txt pyproject.toml README.md ./
 COPY controlplane ./controlplane
 RUN python -m venv /opt/controlplane \
- && /opt/controlplane/bin/pip install --no-cache-dir --no-compile -c constraints.txt . \
- && /opt/controlplane/bin/python -m compileall -q /opt/controlplane/lib
+ && /opt/controlplane/bin/pip install --no-cache-dir -c constraints.txt .
 
 FROM python:3.11-slim
 # The runtime user owns its working directory and the state volume, and nothing else: the code and the policy are
