@@ -26,10 +26,10 @@ from tests.support.image_runtime import (
     INSTALL_DIR,
     FinalStage,
     ImageRuntime,
+    can_switch_user,
     make_installation,
     parse_dockerfile,
     reachable_by_anyone,
-    run_as,
     runnable_interpreter,
     temporary_root,
 )
@@ -77,7 +77,7 @@ def test_the_final_stage_declares_the_contract(stage: FinalStage) -> None:
 @pytest.fixture(scope="module")
 def installation(stage: FinalStage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The image's /opt/controlplane: a venv the image's user can run, importing this checkout."""
-    switch = run_as() is not None
+    switch = can_switch_user()
     uid, gid = stage.uid_gid
     interpreter = runnable_interpreter(uid, gid) if switch else Path(sys.executable)
     if interpreter is None:
@@ -95,9 +95,9 @@ def installation(stage: FinalStage, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def runtime(stage: FinalStage, installation: Path) -> Iterator[ImageRuntime]:
-    root = temporary_root(run_as() is not None)
+    root = temporary_root(can_switch_user())
     prepared = ImageRuntime.prepare(
-        stage, installation, root, switch_user=run_as() is not None, owned=(stage.workdir, stage.env[STATE_ENV])
+        stage, installation, root, switch_user=can_switch_user(), owned=(stage.workdir, stage.env[STATE_ENV])
     )
     try:
         yield prepared  # started by the test, once it set what an operator would
@@ -205,7 +205,7 @@ def _seconds(duration: str) -> float:
 def test_a_state_directory_the_user_cannot_write_is_one_line_naming_it(runtime: ImageRuntime, where: str) -> None:
     """The old image's failure: uid 10001 could not create its state directory. Now it says which, and stops
     (exit 3: a state file unusable, fail closed) without a traceback."""
-    if run_as() is None:
+    if not can_switch_user():
         pytest.skip("run as root to take the image's user: the current user may write where the image's could not")
     stage = runtime.stage
     state = runtime.host(stage.env[STATE_ENV])

@@ -57,19 +57,20 @@ class Healthcheck:
     command: list[str]  # exec form
 
 
-@dataclass(frozen=True)
+@dataclass
 class FinalStage:
-    """What the last FROM ... of a Dockerfile sets, in the order a container engine applies it."""
+    """What the last FROM ... of a Dockerfile sets, in the order a container engine applies it (engine defaults:
+    `/`, root, the engine's PATH)."""
 
-    workdir: str
-    user: str
-    env: Mapping[str, str]
-    volumes: list[str]
-    expose: list[int]
-    entrypoint: list[str]
-    cmd: list[str]
-    healthcheck: Healthcheck | None
-    stopsignal: str | None
+    workdir: str = "/"
+    user: str = "0:0"
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": ENGINE_DEFAULT_PATH})
+    volumes: list[str] = field(default_factory=list)
+    expose: list[int] = field(default_factory=list)
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    healthcheck: Healthcheck | None = None
+    stopsignal: str | None = None
     run: list[str] = field(default_factory=list)  # RUN lines, joined, for the few checks of what they prepare
     copies: list[str] = field(default_factory=list)
 
@@ -125,55 +126,41 @@ def _expand(value: str, env: Mapping[str, str]) -> str:
 
 
 def parse_dockerfile(text: str) -> FinalStage:
-    env: dict[str, str] = {}
-    stage: dict[str, object] = {}
-    run: list[str] = []
-    copies: list[str] = []
+    stage = FinalStage()
     for keyword, rest in _instructions(text):
         if keyword == "FROM":  # a new stage: nothing of the previous one reaches the image's runtime
-            env, stage, run, copies = {"PATH": ENGINE_DEFAULT_PATH}, {}, [], []
+            stage = FinalStage()
         elif keyword == "ENV":
             for pair in shlex.split(rest):
                 name, equals, value = pair.partition("=")
                 if not equals:
                     raise DockerfileError(f"ENV {rest}: the legacy 'ENV NAME value' form is not read, use NAME=value")
-                env[name] = _expand(value, env)
+                stage.env[name] = _expand(value, stage.env)
         elif keyword == "WORKDIR":
-            stage["workdir"] = rest
+            stage.workdir = rest
         elif keyword == "USER":
-            stage["user"] = rest
+            stage.user = rest
         elif keyword == "VOLUME":
-            stage["volumes"] = [*stage.get("volumes", []), *_exec_form(keyword, rest)]  # type: ignore[misc]
+            stage.volumes += _exec_form(keyword, rest)
         elif keyword == "EXPOSE":
-            ports = [int(port.split("/")[0]) for port in rest.split()]
-            stage["expose"] = [*stage.get("expose", []), *ports]  # type: ignore[misc]
-        elif keyword in ("ENTRYPOINT", "CMD"):
-            stage[keyword.lower()] = _exec_form(keyword, rest)
+            stage.expose += [int(port.split("/")[0]) for port in rest.split()]
+        elif keyword == "ENTRYPOINT":
+            stage.entrypoint = _exec_form(keyword, rest)
+        elif keyword == "CMD":
+            stage.cmd = _exec_form(keyword, rest)
         elif keyword == "HEALTHCHECK":
             options, separator, command = rest.partition("CMD ")
             if not separator:
                 raise DockerfileError(f"HEALTHCHECK {rest}: expected [OPTIONS] CMD [...]")
             settings = dict(option.removeprefix("--").split("=", 1) for option in options.split())
-            stage["healthcheck"] = Healthcheck(settings, _exec_form(keyword, command.strip()))
+            stage.healthcheck = Healthcheck(settings, _exec_form(keyword, command.strip()))
         elif keyword == "STOPSIGNAL":
-            stage["stopsignal"] = rest
+            stage.stopsignal = rest
         elif keyword == "RUN":
-            run.append(rest)
+            stage.run.append(rest)
         elif keyword == "COPY":
-            copies.append(rest)
-    return FinalStage(
-        workdir=str(stage.get("workdir", "/")),
-        user=str(stage.get("user", "0:0")),
-        env=env,
-        volumes=list(stage.get("volumes", [])),  # type: ignore[call-overload]
-        expose=list(stage.get("expose", [])),  # type: ignore[call-overload]
-        entrypoint=list(stage.get("entrypoint", [])),  # type: ignore[call-overload]
-        cmd=list(stage.get("cmd", [])),  # type: ignore[call-overload]
-        healthcheck=stage.get("healthcheck"),  # type: ignore[arg-type]
-        stopsignal=stage.get("stopsignal"),  # type: ignore[arg-type]
-        run=run,
-        copies=copies,
-    )
+            stage.copies.append(rest)
+    return stage
 
 
 # --- running it ---------------------------------------------------------------------------------------------------
@@ -184,9 +171,9 @@ def reachable_by_anyone(path: Path) -> bool:
     return all(parent.stat().st_mode & stat.S_IXOTH for parent in (path, *path.parents) if parent.is_dir())
 
 
-def run_as() -> tuple[int, int] | None:
-    """Whether this process can switch to another uid (root can): else the image's user cannot be taken."""
-    return (0, 0) if os.geteuid() == 0 else None
+def can_switch_user() -> bool:
+    """Whether this process can take another uid (root can); else it runs the image's command as itself."""
+    return os.geteuid() == 0
 
 
 def runnable_interpreter(uid: int, gid: int) -> Path | None:
