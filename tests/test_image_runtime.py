@@ -96,13 +96,14 @@ def installation(stage: FinalStage, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def runtime(stage: FinalStage, installation: Path) -> Iterator[ImageRuntime]:
     root = temporary_root(can_switch_user())
-    prepared = ImageRuntime.prepare(
-        stage, installation, root, switch_user=can_switch_user(), owned=(stage.workdir, stage.env[STATE_ENV])
-    )
+    prepared: ImageRuntime | None = None
     try:
+        owned = (stage.workdir, stage.env[STATE_ENV])  # what the Dockerfile chowns to its user
+        prepared = ImageRuntime.prepare(stage, installation, root, switch_user=can_switch_user(), owned=owned)
         yield prepared  # started by the test, once it set what an operator would
     finally:
-        prepared.stop()
+        if prepared is not None:
+            prepared.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
