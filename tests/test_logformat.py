@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +128,12 @@ def test_no_token_reaches_stderr_on_any_logging_path(kind: str) -> None:
         entries = [json.loads(line) for line in done.stderr.splitlines()]
         assert {entry["logger"] for entry in entries} >= {"controlplane.credentials", "controlplane.grpc.core"}
         assert any("RuntimeError" in entry.get("exception", "") for entry in entries)
+
+
+def test_the_cli_refuses_an_unknown_format_from_the_flag_or_the_environment(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "controlplane"]
+    flag = subprocess.run([*command, "--log-format", "xml", "validate", str(tmp_path)], capture_output=True, text=True)
+    assert flag.returncode == 2 and "invalid choice: 'xml'" in flag.stderr
+    env = dict(os.environ, CONTROLPLANE_LOG_FORMAT="xml")
+    variable = subprocess.run([*command, "validate", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert variable.returncode == 2 and "CONTROLPLANE_LOG_FORMAT must be one of text, json" in variable.stderr

@@ -122,7 +122,8 @@ def dashboard_expressions() -> list[tuple[str, str]]:
         if variable["type"] == "query":
             match = LABEL_VALUES.match(variable["query"]["query"])
             assert match, f"variable {variable['name']}: not label_values(...)"
-            found.append((f"variable {variable['name']}", match["expr"] or "up"))
+            # label_values(EXPR, LABEL) lists LABEL's values on EXPR: checked as `count by (LABEL) (EXPR)`
+            found.append((f"variable {variable['name']}", f"count by ({match['label']}) ({match['expr'] or 'up'})"))
     return [(where, GRAFANA_DURATIONS.sub("5m", expr)) for where, expr in found]
 
 
@@ -232,7 +233,9 @@ def test_the_check_fails_on_a_renamed_metric_or_label(live: Live) -> None:
     assert problems("sum(rate(controlplane_xds_nack_total[5m]))", live.known) == [
         "unknown series controlplane_xds_nack_total"
     ]
-    assert problems("controlplane_policy_errors_total", live.known) == ["unknown series controlplane_policy_errors_total"]
+    assert problems("controlplane_policy_errors_total", live.known) == [
+        "unknown series controlplane_policy_errors_total"
+    ]
     assert problems("controlplane_xds_pushes", live.known) == ["unknown series controlplane_xds_pushes"]
     assert problems('controlplane_xds_nacks_total{kind="cds"}', live.known) == [
         "controlplane_xds_nacks_total has no label kind"
@@ -241,7 +244,10 @@ def test_the_check_fails_on_a_renamed_metric_or_label(live: Live) -> None:
         "sum by ['group']: not labels of what it aggregates"
     ]
     assert problems("a_total / on (type) controlplane_xds_nacks_total", live.known)[0] == "unknown series a_total"
-    assert problems('sum by (type, le) (rate(controlplane_xds_push_ack_latency_seconds_bucket{job="x"}[5m]))', live.known) == []
+    assert (
+        problems('sum by (type, le) (rate(controlplane_xds_push_ack_latency_seconds_bucket{job="x"}[5m]))', live.known)
+        == []
+    )
 
 
 @pytest.mark.e2e
@@ -265,9 +271,11 @@ def test_the_stack_exported_what_the_dashboard_watches(live: Live) -> None:
     sample = live.stack.controlplane.metric
     assert sample("controlplane_xds_connected_proxies", group="ci-gateway") == 1
     assert sample("controlplane_credential_exchanges_total", result="granted") >= 1
-    assert sample("controlplane_credential_exchanges_total", result="invalid_request") + sample(
-        "controlplane_credential_exchanges_total", result="invalid_grant"
-    ) >= 1
+    assert (
+        sample("controlplane_credential_exchanges_total", result="invalid_request")
+        + sample("controlplane_credential_exchanges_total", result="invalid_grant")
+        >= 1
+    )
     assert sample("controlplane_webhook_events_total", event="job", result="unauthorized") == 1
     assert sample("controlplane_webhook_events_total", event="job", result="accepted") >= 1
     assert sample("controlplane_build_info", **build_labels(live.text)) == 1
@@ -364,7 +372,9 @@ def test_dashboard_is_structurally_sound() -> None:
     for panel in board["panels"]:
         grid = panel["gridPos"]
         assert {"h", "w", "x", "y"} <= set(grid) and grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24
-        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        cells = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & occupied, f"panel {panel['id']} overlaps another"
         occupied |= cells
     for panel in panels():
