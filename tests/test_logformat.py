@@ -109,7 +109,15 @@ LEAK_SCRIPT = textwrap.dedent(
     grpc.error("Invalid encoding on %s", f"authorization: {jwt}".encode())
     grpc.error("metadata %s and %s", f"x-token {jwt}".encode(), f"Bearer {jwt}")
     os.write(2, f"E1206 06:20:00.000000 12 http_server.cc:99] header authorization: Bearer {jwt}\\n".encode())
+    import threading, warnings
+    def crash():
+        raise ValueError(f"bad header Authorization: Bearer {jwt}")
+    thread = threading.Thread(target=crash, name="crasher")
+    thread.start()
+    thread.join()
+    warnings.warn(f"odd token {gl}")
     restore()
+    raise RuntimeError(f"uncaught {jwt}")  # the interpreter's last words go through the log too
     """
 )
 
@@ -119,15 +127,18 @@ def test_no_token_reaches_stderr_on_any_logging_path(kind: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", LEAK_SCRIPT, kind, JWT, GLTOKEN], capture_output=True, text=True, timeout=30
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 1, done.stderr[-2000:]  # the uncaught exception at the end
     for secret in (JWT, GLTOKEN, *JWT.split(".")[1:], GLTOKEN.split("-", 1)[1]):
         assert secret not in done.stderr
-    assert done.stderr.count("[redacted]") == (7 if kind == "json" else 6)  # text drops `extra=` fields
-    assert "grpc core:" in done.stderr and "GitLab call failed" in done.stderr and "exchange refused" in done.stderr
+    # message, argument, exception (2), grpc argument, grpc core, thread, warning, uncaught; JSON adds `extra=`
+    assert done.stderr.count("[redacted]") == (10 if kind == "json" else 9)
+    for seen in ("grpc core:", "GitLab call failed", "exchange refused", "thread crasher", "odd token", "uncaught"):
+        assert seen in done.stderr
     if kind == "json":
         entries = [json.loads(line) for line in done.stderr.splitlines()]
         assert {entry["logger"] for entry in entries} >= {"controlplane.credentials", "controlplane.grpc.core"}
-        assert any("RuntimeError" in entry.get("exception", "") for entry in entries)
+        assert {entry["logger"] for entry in entries} >= {"py.warnings", "controlplane"}
+        assert sum("Traceback" in entry.get("exception", "") for entry in entries) == 3
 
 
 def test_the_cli_refuses_an_unknown_format_from_the_flag_or_the_environment(tmp_path: Path) -> None:

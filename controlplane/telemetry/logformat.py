@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
+import threading
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -123,3 +126,26 @@ def install(level: int | str, kind: str = "text") -> None:
     handler.setFormatter(formatter(kind))
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python's warnings, otherwise printed raw, become records like the others
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_death
+
+
+# An exception nobody caught is printed by the interpreter straight to stderr, past the formatter: in neither
+# format, unredacted. These hooks make it one more record (the interpreter still exits as it would).
+_uncaught = logging.getLogger("controlplane")
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    _uncaught.critical("uncaught exception", exc_info=(kind, error, trace))
+
+
+def _log_thread_death(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_type is SystemExit:
+        return  # what the default hook does: a thread's SystemExit ends it quietly
+    thread = hook.thread.name if hook.thread is not None else "?"
+    error = hook.exc_value if hook.exc_value is not None else hook.exc_type()
+    _uncaught.error("uncaught exception in thread %s", thread, exc_info=(hook.exc_type, error, hook.exc_traceback))
