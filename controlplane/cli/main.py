@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=logformat.FORMATS,
+        default=os.environ.get("CONTROLPLANE_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line for log collectors (env CONTROLPLANE_LOG_FORMAT)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     validate = commands.add_parser("validate", help="check a policy directory; exit 1 listing every error")
@@ -385,7 +391,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logformat.install(args.log_level.upper())
+    if args.log_format not in logformat.FORMATS:  # argparse checks choices on the command line, not defaults
+        print(f"controlplane: CONTROLPLANE_LOG_FORMAT must be one of {', '.join(logformat.FORMATS)}", file=sys.stderr)
+        return 2
+    logformat.install(args.log_level.upper(), args.log_format)
     route_grpc_logs()  # grpc would log a client's header bytes, once per request
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
