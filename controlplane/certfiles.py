@@ -136,11 +136,7 @@ class CertificateFiles(Generic[T]):
             RELOADS.labels(listener, result)
 
     def _stamp(self) -> _Stamp:
-        stamps = []
-        for path in self.files:
-            st = os.stat(path)  # through the links: a swapped `..data` is a new inode
-            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(stamps)
+        return tuple(_stamp_of(path) for path in self.files)  # through the links: a new `..data` is a new inode
 
     def _stamp_or_none(self) -> _Stamp | None:
         try:
@@ -194,3 +190,46 @@ class CertificateFiles(Generic[T]):
         self._rejected = stamp if stamp is not None else ()
         RELOADS.labels(self.listener, "rejected").inc()
         log.warning("%s TLS: keeping the previous certificate: %s", self.listener, reason)
+
+
+class WatchedBundle:
+    """A CA bundle file that others are told about when it changes (the exchange's, pushed to gateways).
+
+    `pem` is the last good bundle: one that does not parse (half-written, emptied) is logged once and kept out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = _stamp_of(path)
+        self.pem = _bundle(path)  # at start, a bad file stops the server: raise
+
+    def changed(self) -> bool:
+        """Re-read the file if it changed; True when `pem` is now a different good bundle."""
+        try:
+            stamp = _stamp_of(path := self.path)
+        except OSError:
+            return False
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            pem = _bundle(path)
+        except CertificateFileError as error:
+            log.warning("keeping the previous CA bundle: %s", error)
+            return False
+        changed, self.pem = pem != self.pem, pem
+        return changed
+
+
+def _stamp_of(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _bundle(path: Path) -> str:
+    data = _read(path)
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateFileError(f"CA file {path} holds no valid PEM certificate") from None
+    return data.decode("ascii", errors="replace")
