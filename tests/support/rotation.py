@@ -7,10 +7,12 @@ rename (as cert-manager's own writer or an operator's `mv` would), so a pair can
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import ssl
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .certs import CertFiles, _leaf
+from .ports import LOOPBACK
 
 
 def issue(ca: CertFiles, directory: Path, stem: str, *, server: bool) -> CertFiles:
@@ -72,3 +75,69 @@ def peer_serial(host: str, port: int, *, ca: Path, client: CertFiles | None, ser
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+class TcpRelay:
+    """A loopback TCP relay in front of a server, whose `reset()` cuts every connection through it: how a test
+    makes a client (Envoy) open new TLS connections, as a network blip or a server's restart would, without
+    restarting the server that holds the rotated certificate."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._accept, name="tcp-relay", daemon=True)
+
+    def __enter__(self) -> TcpRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+        self.reset()
+        self._thread.join(5)
+
+    def reset(self) -> int:
+        """Close every relayed connection (both ends); returns how many there were."""
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        return len(sockets) // 2
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection((LOOPBACK, self.upstream_port), timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, server}
+                self.accepted += 1
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._open -= {source, sink}
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
