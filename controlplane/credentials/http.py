@@ -137,6 +137,12 @@ class ExchangeEndpoint:
         await self._server.stop()
 
     async def handle(self, request: web.Request) -> web.Response:
+        response = await self._answer(request)
+        if self.ssl is not None and self.ssl.stale(request):
+            response.force_close()  # HTTP/1.1 `Connection: close`: the client's next request opens a new one
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         try:
             form = await self._read_form(request)
         except BadForm as bad:
@@ -145,10 +151,7 @@ class ExchangeEndpoint:
             return _json({"error": "invalid_request", "error_description": str(bad)}, bad.status)
         result = await self.exchange_checked(form)
         self._log(result)
-        response = _json(result.body, result.status)
-        if self.ssl is not None and self.ssl.stale(request):
-            response.force_close()  # HTTP/1.1 `Connection: close`: the client's next request opens a new one
-        return response
+        return _json(result.body, result.status)
 
     async def exchange_checked(self, form: dict[str, str]) -> ExchangeResult:
         """The exchange, asking GitLab about the job first when the exchange says so, and retrying once."""
