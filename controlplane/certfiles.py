@@ -200,8 +200,8 @@ class WatchedBundle:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp = _stamp_of(path)
         self.pem = _bundle(path)  # at start, a bad file stops the server: raise
+        self._stamp = _stamp_of(path)
 
     def changed(self) -> bool:
         """Re-read the file if it changed; True when `pem` is now a different good bundle."""
