@@ -49,6 +49,7 @@ EXPIRY: Final = Gauge(
 
 T = TypeVar("T")
 _Stamp = tuple[tuple[int, int, int, int], ...]
+_MISSING: _Stamp = ()  # the rejected "stamp" of a set with a file that cannot be stat'ed (reported once)
 
 
 class CertificateFileError(Exception):
@@ -151,7 +152,7 @@ class CertificateFiles(Generic[T]):
         except OSError as error:
             self._reject(None, f"cannot stat {error.filename}: {error.strerror}")
             return None
-        if self._rejected == ():
+        if self._rejected == _MISSING:
             self._rejected = None  # the missing file is back: a later loss is reported again
         if stamp == self._loaded or stamp == self._rejected:
             return None
@@ -185,9 +186,9 @@ class CertificateFiles(Generic[T]):
     def _reject(self, stamp: _Stamp | None, reason: str) -> None:
         if stamp is not None and stamp == self._rejected:
             return
-        if stamp is None and self._rejected == ():
+        if stamp is None and self._rejected == _MISSING:
             return  # a missing file, already reported until something changes
-        self._rejected = stamp if stamp is not None else ()
+        self._rejected = stamp if stamp is not None else _MISSING
         RELOADS.labels(self.listener, "rejected").inc()
         log.warning("%s TLS: keeping the previous certificate: %s", self.listener, reason)
 

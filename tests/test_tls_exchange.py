@@ -73,6 +73,9 @@ def test_a_new_ca_bundle_changes_the_secret_only_and_no_tls_changes_nothing() ->
     assert not cluster_pb2.Cluster.FromString(plain[CLUSTER]["controlplane-exchange"]).HasField("transport_socket")
 
 
+# -------------------------------------------------------------------------------------------- the listener
+
+
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
