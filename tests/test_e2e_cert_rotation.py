@@ -6,7 +6,7 @@ TLS to the exchange) and calls the backend with the credential, the test
 1. adds a successor CA to the xDS server's client CA bundle,
 2. rotates the gateway's client certificate to one signed by the successor (Envoy re-reads it: file-based SDS),
 3. rotates the xDS server certificate and removes the old client CA from the bundle,
-4. rotates the exchange's certificate,
+4. rotates the exchange's certificate, then adds a successor CA to the exchange's CA bundle (pushed over ADS),
 and after 2 and 3 cuts the gateway's xDS connections (a relay in front of the xDS port), so Envoy opens new TLS
 connections: they succeed only with the new certificates on both ends (the old client certificate's CA is no
 longer trusted after 3). Then: zero failed requests, new connections served the new serials, Envoy's /certs
@@ -205,6 +205,13 @@ def _rotate_everything(
     poll_until(lambda: _exchange_connections(envoy) > exchange_cx, 20, message="Envoy on a new exchange connection")
     traffic.more(20)
     steps["exchange connections opened by Envoy after rotation"] = _exchange_connections(envoy) - exchange_cx
+
+    # 5. The exchange's CA bundle grows (a successor CA announced ahead): pushed to Envoy as its SDS secret.
+    pushed = _ca_secret_updates(envoy)
+    bundle = pki.ca.read_bytes() + files.successor_ca.cert.read_bytes()
+    files.publish("exchange-tls", {"tls.crt": rotated.cert, "tls.key": rotated.key, "ca.crt": bundle})
+    poll_until(lambda: _ca_secret_updates(envoy) > pushed, 20, message="the new CA bundle pushed to Envoy")
+    traffic.more(20)
     steps["reloads"] = {
         listener: stack.controlplane.metric(
             "controlplane_tls_certificate_reloads_total", listener=listener, result="reloaded"
@@ -213,6 +220,11 @@ def _rotate_everything(
     }
     steps["envoy sds updates"] = envoy.stats("^sds\\..*update_success$")
     return steps
+
+
+def _ca_secret_updates(envoy: EnvoyProcess) -> int:
+    name = "sds.controlplane-exchange-ca.update_success"
+    return envoy.stats(f"^{name.replace('.', '[.]')}$").get(name, 0)
 
 
 def _exchange_connections(envoy: EnvoyProcess) -> int:
