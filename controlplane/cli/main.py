@@ -302,6 +302,14 @@ def _parser() -> argparse.ArgumentParser:
         default=credential_default("job_sweep_interval"),
         help="seconds between sweeps asking GitLab whether jobs with access finished (missed Job Hooks)",
     )
+    creds.add_argument("--exchange-tls-cert", type=Path, help="HTTPS on the exchange: PEM certificate chain")
+    creds.add_argument("--exchange-tls-key", type=Path, help="HTTPS on the exchange: PEM private key")
+    creds.add_argument(
+        "--exchange-tls-ca", type=Path, help="PEM CA bundle gateways verify the exchange with (pushed to them)"
+    )
+    creds.add_argument(
+        "--exchange-tls-name", help="name gateways check in its certificate (default: the public address's host)"
+    )
     audit = serve.add_argument_group("audit trail")
     audit.add_argument("--audit-db", type=Path, help=f"SQLite file (default: <state dir>/{AUDIT_DB})")
     audit.add_argument(
@@ -386,6 +394,11 @@ def _parser() -> argparse.ArgumentParser:
         "--api", choices=tuple(API_TYPES), default=DEFAULT_API, help="ADS flavour: State of the World or Delta xDS"
     )
     bootstrap.add_argument("--tls-sni", help="server name to send and verify (default: the --xds-address host)")
+    bootstrap.add_argument(
+        "--tls-sds-dir",
+        help="write two SDS files naming the --tls-* files into this directory (on the proxy) and refer to them: "
+        "Envoy then re-reads the certificates when they rotate; without it, it reads them once at start",
+    )
     return parser
 
 
@@ -572,6 +585,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         policy_gitlab = GitLabPolicyOptions(
             args.gitlab_url, args.policy_project, args.gitlab_token_env, args.gitlab_token_file, args.policy_poll
         )
+    from controlplane.credentials.http import ExchangeListenerTls
     from controlplane.xds.tls import server_tls_from_flags
 
     try:
@@ -580,6 +594,17 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         return str(error)
     if xds_tls is not None and args.xds_insecure:
         return "--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one"
+    exchange_tls_files = (args.exchange_tls_cert, args.exchange_tls_key, args.exchange_tls_ca)
+    if any(exchange_tls_files) != all(exchange_tls_files) or (args.exchange_tls_name and not any(exchange_tls_files)):
+        return (
+            "--exchange-tls-cert, --exchange-tls-key and --exchange-tls-ca go together (--exchange-tls-name needs them)"
+        )
+    public = args.exchange_public_address or args.exchange_address
+    exchange_tls = (
+        ExchangeListenerTls(*exchange_tls_files, server_name=args.exchange_tls_name or public[0])
+        if all(exchange_tls_files)
+        else None
+    )
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
@@ -637,7 +662,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         if args.no_exchange
         else CredentialOptions(
             listen=args.exchange_address,
-            public=args.exchange_public_address or args.exchange_address,
+            public=public,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
             publish_lead=lead,
@@ -645,6 +670,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             deny_id_tokens_for=args.deny_id_tokens_for,
             http=exchange_limits,
             job_sweep_interval=args.job_sweep_interval,
+            tls=exchange_tls,
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,
@@ -671,10 +697,14 @@ def _bootstrap(args: argparse.Namespace) -> int:
     from controlplane.cli.options import ServeOptions
 
     tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
-    if (any(tls_files) and not all(tls_files)) or (args.tls_sni and not any(tls_files)):
-        print("--tls-ca, --tls-cert and --tls-key go together (and --tls-sni needs them)", file=sys.stderr)
+    if (any(tls_files) and not all(tls_files)) or ((args.tls_sni or args.tls_sds_dir) and not any(tls_files)):
+        print(
+            "--tls-ca, --tls-cert and --tls-key go together (and --tls-sni, --tls-sds-dir need them)", file=sys.stderr
+        )
         return 2
-    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni) if all(tls_files) else None
+    tls = (
+        ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni, args.tls_sds_dir) if all(tls_files) else None
+    )
     (host, port), *more = args.xds_addresses or [(ServeOptions.xds_host, ServeOptions.xds_port)]
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
     try:
@@ -691,6 +721,14 @@ def _bootstrap(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if tls is not None and tls.sds_dir is not None:
+        from controlplane.cli.bootstrap import write_sds_files
+
+        try:
+            write_sds_files(tls)
+        except OSError as error:
+            print(f"error: cannot write the SDS files into {tls.sds_dir}: {error.strerror or error}", file=sys.stderr)
+            return 2
     print(text)
     return 0
 

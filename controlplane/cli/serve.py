@@ -28,6 +28,7 @@ from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore, AuditTrail
 from controlplane.audit.store_pg import PostgresAuditStore
+from controlplane.certfiles import CertificateFileError
 from controlplane.cli.options import ServeOptions, StoreOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
@@ -112,7 +113,7 @@ async def serve(options: ServeOptions) -> int:
     except (StateFileError, ExchangeStoreError, RevocationStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
-    except (XdsTransportError, DsnError, KekError) as refused:
+    except (XdsTransportError, CertificateFileError, DsnError, KekError) as refused:
         log.critical("refusing to start: %s", refused)
         return 2
     except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not

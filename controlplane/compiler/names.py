@@ -27,6 +27,7 @@ REVOKED_RECENTLY_FILTER = REVOCATION_BUCKET_PREFIX + "recent"
 # cluster gateways send the exchange endpoint to. Both are reserved: an Issuer may not be named like the provider.
 CREDENTIAL_PROVIDER = "controlplane"
 EXCHANGE_CLUSTER = "controlplane-exchange"
+EXCHANGE_CA_SECRET = "controlplane-exchange-ca"  # the CA bundle gateways verify the exchange's certificate with
 EXCHANGED_POLICY_PREFIX = "exchanged"
 
 # Where jwt_authn puts what it learned; every issuer writes the same keys, so RBAC principals
