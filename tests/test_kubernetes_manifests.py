@@ -2,13 +2,13 @@
 
 Each documented combination of the kustomize base and its components is rendered with `kubectl kustomize` (the
 renderer `kubectl apply -k` uses) and every object is checked against the Kubernetes API schemas of a pinned
-version, strictly (an unknown field is an error), offline with `kubernetes-validate`. The two operator CRDs it
-does not know (ServiceMonitor, cert-manager's Certificate and Issuer) are checked against the fields their
-operators document, written down below. Then the cross-references no schema sees: the `serve` and `bootstrap`
-arguments go through the real parsers (and `serve`'s own option checks, on Secret volumes laid out as kubelet
-lays them out), the gateway's bootstrap is accepted by the real Envoy with the container's own flags, ports
-named by probes, Services and NetworkPolicies exist, selectors select pods, every Secret and ConfigMap key a
-pod mounts is declared and documented.
+version, strictly (an unknown field is an error), offline with `kubernetes-validate`. The operators' kinds it
+does not know (Prometheus Operator's ServiceMonitor and PodMonitor, cert-manager's Certificate and Issuer) are
+checked against the fields their operators document, written down below. Then the cross-references no schema
+sees: the `serve` and `bootstrap` arguments go through the real parsers (and `serve`'s own option checks, on
+Secret volumes laid out as kubelet lays them out), the gateway's bootstrap is accepted by the real Envoy with the
+container's own flags, ports named by probes, Services and NetworkPolicies exist, selectors select pods, every
+Secret and ConfigMap key a pod mounts is declared and documented.
 
 `kubectl` is required: without it the tests fail, saying so, rather than skip (a skipped check is a silent one).
 """
@@ -185,9 +185,9 @@ def flag_value(args: list[str], flag: str) -> str:
 #
 # A shape is a type (str, int, bool), a frozenset of allowed strings, a compiled pattern, a one-element list (every
 # item has that shape) or a Fields (a mapping whose keys must be among `fields`, with `required` ones present).
-# Written from the operators' API references: Prometheus Operator `monitoring.coreos.com/v1` ServiceMonitor;
-# cert-manager `cert-manager.io/v1` Certificate and Issuer. Only fields these manifests use or may soon use are
-# listed: a key outside them is an error, so a typo never passes as "unknown to the schema".
+# Written from the operators' API references: Prometheus Operator `monitoring.coreos.com/v1` ServiceMonitor and
+# PodMonitor; cert-manager `cert-manager.io/v1` Certificate and Issuer. Only fields these manifests use or may soon
+# use are listed: a key outside them is an error, so a typo never passes as "unknown to the schema".
 
 
 class Fields:
@@ -235,6 +235,26 @@ CRD_SPECS: dict[tuple[str, str], Fields] = {
             ],
         },
         ("selector", "endpoints"),
+    ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): Fields(
+        {
+            "selector": LABEL_SELECTOR,
+            "namespaceSelector": Fields({"any": bool, "matchNames": [str]}),
+            "jobLabel": str,
+            "podMetricsEndpoints": [
+                Fields(
+                    {
+                        "port": str,
+                        "path": str,
+                        "scheme": frozenset({"http", "https"}),
+                        "interval": PROMETHEUS_DURATION,
+                        "scrapeTimeout": PROMETHEUS_DURATION,
+                        "honorLabels": bool,
+                    }
+                )
+            ],
+        },
+        ("selector", "podMetricsEndpoints"),
     ),
     ("cert-manager.io/v1", "Certificate"): Fields(
         {
@@ -345,6 +365,9 @@ def test_the_checks_reject_what_they_should() -> None:
     monitor = json.loads(json.dumps(one(objects, "ServiceMonitor", "controlplane")))
     monitor["spec"]["endpoints"][0]["intervall"] = "30s"
     assert validation_errors(monitor)
+    pods = json.loads(json.dumps(one(objects, "PodMonitor", "ci-gateway")))
+    pods["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"
+    assert validation_errors(pods)
     certificate = json.loads(json.dumps(one(objects, "Certificate", "controlplane-xds-tls")))
     certificate["spec"]["usages"] = ["server-auth"]
     certificate["spec"]["duration"] = "90d"
@@ -591,6 +614,9 @@ def test_named_ports_and_selectors_resolve(combination: str) -> None:
         assert len(services) == 1, "the ServiceMonitor must select exactly the admin Service"
         ports = {p["name"] for p in services[0]["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    for monitor in of_kind(objects, "PodMonitor"):
+        for pod in selected(monitor["spec"]["selector"]["matchLabels"]):
+            assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= port_names(pod)
 
 
 def test_xds_is_reachable_only_by_gateways() -> None:
