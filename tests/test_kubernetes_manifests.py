@@ -380,6 +380,27 @@ def test_kubectl_missing_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPa
         kubectl()
 
 
+def test_the_overlay_example_of_the_docs_renders(tmp_path: Path) -> None:
+    """deploy/kubernetes/README.md's overlay, as printed, next to a checkout: every component, the image moved,
+    the GitLab project and URL patched in (and the ConfigMap's hashed name follows, so a change rolls)."""
+    (block,) = re.findall(r"```yaml\n(# my-overlay/kustomization.yaml\n.*?)```", DOC.read_text(), re.S)
+    (tmp_path / "deploy").symlink_to(ROOT / "deploy")
+    (tmp_path / "my-overlay").mkdir()
+    (tmp_path / "my-overlay" / "kustomization.yaml").write_text(block)
+    done = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path / "my-overlay")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    objects = tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+    assert {obj["kind"] for obj in objects} >= {"ServiceMonitor", "PodMonitor", "Certificate", "StatefulSet"}
+    _, container = server(objects)
+    assert container["image"] == "<your registry>/controlplane:0.1.0"
+    args = expand(container["args"], container, objects, pod="controlplane-0")
+    assert flag_value(args, "--gitlab-url") == "https://gitlab.your.domain"
+    assert flag_value(args, "--policy-project") == "platform/gateway-policy"
+    assert not [obj for obj in objects if obj["metadata"]["name"] == "controlplane-policy"]
+
+
 # --- the control plane's pods -----------------------------------------------------------------------------------
 
 
