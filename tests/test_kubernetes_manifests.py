@@ -461,6 +461,57 @@ def test_a_secret_volume_key_itself_is_refused_by_the_strict_reader(tmp_path: Pa
     assert read == SAMPLE_SECRET_VALUES["kek"]
 
 
+_SECURE_STATE_DIR = """
+import os, sys
+from pathlib import Path
+from controlplane.statefile import StateFileError, secure_state_dir
+os.setgid(10001)
+os.setuid(10001)
+for directory in sys.argv[1:]:
+    try:
+        secure_state_dir(Path(directory), [])
+        print("ok")
+    except StateFileError as error:
+        print("refused:", error)
+"""
+
+
+def test_the_state_directory_is_one_serve_creates_inside_the_volume() -> None:
+    """serve makes its state directory 0700 at start (controlplane/statefile.py), which only the owner may do; an
+    emptyDir is root's, mode 0777 (fsGroup changes its group, not its owner). So --state-dir names a directory
+    serve creates inside the mount, never the mount itself. As root, this is shown as uid 10001 does it: refused
+    on a root-owned 0777 directory, accepted on one it creates inside."""
+    _, container = server(render("base"))
+    state = flag_value(container["args"], "--state-dir")
+    (mount,) = [m for m in container["volumeMounts"] if state.startswith(m["mountPath"] + "/")]
+    volumes = one(render("base"), "StatefulSet", "controlplane")["spec"]["template"]["spec"]["volumes"]
+    assert next(v for v in volumes if v["name"] == mount["name"])["emptyDir"] == {}
+    assert not mount.get("readOnly")
+    if os.geteuid() != 0:
+        return  # cannot act as another user here; the layout above is what the demonstration below supports
+    base = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
+    try:
+        base.chmod(0o755)
+        empty_dir = base / "volume"
+        empty_dir.mkdir(mode=0o777)
+        empty_dir.chmod(0o777)
+        done = subprocess.run(
+            [sys.executable, "-c", _SECURE_STATE_DIR, str(empty_dir), str(empty_dir / "state")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert done.returncode == 0, done.stderr
+        refused, accepted = done.stdout.splitlines()
+        assert refused.startswith("refused:") and "0700" in refused, refused
+        assert accepted == "ok"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def listen_port(args: list[str], flag: str) -> int:
     host, port = flag_value(args, flag).rsplit(":", 1)
     assert host == "0.0.0.0", f"{flag} must listen on every interface in a pod, got {host}"
