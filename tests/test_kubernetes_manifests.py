@@ -722,8 +722,9 @@ def envoy_config_yaml(envoy: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_bootstrap(objects: tuple[dict[str, Any], ...], tmp_path: Path) -> tuple[Path, list[str]]:
-    """Run the initContainer's arguments through the real `controlplane bootstrap`, with the Envoy container's
-    Secret files laid out under tmp_path; the bootstrap's path and Envoy's arguments for it."""
+    """Run the initContainer as kubelet would: its own command (the shell and its redirection) and arguments, with
+    the `controlplane` script of this checkout on PATH, its output directory and the Envoy container's Secret files
+    moved under tmp_path. Returns the bootstrap written and Envoy's arguments reading it."""
     _, init, envoy = gateway(objects)
     assert init["command"] == BOOTSTRAP_COMMAND
     args = expand(init["args"], init, objects, pod="ci-gateway-7d9f8b6c5-x2x4q")
@@ -736,17 +737,23 @@ def render_bootstrap(objects: tuple[dict[str, Any], ...], tmp_path: Path) -> tup
             for name, source in files.items():
                 (local / name).write_bytes(source.read_bytes())
             args = [arg.replace("=" + mount["mountPath"] + "/", f"={local}/") for arg in args]
+    output = tmp_path / "etc-envoy"
+    output.mkdir()
+    command = [part.replace("/etc/envoy/", f"{output}/") for part in init["command"]]
+    scripts = Path(sys.executable).parent  # the venv's bin: its `controlplane` is the image's entry point
+    assert (scripts / "controlplane").is_file()
     done = subprocess.run(
-        [sys.executable, "-m", "controlplane", "bootstrap", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        cwd=ROOT,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{scripts}:/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 0, done.stderr
-    path = tmp_path / "bootstrap.yaml"
-    path.write_text(done.stdout)
+    path = output / "bootstrap.yaml"
+    assert yaml.safe_load(path.read_text())["node"]["id"] == "ci-gateway-7d9f8b6c5-x2x4q"
     envoy_args = list(envoy["args"])
     envoy_args[envoy_args.index("-c") + 1] = str(path)
     return path, envoy_args
