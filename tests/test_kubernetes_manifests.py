@@ -489,7 +489,7 @@ def test_the_state_directory_is_one_serve_creates_inside_the_volume() -> None:
     assert not mount.get("readOnly")
     if os.geteuid() != 0:
         return  # cannot act as another user here; the layout above is what the demonstration below supports
-    base = Path(tempfile.mkdtemp(prefix="controlplane-state-"))
+    base = Path(tempfile.mkdtemp(prefix="k8s-emptydir-"))
     try:
         base.chmod(0o755)
         empty_dir = base / "volume"
