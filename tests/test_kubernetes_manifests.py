@@ -740,6 +740,7 @@ def render_bootstrap(objects: tuple[dict[str, Any], ...], tmp_path: Path) -> tup
     output = tmp_path / "etc-envoy"
     output.mkdir()
     command = [part.replace("/etc/envoy/", f"{output}/") for part in init["command"]]
+    args = [arg.replace("=/etc/envoy/", f"={output}/") for arg in args]  # --tls-sds-dir writes there too
     scripts = Path(sys.executable).parent  # the venv's bin: its `controlplane` is the image's entry point
     assert (scripts / "controlplane").is_file()
     done = subprocess.run(
@@ -797,6 +798,10 @@ def test_envoy_accepts_the_gateway_bootstrap(combination: str, tmp_path: Path) -
     if combination == "xds-tls":
         tls = yaml.safe_load(path.read_text())["static_resources"]["clusters"][0]["transport_socket"]
         assert tls["typed_config"]["sni"] == "controlplane-xds"
+        # the client certificate and CA come through file-based SDS, so that Envoy re-reads them on rotation
+        common = tls["typed_config"]["common_tls_context"]
+        (sds,) = common["tls_certificate_sds_secret_configs"]
+        assert Path(sds["sds_config"]["path_config_source"]["path"]).is_file()
     done = subprocess.run(
         [str(envoy_binary()), "--mode", "validate", *envoy_args],
         capture_output=True,
