@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test unit lint snapshots bench bench-fleet fuzz clean constraints image
+.PHONY: prometheusrule setup demo test unit lint snapshots bench bench-fleet fuzz clean constraints image
 
 # Every package at the version in constraints.txt, the one the image is built with too (Dockerfile).
 $(STAMP): pyproject.toml constraints.txt
@@ -46,6 +46,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check controlplane tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
+
+# The Kubernetes PrometheusRule, written from deploy/monitoring/prometheus/alerts.yaml after an edit there.
+prometheusrule: setup
+	$(PY) deploy/monitoring/prometheusrule.py
 
 # Regenerate the golden snapshots after a deliberate compiler change; review the diff.
 snapshots: setup

@@ -256,6 +256,33 @@ CRD_SPECS: dict[tuple[str, str], Fields] = {
         },
         ("selector", "podMetricsEndpoints"),
     ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): Fields(
+        {
+            "groups": [
+                Fields(
+                    {
+                        "name": str,
+                        "interval": PROMETHEUS_DURATION,
+                        "rules": [
+                            Fields(
+                                {
+                                    "alert": str,
+                                    "record": str,
+                                    "expr": str,
+                                    "for": PROMETHEUS_DURATION,
+                                    "labels": LABELS,
+                                    "annotations": LABELS,
+                                },
+                                ("expr",),
+                            )
+                        ],
+                    },
+                    ("name", "rules"),
+                )
+            ]
+        },
+        ("groups",),
+    ),
     ("cert-manager.io/v1", "Certificate"): Fields(
         {
             "secretName": DNS_NAME,
@@ -835,3 +862,19 @@ def test_envoys_admin_serves_only_the_probe_and_metrics_paths(tmp_path: Path) ->
         for refused in ("/config_dump", "/quitquitquit", "/server_info", "/clusters"):
             assert status(refused) == 403, refused
         assert envoy.running
+
+
+def test_the_prometheus_rule_is_the_alert_rule_file() -> None:
+    """The PrometheusRule is written from deploy/monitoring's rule file (`make prometheusrule`), never edited apart,
+    and the ServiceMonitor gives the scraped series the job the rules' `up{job=...}` names."""
+    from deploy.monitoring.prometheusrule import TARGET
+    from deploy.monitoring.prometheusrule import render as written
+
+    assert TARGET.read_text() == written(), "run `make prometheusrule` after editing deploy/monitoring"
+    objects = render("servicemonitor")
+    rule = one(objects, "PrometheusRule", "controlplane")
+    monitor = one(objects, "ServiceMonitor", "controlplane")
+    (service,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == "controlplane-admin"]
+    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    jobs = set(re.findall(r'job="([^"]+)"', yaml.safe_dump(rule["spec"])))
+    assert jobs == {job}
