@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/monitoring/prometheus/alerts.yaml"
 TARGET = ROOT / "deploy/kubernetes/components/servicemonitor/prometheusrule.yaml"
 HEADER = (
-    "# Generated from deploy/monitoring/prometheus/alerts.yaml by `make prometheusrule`: edit that file, not this one.\n"
+    "# Written from deploy/monitoring/prometheus/alerts.yaml by `make prometheusrule`: edit that file, not this.\n"
     "# What each alert means and what to do: docs/alerts.md.\n"
 )
 
