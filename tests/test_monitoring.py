@@ -353,6 +353,7 @@ GROUPS = (
     "Revocations",
     "Audit",
     "Process",
+    "TLS certificates",
 )
 
 
