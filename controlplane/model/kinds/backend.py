@@ -8,11 +8,12 @@ from __future__ import annotations
 import re
 from functools import partial
 from types import MappingProxyType
+from typing import cast
 
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
-from controlplane.model.fields import Ctx, Fields, list_of, need, record
+from controlplane.model.fields import Conv, Ctx, Fields, list_of, need, record
 from controlplane.model.policy import (
     DEFAULT_BACKEND_CREDENTIALS,
     DEFAULT_BACKEND_REVOKE,
@@ -77,16 +78,20 @@ def _endpoint_fields(f: Fields) -> Endpoint | ServiceRef:
     """`{address, port}`, or `{service: namespace/name, port: name-or-number}` for addresses discovered from the
     Service's EndpointSlices (docs/kubernetes-endpoints.md)."""
     if f.has("service"):
-        service, port = f.required("service", _service), f.required("port", _service_port)
+        service = f.required("service", _service)
+        # cast: mypy cannot solve `T | None` for a union T (it widens to object)
+        service_port = cast("str | int | None", f.required("port", _service_port))
+        if service_port is None:
+            return need(None)
         if f.has("address"):
             f.error("address", "an endpoint names either an address or a service, not both")
         namespace, _, name = need(service).partition("/")
-        return ServiceRef(namespace, name, need(port))
+        return ServiceRef(namespace, name, service_port)
     address, port = f.required("address", scalars.address), f.required("port", scalars.port)
     return Endpoint(need(address), need(port))
 
 
-_endpoint = record(_endpoint_fields, ("address", "port", "service"))
+_endpoint: Conv[Endpoint | ServiceRef] = record(_endpoint_fields, ("address", "port", "service"))
 
 
 def _split_endpoints(
@@ -124,7 +129,8 @@ def build(doc: Doc, env: Env) -> Backend:
         if first.startswith("*."):
             f.ctx.error(f.node.line, "audience", "missing required key when hosts[0] is a wildcard")
         audience = f"https://{first}"
-    endpoints, services = _split_endpoints(f, f.required("endpoints", list_of(_endpoint)))
+    listed = cast("tuple[Endpoint | ServiceRef, ...] | None", f.required("endpoints", list_of(_endpoint)))
+    endpoints, services = _split_endpoints(f, listed)
     tls = _tls(f, first)
     connect_timeout = f.optional("connect_timeout", scalars.duration(1, 60_000), 2000)
     timeout = f.optional("timeout", scalars.duration(1, 86_400_000), 15_000)
