@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -199,7 +200,7 @@ class ServiceWatch:
         with self._lock:
             response = self._response
         if response is not None:
-            response.shutdown()  # unblocks the read the thread is waiting in (urllib3 ≥ 2.3)
+            _shutdown(response)
 
     def join(self, timeout: float = STOP_JOIN_SECONDS) -> bool:
         self._thread.join(timeout)
@@ -231,9 +232,13 @@ class ServiceWatch:
             except Exception as error:
                 if self._stop.is_set():
                     break
-                why = "hostile" if isinstance(error, Hostile) else "error"
-                WATCH_RESTARTS.labels(why).inc()
-                self.state.version, reason = None, "error"
+                hostile = isinstance(error, Hostile)
+                WATCH_RESTARTS.labels("hostile" if hostile else "error").inc()
+                if hostile:  # what was read of it cannot be trusted to have left the slices whole
+                    self.state.version = None
+                # Otherwise the watch resumes from the last version, as client-go's reflector does: a dropped
+                # connection costs no list, and a version the server no longer keeps is a 410 and a relist.
+                reason = "error"
                 self.state.restarts += 1
                 self.state.last_error = _short(error)
                 delay = self._backoff.delay(failures)
@@ -340,7 +345,7 @@ class ServiceWatch:
         with self._lock:
             self._response = response
         if self._stop.is_set():
-            response.shutdown()
+            _shutdown(response)
         return response
 
     @staticmethod
@@ -365,6 +370,13 @@ def _lines(response: Any) -> Iterator[bytes]:
             raise Hostile(f"watch event over {MAX_RESPONSE_BYTES} bytes")
     if buffer.strip():
         yield buffer
+
+
+def _shutdown(response: Any) -> None:
+    """Unblocks the read a watch thread is waiting in (urllib3 ≥ 2.3); a response already read and released
+    has nothing to unblock."""
+    with contextlib.suppress(Exception):
+        response.shutdown()
 
 
 def _ignore(_: object) -> None:
@@ -406,6 +418,7 @@ class KubernetesEndpoints:
         self._lock = threading.Lock()
         self._wake: Callable[[], None] = lambda: None
         self._cache: dict[tuple[ServiceRef, int], tuple[Mapping[str, Slice], tuple[Endpoint, ...]]] = {}
+        self._merged: dict[str, tuple[tuple[tuple[Endpoint, ...], ...], tuple[Endpoint, ...]]] = {}
 
     # -- following the policy
 
@@ -506,10 +519,15 @@ class KubernetesEndpoints:
     def for_backend(self, backend: Backend) -> tuple[Endpoint, ...]:
         """The backend's endpoints: those of every Service it names, deduplicated and sorted (the same tuple while
         nothing changed); metered as its ready endpoints."""
-        if len(backend.services) == 1:
-            found = self.endpoints(backend.services[0])
+        parts = tuple(self.endpoints(ref) for ref in backend.services)
+        hit = self._merged.get(backend.name)
+        if len(parts) == 1:
+            found = parts[0]
+        elif hit is not None and len(hit[0]) == len(parts) and all(map(operator.is_, hit[0], parts)):
+            found = hit[1]
         else:
-            found = tuple(sorted({e for ref in backend.services for e in self.endpoints(ref)}, key=endpoint_order))
+            found = tuple(sorted({e for part in parts for e in part}, key=endpoint_order))
+            self._merged[backend.name] = (parts, found)
         READY_ENDPOINTS.labels(backend.name).set(len(found))
         return found
 
