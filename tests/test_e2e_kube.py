@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.backends import EchoBackend
 from tests.support.fake_kube import FakeKube, endpoint, endpoint_slice
-from tests.support.policy_parts import ACME_INVENTORY, documents, gateway, issuer, role
+from tests.support.policy_parts import ACME_INVENTORY, backend, documents, gateway, issuer, role
 from tests.support.ports import poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
@@ -33,8 +33,10 @@ def policy(given: PolicyInputs) -> dict[str, str]:
             "kind: Backend\nname: reports-api\nhosts: [reports.local]\n"
             "endpoints:\n  - {service: shop/reports, port: http}\npublic_paths: [/healthz]\n",
             role("reports-read", "reports-api"),
+            # An address-backed EDS backend beside it: its assignment must never be pushed for a Service change.
+            backend("deploy-api", given.ports["static"], extra="public_paths: [/healthz]"),
         ),
-        "gateway.yaml": gateway(given.listen_port, ["reports-api"]),
+        "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"]),
     }
 
 
@@ -64,6 +66,11 @@ class KubeStack(Served):
             return None
         return str(response.json()["backend"])
 
+    def pushed(self) -> dict[str, float]:
+        """Resources pushed so far, by xDS type."""
+        metric = "controlplane_xds_pushed_resources_total"
+        return {t: self.controlplane.metric(metric, type=t) for t in ("cds", "eds", "lds", "rds", "ecds", "sds")}
+
     def spread(self, n: int = 20) -> set[str | None]:
         return {self.answered_by() for _ in range(n)}
 
@@ -86,7 +93,7 @@ def kube_stack(tmp_path: Path, pods: tuple[EchoBackend, EchoBackend]) -> Iterato
             policy,
             kind=KubeStack,
             envoy=EnvoySpec("kube-1", "kube-envoy"),
-            backends=(),
+            backends=("static",),
             serve_args=("--kubeconfig", str(kubeconfig)),
             ready=lambda built: built.answered_by() == "pod-a",
         ) as built:
@@ -105,12 +112,16 @@ def _timed(change: object, until: object) -> float:
 def test_pods_becoming_ready_and_going_away_move_traffic_within_a_second(
     kube_stack: KubeStack, pods: tuple[EchoBackend, EchoBackend]
 ) -> None:
-    pod_a, pod_b = pods
+    _, pod_b = pods
     assert kube_stack.spread() == {"pod-a"}  # pod-b's endpoint is not ready: never sent to
+    pushed = kube_stack.pushed()
 
     ready = _timed(lambda: kube_stack.api.replace(pod_slice(pod_b)), lambda: "pod-b" in kube_stack.spread(10))
     print(f"\npod-b ready -> first request to it through Envoy: {ready * 1000:.0f} ms")
     assert ready < BUDGET
+    # Only that cluster's assignment was pushed: one EDS resource, nothing of any other type.
+    assert kube_stack.pushed() == {**pushed, "eds": pushed["eds"] + 1}
+    assert kube_stack.request("deploy.local", "/healthz").json()["backend"] == "static"
     assert kube_stack.spread(40) == {"pod-a", "pod-b"}
 
     gone = _timed(lambda: kube_stack.api.delete("shop", "reports-pod-a"), lambda: kube_stack.spread(20) == {"pod-b"})
@@ -133,12 +144,16 @@ def test_pods_becoming_ready_and_going_away_move_traffic_within_a_second(
 def test_the_api_server_going_away_keeps_the_last_endpoints(
     kube_stack: KubeStack, pods: tuple[EchoBackend, EchoBackend]
 ) -> None:
-    pod_a, pod_b = pods
+    _, pod_b = pods
     kube_stack.api.replace(pod_slice(pod_b))
     poll_until(lambda: kube_stack.spread(10) == {"pod-a", "pod-b"}, 5, message="both pods serve")
     kube_stack.api.stop()  # every connection cut, the listener closed
-    restarts = lambda: kube_stack.controlplane.metric("controlplane_kubernetes_watch_restarts_total", reason="error")
-    poll_until(lambda: restarts() >= 2, 10, message="the watch retried against the absent server")
+    metric = "controlplane_kubernetes_watch_restarts_total"
+    poll_until(
+        lambda: kube_stack.controlplane.metric(metric, reason="error") >= 2,
+        10,
+        message="the watch retried against the absent server",
+    )
     ended = time.monotonic() + 2.0
     while time.monotonic() < ended:  # requests keep succeeding through the outage, on both pods
         assert kube_stack.spread(10) == {"pod-a", "pod-b"}

@@ -1,6 +1,6 @@
-"""EndpointSlice discovery through the real `kubernetes` client against the fake API server (tests/support/fake_kube.py):
-list + watch from resource versions, bookmarks, relist on 410 Gone, backoff while the server is down, the last
-endpoints kept through an outage, the watch set following the policy, clean stops."""
+"""EndpointSlice discovery through the real `kubernetes` client against the fake API server
+(tests/support/fake_kube.py): list + watch from resource versions, bookmarks, relist on 410 Gone, backoff while the
+server is down, the last endpoints kept through an outage, the watch set following the policy, clean stops."""
 
 from __future__ import annotations
 
