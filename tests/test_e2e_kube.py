@@ -7,6 +7,8 @@ what is measured is where Envoy sends them. Every wait polls with a deadline; th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.backends import EchoBackend
+from tests.support.backends import EchoBackend, http_request
+from tests.support.controlplane import ControlPlaneProcess
 from tests.support.fake_kube import FakeKube, endpoint, endpoint_slice
 from tests.support.policy_parts import ACME_INVENTORY, backend, documents, gateway, issuer, role
 from tests.support.ports import poll_until
@@ -22,6 +25,7 @@ from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kubernetes-service"
 BUDGET = 1.0  # seconds from the API server's change to Envoy sending requests accordingly
 
 
@@ -164,3 +168,25 @@ def test_the_api_server_going_away_keeps_the_last_endpoints(
     kube_stack.api.start()  # back, with a change made meanwhile: followed once the watch reconnects
     kube_stack.api.delete("shop", "reports-pod-a")
     poll_until(lambda: kube_stack.spread(20) == {"pod-b"}, 10, message="the change after the outage")
+
+
+def test_a_policy_naming_services_without_kubernetes_access_is_refused_and_not_ready() -> None:
+    """No --kubeconfig and not in a cluster: the policy is refused with the reason, the server never serves it (it
+    would have no endpoints to serve the backend from), and /readyz says why."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        pytest.skip("running inside a Kubernetes pod: in-cluster access exists")
+    controlplane = ControlPlaneProcess(EXAMPLE)  # never ready, so not entered (that waits for /readyz)
+    try:
+        controlplane.start(wait_ready=False)
+
+        def refused() -> list[str]:
+            with contextlib.suppress(OSError, AssertionError):
+                return [e for e in controlplane.status()["policy"]["errors"] if "Kubernetes" in e]
+            return []
+
+        errors = poll_until(refused, 30, message="the policy refused for want of Kubernetes access")
+        assert "backends name Kubernetes Services (shop/reports) but no Kubernetes access" in errors[0]
+        readyz = http_request(f"{controlplane.admin_url}/readyz")
+        assert readyz.status == 503 and "no good policy load" in readyz.text
+    finally:
+        controlplane.close()

@@ -241,6 +241,7 @@ class PolicyService:
         if last is None:
             return None
         model, resolved = last
+        model = self._rediscovered(model)
         with no_cyclic_gc():
             return compile_model(
                 model,
@@ -381,6 +382,17 @@ class PolicyService:
             self._discovered = {b.name: self._discovered[b.name] for b in discovered}
         self._world = (policy, (*watched, *discovered), model)
         return model
+
+    def _rediscovered(self, model: Policy) -> Policy:
+        """The last good model with the Service backends' endpoints as discovered now: a pod going away must leave
+        Envoy's assignment even while GitLab makes the policy in service invalid."""
+        if not any(b.services for b in model.backends):
+            return model
+        backends = tuple(
+            replace(b, endpoints=found) if b.services and (found := self.endpoints(b)) != b.endpoints else b
+            for b in model.backends
+        )
+        return replace(model, backends=backends)
 
     def _discover(self, backend: Backend) -> Backend:
         endpoints = self.endpoints(backend)
