@@ -219,3 +219,32 @@ def test_in_cluster_access_reads_the_service_account_files(fake: FakeKube, tmp_p
         assert client.configuration.refresh_api_key_hook is not None  # re-reads the rotated token
     finally:
         client.close()
+
+
+def test_a_response_over_the_size_bound_is_refused_and_counted(
+    fake: FakeKube, access: KubeAccess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile or huge answer is not held in memory whole: over the bound, the list is refused (and retried with
+    backoff), nothing of it is served, and the same bound applies to one watch event."""
+    monkeypatch.setattr(kube_source, "MAX_RESPONSE_BYTES", 4096)
+    fake.create(_slice("reports-a", *(f"10.1.{i // 200}.{i % 200}" for i in range(60))))  # ~9 KB listed
+    hostile = kube_source.WATCH_RESTARTS.labels("hostile")._value.get()
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    w.start()
+    try:
+        poll_until(
+            lambda: kube_source.WATCH_RESTARTS.labels("hostile")._value.get() >= hostile + 2, 5, message="refused"
+        )
+        assert not w.synced.is_set() and w.state.slices == {}
+        assert w.state.last_error is not None and "bytes" in w.state.last_error
+        fake.delete("shop", "reports-a")  # small again: listed, then a big event on the watch is refused too
+        fake.create(_slice("reports-b", "10.2.0.1"))
+        assert w.synced.wait(5)
+        poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+        before = kube_source.WATCH_RESTARTS.labels("hostile")._value.get()
+        fake.create(_slice("reports-c", *(f"10.3.{i // 200}.{i % 200}" for i in range(60))))
+        poll_until(lambda: kube_source.WATCH_RESTARTS.labels("hostile")._value.get() > before, 5, message="event")
+        assert _ready(w) == (Endpoint("10.2.0.1", 8080),)  # the last endpoints stay
+    finally:
+        w.stop()
+        assert w.join()

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import operator
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -129,8 +130,6 @@ class KubeAccess:
                     config_file=str(self.kubeconfig), context=self.context, client_configuration=configuration
                 )
             else:
-                import os
-
                 InClusterConfigLoader(  # type: ignore[no-untyped-call]
                     token_filename=self.token_file,
                     cert_filename=self.ca_file,
@@ -224,11 +223,15 @@ class ServiceWatch:
                     self._list()
                 self._watch()
                 failures, reason = 0, "error"
-                WATCH_RESTARTS.labels("expired").inc()
+                if not self._stop.is_set():
+                    WATCH_RESTARTS.labels("expired").inc()
             except Gone:
                 self.state.version, reason = None, "gone"
                 WATCH_RESTARTS.labels("gone").inc()
                 log.info("EndpointSlices of %s: resource version expired (410 Gone), listing again", self.key)
+                if failures:  # Gone again before any watch worked: a server that keeps saying so is waited for
+                    self._stop.wait(self._backoff.delay(failures))
+                failures += 1
             except Exception as error:
                 if self._stop.is_set():
                     break
@@ -288,10 +291,15 @@ class ServiceWatch:
                 _request_timeout=(CONNECT_TIMEOUT, self._watch_seconds + READ_TIMEOUT),
             )
         )
-        for line in _lines(response):
-            if self._stop.is_set():
-                return
-            self._event(json.loads(line))
+        try:
+            for line in _lines(response):
+                if self._stop.is_set():
+                    return
+                self._event(json.loads(line))
+        finally:
+            with self._lock:
+                self._response = None
+            response.close()
 
     def _event(self, event: object) -> None:
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
@@ -348,10 +356,14 @@ class ServiceWatch:
             _shutdown(response)
         return response
 
-    @staticmethod
-    def _read_all(response: Any) -> bytes:
-        body: bytes = response.read(amt=MAX_RESPONSE_BYTES + 1)
-        response.release_conn()
+    def _read_all(self, response: Any) -> bytes:
+        """A list page, at most MAX_RESPONSE_BYTES of it; the connection closed (its client is not reused)."""
+        try:
+            body: bytes = response.read(amt=MAX_RESPONSE_BYTES + 1)
+        finally:
+            with self._lock:
+                self._response = None
+            response.close()
         if len(body) > MAX_RESPONSE_BYTES:
             raise Hostile(f"list page over {MAX_RESPONSE_BYTES} bytes")
         return body
@@ -359,17 +371,23 @@ class ServiceWatch:
 
 def _lines(response: Any) -> Iterator[bytes]:
     """The watch's newline-delimited JSON events, each bounded by MAX_RESPONSE_BYTES."""
-    buffer = b""
+    buffer = bytearray()  # appended in place: a 16 MiB event is not copied once per chunk
     for chunk in response.stream(64 << 10, decode_content=True):
         buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            _bounded(line)
             if line.strip():
                 yield line
-        if len(buffer) > MAX_RESPONSE_BYTES:
-            raise Hostile(f"watch event over {MAX_RESPONSE_BYTES} bytes")
+        _bounded(buffer)
     if buffer.strip():
-        yield buffer
+        yield bytes(buffer)
+
+
+def _bounded(line: bytes | bytearray) -> None:
+    if len(line) > MAX_RESPONSE_BYTES:
+        raise Hostile(f"watch event over {MAX_RESPONSE_BYTES} bytes")
 
 
 def _shutdown(response: Any) -> None:
@@ -431,7 +449,7 @@ class KubernetesEndpoints:
             return None
         if len(wanted) > MAX_SERVICES:
             return f"the policy names {len(wanted)} Kubernetes Services, over the {MAX_SERVICES} one server watches"
-        refusal = self._access_refusal()
+        refusal = self._access_refusal() if not self._watches else None  # access that worked is not re-judged
         if refusal is not None:
             names = ", ".join(sorted(f"{ns}/{n}" for ns, n in wanted)[:5])
             return f"backends name Kubernetes Services ({names}) but {refusal}"
