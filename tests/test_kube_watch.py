@@ -18,6 +18,7 @@ from controlplane.retry import Backoff
 from controlplane.sources import kubernetes as kube_source
 from controlplane.sources.kubernetes import KubeAccess, KubernetesEndpoints, ServiceWatch
 from controlplane.sources.policy_dir import read_policy_dir
+from tests.support.certs import make_pki
 from tests.support.fake_kube import FakeKube, endpoint, endpoint_slice
 from tests.support.ports import poll_until
 
@@ -198,6 +199,33 @@ def test_a_policy_naming_services_without_access_is_refused(tmp_path: Path) -> N
     )
     refusal = not_in_a_cluster.prepare(_policy("reports"))
     assert refusal is not None and "in-cluster service account" in refusal and "shop/reports" in refusal
+
+
+def test_over_tls_a_rotated_token_file_is_read_again(tmp_path: Path) -> None:
+    """HTTPS verified against the cluster's CA, the token in a file the kubeconfig names (`tokenFile`, as a mounted
+    service account token is read). The token is rotated in place: the server accepts only the new one at once, the
+    watch fails (401) and backs off keeping its endpoints, and once the file holds the new token the next attempt
+    reads it: a fresh client per request, so no restart."""
+    pki = make_pki(tmp_path / "pki")
+    token = tmp_path / "token"
+    with FakeKube(tls=pki.server, ca=pki.ca) as api:
+        access = KubeAccess(kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig", token_file=token))
+        api.create(_slice("reports-a", "10.1.0.1"))
+        w = _started(ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST))
+        try:
+            assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+            poll_until(lambda: api.open_watches == 1, 5, message="a watch opened")
+            api.token = "rotated-" + api.token  # the old token is refused from now on
+            api.drop_watches(abrupt=True)
+            poll_until(lambda: w.state.last_error == "HTTP 401 Unauthorized", 5, message="refused with the old token")
+            assert _ready(w) == (Endpoint("10.1.0.1", 8080),)  # kept meanwhile
+            token.write_text(api.token)  # the kubelet writes the new token
+            api.create(_slice("reports-b", "10.1.0.2"))
+            poll_until(lambda: len(_ready(w)) == 2, 5, message="the rotated token read")
+            assert w.state.last_error is None
+        finally:
+            w.stop()
+            assert w.join()
 
 
 def test_in_cluster_access_reads_the_service_account_files(fake: FakeKube, tmp_path: Path) -> None:
