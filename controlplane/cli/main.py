@@ -82,9 +82,11 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 
 def _parser() -> argparse.ArgumentParser:
     from controlplane.audit.store import DB_NAME as AUDIT_DB
+    from controlplane.cli import environment as env
     from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.bootstrap import API_TYPES, DEFAULT_ADMIN_PORT, DEFAULT_API
     from controlplane.cli.defaults import option_default
+    from controlplane.cli.environment import add_healthcheck_arguments, address_default, file_default
     from controlplane.cli.options import STORE_KINDS, GitLabPolicyOptions, ServeOptions, StoreOptions
     from controlplane.cli.status import add_status_arguments
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
@@ -104,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=logformat.FORMATS,
+        default=os.environ.get("CONTROLPLANE_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line for log collectors (env CONTROLPLANE_LOG_FORMAT)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     validate = commands.add_parser("validate", help="check a policy directory; exit 1 listing every error")
@@ -122,12 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--policy", type=Path, default=Path(DEFAULT_POLICY), help="policy directory (env CONTROLPLANE_POLICY)"
     )
-    serve.add_argument("--xds-address", type=_host_port, default=xds_address, help="HOST:PORT for ADS")
+    admin_address = (serve_default("admin_host"), serve_default("admin_port"))
+    serve.add_argument(
+        "--xds-address",
+        type=_host_port,
+        default=address_default(env.XDS_ADDRESS_ENV, xds_address),
+        help=f"HOST:PORT for ADS (env {env.XDS_ADDRESS_ENV})",
+    )
     serve.add_argument(
         "--admin-address",
         type=_host_port,
-        default=(serve_default("admin_host"), serve_default("admin_port")),
-        help="HOST:PORT for admin HTTP",
+        default=address_default(env.ADMIN_ADDRESS_ENV, admin_address),
+        help=f"HOST:PORT for admin HTTP (env {env.ADMIN_ADDRESS_ENV})",
     )
     serve.add_argument(
         "--debounce",
@@ -247,11 +261,15 @@ def _parser() -> argparse.ArgumentParser:
     creds.add_argument(
         "--exchange-address",
         type=_host_port,
-        default=DEFAULT_EXCHANGE_ADDRESS,
-        help="HOST:PORT the token exchange listens on (also routed by every gateway at /.controlplane/token)",
+        default=address_default(env.EXCHANGE_ADDRESS_ENV, DEFAULT_EXCHANGE_ADDRESS),
+        help=f"HOST:PORT the token exchange listens on (also routed by every gateway at /.controlplane/token; env "
+        f"{env.EXCHANGE_ADDRESS_ENV})",
     )
     creds.add_argument(
-        "--exchange-public-address", type=_host_port, help="what gateways dial (default: --exchange-address)"
+        "--exchange-public-address",
+        type=_host_port,
+        default=address_default(env.EXCHANGE_PUBLIC_ADDRESS_ENV, None),
+        help=f"what gateways dial (default: --exchange-address; env {env.EXCHANGE_PUBLIC_ADDRESS_ENV})",
     )
     creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
     creds.add_argument(
@@ -314,9 +332,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     kube.add_argument("--kube-context", help="the kubeconfig's context to use (default: its current-context)")
     hooks = serve.add_argument_group("GitLab webhooks")
-    hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
+    hooks.add_argument(
+        "--webhook-address",
+        type=_host_port,
+        default=address_default(env.WEBHOOK_ADDRESS_ENV, None),
+        help=f"HOST:PORT for POST /webhooks/gitlab (off if unset; env {env.WEBHOOK_ADDRESS_ENV})",
+    )
     hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
-    hooks.add_argument("--webhook-secret-file", help="file holding webhook secret token(s), one per line")
+    hooks.add_argument(
+        "--webhook-secret-file",
+        default=file_default(env.WEBHOOK_SECRET_FILE_ENV),
+        help=f"file holding webhook secret token(s), one per line (env {env.WEBHOOK_SECRET_FILE_ENV})",
+    )
     http = serve.add_argument_group("HTTP listeners: admin, webhooks, exchange (README: Operations)")
     http.add_argument(
         "--http-header-timeout",
@@ -344,6 +371,9 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
 
+    healthcheck = commands.add_parser("healthcheck", help="exit 0 if a running serve's /healthz answers (probes)")
+    add_healthcheck_arguments(healthcheck, _host_port, admin_address)
+
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
@@ -368,7 +398,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logformat.install(args.log_level.upper())
+    if args.log_format not in logformat.FORMATS:  # argparse checks choices on the command line, not defaults
+        print(f"controlplane: CONTROLPLANE_LOG_FORMAT must be one of {', '.join(logformat.FORMATS)}", file=sys.stderr)
+        return 2
+    logformat.install(args.log_level.upper(), args.log_format)
     route_grpc_logs()  # grpc would log a client's header bytes, once per request
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
@@ -671,6 +704,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _healthcheck(args: argparse.Namespace) -> int:
+    from controlplane.cli.environment import run_healthcheck
+
+    return run_healthcheck(args)
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -684,4 +723,5 @@ _COMMANDS = {
     "serve": _serve,
     "status": _status,
     "bootstrap": _bootstrap,
+    "healthcheck": _healthcheck,
 }

@@ -1,7 +1,7 @@
 """Names shared between compiled resources, logs and headers.
 
 Filter names must be the canonical extension names: `typed_per_filter_config` entries keyed by any
-other name are silently ignored by Envoy (envoy-1.40-verified.md, G1).
+other name are silently ignored by Envoy (docs/envoy-filters.md#filter-names).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def shadow_stat_prefix(backend: str) -> str:
 
 def inject_filter(backend: str) -> str:
     """The HCM filter injecting this backend's credential; one per backend (credential_injector has no
-    per-route config, envoy-1.40-verified.md G3)."""
+    per-route config: docs/envoy-filters.md#switching-a-filter-on-per-route)."""
     return f"inject-{backend}"
 
 

@@ -6,7 +6,7 @@ metrics and logs). Keeping the rules here, away from grpc, lets every corner of 
 without sockets; the grpc adapter stays a thin pump. Time only matters for push→ACK latency, so callers pass
 `now` (any monotonic clock) instead of the machine reading one.
 
-The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
+The rules, and the Envoy behaviour behind them, are in docs/xds-protocol.md ("State of the World"):
 
 * nonces are numbered per stream, strictly increasing (Envoy only echoes them); a request with a non-empty
   nonce that is not the last one sent for its type on this stream is stale and ignored entirely, but for a NACK
