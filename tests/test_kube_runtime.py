@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -15,6 +16,7 @@ from controlplane.model.policy import Backend, Endpoint, Policy
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import ENDPOINT, Snapshot
+from tests.support.ports import eventually
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kubernetes-service"
 
@@ -103,3 +105,42 @@ def test_the_last_good_model_gets_the_endpoints_discovered_now(tmp_path: Path) -
     assert snapshots is not None
     hosts = _assignment_hosts(snapshots["ci-gateway"])
     assert b"10.1.0.8" in hosts and b"10.1.0.7" not in hosts
+
+
+def test_changes_wake_one_recompile_and_changes_during_it_one_more() -> None:
+    """Watch threads report changes from their own threads; the event loop runs `on_change` once for a burst, and
+    once more for changes made while it ran: coalesced, never lost."""
+    from controlplane.sources.kubernetes import KubernetesEndpoints
+
+    async def scenario() -> int:
+        source = KubernetesEndpoints(None)
+        stopping = asyncio.Event()
+        calls = 0
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def on_change() -> None:
+            nonlocal calls
+            calls += 1
+            started.set()
+            await release.wait()
+
+        idle = source._wake
+        runner = asyncio.ensure_future(source.run(on_change, stopping))
+        await eventually(lambda: source._wake is not idle, "the loop's wake-up installed")
+        threads = [threading.Thread(target=source._changed) for _ in range(5)]  # a burst, from other threads
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        await asyncio.wait_for(started.wait(), 5)
+        source._changed()  # while the first recompile runs
+        source._changed()
+        release.set()
+        await eventually(lambda: calls == 2, "the second compile")
+        await asyncio.sleep(0.05)  # nothing else was pending: no third (a bounded wait for an absence)
+        stopping.set()
+        await asyncio.wait_for(runner, 5)
+        return calls
+
+    assert asyncio.run(scenario()) == 2
