@@ -603,6 +603,8 @@ class FakeKube(Started):
         self.ca = ca
         self.watch_timeout = watch_timeout
         self.bookmark_interval = bookmark_interval
+        self.too_large_wait = TOO_LARGE_WAIT
+        """How long a request for a resourceVersion not reached yet waits for it before its 504."""
         self._port = port
         self._store = _Store(max_history, watch_queue)
         self._log: deque[KubeRequest] = deque(maxlen=max_requests_logged)
@@ -934,11 +936,12 @@ class FakeKube(Started):
                 if at < store.base_rv:
                     raise self._expired_continue(selector, start, limit)
                 state = store.snapshot(at)
-        elif match == "Exact":
+        elif match == "Exact" or (not match and rv_param not in ("", "0") and limit):
+            # Exact, asked for or implied: a resourceVersion with a limit and no match is the legacy Exact.
             at = _parse_rv(rv_param)
             if at == 0:
                 raise _bad_request('resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
-            if not store.wait_for(at, TOO_LARGE_WAIT):
+            if not store.wait_for(at, self.too_large_wait):
                 raise self._too_large(at)
             with store.lock:
                 if at < store.base_rv:
@@ -946,7 +949,7 @@ class FakeKube(Started):
                 state = store.snapshot(at)
         else:
             wanted = _parse_rv(rv_param) if rv_param else 0
-            if wanted and not store.wait_for(wanted, TOO_LARGE_WAIT):
+            if wanted and not store.wait_for(wanted, self.too_large_wait):
                 raise self._too_large(wanted)
             with store.lock:
                 at, state = store.rv, dict(store.objects)
@@ -1029,7 +1032,7 @@ class FakeKube(Started):
         # Unset or "0" without sendInitialEvents: the current state first, as synthetic ADDED events.
         send_initial = requested == 0 if explicit_initial is None else explicit_initial
         store = self._store
-        if send_initial and requested and not store.wait_for(requested, TOO_LARGE_WAIT):
+        if send_initial and requested and not store.wait_for(requested, self.too_large_wait):
             raise self._too_large(requested)
         with store.lock:
             if send_initial or requested == 0:
