@@ -632,3 +632,34 @@ async def test_usable_from_an_async_test(kube: FakeKube, api: DiscoveryV1Api) ->
     kube.create(web_slice("10.0.0.1"))
     (event,) = await asyncio.wait_for(task, 10)
     assert event["type"] == "ADDED"
+
+
+def test_injected_failures_answer_the_api_servers_status(kube: FakeKube, api: DiscoveryV1Api) -> None:
+    kube.fail_next(403)
+    with pytest.raises(ApiException) as err:
+        api.list_namespaced_endpoint_slice("default")
+    status = json.loads(err.value.body)
+    assert err.value.status == 403 and status["reason"] == "Forbidden"
+    assert (
+        'cannot list resource "endpointslices" in API group "discovery.k8s.io" in the namespace "default"'
+        in (status["message"])
+    )
+    kube.fail_next(429, verb="watch")
+    assert api.list_namespaced_endpoint_slice("default").items == [], "only the next watch fails"
+    with pytest.raises(ApiException) as err:
+        list(watching(Watch(), api.list_namespaced_endpoint_slice, "default"))
+    assert err.value.status == 429 and json.loads(err.value.body)["reason"] == "TooManyRequests"
+    # With Retry-After, urllib3 (under the client) waits and retries by itself: the caller never sees the 429.
+    kube.fail_next(429, retry_after=1, verb="watch")
+    began = time.monotonic()
+    assert list(watching(Watch(), api.list_namespaced_endpoint_slice, "default", timeout_seconds=1)) == []
+    assert time.monotonic() - began >= 2.0, "Retry-After (1 s), then the watch's own timeout (1 s)"
+    assert [r.status for r in kube.requests("watch")[-2:]] == [429, 200]
+    kube.fail_next(500, times=2)
+    for _ in range(2):
+        with pytest.raises(ApiException) as err:
+            api.list_namespaced_endpoint_slice("default")
+        assert err.value.status == 500
+    assert api.list_namespaced_endpoint_slice("default").items == []
+    assert [r.status for r in kube.requests()] == [403, 200, 429, 429, 200, 500, 500, 200]
+    assert (kube.lists, kube.watches) == (5, 3), "failed requests count: a backoff test counts attempts"

@@ -34,7 +34,6 @@ import base64
 import binascii
 import contextlib
 import copy
-import itertools
 import json
 import queue
 import re
@@ -189,10 +188,25 @@ def _status(code: int, reason: str, message: str, **extra: Any) -> Obj:
 
 
 class _ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, **extra: Any) -> None:
+    def __init__(self, code: int, reason: str, message: str, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = _status(code, reason, message, **extra)
         self.code = code
+        self.retry_after = retry_after
+
+
+# The Status an injected failure answers with (fail_next): what the API server says for each code.
+_FAILURES: dict[int, tuple[str, str]] = {
+    403: (
+        "Forbidden",
+        'endpointslices.discovery.k8s.io is forbidden: User "system:serviceaccount:controlplane:controlplane" '
+        'cannot {verb} resource "endpointslices" in API group "discovery.k8s.io" {scope}',
+    ),
+    429: ("TooManyRequests", "Too many requests, please try again later."),
+    500: ("InternalError", "Internal error occurred: etcdserver: request timed out"),
+    503: ("ServiceUnavailable", "The server is currently unable to handle the request"),
+    504: ("Timeout", "Timeout: request did not complete within the allotted timeout"),
+}
 
 
 def _bad_request(message: str) -> _ApiError:
@@ -486,8 +500,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each watch event leaves at once
     server: _HTTPServer
+    extra_headers: dict[str, str]
 
     def setup(self) -> None:
+        self.extra_headers = {}
         if isinstance(self.request, ssl.SSLSocket):
             try:
                 self.request.do_handshake()  # here, in this connection's thread, not in the accept loop
@@ -519,6 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, body: Obj) -> None:
         data = json.dumps(body, separators=(",", ":")).encode()
         self.send_response(status)
+        for name, value in self.extra_headers.items():
+            self.send_header(name, value)
+        self.extra_headers = {}
         self.send_header("Content-Type", "application/json")
         self.send_header("Cache-Control", "no-cache, private")
         self.send_header("Content-Length", str(len(data)))
@@ -611,7 +630,7 @@ class FakeKube(Started):
         self._log_lock = threading.Lock()
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._names = itertools.count()
+        self._failures: deque[tuple[int, str | None, int | None]] = deque()
 
     # -- lifecycle
 
@@ -836,6 +855,13 @@ class FakeKube(Started):
         with self._store.lock:
             return sum(1 for w in self._store.watchers if not w.closing)
 
+    def fail_next(self, code: int, *, times: int = 1, verb: str | None = None, retry_after: int | None = None) -> None:
+        """The next ``times`` authorized requests (of ``verb`` only: list, watch or get) answer ``code`` with the
+        API server's Status for it: 403 Forbidden (RBAC), 429 TooManyRequests (with ``retry_after``: the
+        Retry-After header and ``details.retryAfterSeconds``), 500, 503, 504. For backoff tests."""
+        with self._log_lock:
+            self._failures.extend([(code, verb, retry_after)] * times)
+
     # -- test controls: what clients asked
 
     def requests(self, verb: str | None = None) -> list[KubeRequest]:
@@ -866,6 +892,7 @@ class FakeKube(Started):
                 raise _ApiError(404, "NotFound", "the server could not find the requested resource")
             if method != "GET":
                 raise _ApiError(405, "MethodNotAllowed", f"{method} is not supported by this fake")
+            self._injected_failure(verb, namespace)
             if verb == "watch":
                 opened = self._open_watch(handler, namespace, query)
                 self._log_request(verb, namespace, split.path, query, 200, authorized)
@@ -874,8 +901,24 @@ class FakeKube(Started):
             status, body = 200, self._get(namespace, name) if verb == "get" else self._list(namespace, query)
         except _ApiError as err:
             status, body = err.code, err.status
+            if err.retry_after is not None:
+                handler.extra_headers["Retry-After"] = str(err.retry_after)
         self._log_request(verb, namespace, split.path, query, status, authorized)
         handler.send_json(status, body)
+
+    def _injected_failure(self, verb: str, namespace: str | None) -> None:
+        with self._log_lock:
+            if not self._failures or self._failures[0][1] not in (None, verb):
+                return
+            code, _, retry_after = self._failures.popleft()
+        reason, message = _FAILURES.get(code, ("Unknown", f"an error on the server ({code}) has prevented the request"))
+        if code == 403:
+            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            message = message.format(verb=verb if verb != "watch" else "watch", scope=scope)
+        extra: dict[str, Any] = {}
+        if retry_after is not None:
+            extra["details"] = {"retryAfterSeconds": retry_after}
+        raise _ApiError(code, reason, message, retry_after=retry_after, **extra)
 
     def _get(self, namespace: str | None, name: str | None) -> Obj:
         assert namespace is not None and name is not None
