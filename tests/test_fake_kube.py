@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -605,6 +608,37 @@ def test_a_kubeconfig_for_a_separate_process(tmp_path: Path, token_file: bool) -
         kubernetes.config.load_kube_config(config_file=str(path), client_configuration=config)
         api = DiscoveryV1Api(kubernetes.client.ApiClient(config))
         assert len(api.list_namespaced_endpoint_slice("default", label_selector=WEB).items) == 1
+
+
+_WATCHER_PROCESS = """
+import json, sys
+import kubernetes
+kubernetes.config.load_kube_config()  # KUBECONFIG, as a control plane started with --kubeconfig reads it
+api = kubernetes.client.DiscoveryV1Api()
+watch, selector = kubernetes.watch.Watch(), sys.argv[1]
+for event in watch.stream(api.list_namespaced_endpoint_slice, "default", label_selector=selector, timeout_seconds=20):
+    print(json.dumps({"type": event["type"], "addresses": event["object"].endpoints[0].addresses}), flush=True)
+    watch.stop()
+"""
+
+
+def test_a_separately_started_process_watches_it(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with FakeKube(tls=pki.server, ca=pki.ca) as kube:
+        path = kube.write_kubeconfig(tmp_path / "kubeconfig", token_file=tmp_path / "token")
+        env = {**os.environ, "KUBECONFIG": str(path)}
+        with subprocess.Popen(
+            [sys.executable, "-c", _WATCHER_PROCESS, WEB], env=env, stdout=subprocess.PIPE, text=True
+        ) as process:
+            try:
+                poll_until(lambda: kube.open_watches == 1 or process.poll() is not None, timeout=30, message="watch")
+                kube.create(web_slice("10.0.0.7"))
+                assert process.wait(timeout=30) == 0
+                assert process.stdout is not None
+                assert json.loads(process.stdout.read()) == {"type": "ADDED", "addresses": ["10.0.0.7"]}
+            finally:
+                process.kill()
+        assert kube.watches == 1
 
 
 def test_request_counts(kube: FakeKube, api: DiscoveryV1Api) -> None:
