@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -697,3 +698,27 @@ def test_injected_failures_answer_the_api_servers_status(kube: FakeKube, api: Di
     assert api.list_namespaced_endpoint_slice("default").items == []
     assert [r.status for r in kube.requests()] == [403, 200, 429, 429, 200, 500, 500, 200]
     assert (kube.lists, kube.watches) == (5, 3), "failed requests count: a backoff test counts attempts"
+
+
+def test_a_watcher_that_falls_behind_is_ended_cleanly() -> None:
+    """A client that stops reading: once its queue (``watch_queue``) overflows the watch is ended, as the watch
+    cache ends a watcher that cannot keep up, and nothing grows without bound. What was sent ends with the
+    stream's last chunk, so a client resumes from the last event it read."""
+    with FakeKube(watch_queue=3) as kube, socket.create_connection((kube.host, kube.port)) as reader:
+        reader.settimeout(READ_TIMEOUT)
+        path = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+        path += f"?watch=1&resourceVersion={kube.resource_version}"
+        reader.sendall(f"GET {path} HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer {kube.token}\r\n\r\n".encode())
+        poll_until(lambda: kube.open_watches == 1, timeout=10, message="watch open")
+        big = [endpoint(f"10.{i // 250}.{i % 250}.1", pod=f"web-{i}") for i in range(1000)]  # ~100 kB a slice
+        for _ in range(2000):  # until the socket buffers are full and the queue behind them too
+            kube.create(endpoint_slice("web", big))
+            if kube.open_watches == 0:
+                break
+        assert kube.open_watches == 0, "a watcher that reads nothing is never ended"
+        received = b""
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = reader.recv(1 << 16)
+            assert chunk, "connection closed before the stream's last chunk"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200 ")

@@ -356,10 +356,17 @@ class _Watcher:
             self.close(_END)
 
     def close(self, how: str) -> None:
+        """End the stream after the events queued (or, when the queue is full, instead of them: the client resumes
+        from the last version it received, and the history still has them)."""
         if self.closing is None:
             self.closing = how
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(how)
+        while True:
+            try:
+                self.queue.put_nowait(how)
+                break
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.queue.get_nowait()
         if how == _ABORT:
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
