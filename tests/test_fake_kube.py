@@ -368,6 +368,9 @@ def test_a_selector_change_is_seen_as_added_and_deleted(kube: FakeKube, api: Dis
     )
     events = collect(stream, 2, watch)
     assert [e["type"] for e in events] == ["DELETED", "ADDED"]
+    gone = events[0]["object"].metadata
+    assert gone.labels["tier"] == "front", "DELETED carries the object as the watcher last selected it"
+    assert int(gone.resource_version) == int(start) + 1, "at the version of the change that deselected it"
 
 
 def test_bookmarks_advance_the_clients_resource_version(kube: FakeKube, api: DiscoveryV1Api) -> None:

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -344,8 +344,9 @@ class _Watcher:
             kind = "ADDED" if not was else "MODIFIED"
             self._put((kind, change.new))
         elif was and change.old is not None:
-            # Deleted, or no longer selected: DELETED carrying the object as it is at this revision.
-            obj = change.new if change.new is not None else copy.deepcopy(change.old)
+            # Deleted, or no longer selected: DELETED carrying the object as it was before (the content the
+            # watcher selected), at this change's resourceVersion, as the watch cache sends it.
+            obj = copy.deepcopy(change.old)
             obj["metadata"]["resourceVersion"] = str(change.rv)
             self._put(("DELETED", obj))
 
@@ -1153,10 +1154,3 @@ class FakeKube(Started):
             event_type, obj = item
             handler.send_event(event_type, self._with_kind(event_type, obj))
         handler.end_stream()
-
-
-def iter_events(lines: Iterator[bytes]) -> Iterator[Obj]:
-    """Parse a raw watch stream's lines (for tests that read the bytes without the client)."""
-    for line in lines:
-        if line.strip():
-            yield json.loads(line)
