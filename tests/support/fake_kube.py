@@ -34,7 +34,6 @@ import base64
 import binascii
 import contextlib
 import copy
-import itertools
 import json
 import queue
 import re
@@ -46,7 +45,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -189,10 +188,25 @@ def _status(code: int, reason: str, message: str, **extra: Any) -> Obj:
 
 
 class _ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, **extra: Any) -> None:
+    def __init__(self, code: int, reason: str, message: str, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = _status(code, reason, message, **extra)
         self.code = code
+        self.retry_after = retry_after
+
+
+# The Status an injected failure answers with (fail_next): what the API server says for each code.
+_FAILURES: dict[int, tuple[str, str]] = {
+    403: (
+        "Forbidden",
+        'endpointslices.discovery.k8s.io is forbidden: User "system:serviceaccount:controlplane:controlplane" '
+        'cannot {verb} resource "endpointslices" in API group "discovery.k8s.io" {scope}',
+    ),
+    429: ("TooManyRequests", "Too many requests, please try again later."),
+    500: ("InternalError", "Internal error occurred: etcdserver: request timed out"),
+    503: ("ServiceUnavailable", "The server is currently unable to handle the request"),
+    504: ("Timeout", "Timeout: request did not complete within the allotted timeout"),
+}
 
 
 def _bad_request(message: str) -> _ApiError:
@@ -330,8 +344,9 @@ class _Watcher:
             kind = "ADDED" if not was else "MODIFIED"
             self._put((kind, change.new))
         elif was and change.old is not None:
-            # Deleted, or no longer selected: DELETED carrying the object as it is at this revision.
-            obj = change.new if change.new is not None else copy.deepcopy(change.old)
+            # Deleted, or no longer selected: DELETED carrying the object as it was before (the content the
+            # watcher selected), at this change's resourceVersion, as the watch cache sends it.
+            obj = copy.deepcopy(change.old)
             obj["metadata"]["resourceVersion"] = str(change.rv)
             self._put(("DELETED", obj))
 
@@ -342,10 +357,17 @@ class _Watcher:
             self.close(_END)
 
     def close(self, how: str) -> None:
+        """End the stream after the events queued (or, when the queue is full, instead of them: the client resumes
+        from the last version it received, and the history still has them)."""
         if self.closing is None:
             self.closing = how
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(how)
+        while True:
+            try:
+                self.queue.put_nowait(how)
+                break
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.queue.get_nowait()
         if how == _ABORT:
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -486,8 +508,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each watch event leaves at once
     server: _HTTPServer
+    extra_headers: dict[str, str]
 
     def setup(self) -> None:
+        self.extra_headers = {}
         if isinstance(self.request, ssl.SSLSocket):
             try:
                 self.request.do_handshake()  # here, in this connection's thread, not in the accept loop
@@ -519,6 +543,9 @@ class _Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, body: Obj) -> None:
         data = json.dumps(body, separators=(",", ":")).encode()
         self.send_response(status)
+        for name, value in self.extra_headers.items():
+            self.send_header(name, value)
+        self.extra_headers = {}
         self.send_header("Content-Type", "application/json")
         self.send_header("Cache-Control", "no-cache, private")
         self.send_header("Content-Length", str(len(data)))
@@ -603,13 +630,15 @@ class FakeKube(Started):
         self.ca = ca
         self.watch_timeout = watch_timeout
         self.bookmark_interval = bookmark_interval
+        self.too_large_wait = TOO_LARGE_WAIT
+        """How long a request for a resourceVersion not reached yet waits for it before its 504."""
         self._port = port
         self._store = _Store(max_history, watch_queue)
         self._log: deque[KubeRequest] = deque(maxlen=max_requests_logged)
         self._log_lock = threading.Lock()
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._names = itertools.count()
+        self._failures: deque[tuple[int, str | None, int | None]] = deque()
 
     # -- lifecycle
 
@@ -834,6 +863,13 @@ class FakeKube(Started):
         with self._store.lock:
             return sum(1 for w in self._store.watchers if not w.closing)
 
+    def fail_next(self, code: int, *, times: int = 1, verb: str | None = None, retry_after: int | None = None) -> None:
+        """The next ``times`` authorized requests (of ``verb`` only: list, watch or get) answer ``code`` with the
+        API server's Status for it: 403 Forbidden (RBAC), 429 TooManyRequests (with ``retry_after``: the
+        Retry-After header and ``details.retryAfterSeconds``), 500, 503, 504. For backoff tests."""
+        with self._log_lock:
+            self._failures.extend([(code, verb, retry_after)] * times)
+
     # -- test controls: what clients asked
 
     def requests(self, verb: str | None = None) -> list[KubeRequest]:
@@ -864,6 +900,7 @@ class FakeKube(Started):
                 raise _ApiError(404, "NotFound", "the server could not find the requested resource")
             if method != "GET":
                 raise _ApiError(405, "MethodNotAllowed", f"{method} is not supported by this fake")
+            self._injected_failure(verb, namespace)
             if verb == "watch":
                 opened = self._open_watch(handler, namespace, query)
                 self._log_request(verb, namespace, split.path, query, 200, authorized)
@@ -872,8 +909,24 @@ class FakeKube(Started):
             status, body = 200, self._get(namespace, name) if verb == "get" else self._list(namespace, query)
         except _ApiError as err:
             status, body = err.code, err.status
+            if err.retry_after is not None:
+                handler.extra_headers["Retry-After"] = str(err.retry_after)
         self._log_request(verb, namespace, split.path, query, status, authorized)
         handler.send_json(status, body)
+
+    def _injected_failure(self, verb: str, namespace: str | None) -> None:
+        with self._log_lock:
+            if not self._failures or self._failures[0][1] not in (None, verb):
+                return
+            code, _, retry_after = self._failures.popleft()
+        reason, message = _FAILURES.get(code, ("Unknown", f"an error on the server ({code}) has prevented the request"))
+        if code == 403:
+            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            message = message.format(verb=verb if verb != "watch" else "watch", scope=scope)
+        extra: dict[str, Any] = {}
+        if retry_after is not None:
+            extra["details"] = {"retryAfterSeconds": retry_after}
+        raise _ApiError(code, reason, message, retry_after=retry_after, **extra)
 
     def _get(self, namespace: str | None, name: str | None) -> Obj:
         assert namespace is not None and name is not None
@@ -934,11 +987,12 @@ class FakeKube(Started):
                 if at < store.base_rv:
                     raise self._expired_continue(selector, start, limit)
                 state = store.snapshot(at)
-        elif match == "Exact":
+        elif match == "Exact" or (not match and rv_param not in ("", "0") and limit):
+            # Exact, asked for or implied: a resourceVersion with a limit and no match is the legacy Exact.
             at = _parse_rv(rv_param)
             if at == 0:
                 raise _bad_request('resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
-            if not store.wait_for(at, TOO_LARGE_WAIT):
+            if not store.wait_for(at, self.too_large_wait):
                 raise self._too_large(at)
             with store.lock:
                 if at < store.base_rv:
@@ -946,7 +1000,7 @@ class FakeKube(Started):
                 state = store.snapshot(at)
         else:
             wanted = _parse_rv(rv_param) if rv_param else 0
-            if wanted and not store.wait_for(wanted, TOO_LARGE_WAIT):
+            if wanted and not store.wait_for(wanted, self.too_large_wait):
                 raise self._too_large(wanted)
             with store.lock:
                 at, state = store.rv, dict(store.objects)
@@ -1029,7 +1083,7 @@ class FakeKube(Started):
         # Unset or "0" without sendInitialEvents: the current state first, as synthetic ADDED events.
         send_initial = requested == 0 if explicit_initial is None else explicit_initial
         store = self._store
-        if send_initial and requested and not store.wait_for(requested, TOO_LARGE_WAIT):
+        if send_initial and requested and not store.wait_for(requested, self.too_large_wait):
             raise self._too_large(requested)
         with store.lock:
             if send_initial or requested == 0:
@@ -1100,10 +1154,3 @@ class FakeKube(Started):
             event_type, obj = item
             handler.send_event(event_type, self._with_kind(event_type, obj))
         handler.end_stream()
-
-
-def iter_events(lines: Iterator[bytes]) -> Iterator[Obj]:
-    """Parse a raw watch stream's lines (for tests that read the bytes without the client)."""
-    for line in lines:
-        if line.strip():
-            yield json.loads(line)
