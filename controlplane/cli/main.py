@@ -332,6 +332,13 @@ def _parser() -> argparse.ArgumentParser:
         help="connections the xDS port holds at once, more are closed (default: the open-file limit less the HTTP "
         "listeners' bounds and a reserve of 1/16)",
     )
+    kube = serve.add_argument_group("Kubernetes Services as backends (docs/kubernetes-endpoints.md)")
+    kube.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig of the API server to watch EndpointSlices on (default: the pod's service account)",
+    )
+    kube.add_argument("--kube-context", help="the kubeconfig's context to use (default: its current-context)")
     hooks = serve.add_argument_group("GitLab webhooks")
     hooks.add_argument(
         "--webhook-address",
@@ -681,6 +688,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         webhook_limits=webhook_limits,
         policy_limits=_limits(args),
         reload_timeout=args.reload_timeout,
+        kubeconfig=args.kubeconfig,
+        kube_context=args.kube_context,
     )
 
 

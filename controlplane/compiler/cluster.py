@@ -17,8 +17,10 @@ SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def uses_eds(backend: Backend) -> bool:
-    """IP endpoints are delivered over EDS; host names need Envoy's own DNS resolution."""
-    return all(is_ip(e.address) for e in backend.endpoints)
+    """IP endpoints are delivered over EDS; host names need Envoy's own DNS resolution. A backend naming Kubernetes
+    Services is always EDS: its endpoints are the ready addresses the run time discovered, none at all when nothing
+    is known (an empty assignment: Envoy answers 503, it fails closed)."""
+    return bool(backend.services) or all(is_ip(e.address) for e in backend.endpoints)
 
 
 def backend_cluster_config(backend: Backend) -> cluster_pb2.Cluster:
@@ -105,6 +107,9 @@ def _service_cluster(name: str, host: str, port: int, tls: bool) -> cluster_pb2.
 
 
 def load_assignment(cluster: str, endpoints: tuple[Endpoint, ...]) -> endpoint_pb2.ClusterLoadAssignment:
+    """No endpoints (a Service with no ready pod): no locality at all, Envoy has no host and answers 503."""
+    if not endpoints:
+        return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster)
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,
         endpoints=[
