@@ -56,7 +56,8 @@ COMBINATIONS: dict[str, tuple[str, ...]] = {
     "xds-tls": ("xds-tls",),
     "cert-manager": ("xds-tls", "cert-manager"),
     "servicemonitor": ("servicemonitor",),
-    "all": ("gitlab-policy", "xds-tls", "cert-manager", "servicemonitor"),
+    "kubernetes-endpoints": ("kubernetes-endpoints",),
+    "all": ("gitlab-policy", "xds-tls", "cert-manager", "servicemonitor", "kubernetes-endpoints"),
 }
 
 # Every Secret a pod mounts, with the keys it reads: deploy/kubernetes/README.md tells how to create each.
@@ -374,9 +375,10 @@ def test_every_object_validates_against_the_schemas(combination: str) -> None:
     objects = render(combination)
     errors = [error for obj in objects for error in validation_errors(obj)]
     assert not errors, "\n".join(errors)
-    # Everything lands in one namespace (a component's own objects included), so names resolve in it.
+    # Everything lands in one namespace (a component's own objects included), so names resolve in it; only
+    # cluster-scoped kinds have none.
     for obj in objects:
-        if obj["kind"] != "Namespace":
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']} {obj['metadata']['name']}"
 
 
@@ -575,9 +577,12 @@ def test_the_server_pods_ports_probes_and_stop(combination: str) -> None:
 
 @pytest.mark.parametrize("combination", ["base", "all"])
 def test_every_pod_is_locked_down_and_sized(combination: str) -> None:
-    for template in pod_templates(render(combination)):
+    objects = render(combination)
+    # Only the control plane, and only when it watches EndpointSlices, holds an API token.
+    api_clients = {"controlplane"} if of_kind(objects, "ClusterRoleBinding") else set()
+    for template in pod_templates(objects):
         spec = template["spec"]
-        assert spec["automountServiceAccountToken"] is False
+        assert spec["automountServiceAccountToken"] is (spec["serviceAccountName"] in api_clients)
         context = spec["securityContext"]
         assert context["runAsNonRoot"] is True and context["runAsUser"] == 10001
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -878,3 +883,25 @@ def test_the_prometheus_rule_is_the_alert_rule_file() -> None:
     job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
     jobs = set(re.findall(r'job="([^"]+)"', yaml.safe_dump(rule["spec"])))
     assert jobs == {job}
+
+
+def test_endpoint_discovery_gets_exactly_the_access_its_watch_uses() -> None:
+    """With Service-backed backends the control plane lists and watches EndpointSlices with its ServiceAccount's
+    token: the component mounts that token (the base mounts none) and grants list + watch on EndpointSlices to
+    that account, nothing more; the base grants nothing."""
+    assert not of_kind(render("base"), "ClusterRole")
+    objects = render("kubernetes-endpoints")
+    statefulset, _ = server(objects)
+    assert statefulset["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    (role,) = of_kind(objects, "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+    ]
+    (binding,) = of_kind(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = statefulset["spec"]["template"]["spec"]["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    # the source asks for nothing else: one list call (a watch is that list with watch=true)
+    source = (ROOT / "controlplane" / "sources" / "kubernetes.py").read_text()
+    calls = set(re.findall(r"\b(list|read|create|patch|replace|delete)_\w+", source))
+    assert calls <= {"list"}, calls
