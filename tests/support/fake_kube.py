@@ -54,7 +54,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import kubernetes.client
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 
 from .certs import CertFiles
 from .lifecycle import Started
