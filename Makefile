@@ -4,15 +4,33 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test unit lint snapshots bench bench-fleet fuzz clean
+.PHONY: prometheusrule setup demo test unit lint snapshots bench bench-fleet fuzz clean constraints image
 
-$(STAMP): pyproject.toml
+# Every package at the version in constraints.txt, the one the image is built with too (Dockerfile).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Rewrite constraints.txt from the working venv after a deliberate upgrade (pip install -U X there), and review the
+# diff: every installed package pinned exactly, but the project itself and packages installed from a URL or a file
+# (the optional fuzz extra's atheris), which no index serves. tests/test_image_constraints.py checks the result.
+constraints:
+	@test -x $(PY) || { echo "no venv at $(VENV): run make setup first"; exit 1; }
+	{ echo "# Exact versions of every package, for make setup and the image (pip install -c). make constraints"; \
+	  echo "# rewrites this file from the working venv; see docs/deploying-image.md."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -e '^#' -e ' @ '; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+# The container image (Dockerfile, docs/deploying-image.md), where a container engine is installed.
+IMAGE ?= controlplane:latest
+CONTAINER_ENGINE ?= docker
+image:
+	@command -v $(CONTAINER_ENGINE) >/dev/null || { echo "$(CONTAINER_ENGINE) not found: the image needs a container engine (CONTAINER_ENGINE=podman works too)"; exit 1; }
+	$(CONTAINER_ENGINE) build --tag $(IMAGE) .
 
 demo: setup
 	$(PY) -m tests.support.demo
@@ -28,6 +46,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check controlplane tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
+
+# The Kubernetes PrometheusRule, written from deploy/monitoring/prometheus/alerts.yaml after an edit there.
+prometheusrule: setup
+	$(PY) deploy/monitoring/prometheusrule.py
 
 # Regenerate the golden snapshots after a deliberate compiler change; review the diff.
 snapshots: setup

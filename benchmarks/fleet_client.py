@@ -3,8 +3,8 @@
 Each worker process runs one asyncio + grpc.aio loop holding many streams. By default every stream has its own
 channel with ``grpc.use_local_subchannel_pool=1``: without it grpc shares one subchannel (one TCP connection)
 between all channels to the same target, and the "fleet" would silently become a multiplexing test
-(../shared/reference/xds-protocol-observed.md §4). ``per_channel > 1`` multiplexes that many streams (distinct
-node ids) on one channel on purpose; the parent says so in its output. Channels open in waves with
+(docs/xds-protocol.md, "Connections from one client process"). ``per_channel > 1`` multiplexes that many
+streams (distinct node ids) on one channel on purpose; the parent says so in its output. Channels open in waves with
 ``channel_ready()`` and a retry, because opening thousands at once from one process makes grpc core fail some.
 
 The protocol logic is a ``StreamDriver``: ``SotwDriver`` (StreamAggregatedResources) or ``DeltaDriver``

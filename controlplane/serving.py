@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -109,6 +110,9 @@ class AppServer:
         self._open = 0
         self._per_peer = self._max_connections = 1
         self._peers: dict[str, int] = {}  # open connections by client address, for the per-peer share
+        self._ssl: ssl.SSLContext | None = None
+        self._handshake_timeout = 10.0
+        self._handshakes: set[asyncio.Task[None]] = set()  # TLS connections being set up, off the accept loop
         self._accept_errors = RateLimitedLog(log, burst=3, interval=60.0)
         self._refusals = RateLimitedLog(log, burst=3, interval=60.0)
 
@@ -126,8 +130,11 @@ class AppServer:
         host: str,
         port: int,
         limits: HttpLimits = HttpLimits(),
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> list[tuple[str, int]]:
-        """Bind and serve; returns every bound (host, port). Access logs are off: handlers log what matters."""
+        """Bind and serve (HTTPS with `ssl_context`); returns every bound (host, port). Access logs are off:
+        handlers log what matters."""
         if self._runner is not None:
             raise RuntimeError(f"{self.name} already started")
         app = app_or_routes if isinstance(app_or_routes, web.Application) else web.Application()
@@ -150,7 +157,8 @@ class AppServer:
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner, self._sockets = runner, sockets
+        self._runner, self._sockets, self._ssl = runner, sockets, ssl_context
+        self._handshake_timeout = limits.header_timeout
         self._per_peer, self._max_connections, self._peers = limits.per_peer, limits.max_connections, {}
         slots = asyncio.Semaphore(limits.max_connections)
         assert runner.server is not None
@@ -163,9 +171,9 @@ class AppServer:
         """Stop serving and release the port; safe to call twice or before `start`."""
         runner, self._runner = self._runner, None
         accepting, self._accepting = self._accepting, []
-        for task in accepting:
+        for task in (*accepting, *self._handshakes):
             task.cancel()
-        await asyncio.gather(*accepting, return_exceptions=True)
+        await asyncio.gather(*accepting, *self._handshakes, return_exceptions=True)
         for sock in self._sockets:
             sock.close()
         self._sockets = []
@@ -189,7 +197,12 @@ class AppServer:
                 slots.release()
                 self._refused(peer)
                 continue
-            await self._serve(conn, peer, server, slots)
+            if self._ssl is None:
+                await self._serve(conn, peer, server, slots)
+            else:  # a handshake takes round trips (up to the header timeout): never hold up the next accept
+                task = asyncio.create_task(self._serve(conn, peer, server, slots))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
 
     def _refused(self, peer: str) -> None:
         REFUSED_CONNECTIONS.labels(self.listener, PEER_SHARE).inc()
@@ -208,7 +221,12 @@ class AppServer:
         self._opened(peer)
         closed = _Once(lambda: self._closed(peer, slots))
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: _Tracked(server(), closed), conn)
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Tracked(server(), closed),
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self._handshake_timeout if self._ssl is not None else None,
+            )
         except BaseException as error:  # the client reset before the transport existed, or we are stopping
             conn.close()
             closed()

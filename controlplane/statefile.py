@@ -82,7 +82,8 @@ def ensure_state_dir(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     except OSError as error:
-        raise StateFileError(f"{directory}: cannot create the state directory: {_reason(error)}") from None
+        # Absolute: `.controlplane` alone does not say under which working directory it was refused.
+        raise StateFileError(f"{directory.absolute()}: cannot create the state directory: {_reason(error)}") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = FILE_MODE) -> None:

@@ -1,4 +1,4 @@
-"""The compiler rules from DESIGN.md, checked on the Envoy messages it produces."""
+"""The compiler rules (README "Concepts", docs/envoy-filters.md), checked on the Envoy messages it produces."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_backend_without_bindings_denies_everything_explicitly() -> None:
     group = compile_with(BINDING)["gw"]
     ledger = vhost_rbac(group, "ledger")  # type: ignore[arg-type]
     assert ledger.HasField("rbac") and ledger.rbac.HasField("rules")
-    assert len(ledger.rbac.rules.policies) == 0  # ALLOW with no policies = deny all (G11)
+    assert len(ledger.rbac.rules.policies) == 0  # ALLOW with no policies = deny all (docs/envoy-filters.md)
     manager = connection_manager(group)  # type: ignore[arg-type]
     assert [f.name for f in manager.http_filters] == [
         "envoy.filters.http.jwt_authn",

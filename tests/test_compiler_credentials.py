@@ -216,7 +216,7 @@ def test_exchanged_backend_without_credentials_denies_everything() -> None:
     group = gateway(None)
     assert vhost_requirement_name(group, "vault") is None
     rules = vhost_rbac(group, "vault").rbac.rules
-    assert rules.action == rbac_config.RBAC.ALLOW and len(rules.policies) == 0  # deny all (G11)
+    assert rules.action == rbac_config.RBAC.ALLOW and len(rules.policies) == 0  # deny all (docs/envoy-filters.md)
 
 
 def test_one_exchanged_policy_per_role_beside_the_binding_policies() -> None:
@@ -436,7 +436,7 @@ def test_exchange_route_comes_first_on_every_host_with_every_check_off() -> None
         # The buckets need no switch: with jwt_authn off there is no `job_id` metadata they could match.
         assert sorted(config) == ["envoy.filters.http.jwt_authn", "envoy.filters.http.rbac"]
         assert unpacked(config["envoy.filters.http.jwt_authn"], jwt_config.PerRouteConfig).disabled
-        assert not unpacked(config["envoy.filters.http.rbac"], rbac_filter.RBACPerRoute).HasField("rbac")  # off (G11)
+        assert not unpacked(config["envoy.filters.http.rbac"], rbac_filter.RBACPerRoute).HasField("rbac")  # off
         assert host.routes[-1].match.prefix == "/"
     public = vhost(group, "reports").routes[1]
     assert public.match.path == "/healthz" and "envoy.filters.http.rbac" in public.typed_per_filter_config

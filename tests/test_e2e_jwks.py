@@ -1,7 +1,8 @@
 """The key relay end to end on the real Envoy: the control plane reads GitLab's JWKS and pushes it inline.
 
-Envoy then needs no route to GitLab, a cold Envoy never answers 401 "Jwks remote fetch is failed" (G13), and a
-key rotation reaches Envoy within seconds (Envoy itself never refetches on an unknown kid, G9). The control
+Envoy then needs no route to GitLab, a cold Envoy never answers 401 "Jwks remote fetch is failed", and a
+key rotation reaches Envoy within seconds (Envoy itself never refetches on an unknown kid;
+docs/envoy-filters.md#issuer-keys). The control
 plane runs with `--jwks-refresh 1`; every wait polls with a deadline.
 """
 

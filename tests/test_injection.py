@@ -118,7 +118,7 @@ def test_injection_is_enabled_only_on_its_backends_virtual_host() -> None:
     hosts = {v.name: v for v in route_pb2.RouteConfiguration.FromString(data).virtual_hosts}
     enabled = route_components_pb2.FilterConfig()
     hosts["a"].typed_per_filter_config["inject-a"].Unpack(enabled)
-    assert enabled.HasField("config") and not enabled.disabled  # G3: an empty Any, never disabled:false
+    assert enabled.HasField("config") and not enabled.disabled  # an empty Any, never disabled:false
     assert "inject-a" not in hosts["b"].typed_per_filter_config
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
 import sys
+import textwrap
+from datetime import datetime, timedelta
+from pathlib import Path
 
-from controlplane.telemetry.logformat import LOG_FORMAT, LineFormatter
+import pytest
+
+from controlplane.telemetry.logformat import LOG_FORMAT, JsonFormatter, LineFormatter, formatter, redact
 
 
 def record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
@@ -37,3 +45,106 @@ def test_tracebacks_keep_their_lines_and_the_message_is_still_escaped() -> None:
 def test_plain_text_is_unchanged() -> None:
     line = LineFormatter("%(message)s").format(record("caf\u00e9 [ok] \\n stays"))
     assert line == "caf\u00e9 [ok] \\n stays"
+
+
+# A JWT-shaped token (header {"alg":"RS256"}), a GitLab job token: neither may reach a log line, in either format.
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJqb2IifQ.c2lnbmF0dXJlLXNlY3JldA"
+GLTOKEN = "glcbt-64_abcdefghijklmnopqrst"
+
+
+def test_json_lines_are_one_object_with_time_level_logger_message_and_exception() -> None:
+    forged = 'x\n{"level":"ERROR"}\x1b[31m\u2028\u202e'
+    line = JsonFormatter().format(record("proxy %s connected", forged, exc=True))
+    assert "\n" not in line and "\x1b" not in line and "\u2028" not in line and "\u202e" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "INFO" and entry["logger"] == "controlplane.xds"
+    assert entry["message"] == f"proxy {forged} connected"  # JSON's escaping kept it whole, on one line
+    assert entry["time"].endswith("Z")
+    assert datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).utcoffset() == timedelta(0)
+    assert entry["exception"].splitlines()[-1] == "ValueError: our own bug"
+
+
+def test_json_keeps_a_callers_extra_fields_and_omits_an_absent_exception() -> None:
+    logged = record("pushed")
+    logged.__dict__.update(group="ci", count=3, token_header=f"Bearer {JWT}")
+    entry = json.loads(JsonFormatter().format(logged))
+    assert entry["group"] == "ci" and entry["count"] == 3 and "exception" not in entry
+    assert JWT not in json.dumps(entry) and entry["token_header"] == "Bearer [redacted]"
+
+
+def test_credential_shapes_are_redacted_and_ordinary_text_is_not() -> None:
+    assert redact(f"got {JWT}.") == "got [redacted]."
+    assert redact(f"PRIVATE-TOKEN: {GLTOKEN}") == "PRIVATE-TOKEN: [redacted]"
+    assert redact('{"authorization": "Basic dXNlcjpwYXNz"}') == '{"authorization": "Basic [redacted]"}'
+    assert redact("subject_token=abc&x=1") == "subject_token=[redacted]&x=1"
+    plain = "global-rate-limit-exceeded for group gw-prod, password authentication failed, eyJ alone"
+    assert redact(plain) == plain
+
+
+def test_an_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown log format"):
+        formatter("xml")
+
+
+# Every path a token could take to stderr in `serve`: our loggers (message, arguments, exception text, extra
+# fields), grpc's Python loggers (rewritten by grpclog), and grpc core's C log on descriptor 2 (relayed).
+LEAK_SCRIPT = textwrap.dedent(
+    """
+    import logging, os, sys
+    from controlplane.telemetry import logformat
+    from controlplane.telemetry.grpclog import bound_native_stderr, route_grpc_logs
+
+    jwt, gl = sys.argv[2], sys.argv[3]
+    logformat.install("INFO", sys.argv[1])
+    route_grpc_logs()
+    restore = bound_native_stderr()
+    log = logging.getLogger("controlplane.credentials")
+    log.warning("exchange refused for %s", f"Authorization: Bearer {jwt}")
+    log.info("token %s", jwt, extra={"header": f"PRIVATE-TOKEN: {gl}"})
+    try:
+        raise RuntimeError(f"GitLab said no to {gl} (headers {{'Authorization': 'Bearer {jwt}'}})")
+    except RuntimeError:
+        log.exception("GitLab call failed")
+    grpc = logging.getLogger("grpc._server")
+    grpc.error("Invalid encoding on %s", f"authorization: {jwt}".encode())
+    grpc.error("metadata %s and %s", f"x-token {jwt}".encode(), f"Bearer {jwt}")
+    os.write(2, f"E1206 06:20:00.000000 12 http_server.cc:99] header authorization: Bearer {jwt}\\n".encode())
+    import threading, warnings
+    def crash():
+        raise ValueError(f"bad header Authorization: Bearer {jwt}")
+    thread = threading.Thread(target=crash, name="crasher")
+    thread.start()
+    thread.join()
+    warnings.warn(f"odd token {gl}")
+    restore()
+    raise RuntimeError(f"uncaught {jwt}")  # the interpreter's last words go through the log too
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["text", "json"])
+def test_no_token_reaches_stderr_on_any_logging_path(kind: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LEAK_SCRIPT, kind, JWT, GLTOKEN], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1, done.stderr[-2000:]  # the uncaught exception at the end
+    for secret in (JWT, GLTOKEN, *JWT.split(".")[1:], GLTOKEN.split("-", 1)[1]):
+        assert secret not in done.stderr
+    # message, argument, exception (2), grpc argument, grpc core, thread, warning, uncaught; JSON adds `extra=`
+    assert done.stderr.count("[redacted]") == (10 if kind == "json" else 9)
+    for seen in ("grpc core:", "GitLab call failed", "exchange refused", "thread crasher", "odd token", "uncaught"):
+        assert seen in done.stderr
+    if kind == "json":
+        entries = [json.loads(line) for line in done.stderr.splitlines()]
+        assert {entry["logger"] for entry in entries} >= {"controlplane.credentials", "controlplane.grpc.core"}
+        assert {entry["logger"] for entry in entries} >= {"py.warnings", "controlplane"}
+        assert sum("Traceback" in entry.get("exception", "") for entry in entries) == 3
+
+
+def test_the_cli_refuses_an_unknown_format_from_the_flag_or_the_environment(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "controlplane"]
+    flag = subprocess.run([*command, "--log-format", "xml", "validate", str(tmp_path)], capture_output=True, text=True)
+    assert flag.returncode == 2 and "invalid choice: 'xml'" in flag.stderr
+    env = dict(os.environ, CONTROLPLANE_LOG_FORMAT="xml")
+    variable = subprocess.run([*command, "validate", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert variable.returncode == 2 and "CONTROLPLANE_LOG_FORMAT must be one of text, json" in variable.stderr

@@ -4,6 +4,7 @@ descriptor through a rate limit; Python's own log lines still reach the real std
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ SCRIPT = textwrap.dedent(
     from controlplane.telemetry import logformat
     from controlplane.telemetry.grpclog import bound_native_stderr
 
-    logformat.install("INFO")
+    logformat.install("INFO", sys.argv[1])
     restore = bound_native_stderr()
     os.write(2, b"E1206 06:20:00.000000 12 tcp_server.cc:210] File descriptor limit reached. Retrying.\\n")
     for i in range(2000):  # what grpc core writes for each stream with a bad grpc-timeout header
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_native_stderr_lines_are_relayed_at_a_bounded_rate_and_ours_are_not() -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=30)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, "text"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stderr.splitlines()
     assert sum("hpack_parser.cc:1048" in line for line in lines) <= 5
@@ -40,3 +41,17 @@ def test_native_stderr_lines_are_relayed_at_a_bounded_rate_and_ours_are_not() ->
     assert "a traceback would go here" in lines
     assert lines[-1] == "after restore"
     assert len(lines) < 20
+
+
+def test_native_stderr_lines_follow_the_json_log_format() -> None:
+    """With ``--log-format json`` the relayed C lines are JSON objects like ours (what is not a log record, a
+    bare print to stderr, stays as it is)."""
+    done = subprocess.run([sys.executable, "-c", SCRIPT, "json"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(records) == len(lines) - 2  # all but the print and the line written after restore
+    core = [entry for entry in records if entry["logger"] == "controlplane.grpc.core"]
+    assert 2 <= len(core) <= 7 and any("tcp_server.cc:210" in entry["message"] for entry in core)
+    assert all(entry["level"] == "WARNING" for entry in core)
+    assert any(entry["message"] == "our own line 1" for entry in records)

@@ -108,7 +108,7 @@ async def test_serve_refuses_to_start_when_secrets_would_go_over_plain_text(
 
 
 def test_unreadable_or_non_pem_files_are_named_and_never_echoed(tmp_path: Path, pki: Pki) -> None:
-    with pytest.raises(XdsTransportError, match=r"cannot read xDS TLS file .*missing\.key"):
+    with pytest.raises(XdsTransportError, match=r"xDS TLS: cannot read .*missing\.key"):
         ServerTls(pki.server.cert, tmp_path / "missing.key", pki.ca).credentials()
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not-a-pem-but-private-material")

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import MultiMapping
-from prometheus_client import generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
 from controlplane.serving import ADMIN_LIMITS, LOOPBACK, AppServer, HttpLimits, is_loopback
@@ -23,11 +23,6 @@ from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.fleet_status import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
 
 log = logging.getLogger(__name__)
-
-# ``generate_latest`` with its default escaping writes the classic 0.0.4 text format. prometheus_client's own
-# ``CONTENT_TYPE_LATEST`` advertises 1.0.0 since 0.22, which is not what that function produces, so the type
-# is spelled out here (it is what ``choose_encoder`` pairs with ``generate_latest`` too).
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies", "scope")
 SCOPES = ("replica", "all")  # this replica's proxies (the default), or every registered replica's too
@@ -144,8 +139,14 @@ class AdminServer:
         app.router.add_get("/status", self._status_view)
         return app
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """The format the scraper asks for, chosen by prometheus_client's own negotiation: OpenMetrics for
+        ``Accept: application/openmetrics-text`` (what Prometheus sends first), the 1.0.0 text format when asked
+        for by version, else the classic 0.0.4 text. The content type comes from the same call as the encoder:
+        ``CONTENT_TYPE_LATEST`` names 1.0.0 since prometheus_client 0.22, which plain ``generate_latest`` is
+        not labelled as, so pairing the two by hand is how a scraper gets a type that does not match the body."""
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(REGISTRY), headers={"Content-Type": content_type})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         # Liveness only: if the loop can answer, the process is alive. Readiness is a separate question.

@@ -21,7 +21,11 @@ Choices worth knowing:
 - With ``--tls-ca/--tls-cert/--tls-key`` the xds_cluster speaks mTLS (ALPN h2) and checks the control plane's
   certificate against the CA *and* its name (SNI as a DNS SAN, or the address as an IP SAN): Envoy checks no
   name unless told, so any certificate from the same CA, a proxy's own included, would otherwise pass. The
-  files are referenced by path (no key material in the bootstrap) and read when Envoy starts.
+  files are referenced by path (no key material in the bootstrap). Inline in the transport socket Envoy reads
+  them once, at start; with ``--tls-sds-dir`` they come through two file-based SDS secrets whose
+  ``watched_directory`` is the certificates' directory, and Envoy 1.40 re-reads them when a file is renamed
+  into it (a Secret volume's ``..data`` swap, cert-manager, ``mv``): new connections to the control plane use
+  the new certificate with no restart (docs/certificate-rotation.md has what was observed).
 - The overload manager caps downstream connections, which Envoy otherwise warns about at startup and which
   keeps one noisy client from exhausting file descriptors.
 """
@@ -29,9 +33,13 @@ Choices worth knowing:
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -51,6 +59,10 @@ FAILOVER_DETECTION: dict[str, Any] = {
     "max_ejection_percent": 100,
 }
 UPSTREAM_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# The file-based SDS secrets of the xds_cluster (one secret per file: Envoy rejects a file holding two).
+CLIENT_CERT_SECRET = "xds_client_certificate"
+TRUSTED_CA_SECRET = "xds_trusted_ca"
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,52 @@ class ClientTls:
     cert_file: str
     key_file: str
     sni: str | None = None  # default: the xDS host when it is a name
+    # Where the SDS files go (a directory on the proxy); None: the files are inline and read once at start.
+    sds_dir: str | None = None
+
+    def sds_path(self, secret: str) -> str:
+        assert self.sds_dir is not None
+        return posixpath.join(self.sds_dir, f"{secret}.json")
+
+
+def sds_files(tls: ClientTls) -> dict[str, str]:
+    """The SDS files a ``--tls-sds-dir`` bootstrap refers to, path -> content: each holds one Secret that names
+    the PEM files and the directory Envoy watches for their rotation (the directory holding the file, where a
+    Secret volume swaps ``..data`` and an atomic writer renames)."""
+
+    def secret(name: str, body: dict[str, Any]) -> str:
+        return json.dumps({"resources": [{"@type": SECRET_TYPE, "name": name, **body}]}, indent=2) + "\n"
+
+    certificate = {
+        "certificate_chain": {"filename": tls.cert_file},
+        "private_key": {"filename": tls.key_file},
+        "watched_directory": {"path": posixpath.dirname(tls.cert_file) or "."},
+    }
+    trusted = {
+        "trusted_ca": {"filename": tls.ca_file},
+        "watched_directory": {"path": posixpath.dirname(tls.ca_file) or "."},
+    }
+    return {
+        tls.sds_path(CLIENT_CERT_SECRET): secret(CLIENT_CERT_SECRET, {"tls_certificate": certificate}),
+        tls.sds_path(TRUSTED_CA_SECRET): secret(TRUSTED_CA_SECRET, {"validation_context": trusted}),
+    }
+
+
+def write_sds_files(tls: ClientTls) -> None:
+    """Write `sds_files(tls)` (each by rename: an Envoy already watching one never reads half a file)."""
+    assert tls.sds_dir is not None
+    Path(tls.sds_dir).mkdir(parents=True, exist_ok=True)
+    for path, content in sds_files(tls).items():
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(content)
+        os.replace(tmp, path)
+
+
+def _sds_config(tls: ClientTls, secret: str) -> dict[str, Any]:
+    return {
+        "name": secret,
+        "sds_config": {"path_config_source": {"path": tls.sds_path(secret)}, "resource_api_version": "V3"},
+    }
 
 
 def _server_name(tls: ClientTls, hosts: Sequence[str]) -> str | None:
@@ -83,19 +141,19 @@ def _transport_socket(tls: ClientTls, hosts: Sequence[str]) -> dict[str, Any]:
         if sni
         else [{"san_type": "IP_ADDRESS", "matcher": {"exact": host}} for host in dict.fromkeys(hosts)]
     )
-    context: dict[str, Any] = {
-        "@type": UPSTREAM_TLS_CONTEXT,
-        "common_tls_context": {
-            "alpn_protocols": ["h2"],
-            "tls_certificates": [
-                {"certificate_chain": {"filename": tls.cert_file}, "private_key": {"filename": tls.key_file}}
-            ],
-            "validation_context": {
-                "trusted_ca": {"filename": tls.ca_file},
-                "match_typed_subject_alt_names": san,
-            },
-        },
-    }
+    common: dict[str, Any] = {"alpn_protocols": ["h2"]}
+    if tls.sds_dir is None:
+        common["tls_certificates"] = [
+            {"certificate_chain": {"filename": tls.cert_file}, "private_key": {"filename": tls.key_file}}
+        ]
+        common["validation_context"] = {"trusted_ca": {"filename": tls.ca_file}, "match_typed_subject_alt_names": san}
+    else:  # the CA from its SDS file, the name check stays in the bootstrap
+        common["tls_certificate_sds_secret_configs"] = [_sds_config(tls, CLIENT_CERT_SECRET)]
+        common["combined_validation_context"] = {
+            "default_validation_context": {"match_typed_subject_alt_names": san},
+            "validation_context_sds_secret_config": _sds_config(tls, TRUSTED_CA_SECRET),
+        }
+    context: dict[str, Any] = {"@type": UPSTREAM_TLS_CONTEXT, "common_tls_context": common}
     if sni:
         context["sni"] = sni
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}

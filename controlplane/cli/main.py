@@ -82,9 +82,11 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 
 def _parser() -> argparse.ArgumentParser:
     from controlplane.audit.store import DB_NAME as AUDIT_DB
+    from controlplane.cli import environment as env
     from controlplane.cli.audit import add_audit_arguments
     from controlplane.cli.bootstrap import API_TYPES, DEFAULT_ADMIN_PORT, DEFAULT_API
     from controlplane.cli.defaults import option_default
+    from controlplane.cli.environment import add_healthcheck_arguments, address_default, file_default
     from controlplane.cli.options import STORE_KINDS, GitLabPolicyOptions, ServeOptions, StoreOptions
     from controlplane.cli.status import add_status_arguments
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
@@ -104,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=logformat.FORMATS,
+        default=os.environ.get("CONTROLPLANE_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line for log collectors (env CONTROLPLANE_LOG_FORMAT)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     validate = commands.add_parser("validate", help="check a policy directory; exit 1 listing every error")
@@ -122,12 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--policy", type=Path, default=Path(DEFAULT_POLICY), help="policy directory (env CONTROLPLANE_POLICY)"
     )
-    serve.add_argument("--xds-address", type=_host_port, default=xds_address, help="HOST:PORT for ADS")
+    admin_address = (serve_default("admin_host"), serve_default("admin_port"))
+    serve.add_argument(
+        "--xds-address",
+        type=_host_port,
+        default=address_default(env.XDS_ADDRESS_ENV, xds_address),
+        help=f"HOST:PORT for ADS (env {env.XDS_ADDRESS_ENV})",
+    )
     serve.add_argument(
         "--admin-address",
         type=_host_port,
-        default=(serve_default("admin_host"), serve_default("admin_port")),
-        help="HOST:PORT for admin HTTP",
+        default=address_default(env.ADMIN_ADDRESS_ENV, admin_address),
+        help=f"HOST:PORT for admin HTTP (env {env.ADMIN_ADDRESS_ENV})",
     )
     serve.add_argument(
         "--debounce",
@@ -247,11 +261,15 @@ def _parser() -> argparse.ArgumentParser:
     creds.add_argument(
         "--exchange-address",
         type=_host_port,
-        default=DEFAULT_EXCHANGE_ADDRESS,
-        help="HOST:PORT the token exchange listens on (also routed by every gateway at /.controlplane/token)",
+        default=address_default(env.EXCHANGE_ADDRESS_ENV, DEFAULT_EXCHANGE_ADDRESS),
+        help=f"HOST:PORT the token exchange listens on (also routed by every gateway at /.controlplane/token; env "
+        f"{env.EXCHANGE_ADDRESS_ENV})",
     )
     creds.add_argument(
-        "--exchange-public-address", type=_host_port, help="what gateways dial (default: --exchange-address)"
+        "--exchange-public-address",
+        type=_host_port,
+        default=address_default(env.EXCHANGE_PUBLIC_ADDRESS_ENV, None),
+        help=f"what gateways dial (default: --exchange-address; env {env.EXCHANGE_PUBLIC_ADDRESS_ENV})",
     )
     creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
     creds.add_argument(
@@ -284,6 +302,14 @@ def _parser() -> argparse.ArgumentParser:
         default=credential_default("job_sweep_interval"),
         help="seconds between sweeps asking GitLab whether jobs with access finished (missed Job Hooks)",
     )
+    creds.add_argument("--exchange-tls-cert", type=Path, help="HTTPS on the exchange: PEM certificate chain")
+    creds.add_argument("--exchange-tls-key", type=Path, help="HTTPS on the exchange: PEM private key")
+    creds.add_argument(
+        "--exchange-tls-ca", type=Path, help="PEM CA bundle gateways verify the exchange with (pushed to them)"
+    )
+    creds.add_argument(
+        "--exchange-tls-name", help="name gateways check in its certificate (default: the public address's host)"
+    )
     audit = serve.add_argument_group("audit trail")
     audit.add_argument("--audit-db", type=Path, help=f"SQLite file (default: <state dir>/{AUDIT_DB})")
     audit.add_argument(
@@ -306,10 +332,26 @@ def _parser() -> argparse.ArgumentParser:
         help="connections the xDS port holds at once, more are closed (default: the open-file limit less the HTTP "
         "listeners' bounds and a reserve of 1/16)",
     )
+    kube = serve.add_argument_group("Kubernetes Services as backends (docs/kubernetes-endpoints.md)")
+    kube.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig of the API server to watch EndpointSlices on (default: the pod's service account)",
+    )
+    kube.add_argument("--kube-context", help="the kubeconfig's context to use (default: its current-context)")
     hooks = serve.add_argument_group("GitLab webhooks")
-    hooks.add_argument("--webhook-address", type=_host_port, help="HOST:PORT for POST /webhooks/gitlab (off if unset)")
+    hooks.add_argument(
+        "--webhook-address",
+        type=_host_port,
+        default=address_default(env.WEBHOOK_ADDRESS_ENV, None),
+        help=f"HOST:PORT for POST /webhooks/gitlab (off if unset; env {env.WEBHOOK_ADDRESS_ENV})",
+    )
     hooks.add_argument("--webhook-secret-env", help="environment variable holding the webhook secret token(s)")
-    hooks.add_argument("--webhook-secret-file", help="file holding webhook secret token(s), one per line")
+    hooks.add_argument(
+        "--webhook-secret-file",
+        default=file_default(env.WEBHOOK_SECRET_FILE_ENV),
+        help=f"file holding webhook secret token(s), one per line (env {env.WEBHOOK_SECRET_FILE_ENV})",
+    )
     http = serve.add_argument_group("HTTP listeners: admin, webhooks, exchange (README: Operations)")
     http.add_argument(
         "--http-header-timeout",
@@ -337,6 +379,9 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
 
+    healthcheck = commands.add_parser("healthcheck", help="exit 0 if a running serve's /healthz answers (probes)")
+    add_healthcheck_arguments(healthcheck, _host_port, admin_address)
+
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a gateway group")
     bootstrap.add_argument("--group", required=True, help="gateway name; becomes node.cluster")
     bootstrap.add_argument("--node-id", default=None, help="node.id (default: <group>-<hostname>)")
@@ -356,12 +401,20 @@ def _parser() -> argparse.ArgumentParser:
         "--api", choices=tuple(API_TYPES), default=DEFAULT_API, help="ADS flavour: State of the World or Delta xDS"
     )
     bootstrap.add_argument("--tls-sni", help="server name to send and verify (default: the --xds-address host)")
+    bootstrap.add_argument(
+        "--tls-sds-dir",
+        help="write two SDS files naming the --tls-* files into this directory (on the proxy) and refer to them: "
+        "Envoy then re-reads the certificates when they rotate; without it, it reads them once at start",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logformat.install(args.log_level.upper())
+    if args.log_format not in logformat.FORMATS:  # argparse checks choices on the command line, not defaults
+        print(f"controlplane: CONTROLPLANE_LOG_FORMAT must be one of {', '.join(logformat.FORMATS)}", file=sys.stderr)
+        return 2
+    logformat.install(args.log_level.upper(), args.log_format)
     route_grpc_logs()  # grpc would log a client's header bytes, once per request
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     handler = _COMMANDS[args.command]
@@ -539,6 +592,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         policy_gitlab = GitLabPolicyOptions(
             args.gitlab_url, args.policy_project, args.gitlab_token_env, args.gitlab_token_file, args.policy_poll
         )
+    from controlplane.credentials.http import ExchangeListenerTls
     from controlplane.xds.tls import server_tls_from_flags
 
     try:
@@ -547,6 +601,17 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         return str(error)
     if xds_tls is not None and args.xds_insecure:
         return "--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one"
+    exchange_tls_files = (args.exchange_tls_cert, args.exchange_tls_key, args.exchange_tls_ca)
+    if any(exchange_tls_files) != all(exchange_tls_files) or (args.exchange_tls_name and not any(exchange_tls_files)):
+        return (
+            "--exchange-tls-cert, --exchange-tls-key and --exchange-tls-ca go together (--exchange-tls-name needs them)"
+        )
+    public = args.exchange_public_address or args.exchange_address
+    exchange_tls = (
+        ExchangeListenerTls(*exchange_tls_files, server_name=args.exchange_tls_name or public[0])
+        if all(exchange_tls_files)
+        else None
+    )
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
@@ -604,7 +669,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         if args.no_exchange
         else CredentialOptions(
             listen=args.exchange_address,
-            public=args.exchange_public_address or args.exchange_address,
+            public=public,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
             publish_lead=lead,
@@ -612,6 +677,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             deny_id_tokens_for=args.deny_id_tokens_for,
             http=exchange_limits,
             job_sweep_interval=args.job_sweep_interval,
+            tls=exchange_tls,
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,
@@ -622,6 +688,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         webhook_limits=webhook_limits,
         policy_limits=_limits(args),
         reload_timeout=args.reload_timeout,
+        kubeconfig=args.kubeconfig,
+        kube_context=args.kube_context,
     )
 
 
@@ -638,10 +706,14 @@ def _bootstrap(args: argparse.Namespace) -> int:
     from controlplane.cli.options import ServeOptions
 
     tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
-    if (any(tls_files) and not all(tls_files)) or (args.tls_sni and not any(tls_files)):
-        print("--tls-ca, --tls-cert and --tls-key go together (and --tls-sni needs them)", file=sys.stderr)
+    if (any(tls_files) and not all(tls_files)) or ((args.tls_sni or args.tls_sds_dir) and not any(tls_files)):
+        print(
+            "--tls-ca, --tls-cert and --tls-key go together (and --tls-sni, --tls-sds-dir need them)", file=sys.stderr
+        )
         return 2
-    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni) if all(tls_files) else None
+    tls = (
+        ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_sni, args.tls_sds_dir) if all(tls_files) else None
+    )
     (host, port), *more = args.xds_addresses or [(ServeOptions.xds_host, ServeOptions.xds_port)]
     node_id = args.node_id or f"{args.group}-{socket.gethostname()}"
     try:
@@ -658,8 +730,22 @@ def _bootstrap(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if tls is not None and tls.sds_dir is not None:
+        from controlplane.cli.bootstrap import write_sds_files
+
+        try:
+            write_sds_files(tls)
+        except OSError as error:
+            print(f"error: cannot write the SDS files into {tls.sds_dir}: {error.strerror or error}", file=sys.stderr)
+            return 2
     print(text)
     return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    from controlplane.cli.environment import run_healthcheck
+
+    return run_healthcheck(args)
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -675,4 +761,5 @@ _COMMANDS = {
     "serve": _serve,
     "status": _status,
     "bootstrap": _bootstrap,
+    "healthcheck": _healthcheck,
 }

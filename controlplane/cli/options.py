@@ -168,6 +168,9 @@ class ServeOptions:
     xds_max_connections: int | None = None  # None: unbounded here; `serve` derives it from the open-file limit
     policy_limits: ReadLimits = DEFAULT_LIMITS  # size bounds of the policy tree (directory or GitLab project)
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT  # a reload running longer makes the server not ready
+    # Backends naming Kubernetes Services: the API server from this kubeconfig; None: the pod's service account.
+    kubeconfig: Path | None = None
+    kube_context: str | None = None  # the kubeconfig's context; None: its current-context
 
     def __post_init__(self) -> None:
         if not self.stop_deadline > self.shutdown_grace:

@@ -28,6 +28,7 @@ from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
 from controlplane.audit.store import AuditStore, AuditTrail
 from controlplane.audit.store_pg import PostgresAuditStore
+from controlplane.certfiles import CertificateFileError
 from controlplane.cli.options import ServeOptions, StoreOptions, WebhookOptions
 from controlplane.credentials.exchange_store import DB_NAME as EXCHANGE_DB
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError, SqliteExchangeStore
@@ -64,6 +65,7 @@ from controlplane.sources.gitlab_policy import GitLabPolicySource
 from controlplane.sources.gitlab_repo import PolicyRepo
 from controlplane.sources.inventory_table import RESYNC_TOPIC, InventoryTable
 from controlplane.sources.inventory_table import TOPIC as INVENTORY_TOPIC
+from controlplane.sources.kubernetes import KubeAccess, KubernetesEndpoints
 from controlplane.sources.pins import PINS_FILE, PinStore, RememberedPins
 from controlplane.sources.pins_pg import TOPIC as PINS_TOPIC
 from controlplane.sources.pins_pg import PostgresPinStore
@@ -89,6 +91,7 @@ log = logging.getLogger("controlplane")
 # Revocations (and key changes) wait this long for others to share their compile and push: a burst of finished jobs
 # is a few pushes (issue 13), at a cost of 0.1 s of the 1 s a revocation may take to reach every Envoy.
 CREDENTIAL_CHANGES_GATHER = 0.1
+KUBERNETES_CHANGES_GATHER = 0.02  # a rollout's burst of slice events: one compile (the 1 s budget: tests/test_e2e_kube)
 STATE_FILES = (LOCK_NAME, KEYS_FILE, REVOCATIONS_FILE, PINS_FILE, EXCHANGE_DB, AUDIT_DB)
 
 
@@ -112,7 +115,7 @@ async def serve(options: ServeOptions) -> int:
     except (StateFileError, ExchangeStoreError, RevocationStoreError, StoreUnavailable, MigrationError) as unreadable:
         log.critical("refusing to start: %s", unreadable)
         return 3
-    except (XdsTransportError, DsnError, KekError) as refused:
+    except (XdsTransportError, CertificateFileError, DsnError, KekError) as refused:
         log.critical("refusing to start: %s", refused)
         return 2
     except OSError as failed:  # a port in use, a directory not writable: the message says which, a traceback not
@@ -158,6 +161,9 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     parts.on_stop(keys.stop, name="JWKS relay")
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
+    # Backends naming Kubernetes Services: their EndpointSlices watched while the policy names them.
+    kube = KubernetesEndpoints(KubeAccess(options.kubeconfig, options.kube_context))
+    parts.on_stop(lambda: asyncio.to_thread(kube.stop), name="Kubernetes watches")
     credentials = (
         CredentialService(
             options.credentials,
@@ -188,7 +194,9 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             exchange_policy_changed=credentials.policy_changed if credentials is not None else lambda: None,
             secrets=secrets.for_policy,
             accept=transport.accept,
-            prepare=lambda candidate: gitlab.read_new_subjects(candidate, to_policy().pins),
+            prepare=lambda candidate: kube.prepare(candidate) or gitlab.read_new_subjects(candidate, to_policy().pins),
+            endpoints=kube.for_backend,
+            published=kube.retain,
         )
     )
     if credentials is not None:
@@ -225,6 +233,11 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         # Its keys exist (compiled in) before anything is served.
         await parts.start(credentials.start(), credentials.stop, name="credential service")
         parts.run("credential service", credentials.run(parts.stopping))
+    changed = "Kubernetes endpoints changed"
+    parts.run(
+        "Kubernetes endpoints",
+        kube.run(lambda: policy.recompile(changed, gather=KUBERNETES_CHANGES_GATHER), parts.stopping),
+    )
     await parts.step(policy.reload_off_loop())
     if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
         if credentials is not None:
@@ -258,6 +271,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "policy": policy.status(),
             "jwks": keys.status(),
             "gitlab": gitlab.status(),
+            "kubernetes": kube.status(),
             "credentials": credentials.status() if credentials else None,
             "change_feed": stores.feed.status() if stores.feed is not None else None,
             "audit": audit.status(),

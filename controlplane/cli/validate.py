@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.cli.defaults import option_default
+from controlplane.cli.environment import EXCHANGE_ADDRESS_ENV, EXCHANGE_PUBLIC_ADDRESS_ENV, address_default
 from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, KeyStoreError, SigningKeys, StoredKey
 from controlplane.credentials.keys_pg import PostgresKeyStore
@@ -61,8 +62,12 @@ def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Calla
     """The serve flags that change what is compiled, with serve's defaults."""
     group = parser.add_argument_group("what serve would compile in (same flags and defaults as serve)")
     group.add_argument("--state-dir", type=Path, default=default_state_dir(), help="serve's --state-dir")
-    group.add_argument("--exchange-address", type=host_port, default=DEFAULT_EXCHANGE_ADDRESS)
-    group.add_argument("--exchange-public-address", type=host_port)
+    group.add_argument(
+        "--exchange-address", type=host_port, default=address_default(EXCHANGE_ADDRESS_ENV, DEFAULT_EXCHANGE_ADDRESS)
+    )
+    group.add_argument(
+        "--exchange-public-address", type=host_port, default=address_default(EXCHANGE_PUBLIC_ADDRESS_ENV, None)
+    )
     group.add_argument("--no-exchange", action="store_true", help="serve runs with --no-exchange")
     group.add_argument("--key-rotation", type=float, default=option_default(CredentialOptions, "rotate_every"))
     group.add_argument("--key-publish-lead", type=float)  # unset: serve's default for a file store, 1 s

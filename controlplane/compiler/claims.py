@@ -2,7 +2,7 @@
 
 Pure encoding of `controlplane.resolved.conditions`, which says what they mean. Every claim is matched as a
 string (GitLab sends `"42"` and `"true"`; a string matcher never matches a number or a bool,
-envoy-1.40-verified.md G10). Globs compile to anchored RE2 where `*` never crosses `/`.
+docs/envoy-filters.md#claims-are-compared-as-strings). Globs compile to anchored RE2 where `*` never crosses `/`.
 """
 
 from __future__ import annotations

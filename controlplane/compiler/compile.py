@@ -16,6 +16,7 @@ from controlplane.compiler import cluster, inject, jwt, listener, rbac, revocati
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
     CREDENTIAL_PROVIDER,
+    EXCHANGE_CA_SECRET,
     EXCHANGE_CLUSTER,
     EXCHANGED_POLICY_PREFIX,
     JWT_FILTER,
@@ -179,7 +180,7 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
         EXTENSION_CONFIG: sorted(
             [(JWT_FILTER, listener.authentication_config_bytes(authentication)), *shared.revocations]
         ),
-        SECRET: inject.secrets(backends, shared.secrets),
+        SECRET: sorted(inject.secrets(backends, shared.secrets) + _exchange_ca(shared.credentials)),
     }
     return CompiledGroup(gateway.name, resources)
 
@@ -261,7 +262,17 @@ def _exchange_cluster(credentials: CredentialInputs) -> list[tuple[str, bytes]]:
     if credentials.exchange_address is None:
         return []
     host, port = credentials.exchange_address
-    return [(EXCHANGE_CLUSTER, serialized(cluster.exchange_cluster_config(host, port)))]
+    tls = credentials.exchange_tls
+    server_name = tls.server_name if tls is not None else None
+    return [(EXCHANGE_CLUSTER, serialized(cluster.exchange_cluster_config(host, port, server_name)))]
+
+
+def _exchange_ca(credentials: CredentialInputs) -> list[tuple[str, bytes]]:
+    """The exchange's CA bundle as an SDS secret: the cluster names it, so a new bundle changes this secret only
+    and Envoy applies it to new connections without rebuilding the cluster."""
+    if credentials.exchange_address is None or credentials.exchange_tls is None:
+        return []
+    return [(EXCHANGE_CA_SECRET, serialized(cluster.exchange_ca_secret(credentials.exchange_tls.ca_pem)))]
 
 
 def _jwks_cluster(issuer: Issuer) -> tuple[str, bytes]:

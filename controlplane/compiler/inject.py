@@ -57,7 +57,8 @@ def http_filters(backends: Sequence[Backend]) -> list[hcm.HttpFilter]:
 
 def per_filter_config(backend: Backend) -> dict[str, rc.FilterConfig]:
     """Switches the backend's filter on for its virtual host. An empty `config` Any, never `disabled: false`
-    alone, which Envoy rejects (G3)."""
+    alone, which Envoy rejects
+    (docs/envoy-filters.md#switching-a-filter-on-per-route)."""
     if backend.inject is None:
         return {}
     enabled = rc.FilterConfig()

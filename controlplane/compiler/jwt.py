@@ -2,7 +2,8 @@
 audience requirement per backend.
 
 Extraction is explicit (`Authorization: Bearer`), otherwise Envoy would also accept `?access_token=`
-(G4); the token is never forwarded upstream; claims land in dynamic metadata for RBAC and the access log.
+(docs/envoy-filters.md#where-a-token-is-read); the token is never forwarded upstream; claims land in
+dynamic metadata for RBAC and the access log.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _verified_provider(issuer_url: str, audiences: Sequence[str], clock_skew_sec
 
 
 def _remote_jwks(issuer: Issuer) -> jwt.RemoteJwks:
-    """Every Envoy fetches the keys itself through the `jwks-<issuer>` cluster (G9: no refetch on an unknown kid)."""
+    """Every Envoy fetches the keys itself through the `jwks-<issuer>` cluster (no refetch on an unknown kid:
+    docs/envoy-filters.md#issuer-keys)."""
     return jwt.RemoteJwks(
         http_uri=http_uri_pb2.HttpUri(uri=issuer.jwks_uri, cluster=jwks_cluster(issuer.name), timeout=seconds(2)),
         cache_duration=seconds(issuer.jwks_cache_seconds),
@@ -98,7 +100,8 @@ def _remote_jwks(issuer: Issuer) -> jwt.RemoteJwks:
 
 
 def requirement(providers: Sequence[str], audience: str) -> jwt.JwtRequirement:
-    """A token from any of `providers`, carrying this backend's audience (a wrong audience is a 403, G5)."""
+    """A token from any of `providers`, carrying this backend's audience (a wrong audience is a 403:
+    docs/envoy-filters.md#answers-401-and-403)."""
     alternatives = [
         jwt.JwtRequirement(provider_and_audiences=jwt.ProviderWithAudiences(provider_name=p, audiences=[audience]))
         for p in sorted(set(providers))

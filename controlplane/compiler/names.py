@@ -1,7 +1,7 @@
 """Names shared between compiled resources, logs and headers.
 
 Filter names must be the canonical extension names: `typed_per_filter_config` entries keyed by any
-other name are silently ignored by Envoy (envoy-1.40-verified.md, G1).
+other name are silently ignored by Envoy (docs/envoy-filters.md#filter-names).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ REVOKED_RECENTLY_FILTER = REVOCATION_BUCKET_PREFIX + "recent"
 # cluster gateways send the exchange endpoint to. Both are reserved: an Issuer may not be named like the provider.
 CREDENTIAL_PROVIDER = "controlplane"
 EXCHANGE_CLUSTER = "controlplane-exchange"
+EXCHANGE_CA_SECRET = "controlplane-exchange-ca"  # the CA bundle gateways verify the exchange's certificate with
 EXCHANGED_POLICY_PREFIX = "exchanged"
 
 # Where jwt_authn puts what it learned; every issuer writes the same keys, so RBAC principals
@@ -83,7 +84,7 @@ def shadow_stat_prefix(backend: str) -> str:
 
 def inject_filter(backend: str) -> str:
     """The HCM filter injecting this backend's credential; one per backend (credential_injector has no
-    per-route config, envoy-1.40-verified.md G3)."""
+    per-route config: docs/envoy-filters.md#switching-a-filter-on-per-route)."""
     return f"inject-{backend}"
 
 

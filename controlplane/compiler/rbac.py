@@ -1,7 +1,8 @@
 """Authorization: bindings compiled to Envoy RBAC, one RBACPerRoute per backend's virtual host.
 
 Deny by default is explicit everywhere: an RBAC filter without `rules`, or `RBACPerRoute{rbac: {}}`,
-ALLOWS everything in Envoy (envoy-1.40-verified.md G11); `rules{action: ALLOW}` with no policies denies.
+ALLOWS everything in Envoy (docs/envoy-filters.md#rbac-shapes-that-allow-everything); `rules{action: ALLOW}`
+with no policies denies.
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def _default_route(backend: Backend) -> rc.Route:
 
 
 def _public_route(backend: Backend, path: str) -> rc.Route:
-    """A path the backend declared public: no token, no RBAC. Route-level config replaces the vhost's (G12).
+    """A path the backend declared public: no token, no RBAC. Route-level config replaces the vhost's
+    (docs/envoy-filters.md#route-settings-replace-they-do-not-merge).
 
     The revocation buckets need no switching off here: with jwt_authn off there is no `job_id` they could match.
     With jwt_authn off, its `forward: false` does not strip a token the job sent anyway, so the route removes

@@ -3,16 +3,26 @@
 `routes()` mounts it into another aiohttp application; `start`/`stop` serve it alone (gateways route
 EXCHANGE_PATH here). Tokens travel only in the request body: a query string is refused so no token ever lands
 in an access log, and nothing logged here holds one (only backend, project, job, roles and credential jti).
+
+With `ExchangeListenerTls` the listener speaks TLS (the ID tokens cross the gateway -> exchange hop). Its certificate
+rotates without a restart: the listener's SSLContext has an `sni_callback`, called on every handshake, that
+asks `CertificateFiles` whether the files changed (a stat each) and hands the handshake a context loaded from
+the new files; a half-rotated pair keeps the previous context (controlplane/certfiles.py). Connections already
+open keep their session.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from controlplane.certfiles import CertificateFiles, CertificateSet
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, JobToVerify, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
@@ -26,6 +36,57 @@ MAX_BODY_BYTES = 16 * 1024  # an ID token is 1-2 kB; the whole form is far below
 MAX_FIELDS = 32
 # RFC 6749 §5.1: token responses must never be cached, errors included.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+@dataclass(frozen=True)
+class ExchangeListenerTls:
+    """The exchange listener's certificate and key (PEM files), the CA bundle gateways verify it with (pushed
+    to them over ADS) and the name its certificate holds, which they check."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    server_name: str
+
+
+class RotatingServerContext:
+    """An SSLContext for a server whose certificate files rotate: `context` is what the listener is given."""
+
+    def __init__(self, tls: ExchangeListenerTls) -> None:
+        self.tls = tls
+        self._files = CertificateFiles("exchange", tls.cert_file, tls.key_file, None, self._load)
+        self._current = self._files.initial
+        self.context = self._load(None)
+        self.context.sni_callback = self._handshake
+
+    @property
+    def serial(self) -> int:
+        return self._files.serial
+
+    def _load(self, _checked: CertificateSet | None) -> ssl.SSLContext:
+        """A server context from the files (checked just before by `CertificateFiles`; should they change in
+        between, OpenSSL refuses a key that does not match and the previous context stays)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def _refresh(self) -> ssl.SSLContext:
+        fresh = self._files.current()
+        if fresh is not None:
+            self._current = fresh
+        return self._current
+
+    def _handshake(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        connection.context = self._refresh()
+
+    def stale(self, request: web.BaseRequest) -> bool:
+        """Whether `request` came on a connection set up with a certificate since replaced: its response then
+        closes the connection, so a gateway's pooled connection (kept busy, never idle) moves to the new
+        certificate after one more request instead of keeping the old session for hours."""
+        tls = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+        return tls is not None and tls.context is not self._refresh()
 
 
 class BadForm(Exception):
@@ -44,10 +105,13 @@ class ExchangeEndpoint:
         max_body: int = MAX_BODY_BYTES,
         limits: HttpLimits = EXCHANGE_LIMITS,
         verify: Callable[[JobToVerify], Awaitable[bool]] | None = None,
+        tls: ExchangeListenerTls | None = None,
     ) -> None:
         """`verify` asks GitLab about a job the exchange cannot vouch for (True: exchange again); without it
-        such an exchange is refused (503)."""
+        such an exchange is refused (503). `tls`: serve HTTPS (read at `start`, re-read when the files change)."""
         self.exchange = exchange
+        self.tls = tls
+        self.ssl: RotatingServerContext | None = None
         self.verify = verify
         self.max_body = max_body
         self.limits = limits
@@ -60,7 +124,11 @@ class ExchangeEndpoint:
 
     async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
         """Serve alone; returns the bound port (useful with port 0). `handle` logs each exchange itself."""
-        bound = (await self._server.start(self.routes(), host, port, self.limits))[0][1]
+        if self.tls is not None and self.ssl is None:
+            self.ssl = RotatingServerContext(self.tls)  # a bad file stops start-up, naming it
+            log.info("token exchange TLS certificate serial %x; its files are watched for rotation", self.ssl.serial)
+        context = self.ssl.context if self.ssl is not None else None
+        bound = (await self._server.start(self.routes(), host, port, self.limits, ssl_context=context))[0][1]
         log.info("token exchange listening on %s:%d%s", host, bound, EXCHANGE_PATH)
         return bound
 
@@ -69,6 +137,12 @@ class ExchangeEndpoint:
         await self._server.stop()
 
     async def handle(self, request: web.Request) -> web.Response:
+        response = await self._answer(request)
+        if self.ssl is not None and self.ssl.stale(request):
+            response.force_close()  # HTTP/1.1 `Connection: close`: the client's next request opens a new one
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         try:
             form = await self._read_form(request)
         except BadForm as bad:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlplane.certfiles import WatchedBundle
 from controlplane.compiler.jwt import CREDENTIAL_CLOCK_SKEW_SECONDS
 from controlplane.credentials import metrics
 from controlplane.credentials.coverage import MAX_SIGHTINGS, Sightings
@@ -27,14 +28,14 @@ from controlplane.credentials.exchange import (
 )
 from controlplane.credentials.exchange_store import ExchangeStore, ExchangeStoreError
 from controlplane.credentials.gateway_checks import GatewayJobChecks
-from controlplane.credentials.http import ExchangeEndpoint
+from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
 from controlplane.credentials.keys_pg import SharedKeys
 from controlplane.credentials.recovery import DEFAULT_INTERVAL as DEFAULT_SWEEP_INTERVAL
 from controlplane.credentials.recovery import JobRecovery, StatusReader
 from controlplane.credentials.revocation_store import RevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE, TERMINAL_JOB_STATUSES, Revocations
-from controlplane.model.credentials import CredentialInputs
+from controlplane.model.credentials import CredentialInputs, ExchangeTls
 from controlplane.serving import EXCHANGE_LIMITS, LOOPBACK, HttpLimits
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.sources.gitlab_events import GitLabEvent, JobEvent
@@ -55,6 +56,7 @@ MAX_PENDING_ASKS = 10_000  # seen jobs waiting to ask the ledger whether they fi
 
 
 DEFAULT_EXCHANGE_ADDRESS = (LOOPBACK, 9904)  # `--exchange-address` of serve and validate
+EXCHANGE_CA_POLL = 2.0  # seconds between checks of the exchange's CA bundle file (a stat), with TLS on
 
 
 def shared_publish_lead(rotate_every: float) -> float:
@@ -79,6 +81,7 @@ class CredentialOptions:
     # GitLab ID tokens live as long as the job timeout; set this to the longest timeout you allow.
     deny_id_tokens_for: float = 3 * 3_600.0
     http: HttpLimits = EXCHANGE_LIMITS  # connections and timeouts of the exchange listener
+    tls: ExchangeListenerTls | None = None  # HTTPS on the exchange listener; None: plain text
 
     @property
     def finished_job_retention(self) -> float:
@@ -148,7 +151,9 @@ class CredentialService:
             is_leader=is_leader,
             settle_on_publication=True,
         )
-        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job)
+        self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job, tls=options.tls)
+        # The CA bundle gateways verify the exchange with, pushed to them: a change recompiles (`run`).
+        self._exchange_ca = WatchedBundle(options.tls.ca_file) if options.tls is not None else None
         self._checks: dict[str, asyncio.Task[str]] = {}  # one GitLab request per job, however many exchanges wait
         # Requests in threads at once: the client's rate bound paces them, the default pool must stay free for
         # the deny list's writes and the recovery sweep.
@@ -183,12 +188,18 @@ class CredentialService:
         fresh = CredentialInputs(
             jwks=self.keys.published_jwks(),
             exchange_address=self.options.public,
+            exchange_tls=self._exchange_tls(),
             revoked=self.revocations.buckets(),
             revoked_recently=self.revocations.recent(),
         )
         if fresh != self._inputs:
             self._inputs = fresh
         return self._inputs
+
+    def _exchange_tls(self) -> ExchangeTls | None:
+        if self.options.tls is None or self._exchange_ca is None:
+            return None
+        return ExchangeTls(server_name=self.options.tls.server_name, ca_pem=self._exchange_ca.pem)
 
     def job_recovery(
         self,
@@ -343,7 +354,8 @@ class CredentialService:
         await self._rotate_keys()
         self.port = await self.endpoint.start(*self.options.listen)
         log.info(
-            "token exchange on http://%s:%d (gateways route it to %s:%d)",
+            "token exchange on %s://%s:%d (gateways route it to %s:%d)",
+            "http" if self.options.tls is None else "https",
             *self.options.listen[:1],
             self.port,
             *self.options.public,
@@ -608,6 +620,7 @@ class CredentialService:
             self._wake.clear()  # set from here on: something is due sooner, go round again at once
             changed = await self._rotate_keys()
             changed = self.revocations.prune() or changed
+            changed = (self._exchange_ca is not None and self._exchange_ca.changed()) or changed
             if changed:
                 await self._changed(wake=False)
             await self.revocations.persist()
@@ -618,7 +631,8 @@ class CredentialService:
                 self.revocations.retry_at() or float("inf"),
             ]
             delay = max(0.05, min(due) - self.clock())
-            await _first_of(stop, self._wake, timeout=min(delay, 60.0))
+            poll = EXCHANGE_CA_POLL if self._exchange_ca is not None else 60.0
+            await _first_of(stop, self._wake, timeout=min(delay, 60.0, poll))
 
     async def _changed(self, *, wake: bool = True) -> None:
         """`on_change`, after which every seal of the deny list made before it is in a published snapshot (a

@@ -45,6 +45,16 @@ def revocation_buckets(job_ids: Iterable[str]) -> Buckets:
 
 
 @dataclass(frozen=True)
+class ExchangeTls:
+    """TLS on the gateway -> exchange hop: the name the exchange listener's certificate holds (a DNS name, or an
+    IP address checked as an IP SAN) and the CA bundle (PEM) gateways verify it with. The bundle reaches the
+    gateways as an SDS secret over ADS, so a new bundle is pushed like any change, with no file on the proxy."""
+
+    server_name: str
+    ca_pem: str
+
+
+@dataclass(frozen=True)
 class CredentialInputs:
     issuer: str = CREDENTIAL_ISSUER
     # The public keys Envoy must accept (canonical JWKS JSON): the signing key, the next one, and every
@@ -52,6 +62,8 @@ class CredentialInputs:
     jwks: str | None = None
     # Where gateways send EXCHANGE_PATH (the control plane's exchange listener); None: no route emitted.
     exchange_address: tuple[str, int] | None = None
+    # With it the gateways call the exchange over TLS and verify its certificate; None: plain text.
+    exchange_tls: ExchangeTls | None = None
     # Job ids denied fleet-wide (their credentials and, optionally, their raw ID tokens), by bucket
     # (`revocation_bucket`): REVOCATION_BUCKETS sorted tuples. The service hands an unchanged bucket as the same
     # tuple, so the compiler re-encodes only the one that changed. See `revocation_buckets` for a plain list.

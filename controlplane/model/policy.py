@@ -89,6 +89,22 @@ class Endpoint:
     port: int
 
 
+@dataclass(frozen=True, order=True)
+class ServiceRef:
+    """A Kubernetes Service whose ready EndpointSlice endpoints are the backend's addresses (discovered at run time,
+    see docs/kubernetes-endpoints.md). `port` is the Service port's name, or a port number: slices of one Service
+    may map a name to different numbers, so it is resolved per slice."""
+
+    namespace: str
+    name: str
+    port: str | int
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`, as policy spells it and as metrics and status label it."""
+        return f"{self.namespace}/{self.name}"
+
+
 @dataclass(frozen=True)
 class UpstreamTLS:
     sni: str
@@ -130,6 +146,9 @@ class Backend:
     inject: Injection | None = None
     # With raw ID tokens accepted: which finished jobs must be denied for it (DEFAULT_BACKEND_REVOKE).
     revoke: str = DEFAULT_BACKEND_REVOKE
+    # Kubernetes Services whose ready endpoints the backend is served by. In policy as read `endpoints` is then
+    # empty; the run time puts the discovered addresses there (runtime/policy_service.py `_with_live_inputs`).
+    services: tuple[ServiceRef, ...] = ()
 
     @property
     def covers_unseen_jobs(self) -> bool:

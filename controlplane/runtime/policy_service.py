@@ -30,7 +30,7 @@ from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import QUOTE_LIMIT, PolicyError, PolicyInvalid
 from controlplane.model.inventory import Inventory
 from controlplane.model.loader import PolicyLoader, policy_warnings
-from controlplane.model.policy import Policy
+from controlplane.model.policy import Backend, Endpoint, Policy
 from controlplane.model.reuse import reuse_unchanged
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.index import Resolution
@@ -91,6 +91,8 @@ class PolicyService:
         secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {},
         accept: Callable[[Policy], str | None] = lambda policy: None,
         prepare: Callable[[Policy], str | None] = lambda policy: None,
+        endpoints: Callable[[Backend], tuple[Endpoint, ...]] = lambda backend: (),
+        published: Callable[[Policy], None] = lambda policy: None,
     ) -> None:
         """The callables are what the policy alone does not say; each defaults to "nothing", as `validate` and
         the tests want. `credentials`: the control plane's own (signing keys, revoked jobs, exchange route).
@@ -98,7 +100,10 @@ class PolicyService:
         so a newly declared injection has its value in the very compile that introduces it. `accept`: a last
         word on a valid policy before it is compiled (serve refuses secrets over plain-text xDS); an answer is
         why not. `prepare`: reads from GitLab what a valid policy names beyond the watched set, before it is
-        compiled (in the worker thread); an answer is why it cannot be judged."""
+        compiled (in the worker thread); an answer is why it cannot be judged. `endpoints`: the ready endpoints
+        discovered for a backend naming Kubernetes Services (called in the worker thread; the same tuple while they
+        did not change). `published`: told the policy in service after each accepted load (the Kubernetes watch
+        set follows it)."""
         self.source: PolicySource = DirectorySource(source) if isinstance(source, Path) else source
         self.cache = cache
         self.state = PolicyState(root=self.source.description)
@@ -122,6 +127,11 @@ class PolicyService:
         self.secrets: Final = secrets
         self.accept: Final = accept
         self.prepare: Final = prepare
+        self.endpoints: Final = endpoints
+        self.published: Final = published
+        # Per Service-backed backend: (backend as read, endpoints, backend with them), so an unchanged one stays
+        # the same object and the compiler's memo keeps it.
+        self._discovered: dict[str, tuple[Backend, tuple[Endpoint, ...], Backend]] = {}
         # What the token exchange evaluates: built from the same grants as the snapshot in service.
         self.exchange_policy: ExchangePolicy | None = None
         self._pending_exchange: ExchangePolicy | None = None
@@ -231,6 +241,7 @@ class PolicyService:
         if last is None:
             return None
         model, resolved = last
+        model = self._rediscovered(model)
         with no_cyclic_gc():
             return compile_model(
                 model,
@@ -350,20 +361,47 @@ class PolicyService:
         return snapshots
 
     def _with_live_inputs(self, policy: Policy) -> Policy:
-        """The policy with each watched GitLab issuer's inventory as GitLab reports it now.
+        """The policy with each watched GitLab issuer's inventory as GitLab reports it now, and each backend naming
+        Kubernetes Services with the ready endpoints discovered for it.
 
         The result is cached on the identity of its inputs, so an unchanged world keeps the very same
         objects and the compiler's memo stays warm.
         """
         inventories = self._inventories()
         watched = tuple(inventories.get(i.name) or _NEVER_READ for i in policy.issuers if i.api is not None)
-        if self._world is not None and self._world[0] is policy and _same(self._world[1], watched):
+        discovered = tuple(self._discover(b) for b in policy.backends if b.services)
+        if self._world is not None and self._world[0] is policy and _same(self._world[1], (*watched, *discovered)):
             return self._world[2]
         live = iter(watched)
         issuers = tuple(replace(i, inventory=next(live)) if i.api is not None else i for i in policy.issuers)
         model = replace(policy, issuers=issuers) if watched else policy
-        self._world = (policy, watched, model)
+        if discovered:
+            by_name = {b.name: b for b in discovered}
+            model = replace(model, backends=tuple(by_name.get(b.name, b) for b in policy.backends))
+        if len(self._discovered) > len(discovered):  # backends renamed or removed: forget them
+            self._discovered = {b.name: self._discovered[b.name] for b in discovered}
+        self._world = (policy, (*watched, *discovered), model)
         return model
+
+    def _rediscovered(self, model: Policy) -> Policy:
+        """The last good model with the Service backends' endpoints as discovered now: a pod going away must leave
+        Envoy's assignment even while GitLab makes the policy in service invalid."""
+        if not any(b.services for b in model.backends):
+            return model
+        backends = tuple(
+            replace(b, endpoints=found) if b.services and (found := self.endpoints(b)) != b.endpoints else b
+            for b in model.backends
+        )
+        return replace(model, backends=backends)
+
+    def _discover(self, backend: Backend) -> Backend:
+        endpoints = self.endpoints(backend)
+        hit = self._discovered.get(backend.name)
+        if hit is not None and hit[0] is backend and (hit[1] is endpoints or hit[1] == endpoints):
+            return hit[2]
+        live = replace(backend, endpoints=endpoints)
+        self._discovered[backend.name] = (backend, endpoints, live)
+        return live
 
     def _note_resolution(self, policy_warnings: list[PolicyError], resolved: ResolvedPolicy) -> None:
         """`policy_warnings`: those of the policy itself (see model.loader.policy_warnings); the resolution adds
@@ -402,6 +440,11 @@ class PolicyService:
         self.state.live_errors, self.state.live_error_count = [], 0
         metrics.POLICY_CURRENT_ERRORS.set(0)
         metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
+        if self._policy is not None:
+            try:
+                self.published(self._policy)
+            except Exception:  # the snapshot is published; a watch set not updated is logged, not fatal
+                log.exception("following the policy in service failed")
         log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
 
     def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:

@@ -1,10 +1,10 @@
 """The key relay's fetcher: one issuer's JWKS, read by the control plane and pushed to Envoy inline.
 
 Why the control plane fetches instead of every Envoy: Envoy never refetches on a token naming an unknown kid
-(it waits for its cache duration, G9), a cold Envoy that cannot reach the issuer answers every job with 401
-"Jwks remote fetch is failed" (G13), and every gateway would need a route to GitLab. Here one process reads
-the keys every `refresh_interval` (seconds, ignoring the server's one-day max-age, so a rotation reaches the
-fleet quickly) and the compiler inlines them.
+(it waits for its cache duration), a cold Envoy that cannot reach the issuer answers every job with 401
+"Jwks remote fetch is failed" (docs/envoy-filters.md#issuer-keys), and every gateway would need a route to
+GitLab. Here one process reads the keys every `refresh_interval` (seconds, ignoring the server's one-day max-age,
+so a rotation reaches the fleet quickly) and the compiler inlines them.
 
 Envoy rejects a whole listener update when one key in an inline JWKS cannot be parsed, and a NACKed version is
 never re-sent, so every key is checked here (it must load as a public key) and the ones Envoy cannot use are

@@ -1,16 +1,30 @@
-"""The one log format of `controlplane`: every record is one line, whatever a client put into it.
+"""The log formats of `controlplane`: every record is one line, whatever a client put into it, and no token.
 
 Log messages quote what clients send (node ids, gateway groups, HTTP paths, webhook fields, GitLab names). A
 newline in one of them let a client write whole log lines of its choosing, and terminal escapes coloured (or
 hid) an operator's terminal (issue 10). Escaping at each call site would miss one; the formatter sees them all.
-Tracebacks are left as they are: they come from our code, and their lines matter to whoever reads them.
+Tracebacks are left as they are in the text format: they come from our code, and their lines matter to whoever
+reads them. The JSON format (`--log-format json`, for log collectors) writes one object per line, where JSON's
+own escaping does the same job for every field.
+
+Both formats also blank anything shaped like a credential (a JWT, a GitLab token, an Authorization or token
+header's value) in the whole output, traceback included: no code path logs one on purpose, and this is the net
+for an exception or a client's bytes that quote one (a token pasted into the wrong header, a URL with a query).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import sys
+import threading
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
 
 # C0 controls (tab included: it can fake columns), DEL, C1 controls (NEL among them), the Unicode line and
 # paragraph separators and the bidirectional overrides, which reorder what a terminal shows.
@@ -18,23 +32,120 @@ _UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x20
 _ESCAPES = {code: (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}") for code in _UNSAFE}
 _ESCAPES |= {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
+REDACTED = "[redacted]"
+# A JWT (base64url JSON header `{"` = `eyJ`, then two more parts) and GitLab's token prefixes (personal, deploy,
+# CI job, runner, trigger, feed, OAuth, agent...): the same shapes the audit trail refuses to store.
+_TOKEN = re.compile(
+    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+    r"|\bgl(?:pat|dt|cbt|rt|ptt|ft|imt|agent|oas|soat|ffct|wt)-[A-Za-z0-9_.-]{8,}"
+)
+# The value after a credential-carrying header or field name, whatever its shape (`Authorization: Basic ...`,
+# `PRIVATE-TOKEN=...`, `"authorization": "..."`, `Bearer abc`).
+_HEADER_VALUE = re.compile(
+    r"""(?ix)
+    ( \b(?:authorization|proxy-authorization|private[-_]token|job[-_]token|x-gitlab-token|subject_token
+         |access_token|client_secret|password)
+      ["']?\s*[:=]\s*["']?(?:(?:bearer|basic|token)\s+)?
+    | \bbearer\s+ )
+    [^\s"',;}&]+
+    """
+)
+
 
 def escape(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def redact(text: str) -> str:
+    """`text` with every credential-shaped part replaced by ``[redacted]``."""
+    return _TOKEN.sub(REDACTED, _HEADER_VALUE.sub(lambda match: match.group(1) + REDACTED, text))
+
+
 class LineFormatter(logging.Formatter):
+    """``LOG_FORMAT`` lines: the message escaped onto one line, the whole output redacted."""
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape(super().formatMessage(record))
 
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
-def install(level: int | str) -> None:
+
+# What every LogRecord carries; anything else on a record came from a caller's `extra=` and is worth keeping.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``, ``exception``
+    (the traceback, when the record has one), ``stack`` (with ``stack_info``) and the caller's ``extra=`` fields.
+    ``ensure_ascii`` escapes every control character and non-ASCII one, so a field cannot break the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = redact(record.exc_text)
+        if record.stack_info:
+            entry["stack"] = redact(self.formatStack(record.stack_info))
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = _field(value)
+        return json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
+
+
+def _field(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))
+
+
+def formatter(kind: str) -> logging.Formatter:
+    """The formatter for ``--log-format`` `kind` (one of ``FORMATS``)."""
+    if kind == "json":
+        return JsonFormatter()
+    if kind == "text":
+        return LineFormatter(LOG_FORMAT)
+    raise ValueError(f"unknown log format {kind!r}: expected one of {', '.join(FORMATS)}")
+
+
+def install(level: int | str, kind: str = "text") -> None:
     """Log to stderr in our format: `logging.basicConfig` with our formatter, and like it a no-op when the
     root logger has handlers already (`main` run again in one process, as tests do)."""
     root = logging.getLogger()
     if root.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(LineFormatter(LOG_FORMAT))
+    handler.setFormatter(formatter(kind))
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python's warnings, otherwise printed raw, become records like the others
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_death
+
+
+# An exception nobody caught is printed by the interpreter straight to stderr, past the formatter: in neither
+# format, unredacted. These hooks make it one more record (the interpreter still exits as it would).
+_uncaught = logging.getLogger("controlplane")
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    _uncaught.critical("uncaught exception", exc_info=(kind, error, trace))
+
+
+def _log_thread_death(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_type is SystemExit:
+        return  # what the default hook does: a thread's SystemExit ends it quietly
+    thread = hook.thread.name if hook.thread is not None else "?"
+    error = hook.exc_value if hook.exc_value is not None else hook.exc_type()
+    _uncaught.error("uncaught exception in thread %s", thread, exc_info=(hook.exc_type, error, hook.exc_traceback))

@@ -2,7 +2,7 @@
 
 Same contract as the SotW machine: fed requests and snapshots, it returns `protocol.Output` (responses already
 serialized, events for the registry, metrics and logs), with no I/O and no clock. The rules, from
-`xds-protocol-observed.md` §2 and §7:
+docs/xds-protocol.md ("Delta"):
 
 * per type the stream keeps a wildcard flag (CDS/LDS with an EMPTY first subscribe list, as Envoy 1.40 sends
   it, or "*"), the explicit subscriptions, and what the client holds (name → version), seeded from

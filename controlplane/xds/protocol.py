@@ -6,7 +6,7 @@ metrics and logs). Keeping the rules here, away from grpc, lets every corner of 
 without sockets; the grpc adapter stays a thin pump. Time only matters for push→ACK latency, so callers pass
 `now` (any monotonic clock) instead of the machine reading one.
 
-The rules, and the Envoy behaviour behind them, are in `xds-protocol-observed.md` §1.2-1.3 and §7:
+The rules, and the Envoy behaviour behind them, are in docs/xds-protocol.md ("State of the World"):
 
 * nonces are numbered per stream, strictly increasing (Envoy only echoes them); a request with a non-empty
   nonce that is not the last one sent for its type on this stream is stale and ignored entirely, but for a NACK
@@ -63,10 +63,13 @@ answered as before, in one response: along one server's history ids only move fr
 buckets, but another replica may have sealed ids this one still lists as recent, and then the buckets first would
 open a gap for a round trip instead of closing one; the version cannot tell which.
 
+Endpoint assignments (EDS) are sent as changes the same way: EDS is not a full-state type over SotW, and a real
+Envoy given a response with one assignment keeps the others it holds (tests/test_envoy_eds_facts.py,
+docs/kubernetes-endpoints.md), so a Kubernetes Service's endpoint change pushes that one cluster's assignment.
 Routes and the other types are always sent whole: for LDS and CDS a resource left out is a removal, and the
-subset is only proven for filter configurations. Streams that hold the same names from the same snapshot share
-one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push, not once per stream,
-and a group's proxies connecting alike share each answer of their connect burst.
+subset is only proven for filter configurations and endpoint assignments. Streams that hold the same names from
+the same snapshot share one subset (`FanOutCache.subsets`), so a deny-list bucket's change is framed once per push,
+not once per stream, and a group's proxies connecting alike share each answer of their connect burst.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ MAX_UNSUPPORTED_TYPES = 16  # distinct unknown type URLs reported per stream; mo
 # Responses of a type remembered per stream so a NACK that crossed later responses is still recognised (a
 # "late" NACK, docs/envoy-ecds.md §8): Envoy answers responses in the order they came, so everything up to the
 # answered nonce is dropped on each answer, and only a client that answers nothing holds this many.
+# The types a response may carry only what changed once the client is known to hold the rest (module docstring).
+_SENT_AS_CHANGES = frozenset({EXTENSION_CONFIG, ENDPOINT})
 # A gateway's connect burst is one ECDS response per filter (18 today); this leaves room for more.
 RECENT_NONCES = 64
 MAX_NONCE_CHARS = 32  # nonces are this stream's decimal counter: a longer one is not ours, and is shown clipped
@@ -874,7 +879,7 @@ class AdsStream(StreamIdentity):
     def _target(self, type_url: str, state: TypeState, current: TypeSnapshot) -> _Target:
         """What the client should get now: the snapshot, for CDS the make-before-break union (rule 6), and for
         filter configurations only what changed when the client is known to hold the last response."""
-        if type_url == EXTENSION_CONFIG and state.knows_sent:
+        if type_url in _SENT_AS_CHANGES and state.knows_sent:
             return _shared_changes(self._shared, current, state.names, state.sent_names, state.sent_source)
         body, names = current.entries_for(state.names)
         if type_url != CLUSTER:

@@ -5,8 +5,11 @@ plain-text ADS stream with a guessed `node.cluster` would receive them, and anyo
 So the port can require TLS with a client certificate signed by a CA we trust, and `serve` refuses to push
 secrets over plain text unless told explicitly (`--xds-insecure`): fail closed, never by accident.
 
-Certificates are read once, when the server starts; rotating them means restarting `serve` (Envoy reconnects
-by itself and keeps serving its last config meanwhile). The private key is never logged: errors name the file.
+Certificates rotate without a restart: grpc asks `ServerTls.credentials()`'s fetcher before every handshake,
+which stats the three files and, when they changed, re-reads them and hands grpc the new certificate, key and
+client CA bundle (controlplane/certfiles.py: a half-rotated pair keeps the previous one). Established streams
+keep their TLS session; new connections get the new certificate (docs/certificate-rotation.md). A bad file at
+start stops `serve`. The private key is never logged: errors name the file.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from controlplane.certfiles import CertificateFileError, CertificateFiles, CertificateSet
 from controlplane.serving import is_loopback
 
 if TYPE_CHECKING:
@@ -47,11 +51,21 @@ class ServerTls:
     require_client_cert: bool = True
 
     def credentials(self) -> grpc.ServerCredentials:
-        """grpc server credentials from the files, read now; an unreadable file is named, never its content."""
-        cert, key, ca = (_read(path) for path in (self.cert_file, self.key_file, self.client_ca_file))
-        return grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=self.require_client_cert
+        """grpc server credentials that follow the files: read now (an unusable file raises
+        `XdsTransportError` naming it, never its content), then re-read on the first handshake after they
+        change."""
+        try:
+            files = CertificateFiles("xds", self.cert_file, self.key_file, self.client_ca_file, _configuration)
+        except CertificateFileError as error:
+            raise XdsTransportError(f"xDS TLS: {error}") from None
+        log.info("xDS TLS certificate serial %x; its files are watched for rotation", files.serial)
+        return grpc.dynamic_ssl_server_credentials(
+            files.initial, files.current, require_client_authentication=self.require_client_cert
         )
+
+
+def _configuration(loaded: CertificateSet) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(loaded.key, loaded.chain)], root_certificates=loaded.ca)
 
 
 def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -63,16 +77,6 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     if not names:
         return None
     return ",".join(sorted(name.decode("utf-8", errors="replace") for name in names))
-
-
-def _read(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise XdsTransportError(f"cannot read xDS TLS file {path}: {error.strerror or error}") from None
-    if b"-----BEGIN " not in data:
-        raise XdsTransportError(f"xDS TLS file {path} holds no PEM block")
-    return data
 
 
 def server_tls_from_flags(cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTls | None:

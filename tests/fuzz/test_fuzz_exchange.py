@@ -2,7 +2,7 @@
 headers, bad base64, nested JSON), directly and through the HTTP endpoint.
 
 The property that matters: a credential is issued only when the request is valid, which the harness decides on
-its own (the form rules of RFC 8693 and the README, and a signature check of the subject token with the
+its own (the form rules of RFC 8693 and docs/token-exchange.md, and a signature check of the subject token with the
 issuer's real key by PyJWT); and it is then exactly the credential the policy allows. Any other request gets an
 RFC 6749 error that never echoes the token. Nothing raises, nothing answers 500.
 """
@@ -224,7 +224,7 @@ def forms(draw: st.DrawFn) -> tuple[dict[str, str], Token]:
 
 
 AUDIENCES = {"reports-api": AUDIENCE, "other-api": "https://other.local"}
-MAX_SUBJECT_AGE = 7 * 86_400  # README: subject tokens older than the finished-job memory (7 days) are refused
+MAX_SUBJECT_AGE = 7 * 86_400  # older subject tokens are refused: the finished-job memory (docs/token-exchange.md)
 GRANTED = {"reports-api": ["reports-read"], "other-api": ["other-read"]}
 
 
@@ -240,7 +240,7 @@ def target_backend(form: dict[str, str]) -> str | None:
 
 
 def independently_valid(form: dict[str, str]) -> str | None:
-    """Why this request must be refused (None: it may be granted), from RFC 8693 and the README alone."""
+    """Why this request must be refused (None: it may be granted), from RFC 8693 and docs/token-exchange.md alone."""
     if form.get("grant_type") != GRANT_TYPE:
         return "grant_type"
     if form.get("subject_token_type") not in (TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN):
@@ -263,7 +263,7 @@ def independently_valid(form: dict[str, str]) -> str | None:
             form.get("subject_token", ""),
             RSA_KEY.public_key(),
             algorithms=["RS256"],
-            audience=AUDIENCES[backend],  # the target backend's, as Envoy requires there (README; was F9)
+            audience=AUDIENCES[backend],  # the target backend's, as Envoy requires (docs/token-exchange.md; F9)
             issuer=ISS,
             leeway=30,
             # exp and nbf are checked below against the service's fixed clock
@@ -286,7 +286,7 @@ def independently_valid(form: dict[str, str]) -> str | None:
         return "nbf"  # a null nbf is not a number (was F10: read as absent)
     issued = claims.get("iat", claims.get("nbf"))
     if type(issued) not in (int, float) or not math.isfinite(issued) or NOW - issued > MAX_SUBJECT_AGE:
-        return "iat"  # its age must be known, and under the finished-job memory (README: token exchange)
+        return "iat"  # its age must be known, and under the finished-job memory (docs/token-exchange.md)
     if not isinstance(claims["jti"], str) or not claims["jti"]:
         return "jti"
     if claims.get("project_id") != "42" or claims.get("ref_protected") != "true":

@@ -70,7 +70,7 @@ names = st.sampled_from(STATUS_PARAMETERS) | st.sampled_from(["grop", "Limit", "
 
 
 def expected(query: dict[str, str]) -> FleetQuery | None:
-    """The parsed query, or None when it must be refused: the README's rules read independently."""
+    """The parsed query, or None when it must be refused: the rules of docs/http-listeners.md read independently."""
     if set(query) - set(STATUS_PARAMETERS):
         return None
     flags: dict[str, bool] = {}
@@ -94,7 +94,7 @@ def expected(query: dict[str, str]) -> FleetQuery | None:
         elif text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_COUNT:
             counts[name] = int(text)
         else:
-            return None  # not a count, or past the documented bound (README: /status parameters)
+            return None  # not a count, or past the documented bound (docs/http-listeners.md, the /status query)
     protocol = query.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
         return None

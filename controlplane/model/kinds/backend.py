@@ -8,11 +8,12 @@ from __future__ import annotations
 import re
 from functools import partial
 from types import MappingProxyType
+from typing import cast
 
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
-from controlplane.model.fields import Fields, list_of, need, record
+from controlplane.model.fields import Conv, Ctx, Fields, list_of, need, record
 from controlplane.model.policy import (
     DEFAULT_BACKEND_CREDENTIALS,
     DEFAULT_BACKEND_REVOKE,
@@ -21,9 +22,10 @@ from controlplane.model.policy import (
     Backend,
     Endpoint,
     Injection,
+    ServiceRef,
     UpstreamTLS,
 )
-from controlplane.model.yaml_source import YMap, YScalar, YSeq
+from controlplane.model.yaml_source import YMap, YNode, YScalar, YSeq, child_path
 
 DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -59,12 +61,62 @@ def _exact_path_check(value: str) -> str | None:
 _exact_path = scalars.checked(scalars.string, _exact_path_check)
 
 
-def _endpoint_fields(f: Fields) -> Endpoint:
+# A Kubernetes namespace or Service port name is a DNS-1123 label; a Service name a DNS-1035 label (starts with a
+# letter). Checked here so a typo is a policy error with its line, not a watch that never matches.
+_SERVICE_RE = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)/([a-z]([a-z0-9-]{0,61}[a-z0-9])?)\Z")
+_service = scalars.matching(_SERVICE_RE, "expected a Kubernetes Service as namespace/name, such as shop/api")
+
+
+def _service_port(ctx: Ctx, node: YNode, path: str) -> str | int | None:
+    """A Service port's name (as in the Service's `ports[].name`) or its number."""
+    if isinstance(node, YScalar) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return scalars.port(ctx, node, path)
+    return scalars.name(ctx, node, path)
+
+
+def _endpoint_fields(f: Fields) -> Endpoint | ServiceRef:
+    """`{address, port}`, or `{service: namespace/name, port: name-or-number}` for addresses discovered from the
+    Service's EndpointSlices (docs/kubernetes-endpoints.md)."""
+    if f.has("service"):
+        service = f.required("service", _service)
+        # cast: mypy cannot solve `T | None` for a union T (it widens to object)
+        service_port = cast("str | int | None", f.required("port", _service_port))
+        if service_port is None:
+            return need(None)
+        if f.has("address"):
+            f.error("address", "an endpoint names either an address or a service, not both")
+        namespace, _, name = need(service).partition("/")
+        return ServiceRef(namespace, name, service_port)
     address, port = f.required("address", scalars.address), f.required("port", scalars.port)
     return Endpoint(need(address), need(port))
 
 
-_endpoint = record(_endpoint_fields, ("address", "port"))
+_endpoint: Conv[Endpoint | ServiceRef] = record(_endpoint_fields, ("address", "port", "service"))
+
+
+def _split_endpoints(
+    f: Fields, endpoints: tuple[Endpoint | ServiceRef, ...] | None
+) -> tuple[tuple[Endpoint, ...] | None, tuple[ServiceRef, ...]]:
+    """Addresses and services are not mixed in one backend: a Service backend is one EDS cluster fed by the watch
+    alone, so what it serves is exactly what Kubernetes says is ready (a static address in it would keep getting
+    traffic whatever the Service's pods do)."""
+    if endpoints is None:
+        return None, ()
+    addresses = tuple(e for e in endpoints if isinstance(e, Endpoint))
+    services = tuple(e for e in endpoints if isinstance(e, ServiceRef))
+    if addresses and services:
+        node = f.node.get("endpoints")
+        items = node.items if isinstance(node, YSeq) else ()
+        first = next((i for i, e in enumerate(endpoints) if type(e) is not type(endpoints[0])), 0)
+        line = items[first].line if first < len(items) else f.line("endpoints")
+        f.ctx.error(
+            line,
+            child_path(f.at("endpoints"), first),
+            "a backend's endpoints are either all addresses ({address, port}) or all Kubernetes services "
+            "({service, port}), not both",
+        )
+        return None, ()
+    return addresses, services
 
 
 def build(doc: Doc, env: Env) -> Backend:
@@ -77,7 +129,8 @@ def build(doc: Doc, env: Env) -> Backend:
         if first.startswith("*."):
             f.ctx.error(f.node.line, "audience", "missing required key when hosts[0] is a wildcard")
         audience = f"https://{first}"
-    endpoints = f.required("endpoints", list_of(_endpoint))
+    listed = cast("tuple[Endpoint | ServiceRef, ...] | None", f.required("endpoints", list_of(_endpoint)))
+    endpoints, services = _split_endpoints(f, listed)
     tls = _tls(f, first)
     connect_timeout = f.optional("connect_timeout", scalars.duration(1, 60_000), 2000)
     timeout = f.optional("timeout", scalars.duration(1, 86_400_000), 15_000)
@@ -106,6 +159,7 @@ def build(doc: Doc, env: Env) -> Backend:
         credentials=need(credentials),
         inject=inject,
         revoke=need(revoke),
+        services=services,
     )
 
 

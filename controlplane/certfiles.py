@@ -1,0 +1,236 @@
+"""A certificate, its private key and (optionally) a CA bundle read from files, re-read when the files change.
+
+Why: cert-manager and Kubernetes Secret volumes rotate certificates in place. A Secret volume swaps its `..data`
+symbolic link in one rename, so every file changes at once; a writer that replaces the files one by one (or
+cert-manager's own files outside a Secret volume) leaves an instant where the new certificate sits beside the
+old key. A server that restarts to pick up a rotation drops its streams, and one that loads a half-rotated pair
+fails every handshake. So `CertificateFiles.current()` is called before each TLS handshake and costs one
+`stat` per file while nothing changed; on a change it reads all the files, and installs them only when the key
+matches the certificate and the CA bundle parses. A half-rotated set keeps the last good one in service, is
+logged once (naming the file, never its content) and counted; the next change is tried again.
+
+The stamp of a file is taken through its links (`os.stat`), so swapping `..data` to a new directory is seen
+even though `tls.crt` itself is the same link. Files are stamped before and after the read: a set that changed
+while it was being read is not recorded as loaded, so the next handshake reads it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Generic, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import Counter, Gauge
+
+from controlplane.telemetry.metrics import REGISTRY
+
+log = logging.getLogger("controlplane")
+
+RELOADS: Final = Counter(
+    "controlplane_tls_certificate_reloads_total",
+    "Certificate files that changed on disk, by listener (xds, exchange) and result: reloaded (in use for new "
+    "connections), rejected (key and certificate do not match, or a file is unreadable or not PEM: the previous "
+    "certificate stays in use until the files change again)",
+    ["listener", "result"],
+    registry=REGISTRY,
+)
+EXPIRY: Final = Gauge(
+    "controlplane_tls_certificate_expiry_timestamp_seconds",
+    "When the certificate a listener serves expires (Unix time): alert well before, in case rotation stalls",
+    ["listener"],
+    registry=REGISTRY,
+)
+
+T = TypeVar("T")
+_Stamp = tuple[tuple[int, int, int, int], ...]
+_MISSING: _Stamp = ()  # the rejected "stamp" of a set with a file that cannot be stat'ed (reported once)
+
+
+class CertificateFileError(Exception):
+    """A certificate, key or CA file cannot be used; the message names the file, never its content."""
+
+
+@dataclass(frozen=True)
+class CertificateSet:
+    """PEM bytes that belong together, checked: the key matches the chain's first certificate."""
+
+    chain: bytes
+    key: bytes
+    ca: bytes | None
+    serial: int
+    not_after: float  # Unix time
+
+
+def load_certificate_set(cert_file: Path, key_file: Path, ca_file: Path | None) -> CertificateSet:
+    """Read and check the files now; raise `CertificateFileError` naming the file that is wrong."""
+    chain, key = _read(cert_file), _read(key_file)
+    ca = _read(ca_file) if ca_file is not None else None
+    try:
+        leaf = x509.load_pem_x509_certificate(chain)
+    except ValueError:
+        raise CertificateFileError(f"certificate file {cert_file} holds no valid PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise CertificateFileError(f"key file {key_file} holds no unencrypted PEM private key") from None
+    if _public(private.public_key()) != _public(leaf.public_key()):
+        raise CertificateFileError(
+            f"key file {key_file} does not match the certificate in {cert_file} (half-way through a rotation?)"
+        )
+    if ca is not None and ca_file is not None:
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError:
+            raise CertificateFileError(f"CA file {ca_file} holds no valid PEM certificate") from None
+    return CertificateSet(chain, key, ca, leaf.serial_number, leaf.not_valid_after_utc.timestamp())
+
+
+def _public(key: object) -> bytes:
+    public_bytes: Callable[..., bytes] = key.public_bytes  # type: ignore[attr-defined]
+    return public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CertificateFileError(f"cannot read {path}: {error.strerror or error}") from None
+    if b"-----BEGIN " not in data:
+        raise CertificateFileError(f"{path} holds no PEM block")
+    return data
+
+
+class CertificateFiles(Generic[T]):
+    """The files of one listener and what was built from them (`build`: grpc's configuration, an SSLContext).
+
+    `current()` is safe from any thread (grpc calls it from its own) and returns the built value once per
+    change: None while nothing changed, so the caller keeps what it has.
+    """
+
+    def __init__(
+        self,
+        listener: str,
+        cert_file: Path,
+        key_file: Path,
+        ca_file: Path | None,
+        build: Callable[[CertificateSet], T],
+    ) -> None:
+        self.listener = listener
+        self.files = tuple(path for path in (cert_file, key_file, ca_file) if path is not None)
+        self._paths = (cert_file, key_file, ca_file)
+        self._build = build
+        self._lock = threading.Lock()
+        before = self._stamp_or_none()
+        loaded = load_certificate_set(*self._paths)  # at start, a bad file stops the server: raise
+        self.initial: T = build(loaded)
+        self.serial = loaded.serial
+        self._loaded: _Stamp | None = before if before == self._stamp_or_none() else None
+        self._rejected: _Stamp | None = None
+        EXPIRY.labels(listener).set(loaded.not_after)
+        for result in ("reloaded", "rejected"):
+            RELOADS.labels(listener, result)
+
+    def _stamp(self) -> _Stamp:
+        return tuple(_stamp_of(path) for path in self.files)  # through the links: a new `..data` is a new inode
+
+    def _stamp_or_none(self) -> _Stamp | None:
+        try:
+            return self._stamp()
+        except OSError:
+            return None
+
+    def current(self) -> T | None:
+        """The newly built value when the files changed to a good set since the last call, else None."""
+        try:
+            stamp = self._stamp()
+        except OSError as error:
+            self._reject(None, f"cannot stat {error.filename}: {error.strerror}")
+            return None
+        if self._rejected == _MISSING:
+            self._rejected = None  # the missing file is back: a later loss is reported again
+        if stamp == self._loaded or stamp == self._rejected:
+            return None
+        with self._lock:
+            if stamp == self._loaded or stamp == self._rejected:
+                return None  # another thread's handshake got here first
+            return self._reload(stamp)
+
+    def _reload(self, stamp: _Stamp) -> T | None:
+        try:
+            loaded = load_certificate_set(*self._paths)
+            built = self._build(loaded)
+        except CertificateFileError as error:
+            self._reject(stamp, str(error))
+            return None
+        except Exception as error:  # the library refused what we checked: same treatment, never a crash
+            self._reject(stamp, f"{self.files[0]}: {type(error).__name__}")
+            return None
+        self._loaded = stamp if self._stamp_or_none() == stamp else None  # changed while read: read again next time
+        self._rejected = None
+        self.serial = loaded.serial
+        RELOADS.labels(self.listener, "reloaded").inc()
+        EXPIRY.labels(self.listener).set(loaded.not_after)
+        log.info(
+            "%s TLS: certificate files changed; new connections get certificate serial %x",
+            self.listener,
+            loaded.serial,
+        )
+        return built
+
+    def _reject(self, stamp: _Stamp | None, reason: str) -> None:
+        if stamp is not None and stamp == self._rejected:
+            return
+        if stamp is None and self._rejected == _MISSING:
+            return  # a missing file, already reported until something changes
+        self._rejected = stamp if stamp is not None else _MISSING
+        RELOADS.labels(self.listener, "rejected").inc()
+        log.warning("%s TLS: keeping the previous certificate: %s", self.listener, reason)
+
+
+class WatchedBundle:
+    """A CA bundle file that others are told about when it changes (the exchange's, pushed to gateways).
+
+    `pem` is the last good bundle: one that does not parse (half-written, emptied) is logged once and kept out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pem = _bundle(path)  # at start, a bad file stops the server: raise
+        self._stamp = _stamp_of(path)
+
+    def changed(self) -> bool:
+        """Re-read the file if it changed; True when `pem` is now a different good bundle."""
+        try:
+            stamp = _stamp_of(path := self.path)
+        except OSError:
+            return False
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            pem = _bundle(path)
+        except CertificateFileError as error:
+            log.warning("keeping the previous CA bundle: %s", error)
+            return False
+        changed, self.pem = pem != self.pem, pem
+        return changed
+
+
+def _stamp_of(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _bundle(path: Path) -> str:
+    data = _read(path)
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateFileError(f"CA file {path} holds no valid PEM certificate") from None
+    return data.decode("ascii", errors="replace")

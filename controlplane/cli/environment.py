@@ -1,0 +1,74 @@
+"""The listeners' addresses from the environment, and `controlplane healthcheck`: what a container needs.
+
+A container image is configured by environment variables (its CMD stays `serve`), and its HEALTHCHECK runs a
+command inside the container with no shell and no curl. So every `serve` listener takes its default address from
+a `CONTROLPLANE_*_ADDRESS` variable when it is set (a flag still wins), and `healthcheck` asks the admin
+listener named by the same variable for `/healthz`: changing the admin port in one place moves the probe with it
+(docs/deploying-image.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import sys
+from collections.abc import Callable
+
+XDS_ADDRESS_ENV = "CONTROLPLANE_XDS_ADDRESS"
+ADMIN_ADDRESS_ENV = "CONTROLPLANE_ADMIN_ADDRESS"
+EXCHANGE_ADDRESS_ENV = "CONTROLPLANE_EXCHANGE_ADDRESS"
+EXCHANGE_PUBLIC_ADDRESS_ENV = "CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS"
+WEBHOOK_ADDRESS_ENV = "CONTROLPLANE_WEBHOOK_ADDRESS"
+WEBHOOK_SECRET_FILE_ENV = "CONTROLPLANE_WEBHOOK_SECRET_FILE"
+
+# A listener bound to every interface is reached, from inside its own container, on loopback.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+HEALTHCHECK_TIMEOUT = 3.0
+
+
+def address_default(variable: str, default: tuple[str, int] | None) -> str | tuple[str, int] | None:
+    """`default`, or the variable's HOST:PORT text when it is set and not empty. argparse converts a string
+    default with the flag's type, so a malformed value is a usage error naming the flag, as on the command line."""
+    return os.environ.get(variable) or default
+
+
+def file_default(variable: str) -> str | None:
+    """The variable's path when set and not empty: a secret's file, never the secret itself."""
+    return os.environ.get(variable) or None
+
+
+def add_healthcheck_arguments(
+    parser: argparse.ArgumentParser, host_port: Callable[[str], tuple[str, int]], default: tuple[str, int]
+) -> None:
+    parser.add_argument(
+        "--admin-address",
+        type=host_port,
+        default=address_default(ADMIN_ADDRESS_ENV, default),
+        help=f"serve's admin HOST:PORT (env {ADMIN_ADDRESS_ENV}); a wildcard host is asked on loopback",
+    )
+    parser.add_argument("--timeout", type=float, default=HEALTHCHECK_TIMEOUT, help="seconds to wait for the answer")
+
+
+def run_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when serve's `/healthz` answers 200, else 1 with one line saying why (what a HEALTHCHECK or an
+    exec probe records)."""
+    host, port = args.admin_address
+    host = _WILDCARDS.get(host, host)
+    connection = http.client.HTTPConnection(host, port, timeout=args.timeout)
+    try:
+        connection.request("GET", "/healthz")
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as error:
+        print(f"unhealthy: http://{_bracketed(host)}:{port}/healthz: {error}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if status != 200:
+        print(f"unhealthy: http://{_bracketed(host)}:{port}/healthz answered {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,102 @@
+"""The listeners' CONTROLPLANE_*_ADDRESS variables and `controlplane healthcheck` (controlplane/cli/environment.py):
+how the image is configured without changing its CMD, and how its HEALTHCHECK asks serve."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from controlplane.cli.environment import run_healthcheck
+from controlplane.cli.main import _parser, main, serve_options
+from controlplane.cli.options import ServeOptions
+from tests.support.backends import LoopbackHTTPServer, Response
+from tests.support.ports import free_port
+
+ADDRESSES = {
+    "CONTROLPLANE_XDS_ADDRESS": "0.0.0.0:18000",
+    "CONTROLPLANE_ADMIN_ADDRESS": "0.0.0.0:9902",
+    "CONTROLPLANE_EXCHANGE_ADDRESS": "0.0.0.0:9904",
+    "CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS": "controlplane-exchange:9904",
+    "CONTROLPLANE_WEBHOOK_ADDRESS": "0.0.0.0:9903",
+    "CONTROLPLANE_WEBHOOK_SECRET_FILE": "/run/secrets/webhook",
+}
+
+
+def _options(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> ServeOptions:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    options = serve_options(_parser().parse_args(["serve", *argv]))
+    assert isinstance(options, ServeOptions), options
+    return options
+
+
+def test_every_listener_follows_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = _options(monkeypatch, ADDRESSES)
+    assert (options.xds_host, options.xds_port) == ("0.0.0.0", 18000)
+    assert (options.admin_host, options.admin_port) == ("0.0.0.0", 9902)
+    assert options.credentials is not None
+    assert options.credentials.listen == ("0.0.0.0", 9904)
+    assert options.credentials.public == ("controlplane-exchange", 9904)
+    assert options.webhooks is not None
+    assert (options.webhooks.host, options.webhooks.port) == ("0.0.0.0", 9903)
+    assert options.webhooks.secret_file == "/run/secrets/webhook"
+
+
+def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = _options(monkeypatch, ADDRESSES, "--xds-address", "127.0.0.1:1", "--admin-address", "127.0.0.1:2")
+    assert (options.xds_port, options.admin_port) == (1, 2)
+
+
+def test_without_variables_the_defaults_stay_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ADDRESSES:
+        monkeypatch.delenv(name, raising=False)
+    options = _options(monkeypatch, {})
+    assert (options.xds_host, options.admin_host) == ("127.0.0.1", "127.0.0.1")
+    assert options.credentials is not None and options.credentials.listen[0] == "127.0.0.1"
+    assert options.webhooks is None
+
+
+def test_validate_compiles_the_exchange_address_serve_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in ADDRESSES.items():
+        monkeypatch.setenv(name, value)
+    validate = _parser().parse_args(["validate", "p"])
+    assert validate.exchange_public_address == ("controlplane-exchange", 9904)
+    assert validate.exchange_address == ("0.0.0.0", 9904)
+
+
+def test_a_malformed_variable_is_a_usage_error_naming_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONTROLPLANE_XDS_ADDRESS", "18000")
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["serve"])
+    assert exit_.value.code == 2
+    assert "--xds-address: expected HOST:PORT, got '18000'" in capsys.readouterr().err
+
+
+def _admin(status: int) -> LoopbackHTTPServer:
+    server = LoopbackHTTPServer(name="admin")
+    server.router.add("GET", "/healthz", lambda _request: Response(status, b"ok\n" if status == 200 else b"no\n"))
+    return server
+
+
+@pytest.mark.parametrize(("status", "code"), [(200, 0), (503, 1)])
+def test_healthcheck_asks_healthz_on_loopback_for_a_wildcard_address(
+    status: int, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with _admin(status) as admin:
+        args = argparse.Namespace(admin_address=("0.0.0.0", admin.port), timeout=5.0)
+        assert run_healthcheck(args) == code
+        assert [request.path for request in admin.requests] == ["/healthz"]
+    err = capsys.readouterr().err
+    assert (f"/healthz answered {status}" in err) == (code == 1), err
+
+
+def test_healthcheck_reads_the_admin_variable_and_says_why_it_failed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("CONTROLPLANE_ADMIN_ADDRESS", f"0.0.0.0:{port}")
+    assert main(["healthcheck", "--timeout", "2"]) == 1
+    assert f"unhealthy: http://127.0.0.1:{port}/healthz:" in capsys.readouterr().err

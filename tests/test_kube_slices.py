@@ -1,0 +1,172 @@
+"""The EndpointSlice reducer (sources/kubernetes_slices.py): pure, so every rule is tested without a server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controlplane.model.policy import Endpoint
+from controlplane.sources.kubernetes_slices import (
+    Slice,
+    apply_event,
+    from_list,
+    parse_slice,
+    ready_endpoints,
+)
+
+
+def _slice(
+    name: str,
+    addresses: list[tuple[str, Any]],
+    ports: list[dict[str, Any]] | None = None,
+    address_type: str = "IPv4",
+) -> dict[str, Any]:
+    """An EndpointSlice as the API serves it; an address's second item is `conditions.ready` (... = unset)."""
+    endpoints = []
+    for address, ready in addresses:
+        endpoint: dict[str, Any] = {"addresses": [address]}
+        if ready is not ...:
+            endpoint["conditions"] = {"ready": ready}
+        endpoints.append(endpoint)
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "resourceVersion": "1", "labels": {"kubernetes.io/service-name": "api"}},
+        "addressType": address_type,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}] if ports is None else ports,
+        "endpoints": endpoints,
+    }
+
+
+def _ready(*slices: dict[str, Any], port: str | int = "http") -> tuple[Endpoint, ...]:
+    parsed = [s for s in map(parse_slice, slices) if s is not None]
+    return ready_endpoints(parsed, port).endpoints
+
+
+def test_only_ready_endpoints_and_unset_counts_as_ready() -> None:
+    found = _ready(_slice("a", [("10.0.0.1", True), ("10.0.0.2", False), ("10.0.0.3", ...), ("10.0.0.4", None)]))
+    assert found == (Endpoint("10.0.0.1", 8080), Endpoint("10.0.0.3", 8080), Endpoint("10.0.0.4", 8080))
+
+
+def test_no_conditions_at_all_is_ready_but_a_non_boolean_is_not() -> None:
+    s = _slice("a", [("10.0.0.1", ...)])
+    s["endpoints"].append({"addresses": ["10.0.0.2"], "conditions": {"ready": "yes"}})
+    s["endpoints"].append({"addresses": ["10.0.0.3"], "conditions": "broken"})
+    assert _ready(s) == (Endpoint("10.0.0.1", 8080),)
+
+
+def test_the_port_is_resolved_by_name_per_slice() -> None:
+    old = _slice("a", [("10.0.0.1", True)], ports=[{"name": "http", "port": 8080}])
+    new = _slice("b", [("10.0.0.2", True)], ports=[{"name": "http", "port": 9090, "protocol": "TCP"}])
+    other = _slice("c", [("10.0.0.3", True)], ports=[{"name": "metrics", "port": 9100}])
+    assert _ready(old, new, other) == (Endpoint("10.0.0.1", 8080), Endpoint("10.0.0.2", 9090))
+    assert _ready(old, new, other, port="metrics") == (Endpoint("10.0.0.3", 9100),)
+
+
+def test_a_port_number_is_the_endpoints_port_and_udp_is_never_used() -> None:
+    s = _slice("a", [("10.0.0.1", True)], ports=[{"name": "dns", "port": 53, "protocol": "UDP"}, {"port": 8080}])
+    assert _ready(s, port=8080) == (Endpoint("10.0.0.1", 8080),)
+    assert _ready(s, port="dns") == ()
+    assert _ready(s, port=9999) == ()
+
+
+def test_ipv6_is_canonical_and_endpoints_dedupe_across_slices() -> None:
+    v6 = _slice("a", [("fd00:0::1", True), ("fd00::2", True)], address_type="IPv6")
+    again = _slice("b", [("fd00::1", True)], address_type="IPv6")
+    v4 = _slice("c", [("10.0.0.9", True), ("10.0.0.10", True)])
+    assert _ready(v6, again, v4) == (
+        Endpoint("10.0.0.9", 8080),
+        Endpoint("10.0.0.10", 8080),
+        Endpoint("fd00::1", 8080),
+        Endpoint("fd00::2", 8080),
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.update(addressType="FQDN"),
+        lambda s: s.update(metadata={}),
+        lambda s: s.update(metadata="x"),
+        lambda s: s.update(addressType=None),
+    ],
+)
+def test_slices_that_are_not_ip_slices_with_a_name_are_ignored(mutate: Any) -> None:
+    s = _slice("a", [("10.0.0.1", True)])
+    mutate(s)
+    assert parse_slice(s) is None
+
+
+def test_hostile_fields_drop_the_endpoint_not_the_process() -> None:
+    s = _slice("a", [("10.0.0.1", True)])
+    s["endpoints"] += [
+        {"addresses": "10.0.0.2"},
+        {"addresses": []},
+        {"addresses": [7]},
+        {"addresses": ["not-an-ip"]},
+        {"addresses": ["fd00::1"]},  # the wrong family for an IPv4 slice
+        {"addresses": ["1" * 10_000]},
+        "junk",
+    ]
+    s["ports"] += [{"name": "http", "port": "8080"}, {"name": "http", "port": 70000}, {"name": 5, "port": 1}, None]
+    assert _ready(s) == (Endpoint("10.0.0.1", 8080),)
+    assert parse_slice({"metadata": {"name": "x"}, "addressType": "IPv4", "ports": "x", "endpoints": 5}) == Slice(
+        "x", (), ()
+    )
+    assert parse_slice(None) is None
+
+
+def test_the_endpoint_cap_keeps_the_first_by_address() -> None:
+    s = _slice("a", [(f"10.0.{i // 250}.{i % 250}", True) for i in range(30)])
+    parsed = [parse_slice(s)]
+    capped = ready_endpoints([p for p in parsed if p is not None], "http", limit=10)
+    assert capped.capped
+    assert capped.endpoints[0] == Endpoint("10.0.0.0", 8080) and len(capped.endpoints) == 10
+    assert not ready_endpoints([p for p in parsed if p is not None], "http").capped
+
+
+def test_events_add_modify_and_delete_copy_on_write() -> None:
+    empty: dict[str, Slice] = {}
+    added = apply_event(empty, "ADDED", _slice("a", [("10.0.0.1", True)]))
+    assert added.changed and set(added.slices) == {"a"} and empty == {}
+    same = apply_event(added.slices, "MODIFIED", _slice("a", [("10.0.0.1", True)]))
+    assert not same.changed and same.slices is added.slices
+    modified = apply_event(added.slices, "MODIFIED", _slice("a", [("10.0.0.1", False)]))
+    assert modified.changed and _ready_of(modified.slices) == ()
+    assert _ready_of(added.slices) == (Endpoint("10.0.0.1", 8080),)  # a reader's mapping never moves
+    deleted = apply_event(modified.slices, "DELETED", {"metadata": {"name": "a"}})
+    assert deleted.changed and deleted.slices == {}
+    assert not apply_event(deleted.slices, "DELETED", {"metadata": {"name": "a"}}).changed
+
+
+def test_bookmarks_errors_and_unknown_types_change_no_slice() -> None:
+    slices = apply_event({}, "ADDED", _slice("a", [("10.0.0.1", True)])).slices
+    for kind in ("BOOKMARK", "ERROR", "SURPRISE"):
+        applied = apply_event(slices, kind, {"metadata": {"name": "a", "resourceVersion": "9"}})
+        assert not applied.changed and applied.slices is slices
+
+
+def test_a_slice_turning_fqdn_is_removed() -> None:
+    slices = apply_event({}, "ADDED", _slice("a", [("10.0.0.1", True)])).slices
+    turned = apply_event(slices, "MODIFIED", _slice("a", [("api.example", True)], address_type="FQDN"))
+    assert turned.changed and turned.slices == {}
+
+
+def test_the_slice_cap_drops_new_slices_and_says_so() -> None:
+    slices = from_list([_slice("a", [("10.0.0.1", True)]), _slice("b", [("10.0.0.2", True)])], limit=2)[0]
+    dropped = apply_event(slices, "ADDED", _slice("c", [("10.0.0.3", True)]), limit=2)
+    assert dropped.dropped and not dropped.changed and set(dropped.slices) == {"a", "b"}
+    kept = apply_event(slices, "MODIFIED", _slice("b", [("10.0.0.4", True)]), limit=2)
+    assert kept.changed and not kept.dropped
+
+
+def test_a_list_over_the_cap_keeps_the_first_by_name() -> None:
+    items = [_slice(name, [("10.0.0.1", True)]) for name in ("c", "a", "b")] + ["junk"]
+    slices, capped = from_list(items, limit=2)
+    assert capped and list(slices) == ["a", "b"]
+    assert from_list(items, limit=3) == ({"a": slices["a"], "b": slices["b"], "c": parse_slice(items[0])}, False)
+
+
+def _ready_of(slices: dict[str, Slice] | Any) -> tuple[Endpoint, ...]:
+    return ready_endpoints(slices.values(), "http").endpoints

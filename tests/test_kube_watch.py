@@ -1,0 +1,278 @@
+"""EndpointSlice discovery through the real `kubernetes` client against the fake API server
+(tests/support/fake_kube.py): list + watch from resource versions, bookmarks, relist on 410 Gone, backoff while the
+server is down, the last endpoints kept through an outage, the watch set following the policy, clean stops."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from controlplane.model.loader import parse_policy
+from controlplane.model.policy import Endpoint, Policy, ServiceRef
+from controlplane.retry import Backoff
+from controlplane.sources import kubernetes as kube_source
+from controlplane.sources.kubernetes import KubeAccess, KubernetesEndpoints, ServiceWatch
+from controlplane.sources.policy_dir import read_policy_dir
+from tests.support.certs import make_pki
+from tests.support.fake_kube import FakeKube, endpoint, endpoint_slice
+from tests.support.ports import poll_until
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kubernetes-service"
+FAST = Backoff(base_seconds=0.05, cap_seconds=0.4, jitter=False)
+REF = ServiceRef("shop", "reports", "http")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKube]:
+    with FakeKube() as server:
+        yield server
+
+
+@pytest.fixture
+def access(fake: FakeKube, tmp_path: Path) -> KubeAccess:
+    return KubeAccess(kubeconfig=fake.write_kubeconfig(tmp_path / "kubeconfig", token_file=tmp_path / "token"))
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+@pytest.fixture
+def watch(access: KubeAccess) -> Iterator[tuple[ServiceWatch, Changes]]:
+    changes = Changes()
+    w = ServiceWatch("shop", "reports", access, changes, backoff=FAST)
+    yield w, changes
+    w.stop()
+    assert w.join(), "the watch thread did not stop"
+
+
+def _slice(name: str, *addresses: str, ready: bool = True, port: int = 8080) -> dict[str, object]:
+    return endpoint_slice(
+        "reports",
+        [endpoint(a, ready=ready, namespace="shop") for a in addresses],
+        namespace="shop",
+        name=name,
+        ports=[("http", port)],
+    )
+
+
+def _ready(w: ServiceWatch) -> tuple[Endpoint, ...]:
+    from controlplane.sources.kubernetes_slices import ready_endpoints
+
+    return ready_endpoints(w.state.slices.values(), "http").endpoints
+
+
+def _started(w: ServiceWatch) -> ServiceWatch:
+    w.start()
+    assert w.synced.wait(5), "no first list"
+    return w
+
+
+def test_list_then_watch_follows_ready_endpoints(fake: FakeKube, watch: tuple[ServiceWatch, Changes]) -> None:
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    fake.create(endpoint_slice("other", [endpoint("10.9.9.9")], namespace="shop", name="other-a"))  # not selected
+    w, changes = watch
+    _started(w)
+    assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+    poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+    fake.create(_slice("reports-b", "10.1.0.2", ready=False))
+    fake.replace(_slice("reports-b", "10.1.0.2", "fd00::2"))  # an IPv6 address in an IPv4 slice: not used
+    poll_until(lambda: _ready(w) == (Endpoint("10.1.0.1", 8080), Endpoint("10.1.0.2", 8080)), 5, message="ready")
+    fake.delete("shop", "reports-a")
+    poll_until(lambda: _ready(w) == (Endpoint("10.1.0.2", 8080),), 5, message="deleted slice gone")
+    assert changes.count >= 3
+    assert fake.lists == 1  # one list, then resumed watches only
+    assert {r.query.get("labelSelector") for r in fake.requests()} == {"kubernetes.io/service-name=reports"}
+
+
+def test_a_bookmark_advances_the_version_without_a_change(fake: FakeKube, watch: tuple[ServiceWatch, Changes]) -> None:
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    w, changes = watch
+    _started(w)
+    poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+    before, seen = w.state.version, changes.count
+    fake.create(endpoint_slice("other", [endpoint("10.9.9.9")], namespace="shop", name="other-a"))  # moves the rv
+    assert fake.bookmark() == 1
+    poll_until(lambda: w.state.version == fake.resource_version, 5, message="bookmark's version taken")
+    assert w.state.version != before and changes.count == seen
+    watches = fake.watches
+    fake.drop_watches()  # the server ends the watch: it resumes from the bookmark, no list
+    poll_until(lambda: fake.watches > watches, 5, message="watch resumed")
+    resumed = fake.requests("watch")[-1].query
+    assert resumed["resourceVersion"] == fake.resource_version
+    assert resumed["allowWatchBookmarks"] == "true"
+    assert fake.lists == 1
+
+
+def test_410_gone_relists_and_keeps_serving_the_right_endpoints(
+    fake: FakeKube, watch: tuple[ServiceWatch, Changes]
+) -> None:
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    w, _ = watch
+    _started(w)
+    poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+    gone_before = kube_source.RELISTS.labels("gone")._value.get()
+    fake.drop_watches(abrupt=True)  # cut: it reconnects from its last version …
+    fake.create(_slice("reports-b", "10.1.0.2"))
+    fake.compact()  # … which the server no longer keeps: 410 Gone
+    poll_until(lambda: fake.lists >= 2, 5, message="a relist after 410")
+    poll_until(lambda: _ready(w) == (Endpoint("10.1.0.1", 8080), Endpoint("10.1.0.2", 8080)), 5, message="relisted")
+    assert kube_source.RELISTS.labels("gone")._value.get() == gone_before + 1
+
+
+def test_the_server_going_away_keeps_the_last_endpoints_and_backs_off(
+    fake: FakeKube, watch: tuple[ServiceWatch, Changes]
+) -> None:
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    w, _ = watch
+    _started(w)
+    poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+    fake.stop()
+    time.sleep(1.0)  # the outage being measured: how many attempts a second of it costs
+    attempts = w.state.restarts
+    # 0.05, 0.1, 0.2, 0.4, 0.4 … s: about 5 in a second, never a busy loop
+    assert 2 <= attempts <= 7, attempts
+    assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+    assert w.state.last_error is not None and w.sync_age() >= 0.9
+    fake.start()  # same port, state kept; a change made meanwhile is seen after the relist
+    fake.create(_slice("reports-b", "10.1.0.2"))
+    poll_until(lambda: len(_ready(w)) == 2, 5, message="caught up after the outage")
+    assert w.state.last_error is None
+
+
+def test_stop_ends_a_blocked_watch_at_once(fake: FakeKube, access: KubeAccess) -> None:
+    w = _started(ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST))
+    poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+    started = time.monotonic()
+    w.stop()
+    assert w.join(2.0)
+    assert time.monotonic() - started < 1.0
+
+
+def _policy(*services: str) -> Policy:
+    policy = parse_policy(read_policy_dir(EXAMPLE))
+    refs = tuple(ServiceRef("shop", s, "http") for s in services)
+    return replace(policy, backends=tuple(replace(b, services=refs) if b.services else b for b in policy.backends))
+
+
+def test_the_watch_set_follows_the_policy(fake: FakeKube, access: KubeAccess) -> None:
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    source = KubernetesEndpoints(access, backoff=FAST)
+    try:
+        two = _policy("reports", "reports-canary")
+        assert source.prepare(two) is None  # waits for the first lists
+        backend = two.backend("reports-api")
+        assert source.for_backend(backend) == (Endpoint("10.1.0.1", 8080),)
+        assert source.for_backend(backend) is source.for_backend(backend)  # unchanged: the same tuple
+        assert kube_source.WATCHED_SERVICES._value.get() == 2
+        assert set(source.status()["services"]) == {"shop/reports", "shop/reports-canary"}  # type: ignore[arg-type]
+        source.retain(_policy("reports"))
+        assert kube_source.WATCHED_SERVICES._value.get() == 1
+        assert set(source.status()["services"]) == {"shop/reports"}  # type: ignore[arg-type]
+        threads = {t.name for t in threading.enumerate()}
+        assert "kubernetes watch shop/reports" in threads
+        assert "kubernetes watch shop/reports-canary" not in threads  # stopped and joined
+        source.retain(None)
+        assert source.for_backend(backend) == ()
+    finally:
+        source.stop()
+    assert kube_source.WATCHED_SERVICES._value.get() == 0
+
+
+def test_a_policy_naming_services_without_access_is_refused(tmp_path: Path) -> None:
+    nowhere = KubernetesEndpoints(None)
+    assert "no Kubernetes access" in (nowhere.prepare(_policy("reports")) or "")
+    assert nowhere.prepare(replace(_policy(), backends=())) is None  # no Service named: nothing needed
+    not_in_a_cluster = KubernetesEndpoints(
+        KubeAccess(token_file=str(tmp_path / "token"), ca_file=str(tmp_path / "ca"), environ={})
+    )
+    refusal = not_in_a_cluster.prepare(_policy("reports"))
+    assert refusal is not None and "in-cluster service account" in refusal and "shop/reports" in refusal
+
+
+def test_over_tls_a_rotated_token_file_is_read_again(tmp_path: Path) -> None:
+    """HTTPS verified against the cluster's CA, the token in a file the kubeconfig names (`tokenFile`, as a mounted
+    service account token is read). The token is rotated in place: the server accepts only the new one at once, the
+    watch fails (401) and backs off keeping its endpoints, and once the file holds the new token the next attempt
+    reads it: a fresh client per request, so no restart."""
+    pki = make_pki(tmp_path / "pki")
+    token = tmp_path / "token"
+    with FakeKube(tls=pki.server, ca=pki.ca) as api:
+        access = KubeAccess(kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig", token_file=token))
+        api.create(_slice("reports-a", "10.1.0.1"))
+        w = _started(ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST))
+        try:
+            assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+            poll_until(lambda: api.open_watches == 1, 5, message="a watch opened")
+            api.token = "rotated-" + api.token  # the old token is refused from now on
+            api.drop_watches(abrupt=True)
+            poll_until(lambda: w.state.last_error == "HTTP 401 Unauthorized", 5, message="refused with the old token")
+            assert _ready(w) == (Endpoint("10.1.0.1", 8080),)  # kept meanwhile
+            token.write_text(api.token)  # the kubelet writes the new token
+            api.create(_slice("reports-b", "10.1.0.2"))
+            poll_until(lambda: len(_ready(w)) == 2, 5, message="the rotated token read")
+            assert w.state.last_error is None
+        finally:
+            w.stop()
+            assert w.join()
+
+
+def test_in_cluster_access_reads_the_service_account_files(fake: FakeKube, tmp_path: Path) -> None:
+    """The in-cluster loader, pointed at the fake through its environment (plain HTTP here: the loader always says
+    https, so only the configuration it builds is checked, not a request)."""
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text(fake.token)
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    access = KubeAccess(
+        token_file=str(token),
+        ca_file=str(ca),
+        environ={"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fake.port)},
+    )
+    client = access.client()
+    try:
+        assert client.configuration.host == f"https://127.0.0.1:{fake.port}"
+        assert client.configuration.api_key["BearerToken"] == f"bearer {fake.token}"
+        assert client.configuration.ssl_ca_cert == str(ca)
+        assert client.configuration.refresh_api_key_hook is not None  # re-reads the rotated token
+    finally:
+        client.close()
+
+
+def test_a_response_over_the_size_bound_is_refused_and_counted(
+    fake: FakeKube, access: KubeAccess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile or huge answer is not held in memory whole: over the bound, the list is refused (and retried with
+    backoff), nothing of it is served, and the same bound applies to one watch event."""
+    monkeypatch.setattr(kube_source, "MAX_RESPONSE_BYTES", 4096)
+    fake.create(_slice("reports-a", *(f"10.1.{i // 200}.{i % 200}" for i in range(60))))  # ~9 KB listed
+    hostile = kube_source.WATCH_RESTARTS.labels("hostile")._value.get()
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    w.start()
+    try:
+        poll_until(
+            lambda: kube_source.WATCH_RESTARTS.labels("hostile")._value.get() >= hostile + 2, 5, message="refused"
+        )
+        assert not w.synced.is_set() and w.state.slices == {}
+        assert w.state.last_error is not None and "bytes" in w.state.last_error
+        fake.delete("shop", "reports-a")  # small again: listed, then a big event on the watch is refused too
+        fake.create(_slice("reports-b", "10.2.0.1"))
+        assert w.synced.wait(5)
+        poll_until(lambda: fake.open_watches == 1, 5, message="a watch opened")
+        before = kube_source.WATCH_RESTARTS.labels("hostile")._value.get()
+        fake.create(_slice("reports-c", *(f"10.3.{i // 200}.{i % 200}" for i in range(60))))
+        poll_until(lambda: kube_source.WATCH_RESTARTS.labels("hostile")._value.get() > before, 5, message="event")
+        assert _ready(w) == (Endpoint("10.2.0.1", 8080),)  # the last endpoints stay
+    finally:
+        w.stop()
+        assert w.join()
