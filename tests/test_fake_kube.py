@@ -169,6 +169,25 @@ def test_create_replace_delete_keep_metadata_like_the_api_server(kube: FakeKube,
         kube.delete("default", name)
 
 
+def test_it_refuses_what_the_api_server_refuses(kube: FakeKube) -> None:
+    def refused(obj: dict[str, Any]) -> str:
+        with pytest.raises(ValueError, match="EndpointSlice is invalid") as err:
+            kube.create(obj)
+        return str(err.value)
+
+    assert "not an IPv4 address" in refused(web_slice("fd00::1"))
+    assert "not an IPv6 address" in refused(web_slice("10.0.0.1", address_type="IPv6"))
+    assert "not an IPv4 address" in refused(web_slice("10.0.0.300"))
+    assert "'bogus' was unexpected" in refused(endpoint_slice("web", [{**endpoint("10.0.0.1"), "bogus": 1}]))
+    assert "Duplicate" in refused(endpoint_slice("web", [endpoint("10.0.0.1")], ports=[("http", 80), ("http", 81)]))
+    assert "not a DNS label" in refused(endpoint_slice("web", [endpoint("10.0.0.1")], ports=[("HTTP", 80)]))
+    assert "at most 1000" in refused(web_slice(*(f"10.0.{i // 250}.{i % 250}" for i in range(1001))))
+    assert "between 1 and 100" in refused(endpoint_slice("web", [endpoint([])]))
+    assert kube.slices() == [] and kube.resource_version == "1000", "nothing refused was stored"
+    kube.validate = False  # a test that wants to feed the discovery what no real server would
+    assert kube.create(web_slice("fd00::1"))["endpoints"][0]["addresses"] == ["fd00::1"]
+
+
 # --- lists
 
 
@@ -709,6 +728,7 @@ def test_a_watcher_that_falls_behind_is_ended_cleanly() -> None:
     stream's last chunk, so a client resumes from the last event it read."""
     with FakeKube(watch_queue=3) as kube, socket.create_connection((kube.host, kube.port)) as reader:
         reader.settimeout(READ_TIMEOUT)
+        kube.validate = False  # these slices are valid; checking 1000 addresses per write only slows the test
         path = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
         path += f"?watch=1&resourceVersion={kube.resource_version}"
         reader.sendall(f"GET {path} HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer {kube.token}\r\n\r\n".encode())

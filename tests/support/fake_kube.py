@@ -34,6 +34,7 @@ import base64
 import binascii
 import contextlib
 import copy
+import ipaddress
 import json
 import queue
 import re
@@ -53,6 +54,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import kubernetes.client
+import kubernetes_validate  # type: ignore[import-untyped]
 
 from .certs import CertFiles
 from .lifecycle import Started
@@ -66,6 +68,7 @@ __all__ = [
     "KubeRequest",
     "endpoint",
     "endpoint_slice",
+    "validation_errors",
 ]
 
 GROUP_VERSION = "discovery.k8s.io/v1"
@@ -211,6 +214,61 @@ _FAILURES: dict[int, tuple[str, str]] = {
 
 def _bad_request(message: str) -> _ApiError:
     return _ApiError(400, "BadRequest", message)
+
+
+# --- what the API server refuses to store
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_ENDPOINTS = 1000  # the API's limits on one EndpointSlice
+MAX_PORTS = 100
+MAX_ADDRESSES = 100
+
+
+def validation_errors(obj: Obj) -> list[str]:
+    """Why the API server would refuse to store this EndpointSlice: the strict OpenAPI schema (unknown fields,
+    wrong types) and the rules its validation adds (addresses of the slice's addressType, the size limits, port
+    names). A fake that stored what a real server refuses would let a test feed the discovery impossible data."""
+    errors = []
+    try:
+        kubernetes_validate.validate({"kind": KIND, "apiVersion": API_VERSION, **obj}, "1.37", strict=True)
+    except kubernetes_validate.ValidationError as err:
+        errors.append(f"schema: {err.message}")
+    meta, address_type = obj.get("metadata", {}), obj.get("addressType")
+    name = meta.get("name", "")
+    if name and (len(name) > 253 or not _DNS_SUBDOMAIN.match(name)):
+        errors.append(f"metadata.name: Invalid value: {name!r}: not a DNS subdomain")
+    endpoints, ports = obj.get("endpoints") or [], obj.get("ports") or []
+    if len(endpoints) > MAX_ENDPOINTS:
+        errors.append(f"endpoints: Too many: {len(endpoints)}: must have at most {MAX_ENDPOINTS} items")
+    if len(ports) > MAX_PORTS:
+        errors.append(f"ports: Too many: {len(ports)}: must have at most {MAX_PORTS} items")
+    for i, ep in enumerate(endpoints):
+        addresses = ep.get("addresses") or []
+        if not 1 <= len(addresses) <= MAX_ADDRESSES:
+            errors.append(f"endpoints[{i}].addresses: must have between 1 and {MAX_ADDRESSES} items")
+        for address in addresses:
+            if not _address_fits(address, address_type):
+                errors.append(f"endpoints[{i}].addresses: Invalid value: {address!r}: not an {address_type} address")
+    names = [p.get("name", "") for p in ports]
+    for port_name in names:
+        if port_name and (len(port_name) > 63 or not _DNS_LABEL.match(port_name)):
+            errors.append(f"ports.name: Invalid value: {port_name!r}: not a DNS label")
+    if len(set(names)) != len(names):
+        errors.append("ports.name: Duplicate value")
+    return errors
+
+
+def _address_fits(address: Any, address_type: Any) -> bool:
+    if not isinstance(address, str):
+        return False
+    if address_type == "FQDN":
+        return len(address) <= 253 and _DNS_SUBDOMAIN.match(address) is not None
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return parsed.version == (4 if address_type == "IPv4" else 6)
 
 
 # --- selectors
@@ -630,6 +688,9 @@ class FakeKube(Started):
         self.ca = ca
         self.watch_timeout = watch_timeout
         self.bookmark_interval = bookmark_interval
+        self.validate = True
+        """Refuse (``ValueError``) a slice the API server would refuse (``validation_errors``); False lets a test
+        store one anyway, to see what the discovery does with data no real server would give it."""
         self.too_large_wait = TOO_LARGE_WAIT
         """How long a request for a resourceVersion not reached yet waits for it before its 504."""
         self._port = port
@@ -746,6 +807,7 @@ class FakeKube(Started):
         meta = new["metadata"]
         if "name" not in meta:
             meta["name"] = self._generate_name(meta)
+        self._check(new)
         key = (meta["namespace"], meta["name"])
         with self._store.lock:
             if key in self._store.objects:
@@ -758,6 +820,7 @@ class FakeKube(Started):
         """Replace an existing EndpointSlice (metadata.name and namespace name it): a new resourceVersion, uid and
         creationTimestamp kept, generation bumped when anything but metadata changed."""
         new = self._complete(obj)
+        self._check(new)
         meta = new["metadata"]
         key = (meta["namespace"], meta["name"])
         with self._store.lock:
@@ -824,6 +887,10 @@ class FakeKube(Started):
             raise ValueError(f"addressType: Unsupported value: {new.get('addressType')!r}")
         new.setdefault("endpoints", [])
         return new
+
+    def _check(self, obj: Obj) -> None:
+        if self.validate and (errors := validation_errors(obj)):
+            raise ValueError("EndpointSlice is invalid: " + "; ".join(errors))
 
     def _generate_name(self, meta: Obj) -> str:
         prefix = meta.get("generateName") or "endpointslice-"
