@@ -16,6 +16,7 @@ while it was being read is not recorded as loaded, so the next handshake reads i
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge
 
@@ -65,6 +67,7 @@ class CertificateSet:
     ca: bytes | None
     serial: int
     not_after: float  # Unix time
+    not_before: float = 0.0  # Unix time
 
 
 def load_certificate_set(cert_file: Path, key_file: Path, ca_file: Path | None) -> CertificateSet:
@@ -88,7 +91,82 @@ def load_certificate_set(cert_file: Path, key_file: Path, ca_file: Path | None) 
             x509.load_pem_x509_certificates(ca)
         except ValueError:
             raise CertificateFileError(f"CA file {ca_file} holds no valid PEM certificate") from None
-    return CertificateSet(chain, key, ca, leaf.serial_number, leaf.not_valid_after_utc.timestamp())
+    return CertificateSet(
+        chain,
+        key,
+        ca,
+        leaf.serial_number,
+        leaf.not_valid_after_utc.timestamp(),
+        leaf.not_valid_before_utc.timestamp(),
+    )
+
+
+def check_served_to_gateways(loaded: CertificateSet, server_name: str, cert_file: Path, ca_file: Path) -> None:
+    """Raise `CertificateFileError` when a gateway would refuse this server certificate: what the compiled
+    exchange cluster checks (compiler/cluster.py): a subject alternative name equal to `server_name` (an IP SAN
+    when it is an address; the common name does not count), and a chain to a CA in the bundle pushed to them.
+
+    Why here: a certificate that fails either check is refused by every gateway, so every token exchange fails
+    closed; the control plane holds the certificate, the bundle and the name, so it can say so at start (and
+    refuse) and keep the previous certificate on a rotation. Lenient where it cannot tell (a key type
+    `cryptography` cannot verify): this is a guard against mistakes, not a second TLS stack."""
+    chain = x509.load_pem_x509_certificates(loaded.chain)
+    if not holds_name(chain[0], server_name):
+        raise CertificateFileError(
+            f"the certificate in {cert_file} does not hold the name {server_name!r} that gateways check "
+            "(as a subject alternative name; see --exchange-tls-name): they would refuse it"
+        )
+    anchors = x509.load_pem_x509_certificates(loaded.ca or b"")
+    if not _chains_to(chain[0], chain[1:], anchors):
+        raise CertificateFileError(
+            f"the certificate in {cert_file} is not signed by a CA in {ca_file}, the bundle gateways verify it "
+            "with: they would refuse it"
+        )
+
+
+def holds_name(cert: x509.Certificate, name: str) -> bool:
+    """Whether `cert` has `name` as a subject alternative name: an IP SAN for an address, else a DNS SAN,
+    exactly or by a wildcard in its left-most label (as Envoy's DNS SAN matcher accepts)."""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        wanted = name.lower().rstrip(".")
+        return any(
+            _dns_match(pattern.lower().rstrip("."), wanted) for pattern in names.get_values_for_type(x509.DNSName)
+        )
+    return address in names.get_values_for_type(x509.IPAddress)
+
+
+def _dns_match(pattern: str, name: str) -> bool:
+    if pattern == name:
+        return True
+    first, dot, rest = name.partition(".")
+    return pattern.startswith("*.") and bool(first) and bool(dot) and pattern[2:] == rest
+
+
+def _chains_to(cert: x509.Certificate, intermediates: list[x509.Certificate], anchors: list[x509.Certificate]) -> bool:
+    for _ in range(len(intermediates) + 1):
+        if cert in anchors or any(_issued_by(cert, anchor) for anchor in anchors):
+            return True
+        parent = next((candidate for candidate in intermediates if _issued_by(cert, candidate)), None)
+        if parent is None:
+            return False
+        cert = parent
+    return False
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, InvalidSignature):
+        return False
+    except (TypeError, UnsupportedAlgorithm):  # a signature we cannot check: the names alone decide
+        return cert.issuer == issuer.subject
+    return True
 
 
 def _public(key: object) -> bytes:

@@ -1,0 +1,209 @@
+"""Attacks on certificate rotation and the TLS listeners: what must not be installed, and what must hold.
+
+The exchange listener: a certificate the gateways would refuse (not for the name they check, not from the CA
+bundle they are pushed) is refused at start and kept out on a rotation, so token exchanges never all fail
+closed because of one bad file. Both listeners: an expired certificate is never swapped in for a valid one,
+and one not valid yet waits for its time. The exchange's TLS handshakes, off the accept loop, still hold the
+connection bound: a client that never sends (or half sends) its ClientHello is dropped at the header timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from controlplane.certfiles import CertificateFileError
+from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
+from tests.support.certs import CertFiles, Pki, make_pki
+from tests.support.ports import LOOPBACK
+from tests.support.rotation import peer_serial, secret_volume, serial
+
+DAY = datetime.timedelta(days=1)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+def ca_files(pki: Pki, *, other: bool = False) -> CertFiles:
+    cert = pki.other_ca if other else pki.ca
+    return CertFiles(cert, cert.with_suffix(".key"))
+
+
+def leaf(
+    ca: CertFiles,
+    directory: Path,
+    stem: str,
+    *,
+    names: list[x509.GeneralName] | None = None,
+    valid_from: datetime.timedelta = -DAY,
+    valid_to: datetime.timedelta = DAY,
+) -> CertFiles:
+    """A server certificate with the names given (default: 127.0.0.1 and localhost) and a validity relative to
+    now, signed by `ca`."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    if names is None:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + valid_from)
+        .not_valid_after(now + valid_to)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = CertFiles(directory / f"{stem}.crt", directory / f"{stem}.key")
+    files.cert.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return files
+
+
+def publish(volume: Path, cert: CertFiles, ca: Path | bytes, generation: int) -> None:
+    secret_volume(volume, {"tls.crt": cert.cert, "tls.key": cert.key, "ca.crt": ca}, generation)
+
+
+def listener_tls(volume: Path, server_name: str = LOOPBACK) -> ExchangeListenerTls:
+    return ExchangeListenerTls(volume / "tls.crt", volume / "tls.key", volume / "ca.crt", server_name)
+
+
+@pytest.fixture
+async def exchange(tmp_path: Path, pki: Pki) -> AsyncIterator[tuple[int, Path]]:
+    """An HTTPS exchange listener (no exchange behind it) serving the PKI's server certificate, for 127.0.0.1."""
+    volume = tmp_path / "exchange-tls"
+    publish(volume, pki.server, pki.ca, 0)
+    endpoint = ExchangeEndpoint(None, tls=listener_tls(volume))  # type: ignore[arg-type]
+    port = await endpoint.start(LOOPBACK, 0)
+    try:
+        yield port, volume
+    finally:
+        await endpoint.stop()
+
+
+async def served_serial(port: int, ca: Path) -> int:
+    return await asyncio.to_thread(peer_serial, LOOPBACK, port, ca=ca, client=None, server_name=LOOPBACK)
+
+
+# ------------------------------------------------------------------- the exchange: what gateways would refuse
+
+
+@pytest.mark.parametrize(
+    ("server_name", "names"),
+    [
+        ("exchange.cp.internal", [x509.DNSName("other.cp.internal")]),
+        ("exchange.cp.internal", []),  # the name in the common name only: Envoy's SAN matcher does not look there
+        (LOOPBACK, [x509.DNSName(LOOPBACK)]),  # an address must be an IP SAN
+    ],
+)
+async def test_an_exchange_certificate_without_the_name_gateways_check_stops_start_up(
+    tmp_path: Path, pki: Pki, server_name: str, names: list[x509.GeneralName]
+) -> None:
+    volume = tmp_path / "tls"
+    publish(volume, leaf(ca_files(pki), tmp_path / "c", server_name, names=names), pki.ca, 0)
+    endpoint = ExchangeEndpoint(None, tls=listener_tls(volume, server_name))  # type: ignore[arg-type]
+    with pytest.raises(CertificateFileError, match=f"does not hold the name '{server_name}'"):
+        await endpoint.start(LOOPBACK, 0)
+    await endpoint.stop()
+
+
+async def test_an_exchange_certificate_not_from_the_pushed_ca_bundle_stops_start_up(tmp_path: Path, pki: Pki) -> None:
+    volume = tmp_path / "tls"
+    publish(volume, leaf(ca_files(pki, other=True), tmp_path / "c", "exchange"), pki.ca, 0)
+    endpoint = ExchangeEndpoint(None, tls=listener_tls(volume))  # type: ignore[arg-type]
+    with pytest.raises(CertificateFileError, match="not signed by a CA in"):
+        await endpoint.start(LOOPBACK, 0)
+    await endpoint.stop()
+
+
+def test_names_match_as_envoy_matches_them(tmp_path: Path, pki: Pki) -> None:
+    from controlplane.certfiles import holds_name  # new with the check
+
+    wildcard = leaf(ca_files(pki), tmp_path, "w", names=[x509.DNSName("*.cp.internal")])
+    cert = x509.load_pem_x509_certificate(wildcard.cert.read_bytes())
+    assert holds_name(cert, "exchange.cp.internal")
+    assert holds_name(cert, "EXCHANGE.cp.internal.")
+    assert not holds_name(cert, "cp.internal")
+    assert not holds_name(cert, "a.b.cp.internal")
+    ip = x509.load_pem_x509_certificate(pki.server.cert.read_bytes())
+    assert holds_name(ip, "127.0.0.1") and holds_name(ip, "localhost") and not holds_name(ip, "127.0.0.2")
+
+
+async def test_a_rotation_to_a_certificate_gateways_would_refuse_keeps_the_previous_one(
+    exchange: tuple[int, Path], pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port, volume = exchange
+    before = serial(pki.server.cert)
+    publish(volume, leaf(ca_files(pki), tmp_path / "n", "noname", names=[x509.DNSName("elsewhere")]), pki.ca, 1)
+    with caplog.at_level(logging.WARNING, logger="controlplane"):
+        assert await served_serial(port, pki.ca) == before
+    assert "does not hold the name '127.0.0.1'" in caplog.text
+    publish(volume, leaf(ca_files(pki, other=True), tmp_path / "o", "foreign"), pki.ca, 2)
+    assert await served_serial(port, pki.ca) == before
+
+
+async def test_a_certificate_refused_for_its_ca_is_taken_once_the_bundle_vouches_for_it(
+    exchange: tuple[int, Path], pki: Pki, tmp_path: Path
+) -> None:
+    """A CA rotation done in the wrong order (the certificate first) and then put right (the bundle)."""
+    port, volume = exchange
+    foreign = leaf(ca_files(pki, other=True), tmp_path / "o", "foreign")
+    publish(volume, foreign, pki.ca, 1)
+    assert await served_serial(port, pki.ca) == serial(pki.server.cert)
+    publish(volume, foreign, pki.ca.read_bytes() + pki.other_ca.read_bytes(), 2)
+    assert await served_serial(port, pki.other_ca) == serial(foreign.cert)
+
+
+async def test_a_ca_bundle_that_no_longer_vouches_for_the_exchange_is_pushed_but_said_loudly(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CA rotation done in the wrong order (the old CA removed before the certificate moved): gateways fail
+    closed, and the control plane says why as it pushes the bundle."""
+    from controlplane.credentials.exchange_store import MemoryExchangeStore
+    from controlplane.credentials.service import CredentialOptions, CredentialService
+
+    volume = tmp_path / "tls"
+    publish(volume, pki.server, pki.ca, 0)
+    options = CredentialOptions(
+        listen=(LOOPBACK, 0), public=(LOOPBACK, 0), state_dir=tmp_path / "state", tls=listener_tls(volume)
+    )
+
+    async def pushed() -> None:
+        pass
+
+    service = CredentialService(
+        options, issuer_keys=lambda _: None, policy=lambda: None, on_change=pushed, store=MemoryExchangeStore()
+    )
+    await service.start()
+    try:
+        assert not service._exchange_ca_changed()
+        publish(volume, pki.server, pki.ca.read_bytes() + pki.other_ca.read_bytes(), 1)  # a successor announced
+        with caplog.at_level(logging.WARNING, logger="controlplane"):
+            assert service._exchange_ca_changed()
+            assert "does not vouch" not in caplog.text
+            publish(volume, pki.server, pki.other_ca, 2)  # the old CA removed too early
+            assert service._exchange_ca_changed()
+        pushed_tls = service.inputs().exchange_tls
+        assert pushed_tls is not None and pushed_tls.ca_pem == pki.other_ca.read_text()  # pushed all the same
+        assert "does not vouch for the exchange: the certificate in" in caplog.text
+    finally:
+        await service.stop()
