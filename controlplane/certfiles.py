@@ -7,7 +7,10 @@ old key. A server that restarts to pick up a rotation drops its streams, and one
 fails every handshake. So `CertificateFiles.current()` is called before each TLS handshake and costs one
 `stat` per file while nothing changed; on a change it reads all the files, and installs them only when the key
 matches the certificate and the CA bundle parses. A half-rotated set keeps the last good one in service, is
-logged once (naming the file, never its content) and counted; the next change is tried again.
+logged once (naming the file, never its content) and counted; the next change is tried again. So does a
+certificate every client would refuse for its dates: an expired one (a renewal job that copied an old file) is
+never swapped in for one still valid, and one not valid yet (issued by a clock ahead of ours) is installed when
+its time comes, not before.
 
 The stamp of a file is taken through its links (`os.stat`), so swapping `..data` to a new directory is seen
 even though `tls.crt` itself is the same link. Files are stamped before and after the read: a set that changed
@@ -20,8 +23,10 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
@@ -198,11 +203,14 @@ class CertificateFiles(Generic[T]):
         key_file: Path,
         ca_file: Path | None,
         build: Callable[[CertificateSet], T],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.listener = listener
         self.files = tuple(path for path in (cert_file, key_file, ca_file) if path is not None)
         self._paths = (cert_file, key_file, ca_file)
         self._build = build
+        self._clock = clock
+        self._retry_at: float | None = None  # a rejected set that becomes valid then (not valid before)
         self._lock = threading.Lock()
         before = self._stamp_or_none()
         loaded = load_certificate_set(*self._paths)  # at start, a bad file stops the server: raise
@@ -213,6 +221,8 @@ class CertificateFiles(Generic[T]):
         EXPIRY.labels(listener).set(loaded.not_after)
         for result in ("reloaded", "rejected"):
             RELOADS.labels(listener, result)
+        if (dates := _out_of_date(loaded, cert_file, clock())) is not None:
+            log.error("%s TLS: %s", listener, dates)  # at start there is no other: served, and said
 
     def _stamp(self) -> _Stamp:
         return tuple(_stamp_of(path) for path in self.files)  # through the links: a new `..data` is a new inode
@@ -232,16 +242,23 @@ class CertificateFiles(Generic[T]):
             return None
         if self._rejected == _MISSING:
             self._rejected = None  # the missing file is back: a later loss is reported again
-        if stamp == self._loaded or stamp == self._rejected:
+        if stamp == self._loaded or (stamp == self._rejected and not self._retry_due()):
             return None
         with self._lock:
-            if stamp == self._loaded or stamp == self._rejected:
+            if stamp == self._loaded or (stamp == self._rejected and not self._retry_due()):
                 return None  # another thread's handshake got here first
             return self._reload(stamp)
 
+    def _retry_due(self) -> bool:
+        return self._retry_at is not None and self._clock() >= self._retry_at
+
     def _reload(self, stamp: _Stamp) -> T | None:
+        self._retry_at = None
         try:
             loaded = load_certificate_set(*self._paths)
+            if (dates := _out_of_date(loaded, self._paths[0], self._clock())) is not None:
+                self._retry_at = loaded.not_before if loaded.not_after > loaded.not_before > self._clock() else None
+                raise CertificateFileError(dates if self._retry_at is None else f"{dates}; installed then")
             built = self._build(loaded)
         except CertificateFileError as error:
             self._reject(stamp, str(error))
@@ -263,7 +280,7 @@ class CertificateFiles(Generic[T]):
 
     def _reject(self, stamp: _Stamp | None, reason: str) -> None:
         if stamp is not None and stamp == self._rejected:
-            return
+            return  # said already (a certificate not valid yet, tried again at its time and still early)
         if stamp is None and self._rejected == _MISSING:
             return  # a missing file, already reported until something changes
         self._rejected = stamp if stamp is not None else _MISSING
@@ -298,6 +315,19 @@ class WatchedBundle:
             return False
         changed, self.pem = pem != self.pem, pem
         return changed
+
+
+def _out_of_date(loaded: CertificateSet, cert_file: Path, now: float) -> str | None:
+    """Why every client would refuse the certificate for its dates (TLS libraries allow no skew), or None."""
+    if loaded.not_after <= now:
+        return f"the certificate in {cert_file} expired at {_when(loaded.not_after)}: clients refuse it"
+    if loaded.not_before > now:
+        return f"the certificate in {cert_file} is not valid before {_when(loaded.not_before)}: clients refuse it"
+    return None
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _stamp_of(path: Path) -> tuple[int, int, int, int]:

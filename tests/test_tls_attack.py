@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from controlplane.certfiles import CertificateFileError
+from controlplane.certfiles import CertificateFileError, CertificateFiles
 from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
 from tests.support.certs import CertFiles, Pki, make_pki
 from tests.support.ports import LOOPBACK
@@ -207,3 +208,52 @@ async def test_a_ca_bundle_that_no_longer_vouches_for_the_exchange_is_pushed_but
         assert "does not vouch for the exchange: the certificate in" in caplog.text
     finally:
         await service.stop()
+
+
+# ------------------------------------------------------------------- both listeners: dates
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_expired_certificate_is_never_swapped_in_and_one_not_valid_yet_waits_for_its_time(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    volume = tmp_path / "tls"
+    publish(volume, pki.server, pki.ca, 0)
+    clock = Clock()
+    files = CertificateFiles(
+        "xds", volume / "tls.crt", volume / "tls.key", volume / "ca.crt", lambda s: s.serial, clock
+    )
+    expired = leaf(ca_files(pki), tmp_path / "e", "expired", valid_from=-2 * DAY, valid_to=-datetime.timedelta(hours=1))
+    publish(volume, expired, pki.ca, 1)
+    with caplog.at_level(logging.WARNING, logger="controlplane"):
+        assert files.current() is None
+        assert files.current() is None  # said once
+    assert caplog.text.count("expired at") == 1
+    clock.now += 3600.0
+    assert files.current() is None  # never tried again: it will not get younger
+    early = leaf(ca_files(pki), tmp_path / "f", "early", valid_from=datetime.timedelta(minutes=10))
+    publish(volume, early, pki.ca, 2)
+    clock.now = time.time()
+    assert files.current() is None and files.serial == serial(pki.server.cert)
+    assert "is not valid before" in caplog.text
+    clock.now += 9 * 60.0
+    assert files.current() is None  # still early: no read, no second warning
+    assert caplog.text.count("is not valid before") == 1
+    clock.now += 2 * 60.0
+    assert files.current() == serial(early.cert)  # its time came: installed at the next handshake
+
+
+async def test_the_exchange_keeps_serving_a_valid_certificate_when_an_expired_one_is_rotated_in(
+    exchange: tuple[int, Path], pki: Pki, tmp_path: Path
+) -> None:
+    port, volume = exchange
+    expired = leaf(ca_files(pki), tmp_path / "e", "expired", valid_from=-2 * DAY, valid_to=-datetime.timedelta(hours=1))
+    publish(volume, expired, pki.ca, 1)
+    assert await served_serial(port, pki.ca) == serial(pki.server.cert)
