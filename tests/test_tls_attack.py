@@ -30,6 +30,7 @@ from tests.support.ports import LOOPBACK
 from tests.support.rotation import peer_serial, secret_volume, serial
 
 DAY = datetime.timedelta(days=1)
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
 
 
 @pytest.fixture
@@ -257,3 +258,64 @@ async def test_the_exchange_keeps_serving_a_valid_certificate_when_an_expired_on
     expired = leaf(ca_files(pki), tmp_path / "e", "expired", valid_from=-2 * DAY, valid_to=-datetime.timedelta(hours=1))
     publish(volume, expired, pki.ca, 1)
     assert await served_serial(port, pki.ca) == serial(pki.server.cert)
+
+
+# ------------------------------------------------------------------- validate with serve's exchange TLS flags
+
+
+async def test_validate_with_serves_exchange_tls_flags_compiles_what_serve_compiles(tmp_path: Path, pki: Pki) -> None:
+    """validate's promise (cli/validate.py): same flags, serve's versions. With TLS on the exchange hop serve
+    compiles the name check and pushes the CA bundle, so validate must take the flags and read the bundle."""
+    from controlplane.cli.main import _parser
+    from controlplane.cli.validate import served_inputs
+    from controlplane.credentials.exchange_store import MemoryExchangeStore
+    from controlplane.credentials.service import CredentialOptions, CredentialService
+    from controlplane.model.loader import parse_policy
+
+    volume, state = tmp_path / "tls", tmp_path / "state"
+    publish(volume, pki.server, pki.ca, 0)
+    flags = ["--state-dir", str(state), "--exchange-address", f"{LOOPBACK}:9904"]
+    flags += ["--exchange-tls-cert", str(volume / "tls.crt"), "--exchange-tls-key", str(volume / "tls.key")]
+    flags += ["--exchange-tls-ca", str(volume / "ca.crt")]
+    serve_args = _parser().parse_args(["serve", *flags])
+    from controlplane.cli.main import serve_options
+
+    serving = serve_options(serve_args)
+    assert not isinstance(serving, str) and serving.credentials is not None
+    options = CredentialOptions(**{**vars(serving.credentials), "listen": (LOOPBACK, 0)})
+
+    async def pushed() -> None:
+        pass
+
+    service = CredentialService(
+        options, issuer_keys=lambda _: None, policy=lambda: None, on_change=pushed, store=MemoryExchangeStore()
+    )
+    await service.start()
+    try:
+        policy = parse_policy({p.name: p.read_text() for p in QUICKSTART.glob("*.yaml")})
+        validate_args = _parser().parse_args(["validate", str(QUICKSTART), *flags])
+        validated = await asyncio.to_thread(served_inputs, policy, validate_args)
+        assert validated.credentials == service.inputs()
+        assert validated.credentials is not None and validated.credentials.exchange_tls is not None
+    finally:
+        await service.stop()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (["--exchange-tls-cert", "c", "--exchange-tls-ca", "a"], "go together"),
+        (["--exchange-tls-name", "x"], "go together"),
+        (["--exchange-tls-name", "exchange.cp.internal", "*"], "does not hold the name 'exchange.cp.internal'"),
+    ],
+)
+def test_validate_checks_the_exchange_tls_flags_and_files_as_serve_does(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str], given: list[str], expected: str
+) -> None:
+    from controlplane.cli.main import main
+
+    if given[-1] == "*":
+        given = [*given[:-1], "--exchange-tls-cert", str(pki.server.cert), "--exchange-tls-key", str(pki.server.key)]
+        given += ["--exchange-tls-ca", str(pki.ca)]
+    assert main(["validate", str(QUICKSTART), "--state-dir", str(tmp_path / "s"), *given]) == 2
+    assert expected in capsys.readouterr().err
