@@ -186,6 +186,10 @@ def _read(path: Path) -> bytes:
         raise CertificateFileError(f"cannot read {path}: {error.strerror or error}") from None
     if b"-----BEGIN " not in data:
         raise CertificateFileError(f"{path} holds no PEM block")
+    if data.count(b"-----BEGIN ") != data.count(b"-----END "):
+        # `cryptography` reads the complete blocks and ignores a cut one; OpenSSL, BoringSSL and so Envoy
+        # refuse the whole file (a bundle pushed so would be NACKed): a file caught half-written is not used.
+        raise CertificateFileError(f"{path} holds an incomplete PEM block (caught while being written?)")
     return data
 
 

@@ -10,9 +10,13 @@ connection bound: a client that never sends (or half sends) its ClientHello is d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import http.client
 import ipaddress
 import logging
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from controlplane.certfiles import CertificateFileError, CertificateFiles
 from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
+from controlplane.serving import HttpLimits
 from tests.support.certs import CertFiles, Pki, make_pki
 from tests.support.ports import LOOPBACK
 from tests.support.rotation import peer_serial, secret_volume, serial
@@ -319,3 +324,115 @@ def test_validate_checks_the_exchange_tls_flags_and_files_as_serve_does(
         given += ["--exchange-tls-ca", str(pki.ca)]
     assert main(["validate", str(QUICKSTART), "--state-dir", str(tmp_path / "s"), *given]) == 2
     assert expected in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- the exchange's handshakes and its bounds
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client (its ClientHello record), made in memory."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def served_at_once(port: int, ca: Path) -> int:
+    """A real HTTPS request's status (a bad form: answered without an exchange behind the listener)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection(LOOPBACK, port, context=context, timeout=10)
+    try:
+        connection.request("POST", "/.controlplane/token?x=1", body=b"", headers={"Content-Type": "text/plain"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("sent", ["nothing", "half a ClientHello"])
+async def test_clients_stuck_in_the_handshake_are_dropped_at_the_header_timeout_and_free_their_slots(
+    tmp_path: Path, pki: Pki, sent: str
+) -> None:
+    """Handshakes run off the accept loop, but each still holds one of the listener's slots: the bound of
+    docs/http-listeners.md holds, and a client that never finishes its ClientHello is closed at the header
+    timeout, its slot back to real clients."""
+    volume = tmp_path / "tls"
+    publish(volume, pki.server, pki.ca, 0)
+    limits = HttpLimits(max_connections=4, header_timeout=1.0, peer_share=1.0)
+    endpoint = ExchangeEndpoint(None, tls=listener_tls(volume), limits=limits)  # type: ignore[arg-type]
+    port = await endpoint.start(LOOPBACK, 0)
+    hello = client_hello()
+    stuck = [socket.create_connection((LOOPBACK, port)) for _ in range(limits.max_connections)]
+    try:
+        for sock in stuck:
+            if sent != "nothing":
+                sock.sendall(hello[: len(hello) // 2])
+        started = time.monotonic()
+        assert await asyncio.to_thread(served_at_once, port, pki.ca) == 400  # waited in the backlog, then served
+        waited = time.monotonic() - started
+        assert limits.header_timeout * 0.8 < waited < limits.header_timeout + 2.0, waited
+        for sock in stuck:  # every stuck client was closed by the listener
+            sock.settimeout(5)
+            assert await asyncio.to_thread(sock.recv, 1024) == b""
+        deadline = time.monotonic() + 5
+        while endpoint._server.open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the last connection's close is being processed: poll, bounded
+        assert endpoint._server.open_connections == 0
+    finally:
+        for sock in stuck:
+            sock.close()
+        await endpoint.stop()
+
+
+# ------------------------------------------------------------------- files caught half-written
+
+
+def envoy_trusts(pem: str) -> bool:
+    """Whether the real Envoy takes `pem` as a cluster's trusted CA bundle (as the pushed exchange CA is)."""
+    from tests.support.envoy import validate_config
+
+    tls = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": pem}}},
+    }
+    address = {"socket_address": {"address": LOOPBACK, "port_value": 1}}
+    cluster = {
+        "name": "c",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
+    }
+    accepted, _ = validate_config({"static_resources": {"clusters": [cluster]}})
+    return accepted
+
+
+def test_a_ca_bundle_caught_half_written_is_kept_out_as_envoy_would_refuse_it(tmp_path: Path, pki: Pki) -> None:
+    """Written in place, a bundle can be read with its last block cut. `cryptography` parses the complete
+    blocks and says nothing; the real Envoy refuses the whole bundle, so pushing it would be NACKed."""
+    from controlplane.certfiles import WatchedBundle
+
+    both = pki.ca.read_text() + pki.other_ca.read_text()
+    cut = both[: len(pki.ca.read_text()) + len(pki.other_ca.read_text()) // 2]
+    assert envoy_trusts(both) and not envoy_trusts(cut)
+    path = tmp_path / "ca.crt"
+    path.write_text(pki.ca.read_text())
+    bundle = WatchedBundle(path)
+    path.write_text(cut)
+    assert not bundle.changed() and bundle.pem == pki.ca.read_text()
+    path.write_text(both)  # the writer finishes
+    assert bundle.changed() and bundle.pem == both
+
+
+def test_a_client_ca_or_chain_caught_half_written_keeps_the_previous_set(tmp_path: Path, pki: Pki) -> None:
+    volume = tmp_path / "tls"
+    publish(volume, pki.server, pki.ca, 0)
+    files = CertificateFiles("xds", volume / "tls.crt", volume / "tls.key", volume / "ca.crt", lambda s: s.ca)
+    both = pki.ca.read_bytes() + pki.other_ca.read_bytes()
+    publish(volume, pki.server, both[: -len(pki.other_ca.read_bytes()) // 2], 1)
+    assert files.current() is None
+    publish(volume, pki.server, both, 2)
+    assert files.current() == both
+    chain = pki.server.cert.read_bytes() + pki.ca.read_bytes()
+    secret_volume(volume, {"tls.crt": chain[:-40], "tls.key": pki.server.key, "ca.crt": both}, 3)
+    assert files.current() is None
