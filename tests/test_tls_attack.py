@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import http.client
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -28,11 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from controlplane.certfiles import CertificateFileError, CertificateFiles
+from controlplane.cli.bootstrap import CLIENT_CERT_SECRET
 from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
 from controlplane.serving import HttpLimits
 from tests.support.certs import CertFiles, Pki, make_pki
-from tests.support.ports import LOOPBACK
-from tests.support.rotation import peer_serial, secret_volume, serial
+from tests.support.envoy import EnvoyProcess
+from tests.support.ports import LOOPBACK, poll_until
+from tests.support.rotation import issue, peer_serial, replace, secret_volume, serial
 
 DAY = datetime.timedelta(days=1)
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
@@ -436,3 +439,92 @@ def test_a_client_ca_or_chain_caught_half_written_keeps_the_previous_set(tmp_pat
     chain = pki.server.cert.read_bytes() + pki.ca.read_bytes()
     secret_volume(volume, {"tls.crt": chain[:-40], "tls.key": pki.server.key, "ca.crt": both}, 3)
     assert files.current() is None
+
+
+# ------------------------------------------------------------------- no key material in logs
+
+
+def key_lines(key: Path) -> list[str]:
+    return [line for line in key.read_text().splitlines() if line and not line.startswith("-----")]
+
+
+@pytest.mark.parametrize("swap", ["key as certificate", "key as CA", "key cut short", "key with the other certificate"])
+async def test_a_wrong_file_never_puts_the_private_key_in_a_message_or_log(
+    tmp_path: Path, pki: Pki, swap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = pki.server.key.read_bytes()
+    layouts: dict[str, dict[str, Path | bytes]] = {
+        "key as certificate": {"tls.crt": key, "tls.key": key, "ca.crt": pki.ca},
+        "key as CA": {"tls.crt": pki.server.cert, "tls.key": key, "ca.crt": key},
+        "key cut short": {"tls.crt": pki.server.cert, "tls.key": key[:-30], "ca.crt": pki.ca},
+        "key with the other certificate": {"tls.crt": pki.client.cert, "tls.key": key, "ca.crt": pki.ca},
+    }
+    bad = layouts[swap]
+    messages = []
+    start = tmp_path / "start"
+    secret_volume(start, bad, 0)
+    with pytest.raises(CertificateFileError) as refused:
+        CertificateFiles("xds", start / "tls.crt", start / "tls.key", start / "ca.crt", lambda s: s)
+    messages.append(str(refused.value))
+    rotated = tmp_path / "rotated"
+    publish(rotated, pki.server, pki.ca, 0)
+    files = CertificateFiles("xds", rotated / "tls.crt", rotated / "tls.key", rotated / "ca.crt", lambda s: s)
+    secret_volume(rotated, bad, 1)
+    with caplog.at_level(logging.DEBUG):
+        assert files.current() is None
+    messages.append(caplog.text)
+    assert "keeping the previous certificate" in caplog.text
+    for line in key_lines(pki.server.key):
+        assert not any(line in message for message in messages)
+
+
+# ------------------------------------------------------------------- the gateway's client certificate by SDS files
+
+
+def envoy_serials(envoy: EnvoyProcess) -> set[int]:
+    certificates = json.loads(envoy.admin_get("/certs")[1])["certificates"]
+    return {int(chain["serial_number"], 16) for context in certificates for chain in context.get("cert_chain", [])}
+
+
+def test_envoy_misses_a_key_renamed_outside_the_watched_directory_so_bootstrap_refuses_that_layout(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real Envoy, SDS files naming a certificate in one directory and its key in another (the watched
+    directory is the certificate's): the certificate renamed first is refused (key_rotation_failed, as with
+    one directory), and the key renamed next is not seen, where in one directory it is used within about 1 ms
+    (docs/certificate-rotation.md); any later rename into the certificate's directory picks it up. So the
+    gateway keeps its old certificate until something else moves there, or it expires: `bootstrap
+    --tls-sds-dir` refuses the split layout."""
+    from controlplane.cli.bootstrap import ClientTls, render_bootstrap, write_sds_files
+    from controlplane.cli.main import main
+
+    certs, keys, sds = tmp_path / "certs", tmp_path / "keys", str(tmp_path / "sds")
+    certs.mkdir()
+    keys.mkdir()
+    replace(certs / "tls.crt", pki.client.cert)
+    replace(keys / "tls.key", pki.client.key)
+    write_sds_files(ClientTls(str(pki.ca), str(certs / "tls.crt"), str(keys / "tls.key"), None, sds))
+    # The bootstrap names the SDS files only; rendered for one directory, as the check now requires.
+    same = ClientTls(str(pki.ca), str(certs / "tls.crt"), str(certs / "tls.key"), None, sds)
+    envoy = EnvoyProcess(render_bootstrap(group="g", node_id="n", xds_host=LOOPBACK, xds_port=1, tls=same))
+    envoy.wait_ready_on_start = False  # no control plane: only the SDS files and /certs matter
+    envoy.start()
+    try:
+        poll_until(lambda: envoy_serials(envoy) == {serial(pki.client.cert)}, 10, message="first certificate")
+        new = issue(ca_files(pki), tmp_path / "new", "gateway-2", server=False)
+        replace(certs / "tls.crt", new.cert)  # cert-manager's order: the certificate, then the key
+        failed = f"sds.{CLIENT_CERT_SECRET}.key_rotation_failed"
+        poll_until(lambda: envoy.stats("sds.").get(failed, 0) >= 1, 10, message="the lone certificate refused")
+        replace(keys / "tls.key", new.key)
+        deadline = time.monotonic() + 2.0  # a window to see a negative in: Envoy takes ~1 ms when it sees it
+        while time.monotonic() < deadline and envoy_serials(envoy) == {serial(pki.client.cert)}:
+            time.sleep(0.05)
+        assert envoy_serials(envoy) == {serial(pki.client.cert)}, "the key's rename was seen after all"
+        replace(certs / "unrelated", b"")  # any rename into the watched directory: both files re-read
+        poll_until(lambda: envoy_serials(envoy) == {serial(new.cert)}, 10, message="picked up by a later rename")
+    finally:
+        envoy.stop()
+    flags = ["--tls-ca", str(pki.ca), "--tls-cert", str(certs / "tls.crt"), "--tls-key", str(keys / "tls.key")]
+    code = main(["bootstrap", "--group", "g", "--xds-address", "127.0.0.1:18000", *flags, "--tls-sds-dir", sds])
+    assert code == 2
+    assert "--tls-cert and --tls-key in one directory" in capsys.readouterr().err
