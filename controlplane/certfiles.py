@@ -13,8 +13,9 @@ never swapped in for one still valid, and one not valid yet (issued by a clock a
 its time comes, not before.
 
 The stamp of a file is taken through its links (`os.stat`), so swapping `..data` to a new directory is seen
-even though `tls.crt` itself is the same link. Files are stamped before and after the read: a set that changed
-while it was being read is not recorded as loaded, so the next handshake reads it again.
+even though `tls.crt` itself is the same link. Files are stamped before and after the read and the build: a set
+that changed meanwhile is not installed (what was checked may not be what was built), and the next handshake
+reads it again.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ log = logging.getLogger("controlplane")
 RELOADS: Final = Counter(
     "controlplane_tls_certificate_reloads_total",
     "Certificate files that changed on disk, by listener (xds, exchange) and result: reloaded (in use for new "
-    "connections), rejected (key and certificate do not match, or a file is unreadable or not PEM: the previous "
-    "certificate stays in use until the files change again)",
+    "connections), rejected (key and certificate do not match, a file is unreadable, not PEM or cut short, the "
+    "certificate is expired or not valid yet, or, on the exchange, gateways would refuse it: the previous "
+    "certificate stays in use until the files change again, or a certificate not valid yet becomes valid)",
     ["listener", "result"],
     registry=REGISTRY,
 )
@@ -270,8 +272,11 @@ class CertificateFiles(Generic[T]):
         except Exception as error:  # the library refused what we checked: same treatment, never a crash
             self._reject(stamp, f"{self.files[0]}: {type(error).__name__}")
             return None
-        self._loaded = stamp if self._stamp_or_none() == stamp else None  # changed while read: read again next time
-        self._rejected = None
+        if self._stamp_or_none() != stamp:
+            # Changed while read or built: what was checked may not be what was built (the exchange's SSLContext
+            # reads the files again), so nothing is installed; the next handshake reads the files again.
+            return None
+        self._loaded, self._rejected = stamp, None
         self.serial = loaded.serial
         RELOADS.labels(self.listener, "reloaded").inc()
         EXPIRY.labels(self.listener).set(loaded.not_after)

@@ -528,3 +528,29 @@ def test_envoy_misses_a_key_renamed_outside_the_watched_directory_so_bootstrap_r
     code = main(["bootstrap", "--group", "g", "--xds-address", "127.0.0.1:18000", *flags, "--tls-sds-dir", sds])
     assert code == 2
     assert "--tls-cert and --tls-key in one directory" in capsys.readouterr().err
+
+
+async def test_a_rotation_landing_between_the_check_and_the_build_is_not_installed_unchecked(
+    exchange: tuple[int, Path], pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exchange's SSLContext is loaded from the files after `certfiles` checked them: should another
+    rotation land in between (here: one to a certificate without the name gateways check), the context holds
+    the unchecked files. It must not be installed; the next handshake checks what is there now."""
+    from controlplane.credentials import http as exchange_http
+
+    port, volume = exchange
+    good = leaf(ca_files(pki), tmp_path / "g", "good")
+    noname = leaf(ca_files(pki), tmp_path / "n", "noname", names=[x509.DNSName("elsewhere")])
+    checked = exchange_http.check_served_to_gateways
+    landed = []
+
+    def check_then_rotate(*args: object, **kwargs: object) -> None:
+        checked(*args, **kwargs)  # type: ignore[arg-type]
+        if not landed:
+            landed.append(True)
+            publish(volume, noname, pki.ca, 2)  # lands after the check, before the load
+
+    monkeypatch.setattr(exchange_http, "check_served_to_gateways", check_then_rotate)
+    publish(volume, good, pki.ca, 1)
+    served = {await served_serial(port, pki.ca) for _ in range(3)}
+    assert served == {serial(pki.server.cert)}  # neither the unchecked one, nor (now gone) the good one
