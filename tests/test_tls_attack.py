@@ -16,6 +16,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import os
 import socket
 import ssl
 import time
@@ -554,3 +555,52 @@ async def test_a_rotation_landing_between_the_check_and_the_build_is_not_install
     publish(volume, good, pki.ca, 1)
     served = {await served_serial(port, pki.ca) for _ in range(3)}
     assert served == {serial(pki.server.cert)}  # neither the unchecked one, nor (now gone) the good one
+
+
+# ------------------------------------------------------------------- links to what is not a certificate file
+
+
+def current_or_unblock(files: CertificateFiles[object], fifo: Path) -> object:
+    """`files.current()` in a thread; should it block on the named pipe, a writer opens and closes the pipe so
+    the thread ends (and the test fails) instead of hanging the run."""
+    import threading
+
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(files.current()), daemon=True)
+    thread.start()
+    thread.join(3.0)
+    if thread.is_alive():
+        with open(fifo, "wb"):
+            pass
+        thread.join(5.0)
+        pytest.fail("reading the certificate files blocked on a named pipe")
+    return result[0]
+
+
+@pytest.mark.parametrize("target", ["named pipe", "/dev/zero", "oversized"])
+def test_a_link_to_a_pipe_a_device_or_a_huge_file_is_refused_without_blocking(
+    tmp_path: Path, pki: Pki, target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handshake reads the files (on the event loop for the exchange, holding grpc's handshake thread and the
+    lock for xDS): a link to a named pipe blocked it for good, `/dev/zero` filled memory."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    volume = tmp_path / "tls"
+    publish(volume, pki.server, pki.ca, 0)
+    files = CertificateFiles("xds", volume / "tls.crt", volume / "tls.key", volume / "ca.crt", lambda s: s.serial)
+    huge = tmp_path / "huge.crt"
+    if target == "oversized":
+        huge.write_bytes(pki.server.cert.read_bytes() + b"#" * (5 << 20))
+    odd = {"named pipe": fifo, "/dev/zero": Path("/dev/zero"), "oversized": huge}[target]
+    generation = volume / "..odd"
+    generation.mkdir()
+    for name in ("tls.key", "ca.crt"):
+        (generation / name).write_bytes((volume / name).read_bytes())
+    (generation / "tls.crt").symlink_to(odd)
+    (volume / "..data_tmp").symlink_to(generation.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+    with caplog.at_level(logging.WARNING, logger="controlplane"):
+        assert current_or_unblock(files, fifo) is None  # refused: the previous certificate stays
+    assert "keeping the previous certificate" in caplog.text
+    with pytest.raises(CertificateFileError):  # and at start, a message instead of a hang
+        CertificateFiles("xds", generation / "tls.crt", volume / "tls.key", volume / "ca.crt", lambda s: s)
