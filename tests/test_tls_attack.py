@@ -542,8 +542,9 @@ async def test_a_rotation_landing_between_the_check_and_the_build_is_not_install
     port, volume = exchange
     good = leaf(ca_files(pki), tmp_path / "g", "good")
     noname = leaf(ca_files(pki), tmp_path / "n", "noname", names=[x509.DNSName("elsewhere")])
-    checked = exchange_http.check_served_to_gateways
-    landed = []
+    from controlplane.certfiles import check_served_to_gateways as checked
+
+    landed: list[bool] = []
 
     def check_then_rotate(*args: object, **kwargs: object) -> None:
         checked(*args, **kwargs)  # type: ignore[arg-type]
@@ -560,12 +561,12 @@ async def test_a_rotation_landing_between_the_check_and_the_build_is_not_install
 # ------------------------------------------------------------------- links to what is not a certificate file
 
 
-def current_or_unblock(files: CertificateFiles[object], fifo: Path) -> object:
+def current_or_unblock(files: CertificateFiles[int], fifo: Path) -> int | None:
     """`files.current()` in a thread; should it block on the named pipe, a writer opens and closes the pipe so
     the thread ends (and the test fails) instead of hanging the run."""
     import threading
 
-    result: list[object] = []
+    result: list[int | None] = []
     thread = threading.Thread(target=lambda: result.append(files.current()), daemon=True)
     thread.start()
     thread.join(3.0)
