@@ -110,10 +110,13 @@ def load_certificate_set(cert_file: Path, key_file: Path, ca_file: Path | None) 
     )
 
 
-def check_served_to_gateways(loaded: CertificateSet, server_name: str, cert_file: Path, ca_file: Path) -> None:
+def check_served_to_gateways(
+    loaded: CertificateSet, server_name: str, cert_file: Path, ca_file: Path, now: float | None = None
+) -> None:
     """Raise `CertificateFileError` when a gateway would refuse this server certificate: what the compiled
     exchange cluster checks (compiler/cluster.py): a subject alternative name equal to `server_name` (an IP SAN
-    when it is an address; the common name does not count), and a chain to a CA in the bundle pushed to them.
+    when it is an address; the common name does not count), and a chain to a CA in the bundle pushed to them,
+    every certificate on the way within its dates (the real Envoy refuses one whose only CA expired).
 
     Why here: a certificate that fails either check is refused by every gateway, so every token exchange fails
     closed; the control plane holds the certificate, the bundle and the name, so it can say so at start (and
@@ -125,12 +128,17 @@ def check_served_to_gateways(loaded: CertificateSet, server_name: str, cert_file
             f"the certificate in {cert_file} does not hold the name {server_name!r} that gateways check "
             "(as a subject alternative name; see --exchange-tls-name): they would refuse it"
         )
-    anchors = x509.load_pem_x509_certificates(loaded.ca or b"")
-    if not _chains_to(chain[0], chain[1:], anchors):
+    at = time.time() if now is None else now
+    anchors = [ca for ca in x509.load_pem_x509_certificates(loaded.ca or b"") if _in_dates(ca, at)]
+    if not _chains_to(chain[0], [cert for cert in chain[1:] if _in_dates(cert, at)], anchors):
         raise CertificateFileError(
-            f"the certificate in {cert_file} is not signed by a CA in {ca_file}, the bundle gateways verify it "
-            "with: they would refuse it"
+            f"the certificate in {cert_file} is not signed by a CA in {ca_file} that is within its dates, the "
+            "bundle gateways verify it with: they would refuse it"
         )
+
+
+def _in_dates(cert: x509.Certificate, now: float) -> bool:
+    return cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp()
 
 
 def holds_name(cert: x509.Certificate, name: str) -> bool:

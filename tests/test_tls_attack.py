@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import ipaddress
@@ -22,6 +23,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -29,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from controlplane.certfiles import CertificateFileError, CertificateFiles
+from controlplane.certfiles import CertificateFileError, CertificateFiles, CertificateSet
 from controlplane.cli.bootstrap import CLIENT_CERT_SECRET
 from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
 from controlplane.serving import HttpLimits
@@ -88,6 +90,36 @@ def leaf(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return files
+
+
+def make_ca(directory: Path, stem: str, *, valid_to: datetime.timedelta = DAY) -> CertFiles:
+    """A self-signed CA whose validity ends `valid_to` from now (began two days ago)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - 2 * DAY)
+        .not_valid_after(now + valid_to)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = CertFiles(directory / f"{stem}.crt", directory / f"{stem}.key")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return files
+
+
+def replace_ca(loaded: CertificateSet, bundle: str) -> CertificateSet:
+    return dataclasses.replace(loaded, ca=bundle.encode())
 
 
 def publish(volume: Path, cert: CertFiles, ca: Path | bytes, generation: int) -> None:
@@ -605,3 +637,114 @@ def test_a_link_to_a_pipe_a_device_or_a_huge_file_is_refused_without_blocking(
     assert "keeping the previous certificate" in caplog.text
     with pytest.raises(CertificateFileError):  # and at start, a message instead of a hang
         CertificateFiles("xds", generation / "tls.crt", volume / "tls.key", volume / "ca.crt", lambda s: s)
+
+
+# ------------------------------------------------------------------- the check mirrors the real Envoy's
+
+
+class TlsBackend:
+    """A loopback HTTPS server answering 200 with one certificate: what a gateway's exchange cluster dials."""
+
+    def __init__(self, files: CertFiles) -> None:
+        import http.server
+        import threading
+
+        class Ok(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(files.cert, files.key)
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Ok)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def exchange_cluster(name: str, port: int, server_name: str, ca_pem: str) -> dict[str, Any]:
+    """The compiled exchange cluster (compiler/cluster.py), its CA inline instead of the ADS secret: the same
+    name check and trust, in a static bootstrap (`envoy` crashed validating one that names an ADS secret)."""
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+    from google.protobuf import json_format
+
+    from controlplane.compiler.cluster import exchange_cluster_config
+
+    compiled = exchange_cluster_config(LOOPBACK, port, server_name)
+    context = tls_pb2.UpstreamTlsContext()
+    compiled.transport_socket.typed_config.Unpack(context)
+    san = context.common_tls_context.combined_validation_context.default_validation_context
+    validation = json_format.MessageToDict(san, preserving_proto_field_name=True)
+    validation["trusted_ca"] = {"inline_string": ca_pem}
+    tls = json_format.MessageToDict(context, preserving_proto_field_name=True)
+    tls["common_tls_context"] = {"validation_context": validation}
+    tls["@type"] = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+    cluster: dict[str, Any] = json_format.MessageToDict(compiled, preserving_proto_field_name=True)
+    cluster["name"] = name
+    cluster["load_assignment"]["cluster_name"] = name
+    cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    return cluster
+
+
+def test_what_the_control_plane_refuses_is_what_the_real_envoy_refuses(tmp_path: Path, pki: Pki) -> None:
+    """Each case: a certificate served to the real Envoy through the compiled exchange cluster's checks, and
+    `check_served_to_gateways` on the same files. Envoy reaches the server exactly when the check passes: a
+    wildcard SAN counts, the common name does not, an address must be an IP SAN, and a CA that expired is no
+    CA (the check passed that one before)."""
+    from google.protobuf import json_format
+
+    from controlplane.certfiles import check_served_to_gateways, load_certificate_set
+    from tests.support.ecds_envoy import listener
+    from tests.support.ports import free_port
+
+    name = "exchange.cp.internal"
+    ours = ca_files(pki)
+    expired_ca = make_ca(tmp_path, "expired-ca", valid_to=-datetime.timedelta(hours=1))
+    bundle = pki.ca.read_text() + expired_ca.cert.read_text()
+    cases = {
+        "the name as a DNS SAN": (leaf(ours, tmp_path, "a", names=[x509.DNSName(name)]), name),
+        "a wildcard SAN": (leaf(ours, tmp_path, "b", names=[x509.DNSName("*.cp.internal")]), name),
+        "another name": (leaf(ours, tmp_path, "c", names=[x509.DNSName("other.cp.internal")]), name),
+        "the name in the common name only": (leaf(ours, tmp_path, name, names=[]), name),
+        "an address as a DNS SAN": (leaf(ours, tmp_path, "d", names=[x509.DNSName(LOOPBACK)]), LOOPBACK),
+        "the address as an IP SAN": (leaf(ours, tmp_path, "e"), LOOPBACK),
+        "another CA": (leaf(ca_files(pki, other=True), tmp_path, "f", names=[x509.DNSName(name)]), name),
+        "an expired CA": (leaf(expired_ca, tmp_path, "g", names=[x509.DNSName(name)]), name),
+    }
+    backends = {case: TlsBackend(files) for case, (files, _) in cases.items()}
+    try:
+        clusters = [
+            exchange_cluster(f"c{i}", backends[case].port, server_name, bundle)
+            for i, (case, (_, server_name)) in enumerate(cases.items())
+        ]
+        routes = [{"match": {"prefix": f"/c{i}/"}, "route": {"cluster": f"c{i}"}} for i in range(len(cases))]
+        port = free_port()
+        gateway = json_format.MessageToDict(listener(port, [], routes))
+        envoy = EnvoyProcess({"static_resources": {"listeners": [gateway], "clusters": clusters}}).start()
+        try:
+            for i, (case, (files, server_name)) in enumerate(cases.items()):
+                connection = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
+                connection.request("GET", f"/c{i}/")
+                reached = connection.getresponse().status == 200
+                connection.close()
+                loaded = replace_ca(load_certificate_set(files.cert, files.key, pki.ca), bundle)
+                try:
+                    check_served_to_gateways(loaded, server_name, files.cert, pki.ca)
+                    passed = True
+                except CertificateFileError:
+                    passed = False
+                assert (case, reached) == (case, passed)
+        finally:
+            envoy.stop()
+    finally:
+        for backend in backends.values():
+            backend.close()
