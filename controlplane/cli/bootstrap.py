@@ -114,6 +114,22 @@ def write_sds_files(tls: ClientTls) -> None:
         os.replace(tmp, path)
 
 
+def _check_watched_pair(tls: ClientTls) -> None:
+    """With SDS files, the certificate and key must share a directory: a secret has one `watched_directory`,
+    and the real Envoy 1.40 does not see a file renamed into any other. A rotation that renames the
+    certificate first (cert-manager's order) is refused until the key follows (`key_rotation_failed`); a key
+    renamed into an unwatched directory is never seen, so the gateway keeps the old certificate until it
+    expires and then cannot reach the control plane (docs/certificate-rotation.md)."""
+    if tls.sds_dir is None:
+        return
+    cert_dir, key_dir = (posixpath.dirname(path) or "." for path in (tls.cert_file, tls.key_file))
+    if posixpath.normpath(cert_dir) != posixpath.normpath(key_dir):
+        raise ValueError(
+            f"--tls-sds-dir needs --tls-cert and --tls-key in one directory (Envoy watches one per secret and "
+            f"would miss a rotation of the other): {cert_dir} and {key_dir}"
+        )
+
+
 def _sds_config(tls: ClientTls, secret: str) -> dict[str, Any]:
     return {
         "name": secret,
@@ -271,6 +287,7 @@ def render_bootstrap(
         ):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be a non-empty path, got {value!r}")
+        _check_watched_pair(tls)
     if not is_ip(admin_address):
         raise ValueError(f"admin_address must be an IP address (Envoy does not resolve it), got {admin_address!r}")
 

@@ -497,8 +497,9 @@ def _compile_or_report(
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from controlplane.certfiles import CertificateFileError
     from controlplane.cli.options import StoreOptions
-    from controlplane.cli.validate import served_inputs
+    from controlplane.cli.validate import exchange_tls, served_inputs
     from controlplane.credentials.key_cipher import KekError
     from controlplane.store.dsn import DsnError
 
@@ -512,6 +513,11 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"controlplane validate: {error}", file=sys.stderr)
         return 2
 
+    try:  # serve's exchange TLS flags and files, as serve checks them at start
+        exchange_tls(args)
+    except (ValueError, CertificateFileError) as error:
+        print(f"controlplane validate: {error}", file=sys.stderr)
+        return 2
     compiled = _compile_or_report(args.policy, _limits(args), lambda policy: served_inputs(policy, args))
     if compiled is None:
         return 1

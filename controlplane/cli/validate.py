@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controlplane.certfiles import check_served_to_gateways, load_certificate_set
 from controlplane.cli.defaults import option_default
 from controlplane.cli.environment import EXCHANGE_ADDRESS_ENV, EXCHANGE_PUBLIC_ADDRESS_ENV, address_default
 from controlplane.cli.options import STORE_KINDS, StoreOptions
@@ -34,7 +35,7 @@ from controlplane.credentials.revocation_store import RevocationStoreError
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE, Revocations
 from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions, shared_publish_lead
-from controlplane.model.credentials import CredentialInputs, revocation_buckets
+from controlplane.model.credentials import CredentialInputs, ExchangeTls, revocation_buckets
 from controlplane.model.policy import JwksMode, Policy
 from controlplane.sources.jwks import JwksFetcher
 from controlplane.sources.pins import PINS_FILE, PinStore
@@ -69,6 +70,12 @@ def add_served_input_arguments(parser: argparse.ArgumentParser, host_port: Calla
         "--exchange-public-address", type=host_port, default=address_default(EXCHANGE_PUBLIC_ADDRESS_ENV, None)
     )
     group.add_argument("--no-exchange", action="store_true", help="serve runs with --no-exchange")
+    # With TLS on the exchange hop, serve compiles the cluster's name check and pushes the CA bundle: both are
+    # in the versions. The certificate and key are checked as serve checks them at start.
+    group.add_argument("--exchange-tls-cert", type=Path, help="serve's --exchange-tls-cert")
+    group.add_argument("--exchange-tls-key", type=Path, help="serve's --exchange-tls-key")
+    group.add_argument("--exchange-tls-ca", type=Path, help="serve's --exchange-tls-ca")
+    group.add_argument("--exchange-tls-name", help="serve's --exchange-tls-name")
     group.add_argument("--key-rotation", type=float, default=option_default(CredentialOptions, "rotate_every"))
     group.add_argument("--key-publish-lead", type=float)  # unset: serve's default for a file store, 1 s
     group.add_argument(
@@ -92,6 +99,27 @@ RECENT_NOTE = (
     "revoked jobs are placed as a serve starting now places them (all sealed in their buckets): a running serve "
     "holds those revoked in its last 5 minutes in its recent list, and serves these versions after its next seal"
 )
+
+
+EXCHANGE_TLS_TOGETHER = (
+    "--exchange-tls-cert, --exchange-tls-key and --exchange-tls-ca go together (--exchange-tls-name needs them)"
+)
+
+
+def exchange_tls(args: argparse.Namespace) -> ExchangeTls | None:
+    """What serve's `--exchange-tls-*` flags compile in, read and checked as serve does at start: `ValueError`
+    for flags that do not go together, `CertificateFileError` for a file serve would refuse to start with."""
+    files = (args.exchange_tls_cert, args.exchange_tls_key, args.exchange_tls_ca)
+    if any(files) != all(files) or (args.exchange_tls_name and not any(files)):
+        raise ValueError(EXCHANGE_TLS_TOGETHER)
+    if not all(files) or args.no_exchange or args.offline:
+        return None
+    cert, key, ca = files
+    name = args.exchange_tls_name or (args.exchange_public_address or args.exchange_address)[0]
+    loaded = load_certificate_set(cert, key, ca)
+    check_served_to_gateways(loaded, name, cert, ca)
+    assert loaded.ca is not None
+    return ExchangeTls(server_name=name, ca_pem=loaded.ca.decode("ascii", errors="replace"))  # as certfiles reads it
 
 
 def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
@@ -211,7 +239,10 @@ def _credentials(args: argparse.Namespace, state: _ServeState) -> CredentialInpu
     now = time.time()
     revoked = tuple(sorted(job for job, until in state.revoked.items() if until > now))
     return CredentialInputs(
-        jwks=keys.published_jwks(), exchange_address=options.public, revoked=revocation_buckets(revoked)
+        jwks=keys.published_jwks(),
+        exchange_address=options.public,
+        exchange_tls=exchange_tls(args),
+        revoked=revocation_buckets(revoked),
     )
 
 

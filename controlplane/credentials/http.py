@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from controlplane.certfiles import CertificateFiles, CertificateSet
+from controlplane.certfiles import CertificateFileError, CertificateFiles, CertificateSet, check_served_to_gateways
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, JobToVerify, TokenExchange
 from controlplane.model.credentials import EXCHANGE_PATH
@@ -54,8 +54,10 @@ class RotatingServerContext:
 
     def __init__(self, tls: ExchangeListenerTls) -> None:
         self.tls = tls
-        self._files = CertificateFiles("exchange", tls.cert_file, tls.key_file, None, self._load)
-        self._current = self._files.initial
+        # The CA bundle is one of the files: a certificate refused because the bundle did not vouch for it is
+        # tried again when the bundle changes (a CA rotation done in the wrong order, then put right).
+        self._files = CertificateFiles("exchange", tls.cert_file, tls.key_file, tls.ca_file, self._loaded)
+        self._current, self._served = self._files.initial
         self.context = self._load(None)
         self.context.sni_callback = self._handshake
 
@@ -63,20 +65,37 @@ class RotatingServerContext:
     def serial(self) -> int:
         return self._files.serial
 
-    def _load(self, _checked: CertificateSet | None) -> ssl.SSLContext:
+    def _load(self, checked: CertificateSet | None) -> ssl.SSLContext:
         """A server context from the files (checked just before by `CertificateFiles`; should they change in
-        between, OpenSSL refuses a key that does not match and the previous context stays)."""
+        between, OpenSSL refuses a key that does not match and the previous context stays). A certificate the
+        gateways would refuse (not for the name they check, not from the CA bundle they are pushed) is refused
+        here: at start `serve` stops, on a rotation the previous certificate stays in service."""
+        if checked is not None:
+            check_served_to_gateways(checked, self.tls.server_name, self.tls.cert_file, self.tls.ca_file)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
         context.set_alpn_protocols(["http/1.1"])
         return context
 
+    def _loaded(self, checked: CertificateSet) -> tuple[ssl.SSLContext, CertificateSet]:
+        return self._load(checked), checked
+
     def _refresh(self) -> ssl.SSLContext:
         fresh = self._files.current()
         if fresh is not None:
-            self._current = fresh
+            self._current, self._served = fresh
         return self._current
+
+    def refused_with(self, ca_pem: str) -> str | None:
+        """Why gateways verifying with the bundle `ca_pem` would refuse the certificate now served, or None."""
+        try:
+            check_served_to_gateways(
+                replace(self._served, ca=ca_pem.encode()), self.tls.server_name, self.tls.cert_file, self.tls.ca_file
+            )
+        except CertificateFileError as refused:
+            return str(refused)
+        return None
 
     def _handshake(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
         connection.context = self._refresh()

@@ -196,6 +196,17 @@ class CredentialService:
             self._inputs = fresh
         return self._inputs
 
+    def _exchange_ca_changed(self) -> bool:
+        """Whether the exchange's CA bundle changed (to be pushed). One that does not vouch for the certificate
+        the exchange serves is pushed all the same (the operator's bundle is what gateways trust, and they fail
+        closed), but said loudly: every token exchange on a new connection fails until the two agree."""
+        if self._exchange_ca is None or not self._exchange_ca.changed():
+            return False
+        refused = self.endpoint.ssl.refused_with(self._exchange_ca.pem) if self.endpoint.ssl is not None else None
+        if refused is not None:
+            log.error("the exchange's new CA bundle, pushed to gateways, does not vouch for the exchange: %s", refused)
+        return True
+
     def _exchange_tls(self) -> ExchangeTls | None:
         if self.options.tls is None or self._exchange_ca is None:
             return None
@@ -620,7 +631,7 @@ class CredentialService:
             self._wake.clear()  # set from here on: something is due sooner, go round again at once
             changed = await self._rotate_keys()
             changed = self.revocations.prune() or changed
-            changed = (self._exchange_ca is not None and self._exchange_ca.changed()) or changed
+            changed = self._exchange_ca_changed() or changed
             if changed:
                 await self._changed(wake=False)
             await self.revocations.persist()
