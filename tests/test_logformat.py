@@ -148,3 +148,38 @@ def test_the_cli_refuses_an_unknown_format_from_the_flag_or_the_environment(tmp_
     env = dict(os.environ, CONTROLPLANE_LOG_FORMAT="xml")
     variable = subprocess.run([*command, "validate", str(tmp_path)], capture_output=True, text=True, env=env)
     assert variable.returncode == 2 and "CONTROLPLANE_LOG_FORMAT must be one of text, json" in variable.stderr
+
+
+# An exception raised where nobody can catch it (a finaliser, a generator's close) is printed by the
+# interpreter's unraisable hook, past the formatter: neither redacted nor JSON unless routed through logging.
+UNRAISABLE_SCRIPT = textwrap.dedent(
+    """
+    import gc, logging, sys
+    from controlplane.telemetry import logformat
+
+    logformat.install("INFO", sys.argv[1])
+    class Session:
+        def __del__(self):
+            raise RuntimeError(f"closing https://gitlab.example/api/v4/job?private_token={sys.argv[2]}")
+    session = Session()
+    del session
+    gc.collect()
+    logging.getLogger("controlplane.test").info("still running")
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["text", "json"])
+def test_an_exception_in_a_finaliser_is_logged_redacted_in_the_format(kind: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", UNRAISABLE_SCRIPT, kind, GLTOKEN], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert GLTOKEN not in done.stderr and GLTOKEN.split("-", 1)[1] not in done.stderr
+    assert "[redacted]" in done.stderr and "Session.__del__" in done.stderr
+    if kind == "json":
+        entries = [json.loads(line) for line in done.stderr.splitlines()]
+        assert [entry["level"] for entry in entries] == ["ERROR", "INFO"]
+        assert "RuntimeError: closing" in entries[0]["exception"]
+    else:
+        assert done.stderr.startswith(tuple("0123456789")) and " ERROR controlplane: " in done.stderr

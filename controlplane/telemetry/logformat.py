@@ -129,10 +129,14 @@ def install(level: int | str, kind: str = "text") -> None:
     logging.captureWarnings(True)  # Python's warnings, otherwise printed raw, become records like the others
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_death
+    sys.unraisablehook = _log_unraisable
 
 
 # An exception nobody caught is printed by the interpreter straight to stderr, past the formatter: in neither
-# format, unredacted. These hooks make it one more record (the interpreter still exits as it would).
+# format, unredacted. These hooks make it one more record (the interpreter still exits as it would). That
+# includes the "Exception ignored in" ones nobody can catch: raised by a finaliser (`__del__`, a connection or
+# client session closed by the garbage collector) or a generator's close, where a library's message may quote
+# a URL with its token.
 _uncaught = logging.getLogger("controlplane")
 
 
@@ -149,3 +153,17 @@ def _log_thread_death(hook: threading.ExceptHookArgs) -> None:
     thread = hook.thread.name if hook.thread is not None else "?"
     error = hook.exc_value if hook.exc_value is not None else hook.exc_type()
     _uncaught.error("uncaught exception in thread %s", thread, exc_info=(hook.exc_type, error, hook.exc_traceback))
+
+
+def _log_unraisable(hook: sys.UnraisableHookArgs) -> None:
+    error = hook.exc_value if hook.exc_value is not None else hook.exc_type()
+    where = hook.err_msg or "Exception ignored in"
+    _uncaught.error("%s: %s", where, _described(hook.object), exc_info=(hook.exc_type, error, hook.exc_traceback))
+
+
+def _described(thing: object) -> str:
+    """The object's repr as the default hook shows it, or a placeholder when its repr raises too."""
+    try:
+        return repr(thing)
+    except Exception:
+        return f"<{type(thing).__name__} object (repr failed)>"
