@@ -4,6 +4,9 @@ how the image is configured without changing its CMD, and how its HEALTHCHECK as
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
+import time
 
 import pytest
 
@@ -100,3 +103,40 @@ def test_healthcheck_reads_the_admin_variable_and_says_why_it_failed(
     monkeypatch.setenv("CONTROLPLANE_ADMIN_ADDRESS", f"0.0.0.0:{port}")
     assert main(["healthcheck", "--timeout", "2"]) == 1
     assert f"unhealthy: http://127.0.0.1:{port}/healthz:" in capsys.readouterr().err
+
+
+def test_healthcheck_gives_up_on_a_listener_that_trickles_its_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    # Each byte arrives well within the socket timeout, so only a deadline on the whole answer ends the probe.
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def trickle() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.05):
+                    connection.sendall(b"X")
+
+        server = threading.Thread(target=trickle, daemon=True)
+        server.start()
+        args = argparse.Namespace(admin_address=("127.0.0.1", listener.getsockname()[1]), timeout=0.5)
+        codes: list[int] = []
+        probe = threading.Thread(target=lambda: codes.append(run_healthcheck(args)), daemon=True)
+        started = time.monotonic()
+        probe.start()
+        probe.join(5)
+        stop.set()
+        server.join(5)
+    assert codes == [1], "healthcheck still waiting 5 s after its 0.5 s timeout"
+    assert time.monotonic() - started < 2
+    assert "no answer within 0.5 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_healthcheck_refuses_a_timeout_that_is_not_a_positive_number(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["healthcheck", "--timeout", timeout])
+    assert exit_.value.code == 2
+    assert f"--timeout: expected a positive number of seconds, got {timeout!r}" in capsys.readouterr().err
