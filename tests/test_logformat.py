@@ -218,3 +218,14 @@ def test_redaction_is_linear_on_hostile_text(text: str) -> None:
     started = time.perf_counter()
     redact(text)
     assert time.perf_counter() - started < 0.5
+
+
+def test_json_lines_hold_only_valid_unicode_whatever_bytes_a_client_sent() -> None:
+    # aiohttp hands a header value that is not UTF-8 over as lone surrogates (surrogateescape)
+    value = b"evil\xff\xfe".decode("utf-8", "surrogateescape")
+    logged = record("client header %s", value)
+    logged.header = value
+    entry = json.loads(JsonFormatter().format(logged))
+    for field in ("message", "header"):
+        entry[field].encode("utf-8")  # a lone surrogate would raise here (and fail strict JSON readers)
+    assert entry["message"] == "client header evil\\udcff\\udcfe" and entry["header"] == "evil\\udcff\\udcfe"

@@ -96,14 +96,14 @@ class JsonFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
-            "message": redact(record.getMessage()),
+            "message": _text(record.getMessage()),
         }
         if record.exc_info:
             record.exc_text = record.exc_text or self.formatException(record.exc_info)
         if record.exc_text:
-            entry["exception"] = redact(record.exc_text)
+            entry["exception"] = _text(record.exc_text)
         if record.stack_info:
-            entry["stack"] = redact(self.formatStack(record.stack_info))
+            entry["stack"] = _text(self.formatStack(record.stack_info))
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in entry:
                 entry[key] = _field(value)
@@ -113,7 +113,15 @@ class JsonFormatter(logging.Formatter):
 def _field(value: object) -> object:
     if value is None or isinstance(value, bool | int | float):
         return value
-    return redact(str(value))
+    return _text(str(value))
+
+
+def _text(text: str) -> str:
+    """`text` redacted, and with any lone surrogate written as ``\\udcff``: aiohttp decodes a client's header
+    and path bytes that are not UTF-8 with ``surrogateescape``, and json.dumps writes such a character as a
+    ``\\udcff`` escape: RFC 8259 leaves what a reader does with it open, and strict ones (Rust's serde_json)
+    refuse the whole line."""
+    return redact(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def formatter(kind: str) -> logging.Formatter:
