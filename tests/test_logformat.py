@@ -229,3 +229,33 @@ def test_json_lines_hold_only_valid_unicode_whatever_bytes_a_client_sent() -> No
     for field in ("message", "header"):
         entry[field].encode("utf-8")  # a lone surrogate would raise here (and fail strict JSON readers)
     assert entry["message"] == "client header evil\\udcff\\udcfe" and entry["header"] == "evil\\udcff\\udcfe"
+
+
+# A record logging cannot format (a bad `%d`, by our mistake or a library's) was printed by logging's own
+# handleError: a traceback, then the raw message and arguments, token included, in neither format.
+BROKEN_CALL_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    from controlplane.telemetry import logformat
+
+    logformat.install("INFO", sys.argv[1])
+    log = logging.getLogger("controlplane.credentials")
+    log.info("exchanged %d", sys.argv[2])
+    log.info("after", extra={"ratio": float("nan"), "huge": 10**30, "count": 3})
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["text", "json"])
+def test_a_record_that_cannot_be_formatted_is_one_line_without_its_arguments(kind: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", BROKEN_CALL_SCRIPT, kind, JWT], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [part for part in JWT.split(".") if part in done.stderr], done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "could not be written (TypeError" in lines[0], lines
+    if kind == "json":
+        entries = [json.loads(line, parse_constant=pytest.fail) for line in lines]  # NaN is not JSON
+        assert entries[0]["level"] == "ERROR" and "arguments are not shown" in entries[0]["message"]
+        assert (entries[1]["ratio"], entries[1]["huge"], entries[1]["count"]) == ("nan", str(10**30), 3)

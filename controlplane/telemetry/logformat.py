@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import threading
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
@@ -111,8 +112,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def _field(value: object) -> object:
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and math.isfinite(value)):
         return value
+    if isinstance(value, int) and abs(value) < 2**63:  # what every JSON reader holds exactly
+        return value
+    # NaN and infinities would be written as the bare words NaN and Infinity, which JSON does not have
     return _text(str(value))
 
 
@@ -139,7 +143,7 @@ def install(level: int | str, kind: str = "text") -> None:
     root = logging.getLogger()
     if root.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _Handler()
     handler.setFormatter(formatter(kind))
     root.addHandler(handler)
     root.setLevel(level)
@@ -147,6 +151,29 @@ def install(level: int | str, kind: str = "text") -> None:
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_death
     sys.unraisablehook = _log_unraisable
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """A stderr handler whose own failure is one more line in the format. logging's default prints a record it
+    could not format (a bad ``%d``, an extra JSON cannot hold) as a traceback followed by the raw message and
+    arguments: in neither format, and unredacted, so a token passed to a broken call reached stderr as it was."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        failed = logging.LogRecord(
+            record.name,
+            logging.ERROR,
+            record.pathname,
+            record.lineno,
+            "a log record from %s:%d could not be written (%s: %s); its arguments are not shown",
+            (record.pathname, record.lineno, type(error).__name__, error),
+            None,
+        )
+        try:
+            self.stream.write(self.format(failed) + self.terminator)
+            self.flush()
+        except Exception:  # noqa: S110 (stderr itself is failing: there is nowhere left to say so)
+            pass
 
 
 # An exception nobody caught is printed by the interpreter straight to stderr, past the formatter: in neither
