@@ -172,7 +172,7 @@ class _Handler(logging.StreamHandler[TextIO]):
         try:
             self.stream.write(self.format(failed) + self.terminator)
             self.flush()
-        except Exception:  # noqa: S110 (stderr itself is failing: there is nowhere left to say so)
+        except Exception:  # stderr itself is failing: there is nowhere left to say so
             pass
 
 
