@@ -140,3 +140,16 @@ def test_healthcheck_refuses_a_timeout_that_is_not_a_positive_number(
         _parser().parse_args(["healthcheck", "--timeout", timeout])
     assert exit_.value.code == 2
     assert f"--timeout: expected a positive number of seconds, got {timeout!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:75438", "127.0.0.1:\uff19\uff19\uff10\uff12", "127.0.0.1:\u00b2"])
+def test_a_port_that_is_not_one_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    # getaddrinfo wrapped 75438 to 9902, so the probe asked another port than the one named
+    monkeypatch.setenv("CONTROLPLANE_ADMIN_ADDRESS", address)
+    for argv in (["healthcheck"], ["serve"]):
+        with pytest.raises(SystemExit) as exit_:
+            _parser().parse_args(argv)
+        assert exit_.value.code == 2
+        assert f"--admin-address: expected HOST:PORT, got {address!r}" in capsys.readouterr().err

@@ -30,7 +30,8 @@ DEFAULT_POLICY = os.environ.get("CONTROLPLANE_POLICY", "policy")
 
 def _host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
+    # a port past 65535 is refused here: getaddrinfo wraps it (75438 dialled 9902), bind raised OverflowError
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
