@@ -153,3 +153,17 @@ def test_a_port_that_is_not_one_is_a_usage_error(
             _parser().parse_args(argv)
         assert exit_.value.code == 2
         assert f"--admin-address: expected HOST:PORT, got {address!r}" in capsys.readouterr().err
+
+
+def test_an_unknown_log_level_is_a_usage_error_naming_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONTROLPLANE_LOG_LEVEL", "verbose")  # raised ValueError from logging, a raw traceback
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["healthcheck"])
+    assert exit_.value.code == 2
+    assert (
+        "--log-level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("CONTROLPLANE_LOG_LEVEL", "debug")
+    assert _parser().parse_args(["healthcheck"]).log_level == "debug"

@@ -41,6 +41,13 @@ def _host_ports(value: str) -> list[tuple[str, int]]:
     return [_host_port(part.strip()) for part in value.split(",") if part.strip()] or [_host_port(value)]
 
 
+def _log_level(value: str) -> str:
+    """A level logging knows; an unknown one (`CONTROLPLANE_LOG_LEVEL=verbose`) raised a raw traceback at start."""
+    if value.upper() not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {value!r}")
+    return value
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {value!r}")
@@ -106,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=_log_level, default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
     parser.add_argument(
         "--log-format",
         choices=logformat.FORMATS,
