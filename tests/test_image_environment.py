@@ -167,3 +167,24 @@ def test_an_unknown_log_level_is_a_usage_error_naming_the_flag(
     )
     monkeypatch.setenv("CONTROLPLANE_LOG_LEVEL", "debug")
     assert _parser().parse_args(["healthcheck"]).log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("env", "argv"),
+    [
+        ({"CONTROLPLANE_EXCHANGE_ADDRESS": "0.0.0.0:9904"}, ()),  # the image's listener, no public address
+        ({"CONTROLPLANE_EXCHANGE_ADDRESS": "[::]:9904"}, ()),
+        ({}, ("--exchange-public-address", "0.0.0.0:9904")),
+    ],
+)
+def test_serve_refuses_to_route_gateways_to_a_wildcard_exchange_address(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: tuple[str, ...]
+) -> None:
+    # 0.0.0.0 compiled into every gateway's exchange cluster: Envoy dialled its own host and every exchange failed
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused = serve_options(_parser().parse_args(["serve", *argv]))
+    assert isinstance(refused, str) and "which gateways cannot dial" in refused
+    assert "CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS" in refused
+    options = _options(monkeypatch, env, *argv, "--no-exchange")  # no exchange, nothing to route
+    assert options.credentials is None

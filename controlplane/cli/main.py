@@ -558,6 +558,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
+    from controlplane.cli.environment import exchange_public_address
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
     from controlplane.credentials.key_cipher import KekError
     from controlplane.credentials.service import CredentialOptions, shared_publish_lead
@@ -588,6 +589,12 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         return str(error)
     if xds_tls is not None and args.xds_insecure:
         return "--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one"
+    try:
+        exchange_public = (
+            None if args.no_exchange else exchange_public_address(args.exchange_address, args.exchange_public_address)
+        )
+    except ValueError as error:
+        return str(error)
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
@@ -645,7 +652,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         if args.no_exchange
         else CredentialOptions(
             listen=args.exchange_address,
-            public=args.exchange_public_address or args.exchange_address,
+            public=exchange_public or args.exchange_address,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
             publish_lead=lead,
