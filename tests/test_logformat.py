@@ -259,3 +259,13 @@ def test_a_record_that_cannot_be_formatted_is_one_line_without_its_arguments(kin
         entries = [json.loads(line, parse_constant=pytest.fail) for line in lines]  # NaN is not JSON
         assert entries[0]["level"] == "ERROR" and "arguments are not shown" in entries[0]["message"]
         assert (entries[1]["ratio"], entries[1]["huge"], entries[1]["count"]) == ("nan", str(10**30), 3)
+
+
+def test_a_private_key_in_pem_form_is_redacted_whole_even_inside_a_repr() -> None:
+    body = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg" + "A" * 40
+    pem = f"-----BEGIN PRIVATE KEY-----\n{body}\n{body[:20]}==\n-----END PRIVATE KEY-----\n"
+    assert redact(f"loaded {pem}next") == "loaded [redacted]\nnext"
+    assert body not in redact(f"got {pem.encode()!r}") and body[:20] not in redact(f"got {pem.encode()!r}")
+    assert redact("-----BEGIN EC PRIVATE KEY-----\nAAAA") == "[redacted]"
+    certificate = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    assert redact(certificate) == certificate  # public: kept

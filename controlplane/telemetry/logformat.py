@@ -57,6 +57,11 @@ _HEADER_VALUE = re.compile(
 # a run of scheme characters starts, so a long run of them is read once.
 _URL_PASSWORD = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#@'\"]+@")
 
+# A private key in PEM form, its body and end line too when they follow (newlines real or escaped, as in a repr).
+_PEM_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[A-Za-z0-9+/=\s\\]*(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?"
+)
+
 
 def escape(text: str) -> str:
     return text.translate(_ESCAPES)
@@ -64,6 +69,7 @@ def escape(text: str) -> str:
 
 def redact(text: str) -> str:
     """`text` with every credential-shaped part replaced by ``[redacted]``."""
+    text = _PEM_KEY.sub(REDACTED, text)
     text = _HEADER_VALUE.sub(lambda match: match.group(1) + REDACTED, text)
     text = _URL_PASSWORD.sub(lambda match: match.group(1) + REDACTED + "@", text)
     text = _JWT.sub(lambda match: REDACTED if match.group(1) else match.group(0), text)
