@@ -40,10 +40,11 @@ def file_default(variable: str) -> str | None:
     return os.environ.get(variable) or None
 
 
-def exchange_public_address(listen: tuple[str, int], public: tuple[str, int] | None) -> tuple[str, int]:
-    """What gateways dial for the exchange: `public`, else `listen`, never a wildcard. The image listens on
-    0.0.0.0:9904, and without CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS that address went into every gateway's
-    exchange cluster, where Envoy dials its own host: every exchange failed while the control plane was healthy."""
+def check_exchange_public_address(listen: tuple[str, int], public: tuple[str, int] | None) -> None:
+    """Raise ValueError when what gateways dial for the exchange (`public`, else `listen`) is a wildcard. The
+    image listens on 0.0.0.0:9904, and without CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS that address went into every
+    gateway's exchange cluster, where Envoy dials its own host: every exchange failed while the control plane
+    was healthy (docs/deploying-image.md)."""
     address = public or listen
     if address[0] in _WILDCARDS:
         named = "--exchange-public-address" if public else "--exchange-address, with no --exchange-public-address,"
@@ -52,7 +53,6 @@ def exchange_public_address(listen: tuple[str, int], public: tuple[str, int] | N
             f"--exchange-public-address (env {EXCHANGE_PUBLIC_ADDRESS_ENV}) to the HOST:PORT they reach this "
             "exchange at (a Service name)"
         )
-    return address
 
 
 def add_healthcheck_arguments(

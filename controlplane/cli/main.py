@@ -558,7 +558,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
-    from controlplane.cli.environment import exchange_public_address
+    from controlplane.cli.environment import check_exchange_public_address
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
     from controlplane.credentials.key_cipher import KekError
     from controlplane.credentials.service import CredentialOptions, shared_publish_lead
@@ -567,6 +567,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
 
     if args.job_sweep_interval < 1:
         return "--job-sweep-interval must be at least 1 second"
+    if not args.no_exchange:
+        try:
+            check_exchange_public_address(args.exchange_address, args.exchange_public_address)
+        except ValueError as error:
+            return str(error)
     lead = args.key_publish_lead
     if lead is None:  # one replica: 1 s; replicas sharing keys: time for every one to push it first
         lead = shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
@@ -589,12 +594,6 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         return str(error)
     if xds_tls is not None and args.xds_insecure:
         return "--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one"
-    try:
-        exchange_public = (
-            None if args.no_exchange else exchange_public_address(args.exchange_address, args.exchange_public_address)
-        )
-    except ValueError as error:
-        return str(error)
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
@@ -652,7 +651,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         if args.no_exchange
         else CredentialOptions(
             listen=args.exchange_address,
-            public=exchange_public or args.exchange_address,
+            public=args.exchange_public_address or args.exchange_address,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
             publish_lead=lead,
