@@ -486,3 +486,22 @@ def test_status_arguments_default_from_env(monkeypatch: pytest.MonkeyPatch) -> N
 )
 def test_format_age(seconds: float, text: str) -> None:
     assert format_age(seconds) == text
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text; version=x",
+        "application/openmetrics-text;version=1.x;q=0.9,text/plain;q=0.5",
+        "text/plain; version=1.0.x",
+    ],
+)
+async def test_metrics_answers_a_version_it_cannot_read_with_the_classic_text(
+    admin: Admin, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, accept: str
+) -> None:
+    # prometheus_client compared such a version with numbers and raised: a 500 and a traceback per scrape
+    async with http.get(admin.url + "/metrics", headers={"Accept": accept}) as response:
+        status, ctype, body = response.status, response.headers.get("Content-Type", ""), await response.text()
+    assert (status, ctype) == (200, "text/plain; version=0.0.4; charset=utf-8"), body[:300]
+    assert "# TYPE controlplane_snapshot_builds_total counter" in body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -4,6 +4,9 @@ how the image is configured without changing its CMD, and how its HEALTHCHECK as
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
+import time
 
 import pytest
 
@@ -100,3 +103,88 @@ def test_healthcheck_reads_the_admin_variable_and_says_why_it_failed(
     monkeypatch.setenv("CONTROLPLANE_ADMIN_ADDRESS", f"0.0.0.0:{port}")
     assert main(["healthcheck", "--timeout", "2"]) == 1
     assert f"unhealthy: http://127.0.0.1:{port}/healthz:" in capsys.readouterr().err
+
+
+def test_healthcheck_gives_up_on_a_listener_that_trickles_its_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    # Each byte arrives well within the socket timeout, so only a deadline on the whole answer ends the probe.
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def trickle() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.05):
+                    connection.sendall(b"X")
+
+        server = threading.Thread(target=trickle, daemon=True)
+        server.start()
+        args = argparse.Namespace(admin_address=("127.0.0.1", listener.getsockname()[1]), timeout=0.5)
+        codes: list[int] = []
+        probe = threading.Thread(target=lambda: codes.append(run_healthcheck(args)), daemon=True)
+        started = time.monotonic()
+        probe.start()
+        probe.join(5)
+        stop.set()
+        server.join(5)
+    assert codes == [1], "healthcheck still waiting 5 s after its 0.5 s timeout"
+    assert time.monotonic() - started < 2
+    assert "no answer within 0.5 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_healthcheck_refuses_a_timeout_that_is_not_a_positive_number(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["healthcheck", "--timeout", timeout])
+    assert exit_.value.code == 2
+    assert f"--timeout: expected a positive number of seconds, got {timeout!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:75438", "127.0.0.1:\uff19\uff19\uff10\uff12", "127.0.0.1:\u00b2"])
+def test_a_port_that_is_not_one_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    # getaddrinfo wrapped 75438 to 9902, so the probe asked another port than the one named
+    monkeypatch.setenv("CONTROLPLANE_ADMIN_ADDRESS", address)
+    for argv in (["healthcheck"], ["serve"]):
+        with pytest.raises(SystemExit) as exit_:
+            _parser().parse_args(argv)
+        assert exit_.value.code == 2
+        assert f"--admin-address: expected HOST:PORT, got {address!r}" in capsys.readouterr().err
+
+
+def test_an_unknown_log_level_is_a_usage_error_naming_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONTROLPLANE_LOG_LEVEL", "verbose")  # raised ValueError from logging, a raw traceback
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["healthcheck"])
+    assert exit_.value.code == 2
+    assert (
+        "--log-level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("CONTROLPLANE_LOG_LEVEL", "debug")
+    assert _parser().parse_args(["healthcheck"]).log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("env", "argv"),
+    [
+        ({"CONTROLPLANE_EXCHANGE_ADDRESS": "0.0.0.0:9904"}, ()),  # the image's listener, no public address
+        ({"CONTROLPLANE_EXCHANGE_ADDRESS": "[::]:9904"}, ()),
+        ({}, ("--exchange-public-address", "0.0.0.0:9904")),
+    ],
+)
+def test_serve_refuses_to_route_gateways_to_a_wildcard_exchange_address(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: tuple[str, ...]
+) -> None:
+    # 0.0.0.0 compiled into every gateway's exchange cluster: Envoy dialled its own host and every exchange failed
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused = serve_options(_parser().parse_args(["serve", *argv]))
+    assert isinstance(refused, str) and "which gateways cannot dial" in refused
+    assert "CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS" in refused
+    options = _options(monkeypatch, env, *argv, "--no-exchange")  # no exchange, nothing to route
+    assert options.credentials is None

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import MultiMapping
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
 from controlplane.serving import ADMIN_LIMITS, LOOPBACK, AppServer, HttpLimits, is_loopback
@@ -145,7 +146,7 @@ class AdminServer:
         for by version, else the classic 0.0.4 text. The content type comes from the same call as the encoder:
         ``CONTENT_TYPE_LATEST`` names 1.0.0 since prometheus_client 0.22, which plain ``generate_latest`` is
         not labelled as, so pairing the two by hand is how a scraper gets a type that does not match the body."""
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        encode, content_type = _encoder(request.headers.get("Accept", ""))
         return web.Response(body=encode(REGISTRY), headers={"Content-Type": content_type})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
@@ -185,6 +186,17 @@ class AdminServer:
         elif not query.proxies:
             body.pop("proxies", None)
         return body
+
+
+def _encoder(accept: str) -> tuple[Callable[[Collector], bytes], str]:
+    """`choose_encoder`'s answer, or the classic text when it raises: it compares the ``version=`` it read as a
+    tuple of numbers, and one that is not (``version=x``, ``version=1.x``) raised TypeError, so any client could
+    turn a scrape into a 500 and an ERROR traceback in the log, once per request. A scraper that sent nothing
+    usable gets what an Accept naming no known format gets."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")
 
 
 @web.middleware

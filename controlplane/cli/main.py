@@ -30,7 +30,8 @@ DEFAULT_POLICY = os.environ.get("CONTROLPLANE_POLICY", "policy")
 
 def _host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
+    # a port past 65535 is refused here: getaddrinfo wraps it (75438 dialled 9902), bind raised OverflowError
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
@@ -38,6 +39,13 @@ def _host_port(value: str) -> tuple[str, int]:
 def _host_ports(value: str) -> list[tuple[str, int]]:
     """One or more HOST:PORT, comma-separated: `bootstrap --xds-address` lists the control plane's replicas."""
     return [_host_port(part.strip()) for part in value.split(",") if part.strip()] or [_host_port(value)]
+
+
+def _log_level(value: str) -> str:
+    """A level logging knows; an unknown one (`CONTROLPLANE_LOG_LEVEL=verbose`) raised a raw traceback at start."""
+    if value.upper() not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {value!r}")
+    return value
 
 
 def _positive_int(value: str) -> int:
@@ -105,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"controlplane {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=_log_level, default=os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO"))
     parser.add_argument(
         "--log-format",
         choices=logformat.FORMATS,
@@ -576,6 +584,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     """The parsed `serve` flags as options, or why they do not go together."""
+    from controlplane.cli.environment import check_exchange_public_address
     from controlplane.cli.options import GitLabPolicyOptions, ServeOptions, StoreOptions, WebhookOptions
     from controlplane.credentials.key_cipher import KekError
     from controlplane.credentials.service import CredentialOptions, shared_publish_lead
@@ -584,6 +593,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
 
     if args.job_sweep_interval < 1:
         return "--job-sweep-interval must be at least 1 second"
+    if not args.no_exchange:
+        try:
+            check_exchange_public_address(args.exchange_address, args.exchange_public_address)
+        except ValueError as error:
+            return str(error)
     lead = args.key_publish_lead
     if lead is None:  # one replica: 1 s; replicas sharing keys: time for every one to push it first
         lead = shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
