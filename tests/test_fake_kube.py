@@ -578,6 +578,35 @@ def test_the_api_server_goes_away_and_comes_back_on_its_port_with_its_state(
 # --- auth, TLS, configuration
 
 
+def test_the_in_cluster_loader_is_served_as_a_pod_would_be(tmp_path: Path) -> None:
+    """kubernetes.config's in-cluster loader (what `serve` uses in a pod) reads the service account's token and CA
+    files and the KUBERNETES_SERVICE_* variables, and sends `Authorization: bearer <token>` in lower case. The API
+    server's bearer authenticator takes the scheme in any case, so the fake must too, or in-cluster access would
+    look refused here while it works in a cluster."""
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    pki = make_pki(tmp_path / "pki")
+    with FakeKube(tls=pki.server, ca=pki.ca) as kube:
+        kube.create(web_slice("10.0.0.1"))
+        token = tmp_path / "token"
+        token.write_text(kube.token)
+        config = kubernetes.client.Configuration()
+        environ = {"KUBERNETES_SERVICE_HOST": kube.host, "KUBERNETES_SERVICE_PORT": str(kube.port)}
+        InClusterConfigLoader(str(token), str(pki.ca), environ=environ).load_and_set(config)
+        assert config.api_key["BearerToken"].startswith("bearer ")
+        api = DiscoveryV1Api(kubernetes.client.ApiClient(config))
+        assert len(api.list_namespaced_endpoint_slice("default").items) == 1
+        config.refresh_api_key_hook = None  # the loader's hook would put its own header back before each call
+        for scheme in ("BEARER", "Basic"):
+            config.api_key["BearerToken"] = f"{scheme} {kube.token}"
+            if scheme == "BEARER":
+                assert len(api.list_namespaced_endpoint_slice("default").items) == 1
+            else:
+                with pytest.raises(ApiException) as err:
+                    api.list_namespaced_endpoint_slice("default")
+                assert err.value.status == 401
+
+
 def test_requests_without_the_bearer_token_are_401(kube: FakeKube) -> None:
     for token in (None, "wrong"):
         config = kube.configuration()

@@ -955,11 +955,19 @@ class FakeKube(Started):
 
     # -- serving
 
+    def _authorized(self, header: str) -> bool:
+        """The API server's bearer-token authenticator splits the header on white space and compares the scheme
+        without case: the client's in-cluster loader sends `bearer <token>`, a kubeconfig `Bearer <token>`."""
+        parts = header.split()
+        if len(parts) != 2 or parts[0].lower() != "bearer":
+            return False
+        return secrets.compare_digest(parts[1].encode(), self.token.encode())
+
     def _serve(self, handler: _Handler, method: str) -> None:
         split = urlsplit(handler.path)
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         namespace, name, verb = self._route(split.path, query)
-        authorized = secrets.compare_digest(handler.headers.get("Authorization", ""), f"Bearer {self.token}")
+        authorized = self._authorized(handler.headers.get("Authorization", ""))
         try:
             if not authorized:
                 raise _ApiError(401, "Unauthorized", "Unauthorized")
