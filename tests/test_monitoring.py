@@ -354,6 +354,7 @@ GROUPS = (
     "Audit",
     "Process",
     "TLS certificates",
+    "Kubernetes endpoints",
 )
 
 
