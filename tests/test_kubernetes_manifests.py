@@ -216,24 +216,24 @@ KEY_USAGES = frozenset(
      "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"}
 )  # fmt: skip
 ISSUER_REF = Fields({"name": DNS_NAME, "kind": frozenset({"Issuer", "ClusterIssuer"}), "group": str}, ("name",))
+# One scrape target of a ServiceMonitor (`endpoints`) or PodMonitor (`podMetricsEndpoints`).
+SCRAPE_ENDPOINT = Fields(
+    {
+        "port": str,
+        "path": str,
+        "scheme": frozenset({"http", "https"}),
+        "interval": PROMETHEUS_DURATION,
+        "scrapeTimeout": PROMETHEUS_DURATION,
+        "honorLabels": bool,
+    }
+)
 CRD_SPECS: dict[tuple[str, str], Fields] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): Fields(
         {
             "selector": LABEL_SELECTOR,
             "namespaceSelector": Fields({"any": bool, "matchNames": [str]}),
             "jobLabel": str,
-            "endpoints": [
-                Fields(
-                    {
-                        "port": str,
-                        "path": str,
-                        "scheme": frozenset({"http", "https"}),
-                        "interval": PROMETHEUS_DURATION,
-                        "scrapeTimeout": PROMETHEUS_DURATION,
-                        "honorLabels": bool,
-                    }
-                )
-            ],
+            "endpoints": [SCRAPE_ENDPOINT],
         },
         ("selector", "endpoints"),
     ),
@@ -242,18 +242,7 @@ CRD_SPECS: dict[tuple[str, str], Fields] = {
             "selector": LABEL_SELECTOR,
             "namespaceSelector": Fields({"any": bool, "matchNames": [str]}),
             "jobLabel": str,
-            "podMetricsEndpoints": [
-                Fields(
-                    {
-                        "port": str,
-                        "path": str,
-                        "scheme": frozenset({"http", "https"}),
-                        "interval": PROMETHEUS_DURATION,
-                        "scrapeTimeout": PROMETHEUS_DURATION,
-                        "honorLabels": bool,
-                    }
-                )
-            ],
+            "podMetricsEndpoints": [SCRAPE_ENDPOINT],
         },
         ("selector", "podMetricsEndpoints"),
     ),
