@@ -33,6 +33,7 @@ from controlplane.sources.kubernetes_slices import (
     MAX_ENDPOINTS_PER_SERVICE,
     MAX_SLICES_PER_SERVICE,
     SERVICE_NAME_LABEL,
+    Network,
     Slice,
     apply_event,
     endpoint_order,
@@ -82,6 +83,14 @@ CAPPED = Counter(
     "Times a Service's slices or endpoints were over their bound and some were left out, by what: `slices`, "
     "`endpoints`.",
     ["what"],
+    registry=REGISTRY,
+)
+REFUSED_ENDPOINTS = Counter(
+    "controlplane_kubernetes_refused_endpoints_total",
+    "Ready endpoints left out of a Service's assignment because of their address (loopback, link-local, cloud "
+    "metadata, multicast...: docs/kubernetes-endpoints.md), by reason; counted each time a slice listing one is "
+    "received.",
+    ["reason"],
     registry=REGISTRY,
 )
 SYNC_AGE = Gauge(
@@ -179,8 +188,10 @@ class ServiceWatch:
         *,
         backoff: Backoff = BACKOFF,
         watch_seconds: int = WATCH_SECONDS,
+        allow: tuple[Network, ...] = (),
     ) -> None:
         self.namespace, self.name = namespace, name
+        self._allow = allow
         self.key = f"{namespace}/{name}"
         self.state = _ServiceState()
         self.synced = threading.Event()  # set once the first list is in
@@ -271,7 +282,9 @@ class ServiceWatch:
             version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
             if not token or len(items) >= MAX_SLICES_PER_SERVICE:
                 break
-        slices, capped = from_list(items)
+        slices, capped = from_list(items, allow=self._allow)
+        for slice_ in slices.values():
+            self._report_refused(slice_)
         if capped or token:
             CAPPED.labels("slices").inc()
             log.warning("EndpointSlices of %s: over %d slices, the rest left out", self.key, MAX_SLICES_PER_SERVICE)
@@ -313,10 +326,26 @@ class ServiceWatch:
         version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
         if not isinstance(version, str) or not version:
             raise ValueError(f"{kind} event without metadata.resourceVersion")
-        applied = apply_event(self.state.slices, str(kind), obj)
+        applied = apply_event(self.state.slices, str(kind), obj, allow=self._allow)
         if applied.dropped:
             CAPPED.labels("slices").inc()
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        if applied.changed and isinstance(name, str) and (parsed := applied.slices.get(name)) is not None:
+            self._report_refused(parsed)
         self._set(applied.slices, version, changed=applied.changed)
+
+    def _report_refused(self, slice_: Slice) -> None:
+        """Logged and counted: a refused address is someone pointing the backend's traffic (and its injected
+        credential) at the gateway's host or a metadata service, or a misconfigured controller."""
+        for address, reason in slice_.refused:
+            REFUSED_ENDPOINTS.labels(reason).inc()
+            log.warning(
+                "EndpointSlice %s/%s lists a ready endpoint at %s (%s): refused, no traffic is sent there",
+                self.namespace,
+                slice_.name,
+                address,
+                reason,
+            )
 
     def _set(self, slices: Mapping[str, Slice], version: str, *, changed: bool) -> None:
         self.state.slices, self.state.version = slices, version
@@ -427,10 +456,13 @@ class KubernetesEndpoints:
         backoff: Backoff = BACKOFF,
         watch_seconds: int = WATCH_SECONDS,
         initial_wait: float = 2.0,
+        allow: tuple[Network, ...] = (),
     ) -> None:
         """`access` None: serve was given no way to Kubernetes and is not in a cluster; a policy naming a Service
-        is then refused. `initial_wait`: how long a policy naming a new Service waits for its first list."""
+        is then refused. `initial_wait`: how long a policy naming a new Service waits for its first list. `allow`:
+        networks whose endpoints are served although their addresses are refused by default (REFUSED_NETWORKS)."""
         self._access, self._backoff, self._watch_seconds = access, backoff, watch_seconds
+        self._allow = allow
         self._initial_wait = initial_wait
         self._watches: dict[tuple[str, str], ServiceWatch] = {}
         self._lock = threading.Lock()
@@ -476,6 +508,7 @@ class KubernetesEndpoints:
                     self._changed,
                     backoff=self._backoff,
                     watch_seconds=self._watch_seconds,
+                    allow=self._allow,
                 )
                 self._watches[(namespace, name)] = watch
                 watch.start()
