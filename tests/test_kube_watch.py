@@ -4,6 +4,8 @@ server is down, the last endpoints kept through an outage, the watch set followi
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -181,9 +183,9 @@ def test_the_watch_set_follows_the_policy(fake: FakeKube, access: KubeAccess) ->
         source.retain(_policy("reports"))
         assert kube_source.WATCHED_SERVICES._value.get() == 1
         assert set(source.status()["services"]) == {"shop/reports"}  # type: ignore[arg-type]
-        threads = {t.name for t in threading.enumerate()}
-        assert "kubernetes watch shop/reports" in threads
-        assert "kubernetes watch shop/reports-canary" not in threads  # stopped and joined
+        assert "kubernetes watch shop/reports" in _threads()
+        # stopped, not joined by retain (it runs on the event loop); its watch was shut down, so it ends at once
+        poll_until(lambda: "kubernetes watch shop/reports-canary" not in _threads(), 2, message="canary stopped")
         source.retain(None)
         assert source.for_backend(backend) == ()
     finally:
@@ -277,3 +279,72 @@ def test_a_response_over_the_size_bound_is_refused_and_counted(
     finally:
         w.stop()
         assert w.join()
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+@pytest.fixture
+def mute_access(tmp_path: Path) -> Iterator[KubeAccess]:
+    """An API server that accepts TCP connections and never answers: a listening socket never accepted from (the
+    kernel completes the handshakes, the requests sit unread). Closing it resets them."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(512)
+        port = listener.getsockname()[1]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "mute", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "users": [{"name": "mute", "user": {"token": "t"}}],
+            "contexts": [{"name": "mute", "context": {"cluster": "mute", "user": "mute"}}],
+            "current-context": "mute",
+        }
+        path = tmp_path / "mute-kubeconfig"
+        path.write_text(json.dumps(config))
+        yield KubeAccess(kubeconfig=path)
+
+
+def test_dropping_services_whose_api_server_never_answers_does_not_block(mute_access: KubeAccess) -> None:
+    """`retain` runs on the event loop after a policy is published. It joined each removed watch for up to 5 s,
+    and a thread blocked in a request not answered yet cannot be interrupted: 3 Services dropped froze every xDS
+    stream for 15 s (256 for 21 minutes)."""
+    source = KubernetesEndpoints(mute_access, backoff=FAST, initial_wait=0.2)
+    try:
+        assert source.prepare(_policy("reports", "reports-a", "reports-b")) is None  # not synced: waited 0.2 s
+        started = time.monotonic()
+        source.retain(None)
+        assert time.monotonic() - started < 0.5
+        assert kube_source.WATCHED_SERVICES._value.get() == 0
+        assert "kubernetes watch shop/reports" in _threads()  # still blocked in its list request
+        assert not [s for s in kube_source.SYNC_AGE.collect()[0].samples if s.labels["service"] == "shop/reports"]
+    finally:
+        source.stop()
+
+
+def test_a_service_named_again_while_its_old_watch_hangs_reuses_that_thread(mute_access: KubeAccess) -> None:
+    """A policy flapping while the API server hangs must not pile up one more blocked thread per flap."""
+    source = KubernetesEndpoints(mute_access, backoff=FAST, initial_wait=0.05)
+    try:
+        for _ in range(5):
+            source.prepare(_policy("reports"))
+            source.retain(_policy("reports"))
+            source.retain(None)
+        watching = [t for t in threading.enumerate() if t.name == "kubernetes watch shop/reports"]
+        assert len(watching) == 1
+        source.prepare(_policy("reports"))
+        assert set(source.status()["services"]) == {"shop/reports"}  # type: ignore[arg-type]
+    finally:
+        source.stop()
+
+
+def test_stop_waits_for_hung_watches_once_not_once_each(
+    mute_access: KubeAccess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kube_source, "STOP_JOIN_SECONDS", 0.5)
+    source = KubernetesEndpoints(mute_access, backoff=FAST, initial_wait=0.05)
+    source.prepare(_policy(*(f"reports-{i}" for i in range(6))))
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 1.5  # it was 0.5 s per watch: 3 s

@@ -51,7 +51,8 @@ WATCH_SECONDS = 300  # the server ends each watch after this (`timeoutSeconds`);
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0  # a list page; a watch allows WATCH_SECONDS + this before the connection counts as dead
 BACKOFF = Backoff(base_seconds=0.2, cap_seconds=30.0)
-STOP_JOIN_SECONDS = 5.0
+STOP_JOIN_SECONDS = 5.0  # `stop` waits this long in all for every watch thread (a thread in a request not yet
+# answered cannot be interrupted: it ends when its request times out, on its own, as a daemon thread)
 
 WATCHED_SERVICES = Gauge(
     "controlplane_kubernetes_watched_services",
@@ -197,6 +198,7 @@ class ServiceWatch:
         self.synced = threading.Event()  # set once the first list is in
         self._access, self._on_change, self._backoff, self._watch_seconds = access, on_change, backoff, watch_seconds
         self._stop = threading.Event()
+        self._finished = False  # the thread left its loop for good (under _lock: see `revive`)
         self._response: Any = None  # the urllib3 response being read, shut down by `stop`
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"kubernetes watch {self.key}", daemon=True)
@@ -206,18 +208,34 @@ class ServiceWatch:
         self._thread.start()
 
     def stop(self) -> None:
+        """Never blocks: the flag, and the socket of the response being read shut down. A request not answered yet
+        has no response to shut: the thread ends when it times out (or is revived)."""
         self._stop.set()
         with self._lock:
             response = self._response
         if response is not None:
             _shutdown(response)
-
-    def join(self, timeout: float = STOP_JOIN_SECONDS) -> bool:
-        self._thread.join(timeout)
-        alive = self._thread.is_alive()
-        if not alive:
+        with contextlib.suppress(KeyError):  # the Service is no longer served: no age to report
             SYNC_AGE.remove(self.key)
-        return not alive
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def revive(self) -> bool:
+        """Undo `stop` if the thread has not left its loop yet (it may be blocked in a request that cannot be
+        interrupted): a Service named again while its old watch is still finishing reuses that thread instead of
+        starting one more, so a policy flapping while the API server hangs does not pile threads up. False when
+        the thread is done (start another watch)."""
+        with self._lock:
+            if self._finished:
+                return False
+            self._stop.clear()
+        SYNC_AGE.labels(self.key).set_function(self.sync_age)
+        return True
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(STOP_JOIN_SECONDS if timeout is None else timeout)
+        return not self._thread.is_alive()
 
     def sync_age(self) -> float:
         synced = self.state.synced_at
@@ -226,6 +244,16 @@ class ServiceWatch:
     # -- the loop
 
     def _run(self) -> None:
+        """The loop until stopped; whether it is over is decided under the lock, so `revive` never races a thread
+        that is leaving."""
+        while True:
+            self._loop()
+            with self._lock:
+                if self._stop.is_set():
+                    self._finished = True
+                    return
+
+    def _loop(self) -> None:
         reason, failures = "start", 0
         while not self._stop.is_set():
             try:
@@ -350,7 +378,7 @@ class ServiceWatch:
     def _set(self, slices: Mapping[str, Slice], version: str, *, changed: bool) -> None:
         self.state.slices, self.state.version = slices, version
         self.state.synced_at, self.state.last_error = time.monotonic(), None
-        if changed:
+        if changed and not self._stop.is_set():  # a stopped watch's Service is no longer served: nothing to wake
             self._on_change()
 
     # -- HTTP
@@ -465,6 +493,7 @@ class KubernetesEndpoints:
         self._allow = allow
         self._initial_wait = initial_wait
         self._watches: dict[tuple[str, str], ServiceWatch] = {}
+        self._stopping: dict[tuple[str, str], ServiceWatch] = {}  # stopped, their threads maybe still finishing
         self._lock = threading.Lock()
         self._wake: Callable[[], None] = lambda: None
         self._cache: dict[tuple[ServiceRef, int], tuple[Mapping[str, Slice], tuple[Endpoint, ...]]] = {}
@@ -501,6 +530,11 @@ class KubernetesEndpoints:
         started = []
         with self._lock:
             for namespace, name in sorted(wanted - set(self._watches)):
+                lingering = self._stopping.pop((namespace, name), None)
+                if lingering is not None and lingering.revive():
+                    self._watches[(namespace, name)] = lingering
+                    started.append(lingering)
+                    continue
                 watch = ServiceWatch(
                     namespace,
                     name,
@@ -527,24 +561,34 @@ class KubernetesEndpoints:
         with self._lock:
             gone = [self._watches.pop(key) for key in sorted(set(self._watches) - wanted)]
             WATCHED_SERVICES.set(len(self._watches))
-        self._stop_all(gone)
+            # Called on the event loop: stopped, never joined here (a thread blocked in a request the API server
+            # does not answer would stall every xDS stream until it times out). Kept to be revived or reaped.
+            self._stopping = {k: w for k, w in self._stopping.items() if w.alive()}
+            for watch in gone:
+                watch.stop()
+                self._stopping[(watch.namespace, watch.name)] = watch
         if gone:
             log.info("no longer watching %s", ", ".join(w.key for w in gone))
 
     def stop(self) -> None:
+        """Every watch stopped and joined, STOP_JOIN_SECONDS in all (not per watch: 256 threads blocked in requests
+        the API server never answers took 256 times that); those still blocked end on their own (daemons)."""
         with self._lock:
-            watches = list(self._watches.values())
+            watches = [*self._watches.values(), *self._stopping.values()]
             self._watches.clear()
+            self._stopping.clear()
             WATCHED_SERVICES.set(0)
-        self._stop_all(watches)
-
-    @staticmethod
-    def _stop_all(watches: list[ServiceWatch]) -> None:
         for watch in watches:
             watch.stop()
-        for watch in watches:
-            if not watch.join():
-                log.warning("the watch of %s did not stop in %.0fs", watch.key, STOP_JOIN_SECONDS)
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
+        stuck = [w.key for w in watches if not w.join(max(0.0, deadline - time.monotonic()))]
+        if stuck:
+            log.warning(
+                "%d Kubernetes watches did not stop in %.0fs (blocked in a request): %s",
+                len(stuck),
+                STOP_JOIN_SECONDS,
+                ", ".join(stuck[:5]),
+            )
 
     # -- what the compile reads
 
