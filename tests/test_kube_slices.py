@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from controlplane.model.policy import Endpoint
+from controlplane.sources import kubernetes_slices
 from controlplane.sources.kubernetes_slices import (
     Slice,
     apply_event,
@@ -241,3 +242,20 @@ def test_allowed_networks_let_a_refused_address_through_and_nothing_else() -> No
     assert slices["a"].addresses == ("127.0.0.1",)
     assert apply_event({}, "ADDED", s, allow=allow).slices["a"].addresses == ("127.0.0.1",)
     assert apply_event({}, "ADDED", s).slices["a"].addresses == ()
+
+
+def test_a_services_slices_hold_a_bounded_number_of_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 slices of 1,000 endpoints (the API's own limits, writable by anyone who can write EndpointSlices in the
+    namespace) were all kept: ~72 MiB per Service, ~600 MiB while listing."""
+    monkeypatch.setattr(kubernetes_slices, "MAX_ADDRESSES_PER_SERVICE", 5, raising=False)
+    a = _slice("a", [(f"10.0.0.{i}", True) for i in range(3)])
+    b = _slice("b", [(f"10.0.1.{i}", True) for i in range(2)])
+    c = _slice("c", [("10.0.2.1", True)])
+    slices, capped = from_list([c, b, a])
+    assert sorted(slices) == ["a", "b"] and capped  # by name: every replica keeps the same ones
+    applied = apply_event(slices, "ADDED", c)
+    assert applied.dropped and not applied.changed and applied.slices is slices
+    bigger = _slice("b", [(f"10.0.1.{i}", True) for i in range(3)])
+    applied = apply_event(slices, "MODIFIED", bigger)  # grown past the bound: left out, its old addresses too
+    assert applied.dropped and applied.changed and sorted(applied.slices) == ["a"]
+    assert apply_event(applied.slices, "ADDED", c).slices.keys() == {"a", "c"}

@@ -348,3 +348,38 @@ def test_stop_waits_for_hung_watches_once_not_once_each(
     started = time.monotonic()
     source.stop()
     assert time.monotonic() - started < 1.5  # it was 0.5 s per watch: 3 s
+
+
+def test_lists_of_many_services_are_read_a_few_at_a_time(
+    fake: FakeKube, access: KubeAccess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list page is up to 16 MiB and several times that parsed; after an API server restart every watch relists
+    at once. Every Service's page was read and parsed at the same time (256 Services: ~20 GiB)."""
+    monkeypatch.setattr(kube_source, "_LISTING", threading.BoundedSemaphore(2), raising=False)
+    inside, most, lock, gate = 0, 0, threading.Lock(), threading.Event()
+    read_all = ServiceWatch._read_all
+
+    def counting(self: ServiceWatch, response: object) -> bytes:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        gate.wait(5)
+        with lock:
+            inside -= 1
+        return read_all(self, response)
+
+    monkeypatch.setattr(ServiceWatch, "_read_all", counting)
+    source = KubernetesEndpoints(access, backoff=FAST, initial_wait=0.0)
+    try:
+        source.prepare(_policy(*(f"reports-{i}" for i in range(6))))
+        poll_until(lambda: inside >= 2, 5, message="two lists being read")
+        ended = time.monotonic() + 0.3
+        while time.monotonic() < ended:  # the other four wait for a slot: never a third read at once
+            assert inside <= 2 and fake.lists == 2
+        gate.set()
+        poll_until(lambda: all(s["synced"] for s in source.status()["services"].values()), 5, message="all listed")  # type: ignore[attr-defined]
+        assert most == 2
+    finally:
+        gate.set()
+        source.stop()

@@ -30,6 +30,7 @@ from prometheus_client import Counter, Gauge
 from controlplane.model.policy import Backend, Endpoint, Policy, ServiceRef
 from controlplane.retry import Backoff
 from controlplane.sources.kubernetes_slices import (
+    MAX_ADDRESSES_PER_SERVICE,
     MAX_ENDPOINTS_PER_SERVICE,
     MAX_SLICES_PER_SERVICE,
     SERVICE_NAME_LABEL,
@@ -37,7 +38,8 @@ from controlplane.sources.kubernetes_slices import (
     Slice,
     apply_event,
     endpoint_order,
-    from_list,
+    keep_first,
+    parse_slice,
     ready_endpoints,
 )
 from controlplane.telemetry.metrics import REGISTRY
@@ -46,6 +48,11 @@ log = logging.getLogger("controlplane.kubernetes")
 
 MAX_SERVICES = 256  # threads: one per watched Service
 LIST_PAGE = 100  # slices per list request (`limit`); pages follow `continue`
+# List pages read and parsed at once, all Services together: a page is up to MAX_RESPONSE_BYTES and ~4 times that
+# parsed, and after an API server restart every watch is answered 410 and relists at the same moment (256 Services
+# at once was 256 of them: ~20 GiB).
+LIST_CONCURRENCY = 4
+_LISTING = threading.BoundedSemaphore(LIST_CONCURRENCY)
 MAX_RESPONSE_BYTES = 16 << 20  # one list page or one watch event; past it the response is refused as hostile
 WATCH_SECONDS = 300  # the server ends each watch after this (`timeoutSeconds`); it resumes from its version
 CONNECT_TIMEOUT = 5.0
@@ -109,6 +116,10 @@ class KubernetesUnavailable(Exception):
 
 class Gone(Exception):
     """410: the resource version asked for is older than the API server keeps; list again."""
+
+
+class Stopped(Exception):
+    """The watch was stopped while waiting for its turn to list."""
 
 
 class Hostile(Exception):
@@ -294,32 +305,53 @@ class ServiceWatch:
                 self._stop.wait(delay)  # the backoff; `stop` ends it at once
 
     def _list(self) -> None:
-        """Every slice of the Service, page by page; the version to watch from is the list's."""
-        items: list[object] = []
+        """Every slice of the Service, page by page; the version to watch from is the list's. Each page is parsed
+        before the next is read: only what discovery uses of it is kept (a page's raw objects are ~10 times that)."""
+        parsed: list[Slice] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"limit": LIST_PAGE}
             if token:
                 kwargs["_continue"] = token
-            page = self._request(self._call(**kwargs, _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)))
-            body = json.loads(self._read_all(page))
-            page_items = body.get("items") if isinstance(body, dict) else None
-            items.extend(page_items if isinstance(page_items, list) else ())
-            metadata = body.get("metadata") if isinstance(body, dict) else None
-            token = metadata.get("continue") if isinstance(metadata, dict) else None
-            version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
-            if not token or len(items) >= MAX_SLICES_PER_SERVICE:
+            with self._listing():
+                page = self._request(self._call(**kwargs, _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)))
+                body = json.loads(self._read_all(page))
+                page_items = body.get("items") if isinstance(body, dict) else None
+                for item in page_items if isinstance(page_items, list) else ():
+                    if (slice_ := parse_slice(item, self._allow)) is not None:
+                        parsed.append(slice_)
+                metadata = body.get("metadata") if isinstance(body, dict) else None
+                token = metadata.get("continue") if isinstance(metadata, dict) else None
+                version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+                del body, page_items  # before the slot is given to another Service's list
+            if not token or len(parsed) >= MAX_SLICES_PER_SERVICE:
                 break
-        slices, capped = from_list(items, allow=self._allow)
+        slices, capped = keep_first(parsed)
         for slice_ in slices.values():
             self._report_refused(slice_)
         if capped or token:
             CAPPED.labels("slices").inc()
-            log.warning("EndpointSlices of %s: over %d slices, the rest left out", self.key, MAX_SLICES_PER_SERVICE)
+            log.warning(
+                "EndpointSlices of %s: over %d slices or %d ready addresses, the rest left out",
+                self.key,
+                MAX_SLICES_PER_SERVICE,
+                MAX_ADDRESSES_PER_SERVICE,
+            )
         if not isinstance(version, str) or not version:
             raise ValueError("list answer without metadata.resourceVersion")
         self._set(slices, version, changed=slices != self.state.slices or self.state.synced_at is None)
         self.synced.set()
+
+    @contextlib.contextmanager
+    def _listing(self) -> Iterator[None]:
+        """One of the LIST_CONCURRENCY slots, waited for as long as the watch is not stopped."""
+        while not _LISTING.acquire(timeout=0.2):
+            if self._stop.is_set():
+                raise Stopped
+        try:
+            yield
+        finally:
+            _LISTING.release()
 
     def _watch(self) -> None:
         """One watch from the current version, until the server ends it (its timeout) or an error."""
