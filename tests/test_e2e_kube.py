@@ -245,3 +245,28 @@ def test_a_policy_naming_services_without_kubernetes_access_is_refused_and_not_r
         assert readyz.status == 503 and "no good policy load" in readyz.text
     finally:
         controlplane.close()
+
+
+def test_a_restart_during_an_api_outage_answers_503_until_a_list_succeeds(
+    tmp_path: Path, pods: tuple[EchoBackend, EchoBackend]
+) -> None:
+    """Nothing is persisted: a control plane started while the API server is away knows no endpoint, and the
+    documented answer is 503 (fail closed), not a 404, a hang or another backend; the first list fixes it."""
+    pod_a, _ = pods
+    with FakeKube() as api:
+        api.validate = False
+        api.create(pod_slice(pod_a))
+        api.stop()
+
+        def up(built: KubeStack) -> bool:
+            return built.request("deploy.local", "/healthz").status == 200
+
+        with _serving(tmp_path, api, ("--kube-allow-endpoints", "127.0.0.1/32"), up) as built:
+            response = built.request("reports.local", "/healthz")
+            assert response.status == 503, response.text
+            assert pod_a.requests == []
+            status = built.controlplane.status()["kubernetes"]["services"]["shop/reports"]
+            assert not status["synced"] and status["last_error"] is not None
+            assert built.controlplane.metric("controlplane_kubernetes_sync_age_seconds", service="shop/reports") == -1
+            api.start()
+            poll_until(lambda: built.answered_by() == "pod-a", 40, message="served once the list succeeds")
