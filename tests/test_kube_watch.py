@@ -385,3 +385,94 @@ def test_lists_of_many_services_are_read_a_few_at_a_time(
     finally:
         gate.set()
         source.stop()
+
+
+class _DrippingApiServer:
+    """Answers a list with no slices, and each watch with a stream that sends one byte every 50 ms and never a
+    newline, ignoring `timeoutSeconds` (`chunked`: as 1-byte chunks; else a response with no length). Counts the
+    watches it was asked for."""
+
+    def __init__(self, *, chunked: bool) -> None:
+        self.watches = 0
+        self._chunked = chunked
+        self._closing = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            try:
+                if b"watch=true" not in request.split(b"\r\n", 1)[0]:
+                    body = json.dumps({"kind": "EndpointSliceList", "items": [], "metadata": {"resourceVersion": "7"}})
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+                    )
+                    return
+                self.watches += 1
+                framing = b"Transfer-Encoding: chunked" if self._chunked else b"Connection: close"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+                while not self._closing.wait(0.05):  # the drip's pace, not synchronisation
+                    conn.sendall(b"1\r\n \r\n" if self._chunked else b" ")
+            except OSError:
+                return
+
+    def kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "drip", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "drip", "user": {"token": "t"}}],
+            "contexts": [{"name": "drip", "context": {"cluster": "drip", "user": "drip"}}],
+            "current-context": "drip",
+        }
+        path.write_text(json.dumps(config))
+        return path
+
+    def close(self) -> None:
+        self._closing.set()
+        self._listener.close()
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_watch_that_drips_forever_is_ended_past_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunked: bool
+) -> None:
+    """A server (or a proxy) that ignores `timeoutSeconds` and keeps the stream alive a byte at a time, never
+    ending a line: each read gets its byte within the read timeout, so the watch lasted forever, its Service frozen
+    on what the list said. It is now ended at `timeoutSeconds` + READ_TIMEOUT and started again."""
+    monkeypatch.setattr(kube_source, "READ_TIMEOUT", 0.5)
+    server = _DrippingApiServer(chunked=chunked)
+    w = ServiceWatch(
+        "shop",
+        "reports",
+        KubeAccess(kubeconfig=server.kubeconfig(tmp_path / "k")),
+        lambda: None,
+        backoff=FAST,
+        watch_seconds=1,
+    )
+    try:
+        _started(w)
+        poll_until(lambda: server.watches >= 2, 8, message="the dripping watch ended and another started")
+        assert kube_source.WATCH_RESTARTS.labels("overdue")._value.get() >= 1
+    finally:
+        w.stop()
+        server.close()
+        assert w.join(5)

@@ -76,7 +76,7 @@ WATCH_RESTARTS = Counter(
     "controlplane_kubernetes_watch_restarts_total",
     "EndpointSlice watches started again, by reason: `expired` (the server ended it, resumed from its version), "
     "`gone` (410: relisted), `error` (no or a bad answer: relisted after a backoff), `hostile` (a response over "
-    "the size bound).",
+    "the size bound), `overdue` (not ended by the server at its timeoutSeconds: ended by us).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -120,6 +120,10 @@ class Gone(Exception):
 
 class Stopped(Exception):
     """The watch was stopped while waiting for its turn to list."""
+
+
+class Overdue(Exception):
+    """A watch the server did not end at its `timeoutSeconds` (ended by us READ_TIMEOUT later)."""
 
 
 class Hostile(Exception):
@@ -286,7 +290,9 @@ class ServiceWatch:
                 if self._stop.is_set():
                     break
                 hostile = isinstance(error, Hostile)
-                WATCH_RESTARTS.labels("hostile" if hostile else "error").inc()
+                WATCH_RESTARTS.labels(
+                    "hostile" if hostile else "overdue" if isinstance(error, Overdue) else "error"
+                ).inc()
                 if hostile:  # what was read of it cannot be trusted to have left the slices whole
                     self.state.version = None
                 # Otherwise the watch resumes from the last version, as client-go's reflector does: a dropped
@@ -364,15 +370,29 @@ class ServiceWatch:
                 _request_timeout=(CONNECT_TIMEOUT, self._watch_seconds + READ_TIMEOUT),
             )
         )
+        # The server ends the watch at `timeoutSeconds`; one that does not (a byte now and then, never a whole
+        # line, each read answered within its timeout) would freeze the Service for good: its socket is shut down
+        # READ_TIMEOUT later, and the watch resumes from its version.
+        overdue = threading.Event()
+        timer = threading.Timer(self._watch_seconds + READ_TIMEOUT, _overdue, (response, overdue))
+        timer.daemon = True
+        timer.start()
         try:
             for line in _lines(response):
                 if self._stop.is_set():
                     return
                 self._event(json.loads(line))
+        except Exception:
+            if overdue.is_set():
+                raise Overdue(f"the watch outlived its {self._watch_seconds}s timeout") from None
+            raise
         finally:
+            timer.cancel()
             with self._lock:
                 self._response = None
             response.close()
+        if overdue.is_set():
+            raise Overdue(f"the watch outlived its {self._watch_seconds}s timeout")
 
     def _event(self, event: object) -> None:
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
@@ -477,6 +497,11 @@ def _lines(response: Any) -> Iterator[bytes]:
 def _bounded(line: bytes | bytearray) -> None:
     if len(line) > MAX_RESPONSE_BYTES:
         raise Hostile(f"watch event over {MAX_RESPONSE_BYTES} bytes")
+
+
+def _overdue(response: Any, overdue: threading.Event) -> None:
+    overdue.set()
+    _shutdown(response)
 
 
 def _shutdown(response: Any) -> None:
