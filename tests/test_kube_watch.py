@@ -476,3 +476,20 @@ def test_a_watch_that_drips_forever_is_ended_past_its_timeout(
         w.stop()
         server.close()
         assert w.join(5)
+
+
+def test_a_slice_of_another_service_never_feeds_this_one(fake: FakeKube, access: KubeAccess) -> None:
+    """The server selects by the service-name label; a server (or proxy) that sends another Service's slice anyway
+    made its endpoints this backend's. Now such an object is ignored in a list and is a deletion in a watch."""
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    ours = _slice("reports-a", "10.1.0.1")
+    theirs = endpoint_slice("billing", [endpoint("10.9.0.9", namespace="shop")], namespace="shop", name="billing-a")
+    theirs["metadata"]["resourceVersion"] = ours["metadata"]["resourceVersion"] = "5"  # type: ignore[index]
+    w._event({"type": "ADDED", "object": ours})
+    w._event({"type": "ADDED", "object": theirs})
+    assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+    relabelled = {**ours, "metadata": {**ours["metadata"], "labels": {"kubernetes.io/service-name": "billing"}}}  # type: ignore[dict-item]
+    w._event({"type": "MODIFIED", "object": relabelled})
+    assert _ready(w) == ()
+    w._event({"type": "MODIFIED", "object": {**ours, "metadata": {"name": "reports-a", "resourceVersion": "6"}}})
+    assert _ready(w) == ()  # no labels at all: not ours either

@@ -324,7 +324,7 @@ class ServiceWatch:
                 body = json.loads(self._read_all(page))
                 page_items = body.get("items") if isinstance(body, dict) else None
                 for item in page_items if isinstance(page_items, list) else ():
-                    if (slice_ := parse_slice(item, self._allow)) is not None:
+                    if self._ours(item) and (slice_ := parse_slice(item, self._allow)) is not None:
                         parsed.append(slice_)
                 metadata = body.get("metadata") if isinstance(body, dict) else None
                 token = metadata.get("continue") if isinstance(metadata, dict) else None
@@ -406,6 +406,8 @@ class ServiceWatch:
         version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
         if not isinstance(version, str) or not version:
             raise ValueError(f"{kind} event without metadata.resourceVersion")
+        if kind in ("ADDED", "MODIFIED") and not self._ours(obj):
+            kind = "DELETED"  # not (or no longer) this Service's: as the server says when a label changes
         applied = apply_event(self.state.slices, str(kind), obj, allow=self._allow)
         if applied.dropped:
             CAPPED.labels("slices").inc()
@@ -413,6 +415,15 @@ class ServiceWatch:
         if applied.changed and isinstance(name, str) and (parsed := applied.slices.get(name)) is not None:
             self._report_refused(parsed)
         self._set(applied.slices, version, changed=applied.changed)
+
+    def _ours(self, obj: object) -> bool:
+        """The object carries this Service's label. The server selects by it; checked again because what the API
+        server sends is not trusted to be what was asked for (a proxy, a bug): another Service's slice never feeds
+        this one's backend."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+            return False
+        labels = obj["metadata"].get("labels")
+        return isinstance(labels, dict) and labels.get(SERVICE_NAME_LABEL) == self.name
 
     def _report_refused(self, slice_: Slice) -> None:
         """Logged and counted: a refused address is someone pointing the backend's traffic (and its injected
