@@ -389,12 +389,12 @@ def test_lists_of_many_services_are_read_a_few_at_a_time(
 
 class _DrippingApiServer:
     """Answers a list with no slices, and each watch with a stream that sends one byte every 50 ms and never a
-    newline, ignoring `timeoutSeconds` (`chunked`: as 1-byte chunks; else a response with no length). Counts the
-    watches it was asked for."""
+    newline, ignoring `timeoutSeconds` (`chunked`: as 1-byte chunks; else a response with no length); `empty`: ends
+    each watch at once, cleanly, with no event. Counts the watches it was asked for."""
 
-    def __init__(self, *, chunked: bool) -> None:
+    def __init__(self, *, chunked: bool, empty: bool = False) -> None:
         self.watches = 0
-        self._chunked = chunked
+        self._chunked, self._empty = chunked, empty
         self._closing = threading.Event()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -429,6 +429,9 @@ class _DrippingApiServer:
                 self.watches += 1
                 framing = b"Transfer-Encoding: chunked" if self._chunked else b"Connection: close"
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+                if self._empty:  # ended at once, cleanly: no event
+                    conn.sendall(b"0\r\n\r\n" if self._chunked else b"")
+                    return
                 while not self._closing.wait(0.05):  # the drip's pace, not synchronisation
                     conn.sendall(b"1\r\n \r\n" if self._chunked else b" ")
             except OSError:
@@ -493,3 +496,22 @@ def test_a_slice_of_another_service_never_feeds_this_one(fake: FakeKube, access:
     assert _ready(w) == ()
     w._event({"type": "MODIFIED", "object": {**ours, "metadata": {"name": "reports-a", "resourceVersion": "6"}}})
     assert _ready(w) == ()  # no labels at all: not ours either
+
+
+def test_watches_ended_at_once_by_the_server_are_backed_off(tmp_path: Path) -> None:
+    """A server or proxy that answers every watch with an empty stream, cleanly: each end counted as the server's
+    timeout and the next watch opened at once, hundreds of requests a second per Service. A watch ended within a
+    second with no event is now a failure (client-go's reflector calls it a "very short watch") and backs off."""
+    server = _DrippingApiServer(chunked=True, empty=True)
+    access = KubeAccess(kubeconfig=server.kubeconfig(tmp_path / "k"))
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=Backoff(0.2, 1.0, jitter=False))
+    try:
+        _started(w)
+        started = time.monotonic()
+        poll_until(lambda: time.monotonic() - started > 1.5, 3, interval=0.1, message="a while")
+        assert server.watches <= 6  # backoff 0.2, 0.4, 0.8: about 4 in 1.5 s (it was hundreds)
+        assert w.state.last_error is not None and "short" in w.state.last_error
+    finally:
+        w.stop()
+        server.close()
+        assert w.join(5)

@@ -58,6 +58,7 @@ WATCH_SECONDS = 300  # the server ends each watch after this (`timeoutSeconds`);
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0  # a list page; a watch allows WATCH_SECONDS + this before the connection counts as dead
 BACKOFF = Backoff(base_seconds=0.2, cap_seconds=30.0)
+SHORT_WATCH_SECONDS = 1.0  # a watch ended sooner with no event is a failure (backed off), not the server's timeout
 STOP_JOIN_SECONDS = 5.0  # `stop` waits this long in all for every watch thread (a thread in a request not yet
 # answered cannot be interrupted: it ends when its request times out, on its own, as a daemon thread)
 
@@ -377,11 +378,13 @@ class ServiceWatch:
         timer = threading.Timer(self._watch_seconds + READ_TIMEOUT, _overdue, (response, overdue))
         timer.daemon = True
         timer.start()
+        opened, events = time.monotonic(), 0
         try:
             for line in _lines(response):
                 if self._stop.is_set():
                     return
                 self._event(json.loads(line))
+                events += 1
         except Exception:
             if overdue.is_set():
                 raise Overdue(f"the watch outlived its {self._watch_seconds}s timeout") from None
@@ -393,6 +396,10 @@ class ServiceWatch:
             response.close()
         if overdue.is_set():
             raise Overdue(f"the watch outlived its {self._watch_seconds}s timeout")
+        if not events and not self._stop.is_set() and time.monotonic() - opened < SHORT_WATCH_SECONDS:
+            # Ended at once with nothing in it (a proxy, a server going away): opened again at once, that was a
+            # tight loop of requests. A failure, backed off, as client-go's reflector does ("very short watch").
+            raise ValueError(f"very short watch: ended in under {SHORT_WATCH_SECONDS:.0f}s with no event")
 
     def _event(self, event: object) -> None:
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
