@@ -390,10 +390,12 @@ def test_lists_of_many_services_are_read_a_few_at_a_time(
 class _DrippingApiServer:
     """Answers a list with no slices, and each watch with a stream that sends one byte every 50 ms and never a
     newline, ignoring `timeoutSeconds` (`chunked`: as 1-byte chunks; else a response with no length); `empty`: ends
-    each watch at once, cleanly, with no event. Counts the watches it was asked for."""
+    each watch at once, cleanly, with no event; `endless_list`: every list page says there is another. Counts the
+    lists and watches it was asked for."""
 
-    def __init__(self, *, chunked: bool, empty: bool = False) -> None:
-        self.watches = 0
+    def __init__(self, *, chunked: bool, empty: bool = False, endless_list: bool = False) -> None:
+        self.watches = self.lists = 0
+        self._endless = endless_list
         self._chunked, self._empty = chunked, empty
         self._closing = threading.Event()
         self._listener = socket.socket()
@@ -420,7 +422,9 @@ class _DrippingApiServer:
                 request += data
             try:
                 if b"watch=true" not in request.split(b"\r\n", 1)[0]:
-                    body = json.dumps({"kind": "EndpointSliceList", "items": [], "metadata": {"resourceVersion": "7"}})
+                    self.lists += 1
+                    metadata = {"resourceVersion": "7", **({"continue": "more"} if self._endless else {})}
+                    body = json.dumps({"kind": "EndpointSliceList", "items": [], "metadata": metadata})
                     conn.sendall(
                         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
                         + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
@@ -511,6 +515,22 @@ def test_watches_ended_at_once_by_the_server_are_backed_off(tmp_path: Path) -> N
         poll_until(lambda: time.monotonic() - started > 1.5, 3, interval=0.1, message="a while")
         assert server.watches <= 6  # backoff 0.2, 0.4, 0.8: about 4 in 1.5 s (it was hundreds)
         assert w.state.last_error is not None and "short" in w.state.last_error
+    finally:
+        w.stop()
+        server.close()
+        assert w.join(5)
+
+
+def test_a_list_whose_pages_never_end_is_cut(tmp_path: Path) -> None:
+    """Every page carrying a `continue` token and no item: the list asked for page after page, with no backoff and
+    no end, and the Service never synced. Pages are now bounded (what MAX_SLICES_PER_SERVICE needs, twice)."""
+    server = _DrippingApiServer(chunked=True, endless_list=True)
+    access = KubeAccess(kubeconfig=server.kubeconfig(tmp_path / "k"))
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    try:
+        w.start()
+        assert w.synced.wait(10), f"never synced after {server.lists} list pages"
+        assert server.lists == kube_source.MAX_LIST_PAGES
     finally:
         w.stop()
         server.close()

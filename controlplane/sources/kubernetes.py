@@ -48,6 +48,9 @@ log = logging.getLogger("controlplane.kubernetes")
 
 MAX_SERVICES = 256  # threads: one per watched Service
 LIST_PAGE = 100  # slices per list request (`limit`); pages follow `continue`
+# Pages one list may take: twice what MAX_SLICES_PER_SERVICE needs (a server may return fewer than `limit`). A server
+# whose every page says there is another (no item, a `continue` token) was asked forever, at full speed.
+MAX_LIST_PAGES = 2 * -(-MAX_SLICES_PER_SERVICE // LIST_PAGE)
 # List pages read and parsed at once, all Services together: a page is up to MAX_RESPONSE_BYTES and ~4 times that
 # parsed, and after an API server restart every watch is answered 410 and relists at the same moment (256 Services
 # at once was 256 of them: ~20 GiB).
@@ -316,7 +319,7 @@ class ServiceWatch:
         before the next is read: only what discovery uses of it is kept (a page's raw objects are ~10 times that)."""
         parsed: list[Slice] = []
         token: str | None = None
-        while True:
+        for _ in range(MAX_LIST_PAGES):
             kwargs: dict[str, Any] = {"limit": LIST_PAGE}
             if token:
                 kwargs["_continue"] = token
@@ -352,13 +355,14 @@ class ServiceWatch:
     @contextlib.contextmanager
     def _listing(self) -> Iterator[None]:
         """One of the LIST_CONCURRENCY slots, waited for as long as the watch is not stopped."""
-        while not _LISTING.acquire(timeout=0.2):
+        slots = _LISTING  # the one acquired is the one released, even if the module's is replaced meanwhile
+        while not slots.acquire(timeout=0.2):
             if self._stop.is_set():
                 raise Stopped
         try:
             yield
         finally:
-            _LISTING.release()
+            slots.release()
 
     def _watch(self) -> None:
         """One watch from the current version, until the server ends it (its timeout) or an error."""
