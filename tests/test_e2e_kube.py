@@ -270,3 +270,25 @@ def test_a_restart_during_an_api_outage_answers_503_until_a_list_succeeds(
             assert built.controlplane.metric("controlplane_kubernetes_sync_age_seconds", service="shop/reports") == -1
             api.start()
             poll_until(lambda: built.answered_by() == "pod-a", 40, message="served once the list succeeds")
+
+
+def test_a_slice_with_a_zoned_address_does_not_freeze_the_backend(
+    kube_stack: KubeStack, pods: tuple[EchoBackend, EchoBackend]
+) -> None:
+    """A slice listing `fd00::1%lo` (a non-validating API server stores it): Envoy NACKed the assignment holding it,
+    and every later one of that backend too, so pod-b becoming ready was never followed. Such an address is
+    dropped; the backend keeps following its pods, with no NACK."""
+    _, pod_b = pods
+    kube_stack.api.create(
+        endpoint_slice(
+            "reports",
+            [endpoint("fd00::1%lo", namespace="shop")],
+            namespace="shop",
+            name="reports-zoned",
+            ports=[("http", 80)],
+            address_type="IPv6",
+        )
+    )
+    kube_stack.api.replace(pod_slice(pod_b))
+    poll_until(lambda: "pod-b" in kube_stack.spread(10), 5, message="pod-b followed")
+    assert kube_stack.controlplane.metric("controlplane_xds_nacks_total", type="eds") == 0

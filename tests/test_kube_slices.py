@@ -259,3 +259,10 @@ def test_a_services_slices_hold_a_bounded_number_of_addresses(monkeypatch: pytes
     applied = apply_event(slices, "MODIFIED", bigger)  # grown past the bound: left out, its old addresses too
     assert applied.dropped and applied.changed and sorted(applied.slices) == ["a"]
     assert apply_event(applied.slices, "ADDED", c).slices.keys() == {"a", "c"}
+
+
+def test_an_address_with_a_zone_is_dropped() -> None:
+    """`fd00::1%eth0` parses in Python; Envoy refused (NACKed) the assignment holding it and the backend then
+    followed no change (tests/test_e2e_kube.py)."""
+    parsed = parse_slice(_slice("a", [("fd00::1%eth0", True), ("fd00::2", True)], address_type="IPv6"))
+    assert parsed is not None and parsed.addresses == ("fd00::2",)

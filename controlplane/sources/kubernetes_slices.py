@@ -136,8 +136,10 @@ def _ready(conditions: object) -> bool:
 
 
 def _ip(value: object, address_type: str) -> str | None:
-    """The address in its canonical form (so `::1` and `0::1` dedupe), of the slice's family, or None."""
-    if not isinstance(value, str) or len(value) > 45:
+    """The address in its canonical form (so `::1` and `0::1` dedupe), of the slice's family, or None. Not one with
+    a zone (`fd00::1%eth0`): Python parses it, the API server refuses it, and Envoy NACKs the assignment holding
+    it, after which the backend followed no change at all."""
+    if not isinstance(value, str) or len(value) > 45 or "%" in value:
         return None
     try:
         ip = ipaddress.ip_address(value)
