@@ -535,3 +535,23 @@ def test_a_list_whose_pages_never_end_is_cut(tmp_path: Path) -> None:
         w.stop()
         server.close()
         assert w.join(5)
+
+
+def test_refused_addresses_are_counted_each_and_logged_once_per_slice(
+    fake: FakeKube, access: KubeAccess, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.validate = False  # a server older than the fix of CVE-2021-25737
+    fake.create(_slice("reports-a", *(f"127.0.0.{i}" for i in range(1, 51)), "169.254.169.254", "10.1.0.1"))
+    before = {r: kube_source.REFUSED_ENDPOINTS.labels(r)._value.get() for r in ("loopback", "link-local")}
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    try:
+        with caplog.at_level("WARNING", logger="controlplane.kubernetes"):
+            _started(w)
+        assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+        assert kube_source.REFUSED_ENDPOINTS.labels("loopback")._value.get() == before["loopback"] + 50
+        assert kube_source.REFUSED_ENDPOINTS.labels("link-local")._value.get() == before["link-local"] + 1
+        lines = [r.getMessage() for r in caplog.records if "refused addresses" in r.getMessage()]
+        assert len(lines) == 1 and "127.0.0.1 (loopback)" in lines[0] and "and 48 more" in lines[0]
+    finally:
+        w.stop()
+        assert w.join()

@@ -439,14 +439,17 @@ class ServiceWatch:
     def _report_refused(self, slice_: Slice) -> None:
         """Logged and counted: a refused address is someone pointing the backend's traffic (and its injected
         credential) at the gateway's host or a metadata service, or a misconfigured controller."""
-        for address, reason in slice_.refused:
+        for _, reason in slice_.refused:
             REFUSED_ENDPOINTS.labels(reason).inc()
+        if slice_.refused:  # one line per slice, not per address: a slice may list a thousand
+            shown = ", ".join(f"{address} ({reason})" for address, reason in slice_.refused[:3])
+            more = f" and {len(slice_.refused) - 3} more" if len(slice_.refused) > 3 else ""
             log.warning(
-                "EndpointSlice %s/%s lists a ready endpoint at %s (%s): refused, no traffic is sent there",
+                "EndpointSlice %s/%s lists ready endpoints at refused addresses, no traffic is sent there: %s%s",
                 self.namespace,
                 slice_.name,
-                address,
-                reason,
+                shown,
+                more,
             )
 
     def _set(self, slices: Mapping[str, Slice], version: str, *, changed: bool) -> None:
