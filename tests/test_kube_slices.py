@@ -266,3 +266,14 @@ def test_an_address_with_a_zone_is_dropped() -> None:
     followed no change (tests/test_e2e_kube.py)."""
     parsed = parse_slice(_slice("a", [("fd00::1%eth0", True), ("fd00::2", True)], address_type="IPv6"))
     assert parsed is not None and parsed.addresses == ("fd00::2",)
+
+
+def test_refused_addresses_count_against_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice's refused addresses are kept (to be reported): 1,000 slices of 1,000 multicast or reserved addresses
+    (which the API server stores) were held without bound."""
+    monkeypatch.setattr(kubernetes_slices, "MAX_ADDRESSES_PER_SERVICE", 5, raising=False)
+    a = _slice("a", [("10.0.0.1", True), ("10.0.0.2", True)])
+    b = _slice("b", [(f"239.0.0.{i}", True) for i in range(4)])
+    slices, capped = from_list([a, b])
+    assert list(slices) == ["a"] and capped
+    assert apply_event(slices, "ADDED", b).dropped

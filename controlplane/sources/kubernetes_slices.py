@@ -21,10 +21,10 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ADDRESS_TYPES = frozenset({"IPv4", "IPv6"})
 MAX_SLICES_PER_SERVICE = 1000  # Kubernetes puts up to 100 endpoints in a slice: 100,000 endpoints
 MAX_ENDPOINTS_PER_SERVICE = 5000  # what one backend's assignment may hold; past it the first by address are kept
-# Ready addresses one Service's slices may hold in memory, all slices together. Without it, anyone who can write
-# EndpointSlices in one backend's namespace could make the control plane of every backend hold 1,000 slices of 1,000
-# endpoints per Service (the API's own limits: 72 MiB kept, 600 MiB while listing, per Service). Ten times what an
-# assignment holds: a real Service never comes near it.
+# Ready addresses (served or refused) one Service's slices may hold in memory, all slices together. Without it,
+# anyone who can write EndpointSlices in one backend's namespace could make the control plane of every backend hold
+# 1,000 slices of 1,000 endpoints per Service (the API's own limits: 72 MiB kept, 600 MiB while listing, per
+# Service). Ten times what an assignment holds: a real Service never comes near it.
 MAX_ADDRESSES_PER_SERVICE = 10 * MAX_ENDPOINTS_PER_SERVICE
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -233,7 +233,7 @@ def apply_event(
     if parsed.name not in slices and len(slices) >= limit:
         return Applied(slices, False, dropped=True)
     others = {k: v for k, v in slices.items() if k != parsed.name}
-    if sum(len(s.addresses) for s in others.values()) + len(parsed.addresses) > MAX_ADDRESSES_PER_SERVICE:
+    if sum(map(held, others.values())) + held(parsed) > MAX_ADDRESSES_PER_SERVICE:
         # Left out, and what it held before with it: its old addresses are no longer what Kubernetes says.
         return Applied(others, True, dropped=True) if parsed.name in slices else Applied(slices, False, dropped=True)
     return Applied({**slices, parsed.name: parsed}, True)
@@ -247,6 +247,12 @@ def from_list(
     return keep_first((s for item in items if (s := parse_slice(item, allow)) is not None), limit)
 
 
+def held(slice_: Slice) -> int:
+    """Addresses a slice makes the control plane hold: served and refused alike (a slice of refused addresses is
+    kept to be reported, so it counts against the bound too)."""
+    return len(slice_.addresses) + len(slice_.refused)
+
+
 def keep_first(parsed: Iterable[Slice], limit: int = MAX_SLICES_PER_SERVICE) -> tuple[dict[str, Slice], bool]:
     """The first slices by name, at most `limit` of them and MAX_ADDRESSES_PER_SERVICE addresses in all; True when
     some were left out. By name, so two replicas capping one Service keep the same ones."""
@@ -254,7 +260,7 @@ def keep_first(parsed: Iterable[Slice], limit: int = MAX_SLICES_PER_SERVICE) -> 
     total = 0
     ordered = sorted(parsed, key=lambda s: s.name)
     for slice_ in ordered[:limit]:
-        total += len(slice_.addresses)
+        total += held(slice_)
         if total > MAX_ADDRESSES_PER_SERVICE:
             return kept, True
         kept[slice_.name] = slice_
