@@ -4,6 +4,7 @@ server is down, the last endpoints kept through an outage, the watch set followi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -22,7 +23,7 @@ from controlplane.sources.kubernetes import KubeAccess, KubernetesEndpoints, Ser
 from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.certs import make_pki
 from tests.support.fake_kube import FakeKube, endpoint, endpoint_slice
-from tests.support.ports import poll_until
+from tests.support.ports import eventually, poll_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kubernetes-service"
 FAST = Backoff(base_seconds=0.05, cap_seconds=0.4, jitter=False)
@@ -555,3 +556,37 @@ def test_refused_addresses_are_counted_each_and_logged_once_per_slice(
     finally:
         w.stop()
         assert w.join()
+
+
+def test_a_storm_of_slice_changes_is_a_few_compiles(fake: FakeKube, access: KubeAccess) -> None:
+    """200 MODIFIED events as fast as the API server takes them: each wakes the loop, but a compile (20 ms here)
+    covers every change made before it started, so the compiles are bounded by time, not by events."""
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    source = KubernetesEndpoints(access, backoff=FAST)
+
+    async def scenario() -> tuple[int, float]:
+        stopping, compiles = asyncio.Event(), 0
+
+        async def compile_() -> None:
+            nonlocal compiles
+            compiles += 1
+            await asyncio.sleep(0.02)  # stands for a compile's duration, not synchronisation
+
+        runner = asyncio.ensure_future(source.run(compile_, stopping))
+        await asyncio.to_thread(source.prepare, _policy("reports"))
+        started = time.monotonic()
+        await asyncio.to_thread(
+            lambda: [fake.replace(_slice("reports-a", f"10.1.{i // 250}.{i % 250}")) for i in range(200)]
+        )
+        await eventually(lambda: source.endpoints(REF) == (Endpoint("10.1.0.199", 8080),), "the last change")
+        elapsed = time.monotonic() - started
+        stopping.set()
+        await asyncio.wait_for(runner, 5)
+        return compiles, elapsed
+
+    try:
+        compiles, elapsed = asyncio.run(scenario())
+    finally:
+        source.stop()
+    print(f"\n200 slice changes in {elapsed:.2f}s: {compiles} compiles")
+    assert compiles <= elapsed / 0.02 + 2 and compiles < 200
