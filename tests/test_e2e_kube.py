@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,22 +87,77 @@ def pods() -> Iterator[tuple[EchoBackend, EchoBackend]]:
 
 @pytest.fixture
 def kube_stack(tmp_path: Path, pods: tuple[EchoBackend, EchoBackend]) -> Iterator[KubeStack]:
+    """The "pods" listen on loopback, an address the control plane refuses by default (a slice pointing the
+    gateway at its own host): serve is told to allow 127.0.0.1 here, as a test cluster would, and the fake API
+    server to store what a real one (since the fix of CVE-2021-25737) refuses."""
     pod_a, pod_b = pods
     with FakeKube() as api:
+        api.validate = False
         api.create(pod_slice(pod_a))
         api.create(pod_slice(pod_b, ready=False))
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", token_file=tmp_path / "token")
-        with serve_stack(
-            tmp_path,
-            policy,
-            kind=KubeStack,
-            envoy=EnvoySpec("kube-1", "kube-envoy"),
-            backends=("static",),
-            serve_args=("--kubeconfig", str(kubeconfig)),
-            ready=lambda built: built.answered_by() == "pod-a",
+        with _serving(
+            tmp_path, api, ("--kube-allow-endpoints", "127.0.0.1/32"), lambda b: b.answered_by() == "pod-a"
         ) as built:
-            built.kube = api
             yield built
+
+
+@contextlib.contextmanager
+def _serving(
+    tmp_path: Path, api: FakeKube, args: tuple[str, ...], ready: Callable[[KubeStack], object]
+) -> Iterator[KubeStack]:
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", token_file=tmp_path / "token")
+    with serve_stack(
+        tmp_path,
+        policy,
+        kind=KubeStack,
+        envoy=EnvoySpec("kube-1", "kube-envoy"),
+        backends=("static",),
+        serve_args=("--kubeconfig", str(kubeconfig), *args),
+        ready=ready,
+    ) as built:
+        built.kube = api
+        yield built
+
+
+@pytest.mark.parametrize(
+    ("address", "family", "reason"),
+    [
+        ("127.0.0.1", "IPv4", "loopback"),
+        ("0.0.0.0", "IPv4", "unspecified"),
+        ("::ffff:127.0.0.1", "IPv6", "ipv4-mapped"),
+    ],
+)
+def test_a_slice_pointing_at_the_gateways_own_host_gets_no_traffic(
+    tmp_path: Path, pods: tuple[EchoBackend, EchoBackend], address: str, family: str, reason: str
+) -> None:
+    """Anyone who can write an EndpointSlice in the backend's namespace can list the gateway's own host: Envoy would
+    connect there (its admin port, any local listener) with the job's request and the backend's injected
+    credential. Without --kube-allow-endpoints such an endpoint is refused: 503, the local listener gets nothing,
+    the refusal is counted. (Before the refusal, the "pod" on loopback answered every request.)"""
+    pod, _ = pods
+    local = endpoint_slice(
+        "reports",
+        [endpoint(address, namespace="shop", pod=pod.name)],
+        namespace="shop",
+        name="reports-local",
+        ports=[("http", pod.port)],
+        address_type=family,
+    )
+    with FakeKube() as api:
+        api.validate = False  # an API server older than the fix of CVE-2021-25737 stores it
+        api.create(local)
+
+        def up(built: KubeStack) -> bool:
+            return built.request("deploy.local", "/healthz").status == 200
+
+        with _serving(tmp_path, api, (), up) as built:
+            assert built.spread(10) == {None}  # 503: no host in the assignment
+            assert pod.requests == []
+            metric = "controlplane_kubernetes_refused_endpoints_total"
+            poll_until(lambda: built.controlplane.metric(metric, reason=reason) >= 1, 5, message="refusal counted")
+            assert built.controlplane.metric("controlplane_kubernetes_ready_endpoints", backend="reports-api") == 0
+            status = built.controlplane.status()["kubernetes"]["services"]["shop/reports"]
+            assert status["synced"] and status["last_error"] is None
 
 
 def _timed(change: object, until: object) -> float:
@@ -190,3 +245,50 @@ def test_a_policy_naming_services_without_kubernetes_access_is_refused_and_not_r
         assert readyz.status == 503 and "no good policy load" in readyz.text
     finally:
         controlplane.close()
+
+
+def test_a_restart_during_an_api_outage_answers_503_until_a_list_succeeds(
+    tmp_path: Path, pods: tuple[EchoBackend, EchoBackend]
+) -> None:
+    """Nothing is persisted: a control plane started while the API server is away knows no endpoint, and the
+    documented answer is 503 (fail closed), not a 404, a hang or another backend; the first list fixes it."""
+    pod_a, _ = pods
+    with FakeKube() as api:
+        api.validate = False
+        api.create(pod_slice(pod_a))
+        api.stop()
+
+        def up(built: KubeStack) -> bool:
+            return built.request("deploy.local", "/healthz").status == 200
+
+        with _serving(tmp_path, api, ("--kube-allow-endpoints", "127.0.0.1/32"), up) as built:
+            response = built.request("reports.local", "/healthz")
+            assert response.status == 503, response.text
+            assert pod_a.requests == []
+            status = built.controlplane.status()["kubernetes"]["services"]["shop/reports"]
+            assert not status["synced"] and status["last_error"] is not None
+            assert built.controlplane.metric("controlplane_kubernetes_sync_age_seconds", service="shop/reports") == -1
+            api.start()
+            poll_until(lambda: built.answered_by() == "pod-a", 40, message="served once the list succeeds")
+
+
+def test_a_slice_with_a_zoned_address_does_not_freeze_the_backend(
+    kube_stack: KubeStack, pods: tuple[EchoBackend, EchoBackend]
+) -> None:
+    """A slice listing `fd00::1%lo` (a non-validating API server stores it): Envoy NACKed the assignment holding it,
+    and every later one of that backend too, so pod-b becoming ready was never followed. Such an address is
+    dropped; the backend keeps following its pods, with no NACK."""
+    _, pod_b = pods
+    kube_stack.api.create(
+        endpoint_slice(
+            "reports",
+            [endpoint("fd00::1%lo", namespace="shop")],
+            namespace="shop",
+            name="reports-zoned",
+            ports=[("http", 80)],
+            address_type="IPv6",
+        )
+    )
+    kube_stack.api.replace(pod_slice(pod_b))
+    poll_until(lambda: "pod-b" in kube_stack.spread(10), 5, message="pod-b followed")
+    assert kube_stack.controlplane.metric("controlplane_xds_nacks_total", type="eds") == 0

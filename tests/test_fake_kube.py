@@ -183,9 +183,25 @@ def test_it_refuses_what_the_api_server_refuses(kube: FakeKube) -> None:
     assert "not a DNS label" in refused(endpoint_slice("web", [endpoint("10.0.0.1")], ports=[("HTTP", 80)]))
     assert "at most 1000" in refused(web_slice(*(f"10.0.{i // 250}.{i % 250}" for i in range(1001))))
     assert "between 1 and 100" in refused(endpoint_slice("web", [endpoint([])]))
+    # Since CVE-2021-25737 (EndpointSlices could point kube-proxy at a node's own host) the server refuses these:
+    assert "loopback" in refused(web_slice("127.0.0.1"))
+    assert "loopback" in refused(web_slice("::1", address_type="IPv6"))
+    assert "loopback" in refused(web_slice("::ffff:127.0.0.1", address_type="IPv6"))
+    assert "unspecified" in refused(web_slice("0.0.0.0"))
+    assert "link-local" in refused(web_slice("169.254.169.254"))
+    assert "link-local multicast" in refused(web_slice("224.0.0.5"))
     assert kube.slices() == [] and kube.resource_version == "1000", "nothing refused was stored"
     kube.validate = False  # a test that wants to feed the discovery what no real server would
     assert kube.create(web_slice("fd00::1"))["endpoints"][0]["addresses"] == ["fd00::1"]
+    assert kube.create(web_slice("127.0.0.1", name="local"))["endpoints"][0]["addresses"] == ["127.0.0.1"]
+
+
+def test_it_stores_special_addresses_the_api_server_does_not_refuse(kube: FakeKube) -> None:
+    """What the control plane must refuse on its own: the API server stores these."""
+    for i, address in enumerate(("239.1.2.3", "255.255.255.255", "100.100.100.200")):
+        kube.create(web_slice(address, name=f"web-{i}"))
+    kube.create(web_slice("fd00:ec2::254", name="web-v6", address_type="IPv6"))
+    assert len(kube.slices()) == 4
 
 
 # --- lists

@@ -91,6 +91,8 @@ def test_mixing_addresses_and_services_is_an_error_at_the_first_odd_one() -> Non
         ("{service: shop/1reports, port: http}", "endpoints[0].service", "namespace/name"),
         ("{service: shop/reports, port: HTTP}", "endpoints[0].port", "lower-case"),
         ("{service: shop/reports, port: 0}", "endpoints[0].port", ""),
+        # A quoted number was taken as a port *name* "80", matched no slice's port and served nothing (503).
+        ("{service: shop/reports, port: '80'}", "endpoints[0].port", "write the number unquoted"),
         ("{service: shop/reports}", "endpoints[0].port", "missing required key"),
         ("{service: shop/reports, port: http, address: 10.0.0.1}", "endpoints[0].address", "not both"),
         ("{service: shop/reports, port: http, namespace: x}", "endpoints[0].namespace", "unknown key"),

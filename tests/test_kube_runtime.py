@@ -144,3 +144,38 @@ def test_changes_wake_one_recompile_and_changes_during_it_one_more() -> None:
         return calls
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_watches_started_for_a_refused_policy_are_stopped(tmp_path: Path) -> None:
+    """`prepare` starts the watches of a candidate's new Services before it is compiled; when the candidate is then
+    refused (GitLab cannot judge it, a compile error), they ran on until some later policy was accepted: a series of
+    broken commits naming other Services piled up threads past the 256 bound."""
+    from controlplane.sources.kubernetes import KubeAccess, KubernetesEndpoints
+    from tests.support.fake_kube import FakeKube
+
+    with FakeKube() as fake:
+        kube = KubernetesEndpoints(KubeAccess(kubeconfig=fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        verdict: list[str | None] = [None]
+        shutil.copytree(EXAMPLE, tmp_path / "policy")
+        service = PolicyService(
+            tmp_path / "policy",
+            SnapshotCache(),
+            clock=lambda: 1000.0,
+            prepare=lambda candidate: kube.prepare(candidate) or verdict[0],
+            endpoints=kube.for_backend,
+            published=kube.retain,
+        )
+        try:
+            verdict[0] = "GitLab cannot read a project it names"
+            assert not service.reload()
+            assert kube.status()["services"] == {}  # the refused candidate's watch was stopped
+            verdict[0] = None
+            assert service.reload()
+            assert list(kube.status()["services"]) == ["shop/reports"]  # type: ignore[call-overload]
+            policy = tmp_path / "policy" / "backends.yaml"
+            policy.write_text(policy.read_text().replace("shop/reports", "shop/other"))
+            verdict[0] = "refused again"
+            assert not service.reload()
+            assert list(kube.status()["services"]) == ["shop/reports"]  # type: ignore[call-overload]
+        finally:
+            kube.stop()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
 
 from controlplane.model.policy import Endpoint
+from controlplane.sources import kubernetes_slices
 from controlplane.sources.kubernetes_slices import (
     Slice,
     apply_event,
@@ -170,3 +172,108 @@ def test_a_list_over_the_cap_keeps_the_first_by_name() -> None:
 
 def _ready_of(slices: dict[str, Slice] | Any) -> tuple[Endpoint, ...]:
     return ready_endpoints(slices.values(), "http").endpoints
+
+
+# Addresses a slice may list that must never receive the backend's traffic (and its injected credential): the
+# gateway's own host, a cloud's metadata service, multicast. Before the refusal they were all served.
+REFUSED = [
+    ("127.0.0.1", "IPv4", "loopback"),
+    ("127.3.4.5", "IPv4", "loopback"),
+    ("0.0.0.0", "IPv4", "unspecified"),
+    ("169.254.169.254", "IPv4", "link-local"),
+    ("169.254.0.1", "IPv4", "link-local"),
+    ("100.100.100.200", "IPv4", "metadata"),
+    ("224.0.0.1", "IPv4", "multicast"),
+    ("239.1.2.3", "IPv4", "multicast"),
+    ("255.255.255.255", "IPv4", "reserved"),
+    ("::1", "IPv6", "loopback"),
+    ("0::1", "IPv6", "loopback"),
+    ("::", "IPv6", "unspecified"),
+    ("::ffff:127.0.0.1", "IPv6", "ipv4-mapped"),
+    ("::ffff:169.254.169.254", "IPv6", "ipv4-mapped"),
+    ("::ffff:10.0.0.1", "IPv6", "ipv4-mapped"),
+    ("::127.0.0.1", "IPv6", "ipv4-compatible"),
+    ("fe80::1", "IPv6", "link-local"),
+    ("fd00:ec2::254", "IPv6", "metadata"),
+    ("fd20:ce::254", "IPv6", "metadata"),
+    ("ff02::1", "IPv6", "multicast"),
+]
+
+
+@pytest.mark.parametrize(("address", "family", "reason"), REFUSED)
+def test_an_address_on_the_gateway_host_or_a_metadata_service_is_refused(
+    address: str, family: str, reason: str
+) -> None:
+    good = "10.0.0.9" if family == "IPv4" else "fd00::9"
+    parsed = parse_slice(_slice("a", [(address, True), (good, True)], address_type=family))
+    assert parsed is not None
+    assert parsed.addresses == (good,)
+    assert [r for _, r in parsed.refused] == [reason]
+    assert ready_endpoints([parsed], "http").endpoints == (Endpoint(good, 8080),)
+
+
+def test_pod_and_service_ranges_are_not_refused() -> None:
+    ordinary = ["10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "8.8.8.8", "169.255.0.1", "126.255.255.255"]
+    parsed = parse_slice(_slice("a", [(a, True) for a in ordinary]))
+    assert parsed is not None and parsed.refused == () and len(parsed.addresses) == len(ordinary)
+    v6 = parse_slice(_slice("b", [(a, True) for a in ("fd00::1", "2001:db8::1", "fd00:ec2::253")], address_type="IPv6"))
+    assert v6 is not None and v6.refused == () and len(v6.addresses) == 3
+
+
+def test_a_refused_first_address_drops_the_endpoint_even_if_another_is_fine() -> None:
+    s = _slice("a", [])
+    s["endpoints"] = [{"addresses": ["127.0.0.1", "10.0.0.1"], "conditions": {"ready": True}}]
+    parsed = parse_slice(s)
+    assert parsed is not None and parsed.addresses == () and parsed.refused == (("127.0.0.1", "loopback"),)
+
+
+def test_a_not_ready_refused_address_is_not_reported() -> None:
+    parsed = parse_slice(_slice("a", [("127.0.0.1", False)]))
+    assert parsed is not None and parsed.addresses == () and parsed.refused == ()
+
+
+def test_allowed_networks_let_a_refused_address_through_and_nothing_else() -> None:
+    allow = (ipaddress.ip_network("127.0.0.0/8"),)
+    s = _slice("a", [("127.0.0.1", True), ("169.254.169.254", True)])
+    parsed = parse_slice(s, allow)
+    assert parsed is not None and parsed.addresses == ("127.0.0.1",)
+    assert parsed.refused == (("169.254.169.254", "link-local"),)
+    slices, _ = from_list([s], allow=allow)
+    assert slices["a"].addresses == ("127.0.0.1",)
+    assert apply_event({}, "ADDED", s, allow=allow).slices["a"].addresses == ("127.0.0.1",)
+    assert apply_event({}, "ADDED", s).slices["a"].addresses == ()
+
+
+def test_a_services_slices_hold_a_bounded_number_of_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 slices of 1,000 endpoints (the API's own limits, writable by anyone who can write EndpointSlices in the
+    namespace) were all kept: ~72 MiB per Service, ~600 MiB while listing."""
+    monkeypatch.setattr(kubernetes_slices, "MAX_ADDRESSES_PER_SERVICE", 5, raising=False)
+    a = _slice("a", [(f"10.0.0.{i}", True) for i in range(3)])
+    b = _slice("b", [(f"10.0.1.{i}", True) for i in range(2)])
+    c = _slice("c", [("10.0.2.1", True)])
+    slices, capped = from_list([c, b, a])
+    assert sorted(slices) == ["a", "b"] and capped  # by name: every replica keeps the same ones
+    applied = apply_event(slices, "ADDED", c)
+    assert applied.dropped and not applied.changed and applied.slices is slices
+    bigger = _slice("b", [(f"10.0.1.{i}", True) for i in range(3)])
+    applied = apply_event(slices, "MODIFIED", bigger)  # grown past the bound: left out, its old addresses too
+    assert applied.dropped and applied.changed and sorted(applied.slices) == ["a"]
+    assert apply_event(applied.slices, "ADDED", c).slices.keys() == {"a", "c"}
+
+
+def test_an_address_with_a_zone_is_dropped() -> None:
+    """`fd00::1%eth0` parses in Python; Envoy refused (NACKed) the assignment holding it and the backend then
+    followed no change (tests/test_e2e_kube.py)."""
+    parsed = parse_slice(_slice("a", [("fd00::1%eth0", True), ("fd00::2", True)], address_type="IPv6"))
+    assert parsed is not None and parsed.addresses == ("fd00::2",)
+
+
+def test_refused_addresses_count_against_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice's refused addresses are kept (to be reported): 1,000 slices of 1,000 multicast or reserved addresses
+    (which the API server stores) were held without bound."""
+    monkeypatch.setattr(kubernetes_slices, "MAX_ADDRESSES_PER_SERVICE", 5, raising=False)
+    a = _slice("a", [("10.0.0.1", True), ("10.0.0.2", True)])
+    b = _slice("b", [(f"239.0.0.{i}", True) for i in range(4)])
+    slices, capped = from_list([a, b])
+    assert list(slices) == ["a"] and capped
+    assert apply_event(slices, "ADDED", b).dropped

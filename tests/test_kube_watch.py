@@ -4,6 +4,9 @@ server is down, the last endpoints kept through an outage, the watch set followi
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ from controlplane.sources.kubernetes import KubeAccess, KubernetesEndpoints, Ser
 from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.certs import make_pki
 from tests.support.fake_kube import FakeKube, endpoint, endpoint_slice
-from tests.support.ports import poll_until
+from tests.support.ports import eventually, poll_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "kubernetes-service"
 FAST = Backoff(base_seconds=0.05, cap_seconds=0.4, jitter=False)
@@ -181,9 +184,9 @@ def test_the_watch_set_follows_the_policy(fake: FakeKube, access: KubeAccess) ->
         source.retain(_policy("reports"))
         assert kube_source.WATCHED_SERVICES._value.get() == 1
         assert set(source.status()["services"]) == {"shop/reports"}  # type: ignore[arg-type]
-        threads = {t.name for t in threading.enumerate()}
-        assert "kubernetes watch shop/reports" in threads
-        assert "kubernetes watch shop/reports-canary" not in threads  # stopped and joined
+        assert "kubernetes watch shop/reports" in _threads()
+        # stopped, not joined by retain (it runs on the event loop); its watch was shut down, so it ends at once
+        poll_until(lambda: "kubernetes watch shop/reports-canary" not in _threads(), 2, message="canary stopped")
         source.retain(None)
         assert source.for_backend(backend) == ()
     finally:
@@ -277,3 +280,313 @@ def test_a_response_over_the_size_bound_is_refused_and_counted(
     finally:
         w.stop()
         assert w.join()
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+@pytest.fixture
+def mute_access(tmp_path: Path) -> Iterator[KubeAccess]:
+    """An API server that accepts TCP connections and never answers: a listening socket never accepted from (the
+    kernel completes the handshakes, the requests sit unread). Closing it resets them."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(512)
+        port = listener.getsockname()[1]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "mute", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "users": [{"name": "mute", "user": {"token": "t"}}],
+            "contexts": [{"name": "mute", "context": {"cluster": "mute", "user": "mute"}}],
+            "current-context": "mute",
+        }
+        path = tmp_path / "mute-kubeconfig"
+        path.write_text(json.dumps(config))
+        yield KubeAccess(kubeconfig=path)
+
+
+def test_dropping_services_whose_api_server_never_answers_does_not_block(mute_access: KubeAccess) -> None:
+    """`retain` runs on the event loop after a policy is published. It joined each removed watch for up to 5 s,
+    and a thread blocked in a request not answered yet cannot be interrupted: 3 Services dropped froze every xDS
+    stream for 15 s (256 for 21 minutes)."""
+    source = KubernetesEndpoints(mute_access, backoff=FAST, initial_wait=0.2)
+    try:
+        assert source.prepare(_policy("reports", "reports-a", "reports-b")) is None  # not synced: waited 0.2 s
+        started = time.monotonic()
+        source.retain(None)
+        assert time.monotonic() - started < 0.5
+        assert kube_source.WATCHED_SERVICES._value.get() == 0
+        assert "kubernetes watch shop/reports" in _threads()  # still blocked in its list request
+        assert not [s for s in kube_source.SYNC_AGE.collect()[0].samples if s.labels["service"] == "shop/reports"]
+    finally:
+        source.stop()
+
+
+def test_a_service_named_again_while_its_old_watch_hangs_reuses_that_thread(mute_access: KubeAccess) -> None:
+    """A policy flapping while the API server hangs must not pile up one more blocked thread per flap."""
+    source = KubernetesEndpoints(mute_access, backoff=FAST, initial_wait=0.05)
+    try:
+        for _ in range(5):
+            source.prepare(_policy("reports"))
+            source.retain(_policy("reports"))
+            source.retain(None)
+        watching = [t for t in threading.enumerate() if t.name == "kubernetes watch shop/reports"]
+        assert len(watching) == 1
+        source.prepare(_policy("reports"))
+        assert set(source.status()["services"]) == {"shop/reports"}  # type: ignore[arg-type]
+    finally:
+        source.stop()
+
+
+def test_stop_waits_for_hung_watches_once_not_once_each(
+    mute_access: KubeAccess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kube_source, "STOP_JOIN_SECONDS", 0.5)
+    source = KubernetesEndpoints(mute_access, backoff=FAST, initial_wait=0.05)
+    source.prepare(_policy(*(f"reports-{i}" for i in range(6))))
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 1.5  # it was 0.5 s per watch: 3 s
+
+
+def test_lists_of_many_services_are_read_a_few_at_a_time(
+    fake: FakeKube, access: KubeAccess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list page is up to 16 MiB and several times that parsed; after an API server restart every watch relists
+    at once. Every Service's page was read and parsed at the same time (256 Services: ~20 GiB)."""
+    monkeypatch.setattr(kube_source, "_LISTING", threading.BoundedSemaphore(2), raising=False)
+    inside, most, lock, gate = 0, 0, threading.Lock(), threading.Event()
+    read_all = ServiceWatch._read_all
+
+    def counting(self: ServiceWatch, response: object) -> bytes:
+        nonlocal inside, most
+        if self._stop.is_set():  # an earlier test's stopped watch whose retry reached this port: not counted
+            return read_all(self, response)
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        gate.wait(5)
+        with lock:
+            inside -= 1
+        return read_all(self, response)
+
+    monkeypatch.setattr(ServiceWatch, "_read_all", counting)
+    source = KubernetesEndpoints(access, backoff=FAST, initial_wait=0.0)
+    try:
+        source.prepare(_policy(*(f"reports-{i}" for i in range(6))))
+        poll_until(lambda: inside >= 2, 5, message="two lists being read")
+        ended = time.monotonic() + 0.3
+        while time.monotonic() < ended:  # the other four wait for a slot: never a third read at once
+            assert inside <= 2 and fake.lists == 2
+        gate.set()
+        poll_until(lambda: all(s["synced"] for s in source.status()["services"].values()), 5, message="all listed")  # type: ignore[attr-defined]
+        assert most == 2
+    finally:
+        gate.set()
+        source.stop()
+
+
+class _DrippingApiServer:
+    """Answers a list with no slices, and each watch with a stream that sends one byte every 50 ms and never a
+    newline, ignoring `timeoutSeconds` (`chunked`: as 1-byte chunks; else a response with no length); `empty`: ends
+    each watch at once, cleanly, with no event; `endless_list`: every list page says there is another. Counts the
+    lists and watches it was asked for."""
+
+    def __init__(self, *, chunked: bool, empty: bool = False, endless_list: bool = False) -> None:
+        self.watches = self.lists = 0
+        self._endless = endless_list
+        self._chunked, self._empty = chunked, empty
+        self._closing = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            try:
+                if b"watch=true" not in request.split(b"\r\n", 1)[0]:
+                    self.lists += 1
+                    metadata = {"resourceVersion": "7", **({"continue": "more"} if self._endless else {})}
+                    body = json.dumps({"kind": "EndpointSliceList", "items": [], "metadata": metadata})
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+                    )
+                    return
+                self.watches += 1
+                framing = b"Transfer-Encoding: chunked" if self._chunked else b"Connection: close"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+                if self._empty:  # ended at once, cleanly: no event
+                    conn.sendall(b"0\r\n\r\n" if self._chunked else b"")
+                    return
+                while not self._closing.wait(0.05):  # the drip's pace, not synchronisation
+                    conn.sendall(b"1\r\n \r\n" if self._chunked else b" ")
+            except OSError:
+                return
+
+    def kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "drip", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "drip", "user": {"token": "t"}}],
+            "contexts": [{"name": "drip", "context": {"cluster": "drip", "user": "drip"}}],
+            "current-context": "drip",
+        }
+        path.write_text(json.dumps(config))
+        return path
+
+    def close(self) -> None:
+        self._closing.set()
+        self._listener.close()
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_watch_that_drips_forever_is_ended_past_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunked: bool
+) -> None:
+    """A server (or a proxy) that ignores `timeoutSeconds` and keeps the stream alive a byte at a time, never
+    ending a line: each read gets its byte within the read timeout, so the watch lasted forever, its Service frozen
+    on what the list said. It is now ended at `timeoutSeconds` + READ_TIMEOUT and started again."""
+    monkeypatch.setattr(kube_source, "READ_TIMEOUT", 0.5)
+    server = _DrippingApiServer(chunked=chunked)
+    w = ServiceWatch(
+        "shop",
+        "reports",
+        KubeAccess(kubeconfig=server.kubeconfig(tmp_path / "k")),
+        lambda: None,
+        backoff=FAST,
+        watch_seconds=1,
+    )
+    try:
+        _started(w)
+        poll_until(lambda: server.watches >= 2, 8, message="the dripping watch ended and another started")
+        assert kube_source.WATCH_RESTARTS.labels("overdue")._value.get() >= 1
+    finally:
+        w.stop()
+        server.close()
+        assert w.join(5)
+
+
+def test_a_slice_of_another_service_never_feeds_this_one(fake: FakeKube, access: KubeAccess) -> None:
+    """The server selects by the service-name label; a server (or proxy) that sends another Service's slice anyway
+    made its endpoints this backend's. Now such an object is ignored in a list and is a deletion in a watch."""
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    ours = _slice("reports-a", "10.1.0.1")
+    theirs = endpoint_slice("billing", [endpoint("10.9.0.9", namespace="shop")], namespace="shop", name="billing-a")
+    theirs["metadata"]["resourceVersion"] = ours["metadata"]["resourceVersion"] = "5"  # type: ignore[index]
+    w._event({"type": "ADDED", "object": ours})
+    w._event({"type": "ADDED", "object": theirs})
+    assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+    relabelled = {**ours, "metadata": {**ours["metadata"], "labels": {"kubernetes.io/service-name": "billing"}}}  # type: ignore[dict-item]
+    w._event({"type": "MODIFIED", "object": relabelled})
+    assert _ready(w) == ()
+    w._event({"type": "MODIFIED", "object": {**ours, "metadata": {"name": "reports-a", "resourceVersion": "6"}}})
+    assert _ready(w) == ()  # no labels at all: not ours either
+
+
+def test_watches_ended_at_once_by_the_server_are_backed_off(tmp_path: Path) -> None:
+    """A server or proxy that answers every watch with an empty stream, cleanly: each end counted as the server's
+    timeout and the next watch opened at once, hundreds of requests a second per Service. A watch ended within a
+    second with no event is now a failure (client-go's reflector calls it a "very short watch") and backs off."""
+    server = _DrippingApiServer(chunked=True, empty=True)
+    access = KubeAccess(kubeconfig=server.kubeconfig(tmp_path / "k"))
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=Backoff(0.2, 1.0, jitter=False))
+    try:
+        _started(w)
+        started = time.monotonic()
+        poll_until(lambda: time.monotonic() - started > 1.5, 3, interval=0.1, message="a while")
+        assert server.watches <= 6  # backoff 0.2, 0.4, 0.8: about 4 in 1.5 s (it was hundreds)
+        assert w.state.last_error is not None and "short" in w.state.last_error
+    finally:
+        w.stop()
+        server.close()
+        assert w.join(5)
+
+
+def test_a_list_whose_pages_never_end_is_cut(tmp_path: Path) -> None:
+    """Every page carrying a `continue` token and no item: the list asked for page after page, with no backoff and
+    no end, and the Service never synced. Pages are now bounded (what MAX_SLICES_PER_SERVICE needs, twice)."""
+    server = _DrippingApiServer(chunked=True, endless_list=True)
+    access = KubeAccess(kubeconfig=server.kubeconfig(tmp_path / "k"))
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    try:
+        w.start()
+        assert w.synced.wait(10), f"never synced after {server.lists} list pages"
+        assert server.lists == kube_source.MAX_LIST_PAGES
+    finally:
+        w.stop()
+        server.close()
+        assert w.join(5)
+
+
+def test_refused_addresses_are_counted_each_and_logged_once_per_slice(
+    fake: FakeKube, access: KubeAccess, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.validate = False  # a server older than the fix of CVE-2021-25737
+    fake.create(_slice("reports-a", *(f"127.0.0.{i}" for i in range(1, 51)), "169.254.169.254", "10.1.0.1"))
+    before = {r: kube_source.REFUSED_ENDPOINTS.labels(r)._value.get() for r in ("loopback", "link-local")}
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    try:
+        with caplog.at_level("WARNING", logger="controlplane.kubernetes"):
+            _started(w)
+        assert _ready(w) == (Endpoint("10.1.0.1", 8080),)
+        assert kube_source.REFUSED_ENDPOINTS.labels("loopback")._value.get() == before["loopback"] + 50
+        assert kube_source.REFUSED_ENDPOINTS.labels("link-local")._value.get() == before["link-local"] + 1
+        lines = [r.getMessage() for r in caplog.records if "refused addresses" in r.getMessage()]
+        assert len(lines) == 1 and "127.0.0.1 (loopback)" in lines[0] and "and 48 more" in lines[0]
+    finally:
+        w.stop()
+        assert w.join()
+
+
+def test_a_storm_of_slice_changes_is_a_few_compiles(fake: FakeKube, access: KubeAccess) -> None:
+    """200 MODIFIED events as fast as the API server takes them: each wakes the loop, but a compile (20 ms here)
+    covers every change made before it started, so the compiles are bounded by time, not by events."""
+    fake.create(_slice("reports-a", "10.1.0.1"))
+    source = KubernetesEndpoints(access, backoff=FAST)
+
+    async def scenario() -> tuple[int, float]:
+        stopping, compiles = asyncio.Event(), 0
+
+        async def compile_() -> None:
+            nonlocal compiles
+            compiles += 1
+            await asyncio.sleep(0.02)  # stands for a compile's duration, not synchronisation
+
+        runner = asyncio.ensure_future(source.run(compile_, stopping))
+        await asyncio.to_thread(source.prepare, _policy("reports"))
+        started = time.monotonic()
+        await asyncio.to_thread(
+            lambda: [fake.replace(_slice("reports-a", f"10.1.{i // 250}.{i % 250}")) for i in range(200)]
+        )
+        await eventually(lambda: source.endpoints(REF) == (Endpoint("10.1.0.199", 8080),), "the last change")
+        elapsed = time.monotonic() - started
+        stopping.set()
+        await asyncio.wait_for(runner, 5)
+        return compiles, elapsed
+
+    try:
+        compiles, elapsed = asyncio.run(scenario())
+    finally:
+        source.stop()
+    print(f"\n200 slice changes in {elapsed:.2f}s: {compiles} compiles")
+    assert compiles <= elapsed / 0.02 + 2 and compiles < 200

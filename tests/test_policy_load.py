@@ -548,6 +548,11 @@ ERROR_CASES = [
         ("backend.yaml", 4, "endpoints[0].address", "expected an IP address or a lower-case DNS name"),
         id="backend-address",
     ),
+    pytest.param(  # Python parses it; Envoy NACKed the assignment holding it
+        _with(backend=BACKEND_HEAD + "hosts: [a.example.com]\nendpoints: [{address: 'fe80::1%eth0', port: 1}]\n"),
+        ("backend.yaml", 4, "endpoints[0].address", "an IPv6 address with a zone"),
+        id="backend-address-zone",
+    ),
     pytest.param(
         _with(backend=BACKEND_HEAD + "hosts: ['*.example.com']\nendpoints: [{address: a, port: 1}]\n"),
         ("backend.yaml", 1, "audience", "missing required key when hosts[0] is a wildcard"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
@@ -39,6 +40,14 @@ def _host_port(value: str) -> tuple[str, int]:
 def _host_ports(value: str) -> list[tuple[str, int]]:
     """One or more HOST:PORT, comma-separated: `bootstrap --xds-address` lists the control plane's replicas."""
     return [_host_port(part.strip()) for part in value.split(",") if part.strip()] or [_host_port(value)]
+
+
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR (`127.0.0.0/8`) or a single address; host bits set are a usage error, not a silent widening."""
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a network such as 127.0.0.0/8, got {value!r} ({error})") from None
 
 
 def _log_level(value: str) -> str:
@@ -347,6 +356,15 @@ def _parser() -> argparse.ArgumentParser:
         help="kubeconfig of the API server to watch EndpointSlices on (default: the pod's service account)",
     )
     kube.add_argument("--kube-context", help="the kubeconfig's context to use (default: its current-context)")
+    kube.add_argument(
+        "--kube-allow-endpoints",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="serve discovered endpoints in this network although its addresses are refused by default (loopback, "
+        "link-local, metadata...: docs/kubernetes-endpoints.md); for test clusters, never in production. Repeatable",
+    )
     hooks = serve.add_argument_group("GitLab webhooks")
     hooks.add_argument(
         "--webhook-address",
@@ -710,6 +728,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         reload_timeout=args.reload_timeout,
         kubeconfig=args.kubeconfig,
         kube_context=args.kube_context,
+        kube_allow_endpoints=tuple(args.kube_allow_endpoints),
     )
 
 

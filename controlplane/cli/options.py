@@ -6,6 +6,7 @@ import the xDS server, gRPC and the admin server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,6 +172,8 @@ class ServeOptions:
     # Backends naming Kubernetes Services: the API server from this kubeconfig; None: the pod's service account.
     kubeconfig: Path | None = None
     kube_context: str | None = None  # the kubeconfig's context; None: its current-context
+    # Networks whose discovered endpoints are served although refused by default (sources/kubernetes_slices.py).
+    kube_allow_endpoints: tuple[IPv4Network | IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stop_deadline > self.shutdown_grace:

@@ -162,7 +162,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # Injected upstream credentials: a changed secret file recompiles, which changes only Secret resources.
     secrets = SecretsSource(lambda: to_policy().recompile("backend secret changed"))
     # Backends naming Kubernetes Services: their EndpointSlices watched while the policy names them.
-    kube = KubernetesEndpoints(KubeAccess(options.kubeconfig, options.kube_context))
+    kube = KubernetesEndpoints(KubeAccess(options.kubeconfig, options.kube_context), allow=options.kube_allow_endpoints)
     parts.on_stop(lambda: asyncio.to_thread(kube.stop), name="Kubernetes watches")
     credentials = (
         CredentialService(

@@ -149,6 +149,8 @@ def _address_check(value: str) -> str | None:
         ipaddress.ip_address(value)
     except ValueError:
         return f"expected an IP address or a lower-case DNS name, got {quoted(value)}"
+    if "%" in value:  # Python takes fe80::1%eth0; Envoy refuses the whole assignment (a NACK)
+        return f"an IPv6 address with a zone (%...) is not an endpoint Envoy accepts, got {quoted(value)}"
     return None
 
 

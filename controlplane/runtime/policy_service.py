@@ -92,7 +92,7 @@ class PolicyService:
         accept: Callable[[Policy], str | None] = lambda policy: None,
         prepare: Callable[[Policy], str | None] = lambda policy: None,
         endpoints: Callable[[Backend], tuple[Endpoint, ...]] = lambda backend: (),
-        published: Callable[[Policy], None] = lambda policy: None,
+        published: Callable[[Policy | None], None] = lambda policy: None,
     ) -> None:
         """The callables are what the policy alone does not say; each defaults to "nothing", as `validate` and
         the tests want. `credentials`: the control plane's own (signing keys, revoked jobs, exchange route).
@@ -102,8 +102,9 @@ class PolicyService:
         why not. `prepare`: reads from GitLab what a valid policy names beyond the watched set, before it is
         compiled (in the worker thread); an answer is why it cannot be judged. `endpoints`: the ready endpoints
         discovered for a backend naming Kubernetes Services (called in the worker thread; the same tuple while they
-        did not change). `published`: told the policy in service after each accepted load (the Kubernetes watch
-        set follows it)."""
+        did not change). `published`: told the policy in service after each load, accepted or not (None before the
+        first good one): the Kubernetes watch set follows it, and `prepare` may have started watches for a
+        candidate that was then refused."""
         self.source: PolicySource = DirectorySource(source) if isinstance(source, Path) else source
         self.cache = cache
         self.state = PolicyState(root=self.source.description)
@@ -441,11 +442,14 @@ class PolicyService:
         metrics.POLICY_CURRENT_ERRORS.set(0)
         metrics.POLICY_LAST_GOOD_LOAD.set(self.state.last_good_load)
         if self._policy is not None:
-            try:
-                self.published(self._policy)
-            except Exception:  # the snapshot is published; a watch set not updated is logged, not fatal
-                log.exception("following the policy in service failed")
+            self._follow(self._policy)
         log.info("policy loaded from %s: %s", self.source.description, _versions(self.state.versions))
+
+    def _follow(self, policy: Policy | None) -> None:
+        try:
+            self.published(policy)
+        except Exception:  # the snapshot is published; a watch set not updated is logged, not fatal
+            log.exception("following the policy in service failed")
 
     def _publish_snapshots(self, snapshots: dict[str, Snapshot]) -> None:
         changed = self.exchange_policy is not self._pending_exchange
@@ -480,6 +484,7 @@ class PolicyService:
             self.state.live_errors, self.state.live_error_count = invalid.lines(), invalid.total
         else:
             self.state.errors, self.state.error_count = invalid.lines(), invalid.total
+            self._follow(self._policy)  # watches a refused candidate started are stopped
         metrics.POLICY_CURRENT_ERRORS.set(self.state.error_count + self.state.live_error_count)
         kept = "keeping the last good snapshot" if self.state.last_good_load else "no snapshot served yet"
         log.error("policy rejected with %s error(s); %s", _count(invalid), kept)

@@ -30,13 +30,16 @@ from prometheus_client import Counter, Gauge
 from controlplane.model.policy import Backend, Endpoint, Policy, ServiceRef
 from controlplane.retry import Backoff
 from controlplane.sources.kubernetes_slices import (
+    MAX_ADDRESSES_PER_SERVICE,
     MAX_ENDPOINTS_PER_SERVICE,
     MAX_SLICES_PER_SERVICE,
     SERVICE_NAME_LABEL,
+    Network,
     Slice,
     apply_event,
     endpoint_order,
-    from_list,
+    keep_first,
+    parse_slice,
     ready_endpoints,
 )
 from controlplane.telemetry.metrics import REGISTRY
@@ -45,12 +48,22 @@ log = logging.getLogger("controlplane.kubernetes")
 
 MAX_SERVICES = 256  # threads: one per watched Service
 LIST_PAGE = 100  # slices per list request (`limit`); pages follow `continue`
+# Pages one list may take: twice what MAX_SLICES_PER_SERVICE needs (a server may return fewer than `limit`). A server
+# whose every page says there is another (no item, a `continue` token) was asked forever, at full speed.
+MAX_LIST_PAGES = 2 * -(-MAX_SLICES_PER_SERVICE // LIST_PAGE)
+# List pages read and parsed at once, all Services together: a page is up to MAX_RESPONSE_BYTES and ~4 times that
+# parsed, and after an API server restart every watch is answered 410 and relists at the same moment (256 Services
+# at once was 256 of them: ~20 GiB).
+LIST_CONCURRENCY = 4
+_LISTING = threading.BoundedSemaphore(LIST_CONCURRENCY)
 MAX_RESPONSE_BYTES = 16 << 20  # one list page or one watch event; past it the response is refused as hostile
 WATCH_SECONDS = 300  # the server ends each watch after this (`timeoutSeconds`); it resumes from its version
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0  # a list page; a watch allows WATCH_SECONDS + this before the connection counts as dead
 BACKOFF = Backoff(base_seconds=0.2, cap_seconds=30.0)
-STOP_JOIN_SECONDS = 5.0
+SHORT_WATCH_SECONDS = 1.0  # a watch ended sooner with no event is a failure (backed off), not the server's timeout
+STOP_JOIN_SECONDS = 5.0  # `stop` waits this long in all for every watch thread (a thread in a request not yet
+# answered cannot be interrupted: it ends when its request times out, on its own, as a daemon thread)
 
 WATCHED_SERVICES = Gauge(
     "controlplane_kubernetes_watched_services",
@@ -67,7 +80,7 @@ WATCH_RESTARTS = Counter(
     "controlplane_kubernetes_watch_restarts_total",
     "EndpointSlice watches started again, by reason: `expired` (the server ended it, resumed from its version), "
     "`gone` (410: relisted), `error` (no or a bad answer: relisted after a backoff), `hostile` (a response over "
-    "the size bound).",
+    "the size bound), `overdue` (not ended by the server at its timeoutSeconds: ended by us).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -82,6 +95,14 @@ CAPPED = Counter(
     "Times a Service's slices or endpoints were over their bound and some were left out, by what: `slices`, "
     "`endpoints`.",
     ["what"],
+    registry=REGISTRY,
+)
+REFUSED_ENDPOINTS = Counter(
+    "controlplane_kubernetes_refused_endpoints_total",
+    "Ready endpoints left out of a Service's assignment because of their address (loopback, link-local, cloud "
+    "metadata, multicast...: docs/kubernetes-endpoints.md), by reason; counted each time a slice listing one is "
+    "received.",
+    ["reason"],
     registry=REGISTRY,
 )
 SYNC_AGE = Gauge(
@@ -99,6 +120,14 @@ class KubernetesUnavailable(Exception):
 
 class Gone(Exception):
     """410: the resource version asked for is older than the API server keeps; list again."""
+
+
+class Stopped(Exception):
+    """The watch was stopped while waiting for its turn to list."""
+
+
+class Overdue(Exception):
+    """A watch the server did not end at its `timeoutSeconds` (ended by us READ_TIMEOUT later)."""
 
 
 class Hostile(Exception):
@@ -179,13 +208,16 @@ class ServiceWatch:
         *,
         backoff: Backoff = BACKOFF,
         watch_seconds: int = WATCH_SECONDS,
+        allow: tuple[Network, ...] = (),
     ) -> None:
         self.namespace, self.name = namespace, name
+        self._allow = allow
         self.key = f"{namespace}/{name}"
         self.state = _ServiceState()
         self.synced = threading.Event()  # set once the first list is in
         self._access, self._on_change, self._backoff, self._watch_seconds = access, on_change, backoff, watch_seconds
         self._stop = threading.Event()
+        self._finished = False  # the thread left its loop for good (under _lock: see `revive`)
         self._response: Any = None  # the urllib3 response being read, shut down by `stop`
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"kubernetes watch {self.key}", daemon=True)
@@ -195,18 +227,34 @@ class ServiceWatch:
         self._thread.start()
 
     def stop(self) -> None:
+        """Never blocks: the flag, and the socket of the response being read shut down. A request not answered yet
+        has no response to shut: the thread ends when it times out (or is revived)."""
         self._stop.set()
         with self._lock:
             response = self._response
         if response is not None:
             _shutdown(response)
-
-    def join(self, timeout: float = STOP_JOIN_SECONDS) -> bool:
-        self._thread.join(timeout)
-        alive = self._thread.is_alive()
-        if not alive:
+        with contextlib.suppress(KeyError):  # the Service is no longer served: no age to report
             SYNC_AGE.remove(self.key)
-        return not alive
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def revive(self) -> bool:
+        """Undo `stop` if the thread has not left its loop yet (it may be blocked in a request that cannot be
+        interrupted): a Service named again while its old watch is still finishing reuses that thread instead of
+        starting one more, so a policy flapping while the API server hangs does not pile threads up. False when
+        the thread is done (start another watch)."""
+        with self._lock:
+            if self._finished:
+                return False
+            self._stop.clear()
+        SYNC_AGE.labels(self.key).set_function(self.sync_age)
+        return True
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(STOP_JOIN_SECONDS if timeout is None else timeout)
+        return not self._thread.is_alive()
 
     def sync_age(self) -> float:
         synced = self.state.synced_at
@@ -215,6 +263,16 @@ class ServiceWatch:
     # -- the loop
 
     def _run(self) -> None:
+        """The loop until stopped; whether it is over is decided under the lock, so `revive` never races a thread
+        that is leaving."""
+        while True:
+            self._loop()
+            with self._lock:
+                if self._stop.is_set():
+                    self._finished = True
+                    return
+
+    def _loop(self) -> None:
         reason, failures = "start", 0
         while not self._stop.is_set():
             try:
@@ -236,7 +294,9 @@ class ServiceWatch:
                 if self._stop.is_set():
                     break
                 hostile = isinstance(error, Hostile)
-                WATCH_RESTARTS.labels("hostile" if hostile else "error").inc()
+                WATCH_RESTARTS.labels(
+                    "hostile" if hostile else "overdue" if isinstance(error, Overdue) else "error"
+                ).inc()
                 if hostile:  # what was read of it cannot be trusted to have left the slices whole
                     self.state.version = None
                 # Otherwise the watch resumes from the last version, as client-go's reflector does: a dropped
@@ -255,30 +315,54 @@ class ServiceWatch:
                 self._stop.wait(delay)  # the backoff; `stop` ends it at once
 
     def _list(self) -> None:
-        """Every slice of the Service, page by page; the version to watch from is the list's."""
-        items: list[object] = []
+        """Every slice of the Service, page by page; the version to watch from is the list's. Each page is parsed
+        before the next is read: only what discovery uses of it is kept (a page's raw objects are ~10 times that)."""
+        parsed: list[Slice] = []
         token: str | None = None
-        while True:
+        for _ in range(MAX_LIST_PAGES):
             kwargs: dict[str, Any] = {"limit": LIST_PAGE}
             if token:
                 kwargs["_continue"] = token
-            page = self._request(self._call(**kwargs, _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)))
-            body = json.loads(self._read_all(page))
-            page_items = body.get("items") if isinstance(body, dict) else None
-            items.extend(page_items if isinstance(page_items, list) else ())
-            metadata = body.get("metadata") if isinstance(body, dict) else None
-            token = metadata.get("continue") if isinstance(metadata, dict) else None
-            version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
-            if not token or len(items) >= MAX_SLICES_PER_SERVICE:
+            with self._listing():
+                page = self._request(self._call(**kwargs, _request_timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)))
+                body = json.loads(self._read_all(page))
+                page_items = body.get("items") if isinstance(body, dict) else None
+                for item in page_items if isinstance(page_items, list) else ():
+                    if self._ours(item) and (slice_ := parse_slice(item, self._allow)) is not None:
+                        parsed.append(slice_)
+                metadata = body.get("metadata") if isinstance(body, dict) else None
+                token = metadata.get("continue") if isinstance(metadata, dict) else None
+                version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+                del body, page_items  # before the slot is given to another Service's list
+            if not token or len(parsed) >= MAX_SLICES_PER_SERVICE:
                 break
-        slices, capped = from_list(items)
+        slices, capped = keep_first(parsed)
+        for slice_ in slices.values():
+            self._report_refused(slice_)
         if capped or token:
             CAPPED.labels("slices").inc()
-            log.warning("EndpointSlices of %s: over %d slices, the rest left out", self.key, MAX_SLICES_PER_SERVICE)
+            log.warning(
+                "EndpointSlices of %s: over %d slices or %d ready addresses, the rest left out",
+                self.key,
+                MAX_SLICES_PER_SERVICE,
+                MAX_ADDRESSES_PER_SERVICE,
+            )
         if not isinstance(version, str) or not version:
             raise ValueError("list answer without metadata.resourceVersion")
         self._set(slices, version, changed=slices != self.state.slices or self.state.synced_at is None)
         self.synced.set()
+
+    @contextlib.contextmanager
+    def _listing(self) -> Iterator[None]:
+        """One of the LIST_CONCURRENCY slots, waited for as long as the watch is not stopped."""
+        slots = _LISTING  # the one acquired is the one released, even if the module's is replaced meanwhile
+        while not slots.acquire(timeout=0.2):
+            if self._stop.is_set():
+                raise Stopped
+        try:
+            yield
+        finally:
+            slots.release()
 
     def _watch(self) -> None:
         """One watch from the current version, until the server ends it (its timeout) or an error."""
@@ -291,15 +375,35 @@ class ServiceWatch:
                 _request_timeout=(CONNECT_TIMEOUT, self._watch_seconds + READ_TIMEOUT),
             )
         )
+        # The server ends the watch at `timeoutSeconds`; one that does not (a byte now and then, never a whole
+        # line, each read answered within its timeout) would freeze the Service for good: its socket is shut down
+        # READ_TIMEOUT later, and the watch resumes from its version.
+        overdue = threading.Event()
+        timer = threading.Timer(self._watch_seconds + READ_TIMEOUT, _overdue, (response, overdue))
+        timer.daemon = True
+        timer.start()
+        opened, events = time.monotonic(), 0
         try:
             for line in _lines(response):
                 if self._stop.is_set():
                     return
                 self._event(json.loads(line))
+                events += 1
+        except Exception:
+            if overdue.is_set():
+                raise Overdue(f"the watch outlived its {self._watch_seconds}s timeout") from None
+            raise
         finally:
+            timer.cancel()
             with self._lock:
                 self._response = None
             response.close()
+        if overdue.is_set():
+            raise Overdue(f"the watch outlived its {self._watch_seconds}s timeout")
+        if not events and not self._stop.is_set() and time.monotonic() - opened < SHORT_WATCH_SECONDS:
+            # Ended at once with nothing in it (a proxy, a server going away): opened again at once, that was a
+            # tight loop of requests. A failure, backed off, as client-go's reflector does ("very short watch").
+            raise ValueError(f"very short watch: ended in under {SHORT_WATCH_SECONDS:.0f}s with no event")
 
     def _event(self, event: object) -> None:
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
@@ -313,15 +417,45 @@ class ServiceWatch:
         version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
         if not isinstance(version, str) or not version:
             raise ValueError(f"{kind} event without metadata.resourceVersion")
-        applied = apply_event(self.state.slices, str(kind), obj)
+        if kind in ("ADDED", "MODIFIED") and not self._ours(obj):
+            kind = "DELETED"  # not (or no longer) this Service's: as the server says when a label changes
+        applied = apply_event(self.state.slices, str(kind), obj, allow=self._allow)
         if applied.dropped:
             CAPPED.labels("slices").inc()
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        if applied.changed and isinstance(name, str) and (parsed := applied.slices.get(name)) is not None:
+            self._report_refused(parsed)
         self._set(applied.slices, version, changed=applied.changed)
+
+    def _ours(self, obj: object) -> bool:
+        """The object carries this Service's label. The server selects by it; checked again because what the API
+        server sends is not trusted to be what was asked for (a proxy, a bug): another Service's slice never feeds
+        this one's backend."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+            return False
+        labels = obj["metadata"].get("labels")
+        return isinstance(labels, dict) and labels.get(SERVICE_NAME_LABEL) == self.name
+
+    def _report_refused(self, slice_: Slice) -> None:
+        """Logged and counted: a refused address is someone pointing the backend's traffic (and its injected
+        credential) at the gateway's host or a metadata service, or a misconfigured controller."""
+        for _, reason in slice_.refused:
+            REFUSED_ENDPOINTS.labels(reason).inc()
+        if slice_.refused:  # one line per slice, not per address: a slice may list a thousand
+            shown = ", ".join(f"{address} ({reason})" for address, reason in slice_.refused[:3])
+            more = f" and {len(slice_.refused) - 3} more" if len(slice_.refused) > 3 else ""
+            log.warning(
+                "EndpointSlice %s/%s lists ready endpoints at refused addresses, no traffic is sent there: %s%s",
+                self.namespace,
+                slice_.name,
+                shown,
+                more,
+            )
 
     def _set(self, slices: Mapping[str, Slice], version: str, *, changed: bool) -> None:
         self.state.slices, self.state.version = slices, version
         self.state.synced_at, self.state.last_error = time.monotonic(), None
-        if changed:
+        if changed and not self._stop.is_set():  # a stopped watch's Service is no longer served: nothing to wake
             self._on_change()
 
     # -- HTTP
@@ -390,6 +524,11 @@ def _bounded(line: bytes | bytearray) -> None:
         raise Hostile(f"watch event over {MAX_RESPONSE_BYTES} bytes")
 
 
+def _overdue(response: Any, overdue: threading.Event) -> None:
+    overdue.set()
+    _shutdown(response)
+
+
 def _shutdown(response: Any) -> None:
     """Unblocks the read a watch thread is waiting in (urllib3 ≥ 2.3); a response already read and released
     has nothing to unblock."""
@@ -427,12 +566,16 @@ class KubernetesEndpoints:
         backoff: Backoff = BACKOFF,
         watch_seconds: int = WATCH_SECONDS,
         initial_wait: float = 2.0,
+        allow: tuple[Network, ...] = (),
     ) -> None:
         """`access` None: serve was given no way to Kubernetes and is not in a cluster; a policy naming a Service
-        is then refused. `initial_wait`: how long a policy naming a new Service waits for its first list."""
+        is then refused. `initial_wait`: how long a policy naming a new Service waits for its first list. `allow`:
+        networks whose endpoints are served although their addresses are refused by default (REFUSED_NETWORKS)."""
         self._access, self._backoff, self._watch_seconds = access, backoff, watch_seconds
+        self._allow = allow
         self._initial_wait = initial_wait
         self._watches: dict[tuple[str, str], ServiceWatch] = {}
+        self._stopping: dict[tuple[str, str], ServiceWatch] = {}  # stopped, their threads maybe still finishing
         self._lock = threading.Lock()
         self._wake: Callable[[], None] = lambda: None
         self._cache: dict[tuple[ServiceRef, int], tuple[Mapping[str, Slice], tuple[Endpoint, ...]]] = {}
@@ -469,6 +612,11 @@ class KubernetesEndpoints:
         started = []
         with self._lock:
             for namespace, name in sorted(wanted - set(self._watches)):
+                lingering = self._stopping.pop((namespace, name), None)
+                if lingering is not None and lingering.revive():
+                    self._watches[(namespace, name)] = lingering
+                    started.append(lingering)
+                    continue
                 watch = ServiceWatch(
                     namespace,
                     name,
@@ -476,6 +624,7 @@ class KubernetesEndpoints:
                     self._changed,
                     backoff=self._backoff,
                     watch_seconds=self._watch_seconds,
+                    allow=self._allow,
                 )
                 self._watches[(namespace, name)] = watch
                 watch.start()
@@ -494,24 +643,34 @@ class KubernetesEndpoints:
         with self._lock:
             gone = [self._watches.pop(key) for key in sorted(set(self._watches) - wanted)]
             WATCHED_SERVICES.set(len(self._watches))
-        self._stop_all(gone)
+            # Called on the event loop: stopped, never joined here (a thread blocked in a request the API server
+            # does not answer would stall every xDS stream until it times out). Kept to be revived or reaped.
+            self._stopping = {k: w for k, w in self._stopping.items() if w.alive()}
+            for watch in gone:
+                watch.stop()
+                self._stopping[(watch.namespace, watch.name)] = watch
         if gone:
             log.info("no longer watching %s", ", ".join(w.key for w in gone))
 
     def stop(self) -> None:
+        """Every watch stopped and joined, STOP_JOIN_SECONDS in all (not per watch: 256 threads blocked in requests
+        the API server never answers took 256 times that); those still blocked end on their own (daemons)."""
         with self._lock:
-            watches = list(self._watches.values())
+            watches = [*self._watches.values(), *self._stopping.values()]
             self._watches.clear()
+            self._stopping.clear()
             WATCHED_SERVICES.set(0)
-        self._stop_all(watches)
-
-    @staticmethod
-    def _stop_all(watches: list[ServiceWatch]) -> None:
         for watch in watches:
             watch.stop()
-        for watch in watches:
-            if not watch.join():
-                log.warning("the watch of %s did not stop in %.0fs", watch.key, STOP_JOIN_SECONDS)
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
+        stuck = [w.key for w in watches if not w.join(max(0.0, deadline - time.monotonic()))]
+        if stuck:
+            log.warning(
+                "%d Kubernetes watches did not stop in %.0fs (blocked in a request): %s",
+                len(stuck),
+                STOP_JOIN_SECONDS,
+                ", ".join(stuck[:5]),
+            )
 
     # -- what the compile reads
 

@@ -250,6 +250,8 @@ def validation_errors(obj: Obj) -> list[str]:
         for address in addresses:
             if not _address_fits(address, address_type):
                 errors.append(f"endpoints[{i}].addresses: Invalid value: {address!r}: not an {address_type} address")
+            elif address_type != "FQDN" and (special := _special_ip(address)):
+                errors.append(f"endpoints[{i}].addresses: Invalid value: {address!r}: may not be {special}")
     names = [p.get("name", "") for p in ports]
     for port_name in names:
         if port_name and (len(port_name) > 63 or not _DNS_LABEL.match(port_name)):
@@ -269,6 +271,26 @@ def _address_fits(address: Any, address_type: Any) -> bool:
     except ValueError:
         return False
     return parsed.version == (4 if address_type == "IPv4" else 6)
+
+
+def _special_ip(address: str) -> str | None:
+    """What the API server refuses in an EndpointSlice since the fix of CVE-2021-25737 (the checks Endpoints
+    already had): the unspecified address, loopback, link-local unicast and link-local multicast. Go's `net.IP`
+    judges an IPv4-mapped IPv6 address as the IPv4 one, so `::ffff:127.0.0.1` is loopback too. Other multicast,
+    broadcast and cloud metadata addresses outside 169.254/16 are stored."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return "unspecified (0.0.0.0, ::)"
+    if ip.is_loopback:
+        return "in the loopback range (127.0.0.0/8, ::1/128)"
+    if ip.is_link_local:
+        return "in the link-local range (169.254.0.0/16, fe80::/10)"
+    link_local_multicast = ipaddress.ip_network("224.0.0.0/24" if ip.version == 4 else "ff02::/16")
+    if ip in link_local_multicast:
+        return "in the link-local multicast range (224.0.0.0/24, ff02::/10)"
+    return None
 
 
 # --- selectors

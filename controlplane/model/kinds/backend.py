@@ -71,7 +71,15 @@ def _service_port(ctx: Ctx, node: YNode, path: str) -> str | int | None:
     """A Service port's name (as in the Service's `ports[].name`) or its number."""
     if isinstance(node, YScalar) and isinstance(node.value, int) and not isinstance(node.value, bool):
         return scalars.port(ctx, node, path)
-    return scalars.name(ctx, node, path)
+    return _port_name(ctx, node, path)
+
+
+# All digits is a legal DNS label, but as a port name it is a quoted number ('80'): taken as a name it matches no
+# slice's port and the backend serves nothing. No Service names a port that way in practice.
+_port_name = scalars.checked(
+    scalars.name,
+    lambda v: f"a port name, not a number: write the number unquoted ({v}) or the port's name" if v.isdigit() else None,
+)
 
 
 def _endpoint_fields(f: Fields) -> Endpoint | ServiceRef:
