@@ -16,13 +16,14 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.config.core.v3 import address_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from controlplane.cli.bootstrap import render_bootstrap
+from controlplane.compiler.cluster import load_assignment
 from controlplane.compiler.types import ENDPOINT
+from controlplane.model.policy import Endpoint
 from controlplane.xds.server import SERVICE
 from tests.support.envoy import EnvoyProcess
 from tests.support.ports import LOOPBACK, poll_until
@@ -94,25 +95,8 @@ class ScriptedAds:
 
 
 def _assignment(cluster: str, *ports: int) -> endpoint_pb2.ClusterLoadAssignment:
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=cluster,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(
-                            address=address_pb2.Address(
-                                socket_address=address_pb2.SocketAddress(address=LOOPBACK, port_value=port)
-                            )
-                        )
-                    )
-                    for port in ports
-                ]
-            )
-        ]
-        if ports
-        else [],
-    )
+    """What the compiler sends for a Service-backed cluster with these ready endpoints (none: no locality)."""
+    return load_assignment(cluster, tuple(Endpoint(LOOPBACK, port) for port in ports))
 
 
 def _hosts(envoy: EnvoyProcess) -> dict[str, set[int]]:
