@@ -121,11 +121,11 @@ MAX_NODE_BYTES = 32 * 1024  # the whole node as kept (without its extension list
 MAX_SUBSCRIBED_NAMES = 10_000
 MAX_RESOURCE_NAME_BYTES = 512
 MAX_UNSUPPORTED_TYPES = 16  # distinct unknown type URLs reported per stream; more are ignored silently
+# The types a response may carry only what changed once the client is known to hold the rest (module docstring).
+_SENT_AS_CHANGES = frozenset({EXTENSION_CONFIG, ENDPOINT})
 # Responses of a type remembered per stream so a NACK that crossed later responses is still recognised (a
 # "late" NACK, docs/envoy-ecds.md §8): Envoy answers responses in the order they came, so everything up to the
 # answered nonce is dropped on each answer, and only a client that answers nothing holds this many.
-# The types a response may carry only what changed once the client is known to hold the rest (module docstring).
-_SENT_AS_CHANGES = frozenset({EXTENSION_CONFIG, ENDPOINT})
 # A gateway's connect burst is one ECDS response per filter (18 today); this leaves room for more.
 RECENT_NONCES = 64
 MAX_NONCE_CHARS = 32  # nonces are this stream's decimal counter: a longer one is not ours, and is shown clipped
