@@ -769,11 +769,13 @@ def _bootstrap(args: argparse.Namespace) -> int:
         return 2
     if tls is not None and tls.sds_dir is not None:
         from controlplane.cli.bootstrap import write_sds_files
+        from controlplane.statefile import StateFileError
 
         try:
             write_sds_files(tls)
-        except OSError as error:
-            print(f"error: cannot write the SDS files into {tls.sds_dir}: {error.strerror or error}", file=sys.stderr)
+        except (OSError, StateFileError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            print(f"error: cannot write the SDS files into {tls.sds_dir}: {reason}", file=sys.stderr)
             return 2
     print(text)
     return 0
