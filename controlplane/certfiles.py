@@ -372,4 +372,10 @@ def _bundle(path: Path) -> str:
         x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CertificateFileError(f"CA file {path} holds no valid PEM certificate") from None
+    return pem_text(data)
+
+
+def pem_text(data: bytes) -> str:
+    """A CA bundle's bytes as the text pushed to gateways (an SDS secret's inline string): what serve pushes and
+    what validate compiles must be the same text, byte for byte, or their versions differ."""
     return data.decode("ascii", errors="replace")

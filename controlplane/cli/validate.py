@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.certfiles import check_served_to_gateways, load_certificate_set
+from controlplane.certfiles import check_served_to_gateways, load_certificate_set, pem_text
 from controlplane.cli.defaults import option_default
 from controlplane.cli.environment import EXCHANGE_ADDRESS_ENV, EXCHANGE_PUBLIC_ADDRESS_ENV, address_default
 from controlplane.cli.options import STORE_KINDS, StoreOptions
@@ -128,7 +128,7 @@ def exchange_tls(args: argparse.Namespace) -> ExchangeTls | None:
     loaded = load_certificate_set(cert, key, ca)
     check_served_to_gateways(loaded, name, cert, ca)
     assert loaded.ca is not None
-    return ExchangeTls(server_name=name, ca_pem=loaded.ca.decode("ascii", errors="replace"))  # as certfiles reads it
+    return ExchangeTls(server_name=name, ca_pem=pem_text(loaded.ca))
 
 
 def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
