@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge
 
+from controlplane.regularfile import FileTooLarge, NotRegularFile, read_regular
 from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane")
@@ -195,26 +195,19 @@ def _read(path: Path) -> bytes:
     """The file's bytes, from a regular file (links followed: a Secret volume's are) of at most MAX_PEM_BYTES.
 
     Why: the read happens before a handshake, on the event loop (exchange) or holding grpc's handshake thread
-    (xDS). A flag or link pointing at a named pipe would block it for good (opening a pipe waits for a writer,
-    reading it for data), and `/dev/zero` or a huge file would fill memory: neither may take the listener down.
+    (xDS). A flag or link pointing at a named pipe would block it for good, and `/dev/zero` or a huge file would
+    fill memory: neither may take the listener down (controlplane/regularfile.py).
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a FIFO or device is not harmless
-            raise CertificateFileError(f"{path} is not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        data = read_regular(path, MAX_PEM_BYTES)
+    except NotRegularFile:
+        raise CertificateFileError(f"{path} is not a regular file") from None
+    except FileTooLarge:
+        raise CertificateFileError(
+            f"{path} is larger than {MAX_PEM_BYTES} bytes: not a certificate, key or bundle"
+        ) from None
     except OSError as error:
         raise CertificateFileError(f"cannot read {path}: {error.strerror or error}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the stat and the open
-            raise CertificateFileError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(MAX_PEM_BYTES + 1)
-    except OSError as error:
-        raise CertificateFileError(f"cannot read {path}: {error.strerror or error}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_PEM_BYTES:
-        raise CertificateFileError(f"{path} is larger than {MAX_PEM_BYTES} bytes: not a certificate, key or bundle")
     if b"-----BEGIN " not in data:
         raise CertificateFileError(f"{path} holds no PEM block")
     if data.count(b"-----BEGIN ") != data.count(b"-----END "):
@@ -379,4 +372,10 @@ def _bundle(path: Path) -> str:
         x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CertificateFileError(f"CA file {path} holds no valid PEM certificate") from None
+    return pem_text(data)
+
+
+def pem_text(data: bytes) -> str:
+    """A CA bundle's bytes as the text pushed to gateways (an SDS secret's inline string): what serve pushes and
+    what validate compiles must be the same text, byte for byte, or their versions differ."""
     return data.decode("ascii", errors="replace")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane import regularfile
 from controlplane.model import errors as errors_module
 from controlplane.model import yaml_source
 from controlplane.model.errors import PolicyError, PolicyInvalid, Source
@@ -46,7 +47,6 @@ from controlplane.model.policy import (
     UpstreamTLS,
 )
 from controlplane.model.yaml_source import parse_yaml, to_plain
-from controlplane.sources import policy_dir
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.policy_dir import ReadLimits, load_policy_dir, read_policy_dir
 
@@ -1358,9 +1358,9 @@ def test_a_file_that_grows_while_read_is_cut_at_the_bound(tmp_path: Path) -> Non
     (tmp_path / "a.yaml").write_text("x" * 100)
     fd = os.open(tmp_path / "a.yaml", os.O_RDONLY)
     try:
-        assert policy_dir._read_bounded(fd, 10) is None
+        assert regularfile.read_bounded(fd, 10) is None
         os.lseek(fd, 0, os.SEEK_SET)
-        assert policy_dir._read_bounded(fd, 100) == b"x" * 100
+        assert regularfile.read_bounded(fd, 100) == b"x" * 100
     finally:
         os.close(fd)
 

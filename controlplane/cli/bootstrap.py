@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import re
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ import yaml
 from controlplane.compiler.names import XDS_CLUSTER
 from controlplane.compiler.util import is_ip
 from controlplane.serving import LOOPBACK
+from controlplane.statefile import atomic_write_text
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
 # With several replicas: one failed connect or reset stream (counted as a 503) takes a replica out of the
@@ -105,13 +105,13 @@ def sds_files(tls: ClientTls) -> dict[str, str]:
 
 
 def write_sds_files(tls: ClientTls) -> None:
-    """Write `sds_files(tls)` (each by rename: an Envoy already watching one never reads half a file)."""
+    """Write `sds_files(tls)`, each by the project's atomic write (an Envoy already watching one never reads half
+    a file), readable by others as any new file (Envoy may run as another user); the directory is created as
+    any new one too, not private as a state directory would be."""
     assert tls.sds_dir is not None
     Path(tls.sds_dir).mkdir(parents=True, exist_ok=True)
     for path, content in sds_files(tls).items():
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
+        atomic_write_text(Path(path), content, mode=None)
 
 
 def _check_watched_pair(tls: ClientTls) -> None:

@@ -630,6 +630,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         policy_gitlab = GitLabPolicyOptions(
             args.gitlab_url, args.policy_project, args.gitlab_token_env, args.gitlab_token_file, args.policy_poll
         )
+    from controlplane.cli.validate import exchange_tls_flags
     from controlplane.credentials.http import ExchangeListenerTls
     from controlplane.xds.tls import server_tls_from_flags
 
@@ -639,17 +640,14 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         return str(error)
     if xds_tls is not None and args.xds_insecure:
         return "--xds-insecure contradicts --xds-tls-cert/--xds-tls-key/--xds-client-ca: pick one"
-    exchange_tls_files = (args.exchange_tls_cert, args.exchange_tls_key, args.exchange_tls_ca)
-    if any(exchange_tls_files) != all(exchange_tls_files) or (args.exchange_tls_name and not any(exchange_tls_files)):
-        return (
-            "--exchange-tls-cert, --exchange-tls-key and --exchange-tls-ca go together (--exchange-tls-name needs them)"
-        )
-    public = args.exchange_public_address or args.exchange_address
-    exchange_tls = (
-        ExchangeListenerTls(*exchange_tls_files, server_name=args.exchange_tls_name or public[0])
-        if all(exchange_tls_files)
-        else None
-    )
+    try:
+        exchange_tls_files = exchange_tls_flags(args)
+    except ValueError as error:
+        return str(error)
+    exchange_tls = None
+    if exchange_tls_files is not None:
+        cert, key, ca, server_name = exchange_tls_files
+        exchange_tls = ExchangeListenerTls(cert, key, ca, server_name=server_name)
     webhooks = None
     if args.webhook_address:
         if not (args.webhook_secret_env or args.webhook_secret_file):
@@ -707,7 +705,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
         if args.no_exchange
         else CredentialOptions(
             listen=args.exchange_address,
-            public=public,
+            public=args.exchange_public_address or args.exchange_address,
             state_dir=args.state_dir,
             rotate_every=args.key_rotation,
             publish_lead=lead,
@@ -771,11 +769,13 @@ def _bootstrap(args: argparse.Namespace) -> int:
         return 2
     if tls is not None and tls.sds_dir is not None:
         from controlplane.cli.bootstrap import write_sds_files
+        from controlplane.statefile import StateFileError
 
         try:
             write_sds_files(tls)
-        except OSError as error:
-            print(f"error: cannot write the SDS files into {tls.sds_dir}: {error.strerror or error}", file=sys.stderr)
+        except (OSError, StateFileError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            print(f"error: cannot write the SDS files into {tls.sds_dir}: {reason}", file=sys.stderr)
             return 2
     print(text)
     return 0

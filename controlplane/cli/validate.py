@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.certfiles import check_served_to_gateways, load_certificate_set
+from controlplane.certfiles import check_served_to_gateways, load_certificate_set, pem_text
 from controlplane.cli.defaults import option_default
 from controlplane.cli.environment import EXCHANGE_ADDRESS_ENV, EXCHANGE_PUBLIC_ADDRESS_ENV, address_default
 from controlplane.cli.options import STORE_KINDS, StoreOptions
@@ -106,20 +106,29 @@ EXCHANGE_TLS_TOGETHER = (
 )
 
 
-def exchange_tls(args: argparse.Namespace) -> ExchangeTls | None:
-    """What serve's `--exchange-tls-*` flags compile in, read and checked as serve does at start: `ValueError`
-    for flags that do not go together, `CertificateFileError` for a file serve would refuse to start with."""
+def exchange_tls_flags(args: argparse.Namespace) -> tuple[Path, Path, Path, str] | None:
+    """The `--exchange-tls-*` flags serve and validate share, as (cert, key, CA, the name gateways check: by
+    default the public address's host), or None without them; `ValueError` for flags that do not go together."""
     files = (args.exchange_tls_cert, args.exchange_tls_key, args.exchange_tls_ca)
     if any(files) != all(files) or (args.exchange_tls_name and not any(files)):
         raise ValueError(EXCHANGE_TLS_TOGETHER)
-    if not all(files) or args.no_exchange or args.offline:
+    if not all(files):
         return None
-    cert, key, ca = files
     name = args.exchange_tls_name or (args.exchange_public_address or args.exchange_address)[0]
+    return (*files, name)
+
+
+def exchange_tls(args: argparse.Namespace) -> ExchangeTls | None:
+    """What serve's `--exchange-tls-*` flags compile in, read and checked as serve does at start: `ValueError`
+    for flags that do not go together, `CertificateFileError` for a file serve would refuse to start with."""
+    flags = exchange_tls_flags(args)
+    if flags is None or args.no_exchange or args.offline:
+        return None
+    cert, key, ca, name = flags
     loaded = load_certificate_set(cert, key, ca)
     check_served_to_gateways(loaded, name, cert, ca)
     assert loaded.ca is not None
-    return ExchangeTls(server_name=name, ca_pem=loaded.ca.decode("ascii", errors="replace"))  # as certfiles reads it
+    return ExchangeTls(server_name=name, ca_pem=pem_text(loaded.ca))
 
 
 def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:

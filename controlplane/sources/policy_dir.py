@@ -14,6 +14,8 @@ from pathlib import Path
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
+from controlplane.regularfile import READ_CHUNK as READ_CHUNK  # the chunk policy files are read and downloaded in
+from controlplane.regularfile import FileTooLarge, NotRegularFile, read_regular
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 DEFAULT_MAX_FILE_BYTES = 4 * 1024 * 1024
@@ -113,22 +115,6 @@ def tree_too_large(total: int, limit: int) -> str:
     )
 
 
-_FILE_KINDS = (
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISDIR, "a directory"),
-)
-
-
-def _not_regular(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((what for test, what in _FILE_KINDS if test(mode)), "an unknown kind of file")
-    return f"not a regular file ({kind}): only regular files are read"
-
-
 def _read_policy_file(path: Path, inside: str, limit: int) -> bytes | str:
     """The file's bytes, or why it is refused. Nothing about a file outside the tree is told, not even its path."""
     try:
@@ -150,49 +136,18 @@ def read_regular_file(path: str, limit: int) -> bytes | str:
     For files the policy names by absolute path (injected secrets), read during a reload: the same guarantee
     as for policy files, that a FIFO or device cannot block or bloat the reload.
     """
+    return _read_regular(path, None, limit, 0, None)
+
+
+def _read_regular(target: str, mode: int | None, limit: int, flags: int, flag: str | None) -> bytes | str:
     try:
-        mode = os.stat(path).st_mode
+        return read_regular(target, limit, mode=mode, flags=flags)
+    except NotRegularFile as refused:
+        return f"not a regular file ({refused.kind}): only regular files are read"
+    except FileTooLarge as large:
+        return file_too_large(large.size, limit, flag)
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
-    return _read_regular(path, mode, limit, 0, None)
-
-
-def _read_regular(target: str, mode: int, limit: int, flags: int, flag: str | None) -> bytes | str:
-    refused = _not_regular(mode)  # before opening: opening a FIFO waits for a writer, a device can have effects
-    if refused:
-        return refused
-    try:
-        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | flags)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-    try:
-        st = os.fstat(fd)  # what was opened: the path may have been replaced since the stat
-        refused = _not_regular(st.st_mode)
-        if refused:
-            return refused
-        if st.st_size > limit:
-            return file_too_large(st.st_size, limit, flag)
-        data = _read_bounded(fd, limit)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-    finally:
-        os.close(fd)
-    return file_too_large(limit + 1, limit, flag) if data is None else data
-
-
-READ_CHUNK = 1 << 16
-
-
-def _read_bounded(fd: int, limit: int) -> bytes | None:
-    """At most `limit` bytes to the end of the file, or None when there are more (a file still growing)."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := os.read(fd, min(READ_CHUNK, limit + 1 - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return None
-    return b"".join(chunks)
 
 
 def load_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Policy:

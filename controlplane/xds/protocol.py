@@ -878,7 +878,8 @@ class AdsStream(StreamIdentity):
 
     def _target(self, type_url: str, state: TypeState, current: TypeSnapshot) -> _Target:
         """What the client should get now: the snapshot, for CDS the make-before-break union (rule 6), and for
-        filter configurations only what changed when the client is known to hold the last response."""
+        filter configurations and endpoint assignments (`_SENT_AS_CHANGES`) only what changed when the client is
+        known to hold the last response."""
         if type_url in _SENT_AS_CHANGES and state.knows_sent:
             return _shared_changes(self._shared, current, state.names, state.sent_names, state.sent_source)
         body, names = current.entries_for(state.names)
