@@ -187,7 +187,9 @@ def test_the_watch_set_follows_the_policy(fake: FakeKube, access: KubeAccess) ->
         assert "kubernetes watch shop/reports" in _threads()
         # stopped, not joined by retain (it runs on the event loop); its watch was shut down, so it ends at once
         poll_until(lambda: "kubernetes watch shop/reports-canary" not in _threads(), 2, message="canary stopped")
+        assert {ref.name for ref, _ in source._cache} == {"reports"}  # the canary's memo went with its watch
         source.retain(None)
+        assert not source._cache and not source._merged  # what the compile memoised goes with the policy
         assert source.for_backend(backend) == ()
     finally:
         source.stop()
@@ -553,6 +555,32 @@ def test_refused_addresses_are_counted_each_and_logged_once_per_slice(
         assert kube_source.REFUSED_ENDPOINTS.labels("link-local")._value.get() == before["link-local"] + 1
         lines = [r.getMessage() for r in caplog.records if "refused addresses" in r.getMessage()]
         assert len(lines) == 1 and "127.0.0.1 (loopback)" in lines[0] and "and 48 more" in lines[0]
+    finally:
+        w.stop()
+        assert w.join()
+
+
+def test_refused_addresses_written_again_and_again_are_a_few_log_lines(
+    fake: FakeKube, access: KubeAccess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever may write slices in the namespace decides how often a refused slice changes: each change is
+    counted, but the log says it a few times a minute per Service, not once per event."""
+    fake.validate = False
+    fake.create(_slice("reports-a", "127.0.0.1", "10.1.0.1"))
+    before = kube_source.REFUSED_ENDPOINTS.labels("loopback")._value.get()
+    w = ServiceWatch("shop", "reports", access, lambda: None, backoff=FAST)
+    try:
+        with caplog.at_level("WARNING", logger="controlplane.kubernetes"):
+            _started(w)
+            for i in range(2, 22):
+                fake.replace(_slice("reports-a", f"127.0.0.{i}", "10.1.0.1"))
+            poll_until(
+                lambda: kube_source.REFUSED_ENDPOINTS.labels("loopback")._value.get() == before + 21,
+                10,
+                message="every refused address counted",
+            )
+        lines = [r.getMessage() for r in caplog.records if "refused addresses" in r.getMessage()]
+        assert 1 <= len(lines) <= 5, lines
     finally:
         w.stop()
         assert w.join()

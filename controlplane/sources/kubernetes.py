@@ -43,8 +43,10 @@ from controlplane.sources.kubernetes_slices import (
     ready_endpoints,
 )
 from controlplane.telemetry.metrics import REGISTRY
+from controlplane.telemetry.ratelog import RateLimitedLog
 
 log = logging.getLogger("controlplane.kubernetes")
+_REFUSED_LOG = RateLimitedLog(log, burst=5, interval=60.0)
 
 MAX_SERVICES = 256  # threads: one per watched Service
 LIST_PAGE = 100  # slices per list request (`limit`); pages follow `continue`
@@ -444,12 +446,16 @@ class ServiceWatch:
         if slice_.refused:  # one line per slice, not per address: a slice may list a thousand
             shown = ", ".join(f"{address} ({reason})" for address, reason in slice_.refused[:3])
             more = f" and {len(slice_.refused) - 3} more" if len(slice_.refused) > 3 else ""
-            log.warning(
+            # Whoever writes slices in the namespace decides how often this is said: a few lines a minute per
+            # Service, then "suppressed N more" (the counter has every one).
+            _REFUSED_LOG.log(
+                logging.WARNING,
                 "EndpointSlice %s/%s lists ready endpoints at refused addresses, no traffic is sent there: %s%s",
                 self.namespace,
                 slice_.name,
                 shown,
                 more,
+                key=f"refused {self.key}",
             )
 
     def _set(self, slices: Mapping[str, Slice], version: str, *, changed: bool) -> None:
@@ -640,6 +646,10 @@ class KubernetesEndpoints:
         metered = {b.name for b in policy.backends if b.services} if policy is not None else set()
         for (backend,) in [labels for labels in _label_sets(READY_ENDPOINTS) if labels[0] not in metered]:
             READY_ENDPOINTS.remove(backend)
+        # What the compile memoised for Services and backends no longer named (rebound, not mutated: the compile
+        # may read them from its worker thread; a lost race costs one recomputation or one prune later).
+        self._cache = {k: v for k, v in self._cache.items() if (k[0].namespace, k[0].name) in wanted}
+        self._merged = {k: v for k, v in self._merged.items() if k in metered}
         with self._lock:
             gone = [self._watches.pop(key) for key in sorted(set(self._watches) - wanted)]
             WATCHED_SERVICES.set(len(self._watches))
