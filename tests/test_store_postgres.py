@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -201,6 +202,26 @@ def test_file_source_is_read_strictly(tmp_path: Path) -> None:
         store_dsn.from_file(tmp_path / "absent")
     with pytest.raises(DsnError, match="not a regular file"):
         store_dsn.from_file(tmp_path)
+
+
+def test_a_named_pipe_at_the_dsn_path_is_refused_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: a named pipe at --store-dsn-file (or --store-key-file) hung
+    the start for good. It is refused as not a regular file, without opening it."""
+    fifo = tmp_path / "dsn"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(store_dsn.from_file(fifo))
+        except DsnError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)  # on the old code it never returns: fails below, no hang
+    reader.start()
+    reader.join(10)
+    assert outcome, "reading a named pipe as the DSN file did not return"
+    assert isinstance(outcome[0], DsnError) and "not a regular file (a named pipe)" in str(outcome[0])
 
 
 def test_redaction_never_shows_a_password() -> None:
