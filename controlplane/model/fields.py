@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeAlias, TypeVar
 
 from controlplane.model.errors import Errors, PolicyError, Source, quoted
@@ -39,26 +40,41 @@ class Ctx:
 Conv: TypeAlias = Callable[[Ctx, YNode, str], "T | None"]
 """Reads one node at a field path: the typed value, or None after recording why not."""
 
-C = TypeVar("C", bound=Callable[..., object])
 JsonSchema: TypeAlias = dict[str, object]
 _SCHEMA_ATTR = "json_schema"
 
 
-def with_schema(conv: C, schema: Mapping[str, object]) -> C:
+def with_schema(conv: Conv[T], schema: Mapping[str, object]) -> Conv[T]:
     """Declares what JSON Schema can say of the values `conv` accepts (model/schema.py reads it back).
 
     Kept on the converter itself, next to the code that checks, so the published schema and the loader have
     one source: every constructor below and in `scalars` passes its pattern, range or keys on to its result.
     The schema may be looser than the converter (a check it cannot express), never stricter.
     """
-    setattr(conv, _SCHEMA_ATTR, dict(schema))  # noqa: B010 (a function object, not a typed class)
+    setattr(conv, _SCHEMA_ATTR, _frozen(schema))  # frozen: converters are shared module state
     return conv
 
 
 def schema_of(conv: Callable[..., object]) -> JsonSchema:
-    """The schema declared for `conv`: {} (anything) when it declares none."""
-    declared = getattr(conv, _SCHEMA_ATTR, None)
-    return dict(declared) if isinstance(declared, dict) else {}
+    """The schema declared for `conv` (a fresh copy the caller may change): {} (anything) when it declares none."""
+    declared = _thawed(getattr(conv, _SCHEMA_ATTR, None))
+    return declared if isinstance(declared, dict) else {}
+
+
+def _frozen(value: object) -> object:
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _thawed(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {key: _thawed(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_thawed(item) for item in value]
+    return value
 
 
 def need(value: T | None) -> T:

@@ -115,7 +115,8 @@ def in_range(lo: int, hi: int) -> Conv[int]:
 
 
 def matching(regex: re.Pattern[str], rule: str) -> Conv[str]:
-    return with_schema(checked(string, lambda v: None if regex.match(v) else f"{rule}, got {quoted(v)}"), pattern(regex))
+    matches = checked(string, lambda v: None if regex.match(v) else f"{rule}, got {quoted(v)}")
+    return with_schema(matches, pattern(regex))
 
 
 def enum(what: str, choices: Collection[str]) -> Conv[str]:
@@ -136,9 +137,8 @@ def _not_an_id(value: int) -> str:
 
 
 MAX_ID = 2**63 - 1  # GitLab's ids are 64-bit: a larger one names nothing and could never match a token
-positive = with_schema(
-    checked(integer, lambda v: None if 0 < v <= MAX_ID else _not_an_id(v)), {"type": "integer", "minimum": 1, "maximum": MAX_ID}
-)
+positive = checked(integer, lambda v: None if 0 < v <= MAX_ID else _not_an_id(v))
+with_schema(positive, {"type": "integer", "minimum": 1, "maximum": MAX_ID})
 name = matching(_NAME_RE, "must be lower-case letters, digits and '-', start and end with a letter or digit (max 63)")
 hostname = matching(_HOST_RE, "expected a lower-case DNS name without port")
 host_pattern = matching(_WILDCARD_HOST_RE, "expected a lower-case DNS name (or *.domain) without port")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Mapping
+from types import MappingProxyType
 
 from controlplane.model import scalars
 from controlplane.model.documents import API_VERSION, COMMON_KEYS, KINDS
@@ -21,7 +22,7 @@ from controlplane.model.errors import PolicyInvalid
 from controlplane.model.fields import JsonSchema, list_of, object_schema, one_or_list, schema_of
 from controlplane.model.kinds import backend, binding, gateway, issuer, role
 from controlplane.model.loader import parse_policy
-from controlplane.model.policy import IssuerKind, JwksMode, Mode
+from controlplane.model.policy import IssuerKind, Mode
 
 SCHEMA_ID = "https://controlplane.invalid/schema/controlplane-policy.schema.json"
 
@@ -34,14 +35,14 @@ LOADER_ONLY = (
     "methods or paths, address or service) and the inventory files an Issuer names."
 )
 
-_STRING = schema_of(scalars.string)
-_DURATION = schema_of(scalars.duration(0, 0))  # bounds are loader-only: every duration has the same shape
+_STRING = scalars.string
+_DURATION = scalars.duration(0, 0)  # bounds are loader-only: every duration has the same shape
 
 Table = Mapping[str, Callable[..., object] | JsonSchema]
 
 
 def _value(entry: Callable[..., object] | JsonSchema) -> JsonSchema:
-    return dict(entry) if isinstance(entry, dict) else schema_of(entry)  # type: ignore[arg-type]
+    return dict(entry) if isinstance(entry, dict) else schema_of(entry)
 
 
 def _refined(base: JsonSchema, table: Table, required: Collection[str] = ()) -> JsonSchema:
@@ -173,14 +174,12 @@ def _binding() -> JsonSchema:
     gitlab_table: dict[str, Callable[..., object] | JsonSchema] = {
         key: one_or_list(conv) for key, conv in binding.GITLAB_CLAIMS.items()
     }
-    gitlab_table.update(
-        {"project": binding._projects, "group": binding._groups, "include_subgroups": scalars.boolean}
-    )
+    gitlab_table.update({"project": binding._projects, "group": binding._groups, "include_subgroups": scalars.boolean})
     gitlab_table["claims"] = claims
     subject = _refined(object_schema(gitlab_keys), gitlab_table)
     table: Table = {
         "issuer": _STRING,
-        "roles": {**_list(_STRING), "uniqueItems": True},
+        "roles": {**_list(schema_of(_STRING)), "uniqueItems": True},
         "mode": scalars.enum("mode", [m.value for m in Mode]),
         "subjects": _list(subject),
         "credential_ttl": _DURATION,
@@ -194,7 +193,11 @@ def _gateway() -> JsonSchema:
         {"address": scalars.ip, "port": scalars.port},
         _required("Gateway", "listen"),
     )
-    table: Table = {"listen": listen, "backends": {**_list(_STRING), "uniqueItems": True}, "access_log": scalars.absolute_path}
+    table: Table = {
+        "listen": listen,
+        "backends": {**_list(schema_of(_STRING)), "uniqueItems": True},
+        "access_log": scalars.absolute_path,
+    }
     return _kind("Gateway", gateway._GATEWAY_KEYS, table)
 
 
@@ -204,13 +207,15 @@ def _kind(kind: str, keys: Collection[str], table: Table) -> JsonSchema:
     return _refined(object_schema(keys), {**header, **table}, required)
 
 
-_BUILDERS: Mapping[str, Callable[[], JsonSchema]] = {
-    "Backend": _backend,
-    "Binding": _binding,
-    "Gateway": _gateway,
-    "Issuer": _issuer,
-    "Role": _role,
-}
+_BUILDERS: Mapping[str, Callable[[], JsonSchema]] = MappingProxyType(
+    {
+        "Backend": _backend,
+        "Binding": _binding,
+        "Gateway": _gateway,
+        "Issuer": _issuer,
+        "Role": _role,
+    }
+)
 
 
 def policy_schema() -> JsonSchema:
