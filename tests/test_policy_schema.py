@@ -16,6 +16,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
@@ -143,3 +145,50 @@ def test_schema_rejects_what_the_loader_rejects(file: str, index: int, what: str
     docs[index] = bad
     with pytest.raises(PolicyInvalid):
         parse_policy({**files, file: yaml.safe_dump_all(docs)})
+
+
+# --- never stricter than the loader ----------------------------------------------------------------------
+
+_KEYS = sorted({key for d in policy_schema()["$defs"].values() for key in d["properties"]} | {"port", "address"})
+_VALUES = st.one_of(
+    st.sampled_from([0, 1, 80, 65536, -1, 2**63, True, False, None]),
+    st.sampled_from(["", "x", "GET", "get", "Bad Name", "/a", "/a/**", "a.example", "*.a.example", "5m", "0ms"]),
+    st.sampled_from(["true", "shadow", "gitlab", "oidc", "acme/app", "10.0.0.1", "https://a.example", "A_B"]),
+    st.sampled_from([[], ["x"], ["GET", "GET"], [{}], {}, {"port": 80}, {"address": "10.0.0.1", "port": 80}]),
+)
+
+
+def _slots(value: Any, out: list[tuple[Any, Any]]) -> None:
+    """Every (container, key or index) in a document, so one of them can be replaced."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        out.append((value, key))
+        _slots(item, out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_schema_rejects_only_what_the_loader_rejects(data: st.DataObject) -> None:
+    """An example with one value replaced, one key added or one removed: if the schema rejects the document,
+    the loader rejects the tree (the schema is never stricter), whatever the mutation."""
+    case = data.draw(st.sampled_from(CASES))
+    files = read_policy_dir(ROOT / "examples" / case)
+    documents = list(_documents(case))
+    name, index, doc = data.draw(st.sampled_from(documents))
+    doc = copy.deepcopy(doc)
+    slots: list[tuple[Any, Any]] = []
+    _slots(doc, slots)
+    container, key = data.draw(st.sampled_from(slots))
+    action = data.draw(st.sampled_from(["replace", "add", "drop"]))
+    if action == "replace":
+        container[key] = data.draw(_VALUES)
+    elif action == "add" and isinstance(container, dict):
+        container[data.draw(st.sampled_from(_KEYS))] = data.draw(_VALUES)
+    elif action == "drop":
+        del container[key]
+    if VALIDATOR.is_valid(doc):
+        return
+    docs = list(yaml.safe_load_all(files[name]))
+    docs[index] = doc
+    with pytest.raises(PolicyInvalid):
+        parse_policy({**files, name: yaml.safe_dump_all(docs)})
