@@ -77,6 +77,13 @@ bench-fleet: setup
 	$(PY) benchmarks/fleet_sim.py --streams 10000 --workers 4 --inflight 125 --scenario connect,policy --commits 5 --mode delta
 	$(PY) benchmarks/sovereign_compare.py
 
+# The policy's JSON Schema for editors (README, "Policy reference"), rewritten from the loader's definitions after
+# a change there; tests/test_policy_schema.py fails while the committed file is stale.
+.PHONY: schema
+schema: setup
+	$(PY) -c 'import sys; from controlplane.model.schema import render; sys.stdout.write(render())' > schema/controlplane-policy.schema.json.new
+	mv schema/controlplane-policy.schema.json.new schema/controlplane-policy.schema.json
+
 # Long fuzz run: hypothesis profile "fuzz" (FUZZ_EXAMPLES cases per target), then atheris on each target for up to
 # FUZZ_SECONDS or FUZZ_RUNS inputs. Prints cases run and crashes found per target; see docs/fuzzing.md.
 FUZZ_EXAMPLES ?= 20000

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeAlias, TypeVar
 
 from controlplane.model.errors import Errors, PolicyError, Source, quoted
@@ -38,6 +39,42 @@ class Ctx:
 
 Conv: TypeAlias = Callable[[Ctx, YNode, str], "T | None"]
 """Reads one node at a field path: the typed value, or None after recording why not."""
+
+JsonSchema: TypeAlias = dict[str, object]
+_SCHEMA_ATTR = "json_schema"
+
+
+def with_schema(conv: Conv[T], schema: Mapping[str, object]) -> Conv[T]:
+    """Declares what JSON Schema can say of the values `conv` accepts (model/schema.py reads it back).
+
+    Kept on the converter itself, next to the code that checks, so the published schema and the loader have
+    one source: every constructor below and in `scalars` passes its pattern, range or keys on to its result.
+    The schema may be looser than the converter (a check it cannot express), never stricter.
+    """
+    setattr(conv, _SCHEMA_ATTR, _frozen(schema))  # frozen: converters are shared module state
+    return conv
+
+
+def schema_of(conv: Callable[..., object]) -> JsonSchema:
+    """The schema declared for `conv` (a fresh copy the caller may change): {} (anything) when it declares none."""
+    declared = _thawed(getattr(conv, _SCHEMA_ATTR, None))
+    return declared if isinstance(declared, dict) else {}
+
+
+def _frozen(value: object) -> object:
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _thawed(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {key: _thawed(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_thawed(item) for item in value]
+    return value
 
 
 def need(value: T | None) -> T:
@@ -92,7 +129,12 @@ def list_of(item: Conv[T], *, non_empty: bool = True, unique: bool = True) -> Co
             return None
         return tuple(need(v) for v in values)
 
-    return read
+    schema: JsonSchema = {"type": "array", "items": schema_of(item)}
+    if non_empty:
+        schema["minItems"] = 1
+    if unique:
+        schema["uniqueItems"] = True
+    return with_schema(read, schema)
 
 
 def _each(ctx: Ctx, items: tuple[YNode, ...], path: str, item: Conv[T]) -> list[T | None] | None:
@@ -116,7 +158,7 @@ def one_or_list(item: Conv[T]) -> Conv[tuple[T, ...]]:
         value = item(ctx, node, path)
         return None if value is None else (value,)
 
-    return read
+    return with_schema(read, {"anyOf": [schema_of(item), schema_of(many)]})
 
 
 def report_duplicates(ctx: Ctx, items: Iterable[tuple[object, int, str]]) -> bool:
@@ -207,4 +249,9 @@ def record(
         fields = Fields(ctx, node, path, allowed, misplaced)
         return attempt(ctx, lambda: build(fields))
 
-    return read
+    return with_schema(read, object_schema(allowed))
+
+
+def object_schema(allowed: Collection[str]) -> JsonSchema:
+    """A mapping with exactly these keys allowed; what each holds is refined by model/schema.py."""
+    return {"type": "object", "properties": {key: {} for key in allowed}, "additionalProperties": False}

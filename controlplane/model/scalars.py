@@ -14,7 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from controlplane.model.errors import quoted
-from controlplane.model.fields import Conv, Ctx, Fields, fail, one_of_message
+from controlplane.model.fields import Conv, Ctx, Fields, JsonSchema, fail, one_of_message, schema_of, with_schema
 from controlplane.model.policy import GroupRef, ProjectRef
 from controlplane.model.yaml_source import YNode, YScalar
 
@@ -46,12 +46,23 @@ def string(ctx: Ctx, node: YNode, path: str) -> str | None:
     return node.value
 
 
+def pattern(regex: re.Pattern[str]) -> JsonSchema:
+    """A string matching `regex`, in JSON Schema's (ECMA-262) dialect: `\\Z` becomes `$`."""
+    return {"type": "string", "pattern": regex.pattern.replace("\\Z", "$")}
+
+
+with_schema(string, {"type": "string", "minLength": 1})
+
+
 def integer(ctx: Ctx, node: YNode, path: str) -> int | None:
     value = node.value if isinstance(node, YScalar) and not node.reported else None
     if not isinstance(value, int) or isinstance(value, bool):
         fail(ctx, node, path, "an integer")
         return None
     return value
+
+
+with_schema(integer, {"type": "integer"})
 
 
 def boolean(ctx: Ctx, node: YNode, path: str) -> bool | None:
@@ -62,12 +73,18 @@ def boolean(ctx: Ctx, node: YNode, path: str) -> bool | None:
     return value
 
 
+with_schema(boolean, {"type": "boolean"})
+
+
 def number(ctx: Ctx, node: YNode, path: str) -> float | None:
     value = node.value if isinstance(node, YScalar) and not node.reported else None
     if not isinstance(value, int | float) or isinstance(value, bool):
         fail(ctx, node, path, "a number")
         return None
     return float(value)
+
+
+with_schema(number, {"type": "number"})
 
 
 def checked(conv: Conv[T], check: Callable[[T], str | None]) -> Conv[T]:
@@ -81,7 +98,7 @@ def checked(conv: Conv[T], check: Callable[[T], str | None]) -> Conv[T]:
             return None
         return value
 
-    return read
+    return with_schema(read, schema_of(conv))
 
 
 def mapped(conv: Conv[T], fn: Callable[[T], U]) -> Conv[U]:
@@ -89,23 +106,27 @@ def mapped(conv: Conv[T], fn: Callable[[T], U]) -> Conv[U]:
         value = conv(ctx, node, path)
         return None if value is None else fn(value)
 
-    return read
+    return with_schema(read, schema_of(conv))
 
 
 def in_range(lo: int, hi: int) -> Conv[int]:
-    return checked(integer, lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}")
+    within = checked(integer, lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}")
+    return with_schema(within, {"type": "integer", "minimum": lo, "maximum": hi})
 
 
 def matching(regex: re.Pattern[str], rule: str) -> Conv[str]:
-    return checked(string, lambda v: None if regex.match(v) else f"{rule}, got {quoted(v)}")
+    matches = checked(string, lambda v: None if regex.match(v) else f"{rule}, got {quoted(v)}")
+    return with_schema(matches, pattern(regex))
 
 
 def enum(what: str, choices: Collection[str]) -> Conv[str]:
-    return checked(string, lambda v: None if v in choices else one_of_message(what, v, choices))
+    one_of = checked(string, lambda v: None if v in choices else one_of_message(what, v, choices))
+    return with_schema(one_of, {"type": "string", "enum": list(choices)})
 
 
 def equal(expected: str) -> Conv[str]:
-    return checked(string, lambda v: None if v == expected else f"expected {quoted(expected)}, got {quoted(v)}")
+    same = checked(string, lambda v: None if v == expected else f"expected {quoted(expected)}, got {quoted(v)}")
+    return with_schema(same, {"const": expected})
 
 
 port = in_range(1, 65535)
@@ -117,6 +138,7 @@ def _not_an_id(value: int) -> str:
 
 MAX_ID = 2**63 - 1  # GitLab's ids are 64-bit: a larger one names nothing and could never match a token
 positive = checked(integer, lambda v: None if 0 < v <= MAX_ID else _not_an_id(v))
+with_schema(positive, {"type": "integer", "minimum": 1, "maximum": MAX_ID})
 name = matching(_NAME_RE, "must be lower-case letters, digits and '-', start and end with a letter or digit (max 63)")
 hostname = matching(_HOST_RE, "expected a lower-case DNS name without port")
 host_pattern = matching(_WILDCARD_HOST_RE, "expected a lower-case DNS name (or *.domain) without port")
@@ -202,6 +224,10 @@ def _duration_ms(ctx: Ctx, node: YNode, path: str) -> int | None:
     return None
 
 
+# Its bounds are checked on the milliseconds, which a schema cannot compute from `5m`: loader only.
+with_schema(_duration_ms, {"anyOf": [pattern(_DURATION_RE), {"type": "integer", "minimum": 0}]})
+
+
 def format_ms(ms: int) -> str:
     for unit in ("h", "m", "s"):
         if ms % _DURATION_UNITS_MS[unit] == 0 and ms >= _DURATION_UNITS_MS[unit]:
@@ -236,6 +262,10 @@ def project_ref(ctx: Ctx, node: YNode, path: str) -> ProjectRef | None:
 
 def group_ref(ctx: Ctx, node: YNode, path: str) -> GroupRef | None:
     return _pin_ref(ctx, node, path, _GROUP_PATH_RE, "a group path")
+
+
+with_schema(project_ref, {"anyOf": [schema_of(positive), pattern(_PROJECT_PATH_RE)]})
+with_schema(group_ref, {"anyOf": [schema_of(positive), pattern(_GROUP_PATH_RE)]})
 
 
 def _pin_ref(ctx: Ctx, node: YNode, path: str, regex: re.Pattern[str], what: str) -> ProjectRef | None:

@@ -13,7 +13,7 @@ from typing import cast
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
-from controlplane.model.fields import Conv, Ctx, Fields, list_of, need, record
+from controlplane.model.fields import Conv, Ctx, Fields, list_of, need, record, schema_of, with_schema
 from controlplane.model.policy import (
     DEFAULT_BACKEND_CREDENTIALS,
     DEFAULT_BACKEND_REVOKE,
@@ -72,6 +72,9 @@ def _service_port(ctx: Ctx, node: YNode, path: str) -> str | int | None:
     if isinstance(node, YScalar) and isinstance(node.value, int) and not isinstance(node.value, bool):
         return scalars.port(ctx, node, path)
     return _port_name(ctx, node, path)
+
+
+with_schema(_service_port, {"anyOf": [schema_of(scalars.port), schema_of(scalars.name)]})
 
 
 # All digits is a legal DNS label, but as a port name it is a quoted number ('80'): taken as a name it matches no

@@ -9,7 +9,18 @@ from types import MappingProxyType
 from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
-from controlplane.model.fields import Conv, Ctx, Fields, fail, list_of, need, one_of_message, one_or_list, record
+from controlplane.model.fields import (
+    Conv,
+    Ctx,
+    Fields,
+    fail,
+    list_of,
+    need,
+    one_of_message,
+    one_or_list,
+    record,
+    with_schema,
+)
 from controlplane.model.policy import (
     DEFAULT_CREDENTIAL_TTL_SECONDS,
     Binding,
@@ -44,6 +55,9 @@ def _claim_text(ctx: Ctx, node: YNode, path: str) -> str | None:
     return scalars.string(ctx, node, path)
 
 
+with_schema(_claim_text, {"anyOf": [{"type": "string", "minLength": 1}, {"type": ["integer", "boolean"]}]})
+
+
 def _glob_check(value: str) -> str | None:
     if "**" in value:
         return "'**' is not allowed in claim values ('*' matches any characters except '/')"
@@ -54,11 +68,15 @@ _claim_glob = scalars.checked(_claim_text, _glob_check)
 
 
 def _claim_enum(*choices: str) -> Conv[str]:
-    return scalars.checked(_claim_text, lambda v: None if v in choices else one_of_message("value", v, choices))
+    one_of = scalars.checked(_claim_text, lambda v: None if v in choices else one_of_message("value", v, choices))
+    return with_schema(one_of, {"enum": list(choices)})
 
 
-_claim_bool = scalars.checked(
-    _claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {quoted(v)}"
+_claim_bool = with_schema(
+    scalars.checked(
+        _claim_text, lambda v: None if v in ("true", "false") else f"expected true or false, got {quoted(v)}"
+    ),
+    {"enum": [True, False, "true", "false"]},
 )
 
 GITLAB_CLAIMS: Mapping[str, Conv[str]] = MappingProxyType(
