@@ -4,6 +4,7 @@ how the image is configured without changing its CMD, and how its HEALTHCHECK as
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import threading
 import time
@@ -188,3 +189,25 @@ def test_serve_refuses_to_route_gateways_to_a_wildcard_exchange_address(
     assert "CONTROLPLANE_EXCHANGE_PUBLIC_ADDRESS" in refused
     options = _options(monkeypatch, env, *argv, "--no-exchange")  # no exchange, nothing to route
     assert options.credentials is None
+
+
+def test_status_in_the_container_asks_the_admin_listener_beside_it_and_no_proxy(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`controlplane status` run in the image (where CONTROLPLANE_ADMIN_ADDRESS moves the admin listener) asks that
+    listener, on loopback for a wildcard host; and a proxy set in the environment never reroutes it (it asked the
+    default 127.0.0.1:9902 and went through HTTP_PROXY)."""
+    document = {"version": "v1", "policy": {"errors": 0}, "summary": {}, "proxies": [], "page": {}}
+    server = LoopbackHTTPServer(name="admin")
+    server.router.add("GET", "/status", lambda _request: Response(200, json.dumps(document).encode()))
+    with server as admin:
+        monkeypatch.delenv("CONTROLPLANE_ADMIN", raising=False)
+        monkeypatch.setenv("CONTROLPLANE_ADMIN_ADDRESS", f"0.0.0.0:{admin.port}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens: a proxied ask fails
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("NO_PROXY", "")
+        args = _parser().parse_args(["status", "--json"])
+        assert args.admin == f"http://127.0.0.1:{admin.port}"
+        main(["status", "--json"])
+        assert [request.path.split("?")[0] for request in admin.requests] == ["/status"]
+    assert json.loads(capsys.readouterr().out)["version"] == "v1"

@@ -87,7 +87,7 @@ def run_healthcheck(args: argparse.Namespace) -> int:
     request runs on a daemon thread that is given up on when the time is over."""
     host, port = args.admin_address
     host = _WILDCARDS.get(host, host)
-    url = f"http://{_bracketed(host)}:{port}/healthz"
+    url = f"{admin_url(args.admin_address)}/healthz"
     answer: list[int | OSError | http.client.HTTPException] = []
     asking = threading.Thread(target=_ask, args=(host, port, args.timeout, answer), name="healthcheck", daemon=True)
     asking.start()
@@ -114,6 +114,12 @@ def _ask(host: str, port: int, timeout: float, answer: list[int | OSError | http
         answer.append(error)
     finally:
         connection.close()
+
+
+def admin_url(address: tuple[str, int]) -> str:
+    """The base URL at which a command on serve's own host reaches the admin listener bound at `address`."""
+    host, port = address
+    return f"http://{_bracketed(_WILDCARDS.get(host, host))}:{port}"
 
 
 def _bracketed(host: str) -> str:

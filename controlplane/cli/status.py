@@ -22,6 +22,8 @@ from typing import Any, TextIO
 from controlplane.admin.query import BadQuery, parse_count, parse_text
 
 ADMIN_ENV = "CONTROLPLANE_ADMIN"
+ADMIN_ADDRESS_ENV = "CONTROLPLANE_ADMIN_ADDRESS"  # serve's admin listener (cli/environment.py)
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 TIMEOUT_SECONDS = 5.0
 
 EXIT_OK = 0
@@ -126,8 +128,9 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     served = f"http://{ServeOptions.admin_host}:{ServeOptions.admin_port}"  # serve's default admin address
     parser.add_argument(
         "--admin",
-        default=os.environ.get(ADMIN_ENV, served),
-        help=f"admin server base URL (default: ${ADMIN_ENV} or {served})",
+        default=os.environ.get(ADMIN_ENV) or _listener_url() or served,
+        help=f"admin server base URL (default: ${ADMIN_ENV}, else serve's ${ADMIN_ADDRESS_ENV} as the image sets "
+        f"it, else {served})",
     )
     parser.add_argument("--json", action="store_true", help="print the raw status JSON")
     parser.add_argument("--group", type=_text("group"), default=None, help="only proxies in this gateway group")
@@ -185,6 +188,18 @@ def run_status(
     return EXIT_UNHEALTHY if is_unhealthy(status) else EXIT_OK
 
 
+def _listener_url() -> str | None:
+    """`serve`'s admin listener as the image configures it (CONTROLPLANE_ADMIN_ADDRESS, HOST:PORT), so that
+    `controlplane status` in the container asks the server beside it; None when unset or malformed."""
+    from controlplane.cli.environment import admin_url
+
+    address = os.environ.get(ADMIN_ADDRESS_ENV, "")
+    host, _, port = address.rpartition(":")
+    if not (host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        return None
+    return admin_url((host.strip("[]"), int(port)))
+
+
 def status_url(admin_url: str, filters: StatusFilters) -> str:
     """Build the ``/status`` URL; filtering happens server-side so the JSON output is filtered too."""
     query = filters.query()
@@ -195,7 +210,8 @@ def status_url(admin_url: str, filters: StatusFilters) -> str:
 def fetch_status(url: str) -> dict[str, Any]:
     """GET and decode the status document, turning every failure into one readable AdminUnreachable."""
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
+        # No proxy: the admin listener is serve's own, on loopback or in the pod; HTTP_PROXY must not reroute it.
+        with _DIRECT.open(url, timeout=TIMEOUT_SECONDS) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         raise AdminUnreachable(f"admin at {url} answered HTTP {exc.code} {exc.reason}") from None
