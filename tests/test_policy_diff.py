@@ -149,7 +149,15 @@ def test_shadow_to_enforce(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     old, new = _tree(tmp_path, "old", _shadow), _tree(tmp_path, "new")
     assert main(["diff", str(old), str(new)]) == 1
     out = capsys.readouterr().out
-    _in_order(out, ["backend deploy-api", "+ ", "gains", "! deployer-deploys/deploy-trigger: shadow -> enforce: would start enforcing"])
+    _in_order(
+        out,
+        [
+            "backend deploy-api",
+            "+ ",
+            "gains",
+            "! deployer-deploys/deploy-trigger: shadow -> enforce: would start enforcing",
+        ],
+    )
     _check_against_evaluation(old, new)
     assert main(["diff", str(new), str(old)]) == 1
     back = capsys.readouterr().out
@@ -170,7 +178,10 @@ def test_backend_and_gateway_removed(tmp_path: Path, capsys: pytest.CaptureFixtu
     old, new = _tree(tmp_path, "old"), _tree(tmp_path, "new", drop_deploy)
     assert main(["diff", str(old), str(new)]) == 1
     out = capsys.readouterr().out
-    _in_order(out, ["backend deploy-api (removed)", "- ", "loses", "gateway ci-gateway-2: added", "gateway ci-gateway: removed"])
+    _in_order(
+        out,
+        ["backend deploy-api (removed)", "- ", "loses", "gateway ci-gateway-2: added", "gateway ci-gateway: removed"],
+    )
     _in_order(out, ["envoy resources:", "gateway ci-gateway:"])
     _check_against_evaluation(old, new)
 
@@ -284,7 +295,9 @@ def _witness(change: Change, allowed: ResolvedPolicy, denied: ResolvedPolicy, ba
     return False
 
 
-def _allows(evaluator: Evaluator, resolved: ResolvedPolicy, backend: str, claims: dict[str, Any], method: str, path: str) -> bool:
+def _allows(
+    evaluator: Evaluator, resolved: ResolvedPolicy, backend: str, claims: dict[str, Any], method: str, path: str
+) -> bool:
     for grant in evaluator.grants_for(claims, resolved.grants(backend)):
         for rule in grant.rules:
             methods_ok = not rule.methods or method in rule.methods

@@ -61,7 +61,9 @@ def run_diff(args: argparse.Namespace, limits: ReadLimits) -> int:
             return 2
         sides.append(side)
     old, new = sides
-    diff = compare(old.resolved, new.resolved, (g.name for g in old.policy.gateways), (g.name for g in new.policy.gateways))
+    diff = compare(
+        old.resolved, new.resolved, (g.name for g in old.policy.gateways), (g.name for g in new.policy.gateways)
+    )
     resources = resource_changes(old.snapshots, new.snapshots)
     if args.json:
         out = {**document(diff), "resources": resources}

@@ -69,7 +69,9 @@ def subject_text(subject: ResolvedSubject) -> str:
     return " and ".join(parts) or "any token"
 
 
-def compare(old: ResolvedPolicy, new: ResolvedPolicy, old_gateways: Iterable[str], new_gateways: Iterable[str]) -> PolicyDiff:
+def compare(
+    old: ResolvedPolicy, new: ResolvedPolicy, old_gateways: Iterable[str], new_gateways: Iterable[str]
+) -> PolicyDiff:
     backends = []
     for name in sorted(old.backends.keys() | new.backends.keys()):
         status = "added" if name not in old.backends else "removed" if name not in new.backends else "changed"
