@@ -119,6 +119,9 @@ def load_side(tree: Path, spec: str, limits: ReadLimits) -> Side | None:
     except OSError as error:
         print(f"{spec}: {error}", file=sys.stderr)
         return None
+    except Exception as error:  # a bug: one line, as validate reports it, and the usage-error status
+        print(f"{spec}: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
     return Side(policy, resolved, snapshots)
 
 
