@@ -86,10 +86,10 @@ def _tree(tmp_path: Path, name: str, *edits: Edit) -> Path:
     return root
 
 
-def _load(root: Path) -> tuple[ResolvedPolicy, list[str]]:
+def _load(root: Path) -> tuple[ResolvedPolicy, dict[str, tuple[str, ...]]]:
     side = load_side(root, str(root), ReadLimits())
     assert side is not None
-    return side.resolved, [g.name for g in side.policy.gateways]
+    return side.resolved, {g.name: g.backends for g in side.policy.gateways}
 
 
 # (case id, edits of NEW, expected text lines (substrings, in order), expected exit)
@@ -196,10 +196,11 @@ def test_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(capsys.readouterr().out)
     assert sorted(data) == ["backends", "changed", "gateways", "resources"]
     assert data["changed"] is True
-    assert data["gateways"] == {"added": [], "removed": []}
+    assert data["gateways"] == {"added": [], "removed": [], "fronts": []}
     [backend] = data["backends"]
     assert backend["name"] == "deploy-api" and backend["status"] == "changed"
     assert backend["losses"] == [] and backend["modes"] == []
+    assert backend["shadow"] == {"added": [], "removed": []}
     [gain] = backend["gains"]
     assert sorted(gain) == ["methods", "path", "subject", "via"]
     assert gain["methods"] == ["GET"] and gain["path"] == "/status"
@@ -211,7 +212,12 @@ def test_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert counts["RouteConfiguration"]["changed"] >= 1
     assert main(["diff", "--json", str(old), str(old)]) == 0
     same = json.loads(capsys.readouterr().out)
-    assert same == {"backends": [], "changed": False, "gateways": {"added": [], "removed": []}, "resources": {}}
+    assert same == {
+        "backends": [],
+        "changed": False,
+        "gateways": {"added": [], "removed": [], "fronts": []},
+        "resources": {},
+    }
 
 
 def test_invalid_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -333,3 +339,23 @@ def _values(condition: Condition) -> list[str | None]:
     if condition.negated:
         return [None, "something-else"]
     return [v.replace("*", "x").replace("?", "y") for v in condition.values]
+
+
+def test_new_shadow_binding_changes_no_access(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shadow = NEW_BINDING.replace("issuer: gitlab", "issuer: gitlab\nmode: shadow")
+    old, new = _tree(tmp_path, "old"), _tree(tmp_path, "new", _append("bindings.yaml", shadow))
+    assert main(["diff", str(old), str(new)]) == 0
+    out = capsys.readouterr().out
+    _in_order(out, ["backend reports-api", "~ frontend-reads-reports/reports-read: new shadow grant"])
+    assert "+ " not in out and "- " not in out
+    assert main(["diff", str(new), str(old)]) == 0
+    assert "shadow grant removed" in capsys.readouterr().out
+
+
+def test_gateway_stops_fronting_a_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit = _replace("gateway.yaml", "backends: [reports-api, deploy-api]", "backends: [reports-api]")
+    old, new = _tree(tmp_path, "old"), _tree(tmp_path, "new", edit)
+    assert main(["diff", str(old), str(new)]) == 1
+    assert "gateway ci-gateway: no longer fronts backend deploy-api" in capsys.readouterr().out
+    assert main(["diff", str(new), str(old)]) == 1
+    assert "gateway ci-gateway: now fronts backend deploy-api" in capsys.readouterr().out

@@ -61,9 +61,7 @@ def run_diff(args: argparse.Namespace, limits: ReadLimits) -> int:
             return 2
         sides.append(side)
     old, new = sides
-    diff = compare(
-        old.resolved, new.resolved, (g.name for g in old.policy.gateways), (g.name for g in new.policy.gateways)
-    )
+    diff = compare(old.resolved, new.resolved, _fronted(old.policy), _fronted(new.policy))
     resources = resource_changes(old.snapshots, new.snapshots)
     if args.json:
         out = {**document(diff), "resources": resources}
@@ -72,6 +70,10 @@ def run_diff(args: argparse.Namespace, limits: ReadLimits) -> int:
         for line in text_lines(diff, resources):
             print(line)
     return 1 if diff.changed else 0
+
+
+def _fronted(policy: Policy) -> dict[str, tuple[str, ...]]:
+    return {g.name: g.backends for g in policy.gateways}
 
 
 @contextmanager
@@ -152,6 +154,9 @@ def text_lines(diff: PolicyDiff, resources: Mapping[str, Mapping[str, Mapping[st
         lines.extend(_backend_lines(backend))
     lines.extend(f"gateway {name}: added" for name in diff.gateways_added)
     lines.extend(f"gateway {name}: removed" for name in diff.gateways_removed)
+    for front in diff.fronts:
+        verb = "now fronts" if front.added else "no longer fronts"
+        lines.append(f"gateway {front.gateway}: {verb} backend {front.backend}")
     if resources:
         lines.append("envoy resources:")
         for group, counts in resources.items():
@@ -170,6 +175,8 @@ def _backend_lines(backend: BackendDiff) -> list[str]:
     for mode in backend.modes:
         effect = "would start enforcing" if mode.new == "enforce" else "would stop enforcing (logged only)"
         lines.append(f"  ! {mode.grant}: {mode.old} -> {mode.new}: {effect}")
+    lines.extend(f"  ~ {name}: new shadow grant (logged only, allows nothing)" for name in backend.shadow_added)
+    lines.extend(f"  ~ {name}: shadow grant removed (it allowed nothing)" for name in backend.shadow_removed)
     return lines
 
 

@@ -48,16 +48,34 @@ class BackendDiff(NamedTuple):
     gains: tuple[Change, ...]
     losses: tuple[Change, ...]
     modes: tuple[ModeChange, ...]
+    shadow_added: tuple[str, ...]  # new shadow grants: logged by Envoy, allow nothing (access unchanged)
+    shadow_removed: tuple[str, ...]
+
+    @property
+    def access_changed(self) -> bool:
+        return self.status != "changed" or bool(self.gains or self.losses or self.modes)
+
+
+class FrontChange(NamedTuple):
+    """A gateway that starts (or stops) fronting a backend: the backend becomes reachable (or not) through it."""
+
+    gateway: str
+    backend: str
+    added: bool
 
 
 class PolicyDiff(NamedTuple):
     backends: tuple[BackendDiff, ...]  # only those that changed, by name
     gateways_added: tuple[str, ...]
     gateways_removed: tuple[str, ...]
+    fronts: tuple[FrontChange, ...]  # of gateways on both sides
 
     @property
     def changed(self) -> bool:
-        return bool(self.backends or self.gateways_added or self.gateways_removed)
+        """Whether access changed: what `diff`'s exit status says (shadow grants alone change nothing)."""
+        return any(b.access_changed for b in self.backends) or bool(
+            self.gateways_added or self.gateways_removed or self.fronts
+        )
 
 
 def subject_text(subject: ResolvedSubject) -> str:
@@ -70,16 +88,25 @@ def subject_text(subject: ResolvedSubject) -> str:
 
 
 def compare(
-    old: ResolvedPolicy, new: ResolvedPolicy, old_gateways: Iterable[str], new_gateways: Iterable[str]
+    old: ResolvedPolicy,
+    new: ResolvedPolicy,
+    old_gateways: Mapping[str, Iterable[str]],
+    new_gateways: Mapping[str, Iterable[str]],
 ) -> PolicyDiff:
+    """`old_gateways`, `new_gateways`: each gateway's name and the backends it fronts."""
     backends = []
     for name in sorted(old.backends.keys() | new.backends.keys()):
         status = "added" if name not in old.backends else "removed" if name not in new.backends else "changed"
         diff = _backend(name, status, old.grants(name), new.grants(name))
-        if status != "changed" or diff.gains or diff.losses or diff.modes:
+        if diff.access_changed or diff.shadow_added or diff.shadow_removed:
             backends.append(diff)
     before, after = set(old_gateways), set(new_gateways)
-    return PolicyDiff(tuple(backends), tuple(sorted(after - before)), tuple(sorted(before - after)))
+    fronts: list[FrontChange] = []
+    for gateway in sorted(before & after):
+        was, now = set(old_gateways[gateway]), set(new_gateways[gateway])
+        fronts.extend(FrontChange(gateway, b, True) for b in sorted(now - was))
+        fronts.extend(FrontChange(gateway, b, False) for b in sorted(was - now))
+    return PolicyDiff(tuple(backends), tuple(sorted(after - before)), tuple(sorted(before - after)), tuple(fronts))
 
 
 _Pairs = dict[tuple[str, str], set[str]]  # (method, path) -> grant names allowing it
@@ -116,7 +143,11 @@ def _backend(name: str, status: str, old: tuple[Grant, ...], new: tuple[Grant, .
         for g in new
         if g.name in old_modes and old_modes[g.name] is not g.mode
     )
-    return BackendDiff(name, status, gains, losses, modes)
+    old_shadow = {g.name for g in old if g.mode is Mode.SHADOW}
+    new_shadow = {g.name for g in new if g.mode is Mode.SHADOW}
+    shadow_added = tuple(sorted(n for n in new_shadow - old_shadow if n not in old_modes))
+    shadow_removed = tuple(sorted(n for n in old_shadow - new_shadow if n not in {g.name for g in new}))
+    return BackendDiff(name, status, gains, losses, modes, shadow_added, shadow_removed)
 
 
 def _uncovered(side: _Side, other: _Side) -> tuple[Change, ...]:
@@ -170,10 +201,15 @@ def document(diff: PolicyDiff) -> dict[str, object]:
                 "gains": [_change(c) for c in b.gains],
                 "losses": [_change(c) for c in b.losses],
                 "modes": [{"grant": m.grant, "old": m.old, "new": m.new} for m in b.modes],
+                "shadow": {"added": list(b.shadow_added), "removed": list(b.shadow_removed)},
             }
             for b in diff.backends
         ],
-        "gateways": {"added": list(diff.gateways_added), "removed": list(diff.gateways_removed)},
+        "gateways": {
+            "added": list(diff.gateways_added),
+            "removed": list(diff.gateways_removed),
+            "fronts": [{"gateway": f.gateway, "backend": f.backend, "added": f.added} for f in diff.fronts],
+        },
     }
 
 
