@@ -276,7 +276,8 @@ def _in_order(text: str, parts: list[str]) -> None:
         at = found + len(part)
 
 
-def _check_against_evaluation(old: Path, new: Path) -> None:
+def _check_against_evaluation(old: Path, new: Path) -> int:
+    """Every gain and loss has a witness; returns how many lines were checked."""
     before, old_gateways = _load(old)
     after, new_gateways = _load(new)
     diff = compare(before, after, old_gateways, new_gateways)
@@ -285,6 +286,7 @@ def _check_against_evaluation(old: Path, new: Path) -> None:
             assert _witness(change, allowed=after, denied=before, backend=backend.name), change
         for change in backend.losses:
             assert _witness(change, allowed=before, denied=after, backend=backend.name), change
+    return sum(len(b.gains) + len(b.losses) for b in diff.backends)
 
 
 def _witness(change: Change, allowed: ResolvedPolicy, denied: ResolvedPolicy, backend: str) -> bool:
@@ -359,3 +361,13 @@ def test_gateway_stops_fronting_a_backend(tmp_path: Path, capsys: pytest.Capture
     assert "gateway ci-gateway: no longer fronts backend deploy-api" in capsys.readouterr().out
     assert main(["diff", str(new), str(old)]) == 1
     assert "gateway ci-gateway: now fronts backend deploy-api" in capsys.readouterr().out
+
+
+EXAMPLES = ["quickstart", "multi-backend", "gitlab-and-oidc", "gitlab-state"]
+
+
+@pytest.mark.parametrize(("old", "new"), list(itertools.permutations(EXAMPLES, 2)))
+def test_every_line_between_examples_is_real(old: str, new: str) -> None:
+    """Larger policies (globs, several issuers, shadow bindings): every gain and loss has a witness request."""
+    root = QUICKSTART.parent
+    assert _check_against_evaluation(root / old, root / new) > 0
