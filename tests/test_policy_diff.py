@@ -21,7 +21,7 @@ from controlplane.cli.diff import load_side
 from controlplane.cli.main import main
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.conditions import Condition, ResolvedSubject
-from controlplane.resolved.diff import ANY, Change, compare, path_pattern
+from controlplane.resolved.diff import ANY, Change, PolicyDiff, compare, path_pattern
 from controlplane.resolved.evaluate import Evaluator
 from controlplane.sources.policy_dir import ReadLimits
 
@@ -286,7 +286,32 @@ def _check_against_evaluation(old: Path, new: Path) -> int:
             assert _witness(change, allowed=after, denied=before, backend=backend.name), change
         for change in backend.losses:
             assert _witness(change, allowed=before, denied=after, backend=backend.name), change
+    _check_complete(before, after, diff)
     return sum(len(b.gains) + len(b.losses) for b in diff.backends)
+
+
+def _check_complete(before: ResolvedPolicy, after: ResolvedPolicy, diff: PolicyDiff) -> None:
+    """The other way round: every generated request whose decision differs between the sides is on a line."""
+    evaluator = Evaluator()
+    listed = {b.name: b for b in diff.backends}
+    for backend in sorted(before.backends.keys() | after.backends.keys()):
+        grants = [*before.grants(backend), *after.grants(backend)]
+        claims_sets = [c for g in grants for s in g.subjects for c in _claims_for(s)]
+        methods = sorted({m for g in grants for r in g.rules for m in r.methods} | {"GET"})
+        paths = sorted({p for g in grants for r in g.rules for rp in r.paths or (ANY,) for p in _paths_for(rp)})
+        for claims, method, path in itertools.product(claims_sets, methods, paths):
+            was = _allows(evaluator, before, backend, claims, method, path)
+            now = _allows(evaluator, after, backend, claims, method, path)
+            if was == now:
+                continue
+            lines = listed[backend].gains if now else listed[backend].losses
+            assert any(_line_covers(evaluator, c, claims, method, path) for c in lines), (backend, claims, method, path)
+
+
+def _line_covers(evaluator: Evaluator, change: Change, claims: dict[str, Any], method: str, path: str) -> bool:
+    methods_ok = ANY in change.methods or method in change.methods
+    path_ok = change.path == ANY or path_pattern(change.path).fullmatch(path) is not None
+    return methods_ok and path_ok and evaluator.subject_matches(claims, change.resolved)
 
 
 def _witness(change: Change, allowed: ResolvedPolicy, denied: ResolvedPolicy, backend: str) -> bool:
