@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     add_served_input_arguments(validate, _host_port)
     _add_limit_arguments(validate)
 
+    diff = commands.add_parser("diff", help="who gains or loses access between two policies (dirs or git revisions)")
+    from controlplane.cli.diff import add_arguments as add_diff_arguments
+
+    add_diff_arguments(diff)
+    _add_limit_arguments(diff)
+
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
@@ -787,6 +793,12 @@ def _healthcheck(args: argparse.Namespace) -> int:
     return run_healthcheck(args)
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from controlplane.cli.diff import run_diff
+
+    return run_diff(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -795,6 +807,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "audit": _audit,
+    "diff": _diff,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,
