@@ -247,7 +247,9 @@ def test_postgres_trail_gives_the_same_aggregates(data: Fixture, pg_dsn: str, mo
     asyncio.run(fill())
     monkeypatch.setenv("CONTROLPLANE_TEST_REPORT_DSN", pg_dsn)
     file_report = json.loads(_stdout(lambda: run(data)))
-    pg_report = json.loads(_stdout(lambda: run(data, "--store", "postgres", "--store-dsn-env", "CONTROLPLANE_TEST_REPORT_DSN")))
+    pg_report = json.loads(
+        _stdout(lambda: run(data, "--store", "postgres", "--store-dsn-env", "CONTROLPLANE_TEST_REPORT_DSN"))
+    )
     for section in ("jobs", "usage", "denials"):
         assert rows(pg_report, section) == rows(file_report, section), section
     assert pg_report["summary"]["requests"] == file_report["summary"]["requests"] == 40

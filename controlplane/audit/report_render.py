@@ -65,7 +65,10 @@ def render_html(report: Report) -> str:
         f"<h1>Access report: {_e(window)}</h1>",
         f'<p class="about">Generated {_e(format_time(report.generated))} by controlplane report.</p>',
         '<table class="summary" id="summary"><tbody>',
-        *(f"<tr><th>{_e(name)}</th><td>{_e('' if value is None else value)}</td></tr>" for name, value in report.summary),
+        *(
+            f"<tr><th>{_e(name)}</th><td>{_e('' if value is None else value)}</td></tr>"
+            for name, value in report.summary
+        ),
         "</tbody></table>",
     ]
     for section in report.sections:

@@ -163,5 +163,5 @@ async def summarise_pg(conn: Connection, since: float, until: float, cap: int) -
         rows = await cursor.fetchall()
         cursor = await conn.execute(count_sql(query, "%s").encode(), (since, until))
         counted = await cursor.fetchone()
-        tables[query.name] = Table([_row(query, r) for r in rows], int(counted[0]) if counted else 0)
+        tables[query.name] = Table([_row(query, r) for r in rows], int(str(counted[0])) if counted else 0)
     return Usage(totals, tables)

@@ -22,9 +22,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from controlplane.audit.report import Inputs, PolicyVersion, Report, SigningKey, build, document
 from controlplane.audit.report_render import render_csv, render_html
@@ -235,10 +233,10 @@ def _read_state(args: argparse.Namespace, dsn: StoreDsn | None, since: float, un
             raise Unreadable(f"cannot read {db}: {error}") from None
     try:
         revoked = _revocations_file(state_dir / REVOCATIONS_FILE)
-        keys = _keys_file(state_dir / KEYS_FILE)
+        stored_keys = _keys_file(state_dir / KEYS_FILE)
     except (OSError, StateFileError) as error:
         raise Unreadable(str(error)) from None
-    return StateRead(usage, revoked, keys, "not read (--no-audit)" if args.no_audit else str(db), str(state_dir))
+    return StateRead(usage, revoked, stored_keys, "not read (--no-audit)" if args.no_audit else str(db), str(state_dir))
 
 
 def _revocations_file(path: Path) -> dict[str, float]:

@@ -121,8 +121,17 @@ def audit_records(now: float) -> list[AuditRecord]:
         )
     records.append(  # no token at all: no project, no job
         _record(
-            now - DAY, "x", "GET", "/", "denied", project_id=None, project_path=None, job_id=None, user=None,
-            pipeline_id=None, ref=None,
+            now - DAY,
+            "x",
+            "GET",
+            "/",
+            "denied",
+            project_id=None,
+            project_path=None,
+            job_id=None,
+            user=None,
+            pipeline_id=None,
+            ref=None,
         )
     )
     records.append(_record(now - 45 * DAY, "60000", "GET", "/reports/old", "allowed"))  # before the window
