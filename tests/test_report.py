@@ -12,7 +12,9 @@ import asyncio
 import csv
 import io
 import json
+import shutil
 import sqlite3
+import subprocess
 import time
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -29,6 +31,7 @@ from controlplane.credentials.keys import KEYS_FILE
 from controlplane.credentials.revocation_store import REVOCATIONS_FILE
 from tests.support.report_data import (
     DAY,
+    EXAMPLE,
     MALICIOUS_DETAILS,
     MALICIOUS_PATH,
     REVOKED_JOB,
@@ -92,6 +95,37 @@ def test_access_at_the_end_is_worded_from_the_resolved_policy(data: Fixture, tmp
     ]
     assert access[0]["gateways"] == "ci-gateway"
     assert "project_id = 42 and ref_protected = true" in access[0]["subject"]
+
+
+def test_json_has_the_access_table_under_each_version(data: Fixture, tmp_path: Path) -> None:
+    by_version = json_report(data, tmp_path)["access_by_version"]
+    assert [v["commit"] for v in by_version] == list(data.commits)
+    grants = [sorted((r["grant"], tuple(r["allows"])) for r in v["rows"]) for v in by_version]
+    assert grants[0] == [
+        ("deployer-deploys/deploy-trigger", ("POST /deployments/**", "GET /deployments/*")),
+        ("deployer-reads-reports/reports-read", ("GET, HEAD /**",)),
+    ]
+    assert grants[1][1] == ("deployer-reads-reports/reports-read", ("GET, HEAD, DELETE /**",))
+    assert grants[2] == [("deployer-reads-reports/reports-read", ("GET, HEAD, DELETE /**",))]
+
+
+def test_a_policy_at_the_root_of_its_repository_and_an_invalid_version(tmp_path: Path) -> None:
+    repo = tmp_path / "policy"
+    shutil.copytree(EXAMPLE, repo)
+    git = ["git", "-c", "user.name=Root", "-c", "user.email=root@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True, timeout=60)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "-m", "root policy"], cwd=repo, check=True, timeout=60)
+    (repo / "roles.yaml").write_text("kind: Role\nname: broken\n")
+    subprocess.run([*git, "commit", "-q", "-am", "break it"], cwd=repo, check=True, timeout=60)
+    out = tmp_path / "r.json"
+    assert main(["report", "--since", "1h", "--policy-repo", str(repo), "--no-audit", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first, broken = rows(report, "policy_versions")
+    assert first["message"] == "root policy" and first["access_changes"] == ["first version read: compared with nothing"]
+    (why,) = broken["access_changes"]
+    assert why.startswith("did not load: ") and "error(s)" in why
+    assert len(rows(report, "access")) == 2  # the last version that loaded: serve keeps serving it too
 
 
 def test_use_per_project_and_job_denials_and_totals(data: Fixture, tmp_path: Path) -> None:

@@ -88,6 +88,7 @@ class Report(NamedTuple):
     summary: tuple[tuple[str, Value], ...]
     sections: tuple[Section, ...]
     changes: tuple[Mapping[str, object], ...]  # per version after the first: resolved.diff.document
+    access_by_version: tuple[Mapping[str, Any], ...]  # JSON only: the access table under each version
     not_recorded: tuple[str, ...]
 
 
@@ -132,8 +133,21 @@ def build(inputs: Inputs) -> Report:
         _summary(inputs),
         tuple(sections),
         tuple(changes),
+        tuple(_access_by_version(inputs)),
         NOT_RECORDED,
     )
+
+
+def _access_by_version(inputs: Inputs) -> list[Mapping[str, Any]]:
+    columns = _ACCESS_COLUMNS
+    out = []
+    for version in inputs.versions:
+        if version.resolved is None:
+            continue
+        rows, more = _capped(access_rows(version), inputs.cap)
+        shown = [{c.key: json_value(c, row.get(c.key)) for c in columns} for row in rows]
+        out.append({"commit": version.sha, "time": format_time(version.time), "rows": shown, "more": more})
+    return out
 
 
 def _summary(inputs: Inputs) -> tuple[tuple[str, Value], ...]:
@@ -243,48 +257,57 @@ def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section
     )
 
 
-def _access_section(inputs: Inputs) -> Section:
+_ACCESS_COLUMNS = (
+    Column("backend", "Backend"),
+    Column("gateways", "Gateways"),
+    Column("grant", "Grant"),
+    Column("mode", "Mode", "id"),
+    Column("subject", "Tokens admitted"),
+    Column("allows", "Allows", "lines"),
+)
+
+
+def access_rows(version: PolicyVersion) -> list[dict[str, Any]]:
+    """Who could reach what under one version: a row per backend, grant and subject."""
     rows: list[dict[str, Any]] = []
+    if version.resolved is None:
+        return rows
+    fronting: dict[str, list[str]] = {}
+    for gateway, backends in version.gateways.items():
+        for backend in backends:
+            fronting.setdefault(backend, []).append(gateway)
+    for backend in sorted(version.resolved.backends):
+        for grant in version.resolved.grants(backend):
+            rules = [f"{', '.join(r.methods) or 'any method'} {', '.join(r.paths) or 'any path'}" for r in grant.rules]
+            for subject in grant.subjects or (None,):
+                rows.append(
+                    {
+                        "backend": backend,
+                        "gateways": ", ".join(sorted(fronting.get(backend, []))),
+                        "grant": grant.name,
+                        "mode": grant.mode.value,
+                        "subject": "no one (every subject withdrawn)" if subject is None else subject_text(subject),
+                        "allows": rules,
+                    }
+                )
+    return rows
+
+
+def _access_section(inputs: Inputs) -> Section:
     current = next((v for v in reversed(inputs.versions) if v.resolved is not None), None)
-    if current is not None and current.resolved is not None:
-        fronting: dict[str, list[str]] = {}
-        for gateway, backends in current.gateways.items():
-            for backend in backends:
-                fronting.setdefault(backend, []).append(gateway)
-        for backend in sorted(current.resolved.backends):
-            for grant in current.resolved.grants(backend):
-                rules = [
-                    f"{', '.join(r.methods) or 'any method'} {', '.join(r.paths) or 'any path'}" for r in grant.rules
-                ]
-                for subject in grant.subjects or (None,):
-                    rows.append(
-                        {
-                            "backend": backend,
-                            "gateways": ", ".join(sorted(fronting.get(backend, []))),
-                            "grant": grant.name,
-                            "mode": grant.mode.value,
-                            "subject": "no one (every subject withdrawn)" if subject is None else subject_text(subject),
-                            "allows": rules,
-                        }
-                    )
+    rows = [] if current is None else access_rows(current)
     shown, more = _capped(rows, inputs.cap)
     version = "" if current is None else (current.sha or current.subject)
     return Section(
         "access",
         "Who could reach what at the end of the window",
         (
-            f"The policy in force at the window's end ({version or 'none loaded'}), resolved: per backend, each "
+            f"The policy in force at the window's end ({version or 'none loaded'}; the last version that loaded: "
+            "serve never applies an invalid one), resolved: per backend, each "
             "grant (binding/role), the tokens it admits (every condition must hold) and the methods and paths it "
             "allows. Shadow grants allow nothing: Envoy only logs what they would allow.",
         ),
-        (
-            Column("backend", "Backend"),
-            Column("gateways", "Gateways"),
-            Column("grant", "Grant"),
-            Column("mode", "Mode", "id"),
-            Column("subject", "Tokens admitted"),
-            Column("allows", "Allows", "lines"),
-        ),
+        _ACCESS_COLUMNS,
         shown,
         more,
     )
@@ -494,5 +517,6 @@ def document(report: Report) -> dict[str, Any]:
             for s in report.sections
         },
         "policy_changes": list(report.changes),
+        "access_by_version": list(report.access_by_version),
         "not_recorded": list(report.not_recorded),
     }
