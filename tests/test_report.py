@@ -122,7 +122,8 @@ def test_a_policy_at_the_root_of_its_repository_and_an_invalid_version(tmp_path:
     assert main(["report", "--since", "1h", "--policy-repo", str(repo), "--no-audit", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     first, broken = rows(report, "policy_versions")
-    assert first["message"] == "root policy" and first["access_changes"] == ["first version read: compared with nothing"]
+    assert first["message"] == "root policy"
+    assert first["access_changes"] == ["first version read: compared with nothing"]
     (why,) = broken["access_changes"]
     assert why.startswith("did not load: ") and "error(s)" in why
     assert len(rows(report, "access")) == 2  # the last version that loaded: serve keeps serving it too

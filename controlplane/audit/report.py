@@ -140,7 +140,7 @@ def build(inputs: Inputs) -> Report:
 
 def _access_by_version(inputs: Inputs) -> list[Mapping[str, Any]]:
     columns = _ACCESS_COLUMNS
-    out = []
+    out: list[Mapping[str, Any]] = []
     for version in inputs.versions:
         if version.resolved is None:
             continue
