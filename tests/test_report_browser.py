@@ -98,3 +98,16 @@ def test_chromium_screenshot_shows_the_styled_tables(page: Path, tmp_path: Path)
     # the header colour sits in bands (one per table), in the page's upper part too: the tables are laid out
     rows_with_header = {i // image.width for i, p in enumerate(image.pixels) if p == HEADER_BLUE}
     assert min(rows_with_header) < image.height // 2 and len(rows_with_header) > 40
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.support import browser
+
+    monkeypatch.setattr(browser, "DEBIAN_PATH", tmp_path / "no-chromium")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium not found under CI=true"):
+        browser.chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        browser.chromium()
