@@ -306,3 +306,33 @@ def test_sqlite_reader_never_writes(data: Fixture) -> None:
         conn.execute("DELETE FROM audit")
     conn.close()
     assert time.time() > 0
+
+
+def test_versions_from_the_gitlab_project_serve_watches(tmp_path: Path) -> None:
+    from tests.support.fake_gitlab import FakeGitLab
+
+    files = {path.name: path.read_text() for path in sorted(EXAMPLE.iterdir())}
+    token = tmp_path / "token"
+    with FakeGitLab() as fake:
+        token.write_text(fake.api_token + "\n")
+        fake.add_project("platform/policy", files=files)
+        wider = files["roles.yaml"].replace("methods: [GET, HEAD]", "methods: [GET, HEAD, DELETE]")
+        sha = fake.commit("platform/policy", {"roles.yaml": wider}, author="Bob Builder", message="allow DELETE")
+        broken = fake.commit("platform/policy", {"roles.yaml": "kind: Role\n"}, author="Eve", message="oops")
+        out = tmp_path / "r.json"
+        argv = ["report", "--since", "1h", "--no-audit", "--out", str(out), "--policy-project", "platform/policy"]
+        argv += ["--gitlab-url", fake.api_url, "--gitlab-token-file", str(token)]
+        assert main(argv) == 0
+        assert main([*argv[:-4], "--gitlab-token-file", str(token)]) == 2  # no --gitlab-url
+    report = json.loads(out.read_text())
+    initial, widened, invalid = rows(report, "policy_versions")
+    assert (widened["commit"], widened["author"], widened["message"]) == (
+        sha,
+        "Bob Builder <bob.builder@example.com>",
+        "allow DELETE",
+    )
+    assert initial["message"] == "Initial commit" and invalid["commit"] == broken
+    (gain,) = widened["access_changes"]
+    assert gain.endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
+    assert invalid["access_changes"][0].startswith("did not load: ")
+    assert "platform/policy" in report["summary"]["policy read from"]

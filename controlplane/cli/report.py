@@ -35,7 +35,7 @@ from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV, StateFileEr
 from controlplane.store.dsn import DsnError, StoreDsn
 
 if TYPE_CHECKING:
-    from controlplane.audit.usage import Usage
+    from controlplane.audit.usage import Usage as AuditUsage
     from controlplane.sources.policy_dir import ReadLimits
 
 # The state directory's files (credentials/keys.py KEYS_FILE, revocation_store.py REVOCATIONS_FILE), named here
@@ -55,8 +55,12 @@ class Unreadable(Exception):
     """A source the report needs could not be read; the message names it (never a DSN's password)."""
 
 
+class UsageError(Exception):
+    """Arguments that do not go together, found while reading (a GitLab token source missing)."""
+
+
 class StateRead(NamedTuple):
-    usage: Usage | None
+    usage: AuditUsage | None
     revocations: Mapping[str, float] | None
     keys: tuple[SigningKey, ...] | None
     audit_source: str
@@ -75,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy-repo", type=Path, help="the policy directory in a git checkout: versions and their authors"
     )
     policy.add_argument("--policy", type=Path, help="a policy directory without history: access at the end only")
+    policy.add_argument("--policy-project", help="the GitLab project (path or id) holding the policy, as serve's")
+    parser.add_argument("--gitlab-url", help="GitLab base URL for --policy-project")
+    parser.add_argument("--gitlab-token-env", help="environment variable holding a read_api token")
+    parser.add_argument("--gitlab-token-file", help="file holding that token")
     parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per table at most, then 'N more'")
     parser.add_argument(
         "--max-versions", type=int, default=DEFAULT_MAX_VERSIONS, help="policy commits in the window loaded at most"
@@ -119,6 +127,8 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
     try:
         versions, more, policy_source = _policy_versions(args, limits, since, until)
         state = _read_state(args, dsn, since, until)
+    except UsageError as error:
+        return _fail(EXIT_USAGE, str(error))
     except Unreadable as error:
         return _fail(EXIT_UNREADABLE, str(error))
     report = build(
@@ -169,8 +179,10 @@ def _policy_versions(
             raise Unreadable(f"{args.policy}: not a directory")
         version = _load(args.policy, limits, None, in_force_at_start=False)
         return (version,), 0, f"the directory {args.policy} (no history: versions and authors not reported)"
+    if args.policy_project is not None:
+        return _gitlab_versions(args, limits, since, until)
     if args.policy_repo is None:
-        return (), 0, "no policy given (--policy-repo DIR or --policy DIR)"
+        return (), 0, "no policy given (--policy-repo DIR, --policy-project P or --policy DIR)"
     try:
         found = history(args.policy_repo, since, until, args.max_versions)
         versions = []
@@ -185,15 +197,61 @@ def _policy_versions(
     return tuple(versions), found.more, f"the git history of {args.policy_repo}"
 
 
+def _gitlab_versions(
+    args: argparse.Namespace, limits: ReadLimits, since: float, until: float
+) -> tuple[tuple[PolicyVersion, ...], int, str]:
+    """The versions from GitLab's API, as `serve --policy-project` reads the policy (its default branch)."""
+    from controlplane.sources.gitlab import GitLabSource
+    from controlplane.sources.gitlab_client import GitLabTokenError, GitLabUnavailable, token_from
+    from controlplane.sources.gitlab_repo import PolicyRepo, PolicyRepoError
+    from controlplane.sources.policy_history import gitlab_history
+
+    if not args.gitlab_url:
+        raise UsageError("--policy-project needs --gitlab-url")
+    where = f"GitLab project {args.policy_project}"
+    try:
+        client = GitLabSource(args.gitlab_url, token_from(args.gitlab_token_env, args.gitlab_token_file))
+        found = gitlab_history(client, args.policy_project, since, until, args.max_versions)
+        repo = PolicyRepo(client, args.policy_project, limits)
+        versions = []
+        starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []
+        for commit, at_start in [*starts, *((c, False) for c in found.commits)]:
+            assert commit is not None
+            try:
+                files: dict[str, str] | PolicyInvalid = repo.read_tree(commit.sha)
+            except PolicyInvalid as invalid:
+                files = invalid
+            versions.append(_load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start))
+    except GitLabTokenError as error:
+        raise UsageError(str(error)) from None
+    except (GitLabUnavailable, PolicyRepoError, GitError) as error:
+        raise Unreadable(f"{where}: {error}") from None
+    return tuple(versions), found.more, f"the default branch of {where} at {args.gitlab_url}"
+
+
 def _load(tree: Path, limits: ReadLimits, commit: Commit | None, *, in_force_at_start: bool) -> PolicyVersion:
+    """One version read from a directory (a checkout's tree, or --policy)."""
+    from controlplane.sources.policy_dir import read_policy_dir
+
+    try:
+        files: dict[str, str] | PolicyInvalid | OSError = read_policy_dir(tree, limits)
+    except (PolicyInvalid, OSError) as error:
+        files = error
+    return _load_files(files, commit, str(tree), in_force_at_start=in_force_at_start)
+
+
+def _load_files(
+    files: dict[str, str] | PolicyInvalid | OSError, commit: Commit | None, origin: str, *, in_force_at_start: bool
+) -> PolicyVersion:
     """One version resolved offline (the policy alone, as `diff` reads a side); an invalid one is kept, with why."""
     from controlplane.model.loader import parse_policy
     from controlplane.resolved.index import Resolution
-    from controlplane.sources.policy_dir import read_policy_dir
 
-    sha, author, email, committer, when, subject = commit or ("", "", "", "", None, str(tree))
+    sha, author, email, committer, when, subject = commit or ("", "", "", "", None, origin)
     try:
-        policy = parse_policy(read_policy_dir(tree, limits))
+        if isinstance(files, Exception):
+            raise files
+        policy = parse_policy(files)
         resolved = Resolution().update(policy)
     except PolicyInvalid as invalid:
         first = invalid.lines(1)
@@ -277,7 +335,7 @@ def _key(entry: Any) -> SigningKey:
 
 async def _read_postgres(
     dsn: StoreDsn, since: float, until: float, cap: int, audit: bool
-) -> tuple[Usage | None, dict[str, float], tuple[SigningKey, ...]]:
+) -> tuple[AuditUsage | None, dict[str, float], tuple[SigningKey, ...]]:
     """One connection, one read-only transaction: the aggregates, the deny list, the keys' public columns."""
     from controlplane.audit.usage import summarise_pg
     from controlplane.store.pool import PoolSettings, StorePool

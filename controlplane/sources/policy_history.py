@@ -8,6 +8,10 @@ count (`-- .`, run in it), so a policy kept in a subdirectory of a bigger reposi
 
 Times are committer times (when the commit entered the branch's history, as `git log --since` filters),
 Unix seconds. git is run with a timeout and no pager; its output is read as UTF-8 with replacements.
+
+The same history can come from GitLab (`gitlab_history`) when the policy lives in a project `serve
+--policy-project` watches: the commits API on the default branch (`first_parent`, `since`, `until`), and each
+commit's tree through `PolicyRepo.read_tree`, the reader serve itself uses; no clone.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from controlplane.sources.gitlab_repo import GitLabClient
 
 GIT_TIMEOUT = 60.0
+MAX_API_COMMITS = 10_000  # commits listed from GitLab for one window at most (metadata only: a page is 100)
 _SEPARATOR = "\x1f"
 _FORMAT = _SEPARATOR.join(("%H", "%an", "%ae", "%cn", "%ct", "%s"))
 
@@ -112,3 +120,37 @@ def tree_at(directory: Path, sha: str) -> Iterator[Path]:
         with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
             archive.extractall(tmp, filter="data")
         yield Path(tmp)
+
+
+def _api_commit(entry: dict[str, Any]) -> Commit:
+    """A commit as GitLab's commits API gives it (`committed_date` ISO 8601 with an offset)."""
+    when = datetime.fromisoformat(str(entry["committed_date"]).replace("Z", "+00:00")).timestamp()
+    return Commit(
+        str(entry["id"]),
+        str(entry.get("author_name") or ""),
+        str(entry.get("author_email") or ""),
+        str(entry.get("committer_name") or ""),
+        when,
+        str(entry.get("title") or ""),
+    )
+
+
+def gitlab_history(client: GitLabClient, project: str | int, since: float, until: float, limit: int) -> History:
+    """`history` from a GitLab project's default branch, through its commits API. GitLab's errors are raised as
+    the client raises them (`GitLabUnavailable`); a project without a default branch is a `GitError`."""
+    with client.errors_as_unavailable():
+        handle = client.gl.projects.get(project)
+        branch = handle.attributes.get("default_branch")
+        if not branch:
+            raise GitError(f"GitLab project {project} has no default branch (empty repository?)")
+        common = {"ref_name": branch, "first_parent": True}
+        window: list[Commit] = []
+        listed = handle.commits.list(since=_iso(since), until=_iso(until), iterator=True, per_page=100, **common)
+        for entry in listed:
+            window.append(_api_commit(entry.attributes))
+            if len(window) >= MAX_API_COMMITS:
+                break
+        before = handle.commits.list(until=_iso(since), per_page=1, page=1, get_all=False, **common)
+        start = next((c for c in (_api_commit(e.attributes) for e in before) if c.time < since), None)
+    window = [c for c in reversed(window) if since <= c.time < until]  # the branch's order, oldest first
+    return History(start, tuple(window[:limit]), max(0, len(window) - limit))
