@@ -23,12 +23,14 @@ from typing import Any
 
 import pytest
 
+from controlplane.audit.report import Inputs, build
 from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore, open_readonly
 from controlplane.audit.usage import summarise
 from controlplane.cli import report as report_cli
 from controlplane.cli.main import main
 from controlplane.credentials.keys import KEYS_FILE
 from controlplane.credentials.revocation_store import REVOCATIONS_FILE
+from controlplane.sources.policy_dir import ReadLimits
 from tests.support.report_data import (
     DAY,
     EXAMPLE,
@@ -85,7 +87,7 @@ def test_policy_versions_name_the_commits_authors_and_access_changes(data: Fixtu
     changes = report["policy_changes"]  # the same changes, as resolved.diff documents them
     assert [(c["from"], c["to"]) for c in changes] == [(first, second), (second, third)]
     assert changes[1]["diff"]["backends"][0]["name"] == "deploy-api"
-    assert report["summary"]["policy versions in force"] == 3
+    assert report["summary"]["policy_versions_in_force"] == 3
 
 
 def test_access_at_the_end_is_worded_from_the_resolved_policy(data: Fixture, tmp_path: Path) -> None:
@@ -134,7 +136,7 @@ def test_use_per_project_and_job_denials_and_totals(data: Fixture, tmp_path: Pat
     summary = report["summary"]
     in_window = [r for r in audit_records(NOW) if r.time >= NOW - 30 * DAY]
     assert summary["requests"] == len(in_window) == 40  # the 45-day-old record is outside
-    assert (summary["allowed"], summary["denied"], summary["jobs seen"]) == (31, 9, 4)
+    assert (summary["allowed"], summary["denied"], summary["jobs_seen"]) == (31, 9, 4)
     jobs = {r["job_id"]: r for r in rows(report, "jobs")}
     assert set(jobs) == {None, "70001", "70002", "70003", REVOKED_JOB}
     assert (jobs["70001"]["requests"], jobs["70001"]["allowed"], jobs["70001"]["denied"]) == (30, 30, 0)
@@ -173,9 +175,23 @@ def test_the_window_is_aggregated_by_the_database_and_capped(data: Fixture, tmp_
     assert len(usage.tables["usage"].rows) == 2 and usage.tables["usage"].total == 8
     report = json_report(data, tmp_path, "--max-rows", "2")
     assert len(rows(report, "usage")) == 2 and report["sections"]["usage"]["more"] == 6
+    one = json_report(data, tmp_path, "--max-rows", "1")
+    assert len(rows(one, "policy_versions")) == 1 and one["sections"]["policy_versions"]["more"] == 2
     html_out = tmp_path / "capped.html"
     assert run(data, "--max-rows", "2", "--format", "html", "--out", str(html_out)) == 0
     assert "6 more not shown" in html_out.read_text()
+
+
+def test_a_versions_access_changes_are_capped_too(tmp_path: Path) -> None:
+    narrower = tmp_path / "narrower"
+    shutil.copytree(EXAMPLE, narrower)
+    (narrower / "bindings.yaml").unlink()  # three lines lost: reports GET+HEAD, deploy GET and POST
+    limits = ReadLimits(max_file_bytes=1 << 20, max_tree_bytes=1 << 22)
+    versions = tuple(report_cli._load(tree, limits, None, in_force_at_start=False) for tree in (EXAMPLE, narrower))
+    inputs = Inputs(0.0, 1.0, 1.0, versions, 0, "test", None, "none", None, None, "none", cap=2)
+    (_, second) = next(s for s in build(inputs).sections if s.key == "policy_versions").rows
+    assert [line.split(":")[0] for line in second["access_changes"][:2]] == ["- deploy-api", "- deploy-api"]
+    assert second["access_changes"][2:] == ["1 more change(s) not shown (controlplane diff lists them all)"]
 
 
 def test_a_large_window_costs_groups_not_rows(tmp_path: Path) -> None:
@@ -335,4 +351,4 @@ def test_versions_from_the_gitlab_project_serve_watches(tmp_path: Path) -> None:
     (gain,) = widened["access_changes"]
     assert gain.endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
     assert invalid["access_changes"][0].startswith("did not load: ")
-    assert "platform/policy" in report["summary"]["policy read from"]
+    assert "platform/policy" in report["summary"]["policy_read_from"]

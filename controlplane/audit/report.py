@@ -117,7 +117,7 @@ def format_time(timestamp: float | None) -> str:
 
 def build(inputs: Inputs) -> Report:
     """The report's sections from what the caller read."""
-    changes, change_rows = _changes(inputs.versions)
+    changes, change_rows = _changes(inputs.versions, inputs.cap)
     sections = [
         _versions_section(inputs, change_rows),
         _access_section(inputs),
@@ -151,13 +151,14 @@ def _access_by_version(inputs: Inputs) -> list[Mapping[str, Any]]:
 
 
 def _summary(inputs: Inputs) -> tuple[tuple[str, Value], ...]:
+    """(key, value): the keys are the JSON's and the CSV's; HTML shows them with spaces."""
     rows: list[tuple[str, Value]] = [
-        ("window from", format_time(inputs.since)),
-        ("window to", format_time(inputs.until)),
+        ("window_from", format_time(inputs.since)),
+        ("window_to", format_time(inputs.until)),
         ("generated", format_time(inputs.generated)),
-        ("policy read from", inputs.policy_source),
-        ("policy versions in force", len(inputs.versions) + inputs.versions_more),
-        ("audit trail read from", inputs.audit_source),
+        ("policy_read_from", inputs.policy_source),
+        ("policy_versions_in_force", len(inputs.versions) + inputs.versions_more),
+        ("audit_trail_read_from", inputs.audit_source),
     ]
     if inputs.usage is not None:
         totals = inputs.usage.totals
@@ -166,15 +167,21 @@ def _summary(inputs: Inputs) -> tuple[tuple[str, Value], ...]:
                 ("requests", totals["requests"]),
                 ("allowed", totals["allowed"]),
                 ("denied", totals["denied"]),
-                ("jobs seen", totals["jobs"]),
-                ("projects seen", totals["projects"]),
+                ("jobs_seen", totals["jobs"]),
+                ("projects_seen", totals["projects"]),
             ]
         )
-    rows.append(("deny list and signing keys read from", inputs.state_source))
+    rows.append(("state_read_from", inputs.state_source))
     return tuple(rows)
 
 
-def _changes(versions: Sequence[PolicyVersion]) -> tuple[list[Mapping[str, object]], dict[str, list[str]]]:
+def _capped_lines(lines: list[str], cap: int) -> list[str]:
+    if len(lines) <= cap:
+        return lines
+    return [*lines[:cap], f"{len(lines) - cap} more change(s) not shown (controlplane diff lists them all)"]
+
+
+def _changes(versions: Sequence[PolicyVersion], cap: int) -> tuple[list[Mapping[str, object]], dict[str, list[str]]]:
     """Each loaded version compared with the previous loaded one: JSON documents, and lines per sha."""
     documents: list[Mapping[str, object]] = []
     lines: dict[str, list[str]] = {}
@@ -188,7 +195,7 @@ def _changes(versions: Sequence[PolicyVersion]) -> tuple[list[Mapping[str, objec
         else:
             diff = compare(previous.resolved, version.resolved, previous.gateways, version.gateways)
             documents.append({"from": previous.sha, "to": version.sha, "diff": diff_document(diff)})
-            lines[version.sha] = diff_lines(diff) or ["access unchanged"]
+            lines[version.sha] = _capped_lines(diff_lines(diff), cap) or ["access unchanged"]
         previous = version
     return documents, lines
 

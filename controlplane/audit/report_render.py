@@ -67,7 +67,7 @@ def render_html(report: Report) -> str:
         '<table class="summary" id="summary"><tbody>',
         *(
             f"<tr><th>{_e(name)}</th><td>{_e('' if value is None else value)}</td></tr>"
-            for name, value in report.summary
+            for name, value in ((key.replace("_", " "), value) for key, value in report.summary)
         ),
         "</tbody></table>",
     ]
