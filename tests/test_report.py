@@ -352,3 +352,13 @@ def test_versions_from_the_gitlab_project_serve_watches(tmp_path: Path) -> None:
     assert gain.endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
     assert invalid["access_changes"][0].startswith("did not load: ")
     assert "platform/policy" in report["summary"]["policy_read_from"]
+
+
+def test_past_max_versions_the_newest_are_kept_and_the_rest_counted(data: Fixture, tmp_path: Path) -> None:
+    report = json_report(data, tmp_path, "--max-versions", "1")
+    versions = rows(report, "policy_versions")
+    assert [v["commit"] for v in versions] == [data.commits[0], data.commits[2]]  # start, then the newest
+    assert report["sections"]["policy_versions"]["more"] == 1
+    assert "1 earlier commit(s)" in report["sections"]["policy_versions"]["about"][2]
+    assert len(versions[1]["access_changes"]) == 3  # DELETE gained (the skipped commit) and the two losses
+    assert rows(report, "access")[0]["allows"] == ["GET, HEAD, DELETE /**"]  # the version in force at the end

@@ -249,6 +249,15 @@ def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section
             f"Read from {inputs.policy_source}: the version in force when the window opened, then every commit "
             "that changed the policy in the window (first parents of the branch: each merge is one version).",
             "Access changes compare each version with the one before, resolved as RBAC is compiled from them.",
+            *(
+                (
+                    f"{inputs.versions_more} earlier commit(s) in the window were not loaded (--max-versions): the "
+                    "first one listed after the window's start is compared with the version in force at the start, "
+                    "so its changes include theirs.",
+                )
+                if inputs.versions_more
+                else ()
+            ),
         ),
         (
             Column("in_force", "In force"),

@@ -111,9 +111,12 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
     now = time.time()
     try:
         since = parse_since(args.since, now)
-        until = now if args.until is None else parse_since(args.until, now)
-    except ValueError as error:  # parse_since names --since; the same words apply to --until
+    except ValueError as error:
         return _fail(EXIT_USAGE, str(error))
+    try:
+        until = now if args.until is None else parse_since(args.until, now)
+    except ValueError as error:  # parse_since's words name --since
+        return _fail(EXIT_USAGE, str(error).replace("--since", "--until", 1))
     if until <= since:
         return _fail(EXIT_USAGE, "the window is empty: --until must be after --since")
     if args.max_rows < 1 or args.max_versions < 1:

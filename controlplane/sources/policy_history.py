@@ -50,8 +50,8 @@ class Commit(NamedTuple):
 
 class History(NamedTuple):
     in_force_at_start: Commit | None  # the last commit before the window (None: the policy did not exist yet)
-    commits: tuple[Commit, ...]  # in the window, oldest first, at most `limit`
-    more: int  # commits in the window left out (the oldest are kept: versions are compared in order)
+    commits: tuple[Commit, ...]  # in the window, oldest first, at most `limit`: the newest ones
+    more: int  # earlier commits in the window left out (the newest are kept: the last is in force at the end)
 
 
 def _git(directory: Path, *args: str) -> str:
@@ -92,7 +92,7 @@ def history(directory: Path, since: float, until: float, limit: int) -> History:
     window.reverse()
     before = _parse(_git(directory, *base, "-n", "1", f"--until={_iso(since)}", "HEAD", "--", "."))
     start = next((c for c in before if c.time < since), None)
-    return History(start, tuple(window[:limit]), max(0, len(window) - limit))
+    return History(start, tuple(window[-limit:]), max(0, len(window) - limit))
 
 
 @contextmanager
@@ -153,4 +153,4 @@ def gitlab_history(client: GitLabClient, project: str | int, since: float, until
         before = handle.commits.list(until=_iso(since), per_page=1, page=1, get_all=False, **common)
         start = next((c for c in (_api_commit(e.attributes) for e in before) if c.time < since), None)
     window = [c for c in reversed(window) if since <= c.time < until]  # the branch's order, oldest first
-    return History(start, tuple(window[:limit]), max(0, len(window) - limit))
+    return History(start, tuple(window[-limit:]), max(0, len(window) - limit))
