@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
 
+    report = commands.add_parser("report", help="compliance evidence for a window: policy versions, access, use")
+    from controlplane.cli.report import add_arguments as add_report_arguments
+
+    add_report_arguments(report)
+    _add_limit_arguments(report)
+
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
@@ -799,6 +805,12 @@ def _diff(args: argparse.Namespace) -> int:
     return run_diff(args, _limits(args))
 
 
+def _report(args: argparse.Namespace) -> int:
+    from controlplane.cli.report import run_report
+
+    return run_report(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -808,6 +820,7 @@ def _audit(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
+    "report": _report,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,

@@ -64,6 +64,7 @@ class _Commit:
     tree: dict[str, bytes]  # path -> content: every file of the repository at this commit
     message: str
     created_at: str
+    author: str = "Platform Engineer"  # author and committer (commit(author=...)); e-mail derived from it
 
 
 @dataclass
@@ -168,6 +169,26 @@ def _param(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
+def _email(name: str) -> str:
+    return name.lower().replace(" ", ".") + "@example.com"
+
+
+def _timestamp(iso: str) -> float:
+    """An ISO 8601 time as GitLab's API takes it (``Z`` or an offset; fractions allowed); a bad one is a 400."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ApiError(400, "since/until is invalid") from None
+
+
+def _changed_under(tree: Mapping[str, bytes], before: Mapping[str, bytes], path: str) -> bool:
+    prefix = path.strip("/") + "/"
+    under = [p for p in {*tree, *before} if p == path.strip("/") or p.startswith(prefix)]
+    return any(tree.get(p) != before.get(p) for p in under)
+
+
 def _int_param(request: Request, name: str, default: int) -> int:
     value = _param(request, name)
     if value is None or value == "":
@@ -256,6 +277,7 @@ class FakeGitLab(OidcIssuer):
             ("GET", "/projects/:id/protected_environments", self._list_protected_environments),
             ("GET", "/projects/:id/repository/tree", self._list_tree),
             ("GET", "/projects/:id/repository/files/:path/raw", self._get_raw_file),
+            ("GET", "/projects/:id/repository/commits", self._list_commits),
             ("GET", "/projects/:id/repository/commits/:sha", self._get_commit),
             ("POST", "/projects/:id/statuses/:sha", self._post_status),
             ("GET", "/projects/:id/jobs/:job_id", self._get_job),
@@ -578,15 +600,24 @@ class FakeGitLab(OidcIssuer):
     # -- test controls: the repository and commit statuses
 
     def commit(
-        self, project: int | str, files: Files, *, branch: str | None = None, message: str = "Update policy"
+        self,
+        project: int | str,
+        files: Files,
+        *,
+        branch: str | None = None,
+        message: str = "Update policy",
+        author: str | None = None,
+        at: float | None = None,
     ) -> str:
         """A new commit on ``branch`` (default: the default branch): ``files`` are written over the current tree
-        (``None`` deletes a file). Returns the new head sha."""
+        (``None`` deletes a file). ``author`` and ``at`` (Unix time; default now) as its author and commit time.
+        Returns the new head sha."""
         with self._api_lock:
             p = self._project(project)
             name = branch or p.default_branch or "main"
             parent = p.commits[p.branches[name]] if name in p.branches else self._resolve(p, p.default_branch or "")
-            p.branches[name] = sha = self._new_commit(p, parent.sha, _apply(parent.tree, files), message).sha
+            tree = _apply(parent.tree, files)
+            p.branches[name] = sha = self._new_commit(p, parent.sha, tree, message, author=author, at=at).sha
         self._push_hook(p.id, p.path, name, parent.sha, sha)
         return sha
 
@@ -657,12 +688,22 @@ class FakeGitLab(OidcIssuer):
             raise ApiError(404, "404 Commit Not Found")
         return project.commits[sha]
 
-    def _new_commit(self, project: _Project, parent: str | None, tree: dict[str, bytes], message: str) -> _Commit:
+    def _new_commit(
+        self,
+        project: _Project,
+        parent: str | None,
+        tree: dict[str, bytes],
+        message: str,
+        *,
+        author: str | None = None,
+        at: float | None = None,
+    ) -> _Commit:
         digest = hashlib.sha1(usedforsecurity=False)
         digest.update(f"{project.id}\0{parent}\0{message}\0{next(self._other_ids)}".encode())
         for path in sorted(tree):
             digest.update(path.encode() + b"\0" + tree[path])
-        commit = _Commit(digest.hexdigest(), parent, tree, message, _now_iso())
+        created = _now_iso() if at is None else time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(at))
+        commit = _Commit(digest.hexdigest(), parent, tree, message, created, author or _Commit.author)
         project.commits[commit.sha] = commit
         return commit
 
@@ -750,11 +791,11 @@ class FakeGitLab(OidcIssuer):
             "parent_ids": [commit.parent] if commit.parent else [],
             "title": commit.message.splitlines()[0] if commit.message else "",
             "message": commit.message,
-            "author_name": "Platform Engineer",
-            "author_email": "platform@example.com",
+            "author_name": commit.author,
+            "author_email": _email(commit.author),
             "authored_date": commit.created_at,
-            "committer_name": "Platform Engineer",
-            "committer_email": "platform@example.com",
+            "committer_name": commit.author,
+            "committer_email": _email(commit.author),
             "committed_date": commit.created_at,
             "trailers": {},
             "extended_trailers": {},
@@ -938,6 +979,27 @@ class FakeGitLab(OidcIssuer):
             "X-Gitlab-Size": str(len(data)),
         }
         return Response(200, data, headers)
+
+    def _list_commits(self, request: Request) -> Response:
+        """GitLab's commit list: from ``ref_name`` (default: the default branch) back along parents, newest first;
+        ``since``/``until`` (ISO 8601, inclusive) on the commit date; ``path``: only commits changing a file under
+        it. The fake's history is linear, so ``first_parent`` changes nothing."""
+        project = self._project(request.params["id"])
+        commit: _Commit | None = self._resolve(project, _param(request, "ref_name") or project.default_branch or "")
+        since, until, path = _param(request, "since"), _param(request, "until"), _param(request, "path")
+        items = []
+        while commit is not None:
+            parent = project.commits[commit.parent] if commit.parent else None
+            when = _timestamp(commit.created_at)
+            changed = path is None or _changed_under(commit.tree, parent.tree if parent else {}, path)
+            if (
+                changed
+                and (since is None or when >= _timestamp(since))
+                and (until is None or when <= _timestamp(until))
+            ):
+                items.append(self._commit_json(project, commit))
+            commit = parent
+        return self._page(request, items)
 
     def _get_commit(self, request: Request) -> Response:
         project = self._project(request.params["id"])
