@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
 
+    suggest = commands.add_parser("suggest", help="least-privilege roles and bindings from observed traffic and CI")
+    from controlplane.cli.suggest import add_arguments as add_suggest_arguments
+
+    add_suggest_arguments(suggest)
+    _add_limit_arguments(suggest)
+
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
@@ -799,6 +805,12 @@ def _diff(args: argparse.Namespace) -> int:
     return run_diff(args, _limits(args))
 
 
+def _suggest(args: argparse.Namespace) -> int:
+    from controlplane.cli.suggest import run_suggest
+
+    return run_suggest(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -808,6 +820,7 @@ def _audit(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
+    "suggest": _suggest,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,
