@@ -447,6 +447,8 @@ class _Parser:
         if following is not None and following[0] == "op" and following[1] in ("==", "!=", "=~", "!~"):
             op = self.take()[1]
             right_kind, right = self.take()
+            if "op" in (kind, right_kind):
+                raise _Unparsable(f"{op} needs two operands")
             if kind != "var":
                 kind, value, right_kind, right = right_kind, right, kind, value
             if kind != "var":
