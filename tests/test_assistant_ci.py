@@ -115,7 +115,7 @@ def test_local_includes_merge_nest_and_stop_at_cycles() -> None:
         "    file: a.yml\n  - remote: https://example.com/x.yml\nextra:\n  script: [x]\n",
         "ci/deploy.yml": "include: {local: ci/nested.yml}\ndeploy:\n  id_tokens: {T: {aud: https://deploy.local}}\n",
         "ci/nested.yml": "include: ci/deploy.yml\n.base:\n  environment: staging\n",
-        "ci/common.yml": "deploy:\n  extends: .base\n  rules:\n    - if: $CI_COMMIT_BRANCH == \"main\"\n",
+        "ci/common.yml": 'deploy:\n  extends: .base\n  rules:\n    - if: $CI_COMMIT_BRANCH == "main"\n',
     }
     config = _load(files)
     assert config.files == (".gitlab-ci.yml", "ci/deploy.yml", "ci/nested.yml", "ci/common.yml")

@@ -85,7 +85,7 @@ fetch-status:
 
 def broad_policy(given: PolicyInputs) -> dict[str, str]:
     """Anything on both backends for the whole group, and a binding nobody uses."""
-    anything = "rules:\n  - paths: [\"/**\"]\n"
+    anything = 'rules:\n  - paths: ["/**"]\n'
     return {
         "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
         "inventory.yaml": INVENTORY,
@@ -101,6 +101,7 @@ def broad_policy(given: PolicyInputs) -> dict[str, str]:
         "bindings.yaml": documents(
             binding("platform-all", ["reports-everything", "deploy-everything"], "{group: acme/platform}"),
             binding("legacy-reader", ["reports-read"], "{project: 43, ref: legacy}"),
+            binding("deploy-dry-run", ["deploy-everything"], "{project: 42, ref: main}", extra="mode: shadow"),
         ),
         "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"], access_log=given.access_log),
     }
@@ -132,9 +133,7 @@ def recorded_calls() -> list[Call]:
     for job, months in ((9001, ("01", "02")), (9002, ("03",)), (9003, ("04", "01"))):
         made += [call("reports.local", "GET", f"/reports/2026/{m}", DEPLOYER, job_id=job) for m in months]
     made.append(call("reports.local", "HEAD", "/reports/index", DEPLOYER, job_id=9003))
-    made.append(
-        call("deploy.local", "POST", "/deployments/prod", DEPLOYER, job_id=9004, environment="production")
-    )
+    made.append(call("deploy.local", "POST", "/deployments/prod", DEPLOYER, job_id=9004, environment="production"))
     made.append(call("reports.local", "GET", "/status", OTHER, job_id=9100))
     return made
 
@@ -169,7 +168,7 @@ def unused_calls() -> list[Call]:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Served]:
-    spec = EnvoySpec(NODE, "suggest-envoy")
+    spec = EnvoySpec(NODE, "suggest-envoy", flush_logs=True)
     with serve_stack(
         tmp_path,
         broad_policy,
@@ -186,7 +185,9 @@ def stack(tmp_path: Path) -> Iterator[Served]:
             protected=["main", "dev"],
             files={".gitlab-ci.yml": DEPLOYER_CI, "ci/deploy.yml": DEPLOYER_DEPLOY_CI},
         )
-        gitlab.add_project("acme/platform/other", id=43, branches=["main", "feature"], files={".gitlab-ci.yml": OTHER_CI})
+        gitlab.add_project(
+            "acme/platform/other", id=43, branches=["main", "feature"], files={".gitlab-ci.yml": OTHER_CI}
+        )
         yield built
 
 
@@ -200,10 +201,16 @@ def _audited(db: Path) -> int:
         conn.close()
 
 
+def _logged(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"job_id":"9' in line.replace(" ", ""))
+
+
 def _suggest(stack: Served, out: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     argv = ["suggest", str(stack.policy), "--state-dir", str(stack.controlplane.state_dir), "--since", "1h"]
     argv += ["--gitlab-url", stack.gitlab.base_url, "--gitlab-token-env", TOKEN_ENV, "--out", str(out)]
-    argv += ["--format", "json", "--diff", str(out.parent / f"{out.name}.diff")]
+    argv += ["--format", "json", "--diff", str(out.parent / f"{out.name}.diff"), "--access-log", str(stack.access_log)]
     capsys.readouterr()
     assert main(argv) == 0, capsys.readouterr().err
     document: dict[str, Any] = json.loads(capsys.readouterr().out)
@@ -245,11 +252,14 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
         assert made.status(stack) == 200, made
     db = stack.controlplane.state_dir / DB_NAME
     poll_until(lambda: _audited(db) >= len(recorded), 15, message="every request in the audit trail")
+    poll_until(lambda: _logged(stack.access_log) >= len(recorded), 15, message="every request in the access log")
 
     document = _suggest(stack, tmp_path / "suggested", capsys)
     again = _suggest(stack, tmp_path / "again", capsys)
     assert document == again  # deterministic: the same trail and GitLab give the same output
-    assert (tmp_path / "suggested" / "suggested.yaml").read_bytes() == (tmp_path / "again" / "suggested.yaml").read_bytes()
+    assert (tmp_path / "suggested" / "suggested.yaml").read_bytes() == (
+        tmp_path / "again" / "suggested.yaml"
+    ).read_bytes()
 
     by_name = {s["name"]: s for s in document["suggestions"]}
     assert sorted(by_name) == ["p42-deploy-api", "p42-reports-api", "p43-reports-api"]
@@ -271,6 +281,9 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     flags = {(f["kind"], f["subject"]) for f in document["flags"]}
     assert ("unmatched-binding", "legacy-reader") in flags
     assert ("unpinned-protected", "platform-all") in flags
+    (shadow,) = [f["message"] for f in document["flags"] if f["kind"] == "shadow"]
+    assert "deploy-everything: 1 request(s) from project(s) 42" in shadow, shadow
+    assert document["kept"] == {"bindings": ["deploy-dry-run"], "roles": ["deploy-everything"]}
     assert main(["validate", str(tmp_path / "suggested"), "--offline"]) == 0, capsys.readouterr().err
     yaml_text = (tmp_path / "suggested" / "suggested.yaml").read_text()
     assert "# /reports/2026/*: 5 request(s) by 3 job(s) (9001, 9002, 9003)" in yaml_text, yaml_text

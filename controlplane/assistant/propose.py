@@ -128,6 +128,45 @@ class Report:
     ignored: int  # observations not proposed from (denied, no project, no backend, not a GitLab issuer)
 
 
+@dataclass(frozen=True)
+class ShadowSeen:
+    """What a shadow grant would have allowed, from the gateways' JSON access log."""
+
+    requests: int
+    projects: tuple[str, ...]
+
+
+SHADOW_POLICY = "shadow_effective_policy_id"
+SHADOW_RESULT = "shadow_engine_result"
+
+
+def shadow_matches(lines: Iterable[str]) -> dict[str, ShadowSeen]:
+    """Per shadow grant (`binding/role`), the requests it would have allowed: Envoy's RBAC writes
+    `<backend prefix>shadow_effective_policy_id` and `..._shadow_engine_result` into its dynamic metadata, which
+    the file access log carries whole as `rbac` (the audit trail keeps the enforced decision only). Lines that are
+    not JSON objects are skipped."""
+    counts: dict[str, int] = defaultdict(int)
+    projects: dict[str, set[str]] = defaultdict(set)
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        rbac = entry.get("rbac") if isinstance(entry, dict) else None
+        if not isinstance(rbac, dict):
+            continue
+        for key, value in rbac.items():
+            if not (isinstance(key, str) and key.endswith(SHADOW_POLICY) and isinstance(value, str)):
+                continue
+            if rbac.get(key[: -len(SHADOW_POLICY)] + SHADOW_RESULT) != "allowed":
+                continue
+            counts[value] += 1
+            project = entry.get("project_id")
+            if isinstance(project, str) and project:
+                projects[value].add(project)
+    return {name: ShadowSeen(counts[name], tuple(sorted(projects[name]))) for name in sorted(counts)}
+
+
 @dataclass
 class Inputs:
     policy: Policy
@@ -137,6 +176,7 @@ class Inputs:
     protected: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)  # project id -> ref -> protected now
     now: float = 0.0
     unused_days: int = 30
+    shadow: Mapping[str, ShadowSeen] | None = None  # by binding/role; None: no access log was given
 
 
 def suggest(given: Inputs) -> Report:
@@ -144,10 +184,11 @@ def suggest(given: Inputs) -> Report:
     groups: dict[tuple[str, str, str], list[Observation]] = defaultdict(list)
     ignored = 0
     for o in given.observations:
-        if o.decision != "allowed" or not o.project_id or not o.backend or o.issuer not in gitlab or not o.method:
+        project = o.project_id or ""
+        if o.decision != "allowed" or not project.isdigit() or not o.backend or o.issuer not in gitlab:
             ignored += 1
             continue
-        groups[(gitlab[o.issuer], o.project_id, o.backend)].append(o)
+        groups[(gitlab[o.issuer], project, o.backend)].append(o)
     backends = {b.name: b for b in given.policy.backends}
     suggestions = []
     for (issuer, project_id, backend), observed in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
@@ -251,10 +292,11 @@ def _usable(path: str) -> bool:
 def _conditions(
     project_id: str, observed: Sequence[Observation], jobs: Sequence[CiJob], protected: Mapping[str, bool] | None
 ) -> tuple[SuggestedCondition, ...]:
-    out = [SuggestedCondition("project", int(project_id), "the project id the tokens carried (never a path)")]
+    out = [SuggestedCondition("project", int(project_id), "the project id the tokens carried (an id, never a path)")]
     refs = sorted({o.ref for o in observed if o.ref})
     if refs and protected is not None and all(protected.get(r) is True for r in refs):
-        out.append(SuggestedCondition("ref_protected", True, f"every observed ref is protected in GitLab: {refs}"))
+        why = f"every ref it was observed on ({', '.join(refs)}) is protected in GitLab now"
+        out.append(SuggestedCondition("ref_protected", True, why))
     elif jobs and all(j.always_protected for j in jobs):
         names = [j.name for j in jobs]
         out.append(SuggestedCondition("ref_protected", True, f"the rules of {names} run only on protected refs"))
@@ -297,14 +339,7 @@ def _flags(given: Inputs, gitlab: Mapping[str, str], backends: Mapping[str, Any]
     used_bindings = {name.partition("/")[0] for name in by_policy}
     for binding in sorted(given.policy.bindings, key=lambda b: b.name):
         if binding.mode is Mode.SHADOW:
-            flags.append(
-                Flag(
-                    "shadow",
-                    binding.name,
-                    "shadow binding: what it would have matched is not in the audit trail (it keeps the enforced "
-                    "decision only); read the gateways' JSON access log field `rbac` (shadow_effective_policy_id)",
-                )
-            )
+            flags.append(Flag("shadow", binding.name, _shadow_message(binding.name, binding.roles, given.shadow)))
         elif binding.name not in used_bindings:
             flags.append(
                 Flag("unmatched-binding", binding.name, f"no allowed request in {given.unused_days} days named it")
@@ -317,6 +352,19 @@ def _flags(given: Inputs, gitlab: Mapping[str, str], backends: Mapping[str, Any]
     flags.extend(_protected_flags(given, by_policy))
     flags.extend(_ci_flags(given, gitlab, backends))
     return tuple(flags)
+
+
+def _shadow_message(binding: str, roles: Sequence[str], shadow: Mapping[str, ShadowSeen] | None) -> str:
+    if shadow is None:
+        return (
+            "shadow binding: what it would have matched is not in the audit trail (it keeps the enforced decision "
+            "only); give the gateways' JSON access logs (--access-log) to count it"
+        )
+    seen = [(role, shadow[f"{binding}/{role}"]) for role in roles if f"{binding}/{role}" in shadow]
+    if not seen:
+        return "shadow binding: would have allowed no request in the access logs given"
+    parts = [f"{role}: {s.requests} request(s) from project(s) {', '.join(s.projects) or '-'}" for role, s in seen]
+    return "shadow binding: would have allowed " + "; ".join(parts) + " (by the access logs given)"
 
 
 def _grant_flags(
@@ -352,7 +400,7 @@ def _protected_flags(given: Inputs, by_policy: Mapping[str, Sequence[Observation
         observed = [o for name, obs in by_policy.items() if name.partition("/")[0] == binding.name for o in obs]
         pairs = {(o.project_id or "", o.ref or "") for o in observed}
         if pairs and all(given.protected.get(p, {}).get(r) is True for p, r in pairs):
-            refs = sorted({r for _, r in pairs})
+            refs = ", ".join(sorted({r for _, r in pairs}))
             message = f"no subject pins ref_protected, yet every request it allowed came from protected refs {refs}"
             out.append(Flag("unpinned-protected", binding.name, message))
     return out

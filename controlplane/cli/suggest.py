@@ -17,6 +17,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ from controlplane.assistant.ci_config import CiConfig, load_ci_config
 from controlplane.assistant.propose import (
     Inputs,
     Observation,
+    ShadowSeen,
     observation,
     patched_tree,
     render_yaml,
+    shadow_matches,
     suggest,
     text_lines,
     unified_diff,
@@ -45,6 +48,7 @@ EXIT_OK = 0
 EXIT_UNREADABLE = 1
 EXIT_USAGE = 2
 DEFAULT_MAX_RECORDS = 1_000_000
+MAX_LOG_LINE = 64 * 1024
 
 
 class SuggestError(Exception):
@@ -67,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gitlab-token-env", help="environment variable holding a read_api token")
     parser.add_argument("--gitlab-token-file", help="file holding a read_api token")
     parser.add_argument("--no-gitlab", action="store_true", help="do not read GitLab (no CI, no protections)")
+    parser.add_argument(
+        "--access-log",
+        action="append",
+        type=Path,
+        default=[],
+        help="a gateway's JSON access log (file), for what shadow bindings would have matched; repeatable",
+    )
     parser.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS, help="audit records read at most")
     parser.add_argument(
         "--state-dir",
@@ -96,10 +107,12 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
         rows = _audit_rows(args, since)
         observations = [observation(row) for row in rows]
         ci, protected = ({}, {}) if args.no_gitlab else _gitlab(args, policy, observations)
+        shadow = _shadow(args.access_log) if args.access_log else None
     except SuggestError as error:
         print(f"controlplane suggest: {error}", file=sys.stderr)
         return EXIT_UNREADABLE
-    report = suggest(Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=args.unused_days))
+    given = Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=args.unused_days, shadow=shadow)
+    report = suggest(given)
     tree = patched_tree(files, report)
     patch = unified_diff(files, tree)
     if args.out is not None:
@@ -194,6 +207,21 @@ def _projects(args: argparse.Namespace, policy: Policy, observations: list[Obser
             named.update(ref for subject in binding.subjects for ref in subject.projects)
     as_ids = {int(r) if isinstance(r, str) and r.isdigit() else r for r in named}
     return sorted(as_ids, key=lambda r: (isinstance(r, str), str(r).zfill(20) if isinstance(r, int) else r))
+
+
+def _shadow(paths: list[Path]) -> dict[str, ShadowSeen]:
+    """Every line of every access log, read as text, bounded per line; a file that cannot be read stops it."""
+
+    def lines() -> Iterator[str]:
+        for path in paths:
+            try:
+                with path.open(encoding="utf-8", errors="replace") as handle:
+                    for line in handle:
+                        yield line[:MAX_LOG_LINE]
+            except OSError as error:
+                raise SuggestError(f"cannot read {path}: {error.strerror or type(error).__name__}") from None
+
+    return shadow_matches(lines())
 
 
 def _write_tree(root: Path, tree: dict[str, str]) -> None:
