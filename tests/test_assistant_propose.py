@@ -165,6 +165,7 @@ def test_shadow_matches_from_access_log_lines() -> None:
         ' "deploy_api_shadow_engine_result": "denied"}}',
         '{"project_id": "44", "rbac": "-"}',
         "not json",
-        '{"project_id": "45", "rbac": {"x_shadow_effective_policy_id": "dry/deploy", "x_shadow_engine_result": "allowed"}}',
+        '{"project_id": "45", "rbac": {"x_shadow_effective_policy_id": "dry/deploy",'
+        ' "x_shadow_engine_result": "allowed"}}',
     ]
     assert shadow_matches(lines) == {"dry/deploy": ShadowSeen(2, ("42", "45"))}
