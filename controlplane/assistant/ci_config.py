@@ -144,13 +144,21 @@ def parse_yaml(text: str) -> Any:
 @dataclass
 class _Reading:
     read: Callable[[str], str | None]
+    max_file_bytes: int
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def load_ci_config(project: str, read: Callable[[str], str | None], *, default_branch: str | None) -> CiConfig:
-    """The project's CI configuration as jobs; `read(path)` gives a repository file's text or None."""
-    reading = _Reading(read)
+def load_ci_config(
+    project: str,
+    read: Callable[[str], str | None],
+    *,
+    default_branch: str | None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> CiConfig:
+    """The project's CI configuration as jobs; `read(path)` gives a repository file's text or None. A text longer
+    than `max_file_bytes` (a reader cuts one past its bound) is reported and not parsed: a cut file is not one."""
+    reading = _Reading(read, max_file_bytes)
     merged = _load_file(CI_FILE, reading, depth=0, seen=())
     if merged is None:
         return CiConfig(project, tuple(reading.files), (), tuple(reading.notes))
@@ -170,8 +178,8 @@ def _load_file(path: str, reading: _Reading, *, depth: int, seen: tuple[str, ...
         reading.notes.append(f"{path}: not found at the default branch")
         return None
     reading.files.append(path)
-    if len(text.encode()) > MAX_FILE_BYTES:
-        reading.notes.append(f"{path}: larger than {MAX_FILE_BYTES} bytes: not parsed")
+    if len(text.encode()) > reading.max_file_bytes:
+        reading.notes.append(f"{path}: larger than {reading.max_file_bytes} bytes: not parsed")
         return None
     try:
         data = parse_yaml(text)

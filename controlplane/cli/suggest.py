@@ -190,7 +190,9 @@ def _gitlab(
             project = ci_project(source, ref)
             if project is None or str(project.id) in ci:
                 continue
-            ci[str(project.id)] = load_ci_config(project.path, project.read, default_branch=project.default_branch)
+            ci[str(project.id)] = load_ci_config(
+                project.path, project.read, default_branch=project.default_branch, max_file_bytes=project.max_file_bytes
+            )
             protected[str(project.id)] = project.protected
     except GitLabUnavailable as error:
         raise SuggestError(f"GitLab at {url}: {error}") from None

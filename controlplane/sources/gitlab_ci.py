@@ -50,7 +50,7 @@ class CiProject:
                 if exc.response_code == 404:
                     return None
                 raise
-        return bytes(content).decode("utf-8", errors="replace")
+        return bytes(content[: self.max_file_bytes + 1]).decode("utf-8", errors="replace")
 
 
 def ci_project(source: GitLabSource, project: str | int) -> CiProject | None:
