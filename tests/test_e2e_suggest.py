@@ -261,6 +261,12 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
         tmp_path / "again" / "suggested.yaml"
     ).read_bytes()
 
+    assert stack.gitlab.api_token not in json.dumps(document)
+    observed = {(r["project"], r["method"], r["path"]): r for r in document["observed_requests"]}
+    assert observed[("acme/platform/deployer", "GET", "/reports/2026/01")]["requests"] == 2
+    assert (
+        observed[("acme/platform/deployer", "GET", "/reports/2026/01")]["policy"] == "platform-all/reports-everything"
+    )
     by_name = {s["name"]: s for s in document["suggestions"]}
     assert sorted(by_name) == ["p42-deploy-api", "p42-reports-api", "p43-reports-api"]
     reports = by_name["p42-reports-api"]

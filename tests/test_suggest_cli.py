@@ -85,6 +85,9 @@ def _store(state: Path, issuer: str) -> None:
                     policy="deployer-reads-reports/reports-read", **common)
         for n in range(3)
     ]  # fmt: skip
+    denied = {**common, "status": 403, "decision": "denied"}
+    rows.append(AuditRecord(time=now - 30, backend="deploy-api", method="DELETE", path="/deployments/x",
+                            job_id="7009", **denied))  # fmt: skip
     for row in rows:
         assert store.submit(row)
     assert store.flush(10)
@@ -104,6 +107,7 @@ def test_command_on_a_real_store_text_json_and_tree(
     assert "p42-reports-api: acme/platform/deployer on reports-api: 3 request(s) by 3 job(s)" in text
     assert "GET /reports/*" in text and "subject: project=42, ref_protected=true" in text
     assert "[unmatched-binding] deployer-deploys" in text
+    assert "acme/platform/deployer deploy-api DELETE /deployments/x: 1 request(s) by 1 job(s) (7009)" in text
     assert fake.api_token not in text
     # bindings.yaml and roles.yaml held only replaced documents: gone from the tree
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [

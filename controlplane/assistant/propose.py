@@ -32,6 +32,7 @@ from controlplane.model.policy import IssuerKind, Mode, Policy
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.diff import path_pattern
 
+TEXT_DENIED_SHOWN = 20  # denied kinds of request listed in the text report
 GLOB_MIN = 3  # distinct values at one segment before it is generalised to `*`
 SUGGESTED_FILE = "suggested.yaml"
 DAY = 86_400.0
@@ -126,6 +127,29 @@ class Report:
     kept_bindings: tuple[str, ...]
     observed: int
     ignored: int  # observations not proposed from (denied, no project, no backend, not a GitLab issuer)
+    table: tuple[ObservedRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class ObservedRow:
+    """Requests alike (project, backend, method, path, decision, policy), with their evidence."""
+
+    project: str  # the project path, else its id, else "-" (no valid token)
+    backend: str
+    method: str
+    path: str
+    decision: str
+    policy: str
+    evidence: Evidence
+
+
+def observed_table(observations: Iterable[Observation]) -> tuple[ObservedRow, ...]:
+    """What the trail shows, per project, backend, method, path, decision and the policy that decided."""
+    rows: dict[tuple[str, str, str, str, str, str], list[Observation]] = defaultdict(list)
+    for o in observations:
+        project = o.project_path or o.project_id or "-"
+        rows[(project, o.backend or "-", o.method, o.path, o.decision, o.policy or "-")].append(o)
+    return tuple(ObservedRow(*key, evidence_of(found)) for key, found in sorted(rows.items()))
 
 
 @dataclass(frozen=True)
@@ -219,7 +243,8 @@ def suggest(given: Inputs) -> Report:
     )
     kept_roles = tuple(sorted({r for b in given.policy.bindings if b.name in kept_bindings for r in b.roles}))
     flags = _flags(given, gitlab, backends)
-    return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored)
+    table = observed_table(given.observations)
+    return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
 
 
 def _group_key(key: tuple[str, str, str]) -> tuple[str, int, str, str]:
@@ -297,9 +322,9 @@ def _conditions(
     if refs and protected is not None and all(protected.get(r) is True for r in refs):
         why = f"every ref it was observed on ({', '.join(refs)}) is protected in GitLab now"
         out.append(SuggestedCondition("ref_protected", True, why))
-    elif jobs and all(j.always_protected for j in jobs):
-        names = [j.name for j in jobs]
-        out.append(SuggestedCondition("ref_protected", True, f"the rules of {names} run only on protected refs"))
+    elif protected is None and jobs and all(j.always_protected for j in jobs):
+        why = f"GitLab's protections not read; the rules of {_names(jobs)} run only on protected refs"
+        out.append(SuggestedCondition("ref_protected", True, why))
     if jobs:
         ci_refs = [j.refs for j in jobs]
         if all(r is not None for r in ci_refs):
@@ -492,6 +517,18 @@ def document(report: Report) -> dict[str, Any]:
             for s in report.suggestions
         ],
         "flags": [{"kind": f.kind, "subject": f.subject, "message": f.message} for f in report.flags],
+        "observed_requests": [
+            {
+                "project": r.project,
+                "backend": r.backend,
+                "method": r.method,
+                "path": r.path,
+                "decision": r.decision,
+                "policy": r.policy,
+                **_evidence(r.evidence),
+            }
+            for r in report.table
+        ],
         "kept": {"roles": list(report.kept_roles), "bindings": list(report.kept_bindings)},
     }
 
@@ -512,6 +549,11 @@ def text_lines(report: Report) -> list[str]:
         lines.append("    subject: " + ", ".join(f"{c.key}={_scalar(c.value)}" for c in s.conditions))
     if report.kept_bindings:
         lines.append(f"kept as they are: bindings {', '.join(report.kept_bindings)}")
+    denied = [r for r in report.table if r.decision == "denied"]
+    if denied:
+        lines.append(f"denied in the window ({len(denied)} kind(s) of request; all in --format json):")
+        for r in denied[:TEXT_DENIED_SHOWN]:
+            lines.append(f"  {r.project} {r.backend} {r.method} {r.path}: {r.evidence.text()}")
     lines.append(f"{len(report.flags)} finding(s) about the current policy:")
     lines.extend(f"  [{f.kind}] {f.subject}: {f.message}" for f in report.flags)
     return lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sqlite3
 import sys
 import time
@@ -48,6 +49,7 @@ EXIT_OK = 0
 EXIT_UNREADABLE = 1
 EXIT_USAGE = 2
 DEFAULT_MAX_RECORDS = 1_000_000
+DAY = 86_400.0
 MAX_LOG_LINE = 64 * 1024
 
 
@@ -102,6 +104,15 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
     except ValueError as error:
         print(f"controlplane suggest: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.unused_days < 1 or args.max_records < 1:
+        print("controlplane suggest: --unused-days and --max-records must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    unused_days = min(args.unused_days, max(1, math.ceil((now - since) / DAY)))
+    if unused_days < args.unused_days:
+        print(
+            f"note: the trail is read since {args.since}: unused grants are judged on {unused_days} day(s)",
+            file=sys.stderr,
+        )
     try:
         files, policy, resolved = _load_policy(args.policy, limits)
         rows = _audit_rows(args, since)
@@ -111,7 +122,7 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
     except SuggestError as error:
         print(f"controlplane suggest: {error}", file=sys.stderr)
         return EXIT_UNREADABLE
-    given = Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=args.unused_days, shadow=shadow)
+    given = Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=unused_days, shadow=shadow)
     report = suggest(given)
     tree = patched_tree(files, report)
     patch = unified_diff(files, tree)
