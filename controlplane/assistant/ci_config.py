@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -40,18 +41,20 @@ KEYWORDS = frozenset(
     | {"after_script", "types", "spec"}
 )
 # `only:` keywords and the pipeline source each stands for.
-_ONLY_SOURCES = {
-    "merge_requests": "merge_request_event",
-    "schedules": "schedule",
-    "pushes": "push",
-    "web": "web",
-    "api": "api",
-    "triggers": "trigger",
-    "pipelines": "pipeline",
-    "external": "external",
-    "chat": "chat",
-    "external_pull_requests": "external_pull_request_event",
-}
+_ONLY_SOURCES = MappingProxyType(
+    {
+        "merge_requests": "merge_request_event",
+        "schedules": "schedule",
+        "pushes": "push",
+        "web": "web",
+        "api": "api",
+        "triggers": "trigger",
+        "pipelines": "pipeline",
+        "external": "external",
+        "chat": "chat",
+        "external_pull_requests": "external_pull_request_event",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -123,19 +126,19 @@ class _Opaque(str):
     """A value behind a tag this module does not evaluate (`!reference [.x, rules]`)."""
 
 
-class _CiLoader(yaml.SafeLoader):
-    pass
-
-
 def _opaque(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> _Opaque:
     return _Opaque(f"!{suffix}")
 
 
-_CiLoader.add_multi_constructor("!", _opaque)
-
-
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_CiLoader)  # a SafeLoader subclass: no arbitrary objects
+    """Safe YAML (anchors and merge keys as GitLab reads them), any `!tag` an opaque value. The tag constructor is
+    set on this one loader instance, never on a class: nothing is registered module-wide."""
+    loader = yaml.SafeLoader(text)
+    loader.yaml_multi_constructors = {**yaml.SafeLoader.yaml_multi_constructors, "!": _opaque}  # type: ignore[misc]  # per instance, on purpose
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 # --- loading: the file, its local includes, merged as GitLab merges them
