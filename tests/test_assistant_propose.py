@@ -169,3 +169,23 @@ def test_shadow_matches_from_access_log_lines() -> None:
         ' "x_shadow_engine_result": "allowed"}}',
     ]
     assert shadow_matches(lines) == {"dry/deploy": ShadowSeen(2, ("42", "45"))}
+
+
+def test_names_never_collide_with_what_stays_and_inline_documents_are_kept() -> None:
+    files = read_policy_dir(EXAMPLE)
+    # an OIDC binding (kept) already named as the suggestion would be, written after `--- ` on one line
+    files["taken.yaml"] = (
+        "--- {kind: Binding, name: p3001-feature-flags, issuer: okta, roles: [flags-read],"
+        " subjects: [{claims: {sub: x}}]}\n"
+    )
+    policy = parse_policy(files)
+    given = Inputs(policy, Resolution().update(policy), OBSERVED, {}, {}, now=NOW)
+    report = suggest(given)
+    assert [s.name for s in report.suggestions] == ["p3001-feature-flags-s"]
+    tree = patched_tree(files, report)
+    assert "name: p3001-feature-flags," in tree["taken.yaml"]
+    assert {b.name for b in parse_policy(tree).bindings} == {
+        "admins-manage-flags",
+        "p3001-feature-flags",
+        "p3001-feature-flags-s",
+    }

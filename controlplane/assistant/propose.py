@@ -214,6 +214,8 @@ def suggest(given: Inputs) -> Report:
             continue
         groups[(gitlab[o.issuer], project, o.backend)].append(o)
     backends = {b.name: b for b in given.policy.backends}
+    kept_bindings, kept_roles = _kept_names(given.policy)
+    taken = set(kept_bindings) | set(kept_roles)  # a suggestion never takes the name of what stays
     suggestions = []
     for (issuer, project_id, backend), observed in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
         if backend not in backends:
@@ -221,9 +223,13 @@ def suggest(given: Inputs) -> Report:
             continue
         ci = given.ci.get(project_id)
         jobs = ci.jobs_for(backends[backend].audience) if ci is not None else ()
+        name = _name(f"p{project_id}-{backend}")
+        while name in taken:
+            name = _name(name[:60] + "-s")
+        taken.add(name)
         suggestions.append(
             Suggestion(
-                name=_name(f"p{project_id}-{backend}"),
+                name=name,
                 issuer=issuer,
                 backend=backend,
                 project_id=project_id,
@@ -234,17 +240,22 @@ def suggest(given: Inputs) -> Report:
                 jobs=tuple(sorted(j.name for j in jobs)),
             )
         )
-    kept_bindings = tuple(
-        sorted(
-            b.name
-            for b in given.policy.bindings
-            if b.mode is Mode.SHADOW or given.policy.issuer(b.issuer).kind is not IssuerKind.GITLAB
-        )
-    )
-    kept_roles = tuple(sorted({r for b in given.policy.bindings if b.name in kept_bindings for r in b.roles}))
     flags = _flags(given, gitlab, backends)
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
+
+
+def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Bindings kept as they are (shadow ones, other issuers'), and the Roles they name."""
+    bindings = tuple(
+        sorted(
+            b.name
+            for b in policy.bindings
+            if b.mode is Mode.SHADOW or policy.issuer(b.issuer).kind is not IssuerKind.GITLAB
+        )
+    )
+    roles = tuple(sorted({r for b in policy.bindings if b.name in bindings for r in b.roles}))
+    return bindings, roles
 
 
 def _group_key(key: tuple[str, str, str]) -> tuple[str, int, str, str]:
@@ -582,7 +593,8 @@ def _documents(text: str) -> list[str]:
     docs: list[str] = [""]
     for line in text.splitlines(keepends=True):
         if line.rstrip() == "---" or line.startswith("--- "):
-            docs.append("")
+            rest = line[4:]
+            docs.append("" if rest.lstrip().startswith("#") or not rest.strip() else rest)
             continue
         docs[-1] += line
     return docs
