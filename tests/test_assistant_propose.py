@@ -69,6 +69,8 @@ OBSERVED = [
     _obs("/flags/b", job="13", method="HEAD", policy="admins-manage-flags/flags-admin"),
     _obs("/flags/a/1", decision="denied", policy=None, method="DELETE"),
     _obs("/flags/a/1", issuer="https://example.okta.com/oauth2/default", project=""),
+    _obs("/flags/a/1", method="TRACE"),  # no Role can name it
+    _obs("/flags/a b"),  # nor this path
 ]
 
 
@@ -79,7 +81,7 @@ def test_generalise_one_segment_from_three_values() -> None:
     # the first segment is never a glob, nor an empty one; glob characters and queries are not paths to copy
     assert generalise(["/a", "/b", "/c"]) == ("/a", "/b", "/c")
     assert generalise(["/x/", "/y/", "/z/"]) == ("/x/", "/y/", "/z/")
-    assert generalise(["/a/*", "/a?b", "/a#c"]) == ()
+    assert generalise(["/a/*", "/a?b", "/a#c", "/a b"]) == ()
 
 
 def test_suggestion_rules_subject_and_evidence() -> None:
@@ -89,7 +91,8 @@ def test_suggestion_rules_subject_and_evidence() -> None:
     assert [(r.methods, r.paths) for r in s.rules] == [(("GET",), ("/flags/a/*",)), (("HEAD",), ("/flags/b",))]
     assert {c.key: c.value for c in s.conditions} == {"project": 3001, "ref_protected": True, "ref": ("main",)}
     assert s.jobs == ("read-flags",) and s.evidence.jobs == ("11", "12", "13")
-    assert report.ignored == 2  # the denied request and the OIDC one
+    assert report.ignored == 4  # the denied request, the OIDC one, the TRACE, the path with a space
+    assert ("path", "feature-flags") in {(f.kind, f.subject) for f in report.flags}
     # the OIDC binding stays, with both roles it names; the GitLab binding is replaced
     assert report.kept_bindings == ("admins-manage-flags",)
     assert report.kept_roles == ("flags-admin", "flags-read")

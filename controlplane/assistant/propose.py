@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from controlplane.assistant.ci_config import CiConfig, CiJob
+from controlplane.model.kinds.role import HTTP_METHODS
 from controlplane.model.policy import IssuerKind, Mode, Policy
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.diff import path_pattern
@@ -206,10 +207,21 @@ class Inputs:
 def suggest(given: Inputs) -> Report:
     gitlab = {i.url: i.name for i in given.policy.issuers if i.kind is IssuerKind.GITLAB}
     groups: dict[tuple[str, str, str], list[Observation]] = defaultdict(list)
+    unusable: set[tuple[str, str]] = set()
     ignored = 0
     for o in given.observations:
         project = o.project_id or ""
-        if o.decision != "allowed" or not project.isdigit() or not o.backend or o.issuer not in gitlab:
+        if (
+            o.decision != "allowed"
+            or not project.isdigit()
+            or not o.backend
+            or o.issuer not in gitlab
+            or o.method not in HTTP_METHODS  # what a Role can name
+        ):
+            ignored += 1
+            continue
+        if not _usable(o.path):
+            unusable.add((o.backend, o.path))
             ignored += 1
             continue
         groups[(gitlab[o.issuer], project, o.backend)].append(o)
@@ -240,7 +252,10 @@ def suggest(given: Inputs) -> Report:
                 jobs=tuple(sorted(j.name for j in jobs)),
             )
         )
-    flags = _flags(given, gitlab, backends)
+    flags = _flags(given, gitlab, backends) + tuple(
+        Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
+        for backend, path in sorted(unusable)
+    )
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
 
@@ -318,8 +333,8 @@ def generalise(paths: Sequence[str]) -> tuple[str, ...]:
 
 
 def _usable(path: str) -> bool:
-    """A path a Role may name exactly: no glob characters, query or fragment, and no `**`."""
-    return path.startswith("/") and not any(c in path for c in "*?#") and bool(path)
+    """A path a Role may name exactly: no glob characters, query, fragment or white space (the loader's rules)."""
+    return path.startswith("/") and not any(c in "*?#" or c.isspace() for c in path)
 
 
 # --- subjects
