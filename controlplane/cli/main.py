@@ -144,16 +144,16 @@ def _parser() -> argparse.ArgumentParser:
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
 
+    compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
+    compile_.add_argument("policy", type=Path)
+    compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
+    _add_limit_arguments(compile_)
+
     suggest = commands.add_parser("suggest", help="least-privilege roles and bindings from observed traffic and CI")
     from controlplane.cli.suggest import add_arguments as add_suggest_arguments
 
     add_suggest_arguments(suggest)
     _add_limit_arguments(suggest)
-
-    compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
-    compile_.add_argument("policy", type=Path)
-    compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
-    _add_limit_arguments(compile_)
 
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
@@ -805,26 +805,26 @@ def _diff(args: argparse.Namespace) -> int:
     return run_diff(args, _limits(args))
 
 
-def _suggest(args: argparse.Namespace) -> int:
-    from controlplane.cli.suggest import run_suggest
-
-    return run_suggest(args, _limits(args))
-
-
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
     return run_audit(args)
 
 
+def _suggest(args: argparse.Namespace) -> int:
+    from controlplane.cli.suggest import run_suggest
+
+    return run_suggest(args, _limits(args))
+
+
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
-    "suggest": _suggest,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,
     "status": _status,
     "bootstrap": _bootstrap,
     "healthcheck": _healthcheck,
+    "suggest": _suggest,
 }
