@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-PURE_PACKAGES = ("controlplane.model", "controlplane.resolved", "controlplane.compiler")
+PURE_PACKAGES = ("controlplane.model", "controlplane.resolved", "controlplane.compiler", "controlplane.assistant")
 PURE_MODULES = ("controlplane.xds.protocol", "controlplane.xds.delta", "controlplane.xds.memo")
 
 

@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
     _add_limit_arguments(compile_)
 
+    suggest = commands.add_parser("suggest", help="least-privilege roles and bindings from observed traffic and CI")
+    from controlplane.cli.suggest import add_arguments as add_suggest_arguments
+
+    add_suggest_arguments(suggest)
+    _add_limit_arguments(suggest)
+
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
         "--policy", type=Path, default=Path(DEFAULT_POLICY), help="policy directory (env CONTROLPLANE_POLICY)"
@@ -817,6 +823,12 @@ def _audit(args: argparse.Namespace) -> int:
     return run_audit(args)
 
 
+def _suggest(args: argparse.Namespace) -> int:
+    from controlplane.cli.suggest import run_suggest
+
+    return run_suggest(args, _limits(args))
+
+
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
@@ -827,4 +839,5 @@ _COMMANDS = {
     "status": _status,
     "bootstrap": _bootstrap,
     "healthcheck": _healthcheck,
+    "suggest": _suggest,
 }

@@ -1,0 +1,244 @@
+"""`controlplane suggest POLICY`: least-privilege Roles and Bindings from what CI jobs really did.
+
+Read-only: it reads the policy directory, the audit trail (read-only SQLite connection, or one read-only
+PostgreSQL session, as `controlplane audit`), and with a GitLab token (`--gitlab-token-env`/`--gitlab-token-file`,
+never argv; `read_api` is enough) the projects' `.gitlab-ci.yml` and ref protections. It writes only where it is
+told: stdout, `--out DIR` (the patched policy tree, which must not exist yet) and `--diff FILE`. The analysis is
+controlplane.assistant's (pure, deterministic); docs/policy-assistant.md lists its rules and limits.
+
+Exit codes: 0 done, 1 an input cannot be read (the trail, GitLab, an invalid policy), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from controlplane.assistant.ci_config import CiConfig, load_ci_config
+from controlplane.assistant.propose import (
+    Inputs,
+    Observation,
+    ShadowSeen,
+    observation,
+    patched_tree,
+    render_yaml,
+    shadow_matches,
+    suggest,
+    text_lines,
+    unified_diff,
+)
+from controlplane.assistant.propose import document as report_document
+from controlplane.audit.store import DB_NAME, default_db_path, open_readonly, query_records
+from controlplane.cli.audit import _query_postgres, parse_since
+from controlplane.cli.options import STORE_KINDS, StoreOptions
+from controlplane.model.errors import PolicyInvalid
+from controlplane.model.policy import IssuerKind, Policy
+from controlplane.sources.policy_dir import ReadLimits
+from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
+from controlplane.store.dsn import DsnError
+
+EXIT_OK = 0
+EXIT_UNREADABLE = 1
+EXIT_USAGE = 2
+DEFAULT_MAX_RECORDS = 1_000_000
+DAY = 86_400.0
+MAX_LOG_LINE = 64 * 1024
+
+
+class SuggestError(Exception):
+    """An input that cannot be read; the message names it, never a secret."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("policy", type=Path, help="the current policy directory")
+    parser.add_argument("--since", default="30d", help="observations since (30d, 12h, or an ISO time; default 30d)")
+    parser.add_argument(
+        "--unused-days", type=int, default=30, help="a granted rule unused this many days is flagged (default 30)"
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--out", type=Path, help="write the patched policy tree here (a new directory)")
+    parser.add_argument("--diff", type=Path, help="write a unified diff of the policy tree to this file")
+    parser.add_argument(
+        "--project", action="append", default=[], help="a project (path or id) whose CI to read; repeatable"
+    )
+    parser.add_argument("--gitlab-url", help="GitLab base URL (default: the GitLab issuer's api url, else its url)")
+    parser.add_argument("--gitlab-token-env", help="environment variable holding a read_api token")
+    parser.add_argument("--gitlab-token-file", help="file holding a read_api token")
+    parser.add_argument("--no-gitlab", action="store_true", help="do not read GitLab (no CI, no protections)")
+    parser.add_argument(
+        "--access-log",
+        action="append",
+        type=Path,
+        default=[],
+        help="a gateway's JSON access log (file), for what shadow bindings would have matched; repeatable",
+    )
+    parser.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS, help="audit records read at most")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"serve's --state-dir, where the trail is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
+    parser.add_argument("--store", choices=STORE_KINDS, default=StoreOptions.kind)
+    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
+    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
+    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
+
+
+def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
+    if args.out is not None and args.out.exists():
+        print(f"controlplane suggest: --out {args.out}: exists (give a new directory)", file=sys.stderr)
+        return EXIT_USAGE
+    now = time.time()
+    try:
+        since = parse_since(args.since, now)
+    except ValueError as error:
+        print(f"controlplane suggest: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.unused_days < 1 or args.max_records < 1:
+        print("controlplane suggest: --unused-days and --max-records must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    unused_days = min(args.unused_days, max(1, math.ceil((now - since) / DAY)))
+    if unused_days < args.unused_days:
+        print(
+            f"note: the trail is read since {args.since}: unused grants are judged on {unused_days} day(s)",
+            file=sys.stderr,
+        )
+    try:
+        files, policy, resolved = _load_policy(args.policy, limits)
+        rows = _audit_rows(args, since)
+        observations = [observation(row) for row in rows]
+        ci, protected = ({}, {}) if args.no_gitlab else _gitlab(args, policy, observations)
+        shadow = _shadow(args.access_log) if args.access_log else None
+    except SuggestError as error:
+        print(f"controlplane suggest: {error}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    given = Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=unused_days, shadow=shadow)
+    report = suggest(given)
+    tree = patched_tree(files, report)
+    patch = unified_diff(files, tree)
+    if args.out is not None:
+        _write_tree(args.out, tree)
+    if args.diff is not None:
+        args.diff.write_text(patch)
+    if args.format == "json":
+        out = {**report_document(report), "yaml": render_yaml(report), "diff": patch}
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print("\n".join(text_lines(report)))
+        print()
+        print(render_yaml(report), end="")
+    return EXIT_OK
+
+
+def _load_policy(root: Path, limits: ReadLimits) -> tuple[dict[str, str], Policy, Any]:
+    from controlplane.model.loader import parse_policy
+    from controlplane.resolved.index import Resolution
+    from controlplane.sources.policy_dir import read_policy_dir
+
+    try:
+        files = read_policy_dir(root, limits)
+        policy = parse_policy(files)
+        return files, policy, Resolution().update(policy)
+    except PolicyInvalid as invalid:
+        for line in invalid.lines():
+            print(line, file=sys.stderr)
+        raise SuggestError(f"{root}: invalid policy ({invalid.total} error(s))") from None
+
+
+def _audit_rows(args: argparse.Namespace, since: float) -> list[dict[str, Any]]:
+    try:
+        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+    except DsnError as error:
+        raise SuggestError(str(error)) from None
+    if dsn is not None:
+        try:
+            return asyncio.run(_query_postgres(dsn, None, None, since, args.max_records))
+        except Exception as error:  # never the DSN: only its redacted form
+            raise SuggestError(f"cannot read the trail at {dsn.redacted()}: {type(error).__name__}") from None
+    db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
+    try:
+        conn = open_readonly(db)
+        try:
+            return query_records(conn, since=since, limit=args.max_records)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as error:
+        raise SuggestError(f"cannot read {db}: {error}") from None
+
+
+def _gitlab(
+    args: argparse.Namespace, policy: Policy, observations: list[Observation]
+) -> tuple[dict[str, CiConfig], dict[str, dict[str, bool]]]:
+    from controlplane.sources.gitlab import GitLabSource
+    from controlplane.sources.gitlab_ci import ci_project
+    from controlplane.sources.gitlab_client import GitLabTokenError, GitLabUnavailable, token_from
+
+    issuers = [i for i in policy.issuers if i.kind is IssuerKind.GITLAB]
+    api = issuers[0].api if len(issuers) == 1 else None
+    url = args.gitlab_url or (api.url if api is not None else issuers[0].url if len(issuers) == 1 else None)
+    token_env = args.gitlab_token_env or (api.token_env if api is not None and not args.gitlab_token_file else None)
+    token_file = args.gitlab_token_file or (api.token_file if api is not None and not args.gitlab_token_env else None)
+    if url is None:
+        raise SuggestError("no GitLab to read: give --gitlab-url (or --no-gitlab)")
+    try:
+        source = GitLabSource(url, token_from(token_env, token_file))
+    except GitLabTokenError as error:
+        raise SuggestError(f"{error} (or --no-gitlab)") from None
+    ci: dict[str, CiConfig] = {}
+    protected: dict[str, dict[str, bool]] = {}
+    try:
+        for ref in _projects(args, policy, observations):
+            project = ci_project(source, ref)
+            if project is None or str(project.id) in ci:
+                continue
+            ci[str(project.id)] = load_ci_config(
+                project.path, project.read, default_branch=project.default_branch, max_file_bytes=project.max_file_bytes
+            )
+            protected[str(project.id)] = project.protected
+    except GitLabUnavailable as error:
+        raise SuggestError(f"GitLab at {url}: {error}") from None
+    return ci, protected
+
+
+def _projects(args: argparse.Namespace, policy: Policy, observations: list[Observation]) -> list[str | int]:
+    """--project, or the projects the policy's GitLab subjects name and those observed, ids first, each once."""
+    if args.project:
+        return [int(p) if p.isdigit() else p for p in args.project]
+    named: set[str | int] = {o.project_id for o in observations if o.project_id}
+    for binding in policy.bindings:
+        if policy.issuer(binding.issuer).kind is IssuerKind.GITLAB:
+            named.update(ref for subject in binding.subjects for ref in subject.projects)
+    as_ids = {int(r) if isinstance(r, str) and r.isdigit() else r for r in named}
+    return sorted(as_ids, key=lambda r: (isinstance(r, str), str(r).zfill(20) if isinstance(r, int) else r))
+
+
+def _shadow(paths: list[Path]) -> dict[str, ShadowSeen]:
+    """Every line of every access log, read as text, bounded per line; a file that cannot be read stops it."""
+
+    def lines() -> Iterator[str]:
+        for path in paths:
+            try:
+                with path.open(encoding="utf-8", errors="replace") as handle:
+                    for line in handle:
+                        yield line[:MAX_LOG_LINE]
+            except OSError as error:
+                raise SuggestError(f"cannot read {path}: {error.strerror or type(error).__name__}") from None
+
+    return shadow_matches(lines())
+
+
+def _write_tree(root: Path, tree: dict[str, str]) -> None:
+    for name, text in tree.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)

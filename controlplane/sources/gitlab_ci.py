@@ -1,0 +1,62 @@
+"""A project's CI configuration and ref protections, read through the GitLab API for `controlplane suggest`.
+
+Read-only and bounded: a `read_api` token (GitLabSource: rate bound, retries, errors safe to log), raw files of
+the default branch streamed and cut at `max_file_bytes`, and what GitLab protects now (`GitLabSource`'s refs:
+branches carry GitLab's own verdict, tags are matched against protected tags). Parsing is the pure
+controlplane.assistant.ci_config's, which is handed `CiProject.read`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gitlab.exceptions import GitlabGetError
+
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.policy_dir import READ_CHUNK
+
+MAX_CI_FILE_BYTES = 1024 * 1024
+
+
+@dataclass
+class CiProject:
+    """One project's default branch, for reading files at it; `protected` maps each ref GitLab has to its
+    protection now."""
+
+    source: GitLabSource
+    id: int
+    path: str
+    default_branch: str | None
+    protected: dict[str, bool] = field(default_factory=dict)
+    max_file_bytes: int = MAX_CI_FILE_BYTES
+
+    def read(self, path: str) -> str | None:
+        """The file's text at the default branch; None when it does not exist (or the repository is empty).
+        A file past the bound is returned cut one byte past it, so the parser reports it as too large."""
+        if self.default_branch is None:
+            return None
+        project = self.source.gl.projects.get(self.id, lazy=True)
+        content = bytearray()
+        with self.source.errors_as_unavailable():
+            try:
+                chunks = project.files.raw(
+                    file_path=path, ref=self.default_branch, streamed=True, iterator=True, chunk_size=READ_CHUNK
+                )
+                for chunk in chunks:
+                    content += chunk
+                    if len(content) > self.max_file_bytes:
+                        break
+            except GitlabGetError as exc:
+                if exc.response_code == 404:
+                    return None
+                raise
+        return bytes(content[: self.max_file_bytes + 1]).decode("utf-8", errors="replace")
+
+
+def ci_project(source: GitLabSource, project: str | int) -> CiProject | None:
+    """The project as GitLab has it now (id, path, default branch, refs and their protection); None if absent."""
+    found = source.fetch_project(project)
+    if found is None:
+        return None
+    protected = {ref.name: ref.protected for ref in found.refs or ()}
+    return CiProject(source, found.id, found.path, found.default_branch, protected)
