@@ -38,6 +38,7 @@ GLOB_MIN = 3  # distinct values at one segment before it is generalised to `*`
 SUGGESTED_FILE = "suggested.yaml"
 DAY = 86_400.0
 _NAME_BAD = re.compile(r"[^a-z0-9-]+")
+HTTP_METHODS_TEXT = ", ".join(HTTP_METHODS)
 
 
 @dataclass(frozen=True)
@@ -208,16 +209,15 @@ def suggest(given: Inputs) -> Report:
     gitlab = {i.url: i.name for i in given.policy.issuers if i.kind is IssuerKind.GITLAB}
     groups: dict[tuple[str, str, str], list[Observation]] = defaultdict(list)
     unusable: set[tuple[str, str]] = set()
+    unnamed: set[tuple[str, str]] = set()
     ignored = 0
     for o in given.observations:
         project = o.project_id or ""
-        if (
-            o.decision != "allowed"
-            or not project.isdigit()
-            or not o.backend
-            or o.issuer not in gitlab
-            or o.method not in HTTP_METHODS  # what a Role can name
-        ):
+        if o.decision != "allowed" or not project.isdigit() or not o.backend or o.issuer not in gitlab:
+            ignored += 1
+            continue
+        if o.method not in HTTP_METHODS:  # what a Role can name
+            unnamed.add((o.backend, o.method))
             ignored += 1
             continue
         if not _usable(o.path):
@@ -234,7 +234,7 @@ def suggest(given: Inputs) -> Report:
             ignored += len(observed)
             continue
         ci = given.ci.get(project_id)
-        jobs = ci.jobs_for(backends[backend].audience) if ci is not None else ()
+        jobs = ci.jobs_for(backends[backend].audience) if ci is not None and _describes(ci, observed) else ()
         name = _name(f"p{project_id}-{backend}")
         while name in taken:
             name = _name(name[:60] + "-s")
@@ -252,12 +252,29 @@ def suggest(given: Inputs) -> Report:
                 jobs=tuple(sorted(j.name for j in jobs)),
             )
         )
-    flags = _flags(given, gitlab, backends) + tuple(
-        Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
-        for backend, path in sorted(unusable)
+    flags = (
+        _flags(given, gitlab, backends)
+        + tuple(
+            Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
+            for backend, path in sorted(unusable)
+        )
+        + tuple(
+            Flag(
+                "method", backend, f"{json.dumps(method)} was used but no Role can name it (not in {HTTP_METHODS_TEXT})"
+            )
+            for backend, method in sorted(unnamed)
+        )
     )
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
+
+
+def _describes(ci: CiConfig, observed: Sequence[Observation]) -> bool:
+    """Whether the CI configuration read is the one every observed request's job ran: complete (no include
+    unread, no bound reached), and every request made on the branch it was read from. A job of another ref ran
+    that ref's `.gitlab-ci.yml`, which may drop the environment or the rules the default branch's has: pinning
+    from the default branch's would shut it out."""
+    return ci.complete and ci.default_branch is not None and all(o.ref == ci.default_branch for o in observed)
 
 
 def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -485,19 +502,19 @@ def render_yaml(report: Report) -> str:
     """The suggested Roles and Bindings as policy documents, each line's evidence in a comment above it."""
     docs = []
     for s in report.suggestions:
-        head = f"# {s.project_path or 'project ' + s.project_id} on {s.backend}: {s.evidence.text()}"
-        jobs = f"# CI jobs asking for this backend's audience: {', '.join(s.jobs) or 'none found'}"
+        head = _comment(f"{s.project_path or 'project ' + s.project_id} on {s.backend}: {s.evidence.text()}")
+        jobs = _comment(f"CI jobs asking for this backend's audience: {', '.join(s.jobs) or 'none found'}")
         role = [head, jobs, "kind: Role", f"name: {s.name}", f"backend: {s.backend}", "rules:"]
         for rule in s.rules:
             role.append(f"  - methods: [{', '.join(rule.methods)}]")
             role.append("    paths:")
             for path, line in zip(rule.paths, rule.evidence, strict=True):
-                role.append(f"      # {line}")
+                role.append(f"      {_comment(line)}")
                 role.append(f"      - {json.dumps(path)}")
         docs.append("\n".join(role))
         binding = [head, "kind: Binding", f"name: {s.name}", f"issuer: {s.issuer}", f"roles: [{s.name}]", "subjects:"]
         for index, c in enumerate(s.conditions):
-            binding.append(f"    # {c.why}")
+            binding.append(f"    {_comment(c.why)}")
             prefix = "  - " if index == 0 else "    "
             binding.append(f"{prefix}{c.key}: {_scalar(c.value)}")
         docs.append("\n".join(binding))
@@ -507,6 +524,22 @@ def render_yaml(report: Report) -> str:
         " Review before merging: every line carries its evidence.\n"
     )
     return header + "".join(f"---\n{d}\n" for d in docs)
+
+
+def _comment(text: str) -> str:
+    """`text` as one YAML comment line. Job names, project paths and refs come from CI files, tokens and the
+    trail: a line break in one (`\\n`, or U+2028, U+0085 that YAML also breaks lines on) would end the comment and
+    write policy into the suggestion, so every character that is not printable is written escaped."""
+    return "# " + one_line(text)
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character (line breaks, terminal escapes) written as `\\uXXXX`."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text
+    )
 
 
 def _scalar(value: str | bool | int | tuple[str, ...]) -> str:
@@ -582,7 +615,7 @@ def text_lines(report: Report) -> list[str]:
             lines.append(f"  {r.project} {r.backend} {r.method} {r.path}: {r.evidence.text()}")
     lines.append(f"{len(report.flags)} finding(s) about the current policy:")
     lines.extend(f"  [{f.kind}] {f.subject}: {f.message}" for f in report.flags)
-    return lines
+    return [one_line(line) for line in lines]  # names from CI files and tokens: no terminal escapes, one line each
 
 
 # --- the patched tree: the current policy without the Roles and Bindings the suggestion replaces

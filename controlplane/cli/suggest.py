@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
-    if args.out is not None and args.out.exists():
+    if args.out is not None and (args.out.exists() or args.out.is_symlink()):
         print(f"controlplane suggest: --out {args.out}: exists (give a new directory)", file=sys.stderr)
         return EXIT_USAGE
     now = time.time()
@@ -127,7 +127,11 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
     tree = patched_tree(files, report)
     patch = unified_diff(files, tree)
     if args.out is not None:
-        _write_tree(args.out, tree)
+        try:
+            _write_tree(args.out, tree)
+        except OSError as error:
+            print(f"controlplane suggest: --out {args.out}: {error.strerror or type(error).__name__}", file=sys.stderr)
+            return EXIT_USAGE
     if args.diff is not None:
         args.diff.write_text(patch)
     if args.format == "json":
@@ -238,7 +242,11 @@ def _shadow(paths: list[Path]) -> dict[str, ShadowSeen]:
 
 
 def _write_tree(root: Path, tree: dict[str, str]) -> None:
+    """A new directory (`mkdir` without exist_ok: one made meanwhile, or a symbolic link, even dangling, is
+    refused rather than written through), its files created exclusively ("x"): nothing outside it is touched."""
+    root.mkdir()
     for name, text in tree.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        with path.open("x", encoding="utf-8") as handle:
+            handle.write(text)

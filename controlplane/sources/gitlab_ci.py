@@ -47,7 +47,10 @@ class CiProject:
                     if len(content) > self.max_file_bytes:
                         break
             except GitlabGetError as exc:
-                if exc.response_code == 404:
+                # 404: no such file. 400/403: a path GitLab refuses, or a repository this token may not read. One
+                # project's file is no reason to fail the whole run: it is reported not read, and the
+                # configuration counts as incomplete (nothing is pinned from it).
+                if exc.response_code in (400, 403, 404):
                     return None
                 raise
         return bytes(content[: self.max_file_bytes + 1]).decode("utf-8", errors="replace")
@@ -58,5 +61,9 @@ def ci_project(source: GitLabSource, project: str | int) -> CiProject | None:
     found = source.fetch_project(project)
     if found is None:
         return None
-    protected = {ref.name: ref.protected for ref in found.refs or ()}
+    # A branch and a tag may share a name, and the trail keeps the ref's name only: protected only if both are
+    # (a protected tag `v1` must not make the unprotected branch `v1`'s jobs look protected, to be pinned out).
+    protected: dict[str, bool] = {}
+    for ref in found.refs or ():
+        protected[ref.name] = protected.get(ref.name, True) and ref.protected
     return CiProject(source, found.id, found.path, found.default_branch, protected)

@@ -1,0 +1,293 @@
+"""`controlplane suggest` attacked from outside: a project developer who controls `.gitlab-ci.yml` (job names,
+tags, includes, YAML bombs), a hostile GitLab (token claims, refs, error answers), and a platform engineer who
+merges the patch blindly. Each test failed before its fix: the suggestion must never carry policy that nobody
+wrote, never pin a subject narrower than the jobs observed, and finish in bounded time and memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane.assistant.ci_config import CiConfig, condition_cases, load_ci_config
+from controlplane.assistant.propose import (
+    Inputs,
+    Observation,
+    Report,
+    patched_tree,
+    render_yaml,
+    suggest,
+    text_lines,
+)
+from controlplane.cli.main import main
+from controlplane.model.loader import parse_policy
+from controlplane.resolved.index import Resolution
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_ci import ci_project
+from controlplane.sources.policy_dir import read_policy_dir
+from tests.support.fake_gitlab import FakeGitLab
+from tests.test_assistant_propose import EXAMPLE, NOW, _obs
+
+AUD = "api://feature-flags"
+BOUND = 5.0  # seconds: each bomb below took minutes (or gigabytes) before its fix
+
+
+def _ci(text: str, **files: str) -> CiConfig:
+    return load_ci_config("acme/p3001", {".gitlab-ci.yml": text, **files}.get, default_branch="main")
+
+
+def _suggest(
+    ci: CiConfig | None, observed: list[Observation], protected: Mapping[str, bool] | None = None
+) -> tuple[dict[str, str], Report]:
+    files = read_policy_dir(EXAMPLE)
+    policy = parse_policy(files)
+    given = Inputs(
+        policy,
+        Resolution().update(policy),
+        observed,
+        {"3001": ci} if ci is not None else {},
+        {"3001": dict(protected or {"main": True})},
+        now=NOW,
+    )
+    report = suggest(given)
+    return files, report
+
+
+def _conditions(ci: CiConfig | None, observed: list[Observation] | None = None) -> dict[str, object]:
+    _, report = _suggest(ci, observed or [_obs("/flags/a")])
+    (s,) = report.suggestions
+    return {c.key: c.value for c in s.conditions}
+
+
+# --- (a)+(b): a job name, a project path or a ref that would write YAML into the suggestion
+
+
+@pytest.mark.parametrize("brk", ["\n", "\r", "\u2028", "\u2029", "\x85"])
+def test_names_from_ci_and_tokens_cannot_write_policy_through_a_comment(brk: str) -> None:
+    injected = f"{brk}kind: Role{brk}name: evil{brk}backend: feature-flags{brk}rules: [{{paths: [/**]}}]{brk}---{brk}#"
+    ci = _ci(yaml.safe_dump({f"read{injected}": {"id_tokens": {"T": {"aud": AUD}}}}))
+    observed = [_obs("/flags/a")]
+    observed = [Observation(**{**o.__dict__, "project_path": f"acme/x{injected}"}) for o in observed]
+    files, report = _suggest(ci, observed)
+    text = render_yaml(report)
+    tree = patched_tree(files, report)
+    policy = parse_policy(tree)
+    assert "evil" not in {r.name for r in policy.roles}
+    assert [d["kind"] for d in yaml.safe_load_all(text) if d] == ["Role", "Binding"]
+    assert all("\\u" in line for line in text.splitlines() if "kind: Role" in line and line.startswith("#"))
+    assert all(line.isprintable() for line in text_lines(report))
+
+
+# --- (b): what the CI reader cannot read must widen the subject, never narrow it
+
+
+def test_reference_tags_are_not_environments_refs_or_audiences() -> None:
+    ci = _ci(
+        """
+.env: {environment: production, only: [main]}
+job:
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  environment: !reference [.env, environment]
+  only: !reference [.env, only]
+other:
+  id_tokens: {T: {aud: !reference [.x, aud]}}
+  environment: production
+"""
+    )
+    jobs = {j.name: j for j in ci.jobs}
+    assert jobs["job"].environment is None and jobs["job"].refs is None  # was "!reference" for both
+    assert jobs["other"].audience_unknown and [j.name for j in ci.jobs_for(AUD)] == ["job", "other"]
+    # before: `environment: ["!reference"]`, a pin no job could ever meet
+    assert set(_conditions(ci)) == {"project", "ref_protected"}
+
+
+def test_a_job_whose_audience_is_a_variable_may_ask_for_any_backend() -> None:
+    ci = _ci(
+        """
+deploy:
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  environment: production
+  rules: [{if: '$CI_PIPELINE_SOURCE == "push"'}]
+smoke:
+  id_tokens: {T: {aud: $FLAGS_AUDIENCE}}
+"""
+    )
+    assert [j.name for j in ci.jobs_for(AUD)] == ["deploy", "smoke"]
+    # before: environment [production] and pipeline_source [push], shutting `smoke` out
+    assert set(_conditions(ci)) == {"project", "ref_protected"}
+
+
+def test_an_incomplete_configuration_pins_nothing() -> None:
+    text = """
+include: [{project: acme/templates, file: jobs.yml}]
+deploy:
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  environment: production
+  rules: [{if: '$CI_COMMIT_BRANCH == "main" && $CI_PIPELINE_SOURCE == "push"'}]
+"""
+    assert not _ci(text).complete
+    # the job in acme/templates may ask for the same audience anywhere, without an environment
+    assert set(_conditions(_ci(text))) == {"project", "ref_protected"}
+    complete = _ci(text.split("\n", 2)[2])
+    assert complete.complete
+    assert _conditions(complete) == {
+        "project": 3001,
+        "ref_protected": True,
+        "ref": ("main",),
+        "pipeline_source": ("push",),
+        "environment": ("production",),
+    }
+
+
+def test_requests_from_another_ref_ran_another_configuration() -> None:
+    ci = _ci(
+        """
+deploy:
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  environment: production
+"""
+    )
+    observed = [_obs("/flags/a"), _obs("/flags/a", ref="feature")]
+    # `feature`'s own .gitlab-ci.yml may have dropped the environment: nothing is pinned from main's
+    assert set(_conditions(ci, observed)) == {"project"}
+
+
+def test_a_missing_extends_template_may_hold_the_id_tokens() -> None:
+    ci = _ci(
+        """
+include: [{local: /ci/t.yml}]
+deploy:
+  extends: .missing
+  environment: production
+read:
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  environment: production
+""",
+        **{"ci/t.yml": "x: {script: [true]}\n"},
+    )
+    assert ci.complete and {j.name for j in ci.jobs_for(AUD)} == {"deploy", "read"}
+
+
+# --- (b): bombs
+
+
+def test_extends_fan_out_is_resolved_once_per_template() -> None:
+    lines = [".t0: {environment: e}"]
+    lines += [f".t{i}: {{extends: [{', '.join([f'.t{i - 1}'] * 8)}]}}" for i in range(1, 10)]
+    lines.append('job: {extends: .t9, id_tokens: {T: {aud: "x"}}}')
+    start = time.monotonic()
+    ci = _ci("\n".join(lines))  # 8^9 walks before
+    assert time.monotonic() - start < BOUND
+    assert ci.jobs[0].environment == "e"
+
+
+def test_alias_bomb_merged_by_extends_is_bounded() -> None:
+    lines = ["l0: &l0 {a: 1, b: 2}"]
+    lines += [f"l{i}: &l{i} {{{', '.join(f'k{j}: *l{i - 1}' for j in range(6))}}}" for i in range(1, 12)]
+    lines += [".t: {v: *l11}", 'job: {extends: .t, v: *l11, id_tokens: {T: {aud: "x"}}}']
+    start = time.monotonic()
+    ci = _ci("\n".join(lines))  # 800 bytes, 6^11 keys to merge
+    assert time.monotonic() - start < BOUND
+    job = {j.name: j for j in ci.jobs}["job"]
+    assert job.audience_unknown and any("steps to merge" in u for u in job.unknown)
+
+
+def test_alias_bomb_merged_across_includes_is_bounded() -> None:
+    bomb = "\n".join(
+        ["l0: &l0 {a: 1, b: 2}"]
+        + [f"l{i}: &l{i} {{{', '.join(f'k{j}: *l{i - 1}' for j in range(6))}}}" for i in range(1, 12)]
+        + ["v: *l11"]
+    )
+    start = time.monotonic()
+    ci = _ci("include: [a.yml, b.yml]\n", **{"a.yml": bomb, "b.yml": bomb})
+    assert time.monotonic() - start < BOUND
+    assert not ci.complete and any("steps to merge" in n for n in ci.notes)
+
+
+def test_deep_nesting_is_reported_not_a_crash() -> None:
+    ci = _ci("job: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert ci.notes == (".gitlab-ci.yml: nested too deep: not parsed",)  # RecursionError before
+    unknown: list[str] = []
+    (case,) = condition_cases("(" * 5000 + "$X" + ")" * 5000, "main", unknown)
+    assert case.refs is None and "not parsed" in unknown[0]
+
+
+def test_many_jobs_times_workflow_cases_stay_small() -> None:
+    workflow = "".join(f'    - if: $CI_COMMIT_BRANCH == "b{i}"\n' for i in range(64))
+    rules = "".join(f'  - if: $CI_PIPELINE_SOURCE == "s{k}"\n' for k in range(64))
+    jobs = "".join(f"j{i}: {{id_tokens: {{T: {{aud: x}}}}, rules: *r}}\n" for i in range(3000))
+    start = time.monotonic()
+    ci = _ci(f"workflow:\n  rules:\n{workflow}.r: &r\n{rules}{jobs}")  # 4,096 cases a job before: gigabytes
+    assert time.monotonic() - start < 3 * BOUND
+    assert len(ci.jobs) == 3000 and all(len(j.cases) == 1 and j.refs is None for j in ci.jobs)
+
+
+def test_include_spellings_and_escapes() -> None:
+    asked: list[str] = []
+    files = {".gitlab-ci.yml": "include: [./a.yml, '../../etc/x.yml', 'b.yml?ref=x', /c.yml]\n"}
+    files |= {"a.yml": "include: [/a.yml, ./././a.yml]\n", "c.yml": "include: [.//a.yml]\n"}
+
+    def read(path: str) -> str | None:
+        asked.append(path)
+        return files.get(path)
+
+    ci = load_ci_config("acme/p", read, default_branch="main")
+    # every spelling of a.yml is one file: its self-includes are cycles (before: read until the depth bound)
+    assert set(asked) == {".gitlab-ci.yml", "a.yml", "c.yml"} and len(asked) == 4  # c.yml includes it again
+    assert any("a.yml: include cycle (.gitlab-ci.yml -> a.yml -> a.yml)" in n for n in ci.notes)
+    assert any("../../etc/x.yml" in n for n in ci.notes) and any("b.yml?ref=x" in n for n in ci.notes)
+
+
+# --- (c): a hostile or refusing GitLab
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGitLab]:
+    with FakeGitLab() as gitlab:
+        yield gitlab
+
+
+def test_a_protected_tag_does_not_protect_the_branch_of_the_same_name(fake: FakeGitLab) -> None:
+    fake.add_project("acme/p", id=3001, branches=["v1"], tags=["v1"], protected_tags=["v*"], files={})
+    source = GitLabSource(fake.api_url, fake.api_token, requests_per_second=1000, max_retries=1)
+    project = ci_project(source, 3001)
+    assert project is not None
+    assert project.protected["v1"] is False  # was True: the tag's verdict overwrote the branch's
+    observed = [_obs("/flags/a", ref="v1")]
+    _, report = _suggest(None, observed, project.protected)
+    (s,) = report.suggestions
+    assert "ref_protected" not in {c.key for c in s.conditions}
+
+
+def test_a_file_gitlab_refuses_is_not_read_not_a_failed_run(fake: FakeGitLab) -> None:
+    fake.add_project("acme/p", id=3001, files={".gitlab-ci.yml": "job: {script: [true]}\n"})
+    source = GitLabSource(fake.api_url, fake.api_token, requests_per_second=1000, max_retries=1)
+    project = ci_project(source, 3001)
+    assert project is not None
+    for status in (400, 403):
+        fake.fail_next(1, status)
+        assert project.read(".gitlab-ci.yml") is None  # GitLabRefused before: the whole command failed
+    assert project.read(".gitlab-ci.yml") is not None
+
+
+# --- (a): where it writes
+
+
+def test_out_through_a_dangling_symlink_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "elsewhere"
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    db = tmp_path / "none.db"
+    argv = ["suggest", str(EXAMPLE), "--db", str(db), "--no-gitlab", "--out", str(link)]
+    assert main(argv) == 2
+    assert not target.exists()
+    assert "exists" in capsys.readouterr().err
+
+
+def test_a_method_no_role_can_name_is_flagged() -> None:
+    _, report = _suggest(None, [_obs("/flags/a"), _obs("/flags/a", method="get"), _obs("/flags/a", method="TRACE")])
+    flagged = {(f.kind, f.message.split(" ")[0]) for f in report.flags if f.kind == "method"}
+    assert flagged == {("method", '"TRACE"'), ("method", '"get"')}
