@@ -22,6 +22,7 @@ from controlplane.assistant.propose import (
     suggest,
     text_lines,
 )
+from controlplane.audit.store import DB_NAME, AuditStore
 from controlplane.cli.main import main
 from controlplane.model.loader import parse_policy
 from controlplane.resolved.index import Resolution
@@ -128,9 +129,9 @@ deploy:
   environment: production
   rules: [{if: '$CI_COMMIT_BRANCH == "main" && $CI_PIPELINE_SOURCE == "push"'}]
 """
-    assert not _ci(text).complete
     # the job in acme/templates may ask for the same audience anywhere, without an environment
     assert set(_conditions(_ci(text))) == {"project", "ref_protected"}
+    assert not _ci(text).complete
     complete = _ci(text.split("\n", 2)[2])
     assert complete.complete
     assert _conditions(complete) == {
@@ -161,14 +162,14 @@ def test_a_missing_extends_template_may_hold_the_id_tokens() -> None:
 include: [{local: /ci/t.yml}]
 deploy:
   extends: .missing
-  environment: production
 read:
   id_tokens: {T: {aud: "api://feature-flags"}}
   environment: production
 """,
         **{"ci/t.yml": "x: {script: [true]}\n"},
     )
-    assert ci.complete and {j.name for j in ci.jobs_for(AUD)} == {"deploy", "read"}
+    assert {j.name for j in ci.jobs_for(AUD)} == {"deploy", "read"} and ci.complete
+    assert set(_conditions(ci)) == {"project", "ref_protected"}  # not environment: [production]
 
 
 # --- (b): bombs
@@ -280,9 +281,9 @@ def test_out_through_a_dangling_symlink_is_refused(tmp_path: Path, capsys: pytes
     target = tmp_path / "elsewhere"
     link = tmp_path / "out"
     link.symlink_to(target)
-    db = tmp_path / "none.db"
-    argv = ["suggest", str(EXAMPLE), "--db", str(db), "--no-gitlab", "--out", str(link)]
-    assert main(argv) == 2
+    AuditStore(tmp_path / DB_NAME, retention=None).close(10)  # an empty trail
+    argv = ["suggest", str(EXAMPLE), "--state-dir", str(tmp_path), "--no-gitlab", "--out", str(link)]
+    assert main(argv) == 2  # FileExistsError out of mkdir before
     assert not target.exists()
     assert "exists" in capsys.readouterr().err
 
