@@ -5,12 +5,16 @@ wrote, never pin a subject narrower than the jobs observed, and finish in bounde
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane.assistant.ci_config import CiConfig, condition_cases, load_ci_config
 from controlplane.assistant.propose import (
@@ -24,13 +28,17 @@ from controlplane.assistant.propose import (
 )
 from controlplane.audit.store import DB_NAME, AuditStore
 from controlplane.cli.main import main
+from controlplane.model.kinds.role import HTTP_METHODS
 from controlplane.model.loader import parse_policy
+from controlplane.resolved.access import Grant
+from controlplane.resolved.diff import path_pattern
+from controlplane.resolved.evaluate import Evaluator
 from controlplane.resolved.index import Resolution
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_ci import ci_project
 from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.fake_gitlab import FakeGitLab
-from tests.test_assistant_propose import EXAMPLE, NOW, _obs
+from tests.test_assistant_propose import EXAMPLE, GITLAB, NOW, _obs
 
 AUD = "api://feature-flags"
 BOUND = 5.0  # seconds: each bomb below took minutes (or gigabytes) before its fix
@@ -292,3 +300,159 @@ def test_a_method_no_role_can_name_is_flagged() -> None:
     _, report = _suggest(None, [_obs("/flags/a"), _obs("/flags/a", method="get"), _obs("/flags/a", method="TRACE")])
     flagged = {(f.kind, f.message.split(" ")[0]) for f in report.flags if f.kind == "method"}
     assert flagged == {("method", '"TRACE"'), ("method", '"get"')}
+
+
+# --- the suggestion replayed through the evaluator RBAC is compiled from, on generated trails
+
+_SEGMENT = st.one_of(
+    st.sampled_from(["a", "b", "admin", "1", "2", "3", "x"]),
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=4),  # emoji, quotes, `: `, `\u2028`
+)
+_PATH = st.lists(_SEGMENT, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
+_REQUEST = st.tuples(st.sampled_from(["3001", "3002"]), st.sampled_from(HTTP_METHODS), _PATH)
+
+
+def _allowed(grants: Sequence[Grant], project: str, method: str, path: str) -> bool:
+    claims = {"iss": GITLAB, "project_id": project, "ref": "main", "ref_protected": "true", "pipeline_source": "push"}
+    return any(
+        (not rule.methods or method in rule.methods)
+        and any(path_pattern(p).fullmatch(path) for p in (rule.paths or ("/**",)))
+        for grant in Evaluator().grants_for(claims, grants)
+        for rule in grant.rules
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_REQUEST, min_size=1, max_size=25))
+def test_replayed_every_observed_request_is_allowed_and_unused_methods_denied(
+    requests: list[tuple[str, str, str]],
+) -> None:
+    observed = [_obs(path, method=m, project=p, job=str(n)) for n, (p, m, path) in enumerate(requests)]
+    files, report = _suggest(None, observed)
+    tree = patched_tree(files, report)
+    policy = parse_policy(tree)  # what `validate` loads: raises with every error if the suggestion were invalid
+    grants = Resolution().update(policy).grants("feature-flags")
+    flagged = {json.loads(f.message.split(" was used")[0]) for f in report.flags if f.kind == "path"}
+    for project, method, path in requests:
+        if path in flagged:  # no Role can name it (a space, `*`, `?`, `#`): reported, not proposed
+            continue
+        assert _allowed(grants, project, method, path), (project, method, path)
+    for project in ("3001", "3002"):
+        used = {m for p, m, path in requests if p == project and path not in flagged}
+        mine = [path for p, _, path in requests if p == project]
+        for method in set(HTTP_METHODS) - used:
+            assert not any(_allowed(grants, project, method, path) for path in mine), (project, method)
+        # a path is allowed only as a one-segment widening of one observed with that method: same depth, first
+        # segment and every segment but the widened ones
+        for _, method, path in requests:
+            if _allowed(grants, project, method, path + "/deeper"):
+                assert any(p == project and m == method and q.endswith("/**") for p, m, q in requests), (
+                    "never widened across depth"
+                )
+
+
+# --- `rules: if:` read against a reference evaluator of GitLab's expression language, on generated expressions
+
+_VARS = ("CI_COMMIT_BRANCH", "CI_COMMIT_TAG", "CI_COMMIT_REF_NAME", "CI_COMMIT_REF_PROTECTED", "CI_PIPELINE_SOURCE")
+_VALUES = ("main", "dev", "v1", "true", "false", "push", "web", "merge_request_event")
+_ATOM = st.one_of(
+    st.tuples(st.just("cmp"), st.sampled_from((*_VARS, "X")), st.sampled_from(("==", "!=", "=~")),
+              st.sampled_from((*_VALUES, "$CI_DEFAULT_BRANCH"))),
+    st.tuples(st.just("set"), st.sampled_from((*_VARS, "X"))),
+)  # fmt: skip
+_EXPR = st.recursive(_ATOM, lambda inner: st.tuples(st.sampled_from(("&&", "||")), inner, inner), max_leaves=6)
+_CONTEXT = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(("branch", "tag")),
+        "ref": st.sampled_from(("main", "dev", "v1")),
+        "protected": st.booleans(),
+        "source": st.sampled_from(("push", "web", "merge_request_event", "schedule")),
+        "X": st.sampled_from(("", "main")),
+    }
+)
+
+
+def _text(expr: Any, quote: str) -> str:
+    if expr[0] == "cmp":
+        _, var, op, value = expr
+        right = value if value.startswith("$") else f"/^{value}$/" if op == "=~" else f"{quote}{value}{quote}"
+        return f"${var} {op} {right}"
+    if expr[0] == "set":
+        return f"${expr[1]}"
+    return f"({_text(expr[1], quote)} {expr[0]} {_text(expr[2], quote)})"
+
+
+def _truth(expr: Any, env: Mapping[str, str]) -> bool:
+    if expr[0] == "set":
+        return bool(env.get(expr[1]))
+    if expr[0] == "cmp":
+        _, var, op, value = expr
+        left = env.get(var)
+        right = env.get(value[1:]) if value.startswith("$") else value
+        if op == "=~":
+            return left is not None and left == value
+        return (left == right) if op == "==" else (left != right)
+    left, right = _truth(expr[1], env), _truth(expr[2], env)
+    return (left and right) if expr[0] == "&&" else (left or right)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_EXPR, st.lists(_CONTEXT, min_size=1, max_size=8), st.sampled_from(("'", '"')))
+def test_rule_cases_never_exclude_where_the_job_runs(expr: Any, contexts: list[dict[str, Any]], quote: str) -> None:
+    unknown: list[str] = []
+    cases = condition_cases(_text(expr, quote), "main", unknown)
+    for c in contexts:
+        env = {"CI_COMMIT_REF_NAME": c["ref"], "CI_DEFAULT_BRANCH": "main", "X": c["X"]}
+        env |= {"CI_COMMIT_BRANCH" if c["type"] == "branch" else "CI_COMMIT_TAG": c["ref"]}
+        env |= {"CI_COMMIT_REF_PROTECTED": "true" if c["protected"] else "false", "CI_PIPELINE_SOURCE": c["source"]}
+        if not _truth(expr, env):
+            continue
+        assert any(
+            (case.refs is None or c["ref"] in case.refs)
+            and case.ref_type in (None, c["type"])
+            and case.protected in (None, c["protected"])
+            and (case.sources is None or c["source"] in case.sources)
+            for case in cases
+        ), (_text(expr, quote), c, cases)
+
+
+def _runs(rules: list[tuple[Any, str | None]], env: Mapping[str, str]) -> bool:
+    """GitLab: the first rule whose `if` holds decides; `when: never` there, or no rule holding, and it does not run."""
+    for expr, when in rules:
+        if expr is None or _truth(expr, env):
+            return when != "never"
+    return False
+
+
+_RULES = st.lists(st.tuples(st.one_of(st.none(), _EXPR), st.sampled_from((None, "never", "manual"))), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_RULES, st.one_of(st.none(), _RULES), st.lists(_CONTEXT, min_size=1, max_size=8))
+def test_job_and_workflow_rules_never_exclude_where_the_job_runs(
+    rules: list[tuple[Any, str | None]], workflow: list[tuple[Any, str | None]] | None, contexts: list[dict[str, Any]]
+) -> None:
+    def written(items: list[tuple[Any, str | None]]) -> list[dict[str, str]]:
+        out = []
+        for expr, when in items:
+            rule = {} if expr is None else {"if": _text(expr, '"')}
+            out.append(rule | ({"when": when} if when else {}) or {"when": "always"})
+        return out
+
+    config: dict[str, Any] = {"job": {"id_tokens": {"T": {"aud": AUD}}, "rules": written(rules), "script": ["x"]}}
+    if workflow is not None:
+        config["workflow"] = {"rules": written(workflow)}
+    (job,) = _ci(yaml.safe_dump(config)).jobs
+    for c in contexts:
+        env = {"CI_COMMIT_REF_NAME": c["ref"], "CI_DEFAULT_BRANCH": "main", "X": c["X"]}
+        env |= {"CI_COMMIT_BRANCH" if c["type"] == "branch" else "CI_COMMIT_TAG": c["ref"]}
+        env |= {"CI_COMMIT_REF_PROTECTED": "true" if c["protected"] else "false", "CI_PIPELINE_SOURCE": c["source"]}
+        if not (_runs(rules, env) and (workflow is None or _runs(workflow, env))):
+            continue
+        assert any(
+            (case.refs is None or c["ref"] in case.refs)
+            and case.ref_type in (None, c["type"])
+            and case.protected in (None, c["protected"])
+            and (case.sources is None or c["source"] in case.sources)
+            for case in job.cases
+        ), (config, c, job.cases)

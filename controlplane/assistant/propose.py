@@ -510,7 +510,7 @@ def render_yaml(report: Report) -> str:
             role.append("    paths:")
             for path, line in zip(rule.paths, rule.evidence, strict=True):
                 role.append(f"      {_comment(line)}")
-                role.append(f"      - {json.dumps(path)}")
+                role.append(f"      - {quoted(path)}")
         docs.append("\n".join(role))
         binding = [head, "kind: Binding", f"name: {s.name}", f"issuer: {s.issuer}", f"roles: [{s.name}]", "subjects:"]
         for index, c in enumerate(s.conditions):
@@ -548,8 +548,26 @@ def _scalar(value: str | bool | int | tuple[str, ...]) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
-    return json.dumps(value)
+        return "[" + ", ".join(quoted(v) for v in value) + "]"
+    return quoted(value)
+
+
+def quoted(value: str) -> str:
+    """`value` as a YAML double-quoted scalar that reads back exactly: printable ASCII as is, everything else
+    escaped, characters past U+FFFF as `\\U` (json.dumps writes them as a surrogate pair, which YAML reads as two
+    invalid characters: a path with an emoji made the whole suggestion invalid)."""
+    out = []
+    for char in value:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def document(report: Report) -> dict[str, Any]:
