@@ -6,8 +6,10 @@ wrote, never pin a subject narrower than the jobs observed, and finish in bounde
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_ci import ci_project
 from controlplane.sources.policy_dir import read_policy_dir
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.ports import free_port
 from tests.test_assistant_propose import EXAMPLE, GITLAB, NOW, _obs
 
 AUD = "api://feature-flags"
@@ -456,3 +459,50 @@ def test_job_and_workflow_rules_never_exclude_where_the_job_runs(
             and (case.sources is None or c["source"] in case.sources)
             for case in job.cases
         ), (config, c, job.cases)
+
+
+# --- (c): a hostile server at the GitLab URL: its answers reach stderr, never the token or a traceback
+
+SECRET = "glpat-attack-suggest-0123456789"
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    mode = "echo"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        if self.mode == "echo":  # an error body echoing the token it was sent, with terminal escapes
+            status, body = 400, {"message": f"token {self.headers.get('PRIVATE-TOKEN')} \x1b[2J is bad"}
+        else:  # a 200 whose project is not shaped as GitLab's
+            status, body = 200, {"id": "not-an-id", "path_with_namespace": None, "default_branch": ["x"]}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.parametrize("mode", ["echo", "garbage"])
+def test_a_hostile_gitlab_never_gets_the_token_printed_nor_a_traceback(
+    mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = type("Handler", (_Hostile,), {"mode": mode})
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        AuditStore(tmp_path / DB_NAME, retention=None).close(10)
+        monkeypatch.setenv("ATTACK_SUGGEST_TOKEN", SECRET)
+        url = f"http://127.0.0.1:{server.server_port}"
+        argv = ["suggest", str(EXAMPLE), "--state-dir", str(tmp_path), "--gitlab-url", url]
+        assert main([*argv, "--gitlab-token-env", "ATTACK_SUGGEST_TOKEN", "--project", "42"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err and "\x1b" not in err
+    assert ("answered HTTP 400: token [token]" if mode == "echo" else "not shaped as GitLab's (ValueError)") in err

@@ -211,6 +211,8 @@ def _gitlab(
             protected[str(project.id)] = project.protected
     except GitLabUnavailable as error:
         raise SuggestError(f"GitLab at {url}: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # an answer not shaped as GitLab's
+        raise SuggestError(f"GitLab at {url}: an answer not shaped as GitLab's ({type(error).__name__})") from None
     return ci, protected
 
 
