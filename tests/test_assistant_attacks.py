@@ -23,6 +23,7 @@ from controlplane.assistant.propose import (
     Inputs,
     Observation,
     Report,
+    generalise,
     patched_tree,
     render_yaml,
     suggest,
@@ -506,3 +507,22 @@ def test_a_hostile_gitlab_never_gets_the_token_printed_nor_a_traceback(
     out, err = capsys.readouterr()
     assert SECRET not in out + err and "\x1b" not in err
     assert ("answered HTTP 400: token [token]" if mode == "echo" else "not shaped as GitLab's (ValueError)") in err
+
+
+# --- huge trails: time stays near linear in the requests and the distinct paths
+
+
+def test_generalise_many_globs_at_one_position_is_not_quadratic() -> None:
+    paths = [f"/a/k{k}/j{k}-{m}" for k in range(20_000) for m in range(3)]  # 20,000 globs at segment 3
+    start = time.monotonic()
+    assert generalise(paths) == ("/a/*/*",)  # minutes before: one set copy of 60,000 paths per glob
+    assert time.monotonic() - start < BOUND
+
+
+def test_a_large_trail_over_many_paths_is_proposed_in_bounded_time() -> None:
+    observed = [_obs(f"/p{i % 5000}/x", job=str(i % 997)) for i in range(200_000)]
+    start = time.monotonic()
+    _, report = _suggest(None, observed)  # every request matched against every pattern before: 10^9 matches
+    assert time.monotonic() - start < 3 * BOUND
+    (s,) = report.suggestions
+    assert s.evidence.requests == 200_000 and len(s.rules[0].paths) == 5000

@@ -315,15 +315,28 @@ def _rules(observed: Sequence[Observation]) -> tuple[SuggestedRule, ...]:
         by_paths[patterns[method]].append(method)
     rules = []
     for paths, methods in sorted(by_paths.items(), key=lambda kv: (kv[1], kv[0])):
+        by_path: dict[str, list[Observation]] = defaultdict(list)
+        for o in (o for m in methods for o in by_method[m]):
+            by_path[o.path].append(o)
+        shapes: dict[tuple[int, str], list[str]] = defaultdict(list)  # a glob keeps the depth and first segment
+        for path in by_path:
+            shapes[_shape(path)].append(path)
         lines = []
         for pattern in paths:
+            # each pattern against the distinct paths of its shape, not every request: a trail of a million
+            # requests over ten thousand paths was ten billion regex matches
             matcher = path_pattern(pattern)
-            used = [o for m in methods for o in by_method[m] if matcher.fullmatch(o.path)]
-            distinct = sorted({o.path for o in used})
+            distinct = sorted(p for p in shapes.get(_shape(pattern), ()) if matcher.fullmatch(p))
+            used = [o for p in distinct for o in by_path[p]]
             note = f"; from {len(distinct)} paths: {', '.join(distinct[:3])}..." if pattern not in distinct else ""
             lines.append(f"{pattern}: {evidence_of(used).text()}{note}")
         rules.append(SuggestedRule(tuple(methods), paths, tuple(lines)))
     return tuple(rules)
+
+
+def _shape(path: str) -> tuple[int, str]:
+    parts = path.split("/")
+    return len(parts), parts[1] if len(parts) > 1 else ""
 
 
 def generalise(paths: Sequence[str]) -> tuple[str, ...]:
@@ -340,12 +353,17 @@ def generalise(paths: Sequence[str]) -> tuple[str, ...]:
                 if position < len(parts) and parts[position] not in ("", "*"):
                     key = (len(parts), tuple(parts[:position] + parts[position + 1 :]))
                     buckets[key].add(p)
-            for (_, _), members in sorted(buckets.items()):
+            removed: set[str] = set()
+            added: set[str] = set()
+            for members in buckets.values():  # disjoint: applied together (one set copy per position, not per glob)
                 if len(members) >= GLOB_MIN:
                     parts = next(iter(members)).split("/")
                     parts[position] = "*"
-                    current = (current - members) | {"/".join(parts)}
-                    changed = True
+                    removed |= members
+                    added.add("/".join(parts))
+            if added:
+                current = (current - removed) | added
+                changed = True
     return tuple(sorted(current))
 
 
@@ -441,32 +459,35 @@ def _grant_flags(
     if not used:
         return []  # the binding as a whole is flagged
     out = []
+    requests = sorted({(o.method, o.path) for o in used})  # distinct: a rule is judged once per kind of request
     for rule in rules:
-        paths = rule.paths or ("/**",)
-        matching = [o for o in used if (not rule.methods or o.method in rule.methods) and _any_path(paths, o.path)]
+        matchers = [path_pattern(p) for p in rule.paths or ("/**",)]
+        matching = [
+            (method, path)
+            for method, path in requests
+            if (not rule.methods or method in rule.methods) and any(m.fullmatch(path) for m in matchers)
+        ]
         shown = f"{'|'.join(rule.methods) or 'any method'} {', '.join(rule.paths) or 'any path'}"
         if not matching:
             message = f"on {backend}: rule {shown} unused for {given.unused_days} days"
             out.append(Flag("unused-rule", grant, message))
             continue
-        unused = sorted(set(rule.methods) - {o.method for o in matching})
+        unused = sorted(set(rule.methods) - {method for method, _ in matching})
         if unused:
             message = f"on {backend}: rule {shown}: methods {', '.join(unused)} unused for {given.unused_days} days"
             out.append(Flag("unused-methods", grant, message))
     return out
 
 
-def _any_path(patterns: Sequence[str], path: str) -> bool:
-    return any(path_pattern(p).fullmatch(path) is not None for p in patterns)
-
-
 def _protected_flags(given: Inputs, by_policy: Mapping[str, Sequence[Observation]]) -> list[Flag]:
     out = []
+    by_binding: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for name, obs in by_policy.items():
+        by_binding[name.partition("/")[0]].update((o.project_id or "", o.ref or "") for o in obs)
     for binding in sorted(given.policy.bindings, key=lambda b: b.name):
         if binding.mode is Mode.SHADOW or any(m.claim == "ref_protected" for s in binding.subjects for m in s.claims):
             continue
-        observed = [o for name, obs in by_policy.items() if name.partition("/")[0] == binding.name for o in obs]
-        pairs = {(o.project_id or "", o.ref or "") for o in observed}
+        pairs = by_binding.get(binding.name, set())
         if pairs and all(given.protected.get(p, {}).get(r) is True for p, r in pairs):
             refs = ", ".join(sorted({r for _, r in pairs}))
             message = f"no subject pins ref_protected, yet every request it allowed came from protected refs {refs}"
