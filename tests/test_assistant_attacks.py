@@ -310,7 +310,7 @@ def test_a_method_no_role_can_name_is_flagged() -> None:
 
 _SEGMENT = st.one_of(
     st.sampled_from(["a", "b", "admin", "1", "2", "3", "x"]),
-    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=4),  # emoji, quotes, `: `, `\u2028`
+    st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=4),  # emoji, quotes, `: `, `\u2028`
 )
 _PATH = st.lists(_SEGMENT, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
 _REQUEST = st.tuples(st.sampled_from(["3001", "3002"]), st.sampled_from(HTTP_METHODS), _PATH)
@@ -396,8 +396,8 @@ def _truth(expr: Any, env: Mapping[str, str]) -> bool:
         if op == "=~":
             return left is not None and left == value
         return (left == right) if op == "==" else (left != right)
-    left, right = _truth(expr[1], env), _truth(expr[2], env)
-    return (left and right) if expr[0] == "&&" else (left or right)
+    first, second = _truth(expr[1], env), _truth(expr[2], env)
+    return (first and second) if expr[0] == "&&" else (first or second)
 
 
 @settings(max_examples=400, deadline=None)
@@ -474,6 +474,7 @@ class _Hostile(BaseHTTPRequestHandler):
         return None
 
     def do_GET(self) -> None:
+        body: dict[str, object]
         if self.mode == "echo":  # an error body echoing the token it was sent, with terminal escapes
             status, body = 400, {"message": f"token {self.headers.get('PRIVATE-TOKEN')} \x1b[2J is bad"}
         else:  # a 200 whose project is not shaped as GitLab's
