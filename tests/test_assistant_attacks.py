@@ -527,3 +527,11 @@ def test_a_large_trail_over_many_paths_is_proposed_in_bounded_time() -> None:
     assert time.monotonic() - start < 3 * BOUND
     (s,) = report.suggestions
     assert s.evidence.requests == 200_000 and len(s.rules[0].paths) == 5000
+
+
+def test_generalisation_never_makes_a_word_a_glob() -> None:
+    # /api/*/x would admit /api/secrets/x: words name different things, ids name one of many
+    words = ["/api/admin/x", "/api/users/x", "/api/jobs/x", "/api/health/x"]
+    assert generalise(words) == tuple(sorted(words))
+    assert generalise(["/admin/1/x", "/admin/2/x", "/admin/3/x"]) == ("/admin/*/x",)  # `admin` itself stays
+    assert generalise(["/r/2026-01", "/r/2026-02", "/r/v3", "/r/latest"]) == ("/r/*", "/r/latest")

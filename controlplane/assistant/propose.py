@@ -339,9 +339,17 @@ def _shape(path: str) -> tuple[int, str]:
     return len(parts), parts[1] if len(parts) > 1 else ""
 
 
+def _id_like(segment: str) -> bool:
+    """A value that names one of many things (`42`, `2026-01`, `v3`, a hash): it holds a digit. Words (`admin`,
+    `users`) are kept exact, so `/api/admin/x`, `/api/users/x`, `/api/jobs/x` never become `/api/*/x`, which
+    would admit `/api/secrets/x`."""
+    return segment not in ("", "*") and any(c.isdigit() for c in segment)
+
+
 def generalise(paths: Sequence[str]) -> tuple[str, ...]:
-    """Exact paths, with one segment made `*` where `GLOB_MIN` or more values differ only there (repeated until
-    nothing changes, so /a/1/x, /a/2/x, /a/3/x → /a/*/x). Empty segments and the first one are never made `*`."""
+    """Exact paths, with one segment made `*` where `GLOB_MIN` or more values holding a digit differ only there
+    (repeated until nothing changes, so /a/1/x, /a/2/x, /a/3/x → /a/*/x). Empty segments, words and the first
+    segment are never made `*`."""
     current = {p for p in paths if _usable(p)}
     changed = True
     while changed:
@@ -350,7 +358,7 @@ def generalise(paths: Sequence[str]) -> tuple[str, ...]:
             buckets: dict[tuple[int, tuple[str, ...]], set[str]] = defaultdict(set)
             for p in current:
                 parts = p.split("/")
-                if position < len(parts) and parts[position] not in ("", "*"):
+                if position < len(parts) and _id_like(parts[position]):
                     key = (len(parts), tuple(parts[:position] + parts[position + 1 :]))
                     buckets[key].add(p)
             removed: set[str] = set()
