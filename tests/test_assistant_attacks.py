@@ -6,6 +6,9 @@ wrote, never pin a subject narrower than the jobs observed, and finish in bounde
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -535,3 +538,33 @@ def test_generalisation_never_makes_a_word_a_glob() -> None:
     assert generalise(words) == tuple(sorted(words))
     assert generalise(["/admin/1/x", "/admin/2/x", "/admin/3/x"]) == ("/admin/*/x",)  # `admin` itself stays
     assert generalise(["/r/2026-01", "/r/2026-02", "/r/v3", "/r/latest"]) == ("/r/*", "/r/latest")
+
+
+_RUN = """
+import sys
+from tests.test_assistant_attacks import _ci, _suggest
+from tests.test_assistant_propose import _obs
+from controlplane.assistant.propose import render_yaml, text_lines
+ci = _ci('''
+b: {id_tokens: {T: {aud: "api://feature-flags"}}, environment: prod, only: [main, tags, schedules]}
+a: {id_tokens: {T: {aud: ["api://feature-flags", "other"]}}, environment: prod,
+    rules: [{if: '$CI_COMMIT_BRANCH == "main"'}]}
+''')
+observed = [_obs(f"/flags/{k}/{n}/x", method=m, job=str(n)) for k in "abc" for n in range(9) for m in ("GET", "PUT")]
+_, report = _suggest(ci, observed)
+sys.stdout.write(render_yaml(report) + "\\n".join(text_lines(report)))
+"""
+
+
+def test_output_is_the_same_whatever_the_hash_seed() -> None:
+    root = Path(__file__).resolve().parent.parent
+    outputs = set()
+    for seed in ("0", "1", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        done = subprocess.run(
+            [sys.executable, "-c", _RUN], env=env, cwd=root, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout)
+    (text,) = outputs  # sets and dicts of strings iterate in another order under each seed
+    assert "/flags/a/*/x" in text and 'environment: ["prod"]' in text
