@@ -501,7 +501,7 @@ def test_a_hostile_gitlab_never_gets_the_token_printed_nor_a_traceback(
     try:
         AuditStore(tmp_path / DB_NAME, retention=None).close(10)
         monkeypatch.setenv("ATTACK_SUGGEST_TOKEN", SECRET)
-        url = f"http://127.0.0.1:{server.server_port}"
+        url = f"http://ops:url-password@127.0.0.1:{server.server_port}"  # a credential in the URL, too
         argv = ["suggest", str(EXAMPLE), "--state-dir", str(tmp_path), "--gitlab-url", url]
         assert main([*argv, "--gitlab-token-env", "ATTACK_SUGGEST_TOKEN", "--project", "42"]) == 1
     finally:
@@ -509,7 +509,7 @@ def test_a_hostile_gitlab_never_gets_the_token_printed_nor_a_traceback(
         server.server_close()
         thread.join(10)
     out, err = capsys.readouterr()
-    assert SECRET not in out + err and "\x1b" not in err
+    assert SECRET not in out + err and "\x1b" not in err and "url-password" not in err
     assert ("answered HTTP 400: token [token]" if mode == "echo" else "not shaped as GitLab's (ValueError)") in err
 
 
@@ -568,3 +568,32 @@ def test_output_is_the_same_whatever_the_hash_seed() -> None:
         outputs.add(done.stdout)
     (text,) = outputs  # sets and dicts of strings iterate in another order under each seed
     assert "/flags/a/*/x" in text and 'environment: ["prod"]' in text
+
+
+def test_it_only_reads_gitlab_and_never_a_variable_or_a_write(
+    fake: FakeGitLab, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-only and no secrets: every API request is a GET of a project, its refs and protections, or a raw file
+    (`variables:` in the CI file is skipped as a keyword: CI/CD variables, where secrets live, are never asked)."""
+    ci = "variables: {DEPLOY_KEY: $SECRET}\ninclude: ci/x.yml\njob: {id_tokens: {T: {aud: https://reports.local}}}\n"
+    fake.add_project("acme/platform/deployer", id=42, branches=["v1"], tags=["v1"], protected_tags=["v*"],
+                     files={".gitlab-ci.yml": ci, "ci/x.yml": "other: {script: [x]}\n"})  # fmt: skip
+    store = AuditStore(tmp_path / DB_NAME, retention=None)
+    store.close(10)
+    monkeypatch.setenv("ATTACK_SUGGEST_TOKEN", fake.api_token)
+    argv = ["suggest", str(Path(EXAMPLE).parent / "quickstart"), "--state-dir", str(tmp_path)]
+    argv += ["--gitlab-url", fake.base_url, "--gitlab-token-env", "ATTACK_SUGGEST_TOKEN", "--project", "42"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    calls = fake.api_calls()
+    assert calls and {c.method for c in calls} == {"GET"}
+    assert not [c for c in calls if "variable" in c.path or "variable" in c.endpoint]
+    assert {c.endpoint for c in calls} <= {
+        "/projects/:id",
+        "/projects/:id/repository/branches",
+        "/projects/:id/repository/tags",
+        "/projects/:id/protected_tags",
+        "/projects/:id/environments",  # the inventory's project read: names and tiers
+        "/projects/:id/protected_environments",
+        "/projects/:id/repository/files/:path/raw",
+    }, {c.endpoint for c in calls}
+    assert fake.api_token not in capsys.readouterr().out

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from controlplane.assistant.ci_config import CiConfig, load_ci_config
 from controlplane.assistant.propose import (
@@ -194,6 +195,7 @@ def _gitlab(
     token_file = args.gitlab_token_file or (api.token_file if api is not None and not args.gitlab_token_env else None)
     if url is None:
         raise SuggestError("no GitLab to read: give --gitlab-url (or --no-gitlab)")
+    shown = _without_userinfo(url)
     try:
         source = GitLabSource(url, token_from(token_env, token_file))
     except GitLabTokenError as error:
@@ -210,10 +212,20 @@ def _gitlab(
             )
             protected[str(project.id)] = project.protected
     except GitLabUnavailable as error:
-        raise SuggestError(f"GitLab at {url}: {error}") from None
+        raise SuggestError(f"GitLab at {shown}: {error}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as error:  # an answer not shaped as GitLab's
-        raise SuggestError(f"GitLab at {url}: an answer not shaped as GitLab's ({type(error).__name__})") from None
+        raise SuggestError(f"GitLab at {shown}: an answer not shaped as GitLab's ({type(error).__name__})") from None
     return ci, protected
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL as shown in a message: a `user:password@` in it is a credential, never printed."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _projects(args: argparse.Namespace, policy: Policy, observations: list[Observation]) -> list[str | int]:
