@@ -5,6 +5,7 @@ wrote, never pin a subject narrower than the jobs observed, and finish in bounde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,7 +87,7 @@ def test_names_from_ci_and_tokens_cannot_write_policy_through_a_comment(brk: str
     injected = f"{brk}kind: Role{brk}name: evil{brk}backend: feature-flags{brk}rules: [{{paths: [/**]}}]{brk}---{brk}#"
     ci = _ci(yaml.safe_dump({f"read{injected}": {"id_tokens": {"T": {"aud": AUD}}}}))
     observed = [_obs("/flags/a")]
-    observed = [Observation(**{**o.__dict__, "project_path": f"acme/x{injected}"}) for o in observed]
+    observed = [dataclasses.replace(o, project_path=f"acme/x{injected}") for o in observed]
     files, report = _suggest(ci, observed)
     text = render_yaml(report)
     tree = patched_tree(files, report)

@@ -41,7 +41,7 @@ _NAME_BAD = re.compile(r"[^a-z0-9-]+")
 HTTP_METHODS_TEXT = ", ".join(HTTP_METHODS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observation:
     """One audited request (controlplane/audit/store.py's record, the fields the assistant reads)."""
 
