@@ -598,3 +598,19 @@ def test_it_only_reads_gitlab_and_never_a_variable_or_a_write(
         "/projects/:id/repository/files/:path/raw",
     }, {c.endpoint for c in calls}
     assert fake.api_token not in capsys.readouterr().out
+
+
+def test_rules_on_a_variable_the_file_sets_constrain_nothing() -> None:
+    # `variables:` outranks GitLab's predefined variables: this job runs on every branch and source
+    ci = _ci(
+        """
+variables: {CI_COMMIT_BRANCH: main}
+deploy:
+  variables: {CI_PIPELINE_SOURCE: push}
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  rules: [{if: '$CI_COMMIT_BRANCH == "main" && $CI_PIPELINE_SOURCE == "push"'}]
+"""
+    )
+    (job,) = ci.jobs
+    assert job.refs is None and job.sources is None  # were {main} and {push}
+    assert sum("set by the file's variables" in u for u in job.unknown) == 2

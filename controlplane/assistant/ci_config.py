@@ -319,8 +319,9 @@ def jobs_of(
     workflow = config.get("workflow")
     workflow_cases: tuple[RuleCase, ...] = (ANYWHERE,)
     workflow_unknown: list[str] = []
+    overridden = _overridden(config.get("variables"))
     if isinstance(workflow, dict) and "rules" in workflow:
-        workflow_cases = _rule_cases(workflow["rules"], default_branch, workflow_unknown)
+        workflow_cases = _rule_cases(workflow["rules"], default_branch, workflow_unknown, overridden)
     workflow_unknown = _capped(workflow_unknown)
     jobs = []
     for name in sorted(k for k in config if isinstance(k, str)):
@@ -334,8 +335,21 @@ def jobs_of(
             unknown.append(f"extends: more than {MAX_MERGE_STEPS} steps to merge (YAML aliases?): not read")
             jobs.append(CiJob(name, (), unknown=tuple(_capped(unknown)), audience_unknown=True))
             continue
-        jobs.append(_job(name, resolved, default_tokens, default_branch, workflow_cases, unknown))
+        overrides = overridden | _overridden(resolved.get("variables"))
+        jobs.append(_job(name, resolved, default_tokens, default_branch, workflow_cases, unknown, overrides))
     return tuple(jobs), tuple(notes)
+
+
+INTERPRETED = frozenset(
+    {"CI_COMMIT_BRANCH", "CI_COMMIT_TAG", "CI_COMMIT_REF_NAME", "CI_COMMIT_REF_PROTECTED", "CI_PIPELINE_SOURCE"}
+    | {"CI_DEFAULT_BRANCH"}
+)
+
+
+def _overridden(variables: Any) -> frozenset[str]:
+    """The predefined variables the rules are read by that the file itself sets (`variables:` outranks GitLab's
+    predefined ones): `$CI_COMMIT_BRANCH == "main"` then holds on every branch, so it constrains nothing."""
+    return INTERPRETED & frozenset(variables) if isinstance(variables, dict) else frozenset()
 
 
 def _capped(unknown: list[str]) -> list[str]:
@@ -391,6 +405,7 @@ def _job(
     default_branch: str | None,
     workflow: tuple[RuleCase, ...],
     unknown: list[str],
+    overridden: frozenset[str] = frozenset(),
 ) -> CiJob:
     tokens = body.get("id_tokens", default_tokens)
     inherit = body.get("inherit")
@@ -398,7 +413,7 @@ def _job(
         tokens = None
     environment, tier = _environment(body.get("environment"), unknown)
     if "rules" in body:
-        cases = _rule_cases(body["rules"], default_branch, unknown)
+        cases = _rule_cases(body["rules"], default_branch, unknown, overridden)
     elif "only" in body:
         cases = _only_cases(body["only"], unknown)
     else:
@@ -457,7 +472,9 @@ def _environment(value: Any, unknown: list[str]) -> tuple[str | None, str | None
 # --- rules
 
 
-def _rule_cases(rules: Any, default_branch: str | None, unknown: list[str]) -> tuple[RuleCase, ...]:
+def _rule_cases(
+    rules: Any, default_branch: str | None, unknown: list[str], overridden: frozenset[str] = frozenset()
+) -> tuple[RuleCase, ...]:
     if not isinstance(rules, list):
         unknown.append("rules: not a list (a !reference?)")
         return (ANYWHERE,)
@@ -475,7 +492,7 @@ def _rule_cases(rules: Any, default_branch: str | None, unknown: list[str]) -> t
         if condition is None:
             cases.append(replace(ANYWHERE, text="a rule without if"))
             continue
-        cases.extend(condition_cases(str(condition), default_branch, unknown))
+        cases.extend(condition_cases(str(condition), default_branch, unknown, overridden=overridden))
     return tuple(cases[:MAX_CASES]) if len(cases) <= MAX_CASES else (ANYWHERE,)
 
 
@@ -604,7 +621,9 @@ def _operand(kind: str, token: str) -> str:
     return kind + ":" + token
 
 
-def condition_cases(condition: str, default_branch: str | None, unknown: list[str]) -> list[RuleCase]:
+def condition_cases(
+    condition: str, default_branch: str | None, unknown: list[str], *, overridden: frozenset[str] = frozenset()
+) -> list[RuleCase]:
     """One `if:` as the cases it allows (an OR of ANDs); what is not understood is no constraint."""
     try:
         dnf = _Parser(_tokens(condition)).parse()
@@ -617,23 +636,31 @@ def condition_cases(condition: str, default_branch: str | None, unknown: list[st
         for atom in term:
             if case is None:
                 break
-            case = _apply(case, atom, default_branch, condition, unknown)
+            case = _apply(case, atom, default_branch, condition, unknown, overridden)
         if case is not None:
             cases.append(case)
     return cases
 
 
 def _apply(
-    case: RuleCase, atom: Atom, default_branch: str | None, condition: str, unknown: list[str]
+    case: RuleCase,
+    atom: Atom,
+    default_branch: str | None,
+    condition: str,
+    unknown: list[str],
+    overridden: frozenset[str] = frozenset(),
 ) -> RuleCase | None:
     """The case narrowed by one atom; None when the atom contradicts it (this term never runs)."""
     var, op, operand = atom
     value: str | None = None
     if operand is not None and operand.startswith("="):
         value = operand[1:]
-    elif operand == "$CI_DEFAULT_BRANCH" and default_branch is not None:
+    elif operand == "$CI_DEFAULT_BRANCH" and default_branch is not None and "CI_DEFAULT_BRANCH" not in overridden:
         value = default_branch
     narrowed: RuleCase | None
+    if var in overridden:
+        unknown.append(f"if: {shown(condition)}: ${var} is set by the file's variables: taken as no constraint")
+        return case
     if op == "set" and var == "CI_COMMIT_TAG":
         narrowed = _narrow(case, ref_type="tag")
     elif op == "set" and var == "CI_COMMIT_BRANCH":
