@@ -27,9 +27,11 @@ from controlplane.assistant.propose import (
     Inputs,
     Observation,
     Report,
+    ShadowSeen,
     generalise,
     patched_tree,
     render_yaml,
+    shadow_matches,
     suggest,
     text_lines,
 )
@@ -614,3 +616,16 @@ deploy:
     (job,) = ci.jobs
     assert job.refs is None and job.sources is None  # were {main} and {push}
     assert sum("set by the file's variables" in u for u in job.unknown) == 2
+
+
+def test_an_access_log_line_without_end_is_read_bounded(tmp_path: Path) -> None:
+    from controlplane.cli.suggest import MAX_LOG_LINE, _bounded_lines
+
+    log = tmp_path / "access.log"
+    rbac = '{"b_shadow_effective_policy_id": "x/y", "b_shadow_engine_result": "allowed"}'
+    shadow = '{"project_id": "42", "rbac": ' + rbac + "}"
+    log.write_text(shadow + "\n" + "x" * (5 * MAX_LOG_LINE + 7) + "\n" + shadow + "\n" + "y" * (2 * MAX_LOG_LINE))
+    with log.open(encoding="utf-8") as handle:
+        lines = list(_bounded_lines(handle))
+    assert [len(line) for line in lines] == [len(shadow) + 1, MAX_LOG_LINE, len(shadow) + 1, MAX_LOG_LINE]
+    assert shadow_matches(lines) == {"x/y": ShadowSeen(2, ("42",))}

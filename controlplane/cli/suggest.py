@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from controlplane.assistant.ci_config import CiConfig, load_ci_config
@@ -266,12 +266,20 @@ def _shadow(paths: list[Path]) -> dict[str, ShadowSeen]:
         for path in paths:
             try:
                 with path.open(encoding="utf-8", errors="replace") as handle:
-                    for line in handle:
-                        yield line[:MAX_LOG_LINE]
+                    yield from _bounded_lines(handle)
             except OSError as error:
                 raise SuggestError(f"cannot read {path}: {error.strerror or type(error).__name__}") from None
 
     return shadow_matches(lines())
+
+
+def _bounded_lines(handle: TextIO) -> Iterator[str]:
+    """The file's lines, each read `MAX_LOG_LINE` characters at most: a line longer than that (a file with no
+    line break, gigabytes long) is yielded cut and the rest skipped, never held whole."""
+    while line := handle.readline(MAX_LOG_LINE):
+        yield line
+        while not line.endswith("\n") and (line := handle.readline(MAX_LOG_LINE)):
+            pass
 
 
 def _write_tree(root: Path, tree: dict[str, str]) -> None:
