@@ -629,3 +629,23 @@ def test_an_access_log_line_without_end_is_read_bounded(tmp_path: Path) -> None:
         lines = list(_bounded_lines(handle))
     assert [len(line) for line in lines] == [len(shadow) + 1, MAX_LOG_LINE, len(shadow) + 1, MAX_LOG_LINE]
     assert shadow_matches(lines) == {"x/y": ShadowSeen(2, ("42",))}
+
+
+def test_long_backend_names_cut_to_one_name_get_distinct_names() -> None:
+    files = read_policy_dir(EXAMPLE)
+    names = ["b" * 58 + f"-{i}" for i in range(3)]  # "p3001-" + 57 b's for all three once cut to 63
+    for i, name in enumerate(names):
+        files[f"b{i}.yaml"] = (
+            f"kind: Backend\nname: {name}\nhosts: [h{i}.example.com]\naudience: api://b{i}\n"
+            f"endpoints:\n  - {{address: 10.0.30.{i + 10}, port: 8080}}\n"
+        )
+    files["gateway.yaml"] = files["gateway.yaml"].replace(
+        "backends: [feature-flags]", "backends: [feature-flags, " + ", ".join(names) + "]"
+    )
+    policy = parse_policy(files)
+    observed = [dataclasses.replace(_obs("/x"), backend=name) for name in names]
+    given = Inputs(policy, Resolution().update(policy), observed, {}, {"3001": {"main": True}}, now=NOW)
+    report = suggest(given)  # the third one looped forever before
+    assert [s.name[57:] for s in report.suggestions] == ["bbbbbb", "bbbb-s", "bbb-s2"]
+    tree = patched_tree(files, report)
+    assert {b.name for b in parse_policy(tree).bindings} >= {s.name for s in report.suggestions}

@@ -235,9 +235,7 @@ def suggest(given: Inputs) -> Report:
             continue
         ci = given.ci.get(project_id)
         jobs = ci.jobs_for(backends[backend].audience) if ci is not None and _describes(ci, observed) else ()
-        name = _name(f"p{project_id}-{backend}")
-        while name in taken:
-            name = _name(name[:60] + "-s")
+        name = _free_name(_name(f"p{project_id}-{backend}"), taken)
         taken.add(name)
         suggestions.append(
             Suggestion(
@@ -293,6 +291,18 @@ def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def _group_key(key: tuple[str, str, str]) -> tuple[str, int, str, str]:
     issuer, project, backend = key
     return (issuer, int(project) if project.isdigit() else -1, project, backend)
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """`name`, else `name-s`, `name-s2`, `name-s3`...: each attempt another suffix, the name cut to leave it room
+    (cutting `name-s` back to 60 characters and adding `-s` again gave the same name: three backends whose long
+    names share their first 57 characters hung the command)."""
+    base, attempt = name, 1
+    while name in taken:
+        suffix = "-s" if attempt == 1 else f"-s{attempt}"
+        name = _name(base[: 63 - len(suffix)].rstrip("-") + suffix)
+        attempt += 1
+    return name
 
 
 def _name(raw: str) -> str:
