@@ -649,3 +649,18 @@ def test_long_backend_names_cut_to_one_name_get_distinct_names() -> None:
     assert [s.name[57:] for s in report.suggestions] == ["bbbbbb", "bbbb-s", "bbb-s2"]
     tree = patched_tree(files, report)
     assert {b.name for b in parse_policy(tree).bindings} >= {s.name for s in report.suggestions}
+
+
+def test_a_child_pipeline_makes_the_configuration_incomplete() -> None:
+    # the child's jobs run in this project on main, from ci/child.yml, maybe without environment or push
+    text = """
+deploy:
+  id_tokens: {T: {aud: "api://feature-flags"}}
+  environment: production
+  rules: [{if: '$CI_PIPELINE_SOURCE == "push"'}]
+child:
+  trigger: {include: ci/child.yml}
+"""
+    ci = _ci(text)
+    assert set(_conditions(ci)) == {"project", "ref_protected"}  # environment and pipeline_source pinned before
+    assert ci.notes == ("job child: triggers a pipeline whose configuration is not read",)

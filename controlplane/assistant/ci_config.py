@@ -335,6 +335,8 @@ def jobs_of(
             unknown.append(f"extends: more than {MAX_MERGE_STEPS} steps to merge (YAML aliases?): not read")
             jobs.append(CiJob(name, (), unknown=tuple(_capped(unknown)), audience_unknown=True))
             continue
+        if "trigger" in resolved:  # a child pipeline's jobs run in this project, from a file not read here
+            notes.append(f"job {shown(name)}: triggers a pipeline whose configuration is not read")
         overrides = overridden | _overridden(resolved.get("variables"))
         jobs.append(_job(name, resolved, default_tokens, default_branch, workflow_cases, unknown, overrides))
     return tuple(jobs), tuple(notes)
