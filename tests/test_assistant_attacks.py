@@ -664,3 +664,9 @@ child:
     ci = _ci(text)
     assert set(_conditions(ci)) == {"project", "ref_protected"}  # environment and pipeline_source pinned before
     assert ci.notes == ("job child: triggers a pipeline whose configuration is not read",)
+
+
+def test_a_project_id_claim_not_written_as_ascii_digits_is_not_proposed_from() -> None:
+    observed = [dataclasses.replace(_obs("/x"), project_id=pid) for pid in ("\u0663\u0660\u0660\u0661", "03001")]
+    _, report = _suggest(None, observed)
+    assert report.suggestions == () and report.ignored == 2  # both became `project: 3001` before

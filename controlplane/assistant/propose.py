@@ -213,7 +213,7 @@ def suggest(given: Inputs) -> Report:
     ignored = 0
     for o in given.observations:
         project = o.project_id or ""
-        if o.decision != "allowed" or not project.isdigit() or not o.backend or o.issuer not in gitlab:
+        if o.decision != "allowed" or not canonical_id(project) or not o.backend or o.issuer not in gitlab:
             ignored += 1
             continue
         if o.method not in HTTP_METHODS:  # what a Role can name
@@ -290,7 +290,13 @@ def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _group_key(key: tuple[str, str, str]) -> tuple[str, int, str, str]:
     issuer, project, backend = key
-    return (issuer, int(project) if project.isdigit() else -1, project, backend)
+    return (issuer, int(project) if canonical_id(project) else -1, project, backend)
+
+
+def canonical_id(text: str) -> bool:
+    """An id as a token writes it: ASCII digits, no leading zero. `"٤٢".isdigit()` and `int("042")` are 42, yet
+    a subject `project: 42` never matches either claim (and 42 is another project's id)."""
+    return text.isascii() and text.isdigit() and text == str(int(text))
 
 
 def _free_name(name: str, taken: set[str]) -> str:
@@ -353,7 +359,7 @@ def _id_like(segment: str) -> bool:
     """A value that names one of many things (`42`, `2026-01`, `v3`, a hash): it holds a digit. Words (`admin`,
     `users`) are kept exact, so `/api/admin/x`, `/api/users/x`, `/api/jobs/x` never become `/api/*/x`, which
     would admit `/api/secrets/x`."""
-    return segment not in ("", "*") and any(c.isdigit() for c in segment)
+    return segment not in ("", "*") and any(c in "0123456789" for c in segment)
 
 
 def generalise(paths: Sequence[str]) -> tuple[str, ...]:
