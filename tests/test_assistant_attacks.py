@@ -670,3 +670,22 @@ def test_a_project_id_claim_not_written_as_ascii_digits_is_not_proposed_from() -
     observed = [dataclasses.replace(_obs("/x"), project_id=pid) for pid in ("\u0663\u0660\u0660\u0661", "03001")]
     _, report = _suggest(None, observed)
     assert report.suggestions == () and report.ignored == 2  # both became `project: 3001` before
+
+
+def test_the_projects_own_ci_file_setting_is_what_is_read(fake: FakeGitLab) -> None:
+    stale = 'deploy: {id_tokens: {T: {aud: "api://feature-flags"}}, environment: production}\n'
+    real = 'deploy: {id_tokens: {T: {aud: "api://feature-flags"}}}\n'  # no environment: a pin would shut it out
+    fake.add_project("acme/p", id=3001, ci_config_path="ci/pipeline.yml",
+                     files={".gitlab-ci.yml": stale, "ci/pipeline.yml": real})  # fmt: skip
+    fake.add_project("acme/q", id=3002, ci_config_path="ci.yml@acme/templates", files={".gitlab-ci.yml": stale})
+    source = GitLabSource(fake.api_url, fake.api_token, requests_per_second=1000, max_retries=1)
+    read = {}
+    for pid in (3001, 3002):
+        project = ci_project(source, pid)
+        assert project is not None
+        read[pid] = load_ci_config(
+            project.path, project.read, default_branch=project.default_branch, ci_file=project.ci_config_path
+        )
+    assert read[3001].files == ("ci/pipeline.yml",) and read[3001].jobs[0].environment is None
+    assert set(_conditions(read[3001])) == {"project", "ref_protected"}  # environment: [production] before
+    assert read[3002].jobs == () and not read[3002].complete and read[3002].files == ()

@@ -190,12 +190,18 @@ def load_ci_config(
     *,
     default_branch: str | None,
     max_file_bytes: int = MAX_FILE_BYTES,
+    ci_file: str | None = None,
 ) -> CiConfig:
     """The project's CI configuration as jobs; `read(path)` gives a repository file's text or None. A text longer
     than `max_file_bytes` (a reader cuts one past its bound) is reported and not parsed: a cut file is not one."""
     reading = _Reading(read, max_file_bytes)
+    root = _repository_path(ci_file) if ci_file else CI_FILE
+    if root is None or (ci_file is not None and ("@" in ci_file or ci_file.startswith(("http://", "https://")))):
+        # the project's CI file lives in another project or at a URL: its jobs are not known here
+        note = f"the project's CI configuration is {shown(str(ci_file))} (another project, a URL): not read"
+        return CiConfig(project, (), (), (note,), default_branch)
     try:
-        merged = _load_file(CI_FILE, reading, depth=0, seen=())
+        merged = _load_file(root, reading, depth=0, seen=())
     except _TooLarge:
         reading.notes.append(f"includes: more than {MAX_MERGE_STEPS} steps to merge (YAML aliases?): not read")
         merged = None

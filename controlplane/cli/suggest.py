@@ -227,7 +227,11 @@ def _gitlab(
             if project is None or str(project.id) in ci:
                 continue
             ci[str(project.id)] = load_ci_config(
-                project.path, project.read, default_branch=project.default_branch, max_file_bytes=project.max_file_bytes
+                project.path,
+                project.read,
+                default_branch=project.default_branch,
+                max_file_bytes=project.max_file_bytes,
+                ci_file=project.ci_config_path,
             )
             protected[str(project.id)] = project.protected
     except GitLabUnavailable as error:

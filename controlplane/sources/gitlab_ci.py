@@ -29,6 +29,7 @@ class CiProject:
     default_branch: str | None
     protected: dict[str, bool] = field(default_factory=dict)
     max_file_bytes: int = MAX_CI_FILE_BYTES
+    ci_config_path: str | None = None  # the project's own CI file setting; None or "": `.gitlab-ci.yml`
 
     def read(self, path: str) -> str | None:
         """The file's text at the default branch; None when it does not exist (or the repository is empty).
@@ -66,4 +67,7 @@ def ci_project(source: GitLabSource, project: str | int) -> CiProject | None:
     protected: dict[str, bool] = {}
     for ref in found.refs or ():
         protected[ref.name] = protected.get(ref.name, True) and ref.protected
-    return CiProject(source, found.id, found.path, found.default_branch, protected)
+    with source.errors_as_unavailable():  # the inventory's Project does not carry the CI file setting
+        setting = source.gl.projects.get(found.id).attributes.get("ci_config_path")
+    path = setting if isinstance(setting, str) and setting else None
+    return CiProject(source, found.id, found.path, found.default_branch, protected, ci_config_path=path)
