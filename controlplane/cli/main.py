@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
 
+    explain = commands.add_parser("explain", help="why is a request allowed or denied? (exit 0 yes, 1 no, 2 usage)")
+    from controlplane.cli.explain import add_arguments as add_explain_arguments
+
+    add_explain_arguments(explain)
+    _add_limit_arguments(explain)
+
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
@@ -799,6 +805,12 @@ def _diff(args: argparse.Namespace) -> int:
     return run_diff(args, _limits(args))
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from controlplane.cli.explain import run_explain
+
+    return run_explain(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -808,6 +820,7 @@ def _audit(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
+    "explain": _explain,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,

@@ -69,7 +69,6 @@ class Credentials:
     issuer: str
     clock_skew_seconds: int
     grants: Mapping[str, tuple[Grant, ...]]  # by backend: one `exchanged/<role>` grant per role
-    exchange_path: str | None  # routed to the control plane on every host, token and RBAC off
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ class ExplainInputs:
     revoked: frozenset[str] = frozenset()  # job ids on the deny list
     revocations_known: bool = False  # False offline: the deny list is a running server's
     credentials: Credentials | None = None
+    exchange_path: str | None = None  # routed to the control plane on every host, token and RBAC off
 
 
 class Failure(NamedTuple):
@@ -249,8 +249,7 @@ def _route(inputs: ExplainInputs, chain: _Chain, path: str) -> str:
     if backend is None:
         steps.append(Step("route", False, "no route: jwt_authn's listener-wide rule applies"))
         return "none"
-    credentials = inputs.credentials
-    if credentials is not None and credentials.exchange_path == path:
+    if inputs.exchange_path == path:
         steps.append(Step("route", True, f"{path} is the token exchange: forwarded to the control plane"))
         return "exchange"
     if path in backend.public_paths:
@@ -558,14 +557,15 @@ def document(explanation: Explanation) -> dict[str, Any]:
     }
 
 
-def text_lines(explanation: Explanation) -> list[str]:
-    """For a developer reading a 403: the decision first, then each step, then the nearest grants."""
-    status = "forwarded to the backend" if explanation.status == 0 else f"Envoy answers {explanation.status}"
-    lines = [f"{explanation.decision.upper()}: {explanation.reason} ({status})"]
-    lines += [f"  {'ok  ' if s.ok else 'FAIL'} {s.name}: {s.text}" for s in explanation.steps]
-    for candidate in explanation.nearest:
-        shadow = " (shadow: logged only)" if candidate.mode == Mode.SHADOW.value else ""
-        lines.append(f"  nearest: {candidate.grant}{shadow}, {len(candidate.failures)} failing:")
-        lines += [f"    - {f.text}" for f in candidate.failures]
-    lines += [f"  note: {n}" for n in explanation.notes]
+def text_lines(doc: Mapping[str, Any]) -> list[str]:
+    """For a developer reading a 403, from `document`'s data (also a server's answer): the decision first, then
+    each step, then the nearest grants and their failing conditions."""
+    status = "forwarded to the backend" if doc["status"] == 0 else f"Envoy answers {doc['status']}"
+    lines = [f"{str(doc['decision']).upper()}: {doc['reason']} ({status})"]
+    lines += [f"  {'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['text']}" for s in doc["steps"]]
+    for candidate in doc["nearest"]:
+        shadow = " (shadow: logged only)" if candidate["mode"] == Mode.SHADOW.value else ""
+        lines.append(f"  nearest: {candidate['grant']}{shadow}, {candidate['failing']} failing:")
+        lines += [f"    - {f['text']}" for f in candidate["failures"]]
+    lines += [f"  note: {n}" for n in doc["notes"]]
     return lines
