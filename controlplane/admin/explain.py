@@ -70,6 +70,14 @@ def _kind_name(kind: type) -> str:
     return {dict: "object", str: "string", int: "integer"}[kind]
 
 
+def serve_default_credentials(exchange: bool) -> CredentialInputs | None:
+    """Offline, what serve's flags would give: by default the exchange is on (the credential provider and the
+    exchange route on every host, whatever the keys), `--no-exchange` neither. Only their presence is read."""
+    if not exchange:
+        return None
+    return CredentialInputs(jwks="(keys of a running serve)", exchange_address=("0.0.0.0", 0))
+
+
 def explain_inputs(
     policy: Policy, resolved: ResolvedPolicy, credentials: CredentialInputs | None, *, revocations_known: bool
 ) -> ExplainInputs:

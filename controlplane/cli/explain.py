@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", help="the request path (default /)")
     parser.add_argument("--url", help="instead of --host/--path: http://HOST[:PORT]/PATH (the port picks a gateway)")
     parser.add_argument("--gateway", help="the gateway group the request reaches (default: the one fronting it)")
+    parser.add_argument(
+        "--no-exchange", action="store_true", help="offline: serve runs with --no-exchange (no exchanged credentials)"
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
 
 
@@ -67,7 +70,7 @@ def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
         if args.server is not None:
             doc = _ask_server(args.server, claims, request)
         else:
-            doc = _ask_offline(args.policy, limits, claims, request)
+            doc = _ask_offline(args.policy, limits, claims, request, exchange=not args.no_exchange)
     except InputError as error:
         print(f"controlplane explain: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -152,9 +155,9 @@ def build_request(args: argparse.Namespace) -> Request:
 
 
 def _ask_offline(
-    policy_dir: Path, limits: ReadLimits, claims: dict[str, Any] | None, request: Request
+    policy_dir: Path, limits: ReadLimits, claims: dict[str, Any] | None, request: Request, *, exchange: bool
 ) -> dict[str, Any]:
-    from controlplane.admin.explain import explain_inputs
+    from controlplane.admin.explain import explain_inputs, serve_default_credentials
     from controlplane.model.loader import parse_policy
     from controlplane.resolved.index import Resolution
     from controlplane.sources.policy_dir import read_policy_dir
@@ -168,7 +171,7 @@ def _ask_offline(
         raise InputError(f"{policy_dir}: invalid policy ({invalid.total} error(s))") from None
     except OSError as error:
         raise InputError(f"{policy_dir}: {error}") from None
-    inputs = explain_inputs(policy, resolved, None, revocations_known=False)
+    inputs = explain_inputs(policy, resolved, serve_default_credentials(exchange), revocations_known=False)
     try:
         return document(explain(inputs, claims, request, int(time.time())))
     except ExplainError as error:

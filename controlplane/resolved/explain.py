@@ -328,21 +328,22 @@ def _jwt_authn(
     provider = next((p for p in providers if isinstance(issuer, str) and p.url == issuer), None)
     if provider is None:
         return refuse(401, _unknown_issuer(inputs, issuer, providers, where, chain.backend))
+    # Envoy's order, as the agreement matrix observed it: the times, then the audience, then a missing `exp`.
     exp, nbf = claims.get("exp"), claims.get("nbf")
-    if exp is None:
-        return refuse(401, "the token has no exp: every provider requires one")
     for name, value in (("exp", exp), ("nbf", nbf)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             return refuse(401, f"{name}: token says {json.dumps(value)}, Envoy needs a whole number of seconds")
     if nbf is not None and now + provider.skew < nbf:
         return refuse(401, f"not yet valid: nbf is {nbf - now}s from now, beyond the {provider.skew}s clock skew")
-    if now > exp + provider.skew:
+    if exp is not None and now > exp + provider.skew:
         return refuse(401, f"expired: exp was {now - exp}s ago, beyond the {provider.skew}s clock skew")
     audiences = _audiences(claims.get("aud"))
     if not set(audiences) & set(provider.audiences):
         has = ", ".join(audiences) if audiences else "none"
         needs = " or ".join(provider.audiences)
         return refuse(403, f"audience: token has {has}, {where} needs {needs} (a 403 from jwt_authn)")
+    if exp is None:
+        return refuse(401, "the token has no exp: every provider requires one")
     text = f"token of issuer {provider.name} ({provider.url}) for audience {' or '.join(provider.audiences)}"
     steps.append(Step("jwt_authn", True, text))
     chain.notes.append(SIGNATURE_NOTE)
