@@ -405,7 +405,7 @@ def _rbac(inputs: ExplainInputs, chain: _Chain, claims: Mapping[str, Any], metho
     if allowed:
         chain.steps.append(Step("rbac", True, f"allowed by {', '.join(allowed)}"))
         return _done(chain, ALLOWED, 0, f"allowed by {allowed[0]}", "default", allowed_by=allowed, shadow=shadow)
-    nearest = tuple(sorted((c for c in candidates if c.failures), key=lambda c: (len(c.failures), c.grant))[:NEAREST])
+    nearest = _nearest([c for c in candidates if c.failures])
     if not grants:
         text = f"backend {backend.name} grants nothing to anyone"
     elif nearest:
@@ -415,6 +415,13 @@ def _rbac(inputs: ExplainInputs, chain: _Chain, claims: Mapping[str, Any], metho
     chain.steps.append(Step("rbac", False, text))
     reason = text + (f" ({nearest[0].failures[0].text})" if nearest else "")
     return _done(chain, DENIED, 403, reason, "default", shadow=shadow, nearest=nearest)
+
+
+def _nearest(refusing: list[Candidate]) -> tuple[Candidate, ...]:
+    """Fewest failing conditions first (then by name), at most NEAREST. Grants for another issuer's tokens (the
+    `iss` condition fails: the exchanged credentials' grants, for a GitLab token) only when no other is left."""
+    same_issuer = [c for c in refusing if not any(f.what == "iss" for f in c.failures)]
+    return tuple(sorted(same_issuer or refusing, key=lambda c: (len(c.failures), c.grant))[:NEAREST])
 
 
 def _grants(inputs: ExplainInputs, backend: Backend) -> tuple[Grant, ...]:
