@@ -35,6 +35,7 @@ import pytest
 
 from controlplane.admin.explain import explain_inputs, serve_default_credentials
 from controlplane.cli.explain import decode_token
+from controlplane.cli.main import main
 from controlplane.compiler.names import REVOKED_POLICY
 from controlplane.model.loader import parse_policy
 from controlplane.resolved import evaluate
@@ -44,6 +45,7 @@ from controlplane.resolved.explain import (
     NO_ROUTE,
     REJECTED,
     REVOKED,
+    SIGNATURE_NOTE,
     UNAUTHENTICATED,
     ExplainInputs,
     Request,
@@ -402,12 +404,18 @@ def _revoke(stack: ExplainStack) -> None:
     poll_until(lambda: stack.call("reports.local", token) == 403, 15, message="deny list at the gateway")
 
 
+@pytest.fixture(scope="module")
+def revoked(explain_stack: ExplainStack) -> ExplainStack:
+    """The stack once REVOKED_JOBS are on the deny list, at the server and at the gateway."""
+    _revoke(explain_stack)
+    return explain_stack
+
+
 def test_explain_agrees_with_envoy_on_every_case_of_the_matrix(
-    explain_stack: ExplainStack, monkeypatch: pytest.MonkeyPatch
+    revoked: ExplainStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stack = explain_stack
+    stack = revoked
     assert stack.okta is not None
-    _revoke(stack)
     with FakeOidc(issuer_path="/stranger") as stranger:
         tokens: list[str | None] = [None, *gitlab_tokens(stack.gitlab, stranger), *okta_tokens(stack.okta)]
     asked = requests(stack.listen_port)
@@ -474,6 +482,7 @@ def test_explain_agrees_with_envoy_on_every_case_of_the_matrix(
     assert min(counts[d] for d in (ALLOWED, DENIED, UNAUTHENTICATED, NO_ROUTE)) >= 50, counts
     assert counts[REVOKED] >= len(REVOKED_JOBS)
     assert envoy_seconds + server_seconds < 60
+    assert sum(1 for s in served if s["shadow"]) >= 10  # the dry-run binding would allow some, named as shadow
 
     # The offline answer (the policy directory alone) agrees too, except that it cannot know the deny list.
     inputs = offline_inputs(stack.policy)
@@ -502,3 +511,27 @@ def test_explain_agrees_with_envoy_on_every_case_of_the_matrix(
     broken = {"negation ignored": mutated(negation_ignored), "globs literal": mutated(globs_literal)}
     print(f"mutated evaluations disagree with Envoy on: {broken}")
     assert all(broken.values()), broken
+
+
+def test_the_command_asks_a_running_server_which_knows_the_revoked_jobs(
+    revoked: ExplainStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = revoked
+    deployer = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
+    token = tmp_path / "job.jwt"
+    token.write_text(stack.gitlab.mint(**deployer, aud="https://reports.local", job_id=REVOKED_JOBS[0], ttl=3600))
+    request = ["--token-file", str(token), "--url", f"http://reports.local:{stack.listen_port}/r"]
+    server = ["explain", "--server", f"{LOOPBACK}:{stack.controlplane.admin_port}"]
+    assert stack.call("reports.local", token.read_text()) == 403
+    assert main([*server, *request]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"REVOKED: job {REVOKED_JOBS[0]} is on the deny list") and SIGNATURE_NOTE in out
+    assert main(["explain", str(stack.policy), *request]) == 0  # offline, the deny list is unknown
+    assert "not known offline" in capsys.readouterr().out
+    token.write_text(stack.gitlab.mint(**deployer, aud="https://reports.local", ref_protected=False, ttl=3600))
+    assert stack.call("reports.local", token.read_text()) == 403
+    assert main([*server, *request, "--format", "json"]) == 1
+    answer = json.loads(capsys.readouterr().out)
+    assert (answer["decision"], answer["nearest"][0]["grant"]) == (DENIED, "deployer-reads-reports/reports-read")
+    assert answer["nearest"][0]["failures"][0]["text"] == 'ref_protected: token says "false", binding needs "true"'
+    assert main(["explain", "--server", f"{LOOPBACK}:1", *request]) == 2

@@ -333,6 +333,8 @@ async def test_post_explain_answers_from_the_policy_in_service(
             assert response.status == 400
         async with http.get(url) as response:
             assert response.status == 405
+        async with http.post(url, data=b"{" + b" " * 100_000 + b"}") as response:
+            assert (response.status, await response.text()) == (400, "body over 65536 bytes\n")
     finally:
         await server.stop()
     assert (answer["decision"], answer["status"]) == (REVOKED, 403)
@@ -356,11 +358,14 @@ def test_cli_exit_statuses_text_and_json(tmp_path: Path, capsys: pytest.CaptureF
     assert main([*args, "--url", "http://deploy.local/deployments/1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ALLOWED: allowed by deployer-deploys/deploy-trigger") and SIGNATURE_NOTE in out
+    assert main([*args, "--url", "http://deploy.local/nope"]) == 1
+    assert "exchanged/" not in capsys.readouterr().out  # the exchange's grants are another issuer's: not near
     assert main([*args, "--host", "deploy.local", "--path", "/nope", "--format", "json"]) == 1
     assert json.loads(capsys.readouterr().out)["decision"] == DENIED
     claims = tmp_path / "claims.json"
-    claims.write_text(json.dumps(deployer(exp=2**40, ref_protected="false")))
+    claims.write_text(json.dumps(deployer(exp=2**40, nbf=0, ref_protected="false")))
     assert main(["explain", str(QUICKSTART), "--claims", str(claims), "--host", "deploy.local"]) == 1
+    assert 'ref_protected: token says "false", binding needs "true"' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

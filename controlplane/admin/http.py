@@ -198,7 +198,7 @@ class AdminServer:
         """What the gateways do with the request and claims in the body (controlplane/admin/explain.py). The
         claims are never logged: only the decision, at DEBUG."""
         assert self._explain is not None
-        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        raw = await _bounded_body(request, MAX_BODY_BYTES + 1)
         try:
             claims, asked = parse_body(raw)
             inputs = self._explain()
@@ -218,6 +218,18 @@ class AdminServer:
         elif not query.proxies:
             body.pop("proxies", None)
         return body
+
+
+async def _bounded_body(request: web.Request, limit: int) -> bytes:
+    """At most `limit` bytes of the body (one more than allowed is enough to refuse it), read chunk by chunk:
+    a single `read(n)` returns what has arrived so far, not n bytes."""
+    raw = bytearray()
+    while len(raw) < limit:
+        chunk = await request.content.read(limit - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return bytes(raw)
 
 
 def _encoder(accept: str) -> tuple[Callable[[Collector], bytes], str]:
