@@ -8,11 +8,12 @@ the issuer's clock skew; no `exp`; a project id sent as a number; every conditio
 (project, group, ref, ref_type, ref_protected, environment, pipeline_source and its implicit negation,
 user_login, deployment_tier, user_access_level, another claim through `claims:`, an OIDC list claim, globs and
 lists); revoked jobs (Job Hooks for finished jobs); and requests in and out of the roles' methods and paths,
-a public path, an exchanged-only backend, a backend without grants, an unknown host, a host with a port and
-in capitals, paths the gateway normalizes and one it refuses.
+a public path, an exchanged-only backend, a backend without grants, a wildcard host, an unknown host, a host
+with a port and in capitals, paths the gateway normalizes and one it refuses.
 
-What Envoy decided is read from its own access log (matched by `x-request-id`): its response code details
-tell a jwt_authn refusal from the deny list's from RBAC's, and the route name tells "no virtual host".
+What Envoy decided is read from its own access log (each token's requests come from a loopback address of
+their own, and the log records method, host, path and that address): its response code details tell a
+jwt_authn refusal from the deny list's from RBAC's, and the route name tells "no virtual host".
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ backend: flags-api
 rules: [{methods: [GET], paths: ["/flags/**"]}]
 ---
 kind: Role
+name: wild-read
+backend: wild-api
+rules: [{methods: [GET]}]
+---
+kind: Role
 name: vault-read
 backend: vault-api
 rules: [{methods: [GET]}]
@@ -119,6 +125,7 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
             backend("flags-api", port, audience="api://flags"),
             backend("vault-api", port, extra="credentials: exchanged"),
             backend("empty-api", port),
+            backend("wild-api", port, host='"*.wild.local"', audience="https://reports.local"),
         ),
         "roles.yaml": ROLES,
         "bindings.yaml": documents(
@@ -168,10 +175,11 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
                 extra=gitlab,
             ),
             binding("deployer-vault", ["vault-read"], "{project: 42}", extra=gitlab),
+            binding("web-wild", ["wild-read"], "{project: acme/web/site}", extra=gitlab),
         ),
         "gateway.yaml": gateway(
             given.listen_port,
-            ["reports-api", "deploy-api", "flags-api", "vault-api", "empty-api"],
+            ["reports-api", "deploy-api", "flags-api", "vault-api", "empty-api", "wild-api"],
             access_log=given.access_log,
         ),
     }
@@ -212,6 +220,8 @@ def requests(listen_port: int) -> list[Request]:
         Request("GET", "vault.local", "/v"),
         Request("GET", "empty.local", "/e"),
         Request("GET", "unknown.local", "/x"),
+        Request("GET", "a.wild.local", "/w"),
+        Request("GET", "wild.local", "/w"),
         Request("GET", "reports.local", "/a%2Fb"),
     ]
 

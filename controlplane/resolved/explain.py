@@ -206,31 +206,31 @@ def _gateway(policy: Policy, request: Request) -> tuple[Gateway, list[Step], lis
 
 
 def _virtual_host(policy: Policy, gateway: Gateway, host: str) -> Backend | None:
-    """Envoy's domain match: case-insensitive; exact first, then the longest `*.suffix`, then the longest
-    `prefix*`, then `*`. Each backend host is a domain and `host:*` (any port)."""
+    """Envoy's domain match, case-insensitive: an exact domain, else the longest `*suffix`, else the longest
+    `prefix*` (a wildcard stands for at least one character), else `*`. The compiler gives each backend host
+    two domains, `host` and `host:*` (any port)."""
     wanted = host.lower()
-    fronted = {b.name: b for b in policy.backends if b.name in gateway.backends}
-    domains: list[tuple[str, Backend]] = []
-    for name in sorted(fronted):
-        for h in fronted[name].hosts:
-            domains += [(h.lower(), fronted[name]), (f"{h.lower()}:*", fronted[name])]
-    for domain, backend in domains:
-        if domain == wanted or (domain.endswith(":*") and "*" not in domain[:-2] and _port_match(domain, wanted)):
+    exact: dict[str, Backend] = {}
+    suffixes: list[tuple[str, Backend]] = []
+    prefixes: list[tuple[str, Backend]] = []
+    fronted = sorted((b for b in policy.backends if b.name in gateway.backends), key=lambda b: b.name)
+    for backend in fronted:
+        for domain in (d.lower() for h in backend.hosts for d in (h, f"{h}:*")):
+            if domain.startswith("*"):
+                suffixes.append((domain[1:], backend))
+            elif domain.endswith("*"):
+                prefixes.append((domain[:-1], backend))
+            else:
+                exact.setdefault(domain, backend)
+    if wanted in exact:
+        return exact[wanted]
+    for suffix, backend in sorted(suffixes, key=lambda d: -len(d[0])):
+        if len(wanted) > len(suffix) and wanted.endswith(suffix):
             return backend
-    suffixes = sorted((d for d in domains if d[0].startswith("*")), key=lambda d: -len(d[0]))
-    for domain, backend in suffixes:
-        if len(wanted) > len(domain) - 1 and wanted.endswith(domain[1:]):
+    for prefix, backend in sorted(prefixes, key=lambda d: -len(d[0])):
+        if len(wanted) > len(prefix) and wanted.startswith(prefix):
             return backend
-    prefixes = sorted((d for d in domains if d[0].endswith("*") and not d[0].endswith(":*")), key=lambda d: -len(d[0]))
-    for domain, backend in prefixes:
-        if len(wanted) > len(domain) - 1 and wanted.startswith(domain[:-1]):
-            return backend
-    return next((b for d, b in domains if d == "*"), None)
-
-
-def _port_match(domain: str, host: str) -> bool:
-    name, _, port = host.rpartition(":")
-    return bool(name) and port.isdigit() and name == domain[:-2]
+    return None
 
 
 def normalize_path(path: str) -> str:
