@@ -322,19 +322,28 @@ def explain_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExplainS
 
 
 class Pool:
-    """One keep-alive connection per worker thread, to one address."""
+    """One keep-alive connection per worker thread, to one address; `close` closes them all."""
 
     def __init__(self, port: int) -> None:
         self._port = port
         self._local = threading.local()
+        self._opened: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
 
     def send(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, bytes]:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = http.client.HTTPConnection(LOOPBACK, self._port, timeout=10)
+            with self._lock:
+                self._opened.append(connection)
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.read()
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._opened:
+                connection.close()
 
 
 def client_address(index: int) -> str:
@@ -460,6 +469,7 @@ def test_explain_agrees_with_envoy_on_every_case_of_the_matrix(
     envoy_seconds = time.monotonic() - started
     with ThreadPoolExecutor(6) as workers:
         served = list(workers.map(through_server, cases))
+    admin.close()
     server_seconds = time.monotonic() - started - envoy_seconds
 
     entries: dict[int, dict[str, Any]] = {}
@@ -545,3 +555,80 @@ def test_the_command_asks_a_running_server_which_knows_the_revoked_jobs(
     assert (answer["decision"], answer["nearest"][0]["grant"]) == (DENIED, "deployer-reads-reports/reports-read")
     assert answer["nearest"][0]["failures"][0]["text"] == 'ref_protected: token says "false", binding needs "true"'
     assert main(["explain", "--server", f"{LOOPBACK}:1", *request]) == 2
+
+
+# -- a server watching GitLab answers with GitLab's state as it is now
+
+
+def live_policy(given: PolicyInputs) -> str:
+    return documents(
+        issuer(given.issuer, extra="api:\n  token_env: GITLAB_TOKEN\n  reconcile: 10s"),
+        backend("reports-api", given.ports["echo"]),
+        "kind: Role\nname: reports-read\nbackend: reports-api\nrules: [{methods: [GET]}]\n",
+        binding("deployer-reads-reports", ["reports-read"], "{project: acme/platform/deployer, ref_protected: true}"),
+        gateway(given.listen_port, ["reports-api"]),
+    )
+
+
+@dataclass
+class LiveStack(Served):
+    deployer: int = 0
+
+    def token(self, **claims: Any) -> str:
+        base = {"project_id": self.deployer, "project_path": "acme/platform/deployer", "namespace_id": 11}
+        return self.gitlab.mint(**base, aud="https://reports.local", ttl=3600, **claims)
+
+    def both(self, token: str) -> tuple[int, dict[str, Any]]:
+        """Envoy's status and the server's explanation of GET reports.local/r with `token`."""
+        body = {"claims": decode_token(token), "method": "GET", "host": "reports.local", "path": "/r"}
+        pool = Pool(self.controlplane.admin_port)
+        try:
+            status, answer = pool.send(
+                "POST", "/explain", {"Content-Type": "application/json"}, json.dumps(body).encode()
+            )
+        finally:
+            pool.close()
+        assert status == 200, answer
+        return self.call("reports.local", token), dict(json.loads(answer))
+
+
+@pytest.fixture(scope="module")
+def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    from tests.support.stack import EnvoySpec
+
+    with FakeGitLab() as gitlab:
+        deployer = gitlab.add_project("acme/platform/deployer", branches=["main", "feature"])
+        with serve_stack(
+            tmp_path_factory.mktemp("explain-live"),
+            live_policy,
+            kind=LiveStack,
+            envoy=EnvoySpec("explain-live-1", "explain-live-envoy"),
+            backends=("echo",),
+            gitlab=gitlab,
+            gitlab_token=True,
+            webhook=True,
+        ) as built:
+            built.deployer = deployer
+            poll_until(lambda: built.both(built.token())[0] == 200, 20, message="the deployer reads reports")
+            yield built
+
+
+def test_a_server_watching_gitlab_explains_with_gitlab_as_it_is_now(live_stack: LiveStack) -> None:
+    stack = live_stack
+    status, answer = stack.both(stack.token())
+    assert (status, answer["decision"], answer["allowed_by"]) == (200, ALLOWED, ["deployer-reads-reports/reports-read"])
+    # The token says its branch is protected; GitLab protects only main: the subject was narrowed to main.
+    status, answer = stack.both(stack.token(ref="feature", ref_protected=True))
+    assert (status, answer["decision"]) == (403, DENIED)
+    texts = [f["text"] for f in answer["nearest"][0]["failures"]]
+    assert texts == ['ref: token says "feature", binding needs "main"'], texts
+    stack.gitlab.archive_project(stack.deployer)
+    try:
+        poll_until(lambda: stack.both(stack.token())[0] == 403, 10, message="archived project denied")
+        status, answer = stack.both(stack.token())
+        assert (status, answer["decision"]) == (403, DENIED)
+        (withdrawn,) = [f["text"] for f in answer["nearest"][0]["failures"]]
+        assert withdrawn.startswith(f"GitLab withdrew access: project acme/platform/deployer (id {stack.deployer})")
+        assert "is archived (policy.yaml:" in withdrawn
+    finally:
+        stack.gitlab.archive_project(stack.deployer, archived=False)
