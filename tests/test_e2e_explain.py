@@ -7,7 +7,7 @@ know, every audience of the gateway, a wrong one, none and a list; expired and n
 the issuer's clock skew; no `exp`; a project id sent as a number; every condition kind of the policy language
 (project, group, ref, ref_type, ref_protected, environment, pipeline_source and its implicit negation,
 user_login, deployment_tier, user_access_level, another claim through `claims:`, an OIDC list claim, globs and
-lists); revoked jobs (Job Hooks for finished jobs); and requests in and out of the roles' methods and paths,
+lists); the control plane's exchanged credentials; revoked jobs (Job Hooks for finished jobs); and requests in and out of the roles' methods and paths,
 a public path, an exchanged-only backend, a backend without grants, a wildcard host, an unknown host, a host
 with a port and in capitals, paths the gateway normalizes and one it refuses.
 
@@ -294,6 +294,21 @@ def okta_tokens(okta: FakeOidc) -> list[str]:
     return [okta.mint(groups=g, email=e, aud=a, ttl=3600) for g, e, a in itertools.product(groups, emails, audiences)]
 
 
+def exchanged_credentials(stack: Served) -> list[str]:
+    """The control plane's own credentials for the deployer's job, one per backend it may reach, exchanged
+    through the gateway as a job does: their issuer, audiences and `exchanged/<role>` grants (the only way into
+    the exchanged-only backend)."""
+    out = []
+    for audience, host in (("reports-api", "reports"), ("deploy-api", "deploy"), ("vault-api", "vault")):
+        subject = stack.gitlab.mint(
+            project_id=42, project_path="acme/platform/deployer", namespace_id=11, aud=f"https://{host}.local", ttl=3600
+        )
+        response = stack.exchange(subject, audience=audience)
+        assert response.status == 200, response.text
+        out.append(str(response.json()["access_token"]))
+    return out
+
+
 @dataclass
 class ExplainStack(Served):
     okta: FakeOidc | None = None
@@ -437,6 +452,7 @@ def test_explain_agrees_with_envoy_on_every_case_of_the_matrix(
     assert stack.okta is not None
     with FakeOidc(issuer_path="/stranger") as stranger:
         tokens: list[str | None] = [None, *gitlab_tokens(stack.gitlab, stranger), *okta_tokens(stack.okta)]
+    tokens += exchanged_credentials(stack)
     asked = requests(stack.listen_port)
     cases = [
         Case(client_address(n), token, decode_token(token) if token else None, request)
@@ -503,6 +519,8 @@ def test_explain_agrees_with_envoy_on_every_case_of_the_matrix(
     assert counts[REVOKED] >= len(REVOKED_JOBS)
     assert envoy_seconds + server_seconds < 60
     assert sum(1 for s in served if s["shadow"]) >= 10  # the dry-run binding would allow some, named as shadow
+    vault = [o for c, o in zip(cases, observed, strict=True) if c.request.host == "vault.local"]
+    assert ALLOWED in vault and UNAUTHENTICATED in vault  # exchanged credentials only
 
     # The offline answer (the policy directory alone) agrees too, except that it cannot know the deny list.
     inputs = offline_inputs(stack.policy)
