@@ -7,9 +7,10 @@ know, every audience of the gateway, a wrong one, none and a list; expired and n
 the issuer's clock skew; no `exp`; a project id sent as a number; every condition kind of the policy language
 (project, group, ref, ref_type, ref_protected, environment, pipeline_source and its implicit negation,
 user_login, deployment_tier, user_access_level, another claim through `claims:`, an OIDC list claim, globs and
-lists); the control plane's exchanged credentials; revoked jobs (Job Hooks for finished jobs); and requests in and out of the roles' methods and paths,
-a public path, an exchanged-only backend, a backend without grants, a wildcard host, an unknown host, a host
-with a port and in capitals, paths the gateway normalizes and one it refuses.
+lists); the control plane's exchanged credentials; revoked jobs (Job Hooks for finished jobs); and requests in
+and out of the roles' methods and paths, a public path, an exchanged-only backend, a backend without grants, a
+wildcard host, an unknown host, a host with a port and in capitals, paths the gateway normalizes and one it
+refuses. A second stack watches GitLab through its API: a server explains with GitLab's state as it is now.
 
 What Envoy decided is read from its own access log (each token's requests come from a loopback address of
 their own, and the log records method, host, path and that address): its response code details tell a
