@@ -144,16 +144,16 @@ def _parser() -> argparse.ArgumentParser:
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
 
+    compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
+    compile_.add_argument("policy", type=Path)
+    compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
+    _add_limit_arguments(compile_)
+
     explain = commands.add_parser("explain", help="why is a request allowed or denied? (exit 0 yes, 1 no, 2 usage)")
     from controlplane.cli.explain import add_arguments as add_explain_arguments
 
     add_explain_arguments(explain)
     _add_limit_arguments(explain)
-
-    compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
-    compile_.add_argument("policy", type=Path)
-    compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
-    _add_limit_arguments(compile_)
 
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
@@ -793,6 +793,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from controlplane.cli.explain import run_explain
+
+    return run_explain(args, _limits(args))
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
     from controlplane.cli.environment import run_healthcheck
 
@@ -805,12 +811,6 @@ def _diff(args: argparse.Namespace) -> int:
     return run_diff(args, _limits(args))
 
 
-def _explain(args: argparse.Namespace) -> int:
-    from controlplane.cli.explain import run_explain
-
-    return run_explain(args, _limits(args))
-
-
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -820,9 +820,9 @@ def _audit(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
-    "explain": _explain,
     "validate": _validate,
     "compile": _compile,
+    "explain": _explain,
     "serve": _serve,
     "status": _status,
     "bootstrap": _bootstrap,
