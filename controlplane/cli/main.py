@@ -149,12 +149,6 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", type=Path, required=True, help="directory to (re)write, e.g. snapshots/NAME")
     _add_limit_arguments(compile_)
 
-    explain = commands.add_parser("explain", help="why is a request allowed or denied? (exit 0 yes, 1 no, 2 usage)")
-    from controlplane.cli.explain import add_arguments as add_explain_arguments
-
-    add_explain_arguments(explain)
-    _add_limit_arguments(explain)
-
     serve = commands.add_parser("serve", help="run the ADS server on a watched policy directory")
     serve.add_argument(
         "--policy", type=Path, default=Path(DEFAULT_POLICY), help="policy directory (env CONTROLPLANE_POLICY)"
@@ -416,6 +410,12 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
+
+    explain = commands.add_parser("explain", help="why is a request allowed or denied? (exit 0 yes, 1 no, 2 usage)")
+    from controlplane.cli.explain import add_arguments as add_explain_arguments
+
+    add_explain_arguments(explain)
+    _add_limit_arguments(explain)
 
     healthcheck = commands.add_parser("healthcheck", help="exit 0 if a running serve's /healthz answers (probes)")
     add_healthcheck_arguments(healthcheck, _host_port, admin_address)
