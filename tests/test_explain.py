@@ -18,6 +18,7 @@ import pytest
 from controlplane.admin.explain import BadExplainRequest, explain_inputs, parse_body, serve_default_credentials
 from controlplane.admin.http import AdminServer
 from controlplane.cli.main import main
+from controlplane.model.inventory import Inventory, Project, Ref
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Mode
 from controlplane.resolved import evaluate
@@ -40,7 +41,6 @@ from controlplane.resolved.explain import (
 )
 from controlplane.resolved.index import Resolution
 from controlplane.sources.policy_dir import read_policy_dir
-from tests.test_resolved import LIVE_PINS, _live
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -175,8 +175,18 @@ def test_revoked_jobs_are_denied_whatever_their_grants_and_unknown_offline() -> 
 
 
 def test_gitlab_withdrawing_a_project_is_named_with_its_place_in_the_policy() -> None:
-    policy = _live(parse_policy(read_policy_dir(ROOT / "examples" / "gitlab-state")))
-    given = ExplainInputs(policy, Resolution().update(policy, LIVE_PINS))
+    policy = parse_policy(read_policy_dir(ROOT / "examples" / "gitlab-state"))
+    (issuer,) = policy.issuers
+    assert issuer.inventory is not None
+    main_branch = (Ref("main", "branch", True),)
+    projects = (
+        Project(42, "acme/platform/deployer", 11, refs=main_branch),
+        Project(43, "acme/web/frontend", 12, refs=main_branch),
+        Project(44, "acme/platform/legacy", 11, archived=True, refs=main_branch),
+    )
+    live = Inventory(projects, issuer.inventory.groups, fetched_at=1.0)  # as GitLab's API reports it now
+    policy = replace(policy, issuers=(replace(issuer, inventory=live),))
+    given = ExplainInputs(policy, Resolution().update(policy))
     claims = {"iss": "https://gitlab.example.com", "exp": NOW + 60, "project_id": "44", "namespace_id": "11"}
     claims |= {"aud": policy.backends[0].audience, "ref": "main", "ref_protected": "true", "pipeline_source": "push"}
     answer = ask(claims, Request("GET", "artifacts.internal.example.com", "/artifacts/x"), given)
@@ -391,3 +401,13 @@ def test_cli_refuses_what_is_not_a_jwt_without_echoing_it(tmp_path: Path, capsys
     assert main(["explain", str(QUICKSTART), "--token-file", str(token), "--host", "h"]) == 2
     err = capsys.readouterr().err
     assert "not a JWT" in err and "maybe-a-secret" not in err
+
+
+def test_cli_reads_the_token_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    stdin = io.TextIOWrapper(io.BytesIO(_token(deployer(exp=2**40, nbf=0, aud="x")).encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["explain", str(QUICKSTART), "--token-file", "-", "--url", "http://deploy.local/deployments/1"]) == 1
+    assert capsys.readouterr().out.startswith("UNAUTHENTICATED: audience: token has x, backend deploy-api needs")
