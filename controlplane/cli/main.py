@@ -423,6 +423,12 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
 
+    explain = commands.add_parser("explain", help="why is a request allowed or denied? (exit 0 yes, 1 no, 2 usage)")
+    from controlplane.cli.explain import add_arguments as add_explain_arguments
+
+    add_explain_arguments(explain)
+    _add_limit_arguments(explain)
+
     healthcheck = commands.add_parser("healthcheck", help="exit 0 if a running serve's /healthz answers (probes)")
     add_healthcheck_arguments(healthcheck, _host_port, admin_address)
 
@@ -799,6 +805,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from controlplane.cli.explain import run_explain
+
+    return run_explain(args, _limits(args))
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
     from controlplane.cli.environment import run_healthcheck
 
@@ -835,6 +847,7 @@ _COMMANDS = {
     "report": _report,
     "validate": _validate,
     "compile": _compile,
+    "explain": _explain,
     "serve": _serve,
     "status": _status,
     "bootstrap": _bootstrap,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import __version__
+from controlplane.admin.explain import explain_inputs
 from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
@@ -42,6 +43,7 @@ from controlplane.credentials.revocation_store_pg import TOPIC as REVOCATIONS_TO
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.resolved.explain import ExplainInputs
 from controlplane.runtime.event_router import POLICY_TOPIC, EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
@@ -285,6 +287,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         host=options.admin_host,
         port=options.admin_port,
         limits=options.admin_limits,
+        explain=lambda: _explain_inputs(policy),
     )
     # Registered before the xDS server's stop, so /readyz and /metrics still answer while the streams drain.
     parts.on_stop(admin.stop, name="admin server")
@@ -380,6 +383,14 @@ def _announcer(pool: StorePool | None, topic: str) -> Callable[[], Awaitable[Non
             await publish(conn, topic)
 
     return announce
+
+
+def _explain_inputs(policy: PolicyService) -> ExplainInputs | None:
+    """`POST /explain` reads the policy in service with its live state, deny list and credentials."""
+    current = policy.in_service
+    if current is None:
+        return None
+    return explain_inputs(*current, policy.credentials(), revocations_known=True)
 
 
 def _not_ready(policy: PolicyService, stores: SharedStores, unready_after: float) -> str | None:

@@ -1,0 +1,201 @@
+"""`controlplane explain`: why a request was (or would be) allowed or denied, in words and as JSON.
+
+The token comes from a file or stdin, never the command line (argv is visible to every user of the machine);
+it is decoded here and its signature is NOT checked (Envoy checks it): only its claims are used, and only the
+claims are sent to a server. Against a policy directory the answer is the policy's alone (no GitLab live state
+beyond the files, no deny list); `--server` asks a running serve, which answers with its policy in service,
+GitLab's live state and its revoked jobs (`POST /explain` on its admin port).
+
+Exit status: 0 allowed, 1 refused (denied, revoked, unauthenticated, no route, rejected), 2 a usage or input
+error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from controlplane.model.errors import PolicyInvalid
+from controlplane.resolved.explain import ExplainError, Request, document, explain, text_lines
+from controlplane.sources.policy_dir import ReadLimits
+
+EXIT_ALLOWED, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+SERVER_TIMEOUT = 10.0
+MAX_INPUT_BYTES = 64 * 1024
+
+EPILOG = """\
+exit status: 0 allowed, 1 refused (denied, revoked, unauthenticated, no route, rejected), 2 usage or input error.
+The token's signature is not checked (Envoy checks it); offline, revoked jobs and GitLab's live state are unknown:
+ask a running server with --server. JSON output: docs/explain.md."""
+
+
+class InputError(Exception):
+    """A token, claims file or request that cannot be read: exit 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("policy", type=Path, nargs="?", help="policy directory (or ask a running server: --server)")
+    parser.add_argument("--server", metavar="HOST:PORT", help="a running serve's admin address (its live state)")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token-file", metavar="PATH", help="the JWT, from a file or - for stdin (never argv)")
+    token.add_argument("--claims", metavar="FILE", help="the token's claims as a JSON object, from a file or -")
+    parser.add_argument("--method", default="GET", help="HTTP method (default GET)")
+    parser.add_argument("--host", help="the Host header the job sent")
+    parser.add_argument("--path", help="the request path (default /)")
+    parser.add_argument("--url", help="instead of --host/--path: http://HOST[:PORT]/PATH (the port picks a gateway)")
+    parser.add_argument("--gateway", help="the gateway group the request reaches (default: the one fronting it)")
+    parser.add_argument(
+        "--no-exchange", action="store_true", help="offline: serve runs with --no-exchange (no exchanged credentials)"
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+
+
+def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
+    try:
+        if (args.policy is None) == (args.server is None):
+            raise InputError("give a policy directory or --server HOST:PORT (one of them)")
+        claims = read_claims(args)
+        request = build_request(args)
+        if args.server is not None:
+            doc = _ask_server(args.server, claims, request)
+        else:
+            doc = _ask_offline(args.policy, limits, claims, request, exchange=not args.no_exchange)
+    except InputError as error:
+        print(f"controlplane explain: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.format == "json":
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        for line in text_lines(doc):
+            print(line)
+    return EXIT_ALLOWED if doc["allowed"] else EXIT_REFUSED
+
+
+def _read(source: str) -> str:
+    try:
+        raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1) if source == "-" else _read_file(Path(source))
+    except OSError as error:
+        raise InputError(f"{source}: {error.strerror or error}") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InputError(f"{source}: over {MAX_INPUT_BYTES} bytes")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not UTF-8 text") from None
+
+
+def _read_file(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(MAX_INPUT_BYTES + 1)
+
+
+def read_claims(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The claims of `--token-file` (decoded, not verified) or `--claims`; None: the request has no token."""
+    if args.token_file is not None:
+        return decode_token(_read(args.token_file))
+    if args.claims is not None:
+        try:
+            claims = json.loads(_read(args.claims))
+        except ValueError as error:
+            raise InputError(f"{args.claims}: not JSON ({error})") from None
+        if not isinstance(claims, dict):
+            raise InputError(f"{args.claims}: the claims must be a JSON object")
+        return claims
+    return None
+
+
+def decode_token(text: str) -> dict[str, Any]:
+    """The payload of a compact JWS (`Bearer ` prefix and whitespace tolerated). Never echoes the token."""
+    token = text.strip().removeprefix("Bearer ").strip()
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        raise InputError("the token is not a JWT (header.payload.signature)")
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError):
+        raise InputError("the token's payload is not base64url JSON") from None
+    if not isinstance(claims, dict):
+        raise InputError("the token's payload is not a JSON object")
+    return claims
+
+
+def build_request(args: argparse.Namespace) -> Request:
+    port = None
+    if args.url is not None:
+        if args.host is not None or args.path is not None:
+            raise InputError("--url replaces --host and --path: give one or the other")
+        parts = urlsplit(args.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InputError(f"--url must be http://HOST[:PORT]/PATH, got {args.url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise InputError(f"--url has a bad port: {args.url!r}") from None
+        host = parts.netloc.rpartition("@")[2]
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    else:
+        if args.host is None:
+            raise InputError("give --host (or --url)")
+        host, path = args.host, args.path or "/"
+    if not path.startswith("/"):
+        raise InputError(f"the path must start with '/', got {path!r}")
+    return Request(args.method, host, path, args.gateway, port)
+
+
+def _ask_offline(
+    policy_dir: Path, limits: ReadLimits, claims: dict[str, Any] | None, request: Request, *, exchange: bool
+) -> dict[str, Any]:
+    from controlplane.admin.explain import explain_inputs, serve_default_credentials
+    from controlplane.model.loader import parse_policy
+    from controlplane.resolved.index import Resolution
+    from controlplane.sources.policy_dir import read_policy_dir
+
+    try:
+        policy = parse_policy(read_policy_dir(policy_dir, limits))
+        resolved = Resolution().update(policy)
+    except PolicyInvalid as invalid:
+        for line in invalid.lines():
+            print(line, file=sys.stderr)
+        raise InputError(f"{policy_dir}: invalid policy ({invalid.total} error(s))") from None
+    except OSError as error:
+        raise InputError(f"{policy_dir}: {error}") from None
+    inputs = explain_inputs(policy, resolved, serve_default_credentials(exchange), revocations_known=False)
+    try:
+        return document(explain(inputs, claims, request, int(time.time())))
+    except ExplainError as error:
+        raise InputError(str(error)) from None
+
+
+def _ask_server(address: str, claims: dict[str, Any] | None, request: Request) -> dict[str, Any]:
+    body: dict[str, Any] = {"claims": claims, "method": request.method, "host": request.host, "path": request.path}
+    if request.gateway is not None:
+        body["gateway"] = request.gateway
+    if request.port is not None:
+        body["port"] = request.port
+    url = f"http://{address}/explain"
+    sent = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(sent, timeout=SERVER_TIMEOUT) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace").strip()
+        raise InputError(f"{address}: {error.code} {text}") from None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise InputError(f"{address}: {getattr(error, 'reason', error)}") from None
+    if not isinstance(answer, dict) or "decision" not in answer:
+        raise InputError(f"{address}: not an explain answer")
+    return answer

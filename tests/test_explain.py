@@ -1,0 +1,413 @@
+"""`controlplane explain` without Envoy: each step's refusal and its words, the nearest grants' order, the JSON
+shape, the admin endpoint's strict body, and the command line (exit statuses, token never on argv).
+
+That the decisions are Envoy's own is tests/test_e2e_explain.py's matrix; here, what a developer reads."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.admin.explain import BadExplainRequest, explain_inputs, parse_body, serve_default_credentials
+from controlplane.admin.http import AdminServer
+from controlplane.cli.main import main
+from controlplane.model.inventory import Inventory, Project, Ref
+from controlplane.model.loader import parse_policy
+from controlplane.model.policy import Mode
+from controlplane.resolved import evaluate
+from controlplane.resolved.conditions import Condition
+from controlplane.resolved.explain import (
+    ALLOWED,
+    DENIED,
+    NO_ROUTE,
+    REJECTED,
+    REVOKED,
+    SIGNATURE_NOTE,
+    UNAUTHENTICATED,
+    ExplainError,
+    ExplainInputs,
+    Explanation,
+    Request,
+    document,
+    explain,
+    text_lines,
+)
+from controlplane.resolved.index import Resolution
+from controlplane.sources.policy_dir import read_policy_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "examples" / "quickstart"
+NOW = 1_800_000_000
+GITLAB = "http://127.0.0.1:8090"
+OKTA = "https://example.okta.com/oauth2/default"
+
+
+def inputs(example: str = "quickstart", **more: Any) -> ExplainInputs:
+    policy = parse_policy(read_policy_dir(ROOT / "examples" / example))
+    return ExplainInputs(policy, Resolution().update(policy), **more)
+
+
+def deployer(**claims: Any) -> dict[str, Any]:
+    """The quickstart's deployer on its protected main branch, for the deploy backend, valid for an hour."""
+    base = {"iss": GITLAB, "aud": "https://deploy.local", "exp": NOW + 3600, "nbf": NOW - 5, "project_id": "42"}
+    base |= {"namespace_id": "11", "ref": "main", "ref_type": "branch", "ref_protected": "true"}
+    base |= {"pipeline_source": "push", "job_id": "7001"}
+    return base | claims
+
+
+DEPLOY = Request("POST", "deploy.local", "/deployments/1")
+
+
+def ask(claims: dict[str, Any] | None, request: Request = DEPLOY, given: ExplainInputs | None = None) -> Explanation:
+    return explain(given or inputs(), claims, request, NOW)
+
+
+def words(answer: Explanation) -> list[str]:
+    return [f.text for c in answer.nearest for f in c.failures]
+
+
+# -- each refusal, in words
+
+
+def test_allowed_names_the_grant_and_says_the_signature_is_not_checked() -> None:
+    answer = ask(deployer())
+    assert (answer.decision, answer.status, answer.allowed_by) == (ALLOWED, 0, ("deployer-deploys/deploy-trigger",))
+    assert SIGNATURE_NOTE in answer.notes
+    assert [s.name for s in answer.steps] == ["gateway", "virtual_host", "route", "jwt_authn", "revocations", "rbac"]
+
+
+def test_ref_protected_false_is_the_failing_condition_in_the_words_of_the_issue() -> None:
+    answer = ask(deployer(ref_protected="false"))
+    assert (answer.decision, answer.status) == (DENIED, 403)
+    assert words(answer)[0] == 'ref_protected: token says "false", binding needs "true"'
+    assert answer.nearest[0].failures[0].condition == "ref_protected = true"
+
+
+def with_binding(name: str, **changes: Any) -> ExplainInputs:
+    """The quickstart with one more binding: a copy of deployer-deploys, its subject changed."""
+    policy = inputs().policy
+    deploys = next(b for b in policy.bindings if b.name == "deployer-deploys")
+    subject = replace(deploys.subjects[0], **changes.pop("subject", {}))
+    added = replace(deploys, name=name, subjects=(subject,), **changes)
+    bigger = replace(policy, bindings=(*policy.bindings, added))
+    return ExplainInputs(bigger, Resolution().update(bigger))
+
+
+def test_a_list_of_projects_a_glob_a_negation_an_absent_and_a_numeric_claim_are_spelled_out() -> None:
+    given = with_binding("two", subject={"projects": (1, 2)})
+    two = next(c for c in ask(deployer(project_id="7"), given=given).nearest if c.grant == "two/deploy-trigger")
+    assert [f.text for f in two.failures] == ['project_id: token says "7", binding needs one of [1, 2]']
+    said = words(ask(deployer(pipeline_source="merge_request_event", ref="dev", ref_type=None)))
+    assert 'pipeline_source: token says "merge_request_event", binding needs "push"' in said
+    assert 'ref: token says "dev", binding needs "main"' in said
+    assert 'ref_type: token says null (not a string: Envoy matches strings only), binding needs "branch"' in said
+    numeric = words(ask(deployer(project_id=42)))
+    assert 'project_id: token says 42 (a number: Envoy matches strings only), binding needs "42"' in numeric
+    absent = {k: v for k, v in deployer().items() if k != "ref_protected"}
+    assert 'ref_protected: the token has no such claim, binding needs "true"' in words(ask(absent))
+
+
+def test_globs_negation_and_oidc_list_claims() -> None:
+    from controlplane.resolved.explain import _failure
+
+    glob = Condition("ref", ("release/*",))
+    assert (
+        _failure(glob, {"ref": "dev"}).text
+        == 'ref: token says "dev", binding needs "release/*" (* matches within one path segment)'
+    )
+    negated = Condition("pipeline_source", ("merge_request_event",), negated=True)
+    text = _failure(negated, {"pipeline_source": "merge_request_event"}).text
+    assert text == 'pipeline_source: token says "merge_request_event", binding needs anything but "merge_request_event"'
+    okta = {"iss": OKTA, "aud": "api://feature-flags", "exp": NOW + 60, "groups": ["eng"], "email": "a@example.com"}
+    answer = ask(okta, Request("GET", "flags.internal.example.com", "/flags/x"), inputs("gitlab-and-oidc"))
+    assert answer.decision == DENIED
+    assert (
+        'groups: token has ["eng"], binding needs a string, or list holding one, equal to "platform-admins"'
+        in words(answer)
+    )
+
+
+def test_method_and_path_outside_every_rule_count_as_failures() -> None:
+    answer = ask(deployer(), Request("DELETE", "deploy.local", "/elsewhere"))
+    assert answer.decision == DENIED
+    assert words(answer) == [
+        "method: request is DELETE, role deploy-trigger allows POST",
+        "path: request is /elsewhere, role deploy-trigger allows /deployments/**",
+    ]
+
+
+def test_jwt_authn_refusals_and_the_clock_skew() -> None:
+    assert ask(None).reason.startswith("no token")
+    assert (ask(None).decision, ask(None).status) == (UNAUTHENTICATED, 401)
+    wrong = ask(deployer(aud="https://reports.local"))
+    assert (wrong.status, wrong.reason) == (
+        403,
+        "audience: token has https://reports.local, backend deploy-api needs https://deploy.local"
+        " (a 403 from jwt_authn)",
+    )
+    stranger = ask(deployer(iss="https://elsewhere.example"))
+    assert stranger.status == 401 and stranger.reason.startswith('issuer: token says "https://elsewhere.example"')
+    assert ask(deployer(exp=NOW - 31)).reason == "expired: exp was 31s ago, beyond the 30s clock skew"
+    assert ask(deployer(exp=NOW - 30)).decision == ALLOWED  # within the skew
+    assert ask(deployer(nbf=NOW + 31)).reason == "not yet valid: nbf is 31s from now, beyond the 30s clock skew"
+    assert ask(deployer(nbf=NOW + 30)).decision == ALLOWED
+    no_exp = {k: v for k, v in deployer().items() if k != "exp"}
+    assert (ask(no_exp).status, ask(no_exp).reason) == (401, "the token has no exp: every provider requires one")
+    # Envoy checks the audience first (observed by the agreement matrix)
+    assert ask(no_exp | {"aud": "x"}).status == 403
+
+
+def test_revoked_jobs_are_denied_whatever_their_grants_and_unknown_offline() -> None:
+    offline = ask(deployer())
+    assert any(s.name == "revocations" and "not known offline" in s.text for s in offline.steps)
+    known = inputs(revoked=frozenset({"7001"}), revocations_known=True)
+    answer = ask(deployer(), given=known)
+    assert (answer.decision, answer.status) == (REVOKED, 403)
+    assert "job 7001 is on the deny list" in answer.reason
+    assert ask(deployer(job_id=7001), given=known).decision == ALLOWED  # a number never matches the deny list
+
+
+def test_gitlab_withdrawing_a_project_is_named_with_its_place_in_the_policy() -> None:
+    policy = parse_policy(read_policy_dir(ROOT / "examples" / "gitlab-state"))
+    (issuer,) = policy.issuers
+    assert issuer.inventory is not None
+    main_branch = (Ref("main", "branch", True),)
+    projects = (
+        Project(42, "acme/platform/deployer", 11, refs=main_branch),
+        Project(43, "acme/web/frontend", 12, refs=main_branch),
+        Project(44, "acme/platform/legacy", 11, archived=True, refs=main_branch),
+    )
+    live = Inventory(projects, issuer.inventory.groups, fetched_at=1.0)  # as GitLab's API reports it now
+    policy = replace(policy, issuers=(replace(issuer, inventory=live),))
+    given = ExplainInputs(policy, Resolution().update(policy))
+    claims = {"iss": "https://gitlab.example.com", "exp": NOW + 60, "project_id": "44", "namespace_id": "11"}
+    claims |= {"aud": policy.backends[0].audience, "ref": "main", "ref_protected": "true", "pipeline_source": "push"}
+    answer = ask(claims, Request("GET", "artifacts.internal.example.com", "/artifacts/x"), given)
+    assert answer.decision == DENIED
+    legacy = next(c for c in answer.nearest if c.grant == "legacy-reads/artifacts-read")
+    assert [f.text for f in legacy.failures] == [
+        "GitLab withdrew access: project acme/platform/legacy (id 44) is archived (bindings.yaml:24)"
+    ]
+
+
+def test_shadow_grants_that_would_allow_are_named_as_shadow() -> None:
+    given = with_binding("any-ref-dry-run", mode=Mode.SHADOW, subject={"claims": ()})
+    answer = ask(deployer(ref_protected="false"), given=given)
+    assert answer.decision == DENIED
+    assert answer.shadow == ("any-ref-dry-run/deploy-trigger",)
+    assert any("shadow binding(s) would allow it" in n for n in answer.notes)
+    shown = next(c for c in answer.nearest if c.grant == "deployer-deploys/deploy-trigger")
+    assert shown.mode == "enforce"
+
+
+# -- routing
+
+
+def test_unknown_host_public_path_exchange_escaped_slash_and_normalized_paths() -> None:
+    unknown = ask(deployer(), Request("GET", "nowhere.local", "/x"))
+    assert (unknown.decision, unknown.status, unknown.backend) == (NO_ROUTE, 403, None)
+    assert ask(None, Request("GET", "nowhere.local", "/x")).status == 401  # jwt_authn's listener-wide rule first
+    public = ask(None, Request("GET", "reports.local", "/healthz"))
+    assert (public.decision, public.route) == (ALLOWED, "public")
+    exchange = explain(
+        explain_inputs(inputs().policy, inputs().resolved, serve_default_credentials(True), revocations_known=False),
+        None,
+        Request("POST", "reports.local", "/.controlplane/token"),
+        NOW,
+    )
+    assert (exchange.decision, exchange.route) == (ALLOWED, "exchange")
+    assert ask(deployer(), Request("POST", "deploy.local", "/deployments%2F1")).decision == REJECTED
+    normalized = ask(deployer(), Request("POST", "deploy.local", "/x/..//deployments/1?q=1"))
+    assert normalized.decision == ALLOWED and "the gateway normalizes the path to /deployments/1" in normalized.notes
+    assert ask(deployer(), Request("POST", "DEPLOY.local:10000", "/deployments/1")).backend == "deploy-api"
+
+
+def test_gateway_by_name_or_port_and_an_unknown_one_is_a_usage_error() -> None:
+    assert ask(deployer(), DEPLOY._replace(port=10000)).steps[0].text == "gateway ci-gateway listens on port 10000"
+    with pytest.raises(ExplainError, match="no gateway 'nope'"):
+        ask(deployer(), DEPLOY._replace(gateway="nope"))
+
+
+# -- nearest bindings, JSON
+
+
+def test_nearest_grants_fewest_failures_first_at_most_three() -> None:
+    given = inputs()
+    for i in (9, 8, 7):
+        base = with_binding(f"b{i}", subject={"projects": (i,)})
+        policy = replace(given.policy, bindings=(*given.policy.bindings, base.policy.bindings[-1]))
+        given = ExplainInputs(policy, Resolution().update(policy))
+    answer = ask(deployer(ref_protected="false", project_id="9"), given=given)
+    assert [(c.grant, len(c.failures)) for c in answer.nearest] == [
+        ("b9/deploy-trigger", 1),
+        ("b7/deploy-trigger", 2),
+        ("b8/deploy-trigger", 2),
+    ]  # deployer-deploys fails twice too (project, ref_protected): fourth by name, not shown
+
+
+def test_json_document_shape_is_stable() -> None:
+    doc = document(ask(deployer(ref_protected="false")))
+    assert list(doc) == [
+        "decision", "allowed", "status", "reason", "gateway", "backend", "route", "steps", "allowed_by", "shadow",
+        "nearest", "notes",
+    ]  # fmt: skip
+    assert doc["steps"][0] == {"step": "gateway", "ok": True, "text": "gateway ci-gateway: fronts that host"}
+    assert doc["nearest"][0] == {
+        "grant": "deployer-deploys/deploy-trigger",
+        "mode": "enforce",
+        "failing": 1,
+        "failures": [
+            {
+                "what": "ref_protected",
+                "text": 'ref_protected: token says "false", binding needs "true"',
+                "condition": "ref_protected = true",
+            }
+        ],
+    }
+    assert json.loads(json.dumps(doc)) == doc
+    assert text_lines(doc)[0].startswith("DENIED: no grant of deploy-api allows it")
+
+
+def test_a_mutated_evaluation_changes_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The explanation is the Evaluator's: break it and the answer breaks (so the matrix can fail)."""
+    mr = deployer(pipeline_source="merge_request_event")
+    assert ask(mr, Request("GET", "reports.local", "/r")).decision == UNAUTHENTICATED  # aud is deploy's
+    claims = mr | {"aud": "https://reports.local"}
+    assert ask(claims, Request("GET", "reports.local", "/r")).decision == DENIED  # MR pipelines are refused
+    original = evaluate.Evaluator.condition_holds
+
+    def negation_ignored(self: evaluate.Evaluator, claims: Any, condition: Condition) -> bool:
+        return original(self, claims, condition._replace(negated=False))
+
+    monkeypatch.setattr(evaluate.Evaluator, "condition_holds", negation_ignored)
+    assert ask(claims, Request("GET", "reports.local", "/r")).decision == ALLOWED
+
+
+# -- the admin endpoint
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"{", "not JSON"),
+        (b"[]", "JSON object"),
+        (b'{"method": "GET", "host": "h", "path": "/", "token": "x"}', "unknown field(s) 'token'"),
+        (b'{"method": "GET", "host": "h"}', "missing field(s): path"),
+        (b'{"method": "GET", "host": "h", "path": "x"}', "path must start with '/'"),
+        (b'{"method": 1, "host": "h", "path": "/"}', "method must be a JSON string"),
+        (b'{"method": "GET", "host": "h", "path": "/", "port": 0}', "port must be 1 to 65535"),
+        (b'{"method": "GET", "host": "h", "path": "/", "claims": []}', "claims must be a JSON object"),
+        (b" " * (64 * 1024 + 1), "body over"),
+    ],
+)
+def test_the_admin_body_is_strict(body: bytes, says: str) -> None:
+    with pytest.raises(BadExplainRequest, match=None) as raised:
+        parse_body(body)
+    assert says in str(raised.value)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+async def test_post_explain_answers_from_the_policy_in_service(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    given = inputs(revoked=frozenset({"7001"}), revocations_known=True)
+    state: dict[str, ExplainInputs | None] = {"inputs": None}
+    server = AdminServer(status=dict, ready=lambda: True, port=0, explain=lambda: state["inputs"], clock=lambda: NOW)
+    port = await server.start()
+    url = f"http://127.0.0.1:{port}/explain"
+    body = {"claims": deployer(user_email="secret@example.com"), "method": "POST", "host": "deploy.local"}
+    body["path"] = "/deployments/1"
+    try:
+        caplog.set_level("DEBUG")
+        async with http.post(url, json=body) as response:
+            assert (response.status, await response.text()) == (503, "no policy in service yet\n")
+        state["inputs"] = given
+        async with http.post(url, json=body) as response:
+            assert response.status == 200
+            answer = await response.json()
+        async with http.post(url, json={**body, "gateway": "nope"}) as response:
+            assert response.status == 400 and "no gateway 'nope'" in await response.text()
+        async with http.post(url + "?x=1", json=body) as response:
+            assert response.status == 400
+        async with http.get(url) as response:
+            assert response.status == 405
+        async with http.post(url, data=b"{" + b" " * 100_000 + b"}") as response:
+            assert (response.status, await response.text()) == (400, "body over 65536 bytes\n")
+    finally:
+        await server.stop()
+    assert (answer["decision"], answer["status"]) == (REVOKED, 403)
+    assert "secret@example.com" not in caplog.text and "7001" not in caplog.text
+
+
+# -- the command line
+
+
+def _token(claims: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+def test_cli_exit_statuses_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "token"
+    token.write_text("Bearer " + _token(deployer(exp=2**40, nbf=0)) + "\n")
+    args = ["explain", str(QUICKSTART), "--token-file", str(token), "--method", "POST"]
+    assert main([*args, "--url", "http://deploy.local/deployments/1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ALLOWED: allowed by deployer-deploys/deploy-trigger") and SIGNATURE_NOTE in out
+    assert main([*args, "--url", "http://deploy.local/nope"]) == 1
+    assert "exchanged/" not in capsys.readouterr().out  # the exchange's grants are another issuer's: not near
+    assert main([*args, "--host", "deploy.local", "--path", "/nope", "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["decision"] == DENIED
+    claims = tmp_path / "claims.json"
+    claims.write_text(json.dumps(deployer(exp=2**40, nbf=0, ref_protected="false")))
+    assert main(["explain", str(QUICKSTART), "--claims", str(claims), "--host", "deploy.local"]) == 1
+    assert 'ref_protected: token says "false", binding needs "true"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--host", "deploy.local", "--server", "127.0.0.1:1"], "a policy directory or --server"),
+        ([], "give --host"),
+        (["--url", "ftp://x/"], "--url must be"),
+        (["--url", "http://x/", "--host", "y"], "--url replaces"),
+        (["--host", "h", "--gateway", "nope"], "no gateway 'nope'"),
+    ],
+)
+def test_cli_usage_errors_exit_2(
+    extra: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["explain", str(QUICKSTART), *extra]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_cli_refuses_what_is_not_a_jwt_without_echoing_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "token"
+    token.write_text("not-a-jwt-but-maybe-a-secret")
+    assert main(["explain", str(QUICKSTART), "--token-file", str(token), "--host", "h"]) == 2
+    err = capsys.readouterr().err
+    assert "not a JWT" in err and "maybe-a-secret" not in err
+
+
+def test_cli_reads_the_token_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    stdin = io.TextIOWrapper(io.BytesIO(_token(deployer(exp=2**40, nbf=0, aud="x")).encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["explain", str(QUICKSTART), "--token-file", "-", "--url", "http://deploy.local/deployments/1"]) == 1
+    assert capsys.readouterr().out.startswith("UNAUTHENTICATED: audience: token has x, backend deploy-api needs")
