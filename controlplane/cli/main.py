@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
+    mr_check = commands.add_parser("mr-check", help="a policy merge request's CI job: validate, diff, MR note")
+    _add_limit_arguments(mr_check)
+    from controlplane.cli.merge_request import add_arguments as add_mr_arguments
+
+    add_mr_arguments(mr_check)
 
     compile_ = commands.add_parser("compile", help="compile a policy directory to reviewed YAML snapshots")
     compile_.add_argument("policy", type=Path)
@@ -799,6 +804,12 @@ def _diff(args: argparse.Namespace) -> int:
     return run_diff(args, _limits(args))
 
 
+def _mr_check(args: argparse.Namespace) -> int:
+    from controlplane.cli.merge_request import run_mr_check
+
+    return run_mr_check(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -808,6 +819,7 @@ def _audit(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
+    "mr-check": _mr_check,
     "validate": _validate,
     "compile": _compile,
     "serve": _serve,

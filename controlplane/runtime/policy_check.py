@@ -1,0 +1,45 @@
+"""A policy tree judged as `validate --offline` judges it: the policy alone, read-only, never served.
+
+Shared by `controlplane mr-check` (a merge request's head, in CI) and by serve's merge-request statuses (each
+open merge request's head, read through the API): both must give the verdict the default branch will get for
+the same files, and neither may touch what is served, so this builds its own `Resolution` and compiles without
+the live inputs (GitLab inventory, keys, credentials, secrets) that only the served policy gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from controlplane.compiler.compile import check_reserved_names
+from controlplane.model.errors import PolicyError
+from controlplane.model.loader import parse_policy, policy_warnings
+from controlplane.model.policy import Policy
+from controlplane.resolved.access import ResolvedPolicy
+from controlplane.resolved.index import Resolution
+from controlplane.snapshots.build import compile_model
+from controlplane.snapshots.snapshot import Snapshot
+
+
+class CheckedPolicy(NamedTuple):
+    policy: Policy
+    resolved: ResolvedPolicy
+    snapshots: Mapping[str, Snapshot]
+    warnings: list[PolicyError]  # valid but almost certainly not meant (validate prints them too)
+
+
+def check_policy_files(texts: Mapping[str, str]) -> CheckedPolicy:
+    """Parse, resolve and compile `texts` ({path: YAML}); raises `PolicyInvalid` with every error found."""
+    policy = parse_policy(texts)
+    check_reserved_names(policy, None)
+    resolved = Resolution().update(policy)
+    snapshots = compile_model(policy, resolved=resolved)
+    return CheckedPolicy(policy, resolved, snapshots, sorted([*policy_warnings(policy), *resolved.warnings]))
+
+
+def first_error_line(errors: list[PolicyError], total: int) -> str:
+    """One line for a commit status: the first error, and how many more there are."""
+    if not errors:
+        return "invalid policy"
+    more = f" (+{total - 1} more)" if total > 1 else ""
+    return f"{errors[0]}{more}"
