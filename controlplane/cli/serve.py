@@ -47,6 +47,7 @@ from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
+from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.runtime.replication import (
     leader,
@@ -228,6 +229,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     watching = asyncio.Event()
     parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching))
     await parts.step(watching.wait())  # a watcher that could not start stops the start here
+    if options.policy_gitlab is not None and isinstance(policy.source, GitLabPolicySource):  # merge requests' heads
+        repo = PolicyRepo(policy.source.repo.source, policy.source.repo.project, options.policy_limits)
+        statuses = MergeRequestStatuses(repo, is_leader=is_leader)
+        parts.run("merge-request statuses", statuses.run(options.policy_gitlab.poll_seconds, parts.stopping))
     if credentials is not None:
         credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab
         # Its keys exist (compiled in) before anything is served.
