@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from controlplane.model.inventory import Inventory
+from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
 from controlplane.retry import Backoff
 from controlplane.runtime.supervisor import Spawn
@@ -219,6 +219,28 @@ class GitLabLink:
             unread += [f"{name}:{g}" for g in scope.groups if not any(g in (x.id, x.path) for x in have.groups)]
             unread += [f"{name}:{p}" for p in scope.projects if not any(p in (x.id, x.path) for x in have.projects)]
         return unread
+
+    def inventories_for(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> dict[str, Inventory]:
+        """Read-only, blocking (a worker thread): the inventories in use, plus what `policy` names beyond them read
+        from GitLab now, without widening any watch. How a candidate that is never served (a merge request's
+        head) is judged against GitLab as it is; raises `GitLabUnavailable` when GitLab cannot be read."""
+        out = self.inventories()
+        for name, inventory in list(out.items()):
+            source = self._sources.get(name)
+            issuer = next((i for i in policy.issuers if source and i.name == name and i.api == source.api), None)
+            if source is None or issuer is None or inventory.stale:
+                continue
+            scope = _scope(policy, issuer, pins.get(name, {}))
+            groups = [g for g in scope.groups if not any(g in (x.id, x.path) for x in inventory.groups)]
+            projects = [p for p in scope.projects if not any(p in (x.id, x.path) for x in inventory.projects)]
+            if groups or projects:
+                extra = source.source.fetch_inventory(groups=groups, projects=projects)
+                out[name] = replace(
+                    inventory,
+                    projects=tuple(sorted({p.id: p for p in (*inventory.projects, *extra.projects)}.values(), key=_id)),
+                    groups=tuple(sorted({g.id: g for g in (*inventory.groups, *extra.groups)}.values(), key=_id)),
+                )
+        return out
 
     def read_new_subjects(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> str | None:
         """`widen`, from the policy service's worker thread: run on the watchers' loop, waited for here (bounded).
@@ -536,6 +558,10 @@ def _on_loop_thread() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _id(item: Project | Group) -> int:
+    return item.id
 
 
 def _scope(policy: Policy, issuer: Issuer, pins: Mapping[str, int]) -> Scope:

@@ -24,8 +24,9 @@ from typing import Any
 from prometheus_client import Counter
 
 from controlplane.model.errors import PolicyInvalid
+from controlplane.model.policy import Policy
 from controlplane.retry import Backoff
-from controlplane.runtime.policy_check import check_policy_files, first_error_line
+from controlplane.runtime.policy_check import LiveInputs, check_policy_files, first_error_line
 from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
 from controlplane.sources.gitlab_repo import PolicyRepo, PolicyRepoError, StatusState
 from controlplane.telemetry.metrics import REGISTRY
@@ -53,9 +54,13 @@ class MergeRequestStatuses:
         max_requests: int = DEFAULT_MAX_REQUESTS,
         is_leader: Callable[[], bool] = lambda: True,
         backoff: Backoff = BACKOFF,
+        live: Callable[[Policy], LiveInputs] | None = None,
     ) -> None:
         """`repo`: its own `PolicyRepo` (sharing the client, its rate bound and retries), so the trees read here
-        never replace the blobs the served policy's reader keeps."""
+        never replace the blobs the served policy's reader keeps. `live`: GitLab's state now for a head's `api:`
+        issuers (called in the worker thread; serve reads what a head names beyond its watches, read-only); without
+        it a head is judged as `validate --offline` judges it."""
+        self.live = live
         self.repo = repo
         self.max_requests = max_requests
         self.is_leader = is_leader
@@ -103,7 +108,7 @@ class MergeRequestStatuses:
         state: StatusState
         try:
             texts = self.repo.read_tree(sha)
-            check_policy_files(texts)
+            check_policy_files(texts, self.live)
         except PolicyInvalid as invalid:
             state, description = "failed", first_error_line(invalid.errors, invalid.total)
         except GitLabUnavailable:
