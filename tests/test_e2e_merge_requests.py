@@ -1,6 +1,7 @@
 """Serve's `controlplane` commit status on merge requests' heads, end to end: fake GitLab → controlplane serve
-reading its policy from a GitLab project → real Envoy. An MR's head gets its verdict before the merge, and is
-never served: Envoy keeps enforcing the default branch's policy whatever the MR says."""
+reading its policy from a GitLab project → real Envoy. An MR's head gets its verdict before the merge, woken by
+the push webhook of the MR's branch, and is never served: Envoy keeps enforcing the default branch's policy
+whatever the MR says."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.support.stack import DeployerStack, EnvoySpec, PolicyInputs, serve_st
 
 pytestmark = pytest.mark.e2e
 
-POLL = 1  # seconds between merge-request rounds (--policy-poll)
+POLL = 3600  # no round but the first while the module runs: each verdict is woken by a push webhook
 
 
 def policy(given: PolicyInputs) -> str:
@@ -42,6 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployerStack]:
             gitlab=gitlab,
             policy_project="infra/ci-access",
             serve_args=("--policy-poll", str(POLL)),
+            webhook=True,
         ) as built:
             built.deployer = deployer
             built.wait_get(200, timeout=20)
@@ -52,8 +54,8 @@ def _mr_status(stack: DeployerStack, branch: str, text: str) -> tuple[str, dict[
     assert stack.policy_project is not None
     gitlab = stack.gitlab
     gitlab.add_branch(stack.policy_project, branch)
-    sha = gitlab.commit(stack.policy_project, {"policy.yaml": text}, branch=branch)
     gitlab.add_merge_request(stack.policy_project, branch)
+    sha = gitlab.commit(stack.policy_project, {"policy.yaml": text}, branch=branch)  # its push hook: a round now
     posted = poll_until(
         lambda: [s for s in gitlab.statuses(stack.policy_project, sha) if s["name"] == "controlplane"],
         15,

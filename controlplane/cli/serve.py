@@ -241,6 +241,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         repo = PolicyRepo(policy.source.repo.source, policy.source.repo.project, options.policy_limits)
         live = partial(_live_inputs, gitlab, policy)  # GitLab now, read-only: never widens a watch
         statuses = MergeRequestStatuses(repo, is_leader=is_leader, live=live)
+        gitlab.on_merge_request = statuses.wake  # an MR webhook, or a push to another branch: a round now
         parts.run("merge-request statuses", statuses.run(options.policy_gitlab.poll_seconds, parts.stopping))
     if credentials is not None:
         credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab

@@ -33,7 +33,14 @@ from controlplane.retry import Backoff
 from controlplane.runtime.supervisor import Spawn
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
-from controlplane.sources.gitlab_events import GitLabEvent, GroupEvent, PipelineEvent, ProjectEvent, PushEvent
+from controlplane.sources.gitlab_events import (
+    GitLabEvent,
+    GroupEvent,
+    MergeRequestEvent,
+    PipelineEvent,
+    ProjectEvent,
+    PushEvent,
+)
 from controlplane.sources.gitlab_watch import InventorySource, InventoryWatcher, Scope
 from controlplane.sources.inventory_table import InventoryTable, content_hash
 from controlplane.store.pool import StoreUnavailable
@@ -116,6 +123,8 @@ class GitLabLink:
         self.on_inventory_change = on_inventory_change
         self.on_reachable = on_reachable  # an issuer's GitLab answers again after an outage (its name)
         self.on_policy_push = on_policy_push
+        # Set by serve when it posts statuses on merge requests' heads: told of the policy project's other activity.
+        self.on_merge_request: Callable[[], None] | None = None
         self.policy_project = policy_project
         self.source_factory = source_factory
         self.share = share
@@ -439,7 +448,12 @@ class GitLabLink:
         if isinstance(event, PushEvent):
             if self._is_policy_push(event) and self.on_policy_push is not None:
                 await self.on_policy_push()
+            if self._is_policy_project(event.project_id, event.project_path) and self.on_merge_request is not None:
+                self.on_merge_request()  # maybe a merge request's new head
             await self._resync_project_anywhere(event.project_id)
+        elif isinstance(event, MergeRequestEvent):
+            if self._is_policy_project(event.project_id, None) and self.on_merge_request is not None:
+                self.on_merge_request()
         elif isinstance(event, ProjectEvent):
             if event.event_name in ("project_create", "project_transfer"):
                 await self._resync_all_anywhere()  # may enter or leave a watched group
@@ -462,11 +476,15 @@ class GitLabLink:
         else:
             await self.share.request_resync("all")
 
+    def _is_policy_project(self, project_id: int, project_path: str | None) -> bool:
+        target = self.policy_project
+        return target is not None and target.project in (project_id, project_path, str(project_id))
+
     def _is_policy_push(self, event: PushEvent) -> bool:
         target = self.policy_project
         if target is None or event.is_tag:
             return False
-        named = target.project in (event.project_id, event.project_path, str(event.project_id))
+        named = self._is_policy_project(event.project_id, event.project_path)
         branch = target.default_branch
         return named and (branch is None or event.ref == f"refs/heads/{branch}")
 

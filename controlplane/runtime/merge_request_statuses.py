@@ -2,7 +2,7 @@
 
 The default branch's head gets its status when serve reads it (sources/gitlab_policy.py). A reviewer needs the
 verdict before the merge, on the MR's head, so the leader also lists the open merge requests targeting that
-branch and judges each head as `validate --offline` does (runtime/policy_check.py): read-only, in its own
+branch and judges each head (runtime/policy_check.py) against GitLab as it is now: read-only, in its own
 resolution and compile, never published, never served. `success` says the policy is valid (and not served until
 merged); `failed` names the first error and its file:line.
 

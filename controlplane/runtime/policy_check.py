@@ -1,9 +1,9 @@
-"""A policy tree judged as `validate --offline` judges it: the policy alone, read-only, never served.
+"""A policy tree judged, read-only and never served: a merge request's head.
 
-Shared by `controlplane mr-check` (a merge request's head, in CI) and by serve's merge-request statuses (each
-open merge request's head, read through the API): both must give the verdict the default branch will get for
-the same files, and neither may touch what is served, so this builds its own `Resolution` and compiles without
-the live inputs (GitLab inventory, keys, credentials, secrets) that only the served policy gets.
+Shared by `controlplane mr-check` (in CI: the policy alone, as `validate --offline` judges it) and by serve's
+merge-request statuses (each open MR's head read through the API, with GitLab's state now as `LiveInputs`). Both
+must give the verdict the default branch will get for the same files, and neither may touch what is served, so
+this builds its own `Resolution` and compiles without what only serving adds (keys, credentials, secrets).
 """
 
 from __future__ import annotations
