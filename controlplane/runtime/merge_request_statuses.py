@@ -126,6 +126,7 @@ class MergeRequestStatuses:
         failures = 0
         while not stopping.is_set():
             wait = every
+            self._wake.clear()  # a wake from now on (during the round too) starts the next round at once
             if self.is_leader():
                 try:
                     await asyncio.to_thread(self.check_once)
@@ -143,7 +144,6 @@ class MergeRequestStatuses:
         await asyncio.wait({woken, stop}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         for waiter in (woken, stop):
             waiter.cancel()
-        self._wake.clear()
 
 
 def _from_fork(request: Any) -> bool:
