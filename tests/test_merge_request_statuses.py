@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from controlplane.retry import Backoff
+from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import GitLabUnavailable
+from controlplane.sources.gitlab_events import MergeRequestEvent, PushEvent
 from controlplane.sources.gitlab_repo import STATUS_NAME, PolicyRepo
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.fake_gitlab import FakeGitLab
@@ -145,3 +147,33 @@ def test_followers_post_nothing(fake: FakeGitLab, checker: MergeRequestStatuses)
 
     asyncio.run(scenario())
     assert fake.api_calls() == []
+
+
+async def test_the_policy_projects_pushes_and_merge_request_events_start_a_round() -> None:
+    async def nothing() -> None:
+        return None
+
+    pushed: list[str] = []
+    link = GitLabLink(
+        on_inventory_change=nothing,
+        spawn=lambda coro, name: asyncio.ensure_future(coro),
+        on_policy_push=nothing,
+        policy_project=PolicyProject("infra/policy", "main"),
+    )
+    link.on_merge_request = lambda: pushed.append("round")
+
+    def push(path: str, ref: str, *, tag: bool = False) -> PushEvent:
+        return PushEvent(
+            idempotency_key=None, project_id=7, project_path=path, ref=ref, before="0" * 40, after="a" * 40, is_tag=tag
+        )
+
+    await link.on_event(push("infra/policy", "refs/heads/change"))
+    await link.on_event(push("infra/policy", "refs/heads/main"))
+    await link.on_event(push("acme/other", "refs/heads/change"))
+    assert pushed == ["round", "round"]
+    mr = MergeRequestEvent(idempotency_key=None, project_id=7, target_project_id=7, source_project_id=7, action="open")
+    await link.on_event(mr)
+    assert pushed == ["round", "round"]  # project 7 is not named "infra/policy": an id only matches an id
+    link.policy_project = PolicyProject(7, "main")
+    await link.on_event(mr)
+    assert pushed == ["round", "round", "round"]
