@@ -172,7 +172,14 @@ def _job(inputs: Mapping[str, object]) -> dict[str, Any]:
 
 
 def _run(
-    repo: Path, bin_dir: Path, fake: FakeGitLab, *, iid: int, token: bool = True, **inputs: object
+    repo: Path,
+    bin_dir: Path,
+    fake: FakeGitLab,
+    *,
+    iid: int,
+    token: bool = True,
+    extra: Mapping[str, str] | None = None,
+    **inputs: object,
 ) -> subprocess.CompletedProcess[str]:
     """The job's script in one bash, errexit on as GitLab's runner runs it, with the MR pipeline's variables."""
     job = _job({"image": IMAGE, "policy_dir": "policy", **inputs})
@@ -199,6 +206,7 @@ def _run(
     }
     if token:
         env["CONTROLPLANE_MR_TOKEN"] = fake.api_token
+    env.update(extra or {})
     script = "set -eo pipefail\n" + "\n".join(job["script"])
     return subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
 
@@ -321,3 +329,23 @@ def test_fingerprints_are_unique_for_the_same_problem_twice_in_a_file() -> None:
     root = codequality_report([PolicyError("/abs/policy", 0, "", "no policy files")], [], "policy")
     assert root[0]["location"] == {"path": "policy", "lines": {"begin": 1}}
     jsonschema.validate(report + root, CODEQUALITY_SCHEMA)
+
+
+def test_a_token_in_a_file_variable_is_read_from_the_file(repo: Path, bin_dir: Path, fake: FakeGitLab) -> None:
+    """A CI/CD variable of type File holds the path of a file with the value: the token is read from it."""
+    iid = fake.add_merge_request("platform/policy", "change")
+    token_file = repo.parent / "token"
+    token_file.write_text(fake.api_token + "\n")
+    done = _run(
+        repo,
+        bin_dir,
+        fake,
+        iid=iid,
+        token=False,
+        token_variable="MR_TOKEN_FILE",
+        extra={"MR_TOKEN_FILE": str(token_file)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "created" in done.stdout
+    assert len(fake.notes("platform/policy", iid)) == 1
+    assert fake.api_token not in done.stdout + done.stderr

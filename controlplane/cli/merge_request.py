@@ -242,6 +242,9 @@ def post_note(body: str, token_env: str | None, token_file: str | None, env: Map
     if not (iid and project and api):
         print("controlplane mr-check: MR note skipped: not a merge-request pipeline (no CI_MERGE_REQUEST_IID)")
         return False
+    named = env.get(token_env) if token_env else None
+    if token_file is None and named and os.path.isabs(named) and os.path.isfile(named):
+        token_env, token_file = None, named  # a CI/CD variable of type File: GitLab gives the file's path
     try:
         token = token_from(token_env, token_file)
     except GitLabTokenError as error:
