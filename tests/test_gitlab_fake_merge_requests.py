@@ -111,3 +111,13 @@ def test_notes_past_gitlabs_length_limit_are_refused(fake: FakeGitLab, gl: gitla
         mr.notes.create({"body": "x" * 1_000_001})
     assert too_long.value.response_code == 400
     assert fake.notes("platform/policy", iid) == []
+
+
+def test_notes_are_paginated_as_gitlab_pages(fake: FakeGitLab, gl: gitlab.Gitlab) -> None:
+    iid = fake.add_merge_request("platform/policy", "feature")
+    ids = [fake.add_note("platform/policy", iid, f"note {n}") for n in range(3)]
+    fake.max_per_page = 2
+    mr = gl.projects.get("platform/policy", lazy=True).mergerequests.get(iid, lazy=True)
+    assert [n.id for n in mr.notes.list(sort="asc", iterator=True)] == ids
+    pages = fake.api_calls("/projects/:id/merge_requests/:iid/notes")
+    assert len(pages) == 2 and pages[-1].query["page"] == ["2"]

@@ -349,3 +349,21 @@ def test_a_token_in_a_file_variable_is_read_from_the_file(repo: Path, bin_dir: P
     assert "created" in done.stdout
     assert len(fake.notes("platform/policy", iid)) == 1
     assert fake.api_token not in done.stdout + done.stderr
+
+
+def test_a_policy_at_the_repository_root_and_one_outside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane.cli.main import main
+
+    shutil.copytree(EXAMPLE, tmp_path / "repo")
+    (tmp_path / "repo" / "broken.yaml").write_text(BROKEN)
+    monkeypatch.chdir(tmp_path / "repo")
+    for name in ("CI_MERGE_REQUEST_IID", "CI_MERGE_REQUEST_DIFF_BASE_SHA"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["mr-check", ".", "--no-note"]) == 1
+    (issue,) = json.loads((tmp_path / "repo" / "gl-code-quality-report.json").read_text())
+    assert issue["location"] == {"path": "broken.yaml", "lines": {"begin": 4}}
+    assert (
+        "no access diff: the head's policy is invalid"
+        in (tmp_path / "repo" / "controlplane-access-diff.md").read_text()
+    )
+    assert main(["mr-check", "../elsewhere", "--no-note"]) == 2

@@ -25,7 +25,7 @@ import json
 import os
 import posixpath
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,8 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CI_MERGE_REQUEST_DIFF_BASE_SHA"),
         help="revision to diff against (default: $CI_MERGE_REQUEST_DIFF_BASE_SHA)",
     )
-    parser.add_argument("--codequality", type=Path, default=Path("gl-code-quality-report.json"))
-    parser.add_argument("--diff-report", type=Path, default=Path("controlplane-access-diff.md"))
+    parser.add_argument(
+        "--codequality",
+        type=Path,
+        default=Path("gl-code-quality-report.json"),
+        help="where to write GitLab's code-quality report (default %(default)s)",
+    )
+    parser.add_argument(
+        "--diff-report",
+        type=Path,
+        default=Path("controlplane-access-diff.md"),
+        help="where to write the note's Markdown (default %(default)s)",
+    )
     parser.add_argument("--no-note", action="store_true", help="write the artifacts only, post no MR note")
     parser.add_argument(
         "--token-env", default=TOKEN_ENV, help=f"variable holding the API token for the note (default {TOKEN_ENV})"
@@ -126,7 +136,8 @@ def check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits) -
     return Outcome(errors, total, warnings, lines, diff.changed, f"{what} against {base[:12]}")
 
 
-def _judge(read: Any) -> tuple[CheckedPolicy | None, list[PolicyError], int]:
+def _judge(read: Callable[[], Mapping[str, str]]) -> tuple[CheckedPolicy | None, list[PolicyError], int]:
+    """The tree `read` returns, checked: (the result, []) or (None, its errors, how many there were)."""
     try:
         return check_policy_files(read()), [], 0
     except PolicyInvalid as invalid:
