@@ -99,7 +99,10 @@ def test_the_template_declares_its_inputs_and_runs_on_merge_request_pipelines_on
     }
     assert inputs["note"]["type"] == "boolean"
     (job,) = jobs.values()
-    assert job["rules"] == [{"if": '$CI_PIPELINE_SOURCE == "merge_request_event"'}]
+    assert job["rules"] == [
+        {"if": '$CI_PIPELINE_SOURCE == "merge_request_event"'},
+        {"if": '$CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH && $CI_PIPELINE_SOURCE == "push"'},
+    ]
     assert job["artifacts"]["reports"]["codequality"] == "gl-code-quality-report.json"
     assert job["artifacts"]["paths"] == ["controlplane-access-diff.md"]
     assert job["artifacts"]["when"] == "always"
@@ -191,7 +194,6 @@ def _run(
         "GITLAB_CI": "true",
         "CI_PIPELINE_SOURCE": "merge_request_event",
         "CI_MERGE_REQUEST_IID": str(iid),
-        "CI_MERGE_REQUEST_DIFF_BASE_SHA": _git(repo, "merge-base", "main", "HEAD"),
         "CI_MERGE_REQUEST_TARGET_BRANCH_NAME": "main",
         "CI_MERGE_REQUEST_SOURCE_BRANCH_NAME": "change",
         "CI_PROJECT_ID": str(PROJECT_ID),
@@ -207,6 +209,8 @@ def _run(
     if token:
         env["CONTROLPLANE_MR_TOKEN"] = fake.api_token
     env.update(extra or {})
+    if "CI_MERGE_REQUEST_DIFF_BASE_SHA" not in env:  # where the target branch was when the MR branched off
+        env["CI_MERGE_REQUEST_DIFF_BASE_SHA"] = _git(repo, "merge-base", "main", "HEAD")
     script = "set -eo pipefail\n" + "\n".join(job["script"])
     return subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
 
@@ -367,3 +371,40 @@ def test_a_policy_at_the_repository_root_and_one_outside_it(tmp_path: Path, monk
         in (tmp_path / "repo" / "controlplane-access-diff.md").read_text()
     )
     assert main(["mr-check", "../elsewhere", "--no-note"]) == 2
+
+
+def test_on_the_default_branch_it_validates_only(repo: Path, bin_dir: Path, fake: FakeGitLab) -> None:
+    """The default branch's pipeline (no MR, no diff base): the report GitLab compares MRs with, and the verdict."""
+    _git(repo, "checkout", "-q", "main")
+    done = _run(
+        repo,
+        bin_dir,
+        fake,
+        iid=0,
+        extra={"CI_PIPELINE_SOURCE": "push", "CI_MERGE_REQUEST_IID": "", "CI_MERGE_REQUEST_DIFF_BASE_SHA": ""},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not a merge-request pipeline" in done.stdout
+    assert "no access diff: no base revision" in done.stdout
+    assert _report(repo) == []
+    assert fake.api_calls("/projects/:id/merge_requests/:iid/notes") == []
+
+
+def test_a_shallow_clone_fetches_the_diff_base(repo: Path, bin_dir: Path, fake: FakeGitLab, tmp_path: Path) -> None:
+    """GIT_DEPTH=1: the checkout holds the head alone; the script fetches the base commit by its sha (the origin
+    serves any sha it has, as GitLab does) and the access diff is computed."""
+    iid = fake.add_merge_request("platform/policy", "change")
+    (repo / "policy" / "grant.yaml").write_text(GRANT)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "frontend reads reports")
+    base = _git(repo, "merge-base", "main", "HEAD")
+    _git(repo, "config", "uploadpack.allowAnySHA1InWant", "true")
+    clone = tmp_path / "shallow"
+    _git(tmp_path, "clone", "-q", "--depth=1", "--branch", "change", f"file://{repo}", str(clone))
+    with pytest.raises(subprocess.CalledProcessError):
+        _git(clone, "cat-file", "-e", f"{base}^{{commit}}")
+    done = _run(clone, bin_dir, fake, iid=iid, git_depth="1", extra={"CI_MERGE_REQUEST_DIFF_BASE_SHA": base})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "access changes against" in done.stdout
+    (note,) = fake.notes("platform/policy", iid)
+    assert "gains GET, HEAD /**" in note["body"]
