@@ -390,21 +390,32 @@ def test_on_the_default_branch_it_validates_only(repo: Path, bin_dir: Path, fake
     assert fake.api_calls("/projects/:id/merge_requests/:iid/notes") == []
 
 
-def test_a_shallow_clone_fetches_the_diff_base(repo: Path, bin_dir: Path, fake: FakeGitLab, tmp_path: Path) -> None:
-    """GIT_DEPTH=1: the checkout holds the head alone; the script fetches the base commit by its sha (the origin
-    serves any sha it has, as GitLab does) and the access diff is computed."""
+@pytest.mark.parametrize("by_sha", [True, False], ids=["sha-served", "sha-refused"])
+def test_a_shallow_clone_fetches_the_diff_base(
+    repo: Path, bin_dir: Path, fake: FakeGitLab, tmp_path: Path, by_sha: bool
+) -> None:
+    """GIT_DEPTH=1: the checkout holds the head alone; the script fetches the base commit by its sha or, from a
+    server that refuses unadvertised shas, the target branch, and the access diff is computed."""
     iid = fake.add_merge_request("platform/policy", "change")
     (repo / "policy" / "grant.yaml").write_text(GRANT)
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "frontend reads reports")
     base = _git(repo, "merge-base", "main", "HEAD")
-    _git(repo, "config", "uploadpack.allowAnySHA1InWant", "true")
+    _git(repo, "checkout", "-q", "main")  # the target branch moves on: the base is no branch's tip any more
+    (repo / "README.md").write_text("# policy, elsewhere\n")
+    _git(repo, "commit", "-q", "-am", "meanwhile on main")
+    _git(repo, "checkout", "-q", "change")
     clone = tmp_path / "shallow"
     _git(tmp_path, "clone", "-q", "--depth=1", "--branch", "change", f"file://{repo}", str(clone))
+    if not by_sha:  # git's protocol v2 serves any reachable sha; v0 without allowAnySHA1InWant refuses it
+        _git(repo, "config", "uploadpack.allowAnySHA1InWant", "false")
+        _git(clone, "config", "protocol.version", "0")
+        with pytest.raises(subprocess.CalledProcessError):
+            _git(clone, "fetch", "-q", "--depth=1", "origin", base)
     with pytest.raises(subprocess.CalledProcessError):
         _git(clone, "cat-file", "-e", f"{base}^{{commit}}")
     done = _run(clone, bin_dir, fake, iid=iid, git_depth="1", extra={"CI_MERGE_REQUEST_DIFF_BASE_SHA": base})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "access changes against" in done.stdout
+    assert "access changes against" in done.stdout and "not fetched" not in done.stdout
     (note,) = fake.notes("platform/policy", iid)
     assert "gains GET, HEAD /**" in note["body"]
