@@ -419,3 +419,35 @@ def test_a_shallow_clone_fetches_the_diff_base(
     assert "access changes against" in done.stdout and "not fetched" not in done.stdout
     (note,) = fake.notes("platform/policy", iid)
     assert "gains GET, HEAD /**" in note["body"]
+
+
+def test_a_merged_results_pipeline_diffs_against_the_target_branchs_head(
+    repo: Path, bin_dir: Path, fake: FakeGitLab
+) -> None:
+    """The checkout is the MR merged into the target's head: what the target gained meanwhile is not the MR's."""
+    iid = fake.add_merge_request("platform/policy", "change")
+    (repo / "policy" / "grant.yaml").write_text(GRANT)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "frontend reads reports")
+    base = _git(repo, "merge-base", "main", "HEAD")
+    _git(repo, "checkout", "-q", "main")
+    other = GRANT.replace("frontend-reads-reports", "deployer-reads-too").replace(
+        "acme/web/frontend", "acme/platform/deployer"
+    )
+    (repo / "policy" / "meanwhile.yaml").write_text(other.replace("ref_protected: true", "ref_protected: false"))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "meanwhile on main")
+    target = _git(repo, "rev-parse", "HEAD")
+    _git(repo, "checkout", "-q", "--detach", "main")
+    _git(repo, "merge", "-q", "--no-edit", "change")  # the merged result GitLab builds
+    done = _run(
+        repo,
+        bin_dir,
+        fake,
+        iid=iid,
+        extra={"CI_MERGE_REQUEST_DIFF_BASE_SHA": base, "CI_MERGE_REQUEST_TARGET_BRANCH_SHA": target},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (note,) = fake.notes("platform/policy", iid)
+    gains = [line for line in note["body"].splitlines() if line.startswith("+ ")]
+    assert len(gains) == 1 and "project_id = 43" in gains[0], note["body"]  # the frontend's, not main's own
