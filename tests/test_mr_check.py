@@ -451,3 +451,12 @@ def test_a_merged_results_pipeline_diffs_against_the_target_branchs_head(
     (note,) = fake.notes("platform/policy", iid)
     gains = [line for line in note["body"].splitlines() if line.startswith("+ ")]
     assert len(gains) == 1 and "project_id = 43" in gains[0], note["body"]  # the frontend's, not main's own
+
+
+def test_nothing_the_policy_writes_can_end_the_notes_code_block() -> None:
+    from controlplane.cli.merge_request import Outcome, note_body
+
+    outcome = Outcome([], 0, [], ["backend b", "  + claim x = ```evil gains GET /"], True, "access changes against abc")
+    body = note_body(outcome, {})
+    assert body.count("```") == 2  # the fence opened and the one closed
+    assert "+ claim x = '''evil gains GET /" in body

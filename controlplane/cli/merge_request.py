@@ -236,9 +236,11 @@ def note_body(outcome: Outcome, env: Mapping[str, str]) -> str:
 
 
 def _diff_line(line: str) -> str:
-    """Gains and losses at the start of the line, where GitLab's `diff` highlighting colours them."""
-    stripped = line.lstrip()
-    return stripped if stripped[:2] in ("+ ", "- ") else " " + line
+    """Gains and losses at the start of the line, where GitLab's `diff` highlighting colours them. A fence in a
+    value the policy wrote (a claim, a path) is broken up, so nothing an MR writes can end the code block."""
+    safe = line.replace("```", "'''")
+    stripped = safe.lstrip()
+    return stripped if stripped[:2] in ("+ ", "- ") else " " + safe
 
 
 def _code(text: str) -> str:
