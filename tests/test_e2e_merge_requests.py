@@ -107,3 +107,20 @@ def test_a_merge_request_naming_an_unwatched_project_is_judged_against_gitlab_wi
     assert status["status"] == "failed" and "acme/web/ghost" in status["description"]
     (watch,) = stack.controlplane.status()["gitlab"]
     assert watch["projects"] == 1  # read for the MR, never watched: the served policy names one project
+
+
+def test_opening_a_merge_request_on_a_pushed_branch_gets_its_head_a_verdict(stack: DeployerStack) -> None:
+    """A branch pushed (its Push Hook lost) and then proposed: the merge request event alone starts the round."""
+    assert stack.policy_project is not None
+    gitlab = stack.gitlab
+    policy_text = (stack.policy / "policy.yaml").read_text()
+    gitlab.add_branch(stack.policy_project, "later")
+    text = policy_text + "# a comment\n"
+    sha = gitlab.commit(stack.policy_project, {"policy.yaml": text}, branch="later", push_hook=False)
+    gitlab.add_merge_request(stack.policy_project, "later")  # its Merge Request Hook: a round now
+    posted = poll_until(
+        lambda: [s for s in gitlab.statuses(stack.policy_project, sha) if s["name"] == "controlplane"],
+        15,
+        message="status on the opened MR's head",
+    )
+    assert posted[-1]["status"] == "success"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,9 @@ async def test_the_policy_projects_pushes_and_merge_request_events_start_a_round
     assert pushed == ["round", "round"]
     mr = MergeRequestEvent(idempotency_key=None, project_id=7, target_project_id=7, source_project_id=7, action="open")
     await link.on_event(mr)
-    assert pushed == ["round", "round"]  # project 7 is not named "infra/policy": an id only matches an id
+    assert pushed == ["round", "round"]  # no path in it, and 7 is not the project's path: not the policy project
+    await link.on_event(replace(mr, project_path="infra/policy"))
+    assert pushed == ["round", "round", "round"]
     link.policy_project = PolicyProject(7, "main")
     await link.on_event(mr)
-    assert pushed == ["round", "round", "round"]
+    assert pushed == ["round", "round", "round", "round"]

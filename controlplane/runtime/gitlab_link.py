@@ -452,7 +452,7 @@ class GitLabLink:
                 self.on_merge_request()  # maybe a merge request's new head
             await self._resync_project_anywhere(event.project_id)
         elif isinstance(event, MergeRequestEvent):
-            if self._is_policy_project(event.project_id, None) and self.on_merge_request is not None:
+            if self._is_policy_project(event.project_id, event.project_path) and self.on_merge_request is not None:
                 self.on_merge_request()
         elif isinstance(event, ProjectEvent):
             if event.event_name in ("project_create", "project_transfer"):

@@ -611,16 +611,23 @@ class FakeGitLab(OidcIssuer):
     # -- test controls: the repository and commit statuses
 
     def commit(
-        self, project: int | str, files: Files, *, branch: str | None = None, message: str = "Update policy"
+        self,
+        project: int | str,
+        files: Files,
+        *,
+        branch: str | None = None,
+        message: str = "Update policy",
+        push_hook: bool = True,
     ) -> str:
         """A new commit on ``branch`` (default: the default branch): ``files`` are written over the current tree
-        (``None`` deletes a file). Returns the new head sha."""
+        (``None`` deletes a file). Returns the new head sha. ``push_hook=False``: no Push Hook (a lost delivery)."""
         with self._api_lock:
             p = self._project(project)
             name = branch or p.default_branch or "main"
             parent = p.commits[p.branches[name]] if name in p.branches else self._resolve(p, p.default_branch or "")
             p.branches[name] = sha = self._new_commit(p, parent.sha, _apply(parent.tree, files), message).sha
-        self._push_hook(p.id, p.path, name, parent.sha, sha)
+        if push_hook:
+            self._push_hook(p.id, p.path, name, parent.sha, sha)
         return sha
 
     def head(self, project: int | str, branch: str | None = None) -> str:
@@ -1046,7 +1053,10 @@ class FakeGitLab(OidcIssuer):
             now = _now_iso()
             target = target_branch or p.default_branch or "main"
             requests[iid] = _MergeRequest(next(_ids), iid, p.id, title, source_branch, target, "opened", now, now)
-            return iid
+            payload = self._merge_request_hook(p, requests[iid], "open")
+        for hook in list(self._hooks):
+            deliver(hook, "Merge Request Hook", payload)
+        return iid
 
     def set_merge_request_state(self, project: int | str, iid: int, state: str) -> None:
         if state not in MR_STATES:
@@ -1069,6 +1079,23 @@ class FakeGitLab(OidcIssuer):
             p = self._project(project)
             mr = self._merge_request(p, iid)
             return [self._note_json(p, mr, n) for n in mr.notes]
+
+    def _merge_request_hook(self, project: _Project, mr: _MergeRequest, action: str) -> dict[str, Any]:
+        """GitLab's merge request event (project webhooks and system hooks send the same): the fields a receiver
+        reads, and a few more."""
+        attributes = {k: v for k, v in self._mr_json(project, mr).items() if k not in ("author", "references")}
+        return {
+            "object_kind": "merge_request",
+            "event_type": "merge_request",
+            "user": _user_json("developer", 2, self.base_url),
+            "project": {
+                "id": project.id,
+                "path_with_namespace": project.path,
+                "default_branch": project.default_branch,
+            },
+            "object_attributes": {**attributes, "action": action, "last_commit": {"id": attributes["sha"]}},
+            "repository": {"name": project.path.rsplit("/", 1)[-1]},
+        }
 
     def _merge_request_routes(self) -> list[tuple[str, str, Callable[[Request], Response]]]:
         return [
