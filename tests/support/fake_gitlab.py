@@ -9,9 +9,10 @@ The REST API answers with the JSON shapes, pagination headers (``X-Total``, ``X-
 ``X-Per-Page``, ``Link``) and errors python-gitlab expects, so the production GitLab source is tested exactly as it
 runs against a real GitLab: groups and their descendants, projects (by id, by url-encoded path, and by the old path
 of a renamed project, as GitLab's redirect routes do), branches, tags, protections, environments, the repository
-tree and raw files, commits, and commit statuses. Test controls are plain methods (``add_project``,
-``rename_project``, ``protect_branch``, ``commit``, ``fail_next``, ``set_down``, ``rate_limit_next``...), and every
-API request is logged by endpoint template (``api_calls("/projects/:id/repository/branches")``).
+tree and raw files, commits, commit statuses, and merge requests with their notes. Test controls are plain
+methods (``add_project``, ``rename_project``, ``protect_branch``, ``commit``, ``add_merge_request``, ``fail_next``,
+``set_down``, ``rate_limit_next``...), and every API request is logged by endpoint template
+(``api_calls("/projects/:id/repository/branches")``).
 """
 
 from __future__ import annotations
