@@ -460,3 +460,65 @@ def test_nothing_the_policy_writes_can_end_the_notes_code_block() -> None:
     body = note_body(outcome, {})
     assert body.count("```") == 2  # the fence opened and the one closed
     assert "+ claim x = '''evil gains GET /" in body
+
+
+LIVE_POLICY = """kind: Issuer
+name: gitlab
+type: gitlab
+url: {url}
+api:
+  token_env: POLICY_READ_TOKEN
+---
+kind: Backend
+name: reports-api
+hosts: [reports.local]
+audience: https://reports.local
+endpoints:
+  - {{address: 127.0.0.1, port: 8081}}
+---
+kind: Role
+name: reports-read
+backend: reports-api
+rules:
+  - methods: [GET]
+    paths: ["/**"]
+---
+kind: Gateway
+name: gw
+listen: {{address: 127.0.0.1, port: 10000}}
+backends: [reports-api]
+"""
+
+
+@pytest.mark.parametrize("token", [True, False], ids=["read-token", "no-read-token"])
+def test_an_api_issuers_paths_are_resolved_through_gitlab_when_its_token_is_in_the_job(
+    tmp_path: Path, bin_dir: Path, fake: FakeGitLab, token: bool
+) -> None:
+    """Paths under an `api:` issuer need GitLab: read with the issuer's own token variable when the job has it;
+    without it the issuer is judged offline (paths are errors there) and the note says why."""
+    frontend = fake.add_project("acme/web/frontend", branches=["main"], protected=["main"])
+    repo = tmp_path / "live-repo"
+    (repo / "policy").mkdir(parents=True)
+    (repo / "policy" / "policy.yaml").write_text(LIVE_POLICY.format(url=fake.base_url))
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "base")
+    _git(repo, "checkout", "-q", "-b", "change")
+    (repo / "policy" / "grant.yaml").write_text(GRANT)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "frontend reads reports")
+    iid = fake.add_merge_request("platform/policy", "change")
+    extra = {"POLICY_READ_TOKEN": fake.api_token} if token else {}
+    done = _run(repo, bin_dir, fake, iid=iid, extra=extra)
+    (note,) = fake.notes("platform/policy", iid)
+    if token:
+        assert done.returncode == 0, done.stdout + done.stderr
+        gain = next(line for line in note["body"].splitlines() if line.startswith("+ "))
+        assert f"project_id = {frontend}" in gain and "gains GET /**" in gain
+        assert fake.api_calls("/projects/:id/repository/branches")  # the refs and protections, read live
+    else:
+        assert done.returncode == 1
+        assert "judged without GitLab" in done.stdout and "POLICY_READ_TOKEN" in note["body"]
+        (issue,) = _report(repo)
+        assert issue["location"]["path"] == "policy/grant.yaml"
+    assert fake.api_token not in done.stdout + done.stderr

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from controlplane.cli.diff import UsageError, policy_tree, resource_changes, text_lines
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Policy
-from controlplane.runtime.policy_check import CheckedPolicy, check_policy_files
+from controlplane.runtime.policy_check import CheckedPolicy, LiveInputs, check_policy_files
 from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
 
 MARKER = "<!-- controlplane:mr-check -->"  # how the note of a previous push is found again
@@ -46,6 +46,49 @@ MAX_NOTES_SCANNED = 1_000  # notes looked through for our own before a new one i
 API_TIMEOUT = 30.0
 
 
+class GitLabReader:
+    """GitLab as it is now for the `api:` issuers of the policies judged, read once per issuer and name.
+
+    A policy naming projects by path under an `api:` issuer resolves them through GitLab (serve watches it). In CI
+    the same read is made when the issuer's token (its `api.token_env` / `api.token_file`, e.g. a masked CI/CD
+    variable with a `read_api` token) is in the job; without it the issuer is judged offline, as `validate
+    --offline` judges it, and `notes` says so. Paths are never pinned here (serve's memory of ids is not in CI).
+    """
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def __call__(self, policy: Policy) -> LiveInputs:
+        from controlplane.model.inventory import Inventory
+        from controlplane.runtime.gitlab_link import policy_scope
+        from controlplane.sources.gitlab import GitLabSource
+        from controlplane.sources.gitlab_client import GitLabTokenError, GitLabUnavailable, token_from
+
+        inventories = {}
+        for issuer in policy.issuers:
+            if issuer.api is None:
+                continue
+            offline = issuer.inventory or Inventory()
+            try:
+                token = token_from(issuer.api.token_env, issuer.api.token_file)
+            except GitLabTokenError as error:
+                self._note(f"issuer {issuer.name}: judged without GitLab ({error})")
+                inventories[issuer.name] = offline
+                continue
+            scope = policy_scope(policy, issuer)
+            source = GitLabSource(issuer.api.url, token, max_retries=2)
+            try:
+                inventories[issuer.name] = source.fetch_inventory(groups=scope.groups, projects=scope.projects)
+            except GitLabUnavailable as error:
+                self._note(f"issuer {issuer.name}: judged without GitLab ({error})")
+                inventories[issuer.name] = offline
+        return LiveInputs(inventories, {})
+
+    def _note(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
+
+
 class Outcome(NamedTuple):
     """What the check found: the head's errors (empty when valid) and, when both sides loaded, the diff lines."""
 
@@ -55,6 +98,7 @@ class Outcome(NamedTuple):
     diff: list[str] | None
     changed: bool
     diff_note: str  # why there is no diff, or what it compares
+    notes: tuple[str, ...] = ()  # what the verdict could not take into account (an issuer's GitLab not read)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +135,7 @@ def run_mr_check(args: argparse.Namespace, limits: ReadLimits) -> int:
             file=sys.stderr,
         )
         return 2
-    outcome = check(Path(args.policy), prefix, args.base, limits)
+    outcome = check(Path(args.policy), prefix, args.base, limits, GitLabReader())
     write_json(args.codequality, codequality_report(outcome.errors, outcome.warnings, prefix))
     body = note_body(outcome, os.environ)
     args.diff_report.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +143,8 @@ def run_mr_check(args: argparse.Namespace, limits: ReadLimits) -> int:
     for error in outcome.errors:
         print(error, file=sys.stderr)
     verdict = f"invalid policy ({outcome.total} error(s))" if outcome.errors else "valid policy"
+    for note in outcome.notes:
+        print(f"controlplane mr-check: note: {note}")
     print(f"controlplane mr-check: {verdict}; {outcome.diff_note}")
     print(f"controlplane mr-check: wrote {args.codequality} and {args.diff_report}")
     if args.no_note:
@@ -108,9 +154,17 @@ def run_mr_check(args: argparse.Namespace, limits: ReadLimits) -> int:
     return 1 if outcome.errors else 0
 
 
-def check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits) -> Outcome:
-    """The head (the checkout) judged, and diffed against `base` when both sides are valid."""
-    head, errors, total = _judge(lambda: read_policy_dir(policy_dir, limits))
+def check(
+    policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits, gitlab: GitLabReader | None = None
+) -> Outcome:
+    """The head (the checkout) judged, and diffed against `base` when both sides are valid; `gitlab` reads the
+    live state of `api:` issuers (None: every issuer judged offline)."""
+    outcome = _check(policy_dir, prefix, base, limits, gitlab)
+    return outcome._replace(notes=tuple(gitlab.notes)) if gitlab is not None else outcome
+
+
+def _check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits, gitlab: GitLabReader | None) -> Outcome:
+    head, errors, total = _judge(lambda: read_policy_dir(policy_dir, limits), gitlab)
     warnings = head.warnings if head is not None else []
     if head is None:
         return Outcome(errors, total, warnings, None, False, "no access diff: the head's policy is invalid")
@@ -119,7 +173,7 @@ def check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits) -
     spec = f"{base}:{prefix}" if prefix else base
     try:
         with policy_tree(spec) as tree:
-            old, old_errors, old_total = _judge(lambda: read_policy_dir(tree, limits))
+            old, old_errors, old_total = _judge(lambda: read_policy_dir(tree, limits), gitlab)
     except UsageError as error:
         return Outcome(errors, total, warnings, None, False, f"no access diff: {error}")
     except OSError as error:  # no git in the image
@@ -136,10 +190,12 @@ def check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits) -
     return Outcome(errors, total, warnings, lines, diff.changed, f"{what} against {base[:12]}")
 
 
-def _judge(read: Callable[[], Mapping[str, str]]) -> tuple[CheckedPolicy | None, list[PolicyError], int]:
+def _judge(
+    read: Callable[[], Mapping[str, str]], gitlab: GitLabReader | None
+) -> tuple[CheckedPolicy | None, list[PolicyError], int]:
     """The tree `read` returns, checked: (the result, []) or (None, its errors, how many there were)."""
     try:
-        return check_policy_files(read()), [], 0
+        return check_policy_files(read(), gitlab), [], 0
     except PolicyInvalid as invalid:
         return None, list(invalid.errors), invalid.total
     except OSError as error:
@@ -218,6 +274,7 @@ def note_body(outcome: Outcome, env: Mapping[str, str]) -> str:
             lines.append(f"- ... and {outcome.total - MAX_LISTED} more (see the code-quality report)")
     else:
         lines.append("**Valid policy.**" + (f" {len(outcome.warnings)} warning(s)." if outcome.warnings else ""))
+    lines.extend(f"> {note}" for note in outcome.notes)
     lines.extend(["", "#### Access changes", ""])
     if outcome.diff is None:
         lines.append(f"_{outcome.diff_note}_")

@@ -578,6 +578,11 @@ def _on_loop_thread() -> bool:
     return True
 
 
+def policy_scope(policy: Policy, issuer: Issuer) -> Scope:
+    """What `policy` names of `issuer`'s GitLab (and its configured groups): what a one-off read must cover."""
+    return _scope(policy, issuer, {})
+
+
 def _id(item: Project | Group) -> int:
     return item.id
 
