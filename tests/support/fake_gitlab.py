@@ -18,6 +18,7 @@ methods (``add_project``, ``rename_project``, ``protect_branch``, ``commit``, ``
 from __future__ import annotations
 
 import calendar
+import contextlib
 import email.utils
 import hashlib
 import itertools
@@ -26,7 +27,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode
@@ -612,23 +613,16 @@ class FakeGitLab(OidcIssuer):
     # -- test controls: the repository and commit statuses
 
     def commit(
-        self,
-        project: int | str,
-        files: Files,
-        *,
-        branch: str | None = None,
-        message: str = "Update policy",
-        push_hook: bool = True,
+        self, project: int | str, files: Files, *, branch: str | None = None, message: str = "Update policy"
     ) -> str:
         """A new commit on ``branch`` (default: the default branch): ``files`` are written over the current tree
-        (``None`` deletes a file). Returns the new head sha. ``push_hook=False``: no Push Hook (a lost delivery)."""
+        (``None`` deletes a file). Returns the new head sha."""
         with self._api_lock:
             p = self._project(project)
             name = branch or p.default_branch or "main"
             parent = p.commits[p.branches[name]] if name in p.branches else self._resolve(p, p.default_branch or "")
             p.branches[name] = sha = self._new_commit(p, parent.sha, _apply(parent.tree, files), message).sha
-        if push_hook:
-            self._push_hook(p.id, p.path, name, parent.sha, sha)
+        self._push_hook(p.id, p.path, name, parent.sha, sha)
         return sha
 
     def head(self, project: int | str, branch: str | None = None) -> str:
@@ -1058,6 +1052,15 @@ class FakeGitLab(OidcIssuer):
         for hook in list(self._hooks):
             deliver(hook, "Merge Request Hook", payload)
         return iid
+
+    @contextlib.contextmanager
+    def hooks_lost(self) -> Iterator[None]:
+        """Webhook deliveries made meanwhile are lost (GitLab gave up on them): nothing reaches the hooks."""
+        hooks, self._hooks = self._hooks, []
+        try:
+            yield
+        finally:
+            self._hooks = hooks + self._hooks
 
     def set_merge_request_state(self, project: int | str, iid: int, state: str) -> None:
         if state not in MR_STATES:
