@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
+    mr_check = commands.add_parser("mr-check", help="a policy merge request's CI job: validate, diff, MR note")
+    _add_limit_arguments(mr_check)
+    from controlplane.cli.merge_request import add_arguments as add_mr_arguments
+
+    add_mr_arguments(mr_check)
 
     report = commands.add_parser("report", help="compliance evidence for a window: policy versions, access, use")
     from controlplane.cli.report import add_arguments as add_report_arguments
@@ -829,6 +834,12 @@ def _report(args: argparse.Namespace) -> int:
     return run_report(args, _limits(args))
 
 
+def _mr_check(args: argparse.Namespace) -> int:
+    from controlplane.cli.merge_request import run_mr_check
+
+    return run_mr_check(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -845,6 +856,7 @@ _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
     "report": _report,
+    "mr-check": _mr_check,
     "validate": _validate,
     "compile": _compile,
     "explain": _explain,
