@@ -80,6 +80,7 @@ Connection = psycopg.AsyncConnection[tuple[object, ...]]
 InsertMethod = Literal["copy", "values"]
 _T = TypeVar("_T")
 
+
 def _quote(column: str) -> str:
     return f'"{column}"'
 
