@@ -211,3 +211,12 @@ def test_deterministic_whatever_the_order_of_the_claims() -> None:
     second, _ = run(shuffled)
     assert render_yaml(first) == render_yaml(second)
     assert 'pipeline_source: ["push", "schedule", "web"]' in render_yaml(first)
+
+
+def test_a_recorded_value_a_subject_cannot_name_as_itself_is_not_pinned_from_observations() -> None:
+    """A glob character would widen, redacted text names nothing, an empty value is no value: rather no pin (never
+    narrower than observed) than a wrong one."""
+    for odd in ("review/*", "[redacted]", "", "tab\there"):
+        _, conditions = run([obs(environment="production"), obs(job="2", environment=odd)])
+        assert "environment" not in conditions, odd
+        assert conditions["pipeline_source"].value == ("push",)

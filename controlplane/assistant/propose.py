@@ -8,10 +8,11 @@ applies are written in docs/policy-assistant.md; in short:
   `GLOB_MIN` distinct values were seen at one segment with every other segment equal, that segment becomes `*`
   (one segment, never deeper); methods with the same paths share a rule;
 - one Binding per (project, backend), its subject pinned to the project *id* (the token's `project_id`), plus
-  `ref_protected: true` when every ref the project was observed on is protected (GitLab's verdict, read by the
-  caller), `ref` and `pipeline_source` when every CI job asking for the backend's audience may only run on
-  literal refs / sources (as controlplane.assistant.ci_config understands its rules), and `environment` when
-  every such job names a static environment;
+  `ref_protected: true` when every request carried `ref_protected: "true"` (the trail's record; GitLab's
+  protections now, read by the caller, only for rows recorded before the trail kept the claim), `ref` when every
+  CI job asking for the backend's audience may only run on literal refs (as controlplane.assistant.ci_config
+  understands its rules), and `pipeline_source` / `environment` when the recorded values agree with such jobs'
+  literal ones, or, no such job being read, from the recorded values alone;
 - bindings of OIDC issuers and shadow bindings are kept as they are (nothing observed speaks for or against them).
 """
 
@@ -33,6 +34,7 @@ from controlplane.model.policy import IssuerKind, Mode, Policy
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.diff import path_pattern
 
+REDACTED = "[redacted]"  # what the audit store writes for token-shaped text (audit/store.py)
 TEXT_DENIED_SHOWN = 20  # denied kinds of request listed in the text report
 GLOB_MIN = 3  # distinct values at one segment before it is generalised to `*`
 SUGGESTED_FILE = "suggested.yaml"
@@ -264,14 +266,11 @@ def suggest(given: Inputs) -> Report:
                 jobs=tuple(sorted(j.name for j in jobs)),
             )
         )
-    flags = (
-        _flags(given, gitlab, backends)
-        + tuple(
-            Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
-            for backend, path in sorted(unusable)
-        )
-        + tuple(mismatches)
+    flags = _flags(given, gitlab, backends) + tuple(
+        Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
+        for backend, path in sorted(unusable)
     )
+    flags += tuple(mismatches)
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
 
@@ -445,11 +444,16 @@ def _observed_pin(key: str, observed: Sequence[Observation], jobs: Sequence[CiJo
             source = f"the environments of {_names(jobs)}"
         agree = f"{len(recorded)} observed request(s) agree" if recorded else "none observed with the claim"
         return SuggestedCondition(key, allowed, f"{source}; {agree}{note}")
-    if jobs or before or not values or None in values:
+    if jobs or before or not values or not all(_pinnable(v) for v in values):
         return None
     seen = tuple(sorted(v for v in values if v is not None))
     why = f"observed only (no CI job asking for this audience was read): every one of {len(recorded)} request(s)"
     return SuggestedCondition(key, seen, f"{why} carried {' or '.join(seen)}")
+
+
+def _pinnable(value: str | None) -> bool:
+    """A recorded value a subject can name as itself: present, printable, not redacted, and no `*` (a glob)."""
+    return bool(value) and value is not None and value.isprintable() and "*" not in value and value != REDACTED
 
 
 def disagreements(observed: Sequence[Observation], jobs: Sequence[CiJob]) -> list[str]:
