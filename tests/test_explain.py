@@ -37,6 +37,8 @@ from controlplane.resolved.explain import (
     Request,
     document,
     explain,
+    normalize_path,
+    read_token,
     text_lines,
 )
 from controlplane.resolved.index import Resolution
@@ -47,6 +49,19 @@ QUICKSTART = ROOT / "examples" / "quickstart"
 NOW = 1_800_000_000
 GITLAB = "http://127.0.0.1:8090"
 OKTA = "https://example.okta.com/oauth2/default"
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+RS256 = '{"alg": "RS256"}'
+
+
+def _jwt(header: str, payload: str, signature: str = "c2ln") -> str:
+    return f"{_b64(header)}.{_b64(payload)}.{signature}"
 
 
 def inputs(example: str = "quickstart", **more: Any) -> ExplainInputs:
@@ -229,6 +244,112 @@ def test_unknown_host_public_path_exchange_escaped_slash_and_normalized_paths() 
     assert ask(deployer(), Request("POST", "DEPLOY.local:10000", "/deployments/1")).backend == "deploy-api"
 
 
+@pytest.mark.parametrize(
+    ("path", "normalized"),
+    [
+        ("/x/%2e%2e/healthz", "/healthz"),  # escaped dots are dots, then dot segments go
+        ("/x/%2E./healthz", "/healthz"),
+        ("/heal%74hz?a=b", "/healthz"),  # an escaped unreserved character is decoded
+        ("/a\\..\\healthz", "/healthz"),  # a backslash is a slash
+        ("/healthz/.", "/healthz/"),  # RFC 3986: a trailing dot segment leaves the slash
+        ("/a/b/..", "/a/"),
+        ("/..", "/"),
+        ("/x//../healthz", "/x/healthz"),  # dot segments first, then slashes merged
+        ("/a%3bb%7e", "/a%3Bb~"),  # other escapes kept, their hex in capitals
+        ("/a%zz", "/a%zz"),
+    ],
+)
+def test_paths_are_normalized_as_the_gateway_does(path: str, normalized: str) -> None:
+    """Each pair observed on the real Envoy (tests/test_e2e_explain.py's adversarial matrix)."""
+    assert normalize_path(path) == normalized
+
+
+def test_escaped_dots_and_letters_reach_the_public_path_as_at_the_gateway() -> None:
+    """`/x/%2e%2e/healthz` is `/healthz` at the gateway, a public path: explain said 401 (no token)."""
+    for path in ("/x/%2e%2e/healthz", "/heal%74hz", "/%2E/healthz", "/a\\..\\healthz"):
+        assert ask(None, Request("GET", "reports.local", path)).route == "public", path
+    assert ask(None, Request("GET", "reports.local", "/healthz/.")).decision == UNAUTHENTICATED  # /healthz/
+
+
+@pytest.mark.parametrize("path", ["/healthz#frag", "/r?a=#b", "/a%00b", "/a%2fb", "/a%5Cb"])
+def test_fragments_escaped_nul_and_escaped_slashes_are_refused_before_routing(path: str) -> None:
+    answer = ask(deployer(), Request("GET", "reports.local", path))
+    assert (answer.decision, answer.status, answer.route) == (REJECTED, 400, None), answer.reason
+
+
+@pytest.mark.parametrize("method", ["get", "GeT", "FOO", "M-SEARCH", "QUERY", "CONNECT"])
+def test_methods_the_http1_codec_refuses_are_400s(method: str) -> None:
+    answer = ask(deployer(), DEPLOY._replace(method=method))
+    assert (answer.decision, answer.status) == (REJECTED, 400), answer.reason
+    assert ask(deployer(), DEPLOY._replace(method="PROPFIND")).status == 403  # known: on to RBAC
+
+
+@pytest.mark.parametrize(
+    ("claims", "says"),
+    [
+        ({"iat": str(NOW)}, "iat: token says"),
+        ({"iat": 1e20}, "0 to 2^64 seconds"),
+        ({"exp": None}, "exp: token says null"),
+        ({"exp": 2**64}, "0 to 2^64 seconds"),
+        ({"exp": 10**400}, "0 to 2^64 seconds"),
+        ({"nbf": None}, "nbf: token says null"),
+        ({"sub": 7}, "sub: token says 7"),
+        ({"jti": 7}, "jti: token says 7"),
+        ({"iss": 7}, "iss: token says 7"),
+        ({"aud": 5}, "aud: token says 5"),
+        ({"aud": None}, "aud: token says null"),
+        ({"aud": ["https://deploy.local", 5]}, "a list of strings"),
+        ({"x": json.loads("[" * 100 + "]" * 100)}, "nests deeper"),
+    ],
+)
+def test_claims_of_a_type_envoy_cannot_read_are_a_401_before_anything_else(claims: dict[str, Any], says: str) -> None:
+    """Envoy's JWT library refuses these at parse time (401), before the issuer and the audience: explain
+    allowed some and called others a 403 for the audience."""
+    for request in (DEPLOY, DEPLOY._replace(host="reports.local")):  # right and wrong audience
+        answer = ask(deployer(**claims), request)
+        assert (answer.decision, answer.status) == (UNAUTHENTICATED, 401), (claims, answer.reason)
+        assert says in answer.reason
+
+
+def test_times_are_read_as_whole_seconds_and_zero_is_none() -> None:
+    assert ask(deployer(exp=NOW + 0.5, nbf=NOW - 5.5)).decision == ALLOWED  # a fraction is dropped, not refused
+    assert ask(deployer(exp=NOW + 3600.9, nbf=NOW - 0.1)).decision == ALLOWED
+    zero = ask(deployer(exp=0), DEPLOY._replace(host="reports.local"))  # 0 is no exp: the audience comes first
+    assert (zero.decision, zero.status) == (UNAUTHENTICATED, 403)
+    assert "exp 0, which Envoy reads as no exp" in ask(deployer(exp=0)).reason
+    assert ask(deployer(nbf=0)).decision == ALLOWED
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        ("not-a-jwt", "not a JWT"),
+        ("a.b", "not a JWT"),
+        ("a.b.c.d", "not a JWT"),
+        (_jwt(RS256, "{}", ""), "not a JWT"),
+        (_jwt('{"alg": "none"}', "{}"), 'alg "none" is not one Envoy supports'),
+        (_jwt('{"typ": "JWT"}', "{}"), "alg is missing"),
+        (_jwt('{"alg": "RS256", "kid": 5}', "{}"), "kid is 5"),
+        (_jwt('{"alg": "RS256", "alg": "none"}', "{}"), "header is not JSON"),
+        (_jwt(RS256, '{"exp": 1, "exp": 2}'), "payload is not JSON"),
+        (_jwt(RS256, '{"x": NaN}'), "payload is not JSON"),
+        (_jwt(RS256, "[1]"), "payload is not a JSON object"),
+        (_jwt(RS256, "not json"), "payload is not JSON"),
+        (_jwt(RS256, "{}", "c2l!"), "signature is not base64url"),
+        (_jwt(RS256, '{"x": ' + "[" * 100 + "]" * 100 + "}"), "nests deeper"),
+    ],
+)
+def test_tokens_envoy_cannot_read_are_a_401_said_in_words(token: str, says: str) -> None:
+    claims, problem = read_token(token)
+    assert claims is None and problem is not None and says in problem, problem
+    answer = explain(inputs(), None, DEPLOY, NOW, problem)
+    assert (answer.decision, answer.status) == (UNAUTHENTICATED, 401) and says in answer.reason
+    public = explain(inputs(), None, Request("GET", "reports.local", "/healthz"), NOW, problem)
+    assert public.decision == ALLOWED  # a public path reads no token
+    padded = _jwt(RS256, '{"a": 1}').replace(".c2ln", "==.c2ln==")
+    assert read_token(padded) == ({"a": 1}, None)  # padding is tolerated, as by Envoy
+
+
 def test_gateway_by_name_or_port_and_an_unknown_one_is_a_usage_error() -> None:
     assert ask(deployer(), DEPLOY._replace(port=10000)).steps[0].text == "gateway ci-gateway listens on port 10000"
     with pytest.raises(ExplainError, match="no gateway 'nope'"):
@@ -395,12 +516,23 @@ def test_cli_usage_errors_exit_2(
     assert says in capsys.readouterr().err
 
 
-def test_cli_refuses_what_is_not_a_jwt_without_echoing_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_answers_401_for_what_is_not_a_jwt_without_echoing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Envoy answers a token it cannot read with 401 wherever a token is checked: so does explain (it used to
+    exit 2), never repeating the token."""
     token = tmp_path / "token"
     token.write_text("not-a-jwt-but-maybe-a-secret")
-    assert main(["explain", str(QUICKSTART), "--token-file", str(token), "--host", "h"]) == 2
-    err = capsys.readouterr().err
-    assert "not a JWT" in err and "maybe-a-secret" not in err
+    assert main(["explain", str(QUICKSTART), "--token-file", str(token), "--host", "h"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("UNAUTHENTICATED: the token cannot be read: not a JWT") and "(Envoy answers 401)" in out
+    assert "maybe-a-secret" not in out + err
+    assert (
+        main(["explain", str(QUICKSTART), "--token-file", str(token), "--host", "deploy.local", "--format", "json"])
+        == 1
+    )
+    answer = json.loads(capsys.readouterr().out)
+    assert (answer["decision"], answer["status"]) == (UNAUTHENTICATED, 401)
 
 
 def test_cli_reads_the_token_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,7 +25,7 @@ from controlplane.resolved.explain import Credentials, ExplainInputs, Request
 
 MAX_BODY_BYTES = 64 * 1024  # a token's claims are a few KiB
 MAX_TEXT = 8192  # method, host, path, gateway
-FIELDS = {"claims": dict, "method": str, "host": str, "path": str, "gateway": str, "port": int}
+FIELDS = {"claims": dict, "method": str, "host": str, "path": str, "gateway": str, "port": int, "token_problem": str}
 REQUIRED = ("method", "host", "path")
 
 
@@ -33,8 +33,9 @@ class BadExplainRequest(ValueError):
     """A body the endpoint refuses (400), with the reason in words."""
 
 
-def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request]:
-    """The claims (None: the request carries no token) and the request, from `POST /explain`'s JSON body."""
+def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request, str | None]:
+    """The claims (None: the request carries no token), the request, and why the token cannot be read (the
+    CLI says so when Envoy could not read it: then no claims), from `POST /explain`'s JSON body."""
     if len(raw) > MAX_BODY_BYTES:
         raise BadExplainRequest(f"body over {MAX_BODY_BYTES} bytes")
     try:
@@ -51,7 +52,7 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request]:
         raise BadExplainRequest(f"missing field(s): {', '.join(missing)}")
     for name, value in body.items():
         kind = FIELDS[name]
-        if value is None and name in ("claims", "gateway", "port"):
+        if value is None and name in ("claims", "gateway", "port", "token_problem"):
             continue
         if not isinstance(value, kind) or isinstance(value, bool):
             raise BadExplainRequest(f"{name} must be a JSON {_kind_name(kind)}")
@@ -62,8 +63,11 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request]:
     port = body.get("port")
     if port is not None and not 0 < port < 65536:
         raise BadExplainRequest("port must be 1 to 65535")
+    problem = body.get("token_problem")
+    if problem is not None and body.get("claims") is not None:
+        raise BadExplainRequest("a token Envoy cannot read has no claims: give claims or token_problem, not both")
     request = Request(body["method"], body["host"], body["path"], body.get("gateway"), port)
-    return body.get("claims"), request
+    return body.get("claims"), request, problem
 
 
 def _kind_name(kind: type) -> str:

@@ -200,11 +200,11 @@ class AdminServer:
         assert self._explain is not None
         raw = await _bounded_body(request, MAX_BODY_BYTES + 1)
         try:
-            claims, asked = parse_body(raw)
+            claims, asked, problem = parse_body(raw)
             inputs = self._explain()
             if inputs is None:
                 return web.Response(status=503, text="no policy in service yet\n")
-            answer = explain(inputs, claims, asked, int(self._clock()))
+            answer = explain(inputs, claims, asked, int(self._clock()), problem)
         except (BadExplainRequest, ExplainError) as exc:
             return web.Response(status=400, text=f"{exc}\n")
         log.debug("explain: %s on backend %s", answer.decision, answer.backend)

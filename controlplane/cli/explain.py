@@ -13,8 +13,6 @@ error.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import json
 import sys
 import time
@@ -25,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from controlplane.model.errors import PolicyInvalid
-from controlplane.resolved.explain import ExplainError, Request, document, explain, text_lines
+from controlplane.resolved.explain import ExplainError, Request, document, explain, read_token, text_lines
 from controlplane.sources.policy_dir import ReadLimits
 
 EXIT_ALLOWED, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -65,12 +63,12 @@ def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
     try:
         if (args.policy is None) == (args.server is None):
             raise InputError("give a policy directory or --server HOST:PORT (one of them)")
-        claims = read_claims(args)
+        claims, problem = read_claims(args)
         request = build_request(args)
         if args.server is not None:
-            doc = _ask_server(args.server, claims, request)
+            doc = _ask_server(args.server, claims, request, problem)
         else:
-            doc = _ask_offline(args.policy, limits, claims, request, exchange=not args.no_exchange)
+            doc = _ask_offline(args.policy, limits, claims, request, problem, exchange=not args.no_exchange)
     except InputError as error:
         print(f"controlplane explain: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -100,34 +98,28 @@ def _read_file(path: Path) -> bytes:
         return file.read(MAX_INPUT_BYTES + 1)
 
 
-def read_claims(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The claims of `--token-file` (decoded, not verified) or `--claims`; None: the request has no token."""
+def read_claims(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None]:
+    """The claims of `--token-file` (decoded, not verified) or `--claims`; None: the request has no token, or
+    (with the second item, why) a token Envoy cannot read, which it answers with 401 where a token is checked:
+    a developer pastes what they have, and that is an answer too."""
     if args.token_file is not None:
-        return decode_token(_read(args.token_file))
+        return read_token(_read(args.token_file))
     if args.claims is not None:
         try:
             claims = json.loads(_read(args.claims))
-        except ValueError as error:
-            raise InputError(f"{args.claims}: not JSON ({error})") from None
+        except (ValueError, RecursionError) as error:
+            raise InputError(f"{args.claims}: not JSON ({str(error)[:80]})") from None
         if not isinstance(claims, dict):
             raise InputError(f"{args.claims}: the claims must be a JSON object")
-        return claims
-    return None
+        return claims, None
+    return None, None
 
 
 def decode_token(text: str) -> dict[str, Any]:
-    """The payload of a compact JWS (`Bearer ` prefix and whitespace tolerated). Never echoes the token."""
-    token = text.strip().removeprefix("Bearer ").strip()
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        raise InputError("the token is not a JWT (header.payload.signature)")
-    try:
-        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(payload)
-    except (binascii.Error, ValueError):
-        raise InputError("the token's payload is not base64url JSON") from None
-    if not isinstance(claims, dict):
-        raise InputError("the token's payload is not a JSON object")
+    """The payload of a compact JWS, or InputError when Envoy could not read it. Never echoes the token."""
+    claims, problem = read_token(text)
+    if claims is None:
+        raise InputError(problem or "not a JWT")
     return claims
 
 
@@ -155,7 +147,13 @@ def build_request(args: argparse.Namespace) -> Request:
 
 
 def _ask_offline(
-    policy_dir: Path, limits: ReadLimits, claims: dict[str, Any] | None, request: Request, *, exchange: bool
+    policy_dir: Path,
+    limits: ReadLimits,
+    claims: dict[str, Any] | None,
+    request: Request,
+    problem: str | None,
+    *,
+    exchange: bool,
 ) -> dict[str, Any]:
     from controlplane.admin.explain import explain_inputs, serve_default_credentials
     from controlplane.model.loader import parse_policy
@@ -173,13 +171,15 @@ def _ask_offline(
         raise InputError(f"{policy_dir}: {error}") from None
     inputs = explain_inputs(policy, resolved, serve_default_credentials(exchange), revocations_known=False)
     try:
-        return document(explain(inputs, claims, request, int(time.time())))
+        return document(explain(inputs, claims, request, int(time.time()), problem))
     except ExplainError as error:
         raise InputError(str(error)) from None
 
 
-def _ask_server(address: str, claims: dict[str, Any] | None, request: Request) -> dict[str, Any]:
+def _ask_server(address: str, claims: dict[str, Any] | None, request: Request, problem: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"claims": claims, "method": request.method, "host": request.host, "path": request.path}
+    if problem is not None:
+        body["token_problem"] = problem
     if request.gateway is not None:
         body["gateway"] = request.gateway
     if request.port is not None:
