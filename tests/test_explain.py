@@ -5,8 +5,12 @@ That the decisions are Envoy's own is tests/test_e2e_explain.py's matrix; here, 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import itertools
 import json
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -464,7 +468,8 @@ async def test_post_explain_answers_from_the_policy_in_service(
             assert response.status == 400
         async with http.get(url) as response:
             assert response.status == 405
-        async with http.post(url, data=b"{" + b" " * 100_000 + b"}") as response:
+        big = b"{" + b" " * 100_000 + b"}"
+        async with http.post(url, data=big, headers={"Content-Type": "application/json"}) as response:
             assert (response.status, await response.text()) == (400, "body over 65536 bytes\n")
     finally:
         await server.stop()
@@ -543,3 +548,109 @@ def test_cli_reads_the_token_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys:
     monkeypatch.setattr(sys, "stdin", stdin)
     assert main(["explain", str(QUICKSTART), "--token-file", "-", "--url", "http://deploy.local/deployments/1"]) == 1
     assert capsys.readouterr().out.startswith("UNAUTHENTICATED: audience: token has x, backend deploy-api needs")
+
+
+# -- attacks on POST /explain
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (
+            b'{"method": "GET", "host": "h", "path": "/", "claims": {"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}",
+            "deep",
+        ),
+        (b'{"method": "GET", "host": "h", "path": "/", "claims": {"exp": NaN}}', "NaN"),
+        (b'{"method": "GET", "host": "h", "path": "/", "claims": {"exp": Infinity}}', "Infinity"),
+        (b'{"method": "GET", "method": "POST", "host": "h", "path": "/"}', "given twice"),
+        (b'{"method": "GET", "host": "h", "path": "/", "claims": {"a": 1, "a": 2}}', "given twice"),
+        (b'{"method": "GET", "host": "h", "path": "/", "claims": {"exp": 1' + b"0" * 5000 + b"}}", "not JSON"),
+        (b'{"method": "GET", "host": "h", "path": "/", "claims": {}, "token_problem": "x"}', "not both"),
+        (b'{"method": "GET", "host": "h", "path": "/\xff"}', "not JSON"),
+    ],
+)
+def test_body_bombs_are_400s_not_500s(body: bytes, says: str) -> None:
+    """A nesting bomb raised RecursionError (a 500 and a traceback), NaN and a key twice were taken silently."""
+    with pytest.raises(BadExplainRequest) as raised:
+        parse_body(body)
+    assert says in str(raised.value)
+
+
+async def test_a_browser_page_cannot_post_a_simple_request_and_query_values_are_not_logged(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CSRF: a web page may POST text/plain (or a form) to the loopback admin port without a preflight; only
+    `application/json`, which a page cannot send cross-origin without the port's consent, is taken. A page
+    whose name was rebound to 127.0.0.1 sends its own name as Host: refused. And a token put in the query
+    string is not written to the DEBUG log."""
+    server = AdminServer(status=dict, ready=lambda: True, port=0, explain=inputs, clock=lambda: NOW)
+    port = await server.start()
+    url = f"http://127.0.0.1:{port}/explain"
+    body = json.dumps({"claims": deployer(), "method": "POST", "host": "deploy.local", "path": "/deployments/1"})
+    try:
+        caplog.set_level("DEBUG")
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            headers = {"Content-Type": kind} if kind else {}
+            async with http.post(url, data=body.encode(), headers=headers, skip_auto_headers=["Content-Type"]) as sent:
+                assert sent.status == 415, (kind, sent.status)
+        for kind in ("application/json", "application/json; charset=utf-8"):
+            async with http.post(url, data=body.encode(), headers={"Content-Type": kind}) as sent:
+                assert sent.status == 200
+        deep = b'{"method": "GET", "host": "h", "path": "/", "claims": {"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}"
+        async with http.post(url, data=deep, headers={"Content-Type": "application/json"}) as sent:
+            assert sent.status == 400
+        for rebound in ("evil.example", "evil.example:80", "127.0.0.1.nip.io"):  # DNS rebinding: its own name
+            headers = {"Content-Type": "application/json", "Host": rebound}
+            async with http.post(url, data=body.encode(), headers=headers) as sent:
+                assert sent.status == 403, rebound
+        for local in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]"):
+            async with http.post(
+                url, data=body.encode(), headers={"Content-Type": "application/json", "Host": local}
+            ) as sent:
+                assert sent.status == 200, local
+        async with http.post(
+            url + "?token=eyJsecret", data=body.encode(), headers={"Content-Type": "application/json"}
+        ) as sent:
+            assert sent.status == 400 and "eyJsecret" not in await sent.text()
+    finally:
+        await server.stop()
+    assert "eyJsecret" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_thousand_explains_while_the_policy_changes_each_get_one_whole_answer(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Concurrency: the policy in service flips between two versions on every read (the deployer allowed, then
+    revoked); 1,000 requests, 6 at a time (a client's share of connections), each get a 200 with the answer of
+    one version, never a mix; and the loop stays responsive (/healthz answers meanwhile)."""
+    versions = [inputs(), inputs(revoked=frozenset({"7001"}), revocations_known=True)]
+    reads = itertools.count()
+    server = AdminServer(
+        status=dict, ready=lambda: True, port=0, explain=lambda: versions[next(reads) % 2], clock=lambda: NOW
+    )
+    port = await server.start()
+    url = f"http://127.0.0.1:{port}/explain"
+    body = {"claims": deployer(), "method": "POST", "host": "deploy.local", "path": "/deployments/1"}
+    gate = asyncio.Semaphore(6)  # the admin port takes 8 connections from one address: the rest are closed
+    health: list[float] = []
+
+    async def one() -> tuple[int, str]:
+        async with gate, http.post(url, json=body) as sent:
+            return sent.status, (await sent.json())["decision"]
+
+    async def probe() -> None:
+        for _ in range(20):
+            started = time.monotonic()
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as sent:
+                assert sent.status == 200
+            health.append(time.monotonic() - started)
+
+    try:
+        started = time.monotonic()
+        answers, _ = await asyncio.gather(asyncio.gather(*(one() for _ in range(1000))), probe())
+        took = time.monotonic() - started
+    finally:
+        await server.stop()
+    print(f"\n1,000 explains in {took:.1f}s; /healthz meanwhile at most {max(health) * 1000:.0f} ms")
+    assert Counter(answers) == {(200, ALLOWED): 500, (200, REVOKED): 500}
+    assert max(health) < 2.0

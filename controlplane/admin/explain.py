@@ -39,9 +39,11 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request, str | None]:
     if len(raw) > MAX_BODY_BYTES:
         raise BadExplainRequest(f"body over {MAX_BODY_BYTES} bytes")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadExplainRequest("body is not JSON this endpoint reads: it nests too deep") from None
     except (ValueError, UnicodeDecodeError) as error:
-        raise BadExplainRequest(f"body is not JSON: {error}") from None
+        raise BadExplainRequest(f"body is not JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise BadExplainRequest("body must be a JSON object")
     unknown = sorted(set(body) - set(FIELDS))
@@ -68,6 +70,18 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request, str | None]:
         raise BadExplainRequest("a token Envoy cannot read has no claims: give claims or token_problem, not both")
     request = Request(body["method"], body["host"], body["path"], body.get("gateway"), port)
     return body.get("claims"), request, problem
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is ambiguous (Python keeps the last, Envoy refuses the token): refused."""
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise ValueError("a key given twice")
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _kind_name(kind: type) -> str:
