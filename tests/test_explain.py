@@ -654,3 +654,94 @@ async def test_a_thousand_explains_while_the_policy_changes_each_get_one_whole_a
     print(f"\n1,000 explains in {took:.1f}s; /healthz meanwhile at most {max(health) * 1000:.0f} ms")
     assert Counter(answers) == {(200, ALLOWED): 500, (200, REVOKED): 500}
     assert max(health) < 2.0
+
+
+# -- attacks on the command line
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse's own refusals
+        return int(exit.code or 0)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        ["--host", "deploy.local", "{token}"],  # a stray argument: argparse echoed it ("unrecognized arguments")
+        ["--token", "{token}", "--host", "deploy.local"],  # a flag that does not exist: echoed too
+        ["--host", "deploy.local", "--jwt={token}"],
+        ["--host", "{token}"],
+        ["--url", "http://deploy.local/x?access_token={token}"],
+        ["--host", "deploy.local", "--path", "/x", "--method", "Bearer {token}"],
+    ],
+)
+def test_a_token_on_the_command_line_is_refused_and_never_repeated(
+    where: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = _token(deployer())
+    argv = ["explain", str(QUICKSTART), *(a.replace("{token}", token) for a in where)]
+    assert _run(argv) == 2
+    out, err = capsys.readouterr()
+    assert token not in out + err and token[-20:] not in out + err
+    assert "--token-file" in err
+    assert _run(["explain", token, "--host", "deploy.local"]) == 2  # the token where the policy goes
+    out, err = capsys.readouterr()
+    assert token[-20:] not in out + err
+
+
+def test_terminal_escapes_in_claims_never_reach_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The audience was printed raw: a token whose `aud` holds ESC sequences could rewrite the developer's
+    terminal (title, screen, hyperlinks). Every text line is printed with control and format characters
+    escaped; JSON escapes them by itself."""
+    hostile = "\x1b]0;owned\x07\x1b[2J\u202egnp.exe\x9b31m"
+    token = tmp_path / "token"
+    for claims in ({"aud": hostile}, {"aud": [hostile]}, {"iss": hostile}, {"ref": hostile}):
+        token.write_text(_token(deployer(exp=2**40, nbf=0, **claims)))
+        for output in ("text", "json"):
+            argv = [
+                "explain",
+                str(QUICKSTART),
+                "--token-file",
+                str(token),
+                "--url",
+                "http://deploy.local/deployments/1",
+            ]
+            assert main([*argv, "--format", output]) == 1
+            out = capsys.readouterr().out
+            assert not any(c in out for c in "\x1b\x07\u202e\x9b"), (output, out)
+            assert "\\u001b]0;owned" in out
+    lines = text_lines({**document(ask(deployer())), "reason": "a\x1bb", "notes": ["\x07"]})
+    assert "\x1b" not in "".join(lines) and "a\\u001bb" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge", "directory", "not utf-8"])
+def test_token_files_that_are_not_plain_files_are_read_with_a_bound(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import threading
+
+    path = tmp_path / "token"
+    writer = None
+    if kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+        writer = threading.Thread(target=lambda: path.write_text(_token(deployer())), daemon=True)
+        writer.start()
+    elif kind == "huge":
+        path.write_bytes(b"a" * 10_000_000)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe")
+    code = main(["explain", str(QUICKSTART), "--token-file", str(path), "--url", "http://deploy.local/deployments/1"])
+    if writer is not None:
+        writer.join(5)
+        assert code != 2 and "cannot be read" not in capsys.readouterr().out  # <(cat job.jwt) is a pipe: read
+    else:
+        assert code == 2 and "controlplane explain:" in capsys.readouterr().err

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +36,9 @@ EPILOG = """\
 exit status: 0 allowed, 1 refused (denied, revoked, unauthenticated, no route, rejected), 2 usage or input error.
 The token's signature is not checked (Envoy checks it); offline, revoked jobs and GitLab's live state are unknown:
 ask a running server with --server. JSON output: docs/explain.md."""
+
+
+_LOOKS_LIKE_A_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.")
 
 
 class InputError(Exception):
@@ -57,10 +62,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-exchange", action="store_true", help="offline: serve runs with --no-exchange (no exchanged credentials)"
     )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+    # Unexpected arguments are kept for run_explain rather than refused by argparse, whose error repeats them:
+    # a token pasted on the command line would be printed again, to the terminal or the CI log.
+    parser.set_defaults(unexpected=[])
+    setattr(parser, "parse_known_args", _keeping_unexpected(parser.parse_known_args))  # noqa: B010
+
+
+def _keeping_unexpected(parse: Callable[..., tuple[argparse.Namespace, list[str]]]) -> Callable[..., Any]:
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unexpected = parse(args, namespace)
+        parsed.unexpected = [*parsed.unexpected, *unexpected]
+        return parsed, []
+
+    return parse_known_args
 
 
 def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
     try:
+        refuse_argv_tokens(args)
         if (args.policy is None) == (args.server is None):
             raise InputError("give a policy directory or --server HOST:PORT (one of them)")
         claims, problem = read_claims(args)
@@ -78,6 +99,20 @@ def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
         for line in text_lines(doc):
             print(line)
     return EXIT_ALLOWED if doc["allowed"] else EXIT_REFUSED
+
+
+def refuse_argv_tokens(args: argparse.Namespace) -> None:
+    """A token given on the command line is refused and never repeated: argv is visible to every user of the
+    machine (and kept in shell history), and an error that echoed it would print it again."""
+    values = [args.policy, args.server, args.host, args.path, args.url, args.method, args.gateway, args.claims]
+    values += [args.token_file, *args.unexpected]
+    if any(_LOOKS_LIKE_A_JWT.search(str(v)) for v in values if v is not None):
+        raise InputError(
+            "a token on the command line is visible to every user of this machine and stays in shell history: "
+            "it was not used (nor is it repeated here); pass it with --token-file FILE, or --token-file - (stdin)"
+        )
+    if args.unexpected:
+        raise InputError(f"{len(args.unexpected)} unexpected argument(s), not repeated here (one may be a token)")
 
 
 def _read(source: str) -> str:

@@ -24,6 +24,7 @@ import base64
 import binascii
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -774,4 +775,13 @@ def text_lines(doc: Mapping[str, Any]) -> list[str]:
         lines.append(f"  nearest: {candidate['grant']}{shadow}, {candidate['failing']} failing:")
         lines += [f"    - {f['text']}" for f in candidate["failures"]]
     lines += [f"  note: {n}" for n in doc["notes"]]
-    return lines
+    return [printable(line) for line in lines]
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped (`\\u001b`): what a token or a server says must not
+    drive the developer's terminal (ESC sequences, BEL, C1 controls, bidirectional overrides)."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+
+
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Co", "Cs", "Zl", "Zp"))
