@@ -861,6 +861,7 @@ def adversarial_requests(port: int) -> list[Request]:
         "/r?x=%5C",
         "/r%3F%23",
     ]
+    paths += ["/caf\u00e9", "/a\x7fb", "/a`b", "/a}b", "/a\tb", "/healthz?", "/healthz%3f", "/%2e", "/.%2E"]
     out = [Request("GET", "reports.local", p) for p in paths]
     out += [
         Request("POST", "deploy.local", p) for p in ("/deployments/%31", "/deployments%2F1", "/x/%2e%2e/deployments/1")
@@ -884,6 +885,10 @@ def adversarial_requests(port: int) -> list[Request]:
         "*.wild.local",
         "a.wild.local.",
     ]
+    hosts += ["reports.local ", "reports.local\t", "reports.local:00080", "reports.local:+1", "reports.local:99999"]
+    hosts += ["reports.local:-1", "reports.local:1:2", "reports\u00e9.local", "reports.local;x", "[::ffff:127.0.0.1]"]
+    hosts += [" reports.local", "REPORTS.local:" + str(port), "reports.local/x", 'reports"local', "reports.local@x"]
+    hosts += ["user@reports.local", "reports.local%2e", "reports.local:8o", "reports.local!", "reports_local"]
     out += [Request("GET", h, "/r") for h in hosts]
     methods = ["get", "head", "GeT", "FOO", "PURGE", "OPTIONS", "HEAD", "PATCH", "PROPFIND", "M-SEARCH", "QUERY"]
     methods += ["SOURCE", "LINK", "TRACE", "MKCALENDAR", "REPORT", "BREW", "SEARCH", "DELETE", "PUT", "COPY"]

@@ -71,6 +71,7 @@ JWT_ALGORITHMS = frozenset((
 # fmt: on
 JSON_MAX_DEPTH = 100  # Envoy parses a token's JSON into a protobuf Struct, which refuses deeper nesting
 _UINT64_LIMIT = 2.0**64
+_AUTHORITY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:%@[]")
 
 
 class ExplainError(ValueError):
@@ -166,6 +167,7 @@ def explain(
     `claims` is None."""
     if not request.path.startswith("/"):
         raise ExplainError(f"the path must start with '/', got {request.path!r}")
+    request = request._replace(host=request.host.strip(" \t"))  # the codec trims a header value's blanks
     gateway, steps, notes = _gateway(inputs.policy, request)
     backend = _virtual_host(inputs.policy, gateway, request.host)
     chain = _Chain(gateway, backend, steps, notes)
@@ -173,7 +175,7 @@ def explain(
         steps.append(Step("virtual_host", False, f"no backend on gateway {gateway.name} serves host {request.host!r}"))
     else:
         steps.append(Step("virtual_host", True, f"host {request.host!r} is backend {backend.name}"))
-    refused = _codec_refusal(request.method) or path_refusal(request.path)
+    refused = _codec_refusal(request.method) or _authority_refusal(request.host) or path_refusal(request.path)
     if refused is not None:
         steps.append(Step("route", False, refused))
         return _done(chain, REJECTED, 400, refused, None)
@@ -279,9 +281,20 @@ def _codec_refusal(method: str) -> str | None:
     )
 
 
+def _authority_refusal(host: str) -> str | None:
+    """The connection manager refuses a Host header holding characters an authority cannot (400)."""
+    bad = sorted({c for c in host if c not in _AUTHORITY_CHARS})
+    if not bad:
+        return None
+    return f"the Host header holds {json.dumps(''.join(bad))}, which an authority cannot: the gateway refuses it (400)"
+
+
 def path_refusal(path: str) -> str | None:
     """Why the connection manager refuses the path before routing (400), or None: a fragment (`#`, anywhere,
     the query too), an escaped slash or backslash (`%2F`, `%5C`, before the query), an escaped NUL."""
+    odd = sorted({c for c in path if not "!" <= c <= "~"})
+    if odd:
+        return f"the path holds {json.dumps(''.join(odd))} (not printable ASCII): the HTTP/1.1 codec refuses it (400)"
     if "#" in path:
         return "the path holds a fragment (#): the gateway's path normalization refuses it (400)"
     bare = path.partition("?")[0]
