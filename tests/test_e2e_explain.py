@@ -60,7 +60,7 @@ from controlplane.resolved.explain import (
 from controlplane.resolved.index import Resolution
 from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
 from tests.support.fake_gitlab import OMIT, FakeGitLab
-from tests.support.fake_oidc import FakeOidc
+from tests.support.fake_oidc import FakeOidc, SigningKey
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer
 from tests.support.ports import LOOPBACK, poll_until
 from tests.support.stack import PolicyInputs, Served, serve_stack
@@ -121,6 +121,8 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
         "issuers.yaml": documents(
             issuer(given.issuer, extra=f"inventory: inventory.yaml\nclock_skew: {SKEW}"),
             issuer(okta.issuer, name="okta", kind="oidc", extra=f"jwks_uri: {okta.jwks_uri}"),
+            # A second issuer on the same keys (one IdP, two issuer names): the token's `iss` picks the provider.
+            issuer(twin_issuer(okta), name="okta-twin", kind="oidc", extra=f"jwks_uri: {okta.jwks_uri}"),
         ),
         "inventory.yaml": INVENTORY,
         "backends.yaml": documents(
@@ -163,6 +165,7 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
                 '{claims: {groups: platform-admins, email: "*@example.com"}}',
                 extra="issuer: okta",
             ),
+            binding("twins-read", ["reports-read"], "{claims: {groups: twins}}", extra="issuer: okta-twin"),
             binding(
                 "acme-dry-run", ["deploy-trigger"], "{group: 10, ref_protected: true}", extra=f"{gitlab}\nmode: shadow"
             ),
@@ -187,6 +190,10 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
             access_log=given.access_log,
         ),
     }
+
+
+def twin_issuer(okta: FakeOidc) -> str:
+    return f"{okta.issuer}/twin"
 
 
 PROJECTS: tuple[tuple[int, str, int], ...] = (
@@ -681,7 +688,8 @@ def raw_send(port: int, address: str, method: str, host: str, path: str, token: 
 
 def adversarial_tokens(stack: ExplainStack) -> dict[str, str]:
     """Tokens signed by the policy's GitLab with claims of odd types, odd times and odd shapes, by label."""
-    gitlab, now = stack.gitlab, int(time.time())
+    gitlab, now, okta = stack.gitlab, int(time.time()), stack.okta
+    assert okta is not None
     deployer: dict[str, Any] = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
     reports = "https://reports.local"
 
@@ -739,6 +747,13 @@ def adversarial_tokens(stack: ExplainStack) -> dict[str, str]:
         "project_path unicode": mint(project_path="acme/platform/depl\u043eyer"),
         "job_id number": mint(job_id=REVOKED_JOBS[0]),
         "groups list": mint(groups=["platform-admins"]),
+        "okta twin": okta.mint(aud=reports, groups=["twins"], raw={"iss": twin_issuer(okta)}),
+        "okta twin, not a twin": okta.mint(aud=reports, groups=["eng"], raw={"iss": twin_issuer(okta)}),
+        "okta, a twin": okta.mint(aud=reports, groups=["twins"]),
+        "okta twin for flags": okta.mint(aud="api://flags", groups=["twins"], raw={"iss": twin_issuer(okta)}),
+        "okta twin, wrong keys": okta.mint(
+            aud=reports, groups=["twins"], raw={"iss": twin_issuer(okta)}, key=SigningKey.generate()
+        ),
         "not a JWT": "not-a-token",
         "two parts": f"{header}.{base.split('.')[1]}",
         "payload not JSON": f"{header}.bm90IGpzb24.{signature}",
@@ -900,7 +915,7 @@ def adversarial_requests(port: int) -> list[Request]:
 
 
 # Refused by the signature or the issuer's keys, which explain does not hold (it says so: SIGNATURE_NOTE).
-SIGNATURE_ONLY = ("header HS256", "payload padded")
+SIGNATURE_ONLY = ("header HS256", "payload padded", "okta twin, wrong keys")
 SIGNATURE_DETAILS = re.compile(r"Jwt_verification_fails|Jwks_doesn't_have_key")
 
 
@@ -978,6 +993,12 @@ def test_explain_agrees_with_envoy_on_an_adversarial_matrix(explain_stack: Expla
             detail = (entries.get(address) or {}).get("details")
             disagreements.append(f"{label}: {request}: Envoy {envoy} ({detail}), explain {said}")
     admin.close()
+    twin = explain(inputs, read_token(tokens["okta twin"])[0], per_token[0], now)
+    assert twin.allowed_by == ("twins-read/reports-read",)  # two issuers on one JWKS: the token's iss decides
+    twin_at = next(
+        a for (label, _, r), a in zip(cases, addresses, strict=True) if label == "okta twin" and r == per_token[0]
+    )
+    assert entries[twin_at]["details"] == "via_upstream"
     print(f"\n{len(cases)} adversarial cases; disagreements: {len(disagreements)}; signature only: {signature_only}")
     for line in disagreements:
         print("  " + line)
