@@ -780,3 +780,41 @@ def test_one_explain_builds_the_exchanged_grants_of_the_backend_asked_about_only
     claims = {"iss": policy.issuers[0].url, "aud": target.audience, "exp": 2**40, "project_id": "1"}
     answer = explain(given, claims, Request("GET", target.hosts[0], "/api/x"), NOW)
     assert answer.backend == target.name and built == [target.name]
+
+
+def test_a_server_that_answers_oddly_or_with_escapes_is_refused_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--server` pointed at something else: a reply without the answer's shape crashed text output with a
+    KeyError traceback, and an error body was printed raw (ESC sequences to the terminal)."""
+    import http.server
+    import threading
+
+    replies = [b'{"decision": "allowed"}', b'{"decision": "denied", "allowed": false, "status": 403}']
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if replies:
+                body, code = replies.pop(0), 200
+            else:
+                body, code = b"\x1b]0;owned\x07 go away", 400
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        argv = ["explain", "--server", f"127.0.0.1:{server.server_port}", "--host", "deploy.local"]
+        for _ in range(3):
+            assert main(argv) == 2
+            out, err = capsys.readouterr()
+            assert "\x1b" not in out + err and "\x07" not in out + err and err.startswith("controlplane explain:")
+    finally:
+        server.shutdown()
+        server.server_close()

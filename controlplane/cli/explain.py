@@ -25,12 +25,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from controlplane.model.errors import PolicyInvalid
-from controlplane.resolved.explain import ExplainError, Request, document, explain, read_token, text_lines
+from controlplane.resolved.explain import (
+    ExplainError,
+    Request,
+    document,
+    explain,
+    printable,
+    read_token,
+    text_lines,
+)
 from controlplane.sources.policy_dir import ReadLimits
 
 EXIT_ALLOWED, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 SERVER_TIMEOUT = 10.0
 MAX_INPUT_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a server's answer: a few KiB; more is not one (a truncated body is not JSON)
 
 EPILOG = """\
 exit status: 0 allowed, 1 refused (denied, revoked, unauthenticated, no route, rejected), 2 usage or input error.
@@ -91,7 +100,7 @@ def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
         else:
             doc = _ask_offline(args.policy, limits, claims, request, problem, exchange=not args.no_exchange)
     except InputError as error:
-        print(f"controlplane explain: {error}", file=sys.stderr)
+        print(printable(f"controlplane explain: {error}"), file=sys.stderr)  # a server's words too
         return EXIT_USAGE
     if args.format == "json":
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -225,12 +234,33 @@ def _ask_server(address: str, claims: dict[str, Any] | None, request: Request, p
     )
     try:
         with urllib.request.urlopen(sent, timeout=SERVER_TIMEOUT) as response:
-            answer = json.loads(response.read())
+            answer = json.loads(response.read(MAX_ANSWER_BYTES))
     except urllib.error.HTTPError as error:
-        text = error.read().decode(errors="replace").strip()
+        text = error.read(4096).decode(errors="replace").strip()
         raise InputError(f"{address}: {error.code} {text}") from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise InputError(f"{address}: {getattr(error, 'reason', error)}") from None
-    if not isinstance(answer, dict) or "decision" not in answer:
+    if not isinstance(answer, dict) or not _an_answer(answer):
         raise InputError(f"{address}: not an explain answer")
     return answer
+
+
+def _an_answer(answer: object) -> bool:
+    """The shape `text_lines` and the exit status read (docs/explain.md), so another server's reply is refused
+    in words rather than a traceback."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("decision"), str):
+        return False
+    lists = ("steps", "nearest", "notes")
+    if not isinstance(answer.get("allowed"), bool) or not isinstance(answer.get("status"), int):
+        return False
+    if not isinstance(answer.get("reason"), str) or not all(isinstance(answer.get(k), list) for k in lists):
+        return False
+    steps_ok = all(isinstance(s, dict) and {"step", "ok", "text"} <= set(s) for s in answer["steps"])
+    nearest_ok = all(
+        isinstance(c, dict)
+        and {"grant", "mode", "failing", "failures"} <= set(c)
+        and isinstance(c["failures"], list)
+        and all(isinstance(f, dict) and "text" in f for f in c["failures"])
+        for c in answer["nearest"]
+    )
+    return steps_ok and nearest_ok
