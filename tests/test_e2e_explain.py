@@ -754,6 +754,25 @@ def adversarial_tokens(stack: ExplainStack) -> dict[str, str]:
         "okta twin, wrong keys": okta.mint(
             aud=reports, groups=["twins"], raw={"iss": twin_issuer(okta)}, key=SigningKey.generate()
         ),
+        **{
+            f"okta groups {json.dumps(groups)}": okta.mint(aud=reports, raw={"groups": groups})
+            for groups in (
+                "platform-admins",
+                ["platform-admins", 5],
+                [["platform-admins"]],
+                [None, "platform-admins"],
+                {"platform-admins": True},
+                [],
+                None,
+                "PLATFORM-ADMINS",
+                ["platform-admins "],
+                ["platform-admins\u0000"],
+            )
+        },
+        **{
+            f"okta email {json.dumps(email)}": okta.mint(aud=reports, groups=["platform-admins"], raw={"email": email})
+            for email in ("@example.com", "a/b@example.com", "x@EXAMPLE.com", ["x@example.com"], 5, "x@example.com\n")
+        },
         "not a JWT": "not-a-token",
         "two parts": f"{header}.{base.split('.')[1]}",
         "payload not JSON": f"{header}.bm90IGpzb24.{signature}",
