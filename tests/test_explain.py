@@ -818,3 +818,21 @@ def test_a_server_that_answers_oddly_or_with_escapes_is_refused_in_words(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_claims_json_envoy_would_not_parse_is_the_401_of_the_token_carrying_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--claims` with a key given twice: Python kept the last (here a valid audience) and said allowed; Envoy
+    refuses such a payload (401)."""
+    claims = tmp_path / "claims.json"
+    valid = json.dumps(deployer(exp=2**40, nbf=0))
+    claims.write_text(valid[:-1] + ', "aud": "https://deploy.local"}')
+    argv = ["explain", str(QUICKSTART), "--claims", str(claims), "--url", "http://deploy.local/deployments/1"]
+    assert main(argv) == 1
+    said = capsys.readouterr().out
+    assert said.startswith("UNAUTHENTICATED: the token cannot be read: the token's payload is not JSON")
+    claims.write_text(valid)
+    assert main(argv) == 0
+    claims.write_text("{not json")
+    assert main(argv) == 2

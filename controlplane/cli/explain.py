@@ -31,6 +31,7 @@ from controlplane.resolved.explain import (
     document,
     explain,
     printable,
+    read_json_object,
     read_token,
     text_lines,
 )
@@ -149,13 +150,15 @@ def read_claims(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | 
     if args.token_file is not None:
         return read_token(_read(args.token_file))
     if args.claims is not None:
+        text = _read(args.claims)
         try:
-            claims = json.loads(_read(args.claims))
+            claims = json.loads(text)
         except (ValueError, RecursionError) as error:
             raise InputError(f"{args.claims}: not JSON ({str(error)[:80]})") from None
         if not isinstance(claims, dict):
             raise InputError(f"{args.claims}: the claims must be a JSON object")
-        return claims, None
+        # JSON Python reads but Envoy would not (a key twice, NaN, too deep): the token carrying it is a 401.
+        return read_json_object(text, "token's payload")
     return None, None
 
 

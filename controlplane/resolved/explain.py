@@ -536,10 +536,19 @@ def _json_section(text: str, what: str) -> tuple[dict[str, Any] | None, str | No
     if not _BASE64URL.fullmatch(text):
         return None, f"the {what} is not base64url"
     try:
-        raw = base64.urlsafe_b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4))
-        data = json.loads(raw.decode(), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (binascii.Error, ValueError, RecursionError):
-        return None, f"the {what} is not JSON Envoy can parse (base64url of a JSON object, no key twice, no NaN)"
+        raw = base64.urlsafe_b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4)).decode()
+    except (binascii.Error, ValueError):
+        return None, f"the {what} is not base64url of UTF-8 text"
+    return read_json_object(raw, what)
+
+
+def read_json_object(raw: str, what: str = "payload") -> tuple[dict[str, Any] | None, str | None]:
+    """`raw` as Envoy parses a token's JSON: strict (no key twice, no NaN), at most JSON_MAX_DEPTH deep, an
+    object; or None and why not."""
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None, f"the {what} is not JSON Envoy can parse (a JSON object, no key twice, no NaN)"
     if not isinstance(data, dict):
         return None, f"the {what} is not a JSON object"
     if json_depth(data) > JSON_MAX_DEPTH:
