@@ -23,6 +23,7 @@ import http.client
 import itertools
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -49,15 +50,17 @@ from controlplane.resolved.explain import (
     REVOKED,
     SIGNATURE_NOTE,
     UNAUTHENTICATED,
+    ExplainError,
     ExplainInputs,
     Request,
     explain,
     normalize_path,
+    read_token,
 )
 from controlplane.resolved.index import Resolution
 from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
 from tests.support.fake_gitlab import OMIT, FakeGitLab
-from tests.support.fake_oidc import FakeOidc
+from tests.support.fake_oidc import FakeOidc, SigningKey
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer
 from tests.support.ports import LOOPBACK, poll_until
 from tests.support.stack import PolicyInputs, Served, serve_stack
@@ -118,6 +121,8 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
         "issuers.yaml": documents(
             issuer(given.issuer, extra=f"inventory: inventory.yaml\nclock_skew: {SKEW}"),
             issuer(okta.issuer, name="okta", kind="oidc", extra=f"jwks_uri: {okta.jwks_uri}"),
+            # A second issuer on the same keys (one IdP, two issuer names): the token's `iss` picks the provider.
+            issuer(twin_issuer(okta), name="okta-twin", kind="oidc", extra=f"jwks_uri: {okta.jwks_uri}"),
         ),
         "inventory.yaml": INVENTORY,
         "backends.yaml": documents(
@@ -160,6 +165,7 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
                 '{claims: {groups: platform-admins, email: "*@example.com"}}',
                 extra="issuer: okta",
             ),
+            binding("twins-read", ["reports-read"], "{claims: {groups: twins}}", extra="issuer: okta-twin"),
             binding(
                 "acme-dry-run", ["deploy-trigger"], "{group: 10, ref_protected: true}", extra=f"{gitlab}\nmode: shadow"
             ),
@@ -184,6 +190,10 @@ def policy(given: PolicyInputs, okta: FakeOidc) -> dict[str, str]:
             access_log=given.access_log,
         ),
     }
+
+
+def twin_issuer(okta: FakeOidc) -> str:
+    return f"{okta.issuer}/twin"
 
 
 PROJECTS: tuple[tuple[int, str, int], ...] = (
@@ -651,3 +661,364 @@ def test_a_server_watching_gitlab_explains_with_gitlab_as_it_is_now(live_stack: 
         assert "is archived (policy.yaml:" in withdrawn
     finally:
         stack.gitlab.archive_project(stack.deployer, archived=False)
+
+
+# -- the adversarial matrix: what the generated matrix does not produce
+
+
+def raw_send(port: int, address: str, method: str, host: str, path: str, token: str | None) -> int:
+    """One request written byte for byte (http.client would refuse or rewrite some of these), on a connection
+    of its own from `address`; Envoy's status, or 0 when it closed without one."""
+    import socket
+
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    if token is not None:
+        head.append(f"Authorization: Bearer {token}")
+    with socket.create_connection((LOOPBACK, port), timeout=10, source_address=(address, 0)) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    parts = answer.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def adversarial_tokens(stack: ExplainStack) -> dict[str, str]:
+    """Tokens signed by the policy's GitLab with claims of odd types, odd times and odd shapes, by label."""
+    gitlab, now, okta = stack.gitlab, int(time.time()), stack.okta
+    assert okta is not None
+    deployer: dict[str, Any] = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
+    reports = "https://reports.local"
+
+    base = gitlab.mint(**deployer, aud=reports, ttl=3600)
+    payload, body = json.dumps(decode_token(base)), base.split(".")[1]
+
+    def mint(**raw: Any) -> str:
+        claims = decode_token(base)
+        for name, value in raw.items():
+            if value is OMIT:
+                claims.pop(name)
+            else:
+                claims[name] = value
+        return signed(stack, json.dumps(claims))
+
+    header, _, signature = base.split(".")
+    return {
+        "ok": base,
+        "aud list, one right": mint(aud=["https://wrong.local", reports]),
+        "aud list with a number": mint(aud=[reports, 5]),
+        "aud a number": mint(aud=5),
+        "aud null": mint(aud=None),
+        "aud empty list": mint(aud=[]),
+        "exp float": mint(exp=now + 3600.5),
+        "exp float past": mint(exp=now - SKEW - 100.5),
+        "exp string": mint(exp=str(now + 3600)),
+        "exp huge float": mint(exp=1e20),
+        "exp 2**64": mint(exp=2**64),
+        "exp 2**62": mint(exp=2**62),
+        "exp null": mint(exp=None),
+        "exp true": mint(exp=True),
+        "exp negative": mint(exp=-1),
+        "exp zero": mint(exp=0),
+        "nbf within skew": mint(nbf=now + SKEW // 4),
+        "nbf beyond skew": mint(nbf=now + SKEW + 900),
+        "nbf float": mint(nbf=now - 5.5),
+        "nbf string": mint(nbf=str(now - 5)),
+        "nbf null": mint(nbf=None),
+        "iat string": mint(iat=str(now)),
+        "iat float": mint(iat=now + 0.25),
+        "iat huge": mint(iat=1e20),
+        "iat future": mint(iat=now + 10_000),
+        "iat null": mint(iat=None),
+        "sub number": mint(sub=7),
+        "sub trailing slash": mint(sub="project_path:acme/platform/deployer/"),
+        "jti number": mint(jti=7),
+        "iss trailing slash": mint(iss=gitlab.issuer + "/"),
+        "iss number": mint(iss=7),
+        "iss missing": mint(iss=OMIT),
+        "project_id number": mint(project_id=42),
+        "ref_protected bool": mint(ref_protected=True),
+        "ref_protected null": mint(ref_protected=None),
+        "project_path list": mint(project_path=["acme/platform/deployer"]),
+        "project_path nested": mint(project_path=[["acme/platform/deployer"]]),
+        "project_path unicode": mint(project_path="acme/platform/depl\u043eyer"),
+        "job_id number": mint(job_id=REVOKED_JOBS[0]),
+        "groups list": mint(groups=["platform-admins"]),
+        "okta twin": okta.mint(aud=reports, groups=["twins"], raw={"iss": twin_issuer(okta)}),
+        "okta twin, not a twin": okta.mint(aud=reports, groups=["eng"], raw={"iss": twin_issuer(okta)}),
+        "okta, a twin": okta.mint(aud=reports, groups=["twins"]),
+        "okta twin for flags": okta.mint(aud="api://flags", groups=["twins"], raw={"iss": twin_issuer(okta)}),
+        "okta twin, wrong keys": okta.mint(
+            aud=reports, groups=["twins"], raw={"iss": twin_issuer(okta)}, key=SigningKey.generate()
+        ),
+        **{
+            f"okta groups {json.dumps(groups)}": okta.mint(aud=reports, raw={"groups": groups})
+            for groups in (
+                "platform-admins",
+                ["platform-admins", 5],
+                [["platform-admins"]],
+                [None, "platform-admins"],
+                {"platform-admins": True},
+                [],
+                None,
+                "PLATFORM-ADMINS",
+                ["platform-admins "],
+                ["platform-admins\u0000"],
+            )
+        },
+        **{
+            f"okta email {json.dumps(email)}": okta.mint(aud=reports, groups=["platform-admins"], raw={"email": email})
+            for email in ("@example.com", "a/b@example.com", "x@EXAMPLE.com", ["x@example.com"], 5, "x@example.com\n")
+        },
+        "not a JWT": "not-a-token",
+        "two parts": f"{header}.{base.split('.')[1]}",
+        "payload not JSON": f"{header}.bm90IGpzb24.{signature}",
+        "payload a list": f"{header}.WzFd.{signature}",
+        "header not JSON": f"bm90IGpzb24.{base.split('.')[1]}.{signature}",
+        "signature empty": f"{header}.{base.split('.')[1]}.",
+        "duplicate exp, last expired": signed(stack, json.dumps(decode_token(base))[:-1] + f', "exp": {now - 9999}}}'),
+        "alg none": signed(stack, payload, '{"alg": "none", "typ": "JWT"}'),
+        "alg missing": signed(stack, payload, '{"typ": "JWT"}'),
+        "alg number": signed(stack, payload, '{"alg": 1}'),
+        "kid number": signed(stack, payload, '{"alg": "RS256", "kid": 5}'),
+        "header a list": signed(stack, payload, "[1]"),
+        "header duplicate alg": signed(stack, payload, '{"alg": "RS256", "alg": "none"}'),
+        "header HS256": signed(stack, payload, '{"alg": "HS256"}'),
+        "payload NaN": signed(stack, payload[:-1] + ', "x": NaN}'),
+        "payload padded": f"{header}.{body}{'=' * (-len(body) % 4) or '=='}.{signature}",
+        "payload base64 std": f"{header}.{body.replace('-', '+').replace('_', '/')}.{signature}",
+        "signature padded": f"{header}.{body}.{signature}==",
+        "four parts": f"{base}.x",
+        **{
+            f"payload depth {n}": signed(stack, payload[:-1] + ', "x": ' + "[" * n + "]" * n + "}")
+            for n in range(97, 103)
+        },
+        "signature bad chars": f"{header}.{body}.{signature[:-2]}!!",
+        "payload deep": signed(stack, payload[:-1] + ', "x": ' + "[" * 200 + "]" * 200 + "}"),
+        "duplicate aud, last wrong": signed(stack, json.dumps(decode_token(base))[:-1] + ', "aud": "https://x"}'),
+    }
+
+
+def signed(stack: ExplainStack, payload: str, header: str | None = None) -> str:
+    """`payload`, verbatim (any JSON, even a wrong type or a key twice), RS256-signed by the fake GitLab's key."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    def encoded(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+    key = stack.gitlab.signing_key
+    header = header or json.dumps({"alg": "RS256", "kid": key.kid, "typ": "JWT"})
+    head = encoded(header) + "." + encoded(payload)
+    signature = key.private_key.sign(head.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return head + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+
+
+def adversarial_requests(port: int) -> list[Request]:
+    """Encoded paths, dot segments, odd hosts and methods, the exchange path."""
+    paths = [
+        "/reports%2F1",
+        "/reports%2f1",
+        "/a%5Cb",
+        "/a%5cb",
+        "/%2e%2e/healthz",
+        "/x/%2e%2e/healthz",
+        "/x/%2E%2E/healthz",
+        "/x/%2e./healthz",
+        "/heal%74hz",
+        "/heal%74hz?a=b",
+        "/%68ealthz",
+        "/./healthz",
+        "//healthz",
+        "/healthz/",
+        "/healthz?x=1",
+        "/healthz#frag",
+        "/healthz;x=1",
+        "/HEALTHZ",
+        "/x/..",
+        "/..",
+        "/a/b/../../healthz",
+        "/%7Ehealthz",
+        "/%41b",
+        "/a%20b",
+        "/a%00b",
+        "/x/./../healthz",
+        "/healthz/.",
+        "/healthz/..",
+        "/%2fhealthz",
+        "/a\\..\\healthz",
+        "/a%25b",
+        "/%zz",
+        "/healthz%3Fa",
+        "/r?a=%2F",
+        "/r%3Bx",
+        "/.controlplane/token",
+        "/.controlplane/token/",
+        "/.controlplane/%74oken",
+        "/x/../.controlplane/token",
+        "/.controlplane//token",
+        "/.CONTROLPLANE/token",
+        "/r?a=#b",
+        '/a"b',
+        "/a<b",
+        "/a{b",
+        "/a|b",
+        "/a^b",
+        "/a%2Bb",
+        "/a+b",
+        "/caf%C3%A9",
+        "/a%7eb",
+        "/a%5fb",
+        "/a%2db",
+        "/healthz%2e",
+        "/healthz%2E%2E",
+        "/a/b/..",
+        "/a/b/.",
+        "/%2E/healthz",
+        "/healthz%5F",
+        "/a/.hidden/../healthz",
+        "/a/...",
+        "/a%3bb",
+        "/a%3Bb",
+        "/.%2e/healthz",
+        "/%2e%2e%2fhealthz",
+        "/a\\healthz",
+        "/x//../healthz",
+        "/healthz//..//healthz",
+        "/x/..//healthz",
+        "/r?x=%00",
+        "/r?x=%5C",
+        "/r%3F%23",
+    ]
+    paths += ["/caf\u00e9", "/a\x7fb", "/a`b", "/a}b", "/a\tb", "/healthz?", "/healthz%3f", "/%2e", "/.%2E"]
+    out = [Request("GET", "reports.local", p) for p in paths]
+    out += [
+        Request("POST", "deploy.local", p) for p in ("/deployments/%31", "/deployments%2F1", "/x/%2e%2e/deployments/1")
+    ]
+    hosts = [
+        f"reports.local:{port}",
+        "REPORTS.LOCAL",
+        "reports.local.",
+        f"reports.local.:{port}",
+        "[::1]",
+        f"[::1]:{port}",
+        "127.0.0.1",
+        f"a.wild.local:{port}",
+        "A.WILD.LOCAL",
+        ".wild.local",
+        "x.y.wild.local",
+        "wild.local.",
+        "reports.local:",
+        "reports.local:abc",
+        "reports.local:0",
+        "*.wild.local",
+        "a.wild.local.",
+    ]
+    hosts += ["reports.local ", "reports.local\t", "reports.local:00080", "reports.local:+1", "reports.local:99999"]
+    hosts += ["reports.local:-1", "reports.local:1:2", "reports\u00e9.local", "reports.local;x", "[::ffff:127.0.0.1]"]
+    hosts += [" reports.local", "REPORTS.local:" + str(port), "reports.local/x", 'reports"local', "reports.local@x"]
+    hosts += ["user@reports.local", "reports.local%2e", "reports.local:8o", "reports.local!", "reports_local"]
+    out += [Request("GET", h, "/r") for h in hosts]
+    methods = ["get", "head", "GeT", "FOO", "PURGE", "OPTIONS", "HEAD", "PATCH", "PROPFIND", "M-SEARCH", "QUERY"]
+    methods += ["SOURCE", "LINK", "TRACE", "MKCALENDAR", "REPORT", "BREW", "SEARCH", "DELETE", "PUT", "COPY"]
+    methods += ["LOCK", "MKCOL", "MOVE", "PROPPATCH", "UNLOCK", "BIND", "REBIND", "UNBIND", "ACL", "MKACTIVITY"]
+    methods += ["CHECKOUT", "MERGE", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "UNLINK", "PRI", "Get", "CONNECT"]
+    out += [Request(m, "reports.local", "/r") for m in methods]
+    out += [Request(m, "deploy.local", "/deployments/1") for m in ("HEAD", "post", "GET")]
+    return out
+
+
+# Refused by the signature or the issuer's keys, which explain does not hold (it says so: SIGNATURE_NOTE).
+SIGNATURE_ONLY = ("header HS256", "payload padded", "okta twin, wrong keys")
+SIGNATURE_DETAILS = re.compile(r"Jwt_verification_fails|Jwks_doesn't_have_key")
+
+
+def explained(inputs: ExplainInputs, token: str | None, request: Request, now: int) -> tuple[str, int]:
+    """What `controlplane explain` says, reading the token as the command does."""
+    claims, problem = read_token(token) if token is not None else (None, None)
+    try:
+        answer = explain(inputs, claims, request, now, problem)
+    except ExplainError:
+        return "exit 2", -1
+    return answer.decision, answer.status
+
+
+def observed_decision(status: int, entry: dict[str, Any] | None) -> tuple[str, int]:
+    if entry is None:
+        return f"not logged ({status})", status
+    if entry.get("details") == "via_upstream":
+        return ALLOWED, 0
+    return envoy_decision(entry), status
+
+
+def test_explain_agrees_with_envoy_on_an_adversarial_matrix(explain_stack: ExplainStack) -> None:
+    stack = explain_stack
+    tokens = adversarial_tokens(stack)
+    per_token = [Request("GET", "reports.local", "/r"), Request("GET", "reports.local", "/healthz")]
+    per_token += [Request("GET", "unknown.local", "/x"), Request("GET", "deploy.local", "/deployments/1")]
+    cases: list[tuple[str, str | None, Request]] = [(label, t, r) for label, t in tokens.items() for r in per_token]
+    for request in adversarial_requests(stack.listen_port):
+        cases += [("no token", None, request), ("ok", tokens["ok"], request)]
+    addresses = [f"127.3.{n // 250}.{n % 250 + 1}" for n in range(len(cases))]
+
+    def one(n: int) -> int:
+        _, token, request = cases[n]
+        return raw_send(stack.listen_port, addresses[n], request.method, request.host, request.path, token)
+
+    with ThreadPoolExecutor(6) as workers:
+        statuses = list(workers.map(one, range(len(cases))))
+    entries: dict[str, dict[str, Any]] = {}
+
+    def logged() -> bool:
+        for line in stack.access_log.read_text().splitlines():
+            entry = json.loads(line)
+            if str(entry.get("client", "")).startswith("127.3."):
+                entries[entry["client"]] = entry
+        return len(entries) >= len(cases)
+
+    poll_until(logged, 15, interval=0.2, message="every case in the access log (the codec's 400s too)")
+    inputs = offline_inputs(stack.policy)
+    now = int(time.time())
+    admin = Pool(stack.controlplane.admin_port)
+
+    def through_server(token: str | None, request: Request) -> tuple[str, int]:
+        claims, problem = read_token(token) if token is not None else (None, None)
+        body = {"claims": claims, "token_problem": problem, "method": request.method, "host": request.host}
+        body["path"] = request.path
+        status, answer = admin.send("POST", "/explain", {"Content-Type": "application/json"}, json.dumps(body).encode())
+        assert status == 200, answer
+        document = json.loads(answer)
+        return document["decision"], document["status"]
+
+    disagreements, signature_only = [], 0
+    for (label, token, request), address, status in zip(cases, addresses, statuses, strict=True):
+        envoy = observed_decision(status, entries.get(address))
+        said = explained(inputs, token, request, now)
+        served = through_server(token, request)
+        if served != said:
+            disagreements.append(f"{label}: {request}: the server says {served}, offline {said}")
+        if label in SIGNATURE_ONLY and SIGNATURE_DETAILS.search(str((entries.get(address) or {}).get("details"))):
+            # explain does not check signatures and says so: it cannot tell, and claims nothing about them
+            claims, _ = read_token(str(token))
+            assert SIGNATURE_NOTE in explain(inputs, claims, request, now).notes
+            signature_only += 1
+            continue
+        if envoy != said and not (envoy[0] == ALLOWED and said[0] == ALLOWED):
+            detail = (entries.get(address) or {}).get("details")
+            disagreements.append(f"{label}: {request}: Envoy {envoy} ({detail}), explain {said}")
+    admin.close()
+    twin = explain(inputs, read_token(tokens["okta twin"])[0], per_token[0], now)
+    assert twin.allowed_by == ("twins-read/reports-read",)  # two issuers on one JWKS: the token's iss decides
+    twin_at = next(
+        a for (label, _, r), a in zip(cases, addresses, strict=True) if label == "okta twin" and r == per_token[0]
+    )
+    assert entries[twin_at]["details"] == "via_upstream"
+    print(f"\n{len(cases)} adversarial cases; disagreements: {len(disagreements)}; signature only: {signature_only}")
+    for line in disagreements:
+        print("  " + line)
+    assert not disagreements

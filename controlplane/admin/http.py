@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -198,17 +199,31 @@ class AdminServer:
         """What the gateways do with the request and claims in the body (controlplane/admin/explain.py). The
         claims are never logged: only the decision, at DEBUG."""
         assert self._explain is not None
+        if not self._local_host_header(request.host):
+            return web.Response(status=403, text="a loopback admin port answers Host 127.0.0.1 or localhost only\n")
+        if request.content_type != "application/json":
+            # A web page can POST text/plain or a form here without a preflight (CSRF); not application/json.
+            return web.Response(status=415, text="POST /explain takes Content-Type: application/json\n")
         raw = await _bounded_body(request, MAX_BODY_BYTES + 1)
         try:
-            claims, asked = parse_body(raw)
+            claims, asked, problem = parse_body(raw)
             inputs = self._explain()
             if inputs is None:
                 return web.Response(status=503, text="no policy in service yet\n")
-            answer = explain(inputs, claims, asked, int(self._clock()))
+            answer = explain(inputs, claims, asked, int(self._clock()), problem)
         except (BadExplainRequest, ExplainError) as exc:
             return web.Response(status=400, text=f"{exc}\n")
         log.debug("explain: %s on backend %s", answer.decision, answer.backend)
         return web.Response(text=json.dumps(document(answer), indent=2) + "\n", content_type="application/json")
+
+    def _local_host_header(self, host: str) -> bool:
+        """On a loopback port, the Host header must name loopback too: a web page whose DNS name was rebound
+        to 127.0.0.1 is same-origin with this port as far as the browser knows, and could read the answers;
+        its Host header still carries its own name. Bound elsewhere, the operator chose who may reach it."""
+        if not is_loopback(self._host):
+            return True
+        name = urlsplit(f"//{host}").hostname or ""
+        return name == "localhost" or is_loopback(name)
 
     def status_document(self, query: FleetQuery) -> dict[str, Any]:
         """The ``/status`` body for a parsed query (separate from the handler so it can be timed and tested)."""
@@ -257,5 +272,6 @@ async def _checked_query(request: web.Request, handler: Handler) -> web.StreamRe
 async def _debug_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Per-request trace at DEBUG only, for when someone is actually debugging the admin port."""
     response = await handler(request)
-    log.debug("admin %s %s -> %d", request.method, request.path_qs, response.status)
+    names = "&".join(sorted(set(request.query)))  # the names only: a value may be a token pasted there
+    log.debug("admin %s %s%s -> %d", request.method, request.path, f"?{names}" if names else "", response.status)
     return response

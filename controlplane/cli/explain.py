@@ -13,29 +13,42 @@ error.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import json
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from controlplane.model.errors import PolicyInvalid
-from controlplane.resolved.explain import ExplainError, Request, document, explain, text_lines
+from controlplane.resolved.explain import (
+    ExplainError,
+    Request,
+    document,
+    explain,
+    printable,
+    read_json_object,
+    read_token,
+    text_lines,
+)
 from controlplane.sources.policy_dir import ReadLimits
 
 EXIT_ALLOWED, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 SERVER_TIMEOUT = 10.0
 MAX_INPUT_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a server's answer: a few KiB; more is not one (a truncated body is not JSON)
 
 EPILOG = """\
 exit status: 0 allowed, 1 refused (denied, revoked, unauthenticated, no route, rejected), 2 usage or input error.
 The token's signature is not checked (Envoy checks it); offline, revoked jobs and GitLab's live state are unknown:
 ask a running server with --server. JSON output: docs/explain.md."""
+
+
+_LOOKS_LIKE_A_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.")
 
 
 class InputError(Exception):
@@ -59,20 +72,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-exchange", action="store_true", help="offline: serve runs with --no-exchange (no exchanged credentials)"
     )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+    # Unexpected arguments are kept for run_explain rather than refused by argparse, whose error repeats them:
+    # a token pasted on the command line would be printed again, to the terminal or the CI log.
+    parser.set_defaults(unexpected=[])
+    setattr(parser, "parse_known_args", _keeping_unexpected(parser.parse_known_args))  # noqa: B010
+
+
+def _keeping_unexpected(parse: Callable[..., tuple[argparse.Namespace, list[str]]]) -> Callable[..., Any]:
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unexpected = parse(args, namespace)
+        parsed.unexpected = [*parsed.unexpected, *unexpected]
+        return parsed, []
+
+    return parse_known_args
 
 
 def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
     try:
+        refuse_argv_tokens(args)
         if (args.policy is None) == (args.server is None):
             raise InputError("give a policy directory or --server HOST:PORT (one of them)")
-        claims = read_claims(args)
+        claims, problem = read_claims(args)
         request = build_request(args)
         if args.server is not None:
-            doc = _ask_server(args.server, claims, request)
+            doc = _ask_server(args.server, claims, request, problem)
         else:
-            doc = _ask_offline(args.policy, limits, claims, request, exchange=not args.no_exchange)
+            doc = _ask_offline(args.policy, limits, claims, request, problem, exchange=not args.no_exchange)
     except InputError as error:
-        print(f"controlplane explain: {error}", file=sys.stderr)
+        print(printable(f"controlplane explain: {error}"), file=sys.stderr)  # a server's words too
         return EXIT_USAGE
     if args.format == "json":
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -80,6 +109,20 @@ def run_explain(args: argparse.Namespace, limits: ReadLimits) -> int:
         for line in text_lines(doc):
             print(line)
     return EXIT_ALLOWED if doc["allowed"] else EXIT_REFUSED
+
+
+def refuse_argv_tokens(args: argparse.Namespace) -> None:
+    """A token given on the command line is refused and never repeated: argv is visible to every user of the
+    machine (and kept in shell history), and an error that echoed it would print it again."""
+    values = [args.policy, args.server, args.host, args.path, args.url, args.method, args.gateway, args.claims]
+    values += [args.token_file, *args.unexpected]
+    if any(_LOOKS_LIKE_A_JWT.search(str(v)) for v in values if v is not None):
+        raise InputError(
+            "a token on the command line is visible to every user of this machine and stays in shell history: "
+            "it was not used (nor is it repeated here); pass it with --token-file FILE, or --token-file - (stdin)"
+        )
+    if args.unexpected:
+        raise InputError(f"{len(args.unexpected)} unexpected argument(s), not repeated here (one may be a token)")
 
 
 def _read(source: str) -> str:
@@ -100,34 +143,30 @@ def _read_file(path: Path) -> bytes:
         return file.read(MAX_INPUT_BYTES + 1)
 
 
-def read_claims(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The claims of `--token-file` (decoded, not verified) or `--claims`; None: the request has no token."""
+def read_claims(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None]:
+    """The claims of `--token-file` (decoded, not verified) or `--claims`; None: the request has no token, or
+    (with the second item, why) a token Envoy cannot read, which it answers with 401 where a token is checked:
+    a developer pastes what they have, and that is an answer too."""
     if args.token_file is not None:
-        return decode_token(_read(args.token_file))
+        return read_token(_read(args.token_file))
     if args.claims is not None:
+        text = _read(args.claims)
         try:
-            claims = json.loads(_read(args.claims))
-        except ValueError as error:
-            raise InputError(f"{args.claims}: not JSON ({error})") from None
+            claims = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise InputError(f"{args.claims}: not JSON ({str(error)[:80]})") from None
         if not isinstance(claims, dict):
             raise InputError(f"{args.claims}: the claims must be a JSON object")
-        return claims
-    return None
+        # JSON Python reads but Envoy would not (a key twice, NaN, too deep): the token carrying it is a 401.
+        return read_json_object(text, "token's payload")
+    return None, None
 
 
 def decode_token(text: str) -> dict[str, Any]:
-    """The payload of a compact JWS (`Bearer ` prefix and whitespace tolerated). Never echoes the token."""
-    token = text.strip().removeprefix("Bearer ").strip()
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        raise InputError("the token is not a JWT (header.payload.signature)")
-    try:
-        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(payload)
-    except (binascii.Error, ValueError):
-        raise InputError("the token's payload is not base64url JSON") from None
-    if not isinstance(claims, dict):
-        raise InputError("the token's payload is not a JSON object")
+    """The payload of a compact JWS, or InputError when Envoy could not read it. Never echoes the token."""
+    claims, problem = read_token(text)
+    if claims is None:
+        raise InputError(problem or "not a JWT")
     return claims
 
 
@@ -155,7 +194,13 @@ def build_request(args: argparse.Namespace) -> Request:
 
 
 def _ask_offline(
-    policy_dir: Path, limits: ReadLimits, claims: dict[str, Any] | None, request: Request, *, exchange: bool
+    policy_dir: Path,
+    limits: ReadLimits,
+    claims: dict[str, Any] | None,
+    request: Request,
+    problem: str | None,
+    *,
+    exchange: bool,
 ) -> dict[str, Any]:
     from controlplane.admin.explain import explain_inputs, serve_default_credentials
     from controlplane.model.loader import parse_policy
@@ -173,13 +218,15 @@ def _ask_offline(
         raise InputError(f"{policy_dir}: {error}") from None
     inputs = explain_inputs(policy, resolved, serve_default_credentials(exchange), revocations_known=False)
     try:
-        return document(explain(inputs, claims, request, int(time.time())))
+        return document(explain(inputs, claims, request, int(time.time()), problem))
     except ExplainError as error:
         raise InputError(str(error)) from None
 
 
-def _ask_server(address: str, claims: dict[str, Any] | None, request: Request) -> dict[str, Any]:
+def _ask_server(address: str, claims: dict[str, Any] | None, request: Request, problem: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"claims": claims, "method": request.method, "host": request.host, "path": request.path}
+    if problem is not None:
+        body["token_problem"] = problem
     if request.gateway is not None:
         body["gateway"] = request.gateway
     if request.port is not None:
@@ -190,12 +237,33 @@ def _ask_server(address: str, claims: dict[str, Any] | None, request: Request) -
     )
     try:
         with urllib.request.urlopen(sent, timeout=SERVER_TIMEOUT) as response:
-            answer = json.loads(response.read())
+            answer = json.loads(response.read(MAX_ANSWER_BYTES))
     except urllib.error.HTTPError as error:
-        text = error.read().decode(errors="replace").strip()
+        text = error.read(4096).decode(errors="replace").strip()
         raise InputError(f"{address}: {error.code} {text}") from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise InputError(f"{address}: {getattr(error, 'reason', error)}") from None
-    if not isinstance(answer, dict) or "decision" not in answer:
+    if not isinstance(answer, dict) or not _an_answer(answer):
         raise InputError(f"{address}: not an explain answer")
     return answer
+
+
+def _an_answer(answer: object) -> bool:
+    """The shape `text_lines` and the exit status read (docs/explain.md), so another server's reply is refused
+    in words rather than a traceback."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("decision"), str):
+        return False
+    lists = ("steps", "nearest", "notes")
+    if not isinstance(answer.get("allowed"), bool) or not isinstance(answer.get("status"), int):
+        return False
+    if not isinstance(answer.get("reason"), str) or not all(isinstance(answer.get(k), list) for k in lists):
+        return False
+    steps_ok = all(isinstance(s, dict) and {"step", "ok", "text"} <= set(s) for s in answer["steps"])
+    nearest_ok = all(
+        isinstance(c, dict)
+        and {"grant", "mode", "failing", "failures"} <= set(c)
+        and isinstance(c["failures"], list)
+        and all(isinstance(f, dict) and "text" in f for f in c["failures"])
+        for c in answer["nearest"]
+    )
+    return steps_ok and nearest_ok

@@ -20,9 +20,11 @@ checked here: the caller only has claims, and Envoy verifies the signature again
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-import posixpath
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -48,6 +50,28 @@ EXCHANGED_ONLY = "exchanged"  # Backend.credentials: only the control plane's cr
 NEAREST = 3  # grants shown for a denial
 SIGNATURE_NOTE = "the token's signature is not checked here: Envoy checks it against the issuer's keys"
 _ESCAPED_SLASH = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# The methods the gateway's HTTP/1.1 codec accepts (observed on the real Envoy: tests/test_e2e_explain.py's
+# adversarial matrix; docs/explain.md): case-sensitive, anything else is a 400 before any filter runs.
+# fmt: off
+HTTP1_METHODS = frozenset((
+    "ACL", "BIND", "CHECKOUT", "CONNECT", "COPY", "DELETE", "GET", "HEAD", "LINK", "LOCK", "MERGE", "MKACTIVITY",
+    "MKCALENDAR", "MKCOL", "MOVE", "NOTIFY", "OPTIONS", "PATCH", "POST", "PROPFIND", "PROPPATCH", "PURGE", "PUT",
+    "QUERY", "REBIND", "REPORT", "SEARCH", "SOURCE", "SUBSCRIBE", "TRACE", "UNBIND", "UNLINK", "UNLOCK",
+    "UNSUBSCRIBE",
+))
+# fmt: on
+# What jwt_authn's JWT library verifies with (the header's `alg`); any other is a 401 before the issuer.
+# fmt: off
+JWT_ALGORITHMS = frozenset((
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "HS256", "HS384", "HS512",
+    "EdDSA",
+))
+# fmt: on
+JSON_MAX_DEPTH = 100  # Envoy parses a token's JSON into a protobuf Struct, which refuses deeper nesting
+_UINT64_LIMIT = 2.0**64
+_AUTHORITY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:%@[]")
 
 
 class ExplainError(ValueError):
@@ -131,10 +155,19 @@ class _Chain(NamedTuple):
     notes: list[str]
 
 
-def explain(inputs: ExplainInputs, claims: Mapping[str, Any] | None, request: Request, now: int) -> Explanation:
-    """What Envoy does with `request` carrying a token with `claims` (None: no token) at `now` (Unix seconds)."""
+def explain(
+    inputs: ExplainInputs,
+    claims: Mapping[str, Any] | None,
+    request: Request,
+    now: int,
+    token_problem: str | None = None,
+) -> Explanation:
+    """What Envoy does with `request` carrying a token with `claims` (None: no token) at `now` (Unix seconds).
+    `token_problem`: the request carries a token Envoy cannot read (see `read_token`), said in words; then
+    `claims` is None."""
     if not request.path.startswith("/"):
         raise ExplainError(f"the path must start with '/', got {request.path!r}")
+    request = request._replace(host=request.host.strip(" \t"))  # the codec trims a header value's blanks
     gateway, steps, notes = _gateway(inputs.policy, request)
     backend = _virtual_host(inputs.policy, gateway, request.host)
     chain = _Chain(gateway, backend, steps, notes)
@@ -142,16 +175,17 @@ def explain(inputs: ExplainInputs, claims: Mapping[str, Any] | None, request: Re
         steps.append(Step("virtual_host", False, f"no backend on gateway {gateway.name} serves host {request.host!r}"))
     else:
         steps.append(Step("virtual_host", True, f"host {request.host!r} is backend {backend.name}"))
-    if _ESCAPED_SLASH.search(request.path.partition("?")[0]):
-        steps.append(Step("route", False, "the path holds an escaped slash (%2F or %5C): refused before routing"))
-        return _done(chain, REJECTED, 400, "the gateway refuses escaped slashes in paths (400)", None)
+    refused = _codec_refusal(request.method) or _authority_refusal(request.host) or path_refusal(request.path)
+    if refused is not None:
+        steps.append(Step("route", False, refused))
+        return _done(chain, REJECTED, 400, refused, None)
     path = normalize_path(request.path)
     if path != request.path.partition("?")[0]:
         notes.append(f"the gateway normalizes the path to {path}")
     route = _route(inputs, chain, path)
     if route in ("exchange", "public"):
         return _done(chain, ALLOWED, 0, steps[-1].text, route)
-    verified = _jwt_authn(inputs, chain, claims, now)
+    verified = _jwt_authn(inputs, chain, claims, now, token_problem)
     if isinstance(verified, Explanation):
         return verified
     if _revoked(inputs, chain, verified):
@@ -210,38 +244,96 @@ def _virtual_host(policy: Policy, gateway: Gateway, host: str) -> Backend | None
     `prefix*` (a wildcard stands for at least one character), else `*`. The compiler gives each backend host
     two domains, `host` and `host:*` (any port)."""
     wanted = host.lower()
-    exact: dict[str, Backend] = {}
-    suffixes: list[tuple[str, Backend]] = []
-    prefixes: list[tuple[str, Backend]] = []
-    fronted = sorted((b for b in policy.backends if b.name in gateway.backends), key=lambda b: b.name)
-    for backend in fronted:
+    exact: Backend | None = None
+    suffix: tuple[int, Backend | None] = (-1, None)  # the longest matching `*suffix` so far, first by name
+    prefix: tuple[int, Backend | None] = (-1, None)
+    names = frozenset(gateway.backends)  # a set: with a tuple this walk was quadratic in the backends
+    for backend in sorted((b for b in policy.backends if b.name in names), key=lambda b: b.name):
         for domain in (d.lower() for h in backend.hosts for d in (h, f"{h}:*")):
             if domain.startswith("*"):
-                suffixes.append((domain[1:], backend))
+                tail = domain[1:]
+                if suffix[0] < len(tail) < len(wanted) and wanted.endswith(tail):
+                    suffix = (len(tail), backend)
             elif domain.endswith("*"):
-                prefixes.append((domain[:-1], backend))
-            else:
-                exact.setdefault(domain, backend)
-    if wanted in exact:
-        return exact[wanted]
-    for suffix, backend in sorted(suffixes, key=lambda d: -len(d[0])):
-        if len(wanted) > len(suffix) and wanted.endswith(suffix):
-            return backend
-    for prefix, backend in sorted(prefixes, key=lambda d: -len(d[0])):
-        if len(wanted) > len(prefix) and wanted.startswith(prefix):
-            return backend
+                head = domain[:-1]
+                if prefix[0] < len(head) < len(wanted) and wanted.startswith(head):
+                    prefix = (len(head), backend)
+            elif exact is None and domain == wanted:
+                exact = backend
+    return exact or suffix[1] or prefix[1]
+
+
+def _codec_refusal(method: str) -> str | None:
+    """The HTTP/1.1 codec's answer to a method (case-sensitive), before any filter; None: it passes."""
+    if method == "CONNECT":
+        return "CONNECT takes host:port, not a path: the HTTP/1.1 codec refuses it (400)"
+    if method == "QUERY":
+        return "QUERY with no Content-Type header: the connection manager refuses it (400)"
+    if method in HTTP1_METHODS:
+        return None
+    return (
+        f"method {json.dumps(method)} is not one the gateway's HTTP/1.1 codec knows (methods are case-sensitive): "
+        "400 (over HTTP/2 it would go on to jwt_authn and RBAC, which allows only the roles' methods)"
+    )
+
+
+def _authority_refusal(host: str) -> str | None:
+    """The connection manager refuses a Host header holding characters an authority cannot (400)."""
+    bad = sorted({c for c in host if c not in _AUTHORITY_CHARS})
+    if not bad:
+        return None
+    return f"the Host header holds {json.dumps(''.join(bad))}, which an authority cannot: the gateway refuses it (400)"
+
+
+def path_refusal(path: str) -> str | None:
+    """Why the connection manager refuses the path before routing (400), or None: a fragment (`#`, anywhere,
+    the query too), an escaped slash or backslash (`%2F`, `%5C`, before the query), an escaped NUL."""
+    odd = sorted({c for c in path if not "!" <= c <= "~"})
+    if odd:
+        return f"the path holds {json.dumps(''.join(odd))} (not printable ASCII): the HTTP/1.1 codec refuses it (400)"
+    if "#" in path:
+        return "the path holds a fragment (#): the gateway's path normalization refuses it (400)"
+    bare = path.partition("?")[0]
+    if _ESCAPED_SLASH.search(bare):
+        return "the path holds an escaped slash (%2F or %5C): the gateway refuses it before routing (400)"
+    if re.search("%00", bare):
+        return "the path holds an escaped NUL (%00): the gateway's path normalization refuses it (400)"
     return None
 
 
 def normalize_path(path: str) -> str:
-    """The path as the connection manager routes and authorizes it: without its query, `.` and `..` segments
-    resolved (RFC 3986) and runs of slashes merged (`normalize_path`, `merge_slashes`)."""
-    bare = re.sub("/+", "/", path.partition("?")[0])
-    normalized = posixpath.normpath(bare)
-    normalized = "/" + normalized.lstrip("/")
-    if bare.endswith("/") and normalized != "/":
-        normalized += "/"
-    return normalized
+    """The path as the connection manager routes and authorizes it (`normalize_path`, then `merge_slashes`),
+    for a path `path_refusal` lets through: the query dropped; backslashes read as slashes; escaped
+    unreserved characters decoded (`%74` is `t`, `%2e` is `.`), other escapes' hex digits in capitals; dot
+    segments removed as RFC 3986 section 5.2.4 says (so `/a/%2e%2e/b` is `/b`, `/a/.` is `/a/`); runs of
+    slashes merged."""
+    bare = path.partition("?")[0].replace("\\", "/")
+    decoded = _ESCAPE.sub(_unescape, bare)
+    return re.sub("/+", "/", _remove_dot_segments(decoded))
+
+
+def _unescape(escape: re.Match[str]) -> str:
+    char = chr(int(escape.group(1), 16))
+    return char if char in _UNRESERVED else escape.group(0).upper()
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4, for an absolute path."""
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                out.append("")
+        elif segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
 
 
 def _route(inputs: ExplainInputs, chain: _Chain, path: str) -> str:
@@ -273,7 +365,8 @@ def _providers(inputs: ExplainInputs, gateway: Gateway, backend: Backend | None)
     """The providers the request's requirement accepts, with the audiences each needs; None: no requirement
     (jwt_authn verifies nothing)."""
     policy, resolved = inputs.policy, inputs.resolved
-    fronted = [b for b in policy.backends if b.name in gateway.backends]
+    names = frozenset(gateway.backends)
+    fronted = [b for b in policy.backends if b.name in names]
     per_issuer: dict[str, set[str]] = {}
     for b in fronted:
         if b.credentials == EXCHANGED_ONLY:
@@ -308,7 +401,7 @@ def _credential_provider(credentials: Credentials, audiences: tuple[str, ...]) -
 
 
 def _jwt_authn(
-    inputs: ExplainInputs, chain: _Chain, claims: Mapping[str, Any] | None, now: int
+    inputs: ExplainInputs, chain: _Chain, claims: Mapping[str, Any] | None, now: int, token_problem: str | None
 ) -> Mapping[str, Any] | Explanation | None:
     """The verified claims (None: jwt_authn verified nothing), or the refusal."""
     steps = chain.steps
@@ -322,32 +415,157 @@ def _jwt_authn(
         steps.append(Step("jwt_authn", False, text))
         return _done(chain, UNAUTHENTICATED, status, text, "default" if chain.backend else "none")
 
+    if token_problem is not None:
+        return refuse(401, f"the token cannot be read: {token_problem}")
     if claims is None:
         return refuse(401, f"no token (Authorization: Bearer): {where} needs one")
+    problem = payload_problem(claims)
+    if problem is not None:
+        return refuse(401, problem)
     issuer = claims.get("iss")
     provider = next((p for p in providers if isinstance(issuer, str) and p.url == issuer), None)
     if provider is None:
         return refuse(401, _unknown_issuer(inputs, issuer, providers, where, chain.backend))
     # Envoy's order, as the agreement matrix observed it: the times, then the audience, then a missing `exp`.
-    exp, nbf = claims.get("exp"), claims.get("nbf")
-    for name, value in (("exp", exp), ("nbf", nbf)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            return refuse(401, f"{name}: token says {json.dumps(value)}, Envoy needs a whole number of seconds")
-    if nbf is not None and now + provider.skew < nbf:
+    # A time is read as its whole seconds, and 0 as no time at all.
+    exp, nbf = _seconds(claims.get("exp")), _seconds(claims.get("nbf"))
+    if nbf and now + provider.skew < nbf:
         return refuse(401, f"not yet valid: nbf is {nbf - now}s from now, beyond the {provider.skew}s clock skew")
-    if exp is not None and now > exp + provider.skew:
+    if exp and now > exp + provider.skew:
         return refuse(401, f"expired: exp was {now - exp}s ago, beyond the {provider.skew}s clock skew")
     audiences = _audiences(claims.get("aud"))
     if not set(audiences) & set(provider.audiences):
         has = ", ".join(audiences) if audiences else "none"
         needs = " or ".join(provider.audiences)
         return refuse(403, f"audience: token has {has}, {where} needs {needs} (a 403 from jwt_authn)")
-    if exp is None:
-        return refuse(401, "the token has no exp: every provider requires one")
+    if not exp:
+        said = "no exp" if "exp" not in claims else "exp 0, which Envoy reads as no exp"
+        return refuse(401, f"the token has {said}: every provider requires one")
     text = f"token of issuer {provider.name} ({provider.url}) for audience {' or '.join(provider.audiences)}"
     steps.append(Step("jwt_authn", True, text))
     chain.notes.append(SIGNATURE_NOTE)
     return claims
+
+
+def _seconds(value: object) -> int:
+    """A time claim `payload_problem` let through, as Envoy reads it: its whole seconds (0: none)."""
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def payload_problem(claims: Mapping[str, Any]) -> str | None:
+    """Why Envoy's JWT library refuses to read the payload (a 401, before any issuer is looked at), or None.
+    It reads `iss`, `sub` and `jti` as strings; `iat`, `nbf` and `exp` as numbers from 0 to 2^64 (a fraction
+    is dropped); `aud` as a string or a list of strings; a claim present with another type (null too) is a
+    refusal. Observed on the real Envoy: docs/explain.md."""
+    for name in ("iss", "sub"):
+        if name in claims and not isinstance(claims[name], str):
+            return f"{name}: token says {_shown(claims[name])}, Envoy reads it as a string only (401)"
+    for name in ("iat", "nbf", "exp"):
+        if name in claims:
+            value = claims[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"{name}: token says {_shown(value)}, Envoy needs a number of seconds (401)"
+            if not _in_uint64(value):
+                return f"{name}: token says {_shown(value)}, Envoy needs 0 to 2^64 seconds (401)"
+    if "jti" in claims and not isinstance(claims["jti"], str):
+        return f"jti: token says {_shown(claims['jti'])}, Envoy reads it as a string only (401)"
+    aud = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        return f"aud: token says {_shown(aud)}, Envoy needs a string or a list of strings (401)"
+    if json_depth(claims) > JSON_MAX_DEPTH:
+        return f"the payload nests deeper than the {JSON_MAX_DEPTH} levels Envoy parses (401)"
+    return None
+
+
+def _in_uint64(value: int | float) -> bool:
+    try:
+        return 0 <= float(value) < _UINT64_LIMIT
+    except OverflowError:
+        return False
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def json_depth(value: object) -> int:
+    """How deep JSON data nests (a scalar: 0, `{}`: 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def read_token(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The claims of a compact JWS as Envoy's JWT library reads it (`Bearer ` and whitespace tolerated), or
+    None and why Envoy refuses to read it (a 401 wherever a token is checked). The signature is not checked.
+    Never echoes the token."""
+    token = text.strip().removeprefix("Bearer ").strip()
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None, "not a JWT: Envoy needs header.payload.signature (three non-empty sections, two dots)"
+    header, problem = _json_section(parts[0], "header")
+    if header is None:
+        return None, problem
+    alg = header.get("alg")
+    if not isinstance(alg, str):
+        return None, "the header's alg is missing or not a string"
+    if alg not in JWT_ALGORITHMS:
+        return None, f"the header's alg {_shown(alg)} is not one Envoy supports ({', '.join(sorted(JWT_ALGORITHMS))})"
+    if "kid" in header and not isinstance(header["kid"], str):
+        return None, f"the header's kid is {_shown(header['kid'])}, not a string"
+    if not _BASE64URL.fullmatch(parts[2]):
+        return None, "the signature is not base64url"
+    return _json_section(parts[1], "payload")
+
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+
+
+def _json_section(text: str, what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A JWT section decoded as Envoy does: base64url (padding tolerated), then strict JSON (no key twice, no
+    NaN, at most JSON_MAX_DEPTH deep), an object."""
+    if not _BASE64URL.fullmatch(text):
+        return None, f"the {what} is not base64url"
+    try:
+        raw = base64.urlsafe_b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4)).decode()
+    except (binascii.Error, ValueError):
+        return None, f"the {what} is not base64url of UTF-8 text"
+    return read_json_object(raw, what)
+
+
+def read_json_object(raw: str, what: str = "payload") -> tuple[dict[str, Any] | None, str | None]:
+    """`raw` as Envoy parses a token's JSON: strict (no key twice, no NaN), at most JSON_MAX_DEPTH deep, an
+    object; or None and why not."""
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None, f"the {what} is not JSON Envoy can parse (a JSON object, no key twice, no NaN)"
+    if not isinstance(data, dict):
+        return None, f"the {what} is not a JSON object"
+    if json_depth(data) > JSON_MAX_DEPTH:
+        return None, f"the {what} nests deeper than the {JSON_MAX_DEPTH} levels Envoy parses"
+    return data, None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Envoy's JSON parser refuses a key given twice; Python's would keep the last."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("a key given twice")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _audiences(aud: object) -> list[str]:
@@ -519,6 +737,8 @@ def _binding_side(condition: Condition) -> str:
 
 def _withdrawn(inputs: ExplainInputs, binding_name: str) -> tuple[str, ...]:
     """The resolution's warnings about the binding's subjects: what GitLab withdrew, in words."""
+    if not inputs.resolved.warnings:
+        return ()  # the common case, without a walk of every binding for each grant shown
     binding = _binding(inputs.policy, binding_name)
     if binding is None:
         return ()
@@ -576,4 +796,13 @@ def text_lines(doc: Mapping[str, Any]) -> list[str]:
         lines.append(f"  nearest: {candidate['grant']}{shadow}, {candidate['failing']} failing:")
         lines += [f"    - {f['text']}" for f in candidate["failures"]]
     lines += [f"  note: {n}" for n in doc["notes"]]
-    return lines
+    return [printable(line) for line in lines]
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped (`\\u001b`): what a token or a server says must not
+    drive the developer's terminal (ESC sequences, BEL, C1 controls, bidirectional overrides)."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+
+
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Co", "Cs", "Zl", "Zp"))
