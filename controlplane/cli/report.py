@@ -30,7 +30,7 @@ from controlplane.audit.store import DB_NAME, open_readonly
 from controlplane.cli.audit import parse_since
 from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.model.errors import PolicyInvalid
-from controlplane.sources.policy_history import Commit, GitError, history, tree_at
+from controlplane.sources.policy_history import Commit, GitError, TreeUnreadable, history, tree_at
 from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV, StateFileError, default_state_dir, read_json
 from controlplane.store.dsn import DsnError, StoreDsn
 
@@ -188,13 +188,12 @@ def _policy_versions(
         return (), 0, "no policy given (--policy-repo DIR, --policy-project P or --policy DIR)"
     try:
         found = history(args.policy_repo, since, until, args.max_versions)
-        versions = []
-        if found.in_force_at_start is not None:
-            with tree_at(args.policy_repo, found.in_force_at_start.sha) as tree:
-                versions.append(_load(tree, limits, found.in_force_at_start, in_force_at_start=True))
-        for commit in found.commits:
-            with tree_at(args.policy_repo, commit.sha) as tree:
-                versions.append(_load(tree, limits, commit, in_force_at_start=False))
+        starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []
+        versions = [
+            _load_commit(args.policy_repo, limits, commit, in_force_at_start=at_start)
+            for commit, at_start in [*starts, *((c, False) for c in found.commits)]
+            if commit is not None
+        ]
     except GitError as error:
         raise Unreadable(f"{args.policy_repo}: {error}") from None
     return tuple(versions), found.more, f"the git history of {args.policy_repo}"
@@ -230,6 +229,15 @@ def _gitlab_versions(
     except (GitLabUnavailable, PolicyRepoError, GitError) as error:
         raise Unreadable(f"{where}: {error}") from None
     return tuple(versions), found.more, f"the default branch of {where} at {args.gitlab_url}"
+
+
+def _load_commit(repo: Path, limits: ReadLimits, commit: Commit, *, in_force_at_start: bool) -> PolicyVersion:
+    """One commit's version; a tree that cannot be read (the directory removed in it) is that version's error."""
+    try:
+        with tree_at(repo, commit.sha, limits.max_file_bytes) as tree:
+            return _load(tree, limits, commit, in_force_at_start=in_force_at_start)
+    except TreeUnreadable as error:
+        return _load_files(OSError(str(error)), commit, str(repo), in_force_at_start=in_force_at_start)
 
 
 def _load(tree: Path, limits: ReadLimits, commit: Commit | None, *, in_force_at_start: bool) -> PolicyVersion:

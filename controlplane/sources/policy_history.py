@@ -7,7 +7,10 @@ commit; the merged commits were never in force on their own). Only commits touch
 count (`-- .`, run in it), so a policy kept in a subdirectory of a bigger repository works.
 
 Times are committer times (when the commit entered the branch's history, as `git log --since` filters),
-Unix seconds. git is run with a timeout and no pager; its output is read as UTF-8 with replacements.
+Unix seconds. git is run with a timeout and no pager; its output is read as UTF-8 with replacements. Fields and
+commits are separated by NUL (`-z`, `%x00`), the one byte git never prints inside a name or a subject (it stops
+at it): a committer who puts any other separator in a message or a name cannot shift the fields, and a line
+that does not parse is an error, never a commit silently left out of the report.
 
 The same history can come from GitLab (`gitlab_history`) when the policy lives in a project `serve
 --policy-project` watches: the commits API on the default branch (`first_parent`, `since`, `until`), and each
@@ -16,7 +19,8 @@ commit's tree through `PolicyRepo.read_tree`, the reader serve itself uses; no c
 
 from __future__ import annotations
 
-import io
+import math
+import os
 import subprocess
 import tarfile
 import tempfile
@@ -31,12 +35,17 @@ if TYPE_CHECKING:
 
 GIT_TIMEOUT = 60.0
 MAX_API_COMMITS = 10_000  # commits listed from GitLab for one window at most (metadata only: a page is 100)
-_SEPARATOR = "\x1f"
-_FORMAT = _SEPARATOR.join(("%H", "%an", "%ae", "%cn", "%ct", "%s"))
+_FIELDS = ("%H", "%an", "%ae", "%cn", "%ct", "%s")
+_FORMAT = "%x00".join(_FIELDS)
 
 
 class GitError(Exception):
     """git failed or the directory is not in a git work tree; the message is git's last line."""
+
+
+class TreeUnreadable(Exception):
+    """One commit's policy tree cannot be read as a directory (the policy directory does not exist in it, or its
+    archive holds a link or path leading out of the tree): that version did not load, the others still can."""
 
 
 class Commit(NamedTuple):
@@ -74,52 +83,138 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
+def _last_second_before(since: float) -> float:
+    """The last whole second before `since`: commit times are whole seconds and `--until` (git's, GitLab's) is
+    inclusive, so asking up to `since` itself would return a commit made at `since` (one in the window) as the
+    newest before it, and the version really in force at the start would be missed."""
+    return float(math.ceil(since) - 1)
+
+
 def _parse(text: str) -> list[Commit]:
+    """`git log -z --format=_FORMAT`'s output: NUL between fields and between commits."""
+    fields = text.split("\0")
+    if fields and fields[-1] == "":
+        fields.pop()
+    width = len(_FIELDS)
+    if len(fields) % width:
+        raise GitError(f"git log printed {len(fields)} fields, not a multiple of {width}")
     commits = []
-    for line in text.splitlines():
-        parts = line.split(_SEPARATOR)
-        if len(parts) == 6:
-            sha, author, email, committer, when, subject = parts
-            commits.append(Commit(sha, author, email, committer, float(when), subject))
+    for at in range(0, len(fields), width):
+        sha, author, email, committer, when, subject = fields[at : at + width]
+        try:
+            commits.append(Commit(sha.strip("\n"), author, email, committer, float(when), subject))
+        except ValueError:
+            raise GitError(f"git log printed a commit time that is not a number: {when!r}") from None
     return commits
 
 
 def history(directory: Path, since: float, until: float, limit: int) -> History:
     """The commits touching `directory` on HEAD's first-parent line, committed in `[since, until)`."""
-    base = ("log", "--first-parent", f"--format={_FORMAT}")
+    base = ("log", "-z", "--first-parent", f"--format={_FORMAT}")
     window = _parse(_git(directory, *base, f"--since={_iso(since)}", f"--until={_iso(until)}", "HEAD", "--", "."))
     window = [c for c in window if since <= c.time < until]  # git's date filters are inclusive and heuristic
     window.reverse()
-    before = _parse(_git(directory, *base, "-n", "1", f"--until={_iso(since)}", "HEAD", "--", "."))
+    before = _parse(_git(directory, *base, "-n", "1", f"--until={_iso(_last_second_before(since))}", "HEAD", "--", "."))
     start = next((c for c in before if c.time < since), None)
     return History(start, tuple(window[-limit:]), max(0, len(window) - limit))
 
 
 @contextmanager
-def tree_at(directory: Path, sha: str) -> Iterator[Path]:
+def tree_at(directory: Path, sha: str, max_file_bytes: int | None = None) -> Iterator[Path]:
     """The policy directory as it was at commit `sha`, extracted into a temporary directory.
 
     Run from the repository's top with the directory's path in it: run inside a subdirectory, `git archive`
-    takes only the part of the tree under that subdirectory's name (its own relative paths apply twice)."""
+    takes only the part of the tree under that subdirectory's name (its own relative paths apply twice).
+
+    The commit is the policy repository's, so anyone who can push to it shapes the archive: it is streamed to
+    a temporary file (never held in memory), a file over `max_file_bytes` is left out of it (git would hold it
+    in memory to write it) and made as a sparse file of its size (the policy reader refuses it by its size,
+    as it would in a checkout), and a
+    symbolic link is recreated as git stores it, never followed here (the reader refuses a policy file that
+    links out of the tree, by name, as `serve` reading that checkout would). A path leading out of the
+    directory, or a policy directory this commit does not have (removed, renamed), is `TreeUnreadable`."""
     top = _git(directory, "rev-parse", "--show-toplevel").strip()
     prefix = _git(directory, "rev-parse", "--show-prefix").strip()
     treeish = f"{sha}:{prefix}" if prefix else f"{sha}^{{tree}}"
     try:
-        done = subprocess.run(
-            ["git", "-C", top, "archive", "--format=tar", treeish],
-            capture_output=True,
-            timeout=GIT_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise GitError(f"git archive: {error}") from None
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise GitError(lines[-1] if lines else "git archive failed")
+        _git(Path(top), "cat-file", "-e", treeish)
+    except GitError:
+        raise TreeUnreadable(f"the policy directory {prefix or '.'} does not exist in commit {sha[:12]}") from None
+    large = {} if max_file_bytes is None else _large_blobs(Path(top), treeish, max_file_bytes)
+    excluded = [f":(exclude,literal){path}" for path in large]
     with tempfile.TemporaryDirectory(prefix="controlplane-report-") as tmp:
-        with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
-            archive.extractall(tmp, filter="data")
-        yield Path(tmp)
+        archive_path = Path(tmp, "tree.tar")
+        root = Path(tmp, "tree")
+        root.mkdir()
+        with archive_path.open("wb") as sink:
+            try:
+                done = subprocess.run(
+                    ["git", "-C", top, "archive", "--format=tar", treeish, "--", ".", *excluded],
+                    stdout=sink,
+                    stderr=subprocess.PIPE,
+                    timeout=GIT_TIMEOUT,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise GitError(f"git archive: {error}") from None
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            raise GitError(lines[-1] if lines else "git archive failed")
+        with tarfile.open(archive_path) as archive:
+            _extract(archive, root)
+        archive_path.unlink()
+        for path, size in large.items():
+            _sparse(root, path, size)
+        yield root
+
+
+def _large_blobs(top: Path, treeish: str, limit: int) -> dict[str, int]:
+    """{path: size} of the files in the tree larger than `limit` (`git ls-tree -l`: sizes without reading)."""
+    large = {}
+    for entry in _git(top, "ls-tree", "-r", "-l", "-z", treeish).split("\0"):
+        meta, _, path = entry.partition("\t")
+        fields = meta.split()
+        if len(fields) == 4 and fields[1] == "blob" and fields[3].isdigit() and int(fields[3]) > limit:
+            large[path] = int(fields[3])
+    return large
+
+
+def _extract(archive: tarfile.TarFile, root: Path) -> None:
+    for member in archive:
+        try:
+            checked = tarfile.data_filter(member, str(root))
+        except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError):
+            _link_as_stored(member, root)  # a link out of the tree: its own path checked, then made as stored
+            continue
+        except tarfile.FilterError as error:
+            raise TreeUnreadable(f"the commit's tree holds a path the report does not extract: {error}") from None
+        archive.extract(checked, root, filter="fully_trusted", set_attrs=False)
+
+
+def _sparse(root: Path, path: str, size: int) -> None:
+    """A file left out of the archive for its size, made as a sparse file of that size: no disk, no memory,
+    and the policy reader still refuses it by its size, naming it."""
+    placeholder = tarfile.TarInfo(path)
+    placeholder.size = size
+    try:
+        tarfile.data_filter(placeholder, str(root))
+    except tarfile.FilterError as error:
+        raise TreeUnreadable(f"the commit's tree holds a path the report does not extract: {error}") from None
+    target = root / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as sparse:
+        sparse.truncate(size)
+
+
+def _link_as_stored(member: tarfile.TarInfo, root: Path) -> None:
+    """A symbolic link pointing out of the tree, created where the archive puts it (that place checked)."""
+    try:
+        tarfile.data_filter(member.replace(linkname=".", deep=False), str(root))
+    except tarfile.FilterError as error:
+        raise TreeUnreadable(f"the commit's tree holds a path the report does not extract: {error}") from None
+    link = root / member.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(member.linkname, link)
 
 
 def _api_commit(entry: dict[str, Any]) -> Commit:
@@ -150,7 +245,9 @@ def gitlab_history(client: GitLabClient, project: str | int, since: float, until
             window.append(_api_commit(entry.attributes))
             if len(window) >= MAX_API_COMMITS:
                 break
-        before = handle.commits.list(until=_iso(since), per_page=1, page=1, get_all=False, **common)
+        before = handle.commits.list(
+            until=_iso(_last_second_before(since)), per_page=1, page=1, get_all=False, **common
+        )
         start = next((c for c in (_api_commit(e.attributes) for e in before) if c.time < since), None)
     window = [c for c in reversed(window) if since <= c.time < until]  # the branch's order, oldest first
     return History(start, tuple(window[-limit:]), max(0, len(window) - limit))

@@ -1,0 +1,163 @@
+"""`controlplane report` against a hostile or unusual policy repository, state and audit trail.
+
+Each test is an attack that once broke the report (a commit hidden from the auditor, the whole report refused,
+a figure wrong) or a check that an attack holds; the fixtures are real git repositories and a real audit store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from controlplane.cli.main import main
+from controlplane.sources.policy_history import tree_at
+from tests.support.report_data import EXAMPLE
+
+HOUR = 3600
+
+
+class Repo:
+    """A git repository whose policy is in `sub/policy`, committed with chosen names and committer times."""
+
+    def __init__(self, root: Path, now: float) -> None:
+        self.top = root / "repo"
+        self.policy = self.top / "sub" / "policy"
+        self.now = now
+        shutil.copytree(EXAMPLE, self.policy)
+        (self.top / "sub" / "README").write_text("not policy\n")
+        self.git("init", "-q", "-b", "main")
+        self.git("add", "-A")
+        self.commit("base", at=now - 5 * HOUR)
+
+    def git(self, *args: str, author: str = "Alice", at: float | None = None) -> str:
+        when = f"@{int(self.now if at is None else at)} +0000"
+        env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": author,
+            "GIT_AUTHOR_EMAIL": "a@example.com",
+            "GIT_COMMITTER_NAME": "Merge Bot",
+            "GIT_COMMITTER_EMAIL": "bot@example.com",
+            "GIT_AUTHOR_DATE": when,
+            "GIT_COMMITTER_DATE": when,
+        }
+        done = subprocess.run(["git", *args], cwd=self.top, env=env, check=True, capture_output=True, timeout=60)
+        return done.stdout.decode().strip()
+
+    def commit(self, message: str, *, author: str = "Alice", at: float | None = None) -> str:
+        self.git("add", "-A", at=at)
+        self.git("commit", "-q", "--allow-empty", "-m", message, author=author, at=at)
+        return self.git("rev-parse", "HEAD")
+
+    def widen(self) -> None:
+        roles = self.policy / "roles.yaml"
+        roles.write_text(roles.read_text().replace("methods: [GET, HEAD]", "methods: [GET, HEAD, DELETE]"))
+
+
+def report(repo: Repo, tmp_path: Path, *window: str) -> dict[str, Any]:
+    out = tmp_path / "report.json"
+    argv = ["report", *(window or ("--since", "1d")), "--policy-repo", str(repo.policy), "--no-audit"]
+    assert main([*argv, "--state-dir", str(tmp_path / "state"), "--out", str(out)]) == 0
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
+
+
+def versions(document: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = document["sections"]["policy_versions"]["rows"]
+    return found
+
+
+def test_a_separator_in_a_commit_message_or_name_does_not_hide_the_commit(tmp_path: Path) -> None:
+    """git log's fields were split on \\x1f and a line that did not split in six was dropped: a committer who
+    put that byte in a subject (or an author name) vanished from the report, and access at the end was the
+    older version's."""
+    repo = Repo(tmp_path, time.time())
+    repo.widen()
+    widened = repo.commit("widen\x1fnothing to see", at=repo.now - 2 * HOUR)
+    (repo.policy / "bindings.yaml").write_text((repo.policy / "bindings.yaml").read_text() + "# note\n")
+    noted = repo.commit("note", author="Ev\x1fil", at=repo.now - HOUR)
+    document = report(repo, tmp_path)
+    rows = versions(document)
+    assert [r["commit"] for r in rows[1:]] == [widened, noted]
+    assert rows[1]["message"] == "widen\x1fnothing to see" and rows[2]["author"] == "Ev\x1fil <a@example.com>"
+    assert rows[1]["access_changes"][0].endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
+    reports = [r for r in document["sections"]["access"]["rows"] if r["backend"] == "reports-api"]
+    assert reports[0]["allows"] == ["GET, HEAD, DELETE /**"]  # the hidden commit's access, in force at the end
+
+
+def test_a_commit_removing_the_policy_directory_is_a_version_that_did_not_load(tmp_path: Path) -> None:
+    """`git archive sha:sub/policy/` failed for a commit without the directory and the whole report exited 1:
+    one push (a rename, or a hostile removal) denied the auditor any report for the window."""
+    repo = Repo(tmp_path, time.time())
+    saved = tmp_path / "saved"
+    shutil.copytree(repo.policy, saved)
+    shutil.rmtree(repo.policy)
+    removed = repo.commit("remove the policy", at=repo.now - 2 * HOUR)
+    shutil.copytree(saved, repo.policy)
+    repo.widen()
+    restored = repo.commit("restore it, wider", at=repo.now - HOUR)
+    rows = versions(report(repo, tmp_path))
+    assert [r["commit"] for r in rows[1:]] == [removed, restored]
+    assert rows[1]["access_changes"] == [
+        f"did not load: the policy directory sub/policy/ does not exist in commit {removed[:12]}"
+    ]
+    assert rows[2]["access_changes"][0].startswith("+ reports-api: ")  # compared with the last that loaded
+
+
+def test_symlinks_out_of_the_tree_make_that_version_invalid_not_the_report_crash(tmp_path: Path) -> None:
+    """tarfile's data filter raised on a link out of the extraction directory, uncaught: a traceback, exit 1.
+    Now the link is made as git stores it (never followed) and the policy reader refuses it by name, as serve
+    reading the checkout would; a non-policy link out (a README) is ignored, as serve ignores it."""
+    repo = Repo(tmp_path, time.time())
+    (repo.policy / "README.md").symlink_to("../README")
+    docs = repo.commit("a README linked from above", at=repo.now - 3 * HOUR)
+    (repo.policy / "stolen.yaml").symlink_to("/etc/passwd")
+    (repo.policy / "etc").symlink_to("../../../../../../etc")
+    hostile = repo.commit("links out", at=repo.now - 2 * HOUR)
+    rows = versions(report(repo, tmp_path))
+    assert [r["commit"] for r in rows[1:]] == [docs, hostile]
+    assert rows[1]["access_changes"] == ["access unchanged"]
+    (why,) = rows[2]["access_changes"]
+    assert why.startswith("did not load: 2 error(s)") and "etc:1: a symlink to a directory" in why
+
+
+def test_a_huge_file_in_the_policy_tree_is_refused_by_size_without_being_held(tmp_path: Path) -> None:
+    """The archive was read whole into memory, and git holds a blob whole to archive it: a push of a 400 MB
+    file cost the report 850 MB of RSS. Now a file over the limit is left out of the archive and made sparse."""
+    repo = Repo(tmp_path, time.time())
+    (repo.policy / "big.yaml").write_bytes(b"# " + b"x" * (5 * 1024 * 1024) + b"\n")
+    (repo.policy / "big.bin").write_bytes(b"\0" * (5 * 1024 * 1024))
+    big = repo.commit("big files", at=repo.now - HOUR)
+    rows = versions(report(repo, tmp_path))
+    assert rows[-1]["commit"] == big
+    assert rows[-1]["access_changes"][0].startswith("did not load: 1 error(s), first: big.yaml:1: file is larger")
+    with tree_at(repo.policy, big, 4 * 1024 * 1024) as tree:
+        for name in ("big.yaml", "big.bin"):
+            found = (tree / name).stat()
+            assert found.st_size >= 5 * 1024 * 1024 and found.st_blocks * 512 < 1024 * 1024  # sparse: not extracted
+        assert (tree / "roles.yaml").read_text() == (repo.policy / "roles.yaml").read_text()
+
+
+def test_a_commit_at_the_windows_first_second_keeps_the_version_in_force_before_it(tmp_path: Path) -> None:
+    """The version in force at the start was asked with git's inclusive --until=since: a commit made at that
+    very second was returned, filtered out as in the window, and the start was reported as no version at all,
+    so that commit's changes were 'compared with nothing'."""
+    now = float(int(time.time()))
+    repo = Repo(tmp_path, now)
+    since = now - 2 * HOUR
+    repo.widen()
+    edge = repo.commit("at the first second", at=since)
+    window = ("--since", _iso(since), "--until", _iso(now + 1))
+    rows = versions(report(repo, tmp_path, *window))
+    assert [r["in_force"] for r in rows] == ["at window start", "from this commit"]
+    assert rows[1]["commit"] == edge and rows[1]["access_changes"][0].startswith("+ reports-api: ")
+
+
+def _iso(timestamp: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
