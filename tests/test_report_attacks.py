@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore
 from controlplane.cli.main import main
 from controlplane.sources.policy_history import tree_at
 from tests.support.report_data import EXAMPLE
@@ -161,3 +162,71 @@ def _iso(timestamp: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _store(state: Path, records: list[AuditRecord]) -> None:
+    store = AuditStore(state / DB_NAME, retention=None)
+    try:
+        for record in records:
+            assert store.submit(record)
+        assert store.flush(30.0)
+    finally:
+        store.close(30.0)
+
+
+def _refused(when: float, job: str, project: str, issuer: str) -> AuditRecord:
+    return AuditRecord(
+        time=when,
+        gateway="ci-gateway",
+        node="envoy-1",
+        backend="reports-api",
+        method="GET",
+        path="/reports/0",
+        status=403,
+        decision="denied",
+        policy="revoked-jobs",
+        details="rbac_access_denied_matched_policy[revoked-jobs]",
+        project_id="1",
+        project_path=project,
+        job_id=job,
+        issuer=issuer,
+    )
+
+
+def _usage_report(state: Path, tmp_path: Path, now: float, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "usage.json"
+    argv = ["report", "--since", _iso(now - 3600), "--until", _iso(now), "--state-dir", str(state), "--out", str(out)]
+    assert main([*argv, *extra]) == 0
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
+
+
+def test_a_revoked_jobs_refused_requests_are_summed_over_its_projects(tmp_path: Path) -> None:
+    """Refused requests were grouped by (job, project) and the section kept the first group per job: a job id
+    seen under two projects (two GitLab issuers both have a job 5) lost the other group's requests."""
+    now = float(int(time.time()))
+    state = tmp_path / "state"
+    records = [_refused(now - 100 - i, "5", "acme/a", "https://gitlab-a.example") for i in range(2)]
+    records += [_refused(now - 50 - i, "5", "acme/b", "https://gitlab-b.example") for i in range(3)]
+    _store(state, records)
+    (row,) = _usage_report(state, tmp_path, now)["sections"]["revocations"]["rows"]
+    assert (row["job_id"], row["refused_requests"]) == ("5", 5)
+    assert row["project_path"] == "acme/a (and 1 other project(s))"
+
+
+def test_past_max_rows_revoked_jobs_keep_numeric_order_and_never_a_false_zero(tmp_path: Path) -> None:
+    """The database cut the refused jobs in text order ("10" before "9") while the section sorts numerically,
+    and a job in the deny list whose refused requests were past the cut showed 0 refused requests."""
+    now = float(int(time.time()))
+    state = tmp_path / "state"
+    _store(state, [_refused(now - 10, job, "acme/a", "https://gitlab.example") for job in ("9", "10", "10", "11")])
+    state.joinpath("revoked-jobs.json").write_text(json.dumps({"version": 1, "revoked": {"9": now + 60}}))
+    state.joinpath("revoked-jobs.json").chmod(0o600)
+    section = _usage_report(state, tmp_path, now, "--max-rows", "1")["sections"]["revocations"]
+    (row,) = section["rows"]
+    assert (row["job_id"], row["refused_requests"]) == ("9", 1)  # was ("9", 0): its group cut, "10" kept
+    assert section["more"] >= 2
+    section = _usage_report(state, tmp_path, now, "--max-rows", "2")["sections"]["revocations"]
+    assert [(r["job_id"], r["refused_requests"]) for r in section["rows"]] == [("9", 1), ("10", 2)]
+    section = _usage_report(state, tmp_path, now, "--max-rows", "3")["sections"]["revocations"]
+    assert [(r["job_id"], r["refused_requests"]) for r in section["rows"]] == [("9", 1), ("10", 2), ("11", 1)]

@@ -408,28 +408,33 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
 
 def _revocations_section(inputs: Inputs) -> Section:
     refused: dict[str, Mapping[str, Any]] = {}
+    cut = 0  # jobs with refused requests past the database's cap: none of them is in `refused`
+    last: tuple[int, str] | None = None
     if inputs.usage is not None:
-        for row in inputs.usage.tables["revoked_use"].rows:
-            refused.setdefault(str(row["job_id"]), row)
+        table = inputs.usage.tables["revoked_use"]
+        refused = {str(row["job_id"] or ""): row for row in table.rows}  # one group per job
+        cut = max(0, table.total - len(table.rows))
+        # The database returns jobs in `_job_order`: a job sorting before the last one returned had no refused
+        # request; one after it, when groups were cut, may have had some: unknown (empty), never a false 0.
+        last = _job_order(str(table.rows[-1]["job_id"])) if table.rows else None
     listed = dict(inputs.revocations or {})
     rows = []
-    for job in sorted(listed.keys() | refused.keys(), key=lambda j: (len(j), j)):
-        seen = refused.get(job, {})
+    for job in sorted(listed.keys() | refused.keys(), key=_job_order):
+        seen = refused.get(job)
+        unknown = cut > 0 and (last is None or _job_order(job) > last)
         rows.append(
             {
                 "job_id": job,
-                "project_path": seen.get("project_path"),
+                "project_path": None if seen is None else _projects(seen),
                 "denied_until": listed.get(job),
                 "in_deny_list": "yes" if job in listed else "no (expired or pruned)",
-                "refused_requests": seen.get("requests", 0),
-                "first_refused": seen.get("first"),
-                "last_refused": seen.get("last"),
+                "refused_requests": seen["requests"] if seen else (None if unknown else 0),
+                "first_refused": None if seen is None else seen["first"],
+                "last_refused": None if seen is None else seen["last"],
             }
         )
     shown, more = _capped(rows, inputs.cap)
-    if inputs.usage is not None:
-        table = inputs.usage.tables["revoked_use"]
-        more += max(0, table.total - len(table.rows))
+    more += cut  # may count a listed job twice (shown, and among the cut): only past --max-rows
     deny_list = (
         "The deny list was not read."
         if inputs.revocations is None
@@ -454,6 +459,18 @@ def _revocations_section(inputs: Inputs) -> Section:
         shown,
         more,
     )
+
+
+def _job_order(job: str) -> tuple[int, str]:
+    """Job ids are numbers: shortest first, then as text, the order the database is asked for (usage.py)."""
+    return (len(job), job)
+
+
+def _projects(row: Mapping[str, Any]) -> str | None:
+    """The project a job's refused requests named; several (job ids reused across issuers): the first, and how
+    many others, so no request is attributed to one project silently."""
+    path, count = row.get("project_path"), int(row.get("projects") or 0)
+    return f"{path} (and {count - 1} other project(s))" if path is not None and count > 1 else path
 
 
 def _keys_section(inputs: Inputs) -> Section:

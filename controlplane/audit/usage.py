@@ -75,11 +75,11 @@ QUERIES: tuple[Query, ...] = (
         (*_ordered("project_path", "job_id", "user", "backend", "path", "method"), '"status"', *_ordered("details")),
         where="decision = 'denied'",
     ),
-    Query(
+    Query(  # one group per job (its refused requests in one sum), in the report's order: shortest id first
         "revoked_use",
-        ("job_id", "project_path"),
-        _COUNTS,
-        _ordered("job_id", "project_path"),
+        ("job_id",),
+        (*_COUNTS, ("project_path", "MIN(project_path)"), ("projects", "COUNT(DISTINCT project_path)")),
+        ("LENGTH(COALESCE(job_id, ''))", *_ordered("job_id")),
         where=f"decision = 'denied' AND policy = '{REVOKED_POLICY}'",
     ),
 )
