@@ -6,13 +6,18 @@ a figure wrong) or a check that an attack holds; the fixtures are real git repos
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore
 from controlplane.cli.main import main
@@ -230,3 +235,47 @@ def test_past_max_rows_revoked_jobs_keep_numeric_order_and_never_a_false_zero(tm
     assert [(r["job_id"], r["refused_requests"]) for r in section["rows"]] == [("9", 1), ("10", 2)]
     section = _usage_report(state, tmp_path, now, "--max-rows", "3")["sections"]["revocations"]
     assert [(r["job_id"], r["refused_requests"]) for r in section["rows"]] == [("9", 1), ("10", 2), ("11", 1)]
+
+
+@pytest.mark.parametrize(
+    ("name", "document"),
+    [
+        ("revoked-jobs.json", {"version": 1, "revoked": {"5": "nan"}}),
+        ("revoked-jobs.json", {"version": 1, "revoked": {"5": 1e300}}),
+        ("revoked-jobs.json", {"version": 1, "revoked": {"5": "-inf"}}),
+        ("signing-keys.json", {"version": 1, "keys": [1]}),
+        ("signing-keys.json", {"version": 1, "keys": [{"kid": "k", "created_at": "NaN", "not_before": 1}]}),
+    ],
+)
+def test_a_state_file_time_no_date_can_show_is_named_not_a_traceback(
+    name: str, document: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN, infinities and out-of-range times passed `float()` and blew up in `datetime.fromtimestamp` while
+    writing (a traceback), and a key entry that is not an object raised AttributeError."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / name).write_text(json.dumps(document))
+    (state / name).chmod(0o600)
+    assert main(["report", "--since", "1d", "--no-audit", "--state-dir", str(state)]) == 1
+    assert f"controlplane report: {state / name}: malformed" in capsys.readouterr().err
+
+
+def test_invisible_and_reordering_characters_are_shown_in_html_and_csv(tmp_path: Path) -> None:
+    """A branch named "\\u202eniam" was drawn as "main" by the browser and the spreadsheet: a job on any branch
+    could pass for one on main in the report. HTML and CSV show such characters as <U+XXXX>; JSON is exact."""
+    now = float(int(time.time()))
+    state = tmp_path / "state"
+    spoof = _refused(now - 10, "7", "acme/a", "https://gitlab.example")
+    _store(state, [replace(spoof, ref="\u202eniam", user="ali\u200bce", path="/r/\x1b[2Jx\u2028y")])
+    window = ("--since", _iso(now - 3600), "--until", _iso(now), "--state-dir", str(state))
+    assert main(["report", *window, "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
+    assert main(["report", *window, "--format", "csv", "--out", str(tmp_path / "csv")]) == 0
+    page = tmp_path.joinpath("r.html").read_text()
+    for shown in ("&lt;U+202E&gt;niam", "ali&lt;U+200B&gt;ce", "/r/&lt;U+001B&gt;[2Jx&lt;U+2028&gt;y"):
+        assert shown in page
+    assert not any(char in page for char in "\u202e\u200b\x1b\u2028")
+    (job,) = csv.DictReader(io.StringIO(tmp_path.joinpath("csv", "jobs.csv").read_text()))
+    assert (job["ref"], job["user"]) == ("<U+202E>niam", "ali<U+200B>ce")
+    assert main(["report", *window, "--out", str(tmp_path / "r.json")]) == 0
+    (row,) = json.loads(tmp_path.joinpath("r.json").read_text())["sections"]["jobs"]["rows"]
+    assert row["ref"] == "\u202eniam"

@@ -49,6 +49,7 @@ EXIT_USAGE = 2
 DEFAULT_MAX_ROWS = 500
 DEFAULT_MAX_VERSIONS = 50
 FORMATS = ("json", "csv", "html")
+MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01: the first time an ISO 8601 date cannot show
 
 
 class Unreadable(Exception):
@@ -315,7 +316,7 @@ def _revocations_file(path: Path) -> dict[str, float]:
     if not isinstance(revoked, dict):
         raise StateFileError(f"{path}: malformed: no revoked object")
     try:
-        return {str(job): float(until) for job, until in revoked.items()}
+        return {str(job): _timestamp(until) for job, until in revoked.items()}
     except (TypeError, ValueError):
         raise StateFileError(f"{path}: malformed: a revocation's time is not a number") from None
 
@@ -330,17 +331,26 @@ def _keys_file(path: Path) -> tuple[SigningKey, ...] | None:
         raise StateFileError(f'{path}: malformed: expected a "keys" list')
     try:
         return tuple(_key(entry) for entry in entries)
-    except (KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         raise StateFileError(f"{path}: malformed: a key entry lacks a field or has a wrong type") from None
+
+
+def _timestamp(value: object) -> float:
+    """A time read from a state file or table, as Unix seconds a date can show: NaN, infinities and times past
+    year 9999 are refused (ValueError) here, where the source can be named, not in the middle of writing."""
+    found = float(str(value))
+    if not 0.0 <= found < MAX_TIMESTAMP:
+        raise ValueError(f"not a time: {value!r}")
+    return found
 
 
 def _key(entry: Any) -> SigningKey:
     retire = entry.get("retire_after")
     return SigningKey(
         str(entry["kid"]),
-        float(entry["created_at"]),
-        float(entry["not_before"]),
-        None if retire is None else float(retire),
+        _timestamp(entry["created_at"]),
+        _timestamp(entry["not_before"]),
+        None if retire is None else _timestamp(retire),
     )
 
 
@@ -358,11 +368,11 @@ async def _read_postgres(
             await conn.set_read_only(True)
             usage = await summarise_pg(conn, since, until, cap) if audit else None
             cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
-            revoked = {str(job): float(str(until_)) for job, until_ in await cursor.fetchall()}
+            revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
             cursor = await conn.execute("SELECT kid, created_at, not_before, retire_after FROM signing_keys")
             keys = tuple(
                 SigningKey(
-                    str(kid), float(str(created)), float(str(nb)), None if retire is None else float(str(retire))
+                    str(kid), _timestamp(created), _timestamp(nb), None if retire is None else _timestamp(retire)
                 )
                 for kid, created, nb, retire in await cursor.fetchall()
             )
