@@ -279,3 +279,14 @@ def test_invisible_and_reordering_characters_are_shown_in_html_and_csv(tmp_path:
     assert main(["report", *window, "--out", str(tmp_path / "r.json")]) == 0
     (row,) = json.loads(tmp_path.joinpath("r.json").read_text())["sections"]["jobs"]["rows"]
     assert row["ref"] == "\u202eniam"
+
+
+def test_credentials_in_the_gitlab_url_are_refused_not_written_into_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--gitlab-url https://oauth2:glpat-…@gitlab` was accepted and the report's summary named the source
+    with the token in it: a file made to be attached to tickets. Refused as the DSN with a password is."""
+    argv = ["report", "--since", "1h", "--no-audit", "--policy-project", "platform/policy", "--gitlab-token-env", "T"]
+    assert main([*argv, "--gitlab-url", "https://oauth2:glpat-SECRET@gitlab.example"]) == 2
+    err = capsys.readouterr().err
+    assert "--gitlab-url: the URL holds credentials" in err and "glpat-SECRET" not in err

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 from controlplane.audit.report import Inputs, PolicyVersion, Report, SigningKey, build, document
 from controlplane.audit.report_render import render_csv, render_html
@@ -211,6 +212,11 @@ def _gitlab_versions(
 
     if not args.gitlab_url:
         raise UsageError("--policy-project needs --gitlab-url")
+    if "@" in urlsplit(args.gitlab_url).netloc:  # the report names the URL it read from: a ticket would keep it
+        raise UsageError(
+            "--gitlab-url: the URL holds credentials, and a command line is visible to every user (and the report "
+            "names its source); give the token through --gitlab-token-env NAME or --gitlab-token-file PATH"
+        )
     where = f"GitLab project {args.policy_project}"
     try:
         client = GitLabSource(args.gitlab_url, token_from(args.gitlab_token_env, args.gitlab_token_file))
