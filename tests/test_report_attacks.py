@@ -290,3 +290,23 @@ def test_credentials_in_the_gitlab_url_are_refused_not_written_into_the_report(
     assert main([*argv, "--gitlab-url", "https://oauth2:glpat-SECRET@gitlab.example"]) == 2
     err = capsys.readouterr().err
     assert "--gitlab-url: the URL holds credentials" in err and "glpat-SECRET" not in err
+
+
+@pytest.mark.parametrize(
+    ("window", "said"),
+    [
+        (("--since", "999999999d"), "--since: out of range"),  # was a traceback: year -2735881 is out of range
+        (("--since", "1d", "--until", "9999-12-31T23:59:59+00:00"), ""),
+        (("--since", "1d", "--until", "9999-12-31T23:59:59-01:00"), "--until: out of range"),
+        (("--since", "1969-12-31T00:00:00Z"), "--since: out of range"),
+        (("--since", "0d"), "the window is empty"),
+        (("--since=-1d",), "--since: expected a duration"),
+        (("--since", "1d", "--until", "2d"), "the window is empty"),
+        (("--since", "1d", "--until", "soon"), "--until: expected a duration"),
+    ],
+)
+def test_window_arguments_at_their_edges(
+    window: tuple[str, ...], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["report", *window, "--no-audit", "--state-dir", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    assert (code, said in capsys.readouterr().err) == ((0, True) if not said else (2, True))

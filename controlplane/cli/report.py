@@ -119,6 +119,9 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
         until = now if args.until is None else parse_since(args.until, now)
     except ValueError as error:  # parse_since's words name --since
         return _fail(EXIT_USAGE, str(error).replace("--since", "--until", 1))
+    for flag, moment in (("--since", since), ("--until", until)):
+        if not 0.0 <= moment < MAX_TIMESTAMP:  # `999999999d` is before year 1: no date could show it
+            return _fail(EXIT_USAGE, f"{flag}: out of range (from 1970 to the year 9999)")
     if until <= since:
         return _fail(EXIT_USAGE, "the window is empty: --until must be after --since")
     if args.max_rows < 1 or args.max_versions < 1:
