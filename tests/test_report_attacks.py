@@ -310,3 +310,31 @@ def test_window_arguments_at_their_edges(
 ) -> None:
     code = main(["report", *window, "--no-audit", "--state-dir", str(tmp_path), "--out", str(tmp_path / "r.json")])
     assert (code, said in capsys.readouterr().err) == ((0, True) if not said else (2, True))
+
+
+def test_a_commit_dated_into_the_past_is_listed_and_flagged_not_hidden(tmp_path: Path) -> None:
+    """git log --since stops at the first commit dated before the window: a commit dated 2020 on top of one
+    made in the window hid that one, and became the 'version in force at the start' with no access change
+    shown, so the DELETE it granted never appeared as a change. Now the branch's order decides."""
+    repo = Repo(tmp_path, time.time())
+    base = repo.git("rev-parse", "HEAD")
+    repo.widen()
+    backdated = repo.commit("nothing to see", author="Mallory", at=1_577_836_800)  # 2020-01-01
+    (repo.policy / "bindings.yaml").write_text((repo.policy / "bindings.yaml").read_text() + "# later\n")
+    later = repo.commit("later", at=repo.now - HOUR)
+    rows = versions(report(repo, tmp_path))
+    assert [r["commit"] for r in rows] == [base, backdated, later]
+    assert rows[1]["in_force"] == "from this commit; dated before the version it follows"
+    assert rows[1]["access_changes"][0].endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
+    assert [r["in_force"] for r in rows[::2]] == ["from this commit", "from this commit"]
+
+
+def test_a_backdated_commit_on_top_is_in_force_at_the_end(tmp_path: Path) -> None:
+    repo = Repo(tmp_path, time.time())
+    repo.widen()
+    head = repo.commit("backdated head", at=1_577_836_800)
+    document = report(repo, tmp_path)
+    rows = versions(document)
+    assert rows[-1]["commit"] == head and rows[-1]["in_force"].endswith("dated before the version it follows")
+    reports = [r for r in document["sections"]["access"]["rows"] if r["backend"] == "reports-api"]
+    assert reports[0]["allows"] == ["GET, HEAD, DELETE /**"]

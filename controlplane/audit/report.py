@@ -55,6 +55,7 @@ class PolicyVersion(NamedTuple):
     gateways: Mapping[str, Sequence[str]]  # gateway -> backends it fronts
     error: str = ""
     in_force_at_start: bool = False
+    out_of_order: bool = False  # dated before the commit it follows on the branch (policy_history.select)
 
 
 class SigningKey(NamedTuple):
@@ -106,7 +107,17 @@ NOT_RECORDED: tuple[str, ...] = (
     "load (counted in controlplane_audit_records_dropped_total, not in the trail); records past the audit "
     "retention (serve --audit-retention, 30 days by default) are gone.",
     "Credentials exchanged (token exchange) that were never used: the trail records requests, not exchanges.",
+    "When a commit was pushed, and commits a force push erased: the policy's history is the branch as it is now, "
+    "and a commit's time is the one its committer's git wrote (one dated before the commit it follows is "
+    "marked); when a fast-forward brought several commits at once, each is listed though only the last was in "
+    "force. GitLab's push events and protected branches are the record of pushes.",
+    "The issuer of a job's requests: job ids are GitLab's, unique within one GitLab instance; with several "
+    "issuers, one id may name jobs of two instances (each is listed under its own project; the trail keeps the "
+    "issuer).",
 )
+
+
+OUT_OF_ORDER = "dated before the version it follows"
 
 
 def format_time(timestamp: float | None) -> str:
@@ -231,7 +242,8 @@ def _capped(rows: Sequence[Mapping[str, Any]], cap: int) -> tuple[tuple[Mapping[
 def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section:
     rows = [
         {
-            "in_force": "at window start" if v.in_force_at_start else "from this commit",
+            "in_force": ("at window start" if v.in_force_at_start else "from this commit")
+            + (f"; {OUT_OF_ORDER}" if v.out_of_order else ""),
             "time": v.time,
             "commit": v.sha,
             "author": f"{v.author} <{v.email}>" if v.email else v.author,
@@ -258,6 +270,9 @@ def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section
                 if inputs.versions_more
                 else ()
             ),
+            "Times are those the committers' git wrote; the branch's order decides what is in the window: a commit "
+            f"between two dated in it is listed whatever its date, and one marked `{OUT_OF_ORDER}` is dated "
+            "before the commit it follows (a wrong clock, or a commit made to look older than it is).",
         ),
         (
             Column("in_force", "In force"),

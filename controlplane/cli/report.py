@@ -195,7 +195,9 @@ def _policy_versions(
         found = history(args.policy_repo, since, until, args.max_versions)
         starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []
         versions = [
-            _load_commit(args.policy_repo, limits, commit, in_force_at_start=at_start)
+            _load_commit(args.policy_repo, limits, commit, in_force_at_start=at_start)._replace(
+                out_of_order=commit.sha in found.out_of_order
+            )
             for commit, at_start in [*starts, *((c, False) for c in found.commits)]
             if commit is not None
         ]

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from controlplane.sources.gitlab_repo import GitLabClient
 
 GIT_TIMEOUT = 60.0
+MAX_GIT_COMMITS = 100_000  # policy commits read from a local branch at most (metadata only)
 MAX_API_COMMITS = 10_000  # commits listed from GitLab for one window at most (metadata only: a page is 100)
 _FIELDS = ("%H", "%an", "%ae", "%cn", "%ct", "%s")
 _FORMAT = "%x00".join(_FIELDS)
@@ -61,6 +63,7 @@ class History(NamedTuple):
     in_force_at_start: Commit | None  # the last commit before the window (None: the policy did not exist yet)
     commits: tuple[Commit, ...]  # in the window, oldest first, at most `limit`: the newest ones
     more: int  # earlier commits in the window left out (the newest are kept: the last is in force at the end)
+    out_of_order: tuple[str, ...] = ()  # shas dated before the commit they follow on the branch (`select`)
 
 
 def _git(directory: Path, *args: str) -> str:
@@ -109,14 +112,40 @@ def _parse(text: str) -> list[Commit]:
 
 
 def history(directory: Path, since: float, until: float, limit: int) -> History:
-    """The commits touching `directory` on HEAD's first-parent line, committed in `[since, until)`."""
-    base = ("log", "-z", "--first-parent", f"--format={_FORMAT}")
-    window = _parse(_git(directory, *base, f"--since={_iso(since)}", f"--until={_iso(until)}", "HEAD", "--", "."))
-    window = [c for c in window if since <= c.time < until]  # git's date filters are inclusive and heuristic
+    """The commits touching `directory` on HEAD's first-parent line, committed in `[since, until)`.
+
+    Read without git's date filters (`--since` stops its walk at the first commit dated before the window, so a
+    commit dated into the past hid every older one in the window), newest first, then chosen by `select`."""
+    listed = _parse(
+        _git(directory, "log", "-z", "--first-parent", f"--format={_FORMAT}", f"-n{MAX_GIT_COMMITS}", "HEAD", "--", ".")
+    )
+    return select(listed, since, until, limit)
+
+
+def select(listed: list[Commit], since: float, until: float, limit: int) -> History:
+    """The window's versions from a branch's policy commits, newest first.
+
+    A commit's time is what its committer's git wrote, not when it was pushed: the branch's order is the truth.
+    So every commit between the newest and the oldest one dated in the window is in it, whatever its own date
+    (it entered the branch between two that are in the window), and so are the commits after the newest that
+    are dated before the window's end; the version in force at the start is the one just before the oldest. A
+    commit dated before the one it follows (from that start to the branch's head) is listed in `out_of_order`:
+    a wrong clock, or a commit dated into the past to look older than it is."""
+    inside = [at for at, commit in enumerate(listed) if since <= commit.time < until]
+    if inside:
+        newest = inside[0]
+        while newest > 0 and listed[newest - 1].time < until:  # after one in the window, dated before its end
+            newest -= 1
+        window = listed[newest : inside[-1] + 1]
+        start_at = inside[-1] + 1
+    else:
+        window = []
+        start_at = next((at for at, commit in enumerate(listed) if commit.time < since), len(listed))
+    start = listed[start_at] if start_at < len(listed) else None
+    scope = listed[: start_at + 1]
+    out_of_order = tuple(newer.sha for newer, older in pairwise(scope) if newer.time < older.time)
     window.reverse()
-    before = _parse(_git(directory, *base, "-n", "1", f"--until={_iso(_last_second_before(since))}", "HEAD", "--", "."))
-    start = next((c for c in before if c.time < since), None)
-    return History(start, tuple(window[-limit:]), max(0, len(window) - limit))
+    return History(start, tuple(window[-limit:]), max(0, len(window) - limit), out_of_order)
 
 
 @contextmanager
