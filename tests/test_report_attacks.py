@@ -21,7 +21,7 @@ import pytest
 
 from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore
 from controlplane.cli.main import main
-from controlplane.sources.policy_history import tree_at
+from controlplane.sources.policy_history import Commit, select, tree_at
 from tests.support.report_data import EXAMPLE
 
 HOUR = 3600
@@ -338,3 +338,15 @@ def test_a_backdated_commit_on_top_is_in_force_at_the_end(tmp_path: Path) -> Non
     assert rows[-1]["commit"] == head and rows[-1]["in_force"].endswith("dated before the version it follows")
     reports = [r for r in document["sections"]["access"]["rows"] if r["backend"] == "reports-api"]
     assert reports[0]["allows"] == ["GET, HEAD, DELETE /**"]
+
+
+def test_select_flags_a_start_dated_before_the_commit_it_follows() -> None:
+    """A window in the past: the version 'in force at the start' is dated 2020 but follows a commit dated
+    today, so one of the two dates is false; it is flagged (the start was not compared with its parent)."""
+    now = 1_800_000_000.0
+    good, evil, base = (Commit(sha, "a", "a@x", "c", when, sha) for sha, when in (
+        ("good", now - 3600), ("evil", 1_577_836_800.0), ("base", now - 5 * 3600)))  # fmt: skip
+    found = select([good, evil, base], now - 10 * 86400, now - 9 * 86400, 50)
+    assert (found.in_force_at_start, found.commits, found.out_of_order) == (evil, (), ("evil",))
+    found = select([good, evil, base], now - 86400, now, 50)
+    assert (found.in_force_at_start, found.commits, found.out_of_order) == (None, (base, evil, good), ("evil",))

@@ -142,7 +142,7 @@ def select(listed: list[Commit], since: float, until: float, limit: int) -> Hist
         window = []
         start_at = next((at for at, commit in enumerate(listed) if commit.time < since), len(listed))
     start = listed[start_at] if start_at < len(listed) else None
-    scope = listed[: start_at + 1]
+    scope = listed[: start_at + 2]  # the start too: dated before the commit it follows
     out_of_order = tuple(newer.sha for newer, older in pairwise(scope) if newer.time < older.time)
     window.reverse()
     return History(start, tuple(window[-limit:]), max(0, len(window) - limit), out_of_order)
