@@ -350,3 +350,14 @@ def test_select_flags_a_start_dated_before_the_commit_it_follows() -> None:
     assert (found.in_force_at_start, found.commits, found.out_of_order) == (evil, (), ("evil",))
     found = select([good, evil, base], now - 86400, now, 50)
     assert (found.in_force_at_start, found.commits, found.out_of_order) == (None, (base, evil, good), ("evil",))
+
+
+def test_a_commit_message_of_megabytes_is_cut_not_copied_into_every_output(tmp_path: Path) -> None:
+    """Four 30 MB commit messages made a 120 MB HTML page and 600 MB of RSS: subjects and names are cut by
+    git itself (`%<(N,trunc)`), and the whole branch is listed with sha and time only."""
+    repo = Repo(tmp_path, time.time())
+    repo.widen()
+    long = repo.commit("x" * 100_000, author="N" * 5_000, at=repo.now - HOUR)
+    (row,) = versions(report(repo, tmp_path))[1:]
+    assert row["commit"] == long and row["message"] == "x" * 998 + ".."
+    assert row["author"] == "N" * 254 + ".. <a@example.com>" and row["committer"] == "Merge Bot"

@@ -37,8 +37,18 @@ if TYPE_CHECKING:
 GIT_TIMEOUT = 60.0
 MAX_GIT_COMMITS = 100_000  # policy commits read from a local branch at most (metadata only)
 MAX_API_COMMITS = 10_000  # commits listed from GitLab for one window at most (metadata only: a page is 100)
-_FIELDS = ("%H", "%an", "%ae", "%cn", "%ct", "%s")
+MAX_NAME_CHARS = 256  # a name or an email as the report shows it, at most (git truncates, ending it with "..")
+MAX_SUBJECT_CHARS = 1000  # a commit's subject, at most: a message of megabytes is the committer's, not ours
+_FIELDS = (
+    "%H",
+    f"%<({MAX_NAME_CHARS},trunc)%an",
+    f"%<({MAX_NAME_CHARS},trunc)%ae",
+    f"%<({MAX_NAME_CHARS},trunc)%cn",
+    "%ct",
+    f"%<({MAX_SUBJECT_CHARS},trunc)%s",
+)
 _FORMAT = "%x00".join(_FIELDS)
+_TIMES = "%H%x00%ct"  # the whole branch is listed with these only: what `select` needs
 
 
 class GitError(Exception):
@@ -93,22 +103,36 @@ def _last_second_before(since: float) -> float:
     return float(math.ceil(since) - 1)
 
 
-def _parse(text: str) -> list[Commit]:
-    """`git log -z --format=_FORMAT`'s output: NUL between fields and between commits."""
+def _records(text: str, width: int) -> list[list[str]]:
+    """`git log -z` output with `width` fields a commit: NUL between fields and between commits."""
     fields = text.split("\0")
     if fields and fields[-1] == "":
         fields.pop()
-    width = len(_FIELDS)
     if len(fields) % width:
         raise GitError(f"git log printed {len(fields)} fields, not a multiple of {width}")
-    commits = []
-    for at in range(0, len(fields), width):
-        sha, author, email, committer, when, subject = fields[at : at + width]
-        try:
-            commits.append(Commit(sha.strip("\n"), author, email, committer, float(when), subject))
-        except ValueError:
-            raise GitError(f"git log printed a commit time that is not a number: {when!r}") from None
-    return commits
+    return [fields[at : at + width] for at in range(0, len(fields), width)]
+
+
+def _time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise GitError(f"git log printed a commit time that is not a number: {text!r}") from None
+
+
+def _parse(text: str) -> list[Commit]:
+    """`git log -z --format=_FORMAT`'s output (the padding `trunc` adds to short fields removed)."""
+    return [
+        Commit(
+            sha.strip("\n"),
+            author.rstrip(" "),
+            email.rstrip(" "),
+            committer.rstrip(" "),
+            _time(when),
+            subject.rstrip(" "),
+        )
+        for sha, author, email, committer, when, subject in _records(text, len(_FIELDS))
+    ]
 
 
 def history(directory: Path, since: float, until: float, limit: int) -> History:
@@ -116,10 +140,21 @@ def history(directory: Path, since: float, until: float, limit: int) -> History:
 
     Read without git's date filters (`--since` stops its walk at the first commit dated before the window, so a
     commit dated into the past hid every older one in the window), newest first, then chosen by `select`."""
-    listed = _parse(
-        _git(directory, "log", "-z", "--first-parent", f"--format={_FORMAT}", f"-n{MAX_GIT_COMMITS}", "HEAD", "--", ".")
+    branch = _git(
+        directory, "log", "-z", "--first-parent", f"--format={_TIMES}", f"-n{MAX_GIT_COMMITS}", "HEAD", "--", "."
     )
-    return select(listed, since, until, limit)
+    listed = [Commit(sha.strip("\n"), "", "", "", _time(when), "") for sha, when in _records(branch, 2)]
+    found = select(listed, since, until, limit)
+    chosen = [c.sha for c in (found.in_force_at_start, *found.commits) if c is not None]
+    if not chosen:
+        return found
+    full = {
+        c.sha: c for c in _parse(_git(directory, "log", "-z", "--no-walk=unsorted", f"--format={_FORMAT}", *chosen))
+    }
+    start = found.in_force_at_start
+    return found._replace(
+        in_force_at_start=None if start is None else full[start.sha], commits=tuple(full[c.sha] for c in found.commits)
+    )
 
 
 def select(listed: list[Commit], since: float, until: float, limit: int) -> History:
@@ -246,16 +281,21 @@ def _link_as_stored(member: tarfile.TarInfo, root: Path) -> None:
     os.symlink(member.linkname, link)
 
 
+def _cut(text: str, limit: int) -> str:
+    """As git's `%<(N,trunc)` cuts a local commit's fields: N characters at most, the last two `..`."""
+    return text if len(text) <= limit else text[: limit - 2] + ".."
+
+
 def _api_commit(entry: dict[str, Any]) -> Commit:
     """A commit as GitLab's commits API gives it (`committed_date` ISO 8601 with an offset)."""
     when = datetime.fromisoformat(str(entry["committed_date"]).replace("Z", "+00:00")).timestamp()
     return Commit(
         str(entry["id"]),
-        str(entry.get("author_name") or ""),
-        str(entry.get("author_email") or ""),
-        str(entry.get("committer_name") or ""),
+        _cut(str(entry.get("author_name") or ""), MAX_NAME_CHARS),
+        _cut(str(entry.get("author_email") or ""), MAX_NAME_CHARS),
+        _cut(str(entry.get("committer_name") or ""), MAX_NAME_CHARS),
         when,
-        str(entry.get("title") or ""),
+        _cut(str(entry.get("title") or ""), MAX_SUBJECT_CHARS),
     )
 
 
