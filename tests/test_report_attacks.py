@@ -361,3 +361,15 @@ def test_a_commit_message_of_megabytes_is_cut_not_copied_into_every_output(tmp_p
     (row,) = versions(report(repo, tmp_path))[1:]
     assert row["commit"] == long and row["message"] == "x" * 998 + ".."
     assert row["author"] == "N" * 254 + ".. <a@example.com>" and row["committer"] == "Merge Bot"
+
+
+def test_claims_alike_from_two_issuers_are_two_jobs(tmp_path: Path) -> None:
+    """The jobs table grouped by project, job, pipeline, ref and user only: a token from a second issuer that
+    carried the same claims (another GitLab, or an OIDC issuer whose claims its users shape) was counted as
+    the GitLab job's own use, with nothing to tell them apart."""
+    now = float(int(time.time()))
+    state = tmp_path / "state"
+    real = replace(_refused(now - 20, "5", "acme/a", "https://gitlab.example"), decision="allowed", status=200)
+    _store(state, [real, real, replace(real, issuer="https://idp.example")])
+    rows = _usage_report(state, tmp_path, now)["sections"]["jobs"]["rows"]
+    assert [(r["issuer"], r["requests"]) for r in rows] == [("https://gitlab.example", 2), ("https://idp.example", 1)]

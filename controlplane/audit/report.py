@@ -111,9 +111,8 @@ NOT_RECORDED: tuple[str, ...] = (
     "and a commit's time is the one its committer's git wrote (one dated before the commit it follows is "
     "marked); when a fast-forward brought several commits at once, each is listed though only the last was in "
     "force. GitLab's push events and protected branches are the record of pushes.",
-    "The issuer of a job's requests: job ids are GitLab's, unique within one GitLab instance; with several "
-    "issuers, one id may name jobs of two instances (each is listed under its own project; the trail keeps the "
-    "issuer).",
+    "Which GitLab instance a job id belongs to beyond the token's issuer: job ids are unique within one GitLab "
+    "instance, and the totals count distinct job ids (two instances' job 5 is one).",
 )
 
 
@@ -357,7 +356,12 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
         Section(
             "jobs",
             "What was used, per project and job",
-            (where, "A request without a valid token has no project or job: it is counted on an empty line."),
+            (
+                where,
+                "A request without a valid token has no project or job: it is counted on an empty line.",
+                "The token issuer is the token's `iss`: a job's GitLab ID token, or the control plane's own "
+                "credentials exchanged for it, on lines of their own; claims alike from two issuers are two jobs.",
+            ),
             (
                 Column("project_path", "Project"),
                 Column("project_id", "Project id", "id"),
@@ -365,6 +369,7 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
                 Column("pipeline_id", "Pipeline", "id"),
                 Column("ref", "Ref"),
                 Column("user", "User"),
+                Column("issuer", "Token issuer"),
                 Column("requests", "Requests", "count"),
                 Column("allowed", "Allowed", "count"),
                 Column("denied", "Denied", "count"),

@@ -51,8 +51,8 @@ def _quoted(column: str) -> str:
 
 QUERIES: tuple[Query, ...] = (
     Query(
-        "jobs",
-        ("project_id", "project_path", "job_id", "pipeline_id", "ref", "user"),
+        "jobs",  # the issuer too: a token from another issuer may carry the same project and job claims
+        ("project_id", "project_path", "job_id", "pipeline_id", "ref", "user", "issuer"),
         (
             ("requests", "COUNT(*)"),
             ("allowed", "SUM(CASE WHEN decision = 'allowed' THEN 1 ELSE 0 END)"),
@@ -60,7 +60,7 @@ QUERIES: tuple[Query, ...] = (
             ("first", "MIN(time)"),
             ("last", "MAX(time)"),
         ),
-        _ordered("project_path", "project_id", "job_id", "pipeline_id", "ref", "user"),
+        _ordered("project_path", "project_id", "job_id", "pipeline_id", "ref", "user", "issuer"),
     ),
     Query(
         "usage",
