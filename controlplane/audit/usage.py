@@ -2,9 +2,10 @@
 
 A compliance report covers weeks of traffic; loading the window's rows into the process would cost memory in
 proportion to the traffic. Every table here is one GROUP BY run by SQLite or PostgreSQL (the same SQL, only the
-placeholder differs), returning at most `cap` groups, and a second query counts the groups, so the report can say
-"N more" instead of silently stopping. The window is half-open, `since <= time < until`, on the time the control
-plane received each record (a sender cannot choose it: audit/store.py).
+placeholder differs), returning at most `cap` groups, each with the number of groups in all (a window function:
+the same scan), so the report can say "N more" instead of silently stopping. The window is half-open,
+`since <= time < until`, on the time the control plane received each record (a sender cannot choose it:
+audit/store.py).
 
 Empty claims (a request without a valid token) stay None: the report shows them as such, never as a project.
 """
@@ -103,6 +104,7 @@ _TOTALS = (
     " COUNT(DISTINCT project_path) AS projects, MIN(time) AS first, MAX(time) AS last"
     " FROM audit WHERE time >= {p} AND time < {p}"
 )
+_GROUPS = "groups_in_all"
 _TOTAL_KEYS = ("requests", "allowed", "denied", "jobs", "projects", "first", "last")
 
 
@@ -112,19 +114,20 @@ def _where(query: Query, placeholder: str) -> str:
 
 
 def group_sql(query: Query, placeholder: str) -> str:
-    """The groups, capped: parameters (since, until, cap)."""
+    """The groups, capped, each with the number of groups in all (a window function over the grouped rows, so
+    one scan of the window answers both): parameters (since, until, cap)."""
     keys = ", ".join(_quoted(k) for k in query.keys)
     measures = ", ".join(f"{sql} AS {_quoted(name)}" for name, sql in query.measures)
     return (
-        f"SELECT {keys}, {measures} FROM audit {_where(query, placeholder)} GROUP BY {keys}"
-        f" ORDER BY {', '.join(query.order)} LIMIT {placeholder}"
+        f"SELECT {keys}, {measures}, COUNT(*) OVER () AS {_quoted(_GROUPS)} FROM audit {_where(query, placeholder)}"
+        f" GROUP BY {keys} ORDER BY {', '.join(query.order)} LIMIT {placeholder}"
     )
 
 
-def count_sql(query: Query, placeholder: str) -> str:
-    """How many groups in all: parameters (since, until)."""
-    keys = ", ".join(_quoted(k) for k in query.keys)
-    return f"SELECT COUNT(*) FROM (SELECT 1 AS one FROM audit {_where(query, placeholder)} GROUP BY {keys}) AS groups"
+def _table(query: Query, rows: Sequence[Sequence[Any]]) -> Table:
+    """The rows without their trailing group count; no row: no group (the cap is at least 1)."""
+    total = int(str(rows[0][-1])) if rows else 0
+    return Table([_row(query, tuple(r)[:-1]) for r in rows], total)
 
 
 def _row(query: Query, values: Sequence[Any]) -> dict[str, Any]:
@@ -145,9 +148,7 @@ def summarise(conn: sqlite3.Connection, since: float, until: float, cap: int) ->
     totals = _totals(conn.execute(_TOTALS.format(p="?"), (since, until)).fetchone())
     tables = {}
     for query in QUERIES:
-        rows = conn.execute(group_sql(query, "?"), (since, until, max(0, cap))).fetchall()
-        total = conn.execute(count_sql(query, "?"), (since, until)).fetchone()[0]
-        tables[query.name] = Table([_row(query, tuple(r)) for r in rows], int(total))
+        tables[query.name] = _table(query, conn.execute(group_sql(query, "?"), (since, until, max(1, cap))).fetchall())
     return Usage(totals, tables)
 
 
@@ -159,9 +160,6 @@ async def summarise_pg(conn: Connection, since: float, until: float, cap: int) -
     totals = _totals(first)
     tables = {}
     for query in QUERIES:
-        cursor = await conn.execute(group_sql(query, "%s").encode(), (since, until, max(0, cap)))
-        rows = await cursor.fetchall()
-        cursor = await conn.execute(count_sql(query, "%s").encode(), (since, until))
-        counted = await cursor.fetchone()
-        tables[query.name] = Table([_row(query, r) for r in rows], int(str(counted[0])) if counted else 0)
+        cursor = await conn.execute(group_sql(query, "%s").encode(), (since, until, max(1, cap)))
+        tables[query.name] = _table(query, await cursor.fetchall())
     return Usage(totals, tables)
