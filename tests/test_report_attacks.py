@@ -373,3 +373,23 @@ def test_claims_alike_from_two_issuers_are_two_jobs(tmp_path: Path) -> None:
     _store(state, [real, real, replace(real, issuer="https://idp.example")])
     rows = _usage_report(state, tmp_path, now)["sections"]["jobs"]["rows"]
     assert [(r["issuer"], r["requests"]) for r in rows] == [("https://gitlab.example", 2), ("https://idp.example", 1)]
+
+
+def test_gitattributes_in_the_commit_cannot_hide_a_file_from_the_report(tmp_path: Path) -> None:
+    """`git archive` obeys the archived tree's .gitattributes: `export-ignore` on a new binding left it out of
+    the report's copy of the commit ('access unchanged', the binding absent from who could reach what) while a
+    checkout, which serve reads, has it; `export-subst` could rewrite a file's text the same way."""
+    repo = Repo(tmp_path, time.time())
+    (repo.policy / "zz-extra.yaml").write_text(
+        "kind: Binding\nname: extra\nissuer: gitlab\nroles: [reports-read]\nsubjects:\n"
+        "  - project: acme/platform/deployer\n    ref: $Format:%H$\n"
+    )
+    (repo.policy / ".gitattributes").write_text(
+        "zz-extra.yaml export-ignore export-subst\n.gitattributes export-ignore\n"
+    )
+    tidy = repo.commit("tidy up", at=repo.now - HOUR)
+    document = report(repo, tmp_path)
+    (row,) = versions(document)[1:]
+    assert row["commit"] == tidy and row["access_changes"][0].startswith("+ reports-api: ")
+    grants = {r["grant"]: r["subject"] for r in document["sections"]["access"]["rows"]}
+    assert 'ref = "$Format:%H$"' in grants["extra/reports-read"]  # not rewritten to the sha

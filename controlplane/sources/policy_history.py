@@ -213,7 +213,7 @@ def tree_at(directory: Path, sha: str, max_file_bytes: int | None = None) -> Ite
         with archive_path.open("wb") as sink:
             try:
                 done = subprocess.run(
-                    ["git", "-C", top, "archive", "--format=tar", treeish, "--", ".", *excluded],
+                    [*_archive(top, Path(tmp, "no-attributes")), "--format=tar", treeish, "--", ".", *excluded],
                     stdout=sink,
                     stderr=subprocess.PIPE,
                     timeout=GIT_TIMEOUT,
@@ -230,6 +230,15 @@ def tree_at(directory: Path, sha: str, max_file_bytes: int | None = None) -> Ite
         for path, size in large.items():
             _sparse(root, path, size)
         yield root
+
+
+def _archive(top: str, empty: Path) -> list[str]:
+    """`git archive` blind to the `.gitattributes` the commit holds: in the tree, `export-ignore` leaves a file
+    out of the archive and `export-subst` rewrites one, so a committer could hide a binding from the report
+    that a checkout (serve's policy) has. With `--worktree-attributes` git reads attributes from the work tree
+    instead of the tree, and the work tree given is an empty directory; no user-wide attributes file either."""
+    empty.mkdir(exist_ok=True)
+    return ["git", "-C", top, "-c", "core.attributesFile=", f"--work-tree={empty}", "archive", "--worktree-attributes"]
 
 
 def _large_blobs(top: Path, treeish: str, limit: int) -> dict[str, int]:
