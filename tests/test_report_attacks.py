@@ -106,11 +106,16 @@ def test_a_commit_removing_the_policy_directory_is_a_version_that_did_not_load(t
     shutil.copytree(saved, repo.policy)
     repo.widen()
     restored = repo.commit("restore it, wider", at=repo.now - HOUR)
-    rows = versions(report(repo, tmp_path))
+    document = report(repo, tmp_path)
+    rows = versions(document)
     assert [r["commit"] for r in rows[1:]] == [removed, restored]
+    # the invalid version was never in force (serve keeps the one before): counted apart
+    summary = document["summary"]
+    assert (summary["policy_versions_in_force"], summary["policy_versions_invalid"]) == (2, 1)
     assert rows[1]["access_changes"] == [
         f"did not load: the policy directory sub/policy/ does not exist in commit {removed[:12]}"
     ]
+    assert [r["in_force"] for r in rows] == ["from this commit", "never: did not load", "from this commit"]
     assert rows[2]["access_changes"][0].startswith("+ reports-api: ")  # compared with the last that loaded
 
 

@@ -167,7 +167,9 @@ def _summary(inputs: Inputs) -> tuple[tuple[str, Value], ...]:
         ("window_to", format_time(inputs.until)),
         ("generated", format_time(inputs.generated)),
         ("policy_read_from", inputs.policy_source),
-        ("policy_versions_in_force", len(inputs.versions) + inputs.versions_more),
+        # serve never applies a version that does not load: those are counted apart (the skipped are unknown)
+        ("policy_versions_in_force", sum(v.resolved is not None for v in inputs.versions) + inputs.versions_more),
+        ("policy_versions_invalid", sum(v.resolved is None for v in inputs.versions)),
         ("audit_trail_read_from", inputs.audit_source),
     ]
     if inputs.usage is not None:
@@ -238,11 +240,19 @@ def _capped(rows: Sequence[Mapping[str, Any]], cap: int) -> tuple[tuple[Mapping[
     return tuple(rows[:cap]), max(0, len(rows) - cap)
 
 
+def _in_force(version: PolicyVersion) -> str:
+    """When the version took effect; an invalid one never did (serve keeps serving the one before it)."""
+    if version.resolved is None:
+        when = "never: did not load" + (" (in the tree at window start)" if version.in_force_at_start else "")
+    else:
+        when = "at window start" if version.in_force_at_start else "from this commit"
+    return when + (f"; {OUT_OF_ORDER}" if version.out_of_order else "")
+
+
 def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section:
     rows = [
         {
-            "in_force": ("at window start" if v.in_force_at_start else "from this commit")
-            + (f"; {OUT_OF_ORDER}" if v.out_of_order else ""),
+            "in_force": _in_force(v),
             "time": v.time,
             "commit": v.sha,
             "author": f"{v.author} <{v.email}>" if v.email else v.author,
