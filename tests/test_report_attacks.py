@@ -398,3 +398,25 @@ def test_gitattributes_in_the_commit_cannot_hide_a_file_from_the_report(tmp_path
     assert row["commit"] == tidy and row["access_changes"][0].startswith("+ reports-api: ")
     grants = {r["grant"]: r["subject"] for r in document["sections"]["access"]["rows"]}
     assert 'ref = "$Format:%H$"' in grants["extra/reports-read"]  # not rewritten to the sha
+
+
+def test_a_backdated_commit_in_the_gitlab_project_is_listed_and_flagged(tmp_path: Path) -> None:
+    """From --policy-project the window was GitLab's `since`/`until` (git's date filters): the commit dated
+    2020 was not listed, and its DELETE appeared in no change. Now the branch's order decides there too."""
+    from tests.support.fake_gitlab import FakeGitLab
+
+    files = {path.name: path.read_text() for path in sorted(EXAMPLE.iterdir())}
+    wider = files["roles.yaml"].replace("methods: [GET, HEAD]", "methods: [GET, HEAD, DELETE]")
+    token = tmp_path / "token"
+    with FakeGitLab() as fake:
+        token.write_text(fake.api_token + "\n")
+        fake.add_project("platform/policy", files=files)
+        backdated = fake.commit("platform/policy", {"roles.yaml": wider}, author="Mallory", at=1_577_836_800.0)
+        later = fake.commit("platform/policy", {"notes.yaml": "# later\n"}, author="Bob", at=time.time() - 60)
+        out = tmp_path / "r.json"
+        argv = ["report", "--since", "1d", "--no-audit", "--out", str(out), "--policy-project", "platform/policy"]
+        assert main([*argv, "--gitlab-url", fake.api_url, "--gitlab-token-file", str(token)]) == 0
+    rows = versions(json.loads(out.read_text()))
+    assert [r["commit"] for r in rows[1:]] == [backdated, later]
+    assert rows[1]["in_force"] == "from this commit; dated before the version it follows"
+    assert rows[1]["access_changes"][0].endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")

@@ -235,7 +235,8 @@ def _gitlab_versions(
                 files: dict[str, str] | PolicyInvalid = repo.read_tree(commit.sha)
             except PolicyInvalid as invalid:
                 files = invalid
-            versions.append(_load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start))
+            version = _load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start)
+            versions.append(version._replace(out_of_order=commit.sha in found.out_of_order))
     except GitLabTokenError as error:
         raise UsageError(str(error)) from None
     except (GitLabUnavailable, PolicyRepoError, GitError) as error:

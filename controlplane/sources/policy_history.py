@@ -19,7 +19,6 @@ commit's tree through `PolicyRepo.read_tree`, the reader serve itself uses; no c
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import tarfile
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
 
 GIT_TIMEOUT = 60.0
 MAX_GIT_COMMITS = 100_000  # policy commits read from a local branch at most (metadata only)
-MAX_API_COMMITS = 10_000  # commits listed from GitLab for one window at most (metadata only: a page is 100)
+MAX_API_COMMITS = 10_000  # commits listed from GitLab's branch at most (metadata only: a page is 100)
 MAX_NAME_CHARS = 256  # a name or an email as the report shows it, at most (git truncates, ending it with "..")
 MAX_SUBJECT_CHARS = 1000  # a commit's subject, at most: a message of megabytes is the committer's, not ours
 _FIELDS = (
@@ -94,13 +93,6 @@ def _git(directory: Path, *args: str) -> str:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
-
-
-def _last_second_before(since: float) -> float:
-    """The last whole second before `since`: commit times are whole seconds and `--until` (git's, GitLab's) is
-    inclusive, so asking up to `since` itself would return a commit made at `since` (one in the window) as the
-    newest before it, and the version really in force at the start would be missed."""
-    return float(math.ceil(since) - 1)
 
 
 def _records(text: str, width: int) -> list[list[str]]:
@@ -309,23 +301,17 @@ def _api_commit(entry: dict[str, Any]) -> Commit:
 
 
 def gitlab_history(client: GitLabClient, project: str | int, since: float, until: float, limit: int) -> History:
-    """`history` from a GitLab project's default branch, through its commits API. GitLab's errors are raised as
-    the client raises them (`GitLabUnavailable`); a project without a default branch is a `GitError`."""
+    """`history` from a GitLab project's default branch, through its commits API (first parents, newest first,
+    without GitLab's date filters, which are git's: chosen by `select`, at most MAX_API_COMMITS). GitLab's
+    errors are raised as the client raises them (`GitLabUnavailable`); no default branch is a `GitError`."""
     with client.errors_as_unavailable():
         handle = client.gl.projects.get(project)
         branch = handle.attributes.get("default_branch")
         if not branch:
             raise GitError(f"GitLab project {project} has no default branch (empty repository?)")
-        common = {"ref_name": branch, "first_parent": True}
-        window: list[Commit] = []
-        listed = handle.commits.list(since=_iso(since), until=_iso(until), iterator=True, per_page=100, **common)
-        for entry in listed:
-            window.append(_api_commit(entry.attributes))
-            if len(window) >= MAX_API_COMMITS:
+        listed: list[Commit] = []
+        for entry in handle.commits.list(ref_name=branch, first_parent=True, iterator=True, per_page=100):
+            listed.append(_api_commit(entry.attributes))
+            if len(listed) >= MAX_API_COMMITS:
                 break
-        before = handle.commits.list(
-            until=_iso(_last_second_before(since)), per_page=1, page=1, get_all=False, **common
-        )
-        start = next((c for c in (_api_commit(e.attributes) for e in before) if c.time < since), None)
-    window = [c for c in reversed(window) if since <= c.time < until]  # the branch's order, oldest first
-    return History(start, tuple(window[-limit:]), max(0, len(window) - limit))
+    return select(listed, since, until, limit)
