@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from dataclasses import replace
@@ -19,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore
+from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore, open_readonly
+from controlplane.audit.usage import summarise
 from controlplane.cli.main import main
 from controlplane.sources.policy_history import Commit, select, tree_at
 from tests.support.report_data import EXAMPLE
@@ -420,3 +422,35 @@ def test_a_backdated_commit_in_the_gitlab_project_is_listed_and_flagged(tmp_path
     assert [r["commit"] for r in rows[1:]] == [backdated, later]
     assert rows[1]["in_force"] == "from this commit; dated before the version it follows"
     assert rows[1]["access_changes"][0].endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
+
+
+class _WriterBetweenQueries:
+    """A read-only connection whose first query is followed by serve's writer committing one more record."""
+
+    def __init__(self, conn: sqlite3.Connection, db: Path, record: AuditRecord) -> None:
+        self.conn, self.db, self.record, self.queries = conn, db, record, 0
+
+    def execute(self, sql: str, *params: Any) -> sqlite3.Cursor:
+        cursor = self.conn.execute(sql, *params)
+        if sql.startswith("SELECT"):
+            self.queries += 1
+            if self.queries == 1:
+                _store(self.db.parent, [self.record])
+        return cursor
+
+
+def test_totals_and_tables_count_the_same_rows_while_serve_writes(tmp_path: Path) -> None:
+    """Each aggregate was its own snapshot: a batch committed between two of them (records received a moment
+    before the report started, so inside its window) was in the tables but not in the totals."""
+    now = float(int(time.time()))
+    state = tmp_path / "state"
+    first = replace(_refused(now - 20, "5", "acme/a", "https://gitlab.example"), decision="allowed", status=200)
+    _store(state, [first])
+    conn = open_readonly(state / DB_NAME)
+    try:
+        racing = _WriterBetweenQueries(conn, state / DB_NAME, replace(first, time=now - 10))
+        usage = summarise(racing, now - 3600, now, 10)  # type: ignore[arg-type]
+    finally:
+        conn.close()
+    assert racing.queries > 1
+    assert usage.totals["requests"] == sum(row["requests"] for row in usage.tables["jobs"].rows) == 1

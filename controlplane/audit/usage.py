@@ -144,16 +144,25 @@ def _totals(values: Sequence[Any]) -> dict[str, Any]:
 
 
 def summarise(conn: sqlite3.Connection, since: float, until: float, cap: int) -> Usage:
-    """The window's aggregates from a SQLite audit store (a read-only connection: audit/store.py open_readonly)."""
-    totals = _totals(conn.execute(_TOTALS.format(p="?"), (since, until)).fetchone())
-    tables = {}
-    for query in QUERIES:
-        tables[query.name] = _table(query, conn.execute(group_sql(query, "?"), (since, until, max(1, cap))).fetchall())
+    """The window's aggregates from a SQLite audit store (a read-only connection: audit/store.py open_readonly).
+
+    All in one read transaction, so one snapshot: serve's writer commits batches of records received a moment
+    earlier (inside the window) while the report runs, and the totals and tables must count the same rows."""
+    conn.execute("BEGIN")
+    try:
+        totals = _totals(conn.execute(_TOTALS.format(p="?"), (since, until)).fetchone())
+        tables = {}
+        for query in QUERIES:
+            rows = conn.execute(group_sql(query, "?"), (since, until, max(1, cap))).fetchall()
+            tables[query.name] = _table(query, rows)
+    finally:
+        conn.execute("ROLLBACK")
     return Usage(totals, tables)
 
 
 async def summarise_pg(conn: Connection, since: float, until: float, cap: int) -> Usage:
-    """`summarise` against the PostgreSQL trail (store_pg.py's table: the same columns)."""
+    """`summarise` against the PostgreSQL trail (store_pg.py's table: the same columns), in the caller's
+    transaction (REPEATABLE READ: one snapshot for every aggregate, as `summarise`)."""
     cursor = await conn.execute(_TOTALS.format(p="%s").encode(), (since, until))
     first = await cursor.fetchone()
     assert first is not None  # an aggregate without GROUP BY always returns one row

@@ -370,6 +370,8 @@ async def _read_postgres(
     dsn: StoreDsn, since: float, until: float, cap: int, audit: bool
 ) -> tuple[AuditUsage | None, dict[str, float], tuple[SigningKey, ...]]:
     """One connection, one read-only transaction: the aggregates, the deny list, the keys' public columns."""
+    from psycopg import IsolationLevel
+
     from controlplane.audit.usage import summarise_pg
     from controlplane.store.pool import PoolSettings, StorePool
 
@@ -378,6 +380,7 @@ async def _read_postgres(
     try:
         async with pool.connection() as conn:
             await conn.set_read_only(True)
+            await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)  # one snapshot: see usage.summarise
             usage = await summarise_pg(conn, since, until, cap) if audit else None
             cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
             revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
