@@ -454,3 +454,20 @@ def test_totals_and_tables_count_the_same_rows_while_serve_writes(tmp_path: Path
         conn.close()
     assert racing.queries > 1
     assert usage.totals["requests"] == sum(row["requests"] for row in usage.tables["jobs"].rows) == 1
+
+
+def test_a_shallow_clone_cut_inside_the_window_is_refused_not_reported_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CI checkout is often shallow: the cut looked like the policy's beginning, so the first commit kept was
+    'compared with nothing' and the access it granted was in no change. Refused when the cut is in the window;
+    a clone deep enough to hold the version in force at the start is read as any other."""
+    repo = Repo(tmp_path, time.time())
+    repo.widen()
+    repo.commit("widen", at=repo.now - HOUR)
+    for depth, since, code in (("1", "1d", 1), ("2", "3h", 0)):
+        clone = tmp_path / f"clone-{depth}"
+        subprocess.run(["git", "clone", "-q", "--depth", depth, repo.top.as_uri(), str(clone)], check=True, timeout=60)
+        argv = ["report", "--since", since, "--policy-repo", str(clone / "sub" / "policy"), "--no-audit"]
+        assert main([*argv, "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "r.json")]) == code
+    assert "a shallow clone, its history cut after the window opened" in capsys.readouterr().err

@@ -137,6 +137,12 @@ def history(directory: Path, since: float, until: float, limit: int) -> History:
     )
     listed = [Commit(sha.strip("\n"), "", "", "", _time(when), "") for sha, when in _records(branch, 2)]
     found = select(listed, since, until, limit)
+    if found.in_force_at_start is None and _git(directory, "rev-parse", "--is-shallow-repository").strip() == "true":
+        # the cut would pass for the policy's beginning: the first version "compared with nothing", its changes lost
+        raise GitError(
+            "a shallow clone, its history cut after the window opened: the version in force then is unknown "
+            "(git fetch --unshallow, or --shallow-since before the window, first)"
+        )
     chosen = [c.sha for c in (found.in_force_at_start, *found.commits) if c is not None]
     if not chosen:
         return found
