@@ -471,3 +471,20 @@ def test_a_shallow_clone_cut_inside_the_window_is_refused_not_reported_short(
         argv = ["report", "--since", since, "--policy-repo", str(clone / "sub" / "policy"), "--no-audit"]
         assert main([*argv, "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "r.json")]) == code
     assert "a shallow clone, its history cut after the window opened" in capsys.readouterr().err
+
+
+def test_a_link_planted_at_an_output_name_is_replaced_not_written_through(tmp_path: Path) -> None:
+    """`--out` wrote with `write_text`, which follows a symbolic link: in a directory others can write (a
+    shared /tmp/evidence), a link named access.csv or report.html made the auditor overwrite its target."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    out = tmp_path / "evidence"
+    out.mkdir()
+    (out / "access.csv").symlink_to(victim)
+    (out / "report.html").symlink_to(victim)
+    common = ["report", "--since", "1d", "--no-audit", "--state-dir", str(tmp_path / "state")]
+    assert main([*common, "--format", "csv", "--out", str(out)]) == 0
+    assert main([*common, "--format", "html", "--out", str(out / "report.html")]) == 0
+    assert victim.read_text() == "precious\n"
+    assert not (out / "access.csv").is_symlink() and not (out / "report.html").is_symlink()
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")

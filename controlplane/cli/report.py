@@ -32,7 +32,14 @@ from controlplane.cli.audit import parse_since
 from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.model.errors import PolicyInvalid
 from controlplane.sources.policy_history import Commit, GitError, TreeUnreadable, history, tree_at
-from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV, StateFileError, default_state_dir, read_json
+from controlplane.statefile import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    StateFileError,
+    atomic_write_text,
+    default_state_dir,
+    read_json,
+)
 from controlplane.store.dsn import DsnError, StoreDsn
 
 if TYPE_CHECKING:
@@ -159,21 +166,25 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
         _write(args.format, args.out, report)
     except OSError as error:
         return _fail(EXIT_UNREADABLE, f"cannot write {args.out}: {error.strerror or error}")
+    except StateFileError as error:  # names the file and why
+        return _fail(EXIT_UNREADABLE, str(error))
     return EXIT_OK
 
 
 def _write(kind: str, out: Path | None, report: Report) -> None:
+    """Each file written beside its final name and renamed over it (statefile.atomic_write_text): never through
+    a link planted at that name (`--out /tmp/evidence`, a directory others can write), never half-written."""
     if kind == "csv":
         assert out is not None
         out.mkdir(parents=True, exist_ok=True)
         for name, text in render_csv(report).items():
-            (out / name).write_text(text, encoding="utf-8")
+            atomic_write_text(out / name, text, mode=None)
         return
     text = json.dumps(document(report), indent=2) + "\n" if kind == "json" else render_html(report)
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text, encoding="utf-8")
+        atomic_write_text(out, text, mode=None)
 
 
 # -- the policy
