@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from controlplane.audit.report import OUT_OF_ORDER
 from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore, open_readonly
 from controlplane.audit.usage import summarise
 from controlplane.cli.main import main
@@ -331,7 +332,7 @@ def test_a_commit_dated_into_the_past_is_listed_and_flagged_not_hidden(tmp_path:
     later = repo.commit("later", at=repo.now - HOUR)
     rows = versions(report(repo, tmp_path))
     assert [r["commit"] for r in rows] == [base, backdated, later]
-    assert rows[1]["in_force"] == "from this commit; dated before the version it follows"
+    assert rows[1]["in_force"] == f"from this commit; {OUT_OF_ORDER}"
     assert rows[1]["access_changes"][0].endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
     assert [r["in_force"] for r in rows[::2]] == ["from this commit", "from this commit"]
 
@@ -342,7 +343,7 @@ def test_a_backdated_commit_on_top_is_in_force_at_the_end(tmp_path: Path) -> Non
     head = repo.commit("backdated head", at=1_577_836_800)
     document = report(repo, tmp_path)
     rows = versions(document)
-    assert rows[-1]["commit"] == head and rows[-1]["in_force"].endswith("dated before the version it follows")
+    assert rows[-1]["commit"] == head and rows[-1]["in_force"].endswith(OUT_OF_ORDER)
     reports = [r for r in document["sections"]["access"]["rows"] if r["backend"] == "reports-api"]
     assert reports[0]["allows"] == ["GET, HEAD, DELETE /**"]
 
@@ -420,7 +421,7 @@ def test_a_backdated_commit_in_the_gitlab_project_is_listed_and_flagged(tmp_path
         assert main([*argv, "--gitlab-url", fake.api_url, "--gitlab-token-file", str(token)]) == 0
     rows = versions(json.loads(out.read_text()))
     assert [r["commit"] for r in rows[1:]] == [backdated, later]
-    assert rows[1]["in_force"] == "from this commit; dated before the version it follows"
+    assert rows[1]["in_force"] == f"from this commit; {OUT_OF_ORDER}"
     assert rows[1]["access_changes"][0].endswith("gains DELETE /** (via deployer-reads-reports/reports-read)")
 
 
@@ -527,3 +528,23 @@ def test_the_figures_match_an_independent_count_of_the_audit_rows(tmp_path: Path
     assert revoked["refused_requests"] == sum(
         r["policy"] == "revoked-jobs" and r["job_id"] == revoked["job_id"] for r in rows
     )
+
+
+def test_a_commit_dated_in_the_future_is_the_version_in_force_at_the_end(tmp_path: Path) -> None:
+    """With --until at now (the default), a head dated 2099 was after the window: left out, and *who could
+    reach what at the end* was the version before it, while serve applied it. The branch was read now, so its
+    head was in force now, whatever date it claims; it is marked."""
+    repo = Repo(tmp_path, time.time())
+    base = repo.git("rev-parse", "HEAD")
+    repo.widen()
+    future = repo.commit("from the future", at=4_070_908_800)  # 2099
+    document = report(repo, tmp_path, "--since", "1h")
+    rows = versions(document)
+    assert [(r["commit"], r["in_force"]) for r in rows] == [
+        (base, "at window start"),
+        (future, f"from this commit; {OUT_OF_ORDER}"),
+    ]
+    reports = [r for r in document["sections"]["access"]["rows"] if r["backend"] == "reports-api"]
+    assert reports[0]["allows"] == ["GET, HEAD, DELETE /**"]
+    past = versions(report(repo, tmp_path, "--since", "2h", "--until", "1h"))  # a window before the push
+    assert [(r["commit"], r["in_force"]) for r in past] == [(base, "at window start")]

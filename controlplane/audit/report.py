@@ -108,7 +108,7 @@ NOT_RECORDED: tuple[str, ...] = (
     "retention (serve --audit-retention, 30 days by default) are gone.",
     "Credentials exchanged (token exchange) that were never used: the trail records requests, not exchanges.",
     "When a commit was pushed, and commits a force push erased: the policy's history is the branch as it is now, "
-    "and a commit's time is the one its committer's git wrote (one dated before the commit it follows is "
+    "and a commit's time is the one its committer's git wrote (one dated out of the branch's order is "
     "marked); when a fast-forward brought several commits at once, each is listed though only the last was in "
     "force. GitLab's push events and protected branches are the record of pushes.",
     "Which GitLab instance a job id belongs to beyond the token's issuer: job ids are unique within one GitLab "
@@ -116,7 +116,7 @@ NOT_RECORDED: tuple[str, ...] = (
 )
 
 
-OUT_OF_ORDER = "dated before the version it follows"
+OUT_OF_ORDER = "dated out of order (before the version it follows, or after the report ran)"
 
 
 def format_time(timestamp: float | None) -> str:
@@ -280,8 +280,8 @@ def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section
                 else ()
             ),
             "Times are those the committers' git wrote; the branch's order decides what is in the window: a commit "
-            f"between two dated in it is listed whatever its date, and one marked `{OUT_OF_ORDER}` is dated "
-            "before the commit it follows (a wrong clock, or a commit made to look older than it is).",
+            f"between two dated in it is listed whatever its date, and one marked `{OUT_OF_ORDER}` is a wrong "
+            "clock or a date chosen to mislead.",
         ),
         (
             Column("in_force", "In force"),

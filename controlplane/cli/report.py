@@ -140,7 +140,7 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
     except DsnError as error:
         return _fail(EXIT_USAGE, str(error))
     try:
-        versions, more, policy_source = _policy_versions(args, limits, since, until)
+        versions, more, policy_source = _policy_versions(args, limits, since, until, now)
         state = _read_state(args, dsn, since, until)
     except UsageError as error:
         return _fail(EXIT_USAGE, str(error))
@@ -191,7 +191,7 @@ def _write(kind: str, out: Path | None, report: Report) -> None:
 
 
 def _policy_versions(
-    args: argparse.Namespace, limits: ReadLimits, since: float, until: float
+    args: argparse.Namespace, limits: ReadLimits, since: float, until: float, now: float
 ) -> tuple[tuple[PolicyVersion, ...], int, str]:
     if args.policy is not None:
         if not args.policy.is_dir():
@@ -199,11 +199,11 @@ def _policy_versions(
         version = _load(args.policy, limits, None, in_force_at_start=False)
         return (version,), 0, f"the directory {args.policy} (no history: versions and authors not reported)"
     if args.policy_project is not None:
-        return _gitlab_versions(args, limits, since, until)
+        return _gitlab_versions(args, limits, since, until, now)
     if args.policy_repo is None:
         return (), 0, "no policy given (--policy-repo DIR, --policy-project P or --policy DIR)"
     try:
-        found = history(args.policy_repo, since, until, args.max_versions)
+        found = history(args.policy_repo, since, until, args.max_versions, now)
         starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []
         versions = [
             _load_commit(args.policy_repo, limits, commit, in_force_at_start=at_start)._replace(
@@ -218,7 +218,7 @@ def _policy_versions(
 
 
 def _gitlab_versions(
-    args: argparse.Namespace, limits: ReadLimits, since: float, until: float
+    args: argparse.Namespace, limits: ReadLimits, since: float, until: float, now: float
 ) -> tuple[tuple[PolicyVersion, ...], int, str]:
     """The versions from GitLab's API, as `serve --policy-project` reads the policy (its default branch)."""
     from controlplane.sources.gitlab import GitLabSource
@@ -236,7 +236,7 @@ def _gitlab_versions(
     where = f"GitLab project {args.policy_project}"
     try:
         client = GitLabSource(args.gitlab_url, token_from(args.gitlab_token_env, args.gitlab_token_file))
-        found = gitlab_history(client, args.policy_project, since, until, args.max_versions)
+        found = gitlab_history(client, args.policy_project, since, until, args.max_versions, now)
         repo = PolicyRepo(client, args.policy_project, limits)
         versions = []
         starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []

@@ -127,7 +127,7 @@ def _parse(text: str) -> list[Commit]:
     ]
 
 
-def history(directory: Path, since: float, until: float, limit: int) -> History:
+def history(directory: Path, since: float, until: float, limit: int, now: float | None = None) -> History:
     """The commits touching `directory` on HEAD's first-parent line, committed in `[since, until)`.
 
     Read without git's date filters (`--since` stops its walk at the first commit dated before the window, so a
@@ -136,7 +136,7 @@ def history(directory: Path, since: float, until: float, limit: int) -> History:
         directory, "log", "-z", "--first-parent", f"--format={_TIMES}", f"-n{MAX_GIT_COMMITS}", "HEAD", "--", "."
     )
     listed = [Commit(sha.strip("\n"), "", "", "", _time(when), "") for sha, when in _records(branch, 2)]
-    found = select(listed, since, until, limit)
+    found = select(listed, since, until, limit, now)
     if found.in_force_at_start is None and _git(directory, "rev-parse", "--is-shallow-repository").strip() == "true":
         # the cut would pass for the policy's beginning: the first version "compared with nothing", its changes lost
         raise GitError(
@@ -155,28 +155,36 @@ def history(directory: Path, since: float, until: float, limit: int) -> History:
     )
 
 
-def select(listed: list[Commit], since: float, until: float, limit: int) -> History:
-    """The window's versions from a branch's policy commits, newest first.
+def select(listed: list[Commit], since: float, until: float, limit: int, now: float | None = None) -> History:
+    """The window's versions from a branch's policy commits, newest first, the branch read at `now`.
 
     A commit's time is what its committer's git wrote, not when it was pushed: the branch's order is the truth.
     So every commit between the newest and the oldest one dated in the window is in it, whatever its own date
     (it entered the branch between two that are in the window), and so are the commits after the newest that
-    are dated before the window's end; the version in force at the start is the one just before the oldest. A
-    commit dated before the one it follows (from that start to the branch's head) is listed in `out_of_order`:
-    a wrong clock, or a commit dated into the past to look older than it is."""
+    are dated before the window's end; the version in force at the start is the one just before the oldest.
+    When the window reaches `now` (the default `--until`), every commit after that start is in it: the branch
+    was read then, so its head was in force, whatever date it claims (one dated 2099 was left out, and the
+    access at the end was the version before it). A commit dated before the one it follows, or after `now`
+    (from the start to the head) is listed in `out_of_order`: a wrong clock, or a date chosen to mislead."""
     inside = [at for at, commit in enumerate(listed) if since <= commit.time < until]
     if inside:
+        start_at = inside[-1] + 1
         newest = inside[0]
         while newest > 0 and listed[newest - 1].time < until:  # after one in the window, dated before its end
             newest -= 1
-        window = listed[newest : inside[-1] + 1]
-        start_at = inside[-1] + 1
     else:
-        window = []
         start_at = next((at for at, commit in enumerate(listed) if commit.time < since), len(listed))
+        newest = start_at  # nothing dated in the window: none in it (but see `now`)
+    if now is not None and until >= now:
+        newest = 0
+    window = listed[newest:start_at]
     start = listed[start_at] if start_at < len(listed) else None
     scope = listed[: start_at + 2]  # the start too: dated before the commit it follows
-    out_of_order = tuple(newer.sha for newer, older in pairwise(scope) if newer.time < older.time)
+    out_of_order = tuple(
+        newer.sha
+        for newer, older in pairwise([*scope, None])
+        if (older is not None and newer.time < older.time) or (now is not None and newer.time > now)
+    )
     window.reverse()
     return History(start, tuple(window[-limit:]), max(0, len(window) - limit), out_of_order)
 
@@ -306,7 +314,9 @@ def _api_commit(entry: dict[str, Any]) -> Commit:
     )
 
 
-def gitlab_history(client: GitLabClient, project: str | int, since: float, until: float, limit: int) -> History:
+def gitlab_history(
+    client: GitLabClient, project: str | int, since: float, until: float, limit: int, now: float | None = None
+) -> History:
     """`history` from a GitLab project's default branch, through its commits API (first parents, newest first,
     without GitLab's date filters, which are git's: chosen by `select`, at most MAX_API_COMMITS). GitLab's
     errors are raised as the client raises them (`GitLabUnavailable`); no default branch is a `GitError`."""
@@ -320,4 +330,4 @@ def gitlab_history(client: GitLabClient, project: str | int, since: float, until
             listed.append(_api_commit(entry.attributes))
             if len(listed) >= MAX_API_COMMITS:
                 break
-    return select(listed, since, until, limit)
+    return select(listed, since, until, limit, now)
