@@ -24,7 +24,7 @@ from controlplane.audit.report import OUT_OF_ORDER
 from controlplane.audit.store import DB_NAME, AuditRecord, AuditStore, open_readonly
 from controlplane.audit.usage import summarise
 from controlplane.cli.main import main
-from controlplane.sources.policy_history import Commit, select, tree_at
+from controlplane.sources.policy_history import Commit, History, select, tree_at
 from tests.support.report_data import EXAMPLE
 
 HOUR = 3600
@@ -548,3 +548,7 @@ def test_a_commit_dated_in_the_future_is_the_version_in_force_at_the_end(tmp_pat
     assert reports[0]["allows"] == ["GET, HEAD, DELETE /**"]
     past = versions(report(repo, tmp_path, "--since", "2h", "--until", "1h"))  # a window before the push
     assert [(r["commit"], r["in_force"]) for r in past] == [(base, "at window start")]
+
+
+def test_select_of_no_commit() -> None:
+    assert select([], 0.0, 1.0, 5, now=1.0) == History(None, (), 0, ())

@@ -26,7 +26,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -180,9 +179,10 @@ def select(listed: list[Commit], since: float, until: float, limit: int, now: fl
     window = listed[newest:start_at]
     start = listed[start_at] if start_at < len(listed) else None
     scope = listed[: start_at + 2]  # the start too: dated before the commit it follows
+    before: list[Commit | None] = [*scope[1:], None]  # each one's predecessor on the branch (the oldest: none)
     out_of_order = tuple(
         newer.sha
-        for newer, older in pairwise([*scope, None])
+        for newer, older in zip(scope, before, strict=False)
         if (older is not None and newer.time < older.time) or (now is not None and newer.time > now)
     )
     window.reverse()
