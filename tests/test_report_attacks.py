@@ -552,3 +552,20 @@ def test_a_commit_dated_in_the_future_is_the_version_in_force_at_the_end(tmp_pat
 
 def test_select_of_no_commit() -> None:
     assert select([], 0.0, 1.0, 5, now=1.0) == History(None, (), 0, ())
+
+
+def test_a_history_past_the_listing_bound_is_refused_not_reported_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The branch is listed up to a bound; past it, with no version before the window listed, the oldest one
+    listed passed for the policy's beginning ('compared with nothing')."""
+    import controlplane.sources.policy_history as policy_history
+
+    repo = Repo(tmp_path, time.time())
+    repo.widen()
+    repo.commit("widen", at=repo.now - HOUR)
+    monkeypatch.setattr(policy_history, "MAX_GIT_COMMITS", 2)
+    argv = ["report", "--since", "1d", "--policy-repo", str(repo.policy), "--no-audit", "--state-dir", str(tmp_path)]
+    assert main(argv) == 1
+    assert "more than 2 policy commits after the window opened" in capsys.readouterr().err
+    assert main([*argv[:2], "2h", *argv[3:], "--out", str(tmp_path / "r.json")]) == 0  # the start is listed

@@ -136,6 +136,7 @@ def history(directory: Path, since: float, until: float, limit: int, now: float 
     )
     listed = [Commit(sha.strip("\n"), "", "", "", _time(when), "") for sha, when in _records(branch, 2)]
     found = select(listed, since, until, limit, now)
+    _refuse_cut(found, len(listed), MAX_GIT_COMMITS)
     if found.in_force_at_start is None and _git(directory, "rev-parse", "--is-shallow-repository").strip() == "true":
         # the cut would pass for the policy's beginning: the first version "compared with nothing", its changes lost
         raise GitError(
@@ -152,6 +153,13 @@ def history(directory: Path, since: float, until: float, limit: int, now: float 
     return found._replace(
         in_force_at_start=None if start is None else full[start.sha], commits=tuple(full[c.sha] for c in found.commits)
     )
+
+
+def _refuse_cut(found: History, listed: int, bound: int) -> None:
+    """A listing stopped at its bound with no version before the window: the version in force at the start is
+    past the bound, and the first one listed would be 'compared with nothing' as if the policy began there."""
+    if found.in_force_at_start is None and listed >= bound:
+        raise GitError(f"the branch has more than {bound} policy commits after the window opened: narrow --since")
 
 
 def select(listed: list[Commit], since: float, until: float, limit: int, now: float | None = None) -> History:
@@ -330,4 +338,6 @@ def gitlab_history(
             listed.append(_api_commit(entry.attributes))
             if len(listed) >= MAX_API_COMMITS:
                 break
-    return select(listed, since, until, limit, now)
+    found = select(listed, since, until, limit, now)
+    _refuse_cut(found, len(listed), MAX_API_COMMITS)
+    return found
