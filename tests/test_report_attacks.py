@@ -569,3 +569,10 @@ def test_a_history_past_the_listing_bound_is_refused_not_reported_short(
     assert main(argv) == 1
     assert "more than 2 policy commits after the window opened" in capsys.readouterr().err
     assert main([*argv[:2], "2h", *argv[3:], "--out", str(tmp_path / "r.json")]) == 0  # the start is listed
+
+
+def test_visible_keeps_every_character_a_reader_sees() -> None:
+    from controlplane.audit.report_render import visible
+
+    assert visible("Zoë Müller, 日本語, ação, €5\nnext line") == "Zoë Müller, 日本語, ação, €5\nnext line"
+    assert visible("a\u202eb\u2066c\u200bd\x00e\ud800f") == "a<U+202E>b<U+2066>c<U+200B>d<U+0000>e<U+D800>f"
