@@ -30,7 +30,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from controlplane.audit import als
 from controlplane.audit.als import METHOD, SERVICE, AccessLogService, backend_of_route, record_from_entry
-from controlplane.audit.store import REDACTED, AuditRecord, AuditStore, open_readonly
+from controlplane.audit.store import MAX_SHORT_CHARS, REDACTED, AuditRecord, AuditStore, open_readonly, query_records
 from controlplane.cli.audit import add_audit_arguments, parse_since, run_audit
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER
 from controlplane.model.credentials import CREDENTIAL_ISSUER
@@ -85,6 +85,9 @@ def record(**overrides: Any) -> AuditRecord:
         "ref": "main",
         "user": "ci-user",
         "issuer": GITLAB,
+        "ref_type": "branch",
+        "ref_protected": "true",
+        "pipeline_source": "push",
     }
     return AuditRecord(**{**values, **overrides})
 
@@ -570,11 +573,12 @@ def test_cli_prints_a_table_or_json(store: AuditStore, capsys: pytest.CaptureFix
     assert run_audit(cli("--job", "5", "--db", str(store.path))) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF", "USER"
+        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF",
+        "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
     ]  # fmt: skip
     assert row.split() == [
         "2023-11-14T22:13:20.500Z", "ci-gateway", "GET", "/t", "200", "allowed",
-        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "ci-user",
+        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "true", "push", "-", "ci-user",
     ]  # fmt: skip
     assert run_audit(cli("--project", "acme/deployer", "--json", "--db", str(store.path), "--limit", "1")) == 0
     (only,) = json.loads(capsys.readouterr().out)
@@ -985,3 +989,95 @@ async def test_allowed_requests_of_raw_id_tokens_are_reported_with_their_times(p
         {"job_id": "25", **job, "issued_at": 1_700_000_001.0, "expires_at": None},
     ]
     assert len(await asyncio.to_thread(plane.store.query, job="21")) == 1  # the trail is kept as before
+
+
+# --- schema version 3: the claims `controlplane suggest` pins subjects on ------------------------------------
+
+JWT_SHAPED = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+
+
+def test_the_ref_and_pipeline_claims_are_recorded_as_gitlab_writes_them() -> None:
+    claims = gitlab_claims(ref_type="tag", ref_protected="false", pipeline_source="schedule", environment="prod/eu")
+    got = record_from_entry(entry(claims=claims, rbac=ALLOWED), gateway="gw", node="n1")
+    assert (got.ref_type, got.ref_protected, got.pipeline_source, got.environment) == (
+        "tag",
+        "false",
+        "schedule",
+        "prod/eu",
+    )
+    # a JSON boolean reads as GitLab's text; a job without an environment has none; a list is no claim at all
+    odd = record_from_entry(
+        entry(claims=gitlab_claims(ref_protected=True, pipeline_source=["push"]), rbac=ALLOWED), gateway="g", node="n"
+    )
+    assert (odd.ref_protected, odd.pipeline_source, odd.environment) == ("true", None, None)
+
+
+def test_the_new_claims_are_bounded_and_token_shaped_text_is_redacted(store: AuditStore) -> None:
+    write(
+        store,
+        record(job_id="b", ref_type="x" * 500, pipeline_source="p" * 500, environment="e" * 500),
+        record(job_id="t", ref_protected=JWT_SHAPED, environment=f"review/{JWT_SHAPED}"),
+    )
+    (bounded,) = store.query(job="b")
+    assert (len(bounded["ref_type"]), len(bounded["pipeline_source"])) == (MAX_SHORT_CHARS, MAX_SHORT_CHARS)
+    assert len(bounded["environment"]) == 256  # environments may be long (GitLab allows 255), not unbounded
+    (tokened,) = store.query(job="t")
+    assert (tokened["ref_protected"], tokened["environment"]) == (REDACTED, f"review/{REDACTED}")
+
+
+_VERSION_2_TABLE = (
+    "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, gateway TEXT NOT NULL,"
+    " node TEXT NOT NULL, backend TEXT, method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,"
+    " decision TEXT NOT NULL CHECK (decision IN ('allowed', 'denied')), details TEXT, policy TEXT, project_id TEXT,"
+    " project_path TEXT, pipeline_id TEXT, job_id TEXT, ref TEXT, user TEXT, credential_jti TEXT, issuer TEXT,"
+    " peer TEXT, identity TEXT, reported_time REAL);"
+    "CREATE TRIGGER audit_append_only BEFORE UPDATE ON audit"
+    " BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;"
+)
+
+
+def test_a_version_2_store_with_rows_is_read_then_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        _VERSION_2_TABLE + "INSERT INTO audit (time, gateway, node, method, path, status, decision, job_id, ref, peer)"
+        " VALUES (5.0, 'g', 'n', 'GET', '/a', 200, 'allowed', 'old', 'main', '10.0.0.9'),"
+        " (6.0, 'g', 'n', 'GET', '/b', 200, 'allowed', 'old', 'main', '10.0.0.9');"
+        "PRAGMA user_version=2;"
+    )
+    old.close()
+    # A newer reader (the CLI, suggest) on a file an older serve still writes: the claims read as not recorded.
+    reader = open_readonly(path)
+    try:
+        before = query_records(reader, job="old")
+    finally:
+        reader.close()
+    assert [(r["path"], r["peer"], r["ref_protected"], r["environment"]) for r in before] == [
+        ("/a", "10.0.0.9", None, None),
+        ("/b", "10.0.0.9", None, None),
+    ]
+    store = AuditStore(path, retention=None)
+    try:
+        write(store, record(job_id="new", ref_type="branch", ref_protected="true", environment="production"))
+        kept = store.query(job="old")
+        assert [(r["id"], r["path"], r["ref_protected"], r["pipeline_source"]) for r in kept] == [
+            (1, "/a", None, None),
+            (2, "/b", None, None),
+        ]
+        (new,) = store.query(job="new")
+        assert (new["id"], new["ref_type"], new["ref_protected"], new["pipeline_source"], new["environment"]) == (
+            3,
+            "branch",
+            "true",
+            "push",
+            "production",
+        )
+    finally:
+        store.close(10)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("UPDATE audit SET ref_protected = 'true'")
+    finally:
+        db.close()

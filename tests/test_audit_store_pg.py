@@ -18,10 +18,11 @@ import pytest
 
 from controlplane.audit.metrics import AUDIT_BUFFERED, AUDIT_RECORDS_DROPPED
 from controlplane.audit.store import REDACTED, AuditRecord, AuditStore, AuditTrail
-from controlplane.audit.store_pg import RECORD_OVERHEAD_BYTES, PostgresAuditStore, record_bytes
+from controlplane.audit.store_pg import RECORD_OVERHEAD_BYTES, PostgresAuditStore, query_records, record_bytes
 from controlplane.cli.audit import add_audit_arguments, run_audit
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.store.dsn import StoreDsn
+from controlplane.store.migrations import MIGRATIONS, migrate, schema_version
 from controlplane.store.pool import PoolSettings, StorePool
 from tests.support.postgres import Gate, PostgresServer
 
@@ -49,6 +50,9 @@ def record(**overrides: Any) -> AuditRecord:
         "ref": "main",
         "user": "ci-user",
         "issuer": GITLAB,
+        "ref_type": "branch",
+        "ref_protected": "true",
+        "pipeline_source": "push",
     }
     return AuditRecord(**{**values, **overrides})
 
@@ -138,6 +142,23 @@ def test_records_are_sanitized_before_they_are_stored(trail: Trail) -> None:
     assert stored["path"] == f"/x/{REDACTED}" and stored["details"] == REDACTED
 
 
+def test_the_ref_and_pipeline_claims_round_trip(trail: Trail) -> None:
+    write(
+        trail.store,
+        record(job_id="c", ref_type="tag", ref_protected="false", pipeline_source="web", environment="review/x"),
+        record(job_id="n", ref_type=None, ref_protected=None, pipeline_source=None),  # as before the claims were kept
+    )
+    (claimed,) = trail.store.query(job="c")
+    assert [claimed[k] for k in ("ref_type", "ref_protected", "pipeline_source", "environment")] == [
+        "tag",
+        "false",
+        "web",
+        "review/x",
+    ]
+    (none,) = trail.store.query(job="n")
+    assert [none[k] for k in ("ref_type", "ref_protected", "pipeline_source", "environment")] == [None] * 4
+
+
 def test_recent_jobs_are_each_job_once_most_recent_first(trail: Trail) -> None:
     write(
         trail.store,
@@ -156,11 +177,12 @@ def test_cli_prints_the_same_table_and_json(trail: Trail, capsys: pytest.Capture
     assert run_audit(cli("--job", "5", *trail.cli_args)) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF", "USER"
+        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF",
+        "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
     ]  # fmt: skip
     assert row.split() == [
         "2023-11-14T22:13:20.500Z", "ci-gateway", "GET", "/t", "200", "allowed",
-        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "ci-user",
+        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "true", "push", "-", "ci-user",
     ]  # fmt: skip
     assert run_audit(cli("--project", "acme/deployer", "--json", "--limit", "1", *trail.cli_args)) == 0
     (only,) = json.loads(capsys.readouterr().out)
@@ -358,3 +380,32 @@ async def test_retention_runs_on_the_leader_only_in_bounded_batches(pg_dsn: str)
     finally:
         await store.close()
         await store._pool.close()
+
+
+async def test_a_database_before_migration_9_with_rows_is_read_then_upgraded(pg_dsn: str) -> None:
+    """A fleet's trail written by the previous release: the CLI (which never migrates) reads it, the new columns as
+    NULL; a replica of this release migrates it in place, old rows kept as they were."""
+    claims = ("ref_type", "ref_protected", "pipeline_source", "environment")
+    before = tuple(m for m in MIGRATIONS if m.version < 9)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await migrate(conn, before)
+        await conn.execute(
+            "INSERT INTO audit (time, gateway, node, method, path, status, decision, job_id, peer)"
+            " VALUES (5.0, 'g', 'n', 'GET', '/a', 200, 'allowed', 'old', '10.0.0.9')"
+        )
+        (row,) = await query_records(conn, job="old")
+        assert (row["path"], row["peer"]) == ("/a", "10.0.0.9") and all(row[c] is None for c in claims)
+    store = PostgresAuditStore(StorePool(StoreDsn(pg_dsn, "t"), FAST), retention=None)
+    await store.open()
+    try:
+        store.submit(record(job_id="new", environment="production"))
+        assert await asyncio.to_thread(store.flush, 10)
+        (kept,) = await store.query_async(job="old")
+        assert (kept["path"], kept["peer"]) == ("/a", "10.0.0.9") and all(kept[c] is None for c in claims)
+        (new,) = await store.query_async(job="new")
+        assert [new[c] for c in claims] == ["branch", "true", "push", "production"]
+    finally:
+        await store.close()
+        await store._pool.close()
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        assert await schema_version(conn) == len(MIGRATIONS)

@@ -252,11 +252,33 @@ def test_cli_reads_the_live_store(
         "allowed",
         "deployer-reads-reports/reports-read",
     )
+    assert (record["ref_type"], record["ref_protected"], record["pipeline_source"]) == ("branch", "true", "push")
 
     assert run_audit(_args(job="70003", as_json=False, stack=audit_stack)) == 0
     table = capsys.readouterr().out
     for shown in ("/cli/check", "deployer-reads-reports/reports-read", "acme/platform/deployer", "70003"):
         assert shown in table, table
+
+
+def test_the_ref_and_pipeline_claims_arrive_from_real_tokens(audit_stack: AuditStack) -> None:
+    """The claims `suggest` pins subjects on, from GitLab-shaped tokens through Envoy's jwt_authn payload and ALS:
+    allowed and denied alike (jwt_authn writes the payload before RBAC decides), as text GitLab writes them."""
+    job, pipeline = "70010", "80010"
+    tag = audit_stack.token(DEPLOYER, "https://reports.local", job_id=job, pipeline_id=pipeline, ref="v1.2.0",
+                            ref_type="tag", pipeline_source="web", environment="production")  # fmt: skip
+    branch = audit_stack.token(DEPLOYER, "https://reports.local", job_id=job, pipeline_id=pipeline, ref="feature-x",
+                               ref_protected=False, pipeline_source="schedule")  # fmt: skip
+    assert audit_stack.request("reports.local", "/claims/tag", tag).status == 200
+    assert audit_stack.request("reports.local", "/claims/branch", branch).status == 403  # ref_protected: true
+    store = audit_stack.controlplane.store
+    records = poll_until(lambda: r if len(r := store.query(job=job)) >= 2 else [], 10, message="job 70010's records")
+    assert [
+        (r["path"], r["decision"], r["ref"], r["ref_type"], r["ref_protected"], r["pipeline_source"], r["environment"])
+        for r in records
+    ] == [
+        ("/claims/tag", "allowed", "v1.2.0", "tag", "true", "web", "production"),
+        ("/claims/branch", "denied", "feature-x", "branch", "false", "schedule", None),
+    ]
 
 
 def _args(*, job: str, as_json: bool, stack: AuditStack) -> Any:

@@ -276,6 +276,11 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     ]
     assert {c["key"]: c["value"] for c in reports["subject"]} == {"project": 42, "ref_protected": True}
     assert reports["jobs"] == ["read-reports"] and reports["evidence"]["jobs"] == ["9001", "9002", "9003"]
+    # from the trail's claims: every request carried ref_protected "true"; the one deploy agrees with CI's source
+    why = {c["key"]: c["why"] for c in reports["subject"]}
+    assert why["ref_protected"].startswith('every request observed: 6 request(s) carried ref_protected "true"'), why
+    why = {c["key"]: c["why"] for c in by_name["p42-deploy-api"]["subject"]}
+    assert why["pipeline_source"].endswith("allow; 1 observed request(s) agree"), why
     deploy = {c["key"]: c["value"] for c in by_name["p42-deploy-api"]["subject"]}
     assert deploy == {
         "project": 42,

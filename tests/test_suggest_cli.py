@@ -80,6 +80,7 @@ def _store(state: Path, issuer: str) -> None:
     now = time.time()
     common = {"gateway": "ci-gateway", "node": "n1", "issuer": issuer, "project_id": "42"}
     common |= {"project_path": "acme/platform/deployer", "ref": "main", "status": 200, "decision": "allowed"}
+    common |= {"ref_type": "branch", "ref_protected": "true", "pipeline_source": "push"}  # audit schema 3's claims
     rows = [
         AuditRecord(time=now - 60, backend="reports-api", method="GET", path=f"/reports/{n}", job_id=str(7000 + n),
                     policy="deployer-reads-reports/reports-read", **common)
@@ -171,3 +172,7 @@ def test_the_shared_postgres_trail_gives_the_same_suggestion(
     assert main([*pg_args, "--format", "json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["suggestions"] and out == from_file
+    (subject,) = [s["subject"] for s in json.loads(out)["suggestions"]]
+    pins = {c["key"]: (c["value"], c["why"].partition(":")[0]) for c in subject}  # read from the trail, no GitLab
+    assert pins["ref_protected"] == (True, "every request observed")
+    assert pins["pipeline_source"] == (["push"], "observed only (no CI job asking for this audience was read)")

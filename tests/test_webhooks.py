@@ -295,7 +295,13 @@ EVENT_CASES: list[tuple[str, dict[str, Any], GitLabEvent]] = [
     (
         "Merge Request Hook",
         MERGE_REQUEST,
-        MergeRequestEvent(project_id=1, target_project_id=1, source_project_id=14, action="merge"),
+        MergeRequestEvent(
+            project_id=1,
+            target_project_id=1,
+            source_project_id=14,
+            action="merge",
+            project_path="gitlabhq/gitlab-test",
+        ),
     ),
     (
         "Job Hook",

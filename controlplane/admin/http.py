@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -18,7 +20,9 @@ from multidict import MultiMapping
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from controlplane.admin.explain import MAX_BODY_BYTES, BadExplainRequest, parse_body
 from controlplane.admin.query import BadQuery, parse_count, parse_flag, parse_text, shown
+from controlplane.resolved.explain import ExplainError, ExplainInputs, document, explain
 from controlplane.serving import ADMIN_LIMITS, LOOPBACK, AppServer, HttpLimits, is_loopback
 from controlplane.telemetry.metrics import REGISTRY
 from controlplane.xds.fleet_status import DEFAULT_LIMIT, PROTOCOLS, FleetQuery
@@ -28,7 +32,13 @@ log = logging.getLogger(__name__)
 STATUS_PARAMETERS = ("group", "protocol", "node", "nacked", "stale", "limit", "offset", "summary", "proxies", "scope")
 SCOPES = ("replica", "all")  # this replica's proxies (the default), or every registered replica's too
 # What each endpoint accepts; anything else is refused, so no parameter is silently ignored.
-PARAMETERS: dict[str, tuple[str, ...]] = {"/status": STATUS_PARAMETERS, "/metrics": (), "/healthz": (), "/readyz": ()}
+PARAMETERS: dict[str, tuple[str, ...]] = {
+    "/status": STATUS_PARAMETERS,
+    "/metrics": (),
+    "/healthz": (),
+    "/readyz": (),
+    "/explain": (),
+}
 
 
 def check_parameters(path: str, query: MultiMapping[str]) -> None:
@@ -93,6 +103,8 @@ class AdminServer:
         limits: HttpLimits = ADMIN_LIMITS,
         not_ready_reason: Callable[[], str | None] | None = None,
         whole_fleet: Callable[[], dict[str, Any] | None] | None = None,
+        explain: Callable[[], ExplainInputs | None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``status`` gives the document's fleet-independent part (policy, JWKS, GitLab...); ``fleet`` answers
         a query with ``proxies``, ``page``, ``filters`` and ``summary`` (``ProxyRegistry.fleet``), merged in.
@@ -103,6 +115,9 @@ class AdminServer:
         # ``scope=all``: every replica's proxies (None without a shared registry: this replica is the fleet)
         self._whole_fleet = whole_fleet
         self._ready = ready
+        # ``POST /explain``: the policy in service, its revocations and credentials (None before the first load)
+        self._explain = explain
+        self._clock = clock
         self._not_ready_reason = not_ready_reason  # what /readyz says when not ready
         self._host = host
         self._port = port
@@ -138,6 +153,8 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status_view)
+        if self._explain is not None:
+            app.router.add_post("/explain", self._explain_view)
         return app
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -178,6 +195,36 @@ class AdminServer:
             body["fleet"] = everywhere
         return web.Response(text=json.dumps(body, indent=2, default=str) + "\n", content_type="application/json")
 
+    async def _explain_view(self, request: web.Request) -> web.Response:
+        """What the gateways do with the request and claims in the body (controlplane/admin/explain.py). The
+        claims are never logged: only the decision, at DEBUG."""
+        assert self._explain is not None
+        if not self._local_host_header(request.host):
+            return web.Response(status=403, text="a loopback admin port answers Host 127.0.0.1 or localhost only\n")
+        if request.content_type != "application/json":
+            # A web page can POST text/plain or a form here without a preflight (CSRF); not application/json.
+            return web.Response(status=415, text="POST /explain takes Content-Type: application/json\n")
+        raw = await _bounded_body(request, MAX_BODY_BYTES + 1)
+        try:
+            claims, asked, problem = parse_body(raw)
+            inputs = self._explain()
+            if inputs is None:
+                return web.Response(status=503, text="no policy in service yet\n")
+            answer = explain(inputs, claims, asked, int(self._clock()), problem)
+        except (BadExplainRequest, ExplainError) as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        log.debug("explain: %s on backend %s", answer.decision, answer.backend)
+        return web.Response(text=json.dumps(document(answer), indent=2) + "\n", content_type="application/json")
+
+    def _local_host_header(self, host: str) -> bool:
+        """On a loopback port, the Host header must name loopback too: a web page whose DNS name was rebound
+        to 127.0.0.1 is same-origin with this port as far as the browser knows, and could read the answers;
+        its Host header still carries its own name. Bound elsewhere, the operator chose who may reach it."""
+        if not is_loopback(self._host):
+            return True
+        name = urlsplit(f"//{host}").hostname or ""
+        return name == "localhost" or is_loopback(name)
+
     def status_document(self, query: FleetQuery) -> dict[str, Any]:
         """The ``/status`` body for a parsed query (separate from the handler so it can be timed and tested)."""
         body = dict(self._status())
@@ -186,6 +233,18 @@ class AdminServer:
         elif not query.proxies:
             body.pop("proxies", None)
         return body
+
+
+async def _bounded_body(request: web.Request, limit: int) -> bytes:
+    """At most `limit` bytes of the body (one more than allowed is enough to refuse it), read chunk by chunk:
+    a single `read(n)` returns what has arrived so far, not n bytes."""
+    raw = bytearray()
+    while len(raw) < limit:
+        chunk = await request.content.read(limit - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return bytes(raw)
 
 
 def _encoder(accept: str) -> tuple[Callable[[Collector], bytes], str]:
@@ -213,5 +272,6 @@ async def _checked_query(request: web.Request, handler: Handler) -> web.StreamRe
 async def _debug_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Per-request trace at DEBUG only, for when someone is actually debugging the admin port."""
     response = await handler(request)
-    log.debug("admin %s %s -> %d", request.method, request.path_qs, response.status)
+    names = "&".join(sorted(set(request.query)))  # the names only: a value may be a token pasted there
+    log.debug("admin %s %s%s -> %d", request.method, request.path, f"?{names}" if names else "", response.status)
     return response

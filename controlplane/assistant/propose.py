@@ -8,10 +8,11 @@ applies are written in docs/policy-assistant.md; in short:
   `GLOB_MIN` distinct values were seen at one segment with every other segment equal, that segment becomes `*`
   (one segment, never deeper); methods with the same paths share a rule;
 - one Binding per (project, backend), its subject pinned to the project *id* (the token's `project_id`), plus
-  `ref_protected: true` when every ref the project was observed on is protected (GitLab's verdict, read by the
-  caller), `ref` and `pipeline_source` when every CI job asking for the backend's audience may only run on
-  literal refs / sources (as controlplane.assistant.ci_config understands its rules), and `environment` when
-  every such job names a static environment;
+  `ref_protected: true` when every request carried `ref_protected: "true"` (the trail's record; GitLab's
+  protections now, read by the caller, only for rows recorded before the trail kept the claim), `ref` when every
+  CI job asking for the backend's audience may only run on literal refs (as controlplane.assistant.ci_config
+  understands its rules), and `pipeline_source` / `environment` when the recorded values agree with such jobs'
+  literal ones, or, no such job being read, from the recorded values alone;
 - bindings of OIDC issuers and shadow bindings are kept as they are (nothing observed speaks for or against them).
 """
 
@@ -33,6 +34,7 @@ from controlplane.model.policy import IssuerKind, Mode, Policy
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.diff import path_pattern
 
+REDACTED = "[redacted]"  # what the audit store writes for token-shaped text (audit/store.py)
 TEXT_DENIED_SHOWN = 20  # denied kinds of request listed in the text report
 GLOB_MIN = 3  # distinct values at one segment before it is generalised to `*`
 SUGGESTED_FILE = "suggested.yaml"
@@ -41,7 +43,7 @@ _NAME_BAD = re.compile(r"[^a-z0-9-]+")
 HTTP_METHODS_TEXT = ", ".join(HTTP_METHODS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Observation:
     """One audited request (controlplane/audit/store.py's record, the fields the assistant reads)."""
 
@@ -56,6 +58,16 @@ class Observation:
     job_id: str | None
     ref: str | None
     issuer: str | None
+    # The token's claims as recorded (audit schema version 3); None in rows recorded before the trail kept them.
+    ref_protected: str | None = None
+    pipeline_source: str | None = None
+    environment: str | None = None  # also None for a job without an environment
+
+    @property
+    def claims_recorded(self) -> bool:
+        """Whether the trail kept this request's ref and pipeline claims: GitLab puts `ref_protected` and
+        `pipeline_source` in every ID token, so a row without both predates the columns (or is no GitLab token)."""
+        return self.ref_protected is not None and self.pipeline_source is not None
 
 
 def observation(row: Mapping[str, Any]) -> Observation:
@@ -116,7 +128,7 @@ class Suggestion:
 
 @dataclass(frozen=True)
 class Flag:
-    kind: str  # unused-rule | unused-methods | unmatched-binding | unpinned-protected | ci | shadow
+    kind: str  # unused-rule | unused-methods | unmatched-binding | unpinned-protected | ci | shadow | path | observed
     subject: str  # the grant, binding or project it is about
     message: str
 
@@ -229,6 +241,7 @@ def suggest(given: Inputs) -> Report:
     kept_bindings, kept_roles = _kept_names(given.policy)
     taken = set(kept_bindings) | set(kept_roles)  # a suggestion never takes the name of what stays
     suggestions = []
+    mismatches: list[Flag] = []
     for (issuer, project_id, backend), observed in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
         if backend not in backends:
             ignored += len(observed)
@@ -237,6 +250,7 @@ def suggest(given: Inputs) -> Report:
         jobs = ci.jobs_for(backends[backend].audience) if ci is not None and _describes(ci, observed) else ()
         name = _free_name(_name(f"p{project_id}-{backend}"), taken)
         taken.add(name)
+        mismatches.extend(Flag("observed", name, message) for message in disagreements(observed, jobs))
         suggestions.append(
             Suggestion(
                 name=name,
@@ -263,6 +277,7 @@ def suggest(given: Inputs) -> Report:
             for backend, method in sorted(unnamed)
         )
     )
+    flags += tuple(mismatches)
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
 
@@ -404,12 +419,9 @@ def _conditions(
 ) -> tuple[SuggestedCondition, ...]:
     out = [SuggestedCondition("project", int(project_id), "the project id the tokens carried (an id, never a path)")]
     refs = sorted({o.ref for o in observed if o.ref})
-    if refs and protected is not None and all(protected.get(r) is True for r in refs):
-        why = f"every ref it was observed on ({', '.join(refs)}) is protected in GitLab now"
-        out.append(SuggestedCondition("ref_protected", True, why))
-    elif protected is None and jobs and all(j.always_protected for j in jobs):
-        why = f"GitLab's protections not read; the rules of {_names(jobs)} run only on protected refs"
-        out.append(SuggestedCondition("ref_protected", True, why))
+    pinned = _ref_protected(observed, jobs, protected)
+    if pinned is not None:
+        out.append(pinned)
     if jobs:
         ci_refs = [j.refs for j in jobs]
         if all(r is not None for r in ci_refs):
@@ -418,17 +430,101 @@ def _conditions(
                 out.append(
                     SuggestedCondition("ref", tuple(allowed), f"the only refs the rules of {_names(jobs)} allow")
                 )
-        ci_sources = [j.sources for j in jobs]
-        if all(s is not None for s in ci_sources):
-            allowed = sorted({src for s in ci_sources if s is not None for src in s})
-            if allowed:
-                why = f"the only pipeline sources the rules of {_names(jobs)} allow"
-                out.append(SuggestedCondition("pipeline_source", tuple(allowed), why))
-        envs = [j.environment for j in jobs]
-        if all(e is not None and "$" not in e for e in envs):
-            environments = tuple(sorted({e for e in envs if e is not None}))
-            out.append(SuggestedCondition("environment", environments, f"the environments of {_names(jobs)}"))
+    for key in _OBSERVED_KEYS:
+        pin = _observed_pin(key, observed, jobs)
+        if pin is not None:
+            out.append(pin)
     return tuple(out)
+
+
+def _ref_protected(
+    observed: Sequence[Observation], jobs: Sequence[CiJob], protected: Mapping[str, bool] | None
+) -> SuggestedCondition | None:
+    """`ref_protected: true` when every request carried `ref_protected: "true"`; never when one carried anything
+    else (it ran on an unprotected ref: the pin would deny it). Requests recorded before the trail kept the claim
+    fall back on GitLab's protections now (or, unread, on CI rules that only run on protected refs), said so."""
+    said = [o for o in observed if o.ref_protected is not None]
+    if any(o.ref_protected != "true" for o in said):
+        return None
+    carried = f'{len(said)} request(s) carried ref_protected "true"' + _on_refs(said)
+    unsaid = [o for o in observed if o.ref_protected is None]
+    if not unsaid:
+        return SuggestedCondition("ref_protected", True, f"every request observed: {carried}")
+    before = f"{len(unsaid)} recorded before the trail kept the claim"
+    lead = f"{carried}; {before}" if said else before.capitalize()
+    refs = sorted({o.ref for o in unsaid if o.ref})
+    if refs and protected is not None and all(protected.get(r) is True for r in refs):
+        return SuggestedCondition("ref_protected", True, f"{lead}: its refs ({', '.join(refs)}) are protected now")
+    if protected is None and jobs and all(j.always_protected for j in jobs):
+        why = f"{lead}: GitLab's protections not read; the rules of {_names(jobs)} run only on protected refs"
+        return SuggestedCondition("ref_protected", True, why)
+    return None
+
+
+def _on_refs(observed: Sequence[Observation]) -> str:
+    refs = sorted({o.ref for o in observed if o.ref})
+    return f" (refs {', '.join(refs)})" if refs else ""
+
+
+_OBSERVED_KEYS = ("pipeline_source", "environment")
+
+
+def _ci_allows(key: str, jobs: Sequence[CiJob]) -> tuple[str, ...] | None:
+    """The values every CI job asking for the audience is confined to, or None when one may run with any."""
+    if key == "pipeline_source":
+        sources = [j.sources for j in jobs]
+        if not jobs or any(s is None for s in sources):
+            return None
+        return tuple(sorted({src for s in sources if s is not None for src in s})) or None
+    envs = [j.environment for j in jobs]
+    if not jobs or not all(e is not None and "$" not in e for e in envs):
+        return None
+    return tuple(sorted({e for e in envs if e is not None}))
+
+
+def _observed_pin(key: str, observed: Sequence[Observation], jobs: Sequence[CiJob]) -> SuggestedCondition | None:
+    """`pipeline_source` / `environment` pinned (docs/policy-assistant.md, "Subject"):
+    - CI confines every job to literal values: pinned to those, only when every recorded request agrees (a value
+      outside them, or no environment at all, means the CI reading missed something: not pinned, flagged);
+    - no CI job asking for the audience was read: pinned to the values observed, only when every request
+      recorded one (a request recorded before the trail kept the claim could have carried any);
+    - CI read but leaving the value open (no rule on it, a `$` environment): not pinned, as CI allows others."""
+    recorded = [o for o in observed if o.claims_recorded]
+    values = {getattr(o, key) for o in recorded}
+    before = len(observed) - len(recorded)
+    note = f"; {before} request(s) recorded before the trail kept it" if before else ""
+    allowed = _ci_allows(key, jobs)
+    if allowed is not None:
+        if not values <= set(allowed):
+            return None
+        if key == "pipeline_source":
+            source = f"the only pipeline sources the rules of {_names(jobs)} allow"
+        else:
+            source = f"the environments of {_names(jobs)}"
+        agree = f"{len(recorded)} observed request(s) agree" if recorded else "none observed with the claim"
+        return SuggestedCondition(key, allowed, f"{source}; {agree}{note}")
+    if jobs or before or not values or not all(_pinnable(v) for v in values):
+        return None
+    seen = tuple(sorted(v for v in values if v is not None))
+    why = f"observed only (no CI job asking for this audience was read): every one of {len(recorded)} request(s)"
+    return SuggestedCondition(key, seen, f"{why} carried {' or '.join(seen)}")
+
+
+def _pinnable(value: str | None) -> bool:
+    """A recorded value a subject can name as itself: present, printable, not redacted, and no `*` (a glob)."""
+    return bool(value) and value is not None and value.isprintable() and "*" not in value and value != REDACTED
+
+
+def disagreements(observed: Sequence[Observation], jobs: Sequence[CiJob]) -> list[str]:
+    """Recorded claims CI rules say cannot happen: the CI reading missed something, so nothing is pinned there."""
+    out = []
+    for key in _OBSERVED_KEYS:
+        allowed = _ci_allows(key, jobs)
+        values = {getattr(o, key) for o in observed if o.claims_recorded}
+        if allowed is not None and not values <= set(allowed):
+            seen = ", ".join(sorted(v or "(none)" for v in values - set(allowed)))
+            out.append(f"{key} {seen} observed, outside what {_names(jobs)} allow ({', '.join(allowed)}): not pinned")
+    return out
 
 
 def _names(jobs: Sequence[CiJob]) -> str:
@@ -505,18 +601,28 @@ def _grant_flags(
 
 def _protected_flags(given: Inputs, by_policy: Mapping[str, Sequence[Observation]]) -> list[Flag]:
     out = []
-    by_binding: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    by_binding: dict[str, list[Observation]] = defaultdict(list)  # one pass over the trail, not one per binding
     for name, obs in by_policy.items():
-        by_binding[name.partition("/")[0]].update((o.project_id or "", o.ref or "") for o in obs)
+        by_binding[name.partition("/")[0]].extend(obs)
     for binding in sorted(given.policy.bindings, key=lambda b: b.name):
         if binding.mode is Mode.SHADOW or any(m.claim == "ref_protected" for s in binding.subjects for m in s.claims):
             continue
-        pairs = by_binding.get(binding.name, set())
-        if pairs and all(given.protected.get(p, {}).get(r) is True for p, r in pairs):
-            refs = ", ".join(sorted({r for _, r in pairs}))
+        observed = by_binding.get(binding.name, [])
+        if observed and all(_was_protected(o, given.protected) for o in observed):
+            refs = ", ".join(sorted({o.ref or "" for o in observed}))
             message = f"no subject pins ref_protected, yet every request it allowed came from protected refs {refs}"
+            before = sum(1 for o in observed if o.ref_protected is None)
+            if before:
+                message += f" ({before} recorded before the trail kept the claim: by GitLab's protections now)"
             out.append(Flag("unpinned-protected", binding.name, message))
     return out
+
+
+def _was_protected(o: Observation, protected: Mapping[str, Mapping[str, bool]]) -> bool:
+    """The recorded claim; for a request recorded before the trail kept it, GitLab's protection of its ref now."""
+    if o.ref_protected is not None:
+        return o.ref_protected == "true"
+    return protected.get(o.project_id or "", {}).get(o.ref or "") is True
 
 
 def _ci_flags(given: Inputs, gitlab: Mapping[str, str], backends: Mapping[str, Any]) -> list[Flag]:

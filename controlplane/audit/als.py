@@ -198,6 +198,10 @@ def record_from_entry(
         peer=peer,
         identity=identity,
         reported_time=clamp_reported(started, now),
+        ref_type=_claim(claims, "ref_type"),
+        ref_protected=_claim(claims, "ref_protected"),
+        pipeline_source=_claim(claims, "pipeline_source"),
+        environment=_claim(claims, "environment"),
     )
 
 

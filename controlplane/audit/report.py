@@ -55,6 +55,7 @@ class PolicyVersion(NamedTuple):
     gateways: Mapping[str, Sequence[str]]  # gateway -> backends it fronts
     error: str = ""
     in_force_at_start: bool = False
+    out_of_order: bool = False  # dated before the commit it follows on the branch (policy_history.select)
 
 
 class SigningKey(NamedTuple):
@@ -106,7 +107,16 @@ NOT_RECORDED: tuple[str, ...] = (
     "load (counted in controlplane_audit_records_dropped_total, not in the trail); records past the audit "
     "retention (serve --audit-retention, 30 days by default) are gone.",
     "Credentials exchanged (token exchange) that were never used: the trail records requests, not exchanges.",
+    "When a commit was pushed, and commits a force push erased: the policy's history is the branch as it is now, "
+    "and a commit's time is the one its committer's git wrote (one dated out of the branch's order is "
+    "marked); when a fast-forward brought several commits at once, each is listed though only the last was in "
+    "force. GitLab's push events and protected branches are the record of pushes.",
+    "Which GitLab instance a job id belongs to beyond the token's issuer: job ids are unique within one GitLab "
+    "instance, and the totals count distinct job ids (two instances' job 5 is one).",
 )
+
+
+OUT_OF_ORDER = "dated out of order (before the version it follows, or after the report ran)"
 
 
 def format_time(timestamp: float | None) -> str:
@@ -157,7 +167,9 @@ def _summary(inputs: Inputs) -> tuple[tuple[str, Value], ...]:
         ("window_to", format_time(inputs.until)),
         ("generated", format_time(inputs.generated)),
         ("policy_read_from", inputs.policy_source),
-        ("policy_versions_in_force", len(inputs.versions) + inputs.versions_more),
+        # serve never applies a version that does not load: those are counted apart (the skipped are unknown)
+        ("policy_versions_in_force", sum(v.resolved is not None for v in inputs.versions) + inputs.versions_more),
+        ("policy_versions_invalid", sum(v.resolved is None for v in inputs.versions)),
         ("audit_trail_read_from", inputs.audit_source),
     ]
     if inputs.usage is not None:
@@ -228,10 +240,19 @@ def _capped(rows: Sequence[Mapping[str, Any]], cap: int) -> tuple[tuple[Mapping[
     return tuple(rows[:cap]), max(0, len(rows) - cap)
 
 
+def _in_force(version: PolicyVersion) -> str:
+    """When the version took effect; an invalid one never did (serve keeps serving the one before it)."""
+    if version.resolved is None:
+        when = "never: did not load" + (" (in the tree at window start)" if version.in_force_at_start else "")
+    else:
+        when = "at window start" if version.in_force_at_start else "from this commit"
+    return when + (f"; {OUT_OF_ORDER}" if version.out_of_order else "")
+
+
 def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section:
     rows = [
         {
-            "in_force": "at window start" if v.in_force_at_start else "from this commit",
+            "in_force": _in_force(v),
             "time": v.time,
             "commit": v.sha,
             "author": f"{v.author} <{v.email}>" if v.email else v.author,
@@ -258,6 +279,9 @@ def _versions_section(inputs: Inputs, lines: Mapping[str, list[str]]) -> Section
                 if inputs.versions_more
                 else ()
             ),
+            "Times are those the committers' git wrote; the branch's order decides what is in the window: a commit "
+            f"between two dated in it is listed whatever its date, and one marked `{OUT_OF_ORDER}` is a wrong "
+            "clock or a date chosen to mislead.",
         ),
         (
             Column("in_force", "In force"),
@@ -342,7 +366,12 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
         Section(
             "jobs",
             "What was used, per project and job",
-            (where, "A request without a valid token has no project or job: it is counted on an empty line."),
+            (
+                where,
+                "A request without a valid token has no project or job: it is counted on an empty line.",
+                "The token issuer is the token's `iss`: a job's GitLab ID token, or the control plane's own "
+                "credentials exchanged for it, on lines of their own; claims alike from two issuers are two jobs.",
+            ),
             (
                 Column("project_path", "Project"),
                 Column("project_id", "Project id", "id"),
@@ -350,6 +379,7 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
                 Column("pipeline_id", "Pipeline", "id"),
                 Column("ref", "Ref"),
                 Column("user", "User"),
+                Column("issuer", "Token issuer"),
                 Column("requests", "Requests", "count"),
                 Column("allowed", "Allowed", "count"),
                 Column("denied", "Denied", "count"),
@@ -408,28 +438,33 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
 
 def _revocations_section(inputs: Inputs) -> Section:
     refused: dict[str, Mapping[str, Any]] = {}
+    cut = 0  # jobs with refused requests past the database's cap: none of them is in `refused`
+    last: tuple[int, str] | None = None
     if inputs.usage is not None:
-        for row in inputs.usage.tables["revoked_use"].rows:
-            refused.setdefault(str(row["job_id"]), row)
+        table = inputs.usage.tables["revoked_use"]
+        refused = {str(row["job_id"] or ""): row for row in table.rows}  # one group per job
+        cut = max(0, table.total - len(table.rows))
+        # The database returns jobs in `_job_order`: a job sorting before the last one returned had no refused
+        # request; one after it, when groups were cut, may have had some: unknown (empty), never a false 0.
+        last = _job_order(str(table.rows[-1]["job_id"])) if table.rows else None
     listed = dict(inputs.revocations or {})
     rows = []
-    for job in sorted(listed.keys() | refused.keys(), key=lambda j: (len(j), j)):
-        seen = refused.get(job, {})
+    for job in sorted(listed.keys() | refused.keys(), key=_job_order):
+        seen = refused.get(job)
+        unknown = cut > 0 and (last is None or _job_order(job) > last)
         rows.append(
             {
                 "job_id": job,
-                "project_path": seen.get("project_path"),
+                "project_path": None if seen is None else _projects(seen),
                 "denied_until": listed.get(job),
                 "in_deny_list": "yes" if job in listed else "no (expired or pruned)",
-                "refused_requests": seen.get("requests", 0),
-                "first_refused": seen.get("first"),
-                "last_refused": seen.get("last"),
+                "refused_requests": seen["requests"] if seen else (None if unknown else 0),
+                "first_refused": None if seen is None else seen["first"],
+                "last_refused": None if seen is None else seen["last"],
             }
         )
     shown, more = _capped(rows, inputs.cap)
-    if inputs.usage is not None:
-        table = inputs.usage.tables["revoked_use"]
-        more += max(0, table.total - len(table.rows))
+    more += cut  # may count a listed job twice (shown, and among the cut): only past --max-rows
     deny_list = (
         "The deny list was not read."
         if inputs.revocations is None
@@ -454,6 +489,18 @@ def _revocations_section(inputs: Inputs) -> Section:
         shown,
         more,
     )
+
+
+def _job_order(job: str) -> tuple[int, str]:
+    """Job ids are numbers: shortest first, then as text, the order the database is asked for (usage.py)."""
+    return (len(job), job)
+
+
+def _projects(row: Mapping[str, Any]) -> str | None:
+    """The project a job's refused requests named; several (job ids reused across issuers): the first, and how
+    many others, so no request is attributed to one project silently."""
+    path, count = row.get("project_path"), int(row.get("projects") or 0)
+    return f"{path} (and {count - 1} other project(s))" if path is not None and count > 1 else path
 
 
 def _keys_section(inputs: Inputs) -> Section:

@@ -3,8 +3,10 @@
 The HTML page is for an auditor's browser and printer: inline CSS only (no script, no font, no image, no URL
 to fetch), so it opens offline, can be attached to a ticket and prints the same. Every value that reaches it
 is escaped (`html.escape`, quotes too): audit fields come from requests and tokens an attacker may shape, and a
-path holding `<script>` must show as text. A Content-Security-Policy meta tag forbids scripts and any fetch as a
-second wall. Multi-line cells (a version's access changes) keep their lines (CSS `white-space: pre-wrap`).
+path holding `<script>` must show as text. Characters a reader cannot see (bidi overrides, zero-width spaces,
+controls) are shown as `<U+XXXX>` in HTML and CSV (`visible`), so no value can pass for another. A
+Content-Security-Policy meta tag forbids scripts and any fetch as a second wall. Multi-line cells (a
+version's access changes) keep their lines (CSS `white-space: pre-wrap`).
 
 CSV: one file per section, `<section>.csv`, header row of column keys, then the rows; plus `summary.csv`
 (name, value) and `index.csv` (section, title, rows, more): a spreadsheet-free auditor reads the HTML, a
@@ -17,6 +19,8 @@ from __future__ import annotations
 import csv
 import html
 import io
+import re
+import unicodedata
 from collections.abc import Iterable
 
 from controlplane.audit.report import Report, Section, cell_text, format_time
@@ -49,8 +53,28 @@ ul.notes li { margin: 3px 0; }
 """
 
 
+# Characters a reader cannot see, or that reorder what is around them: controls (but the newline of a
+# multi-line cell), format characters (bidi overrides and isolates, zero-width spaces and joiners), surrogates,
+# private use, line and paragraph separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+_NOT_PLAIN = re.compile(r"[^\n\x20-\x7e]")
+
+
+def visible(text: str) -> str:
+    """`text` with every character a reader cannot see shown as `<U+XXXX>`. Audit values come from tokens a
+    job shapes (a branch may be named "\u202eniam", which a browser or a spreadsheet draws as "main") and
+    commits anyone with push rights writes: what the auditor reads must be what was recorded. The JSON keeps
+    the exact values (escaped, as JSON writes every non-ASCII character)."""
+    return _NOT_PLAIN.sub(_shown, text)
+
+
+def _shown(match: re.Match[str]) -> str:
+    char = match.group()
+    return f"<U+{ord(char):04X}>" if unicodedata.category(char) in _HIDDEN_CATEGORIES else char
+
+
 def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(visible(str(text)), quote=True)
 
 
 def render_html(report: Report) -> str:
@@ -101,6 +125,7 @@ _FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_cell(text: str) -> str:
+    text = visible(text)
     return "'" + text if text.startswith(_FORMULA_LEAD) else text
 
 

@@ -75,9 +75,22 @@ REDACTED = "[redacted]"
 # A JWT (three base64url parts, header starting `{"`) or a GitLab token (glpat-, gldt-, glcbt-, glrt-...).
 _SECRET = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*|\bgl[a-z]{2,6}-[A-Za-z0-9_.-]{16,}")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added after version 1, with their types: added in place to an older file (existing rows get NULL).
-_ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("peer", "TEXT"), ("identity", "TEXT"), ("reported_time", "REAL"))
+# Version 2: the attested sender and Envoy's own start time. Version 3: the token claims `controlplane suggest`
+# pins subjects on (a row recorded before has NULL there, which the assistant reads as "not recorded").
+_ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("peer", "TEXT"),
+    ("identity", "TEXT"),
+    ("reported_time", "REAL"),
+    ("ref_type", "TEXT"),
+    ("ref_protected", "TEXT"),
+    ("pipeline_source", "TEXT"),
+    ("environment", "TEXT"),
+)
+# Claims GitLab keeps to a few short words (`branch`, `true`, `merge_request_event`): cut shorter than the rest.
+MAX_SHORT_CHARS = 64
+SHORT_FIELDS = frozenset({"ref_type", "ref_protected", "pipeline_source"})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,7 +114,11 @@ CREATE TABLE IF NOT EXISTS audit (
     issuer TEXT,
     peer TEXT,
     identity TEXT,
-    reported_time REAL
+    reported_time REAL,
+    ref_type TEXT,
+    ref_protected TEXT,
+    pipeline_source TEXT,
+    environment TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id, time);
 CREATE INDEX IF NOT EXISTS audit_project ON audit (project_path, time);
@@ -121,7 +138,9 @@ class AuditRecord:
     around `time`. `gateway` and `node` are the sender's attested xDS identity, `peer` its address (host) and
     `identity` its mTLS client certificate's (None in plain text). `details` is Envoy's reason for the status
     (which filter said no, and why); `policy` the RBAC effective policy id (`<binding>/<role>`);
-    `credential_jti` is set only for the control plane's own exchanged credentials.
+    `credential_jti` is set only for the control plane's own exchanged credentials. `ref_type`,
+    `ref_protected` (`"true"`/`"false"`, as GitLab writes it), `pipeline_source` and `environment` are the
+    token's claims (schema version 3; None in rows recorded before, and `environment` for a job without one).
     """
 
     time: float
@@ -145,6 +164,10 @@ class AuditRecord:
     peer: str | None = None
     identity: str | None = None
     reported_time: float | None = None
+    ref_type: str | None = None
+    ref_protected: str | None = None
+    pipeline_source: str | None = None
+    environment: str | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
@@ -192,7 +215,7 @@ def sanitize(record: AuditRecord) -> AuditRecord:
     for field in fields(AuditRecord):
         value = getattr(record, field.name)
         if field.name != "path" and isinstance(value, str):
-            changes[field.name] = _safe_text(value, MAX_FIELD_CHARS)
+            changes[field.name] = _safe_text(value, MAX_SHORT_CHARS if field.name in SHORT_FIELDS else MAX_FIELD_CHARS)
     return replace(record, **changes)
 
 
@@ -289,6 +312,14 @@ def record_filter(job: str | None, project: str | None, since: float | None, pla
     return (f"WHERE {' AND '.join(where)}" if where else ""), params
 
 
+def selected_columns(present: Iterable[str], quote: Callable[[str], str]) -> str:
+    """The SELECT list of every record column, NULL for a column the table does not have yet: a reader (the CLI,
+    `suggest`, read-only) may be newer than the `serve` still writing an older file or database, and it never
+    migrates; such a row simply has not recorded that field."""
+    have = set(present)
+    return ", ".join(quote(c) if c in have else f"NULL AS {quote(c)}" for c in COLUMNS)
+
+
 def query_records(
     conn: sqlite3.Connection,
     *,
@@ -302,7 +333,8 @@ def query_records(
     `project` is a path (`acme/app`) or, if all digits, a project id.
     """
     clause, params = record_filter(job, project, since, "?")
-    sql = f"SELECT id, {', '.join(COLUMNS)} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
+    present = {str(row[1]) for row in conn.execute("PRAGMA table_info(audit)")}
+    sql = f"SELECT id, {selected_columns(present, str)} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
     rows = conn.execute(sql, (*params, max(0, limit))).fetchall()
     return [{key: row[key] for key in ("id", *COLUMNS)} for row in reversed(rows)]
 

@@ -60,6 +60,7 @@ from controlplane.audit.store import (
     SeenJob,
     record_filter,
     sanitize,
+    selected_columns,
 )
 from controlplane.store.migrations import AUDIT_PRUNE_LOCK, migrate
 from controlplane.store.pool import StorePool, StoreUnavailable
@@ -79,7 +80,12 @@ Connection = psycopg.AsyncConnection[tuple[object, ...]]
 InsertMethod = Literal["copy", "values"]
 _T = TypeVar("_T")
 
-_QUOTED = ", ".join(f'"{column}"' for column in COLUMNS)
+
+def _quote(column: str) -> str:
+    return f'"{column}"'
+
+
+_QUOTED = ", ".join(_quote(column) for column in COLUMNS)
 _COPY = f"COPY audit ({_QUOTED}) FROM STDIN"
 _ROW_PLACEHOLDER = f"({', '.join('%s' for _ in COLUMNS)})"
 _PRUNE = "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE time < %s ORDER BY time LIMIT %s)"
@@ -440,9 +446,14 @@ async def query_records(
     since: float | None = None,
     limit: int = DEFAULT_QUERY_LIMIT,
 ) -> list[dict[str, Any]]:
-    """audit/store.py's `query_records` against PostgreSQL: the same filters, order and keys."""
+    """audit/store.py's `query_records` against PostgreSQL: the same filters, order and keys (NULL for a column
+    a database not yet migrated lacks: the CLI reads, it never migrates)."""
     clause, params = record_filter(job, project, since, "%s")
-    sql = f"SELECT id, {_QUOTED} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT %s"
+    present = await conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'audit'::regclass AND attnum > 0 AND NOT attisdropped"
+    )
+    columns = selected_columns((str(row[0]) for row in await present.fetchall()), _quote)
+    sql = f"SELECT id, {columns} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT %s"
     async with conn.cursor(row_factory=dict_row) as cursor:
         await cursor.execute(sql.encode(), (*params, max(0, limit)))
         rows = await cursor.fetchall()

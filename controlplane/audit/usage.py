@@ -2,9 +2,10 @@
 
 A compliance report covers weeks of traffic; loading the window's rows into the process would cost memory in
 proportion to the traffic. Every table here is one GROUP BY run by SQLite or PostgreSQL (the same SQL, only the
-placeholder differs), returning at most `cap` groups, and a second query counts the groups, so the report can say
-"N more" instead of silently stopping. The window is half-open, `since <= time < until`, on the time the control
-plane received each record (a sender cannot choose it: audit/store.py).
+placeholder differs), returning at most `cap` groups, each with the number of groups in all (a window function:
+the same scan), so the report can say "N more" instead of silently stopping. The window is half-open,
+`since <= time < until`, on the time the control plane received each record (a sender cannot choose it:
+audit/store.py).
 
 Empty claims (a request without a valid token) stay None: the report shows them as such, never as a project.
 """
@@ -51,8 +52,8 @@ def _quoted(column: str) -> str:
 
 QUERIES: tuple[Query, ...] = (
     Query(
-        "jobs",
-        ("project_id", "project_path", "job_id", "pipeline_id", "ref", "user"),
+        "jobs",  # the issuer too: a token from another issuer may carry the same project and job claims
+        ("project_id", "project_path", "job_id", "pipeline_id", "ref", "user", "issuer"),
         (
             ("requests", "COUNT(*)"),
             ("allowed", "SUM(CASE WHEN decision = 'allowed' THEN 1 ELSE 0 END)"),
@@ -60,7 +61,7 @@ QUERIES: tuple[Query, ...] = (
             ("first", "MIN(time)"),
             ("last", "MAX(time)"),
         ),
-        _ordered("project_path", "project_id", "job_id", "pipeline_id", "ref", "user"),
+        _ordered("project_path", "project_id", "job_id", "pipeline_id", "ref", "user", "issuer"),
     ),
     Query(
         "usage",
@@ -75,11 +76,11 @@ QUERIES: tuple[Query, ...] = (
         (*_ordered("project_path", "job_id", "user", "backend", "path", "method"), '"status"', *_ordered("details")),
         where="decision = 'denied'",
     ),
-    Query(
+    Query(  # one group per job (its refused requests in one sum), in the report's order: shortest id first
         "revoked_use",
-        ("job_id", "project_path"),
-        _COUNTS,
-        _ordered("job_id", "project_path"),
+        ("job_id",),
+        (*_COUNTS, ("project_path", "MIN(project_path)"), ("projects", "COUNT(DISTINCT project_path)")),
+        ("LENGTH(COALESCE(job_id, ''))", *_ordered("job_id")),
         where=f"decision = 'denied' AND policy = '{REVOKED_POLICY}'",
     ),
 )
@@ -103,6 +104,7 @@ _TOTALS = (
     " COUNT(DISTINCT project_path) AS projects, MIN(time) AS first, MAX(time) AS last"
     " FROM audit WHERE time >= {p} AND time < {p}"
 )
+_GROUPS = "groups_in_all"
 _TOTAL_KEYS = ("requests", "allowed", "denied", "jobs", "projects", "first", "last")
 
 
@@ -112,19 +114,20 @@ def _where(query: Query, placeholder: str) -> str:
 
 
 def group_sql(query: Query, placeholder: str) -> str:
-    """The groups, capped: parameters (since, until, cap)."""
+    """The groups, capped, each with the number of groups in all (a window function over the grouped rows, so
+    one scan of the window answers both): parameters (since, until, cap)."""
     keys = ", ".join(_quoted(k) for k in query.keys)
     measures = ", ".join(f"{sql} AS {_quoted(name)}" for name, sql in query.measures)
     return (
-        f"SELECT {keys}, {measures} FROM audit {_where(query, placeholder)} GROUP BY {keys}"
-        f" ORDER BY {', '.join(query.order)} LIMIT {placeholder}"
+        f"SELECT {keys}, {measures}, COUNT(*) OVER () AS {_quoted(_GROUPS)} FROM audit {_where(query, placeholder)}"
+        f" GROUP BY {keys} ORDER BY {', '.join(query.order)} LIMIT {placeholder}"
     )
 
 
-def count_sql(query: Query, placeholder: str) -> str:
-    """How many groups in all: parameters (since, until)."""
-    keys = ", ".join(_quoted(k) for k in query.keys)
-    return f"SELECT COUNT(*) FROM (SELECT 1 AS one FROM audit {_where(query, placeholder)} GROUP BY {keys}) AS groups"
+def _table(query: Query, rows: Sequence[Sequence[Any]]) -> Table:
+    """The rows without their trailing group count; no row: no group (the cap is at least 1)."""
+    total = int(str(rows[0][-1])) if rows else 0
+    return Table([_row(query, tuple(r)[:-1]) for r in rows], total)
 
 
 def _row(query: Query, values: Sequence[Any]) -> dict[str, Any]:
@@ -141,27 +144,31 @@ def _totals(values: Sequence[Any]) -> dict[str, Any]:
 
 
 def summarise(conn: sqlite3.Connection, since: float, until: float, cap: int) -> Usage:
-    """The window's aggregates from a SQLite audit store (a read-only connection: audit/store.py open_readonly)."""
-    totals = _totals(conn.execute(_TOTALS.format(p="?"), (since, until)).fetchone())
-    tables = {}
-    for query in QUERIES:
-        rows = conn.execute(group_sql(query, "?"), (since, until, max(0, cap))).fetchall()
-        total = conn.execute(count_sql(query, "?"), (since, until)).fetchone()[0]
-        tables[query.name] = Table([_row(query, tuple(r)) for r in rows], int(total))
+    """The window's aggregates from a SQLite audit store (a read-only connection: audit/store.py open_readonly).
+
+    All in one read transaction, so one snapshot: serve's writer commits batches of records received a moment
+    earlier (inside the window) while the report runs, and the totals and tables must count the same rows."""
+    conn.execute("BEGIN")
+    try:
+        totals = _totals(conn.execute(_TOTALS.format(p="?"), (since, until)).fetchone())
+        tables = {}
+        for query in QUERIES:
+            rows = conn.execute(group_sql(query, "?"), (since, until, max(1, cap))).fetchall()
+            tables[query.name] = _table(query, rows)
+    finally:
+        conn.execute("ROLLBACK")
     return Usage(totals, tables)
 
 
 async def summarise_pg(conn: Connection, since: float, until: float, cap: int) -> Usage:
-    """`summarise` against the PostgreSQL trail (store_pg.py's table: the same columns)."""
+    """`summarise` against the PostgreSQL trail (store_pg.py's table: the same columns), in the caller's
+    transaction (REPEATABLE READ: one snapshot for every aggregate, as `summarise`)."""
     cursor = await conn.execute(_TOTALS.format(p="%s").encode(), (since, until))
     first = await cursor.fetchone()
     assert first is not None  # an aggregate without GROUP BY always returns one row
     totals = _totals(first)
     tables = {}
     for query in QUERIES:
-        cursor = await conn.execute(group_sql(query, "%s").encode(), (since, until, max(0, cap)))
-        rows = await cursor.fetchall()
-        cursor = await conn.execute(count_sql(query, "%s").encode(), (since, until))
-        counted = await cursor.fetchone()
-        tables[query.name] = Table([_row(query, r) for r in rows], int(str(counted[0])) if counted else 0)
+        cursor = await conn.execute(group_sql(query, "%s").encode(), (since, until, max(1, cap)))
+        tables[query.name] = _table(query, await cursor.fetchall())
     return Usage(totals, tables)

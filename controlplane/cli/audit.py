@@ -53,6 +53,9 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("PIPELINE", "pipeline_id"),
     ("JOB", "job_id"),
     ("REF", "ref"),
+    ("PROTECTED", "ref_protected"),
+    ("SOURCE", "pipeline_source"),
+    ("ENVIRONMENT", "environment"),
     ("USER", "user"),
 )
 MAX_CELL = 60

@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_diff_arguments(diff)
     _add_limit_arguments(diff)
+    mr_check = commands.add_parser("mr-check", help="a policy merge request's CI job: validate, diff, MR note")
+    _add_limit_arguments(mr_check)
+    from controlplane.cli.merge_request import add_arguments as add_mr_arguments
+
+    add_mr_arguments(mr_check)
 
     report = commands.add_parser("report", help="compliance evidence for a window: policy versions, access, use")
     from controlplane.cli.report import add_arguments as add_report_arguments
@@ -422,6 +427,12 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="list connected proxies and policy state from a running server")
     add_status_arguments(status)
+
+    explain = commands.add_parser("explain", help="why is a request allowed or denied? (exit 0 yes, 1 no, 2 usage)")
+    from controlplane.cli.explain import add_arguments as add_explain_arguments
+
+    add_explain_arguments(explain)
+    _add_limit_arguments(explain)
 
     healthcheck = commands.add_parser("healthcheck", help="exit 0 if a running serve's /healthz answers (probes)")
     add_healthcheck_arguments(healthcheck, _host_port, admin_address)
@@ -799,6 +810,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from controlplane.cli.explain import run_explain
+
+    return run_explain(args, _limits(args))
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
     from controlplane.cli.environment import run_healthcheck
 
@@ -817,6 +834,12 @@ def _report(args: argparse.Namespace) -> int:
     return run_report(args, _limits(args))
 
 
+def _mr_check(args: argparse.Namespace) -> int:
+    from controlplane.cli.merge_request import run_mr_check
+
+    return run_mr_check(args, _limits(args))
+
+
 def _audit(args: argparse.Namespace) -> int:
     from controlplane.cli.audit import run_audit
 
@@ -833,8 +856,10 @@ _COMMANDS = {
     "audit": _audit,
     "diff": _diff,
     "report": _report,
+    "mr-check": _mr_check,
     "validate": _validate,
     "compile": _compile,
+    "explain": _explain,
     "serve": _serve,
     "status": _status,
     "bootstrap": _bootstrap,

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 from controlplane.audit.report import Inputs, PolicyVersion, Report, SigningKey, build, document
 from controlplane.audit.report_render import render_csv, render_html
@@ -30,8 +31,15 @@ from controlplane.audit.store import DB_NAME, open_readonly
 from controlplane.cli.audit import parse_since
 from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.model.errors import PolicyInvalid
-from controlplane.sources.policy_history import Commit, GitError, history, tree_at
-from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV, StateFileError, default_state_dir, read_json
+from controlplane.sources.policy_history import Commit, GitError, TreeUnreadable, history, tree_at
+from controlplane.statefile import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    StateFileError,
+    atomic_write_text,
+    default_state_dir,
+    read_json,
+)
 from controlplane.store.dsn import DsnError, StoreDsn
 
 if TYPE_CHECKING:
@@ -49,6 +57,7 @@ EXIT_USAGE = 2
 DEFAULT_MAX_ROWS = 500
 DEFAULT_MAX_VERSIONS = 50
 FORMATS = ("json", "csv", "html")
+MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01: the first time an ISO 8601 date cannot show
 
 
 class Unreadable(Exception):
@@ -117,6 +126,9 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
         until = now if args.until is None else parse_since(args.until, now)
     except ValueError as error:  # parse_since's words name --since
         return _fail(EXIT_USAGE, str(error).replace("--since", "--until", 1))
+    for flag, moment in (("--since", since), ("--until", until)):
+        if not 0.0 <= moment < MAX_TIMESTAMP:  # `999999999d` is before year 1: no date could show it
+            return _fail(EXIT_USAGE, f"{flag}: out of range (from 1970 to the year 9999)")
     if until <= since:
         return _fail(EXIT_USAGE, "the window is empty: --until must be after --since")
     if args.max_rows < 1 or args.max_versions < 1:
@@ -128,7 +140,7 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
     except DsnError as error:
         return _fail(EXIT_USAGE, str(error))
     try:
-        versions, more, policy_source = _policy_versions(args, limits, since, until)
+        versions, more, policy_source = _policy_versions(args, limits, since, until, now)
         state = _read_state(args, dsn, since, until)
     except UsageError as error:
         return _fail(EXIT_USAGE, str(error))
@@ -154,28 +166,32 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
         _write(args.format, args.out, report)
     except OSError as error:
         return _fail(EXIT_UNREADABLE, f"cannot write {args.out}: {error.strerror or error}")
+    except StateFileError as error:  # names the file and why
+        return _fail(EXIT_UNREADABLE, str(error))
     return EXIT_OK
 
 
 def _write(kind: str, out: Path | None, report: Report) -> None:
+    """Each file written beside its final name and renamed over it (statefile.atomic_write_text): never through
+    a link planted at that name (`--out /tmp/evidence`, a directory others can write), never half-written."""
     if kind == "csv":
         assert out is not None
         out.mkdir(parents=True, exist_ok=True)
         for name, text in render_csv(report).items():
-            (out / name).write_text(text, encoding="utf-8")
+            atomic_write_text(out / name, text, mode=None)
         return
     text = json.dumps(document(report), indent=2) + "\n" if kind == "json" else render_html(report)
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text, encoding="utf-8")
+        atomic_write_text(out, text, mode=None)
 
 
 # -- the policy
 
 
 def _policy_versions(
-    args: argparse.Namespace, limits: ReadLimits, since: float, until: float
+    args: argparse.Namespace, limits: ReadLimits, since: float, until: float, now: float
 ) -> tuple[tuple[PolicyVersion, ...], int, str]:
     if args.policy is not None:
         if not args.policy.is_dir():
@@ -183,25 +199,26 @@ def _policy_versions(
         version = _load(args.policy, limits, None, in_force_at_start=False)
         return (version,), 0, f"the directory {args.policy} (no history: versions and authors not reported)"
     if args.policy_project is not None:
-        return _gitlab_versions(args, limits, since, until)
+        return _gitlab_versions(args, limits, since, until, now)
     if args.policy_repo is None:
         return (), 0, "no policy given (--policy-repo DIR, --policy-project P or --policy DIR)"
     try:
-        found = history(args.policy_repo, since, until, args.max_versions)
-        versions = []
-        if found.in_force_at_start is not None:
-            with tree_at(args.policy_repo, found.in_force_at_start.sha) as tree:
-                versions.append(_load(tree, limits, found.in_force_at_start, in_force_at_start=True))
-        for commit in found.commits:
-            with tree_at(args.policy_repo, commit.sha) as tree:
-                versions.append(_load(tree, limits, commit, in_force_at_start=False))
+        found = history(args.policy_repo, since, until, args.max_versions, now)
+        starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []
+        versions = [
+            _load_commit(args.policy_repo, limits, commit, in_force_at_start=at_start)._replace(
+                out_of_order=commit.sha in found.out_of_order
+            )
+            for commit, at_start in [*starts, *((c, False) for c in found.commits)]
+            if commit is not None
+        ]
     except GitError as error:
         raise Unreadable(f"{args.policy_repo}: {error}") from None
     return tuple(versions), found.more, f"the git history of {args.policy_repo}"
 
 
 def _gitlab_versions(
-    args: argparse.Namespace, limits: ReadLimits, since: float, until: float
+    args: argparse.Namespace, limits: ReadLimits, since: float, until: float, now: float
 ) -> tuple[tuple[PolicyVersion, ...], int, str]:
     """The versions from GitLab's API, as `serve --policy-project` reads the policy (its default branch)."""
     from controlplane.sources.gitlab import GitLabSource
@@ -211,10 +228,15 @@ def _gitlab_versions(
 
     if not args.gitlab_url:
         raise UsageError("--policy-project needs --gitlab-url")
+    if "@" in urlsplit(args.gitlab_url).netloc:  # the report names the URL it read from: a ticket would keep it
+        raise UsageError(
+            "--gitlab-url: the URL holds credentials, and a command line is visible to every user (and the report "
+            "names its source); give the token through --gitlab-token-env NAME or --gitlab-token-file PATH"
+        )
     where = f"GitLab project {args.policy_project}"
     try:
         client = GitLabSource(args.gitlab_url, token_from(args.gitlab_token_env, args.gitlab_token_file))
-        found = gitlab_history(client, args.policy_project, since, until, args.max_versions)
+        found = gitlab_history(client, args.policy_project, since, until, args.max_versions, now)
         repo = PolicyRepo(client, args.policy_project, limits)
         versions = []
         starts = [(found.in_force_at_start, True)] if found.in_force_at_start is not None else []
@@ -224,12 +246,22 @@ def _gitlab_versions(
                 files: dict[str, str] | PolicyInvalid = repo.read_tree(commit.sha)
             except PolicyInvalid as invalid:
                 files = invalid
-            versions.append(_load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start))
+            version = _load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start)
+            versions.append(version._replace(out_of_order=commit.sha in found.out_of_order))
     except GitLabTokenError as error:
         raise UsageError(str(error)) from None
     except (GitLabUnavailable, PolicyRepoError, GitError) as error:
         raise Unreadable(f"{where}: {error}") from None
     return tuple(versions), found.more, f"the default branch of {where} at {args.gitlab_url}"
+
+
+def _load_commit(repo: Path, limits: ReadLimits, commit: Commit, *, in_force_at_start: bool) -> PolicyVersion:
+    """One commit's version; a tree that cannot be read (the directory removed in it) is that version's error."""
+    try:
+        with tree_at(repo, commit.sha, limits.max_file_bytes) as tree:
+            return _load(tree, limits, commit, in_force_at_start=in_force_at_start)
+    except TreeUnreadable as error:
+        return _load_files(OSError(str(error)), commit, str(repo), in_force_at_start=in_force_at_start)
 
 
 def _load(tree: Path, limits: ReadLimits, commit: Commit | None, *, in_force_at_start: bool) -> PolicyVersion:
@@ -307,7 +339,7 @@ def _revocations_file(path: Path) -> dict[str, float]:
     if not isinstance(revoked, dict):
         raise StateFileError(f"{path}: malformed: no revoked object")
     try:
-        return {str(job): float(until) for job, until in revoked.items()}
+        return {str(job): _timestamp(until) for job, until in revoked.items()}
     except (TypeError, ValueError):
         raise StateFileError(f"{path}: malformed: a revocation's time is not a number") from None
 
@@ -322,17 +354,26 @@ def _keys_file(path: Path) -> tuple[SigningKey, ...] | None:
         raise StateFileError(f'{path}: malformed: expected a "keys" list')
     try:
         return tuple(_key(entry) for entry in entries)
-    except (KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         raise StateFileError(f"{path}: malformed: a key entry lacks a field or has a wrong type") from None
+
+
+def _timestamp(value: object) -> float:
+    """A time read from a state file or table, as Unix seconds a date can show: NaN, infinities and times past
+    year 9999 are refused (ValueError) here, where the source can be named, not in the middle of writing."""
+    found = float(str(value))
+    if not 0.0 <= found < MAX_TIMESTAMP:
+        raise ValueError(f"not a time: {value!r}")
+    return found
 
 
 def _key(entry: Any) -> SigningKey:
     retire = entry.get("retire_after")
     return SigningKey(
         str(entry["kid"]),
-        float(entry["created_at"]),
-        float(entry["not_before"]),
-        None if retire is None else float(retire),
+        _timestamp(entry["created_at"]),
+        _timestamp(entry["not_before"]),
+        None if retire is None else _timestamp(retire),
     )
 
 
@@ -340,6 +381,8 @@ async def _read_postgres(
     dsn: StoreDsn, since: float, until: float, cap: int, audit: bool
 ) -> tuple[AuditUsage | None, dict[str, float], tuple[SigningKey, ...]]:
     """One connection, one read-only transaction: the aggregates, the deny list, the keys' public columns."""
+    from psycopg import IsolationLevel
+
     from controlplane.audit.usage import summarise_pg
     from controlplane.store.pool import PoolSettings, StorePool
 
@@ -348,13 +391,14 @@ async def _read_postgres(
     try:
         async with pool.connection() as conn:
             await conn.set_read_only(True)
+            await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)  # one snapshot: see usage.summarise
             usage = await summarise_pg(conn, since, until, cap) if audit else None
             cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
-            revoked = {str(job): float(str(until_)) for job, until_ in await cursor.fetchall()}
+            revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
             cursor = await conn.execute("SELECT kid, created_at, not_before, retire_after FROM signing_keys")
             keys = tuple(
                 SigningKey(
-                    str(kid), float(str(created)), float(str(nb)), None if retire is None else float(str(retire))
+                    str(kid), _timestamp(created), _timestamp(nb), None if retire is None else _timestamp(retire)
                 )
                 for kid, created, nb, retire in await cursor.fetchall()
             )

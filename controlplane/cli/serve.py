@@ -19,10 +19,12 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from controlplane import __version__
+from controlplane.admin.explain import explain_inputs
 from controlplane.admin.http import AdminServer
 from controlplane.audit.als import AccessLogService
 from controlplane.audit.store import DB_NAME as AUDIT_DB
@@ -42,11 +44,15 @@ from controlplane.credentials.revocation_store_pg import TOPIC as REVOCATIONS_TO
 from controlplane.credentials.revocation_store_pg import PostgresRevocationStore
 from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialOptions, CredentialService
+from controlplane.model.policy import Policy
+from controlplane.resolved.explain import ExplainInputs
 from controlplane.runtime.event_router import POLICY_TOPIC, EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
+from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
+from controlplane.runtime.policy_check import LiveInputs
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.runtime.replication import (
     leader,
@@ -123,6 +129,11 @@ async def serve(options: ServeOptions) -> int:
         return 1
     log.info("stopped")
     return 1 if parts.failed else 0
+
+
+def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
+    """What a merge request's head is judged against: GitLab as the served policy sees it, plus what it names."""
+    return LiveInputs(gitlab.inventories_for(head, policy.pins), policy.pins)
 
 
 async def _serve(options: ServeOptions, parts: Supervisor) -> None:
@@ -228,6 +239,12 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     watching = asyncio.Event()
     parts.run("policy watcher", _policy_watcher(options, events, parts.stopping, watching))
     await parts.step(watching.wait())  # a watcher that could not start stops the start here
+    if options.policy_gitlab is not None and isinstance(policy.source, GitLabPolicySource):  # merge requests' heads
+        repo = PolicyRepo(policy.source.repo.source, policy.source.repo.project, options.policy_limits)
+        live = partial(_live_inputs, gitlab, policy)  # GitLab now, read-only: never widens a watch
+        statuses = MergeRequestStatuses(repo, is_leader=is_leader, live=live)
+        gitlab.on_merge_request = statuses.wake  # an MR webhook, or a push to another branch: a round now
+        parts.run("merge-request statuses", statuses.run(options.policy_gitlab.poll_seconds, parts.stopping))
     if credentials is not None:
         credentials.job_hooks_may_be_lost()  # until the webhook listener is up: ask GitLab
         # Its keys exist (compiled in) before anything is served.
@@ -285,6 +302,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         host=options.admin_host,
         port=options.admin_port,
         limits=options.admin_limits,
+        explain=lambda: _explain_inputs(policy),
     )
     # Registered before the xDS server's stop, so /readyz and /metrics still answer while the streams drain.
     parts.on_stop(admin.stop, name="admin server")
@@ -380,6 +398,14 @@ def _announcer(pool: StorePool | None, topic: str) -> Callable[[], Awaitable[Non
             await publish(conn, topic)
 
     return announce
+
+
+def _explain_inputs(policy: PolicyService) -> ExplainInputs | None:
+    """`POST /explain` reads the policy in service with its live state, deny list and credentials."""
+    current = policy.in_service
+    if current is None:
+        return None
+    return explain_inputs(*current, policy.credentials(), revocations_known=True)
 
 
 def _not_ready(policy: PolicyService, stores: SharedStores, unready_after: float) -> str | None:

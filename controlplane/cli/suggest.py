@@ -190,7 +190,10 @@ OBSERVED_COLUMNS = tuple(Observation.__dataclass_fields__)
 def _streamed(conn: sqlite3.Connection, since: float, limit: int) -> list[Observation]:
     """`query_records`' selection (the most recent `limit` since `since`), without building a dict per row."""
     clause, params = record_filter(None, None, since, "?")
-    sql = f"SELECT {', '.join(OBSERVED_COLUMNS)} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
+    present = {str(row[1]) for row in conn.execute("PRAGMA table_info(audit)")}
+    # NULL for a column an older serve's file does not have yet (selected_columns' rule, for these columns)
+    listed = ", ".join(c if c in present else f"NULL AS {c}" for c in OBSERVED_COLUMNS)
+    sql = f"SELECT {listed} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
     shared: dict[Any, Any] = {}
     out = []
     for row in conn.execute(sql, (*params, max(0, limit))):

@@ -27,13 +27,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from controlplane.model.inventory import Inventory
+from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
 from controlplane.retry import Backoff
 from controlplane.runtime.supervisor import Spawn
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_client import token_from
-from controlplane.sources.gitlab_events import GitLabEvent, GroupEvent, PipelineEvent, ProjectEvent, PushEvent
+from controlplane.sources.gitlab_events import (
+    GitLabEvent,
+    GroupEvent,
+    MergeRequestEvent,
+    PipelineEvent,
+    ProjectEvent,
+    PushEvent,
+)
 from controlplane.sources.gitlab_watch import InventorySource, InventoryWatcher, Scope
 from controlplane.sources.inventory_table import InventoryTable, content_hash
 from controlplane.store.pool import StoreUnavailable
@@ -116,6 +123,8 @@ class GitLabLink:
         self.on_inventory_change = on_inventory_change
         self.on_reachable = on_reachable  # an issuer's GitLab answers again after an outage (its name)
         self.on_policy_push = on_policy_push
+        # Set by serve when it posts statuses on merge requests' heads: told of the policy project's other activity.
+        self.on_merge_request: Callable[[], None] | None = None
         self.policy_project = policy_project
         self.source_factory = source_factory
         self.share = share
@@ -219,6 +228,28 @@ class GitLabLink:
             unread += [f"{name}:{g}" for g in scope.groups if not any(g in (x.id, x.path) for x in have.groups)]
             unread += [f"{name}:{p}" for p in scope.projects if not any(p in (x.id, x.path) for x in have.projects)]
         return unread
+
+    def inventories_for(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> dict[str, Inventory]:
+        """Read-only, blocking (a worker thread): the inventories in use, plus what `policy` names beyond them read
+        from GitLab now, without widening any watch. How a candidate that is never served (a merge request's
+        head) is judged against GitLab as it is; raises `GitLabUnavailable` when GitLab cannot be read."""
+        out = self.inventories()
+        for name, inventory in list(out.items()):
+            source = self._sources.get(name)
+            issuer = next((i for i in policy.issuers if source and i.name == name and i.api == source.api), None)
+            if source is None or issuer is None or inventory.stale:
+                continue
+            scope = _scope(policy, issuer, pins.get(name, {}))
+            groups = [g for g in scope.groups if not any(g in (x.id, x.path) for x in inventory.groups)]
+            projects = [p for p in scope.projects if not any(p in (x.id, x.path) for x in inventory.projects)]
+            if groups or projects:
+                extra = source.source.fetch_inventory(groups=groups, projects=projects)
+                out[name] = replace(
+                    inventory,
+                    projects=tuple(sorted({p.id: p for p in (*inventory.projects, *extra.projects)}.values(), key=_id)),
+                    groups=tuple(sorted({g.id: g for g in (*inventory.groups, *extra.groups)}.values(), key=_id)),
+                )
+        return out
 
     def read_new_subjects(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> str | None:
         """`widen`, from the policy service's worker thread: run on the watchers' loop, waited for here (bounded).
@@ -417,7 +448,12 @@ class GitLabLink:
         if isinstance(event, PushEvent):
             if self._is_policy_push(event) and self.on_policy_push is not None:
                 await self.on_policy_push()
+            if self._is_policy_project(event.project_id, event.project_path) and self.on_merge_request is not None:
+                self.on_merge_request()  # maybe a merge request's new head
             await self._resync_project_anywhere(event.project_id)
+        elif isinstance(event, MergeRequestEvent):
+            if self._is_policy_project(event.project_id, event.project_path) and self.on_merge_request is not None:
+                self.on_merge_request()
         elif isinstance(event, ProjectEvent):
             if event.event_name in ("project_create", "project_transfer"):
                 await self._resync_all_anywhere()  # may enter or leave a watched group
@@ -440,11 +476,15 @@ class GitLabLink:
         else:
             await self.share.request_resync("all")
 
+    def _is_policy_project(self, project_id: int, project_path: str | None) -> bool:
+        target = self.policy_project
+        return target is not None and target.project in (project_id, project_path, str(project_id))
+
     def _is_policy_push(self, event: PushEvent) -> bool:
         target = self.policy_project
         if target is None or event.is_tag:
             return False
-        named = target.project in (event.project_id, event.project_path, str(event.project_id))
+        named = self._is_policy_project(event.project_id, event.project_path)
         branch = target.default_branch
         return named and (branch is None or event.ref == f"refs/heads/{branch}")
 
@@ -536,6 +576,15 @@ def _on_loop_thread() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def policy_scope(policy: Policy, issuer: Issuer) -> Scope:
+    """What `policy` names of `issuer`'s GitLab (and its configured groups): what a one-off read must cover."""
+    return _scope(policy, issuer, {})
+
+
+def _id(item: Project | Group) -> int:
+    return item.id
 
 
 def _scope(policy: Policy, issuer: Issuer, pins: Mapping[str, int]) -> Scope:

@@ -280,6 +280,11 @@ class PolicyService:
         return self._pins
 
     @property
+    def in_service(self) -> tuple[Policy, ResolvedPolicy] | None:
+        """The model (live inputs applied) and resolution last compiled with success: what `explain` reads."""
+        return self._last_good
+
+    @property
     def current(self) -> Policy | None:
         """The policy in service (the last good one), None before the first good load."""
         return self._policy

@@ -59,6 +59,7 @@ class MergeRequestEvent(_Event):
     target_project_id: int
     source_project_id: int
     action: str | None  # open, close, reopen, update, approved, merge...; absent on some triggers
+    project_path: str | None = None  # `project.path_with_namespace`: a policy project may be configured by path
 
     @property
     def kind(self) -> str:
@@ -191,6 +192,7 @@ def _merge_request(p: Mapping[str, Any], key: str | None) -> MergeRequestEvent:
         target_project_id=_id(p, "object_attributes.target_project_id"),
         source_project_id=_id(p, "object_attributes.source_project_id"),
         action=_optional_text(p, "object_attributes.action"),
+        project_path=_optional_text(p, "project.path_with_namespace"),
     )
 
 

@@ -213,6 +213,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX finished_jobs_project ON finished_jobs (project_id, finished_at);
         """,
     ),
+    Migration(
+        9,
+        "audit trail: the ref type, ref protection, pipeline source and environment claims of each request",
+        # What `controlplane suggest` pins subjects on from observation (audit.sqlite3's schema version 3);
+        # NULL: rows written before this migration. Adding nullable columns rewrites no row.
+        """
+        ALTER TABLE audit ADD COLUMN ref_type text, ADD COLUMN ref_protected text,
+            ADD COLUMN pipeline_source text, ADD COLUMN environment text;
+        """,
+    ),
 )
 
 _CREATE_LEDGER = """

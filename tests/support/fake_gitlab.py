@@ -9,14 +9,16 @@ The REST API answers with the JSON shapes, pagination headers (``X-Total``, ``X-
 ``X-Per-Page``, ``Link``) and errors python-gitlab expects, so the production GitLab source is tested exactly as it
 runs against a real GitLab: groups and their descendants, projects (by id, by url-encoded path, and by the old path
 of a renamed project, as GitLab's redirect routes do), branches, tags, protections, environments, the repository
-tree and raw files, commits, and commit statuses. Test controls are plain methods (``add_project``,
-``rename_project``, ``protect_branch``, ``commit``, ``fail_next``, ``set_down``, ``rate_limit_next``...), and every
-API request is logged by endpoint template (``api_calls("/projects/:id/repository/branches")``).
+tree and raw files, commits, commit statuses, and merge requests with their notes. Test controls are plain
+methods (``add_project``, ``rename_project``, ``protect_branch``, ``commit``, ``add_merge_request``, ``fail_next``,
+``set_down``, ``rate_limit_next``...), and every API request is logged by endpoint template
+(``api_calls("/projects/:id/repository/branches")``).
 """
 
 from __future__ import annotations
 
 import calendar
+import contextlib
 import email.utils
 import hashlib
 import itertools
@@ -25,7 +27,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode
@@ -42,6 +44,9 @@ _ids = itertools.count(1000)
 API = "/api/v4"
 MAX_PER_PAGE = 100  # GitLab's limit
 DEFAULT_PER_PAGE = 20  # GitLab's default when the client sends no per_page
+MR_STATES = frozenset({"opened", "closed", "merged", "locked"})
+MAX_NOTE_CHARS = 1_000_000  # GitLab's limit on a note's body
+BOT_USER = "controlplane-bot"  # the user the API token belongs to (commit statuses and notes are theirs)
 STATUS_STATES = frozenset({"pending", "running", "success", "failed", "canceled", "skipped"})
 # Every status GitLab's Jobs API reports (doc/api/jobs.md); the last four mean the job is over.
 JOB_STATUSES = frozenset(
@@ -113,6 +118,34 @@ class _Job:
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+
+
+@dataclass
+class _Note:
+    id: int
+    body: str
+    author: str  # username; the API token's user is BOT_USER
+    created_at: str
+    updated_at: str
+    system: bool = False
+
+
+@dataclass
+class _MergeRequest:
+    id: int
+    iid: int
+    project_id: int
+    title: str
+    source_branch: str
+    target_branch: str
+    state: str  # opened, closed, merged, locked
+    created_at: str
+    updated_at: str
+    notes: list[_Note] = field(default_factory=list)
+
+
+class _BadParameter(Exception):
+    """A missing or invalid parameter: GitLab answers 400 with ``{"error": ...}``."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +266,7 @@ class FakeGitLab(OidcIssuer):
         self._down = False
         self._refused_port: int | None = None
         self._hooks: list[HookTarget] = []
+        self._merge_requests: dict[int, dict[int, _MergeRequest]] = {}  # project id -> iid -> merge request
         super().__init__(
             issuer_path="", jwks_path="/oauth/discovery/keys", default_audience=default_audience, port=port
         )
@@ -282,6 +316,7 @@ class FakeGitLab(OidcIssuer):
             ("GET", "/projects/:id/repository/commits/:sha", self._get_commit),
             ("POST", "/projects/:id/statuses/:sha", self._post_status),
             ("GET", "/projects/:id/jobs/:job_id", self._get_job),
+            *self._merge_request_routes(),
         ]
 
     def _api_handler(self, endpoint: str, handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -1063,6 +1098,215 @@ class FakeGitLab(OidcIssuer):
         rels += [("first", 1), ("last", pages)]
         return ", ".join(f'<{url(target)}>; rel="{rel}"' for rel, target in rels)
 
+    # -- merge requests and their notes (GitLab's doc/api/merge_requests.md and doc/api/notes.md)
+
+    def add_merge_request(
+        self, project: int | str, source_branch: str, *, target_branch: str | None = None, title: str = "Change policy"
+    ) -> int:
+        """An open merge request from ``source_branch`` (which must exist) into ``target_branch`` (default: the
+        default branch); returns its iid. Its ``sha`` is the source branch's head, read at each answer."""
+        with self._api_lock:
+            p = self._project(project)
+            if source_branch not in p.branches:
+                raise ValueError(f"no branch {source_branch}")
+            requests = self._merge_requests.setdefault(p.id, {})
+            iid = max(requests, default=0) + 1
+            now = _now_iso()
+            target = target_branch or p.default_branch or "main"
+            requests[iid] = _MergeRequest(next(_ids), iid, p.id, title, source_branch, target, "opened", now, now)
+            payload = self._merge_request_hook(p, requests[iid], "open")
+        for hook in list(self._hooks):
+            deliver(hook, "Merge Request Hook", payload)
+        return iid
+
+    @contextlib.contextmanager
+    def hooks_lost(self) -> Iterator[None]:
+        """Webhook deliveries made meanwhile are lost (GitLab gave up on them): nothing reaches the hooks."""
+        hooks, self._hooks = self._hooks, []
+        try:
+            yield
+        finally:
+            self._hooks = hooks + self._hooks
+
+    def set_merge_request_state(self, project: int | str, iid: int, state: str) -> None:
+        if state not in MR_STATES:
+            raise ValueError(f"unknown merge request state {state!r}")
+        with self._api_lock:
+            mr = self._merge_request(self._project(project), iid)
+            mr.state, mr.updated_at = state, _now_iso()
+
+    def add_note(self, project: int | str, iid: int, body: str, *, author: str = "reviewer") -> int:
+        """A note written by someone else (by default not the token's user); returns its id."""
+        with self._api_lock:
+            mr = self._merge_request(self._project(project), iid)
+            now = _now_iso()
+            mr.notes.append(_Note(next(self._other_ids), body, author, now, now))
+            return mr.notes[-1].id
+
+    def notes(self, project: int | str, iid: int) -> list[dict[str, Any]]:
+        """The merge request's notes, oldest first, as the API answers them."""
+        with self._api_lock:
+            p = self._project(project)
+            mr = self._merge_request(p, iid)
+            return [self._note_json(p, mr, n) for n in mr.notes]
+
+    def _merge_request_hook(self, project: _Project, mr: _MergeRequest, action: str) -> dict[str, Any]:
+        """GitLab's merge request event (project webhooks and system hooks send the same): the fields a receiver
+        reads, and a few more."""
+        attributes = {k: v for k, v in self._mr_json(project, mr).items() if k not in ("author", "references")}
+        return {
+            "object_kind": "merge_request",
+            "event_type": "merge_request",
+            "user": _user_json("developer", 2, self.base_url),
+            "project": {
+                "id": project.id,
+                "path_with_namespace": project.path,
+                "default_branch": project.default_branch,
+            },
+            "object_attributes": {**attributes, "action": action, "last_commit": {"id": attributes["sha"]}},
+            "repository": {"name": project.path.rsplit("/", 1)[-1]},
+        }
+
+    def _merge_request_routes(self) -> list[tuple[str, str, Callable[[Request], Response]]]:
+        return [
+            ("GET", "/projects/:id/merge_requests", self._list_merge_requests),
+            ("GET", "/projects/:id/merge_requests/:iid", self._get_merge_request),
+            ("GET", "/projects/:id/merge_requests/:iid/notes", self._list_notes),
+            ("POST", "/projects/:id/merge_requests/:iid/notes", self._create_note),
+            ("GET", "/projects/:id/merge_requests/:iid/notes/:note_id", self._get_note),
+            ("PUT", "/projects/:id/merge_requests/:iid/notes/:note_id", self._update_note),
+        ]
+
+    def _merge_request(self, project: _Project, iid: int | str) -> _MergeRequest:
+        try:
+            return self._merge_requests.get(project.id, {})[int(iid)]
+        except (KeyError, ValueError):
+            raise ApiError(404, "404 Not found") from None
+
+    def _mr_json(self, project: _Project, mr: _MergeRequest) -> dict[str, Any]:
+        sha = project.branches.get(mr.source_branch)
+        base = project.branches.get(mr.target_branch)
+        return {
+            "id": mr.id,
+            "iid": mr.iid,
+            "project_id": project.id,
+            "title": mr.title,
+            "description": "",
+            "state": mr.state,
+            "created_at": mr.created_at,
+            "updated_at": mr.updated_at,
+            "merged_at": None,
+            "closed_at": None,
+            "target_branch": mr.target_branch,
+            "source_branch": mr.source_branch,
+            "source_project_id": project.id,
+            "target_project_id": project.id,
+            "draft": False,
+            "work_in_progress": False,
+            "sha": sha,
+            "merge_commit_sha": None,
+            "squash_commit_sha": None,
+            "user_notes_count": sum(1 for n in mr.notes if not n.system),
+            "author": _user_json("developer", 2, self.base_url),
+            "references": {"short": f"!{mr.iid}", "full": f"{project.path}!{mr.iid}"},
+            "web_url": f"{self.base_url}/{project.path}/-/merge_requests/{mr.iid}",
+            "diff_refs": {"base_sha": base, "head_sha": sha, "start_sha": base},
+        }
+
+    def _note_json(self, project: _Project, mr: _MergeRequest, note: _Note) -> dict[str, Any]:
+        return {
+            "id": note.id,
+            "type": None,
+            "body": note.body,
+            "attachment": None,
+            "author": _user_json(note.author, 1 if note.author == BOT_USER else 2, self.base_url),
+            "created_at": note.created_at,
+            "updated_at": note.updated_at,
+            "system": note.system,
+            "noteable_id": mr.id,
+            "noteable_type": "MergeRequest",
+            "project_id": project.id,
+            "noteable_iid": mr.iid,
+            "resolvable": False,
+            "confidential": False,
+            "internal": False,
+            "commands_changes": {},
+        }
+
+    def _list_merge_requests(self, request: Request) -> Response:
+        """Filters ``state`` (``all`` or one state), ``target_branch``, ``source_branch``; ``order_by``
+        ``created_at`` (default) or ``updated_at``; ``sort`` ``desc`` (default) or ``asc``."""
+        project = self._project(request.params["id"])
+        state = _param(request, "state") or "all"
+        if state != "all" and state not in MR_STATES:
+            return json_response({"error": "state does not have a valid value"}, status=400)
+        order = _param(request, "order_by") or "created_at"
+        if order not in ("created_at", "updated_at"):
+            return json_response({"error": "order_by does not have a valid value"}, status=400)
+        wanted = [
+            mr
+            for mr in self._merge_requests.get(project.id, {}).values()
+            if state in ("all", mr.state)
+            and _param(request, "target_branch") in (None, mr.target_branch)
+            and _param(request, "source_branch") in (None, mr.source_branch)
+        ]
+        wanted.sort(key=lambda mr: (getattr(mr, order), mr.id), reverse=(_param(request, "sort") or "desc") == "desc")
+        return self._page(request, [self._mr_json(project, mr) for mr in wanted])
+
+    def _get_merge_request(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        return json_response(self._mr_json(project, self._merge_request(project, request.params["iid"])))
+
+    def _list_notes(self, request: Request) -> Response:
+        """``sort`` ``desc`` (default) or ``asc``, ``order_by`` ``created_at`` (default) or ``updated_at``."""
+        project = self._project(request.params["id"])
+        mr = self._merge_request(project, request.params["iid"])
+        order = _param(request, "order_by") or "created_at"
+        notes = sorted(mr.notes, key=lambda n: (getattr(n, order), n.id), reverse=_param(request, "sort") != "asc")
+        return self._page(request, [self._note_json(project, mr, n) for n in notes])
+
+    def _find_note(self, request: Request) -> tuple[_Project, _MergeRequest, _Note]:
+        project = self._project(request.params["id"])
+        mr = self._merge_request(project, request.params["iid"])
+        note = next((n for n in mr.notes if str(n.id) == request.params["note_id"]), None)
+        if note is None:
+            raise ApiError(404, "404 Note Not Found")
+        return project, mr, note
+
+    def _get_note(self, request: Request) -> Response:
+        return json_response(self._note_json(*self._find_note(request)))
+
+    def _note_body(self, request: Request) -> str:
+        body = _form(request).get("body")
+        if not body:
+            raise _BadParameter("body is missing")
+        if len(str(body)) > MAX_NOTE_CHARS:
+            raise ApiError(400, f'Note {{:note=>["is too long (maximum is {MAX_NOTE_CHARS} characters)"]}}')
+        return str(body)
+
+    def _create_note(self, request: Request) -> Response:
+        project = self._project(request.params["id"])
+        mr = self._merge_request(project, request.params["iid"])
+        try:
+            body = self._note_body(request)
+        except _BadParameter as missing:
+            return json_response({"error": str(missing)}, status=400)
+        now = _now_iso()
+        mr.notes.append(_Note(next(self._other_ids), body, BOT_USER, now, now))
+        return json_response(self._note_json(project, mr, mr.notes[-1]), status=201)
+
+    def _update_note(self, request: Request) -> Response:
+        """Only the note's author may change its body (403 otherwise), as GitLab answers."""
+        project, mr, note = self._find_note(request)
+        if note.author != BOT_USER:
+            raise ApiError(403, "403 Forbidden")
+        try:
+            note.body = self._note_body(request)
+        except _BadParameter as missing:
+            return json_response({"error": str(missing)}, status=400)
+        note.updated_at = _now_iso()
+        return json_response(self._note_json(project, mr, note))
+
     # -- OIDC: discovery and CI ID tokens
 
     def discovery(self) -> dict[str, Any]:
@@ -1354,6 +1598,17 @@ def _status_json(
             "avatar_url": None,
             "web_url": f"{base_url}/controlplane-bot",
         },
+    }
+
+
+def _user_json(username: str, user_id: int, base_url: str) -> dict[str, Any]:
+    return {
+        "id": user_id,
+        "username": username,
+        "name": username.replace("-", " "),
+        "state": "active",
+        "avatar_url": None,
+        "web_url": f"{base_url}/{username}",
     }
 
 

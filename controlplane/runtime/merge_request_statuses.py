@@ -1,0 +1,152 @@
+"""The `controlplane` commit status on the heads of open merge requests into the watched policy branch.
+
+The default branch's head gets its status when serve reads it (sources/gitlab_policy.py). A reviewer needs the
+verdict before the merge, on the MR's head, so the leader also lists the open merge requests targeting that
+branch and judges each head (runtime/policy_check.py) against GitLab as it is now: read-only, in its own
+resolution and compile, never published, never served. `success` says the policy is valid (and not served until
+merged); `failed` names the first error and its file:line.
+
+Bounded: at most `max_requests` merge requests per round (the most recently updated, one API page), each head
+judged once (a bounded memory of the shas judged, oldest forgotten first), one round every `every` seconds. A
+GitLab error ends the round: the next waits longer (exponential backoff up to `BACKOFF.cap_seconds`), and is
+counted. Only the leader posts, as for the default branch. Merge requests from forks are left out: their
+commits live in the fork, where this token may not read or post.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Counter
+
+from controlplane.model.errors import PolicyInvalid
+from controlplane.model.policy import Policy
+from controlplane.retry import Backoff
+from controlplane.runtime.policy_check import LiveInputs, check_policy_files, first_error_line
+from controlplane.sources.gitlab_client import GitLabRefused, GitLabUnavailable
+from controlplane.sources.gitlab_repo import PolicyRepo, PolicyRepoError, StatusState
+from controlplane.telemetry.metrics import REGISTRY
+
+log = logging.getLogger("controlplane.policy")
+
+MR_STATUSES = Counter(
+    "controlplane_merge_request_statuses_total",
+    "Commit statuses posted on merge-request heads (`success`, `failed`), and rounds ended by a GitLab error "
+    "(`error`).",
+    ["result"],
+    registry=REGISTRY,
+)
+DEFAULT_MAX_REQUESTS = 20
+BACKOFF = Backoff(base_seconds=5.0, cap_seconds=600.0)
+
+
+class MergeRequestStatuses:
+    """Judges the heads of open merge requests into the policy project's default branch, and posts the verdict."""
+
+    def __init__(
+        self,
+        repo: PolicyRepo,
+        *,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        is_leader: Callable[[], bool] = lambda: True,
+        backoff: Backoff = BACKOFF,
+        live: Callable[[Policy], LiveInputs] | None = None,
+    ) -> None:
+        """`repo`: its own `PolicyRepo` (sharing the client, its rate bound and retries), so the trees read here
+        never replace the blobs the served policy's reader keeps. `live`: GitLab's state now for a head's `api:`
+        issuers (called in the worker thread; serve reads what a head names beyond its watches, read-only); without
+        it a head is judged as `validate --offline` judges it."""
+        self.live = live
+        self.repo = repo
+        self.max_requests = max_requests
+        self.is_leader = is_leader
+        self.backoff = backoff
+        self._judged: OrderedDict[str, None] = OrderedDict()  # shas whose status is posted, oldest first
+        self._remember = 4 * max_requests
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Run a round now (a merge-request webhook, a test) instead of at the end of the wait."""
+        self._wake.set()
+
+    def check_once(self) -> int:
+        """One round (blocking: run it in a thread). Returns the statuses posted; raises `GitLabUnavailable`."""
+        branch, _ = self.repo.head()
+        project = self.repo.source.gl.projects.get(self.repo.project, lazy=True)
+        with self.repo.source.errors_as_unavailable():
+            requests = project.mergerequests.list(
+                state="opened",
+                target_branch=branch,
+                order_by="updated_at",
+                sort="desc",
+                per_page=self.max_requests,
+                page=1,
+            )
+        posted = 0
+        for request in requests[: self.max_requests]:
+            sha = request.attributes.get("sha")
+            if not sha or sha in self._judged or _from_fork(request):
+                continue
+            try:
+                self._post(request, str(sha))
+            except GitLabRefused as error:  # this one MR (a vanished commit...): the others still get theirs
+                MR_STATUSES.labels("error").inc()
+                log.warning("merge-request statuses: !%s: %s", request.attributes.get("iid"), error)
+                continue
+            self._judged[str(sha)] = None
+            while len(self._judged) > self._remember:
+                self._judged.popitem(last=False)
+            posted += 1
+        return posted
+
+    def _post(self, request: Any, sha: str) -> None:
+        iid = request.attributes.get("iid")
+        state: StatusState
+        try:
+            texts = self.repo.read_tree(sha)
+            check_policy_files(texts, self.live)
+        except PolicyInvalid as invalid:
+            state, description = "failed", first_error_line(invalid.errors, invalid.total)
+        except GitLabUnavailable:
+            raise
+        except Exception as error:  # a bug judging it: failed, one line, as validate reports it
+            state, description = "failed", f"internal error: {type(error).__name__}: {error}"
+        else:
+            state, description = "success", f"policy valid (merge request !{iid}; served once merged)"
+        self.repo.post_status(sha, state, description)
+        MR_STATUSES.labels(state).inc()
+        log.info("posted %s status on %s@%s (merge request !%s)", state, self.repo.project, sha[:12], iid)
+
+    async def run(self, every: float, stopping: asyncio.Event) -> None:
+        """Rounds until `stopping`; never raises (a GitLab outage waits and retries, counted)."""
+        failures = 0
+        while not stopping.is_set():
+            wait = every
+            self._wake.clear()  # a wake from now on (during the round too) starts the next round at once
+            if self.is_leader():
+                try:
+                    await asyncio.to_thread(self.check_once)
+                    failures = 0
+                except (GitLabUnavailable, PolicyRepoError) as error:
+                    MR_STATUSES.labels("error").inc()
+                    wait = max(every, self.backoff.delay(failures))
+                    failures += 1
+                    log.warning("merge-request statuses: %s; next round in %.0f s", error, wait)
+            await self._sleep(wait, stopping)
+
+    async def _sleep(self, seconds: float, stopping: asyncio.Event) -> None:
+        woken = asyncio.ensure_future(self._wake.wait())
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({woken, stop}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (woken, stop):
+            waiter.cancel()
+
+
+def _from_fork(request: Any) -> bool:
+    """A fork's commits are not in the policy project: neither its tree nor a status on it can be reached here."""
+    attributes = request.attributes
+    return bool(attributes.get("source_project_id") != attributes.get("target_project_id"))
