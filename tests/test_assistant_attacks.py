@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -689,3 +690,36 @@ def test_the_projects_own_ci_file_setting_is_what_is_read(fake: FakeGitLab) -> N
     assert read[3001].files == ("ci/pipeline.yml",) and read[3001].jobs[0].environment is None
     assert set(_conditions(read[3001])) == {"project", "ref_protected"}  # environment: [production] before
     assert read[3002].jobs == () and not read[3002].complete and read[3002].files == ()
+
+
+def test_the_streamed_trail_reads_an_older_serves_file(tmp_path: Path) -> None:
+    """A file written by a serve before the trail kept the claims: the claim columns are absent, read as None
+    (not "no such column"), and the rows agree with `query_records`."""
+    from controlplane.audit.store import open_readonly, query_records
+    from controlplane.cli.suggest import _streamed
+
+    db = tmp_path / DB_NAME
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, gateway TEXT, node TEXT,"
+        " backend TEXT, method TEXT, path TEXT, status INTEGER, decision TEXT, details TEXT, policy TEXT,"
+        " project_id TEXT, project_path TEXT, pipeline_id TEXT, job_id TEXT, ref TEXT, user TEXT,"
+        " credential_jti TEXT, issuer TEXT, peer TEXT, identity TEXT, reported_time REAL)"
+    )
+    for n in range(3):
+        conn.execute(
+            "INSERT INTO audit (time, gateway, node, backend, method, path, status, decision, project_id, job_id,"
+            " ref, issuer) VALUES (?, 'g', 'n', 'feature-flags', 'GET', ?, 200, 'allowed', '3001', ?, 'main', ?)",
+            (NOW - n, f"/flags/{n}", str(n), GITLAB),
+        )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    reader = open_readonly(db)
+    try:
+        streamed = _streamed(reader, NOW - 10, 2)
+        rows = query_records(reader, since=NOW - 10, limit=2)
+    finally:
+        reader.close()
+    assert [o.path for o in streamed] == [r["path"] for r in rows] == ["/flags/1", "/flags/0"]
+    assert all(o.ref_protected is None and o.environment is None for o in streamed)
