@@ -22,7 +22,7 @@ job may run) and listed in the job's `unknown`, never guessed:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -34,6 +34,10 @@ MAX_FILES = 50
 MAX_FILE_BYTES = 1024 * 1024
 MAX_EXTENDS_DEPTH = 10
 MAX_CASES = 64  # disjunctive-normal-form terms of one job; past it the job is "anywhere"
+MAX_TOTAL_BYTES = 4 * 1024 * 1024  # all files of one configuration together
+MAX_MERGE_STEPS = 1_000_000  # keys visited merging includes and `extends` (aliases make small files huge trees)
+MAX_UNKNOWN = 20  # what a job lists as not understood, then "and N more"
+MAX_SHOWN = 200  # characters of a condition or a path quoted in a note
 CI_FILE = ".gitlab-ci.yml"
 
 KEYWORDS = frozenset(
@@ -79,6 +83,8 @@ class CiJob:
     tier: str | None = None
     cases: tuple[RuleCase, ...] = (ANYWHERE,)
     unknown: tuple[str, ...] = ()  # what was not understood (taken as no constraint)
+    # its audiences could not all be read (a variable, a `!reference`, a template not found): it may ask for any
+    audience_unknown: bool = False
 
     @property
     def audiences(self) -> frozenset[str]:
@@ -114,9 +120,17 @@ class CiConfig:
     files: tuple[str, ...]  # read, in order
     jobs: tuple[CiJob, ...]  # sorted by name
     notes: tuple[str, ...] = ()  # includes not read, bounds reached, YAML errors
+    default_branch: str | None = None  # where it was read: the configuration jobs of other refs ran may differ
+
+    @property
+    def complete(self) -> bool:
+        """Every file was read and merged: no job can be missing. Without it, nothing may be pinned from CI (a
+        job not read may run elsewhere, with another environment)."""
+        return not self.notes
 
     def jobs_for(self, audience: str) -> tuple[CiJob, ...]:
-        return tuple(job for job in self.jobs if audience in job.audiences)
+        """The jobs that may ask for `audience`: those naming it, and those whose audiences are not known."""
+        return tuple(job for job in self.jobs if audience in job.audiences or job.audience_unknown)
 
 
 # --- YAML: GitLab's own tags are opaque values, never an error
@@ -150,6 +164,24 @@ class _Reading:
     max_file_bytes: int
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    budget: _Budget = field(default_factory=lambda: _Budget(MAX_MERGE_STEPS))
+
+
+class _TooLarge(Exception):
+    """The merge budget ran out: YAML aliases can make a kilobyte a tree of billions of nodes."""
+
+
+@dataclass
+class _Budget:
+    """Merge steps left for one configuration; spent by `deep_merge` and `extends`, shared by every job."""
+
+    left: int
+
+    def spend(self, steps: int = 1) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise _TooLarge()
 
 
 def load_ci_config(
@@ -158,15 +190,25 @@ def load_ci_config(
     *,
     default_branch: str | None,
     max_file_bytes: int = MAX_FILE_BYTES,
+    ci_file: str | None = None,
 ) -> CiConfig:
     """The project's CI configuration as jobs; `read(path)` gives a repository file's text or None. A text longer
     than `max_file_bytes` (a reader cuts one past its bound) is reported and not parsed: a cut file is not one."""
     reading = _Reading(read, max_file_bytes)
-    merged = _load_file(CI_FILE, reading, depth=0, seen=())
+    root = _repository_path(ci_file) if ci_file else CI_FILE
+    if root is None or (ci_file is not None and ("@" in ci_file or ci_file.startswith(("http://", "https://")))):
+        # the project's CI file lives in another project or at a URL: its jobs are not known here
+        note = f"the project's CI configuration is {shown(str(ci_file))} (another project, a URL): not read"
+        return CiConfig(project, (), (), (note,), default_branch)
+    try:
+        merged = _load_file(root, reading, depth=0, seen=())
+    except _TooLarge:
+        reading.notes.append(f"includes: more than {MAX_MERGE_STEPS} steps to merge (YAML aliases?): not read")
+        merged = None
     if merged is None:
-        return CiConfig(project, tuple(reading.files), (), tuple(reading.notes))
-    jobs, notes = jobs_of(merged, default_branch=default_branch)
-    return CiConfig(project, tuple(reading.files), jobs, tuple(reading.notes) + notes)
+        return CiConfig(project, tuple(reading.files), (), tuple(reading.notes), default_branch)
+    jobs, notes = jobs_of(merged, default_branch=default_branch, budget=reading.budget)
+    return CiConfig(project, tuple(reading.files), jobs, tuple(reading.notes) + notes, default_branch)
 
 
 def _load_file(path: str, reading: _Reading, *, depth: int, seen: tuple[str, ...]) -> dict[str, Any] | None:
@@ -181,8 +223,13 @@ def _load_file(path: str, reading: _Reading, *, depth: int, seen: tuple[str, ...
         reading.notes.append(f"{path}: not found at the default branch")
         return None
     reading.files.append(path)
-    if len(text.encode()) > reading.max_file_bytes:
+    size = len(text.encode())
+    reading.total_bytes += size
+    if size > reading.max_file_bytes:
         reading.notes.append(f"{path}: larger than {reading.max_file_bytes} bytes: not parsed")
+        return None
+    if reading.total_bytes > MAX_TOTAL_BYTES:
+        reading.notes.append(f"{path}: not parsed: the files read exceed {MAX_TOTAL_BYTES} bytes together")
         return None
     try:
         data = parse_yaml(text)
@@ -190,6 +237,9 @@ def _load_file(path: str, reading: _Reading, *, depth: int, seen: tuple[str, ...
         where = getattr(error, "problem_mark", None)
         line = f":{where.line + 1}" if where is not None else ""
         reading.notes.append(f"{path}{line}: not valid YAML: {getattr(error, 'problem', None) or 'parse error'}")
+        return None
+    except RecursionError:  # PyYAML composes recursively: `[[[[...` thousands deep
+        reading.notes.append(f"{path}: nested too deep: not parsed")
         return None
     if data is None:
         return {}
@@ -203,73 +253,155 @@ def _load_file(path: str, reading: _Reading, *, depth: int, seen: tuple[str, ...
             continue
         included = _load_file(target, reading, depth=depth + 1, seen=(*seen, path))
         if included is not None:
-            merged = deep_merge(merged, included)
+            merged = deep_merge(merged, included, reading.budget)
     own = {k: v for k, v in data.items() if k != "include"}
-    return deep_merge(merged, own)
+    return deep_merge(merged, own, reading.budget)
 
 
 def _local_includes(value: Any, path: str, reading: _Reading) -> list[str]:
     items = value if isinstance(value, list) else ([] if value is None else [value])
     found: list[str] = []
     for item in items:
-        if isinstance(item, str) and not item.startswith(("http://", "https://")):
-            found.append(item.lstrip("/"))
-        elif isinstance(item, dict) and isinstance(item.get("local"), str):
-            found.append(str(item["local"]).lstrip("/"))
+        if isinstance(item, _Opaque):
+            reading.notes.append(f"{path}: include {item}: not read (a tag)")
+        elif isinstance(item, str) and not item.startswith(("http://", "https://")):
+            found.append(item)
+        elif isinstance(item, dict) and isinstance(item.get("local"), str) and not isinstance(item["local"], _Opaque):
+            found.append(str(item["local"]))
         else:
             kind = next(iter(item), "?") if isinstance(item, dict) else "remote"
-            reading.notes.append(f"{path}: include {kind}: not read (only local includes are)")
+            reading.notes.append(f"{path}: include {shown(str(kind))}: not read (only local includes are)")
+    targets = []
     for target in found:
-        if "*" in target or "$" in target:
-            reading.notes.append(f"{path}: include {target}: wildcards and variables are not expanded")
-    return [t for t in found if "*" not in t and "$" not in t]
+        normal = _repository_path(target)
+        if normal is None:
+            reading.notes.append(f"{path}: include {shown(target)}: wildcards, variables, `..` and queries not read")
+        else:
+            targets.append(normal)
+    return targets
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """GitLab's merge of includes and `extends`: mappings merge key by key, anything else is replaced."""
+def _repository_path(target: str) -> str | None:
+    """A local include as one spelling of a path in the repository (`./a.yml`, `/a.yml` and `a.yml` are one
+    file, so a cycle through spellings is seen), or None for what is not a plain path: a wildcard, a variable, a
+    `..` (it would leave the repository), a query, a control character."""
+    if any(c in target for c in "*$?#\\") or not target.isprintable():
+        return None
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def shown(text: str) -> str:
+    """`text` for a note: cut to `MAX_SHOWN` characters (a condition can be a megabyte)."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any], budget: _Budget | None = None) -> dict[str, Any]:
+    """GitLab's merge of includes and `extends`: mappings merge key by key, anything else is replaced. Each key
+    visited spends a step of `budget` (`_TooLarge` when it runs out)."""
     out = dict(base)
     for key, value in over.items():
+        if budget is not None:
+            budget.spend()
         old = out.get(key)
-        out[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        out[key] = deep_merge(old, value, budget) if isinstance(old, dict) and isinstance(value, dict) else value
     return out
 
 
 # --- jobs
 
 
-def jobs_of(config: Mapping[str, Any], *, default_branch: str | None) -> tuple[tuple[CiJob, ...], tuple[str, ...]]:
+def jobs_of(
+    config: Mapping[str, Any], *, default_branch: str | None, budget: _Budget | None = None
+) -> tuple[tuple[CiJob, ...], tuple[str, ...]]:
     """Every job of a merged configuration, sorted by name; and notes about the configuration as a whole."""
     notes: list[str] = []
+    budget = budget or _Budget(MAX_MERGE_STEPS)
+    templates: dict[str, dict[str, Any] | None] = {}  # `extends` resolved once per template, whatever the fan-out
     default = config.get("default")
     default_tokens = default.get("id_tokens") if isinstance(default, dict) else None
     workflow = config.get("workflow")
     workflow_cases: tuple[RuleCase, ...] = (ANYWHERE,)
     workflow_unknown: list[str] = []
+    overridden = _overridden(config.get("variables"))
     if isinstance(workflow, dict) and "rules" in workflow:
-        workflow_cases = _rule_cases(workflow["rules"], default_branch, workflow_unknown)
+        workflow_cases = _rule_cases(workflow["rules"], default_branch, workflow_unknown, overridden)
+    workflow_unknown = _capped(workflow_unknown)
     jobs = []
     for name in sorted(k for k in config if isinstance(k, str)):
         body = config[name]
         if name in KEYWORDS or name.startswith(".") or not isinstance(body, dict):
             continue
         unknown = [f"workflow: {u}" for u in workflow_unknown]
-        resolved = _extended(name, body, config, unknown)
-        jobs.append(_job(name, resolved, default_tokens, default_branch, workflow_cases, unknown))
+        try:
+            resolved = _extended(body, config, unknown, budget, templates)
+        except _TooLarge:
+            unknown.append(f"extends: more than {MAX_MERGE_STEPS} steps to merge (YAML aliases?): not read")
+            jobs.append(CiJob(name, (), unknown=tuple(_capped(unknown)), audience_unknown=True))
+            continue
+        if "trigger" in resolved:  # a child pipeline's jobs run in this project, from a file not read here
+            notes.append(f"job {shown(name)}: triggers a pipeline whose configuration is not read")
+        overrides = overridden | _overridden(resolved.get("variables"))
+        jobs.append(_job(name, resolved, default_tokens, default_branch, workflow_cases, unknown, overrides))
     return tuple(jobs), tuple(notes)
 
 
-def _extended(name: str, body: dict[str, Any], config: Mapping[str, Any], unknown: list[str]) -> dict[str, Any]:
+INTERPRETED = frozenset(
+    {"CI_COMMIT_BRANCH", "CI_COMMIT_TAG", "CI_COMMIT_REF_NAME", "CI_COMMIT_REF_PROTECTED", "CI_PIPELINE_SOURCE"}
+    | {"CI_DEFAULT_BRANCH"}
+)
+
+
+def _overridden(variables: Any) -> frozenset[str]:
+    """The predefined variables the rules are read by that the file itself sets (`variables:` outranks GitLab's
+    predefined ones): `$CI_COMMIT_BRANCH == "main"` then holds on every branch, so it constrains nothing."""
+    return INTERPRETED & frozenset(variables) if isinstance(variables, dict) else frozenset()
+
+
+def _capped(unknown: list[str]) -> list[str]:
+    if len(unknown) <= MAX_UNKNOWN:
+        return unknown
+    return [*unknown[:MAX_UNKNOWN], f"and {len(unknown) - MAX_UNKNOWN} more"]
+
+
+_MISSING = "extends: a template not found or nested too deep"
+
+
+def _extended(
+    body: dict[str, Any],
+    config: Mapping[str, Any],
+    unknown: list[str],
+    budget: _Budget,
+    templates: dict[str, dict[str, Any] | None],
+) -> dict[str, Any]:
+    """The job with its `extends` merged in. A template is resolved once (memo `templates`, None while being
+    resolved: a cycle), so `extends: [.a, .a, ...]` fanned out ten deep costs ten merges, not ten billion."""
+
+    def template(parent: Any, depth: int) -> dict[str, Any] | None:
+        found = config.get(parent) if isinstance(parent, str) else None
+        cycle = parent in templates and templates[parent] is None
+        if not isinstance(found, dict) or depth >= MAX_EXTENDS_DEPTH or cycle:
+            return None
+        if parent not in templates:
+            templates[parent] = None
+            templates[parent] = walk(found, depth + 1)
+        return templates[parent]
+
     def walk(current: dict[str, Any], depth: int) -> dict[str, Any]:
         parents = current.get("extends")
         names = [parents] if isinstance(parents, str) else parents if isinstance(parents, list) else []
         merged: dict[str, Any] = {}
         for parent in names:
-            template = config.get(parent) if isinstance(parent, str) else None
-            if not isinstance(template, dict) or depth >= MAX_EXTENDS_DEPTH:
-                unknown.append(f"extends {parent}: not found or nested too deep")
+            budget.spend()
+            resolved = template(parent, depth)
+            if resolved is None:
+                unknown.append(f"extends {shown(str(parent))}: not found, in a cycle or nested too deep")
+                merged = {**merged, _MISSING: True}
                 continue
-            merged = deep_merge(merged, walk(template, depth + 1))
-        return deep_merge(merged, {k: v for k, v in current.items() if k != "extends"})
+            merged = deep_merge(merged, resolved, budget)
+        return deep_merge(merged, {k: v for k, v in current.items() if k != "extends"}, budget)
 
     return walk(body, 0)
 
@@ -281,6 +413,7 @@ def _job(
     default_branch: str | None,
     workflow: tuple[RuleCase, ...],
     unknown: list[str],
+    overridden: frozenset[str] = frozenset(),
 ) -> CiJob:
     tokens = body.get("id_tokens", default_tokens)
     inherit = body.get("inherit")
@@ -288,35 +421,47 @@ def _job(
         tokens = None
     environment, tier = _environment(body.get("environment"), unknown)
     if "rules" in body:
-        cases = _rule_cases(body["rules"], default_branch, unknown)
+        cases = _rule_cases(body["rules"], default_branch, unknown, overridden)
     elif "only" in body:
         cases = _only_cases(body["only"], unknown)
     else:
         cases = (ANYWHERE,)
     if "except" in body:
         unknown.append("except: not applied")
+    id_tokens, audience_unknown = _id_tokens(tokens, unknown)
+    if _MISSING in body:
+        audience_unknown = True  # the template not read may hold its id_tokens
     return CiJob(
         name=name,
-        id_tokens=_id_tokens(tokens, unknown),
+        id_tokens=id_tokens,
         environment=environment,
         tier=tier,
-        cases=_intersect_all(workflow, cases),
-        unknown=tuple(unknown),
+        cases=_intersect_all(workflow, cases, unknown),
+        unknown=tuple(_capped(unknown)),
+        audience_unknown=audience_unknown,
     )
 
 
-def _id_tokens(value: Any, unknown: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _id_tokens(value: Any, unknown: list[str]) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], bool]:
+    """The tokens and their literal audiences; and whether some audience could not be read (a variable, a tag),
+    so the job may ask for any audience."""
+    if value is None:
+        return (), False
     if not isinstance(value, dict):
-        return ()
+        unknown.append("id_tokens: not a mapping (a !reference?): may ask for any audience")
+        return (), True
     out = []
+    unreadable = False
     for var, spec in value.items():
         aud = spec.get("aud") if isinstance(spec, dict) else None
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        kept = tuple(sorted({str(a) for a in auds if isinstance(a, str)}))
-        if any("$" in a for a in kept):
-            unknown.append(f"id_tokens {var}: audience holds a variable")
-        out.append((str(var), kept))
-    return tuple(sorted(out))
+        opaque = not auds or any(not isinstance(a, str) or isinstance(a, _Opaque) for a in auds)
+        kept = tuple(sorted({str(a) for a in auds if isinstance(a, str) and not isinstance(a, _Opaque)}))
+        if any("$" in a for a in kept) or opaque:
+            unknown.append(f"id_tokens {shown(str(var))}: audience holds a variable or a tag: may ask for any")
+            unreadable = True
+        out.append((str(var), tuple(a for a in kept if "$" not in a)))
+    return tuple(sorted(out)), unreadable
 
 
 def _environment(value: Any, unknown: list[str]) -> tuple[str | None, str | None]:
@@ -324,8 +469,8 @@ def _environment(value: Any, unknown: list[str]) -> tuple[str | None, str | None
     tier: Any = None
     if isinstance(value, dict):
         name, tier = value.get("name"), value.get("deployment_tier")
-    if name is not None and not isinstance(name, str):
-        unknown.append("environment: not a name")
+    if name is not None and (not isinstance(name, str) or isinstance(name, _Opaque)):
+        unknown.append("environment: not a name (a !reference?)")
         return None, None
     if isinstance(name, str) and "$" in name:
         unknown.append(f"environment {name}: dynamic (holds a variable)")
@@ -335,7 +480,9 @@ def _environment(value: Any, unknown: list[str]) -> tuple[str | None, str | None
 # --- rules
 
 
-def _rule_cases(rules: Any, default_branch: str | None, unknown: list[str]) -> tuple[RuleCase, ...]:
+def _rule_cases(
+    rules: Any, default_branch: str | None, unknown: list[str], overridden: frozenset[str] = frozenset()
+) -> tuple[RuleCase, ...]:
     if not isinstance(rules, list):
         unknown.append("rules: not a list (a !reference?)")
         return (ANYWHERE,)
@@ -347,13 +494,13 @@ def _rule_cases(rules: Any, default_branch: str | None, unknown: list[str]) -> t
             continue
         if rule.get("when") == "never":
             if "if" in rule:
-                unknown.append(f"when: never rule skipped: {rule['if']}")
+                unknown.append(f"when: never rule skipped: {shown(str(rule['if']))}")
             continue
         condition = rule.get("if")
         if condition is None:
             cases.append(replace(ANYWHERE, text="a rule without if"))
             continue
-        cases.extend(condition_cases(str(condition), default_branch, unknown))
+        cases.extend(condition_cases(str(condition), default_branch, unknown, overridden=overridden))
     return tuple(cases[:MAX_CASES]) if len(cases) <= MAX_CASES else (ANYWHERE,)
 
 
@@ -367,7 +514,7 @@ def _only_cases(only: Any, unknown: list[str]) -> tuple[RuleCase, ...]:
     cases = []
     for item in items:
         text = f"only: {item}"
-        if not isinstance(item, str) or item.startswith("/"):
+        if not isinstance(item, str) or isinstance(item, _Opaque) or item.startswith("/"):
             unknown.append(f"only: {item}: not understood")
             cases.append(replace(ANYWHERE, text=text))
         elif item == "branches":
@@ -482,36 +629,46 @@ def _operand(kind: str, token: str) -> str:
     return kind + ":" + token
 
 
-def condition_cases(condition: str, default_branch: str | None, unknown: list[str]) -> list[RuleCase]:
+def condition_cases(
+    condition: str, default_branch: str | None, unknown: list[str], *, overridden: frozenset[str] = frozenset()
+) -> list[RuleCase]:
     """One `if:` as the cases it allows (an OR of ANDs); what is not understood is no constraint."""
     try:
         dnf = _Parser(_tokens(condition)).parse()
-    except _Unparsable:
-        unknown.append(f"if: {condition}: not parsed")
-        return [replace(ANYWHERE, text=f"if: {condition}")]
+    except (_Unparsable, RecursionError):  # RecursionError: parentheses thousands deep
+        unknown.append(f"if: {shown(condition)}: not parsed")
+        return [replace(ANYWHERE, text=f"if: {shown(condition)}")]
     cases = []
     for term in dnf:
-        case: RuleCase | None = replace(ANYWHERE, text=f"if: {condition}")
+        case: RuleCase | None = replace(ANYWHERE, text=f"if: {shown(condition)}")
         for atom in term:
             if case is None:
                 break
-            case = _apply(case, atom, default_branch, condition, unknown)
+            case = _apply(case, atom, default_branch, condition, unknown, overridden)
         if case is not None:
             cases.append(case)
     return cases
 
 
 def _apply(
-    case: RuleCase, atom: Atom, default_branch: str | None, condition: str, unknown: list[str]
+    case: RuleCase,
+    atom: Atom,
+    default_branch: str | None,
+    condition: str,
+    unknown: list[str],
+    overridden: frozenset[str] = frozenset(),
 ) -> RuleCase | None:
     """The case narrowed by one atom; None when the atom contradicts it (this term never runs)."""
     var, op, operand = atom
     value: str | None = None
     if operand is not None and operand.startswith("="):
         value = operand[1:]
-    elif operand == "$CI_DEFAULT_BRANCH" and default_branch is not None:
+    elif operand == "$CI_DEFAULT_BRANCH" and default_branch is not None and "CI_DEFAULT_BRANCH" not in overridden:
         value = default_branch
     narrowed: RuleCase | None
+    if var in overridden:
+        unknown.append(f"if: {shown(condition)}: ${var} is set by the file's variables: taken as no constraint")
+        return case
     if op == "set" and var == "CI_COMMIT_TAG":
         narrowed = _narrow(case, ref_type="tag")
     elif op == "set" and var == "CI_COMMIT_BRANCH":
@@ -524,8 +681,8 @@ def _apply(
     elif op == "==" and value is not None and var == "CI_PIPELINE_SOURCE":
         narrowed = _narrow(case, sources=frozenset({value}))
     else:
-        shown = f"${var} {op} {operand[1:] if operand and operand[0] in '=$' else operand or ''}".strip()
-        unknown.append(f"if: {condition}: `{shown}` taken as no constraint")
+        atom_text = f"${var} {op} {operand[1:] if operand and operand[0] in '=$' else operand or ''}".strip()
+        unknown.append(f"if: {shown(condition)}: `{shown(atom_text)}` taken as no constraint")
         return case
     return narrowed
 
@@ -569,7 +726,12 @@ def _meet(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] 
     return a & b
 
 
-def _intersect_all(workflow: Iterable[RuleCase], cases: Iterable[RuleCase]) -> tuple[RuleCase, ...]:
+def _intersect_all(workflow: Sequence[RuleCase], cases: Sequence[RuleCase], unknown: list[str]) -> tuple[RuleCase, ...]:
+    """Workflow cases AND job cases; past `MAX_CASES` terms the job is "anywhere" (64 x 64 cases for each of
+    20,000 jobs would be gigabytes)."""
+    if len(workflow) * len(cases) > MAX_CASES:
+        unknown.append(f"workflow and job rules: more than {MAX_CASES} cases together: taken as no constraint")
+        return (replace(ANYWHERE, text="too many cases"),)
     out = []
     for w in workflow:
         for c in cases:

@@ -40,6 +40,7 @@ GLOB_MIN = 3  # distinct values at one segment before it is generalised to `*`
 SUGGESTED_FILE = "suggested.yaml"
 DAY = 86_400.0
 _NAME_BAD = re.compile(r"[^a-z0-9-]+")
+HTTP_METHODS_TEXT = ", ".join(HTTP_METHODS)
 
 
 @dataclass(frozen=True)
@@ -220,16 +221,15 @@ def suggest(given: Inputs) -> Report:
     gitlab = {i.url: i.name for i in given.policy.issuers if i.kind is IssuerKind.GITLAB}
     groups: dict[tuple[str, str, str], list[Observation]] = defaultdict(list)
     unusable: set[tuple[str, str]] = set()
+    unnamed: set[tuple[str, str]] = set()
     ignored = 0
     for o in given.observations:
         project = o.project_id or ""
-        if (
-            o.decision != "allowed"
-            or not project.isdigit()
-            or not o.backend
-            or o.issuer not in gitlab
-            or o.method not in HTTP_METHODS  # what a Role can name
-        ):
+        if o.decision != "allowed" or not canonical_id(project) or not o.backend or o.issuer not in gitlab:
+            ignored += 1
+            continue
+        if o.method not in HTTP_METHODS:  # what a Role can name
+            unnamed.add((o.backend, o.method))
             ignored += 1
             continue
         if not _usable(o.path):
@@ -247,10 +247,8 @@ def suggest(given: Inputs) -> Report:
             ignored += len(observed)
             continue
         ci = given.ci.get(project_id)
-        jobs = ci.jobs_for(backends[backend].audience) if ci is not None else ()
-        name = _name(f"p{project_id}-{backend}")
-        while name in taken:
-            name = _name(name[:60] + "-s")
+        jobs = ci.jobs_for(backends[backend].audience) if ci is not None and _describes(ci, observed) else ()
+        name = _free_name(_name(f"p{project_id}-{backend}"), taken)
         taken.add(name)
         mismatches.extend(Flag("observed", name, message) for message in disagreements(observed, jobs))
         suggestions.append(
@@ -266,13 +264,30 @@ def suggest(given: Inputs) -> Report:
                 jobs=tuple(sorted(j.name for j in jobs)),
             )
         )
-    flags = _flags(given, gitlab, backends) + tuple(
-        Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
-        for backend, path in sorted(unusable)
+    flags = (
+        _flags(given, gitlab, backends)
+        + tuple(
+            Flag("path", backend, f"{json.dumps(path)} was used but no Role can name it exactly (glob, query or space)")
+            for backend, path in sorted(unusable)
+        )
+        + tuple(
+            Flag(
+                "method", backend, f"{json.dumps(method)} was used but no Role can name it (not in {HTTP_METHODS_TEXT})"
+            )
+            for backend, method in sorted(unnamed)
+        )
     )
     flags += tuple(mismatches)
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
+
+
+def _describes(ci: CiConfig, observed: Sequence[Observation]) -> bool:
+    """Whether the CI configuration read is the one every observed request's job ran: complete (no include
+    unread, no bound reached), and every request made on the branch it was read from. A job of another ref ran
+    that ref's `.gitlab-ci.yml`, which may drop the environment or the rules the default branch's has: pinning
+    from the default branch's would shut it out."""
+    return ci.complete and ci.default_branch is not None and all(o.ref == ci.default_branch for o in observed)
 
 
 def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -290,7 +305,25 @@ def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _group_key(key: tuple[str, str, str]) -> tuple[str, int, str, str]:
     issuer, project, backend = key
-    return (issuer, int(project) if project.isdigit() else -1, project, backend)
+    return (issuer, int(project) if canonical_id(project) else -1, project, backend)
+
+
+def canonical_id(text: str) -> bool:
+    """An id as a token writes it: ASCII digits, no leading zero. `"٤٢".isdigit()` and `int("042")` are 42, yet
+    a subject `project: 42` never matches either claim (and 42 is another project's id)."""
+    return text.isascii() and text.isdigit() and text == str(int(text))
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """`name`, else `name-s`, `name-s2`, `name-s3`...: each attempt another suffix, the name cut to leave it room
+    (cutting `name-s` back to 60 characters and adding `-s` again gave the same name: three backends whose long
+    names share their first 57 characters hung the command)."""
+    base, attempt = name, 1
+    while name in taken:
+        suffix = "-s" if attempt == 1 else f"-s{attempt}"
+        name = _name(base[: 63 - len(suffix)].rstrip("-") + suffix)
+        attempt += 1
+    return name
 
 
 def _name(raw: str) -> str:
@@ -313,20 +346,41 @@ def _rules(observed: Sequence[Observation]) -> tuple[SuggestedRule, ...]:
         by_paths[patterns[method]].append(method)
     rules = []
     for paths, methods in sorted(by_paths.items(), key=lambda kv: (kv[1], kv[0])):
+        by_path: dict[str, list[Observation]] = defaultdict(list)
+        for o in (o for m in methods for o in by_method[m]):
+            by_path[o.path].append(o)
+        shapes: dict[tuple[int, str], list[str]] = defaultdict(list)  # a glob keeps the depth and first segment
+        for path in by_path:
+            shapes[_shape(path)].append(path)
         lines = []
         for pattern in paths:
+            # each pattern against the distinct paths of its shape, not every request: a trail of a million
+            # requests over ten thousand paths was ten billion regex matches
             matcher = path_pattern(pattern)
-            used = [o for m in methods for o in by_method[m] if matcher.fullmatch(o.path)]
-            distinct = sorted({o.path for o in used})
+            distinct = sorted(p for p in shapes.get(_shape(pattern), ()) if matcher.fullmatch(p))
+            used = [o for p in distinct for o in by_path[p]]
             note = f"; from {len(distinct)} paths: {', '.join(distinct[:3])}..." if pattern not in distinct else ""
             lines.append(f"{pattern}: {evidence_of(used).text()}{note}")
         rules.append(SuggestedRule(tuple(methods), paths, tuple(lines)))
     return tuple(rules)
 
 
+def _shape(path: str) -> tuple[int, str]:
+    parts = path.split("/")
+    return len(parts), parts[1] if len(parts) > 1 else ""
+
+
+def _id_like(segment: str) -> bool:
+    """A value that names one of many things (`42`, `2026-01`, `v3`, a hash): it holds a digit. Words (`admin`,
+    `users`) are kept exact, so `/api/admin/x`, `/api/users/x`, `/api/jobs/x` never become `/api/*/x`, which
+    would admit `/api/secrets/x`."""
+    return segment not in ("", "*") and any(c in "0123456789" for c in segment)
+
+
 def generalise(paths: Sequence[str]) -> tuple[str, ...]:
-    """Exact paths, with one segment made `*` where `GLOB_MIN` or more values differ only there (repeated until
-    nothing changes, so /a/1/x, /a/2/x, /a/3/x → /a/*/x). Empty segments and the first one are never made `*`."""
+    """Exact paths, with one segment made `*` where `GLOB_MIN` or more values holding a digit differ only there
+    (repeated until nothing changes, so /a/1/x, /a/2/x, /a/3/x → /a/*/x). Empty segments, words and the first
+    segment are never made `*`."""
     current = {p for p in paths if _usable(p)}
     changed = True
     while changed:
@@ -335,15 +389,20 @@ def generalise(paths: Sequence[str]) -> tuple[str, ...]:
             buckets: dict[tuple[int, tuple[str, ...]], set[str]] = defaultdict(set)
             for p in current:
                 parts = p.split("/")
-                if position < len(parts) and parts[position] not in ("", "*"):
+                if position < len(parts) and _id_like(parts[position]):
                     key = (len(parts), tuple(parts[:position] + parts[position + 1 :]))
                     buckets[key].add(p)
-            for (_, _), members in sorted(buckets.items()):
+            removed: set[str] = set()
+            added: set[str] = set()
+            for members in buckets.values():  # disjoint: applied together (one set copy per position, not per glob)
                 if len(members) >= GLOB_MIN:
                     parts = next(iter(members)).split("/")
                     parts[position] = "*"
-                    current = (current - members) | {"/".join(parts)}
-                    changed = True
+                    removed |= members
+                    added.add("/".join(parts))
+            if added:
+                current = (current - removed) | added
+                changed = True
     return tuple(sorted(current))
 
 
@@ -520,31 +579,35 @@ def _grant_flags(
     if not used:
         return []  # the binding as a whole is flagged
     out = []
+    requests = sorted({(o.method, o.path) for o in used})  # distinct: a rule is judged once per kind of request
     for rule in rules:
-        paths = rule.paths or ("/**",)
-        matching = [o for o in used if (not rule.methods or o.method in rule.methods) and _any_path(paths, o.path)]
+        matchers = [path_pattern(p) for p in rule.paths or ("/**",)]
+        matching = [
+            (method, path)
+            for method, path in requests
+            if (not rule.methods or method in rule.methods) and any(m.fullmatch(path) for m in matchers)
+        ]
         shown = f"{'|'.join(rule.methods) or 'any method'} {', '.join(rule.paths) or 'any path'}"
         if not matching:
             message = f"on {backend}: rule {shown} unused for {given.unused_days} days"
             out.append(Flag("unused-rule", grant, message))
             continue
-        unused = sorted(set(rule.methods) - {o.method for o in matching})
+        unused = sorted(set(rule.methods) - {method for method, _ in matching})
         if unused:
             message = f"on {backend}: rule {shown}: methods {', '.join(unused)} unused for {given.unused_days} days"
             out.append(Flag("unused-methods", grant, message))
     return out
 
 
-def _any_path(patterns: Sequence[str], path: str) -> bool:
-    return any(path_pattern(p).fullmatch(path) is not None for p in patterns)
-
-
 def _protected_flags(given: Inputs, by_policy: Mapping[str, Sequence[Observation]]) -> list[Flag]:
     out = []
+    by_binding: dict[str, list[Observation]] = defaultdict(list)  # one pass over the trail, not one per binding
+    for name, obs in by_policy.items():
+        by_binding[name.partition("/")[0]].extend(obs)
     for binding in sorted(given.policy.bindings, key=lambda b: b.name):
         if binding.mode is Mode.SHADOW or any(m.claim == "ref_protected" for s in binding.subjects for m in s.claims):
             continue
-        observed = [o for name, obs in by_policy.items() if name.partition("/")[0] == binding.name for o in obs]
+        observed = by_binding.get(binding.name, [])
         if observed and all(_was_protected(o, given.protected) for o in observed):
             refs = ", ".join(sorted({o.ref or "" for o in observed}))
             message = f"no subject pins ref_protected, yet every request it allowed came from protected refs {refs}"
@@ -590,19 +653,19 @@ def render_yaml(report: Report) -> str:
     """The suggested Roles and Bindings as policy documents, each line's evidence in a comment above it."""
     docs = []
     for s in report.suggestions:
-        head = f"# {s.project_path or 'project ' + s.project_id} on {s.backend}: {s.evidence.text()}"
-        jobs = f"# CI jobs asking for this backend's audience: {', '.join(s.jobs) or 'none found'}"
+        head = _comment(f"{s.project_path or 'project ' + s.project_id} on {s.backend}: {s.evidence.text()}")
+        jobs = _comment(f"CI jobs asking for this backend's audience: {', '.join(s.jobs) or 'none found'}")
         role = [head, jobs, "kind: Role", f"name: {s.name}", f"backend: {s.backend}", "rules:"]
         for rule in s.rules:
             role.append(f"  - methods: [{', '.join(rule.methods)}]")
             role.append("    paths:")
             for path, line in zip(rule.paths, rule.evidence, strict=True):
-                role.append(f"      # {line}")
-                role.append(f"      - {json.dumps(path)}")
+                role.append(f"      {_comment(line)}")
+                role.append(f"      - {quoted(path)}")
         docs.append("\n".join(role))
         binding = [head, "kind: Binding", f"name: {s.name}", f"issuer: {s.issuer}", f"roles: [{s.name}]", "subjects:"]
         for index, c in enumerate(s.conditions):
-            binding.append(f"    # {c.why}")
+            binding.append(f"    {_comment(c.why)}")
             prefix = "  - " if index == 0 else "    "
             binding.append(f"{prefix}{c.key}: {_scalar(c.value)}")
         docs.append("\n".join(binding))
@@ -614,14 +677,48 @@ def render_yaml(report: Report) -> str:
     return header + "".join(f"---\n{d}\n" for d in docs)
 
 
+def _comment(text: str) -> str:
+    """`text` as one YAML comment line. Job names, project paths and refs come from CI files, tokens and the
+    trail: a line break in one (`\\n`, or U+2028, U+0085 that YAML also breaks lines on) would end the comment and
+    write policy into the suggestion, so every character that is not printable is written escaped."""
+    return "# " + one_line(text)
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character (line breaks, terminal escapes) written as `\\uXXXX`."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text
+    )
+
+
 def _scalar(value: str | bool | int | tuple[str, ...]) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
-    return json.dumps(value)
+        return "[" + ", ".join(quoted(v) for v in value) + "]"
+    return quoted(value)
+
+
+def quoted(value: str) -> str:
+    """`value` as a YAML double-quoted scalar that reads back exactly: printable ASCII as is, everything else
+    escaped, characters past U+FFFF as `\\U` (json.dumps writes them as a surrogate pair, which YAML reads as two
+    invalid characters: a path with an emoji made the whole suggestion invalid)."""
+    out = []
+    for char in value:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def document(report: Report) -> dict[str, Any]:
@@ -687,7 +784,7 @@ def text_lines(report: Report) -> list[str]:
             lines.append(f"  {r.project} {r.backend} {r.method} {r.path}: {r.evidence.text()}")
     lines.append(f"{len(report.flags)} finding(s) about the current policy:")
     lines.extend(f"  [{f.kind}] {f.subject}: {f.message}" for f in report.flags)
-    return lines
+    return [one_line(line) for line in lines]  # names from CI files and tokens: no terminal escapes, one line each
 
 
 # --- the patched tree: the current policy without the Roles and Bindings the suggestion replaces

@@ -20,7 +20,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 from controlplane.assistant.ci_config import CiConfig, load_ci_config
 from controlplane.assistant.propose import (
@@ -36,7 +37,7 @@ from controlplane.assistant.propose import (
     unified_diff,
 )
 from controlplane.assistant.propose import document as report_document
-from controlplane.audit.store import DB_NAME, default_db_path, open_readonly, query_records
+from controlplane.audit.store import DB_NAME, default_db_path, open_readonly, record_filter
 from controlplane.cli.audit import _query_postgres, parse_since
 from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.model.errors import PolicyInvalid
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
-    if args.out is not None and args.out.exists():
+    if args.out is not None and (args.out.exists() or args.out.is_symlink()):
         print(f"controlplane suggest: --out {args.out}: exists (give a new directory)", file=sys.stderr)
         return EXIT_USAGE
     now = time.time()
@@ -115,8 +116,7 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
         )
     try:
         files, policy, resolved = _load_policy(args.policy, limits)
-        rows = _audit_rows(args, since)
-        observations = [observation(row) for row in rows]
+        observations = _observations(args, since)
         ci, protected = ({}, {}) if args.no_gitlab else _gitlab(args, policy, observations)
         shadow = _shadow(args.access_log) if args.access_log else None
     except SuggestError as error:
@@ -127,7 +127,11 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
     tree = patched_tree(files, report)
     patch = unified_diff(files, tree)
     if args.out is not None:
-        _write_tree(args.out, tree)
+        try:
+            _write_tree(args.out, tree)
+        except OSError as error:
+            print(f"controlplane suggest: --out {args.out}: {error.strerror or type(error).__name__}", file=sys.stderr)
+            return EXIT_USAGE
     if args.diff is not None:
         args.diff.write_text(patch)
     if args.format == "json":
@@ -155,25 +159,48 @@ def _load_policy(root: Path, limits: ReadLimits) -> tuple[dict[str, str], Policy
         raise SuggestError(f"{root}: invalid policy ({invalid.total} error(s))") from None
 
 
-def _audit_rows(args: argparse.Namespace, since: float) -> list[dict[str, Any]]:
+def _observations(args: argparse.Namespace, since: float) -> list[Observation]:
+    """The trail's records since `since` (the most recent `--max-records`) as observations. From SQLite they are
+    streamed from a cursor, only the columns read, repeated strings shared: a million records was a million
+    dicts of 22 columns (about 2 GB); now a few hundred MB."""
     try:
         dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
     except DsnError as error:
         raise SuggestError(str(error)) from None
     if dsn is not None:
         try:
-            return asyncio.run(_query_postgres(dsn, None, None, since, args.max_records))
+            rows = asyncio.run(_query_postgres(dsn, None, None, since, args.max_records))
         except Exception as error:  # never the DSN: only its redacted form
             raise SuggestError(f"cannot read the trail at {dsn.redacted()}: {type(error).__name__}") from None
+        return [observation(row) for row in rows]
     db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
     try:
         conn = open_readonly(db)
         try:
-            return query_records(conn, since=since, limit=args.max_records)
+            return _streamed(conn, since, args.max_records)
         finally:
             conn.close()
     except (OSError, sqlite3.Error) as error:
         raise SuggestError(f"cannot read {db}: {error}") from None
+
+
+OBSERVED_COLUMNS = tuple(Observation.__dataclass_fields__)
+
+
+def _streamed(conn: sqlite3.Connection, since: float, limit: int) -> list[Observation]:
+    """`query_records`' selection (the most recent `limit` since `since`), without building a dict per row."""
+    clause, params = record_filter(None, None, since, "?")
+    present = {str(row[1]) for row in conn.execute("PRAGMA table_info(audit)")}
+    # NULL for a column an older serve's file does not have yet (selected_columns' rule, for these columns)
+    listed = ", ".join(c if c in present else f"NULL AS {c}" for c in OBSERVED_COLUMNS)
+    sql = f"SELECT {listed} FROM audit {clause} ORDER BY time DESC, id DESC LIMIT ?"
+    shared: dict[Any, Any] = {}
+    out = []
+    for row in conn.execute(sql, (*params, max(0, limit))):
+        values = [row[0], *(shared.setdefault(v, v) for v in tuple(row)[1:])]
+        out.append(Observation(*values))
+    out.reverse()  # oldest first, as query_records gives them
+    return out
 
 
 def _gitlab(
@@ -190,6 +217,7 @@ def _gitlab(
     token_file = args.gitlab_token_file or (api.token_file if api is not None and not args.gitlab_token_env else None)
     if url is None:
         raise SuggestError("no GitLab to read: give --gitlab-url (or --no-gitlab)")
+    shown = _without_userinfo(url)
     try:
         source = GitLabSource(url, token_from(token_env, token_file))
     except GitLabTokenError as error:
@@ -202,12 +230,28 @@ def _gitlab(
             if project is None or str(project.id) in ci:
                 continue
             ci[str(project.id)] = load_ci_config(
-                project.path, project.read, default_branch=project.default_branch, max_file_bytes=project.max_file_bytes
+                project.path,
+                project.read,
+                default_branch=project.default_branch,
+                max_file_bytes=project.max_file_bytes,
+                ci_file=project.ci_config_path,
             )
             protected[str(project.id)] = project.protected
     except GitLabUnavailable as error:
-        raise SuggestError(f"GitLab at {url}: {error}") from None
+        raise SuggestError(f"GitLab at {shown}: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # an answer not shaped as GitLab's
+        raise SuggestError(f"GitLab at {shown}: an answer not shaped as GitLab's ({type(error).__name__})") from None
     return ci, protected
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL as shown in a message: a `user:password@` in it is a credential, never printed."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _projects(args: argparse.Namespace, policy: Policy, observations: list[Observation]) -> list[str | int]:
@@ -229,16 +273,28 @@ def _shadow(paths: list[Path]) -> dict[str, ShadowSeen]:
         for path in paths:
             try:
                 with path.open(encoding="utf-8", errors="replace") as handle:
-                    for line in handle:
-                        yield line[:MAX_LOG_LINE]
+                    yield from _bounded_lines(handle)
             except OSError as error:
                 raise SuggestError(f"cannot read {path}: {error.strerror or type(error).__name__}") from None
 
     return shadow_matches(lines())
 
 
+def _bounded_lines(handle: TextIO) -> Iterator[str]:
+    """The file's lines, each read `MAX_LOG_LINE` characters at most: a line longer than that (a file with no
+    line break, gigabytes long) is yielded cut and the rest skipped, never held whole."""
+    while line := handle.readline(MAX_LOG_LINE):
+        yield line
+        while not line.endswith("\n") and (line := handle.readline(MAX_LOG_LINE)):
+            pass
+
+
 def _write_tree(root: Path, tree: dict[str, str]) -> None:
+    """A new directory (`mkdir` without exist_ok: one made meanwhile, or a symbolic link, even dangling, is
+    refused rather than written through), its files created exclusively ("x"): nothing outside it is touched."""
+    root.mkdir()
     for name, text in tree.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        with path.open("x", encoding="utf-8") as handle:
+            handle.write(text)

@@ -92,7 +92,12 @@ class GitLabSource:
         except GitlabAuthenticationError as exc:
             raise GitLabRefused(f"GitLab refused the API token (HTTP {exc.response_code})") from exc
         except GitlabError as exc:
+            # The answer's body is GitLab's (or whatever answers at its URL): it may echo the token or carry
+            # terminal escapes, and this message reaches logs and stderr.
             message = str(exc.error_message)[:200]
+            token = self._gl.private_token
+            message = message.replace(token, "[token]") if token else message
+            message = "".join(c if c.isprintable() else "?" for c in message)
             raise GitLabRefused(f"GitLab answered HTTP {exc.response_code}: {message}") from exc
         except requests.RequestException as exc:
             raise GitLabUnavailable(f"GitLab request failed: {type(exc).__name__}") from exc

@@ -29,6 +29,7 @@ class CiProject:
     default_branch: str | None
     protected: dict[str, bool] = field(default_factory=dict)
     max_file_bytes: int = MAX_CI_FILE_BYTES
+    ci_config_path: str | None = None  # the project's own CI file setting; None or "": `.gitlab-ci.yml`
 
     def read(self, path: str) -> str | None:
         """The file's text at the default branch; None when it does not exist (or the repository is empty).
@@ -47,7 +48,10 @@ class CiProject:
                     if len(content) > self.max_file_bytes:
                         break
             except GitlabGetError as exc:
-                if exc.response_code == 404:
+                # 404: no such file. 400/403: a path GitLab refuses, or a repository this token may not read. One
+                # project's file is no reason to fail the whole run: it is reported not read, and the
+                # configuration counts as incomplete (nothing is pinned from it).
+                if exc.response_code in (400, 403, 404):
                     return None
                 raise
         return bytes(content[: self.max_file_bytes + 1]).decode("utf-8", errors="replace")
@@ -58,5 +62,12 @@ def ci_project(source: GitLabSource, project: str | int) -> CiProject | None:
     found = source.fetch_project(project)
     if found is None:
         return None
-    protected = {ref.name: ref.protected for ref in found.refs or ()}
-    return CiProject(source, found.id, found.path, found.default_branch, protected)
+    # A branch and a tag may share a name, and the trail keeps the ref's name only: protected only if both are
+    # (a protected tag `v1` must not make the unprotected branch `v1`'s jobs look protected, to be pinned out).
+    protected: dict[str, bool] = {}
+    for ref in found.refs or ():
+        protected[ref.name] = protected.get(ref.name, True) and ref.protected
+    with source.errors_as_unavailable():  # the inventory's Project does not carry the CI file setting
+        setting = source.gl.projects.get(found.id).attributes.get("ci_config_path")
+    path = setting if isinstance(setting, str) and setting else None
+    return CiProject(source, found.id, found.path, found.default_branch, protected, ci_config_path=path)

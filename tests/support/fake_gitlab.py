@@ -101,6 +101,7 @@ class _Project:
     environments: dict[str, _Environment] = field(default_factory=dict)
     protected_environments: set[str] = field(default_factory=set)
     environments_enabled: bool = True  # the project's Environments feature (Settings > Visibility)
+    ci_config_path: str | None = None  # Settings > CI/CD > General pipelines; None: `.gitlab-ci.yml`
     commits: dict[str, _Commit] = field(default_factory=dict)
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sha -> posted statuses, in order
 
@@ -437,6 +438,7 @@ class FakeGitLab(OidcIssuer):
         protected_environments: Iterable[str] = (),
         files: Files | None = None,
         archived: bool = False,
+        ci_config_path: str | None = None,
     ) -> int:
         """A project with one commit (``files``) that every branch and tag points at; returns its id.
 
@@ -459,6 +461,7 @@ class FakeGitLab(OidcIssuer):
                 archived=archived,
                 protected_branches=list(protected if protected is not None else [default_branch]),
                 protected_tags=list(protected_tags),
+                ci_config_path=ci_config_path,
             )
             if project.id in self._projects:
                 raise ValueError(f"project id {project.id} exists")
@@ -795,6 +798,7 @@ class FakeGitLab(OidcIssuer):
             "path_with_namespace": project.path,
             "created_at": project.created_at,
             "default_branch": project.default_branch,
+            "ci_config_path": project.ci_config_path,
             "tag_list": [],
             "topics": [],
             "ssh_url_to_repo": f"git@{LOOPBACK}:{project.path}.git",
