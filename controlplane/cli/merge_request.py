@@ -140,12 +140,12 @@ def run_mr_check(args: argparse.Namespace, limits: ReadLimits) -> int:
     body = note_body(outcome, os.environ)
     args.diff_report.parent.mkdir(parents=True, exist_ok=True)
     args.diff_report.write_text(body, encoding="utf-8")
-    for error in outcome.errors:
-        print(error, file=sys.stderr)
+    for error in outcome.errors:  # one line each: a file name cannot forge lines of the job's log
+        print(_one_line(str(error)), file=sys.stderr)
     verdict = f"invalid policy ({outcome.total} error(s))" if outcome.errors else "valid policy"
     for note in outcome.notes:
-        print(f"controlplane mr-check: note: {note}")
-    print(f"controlplane mr-check: {verdict}; {outcome.diff_note}")
+        print(f"controlplane mr-check: note: {_one_line(note)}")
+    print(f"controlplane mr-check: {verdict}; {_one_line(outcome.diff_note)}")
     print(f"controlplane mr-check: wrote {args.codequality} and {args.diff_report}")
     if args.no_note:
         print("controlplane mr-check: MR note off (--no-note)")
@@ -274,14 +274,15 @@ def note_body(outcome: Outcome, env: Mapping[str, str]) -> str:
             lines.append(f"- ... and {outcome.total - MAX_LISTED} more (see the code-quality report)")
     else:
         lines.append("**Valid policy.**" + (f" {len(outcome.warnings)} warning(s)." if outcome.warnings else ""))
-    lines.extend(f"> {note}" for note in outcome.notes)
+    lines.extend(f"> `{_code(note)}`" for note in outcome.notes)
     lines.extend(["", "#### Access changes", ""])
+    why = _prose(outcome.diff_note)  # may quote git's words or the base's first error
     if outcome.diff is None:
-        lines.append(f"_{outcome.diff_note}_")
+        lines.append(f"_{why}_")
     elif not outcome.changed and not outcome.diff:
-        lines.append(f"None: {outcome.diff_note}.")
+        lines.append(f"None: {why}.")
     else:
-        lines.append(f"{outcome.diff_note[:1].upper()}{outcome.diff_note[1:]}:")
+        lines.append(f"{why[:1].upper()}{why[1:]}:")
         lines.extend(["", "```diff", *(_diff_line(line) for line in outcome.diff), "```"])
     pipeline = env.get("CI_PIPELINE_URL")
     lines.extend(["", f"<sub>Updated by `controlplane mr-check`{f' in {pipeline}' if pipeline else ''}.</sub>", ""])
@@ -295,13 +296,33 @@ def note_body(outcome: Outcome, env: Mapping[str, str]) -> str:
 def _diff_line(line: str) -> str:
     """Gains and losses at the start of the line, where GitLab's `diff` highlighting colours them. A fence in a
     value the policy wrote (a claim, a path) is broken up, so nothing an MR writes can end the code block."""
-    safe = line.replace("```", "'''")
+    safe = _one_line(line).replace("```", "'''")
     stripped = safe.lstrip()
     return stripped if stripped[:2] in ("+ ", "- ") else " " + safe
 
 
 def _code(text: str) -> str:
-    return text.replace("`", "'")
+    """`text` for an inline code span: one line, no backtick that could end the span. In the span GitLab renders
+    no HTML (`</details>`), no mention (`@all`), no reference; and quick actions (`/merge`, `/label`, run with the
+    note token's rights when the note is saved) are read only at the start of a line, which `text` cannot reach."""
+    return _one_line(text).replace("`", "'")
+
+
+# What ends a line for GitLab's Markdown or its quick-action parser (LF, CR, and Unicode's other breaks) and the
+# other control characters: a file name (`x<LF>/label ~y.yaml`) or a GitLab error message may carry them.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, 0x85)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+_ESCAPES |= {0x0A: "\\n", 0x0D: "\\r", 0x09: " "}
+
+
+def _prose(text: str) -> str:
+    """`text` in running Markdown: one line, no HTML tag (`<` written as an entity) and no mention (a zero-width
+    space after `@`: GitLab links `@name` in rendered text, whatever escaping, but not in code), no code span."""
+    return _code(text).replace("&", "&amp;").replace("<", "&lt;").replace("@", "@\u200b")
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line: line breaks and control characters written as escapes (`\\n`, `\\x1b`)."""
+    return text.translate(_ESCAPES)
 
 
 def post_note(body: str, token_env: str | None, token_file: str | None, env: Mapping[str, str]) -> bool:
