@@ -10,10 +10,14 @@ a code span or block.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
-from controlplane.cli.merge_request import MARKER, Outcome, check, note_body
+import pytest
+
+from controlplane.cli.merge_request import MARKER, GitLabReader, Outcome, check, note_body
 from controlplane.sources.policy_dir import ReadLimits
+from tests.support.fake_gitlab import FakeGitLab
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "quickstart"
@@ -66,3 +70,81 @@ def test_nothing_gitlab_or_git_answered_reaches_the_note_as_markdown() -> None:
     for diff in (None, [], ["backend b", HOSTILE, f"  + {HOSTILE} gains GET /"]):
         outcome = Outcome([], 0, [], diff, bool(diff), HOSTILE, (HOSTILE,))
         _assert_inert(note_body(outcome, {}))
+
+
+# -- the MR's policy names where its issuers' tokens go
+
+LIVE_POLICY = """kind: Issuer
+name: gitlab
+type: gitlab
+url: {url}
+api:
+  url: {api}
+  token_env: {token_env}
+---
+kind: Backend
+name: reports-api
+hosts: [reports.local]
+audience: https://reports.local
+endpoints:
+  - {{address: 127.0.0.1, port: 8081}}
+---
+kind: Role
+name: reports-read
+backend: reports-api
+rules:
+  - methods: [GET]
+    paths: ["/**"]
+---
+kind: Binding
+name: frontend-reads-reports
+issuer: gitlab
+roles: [reports-read]
+subjects:
+  - project: acme/web/frontend
+"""
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True)
+
+
+@pytest.mark.parametrize("changed", ["url", "token_env"])
+def test_the_heads_api_settings_get_no_token_only_the_target_branchs_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changed: str
+) -> None:
+    """A hostile MR points its issuer's `api:` at its own server (or names the note's token as the issuer's):
+    the job must not send any CI/CD variable there. The head is then judged offline, and the note says why."""
+    with FakeGitLab() as gitlab, FakeGitLab() as elsewhere:
+        gitlab.add_project("acme/web/frontend", branches=["main"])
+        monkeypatch.setenv("POLICY_READ_TOKEN", gitlab.api_token)
+        monkeypatch.setenv("CONTROLPLANE_MR_TOKEN", "glpat-the-note-token")
+        repo = tmp_path / "repo"
+        (repo / "policy").mkdir(parents=True)
+        policy = repo / "policy" / "policy.yaml"
+        policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=gitlab.base_url, token_env="POLICY_READ_TOKEN"))
+        _git(repo, "init", "-q", "-b", "main")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "base")
+        api, token_env = (
+            (elsewhere.base_url, "POLICY_READ_TOKEN")
+            if changed == "url"
+            else (gitlab.base_url, "CONTROLPLANE_MR_TOKEN")
+        )
+        policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=api, token_env=token_env))
+        monkeypatch.chdir(repo)
+        base = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+        reader = GitLabReader()
+        outcome = check(repo / "policy", "policy", base, ReadLimits(), reader)
+        assert elsewhere.api_calls() == []
+        assert all(c.status != 401 for c in gitlab.api_calls())  # the note token was not tried there
+        assert outcome.total == 1  # the path cannot be resolved offline
+        (note,) = outcome.notes
+        assert "not the target branch's" in note and "no token sent" in note
+
+        # The target branch's own settings are read with, on both sides of the diff.
+        policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=gitlab.base_url, token_env="POLICY_READ_TOKEN"))
+        outcome = check(repo / "policy", "policy", base, ReadLimits(), GitLabReader())
+        assert outcome.errors == [] and outcome.notes == ()
+        assert gitlab.api_calls("/projects/:id")

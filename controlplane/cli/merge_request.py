@@ -31,12 +31,13 @@ from typing import Any, NamedTuple
 
 from controlplane.cli.diff import UsageError, policy_tree, resource_changes, text_lines
 from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.model.policy import Policy
+from controlplane.model.policy import GitLabApi, Policy
 from controlplane.runtime.policy_check import CheckedPolicy, LiveInputs, check_policy_files
 from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
 
 MARKER = "<!-- controlplane:mr-check -->"  # how the note of a previous push is found again
 TOKEN_ENV = "CONTROLPLANE_MR_TOKEN"
+ApiSetting = tuple[str, str | None, str | None]  # an `api:`'s url, token_env and token_file
 CHECK_ERROR = "controlplane/policy-error"
 CHECK_WARNING = "controlplane/policy-warning"
 SEVERITY = {CHECK_ERROR: "major", CHECK_WARNING: "minor"}
@@ -57,6 +58,11 @@ class GitLabReader:
 
     def __init__(self) -> None:
         self.notes: list[str] = []
+        # In an MR the policy read is the MR's: it could name any URL and any variable or file as an issuer's token
+        # (`api: {url: https://elsewhere, token_env: CONTROLPLANE_MR_TOKEN}`) and have the job send that secret
+        # there. So only the `api:` settings of the target branch's policy (reviewed, merged) are read with;
+        # None: no base, the checkout is the target branch itself.
+        self.trusted: frozenset[ApiSetting] | None = None
 
     def __call__(self, policy: Policy) -> LiveInputs:
         from controlplane.model.inventory import Inventory
@@ -69,6 +75,11 @@ class GitLabReader:
             if issuer.api is None:
                 continue
             offline = issuer.inventory or Inventory()
+            if self.trusted is not None and _api_setting(issuer.api) not in self.trusted:
+                why = "its api: url, token_env or token_file is not the target branch's; no token sent"
+                self._note(f"issuer {issuer.name}: judged without GitLab ({why})")
+                inventories[issuer.name] = offline
+                continue
             try:
                 token = token_from(issuer.api.token_env, issuer.api.token_file)
             except GitLabTokenError as error:
@@ -164,20 +175,18 @@ def check(
 
 
 def _check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits, gitlab: GitLabReader | None) -> Outcome:
+    old_tree = _read_base(f"{base}:{prefix}" if prefix else base, limits) if base else None
+    if gitlab is not None and base:  # the MR's own `api:` settings are not trusted: the target branch's are
+        gitlab.trusted = _api_settings(old_tree) if isinstance(old_tree, dict) else frozenset()
     head, errors, total = _judge(lambda: read_policy_dir(policy_dir, limits), gitlab)
     warnings = head.warnings if head is not None else []
     if head is None:
         return Outcome(errors, total, warnings, None, False, "no access diff: the head's policy is invalid")
-    if not base:
+    if not base or old_tree is None:
         return Outcome(errors, total, warnings, None, False, "no access diff: no base revision (not an MR pipeline?)")
-    spec = f"{base}:{prefix}" if prefix else base
-    try:
-        with policy_tree(spec) as tree:
-            old, old_errors, old_total = _judge(lambda: read_policy_dir(tree, limits), gitlab)
-    except UsageError as error:
-        return Outcome(errors, total, warnings, None, False, f"no access diff: {error}")
-    except OSError as error:  # no git in the image
-        return Outcome(errors, total, warnings, None, False, f"no access diff: git failed: {error}")
+    if isinstance(old_tree, str):
+        return Outcome(errors, total, warnings, None, False, f"no access diff: {old_tree}")
+    old, old_errors, old_total = _judge(lambda: _texts(old_tree), gitlab)
     if old is None:
         first = f": {old_errors[0]}" if old_errors else ""
         why = f"the base's policy is invalid ({old_total} error(s){first})"
@@ -202,6 +211,42 @@ def _judge(
         return None, [PolicyError(".", 0, "", str(error))], 1
     except Exception as error:  # a bug: one error, as validate reports it, so the pipeline still fails
         return None, [PolicyError(".", 0, "", f"internal error: {type(error).__name__}: {error}")], 1
+
+
+def _read_base(spec: str, limits: ReadLimits) -> dict[str, str] | Exception | str:
+    """The base's policy files, or why they could not be read: the policy's own error (judged later, as the
+    head's are), or the reason git could not give the tree (a string)."""
+    try:
+        with policy_tree(spec) as tree:
+            try:
+                return read_policy_dir(tree, limits)
+            except (PolicyInvalid, OSError) as error:
+                return error
+    except UsageError as error:
+        return str(error)
+    except OSError as error:  # no git in the image
+        return f"git failed: {error}"
+
+
+def _texts(tree: dict[str, str] | Exception) -> Mapping[str, str]:
+    if isinstance(tree, Exception):
+        raise tree
+    return tree
+
+
+def _api_settings(texts: Mapping[str, str]) -> frozenset[ApiSetting]:
+    """Where the target branch's policy sends which token: all the MR's head may have read for it."""
+    from controlplane.model.loader import parse_policy
+
+    try:
+        policy = parse_policy(texts)
+    except Exception:  # an invalid base trusts nothing: the head is judged offline
+        return frozenset()
+    return frozenset(_api_setting(i.api) for i in policy.issuers if i.api is not None)
+
+
+def _api_setting(api: GitLabApi) -> ApiSetting:
+    return (api.url, api.token_env, api.token_file)
 
 
 def _fronted(policy: Policy) -> dict[str, tuple[str, ...]]:
