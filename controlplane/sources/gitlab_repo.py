@@ -22,6 +22,7 @@ from controlplane.sources.policy_dir import (
     ReadLimits,
     _is_policy_file,
     file_too_large,
+    too_many_files,
     tree_too_large,
 )
 
@@ -86,12 +87,27 @@ class PolicyRepo:
                 for entry in project.repository_tree(ref=sha, recursive=True, iterator=True)
                 if _is_policy_blob(entry)
             )
-            blobs = {blob: self._blob(project, path, blob, sha) for path, blob in entries}
+            if len(entries) > self.limits.max_files:  # each file is a request: none is made for such a tree
+                where = f"{self.project}@{sha[:12]}"
+                raise PolicyInvalid([PolicyError(where, 0, "", too_many_files(len(entries), self.limits.max_files))])
+            blobs: dict[str, bytes] = {}
+            total = 0
+            # Read in order, and no further than the tree's bound (a tree of a thousand files of the file bound
+            # would otherwise be held whole before being refused); a blob repeated in the tree is read once.
+            for path, blob in entries:
+                if blob not in blobs:
+                    blobs[blob] = self._blob(project, path, blob, sha)
+                total += len(blobs[blob])
+                if total > self.limits.max_tree_bytes:
+                    break
         self._blobs = blobs  # bounded: only the blobs of the last tree read are kept
         texts: dict[str, str] = {}
         errors: list[PolicyError] = []
         total = 0
         for path, blob in entries:
+            if blob not in blobs:  # not read: the bound was passed before it (on a file also too large itself)
+                errors.append(PolicyError(path, 1, "", tree_too_large(total, self.limits.max_tree_bytes)))
+                break
             size = len(blobs[blob])
             total += size
             if size > self.limits.max_file_bytes:

@@ -1,0 +1,82 @@
+"""Serve's statuses on merge-request heads against hostile merge requests and a flaky GitLab: anyone who can push
+a branch and open an MR into the policy project makes the leader read that head, with the token and the API
+budget (rate bound) it shares with the served policy. What an MR costs serve must stay bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.model.errors import PolicyInvalid
+from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
+from controlplane.sources.gitlab import GitLabSource
+from controlplane.sources.gitlab_repo import STATUS_NAME, PolicyRepo
+from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
+from tests.support.fake_gitlab import FakeGitLab
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
+POLICY = {p.name: p.read_text() for p in EXAMPLE.glob("*.yaml")}
+PROJECT = "platform/policy"
+RAW = "/projects/:id/repository/files/:path/raw"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGitLab]:
+    with FakeGitLab() as server:
+        server.add_project(PROJECT, files=POLICY, branches=["huge"])
+        yield server
+
+
+def _checker(fake: FakeGitLab, limits: ReadLimits) -> MergeRequestStatuses:
+    source = GitLabSource(fake.api_url, fake.api_token, requests_per_second=1000, max_retries=0)
+    return MergeRequestStatuses(PolicyRepo(source, PROJECT, limits), max_requests=3)
+
+
+def _states(fake: FakeGitLab, sha: str) -> list[tuple[str, str]]:
+    return [(s["status"], s["description"]) for s in fake.statuses(PROJECT, sha) if s["name"] == STATUS_NAME]
+
+
+def test_a_head_over_the_tree_bound_is_not_downloaded_past_it(fake: FakeGitLab) -> None:
+    """Each file is one API request and up to a file's bound of memory: the reading stops where the tree's bound
+    is passed, not after every file of the head is held."""
+    limits = ReadLimits(max_file_bytes=4096, max_tree_bytes=16 * 1024)
+    filler = {f"zz/{n:03}.yaml": f"# {n:03}\n" + "#" * 3000 + "\n" for n in range(60)}
+    head = fake.commit(PROJECT, filler, branch="huge")
+    fake.add_merge_request(PROJECT, "huge")
+    checker = _checker(fake, limits)
+    assert checker.check_once() == 1
+    ((state, description),) = _states(fake, head)
+    assert state == "failed" and "size limit" in description
+    assert len(fake.api_calls(RAW)) <= len(POLICY) + 16 * 1024 // 3000 + 1
+
+
+def test_the_same_blob_many_times_is_downloaded_once(fake: FakeGitLab) -> None:
+    copies = {f"copies/{n:04}.yaml": "# nothing\n" for n in range(200)}
+    head = fake.commit(PROJECT, copies, branch="huge")
+    fake.add_merge_request(PROJECT, "huge")
+    checker = _checker(fake, ReadLimits())
+    assert checker.check_once() == 1
+    assert _states(fake, head)[0][0] == "success"
+    assert len(fake.api_calls(RAW)) <= len(POLICY) + 1
+
+
+def test_a_head_of_more_files_than_a_tree_may_hold_costs_no_file_request(fake: FakeGitLab, tmp_path: Path) -> None:
+    """Empty files pass any byte bound, but each is a request: over `max_files` the head fails unread, and
+    `mr-check` (the same limits on a directory) gives the same verdict in CI."""
+    limits = ReadLimits(max_files=50)
+    many = {f"many/{n:03}.yaml": f"# {n}\n" for n in range(60)}
+    head = fake.commit(PROJECT, many, branch="huge")
+    fake.add_merge_request(PROJECT, "huge")
+    assert _checker(fake, limits).check_once() == 1
+    ((state, description),) = _states(fake, head)
+    assert state == "failed" and "66 policy files, more than the 50" in description
+    assert fake.api_calls(RAW) == []
+
+    for name, text in {**POLICY, **many}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(PolicyInvalid) as raised:
+        read_policy_dir(tmp_path, limits)
+    assert "66 policy files, more than the 50" in str(raised.value.errors[0])
