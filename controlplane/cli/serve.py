@@ -51,7 +51,7 @@ from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
-from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
+from controlplane.runtime.merge_request_statuses import MAX_UNWATCHED, MergeRequestStatuses
 from controlplane.runtime.policy_check import LiveInputs
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.runtime.replication import (
@@ -133,7 +133,7 @@ async def serve(options: ServeOptions) -> int:
 
 def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
     """What a merge request's head is judged against: GitLab as the served policy sees it, plus what it names."""
-    return LiveInputs(gitlab.inventories_for(head, policy.pins), policy.pins)
+    return LiveInputs(gitlab.inventories_for(head, policy.pins, MAX_UNWATCHED), policy.pins)
 
 
 async def _serve(options: ServeOptions, parts: Supervisor) -> None:

@@ -41,6 +41,7 @@ MR_STATUSES = Counter(
     registry=REGISTRY,
 )
 DEFAULT_MAX_REQUESTS = 20
+MAX_UNWATCHED = 20  # projects and groups a head may name beyond serve's watches: each is read for it
 BACKOFF = Backoff(base_seconds=5.0, cap_seconds=600.0)
 
 
