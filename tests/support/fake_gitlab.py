@@ -1058,8 +1058,12 @@ class FakeGitLab(OidcIssuer):
         name = str(data.get("name") or data.get("context") or "default")
         posted = project.statuses.setdefault(commit.sha, [])
         previous = next((s for s in reversed(posted) if s["name"] == name), None)
-        if previous is not None and previous["status"] == state and state in ("pending", "running"):
-            raise ApiError(400, f"Cannot transition status via :{state} from :{state}")
+        if previous is not None and previous["status"] in ("pending", "running") and state in ("pending", "running"):
+            # GitLab moves the live (pending/running) status by an event: `enqueue` to pending, `run` to running;
+            # pending again, or running again, is no transition it knows.
+            event = "enqueue" if state == "pending" else "run"
+            if state == "pending" or previous["status"] == "running":
+                raise ApiError(400, f"Cannot transition status via :{event} from :{previous['status']}")
         ref = data.get("ref") or next((b for b, sha in sorted(project.branches.items()) if sha == commit.sha), None)
         entry = _status_json(next(self._other_ids), commit.sha, ref, state, name, data, self.base_url)
         posted.append(entry)
