@@ -80,3 +80,17 @@ def test_a_head_of_more_files_than_a_tree_may_hold_costs_no_file_request(fake: F
     with pytest.raises(PolicyInvalid) as raised:
         read_policy_dir(tmp_path, limits)
     assert "66 policy files, more than the 50" in str(raised.value.errors[0])
+
+
+def test_many_merge_requests_opened_at_once_do_not_starve_the_older_ones(fake: FakeGitLab) -> None:
+    """Seven MRs, three heads judged per round: every head gets its verdict within three rounds, each once, and
+    a round with nothing new posts nothing (no status posted again on a head still open)."""
+    shas = []
+    for n in range(7):
+        fake.add_branch(PROJECT, f"b{n}")
+        shas.append(fake.commit(PROJECT, {f"r{n}.yaml": f"# {n}\n"}, branch=f"b{n}"))
+        fake.add_merge_request(PROJECT, f"b{n}")
+    checker = _checker(fake, ReadLimits())
+    assert [checker.check_once() for _ in range(5)] == [3, 3, 1, 0, 0]
+    assert [len(_states(fake, sha)) for sha in shas] == [1] * 7
+    assert len(fake.api_calls("/projects/:id/merge_requests")) <= 5 * 3  # pages of 3, bounded per round

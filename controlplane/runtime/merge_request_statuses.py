@@ -6,10 +6,10 @@ branch and judges each head (runtime/policy_check.py) against GitLab as it is no
 resolution and compile, never published, never served. `success` says the policy is valid (and not served until
 merged); `failed` names the first error and its file:line.
 
-Bounded: at most `max_requests` merge requests per round (the most recently updated, one API page), each head
-judged once (a bounded memory of the shas judged, oldest forgotten first), one round every `every` seconds. A
-GitLab error ends the round: the next waits longer (exponential backoff up to `BACKOFF.cap_seconds`), and is
-counted. Only the leader posts, as for the default branch. Merge requests from forks are left out: their
+Bounded: at most `max_requests` heads judged per round (the most recently updated without a verdict, looked for in
+at most `MAX_PAGES` API pages), each head judged once (a bounded memory of the shas seen, oldest forgotten
+first), one round every `every` seconds. A GitLab error ends the round: the next waits longer (exponential
+backoff up to `BACKOFF.cap_seconds`), and is counted. Only the leader posts, as for the default branch. Merge requests from forks are left out: their
 commits live in the fork, where this token may not read or post.
 """
 
@@ -41,6 +41,7 @@ MR_STATUSES = Counter(
     registry=REGISTRY,
 )
 DEFAULT_MAX_REQUESTS = 20
+MAX_PAGES = 5  # pages of `max_requests` open MRs looked through per round for heads without a verdict
 MAX_UNWATCHED = 20  # projects and groups a head may name beyond serve's watches: each is read for it
 BACKOFF = Backoff(base_seconds=5.0, cap_seconds=600.0)
 
@@ -67,7 +68,7 @@ class MergeRequestStatuses:
         self.is_leader = is_leader
         self.backoff = backoff
         self._judged: OrderedDict[str, None] = OrderedDict()  # shas whose status is posted, oldest first
-        self._remember = 4 * max_requests
+        self._remember = (MAX_PAGES + 1) * max_requests  # every head a round looks at, and those it posts on
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -76,22 +77,8 @@ class MergeRequestStatuses:
 
     def check_once(self) -> int:
         """One round (blocking: run it in a thread). Returns the statuses posted; raises `GitLabUnavailable`."""
-        branch, _ = self.repo.head()
-        project = self.repo.source.gl.projects.get(self.repo.project, lazy=True)
-        with self.repo.source.errors_as_unavailable():
-            requests = project.mergerequests.list(
-                state="opened",
-                target_branch=branch,
-                order_by="updated_at",
-                sort="desc",
-                per_page=self.max_requests,
-                page=1,
-            )
         posted = 0
-        for request in requests[: self.max_requests]:
-            sha = request.attributes.get("sha")
-            if not sha or sha in self._judged or _from_fork(request):
-                continue
+        for request, sha in self._unjudged():
             try:
                 self._post(request, str(sha))
             except GitLabRefused as error:  # this one MR (a vanished commit...): the others still get theirs
@@ -103,6 +90,36 @@ class MergeRequestStatuses:
                 self._judged.popitem(last=False)
             posted += 1
         return posted
+
+    def _unjudged(self) -> list[tuple[Any, str]]:
+        """Up to `max_requests` open MRs whose head has no verdict yet, most recently updated first, looked for
+        in at most `MAX_PAGES` pages of `max_requests`: the MRs updated most recently (a few busy ones, or many
+        opened at once) do not keep an older MR from ever getting its verdict. The heads seen keep their place
+        in the memory, so an open MR's verdict is not forgotten and posted again."""
+        branch, _ = self.repo.head()
+        project = self.repo.source.gl.projects.get(self.repo.project, lazy=True)
+        found: list[tuple[Any, str]] = []
+        for page in range(1, MAX_PAGES + 1):
+            with self.repo.source.errors_as_unavailable():
+                requests = project.mergerequests.list(
+                    state="opened",
+                    target_branch=branch,
+                    order_by="updated_at",
+                    sort="desc",
+                    per_page=self.max_requests,
+                    page=page,
+                )
+            for request in requests[: self.max_requests]:
+                sha = request.attributes.get("sha")
+                if not sha or _from_fork(request):
+                    continue
+                if str(sha) in self._judged:
+                    self._judged.move_to_end(str(sha))
+                elif len(found) < self.max_requests:
+                    found.append((request, str(sha)))
+            if len(found) >= self.max_requests or len(requests) < self.max_requests:
+                break
+        return found
 
     def _post(self, request: Any, sha: str) -> None:
         iid = request.attributes.get("iid")
