@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli.merge_request import MARKER, GitLabReader, Outcome, check, note_body
+from controlplane.cli.merge_request import MARKER, GitLabReader, Outcome, check, note_body, post_note
 from controlplane.sources.policy_dir import ReadLimits
 from tests.support.fake_gitlab import FakeGitLab
 
@@ -148,3 +148,26 @@ def test_the_heads_api_settings_get_no_token_only_the_target_branchs_do(
         outcome = check(repo / "policy", "policy", base, ReadLimits(), GitLabReader())
         assert outcome.errors == [] and outcome.notes == ()
         assert gitlab.api_calls("/projects/:id")
+
+
+def test_a_forks_pipeline_posts_on_the_merge_request_not_on_the_forks_namesake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a fork's MR pipeline running in the fork, CI_PROJECT_ID is the fork and CI_MERGE_REQUEST_IID numbers
+    the MR in the target project (CI_MERGE_REQUEST_PROJECT_ID): the note goes there, not on the fork's own !1."""
+    with FakeGitLab() as fake:
+        target = fake.add_project("platform/policy", branches=["change"], files={"a.yaml": "kind: Issuer\n"})
+        fork = fake.add_project("someone/policy", branches=["change"], files={"a.yaml": "kind: Issuer\n"})
+        iid = fake.add_merge_request("platform/policy", "change")
+        namesake = fake.add_merge_request("someone/policy", "change")
+        assert iid == namesake
+        env = {
+            "CI_MERGE_REQUEST_IID": str(iid),
+            "CI_MERGE_REQUEST_PROJECT_ID": str(target),
+            "CI_PROJECT_ID": str(fork),
+            "CI_API_V4_URL": fake.base_url + "/api/v4",
+        }
+        monkeypatch.setenv("NOTE_TOKEN", fake.api_token)
+        assert post_note(MARKER + "\nbody", "NOTE_TOKEN", None, env)
+        assert [n["body"] for n in fake.notes("platform/policy", iid)] == [MARKER + "\nbody"]
+        assert fake.notes("someone/policy", namesake) == []

@@ -374,7 +374,10 @@ def post_note(body: str, token_env: str | None, token_file: str | None, env: Map
     """Create or update this check's note on the MR. Every outcome is one line on stdout; never raises."""
     from controlplane.sources.gitlab_client import GitLabTokenError, token_from
 
-    iid, project, api = env.get("CI_MERGE_REQUEST_IID"), env.get("CI_PROJECT_ID"), env.get("CI_API_V4_URL")
+    # The MR's own project: in a pipeline of a fork's MR that runs in the fork, CI_PROJECT_ID is the fork's,
+    # while the IID numbers the MR in the project it targets.
+    project = env.get("CI_MERGE_REQUEST_PROJECT_ID") or env.get("CI_PROJECT_ID")
+    iid, api = env.get("CI_MERGE_REQUEST_IID"), env.get("CI_API_V4_URL")
     if not (iid and project and api):
         print("controlplane mr-check: MR note skipped: not a merge-request pipeline (no CI_MERGE_REQUEST_IID)")
         return False
