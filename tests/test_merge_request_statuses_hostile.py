@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.model.errors import PolicyInvalid
-from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
+from controlplane.runtime.merge_request_statuses import HEAD_FLOOR_BYTES, MergeRequestStatuses
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_repo import STATUS_NAME, PolicyRepo
 from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
@@ -94,3 +94,24 @@ def test_many_merge_requests_opened_at_once_do_not_starve_the_older_ones(fake: F
     assert [checker.check_once() for _ in range(5)] == [3, 3, 1, 0, 0]
     assert [len(_states(fake, sha)) for sha in shas] == [1] * 7
     assert len(fake.api_calls("/projects/:id/merge_requests")) <= 5 * 3  # pages of 3, bounded per round
+
+
+def test_a_head_weighs_at_most_half_again_the_served_policy_or_the_floor(fake: FakeGitLab) -> None:
+    """Parsing and compiling a head costs the leader memory and CPU many times its size, in the process serving
+    Envoy: a head far larger than the served policy fails unread past the bound, whatever the tree bound allows."""
+    served = sum(len(t) for t in POLICY.values())
+    big = {f"big/{n}.yaml": "#" * 200_000 + "\n" for n in range(8)}  # 1.6 MB: over the 1 MiB floor
+    head = fake.commit(PROJECT, big, branch="huge")
+    fake.add_merge_request(PROJECT, "huge")
+    source = GitLabSource(fake.api_url, fake.api_token, requests_per_second=1000, max_retries=0)
+    checker = MergeRequestStatuses(PolicyRepo(source, PROJECT), max_requests=3, served_bytes=lambda: served)
+    assert checker.check_once() == 1
+    ((state, description),) = _states(fake, head)
+    assert state == "failed" and f"more than the {HEAD_FLOOR_BYTES}-byte limit" in description
+    assert len(fake.api_calls(RAW)) <= len(POLICY) + 6  # read no further than the bound
+
+    # A served policy that large itself: its MRs may be as large, half again.
+    checker = MergeRequestStatuses(PolicyRepo(source, PROJECT), max_requests=3, served_bytes=lambda: 1_200_000)
+    fixed = fake.commit(PROJECT, {"big/0.yaml": None}, branch="huge")
+    assert checker.check_once() == 1
+    assert _states(fake, fixed)[0][0] == "success"

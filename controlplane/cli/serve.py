@@ -242,7 +242,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     if options.policy_gitlab is not None and isinstance(policy.source, GitLabPolicySource):  # merge requests' heads
         repo = PolicyRepo(policy.source.repo.source, policy.source.repo.project, options.policy_limits)
         live = partial(_live_inputs, gitlab, policy)  # GitLab now, read-only: never widens a watch
-        statuses = MergeRequestStatuses(repo, is_leader=is_leader, live=live)
+        served = policy.source.repo
+        statuses = MergeRequestStatuses(
+            repo, is_leader=is_leader, live=live, served_bytes=lambda: served.last_tree_bytes
+        )
         gitlab.on_merge_request = statuses.wake  # an MR webhook, or a push to another branch: a round now
         parts.run("merge-request statuses", statuses.run(options.policy_gitlab.poll_seconds, parts.stopping))
     if credentials is not None:

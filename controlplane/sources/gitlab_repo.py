@@ -73,13 +73,20 @@ class PolicyRepo:
             commit = self._get(self._handle().commits, branch, f"branch {branch}")
         return str(branch), str(commit.id)
 
-    def read_tree(self, sha: str) -> dict[str, str]:
+    @property
+    def last_tree_bytes(self) -> int:
+        """The size of the tree read last (its distinct files): what a policy of this project weighs now."""
+        return sum(len(blob) for blob in self._blobs.values())
+
+    def read_tree(self, sha: str, limits: ReadLimits | None = None) -> dict[str, str]:
         """{path: text} of every policy file in the tree at `sha`, recursively, in sorted order.
 
         Same rules as a directory (`policy_dir`): YAML only; hidden files and directories, editor leftovers,
         symlinks and submodules skipped; the same size bounds. Raises `PolicyInvalid` naming each file that is
         not UTF-8 or too large, or the commit when it holds no policy file, as `read_policy_dir` does.
+        `limits`: tighter bounds than the project's for this one read (a merge request's head).
         """
+        limits = limits or self.limits
         with self.source.errors_as_unavailable():
             project = self._handle()
             entries = sorted(
@@ -87,9 +94,9 @@ class PolicyRepo:
                 for entry in project.repository_tree(ref=sha, recursive=True, iterator=True)
                 if _is_policy_blob(entry)
             )
-            if len(entries) > self.limits.max_files:  # each file is a request: none is made for such a tree
+            if len(entries) > limits.max_files:  # each file is a request: none is made for such a tree
                 where = f"{self.project}@{sha[:12]}"
-                raise PolicyInvalid([PolicyError(where, 0, "", too_many_files(len(entries), self.limits.max_files))])
+                raise PolicyInvalid([PolicyError(where, 0, "", too_many_files(len(entries), limits.max_files))])
             blobs: dict[str, bytes] = {}
             total = 0
             # Read in order, and no further than the tree's bound (a tree of a thousand files of the file bound
@@ -98,7 +105,7 @@ class PolicyRepo:
                 if blob not in blobs:
                     blobs[blob] = self._blob(project, path, blob, sha)
                 total += len(blobs[blob])
-                if total > self.limits.max_tree_bytes:
+                if total > limits.max_tree_bytes:
                     break
         self._blobs = blobs  # bounded: only the blobs of the last tree read are kept
         texts: dict[str, str] = {}
@@ -106,15 +113,15 @@ class PolicyRepo:
         total = 0
         for path, blob in entries:
             if blob not in blobs:  # not read: the bound was passed before it (on a file also too large itself)
-                errors.append(PolicyError(path, 1, "", tree_too_large(total, self.limits.max_tree_bytes)))
+                errors.append(PolicyError(path, 1, "", tree_too_large(total, limits.max_tree_bytes)))
                 break
             size = len(blobs[blob])
             total += size
-            if size > self.limits.max_file_bytes:
-                errors.append(PolicyError(path, 1, "", file_too_large(size, self.limits.max_file_bytes)))
+            if size > limits.max_file_bytes:
+                errors.append(PolicyError(path, 1, "", file_too_large(size, limits.max_file_bytes)))
                 continue
-            if total > self.limits.max_tree_bytes:
-                errors.append(PolicyError(path, 1, "", tree_too_large(total, self.limits.max_tree_bytes)))
+            if total > limits.max_tree_bytes:
+                errors.append(PolicyError(path, 1, "", tree_too_large(total, limits.max_tree_bytes)))
                 break
             try:
                 texts[path] = blobs[blob].decode("utf-8")
