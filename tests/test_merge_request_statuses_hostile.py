@@ -115,3 +115,14 @@ def test_a_head_weighs_at_most_half_again_the_served_policy_or_the_floor(fake: F
     fixed = fake.commit(PROJECT, {"big/0.yaml": None}, branch="huge")
     assert checker.check_once() == 1
     assert _states(fake, fixed)[0][0] == "success"
+
+
+def test_an_mr_whose_head_is_the_branchs_own_head_leaves_its_status_to_the_served_verdict(fake: FakeGitLab) -> None:
+    """The default branch's head carries the served policy's verdict (keys, secrets included); an MR pointing at
+    that same commit (nothing to merge yet, or its branch fast-forwarded) must not overwrite it with its own."""
+    main_head = fake.head(PROJECT)
+    fake.add_branch(PROJECT, "same")  # at main's head
+    fake.add_merge_request(PROJECT, "same")
+    checker = _checker(fake, ReadLimits())
+    assert checker.check_once() == 0
+    assert _states(fake, main_head) == []

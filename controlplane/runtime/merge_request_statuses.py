@@ -105,7 +105,7 @@ class MergeRequestStatuses:
         in at most `MAX_PAGES` pages of `max_requests`: the MRs updated most recently (a few busy ones, or many
         opened at once) do not keep an older MR from ever getting its verdict. The heads seen keep their place
         in the memory, so an open MR's verdict is not forgotten and posted again."""
-        branch, _ = self.repo.head()
+        branch, served = self.repo.head()
         project = self.repo.source.gl.projects.get(self.repo.project, lazy=True)
         found: list[tuple[Any, str]] = []
         for page in range(1, MAX_PAGES + 1):
@@ -120,8 +120,8 @@ class MergeRequestStatuses:
                 )
             for request in requests[: self.max_requests]:
                 sha = request.attributes.get("sha")
-                if not sha or _from_fork(request):
-                    continue
+                if not sha or _from_fork(request) or sha == served:
+                    continue  # the branch's own head: its status is the served verdict's, posted by the reader
                 if str(sha) in self._judged:
                     self._judged.move_to_end(str(sha))
                 elif len(found) < self.max_requests:
