@@ -126,3 +126,17 @@ def test_an_mr_whose_head_is_the_branchs_own_head_leaves_its_status_to_the_serve
     checker = _checker(fake, ReadLimits())
     assert checker.check_once() == 0
     assert _states(fake, main_head) == []
+
+
+def test_a_leader_demoted_during_a_round_posts_no_more(fake: FakeGitLab) -> None:
+    """A round judges up to max_requests heads, seconds each: leadership can move meanwhile, and then two
+    replicas would post. The leader asks again before each status."""
+    for n in range(3):
+        fake.add_branch(PROJECT, f"b{n}")
+        fake.commit(PROJECT, {f"r{n}.yaml": f"# {n}\n"}, branch=f"b{n}")
+        fake.add_merge_request(PROJECT, f"b{n}")
+    leader = iter([True, True, False])
+    checker = _checker(fake, ReadLimits())
+    checker.is_leader = lambda: next(leader, False)
+    assert checker.check_once() == 2
+    assert len(fake.api_calls("/projects/:id/statuses/:sha")) == 2

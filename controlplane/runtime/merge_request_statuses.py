@@ -88,6 +88,8 @@ class MergeRequestStatuses:
         """One round (blocking: run it in a thread). Returns the statuses posted; raises `GitLabUnavailable`."""
         posted = 0
         for request, sha in self._unjudged():
+            if not self.is_leader():  # leadership lost during the round (judging takes a while): the new leader posts
+                break
             try:
                 self._post(request, str(sha))
             except GitLabRefused as error:  # this one MR (a vanished commit...): the others still get theirs
