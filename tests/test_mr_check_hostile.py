@@ -143,6 +143,10 @@ def test_the_heads_api_settings_get_no_token_only_the_target_branchs_do(
         (note,) = outcome.notes
         assert "not the target branch's" in note and "no token sent" in note
 
+        # A base that cannot be read trusts nothing, and says so.
+        outcome = check(repo / "policy", "policy", "0" * 40, ReadLimits(), GitLabReader())
+        assert elsewhere.api_calls() == [] and "was not read; no token sent" in outcome.notes[0]
+
         # The target branch's own settings are read with, on both sides of the diff.
         policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=gitlab.base_url, token_env="POLICY_READ_TOKEN"))
         outcome = check(repo / "policy", "policy", base, ReadLimits(), GitLabReader())

@@ -63,6 +63,7 @@ class GitLabReader:
         # there. So only the `api:` settings of the target branch's policy (reviewed, merged) are read with;
         # None: no base, the checkout is the target branch itself.
         self.trusted: frozenset[ApiSetting] | None = None
+        self.untrusted = "its api: url, token_env or token_file is not the target branch's"  # why, when not trusted
 
     def __call__(self, policy: Policy) -> LiveInputs:
         from controlplane.model.inventory import Inventory
@@ -76,7 +77,7 @@ class GitLabReader:
                 continue
             offline = issuer.inventory or Inventory()
             if self.trusted is not None and _api_setting(issuer.api) not in self.trusted:
-                why = "its api: url, token_env or token_file is not the target branch's; no token sent"
+                why = f"{self.untrusted}; no token sent"
                 self._note(f"issuer {issuer.name}: judged without GitLab ({why})")
                 inventories[issuer.name] = offline
                 continue
@@ -178,6 +179,8 @@ def _check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits, 
     old_tree = _read_base(f"{base}:{prefix}" if prefix else base, limits) if base else None
     if gitlab is not None and base:  # the MR's own `api:` settings are not trusted: the target branch's are
         gitlab.trusted = _api_settings(old_tree) if isinstance(old_tree, dict) else frozenset()
+        if not isinstance(old_tree, dict):
+            gitlab.untrusted = "the target branch's policy, whose api: settings alone are trusted, was not read"
     head, errors, total = _judge(lambda: read_policy_dir(policy_dir, limits), gitlab)
     warnings = head.warnings if head is not None else []
     if head is None:
