@@ -38,3 +38,35 @@ def test_a_status_posted_again(first: str, then: str, answer: str | None) -> Non
                 statuses.create({"state": then, "name": "controlplane"})
             assert raised.value.response_code == 400 and answer in str(raised.value.error_message)
             assert [s["status"] for s in fake.statuses("platform/policy", sha)] == [first]
+
+
+def test_a_commits_statuses_are_listed_latest_per_name_unless_all() -> None:
+    """`GET /projects/:id/repository/commits/:sha/statuses`: newest first, the latest of each name by default,
+    every one with `all=true`, filtered by `name`."""
+    with FakeGitLab() as fake:
+        fake.add_project("platform/policy", files={"a.yaml": "kind: Issuer\n"})
+        sha = fake.head("platform/policy")
+        gl = gitlab.Gitlab(fake.base_url, private_token=fake.api_token)
+        statuses = gl.projects.get("platform/policy", lazy=True).commits.get(sha, lazy=True).statuses
+        statuses.create({"state": "failed", "name": "controlplane"})
+        statuses.create({"state": "success", "name": "controlplane"})
+        statuses.create({"state": "success", "name": "other"})
+        latest = statuses.list(get_all=True)
+        assert [(s.name, s.status) for s in latest] == [("other", "success"), ("controlplane", "success")]
+        every = statuses.list(query_parameters={"all": "true"}, get_all=True)  # python-gitlab takes `all=` itself
+        assert [s.status for s in every if s.name == "controlplane"] == ["success", "failed"]
+        assert [s.name for s in statuses.list(name="controlplane", get_all=True)] == ["controlplane"]
+        assert statuses.list(name="nobody", get_all=True) == []
+
+
+def test_the_current_user_is_the_tokens_and_other_authors_statuses_are_theirs() -> None:
+    with FakeGitLab() as fake:
+        fake.add_project("platform/policy", files={"a.yaml": "kind: Issuer\n"})
+        sha = fake.head("platform/policy")
+        gl = gitlab.Gitlab(fake.base_url, private_token=fake.api_token)
+        gl.auth()
+        assert gl.user is not None and gl.user.username == "controlplane-bot"
+        fake.add_status("platform/policy", sha, "success", name="controlplane", author="mallory")
+        statuses = gl.projects.get("platform/policy", lazy=True).commits.get(sha, lazy=True).statuses
+        (status,) = statuses.list(name="controlplane", get_all=True)
+        assert status.author["username"] == "mallory" and status.author["id"] != gl.user.id

@@ -140,3 +140,28 @@ def test_a_leader_demoted_during_a_round_posts_no_more(fake: FakeGitLab) -> None
     checker.is_leader = lambda: next(leader, False)
     assert checker.check_once() == 2
     assert len(fake.api_calls("/projects/:id/statuses/:sha")) == 2
+
+
+def test_a_restarted_or_new_leader_does_not_judge_and_post_again(fake: FakeGitLab) -> None:
+    """The memory of heads judged is the process's: a restart, or the lease passing to another replica, would
+    read every open MR's tree again and add a second status to each. GitLab's own statuses say what was done."""
+    for n in range(3):
+        fake.add_branch(PROJECT, f"b{n}")
+        fake.commit(PROJECT, {f"r{n}.yaml": f"# {n}\n"}, branch=f"b{n}")
+        fake.add_merge_request(PROJECT, f"b{n}")
+    assert _checker(fake, ReadLimits()).check_once() == 3
+    reads = len(fake.api_calls("/projects/:id/repository/tree"))
+    assert _checker(fake, ReadLimits()).check_once() == 0  # a new process: nothing posted, no tree read
+    assert len(fake.api_calls("/projects/:id/statuses/:sha")) == 3
+    assert len(fake.api_calls("/projects/:id/repository/tree")) == reads
+
+
+def test_a_status_someone_else_posted_does_not_stand_for_the_verdict(fake: FakeGitLab) -> None:
+    """A developer's token can post a `controlplane` status too: `success` on a broken head must not make serve
+    take the head for judged. Only the token's own status counts."""
+    head = fake.commit(PROJECT, {"broken.yaml": "kind: Binding\nname: b\nroles: [nope]\nsubjects: []\n"}, branch="huge")
+    fake.add_merge_request(PROJECT, "huge")
+    fake.add_status(PROJECT, head, "success", name=STATUS_NAME, author="mallory")
+    assert _checker(fake, ReadLimits()).check_once() == 1
+    assert fake.statuses(PROJECT, head)[-1]["status"] == "failed"
+    assert _checker(fake, ReadLimits()).check_once() == 0  # and now it is ours: judged once

@@ -91,15 +91,17 @@ class MergeRequestStatuses:
             if not self.is_leader():  # leadership lost during the round (judging takes a while): the new leader posts
                 break
             try:
-                self._post(request, str(sha))
+                judged_before = self.repo.has_status(sha)  # before a restart, or by the previous leader
+                if not judged_before:
+                    self._post(request, sha)
             except GitLabRefused as error:  # this one MR (a vanished commit...): the others still get theirs
                 MR_STATUSES.labels("error").inc()
                 log.warning("merge-request statuses: !%s: %s", request.attributes.get("iid"), error)
                 continue
-            self._judged[str(sha)] = None
+            self._judged[sha] = None
             while len(self._judged) > self._remember:
                 self._judged.popitem(last=False)
-            posted += 1
+            posted += 0 if judged_before else 1
         return posted
 
     def _unjudged(self) -> list[tuple[Any, str]]:

@@ -58,6 +58,7 @@ class PolicyRepo:
         self.source = source
         self.project = project
         self.limits = limits
+        self._user_id: int | None = None  # the token's user (`GET /user`), asked once
         self._blobs: dict[str, bytes] = {}  # blob id -> content: a file unchanged between commits is read once
 
     def __repr__(self) -> str:
@@ -134,6 +135,21 @@ class PolicyRepo:
             suffixes = ", ".join("*" + s for s in POLICY_SUFFIXES)
             raise PolicyInvalid([PolicyError(where, 0, "", f"no policy files ({suffixes}) in {where}")])
         return texts
+
+    def has_status(self, sha: str) -> bool:
+        """Whether the latest `controlplane` status on `sha` is this token's own: one small request, so a verdict
+        posted before a restart, or by the previous leader, is not judged and posted again. One posted by anyone
+        else (a developer's token can post any name) does not count: the verdict is still ours to give."""
+        with self.source.errors_as_unavailable():
+            found = self._handle().commits.get(sha, lazy=True).statuses.list(name=STATUS_NAME, per_page=1, page=1)
+            if not found:
+                return False
+            if self._user_id is None:
+                self.source.gl.auth()  # `GET /user`
+                user = self.source.gl.user
+                self._user_id = int(user.id) if user is not None else -1
+        author = found[0].attributes.get("author") or {}
+        return bool(author.get("id") == self._user_id)
 
     def post_status(self, sha: str, state: StatusState, description: str, target_url: str | None = None) -> None:
         """A commit status named `controlplane` on `sha`: what the policy repository's users see on the commit."""
