@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from controlplane.runtime.merge_request_statuses import MAX_UNWATCHED
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
@@ -125,3 +126,15 @@ def test_opening_a_merge_request_on_a_pushed_branch_gets_its_head_a_verdict(stac
         message="status on the opened MR's head",
     )
     assert posted[-1]["status"] == "success"
+
+
+def test_a_merge_request_naming_many_unwatched_projects_fails_unread(stack: DeployerStack) -> None:
+    """Whoever opens an MR chooses what its head names, and serve reads what it names beyond its watches, with
+    the budget its watches share: past a bound nothing is read and the head fails, saying why."""
+    policy_text = (stack.policy / "policy.yaml").read_text()
+    subjects = [f"{{project: acme/probe/p{n:02}}}" for n in range(MAX_UNWATCHED + 1)]
+    many = policy_text + "---\n" + binding("probe", ["reports-read"], *subjects)
+    _, status = _mr_status(stack, "many", many)
+    assert status["status"] == "failed", status["description"]
+    assert f"names {MAX_UNWATCHED + 1} projects and groups no served policy watches" in status["description"]
+    assert not [c for c in stack.gitlab.api_calls() if "acme%2Fprobe" in c.path]

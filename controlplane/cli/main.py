@@ -75,7 +75,7 @@ def _positive_float(value: str) -> float:
 
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """The policy tree's size bounds, the same for every command that reads one (docs/policy-input.md)."""
-    from controlplane.sources.policy_dir import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_TREE_BYTES
+    from controlplane.sources.policy_dir import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TREE_BYTES
 
     parser.add_argument(
         "--max-policy-file-bytes",
@@ -89,12 +89,22 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_TREE_BYTES,
         help=f"largest policy tree read, all files together (default {DEFAULT_MAX_TREE_BYTES})",
     )
+    parser.add_argument(
+        "--max-policy-files",
+        type=_positive_int,
+        default=DEFAULT_MAX_FILES,
+        help=f"most policy files a tree may hold (default {DEFAULT_MAX_FILES})",
+    )
 
 
 def _limits(args: argparse.Namespace) -> ReadLimits:
     from controlplane.sources.policy_dir import ReadLimits
 
-    return ReadLimits(max_file_bytes=args.max_policy_file_bytes, max_tree_bytes=args.max_policy_tree_bytes)
+    return ReadLimits(
+        max_file_bytes=args.max_policy_file_bytes,
+        max_tree_bytes=args.max_policy_tree_bytes,
+        max_files=args.max_policy_files,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -31,12 +31,13 @@ from typing import Any, NamedTuple
 
 from controlplane.cli.diff import UsageError, policy_tree, resource_changes, text_lines
 from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.model.policy import Policy
+from controlplane.model.policy import GitLabApi, Policy
 from controlplane.runtime.policy_check import CheckedPolicy, LiveInputs, check_policy_files
 from controlplane.sources.policy_dir import ReadLimits, read_policy_dir
 
 MARKER = "<!-- controlplane:mr-check -->"  # how the note of a previous push is found again
 TOKEN_ENV = "CONTROLPLANE_MR_TOKEN"
+ApiSetting = tuple[str, str | None, str | None]  # an `api:`'s url, token_env and token_file
 CHECK_ERROR = "controlplane/policy-error"
 CHECK_WARNING = "controlplane/policy-warning"
 SEVERITY = {CHECK_ERROR: "major", CHECK_WARNING: "minor"}
@@ -57,6 +58,12 @@ class GitLabReader:
 
     def __init__(self) -> None:
         self.notes: list[str] = []
+        # In an MR the policy read is the MR's: it could name any URL and any variable or file as an issuer's token
+        # (`api: {url: https://elsewhere, token_env: CONTROLPLANE_MR_TOKEN}`) and have the job send that secret
+        # there. So only the `api:` settings of the target branch's policy (reviewed, merged) are read with;
+        # None: no base, the checkout is the target branch itself.
+        self.trusted: frozenset[ApiSetting] | None = None
+        self.untrusted = "its api: url, token_env or token_file is not the target branch's"  # why, when not trusted
 
     def __call__(self, policy: Policy) -> LiveInputs:
         from controlplane.model.inventory import Inventory
@@ -69,6 +76,11 @@ class GitLabReader:
             if issuer.api is None:
                 continue
             offline = issuer.inventory or Inventory()
+            if self.trusted is not None and _api_setting(issuer.api) not in self.trusted:
+                why = f"{self.untrusted}; no token sent"
+                self._note(f"issuer {issuer.name}: judged without GitLab ({why})")
+                inventories[issuer.name] = offline
+                continue
             try:
                 token = token_from(issuer.api.token_env, issuer.api.token_file)
             except GitLabTokenError as error:
@@ -140,12 +152,12 @@ def run_mr_check(args: argparse.Namespace, limits: ReadLimits) -> int:
     body = note_body(outcome, os.environ)
     args.diff_report.parent.mkdir(parents=True, exist_ok=True)
     args.diff_report.write_text(body, encoding="utf-8")
-    for error in outcome.errors:
-        print(error, file=sys.stderr)
+    for error in outcome.errors:  # one line each: a file name cannot forge lines of the job's log
+        print(_one_line(str(error)), file=sys.stderr)
     verdict = f"invalid policy ({outcome.total} error(s))" if outcome.errors else "valid policy"
     for note in outcome.notes:
-        print(f"controlplane mr-check: note: {note}")
-    print(f"controlplane mr-check: {verdict}; {outcome.diff_note}")
+        print(f"controlplane mr-check: note: {_one_line(note)}")
+    print(f"controlplane mr-check: {verdict}; {_one_line(outcome.diff_note)}")
     print(f"controlplane mr-check: wrote {args.codequality} and {args.diff_report}")
     if args.no_note:
         print("controlplane mr-check: MR note off (--no-note)")
@@ -164,20 +176,20 @@ def check(
 
 
 def _check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits, gitlab: GitLabReader | None) -> Outcome:
+    old_tree = _read_base(f"{base}:{prefix}" if prefix else base, limits) if base else None
+    if gitlab is not None and base:  # the MR's own `api:` settings are not trusted: the target branch's are
+        gitlab.trusted = _api_settings(old_tree) if isinstance(old_tree, dict) else frozenset()
+        if not isinstance(old_tree, dict):
+            gitlab.untrusted = "the target branch's policy, whose api: settings alone are trusted, was not read"
     head, errors, total = _judge(lambda: read_policy_dir(policy_dir, limits), gitlab)
     warnings = head.warnings if head is not None else []
     if head is None:
         return Outcome(errors, total, warnings, None, False, "no access diff: the head's policy is invalid")
-    if not base:
+    if not base or old_tree is None:
         return Outcome(errors, total, warnings, None, False, "no access diff: no base revision (not an MR pipeline?)")
-    spec = f"{base}:{prefix}" if prefix else base
-    try:
-        with policy_tree(spec) as tree:
-            old, old_errors, old_total = _judge(lambda: read_policy_dir(tree, limits), gitlab)
-    except UsageError as error:
-        return Outcome(errors, total, warnings, None, False, f"no access diff: {error}")
-    except OSError as error:  # no git in the image
-        return Outcome(errors, total, warnings, None, False, f"no access diff: git failed: {error}")
+    if isinstance(old_tree, str):
+        return Outcome(errors, total, warnings, None, False, f"no access diff: {old_tree}")
+    old, old_errors, old_total = _judge(lambda: _texts(old_tree), gitlab)
     if old is None:
         first = f": {old_errors[0]}" if old_errors else ""
         why = f"the base's policy is invalid ({old_total} error(s){first})"
@@ -202,6 +214,42 @@ def _judge(
         return None, [PolicyError(".", 0, "", str(error))], 1
     except Exception as error:  # a bug: one error, as validate reports it, so the pipeline still fails
         return None, [PolicyError(".", 0, "", f"internal error: {type(error).__name__}: {error}")], 1
+
+
+def _read_base(spec: str, limits: ReadLimits) -> dict[str, str] | Exception | str:
+    """The base's policy files, or why they could not be read: the policy's own error (judged later, as the
+    head's are), or the reason git could not give the tree (a string)."""
+    try:
+        with policy_tree(spec) as tree:
+            try:
+                return read_policy_dir(tree, limits)
+            except (PolicyInvalid, OSError) as error:
+                return error
+    except UsageError as error:
+        return str(error)
+    except OSError as error:  # no git in the image
+        return f"git failed: {error}"
+
+
+def _texts(tree: dict[str, str] | Exception) -> Mapping[str, str]:
+    if isinstance(tree, Exception):
+        raise tree
+    return tree
+
+
+def _api_settings(texts: Mapping[str, str]) -> frozenset[ApiSetting]:
+    """Where the target branch's policy sends which token: all the MR's head may have read for it."""
+    from controlplane.model.loader import parse_policy
+
+    try:
+        policy = parse_policy(texts)
+    except Exception:  # an invalid base trusts nothing: the head is judged offline
+        return frozenset()
+    return frozenset(_api_setting(i.api) for i in policy.issuers if i.api is not None)
+
+
+def _api_setting(api: GitLabApi) -> ApiSetting:
+    return (api.url, api.token_env, api.token_file)
 
 
 def _fronted(policy: Policy) -> dict[str, tuple[str, ...]]:
@@ -274,14 +322,15 @@ def note_body(outcome: Outcome, env: Mapping[str, str]) -> str:
             lines.append(f"- ... and {outcome.total - MAX_LISTED} more (see the code-quality report)")
     else:
         lines.append("**Valid policy.**" + (f" {len(outcome.warnings)} warning(s)." if outcome.warnings else ""))
-    lines.extend(f"> {note}" for note in outcome.notes)
+    lines.extend(f"> `{_code(note)}`" for note in outcome.notes)
     lines.extend(["", "#### Access changes", ""])
+    why = _prose(outcome.diff_note)  # may quote git's words or the base's first error
     if outcome.diff is None:
-        lines.append(f"_{outcome.diff_note}_")
+        lines.append(f"_{why}_")
     elif not outcome.changed and not outcome.diff:
-        lines.append(f"None: {outcome.diff_note}.")
+        lines.append(f"None: {why}.")
     else:
-        lines.append(f"{outcome.diff_note[:1].upper()}{outcome.diff_note[1:]}:")
+        lines.append(f"{why[:1].upper()}{why[1:]}:")
         lines.extend(["", "```diff", *(_diff_line(line) for line in outcome.diff), "```"])
     pipeline = env.get("CI_PIPELINE_URL")
     lines.extend(["", f"<sub>Updated by `controlplane mr-check`{f' in {pipeline}' if pipeline else ''}.</sub>", ""])
@@ -295,20 +344,43 @@ def note_body(outcome: Outcome, env: Mapping[str, str]) -> str:
 def _diff_line(line: str) -> str:
     """Gains and losses at the start of the line, where GitLab's `diff` highlighting colours them. A fence in a
     value the policy wrote (a claim, a path) is broken up, so nothing an MR writes can end the code block."""
-    safe = line.replace("```", "'''")
+    safe = _one_line(line).replace("```", "'''")
     stripped = safe.lstrip()
     return stripped if stripped[:2] in ("+ ", "- ") else " " + safe
 
 
 def _code(text: str) -> str:
-    return text.replace("`", "'")
+    """`text` for an inline code span: one line, no backtick that could end the span. In the span GitLab renders
+    no HTML (`</details>`), no mention (`@all`), no reference; and quick actions (`/merge`, `/label`, run with the
+    note token's rights when the note is saved) are read only at the start of a line, which `text` cannot reach."""
+    return _one_line(text).replace("`", "'")
+
+
+# What ends a line for GitLab's Markdown or its quick-action parser (LF, CR, and Unicode's other breaks) and the
+# other control characters: a file name (`x<LF>/label ~y.yaml`) or a GitLab error message may carry them.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, 0x85)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+_ESCAPES |= {0x0A: "\\n", 0x0D: "\\r", 0x09: " "}
+
+
+def _prose(text: str) -> str:
+    """`text` in running Markdown: one line, no HTML tag (`<` written as an entity) and no mention (a zero-width
+    space after `@`: GitLab links `@name` in rendered text, whatever escaping, but not in code), no code span."""
+    return _code(text).replace("&", "&amp;").replace("<", "&lt;").replace("@", "@\u200b")
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line: line breaks and control characters written as escapes (`\\n`, `\\x1b`)."""
+    return text.translate(_ESCAPES)
 
 
 def post_note(body: str, token_env: str | None, token_file: str | None, env: Mapping[str, str]) -> bool:
     """Create or update this check's note on the MR. Every outcome is one line on stdout; never raises."""
     from controlplane.sources.gitlab_client import GitLabTokenError, token_from
 
-    iid, project, api = env.get("CI_MERGE_REQUEST_IID"), env.get("CI_PROJECT_ID"), env.get("CI_API_V4_URL")
+    # The MR's own project: in a pipeline of a fork's MR that runs in the fork, CI_PROJECT_ID is the fork's,
+    # while the IID numbers the MR in the project it targets.
+    project = env.get("CI_MERGE_REQUEST_PROJECT_ID") or env.get("CI_PROJECT_ID")
+    iid, api = env.get("CI_MERGE_REQUEST_IID"), env.get("CI_API_V4_URL")
     if not (iid and project and api):
         print("controlplane mr-check: MR note skipped: not a merge-request pipeline (no CI_MERGE_REQUEST_IID)")
         return False

@@ -51,7 +51,7 @@ from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
-from controlplane.runtime.merge_request_statuses import MergeRequestStatuses
+from controlplane.runtime.merge_request_statuses import MAX_UNWATCHED, MergeRequestStatuses
 from controlplane.runtime.policy_check import LiveInputs
 from controlplane.runtime.policy_service import PolicyService
 from controlplane.runtime.replication import (
@@ -133,7 +133,7 @@ async def serve(options: ServeOptions) -> int:
 
 def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
     """What a merge request's head is judged against: GitLab as the served policy sees it, plus what it names."""
-    return LiveInputs(gitlab.inventories_for(head, policy.pins), policy.pins)
+    return LiveInputs(gitlab.inventories_for(head, policy.pins, MAX_UNWATCHED), policy.pins)
 
 
 async def _serve(options: ServeOptions, parts: Supervisor) -> None:
@@ -242,7 +242,10 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     if options.policy_gitlab is not None and isinstance(policy.source, GitLabPolicySource):  # merge requests' heads
         repo = PolicyRepo(policy.source.repo.source, policy.source.repo.project, options.policy_limits)
         live = partial(_live_inputs, gitlab, policy)  # GitLab now, read-only: never widens a watch
-        statuses = MergeRequestStatuses(repo, is_leader=is_leader, live=live)
+        served = policy.source.repo
+        statuses = MergeRequestStatuses(
+            repo, is_leader=is_leader, live=live, served_bytes=lambda: served.last_tree_bytes
+        )
         gitlab.on_merge_request = statuses.wake  # an MR webhook, or a push to another branch: a round now
         parts.run("merge-request statuses", statuses.run(options.policy_gitlab.poll_seconds, parts.stopping))
     if credentials is not None:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.inventory import Group, Inventory, Project
 from controlplane.model.policy import GitLabApi, Issuer, IssuerKind, Policy
 from controlplane.retry import Backoff
@@ -229,12 +230,18 @@ class GitLabLink:
             unread += [f"{name}:{p}" for p in scope.projects if not any(p in (x.id, x.path) for x in have.projects)]
         return unread
 
-    def inventories_for(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> dict[str, Inventory]:
+    def inventories_for(
+        self, policy: Policy, pins: Mapping[str, Mapping[str, int]], max_unwatched: int | None = None
+    ) -> dict[str, Inventory]:
         """Read-only, blocking (a worker thread): the inventories in use, plus what `policy` names beyond them read
         from GitLab now, without widening any watch. How a candidate that is never served (a merge request's
-        head) is judged against GitLab as it is; raises `GitLabUnavailable` when GitLab cannot be read."""
+        head) is judged against GitLab as it is; raises `GitLabUnavailable` when GitLab cannot be read, and
+        `PolicyInvalid` (nothing read) when `policy` names more than `max_unwatched` projects and groups beyond
+        the watches: whoever writes the candidate (anyone opening an MR) chooses what serve reads, with the
+        budget the watches share."""
         out = self.inventories()
-        for name, inventory in list(out.items()):
+        unwatched: dict[str, tuple[_Source, list[str | int], list[str | int]]] = {}
+        for name, inventory in out.items():
             source = self._sources.get(name)
             issuer = next((i for i in policy.issuers if source and i.name == name and i.api == source.api), None)
             if source is None or issuer is None or inventory.stale:
@@ -243,12 +250,22 @@ class GitLabLink:
             groups = [g for g in scope.groups if not any(g in (x.id, x.path) for x in inventory.groups)]
             projects = [p for p in scope.projects if not any(p in (x.id, x.path) for x in inventory.projects)]
             if groups or projects:
-                extra = source.source.fetch_inventory(groups=groups, projects=projects)
-                out[name] = replace(
-                    inventory,
-                    projects=tuple(sorted({p.id: p for p in (*inventory.projects, *extra.projects)}.values(), key=_id)),
-                    groups=tuple(sorted({g.id: g for g in (*inventory.groups, *extra.groups)}.values(), key=_id)),
-                )
+                unwatched[name] = (source, groups, projects)
+        count = sum(len(groups) + len(projects) for _, groups, projects in unwatched.values())
+        if max_unwatched is not None and count > max_unwatched:
+            message = (
+                f"names {count} projects and groups no served policy watches: more than the {max_unwatched} read "
+                "for a policy that is not served (propose fewer at a time)"
+            )
+            raise PolicyInvalid([PolicyError(".", 0, "", message)])
+        for name, (source, groups, projects) in unwatched.items():
+            inventory = out[name]
+            extra = source.source.fetch_inventory(groups=groups, projects=projects)
+            out[name] = replace(
+                inventory,
+                projects=tuple(sorted({p.id: p for p in (*inventory.projects, *extra.projects)}.values(), key=_id)),
+                groups=tuple(sorted({g.id: g for g in (*inventory.groups, *extra.groups)}.values(), key=_id)),
+            )
         return out
 
     def read_new_subjects(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> str | None:

@@ -22,6 +22,7 @@ from controlplane.sources.policy_dir import (
     ReadLimits,
     _is_policy_file,
     file_too_large,
+    too_many_files,
     tree_too_large,
 )
 
@@ -57,6 +58,7 @@ class PolicyRepo:
         self.source = source
         self.project = project
         self.limits = limits
+        self._user_id: int | None = None  # the token's user (`GET /user`), asked once
         self._blobs: dict[str, bytes] = {}  # blob id -> content: a file unchanged between commits is read once
 
     def __repr__(self) -> str:
@@ -72,13 +74,20 @@ class PolicyRepo:
             commit = self._get(self._handle().commits, branch, f"branch {branch}")
         return str(branch), str(commit.id)
 
-    def read_tree(self, sha: str) -> dict[str, str]:
+    @property
+    def last_tree_bytes(self) -> int:
+        """The size of the tree read last (its distinct files): what a policy of this project weighs now."""
+        return sum(len(blob) for blob in self._blobs.values())
+
+    def read_tree(self, sha: str, limits: ReadLimits | None = None) -> dict[str, str]:
         """{path: text} of every policy file in the tree at `sha`, recursively, in sorted order.
 
         Same rules as a directory (`policy_dir`): YAML only; hidden files and directories, editor leftovers,
         symlinks and submodules skipped; the same size bounds. Raises `PolicyInvalid` naming each file that is
         not UTF-8 or too large, or the commit when it holds no policy file, as `read_policy_dir` does.
+        `limits`: tighter bounds than the project's for this one read (a merge request's head).
         """
+        limits = limits or self.limits
         with self.source.errors_as_unavailable():
             project = self._handle()
             entries = sorted(
@@ -86,19 +95,34 @@ class PolicyRepo:
                 for entry in project.repository_tree(ref=sha, recursive=True, iterator=True)
                 if _is_policy_blob(entry)
             )
-            blobs = {blob: self._blob(project, path, blob, sha) for path, blob in entries}
+            if len(entries) > limits.max_files:  # each file is a request: none is made for such a tree
+                where = f"{self.project}@{sha[:12]}"
+                raise PolicyInvalid([PolicyError(where, 0, "", too_many_files(len(entries), limits.max_files))])
+            blobs: dict[str, bytes] = {}
+            total = 0
+            # Read in order, and no further than the tree's bound (a tree of a thousand files of the file bound
+            # would otherwise be held whole before being refused); a blob repeated in the tree is read once.
+            for path, blob in entries:
+                if blob not in blobs:
+                    blobs[blob] = self._blob(project, path, blob, sha)
+                total += len(blobs[blob])
+                if total > limits.max_tree_bytes:
+                    break
         self._blobs = blobs  # bounded: only the blobs of the last tree read are kept
         texts: dict[str, str] = {}
         errors: list[PolicyError] = []
         total = 0
         for path, blob in entries:
+            if blob not in blobs:  # not read: the bound was passed before it (on a file also too large itself)
+                errors.append(PolicyError(path, 1, "", tree_too_large(total, limits.max_tree_bytes)))
+                break
             size = len(blobs[blob])
             total += size
-            if size > self.limits.max_file_bytes:
-                errors.append(PolicyError(path, 1, "", file_too_large(size, self.limits.max_file_bytes)))
+            if size > limits.max_file_bytes:
+                errors.append(PolicyError(path, 1, "", file_too_large(size, limits.max_file_bytes)))
                 continue
-            if total > self.limits.max_tree_bytes:
-                errors.append(PolicyError(path, 1, "", tree_too_large(total, self.limits.max_tree_bytes)))
+            if total > limits.max_tree_bytes:
+                errors.append(PolicyError(path, 1, "", tree_too_large(total, limits.max_tree_bytes)))
                 break
             try:
                 texts[path] = blobs[blob].decode("utf-8")
@@ -111,6 +135,21 @@ class PolicyRepo:
             suffixes = ", ".join("*" + s for s in POLICY_SUFFIXES)
             raise PolicyInvalid([PolicyError(where, 0, "", f"no policy files ({suffixes}) in {where}")])
         return texts
+
+    def has_status(self, sha: str) -> bool:
+        """Whether the latest `controlplane` status on `sha` is this token's own: one small request, so a verdict
+        posted before a restart, or by the previous leader, is not judged and posted again. One posted by anyone
+        else (a developer's token can post any name) does not count: the verdict is still ours to give."""
+        with self.source.errors_as_unavailable():
+            found = self._handle().commits.get(sha, lazy=True).statuses.list(name=STATUS_NAME, per_page=1, page=1)
+            if not found:
+                return False
+            if self._user_id is None:
+                self.source.gl.auth()  # `GET /user`
+                user = self.source.gl.user
+                self._user_id = int(user.id) if user is not None else -1
+        author = found[0].attributes.get("author") or {}
+        return bool(author.get("id") == self._user_id)
 
     def post_status(self, sha: str, state: StatusState, description: str, target_url: str | None = None) -> None:
         """A commit status named `controlplane` on `sha`: what the policy repository's users see on the commit."""

@@ -22,6 +22,8 @@ DEFAULT_MAX_FILE_BYTES = 4 * 1024 * 1024
 """Per policy file: ~100,000 lines, far beyond any hand-written file (the largest example is 10 KB)."""
 DEFAULT_MAX_TREE_BYTES = 32 * 1024 * 1024
 """Per tree: thousands of backends and bindings fit in a few MB; parsed, 32 MB of YAML is already ~1 GB."""
+DEFAULT_MAX_FILES = 2000
+"""Per tree: read through GitLab's API, each file is one request of the budget the served policy shares."""
 
 
 def _is_policy_file(name: str) -> bool:
@@ -59,6 +61,7 @@ class ReadLimits:
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES
+    max_files: int = DEFAULT_MAX_FILES
 
 
 DEFAULT_LIMITS = ReadLimits()
@@ -81,6 +84,8 @@ def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str
     errors: list[PolicyError] = []
     total = 0
     paths, linked = _policy_paths(root)
+    if len(paths) > limits.max_files:
+        raise _root_error(root, too_many_files(len(paths), limits.max_files))
     errors.extend(PolicyError(link.relative_to(root).as_posix(), 1, "", DIRECTORY_LINK) for link in linked)
     for path in paths:
         name = path.relative_to(root).as_posix()
@@ -106,6 +111,10 @@ def read_policy_dir(root: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str
 def file_too_large(size: int, limit: int, flag: str | None = "--max-policy-file-bytes") -> str:
     see = f"; see {flag}" if flag else ""
     return f"file is larger than the {limit}-byte limit ({size} bytes or more{see})"
+
+
+def too_many_files(count: int, limit: int) -> str:
+    return f"policy tree holds {count} policy files, more than the {limit} a tree may hold (see --max-policy-files)"
 
 
 def tree_too_large(total: int, limit: int) -> str:

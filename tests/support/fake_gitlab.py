@@ -315,6 +315,8 @@ class FakeGitLab(OidcIssuer):
             ("GET", "/projects/:id/repository/commits", self._list_commits),
             ("GET", "/projects/:id/repository/commits/:sha", self._get_commit),
             ("POST", "/projects/:id/statuses/:sha", self._post_status),
+            ("GET", "/projects/:id/repository/commits/:sha/statuses", self._list_statuses),
+            ("GET", "/user", self._get_current_user),
             ("GET", "/projects/:id/jobs/:job_id", self._get_job),
             *self._merge_request_routes(),
         ]
@@ -663,6 +665,14 @@ class FakeGitLab(OidcIssuer):
         with self._api_lock:
             p = self._project(project)
             return p.branches[branch or p.default_branch or "main"]
+
+    def add_status(self, project: int | str, sha: str, state: str, *, name: str, author: str) -> None:
+        """A commit status posted by another user (`author`, not the API token's): a developer's own token, a CI
+        job's."""
+        with self._api_lock:
+            entry = _status_json(next(self._other_ids), sha, None, state, name, {}, self.base_url)
+            entry["author"] = _user_json(author, 2, self.base_url)
+            self._project(project).statuses.setdefault(sha, []).append(entry)
 
     def statuses(self, project: int | str, sha: str) -> list[dict[str, Any]]:
         """Commit statuses posted on ``sha``, oldest first, as the API answered them."""
@@ -1047,6 +1057,27 @@ class FakeGitLab(OidcIssuer):
         body.update({"stats": {"additions": 0, "deletions": 0, "total": 0}, "status": None, "project_id": project.id})
         return json_response(body)
 
+    def _get_current_user(self, request: Request) -> Response:
+        """`GET /user`: the API token's user."""
+        return json_response(_user_json(BOT_USER, 1, self.base_url))
+
+    def _list_statuses(self, request: Request) -> Response:
+        """A commit's statuses, newest first: by default only the latest of each name (and ref), every one with
+        `all=true`; `name` and `ref` filter. Paginated as every list."""
+        project = self._project(request.params["id"])
+        commit = self._resolve(project, request.params["sha"])
+        name, ref = request.query.get("name", [None])[0], request.query.get("ref", [None])[0]
+        every = request.query.get("all", ["false"])[0] in ("true", "1")
+        found, seen = [], set()
+        for status in reversed(project.statuses.get(commit.sha, [])):
+            if (name is not None and status["name"] != name) or (ref is not None and status["ref"] != ref):
+                continue
+            if not every and (status["name"], status["ref"]) in seen:
+                continue
+            seen.add((status["name"], status["ref"]))
+            found.append(status)
+        return self._page(request, found)
+
     def _post_status(self, request: Request) -> Response:
         """GitLab's rules: a known state, a commit that exists, and no repeat of a pending/running state."""
         project = self._project(request.params["id"])
@@ -1062,8 +1093,12 @@ class FakeGitLab(OidcIssuer):
         name = str(data.get("name") or data.get("context") or "default")
         posted = project.statuses.setdefault(commit.sha, [])
         previous = next((s for s in reversed(posted) if s["name"] == name), None)
-        if previous is not None and previous["status"] == state and state in ("pending", "running"):
-            raise ApiError(400, f"Cannot transition status via :{state} from :{state}")
+        if previous is not None and previous["status"] in ("pending", "running") and state in ("pending", "running"):
+            # GitLab moves the live (pending/running) status by an event: `enqueue` to pending, `run` to running;
+            # pending again, or running again, is no transition it knows.
+            event = "enqueue" if state == "pending" else "run"
+            if state == "pending" or previous["status"] == "running":
+                raise ApiError(400, f"Cannot transition status via :{event} from :{previous['status']}")
         ref = data.get("ref") or next((b for b, sha in sorted(project.branches.items()) if sha == commit.sha), None)
         entry = _status_json(next(self._other_ids), commit.sha, ref, state, name, data, self.base_url)
         posted.append(entry)
