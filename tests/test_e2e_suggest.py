@@ -318,36 +318,12 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
 # --- the wide replay: five projects, two backends, a few hundred requests, a thousand unused ones
 
 
-def wide_policy(given: PolicyInputs) -> dict[str, str]:
-    """Anything on both backends for the whole group; merge-request pipelines only for project 45 on reports (a
-    binding naming no pipeline source denies them); a shadow binding that stays."""
-    anything = 'rules:\n  - paths: ["/**"]\n'
-    return {
-        "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
-        "inventory.yaml": wide.INVENTORY,
-        "backends.yaml": documents(
-            backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
-            backend("deploy-api", given.ports["deploy"]),
-        ),
-        "roles.yaml": documents(
-            f"kind: Role\nname: reports-everything\nbackend: reports-api\n{anything}",
-            f"kind: Role\nname: deploy-everything\nbackend: deploy-api\n{anything}",
-        ),
-        "bindings.yaml": documents(
-            binding("platform-all", ["reports-everything", "deploy-everything"], "{group: acme/platform}"),
-            binding("web-reviews", ["reports-everything"], f"{{project: 45, pipeline_source: [{wide.MR}]}}"),
-            binding("deploy-dry-run", ["deploy-everything"], "{project: 42, ref: main}", extra="mode: shadow"),
-        ),
-        "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"], access_log=given.access_log),
-    }
-
-
 @pytest.fixture
 def wide_stack(tmp_path: Path) -> Iterator[Served]:
     spec = EnvoySpec(NODE, "suggest-wide-envoy", flush_logs=True)
     with serve_stack(
         tmp_path,
-        wide_policy,
+        wide.policy,
         kind=Served,
         envoy=spec,
         backends=("reports", "deploy"),
@@ -383,12 +359,6 @@ def _audited_jobs(db: Path) -> int:
         return 0
     finally:
         conn.close()
-
-
-def _shown(made: wide.Call) -> str:
-    claim = made.claim
-    pins = " ".join(f"{k}={claim.get(k)}" for k in ("ref", "ref_protected", "pipeline_source", "environment"))
-    return f"  p{claim['project_id']} {made.backend} {made.method} {made.path} [{pins}]"
 
 
 def test_wide_replay_keeps_every_observed_request_and_denies_what_nobody_used(
@@ -441,9 +411,9 @@ def test_wide_replay_keeps_every_observed_request_and_denies_what_nobody_used(
             f"still allowed; {len(unused) - len(now_allowed)}/{len(unused)} unused requests the old policy allowed "
             f"now denied; {len(exceptions)} admitted by the documented rules (glob siblings, a source CI allows):"
         )
-        print("\n".join(_shown(c) for c in exceptions))
+        print("\n".join("  " + wide.describe(c) for c in exceptions))
     assert still_allowed == recorded
     assert len(unused) >= 1000 and len(exceptions) <= len(unused) // 20  # the exception set is small
     assert {c.key() for c in now_allowed} == {c.key() for c in exceptions}, [
-        _shown(c) for c in now_allowed if c not in exceptions
+        wide.describe(c) for c in now_allowed if c not in exceptions
     ][:20]

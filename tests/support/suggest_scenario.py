@@ -6,13 +6,13 @@ Evaluator (tests/test_assistant_replay.py), so a mutated proposer is shown to fa
 
 Five projects of `acme/platform`, two backends:
 
-| project | backend | refs | sources | CI read for it? | subject the rules give |
-|---|---|---|---|---|---|
-| 42 deployer | reports | main, tag v1.0 (protected) | push, schedule | no: a tag's job ran the tag's CI | protected, sources observed only |
-| 42 deployer | deploy | main | push | yes: `deploy-prod`, main + push, production | protected, ref, source, environment from CI |
-| 43 other | reports | main, feature (unprotected) | push | no: feature is not the default branch | sources observed only |
-| 45 web | reports | feature-x (unprotected) | merge_request_event | no: not the default branch | sources observed only |
-| 46 tools | deploy | main | push | yes: `nightly`, push or schedule, staging | protected, source and environment from CI |
+| project, backend | refs | sources | CI used? | subject the rules give |
+|---|---|---|---|---|
+| 42 reports | main, tag v1.0 (protected) | push, schedule | no: a tag ran the tag's CI | protected; observed sources |
+| 42 deploy | main | push | yes: `deploy-prod` (main, push, production) | protected; ref, source, env from CI |
+| 43 reports | main, feature (unprotected) | push | no: feature is not the default branch | observed sources |
+| 45 reports | feature-x (unprotected) | merge_request_event | no: not the default branch | observed sources |
+| 46 deploy | main | push | yes: `nightly` (push or schedule, staging) | protected; source, env from CI |
 
 Project 44 made no request. The oracle below (`admitted`) applies the documented rules to what was recorded, written
 apart from controlplane/assistant/propose.py: paths generalised where 3+ digit-holding values differ at one segment
@@ -24,7 +24,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+
+from tests.support.policy_parts import backend, binding, documents, gateway, issuer
+from tests.support.stack import INVENTORY_FILE, PolicyInputs
 
 REPORTS_HOST, DEPLOY_HOST = "reports.local", "deploy.local"
 BACKEND_OF_HOST = {REPORTS_HOST: "reports-api", DEPLOY_HOST: "deploy-api"}
@@ -126,6 +130,33 @@ EXPECTED_SUBJECTS: dict[tuple[int, str], dict[str, Any]] = {
 }
 
 
+def policy(given: PolicyInputs) -> dict[str, str]:
+    """Anything on both backends for the whole group; merge-request pipelines only for project 45 on reports (a
+    binding naming no pipeline source denies them); a shadow binding that stays."""
+    anything = 'rules:\n  - paths: ["/**"]\n'
+    return {
+        "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
+        "inventory.yaml": INVENTORY,
+        "backends.yaml": documents(
+            backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
+            backend("deploy-api", given.ports["deploy"]),
+        ),
+        "roles.yaml": documents(
+            f"kind: Role\nname: reports-everything\nbackend: reports-api\n{anything}",
+            f"kind: Role\nname: deploy-everything\nbackend: deploy-api\n{anything}",
+        ),
+        "bindings.yaml": documents(
+            binding("platform-all", ["reports-everything", "deploy-everything"], "{group: acme/platform}"),
+            binding("web-reviews", ["reports-everything"], f"{{project: 45, pipeline_source: [{MR}]}}"),
+            binding("deploy-dry-run", ["deploy-everything"], "{project: 42, ref: main}", extra="mode: shadow"),
+        ),
+        "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"], access_log=given.access_log),
+    }
+
+
+OFFLINE = PolicyInputs("https://gitlab.example.com", 1, {"reports": 2, "deploy": 3}, Path("/dev/null"), Path("/"))
+
+
 @dataclass(frozen=True)
 class Call:
     """One request a job makes through the gateway: the Envoy host, method, path and the token's claims."""
@@ -169,8 +200,12 @@ def recorded_calls() -> list[Call]:
     reports_42 += [("GET", f"/reports/summary/{w}") for w in ("daily", "weekly", "monthly")]  # words: kept exact
     reports_42 += [("GET", f"/archive/{y}/q{q}") for y in (2023, 2024, 2025) for q in (1, 2, 3)]  # globbed twice
     reports_42 += [("HEAD", "/reports/index"), ("POST", "/reports/2026/01/render")]
-    runs_42 = [{"ref": "main", "pipeline_source": "push"}, {"ref": "main", "pipeline_source": "schedule"}]
+    runs_42: list[dict[str, Any]] = [
+        {"ref": "main", "pipeline_source": "push"},
+        {"ref": "main", "pipeline_source": "schedule"},
+    ]
     runs_42 += [{"ref": "v1.0", "ref_type": "tag", "pipeline_source": "push"}]
+    claims: dict[str, Any]
     for run in runs_42 * 3:
         claims = {**run, "job_id": next(job)}
         made += [make_call(REPORTS_HOST, m, p, 42, **claims) for m, p in reports_42]
@@ -233,7 +268,7 @@ def _other_paths(path: str) -> Iterable[str]:
     for position in range(1, len(parts)):
         for value in ("admin", "99"):
             if parts[position] != value:
-                yield "/".join(parts[:position] + [value] + parts[position + 1 :])
+                yield "/".join([*parts[:position], value, *parts[position + 1 :]])
 
 
 def _other_claims(subject: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
@@ -280,7 +315,7 @@ def documented_globs(paths: Iterable[str], minimum: int = 3) -> set[str]:
             for p in current:
                 parts = p.split("/")
                 if position < len(parts) and _id_like(parts[position]):
-                    groups[tuple(parts[:position] + ["\0"] + parts[position + 1 :])].add(parts[position])
+                    groups[tuple([*parts[:position], "\0", *parts[position + 1 :]])].add(parts[position])
             for rest, values in groups.items():
                 if len(values) >= minimum:
                     for value in values:
@@ -292,7 +327,8 @@ def documented_globs(paths: Iterable[str], minimum: int = 3) -> set[str]:
 
 def _segment_matches(pattern: str, path: str) -> bool:
     want, have = pattern.split("/"), path.split("/")
-    return len(want) == len(have) and all(w == "*" and "/" not in h or w == h for w, h in zip(want, have, strict=True))
+    pairs = zip(want, have, strict=False)
+    return len(want) == len(have) and all((w == "*" and "/" not in h) or w == h for w, h in pairs)
 
 
 @dataclass(frozen=True)
@@ -313,6 +349,13 @@ class Oracle:
             return False
         patterns = self.patterns.get((claim["project_id"], call.backend, call.method), frozenset())
         return any(_segment_matches(p, call.path) for p in patterns)
+
+
+def describe(made: Call) -> str:
+    """One line a reviewer reads: project, backend, method, path and the claims a subject may pin."""
+    claim = made.claim
+    pins = " ".join(f"{k}={claim.get(k)}" for k in ("ref", "ref_protected", "pipeline_source", "environment"))
+    return f"p{claim['project_id']} {made.backend} {made.method} {made.path} [{pins}]"
 
 
 def subject_holds(subject: Mapping[str, Any], claim: Mapping[str, Any]) -> bool:
