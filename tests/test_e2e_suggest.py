@@ -9,6 +9,13 @@
    pipeline sources) are checked allowed through the Envoy under the old policy; then the suggested tree
    replaces the old one in serve's policy directory and, once the Envoy holds it, every recorded request is
    replayed (still allowed) and every unused one is denied.
+
+The second test widens it (tests/support/suggest_scenario.py): five projects, two backends, tags and branches,
+protected and not, push/schedule/merge-request pipelines, environments, globbed and exact segments; 330 requests
+recorded, every one replayed; 1,112 requests the broad policy allowed and nobody made, each denied unless the
+documented rules admit it (an oracle written from docs/policy-assistant.md, apart from the proposer: a sibling at
+a glob's segment, a source the project's CI allows), that exception set printed. tests/test_assistant_replay.py
+replays the same scenario through the Evaluator and shows mutations of the proposer failing it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import pytest
 
 from controlplane.audit.store import DB_NAME
 from controlplane.cli.main import main
+from tests.support import suggest_scenario as wide
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer
 from tests.support.ports import poll_until
 from tests.support.stack import INVENTORY_FILE, NODE, EnvoySpec, PolicyInputs, Served, serve_stack
@@ -312,3 +320,97 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     )
     assert still_allowed == recorded
     assert now_denied == unused
+
+
+# --- the wide replay: five projects, two backends, a few hundred requests, a thousand unused ones
+
+
+@pytest.fixture
+def wide_stack(tmp_path: Path) -> Iterator[Served]:
+    spec = EnvoySpec(NODE, "suggest-wide-envoy", flush_logs=True)
+    with serve_stack(
+        tmp_path,
+        wide.policy,
+        kind=Served,
+        envoy=spec,
+        backends=("reports", "deploy"),
+        ready=lambda built: built.call("reports.local", None, path="/healthz") == 200,
+    ) as built:
+        for project, (files, branches, protected) in wide.CI_FILES.items():
+            built.gitlab.add_project(
+                wide.PROJECTS[project], id=project, branches=branches, protected=protected, files=files
+            )
+        yield built
+
+
+class Tokens:
+    """One token per distinct set of claims: signing is the slow part of a request, not the Envoy."""
+
+    def __init__(self, stack: Served) -> None:
+        self.stack = stack
+        self.minted: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
+
+    def status(self, made: wide.Call) -> int:
+        key = (made.host, made.claims)
+        if key not in self.minted:
+            aud = wide.AUDIENCE_OF_HOST[made.host]
+            self.minted[key] = self.stack.gitlab.mint(aud=aud, ttl=3600, **made.claim)
+        return self.stack.request(made.host, made.path, self.minted[key], method=made.method).status
+
+
+def test_wide_replay_keeps_every_observed_request_and_denies_what_nobody_used(
+    wide_stack: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every allowed request recorded is allowed again under the suggestion; of the requests the broad policy
+    allowed and nobody made, only those the documented rules admit (a sibling at a glob's segment, a source the
+    project's CI allows) still are; every other one is denied, through the real Envoy."""
+    started = time.monotonic()
+    stack = wide_stack
+    monkeypatch.setenv(TOKEN_ENV, stack.gitlab.api_token)
+    tokens = Tokens(stack)
+    recorded = wide.recorded_calls()
+    refused = [c for c in recorded if tokens.status(c) != 200]
+    assert refused == [], refused[:5]
+    db = stack.controlplane.state_dir / DB_NAME
+    poll_until(lambda: _audited(db) >= len(recorded), 30, message="every request in the audit trail")
+
+    document = _suggest(stack, tmp_path / "suggested", capsys)
+    subjects = {
+        (int(s["project_id"]), s["backend"]): {c["key"]: c["value"] for c in s["subject"]}
+        for s in document["suggestions"]
+    }
+    assert subjects == wide.EXPECTED_SUBJECTS, json.dumps(document["suggestions"], indent=1)[:4000]
+    oracle = wide.Oracle.of(recorded)
+    proposed = {
+        (int(s["project_id"]), s["backend"], m): set(r["paths"])
+        for s in document["suggestions"]
+        for r in s["rules"]
+        for m in r["methods"]
+    }
+    assert proposed == {k: set(v) for k, v in oracle.patterns.items()}
+    assert main(["validate", str(tmp_path / "suggested"), "--offline"]) == 0, capsys.readouterr().err
+
+    generated = wide.unused_calls(recorded)
+    unused = [c for c in generated if wide.old_policy_allows(c)]
+    # the broad policy's own rule, checked through the Envoy: everything but merge-request pipelines it never named
+    allowed_before = {c.key() for c in generated if tokens.status(c) == 200}
+    assert allowed_before == {c.key() for c in unused}
+    exceptions = [c for c in unused if oracle.admitted(c)]
+    assert all(oracle.admitted(c) for c in recorded)
+
+    _swap_policy(stack, tmp_path / "suggested")
+    still_allowed = [c for c in recorded if tokens.status(c) == 200]
+    now_allowed = [c for c in unused if tokens.status(c) == 200]
+    elapsed = time.monotonic() - started
+    with capsys.disabled():
+        print(
+            f"\nwide replay through Envoy ({elapsed:.1f} s): {len(still_allowed)}/{len(recorded)} recorded requests "
+            f"still allowed; {len(unused) - len(now_allowed)}/{len(unused)} unused requests the old policy allowed "
+            f"now denied; {len(exceptions)} admitted by the documented rules (glob siblings, a source CI allows):"
+        )
+        print("\n".join("  " + wide.describe(c) for c in exceptions))
+    assert still_allowed == recorded
+    assert len(unused) >= 1000 and len(exceptions) <= len(unused) // 20  # the exception set is small
+    assert {c.key() for c in now_allowed} == {c.key() for c in exceptions}, [
+        wide.describe(c) for c in now_allowed if c not in exceptions
+    ][:20]
