@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -566,7 +566,8 @@ def near_miss_tokens(gitlab: FakeGitLab, okta: FakeOidc) -> list[Sent]:
         if isinstance(miss.audience, str):
             audiences.append(["https://wrong.local", miss.audience])
         for n, base in enumerate(miss.bases):
-            variants = [(None, base)] + [(None, {**base, **a}) for a in miss.allowed]
+            variants: list[tuple[str | None, dict[str, Any]]] = [(None, base)]
+            variants += [(None, {**base, **a}) for a in miss.allowed]
             variants += [(kind, {**base, **m}) for kind, m in miss.mutations]
             for kind, claims in variants:
                 expect = tuple(_expected(grant, where, kind) for grant, where in places)
@@ -958,6 +959,8 @@ def live_policy(given: PolicyInputs) -> str:
         backend("reports-api", given.ports["echo"]),
         "kind: Role\nname: reports-read\nbackend: reports-api\nrules: [{methods: [GET]}]\n",
         binding("deployer-reads-reports", ["reports-read"], "{project: acme/platform/deployer, ref_protected: true}"),
+        # A subject over a group, narrowed project by project: one alternative per project, each its own refs.
+        binding("platform-releases", ["reports-read"], '{group: acme/platform, ref: "release/*", ref_protected: true}'),
         gateway(given.listen_port, ["reports-api"]),
     )
 
@@ -965,14 +968,19 @@ def live_policy(given: PolicyInputs) -> str:
 @dataclass
 class LiveStack(Served):
     deployer: int = 0
+    projects: dict[str, int] = field(default_factory=dict)  # by path
 
     def token(self, **claims: Any) -> str:
-        base = {"project_id": self.deployer, "project_path": "acme/platform/deployer", "namespace_id": 11}
-        return self.gitlab.mint(**base, aud="https://reports.local", ttl=3600, **claims)
+        base: dict[str, Any] = {
+            "project_id": self.deployer,
+            "project_path": "acme/platform/deployer",
+            "namespace_id": 11,
+        }
+        return self.gitlab.mint(**{**base, **claims}, aud="https://reports.local", ttl=3600)
 
-    def both(self, token: str) -> tuple[int, dict[str, Any]]:
-        """Envoy's status and the server's explanation of GET reports.local/r with `token`."""
-        body = {"claims": decode_token(token), "method": "GET", "host": "reports.local", "path": "/r"}
+    def both(self, token: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+        """Envoy's status and the server's explanation of `method` reports.local/r with `token`."""
+        body = {"claims": decode_token(token), "method": method, "host": "reports.local", "path": "/r"}
         pool = Pool(self.controlplane.admin_port)
         try:
             status, answer = pool.send(
@@ -981,7 +989,7 @@ class LiveStack(Served):
         finally:
             pool.close()
         assert status == 200, answer
-        return self.call("reports.local", token), dict(json.loads(answer))
+        return self.call("reports.local", token, method), dict(json.loads(answer))
 
 
 @pytest.fixture(scope="module")
@@ -990,6 +998,15 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
 
     with FakeGitLab() as gitlab:
         deployer = gitlab.add_project("acme/platform/deployer", branches=["main", "feature"])
+        projects = {
+            "acme/platform/tools": gitlab.add_project(
+                "acme/platform/tools", branches=["release/1", "release/2"], protected=["main", "release/1"]
+            ),
+            "acme/platform/infra": gitlab.add_project(
+                "acme/platform/infra", branches=["release/7"], protected=["release/*"]
+            ),
+            "acme/web/site": gitlab.add_project("acme/web/site", branches=["release/1"], protected=["release/*"]),
+        }
         with serve_stack(
             tmp_path_factory.mktemp("explain-live"),
             live_policy,
@@ -1000,7 +1017,7 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             gitlab_token=True,
             webhook=True,
         ) as built:
-            built.deployer = deployer
+            built.deployer, built.projects = deployer, projects
             poll_until(lambda: built.both(built.token())[0] == 200, 20, message="the deployer reads reports")
             yield built
 
@@ -1024,6 +1041,47 @@ def test_a_server_watching_gitlab_explains_with_gitlab_as_it_is_now(live_stack: 
         assert "is archived (policy.yaml:" in withdrawn
     finally:
         stack.gitlab.archive_project(stack.deployer, archived=False)
+
+
+def test_near_misses_across_the_alternatives_of_a_subject_narrowed_by_gitlab(live_stack: LiveStack) -> None:
+    """`{group: acme/platform, ref: "release/*", ref_protected: true}`, watched live, is one alternative per
+    project of the group, each with the release refs GitLab protects in it now. Near misses of it, through
+    Envoy and the server: the alternative that comes closest names the one condition that fails."""
+    stack, grant = live_stack, "platform-releases/reports-read"
+    poll_until(lambda: stack.both(stack.token())[0] == 200, 20, message="GitLab's state as the fixture made it")
+
+    def token(path: str, ref: str, **claims: Any) -> str:
+        return stack.token(project_id=stack.projects[path], project_path=path, ref=ref, **claims)
+
+    allowed = [
+        token("acme/platform/tools", "release/1"),
+        token("acme/platform/infra", "release/7"),
+    ]
+    near: list[tuple[str, tuple[str, ...]]] = [
+        (token("acme/platform/tools", "release/2"), ("ref",)),  # claims protected; GitLab does not protect it
+        (token("acme/platform/tools", "release/7"), ("ref", "project_id")),  # infra's ref, tools' project
+        (token("acme/web/site", "release/1"), ("project_id",)),  # tools' ref, outside the group
+        (token("acme/platform/tools", "release/1", pipeline_source="merge_request_event"), ("pipeline_source",)),
+        (token("acme/platform/tools", "release/1", ref_protected=False), ("ref_protected",)),  # both must hold
+    ]
+    near += [(t, ("method",)) for t in allowed]
+    checked = 0
+    for one in allowed:
+        status, answer = stack.both(one)
+        assert (status, answer["decision"], answer["allowed_by"]) == (200, ALLOWED, [grant]), answer
+        checked += 1
+    for one, kinds in near:
+        method = "POST" if kinds == ("method",) else "GET"
+        status, answer = stack.both(one, method)
+        assert (status, answer["decision"]) == (403, DENIED), answer["reason"]
+        (failures,) = [n["failures"] for n in answer["nearest"] if n["grant"] == grant]
+        # Beside the failing condition, what GitLab withdrew from the subject (the deployer has no release ref)
+        failing = [f["what"] for f in failures if f["what"] != "withdrawn"]
+        assert len(failing) == 1 and failing[0] in kinds, failures
+        if kinds != ("method",):  # said of a subject that does not match, whose withdrawn parts may be why
+            assert "no ref with ref=release/*" in failures[-1]["text"], failures
+        checked += 1
+    assert checked == len(allowed) + len(near) == 9
 
 
 # -- the adversarial matrix: what the generated matrix does not produce
