@@ -20,18 +20,14 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 from controlplane.audit.store import (
-    DB_NAME,
     DEFAULT_QUERY_LIMIT,
-    default_db_path,
     open_readonly,
     query_records,
 )
-from controlplane.cli.options import STORE_KINDS, StoreOptions
-from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
+from controlplane.cli.trail import add_trail_arguments, trail_db, trail_dsn
 from controlplane.store.dsn import DsnError, StoreDsn
 
 EXIT_OK = 0
@@ -68,22 +64,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", help="a duration back from now (30m, 1h, 7d) or an ISO time (UTC if no offset)")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON array")
     parser.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT, help="at most this many, the most recent")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"serve's --state-dir, where the store is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
-    )
-    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
-    parser.add_argument(
-        "--store",
-        choices=STORE_KINDS,
-        default=StoreOptions.kind,
-        help="file: the SQLite file; postgres: serve's shared trail",
-    )
-    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
-    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
-    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
+    add_trail_arguments(parser)
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -118,7 +99,7 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"controlplane audit: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+        dsn = trail_dsn(args)
     except DsnError as error:
         print(f"controlplane audit: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -131,7 +112,7 @@ def run_audit(args: argparse.Namespace) -> int:
             )
             return EXIT_UNREADABLE
     else:
-        db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
+        db = trail_db(args)
         try:
             conn = open_readonly(db)
             try:

@@ -27,9 +27,10 @@ from urllib.parse import urlsplit
 
 from controlplane.audit.report import Inputs, PolicyVersion, Report, SigningKey, build, document
 from controlplane.audit.report_render import render_csv, render_html
-from controlplane.audit.store import DB_NAME, open_readonly
+from controlplane.audit.store import open_readonly
 from controlplane.cli.audit import parse_since
-from controlplane.cli.options import STORE_KINDS, StoreOptions
+from controlplane.cli.trail import add_trail_arguments, trail_db, trail_dsn
+from controlplane.cli.trail import state_dir as trail_state_dir
 from controlplane.model.errors import PolicyInvalid
 from controlplane.sources.policy_history import Commit, GitError, TreeUnreadable, history, tree_at
 from controlplane.statefile import (
@@ -37,7 +38,6 @@ from controlplane.statefile import (
     STATE_DIR_ENV,
     StateFileError,
     atomic_write_text,
-    default_state_dir,
     read_json,
 )
 from controlplane.store.dsn import DsnError, StoreDsn
@@ -97,18 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-versions", type=int, default=DEFAULT_MAX_VERSIONS, help="policy commits in the window loaded at most"
     )
     parser.add_argument("--no-audit", action="store_true", help="leave the audit trail out (policy sections only)")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"serve's --state-dir: the audit store, deny list and keys (default: ${STATE_DIR_ENV} or "
+    add_trail_arguments(
+        parser,
+        state_dir_help=f"serve's --state-dir: the audit store, deny list and keys (default: ${STATE_DIR_ENV} or "
         f"{DEFAULT_STATE_DIR})",
     )
-    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
-    parser.add_argument("--store", choices=STORE_KINDS, default=StoreOptions.kind, help="file or postgres, as serve")
-    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
-    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
-    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
 
 
 def _fail(code: int, message: str) -> int:
@@ -136,7 +129,7 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
     if args.format == "csv" and args.out is None:
         return _fail(EXIT_USAGE, "--format csv writes one file per table: give --out DIRECTORY")
     try:
-        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+        dsn = trail_dsn(args)
     except DsnError as error:
         return _fail(EXIT_USAGE, str(error))
     try:
@@ -310,9 +303,9 @@ def _read_state(args: argparse.Namespace, dsn: StoreDsn | None, since: float, un
             lines = str(error).strip().splitlines()
             raise Unreadable(f"cannot read {where}: {lines[0] if lines else type(error).__name__}") from None
         return StateRead(usage, revoked, keys, where, where)
-    state_dir: Path = args.state_dir or default_state_dir()
+    state_dir = trail_state_dir(args)
     usage = None
-    db = args.db or state_dir / DB_NAME
+    db = trail_db(args)
     if not args.no_audit:
         from controlplane.audit.usage import summarise
 

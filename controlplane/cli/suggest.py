@@ -37,13 +37,12 @@ from controlplane.assistant.propose import (
     unified_diff,
 )
 from controlplane.assistant.propose import document as report_document
-from controlplane.audit.store import DB_NAME, default_db_path, open_readonly, record_filter
+from controlplane.audit.store import open_readonly, record_filter
 from controlplane.cli.audit import _query_postgres, parse_since
-from controlplane.cli.options import STORE_KINDS, StoreOptions
+from controlplane.cli.trail import add_trail_arguments, trail_db, trail_dsn
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import IssuerKind, Policy
 from controlplane.sources.policy_dir import ReadLimits
-from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
 from controlplane.store.dsn import DsnError
 
 EXIT_OK = 0
@@ -82,17 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a gateway's JSON access log (file), for what shadow bindings would have matched; repeatable",
     )
     parser.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS, help="audit records read at most")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"serve's --state-dir, where the trail is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
-    )
-    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
-    parser.add_argument("--store", choices=STORE_KINDS, default=StoreOptions.kind)
-    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
-    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
-    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
+    add_trail_arguments(parser)
 
 
 def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
@@ -164,7 +153,7 @@ def _observations(args: argparse.Namespace, since: float) -> list[Observation]:
     streamed from a cursor, only the columns read, repeated strings shared: a million records was a million
     dicts of 22 columns (about 2 GB); now a few hundred MB."""
     try:
-        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+        dsn = trail_dsn(args)
     except DsnError as error:
         raise SuggestError(str(error)) from None
     if dsn is not None:
@@ -173,7 +162,7 @@ def _observations(args: argparse.Namespace, since: float) -> list[Observation]:
         except Exception as error:  # never the DSN: only its redacted form
             raise SuggestError(f"cannot read the trail at {dsn.redacted()}: {type(error).__name__}") from None
         return [observation(row) for row in rows]
-    db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
+    db = trail_db(args)
     try:
         conn = open_readonly(db)
         try:
