@@ -27,7 +27,7 @@ from controlplane.audit.store import (
     open_readonly,
     query_records,
 )
-from controlplane.cli.trail import add_trail_arguments, trail_db, trail_dsn
+from controlplane.cli.trail import add_trail_arguments, read_only_session, trail_db, trail_dsn
 from controlplane.store.dsn import DsnError, StoreDsn
 
 EXIT_OK = 0
@@ -136,16 +136,9 @@ async def _query_postgres(
 ) -> list[dict[str, Any]]:
     """One pooled connection, the query, closed: the CLI never migrates, so it cannot alter the schema either."""
     from controlplane.audit import store_pg
-    from controlplane.store.pool import PoolSettings, StorePool
 
-    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=1, statement_timeout=60.0))
-    await pool.open()
-    try:
-        async with pool.connection() as conn:
-            await conn.set_read_only(True)
-            return await store_pg.query_records(conn, job=job, project=project, since=since, limit=limit)
-    finally:
-        await pool.close()
+    async with read_only_session(dsn, statement_timeout=60.0) as conn:
+        return await store_pg.query_records(conn, job=job, project=project, since=since, limit=limit)
 
 
 def _first_line(error: Exception) -> str:

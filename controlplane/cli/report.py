@@ -29,7 +29,7 @@ from controlplane.audit.report import Inputs, PolicyVersion, Report, SigningKey,
 from controlplane.audit.report_render import render_csv, render_html
 from controlplane.audit.store import open_readonly
 from controlplane.cli.audit import parse_since
-from controlplane.cli.trail import add_trail_arguments, trail_db, trail_dsn
+from controlplane.cli.trail import add_trail_arguments, read_only_session, trail_db, trail_dsn
 from controlplane.cli.trail import state_dir as trail_state_dir
 from controlplane.model.errors import PolicyInvalid
 from controlplane.sources.policy_history import Commit, GitError, TreeUnreadable, history, tree_at
@@ -377,26 +377,17 @@ async def _read_postgres(
     from psycopg import IsolationLevel
 
     from controlplane.audit.usage import summarise_pg
-    from controlplane.store.pool import PoolSettings, StorePool
 
-    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=1, statement_timeout=300.0))
-    await pool.open()
-    try:
-        async with pool.connection() as conn:
-            await conn.set_read_only(True)
-            await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)  # one snapshot: see usage.summarise
-            usage = await summarise_pg(conn, since, until, cap) if audit else None
-            cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
-            revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
-            cursor = await conn.execute("SELECT kid, created_at, not_before, retire_after FROM signing_keys")
-            keys = tuple(
-                SigningKey(
-                    str(kid), _timestamp(created), _timestamp(nb), None if retire is None else _timestamp(retire)
-                )
-                for kid, created, nb, retire in await cursor.fetchall()
-            )
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            return usage, revoked, keys
-    finally:
-        await pool.close()
+    async with read_only_session(dsn, statement_timeout=300.0) as conn:
+        await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)  # one snapshot: see usage.summarise
+        usage = await summarise_pg(conn, since, until, cap) if audit else None
+        cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
+        revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
+        cursor = await conn.execute("SELECT kid, created_at, not_before, retire_after FROM signing_keys")
+        keys = tuple(
+            SigningKey(str(kid), _timestamp(created), _timestamp(nb), None if retire is None else _timestamp(retire))
+            for kid, created, nb, retire in await cursor.fetchall()
+        )
+        with contextlib.suppress(Exception):
+            await conn.rollback()
+        return usage, revoked, keys

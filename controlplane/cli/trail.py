@@ -9,12 +9,18 @@ Registered and resolved here so the flags, their help and their errors are the s
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane.audit.store import DB_NAME
 from controlplane.cli.options import STORE_KINDS, StoreOptions
 from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV, default_state_dir
 from controlplane.store.dsn import StoreDsn
+
+if TYPE_CHECKING:
+    import psycopg
 
 STATE_DIR_HELP = f"serve's --state-dir, where the trail is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})"
 
@@ -48,3 +54,21 @@ def state_dir(args: argparse.Namespace) -> Path:
 def trail_db(args: argparse.Namespace) -> Path:
     """The SQLite file: `--db`, else the one in the state directory."""
     return args.db if args.db is not None else state_dir(args) / DB_NAME
+
+
+@asynccontextmanager
+async def read_only_session(
+    dsn: StoreDsn, statement_timeout: float
+) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    """One pooled connection in a read-only transaction, the pool closed after: the commands never migrate, so
+    they cannot alter the schema or the trail either. psycopg is imported here, not by `controlplane --help`."""
+    from controlplane.store.pool import PoolSettings, StorePool
+
+    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=1, statement_timeout=statement_timeout))
+    await pool.open()
+    try:
+        async with pool.connection() as conn:
+            await conn.set_read_only(True)
+            yield conn
+    finally:
+        await pool.close()
