@@ -27,6 +27,7 @@ from controlplane.audit.store import (
     open_readonly,
     query_records,
 )
+from controlplane.cli.output import add_format_arguments
 from controlplane.cli.trail import add_trail_arguments, read_only_session, trail_db, trail_dsn
 from controlplane.store.dsn import DsnError, StoreDsn
 
@@ -62,7 +63,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", help="a CI job id")
     parser.add_argument("--project", help="a project path (acme/app) or id")
     parser.add_argument("--since", help="a duration back from now (30m, 1h, 7d) or an ISO time (UTC if no offset)")
-    parser.add_argument("--json", action="store_true", help="print the records as a JSON array")
+    add_format_arguments(parser, json_help="print the records as a JSON array")
     parser.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT, help="at most this many, the most recent")
     add_trail_arguments(parser)
 
@@ -123,7 +124,7 @@ def run_audit(args: argparse.Namespace) -> int:
             print(f"controlplane audit: cannot read {db}: {error}", file=sys.stderr)
             return EXIT_UNREADABLE
     shown = [{**record, "time": format_time(record["time"])} for record in records]
-    if args.json:
+    if args.format == "json":
         json.dump(shown, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

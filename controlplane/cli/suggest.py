@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unused-days", type=int, default=30, help="a granted rule unused this many days is flagged (default 30)"
     )
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
     parser.add_argument("--out", type=Path, help="write the patched policy tree here (a new directory)")
     parser.add_argument("--diff", type=Path, help="write a unified diff of the policy tree to this file")
     parser.add_argument(
