@@ -10,9 +10,8 @@ FORMATS = ("text", "json")
 
 
 def add_format_arguments(parser: argparse.ArgumentParser, *, json_help: str) -> None:
-    """`--format text|json` (default text) and `--json`, both setting `args.format`; one or the other."""
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--format", choices=FORMATS, default="text", help="text (default) or json")
-    output.add_argument(
+    """`--format text|json` (default text) and `--json`, both setting `args.format` (the last given wins)."""
+    parser.add_argument("--format", choices=FORMATS, default="text", help="text (default) or json")
+    parser.add_argument(
         "--json", dest="format", action="store_const", const="json", help=f"{json_help} (--format json)"
     )

@@ -226,6 +226,8 @@ def _gitlab_versions(
             "--gitlab-url: the URL holds credentials, and a command line is visible to every user (and the report "
             "names its source); give the token through --gitlab-token-env NAME or --gitlab-token-file PATH"
         )
+    if args.gitlab_token_env is None and args.gitlab_token_file is None:
+        raise UsageError("--policy-project needs --gitlab-token-env NAME or --gitlab-token-file PATH (read_api)")
     where = f"GitLab project {args.policy_project}"
     try:
         client = GitLabSource(args.gitlab_url, token_from(args.gitlab_token_env, args.gitlab_token_file))
@@ -241,8 +243,8 @@ def _gitlab_versions(
                 files = invalid
             version = _load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start)
             versions.append(version._replace(out_of_order=commit.sha in found.out_of_order))
-    except GitLabTokenError as error:
-        raise UsageError(str(error)) from None
+    except GitLabTokenError as error:  # a variable not set, a file not readable: a source, as for suggest
+        raise Unreadable(str(error)) from None
     except (GitLabUnavailable, PolicyRepoError, GitError) as error:
         raise Unreadable(f"{where}: {error}") from None
     return tuple(versions), found.more, f"the default branch of {where} at {args.gitlab_url}"

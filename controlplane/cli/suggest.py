@@ -57,6 +57,11 @@ class SuggestError(Exception):
     """An input that cannot be read; the message names it, never a secret."""
 
 
+class SuggestUsage(SuggestError):
+    """Arguments that do not say where to read (no GitLab URL or token source, a DSN source missing or given with
+    a password): exit 2, as `audit` and `report` treat the same arguments."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("policy", type=Path, help="the current policy directory")
     parser.add_argument("--since", default="30d", help="observations since (30d, 12h, or an ISO time; default 30d)")
@@ -110,7 +115,7 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
         shadow = _shadow(args.access_log) if args.access_log else None
     except SuggestError as error:
         print(f"controlplane suggest: {error}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return EXIT_USAGE if isinstance(error, SuggestUsage) else EXIT_UNREADABLE
     given = Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=unused_days, shadow=shadow)
     report = suggest(given)
     tree = patched_tree(files, report)
@@ -155,7 +160,7 @@ def _observations(args: argparse.Namespace, since: float) -> list[Observation]:
     try:
         dsn = trail_dsn(args)
     except DsnError as error:
-        raise SuggestError(str(error)) from None
+        raise SuggestUsage(str(error)) from None
     if dsn is not None:
         try:
             rows = asyncio.run(_query_postgres(dsn, None, None, since, args.max_records))
@@ -205,12 +210,17 @@ def _gitlab(
     token_env = args.gitlab_token_env or (api.token_env if api is not None and not args.gitlab_token_file else None)
     token_file = args.gitlab_token_file or (api.token_file if api is not None and not args.gitlab_token_env else None)
     if url is None:
-        raise SuggestError("no GitLab to read: give --gitlab-url (or --no-gitlab)")
+        raise SuggestUsage("no GitLab to read: give --gitlab-url (or --no-gitlab)")
     shown = _without_userinfo(url)
+    if token_env is None and token_file is None:
+        raise SuggestUsage(
+            "no GitLab API token: give --gitlab-token-env NAME or --gitlab-token-file PATH (or the GitLab issuer's "
+            "api: token_env/token_file; or --no-gitlab)"
+        )
     try:
         source = GitLabSource(url, token_from(token_env, token_file))
     except GitLabTokenError as error:
-        raise SuggestError(f"{error} (or --no-gitlab)") from None
+        raise SuggestError(f"{error} (or --no-gitlab)") from None  # a variable not set, a file unreadable
     ci: dict[str, CiConfig] = {}
     protected: dict[str, dict[str, bool]] = {}
     try:
