@@ -62,3 +62,10 @@ def test_a_gitlab_token_source_not_given_is_a_usage_error_naming_the_flags(
     assert "--gitlab-token-env NAME or --gitlab-token-file PATH" in capsys.readouterr().err
     assert main([*suggest, "--gitlab-token-env", "CLI_CONSISTENCY_UNSET"]) == 1
     assert "CLI_CONSISTENCY_UNSET is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["audit", "diff", "explain", "suggest", "report"])
+def test_every_command_s_help_says_its_exit_status(command: str) -> None:
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    assert "exit status: 0" in (sub.epilog or "") and "2 usage" in (sub.epilog or "")

@@ -60,6 +60,7 @@ MAX_CELL = 60
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``audit`` options. At least one of --job, --project, --since; given together, all apply."""
+    parser.epilog = "exit status: 0 (even when nothing matches), 1 the trail cannot be read, 2 usage error."
     parser.add_argument("--job", help="a CI job id")
     parser.add_argument("--project", help="a project path (acme/app) or id")
     parser.add_argument("--since", help="a duration back from now (30m, 1h, 7d) or an ISO time (UTC if no offset)")

@@ -44,6 +44,10 @@ class Side(NamedTuple):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 access unchanged, 1 changed, 2 usage error or an invalid side (file:line: field: message). "
+        "JSON output: docs/policy-diff.md."
+    )
     parser.add_argument("old", help="policy directory, or git revision REV or REV:path")
     parser.add_argument("new", help="policy directory, or git revision REV or REV:path")
     add_format_arguments(parser, json_help="print the diff as JSON (stable keys, sorted)")

@@ -77,6 +77,10 @@ class StateRead(NamedTuple):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 written, 1 a source cannot be read or the output written, 2 usage error. "
+        "What each section is built from: docs/compliance-report.md."
+    )
     parser.add_argument("--since", required=True, help="window start: a duration back from now (30d) or an ISO time")
     parser.add_argument("--until", help="window end, as --since (default: now)")
     parser.add_argument("--format", choices=FORMATS, default="json", help="json (default), csv or html")

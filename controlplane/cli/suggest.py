@@ -63,6 +63,10 @@ class SuggestUsage(SuggestError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 done, 1 an input cannot be read (the trail, GitLab, an invalid policy), 2 usage error. "
+        "Read-only: it writes only stdout, --out and --diff. Rules and limits: docs/policy-assistant.md."
+    )
     parser.add_argument("policy", type=Path, help="the current policy directory")
     parser.add_argument("--since", default="30d", help="observations since (30d, 12h, or an ISO time; default 30d)")
     parser.add_argument(
