@@ -192,3 +192,23 @@ def test_names_never_collide_with_what_stays_and_inline_documents_are_kept() -> 
         "p3001-feature-flags",
         "p3001-feature-flags-s",
     }
+
+
+def test_a_binding_whose_role_is_used_through_exchanged_credentials_is_kept() -> None:
+    """Requests with a credential exchanged at the control plane carry its issuer and the policy id
+    `exchanged/<role>`: nothing is proposed from them. Replacing the GitLab binding granting that role (as every
+    other GitLab binding is) made the exchange refuse those jobs after the merge: it is kept, and said why."""
+    from controlplane.assistant.propose import EXCHANGED_POLICY_PREFIX as ASSISTANT_PREFIX
+    from controlplane.compiler.names import EXCHANGED_POLICY_PREFIX
+
+    assert ASSISTANT_PREFIX == EXCHANGED_POLICY_PREFIX
+    used = [_obs(f"/flags/x/{n}", job=str(20 + n), issuer="https://controlplane", policy="exchanged/flags-read")
+            for n in range(3)]  # fmt: skip
+    report = suggest(_inputs(used))
+    assert "ci-reads-flags" in report.kept_bindings and "flags-read" in report.kept_roles
+    (flag,) = [f for f in report.flags if f.kind == "exchanged"]
+    assert flag.subject == "ci-reads-flags" and "3 allowed request(s)" in flag.message
+    tree = patched_tree(read_policy_dir(EXAMPLE), report)
+    assert any("name: ci-reads-flags" in text for text in tree.values())
+    kept = suggest(_inputs(OBSERVED))  # without exchanged requests the binding is replaced, as before
+    assert "ci-reads-flags" not in kept.kept_bindings and not [f for f in kept.flags if f.kind == "exchanged"]

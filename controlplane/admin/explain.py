@@ -11,7 +11,6 @@ same question the same way.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -21,7 +20,7 @@ from controlplane.compiler.rbac import exchanged_grants
 from controlplane.model.credentials import EXCHANGE_PATH, CredentialInputs
 from controlplane.model.policy import Policy, Role
 from controlplane.resolved.access import Grant, ResolvedPolicy
-from controlplane.resolved.explain import Credentials, ExplainInputs, Request
+from controlplane.resolved.explain import Credentials, ExplainInputs, Request, strict_json_loads
 
 MAX_BODY_BYTES = 64 * 1024  # a token's claims are a few KiB
 MAX_TEXT = 8192  # method, host, path, gateway
@@ -39,7 +38,7 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request, str | None]:
     if len(raw) > MAX_BODY_BYTES:
         raise BadExplainRequest(f"body over {MAX_BODY_BYTES} bytes")
     try:
-        body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        body = strict_json_loads(raw)
     except RecursionError:
         raise BadExplainRequest("body is not JSON this endpoint reads: it nests too deep") from None
     except (ValueError, UnicodeDecodeError) as error:
@@ -70,18 +69,6 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, Request, str | None]:
         raise BadExplainRequest("a token Envoy cannot read has no claims: give claims or token_problem, not both")
     request = Request(body["method"], body["host"], body["path"], body.get("gateway"), port)
     return body.get("claims"), request, problem
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A key given twice is ambiguous (Python keeps the last, Envoy refuses the token): refused."""
-    body = dict(pairs)
-    if len(body) != len(pairs):
-        raise ValueError("a key given twice")
-    return body
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _kind_name(kind: type) -> str:

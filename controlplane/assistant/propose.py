@@ -34,6 +34,10 @@ from controlplane.model.policy import IssuerKind, Mode, Policy
 from controlplane.resolved.access import ResolvedPolicy
 from controlplane.resolved.diff import path_pattern
 
+# compiler/names.py's EXCHANGED_POLICY_PREFIX (the assistant does not import the compiler; a test holds them equal):
+# Envoy's policy id of a request allowed by a credential exchanged at the control plane is `exchanged/<role>`.
+EXCHANGED_POLICY_PREFIX = "exchanged"
+
 REDACTED = "[redacted]"  # what the audit store writes for token-shaped text (audit/store.py)
 TEXT_DENIED_SHOWN = 20  # denied kinds of request listed in the text report
 GLOB_MIN = 3  # distinct values at one segment before it is generalised to `*`
@@ -128,7 +132,8 @@ class Suggestion:
 
 @dataclass(frozen=True)
 class Flag:
-    kind: str  # unused-rule | unused-methods | unmatched-binding | unpinned-protected | ci | shadow | path | observed
+    # unused-rule | unused-methods | unmatched-binding | unpinned-protected | ci | shadow | path | observed | exchanged
+    kind: str
     subject: str  # the grant, binding or project it is about
     message: str
 
@@ -238,7 +243,8 @@ def suggest(given: Inputs) -> Report:
             continue
         groups[(gitlab[o.issuer], project, o.backend)].append(o)
     backends = {b.name: b for b in given.policy.backends}
-    kept_bindings, kept_roles = _kept_names(given.policy)
+    exchanged = _exchanged_roles(given.observations)
+    kept_bindings, kept_roles = _kept_names(given.policy, exchanged)
     taken = set(kept_bindings) | set(kept_roles)  # a suggestion never takes the name of what stays
     suggestions = []
     mismatches: list[Flag] = []
@@ -278,6 +284,20 @@ def suggest(given: Inputs) -> Report:
         )
     )
     flags += tuple(mismatches)
+    flags += tuple(
+        Flag(
+            "exchanged",
+            b.name,
+            f"kept as it is: {sum(exchanged[r] for r in b.roles if r in exchanged)} allowed request(s) used "
+            f"credentials exchanged for its role(s) {', '.join(r for r in b.roles if r in exchanged)}; the trail "
+            "does not say which binding the exchange granted them by, so nothing narrower is proposed",
+        )
+        for b in sorted(given.policy.bindings, key=lambda b: b.name)
+        if b.name in kept_bindings
+        and b.mode is Mode.ENFORCE
+        and given.policy.issuer(b.issuer).kind is IssuerKind.GITLAB  # the others stay anyway
+        and any(r in exchanged for r in b.roles)
+    )
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
 
@@ -290,13 +310,29 @@ def _describes(ci: CiConfig, observed: Sequence[Observation]) -> bool:
     return ci.complete and ci.default_branch is not None and all(o.ref == ci.default_branch for o in observed)
 
 
-def _kept_names(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Bindings kept as they are (shadow ones, other issuers'), and the Roles they name."""
+def _exchanged_roles(observations: Iterable[Observation]) -> dict[str, int]:
+    """Roles that allowed requests reached with a credential exchanged at the control plane (Envoy's policy id
+    `exchanged/<role>`), with their counts. Those requests carry the control plane's issuer, not GitLab's, so no
+    suggestion is made from them; the bindings that let jobs exchange for the role must stay, or the exchange
+    would refuse every such job after the merge."""
+    counts: dict[str, int] = defaultdict(int)
+    for o in observations:
+        prefix, _, role = (o.policy or "").partition("/")
+        if o.decision == "allowed" and prefix == EXCHANGED_POLICY_PREFIX and role:
+            counts[role] += 1
+    return dict(counts)
+
+
+def _kept_names(policy: Policy, exchanged: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Bindings kept as they are (shadow ones, other issuers', those granting a role used through exchanged
+    credentials), and the Roles they name."""
     bindings = tuple(
         sorted(
             b.name
             for b in policy.bindings
-            if b.mode is Mode.SHADOW or policy.issuer(b.issuer).kind is not IssuerKind.GITLAB
+            if b.mode is Mode.SHADOW
+            or policy.issuer(b.issuer).kind is not IssuerKind.GITLAB
+            or any(r in exchanged for r in b.roles)
         )
     )
     roles = tuple(sorted({r for b in policy.bindings if b.name in bindings for r in b.roles}))

@@ -20,18 +20,15 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 from controlplane.audit.store import (
-    DB_NAME,
     DEFAULT_QUERY_LIMIT,
-    default_db_path,
     open_readonly,
     query_records,
 )
-from controlplane.cli.options import STORE_KINDS, StoreOptions
-from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
+from controlplane.cli.output import add_format_arguments
+from controlplane.cli.trail import add_trail_arguments, read_only_session, trail_db, trail_dsn
 from controlplane.store.dsn import DsnError, StoreDsn
 
 EXIT_OK = 0
@@ -63,27 +60,13 @@ MAX_CELL = 60
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``audit`` options. At least one of --job, --project, --since; given together, all apply."""
+    parser.epilog = "exit status: 0 (even when nothing matches), 1 the trail cannot be read, 2 usage error."
     parser.add_argument("--job", help="a CI job id")
     parser.add_argument("--project", help="a project path (acme/app) or id")
     parser.add_argument("--since", help="a duration back from now (30m, 1h, 7d) or an ISO time (UTC if no offset)")
-    parser.add_argument("--json", action="store_true", help="print the records as a JSON array")
+    add_format_arguments(parser, json_help="print the records as a JSON array")
     parser.add_argument("--limit", type=int, default=DEFAULT_QUERY_LIMIT, help="at most this many, the most recent")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"serve's --state-dir, where the store is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
-    )
-    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
-    parser.add_argument(
-        "--store",
-        choices=STORE_KINDS,
-        default=StoreOptions.kind,
-        help="file: the SQLite file; postgres: serve's shared trail",
-    )
-    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
-    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
-    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
+    add_trail_arguments(parser)
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -118,7 +101,7 @@ def run_audit(args: argparse.Namespace) -> int:
         print(f"controlplane audit: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+        dsn = trail_dsn(args)
     except DsnError as error:
         print(f"controlplane audit: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -131,7 +114,7 @@ def run_audit(args: argparse.Namespace) -> int:
             )
             return EXIT_UNREADABLE
     else:
-        db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
+        db = trail_db(args)
         try:
             conn = open_readonly(db)
             try:
@@ -142,7 +125,7 @@ def run_audit(args: argparse.Namespace) -> int:
             print(f"controlplane audit: cannot read {db}: {error}", file=sys.stderr)
             return EXIT_UNREADABLE
     shown = [{**record, "time": format_time(record["time"])} for record in records]
-    if args.json:
+    if args.format == "json":
         json.dump(shown, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -155,16 +138,9 @@ async def _query_postgres(
 ) -> list[dict[str, Any]]:
     """One pooled connection, the query, closed: the CLI never migrates, so it cannot alter the schema either."""
     from controlplane.audit import store_pg
-    from controlplane.store.pool import PoolSettings, StorePool
 
-    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=1, statement_timeout=60.0))
-    await pool.open()
-    try:
-        async with pool.connection() as conn:
-            await conn.set_read_only(True)
-            return await store_pg.query_records(conn, job=job, project=project, since=since, limit=limit)
-    finally:
-        await pool.close()
+    async with read_only_session(dsn, statement_timeout=60.0) as conn:
+        return await store_pg.query_records(conn, job=job, project=project, since=since, limit=limit)
 
 
 def _first_line(error: Exception) -> str:

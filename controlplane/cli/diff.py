@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from controlplane.cli.output import add_format_arguments
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Policy
 from controlplane.resolved.access import ResolvedPolicy
@@ -43,9 +44,13 @@ class Side(NamedTuple):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 access unchanged, 1 changed, 2 usage error or an invalid side (file:line: field: message). "
+        "JSON output: docs/policy-diff.md."
+    )
     parser.add_argument("old", help="policy directory, or git revision REV or REV:path")
     parser.add_argument("new", help="policy directory, or git revision REV or REV:path")
-    parser.add_argument("--json", action="store_true", help="print the diff as JSON (stable keys, sorted)")
+    add_format_arguments(parser, json_help="print the diff as JSON (stable keys, sorted)")
 
 
 def run_diff(args: argparse.Namespace, limits: ReadLimits) -> int:
@@ -63,7 +68,7 @@ def run_diff(args: argparse.Namespace, limits: ReadLimits) -> int:
     old, new = sides
     diff = compare(old.resolved, new.resolved, _fronted(old.policy), _fronted(new.policy))
     resources = resource_changes(old.snapshots, new.snapshots)
-    if args.json:
+    if args.format == "json":
         out = {**document(diff), "resources": resources}
         print(json.dumps(out, indent=2, sort_keys=True))
     else:

@@ -27,9 +27,10 @@ from urllib.parse import urlsplit
 
 from controlplane.audit.report import Inputs, PolicyVersion, Report, SigningKey, build, document
 from controlplane.audit.report_render import render_csv, render_html
-from controlplane.audit.store import DB_NAME, open_readonly
+from controlplane.audit.store import open_readonly
 from controlplane.cli.audit import parse_since
-from controlplane.cli.options import STORE_KINDS, StoreOptions
+from controlplane.cli.trail import add_trail_arguments, read_only_session, trail_db, trail_dsn
+from controlplane.cli.trail import state_dir as trail_state_dir
 from controlplane.model.errors import PolicyInvalid
 from controlplane.sources.policy_history import Commit, GitError, TreeUnreadable, history, tree_at
 from controlplane.statefile import (
@@ -37,7 +38,6 @@ from controlplane.statefile import (
     STATE_DIR_ENV,
     StateFileError,
     atomic_write_text,
-    default_state_dir,
     read_json,
 )
 from controlplane.store.dsn import DsnError, StoreDsn
@@ -77,6 +77,10 @@ class StateRead(NamedTuple):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 written, 1 a source cannot be read or the output written, 2 usage error. "
+        "What each section is built from: docs/compliance-report.md."
+    )
     parser.add_argument("--since", required=True, help="window start: a duration back from now (30d) or an ISO time")
     parser.add_argument("--until", help="window end, as --since (default: now)")
     parser.add_argument("--format", choices=FORMATS, default="json", help="json (default), csv or html")
@@ -97,18 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-versions", type=int, default=DEFAULT_MAX_VERSIONS, help="policy commits in the window loaded at most"
     )
     parser.add_argument("--no-audit", action="store_true", help="leave the audit trail out (policy sections only)")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"serve's --state-dir: the audit store, deny list and keys (default: ${STATE_DIR_ENV} or "
+    add_trail_arguments(
+        parser,
+        state_dir_help=f"serve's --state-dir: the audit store, deny list and keys (default: ${STATE_DIR_ENV} or "
         f"{DEFAULT_STATE_DIR})",
     )
-    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
-    parser.add_argument("--store", choices=STORE_KINDS, default=StoreOptions.kind, help="file or postgres, as serve")
-    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
-    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
-    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
 
 
 def _fail(code: int, message: str) -> int:
@@ -136,7 +133,7 @@ def run_report(args: argparse.Namespace, limits: ReadLimits) -> int:
     if args.format == "csv" and args.out is None:
         return _fail(EXIT_USAGE, "--format csv writes one file per table: give --out DIRECTORY")
     try:
-        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+        dsn = trail_dsn(args)
     except DsnError as error:
         return _fail(EXIT_USAGE, str(error))
     try:
@@ -233,6 +230,8 @@ def _gitlab_versions(
             "--gitlab-url: the URL holds credentials, and a command line is visible to every user (and the report "
             "names its source); give the token through --gitlab-token-env NAME or --gitlab-token-file PATH"
         )
+    if args.gitlab_token_env is None and args.gitlab_token_file is None:
+        raise UsageError("--policy-project needs --gitlab-token-env NAME or --gitlab-token-file PATH (read_api)")
     where = f"GitLab project {args.policy_project}"
     try:
         client = GitLabSource(args.gitlab_url, token_from(args.gitlab_token_env, args.gitlab_token_file))
@@ -248,8 +247,8 @@ def _gitlab_versions(
                 files = invalid
             version = _load_files(files, commit, f"{where}@{commit.sha[:12]}", in_force_at_start=at_start)
             versions.append(version._replace(out_of_order=commit.sha in found.out_of_order))
-    except GitLabTokenError as error:
-        raise UsageError(str(error)) from None
+    except GitLabTokenError as error:  # a variable not set, a file not readable: a source, as for suggest
+        raise Unreadable(str(error)) from None
     except (GitLabUnavailable, PolicyRepoError, GitError) as error:
         raise Unreadable(f"{where}: {error}") from None
     return tuple(versions), found.more, f"the default branch of {where} at {args.gitlab_url}"
@@ -310,9 +309,9 @@ def _read_state(args: argparse.Namespace, dsn: StoreDsn | None, since: float, un
             lines = str(error).strip().splitlines()
             raise Unreadable(f"cannot read {where}: {lines[0] if lines else type(error).__name__}") from None
         return StateRead(usage, revoked, keys, where, where)
-    state_dir: Path = args.state_dir or default_state_dir()
+    state_dir = trail_state_dir(args)
     usage = None
-    db = args.db or state_dir / DB_NAME
+    db = trail_db(args)
     if not args.no_audit:
         from controlplane.audit.usage import summarise
 
@@ -384,26 +383,17 @@ async def _read_postgres(
     from psycopg import IsolationLevel
 
     from controlplane.audit.usage import summarise_pg
-    from controlplane.store.pool import PoolSettings, StorePool
 
-    pool = StorePool(dsn, PoolSettings(min_size=1, max_size=1, statement_timeout=300.0))
-    await pool.open()
-    try:
-        async with pool.connection() as conn:
-            await conn.set_read_only(True)
-            await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)  # one snapshot: see usage.summarise
-            usage = await summarise_pg(conn, since, until, cap) if audit else None
-            cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
-            revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
-            cursor = await conn.execute("SELECT kid, created_at, not_before, retire_after FROM signing_keys")
-            keys = tuple(
-                SigningKey(
-                    str(kid), _timestamp(created), _timestamp(nb), None if retire is None else _timestamp(retire)
-                )
-                for kid, created, nb, retire in await cursor.fetchall()
-            )
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            return usage, revoked, keys
-    finally:
-        await pool.close()
+    async with read_only_session(dsn, statement_timeout=300.0) as conn:
+        await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)  # one snapshot: see usage.summarise
+        usage = await summarise_pg(conn, since, until, cap) if audit else None
+        cursor = await conn.execute("SELECT job_id, denied_until FROM revocations")
+        revoked = {str(job): _timestamp(until_) for job, until_ in await cursor.fetchall()}
+        cursor = await conn.execute("SELECT kid, created_at, not_before, retire_after FROM signing_keys")
+        keys = tuple(
+            SigningKey(str(kid), _timestamp(created), _timestamp(nb), None if retire is None else _timestamp(retire))
+            for kid, created, nb, retire in await cursor.fetchall()
+        )
+        with contextlib.suppress(Exception):
+            await conn.rollback()
+        return usage, revoked, keys

@@ -37,13 +37,12 @@ from controlplane.assistant.propose import (
     unified_diff,
 )
 from controlplane.assistant.propose import document as report_document
-from controlplane.audit.store import DB_NAME, default_db_path, open_readonly, record_filter
+from controlplane.audit.store import open_readonly, record_filter
 from controlplane.cli.audit import _query_postgres, parse_since
-from controlplane.cli.options import STORE_KINDS, StoreOptions
+from controlplane.cli.trail import add_trail_arguments, trail_db, trail_dsn
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import IssuerKind, Policy
 from controlplane.sources.policy_dir import ReadLimits
-from controlplane.statefile import DEFAULT_STATE_DIR, STATE_DIR_ENV
 from controlplane.store.dsn import DsnError
 
 EXIT_OK = 0
@@ -58,13 +57,22 @@ class SuggestError(Exception):
     """An input that cannot be read; the message names it, never a secret."""
 
 
+class SuggestUsage(SuggestError):
+    """Arguments that do not say where to read (no GitLab URL or token source, a DSN source missing or given with
+    a password): exit 2, as `audit` and `report` treat the same arguments."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 done, 1 an input cannot be read (the trail, GitLab, an invalid policy), 2 usage error. "
+        "Read-only: it writes only stdout, --out and --diff. Rules and limits: docs/policy-assistant.md."
+    )
     parser.add_argument("policy", type=Path, help="the current policy directory")
     parser.add_argument("--since", default="30d", help="observations since (30d, 12h, or an ISO time; default 30d)")
     parser.add_argument(
         "--unused-days", type=int, default=30, help="a granted rule unused this many days is flagged (default 30)"
     )
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
     parser.add_argument("--out", type=Path, help="write the patched policy tree here (a new directory)")
     parser.add_argument("--diff", type=Path, help="write a unified diff of the policy tree to this file")
     parser.add_argument(
@@ -82,17 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a gateway's JSON access log (file), for what shadow bindings would have matched; repeatable",
     )
     parser.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS, help="audit records read at most")
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help=f"serve's --state-dir, where the trail is {DB_NAME} (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
-    )
-    parser.add_argument("--db", type=Path, default=None, help="the audit store file itself (overrides --state-dir)")
-    parser.add_argument("--store", choices=STORE_KINDS, default=StoreOptions.kind)
-    parser.add_argument("--store-dsn-env", default=None, help="environment variable holding the PostgreSQL DSN")
-    parser.add_argument("--store-dsn-file", type=Path, default=None, help="file holding that DSN (one line)")
-    parser.add_argument("--store-dsn", default=None, help="the DSN itself, refused with a password")
+    add_trail_arguments(parser)
 
 
 def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
@@ -121,7 +119,7 @@ def run_suggest(args: argparse.Namespace, limits: ReadLimits) -> int:
         shadow = _shadow(args.access_log) if args.access_log else None
     except SuggestError as error:
         print(f"controlplane suggest: {error}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return EXIT_USAGE if isinstance(error, SuggestUsage) else EXIT_UNREADABLE
     given = Inputs(policy, resolved, observations, ci, protected, now=now, unused_days=unused_days, shadow=shadow)
     report = suggest(given)
     tree = patched_tree(files, report)
@@ -164,16 +162,16 @@ def _observations(args: argparse.Namespace, since: float) -> list[Observation]:
     streamed from a cursor, only the columns read, repeated strings shared: a million records was a million
     dicts of 22 columns (about 2 GB); now a few hundred MB."""
     try:
-        dsn = StoreOptions(args.store, args.store_dsn, args.store_dsn_env, args.store_dsn_file).resolve_dsn()
+        dsn = trail_dsn(args)
     except DsnError as error:
-        raise SuggestError(str(error)) from None
+        raise SuggestUsage(str(error)) from None
     if dsn is not None:
         try:
             rows = asyncio.run(_query_postgres(dsn, None, None, since, args.max_records))
         except Exception as error:  # never the DSN: only its redacted form
             raise SuggestError(f"cannot read the trail at {dsn.redacted()}: {type(error).__name__}") from None
         return [observation(row) for row in rows]
-    db: Path = args.db or (args.state_dir / DB_NAME if args.state_dir else default_db_path())
+    db = trail_db(args)
     try:
         conn = open_readonly(db)
         try:
@@ -216,12 +214,17 @@ def _gitlab(
     token_env = args.gitlab_token_env or (api.token_env if api is not None and not args.gitlab_token_file else None)
     token_file = args.gitlab_token_file or (api.token_file if api is not None and not args.gitlab_token_env else None)
     if url is None:
-        raise SuggestError("no GitLab to read: give --gitlab-url (or --no-gitlab)")
+        raise SuggestUsage("no GitLab to read: give --gitlab-url (or --no-gitlab)")
     shown = _without_userinfo(url)
+    if token_env is None and token_file is None:
+        raise SuggestUsage(
+            "no GitLab API token: give --gitlab-token-env NAME or --gitlab-token-file PATH (or the GitLab issuer's "
+            "api: token_env/token_file; or --no-gitlab)"
+        )
     try:
         source = GitLabSource(url, token_from(token_env, token_file))
     except GitLabTokenError as error:
-        raise SuggestError(f"{error} (or --no-gitlab)") from None
+        raise SuggestError(f"{error} (or --no-gitlab)") from None  # a variable not set, a file unreadable
     ci: dict[str, CiConfig] = {}
     protected: dict[str, dict[str, bool]] = {}
     try:

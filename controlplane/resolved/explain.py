@@ -546,7 +546,7 @@ def read_json_object(raw: str, what: str = "payload") -> tuple[dict[str, Any] | 
     """`raw` as Envoy parses a token's JSON: strict (no key twice, no NaN), at most JSON_MAX_DEPTH deep, an
     object; or None and why not."""
     try:
-        data = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        data = strict_json_loads(raw)
     except (ValueError, RecursionError):
         return None, f"the {what} is not JSON Envoy can parse (a JSON object, no key twice, no NaN)"
     if not isinstance(data, dict):
@@ -554,6 +554,13 @@ def read_json_object(raw: str, what: str = "payload") -> tuple[dict[str, Any] | 
     if json_depth(data) > JSON_MAX_DEPTH:
         return None, f"the {what} nests deeper than the {JSON_MAX_DEPTH} levels Envoy parses"
     return data, None
+
+
+def strict_json_loads(raw: str | bytes) -> Any:
+    """JSON as Envoy's parser reads it where Python's is lenient: a key given twice and NaN/Infinity raise
+    ValueError (Python keeps the last key and takes the constants); too deep nesting raises RecursionError. The
+    one strict reader of the token's payload, `--claims` and `POST /explain`'s body."""
+    return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

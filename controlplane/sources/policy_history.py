@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from controlplane.sources.gitlab_repo import GitLabClient
@@ -75,19 +75,19 @@ class History(NamedTuple):
 
 
 def _git(directory: Path, *args: str) -> str:
+    return _run(["git", "--no-pager", "-C", str(directory), *args], "git").decode(errors="replace")
+
+
+def _run(argv: list[str], what: str, stdout: int | IO[bytes] = subprocess.PIPE) -> bytes:
+    """Run git to its end within GIT_TIMEOUT; a failure is a GitError naming git's last line of stderr."""
     try:
-        done = subprocess.run(
-            ["git", "--no-pager", "-C", str(directory), *args],
-            capture_output=True,
-            timeout=GIT_TIMEOUT,
-            check=False,
-        )
+        done = subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, timeout=GIT_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise GitError(f"git: {error}") from None
+        raise GitError(f"{what}: {error}") from None
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise GitError(lines[-1] if lines else f"git exited {done.returncode}")
-    return done.stdout.decode(errors="replace")
+        raise GitError(lines[-1] if lines else f"{what} exited {done.returncode}")
+    return done.stdout or b""
 
 
 def _iso(timestamp: float) -> str:
@@ -225,19 +225,8 @@ def tree_at(directory: Path, sha: str, max_file_bytes: int | None = None) -> Ite
         root = Path(tmp, "tree")
         root.mkdir()
         with archive_path.open("wb") as sink:
-            try:
-                done = subprocess.run(
-                    [*_archive(top, Path(tmp, "no-attributes")), "--format=tar", treeish, "--", ".", *excluded],
-                    stdout=sink,
-                    stderr=subprocess.PIPE,
-                    timeout=GIT_TIMEOUT,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as error:
-                raise GitError(f"git archive: {error}") from None
-        if done.returncode != 0:
-            lines = done.stderr.decode(errors="replace").strip().splitlines()
-            raise GitError(lines[-1] if lines else "git archive failed")
+            argv = [*_archive(top, Path(tmp, "no-attributes")), "--format=tar", treeish, "--", ".", *excluded]
+            _run(argv, "git archive", stdout=sink)
         with tarfile.open(archive_path) as archive:
             _extract(archive, root)
         archive_path.unlink()
