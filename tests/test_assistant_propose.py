@@ -212,3 +212,34 @@ def test_a_binding_whose_role_is_used_through_exchanged_credentials_is_kept() ->
     assert any("name: ci-reads-flags" in text for text in tree.values())
     kept = suggest(_inputs(OBSERVED))  # without exchanged requests the binding is replaced, as before
     assert "ci-reads-flags" not in kept.kept_bindings and not [f for f in kept.flags if f.kind == "exchanged"]
+
+
+def test_a_binding_that_allowed_requests_without_issuer_or_project_id_is_kept() -> None:
+    """Trail rows recorded before the issuer was, or with a project id suggest cannot pin (not a plain number),
+    name the binding that allowed them but can back no suggestion. Replacing that binding shut those jobs out
+    after the merge (the report fixture: 31 allowed requests, nothing proposed, access removed): it is kept, and
+    said why. A suggestion is still made from the attributable rows beside it."""
+    unattributed = [
+        Observation(
+            NOW - DAY,
+            "feature-flags",
+            "GET",
+            f"/flags/old/{n}",
+            "allowed",
+            "ci-reads-flags/flags-read",
+            "3001",
+            "acme/p3001",
+            str(40 + n),
+            "main",
+            None,
+        )
+        for n in range(3)
+    ] + [_obs("/flags/x", project="03001", job="50")]
+    report = suggest(_inputs([*OBSERVED, *unattributed]))
+    assert "ci-reads-flags" in report.kept_bindings and "flags-read" in report.kept_roles
+    (flag,) = [f for f in report.flags if f.kind == "unattributed"]
+    assert flag.subject == "ci-reads-flags" and "4 allowed request(s)" in flag.message
+    assert report.suggestions, "the attributable requests still get their own suggestion"
+    tree = patched_tree(read_policy_dir(EXAMPLE), report)
+    assert any("name: ci-reads-flags" in text for text in tree.values())
+    assert "ci-reads-flags" not in suggest(_inputs(OBSERVED)).kept_bindings  # all attributable: replaced

@@ -228,10 +228,13 @@ def suggest(given: Inputs) -> Report:
     unusable: set[tuple[str, str]] = set()
     unnamed: set[tuple[str, str]] = set()
     ignored = 0
+    unattributed: dict[str, int] = defaultdict(int)  # binding → allowed requests no suggestion can speak for
     for o in given.observations:
         project = o.project_id or ""
         if o.decision != "allowed" or not canonical_id(project) or not o.backend or o.issuer not in gitlab:
             ignored += 1
+            if o.decision == "allowed" and (o.issuer is None or o.issuer in gitlab) and (b := _granting_binding(o)):
+                unattributed[b] += 1
             continue
         if o.method not in HTTP_METHODS:  # what a Role can name
             unnamed.add((o.backend, o.method))
@@ -244,7 +247,7 @@ def suggest(given: Inputs) -> Report:
         groups[(gitlab[o.issuer], project, o.backend)].append(o)
     backends = {b.name: b for b in given.policy.backends}
     exchanged = _exchanged_roles(given.observations)
-    kept_bindings, kept_roles = _kept_names(given.policy, exchanged)
+    kept_bindings, kept_roles = _kept_names(given.policy, exchanged, unattributed)
     taken = set(kept_bindings) | set(kept_roles)  # a suggestion never takes the name of what stays
     suggestions = []
     mismatches: list[Flag] = []
@@ -298,6 +301,17 @@ def suggest(given: Inputs) -> Report:
         and given.policy.issuer(b.issuer).kind is IssuerKind.GITLAB  # the others stay anyway
         and any(r in exchanged for r in b.roles)
     )
+    flags += tuple(
+        Flag(
+            "unattributed",
+            b.name,
+            f"kept as it is: {unattributed[b.name]} allowed request(s) it granted carry no GitLab issuer or no "
+            "numeric project id in the trail (rows recorded before those fields were, or another issuer's), so "
+            "nothing narrower can be proposed for them without shutting them out",
+        )
+        for b in sorted(given.policy.bindings, key=lambda b: b.name)
+        if b.name in unattributed and b.name in kept_bindings and b.mode is Mode.ENFORCE
+    )
     table = observed_table(given.observations)
     return Report(tuple(suggestions), flags, kept_roles, kept_bindings, len(given.observations), ignored, table)
 
@@ -323,9 +337,17 @@ def _exchanged_roles(observations: Iterable[Observation]) -> dict[str, int]:
     return dict(counts)
 
 
-def _kept_names(policy: Policy, exchanged: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _granting_binding(o: Observation) -> str | None:
+    """The binding Envoy named as allowing `o` (`binding/role`), if a binding did (not an exchanged credential)."""
+    binding, _, role = (o.policy or "").partition("/")
+    return binding if binding and role and binding != EXCHANGED_POLICY_PREFIX else None
+
+
+def _kept_names(
+    policy: Policy, exchanged: Mapping[str, int], unattributed: Mapping[str, int]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Bindings kept as they are (shadow ones, other issuers', those granting a role used through exchanged
-    credentials), and the Roles they name."""
+    credentials or allowing requests no suggestion can speak for), and the Roles they name."""
     bindings = tuple(
         sorted(
             b.name
@@ -333,6 +355,7 @@ def _kept_names(policy: Policy, exchanged: Mapping[str, int]) -> tuple[tuple[str
             if b.mode is Mode.SHADOW
             or policy.issuer(b.issuer).kind is not IssuerKind.GITLAB
             or any(r in exchanged for r in b.roles)
+            or b.name in unattributed
         )
     )
     roles = tuple(sorted({r for b in policy.bindings if b.name in bindings for r in b.roles}))
