@@ -47,9 +47,9 @@ from controlplane.resolved.index import Resolution
 from controlplane.sources.gitlab import GitLabSource
 from controlplane.sources.gitlab_ci import ci_project
 from controlplane.sources.policy_dir import read_policy_dir
+from tests.support.assistant import EXAMPLE, GITLAB, NOW, obs
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.ports import free_port
-from tests.test_assistant_propose import EXAMPLE, GITLAB, NOW, _obs
 
 AUD = "api://feature-flags"
 BOUND = 5.0  # seconds: each bomb below took minutes (or gigabytes) before its fix
@@ -77,7 +77,7 @@ def _suggest(
 
 
 def _conditions(ci: CiConfig | None, observed: list[Observation] | None = None) -> dict[str, object]:
-    _, report = _suggest(ci, observed or [_obs("/flags/a")])
+    _, report = _suggest(ci, observed or [obs("/flags/a")])
     (s,) = report.suggestions
     return {c.key: c.value for c in s.conditions}
 
@@ -89,7 +89,7 @@ def _conditions(ci: CiConfig | None, observed: list[Observation] | None = None) 
 def test_names_from_ci_and_tokens_cannot_write_policy_through_a_comment(brk: str) -> None:
     injected = f"{brk}kind: Role{brk}name: evil{brk}backend: feature-flags{brk}rules: [{{paths: [/**]}}]{brk}---{brk}#"
     ci = _ci(yaml.safe_dump({f"read{injected}": {"id_tokens": {"T": {"aud": AUD}}}}))
-    observed = [_obs("/flags/a")]
+    observed = [obs("/flags/a")]
     observed = [dataclasses.replace(o, project_path=f"acme/x{injected}") for o in observed]
     files, report = _suggest(ci, observed)
     text = render_yaml(report)
@@ -170,7 +170,7 @@ deploy:
   environment: production
 """
     )
-    observed = [_obs("/flags/a"), _obs("/flags/a", ref="feature")]
+    observed = [obs("/flags/a"), obs("/flags/a", ref="feature")]
     # `feature`'s own .gitlab-ci.yml may have dropped the environment: nothing is pinned from main's
     assert set(_conditions(ci, observed)) == {"project"}
 
@@ -276,7 +276,7 @@ def test_a_protected_tag_does_not_protect_the_branch_of_the_same_name(fake: Fake
     project = ci_project(source, 3001)
     assert project is not None
     assert project.protected["v1"] is False  # was True: the tag's verdict overwrote the branch's
-    observed = [_obs("/flags/a", ref="v1")]
+    observed = [obs("/flags/a", ref="v1")]
     _, report = _suggest(None, observed, project.protected)
     (s,) = report.suggestions
     assert "ref_protected" not in {c.key for c in s.conditions}
@@ -308,7 +308,7 @@ def test_out_through_a_dangling_symlink_is_refused(tmp_path: Path, capsys: pytes
 
 
 def test_a_method_no_role_can_name_is_flagged() -> None:
-    _, report = _suggest(None, [_obs("/flags/a"), _obs("/flags/a", method="get"), _obs("/flags/a", method="TRACE")])
+    _, report = _suggest(None, [obs("/flags/a"), obs("/flags/a", method="get"), obs("/flags/a", method="TRACE")])
     flagged = {(f.kind, f.message.split(" ")[0]) for f in report.flags if f.kind == "method"}
     assert flagged == {("method", '"TRACE"'), ("method", '"get"')}
 
@@ -338,7 +338,7 @@ def _allowed(grants: Sequence[Grant], project: str, method: str, path: str) -> b
 def test_replayed_every_observed_request_is_allowed_and_unused_methods_denied(
     requests: list[tuple[str, str, str]],
 ) -> None:
-    observed = [_obs(path, method=m, project=p, job=str(n)) for n, (p, m, path) in enumerate(requests)]
+    observed = [obs(path, method=m, project=p, job=str(n)) for n, (p, m, path) in enumerate(requests)]
     files, report = _suggest(None, observed)
     tree = patched_tree(files, report)
     policy = parse_policy(tree)  # what `validate` loads: raises with every error if the suggestion were invalid
@@ -528,7 +528,7 @@ def test_generalise_many_globs_at_one_position_is_not_quadratic() -> None:
 
 
 def test_a_large_trail_over_many_paths_is_proposed_in_bounded_time() -> None:
-    observed = [_obs(f"/p{i % 5000}/x", job=str(i % 997)) for i in range(200_000)]
+    observed = [obs(f"/p{i % 5000}/x", job=str(i % 997)) for i in range(200_000)]
     start = time.monotonic()
     _, report = _suggest(None, observed)  # every request matched against every pattern before: 10^9 matches
     assert time.monotonic() - start < 3 * BOUND
@@ -547,14 +547,14 @@ def test_generalisation_never_makes_a_word_a_glob() -> None:
 _RUN = """
 import sys
 from tests.test_assistant_attacks import _ci, _suggest
-from tests.test_assistant_propose import _obs
+from tests.support.assistant import obs
 from controlplane.assistant.propose import render_yaml, text_lines
 ci = _ci('''
 b: {id_tokens: {T: {aud: "api://feature-flags"}}, environment: prod, only: [main, tags, schedules]}
 a: {id_tokens: {T: {aud: ["api://feature-flags", "other"]}}, environment: prod,
     rules: [{if: '$CI_COMMIT_BRANCH == "main"'}]}
 ''')
-observed = [_obs(f"/flags/{k}/{n}/x", method=m, job=str(n)) for k in "abc" for n in range(9) for m in ("GET", "PUT")]
+observed = [obs(f"/flags/{k}/{n}/x", method=m, job=str(n)) for k in "abc" for n in range(9) for m in ("GET", "PUT")]
 _, report = _suggest(ci, observed)
 sys.stdout.write(render_yaml(report) + "\\n".join(text_lines(report)))
 """
@@ -644,7 +644,7 @@ def test_long_backend_names_cut_to_one_name_get_distinct_names() -> None:
         "backends: [feature-flags]", "backends: [feature-flags, " + ", ".join(names) + "]"
     )
     policy = parse_policy(files)
-    observed = [dataclasses.replace(_obs("/x"), backend=name) for name in names]
+    observed = [dataclasses.replace(obs("/x"), backend=name) for name in names]
     given = Inputs(policy, Resolution().update(policy), observed, {}, {"3001": {"main": True}}, now=NOW)
     report = suggest(given)  # the third one looped forever before
     assert [s.name[57:] for s in report.suggestions] == ["bbbbbb", "bbbb-s", "bbb-s2"]
@@ -668,7 +668,7 @@ child:
 
 
 def test_a_project_id_claim_not_written_as_ascii_digits_is_not_proposed_from() -> None:
-    observed = [dataclasses.replace(_obs("/x"), project_id=pid) for pid in ("\u0663\u0660\u0660\u0661", "03001")]
+    observed = [dataclasses.replace(obs("/x"), project_id=pid) for pid in ("\u0663\u0660\u0660\u0661", "03001")]
     _, report = _suggest(None, observed)
     assert report.suggestions == () and report.ignored == 2  # both became `project: 3001` before
 

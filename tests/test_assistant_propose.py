@@ -4,7 +4,6 @@ determinism, and that the patched tree loads with the real policy loader (what `
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import yaml
 
@@ -25,19 +24,7 @@ from controlplane.model.loader import parse_policy
 from controlplane.resolved.evaluate import Evaluator
 from controlplane.resolved.index import Resolution
 from controlplane.sources.policy_dir import read_policy_dir
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gitlab-and-oidc"
-GITLAB = "https://gitlab.example.com"
-DAY = 86_400.0
-NOW = 1_796_500_000.0  # 2026-12-05
-
-
-def _obs(path: str, *, method: str = "GET", job: str = "1", project: str = "3001", ref: str = "main",
-         days_ago: float = 1, decision: str = "allowed", policy: str | None = "ci-reads-flags/flags-read",
-         issuer: str = GITLAB) -> Observation:  # fmt: skip
-    return Observation(NOW - days_ago * DAY, "feature-flags", method, path, decision, policy, project,
-                       f"acme/p{project}", job, ref, issuer)  # fmt: skip
-
+from tests.support.assistant import DAY, EXAMPLE, GITLAB, NOW, obs
 
 CI = """\
 read-flags:
@@ -63,14 +50,14 @@ def _inputs(observations: list[Observation]) -> Inputs:
 
 
 OBSERVED = [
-    _obs("/flags/a/1", job="11"),
-    _obs("/flags/a/2", job="12", days_ago=3),
-    _obs("/flags/a/3", job="12"),
-    _obs("/flags/b", job="13", method="HEAD", policy="admins-manage-flags/flags-admin"),
-    _obs("/flags/a/1", decision="denied", policy=None, method="DELETE"),
-    _obs("/flags/a/1", issuer="https://example.okta.com/oauth2/default", project=""),
-    _obs("/flags/a/1", method="TRACE"),  # no Role can name it
-    _obs("/flags/a b"),  # nor this path
+    obs("/flags/a/1", job="11"),
+    obs("/flags/a/2", job="12", days_ago=3),
+    obs("/flags/a/3", job="12"),
+    obs("/flags/b", job="13", method="HEAD", policy="admins-manage-flags/flags-admin"),
+    obs("/flags/a/1", decision="denied", policy=None, method="DELETE"),
+    obs("/flags/a/1", issuer="https://example.okta.com/oauth2/default", project=""),
+    obs("/flags/a/1", method="TRACE"),  # no Role can name it
+    obs("/flags/a b"),  # nor this path
 ]
 
 
@@ -126,7 +113,7 @@ def test_flags_over_broad_grants() -> None:
     # flags-admin allows any method on /**: used by HEAD only, nothing to name as unused methods
     assert ("unused-rule", "admins-manage-flags/flags-admin") not in flags
     assert not [key for key in flags if key[0] == "ci"]  # the job asks for the backend and was seen
-    old = suggest(_inputs([_obs("/flags/a/1", days_ago=45)]))
+    old = suggest(_inputs([obs("/flags/a/1", days_ago=45)]))
     stale = {(f.kind, f.subject) for f in old.flags}
     assert ("unmatched-binding", "ci-reads-flags") in stale  # only used 45 days ago
     assert ("unmatched-binding", "admins-manage-flags") in stale
@@ -143,7 +130,7 @@ def test_unused_methods_and_unpinned_protected() -> None:
         "roles: [flags-write]\nsubjects:\n  - project: 3001\n"
     )
     policy = parse_policy(files)
-    given = Inputs(policy, Resolution().update(policy), [_obs("/x", policy="ci-writes/flags-write")], {},
+    given = Inputs(policy, Resolution().update(policy), [obs("/x", policy="ci-writes/flags-write")], {},
                    {"3001": {"main": True}}, now=NOW)  # fmt: skip
     flags = {(f.kind, f.subject): f.message for f in suggest(given).flags}
     assert "methods POST unused" in flags[("unused-methods", "ci-writes/flags-write")]
@@ -202,7 +189,7 @@ def test_a_binding_whose_role_is_used_through_exchanged_credentials_is_kept() ->
     from controlplane.compiler.names import EXCHANGED_POLICY_PREFIX
 
     assert ASSISTANT_PREFIX == EXCHANGED_POLICY_PREFIX
-    used = [_obs(f"/flags/x/{n}", job=str(20 + n), issuer="https://controlplane", policy="exchanged/flags-read")
+    used = [obs(f"/flags/x/{n}", job=str(20 + n), issuer="https://controlplane", policy="exchanged/flags-read")
             for n in range(3)]  # fmt: skip
     report = suggest(_inputs(used))
     assert "ci-reads-flags" in report.kept_bindings and "flags-read" in report.kept_roles
@@ -234,7 +221,7 @@ def test_a_binding_that_allowed_requests_without_issuer_or_project_id_is_kept() 
             None,
         )
         for n in range(3)
-    ] + [_obs("/flags/x", project="03001", job="50")]
+    ] + [obs("/flags/x", project="03001", job="50")]
     report = suggest(_inputs([*OBSERVED, *unattributed]))
     assert "ci-reads-flags" in report.kept_bindings and "flags-read" in report.kept_roles
     (flag,) = [f for f in report.flags if f.kind == "unattributed"]
