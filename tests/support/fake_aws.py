@@ -11,6 +11,8 @@ What moto does NOT check, and what this fake adds in a small WSGI layer in front
   signature against the issuer's JWKS (handed to the fake: nothing here fetches discovery), `iss` against the
   role's trusted OIDC provider, `aud`/`sub` against the trust policy's `StringEquals` conditions, `exp`; then
   moto's STS backend mints the credentials, so S3 accepts them with moto's own signature check.
+- The body of a request against its `x-amz-content-sha256` header: moto's signature check takes the header's
+  hash on trust, so an S3 body swapped after signing passed. The layer refuses it (`XAmzContentSHA256Mismatch`).
 - Temporary credentials past their expiration: moto accepts them forever. The layer refuses a request signed
   with an expired session (`ExpiredToken`, HTTP 400 as STS and S3 answer), so refresh tests can fail.
 
@@ -21,7 +23,9 @@ at a time; `start` resets moto and `stop` turns authentication back off.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -94,15 +98,31 @@ class _Layer:
             self._fake.refused_expired += 1
             status, body = _sts_error("ExpiredToken", "The security token included in the request is expired")
             return self._answer(start_response, status, body)
+        declared = environ.get("HTTP_X_AMZ_CONTENT_SHA256", "")
+        if re.fullmatch(r"[0-9a-f]{64}", declared):
+            raw = self._body(environ)
+            if hashlib.sha256(raw).hexdigest() != declared:
+                self._fake.refused_payload += 1
+                body = (
+                    b"<Error><Code>XAmzContentSHA256Mismatch</Code><Message>The provided 'x-amz-content-sha256' "
+                    b"header does not match what was computed.</Message></Error>"
+                )
+                return self._answer(start_response, "400 Bad Request", body)
         if environ.get("REQUEST_METHOD") == "POST" and "HTTP_AUTHORIZATION" not in environ:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            raw = environ["wsgi.input"].read(length)
+            raw = self._body(environ)
             form = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode("utf-8", "replace")).items()}
             if form.get("Action") == "AssumeRoleWithWebIdentity":
                 status, body = self._fake.assume_role_with_web_identity(form)
                 return self._answer(start_response, status, body)
-            environ["wsgi.input"] = _Replay(raw)
         return self._app(environ, start_response)
+
+    @staticmethod
+    def _body(environ: dict[str, Any]) -> bytes:
+        """Read the body once and leave a replay of it for moto."""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw: bytes = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = _Replay(raw)
+        return raw
 
     @staticmethod
     def _answer(start_response: Callable[..., Any], status: str, body: bytes) -> list[bytes]:
@@ -143,6 +163,7 @@ class FakeAws:
         self.trust: WebIdentityTrust | None = None
         self.web_identity_calls: list[dict[str, str]] = []  # the form fields of each AssumeRoleWithWebIdentity
         self.refused_expired = 0
+        self.refused_payload = 0
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.user_key = AccessKey("", "")
@@ -265,7 +286,9 @@ class FakeAws:
         self.web_identity_calls.append(dict(form))
         role_arn = form.get("RoleArn", "")
         if role_arn != self.web_role_arn or self.trust is None:
-            return _sts_error("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", "403 Forbidden")
+            return _sts_error(
+                "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", "403 Forbidden"
+            )
         problem = self._token_problem(form.get("WebIdentityToken", ""))
         if problem is not None:
             return _sts_error(*problem)
