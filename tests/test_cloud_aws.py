@@ -257,6 +257,17 @@ def test_a_refusal_is_counted_apart_and_an_unexpected_error_does_not_stop_the_re
     assert broken.state.failures == 1
 
 
+def test_a_failing_listener_does_not_lose_the_credential(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(0.0)
+
+    def listener(_: AwsCredential | None) -> None:
+        raise RuntimeError("push failed")
+
+    refresher = Refresher("listener", Scripted(clock), clock=clock, sample=lambda: 0.0, on_change=listener)
+    refresher.poll()
+    assert refresher.current() is not None and "listener of backend listener" in caplog.text
+
+
 # -- secrets stay secret
 
 

@@ -436,8 +436,14 @@ class Refresher:
         return wake
 
     def _notify(self, credential: AwsCredential | None) -> None:
-        if self._on_change is not None:
+        """A failing listener is logged, not raised: the refresher's thread must outlive it, and the credential
+        stays available through `current()`."""
+        if self._on_change is None:
+            return
+        try:
             self._on_change(credential)
+        except Exception:
+            log.exception("the listener of backend %s's AWS credentials failed", self.backend)
 
     # -- on a thread
 

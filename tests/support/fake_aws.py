@@ -39,7 +39,7 @@ import requests
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.server import DomainDispatcherApplication, create_backend_app
 from moto.sts.models import sts_backends
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from .ports import LOOPBACK, free_port
 
@@ -140,6 +140,13 @@ class _Layer:
         return False
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No line per request on the test's log (werkzeug's default): the tests read what the control plane logs."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return
+
+
 class _Replay:
     """A request body already read by the layer, handed on to moto."""
 
@@ -175,7 +182,7 @@ class FakeAws:
     def start(self, trust: WebIdentityTrust | None = None) -> FakeAws:
         self.trust = trust
         app = _Layer(DomainDispatcherApplication(create_backend_app), self)
-        self._server = make_server(LOOPBACK, self.port, app, threaded=True)
+        self._server = make_server(LOOPBACK, self.port, app, threaded=True, request_handler=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-aws", daemon=True)
         self._thread.start()
         self._post("/moto-api/reset", b"")
