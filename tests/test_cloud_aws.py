@@ -1,0 +1,430 @@
+"""AWS credentials for a backend's role (controlplane/cloud/aws.py): the pure refresh decisions exhaustively, then
+the STS adapter and the refresher against the fake AWS (moto over HTTP, signatures checked)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane.cloud.aws import (
+    AssumeRoleSource,
+    AwsCredential,
+    Phase,
+    Refresher,
+    RefreshPolicy,
+    RefreshState,
+    Sts,
+    StsError,
+    WebIdentity,
+    WebIdentitySource,
+    attempt_due,
+    initial_state,
+    on_failure,
+    on_success,
+    phase,
+    refresh_at,
+    usable,
+    usable_until,
+    web_identity_claims,
+)
+from controlplane.credentials.keys import FileKeyStore, SigningKeys
+from controlplane.retry import Backoff
+from controlplane.telemetry.metrics import REGISTRY
+from tests.support.clock import Clock
+from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, AccessKey, FakeAws, WebIdentityTrust
+from tests.support.ports import LOOPBACK, free_port, poll_until
+
+POLICY = RefreshPolicy()  # refresh at 50% - up to 10% jitter, >= 300 s before expiry, used until 60 s before
+
+
+def cred(issued: float = 1000.0, lifetime: float = 3600.0, key: str = "ASIAEXAMPLE") -> AwsCredential:
+    return AwsCredential(key, "secret-" + key, "session-" + key, issued + lifetime, "arn:aws:iam::1:role/r", issued)
+
+
+# -- when to refresh
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "sample", "expected_offset"),
+    [
+        (3600, 0.0, 1800),  # half the lifetime
+        (3600, 0.999999, 1440.00036),  # minus up to 10% of it
+        (900, 0.0, 450),  # STS's shortest: still half (600 would be the 300 s margin)
+        (400, 0.0, 100),  # the margin wins: 300 s before expiry
+        (200, 0.0, 0),  # shorter than the margin: at once
+        (0, 0.5, 0),
+    ],
+)
+def test_refresh_at(lifetime: float, sample: float, expected_offset: float) -> None:
+    assert refresh_at(cred(lifetime=lifetime), POLICY, sample) == pytest.approx(1000 + expected_offset)
+
+
+@given(
+    lifetime=st.floats(min_value=0, max_value=86400 * 2),
+    sample=st.floats(min_value=0, max_value=1, exclude_max=True),
+    fraction=st.floats(min_value=0.05, max_value=0.95),
+)
+def test_refresh_is_never_before_issue_nor_inside_the_margin(lifetime: float, sample: float, fraction: float) -> None:
+    policy = RefreshPolicy(refresh_fraction=fraction, jitter_fraction=fraction / 2)
+    credential = cred(lifetime=lifetime)
+    at = refresh_at(credential, policy, sample)
+    assert credential.issued_at <= at
+    assert at <= max(credential.issued_at, credential.expiration - policy.min_margin_seconds)
+    if lifetime > policy.min_margin_seconds:  # then the refresh comes while the credential is still usable
+        assert at < usable_until(credential, policy)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"refresh_fraction": 0},
+        {"refresh_fraction": 1},
+        {"refresh_fraction": 0.5, "jitter_fraction": 0.5},
+        {"jitter_fraction": -0.1},
+        {"min_margin_seconds": -1},
+        {"expiry_skew_seconds": -1},
+    ],
+)
+def test_an_impossible_policy_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RefreshPolicy(**kwargs)
+
+
+# -- state transitions
+
+
+def test_phases_across_a_credentials_life() -> None:
+    state = initial_state(1000)
+    assert (
+        phase(state, 1000, POLICY) is Phase.EMPTY and attempt_due(state, 1000) and usable(state, 1000, POLICY) is None
+    )
+    credential = cred()
+    state = on_success(credential, POLICY, 0.0)
+    assert state == RefreshState(credential, 0, 2800)
+    expectations = [
+        (1000, Phase.FRESH, credential),
+        (2799.9, Phase.FRESH, credential),
+        (2800, Phase.DUE, credential),
+        (4539.9, Phase.DUE, credential),
+        (4540, Phase.EXPIRED, None),  # 60 s of skew before the expiration at 4600
+        (4600, Phase.EXPIRED, None),
+        (99999, Phase.EXPIRED, None),
+    ]
+    for now, expected_phase, expected_credential in expectations:
+        assert phase(state, now, POLICY) is expected_phase, now
+        assert usable(state, now, POLICY) == expected_credential, now
+
+
+def test_failures_back_off_exponentially_up_to_the_cap_and_keep_the_credential() -> None:
+    credential = cred(lifetime=86400)
+    state = on_success(credential, POLICY, 0.0)
+    now = state.next_attempt_at
+    delays = []
+    for _ in range(9):
+        state = on_failure(state, now, POLICY, 0.999999)
+        delays.append(round(state.next_attempt_at - now, 3))
+        now = state.next_attempt_at
+        assert state.credential is credential
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert state.failures == 9
+    assert on_success(cred(key="ASIANEW"), POLICY, 0.0).failures == 0
+
+
+def test_backoff_jitter_draws_between_half_and_all_of_the_delay() -> None:
+    state = initial_state(0)
+    assert on_failure(state, 0, POLICY, 0.0).next_attempt_at == 0.5
+    assert on_failure(state, 0, POLICY, 0.5).next_attempt_at == 0.75
+
+
+def test_a_retry_never_waits_past_the_end_of_the_credential_it_holds() -> None:
+    policy = RefreshPolicy(backoff=Backoff(base_seconds=600, cap_seconds=600, jitter=False))
+    credential = cred(lifetime=3600)  # usable until 4540
+    state = on_failure(on_success(credential, policy, 0.0), 4400, policy, 0.999)
+    assert state.next_attempt_at == usable_until(credential, policy)
+    after = on_failure(state, 4540, policy, 0.999)  # already past use: plain backoff, nothing to protect
+    assert after.next_attempt_at == pytest.approx(4540 + 600 * 0.9995)  # capped at 600
+
+
+def test_without_a_credential_failures_keep_retrying() -> None:
+    state = initial_state(0)
+    for _ in range(3):
+        state = on_failure(state, state.next_attempt_at, POLICY, 0.999999)
+    assert state.credential is None and state.failures == 3 and phase(state, 1e9, POLICY) is Phase.EMPTY
+
+
+# -- the web identity token
+
+
+def test_web_identity_claims() -> None:
+    identity = WebIdentity("https://cp.example.test", audience="sts.amazonaws.com", subject="cp:team-a")
+    assert web_identity_claims(identity, 1000.7, "j1") == {
+        "iss": "https://cp.example.test",
+        "aud": "sts.amazonaws.com",
+        "sub": "cp:team-a",
+        "iat": 1000,
+        "nbf": 1000,
+        "exp": 1300,
+        "jti": "j1",
+    }
+
+
+# -- the refresher, with a scripted source
+
+
+class Scripted:
+    """A source answering from a script: a credential, or an StsError to raise."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.script: list[AwsCredential | StsError | None] = []
+        self.calls = 0
+
+    def fetch(self) -> AwsCredential:
+        self.calls += 1
+        item = self.script.pop(0) if self.script else None
+        if isinstance(item, StsError):
+            raise item
+        if item is None:
+            return cred(issued=self.clock(), key=f"ASIA{self.calls}")
+        return item
+
+
+def _count(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_the_refresher_refreshes_keeps_the_last_credential_then_fails_closed() -> None:
+    clock = Clock(1000.0)
+    source = Scripted(clock)
+    seen: list[AwsCredential | None] = []
+    refresher = Refresher("scripted", source, clock=clock, sample=lambda: 0.0, on_change=seen.append)
+    base = {
+        r: _count("controlplane_aws_credential_refreshes_total", backend="scripted", result=r)
+        for r in ("ok", "refused", "unavailable")
+    }
+    expired_before = _count("controlplane_aws_credentials_expired_total", backend="scripted")
+
+    assert refresher.current() is None
+    assert refresher.poll() == 2800  # fetched; next at half its life
+    first = refresher.current()
+    assert first is not None and seen == [first]
+
+    clock.now = 2800
+    source.script = [StsError("Throttling", "r", refused=False)] * 200
+    wake = refresher.poll()
+    assert refresher.current() is first and wake == pytest.approx(2800.5)  # kept; retried soon
+    while clock() < 4540:  # every failure until it is past use
+        clock.now = min(wake, 4540)
+        wake = refresher.poll()
+    assert refresher.current() is None and seen[-1] is None
+    assert _count("controlplane_aws_credentials_expired_total", backend="scripted") == expired_before + 1
+    refresher.poll()
+    assert _count("controlplane_aws_credentials_expired_total", backend="scripted") == expired_before + 1  # once
+
+    source.script = []
+    clock.now = wake
+    refresher.poll()
+    recovered = refresher.current()
+    assert recovered is not None and recovered != first and seen[-1] == recovered
+    assert _count("controlplane_aws_credential_refreshes_total", backend="scripted", result="ok") == base["ok"] + 2
+    failures = source.calls - 2
+    unavailable = _count("controlplane_aws_credential_refreshes_total", backend="scripted", result="unavailable")
+    assert unavailable == base["unavailable"] + failures
+
+
+def test_a_refusal_is_counted_apart_and_an_unexpected_error_does_not_stop_the_refresher() -> None:
+    clock = Clock(0.0)
+    source = Scripted(clock)
+    refresher = Refresher("odd", source, clock=clock, sample=lambda: 0.0)
+    refused = _count("controlplane_aws_credential_refreshes_total", backend="odd", result="refused")
+    source.script = [StsError("AccessDenied", "r", refused=True)]
+    refresher.poll()
+    assert _count("controlplane_aws_credential_refreshes_total", backend="odd", result="refused") == refused + 1
+
+    class Broken:
+        def fetch(self) -> AwsCredential:
+            raise RuntimeError("bug")
+
+    broken = Refresher("broken", Broken(), clock=clock, sample=lambda: 0.0)
+    broken.poll()
+    assert broken.state.failures == 1
+
+
+def test_a_failing_listener_does_not_lose_the_credential(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(0.0)
+
+    def listener(_: AwsCredential | None) -> None:
+        raise RuntimeError("push failed")
+
+    refresher = Refresher("listener", Scripted(clock), clock=clock, sample=lambda: 0.0, on_change=listener)
+    refresher.poll()
+    assert refresher.current() is not None and "listener of backend listener" in caplog.text
+
+
+# -- secrets stay secret
+
+
+def test_no_secret_in_a_repr_or_an_error() -> None:
+    credential = cred(key="ASIAREPR")
+    text = repr(credential) + repr(on_success(credential, POLICY, 0.0))
+    assert "secret-ASIAREPR" not in text and "session-ASIAREPR" not in text and "ASIAREPR" in text
+    assert str(StsError("InvalidIdentityToken", "arn:aws:iam::1:role/r", refused=True)) == (
+        "STS refused or failed for arn:aws:iam::1:role/r: InvalidIdentityToken"
+    )
+
+
+# -- against the fake AWS
+
+ISSUER = "https://controlplane.example.test/oidc"
+SUBJECT = "controlplane:team-a"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> SigningKeys:
+    store = FileKeyStore(Path(tmp_path_factory.mktemp("keys")) / "signing-keys.json")
+    return SigningKeys(store, rotate_every=86400, max_credential_ttl=3600, publish_lead=600)
+
+
+@pytest.fixture(scope="module")
+def aws(keys: SigningKeys) -> Iterator[FakeAws]:
+    fake = FakeAws().start(WebIdentityTrust(ISSUER, "sts.amazonaws.com", SUBJECT, keys.published_jwks))
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only what a test hands in: no AWS variable or file of the machine running the tests."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _s3_reads_with(aws: FakeAws, credential: AwsCredential) -> bytes:
+    s3 = aws.client("s3", AccessKey(credential.access_key_id, credential.secret_access_key), credential.session_token)
+    body: bytes = s3.get_object(Bucket=BUCKET, Key=OBJECT_KEY)["Body"].read()
+    return body
+
+
+def _web_source(aws: FakeAws, keys: SigningKeys, subject: str = SUBJECT) -> WebIdentitySource:
+    sts = Sts(region=REGION, endpoint_url=aws.endpoint)
+    return WebIdentitySource(sts, keys, WebIdentity(ISSUER, subject=subject), aws.web_role_arn, duration_seconds=900)
+
+
+def test_web_identity_credentials_from_sts_are_accepted_by_s3(aws: FakeAws, keys: SigningKeys) -> None:
+    credential = _web_source(aws, keys).fetch()
+    assert credential.role_arn == aws.web_role_arn
+    assert 850 < credential.expiration - credential.issued_at <= 900
+    assert _s3_reads_with(aws, credential) == OBJECT_BODY
+    sent = aws.web_identity_calls[-1]
+    header = jwt.get_unverified_header(sent["WebIdentityToken"])
+    assert header == {"alg": "ES256", "kid": keys.signing_key().kid, "typ": "JWT"}
+    assert sent["RoleSessionName"] == "controlplane" and sent["DurationSeconds"] == "900"
+
+
+def test_a_subject_the_role_does_not_trust_is_refused(aws: FakeAws, keys: SigningKeys) -> None:
+    with pytest.raises(StsError) as refused:
+        _web_source(aws, keys, subject="controlplane:team-b").fetch()
+    assert refused.value.code == "AccessDenied" and refused.value.refused
+
+
+def _credentials_file(path: Path, key: AccessKey) -> str:
+    path.write_text(
+        f"[default]\naws_access_key_id = {key.access_key_id}\naws_secret_access_key = {key.secret_access_key}\n"
+    )
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_assume_role_from_a_credentials_file(aws: FakeAws, tmp_path: Path) -> None:
+    sts = Sts(
+        region=REGION, endpoint_url=aws.endpoint, credentials_file=_credentials_file(tmp_path / "c", aws.user_key)
+    )
+    credential = AssumeRoleSource(sts, aws.assume_role_arn, duration_seconds=900).fetch()
+    assert _s3_reads_with(aws, credential) == OBJECT_BODY
+
+
+def test_assume_role_from_the_environment(aws: FakeAws, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", aws.user_key.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws.user_key.secret_access_key)
+    credential = AssumeRoleSource(Sts(region=REGION, endpoint_url=aws.endpoint), aws.assume_role_arn).fetch()
+    assert _s3_reads_with(aws, credential) == OBJECT_BODY
+
+
+@pytest.mark.parametrize(("secret", "code"), [("not-the-secret", "SignatureDoesNotMatch"), (None, "NoCredentials")])
+def test_assume_role_with_wrong_or_no_credentials_is_refused(
+    aws: FakeAws, tmp_path: Path, secret: str | None, code: str
+) -> None:
+    path = None
+    if secret is not None:
+        path = _credentials_file(tmp_path / "c", AccessKey(aws.user_key.access_key_id, secret))
+    sts = Sts(region=REGION, endpoint_url=aws.endpoint, credentials_file=path)
+    with pytest.raises(StsError) as refused:
+        AssumeRoleSource(sts, aws.assume_role_arn).fetch()
+    assert (refused.value.code, refused.value.refused) == (code, True)
+
+
+def test_an_unreachable_sts_is_retryable() -> None:
+    sts = Sts(region=REGION, endpoint_url=f"http://{LOOPBACK}:{free_port()}", timeout_seconds=2)
+    with pytest.raises(StsError) as failed:
+        sts.assume_role_with_web_identity("arn:aws:iam::1:role/r", "token", "controlplane", 900)
+    assert failed.value.code == "EndpointConnectionError" and not failed.value.refused
+
+
+def test_the_refresher_replaces_a_credential_before_it_expires(aws: FakeAws, keys: SigningKeys) -> None:
+    """At its refresh time a new credential arrives while the old one still works: no gap for requests."""
+    clock = Clock(time.time())
+    refresher = Refresher("s3", _web_source(aws, keys), clock=clock, sample=lambda: 0.0)
+    wake = refresher.poll()
+    first = refresher.current()
+    assert first is not None and wake == pytest.approx(first.issued_at + 450)
+    clock.now = wake
+    refresher.poll()
+    second = refresher.current()
+    assert second is not None and second.access_key_id != first.access_key_id
+    assert _s3_reads_with(aws, first) == _s3_reads_with(aws, second) == OBJECT_BODY
+
+
+def test_the_refresher_runs_on_its_thread(aws: FakeAws, keys: SigningKeys) -> None:
+    got: list[AwsCredential | None] = []
+    refresher = Refresher("thread", _web_source(aws, keys), on_change=got.append)
+    refresher.start()
+    try:
+        credential = poll_until(refresher.current, timeout=20, message="no credential from the thread")
+        assert got == [credential]
+    finally:
+        refresher.stop()
+
+
+def test_nothing_secret_is_logged_even_at_debug(
+    aws: FakeAws, keys: SigningKeys, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    web = Refresher("web", _web_source(aws, keys))
+    web.poll()
+    sts = Sts(
+        region=REGION, endpoint_url=aws.endpoint, credentials_file=_credentials_file(tmp_path / "c", aws.user_key)
+    )
+    assumed = Refresher("assumed", AssumeRoleSource(sts, aws.assume_role_arn))
+    assumed.poll()
+    denied = Refresher("denied", _web_source(aws, keys, subject="someone-else"))
+    denied.poll()
+    secrets: list[str] = [aws.user_key.secret_access_key, aws.web_identity_calls[-1]["WebIdentityToken"]]
+    for refresher in (web, assumed):
+        credential = refresher.current()
+        assert credential is not None
+        secrets += [credential.secret_access_key, credential.session_token]
+    assert "refreshed" in caplog.text and "AccessDenied" in caplog.text  # the log says what happened
+    leaked = [s[:8] for s in secrets if s in caplog.text]
+    assert not leaked
