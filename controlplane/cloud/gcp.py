@@ -142,9 +142,9 @@ class CloudCredential:
 
 @dataclass(frozen=True)
 class RefreshPolicy:
-    """Refresh when `refresh_fraction` of a credential's life remains (at least `min_margin` seconds, at most
-    half its life); retry failures after `retry_base * 2**(n-1)` seconds, at most `retry_cap`; stop using a
-    credential `expiry_skew` seconds before it expires so none dies in flight."""
+    """Refresh `refresh_fraction` of a credential's life (at least `min_margin` seconds) before it stops being
+    usable, but not in the first half of its life; retry failures after `retry_base * 2**(n-1)` seconds, at most
+    `retry_cap`; stop using a credential `expiry_skew` seconds before it expires so none dies in flight."""
 
     refresh_fraction: float = 0.25
     min_margin: float = 300.0
@@ -170,10 +170,11 @@ class RefreshState:
 
 
 def refresh_at(credential: CloudCredential, policy: RefreshPolicy) -> float:
-    """When a fresh credential should be replaced."""
+    """When a fresh credential should be replaced: `margin` before it stops being usable (expiry minus the skew),
+    never in the first half of its life (a very short-lived credential would otherwise be refreshed in a loop)."""
     life = max(0.0, credential.expires_at - credential.issued_at)
-    margin = min(max(policy.min_margin, life * policy.refresh_fraction), life / 2)
-    return credential.expires_at - margin
+    margin = max(policy.min_margin, life * policy.refresh_fraction)
+    return max(credential.issued_at + life / 2, credential.expires_at - policy.expiry_skew - margin)
 
 
 def usable(state: RefreshState, now: float, policy: RefreshPolicy) -> CloudCredential | None:

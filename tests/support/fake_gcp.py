@@ -38,7 +38,7 @@ from urllib.parse import parse_qs
 
 import jwt
 
-from .backends import LoopbackHTTPServer, Request, Response, json_response
+from .backends import LoopbackHTTPServer, Request, Response, Router, json_response
 from .fake_oidc import SigningKey
 from .lifecycle import Started
 
@@ -54,7 +54,7 @@ _PROVIDER = re.compile(
 )
 _CLAUSE = re.compile(r"""^assertion\.(\w+)\s*(?:==\s*'([^']*)'|\.startsWith\('([^']*)'\))$""")
 _LIFETIME = re.compile(r"^([0-9]+)(?:\.[0-9]{1,9})?s$")
-_FORM_FIELDS: Final = {
+_FORM_FIELDS: Final[dict[str, str]] = {
     "grantType": "grant_type",
     "requestedTokenType": "requested_token_type",
     "subjectToken": "subject_token",
@@ -203,6 +203,11 @@ class FakeGcp(Started):
     @property
     def base_url(self) -> str:
         return self._server.base_url
+
+    @property
+    def router(self) -> Router:
+        """The route table, for a test that needs an odd answer."""
+        return self._server.router
 
     @property
     def sts_url(self) -> str:
@@ -437,7 +442,7 @@ def _sts_fields(request: Request) -> dict[str, str]:
             raise _Refused(oauth_error("invalid_request", "The request body is not valid JSON.")) from None
         if not isinstance(body, dict):
             raise _Refused(oauth_error("invalid_request", "The request body is not a JSON object."))
-        return {_FORM_FIELDS.get(k, k): v for k, v in body.items() if isinstance(v, str)}
+        return {_FORM_FIELDS.get(str(k), str(k)): v for k, v in body.items() if isinstance(v, str)}
     raise _Refused(oauth_error("invalid_request", "Unsupported content type."))
 
 
