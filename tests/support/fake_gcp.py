@@ -15,7 +15,8 @@ it sends, and a permissive fake would pass a request Google refuses. Each field 
 - IAM Credentials `POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken` (`scope` list, `lifetime`
   "Ns" up to `max_lifetime`, `delegates`) and `:generateIdToken` (`audience`, `includeEmail`): only a live
   federated token whose principal is a member of the service account's workload identity binding, and whose
-  scopes include cloud-platform. Refusals are `{"error": {"code", "message", "status"}}`.
+  scopes include cloud-platform or iam (google-auth asks STS for iam when it impersonates). Refusals are
+  `{"error": {"code", "message", "status"}}`; `expireTime` has whole seconds, as google-auth parses it.
 - `FakeGoogleApi` accepts only live access tokens IAM Credentials issued (with the scope it requires) or, when
   configured with an audience, ID tokens the fake signed for it; 401 UNAUTHENTICATED otherwise.
 
@@ -46,6 +47,7 @@ TOKEN_EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
 SUBJECT_TOKEN_TYPES: Final = ("urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token")
 CLOUD_PLATFORM: Final = "https://www.googleapis.com/auth/cloud-platform"
+IAM_CREDENTIALS_SCOPES: Final = frozenset({CLOUD_PLATFORM, "https://www.googleapis.com/auth/iam"})  # either will do
 GOOGLE_ISSUER: Final = "https://accounts.google.com"
 MAX_SUBJECT_LIFE: Final = 86400
 
@@ -152,7 +154,8 @@ def google_error(code: int, status: str, message: str) -> Response:
 
 
 def rfc3339(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Whole seconds, as Google answers (google-auth parses exactly `%Y-%m-%dT%H:%M:%SZ`)."""
+    return datetime.fromtimestamp(int(when), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Refused(Exception):
@@ -348,7 +351,7 @@ class FakeGcp(Started):
             federated = self.federated.get(token) if scheme == "Bearer" else None
         if federated is None or federated.expires_at <= self.clock():
             raise _Refused(google_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials."))
-        if CLOUD_PLATFORM not in federated.scopes:
+        if not set(federated.scopes) & IAM_CREDENTIALS_SCOPES:
             raise _Refused(google_error(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes."))
         return federated
 
@@ -361,7 +364,7 @@ class FakeGcp(Started):
         )
         if account is None:
             raise _Refused(denied)
-        delegates = body.get("delegates", [])
+        delegates = body.get("delegates") or []  # google-auth sends null
         if not isinstance(delegates, list) or any(not isinstance(d, str) for d in delegates):
             raise _Refused(google_error(400, "INVALID_ARGUMENT", "delegates must be a list of resource names."))
         if delegates:  # a chain needs tokenCreator grants this fake does not model
