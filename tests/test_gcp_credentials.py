@@ -344,3 +344,25 @@ async def test_no_token_reaches_a_log_line_or_a_repr(
     assert "refreshed" in caplog.text and "failed" in caplog.text and "PERMISSION_DENIED" in caplog.text
     for secret in secrets:
         assert secret not in shown
+
+
+async def test_a_bug_or_an_unsigned_start_is_a_counted_failure_not_a_dead_loop(
+    cloud: Cloud, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(settings: GcpSettings, now: float) -> CloudCredential:
+        raise KeyError("ya29.would-be-secret")
+
+    refresher = GcpCredentialRefresher(cloud.settings(backend="broken"), broken, clock=cloud.clock)
+    before = refreshes("error", "broken")
+    assert not await refresher.refresh_once()
+    assert refreshes("error", "broken") == before + 1 and refresher.state.failures == 1
+    assert "ya29.would-be-secret" not in caplog.text + str(refresher.state.last_error)
+
+    class NotYet:
+        def signing_key(self) -> object:
+            raise RuntimeError("no signing key may sign yet")
+
+    unsigned = http_fetcher(session, NotYet(), ISSUER)  # type: ignore[arg-type]
+    with pytest.raises(GcpExchangeError) as refused:
+        await unsigned(cloud.settings(), START)
+    assert refused.value.result == "unsigned" and cloud.gcp.requests == []

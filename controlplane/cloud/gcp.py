@@ -64,11 +64,12 @@ _DESCRIPTION_LIMIT = 200
 
 # -- metrics (gcp-prefixed until the AWS refresher shares one family with a provider label)
 
-REFRESH_RESULTS: Final = ("ok", "sts_refused", "iam_refused", "unreachable", "malformed")
+REFRESH_RESULTS: Final = ("ok", "sts_refused", "iam_refused", "unreachable", "malformed", "unsigned", "error")
 REFRESHES = Counter(
     "controlplane_gcp_credential_refreshes_total",
     "Google Cloud credential refreshes by backend and result: ok, sts_refused (Security Token Service said no), "
-    "iam_refused (IAM Credentials said no), unreachable (network or 5xx), malformed (an answer we cannot read).",
+    "iam_refused (IAM Credentials said no), unreachable (network or 5xx), malformed (an answer we cannot read), "
+    "unsigned (no signing key may sign yet), error (an unexpected failure: a bug).",
     ["backend", "result"],
     registry=REGISTRY,
 )
@@ -370,12 +371,18 @@ class GcpCredentialRefresher:
         return self.state.next_attempt
 
     async def refresh_once(self) -> bool:
-        """One attempt; True when a new credential is held. Never raises for a refused or failed exchange."""
+        """One attempt; True when a new credential is held. Never raises (except cancellation): a refused or
+        failed exchange, or a bug in one attempt, is counted, logged and retried with backoff."""
         started = self._clock()
         backend = self.settings.backend
         try:
             credential = await self._fetch(self.settings, started)
-        except GcpExchangeError as error:
+        except Exception as unexpected:  # the loop must outlive any one attempt
+            error = (
+                unexpected
+                if isinstance(unexpected, GcpExchangeError)
+                else GcpExchangeError("error", f"unexpected {type(unexpected).__name__}")  # its text may hold data
+            )
             self.state = after_failure(self.state, self._clock(), str(error), self.policy)
             REFRESHES.labels(backend, error.result).inc()
             held = usable(self.state, self._clock(), self.policy)
@@ -409,6 +416,10 @@ def http_fetcher(session: aiohttp.ClientSession, keys: SigningKeys, issuer: str)
     """The production `fetch`: sign a subject token with the control plane's key, then exchange it."""
 
     async def fetch(settings: GcpSettings, now: float) -> CloudCredential:
-        return await fetch_credential(session, settings, mint_subject_token(keys, issuer, settings, now), now)
+        try:
+            subject_token = mint_subject_token(keys, issuer, settings, now)
+        except RuntimeError:  # keys.signing_key(): no key may sign yet
+            raise GcpExchangeError("unsigned", "no signing key may sign yet") from None
+        return await fetch_credential(session, settings, subject_token, now)
 
     return fetch
