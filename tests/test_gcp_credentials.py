@@ -127,11 +127,11 @@ def test_failures_back_off_exponentially_to_the_cap_and_keep_the_credential() ->
 
 
 def test_the_very_first_attempt_is_due_at_once_and_a_failure_holds_nothing() -> None:
-    state = RefreshState()
+    state: RefreshState[CloudCredential] = RefreshState()
     assert due(state, 0.0) and usable(state, 0.0, POLICY) is None
     state = after_failure(state, 5.0, "unreachable", POLICY)
     assert state.credential is None and state.next_attempt == 6.0 and valid_seconds(state, 5.0, POLICY) == 0.0
-    many = RefreshState(failures=10_000)
+    many: RefreshState[CloudCredential] = RefreshState(failures=10_000)
     assert after_failure(many, 0.0, "x", POLICY).next_attempt == POLICY.retry_cap  # no overflow
 
 

@@ -13,8 +13,8 @@ The flow (docs/gcp-credentials.md has the Google side a team configures):
 
 Three parts, so the logic is tested without I/O and shared with the AWS side later:
 - `RefreshPolicy` / `RefreshState` and the functions on them are pure (no clock, no I/O): when to refresh, how
-  to back off, which credential may still be used. Nothing here is Google-specific: it is the refresher the AWS
-  credentials can share (a credential is a secret plus an expiry).
+  to back off, which credential may still be used. Nothing here is Google-specific: it is generic over any
+  `Expiring` credential (`expires_at`, `issued_at`), so the AWS credentials can share it.
 - `fetch_credential` is the aiohttp adapter: one STS + IAM Credentials round trip.
 - `GcpCredentialRefresher` ties them to a clock, metrics and logs. A failed refresh keeps the last credential
   until it expires, then `current()` is None: the caller fails closed (injects nothing).
@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import aiohttp
 import jwt
@@ -160,17 +160,30 @@ class RefreshPolicy:
             raise ValueError("retry_base and retry_cap must be positive; min_margin and expiry_skew not negative")
 
 
+class Expiring(Protocol):
+    """Any credential the refresh logic can schedule: a Google token, an AWS key triple."""
+
+    @property
+    def expires_at(self) -> float: ...
+
+    @property
+    def issued_at(self) -> float: ...
+
+
+C = TypeVar("C", bound=Expiring)
+
+
 @dataclass(frozen=True)
-class RefreshState:
+class RefreshState(Generic[C]):
     """What a refresher holds: the last good credential, the failures since, and when to try next."""
 
-    credential: CloudCredential | None = None
+    credential: C | None = None
     failures: int = 0
     next_attempt: float = 0.0
     last_error: str | None = None
 
 
-def refresh_at(credential: CloudCredential, policy: RefreshPolicy) -> float:
+def refresh_at(credential: Expiring, policy: RefreshPolicy) -> float:
     """When a fresh credential should be replaced: `margin` before it stops being usable (expiry minus the skew),
     never in the first half of its life (a very short-lived credential would otherwise be refreshed in a loop)."""
     life = max(0.0, credential.expires_at - credential.issued_at)
@@ -178,7 +191,7 @@ def refresh_at(credential: CloudCredential, policy: RefreshPolicy) -> float:
     return max(credential.issued_at + life / 2, credential.expires_at - policy.expiry_skew - margin)
 
 
-def usable(state: RefreshState, now: float, policy: RefreshPolicy) -> CloudCredential | None:
+def usable(state: RefreshState[C], now: float, policy: RefreshPolicy) -> C | None:
     """The credential to send now, or None: fail closed once it is about to expire."""
     credential = state.credential
     if credential is None or now >= credential.expires_at - policy.expiry_skew:
@@ -186,22 +199,22 @@ def usable(state: RefreshState, now: float, policy: RefreshPolicy) -> CloudCrede
     return credential
 
 
-def due(state: RefreshState, now: float) -> bool:
+def due(state: RefreshState[C], now: float) -> bool:
     return now >= state.next_attempt
 
 
-def after_success(state: RefreshState, credential: CloudCredential, policy: RefreshPolicy) -> RefreshState:
+def after_success(state: RefreshState[C], credential: C, policy: RefreshPolicy) -> RefreshState[C]:
     return RefreshState(credential=credential, failures=0, next_attempt=refresh_at(credential, policy))
 
 
-def after_failure(state: RefreshState, now: float, error: str, policy: RefreshPolicy) -> RefreshState:
+def after_failure(state: RefreshState[C], now: float, error: str, policy: RefreshPolicy) -> RefreshState[C]:
     """Keep the last credential (usable() still bounds it by its expiry) and back off exponentially."""
     failures = state.failures + 1
     delay = min(policy.retry_cap, policy.retry_base * 2 ** min(failures - 1, 62))
     return replace(state, failures=failures, next_attempt=now + delay, last_error=error)
 
 
-def valid_seconds(state: RefreshState, now: float, policy: RefreshPolicy) -> float:
+def valid_seconds(state: RefreshState[C], now: float, policy: RefreshPolicy) -> float:
     credential = usable(state, now, policy)
     return 0.0 if credential is None else credential.expires_at - policy.expiry_skew - now
 
@@ -359,7 +372,7 @@ class GcpCredentialRefresher:
         self.policy = policy or RefreshPolicy()
         self._fetch = fetch
         self._clock = clock
-        self.state = RefreshState()
+        self.state: RefreshState[CloudCredential] = RefreshState()
         VALID_SECONDS.labels(settings.backend).set_function(
             lambda: valid_seconds(self.state, self._clock(), self.policy)
         )
