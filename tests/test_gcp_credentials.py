@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +30,7 @@ from controlplane.cloud.gcp import (
     refresh_at,
     usable,
     valid_seconds,
+    wake_at,
 )
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.telemetry.metrics import REGISTRY
@@ -366,3 +368,44 @@ async def test_a_bug_or_an_unsigned_start_is_a_counted_failure_not_a_dead_loop(
     with pytest.raises(GcpExchangeError) as refused:
         await unsigned(cloud.settings(), START)
     assert refused.value.result == "unsigned" and cloud.gcp.requests == []
+
+
+def test_wake_at_is_the_next_refresh_or_the_withdrawal_whichever_first() -> None:
+    credential = cred(0, 3600)
+    state = after_success(RefreshState(), credential, POLICY)
+    assert wake_at(state, 0.0, POLICY) == 2690  # the refresh comes first
+    failing = replace(state, next_attempt=5000.0)
+    assert wake_at(failing, 3000.0, POLICY) == 3590  # the withdrawal comes first
+    assert wake_at(failing, 3590.0, POLICY) == 5000  # already withdrawn: only the retry is left
+    assert wake_at(RefreshState(next_attempt=7.0), 0.0, POLICY) == 7.0
+
+
+async def test_run_withdraws_an_unrefreshed_credential_on_time_and_says_so(
+    cloud: Cloud, session: aiohttp.ClientSession
+) -> None:
+    seen: list[CloudCredential | None] = []
+    policy = RefreshPolicy(retry_base=1000, retry_cap=10000)
+    refresher: GcpCredentialRefresher = GcpCredentialRefresher(
+        cloud.settings(),
+        http_fetcher(session, cloud.keys, ISSUER),
+        clock=cloud.clock,
+        policy=policy,
+        on_change=lambda: seen.append(refresher.current()),
+    )
+    slept: list[float] = []
+
+    class Stop(Exception):
+        pass
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 4:
+            raise Stop
+        cloud.gcp.outage.add("sts")
+        cloud.clock.now += seconds
+
+    with pytest.raises(Stop):
+        await refresher.run(sleep)
+    assert slept == [2690.0, 900.0, 100.0, 2000.0]  # refresh due; withdrawal; retry; retry backed off
+    assert len(seen) == 2 and seen[0] is not None and seen[1] is None
+    assert refresher.current() is None

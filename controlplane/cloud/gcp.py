@@ -219,6 +219,15 @@ def valid_seconds(state: RefreshState[C], now: float, policy: RefreshPolicy) -> 
     return 0.0 if credential is None else credential.expires_at - policy.expiry_skew - now
 
 
+def wake_at(state: RefreshState[C], now: float, policy: RefreshPolicy) -> float:
+    """The next moment something changes: a refresh is due, or the held credential must be withdrawn (the
+    caller then pushes an empty secret, so Envoy refuses instead of sending an expired token)."""
+    credential = usable(state, now, policy)
+    if credential is None:
+        return state.next_attempt
+    return min(state.next_attempt, credential.expires_at - policy.expiry_skew)
+
+
 # -- the subject token we sign
 
 
@@ -367,11 +376,14 @@ class GcpCredentialRefresher:
         *,
         clock: Callable[[], float] = time.time,
         policy: RefreshPolicy | None = None,
+        on_change: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy or RefreshPolicy()
         self._fetch = fetch
         self._clock = clock
+        self._on_change = on_change
+        self._announced: CloudCredential | None = None  # what on_change last reported as current()
         self.state: RefreshState[CloudCredential] = RefreshState()
         VALID_SECONDS.labels(settings.backend).set_function(
             lambda: valid_seconds(self.state, self._clock(), self.policy)
@@ -409,6 +421,7 @@ class GcpCredentialRefresher:
             return False
         self.state = after_success(self.state, credential, self.policy)
         REFRESHES.labels(backend, "ok").inc()
+        self._announce()
         log.info(
             "gcp credential refreshed for backend %s (service account %s), expires in %.0fs",
             backend,
@@ -417,12 +430,24 @@ class GcpCredentialRefresher:
         )
         return True
 
+    def _announce(self) -> None:
+        """Tell the caller (who pushes the SDS secret) when `current()` changed: a new credential, or none."""
+        current = self.current()
+        if current is self._announced:
+            return
+        self._announced = current
+        if current is None:
+            log.warning("gcp credential for backend %s expired unrefreshed: failing closed", self.settings.backend)
+        if self._on_change is not None:
+            self._on_change()
+
     async def run(self, sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
-        """Refresh whenever due, until cancelled."""
+        """Refresh whenever due and withdraw the credential when it expires unrefreshed, until cancelled."""
         while True:
             if due(self.state, self._clock()):
                 await self.refresh_once()
-            await sleep(max(0.0, self.state.next_attempt - self._clock()))
+            self._announce()
+            await sleep(max(0.0, wake_at(self.state, self._clock(), self.policy) - self._clock()))
 
 
 def http_fetcher(session: aiohttp.ClientSession, keys: SigningKeys, issuer: str) -> Fetch:
