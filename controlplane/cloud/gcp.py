@@ -421,7 +421,7 @@ class GcpCredentialRefresher:
             return False
         self.state = after_success(self.state, credential, self.policy)
         REFRESHES.labels(backend, "ok").inc()
-        self._announce()
+        self.announce()
         log.info(
             "gcp credential refreshed for backend %s (service account %s), expires in %.0fs",
             backend,
@@ -430,8 +430,9 @@ class GcpCredentialRefresher:
         )
         return True
 
-    def _announce(self) -> None:
-        """Tell the caller (who pushes the SDS secret) when `current()` changed: a new credential, or none."""
+    def announce(self) -> None:
+        """Tell the caller (who pushes the SDS secret) when `current()` changed: a new credential, or none.
+        `run()` calls it at every wake-up; a caller driving `refresh_once` itself calls it at `wake_at`."""
         current = self.current()
         if current is self._announced:
             return
@@ -446,7 +447,7 @@ class GcpCredentialRefresher:
         while True:
             if due(self.state, self._clock()):
                 await self.refresh_once()
-            self._announce()
+            self.announce()
             await sleep(max(0.0, wake_at(self.state, self._clock(), self.policy) - self._clock()))
 
 

@@ -494,6 +494,11 @@ class FakeGoogleApi(Started):
         return self._server.base_url
 
     @property
+    def server(self) -> LoopbackHTTPServer:
+        """The server itself, for a stack that starts and stops its servers (tests/support/stack.py)."""
+        return self._server
+
+    @property
     def requests(self) -> list[Request]:
         return self._server.requests
 
