@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -25,7 +26,6 @@ from tests.support.fake_gcp import FakeGcp, FakeGoogleApi, Provider, principal
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
-from tests.test_e2e_injection import write_secret
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +49,13 @@ def policy(given: PolicyInputs) -> dict[str, str]:
             gateway(given.listen_port, ["storage-api"], access_log=given.access_log),
         ),
     }
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Atomic rename, as the control plane's secret file watcher expects a writer to replace it."""
+    staged = path.with_suffix(".new")
+    staged.write_text(value + "\n")
+    staged.replace(path)
 
 
 @dataclass
