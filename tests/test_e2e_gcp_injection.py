@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +31,9 @@ pytestmark = pytest.mark.e2e
 
 INVENTORY = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
 SECRET = "gcp-token"
+ID_SECRET = "gcp-id-token"
+RUN_AUDIENCE = "https://run.example.test"
+RUN_SA = "run-invoker@acme-prod.iam.gserviceaccount.com"
 ISSUER = "https://controlplane.example.test"
 POOL = "projects/123456789/locations/global/workloadIdentityPools/gitlab-ci"
 PROVIDER = POOL + "/providers/controlplane"
@@ -38,15 +41,19 @@ SA = "gcs-reader@acme-prod.iam.gserviceaccount.com"
 
 
 def policy(given: PolicyInputs) -> dict[str, str]:
-    inject = f'inject:\n  value_prefix: "Bearer "\n  secret_file: {given.root / SECRET}'
+    def inject(secret: str) -> str:
+        return f'inject:\n  value_prefix: "Bearer "\n  secret_file: {given.root / secret}'
+
     return {
         "inventory.yaml": INVENTORY,
         "policy.yaml": documents(
             issuer(given.issuer, extra="inventory: inventory.yaml"),
-            backend("storage-api", given.ports["google"], extra=inject),
+            backend("storage-api", given.ports["google"], extra=inject(SECRET)),
+            backend("run-api", given.ports["cloud-run"], extra=inject(ID_SECRET)),
             role("read", "storage-api"),
-            binding("deployer-reads", ["read"], "{project: 42}"),
-            gateway(given.listen_port, ["storage-api"], access_log=given.access_log),
+            role("invoke", "run-api"),
+            binding("deployer-reads", ["read", "invoke"], "{project: 42}"),
+            gateway(given.listen_port, ["storage-api", "run-api"], access_log=given.access_log),
         ),
     }
 
@@ -60,12 +67,12 @@ def write_secret(path: Path, value: str) -> None:
 
 @dataclass
 class GcpStack(Served):
-    def fetch(self, token: str) -> HttpResponse:
-        return self.request("storage.local", "/storage/v1/b/bucket/o", token)
+    def fetch(self, token: str, host: str = "storage.local") -> HttpResponse:
+        return self.request(host, "/storage/v1/b/bucket/o", token)
 
-    def token(self, project_id: int = 42) -> str:
+    def token(self, project_id: int = 42, host: str = "storage.local") -> str:
         return self.gitlab.mint(
-            aud="https://storage.local", project_id=project_id, project_path="acme/deployer", namespace_id=11
+            aud=f"https://{host}", project_id=project_id, project_path="acme/deployer", namespace_id=11
         )
 
 
@@ -75,10 +82,12 @@ class World:
     gcp: FakeGcp
     api: FakeGoogleApi
     refresher: GcpCredentialRefresher
+    run_api: FakeGoogleApi
+    run_refresher: GcpCredentialRefresher
     stack: GcpStack | None = None
 
-    def refresh(self) -> bool:
-        return asyncio.run(self.refresher.refresh_once())
+    def refresh(self, refresher: GcpCredentialRefresher | None = None) -> bool:
+        return asyncio.run((refresher or self.refresher).refresh_once())
 
     @property
     def served(self) -> GcpStack:
@@ -96,30 +105,42 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with FakeGcp(clock=clock) as gcp:
         gcp.add_provider(Provider(PROVIDER, ISSUER, keys.published_jwks))
         gcp.add_service_account(SA, principal(POOL, "backend:storage-api"))
+        gcp.add_service_account(RUN_SA, principal(POOL, "backend:run-api"))
         api = FakeGoogleApi(gcp)
+        # accepts no access token (a scope nobody asks for): only an ID token for its audience
+        run_api = FakeGoogleApi(gcp, scope="https://www.googleapis.com/auth/none", id_token_audience=RUN_AUDIENCE)
         settings = GcpSettings(
             "storage-api", PROVIDER, SA, sts_url=gcp.sts_url, iam_credentials_url=gcp.iam_credentials_url
         )
+        run_settings = replace(
+            settings, backend="run-api", service_account=RUN_SA, scopes=(), id_token_audience=RUN_AUDIENCE
+        )
 
-        def publish() -> None:
-            current = refresher.current()
-            write_secret(root / SECRET, current.token if current is not None else "")
+        def publisher(secret: str, held: Callable[[], GcpCredentialRefresher]) -> Callable[[], None]:
+            def publish() -> None:
+                current = held().current()
+                write_secret(root / secret, current.token if current is not None else "")
+
+            return publish
 
         async def fetch(settings: GcpSettings, now: float) -> CloudCredential:
             """A session per attempt: each attempt runs in its own asyncio.run from these sync tests."""
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
                 return await http_fetcher(session, keys, ISSUER)(settings, now)
 
-        refresher = GcpCredentialRefresher(settings, fetch, clock=clock, on_change=publish)
-        built = World(clock, gcp, api, refresher)
-        assert built.refresh()
+        refresher = GcpCredentialRefresher(settings, fetch, clock=clock, on_change=publisher(SECRET, lambda: refresher))
+        run_refresher = GcpCredentialRefresher(
+            run_settings, fetch, clock=clock, on_change=publisher(ID_SECRET, lambda: run_refresher)
+        )
+        built = World(clock, gcp, api, refresher, run_api, run_refresher)
+        assert built.refresh() and built.refresh(run_refresher)
         with serve_stack(
             root,
             policy,
             kind=GcpStack,
             envoy=EnvoySpec("gcp-envoy", "gcp-envoy"),
             backends=(),
-            servers={"google": api.server},
+            servers={"google": api.server, "cloud-run": run_api.server},
             serve_args=("--xds-insecure",),
             ready=lambda stack: stack.fetch(stack.token()).status == 200,
         ) as stack:
@@ -146,7 +167,18 @@ def test_a_denied_job_never_reaches_the_api(world: World) -> None:
     assert len(world.api.requests) == served
 
 
+def test_an_id_token_reaches_a_cloud_run_style_service(world: World) -> None:
+    job = world.served.token(host="run.local")
+    response = world.served.fetch(job, host="run.local")
+    assert response.status == 200, response.text
+    assert response.json()["service_account"] == RUN_SA
+    current = world.run_refresher.current()
+    assert current is not None and current.token.count(".") == 2  # a JWT, not an opaque access token
+    assert world.run_api.requests[-1].headers["authorization"] == f"Bearer {current.token}"
+
+
 def test_a_refresh_fails_no_request(world: World) -> None:
+    """From here on the fake clock moves past the run-api token's life too: the ID token test comes first."""
     job = world.served.token()
     old = world.refresher.current()
     assert old is not None
