@@ -1,1 +1,2 @@
-"""Short-lived cloud credentials the control plane obtains for itself and hands to Envoy (issue 16)."""
+"""Short-lived cloud credentials (AWS, Google Cloud) the control plane obtains for backends and keeps fresh for
+Envoy: the job never sees them."""

@@ -1,0 +1,464 @@
+"""Google Cloud credentials for a backend: workload identity federation, then service account impersonation.
+
+The flow (docs/gcp-credentials.md has the Google side a team configures):
+
+1. The control plane signs a short JWT with its own signing key (controlplane/credentials/keys.py): `iss` its
+   issuer URL, `sub` = `backend:<name>`, `aud` = the provider's default allowed audience
+   `https://iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/X`.
+2. Security Token Service `POST /v1/token` (RFC 8693 token exchange, form-encoded as Google's client libraries
+   send it) trades it for a federated access token (audience `//iam.googleapis.com/projects/N/...`).
+3. IAM Credentials `POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken` (scopes, lifetime) or
+   `:generateIdToken` (audience, includeEmail), authorised by the federated token, returns the credential Envoy
+   will send as `Authorization: Bearer`.
+
+Three parts, so the logic is tested without I/O and shared with the AWS side later:
+- `RefreshPolicy` / `RefreshState` and the functions on them are pure (no clock, no I/O): when to refresh, how
+  to back off, which credential may still be used. Nothing here is Google-specific: it is generic over any
+  `Expiring` credential (`expires_at`, `issued_at`), so the AWS credentials can share it.
+- `fetch_credential` is the aiohttp adapter: one STS + IAM Credentials round trip.
+- `GcpCredentialRefresher` ties them to a clock, metrics and logs. A failed refresh keeps the last credential
+  until it expires, then `current()` is None: the caller fails closed (injects nothing).
+
+No token ever reaches a log line, an exception message or a repr: errors carry Google's error code and a
+truncated description only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+import aiohttp
+import jwt
+from prometheus_client import Counter, Gauge
+
+from controlplane.credentials.keys import ALGORITHM, SigningKeys
+from controlplane.telemetry.metrics import REGISTRY
+
+log = logging.getLogger("controlplane.cloud.gcp")
+
+STS_URL: Final = "https://sts.googleapis.com/v1/token"
+IAM_CREDENTIALS_URL: Final = "https://iamcredentials.googleapis.com/v1"
+TOKEN_EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
+JWT_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
+CLOUD_PLATFORM: Final = "https://www.googleapis.com/auth/cloud-platform"
+MAX_LIFETIME: Final = 43200  # 12 h: Google's ceiling with the lifetime-extension organisation policy (else 3600)
+SUBJECT_TOKEN_TTL: Final = 300  # the JWT we sign is used once, at once
+
+_PROVIDER = re.compile(
+    r"^projects/(?P<project>[0-9]+)/locations/global/workloadIdentityPools/(?P<pool>[a-z0-9-]{4,32})"
+    r"/providers/(?P<provider>[a-z0-9-]{4,32})$"
+)
+_SERVICE_ACCOUNT = re.compile(r"^[a-z0-9-]{6,30}@[a-z0-9.-]+$")
+_DESCRIPTION_LIMIT = 200
+
+# -- metrics (gcp-prefixed until the AWS refresher shares one family with a provider label)
+
+REFRESH_RESULTS: Final = ("ok", "sts_refused", "iam_refused", "unreachable", "malformed", "unsigned", "error")
+REFRESHES = Counter(
+    "controlplane_gcp_credential_refreshes_total",
+    "Google Cloud credential refreshes by backend and result: ok, sts_refused (Security Token Service said no), "
+    "iam_refused (IAM Credentials said no), unreachable (network or 5xx), malformed (an answer we cannot read), "
+    "unsigned (no signing key may sign yet), error (an unexpected failure: a bug).",
+    ["backend", "result"],
+    registry=REGISTRY,
+)
+VALID_SECONDS = Gauge(
+    "controlplane_gcp_credential_valid_seconds",
+    "Seconds the credential held for a backend stays usable; 0 means none: requests to it fail closed.",
+    ["backend"],
+    registry=REGISTRY,
+)
+
+
+# -- settings
+
+
+@dataclass(frozen=True)
+class GcpSettings:
+    """A backend's `gcp:` block. An `id_token_audience` asks for an ID token (Cloud Run style) instead of an
+    OAuth access token for `scopes`."""
+
+    backend: str
+    workload_identity_provider: str  # projects/N/locations/global/workloadIdentityPools/P/providers/X
+    service_account: str
+    scopes: tuple[str, ...] = (CLOUD_PLATFORM,)
+    id_token_audience: str | None = None
+    lifetime: int = 3600
+    sts_url: str = STS_URL
+    iam_credentials_url: str = IAM_CREDENTIALS_URL
+
+    def __post_init__(self) -> None:
+        if not _PROVIDER.match(self.workload_identity_provider):
+            raise ValueError(
+                "workload_identity_provider must be projects/NUMBER/locations/global/workloadIdentityPools/POOL"
+                f"/providers/PROVIDER, got {self.workload_identity_provider!r}"
+            )
+        if not _SERVICE_ACCOUNT.match(self.service_account):
+            raise ValueError(f"service_account must be a service account email, got {self.service_account!r}")
+        if self.id_token_audience is None and not self.scopes:
+            raise ValueError("an access token needs at least one scope")
+        if self.id_token_audience == "":
+            raise ValueError("id_token_audience must not be empty")
+        if not 1 <= self.lifetime <= MAX_LIFETIME:
+            raise ValueError(f"lifetime must be between 1 and {MAX_LIFETIME} seconds")
+
+    @property
+    def sts_audience(self) -> str:
+        """The STS `audience` parameter: the provider's full resource name."""
+        return "//iam.googleapis.com/" + self.workload_identity_provider
+
+    @property
+    def subject_audience(self) -> str:
+        """The `aud` of the JWT we sign: the provider's default allowed audience."""
+        return "https://iam.googleapis.com/" + self.workload_identity_provider
+
+    @property
+    def subject(self) -> str:
+        """The `sub` Google maps to `google.subject`; a team's attribute condition names it."""
+        return f"backend:{self.backend}"
+
+
+@dataclass(frozen=True)
+class CloudCredential:
+    """A secret Envoy sends, and when it stops working. The secret never appears in a repr."""
+
+    token: str = field(repr=False)
+    expires_at: float
+    issued_at: float
+
+
+# -- the pure refresh logic (shared with AWS later)
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """Refresh `refresh_fraction` of a credential's life (at least `min_margin` seconds) before it stops being
+    usable, but not in the first half of its life; retry failures after `retry_base * 2**(n-1)` seconds, at most
+    `retry_cap`; stop using a credential `expiry_skew` seconds before it expires so none dies in flight."""
+
+    refresh_fraction: float = 0.25
+    min_margin: float = 300.0
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+    expiry_skew: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.refresh_fraction < 1:
+            raise ValueError("refresh_fraction must be between 0 and 1")
+        if min(self.retry_base, self.retry_cap) <= 0 or self.min_margin < 0 or self.expiry_skew < 0:
+            raise ValueError("retry_base and retry_cap must be positive; min_margin and expiry_skew not negative")
+
+
+class Expiring(Protocol):
+    """Any credential the refresh logic can schedule: a Google token, an AWS key triple."""
+
+    @property
+    def expires_at(self) -> float: ...
+
+    @property
+    def issued_at(self) -> float: ...
+
+
+C = TypeVar("C", bound=Expiring)
+
+
+@dataclass(frozen=True)
+class RefreshState(Generic[C]):
+    """What a refresher holds: the last good credential, the failures since, and when to try next."""
+
+    credential: C | None = None
+    failures: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+
+
+def refresh_at(credential: Expiring, policy: RefreshPolicy) -> float:
+    """When a fresh credential should be replaced: `margin` before it stops being usable (expiry minus the skew),
+    never in the first half of its life (a very short-lived credential would otherwise be refreshed in a loop)."""
+    life = max(0.0, credential.expires_at - credential.issued_at)
+    margin = max(policy.min_margin, life * policy.refresh_fraction)
+    return max(credential.issued_at + life / 2, credential.expires_at - policy.expiry_skew - margin)
+
+
+def usable(state: RefreshState[C], now: float, policy: RefreshPolicy) -> C | None:
+    """The credential to send now, or None: fail closed once it is about to expire."""
+    credential = state.credential
+    if credential is None or now >= credential.expires_at - policy.expiry_skew:
+        return None
+    return credential
+
+
+def due(state: RefreshState[C], now: float) -> bool:
+    return now >= state.next_attempt
+
+
+def after_success(state: RefreshState[C], credential: C, policy: RefreshPolicy) -> RefreshState[C]:
+    return RefreshState(credential=credential, failures=0, next_attempt=refresh_at(credential, policy))
+
+
+def after_failure(state: RefreshState[C], now: float, error: str, policy: RefreshPolicy) -> RefreshState[C]:
+    """Keep the last credential (usable() still bounds it by its expiry) and back off exponentially."""
+    failures = state.failures + 1
+    delay = min(policy.retry_cap, policy.retry_base * 2 ** min(failures - 1, 62))
+    return replace(state, failures=failures, next_attempt=now + delay, last_error=error)
+
+
+def valid_seconds(state: RefreshState[C], now: float, policy: RefreshPolicy) -> float:
+    credential = usable(state, now, policy)
+    return 0.0 if credential is None else credential.expires_at - policy.expiry_skew - now
+
+
+def wake_at(state: RefreshState[C], now: float, policy: RefreshPolicy) -> float:
+    """The next moment something changes: a refresh is due, or the held credential must be withdrawn (the
+    caller then pushes an empty secret, so Envoy refuses instead of sending an expired token)."""
+    credential = usable(state, now, policy)
+    if credential is None:
+        return state.next_attempt
+    return min(state.next_attempt, credential.expires_at - policy.expiry_skew)
+
+
+# -- the subject token we sign
+
+
+def mint_subject_token(keys: SigningKeys, issuer: str, settings: GcpSettings, now: float) -> str:
+    """The JWT STS verifies against our published JWKS. Short-lived: it is exchanged at once."""
+    key = keys.signing_key()
+    issued = int(now)
+    claims = {
+        "iss": issuer,
+        "sub": settings.subject,
+        "aud": settings.subject_audience,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + SUBJECT_TOKEN_TTL,
+        "jti": str(uuid.uuid4()),
+    }
+    return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"})
+
+
+# -- the aiohttp adapter
+
+
+class GcpExchangeError(Exception):
+    """A refused or failed step. `result` is a REFRESH_RESULTS label; the message holds no token."""
+
+    def __init__(self, result: str, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+async def fetch_credential(
+    session: aiohttp.ClientSession, settings: GcpSettings, subject_token: str, now: float
+) -> CloudCredential:
+    """Exchange `subject_token` at STS, then impersonate the service account. `now` dates the credential."""
+    federated = await _exchange(session, settings, subject_token)
+    name = f"projects/-/serviceAccounts/{settings.service_account}"
+    headers = {"Authorization": f"Bearer {federated}"}
+    if settings.id_token_audience is not None:
+        body: dict[str, Any] = {"audience": settings.id_token_audience, "includeEmail": True}
+        answer = await _post_json(session, f"{settings.iam_credentials_url}/{name}:generateIdToken", body, headers)
+        token = _string(answer, "token")
+        return CloudCredential(token, expires_at=_jwt_expiry(token), issued_at=now)
+    body = {"scope": list(settings.scopes), "lifetime": f"{settings.lifetime}s"}
+    answer = await _post_json(session, f"{settings.iam_credentials_url}/{name}:generateAccessToken", body, headers)
+    token = _string(answer, "accessToken")
+    return CloudCredential(token, expires_at=_rfc3339(_string(answer, "expireTime")), issued_at=now)
+
+
+async def _exchange(session: aiohttp.ClientSession, settings: GcpSettings, subject_token: str) -> str:
+    form = {
+        "grant_type": TOKEN_EXCHANGE_GRANT,
+        "audience": settings.sts_audience,
+        "scope": CLOUD_PLATFORM,  # what the federated token needs to call IAM Credentials
+        "requested_token_type": ACCESS_TOKEN_TYPE,
+        "subject_token_type": JWT_TOKEN_TYPE,
+        "subject_token": subject_token,
+    }
+    try:
+        async with session.post(settings.sts_url, data=form) as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as error:
+        raise GcpExchangeError("unreachable", f"STS unreachable: {type(error).__name__}") from None
+    answer = _json(text)
+    if status != 200:
+        kind = "unreachable" if status >= 500 else "sts_refused"
+        code, description = answer.get("error"), answer.get("error_description")
+        raise GcpExchangeError(kind, f"STS answered {status} {_short(code)}: {_short(description)}")
+    if answer.get("token_type", "Bearer") != "Bearer":
+        raise GcpExchangeError("malformed", "STS issued a token that is not a bearer token")
+    return _string(answer, "access_token", step="STS")
+
+
+async def _post_json(
+    session: aiohttp.ClientSession, url: str, body: Mapping[str, Any], headers: Mapping[str, str]
+) -> dict[str, Any]:
+    try:
+        async with session.post(url, json=body, headers=headers) as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as error:
+        raise GcpExchangeError("unreachable", f"IAM Credentials unreachable: {type(error).__name__}") from None
+    answer = _json(text)
+    if status != 200:
+        kind = "unreachable" if status >= 500 else "iam_refused"
+        detail = answer.get("error")
+        status_name = detail.get("status") if isinstance(detail, dict) else None
+        message = detail.get("message") if isinstance(detail, dict) else None
+        raise GcpExchangeError(kind, f"IAM Credentials answered {status} {_short(status_name)}: {_short(message)}")
+    return answer
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _string(answer: Mapping[str, Any], name: str, step: str = "IAM Credentials") -> str:
+    value = answer.get(name)
+    if not isinstance(value, str) or not value:
+        raise GcpExchangeError("malformed", f"{step} answer lacks {name}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = value if isinstance(value, str) else "-"
+    return text[:_DESCRIPTION_LIMIT]
+
+
+def _rfc3339(value: str) -> float:
+    """Google's Timestamp JSON: `2026-12-06T22:00:00.123456789Z`, nanoseconds allowed (Python takes micro)."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z$", value)
+    if match is None:
+        raise GcpExchangeError("malformed", "IAM Credentials expireTime is not an RFC 3339 UTC time")
+    whole = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()
+    return whole + float("0" + (match.group(2) or ".0"))
+
+
+def _jwt_expiry(token: str) -> float:
+    """An ID token's `exp`, read without verifying: we only schedule with it, the backend verifies it."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims["exp"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise GcpExchangeError("malformed", "IAM Credentials returned an ID token without a readable exp") from None
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise GcpExchangeError("malformed", "IAM Credentials returned an ID token whose exp is not a number")
+    return float(exp)
+
+
+# -- the refresher
+
+
+Fetch = Callable[[GcpSettings, float], Awaitable[CloudCredential]]
+
+
+class GcpCredentialRefresher:
+    """Keeps one backend's credential fresh. `current()` is what the SDS injection will read."""
+
+    def __init__(
+        self,
+        settings: GcpSettings,
+        fetch: Fetch,
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: RefreshPolicy | None = None,
+        on_change: Callable[[], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy or RefreshPolicy()
+        self._fetch = fetch
+        self._clock = clock
+        self._on_change = on_change
+        self._announced: CloudCredential | None = None  # what on_change last reported as current()
+        self.state: RefreshState[CloudCredential] = RefreshState()
+        VALID_SECONDS.labels(settings.backend).set_function(
+            lambda: valid_seconds(self.state, self._clock(), self.policy)
+        )
+
+    def current(self) -> CloudCredential | None:
+        return usable(self.state, self._clock(), self.policy)
+
+    def next_attempt(self) -> float:
+        return self.state.next_attempt
+
+    async def refresh_once(self) -> bool:
+        """One attempt; True when a new credential is held. Never raises (except cancellation): a refused or
+        failed exchange, or a bug in one attempt, is counted, logged and retried with backoff."""
+        started = self._clock()
+        backend = self.settings.backend
+        try:
+            credential = await self._fetch(self.settings, started)
+        except Exception as unexpected:  # the loop must outlive any one attempt
+            error = (
+                unexpected
+                if isinstance(unexpected, GcpExchangeError)
+                else GcpExchangeError("error", f"unexpected {type(unexpected).__name__}")  # its text may hold data
+            )
+            self.state = after_failure(self.state, self._clock(), str(error), self.policy)
+            REFRESHES.labels(backend, error.result).inc()
+            held = usable(self.state, self._clock(), self.policy)
+            log.warning(
+                "gcp credential refresh failed for backend %s (%s); %s; retry in %.0fs",
+                backend,
+                error,
+                f"keeping the last credential until {held.expires_at:.0f}" if held else "no credential: failing closed",
+                self.state.next_attempt - self._clock(),
+            )
+            return False
+        self.state = after_success(self.state, credential, self.policy)
+        REFRESHES.labels(backend, "ok").inc()
+        self.announce()
+        log.info(
+            "gcp credential refreshed for backend %s (service account %s), expires in %.0fs",
+            backend,
+            self.settings.service_account,
+            credential.expires_at - started,
+        )
+        return True
+
+    def announce(self) -> None:
+        """Tell the caller (who pushes the SDS secret) when `current()` changed: a new credential, or none.
+        `run()` calls it at every wake-up; a caller driving `refresh_once` itself calls it at `wake_at`."""
+        current = self.current()
+        if current is self._announced:
+            return
+        self._announced = current
+        if current is None:
+            log.warning("gcp credential for backend %s expired unrefreshed: failing closed", self.settings.backend)
+        if self._on_change is not None:
+            self._on_change()
+
+    async def run(self, sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+        """Refresh whenever due and withdraw the credential when it expires unrefreshed, until cancelled."""
+        while True:
+            if due(self.state, self._clock()):
+                await self.refresh_once()
+            self.announce()
+            await sleep(max(0.0, wake_at(self.state, self._clock(), self.policy) - self._clock()))
+
+
+def http_fetcher(session: aiohttp.ClientSession, keys: SigningKeys, issuer: str) -> Fetch:
+    """The production `fetch`: sign a subject token with the control plane's key, then exchange it."""
+
+    async def fetch(settings: GcpSettings, now: float) -> CloudCredential:
+        try:
+            subject_token = mint_subject_token(keys, issuer, settings, now)
+        except RuntimeError:  # keys.signing_key(): no key may sign yet
+            raise GcpExchangeError("unsigned", "no signing key may sign yet") from None
+        return await fetch_credential(session, settings, subject_token, now)
+
+    return fetch
