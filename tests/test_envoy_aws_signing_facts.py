@@ -363,3 +363,28 @@ def test_without_credentials_the_request_goes_out_unsigned_with_the_callers_auth
         seen = backend.requests[-1]
     assert seen.headers["authorization"] == "Bearer job-credential"
     assert "x-amz-date" not in seen.headers and "x-amz-security-token" not in seen.headers
+
+
+def test_every_header_present_is_signed_and_a_hashed_body_is_bounded_by_the_buffer_limit() -> None:
+    """Signed: every request header the filter sees (the caller's own included), not those the router adds after
+    it. A body to hash is buffered whole: past the connection buffer limit (1 MiB by default) Envoy answers 413,
+    while an unsigned payload streams."""
+    big = b"x" * (3 * 1024 * 1024)
+    port, unsigned_port = free_port(), free_port()
+    with aws_envoy() as (ads, envoy, backend):
+        serve(ads, envoy, port, inline(signing_config()))
+        assert request(port, "GET", "/bucket/key?b=2&a=1", user_agent="ua", x_custom="c") == 200
+        seen = backend.requests[-1]
+        assert request(port, "PUT", "/bucket/big", body=big) == 413
+        listener = signing_listener(unsigned_port, inline(signing_config(use_unsigned_payload=True)))
+        listener.name = "unsigned"
+        ads.put(LISTENER, "unsigned", listener)
+        listening(unsigned_port)
+        assert request(unsigned_port, "PUT", "/bucket/big", body=big) == 200
+        streamed = backend.requests[-1]
+    signed = set(parse_authorization(seen.headers["authorization"])["SignedHeaders"].split(";"))
+    assert {"user-agent", "x-custom", "x-request-id", "accept-encoding"} <= signed
+    assert not {"x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"} & signed
+    assert_signed(seen, OLD)
+    assert streamed.path == "/bucket/big" and len(streamed.body) == len(big)
+    assert_signed(streamed, OLD)
