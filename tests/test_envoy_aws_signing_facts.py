@@ -37,6 +37,7 @@ SIGNING = "envoy.filters.http.aws_request_signing"
 SIGNING_URL = "type.googleapis.com/envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigning"
 PER_ROUTE_URL = "type.googleapis.com/envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigningPerRoute"
 HCM_URL = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+FILTER_CONFIG_URL = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 ROUTER_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _PROTOS = (signing_pb2,)  # its descriptors resolve the `@type`s below
 REGION = "eu-west-1"
@@ -132,13 +133,22 @@ def signing_config(credentials: tuple[str, str, str] | None = OLD, **options: An
     return config
 
 
-def signing_listener(port: int, http_filter: dict[str, Any], routes: list[dict[str, Any]] | None = None) -> Any:
+def signing_listener(
+    port: int,
+    http_filter: dict[str, Any],
+    routes: list[dict[str, Any]] | None = None,
+    more_filters: list[dict[str, Any]] | None = None,
+) -> Any:
     default = {"match": {"prefix": "/"}, "route": {"cluster": "backend"}}
     manager = {
         "@type": HCM_URL,
         "stat_prefix": "aws",
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [*(routes or []), default]}]},
-        "http_filters": [http_filter, {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_URL}}],
+        "http_filters": [
+            http_filter,
+            *(more_filters or []),
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_URL}},
+        ],
     }
     return json_format.ParseDict(
         {
@@ -388,3 +398,56 @@ def test_every_header_present_is_signed_and_a_hashed_body_is_bounded_by_the_buff
     assert_signed(seen, OLD)
     assert streamed.path == "/bucket/big" and len(streamed.body) == len(big)
     assert_signed(streamed, OLD)
+
+
+def test_one_ecds_signing_filter_per_role_the_others_disabled_per_route() -> None:
+    """Per-binding roles with ECDS refresh: one signing filter per role, each its own ECDS resource; every route
+    disables all but its role's (`FilterConfig{disabled: true}` in `typed_per_filter_config`). A refresh of one
+    role's credentials leaves the other's routes alone. (The reverse, filters `disabled` on the listener and
+    enabled per route by `FilterConfig{disabled: false}` without a config, is refused: `Empty route/virtual host
+    per filter configuration`.)"""
+    port = free_port()
+    off = {"@type": FILTER_CONFIG_URL, "disabled": True}
+    routes = [
+        {"match": {"prefix": "/read/"}, "route": {"cluster": "backend"}, "typed_per_filter_config": {"deploy": off}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "backend"}, "typed_per_filter_config": {"read": off}},
+    ]
+    with aws_envoy() as (ads, envoy, backend):
+        ads.put(ECDS, "read", typed("read", _signing_message(READ_ONLY)))
+        ads.put(ECDS, "deploy", typed("deploy", _signing_message(OLD)))
+        filters = [ecds_filter(name, SIGNING_URL) for name in ("read", "deploy")]
+        ads.put(LISTENER, "aws", signing_listener(port, filters[0], routes=routes, more_filters=filters[1:]))
+        envoy.wait_ready()
+        listening(port)
+        assert request(port, path="/read/a") == 200
+        assert_signed(backend.requests[-1], READ_ONLY)
+        assert request(port, path="/deploy/a") == 200
+        assert_signed(backend.requests[-1], OLD)
+        ads.put(ECDS, "deploy", typed("deploy", _signing_message(NEW)))
+        _wait(
+            lambda: request(port, path="/deploy/b") == 200 and NEW[0] in backend.requests[-1].headers["authorization"]
+        )
+        assert_signed(backend.requests[-1], NEW)
+        assert request(port, path="/read/b") == 200
+        assert_signed(backend.requests[-1], READ_ONLY)
+        assert not ads.nacks
+
+
+def test_a_filter_disabled_on_the_listener_cannot_be_enabled_per_route_without_a_config() -> None:
+    port = free_port()
+    on = {"@type": FILTER_CONFIG_URL, "disabled": False}
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}, "typed_per_filter_config": {"deploy": on}}]
+    with aws_envoy() as (ads, envoy, _):
+        plain = signing_listener(free_port(), inline(signing_config()))
+        plain.name = "plain"  # makes the server live; the listener under test comes as an update
+        ads.put(LISTENER, "plain", plain)
+        envoy.wait_ready()
+        ads.put(ECDS, "deploy", typed("deploy", _signing_message(OLD)))
+        disabled = ecds_filter("deploy", SIGNING_URL) | {"disabled": True}
+        ads.put(LISTENER, "aws", signing_listener(port, disabled, routes=routes))
+        _wait(lambda: bool(ads.nacks))
+    assert "Empty route/virtual host per filter configuration for deploy filter" in ads.nacks[-1]
+
+
+def _signing_message(credentials: tuple[str, str, str]) -> signing_pb2.AwsRequestSigning:
+    return json_format.ParseDict(_message(credentials), signing_pb2.AwsRequestSigning())
