@@ -253,3 +253,28 @@ def test_tokens_for_relying_parties_refuse_bad_requests_and_keep_registered_clai
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["iss"] == "https://cp.example.com" and claims["job_id"] == "7"
     assert claims["exp"] - claims["iat"] == 300
+
+
+def test_serve_takes_the_issuer_url_from_the_flag_or_the_environment_and_refuses_a_bad_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controlplane.cli.main import _parser, serve_options
+
+    def credentials(*flags: str) -> CredentialOptions | None:
+        parsed = serve_options(_parser().parse_args(["serve", "--policy", "p", *flags]))
+        assert not isinstance(parsed, str), parsed
+        return parsed.credentials
+
+    monkeypatch.delenv("CONTROLPLANE_ISSUER_URL", raising=False)
+    default = credentials()
+    assert default is not None and default.issuer_url is None
+    flagged = credentials("--issuer-url", "https://cp.example.com/ci")
+    assert flagged is not None and flagged.issuer_url == "https://cp.example.com/ci"
+    monkeypatch.setenv("CONTROLPLANE_ISSUER_URL", "https://env.example.com")
+    from_env = credentials()
+    assert from_env is not None and from_env.issuer_url == "https://env.example.com"
+    refused_combination = serve_options(_parser().parse_args(["serve", "--policy", "p", "--no-exchange"]))
+    assert isinstance(refused_combination, str) and "--issuer-url needs the token exchange" in refused_combination
+    with pytest.raises(SystemExit) as refused:
+        _parser().parse_args(["serve", "--issuer-url", "http://cp.example.com"])
+    assert refused.value.code == 2 and "must use https" in capsys.readouterr().err

@@ -675,6 +675,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     lead = args.key_publish_lead
     if lead is None:  # one replica: 1 s; replicas sharing keys: time for every one to push it first
         lead = shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
+    if args.no_exchange and args.issuer_url is not None:
+        return "--issuer-url needs the token exchange: its listener serves discovery and the keys (drop --no-exchange)"
     if not args.no_exchange and args.key_rotation <= lead:
         return f"--key-rotation ({args.key_rotation:g}s) must be longer than --key-publish-lead ({lead:g}s)"
     if args.gc_interval < 0 or args.gc_full_every < 1:
