@@ -236,6 +236,21 @@ def test_inline_credentials_pushed_by_xds_sign_every_request_and_replace_the_cal
     assert seen.headers["x-amz-content-sha256"] == hashlib.sha256(b"").hexdigest()
 
 
+def test_signing_headers_the_caller_sends_are_overwritten() -> None:
+    """A job cannot choose the date, session token or payload hash: Envoy replaces each (a caller's
+    `UNSIGNED-PAYLOAD` included); other `x-amz-*` headers the caller sends are signed as they are."""
+    port = free_port()
+    forged = {"x_amz_date": "20200101T000000Z", "x_amz_security_token": "forged", "x_amz_meta_note": "kept"}
+    with aws_envoy() as (ads, envoy, backend):
+        serve(ads, envoy, port, inline(signing_config()))
+        assert request(port, "PUT", "/bucket/k", body=b"abc", x_amz_content_sha256="UNSIGNED-PAYLOAD", **forged) == 200
+        seen = backend.requests[-1]
+    assert seen.headers["x-amz-date"] != "20200101T000000Z"
+    assert seen.headers["x-amz-security-token"] == OLD[2]
+    assert seen.headers["x-amz-content-sha256"] == hashlib.sha256(b"abc").hexdigest()
+    assert "x-amz-meta-note" in assert_signed(seen, OLD)["SignedHeaders"].split(";")
+
+
 def test_the_payload_is_hashed_unless_unsigned_payload_is_asked_for() -> None:
     body = b'{"a": "payload"}'
     port, unsigned_port = free_port(), free_port()
