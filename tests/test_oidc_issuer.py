@@ -36,7 +36,14 @@ AUDIENCE = "sts.amazonaws.com"
 
 @pytest.mark.parametrize(
     "url",
-    ["https://cp.example.com", "https://cp.example.com/ci/oidc", "https://cp.example.com:8443", "http://127.0.0.1:9"],
+    [
+        "https://cp.example.com",
+        "https://cp.example.com/ci/oidc",
+        "https://cp.example.com/v1.2/~team_a",
+        "https://cp.example.com:8443",
+        "http://127.0.0.1:9",
+        "http://[::1]:9/x",
+    ],
 )
 def test_usable_issuer_urls_are_kept_as_typed(url: str) -> None:
     assert parse_issuer_url(url) == url
@@ -57,6 +64,11 @@ def test_usable_issuer_urls_are_kept_as_typed(url: str) -> None:
         (" https://cp.example.com", "whitespace"),
         ("https://cp.example.com/" + "a" * 255, "255"),
         ("ftp://cp.example.com", "absolute"),
+        ("https://cp.example.com/a//b", "path"),
+        ("https://cp.example.com/a/../b", "path"),
+        ("https://cp.example.com/a/./b", "path"),
+        ("https://cp.example.com/{name}", "path"),
+        ("https://cp.example.com/a%2Fb", "path"),
     ],
 )
 def test_unusable_issuer_urls_are_refused_saying_why(url: str, why: str) -> None:

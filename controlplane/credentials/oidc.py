@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -46,6 +47,9 @@ MAX_TOKEN_LIFETIME = 3_600  # a token for a relying party is exchanged at once; 
 # The claims tokens for relying parties carry (discovery `claims_supported`).
 CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti")
 _LOOPBACK_NAMES = frozenset({"localhost"})
+# Segments of unreserved characters (RFC 3986), none of them "." or "..": the path is compared byte for byte by
+# relying parties and becomes a route of the exchange listener, so nothing that could be encoded two ways.
+_PATH = re.compile(r"(/(?!\.{1,2}(?:/|$))[A-Za-z0-9._~-]+)*")
 
 
 class IssuerUrlError(ValueError):
@@ -79,6 +83,8 @@ def parse_issuer_url(text: str) -> str:
         raise IssuerUrlError("the issuer URL must not have a fragment")
     if text.endswith("/"):
         raise IssuerUrlError("the issuer URL must not end with '/' (tokens' iss must equal it exactly)")
+    if not _PATH.fullmatch(parts.path):
+        raise IssuerUrlError("the issuer URL's path may hold only segments of letters, digits and - . _ ~")
     return text
 
 
