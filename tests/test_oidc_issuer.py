@@ -290,3 +290,21 @@ def test_serve_takes_the_issuer_url_from_the_flag_or_the_environment_and_refuses
     with pytest.raises(SystemExit) as refused:
         _parser().parse_args(["serve", "--issuer-url", "http://cp.example.com"])
     assert refused.value.code == 2 and "must use https" in capsys.readouterr().err
+
+
+def test_serve_publishes_discovery_and_its_keys_at_the_issuer_url(tmp_path: Path) -> None:
+    """`python -m controlplane serve` as users run it, the issuer URL from the environment: its exchange listener
+    answers discovery and JWKS, the keys those status reports as published."""
+    from tests.support.controlplane import ControlPlaneProcess
+
+    root = Path(__file__).resolve().parent.parent
+    server = ControlPlaneProcess(root / "examples" / "quickstart", log_path=tmp_path / "cp.log")
+    issuer = f"http://{LOOPBACK}:{server.exchange_port}/ci"
+    server.env["CONTROLPLANE_ISSUER_URL"] = issuer
+    with server.start():
+        document = json.loads(_get(issuer + "/.well-known/openid-configuration")[2])
+        status, headers, body = _get(document["jwks_uri"])
+        credentials = server.status()["credentials"]
+    assert document["issuer"] == issuer and status == 200 and headers["Cache-Control"].startswith("public")
+    assert sorted(k["kid"] for k in json.loads(body)["keys"]) == sorted(credentials["published_kids"])
+    assert credentials["oidc_issuer"] == issuer
