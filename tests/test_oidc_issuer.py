@@ -6,6 +6,7 @@ their keys in PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import urllib.request
@@ -17,6 +18,8 @@ import jwt
 import pytest
 
 from controlplane.credentials.exchange_store import MemoryExchangeStore
+from controlplane.credentials.key_cipher import parse_keks
+from controlplane.credentials.keys_pg import PostgresKeyStore, SharedKeys
 from controlplane.credentials.oidc import (
     MAX_CACHE_SECONDS,
     IssuerUrlError,
@@ -28,10 +31,35 @@ from controlplane.credentials.oidc import (
 )
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.serving import AppServer
+from controlplane.store.dsn import StoreDsn
+from controlplane.store.migrations import migrate
+from controlplane.store.pool import StorePool
 from tests.support.ports import LOOPBACK, free_port
-from tests.test_keys_pg import LEAD, ROTATE, TTL, Clock, open_keys, open_pool
 
 AUDIENCE = "sts.amazonaws.com"
+ROTATE, TTL, LEAD = 100.0, 30.0, 10.0
+KEK = base64.b64encode(b"k" * 32).decode()
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def open_pool(dsn: str) -> StorePool:
+    pool = StorePool(StoreDsn(dsn, "test"))
+    await pool.open()
+    async with pool.connection() as conn:
+        await migrate(conn)
+    return pool
+
+
+async def open_keys(pool: StorePool, clock: Clock) -> SharedKeys:
+    store = PostgresKeyStore(pool, parse_keks(KEK, "test KEK"))
+    return await SharedKeys.open(store, rotate_every=ROTATE, max_credential_ttl=TTL, publish_lead=LEAD, clock=clock)
 
 
 @pytest.mark.parametrize(
