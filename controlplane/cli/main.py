@@ -37,6 +37,15 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _issuer_url(value: str) -> str:
+    from controlplane.credentials.oidc import IssuerUrlError, parse_issuer_url
+
+    try:
+        return parse_issuer_url(value)
+    except IssuerUrlError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _host_ports(value: str) -> list[tuple[str, int]]:
     """One or more HOST:PORT, comma-separated: `bootstrap --xds-address` lists the control plane's replicas."""
     return [_host_port(part.strip()) for part in value.split(",") if part.strip()] or [_host_port(value)]
@@ -116,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     from controlplane.cli.environment import add_healthcheck_arguments, address_default, file_default
     from controlplane.cli.options import STORE_KINDS, GitLabPolicyOptions, ServeOptions, StoreOptions
     from controlplane.cli.status import add_status_arguments
+    from controlplane.credentials.oidc import ISSUER_URL_ENV
     from controlplane.credentials.service import DEFAULT_EXCHANGE_ADDRESS, CredentialOptions
     from controlplane.serving import ADMIN_LIMITS, EXCHANGE_LIMITS, WEBHOOK_LIMITS, HttpLimits
 
@@ -322,6 +332,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"what gateways dial (default: --exchange-address; env {env.EXCHANGE_PUBLIC_ADDRESS_ENV})",
     )
     creds.add_argument("--no-exchange", action="store_true", help="disable token exchange and credentials")
+    creds.add_argument(
+        "--issuer-url",
+        type=_issuer_url,
+        default=os.environ.get(ISSUER_URL_ENV) or None,
+        help=f"public https URL relying parties (AWS, Google Cloud) know the control plane by: discovery and JWKS "
+        f"are served below it on the exchange listener (docs/oidc-issuer.md; env {ISSUER_URL_ENV})",
+    )
     creds.add_argument(
         "--key-rotation",
         type=_positive_float,
@@ -658,6 +675,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
     lead = args.key_publish_lead
     if lead is None:  # one replica: 1 s; replicas sharing keys: time for every one to push it first
         lead = shared_publish_lead(args.key_rotation) if args.store == "postgres" else CredentialOptions.publish_lead
+    if args.no_exchange and args.issuer_url is not None:
+        return "--issuer-url needs the token exchange: its listener serves discovery and the keys (drop --no-exchange)"
     if not args.no_exchange and args.key_rotation <= lead:
         return f"--key-rotation ({args.key_rotation:g}s) must be longer than --key-publish-lead ({lead:g}s)"
     if args.gc_interval < 0 or args.gc_full_every < 1:
@@ -753,6 +772,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions | str:
             http=exchange_limits,
             job_sweep_interval=args.job_sweep_interval,
             tls=exchange_tls,
+            issuer_url=args.issuer_url,
         ),
         audit_db=args.audit_db,
         audit_retention=args.audit_retention,

@@ -25,6 +25,7 @@ from aiohttp import web
 from controlplane.certfiles import CertificateFileError, CertificateFiles, CertificateSet, check_served_to_gateways
 from controlplane.credentials import metrics
 from controlplane.credentials.exchange import ExchangeResult, JobToVerify, TokenExchange
+from controlplane.credentials.oidc import OidcEndpoint
 from controlplane.model.credentials import EXCHANGE_PATH
 from controlplane.serving import EXCHANGE_LIMITS, LOOPBACK, AppServer, HttpLimits
 from controlplane.telemetry.ratelog import RateLimitedLog
@@ -137,9 +138,11 @@ class ExchangeEndpoint:
         # Refusals are whatever any client sends, so they are rate-limited; grants (the audit) never are.
         self._refusals = RateLimitedLog(log, burst=10, interval=60.0)
         self._server = AppServer("exchange endpoint")
+        self.oidc: OidcEndpoint | None = None  # discovery and JWKS for relying parties, set before `start`
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post(EXCHANGE_PATH, self.handle)]
+        oidc = self.oidc.routes() if self.oidc is not None else []
+        return [web.post(EXCHANGE_PATH, self.handle), *oidc]
 
     async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
         """Serve alone; returns the bound port (useful with port 0). `handle` logs each exchange itself."""

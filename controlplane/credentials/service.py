@@ -31,6 +31,7 @@ from controlplane.credentials.gateway_checks import GatewayJobChecks
 from controlplane.credentials.http import ExchangeEndpoint, ExchangeListenerTls
 from controlplane.credentials.keys import KEYS_FILE, FileKeyStore, SigningKeys
 from controlplane.credentials.keys_pg import SharedKeys
+from controlplane.credentials.oidc import OidcEndpoint, OidcIssuer, RelyingPartyTokens, cache_seconds
 from controlplane.credentials.recovery import DEFAULT_INTERVAL as DEFAULT_SWEEP_INTERVAL
 from controlplane.credentials.recovery import JobRecovery, StatusReader
 from controlplane.credentials.revocation_store import RevocationStore
@@ -82,6 +83,9 @@ class CredentialOptions:
     deny_id_tokens_for: float = 3 * 3_600.0
     http: HttpLimits = EXCHANGE_LIMITS  # connections and timeouts of the exchange listener
     tls: ExchangeListenerTls | None = None  # HTTPS on the exchange listener; None: plain text
+    # The public https URL relying parties know this control plane by (credentials/oidc.py): discovery and JWKS
+    # are served below its path on the exchange listener. None: not an OpenID Provider.
+    issuer_url: str | None = None
 
     @property
     def finished_job_retention(self) -> float:
@@ -152,6 +156,11 @@ class CredentialService:
             settle_on_publication=True,
         )
         self.endpoint = ExchangeEndpoint(self.exchange, limits=options.http, verify=self.verify_job, tls=options.tls)
+        self.oidc_issuer = OidcIssuer(options.issuer_url) if options.issuer_url is not None else None
+        if self.oidc_issuer is not None:
+            self.endpoint.oidc = OidcEndpoint(
+                self.oidc_issuer, self.keys.published_jwks, max_age=cache_seconds(options.publish_lead)
+            )
         # The CA bundle gateways verify the exchange with, pushed to them: a change recompiles (`run`).
         self._exchange_ca = WatchedBundle(options.tls.ca_file) if options.tls is not None else None
         self._checks: dict[str, asyncio.Task[str]] = {}  # one GitLab request per job, however many exchanges wait
@@ -662,6 +671,12 @@ class CredentialService:
             return self.keys.rotate_if_due() if self.is_leader() else False
         return await self.shared_keys.step(self.is_leader())
 
+    def relying_party_tokens(self) -> RelyingPartyTokens:
+        """The signer of tokens for cloud relying parties (`iss` the issuer URL); only with `issuer_url`."""
+        if self.oidc_issuer is None:
+            raise RuntimeError("the control plane is not an OpenID Provider: no issuer URL was given")
+        return RelyingPartyTokens(self.oidc_issuer, self.keys, clock=self.clock)
+
     def status(self) -> dict[str, object]:
         return {
             "exchange": f"{self.options.listen[0]}:{self.port}",
@@ -670,6 +685,7 @@ class CredentialService:
             "published_kids": [k.kid for k in self.keys.keys],  # public thumbprints: replicas compare them
             "signing_keys": {"kind": "file"} if self.shared_keys is None else self.shared_keys.status(),
             "active_credentials": self.exchange.active_credentials(),
+            "oidc_issuer": self.oidc_issuer.url if self.oidc_issuer is not None else None,
             "store": self.store.status(),
             **self.revocations.status(),
             # Which finished jobs are listed (docs/revocation-coverage.md): this replica's sightings.
