@@ -14,7 +14,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.compiler import inject
+from controlplane.compiler import aws, inject
 from controlplane.compiler.jwt import per_route_disabled, per_route_requirement
 from controlplane.compiler.names import (
     EXCHANGE_CLUSTER,
@@ -51,8 +51,8 @@ def virtual_host(backend: Backend, rbac: bytes, requirement: str | None, exchang
         domains=_domains(backend.hosts),
         routes=[
             *([_exchange_route(backend)] if exchange else []),
-            *(_public_route(backend, p) for p in backend.public_paths),
-            _default_route(backend),
+            *(aws.fail_closed(backend, _public_route(backend, p)) for p in backend.public_paths),
+            aws.fail_closed(backend, _default_route(backend)),
         ],
         typed_per_filter_config=per_filter,
     )

@@ -14,6 +14,7 @@ from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
 from controlplane.model.fields import Conv, Ctx, Fields, list_of, need, record, schema_of, with_schema
+from controlplane.model.kinds.aws import aws_signing
 from controlplane.model.policy import (
     DEFAULT_BACKEND_CREDENTIALS,
     DEFAULT_BACKEND_REVOKE,
@@ -42,6 +43,7 @@ _BACKEND_KEYS = (
         "credentials",
         "inject",
         "revoke",
+        "aws",
     ),
 )
 # "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
@@ -150,6 +152,9 @@ def build(doc: Doc, env: Env) -> Backend:
         "credentials", scalars.enum("credentials", _BACKEND_CREDENTIALS), DEFAULT_BACKEND_CREDENTIALS
     )
     inject = f.maybe("inject", _injection)
+    aws = f.maybe("aws", aws_signing)
+    if f.has("aws") and f.has("inject"):
+        f.error("aws", "a backend either signs for AWS or injects a secret, not both")
     revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
     if f.has("revoke") and credentials == "exchanged":
         f.error(
@@ -171,6 +176,7 @@ def build(doc: Doc, env: Env) -> Backend:
         inject=inject,
         revoke=need(revoke),
         services=services,
+        aws=aws,
     )
 
 
