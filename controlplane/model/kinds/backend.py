@@ -155,6 +155,11 @@ def build(doc: Doc, env: Env) -> Backend:
     aws = f.maybe("aws", aws_signing)
     if f.has("aws") and f.has("inject"):
         f.error("aws", "a backend either signs for AWS or injects a secret, not both")
+    if f.has("aws") and f.has("public_paths"):
+        f.error(
+            "public_paths",
+            "an AWS backend signs every request with its role: a public path would lend the role to anyone",
+        )
     revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
     if f.has("revoke") and credentials == "exchanged":
         f.error(
