@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
@@ -35,7 +36,9 @@ from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws
+from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -219,3 +222,63 @@ async def test_a_refreshed_credential_replaces_the_expiring_one_with_no_failed_r
         assert fake.refused_expired == 0
         gateway.publish(None)
         await asyncio.to_thread(_until, lambda: _status(listen, token) == 503)
+
+
+# -- through serve: the refresher, the recompile on a new credential, the policy service
+
+
+@dataclass
+class AwsStack(Served):
+    def token(self) -> str:
+        return self.gitlab.mint(aud=AUDIENCE, project_id=42, project_path="acme/deployer", namespace_id=11)
+
+
+def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
+    aws: tuple[FakeAws, AssumeRoleSource], tmp_path: Path
+) -> None:
+    """serve's own refresher (AssumeRole with the keys of the shared credentials file, STS at the fake through
+    AWS_ENDPOINT_URL_STS) obtains the role's credential, the policy service recompiles with it, and a job's GET
+    through Envoy passes moto's SigV4 check. Neither the control plane's own key nor the role's secret is logged."""
+    fake, _ = aws
+    inventory = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
+
+    def policy(given: PolicyInputs) -> dict[str, str]:
+        return {
+            "inventory.yaml": inventory,
+            "policy.yaml": documents(
+                issuer(given.issuer, extra="inventory: inventory.yaml"),
+                backend(
+                    "s3",
+                    fake.port,
+                    host=HOST,
+                    extra=f"aws: {{service: s3, region: {REGION}, role_arn: '{fake.assume_role_arn}', "
+                    "source: assume_role}",
+                ),
+                role("read", "s3", paths=[f"/{BUCKET}/**"]),
+                binding("deployer-reads", ["read"], "{project: 42}"),
+                gateway(given.listen_port, ["s3"], access_log=given.access_log),
+            ),
+        }
+
+    env = {
+        "AWS_ENDPOINT_URL_STS": fake.endpoint,
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    (tmp_path / "stack").mkdir()
+    with serve_stack(
+        tmp_path / "stack",
+        policy,
+        kind=AwsStack,
+        envoy=EnvoySpec("aws-envoy", "aws-envoy"),
+        backends=(),
+        serve_args=("--xds-insecure",),
+        env=env,
+        ready=lambda built: built.request(HOST, PATH, built.token()).status == 200,
+    ) as built:
+        response = built.request(HOST, PATH, built.token())
+        assert (response.status, response.text.encode()) == (200, OBJECT_BODY)
+        log = built.controlplane.log_text()
+        assert f"AWS credentials for backend {fake.assume_role_arn} refreshed" in log
+        assert fake.user_key.secret_access_key not in log and "SecretAccessKey" not in log
