@@ -13,7 +13,7 @@ from controlplane.compiler.aws import PLACEHOLDER_KEY_ID, UNAVAILABLE_STATUS, Si
 from controlplane.compiler.compile import compile_policy
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyInvalid
-from controlplane.model.loader import parse_policy
+from controlplane.model.loader import parse_policy, policy_warnings
 from controlplane.model.policy import AwsSigning, Policy
 from controlplane.snapshots import golden
 from controlplane.snapshots.snapshot import EXTENSION_CONFIG, LISTENER, ROUTE, build_snapshots
@@ -52,6 +52,8 @@ def test_aws_backend_reads_every_key_with_defaults() -> None:
     assert policy.backend("a").aws == AwsSigning("s3", "eu-west-1", ARN, None, "web_identity")
     assert policy.backend("b").aws is None
     assert policy.bindings[0].aws_role_arn == DEPLOY_ARN
+    (warning,) = policy_warnings(policy)
+    assert (warning.file, warning.field) == ("z.yaml", "aws_role_arn") and "not compiled yet" in warning.message
     full = AWS + "  session_name: ci.gate@x\n  source: assume_role\n"
     assert _policy(full).backend("a").aws == AwsSigning("s3", "eu-west-1", ARN, "ci.gate@x", "assume_role")
 
