@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.cli.bootstrap import render_bootstrap
-from controlplane.cloud.aws import AssumeRoleSource, AwsCredential, Sts
+from controlplane.cloud.aws import AssumeRoleSource, AwsCredential, Refresher, Sts, StsError
 from controlplane.compiler.aws import SigningCredential
 from controlplane.compiler.compile import compile_policy
 from controlplane.model.loader import parse_policy
@@ -282,3 +282,41 @@ def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
         log = built.controlplane.log_text()
         assert f"AWS credentials for backend {fake.assume_role_arn} refreshed" in log
         assert fake.user_key.secret_access_key not in log and "SecretAccessKey" not in log
+
+
+@dataclass
+class Outage:
+    """The fake's STS through the control plane's own source, made unavailable on demand (an STS outage)."""
+
+    source: AssumeRoleSource
+    down: bool = False
+
+    def fetch(self) -> AwsCredential:
+        if self.down:
+            raise StsError("ServiceUnavailable", self.source.role_arn, refused=False)
+        return self.source.fetch()
+
+
+async def test_sts_down_keeps_signing_with_the_last_credential_until_it_expires_then_503(
+    aws: tuple[FakeAws, AssumeRoleSource],
+) -> None:
+    """The control plane's Refresher on a clock of the test's: a failed refresh keeps the last credential (requests
+    still signed and accepted); once it is past use, the recompile without it answers 503, never unsigned."""
+    fake, source = aws
+    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
+    clock = [time.time()]
+    sts = Outage(source)
+    refresher = Refresher("s3", sts, clock=lambda: clock[0], sample=lambda: 0.0, on_change=gateway.publish)
+    token = jobs.token("job-allowed")
+    await asyncio.to_thread(refresher.poll)  # the first credential: published
+    async with envoy_on(cache):
+        await asyncio.to_thread(_until, lambda: _status(listen, token) == 200)
+        sts.down = True
+        clock[0] += 2400  # past the refresh point (half its hour, minus nothing): the attempt fails
+        await asyncio.to_thread(refresher.poll)
+        assert refresher.state.failures == 1
+        assert _status(listen, token) == 200
+        clock[0] += 1200  # past its expiry: withdrawn, the backend fails closed
+        await asyncio.to_thread(refresher.poll)
+        await asyncio.to_thread(_until, lambda: _status(listen, token) == 503)
