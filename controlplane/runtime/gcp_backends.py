@@ -33,6 +33,7 @@ from controlplane.cloud.gcp import (
     GcpExchangeError,
     GcpSettings,
     fetch_credential,
+    valid_seconds,
 )
 from controlplane.credentials.oidc import RelyingPartyTokens
 from controlplane.model.policy import Backend, Policy
@@ -131,10 +132,9 @@ class GcpBackends:
         now = self._clock()
         out: dict[str, object] = {}
         for name, refresher in sorted(self._refreshers.items()):
-            current = refresher.current()
             out[name] = {
                 "service_account": refresher.settings.service_account,
-                "valid_seconds": 0 if current is None else round(current.expires_at - now),
+                "valid_seconds": round(valid_seconds(refresher.state, now, refresher.policy)),
                 "last_error": refresher.state.last_error,
             }
         return out
