@@ -83,6 +83,9 @@ async def _follow(gcp: FakeGcp, keys: SigningKeys, environ: dict[str, str]) -> N
     await backends.start()
     try:
         assert backends.for_policy(_policy(SA, plain=True)) == {}  # none yet: the Secret is empty, Envoy refuses
+        await asyncio.sleep(0.1)
+        assert backends.status() == {}  # compiling a candidate starts nothing: only the policy in service does
+        backends.follow(_policy(SA, plain=True))
         await asyncio.wait_for(changes.get(), 10)
         tokens = backends.for_policy(_policy(SA, plain=True))
         assert set(tokens) == {"b0"} and gcp.access_tokens[tokens["b0"]].service_account == SA
@@ -92,12 +95,14 @@ async def _follow(gcp: FakeGcp, keys: SigningKeys, environ: dict[str, str]) -> N
 
         # a changed block: the old token is no longer handed out, a new refresher gets one for the new account
         assert backends.for_policy(_policy(OTHER_SA)) == {}
+        backends.follow(_policy(OTHER_SA))
         await asyncio.wait_for(changes.get(), 10)
         tokens = backends.for_policy(_policy(OTHER_SA))
         assert gcp.access_tokens[tokens["b0"]].service_account == OTHER_SA
 
         # gone from the policy: its refresher stops
         assert backends.for_policy(_policy(plain=True)) == {}
+        backends.follow(_policy(plain=True))
         await _until(lambda: backends.status() == {})
     finally:
         await backends.stop()
@@ -114,7 +119,7 @@ def test_a_refused_exchange_leaves_nothing_to_inject(keys: SigningKeys) -> None:
             backends = GcpBackends(lambda: RelyingPartyTokens(OidcIssuer(ISSUER), keys), _noop, environ=environ)
             await backends.start()
             try:
-                backends.for_policy(_policy(SA))
+                backends.follow(_policy(SA))
                 await _until(lambda: _last_error(backends) is not None)
                 assert backends.for_policy(_policy(SA)) == {}
                 assert backends.status()["b0"] == {

@@ -132,6 +132,12 @@ async def serve(options: ServeOptions) -> int:
     return 1 if parts.failed else 0
 
 
+def _published(kube: KubernetesEndpoints, gcp: GcpBackends, current: Policy | None) -> None:
+    """The policy in service changed: Kubernetes watches and Google token refreshers follow it."""
+    kube.retain(current)
+    gcp.follow(current)
+
+
 def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
     """What a merge request's head is judged against: GitLab as the served policy sees it, plus what it names."""
     return LiveInputs(gitlab.inventories_for(head, policy.pins, MAX_UNWATCHED), policy.pins)
@@ -214,7 +220,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             accept=lambda policy: transport.accept(policy) or gcp.accept(policy),
             prepare=lambda candidate: kube.prepare(candidate) or gitlab.read_new_subjects(candidate, to_policy().pins),
             endpoints=kube.for_backend,
-            published=kube.retain,
+            published=partial(_published, kube, gcp),
         )
     )
     if credentials is not None:

@@ -9,7 +9,8 @@ that backend's Secret: Envoy gets one SDS push. The token lives in memory only, 
 closed, never forwards them unauthenticated).
 
 `for_policy` is called by the PolicyService from a worker thread while it compiles: it only reads what the
-refreshers hold and asks the event loop to start or stop refreshers (`call_soon_threadsafe`).
+refreshers hold. `follow` is told the policy in service after each load and starts or stops refreshers on the
+event loop (`call_soon_threadsafe`), so a candidate policy that is then rejected starts nothing.
 """
 
 from __future__ import annotations
@@ -114,18 +115,24 @@ class GcpBackends:
             await self._session.close()
 
     def for_policy(self, policy: Policy) -> dict[str, str]:
-        """Backend name → the token to inject now, for the gcp backends of `policy` whose refresher holds one;
-        and the refreshers brought in line with `policy` (started, restarted on a changed block, stopped)."""
-        wanted = {b.name: settings_for(b, self._environ) for b in policy.backends if b.gcp is not None}
-        if self._loop is not None and self._signer is not None:
-            self._loop.call_soon_threadsafe(self._reconcile, wanted)
+        """Backend name → the token to inject now, for the gcp backends of `policy` whose refresher (with the same
+        block) holds one. Only reads: refreshers follow the policy in service (`follow`), not a candidate."""
         tokens = {}
-        for name, settings in wanted.items():
-            refresher = self._refreshers.get(name)
-            current = refresher.current() if refresher is not None and refresher.settings == settings else None
-            if current is not None:
-                tokens[name] = current.token
+        for backend in policy.backends:
+            refresher = self._refreshers.get(backend.name)
+            if backend.gcp is None or refresher is None or refresher.settings != settings_for(backend, self._environ):
+                continue
+            if (current := refresher.current()) is not None:
+                tokens[backend.name] = current.token
         return tokens
+
+    def follow(self, policy: Policy | None) -> None:
+        """The policy in service changed (accepted or not): start, restart (a changed block) or stop refreshers
+        to match it. A new refresher's first token recompiles through `on_change`."""
+        if policy is None or self._loop is None or self._signer is None:
+            return
+        wanted = {b.name: settings_for(b, self._environ) for b in policy.backends if b.gcp is not None}
+        self._loop.call_soon_threadsafe(self._reconcile, wanted)
 
     def status(self) -> dict[str, object]:
         """For the admin status: per backend, its service account and how long its token stays usable."""
