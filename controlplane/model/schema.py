@@ -138,6 +138,16 @@ def _backend() -> JsonSchema:
             "secret_file": scalars.absolute_path,
         },
     )
+    gcp = _refined(
+        schema_of(backend._gcp),
+        {
+            "workload_identity_provider": backend._provider,
+            "service_account": backend._service_account,
+            "scopes": list_of(backend._scope),
+            "id_token_audience": backend._https_audience,
+            "lifetime": _DURATION,
+        },
+    )
     table: Table = {
         "hosts": list_of(scalars.host_pattern),
         "audience": scalars.string,
@@ -149,6 +159,7 @@ def _backend() -> JsonSchema:
         "credentials": scalars.enum("credentials", backend._BACKEND_CREDENTIALS),
         "inject": inject,
         "revoke": scalars.enum("revoke", backend._BACKEND_REVOKE),
+        "gcp": gcp,
     }
     return _kind("Backend", backend._BACKEND_KEYS, table)
 
