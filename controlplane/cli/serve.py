@@ -50,6 +50,7 @@ from controlplane.runtime.aws_signing import AwsSigners, source_factory
 from controlplane.runtime.event_router import POLICY_TOPIC, EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
+from controlplane.runtime.gcp_backends import GcpBackends
 from controlplane.runtime.gitlab_link import GitLabLink, PolicyProject
 from controlplane.runtime.keyrelay import KeyRelay
 from controlplane.runtime.merge_request_statuses import MAX_UNWATCHED, MergeRequestStatuses
@@ -132,6 +133,12 @@ async def serve(options: ServeOptions) -> int:
     return 1 if parts.failed else 0
 
 
+def _published(kube: KubernetesEndpoints, gcp: GcpBackends, current: Policy | None) -> None:
+    """The policy in service changed: Kubernetes watches and Google token refreshers follow it."""
+    kube.retain(current)
+    gcp.follow(current)
+
+
 def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
     """What a merge request's head is judged against: GitLab as the served policy sees it, plus what it names."""
     return LiveInputs(gitlab.inventories_for(head, policy.pins, MAX_UNWATCHED), policy.pins)
@@ -193,6 +200,12 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     )
     aws = _aws_signers(credentials, lambda: to_policy().recompile("AWS credentials changed"))
     parts.on_stop(lambda: asyncio.to_thread(aws.stop), name="AWS credential refreshers")
+    # gcp backends: their Google tokens, refreshed in memory; a change recompiles (only their Secrets change).
+    issuer = credentials is not None and credentials.oidc_issuer is not None
+    gcp = GcpBackends(
+        credentials.relying_party_tokens if credentials is not None and issuer else None,
+        lambda: to_policy().recompile("gcp credential changed"),
+    )
     pool = stores.pool  # the replica registry's: every shared store's one pool
     transport = TransportPolicy(host=options.xds_host, tls=options.xds_tls, insecure=options.xds_insecure)
     cache = SnapshotCache()
@@ -206,12 +219,12 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             credentials=credentials.inputs if credentials is not None else lambda: None,
             # A policy that now covers a project lists its jobs that finished unlisted (coverage).
             exchange_policy_changed=credentials.policy_changed if credentials is not None else lambda: None,
-            secrets=secrets.for_policy,
+            secrets=lambda policy: {**secrets.for_policy(policy), **gcp.for_policy(policy)},
             aws_credentials=aws.for_policy,
-            accept=transport.accept,
+            accept=lambda policy: transport.accept(policy) or gcp.accept(policy),
             prepare=lambda candidate: kube.prepare(candidate) or gitlab.read_new_subjects(candidate, to_policy().pins),
             endpoints=kube.for_backend,
-            published=kube.retain,
+            published=partial(_published, kube, gcp),
         )
     )
     if credentials is not None:
@@ -262,6 +275,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         "Kubernetes endpoints",
         kube.run(lambda: policy.recompile(changed, gather=KUBERNETES_CHANGES_GATHER), parts.stopping),
     )
+    await parts.start(gcp.start(), gcp.stop, name="gcp credentials")
     await parts.step(policy.reload_off_loop())
     if stores.feed is not None:  # after the first compile: what it reports recompiles; at connect, all re-read
         if credentials is not None:
@@ -297,6 +311,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "gitlab": gitlab.status(),
             "kubernetes": kube.status(),
             "credentials": credentials.status() if credentials else None,
+            "gcp": gcp.status(),
             "change_feed": stores.feed.status() if stores.feed is not None else None,
             "audit": audit.status(),
             **_store_status(lease, replicas),

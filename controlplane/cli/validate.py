@@ -152,7 +152,12 @@ def served_inputs(policy: Policy, args: argparse.Namespace) -> ServedInputs:
     live = [i.name for i in policy.issuers if i.api is not None]
     if live:
         inputs.notes.append(f"issuer(s) {', '.join(live)} are read from GitLab live by serve: not included here")
-    missing = sorted(b.name for b in policy.backends if b.inject is not None and b.name not in inputs.secrets)
+    missing = sorted(
+        b.name for b in policy.backends if b.inject is not None and b.gcp is None and b.name not in inputs.secrets
+    )
+    gcp = sorted(b.name for b in policy.backends if b.gcp is not None)
+    if gcp:  # obtained by serve from Google at run time: never here, so never in compiled output
+        inputs.notes.append(f"the Google Cloud token of backend(s) {', '.join(gcp)} is obtained by serve only")
     if missing:
         inputs.notes.append(f"no secret readable here for backend(s) {', '.join(missing)} (delivered empty)")
     return inputs

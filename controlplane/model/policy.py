@@ -144,6 +144,20 @@ class AwsSigning:
 
 
 @dataclass(frozen=True)
+class GcpCredentials:
+    """A backend's `gcp:` block: the control plane obtains a Google credential for the service account (workload
+    identity federation, then impersonation) and injects it as `Authorization: Bearer`. An `id_token_audience`
+    asks for an ID token (Cloud Run style) instead of an OAuth access token for `scopes`. No secret here: only
+    which identity; the token exists at run time only (controlplane/cloud/gcp.py)."""
+
+    workload_identity_provider: str  # projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/ID
+    service_account: str
+    scopes: tuple[str, ...] = ()
+    id_token_audience: str | None = None
+    lifetime_s: int = 3600
+
+
+@dataclass(frozen=True)
 class Backend:
     """A protected upstream, fronted by one or more gateways."""
 
@@ -168,6 +182,9 @@ class Backend:
     services: tuple[ServiceRef, ...] = ()
     # AWS SigV4 signing with a role's short-lived credentials (exclusive with `inject`).
     aws: AwsSigning | None = None
+    # A Google Cloud identity whose token the run time obtains and injects (`inject` is then Authorization: Bearer,
+    # with no secret_env or secret_file: the value comes from the refresher, never from a file).
+    gcp: GcpCredentials | None = None
 
     @property
     def covers_unseen_jobs(self) -> bool:

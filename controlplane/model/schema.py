@@ -149,6 +149,16 @@ def _backend() -> JsonSchema:
         },
         _required("Backend", "aws"),
     )
+    gcp = _refined(
+        schema_of(backend._gcp),
+        {
+            "workload_identity_provider": backend._provider,
+            "service_account": backend._service_account,
+            "scopes": list_of(backend._scope),
+            "id_token_audience": backend._https_audience,
+            "lifetime": _DURATION,
+        },
+    )
     table: Table = {
         "hosts": list_of(scalars.host_pattern),
         "audience": scalars.string,
@@ -161,6 +171,7 @@ def _backend() -> JsonSchema:
         "inject": inject,
         "revoke": scalars.enum("revoke", backend._BACKEND_REVOKE),
         "aws": aws_signing,
+        "gcp": gcp,
     }
     return _kind("Backend", backend._BACKEND_KEYS, table)
 

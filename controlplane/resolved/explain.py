@@ -121,9 +121,12 @@ class Candidate(NamedTuple):
     failures: tuple[Failure, ...]
 
 
+_MARKS = {True: "ok  ", False: "FAIL", None: "??  "}  # a step passed, failed, or cannot be known here
+
+
 class Step(NamedTuple):
     name: str  # gateway, virtual_host, route, jwt_authn, revocations, rbac
-    ok: bool
+    ok: bool | None  # None: not known here (offline, the deny list)
     text: str
 
 
@@ -604,7 +607,7 @@ def _unknown_issuer(
 def _revoked(inputs: ExplainInputs, chain: _Chain, verified: Mapping[str, Any] | None) -> bool:
     """A DENY on the `job_id` claim, a string fully equal to a listed id (run only on verified tokens)."""
     if not inputs.revocations_known:
-        chain.steps.append(Step("revocations", True, "not known offline: ask a running server (--server)"))
+        chain.steps.append(Step("revocations", None, "not known offline: ask a running server (--server)"))
         return False
     job = verified.get("job_id") if verified is not None else None
     if isinstance(job, str) and job in inputs.revoked:
@@ -797,7 +800,7 @@ def text_lines(doc: Mapping[str, Any]) -> list[str]:
     each step, then the nearest grants and their failing conditions."""
     status = "forwarded to the backend" if doc["status"] == 0 else f"Envoy answers {doc['status']}"
     lines = [f"{str(doc['decision']).upper()}: {doc['reason']} ({status})"]
-    lines += [f"  {'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['text']}" for s in doc["steps"]]
+    lines += [f"  {_MARKS[s['ok']]} {s['step']}: {s['text']}" for s in doc["steps"]]
     for candidate in doc["nearest"]:
         shadow = " (shadow: logged only)" if candidate["mode"] == Mode.SHADOW.value else ""
         lines.append(f"  nearest: {candidate['grant']}{shadow}, {candidate['failing']} failing:")

@@ -36,4 +36,10 @@ def as_static_bootstrap(snapshot: Snapshot) -> dict[str, Any]:
             if "path" in log["typed_config"]:  # file loggers; the gRPC one (ALS) has no path
                 log["typed_config"]["path"] = "/dev/null"
     runtime = {"layers": [{"name": "static_layer", "static_layer": {RE2_PROGRAM_SIZE_KEY: RE2_MAX_PROGRAM_SIZE}}]}
-    return {"static_resources": {"clusters": clusters, "listeners": listeners}, "layered_runtime": runtime}
+    # A node: Envoy requires one for any SDS secret (an injecting backend's), even in validate mode.
+    node = {"id": "validate", "cluster": "validate"}
+    return {
+        "node": node,
+        "static_resources": {"clusters": clusters, "listeners": listeners},
+        "layered_runtime": runtime,
+    }

@@ -22,6 +22,7 @@ from controlplane.model.policy import (
     DEFAULT_INJECTION_PREFIX,
     Backend,
     Endpoint,
+    GcpCredentials,
     Injection,
     ServiceRef,
     UpstreamTLS,
@@ -44,6 +45,7 @@ _BACKEND_KEYS = (
         "inject",
         "revoke",
         "aws",
+        "gcp",
     ),
 )
 # "any": GitLab ID tokens (per bindings) or the control plane's exchanged credentials; "exchanged": only the latter.
@@ -153,13 +155,18 @@ def build(doc: Doc, env: Env) -> Backend:
     )
     inject = f.maybe("inject", _injection)
     aws = f.maybe("aws", aws_signing)
-    if f.has("aws") and f.has("inject"):
-        f.error("aws", "a backend either signs for AWS or injects a secret, not both")
+    if f.has("aws") and (f.has("inject") or f.has("gcp")):
+        f.error("aws", "a backend either signs for AWS or injects a credential (inject, gcp), not both")
     if f.has("aws") and f.has("public_paths"):
         f.error(
             "public_paths",
             "an AWS backend signs every request with its role: a public path would lend the role to anyone",
         )
+    gcp = f.maybe("gcp", _gcp)
+    if gcp is not None:
+        if f.has("inject"):
+            f.error("gcp", "a gcp backend's credential is injected as Authorization: Bearer; drop inject")
+        inject = Injection(header="Authorization", prefix="Bearer ")
     revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
     if f.has("revoke") and credentials == "exchanged":
         f.error(
@@ -182,6 +189,7 @@ def build(doc: Doc, env: Env) -> Backend:
         revoke=need(revoke),
         services=services,
         aws=aws,
+        gcp=gcp,
     )
 
 
@@ -212,6 +220,58 @@ def _injection_fields(i: Fields) -> Injection:
 
 
 _injection = record(_injection_fields, _INJECT_KEYS, _NO_SECRETS)
+
+
+_GCP_KEYS = ("workload_identity_provider", "service_account", "scopes", "id_token_audience", "lifetime")
+# Google's resource name of a workload identity pool provider and a service account email (cloud/gcp.py checks
+# the same at run time; here a typo is a policy error with its line).
+_PROVIDER_RE = re.compile(
+    r"^projects/[0-9]+/locations/global/workloadIdentityPools/[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}\Z"
+)
+_SERVICE_ACCOUNT_RE = re.compile(r"^[a-z0-9-]{6,30}@[a-z0-9.-]+\Z")
+_SCOPE_RE = re.compile(r"^https://www\.googleapis\.com/auth/[A-Za-z0-9._/-]+\Z")
+_provider = scalars.matching(
+    _PROVIDER_RE,
+    "expected projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER",
+)
+_service_account = scalars.matching(_SERVICE_ACCOUNT_RE, "expected a service account email")
+_scope = scalars.matching(_SCOPE_RE, "expected an OAuth scope such as https://www.googleapis.com/auth/cloud-platform")
+_https_audience = scalars.checked(
+    scalars.string,
+    lambda v: None if v.startswith("https://") and not any(c.isspace() for c in v) else "expected an https:// URL",
+)
+GCP_MAX_LIFETIME_S = 43_200  # Google's ceiling (with the lifetime-extension organisation policy; else 3600)
+DEFAULT_GCP_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def _gcp_fields(g: Fields) -> GcpCredentials:
+    """Either `scopes` (an access token; default cloud-platform) or `id_token_audience` (an ID token), not both."""
+    provider = g.required("workload_identity_provider", _provider)
+    account = g.required("service_account", _service_account)
+    scopes = g.optional_tuple("scopes", list_of(_scope))
+    audience = g.maybe("id_token_audience", _https_audience)
+    if g.has("scopes") and g.has("id_token_audience"):
+        g.error("id_token_audience", "an ID token has an audience, not scopes: give one of scopes, id_token_audience")
+    lifetime = g.optional("lifetime", scalars.seconds(1, GCP_MAX_LIFETIME_S), 3600)
+    return GcpCredentials(
+        workload_identity_provider=need(provider),
+        service_account=need(account),
+        scopes=() if audience is not None else (need(scopes) or (DEFAULT_GCP_SCOPE,)),
+        id_token_audience=audience,
+        lifetime_s=need(lifetime),
+    )
+
+
+_gcp = record(
+    _gcp_fields,
+    _GCP_KEYS,
+    MappingProxyType(
+        {
+            key: "no secret in a gcp block: the control plane obtains the token itself (workload identity)"
+            for key in ("secret", "value", "token", "credentials", "secret_env", "secret_file")
+        }
+    ),
+)
 
 
 def _register_hosts(doc: Doc, f: Fields, hosts: tuple[str, ...] | None, env: Env) -> None:
