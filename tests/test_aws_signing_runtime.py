@@ -73,23 +73,29 @@ def test_roles_of_the_policy() -> None:
 def test_a_role_is_refreshed_once_named_and_dropped_once_not() -> None:
     clock = Clock()
     signers, sources, changes = _signers(clock)
+    assert signers.for_policy(_policy(ARN)) == {}  # only reads: no refresher for a policy not in service
+    assert sources == {}
+    signers.follow(_policy(ARN))
     assert signers.for_policy(_policy(ARN)) == {}  # none yet: the backend answers 503
     signers.poll()
     assert changes == [1]
     (credential,) = signers.for_policy(_policy(ARN)).values()
     assert credential.access_key_id == "ASIA0000" and credential.session_token == "token-ASIA0000"
-    assert signers.for_policy(_policy(OTHER)) == {}  # the old role's refresher stopped, the new one not polled
+    signers.follow(_policy(OTHER))
+    assert signers.for_policy(_policy(ARN)) == {}  # the old role's refresher stopped
+    assert signers.for_policy(_policy(OTHER)) == {}  # the new one not polled yet
     assert set(sources) == {ARN, OTHER}
     signers.poll()
     assert list(signers.for_policy(_policy(OTHER))) == [OTHER]
-    assert signers.for_policy(_policy(None)) == {}
+    signers.follow(_policy(None))
+    assert signers.for_policy(_policy(OTHER)) == {}
     signers.stop()
 
 
 def test_sts_down_keeps_the_last_credential_until_it_expires_then_none() -> None:
     clock = Clock()
     signers, sources, changes = _signers(clock)
-    signers.for_policy(_policy(ARN))
+    signers.follow(_policy(ARN))
     signers.poll()
     sources[ARN].down = True
     clock.now += 3000  # refresh due, STS down: the last credential still signs

@@ -133,10 +133,11 @@ async def serve(options: ServeOptions) -> int:
     return 1 if parts.failed else 0
 
 
-def _published(kube: KubernetesEndpoints, gcp: GcpBackends, current: Policy | None) -> None:
-    """The policy in service changed: Kubernetes watches and Google token refreshers follow it."""
+def _published(kube: KubernetesEndpoints, gcp: GcpBackends, aws: AwsSigners, current: Policy | None) -> None:
+    """The policy in service changed: Kubernetes watches, Google token and AWS credential refreshers follow it."""
     kube.retain(current)
     gcp.follow(current)
+    aws.follow(current)
 
 
 def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
@@ -224,7 +225,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             accept=lambda policy: transport.accept(policy) or gcp.accept(policy),
             prepare=lambda candidate: kube.prepare(candidate) or gitlab.read_new_subjects(candidate, to_policy().pins),
             endpoints=kube.for_backend,
-            published=partial(_published, kube, gcp),
+            published=partial(_published, kube, gcp, aws),
         )
     )
     if credentials is not None:

@@ -1,10 +1,11 @@
 """The AWS role credentials Envoy signs with: one `Refresher` per role the policy in service names, and what the
 compiler gets from them (only credentials still usable: the compiler has no clock, docs in compiler/aws.py).
 
-`for_policy` is handed to the policy service like the injected secrets: it starts a refresher for each role a
-newly compiled policy names (its first credential then comes with a recompile, the routes answering 503 until
-then), and stops those no longer named. Every new credential, and the expiry of the last one, calls `changed`
-(from the refresher's thread): serve recompiles, so the new credential goes out as one ECDS resource.
+`follow` hears the policy in service (PolicyService's `published`): it starts a refresher for each role that
+policy names (its first credential then comes with a recompile, the routes answering 503 until then) and stops
+those no longer named. `for_policy`, handed to the policy service like the injected secrets, only reads. Every
+new credential, and the expiry of the last one, calls `changed` (from the refresher's thread): serve recompiles,
+so the new credential goes out as one ECDS resource.
 """
 
 from __future__ import annotations
@@ -90,17 +91,29 @@ class AwsSigners:
         self._lock = threading.Lock()
         self._refreshers: dict[str, tuple[AwsSigning, Refresher]] = {}
 
-    def for_policy(self, policy: Policy) -> Mapping[str, SigningCredential]:
-        """Refreshers follow the policy's roles; the usable credential of each, by role ARN."""
+    def follow(self, policy: Policy | None) -> None:
+        """The policy in service changed (accepted or not): start a refresher for each role it names, stop those it
+        no longer names (or names differently). Never for a candidate being judged: a refused policy starts no STS
+        call. A new refresher's first credential recompiles through `changed`."""
+        if policy is None:
+            return
         wanted = roles_of(policy)
         with self._lock:
             stale = [arn for arn, (how, _) in self._refreshers.items() if wanted.get(arn) != how]
-            for arn in stale:
-                self._refreshers.pop(arn)[1].stop()
+            stopping = [self._refreshers.pop(arn)[1] for arn in stale]
             for arn, how in wanted.items():
                 if arn not in self._refreshers:
                     self._refreshers[arn] = (how, self._refresher(how))
-            current = {arn: refresher.current() for arn, (_, refresher) in self._refreshers.items()}
+        for refresher in stopping:  # joins its thread, which may be inside an STS call: not on the caller's
+            threading.Thread(target=refresher.stop, name="aws-credentials-stop", daemon=True).start()
+
+    def for_policy(self, policy: Policy) -> Mapping[str, SigningCredential]:
+        """The usable credential of each role `policy` names, by role ARN. Only reads (see `follow`)."""
+        wanted = roles_of(policy)
+        with self._lock:
+            current = {
+                arn: refresher.current() for arn, (how, refresher) in self._refreshers.items() if wanted.get(arn) == how
+            }
         return {arn: _signing(c) for arn, c in sorted(current.items()) if c is not None}
 
     def poll(self) -> None:
