@@ -466,3 +466,38 @@ def test_a_filter_disabled_on_the_listener_cannot_be_enabled_per_route_without_a
 
 def _signing_message(credentials: tuple[str, str, str]) -> signing_pb2.AwsRequestSigning:
     return json_format.ParseDict(_message(credentials), signing_pb2.AwsRequestSigning())
+
+
+def test_a_filter_disabled_on_the_listener_is_enabled_per_virtual_host_by_an_empty_config() -> None:
+    """What the compiler relies on (compiler/aws.py): each role's ECDS signing filter `disabled` on the listener
+    and switched on only on its backend's virtual host by `FilterConfig` with an *empty* `config` (as the
+    credential injector is, docs/envoy-filters.md), so no other virtual host needs to name it; a route of that
+    host can switch it off again."""
+    port = free_port()
+    on = {"@type": FILTER_CONFIG_URL, "config": {}}
+    off = {"@type": FILTER_CONFIG_URL, "disabled": True}
+    routes = [
+        {"match": {"prefix": "/off/"}, "route": {"cluster": "backend"}, "typed_per_filter_config": {"deploy": off}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "backend"}},
+    ]
+    with aws_envoy() as (ads, envoy, backend):
+        ads.put(ECDS, "deploy", typed("deploy", _signing_message(OLD)))
+        disabled = ecds_filter("deploy", SIGNING_URL) | {"disabled": True}
+        listener = signing_listener(port, disabled, routes=routes)
+        _enable_on_virtual_host(listener, "deploy", on)
+        ads.put(LISTENER, "aws", listener)
+        envoy.wait_ready()
+        listening(port)
+        assert request(port, path="/a") == 200
+        assert_signed(backend.requests[-1], OLD)
+        assert request(port, path="/off/a") == 200
+        assert "AWS4-HMAC-SHA256" not in backend.requests[-1].headers.get("authorization", "")
+        assert not ads.nacks
+
+
+def _enable_on_virtual_host(listener: Any, name: str, config: dict[str, Any]) -> None:
+    """Sets `typed_per_filter_config[name]` on the listener's one virtual host, in place."""
+    as_dict = json_format.MessageToDict(listener, preserving_proto_field_name=True)
+    manager = as_dict["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["route_config"]["virtual_hosts"][0]["typed_per_filter_config"] = {name: config}
+    listener.CopyFrom(json_format.ParseDict(as_dict, listener_pb2.Listener()))

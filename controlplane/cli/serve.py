@@ -46,6 +46,7 @@ from controlplane.credentials.revocations import REVOCATIONS_FILE
 from controlplane.credentials.service import CredentialOptions, CredentialService
 from controlplane.model.policy import Policy
 from controlplane.resolved.explain import ExplainInputs
+from controlplane.runtime.aws_signing import AwsSigners, source_factory
 from controlplane.runtime.event_router import POLICY_TOPIC, EventRouter
 from controlplane.runtime.forward import Forward
 from controlplane.runtime.gc_control import CollectorSchedule
@@ -132,10 +133,11 @@ async def serve(options: ServeOptions) -> int:
     return 1 if parts.failed else 0
 
 
-def _published(kube: KubernetesEndpoints, gcp: GcpBackends, current: Policy | None) -> None:
-    """The policy in service changed: Kubernetes watches and Google token refreshers follow it."""
+def _published(kube: KubernetesEndpoints, gcp: GcpBackends, aws: AwsSigners, current: Policy | None) -> None:
+    """The policy in service changed: Kubernetes watches, Google token and AWS credential refreshers follow it."""
     kube.retain(current)
     gcp.follow(current)
+    aws.follow(current)
 
 
 def _live_inputs(gitlab: GitLabLink, policy: PolicyService, head: Policy) -> LiveInputs:
@@ -197,6 +199,8 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
         if options.credentials is not None
         else None
     )
+    aws = _aws_signers(credentials, lambda: to_policy().recompile("AWS credentials changed"))
+    parts.on_stop(lambda: asyncio.to_thread(aws.stop), name="AWS credential refreshers")
     # gcp backends: their Google tokens, refreshed in memory; a change recompiles (only their Secrets change).
     issuer = credentials is not None and credentials.oidc_issuer is not None
     gcp = GcpBackends(
@@ -217,10 +221,11 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             # A policy that now covers a project lists its jobs that finished unlisted (coverage).
             exchange_policy_changed=credentials.policy_changed if credentials is not None else lambda: None,
             secrets=lambda policy: {**secrets.for_policy(policy), **gcp.for_policy(policy)},
+            aws_credentials=aws.for_policy,
             accept=lambda policy: transport.accept(policy) or gcp.accept(policy),
             prepare=lambda candidate: kube.prepare(candidate) or gitlab.read_new_subjects(candidate, to_policy().pins),
             endpoints=kube.for_backend,
-            published=partial(_published, kube, gcp),
+            published=partial(_published, kube, gcp, aws),
         )
     )
     if credentials is not None:
@@ -533,3 +538,20 @@ async def _drain(als: AccessLogService, xds: XdsServer, grace: float) -> None:
     log.info("shutting down: draining xDS streams for up to %.1fs", grace)
     await als.close()
     await xds.stop(grace)
+
+
+def _aws_signers(credentials: CredentialService | None, recompile: Callable[[], Awaitable[object]]) -> AwsSigners:
+    """One refresher per AWS role the policy names (runtime/aws_signing.py); each new credential, or the expiry of
+    the last, recompiles from the refresher's thread on this loop. Web identity needs `--issuer-url`."""
+    loop = asyncio.get_running_loop()
+    issuer = credentials.oidc_issuer if credentials is not None else None
+    factory = source_factory(issuer.url if issuer is not None else None, credentials.keys if credentials else None)
+
+    def changed() -> None:
+        asyncio.run_coroutine_threadsafe(_awaited(recompile), loop)
+
+    return AwsSigners(factory, changed)
+
+
+async def _awaited(call: Callable[[], Awaitable[object]]) -> None:
+    await call()

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from controlplane.compiler import cluster, inject, jwt, listener, rbac, revocations, route
+from controlplane.compiler import aws, cluster, inject, jwt, listener, rbac, revocations, route
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.compiler.names import (
     CREDENTIAL_PROVIDER,
@@ -60,6 +60,7 @@ def compile_policy(
     secrets: Mapping[str, str] | None = None,
     *,
     resolved: ResolvedPolicy | None = None,
+    aws_credentials: Mapping[str, aws.SigningCredential] | None = None,
 ) -> dict[str, CompiledGroup]:
     """Raises PolicyInvalid when a subject cannot be resolved (unknown path, re-used path, missing pin).
 
@@ -72,6 +73,8 @@ def compile_policy(
     control plane's own (exchanged credentials, revoked jobs, the exchange endpoint); None: none of them.
     `secrets` are the injected upstream credentials by backend name, read by the control plane; a missing one
     is delivered empty (Envoy refuses the request rather than forward it without the credential).
+    `aws_credentials`: valid credentials of AWS roles by role ARN, from the run time; an AWS backend whose role has
+    none answers 503 (compiler/aws.py).
     """
     memo = memo or CompilerMemo()
     memo.next_generation()
@@ -92,6 +95,7 @@ def compile_policy(
         # Encoded once for every gateway (the same bytes everywhere), each bucket only when its ids changed.
         revocations=revocation_resources(credentials, memo),
         secrets=secrets or {},
+        aws_credentials=aws_credentials or {},
     )
     return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
 
@@ -116,6 +120,7 @@ class _Shared:
     roles: Mapping[str, tuple[Role, ...]]  # by backend; only with a credentials provider
     revocations: tuple[tuple[str, bytes], ...]  # (ECDS resource name, serialized TypedExtensionConfig)
     secrets: Mapping[str, str]  # injected upstream credentials, by backend
+    aws_credentials: Mapping[str, aws.SigningCredential]  # valid AWS role credentials, by role ARN
 
 
 @dataclass(frozen=True)
@@ -147,11 +152,12 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             backend_grants = access.grants
             accepted = access.issuers or every_issuer
         roles = shared.roles.get(backend.name, ())
+        signing = backend.aws is not None and backend.aws.role_arn in shared.aws_credentials
         parts.append(
             shared.memo.backends.get(
-                (backend, backend_grants, accepted, shared.shape, *roles),
+                (backend, backend_grants, accepted, shared.shape, signing, *roles),
                 functools.partial(
-                    _backend_parts, backend, backend_grants, accepted, shared.shape, roles, shared.memo.rbac
+                    _backend_parts, backend, backend_grants, accepted, shared.shape, roles, shared.memo.rbac, signing
                 ),
             )
         )
@@ -178,7 +184,11 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
         ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts))],
         # jwt_authn's configuration (keys, requirements) and the deny list: changing either changes no listener.
         EXTENSION_CONFIG: sorted(
-            [(JWT_FILTER, listener.authentication_config_bytes(authentication)), *shared.revocations]
+            [
+                (JWT_FILTER, listener.authentication_config_bytes(authentication)),
+                *shared.revocations,
+                *aws.extension_configs(backends, shared.aws_credentials),
+            ]
         ),
         SECRET: sorted(inject.secrets(backends, shared.secrets) + _exchange_ca(shared.credentials)),
     }
@@ -206,6 +216,7 @@ def _backend_parts(
     shape: _CredentialShape,
     roles: tuple[Role, ...],
     encoder: rbac.RbacEncoder,
+    aws_signing: bool = False,
 ) -> _BackendParts:
     providers = [provider_name(i) for i in issuers]
     if shape.issuer is not None:
@@ -216,7 +227,11 @@ def _backend_parts(
     return _BackendParts(
         requirement=requirement,
         virtual_host=route.virtual_host_bytes(
-            backend, encoder.backend_rbac_bytes(backend.name, grants), name, exchange=shape.exchange
+            backend,
+            encoder.backend_rbac_bytes(backend.name, grants),
+            name,
+            exchange=shape.exchange,
+            aws_signing=aws_signing,
         ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),

@@ -22,7 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from controlplane.compiler import inject
+from controlplane.compiler import aws, inject
 from controlplane.compiler.access_log import file_access_log, grpc_access_log
 from controlplane.compiler.names import (
     HCM_FILTER,
@@ -56,6 +56,7 @@ def gateway_listener(gateway: Gateway, backends: Sequence[Backend] = ()) -> list
             *revocation_bucket_filters(),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             *inject.http_filters(backends),
+            *aws.http_filters(backends),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],
         access_log=[file_access_log(gateway.access_log_path), grpc_access_log(gateway.name)],

@@ -14,7 +14,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from google.protobuf.any_pb2 import Any as AnyProto
 
-from controlplane.compiler import inject
+from controlplane.compiler import aws, inject
 from controlplane.compiler.jwt import per_route_disabled, per_route_requirement
 from controlplane.compiler.names import (
     EXCHANGE_CLUSTER,
@@ -38,28 +38,34 @@ _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPT
 EXCHANGE_TIMEOUT_MS = 10_000
 
 
-def virtual_host(backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False) -> rc.VirtualHost:
+def virtual_host(
+    backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False, aws_signing: bool = False
+) -> rc.VirtualHost:
     """`rbac`: the host's serialized RBACPerRoute (see `rbac.RbacEncoder`); `requirement`: the name of the
     listener's JWT requirement for this host (None: no issuer accepts tokens here); `exchange`: the
-    token-exchange endpoint is routed first on this host (see `_exchange_route`)."""
+    token-exchange endpoint is routed first on this host (see `_exchange_route`); `aws_signing`: an AWS
+    backend's role has a valid credential (else its routes answer 503, compiler/aws.py)."""
     per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=rbac)}
     if requirement is not None:
         per_filter[JWT_FILTER] = packed(per_route_requirement(requirement))
     per_filter.update((name, packed(config)) for name, config in inject.per_filter_config(backend).items())
+    per_filter.update((name, packed(config)) for name, config in aws.per_filter_config(backend, aws_signing).items())
     return rc.VirtualHost(
         name=backend.name,
         domains=_domains(backend.hosts),
         routes=[
             *([_exchange_route(backend)] if exchange else []),
-            *(_public_route(backend, p) for p in backend.public_paths),
-            _default_route(backend),
+            *(aws.fail_closed(backend, _public_route(backend, p), aws_signing) for p in backend.public_paths),
+            aws.fail_closed(backend, _default_route(backend), aws_signing),
         ],
         typed_per_filter_config=per_filter,
     )
 
 
-def virtual_host_bytes(backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False) -> bytes:
-    return serialized(virtual_host(backend, rbac, requirement, exchange))
+def virtual_host_bytes(
+    backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False, aws_signing: bool = False
+) -> bytes:
+    return serialized(virtual_host(backend, rbac, requirement, exchange, aws_signing))
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:
@@ -148,7 +154,7 @@ def _exchange_route(backend: Backend) -> rc.Route:
     buckets stay on but cannot match: with jwt_authn off there is no `job_id` metadata."""
     route = _tokenless_route(f"{backend.name}-exchange", EXCHANGE_PATH, EXCHANGE_CLUSTER, EXCHANGE_TIMEOUT_MS)
     # The backend's own credential is for the backend only, never for the control plane.
-    for name, config in inject.per_route_off(backend).items():
+    for name, config in (inject.per_route_off(backend) | aws.per_route_off(backend)).items():
         route.typed_per_filter_config[name].CopyFrom(packed(config))
     return route
 

@@ -22,7 +22,7 @@ from controlplane.model.documents import Doc, Env, Registry, header
 from controlplane.model.errors import Errors, PolicyError, Source, quoted
 from controlplane.model.fields import Ctx, attempt
 from controlplane.model.inventory_file import read_inventory
-from controlplane.model.kinds import backend, binding, gateway, issuer, role
+from controlplane.model.kinds import aws, backend, binding, gateway, issuer, role
 from controlplane.model.parse_cache import PARSE_CACHE_BYTES, PARSE_CACHE_FILES, ParseCache, ParseCacheInfo
 from controlplane.model.policy import Named, Policy
 from controlplane.model.yaml_source import YMap, YNode, YScalar
@@ -99,6 +99,7 @@ def _load(files: Mapping[str, str], parses: ParseCache, built: _BuildMemo) -> Po
         files=tuple(sorted(files)),
     )
     env.hosts.report(errors, lambda others: f"host is also served by {others}")
+    errors.extend(aws.binding_role_errors(policy))
     if errors:
         raise errors.invalid()
     return policy
@@ -255,4 +256,4 @@ def policy_warnings(policy: Policy) -> list[PolicyError]:
         )
         for role in policy.roles
         if role.backend not in fronted
-    )
+    ) + aws.binding_role_warnings(policy)

@@ -50,6 +50,10 @@ DEFAULT_BACKEND_CREDENTIALS = "any"
 # access-log record reaches the control plane, then the job is denied fleet-wide).
 DEFAULT_BACKEND_REVOKE = "finished-jobs"
 DEFAULT_CREDENTIAL_TTL_SECONDS = 900
+# How the control plane obtains an AWS role's credentials (controlplane/cloud/aws.py): "web_identity" is STS
+# AssumeRoleWithWebIdentity with a token it signs as an OIDC issuer (no AWS key anywhere); "assume_role" is STS
+# AssumeRole from AWS keys the control plane itself holds (environment or file, never policy).
+DEFAULT_AWS_SOURCE = "web_identity"
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,19 @@ class Injection:
 
 
 @dataclass(frozen=True)
+class AwsSigning:
+    """Requests to the backend are signed with AWS SigV4 by Envoy, with short-lived credentials of `role_arn` that
+    the control plane obtains and refreshes (docs/envoy-aws-signing.md). The job never holds an AWS key; its own
+    `Authorization` never reaches AWS. No secret is in the policy: only which role to assume."""
+
+    service: str  # the SigV4 service name, e.g. "s3", "sts", "execute-api"
+    region: str  # e.g. "eu-west-1"
+    role_arn: str  # the role assumed for every binding that names no role of its own (Binding.aws_role_arn)
+    session_name: str | None = None  # STS RoleSessionName; default: derived by the control plane
+    source: str = DEFAULT_AWS_SOURCE
+
+
+@dataclass(frozen=True)
 class GcpCredentials:
     """A backend's `gcp:` block: the control plane obtains a Google credential for the service account (workload
     identity federation, then impersonation) and injects it as `Authorization: Bearer`. An `id_token_audience`
@@ -163,6 +180,8 @@ class Backend:
     # Kubernetes Services whose ready endpoints the backend is served by. In policy as read `endpoints` is then
     # empty; the run time puts the discovered addresses there (runtime/policy_service.py `_with_live_inputs`).
     services: tuple[ServiceRef, ...] = ()
+    # AWS SigV4 signing with a role's short-lived credentials (exclusive with `inject`).
+    aws: AwsSigning | None = None
     # A Google Cloud identity whose token the run time obtains and injects (`inject` is then Authorization: Bearer,
     # with no secret_env or secret_file: the value comes from the refresher, never from a file).
     gcp: GcpCredentials | None = None
@@ -231,6 +250,9 @@ class Binding:
     source: Source
     # The longest life of a credential exchanged under this binding (capped by the subject token's own).
     credential_ttl_seconds: int = DEFAULT_CREDENTIAL_TTL_SECONDS
+    # On AWS backends, the role whose credentials sign this binding's requests instead of the backend's own
+    # (e.g. a read-only role for merge-request pipelines, a deploy role for protected main).
+    aws_role_arn: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from controlplane.model import scalars
 from controlplane.model.documents import API_VERSION, COMMON_KEYS, KINDS
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.fields import JsonSchema, list_of, object_schema, one_or_list, schema_of
-from controlplane.model.kinds import backend, binding, gateway, issuer, role
+from controlplane.model.kinds import aws, backend, binding, gateway, issuer, role
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import IssuerKind, Mode
 
@@ -138,6 +138,17 @@ def _backend() -> JsonSchema:
             "secret_file": scalars.absolute_path,
         },
     )
+    aws_signing = _refined(
+        schema_of(aws.aws_signing),
+        {
+            "service": aws._service,
+            "region": aws._region,
+            "role_arn": aws.role_arn,
+            "session_name": aws._session_name,
+            "source": scalars.enum("source", aws.AWS_SOURCES),
+        },
+        _required("Backend", "aws"),
+    )
     gcp = _refined(
         schema_of(backend._gcp),
         {
@@ -159,6 +170,7 @@ def _backend() -> JsonSchema:
         "credentials": scalars.enum("credentials", backend._BACKEND_CREDENTIALS),
         "inject": inject,
         "revoke": scalars.enum("revoke", backend._BACKEND_REVOKE),
+        "aws": aws_signing,
         "gcp": gcp,
     }
     return _kind("Backend", backend._BACKEND_KEYS, table)
@@ -194,6 +206,7 @@ def _binding() -> JsonSchema:
         "mode": scalars.enum("mode", [m.value for m in Mode]),
         "subjects": _list(subject),
         "credential_ttl": _DURATION,
+        "aws_role_arn": aws.role_arn,
     }
     return _kind("Binding", binding._BINDING_KEYS, table)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from controlplane.compiler.aws import SigningCredential
 from controlplane.compiler.compile import check_reserved_names
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.credentials.exchange import ExchangeMemo, ExchangePolicy
@@ -89,6 +90,7 @@ class PolicyService:
         credentials: Callable[[], CredentialInputs | None] = lambda: None,
         exchange_policy_changed: Callable[[], None] = lambda: None,
         secrets: Callable[[Policy], Mapping[str, str]] = lambda policy: {},
+        aws_credentials: Callable[[Policy], Mapping[str, SigningCredential]] = lambda policy: {},
         accept: Callable[[Policy], str | None] = lambda policy: None,
         prepare: Callable[[Policy], str | None] = lambda policy: None,
         endpoints: Callable[[Backend], tuple[Endpoint, ...]] = lambda backend: (),
@@ -126,6 +128,7 @@ class PolicyService:
         self.credentials: Final = credentials
         self.exchange_policy_changed: Final = exchange_policy_changed
         self.secrets: Final = secrets
+        self.aws_credentials: Final = aws_credentials  # usable AWS role credentials by ARN (runtime/aws_signing.py)
         self.accept: Final = accept
         self.prepare: Final = prepare
         self.endpoints: Final = endpoints
@@ -251,6 +254,7 @@ class PolicyService:
                 self._keys,
                 credentials=self.credentials(),
                 secrets=self.secrets(model),
+                aws_credentials=self.aws_credentials(model),
                 resolved=resolved,
             )
 
@@ -357,6 +361,7 @@ class PolicyService:
                 self._keys,
                 credentials=credentials,
                 secrets=self.secrets(model),
+                aws_credentials=self.aws_credentials(model),
                 resolved=resolved,
             )
             self._note_resolution(policy_warnings(policy), resolved)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from controlplane.compiler.aws import SigningCredential
 from controlplane.compiler.compile import compile_policy, revocation_resources
 from controlplane.compiler.memo import CompilerMemo
 from controlplane.model.credentials import CredentialInputs
@@ -43,12 +44,16 @@ def compile_model(
     credentials: CredentialInputs | None = None,
     secrets: Mapping[str, str] | None = None,
     resolved: ResolvedPolicy | None = None,
+    aws_credentials: Mapping[str, SigningCredential] | None = None,
 ) -> dict[str, Snapshot]:
     """A validated policy into snapshots; entries whose bytes did not change are taken from `previous`.
 
     `credentials`: the control plane's own credential inputs; `secrets`: injected upstream credentials by
-    backend; `resolved`: the policy's resolution, None: resolved here with `pins` (see compile_policy)."""
-    compiled = compile_policy(policy, memo, keys, pins, credentials, secrets, resolved=resolved)
+    backend; `resolved`: the policy's resolution, None: resolved here with `pins` (see compile_policy);
+    `aws_credentials`: usable AWS role credentials by role ARN (compiler/aws.py)."""
+    compiled = compile_policy(
+        policy, memo, keys, pins, credentials, secrets, resolved=resolved, aws_credentials=aws_credentials
+    )
     return build_snapshots({name: group.resources for name, group in compiled.items()}, previous)
 
 

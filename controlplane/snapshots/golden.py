@@ -39,7 +39,22 @@ def resource_dicts(snapshot: Snapshot, type_url: str) -> list[dict[str, Any]]:
         packed = AnyProto.FromString(resource.any_bytes)
         # Through JSON text: MessageToDict returns OrderedDicts for Anys, which YAML cannot represent.
         out.append(json.loads(json_format.MessageToJson(packed, preserving_proto_field_name=True)))
+    if type_url == EXTENSION_CONFIG:
+        return [_redact_keys(r, _INLINE_SECRETS) for r in out]
     return [_redacted(r) for r in out] if type_url == SECRET else out
+
+
+# AWS signing credentials travel inline in an ECDS resource (compiler/aws.py); the key id, as in Envoy's own
+# config dump, is not secret.
+_INLINE_SECRETS = frozenset({"secret_access_key", "session_token"})
+
+
+def _redact_keys(node: Any, keys: frozenset[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: REDACTED if k in keys else _redact_keys(v, keys) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact_keys(v, keys) for v in node]
+    return node
 
 
 def _redacted(secret: dict[str, Any]) -> dict[str, Any]:

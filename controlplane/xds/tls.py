@@ -96,7 +96,10 @@ def pushes_secrets(backends: Iterable[object]) -> bool:
 
     `getattr`: the `inject` field belongs to the credential-injection change and may not exist yet.
     """
-    return any(getattr(backend, "inject", None) is not None for backend in backends)
+    return any(
+        getattr(backend, "inject", None) is not None or getattr(backend, "aws", None) is not None  # AWS keys by ECDS
+        for backend in backends
+    )
 
 
 def check_transport(*, tls: ServerTls | None, insecure: bool, secrets: bool) -> None:

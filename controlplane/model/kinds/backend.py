@@ -14,6 +14,7 @@ from controlplane.model import scalars
 from controlplane.model.documents import COMMON_KEYS, Doc, Env
 from controlplane.model.errors import quoted
 from controlplane.model.fields import Conv, Ctx, Fields, list_of, need, record, schema_of, with_schema
+from controlplane.model.kinds.aws import aws_signing
 from controlplane.model.policy import (
     DEFAULT_BACKEND_CREDENTIALS,
     DEFAULT_BACKEND_REVOKE,
@@ -43,6 +44,7 @@ _BACKEND_KEYS = (
         "credentials",
         "inject",
         "revoke",
+        "aws",
         "gcp",
     ),
 )
@@ -152,6 +154,14 @@ def build(doc: Doc, env: Env) -> Backend:
         "credentials", scalars.enum("credentials", _BACKEND_CREDENTIALS), DEFAULT_BACKEND_CREDENTIALS
     )
     inject = f.maybe("inject", _injection)
+    aws = f.maybe("aws", aws_signing)
+    if f.has("aws") and (f.has("inject") or f.has("gcp")):
+        f.error("aws", "a backend either signs for AWS or injects a credential (inject, gcp), not both")
+    if f.has("aws") and f.has("public_paths"):
+        f.error(
+            "public_paths",
+            "an AWS backend signs every request with its role: a public path would lend the role to anyone",
+        )
     gcp = f.maybe("gcp", _gcp)
     if gcp is not None:
         if f.has("inject"):
@@ -178,6 +188,7 @@ def build(doc: Doc, env: Env) -> Backend:
         inject=inject,
         revoke=need(revoke),
         services=services,
+        aws=aws,
         gcp=gcp,
     )
 

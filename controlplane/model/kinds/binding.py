@@ -21,6 +21,7 @@ from controlplane.model.fields import (
     record,
     with_schema,
 )
+from controlplane.model.kinds.aws import role_arn
 from controlplane.model.policy import (
     DEFAULT_CREDENTIAL_TTL_SECONDS,
     Binding,
@@ -35,7 +36,7 @@ from controlplane.model.yaml_source import YMap, YNode, YScalar, child_path
 
 RESERVED_CLAIMS = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti"})
 
-_BINDING_KEYS = (*COMMON_KEYS, "issuer", "roles", "mode", "subjects", "credential_ttl")
+_BINDING_KEYS = (*COMMON_KEYS, "issuer", "roles", "mode", "subjects", "credential_ttl", "aws_role_arn")
 _PIN_KEYS = ("project", "group", "include_subgroups")
 _PINNED_CLAIMS = MappingProxyType({"project_id": "project", "namespace_id": "group"})
 
@@ -188,6 +189,7 @@ def build(doc: Doc, env: Env) -> Binding:
     # An issuer whose type is invalid was reported there; its subjects cannot be checked meanwhile.
     subjects = f.required("subjects", _SUBJECTS[kind]) if kind else None
     credential_ttl = f.optional("credential_ttl", scalars.seconds(10, 86_400), DEFAULT_CREDENTIAL_TTL_SECONDS)
+    aws_role = f.maybe("aws_role_arn", role_arn)
     return Binding(
         name=need(doc.name),
         issuer=need(issuer),
@@ -196,6 +198,7 @@ def build(doc: Doc, env: Env) -> Binding:
         mode=need(mode),
         source=doc.source,
         credential_ttl_seconds=need(credential_ttl),
+        aws_role_arn=aws_role,
     )
 
 

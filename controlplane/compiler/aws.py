@@ -1,0 +1,142 @@
+"""AWS backends (`aws:` in policy): Envoy signs every allowed request with the role's short-lived credentials, and
+the backend fails closed while there are none.
+
+Facts relied on (observed on Envoy 1.40, docs/envoy-aws-signing.md):
+- the `aws_request_signing` filter takes credentials only inline in its configuration, so each AWS backend has its
+  own signing filter configured by ECDS: a refresh is one small EXTENSION_CONFIG push, no listener or route change,
+  no failed request (facts 6, 9);
+- the filter is `disabled` on the listener and switched on only on its backend's virtual host by an empty
+  per-filter `config`, so no other virtual host names it (as the credential injector, compiler/inject.py);
+- without usable credentials it forwards the request unsigned (fact 8): so a backend whose role has no valid
+  credential gets routes that answer 503 themselves, and its filter stays off. The compiler has no clock: the run
+  time gives it only credentials still valid (and recompiles when one expires).
+- the caller's `Authorization` never reaches AWS: jwt_authn removes a verified token (`forward: false`) and the
+  signer replaces the header (fact 1); public paths are refused on AWS backends by the loader, so no request is
+  signed without a verified job.
+
+`use_unsigned_payload` is on for S3 only: S3 accepts `UNSIGNED-PAYLOAD` and the body then streams, while a hashed
+body is buffered whole and answered 413 past Envoy's 1 MiB buffer limit (fact 2); other services want the hash.
+
+The credentials are plain text in the ECDS resource (no SDS type exists for them): delivered only over the mTLS
+xDS, redacted in golden snapshots (snapshots/golden.py) and in Envoy's config dump (fact 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import config_source_pb2, extension_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.common.aws.v3 import credential_provider_pb2 as aws_credentials
+from envoy.extensions.filters.http.aws_request_signing.v3 import aws_request_signing_pb2 as signing
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+
+from controlplane.compiler.util import packed, serialized
+from controlplane.model.policy import Backend
+
+UNAVAILABLE_STATUS = 503
+UNAVAILABLE_BODY = "no valid AWS credential for this backend's role: refused rather than sent unsigned\n"
+SIGNING_URL = "type.googleapis.com/" + signing.AwsRequestSigning.DESCRIPTOR.full_name
+# In the ECDS resource of a role without a valid credential (the listener waits for every ECDS resource it names):
+# never used, as the filter is then switched on nowhere.
+PLACEHOLDER_KEY_ID = "NO-CREDENTIAL"
+
+
+@dataclass(frozen=True)
+class SigningCredential:
+    """Short-lived AWS credentials of one role (STS), as the run time holds them. `repr` hides the secrets."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str
+
+    def __repr__(self) -> str:
+        return f"SigningCredential(access_key_id={self.access_key_id!r}, ...)"
+
+
+def signing_filter(backend: str) -> str:
+    """The HCM filter (and its ECDS resource) signing this backend's requests."""
+    return f"aws-sign-{backend}"
+
+
+def http_filters(backends: Sequence[Backend]) -> list[hcm.HttpFilter]:
+    """One disabled ECDS signing filter per AWS backend, in name order: the last filters before the router, as
+    everything before the signer is signed and nothing after it may change a header (fact 3)."""
+    return [
+        hcm.HttpFilter(
+            name=signing_filter(b.name),
+            disabled=True,
+            config_discovery=config_source_pb2.ExtensionConfigSource(config_source=_ads(), type_urls=[SIGNING_URL]),
+        )
+        for b in sorted(backends, key=lambda b: b.name)
+        if b.aws is not None
+    ]
+
+
+def per_filter_config(backend: Backend, signing_on: bool) -> dict[str, rc.FilterConfig]:
+    """Switches the backend's signer on for its virtual host when its role has a credential (an empty `config`:
+    `disabled: false` alone is NACKed, fact 10)."""
+    if backend.aws is None or not signing_on:
+        return {}
+    enabled = rc.FilterConfig()
+    enabled.config.SetInParent()
+    return {signing_filter(backend.name): enabled}
+
+
+def per_route_off(backend: Backend) -> dict[str, rc.FilterConfig]:
+    """Off again on routes to somewhere other than AWS (the token exchange)."""
+    return {signing_filter(backend.name): rc.FilterConfig(disabled=True)} if backend.aws is not None else {}
+
+
+def extension_configs(
+    backends: Sequence[Backend], credentials: Mapping[str, SigningCredential]
+) -> list[tuple[str, bytes]]:
+    """The ECDS resource of each AWS backend's signer, with its role's credential (by role ARN) or a placeholder."""
+    out = []
+    for backend in backends:
+        if backend.aws is None:
+            continue
+        credential = credentials.get(backend.aws.role_arn)
+        config = signing.AwsRequestSigning(
+            service_name=backend.aws.service,
+            region=backend.aws.region,
+            host_rewrite=backend.tls.sni if backend.tls is not None else "",
+            use_unsigned_payload=backend.aws.service == "s3",
+            credential_provider=aws_credentials.AwsCredentialProvider(inline_credential=_inline(credential)),
+        )
+        name = signing_filter(backend.name)
+        out.append((name, serialized(extension_pb2.TypedExtensionConfig(name=name, typed_config=packed(config)))))
+    return sorted(out)
+
+
+def _inline(credential: SigningCredential | None) -> aws_credentials.InlineCredentialProvider:
+    if credential is None:
+        return aws_credentials.InlineCredentialProvider(
+            access_key_id=PLACEHOLDER_KEY_ID, secret_access_key=PLACEHOLDER_KEY_ID
+        )
+    return aws_credentials.InlineCredentialProvider(
+        access_key_id=credential.access_key_id,
+        secret_access_key=credential.secret_access_key,
+        session_token=credential.session_token,
+    )
+
+
+def fail_closed(backend: Backend, route: rc.Route, signing_on: bool) -> rc.Route:
+    """`route` unchanged for any other backend or a signing one; for an AWS backend without a valid credential,
+    the same match answering 503 directly."""
+    if backend.aws is None or signing_on:
+        return route
+    closed = rc.Route()
+    closed.CopyFrom(route)
+    closed.ClearField("route")
+    closed.direct_response.CopyFrom(
+        rc.DirectResponseAction(status=UNAVAILABLE_STATUS, body={"inline_string": UNAVAILABLE_BODY})
+    )
+    return closed
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )

@@ -1,0 +1,84 @@
+"""The `aws:` key of a Backend and `aws_role_arn` of a Binding: which AWS role signs requests, never a key.
+
+Checked as AWS documents the names (IAM role ARN, STS RoleSessionName, region, SigV4 service), so a typo is a
+policy error with its line, not an STS refusal at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from types import MappingProxyType
+
+from controlplane.model import scalars
+from controlplane.model.errors import PolicyError
+from controlplane.model.fields import Conv, Fields, need, record
+from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Policy
+
+AWS_KEYS = ("service", "region", "role_arn", "session_name", "source")
+AWS_SOURCES = (DEFAULT_AWS_SOURCE, "assume_role")
+
+# arn:<partition>:iam::<12-digit account>:role/<optional path/>name (IAM: name and path of [\w+=,.@-]).
+_ROLE_ARN_RE = re.compile(r"^arn:aws(-[a-z]+)*:iam::[0-9]{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}\Z")
+# STS RoleSessionName: 2 to 64 of [\w+=,.@-].
+_SESSION_RE = re.compile(r"^[\w+=,.@-]{2,64}\Z")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+\Z")
+_SERVICE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+
+role_arn = scalars.matching(_ROLE_ARN_RE, "expected an IAM role ARN such as arn:aws:iam::123456789012:role/ci-read")
+_session_name = scalars.matching(_SESSION_RE, "expected 2 to 64 of letters, digits and +=,.@_-")
+_region = scalars.matching(_REGION_RE, "expected an AWS region such as eu-west-1")
+_service = scalars.matching(_SERVICE_RE, "expected a SigV4 service name such as s3")
+
+_NO_KEYS = MappingProxyType(
+    {
+        key: "AWS keys never go in policy files: the control plane obtains short-lived credentials for role_arn "
+        "(source: web_identity), or reads its own keys from its environment (source: assume_role)"
+        for key in ("access_key_id", "secret_access_key", "session_token", "aws_access_key_id")
+    }
+)
+
+
+def _aws_fields(f: Fields) -> AwsSigning:
+    service = f.required("service", _service)
+    region = f.required("region", _region)
+    arn = f.required("role_arn", role_arn)
+    session = f.maybe("session_name", _session_name)
+    source = f.optional("source", scalars.enum("source", AWS_SOURCES), DEFAULT_AWS_SOURCE)
+    return AwsSigning(
+        service=need(service), region=need(region), role_arn=need(arn), session_name=session, source=need(source)
+    )
+
+
+aws_signing: Conv[AwsSigning] = record(_aws_fields, AWS_KEYS, _NO_KEYS)
+
+
+def binding_role_errors(policy: Policy) -> list[PolicyError]:
+    """A binding's `aws_role_arn` overrides the role of AWS backends only: on a binding none of whose roles is on
+    an AWS backend it would be silently ignored, so it is an error (at the binding, as the field's line is gone
+    once built)."""
+    aws_backends = {b.name for b in policy.backends if b.aws is not None}
+    role_backend = {r.name: r.backend for r in policy.roles}
+    return [
+        PolicyError.at(
+            b.source,
+            "aws_role_arn",
+            f"binding {b.name} grants no role on an AWS backend (a backend with aws:): the role ARN would sign nothing",
+        )
+        for b in policy.bindings
+        if b.aws_role_arn is not None and not any(role_backend.get(r) in aws_backends for r in b.roles)
+    ]
+
+
+def binding_role_warnings(policy: Policy) -> list[PolicyError]:
+    """Per-binding roles are read and checked but not yet compiled: such a binding's requests are signed with its
+    backend's `role_arn` until the compiler signs per binding (one ECDS filter per role). Said, not hidden."""
+    return [
+        PolicyError.at(
+            b.source,
+            "aws_role_arn",
+            f"binding {b.name}: per-binding AWS roles are not compiled yet; its requests are signed with the "
+            "backend's role_arn",
+        )
+        for b in policy.bindings
+        if b.aws_role_arn is not None
+    ]

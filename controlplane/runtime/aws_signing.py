@@ -1,0 +1,144 @@
+"""The AWS role credentials Envoy signs with: one `Refresher` per role the policy in service names, and what the
+compiler gets from them (only credentials still usable: the compiler has no clock, docs in compiler/aws.py).
+
+`follow` hears the policy in service (PolicyService's `published`): it starts a refresher for each role that
+policy names (its first credential then comes with a recompile, the routes answering 503 until then) and stops
+those no longer named. `for_policy`, handed to the policy service like the injected secrets, only reads. Every
+new credential, and the expiry of the last one, calls `changed` (from the refresher's thread): serve recompiles,
+so the new credential goes out as one ECDS resource.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from controlplane.cloud.aws import (
+    AssumeRoleSource,
+    AwsCredential,
+    CredentialSource,
+    Refresher,
+    Sts,
+    StsError,
+    WebIdentity,
+    WebIdentitySource,
+)
+from controlplane.compiler.aws import SigningCredential
+from controlplane.credentials.keys import SigningKeys
+from controlplane.model.policy import AwsSigning, Policy
+
+log = logging.getLogger(__name__)
+
+SourceFactory = Callable[[AwsSigning], CredentialSource]
+DEFAULT_SESSION_NAME = "controlplane"
+
+
+@dataclass(frozen=True)
+class _NoIssuer:
+    """`source: web_identity` on a control plane that is no OIDC issuer (serve without --issuer-url): every
+    attempt fails, so the backend answers 503 and the refresher logs why."""
+
+    role_arn: str
+
+    def fetch(self) -> AwsCredential:
+        raise StsError("NoIssuerUrl", self.role_arn, refused=True)
+
+
+def source_factory(issuer_url: str | None, keys: SigningKeys | None) -> SourceFactory:
+    """How serve obtains each role's credentials. STS is reached as botocore is configured (the region's endpoint,
+    or `AWS_ENDPOINT_URL_STS`); AssumeRole signs with botocore's own chain (environment, shared credentials file),
+    never with anything in the policy."""
+
+    def source_for(how: AwsSigning) -> CredentialSource:
+        sts = Sts(region=how.region)
+        session = how.session_name or DEFAULT_SESSION_NAME
+        if how.source == "assume_role":
+            return AssumeRoleSource(sts, how.role_arn, session_name=session)
+        if issuer_url is None or keys is None:
+            return _NoIssuer(how.role_arn)
+        return WebIdentitySource(sts, keys, WebIdentity(issuer_url), how.role_arn, session_name=session)
+
+    return source_for
+
+
+def roles_of(policy: Policy) -> dict[str, AwsSigning]:
+    """Each AWS role the policy signs with, by ARN; the first backend naming a role (by name) says how to get it."""
+    roles: dict[str, AwsSigning] = {}
+    for backend in sorted(policy.backends, key=lambda b: b.name):
+        if backend.aws is not None:
+            roles.setdefault(backend.aws.role_arn, backend.aws)
+    return roles
+
+
+class AwsSigners:
+    """Refreshers by role ARN. `start_threads=False` leaves polling to the caller (tests drive `poll`)."""
+
+    def __init__(
+        self,
+        source_for: SourceFactory,
+        changed: Callable[[], None],
+        *,
+        start_threads: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._source_for = source_for
+        self._clock = clock
+        self._changed = changed
+        self._start_threads = start_threads
+        self._lock = threading.Lock()
+        self._refreshers: dict[str, tuple[AwsSigning, Refresher]] = {}
+
+    def follow(self, policy: Policy | None) -> None:
+        """The policy in service changed (accepted or not): start a refresher for each role it names, stop those it
+        no longer names (or names differently). Never for a candidate being judged: a refused policy starts no STS
+        call. A new refresher's first credential recompiles through `changed`."""
+        if policy is None:
+            return
+        wanted = roles_of(policy)
+        with self._lock:
+            stale = [arn for arn, (how, _) in self._refreshers.items() if wanted.get(arn) != how]
+            stopping = [self._refreshers.pop(arn)[1] for arn in stale]
+            for arn, how in wanted.items():
+                if arn not in self._refreshers:
+                    self._refreshers[arn] = (how, self._refresher(how))
+        for refresher in stopping:  # joins its thread, which may be inside an STS call: not on the caller's
+            threading.Thread(target=refresher.stop, name="aws-credentials-stop", daemon=True).start()
+
+    def for_policy(self, policy: Policy) -> Mapping[str, SigningCredential]:
+        """The usable credential of each role `policy` names, by role ARN. Only reads (see `follow`)."""
+        wanted = roles_of(policy)
+        with self._lock:
+            current = {
+                arn: refresher.current() for arn, (how, refresher) in self._refreshers.items() if wanted.get(arn) == how
+            }
+        return {arn: _signing(c) for arn, c in sorted(current.items()) if c is not None}
+
+    def poll(self) -> None:
+        """One round of every refresher (when threads are not started)."""
+        with self._lock:
+            refreshers = [r for _, r in self._refreshers.values()]
+        for refresher in refreshers:
+            refresher.poll()
+
+    def stop(self) -> None:
+        with self._lock:
+            refreshers, self._refreshers = [r for _, r in self._refreshers.values()], {}
+        for refresher in refreshers:
+            refresher.stop()
+
+    def _refresher(self, how: AwsSigning) -> Refresher:
+        refresher = Refresher(how.role_arn, self._source_for(how), clock=self._clock, on_change=self._on_change)
+        if self._start_threads:
+            refresher.start()
+        log.info("AWS role %s: credentials refreshed from now on (%s)", how.role_arn, how.source)
+        return refresher
+
+    def _on_change(self, _credential: AwsCredential | None) -> None:
+        self._changed()
+
+
+def _signing(credential: AwsCredential) -> SigningCredential:
+    return SigningCredential(credential.access_key_id, credential.secret_access_key, credential.session_token)

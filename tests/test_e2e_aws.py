@@ -1,0 +1,322 @@
+"""An AWS backend end to end through the compiler: policy -> compile_policy(aws_credentials=) -> the control
+plane's XdsServer -> a REAL Envoy 1.40 -> moto in server mode with IAM authentication on (tests/support/
+fake_aws.py), which recomputes every SigV4 signature and refuses expired session credentials.
+
+The credentials are the control plane's own: `Sts` + `AssumeRoleSource` (controlplane/cloud/aws.py) against the
+fake's STS. What `serve` will do with a Refresher's `on_change` (a new snapshot) is done here by hand: compile
+again and set the snapshot. The server runs on this test's event loop; everything blocking runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from controlplane.cli.bootstrap import render_bootstrap
+from controlplane.cloud.aws import AssumeRoleSource, AwsCredential, Refresher, Sts, StsError
+from controlplane.compiler.aws import SigningCredential
+from controlplane.compiler.compile import compile_policy
+from controlplane.model.loader import parse_policy
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import Snapshot, build_snapshots
+from controlplane.xds.fleet_status import ProxyRegistry
+from controlplane.xds.server import XdsServer
+from tests.support.envoy import EnvoyProcess
+from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws
+from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
+from tests.support.ports import LOOPBACK, free_port
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
+
+pytestmark = pytest.mark.e2e
+
+GROUP = "ci-gateway"
+ISSUER = "https://ci.example"
+# The S3 regional host, as jobs would name it: moto (like S3) reads a bucket from any other host name's first label.
+HOST = f"s3.{REGION}.amazonaws.com"
+AUDIENCE = f"https://{HOST}"
+PATH = f"/{BUCKET}/{OBJECT_KEY}"
+
+
+def _policy(listen: int, aws_port: int, role_arn: str) -> str:
+    return "---\n".join(
+        [
+            f"kind: Issuer\nname: ci\ntype: oidc\nurl: {ISSUER}\njwks_uri: {ISSUER}/jwks\n",
+            f"kind: Backend\nname: s3\nhosts: [{HOST}]\naudience: {AUDIENCE}\n"
+            f"endpoints: [{{address: {LOOPBACK}, port: {aws_port}}}]\n"
+            f"aws: {{service: s3, region: {REGION}, role_arn: '{role_arn}', source: assume_role}}\n",
+            f"kind: Role\nname: read\nbackend: s3\nrules: [{{methods: [GET], paths: ['/{BUCKET}/**']}}]\n",
+            "kind: Binding\nname: reader\nissuer: ci\nroles: [read]\nsubjects: [{claims: {sub: job-allowed}}]\n",
+            f"kind: Gateway\nname: {GROUP}\nlisten: {{address: {LOOPBACK}, port: {listen}}}\nbackends: [s3]\n"
+            "access_log: /dev/null\n",
+        ]
+    )
+
+
+class Jobs:
+    """Tokens of the test's OIDC issuer and its JWKS (relayed to Envoy inline by the compiler)."""
+
+    def __init__(self) -> None:
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
+        self.jwks = json.dumps({"keys": [jwk | {"kid": "k1", "alg": "RS256", "use": "sig"}]})
+
+    def token(self, sub: str) -> str:
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + 600}
+        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": "k1"})
+
+
+def _signing(credential: AwsCredential | None) -> dict[str, SigningCredential]:
+    if credential is None:
+        return {}
+    values = SigningCredential(credential.access_key_id, credential.secret_access_key, credential.session_token)
+    return {credential.role_arn: values}
+
+
+class Gateway:
+    """Compiles the policy with the credentials of the moment and publishes the snapshot, as serve will."""
+
+    def __init__(self, files: dict[str, str], jobs: Jobs, cache: SnapshotCache) -> None:
+        self._policy = parse_policy(files)
+        self._jobs = jobs
+        self._cache = cache
+        self._last: dict[str, Snapshot] = {}
+
+    def publish(self, credential: AwsCredential | None) -> None:
+        compiled = compile_policy(self._policy, keys={"ci": self._jobs.jwks}, aws_credentials=_signing(credential))
+        self._last = build_snapshots({n: g.resources for n, g in compiled.items()}, self._last)
+        self._cache.set(self._last[GROUP])
+
+
+@asynccontextmanager
+async def envoy_on(snapshot_cache: SnapshotCache) -> AsyncIterator[EnvoyProcess]:
+    server = XdsServer(snapshot_cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
+    port = await server.start(LOOPBACK, 0)
+    boot = render_bootstrap(group=GROUP, node_id="aws-e2e", xds_host=LOOPBACK, xds_port=port, api="sotw",
+                            admin_port=0)  # fmt: skip
+    envoy = EnvoyProcess(boot, name="aws-e2e", wait_ready=False)
+    try:
+        with ThreadPoolExecutor(1) as spawner:
+            await asyncio.wrap_future(spawner.submit(envoy.start))
+        await asyncio.to_thread(envoy.wait_ready, 15)
+        yield envoy
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await server.stop(1.0)
+
+
+def _get(port: int, token: str | None, conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(LOOPBACK, port, timeout=5)
+    headers = {"Host": HOST} | ({"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        conn.request("GET", PATH, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def aws(tmp_path: Path) -> Iterator[tuple[FakeAws, AssumeRoleSource]]:
+    fake = FakeAws().start()
+    shared = tmp_path / "credentials"
+    key = fake.user_key
+    shared.write_text(
+        f"[default]\naws_access_key_id = {key.access_key_id}\naws_secret_access_key = {key.secret_access_key}\n"
+    )
+    sts = Sts(region=REGION, endpoint_url=fake.endpoint, credentials_file=str(shared))
+    yield fake, AssumeRoleSource(sts, fake.assume_role_arn, session_name="controlplane-e2e")
+    fake.stop()
+
+
+async def test_a_job_request_is_signed_for_the_role_and_accepted_by_s3(aws: tuple[FakeAws, AssumeRoleSource]) -> None:
+    fake, source = aws
+    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
+    gateway.publish(None)  # no credential yet: fail closed
+    async with envoy_on(cache):
+        await asyncio.to_thread(_until, lambda: _status(listen, jobs.token("job-allowed")) == 503)
+        refused_before = fake.refused_expired
+        credential = await asyncio.to_thread(source.fetch)
+        gateway.publish(credential)
+        await asyncio.to_thread(_until, lambda: _status(listen, jobs.token("job-allowed")) == 200)
+        status, body = await asyncio.to_thread(_get, listen, jobs.token("job-allowed"))
+        assert (status, body) == (200, OBJECT_BODY)
+        # a job no binding allows is refused by Envoy and never reaches AWS (no request signed for it)
+        status, body = await asyncio.to_thread(_get, listen, jobs.token("job-other"))
+        assert (status, body) == (403, b"RBAC: access denied")  # Envoy's own answer: the request went nowhere
+        status, _ = await asyncio.to_thread(_get, listen, None)
+        assert status == 401
+        assert fake.refused_expired == refused_before
+
+
+def _status(port: int, token: str) -> int:
+    try:
+        return _get(port, token)[0]
+    except OSError:
+        return 0
+
+
+async def test_a_refreshed_credential_replaces_the_expiring_one_with_no_failed_request(
+    aws: tuple[FakeAws, AssumeRoleSource],
+) -> None:
+    """Under continuous load on one kept-alive connection: the new credential arrives by ECDS, then the old one
+    expires at AWS; every request succeeds. Then no valid credential (the run time withdraws an expired one):
+    503, and S3 never sees an unsigned request."""
+    fake, source = aws
+    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
+    first = source.fetch()
+    gateway.publish(first)
+    token = jobs.token("job-allowed")
+    async with envoy_on(cache) as envoy:
+        await asyncio.to_thread(_until, lambda: _status(listen, token) == 200)
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            conn = http.client.HTTPConnection(LOOPBACK, listen, timeout=5)
+            while not stop.is_set():
+                statuses.append(_get(listen, token, conn)[0])
+            conn.close()
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            second = await asyncio.to_thread(source.fetch)
+            assert second.access_key_id != first.access_key_id
+            gateway.publish(second)
+            # Envoy's config dump shows the key id in clear, never the secret (docs/envoy-aws-signing.md fact 7)
+            await asyncio.to_thread(_until, lambda: second.access_key_id in envoy.admin_get("/config_dump")[1])
+            assert second.secret_access_key not in envoy.admin_get("/config_dump")[1]
+            fake.expire(first.access_key_id)  # the old credential is now refused by AWS
+            seen = len(statuses)
+            await asyncio.to_thread(_until, lambda: len(statuses) > seen + 20)
+        finally:
+            stop.set()
+            await asyncio.to_thread(loader.join, 10)
+        assert len(statuses) > 20 and set(statuses) == {200}, statuses
+        assert fake.refused_expired == 0
+        gateway.publish(None)
+        await asyncio.to_thread(_until, lambda: _status(listen, token) == 503)
+
+
+# -- through serve: the refresher, the recompile on a new credential, the policy service
+
+
+@dataclass
+class AwsStack(Served):
+    def token(self) -> str:
+        return self.gitlab.mint(aud=AUDIENCE, project_id=42, project_path="acme/deployer", namespace_id=11)
+
+
+def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
+    aws: tuple[FakeAws, AssumeRoleSource], tmp_path: Path
+) -> None:
+    """serve's own refresher (AssumeRole with the keys of the shared credentials file, STS at the fake through
+    AWS_ENDPOINT_URL_STS) obtains the role's credential, the policy service recompiles with it, and a job's GET
+    through Envoy passes moto's SigV4 check. Neither the control plane's own key nor the role's secret is logged."""
+    fake, _ = aws
+    inventory = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
+
+    def policy(given: PolicyInputs) -> dict[str, str]:
+        return {
+            "inventory.yaml": inventory,
+            "policy.yaml": documents(
+                issuer(given.issuer, extra="inventory: inventory.yaml"),
+                backend(
+                    "s3",
+                    fake.port,
+                    host=HOST,
+                    extra=f"aws: {{service: s3, region: {REGION}, role_arn: '{fake.assume_role_arn}', "
+                    "source: assume_role}",
+                ),
+                role("read", "s3", paths=[f"/{BUCKET}/**"]),
+                binding("deployer-reads", ["read"], "{project: 42}"),
+                gateway(given.listen_port, ["s3"], access_log=given.access_log),
+            ),
+        }
+
+    env = {
+        "AWS_ENDPOINT_URL_STS": fake.endpoint,
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    (tmp_path / "stack").mkdir()
+    with serve_stack(
+        tmp_path / "stack",
+        policy,
+        kind=AwsStack,
+        envoy=EnvoySpec("aws-envoy", "aws-envoy"),
+        backends=(),
+        serve_args=("--xds-insecure",),
+        env=env,
+        ready=lambda built: built.request(HOST, PATH, built.token()).status == 200,
+    ) as built:
+        response = built.request(HOST, PATH, built.token())
+        assert (response.status, response.text.encode()) == (200, OBJECT_BODY)
+        log = built.controlplane.log_text()
+        assert f"AWS credentials for backend {fake.assume_role_arn} refreshed" in log
+        assert fake.user_key.secret_access_key not in log and "SecretAccessKey" not in log
+
+
+@dataclass
+class Outage:
+    """The fake's STS through the control plane's own source, made unavailable on demand (an STS outage)."""
+
+    source: AssumeRoleSource
+    down: bool = False
+
+    def fetch(self) -> AwsCredential:
+        if self.down:
+            raise StsError("ServiceUnavailable", self.source.role_arn, refused=False)
+        return self.source.fetch()
+
+
+async def test_sts_down_keeps_signing_with_the_last_credential_until_it_expires_then_503(
+    aws: tuple[FakeAws, AssumeRoleSource],
+) -> None:
+    """The control plane's Refresher on a clock of the test's: a failed refresh keeps the last credential (requests
+    still signed and accepted); once it is past use, the recompile without it answers 503, never unsigned."""
+    fake, source = aws
+    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
+    clock = [time.time()]
+    sts = Outage(source)
+    refresher = Refresher("s3", sts, clock=lambda: clock[0], sample=lambda: 0.0, on_change=gateway.publish)
+    token = jobs.token("job-allowed")
+    await asyncio.to_thread(refresher.poll)  # the first credential: published
+    async with envoy_on(cache):
+        await asyncio.to_thread(_until, lambda: _status(listen, token) == 200)
+        sts.down = True
+        clock[0] += 2400  # past the refresh point (half its hour, minus nothing): the attempt fails
+        await asyncio.to_thread(refresher.poll)
+        assert refresher.state.failures == 1
+        assert _status(listen, token) == 200
+        clock[0] += 1200  # past its expiry: withdrawn, the backend fails closed
+        await asyncio.to_thread(refresher.poll)
+        await asyncio.to_thread(_until, lambda: _status(listen, token) == 503)
