@@ -121,9 +121,6 @@ class Candidate(NamedTuple):
     failures: tuple[Failure, ...]
 
 
-_MARKS = {True: "ok  ", False: "FAIL", None: "??  "}  # a step passed, failed, or cannot be known here
-
-
 class Step(NamedTuple):
     name: str  # gateway, virtual_host, route, jwt_authn, revocations, rbac
     ok: bool | None  # None: not known here (offline, the deny list)
@@ -800,7 +797,7 @@ def text_lines(doc: Mapping[str, Any]) -> list[str]:
     each step, then the nearest grants and their failing conditions."""
     status = "forwarded to the backend" if doc["status"] == 0 else f"Envoy answers {doc['status']}"
     lines = [f"{str(doc['decision']).upper()}: {doc['reason']} ({status})"]
-    lines += [f"  {_MARKS[s['ok']]} {s['step']}: {s['text']}" for s in doc["steps"]]
+    lines += [f"  {_mark(s['ok'])} {s['step']}: {s['text']}" for s in doc["steps"]]
     for candidate in doc["nearest"]:
         shadow = " (shadow: logged only)" if candidate["mode"] == Mode.SHADOW.value else ""
         lines.append(f"  nearest: {candidate['grant']}{shadow}, {candidate['failing']} failing:")
@@ -816,3 +813,8 @@ def printable(text: str) -> str:
 
 
 _UNPRINTABLE = frozenset(("Cc", "Cf", "Co", "Cs", "Zl", "Zp"))
+
+
+def _mark(ok: bool | None) -> str:
+    """A step passed, failed, or cannot be known here (offline: the deny list)."""
+    return "??  " if ok is None else "ok  " if ok else "FAIL"
