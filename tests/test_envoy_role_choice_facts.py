@@ -43,8 +43,10 @@ class Issuer:
         return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": "k1"})
 
 
-def _bootstrap(port: int, jwks: str, *, clear_route_cache: bool, strip_first: str) -> dict[str, Any]:
-    provider = {
+def _bootstrap(
+    port: int, jwks: str, *, clear_route_cache: bool, strip_first: str, by_metadata: bool = False
+) -> dict[str, Any]:
+    provider: dict[str, Any] = {
         "issuer": ISSUER,
         "audiences": ["s3"],
         "local_jwks": {"inline_string": jwks},
@@ -52,6 +54,9 @@ def _bootstrap(port: int, jwks: str, *, clear_route_cache: bool, strip_first: st
         "claim_to_headers": [{"header_name": CLAIM_HEADER, "claim_name": "ref_protected"}],
         "clear_route_cache": clear_route_cache,
     }
+    if by_metadata:  # the payload in dynamic metadata only, no header at all
+        del provider["claim_to_headers"]
+        provider["payload_in_metadata"] = "jwt_payload"
     filters: list[dict[str, Any]] = []
     if strip_first == "mutation":  # the job's own copy of the header removed before jwt_authn
         mutation = {"mutations": {"request_mutations": [{"remove": CLAIM_HEADER}]}}
@@ -68,9 +73,14 @@ def _bootstrap(port: int, jwks: str, *, clear_route_cache: bool, strip_first: st
     )
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_URL}})
     answer = {"status": 200, "body": {"inline_string": "{}"}}
+    chooses: dict[str, Any] = {"headers": [{"name": CLAIM_HEADER, "string_match": {"exact": "true"}}]}
+    if by_metadata:
+        path = [{"key": "jwt_payload"}, {"key": "ref_protected"}]
+        metadata = {"filter": "envoy.filters.http.jwt_authn", "path": path, "value": {"bool_match": True}}
+        chooses = {"dynamic_metadata": [metadata]}
     routes = [
         {
-            "match": {"prefix": "/", "headers": [{"name": CLAIM_HEADER, "string_match": {"exact": "true"}}]},
+            "match": {"prefix": "/"} | chooses,
             "direct_response": answer | {"body": {"inline_string": "deploy"}},
         },
         {"match": {"prefix": "/"}, "direct_response": answer | {"body": {"inline_string": "read"}}},
@@ -97,9 +107,13 @@ def issuer() -> Issuer:
     return Issuer()
 
 
-def _envoy(issuer: Issuer, *, clear_route_cache: bool, strip_first: str = "") -> Iterator[int]:
+def _envoy(
+    issuer: Issuer, *, clear_route_cache: bool, strip_first: str = "", by_metadata: bool = False
+) -> Iterator[int]:
     port = free_port()
-    boot = _bootstrap(port, issuer.jwks, clear_route_cache=clear_route_cache, strip_first=strip_first)
+    boot = _bootstrap(
+        port, issuer.jwks, clear_route_cache=clear_route_cache, strip_first=strip_first, by_metadata=by_metadata
+    )
     envoy = EnvoyProcess(boot, name="role-choice").start()
     try:
         yield port
@@ -175,3 +189,24 @@ def test_internal_only_headers_remove_the_job_copy_before_the_route_is_chosen(
     peer before any filter; a loopback client counts as external with no `internal_address_config` (as here)."""
     assert _route(internal_only, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "read")
     assert _route(internal_only, issuer.token(ref_protected=True)) == (200, "deploy")
+
+
+@pytest.fixture(scope="module")
+def by_metadata(issuer: Issuer) -> Iterator[int]:
+    yield from _envoy(issuer, clear_route_cache=True, by_metadata=True)
+
+
+def test_routes_matching_the_payload_in_dynamic_metadata(issuer: Issuer, by_metadata: int) -> None:
+    """RouteMatch `dynamic_metadata` on jwt_authn's `payload_in_metadata`: nothing a job sends can match it."""
+    assert _route(by_metadata, issuer.token(ref_protected=True)) == (200, "deploy")
+    assert _route(by_metadata, issuer.token(ref_protected=False)) == (200, "read")
+    assert _route(by_metadata, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "read")
+
+
+@pytest.fixture(scope="module")
+def by_metadata_once(issuer: Issuer) -> Iterator[int]:
+    yield from _envoy(issuer, clear_route_cache=False, by_metadata=True)
+
+
+def test_routes_matching_metadata_need_clear_route_cache_too(issuer: Issuer, by_metadata_once: int) -> None:
+    assert _route(by_metadata_once, issuer.token(ref_protected=True)) == (200, "read")
