@@ -1,6 +1,7 @@
 """How the REAL Envoy 1.40 can choose a route (so a signing role, docs/envoy-aws-signing.md fact 9) by the job's
 token: the route is chosen before jwt_authn runs, so a per-binding AWS role needs the route chosen again after the
-token is verified. Observed here: jwt_authn's `claim_to_headers` + `clear_route_cache` (docs/aws-backends.md).
+token is verified. Observed here: jwt_authn's `clear_route_cache` with routes matching a header from
+`claim_to_headers` (and how a job can forge it), or the payload in dynamic metadata (docs/aws-backends.md).
 
 A static Envoy (no control plane): one listener, jwt_authn with an inline JWKS, routes answering directly with the
 name of the role they stand for, so the answer says which route served the request.
