@@ -5,6 +5,7 @@ fake_aws.py), which recomputes every SigV4 signature and refuses expired session
 The credentials are the control plane's own: `Sts` + `AssumeRoleSource` (controlplane/cloud/aws.py) against the
 fake's STS. What `serve` will do with a Refresher's `on_change` (a new snapshot) is done here by hand: compile
 again and set the snapshot. The server runs on this test's event loop; everything blocking runs in a thread.
+The last tests run the real `serve`: AssumeRole, and web identity with `--issuer-url` (its JWKS fetched over HTTP).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -35,7 +37,7 @@ from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.envoy import EnvoyProcess
-from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws
+from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws, WebIdentityTrust
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
@@ -233,13 +235,7 @@ class AwsStack(Served):
         return self.gitlab.mint(aud=AUDIENCE, project_id=42, project_path="acme/deployer", namespace_id=11)
 
 
-def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
-    aws: tuple[FakeAws, AssumeRoleSource], tmp_path: Path
-) -> None:
-    """serve's own refresher (AssumeRole with the keys of the shared credentials file, STS at the fake through
-    AWS_ENDPOINT_URL_STS) obtains the role's credential, the policy service recompiles with it, and a job's GET
-    through Envoy passes moto's SigV4 check. Neither the control plane's own key nor the role's secret is logged."""
-    fake, _ = aws
+def _aws_policy(fake: FakeAws, role_arn: str, source: str) -> Callable[[PolicyInputs], dict[str, str]]:
     inventory = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
 
     def policy(given: PolicyInputs) -> dict[str, str]:
@@ -251,14 +247,25 @@ def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
                     "s3",
                     fake.port,
                     host=HOST,
-                    extra=f"aws: {{service: s3, region: {REGION}, role_arn: '{fake.assume_role_arn}', "
-                    "source: assume_role}",
+                    extra=f"aws: {{service: s3, region: {REGION}, role_arn: '{role_arn}', source: {source}}}",
                 ),
                 role("read", "s3", paths=[f"/{BUCKET}/**"]),
                 binding("deployer-reads", ["read"], "{project: 42}"),
                 gateway(given.listen_port, ["s3"], access_log=given.access_log),
             ),
         }
+
+    return policy
+
+
+def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
+    aws: tuple[FakeAws, AssumeRoleSource], tmp_path: Path
+) -> None:
+    """serve's own refresher (AssumeRole with the keys of the shared credentials file, STS at the fake through
+    AWS_ENDPOINT_URL_STS) obtains the role's credential, the policy service recompiles with it, and a job's GET
+    through Envoy passes moto's SigV4 check. Neither the control plane's own key nor the role's secret is logged."""
+    fake, _ = aws
+    policy = _aws_policy(fake, fake.assume_role_arn, "assume_role")
 
     env = {
         "AWS_ENDPOINT_URL_STS": fake.endpoint,
@@ -282,6 +289,94 @@ def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
         log = built.controlplane.log_text()
         assert f"AWS credentials for backend {fake.assume_role_arn} refreshed" in log
         assert fake.user_key.secret_access_key not in log and "SecretAccessKey" not in log
+
+
+def _key_ids(envoy: EnvoyProcess, fake: FakeAws) -> set[str]:
+    """The issued access key ids in Envoy's config dump (shown in clear, never the secret: docs/envoy-aws-signing.md
+    fact 7)."""
+    dump = envoy.admin_get("/config_dump")[1]
+    return {key for key in fake.session_key_ids() if key in dump}
+
+
+def test_serve_signs_as_the_web_identity_role_and_refreshes_it_with_no_failed_request(tmp_path: Path) -> None:
+    """`source: web_identity` through the real `serve --issuer-url`: serve signs a token as its own OIDC issuer,
+    the fake's STS verifies it against the JWKS it fetches from serve's exchange listener over HTTP at every call
+    (as AWS fetches the provider's JWKS), and answers the web-identity role's credential; a job's GET through Envoy
+    is signed with it and passes moto's SigV4 check. The fake grants 310 s sessions, so serve's refresher (300 s
+    margin) replaces the credential within seconds: under load on one kept-alive connection, the new key reaches
+    Envoy by ECDS, the old one is then ended at AWS, and no request fails."""
+    exchange_port = free_port()
+    issuer_url = f"http://{LOOPBACK}:{exchange_port}"
+
+    def served_jwks() -> str:
+        with urllib.request.urlopen(issuer_url + "/.well-known/jwks.json", timeout=5) as answer:
+            return str(answer.read().decode())
+
+    trust = WebIdentityTrust(issuer_url, "sts.amazonaws.com", "controlplane", served_jwks)
+    fake = FakeAws().start(trust)
+    fake.web_session_seconds = 310
+    env = {
+        "AWS_ENDPOINT_URL_STS": fake.endpoint,
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),  # web identity needs no AWS key at all
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    (tmp_path / "stack").mkdir()
+    try:
+        with serve_stack(
+            tmp_path / "stack",
+            _aws_policy(fake, fake.web_role_arn, "web_identity"),
+            kind=AwsStack,
+            envoy=EnvoySpec("aws-envoy", "aws-envoy"),
+            backends=(),
+            serve_args=(
+                "--xds-insecure",
+                "--exchange-address",
+                f"{LOOPBACK}:{exchange_port}",
+                "--issuer-url",
+                issuer_url,
+            ),
+            env=env,
+            ready=lambda built: built.request(HOST, PATH, built.token()).status == 200,
+            ready_timeout=30,
+        ) as built:
+            response = built.request(HOST, PATH, built.token())
+            assert (response.status, response.text.encode()) == (200, OBJECT_BODY)
+            call = fake.web_identity_calls[-1]
+            assert call["RoleArn"] == fake.web_role_arn and call["Action"] == "AssumeRoleWithWebIdentity"
+            assert jwt.get_unverified_header(call["WebIdentityToken"])["kid"] in served_jwks()
+            first = _key_ids(built.envoy, fake)
+            assert len(first) == 1
+            token = built.token()
+            statuses: list[int] = []
+            stop = threading.Event()
+
+            def load() -> None:
+                conn = http.client.HTTPConnection(LOOPBACK, built.listen_port, timeout=5)
+                while not stop.is_set():
+                    statuses.append(_get(built.listen_port, token, conn)[0])
+                conn.close()
+
+            loader = threading.Thread(target=load)
+            loader.start()
+            try:
+                # serve's own refresher, not the test, obtains the next credential (310 - 300 s margin: ~10 s)
+                _until(lambda: bool(_key_ids(built.envoy, fake) - first), timeout=30)
+                for old in first:
+                    fake.expire(old)  # the old credential's life ends at AWS
+                seen = len(statuses)
+                _until(lambda: len(statuses) > seen + 20)
+            finally:
+                stop.set()
+                loader.join(10)
+            assert len(statuses) > 20 and set(statuses) == {200}, statuses
+            assert fake.refused_expired == 0
+            log = built.controlplane.log_text()
+            assert f"AWS credentials for backend {fake.web_role_arn} refreshed" in log
+            assert all(c["WebIdentityToken"] not in log for c in fake.web_identity_calls)
+            assert "SecretAccessKey" not in log
+    finally:
+        fake.stop()
 
 
 @dataclass

@@ -233,3 +233,16 @@ def test_web_identity_refuses_a_role_that_does_not_trust_the_issuer(aws: FakeAws
     with pytest.raises(ClientError) as refused:
         _web(aws, _token(keys), role_arn=aws.assume_role_arn)
     assert _code(refused) == "AccessDenied"
+
+
+def test_web_identity_sessions_can_be_made_shorter_than_asked(aws: FakeAws, keys: SigningKeys) -> None:
+    """The knob test_e2e_aws uses to make serve's refresher refresh within seconds."""
+    aws.web_session_seconds = 310
+    try:
+        credentials = _web(aws, _token(keys))
+    finally:
+        aws.web_session_seconds = None
+    left = credentials["Expiration"].timestamp() - time.time()
+    assert 300 < left <= 311
+    assert _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)["Body"].read() == OBJECT_BODY
+    assert _web(aws, _token(keys))["Expiration"].timestamp() - time.time() > 800  # as asked again (900)

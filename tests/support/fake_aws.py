@@ -171,6 +171,10 @@ class FakeAws:
         self.web_identity_calls: list[dict[str, str]] = []  # the form fields of each AssumeRoleWithWebIdentity
         self.refused_expired = 0
         self.refused_payload = 0
+        # Web-identity sessions last this long whatever was asked (None: as asked). A test knob: AWS never grants
+        # less than asked, but serve asks for an hour and refreshes 300 s before expiry, so a session of a little
+        # over 300 s makes serve's own refresher replace it within seconds.
+        self.web_session_seconds: int | None = None
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.user_key = AccessKey("", "")
@@ -223,6 +227,10 @@ class FakeAws:
             aws_secret_access_key=key.secret_access_key,
             aws_session_token=session_token,
         )
+
+    def session_key_ids(self) -> list[str]:
+        """The access key id of every temporary credential STS issued, oldest first."""
+        return [role.access_key_id for role in sts_backends[ACCOUNT]["aws"].assumed_roles]
 
     def expire(self, access_key_id: str) -> None:
         """End a temporary credential now (moto keeps no clock of its own worth waiting for)."""
@@ -307,7 +315,7 @@ class FakeAws:
             role_session_name=form.get("RoleSessionName", ""),
             role_arn=role_arn,
             policy=None,
-            duration=duration,
+            duration=self.web_session_seconds or duration,
             external_id=None,
         )
         expiration = role.expiration.replace(tzinfo=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
