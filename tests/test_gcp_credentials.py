@@ -265,6 +265,11 @@ def refreshes(result: str, backend: str = "gcs") -> float:
     return value or 0.0
 
 
+def valid_for(backend: str) -> float | None:
+    labels = {"provider": "gcp", "backend": backend}
+    return REGISTRY.get_sample_value("controlplane_cloud_credential_valid_seconds", labels)
+
+
 async def test_the_refresher_keeps_the_last_token_then_fails_closed(
     cloud: Cloud, session: aiohttp.ClientSession
 ) -> None:
@@ -275,7 +280,7 @@ async def test_the_refresher_keeps_the_last_token_then_fails_closed(
     first = refresher.current()
     assert first is not None and cloud.api_accepts(first.token)
     assert refresher.next_attempt() == START + 2690
-    assert REGISTRY.get_sample_value("controlplane_cloud_credential_valid_seconds", {"provider": "gcp", "backend": "gcs"}) == 3590
+    assert valid_for("gcs") == 3590
 
     cloud.gcp.outage.add("sts")
     cloud.clock.now = START + 2690
@@ -284,7 +289,7 @@ async def test_the_refresher_keeps_the_last_token_then_fails_closed(
     assert refreshes("unavailable") == failed + 1
     cloud.clock.now = START + 3590
     assert refresher.current() is None, "fails closed once the last token is about to expire"
-    assert REGISTRY.get_sample_value("controlplane_cloud_credential_valid_seconds", {"provider": "gcp", "backend": "gcs"}) == 0
+    assert valid_for("gcs") == 0
 
     cloud.gcp.outage.clear()
     assert await refresher.refresh_once()

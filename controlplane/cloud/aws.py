@@ -34,6 +34,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 import jwt
+
 from controlplane.cloud import metrics
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.retry import Backoff

@@ -39,8 +39,9 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 import aiohttp
 import jwt
-from controlplane.credentials.keys import ALGORITHM, SigningKeys
+
 from controlplane.cloud import metrics
+from controlplane.credentials.keys import ALGORITHM, SigningKeys
 
 log = logging.getLogger("controlplane.cloud.gcp")
 

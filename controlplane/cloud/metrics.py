@@ -17,6 +17,7 @@ the failure, not in a label, so the label stays bounded:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Final
@@ -78,7 +79,5 @@ def forget(provider: str, backend: str, owner: object) -> None:
         if _owners.get((provider, backend)) is not owner:
             return
         del _owners[(provider, backend)]
-        try:
+        with contextlib.suppress(KeyError):  # never set, or removed already
             VALID_SECONDS.remove(provider, backend)
-        except KeyError:
-            pass
