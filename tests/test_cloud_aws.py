@@ -200,16 +200,21 @@ def _count(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def _refreshes(backend: str, result: str) -> float:
+    return _count("controlplane_cloud_credential_refreshes_total", provider="aws", backend=backend, result=result)
+
+
+def _expired(backend: str) -> float:
+    return _count("controlplane_cloud_credentials_expired_total", provider="aws", backend=backend)
+
+
 def test_the_refresher_refreshes_keeps_the_last_credential_then_fails_closed() -> None:
     clock = Clock(1000.0)
     source = Scripted(clock)
     seen: list[AwsCredential | None] = []
     refresher = Refresher("scripted", source, clock=clock, sample=lambda: 0.0, on_change=seen.append)
-    base = {
-        r: _count("controlplane_aws_credential_refreshes_total", backend="scripted", result=r)
-        for r in ("ok", "refused", "unavailable")
-    }
-    expired_before = _count("controlplane_aws_credentials_expired_total", backend="scripted")
+    base = {r: _refreshes("scripted", r) for r in ("ok", "refused", "unavailable")}
+    expired_before = _expired("scripted")
 
     assert refresher.current() is None
     assert refresher.poll() == 2800  # fetched; next at half its life
@@ -224,18 +229,18 @@ def test_the_refresher_refreshes_keeps_the_last_credential_then_fails_closed() -
         clock.now = min(wake, 4540)
         wake = refresher.poll()
     assert refresher.current() is None and seen[-1] is None
-    assert _count("controlplane_aws_credentials_expired_total", backend="scripted") == expired_before + 1
+    assert _expired("scripted") == expired_before + 1
     refresher.poll()
-    assert _count("controlplane_aws_credentials_expired_total", backend="scripted") == expired_before + 1  # once
+    assert _expired("scripted") == expired_before + 1  # once
 
     source.script = []
     clock.now = wake
     refresher.poll()
     recovered = refresher.current()
     assert recovered is not None and recovered != first and seen[-1] == recovered
-    assert _count("controlplane_aws_credential_refreshes_total", backend="scripted", result="ok") == base["ok"] + 2
+    assert _refreshes("scripted", "ok") == base["ok"] + 2
     failures = source.calls - 2
-    unavailable = _count("controlplane_aws_credential_refreshes_total", backend="scripted", result="unavailable")
+    unavailable = _refreshes("scripted", "unavailable")
     assert unavailable == base["unavailable"] + failures
 
 
@@ -243,10 +248,10 @@ def test_a_refusal_is_counted_apart_and_an_unexpected_error_does_not_stop_the_re
     clock = Clock(0.0)
     source = Scripted(clock)
     refresher = Refresher("odd", source, clock=clock, sample=lambda: 0.0)
-    refused = _count("controlplane_aws_credential_refreshes_total", backend="odd", result="refused")
+    refused = _refreshes("odd", "refused")
     source.script = [StsError("AccessDenied", "r", refused=True)]
     refresher.poll()
-    assert _count("controlplane_aws_credential_refreshes_total", backend="odd", result="refused") == refused + 1
+    assert _refreshes("odd", "refused") == refused + 1
 
     class Broken:
         def fetch(self) -> AwsCredential:

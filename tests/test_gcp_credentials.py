@@ -260,31 +260,36 @@ async def test_a_malformed_answer_is_refused(session: aiohttp.ClientSession) -> 
 
 def refreshes(result: str, backend: str = "gcs") -> float:
     value = REGISTRY.get_sample_value(
-        "controlplane_gcp_credential_refreshes_total", {"backend": backend, "result": result}
+        "controlplane_cloud_credential_refreshes_total", {"provider": "gcp", "backend": backend, "result": result}
     )
     return value or 0.0
+
+
+def valid_for(backend: str) -> float | None:
+    labels = {"provider": "gcp", "backend": backend}
+    return REGISTRY.get_sample_value("controlplane_cloud_credential_valid_seconds", labels)
 
 
 async def test_the_refresher_keeps_the_last_token_then_fails_closed(
     cloud: Cloud, session: aiohttp.ClientSession
 ) -> None:
     refresher = GcpCredentialRefresher(cloud.settings(), http_fetcher(session, cloud.keys, ISSUER), clock=cloud.clock)
-    ok, failed = refreshes("ok"), refreshes("unreachable")
+    ok, failed = refreshes("ok"), refreshes("unavailable")
     assert refresher.current() is None
     assert await refresher.refresh_once()
     first = refresher.current()
     assert first is not None and cloud.api_accepts(first.token)
     assert refresher.next_attempt() == START + 2690
-    assert REGISTRY.get_sample_value("controlplane_gcp_credential_valid_seconds", {"backend": "gcs"}) == 3590
+    assert valid_for("gcs") == 3590
 
     cloud.gcp.outage.add("sts")
     cloud.clock.now = START + 2690
     assert not await refresher.refresh_once()
     assert refresher.current() is first and refresher.next_attempt() == START + 2691
-    assert refreshes("unreachable") == failed + 1
+    assert refreshes("unavailable") == failed + 1
     cloud.clock.now = START + 3590
     assert refresher.current() is None, "fails closed once the last token is about to expire"
-    assert REGISTRY.get_sample_value("controlplane_gcp_credential_valid_seconds", {"backend": "gcs"}) == 0
+    assert valid_for("gcs") == 0
 
     cloud.gcp.outage.clear()
     assert await refresher.refresh_once()

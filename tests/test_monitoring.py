@@ -355,6 +355,7 @@ GROUPS = (
     "Process",
     "TLS certificates",
     "Kubernetes endpoints",
+    "Cloud credentials",
 )
 
 

@@ -34,36 +34,16 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 import jwt
-from prometheus_client import Counter
 
+from controlplane.cloud import metrics
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.retry import Backoff
-from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.cloud.aws")
 
 # botocore logs whole request and response bodies at DEBUG: the web identity token going out, the secret access
 # key and session token coming back. Nothing of it may reach a log, whatever level the operator chooses.
 logging.getLogger("botocore").setLevel(logging.WARNING)
-
-RESULTS: Final = ("ok", "refused", "unavailable")
-
-REFRESHES = Counter(
-    "controlplane_aws_credential_refreshes_total",
-    "Attempts to obtain AWS credentials for a backend's role, by result: ok; refused (STS said no: trust policy, "
-    "token or permissions; retrying will not help until the configuration changes); unavailable (STS unreachable, "
-    "throttled or failing; retried with backoff).",
-    ["backend", "result"],
-    registry=REGISTRY,
-)
-EXPIRED = Counter(
-    "controlplane_aws_credentials_expired_total",
-    "Times a backend's last AWS credential expired with no fresh one: requests to it fail closed until a refresh "
-    "succeeds.",
-    ["backend"],
-    registry=REGISTRY,
-)
-
 
 # -- values
 
@@ -351,6 +331,13 @@ class AssumeRoleSource:
 # -- the refresher
 
 
+def _result(caught: Exception) -> str:
+    """The shared metric's result (cloud/metrics.py): STS's refusals, its outages, and anything else (a bug)."""
+    if isinstance(caught, StsError):
+        return "refused" if caught.refused else "unavailable"
+    return "error"
+
+
 class Refresher:
     """Keeps one backend's credential fresh: `poll()` does what is due and says when to come back; `start()` runs
     it on a thread. `on_change` hears every new credential, and None once the last one expired (the caller then
@@ -377,6 +364,7 @@ class Refresher:
         self._reported_expired = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        metrics.track_valid_seconds("aws", backend, self, self.valid_seconds)
 
     @property
     def state(self) -> RefreshState:
@@ -385,6 +373,11 @@ class Refresher:
     def current(self) -> AwsCredential | None:
         """The credential to sign with, or None: fail closed."""
         return usable(self._state, self._clock(), self._policy)
+
+    def valid_seconds(self) -> float:
+        """How long the credential held stays usable; 0: none, requests fail closed (the gauge's reading)."""
+        credential = self.current()
+        return 0.0 if credential is None else max(0.0, usable_until(credential, self._policy) - self._clock())
 
     def poll(self) -> float:
         """Refresh if due; report a credential that just expired. Returns when to call again."""
@@ -395,7 +388,7 @@ class Refresher:
             now = self._clock()
             if phase(self._state, now, self._policy) is Phase.EXPIRED and not self._reported_expired:
                 self._reported_expired = True
-                EXPIRED.labels(self.backend).inc()
+                metrics.EXPIRED.labels("aws", self.backend).inc()
                 log.error("AWS credentials for backend %s expired with no fresh ones: failing closed", self.backend)
                 self._notify(None)
             return self._next_wake()
@@ -405,8 +398,8 @@ class Refresher:
             credential = self._source.fetch()
         except Exception as caught:  # a bug or an unexpected error must not end the thread: retried like an outage
             error = caught if isinstance(caught, StsError) else StsError(type(caught).__name__, "?", refused=False)
-            result = "refused" if error.refused else "unavailable"
-            REFRESHES.labels(self.backend, result).inc()
+            result = _result(caught)
+            metrics.count_refresh("aws", self.backend, result)
             self._state = on_failure(self._state, now, self._policy, self._sample())
             log.warning(
                 "AWS credentials for backend %s not refreshed (%s, attempt %d; next in %.0fs): %s",
@@ -417,7 +410,7 @@ class Refresher:
                 error,
             )
             return
-        REFRESHES.labels(self.backend, "ok").inc()
+        metrics.count_refresh("aws", self.backend, "ok")
         self._state = on_success(credential, self._policy, self._sample())
         self._reported_expired = False
         log.info(
@@ -455,6 +448,7 @@ class Refresher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        metrics.forget("aws", self.backend, self)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -39,10 +39,9 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 import aiohttp
 import jwt
-from prometheus_client import Counter, Gauge
 
+from controlplane.cloud import metrics
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
-from controlplane.telemetry.metrics import REGISTRY
 
 log = logging.getLogger("controlplane.cloud.gcp")
 
@@ -62,23 +61,18 @@ _PROVIDER = re.compile(
 _SERVICE_ACCOUNT = re.compile(r"^[a-z0-9-]{6,30}@[a-z0-9.-]+$")
 _DESCRIPTION_LIMIT = 200
 
-# -- metrics (gcp-prefixed until the AWS refresher shares one family with a provider label)
+# -- metrics: the shared cloud family (cloud/metrics.py); the exchange's own reasons map onto its vocabulary
 
 REFRESH_RESULTS: Final = ("ok", "sts_refused", "iam_refused", "unreachable", "malformed", "unsigned", "error")
-REFRESHES = Counter(
-    "controlplane_gcp_credential_refreshes_total",
-    "Google Cloud credential refreshes by backend and result: ok, sts_refused (Security Token Service said no), "
-    "iam_refused (IAM Credentials said no), unreachable (network or 5xx), malformed (an answer we cannot read), "
-    "unsigned (no signing key may sign yet), error (an unexpected failure: a bug).",
-    ["backend", "result"],
-    registry=REGISTRY,
-)
-VALID_SECONDS = Gauge(
-    "controlplane_gcp_credential_valid_seconds",
-    "Seconds the credential held for a backend stays usable; 0 means none: requests to it fail closed.",
-    ["backend"],
-    registry=REGISTRY,
-)
+METRIC_RESULT: Final = {
+    "ok": "ok",
+    "sts_refused": "refused",
+    "iam_refused": "refused",
+    "unreachable": "unavailable",
+    "malformed": "malformed",
+    "unsigned": "unsigned",
+    "error": "error",
+}
 
 
 # -- settings
@@ -385,12 +379,16 @@ class GcpCredentialRefresher:
         self._on_change = on_change
         self._announced: CloudCredential | None = None  # what on_change last reported as current()
         self.state: RefreshState[CloudCredential] = RefreshState()
-        VALID_SECONDS.labels(settings.backend).set_function(
-            lambda: valid_seconds(self.state, self._clock(), self.policy)
+        metrics.track_valid_seconds(
+            "gcp", settings.backend, self, lambda: valid_seconds(self.state, self._clock(), self.policy)
         )
 
     def current(self) -> CloudCredential | None:
         return usable(self.state, self._clock(), self.policy)
+
+    def close(self) -> None:
+        """Drops this backend's gauge once its refresher stops: a backend out of the policy has no series."""
+        metrics.forget("gcp", self.settings.backend, self)
 
     def next_attempt(self) -> float:
         return self.state.next_attempt
@@ -409,7 +407,7 @@ class GcpCredentialRefresher:
                 else GcpExchangeError("error", f"unexpected {type(unexpected).__name__}")  # its text may hold data
             )
             self.state = after_failure(self.state, self._clock(), str(error), self.policy)
-            REFRESHES.labels(backend, error.result).inc()
+            metrics.count_refresh("gcp", backend, METRIC_RESULT.get(error.result, "error"))
             held = usable(self.state, self._clock(), self.policy)
             log.warning(
                 "gcp credential refresh failed for backend %s (%s); %s; retry in %.0fs",
@@ -420,7 +418,7 @@ class GcpCredentialRefresher:
             )
             return False
         self.state = after_success(self.state, credential, self.policy)
-        REFRESHES.labels(backend, "ok").inc()
+        metrics.count_refresh("gcp", backend, "ok")
         self.announce()
         log.info(
             "gcp credential refreshed for backend %s (service account %s), expires in %.0fs",
@@ -436,8 +434,9 @@ class GcpCredentialRefresher:
         current = self.current()
         if current is self._announced:
             return
-        self._announced = current
-        if current is None:
+        held_one, self._announced = self._announced is not None, current
+        if current is None and held_one:
+            metrics.EXPIRED.labels("gcp", self.settings.backend).inc()
             log.warning("gcp credential for backend %s expired unrefreshed: failing closed", self.settings.backend)
         if self._on_change is not None:
             self._on_change()

@@ -28,7 +28,6 @@ from controlplane.cloud.gcp import (
     IAM_CREDENTIALS_URL,
     STS_URL,
     SUBJECT_TOKEN_TTL,
-    VALID_SECONDS,
     CloudCredential,
     GcpCredentialRefresher,
     GcpExchangeError,
@@ -148,9 +147,8 @@ class GcpBackends:
 
     def _reconcile(self, wanted: Mapping[str, GcpSettings]) -> None:
         for name in [n for n, r in self._refreshers.items() if wanted.get(n) != r.settings]:
-            self._refreshers.pop(name)
+            self._refreshers.pop(name).close()  # a backend no longer in the policy has no series
             self._tasks.pop(name).cancel()
-            VALID_SECONDS.remove(name)  # a backend no longer in the policy has no series
             log.info("gcp credential refresher for backend %s stopped", name)
         for name, settings in wanted.items():
             if name in self._refreshers:
