@@ -578,20 +578,23 @@ def cli(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_prints_a_table_or_json(store: AuditStore, capsys: pytest.CaptureFixture[str]) -> None:
-    write(store, record(time=1_700_000_000.5, job_id="5", path="/t"), record(time=1_700_000_100.0, job_id="6"))
+    signed = record(time=1_700_000_000.5, job_id="5", path="/t", cloud_identity=ROLE_ARN)
+    write(store, signed, record(time=1_700_000_100.0, job_id="6"))
     assert run_audit(cli("--job", "5", "--db", str(store.path))) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF",
-        "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
+        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "CLOUD_IDENTITY", "PROJECT", "PIPELINE",
+        "JOB", "REF", "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
     ]  # fmt: skip
     assert row.split() == [
         "2023-11-14T22:13:20.500Z", "ci-gateway", "GET", "/t", "200", "allowed",
-        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "true", "push", "-", "ci-user",
+        "deployer-reads-reports/reports-read", ROLE_ARN, "acme/deployer", "900", "5", "main", "true", "push", "-",
+        "ci-user",
     ]  # fmt: skip
-    assert run_audit(cli("--project", "acme/deployer", "--json", "--db", str(store.path), "--limit", "1")) == 0
-    (only,) = json.loads(capsys.readouterr().out)
-    assert only["job_id"] == "6"  # the most recent one
+    assert run_audit(cli("--project", "acme/deployer", "--json", "--db", str(store.path), "--limit", "2")) == 0
+    first, last = json.loads(capsys.readouterr().out)
+    assert (first["cloud_identity"], last["cloud_identity"]) == (ROLE_ARN, None)
+    assert last["job_id"] == "6"  # the most recent one, last
 
 
 def test_cli_reports_usage_and_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1098,8 +1101,10 @@ def test_a_version_3_store_with_rows_is_read_then_upgraded_in_place(tmp_path: Pa
     path = tmp_path / "audit.sqlite3"
     old = sqlite3.connect(path)
     old.executescript(
-        _VERSION_2_TABLE.replace("reported_time REAL)", "reported_time REAL, ref_type TEXT, ref_protected TEXT,"
-        " pipeline_source TEXT, environment TEXT)")
+        _VERSION_2_TABLE.replace(
+            "reported_time REAL)",
+            "reported_time REAL, ref_type TEXT, ref_protected TEXT, pipeline_source TEXT, environment TEXT)",
+        )
         + "INSERT INTO audit (time, gateway, node, backend, method, path, status, decision, job_id, ref_protected)"
         " VALUES (5.0, 'g', 'n', 's3', 'GET', '/a', 200, 'allowed', 'old', 'true');"
         "PRAGMA user_version=3;"

@@ -177,12 +177,13 @@ def test_cli_prints_the_same_table_and_json(trail: Trail, capsys: pytest.Capture
     assert run_audit(cli("--job", "5", *trail.cli_args)) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF",
-        "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
+        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "CLOUD_IDENTITY", "PROJECT", "PIPELINE",
+        "JOB", "REF", "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
     ]  # fmt: skip
     assert row.split() == [
         "2023-11-14T22:13:20.500Z", "ci-gateway", "GET", "/t", "200", "allowed",
-        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "true", "push", "-", "ci-user",
+        "deployer-reads-reports/reports-read", "-", "acme/deployer", "900", "5", "main", "true", "push", "-",
+        "ci-user",
     ]  # fmt: skip
     assert run_audit(cli("--project", "acme/deployer", "--json", "--limit", "1", *trail.cli_args)) == 0
     (only,) = json.loads(capsys.readouterr().out)
