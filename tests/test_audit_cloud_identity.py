@@ -4,9 +4,10 @@ backend in the policy in service, only for an allowed request the router sent to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from controlplane.audit.als import cloud_identities, record_from_entry, with_cloud_identity
+from controlplane.audit.als import AccessLogService, cloud_identities, record_from_entry, with_cloud_identity
+from controlplane.audit.store import AuditTrail
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
 from tests.test_audit import ALLOWED, entry
@@ -44,3 +45,15 @@ def test_only_an_allowed_request_routed_to_the_backend_names_the_identity() -> N
     assert identity(rbac=ALLOWED, status=503, cluster="", details="direct_response") is None  # no valid credential
     assert identity(rbac=ALLOWED, cluster="backend-other") is None  # not this backend's cluster
     assert identity(rbac=ALLOWED, route="other-default", cluster="backend-other") is None  # not a cloud backend
+
+
+def test_the_receiver_follows_the_policy_in_service() -> None:
+    """Read as each entry arrives: a policy change (here aws-s3 → gcp-storage → none) changes what is recorded."""
+    in_service: list[Policy | None] = [example("aws-s3")]
+    service = AccessLogService(cast(AuditTrail, None), policy=lambda: in_service[0])
+    first = service._cloud_identities()
+    assert list(first.values()) == [AWS_ROLE] and service._cloud_identities() is first  # computed once per policy
+    in_service[0] = example("gcp-storage")
+    assert sorted(service._cloud_identities().values()) == [GCS_SA, RUN_SA]
+    in_service[0] = None
+    assert service._cloud_identities() == {}
