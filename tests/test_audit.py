@@ -30,7 +30,15 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from controlplane.audit import als
 from controlplane.audit.als import METHOD, SERVICE, AccessLogService, backend_of_route, record_from_entry
-from controlplane.audit.store import MAX_SHORT_CHARS, REDACTED, AuditRecord, AuditStore, open_readonly, query_records
+from controlplane.audit.store import (
+    MAX_SHORT_CHARS,
+    REDACTED,
+    SCHEMA_VERSION,
+    AuditRecord,
+    AuditStore,
+    open_readonly,
+    query_records,
+)
 from controlplane.cli.audit import add_audit_arguments, parse_since, run_audit
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER
 from controlplane.model.credentials import CREDENTIAL_ISSUER
@@ -49,6 +57,7 @@ from tests.support.ports import LOOPBACK, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GITLAB = "https://gitlab.example.com"
+ROLE_ARN = "arn:aws:iam::123456789012:role/ci-reader"
 # Shaped like real secrets, so the redaction patterns are what is tested.
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXRoYXQtbXVzdC1uZXZlci1iZS1zdG9yZWQ"
 PAT = "glpat-AbCdEfGhIjKlMnOpQrSt"
@@ -569,20 +578,23 @@ def cli(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_prints_a_table_or_json(store: AuditStore, capsys: pytest.CaptureFixture[str]) -> None:
-    write(store, record(time=1_700_000_000.5, job_id="5", path="/t"), record(time=1_700_000_100.0, job_id="6"))
+    signed = record(time=1_700_000_000.5, job_id="5", path="/t", cloud_identity=ROLE_ARN)
+    write(store, signed, record(time=1_700_000_100.0, job_id="6"))
     assert run_audit(cli("--job", "5", "--db", str(store.path))) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF",
-        "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
+        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "CLOUD_IDENTITY", "PROJECT", "PIPELINE",
+        "JOB", "REF", "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
     ]  # fmt: skip
     assert row.split() == [
         "2023-11-14T22:13:20.500Z", "ci-gateway", "GET", "/t", "200", "allowed",
-        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "true", "push", "-", "ci-user",
+        "deployer-reads-reports/reports-read", ROLE_ARN, "acme/deployer", "900", "5", "main", "true", "push", "-",
+        "ci-user",
     ]  # fmt: skip
-    assert run_audit(cli("--project", "acme/deployer", "--json", "--db", str(store.path), "--limit", "1")) == 0
-    (only,) = json.loads(capsys.readouterr().out)
-    assert only["job_id"] == "6"  # the most recent one
+    assert run_audit(cli("--project", "acme/deployer", "--json", "--db", str(store.path), "--limit", "2")) == 0
+    first, last = json.loads(capsys.readouterr().out)
+    assert (first["cloud_identity"], last["cloud_identity"]) == (ROLE_ARN, None)
+    assert last["job_id"] == "6"  # the most recent one, last
 
 
 def test_cli_reports_usage_and_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1076,8 +1088,47 @@ def test_a_version_2_store_with_rows_is_read_then_upgraded_in_place(tmp_path: Pa
         store.close(10)
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute("UPDATE audit SET ref_protected = 'true'")
+    finally:
+        db.close()
+
+
+def test_a_version_3_store_with_rows_is_read_then_upgraded_in_place(tmp_path: Path) -> None:
+    """Schema 4 adds `cloud_identity`: a reader sees it as not recorded on an older file, the writer adds it in
+    place, the rows before keep NULL and new rows carry it."""
+    path = tmp_path / "audit.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        _VERSION_2_TABLE.replace(
+            "reported_time REAL)",
+            "reported_time REAL, ref_type TEXT, ref_protected TEXT, pipeline_source TEXT, environment TEXT)",
+        )
+        + "INSERT INTO audit (time, gateway, node, backend, method, path, status, decision, job_id, ref_protected)"
+        " VALUES (5.0, 'g', 'n', 's3', 'GET', '/a', 200, 'allowed', 'old', 'true');"
+        "PRAGMA user_version=3;"
+    )
+    old.close()
+    reader = open_readonly(path)
+    try:
+        (before,) = query_records(reader, job="old")
+    finally:
+        reader.close()
+    assert (before["backend"], before["ref_protected"], before["cloud_identity"]) == ("s3", "true", None)
+    store = AuditStore(path, retention=None)
+    try:
+        write(store, record(job_id="new", backend="s3", cloud_identity=ROLE_ARN))
+        (kept,) = store.query(job="old")
+        assert (kept["id"], kept["ref_protected"], kept["cloud_identity"]) == (1, "true", None)
+        (new,) = store.query(job="new")
+        assert (new["id"], new["cloud_identity"]) == (2, ROLE_ARN)
+    finally:
+        store.close(10)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("UPDATE audit SET cloud_identity = 'x'")
     finally:
         db.close()

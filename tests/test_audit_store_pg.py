@@ -177,12 +177,13 @@ def test_cli_prints_the_same_table_and_json(trail: Trail, capsys: pytest.Capture
     assert run_audit(cli("--job", "5", *trail.cli_args)) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "PROJECT", "PIPELINE", "JOB", "REF",
-        "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
+        "TIME", "GATEWAY", "METHOD", "PATH", "STATUS", "DECISION", "POLICY", "CLOUD_IDENTITY", "PROJECT", "PIPELINE",
+        "JOB", "REF", "PROTECTED", "SOURCE", "ENVIRONMENT", "USER"
     ]  # fmt: skip
     assert row.split() == [
         "2023-11-14T22:13:20.500Z", "ci-gateway", "GET", "/t", "200", "allowed",
-        "deployer-reads-reports/reports-read", "acme/deployer", "900", "5", "main", "true", "push", "-", "ci-user",
+        "deployer-reads-reports/reports-read", "-", "acme/deployer", "900", "5", "main", "true", "push", "-",
+        "ci-user",
     ]  # fmt: skip
     assert run_audit(cli("--project", "acme/deployer", "--json", "--limit", "1", *trail.cli_args)) == 0
     (only,) = json.loads(capsys.readouterr().out)
@@ -380,6 +381,34 @@ async def test_retention_runs_on_the_leader_only_in_bounded_batches(pg_dsn: str)
     finally:
         await store.close()
         await store._pool.close()
+
+
+async def test_a_database_before_migration_10_with_rows_is_read_then_upgraded(pg_dsn: str) -> None:
+    """Migration 10 adds `cloud_identity`: read as NULL by the CLI before it, added in place by a replica, old rows
+    keep NULL and new ones carry the role they were signed as."""
+    role = "arn:aws:iam::123456789012:role/ci-reader"
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await migrate(conn, tuple(m for m in MIGRATIONS if m.version < 10))
+        await conn.execute(
+            "INSERT INTO audit (time, gateway, node, backend, method, path, status, decision, job_id, environment)"
+            " VALUES (5.0, 'g', 'n', 's3', 'GET', '/a', 200, 'allowed', 'old', 'prod')"
+        )
+        (row,) = await query_records(conn, job="old")
+        assert (row["environment"], row["cloud_identity"]) == ("prod", None)
+    store = PostgresAuditStore(StorePool(StoreDsn(pg_dsn, "t"), FAST), retention=None)
+    await store.open()
+    try:
+        store.submit(record(job_id="new", backend="s3", cloud_identity=role))
+        assert await asyncio.to_thread(store.flush, 10)
+        (kept,) = await store.query_async(job="old")
+        assert (kept["environment"], kept["cloud_identity"]) == ("prod", None)
+        (new,) = await store.query_async(job="new")
+        assert new["cloud_identity"] == role
+    finally:
+        await store.close()
+        await store._pool.close()
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        assert await schema_version(conn) == len(MIGRATIONS) == 10
 
 
 async def test_a_database_before_migration_9_with_rows_is_read_then_upgraded(pg_dsn: str) -> None:

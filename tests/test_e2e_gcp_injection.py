@@ -8,10 +8,14 @@ RefreshPolicy): the refresh and the fail-closed paths run on the real clock, wit
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -102,7 +106,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             root,
             policy,
             kind=GcpStack,
-            envoy=EnvoySpec("gcp-envoy", "gcp-envoy"),
+            envoy=EnvoySpec("gcp-envoy", "gcp-envoy", flush_logs=True),
             backends=(),
             servers={"google": api.server, "cloud-run": run_api.server},
             serve_args=(
@@ -137,6 +141,25 @@ def test_a_denied_job_never_reaches_the_api(world: World) -> None:
     served = len(world.api.requests)
     assert world.stack.fetch(world.stack.token(project_id=43)).status == 403
     assert len(world.api.requests) == served
+
+
+def test_the_audit_trail_records_the_service_account_a_request_was_sent_as(world: World) -> None:
+    """`controlplane audit` on serve's trail: the allowed request names the service account Envoy injected a token
+    of; a denied one (never sent upstream) names none."""
+    stack = world.stack
+    claims: dict[str, Any] = {"aud": "https://storage.local", "project_path": "acme/deployer", "namespace_id": 11}
+    assert stack.fetch(stack.gitlab.mint(project_id=42, job_id=7101, **claims)).status == 200
+    assert stack.fetch(stack.gitlab.mint(project_id=43, job_id=7102, **claims)).status == 403
+    database = str(stack.controlplane.state_dir / "audit.sqlite3")
+
+    def rows(job: str) -> list[dict[str, Any]]:
+        command = [sys.executable, "-m", "controlplane", "audit", "--job", job, "--json", "--db", database]
+        return list(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout))
+
+    (allowed,) = poll_until(lambda: rows("7101"), 10, message="the allowed request in the trail")
+    (denied,) = poll_until(lambda: rows("7102"), 10, message="the denied request in the trail")
+    assert (allowed["backend"], allowed["decision"], allowed["cloud_identity"]) == ("storage-api", "allowed", SA)
+    assert (denied["decision"], denied["cloud_identity"]) == ("denied", None)
 
 
 def test_an_id_token_reaches_a_cloud_run_style_service(world: World) -> None:

@@ -16,6 +16,12 @@ test_e2e_audit.py):
 
 Only the listed claims are read from the payload; a token in any other claim never reaches the store.
 
+`cloud_identity` (the AWS role ARN or Google service account a request was sent upstream as) is not in the entry:
+it is looked up in the policy in service when the entry arrives (`with_cloud_identity`), for allowed requests the
+router sent to the backend's cluster only. Carrying it in the entry (dynamic metadata set per virtual host) would
+name the identity of the snapshot Envoy actually used, but changes every compiled listener; the lookup can be
+wrong only for a request in flight across a policy change of that backend's identity (docs/cloud-audit.md).
+
 Only gateways write the trail. The first message's identifier (node id and cluster) is only a claim: the
 stream is accepted when `Senders.attest` finds an ADS stream of that node and cluster, from the same host and,
 with mTLS, the same certificate identity, in a group the policy defines (`XdsServer.attest`); otherwise it is
@@ -46,7 +52,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Final, Protocol
 
 import grpc
@@ -59,6 +66,7 @@ from controlplane.audit.metrics import AUDIT_RECORDS_DROPPED, AUDIT_STREAMS_REFU
 from controlplane.audit.store import AuditRecord, AuditTrail
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
+from controlplane.model.policy import Policy
 from controlplane.telemetry.ratelog import RateLimitedLog
 from controlplane.xds.server import WARNINGS_PER_MINUTE, Sender, clip, peer_address
 from controlplane.xds.tls import peer_identity
@@ -205,6 +213,38 @@ def record_from_entry(
     )
 
 
+def cloud_identities(policy: Policy | None) -> dict[str, str]:
+    """Backend name → the cloud identity its requests are sent upstream as: an `aws:` backend's `role_arn` (SigV4
+    signed with that role's credentials), a `gcp:` backend's `service_account` (its token injected).
+
+    A binding's own `aws_role_arn` is not compiled yet (model/kinds/aws.py warns): its requests are signed with
+    the backend's role, which is therefore what is recorded. When per-binding signing is compiled, this must take
+    the binding from the record's `policy` (`<binding>/<role>`)."""
+    if policy is None:
+        return {}
+    found: dict[str, str] = {}
+    for backend in policy.backends:
+        if backend.aws is not None:
+            found[backend.name] = backend.aws.role_arn
+        elif backend.gcp is not None:
+            found[backend.name] = backend.gcp.service_account
+    return found
+
+
+def with_cloud_identity(
+    record: AuditRecord, entry: accesslog_pb2.HTTPAccessLogEntry, identities: Mapping[str, str]
+) -> AuditRecord:
+    """The record with the cloud identity its request was sent as, if it was: allowed, and routed by the router to
+    the backend's cluster (`upstream_cluster`). A denied request, or one answered by Envoy itself (the 503 route of
+    a role with no valid credential, a missing injected token), reached no backend and was sent as no one."""
+    if record.decision != "allowed" or record.backend is None:
+        return record
+    if entry.common_properties.upstream_cluster != backend_cluster(record.backend):
+        return record
+    identity = identities.get(record.backend)
+    return record if identity is None else replace(record, cloud_identity=identity)
+
+
 class JobSeen(Protocol):
     """Told about each request a GitLab ID token got through at a gateway (never called for our own credentials).
 
@@ -272,9 +312,11 @@ class AccessLogService:
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
         on_job: JobSeen | None = None,
+        policy: Callable[[], Policy | None] = lambda: None,
     ) -> None:
         """`senders` attests each stream's gateway; without one (None), every stream is refused. `on_job`
-        hears of each request a GitLab ID token got through (see `JobSeen`)."""
+        hears of each request a GitLab ID token got through (see `JobSeen`). `policy` is the policy in service,
+        read as each entry arrives for the cloud identity of its backend (`with_cloud_identity`)."""
         self.store = store
         self.senders: Final = senders
         self.on_job = on_job
@@ -286,6 +328,8 @@ class AccessLogService:
         self._closing = False
         self.awaited_bytes_limit = MAX_AWAITED_BYTES
         self._awaited_bytes = 0  # first messages held now, waiting for their sender's ADS stream
+        self._policy = policy
+        self._identities: tuple[Policy | None, dict[str, str]] = (None, {})  # cached per policy in service
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -388,6 +432,7 @@ class AccessLogService:
                 peer=sender.peer,
                 identity=sender.identity,
             )
+            record = with_cloud_identity(record, entry, self._cloud_identities())
         except Exception as error:  # a malformed entry (or a parser bug) costs that entry only, not the stream
             AUDIT_RECORDS_DROPPED.labels(gateway=sender.label, reason="unreadable").inc()
             self.log.warning("unreadable access log entry from %s: %r", clip(sender.node_id), error)
@@ -398,6 +443,15 @@ class AccessLogService:
                 report_job(record, entry, self.on_job)
             except Exception:  # the trail is already queued; a failed check request costs that check only
                 self.log.exception("job check request from an access log entry failed")
+
+    def _cloud_identities(self) -> dict[str, str]:
+        """The backends' cloud identities under the policy in service now, computed once per policy."""
+        policy = self._policy()
+        cached, identities = self._identities
+        if policy is not cached:
+            identities = cloud_identities(policy)
+            self._identities = (policy, identities)
+        return identities
 
 
 def als_handler(store: AuditTrail, senders: Senders) -> grpc.GenericRpcHandler:

@@ -75,10 +75,11 @@ REDACTED = "[redacted]"
 # A JWT (three base64url parts, header starting `{"`) or a GitLab token (glpat-, gldt-, glcbt-, glrt-...).
 _SECRET = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*|\bgl[a-z]{2,6}-[A-Za-z0-9_.-]{16,}")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added after version 1, with their types: added in place to an older file (existing rows get NULL).
 # Version 2: the attested sender and Envoy's own start time. Version 3: the token claims `controlplane suggest`
 # pins subjects on (a row recorded before has NULL there, which the assistant reads as "not recorded").
+# Version 4: the cloud identity (AWS role ARN, Google service account) a request was sent upstream as.
 _ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("peer", "TEXT"),
     ("identity", "TEXT"),
@@ -87,6 +88,7 @@ _ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ref_protected", "TEXT"),
     ("pipeline_source", "TEXT"),
     ("environment", "TEXT"),
+    ("cloud_identity", "TEXT"),
 )
 # Claims GitLab keeps to a few short words (`branch`, `true`, `merge_request_event`): cut shorter than the rest.
 MAX_SHORT_CHARS = 64
@@ -118,7 +120,8 @@ CREATE TABLE IF NOT EXISTS audit (
     ref_type TEXT,
     ref_protected TEXT,
     pipeline_source TEXT,
-    environment TEXT
+    environment TEXT,
+    cloud_identity TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job_id, time);
 CREATE INDEX IF NOT EXISTS audit_project ON audit (project_path, time);
@@ -141,6 +144,8 @@ class AuditRecord:
     `credential_jti` is set only for the control plane's own exchanged credentials. `ref_type`,
     `ref_protected` (`"true"`/`"false"`, as GitLab writes it), `pipeline_source` and `environment` are the
     token's claims (schema version 3; None in rows recorded before, and `environment` for a job without one).
+    `cloud_identity` (schema version 4) is the AWS role ARN or Google service account the request was sent
+    upstream as: set only for an allowed request that reached an `aws:` or `gcp:` backend (audit/als.py).
     """
 
     time: float
@@ -168,6 +173,7 @@ class AuditRecord:
     ref_protected: str | None = None
     pipeline_source: str | None = None
     environment: str | None = None
+    cloud_identity: str | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))

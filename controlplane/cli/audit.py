@@ -46,6 +46,7 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("STATUS", "status"),
     ("DECISION", "decision"),
     ("POLICY", "policy"),
+    ("CLOUD_IDENTITY", "cloud_identity"),
     ("PROJECT", "project_path"),
     ("PIPELINE", "pipeline_id"),
     ("JOB", "job_id"),

@@ -336,7 +336,13 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
     # a gap in webhook delivery, seen at a gateway: GitLab is asked about its job (`on_job`).
     # Every such sighting is also remembered for the deny list: a finished job is listed only if something of it
     # could still pass (credentials/coverage.py), and a sighting after its Job Hook lists it at once.
-    als = AccessLogService(audit, senders=xds, on_job=credentials.job_seen if credentials is not None else None)
+    # Each allowed request to an aws:/gcp: backend records the cloud identity the policy in service sends it as.
+    als = AccessLogService(
+        audit,
+        senders=xds,
+        on_job=credentials.job_seen if credentials is not None else None,
+        policy=lambda: policy.current,
+    )
     xds_port = await parts.start(
         xds.start(options.xds_host, options.xds_port, tls=options.xds_tls, extra_handlers=[als.handler()]),
         lambda: _drain(als, xds, options.shutdown_grace),

@@ -223,6 +223,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             ADD COLUMN pipeline_source text, ADD COLUMN environment text;
         """,
     ),
+    Migration(
+        10,
+        "audit trail: the cloud identity (AWS role ARN, Google service account) each request was sent as",
+        # audit.sqlite3's schema version 4; NULL for rows written before and for requests sent as no cloud identity.
+        "ALTER TABLE audit ADD COLUMN cloud_identity text;",
+    ),
 )
 
 _CREATE_LEDGER = """
