@@ -40,7 +40,6 @@ from controlplane.audit.store import (
     query_records,
 )
 from controlplane.cli.audit import add_audit_arguments, parse_since, run_audit
-from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.snapshots import golden
 from controlplane.snapshots.build import compile_dir
@@ -52,6 +51,7 @@ from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import Sender, XdsServer
 from controlplane.xds.tls import ServerTls
 from tests.support.ads import FakeEnvoy
+from tests.support.als_entries import ALLOWED, entry
 from tests.support.certs import CertFiles, make_pki
 from tests.support.ports import LOOPBACK, poll_until
 
@@ -298,37 +298,6 @@ def test_a_failed_write_is_counted_and_the_writer_goes_on(store: AuditStore) -> 
 # --- Envoy's entries → records ----------------------------------------------------------------------
 
 
-def entry(
-    *,
-    path: str = "/reports/1",
-    method: str = "GET",
-    status: int = 200,
-    route: str = "reports-api-default",
-    cluster: str = "backend-reports-api",
-    claims: dict[str, Any] | None = None,
-    rbac: dict[str, str] | None = None,
-    details: str = "via_upstream",
-    start: float = 1_700_000_000.25,
-) -> accesslog_pb2.HTTPAccessLogEntry:
-    built = accesslog_pb2.HTTPAccessLogEntry()
-    common = built.common_properties
-    common.start_time.seconds, common.start_time.nanos = int(start), int((start % 1) * 1e9)
-    common.route_name, common.upstream_cluster = route, cluster
-    if claims is not None:
-        common.metadata.filter_metadata[JWT_FILTER].update({PAYLOAD_KEY: claims})
-    if rbac is not None:
-        common.metadata.filter_metadata[RBAC_FILTER].update(rbac)
-    built.request.request_method = (
-        accesslog_pb2.HTTPRequestProperties.DESCRIPTOR.fields_by_name["request_method"]
-        .enum_type.values_by_name[method]
-        .number
-    )
-    built.request.path = path
-    built.response.response_code.value = status
-    built.response.response_code_details = details
-    return built
-
-
 def gitlab_claims(**overrides: Any) -> dict[str, Any]:
     claims = {
         "iss": GITLAB,
@@ -342,9 +311,6 @@ def gitlab_claims(**overrides: Any) -> dict[str, Any]:
         "runner_id": 17,
     }
     return {**claims, **overrides}
-
-
-ALLOWED = {"enforced_engine_result": "allowed", "enforced_effective_policy_id": "b/r"}
 
 
 def test_an_allowed_request_maps_every_field() -> None:

@@ -10,7 +10,7 @@ from controlplane.audit.als import AccessLogService, cloud_identities, record_fr
 from controlplane.audit.store import AuditTrail
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
-from tests.test_audit import ALLOWED, entry
+from tests.support.als_entries import ALLOWED, entry
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DENIED = {"enforced_engine_result": "denied", "enforced_effective_policy_id": "b/r"}
