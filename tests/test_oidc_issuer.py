@@ -329,7 +329,7 @@ def test_serve_publishes_discovery_and_its_keys_at_the_issuer_url(tmp_path: Path
     server = ControlPlaneProcess(root / "examples" / "quickstart", log_path=tmp_path / "cp.log")
     issuer = f"http://{LOOPBACK}:{server.exchange_port}/ci"
     server.env["CONTROLPLANE_ISSUER_URL"] = issuer
-    with server.start():
+    with server:
         document = json.loads(_get(issuer + "/.well-known/openid-configuration")[2])
         status, headers, body = _get(document["jwks_uri"])
         credentials = server.status()["credentials"]

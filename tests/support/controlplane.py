@@ -99,6 +99,9 @@ class ControlPlaneProcess:
             self._remove_state, self._state_dir = None, None
 
     def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Self:
+        # A second start would lose the first process (`with cp.start():` starts twice): it outlived the suite,
+        # and /readyz answered by the first made the second look ready.
+        assert not self.running, "already started: `with cp:` starts it, `cp.start()` too, not both"
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         limit = self._limit_open_files if self.open_files is not None else None
         if self.inherit_output:
