@@ -579,7 +579,7 @@ def test_the_api_server_goes_away_and_comes_back_on_its_port_with_its_state(
     when_watching(kube, kube.stop)
     with pytest.raises(urllib3.exceptions.ProtocolError):
         list(watching(Watch(), api.list_namespaced_endpoint_slice, "default", resource_version=version))
-    assert not kube.running
+    poll_until(lambda: not kube.running, 10, message="the stop finished")  # it runs in the watching thread
     refused = DiscoveryV1Api(kube.api_client())
     refused.api_client.configuration.retries = 0
     with pytest.raises(urllib3.exceptions.MaxRetryError):

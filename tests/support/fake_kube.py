@@ -721,6 +721,7 @@ class FakeKube(Started):
         self._log_lock = threading.Lock()
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stop_lock = threading.Lock()
         self._failures: deque[tuple[int, str | None, int | None]] = deque()
 
     # -- lifecycle
@@ -743,17 +744,20 @@ class FakeKube(Started):
         return self
 
     def stop(self) -> None:
-        """The API server goes away: listener closed, every connection (open watches included) cut."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        self.drop_watches(abrupt=True)
-        server.shutdown()
-        server.cut_connections()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        """The API server goes away: listener closed, every connection (open watches included) cut. `running`
+        turns false only once the listener is closed: a client that saw its watch cut (the first step) and asked
+        again at once was still served while the stop went on in another thread."""
+        with self._stop_lock:
+            server, thread = self._server, self._thread
+            if server is None:
+                return
+            self.drop_watches(abrupt=True)
+            server.shutdown()
+            server.cut_connections()
+            server.server_close()
+            if thread is not None:
+                thread.join(timeout=5)
+            self._server = self._thread = None
 
     @property
     def running(self) -> bool:
