@@ -312,7 +312,7 @@ def test_serve_signs_as_the_web_identity_role_and_refreshes_it_with_no_failed_re
         with urllib.request.urlopen(issuer_url + "/.well-known/jwks.json", timeout=5) as answer:
             return str(answer.read().decode())
 
-    trust = WebIdentityTrust(issuer_url, "sts.amazonaws.com", "controlplane", served_jwks)
+    trust = WebIdentityTrust(issuer_url, "sts.amazonaws.com", "backend:s3", served_jwks)
     fake = FakeAws().start(trust)
     fake.web_session_seconds = 310
     env = {

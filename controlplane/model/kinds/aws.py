@@ -69,6 +69,30 @@ def binding_role_errors(policy: Policy) -> list[PolicyError]:
     ]
 
 
+def shared_role_errors(policy: Policy) -> list[PolicyError]:
+    """A role signs for one backend: the control plane asserts the backend to STS (`sub` = `backend:<name>`, or
+    AssumeRole's `ExternalId`), which is what the role's trust policy lets in. Two backends on one role would
+    share one credential, so the second would ride on the trust given to the first: a policy author could name
+    another team's role on a backend of their own. One backend with several `hosts` covers one role for many
+    names."""
+    first: dict[str, str] = {}
+    errors = []
+    for b in sorted(policy.backends, key=lambda b: b.name):
+        if b.aws is None:
+            continue
+        owner = first.setdefault(b.aws.role_arn, b.name)
+        if owner != b.name:
+            errors.append(
+                PolicyError.at(
+                    b.source,
+                    "aws",
+                    f"role_arn {b.aws.role_arn} already signs for backend {owner}: a role signs for one backend "
+                    f"(its trust policy names the backend, sub backend:{owner}); give this backend a role of its own",
+                )
+            )
+    return errors
+
+
 def binding_role_warnings(policy: Policy) -> list[PolicyError]:
     """Per-binding roles are read and checked but not yet compiled: such a binding's requests are signed with its
     backend's `role_arn` until the compiler signs per binding (one ECDS filter per role). Said, not hidden."""
