@@ -3,18 +3,35 @@ has those needing a real Envoy). Each test failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import http.server
+import json
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+import jwt
 import pytest
 
-from controlplane.cloud.aws import StsError
+from controlplane.cloud.aws import AwsCredential, Refresher, Sts, StsError
+from controlplane.cloud.gcp import (
+    CloudCredential,
+    GcpCredentialRefresher,
+    GcpExchangeError,
+    GcpSettings,
+    fetch_credential,
+)
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import AwsSigning
 from controlplane.runtime.aws_signing import source_factory
 from tests.support.fake_aws import REGION, FakeAws, WebIdentityTrust
+from tests.support.ports import LOOPBACK
 
 ISSUER = "https://controlplane.example.test/oidc"
 TEAM_A_ROLE_SUBJECT = "backend:team-a-s3"
@@ -56,8 +73,6 @@ def test_a_policy_author_cannot_borrow_another_teams_web_identity_role(aws: Fake
         factory("team-b-s3", how).fetch()
     assert factory("team-a-s3", how).fetch().role_arn == aws.web_role_arn
     tokens = [call["WebIdentityToken"] for call in aws.web_identity_calls[-2:]]
-    import jwt
-
     assert [jwt.decode(t, options={"verify_signature": False})["sub"] for t in tokens] == [
         "backend:team-b-s3",
         TEAM_A_ROLE_SUBJECT,
@@ -90,3 +105,164 @@ def test_two_backends_on_one_role_are_refused_as_the_second_would_ride_on_the_fi
     assert "b.yaml" in text and "already signs for backend team-a-s3" in text
     files["b.yaml"] = _backend("team-b-s3", "arn:aws:iam::123456789012:role/team-b-deploy")
     assert len(parse_policy(files).backends) == 2
+
+
+# -- hostile or broken STS / Google answers (a raw HTTP server answering what the test says)
+
+
+class Hostile:
+    """An HTTP server on loopback answering every POST with `body` (bytes, or a callable of the path)."""
+
+    def __init__(self, body: bytes, content_type: str = "text/xml") -> None:
+        self.body = body
+        self.content_type = content_type
+        self.posts: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.posts.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", outer.content_type)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Hostile:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+ROLE = "arn:aws:iam::123456789012:role/ci-read"
+
+
+def _sts_answer(expiration: str, assumed: str = "arn:aws:sts::123456789012:assumed-role/ci-read/s") -> bytes:
+    return (
+        '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        "<AssumeRoleWithWebIdentityResult>"
+        f"<AssumedRoleUser><Arn>{assumed}</Arn><AssumedRoleId>AROAX:s</AssumedRoleId></AssumedRoleUser>"
+        "<Credentials><SessionToken>hostile-session-token</SessionToken><SecretAccessKey>hostile-secret"
+        f"</SecretAccessKey><Expiration>{expiration}</Expiration><AccessKeyId>ASIAHOSTILE</AccessKeyId>"
+        "</Credentials></AssumeRoleWithWebIdentityResult>"
+        "<ResponseMetadata><RequestId>r</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>"
+    ).encode()
+
+
+@dataclass
+class _Unsigned:
+    """AssumeRoleWithWebIdentity (unsigned: no AWS key needed) against the hostile endpoint."""
+
+    sts: Sts
+
+    def fetch(self) -> AwsCredential:
+        return self.sts.assume_role_with_web_identity(ROLE, "hostile.token.here", "session", 900)
+
+
+def test_an_sts_expiration_in_year_9999_is_believed_only_up_to_the_duration_asked() -> None:
+    """Before: the credential was kept 'fresh' for ever (never refreshed) while AWS ends the session on time."""
+    with Hostile(_sts_answer("9999-12-31T23:59:59Z")) as hostile:
+        credential = _Unsigned(Sts(region=REGION, endpoint_url=hostile.url)).fetch()
+    assert credential.expiration <= time.time() + 900 + 1
+
+
+def test_an_sts_answer_for_another_role_is_refused() -> None:
+    """A misrouted or hostile STS answering a session of another role (another account) signs nothing."""
+    for other in (
+        "arn:aws:sts::999999999999:assumed-role/ci-read/s",
+        "arn:aws:sts::123456789012:assumed-role/ci-admin/s",
+        "arn:aws:sts::123456789012:assumed-role/ci-readX/s",
+    ):
+        with Hostile(_sts_answer("2099-01-01T00:00:00Z", assumed=other)) as hostile, pytest.raises(StsError) as e:
+            _Unsigned(Sts(region=REGION, endpoint_url=hostile.url)).fetch()
+        assert e.value.code == "OtherRoleAnswered"
+
+
+def test_an_sts_credential_expired_on_arrival_backs_off_instead_of_looping() -> None:
+    """Before: counted a success, due again at once: every poll called STS and recompiled (a tight loop on the
+    refresher's thread), and the expired credential was announced to the compiler."""
+    announced: list[AwsCredential | None] = []
+    with Hostile(_sts_answer("2001-01-01T00:00:00Z")) as hostile:
+        refresher = Refresher("s3", _Unsigned(Sts(region=REGION, endpoint_url=hostile.url)), on_change=announced.append)
+        wakes = [refresher.poll() for _ in range(5)]
+        calls = len(hostile.posts)
+    assert announced == [] and refresher.current() is None
+    assert refresher.state.failures >= 1 and wakes[0] > time.time()
+    assert calls == 1  # the next attempt waits for its backoff
+
+
+PROVIDER = "projects/123456789/locations/global/workloadIdentityPools/gitlab-ci/providers/controlplane"
+SA = "gcs-reader@acme-prod.iam.gserviceaccount.com"
+
+
+def _gcp_fetch(answer: dict[str, object] | bytes, **settings: object) -> CloudCredential:
+    body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+    with Hostile(body, "application/json") as hostile:
+        gcp = GcpSettings("gcs", PROVIDER, SA, sts_url=hostile.url + "/v1/token",
+                          iam_credentials_url=hostile.url + "/v1", **settings)  # type: ignore[arg-type]  # fmt: skip
+
+        async def run() -> CloudCredential:
+            async with aiohttp.ClientSession() as session:
+                return await fetch_credential(session, gcp, "subject", time.time())
+
+        return asyncio.run(run())
+
+
+def _id_token(exp: int) -> str:
+    payload = base64.urlsafe_b64encode(json.dumps({"exp": exp}).encode()).decode().rstrip("=")
+    return f"e30.{payload}.sig"
+
+
+def test_a_google_expiry_in_year_9999_is_believed_only_up_to_the_lifetime() -> None:
+    answer = {"access_token": "t", "token_type": "Bearer", "accessToken": "t", "expireTime": "9999-12-31T23:59:59Z"}
+    assert _gcp_fetch(answer).expires_at <= time.time() + 3600 + 1
+    id_answer = {"access_token": "t", "token_type": "Bearer", "token": _id_token(253402300799)}
+    assert _gcp_fetch(id_answer, id_token_audience="https://run.example").expires_at <= time.time() + 3600 + 1
+
+
+def test_a_huge_google_answer_is_refused_unread() -> None:
+    """Before: read whole into memory (here 8 MiB; any size the endpoint sends)."""
+    huge = b'{"access_token": "' + b"x" * (8 << 20) + b'"}'
+    with pytest.raises(GcpExchangeError, match="over"):
+        _gcp_fetch(huge)
+
+
+def test_a_google_credential_expired_on_arrival_backs_off_instead_of_looping() -> None:
+    """Before: a success due again at once; `run()` exchanged at STS and pushed SDS in a tight loop."""
+    fetched: list[float] = []
+
+    async def fetch(_settings: GcpSettings, now: float) -> CloudCredential:
+        fetched.append(now)
+        return CloudCredential("t", expires_at=now - 5, issued_at=now)
+
+    changes: list[int] = []
+    refresher = GcpCredentialRefresher(GcpSettings("gcs", PROVIDER, SA), fetch, on_change=lambda: changes.append(1))
+
+    async def run() -> None:
+        sleeps: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            if len(sleeps) >= 5:
+                raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            await refresher.run(sleep)
+        assert all(s > 0 for s in sleeps), sleeps
+
+    asyncio.run(run())
+    refresher.close()
+    assert refresher.current() is None and changes == []
+    assert len(fetched) == 1  # then backing off: each later wake is before the next attempt

@@ -276,15 +276,31 @@ class Sts:
             raise StsError("NoCredentials", role_arn, refused=True) from None
         except botocore.exceptions.BotoCoreError as error:  # connection, timeout, parse: retried with backoff
             raise StsError(type(error).__name__, role_arn, refused=False) from None
-        return _credential(answer["Credentials"], role_arn, self._clock())
+        if not _assumed(role_arn, answer.get("AssumedRoleUser")):
+            raise StsError("OtherRoleAnswered", role_arn, refused=False)
+        return _credential(answer["Credentials"], role_arn, self._clock(), float(params["DurationSeconds"]))
 
 
-def _credential(answer: Mapping[str, Any], role_arn: str, now: float) -> AwsCredential:
+def _assumed(role_arn: str, user: object) -> bool:
+    """Whether STS's `AssumedRoleUser.Arn` (`arn:<partition>:sts::<account>:assumed-role/<name>/<session>`) is a
+    session of `role_arn`: an answer for another role (a misrouted or hostile endpoint) must never sign requests
+    meant for this one."""
+    arn = user.get("Arn") if isinstance(user, Mapping) else None
+    if not isinstance(arn, str):
+        return False
+    partition, _, rest = role_arn.removeprefix("arn:").partition(":iam::")
+    account, _, path = rest.partition(":role/")
+    return arn.startswith(f"arn:{partition}:sts::{account}:assumed-role/{path.rsplit('/', 1)[-1]}/")
+
+
+def _credential(answer: Mapping[str, Any], role_arn: str, now: float, asked_seconds: float) -> AwsCredential:
+    """The credential STS answered, its expiration believed only up to the duration asked: a later one (year 9999
+    from a hostile or broken endpoint) would never be refreshed while AWS ends the session on time."""
     return AwsCredential(
         access_key_id=str(answer["AccessKeyId"]),
         secret_access_key=str(answer["SecretAccessKey"]),
         session_token=str(answer["SessionToken"]),
-        expiration=float(answer["Expiration"].timestamp()),
+        expiration=min(float(answer["Expiration"].timestamp()), now + asked_seconds),
         role_arn=role_arn,
         issued_at=now,
     )
@@ -397,18 +413,12 @@ class Refresher:
         try:
             credential = self._source.fetch()
         except Exception as caught:  # a bug or an unexpected error must not end the thread: retried like an outage
-            error = caught if isinstance(caught, StsError) else StsError(type(caught).__name__, "?", refused=False)
-            result = _result(caught)
-            metrics.count_refresh("aws", self.backend, result)
-            self._state = on_failure(self._state, now, self._policy, self._sample())
-            log.warning(
-                "AWS credentials for backend %s not refreshed (%s, attempt %d; next in %.0fs): %s",
-                self.backend,
-                result,
-                self._state.failures,
-                self._state.next_attempt_at - now,
-                error,
-            )
+            self._failed(now, caught)
+            return
+        if usable_until(credential, self._policy) <= self._clock():
+            # Expired on arrival (a hostile or broken STS, a clock far off): as a success it would be due again at
+            # once, an STS call and a recompile in a tight loop; as a failure it backs off, the held one kept.
+            self._failed(now, StsError("ExpiredOnArrival", credential.role_arn, refused=False))
             return
         metrics.count_refresh("aws", self.backend, "ok")
         self._state = on_success(credential, self._policy, self._sample())
@@ -421,6 +431,20 @@ class Refresher:
             credential.expiration - now,
         )
         self._notify(credential)
+
+    def _failed(self, now: float, caught: Exception) -> None:
+        error = caught if isinstance(caught, StsError) else StsError(type(caught).__name__, "?", refused=False)
+        result = _result(caught)
+        metrics.count_refresh("aws", self.backend, result)
+        self._state = on_failure(self._state, now, self._policy, self._sample())
+        log.warning(
+            "AWS credentials for backend %s not refreshed (%s, attempt %d; next in %.0fs): %s",
+            self.backend,
+            result,
+            self._state.failures,
+            self._state.next_attempt_at - now,
+            error,
+        )
 
     def _next_wake(self) -> float:
         wake = self._state.next_attempt_at

@@ -150,7 +150,9 @@ class AwsSigners:
         refresher = Refresher(how.role_arn, source, clock=self._clock, on_change=self._on_change)
         if self._start_threads:
             refresher.start()
-        log.info("AWS role %s: credentials refreshed from now on, for backend %s (%s)", how.role_arn, backend, how.source)
+        log.info(
+            "AWS role %s: credentials refreshed from now on, backend %s (%s)", how.role_arn, backend, how.source
+        )
         return refresher
 
     def _on_change(self, _credential: AwsCredential | None) -> None:
