@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from controlplane.cloud.aws import AwsCredential, Refresher, Sts, StsError
 from controlplane.cloud.gcp import (
@@ -25,11 +26,14 @@ from controlplane.cloud.gcp import (
     GcpSettings,
     fetch_credential,
 )
+from controlplane.compiler.aws import COPY_SOURCE_HEADER
+from controlplane.compiler.compile import compile_policy
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import AwsSigning
 from controlplane.runtime.aws_signing import source_factory
+from controlplane.snapshots.snapshot import ROUTE
 from tests.support.fake_aws import REGION, FakeAws, WebIdentityTrust
 from tests.support.ports import LOOPBACK
 
@@ -266,3 +270,34 @@ def test_a_google_credential_expired_on_arrival_backs_off_instead_of_looping() -
     refresher.close()
     assert refresher.current() is None and changes == []
     assert len(fetched) == 1  # then backing off: each later wake is before the next attempt
+
+
+# -- the compiled routes of an S3 backend (the Envoy side: tests/test_e2e_cloud_attacks.py)
+
+
+def _routes(service: str) -> list[route_components_pb2.Route]:
+    backend = (
+        "kind: Backend\nname: a\nhosts: [a.local]\nendpoints: [{address: 127.0.0.1, port: 1}]\n"
+        f"aws: {{service: {service}, region: eu-west-1, role_arn: 'arn:aws:iam::123456789012:role/r'}}\n"
+    )
+    gateway = "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [a]\n"
+    role = "kind: Role\nname: r\nbackend: a\nrules: [{methods: [GET, PUT], paths: ['/bucket/**']}]\n"
+    binding = "kind: Binding\nname: b\nissuer: gitlab\nroles: [r]\nsubjects: [{project: 42}]\n"
+    issuer = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
+    inventory = "groups: [{id: 1, path: g}]\nprojects: [{id: 42, path: g/p, namespace_id: 1}]\n"
+    files = {"p.yaml": "---\n".join([issuer + "inventory: inv.yaml\n", backend, gateway, role, binding])}
+    policy = parse_policy(files | {"inv.yaml": inventory})
+    compiled = compile_policy(policy, keys={"gitlab": '{"keys": []}'})
+    ((_, raw),) = compiled["gw"].resources[ROUTE]
+    config = route_pb2.RouteConfiguration.FromString(raw)
+    (host,) = config.virtual_hosts
+    return list(host.routes)
+
+
+def test_an_s3_backend_refuses_copy_sources_before_any_other_route() -> None:
+    routes = _routes("s3")
+    refused = [r for r in routes if r.name == "a-aws-copy-refused"]
+    assert len(refused) == 1 and routes.index(refused[0]) == len(routes) - 2  # just before the default route
+    (matcher,) = refused[0].match.headers
+    assert (matcher.name, matcher.present_match, refused[0].direct_response.status) == (COPY_SOURCE_HEADER, True, 403)
+    assert not [r for r in _routes("sqs") if r.name.endswith("-copy-refused")]  # an S3 header only

@@ -246,3 +246,13 @@ def test_web_identity_sessions_can_be_made_shorter_than_asked(aws: FakeAws, keys
     assert 300 < left <= 311
     assert _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)["Body"].read() == OBJECT_BODY
     assert _web(aws, _token(keys))["Expiration"].timestamp() - time.time() > 800  # as asked again (900)
+
+
+def test_an_unauthenticated_block_seeds_and_authentication_is_back_after_it(aws: FakeAws) -> None:
+    with aws.unauthenticated():
+        aws.seed_client("s3").create_bucket(
+            Bucket="seeded", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+    with pytest.raises(ClientError) as refused:
+        aws.client("s3", AccessKey("AKIANOBODY", "nothing")).list_objects_v2(Bucket="seeded")
+    assert _code(refused) == "InvalidAccessKeyId"

@@ -56,6 +56,7 @@ def virtual_host(
         routes=[
             *([_exchange_route(backend)] if exchange else []),
             *(aws.fail_closed(backend, _public_route(backend, p), aws_signing) for p in backend.public_paths),
+            *aws.refused_routes(backend),
             aws.fail_closed(backend, _default_route(backend), aws_signing),
         ],
         typed_per_filter_config=per_filter,
