@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -176,3 +177,74 @@ async def test_a_copy_source_header_cannot_reach_a_path_rbac_never_allowed(
             assert SECRET_BODY not in body and status == 404, (copy_source, status, body)
         # an ordinary write and read on the allowed path still pass
         assert (await asyncio.to_thread(_send, listen, "GET", f"/{BUCKET}/mine", token))[0] == 200
+
+
+def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    """One request as written (http.client would refuse or fix some of these), its status and body."""
+    with socket.create_connection((LOOPBACK, port), timeout=5) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_path_host_and_signing_header_tricks_never_reach_another_bucket(
+    aws: tuple[FakeAws, AssumeRoleSource],
+) -> None:
+    """What held when tried (no fix needed): the path RBAC matches is the path sent and signed (normalised, encoded
+    slashes refused), the virtual host is chosen by the Host the job sends (a bucket-named host is no host of
+    the backend: Envoy's listener-wide RBAC denies it), and the signing headers a job sends are replaced (docs/envoy-aws-signing.md fact 1)."""
+    fake, source = aws
+    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    policy = parse_policy(_policy(listen, fake.port, fake.assume_role_arn))
+    credential = source.fetch()
+    signing = {credential.role_arn: SigningCredential(credential.access_key_id, credential.secret_access_key,
+                                                      credential.session_token)}  # fmt: skip
+    compiled = compile_policy(policy, keys={"ci": jobs.jwks}, aws_credentials=signing)
+    cache.set(build_snapshots({n: g.resources for n, g in compiled.items()}, {})[GROUP])
+    token = jobs.token("job-allowed")
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+    async with envoy_on(cache):
+        await asyncio.to_thread(_until, lambda: _send(listen, "GET", f"/{BUCKET}/hello.txt", token)[0] == 200)
+        tricks = {
+            "dot segments": f"/{BUCKET}/../{SECRETS}/prod.key",
+            "encoded dots": f"/{BUCKET}/%2e%2e/{SECRETS}/prod.key",
+            "encoded slash": f"/{BUCKET}%2F..%2F{SECRETS}/prod.key",
+            "double slash": f"//{SECRETS}/prod.key",
+            "backslash": f"/{BUCKET}\\..\\{SECRETS}/prod.key",
+        }
+        for name, path in tricks.items():
+            request = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n".encode() + auth + b"\r\n"
+            status, body = await asyncio.to_thread(_raw, listen, request)
+            assert SECRET_BODY not in body and status != 200, (name, status, body)
+        hosts = {
+            "virtual-hosted bucket": f"{SECRETS}.{HOST}",
+            "absolute URI": None,
+        }
+        for name, host in hosts.items():
+            target = "/prod.key" if host else f"http://{SECRETS}.{HOST}/prod.key"
+            request = (
+                f"GET {target} HTTP/1.1\r\nHost: {host or HOST}\r\nConnection: close\r\n".encode() + auth + b"\r\n"
+            )
+            status, body = await asyncio.to_thread(_raw, listen, request)
+            # no virtual host of the backend: the listener's deny-all RBAC answers (no route would be 404)
+            assert SECRET_BODY not in body and status in (403, 404), (name, status, body)
+        # signing headers of the job's own: replaced, the request signed as the role's and accepted
+        forged = {
+            "X-Amz-Security-Token": "job-forged-token",
+            "X-Amz-Date": "20000101T000000Z",
+            "X-Amz-Content-Sha256": "0" * 64,
+        }
+        status, body = await asyncio.to_thread(_send, listen, "GET", f"/{BUCKET}/hello.txt", token, forged)
+        assert status == 200, body
+        # a second Authorization (an AWS signature of the job's) never reaches S3 beside or instead of the role's
+        request = (
+            f"GET /{BUCKET}/hello.txt HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n".encode()
+            + auth
+            + b"Authorization: AWS4-HMAC-SHA256 Credential=AKIAJOB/20000101/eu-west-1/s3/aws4_request, "
+            b"SignedHeaders=host, Signature=00\r\n\r\n"
+        )
+        status, body = await asyncio.to_thread(_raw, listen, request)
+        assert status in (200, 401), (status, body)
