@@ -7,6 +7,7 @@ import asyncio
 import base64
 import http.server
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import jwt
 import pytest
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
+from controlplane.cli.main import main
 from controlplane.cloud.aws import AwsCredential, Refresher, Sts, StsError
 from controlplane.cloud.gcp import (
     CloudCredential,
@@ -301,3 +303,53 @@ def test_an_s3_backend_refuses_copy_sources_before_any_other_route() -> None:
     (matcher,) = refused[0].match.headers
     assert (matcher.name, matcher.present_match, refused[0].direct_response.status) == (COPY_SOURCE_HEADER, True, 403)
     assert not [r for r in _routes("sqs") if r.name.endswith("-copy-refused")]  # an S3 header only
+
+
+# -- a policy MR swapping the identity a backend is sent upstream as
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ADMIN = "arn:aws:iam::123456789012:role/ci-admin"
+
+
+@pytest.mark.parametrize(
+    ("example", "file", "old", "new", "said"),
+    [
+        (
+            "aws-s3",
+            "backend.yaml",
+            "role/ci-artifacts-read",
+            "role/ci-admin",
+            "AWS role arn:aws:iam::123456789012:role/ci-admin;",
+        ),
+        (
+            "aws-s3",
+            "bindings.yaml",
+            "role/ci-artifacts-deploy",
+            "role/ci-admin",
+            "artifacts: AWS role arn:aws:iam::123456789012:role/ci-admin",
+        ),
+        ("aws-s3", "backend.yaml", "region: eu-west-1\n", "region: eu-west-1\n  source: assume_role\n", "(AssumeRole)"),
+        ("gcp-storage", "backends.yaml", "gcs-reader@", "gcs-admins@", "Google service account gcs-admins@"),
+        ("gcp-storage", "backends.yaml", "devstorage.read_only", "devstorage.full_control", "full_control"),
+    ],
+)
+def test_diff_and_the_mr_check_say_when_only_the_upstream_identity_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], example: str, file: str, old: str, new: str, said: str
+) -> None:
+    """Before: `controlplane diff` printed nothing and exited 0 ("access unchanged"): the role ARN and the service
+    account are in neither the grants nor Envoy's configuration, so an MR swapping a read-only role for an admin
+    one read as harmless to its reviewer (and to the MR check, which words the same diff)."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    shutil.copytree(EXAMPLES / example, before)
+    shutil.copytree(EXAMPLES / example, after)
+    text = (after / file).read_text()
+    assert old in text
+    (after / file).write_text(text.replace(old, new, 1))
+    assert main(["diff", str(before), str(after)]) == 1
+    out = capsys.readouterr().out
+    assert "! requests sent upstream as" in out and said in out.split("-> now as", 1)[1]
+    assert main(["diff", "--json", str(before), str(after)]) == 1
+    (backend,) = json.loads(capsys.readouterr().out)["backends"]
+    assert backend["upstream"]["old"] != backend["upstream"]["new"]
+    assert main(["diff", str(before), str(before)]) == 0

@@ -7,6 +7,11 @@ a pair counts as gained only when none of the subject's old pairs already covers
 and as lost only when no new pair covers it. Shadow grants allow nothing (Envoy logs them only), so a binding
 going shadow -> enforce shows as its gains and as a mode change ("would start enforcing").
 
+Also compared: who a backend's requests are sent upstream AS (`upstream_identities`: the AWS role that signs
+them, the Google service account whose token is injected, where an injected secret is read from). None of it is
+in Envoy's configuration or the grants, yet swapping a read-only role for an admin one changes what every allowed
+request can do: a policy change that only swaps it must not read "unchanged".
+
 Not compared: one subject covering another (a new, narrower subject beside a broader old one is listed as
 gaining), and GitLab's live state (both sides are resolved the same way, by the caller).
 """
@@ -18,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from controlplane.model.policy import Mode
+from controlplane.model.policy import Mode, Policy
 from controlplane.resolved.access import Grant, ResolvedPolicy
 from controlplane.resolved.conditions import ResolvedSubject
 from controlplane.resolved.render import condition_text
@@ -42,6 +47,13 @@ class ModeChange(NamedTuple):
     new: str
 
 
+class UpstreamChange(NamedTuple):
+    """A backend's requests sent upstream as another identity (None: none, e.g. no `aws:` any more)."""
+
+    old: str | None
+    new: str | None
+
+
 class BackendDiff(NamedTuple):
     name: str
     status: str  # "added", "removed" or "changed"
@@ -50,10 +62,11 @@ class BackendDiff(NamedTuple):
     modes: tuple[ModeChange, ...]
     shadow_added: tuple[str, ...]  # new shadow grants: logged by Envoy, allow nothing (access unchanged)
     shadow_removed: tuple[str, ...]
+    upstream: UpstreamChange | None = None  # only for a backend on both sides
 
     @property
     def access_changed(self) -> bool:
-        return self.status != "changed" or bool(self.gains or self.losses or self.modes)
+        return self.status != "changed" or bool(self.gains or self.losses or self.modes or self.upstream)
 
 
 class FrontChange(NamedTuple):
@@ -87,17 +100,51 @@ def subject_text(subject: ResolvedSubject) -> str:
     return " and ".join(parts) or "any token"
 
 
+def upstream_identities(policy: Policy) -> dict[str, str]:
+    """Backend name → who its requests are sent upstream as, in words; backends sending as nobody are left out."""
+    found: dict[str, str] = {}
+    for backend in policy.backends:
+        parts = []
+        if backend.aws is not None:
+            how = " (AssumeRole)" if backend.aws.source == "assume_role" else ""
+            parts.append(f"AWS role {backend.aws.role_arn}{how}")
+        if backend.gcp is not None:
+            gcp = backend.gcp
+            what = f"ID token for {gcp.id_token_audience}" if gcp.id_token_audience else " ".join(gcp.scopes)
+            parts.append(
+                f"Google service account {gcp.service_account} ({what}) through {gcp.workload_identity_provider}"
+            )
+        elif backend.inject is not None:
+            source = backend.inject.secret_env or backend.inject.secret_file
+            kind = "environment variable" if backend.inject.secret_env else "file"
+            parts.append(f"the secret of {kind} {source} in {backend.inject.header}")
+        roles = {r.name for r in policy.roles if r.backend == backend.name}
+        parts.extend(
+            f"binding {b.name}: AWS role {b.aws_role_arn}"
+            for b in sorted(policy.bindings, key=lambda b: b.name)
+            if b.aws_role_arn is not None and roles & set(b.roles) and backend.aws is not None
+        )
+        if parts:
+            found[backend.name] = "; ".join(parts)
+    return found
+
+
 def compare(
     old: ResolvedPolicy,
     new: ResolvedPolicy,
     old_gateways: Mapping[str, Iterable[str]],
     new_gateways: Mapping[str, Iterable[str]],
+    upstream: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {}),
 ) -> PolicyDiff:
-    """`old_gateways`, `new_gateways`: each gateway's name and the backends it fronts."""
+    """`old_gateways`, `new_gateways`: each gateway's name and the backends it fronts; `upstream`: each side's
+    `upstream_identities`."""
     backends = []
     for name in sorted(old.backends.keys() | new.backends.keys()):
         status = "added" if name not in old.backends else "removed" if name not in new.backends else "changed"
         diff = _backend(name, status, old.grants(name), new.grants(name))
+        was, now = upstream[0].get(name), upstream[1].get(name)
+        if status == "changed" and was != now:
+            diff = diff._replace(upstream=UpstreamChange(was, now))
         if diff.access_changed or diff.shadow_added or diff.shadow_removed:
             backends.append(diff)
     before, after = set(old_gateways), set(new_gateways)
@@ -202,6 +249,7 @@ def document(diff: PolicyDiff) -> dict[str, object]:
                 "losses": [_change(c) for c in b.losses],
                 "modes": [{"grant": m.grant, "old": m.old, "new": m.new} for m in b.modes],
                 "shadow": {"added": list(b.shadow_added), "removed": list(b.shadow_removed)},
+                "upstream": b.upstream._asdict() if b.upstream is not None else None,
             }
             for b in diff.backends
         ],

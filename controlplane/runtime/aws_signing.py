@@ -150,9 +150,7 @@ class AwsSigners:
         refresher = Refresher(how.role_arn, source, clock=self._clock, on_change=self._on_change)
         if self._start_threads:
             refresher.start()
-        log.info(
-            "AWS role %s: credentials refreshed from now on, backend %s (%s)", how.role_arn, backend, how.source
-        )
+        log.info("AWS role %s: credentials refreshed from now on, backend %s (%s)", how.role_arn, backend, how.source)
         return refresher
 
     def _on_change(self, _credential: AwsCredential | None) -> None:
