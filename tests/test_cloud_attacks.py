@@ -332,6 +332,15 @@ ADMIN = "arn:aws:iam::123456789012:role/ci-admin"
         ("aws-s3", "backend.yaml", "region: eu-west-1\n", "region: eu-west-1\n  source: assume_role\n", "(AssumeRole)"),
         ("gcp-storage", "backends.yaml", "gcs-reader@", "gcs-admins@", "Google service account gcs-admins@"),
         ("gcp-storage", "backends.yaml", "devstorage.read_only", "devstorage.full_control", "full_control"),
+        # the same identity, its token sent somewhere else
+        ("gcp-storage", "backends.yaml", "address: 127.0.0.1, port: 8443", "address: 203.0.113.6, port: 443", "to 203"),
+        (
+            "aws-s3",
+            "backend.yaml",
+            "{address: 127.0.0.1, port: 9000}",
+            "{address: 127.0.0.2, port: 9000}",
+            "to 127.0.0.2",
+        ),
     ],
 )
 def test_diff_and_the_mr_check_say_when_only_the_upstream_identity_changes(

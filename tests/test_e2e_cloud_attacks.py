@@ -195,7 +195,8 @@ async def test_path_host_and_signing_header_tricks_never_reach_another_bucket(
 ) -> None:
     """What held when tried (no fix needed): the path RBAC matches is the path sent and signed (normalised, encoded
     slashes refused), the virtual host is chosen by the Host the job sends (a bucket-named host is no host of
-    the backend: Envoy's listener-wide RBAC denies it), and the signing headers a job sends are replaced (docs/envoy-aws-signing.md fact 1)."""
+    the backend: Envoy's listener-wide RBAC denies it), and the signing headers a job sends are replaced
+    (docs/envoy-aws-signing.md fact 1)."""
     fake, source = aws
     jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
     policy = parse_policy(_policy(listen, fake.port, fake.assume_role_arn))

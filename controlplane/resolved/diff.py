@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from controlplane.model.policy import Mode, Policy
+from controlplane.model.policy import Backend, Mode, Policy
 from controlplane.resolved.access import Grant, ResolvedPolicy
 from controlplane.resolved.conditions import ResolvedSubject
 from controlplane.resolved.render import condition_text
@@ -125,8 +125,17 @@ def upstream_identities(policy: Policy) -> dict[str, str]:
             if b.aws_role_arn is not None and roles & set(b.roles) and backend.aws is not None
         )
         if parts:
-            found[backend.name] = "; ".join(parts)
+            found[backend.name] = "; ".join(parts) + ", to " + _destination(backend)
     return found
+
+
+def _destination(backend: Backend) -> str:
+    """Where a backend's credential-bearing requests go: a changed address sends the credential (a Bearer token,
+    a SigV4 signature with its session token) to someone else, which is as much a change as another role."""
+    places = [f"{e.address}:{e.port}" for e in backend.endpoints]
+    places += [f"service {s.namespace}/{s.name}:{s.port}" for s in backend.services]
+    tls = f" (TLS to {backend.tls.sni}, CA {backend.tls.ca_file})" if backend.tls is not None else " (plain text)"
+    return ", ".join(places) + tls
 
 
 def compare(
