@@ -151,9 +151,9 @@ def compare(
     for name in sorted(old.backends.keys() | new.backends.keys()):
         status = "added" if name not in old.backends else "removed" if name not in new.backends else "changed"
         diff = _backend(name, status, old.grants(name), new.grants(name))
-        was, now = upstream[0].get(name), upstream[1].get(name)
-        if status == "changed" and was != now:
-            diff = diff._replace(upstream=UpstreamChange(was, now))
+        sent_as, now_as = upstream[0].get(name), upstream[1].get(name)
+        if status == "changed" and sent_as != now_as:
+            diff = diff._replace(upstream=UpstreamChange(sent_as, now_as))
         if diff.access_changed or diff.shadow_added or diff.shadow_removed:
             backends.append(diff)
     before, after = set(old_gateways), set(new_gateways)
