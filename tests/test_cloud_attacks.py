@@ -85,6 +85,23 @@ def test_a_policy_author_cannot_borrow_another_teams_web_identity_role(aws: Fake
     ]
 
 
+def test_an_aws_backend_without_tls_may_not_have_a_wildcard_host() -> None:
+    """Before: accepted, and Envoy signed the Host each job sent: with S3 virtual-hosted buckets a job read another
+    bucket's object through a path its grant allowed (observed through Envoy and moto before the fix)."""
+    arn = "arn:aws:iam::123456789012:role/team-a-read"
+    aws = f"aws: {{service: s3, region: eu-west-1, role_arn: '{arn}'}}\n"
+    wildcard = (
+        "kind: Backend\nname: team-a-s3\nhosts: ['*.s3.eu-west-1.amazonaws.com']\naudience: https://s3\n"
+        "endpoints: [{address: 127.0.0.1, port: 1}]\n" + aws
+    )
+    gateway = "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [team-a-s3]\n"
+    issuer = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
+    with pytest.raises(PolicyInvalid, match="wildcard host on an aws: backend without tls"):
+        parse_policy({"p.yaml": "---\n".join([issuer, gateway, wildcard])})
+    pinned = wildcard.replace("endpoints:", "tls: {sni: ci-artifacts.s3.eu-west-1.amazonaws.com}\nendpoints:")
+    assert parse_policy({"p.yaml": "---\n".join([issuer, gateway, pinned])}).backends[0].tls is not None
+
+
 BASE = (
     "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n---\n"
     "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [team-a-s3, team-b-s3]\n"

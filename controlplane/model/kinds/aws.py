@@ -93,6 +93,23 @@ def shared_role_errors(policy: Policy) -> list[PolicyError]:
     return errors
 
 
+def wildcard_host_errors(policy: Policy) -> list[PolicyError]:
+    """Without `tls:` Envoy signs and sends the Host the job sent (with it, the SNI: compiler/aws.py). Under a
+    wildcard host that Host is the job's choice, and S3 reads the bucket from it (virtual-hosted style): a job
+    would pick any bucket the role can reach, its path rules then naming keys only (observed through Envoy and
+    moto). Each name listed explicitly, or `tls.sni` naming the one endpoint to sign for, keeps it the policy's."""
+    return [
+        PolicyError.at(
+            b.source,
+            "hosts",
+            f"backend {b.name}: a wildcard host on an aws: backend without tls: would sign the Host each job "
+            "sends (with S3, the bucket it names); list the host names, or set tls.sni",
+        )
+        for b in policy.backends
+        if b.aws is not None and b.tls is None and any(h.startswith("*") for h in b.hosts)
+    ]
+
+
 def binding_role_warnings(policy: Policy) -> list[PolicyError]:
     """Per-binding roles are read and checked but not yet compiled: such a binding's requests are signed with its
     backend's `role_arn` until the compiler signs per binding (one ECDS filter per role). Said, not hidden."""
