@@ -8,6 +8,7 @@ import base64
 import http.server
 import json
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -379,3 +380,67 @@ def test_diff_and_the_mr_check_say_when_only_the_upstream_identity_changes(
     (backend,) = json.loads(capsys.readouterr().out)["backends"]
     assert backend["upstream"]["old"] != backend["upstream"]["new"]
     assert main(["diff", str(before), str(before)]) == 0
+
+
+class Trickle:
+    """An endpoint that answers a status line, then one byte every `every` seconds, never finishing."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self._server = socket.socket()
+        self._server.bind((LOOPBACK, 0))
+        self._server.listen(8)
+        self.url = f"http://{LOOPBACK}:{self._server.getsockname()[1]}"
+        self._every = every
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._trickle, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 1000000\r\n\r\n")
+            while not self._stop.wait(self._every):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def test_a_trickling_sts_cannot_hold_the_refresher_past_its_deadline() -> None:
+    """Before: botocore's timeout bounds each read, not the call: a byte every 0.2 s held it as long as the
+    endpoint went on (the refresher's thread, which also withdraws an expired credential, with it)."""
+    trickle = Trickle()
+    try:
+        sts = Sts(region=REGION, endpoint_url=trickle.url, timeout_seconds=0.5, deadline_seconds=1.5)
+        started = time.monotonic()
+        with pytest.raises(StsError) as late:
+            _Unsigned(sts).fetch()
+        assert late.value.code == "DeadlineExceeded" and time.monotonic() - started < 3
+        started = time.monotonic()
+        with pytest.raises(StsError) as again:  # the first call is still held: no second thread is left behind
+            _Unsigned(sts).fetch()
+        assert again.value.code == "PreviousCallStillHeld" and time.monotonic() - started < 0.5
+    finally:
+        trickle.close()
+
+
+def test_an_sts_answer_that_is_no_xml_is_an_unavailable_sts_not_a_crash() -> None:
+    with Hostile(b"<<<not xml" * 1000) as hostile, pytest.raises(StsError) as bad:
+        _Unsigned(Sts(region=REGION, endpoint_url=hostile.url)).fetch()
+    assert not bad.value.refused and "not xml" not in str(bad.value)
