@@ -8,16 +8,21 @@ import asyncio
 import http.client
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from moto.sts.models import sts_backends
 
 from controlplane.cli.bootstrap import render_bootstrap
 from controlplane.cloud.aws import AssumeRoleSource, Sts
@@ -29,8 +34,10 @@ from controlplane.snapshots.snapshot import build_snapshots
 from controlplane.xds.fleet_status import ProxyRegistry
 from controlplane.xds.server import XdsServer
 from tests.support.envoy import EnvoyProcess
-from tests.support.fake_aws import BUCKET, REGION, FakeAws
+from tests.support.fake_aws import ACCOUNT, BUCKET, REGION, FakeAws
+from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
+from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -249,3 +256,85 @@ async def test_path_host_and_signing_header_tricks_never_reach_another_bucket(
         )
         status, body = await asyncio.to_thread(_raw, listen, request)
         assert status in (200, 401), (status, body)
+
+
+# -- through serve: the role's secrets in no output a reader of the control plane or the gateway can see
+
+
+@dataclass
+class _AwsStack(Served):
+    def token(self) -> str:
+        return self.gitlab.mint(aud=AUDIENCE, project_id=42, project_path="acme/deployer", namespace_id=11)
+
+
+def _serve_policy(fake: FakeAws) -> Callable[[PolicyInputs], dict[str, str]]:
+    inventory = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
+    aws = f"aws: {{service: s3, region: {REGION}, role_arn: '{fake.assume_role_arn}', source: assume_role}}"
+
+    def policy(given: PolicyInputs) -> dict[str, str]:
+        return {
+            "inventory.yaml": inventory,
+            "policy.yaml": documents(
+                issuer(given.issuer, extra="inventory: inventory.yaml"),
+                backend("s3", fake.port, host=HOST, extra=aws),
+                role("read", "s3", paths=[f"/{BUCKET}/**"]),
+                binding("deployer-reads", ["read"], "{project: 42}"),
+                gateway(given.listen_port, ["s3"], access_log=given.access_log),
+            ),
+        }
+
+    return policy
+
+
+def test_no_secret_of_the_role_in_logs_metrics_status_audit_access_log_or_config_dump(
+    aws: tuple[FakeAws, AssumeRoleSource], tmp_path: Path
+) -> None:
+    """serve obtains the role's credential (AssumeRole with the credentials file's key), a job's request is signed
+    with it; then every output is searched for the key's secret and each issued session's secret and token."""
+    fake, _ = aws
+    env = {
+        "AWS_ENDPOINT_URL_STS": fake.endpoint,
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    (tmp_path / "stack").mkdir()
+    with serve_stack(
+        tmp_path / "stack",
+        _serve_policy(fake),
+        kind=_AwsStack,
+        envoy=EnvoySpec("attack-envoy", "attack-envoy", flush_logs=True),
+        backends=(),
+        serve_args=("--xds-insecure",),
+        env=env,
+        ready=lambda built: built.request(HOST, f"/{BUCKET}/hello.txt", built.token()).status == 200,
+    ) as built:
+        for _ in range(3):
+            assert built.request(HOST, f"/{BUCKET}/hello.txt", built.token()).status == 200
+        sessions = sts_backends[ACCOUNT]["aws"].assumed_roles
+        assert sessions
+        secrets = [fake.user_key.secret_access_key]
+        secrets += [s for role in sessions for s in (role.secret_access_key, role.session_token)]
+        outputs = {
+            "serve log": built.controlplane.log_text(),
+            "metrics": built.controlplane.metrics(),
+            "status": json.dumps(built.controlplane.status()),
+            "envoy config dump": built.envoy.admin_get("/config_dump")[1],
+            "envoy stats": built.envoy.admin_get("/stats")[1],
+            "envoy log": built.envoy.log_text(redact=False),
+        }
+        _until(lambda: built.access_log.exists() and HOST in built.access_log.read_text())
+        outputs["access log"] = built.access_log.read_text()
+        state = built.controlplane.state_dir
+        audit = subprocess.run(
+            [sys.executable, "-m", "controlplane", "audit", "--since", "1h", "--format", "json", "--state-dir",
+             str(state)],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )  # fmt: skip
+        outputs["audit"] = audit.stdout + audit.stderr
+        assert fake.assume_role_arn in outputs["audit"]  # the role used is recorded, its secrets are not
+        # the search can find: the key id is in clear where the secret is redacted (docs/envoy-aws-signing.md fact 7)
+        assert any(role.access_key_id in outputs["envoy config dump"] for role in sessions)
+        for where, text in outputs.items():
+            for secret in secrets:
+                assert secret not in text, f"a secret of the role in the {where}"
