@@ -103,6 +103,22 @@ def test_an_aws_backend_without_tls_may_not_have_a_wildcard_host() -> None:
     assert parse_policy({"p.yaml": "---\n".join([issuer, gateway, pinned])}).backends[0].tls is not None
 
 
+def test_a_gcp_backend_may_not_have_public_paths() -> None:
+    """Before: accepted, and the injector (on for the whole virtual host) put the service account's token into the
+    requests of a public path, which take no token at all: anyone reaching the gateway called it as the account.
+    AWS backends already refuse public paths for the same reason."""
+    gcp = (
+        "gcp:\n  workload_identity_provider: projects/123456789/locations/global/workloadIdentityPools/pool-1/"
+        "providers/cp-1\n  service_account: gcs-reader@acme-prod.iam.gserviceaccount.com\n"
+    )
+    backend = "kind: Backend\nname: gcs\nhosts: [gcs.local]\nendpoints: [{address: 127.0.0.1, port: 1}]\n" + gcp
+    gateway = "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [gcs]\n"
+    issuer = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
+    assert parse_policy({"p.yaml": "---\n".join([issuer, gateway, backend])}).backends[0].gcp is not None
+    with pytest.raises(PolicyInvalid, match="public path would lend it to anyone"):
+        parse_policy({"p.yaml": "---\n".join([issuer, gateway, backend + "public_paths: [/healthz]\n"])})
+
+
 BASE = (
     "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n---\n"
     "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [team-a-s3, team-b-s3]\n"
