@@ -27,7 +27,7 @@ def example(name: str) -> Policy:
 def test_each_cloud_backend_names_its_role_or_service_account_and_no_other_backend_does() -> None:
     aws = cloud_identities(example("aws-s3"))
     gcp = cloud_identities(example("gcp-storage"))
-    assert list(aws.values()) == [AWS_ROLE]  # the backend's role: per-binding roles are not compiled yet
+    assert list(aws.values()) == [AWS_ROLE]  # no binding of aws-s3 names a role of its own
     assert sorted(gcp.values()) == [GCS_SA, RUN_SA]
     assert cloud_identities(example("quickstart")) == {}
     assert cloud_identities(None) == {}
