@@ -57,52 +57,32 @@ class SigningCredential:
         return f"SigningCredential(access_key_id={self.access_key_id!r}, ...)"
 
 
-def signing_filter(backend: str, role_arn: str | None = None) -> str:
-    """The HCM filter (and its ECDS resource) signing this backend's requests with its own role (`role_arn`
-    None), or with a binding's role (`aws-sign-<backend>@<role ARN>`)."""
-    return f"aws-sign-{backend}" if role_arn is None else f"aws-sign-{backend}@{role_arn}"
+def signing_filter(backend: str) -> str:
+    """The HCM filter (and its ECDS resource) signing this backend's requests."""
+    return f"aws-sign-{backend}"
 
 
-def binding_roles(backend: Backend, choices: Sequence[RoleChoice]) -> list[str]:
-    """The role ARNs of the backend's binding roles that need a filter of their own (not the backend's), sorted."""
-    if backend.aws is None:
-        return []
-    return sorted({c.role_arn for c in choices} - {backend.aws.role_arn})
-
-
-def _role_filter(backend: Backend, role_arn: str) -> str:
-    assert backend.aws is not None
-    return signing_filter(backend.name, None if role_arn == backend.aws.role_arn else role_arn)
-
-
-def http_filters(
-    backends: Sequence[Backend], choices: Mapping[str, Sequence[RoleChoice]] | None = None
-) -> list[hcm.HttpFilter]:
-    """One disabled ECDS signing filter per (AWS backend, role), in name order: the last filters before the router,
-    as everything before the signer is signed and nothing after it may change a header (fact 3)."""
-    choices = choices or {}
-    names = [
-        name
-        for b in sorted(backends, key=lambda b: b.name)
-        if b.aws is not None
-        for name in (
-            signing_filter(b.name),
-            *(signing_filter(b.name, arn) for arn in binding_roles(b, choices.get(b.name, ()))),
-        )
-    ]
+def http_filters(backends: Sequence[Backend]) -> list[hcm.HttpFilter]:
+    """One disabled ECDS signing filter per AWS backend, in name order: the last filters before the router, as
+    everything before the signer is signed and nothing after it may change a header (fact 3)."""
     return [
         hcm.HttpFilter(
-            name=name,
+            name=signing_filter(b.name),
             disabled=True,
             config_discovery=config_source_pb2.ExtensionConfigSource(config_source=_ads(), type_urls=[SIGNING_URL]),
         )
-        for name in names
+        for b in sorted(backends, key=lambda b: b.name)
+        if b.aws is not None
     ]
 
 
 def per_filter_config(backend: Backend, signing_on: bool) -> dict[str, rc.FilterConfig]:
-    """Switches the backend's signer on for its virtual host when its role has a credential (an empty `config`:
-    `disabled: false` alone is NACKed, fact 10)."""
+    """Switches the backend's signer on for its virtual host when its role has a credential, or when bindings of
+    its own roles route there (an empty `config`: `disabled: false` alone is NACKed, fact 10). Envoy decides which
+    filters run from the route chosen BEFORE jwt_authn (always the default route: no token is known yet), so a
+    binding role's route cannot switch a filter on itself; it overrides the signer's configuration instead (see
+    `role_routes`). Without the backend's own credential its default route answers 503, so the placeholder
+    configuration signs nothing that is sent."""
     if backend.aws is None or not signing_on:
         return {}
     enabled = rc.FilterConfig()
@@ -111,8 +91,7 @@ def per_filter_config(backend: Backend, signing_on: bool) -> dict[str, rc.Filter
 
 
 def per_route_off(backend: Backend) -> dict[str, rc.FilterConfig]:
-    """Off again on routes to somewhere other than AWS (the token exchange). Binding roles' filters are switched
-    on by their own routes only, so they need nothing here."""
+    """Off again on routes to somewhere other than AWS (the token exchange)."""
     return {signing_filter(backend.name): rc.FilterConfig(disabled=True)} if backend.aws is not None else {}
 
 
@@ -123,55 +102,53 @@ def role_route_name(backend: str, binding: str, index: int) -> str:
 
 
 def role_routes(
-    backend: Backend, choices: Sequence[RoleChoice], default: rc.Route, signing: Sequence[bool]
+    backend: Backend,
+    choices: Sequence[RoleChoice],
+    default: rc.Route,
+    credentials: Sequence[SigningCredential | None],
 ) -> list[rc.Route]:
     """Before the default route, one route per (binding role, alternative of its subject), in the choices' order
-    (resolved/aws_roles.py): the default route's action, matched on the token's payload in dynamic metadata, with
-    the backend's signer off and the role's on. `signing[i]`: choice i's role has a valid credential, else its
-    routes answer 503 (fail closed). A choice naming the backend's own role keeps the host's signer (it must
-    still come first, so that a job it matches is not signed by a later binding's role)."""
+    (resolved/aws_roles.py): the default route's action, matched on the token's payload in dynamic metadata (the
+    route is chosen again after jwt_authn: `clear_route_cache`), signing with the role's credential
+    (`credentials[i]` for choice i) by an `AwsRequestSigningPerRoute` (fact 5), which the signer reads from the
+    route it finally serves. Without a credential the role's routes answer 503 (fail closed). A choice naming the
+    backend's own role keeps the host's signer; it must still come first, so that a job it matches is not signed
+    with a later binding's role."""
     if backend.aws is None:
         return []
     routes = []
-    for choice, on in zip(choices, signing, strict=True):
+    for choice, credential in zip(choices, credentials, strict=True):
         for index, conditions in enumerate(choice.matches):
             route = rc.Route()
             route.CopyFrom(default)
             route.name = role_route_name(backend.name, choice.binding, index)
             route.match.dynamic_metadata.extend(condition_metadata_matcher(c) for c in conditions)
-            route = fail_closed(backend, route, on)
+            if credential is None:
+                routes.append(fail_closed(backend, route, False))
+                continue
             if choice.role_arn != backend.aws.role_arn:
-                for name, config in _role_per_route(backend, choice.role_arn, on).items():
-                    route.typed_per_filter_config[name].CopyFrom(packed(config))
+                per_route = signing.AwsRequestSigningPerRoute(
+                    aws_request_signing=_signing_config(backend, credential),
+                    stat_prefix=f"{backend.name}.{choice.binding}.",  # required by Envoy (NACKed empty)
+                )
+                override = rc.FilterConfig()
+                override.config.CopyFrom(packed(per_route))
+                route.typed_per_filter_config[signing_filter(backend.name)].CopyFrom(packed(override))
             routes.append(route)
     return routes
 
 
-def _role_per_route(backend: Backend, role_arn: str, on: bool) -> dict[str, rc.FilterConfig]:
-    """The backend's signer off, the role's on (only with a credential: a 503 route signs nothing)."""
-    configs = {signing_filter(backend.name): rc.FilterConfig(disabled=True)}
-    if on:
-        enabled = configs[signing_filter(backend.name, role_arn)] = rc.FilterConfig()
-        enabled.config.SetInParent()
-    return configs
-
-
 def extension_configs(
-    backends: Sequence[Backend],
-    credentials: Mapping[str, SigningCredential],
-    choices: Mapping[str, Sequence[RoleChoice]] | None = None,
+    backends: Sequence[Backend], credentials: Mapping[str, SigningCredential]
 ) -> list[tuple[str, bytes]]:
-    """The ECDS resource of each (AWS backend, role) signer, with the role's credential (by role ARN) or a
-    placeholder."""
-    choices = choices or {}
+    """The ECDS resource of each AWS backend's signer, with its role's credential (by role ARN) or a placeholder."""
     out = []
     for backend in backends:
         if backend.aws is None:
             continue
-        for arn in (backend.aws.role_arn, *binding_roles(backend, choices.get(backend.name, ()))):
-            name = _role_filter(backend, arn)
-            config = _signing_config(backend, credentials.get(arn))
-            out.append((name, serialized(extension_pb2.TypedExtensionConfig(name=name, typed_config=packed(config)))))
+        config = _signing_config(backend, credentials.get(backend.aws.role_arn))
+        name = signing_filter(backend.name)
+        out.append((name, serialized(extension_pb2.TypedExtensionConfig(name=name, typed_config=packed(config)))))
     return sorted(out)
 
 

@@ -161,7 +161,8 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
         choices = shared.memo.interned(
             backend_role_choices(backend_grants, shared.bindings) if backend.aws is not None else ()
         )
-        choices_signing = shared.memo.interned(tuple(c.role_arn in shared.aws_credentials for c in choices))
+        # Each choice's credential is in its routes (compiler/aws.py): part of the key, so a refresh recompiles it.
+        choices_signing = shared.memo.interned(tuple(shared.aws_credentials.get(c.role_arn) for c in choices))
         if choices:
             aws_roles[backend.name] = choices
         parts.append(
@@ -204,14 +205,14 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             for b, p in zip(backends, parts, strict=True)
             if p.endpoints is not None
         ],
-        LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, backends, aws_roles)))],
+        LISTENER: [(listener_name(gateway.name), serialized(listener.gateway_listener(gateway, backends)))],
         ROUTE: [(route_name, route.route_configuration_bytes(route_name, virtual_hosts))],
         # jwt_authn's configuration (keys, requirements) and the deny list: changing either changes no listener.
         EXTENSION_CONFIG: sorted(
             [
                 (JWT_FILTER, listener.authentication_config_bytes(authentication)),
                 *shared.revocations,
-                *aws.extension_configs(backends, shared.aws_credentials, aws_roles),
+                *aws.extension_configs(backends, shared.aws_credentials),
             ]
         ),
         SECRET: sorted(inject.secrets(backends, shared.secrets) + _exchange_ca(shared.credentials)),
@@ -242,7 +243,7 @@ def _backend_parts(
     encoder: rbac.RbacEncoder,
     aws_signing: bool = False,
     aws_roles: tuple[RoleChoice, ...] = (),
-    aws_roles_signing: tuple[bool, ...] = (),
+    aws_roles_credentials: tuple[aws.SigningCredential | None, ...] = (),
 ) -> _BackendParts:
     providers = [provider_name(i) for i in issuers]
     if shape.issuer is not None:
@@ -259,7 +260,7 @@ def _backend_parts(
             exchange=shape.exchange,
             aws_signing=aws_signing,
             aws_roles=aws_roles,
-            aws_roles_signing=aws_roles_signing,
+            aws_roles_credentials=aws_roles_credentials,
         ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),

@@ -12,7 +12,7 @@ listener (Envoy would drain its connections).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from envoy.config.core.v3 import address_pb2, config_source_pb2, extension_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -36,18 +36,14 @@ from controlplane.compiler.rbac import deny_all_filter
 from controlplane.compiler.revocations import RBAC_URL, bucket_names
 from controlplane.compiler.util import packed, serialized
 from controlplane.model.policy import Backend, Gateway
-from controlplane.resolved.aws_roles import RoleChoice
 
 HCM = hcm.HttpConnectionManager
 _JWT_CONFIG_URL = "type.googleapis.com/" + jwt.JwtAuthentication.DESCRIPTOR.full_name
 
 
-def gateway_listener(
-    gateway: Gateway, backends: Sequence[Backend] = (), aws_roles: Mapping[str, Sequence[RoleChoice]] | None = None
-) -> listener_pb2.Listener:
+def gateway_listener(gateway: Gateway, backends: Sequence[Backend] = ()) -> listener_pb2.Listener:
     """`backends` add their credential injection filters (see inject.http_filters), which only run once RBAC has
-    allowed, and their AWS signers (one per role: `aws_roles`, by backend). jwt_authn's configuration is not here
-    either: see `authentication_config_bytes`."""
+    allowed. jwt_authn's configuration is not here either: see `authentication_config_bytes`."""
     manager = HCM(
         stat_prefix=gateway.name.replace("-", "_"),
         codec_type=HCM.AUTO,
@@ -60,7 +56,7 @@ def gateway_listener(
             *revocation_bucket_filters(),
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=packed(deny_all_filter())),
             *inject.http_filters(backends),
-            *aws.http_filters(backends, aws_roles),
+            *aws.http_filters(backends),
             hcm.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
         ],
         access_log=[file_access_log(gateway.access_log_path), grpc_access_log(gateway.name)],

@@ -46,27 +46,28 @@ def virtual_host(
     exchange: bool = False,
     aws_signing: bool = False,
     aws_roles: Sequence[RoleChoice] = (),
-    aws_roles_signing: Sequence[bool] = (),
+    aws_roles_credentials: Sequence[aws.SigningCredential | None] = (),
 ) -> rc.VirtualHost:
     """`rbac`: the host's serialized RBACPerRoute (see `rbac.RbacEncoder`); `requirement`: the name of the
     listener's JWT requirement for this host (None: no issuer accepts tokens here); `exchange`: the
     token-exchange endpoint is routed first on this host (see `_exchange_route`); `aws_signing`: an AWS
     backend's role has a valid credential (else its routes answer 503, compiler/aws.py); `aws_roles`: its
-    bindings' own roles (resolved/aws_roles.py), each routed before the default route, `aws_roles_signing`
-    saying which of them has a valid credential."""
+    bindings' own roles (resolved/aws_roles.py), each routed before the default route and signing with the valid
+    credential at the same index of `aws_roles_credentials` (None: its routes answer 503)."""
     default = _default_route(backend)
     per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=rbac)}
     if requirement is not None:
         per_filter[JWT_FILTER] = packed(per_route_requirement(requirement))
     per_filter.update((name, packed(config)) for name, config in inject.per_filter_config(backend).items())
-    per_filter.update((name, packed(config)) for name, config in aws.per_filter_config(backend, aws_signing).items())
+    signer_on = aws_signing or any(c is not None for c in aws_roles_credentials)
+    per_filter.update((name, packed(config)) for name, config in aws.per_filter_config(backend, signer_on).items())
     return rc.VirtualHost(
         name=backend.name,
         domains=_domains(backend.hosts),
         routes=[
             *([_exchange_route(backend)] if exchange else []),
             *(aws.fail_closed(backend, _public_route(backend, p), aws_signing) for p in backend.public_paths),
-            *aws.role_routes(backend, aws_roles, default, aws_roles_signing),
+            *aws.role_routes(backend, aws_roles, default, aws_roles_credentials),
             aws.fail_closed(backend, default, aws_signing),
         ],
         typed_per_filter_config=per_filter,
@@ -80,9 +81,9 @@ def virtual_host_bytes(
     exchange: bool = False,
     aws_signing: bool = False,
     aws_roles: Sequence[RoleChoice] = (),
-    aws_roles_signing: Sequence[bool] = (),
+    aws_roles_credentials: Sequence[aws.SigningCredential | None] = (),
 ) -> bytes:
-    return serialized(virtual_host(backend, rbac, requirement, exchange, aws_signing, aws_roles, aws_roles_signing))
+    return serialized(virtual_host(backend, rbac, requirement, exchange, aws_signing, aws_roles, aws_roles_credentials))
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:

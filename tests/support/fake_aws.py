@@ -56,6 +56,9 @@ S3_READ_POLICY = {
     "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
 }
 
+# SigV4's `Authorization: AWS4-HMAC-SHA256 Credential=<access key id>/<date>/<region>/<service>/aws4_request, ...`
+_SIGNED_BY = re.compile(r"Credential=([A-Z0-9]+)/")
+
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -93,6 +96,9 @@ class _Layer:
         self._fake = fake
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        signed = _SIGNED_BY.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if signed is not None:
+            self._fake.signed_with.append((environ.get("REQUEST_METHOD", ""), signed.group(1)))
         token = environ.get("HTTP_X_AMZ_SECURITY_TOKEN")
         if token is not None and self._expired(token):
             self._fake.refused_expired += 1
@@ -171,6 +177,7 @@ class FakeAws:
         self.web_identity_calls: list[dict[str, str]] = []  # the form fields of each AssumeRoleWithWebIdentity
         self.refused_expired = 0
         self.refused_payload = 0
+        self.signed_with: list[tuple[str, str]] = []  # (method, access key id) of every SigV4-signed request seen
         # Web-identity sessions last this long whatever was asked (None: as asked). A test knob: AWS never grants
         # less than asked, but serve asks for an hour and refreshes 300 s before expiry, so a session of a little
         # over 300 s makes serve's own refresher replace it within seconds.
@@ -240,6 +247,39 @@ class FakeAws:
                 role.expiration = past.replace(tzinfo=None)
                 return
         raise KeyError(access_key_id)
+
+    def role_of_key(self, access_key_id: str) -> str | None:
+        """The role ARN whose temporary credential `access_key_id` is (None: not one STS issued)."""
+        for role in sts_backends[ACCOUNT]["aws"].assumed_roles:
+            if role.access_key_id == access_key_id:
+                return str(role.role_arn)
+        return None
+
+    def add_role(self, name: str, policy: Mapping[str, Any], assumable: bool = True) -> str:
+        """A role with `policy`, which the seeded user may assume (AssumeRole) only when `assumable`; its ARN."""
+        self._post("/moto-api/reset-auth", b"inf")  # seeding runs unauthenticated
+        try:
+            iam = boto3.client(
+                "iam",
+                endpoint_url=self.endpoint,
+                region_name=REGION,
+                aws_access_key_id="seed",
+                aws_secret_access_key="x",
+            )
+            user_arn = f"arn:aws:iam::{ACCOUNT}:user/{USER}"
+            trust = {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": user_arn}, "Action": "sts:AssumeRole"}],
+            }
+            arn = str(iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"])
+            iam.put_role_policy(RoleName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+            if assumable:
+                allow = {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": arn}
+                document = {"Version": "2012-10-17", "Statement": [allow]}
+                iam.put_user_policy(UserName=USER, PolicyName=f"assume-{name}", PolicyDocument=json.dumps(document))
+        finally:
+            self._post("/moto-api/reset-auth", b"0")
+        return arn
 
     # -- seed
 
