@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from envoy.config.core.v3 import extension_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -14,6 +15,7 @@ from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
 from controlplane.audit.als import backend_of_route, cloud_identities, record_from_entry, with_cloud_identity
+from controlplane.cli.main import main
 from controlplane.compiler.aws import UNAVAILABLE_STATUS, SigningCredential, signing_filter
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.memo import CompilerMemo
@@ -228,3 +230,18 @@ def test_a_nack_quoting_a_credential_is_redacted_before_it_is_logged_or_kept() -
     nack = 'inline_credential {\n  access_key_id: "ASIAX"\n  secret_access_key: "Jw+2K\\"x"\n  session_token: "tok"\n}'
     shown = truncate_error(nack)
     assert "Jw+2K" not in shown and "TOKVALUE" not in shown and 'access_key_id: "ASIAX"' in shown
+
+
+def test_validate_prints_the_overlap_warning_and_still_accepts_the_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for source in (EXAMPLES / "aws-binding-roles").glob("*.yaml"):
+        text = source.read_text()
+        if source.name == "bindings.yaml":
+            text = text.replace("    pipeline_source: merge_request_event\n", "    ref: main\n")
+        (tmp_path / source.name).write_text(text)
+    assert main(["validate", str(tmp_path), "--offline"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: bindings.yaml:" in err and "aws_role_arn: binding mr-pipelines-read-artifacts" in err
+    assert main(["validate", str(EXAMPLES / "aws-binding-roles"), "--offline"]) == 0
+    assert "aws_role_arn" not in capsys.readouterr().err
