@@ -157,12 +157,13 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             accepted = access.issuers or every_issuer
         roles = shared.roles.get(backend.name, ())
         signing = backend.aws is not None and backend.aws.role_arn in shared.aws_credentials
-        # Interned: equal choices (and which of them sign) must be the same object for the memo.
-        choices = shared.memo.interned(
-            backend_role_choices(backend_grants, shared.bindings) if backend.aws is not None else ()
-        )
-        # Each choice's credential is in its routes (compiler/aws.py): part of the key, so a refresh recompiles it.
-        choices_signing = shared.memo.interned(tuple(shared.aws_credentials.get(c.role_arn) for c in choices))
+        choices: tuple[RoleChoice, ...] = ()  # the empty tuple is one object: no interning for other backends
+        choices_signing: tuple[aws.SigningCredential | None, ...] = ()
+        if backend.aws is not None:
+            # Interned: equal choices (and their credentials) must be the same object for the memo. Each choice's
+            # credential is in its routes (compiler/aws.py): part of the key, so a refresh recompiles the host.
+            choices = shared.memo.interned(backend_role_choices(backend_grants, shared.bindings))
+            choices_signing = shared.memo.interned(tuple(shared.aws_credentials.get(c.role_arn) for c in choices))
         if choices:
             aws_roles[backend.name] = choices
         parts.append(
