@@ -33,9 +33,9 @@ import pytest
 from controlplane.audit.store import DB_NAME
 from controlplane.cli.main import main
 from tests.support import suggest_scenario as wide
-from tests.support.policy_parts import backend, binding, documents, gateway, issuer
+from tests.support.policy_parts import ACME_INVENTORY, binding
 from tests.support.ports import poll_until
-from tests.support.stack import INVENTORY_FILE, NODE, EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import NODE, EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,76 +43,18 @@ TOKEN_ENV = "SUGGEST_E2E_GITLAB_TOKEN"
 DEPLOYER = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
 OTHER = {"project_id": 43, "project_path": "acme/platform/other", "namespace_id": 11}
 THIRD = {"project_id": 44, "project_path": "acme/platform/third", "namespace_id": 11}
-INVENTORY = """\
-groups:
-  - {id: 10, path: acme}
-  - {id: 11, path: acme/platform, parent_id: 10}
-projects:
-  - {id: 42, path: acme/platform/deployer, namespace_id: 11}
-  - {id: 43, path: acme/platform/other, namespace_id: 11}
-  - {id: 44, path: acme/platform/third, namespace_id: 11}
-"""
+INVENTORY = ACME_INVENTORY + "  - {id: 44, path: acme/platform/third, namespace_id: 11}\n"
 REPORTS, DEPLOY = "https://reports.local", "https://deploy.local"
-
-DEPLOYER_CI = """\
-include:
-  - local: ci/deploy.yml
-stages: [test, deploy]
-.reports:
-  id_tokens:
-    REPORTS_TOKEN:
-      aud: https://reports.local
-read-reports:
-  extends: .reports
-  stage: test
-  rules:
-    - if: $CI_COMMIT_REF_PROTECTED == "true"
-  script: ['curl -H "Authorization: Bearer $REPORTS_TOKEN" https://reports.local/reports/2026/01']
-"""
-DEPLOYER_DEPLOY_CI = """\
-deploy-prod:
-  stage: deploy
-  id_tokens:
-    DEPLOY_TOKEN:
-      aud: https://deploy.local
-  environment:
-    name: production
-    deployment_tier: production
-  rules:
-    - if: $CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH && $CI_PIPELINE_SOURCE == "push"
-  script: [./deploy.sh]
-"""
-OTHER_CI = """\
-fetch-status:
-  id_tokens:
-    T:
-      aud: https://reports.local
-  script: [./status.sh]
-"""
 
 
 def broad_policy(given: PolicyInputs) -> dict[str, str]:
     """Anything on both backends for the whole group, and a binding nobody uses."""
-    anything = 'rules:\n  - paths: ["/**"]\n'
-    return {
-        "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
-        "inventory.yaml": INVENTORY,
-        "backends.yaml": documents(
-            backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
-            backend("deploy-api", given.ports["deploy"]),
-        ),
-        "roles.yaml": documents(
-            f"kind: Role\nname: reports-everything\nbackend: reports-api\n{anything}",
-            f"kind: Role\nname: deploy-everything\nbackend: deploy-api\n{anything}",
-            "kind: Role\nname: reports-read\nbackend: reports-api\nrules:\n  - methods: [GET, HEAD]\n",
-        ),
-        "bindings.yaml": documents(
-            binding("platform-all", ["reports-everything", "deploy-everything"], "{group: acme/platform}"),
-            binding("legacy-reader", ["reports-read"], "{project: 43, ref: legacy}"),
-            binding("deploy-dry-run", ["deploy-everything"], "{project: 42, ref: main}", extra="mode: shadow"),
-        ),
-        "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"], access_log=given.access_log),
-    }
+    return wide.broad_policy(
+        given,
+        INVENTORY,
+        roles=["kind: Role\nname: reports-read\nbackend: reports-api\nrules:\n  - methods: [GET, HEAD]\n"],
+        bindings=[binding("legacy-reader", ["reports-read"], "{project: 43, ref: legacy}")],
+    )
 
 
 @dataclass(frozen=True)
@@ -191,10 +133,10 @@ def stack(tmp_path: Path) -> Iterator[Served]:
             id=42,
             branches=["main", "feature", "dev"],
             protected=["main", "dev"],
-            files={".gitlab-ci.yml": DEPLOYER_CI, "ci/deploy.yml": DEPLOYER_DEPLOY_CI},
+            files={".gitlab-ci.yml": wide.DEPLOYER_CI, "ci/deploy.yml": wide.DEPLOYER_DEPLOY_CI},
         )
         gitlab.add_project(
-            "acme/platform/other", id=43, branches=["main", "feature"], files={".gitlab-ci.yml": OTHER_CI}
+            "acme/platform/other", id=43, branches=["main", "feature"], files={".gitlab-ci.yml": wide.OTHER_CI}
         )
         yield built
 
