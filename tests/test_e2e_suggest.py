@@ -24,7 +24,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ DEPLOYER = {"project_id": 42, "project_path": "acme/platform/deployer", "namespa
 OTHER = {"project_id": 43, "project_path": "acme/platform/other", "namespace_id": 11}
 THIRD = {"project_id": 44, "project_path": "acme/platform/third", "namespace_id": 11}
 INVENTORY = ACME_INVENTORY + "  - {id: 44, path: acme/platform/third, namespace_id: 11}\n"
-REPORTS, DEPLOY = "https://reports.local", "https://deploy.local"
 
 
 def broad_policy(given: PolicyInputs) -> dict[str, str]:
@@ -57,27 +55,27 @@ def broad_policy(given: PolicyInputs) -> dict[str, str]:
     )
 
 
-@dataclass(frozen=True)
-class Call:
-    host: str
-    method: str
-    path: str
-    claims: tuple[tuple[str, Any], ...]
+class Tokens:
+    """One token per distinct set of claims: signing is the slow part of a request, not the Envoy."""
 
-    def token(self, stack: Served) -> str:
-        aud = REPORTS if self.host == "reports.local" else DEPLOY
-        return stack.gitlab.mint(aud=aud, ttl=3600, **dict(self.claims))
+    def __init__(self, stack: Served) -> None:
+        self.stack = stack
+        self.minted: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
 
-    def status(self, stack: Served) -> int:
-        return stack.request(self.host, self.path, self.token(stack), method=self.method).status
+    def status(self, made: wide.Call) -> int:
+        key = (made.host, made.claims)
+        if key not in self.minted:
+            aud = wide.AUDIENCE_OF_HOST[made.host]
+            self.minted[key] = self.stack.gitlab.mint(aud=aud, ttl=3600, **made.claim)
+        return self.stack.request(made.host, made.path, self.minted[key], method=made.method).status
 
 
-def call(host: str, method: str, path: str, project: dict[str, Any], **claims: Any) -> Call:
+def call(host: str, method: str, path: str, project: dict[str, Any], **claims: Any) -> wide.Call:
     base = {"ref": "main", "ref_protected": True, "pipeline_source": "push", **project, **claims}
-    return Call(host, method, path, tuple(sorted(base.items())))
+    return wide.Call(host, method, path, tuple(sorted(base.items())))
 
 
-def recorded_calls() -> list[Call]:
+def recorded_calls() -> list[wide.Call]:
     """What the jobs did: three read-reports jobs, one deploy job, one job of the other project."""
     made = []
     for job, months in ((9001, ("01", "02")), (9002, ("03",)), (9003, ("04", "01"))):
@@ -88,7 +86,7 @@ def recorded_calls() -> list[Call]:
     return made
 
 
-def unused_calls() -> list[Call]:
+def unused_calls() -> list[wide.Call]:
     """What the broad policy allows and nobody did: other methods, paths, refs, projects, environments, sources."""
     reports = []
     for method in ("POST", "PUT", "PATCH", "DELETE"):
@@ -197,9 +195,10 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     stack: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(TOKEN_ENV, stack.gitlab.api_token)
+    tokens = Tokens(stack)
     recorded = recorded_calls()
     for made in recorded:
-        assert made.status(stack) == 200, made
+        assert tokens.status(made) == 200, made
     db = stack.controlplane.state_dir / DB_NAME
     poll_until(lambda: _audited(db) >= len(recorded), 15, message="every request in the audit trail")
     poll_until(lambda: _logged(stack.access_log) >= len(recorded), 15, message="every request in the access log")
@@ -250,12 +249,12 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     assert "# /reports/2026/*: 5 request(s) by 3 job(s) (9001, 9002, 9003)" in yaml_text, yaml_text
 
     unused = unused_calls()
-    refused_before = [c for c in unused if c.status(stack) != 200]
+    refused_before = [c for c in unused if tokens.status(c) != 200]
     assert refused_before == [], "the broad policy must allow every unused request"
 
     _swap_policy(stack, tmp_path / "suggested")
-    still_allowed = [c for c in recorded if c.status(stack) == 200]
-    now_denied = [c for c in unused if c.status(stack) == 403]
+    still_allowed = [c for c in recorded if tokens.status(c) == 200]
+    now_denied = [c for c in unused if tokens.status(c) == 403]
     print(
         f"replay through Envoy: {len(still_allowed)}/{len(recorded)} recorded requests still allowed, "
         f"{len(now_denied)}/{len(unused)} unused requests the old policy allowed now denied"
@@ -283,21 +282,6 @@ def wide_stack(tmp_path: Path) -> Iterator[Served]:
                 wide.PROJECTS[project], id=project, branches=branches, protected=protected, files=files
             )
         yield built
-
-
-class Tokens:
-    """One token per distinct set of claims: signing is the slow part of a request, not the Envoy."""
-
-    def __init__(self, stack: Served) -> None:
-        self.stack = stack
-        self.minted: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
-
-    def status(self, made: wide.Call) -> int:
-        key = (made.host, made.claims)
-        if key not in self.minted:
-            aud = wide.AUDIENCE_OF_HOST[made.host]
-            self.minted[key] = self.stack.gitlab.mint(aud=aud, ttl=3600, **made.claim)
-        return self.stack.request(made.host, made.path, self.minted[key], method=made.method).status
 
 
 def test_wide_replay_keeps_every_observed_request_and_denies_what_nobody_used(
