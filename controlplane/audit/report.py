@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from controlplane.audit.usage import Table, Usage
 from controlplane.resolved.access import ResolvedPolicy
-from controlplane.resolved.diff import PolicyDiff, compare, subject_text
+from controlplane.resolved.diff import PolicyDiff, cloud_text, compare, subject_text
 from controlplane.resolved.diff import document as diff_document
 
 FORMAT = "controlplane-report/1"
@@ -213,7 +213,7 @@ def _changes(versions: Sequence[PolicyVersion], cap: int) -> tuple[list[Mapping[
 
 
 def diff_lines(diff: PolicyDiff) -> list[str]:
-    """One line per gain, loss and mode change, in `controlplane diff`'s words."""
+    """One line per gain, loss, mode change and cloud identity change, in `controlplane diff`'s words."""
     out = []
     for backend in diff.backends:
         if backend.status != "changed":
@@ -227,6 +227,7 @@ def diff_lines(diff: PolicyDiff) -> list[str]:
             for c in backend.losses
         )
         out.extend(f"! {backend.name}: {m.grant} {m.old} -> {m.new}" for m in backend.modes)
+        out.extend(f"* {backend.name}: {cloud_text(c)}" for c in backend.cloud)
     out.extend(f"gateway {name} added" for name in diff.gateways_added)
     out.extend(f"gateway {name} removed" for name in diff.gateways_removed)
     out.extend(
