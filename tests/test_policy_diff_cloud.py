@@ -104,7 +104,11 @@ CASES: list[tuple[str, Path, list[Edit], str, list[tuple[str | None, str, str | 
     (
         "binding-role-added",
         AWS_EXAMPLE,
-        [_replace("bindings.yaml", "roles: [artifacts-read]\n", f"roles: [artifacts-read]\naws_role_arn: {OTHER_ROLE}\n")],
+        [
+            _replace(
+                "bindings.yaml", "roles: [artifacts-read]\n", f"roles: [artifacts-read]\naws_role_arn: {OTHER_ROLE}\n"
+            )
+        ],
         "artifacts-s3",
         [("mr-pipelines-read-artifacts", "aws_role_arn", None, OTHER_ROLE)],
     ),
@@ -234,7 +238,9 @@ def test_policy_history_in_the_report_names_the_cloud_change(tmp_path: Path) -> 
     from controlplane.sources.policy_dir import ReadLimits
 
     old = load_side(_tree(tmp_path, AWS_EXAMPLE, "old"), "old", ReadLimits())
-    new = load_side(_tree(tmp_path, AWS_EXAMPLE, "new", _replace("backend.yaml", READ_ROLE, OTHER_ROLE)), "new", ReadLimits())
+    new = load_side(
+        _tree(tmp_path, AWS_EXAMPLE, "new", _replace("backend.yaml", READ_ROLE, OTHER_ROLE)), "new", ReadLimits()
+    )
     assert old is not None and new is not None
     diff = compare(old.resolved, new.resolved, {}, {})
     assert diff_lines(diff) == [f"* artifacts-s3: cloud role_arn: {READ_ROLE} -> {OTHER_ROLE}"]

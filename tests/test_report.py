@@ -242,8 +242,9 @@ def test_csv_is_one_file_per_table_with_formulas_defused(data: Fixture, tmp_path
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         [
-            "access.csv", "denials.csv", "index.csv", "jobs.csv", "not_recorded.csv", "policy_versions.csv",
-            "revocations.csv", "signing_keys.csv", "summary.csv", "usage.csv",
+            "access.csv", "cloud_identities.csv", "cloud_use.csv", "denials.csv", "index.csv", "jobs.csv",
+            "not_recorded.csv", "policy_versions.csv", "revocations.csv", "signing_keys.csv", "summary.csv",
+            "usage.csv",
         ]
     )  # fmt: skip
     jobs = list(csv.DictReader(io.StringIO((out / "jobs.csv").read_text())))
@@ -301,8 +302,9 @@ def test_postgres_trail_gives_the_same_aggregates(data: Fixture, pg_dsn: str, mo
     pg_report = json.loads(
         _stdout(lambda: run(data, "--store", "postgres", "--store-dsn-env", "CONTROLPLANE_TEST_REPORT_DSN"))
     )
-    for section in ("jobs", "usage", "denials"):
+    for section in ("jobs", "usage", "denials", "cloud_identities", "cloud_use"):
         assert rows(pg_report, section) == rows(file_report, section), section
+    assert len(rows(pg_report, "cloud_identities")) == 3
     assert pg_report["summary"]["requests"] == file_report["summary"]["requests"] == 40
     assert rows(pg_report, "revocations")[0]["refused_requests"] == 3
 

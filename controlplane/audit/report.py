@@ -107,6 +107,9 @@ NOT_RECORDED: tuple[str, ...] = (
     "load (counted in controlplane_audit_records_dropped_total, not in the trail); records past the audit "
     "retention (serve --audit-retention, 30 days by default) are gone.",
     "Credentials exchanged (token exchange) that were never used: the trail records requests, not exchanges.",
+    "What a cloud identity was allowed to do in AWS or Google Cloud: its IAM policies live in the cloud, not in "
+    "the policy; the report names the role or service account requests were sent as, and the cloud's own logs "
+    "(CloudTrail, Cloud Audit Logs) what it did there.",
     "When a commit was pushed, and commits a force push erased: the policy's history is the branch as it is now, "
     "and a commit's time is the one its committer's git wrote (one dated out of the branch's order is "
     "marked); when a fast-forward brought several commits at once, each is listed though only the last was in "
@@ -364,6 +367,21 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
     used, used_more = _from_table(usage.tables["usage"])
     denied, denied_more = _from_table(usage.tables["denials"])
     return [
+        *_job_sections(where, jobs, jobs_more, used, used_more, denied, denied_more),
+        *_cloud_sections(usage, where),
+    ]
+
+
+def _job_sections(
+    where: str,
+    jobs: tuple[Mapping[str, Any], ...],
+    jobs_more: int,
+    used: tuple[Mapping[str, Any], ...],
+    used_more: int,
+    denied: tuple[Mapping[str, Any], ...],
+    denied_more: int,
+) -> list[Section]:
+    return [
         Section(
             "jobs",
             "What was used, per project and job",
@@ -433,6 +451,54 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
             ),
             denied,
             denied_more,
+        ),
+    ]
+
+
+_CLOUD_ABOUT = (
+    "The cloud identity is the AWS role ARN or Google service account a request was sent upstream as, recorded "
+    "when the control plane received it (docs/cloud-audit.md): only allowed requests routed to a backend with "
+    "`aws:` or `gcp:`; records written before the audit store kept it (SQLite schema 4, PostgreSQL migration "
+    "10) have none."
+)
+
+
+def _cloud_sections(usage: Usage, where: str) -> list[Section]:
+    """Who requests reached the cloud as: per identity and backend, and per project and job."""
+    empty = Table([], 0)
+    identities, identities_more = _from_table(usage.tables.get("cloud_identities", empty))
+    per_job, per_job_more = _from_table(usage.tables.get("cloud_use", empty))
+    return [
+        Section(
+            "cloud_identities",
+            "Cloud identities: who requests reached AWS and Google Cloud as",
+            (where, _CLOUD_ABOUT, "Jobs: distinct job ids that sent requests as that identity to that backend."),
+            (
+                Column("cloud_identity", "Identity"),
+                Column("backend", "Backend"),
+                Column("requests", "Requests", "count"),
+                Column("jobs", "Jobs", "count"),
+                Column("first", "First seen", "time"),
+                Column("last", "Last seen", "time"),
+            ),
+            identities,
+            identities_more,
+        ),
+        Section(
+            "cloud_use",
+            "Cloud identities used, per project and job",
+            (where, _CLOUD_ABOUT),
+            (
+                Column("project_path", "Project"),
+                Column("job_id", "Job", "id"),
+                Column("cloud_identity", "Identity"),
+                Column("backend", "Backend"),
+                Column("requests", "Requests", "count"),
+                Column("first", "First", "time"),
+                Column("last", "Last", "time"),
+            ),
+            per_job,
+            per_job_more,
         ),
     ]
 
