@@ -71,14 +71,14 @@ def _gcp_settings(gcp: GcpCredentials) -> tuple[tuple[str, str], ...]:
 
 def _binding_roles(policy: Policy) -> dict[str, dict[str, str]]:
     """Backend -> binding -> role ARN, for bindings with `aws_role_arn` granting a role on an AWS backend."""
-    aws = {b.name for b in policy.backends if b.aws is not None}
-    role_backend = {r.name: r.backend for r in policy.roles}
     out: dict[str, dict[str, str]] = {}
-    for binding in policy.bindings:
-        if binding.aws_role_arn is None:
-            continue
+    aws = {b.name for b in policy.backends if b.aws is not None}
+    if not aws:
+        return out  # the common case costs one pass over the backends (Resolution.update runs this each time)
+    role_backend = {r.name: r.backend for r in policy.roles if r.backend in aws}
+    for binding, arn in [(b, b.aws_role_arn) for b in policy.bindings if b.aws_role_arn is not None]:
         for role in binding.roles:
             backend = role_backend.get(role)
-            if backend is not None and backend in aws:
-                out.setdefault(backend, {})[binding.name] = binding.aws_role_arn
+            if backend is not None and arn is not None:
+                out.setdefault(backend, {})[binding.name] = arn
     return out
