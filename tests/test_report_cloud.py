@@ -128,3 +128,43 @@ def test_a_store_older_than_the_column_gives_empty_tables(data: Fixture, tmp_pat
     report = json.loads(out.read_text())
     assert _rows(report, "cloud_identities") == [] and _rows(report, "cloud_use") == []
     assert report["summary"]["requests"] == 40 and len(_rows(report, "jobs")) == 5
+
+
+def test_a_postgres_trail_not_yet_migrated_gives_empty_tables(
+    data: Fixture, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """PostgreSQL before migration 10 (the column dropped again, as an older serve left it): the report reads,
+    it never migrates, so the cloud tables are empty and the rest is there."""
+    import asyncio
+
+    import psycopg
+
+    from controlplane.audit.store_pg import PostgresAuditStore
+    from controlplane.store.dsn import StoreDsn
+    from controlplane.store.pool import PoolSettings, StorePool
+    from tests.support.report_data import audit_records
+
+    async def fill() -> None:
+        pool = StorePool(StoreDsn(pg_dsn, "test"), PoolSettings(min_size=1, max_size=2))
+        store = PostgresAuditStore(pool, retention=None)
+        await store.open()
+        try:
+            for record in audit_records(NOW):
+                assert store.submit(record)
+            assert await asyncio.to_thread(store.flush, 30.0)
+        finally:
+            await store.close()
+            await pool.close()
+
+    asyncio.run(fill())
+    monkeypatch.setenv("CONTROLPLANE_TEST_REPORT_DSN", pg_dsn)
+    pg = ("--store", "postgres", "--store-dsn-env", "CONTROLPLANE_TEST_REPORT_DSN")
+    _report(data, tmp_path / "before.json", *pg)
+    before = json.loads((tmp_path / "before.json").read_text())
+    assert [r["requests"] for r in _rows(before, "cloud_identities")] == [20, 10, 1]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit DROP COLUMN cloud_identity")
+    _report(data, tmp_path / "after.json", *pg)
+    after = json.loads((tmp_path / "after.json").read_text())
+    assert _rows(after, "cloud_identities") == [] and _rows(after, "cloud_use") == []
+    assert after["summary"]["requests"] == 40 and _rows(after, "jobs") == _rows(before, "jobs")
