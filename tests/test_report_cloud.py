@@ -168,3 +168,19 @@ def test_a_postgres_trail_not_yet_migrated_gives_empty_tables(
     after = json.loads((tmp_path / "after.json").read_text())
     assert _rows(after, "cloud_identities") == [] and _rows(after, "cloud_use") == []
     assert after["summary"]["requests"] == 40 and _rows(after, "jobs") == _rows(before, "jobs")
+
+
+def test_who_could_reach_what_names_the_identity_each_grant_is_sent_as(data: Fixture, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    policy = Path(__file__).resolve().parent.parent / "examples" / "aws-s3"
+    argv = ["report", "--since", "1d", "--policy", str(policy), "--no-audit", "--state-dir", str(data.state_dir)]
+    assert main([*argv, "--out", str(out)]) == 0
+    access = _rows(json.loads(out.read_text()), "access")
+    sent_as = {r["grant"]: r["cloud_identity"] for r in access}
+    assert sent_as == {
+        "main-writes-artifacts/artifacts-read": "arn:aws:iam::123456789012:role/ci-artifacts-deploy",
+        "main-writes-artifacts/artifacts-write": "arn:aws:iam::123456789012:role/ci-artifacts-deploy",
+        "mr-pipelines-read-artifacts/artifacts-read": "arn:aws:iam::123456789012:role/ci-artifacts-read",
+    }
+    _report(data, tmp_path / "q.json")  # the quickstart history: no cloud backend, so no identity
+    assert all(r["cloud_identity"] is None for r in _rows(json.loads((tmp_path / "q.json").read_text()), "access"))

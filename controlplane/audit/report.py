@@ -308,6 +308,7 @@ _ACCESS_COLUMNS = (
     Column("mode", "Mode", "id"),
     Column("subject", "Tokens admitted"),
     Column("allows", "Allows", "lines"),
+    Column("cloud_identity", "Sent to the cloud as"),
 )
 
 
@@ -321,7 +322,10 @@ def access_rows(version: PolicyVersion) -> list[dict[str, Any]]:
         for backend in backends:
             fronting.setdefault(backend, []).append(gateway)
     for backend in sorted(version.resolved.backends):
+        cloud = version.resolved.cloud.get(backend)
+        own_roles = dict(cloud.roles) if cloud is not None else {}
         for grant in version.resolved.grants(backend):
+            identity = own_roles.get(grant.binding) or (cloud.identity if cloud is not None else None)
             rules = [f"{', '.join(r.methods) or 'any method'} {', '.join(r.paths) or 'any path'}" for r in grant.rules]
             for subject in grant.subjects or (None,):
                 rows.append(
@@ -332,6 +336,7 @@ def access_rows(version: PolicyVersion) -> list[dict[str, Any]]:
                         "mode": grant.mode.value,
                         "subject": "no one (every subject withdrawn)" if subject is None else subject_text(subject),
                         "allows": rules,
+                        "cloud_identity": identity,
                     }
                 )
     return rows
@@ -349,7 +354,9 @@ def _access_section(inputs: Inputs) -> Section:
             f"The policy in force at the window's end ({version or 'none loaded'}; the last version that loaded: "
             "serve never applies an invalid one), resolved: per backend, each "
             "grant (binding/role), the tokens it admits (every condition must hold) and the methods and paths it "
-            "allows. Shadow grants allow nothing: Envoy only logs what they would allow.",
+            "allows. Shadow grants allow nothing: Envoy only logs what they would allow. On an AWS or Google "
+            "Cloud backend, the role or service account its requests are sent upstream as (a binding's own "
+            "aws_role_arn, else the backend's).",
         ),
         _ACCESS_COLUMNS,
         shown,
