@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import pytest
 from controlplane.cli.main import main
 from controlplane.resolved.cloud import AWS, GCP, CloudIdentity
 from controlplane.resolved.diff import CloudChange, cloud_changes
+from tests.support.policy_parts import Edit
+from tests.support.policy_parts import replace_in as _replace
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 AWS_EXAMPLE, GCP_EXAMPLE = EXAMPLES / "aws-s3", EXAMPLES / "gcp-storage"
@@ -28,18 +29,6 @@ READER = "gcs-reader@acme-prod.iam.gserviceaccount.com"
 RUN_AUDIENCE = "https://reports-abc123-ew.a.run.app"
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 FULL_SCOPE = "https://www.googleapis.com/auth/devstorage.full_control"
-
-Edit = Callable[[Path], None]
-
-
-def _replace(name: str, old: str, new: str) -> Edit:
-    def edit(root: Path) -> None:
-        path = root / name
-        text = path.read_text()
-        assert old in text, f"{old!r} not in {name}"
-        path.write_text(text.replace(old, new, 1))
-
-    return edit
 
 
 def _reorder(name: str) -> Edit:

@@ -26,6 +26,7 @@ from tests.support.report_data import (
     READ_ROLE,
     READ_ROLE_V2,
     Fixture,
+    fill_postgres,
     fixture,
 )
 
@@ -135,28 +136,9 @@ def test_a_postgres_trail_not_yet_migrated_gives_empty_tables(
 ) -> None:
     """PostgreSQL before migration 10 (the column dropped again, as an older serve left it): the report reads,
     it never migrates, so the cloud tables are empty and the rest is there."""
-    import asyncio
-
     import psycopg
 
-    from controlplane.audit.store_pg import PostgresAuditStore
-    from controlplane.store.dsn import StoreDsn
-    from controlplane.store.pool import PoolSettings, StorePool
-    from tests.support.report_data import audit_records
-
-    async def fill() -> None:
-        pool = StorePool(StoreDsn(pg_dsn, "test"), PoolSettings(min_size=1, max_size=2))
-        store = PostgresAuditStore(pool, retention=None)
-        await store.open()
-        try:
-            for record in audit_records(NOW):
-                assert store.submit(record)
-            assert await asyncio.to_thread(store.flush, 30.0)
-        finally:
-            await store.close()
-            await pool.close()
-
-    asyncio.run(fill())
+    fill_postgres(pg_dsn, NOW)
     monkeypatch.setenv("CONTROLPLANE_TEST_REPORT_DSN", pg_dsn)
     pg = ("--store", "postgres", "--store-dsn-env", "CONTROLPLANE_TEST_REPORT_DSN")
     _report(data, tmp_path / "before.json", *pg)

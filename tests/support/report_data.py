@@ -183,3 +183,26 @@ def state_dir(root: Path, now: float) -> Path:
 def fixture(root: Path, now: float) -> Fixture:
     repo, commits = policy_repo(root, now)
     return Fixture(state_dir(root, now), repo, now, commits)
+
+
+def fill_postgres(dsn: str, now: float) -> None:
+    """The same audit records (`audit_records`) in a PostgreSQL trail, through the real store."""
+    import asyncio
+
+    from controlplane.audit.store_pg import PostgresAuditStore
+    from controlplane.store.dsn import StoreDsn
+    from controlplane.store.pool import PoolSettings, StorePool
+
+    async def fill() -> None:
+        pool = StorePool(StoreDsn(dsn, "test"), PoolSettings(min_size=1, max_size=2))
+        store = PostgresAuditStore(pool, retention=None)
+        await store.open()
+        try:
+            for record in audit_records(now):
+                assert store.submit(record)
+            assert await asyncio.to_thread(store.flush, 30.0)
+        finally:
+            await store.close()
+            await pool.close()
+
+    asyncio.run(fill())
