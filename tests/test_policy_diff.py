@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +23,11 @@ from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.diff import ANY, Change, PolicyDiff, compare, path_pattern
 from controlplane.resolved.evaluate import Evaluator
 from controlplane.sources.policy_dir import ReadLimits
+from tests.support.policy_parts import Edit
+from tests.support.policy_parts import replace_in as _replace
 from tests.support.policy_repo import GRANT, git
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
-
-Edit = Callable[[Path], None]
-
-
-def _replace(name: str, old: str, new: str) -> Edit:
-    def edit(root: Path) -> None:
-        path = root / name
-        text = path.read_text()
-        assert old in text, f"{old!r} not in {name}"
-        path.write_text(text.replace(old, new, 1))
-
-    return edit
 
 
 def _append(name: str, text: str) -> Edit:
