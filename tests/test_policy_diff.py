@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from controlplane.resolved.evaluate import Evaluator
 from controlplane.sources.policy_dir import ReadLimits
 from tests.support.policy_parts import Edit
 from tests.support.policy_parts import replace_in as _replace
+from tests.support.policy_repo import GRANT, git
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
 
@@ -46,16 +46,7 @@ def _reorder(root: Path) -> None:
     (root / "bindings.yaml").rename(root / "more" / "z-bindings.yaml")
 
 
-NEW_BINDING = """
----
-kind: Binding
-name: frontend-reads-reports
-issuer: gitlab
-roles: [reports-read]
-subjects:
-  - project: acme/web/frontend
-    ref_protected: true
-"""
+NEW_BINDING = "\n---\n" + GRANT
 
 NEW_BACKEND_ROLE = """
 ---
@@ -221,21 +212,15 @@ def test_invalid_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "not a directory nor a git revision" in capsys.readouterr().err
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True, capture_output=True
-    )
-
-
 def test_git_revisions(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    _git(repo, "init", "-q")
+    git(repo, "init", "-q")
     shutil.copytree(QUICKSTART, repo / "policy")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "one")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "one")
     _append("bindings.yaml", NEW_BINDING)(repo / "policy")
-    _git(repo, "commit", "-q", "-am", "two")
+    git(repo, "commit", "-q", "-am", "two")
     monkeypatch.chdir(repo)
     assert main(["diff", "HEAD~1:policy", "HEAD:policy"]) == 1
     _in_order(capsys.readouterr().out, ["backend reports-api", "+ ", "project_id = 43", "gains GET, HEAD /**"])
