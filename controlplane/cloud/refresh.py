@@ -231,7 +231,7 @@ class Refresher(Generic[C]):
         self._sample = sample
         self._on_change = on_change
         self._log = logger
-        self._lock = threading.Lock()
+        self._polling = threading.Lock()
         self.state: RefreshState[C] = initial_state(clock())
         self._announced: C | None = None
         self._stop = threading.Event()
@@ -254,8 +254,7 @@ class Refresher(Generic[C]):
     # -- one attempt, told by the driver
 
     def succeeded(self, credential: C) -> None:
-        with self._lock:
-            self.state = on_success(credential, self.policy, self._sample())
+        self.state = on_success(credential, self.policy, self._sample())
         metrics.count_refresh(self.provider, self.backend, "ok")
         remaining = credential.expires_at - self._clock()
         self._log.info(
@@ -269,9 +268,7 @@ class Refresher(Generic[C]):
     def failed(self, caught: Exception) -> None:
         failure = self._classify(caught) or Failure("error", f"unexpected {type(caught).__name__}")
         now = self._clock()
-        with self._lock:
-            self.state = on_failure(self.state, now, self.policy, self._sample(), failure.message)
-            state = self.state
+        state = self.state = on_failure(self.state, now, self.policy, self._sample(), failure.message)
         metrics.count_refresh(self.provider, self.backend, failure.result)
         held = usable(state, now, self.policy)
         self._log.warning(
@@ -314,15 +311,17 @@ class Refresher(Generic[C]):
     # -- drivers: a blocking fetch (a thread) or a coroutine (an event loop)
 
     def poll_blocking(self, fetch: Callable[[], C]) -> float:
-        """Refresh if due (blocking), then settle. Returns when to call again."""
-        if self.due():
-            try:
-                credential = fetch()
-            except Exception as caught:  # a bug must not end the loop: retried like an outage
-                self.failed(caught)
-            else:
-                self.succeeded(credential)
-        return self.settle()
+        """Refresh if due (blocking), then settle. Returns when to call again. One round at a time: a caller
+        polling by hand (tests, `AwsSigners.poll`) never overlaps the thread's round."""
+        with self._polling:
+            if self.due():
+                try:
+                    credential = fetch()
+                except Exception as caught:  # a bug must not end the loop: retried like an outage
+                    self.failed(caught)
+                else:
+                    self.succeeded(credential)
+            return self.settle()
 
     async def poll_async(self, fetch: Callable[[], Awaitable[C]]) -> float:
         if self.due():
