@@ -11,6 +11,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -246,3 +247,35 @@ def test_web_identity_sessions_can_be_made_shorter_than_asked(aws: FakeAws, keys
     assert 300 < left <= 311
     assert _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)["Body"].read() == OBJECT_BODY
     assert _web(aws, _token(keys))["Expiration"].timestamp() - time.time() > 800  # as asked again (900)
+
+
+def test_an_sts_outage_answers_503_to_sts_only_until_it_ends(aws: FakeAws, keys: SigningKeys) -> None:
+    """The knob test_e2e_aws uses for an STS outage: every STS action (signed or not) is ServiceUnavailable, S3
+    still answers; the outage ends when the test says."""
+    credentials = _assume(aws)
+    aws.sts_down = True
+    try:
+        with pytest.raises(ClientError) as signed:
+            _assume(aws)
+        with pytest.raises(ClientError) as unsigned:
+            _web(aws, _token(keys))
+        body = _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)["Body"].read()
+    finally:
+        aws.sts_down = False
+    assert _code(signed) == _code(unsigned) == "ServiceUnavailable"
+    assert signed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert body == OBJECT_BODY
+    assert aws.sts_refused_outage >= 2  # boto3 retries a 503 itself: each attempt counted
+    assert _assume(aws)["AccessKeyId"].startswith("ASIA")  # back
+
+
+def test_who_signed_each_request_and_any_unsigned_one_are_recorded(aws: FakeAws, keys: SigningKeys) -> None:
+    credentials = _assume(aws)
+    signed, unsigned = len(aws.signed_by), aws.unsigned
+    _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)
+    assert aws.signed_by[signed:] == [credentials["AccessKeyId"]]
+    _web(aws, _token(keys))  # AssumeRoleWithWebIdentity: unsigned on AWS too, not counted
+    assert aws.unsigned == unsigned
+    response = requests.get(f"{aws.endpoint}/{BUCKET}/{OBJECT_KEY}", timeout=10)
+    assert response.status_code == 403  # moto refuses it (authentication is on)
+    assert aws.unsigned == unsigned + 1
