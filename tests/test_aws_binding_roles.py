@@ -168,8 +168,15 @@ def _clears_route_cache(resources: Any) -> dict[str, bool]:
 
 
 def test_without_binding_roles_nothing_changes_no_second_route_match() -> None:
-    resources = compiled(example("aws-s3"), CREDENTIALS)
+    unbound = {f"aws_role_arn: {DEPLOY}\n": "", f"aws_role_arn: {MR_READ}\n": ""}
+    resources = compiled(example("aws-binding-roles", **unbound), CREDENTIALS)
     assert [r.name for r in routes(resources)] == ["artifacts-s3-default"]
+    assert (
+        "clear_route_cache"
+        not in (Path(__file__).parent.parent / "snapshots/quickstart")
+        .joinpath("ci-gateway/filter_configs.yaml")
+        .read_text()
+    )
     assert _clears_route_cache(resources) == {"gitlab": False}
 
 

@@ -92,13 +92,13 @@ class World:
     def send(self, token: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, str | None]:
         """(status, the role AWS saw the request signed as: None when no signed request reached AWS). A PUT writes
         an object of its own, never the one the GETs read."""
-        seen = len(self.fake.signed_with)
+        seen = len(self.fake.signed_by)
         path = PATH if method == "GET" else f"/{BUCKET}/written.txt"
         response = self.stack.request(HOST, path, token, method=method, headers=headers)
-        signed = self.fake.signed_with[seen:]
+        signed = self.fake.signed_by[seen:]
         if not signed:
             return response.status, None
-        ((_, key),) = signed
+        (key,) = signed
         return response.status, self.fake.role_of_key(key)
 
 

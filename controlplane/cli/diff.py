@@ -26,7 +26,7 @@ from controlplane.cli.output import add_format_arguments
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Policy
 from controlplane.resolved.access import ResolvedPolicy
-from controlplane.resolved.diff import BackendDiff, Change, PolicyDiff, compare, document
+from controlplane.resolved.diff import BackendDiff, Change, PolicyDiff, cloud_text, compare, document
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.sources.policy_dir import ReadLimits
 
@@ -182,6 +182,7 @@ def _backend_lines(backend: BackendDiff) -> list[str]:
         lines.append(f"  ! {mode.grant}: {mode.old} -> {mode.new}: {effect}")
     lines.extend(f"  ~ {name}: new shadow grant (logged only, allows nothing)" for name in backend.shadow_added)
     lines.extend(f"  ~ {name}: shadow grant removed (it allowed nothing)" for name in backend.shadow_removed)
+    lines.extend(f"  * {cloud_text(c)}" for c in backend.cloud)
     return lines
 
 

@@ -7,6 +7,10 @@ a pair counts as gained only when none of the subject's old pairs already covers
 and as lost only when no new pair covers it. Shadow grants allow nothing (Envoy logs them only), so a binding
 going shadow -> enforce shows as its gains and as a mode change ("would start enforcing").
 
+The cloud identity a backend's requests are sent upstream as (resolved/cloud.py: an `aws:` role, a `gcp:`
+service account, and every setting of those blocks; a binding's own `aws_role_arn`) is an access change too: the
+same request then does other things in the cloud. Each setting that differs is one `CloudChange`, old -> new.
+
 Not compared: one subject covering another (a new, narrower subject beside a broader old one is listed as
 gaining), and GitLab's live state (both sides are resolved the same way, by the caller).
 """
@@ -20,6 +24,7 @@ from typing import NamedTuple
 
 from controlplane.model.policy import Mode
 from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.cloud import CloudIdentity
 from controlplane.resolved.conditions import ResolvedSubject
 from controlplane.resolved.render import condition_text
 
@@ -42,6 +47,18 @@ class ModeChange(NamedTuple):
     new: str
 
 
+class CloudChange(NamedTuple):
+    """One setting of a backend's cloud identity changing (`binding` None), or a binding's own role there.
+
+    `setting` is "provider" (old/new "aws", "gcp" or None: the backend turns into or out of a cloud backend),
+    a key of the `aws:`/`gcp:` block, or "aws_role_arn" for a binding; None on a side that has no such value."""
+
+    binding: str | None
+    setting: str
+    old: str | None
+    new: str | None
+
+
 class BackendDiff(NamedTuple):
     name: str
     status: str  # "added", "removed" or "changed"
@@ -50,10 +67,11 @@ class BackendDiff(NamedTuple):
     modes: tuple[ModeChange, ...]
     shadow_added: tuple[str, ...]  # new shadow grants: logged by Envoy, allow nothing (access unchanged)
     shadow_removed: tuple[str, ...]
+    cloud: tuple[CloudChange, ...] = ()  # who its requests reach the cloud as, changed
 
     @property
     def access_changed(self) -> bool:
-        return self.status != "changed" or bool(self.gains or self.losses or self.modes)
+        return self.status != "changed" or bool(self.gains or self.losses or self.modes or self.cloud)
 
 
 class FrontChange(NamedTuple):
@@ -98,6 +116,7 @@ def compare(
     for name in sorted(old.backends.keys() | new.backends.keys()):
         status = "added" if name not in old.backends else "removed" if name not in new.backends else "changed"
         diff = _backend(name, status, old.grants(name), new.grants(name))
+        diff = diff._replace(cloud=cloud_changes(old.cloud.get(name), new.cloud.get(name)))
         if diff.access_changed or diff.shadow_added or diff.shadow_removed:
             backends.append(diff)
     before, after = set(old_gateways), set(new_gateways)
@@ -148,6 +167,32 @@ def _backend(name: str, status: str, old: tuple[Grant, ...], new: tuple[Grant, .
     shadow_added = tuple(sorted(n for n in new_shadow - old_shadow if n not in old_modes))
     shadow_removed = tuple(sorted(n for n in old_shadow - new_shadow if n not in {g.name for g in new}))
     return BackendDiff(name, status, gains, losses, modes, shadow_added, shadow_removed)
+
+
+def cloud_changes(old: CloudIdentity | None, new: CloudIdentity | None) -> tuple[CloudChange, ...]:
+    """Every setting that differs, the provider first, then the block's keys (old side's order, then new keys),
+    then bindings' own roles by binding."""
+    if old == new:
+        return ()
+    changes = []
+    was, now = (old.provider if old else None), (new.provider if new else None)
+    if was != now:
+        changes.append(CloudChange(None, "provider", was, now))
+    before, after = dict(old.settings if old else ()), dict(new.settings if new else ())
+    for key in [*before, *(k for k in after if k not in before)]:
+        if before.get(key) != after.get(key):
+            changes.append(CloudChange(None, key, before.get(key), after.get(key)))
+    roles_before, roles_after = dict(old.roles if old else ()), dict(new.roles if new else ())
+    for binding in sorted(roles_before.keys() | roles_after.keys()):
+        if roles_before.get(binding) != roles_after.get(binding):
+            changes.append(CloudChange(binding, "aws_role_arn", roles_before.get(binding), roles_after.get(binding)))
+    return tuple(changes)
+
+
+def cloud_text(change: CloudChange) -> str:
+    """`cloud role_arn: A -> B`, `binding x aws_role_arn: none -> B`: one reviewer's line, without the backend."""
+    who = "cloud" if change.binding is None else f"binding {change.binding}"
+    return f"{who} {change.setting}: {change.old or 'none'} -> {change.new or 'none'}"
 
 
 def _uncovered(side: _Side, other: _Side) -> tuple[Change, ...]:
@@ -202,6 +247,7 @@ def document(diff: PolicyDiff) -> dict[str, object]:
                 "losses": [_change(c) for c in b.losses],
                 "modes": [{"grant": m.grant, "old": m.old, "new": m.new} for m in b.modes],
                 "shadow": {"added": list(b.shadow_added), "removed": list(b.shadow_removed)},
+                "cloud": [c._asdict() for c in b.cloud],
             }
             for b in diff.backends
         ],

@@ -15,6 +15,8 @@ What moto does NOT check, and what this fake adds in a small WSGI layer in front
   hash on trust, so an S3 body swapped after signing passed. The layer refuses it (`XAmzContentSHA256Mismatch`).
 - Temporary credentials past their expiration: moto accepts them forever. The layer refuses a request signed
   with an expired session (`ExpiredToken`, HTTP 400 as STS and S3 answer), so refresh tests can fail.
+- An STS outage on demand (`sts_down`: every STS action answered 503 `ServiceUnavailable`), and who signed each
+  request (`signed_by`, `unsigned`), so a test can show that nothing unsigned ever reached AWS.
 
 moto's state is process-global (its backends and its authentication counter), so one FakeAws runs per process
 at a time; `start` resets moto and `stop` turns authentication back off.
@@ -56,9 +58,6 @@ S3_READ_POLICY = {
     "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
 }
 
-# SigV4's `Authorization: AWS4-HMAC-SHA256 Credential=<access key id>/<date>/<region>/<service>/aws4_request, ...`
-_SIGNED_BY = re.compile(r"Credential=([A-Z0-9]+)/")
-
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -79,6 +78,11 @@ class WebIdentityTrust:
     jwks: Callable[[], str]  # the issuer's JWKS document, read at every AssumeRoleWithWebIdentity
 
 
+_STS_ACTIONS = frozenset(
+    {"AssumeRole", "AssumeRoleWithWebIdentity", "AssumeRoleWithSAML", "GetCallerIdentity", "GetSessionToken"}
+)
+
+
 def _sts_error(code: str, message: str, status: str = "400 Bad Request") -> tuple[str, bytes]:
     body = (
         '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
@@ -96,9 +100,12 @@ class _Layer:
         self._fake = fake
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        signed = _SIGNED_BY.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if signed is not None:
-            self._fake.signed_with.append((environ.get("REQUEST_METHOD", ""), signed.group(1)))
+        if self._fake.sts_down and self._sts_action(environ) is not None:
+            self._fake.sts_refused_outage += 1
+            status, body = _sts_error("ServiceUnavailable", "Service is unavailable", "503 Service Unavailable")
+            return self._answer(start_response, status, body)
+        if not environ.get("PATH_INFO", "").startswith("/moto-api"):
+            self._count_signing(environ)
         token = environ.get("HTTP_X_AMZ_SECURITY_TOKEN")
         if token is not None and self._expired(token):
             self._fake.refused_expired += 1
@@ -122,12 +129,31 @@ class _Layer:
                 return self._answer(start_response, status, body)
         return self._app(environ, start_response)
 
+    def _sts_action(self, environ: dict[str, Any]) -> str | None:
+        """The STS action of a request (a form POST whose `Action` is one of STS's), else None."""
+        if environ.get("REQUEST_METHOD") != "POST":
+            return None
+        form = urllib.parse.parse_qs(self._body(environ).decode("utf-8", "replace"))
+        action = form.get("Action", [""])[0]
+        return action if action in _STS_ACTIONS else None
+
+    def _count_signing(self, environ: dict[str, Any]) -> None:
+        """Who signed each request reaching AWS: the access key id of its SigV4 header, or nothing (unsigned;
+        AssumeRoleWithWebIdentity is the one call AWS takes unsigned)."""
+        found = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        if found is not None:
+            self._fake.signed_by.append(found.group(1))
+        elif self._sts_action(environ) != "AssumeRoleWithWebIdentity":
+            self._fake.unsigned += 1
+
     @staticmethod
     def _body(environ: dict[str, Any]) -> bytes:
-        """Read the body once and leave a replay of it for moto."""
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        raw: bytes = environ["wsgi.input"].read(length)
-        environ["wsgi.input"] = _Replay(raw)
+        """Read the body once (kept for the layer's next look) and leave a replay of it for moto."""
+        if "fake_aws.body" not in environ:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            environ["fake_aws.body"] = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = _Replay(environ["fake_aws.body"])
+        raw: bytes = environ["fake_aws.body"]
         return raw
 
     @staticmethod
@@ -177,10 +203,14 @@ class FakeAws:
         self.web_identity_calls: list[dict[str, str]] = []  # the form fields of each AssumeRoleWithWebIdentity
         self.refused_expired = 0
         self.refused_payload = 0
-        self.signed_with: list[tuple[str, str]] = []  # (method, access key id) of every SigV4-signed request seen
+        # An STS outage on demand: while true every STS action is answered 503 ServiceUnavailable (counted).
+        self.sts_down = False
+        self.sts_refused_outage = 0
+        self.signed_by: list[str] = []  # the access key id that signed each request (moto's admin API aside)
+        self.unsigned = 0  # requests that reached AWS with no signature (AssumeRoleWithWebIdentity aside)
         # Web-identity sessions last this long whatever was asked (None: as asked). A test knob: AWS never grants
-        # less than asked, but serve asks for an hour and refreshes 300 s before expiry, so a session of a little
-        # over 300 s makes serve's own refresher replace it within seconds.
+        # less than asked (900 s at least), but serve asks for an hour and plans on the session it gets
+        # (cloud/refresh.py), so a session of a few seconds makes serve's own refresher replace it within seconds.
         self.web_session_seconds: int | None = None
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
