@@ -249,6 +249,27 @@ def test_web_identity_sessions_can_be_made_shorter_than_asked(aws: FakeAws, keys
     assert _web(aws, _token(keys))["Expiration"].timestamp() - time.time() > 800  # as asked again (900)
 
 
+def test_an_added_role_is_assumable_as_told_its_policy_holds_and_each_signed_key_names_its_role(aws: FakeAws) -> None:
+    """`add_role`, `role_of_key` (with `signed_by`): what tests/test_e2e_aws_binding_roles.py reads to say which role
+    a request reached AWS as."""
+    suffix = uuid.uuid4().hex[:8]
+    writes = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": "*"}]}
+    writer = aws.add_role(f"writer-{suffix}", writes)
+    closed = aws.add_role(f"closed-{suffix}", writes, assumable=False)
+    sts = aws.client("sts")
+    with pytest.raises(ClientError) as refused:
+        sts.assume_role(RoleArn=closed, RoleSessionName="test")
+    assert _code(refused) == "AccessDenied"
+    credentials = sts.assume_role(RoleArn=writer, RoleSessionName="test")["Credentials"]
+    assert aws.role_of_key(credentials["AccessKeyId"]) == writer and aws.role_of_key("AKIANOTISSUED") is None
+    s3 = _s3(aws, credentials)
+    s3.put_object(Bucket=BUCKET, Key=f"w-{suffix}", Body=b"x")
+    assert aws.signed_by[-1] == credentials["AccessKeyId"]
+    with pytest.raises(ClientError) as denied:  # its policy grants no read
+        s3.get_object(Bucket=BUCKET, Key=OBJECT_KEY)
+    assert _code(denied) == "AccessDenied"
+
+
 def test_an_sts_outage_answers_503_to_sts_only_until_it_ends(aws: FakeAws, keys: SigningKeys) -> None:
     """The knob test_e2e_aws uses for an STS outage: every STS action (signed or not) is ServiceUnavailable, S3
     still answers; the outage ends when the test says."""

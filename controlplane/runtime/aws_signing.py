@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controlplane.cloud.aws import (
     AssumeRoleSource,
@@ -65,11 +65,22 @@ def source_factory(issuer_url: str | None, keys: SigningKeys | None) -> SourceFa
 
 
 def roles_of(policy: Policy) -> dict[str, AwsSigning]:
-    """Each AWS role the policy signs with, by ARN; the first backend naming a role (by name) says how to get it."""
+    """Each AWS role the policy signs with, by ARN: backends' roles, then bindings' own (`aws_role_arn`). The first
+    backend naming a role (by name) says how to get it; a binding's role is obtained as its first AWS backend's
+    (by name) with that ARN (same source, region, session name), as a binding names only the role."""
     roles: dict[str, AwsSigning] = {}
-    for backend in sorted(policy.backends, key=lambda b: b.name):
+    backends = sorted(policy.backends, key=lambda b: b.name)
+    for backend in backends:
         if backend.aws is not None:
             roles.setdefault(backend.aws.role_arn, backend.aws)
+    role_backend = {r.name: r.backend for r in policy.roles}
+    for binding in sorted(policy.bindings, key=lambda b: b.name):
+        if binding.aws_role_arn is None or binding.aws_role_arn in roles:
+            continue
+        on = {role_backend.get(r) for r in binding.roles}
+        first = next((b.aws for b in backends if b.name in on and b.aws is not None), None)
+        if first is not None:
+            roles[binding.aws_role_arn] = replace(first, role_arn=binding.aws_role_arn)
     return roles
 
 

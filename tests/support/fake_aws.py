@@ -278,6 +278,39 @@ class FakeAws:
                 return
         raise KeyError(access_key_id)
 
+    def role_of_key(self, access_key_id: str) -> str | None:
+        """The role ARN whose temporary credential `access_key_id` is (None: not one STS issued)."""
+        for role in sts_backends[ACCOUNT]["aws"].assumed_roles:
+            if role.access_key_id == access_key_id:
+                return str(role.role_arn)
+        return None
+
+    def add_role(self, name: str, policy: Mapping[str, Any], assumable: bool = True) -> str:
+        """A role with `policy`, which the seeded user may assume (AssumeRole) only when `assumable`; its ARN."""
+        self._post("/moto-api/reset-auth", b"inf")  # seeding runs unauthenticated
+        try:
+            iam = boto3.client(
+                "iam",
+                endpoint_url=self.endpoint,
+                region_name=REGION,
+                aws_access_key_id="seed",
+                aws_secret_access_key="x",
+            )
+            user_arn = f"arn:aws:iam::{ACCOUNT}:user/{USER}"
+            trust = {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": user_arn}, "Action": "sts:AssumeRole"}],
+            }
+            arn = str(iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"])
+            iam.put_role_policy(RoleName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+            if assumable:
+                allow = {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": arn}
+                document = {"Version": "2012-10-17", "Statement": [allow]}
+                iam.put_user_policy(UserName=USER, PolicyName=f"assume-{name}", PolicyDocument=json.dumps(document))
+        finally:
+            self._post("/moto-api/reset-auth", b"0")
+        return arn
+
     # -- seed
 
     def _seed(self) -> None:

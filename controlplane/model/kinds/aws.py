@@ -67,18 +67,3 @@ def binding_role_errors(policy: Policy) -> list[PolicyError]:
         for b in policy.bindings
         if b.aws_role_arn is not None and not any(role_backend.get(r) in aws_backends for r in b.roles)
     ]
-
-
-def binding_role_warnings(policy: Policy) -> list[PolicyError]:
-    """Per-binding roles are read and checked but not yet compiled: such a binding's requests are signed with its
-    backend's `role_arn` until the compiler signs per binding (one ECDS filter per role). Said, not hidden."""
-    return [
-        PolicyError.at(
-            b.source,
-            "aws_role_arn",
-            f"binding {b.name}: per-binding AWS roles are not compiled yet; its requests are signed with the "
-            "backend's role_arn",
-        )
-        for b in policy.bindings
-        if b.aws_role_arn is not None
-    ]
