@@ -209,7 +209,7 @@ def test_a_credential_is_never_used_past_its_end_and_backoff_is_bounded(
             wait = state.next_attempt_at - now
             held = usable(before, now, policy)
             assert state.failures == before.failures + 1 and state.credential is before.credential
-            assert 0 < wait <= policy.retry_cap
+            assert 0 < wait <= policy.retry_cap * (1 + 1e-9)  # now + delay, rounded
             if held is not None:
                 assert state.next_attempt_at <= usable_until(held, policy)
         for probe in (now, now + advance / 2, state.next_attempt_at):
@@ -243,4 +243,4 @@ def test_a_retry_comes_before_the_held_credential_stops_being_usable(
         assert now < after.next_attempt_at <= end
     else:
         assert after.next_attempt_at > now
-    assert after.next_attempt_at - now <= policy.retry_cap
+    assert after.next_attempt_at - now <= policy.retry_cap * (1 + 1e-9)  # now + delay, rounded
