@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controlplane.assistant.ci_config import CiConfig, condition_cases, load_ci_config
+from controlplane.assistant.ci_config import CiConfig, RuleCase, condition_cases, load_ci_config
 from controlplane.assistant.propose import (
     Inputs,
     Observation,
@@ -407,24 +407,35 @@ def _truth(expr: Any, env: Mapping[str, str]) -> bool:
     return (first and second) if expr[0] == "&&" else (first or second)
 
 
+def _pipeline_env(c: Mapping[str, Any]) -> dict[str, str]:
+    """The predefined variables of a pipeline in context `c` (ref, ref type, protection, source; `X` a variable)."""
+    env = {"CI_COMMIT_REF_NAME": c["ref"], "CI_DEFAULT_BRANCH": "main", "X": c["X"]}
+    env |= {"CI_COMMIT_BRANCH" if c["type"] == "branch" else "CI_COMMIT_TAG": c["ref"]}
+    env |= {"CI_COMMIT_REF_PROTECTED": "true" if c["protected"] else "false", "CI_PIPELINE_SOURCE": c["source"]}
+    return env
+
+
+def _some_case_admits(cases: Sequence[RuleCase], c: Mapping[str, Any]) -> bool:
+    """Whether one of the condition cases found admits a pipeline in context `c` (a case's None admits anything)."""
+    return any(
+        (case.refs is None or c["ref"] in case.refs)
+        and case.ref_type in (None, c["type"])
+        and case.protected in (None, c["protected"])
+        and (case.sources is None or c["source"] in case.sources)
+        for case in cases
+    )
+
+
 @settings(max_examples=400, deadline=None)
 @given(_EXPR, st.lists(_CONTEXT, min_size=1, max_size=8), st.sampled_from(("'", '"')))
 def test_rule_cases_never_exclude_where_the_job_runs(expr: Any, contexts: list[dict[str, Any]], quote: str) -> None:
     unknown: list[str] = []
     cases = condition_cases(_text(expr, quote), "main", unknown)
     for c in contexts:
-        env = {"CI_COMMIT_REF_NAME": c["ref"], "CI_DEFAULT_BRANCH": "main", "X": c["X"]}
-        env |= {"CI_COMMIT_BRANCH" if c["type"] == "branch" else "CI_COMMIT_TAG": c["ref"]}
-        env |= {"CI_COMMIT_REF_PROTECTED": "true" if c["protected"] else "false", "CI_PIPELINE_SOURCE": c["source"]}
+        env = _pipeline_env(c)
         if not _truth(expr, env):
             continue
-        assert any(
-            (case.refs is None or c["ref"] in case.refs)
-            and case.ref_type in (None, c["type"])
-            and case.protected in (None, c["protected"])
-            and (case.sources is None or c["source"] in case.sources)
-            for case in cases
-        ), (_text(expr, quote), c, cases)
+        assert _some_case_admits(cases, c), (_text(expr, quote), c, cases)
 
 
 def _runs(rules: list[tuple[Any, str | None]], env: Mapping[str, str]) -> bool:
@@ -455,18 +466,10 @@ def test_job_and_workflow_rules_never_exclude_where_the_job_runs(
         config["workflow"] = {"rules": written(workflow)}
     (job,) = _ci(yaml.safe_dump(config)).jobs
     for c in contexts:
-        env = {"CI_COMMIT_REF_NAME": c["ref"], "CI_DEFAULT_BRANCH": "main", "X": c["X"]}
-        env |= {"CI_COMMIT_BRANCH" if c["type"] == "branch" else "CI_COMMIT_TAG": c["ref"]}
-        env |= {"CI_COMMIT_REF_PROTECTED": "true" if c["protected"] else "false", "CI_PIPELINE_SOURCE": c["source"]}
+        env = _pipeline_env(c)
         if not (_runs(rules, env) and (workflow is None or _runs(workflow, env))):
             continue
-        assert any(
-            (case.refs is None or c["ref"] in case.refs)
-            and case.ref_type in (None, c["type"])
-            and case.protected in (None, c["protected"])
-            and (case.sources is None or c["source"] in case.sources)
-            for case in job.cases
-        ), (config, c, job.cases)
+        assert _some_case_admits(job.cases, c), (config, c, job.cases)
 
 
 # --- (c): a hostile server at the GitLab URL: its answers reach stderr, never the token or a traceback

@@ -27,7 +27,8 @@ def example(name: str) -> Policy:
 def test_each_cloud_backend_names_its_role_or_service_account_and_no_other_backend_does() -> None:
     aws = cloud_identities(example("aws-s3"))
     gcp = cloud_identities(example("gcp-storage"))
-    assert list(aws.values()) == [AWS_ROLE]  # the backend's role: per-binding roles are not compiled yet
+    deploy = "arn:aws:iam::123456789012:role/ci-artifacts-deploy"  # main-writes-artifacts' own role, by its routes
+    assert aws == {"artifacts-s3": AWS_ROLE, "artifacts-s3-role/main-writes-artifacts": deploy}
     assert sorted(gcp.values()) == [GCS_SA, RUN_SA]
     assert cloud_identities(example("quickstart")) == {}
     assert cloud_identities(None) == {}
@@ -52,7 +53,8 @@ def test_the_receiver_follows_the_policy_in_service() -> None:
     in_service: list[Policy | None] = [example("aws-s3")]
     service = AccessLogService(cast(AuditTrail, None), policy=lambda: in_service[0])
     first = service._cloud_identities()
-    assert list(first.values()) == [AWS_ROLE] and service._cloud_identities() is first  # computed once per policy
+    assert first["artifacts-s3"] == AWS_ROLE
+    assert service._cloud_identities() is first  # computed once per policy
     in_service[0] = example("gcp-storage")
     assert sorted(service._cloud_identities().values()) == [GCS_SA, RUN_SA]
     in_service[0] = None

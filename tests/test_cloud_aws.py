@@ -1,5 +1,6 @@
-"""AWS credentials for a backend's role (controlplane/cloud/aws.py): the pure refresh decisions exhaustively, then
-the STS adapter and the refresher against the fake AWS (moto over HTTP, signatures checked)."""
+"""AWS credentials for a backend's role (controlplane/cloud/aws.py): the STS adapter and the refresher (the shared
+schedule of cloud/refresh.py on an STS source) with a scripted source, then against the fake AWS (moto over HTTP,
+signatures checked)."""
 
 from __future__ import annotations
 
@@ -10,153 +11,30 @@ from pathlib import Path
 
 import jwt
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from controlplane.cloud.aws import (
     AssumeRoleSource,
     AwsCredential,
-    Phase,
     Refresher,
-    RefreshPolicy,
-    RefreshState,
     Sts,
     StsError,
     WebIdentity,
     WebIdentitySource,
-    attempt_due,
-    initial_state,
-    on_failure,
-    on_success,
-    phase,
-    refresh_at,
-    usable,
-    usable_until,
     web_identity_claims,
 )
+from controlplane.cloud.refresh import DEFAULT_POLICY, on_success
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
-from controlplane.retry import Backoff
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.clock import Clock
 from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, AccessKey, FakeAws, WebIdentityTrust
 from tests.support.ports import LOOPBACK, free_port, poll_until
-
-POLICY = RefreshPolicy()  # refresh at 50% - up to 10% jitter, >= 300 s before expiry, used until 60 s before
 
 
 def cred(issued: float = 1000.0, lifetime: float = 3600.0, key: str = "ASIAEXAMPLE") -> AwsCredential:
     return AwsCredential(key, "secret-" + key, "session-" + key, issued + lifetime, "arn:aws:iam::1:role/r", issued)
 
 
-# -- when to refresh
-
-
-@pytest.mark.parametrize(
-    ("lifetime", "sample", "expected_offset"),
-    [
-        (3600, 0.0, 1800),  # half the lifetime
-        (3600, 0.999999, 1440.00036),  # minus up to 10% of it
-        (900, 0.0, 450),  # STS's shortest: still half (600 would be the 300 s margin)
-        (400, 0.0, 100),  # the margin wins: 300 s before expiry
-        (200, 0.0, 0),  # shorter than the margin: at once
-        (0, 0.5, 0),
-    ],
-)
-def test_refresh_at(lifetime: float, sample: float, expected_offset: float) -> None:
-    assert refresh_at(cred(lifetime=lifetime), POLICY, sample) == pytest.approx(1000 + expected_offset)
-
-
-@given(
-    lifetime=st.floats(min_value=0, max_value=86400 * 2),
-    sample=st.floats(min_value=0, max_value=1, exclude_max=True),
-    fraction=st.floats(min_value=0.05, max_value=0.95),
-)
-def test_refresh_is_never_before_issue_nor_inside_the_margin(lifetime: float, sample: float, fraction: float) -> None:
-    policy = RefreshPolicy(refresh_fraction=fraction, jitter_fraction=fraction / 2)
-    credential = cred(lifetime=lifetime)
-    at = refresh_at(credential, policy, sample)
-    assert credential.issued_at <= at
-    assert at <= max(credential.issued_at, credential.expiration - policy.min_margin_seconds)
-    if lifetime > policy.min_margin_seconds:  # then the refresh comes while the credential is still usable
-        assert at < usable_until(credential, policy)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"refresh_fraction": 0},
-        {"refresh_fraction": 1},
-        {"refresh_fraction": 0.5, "jitter_fraction": 0.5},
-        {"jitter_fraction": -0.1},
-        {"min_margin_seconds": -1},
-        {"expiry_skew_seconds": -1},
-    ],
-)
-def test_an_impossible_policy_is_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        RefreshPolicy(**kwargs)
-
-
-# -- state transitions
-
-
-def test_phases_across_a_credentials_life() -> None:
-    state = initial_state(1000)
-    assert (
-        phase(state, 1000, POLICY) is Phase.EMPTY and attempt_due(state, 1000) and usable(state, 1000, POLICY) is None
-    )
-    credential = cred()
-    state = on_success(credential, POLICY, 0.0)
-    assert state == RefreshState(credential, 0, 2800)
-    expectations = [
-        (1000, Phase.FRESH, credential),
-        (2799.9, Phase.FRESH, credential),
-        (2800, Phase.DUE, credential),
-        (4539.9, Phase.DUE, credential),
-        (4540, Phase.EXPIRED, None),  # 60 s of skew before the expiration at 4600
-        (4600, Phase.EXPIRED, None),
-        (99999, Phase.EXPIRED, None),
-    ]
-    for now, expected_phase, expected_credential in expectations:
-        assert phase(state, now, POLICY) is expected_phase, now
-        assert usable(state, now, POLICY) == expected_credential, now
-
-
-def test_failures_back_off_exponentially_up_to_the_cap_and_keep_the_credential() -> None:
-    credential = cred(lifetime=86400)
-    state = on_success(credential, POLICY, 0.0)
-    now = state.next_attempt_at
-    delays = []
-    for _ in range(9):
-        state = on_failure(state, now, POLICY, 0.999999)
-        delays.append(round(state.next_attempt_at - now, 3))
-        now = state.next_attempt_at
-        assert state.credential is credential
-    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    assert state.failures == 9
-    assert on_success(cred(key="ASIANEW"), POLICY, 0.0).failures == 0
-
-
-def test_backoff_jitter_draws_between_half_and_all_of_the_delay() -> None:
-    state = initial_state(0)
-    assert on_failure(state, 0, POLICY, 0.0).next_attempt_at == 0.5
-    assert on_failure(state, 0, POLICY, 0.5).next_attempt_at == 0.75
-
-
-def test_a_retry_never_waits_past_the_end_of_the_credential_it_holds() -> None:
-    policy = RefreshPolicy(backoff=Backoff(base_seconds=600, cap_seconds=600, jitter=False))
-    credential = cred(lifetime=3600)  # usable until 4540
-    state = on_failure(on_success(credential, policy, 0.0), 4400, policy, 0.999)
-    assert state.next_attempt_at == usable_until(credential, policy)
-    after = on_failure(state, 4540, policy, 0.999)  # already past use: plain backoff, nothing to protect
-    assert after.next_attempt_at == pytest.approx(4540 + 600 * 0.9995)  # capped at 600
-
-
-def test_without_a_credential_failures_keep_retrying() -> None:
-    state = initial_state(0)
-    for _ in range(3):
-        state = on_failure(state, state.next_attempt_at, POLICY, 0.999999)
-    assert state.credential is None and state.failures == 3 and phase(state, 1e9, POLICY) is Phase.EMPTY
+# The schedule itself (when to refresh, backoff, fail closed) is shared with Google Cloud: tests/test_cloud_refresh.py.
 
 
 # -- the web identity token
@@ -217,14 +95,14 @@ def test_the_refresher_refreshes_keeps_the_last_credential_then_fails_closed() -
     expired_before = _expired("scripted")
 
     assert refresher.current() is None
-    assert refresher.poll() == 2800  # fetched; next at half its life
+    assert refresher.poll() == 2770  # fetched; next at half its usable life (60 s of skew)
     first = refresher.current()
     assert first is not None and seen == [first]
 
-    clock.now = 2800
+    clock.now = 2770
     source.script = [StsError("Throttling", "r", refused=False)] * 200
     wake = refresher.poll()
-    assert refresher.current() is first and wake == pytest.approx(2800.5)  # kept; retried soon
+    assert refresher.current() is first and wake == pytest.approx(2770.5)  # kept; retried soon
     while clock() < 4540:  # every failure until it is past use
         clock.now = min(wake, 4540)
         wake = refresher.poll()
@@ -278,7 +156,7 @@ def test_a_failing_listener_does_not_lose_the_credential(caplog: pytest.LogCaptu
 
 def test_no_secret_in_a_repr_or_an_error() -> None:
     credential = cred(key="ASIAREPR")
-    text = repr(credential) + repr(on_success(credential, POLICY, 0.0))
+    text = repr(credential) + repr(on_success(credential, DEFAULT_POLICY, 0.0))
     assert "secret-ASIAREPR" not in text and "session-ASIAREPR" not in text and "ASIAREPR" in text
     assert str(StsError("InvalidIdentityToken", "arn:aws:iam::1:role/r", refused=True)) == (
         "STS refused or failed for arn:aws:iam::1:role/r: InvalidIdentityToken"
@@ -393,7 +271,7 @@ def test_the_refresher_replaces_a_credential_before_it_expires(aws: FakeAws, key
     refresher = Refresher("s3", _web_source(aws, keys), clock=clock, sample=lambda: 0.0)
     wake = refresher.poll()
     first = refresher.current()
-    assert first is not None and wake == pytest.approx(first.issued_at + 450)
+    assert first is not None and wake == pytest.approx(first.issued_at + 420, abs=1)  # half of 900 - 60 s
     clock.now = wake
     refresher.poll()
     second = refresher.current()

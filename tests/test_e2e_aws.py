@@ -19,7 +19,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from controlplane.xds.server import XdsServer
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws, WebIdentityTrust
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ports import LOOPBACK, free_port, poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
@@ -298,13 +298,16 @@ def _key_ids(envoy: EnvoyProcess, fake: FakeAws) -> set[str]:
     return {key for key in fake.session_key_ids() if key in dump}
 
 
-def test_serve_signs_as_the_web_identity_role_and_refreshes_it_with_no_failed_request(tmp_path: Path) -> None:
-    """`source: web_identity` through the real `serve --issuer-url`: serve signs a token as its own OIDC issuer,
-    the fake's STS verifies it against the JWKS it fetches from serve's exchange listener over HTTP at every call
-    (as AWS fetches the provider's JWKS), and answers the web-identity role's credential; a job's GET through Envoy
-    is signed with it and passes moto's SigV4 check. The fake grants 310 s sessions, so serve's refresher (300 s
-    margin) replaces the credential within seconds: under load on one kept-alive connection, the new key reaches
-    Envoy by ECDS, the old one is then ended at AWS, and no request fails."""
+SESSION_SECONDS = 10  # the fake's web-identity sessions: refreshed after ~2 s, used until 1 s before expiry
+
+
+@contextmanager
+def _web_identity_serve(tmp_path: Path) -> Iterator[tuple[FakeAws, AwsStack, Callable[[], str]]]:
+    """The real `serve --issuer-url` with an AWS backend on `source: web_identity`: serve signs a token as its
+    own OIDC issuer, the fake's STS verifies it against the JWKS it fetches from serve's exchange listener over
+    HTTP at every call (as AWS fetches the provider's JWKS), and answers the web-identity role's credential.
+    Sessions last SESSION_SECONDS, so serve's own refresher (cloud/refresh.py: a quarter of a short session's
+    usable life) replaces the credential every two seconds or so."""
     exchange_port = free_port()
     issuer_url = f"http://{LOOPBACK}:{exchange_port}"
 
@@ -314,7 +317,7 @@ def test_serve_signs_as_the_web_identity_role_and_refreshes_it_with_no_failed_re
 
     trust = WebIdentityTrust(issuer_url, "sts.amazonaws.com", "backend:s3", served_jwks)
     fake = FakeAws().start(trust)
-    fake.web_session_seconds = 310
+    fake.web_session_seconds = SESSION_SECONDS
     env = {
         "AWS_ENDPOINT_URL_STS": fake.endpoint,
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),  # web identity needs no AWS key at all
@@ -340,43 +343,94 @@ def test_serve_signs_as_the_web_identity_role_and_refreshes_it_with_no_failed_re
             ready=lambda built: built.request(HOST, PATH, built.token()).status == 200,
             ready_timeout=30,
         ) as built:
-            response = built.request(HOST, PATH, built.token())
-            assert (response.status, response.text.encode()) == (200, OBJECT_BODY)
-            call = fake.web_identity_calls[-1]
-            assert call["RoleArn"] == fake.web_role_arn and call["Action"] == "AssumeRoleWithWebIdentity"
-            assert jwt.get_unverified_header(call["WebIdentityToken"])["kid"] in served_jwks()
-            first = _key_ids(built.envoy, fake)
-            assert len(first) == 1
-            token = built.token()
-            statuses: list[int] = []
-            stop = threading.Event()
-
-            def load() -> None:
-                conn = http.client.HTTPConnection(LOOPBACK, built.listen_port, timeout=5)
-                while not stop.is_set():
-                    statuses.append(_get(built.listen_port, token, conn)[0])
-                conn.close()
-
-            loader = threading.Thread(target=load)
-            loader.start()
-            try:
-                # serve's own refresher, not the test, obtains the next credential (310 - 300 s margin: ~10 s)
-                _until(lambda: bool(_key_ids(built.envoy, fake) - first), timeout=30)
-                for old in first:
-                    fake.expire(old)  # the old credential's life ends at AWS
-                seen = len(statuses)
-                _until(lambda: len(statuses) > seen + 20)
-            finally:
-                stop.set()
-                loader.join(10)
-            assert len(statuses) > 20 and set(statuses) == {200}, statuses
-            assert fake.refused_expired == 0
-            log = built.controlplane.log_text()
-            assert f"AWS credentials for backend {fake.web_role_arn} refreshed" in log
-            assert all(c["WebIdentityToken"] not in log for c in fake.web_identity_calls)
-            assert "SecretAccessKey" not in log
+            yield fake, built, served_jwks
     finally:
         fake.stop()
+
+
+def test_serve_signs_as_the_web_identity_role_and_refreshes_it_with_no_failed_request(tmp_path: Path) -> None:
+    """`source: web_identity` through the real `serve --issuer-url`: a job's GET through Envoy is signed with the
+    role's credential and passes moto's SigV4 check. Serve's refresher replaces the credential within seconds:
+    under load on one kept-alive connection, the new key reaches Envoy by ECDS, the old one is then ended at AWS,
+    and no request fails."""
+    with _web_identity_serve(tmp_path) as (fake, built, served_jwks):
+        response = built.request(HOST, PATH, built.token())
+        assert (response.status, response.text.encode()) == (200, OBJECT_BODY)
+        call = fake.web_identity_calls[-1]
+        assert call["RoleArn"] == fake.web_role_arn and call["Action"] == "AssumeRoleWithWebIdentity"
+        assert jwt.get_unverified_header(call["WebIdentityToken"])["kid"] in served_jwks()
+        first = _key_ids(built.envoy, fake)
+        assert len(first) == 1
+        token = built.token()
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            conn = http.client.HTTPConnection(LOOPBACK, built.listen_port, timeout=5)
+            while not stop.is_set():
+                statuses.append(_get(built.listen_port, token, conn)[0])
+            conn.close()
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            # serve's own refresher, not the test, obtains the next credential
+            _until(lambda: bool(_key_ids(built.envoy, fake) - first), timeout=SESSION_SECONDS)
+            for old in first:
+                fake.expire(old)  # the old credential's life ends at AWS
+            seen = len(statuses)
+            _until(lambda: len(statuses) > seen + 20)
+        finally:
+            stop.set()
+            loader.join(10)
+        assert len(statuses) > 20 and set(statuses) == {200}, statuses
+        assert fake.refused_expired == 0 and fake.unsigned == 0
+        log = built.controlplane.log_text()
+        assert f"AWS credentials for backend {fake.web_role_arn} refreshed" in log
+        assert all(c["WebIdentityToken"] not in log for c in fake.web_identity_calls)
+        assert "SecretAccessKey" not in log
+
+
+def test_serve_through_an_sts_outage_signs_with_the_last_credential_then_503_then_recovers(tmp_path: Path) -> None:
+    """STS stops answering: serve's refresh attempts fail, requests are still signed with the last credential and
+    accepted by S3; once it is past use the backend answers 503 (Envoy's own answer: nothing reaches AWS, never
+    an unsigned request); the metrics say so. STS answers again: the next retry brings a new credential and
+    requests succeed, with nothing restarted."""
+    with _web_identity_serve(tmp_path) as (fake, built, _):
+        labels = {"provider": "aws", "backend": fake.web_role_arn}
+        token = built.token()
+        issued_before = set(fake.session_key_ids())
+        signed_before = len(fake.signed_by)
+        fake.sts_down = True
+        statuses: list[int] = []
+        served_after_a_failed_refresh = False
+
+        def failed_closed() -> bool:
+            nonlocal served_after_a_failed_refresh
+            status = built.request(HOST, PATH, token).status
+            statuses.append(status)
+            served_after_a_failed_refresh |= status == 200 and fake.sts_refused_outage > 0
+            return status == 503
+
+        try:
+            poll_until(failed_closed, 3 * SESSION_SECONDS, interval=0.1, message="503 once the last one is past use")
+            assert served_after_a_failed_refresh, "the last credential was used after a refresh failed"
+            assert set(statuses) <= {200, 503}, statuses
+            assert set(fake.signed_by[signed_before:]) <= issued_before  # signed with what was held, nothing else
+            reached = len(fake.signed_by)
+            assert built.request(HOST, PATH, token).status == 503
+            assert len(fake.signed_by) == reached, "failed closed: the request never reached AWS"
+            metric = built.controlplane.metric
+            assert metric("controlplane_cloud_credential_refreshes_total", **labels, result="unavailable") >= 1
+            assert metric("controlplane_cloud_credential_valid_seconds", **labels) == 0
+            assert metric("controlplane_cloud_credentials_expired_total", **labels) >= 1
+        finally:
+            fake.sts_down = False
+        # the refresher's next retry (backoff 1, 2, 4 … s) brings a new credential: nothing is restarted
+        poll_until(lambda: built.request(HOST, PATH, token).status == 200, 40, interval=0.2, message="served again")
+        assert fake.signed_by[-1] not in issued_before
+        assert fake.unsigned == 0 and fake.refused_expired == 0
+        assert built.controlplane.metric("controlplane_cloud_credential_valid_seconds", **labels) > 0
 
 
 @dataclass
@@ -408,7 +462,7 @@ async def test_sts_down_keeps_signing_with_the_last_credential_until_it_expires_
     async with envoy_on(cache):
         await asyncio.to_thread(_until, lambda: _status(listen, token) == 200)
         sts.down = True
-        clock[0] += 2400  # past the refresh point (half its hour, minus nothing): the attempt fails
+        clock[0] += 2400  # past the refresh point (half its usable hour, no jitter): the attempt fails
         await asyncio.to_thread(refresher.poll)
         assert refresher.state.failures == 1
         assert _status(listen, token) == 200

@@ -2,8 +2,9 @@
 impersonates at the fake IAM Credentials, refreshes in memory) → SDS → a real Envoy → the fake Google API.
 
 The fake STS trusts the JWKS serve publishes at `--issuer-url` (fetched over HTTP, as Google does). Tokens live
-for 40 s here, so serve refreshes them after 20 s and stops using one 10 s before it expires (cloud/gcp.py
-RefreshPolicy): the refresh and the fail-closed paths run on the real clock, within a minute each.
+for 10 s here, so serve's schedule (cloud/refresh.py, docs/cloud-refresh.md) stops using one 1 s before it
+expires (a tenth of its life) and refreshes it after a quarter of the 9 s left: the refresh and the fail-closed
+paths run on the real clock, within seconds.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ RUN_SA = "run-invoker@acme-prod.iam.gserviceaccount.com"
 POOL = "projects/123456789/locations/global/workloadIdentityPools/gitlab-ci"
 PROVIDER = POOL + "/providers/controlplane"
 SA = "gcs-reader@acme-prod.iam.gserviceaccount.com"
-LIFETIME = 40  # refreshed at 20 s, withdrawn at 30 s
+LIFETIME = 10  # refreshed after 2.25 s, withdrawn at 9 s
 BEARER = "Bearer "
 
 
@@ -173,14 +174,17 @@ def test_an_id_token_reaches_a_cloud_run_style_service(world: World) -> None:
 def test_a_refresh_fails_no_request(world: World) -> None:
     job = world.stack.token()
     assert world.stack.fetch(job).status == 200
-    old = world.sent()
+    sent = [world.sent()]
     statuses: list[int] = []
 
-    def refreshed() -> bool:
+    def refreshed_twice() -> bool:
+        """Requests back to back through two switches of token (SDS pushes while the old one is still valid)."""
         statuses.append(world.stack.fetch(job).status)
-        return world.sent() != old
+        if world.sent() != sent[-1]:
+            sent.append(world.sent())
+        return len(sent) == 3
 
-    poll_until(refreshed, LIFETIME, interval=0.2, message="Envoy sends the refreshed token")
+    poll_until(refreshed_twice, 2 * LIFETIME, interval=0.02, message="Envoy sends two refreshed tokens in turn")
     assert set(statuses) == {200}, statuses
     assert world.gcp.access_tokens[world.sent()].service_account == SA
 
@@ -214,6 +218,7 @@ def test_sts_down_keeps_the_last_token_until_expiry_then_fails_closed_and_recove
         assert len(world.api.requests) == forwarded  # failed closed: never forwarded without a credential
     finally:
         world.gcp.outage.clear()
-    # retries back off (1, 2, 4 … 60 s): the next one after the outage brings a new token
-    poll_until(lambda: world.stack.fetch(job).status == 200, 70, interval=0.5, message="served again")
+    # retries back off (1, 2, 4 … 60 s, drawn between half and all): the next one after the outage brings a new
+    # token; a 9 s outage leaves at most five failures behind, so it comes within 16 s
+    poll_until(lambda: world.stack.fetch(job).status == 200, 40, interval=0.2, message="served again")
     assert world.sent() != held

@@ -24,7 +24,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ import pytest
 from controlplane.audit.store import DB_NAME
 from controlplane.cli.main import main
 from tests.support import suggest_scenario as wide
-from tests.support.policy_parts import backend, binding, documents, gateway, issuer
+from tests.support.policy_parts import ACME_INVENTORY, binding
 from tests.support.ports import poll_until
-from tests.support.stack import INVENTORY_FILE, NODE, EnvoySpec, PolicyInputs, Served, serve_stack
+from tests.support.stack import NODE, EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,99 +42,40 @@ TOKEN_ENV = "SUGGEST_E2E_GITLAB_TOKEN"
 DEPLOYER = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11}
 OTHER = {"project_id": 43, "project_path": "acme/platform/other", "namespace_id": 11}
 THIRD = {"project_id": 44, "project_path": "acme/platform/third", "namespace_id": 11}
-INVENTORY = """\
-groups:
-  - {id: 10, path: acme}
-  - {id: 11, path: acme/platform, parent_id: 10}
-projects:
-  - {id: 42, path: acme/platform/deployer, namespace_id: 11}
-  - {id: 43, path: acme/platform/other, namespace_id: 11}
-  - {id: 44, path: acme/platform/third, namespace_id: 11}
-"""
-REPORTS, DEPLOY = "https://reports.local", "https://deploy.local"
-
-DEPLOYER_CI = """\
-include:
-  - local: ci/deploy.yml
-stages: [test, deploy]
-.reports:
-  id_tokens:
-    REPORTS_TOKEN:
-      aud: https://reports.local
-read-reports:
-  extends: .reports
-  stage: test
-  rules:
-    - if: $CI_COMMIT_REF_PROTECTED == "true"
-  script: ['curl -H "Authorization: Bearer $REPORTS_TOKEN" https://reports.local/reports/2026/01']
-"""
-DEPLOYER_DEPLOY_CI = """\
-deploy-prod:
-  stage: deploy
-  id_tokens:
-    DEPLOY_TOKEN:
-      aud: https://deploy.local
-  environment:
-    name: production
-    deployment_tier: production
-  rules:
-    - if: $CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH && $CI_PIPELINE_SOURCE == "push"
-  script: [./deploy.sh]
-"""
-OTHER_CI = """\
-fetch-status:
-  id_tokens:
-    T:
-      aud: https://reports.local
-  script: [./status.sh]
-"""
+INVENTORY = ACME_INVENTORY + "  - {id: 44, path: acme/platform/third, namespace_id: 11}\n"
 
 
 def broad_policy(given: PolicyInputs) -> dict[str, str]:
     """Anything on both backends for the whole group, and a binding nobody uses."""
-    anything = 'rules:\n  - paths: ["/**"]\n'
-    return {
-        "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
-        "inventory.yaml": INVENTORY,
-        "backends.yaml": documents(
-            backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
-            backend("deploy-api", given.ports["deploy"]),
-        ),
-        "roles.yaml": documents(
-            f"kind: Role\nname: reports-everything\nbackend: reports-api\n{anything}",
-            f"kind: Role\nname: deploy-everything\nbackend: deploy-api\n{anything}",
-            "kind: Role\nname: reports-read\nbackend: reports-api\nrules:\n  - methods: [GET, HEAD]\n",
-        ),
-        "bindings.yaml": documents(
-            binding("platform-all", ["reports-everything", "deploy-everything"], "{group: acme/platform}"),
-            binding("legacy-reader", ["reports-read"], "{project: 43, ref: legacy}"),
-            binding("deploy-dry-run", ["deploy-everything"], "{project: 42, ref: main}", extra="mode: shadow"),
-        ),
-        "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"], access_log=given.access_log),
-    }
+    return wide.broad_policy(
+        given,
+        INVENTORY,
+        roles=["kind: Role\nname: reports-read\nbackend: reports-api\nrules:\n  - methods: [GET, HEAD]\n"],
+        bindings=[binding("legacy-reader", ["reports-read"], "{project: 43, ref: legacy}")],
+    )
 
 
-@dataclass(frozen=True)
-class Call:
-    host: str
-    method: str
-    path: str
-    claims: tuple[tuple[str, Any], ...]
+class Tokens:
+    """One token per distinct set of claims: signing is the slow part of a request, not the Envoy."""
 
-    def token(self, stack: Served) -> str:
-        aud = REPORTS if self.host == "reports.local" else DEPLOY
-        return stack.gitlab.mint(aud=aud, ttl=3600, **dict(self.claims))
+    def __init__(self, stack: Served) -> None:
+        self.stack = stack
+        self.minted: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
 
-    def status(self, stack: Served) -> int:
-        return stack.request(self.host, self.path, self.token(stack), method=self.method).status
+    def status(self, made: wide.Call) -> int:
+        key = (made.host, made.claims)
+        if key not in self.minted:
+            aud = wide.AUDIENCE_OF_HOST[made.host]
+            self.minted[key] = self.stack.gitlab.mint(aud=aud, ttl=3600, **made.claim)
+        return self.stack.request(made.host, made.path, self.minted[key], method=made.method).status
 
 
-def call(host: str, method: str, path: str, project: dict[str, Any], **claims: Any) -> Call:
+def call(host: str, method: str, path: str, project: dict[str, Any], **claims: Any) -> wide.Call:
     base = {"ref": "main", "ref_protected": True, "pipeline_source": "push", **project, **claims}
-    return Call(host, method, path, tuple(sorted(base.items())))
+    return wide.Call(host, method, path, tuple(sorted(base.items())))
 
 
-def recorded_calls() -> list[Call]:
+def recorded_calls() -> list[wide.Call]:
     """What the jobs did: three read-reports jobs, one deploy job, one job of the other project."""
     made = []
     for job, months in ((9001, ("01", "02")), (9002, ("03",)), (9003, ("04", "01"))):
@@ -146,7 +86,7 @@ def recorded_calls() -> list[Call]:
     return made
 
 
-def unused_calls() -> list[Call]:
+def unused_calls() -> list[wide.Call]:
     """What the broad policy allows and nobody did: other methods, paths, refs, projects, environments, sources."""
     reports = []
     for method in ("POST", "PUT", "PATCH", "DELETE"):
@@ -191,10 +131,10 @@ def stack(tmp_path: Path) -> Iterator[Served]:
             id=42,
             branches=["main", "feature", "dev"],
             protected=["main", "dev"],
-            files={".gitlab-ci.yml": DEPLOYER_CI, "ci/deploy.yml": DEPLOYER_DEPLOY_CI},
+            files={".gitlab-ci.yml": wide.DEPLOYER_CI, "ci/deploy.yml": wide.DEPLOYER_DEPLOY_CI},
         )
         gitlab.add_project(
-            "acme/platform/other", id=43, branches=["main", "feature"], files={".gitlab-ci.yml": OTHER_CI}
+            "acme/platform/other", id=43, branches=["main", "feature"], files={".gitlab-ci.yml": wide.OTHER_CI}
         )
         yield built
 
@@ -255,9 +195,10 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     stack: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(TOKEN_ENV, stack.gitlab.api_token)
+    tokens = Tokens(stack)
     recorded = recorded_calls()
     for made in recorded:
-        assert made.status(stack) == 200, made
+        assert tokens.status(made) == 200, made
     db = stack.controlplane.state_dir / DB_NAME
     poll_until(lambda: _audited(db) >= len(recorded), 15, message="every request in the audit trail")
     poll_until(lambda: _logged(stack.access_log) >= len(recorded), 15, message="every request in the access log")
@@ -308,12 +249,12 @@ def test_suggested_policy_keeps_what_was_used_and_denies_the_rest(
     assert "# /reports/2026/*: 5 request(s) by 3 job(s) (9001, 9002, 9003)" in yaml_text, yaml_text
 
     unused = unused_calls()
-    refused_before = [c for c in unused if c.status(stack) != 200]
+    refused_before = [c for c in unused if tokens.status(c) != 200]
     assert refused_before == [], "the broad policy must allow every unused request"
 
     _swap_policy(stack, tmp_path / "suggested")
-    still_allowed = [c for c in recorded if c.status(stack) == 200]
-    now_denied = [c for c in unused if c.status(stack) == 403]
+    still_allowed = [c for c in recorded if tokens.status(c) == 200]
+    now_denied = [c for c in unused if tokens.status(c) == 403]
     print(
         f"replay through Envoy: {len(still_allowed)}/{len(recorded)} recorded requests still allowed, "
         f"{len(now_denied)}/{len(unused)} unused requests the old policy allowed now denied"
@@ -341,21 +282,6 @@ def wide_stack(tmp_path: Path) -> Iterator[Served]:
                 wide.PROJECTS[project], id=project, branches=branches, protected=protected, files=files
             )
         yield built
-
-
-class Tokens:
-    """One token per distinct set of claims: signing is the slow part of a request, not the Envoy."""
-
-    def __init__(self, stack: Served) -> None:
-        self.stack = stack
-        self.minted: dict[tuple[str, tuple[tuple[str, Any], ...]], str] = {}
-
-    def status(self, made: wide.Call) -> int:
-        key = (made.host, made.claims)
-        if key not in self.minted:
-            aud = wide.AUDIENCE_OF_HOST[made.host]
-            self.minted[key] = self.stack.gitlab.mint(aud=aud, ttl=3600, **made.claim)
-        return self.stack.request(made.host, made.path, self.minted[key], method=made.method).status
 
 
 def test_wide_replay_keeps_every_observed_request_and_denies_what_nobody_used(

@@ -4,7 +4,10 @@ token is verified. Observed here: jwt_authn's `clear_route_cache` with routes ma
 `claim_to_headers` (and how a job can forge it), or the payload in dynamic metadata (docs/aws-backends.md).
 
 A static Envoy (no control plane): one listener, jwt_authn with an inline JWKS, routes answering directly with the
-name of the role they stand for, so the answer says which route served the request.
+name of the role they stand for, so the answer says which route served the request. The last two tests (facts 8,
+9) route to an echo server instead, to see which filters ran and with which per-route configuration: the set of
+filters is fixed from the route chosen before jwt_authn, a filter's per-route configuration is read from the route
+finally served (so binding roles sign by per-route configuration, not by a filter each).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.backends import EchoBackend
 from tests.support.envoy import EnvoyProcess
 from tests.support.ports import LOOPBACK, free_port
 
@@ -211,3 +215,121 @@ def by_metadata_once(issuer: Issuer) -> Iterator[int]:
 
 def test_routes_matching_metadata_need_clear_route_cache_too(issuer: Issuer, by_metadata_once: int) -> None:
     assert _route(by_metadata_once, issuer.token(ref_protected=True)) == (200, "read")
+
+
+# -- which filters run, and which per-route configuration they read, once the route is chosen again (facts 8, 9)
+
+FILTER_CONFIG_URL = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+MUTATION_PER_ROUTE_URL = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute"
+
+
+def _adds(header: str, value: str) -> dict[str, Any]:
+    entry = {"append": {"header": {"key": header, "value": value}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}}
+    return {"mutations": {"request_mutations": [entry]}}
+
+
+def _per_route(header: str, value: str) -> dict[str, Any]:
+    return {"@type": FILTER_CONFIG_URL, "config": {"@type": MUTATION_PER_ROUTE_URL, **_adds(header, value)}}
+
+
+def _filters_bootstrap(port: int, echo_port: int, jwks: str) -> dict[str, Any]:
+    """Two header_mutation filters standing for two roles' signers, both disabled on the listener: `a` switched on
+    for the host, `b` switched on only by the route a `ref_protected: true` token is routed to once jwt_authn wrote
+    the payload, which also gives `a` a per-route configuration of its own. Each route adds `x-route` itself (the
+    router applies the final route's)."""
+    provider = {
+        "issuer": ISSUER,
+        "audiences": ["s3"],
+        "local_jwks": {"inline_string": jwks},
+        "forward": False,
+        "payload_in_metadata": "jwt_payload",
+        "clear_route_cache": True,
+    }
+    jwt_filter = {
+        "@type": JWT_URL,
+        "providers": {"ci": provider},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "ci"}}],
+    }
+    filters = [
+        {"name": "envoy.filters.http.jwt_authn", "typed_config": jwt_filter},
+        {"name": "a", "disabled": True, "typed_config": {"@type": HEADER_MUTATION_URL, **_adds("x-filter", "a")}},
+        {"name": "b", "disabled": True, "typed_config": {"@type": HEADER_MUTATION_URL, **_adds("x-filter", "b")}},
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_URL}},
+    ]
+    chosen = {"filter": "envoy.filters.http.jwt_authn", "path": [{"key": "jwt_payload"}, {"key": "ref_protected"}]}
+    deploy = {
+        "match": {"prefix": "/", "dynamic_metadata": [chosen | {"value": {"bool_match": True}}]},
+        "route": {"cluster": "echo"},
+        "request_headers_to_add": [{"header": {"key": "x-route", "value": "deploy"}}],
+        "typed_per_filter_config": {
+            "a": _per_route("x-per-route", "deploy"),
+            "b": _per_route("x-per-route-b", "deploy"),
+        },
+    }
+    read = {
+        "match": {"prefix": "/"},
+        "route": {"cluster": "echo"},
+        "request_headers_to_add": [{"header": {"key": "x-route", "value": "read"}}],
+    }
+    host = {
+        "name": "s3",
+        "domains": ["*"],
+        "routes": [deploy, read],
+        "typed_per_filter_config": {"a": _per_route("x-per-route", "host")},
+    }
+    hcm = {"@type": HCM_URL, "stat_prefix": "facts", "route_config": {"virtual_hosts": [host]}, "http_filters": filters}
+    listener = {
+        "name": "facts",
+        "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": echo_port}}}}
+    cluster = {
+        "name": "echo",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [endpoint]}]},
+    }
+    return {"admin": {}, "static_resources": {"listeners": [listener], "clusters": [cluster]}}
+
+
+@pytest.fixture(scope="module")
+def filters_chosen_again(issuer: Issuer) -> Iterator[int]:
+    echo = EchoBackend(name="facts-echo").start()
+    port = free_port()
+    envoy = EnvoyProcess(_filters_bootstrap(port, echo.port, issuer.jwks), name="role-filters").start()
+    try:
+        yield port
+    finally:
+        envoy.stop()
+        echo.stop()
+
+
+def _seen(port: int, token: str) -> dict[str, str]:
+    """The headers the upstream received."""
+    status, body = _route(port, token)
+    assert status == 200, body
+    headers: dict[str, str] = json.loads(body)["headers"]
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def test_the_filters_that_run_are_those_of_the_route_chosen_before_jwt_authn(
+    issuer: Issuer, filters_chosen_again: int
+) -> None:
+    """Fact 8: the re-chosen route serves (`x-route: deploy`), but the filters that ran are the first route's: `a`
+    (switched on for the host), not `b` (switched on only by the deploy route)."""
+    seen = _seen(filters_chosen_again, issuer.token(ref_protected=True))
+    assert seen["x-route"] == "deploy"
+    assert seen["x-filter"] == "a"  # `b` never ran
+    assert "x-per-route-b" not in seen
+
+
+def test_a_filter_reads_its_per_route_configuration_from_the_route_finally_served(
+    issuer: Issuer, filters_chosen_again: int
+) -> None:
+    """Fact 9: filter `a` applied the deploy route's per-route configuration, which the route chosen before jwt_authn
+    does not have; a token routed to `read` gets the host's."""
+    assert "deploy" in _seen(filters_chosen_again, issuer.token(ref_protected=True))["x-per-route"]
+    read = _seen(filters_chosen_again, issuer.token(ref_protected=False))
+    assert (read["x-route"], read["x-per-route"]) == ("read", "host")

@@ -393,7 +393,7 @@ def test_json_document_shape_is_stable() -> None:
     doc = document(ask(deployer(ref_protected="false")))
     assert list(doc) == [
         "decision", "allowed", "status", "reason", "gateway", "backend", "route", "steps", "allowed_by", "shadow",
-        "nearest", "notes",
+        "nearest", "notes", "cloud_identity",
     ]  # fmt: skip
     assert doc["steps"][0] == {"step": "gateway", "ok": True, "text": "gateway ci-gateway: fronts that host"}
     assert doc["nearest"][0] == {

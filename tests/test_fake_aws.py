@@ -11,6 +11,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -256,3 +257,56 @@ def test_an_unauthenticated_block_seeds_and_authentication_is_back_after_it(aws:
     with pytest.raises(ClientError) as refused:
         aws.client("s3", AccessKey("AKIANOBODY", "nothing")).list_objects_v2(Bucket="seeded")
     assert _code(refused) == "InvalidAccessKeyId"
+
+
+def test_an_added_role_is_assumable_as_told_its_policy_holds_and_each_signed_key_names_its_role(aws: FakeAws) -> None:
+    """`add_role`, `role_of_key` (with `signed_by`): what tests/test_e2e_aws_binding_roles.py reads to say which role
+    a request reached AWS as."""
+    suffix = uuid.uuid4().hex[:8]
+    writes = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": "*"}]}
+    writer = aws.add_role(f"writer-{suffix}", writes)
+    closed = aws.add_role(f"closed-{suffix}", writes, assumable=False)
+    sts = aws.client("sts")
+    with pytest.raises(ClientError) as refused:
+        sts.assume_role(RoleArn=closed, RoleSessionName="test")
+    assert _code(refused) == "AccessDenied"
+    credentials = sts.assume_role(RoleArn=writer, RoleSessionName="test")["Credentials"]
+    assert aws.role_of_key(credentials["AccessKeyId"]) == writer and aws.role_of_key("AKIANOTISSUED") is None
+    s3 = _s3(aws, credentials)
+    s3.put_object(Bucket=BUCKET, Key=f"w-{suffix}", Body=b"x")
+    assert aws.signed_by[-1] == credentials["AccessKeyId"]
+    with pytest.raises(ClientError) as denied:  # its policy grants no read
+        s3.get_object(Bucket=BUCKET, Key=OBJECT_KEY)
+    assert _code(denied) == "AccessDenied"
+
+
+def test_an_sts_outage_answers_503_to_sts_only_until_it_ends(aws: FakeAws, keys: SigningKeys) -> None:
+    """The knob test_e2e_aws uses for an STS outage: every STS action (signed or not) is ServiceUnavailable, S3
+    still answers; the outage ends when the test says."""
+    credentials = _assume(aws)
+    aws.sts_down = True
+    try:
+        with pytest.raises(ClientError) as signed:
+            _assume(aws)
+        with pytest.raises(ClientError) as unsigned:
+            _web(aws, _token(keys))
+        body = _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)["Body"].read()
+    finally:
+        aws.sts_down = False
+    assert _code(signed) == _code(unsigned) == "ServiceUnavailable"
+    assert signed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert body == OBJECT_BODY
+    assert aws.sts_refused_outage >= 2  # boto3 retries a 503 itself: each attempt counted
+    assert _assume(aws)["AccessKeyId"].startswith("ASIA")  # back
+
+
+def test_who_signed_each_request_and_any_unsigned_one_are_recorded(aws: FakeAws, keys: SigningKeys) -> None:
+    credentials = _assume(aws)
+    signed, unsigned = len(aws.signed_by), aws.unsigned
+    _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)
+    assert aws.signed_by[signed:] == [credentials["AccessKeyId"]]
+    _web(aws, _token(keys))  # AssumeRoleWithWebIdentity: unsigned on AWS too, not counted
+    assert aws.unsigned == unsigned
+    response = requests.get(f"{aws.endpoint}/{BUCKET}/{OBJECT_KEY}", timeout=10)
+    assert response.status_code == 403  # moto refuses it (authentication is on)
+    assert aws.unsigned == unsigned + 1

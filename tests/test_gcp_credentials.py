@@ -1,12 +1,10 @@
-"""controlplane.cloud.gcp: the pure refresh logic exhaustively, the aiohttp adapter against the fake Google Cloud,
+"""controlplane.cloud.gcp: the settings, the aiohttp adapter against the fake Google Cloud,
 the refresher's fail-closed behaviour, metrics, and that no token ever reaches a log line or a repr."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -19,19 +17,11 @@ from controlplane.cloud.gcp import (
     GcpCredentialRefresher,
     GcpExchangeError,
     GcpSettings,
-    RefreshPolicy,
-    RefreshState,
-    after_failure,
-    after_success,
-    due,
     fetch_credential,
     http_fetcher,
     mint_subject_token,
-    refresh_at,
-    usable,
-    valid_seconds,
-    wake_at,
 )
+from controlplane.cloud.refresh import RefreshPolicy
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.telemetry.metrics import REGISTRY
 from tests.support.backends import http_request, json_response
@@ -84,67 +74,7 @@ def test_an_id_token_needs_no_scope() -> None:
     assert settings.id_token_audience == "https://run.example.test"
 
 
-# -- the pure logic
-
-
-def test_refresh_at_is_a_quarter_of_the_life_before_it_becomes_unusable() -> None:
-    assert refresh_at(cred(0, 3600), POLICY) == 3600 - 10 - 900
-    assert refresh_at(cred(0, 600), POLICY) == 300  # 600 - 10 - 300 would be in the first half of its life
-    assert refresh_at(cred(0, 400), POLICY) == 200
-    assert refresh_at(cred(0, 43200), POLICY) == 43200 - 10 - 10800
-
-
-def test_refresh_invariants_hold_exhaustively() -> None:
-    """Over a grid of policies and lives: refresh in the second half of a credential's life, before it stops
-    being usable whenever the life allows it, and usable exactly until expiry minus the skew."""
-    fractions, margins, skews = (0.1, 0.25, 0.5, 0.9), (0.0, 60.0, 300.0), (0.0, 10.0, 30.0)
-    lives = (1.0, 20.0, 61.0, 600.0, 3600.0, 43200.0)
-    for fraction, margin, skew, life in itertools.product(fractions, margins, skews, lives):
-        policy = RefreshPolicy(refresh_fraction=fraction, min_margin=margin, expiry_skew=skew)
-        credential = cred(1000.0, life)
-        at = refresh_at(credential, policy)
-        assert 1000.0 + life / 2 <= at <= credential.expires_at
-        if life / 2 > skew:
-            assert at < credential.expires_at - skew, (fraction, margin, skew, life)
-        state = after_success(RefreshState(), credential, policy)
-        assert not due(state, at - 0.001) and due(state, at)
-        assert usable(state, credential.expires_at - skew - 0.001, policy) is credential
-        assert usable(state, credential.expires_at - skew, policy) is None
-        assert valid_seconds(state, credential.expires_at - skew, policy) == 0.0
-
-
-def test_failures_back_off_exponentially_to_the_cap_and_keep_the_credential() -> None:
-    credential = cred(0, 3600)
-    state = after_success(RefreshState(), credential, POLICY)
-    now, delays = 2700.0, []
-    for _ in range(10):
-        state = after_failure(state, now, "STS answered 503", POLICY)
-        delays.append(state.next_attempt - now)
-    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
-    assert state.failures == 10 and state.last_error == "STS answered 503"
-    assert usable(state, 3589.9, POLICY) is credential, "the last credential is kept until it expires"
-    assert usable(state, 3590.0, POLICY) is None, "then the refresher fails closed"
-    recovered = after_success(state, cred(3600, 3600), POLICY)
-    assert recovered.failures == 0 and recovered.last_error is None
-
-
-def test_the_very_first_attempt_is_due_at_once_and_a_failure_holds_nothing() -> None:
-    state: RefreshState[CloudCredential] = RefreshState()
-    assert due(state, 0.0) and usable(state, 0.0, POLICY) is None
-    state = after_failure(state, 5.0, "unreachable", POLICY)
-    assert state.credential is None and state.next_attempt == 6.0 and valid_seconds(state, 5.0, POLICY) == 0.0
-    many: RefreshState[CloudCredential] = RefreshState(failures=10_000)
-    assert after_failure(many, 0.0, "x", POLICY).next_attempt == POLICY.retry_cap  # no overflow
-
-
-@pytest.mark.parametrize(
-    "fields",
-    [{"refresh_fraction": 0.0}, {"refresh_fraction": 1.0}, {"retry_base": 0.0}, {"retry_cap": -1.0},
-     {"min_margin": -1.0}, {"expiry_skew": -1.0}],
-)  # fmt: skip
-def test_a_nonsense_policy_is_refused(fields: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        RefreshPolicy(**fields)
+# The schedule itself (when to refresh, backoff, fail closed) is shared with AWS: tests/test_cloud_refresh.py.
 
 
 # -- against the fake Google Cloud
@@ -273,21 +203,23 @@ def valid_for(backend: str) -> float | None:
 async def test_the_refresher_keeps_the_last_token_then_fails_closed(
     cloud: Cloud, session: aiohttp.ClientSession
 ) -> None:
-    refresher = GcpCredentialRefresher(cloud.settings(), http_fetcher(session, cloud.keys, ISSUER), clock=cloud.clock)
+    refresher = GcpCredentialRefresher(
+        cloud.settings(), http_fetcher(session, cloud.keys, ISSUER), clock=cloud.clock, sample=lambda: 0.0
+    )
     ok, failed = refreshes("ok"), refreshes("unavailable")
     assert refresher.current() is None
     assert await refresher.refresh_once()
     first = refresher.current()
     assert first is not None and cloud.api_accepts(first.token)
-    assert refresher.next_attempt() == START + 2690
-    assert valid_for("gcs") == 3590
+    assert refresher.next_attempt() == START + 1770  # half of 3600 - 60 s of skew
+    assert valid_for("gcs") == 3540
 
     cloud.gcp.outage.add("sts")
-    cloud.clock.now = START + 2690
+    cloud.clock.now = START + 1770
     assert not await refresher.refresh_once()
-    assert refresher.current() is first and refresher.next_attempt() == START + 2691
+    assert refresher.current() is first and refresher.next_attempt() == START + 1770.5
     assert refreshes("unavailable") == failed + 1
-    cloud.clock.now = START + 3590
+    cloud.clock.now = START + 3540
     assert refresher.current() is None, "fails closed once the last token is about to expire"
     assert valid_for("gcs") == 0
 
@@ -299,7 +231,9 @@ async def test_the_refresher_keeps_the_last_token_then_fails_closed(
 
 
 async def test_run_refreshes_whenever_due(cloud: Cloud, session: aiohttp.ClientSession) -> None:
-    refresher = GcpCredentialRefresher(cloud.settings(), http_fetcher(session, cloud.keys, ISSUER), clock=cloud.clock)
+    refresher = GcpCredentialRefresher(
+        cloud.settings(), http_fetcher(session, cloud.keys, ISSUER), clock=cloud.clock, sample=lambda: 0.0
+    )
     slept: list[float] = []
 
     class Stop(Exception):
@@ -313,7 +247,7 @@ async def test_run_refreshes_whenever_due(cloud: Cloud, session: aiohttp.ClientS
 
     with pytest.raises(Stop):
         await refresher.run(sleep)
-    assert slept == [2690.0, 2690.0, 2690.0]
+    assert slept == [1770.0, 1770.0, 1770.0]
     tokens = [r for r in cloud.gcp.requests if r.path.endswith(":generateAccessToken")]
     assert len(tokens) == 3
 
@@ -375,16 +309,6 @@ async def test_a_bug_or_an_unsigned_start_is_a_counted_failure_not_a_dead_loop(
     assert refused.value.result == "unsigned" and cloud.gcp.requests == []
 
 
-def test_wake_at_is_the_next_refresh_or_the_withdrawal_whichever_first() -> None:
-    credential = cred(0, 3600)
-    state = after_success(RefreshState(), credential, POLICY)
-    assert wake_at(state, 0.0, POLICY) == 2690  # the refresh comes first
-    failing = replace(state, next_attempt=5000.0)
-    assert wake_at(failing, 3000.0, POLICY) == 3590  # the withdrawal comes first
-    assert wake_at(failing, 3590.0, POLICY) == 5000  # already withdrawn: only the retry is left
-    assert wake_at(RefreshState(next_attempt=7.0), 0.0, POLICY) == 7.0
-
-
 async def test_run_withdraws_an_unrefreshed_credential_on_time_and_says_so(
     cloud: Cloud, session: aiohttp.ClientSession
 ) -> None:
@@ -395,6 +319,7 @@ async def test_run_withdraws_an_unrefreshed_credential_on_time_and_says_so(
         http_fetcher(session, cloud.keys, ISSUER),
         clock=cloud.clock,
         policy=policy,
+        sample=lambda: 0.0,
         on_change=lambda: seen.append(refresher.current()),
     )
     slept: list[float] = []
@@ -404,13 +329,15 @@ async def test_run_withdraws_an_unrefreshed_credential_on_time_and_says_so(
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
-        if len(slept) == 4:
+        if len(slept) == 5:
             raise Stop
         cloud.gcp.outage.add("sts")
         cloud.clock.now += seconds
 
     with pytest.raises(Stop):
         await refresher.run(sleep)
-    assert slept == [2690.0, 900.0, 100.0, 2000.0]  # refresh due; withdrawal; retry; retry backed off
+    # refresh due; retries backed off (500, 1000 s), the next one no later than the withdrawal at 3540 s; then
+    # withdrawn, and only the retry is left (4000 s)
+    assert slept == [1770.0, 500.0, 1000.0, 270.0, 4000.0]
     assert len(seen) == 2 and seen[0] is not None and seen[1] is None
     assert refresher.current() is None

@@ -27,6 +27,7 @@ import yaml
 from controlplane.cli.merge_request import MARKER, codequality_report
 from controlplane.model.errors import PolicyError
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.policy_repo import GRANT, REPORTS_READ, commit, git, init_main, live_issuer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "templates" / "policy-check.yml"
@@ -62,14 +63,6 @@ CODEQUALITY_SCHEMA: dict[str, Any] = {
     },
 }
 
-GRANT = """kind: Binding
-name: frontend-reads-reports
-issuer: gitlab
-roles: [reports-read]
-subjects:
-  - project: acme/web/frontend
-    ref_protected: true
-"""
 BROKEN = """kind: Binding
 name: broken
 issuer: gitlab
@@ -114,27 +107,13 @@ def test_the_template_declares_its_inputs_and_runs_on_merge_request_pipelines_on
 # -- running the job
 
 
-def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return done.stdout.strip()
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A policy repository: the quickstart policy under policy/ on main (the MR's diff base), branch `change`."""
     repo = tmp_path / "policy-repo"
     shutil.copytree(EXAMPLE, repo / "policy")
     (repo / "README.md").write_text("# policy\n")
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "base")
-    _git(repo, "checkout", "-q", "-b", "change")
+    init_main(repo, branch="change")
     return repo
 
 
@@ -186,7 +165,7 @@ def _run(
 ) -> subprocess.CompletedProcess[str]:
     """The job's script in one bash, errexit on as GitLab's runner runs it, with the MR pipeline's variables."""
     job = _job({"image": IMAGE, "policy_dir": "policy", **inputs})
-    head = _git(repo, "rev-parse", "HEAD")
+    head = git(repo, "rev-parse", "HEAD")
     env = {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(repo.parent),
@@ -210,7 +189,7 @@ def _run(
         env["CONTROLPLANE_MR_TOKEN"] = fake.api_token
     env.update(extra or {})
     if "CI_MERGE_REQUEST_DIFF_BASE_SHA" not in env:  # where the target branch was when the MR branched off
-        env["CI_MERGE_REQUEST_DIFF_BASE_SHA"] = _git(repo, "merge-base", "main", "HEAD")
+        env["CI_MERGE_REQUEST_DIFF_BASE_SHA"] = git(repo, "merge-base", "main", "HEAD")
     script = "set -eo pipefail\n" + "\n".join(job["script"])
     return subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
 
@@ -226,9 +205,7 @@ def test_a_clean_merge_request_passes_and_its_note_shows_the_access_diff_updated
     repo: Path, bin_dir: Path, fake: FakeGitLab
 ) -> None:
     iid = fake.add_merge_request("platform/policy", "change")
-    (repo / "policy" / "grant.yaml").write_text(GRANT)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "frontend reads reports")
+    commit(repo, "frontend reads reports", {"policy/grant.yaml": GRANT})
 
     first = _run(repo, bin_dir, fake, iid=iid)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -246,9 +223,7 @@ def test_a_clean_merge_request_passes_and_its_note_shows_the_access_diff_updated
 
     # The next push: the same note is updated, nothing added; a reviewer's note is left alone.
     fake.add_note("platform/policy", iid, "why does frontend need this?")
-    (repo / "policy" / "grant.yaml").unlink()
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "not after all")
+    commit(repo, "not after all", {"policy/grant.yaml": None})
     second = _run(repo, bin_dir, fake, iid=iid)
     assert second.returncode == 0, second.stdout + second.stderr
     notes = fake.notes("platform/policy", iid)
@@ -264,9 +239,7 @@ def test_a_broken_merge_request_fails_with_its_errors_at_their_file_and_line(
     repo: Path, bin_dir: Path, fake: FakeGitLab
 ) -> None:
     iid = fake.add_merge_request("platform/policy", "change")
-    (repo / "policy" / "broken.yaml").write_text(BROKEN)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "broken")
+    commit(repo, "broken", {"policy/broken.yaml": BROKEN})
 
     done = _run(repo, bin_dir, fake, iid=iid)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -279,8 +252,7 @@ def test_a_broken_merge_request_fails_with_its_errors_at_their_file_and_line(
     assert "broken.yaml:4: roles[0]: no Role named 'no-such-role'" in note["body"]
 
     # Fixing something above it moves the error down a line: the same issue for GitLab (same fingerprint).
-    (repo / "policy" / "broken.yaml").write_text("# still broken\n" + BROKEN)
-    _git(repo, "commit", "-q", "-am", "comment")
+    commit(repo, "comment", {"policy/broken.yaml": "# still broken\n" + BROKEN})
     assert _run(repo, bin_dir, fake, iid=iid).returncode == 1
     (moved,) = _report(repo)
     assert moved["location"]["lines"]["begin"] == 5
@@ -313,9 +285,7 @@ def test_a_gitlab_failure_on_the_note_is_reported_and_leaves_the_verdict_alone(
     repo: Path, bin_dir: Path, fake: FakeGitLab
 ) -> None:
     iid = fake.add_merge_request("platform/policy", "change")
-    (repo / "policy" / "broken.yaml").write_text(BROKEN)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "broken")
+    commit(repo, "broken", {"policy/broken.yaml": BROKEN})
     fake.set_down()
     done = _run(repo, bin_dir, fake, iid=iid)
     assert done.returncode == 1  # the policy's verdict, not the note's
@@ -375,7 +345,7 @@ def test_a_policy_at_the_repository_root_and_one_outside_it(tmp_path: Path, monk
 
 def test_on_the_default_branch_it_validates_only(repo: Path, bin_dir: Path, fake: FakeGitLab) -> None:
     """The default branch's pipeline (no MR, no diff base): the report GitLab compares MRs with, and the verdict."""
-    _git(repo, "checkout", "-q", "main")
+    git(repo, "checkout", "-q", "main")
     done = _run(
         repo,
         bin_dir,
@@ -397,23 +367,21 @@ def test_a_shallow_clone_fetches_the_diff_base(
     """GIT_DEPTH=1: the checkout holds the head alone; the script fetches the base commit by its sha or, from a
     server that refuses unadvertised shas, the target branch, and the access diff is computed."""
     iid = fake.add_merge_request("platform/policy", "change")
-    (repo / "policy" / "grant.yaml").write_text(GRANT)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "frontend reads reports")
-    base = _git(repo, "merge-base", "main", "HEAD")
-    _git(repo, "checkout", "-q", "main")  # the target branch moves on: the base is no branch's tip any more
+    commit(repo, "frontend reads reports", {"policy/grant.yaml": GRANT})
+    base = git(repo, "merge-base", "main", "HEAD")
+    git(repo, "checkout", "-q", "main")  # the target branch moves on: the base is no branch's tip any more
     (repo / "README.md").write_text("# policy, elsewhere\n")
-    _git(repo, "commit", "-q", "-am", "meanwhile on main")
-    _git(repo, "checkout", "-q", "change")
+    git(repo, "commit", "-q", "-am", "meanwhile on main")
+    git(repo, "checkout", "-q", "change")
     clone = tmp_path / "shallow"
-    _git(tmp_path, "clone", "-q", "--depth=1", "--branch", "change", f"file://{repo}", str(clone))
+    git(tmp_path, "clone", "-q", "--depth=1", "--branch", "change", f"file://{repo}", str(clone))
     if not by_sha:  # git's protocol v2 serves any reachable sha; v0 without allowAnySHA1InWant refuses it
-        _git(repo, "config", "uploadpack.allowAnySHA1InWant", "false")
-        _git(clone, "config", "protocol.version", "0")
+        git(repo, "config", "uploadpack.allowAnySHA1InWant", "false")
+        git(clone, "config", "protocol.version", "0")
         with pytest.raises(subprocess.CalledProcessError):
-            _git(clone, "fetch", "-q", "--depth=1", "origin", base)
+            git(clone, "fetch", "-q", "--depth=1", "origin", base)
     with pytest.raises(subprocess.CalledProcessError):
-        _git(clone, "cat-file", "-e", f"{base}^{{commit}}")
+        git(clone, "cat-file", "-e", f"{base}^{{commit}}")
     done = _run(clone, bin_dir, fake, iid=iid, git_depth="1", extra={"CI_MERGE_REQUEST_DIFF_BASE_SHA": base})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "access changes against" in done.stdout and "not fetched" not in done.stdout
@@ -426,20 +394,18 @@ def test_a_merged_results_pipeline_diffs_against_the_target_branchs_head(
 ) -> None:
     """The checkout is the MR merged into the target's head: what the target gained meanwhile is not the MR's."""
     iid = fake.add_merge_request("platform/policy", "change")
-    (repo / "policy" / "grant.yaml").write_text(GRANT)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "frontend reads reports")
-    base = _git(repo, "merge-base", "main", "HEAD")
-    _git(repo, "checkout", "-q", "main")
+    commit(repo, "frontend reads reports", {"policy/grant.yaml": GRANT})
+    base = git(repo, "merge-base", "main", "HEAD")
+    git(repo, "checkout", "-q", "main")
     other = GRANT.replace("frontend-reads-reports", "deployer-reads-too").replace(
         "acme/web/frontend", "acme/platform/deployer"
     )
     (repo / "policy" / "meanwhile.yaml").write_text(other.replace("ref_protected: true", "ref_protected: false"))
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "meanwhile on main")
-    target = _git(repo, "rev-parse", "HEAD")
-    _git(repo, "checkout", "-q", "--detach", "main")
-    _git(repo, "merge", "-q", "--no-edit", "change")  # the merged result GitLab builds
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "meanwhile on main")
+    target = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "--detach", "main")
+    git(repo, "merge", "-q", "--no-edit", "change")  # the merged result GitLab builds
     done = _run(
         repo,
         bin_dir,
@@ -462,30 +428,9 @@ def test_nothing_the_policy_writes_can_end_the_notes_code_block() -> None:
     assert "+ claim x = '''evil gains GET /" in body
 
 
-LIVE_POLICY = """kind: Issuer
-name: gitlab
-type: gitlab
-url: {url}
-api:
-  token_env: POLICY_READ_TOKEN
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-endpoints:
-  - {{address: 127.0.0.1, port: 8081}}
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules:
-  - methods: [GET]
-    paths: ["/**"]
----
-kind: Gateway
+GATEWAY = """kind: Gateway
 name: gw
-listen: {{address: 127.0.0.1, port: 10000}}
+listen: {address: 127.0.0.1, port: 10000}
 backends: [reports-api]
 """
 
@@ -499,14 +444,9 @@ def test_an_api_issuers_paths_are_resolved_through_gitlab_when_its_token_is_in_t
     frontend = fake.add_project("acme/web/frontend", branches=["main"], protected=["main"])
     repo = tmp_path / "live-repo"
     (repo / "policy").mkdir(parents=True)
-    (repo / "policy" / "policy.yaml").write_text(LIVE_POLICY.format(url=fake.base_url))
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "base")
-    _git(repo, "checkout", "-q", "-b", "change")
-    (repo / "policy" / "grant.yaml").write_text(GRANT)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "frontend reads reports")
+    (repo / "policy" / "policy.yaml").write_text("---\n".join([live_issuer(fake.base_url), REPORTS_READ, GATEWAY]))
+    init_main(repo, branch="change")
+    commit(repo, "frontend reads reports", {"policy/grant.yaml": GRANT})
     iid = fake.add_merge_request("platform/policy", "change")
     extra = {"POLICY_READ_TOKEN": fake.api_token} if token else {}
     done = _run(repo, bin_dir, fake, iid=iid, extra=extra)

@@ -18,6 +18,7 @@ import pytest
 from controlplane.cli.merge_request import MARKER, GitLabReader, Outcome, check, note_body, post_note
 from controlplane.sources.policy_dir import ReadLimits
 from tests.support.fake_gitlab import FakeGitLab
+from tests.support.policy_repo import FRONTEND_READS_REPORTS, REPORTS_READ, init_main, live_issuer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "quickstart"
@@ -74,39 +75,9 @@ def test_nothing_gitlab_or_git_answered_reaches_the_note_as_markdown() -> None:
 
 # -- the MR's policy names where its issuers' tokens go
 
-LIVE_POLICY = """kind: Issuer
-name: gitlab
-type: gitlab
-url: {url}
-api:
-  url: {api}
-  token_env: {token_env}
----
-kind: Backend
-name: reports-api
-hosts: [reports.local]
-audience: https://reports.local
-endpoints:
-  - {{address: 127.0.0.1, port: 8081}}
----
-kind: Role
-name: reports-read
-backend: reports-api
-rules:
-  - methods: [GET]
-    paths: ["/**"]
----
-kind: Binding
-name: frontend-reads-reports
-issuer: gitlab
-roles: [reports-read]
-subjects:
-  - project: acme/web/frontend
-"""
 
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True)
+def _live_policy(url: str, api: str, token_env: str) -> str:
+    return "---\n".join([live_issuer(url, api=api, token_env=token_env), REPORTS_READ, FRONTEND_READS_REPORTS])
 
 
 @pytest.mark.parametrize("changed", ["url", "token_env"])
@@ -122,16 +93,14 @@ def test_the_heads_api_settings_get_no_token_only_the_target_branchs_do(
         repo = tmp_path / "repo"
         (repo / "policy").mkdir(parents=True)
         policy = repo / "policy" / "policy.yaml"
-        policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=gitlab.base_url, token_env="POLICY_READ_TOKEN"))
-        _git(repo, "init", "-q", "-b", "main")
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", "base")
+        policy.write_text(_live_policy(gitlab.base_url, gitlab.base_url, "POLICY_READ_TOKEN"))
+        init_main(repo)
         api, token_env = (
             (elsewhere.base_url, "POLICY_READ_TOKEN")
             if changed == "url"
             else (gitlab.base_url, "CONTROLPLANE_MR_TOKEN")
         )
-        policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=api, token_env=token_env))
+        policy.write_text(_live_policy(gitlab.base_url, api, token_env))
         monkeypatch.chdir(repo)
         base = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
 
@@ -148,7 +117,7 @@ def test_the_heads_api_settings_get_no_token_only_the_target_branchs_do(
         assert elsewhere.api_calls() == [] and "was not read; no token sent" in outcome.notes[0]
 
         # The target branch's own settings are read with, on both sides of the diff.
-        policy.write_text(LIVE_POLICY.format(url=gitlab.base_url, api=gitlab.base_url, token_env="POLICY_READ_TOKEN"))
+        policy.write_text(_live_policy(gitlab.base_url, gitlab.base_url, "POLICY_READ_TOKEN"))
         outcome = check(repo / "policy", "policy", base, ReadLimits(), GitLabReader())
         assert outcome.errors == [] and outcome.notes == ()
         assert gitlab.api_calls("/projects/:id")

@@ -10,8 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,11 @@ from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.diff import ANY, Change, PolicyDiff, compare, path_pattern
 from controlplane.resolved.evaluate import Evaluator
 from controlplane.sources.policy_dir import ReadLimits
+from tests.support.policy_parts import Edit
+from tests.support.policy_parts import replace_in as _replace
+from tests.support.policy_repo import GRANT, git
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
-
-Edit = Callable[[Path], None]
-
-
-def _replace(name: str, old: str, new: str) -> Edit:
-    def edit(root: Path) -> None:
-        path = root / name
-        text = path.read_text()
-        assert old in text, f"{old!r} not in {name}"
-        path.write_text(text.replace(old, new, 1))
-
-    return edit
 
 
 def _append(name: str, text: str) -> Edit:
@@ -56,16 +46,7 @@ def _reorder(root: Path) -> None:
     (root / "bindings.yaml").rename(root / "more" / "z-bindings.yaml")
 
 
-NEW_BINDING = """
----
-kind: Binding
-name: frontend-reads-reports
-issuer: gitlab
-roles: [reports-read]
-subjects:
-  - project: acme/web/frontend
-    ref_protected: true
-"""
+NEW_BINDING = "\n---\n" + GRANT
 
 NEW_BACKEND_ROLE = """
 ---
@@ -231,21 +212,15 @@ def test_invalid_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "not a directory nor a git revision" in capsys.readouterr().err
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True, capture_output=True
-    )
-
-
 def test_git_revisions(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    _git(repo, "init", "-q")
+    git(repo, "init", "-q")
     shutil.copytree(QUICKSTART, repo / "policy")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "one")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "one")
     _append("bindings.yaml", NEW_BINDING)(repo / "policy")
-    _git(repo, "commit", "-q", "-am", "two")
+    git(repo, "commit", "-q", "-am", "two")
     monkeypatch.chdir(repo)
     assert main(["diff", "HEAD~1:policy", "HEAD:policy"]) == 1
     _in_order(capsys.readouterr().out, ["backend reports-api", "+ ", "project_id = 43", "gains GET, HEAD /**"])

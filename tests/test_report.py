@@ -8,7 +8,6 @@ aggregated by the database, not loaded; hostile audit values stay text in HTML a
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -39,6 +38,7 @@ from tests.support.report_data import (
     REVOKED_JOB,
     Fixture,
     audit_records,
+    fill_postgres,
     fixture,
 )
 
@@ -242,8 +242,9 @@ def test_csv_is_one_file_per_table_with_formulas_defused(data: Fixture, tmp_path
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         [
-            "access.csv", "denials.csv", "index.csv", "jobs.csv", "not_recorded.csv", "policy_versions.csv",
-            "revocations.csv", "signing_keys.csv", "summary.csv", "usage.csv",
+            "access.csv", "cloud_identities.csv", "cloud_use.csv", "denials.csv", "index.csv", "jobs.csv",
+            "not_recorded.csv", "policy_versions.csv", "revocations.csv", "signing_keys.csv", "summary.csv",
+            "usage.csv",
         ]
     )  # fmt: skip
     jobs = list(csv.DictReader(io.StringIO((out / "jobs.csv").read_text())))
@@ -279,30 +280,15 @@ def test_state_file_names_are_the_credentials_layers() -> None:
 
 
 def test_postgres_trail_gives_the_same_aggregates(data: Fixture, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from controlplane.audit.store_pg import PostgresAuditStore
-    from controlplane.store.dsn import StoreDsn
-    from controlplane.store.pool import PoolSettings, StorePool
-
-    async def fill() -> None:
-        pool = StorePool(StoreDsn(pg_dsn, "test"), PoolSettings(min_size=1, max_size=2))
-        store = PostgresAuditStore(pool, retention=None)
-        await store.open()
-        try:
-            for record in audit_records(NOW):
-                assert store.submit(record)
-            assert await asyncio.to_thread(store.flush, 30.0)
-        finally:
-            await store.close()
-            await pool.close()
-
-    asyncio.run(fill())
+    fill_postgres(pg_dsn, NOW)
     monkeypatch.setenv("CONTROLPLANE_TEST_REPORT_DSN", pg_dsn)
     file_report = json.loads(_stdout(lambda: run(data)))
     pg_report = json.loads(
         _stdout(lambda: run(data, "--store", "postgres", "--store-dsn-env", "CONTROLPLANE_TEST_REPORT_DSN"))
     )
-    for section in ("jobs", "usage", "denials"):
+    for section in ("jobs", "usage", "denials", "cloud_identities", "cloud_use"):
         assert rows(pg_report, section) == rows(file_report, section), section
+    assert len(rows(pg_report, "cloud_identities")) == 3
     assert pg_report["summary"]["requests"] == file_report["summary"]["requests"] == 40
     assert rows(pg_report, "revocations")[0]["refused_requests"] == 3
 

@@ -16,14 +16,23 @@ import pytest
 
 from controlplane.cli.main import main
 from tests.support.browser import chromium, read_png, run_chromium
-from tests.support.report_data import MALICIOUS_DETAILS, MALICIOUS_PATH, fixture
+from tests.support.report_data import MALICIOUS_DETAILS, MALICIOUS_IDENTITY, MALICIOUS_PATH, fixture
 
 pytestmark = pytest.mark.e2e
 
 NOW = 1_790_000_000.0
 HEADER_BLUE = (0x1F, 0x3A, 0x5F)  # report_render.CSS: th background
 ZEBRA = (0xEE, 0xF2, 0xF7)  # every other body row
-EXPECTED_ROWS = {"policy_versions": 3, "access": 1, "jobs": 5, "usage": 8, "denials": 4, "revocations": 1}
+EXPECTED_ROWS = {
+    "policy_versions": 3,
+    "access": 1,
+    "jobs": 5,
+    "usage": 8,
+    "denials": 4,
+    "cloud_identities": 3,
+    "cloud_use": 3,
+    "revocations": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +89,7 @@ def test_chromium_parses_the_tables_and_keeps_hostile_values_as_text(page: Path)
         f"table-{key}": dom.rows[f"table-{key}"] for key in EXPECTED_ROWS
     }
     assert "script" not in dom.tags and "img" not in dom.tags and "b" not in dom.tags
-    assert MALICIOUS_PATH in dom.cells and MALICIOUS_DETAILS in dom.cells
+    assert MALICIOUS_PATH in dom.cells and MALICIOUS_DETAILS in dom.cells and MALICIOUS_IDENTITY in dom.cells
 
 
 def test_chromium_screenshot_shows_the_styled_tables(page: Path, tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ MAX_AWAITED_BYTES = 16 * 1024 * 1024
 
 _BACKEND_PREFIX = backend_cluster("")
 _PUBLIC_ROUTE = "-public/"
+_ROLE_ROUTE = "-role/"  # compiler/aws.py role_route_name
 _ROUTE_SUFFIXES = ("-default", "-exchange")
 _ENFORCED_RESULT = "enforced_engine_result"
 _ENFORCED_POLICY = "enforced_effective_policy_id"
@@ -136,10 +137,12 @@ def _method(number: int) -> str:
 
 def backend_of_route(route: str) -> str | None:
     """The backend (virtual host) a compiled route belongs to, from its name (compiler/route.py):
-    `<backend>-default`, `<backend>-exchange`, `<backend>-public/<path>`. Backend names hold no `/`."""
-    head, public, _ = route.partition(_PUBLIC_ROUTE)
-    if public:
-        return head
+    `<backend>-default`, `<backend>-exchange`, `<backend>-public/<path>`, `<backend>-role/<binding>/<n>`.
+    Backend names hold no `/`."""
+    for marker in (_PUBLIC_ROUTE, _ROLE_ROUTE):
+        head, found, _ = route.partition(marker)
+        if found and head and "/" not in head:
+            return head
     for suffix in _ROUTE_SUFFIXES:
         if route.endswith(suffix) and len(route) > len(suffix):
             return route.removesuffix(suffix)
@@ -215,20 +218,45 @@ def record_from_entry(
 
 def cloud_identities(policy: Policy | None) -> dict[str, str]:
     """Backend name → the cloud identity its requests are sent upstream as: an `aws:` backend's `role_arn` (SigV4
-    signed with that role's credentials), a `gcp:` backend's `service_account` (its token injected).
+    signed with that role's credentials), a `gcp:` backend's `service_account` (its token injected); and for each
+    binding's own AWS role, `<backend>-role/<binding>` (the name of the routes choosing it, less their index) →
+    that role's ARN.
 
-    A binding's own `aws_role_arn` is not compiled yet (model/kinds/aws.py warns): its requests are signed with
-    the backend's role, which is therefore what is recorded. When per-binding signing is compiled, this must take
-    the binding from the record's `policy` (`<binding>/<role>`)."""
+    Why the route and not the record's `policy` (`<binding>/<role>`, the RBAC policy that allowed): the role is
+    chosen by the route Envoy took (the first binding by name whose subject the token matches,
+    resolved/aws_roles.py), while RBAC names whichever allowing policy it found; a job matching two bindings may be
+    allowed by one and signed by the other. The route name is what Envoy itself reports it did. Keys cannot
+    collide: backend names hold no '/'."""
     if policy is None:
         return {}
     found: dict[str, str] = {}
+    aws_backends: set[str] = set()
     for backend in policy.backends:
         if backend.aws is not None:
             found[backend.name] = backend.aws.role_arn
+            aws_backends.add(backend.name)
         elif backend.gcp is not None:
             found[backend.name] = backend.gcp.service_account
+    role_backend = {r.name: r.backend for r in policy.roles}
+    for binding in policy.bindings:
+        if binding.aws_role_arn is None:
+            continue
+        for backend_name in sorted(aws_backends.intersection(role_backend.get(r, "") for r in binding.roles)):
+            found[_role_route_key(backend_name, binding.name)] = binding.aws_role_arn
     return found
+
+
+def _role_route_key(backend: str, binding: str) -> str:
+    """compiler/aws.py `role_route_name` without its `/<index>`."""
+    return f"{backend}{_ROLE_ROUTE}{binding}"
+
+
+def _identity_key(route: str, backend: str) -> str:
+    """The key of `cloud_identities` for a request Envoy routed by `route` to `backend`."""
+    head, role, rest = route.partition(_ROLE_ROUTE)
+    if role and head == backend:
+        return _role_route_key(backend, rest.rpartition("/")[0])
+    return backend
 
 
 def with_cloud_identity(
@@ -241,7 +269,7 @@ def with_cloud_identity(
         return record
     if entry.common_properties.upstream_cluster != backend_cluster(record.backend):
         return record
-    identity = identities.get(record.backend)
+    identity = identities.get(_identity_key(entry.common_properties.route_name, record.backend))
     return record if identity is None else replace(record, cloud_identity=identity)
 
 

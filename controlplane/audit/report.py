@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from controlplane.audit.usage import Table, Usage
 from controlplane.resolved.access import ResolvedPolicy
-from controlplane.resolved.diff import PolicyDiff, compare, subject_text
+from controlplane.resolved.diff import PolicyDiff, cloud_text, compare, subject_text
 from controlplane.resolved.diff import document as diff_document
 
 FORMAT = "controlplane-report/1"
@@ -107,6 +107,9 @@ NOT_RECORDED: tuple[str, ...] = (
     "load (counted in controlplane_audit_records_dropped_total, not in the trail); records past the audit "
     "retention (serve --audit-retention, 30 days by default) are gone.",
     "Credentials exchanged (token exchange) that were never used: the trail records requests, not exchanges.",
+    "What a cloud identity was allowed to do in AWS or Google Cloud: its IAM policies live in the cloud, not in "
+    "the policy; the report names the role or service account requests were sent as, and the cloud's own logs "
+    "(CloudTrail, Cloud Audit Logs) what it did there.",
     "When a commit was pushed, and commits a force push erased: the policy's history is the branch as it is now, "
     "and a commit's time is the one its committer's git wrote (one dated out of the branch's order is "
     "marked); when a fast-forward brought several commits at once, each is listed though only the last was in "
@@ -213,7 +216,7 @@ def _changes(versions: Sequence[PolicyVersion], cap: int) -> tuple[list[Mapping[
 
 
 def diff_lines(diff: PolicyDiff) -> list[str]:
-    """One line per gain, loss and mode change, in `controlplane diff`'s words."""
+    """One line per gain, loss, mode change and cloud identity change, in `controlplane diff`'s words."""
     out = []
     for backend in diff.backends:
         if backend.status != "changed":
@@ -227,6 +230,7 @@ def diff_lines(diff: PolicyDiff) -> list[str]:
             for c in backend.losses
         )
         out.extend(f"! {backend.name}: {m.grant} {m.old} -> {m.new}" for m in backend.modes)
+        out.extend(f"* {backend.name}: {cloud_text(c)}" for c in backend.cloud)
     out.extend(f"gateway {name} added" for name in diff.gateways_added)
     out.extend(f"gateway {name} removed" for name in diff.gateways_removed)
     out.extend(
@@ -304,6 +308,7 @@ _ACCESS_COLUMNS = (
     Column("mode", "Mode", "id"),
     Column("subject", "Tokens admitted"),
     Column("allows", "Allows", "lines"),
+    Column("cloud_identity", "Sent to the cloud as"),
 )
 
 
@@ -317,7 +322,10 @@ def access_rows(version: PolicyVersion) -> list[dict[str, Any]]:
         for backend in backends:
             fronting.setdefault(backend, []).append(gateway)
     for backend in sorted(version.resolved.backends):
+        cloud = version.resolved.cloud.get(backend)
+        own_roles = dict(cloud.roles) if cloud is not None else {}
         for grant in version.resolved.grants(backend):
+            identity = own_roles.get(grant.binding) or (cloud.identity if cloud is not None else None)
             rules = [f"{', '.join(r.methods) or 'any method'} {', '.join(r.paths) or 'any path'}" for r in grant.rules]
             for subject in grant.subjects or (None,):
                 rows.append(
@@ -328,6 +336,7 @@ def access_rows(version: PolicyVersion) -> list[dict[str, Any]]:
                         "mode": grant.mode.value,
                         "subject": "no one (every subject withdrawn)" if subject is None else subject_text(subject),
                         "allows": rules,
+                        "cloud_identity": identity,
                     }
                 )
     return rows
@@ -345,7 +354,9 @@ def _access_section(inputs: Inputs) -> Section:
             f"The policy in force at the window's end ({version or 'none loaded'}; the last version that loaded: "
             "serve never applies an invalid one), resolved: per backend, each "
             "grant (binding/role), the tokens it admits (every condition must hold) and the methods and paths it "
-            "allows. Shadow grants allow nothing: Envoy only logs what they would allow.",
+            "allows. Shadow grants allow nothing: Envoy only logs what they would allow. On an AWS or Google "
+            "Cloud backend, the role or service account its requests are sent upstream as (a binding's own "
+            "aws_role_arn, else the backend's).",
         ),
         _ACCESS_COLUMNS,
         shown,
@@ -362,6 +373,21 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
     jobs, jobs_more = _from_table(usage.tables["jobs"])
     used, used_more = _from_table(usage.tables["usage"])
     denied, denied_more = _from_table(usage.tables["denials"])
+    return [
+        *_job_sections(where, jobs, jobs_more, used, used_more, denied, denied_more),
+        *_cloud_sections(usage, where),
+    ]
+
+
+def _job_sections(
+    where: str,
+    jobs: tuple[Mapping[str, Any], ...],
+    jobs_more: int,
+    used: tuple[Mapping[str, Any], ...],
+    used_more: int,
+    denied: tuple[Mapping[str, Any], ...],
+    denied_more: int,
+) -> list[Section]:
     return [
         Section(
             "jobs",
@@ -432,6 +458,54 @@ def _usage_sections(usage: Usage, source: str) -> list[Section]:
             ),
             denied,
             denied_more,
+        ),
+    ]
+
+
+_CLOUD_ABOUT = (
+    "The cloud identity is the AWS role ARN or Google service account a request was sent upstream as, recorded "
+    "when the control plane received it (docs/cloud-audit.md): only allowed requests routed to a backend with "
+    "`aws:` or `gcp:`; records written before the audit store kept it (SQLite schema 4, PostgreSQL migration "
+    "10) have none."
+)
+
+
+def _cloud_sections(usage: Usage, where: str) -> list[Section]:
+    """Who requests reached the cloud as: per identity and backend, and per project and job."""
+    empty = Table([], 0)
+    identities, identities_more = _from_table(usage.tables.get("cloud_identities", empty))
+    per_job, per_job_more = _from_table(usage.tables.get("cloud_use", empty))
+    return [
+        Section(
+            "cloud_identities",
+            "Cloud identities: who requests reached AWS and Google Cloud as",
+            (where, _CLOUD_ABOUT, "Jobs: distinct job ids that sent requests as that identity to that backend."),
+            (
+                Column("cloud_identity", "Identity"),
+                Column("backend", "Backend"),
+                Column("requests", "Requests", "count"),
+                Column("jobs", "Jobs", "count"),
+                Column("first", "First seen", "time"),
+                Column("last", "Last seen", "time"),
+            ),
+            identities,
+            identities_more,
+        ),
+        Section(
+            "cloud_use",
+            "Cloud identities used, per project and job",
+            (where, _CLOUD_ABOUT),
+            (
+                Column("project_path", "Project"),
+                Column("job_id", "Job", "id"),
+                Column("cloud_identity", "Identity"),
+                Column("backend", "Backend"),
+                Column("requests", "Requests", "count"),
+                Column("first", "First", "time"),
+                Column("last", "Last", "time"),
+            ),
+            per_job,
+            per_job_more,
         ),
     ]
 

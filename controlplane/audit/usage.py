@@ -33,6 +33,9 @@ class Query(NamedTuple):
     measures: tuple[tuple[str, str], ...]  # (column name, SQL aggregate), returned after the keys
     order: tuple[str, ...]  # ORDER BY expressions (NULL-safe, so both databases sort alike)
     where: str = ""  # an extra condition, no placeholders
+    # Columns a store written by an older release may lack (the reader never migrates): without them the
+    # table is empty, as the records that would fill it were written before the column existed.
+    needs: tuple[str, ...] = ()
 
 
 _COUNTS: tuple[tuple[str, str], ...] = (
@@ -82,6 +85,22 @@ QUERIES: tuple[Query, ...] = (
         (*_COUNTS, ("project_path", "MIN(project_path)"), ("projects", "COUNT(DISTINCT project_path)")),
         ("LENGTH(COALESCE(job_id, ''))", *_ordered("job_id")),
         where=f"decision = 'denied' AND policy = '{REVOKED_POLICY}'",
+    ),
+    Query(  # who requests reached the cloud as (docs/cloud-audit.md): per identity and backend
+        "cloud_identities",
+        ("cloud_identity", "backend"),
+        (("requests", "COUNT(*)"), ("jobs", "COUNT(DISTINCT job_id)"), ("first", "MIN(time)"), ("last", "MAX(time)")),
+        _ordered("cloud_identity", "backend"),
+        where="cloud_identity IS NOT NULL",
+        needs=("cloud_identity",),
+    ),
+    Query(  # the same, per project and job
+        "cloud_use",
+        ("project_path", "job_id", "cloud_identity", "backend"),
+        _COUNTS,
+        _ordered("project_path", "job_id", "cloud_identity", "backend"),
+        where="cloud_identity IS NOT NULL",
+        needs=("cloud_identity",),
     ),
 )
 
@@ -151,8 +170,12 @@ def summarise(conn: sqlite3.Connection, since: float, until: float, cap: int) ->
     conn.execute("BEGIN")
     try:
         totals = _totals(conn.execute(_TOTALS.format(p="?"), (since, until)).fetchone())
+        present = {str(row[1]) for row in conn.execute("PRAGMA table_info(audit)")}
         tables = {}
         for query in QUERIES:
+            if not present.issuperset(query.needs):
+                tables[query.name] = Table([], 0)
+                continue
             rows = conn.execute(group_sql(query, "?"), (since, until, max(1, cap))).fetchall()
             tables[query.name] = _table(query, rows)
     finally:
@@ -167,8 +190,15 @@ async def summarise_pg(conn: Connection, since: float, until: float, cap: int) -
     first = await cursor.fetchone()
     assert first is not None  # an aggregate without GROUP BY always returns one row
     totals = _totals(first)
+    cursor = await conn.execute(
+        b"SELECT attname FROM pg_attribute WHERE attrelid = 'audit'::regclass AND attnum > 0 AND NOT attisdropped"
+    )
+    present = {str(row[0]) for row in await cursor.fetchall()}
     tables = {}
     for query in QUERIES:
+        if not present.issuperset(query.needs):
+            tables[query.name] = Table([], 0)
+            continue
         cursor = await conn.execute(group_sql(query, "%s").encode(), (since, until, max(1, cap)))
         tables[query.name] = _table(query, await cursor.fetchall())
     return Usage(totals, tables)

@@ -26,7 +26,7 @@ from controlplane.cli.output import add_format_arguments
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.policy import Policy
 from controlplane.resolved.access import ResolvedPolicy
-from controlplane.resolved.diff import BackendDiff, Change, PolicyDiff, compare, document, upstream_identities
+from controlplane.resolved.diff import BackendDiff, Change, PolicyDiff, cloud_text, compare, document
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.sources.policy_dir import ReadLimits
 
@@ -66,8 +66,7 @@ def run_diff(args: argparse.Namespace, limits: ReadLimits) -> int:
             return 2
         sides.append(side)
     old, new = sides
-    upstream = (upstream_identities(old.policy), upstream_identities(new.policy))
-    diff = compare(old.resolved, new.resolved, _fronted(old.policy), _fronted(new.policy), upstream)
+    diff = compare(old.resolved, new.resolved, _fronted(old.policy), _fronted(new.policy))
     resources = resource_changes(old.snapshots, new.snapshots)
     if args.format == "json":
         out = {**document(diff), "resources": resources}
@@ -183,9 +182,7 @@ def _backend_lines(backend: BackendDiff) -> list[str]:
         lines.append(f"  ! {mode.grant}: {mode.old} -> {mode.new}: {effect}")
     lines.extend(f"  ~ {name}: new shadow grant (logged only, allows nothing)" for name in backend.shadow_added)
     lines.extend(f"  ~ {name}: shadow grant removed (it allowed nothing)" for name in backend.shadow_removed)
-    if backend.upstream is not None:
-        was, now = backend.upstream.old or "nobody", backend.upstream.new or "nobody"
-        lines.append(f"  ! requests sent upstream as {was} -> now as {now}")
+    lines.extend(f"  * {cloud_text(c)}" for c in backend.cloud)
     return lines
 
 

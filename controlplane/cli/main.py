@@ -545,6 +545,7 @@ def _compile_or_report(
     from controlplane.compiler.compile import check_reserved_names
     from controlplane.model.errors import QUOTE_LIMIT
     from controlplane.model.loader import parse_policy, policy_warnings
+    from controlplane.resolved.aws_roles import overlap_warnings
     from controlplane.resolved.index import Resolution
     from controlplane.runtime.gc_control import no_cyclic_gc
     from controlplane.snapshots.build import compile_model
@@ -563,7 +564,8 @@ def _compile_or_report(
                 secrets=inputs.secrets,
                 resolved=resolved,
             )
-        return Compiled(policy, snapshots, sorted([*policy_warnings(policy), *resolved.warnings]), inputs, resolved)
+        warnings = [*policy_warnings(policy), *resolved.warnings, *overlap_warnings(policy, resolved)]
+        return Compiled(policy, snapshots, sorted(warnings), inputs, resolved)
     except PolicyInvalid as invalid:
         for line in invalid.lines():  # bounded: at most 100 per file, 1,000 in all, then a count of the rest
             print(line, file=sys.stderr)

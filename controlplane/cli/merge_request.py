@@ -194,10 +194,9 @@ def _check(policy_dir: Path, prefix: str, base: str | None, limits: ReadLimits, 
         first = f": {old_errors[0]}" if old_errors else ""
         why = f"the base's policy is invalid ({old_total} error(s){first})"
         return Outcome(errors, total, warnings, None, False, f"no access diff: {why}")
-    from controlplane.resolved.diff import compare, upstream_identities
+    from controlplane.resolved.diff import compare
 
-    upstream = (upstream_identities(old.policy), upstream_identities(head.policy))
-    diff = compare(old.resolved, head.resolved, _fronted(old.policy), _fronted(head.policy), upstream)
+    diff = compare(old.resolved, head.resolved, _fronted(old.policy), _fronted(head.policy))
     lines = text_lines(diff, resource_changes(old.snapshots, head.snapshots))
     what = "access changes" if diff.changed else "access unchanged"
     return Outcome(errors, total, warnings, lines, diff.changed, f"{what} against {base[:12]}")

@@ -7,11 +7,10 @@ Two ways to a role (docs/aws-credentials.md):
 - `AssumeRole` from the control plane's own AWS credentials, read by botocore from the environment or the
   shared credentials file (never from the command line, where `ps` shows them).
 
-The decisions (when to refresh, how long to back off, whether a credential may still be used) are pure functions
-of a `RefreshState`, the clock reading and a random sample handed in, so they are tested without I/O or time.
-`Refresher` applies them to a `CredentialSource` (the STS adapter) and keeps the last good credential until it
-expires; after that `current()` returns None: a request signed with nothing fails closed, never with a
-credential AWS would refuse anyway.
+When to refresh, how long to back off and whether a credential may still be used is the schedule both clouds
+share (cloud/refresh.py, docs/cloud-refresh.md). `Refresher` applies it to a `CredentialSource` (the STS adapter)
+and keeps the last good credential until it expires; after that `current()` returns None: a request signed with
+nothing fails closed, never with a credential AWS would refuse anyway.
 
 Secrets (the secret access key, the session token, the web identity token) are never logged, never in a repr
 and never in an error message; botocore's own debug logging, which prints request and response bodies, is
@@ -20,7 +19,6 @@ capped at WARNING for the same reason.
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 import threading
@@ -36,9 +34,9 @@ import botocore.parsers
 import botocore.session
 import jwt
 
-from controlplane.cloud import metrics
+from controlplane.cloud import refresh
+from controlplane.cloud.refresh import Failure, RefreshPolicy
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
-from controlplane.retry import Backoff
 
 log = logging.getLogger("controlplane.cloud.aws")
 
@@ -60,98 +58,10 @@ class AwsCredential:
     role_arn: str
     issued_at: float  # when the control plane received it (its own clock)
 
-
-_DEFAULT_BACKOFF: Final = Backoff(base_seconds=1.0, cap_seconds=60.0, jitter=False)  # jittered by RefreshPolicy
-
-
-@dataclass(frozen=True)
-class RefreshPolicy:
-    """When to refresh and how to retry.
-
-    A credential is refreshed once `refresh_fraction` of its lifetime has passed, minus up to `jitter_fraction` of
-    its lifetime (so control planes sharing a role do not call STS in step), and always at least
-    `min_margin_seconds` before it expires. It is used until `expiry_skew_seconds` before its expiration: a
-    request signed in its last seconds could reach AWS after it.
-    """
-
-    refresh_fraction: float = 0.5
-    jitter_fraction: float = 0.1
-    min_margin_seconds: float = 300.0
-    expiry_skew_seconds: float = 60.0
-    backoff: Backoff = _DEFAULT_BACKOFF
-
-    def __post_init__(self) -> None:
-        if not 0 < self.refresh_fraction < 1 or not 0 <= self.jitter_fraction < self.refresh_fraction:
-            raise ValueError("refresh_fraction must be in (0, 1) and jitter_fraction in [0, refresh_fraction)")
-        if self.min_margin_seconds < 0 or self.expiry_skew_seconds < 0:
-            raise ValueError("min_margin_seconds and expiry_skew_seconds must not be negative")
-
-
-class Phase(enum.Enum):
-    EMPTY = "empty"  # no credential yet: nothing to sign with
-    FRESH = "fresh"  # usable, refresh not yet due
-    DUE = "due"  # usable, a refresh is due or failing
-    EXPIRED = "expired"  # the last credential is past use: fail closed
-
-
-@dataclass(frozen=True)
-class RefreshState:
-    credential: AwsCredential | None
-    failures: int  # consecutive failed attempts since the last success
-    next_attempt_at: float
-
-
-# -- pure decisions
-
-
-def initial_state(now: float) -> RefreshState:
-    """Nothing held, first attempt at once."""
-    return RefreshState(None, 0, now)
-
-
-def refresh_at(credential: AwsCredential, policy: RefreshPolicy, sample: float) -> float:
-    """When to refresh `credential`; `sample` in [0, 1) draws the jitter."""
-    lifetime = max(0.0, credential.expiration - credential.issued_at)
-    planned = credential.issued_at + lifetime * (policy.refresh_fraction - policy.jitter_fraction * sample)
-    latest = credential.expiration - policy.min_margin_seconds
-    return max(credential.issued_at, min(planned, latest))
-
-
-def usable_until(credential: AwsCredential, policy: RefreshPolicy) -> float:
-    return credential.expiration - policy.expiry_skew_seconds
-
-
-def on_success(credential: AwsCredential, policy: RefreshPolicy, sample: float) -> RefreshState:
-    return RefreshState(credential, 0, refresh_at(credential, policy, sample))
-
-
-def on_failure(state: RefreshState, now: float, policy: RefreshPolicy, sample: float) -> RefreshState:
-    """Back off (exponential, capped, jittered down to half); the credential held is kept. With one held, the
-    next attempt never waits past the moment it stops being usable, so a long backoff cannot eat its margin."""
-    delay = policy.backoff.delay(state.failures) * (0.5 + 0.5 * sample)
-    next_attempt = now + delay
-    if state.credential is not None:
-        end = usable_until(state.credential, policy)
-        if now < end:
-            next_attempt = min(next_attempt, end)
-    return RefreshState(state.credential, state.failures + 1, next_attempt)
-
-
-def phase(state: RefreshState, now: float, policy: RefreshPolicy) -> Phase:
-    if state.credential is None:
-        return Phase.EMPTY
-    if now >= usable_until(state.credential, policy):
-        return Phase.EXPIRED
-    return Phase.DUE if now >= state.next_attempt_at else Phase.FRESH
-
-
-def usable(state: RefreshState, now: float, policy: RefreshPolicy) -> AwsCredential | None:
-    """The credential to sign with now, or None (fail closed)."""
-    return state.credential if phase(state, now, policy) in (Phase.FRESH, Phase.DUE) else None
-
-
-def attempt_due(state: RefreshState, now: float) -> bool:
-    return now >= state.next_attempt_at
+    @property
+    def expires_at(self) -> float:
+        """What the shared schedule (cloud/refresh.py) plans with."""
+        return self.expiration
 
 
 # -- the web identity token
@@ -384,20 +294,26 @@ class AssumeRoleSource:
         return self.sts.assume_role(self.role_arn, self.session_name, self.duration_seconds, self.external_id)
 
 
-# -- the refresher
+# -- the refresher: the shared schedule and loop (cloud/refresh.py) on an STS source
 
 
-def _result(caught: Exception) -> str:
-    """The shared metric's result (cloud/metrics.py): STS's refusals, its outages, and anything else (a bug)."""
+def _failure(caught: Exception) -> Failure | None:
+    """The shared metric's result (cloud/metrics.py): STS's refusals and its outages; anything else is a bug
+    (None: counted as `error`, its text withheld)."""
     if isinstance(caught, StsError):
-        return "refused" if caught.refused else "unavailable"
-    return "error"
+        return Failure("refused" if caught.refused else "unavailable", str(caught))
+    return None
 
 
-class Refresher:
-    """Keeps one backend's credential fresh: `poll()` does what is due and says when to come back; `start()` runs
-    it on a thread. `on_change` hears every new credential, and None once the last one expired (the caller then
-    withdraws it from Envoy)."""
+def _describe(credential: AwsCredential) -> str:
+    """The access key id is logged: AWS treats it as an identifier, and it ties a log line to CloudTrail."""
+    return f"role {credential.role_arn}, key {credential.access_key_id}"
+
+
+class Refresher(refresh.Refresher[AwsCredential]):
+    """Keeps one role's credential fresh: `poll()` does what is due and says when to come back; `start()` runs
+    it on a thread. `on_change` hears every new credential, and None once the last one is past use (the caller
+    then withdraws it from Envoy)."""
 
     def __init__(
         self,
@@ -409,112 +325,21 @@ class Refresher:
         sample: Callable[[], float] = random.random,
         on_change: Callable[[AwsCredential | None], None] | None = None,
     ) -> None:
-        self.backend = backend
+        super().__init__(
+            "aws",
+            backend,
+            classify=_failure,
+            describe=_describe,
+            policy=policy,
+            clock=clock,
+            sample=sample,
+            on_change=on_change,
+            logger=log,
+        )
         self._source = source
-        self._policy = policy or RefreshPolicy()
-        self._clock = clock
-        self._sample = sample
-        self._on_change = on_change
-        self._lock = threading.Lock()
-        self._state = initial_state(clock())
-        self._reported_expired = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        metrics.track_valid_seconds("aws", backend, self, self.valid_seconds)
-
-    @property
-    def state(self) -> RefreshState:
-        return self._state
-
-    def current(self) -> AwsCredential | None:
-        """The credential to sign with, or None: fail closed."""
-        return usable(self._state, self._clock(), self._policy)
-
-    def valid_seconds(self) -> float:
-        """How long the credential held stays usable; 0: none, requests fail closed (the gauge's reading)."""
-        credential = self.current()
-        return 0.0 if credential is None else max(0.0, usable_until(credential, self._policy) - self._clock())
 
     def poll(self) -> float:
-        """Refresh if due; report a credential that just expired. Returns when to call again."""
-        with self._lock:
-            now = self._clock()
-            if attempt_due(self._state, now):
-                self._attempt(now)
-            now = self._clock()
-            if phase(self._state, now, self._policy) is Phase.EXPIRED and not self._reported_expired:
-                self._reported_expired = True
-                metrics.EXPIRED.labels("aws", self.backend).inc()
-                log.error("AWS credentials for backend %s expired with no fresh ones: failing closed", self.backend)
-                self._notify(None)
-            return self._next_wake()
-
-    def _attempt(self, now: float) -> None:
-        try:
-            credential = self._source.fetch()
-        except Exception as caught:  # a bug or an unexpected error must not end the thread: retried like an outage
-            self._failed(now, caught)
-            return
-        if usable_until(credential, self._policy) <= self._clock():
-            # Expired on arrival (a hostile or broken STS, a clock far off): as a success it would be due again at
-            # once, an STS call and a recompile in a tight loop; as a failure it backs off, the held one kept.
-            self._failed(now, StsError("ExpiredOnArrival", credential.role_arn, refused=False))
-            return
-        metrics.count_refresh("aws", self.backend, "ok")
-        self._state = on_success(credential, self._policy, self._sample())
-        self._reported_expired = False
-        log.info(
-            "AWS credentials for backend %s refreshed: role %s, key %s, expire in %.0fs",
-            self.backend,
-            credential.role_arn,
-            credential.access_key_id,
-            credential.expiration - now,
-        )
-        self._notify(credential)
-
-    def _failed(self, now: float, caught: Exception) -> None:
-        error = caught if isinstance(caught, StsError) else StsError(type(caught).__name__, "?", refused=False)
-        result = _result(caught)
-        metrics.count_refresh("aws", self.backend, result)
-        self._state = on_failure(self._state, now, self._policy, self._sample())
-        log.warning(
-            "AWS credentials for backend %s not refreshed (%s, attempt %d; next in %.0fs): %s",
-            self.backend,
-            result,
-            self._state.failures,
-            self._state.next_attempt_at - now,
-            error,
-        )
-
-    def _next_wake(self) -> float:
-        wake = self._state.next_attempt_at
-        if self._state.credential is not None and not self._reported_expired:
-            wake = min(wake, usable_until(self._state.credential, self._policy))
-        return wake
-
-    def _notify(self, credential: AwsCredential | None) -> None:
-        """A failing listener is logged, not raised: the refresher's thread must outlive it, and the credential
-        stays available through `current()`."""
-        if self._on_change is None:
-            return
-        try:
-            self._on_change(credential)
-        except Exception:
-            log.exception("the listener of backend %s's AWS credentials failed", self.backend)
-
-    # -- on a thread
+        return self.poll_blocking(self._source.fetch)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"aws-credentials-{self.backend}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        metrics.forget("aws", self.backend, self)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            wake = self.poll()
-            self._stop.wait(max(0.0, wake - self._clock()))
+        self.start_thread(self._source.fetch, f"aws-credentials-{self.backend}")

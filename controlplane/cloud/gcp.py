@@ -11,13 +11,10 @@ The flow (docs/gcp-credentials.md has the Google side a team configures):
    `:generateIdToken` (audience, includeEmail), authorised by the federated token, returns the credential Envoy
    will send as `Authorization: Bearer`.
 
-Three parts, so the logic is tested without I/O and shared with the AWS side later:
-- `RefreshPolicy` / `RefreshState` and the functions on them are pure (no clock, no I/O): when to refresh, how
-  to back off, which credential may still be used. Nothing here is Google-specific: it is generic over any
-  `Expiring` credential (`expires_at`, `issued_at`), so the AWS credentials can share it.
+Two parts here, the schedule and the loop being shared with AWS (cloud/refresh.py, docs/cloud-refresh.md):
 - `fetch_credential` is the aiohttp adapter: one STS + IAM Credentials round trip.
-- `GcpCredentialRefresher` ties them to a clock, metrics and logs. A failed refresh keeps the last credential
-  until it expires, then `current()` is None: the caller fails closed (injects nothing).
+- `GcpCredentialRefresher` runs it on the shared schedule. A failed refresh keeps the last credential until it
+  expires, then `current()` is None: the caller fails closed (injects nothing).
 
 No token ever reaches a log line, an exception message or a repr: errors carry Google's error code and a
 truncated description only.
@@ -29,18 +26,20 @@ import asyncio
 import base64
 import json
 import logging
+import random
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final
 
 import aiohttp
 import jwt
 
-from controlplane.cloud import metrics
+from controlplane.cloud import refresh
+from controlplane.cloud.refresh import Failure, RefreshPolicy
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
 
 log = logging.getLogger("controlplane.cloud.gcp")
@@ -133,96 +132,6 @@ class CloudCredential:
     token: str = field(repr=False)
     expires_at: float
     issued_at: float
-
-
-# -- the pure refresh logic (shared with AWS later)
-
-
-@dataclass(frozen=True)
-class RefreshPolicy:
-    """Refresh `refresh_fraction` of a credential's life (at least `min_margin` seconds) before it stops being
-    usable, but not in the first half of its life; retry failures after `retry_base * 2**(n-1)` seconds, at most
-    `retry_cap`; stop using a credential `expiry_skew` seconds before it expires so none dies in flight."""
-
-    refresh_fraction: float = 0.25
-    min_margin: float = 300.0
-    retry_base: float = 1.0
-    retry_cap: float = 60.0
-    expiry_skew: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.refresh_fraction < 1:
-            raise ValueError("refresh_fraction must be between 0 and 1")
-        if min(self.retry_base, self.retry_cap) <= 0 or self.min_margin < 0 or self.expiry_skew < 0:
-            raise ValueError("retry_base and retry_cap must be positive; min_margin and expiry_skew not negative")
-
-
-class Expiring(Protocol):
-    """Any credential the refresh logic can schedule: a Google token, an AWS key triple."""
-
-    @property
-    def expires_at(self) -> float: ...
-
-    @property
-    def issued_at(self) -> float: ...
-
-
-C = TypeVar("C", bound=Expiring)
-
-
-@dataclass(frozen=True)
-class RefreshState(Generic[C]):
-    """What a refresher holds: the last good credential, the failures since, and when to try next."""
-
-    credential: C | None = None
-    failures: int = 0
-    next_attempt: float = 0.0
-    last_error: str | None = None
-
-
-def refresh_at(credential: Expiring, policy: RefreshPolicy) -> float:
-    """When a fresh credential should be replaced: `margin` before it stops being usable (expiry minus the skew),
-    never in the first half of its life (a very short-lived credential would otherwise be refreshed in a loop)."""
-    life = max(0.0, credential.expires_at - credential.issued_at)
-    margin = max(policy.min_margin, life * policy.refresh_fraction)
-    return max(credential.issued_at + life / 2, credential.expires_at - policy.expiry_skew - margin)
-
-
-def usable(state: RefreshState[C], now: float, policy: RefreshPolicy) -> C | None:
-    """The credential to send now, or None: fail closed once it is about to expire."""
-    credential = state.credential
-    if credential is None or now >= credential.expires_at - policy.expiry_skew:
-        return None
-    return credential
-
-
-def due(state: RefreshState[C], now: float) -> bool:
-    return now >= state.next_attempt
-
-
-def after_success(state: RefreshState[C], credential: C, policy: RefreshPolicy) -> RefreshState[C]:
-    return RefreshState(credential=credential, failures=0, next_attempt=refresh_at(credential, policy))
-
-
-def after_failure(state: RefreshState[C], now: float, error: str, policy: RefreshPolicy) -> RefreshState[C]:
-    """Keep the last credential (usable() still bounds it by its expiry) and back off exponentially."""
-    failures = state.failures + 1
-    delay = min(policy.retry_cap, policy.retry_base * 2 ** min(failures - 1, 62))
-    return replace(state, failures=failures, next_attempt=now + delay, last_error=error)
-
-
-def valid_seconds(state: RefreshState[C], now: float, policy: RefreshPolicy) -> float:
-    credential = usable(state, now, policy)
-    return 0.0 if credential is None else credential.expires_at - policy.expiry_skew - now
-
-
-def wake_at(state: RefreshState[C], now: float, policy: RefreshPolicy) -> float:
-    """The next moment something changes: a refresh is due, or the held credential must be withdrawn (the
-    caller then pushes an empty secret, so Envoy refuses instead of sending an expired token)."""
-    credential = usable(state, now, policy)
-    if credential is None:
-        return state.next_attempt
-    return min(state.next_attempt, credential.expires_at - policy.expiry_skew)
 
 
 # -- the subject token we sign
@@ -373,14 +282,22 @@ def _jwt_expiry(token: str) -> float:
     return float(exp)
 
 
-# -- the refresher
+# -- the refresher: the shared schedule and loop (cloud/refresh.py) on the exchange
 
 
 Fetch = Callable[[GcpSettings, float], Awaitable[CloudCredential]]
 
 
-class GcpCredentialRefresher:
-    """Keeps one backend's credential fresh. `current()` is what the SDS injection will read."""
+def _failure(caught: Exception) -> Failure | None:
+    """The exchange's own reasons on the shared metric's vocabulary; anything else is a bug (None: `error`)."""
+    if isinstance(caught, GcpExchangeError):
+        return Failure(METRIC_RESULT.get(caught.result, "error"), str(caught))
+    return None
+
+
+class GcpCredentialRefresher(refresh.Refresher[CloudCredential]):
+    """Keeps one backend's credential fresh. `current()` is what the SDS injection reads; `on_change` hears every
+    change of it (a new token, or none once the last one is past use)."""
 
     def __init__(
         self,
@@ -389,91 +306,51 @@ class GcpCredentialRefresher:
         *,
         clock: Callable[[], float] = time.time,
         policy: RefreshPolicy | None = None,
+        sample: Callable[[], float] = random.random,
         on_change: Callable[[], object] | None = None,
     ) -> None:
-        self.settings = settings
-        self.policy = policy or RefreshPolicy()
-        self._fetch = fetch
-        self._clock = clock
-        self._on_change = on_change
-        self._announced: CloudCredential | None = None  # what on_change last reported as current()
-        self.state: RefreshState[CloudCredential] = RefreshState()
-        metrics.track_valid_seconds(
-            "gcp", settings.backend, self, lambda: valid_seconds(self.state, self._clock(), self.policy)
+        super().__init__(
+            "gcp",
+            settings.backend,
+            classify=_failure,
+            describe=lambda _credential: f"service account {settings.service_account}",
+            policy=policy,
+            clock=clock,
+            sample=sample,
+            on_change=None if on_change is None else (lambda _current: on_change()),
+            logger=log,
         )
-
-    def current(self) -> CloudCredential | None:
-        return usable(self.state, self._clock(), self.policy)
+        self.settings = settings
+        self._fetch = fetch
+        self._now = clock
 
     def close(self) -> None:
         """Drops this backend's gauge once its refresher stops: a backend out of the policy has no series."""
-        metrics.forget("gcp", self.settings.backend, self)
+        self.stop()
 
     def next_attempt(self) -> float:
-        return self.state.next_attempt
+        return self.state.next_attempt_at
 
     async def refresh_once(self) -> bool:
-        """One attempt; True when a new credential is held. Never raises (except cancellation): a refused or
-        failed exchange, or a bug in one attempt, is counted, logged and retried with backoff."""
-        started = self._clock()
-        backend = self.settings.backend
+        """One attempt, due or not; True when a new credential is held. Never raises (except cancellation): a
+        refused or failed exchange, or a bug, is counted, logged and retried with backoff."""
         try:
-            credential = await self._fetch(self.settings, started)
-        except Exception as unexpected:  # the loop must outlive any one attempt
-            error = (
-                unexpected
-                if isinstance(unexpected, GcpExchangeError)
-                else GcpExchangeError("error", f"unexpected {type(unexpected).__name__}")  # its text may hold data
-            )
-            self.state = after_failure(self.state, self._clock(), str(error), self.policy)
-            metrics.count_refresh("gcp", backend, METRIC_RESULT.get(error.result, "error"))
-            held = usable(self.state, self._clock(), self.policy)
-            log.warning(
-                "gcp credential refresh failed for backend %s (%s); %s; retry in %.0fs",
-                backend,
-                error,
-                f"keeping the last credential until {held.expires_at:.0f}" if held else "no credential: failing closed",
-                self.state.next_attempt - self._clock(),
-            )
+            credential = await self._fetch(self.settings, self._now())
+        except Exception as caught:
+            self.failed(caught)
             return False
-        if credential.expires_at - self.policy.expiry_skew <= self._clock():
-            # Expired on arrival (a broken or hostile answer, a clock far off): as a success it would be due again
-            # at once, an exchange and an SDS push in a tight loop; as a failure it backs off, the held one kept.
-            self.state = after_failure(self.state, self._clock(), "malformed: expired on arrival", self.policy)
-            metrics.count_refresh("gcp", backend, "malformed")
-            log.warning("gcp credential for backend %s expired on arrival; retry later", backend)
-            return False
-        self.state = after_success(self.state, credential, self.policy)
-        metrics.count_refresh("gcp", backend, "ok")
-        self.announce()
-        log.info(
-            "gcp credential refreshed for backend %s (service account %s), expires in %.0fs",
-            backend,
-            self.settings.service_account,
-            credential.expires_at - started,
-        )
-        return True
+        held = self.succeeded(credential)
+        self.settle()
+        return held
 
     def announce(self) -> None:
-        """Tell the caller (who pushes the SDS secret) when `current()` changed: a new credential, or none.
-        `run()` calls it at every wake-up; a caller driving `refresh_once` itself calls it at `wake_at`."""
-        current = self.current()
-        if current is self._announced:
-            return
-        held_one, self._announced = self._announced is not None, current
-        if current is None and held_one:
-            metrics.EXPIRED.labels("gcp", self.settings.backend).inc()
-            log.warning("gcp credential for backend %s expired unrefreshed: failing closed", self.settings.backend)
-        if self._on_change is not None:
-            self._on_change()
+        """Tell the listener if `current()` changed (a new token, or none): `run()` does it at every wake-up; a
+        caller driving `refresh_once` itself calls it at `wake_at()`."""
+        self.settle()
 
     async def run(self, sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         """Refresh whenever due and withdraw the credential when it expires unrefreshed, until cancelled."""
-        while True:
-            if due(self.state, self._clock()):
-                await self.refresh_once()
-            self.announce()
-            await sleep(max(0.0, wake_at(self.state, self._clock(), self.policy) - self._clock()))
+        await self.run_async(lambda: self._fetch(self.settings, self._now()), sleep)
 
 
 def http_fetcher(session: aiohttp.ClientSession, keys: SigningKeys, issuer: str) -> Fetch:

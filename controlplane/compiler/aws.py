@@ -32,8 +32,10 @@ from envoy.extensions.common.aws.v3 import credential_provider_pb2 as aws_creden
 from envoy.extensions.filters.http.aws_request_signing.v3 import aws_request_signing_pb2 as signing
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
+from controlplane.compiler.claims import condition_metadata_matcher
 from controlplane.compiler.util import packed, serialized
 from controlplane.model.policy import Backend
+from controlplane.resolved.aws_roles import RoleChoice
 
 UNAVAILABLE_STATUS = 503
 UNAVAILABLE_BODY = "no valid AWS credential for this backend's role: refused rather than sent unsigned\n"
@@ -75,8 +77,12 @@ def http_filters(backends: Sequence[Backend]) -> list[hcm.HttpFilter]:
 
 
 def per_filter_config(backend: Backend, signing_on: bool) -> dict[str, rc.FilterConfig]:
-    """Switches the backend's signer on for its virtual host when its role has a credential (an empty `config`:
-    `disabled: false` alone is NACKed, fact 10)."""
+    """Switches the backend's signer on for its virtual host when its role has a credential, or when bindings of
+    its own roles route there (an empty `config`: `disabled: false` alone is NACKed, fact 10). Envoy decides which
+    filters run from the route chosen BEFORE jwt_authn (always the default route: no token is known yet), so a
+    binding role's route cannot switch a filter on itself; it overrides the signer's configuration instead (see
+    `role_routes`). Without the backend's own credential its default route answers 503, so the placeholder
+    configuration signs nothing that is sent."""
     if backend.aws is None or not signing_on:
         return {}
     enabled = rc.FilterConfig()
@@ -89,6 +95,49 @@ def per_route_off(backend: Backend) -> dict[str, rc.FilterConfig]:
     return {signing_filter(backend.name): rc.FilterConfig(disabled=True)} if backend.aws is not None else {}
 
 
+def role_route_name(backend: str, binding: str, index: int) -> str:
+    """`<backend>-role/<binding>/<n>`: the audit trail reads the binding back from it (audit/als.py); neither
+    name can hold a '/'."""
+    return f"{backend}-role/{binding}/{index}"
+
+
+def role_routes(
+    backend: Backend,
+    choices: Sequence[RoleChoice],
+    default: rc.Route,
+    credentials: Sequence[SigningCredential | None],
+) -> list[rc.Route]:
+    """Before the default route, one route per (binding role, alternative of its subject), in the choices' order
+    (resolved/aws_roles.py): the default route's action, matched on the token's payload in dynamic metadata (the
+    route is chosen again after jwt_authn: `clear_route_cache`), signing with the role's credential
+    (`credentials[i]` for choice i) by an `AwsRequestSigningPerRoute` (fact 5), which the signer reads from the
+    route it finally serves. Without a credential the role's routes answer 503 (fail closed). A choice naming the
+    backend's own role keeps the host's signer; it must still come first, so that a job it matches is not signed
+    with a later binding's role."""
+    if backend.aws is None:
+        return []
+    routes = []
+    for choice, credential in zip(choices, credentials, strict=True):
+        for index, conditions in enumerate(choice.matches):
+            route = rc.Route()
+            route.CopyFrom(default)
+            route.name = role_route_name(backend.name, choice.binding, index)
+            route.match.dynamic_metadata.extend(condition_metadata_matcher(c) for c in conditions)
+            if credential is None:
+                routes.append(fail_closed(backend, route, False))
+                continue
+            if choice.role_arn != backend.aws.role_arn:
+                per_route = signing.AwsRequestSigningPerRoute(
+                    aws_request_signing=_signing_config(backend, credential),
+                    stat_prefix=f"{backend.name}.{choice.binding}.",  # required by Envoy (NACKed empty)
+                )
+                override = rc.FilterConfig()
+                override.config.CopyFrom(packed(per_route))
+                route.typed_per_filter_config[signing_filter(backend.name)].CopyFrom(packed(override))
+            routes.append(route)
+    return routes
+
+
 def extension_configs(
     backends: Sequence[Backend], credentials: Mapping[str, SigningCredential]
 ) -> list[tuple[str, bytes]]:
@@ -97,17 +146,21 @@ def extension_configs(
     for backend in backends:
         if backend.aws is None:
             continue
-        credential = credentials.get(backend.aws.role_arn)
-        config = signing.AwsRequestSigning(
-            service_name=backend.aws.service,
-            region=backend.aws.region,
-            host_rewrite=backend.tls.sni if backend.tls is not None else "",
-            use_unsigned_payload=backend.aws.service == "s3",
-            credential_provider=aws_credentials.AwsCredentialProvider(inline_credential=_inline(credential)),
-        )
+        config = _signing_config(backend, credentials.get(backend.aws.role_arn))
         name = signing_filter(backend.name)
         out.append((name, serialized(extension_pb2.TypedExtensionConfig(name=name, typed_config=packed(config)))))
     return sorted(out)
+
+
+def _signing_config(backend: Backend, credential: SigningCredential | None) -> signing.AwsRequestSigning:
+    assert backend.aws is not None
+    return signing.AwsRequestSigning(
+        service_name=backend.aws.service,
+        region=backend.aws.region,
+        host_rewrite=backend.tls.sni if backend.tls is not None else "",
+        use_unsigned_payload=backend.aws.service == "s3",
+        credential_provider=aws_credentials.AwsCredentialProvider(inline_credential=_inline(credential)),
+    )
 
 
 def _inline(credential: SigningCredential | None) -> aws_credentials.InlineCredentialProvider:

@@ -113,3 +113,22 @@ def _framed_condition(condition: Condition) -> bytes:
 _AND_IDS = wire.number(rbac_pb2.Principal, "and_ids")
 _OR_IDS = wire.number(rbac_pb2.Principal, "or_ids")
 _SET_IDS = wire.number(rbac_pb2.Principal.Set, "ids")
+
+
+def condition_metadata_matcher(condition: Condition) -> metadata_pb2.MetadataMatcher:
+    """The condition as one RouteMatch `dynamic_metadata` entry (routes ANDing them choose a binding's AWS role,
+    compiler/aws.py): the same claim matching as `condition_principal`, several values as `or_match`, a negated
+    condition `invert`ed (true when the claim is absent, as RBAC's `not_id`)."""
+    values = [_claim_value_matcher(v, condition.listy) for v in condition.values]
+    value = (
+        values[0] if len(values) == 1 else value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=values))
+    )
+    return metadata_pb2.MetadataMatcher(
+        filter=JWT_FILTER,
+        path=[
+            metadata_pb2.MetadataMatcher.PathSegment(key=PAYLOAD_KEY),
+            metadata_pb2.MetadataMatcher.PathSegment(key=condition.claim),
+        ],
+        value=value,
+        invert=condition.negated,
+    )

@@ -33,8 +33,9 @@ from controlplane.compiler.types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LIS
 from controlplane.compiler.util import serialized
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy, Role
+from controlplane.model.policy import Backend, Binding, Gateway, Issuer, JwksMode, Policy, Role
 from controlplane.resolved.access import NO_ACCESS, Grant, ResolvedPolicy
+from controlplane.resolved.aws_roles import RoleChoice, backend_role_choices
 from controlplane.resolved.index import Resolution
 
 # Backend.credentials: only the control plane's exchanged credentials are accepted (raw ID tokens refused).
@@ -96,6 +97,7 @@ def compile_policy(
         revocations=revocation_resources(credentials, memo),
         secrets=secrets or {},
         aws_credentials=aws_credentials or {},
+        bindings={b.name: b for b in policy.bindings},
     )
     return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
 
@@ -121,6 +123,7 @@ class _Shared:
     revocations: tuple[tuple[str, bytes], ...]  # (ECDS resource name, serialized TypedExtensionConfig)
     secrets: Mapping[str, str]  # injected upstream credentials, by backend
     aws_credentials: Mapping[str, aws.SigningCredential]  # valid AWS role credentials, by role ARN
+    bindings: Mapping[str, Binding]  # by name: their own AWS roles
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
     every_issuer = shared.memo.interned(tuple(i.name for i, _ in issuers))
     resolved = shared.resolved.backends
     parts = []
+    aws_roles: dict[str, tuple[RoleChoice, ...]] = {}
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
             # Raw ID tokens are refused here: no issuer of theirs is accepted, no binding's policy applies.
@@ -153,16 +157,38 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             accepted = access.issuers or every_issuer
         roles = shared.roles.get(backend.name, ())
         signing = backend.aws is not None and backend.aws.role_arn in shared.aws_credentials
+        choices: tuple[RoleChoice, ...] = ()  # the empty tuple is one object: no interning for other backends
+        choices_signing: tuple[aws.SigningCredential | None, ...] = ()
+        if backend.aws is not None:
+            # Interned: equal choices (and their credentials) must be the same object for the memo. Each choice's
+            # credential is in its routes (compiler/aws.py): part of the key, so a refresh recompiles the host.
+            choices = shared.memo.interned(backend_role_choices(backend_grants, shared.bindings))
+            choices_signing = shared.memo.interned(tuple(shared.aws_credentials.get(c.role_arn) for c in choices))
+        if choices:
+            aws_roles[backend.name] = choices
         parts.append(
             shared.memo.backends.get(
-                (backend, backend_grants, accepted, shared.shape, signing, *roles),
+                (backend, backend_grants, accepted, shared.shape, signing, choices, choices_signing, *roles),
                 functools.partial(
-                    _backend_parts, backend, backend_grants, accepted, shared.shape, roles, shared.memo.rbac, signing
+                    _backend_parts,
+                    backend,
+                    backend_grants,
+                    accepted,
+                    shared.shape,
+                    roles,
+                    shared.memo.rbac,
+                    signing,
+                    choices,
+                    choices_signing,
                 ),
             )
         )
     requirements = dict(p.requirement for p in parts if p.requirement is not None)
-    providers = {provider_name(i.name): jwt.provider(i, aud, shared.keys.get(i.name)) for i, aud in issuers}
+    # Only the issuers of bindings choosing an AWS role have the route chosen again (a second match per request).
+    rechoose = {shared.bindings[c.binding].issuer for choices in aws_roles.values() for c in choices}
+    providers = {
+        provider_name(i.name): jwt.provider(i, aud, shared.keys.get(i.name), i.name in rechoose) for i, aud in issuers
+    }
     if shared.shape.issuer is not None:
         audiences = [b.audience for b in backends]
         providers[CREDENTIAL_PROVIDER] = jwt.credential_provider(shared.credentials, audiences)
@@ -217,6 +243,8 @@ def _backend_parts(
     roles: tuple[Role, ...],
     encoder: rbac.RbacEncoder,
     aws_signing: bool = False,
+    aws_roles: tuple[RoleChoice, ...] = (),
+    aws_roles_credentials: tuple[aws.SigningCredential | None, ...] = (),
 ) -> _BackendParts:
     providers = [provider_name(i) for i in issuers]
     if shape.issuer is not None:
@@ -232,6 +260,8 @@ def _backend_parts(
             name,
             exchange=shape.exchange,
             aws_signing=aws_signing,
+            aws_roles=aws_roles,
+            aws_roles_credentials=aws_roles_credentials,
         ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),

@@ -42,9 +42,15 @@ PLACEHOLDER_JWKS = (
 )
 
 
-def provider(issuer: Issuer, audiences: Sequence[str], keys: str | None = None) -> jwt.JwtProvider:
-    """`keys` is the relayed JWKS (canonical JSON) of a RELAY issuer; ignored for REMOTE ones."""
+def provider(
+    issuer: Issuer, audiences: Sequence[str], keys: str | None = None, clear_route_cache: bool = False
+) -> jwt.JwtProvider:
+    """`keys` is the relayed JWKS (canonical JSON) of a RELAY issuer; ignored for REMOTE ones.
+    `clear_route_cache`: the route is chosen again once the token's payload is in dynamic metadata, for the routes
+    choosing a binding's AWS role (docs/aws-backends.md fact 7); set only for issuers of such bindings, as it costs
+    a second route match per request."""
     config = _verified_provider(issuer.url, audiences, issuer.clock_skew_seconds)
+    config.clear_route_cache = clear_route_cache
     if issuer.jwks_mode is JwksMode.REMOTE:
         config.remote_jwks.CopyFrom(_remote_jwks(issuer))
     else:

@@ -29,6 +29,7 @@ from controlplane.compiler.util import millis, packed, serialized
 from controlplane.compiler.wire import varint
 from controlplane.model.credentials import EXCHANGE_PATH
 from controlplane.model.policy import Backend
+from controlplane.resolved.aws_roles import RoleChoice
 
 _VIRTUAL_HOSTS_TAG = b"\x12"  # RouteConfiguration.virtual_hosts = 2, wire type 2
 _RBAC_PER_ROUTE_URL = "type.googleapis.com/" + rbac_filter.RBACPerRoute.DESCRIPTOR.full_name
@@ -39,17 +40,27 @@ EXCHANGE_TIMEOUT_MS = 10_000
 
 
 def virtual_host(
-    backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False, aws_signing: bool = False
+    backend: Backend,
+    rbac: bytes,
+    requirement: str | None,
+    exchange: bool = False,
+    aws_signing: bool = False,
+    aws_roles: Sequence[RoleChoice] = (),
+    aws_roles_credentials: Sequence[aws.SigningCredential | None] = (),
 ) -> rc.VirtualHost:
     """`rbac`: the host's serialized RBACPerRoute (see `rbac.RbacEncoder`); `requirement`: the name of the
     listener's JWT requirement for this host (None: no issuer accepts tokens here); `exchange`: the
     token-exchange endpoint is routed first on this host (see `_exchange_route`); `aws_signing`: an AWS
-    backend's role has a valid credential (else its routes answer 503, compiler/aws.py)."""
+    backend's role has a valid credential (else its routes answer 503, compiler/aws.py); `aws_roles`: its
+    bindings' own roles (resolved/aws_roles.py), each routed before the default route and signing with the valid
+    credential at the same index of `aws_roles_credentials` (None: its routes answer 503)."""
+    default = _default_route(backend)
     per_filter = {RBAC_FILTER: AnyProto(type_url=_RBAC_PER_ROUTE_URL, value=rbac)}
     if requirement is not None:
         per_filter[JWT_FILTER] = packed(per_route_requirement(requirement))
     per_filter.update((name, packed(config)) for name, config in inject.per_filter_config(backend).items())
-    per_filter.update((name, packed(config)) for name, config in aws.per_filter_config(backend, aws_signing).items())
+    signer_on = aws_signing or any(c is not None for c in aws_roles_credentials)
+    per_filter.update((name, packed(config)) for name, config in aws.per_filter_config(backend, signer_on).items())
     return rc.VirtualHost(
         name=backend.name,
         domains=_domains(backend.hosts),
@@ -57,16 +68,23 @@ def virtual_host(
             *([_exchange_route(backend)] if exchange else []),
             *(aws.fail_closed(backend, _public_route(backend, p), aws_signing) for p in backend.public_paths),
             *aws.refused_routes(backend),
-            aws.fail_closed(backend, _default_route(backend), aws_signing),
+            *aws.role_routes(backend, aws_roles, default, aws_roles_credentials),
+            aws.fail_closed(backend, default, aws_signing),
         ],
         typed_per_filter_config=per_filter,
     )
 
 
 def virtual_host_bytes(
-    backend: Backend, rbac: bytes, requirement: str | None, exchange: bool = False, aws_signing: bool = False
+    backend: Backend,
+    rbac: bytes,
+    requirement: str | None,
+    exchange: bool = False,
+    aws_signing: bool = False,
+    aws_roles: Sequence[RoleChoice] = (),
+    aws_roles_credentials: Sequence[aws.SigningCredential | None] = (),
 ) -> bytes:
-    return serialized(virtual_host(backend, rbac, requirement, exchange, aws_signing))
+    return serialized(virtual_host(backend, rbac, requirement, exchange, aws_signing, aws_roles, aws_roles_credentials))
 
 
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:

@@ -258,4 +258,4 @@ def policy_warnings(policy: Policy) -> list[PolicyError]:
         )
         for role in policy.roles
         if role.backend not in fronted
-    ) + aws.binding_role_warnings(policy)
+    )

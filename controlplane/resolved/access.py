@@ -7,11 +7,12 @@ What the RBAC compiler encodes and the token exchange evaluates, so the two gran
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from controlplane.model.errors import PolicyError
 from controlplane.model.policy import Mode, RoleRule
+from controlplane.resolved.cloud import CloudIdentity
 from controlplane.resolved.conditions import ResolvedSubject
 
 
@@ -50,6 +51,8 @@ class ResolvedPolicy:
     backends: Mapping[str, BackendAccess]  # every backend of the policy, by name
     warnings: tuple[PolicyError, ...]  # access GitLab withdrew, stale paths: the policy is valid
     pins: Mapping[str, Mapping[str, int]]  # issuer → project path → the id it resolved to
+    # backend → who its requests are sent upstream as (`aws:`/`gcp:` backends only; resolved/cloud.py)
+    cloud: Mapping[str, CloudIdentity] = field(default_factory=dict)
 
     def access(self, backend: str) -> BackendAccess:
         return self.backends.get(backend, NO_ACCESS)

@@ -7,10 +7,9 @@ a pair counts as gained only when none of the subject's old pairs already covers
 and as lost only when no new pair covers it. Shadow grants allow nothing (Envoy logs them only), so a binding
 going shadow -> enforce shows as its gains and as a mode change ("would start enforcing").
 
-Also compared: who a backend's requests are sent upstream AS (`upstream_identities`: the AWS role that signs
-them, the Google service account whose token is injected, where an injected secret is read from). None of it is
-in Envoy's configuration or the grants, yet swapping a read-only role for an admin one changes what every allowed
-request can do: a policy change that only swaps it must not read "unchanged".
+The cloud identity a backend's requests are sent upstream as (resolved/cloud.py: an `aws:` role, a `gcp:`
+service account, and every setting of those blocks; a binding's own `aws_role_arn`) is an access change too: the
+same request then does other things in the cloud. Each setting that differs is one `CloudChange`, old -> new.
 
 Not compared: one subject covering another (a new, narrower subject beside a broader old one is listed as
 gaining), and GitLab's live state (both sides are resolved the same way, by the caller).
@@ -23,8 +22,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from controlplane.model.policy import Backend, Mode, Policy
+from controlplane.model.policy import Mode
 from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.cloud import CloudIdentity
 from controlplane.resolved.conditions import ResolvedSubject
 from controlplane.resolved.render import condition_text
 
@@ -47,9 +47,14 @@ class ModeChange(NamedTuple):
     new: str
 
 
-class UpstreamChange(NamedTuple):
-    """A backend's requests sent upstream as another identity (None: none, e.g. no `aws:` any more)."""
+class CloudChange(NamedTuple):
+    """One setting of a backend's cloud identity changing (`binding` None), or a binding's own role there.
 
+    `setting` is "provider" (old/new "aws", "gcp" or None: the backend turns into or out of a cloud backend),
+    a key of the `aws:`/`gcp:` block, or "aws_role_arn" for a binding; None on a side that has no such value."""
+
+    binding: str | None
+    setting: str
     old: str | None
     new: str | None
 
@@ -62,11 +67,11 @@ class BackendDiff(NamedTuple):
     modes: tuple[ModeChange, ...]
     shadow_added: tuple[str, ...]  # new shadow grants: logged by Envoy, allow nothing (access unchanged)
     shadow_removed: tuple[str, ...]
-    upstream: UpstreamChange | None = None  # only for a backend on both sides
+    cloud: tuple[CloudChange, ...] = ()  # who its requests reach the cloud as, changed
 
     @property
     def access_changed(self) -> bool:
-        return self.status != "changed" or bool(self.gains or self.losses or self.modes or self.upstream)
+        return self.status != "changed" or bool(self.gains or self.losses or self.modes or self.cloud)
 
 
 class FrontChange(NamedTuple):
@@ -100,60 +105,18 @@ def subject_text(subject: ResolvedSubject) -> str:
     return " and ".join(parts) or "any token"
 
 
-def upstream_identities(policy: Policy) -> dict[str, str]:
-    """Backend name → who its requests are sent upstream as, in words; backends sending as nobody are left out."""
-    found: dict[str, str] = {}
-    for backend in policy.backends:
-        parts = []
-        if backend.aws is not None:
-            how = " (AssumeRole)" if backend.aws.source == "assume_role" else ""
-            parts.append(f"AWS role {backend.aws.role_arn}{how}")
-        if backend.gcp is not None:
-            gcp = backend.gcp
-            what = f"ID token for {gcp.id_token_audience}" if gcp.id_token_audience else " ".join(gcp.scopes)
-            parts.append(
-                f"Google service account {gcp.service_account} ({what}) through {gcp.workload_identity_provider}"
-            )
-        elif backend.inject is not None:
-            source = backend.inject.secret_env or backend.inject.secret_file
-            kind = "environment variable" if backend.inject.secret_env else "file"
-            parts.append(f"the secret of {kind} {source} in {backend.inject.header}")
-        roles = {r.name for r in policy.roles if r.backend == backend.name}
-        parts.extend(
-            f"binding {b.name}: AWS role {b.aws_role_arn}"
-            for b in sorted(policy.bindings, key=lambda b: b.name)
-            if b.aws_role_arn is not None and roles & set(b.roles) and backend.aws is not None
-        )
-        if parts:
-            found[backend.name] = "; ".join(parts) + ", to " + _destination(backend)
-    return found
-
-
-def _destination(backend: Backend) -> str:
-    """Where a backend's credential-bearing requests go: a changed address sends the credential (a Bearer token,
-    a SigV4 signature with its session token) to someone else, which is as much a change as another role."""
-    places = [f"{e.address}:{e.port}" for e in backend.endpoints]
-    places += [f"service {s.namespace}/{s.name}:{s.port}" for s in backend.services]
-    tls = f" (TLS to {backend.tls.sni}, CA {backend.tls.ca_file})" if backend.tls is not None else " (plain text)"
-    return ", ".join(places) + tls
-
-
 def compare(
     old: ResolvedPolicy,
     new: ResolvedPolicy,
     old_gateways: Mapping[str, Iterable[str]],
     new_gateways: Mapping[str, Iterable[str]],
-    upstream: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {}),
 ) -> PolicyDiff:
-    """`old_gateways`, `new_gateways`: each gateway's name and the backends it fronts; `upstream`: each side's
-    `upstream_identities`."""
+    """`old_gateways`, `new_gateways`: each gateway's name and the backends it fronts."""
     backends = []
     for name in sorted(old.backends.keys() | new.backends.keys()):
         status = "added" if name not in old.backends else "removed" if name not in new.backends else "changed"
         diff = _backend(name, status, old.grants(name), new.grants(name))
-        sent_as, now_as = upstream[0].get(name), upstream[1].get(name)
-        if status == "changed" and sent_as != now_as:
-            diff = diff._replace(upstream=UpstreamChange(sent_as, now_as))
+        diff = diff._replace(cloud=cloud_changes(old.cloud.get(name), new.cloud.get(name)))
         if diff.access_changed or diff.shadow_added or diff.shadow_removed:
             backends.append(diff)
     before, after = set(old_gateways), set(new_gateways)
@@ -204,6 +167,35 @@ def _backend(name: str, status: str, old: tuple[Grant, ...], new: tuple[Grant, .
     shadow_added = tuple(sorted(n for n in new_shadow - old_shadow if n not in old_modes))
     shadow_removed = tuple(sorted(n for n in old_shadow - new_shadow if n not in {g.name for g in new}))
     return BackendDiff(name, status, gains, losses, modes, shadow_added, shadow_removed)
+
+
+def cloud_changes(old: CloudIdentity | None, new: CloudIdentity | None) -> tuple[CloudChange, ...]:
+    """Every setting that differs, the provider first, then the block's keys (old side's order, then new keys),
+    then bindings' own roles by binding."""
+    if old == new:
+        return ()
+    changes = []
+    was, now = (old.provider if old else None), (new.provider if new else None)
+    if was != now:
+        changes.append(CloudChange(None, "provider", was, now))
+    before, after = dict(old.settings if old else ()), dict(new.settings if new else ())
+    for key in [*before, *(k for k in after if k not in before)]:
+        if before.get(key) != after.get(key):
+            changes.append(CloudChange(None, key, before.get(key), after.get(key)))
+    if old is not None and new is not None and old.destination != new.destination:
+        # the same identity, its credential sent somewhere else: an MR moving a backend hands it to that address
+        changes.append(CloudChange(None, "destination", old.destination, new.destination))
+    roles_before, roles_after = dict(old.roles if old else ()), dict(new.roles if new else ())
+    for binding in sorted(roles_before.keys() | roles_after.keys()):
+        if roles_before.get(binding) != roles_after.get(binding):
+            changes.append(CloudChange(binding, "aws_role_arn", roles_before.get(binding), roles_after.get(binding)))
+    return tuple(changes)
+
+
+def cloud_text(change: CloudChange) -> str:
+    """`cloud role_arn: A -> B`, `binding x aws_role_arn: none -> B`: one reviewer's line, without the backend."""
+    who = "cloud" if change.binding is None else f"binding {change.binding}"
+    return f"{who} {change.setting}: {change.old or 'none'} -> {change.new or 'none'}"
 
 
 def _uncovered(side: _Side, other: _Side) -> tuple[Change, ...]:
@@ -258,7 +250,7 @@ def document(diff: PolicyDiff) -> dict[str, object]:
                 "losses": [_change(c) for c in b.losses],
                 "modes": [{"grant": m.grant, "old": m.old, "new": m.new} for m in b.modes],
                 "shadow": {"added": list(b.shadow_added), "removed": list(b.shadow_removed)},
-                "upstream": b.upstream._asdict() if b.upstream is not None else None,
+                "cloud": [c._asdict() for c in b.cloud],
             }
             for b in diff.backends
         ],

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from controlplane.model.errors import PolicyError
 from controlplane.model.policy import Backend, Binding, Gateway, Issuer, Mode, Policy
 from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.aws_roles import backend_role_choices, chosen_role
 from controlplane.resolved.conditions import Condition, ResolvedSubject, is_glob
 from controlplane.resolved.diff import path_pattern
 from controlplane.resolved.evaluate import Evaluator
@@ -140,6 +141,7 @@ class Explanation:
     shadow: tuple[str, ...] = ()  # shadow grants that would allow it (logged by Envoy, not enforced)
     nearest: tuple[Candidate, ...] = ()  # for an RBAC denial
     notes: tuple[str, ...] = ()
+    cloud_identity: str | None = None  # allowed on an aws/gcp backend: the role or service account it is sent as
 
     @property
     def allowed(self) -> bool:
@@ -629,7 +631,17 @@ def _rbac(inputs: ExplainInputs, chain: _Chain, claims: Mapping[str, Any], metho
         chain.notes.append(f"shadow binding(s) would allow it (logged only, never enforced): {', '.join(shadow)}")
     if allowed:
         chain.steps.append(Step("rbac", True, f"allowed by {', '.join(allowed)}"))
-        return _done(chain, ALLOWED, 0, f"allowed by {allowed[0]}", "default", allowed_by=allowed, shadow=shadow)
+        identity = _cloud_identity(inputs, backend, claims, chain.steps)
+        return _done(
+            chain,
+            ALLOWED,
+            0,
+            f"allowed by {allowed[0]}",
+            "default",
+            allowed_by=allowed,
+            shadow=shadow,
+            cloud_identity=identity,
+        )
     nearest = _nearest([c for c in candidates if c.failures])
     if not grants:
         text = f"backend {backend.name} grants nothing to anyone"
@@ -640,6 +652,26 @@ def _rbac(inputs: ExplainInputs, chain: _Chain, claims: Mapping[str, Any], metho
     chain.steps.append(Step("rbac", False, text))
     reason = text + (f" ({nearest[0].failures[0].text})" if nearest else "")
     return _done(chain, DENIED, 403, reason, "default", shadow=shadow, nearest=nearest)
+
+
+def _cloud_identity(
+    inputs: ExplainInputs, backend: Backend, claims: Mapping[str, Any], steps: list[Step]
+) -> str | None:
+    """Who an allowed request is sent upstream as, with a `cloud` step saying so: a `gcp:` backend's service account,
+    an `aws:` backend's role as the compiler's routes choose it (resolved/aws_roles.py: the first binding by name
+    with its own role whose subject the token matches, else the backend's role)."""
+    if backend.gcp is not None:
+        account = backend.gcp.service_account
+        steps.append(Step("cloud", True, f"sent with a Google token of service account {account}"))
+        return account
+    if backend.aws is None:
+        return None
+    own = () if backend.credentials == EXCHANGED_ONLY else inputs.resolved.grants(backend.name)
+    choices = backend_role_choices(own, {b.name: b for b in inputs.policy.bindings})
+    binding, arn = chosen_role(choices, backend.aws.role_arn, claims)
+    whose = f"binding {binding}'s AWS role" if binding is not None else "the backend's AWS role"
+    steps.append(Step("cloud", True, f"signed (SigV4) with {whose} {arn} (503 while it has no valid credential)"))
+    return arn
 
 
 def _nearest(refusing: list[Candidate]) -> tuple[Candidate, ...]:
@@ -789,6 +821,7 @@ def document(explanation: Explanation) -> dict[str, Any]:
             for c in explanation.nearest
         ],
         "notes": list(explanation.notes),
+        "cloud_identity": explanation.cloud_identity,
     }
 
 

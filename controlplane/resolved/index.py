@@ -15,6 +15,7 @@ from typing import NamedTuple
 from controlplane.model.errors import PolicyError, PolicyInvalid
 from controlplane.model.policy import Binding, Issuer, Policy, Role
 from controlplane.resolved.access import NO_ACCESS, BackendAccess, Grant, ResolvedPolicy
+from controlplane.resolved.cloud import identities as cloud_identities
 from controlplane.resolved.resolve import Findings, Resolver
 
 
@@ -61,6 +62,7 @@ class Resolution:
             backends={b.name: views.get(b.name) or self._access(b.name) for b in policy.backends},
             warnings=self._warning_view(),
             pins=self._pin_view(),
+            cloud=cloud_identities(policy),
         )
 
     def _update(self, policy: Policy, pins: Mapping[str, Mapping[str, int]]) -> list[PolicyError]:

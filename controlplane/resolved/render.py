@@ -3,6 +3,10 @@ see who may do what on which backend, and diffs when a change to the policy or t
 
 Written by hand (block style, keys in a fixed order) so this layer needs nothing beyond the standard library.
 Text only: `controlplane.snapshots.golden` writes the file, beside the snapshots, so this layer stays pure.
+
+An AWS or Google Cloud backend also shows `cloud:`, who its requests are sent upstream as (its `aws:`/`gcp:`
+block, resolved/cloud.py), and a grant whose binding signs as a role of its own shows that `aws_role_arn`. (The
+file's header comment stays as it was, so files without cloud backends do not change.)
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from controlplane.model.policy import RoleRule
 from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.cloud import CloudIdentity
 from controlplane.resolved.conditions import Condition, ResolvedSubject
 
 FILE_NAME = "resolved.yaml"
@@ -44,16 +49,31 @@ def document(resolved: ResolvedPolicy) -> dict[str, Node]:
 
 def _backend(resolved: ResolvedPolicy, name: str) -> Node:
     access = resolved.access(name)
-    return {"issuers": list(access.issuers), "grants": [_grant(g) for g in access.grants]}
+    out: dict[str, Node] = {"issuers": list(access.issuers)}
+    cloud = resolved.cloud.get(name)
+    if cloud is not None:
+        out["cloud"] = _cloud(cloud)
+    roles = dict(cloud.roles) if cloud is not None else {}
+    out["grants"] = [_grant(g, roles.get(g.binding)) for g in access.grants]
+    return out
 
 
-def _grant(grant: Grant) -> Node:
-    return {
-        "name": grant.name,
-        "mode": grant.mode.value,
-        "rules": [_rule(r) for r in grant.rules],
-        "subjects": [_subject(s) for s in grant.subjects],
-    }
+def _cloud(cloud: CloudIdentity) -> Node:
+    """Who the backend's requests reach the cloud as: the provider and its block's settings (scopes a list)."""
+    out: dict[str, Node] = {"provider": cloud.provider}
+    for key, value in cloud.settings:
+        out[key] = value.split() if key == "scopes" else value
+    return out
+
+
+def _grant(grant: Grant, aws_role_arn: str | None) -> Node:
+    """`aws_role_arn`: the binding's own role, which signs its requests here instead of the backend's."""
+    out: dict[str, Node] = {"name": grant.name, "mode": grant.mode.value}
+    if aws_role_arn is not None:
+        out["aws_role_arn"] = aws_role_arn
+    out["rules"] = [_rule(r) for r in grant.rules]
+    out["subjects"] = [_subject(s) for s in grant.subjects]
+    return out
 
 
 def _rule(rule: RoleRule) -> Node:

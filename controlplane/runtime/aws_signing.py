@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controlplane.cloud.aws import (
     AssumeRoleSource,
@@ -80,12 +80,23 @@ def source_factory(issuer_url: str | None, keys: SigningKeys | None) -> SourceFa
 
 def roles_of(policy: Policy) -> dict[str, tuple[str, AwsSigning]]:
     """Each AWS role the policy signs with, by ARN: the backend it signs for (whose name is the identity asserted
-    to STS) and how to get it. A loaded policy names each role on one backend (`shared_role_errors`); were it
-    not so, the first by name would say."""
+    to STS, `web_identity_subject`) and how to get it. Backends' roles, then bindings' own (`aws_role_arn`): a
+    binding's role is obtained as its first AWS backend's (by name) with that ARN (same source, region, session
+    name), as a binding names only the role. A loaded policy has each role sign for one backend
+    (`shared_role_errors`); were it not so, the first would say."""
     roles: dict[str, tuple[str, AwsSigning]] = {}
-    for backend in sorted(policy.backends, key=lambda b: b.name):
+    backends = sorted(policy.backends, key=lambda b: b.name)
+    for backend in backends:
         if backend.aws is not None:
             roles.setdefault(backend.aws.role_arn, (backend.name, backend.aws))
+    role_backend = {r.name: r.backend for r in policy.roles}
+    for binding in sorted(policy.bindings, key=lambda b: b.name):
+        if binding.aws_role_arn is None or binding.aws_role_arn in roles:
+            continue
+        on = {role_backend.get(r) for r in binding.roles}
+        first = next((b for b in backends if b.name in on and b.aws is not None), None)
+        if first is not None and first.aws is not None:
+            roles[binding.aws_role_arn] = (first.name, replace(first.aws, role_arn=binding.aws_role_arn))
     return roles
 
 

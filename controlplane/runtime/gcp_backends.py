@@ -33,7 +33,6 @@ from controlplane.cloud.gcp import (
     GcpExchangeError,
     GcpSettings,
     fetch_credential,
-    valid_seconds,
 )
 from controlplane.credentials.oidc import RelyingPartyTokens
 from controlplane.model.policy import Backend, Policy
@@ -135,12 +134,11 @@ class GcpBackends:
 
     def status(self) -> dict[str, object]:
         """For the admin status: per backend, its service account and how long its token stays usable."""
-        now = self._clock()
         out: dict[str, object] = {}
         for name, refresher in sorted(self._refreshers.items()):
             out[name] = {
                 "service_account": refresher.settings.service_account,
-                "valid_seconds": round(valid_seconds(refresher.state, now, refresher.policy)),
+                "valid_seconds": round(refresher.valid_seconds()),
                 "last_error": refresher.state.last_error,
             }
         return out

@@ -39,13 +39,13 @@ def resource_dicts(snapshot: Snapshot, type_url: str) -> list[dict[str, Any]]:
         packed = AnyProto.FromString(resource.any_bytes)
         # Through JSON text: MessageToDict returns OrderedDicts for Anys, which YAML cannot represent.
         out.append(json.loads(json_format.MessageToJson(packed, preserving_proto_field_name=True)))
-    if type_url == EXTENSION_CONFIG:
+    if type_url in (EXTENSION_CONFIG, ROUTE):  # a binding's own AWS role signs from its routes (compiler/aws.py)
         return [_redact_keys(r, _INLINE_SECRETS) for r in out]
     return [_redacted(r) for r in out] if type_url == SECRET else out
 
 
-# AWS signing credentials travel inline in an ECDS resource (compiler/aws.py); the key id, as in Envoy's own
-# config dump, is not secret.
+# AWS signing credentials travel inline in an ECDS resource, and a binding role's in its routes (compiler/aws.py);
+# the key id, as in Envoy's own config dump, is not secret.
 _INLINE_SECRETS = frozenset({"secret_access_key", "session_token"})
 
 

@@ -26,8 +26,16 @@ ERROR_LIMIT_BYTES = 2048
 _TRUNCATED = " …[truncated]"
 
 
+# Envoy's NACK text quotes the rejected resource as proto debug text, AWS credentials included (observed: an
+# `AwsRequestSigningPerRoute` refused in RDS showed `secret_access_key` in clear, only `session_token` redacted).
+# Both are secrets (compiler/aws.py): never logged nor kept in the fleet status.
+_SECRET_FIELDS = re.compile(r'\b(secret_access_key|session_token)(\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
 def truncate_error(text: str, limit: int = ERROR_LIMIT_BYTES) -> str:
-    """At most `limit` UTF-8 bytes: Envoy error texts can be many KB of proto debug output."""
+    """At most `limit` UTF-8 bytes: Envoy error texts can be many KB of proto debug output. Secrets quoted in it
+    are redacted first (see `_SECRET_FIELDS`)."""
+    text = _SECRET_FIELDS.sub(r'\1\2"[redacted]"', text)
     encoded = text.encode("utf-8", errors="replace")
     if len(encoded) <= limit:
         return text

@@ -282,6 +282,51 @@ class LoopbackHTTPServer(Started):
             return [req for req, _ in self._server.log]
 
 
+class ServedOverLoopback(Started):
+    """A fake whose HTTP side is one `LoopbackHTTPServer` held as `_server`: starting, stopping, the address and
+    the requests seen are the server's. Written once here so that each fake (the OIDC issuers, the Google APIs)
+    keeps only what it serves."""
+
+    _server: LoopbackHTTPServer
+
+    def start(self) -> Self:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._server.running
+
+    @property
+    def server(self) -> LoopbackHTTPServer:
+        """The server itself, for a stack that starts and stops its servers (tests/support/stack.py)."""
+        return self._server
+
+    @property
+    def router(self) -> Router:
+        """The route table; a test adds an endpoint with ``router.add(method, "/path/{id}", handler)``."""
+        return self._server.router
+
+    @property
+    def requests(self) -> list[Request]:
+        return self._server.requests
+
+    @property
+    def host(self) -> str:
+        return self._server.host
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def base_url(self) -> str:
+        return self._server.base_url
+
+
 # --- echo backend
 
 

@@ -15,6 +15,8 @@ What moto does NOT check, and what this fake adds in a small WSGI layer in front
   hash on trust, so an S3 body swapped after signing passed. The layer refuses it (`XAmzContentSHA256Mismatch`).
 - Temporary credentials past their expiration: moto accepts them forever. The layer refuses a request signed
   with an expired session (`ExpiredToken`, HTTP 400 as STS and S3 answer), so refresh tests can fail.
+- An STS outage on demand (`sts_down`: every STS action answered 503 `ServiceUnavailable`), and who signed each
+  request (`signed_by`, `unsigned`), so a test can show that nothing unsigned ever reached AWS.
 
 moto's state is process-global (its backends and its authentication counter), so one FakeAws runs per process
 at a time; `start` resets moto and `stop` turns authentication back off.
@@ -77,6 +79,11 @@ class WebIdentityTrust:
     jwks: Callable[[], str]  # the issuer's JWKS document, read at every AssumeRoleWithWebIdentity
 
 
+_STS_ACTIONS = frozenset(
+    {"AssumeRole", "AssumeRoleWithWebIdentity", "AssumeRoleWithSAML", "GetCallerIdentity", "GetSessionToken"}
+)
+
+
 def _sts_error(code: str, message: str, status: str = "400 Bad Request") -> tuple[str, bytes]:
     body = (
         '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
@@ -94,6 +101,12 @@ class _Layer:
         self._fake = fake
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if self._fake.sts_down and self._sts_action(environ) is not None:
+            self._fake.sts_refused_outage += 1
+            status, body = _sts_error("ServiceUnavailable", "Service is unavailable", "503 Service Unavailable")
+            return self._answer(start_response, status, body)
+        if not environ.get("PATH_INFO", "").startswith("/moto-api"):
+            self._count_signing(environ)
         token = environ.get("HTTP_X_AMZ_SECURITY_TOKEN")
         if token is not None and self._expired(token):
             self._fake.refused_expired += 1
@@ -117,12 +130,31 @@ class _Layer:
                 return self._answer(start_response, status, body)
         return self._app(environ, start_response)
 
+    def _sts_action(self, environ: dict[str, Any]) -> str | None:
+        """The STS action of a request (a form POST whose `Action` is one of STS's), else None."""
+        if environ.get("REQUEST_METHOD") != "POST":
+            return None
+        form = urllib.parse.parse_qs(self._body(environ).decode("utf-8", "replace"))
+        action = form.get("Action", [""])[0]
+        return action if action in _STS_ACTIONS else None
+
+    def _count_signing(self, environ: dict[str, Any]) -> None:
+        """Who signed each request reaching AWS: the access key id of its SigV4 header, or nothing (unsigned;
+        AssumeRoleWithWebIdentity is the one call AWS takes unsigned)."""
+        found = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        if found is not None:
+            self._fake.signed_by.append(found.group(1))
+        elif self._sts_action(environ) != "AssumeRoleWithWebIdentity":
+            self._fake.unsigned += 1
+
     @staticmethod
     def _body(environ: dict[str, Any]) -> bytes:
-        """Read the body once and leave a replay of it for moto."""
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        raw: bytes = environ["wsgi.input"].read(length)
-        environ["wsgi.input"] = _Replay(raw)
+        """Read the body once (kept for the layer's next look) and leave a replay of it for moto."""
+        if "fake_aws.body" not in environ:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            environ["fake_aws.body"] = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = _Replay(environ["fake_aws.body"])
+        raw: bytes = environ["fake_aws.body"]
         return raw
 
     @staticmethod
@@ -172,9 +204,14 @@ class FakeAws:
         self.web_identity_calls: list[dict[str, str]] = []  # the form fields of each AssumeRoleWithWebIdentity
         self.refused_expired = 0
         self.refused_payload = 0
+        # An STS outage on demand: while true every STS action is answered 503 ServiceUnavailable (counted).
+        self.sts_down = False
+        self.sts_refused_outage = 0
+        self.signed_by: list[str] = []  # the access key id that signed each request (moto's admin API aside)
+        self.unsigned = 0  # requests that reached AWS with no signature (AssumeRoleWithWebIdentity aside)
         # Web-identity sessions last this long whatever was asked (None: as asked). A test knob: AWS never grants
-        # less than asked, but serve asks for an hour and refreshes 300 s before expiry, so a session of a little
-        # over 300 s makes serve's own refresher replace it within seconds.
+        # less than asked (900 s at least), but serve asks for an hour and plans on the session it gets
+        # (cloud/refresh.py), so a session of a few seconds makes serve's own refresher replace it within seconds.
         self.web_session_seconds: int | None = None
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -257,6 +294,39 @@ class FakeAws:
                 role.expiration = past.replace(tzinfo=None)
                 return
         raise KeyError(access_key_id)
+
+    def role_of_key(self, access_key_id: str) -> str | None:
+        """The role ARN whose temporary credential `access_key_id` is (None: not one STS issued)."""
+        for role in sts_backends[ACCOUNT]["aws"].assumed_roles:
+            if role.access_key_id == access_key_id:
+                return str(role.role_arn)
+        return None
+
+    def add_role(self, name: str, policy: Mapping[str, Any], assumable: bool = True) -> str:
+        """A role with `policy`, which the seeded user may assume (AssumeRole) only when `assumable`; its ARN."""
+        self._post("/moto-api/reset-auth", b"inf")  # seeding runs unauthenticated
+        try:
+            iam = boto3.client(
+                "iam",
+                endpoint_url=self.endpoint,
+                region_name=REGION,
+                aws_access_key_id="seed",
+                aws_secret_access_key="x",
+            )
+            user_arn = f"arn:aws:iam::{ACCOUNT}:user/{USER}"
+            trust = {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": user_arn}, "Action": "sts:AssumeRole"}],
+            }
+            arn = str(iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"])
+            iam.put_role_policy(RoleName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+            if assumable:
+                allow = {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": arn}
+                document = {"Version": "2012-10-17", "Statement": [allow]}
+                iam.put_user_policy(UserName=USER, PolicyName=f"assume-{name}", PolicyDocument=json.dumps(document))
+        finally:
+            self._post("/moto-api/reset-auth", b"0")
+        return arn
 
     # -- seed
 

@@ -34,14 +34,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Self
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 import jwt
 
-from .backends import LoopbackHTTPServer, Request, Response, Router, json_response
+from .backends import LoopbackHTTPServer, Request, Response, ServedOverLoopback, json_response
 from .fake_oidc import SigningKey
-from .lifecycle import Started
 
 TOKEN_EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
@@ -163,7 +162,7 @@ class _Refused(Exception):
         self.response = response
 
 
-class FakeGcp(Started):
+class FakeGcp(ServedOverLoopback):
     """STS and IAM Credentials on one loopback server (paths differ: `/v1/token`, `/v1/projects/...`)."""
 
     def __init__(
@@ -193,24 +192,6 @@ class FakeGcp(Started):
         account = ServiceAccount(email, set(members))
         self.service_accounts[email] = account
         return account
-
-    # -- lifecycle
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
-
-    @property
-    def router(self) -> Router:
-        """The route table, for a test that needs an odd answer."""
-        return self._server.router
 
     @property
     def sts_url(self) -> str:
@@ -471,7 +452,7 @@ def _lifetime(value: object, maximum: int) -> int:
     return seconds
 
 
-class FakeGoogleApi(Started):
+class FakeGoogleApi(ServedOverLoopback):
     """A Google API backend: any path answers 200 with the caller's service account when the bearer token is one
     the fake issued and still live; 401 UNAUTHENTICATED (Google's shape and WWW-Authenticate) otherwise."""
 
@@ -481,26 +462,6 @@ class FakeGoogleApi(Started):
         self.id_token_audience = id_token_audience
         self._server = LoopbackHTTPServer(name="fake-google-api")
         self._server.router.add("*", "/{rest:path}", self._serve)
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
-
-    @property
-    def server(self) -> LoopbackHTTPServer:
-        """The server itself, for a stack that starts and stops its servers (tests/support/stack.py)."""
-        return self._server
-
-    @property
-    def requests(self) -> list[Request]:
-        return self._server.requests
 
     def _serve(self, request: Request) -> Response:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -18,15 +18,14 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from .backends import LoopbackHTTPServer, Request, Response, Router, json_response
-from .lifecycle import Started
+from .backends import LoopbackHTTPServer, Request, Response, ServedOverLoopback, json_response
 
 
 class _Omit:
@@ -92,7 +91,7 @@ def apply_raw(claims: dict[str, Any], raw: Mapping[str, Any] | None) -> dict[str
     return claims
 
 
-class OidcIssuer(Started):
+class OidcIssuer(ServedOverLoopback):
     """Base for fake issuers: serves discovery and JWKS, counts JWKS fetches, signs tokens.
 
     Subclasses pass their URL layout, add routes in ``_add_routes`` and shape ``discovery()``.
@@ -116,41 +115,7 @@ class OidcIssuer(Started):
         self._jwks_failure: int | None = None
         self._add_routes()
 
-    # -- lifecycle ----------
-
-    def start(self) -> Self:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._server.running
-
-    @property
-    def router(self) -> Router:
-        """The route table; add endpoints with ``router.add(method, "/api/v4/projects/{id}", handler)``."""
-        return self._server.router
-
-    @property
-    def requests(self) -> list[Request]:
-        return self._server.requests
-
     # -- URLs ----------
-
-    @property
-    def host(self) -> str:
-        return self._server.host
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
 
     @property
     def issuer(self) -> str:

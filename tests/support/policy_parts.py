@@ -9,7 +9,8 @@ is made in one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 # Two projects in acme/platform: the deployer (42) and another (43), as an issuer's `inventory` file.
 ACME_INVENTORY = """\
@@ -74,3 +75,18 @@ def _lines(extra: str) -> str:
 MAIN_GITLAB = issuer("https://gitlab.example.com", name="main", extra="api: {token_env: GITLAB_TOKEN}")
 OTHER_GITLAB = issuer("https://gitlab.other.example", name="other", extra="api: {token_env: OTHER_TOKEN}")
 TWO_GITLABS = documents(MAIN_GITLAB, OTHER_GITLAB)
+
+
+Edit = Callable[[Path], None]  # a change to a copied policy directory
+
+
+def replace_in(name: str, old: str, new: str) -> Edit:
+    """An edit replacing the first `old` in the file `name` by `new`; `old` must be there (a stale edit fails)."""
+
+    def edit(root: Path) -> None:
+        path = root / name
+        text = path.read_text()
+        assert old in text, f"{old!r} not in {name}"
+        path.write_text(text.replace(old, new, 1))
+
+    return edit

@@ -22,6 +22,11 @@ DAY = 86_400.0
 MALICIOUS_PATH = "/reports/<script>alert(1)</script><img src=x onerror=alert(2)>"
 MALICIOUS_DETAILS = "rbac_access_denied_matched_policy[none]<b>bold</b>"
 REVOKED_JOB = "70009"
+# Cloud identities the trail recorded (audit/als.py looks them up from the policy; here simply stored): job 70001's
+# role changed mid-window, and one value carries markup, as a hostile store value would.
+READ_ROLE = "arn:aws:iam::123456789012:role/ci-reports-read"
+READ_ROLE_V2 = "arn:aws:iam::123456789012:role/ci-reports-read-v2"
+MALICIOUS_IDENTITY = "deployer@acme.iam.gserviceaccount.com<script>alert(3)</script>"
 
 
 class Fixture(NamedTuple):
@@ -92,9 +97,22 @@ def _record(when: float, job: str, method: str, path: str, decision: str, **extr
 
 def audit_records(now: float) -> list[AuditRecord]:
     records = []
-    for i in range(30):  # job 70001: 30 GETs over two days, in the window
-        records.append(_record(now - 3 * DAY + i * 3600, "70001", "GET", f"/reports/{i % 3}", "allowed"))
-    records.append(_record(now - 2 * DAY, "70002", "POST", "/deployments/run", "allowed", backend="deploy-api"))
+    for i in range(30):  # job 70001: 30 GETs over two days, in the window, as one role then (last 10) another
+        role = READ_ROLE if i < 20 else READ_ROLE_V2
+        records.append(
+            _record(now - 3 * DAY + i * 3600, "70001", "GET", f"/reports/{i % 3}", "allowed", cloud_identity=role)
+        )
+    records.append(
+        _record(
+            now - 2 * DAY,
+            "70002",
+            "POST",
+            "/deployments/run",
+            "allowed",
+            backend="deploy-api",
+            cloud_identity=MALICIOUS_IDENTITY,
+        )
+    )
     for i in range(4):  # job 70002 denied: no matching policy
         records.append(
             _record(
@@ -134,7 +152,9 @@ def audit_records(now: float) -> list[AuditRecord]:
             ref=None,
         )
     )
-    records.append(_record(now - 45 * DAY, "60000", "GET", "/reports/old", "allowed"))  # before the window
+    records.append(  # before the window
+        _record(now - 45 * DAY, "60000", "GET", "/reports/old", "allowed", cloud_identity=READ_ROLE)
+    )
     return records
 
 
@@ -163,3 +183,26 @@ def state_dir(root: Path, now: float) -> Path:
 def fixture(root: Path, now: float) -> Fixture:
     repo, commits = policy_repo(root, now)
     return Fixture(state_dir(root, now), repo, now, commits)
+
+
+def fill_postgres(dsn: str, now: float) -> None:
+    """The same audit records (`audit_records`) in a PostgreSQL trail, through the real store."""
+    import asyncio
+
+    from controlplane.audit.store_pg import PostgresAuditStore
+    from controlplane.store.dsn import StoreDsn
+    from controlplane.store.pool import PoolSettings, StorePool
+
+    async def fill() -> None:
+        pool = StorePool(StoreDsn(dsn, "test"), PoolSettings(min_size=1, max_size=2))
+        store = PostgresAuditStore(pool, retention=None)
+        await store.open()
+        try:
+            for record in audit_records(now):
+                assert store.submit(record)
+            assert await asyncio.to_thread(store.flush, 30.0)
+        finally:
+            await store.close()
+            await pool.close()
+
+    asyncio.run(fill())

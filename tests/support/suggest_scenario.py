@@ -130,13 +130,16 @@ EXPECTED_SUBJECTS: dict[tuple[int, str], dict[str, Any]] = {
 }
 
 
-def policy(given: PolicyInputs) -> dict[str, str]:
-    """Anything on both backends for the whole group; merge-request pipelines only for project 45 on reports (a
-    binding naming no pipeline source denies them); a shadow binding that stays."""
+def broad_policy(
+    given: PolicyInputs, inventory: str, *, roles: Sequence[str] = (), bindings: Sequence[str] = ()
+) -> dict[str, str]:
+    """The broad policy both suggest scenarios start from: anything on both backends for the whole group
+    (`platform-all`) and a shadow binding that stays (`deploy-dry-run`), with each scenario's own `roles` and
+    `bindings` added after the broad ones."""
     anything = 'rules:\n  - paths: ["/**"]\n'
     return {
         "issuer.yaml": issuer(given.issuer, extra=INVENTORY_FILE),
-        "inventory.yaml": INVENTORY,
+        "inventory.yaml": inventory,
         "backends.yaml": documents(
             backend("reports-api", given.ports["reports"], extra="public_paths: [/healthz]"),
             backend("deploy-api", given.ports["deploy"]),
@@ -144,14 +147,25 @@ def policy(given: PolicyInputs) -> dict[str, str]:
         "roles.yaml": documents(
             f"kind: Role\nname: reports-everything\nbackend: reports-api\n{anything}",
             f"kind: Role\nname: deploy-everything\nbackend: deploy-api\n{anything}",
+            *roles,
         ),
         "bindings.yaml": documents(
             binding("platform-all", ["reports-everything", "deploy-everything"], "{group: acme/platform}"),
-            binding("web-reviews", ["reports-everything"], f"{{project: 45, pipeline_source: [{MR}]}}"),
+            *bindings,
             binding("deploy-dry-run", ["deploy-everything"], "{project: 42, ref: main}", extra="mode: shadow"),
         ),
         "gateway.yaml": gateway(given.listen_port, ["reports-api", "deploy-api"], access_log=given.access_log),
     }
+
+
+def policy(given: PolicyInputs) -> dict[str, str]:
+    """The broad policy, with merge-request pipelines only for project 45 on reports (a binding naming no
+    pipeline source denies them)."""
+    return broad_policy(
+        given,
+        INVENTORY,
+        bindings=[binding("web-reviews", ["reports-everything"], f"{{project: 45, pipeline_source: [{MR}]}}")],
+    )
 
 
 OFFLINE = PolicyInputs("https://gitlab.example.com", 1, {"reports": 2, "deploy": 3}, Path("/dev/null"), Path("/"))

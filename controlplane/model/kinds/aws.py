@@ -10,7 +10,7 @@ import re
 from types import MappingProxyType
 
 from controlplane.model import scalars
-from controlplane.model.errors import PolicyError
+from controlplane.model.errors import PolicyError, Source
 from controlplane.model.fields import Conv, Fields, need, record
 from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Policy
 
@@ -71,23 +71,33 @@ def binding_role_errors(policy: Policy) -> list[PolicyError]:
 
 def shared_role_errors(policy: Policy) -> list[PolicyError]:
     """A role signs for one backend: the control plane asserts the backend to STS (`sub` = `backend:<name>`, or
-    AssumeRole's `ExternalId`), which is what the role's trust policy lets in. Two backends on one role would
-    share one credential, so the second would ride on the trust given to the first: a policy author could name
-    another team's role on a backend of their own. One backend with several `hosts` covers one role for many
-    names."""
-    first: dict[str, str] = {}
-    errors = []
+    AssumeRole's `ExternalId`), which is what the role's trust policy lets in. A role on two backends (as their
+    `role_arn`, or as the `aws_role_arn` of a binding granting on another backend) would share one credential,
+    so the second would ride on the trust given to the first: a policy author could name another team's role on
+    a backend of their own. One backend with several `hosts` covers one role for many names."""
+    aws_backends = {b.name for b in policy.backends if b.aws is not None}
+    role_backend = {r.name: r.backend for r in policy.roles}
+    claims: list[tuple[str, str, Source, str]] = []  # (role ARN, backend, where, field)
     for b in sorted(policy.backends, key=lambda b: b.name):
-        if b.aws is None:
+        if b.aws is not None:
+            claims.append((b.aws.role_arn, b.name, b.source, "aws"))
+    for binding in sorted(policy.bindings, key=lambda b: b.name):
+        if binding.aws_role_arn is None:
             continue
-        owner = first.setdefault(b.aws.role_arn, b.name)
-        if owner != b.name:
+        on = sorted({role_backend[r] for r in binding.roles if role_backend.get(r) in aws_backends})
+        claims.extend((binding.aws_role_arn, backend, binding.source, "aws_role_arn") for backend in on)
+    owner: dict[str, str] = {}
+    errors = []
+    for arn, backend, where, field in claims:
+        first = owner.setdefault(arn, backend)
+        if first != backend:
             errors.append(
                 PolicyError.at(
-                    b.source,
-                    "aws",
-                    f"role_arn {b.aws.role_arn} already signs for backend {owner}: a role signs for one backend "
-                    f"(its trust policy names the backend, sub backend:{owner}); give this backend a role of its own",
+                    where,
+                    field,
+                    f"role {arn} already signs for backend {first}, not also for {backend}: a role signs for one "
+                    f"backend (its trust policy names the backend, sub backend:{first}); give {backend} a role "
+                    "of its own",
                 )
             )
     return errors
@@ -107,19 +117,4 @@ def wildcard_host_errors(policy: Policy) -> list[PolicyError]:
         )
         for b in policy.backends
         if b.aws is not None and b.tls is None and any(h.startswith("*") for h in b.hosts)
-    ]
-
-
-def binding_role_warnings(policy: Policy) -> list[PolicyError]:
-    """Per-binding roles are read and checked but not yet compiled: such a binding's requests are signed with its
-    backend's `role_arn` until the compiler signs per binding (one ECDS filter per role). Said, not hidden."""
-    return [
-        PolicyError.at(
-            b.source,
-            "aws_role_arn",
-            f"binding {b.name}: per-binding AWS roles are not compiled yet; its requests are signed with the "
-            "backend's role_arn",
-        )
-        for b in policy.bindings
-        if b.aws_role_arn is not None
     ]
