@@ -181,9 +181,10 @@ def test_two_backends_on_one_role_are_refused_as_the_second_would_ride_on_the_fi
 class Hostile:
     """An HTTP server on loopback answering every POST with `body` (bytes, or a callable of the path)."""
 
-    def __init__(self, body: bytes, content_type: str = "text/xml") -> None:
+    def __init__(self, body: bytes, content_type: str = "text/xml", *, chunked: bool = False) -> None:
         self.body = body
         self.content_type = content_type
+        self.chunked = chunked  # no Content-Length, the body in small chunks, each its own write
         self.posts: list[str] = []
         outer = self
 
@@ -193,9 +194,18 @@ class Hostile:
                 outer.posts.append(self.path)
                 self.send_response(200)
                 self.send_header("Content-Type", outer.content_type)
-                self.send_header("Content-Length", str(len(outer.body)))
+                if not outer.chunked:
+                    self.send_header("Content-Length", str(len(outer.body)))
+                    self.end_headers()
+                    self.wfile.write(outer.body)
+                    return
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(outer.body)
+                for at in range(0, len(outer.body), 1000):
+                    piece = outer.body[at : at + 1000]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
 
             def log_message(self, *_: object) -> None:
                 pass
@@ -275,9 +285,9 @@ PROVIDER = "projects/123456789/locations/global/workloadIdentityPools/gitlab-ci/
 SA = "gcs-reader@acme-prod.iam.gserviceaccount.com"
 
 
-def _gcp_fetch(answer: dict[str, object] | bytes, **settings: object) -> CloudCredential:
+def _gcp_fetch(answer: dict[str, object] | bytes, chunked: bool = False, **settings: object) -> CloudCredential:
     body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
-    with Hostile(body, "application/json") as hostile:
+    with Hostile(body, "application/json", chunked=chunked) as hostile:
         gcp = GcpSettings("gcs", PROVIDER, SA, sts_url=hostile.url + "/v1/token",
                           iam_credentials_url=hostile.url + "/v1", **settings)  # type: ignore[arg-type]  # fmt: skip
 
@@ -301,10 +311,23 @@ def test_a_google_expiry_in_year_9999_is_believed_only_up_to_the_lifetime() -> N
 
 
 def test_a_huge_google_answer_is_refused_unread() -> None:
-    """Before: read whole into memory (here 8 MiB; any size the endpoint sends)."""
+    """Before: read whole into memory (here 8 MiB; any size the endpoint sends). With a length or without one."""
     huge = b'{"access_token": "' + b"x" * (8 << 20) + b'"}'
     with pytest.raises(GcpExchangeError, match="over"):
         _gcp_fetch(huge)
+    with pytest.raises(GcpExchangeError, match="over"):
+        _gcp_fetch(huge, chunked=True)
+
+
+def test_an_answer_arriving_in_pieces_is_read_whole() -> None:
+    """The bound reads until the end: an answer in many small writes (a slow network) is not cut short."""
+    answer = {
+        "access_token": "t",
+        "token_type": "Bearer",
+        "accessToken": "a" * 20000,
+        "expireTime": "2099-01-01T00:00:00Z",
+    }
+    assert len(_gcp_fetch(json.dumps(answer).encode(), chunked=True).token) == 20000
 
 
 def test_a_google_credential_expired_on_arrival_backs_off_instead_of_looping() -> None:

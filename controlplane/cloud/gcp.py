@@ -234,9 +234,14 @@ async def _post_json(
 
 async def _bounded_text(response: aiohttp.ClientResponse) -> str:
     """The answer's text, refused past MAX_ANSWER_BYTES (a huge body would otherwise be held whole in memory)."""
-    body = await response.content.read(MAX_ANSWER_BYTES + 1)
-    if len(body) > MAX_ANSWER_BYTES:
-        raise GcpExchangeError("malformed", f"an answer over {MAX_ANSWER_BYTES} bytes")
+    too_large = GcpExchangeError("malformed", f"an answer over {MAX_ANSWER_BYTES} bytes")
+    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):  # `read(n)` returns what has arrived, not n
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise too_large
     return body.decode("utf-8", "replace")
 
 
