@@ -140,6 +140,30 @@ def test_sts_accepts_the_json_body_of_the_rest_reference(world: World) -> None:
     assert answer.status == 200, answer.text
 
 
+def test_sts_refuses_an_authorization_header_unknown_json_fields_and_bad_options(world: World) -> None:
+    """The reference: send no Authorization header; the JSON body's fields are the seven it lists (by JSON or proto
+    name); `options` is a serialized JSON object."""
+    form = world.sts_form()
+    with_header = http_request(
+        world.gcp.sts_url,
+        method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": "Bearer fed.x"},
+        body=urlencode(form).encode(),
+    )
+    assert with_header.status == 400 and with_header.json()["error"] == "invalid_request"
+
+    def as_json(body: dict[str, str]) -> HttpResponse:
+        data = json.dumps(body).encode()
+        return http_request(world.gcp.sts_url, method="POST", headers={"Content-Type": "application/json"}, body=data)
+
+    assert as_json({**form, "options": "{}"}).status == 200  # proto names, and an empty Options object
+    unknown = as_json({**form, "subjectTokn": "x"})
+    assert unknown.status == 400 and "subjectTokn" in unknown.json()["error_description"]
+    for options in ("not json", "[]"):
+        refused = world.sts(world.sts_form(options=options))
+        assert refused.status == 400 and "options" in refused.json()["error_description"], options
+
+
 @pytest.mark.parametrize(
     ("field", "value", "error"),
     [
@@ -232,6 +256,9 @@ def test_iam_credentials_impersonates_only_bound_service_accounts(world: World) 
         ({"scope": [CLOUD_PLATFORM], "lifetime": "1h"}, "-"),
         ({"scope": [CLOUD_PLATFORM], "lifetime": 600}, "-"),
         ({"scope": [CLOUD_PLATFORM], "delegates": "x"}, "-"),
+        ({"scope": [CLOUD_PLATFORM], "delegates": [SA]}, "-"),  # not projects/-/serviceAccounts/ID
+        ({"scope": [CLOUD_PLATFORM], "delegates": [f"projects/acme-prod/serviceAccounts/{SA}"]}, "-"),
+        ({"scope": [CLOUD_PLATFORM], "scopes": [CLOUD_PLATFORM]}, "-"),  # a field the reference does not name
         ({"scope": [CLOUD_PLATFORM]}, "acme-prod"),
     ],
 )
@@ -260,6 +287,7 @@ def test_generate_id_token_signs_for_the_audience(world: World) -> None:
     federated = world.federated()
     assert world.iam("generateIdToken", {}, federated).status == 400
     assert world.iam("generateIdToken", {"audience": "x", "includeEmail": "yes"}, federated).status == 400
+    assert world.iam("generateIdToken", {"audience": "x", "lifetime": "60s"}, federated).status == 400  # not its field
     answer = world.iam("generateIdToken", {"audience": "https://run.example.test", "includeEmail": True}, federated)
     assert answer.status == 200, answer.text
     token = answer.json()["token"]
