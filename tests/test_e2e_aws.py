@@ -289,6 +289,9 @@ def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
         log = built.controlplane.log_text()
         assert f"AWS credentials for backend {fake.assume_role_arn} refreshed" in log
         assert fake.user_key.secret_access_key not in log and "SecretAccessKey" not in log
+        shown = built.controlplane.status()["aws"][fake.assume_role_arn]  # the key id, never the secret
+        assert shown["source"] == "assume_role" and shown["access_key_id"] in fake.session_key_ids()
+        assert shown["valid_seconds"] > 0 and set(shown) == {"source", "access_key_id", "valid_seconds", "last_error"}
 
 
 def _key_ids(envoy: EnvoyProcess, fake: FakeAws) -> set[str]:
