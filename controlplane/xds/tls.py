@@ -110,8 +110,8 @@ def check_transport(*, tls: ServerTls | None, insecure: bool, secrets: bool) -> 
     """Refuse (raise `InsecureTransport`) to serve secrets over plain text that was not explicitly allowed."""
     if secrets and tls is None and not insecure:
         raise InsecureTransport(
-            "the policy injects upstream credentials (backends with `inject:`, `aws:` or `gcp:`), which would be pushed to "
-            "proxies over plain-text xDS; configure mTLS with "
+            "the policy injects upstream credentials (backends with `inject:`, `aws:` or `gcp:`), which would be "
+            "pushed to proxies over plain-text xDS; configure mTLS with "
             f"{' '.join(f'{flag} FILE' for flag in TLS_FLAGS)}, or pass --xds-insecure to allow plain text"
         )
 
