@@ -190,7 +190,8 @@ def test_sts_refuses_each_wrong_field(world: World, field: str, value: str | Non
     ("claims", "error", "fragment"),
     [
         ({"iss": "https://elsewhere.example.test"}, "invalid_grant", "issuer"),
-        ({"aud": "//iam.googleapis.com/" + PROVIDER}, "invalid_grant", "audience"),
+        ({"aud": "https://iam.googleapis.com/" + POOL + "/providers/other"}, "invalid_grant", "audience"),
+        ({"aud": "iam.googleapis.com/" + PROVIDER}, "invalid_grant", "audience"),
         ({"aud": None}, "invalid_grant", "audience"),
         ({"exp": START - 1}, "invalid_grant", "expired"),
         ({"exp": None}, "invalid_grant", "exp"),
@@ -205,6 +206,13 @@ def test_sts_verifies_the_subject_token(world: World, claims: dict[str, Any], er
     assert answer.status == 400, answer.text
     assert answer.json()["error"] == error
     assert fragment in answer.json()["error_description"]
+
+
+def test_sts_takes_the_default_audience_with_or_without_the_https_prefix(world: World) -> None:
+    """Google's reference (WorkloadIdentityPoolProvider.Oidc.allowedAudiences): with none configured, `aud` must be
+    the provider's full canonical resource name, with or without the https prefix."""
+    for aud in ("https://iam.googleapis.com/" + PROVIDER, "//iam.googleapis.com/" + PROVIDER):
+        assert world.sts(world.sts_form(subject_token=world.subject(aud=aud))).status == 200, aud
 
 
 def test_sts_verifies_the_signature_against_the_trusted_jwks(world: World) -> None:

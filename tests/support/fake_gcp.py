@@ -82,7 +82,8 @@ class Provider:
     resource: str  # projects/N/locations/global/workloadIdentityPools/P/providers/X
     issuer: str
     jwks: Callable[[], str]  # the JWKS the provider trusts (uploaded, or what the issuer publishes now)
-    allowed_audiences: tuple[str, ...] = ()  # empty: Google's default, https://iam.googleapis.com/<resource>
+    # empty: Google's default, the provider's full resource name with or without the https prefix
+    allowed_audiences: tuple[str, ...] = ()
     attribute_condition: str | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +100,8 @@ class Provider:
 
     @property
     def audiences(self) -> tuple[str, ...]:
-        return self.allowed_audiences or ("https://iam.googleapis.com/" + self.resource,)
+        name = "//iam.googleapis.com/" + self.resource
+        return self.allowed_audiences or ("https:" + name, name)
 
 
 def principal(pool: str, subject: str) -> str:
