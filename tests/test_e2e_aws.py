@@ -168,10 +168,12 @@ async def test_a_job_request_is_signed_for_the_role_and_accepted_by_s3(aws: tupl
         status, body = await asyncio.to_thread(_get, listen, jobs.token("job-allowed"))
         assert (status, body) == (200, OBJECT_BODY)
         # a job no binding allows is refused by Envoy and never reaches AWS (no request signed for it)
+        reached = (len(fake.signed_by), fake.unsigned)
         status, body = await asyncio.to_thread(_get, listen, jobs.token("job-other"))
         assert (status, body) == (403, b"RBAC: access denied")  # Envoy's own answer: the request went nowhere
         status, _ = await asyncio.to_thread(_get, listen, None)
         assert status == 401
+        assert (len(fake.signed_by), fake.unsigned) == reached  # AWS saw neither request
         assert fake.refused_expired == refused_before
 
 
