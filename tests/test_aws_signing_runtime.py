@@ -111,6 +111,25 @@ def test_sts_down_keeps_the_last_credential_until_it_expires_then_none() -> None
     assert signers.for_policy(_policy(ARN))[ARN].access_key_id == "ASIA0001"
 
 
+def test_status_shows_each_role_its_key_id_and_last_failure_never_the_secret() -> None:
+    clock = Clock()
+    signers, sources, _ = _signers(clock)
+    signers.follow(_policy(ARN))
+    assert signers.status() == {
+        ARN: {"source": "web_identity", "access_key_id": None, "valid_seconds": 0, "last_error": None}
+    }
+    signers.poll()
+    sources[ARN].down = True
+    clock.now += 3000
+    signers.poll()
+    (shown,) = signers.status().values()
+    valid = shown["valid_seconds"]
+    assert shown["access_key_id"] == "ASIA0000" and isinstance(valid, int) and 0 < valid <= 600
+    assert "ServiceUnavailable" in str(shown["last_error"])
+    assert "secret-ASIA0000" not in repr(signers.status()) and "token-ASIA0000" not in repr(signers.status())
+    signers.stop()
+
+
 def test_aws_credentials_count_as_secrets_for_the_xds_transport() -> None:
     """They travel inline in ECDS: serve must refuse such a policy over plain-text xDS, as injected secrets."""
     assert pushes_secrets(_policy(ARN).backends)

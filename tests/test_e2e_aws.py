@@ -168,10 +168,12 @@ async def test_a_job_request_is_signed_for_the_role_and_accepted_by_s3(aws: tupl
         status, body = await asyncio.to_thread(_get, listen, jobs.token("job-allowed"))
         assert (status, body) == (200, OBJECT_BODY)
         # a job no binding allows is refused by Envoy and never reaches AWS (no request signed for it)
+        reached = (len(fake.signed_by), fake.unsigned)
         status, body = await asyncio.to_thread(_get, listen, jobs.token("job-other"))
         assert (status, body) == (403, b"RBAC: access denied")  # Envoy's own answer: the request went nowhere
         status, _ = await asyncio.to_thread(_get, listen, None)
         assert status == 401
+        assert (len(fake.signed_by), fake.unsigned) == reached  # AWS saw neither request
         assert fake.refused_expired == refused_before
 
 
@@ -289,6 +291,9 @@ def test_serve_refreshes_the_role_credential_and_envoy_signs_with_it(
         log = built.controlplane.log_text()
         assert f"AWS credentials for backend {fake.assume_role_arn} refreshed" in log
         assert fake.user_key.secret_access_key not in log and "SecretAccessKey" not in log
+        shown = built.controlplane.status()["aws"][fake.assume_role_arn]  # the key id, never the secret
+        assert shown["source"] == "assume_role" and shown["access_key_id"] in fake.session_key_ids()
+        assert shown["valid_seconds"] > 0 and set(shown) == {"source", "access_key_id", "valid_seconds", "last_error"}
 
 
 def _key_ids(envoy: EnvoyProcess, fake: FakeAws) -> set[str]:

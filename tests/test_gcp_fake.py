@@ -140,6 +140,30 @@ def test_sts_accepts_the_json_body_of_the_rest_reference(world: World) -> None:
     assert answer.status == 200, answer.text
 
 
+def test_sts_refuses_an_authorization_header_unknown_json_fields_and_bad_options(world: World) -> None:
+    """The reference: send no Authorization header; the JSON body's fields are the seven it lists (by JSON or proto
+    name); `options` is a serialized JSON object."""
+    form = world.sts_form()
+    with_header = http_request(
+        world.gcp.sts_url,
+        method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": "Bearer fed.x"},
+        body=urlencode(form).encode(),
+    )
+    assert with_header.status == 400 and with_header.json()["error"] == "invalid_request"
+
+    def as_json(body: dict[str, str]) -> HttpResponse:
+        data = json.dumps(body).encode()
+        return http_request(world.gcp.sts_url, method="POST", headers={"Content-Type": "application/json"}, body=data)
+
+    assert as_json({**form, "options": "{}"}).status == 200  # proto names, and an empty Options object
+    unknown = as_json({**form, "subjectTokn": "x"})
+    assert unknown.status == 400 and "subjectTokn" in unknown.json()["error_description"]
+    for options in ("not json", "[]"):
+        refused = world.sts(world.sts_form(options=options))
+        assert refused.status == 400 and "options" in refused.json()["error_description"], options
+
+
 @pytest.mark.parametrize(
     ("field", "value", "error"),
     [
@@ -166,7 +190,8 @@ def test_sts_refuses_each_wrong_field(world: World, field: str, value: str | Non
     ("claims", "error", "fragment"),
     [
         ({"iss": "https://elsewhere.example.test"}, "invalid_grant", "issuer"),
-        ({"aud": "//iam.googleapis.com/" + PROVIDER}, "invalid_grant", "audience"),
+        ({"aud": "https://iam.googleapis.com/" + POOL + "/providers/other"}, "invalid_grant", "audience"),
+        ({"aud": "iam.googleapis.com/" + PROVIDER}, "invalid_grant", "audience"),
         ({"aud": None}, "invalid_grant", "audience"),
         ({"exp": START - 1}, "invalid_grant", "expired"),
         ({"exp": None}, "invalid_grant", "exp"),
@@ -181,6 +206,13 @@ def test_sts_verifies_the_subject_token(world: World, claims: dict[str, Any], er
     assert answer.status == 400, answer.text
     assert answer.json()["error"] == error
     assert fragment in answer.json()["error_description"]
+
+
+def test_sts_takes_the_default_audience_with_or_without_the_https_prefix(world: World) -> None:
+    """Google's reference (WorkloadIdentityPoolProvider.Oidc.allowedAudiences): with none configured, `aud` must be
+    the provider's full canonical resource name, with or without the https prefix."""
+    for aud in ("https://iam.googleapis.com/" + PROVIDER, "//iam.googleapis.com/" + PROVIDER):
+        assert world.sts(world.sts_form(subject_token=world.subject(aud=aud))).status == 200, aud
 
 
 def test_sts_verifies_the_signature_against_the_trusted_jwks(world: World) -> None:
@@ -232,6 +264,9 @@ def test_iam_credentials_impersonates_only_bound_service_accounts(world: World) 
         ({"scope": [CLOUD_PLATFORM], "lifetime": "1h"}, "-"),
         ({"scope": [CLOUD_PLATFORM], "lifetime": 600}, "-"),
         ({"scope": [CLOUD_PLATFORM], "delegates": "x"}, "-"),
+        ({"scope": [CLOUD_PLATFORM], "delegates": [SA]}, "-"),  # not projects/-/serviceAccounts/ID
+        ({"scope": [CLOUD_PLATFORM], "delegates": [f"projects/acme-prod/serviceAccounts/{SA}"]}, "-"),
+        ({"scope": [CLOUD_PLATFORM], "scopes": [CLOUD_PLATFORM]}, "-"),  # a field the reference does not name
         ({"scope": [CLOUD_PLATFORM]}, "acme-prod"),
     ],
 )
@@ -260,6 +295,7 @@ def test_generate_id_token_signs_for_the_audience(world: World) -> None:
     federated = world.federated()
     assert world.iam("generateIdToken", {}, federated).status == 400
     assert world.iam("generateIdToken", {"audience": "x", "includeEmail": "yes"}, federated).status == 400
+    assert world.iam("generateIdToken", {"audience": "x", "lifetime": "60s"}, federated).status == 400  # not its field
     answer = world.iam("generateIdToken", {"audience": "https://run.example.test", "includeEmail": True}, federated)
     assert answer.status == 200, answer.text
     token = answer.json()["token"]

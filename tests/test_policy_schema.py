@@ -135,7 +135,10 @@ def _required_drops() -> list[tuple[str, int, str, Mutation]]:
     return found
 
 
-@pytest.mark.parametrize(("file", "index", "what", "mutate"), TABLE + _required_drops(), ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("file", "index", "what", "mutate"),
+    [pytest.param(*case, id=f"{case[0]}-{case[1]}-{case[2]}") for case in TABLE + _required_drops()],
+)
 def test_schema_rejects_what_the_loader_rejects(file: str, index: int, what: str, mutate: Mutation) -> None:
     files = read_policy_dir(ROOT / "examples" / "quickstart")
     docs = list(yaml.safe_load_all(files[file]))

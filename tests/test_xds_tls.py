@@ -107,6 +107,21 @@ async def test_serve_refuses_to_start_when_secrets_would_go_over_plain_text(
     assert "refusing to start" in caplog.text and "--xds-insecure" in caplog.text
 
 
+@pytest.mark.parametrize("case", ["aws-s3", "aws-binding-roles", "gcp-storage"])
+async def test_serve_refuses_cloud_credentials_over_plain_text(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16: AWS signing keys (ECDS and routes) and Google tokens (SDS) go over mTLS xDS only; the real
+    detection on the shipped examples, unpatched."""
+    started: list[object] = []
+    monkeypatch.setattr(XdsServer, "start", lambda *args, **kwargs: started.append(args))
+    options = _options(tmp_path, policy=ROOT / "examples" / case)
+    with caplog.at_level(logging.CRITICAL, logger="controlplane"):
+        assert await serve(options) == 2
+    assert not started
+    assert "refusing to start" in caplog.text and "`aws:` or `gcp:`" in caplog.text
+
+
 def test_unreadable_or_non_pem_files_are_named_and_never_echoed(tmp_path: Path, pki: Pki) -> None:
     with pytest.raises(XdsTransportError, match=r"xDS TLS: cannot read .*missing\.key"):
         ServerTls(pki.server.cert, tmp_path / "missing.key", pki.ca).credentials()

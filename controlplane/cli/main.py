@@ -390,7 +390,9 @@ def _parser() -> argparse.ArgumentParser:
     xds_tls.add_argument("--xds-tls-key", type=Path, help="PEM private key of the xDS server")
     xds_tls.add_argument("--xds-client-ca", type=Path, help="PEM CA that signs proxies' client certificates")
     xds_tls.add_argument(
-        "--xds-insecure", action="store_true", help="allow plain-text xDS even when the policy pushes secrets"
+        "--xds-insecure",
+        action="store_true",
+        help="allow plain-text xDS even when the policy pushes secrets (`inject:`, `aws:` or `gcp:` backends)",
     )
     serve.add_argument(
         "--xds-max-connections",

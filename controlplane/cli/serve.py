@@ -312,6 +312,7 @@ async def _serve(options: ServeOptions, parts: Supervisor) -> None:
             "gitlab": gitlab.status(),
             "kubernetes": kube.status(),
             "credentials": credentials.status() if credentials else None,
+            "aws": aws.status(),
             "gcp": gcp.status(),
             "change_feed": stores.feed.status() if stores.feed is not None else None,
             "audit": audit.status(),

@@ -143,6 +143,23 @@ class AwsSigners:
             }
         return {arn: _signing(c) for arn, c in sorted(current.items()) if c is not None}
 
+    def status(self) -> dict[str, object]:
+        """For the admin status, per role ARN: how its credentials are obtained, how long the held one stays usable,
+        its access key id (an identifier AWS shows in CloudTrail, as Envoy's config dump does) and the last failure.
+        Never the secret key nor the session token."""
+        with self._lock:
+            refreshers = sorted(self._refreshers.items(), key=lambda item: item[0])
+        out: dict[str, object] = {}
+        for arn, ((_, how), refresher) in refreshers:
+            held = refresher.current()
+            out[arn] = {
+                "source": how.source,
+                "access_key_id": held.access_key_id if held is not None else None,
+                "valid_seconds": round(refresher.valid_seconds()),
+                "last_error": refresher.state.last_error,
+            }
+        return out
+
     def poll(self) -> None:
         """One round of every refresher (when threads are not started)."""
         with self._lock:

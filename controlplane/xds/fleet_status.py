@@ -28,8 +28,11 @@ _TRUNCATED = " …[truncated]"
 
 # Envoy's NACK text quotes the rejected resource as proto debug text, AWS credentials included (observed: an
 # `AwsRequestSigningPerRoute` refused in RDS showed `secret_access_key` in clear, only `session_token` redacted).
-# Both are secrets (compiler/aws.py): never logged nor kept in the fleet status.
-_SECRET_FIELDS = re.compile(r'\b(secret_access_key|session_token)(\s*:\s*)"(?:[^"\\]|\\.)*"')
+# Both are secrets (compiler/aws.py): never logged nor kept in the fleet status. Envoy's JSON renderings of a
+# message (`"secret_access_key": "..."`, or lowerCamelCase `"secretAccessKey"`) are matched too.
+_SECRET_FIELDS = re.compile(
+    r'\b(secret_access_key|session_token|secretAccessKey|sessionToken)("?\s*:\s*)"(?:[^"\\]|\\.)*"'
+)
 
 
 def truncate_error(text: str, limit: int = ERROR_LIMIT_BYTES) -> str:

@@ -92,12 +92,16 @@ def server_tls_from_flags(cert: Path | None, key: Path | None, client_ca: Path |
 
 
 def pushes_secrets(backends: Iterable[object]) -> bool:
-    """Whether any backend injects a credential upstream, i.e. the snapshots carry SDS secrets.
+    """Whether any backend's credential reaches the proxies: an `inject:` or `gcp:` backend's SDS secret (a
+    `gcp:` backend's token is injected as `Authorization: Bearer`, so it has `inject` set too), or an `aws:`
+    backend's signing keys inline in ECDS filter configurations and, for a binding's own role, in routes.
 
-    `getattr`: the `inject` field belongs to the credential-injection change and may not exist yet.
+    `getattr`: callers and tests pass any objects with these attributes, not only model Backends.
     """
     return any(
-        getattr(backend, "inject", None) is not None or getattr(backend, "aws", None) is not None  # AWS keys by ECDS
+        getattr(backend, "inject", None) is not None
+        or getattr(backend, "aws", None) is not None
+        or getattr(backend, "gcp", None) is not None
         for backend in backends
     )
 
@@ -106,8 +110,8 @@ def check_transport(*, tls: ServerTls | None, insecure: bool, secrets: bool) -> 
     """Refuse (raise `InsecureTransport`) to serve secrets over plain text that was not explicitly allowed."""
     if secrets and tls is None and not insecure:
         raise InsecureTransport(
-            "the policy injects upstream credentials (backends with `inject:`), which would be pushed to "
-            "proxies over plain-text xDS; configure mTLS with "
+            "the policy injects upstream credentials (backends with `inject:`, `aws:` or `gcp:`), which would be "
+            "pushed to proxies over plain-text xDS; configure mTLS with "
             f"{' '.join(f'{flag} FILE' for flag in TLS_FLAGS)}, or pass --xds-insecure to allow plain text"
         )
 

@@ -11,9 +11,13 @@ it sends, and a permissive fake would pass a request Google refuses. Each field 
   allowed audiences, `exp` in the future, `iat` not in the future, life at most 24 h), mapped
   (`google.subject = assertion.sub`) and passed through the provider's attribute condition (a CEL subset:
   `assertion.CLAIM == 'v'` and `assertion.CLAIM.startsWith('p')` joined by `&&`). Refusals are OAuth errors
-  `{"error", "error_description"}`. Form-encoded (what Google's client libraries send) or JSON bodies.
+  `{"error", "error_description"}`. Form-encoded (what Google's client libraries send) or JSON bodies; a JSON
+  body with a field the REST reference does not name is refused (as Google's JSON parsing does), an `options`
+  that is not a serialized JSON object too, and so is a request carrying an `Authorization` header (the reference:
+  do not send one, it can make the call fail).
 - IAM Credentials `POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken` (`scope` list, `lifetime`
-  "Ns" up to `max_lifetime`, `delegates`) and `:generateIdToken` (`audience`, `includeEmail`): only a live
+  "Ns" up to `max_lifetime`, `delegates`) and `:generateIdToken` (`audience`, `includeEmail`), no other body
+  field, each delegate as `projects/-/serviceAccounts/ID`: only a live
   federated token whose principal is a member of the service account's workload identity binding, and whose
   scopes include cloud-platform or iam (google-auth asks STS for iam when it impersonates). Refusals are
   `{"error": {"code", "message", "status"}}`; `expireTime` has whole seconds, as google-auth parses it.
@@ -61,6 +65,14 @@ _FORM_FIELDS: Final[dict[str, str]] = {
     "subjectToken": "subject_token",
     "subjectTokenType": "subject_token_type",
 }
+# The fields of the STS REST reference's JSON body (each also by its proto name, as Google's JSON parsing accepts).
+_STS_JSON_FIELDS: Final = frozenset({*_FORM_FIELDS, *_FORM_FIELDS.values(), "audience", "scope", "options"})
+# The request bodies of IAM Credentials' two methods, as its REST reference lists them.
+_IAM_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "generateAccessToken": frozenset({"delegates", "scope", "lifetime"}),
+    "generateIdToken": frozenset({"delegates", "audience", "includeEmail"}),
+}
+_DELEGATE = re.compile(r"^projects/-/serviceAccounts/[^/]+$")
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,8 @@ class Provider:
     resource: str  # projects/N/locations/global/workloadIdentityPools/P/providers/X
     issuer: str
     jwks: Callable[[], str]  # the JWKS the provider trusts (uploaded, or what the issuer publishes now)
-    allowed_audiences: tuple[str, ...] = ()  # empty: Google's default, https://iam.googleapis.com/<resource>
+    # empty: Google's default, the provider's full resource name with or without the https prefix
+    allowed_audiences: tuple[str, ...] = ()
     attribute_condition: str | None = None
 
     def __post_init__(self) -> None:
@@ -87,7 +100,8 @@ class Provider:
 
     @property
     def audiences(self) -> tuple[str, ...]:
-        return self.allowed_audiences or ("https://iam.googleapis.com/" + self.resource,)
+        name = "//iam.googleapis.com/" + self.resource
+        return self.allowed_audiences or ("https:" + name, name)
 
 
 def principal(pool: str, subject: str) -> str:
@@ -214,6 +228,8 @@ class FakeGcp(ServedOverLoopback):
         if "sts" in self.outage:
             return google_error(503, "UNAVAILABLE", "The service is currently unavailable.")
         try:
+            if "authorization" in request.headers:
+                raise _Refused(oauth_error("invalid_request", "STS takes no Authorization header: send none."))
             fields = _sts_fields(request)
             provider = self._check_sts_fields(fields)
             claims = self._verify_subject(provider, fields["subject_token"])
@@ -245,6 +261,8 @@ class FakeGcp(ServedOverLoopback):
             raise _Refused(oauth_error("invalid_request", "Invalid value for subject_token_type."))
         if not fields.get("scope"):
             raise _Refused(oauth_error("invalid_scope", "The request is missing a scope."))
+        if "options" in fields and not _json_object(fields["options"]):
+            raise _Refused(oauth_error("invalid_request", "options must be a serialized JSON object."))
         provider = self.providers.get(fields["audience"])
         if provider is None:
             raise _Refused(oauth_error("invalid_target", "The target service indicated by the audience is invalid."))
@@ -319,6 +337,13 @@ class FakeGcp(ServedOverLoopback):
             if request.params["project"] != "-":
                 raise _Refused(google_error(400, "INVALID_ARGUMENT", "The project must be the - wildcard."))
             body = _json_body(request)
+            unknown = sorted(set(body) - _IAM_FIELDS[method])
+            if unknown:
+                raise _Refused(
+                    google_error(
+                        400, "INVALID_ARGUMENT", f'Invalid JSON payload received. Unknown name "{unknown[0]}".'
+                    )
+                )
             account = self._impersonable(caller, email, body)
             if method == "generateAccessToken":
                 return self._access_token(account, body)
@@ -346,8 +371,10 @@ class FakeGcp(ServedOverLoopback):
         if account is None:
             raise _Refused(denied)
         delegates = body.get("delegates") or []  # google-auth sends null
-        if not isinstance(delegates, list) or any(not isinstance(d, str) for d in delegates):
-            raise _Refused(google_error(400, "INVALID_ARGUMENT", "delegates must be a list of resource names."))
+        if not isinstance(delegates, list) or any(not isinstance(d, str) or not _DELEGATE.match(d) for d in delegates):
+            raise _Refused(
+                google_error(400, "INVALID_ARGUMENT", "delegates must be a list of projects/-/serviceAccounts/ID.")
+            )
         if delegates:  # a chain needs tokenCreator grants this fake does not model
             raise _Refused(denied)
         if not account.members & {principal(caller.pool, caller.subject), every_identity(caller.pool)}:
@@ -426,8 +453,20 @@ def _sts_fields(request: Request) -> dict[str, str]:
             raise _Refused(oauth_error("invalid_request", "The request body is not valid JSON.")) from None
         if not isinstance(body, dict):
             raise _Refused(oauth_error("invalid_request", "The request body is not a JSON object."))
+        unknown = sorted(str(k) for k in body if k not in _STS_JSON_FIELDS)
+        if unknown:
+            raise _Refused(
+                oauth_error("invalid_request", f'Invalid JSON payload received. Unknown name "{unknown[0]}".')
+            )
         return {_FORM_FIELDS.get(str(k), str(k)): v for k, v in body.items() if isinstance(v, str)}
     raise _Refused(oauth_error("invalid_request", "Unsupported content type."))
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _json_body(request: Request) -> dict[str, Any]:
