@@ -101,7 +101,8 @@ def compiled(policy: Policy, credentials: dict[str, SigningCredential], memo: Co
 def routes(resources: Any) -> list[route_components_pb2.Route]:
     ((_, raw),) = resources[ROUTE]
     (host,) = route_pb2.RouteConfiguration.FromString(raw).virtual_hosts
-    return list(host.routes)
+    # an S3 backend's first route refuses copies whatever the role (tests/test_cloud_attacks.py): not one of these
+    return [r for r in host.routes if not r.name.endswith("-aws-copy-refused")]
 
 
 def test_each_binding_role_is_a_route_before_the_default_signing_with_its_credential_or_503_alone() -> None:
@@ -147,7 +148,8 @@ def test_the_signer_is_on_for_binding_roles_even_when_the_backend_role_has_no_cr
     ((_, raw),) = resources[ROUTE]
     (host,) = route_pb2.RouteConfiguration.FromString(raw).virtual_hosts
     assert signing_filter("artifacts-s3") in host.typed_per_filter_config
-    deploy, mr, default = host.routes
+    copy_refused, deploy, mr, default = host.routes
+    assert copy_refused.direct_response.status == 403
     assert _route_key(deploy, signing_filter("artifacts-s3")) == "ASIADEPLOY"
     assert mr.direct_response.status == default.direct_response.status == UNAVAILABLE_STATUS
 
@@ -192,7 +194,10 @@ def test_a_memo_changes_nothing_and_a_new_credential_switches_its_routes_on() ->
 def test_the_refreshers_cover_binding_roles_obtained_like_their_backend() -> None:
     roles = roles_of(POLICY)
     assert sorted(roles) == sorted([READ, MR_READ, DEPLOY])
-    assert roles[DEPLOY].region == roles[READ].region and roles[DEPLOY].session_name == "controlplane-artifacts"
+    assert roles[DEPLOY][1].region == roles[READ][1].region
+    assert roles[DEPLOY][1].session_name == "controlplane-artifacts"
+    # each obtained for the backend it signs for: the subject asserted to STS (tests/test_cloud_attacks.py)
+    assert {backend for backend, _ in roles.values()} == {"artifacts-s3"}
 
 
 def test_the_audit_record_names_the_role_of_the_route_envoy_took() -> None:

@@ -57,7 +57,7 @@ def _signers(clock: Clock) -> tuple[AwsSigners, dict[str, Source], list[int]]:
     sources: dict[str, Source] = {}
     changes: list[int] = []
 
-    def source_for(how: AwsSigning) -> Source:
+    def source_for(_backend: str, how: AwsSigning) -> Source:
         sources[how.role_arn] = Source(how, clock)
         return sources[how.role_arn]
 
@@ -139,6 +139,6 @@ def test_aws_credentials_count_as_secrets_for_the_xds_transport() -> None:
 def test_web_identity_without_an_issuer_url_never_gets_a_credential() -> None:
     how = _policy(ARN).backends[0].aws
     assert how is not None
-    source = source_factory(None, None)(how)
+    source = source_factory(None, None)("a", how)
     with pytest.raises(StsError, match="NoIssuerUrl"):
         source.fetch()

@@ -320,7 +320,7 @@ def _web_identity_serve(tmp_path: Path) -> Iterator[tuple[FakeAws, AwsStack, Cal
         with urllib.request.urlopen(issuer_url + "/.well-known/jwks.json", timeout=5) as answer:
             return str(answer.read().decode())
 
-    trust = WebIdentityTrust(issuer_url, "sts.amazonaws.com", "controlplane", served_jwks)
+    trust = WebIdentityTrust(issuer_url, "sts.amazonaws.com", "backend:s3", served_jwks)
     fake = FakeAws().start(trust)
     fake.web_session_seconds = SESSION_SECONDS
     env = {

@@ -249,6 +249,16 @@ def test_web_identity_sessions_can_be_made_shorter_than_asked(aws: FakeAws, keys
     assert _web(aws, _token(keys))["Expiration"].timestamp() - time.time() > 800  # as asked again (900)
 
 
+def test_an_unauthenticated_block_seeds_and_authentication_is_back_after_it(aws: FakeAws) -> None:
+    with aws.unauthenticated():
+        aws.seed_client("s3").create_bucket(
+            Bucket="seeded", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+    with pytest.raises(ClientError) as refused:
+        aws.client("s3", AccessKey("AKIANOBODY", "nothing")).list_objects_v2(Bucket="seeded")
+    assert _code(refused) == "InvalidAccessKeyId"
+
+
 def test_an_added_role_is_assumable_as_told_its_policy_holds_and_each_signed_key_names_its_role(aws: FakeAws) -> None:
     """`add_role`, `role_of_key` (with `signed_by`): what tests/test_e2e_aws_binding_roles.py reads to say which role
     a request reached AWS as."""

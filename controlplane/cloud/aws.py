@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from typing import Any, Final, Protocol
 
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 import botocore.session
 import jwt
 
@@ -139,7 +141,10 @@ class Sts:
         credentials_file: str | None = None,
         clock: Callable[[], float] = time.time,
         timeout_seconds: float = 10.0,
+        deadline_seconds: float | None = None,
     ) -> None:
+        """`timeout_seconds` bounds connecting and each read; `deadline_seconds` (default three times it) the
+        whole call, which botocore does not: an endpoint trickling a byte per read would hold it for ever."""
         session = botocore.session.Session()
         if credentials_file is not None:
             session.set_config_variable("credentials_file", credentials_file)
@@ -148,6 +153,8 @@ class Sts:
         )
         self._client = session.create_client("sts", region_name=region, endpoint_url=endpoint_url, config=config)
         self._clock = clock
+        self._deadline = deadline_seconds if deadline_seconds is not None else 3 * timeout_seconds
+        self._stuck: threading.Thread | None = None  # a call past its deadline, still held by the endpoint
 
     def assume_role_with_web_identity(
         self, role_arn: str, token: str, session_name: str, duration_seconds: int
@@ -176,24 +183,74 @@ class Sts:
         return self._call("assume_role", role_arn, params)
 
     def _call(self, operation: str, role_arn: str, params: Mapping[str, Any]) -> AwsCredential:
+        answer = self._within_deadline(lambda: self._answer(operation, role_arn, params), role_arn)
+        if not _assumed(role_arn, answer.get("AssumedRoleUser")):
+            raise StsError("OtherRoleAnswered", role_arn, refused=False)
+        return _credential(answer["Credentials"], role_arn, self._clock(), float(params["DurationSeconds"]))
+
+    def _within_deadline(self, call: Callable[[], Mapping[str, Any]], role_arn: str) -> Mapping[str, Any]:
+        """`call` on a thread of its own, waited for `deadline` seconds: past it the caller (the refresher, which
+        also withdraws an expired credential) goes on. At most one call is left behind: while it is still held,
+        the next attempt fails at once instead of leaving another thread."""
+        if self._stuck is not None and self._stuck.is_alive():
+            raise StsError("PreviousCallStillHeld", role_arn, refused=False)
+        outcome: list[Mapping[str, Any] | BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(call())
+            except BaseException as error:  # handed to the caller's thread
+                outcome.append(error)
+
+        worker = threading.Thread(target=run, name="aws-sts-call", daemon=True)
+        worker.start()
+        worker.join(self._deadline)
+        if worker.is_alive():
+            self._stuck = worker
+            raise StsError("DeadlineExceeded", role_arn, refused=False)
+        (result,) = outcome
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _answer(self, operation: str, role_arn: str, params: Mapping[str, Any]) -> Mapping[str, Any]:
         try:
-            answer = getattr(self._client, operation)(**params)
+            answer: Mapping[str, Any] = getattr(self._client, operation)(**params)
         except botocore.exceptions.ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", "Unknown"))
+            code = str(error.response.get("Error", {}).get("Code", "Unknown"))[:_CODE_LIMIT]
             raise StsError(code, role_arn, refused=code in _REFUSALS) from None
         except botocore.exceptions.NoCredentialsError:
             raise StsError("NoCredentials", role_arn, refused=True) from None
-        except botocore.exceptions.BotoCoreError as error:  # connection, timeout, parse: retried with backoff
+        except (botocore.exceptions.BotoCoreError, botocore.parsers.ResponseParserError) as error:
+            # connection, timeout, an answer that is no STS XML: retried with backoff; the message (which may
+            # quote the answer) is not kept
             raise StsError(type(error).__name__, role_arn, refused=False) from None
-        return _credential(answer["Credentials"], role_arn, self._clock())
+        return answer
 
 
-def _credential(answer: Mapping[str, Any], role_arn: str, now: float) -> AwsCredential:
+_CODE_LIMIT = 64  # an error code from the endpoint goes into logs: AWS's are short
+
+
+def _assumed(role_arn: str, user: object) -> bool:
+    """Whether STS's `AssumedRoleUser.Arn` (`arn:<partition>:sts::<account>:assumed-role/<name>/<session>`) is a
+    session of `role_arn`: an answer for another role (a misrouted or hostile endpoint) must never sign requests
+    meant for this one."""
+    arn = user.get("Arn") if isinstance(user, Mapping) else None
+    if not isinstance(arn, str):
+        return False
+    partition, _, rest = role_arn.removeprefix("arn:").partition(":iam::")
+    account, _, path = rest.partition(":role/")
+    return arn.startswith(f"arn:{partition}:sts::{account}:assumed-role/{path.rsplit('/', 1)[-1]}/")
+
+
+def _credential(answer: Mapping[str, Any], role_arn: str, now: float, asked_seconds: float) -> AwsCredential:
+    """The credential STS answered, its expiration believed only up to the duration asked: a later one (year 9999
+    from a hostile or broken endpoint) would never be refreshed while AWS ends the session on time."""
     return AwsCredential(
         access_key_id=str(answer["AccessKeyId"]),
         secret_access_key=str(answer["SecretAccessKey"]),
         session_token=str(answer["SessionToken"]),
-        expiration=float(answer["Expiration"].timestamp()),
+        expiration=min(float(answer["Expiration"].timestamp()), now + asked_seconds),
         role_arn=role_arn,
         issued_at=now,
     )

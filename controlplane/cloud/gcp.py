@@ -51,6 +51,7 @@ ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
 JWT_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 CLOUD_PLATFORM: Final = "https://www.googleapis.com/auth/cloud-platform"
 MAX_LIFETIME: Final = 43200  # 12 h: Google's ceiling with the lifetime-extension organisation policy (else 3600)
+ID_TOKEN_LIFETIME: Final = 3600  # Google's ID tokens live an hour
 SUBJECT_TOKEN_TTL: Final = 300  # the JWT we sign is used once, at once
 
 _PROVIDER = re.compile(
@@ -59,6 +60,8 @@ _PROVIDER = re.compile(
 )
 _SERVICE_ACCOUNT = re.compile(r"^[a-z0-9-]{6,30}@[a-z0-9.-]+$")
 _DESCRIPTION_LIMIT = 200
+# Google's answers are a few kB (an ID token ~1 kB); past this an answer is refused unread, not held in memory.
+MAX_ANSWER_BYTES: Final = 64 * 1024
 
 # -- metrics: the shared cloud family (cloud/metrics.py); the exchange's own reasons map onto its vocabulary
 
@@ -172,11 +175,19 @@ async def fetch_credential(
         body: dict[str, Any] = {"audience": settings.id_token_audience, "includeEmail": True}
         answer = await _post_json(session, f"{settings.iam_credentials_url}/{name}:generateIdToken", body, headers)
         token = _string(answer, "token")
-        return CloudCredential(token, expires_at=_jwt_expiry(token), issued_at=now)
+        return CloudCredential(token, expires_at=_believed(_jwt_expiry(token), settings, now), issued_at=now)
     body = {"scope": list(settings.scopes), "lifetime": f"{settings.lifetime}s"}
     answer = await _post_json(session, f"{settings.iam_credentials_url}/{name}:generateAccessToken", body, headers)
     token = _string(answer, "accessToken")
-    return CloudCredential(token, expires_at=_rfc3339(_string(answer, "expireTime")), issued_at=now)
+    expires_at = _believed(_rfc3339(_string(answer, "expireTime")), settings, now)
+    return CloudCredential(token, expires_at=expires_at, issued_at=now)
+
+
+def _believed(expires_at: float, settings: GcpSettings, now: float) -> float:
+    """An expiry believed only up to the lifetime asked (an ID token: Google's hour, or the lifetime if longer):
+    a later one (year 9999 from a broken or hostile endpoint) would never be refreshed while Google ends the
+    token on time."""
+    return min(expires_at, now + max(settings.lifetime, ID_TOKEN_LIFETIME))
 
 
 async def _exchange(session: aiohttp.ClientSession, settings: GcpSettings, subject_token: str) -> str:
@@ -190,7 +201,7 @@ async def _exchange(session: aiohttp.ClientSession, settings: GcpSettings, subje
     }
     try:
         async with session.post(settings.sts_url, data=form) as response:
-            status, text = response.status, await response.text()
+            status, text = response.status, await _bounded_text(response)
     except (TimeoutError, aiohttp.ClientError) as error:
         raise GcpExchangeError("unreachable", f"STS unreachable: {type(error).__name__}") from None
     answer = _json(text)
@@ -208,7 +219,7 @@ async def _post_json(
 ) -> dict[str, Any]:
     try:
         async with session.post(url, json=body, headers=headers) as response:
-            status, text = response.status, await response.text()
+            status, text = response.status, await _bounded_text(response)
     except (TimeoutError, aiohttp.ClientError) as error:
         raise GcpExchangeError("unreachable", f"IAM Credentials unreachable: {type(error).__name__}") from None
     answer = _json(text)
@@ -219,6 +230,19 @@ async def _post_json(
         message = detail.get("message") if isinstance(detail, dict) else None
         raise GcpExchangeError(kind, f"IAM Credentials answered {status} {_short(status_name)}: {_short(message)}")
     return answer
+
+
+async def _bounded_text(response: aiohttp.ClientResponse) -> str:
+    """The answer's text, refused past MAX_ANSWER_BYTES (a huge body would otherwise be held whole in memory)."""
+    too_large = GcpExchangeError("malformed", f"an answer over {MAX_ANSWER_BYTES} bytes")
+    if response.content_length is not None and response.content_length > MAX_ANSWER_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):  # `read(n)` returns what has arrived, not n
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise too_large
+    return body.decode("utf-8", "replace")
 
 
 def _json(text: str) -> dict[str, Any]:
@@ -320,9 +344,9 @@ class GcpCredentialRefresher(refresh.Refresher[CloudCredential]):
         except Exception as caught:
             self.failed(caught)
             return False
-        self.succeeded(credential)
+        held = self.succeeded(credential)
         self.settle()
-        return True
+        return held
 
     def announce(self) -> None:
         """Tell the listener if `current()` changed (a new token, or none): `run()` does it at every wake-up; a

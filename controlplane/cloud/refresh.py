@@ -253,7 +253,13 @@ class Refresher(Generic[C]):
 
     # -- one attempt, told by the driver
 
-    def succeeded(self, credential: C) -> None:
+    def succeeded(self, credential: C) -> bool:
+        """Hold `credential`; False when it came already past use (a broken or hostile answer, a clock far off):
+        held, it would be due again at once, a fetch and a push in a tight loop; it counts as a failed attempt
+        instead (`malformed`), backing off with the last credential kept."""
+        if usable_until(credential, self.policy) <= self._clock():
+            self._failed(Failure("malformed", "the credential answered was already past use"))
+            return False
         self.state = on_success(credential, self.policy, self._sample())
         metrics.count_refresh(self.provider, self.backend, "ok")
         remaining = credential.expires_at - self._clock()
@@ -264,9 +270,12 @@ class Refresher(Generic[C]):
             self._describe(credential),
             remaining,
         )
+        return True
 
     def failed(self, caught: Exception) -> None:
-        failure = self._classify(caught) or Failure("error", f"unexpected {type(caught).__name__}")
+        self._failed(self._classify(caught) or Failure("error", f"unexpected {type(caught).__name__}"))
+
+    def _failed(self, failure: Failure) -> None:
         now = self._clock()
         state = self.state = on_failure(self.state, now, self.policy, self._sample(), failure.message)
         metrics.count_refresh(self.provider, self.backend, failure.result)

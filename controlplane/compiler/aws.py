@@ -189,6 +189,36 @@ def fail_closed(backend: Backend, route: rc.Route, signing_on: bool) -> rc.Route
     return closed
 
 
+# S3's CopyObject and UploadPartCopy read the object this header names with the role's credentials: a second
+# resource that RBAC, which matches the request's own path, never sees (and the signer signs the header as sent).
+COPY_SOURCE_HEADER = "x-amz-copy-source"
+COPY_REFUSED_STATUS = 403
+COPY_REFUSED_BODY = (
+    "S3 copies are refused on this gateway: the copy source (x-amz-copy-source) is an object its path rules "
+    "cannot check\n"
+)
+
+
+def refused_routes(backend: Backend) -> list[rc.Route]:
+    """Before an S3 backend's other routes: a request naming a copy source answers 403 from Envoy, unsent.
+
+    Without it a job allowed to write one path could copy any object the role can read (another bucket, another
+    team's prefix) into it and read it back: the role's power, not the job's grant. Checking the source against
+    the job's own read grants would mean matching a URL-encoded header value against path rules; refusing is the
+    fence that cannot be got round by an encoding. Copy with a client of your own credentials instead."""
+    if backend.aws is None or backend.aws.service != "s3":
+        return []
+    return [
+        rc.Route(
+            name=f"{backend.name}-aws-copy-refused",
+            match=rc.RouteMatch(prefix="/", headers=[rc.HeaderMatcher(name=COPY_SOURCE_HEADER, present_match=True)]),
+            direct_response=rc.DirectResponseAction(
+                status=COPY_REFUSED_STATUS, body={"inline_string": COPY_REFUSED_BODY}
+            ),
+        )
+    ]
+
+
 def _ads() -> config_source_pb2.ConfigSource:
     return config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3

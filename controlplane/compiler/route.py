@@ -67,6 +67,7 @@ def virtual_host(
         routes=[
             *([_exchange_route(backend)] if exchange else []),
             *(aws.fail_closed(backend, _public_route(backend, p), aws_signing) for p in backend.public_paths),
+            *aws.refused_routes(backend),
             *aws.role_routes(backend, aws_roles, default, aws_roles_credentials),
             aws.fail_closed(backend, default, aws_signing),
         ],

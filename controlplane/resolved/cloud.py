@@ -27,6 +27,9 @@ class CloudIdentity(NamedTuple):
     identity: str  # the role ARN, or the service account email
     settings: tuple[tuple[str, str], ...]  # (key as the policy spells it, value), in the block's key order
     roles: tuple[tuple[str, str], ...]  # (binding, role ARN) of bindings signing as a role of their own, by binding
+    # Where its requests (carrying the credential: a SigV4 signature with its session token, a Bearer token) go:
+    # another address receives the credential, as much a change as another role. Compared by diff, not rendered.
+    destination: str = ""
 
 
 def identities(policy: Policy) -> dict[str, CloudIdentity]:
@@ -43,10 +46,19 @@ def identities(policy: Policy) -> dict[str, CloudIdentity]:
 def identity_of(backend: Backend, roles: Mapping[str, str]) -> CloudIdentity | None:
     """`roles`: binding -> its own role ARN, for the bindings granting on this backend (AWS only)."""
     if backend.aws is not None:
-        return CloudIdentity(AWS, backend.aws.role_arn, _aws_settings(backend.aws), tuple(sorted(roles.items())))
+        roles_of = tuple(sorted(roles.items()))
+        return CloudIdentity(AWS, backend.aws.role_arn, _aws_settings(backend.aws), roles_of, destination(backend))
     if backend.gcp is not None:
-        return CloudIdentity(GCP, backend.gcp.service_account, _gcp_settings(backend.gcp), ())
+        return CloudIdentity(GCP, backend.gcp.service_account, _gcp_settings(backend.gcp), (), destination(backend))
     return None
+
+
+def destination(backend: Backend) -> str:
+    """`127.0.0.1:9000, service ns/name:http (TLS to sni, CA file)`, or `(plain text)`."""
+    places = [f"{e.address}:{e.port}" for e in backend.endpoints]
+    places += [f"service {s.namespace}/{s.name}:{s.port}" for s in backend.services]
+    tls = f" (TLS to {backend.tls.sni}, CA {backend.tls.ca_file})" if backend.tls is not None else " (plain text)"
+    return ", ".join(places) + tls
 
 
 def _aws_settings(aws: AwsSigning) -> tuple[tuple[str, str], ...]:

@@ -182,6 +182,9 @@ def cloud_changes(old: CloudIdentity | None, new: CloudIdentity | None) -> tuple
     for key in [*before, *(k for k in after if k not in before)]:
         if before.get(key) != after.get(key):
             changes.append(CloudChange(None, key, before.get(key), after.get(key)))
+    if old is not None and new is not None and old.destination != new.destination:
+        # the same identity, its credential sent somewhere else: an MR moving a backend hands it to that address
+        changes.append(CloudChange(None, "destination", old.destination, new.destination))
     roles_before, roles_after = dict(old.roles if old else ()), dict(new.roles if new else ())
     for binding in sorted(roles_before.keys() | roles_after.keys()):
         if roles_before.get(binding) != roles_after.get(binding):

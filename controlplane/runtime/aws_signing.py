@@ -32,7 +32,8 @@ from controlplane.model.policy import AwsSigning, Policy
 
 log = logging.getLogger(__name__)
 
-SourceFactory = Callable[[AwsSigning], CredentialSource]
+# (backend name, how): the backend is the identity asserted to AWS, see `web_identity_subject`.
+SourceFactory = Callable[[str, AwsSigning], CredentialSource]
 DEFAULT_SESSION_NAME = "controlplane"
 
 
@@ -47,40 +48,55 @@ class _NoIssuer:
         raise StsError("NoIssuerUrl", self.role_arn, refused=True)
 
 
+def web_identity_subject(backend: str) -> str:
+    """What the control plane asserts to AWS about who asks: the backend (as for Google Cloud, cloud/gcp.py).
+
+    Never a constant: the role's trust policy conditions on `sub`, and with one subject for everything any policy
+    author could name any role that trusts the issuer (another team's deploy role) on a backend of theirs and have
+    their jobs' requests signed with it. With the backend in `sub` a role trusts the backends it names; a policy
+    names each role on one backend only (model/kinds/aws.py `shared_role_errors`). Also AssumeRole's `ExternalId`,
+    which AWS designed for this confused deputy: the role's trust policy may require it."""
+    return f"backend:{backend}"
+
+
 def source_factory(issuer_url: str | None, keys: SigningKeys | None) -> SourceFactory:
     """How serve obtains each role's credentials. STS is reached as botocore is configured (the region's endpoint,
     or `AWS_ENDPOINT_URL_STS`); AssumeRole signs with botocore's own chain (environment, shared credentials file),
     never with anything in the policy."""
 
-    def source_for(how: AwsSigning) -> CredentialSource:
+    def source_for(backend: str, how: AwsSigning) -> CredentialSource:
         sts = Sts(region=how.region)
         session = how.session_name or DEFAULT_SESSION_NAME
+        subject = web_identity_subject(backend)
         if how.source == "assume_role":
-            return AssumeRoleSource(sts, how.role_arn, session_name=session)
+            return AssumeRoleSource(sts, how.role_arn, session_name=session, external_id=subject)
         if issuer_url is None or keys is None:
             return _NoIssuer(how.role_arn)
-        return WebIdentitySource(sts, keys, WebIdentity(issuer_url), how.role_arn, session_name=session)
+        identity = WebIdentity(issuer_url, subject=subject)
+        return WebIdentitySource(sts, keys, identity, how.role_arn, session_name=session)
 
     return source_for
 
 
-def roles_of(policy: Policy) -> dict[str, AwsSigning]:
-    """Each AWS role the policy signs with, by ARN: backends' roles, then bindings' own (`aws_role_arn`). The first
-    backend naming a role (by name) says how to get it; a binding's role is obtained as its first AWS backend's
-    (by name) with that ARN (same source, region, session name), as a binding names only the role."""
-    roles: dict[str, AwsSigning] = {}
+def roles_of(policy: Policy) -> dict[str, tuple[str, AwsSigning]]:
+    """Each AWS role the policy signs with, by ARN: the backend it signs for (whose name is the identity asserted
+    to STS, `web_identity_subject`) and how to get it. Backends' roles, then bindings' own (`aws_role_arn`): a
+    binding's role is obtained as its first AWS backend's (by name) with that ARN (same source, region, session
+    name), as a binding names only the role. A loaded policy has each role sign for one backend
+    (`shared_role_errors`); were it not so, the first would say."""
+    roles: dict[str, tuple[str, AwsSigning]] = {}
     backends = sorted(policy.backends, key=lambda b: b.name)
     for backend in backends:
         if backend.aws is not None:
-            roles.setdefault(backend.aws.role_arn, backend.aws)
+            roles.setdefault(backend.aws.role_arn, (backend.name, backend.aws))
     role_backend = {r.name: r.backend for r in policy.roles}
     for binding in sorted(policy.bindings, key=lambda b: b.name):
         if binding.aws_role_arn is None or binding.aws_role_arn in roles:
             continue
         on = {role_backend.get(r) for r in binding.roles}
-        first = next((b.aws for b in backends if b.name in on and b.aws is not None), None)
-        if first is not None:
-            roles[binding.aws_role_arn] = replace(first, role_arn=binding.aws_role_arn)
+        first = next((b for b in backends if b.name in on and b.aws is not None), None)
+        if first is not None and first.aws is not None:
+            roles[binding.aws_role_arn] = (first.name, replace(first.aws, role_arn=binding.aws_role_arn))
     return roles
 
 
@@ -100,7 +116,7 @@ class AwsSigners:
         self._changed = changed
         self._start_threads = start_threads
         self._lock = threading.Lock()
-        self._refreshers: dict[str, tuple[AwsSigning, Refresher]] = {}
+        self._refreshers: dict[str, tuple[tuple[str, AwsSigning], Refresher]] = {}
 
     def follow(self, policy: Policy | None) -> None:
         """The policy in service changed (accepted or not): start a refresher for each role it names, stop those it
@@ -110,11 +126,11 @@ class AwsSigners:
             return
         wanted = roles_of(policy)
         with self._lock:
-            stale = [arn for arn, (how, _) in self._refreshers.items() if wanted.get(arn) != how]
+            stale = [arn for arn, (use, _) in self._refreshers.items() if wanted.get(arn) != use]
             stopping = [self._refreshers.pop(arn)[1] for arn in stale]
-            for arn, how in wanted.items():
+            for arn, use in wanted.items():
                 if arn not in self._refreshers:
-                    self._refreshers[arn] = (how, self._refresher(how))
+                    self._refreshers[arn] = (use, self._refresher(*use))
         for refresher in stopping:  # joins its thread, which may be inside an STS call: not on the caller's
             threading.Thread(target=refresher.stop, name="aws-credentials-stop", daemon=True).start()
 
@@ -123,7 +139,7 @@ class AwsSigners:
         wanted = roles_of(policy)
         with self._lock:
             current = {
-                arn: refresher.current() for arn, (how, refresher) in self._refreshers.items() if wanted.get(arn) == how
+                arn: refresher.current() for arn, (use, refresher) in self._refreshers.items() if wanted.get(arn) == use
             }
         return {arn: _signing(c) for arn, c in sorted(current.items()) if c is not None}
 
@@ -132,9 +148,9 @@ class AwsSigners:
         its access key id (an identifier AWS shows in CloudTrail, as Envoy's config dump does) and the last failure.
         Never the secret key nor the session token."""
         with self._lock:
-            refreshers = sorted((arn, how, refresher) for arn, (how, refresher) in self._refreshers.items())
+            refreshers = sorted(self._refreshers.items(), key=lambda item: item[0])
         out: dict[str, object] = {}
-        for arn, how, refresher in refreshers:
+        for arn, ((_, how), refresher) in refreshers:
             held = refresher.current()
             out[arn] = {
                 "source": how.source,
@@ -157,11 +173,12 @@ class AwsSigners:
         for refresher in refreshers:
             refresher.stop()
 
-    def _refresher(self, how: AwsSigning) -> Refresher:
-        refresher = Refresher(how.role_arn, self._source_for(how), clock=self._clock, on_change=self._on_change)
+    def _refresher(self, backend: str, how: AwsSigning) -> Refresher:
+        source = self._source_for(backend, how)
+        refresher = Refresher(how.role_arn, source, clock=self._clock, on_change=self._on_change)
         if self._start_threads:
             refresher.start()
-        log.info("AWS role %s: credentials refreshed from now on (%s)", how.role_arn, how.source)
+        log.info("AWS role %s: credentials refreshed from now on, backend %s (%s)", how.role_arn, backend, how.source)
         return refresher
 
     def _on_change(self, _credential: AwsCredential | None) -> None:

@@ -30,7 +30,8 @@ import json
 import re
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
@@ -250,6 +251,22 @@ class FakeAws:
 
     def _post(self, path: str, data: bytes) -> None:
         requests.post(self.endpoint + path, data=data, timeout=10).raise_for_status()
+
+    @contextmanager
+    def unauthenticated(self) -> Iterator[None]:
+        """Authentication off for the block (a test seeding its own buckets, objects and policies with
+        `seed_client`), on again after it: every later request is checked again."""
+        self._post("/moto-api/reset-auth", b"inf")
+        try:
+            yield
+        finally:
+            self._post("/moto-api/reset-auth", b"0")
+
+    def seed_client(self, service: str) -> Any:
+        """A client for `unauthenticated` blocks (moto then takes any key)."""
+        return boto3.client(
+            service, endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="seed", aws_secret_access_key="x"
+        )
 
     # -- clients
 

@@ -10,7 +10,7 @@ import re
 from types import MappingProxyType
 
 from controlplane.model import scalars
-from controlplane.model.errors import PolicyError
+from controlplane.model.errors import PolicyError, Source
 from controlplane.model.fields import Conv, Fields, need, record
 from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Policy
 
@@ -66,4 +66,55 @@ def binding_role_errors(policy: Policy) -> list[PolicyError]:
         )
         for b in policy.bindings
         if b.aws_role_arn is not None and not any(role_backend.get(r) in aws_backends for r in b.roles)
+    ]
+
+
+def shared_role_errors(policy: Policy) -> list[PolicyError]:
+    """A role signs for one backend: the control plane asserts the backend to STS (`sub` = `backend:<name>`, or
+    AssumeRole's `ExternalId`), which is what the role's trust policy lets in. A role on two backends (as their
+    `role_arn`, or as the `aws_role_arn` of a binding granting on another backend) would share one credential,
+    so the second would ride on the trust given to the first: a policy author could name another team's role on
+    a backend of their own. One backend with several `hosts` covers one role for many names."""
+    aws_backends = {b.name for b in policy.backends if b.aws is not None}
+    role_backend = {r.name: r.backend for r in policy.roles}
+    claims: list[tuple[str, str, Source, str]] = []  # (role ARN, backend, where, field)
+    for b in sorted(policy.backends, key=lambda b: b.name):
+        if b.aws is not None:
+            claims.append((b.aws.role_arn, b.name, b.source, "aws"))
+    for binding in sorted(policy.bindings, key=lambda b: b.name):
+        if binding.aws_role_arn is None:
+            continue
+        on = sorted({role_backend[r] for r in binding.roles if role_backend.get(r) in aws_backends})
+        claims.extend((binding.aws_role_arn, backend, binding.source, "aws_role_arn") for backend in on)
+    owner: dict[str, str] = {}
+    errors = []
+    for arn, backend, where, field in claims:
+        first = owner.setdefault(arn, backend)
+        if first != backend:
+            errors.append(
+                PolicyError.at(
+                    where,
+                    field,
+                    f"role {arn} already signs for backend {first}, not also for {backend}: a role signs for one "
+                    f"backend (its trust policy names the backend, sub backend:{first}); give {backend} a role "
+                    "of its own",
+                )
+            )
+    return errors
+
+
+def wildcard_host_errors(policy: Policy) -> list[PolicyError]:
+    """Without `tls:` Envoy signs and sends the Host the job sent (with it, the SNI: compiler/aws.py). Under a
+    wildcard host that Host is the job's choice, and S3 reads the bucket from it (virtual-hosted style): a job
+    would pick any bucket the role can reach, its path rules then naming keys only (observed through Envoy and
+    moto). Each name listed explicitly, or `tls.sni` naming the one endpoint to sign for, keeps it the policy's."""
+    return [
+        PolicyError.at(
+            b.source,
+            "hosts",
+            f"backend {b.name}: a wildcard host on an aws: backend without tls: would sign the Host each job "
+            "sends (with S3, the bucket it names); list the host names, or set tls.sni",
+        )
+        for b in policy.backends
+        if b.aws is not None and b.tls is None and any(h.startswith("*") for h in b.hosts)
     ]

@@ -166,6 +166,11 @@ def build(doc: Doc, env: Env) -> Backend:
     if gcp is not None:
         if f.has("inject"):
             f.error("gcp", "a gcp backend's credential is injected as Authorization: Bearer; drop inject")
+        if f.has("public_paths"):  # the injector stays on there, for requests with no verified job at all
+            f.error(
+                "public_paths",
+                "a gcp backend injects its service account's token: a public path would lend it to anyone",
+            )
         inject = Injection(header="Authorization", prefix="Bearer ")
     revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
     if f.has("revoke") and credentials == "exchanged":
