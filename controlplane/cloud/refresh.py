@@ -201,6 +201,24 @@ class Failure:
     message: str
 
 
+class DeadOnArrival(Exception):
+    """The cloud answered with a credential already past use by this control plane's clock."""
+
+    def __init__(self, remaining: float) -> None:
+        super().__init__(remaining)
+        self.remaining = remaining
+
+
+def _dead_on_arrival(caught: Exception) -> Failure | None:
+    if not isinstance(caught, DeadOnArrival):
+        return None
+    return Failure(
+        "malformed",
+        f"the credential received expires {caught.remaining:.1f}s from now, inside its skew or already past: "
+        "clocks out of step, or a fetch slower than the credential's life; kept what was held",
+    )
+
+
 class Refresher(Generic[C]):
     """Keeps one backend's credential fresh. `current()` is what the caller sends with; `on_change` hears every
     change of it (a new credential, or None once the last one is past use: the caller withdraws it).
@@ -266,7 +284,11 @@ class Refresher(Generic[C]):
         )
 
     def failed(self, caught: Exception) -> None:
-        failure = self._classify(caught) or Failure("error", f"unexpected {type(caught).__name__}")
+        failure = (
+            _dead_on_arrival(caught)
+            or self._classify(caught)
+            or Failure("error", f"unexpected {type(caught).__name__}")
+        )
         now = self._clock()
         state = self.state = on_failure(self.state, now, self.policy, self._sample(), failure.message)
         metrics.count_refresh(self.provider, self.backend, failure.result)
@@ -308,6 +330,16 @@ class Refresher(Generic[C]):
         except Exception:
             self._log.exception("the listener of backend %s's %s credentials failed", self.backend, self.provider)
 
+    def _received(self, credential: C) -> None:
+        """A credential already past use when it arrives (the cloud's clock behind ours, ours jumped forward, a
+        fetch slower than the credential's life) is a failure: taken as a success, its refresh would be due at
+        once (a loop calling the cloud without pause) and it would replace one still usable."""
+        now = self._clock()
+        if now >= usable_until(credential, self.policy):
+            self.failed(DeadOnArrival(credential.expires_at - now))
+        else:
+            self.succeeded(credential)
+
     # -- drivers: a blocking fetch (a thread) or a coroutine (an event loop)
 
     def poll_blocking(self, fetch: Callable[[], C]) -> float:
@@ -320,7 +352,7 @@ class Refresher(Generic[C]):
                 except Exception as caught:  # a bug must not end the loop: retried like an outage
                     self.failed(caught)
                 else:
-                    self.succeeded(credential)
+                    self._received(credential)
             return self.settle()
 
     async def poll_async(self, fetch: Callable[[], Awaitable[C]]) -> float:
@@ -330,7 +362,7 @@ class Refresher(Generic[C]):
             except Exception as caught:  # as in poll; cancellation (BaseException) still ends the task
                 self.failed(caught)
             else:
-                self.succeeded(credential)
+                self._received(credential)
         return self.settle()
 
     async def run_async(
