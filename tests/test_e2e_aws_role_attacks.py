@@ -1,0 +1,92 @@
+"""Outside attacks on the choice of a binding's AWS role (docs/aws-role-attacks.md), through the real `serve`, a
+REAL Envoy 1.40 and moto with SigV4 and IAM enforced: the stack of tests/test_e2e_aws_binding_roles.py (a
+merge-request job reads with a read-only role, protected main deploys with a deploy role). A hostile job tries to
+get the deploy role, and every output is searched for the secrets of the roles' sessions."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Sequence
+
+import pytest
+from moto.sts.models import sts_backends
+
+from tests.support.fake_aws import ACCOUNT
+from tests.support.ports import LOOPBACK
+from tests.test_e2e_aws_binding_roles import HOST, PATH, World, world  # noqa: F401 (the module's stack)
+
+pytestmark = pytest.mark.e2e
+
+
+def _raw(world: World, headers: Sequence[tuple[str, str]], target: str = PATH) -> tuple[int, str | None]:
+    """A GET with `headers` sent as they are, repeated names included: (status, the role AWS saw it signed as)."""
+    seen = len(world.fake.signed_by)
+    conn = http.client.HTTPConnection(LOOPBACK, world.stack.listen_port, timeout=5)
+    try:
+        conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
+        for name, value in [("Host", HOST), *headers]:
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    signed = world.fake.signed_by[seen:]
+    return response.status, world.fake.role_of_key(signed[0]) if signed else None
+
+
+def test_two_tokens_in_one_request_never_buy_the_deploy_role(world: World) -> None:  # noqa: F811
+    job = world.stack.job
+    mr = job(201, ref="feature", ref_protected=False, pipeline_source="merge_request_event")
+    main = job(202, ref="main", ref_protected=True)
+    # two Authorization headers (either order), or two tokens in one: Envoy joins repeated headers with ',', so
+    # jwt_authn sees one malformed token: 401, never one token's payload with the other's route
+    for first, second in ((mr, main), (main, mr)):
+        assert _raw(world, [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]) == (401, None)
+    assert _raw(world, [("Authorization", f"Bearer {mr}, Bearer {main}")]) == (401, None)
+    # the deploy token in the query (jwt_authn reads only `Authorization: Bearer`), the job's own in the header
+    assert _raw(world, [("Authorization", f"Bearer {mr}")], f"{PATH}?access_token={main}") == (
+        200,
+        world.roles.mr_read,
+    )
+    assert _raw(world, [], f"{PATH}?access_token={main}") == (401, None)
+    # a header named like the metadata, Envoy's internal headers, a second Host: nothing a job sends is metadata
+    forged = [
+        ("x-envoy-internal", "true"),
+        ("x-envoy-original-path", "/deploy"),
+        ("x-envoy-decorator-operation", "s3-role/main-deploys/0"),
+        # (hyphenated: the fake's WSGI server mangles '.' and '_' in names, which breaks any signature over them)
+        ("x-jwt-authn-jwt-payload", '{"ref_protected": "true", "pipeline_source": "push"}'),
+        ("Authorization", f"Bearer {mr}"),
+    ]
+    assert _raw(world, forged) == (200, world.roles.mr_read)
+
+
+def _sessions() -> list[tuple[str, str]]:
+    """(secret access key, session token) of every session STS issued: the secrets the roles sign with."""
+    return [(r.secret_access_key, r.session_token) for r in sts_backends[ACCOUNT]["aws"].assumed_roles]
+
+
+def test_no_role_secret_in_any_output(world: World) -> None:  # noqa: F811
+    """Each role's credential is inline in the ROUTE configuration now: Envoy's config dump (routes, ECDS),
+    serve's /status and /metrics, its log, Envoy's log and the access log must hold none of it."""
+    job = world.stack.job
+    for token in (job(211, ref="main"), job(212, pipeline_source="merge_request_event"), job(213)):
+        assert world.stack.request(HOST, PATH, token).status == 200
+    secrets = [s for pair in _sessions() for s in pair]
+    assert len(secrets) >= 6  # the backend's role, the read and the deploy role at least
+    status, dump = world.stack.envoy.admin_get("/config_dump?include_eds")
+    assert status == 200
+    routes = json.loads(world.stack.envoy.admin_get("/config_dump?resource=dynamic_route_configs")[1])
+    assert "AwsRequestSigningPerRoute" in json.dumps(routes)  # the role routes are there, and dumped
+    outputs = {
+        "envoy config dump": dump,
+        "serve /status": json.dumps(world.stack.controlplane.status()),
+        "serve /metrics": world.stack.controlplane.metrics(),
+        "serve log": world.stack.controlplane.log_text(),
+        "envoy log": world.stack.envoy.log_text(redact=False),
+        "access log": world.stack.access_log.read_text(errors="replace") if world.stack.access_log.exists() else "",
+    }
+    leaked = {name for name, text in outputs.items() for secret in secrets if secret in text}
+    assert not leaked
