@@ -3,8 +3,24 @@ what was found broken or checked to hold: docs/aws-role-attacks.md has the input
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from controlplane.cloud.aws import AwsCredential, Refresher, StsError
+from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, ExchangePolicy, TokenExchange
+from controlplane.credentials.keys import FileKeyStore, SigningKeys
+from controlplane.resolved.index import Resolution
+from controlplane.sources.jwks import normalize_jwks
+from tests.compiled import policy_of
 from tests.support.clock import Clock
+from tests.support.fake_gitlab import FakeGitLab
+from tests.support.policy_parts import ACME_INVENTORY, backend, binding, documents, issuer, role
 from tests.test_cloud_aws import Scripted, cred
 
 # -- the schedule: a credential that is already past use when it arrives
@@ -41,3 +57,72 @@ def test_a_dead_answer_does_not_replace_the_credential_held() -> None:
     assert wake > clock.now and refresher.state.failures == 1
     refresher.poll()
     assert source.calls == 2  # backing off, not spinning
+
+
+# -- an exchanged credential escapes the binding's role
+
+
+MR_READ = "arn:aws:iam::123456789012:role/ci-mr-read"
+BACKEND_ROLE = "arn:aws:iam::123456789012:role/ci-read-write"
+AWS_POLICY = documents(
+    backend(
+        "s3",
+        9000,
+        host="s3.local",
+        extra=f"aws: {{service: s3, region: eu-west-1, role_arn: '{BACKEND_ROLE}', source: assume_role}}",
+    ),
+    role("s3-read", "s3", ["GET"]),
+    binding(
+        "mr-reads",
+        ["s3-read"],
+        "{project: acme/platform/deployer, pipeline_source: merge_request_event}",
+        extra=f"aws_role_arn: '{MR_READ}'",
+    ),
+    binding("others", ["s3-read"], "{project: acme/platform/deployer}"),
+)
+
+
+@pytest.fixture(scope="module")
+def gitlab() -> Iterator[FakeGitLab]:
+    with FakeGitLab(default_audience="https://s3.local") as fake:
+        yield fake
+
+
+def _aws_exchange(fake: FakeGitLab, tmp_path: Path) -> tuple[TokenExchange, Callable[..., dict[str, Any]]]:
+    issuer_yaml = issuer(fake.issuer, extra="inventory: inventory.yaml")
+    policy = policy_of(issuer=issuer_yaml, inventory=ACME_INVENTORY, backends=AWS_POLICY)
+    exchange_policy = ExchangePolicy.build(policy, Resolution().update(policy))
+    clock = Clock(float(int(time.time())))
+    keys = SigningKeys(
+        FileKeyStore(tmp_path / "keys.json"), rotate_every=3600, max_credential_ttl=600, publish_lead=60, clock=clock
+    )
+    relayed = normalize_jwks(json.dumps(fake.jwks()))[0].canonical
+    exchange = TokenExchange(keys=keys, issuer_keys=lambda _: relayed, policy=lambda: exchange_policy, clock=clock)
+
+    def run(**claims: Any) -> dict[str, Any]:
+        base = {"project_id": 42, "project_path": "acme/platform/deployer", "namespace_id": 11, "job_id": 7001}
+        token = fake.mint(**(base | {"iat": int(clock.now)} | claims))
+        form = {
+            "grant_type": GRANT_TYPE,
+            "subject_token": token,
+            "subject_token_type": TOKEN_TYPE_JWT,
+            "audience": "s3",
+        }
+        result = asyncio.run(exchange.exchange(form))
+        return {"status": result.status, **result.body}
+
+    return exchange, run
+
+
+def test_an_exchanged_credential_is_not_a_way_out_of_the_binding_role(gitlab: FakeGitLab, tmp_path: Path) -> None:
+    """A merge-request job is signed with its binding's read-only role when it sends its ID token. Its exchanged
+    credential carries roles, not its claims: it matches no binding role's route (its `iss` is the control
+    plane's) and was signed with the BACKEND's role (docs/aws-backends.md "Not built / limits"), here a broader
+    one: the job left the role its policy gave it by exchanging its token first. Now the exchange refuses a job
+    whom a binding's own role would sign (its requests go with its ID token); others still get a credential."""
+    _, run = _aws_exchange(gitlab, tmp_path)
+    refused = run(pipeline_source="merge_request_event")
+    assert refused["status"] == 400 and refused["error"] == "invalid_target", refused
+    assert "mr-reads" in refused["error_description"]
+    granted = run(pipeline_source="push", job_id=7002)
+    assert granted["status"] == 200 and granted["scope"] == "s3-read"

@@ -19,10 +19,10 @@ from tests.test_e2e_aws_binding_roles import HOST, PATH, World, world  # noqa: F
 pytestmark = pytest.mark.e2e
 
 
-def _raw(world: World, headers: Sequence[tuple[str, str]], target: str = PATH) -> tuple[int, str | None]:
+def _raw(on: World, headers: Sequence[tuple[str, str]], target: str = PATH) -> tuple[int, str | None]:
     """A GET with `headers` sent as they are, repeated names included: (status, the role AWS saw it signed as)."""
-    seen = len(world.fake.signed_by)
-    conn = http.client.HTTPConnection(LOOPBACK, world.stack.listen_port, timeout=5)
+    seen = len(on.fake.signed_by)
+    conn = http.client.HTTPConnection(LOOPBACK, on.stack.listen_port, timeout=5)
     try:
         conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
         for name, value in [("Host", HOST), *headers]:
@@ -32,8 +32,8 @@ def _raw(world: World, headers: Sequence[tuple[str, str]], target: str = PATH) -
         response.read()
     finally:
         conn.close()
-    signed = world.fake.signed_by[seen:]
-    return response.status, world.fake.role_of_key(signed[0]) if signed else None
+    signed = on.fake.signed_by[seen:]
+    return response.status, on.fake.role_of_key(signed[0]) if signed else None
 
 
 def test_two_tokens_in_one_request_never_buy_the_deploy_role(world: World) -> None:  # noqa: F811
