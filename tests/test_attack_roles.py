@@ -4,9 +4,12 @@ what was found broken or checked to hold: docs/aws-role-attacks.md has the input
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,17 @@ import pytest
 from controlplane.cloud.aws import AwsCredential, Refresher, StsError
 from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, ExchangePolicy, TokenExchange
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
+from controlplane.model.loader import parse_policy
+from controlplane.model.policy import Policy
 from controlplane.resolved.index import Resolution
+from controlplane.runtime.aws_signing import AwsSigners, source_factory
 from controlplane.sources.jwks import normalize_jwks
 from tests.compiled import policy_of
 from tests.support.clock import Clock
+from tests.support.fake_aws import REGION, S3_READ_POLICY, FakeAws
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import ACME_INVENTORY, backend, binding, documents, issuer, role
+from tests.support.ports import poll_until
 from tests.test_cloud_aws import Scripted, cred
 
 # -- the schedule: a credential that is already past use when it arrives
@@ -126,3 +134,64 @@ def test_an_exchanged_credential_is_not_a_way_out_of_the_binding_role(gitlab: Fa
     assert "mr-reads" in refused["error_description"]
     granted = run(pipeline_source="push", job_id=7002)
     assert granted["status"] == 200 and granted["scope"] == "s3-read"
+
+
+# -- policy updates renaming roles mid-traffic: refreshers left running, threads and fds
+
+
+def _role_policy(session: str, arns: Sequence[str]) -> Policy:
+    """One S3 backend per role ARN, each with `session` as its STS session name (a new one replaces every
+    refresher: `follow` compares how a role is obtained)."""
+    docs = [
+        "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n",
+        "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\n"
+        f"backends: [{', '.join(f'b{i}' for i in range(len(arns)))}]\n",
+    ]
+    for i, arn in enumerate(arns):
+        aws = f"{{service: s3, region: {REGION}, role_arn: '{arn}', source: assume_role, session_name: {session}}}"
+        endpoint = "endpoints: [{address: 127.0.0.1, port: 1}]"
+        docs.append(f"kind: Backend\nname: b{i}\nhosts: [b{i}.local]\n{endpoint}\naws: {aws}\n")
+    return parse_policy({"p.yaml": "---\n".join(docs)})
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_policy_updates_renaming_roles_leave_no_refresher_thread_nor_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10 policy updates, each replacing 3 roles' refreshers (real STS calls at the fake AWS): afterwards only the
+    last policy's refreshers run, and threads and open files are back near where they were."""
+    with FakeAws().start() as fake:
+        key = fake.user_key
+        (tmp_path / "credentials").write_text(
+            f"[default]\naws_access_key_id = {key.access_key_id}\naws_secret_access_key = {key.secret_access_key}\n"
+        )
+        for name, value in {
+            "AWS_ENDPOINT_URL_STS": fake.endpoint,
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"),
+            "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            monkeypatch.setenv(name, value)
+        arns = [fake.assume_role_arn, *(fake.add_role(f"churn-{i}", S3_READ_POLICY) for i in range(2))]
+        changed: list[int] = []
+        signers = AwsSigners(source_factory(None, None), lambda: changed.append(1))
+        try:
+            signers.follow(_role_policy("s0", arns))
+            poll_until(lambda: len(signers.for_policy(_role_policy("s0", arns))) == 3, 20, message="first sessions")
+            threads, fds = threading.active_count(), _open_fds()
+            for n in range(1, 11):
+                policy = _role_policy(f"s{n}", arns)
+                signers.follow(policy)
+                poll_until(lambda p=policy: len(signers.for_policy(p)) == 3, 20, message=f"sessions of update {n}")
+            poll_until(
+                lambda: threading.active_count() <= threads + 1, 20, message="stopped refreshers' threads to end"
+            )
+            gc.collect()
+            assert _open_fds() <= fds + 6, (fds, _open_fds())
+            aws_threads = [t for t in threading.enumerate() if t.name.startswith("aws-credentials-")]
+            assert len(aws_threads) == 3, [t.name for t in aws_threads]
+        finally:
+            signers.stop()

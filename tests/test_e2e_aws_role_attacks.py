@@ -90,3 +90,23 @@ def test_no_role_secret_in_any_output(world: World) -> None:  # noqa: F811
     }
     leaked = {name for name, text in outputs.items() for secret in secrets if secret in text}
     assert not leaked
+
+
+def test_the_role_follows_each_request_on_one_connection_and_through_jwt_authns_cache(world: World) -> None:  # noqa: F811
+    """jwt_authn's cache (a token seen before is not verified again) and one kept-alive connection carrying
+    several jobs' requests: every request is routed again on its own payload, never on an earlier one's."""
+    job = world.stack.job
+    mr = job(221, ref="feature", ref_protected=False, pipeline_source="merge_request_event")
+    main = job(222, ref="main", ref_protected=True)
+    expected = {mr: world.roles.mr_read, main: world.roles.deploy}
+    conn = http.client.HTTPConnection(LOOPBACK, world.stack.listen_port, timeout=5)
+    try:
+        for token in (mr, main, mr, mr, main, main, mr):
+            seen = len(world.fake.signed_by)
+            conn.request("GET", PATH, headers={"Host": HOST, "Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            response.read()
+            (key,) = world.fake.signed_by[seen:]
+            assert (response.status, world.fake.role_of_key(key)) == (200, expected[token])
+    finally:
+        conn.close()
