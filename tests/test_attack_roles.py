@@ -7,19 +7,24 @@ import asyncio
 import gc
 import json
 import os
+import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.config.route.v3 import route_components_pb2
 
 from controlplane.cloud.aws import AwsCredential, Refresher, StsError
+from controlplane.compiler.aws import SigningCredential, role_routes
 from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, ExchangePolicy, TokenExchange
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
+from controlplane.resolved.aws_roles import RoleChoice, chosen_role, route_alternatives
+from controlplane.resolved.conditions import ResolvedSubject
 from controlplane.resolved.index import Resolution
 from controlplane.runtime.aws_signing import AwsSigners, source_factory
 from controlplane.sources.jwks import normalize_jwks
@@ -30,6 +35,15 @@ from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import ACME_INVENTORY, backend, binding, documents, issuer, role
 from tests.support.ports import poll_until
 from tests.test_cloud_aws import Scripted, cred
+from tests.test_credentials import (
+    CLAIM_NAMES,
+    ISS,
+    random_conditions,
+    random_value,
+    rbac_allows,
+    subject_principal,
+    value_matches,
+)
 
 # -- the schedule: a credential that is already past use when it arrives
 
@@ -195,3 +209,54 @@ def test_policy_updates_renaming_roles_leave_no_refresher_thread_nor_fd(
             assert len(aws_threads) == 3, [t.name for t in aws_threads]
         finally:
             signers.stop()
+
+
+# -- the route a token takes and the RBAC principal it meets read the same claims the same way
+
+
+def _route_matches(route: route_components_pb2.Route, claims: Mapping[str, Any]) -> bool:
+    """Envoy's reading of a role route's `dynamic_metadata` matchers (ANDed), independent of the compiler: a
+    missing claim is a null value, which no string or list matcher matches; `invert` flips the answer."""
+    for matcher in route.match.dynamic_metadata:
+        assert matcher.filter == "envoy.filters.http.jwt_authn"
+        payload, claim = (segment.key for segment in matcher.path)
+        assert payload == "jwt_payload"
+        if value_matches(matcher.value, claims.get(claim)) is matcher.invert:
+            return False
+    return True
+
+
+def test_the_role_route_taken_is_the_binding_rbac_and_explain_would_name_on_random_tokens() -> None:
+    """Random subjects (globs, list claims, negations, alternatives) of three bindings with roles, random claims
+    of every type (strings, numbers, bools, null, lists, mixed lists): the first compiled role route a token
+    matches (Envoy's reading) is the binding `chosen_role` names (explain, audit, the exchange), and that
+    binding's RBAC principal admits the token; no route matched means no binding's subject admits it."""
+    backend = policy_of(issuer=issuer(ISS), backends=AWS_POLICY).backends[0]
+    default = route_components_pb2.Route(name="s3-default", match=route_components_pb2.RouteMatch(prefix="/"))
+    rng = random.Random(16)
+    outcomes: set[str | None] = set()
+    for _ in range(1500):
+        choices = []
+        for name in ("a", "b", "c"):
+            subjects = [
+                ResolvedSubject.of(
+                    random_conditions(rng, rng.randint(1, 2)),
+                    [random_conditions(rng, 1) for _ in range(rng.choice((0, 0, 2)))],
+                )
+                for _ in range(rng.randint(1, 2))
+            ]
+            matches = tuple(m for s in subjects for m in route_alternatives(s))
+            choices.append((RoleChoice(name, f"arn:aws:iam::1:role/{name}", matches), subjects))
+        credentials = [SigningCredential("ASIA", "s", "t")] * len(choices)
+        routes = role_routes(backend, [c for c, _ in choices], default, credentials)
+        claims = {name: random_value(rng) for name in CLAIM_NAMES if rng.random() < 0.8}
+        taken = next((r.name.split("/")[1] for r in routes if _route_matches(r, claims)), None)
+        assert taken == chosen_role([c for c, _ in choices], "backend", claims)[0], (claims, taken)
+        for name, subjects in ((c.binding, s) for c, s in choices):
+            admitted = any(rbac_allows(subject_principal(s), claims) for s in subjects)
+            if name == taken:
+                assert admitted
+                break
+            assert not admitted, (name, claims)  # an earlier binding admitting the token would have been taken
+        outcomes.add(taken)
+    assert outcomes == {"a", "b", "c", None}
