@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from envoy.config.route.v3 import route_components_pb2
 
 from controlplane.cloud.aws import AwsCredential, Refresher, StsError
 from controlplane.compiler.aws import SigningCredential, role_routes
-from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, ExchangePolicy, TokenExchange
+from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, ExchangeMemo, ExchangePolicy, TokenExchange
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
@@ -110,9 +111,11 @@ def gitlab() -> Iterator[FakeGitLab]:
         yield fake
 
 
-def _aws_exchange(fake: FakeGitLab, tmp_path: Path) -> tuple[TokenExchange, Callable[..., dict[str, Any]]]:
+def _aws_exchange(
+    fake: FakeGitLab, tmp_path: Path, backends: str = AWS_POLICY
+) -> tuple[TokenExchange, Callable[..., dict[str, Any]]]:
     issuer_yaml = issuer(fake.issuer, extra="inventory: inventory.yaml")
-    policy = policy_of(issuer=issuer_yaml, inventory=ACME_INVENTORY, backends=AWS_POLICY)
+    policy = policy_of(issuer=issuer_yaml, inventory=ACME_INVENTORY, backends=backends)
     exchange_policy = ExchangePolicy.build(policy, Resolution().update(policy))
     clock = Clock(float(int(time.time())))
     keys = SigningKeys(
@@ -148,6 +151,19 @@ def test_an_exchanged_credential_is_not_a_way_out_of_the_binding_role(gitlab: Fa
     assert "mr-reads" in refused["error_description"]
     granted = run(pipeline_source="push", job_id=7002)
     assert granted["status"] == 200 and granted["scope"] == "s3-read"
+
+
+def test_on_an_exchanged_only_aws_backend_a_binding_role_is_not_silently_replaced(
+    gitlab: FakeGitLab, tmp_path: Path
+) -> None:
+    """`credentials: exchanged`: the compiler makes no role routes there (raw ID tokens are refused), so every
+    credential was signed with the backend's role and a binding's `aws_role_arn` was silently ignored. The
+    exchange now refuses the jobs such a role would sign (fail closed) rather than lend them the backend's."""
+    exchanged_only = AWS_POLICY.replace("source: assume_role}", "source: assume_role}\ncredentials: exchanged")
+    assert exchanged_only != AWS_POLICY
+    _, run = _aws_exchange(gitlab, tmp_path, exchanged_only)
+    assert run(pipeline_source="merge_request_event")["error"] == "invalid_target"
+    assert run(pipeline_source="push", job_id=7003)["status"] == 200
 
 
 # -- policy updates renaming roles mid-traffic: refreshers left running, threads and fds
@@ -260,3 +276,22 @@ def test_the_role_route_taken_is_the_binding_rbac_and_explain_would_name_on_rand
             assert not admitted, (name, claims)  # an earlier binding admitting the token would have been taken
         outcomes.add(taken)
     assert outcomes == {"a", "b", "c", None}
+
+
+def test_the_exchange_sees_a_binding_role_added_with_its_grants_unchanged(gitlab: FakeGitLab) -> None:
+    """A policy update adding `aws_role_arn` to a binding leaves its grants (and a resolution's tuple of them)
+    as they were: the exchange's memo must still rebuild the backend's role choices."""
+    issuer_yaml = issuer(gitlab.issuer, extra="inventory: inventory.yaml")
+    without = policy_of(
+        issuer=issuer_yaml, inventory=ACME_INVENTORY, backends=AWS_POLICY.replace(f"aws_role_arn: '{MR_READ}'", "")
+    )
+    with_role = replace(
+        without,
+        bindings=tuple(replace(b, aws_role_arn=MR_READ) if b.name == "mr-reads" else b for b in without.bindings),
+    )
+    resolution = Resolution()
+    memo: ExchangeMemo = {}
+    before = ExchangePolicy.build(without, resolution.update(without), memo)
+    assert before.backends[0].aws_roles == ()
+    after = ExchangePolicy.build(with_role, resolution.update(with_role), memo)
+    assert [c.binding for c in after.backends[0].aws_roles] == ["mr-reads"]
