@@ -24,8 +24,8 @@ from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, Exchan
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
-from controlplane.resolved.aws_roles import RoleChoice, chosen_role, route_alternatives
-from controlplane.resolved.conditions import ResolvedSubject
+from controlplane.resolved.aws_roles import RoleChoice, chosen_role, merged_projects, route_alternatives
+from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.index import Resolution
 from controlplane.runtime.aws_signing import AwsSigners, source_factory
 from controlplane.sources.jwks import normalize_jwks
@@ -242,11 +242,23 @@ def _route_matches(route: route_components_pb2.Route, claims: Mapping[str, Any])
     return True
 
 
+def _random_subject(rng: random.Random) -> ResolvedSubject:
+    """Random conditions and alternatives; half the time alternatives per project as a live inventory makes them
+    (one exact `project_id` each, the rest shared), which the compiler merges into one route."""
+    conditions = random_conditions(rng, rng.randint(1, 2))
+    if rng.random() < 0.5:
+        shared = tuple(c for c in random_conditions(rng, rng.randint(0, 1)) if c.claim != "project_id")
+        projects = rng.sample(("42", "43", "a", "main"), rng.randint(1, 3))
+        return ResolvedSubject.of(conditions, [(Condition("project_id", (p,)), *shared) for p in projects])
+    return ResolvedSubject.of(conditions, [random_conditions(rng, 1) for _ in range(rng.choice((0, 0, 2)))])
+
+
 def test_the_role_route_taken_is_the_binding_rbac_and_explain_would_name_on_random_tokens() -> None:
     """Random subjects (globs, list claims, negations, alternatives) of three bindings with roles, random claims
     of every type (strings, numbers, bools, null, lists, mixed lists): the first compiled role route a token
     matches (Envoy's reading) is the binding `chosen_role` names (explain, audit, the exchange), and that
-    binding's RBAC principal admits the token; no route matched means no binding's subject admits it."""
+    binding's RBAC principal admits the token; no route matched means no binding's subject admits it. The RBAC
+    principals are built from the subjects as resolved, so the merge of per-project alternatives is checked too."""
     backend = policy_of(issuer=issuer(ISS), backends=AWS_POLICY).backends[0]
     default = route_components_pb2.Route(name="s3-default", match=route_components_pb2.RouteMatch(prefix="/"))
     rng = random.Random(16)
@@ -254,14 +266,8 @@ def test_the_role_route_taken_is_the_binding_rbac_and_explain_would_name_on_rand
     for _ in range(1500):
         choices = []
         for name in ("a", "b", "c"):
-            subjects = [
-                ResolvedSubject.of(
-                    random_conditions(rng, rng.randint(1, 2)),
-                    [random_conditions(rng, 1) for _ in range(rng.choice((0, 0, 2)))],
-                )
-                for _ in range(rng.randint(1, 2))
-            ]
-            matches = tuple(m for s in subjects for m in route_alternatives(s))
+            subjects = [_random_subject(rng) for _ in range(rng.randint(1, 2))]
+            matches = merged_projects(tuple(m for s in subjects for m in route_alternatives(s)))  # as compiled
             choices.append((RoleChoice(name, f"arn:aws:iam::1:role/{name}", matches), subjects))
         credentials = [SigningCredential("ASIA", "s", "t")] * len(choices)
         routes = role_routes(backend, [c for c, _ in choices], default, credentials)

@@ -8,13 +8,24 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
+from envoy.config.route.v3 import route_components_pb2
+from google.protobuf import json_format
 from moto.sts.models import sts_backends
 
+from controlplane.compiler.aws import SigningCredential, role_routes
+from controlplane.resolved.aws_roles import RoleChoice, merged_projects, route_alternatives
+from controlplane.resolved.conditions import Condition, ResolvedSubject
+from tests.compiled import policy_of
+from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import ACCOUNT
-from tests.support.ports import LOOPBACK
+from tests.support.policy_parts import issuer
+from tests.support.ports import LOOPBACK, free_port
+from tests.test_attack_roles import AWS_POLICY
 from tests.test_e2e_aws_binding_roles import HOST, PATH, World, world  # noqa: F401 (the module's stack)
+from tests.test_envoy_role_choice_facts import HCM_URL, ISSUER, JWT_URL, ROUTER_URL, Issuer, _route
 
 pytestmark = pytest.mark.e2e
 
@@ -110,3 +121,89 @@ def test_the_role_follows_each_request_on_one_connection_and_through_jwt_authns_
             assert (response.status, world.fake.role_of_key(key)) == (200, expected[token])
     finally:
         conn.close()
+
+
+# -- a live inventory's per-project alternatives, merged into one route, on a static Envoy
+
+
+def _static_envoy_routes(routes: Sequence[route_components_pb2.Route]) -> list[dict[str, Any]]:
+    """The compiled role routes (their match as compiled), each answering its own name; then a default."""
+    out = []
+    for route in routes:
+        as_json = json_format.MessageToDict(route, preserving_proto_field_name=True)
+        out.append(
+            {
+                "name": as_json["name"],
+                "match": as_json["match"],
+                "direct_response": {"status": 200, "body": {"inline_string": as_json["name"]}},
+            }
+        )
+    default = {"status": 200, "body": {"inline_string": "default"}}
+    return [*out, {"name": "default", "match": {"prefix": "/"}, "direct_response": default}]
+
+
+def _role_routes_bootstrap(port: int, jwks: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    provider = {
+        "issuer": ISSUER,
+        "audiences": ["s3"],
+        "local_jwks": {"inline_string": jwks},
+        "forward": False,
+        "payload_in_metadata": "jwt_payload",
+        "clear_route_cache": True,
+    }
+    jwt_authn = {
+        "@type": JWT_URL,
+        "providers": {"ci": provider},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "ci"}}],
+    }
+    hcm = {
+        "@type": HCM_URL,
+        "stat_prefix": "roles",
+        "route_config": {"virtual_hosts": [{"name": "s3", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.jwt_authn", "typed_config": jwt_authn},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_URL}},
+        ],
+    }
+    listener = {
+        "name": "roles",
+        "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    return {"admin": {}, "static_resources": {"listeners": [listener]}}
+
+
+def test_per_project_alternatives_are_one_route_envoy_matches_as_their_union() -> None:
+    """1,000 projects of a group subject (one alternative each, as a live inventory resolves them) with the same
+    protected ref: one route on the real Envoy, matching every one of those projects on `main` and nothing else."""
+    issuer_ = Issuer()
+    common = (Condition("iss", (ISSUER,)), Condition("pipeline_source", ("merge_request_event",), negated=True))
+    subject = ResolvedSubject.of(
+        common, [(Condition("project_id", (str(i),)), Condition("ref", ("main",))) for i in range(1000)]
+    )
+    matches = merged_projects(route_alternatives(subject))
+    assert len(matches) == 1
+    backend = policy_of(issuer=issuer("https://g"), backends=AWS_POLICY).backends[0]
+    default = route_components_pb2.Route(name="s3-default", match=route_components_pb2.RouteMatch(prefix="/"))
+    compiled = role_routes(
+        backend,
+        [RoleChoice("group-deploys", "arn:aws:iam::1:role/d", matches)],
+        default,
+        [SigningCredential("A", "s", "t")],
+    )
+    port = free_port()
+    envoy = EnvoyProcess(
+        _role_routes_bootstrap(port, issuer_.jwks, _static_envoy_routes(compiled)), name="merged"
+    ).start()
+    try:
+        role_route = "s3-role/group-deploys/0"
+        assert _route(port, issuer_.token(project_id="0", ref="main")) == (200, role_route)
+        assert _route(port, issuer_.token(project_id="999", ref="main")) == (200, role_route)
+        assert _route(port, issuer_.token(project_id="1000", ref="main")) == (200, "default")
+        assert _route(port, issuer_.token(project_id="999", ref="feature")) == (200, "default")
+        mr = issuer_.token(project_id="5", ref="main", pipeline_source="merge_request_event")
+        assert _route(port, mr) == (200, "default")
+    finally:
+        envoy.stop()
