@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,9 +23,10 @@ from tests.compiled import policy_of
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import ACCOUNT
 from tests.support.policy_parts import issuer
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.stack import PolicyInputs
 from tests.test_attack_roles import AWS_POLICY
-from tests.test_e2e_aws_binding_roles import HOST, PATH, World, world  # noqa: F401 (the module's stack)
+from tests.test_e2e_aws_binding_roles import HOST, PATH, READ_WRITE, Roles, World, _policy, world  # noqa: F401 (the module's stack)
 from tests.test_envoy_role_choice_facts import HCM_URL, ISSUER, JWT_URL, ROUTER_URL, Issuer, _route
 
 pytestmark = pytest.mark.e2e
@@ -207,3 +209,51 @@ def test_per_project_alternatives_are_one_route_envoy_matches_as_their_union() -
         assert _route(port, mr) == (200, "default")
     finally:
         envoy.stop()
+
+
+def test_a_role_renamed_mid_traffic_signs_with_the_new_role_and_the_old_one_is_dropped(world: World) -> None:  # noqa: F811
+    """A policy update gives `main-deploys` another role while protected-main jobs keep sending: their requests
+    go from the old role to the new one (never unsigned, never the backend's), and the old role's refresher is
+    stopped (its metric series gone). The policy is restored afterwards for the module's other tests."""
+    job = world.stack.job
+    old = world.roles.deploy
+    new = world.fake.add_role("ci-main-deploy-2", READ_WRITE)
+    inputs = PolicyInputs(
+        world.stack.gitlab.issuer, world.stack.listen_port, {}, world.stack.access_log, world.stack.root
+    )
+
+    def write(roles: Roles) -> None:
+        for name, text in _policy(world.fake, roles)(inputs).items():
+            world.stack.write(name, text)
+
+    def series(arn: str) -> bool:
+        """The role's refresher runs: its `valid_seconds` gauge is dropped when it stops (counters stay)."""
+        wanted = f'controlplane_cloud_credential_valid_seconds{{backend="{arn}",provider="aws"}}'
+        return any(line.startswith(wanted) for line in world.stack.controlplane.metrics().splitlines())
+
+    def send(token: str, method: str = "GET") -> tuple[int, str | None]:
+        """As `World.send`, but the refreshers' own STS calls (signed with the control plane's user key, so of
+        no role) may land in between while roles change: only sessions' signatures count."""
+        before = len(world.fake.signed_by)
+        path = PATH if method == "GET" else f"/{PATH.split('/')[1]}/written.txt"
+        status = world.stack.request(HOST, path, token, method=method).status
+        roles = [r for k in world.fake.signed_by[before:] if (r := world.fake.role_of_key(k)) is not None]
+        assert len(roles) <= 1, roles
+        return status, roles[0] if roles else None
+
+    try:
+        assert send(job(231, ref="main")) == (200, old) and series(old)
+        write(replace(world.roles, deploy=new))
+        seen: list[tuple[int, str | None]] = []
+
+        def switched() -> bool:
+            seen.append(send(job(232 + len(seen), ref="main")))
+            return seen[-1] == (200, new)
+
+        poll_until(switched, 30, message="protected main signed with the renamed role")
+        assert all(answer in ((200, old), (200, new), (503, None)) for answer in seen), seen
+        poll_until(lambda: not series(old), 10, message="the old role's refresher stopped")
+        assert send(job(299, ref="main", ref_protected=True), "PUT") == (200, new)
+    finally:
+        write(world.roles)
+        poll_until(lambda: send(job(300, ref="main"))[1] == old, 30, message="the original policy back")
