@@ -22,12 +22,13 @@ from controlplane.cloud.aws import AwsCredential, Refresher, StsError
 from controlplane.compiler.aws import SigningCredential, role_routes
 from controlplane.credentials.exchange import GRANT_TYPE, TOKEN_TYPE_JWT, ExchangeMemo, ExchangePolicy, TokenExchange
 from controlplane.credentials.keys import FileKeyStore, SigningKeys
+from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
 from controlplane.model.policy import Policy
 from controlplane.resolved.aws_roles import RoleChoice, chosen_role, merged_projects, route_alternatives
 from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.index import Resolution
-from controlplane.runtime.aws_signing import AwsSigners, source_factory
+from controlplane.runtime.aws_signing import AwsSigners, roles_of, source_factory
 from controlplane.sources.jwks import normalize_jwks
 from tests.compiled import policy_of
 from tests.support.clock import Clock
@@ -301,3 +302,52 @@ def test_the_exchange_sees_a_binding_role_added_with_its_grants_unchanged(gitlab
     assert before.backends[0].aws_roles == ()
     after = ExchangePolicy.build(with_role, resolution.update(with_role), memo)
     assert [c.binding for c in after.backends[0].aws_roles] == ["mr-reads"]
+
+
+# -- one role named by two backends (or a binding) that obtain it differently
+
+
+TEAM_ROLE = "arn:aws:iam::123456789012:role/team-a-deploy"
+
+
+def _two_backends(second_aws: str, binding_arn: str | None = None) -> dict[str, str]:
+    team_a = f"{{service: s3, region: eu-west-1, role_arn: '{TEAM_ROLE}', session_name: team-a}}"
+    files = {
+        "a.yaml": documents(
+            issuer("https://g.example.com"),
+            backend("team-a", 1, extra=f"aws: {team_a}"),
+            role("a-read", "team-a", ["GET"]),
+        ),
+        "b.yaml": documents(
+            backend("aaa-other", 2, extra=f"aws: {second_aws}"),
+            role("b-read", "aaa-other", ["GET"]),
+        ),
+    }
+    if binding_arn is not None:
+        files["c.yaml"] = binding("c", ["b-read"], "{project: 42}", extra=f"aws_role_arn: '{binding_arn}'")
+    return files
+
+
+def test_a_role_is_obtained_one_way_whoever_names_it() -> None:
+    """Backend `team-a` obtains its role by web identity as session `team-a`. Another policy author adds a backend
+    named to sort first, naming the same role with `source: assume_role` and no session name. Before: accepted,
+    and the role was then obtained that other way for both (`roles_of` keeps the first by name), so `team-a`
+    answered 503 wherever AssumeRole is not allowed, and CloudTrail saw another session name: one backend's
+    settings silently broke another's. Now a policy error names both."""
+    hostile = f"{{service: sqs, region: us-east-1, role_arn: '{TEAM_ROLE}', source: assume_role}}"
+    with pytest.raises(PolicyInvalid) as raised:
+        parse_policy(_two_backends(hostile))
+    (error,) = raised.value.errors
+    assert (error.file, error.field) == ("a.yaml", "aws.role_arn")
+    assert "aaa-other" in error.message and "assume_role" in error.message
+    # the same role in another region and service, obtained the same way, is one refresher serving both
+    same = f"{{service: sqs, region: us-east-1, role_arn: '{TEAM_ROLE}', session_name: team-a}}"
+    policy = parse_policy(_two_backends(same))
+    assert list(roles_of(policy)) == [TEAM_ROLE]
+    # a binding's role is obtained as its backend's: naming team-a's role from aaa-other's (assume_role) conflicts
+    other = "arn:aws:iam::123456789012:role/other"
+    aaa_assume = f"{{service: sqs, region: us-east-1, role_arn: '{other}', source: assume_role}}"
+    with pytest.raises(PolicyInvalid) as raised:
+        parse_policy(_two_backends(aaa_assume, binding_arn=TEAM_ROLE))
+    (error,) = raised.value.errors
+    assert (error.file, error.field) == ("c.yaml", "aws_role_arn")

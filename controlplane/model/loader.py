@@ -100,6 +100,7 @@ def _load(files: Mapping[str, str], parses: ParseCache, built: _BuildMemo) -> Po
     )
     env.hosts.report(errors, lambda others: f"host is also served by {others}")
     errors.extend(aws.binding_role_errors(policy))
+    errors.extend(aws.role_source_errors(policy))
     if errors:
         raise errors.invalid()
     return policy

@@ -10,7 +10,7 @@ import re
 from types import MappingProxyType
 
 from controlplane.model import scalars
-from controlplane.model.errors import PolicyError
+from controlplane.model.errors import PolicyError, Source
 from controlplane.model.fields import Conv, Fields, need, record
 from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Policy
 
@@ -67,3 +67,45 @@ def binding_role_errors(policy: Policy) -> list[PolicyError]:
         for b in policy.bindings
         if b.aws_role_arn is not None and not any(role_backend.get(r) in aws_backends for r in b.roles)
     ]
+
+
+def role_source_errors(policy: Policy) -> list[PolicyError]:
+    """One AWS role ARN is obtained one way: the run time keeps one refresher per ARN, set up as the first backend
+    naming it (by name) says, else as the first binding's (by name) AWS backend (runtime/aws_signing.py `roles_of`).
+    Two ways for one ARN would let one backend's `source` or `session_name` silently replace another's: a backend
+    named to sort first could make another team's role unobtainable (503 there) or change the session name
+    CloudTrail records. So every declaration that differs from the first is an error naming it."""
+    first: dict[str, tuple[tuple[str, str | None], str]] = {}
+    errors: list[PolicyError] = []
+
+    def declare(arn: str, how: AwsSigning, who: str, at: Source, field: str) -> None:
+        way = (how.source, how.session_name)
+        seen_way, seen_who = first.setdefault(arn, (way, who))
+        if seen_way != way:
+            errors.append(
+                PolicyError.at(
+                    at,
+                    field,
+                    f"{who} obtains AWS role {arn} with {_way(way)}, but {seen_who} obtains it with {_way(seen_way)}: "
+                    "a role is obtained one way (the first by name), so give both the same source and session_name",
+                )
+            )
+
+    backends = sorted(policy.backends, key=lambda b: b.name)
+    for backend in backends:
+        if backend.aws is not None:
+            declare(backend.aws.role_arn, backend.aws, f"backend {backend.name}", backend.source, "aws.role_arn")
+    role_backend = {r.name: r.backend for r in policy.roles}
+    for binding in sorted(policy.bindings, key=lambda b: b.name):
+        if binding.aws_role_arn is None:
+            continue
+        on = {role_backend.get(r) for r in binding.roles}
+        via = next((b for b in backends if b.name in on and b.aws is not None), None)
+        if via is not None and via.aws is not None:
+            who = f"binding {binding.name} (as its backend {via.name})"
+            declare(binding.aws_role_arn, via.aws, who, binding.source, "aws_role_arn")
+    return errors
+
+
+def _way(way: tuple[str, str | None]) -> str:
+    return f"source {way[0]} and session_name {way[1] or '(the default)'}"
