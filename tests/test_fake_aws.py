@@ -304,6 +304,7 @@ def test_who_signed_each_request_and_any_unsigned_one_are_recorded(aws: FakeAws,
     credentials = _assume(aws)
     signed, unsigned = len(aws.signed_by), aws.unsigned
     _s3(aws, credentials).get_object(Bucket=BUCKET, Key=OBJECT_KEY)
+    _assume(aws)  # a signed STS call (the control plane's AssumeRole, at any moment): not a request's signer
     assert aws.signed_by[signed:] == [credentials["AccessKeyId"]]
     _web(aws, _token(keys))  # AssumeRoleWithWebIdentity: unsigned on AWS too, not counted
     assert aws.unsigned == unsigned

@@ -42,6 +42,7 @@ from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.policy import Backend, Policy
 from controlplane.resolved.access import Grant, ResolvedPolicy
+from controlplane.resolved.aws_roles import RoleChoice, backend_role_choices, chosen_role
 from controlplane.resolved.conditions import Condition, ResolvedSubject
 from controlplane.resolved.evaluate import Evaluator
 
@@ -103,6 +104,9 @@ class ExchangeBackend:
     grants: tuple[ExchangeGrant, ...]
     # Accepts raw ID tokens and keeps every finished job that could reach it denied (Backend.covers_unseen_jobs).
     covers_unseen_jobs: bool = False
+    # An AWS backend's bindings with a role of their own (resolved/aws_roles.py): a job one of them chooses is
+    # refused a credential, which would be signed with the backend's role (see `_no_binding_role`).
+    aws_roles: tuple[RoleChoice, ...] = ()
 
     @cached_property
     def resolved(self) -> tuple[Grant, ...]:
@@ -137,6 +141,7 @@ class ExchangePolicy:
         one-binding commit rebuilds one backend, not ten thousand grants.
         """
         ttl = {b.name: b.credential_ttl_seconds for b in policy.bindings}
+        bindings = {b.name: b for b in policy.bindings}
         roles_of: dict[str, list[str]] = {}
         for declared in policy.roles:
             roles_of.setdefault(declared.backend, []).append(declared.name)
@@ -145,12 +150,25 @@ class ExchangePolicy:
         for backend in policy.backends:
             grants = resolved.grants(backend.name)
             roles = tuple(sorted(roles_of.get(backend.name, ())))
+            # A binding's aws_role_arn may change with its grants unchanged: compared by value, not identity.
+            choices = backend_role_choices(grants, bindings) if backend.aws is not None else ()
             hit = memo.get(backend.name)
-            if hit is not None and hit[0] is backend and hit[1] is grants and hit[2] == roles:
+            if (
+                hit is not None
+                and hit[0] is backend
+                and hit[1] is grants
+                and hit[2] == roles
+                and hit[3].aws_roles == choices
+            ):
                 entry = hit[3]
             else:
                 entry = ExchangeBackend(
-                    backend.name, backend.audience, roles, _exchange_grants(grants, ttl), backend.covers_unseen_jobs
+                    backend.name,
+                    backend.audience,
+                    roles,
+                    _exchange_grants(grants, ttl),
+                    backend.covers_unseen_jobs,
+                    choices,
                 )
                 memo[backend.name] = (backend, grants, roles, entry)
             backends.append(entry)
@@ -500,6 +518,7 @@ class TokenExchange:
         if context["job_id"] != checked:
             self._check_missed_hook(claims, issuer, context)
         roles, policy_ttl = _authorize(policy.evaluator, claims, backend, request.scope)
+        _no_binding_role(policy.evaluator, claims, backend)
         context["roles"] = roles
         remaining = int(claims["exp"] - now)
         ttl = min(policy_ttl, request.lifetime or policy_ttl, remaining, int(self._keys.max_credential_ttl))
@@ -698,6 +717,19 @@ def _target(policy: ExchangePolicy, targets: Sequence[str]) -> ExchangeBackend:
     if backend is None or len(found) > 1:
         raise Refused("invalid_target", "audience and resource name different backends")
     return backend
+
+
+def _no_binding_role(evaluator: Evaluator, claims: Mapping[str, Any], backend: ExchangeBackend) -> None:
+    """A job whose ID token a binding's own AWS role signs gets no credential for that backend: the credential
+    carries roles, not the job's claims, so Envoy would sign its requests with the backend's role instead (its
+    `iss` matches no binding role's route; docs/aws-backends.md), a way out of the role its policy gave it."""
+    binding, _ = chosen_role(backend.aws_roles, "", claims, evaluator)
+    if binding is not None:
+        raise Refused(
+            "invalid_target",
+            f"backend {_named(backend.name)} signs this job's requests with the AWS role of binding "
+            f"{_named(binding)}, which a credential cannot carry: send the job's ID token itself",
+        )
 
 
 def _authorize(

@@ -142,9 +142,11 @@ class _Layer:
         """Who signed each request reaching AWS: the access key id of its SigV4 header, or nothing (unsigned;
         AssumeRoleWithWebIdentity is the one call AWS takes unsigned)."""
         found = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        action = self._sts_action(environ)
         if found is not None:
-            self._fake.signed_by.append(found.group(1))
-        elif self._sts_action(environ) != "AssumeRoleWithWebIdentity":
+            if action is None:  # a signed STS call is the control plane's own (AssumeRole), at any moment
+                self._fake.signed_by.append(found.group(1))
+        elif action != "AssumeRoleWithWebIdentity":
             self._fake.unsigned += 1
 
     @staticmethod
@@ -207,7 +209,7 @@ class FakeAws:
         # An STS outage on demand: while true every STS action is answered 503 ServiceUnavailable (counted).
         self.sts_down = False
         self.sts_refused_outage = 0
-        self.signed_by: list[str] = []  # the access key id that signed each request (moto's admin API aside)
+        self.signed_by: list[str] = []  # the access key id that signed each request but STS calls (and moto's admin API)
         self.unsigned = 0  # requests that reached AWS with no signature (AssumeRoleWithWebIdentity aside)
         # Web-identity sessions last this long whatever was asked (None: as asked). A test knob: AWS never grants
         # less than asked (900 s at least), but serve asks for an hour and plans on the session it gets
