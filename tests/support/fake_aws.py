@@ -209,7 +209,7 @@ class FakeAws:
         # An STS outage on demand: while true every STS action is answered 503 ServiceUnavailable (counted).
         self.sts_down = False
         self.sts_refused_outage = 0
-        self.signed_by: list[str] = []  # the access key id that signed each request but STS calls (and moto's admin API)
+        self.signed_by: list[str] = []  # the access key id signing each request, STS calls and moto's admin API aside
         self.unsigned = 0  # requests that reached AWS with no signature (AssumeRoleWithWebIdentity aside)
         # Web-identity sessions last this long whatever was asked (None: as asked). A test knob: AWS never grants
         # less than asked (900 s at least), but serve asks for an hour and plans on the session it gets
