@@ -35,8 +35,11 @@ image:
 demo: setup
 	$(PY) -m tests.support.demo
 
+# Two test processes (pytest-xdist), a module per process at a time (module-scoped stacks stay in one): most of
+# the e2e time is waiting on real Envoys, servers and clocks, so two overlap well on a 2-core machine.
+TEST_WORKERS ?= 2
 test: setup lint browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # Debian's headless Chromium, which tests/test_report_browser.py opens the HTML report in: installed with apt-get
 # when missing and this runs as root with apt (CI); otherwise how to. That test fails under CI=true without it.
