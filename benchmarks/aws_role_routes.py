@@ -36,6 +36,7 @@ import json
 import logging
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -134,27 +135,49 @@ def resource_bytes(snapshot: Snapshot, type_url: str) -> int:
     return sum(len(r.payload) for r in snapshot.types[type_url].resources.values())
 
 
-# -- the upstream: answers `ok` at once, remembers which key signed the last request
+# -- the upstream, in a process of its own (not competing with the client for this one's GIL): each answer's body
+# is the access key id that signed the request (read from its SigV4 `Authorization`), or `-` when unsigned.
 
+UPSTREAM = """
+import asyncio, sys
 
-class Upstream(asyncio.Protocol):
-    last_key: str = ""
-
-    def connection_made(self, transport: Any) -> None:
+class Answer(asyncio.Protocol):
+    def connection_made(self, transport):
         self.transport, self.buffer = transport, b""
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data):
         self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)  # GETs only: no body
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"authorization:"):
-                    Upstream.last_key = line.split(b"Credential=", 1)[-1].split(b"/", 1)[0].decode()
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        while b"\\r\\n\\r\\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\\r\\n\\r\\n", 1)  # GETs only: no body
+            key = b"-"
+            for line in head.split(b"\\r\\n"):
+                if line[:14].lower() == b"authorization:" and b"Credential=" in line:
+                    key = line.split(b"Credential=", 1)[1].split(b"/", 1)[0]
+            self.transport.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(key), key))
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@contextmanager
+def upstream() -> Iterator[int]:
+    """The upstream's port; the process is stopped on leaving."""
+    process = subprocess.Popen([sys.executable, "-c", UPSTREAM], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield int(process.stdout.readline())
+    finally:
+        process.terminate()
+        process.wait(5)
 
 
 class Loop:
-    """An event loop in a thread: the upstream and the control plane's XdsServer run there."""
+    """An event loop in a thread, for the control plane's XdsServer."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -169,11 +192,6 @@ class Loop:
         self.thread.join(5)
 
 
-async def _serve_upstream() -> tuple[asyncio.base_events.Server, int]:
-    server = await asyncio.get_running_loop().create_server(Upstream, LOOPBACK, 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
 # -- part 1: per request
 
 
@@ -184,6 +202,7 @@ class Target:
     token: str
     key: str  # the access key that must sign this job's requests
     samples: list[int] = field(default_factory=list)
+    signed_by: str = ""
 
     def __post_init__(self) -> None:
         self.request = (
@@ -194,24 +213,33 @@ class Target:
         self.sock.settimeout(10)
 
     def one(self) -> int:
+        """One request; its time in ns. `signed_by` is then the key that signed it (the upstream's answer)."""
         started = time.perf_counter_ns()
         self.sock.sendall(self.request)
         received = b""
-        while not (received.endswith(b"\r\n\r\nok") or (b"\r\n\r\n" in received and b" 200 " not in received[:15])):
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise RuntimeError(f"{self.label}: connection closed")
-            received += chunk
+        while b"\r\n\r\n" not in received:
+            received += self._recv()
+        head, body = received.split(b"\r\n\r\n", 1)
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            body += self._recv()
         elapsed = time.perf_counter_ns() - started
-        if not received.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"{self.label}: {received[:60]!r}")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{self.label}: {head[:60]!r} {body[:80]!r}")
+        self.signed_by = body.decode()
         return elapsed
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(4096)
+        if not chunk:
+            raise RuntimeError(f"{self.label}: connection closed")
+        return chunk
 
     def checked(self) -> None:
         """One request, which must have been signed with this job's key."""
         self.one()
-        if Upstream.last_key != self.key:
-            raise RuntimeError(f"{self.label}: signed with {Upstream.last_key!r}, expected {self.key!r}")
+        if self.signed_by != self.key:
+            raise RuntimeError(f"{self.label}: signed with {self.signed_by!r}, expected {self.key!r}")
 
 
 def start(envoy: EnvoyProcess) -> EnvoyProcess:
@@ -327,7 +355,7 @@ def push_to_signed(loop: Loop, cache: SnapshotCache, snapshot: Snapshot, target:
     loop.run(put())
     while True:
         target.one()
-        if Upstream.last_key == target.key:
+        if target.signed_by == target.key:
             return 1000 * (time.perf_counter() - pushed)
         if time.perf_counter() - pushed > 10:
             raise RuntimeError(f"{target.label}: not signed with {target.key} within 10 s")
@@ -422,12 +450,10 @@ def main(argv: list[str] | None = None) -> None:
         args.scale, args.envoy_at = [10, 100], {100}
     loop = Loop()
     try:
-        upstream_server, upstream = loop.run(_serve_upstream())
-        with FakeGitLab(default_audience=AUDIENCE) as gitlab:
+        with upstream() as port, FakeGitLab(default_audience=AUDIENCE) as gitlab:
             KEYS["gitlab"] = json.dumps(gitlab.jwks(), sort_keys=True, separators=(",", ":"))
-            per_request(gitlab, upstream, args)
-            compile_and_push(gitlab, loop, upstream, args)
-        upstream_server.close()
+            per_request(gitlab, port, args)
+            compile_and_push(gitlab, loop, port, args)
     finally:
         loop.close()
 
