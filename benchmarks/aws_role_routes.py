@@ -192,6 +192,15 @@ class Loop:
         self.thread.join(5)
 
 
+@dataclass
+class Results:
+    """What a run measured, for tests/test_bench_aws_role_routes.py (the figures themselves are printed)."""
+
+    latency_us: dict[tuple[int, str], float] = field(default_factory=dict)  # (K, job) -> p50
+    pushed_bytes: dict[tuple[int, int], int] = field(default_factory=dict)  # (B, K) -> bytes of one refresh
+    signed_ms: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # (K, rds|ecds) -> push → signed
+
+
 # -- part 1: per request
 
 
@@ -201,13 +210,13 @@ class Target:
     port: int
     token: str
     key: str  # the access key that must sign this job's requests
+    roles: int = 0  # K of its Envoy
+    job: str = ""  # last | none
     samples: list[int] = field(default_factory=list)
     signed_by: str = ""
 
     def __post_init__(self) -> None:
-        self.request = (
-            f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {self.token}\r\n\r\n".encode()
-        )
+        self.request = f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {self.token}\r\n\r\n".encode()
         self.sock = socket.create_connection((LOOPBACK, self.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(10)
@@ -276,8 +285,8 @@ def percentile(samples: list[int], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] / 1000.0
 
 
-def per_request(gitlab: FakeGitLab, upstream: int, args: argparse.Namespace) -> None:
-    bindings = 100
+def per_request(gitlab: FakeGitLab, upstream: int, args: argparse.Namespace, results: Results) -> None:
+    bindings = args.bindings
     claims: dict[str, Any] = {"project_id": 42, "project_path": "acme/deployer", "namespace_id": 11, "aud": AUDIENCE}
     last = gitlab.mint(ref=f"branch-{bindings - 1:04d}", ref_protected=False, ttl=3600, **claims)
     none = gitlab.mint(ref="feature", ref_protected=False, ttl=3600, **claims)
@@ -295,7 +304,7 @@ def per_request(gitlab: FakeGitLab, upstream: int, args: argparse.Namespace) -> 
             label = "baseline (backend role only)" if roles == 0 else f"{roles} binding role{'s' * (roles > 1)}"
             last_key = key_of(role_arn(bindings - 1)) if roles else key_of(BACKEND_ROLE)
             for job, token, key in (("last", last, last_key), ("none", none, key_of(BACKEND_ROLE))):
-                target = Target(f"{label}, job {job}", listen, token, key)
+                target = Target(f"{label}, job {job}", listen, token, key, roles, job)
                 stack.callback(target.sock.close)
                 target.checked()
                 targets.append(target)
@@ -305,15 +314,15 @@ def per_request(gitlab: FakeGitLab, upstream: int, args: argparse.Namespace) -> 
         for _ in range(args.rounds):
             for target in targets:
                 target.samples += [target.one() for _ in range(args.block)]
-    base = {job: next(t for t in targets if t.label.endswith(f"job {job}")) for job in ("last", "none")}
+    base = {t.job: t for t in targets if t.roles == 0}
     print(f"\n1. Per request, {bindings} bindings + z-everyone, {len(targets[0].samples):,} requests each "
           f"(blocks of {args.block}), one keep-alive connection each; microseconds")  # fmt: skip
     print(f"{'':<44} {'p50':>7} {'p99':>7} {'req/s':>7} {'p50 - base':>11} {'p99 - base':>11}")
     for target in targets:
-        job = target.label.rsplit(" ", 1)[1]
         p50, p99 = percentile(target.samples, 0.5), percentile(target.samples, 0.99)
         rate = 1e9 * len(target.samples) / sum(target.samples)
-        b50, b99 = percentile(base[job].samples, 0.5), percentile(base[job].samples, 0.99)
+        results.latency_us[(target.roles, target.job)] = p50
+        b50, b99 = percentile(base[target.job].samples, 0.5), percentile(base[target.job].samples, 0.99)
         print(f"{target.label:<44} {p50:>7.1f} {p99:>7.1f} {rate:>7.0f} {p50 - b50:>+11.1f} {p99 - b99:>+11.1f}")
 
 
@@ -361,7 +370,7 @@ def push_to_signed(loop: Loop, cache: SnapshotCache, snapshot: Snapshot, target:
             raise RuntimeError(f"{target.label}: not signed with {target.key} within 10 s")
 
 
-def compile_and_push(gitlab: FakeGitLab, loop: Loop, upstream: int, args: argparse.Namespace) -> None:
+def compile_and_push(gitlab: FakeGitLab, loop: Loop, upstream: int, args: argparse.Namespace, results: Results) -> None:
     print("\n2. Compile and push, B bindings all naming a role (K = B) vs the same bindings without roles (K = 0)")
     print(f"{'B':>6} {'K':>6} {'compile+build ms':>17} {'routes kB':>10} {'refresh compile ms':>19} "
           f"{'pushed kB':>10} {'what is pushed':>16}")  # fmt: skip
@@ -386,12 +395,13 @@ def compile_and_push(gitlab: FakeGitLab, loop: Loop, upstream: int, args: argpar
             other = EXTENSION_CONFIG if roles else ROUTE
             if first.version(other) != second.version(other):
                 raise RuntimeError(f"B={count} K={roles}: the refresh changed {other} too")
-            pushed = resource_bytes(second, changed)
+            pushed = results.pushed_bytes[(count, roles)] = resource_bytes(second, changed)
             what = "RDS: routes" if roles else "ECDS: signer"
             print(f"{count:>6} {roles:>6} {1000 * cold:>17.1f} {resource_bytes(first, ROUTE) / 1000:>10.1f} "
                   f"{1000 * refresh:>19.1f} {pushed / 1000:>10.1f} {what:>16}")  # fmt: skip
             if roles and count in args.envoy_at:
-                envoy_apply(loop, gitlab, policy, credentials, first, listen, count, claims, args)
+                times = envoy_apply(loop, gitlab, policy, credentials, first, listen, count, claims, args)
+                results.signed_ms |= {(count, kind): ms for kind, ms in times.items()}
 
 
 def envoy_apply(
@@ -404,7 +414,7 @@ def envoy_apply(
     count: int,
     claims: dict[str, Any],
     args: argparse.Namespace,
-) -> None:
+) -> dict[str, list[float]]:
     """Alternate refreshes of the last binding role (RDS) and of the backend role (ECDS) on a real Envoy."""
     last = gitlab.mint(ref=f"branch-{count - 1:04d}", ref_protected=False, ttl=3600, **claims)
     none = gitlab.mint(ref="feature", ref_protected=False, ttl=3600, **claims)
@@ -430,9 +440,10 @@ def envoy_apply(
         print(f"       B=K={count}, {args.api}: refresh of the {label} → first request signed with the new key: "
               f"median {statistics.median(ms):.1f} ms, max {ms[-1]:.1f} ms (n={len(ms)})")  # fmt: skip
     print(f"       Envoy's RDS reloads: {sum(reloads.values())}")
+    return times
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Results:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, B up to 100")
     parser.add_argument("--rounds", type=int, default=20)
@@ -441,21 +452,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="cold compiles per size (median)")
     parser.add_argument("--pushes", type=int, default=10, help="refreshes of each kind on the real Envoy")
     parser.add_argument("--api", choices=("sotw", "delta"), default="sotw")
+    parser.add_argument("--bindings", type=int, default=100, help="B for the per-request part")
+    parser.add_argument("--roles", default="0,1,10,100", help="the K of the per-request part, 0 the baseline")
     args = parser.parse_args(argv)
-    args.roles = [0, 1, 10, 100]
+    args.roles = sorted({0, *(int(k) for k in args.roles.split(","))})
+    if args.roles[-1] > args.bindings:
+        parser.error("--roles may not exceed --bindings")
     args.scale = [10, 100, 1000]
     args.envoy_at = {100, 1000}
     if args.quick:
         args.rounds, args.block, args.warmup, args.repeat, args.pushes = 2, 50, 20, 1, 2
         args.scale, args.envoy_at = [10, 100], {100}
-    loop = Loop()
+    loop, results = Loop(), Results()
     try:
         with upstream() as port, FakeGitLab(default_audience=AUDIENCE) as gitlab:
             KEYS["gitlab"] = json.dumps(gitlab.jwks(), sort_keys=True, separators=(",", ":"))
-            per_request(gitlab, port, args)
-            compile_and_push(gitlab, loop, port, args)
+            per_request(gitlab, port, args, results)
+            compile_and_push(gitlab, loop, port, args, results)
     finally:
         loop.close()
+    return results
 
 
 if __name__ == "__main__":
