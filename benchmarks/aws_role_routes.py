@@ -244,11 +244,12 @@ class Target:
             raise RuntimeError(f"{self.label}: connection closed")
         return chunk
 
-    def checked(self) -> None:
-        """One request, which must have been signed with this job's key."""
-        self.one()
+    def signed(self) -> int:
+        """One request, which must have been signed with this job's key (checked after the clock stopped)."""
+        elapsed = self.one()
         if self.signed_by != self.key:
             raise RuntimeError(f"{self.label}: signed with {self.signed_by!r}, expected {self.key!r}")
+        return elapsed
 
 
 def start(envoy: EnvoyProcess) -> EnvoyProcess:
@@ -306,14 +307,14 @@ def per_request(gitlab: FakeGitLab, upstream: int, args: argparse.Namespace, res
             for job, token, key in (("last", last, last_key), ("none", none, key_of(BACKEND_ROLE))):
                 target = Target(f"{label}, job {job}", listen, token, key, roles, job)
                 stack.callback(target.sock.close)
-                target.checked()
+                target.signed()
                 targets.append(target)
         for target in targets:
             for _ in range(args.warmup):
                 target.one()
         for _ in range(args.rounds):
             for target in targets:
-                target.samples += [target.one() for _ in range(args.block)]
+                target.samples += [target.signed() for _ in range(args.block)]
     base = {t.job: t for t in targets if t.roles == 0}
     print(f"\n1. Per request, {bindings} bindings + z-everyone, {len(targets[0].samples):,} requests each "
           f"(blocks of {args.block}), one keep-alive connection each; microseconds")  # fmt: skip
@@ -360,10 +361,13 @@ def push_to_signed(loop: Loop, cache: SnapshotCache, snapshot: Snapshot, target:
     async def put() -> None:
         cache.set(snapshot)
 
+    before = target.signed_by  # the key that signed until now
     pushed = time.perf_counter()
     loop.run(put())
     while True:
         target.one()
+        if target.signed_by not in (before, target.key):
+            raise RuntimeError(f"{target.label}: signed with {target.signed_by!r} during the refresh")
         if target.signed_by == target.key:
             return 1000 * (time.perf_counter() - pushed)
         if time.perf_counter() - pushed > 10:
@@ -423,8 +427,8 @@ def envoy_apply(
         until(lambda: answers(listen, none), 20, "the xDS-fed Envoy answering")
         role_job = Target("binding role", listen, last, key_of(role_arn(count - 1)))
         backend_job = Target("backend role", listen, none, key_of(BACKEND_ROLE))
-        role_job.checked()
-        backend_job.checked()
+        role_job.signed()
+        backend_job.signed()
         current, memo, previous = dict(credentials), CompilerMemo(), first
         for generation in range(1, args.pushes + 1):
             for kind, arn, target in (("rds", role_arn(count - 1), role_job), ("ecds", BACKEND_ROLE, backend_job)):
