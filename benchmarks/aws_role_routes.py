@@ -1,5 +1,5 @@
 """What per-binding AWS roles cost (docs/aws-backends.md "Per-binding roles"), beside the backend's role alone as
-the baseline, all in one run (docs/performance.md, "Issue 16: per-binding AWS roles").
+the baseline, all in one run (docs/performance.md, "Issue 16: what per-binding AWS roles cost").
 
 A binding's `aws_role_arn` compiles to one route per role before the backend's default route, matching jwt_authn's
 payload in dynamic metadata, and sets `clear_route_cache: true` on the issuer's jwt_authn provider: Envoy matches
@@ -11,21 +11,23 @@ Method, with the compiler's real output for a policy of one S3-style backend (`a
 `z-everyone` (`{project: 42}`, no role), so a job matching no role route is still allowed by RBAC:
 
 1. Per request: one static Envoy 1.40 (`--concurrency 1`, the snapshot inlined: tests/support/static_bootstrap.py)
-   per K in 0 (baseline: no role route, no `clear_route_cache`), 1, 10, 100, with B = 100, in front of a local
-   upstream answering `ok` at once (no AWS: only Envoy's work is measured). Signing is on in every variant (the
-   same filter, fake static credentials; the upstream checks which key signed). Two jobs per Envoy: `last`, whose
-   token matches the last role route (with K = 0 the same binding, signed by the backend's role), and `none`,
-   which matches no role route (signed by the backend's role). One keep-alive HTTP/1.1 connection per (Envoy,
-   job) from a raw socket; the Envoys take turns in blocks, after a warm-up. Reported: p50, p99, requests/s on
-   one connection, and the differences to the baseline.
+   per K in 0 (baseline: no role route, no `clear_route_cache`), 1, 10, 100, with B = 100 (`--bindings`,
+   `--roles`), in front of a local upstream in a process of its own that answers at once with the access key id
+   that signed the request (no AWS: only Envoy's work is measured). Signing is on in every variant (the same
+   filter, fake static credentials); every timed request must come back signed with its job's key. Two jobs per
+   Envoy: `last`, whose token matches the last role route (with K = 0 the same binding, signed by the backend's
+   role), and `none`, which matches no role route (signed by the backend's role). One keep-alive HTTP/1.1
+   connection per (Envoy, job) from a raw socket; the Envoys take turns in blocks, after a warm-up. Reported:
+   p50, p99, requests/s on one connection, and the differences to the baseline.
 2. Compile and push, B = K = 10, 100, 1,000 (baseline: the same bindings without roles): a cold compile +
    snapshot build (median), the RouteConfiguration's bytes, and one credential refresh recompiled with the memo
    as `serve` does: a binding role's (its new RouteConfiguration) against the backend role's (its ECDS
    resource). Then, for K = 100 (and 1,000 unless `--quick`), a real Envoy on the control plane's own XdsServer
-   (SotW): from setting the refreshed snapshot to the first request signed with the new key, on an open
-   connection (polled without pause), for each kind of refresh.
+   (`--api`, SotW by default): from setting the refreshed snapshot to the first request signed with the new key,
+   on an open connection (polled without pause), for each kind of refresh.
 
-Usage: PYTHONPATH=. python benchmarks/aws_role_routes.py [--quick] [--rounds 20] [--block 200] [--api sotw]
+Usage: PYTHONPATH=. python benchmarks/aws_role_routes.py [--quick] [--rounds 20] [--block 200] [--api sotw|delta]
+       [--bindings 100] [--roles 0,1,10,100]      (about 30 s; --quick about 3 s)
 """
 
 from __future__ import annotations
