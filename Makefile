@@ -82,6 +82,7 @@ bench: setup
 	$(PY) benchmarks/xds_fanout.py
 	$(PY) benchmarks/revocation_latency.py
 	$(PY) benchmarks/audit_writes.py
+	$(PY) benchmarks/aws_role_routes.py
 
 bench-fleet: setup
 	$(PY) benchmarks/grpc_floor.py --size 83000 --rounds 10
