@@ -163,10 +163,16 @@ def test_each_job_is_signed_with_its_binding_role_as_aws_sees_it(world: World) -
 
 def test_nothing_a_job_sends_buys_another_role(world: World) -> None:
     job = world.stack.job
-    # (not the x-ci-* identity headers: the route replaces those after the signer signed them, so AWS refuses
-    # such a request whatever its role, docs/aws-backends.md; and hyphenated: the fake's WSGI server drops a
-    # header with '_', which breaks any signature over it)
-    forged = {"ref-protected": "true", "x-ref": "main", "pipeline-source": "push", "x-jwt-payload": "{}"}
+    # (hyphenated: the fake's WSGI server drops a header with '_', which breaks any signature over it). The x-ci-*
+    # identity headers are replaced at the router, after signing: the signer leaves them out, so AWS still accepts.
+    forged = {
+        "ref-protected": "true",
+        "x-ref": "main",
+        "pipeline-source": "push",
+        "x-jwt-payload": "{}",
+        "x-ci-ref": "main",
+        "x-ci-project-id": "1",
+    }
     mr = job(111, ref="feature", ref_protected=False, pipeline_source="merge_request_event")
     assert world.send(mr, headers=forged) == (200, world.roles.mr_read)
     # a merge-request pipeline of protected main is no deploy job (pipeline_source is excluded, `invert` on Envoy)

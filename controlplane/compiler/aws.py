@@ -31,8 +31,10 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.common.aws.v3 import credential_provider_pb2 as aws_credentials
 from envoy.extensions.filters.http.aws_request_signing.v3 import aws_request_signing_pb2 as signing
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.compiler.claims import condition_metadata_matcher
+from controlplane.compiler.names import IDENTITY_HEADERS
 from controlplane.compiler.util import packed, serialized
 from controlplane.model.policy import Backend
 from controlplane.resolved.aws_roles import RoleChoice
@@ -160,6 +162,9 @@ def _signing_config(backend: Backend, credential: SigningCredential | None) -> s
         host_rewrite=backend.tls.sni if backend.tls is not None else "",
         use_unsigned_payload=backend.aws.service == "s3",
         credential_provider=aws_credentials.AwsCredentialProvider(inline_credential=_inline(credential)),
+        # The route configuration sets the x-ci-* identity headers at the router, after this filter: one a job
+        # sent would be signed, then replaced, and AWS would refuse the signature. Unsigned, AWS ignores them.
+        match_excluded_headers=[string_pb2.StringMatcher(exact=name) for name, _ in IDENTITY_HEADERS],
     )
 
 
