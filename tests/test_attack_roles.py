@@ -31,13 +31,13 @@ from controlplane.resolved.index import Resolution
 from controlplane.runtime.aws_signing import AwsSigners, source_factory
 from controlplane.sources.jwks import normalize_jwks
 from tests.compiled import policy_of
+from tests.support.aws_role_policy import AWS_POLICY, MR_READ
 from tests.support.clock import Clock
 from tests.support.fake_aws import REGION, S3_READ_POLICY, FakeAws
 from tests.support.fake_gitlab import FakeGitLab
 from tests.support.policy_parts import ACME_INVENTORY, backend, binding, documents, issuer, role
 from tests.support.ports import poll_until
-from tests.test_cloud_aws import Scripted, cred
-from tests.test_credentials import (
+from tests.support.random_claims import (
     CLAIM_NAMES,
     ISS,
     random_conditions,
@@ -46,6 +46,7 @@ from tests.test_credentials import (
     subject_principal,
     value_matches,
 )
+from tests.support.scripted_sts import Scripted, cred
 
 # -- the schedule: a credential that is already past use when it arrives
 
@@ -83,27 +84,7 @@ def test_a_dead_answer_does_not_replace_the_credential_held() -> None:
     assert source.calls == 2  # backing off, not spinning
 
 
-# -- an exchanged credential escapes the binding's role
-
-
-MR_READ = "arn:aws:iam::123456789012:role/ci-mr-read"
-BACKEND_ROLE = "arn:aws:iam::123456789012:role/ci-read-write"
-AWS_POLICY = documents(
-    backend(
-        "s3",
-        9000,
-        host="s3.local",
-        extra=f"aws: {{service: s3, region: eu-west-1, role_arn: '{BACKEND_ROLE}', source: assume_role}}",
-    ),
-    role("s3-read", "s3", ["GET"]),
-    binding(
-        "mr-reads",
-        ["s3-read"],
-        "{project: acme/platform/deployer, pipeline_source: merge_request_event}",
-        extra=f"aws_role_arn: '{MR_READ}'",
-    ),
-    binding("others", ["s3-read"], "{project: acme/platform/deployer}"),
-)
+# -- an exchanged credential escapes the binding's role (the policy: tests/support/aws_role_policy.py)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -28,11 +28,7 @@ from controlplane.telemetry.metrics import REGISTRY
 from tests.support.clock import Clock
 from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, AccessKey, FakeAws, WebIdentityTrust
 from tests.support.ports import LOOPBACK, free_port, poll_until
-
-
-def cred(issued: float = 1000.0, lifetime: float = 3600.0, key: str = "ASIAEXAMPLE") -> AwsCredential:
-    return AwsCredential(key, "secret-" + key, "session-" + key, issued + lifetime, "arn:aws:iam::1:role/r", issued)
-
+from tests.support.scripted_sts import Scripted, cred
 
 # The schedule itself (when to refresh, backoff, fail closed) is shared with Google Cloud: tests/test_cloud_refresh.py.
 
@@ -54,24 +50,6 @@ def test_web_identity_claims() -> None:
 
 
 # -- the refresher, with a scripted source
-
-
-class Scripted:
-    """A source answering from a script: a credential, or an StsError to raise."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.script: list[AwsCredential | StsError | None] = []
-        self.calls = 0
-
-    def fetch(self) -> AwsCredential:
-        self.calls += 1
-        item = self.script.pop(0) if self.script else None
-        if isinstance(item, StsError):
-            raise item
-        if item is None:
-            return cred(issued=self.clock(), key=f"ASIA{self.calls}")
-        return item
 
 
 def _count(name: str, **labels: str) -> float:

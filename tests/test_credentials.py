@@ -13,7 +13,6 @@ import base64
 import json
 import logging
 import random
-import re
 import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -23,11 +22,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from envoy.config.rbac.v3 import rbac_pb2
-from envoy.type.matcher.v3 import string_pb2, value_pb2
 
 from controlplane import statefile
-from controlplane.compiler.claims import PrincipalEncoder
 from controlplane.credentials.exchange import (
     GRANT_TYPE,
     TOKEN_TYPE_ID_TOKEN,
@@ -49,9 +45,14 @@ from controlplane.telemetry.metrics import REGISTRY
 from tests.support.clock import Clock
 from tests.support.exchange_policy import exchange_policy
 from tests.support.fake_gitlab import OMIT, FakeGitLab, decode_unverified
-
-ISS = "https://gitlab.example.com"
-
+from tests.support.random_claims import (
+    CLAIM_NAMES,
+    ISS,
+    random_conditions,
+    random_value,
+    rbac_allows,
+    subject_principal,
+)
 
 # --- evaluate: tables ------------------------------------------------------------------------------------------
 
@@ -63,10 +64,6 @@ def subject(*conditions: Condition, alternatives: tuple[tuple[Condition, ...], .
 def grant(name: str, *subjects: ResolvedSubject, mode: Mode = Mode.ENFORCE) -> Grant:
     binding, _, role = name.partition("/")
     return Grant(binding, role, mode, (), subjects)
-
-
-def subject_principal(subject: ResolvedSubject) -> rbac_pb2.Principal:
-    return rbac_pb2.Principal.FromString(PrincipalEncoder().principal(subject))
 
 
 EVALUATOR = Evaluator()
@@ -139,69 +136,7 @@ def test_grants_for_keeps_enforced_grants_of_which_any_subject_matches() -> None
 
 
 # --- evaluate: against the compiled RBAC principals ------------------------------------------------------------
-
-
-def rbac_allows(principal: rbac_pb2.Principal, claims: Mapping[str, Any]) -> bool:
-    """An independent reading of the principals the compiler emits, with Envoy's matcher semantics."""
-    kind = principal.WhichOneof("identifier")
-    if kind == "and_ids":
-        return all(rbac_allows(p, claims) for p in principal.and_ids.ids)
-    if kind == "or_ids":
-        return any(rbac_allows(p, claims) for p in principal.or_ids.ids)
-    if kind == "not_id":
-        return not rbac_allows(principal.not_id, claims)
-    assert kind == "sourced_metadata", kind
-    matcher = principal.sourced_metadata.metadata_matcher
-    assert matcher.filter == "envoy.filters.http.jwt_authn"
-    payload, claim = (segment.key for segment in matcher.path)
-    assert payload == "jwt_payload"
-    return claim in claims and value_matches(matcher.value, claims[claim])
-
-
-def value_matches(matcher: value_pb2.ValueMatcher, value: object) -> bool:
-    kind = matcher.WhichOneof("match_pattern")
-    if kind == "string_match":
-        return isinstance(value, str) and string_matches(matcher.string_match, value)
-    if kind == "or_match":
-        return any(value_matches(m, value) for m in matcher.or_match.value_matchers)
-    assert kind == "list_match", kind
-    return isinstance(value, list) and any(value_matches(matcher.list_match.one_of, v) for v in value)
-
-
-def string_matches(matcher: string_pb2.StringMatcher, value: str) -> bool:
-    if matcher.WhichOneof("match_pattern") == "exact":
-        return bool(value == matcher.exact)
-    return re.fullmatch(matcher.safe_regex.regex, value) is not None  # RE2 safe_regex is a full match
-
-
-CLAIM_NAMES = ("iss", "project_id", "ref", "groups", "pipeline_source")
-STRINGS = ("42", "43", "main", "release/1", "release/1/x", "merge_request_event", ISS, "a")
-PATTERNS = (*STRINGS, "release/*", "*", "rel?ase/1", "4?")
-
-
-def random_value(rng: random.Random) -> object:
-    """A string, a number, a bool, null, or a list (of strings, or mixed)."""
-    values: list[object] = [
-        rng.choice(STRINGS),
-        42,
-        True,
-        None,
-        rng.sample(STRINGS, rng.randint(0, 3)),
-        [rng.choice(STRINGS), 42],
-    ]
-    return rng.choice(values)
-
-
-def random_conditions(rng: random.Random, count: int) -> tuple[Condition, ...]:
-    return tuple(
-        Condition(
-            rng.choice(CLAIM_NAMES),
-            tuple(rng.sample(PATTERNS, rng.randint(1, 2))),
-            negated=rng.random() < 0.3,
-            listy=rng.random() < 0.4,
-        )
-        for _ in range(count)
-    )
+# (the independent reading and the random cases: tests/support/random_claims.py)
 
 
 def test_evaluation_agrees_with_the_compiled_principals_on_random_cases() -> None:

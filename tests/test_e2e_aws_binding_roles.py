@@ -5,7 +5,8 @@ policies enforced (tests/support/fake_aws.py), which tells which role each reque
 
 Roles: merge-request pipelines read with a read-only role; protected main reads and writes with a deploy role;
 tag pipelines name a role the control plane may not assume (its refresher fails: 503 on its routes only); any
-other pipeline of the project reads and writes under the backend's own role, which AWS lets read only.
+other pipeline of the project reads and writes under the backend's own role, which AWS lets read only. The
+policy, the fake AWS and the stack are built by tests/support/aws_roles_world.py.
 """
 
 from __future__ import annotations
@@ -13,136 +14,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, S3_READ_POLICY, FakeAws
+from tests.support.aws_roles_world import AUDIENCE, HOST, PATH, World, aws_roles_world
+from tests.support.fake_aws import OBJECT_BODY
 from tests.support.fake_gitlab import SigningKey
-from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import poll_until
-from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
 
 pytestmark = pytest.mark.e2e
-
-HOST = f"s3.{REGION}.amazonaws.com"
-AUDIENCE = f"https://{HOST}"
-PATH = f"/{BUCKET}/{OBJECT_KEY}"
-INVENTORY = "groups: [{id: 11, path: acme}]\nprojects: [{id: 42, path: acme/deployer, namespace_id: 11}]\n"
-READ_WRITE = {
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": "*"}],
-}
-
-
-@dataclass
-class Roles:
-    backend: str  # the backend's own role_arn: S3 read only
-    mr_read: str
-    deploy: str
-    tags: str  # the control plane may not assume it
-
-
-@dataclass
-class RolesStack(Served):
-    def job(self, job_id: int, **claims: Any) -> str:
-        base: dict[str, Any] = {"aud": AUDIENCE, "project_id": 42, "project_path": "acme/deployer", "namespace_id": 11}
-        return self.gitlab.mint(job_id=job_id, **(base | claims))
-
-
-def _policy(fake: FakeAws, roles: Roles) -> Callable[[PolicyInputs], dict[str, str]]:
-    def policy(given: PolicyInputs) -> dict[str, str]:
-        aws = f"aws: {{service: s3, region: {REGION}, role_arn: '{roles.backend}', source: assume_role}}"
-        return {
-            "inventory.yaml": INVENTORY,
-            "policy.yaml": documents(
-                issuer(given.issuer, extra="inventory: inventory.yaml"),
-                backend("s3", fake.port, host=HOST, extra=aws),
-                role("read", "s3", paths=[f"/{BUCKET}/**"]),
-                role("write", "s3", methods=["PUT"], paths=[f"/{BUCKET}/**"]),
-                binding(
-                    "main-deploys",
-                    ["read", "write"],
-                    "{project: 42, ref: main, ref_protected: true}",
-                    extra=f"aws_role_arn: '{roles.deploy}'",
-                ),
-                binding(
-                    "mr-reads",
-                    ["read"],
-                    "{project: 42, pipeline_source: merge_request_event}",
-                    extra=f"aws_role_arn: '{roles.mr_read}'",
-                ),
-                binding("others", ["read", "write"], "{project: 42}"),
-                binding("tags-read", ["read"], "{project: 42, ref_type: tag}", extra=f"aws_role_arn: '{roles.tags}'"),
-                gateway(given.listen_port, ["s3"], access_log=given.access_log),
-            ),
-        }
-
-    return policy
-
-
-@dataclass
-class World:
-    fake: FakeAws
-    roles: Roles
-    stack: RolesStack
-
-    def send(self, token: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, str | None]:
-        """(status, the role AWS saw the request signed as: None when no signed request reached AWS). A PUT writes
-        an object of its own, never the one the GETs read."""
-        seen = len(self.fake.signed_by)
-        path = PATH if method == "GET" else f"/{BUCKET}/written.txt"
-        response = self.stack.request(HOST, path, token, method=method, headers=headers)
-        signed = self.fake.signed_by[seen:]
-        if not signed:
-            return response.status, None
-        (key,) = signed
-        return response.status, self.fake.role_of_key(key)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("aws-binding-roles")
-    fake = FakeAws().start()
-    try:
-        roles = Roles(
-            backend=fake.assume_role_arn,
-            mr_read=fake.add_role("ci-mr-read", S3_READ_POLICY),
-            deploy=fake.add_role("ci-main-deploy", READ_WRITE),
-            tags=fake.add_role("ci-tags-read", S3_READ_POLICY, assumable=False),
-        )
-        key = fake.user_key
-        (root / "credentials").write_text(
-            f"[default]\naws_access_key_id = {key.access_key_id}\naws_secret_access_key = {key.secret_access_key}\n"
-        )
-        env = {
-            "AWS_ENDPOINT_URL_STS": fake.endpoint,
-            "AWS_SHARED_CREDENTIALS_FILE": str(root / "credentials"),
-            "AWS_CONFIG_FILE": str(root / "no-config"),
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        (root / "stack").mkdir()
-
-        def ready(built: RolesStack) -> bool:
-            jobs = (built.job(1, ref="main"), built.job(2, pipeline_source="merge_request_event"), built.job(3))
-            return all(built.request(HOST, PATH, token).status == 200 for token in jobs)
-
-        with serve_stack(
-            root / "stack",
-            _policy(fake, roles),
-            kind=RolesStack,
-            envoy=EnvoySpec("aws-roles-envoy", "aws-roles-envoy"),
-            backends=(),
-            serve_args=("--xds-insecure",),
-            env=env,
-            ready=ready,
-            ready_timeout=40,
-        ) as built:
-            yield World(fake, roles, built)
-    finally:
-        fake.stop()
+    with aws_roles_world(tmp_path_factory.mktemp("aws-binding-roles")) as built:
+        yield built
 
 
 def test_each_job_is_signed_with_its_binding_role_as_aws_sees_it(world: World) -> None:

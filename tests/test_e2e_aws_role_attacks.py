@@ -1,13 +1,14 @@
 """Outside attacks on the choice of a binding's AWS role (docs/aws-role-attacks.md), through the real `serve`, a
-REAL Envoy 1.40 and moto with SigV4 and IAM enforced: the stack of tests/test_e2e_aws_binding_roles.py (a
-merge-request job reads with a read-only role, protected main deploys with a deploy role). A hostile job tries to
-get the deploy role, and every output is searched for the secrets of the roles' sessions."""
+REAL Envoy 1.40 and moto with SigV4 and IAM enforced: the stack of tests/test_e2e_aws_binding_roles.py, built by
+tests/support/aws_roles_world.py (a merge-request job reads with a read-only role, protected main deploys with a
+deploy role). A hostile job tries to get the deploy role, and every output is searched for the secrets of the
+roles' sessions."""
 
 from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,16 +21,23 @@ from controlplane.compiler.aws import SigningCredential, role_routes
 from controlplane.resolved.aws_roles import RoleChoice, merged_projects, route_alternatives
 from controlplane.resolved.conditions import Condition, ResolvedSubject
 from tests.compiled import policy_of
+from tests.support.aws_role_policy import AWS_POLICY
+from tests.support.aws_roles_world import HOST, PATH, READ_WRITE, Roles, World, aws_roles_world, policy
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import ACCOUNT
 from tests.support.policy_parts import issuer
 from tests.support.ports import LOOPBACK, free_port, poll_until
+from tests.support.role_choice_envoy import HCM_URL, ISSUER, JWT_URL, ROUTER_URL, Issuer, route_taken
 from tests.support.stack import PolicyInputs
-from tests.test_attack_roles import AWS_POLICY
-from tests.test_e2e_aws_binding_roles import HOST, PATH, READ_WRITE, Roles, World, _policy, world  # noqa: F401 (the module's stack)
-from tests.test_envoy_role_choice_facts import HCM_URL, ISSUER, JWT_URL, ROUTER_URL, Issuer, _route
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """This module's own stack, as tests/test_e2e_aws_binding_roles.py builds it."""
+    with aws_roles_world(tmp_path_factory.mktemp("aws-binding-roles")) as built:
+        yield built
 
 
 def _raw(on: World, headers: Sequence[tuple[str, str]], target: str = PATH) -> tuple[int, str | None]:
@@ -49,7 +57,7 @@ def _raw(on: World, headers: Sequence[tuple[str, str]], target: str = PATH) -> t
     return response.status, on.fake.role_of_key(signed[0]) if signed else None
 
 
-def test_two_tokens_in_one_request_never_buy_the_deploy_role(world: World) -> None:  # noqa: F811
+def test_two_tokens_in_one_request_never_buy_the_deploy_role(world: World) -> None:
     job = world.stack.job
     mr = job(201, ref="feature", ref_protected=False, pipeline_source="merge_request_event")
     main = job(202, ref="main", ref_protected=True)
@@ -81,7 +89,7 @@ def _sessions() -> list[tuple[str, str]]:
     return [(r.secret_access_key, r.session_token) for r in sts_backends[ACCOUNT]["aws"].assumed_roles]
 
 
-def test_no_role_secret_in_any_output(world: World) -> None:  # noqa: F811
+def test_no_role_secret_in_any_output(world: World) -> None:
     """Each role's credential is inline in the ROUTE configuration now: Envoy's config dump (routes, ECDS),
     serve's /status and /metrics, its log, Envoy's log and the access log must hold none of it."""
     job = world.stack.job
@@ -105,7 +113,7 @@ def test_no_role_secret_in_any_output(world: World) -> None:  # noqa: F811
     assert not leaked
 
 
-def test_the_role_follows_each_request_on_one_connection_and_through_jwt_authns_cache(world: World) -> None:  # noqa: F811
+def test_the_role_follows_each_request_on_one_connection_and_through_jwt_authns_cache(world: World) -> None:
     """jwt_authn's cache (a token seen before is not verified again) and one kept-alive connection carrying
     several jobs' requests: every request is routed again on its own payload, never on an earlier one's."""
     job = world.stack.job
@@ -201,17 +209,17 @@ def test_per_project_alternatives_are_one_route_envoy_matches_as_their_union() -
     ).start()
     try:
         role_route = "s3-role/group-deploys/0"
-        assert _route(port, issuer_.token(project_id="0", ref="main")) == (200, role_route)
-        assert _route(port, issuer_.token(project_id="999", ref="main")) == (200, role_route)
-        assert _route(port, issuer_.token(project_id="1000", ref="main")) == (200, "default")
-        assert _route(port, issuer_.token(project_id="999", ref="feature")) == (200, "default")
+        assert route_taken(port, issuer_.token(project_id="0", ref="main")) == (200, role_route)
+        assert route_taken(port, issuer_.token(project_id="999", ref="main")) == (200, role_route)
+        assert route_taken(port, issuer_.token(project_id="1000", ref="main")) == (200, "default")
+        assert route_taken(port, issuer_.token(project_id="999", ref="feature")) == (200, "default")
         mr = issuer_.token(project_id="5", ref="main", pipeline_source="merge_request_event")
-        assert _route(port, mr) == (200, "default")
+        assert route_taken(port, mr) == (200, "default")
     finally:
         envoy.stop()
 
 
-def test_a_role_renamed_mid_traffic_signs_with_the_new_role_and_the_old_one_is_dropped(world: World) -> None:  # noqa: F811
+def test_a_role_renamed_mid_traffic_signs_with_the_new_role_and_the_old_one_is_dropped(world: World) -> None:
     """A policy update gives `main-deploys` another role while protected-main jobs keep sending: their requests
     go from the old role to the new one (never unsigned, never the backend's), and the old role's refresher is
     stopped (its metric series gone). The policy is restored afterwards for the module's other tests."""
@@ -223,7 +231,7 @@ def test_a_role_renamed_mid_traffic_signs_with_the_new_role_and_the_old_one_is_d
     )
 
     def write(roles: Roles) -> None:
-        for name, text in _policy(world.fake, roles)(inputs).items():
+        for name, text in policy(world.fake, roles)(inputs).items():
             world.stack.write(name, text)
 
     def series(arn: str) -> bool:

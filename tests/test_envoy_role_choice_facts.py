@@ -12,40 +12,21 @@ finally served (so binding roles sign by per-route configuration, not by a filte
 
 from __future__ import annotations
 
-import http.client
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.backends import EchoBackend
 from tests.support.envoy import EnvoyProcess
 from tests.support.ports import LOOPBACK, free_port
+from tests.support.role_choice_envoy import HCM_URL, ISSUER, JWT_URL, ROUTER_URL, Issuer, route_taken
 
 pytestmark = pytest.mark.e2e
 
-ISSUER = "https://ci.example"
 CLAIM_HEADER = "x-ci-ref-protected"
-JWT_URL = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
-HCM_URL = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-ROUTER_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HEADER_MUTATION_URL = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
-
-
-class Issuer:
-    def __init__(self) -> None:
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
-        self.jwks = json.dumps({"keys": [jwk | {"kid": "k1", "alg": "RS256", "use": "sig"}]})
-
-    def token(self, **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"iss": ISSUER, "aud": "s3", "sub": "job", "iat": now, "exp": now + 600} | claims
-        return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": "k1"})
 
 
 def _bootstrap(
@@ -126,17 +107,6 @@ def _envoy(
         envoy.stop()
 
 
-def _route(port: int, token: str, **headers: str) -> tuple[int, str]:
-    """(status, the role of the route that answered)."""
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=5)
-    try:
-        conn.request("GET", "/b/k", headers={"Authorization": f"Bearer {token}", **headers})
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def chosen_again(issuer: Issuer) -> Iterator[int]:
     yield from _envoy(issuer, clear_route_cache=True)
@@ -160,31 +130,31 @@ def internal_only(issuer: Issuer) -> Iterator[int]:
 def test_without_clear_route_cache_the_route_is_the_one_chosen_before_the_token(
     issuer: Issuer, chosen_once: int
 ) -> None:
-    assert _route(chosen_once, issuer.token(ref_protected=True)) == (200, "read")
+    assert route_taken(chosen_once, issuer.token(ref_protected=True)) == (200, "read")
 
 
 def test_clear_route_cache_chooses_the_route_again_on_the_claim_header(issuer: Issuer, chosen_again: int) -> None:
-    assert _route(chosen_again, issuer.token(ref_protected=True)) == (200, "deploy")
-    assert _route(chosen_again, issuer.token(ref_protected=False)) == (200, "read")
-    assert _route(chosen_again, issuer.token()) == (200, "read")
-    assert _route(chosen_again, "not-a-token")[0] == 401
+    assert route_taken(chosen_again, issuer.token(ref_protected=True)) == (200, "deploy")
+    assert route_taken(chosen_again, issuer.token(ref_protected=False)) == (200, "read")
+    assert route_taken(chosen_again, issuer.token()) == (200, "read")
+    assert route_taken(chosen_again, "not-a-token")[0] == 401
 
 
 def test_the_claim_header_replaces_a_copy_the_job_sent(issuer: Issuer, chosen_again: int) -> None:
-    assert _route(chosen_again, issuer.token(ref_protected=False), **{CLAIM_HEADER: "true"}) == (200, "read")
+    assert route_taken(chosen_again, issuer.token(ref_protected=False), **{CLAIM_HEADER: "true"}) == (200, "read")
 
 
 def test_a_job_copy_of_the_header_survives_when_its_token_lacks_the_claim(issuer: Issuer, chosen_again: int) -> None:
     """The danger: a token without the claim leaves the job's own header in place, and it chooses the route."""
-    assert _route(chosen_again, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "deploy")
+    assert route_taken(chosen_again, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "deploy")
 
 
 def test_a_header_mutation_before_jwt_authn_is_too_late(issuer: Issuer, stripped: int) -> None:
     """The route was chosen with the job's copy all the same: observed; the likely reason (not observed further) is
     that header_mutation looks the route up for its per-route config before removing, and jwt_authn clears the route
     cache only when it sets a header, which a token without the claim does not make it do."""
-    assert _route(stripped, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "deploy")
-    assert _route(stripped, issuer.token(ref_protected=True)) == (200, "deploy")
+    assert route_taken(stripped, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "deploy")
+    assert route_taken(stripped, issuer.token(ref_protected=True)) == (200, "deploy")
 
 
 def test_internal_only_headers_remove_the_job_copy_before_the_route_is_chosen(
@@ -192,8 +162,8 @@ def test_internal_only_headers_remove_the_job_copy_before_the_route_is_chosen(
 ) -> None:
     """RouteConfiguration `internal_only_headers`: the connection manager removes them from a request of an external
     peer before any filter; a loopback client counts as external with no `internal_address_config` (as here)."""
-    assert _route(internal_only, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "read")
-    assert _route(internal_only, issuer.token(ref_protected=True)) == (200, "deploy")
+    assert route_taken(internal_only, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "read")
+    assert route_taken(internal_only, issuer.token(ref_protected=True)) == (200, "deploy")
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +173,9 @@ def by_metadata(issuer: Issuer) -> Iterator[int]:
 
 def test_routes_matching_the_payload_in_dynamic_metadata(issuer: Issuer, by_metadata: int) -> None:
     """RouteMatch `dynamic_metadata` on jwt_authn's `payload_in_metadata`: nothing a job sends can match it."""
-    assert _route(by_metadata, issuer.token(ref_protected=True)) == (200, "deploy")
-    assert _route(by_metadata, issuer.token(ref_protected=False)) == (200, "read")
-    assert _route(by_metadata, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "read")
+    assert route_taken(by_metadata, issuer.token(ref_protected=True)) == (200, "deploy")
+    assert route_taken(by_metadata, issuer.token(ref_protected=False)) == (200, "read")
+    assert route_taken(by_metadata, issuer.token(), **{CLAIM_HEADER: "true"}) == (200, "read")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +184,7 @@ def by_metadata_once(issuer: Issuer) -> Iterator[int]:
 
 
 def test_routes_matching_metadata_need_clear_route_cache_too(issuer: Issuer, by_metadata_once: int) -> None:
-    assert _route(by_metadata_once, issuer.token(ref_protected=True)) == (200, "read")
+    assert route_taken(by_metadata_once, issuer.token(ref_protected=True)) == (200, "read")
 
 
 # -- which filters run, and which per-route configuration they read, once the route is chosen again (facts 8, 9)
@@ -308,7 +278,7 @@ def filters_chosen_again(issuer: Issuer) -> Iterator[int]:
 
 def _seen(port: int, token: str) -> dict[str, str]:
     """The headers the upstream received."""
-    status, body = _route(port, token)
+    status, body = route_taken(port, token)
     assert status == 200, body
     headers: dict[str, str] = json.loads(body)["headers"]
     return {k.lower(): v for k, v in headers.items()}
