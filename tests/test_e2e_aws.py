@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import logging
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +25,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from controlplane.cli.bootstrap import render_bootstrap
 from controlplane.cloud.aws import AssumeRoleSource, AwsCredential, Refresher, Sts, StsError
 from controlplane.compiler.aws import SigningCredential
 from controlplane.compiler.compile import compile_policy
 from controlplane.model.loader import parse_policy
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot, build_snapshots
-from controlplane.xds.fleet_status import ProxyRegistry
-from controlplane.xds.server import XdsServer
+from tests.support.ecds_envoy import compiled_envoy
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws, WebIdentityTrust
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
@@ -103,21 +99,8 @@ class Gateway:
         self._cache.set(self._last[GROUP])
 
 
-@asynccontextmanager
-async def envoy_on(snapshot_cache: SnapshotCache) -> AsyncIterator[EnvoyProcess]:
-    server = XdsServer(snapshot_cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
-    port = await server.start(LOOPBACK, 0)
-    boot = render_bootstrap(group=GROUP, node_id="aws-e2e", xds_host=LOOPBACK, xds_port=port, api="sotw",
-                            admin_port=0)  # fmt: skip
-    envoy = EnvoyProcess(boot, name="aws-e2e", wait_ready=False)
-    try:
-        with ThreadPoolExecutor(1) as spawner:
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        await asyncio.to_thread(envoy.wait_ready, 15)
-        yield envoy
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
+def envoy_on(cache: SnapshotCache) -> AbstractAsyncContextManager[EnvoyProcess]:
+    return compiled_envoy(cache, group=GROUP, node_id="aws-e2e")
 
 
 def _get(port: int, token: str | None, conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:

@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import logging
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +22,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from moto.sts.models import sts_backends
 
-from controlplane.cli.bootstrap import render_bootstrap
 from controlplane.cloud.aws import AssumeRoleSource, Sts
 from controlplane.compiler.aws import COPY_REFUSED_BODY, SigningCredential
 from controlplane.compiler.compile import compile_policy
 from controlplane.model.loader import parse_policy
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import build_snapshots
-from controlplane.xds.fleet_status import ProxyRegistry
-from controlplane.xds.server import XdsServer
+from tests.support.ecds_envoy import compiled_envoy
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import ACCOUNT, BUCKET, REGION, FakeAws
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
@@ -110,21 +106,8 @@ def aws(tmp_path: Path) -> Iterator[tuple[FakeAws, AssumeRoleSource]]:
     fake.stop()
 
 
-@asynccontextmanager
-async def envoy_on(cache: SnapshotCache) -> AsyncIterator[EnvoyProcess]:
-    server = XdsServer(cache, ProxyRegistry(), log=logging.getLogger("controlplane.xds"))
-    port = await server.start(LOOPBACK, 0)
-    boot = render_bootstrap(group=GROUP, node_id="attack-e2e", xds_host=LOOPBACK, xds_port=port, api="sotw",
-                            admin_port=0)  # fmt: skip
-    envoy = EnvoyProcess(boot, name="attack-e2e", wait_ready=False)
-    try:
-        with ThreadPoolExecutor(1) as spawner:
-            await asyncio.wrap_future(spawner.submit(envoy.start))
-        await asyncio.to_thread(envoy.wait_ready, 15)
-        yield envoy
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await server.stop(1.0)
+def envoy_on(cache: SnapshotCache) -> AbstractAsyncContextManager[EnvoyProcess]:
+    return compiled_envoy(cache, group=GROUP, node_id="attack-e2e")
 
 
 def _send(port: int, method: str, path: str, token: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

@@ -163,6 +163,24 @@ async def served_envoy(
         await served.server.stop(1.0)
 
 
+@asynccontextmanager
+async def compiled_envoy(cache: SnapshotCache, *, group: str, node_id: str) -> AsyncIterator[EnvoyProcess]:
+    """An Envoy of `group` fed by an `XdsServer` over SotW from `cache` (the compiler's snapshots, set and changed by
+    the caller), yielded once ready; both stopped on leaving. Started from a worker thread (see `envoy_on_ads`)."""
+    server = _xds_server(cache, ProxyRegistry())
+    port = await server.start(LOOPBACK, 0)
+    boot = render_bootstrap(group=group, node_id=node_id, xds_host=LOOPBACK, xds_port=port, api="sotw", admin_port=0)
+    envoy = EnvoyProcess(boot, name=node_id, wait_ready=False)
+    try:
+        with ThreadPoolExecutor(1) as spawner:
+            await asyncio.wrap_future(spawner.submit(envoy.start))
+        await asyncio.to_thread(envoy.wait_ready, 15)
+        yield envoy
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await server.stop(1.0)
+
+
 class Client:
     """One keep-alive HTTP/1.1 connection that must stay the same connection: a close by Envoy fails the test."""
 
