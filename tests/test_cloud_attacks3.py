@@ -4,9 +4,16 @@ docs/aws-role-attacks.md) did not try. Each test of a break failed before its fi
 from __future__ import annotations
 
 import pytest
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
+from controlplane.compiler.aws import signing_filter
+from controlplane.compiler.compile import compile_policy
+from controlplane.compiler.names import RBAC_FILTER, inject_filter
+from controlplane.compiler.revocations import bucket_names
 from controlplane.model.errors import PolicyInvalid
 from controlplane.model.loader import parse_policy
+from controlplane.snapshots.snapshot import LISTENER
 
 ISSUER = "kind: Issuer\nname: gitlab\ntype: gitlab\nurl: https://g.example.com\n"
 GATEWAY = "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [reports]\n"
@@ -45,3 +52,27 @@ def test_a_gcp_backend_may_not_have_a_wildcard_host(tls: str, audience: str) -> 
 
 def test_a_gcp_backend_listing_its_names_is_accepted() -> None:
     _parse(_backend("[reports-abc123-ew.a.run.app, reports.local]"))
+
+
+def test_the_deny_list_and_rbac_run_before_every_signing_and_injection_filter() -> None:
+    """A finished job must reach no cloud: Envoy runs the HCM's filters in order, so the deny list's filters (and
+    the RBAC) must all come before AWS signing and Google token injection (observed end to end for Google:
+    tests/test_e2e_cloud_attacks3.py). Fails if a cloud filter is ever placed ahead of them."""
+    arn = "arn:aws:iam::123456789012:role/r"
+    s3 = (
+        "kind: Backend\nname: s3\nhosts: [s3.local]\nendpoints: [{address: 127.0.0.1, port: 1}]\n"
+        f"aws: {{service: s3, region: eu-west-1, role_arn: '{arn}'}}\n"
+    )
+    gcs = _backend("[reports.local]").replace("audience: https://reports\n", "")
+    gateway = "kind: Gateway\nname: gw\nlisten: {address: 127.0.0.1, port: 10000}\nbackends: [s3, reports]\n"
+    policy = parse_policy({"p.yaml": "---\n".join([ISSUER, gateway, s3, gcs])})
+    compiled = compile_policy(policy, keys={"gitlab": '{"keys": []}'})
+    ((_, raw),) = compiled["gw"].resources[LISTENER]
+    (chain,) = listener_pb2.Listener.FromString(raw).filter_chains
+    manager = hcm.HttpConnectionManager()
+    assert chain.filters[0].typed_config.Unpack(manager)
+    names = [f.name for f in manager.http_filters]
+    guards = [i for i, n in enumerate(names) if n in bucket_names() or n == RBAC_FILTER]
+    cloud = [i for i, n in enumerate(names) if n in (signing_filter("s3"), inject_filter("reports"))]
+    assert len(guards) == len(bucket_names()) + 1 and len(cloud) == 2, names
+    assert max(guards) < min(cloud), names
