@@ -9,10 +9,12 @@ from __future__ import annotations
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode
 
 import pytest
 
 from controlplane.runtime.gcp_backends import IAM_CREDENTIALS_URL_ENV, STS_URL_ENV
+from tests.support.backends import http_request
 from tests.support.fake_gcp import FakeGcp, FakeGoogleApi, Provider, principal
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import free_port, poll_until
@@ -48,6 +50,7 @@ class GcpExchangeStack(Served):
 
 @dataclass
 class World:
+    gcp: FakeGcp
     api: FakeGoogleApi
     stack: GcpExchangeStack
 
@@ -89,7 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             ),
             ready_timeout=30,
         ) as stack:
-            yield World(api, stack)
+            yield World(gcp, api, stack)
 
 
 def test_a_finished_jobs_tokens_carry_no_google_token_to_google(world: World) -> None:
@@ -106,3 +109,22 @@ def test_a_finished_jobs_tokens_carry_no_google_token_to_google(world: World) ->
     assert len(world.api.requests) == reached  # nothing more reached Google, token or not
     assert stack.exchange(stack.subject(8101, aud=f"https://{HOST}"), audience="storage-api").status == 400
     assert world.get(stack.subject(8102, aud=f"https://{HOST}")) == 200  # another job of the same project still is
+
+
+def test_no_token_of_one_kind_passes_for_the_other(world: World) -> None:
+    """The relying-party token serve signs for Google (iss = the issuer URL, sub backend:storage-api) and the
+    credential the exchange hands a job (iss = urn:controlplane:credentials) are signed by the same keys, published
+    at the same JWKS. Taken from where each kind goes (Google's STS; the job), neither passes for the other."""
+    stack = world.stack
+    sent = next(r for r in reversed(world.gcp.requests) if r.path == "/v1/token")
+    form = {name: values[0] for name, values in parse_qs(sent.body.decode()).items()}
+    relying_party = form["subject_token"]
+    assert world.get(relying_party) == 401  # at the gateway: no provider takes its issuer
+    assert stack.exchange(relying_party, audience="storage-api").status == 400  # nor the exchange
+    job = stack.exchange(stack.subject(8201, aud=f"https://{HOST}"), audience="storage-api")
+    assert job.status == 200, job.text
+    replayed = urlencode(form | {"subject_token": str(job.json()["access_token"])})
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    answer = http_request(world.gcp.base_url + sent.path, method="POST", headers=headers, body=replayed.encode())
+    assert answer.status == 400 and "issuer" in answer.text, answer.text  # Google's STS: not its provider's issuer
+    assert http_request(world.gcp.base_url + sent.path, method="POST", headers=headers, body=sent.body).status == 200
