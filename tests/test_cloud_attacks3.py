@@ -7,7 +7,8 @@ import pytest
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
-from controlplane.compiler.aws import signing_filter
+from controlplane.audit.als import _identity_key, _role_route_key
+from controlplane.compiler.aws import role_route_name, signing_filter
 from controlplane.compiler.compile import compile_policy
 from controlplane.compiler.names import RBAC_FILTER, inject_filter
 from controlplane.compiler.revocations import bucket_names
@@ -76,3 +77,15 @@ def test_the_deny_list_and_rbac_run_before_every_signing_and_injection_filter() 
     cloud = [i for i, n in enumerate(names) if n in (signing_filter("s3"), inject_filter("reports"))]
     assert len(guards) == len(bucket_names()) + 1 and len(cloud) == 2, names
     assert max(guards) < min(cloud), names
+
+
+@pytest.mark.parametrize(
+    ("backend", "binding"), [("x", "b"), ("x-role", "b"), ("x", "b-role"), ("x-role", "b-role-role"), ("role", "role")]
+)
+def test_a_role_route_name_is_read_back_as_its_own_backend_and_binding(backend: str, binding: str) -> None:
+    """The audit's `cloud_identity` is looked up by the route name Envoy reports (audit/als.py): names holding
+    `-role` must not make one backend's role route read as another backend's, or another binding's."""
+    route = role_route_name(backend, binding, 3)
+    assert _identity_key(route, backend) == _role_route_key(backend, binding)
+    others = {"x", "x-role", "role", "x-role-role"} - {backend}
+    assert all(_identity_key(route, other) == other for other in others)  # another backend: its own key only
