@@ -171,6 +171,12 @@ def build(doc: Doc, env: Env) -> Backend:
                 "public_paths",
                 "a gcp backend injects its service account's token: a public path would lend it to anyone",
             )
+        if any(h.startswith("*") for h in hosts or ()):  # Google's shared front ends route by Host
+            f.error(
+                "hosts",
+                "a wildcard host on a gcp: backend would send its token to whichever service the job names in "
+                "Host (e.g. a Cloud Run service of its own); list the host names",
+            )
         inject = Injection(header="Authorization", prefix="Bearer ")
     revoke = f.optional("revoke", scalars.enum("revoke", _BACKEND_REVOKE), DEFAULT_BACKEND_REVOKE)
     if f.has("revoke") and credentials == "exchanged":
