@@ -65,6 +65,9 @@ def test_aws_backend_reads_every_key_with_defaults() -> None:
         (AWS.replace(ARN, "arn:aws:iam::123456789012:user/x"), "aws.role_arn", 8, "IAM role ARN"),
         (AWS.replace("eu-west-1", "Europe"), "aws.region", 7, "AWS region"),
         (AWS.replace("s3", "S 3"), "aws.service", 6, "SigV4 service name"),
+        # through the gateway a job would carry role credentials or access keys away (docs/cloud-attacks3.md)
+        (AWS.replace("service: s3", "service: sts"), "aws.service", 6, "cannot be a backend: STS hands out"),
+        (AWS.replace("service: s3", "service: iam"), "aws.service", 6, "cannot be a backend: IAM hands out"),
         (AWS + "  session_name: 'a b'\n", "aws.session_name", 9, "2 to 64"),
         (AWS + "  source: keys\n", "aws.source", 9, "web_identity"),
         (AWS + "  secret_access_key: abc\n", "aws.secret_access_key", 9, "AWS keys never go in policy files"),

@@ -27,7 +27,30 @@ _SERVICE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 role_arn = scalars.matching(_ROLE_ARN_RE, "expected an IAM role ARN such as arn:aws:iam::123456789012:role/ci-read")
 _session_name = scalars.matching(_SESSION_RE, "expected 2 to 64 of letters, digits and +=,.@_-")
 _region = scalars.matching(_REGION_RE, "expected an AWS region such as eu-west-1")
-_service = scalars.matching(_SERVICE_RE, "expected a SigV4 service name such as s3")
+# Services whose answers are AWS credentials (STS AssumeRole*, GetSessionToken; IAM CreateAccessKey): through the
+# gateway a job would carry keys away, held outside the gateway, its revocation and its audit, for up to 12 hours
+# (IAM: for ever). Only the role's IAM policy could stop it; the policy refuses it instead.
+_CREDENTIAL_SERVICES = MappingProxyType(
+    {
+        "sts": "STS hands out role credentials (AssumeRole, GetSessionToken)",
+        "iam": "IAM hands out access keys (CreateAccessKey) and changes who may do what",
+    }
+)
+
+
+def _not_a_credential_service(service: str) -> str | None:
+    why = _CREDENTIAL_SERVICES.get(service)
+    if why is None:
+        return None
+    return (
+        f"service {service} cannot be a backend: {why}, which a job would then hold outside the gateway, its "
+        "revocation and its audit"
+    )
+
+
+_service = scalars.checked(
+    scalars.matching(_SERVICE_RE, "expected a SigV4 service name such as s3"), _not_a_credential_service
+)
 
 _NO_KEYS = MappingProxyType(
     {
