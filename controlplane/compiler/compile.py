@@ -282,14 +282,16 @@ def _backend_parts(
     requirement = (name, serialized(jwt.requirement(providers, backend.audience))) if name is not None else None
     return _BackendParts(
         requirement=requirement,
-        virtual_host=route.virtual_host_bytes(
-            backend,
-            encoder.backend_rbac_bytes(backend.name, grants),
-            name,
-            exchange=shape.exchange,
-            aws_signing=aws_signing,
-            aws_roles=aws_roles,
-            aws_roles_credentials=aws_roles_credentials,
+        virtual_host=serialized(
+            route.virtual_host(
+                backend,
+                encoder.backend_rbac_bytes(backend.name, grants),
+                name,
+                exchange=shape.exchange,
+                aws_signing=aws_signing,
+                aws_roles=aws_roles,
+                aws_roles_credentials=aws_roles_credentials,
+            )
         ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),
