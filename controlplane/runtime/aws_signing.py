@@ -90,6 +90,8 @@ def roles_of(policy: Policy) -> dict[str, tuple[str, AwsSigning]]:
     for backend in backends:
         if backend.aws is not None:
             roles.setdefault(backend.aws.role_arn, (backend.name, backend.aws))
+    if not roles:
+        return roles  # no AWS backend, so no binding role either: each compile asks (`for_policy`)
     for _, arn, on in sorted(binding_aws_backends(policy), key=lambda found: found[0].name):
         if arn in roles or not on:
             continue
