@@ -346,7 +346,9 @@ class GcpCredentialRefresher(refresh.Refresher[CloudCredential]):
 
 
 def http_fetcher(session: aiohttp.ClientSession, keys: SigningKeys, issuer: str) -> Fetch:
-    """The production `fetch`: sign a subject token with the control plane's key, then exchange it."""
+    """A `fetch` signing the subject token with `keys` directly (`mint_subject_token`), then exchanging it. Not the
+    one serve uses: runtime/gcp_backends.py signs through the OIDC issuer's `RelyingPartyTokens`, then calls
+    `fetch_credential` the same way."""
 
     async def fetch(settings: GcpSettings, now: float) -> CloudCredential:
         try:
