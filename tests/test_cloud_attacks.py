@@ -354,7 +354,7 @@ def test_a_google_credential_expired_on_arrival_backs_off_instead_of_looping() -
         assert all(s > 0 for s in sleeps), sleeps
 
     asyncio.run(run())
-    refresher.close()
+    refresher.stop()
     assert refresher.current() is None and changes == []
     assert len(fetched) == 1  # then backing off: each later wake is before the next attempt
 

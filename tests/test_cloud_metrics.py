@@ -109,14 +109,14 @@ async def test_gcp_results_and_an_expiry_counted_once() -> None:
     expired = count("controlplane_cloud_credentials_expired_total", **labels)
     refused = count("controlplane_cloud_credential_refreshes_total", **labels, result="refused")
     assert await refresher.refresh_once()
-    refresher.announce()
+    refresher.settle()
     answers.append(GcpExchangeError("iam_refused", "no"))
     assert not await refresher.refresh_once()
     assert count("controlplane_cloud_credential_refreshes_total", **labels, result="refused") == refused + 1
     clock.now = 5000.0 + 3590
-    refresher.announce()
-    refresher.announce()
+    refresher.settle()
+    refresher.settle()
     assert count("controlplane_cloud_credentials_expired_total", **labels) == expired + 1
     assert sample("controlplane_cloud_credential_valid_seconds", **labels) == 0.0
-    refresher.close()
+    refresher.stop()
     assert sample("controlplane_cloud_credential_valid_seconds", **labels) is None

@@ -211,13 +211,13 @@ async def test_the_refresher_keeps_the_last_token_then_fails_closed(
     assert await refresher.refresh_once()
     first = refresher.current()
     assert first is not None and cloud.api_accepts(first.token)
-    assert refresher.next_attempt() == START + 1770  # half of 3600 - 60 s of skew
+    assert refresher.state.next_attempt_at == START + 1770  # half of 3600 - 60 s of skew
     assert valid_for("gcs") == 3540
 
     cloud.gcp.outage.add("sts")
     cloud.clock.now = START + 1770
     assert not await refresher.refresh_once()
-    assert refresher.current() is first and refresher.next_attempt() == START + 1770.5
+    assert refresher.current() is first and refresher.state.next_attempt_at == START + 1770.5
     assert refreshes("unavailable") == failed + 1
     cloud.clock.now = START + 3540
     assert refresher.current() is None, "fails closed once the last token is about to expire"

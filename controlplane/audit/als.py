@@ -67,6 +67,7 @@ from controlplane.audit.store import AuditRecord, AuditTrail
 from controlplane.compiler.names import JWT_FILTER, PAYLOAD_KEY, RBAC_FILTER, backend_cluster
 from controlplane.model.credentials import CREDENTIAL_ISSUER
 from controlplane.model.policy import Policy
+from controlplane.resolved.cloud import identities
 from controlplane.telemetry.ratelog import RateLimitedLog
 from controlplane.xds.server import WARNINGS_PER_MINUTE, Sender, clip, peer_address
 from controlplane.xds.tls import peer_identity
@@ -230,19 +231,9 @@ def cloud_identities(policy: Policy | None) -> dict[str, str]:
     if policy is None:
         return {}
     found: dict[str, str] = {}
-    aws_backends: set[str] = set()
-    for backend in policy.backends:
-        if backend.aws is not None:
-            found[backend.name] = backend.aws.role_arn
-            aws_backends.add(backend.name)
-        elif backend.gcp is not None:
-            found[backend.name] = backend.gcp.service_account
-    role_backend = {r.name: r.backend for r in policy.roles}
-    for binding in policy.bindings:
-        if binding.aws_role_arn is None:
-            continue
-        for backend_name in sorted(aws_backends.intersection(role_backend.get(r, "") for r in binding.roles)):
-            found[_role_route_key(backend_name, binding.name)] = binding.aws_role_arn
+    for backend, cloud in identities(policy).items():
+        found[backend] = cloud.identity
+        found.update((_role_route_key(backend, binding), arn) for binding, arn in cloud.roles)
     return found
 
 

@@ -370,24 +370,14 @@ def _from_table(table: Table) -> tuple[tuple[Mapping[str, Any], ...], int]:
 
 def _usage_sections(usage: Usage, source: str) -> list[Section]:
     where = f"Aggregated by the audit store ({source}) over the window."
+    return [*_job_sections(usage, where), *_cloud_sections(usage, where)]
+
+
+def _job_sections(usage: Usage, where: str) -> list[Section]:
+    """What each job used and was refused."""
     jobs, jobs_more = _from_table(usage.tables["jobs"])
     used, used_more = _from_table(usage.tables["usage"])
     denied, denied_more = _from_table(usage.tables["denials"])
-    return [
-        *_job_sections(where, jobs, jobs_more, used, used_more, denied, denied_more),
-        *_cloud_sections(usage, where),
-    ]
-
-
-def _job_sections(
-    where: str,
-    jobs: tuple[Mapping[str, Any], ...],
-    jobs_more: int,
-    used: tuple[Mapping[str, Any], ...],
-    used_more: int,
-    denied: tuple[Mapping[str, Any], ...],
-    denied_more: int,
-) -> list[Section]:
     return [
         Section(
             "jobs",

@@ -327,20 +327,12 @@ class GcpCredentialRefresher(refresh.Refresher[CloudCredential]):
         )
         self.settings = settings
         self._fetch = fetch
-        self._now = clock
-
-    def close(self) -> None:
-        """Drops this backend's gauge once its refresher stops: a backend out of the policy has no series."""
-        self.stop()
-
-    def next_attempt(self) -> float:
-        return self.state.next_attempt_at
 
     async def refresh_once(self) -> bool:
         """One attempt, due or not; True when a new credential is held. Never raises (except cancellation): a
         refused or failed exchange, or a bug, is counted, logged and retried with backoff."""
         try:
-            credential = await self._fetch(self.settings, self._now())
+            credential = await self._fetch(self.settings, self._clock())
         except Exception as caught:
             self.failed(caught)
             return False
@@ -348,18 +340,15 @@ class GcpCredentialRefresher(refresh.Refresher[CloudCredential]):
         self.settle()
         return held
 
-    def announce(self) -> None:
-        """Tell the listener if `current()` changed (a new token, or none): `run()` does it at every wake-up; a
-        caller driving `refresh_once` itself calls it at `wake_at()`."""
-        self.settle()
-
     async def run(self, sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         """Refresh whenever due and withdraw the credential when it expires unrefreshed, until cancelled."""
-        await self.run_async(lambda: self._fetch(self.settings, self._now()), sleep)
+        await self.run_async(lambda: self._fetch(self.settings, self._clock()), sleep)
 
 
 def http_fetcher(session: aiohttp.ClientSession, keys: SigningKeys, issuer: str) -> Fetch:
-    """The production `fetch`: sign a subject token with the control plane's key, then exchange it."""
+    """A `fetch` signing the subject token with `keys` directly (`mint_subject_token`), then exchanging it. Not the
+    one serve uses: runtime/gcp_backends.py signs through the OIDC issuer's `RelyingPartyTokens`, then calls
+    `fetch_credential` the same way."""
 
     async def fetch(settings: GcpSettings, now: float) -> CloudCredential:
         try:

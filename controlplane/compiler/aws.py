@@ -32,6 +32,7 @@ from envoy.extensions.common.aws.v3 import credential_provider_pb2 as aws_creden
 from envoy.extensions.filters.http.aws_request_signing.v3 import aws_request_signing_pb2 as signing
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
+from google.protobuf.any_pb2 import Any as AnyProto
 
 from controlplane.compiler.claims import condition_metadata_matcher
 from controlplane.compiler.names import IDENTITY_HEADERS
@@ -120,6 +121,8 @@ def role_routes(
         return []
     routes = []
     for choice, credential in zip(choices, credentials, strict=True):
+        own_role = choice.role_arn == backend.aws.role_arn  # the host's signer serves it
+        override = None if own_role else _role_signer(backend, choice.binding, credential)  # once per choice
         for index, conditions in enumerate(choice.matches):
             route = rc.Route()
             route.CopyFrom(default)
@@ -128,16 +131,24 @@ def role_routes(
             if credential is None:
                 routes.append(fail_closed(backend, route, False))
                 continue
-            if choice.role_arn != backend.aws.role_arn:
-                per_route = signing.AwsRequestSigningPerRoute(
-                    aws_request_signing=_signing_config(backend, credential),
-                    stat_prefix=f"{backend.name}.{choice.binding}.",  # required by Envoy (NACKed empty)
-                )
-                override = rc.FilterConfig()
-                override.config.CopyFrom(packed(per_route))
-                route.typed_per_filter_config[signing_filter(backend.name)].CopyFrom(packed(override))
+            if override is not None:
+                route.typed_per_filter_config[signing_filter(backend.name)].CopyFrom(override)
             routes.append(route)
     return routes
+
+
+def _role_signer(backend: Backend, binding: str, credential: SigningCredential | None) -> AnyProto | None:
+    """The signer's configuration for a binding's own role, as a route's per-filter override (None: no credential,
+    its routes answer 503)."""
+    if credential is None:
+        return None
+    per_route = signing.AwsRequestSigningPerRoute(
+        aws_request_signing=_signing_config(backend, credential),
+        stat_prefix=f"{backend.name}.{binding}.",  # required by Envoy (NACKed empty)
+    )
+    override = rc.FilterConfig()
+    override.config.CopyFrom(packed(per_route))
+    return packed(override)
 
 
 def extension_configs(

@@ -33,7 +33,7 @@ from controlplane.compiler.types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LIS
 from controlplane.compiler.util import serialized
 from controlplane.model.credentials import CredentialInputs
 from controlplane.model.errors import PolicyError, PolicyInvalid
-from controlplane.model.policy import Backend, Binding, Gateway, Issuer, JwksMode, Policy, Role
+from controlplane.model.policy import Backend, Gateway, Issuer, JwksMode, Policy, Role
 from controlplane.resolved.access import NO_ACCESS, Grant, ResolvedPolicy
 from controlplane.resolved.aws_roles import RoleChoice, backend_role_choices
 from controlplane.resolved.index import Resolution
@@ -97,7 +97,7 @@ def compile_policy(
         revocations=revocation_resources(credentials, memo),
         secrets=secrets or {},
         aws_credentials=aws_credentials or {},
-        bindings={b.name: b for b in policy.bindings},
+        aws_roles=_aws_roles(policy, resolved, memo, aws_credentials or {}),
     )
     return {g.name: _compile_gateway(policy, g, shared) for g in policy.gateways}
 
@@ -123,7 +123,42 @@ class _Shared:
     revocations: tuple[tuple[str, bytes], ...]  # (ECDS resource name, serialized TypedExtensionConfig)
     secrets: Mapping[str, str]  # injected upstream credentials, by backend
     aws_credentials: Mapping[str, aws.SigningCredential]  # valid AWS role credentials, by role ARN
-    bindings: Mapping[str, Binding]  # by name: their own AWS roles
+    aws_roles: Mapping[str, _AwsRoles]  # by AWS backend with bindings' own roles
+
+
+class _AwsRoles(NamedTuple):
+    """An AWS backend's binding roles (resolved/aws_roles.py), with what its routes sign with."""
+
+    # Interned: equal choices (and their credentials) must be the same object for the memo. Each choice's
+    # credential is in its routes (compiler/aws.py): part of the key, so a refresh recompiles the host.
+    choices: tuple[RoleChoice, ...]
+    credentials: tuple[aws.SigningCredential | None, ...]  # choice i's valid credential, or None
+    issuers: frozenset[str]  # of the choosing bindings: their tokens have the route chosen again (jwt.py)
+
+
+_NO_AWS_ROLES = _AwsRoles((), (), frozenset())
+
+
+def _aws_roles(
+    policy: Policy, resolved: ResolvedPolicy, memo: CompilerMemo, credentials: Mapping[str, aws.SigningCredential]
+) -> dict[str, _AwsRoles]:
+    """Once per compile, not once per gateway fronting the backend. Raw ID tokens' grants do not apply on a
+    backend accepting exchanged credentials only, so no binding role is chosen there."""
+    backends = [b for b in policy.backends if b.aws is not None]
+    if not backends:
+        return {}
+    bindings = {b.name: b for b in policy.bindings}
+    out = {}
+    for backend in backends:
+        grants = () if backend.credentials == EXCHANGED_ONLY else resolved.grants(backend.name)
+        choices = backend_role_choices(grants, bindings)
+        if choices:
+            out[backend.name] = _AwsRoles(
+                memo.interned(choices),
+                memo.interned(tuple(credentials.get(c.role_arn) for c in choices)),
+                frozenset(bindings[c.binding].issuer for c in choices),
+            )
+    return out
 
 
 @dataclass(frozen=True)
@@ -145,7 +180,7 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
     every_issuer = shared.memo.interned(tuple(i.name for i, _ in issuers))
     resolved = shared.resolved.backends
     parts = []
-    aws_roles: dict[str, tuple[RoleChoice, ...]] = {}
+    rechoose: set[str] = set()  # issuers of bindings choosing an AWS role on a backend of this gateway
     for backend in backends:
         if backend.credentials == EXCHANGED_ONLY:
             # Raw ID tokens are refused here: no issuer of theirs is accepted, no binding's policy applies.
@@ -157,15 +192,9 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
             accepted = access.issuers or every_issuer
         roles = shared.roles.get(backend.name, ())
         signing = backend.aws is not None and backend.aws.role_arn in shared.aws_credentials
-        choices: tuple[RoleChoice, ...] = ()  # the empty tuple is one object: no interning for other backends
-        choices_signing: tuple[aws.SigningCredential | None, ...] = ()
-        if backend.aws is not None:
-            # Interned: equal choices (and their credentials) must be the same object for the memo. Each choice's
-            # credential is in its routes (compiler/aws.py): part of the key, so a refresh recompiles the host.
-            choices = shared.memo.interned(backend_role_choices(backend_grants, shared.bindings))
-            choices_signing = shared.memo.interned(tuple(shared.aws_credentials.get(c.role_arn) for c in choices))
-        if choices:
-            aws_roles[backend.name] = choices
+        # The empty tuple is one object: a backend without binding roles needs no interning.
+        choices, choices_signing, choosing = shared.aws_roles.get(backend.name, _NO_AWS_ROLES)
+        rechoose.update(choosing)
         parts.append(
             shared.memo.backends.get(
                 (backend, backend_grants, accepted, shared.shape, signing, choices, choices_signing, *roles),
@@ -185,7 +214,6 @@ def _compile_gateway(policy: Policy, gateway: Gateway, shared: _Shared) -> Compi
         )
     requirements = dict(p.requirement for p in parts if p.requirement is not None)
     # Only the issuers of bindings choosing an AWS role have the route chosen again (a second match per request).
-    rechoose = {shared.bindings[c.binding].issuer for choices in aws_roles.values() for c in choices}
     providers = {
         provider_name(i.name): jwt.provider(i, aud, shared.keys.get(i.name), i.name in rechoose) for i, aud in issuers
     }
@@ -254,14 +282,16 @@ def _backend_parts(
     requirement = (name, serialized(jwt.requirement(providers, backend.audience))) if name is not None else None
     return _BackendParts(
         requirement=requirement,
-        virtual_host=route.virtual_host_bytes(
-            backend,
-            encoder.backend_rbac_bytes(backend.name, grants),
-            name,
-            exchange=shape.exchange,
-            aws_signing=aws_signing,
-            aws_roles=aws_roles,
-            aws_roles_credentials=aws_roles_credentials,
+        virtual_host=serialized(
+            route.virtual_host(
+                backend,
+                encoder.backend_rbac_bytes(backend.name, grants),
+                name,
+                exchange=shape.exchange,
+                aws_signing=aws_signing,
+                aws_roles=aws_roles,
+                aws_roles_credentials=aws_roles_credentials,
+            )
         ),
         cluster=serialized(cluster.backend_cluster_config(backend)),
         endpoints=_load_assignment(backend),

@@ -75,18 +75,6 @@ def virtual_host(
     )
 
 
-def virtual_host_bytes(
-    backend: Backend,
-    rbac: bytes,
-    requirement: str | None,
-    exchange: bool = False,
-    aws_signing: bool = False,
-    aws_roles: Sequence[RoleChoice] = (),
-    aws_roles_credentials: Sequence[aws.SigningCredential | None] = (),
-) -> bytes:
-    return serialized(virtual_host(backend, rbac, requirement, exchange, aws_signing, aws_roles, aws_roles_credentials))
-
-
 def route_configuration_bytes(name: str, virtual_hosts: Sequence[bytes]) -> bytes:
     """Byte-identical to serializing the RouteConfiguration (name, virtual hosts, identity headers) in one go.
 

@@ -40,7 +40,7 @@ from controlplane.credentials.exchange_store import (
 )
 from controlplane.credentials.keys import ALGORITHM, SigningKeys
 from controlplane.model.credentials import CREDENTIAL_ISSUER
-from controlplane.model.policy import Backend, Policy
+from controlplane.model.policy import Backend, Binding, Policy
 from controlplane.resolved.access import Grant, ResolvedPolicy
 from controlplane.resolved.aws_roles import RoleChoice, backend_role_choices, chosen_role
 from controlplane.resolved.conditions import Condition, ResolvedSubject
@@ -121,8 +121,8 @@ ExchangeMemo = dict[str, tuple[Backend, tuple[Grant, ...], tuple[str, ...], "Exc
 """Per backend name: the inputs its entry was built from, and the entry (see `ExchangePolicy.build`)."""
 
 
-def _exchange_grants(grants: tuple[Grant, ...], ttl: Mapping[str, int]) -> tuple[ExchangeGrant, ...]:
-    return tuple(ExchangeGrant(ttl[grant.binding], grant) for grant in grants)
+def _exchange_grants(grants: tuple[Grant, ...], bindings: Mapping[str, Binding]) -> tuple[ExchangeGrant, ...]:
+    return tuple(ExchangeGrant(bindings[grant.binding].credential_ttl_seconds, grant) for grant in grants)
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,7 @@ class ExchangePolicy:
         keeps the same tuple until a grant on it changes) and roles are unchanged keeps its entry: a
         one-binding commit rebuilds one backend, not ten thousand grants.
         """
-        ttl = {b.name: b.credential_ttl_seconds for b in policy.bindings}
-        bindings = {b.name: b for b in policy.bindings}
+        bindings = {b.name: b for b in policy.bindings}  # their credential TTLs and own AWS roles
         roles_of: dict[str, list[str]] = {}
         for declared in policy.roles:
             roles_of.setdefault(declared.backend, []).append(declared.name)
@@ -166,7 +165,7 @@ class ExchangePolicy:
                     backend.name,
                     backend.audience,
                     roles,
-                    _exchange_grants(grants, ttl),
+                    _exchange_grants(grants, bindings),
                     backend.covers_unseen_jobs,
                     choices,
                 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from controlplane.model.kinds.aws import binding_aws_backends
 from controlplane.model.policy import AwsSigning, Backend, GcpCredentials, Policy
 
 AWS = "aws"
@@ -84,13 +85,9 @@ def _gcp_settings(gcp: GcpCredentials) -> tuple[tuple[str, str], ...]:
 def _binding_roles(policy: Policy) -> dict[str, dict[str, str]]:
     """Backend -> binding -> role ARN, for bindings with `aws_role_arn` granting a role on an AWS backend."""
     out: dict[str, dict[str, str]] = {}
-    aws = {b.name for b in policy.backends if b.aws is not None}
-    if not aws:
+    if not any(b.aws is not None for b in policy.backends):
         return out  # the common case costs one pass over the backends (Resolution.update runs this each time)
-    role_backend = {r.name: r.backend for r in policy.roles if r.backend in aws}
-    for binding, arn in [(b, b.aws_role_arn) for b in policy.bindings if b.aws_role_arn is not None]:
-        for role in binding.roles:
-            backend = role_backend.get(role)
-            if backend is not None and arn is not None:
-                out.setdefault(backend, {})[binding.name] = arn
+    for binding, arn, on in binding_aws_backends(policy):
+        for backend in on:
+            out.setdefault(backend, {})[binding.name] = arn
     return out

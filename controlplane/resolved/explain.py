@@ -666,8 +666,7 @@ def _cloud_identity(
         return account
     if backend.aws is None:
         return None
-    own = () if backend.credentials == EXCHANGED_ONLY else inputs.resolved.grants(backend.name)
-    choices = backend_role_choices(own, {b.name: b for b in inputs.policy.bindings})
+    choices = backend_role_choices(_own_grants(inputs, backend), {b.name: b for b in inputs.policy.bindings})
     binding, arn = chosen_role(choices, backend.aws.role_arn, claims)
     whose = f"binding {binding}'s AWS role" if binding is not None else "the backend's AWS role"
     steps.append(Step("cloud", True, f"signed (SigV4) with {whose} {arn} (503 while it has no valid credential)"))
@@ -683,10 +682,14 @@ def _nearest(refusing: list[Candidate]) -> tuple[Candidate, ...]:
 
 def _grants(inputs: ExplainInputs, backend: Backend) -> tuple[Grant, ...]:
     """What the compiler encodes for the backend's virtual host, shadow grants included."""
-    own = () if backend.credentials == EXCHANGED_ONLY else inputs.resolved.grants(backend.name)
     credentials = inputs.credentials
     exchanged = credentials.grants.get(backend.name, ()) if credentials is not None else ()
-    return (*own, *exchanged)
+    return (*_own_grants(inputs, backend), *exchanged)
+
+
+def _own_grants(inputs: ExplainInputs, backend: Backend) -> tuple[Grant, ...]:
+    """The bindings' grants, as raw ID tokens meet them: none on a backend taking exchanged credentials only."""
+    return () if backend.credentials == EXCHANGED_ONLY else inputs.resolved.grants(backend.name)
 
 
 def _candidate(

@@ -28,6 +28,7 @@ from controlplane.cloud.aws import (
 )
 from controlplane.compiler.aws import SigningCredential
 from controlplane.credentials.keys import SigningKeys
+from controlplane.model.kinds.aws import binding_aws_backends
 from controlplane.model.policy import AwsSigning, Policy
 
 log = logging.getLogger(__name__)
@@ -89,14 +90,13 @@ def roles_of(policy: Policy) -> dict[str, tuple[str, AwsSigning]]:
     for backend in backends:
         if backend.aws is not None:
             roles.setdefault(backend.aws.role_arn, (backend.name, backend.aws))
-    role_backend = {r.name: r.backend for r in policy.roles}
-    for binding in sorted(policy.bindings, key=lambda b: b.name):
-        if binding.aws_role_arn is None or binding.aws_role_arn in roles:
+    if not roles:
+        return roles  # no AWS backend, so no binding role either: each compile asks (`for_policy`)
+    for _, arn, on in sorted(binding_aws_backends(policy), key=lambda found: found[0].name):
+        if arn in roles or not on:
             continue
-        on = {role_backend.get(r) for r in binding.roles}
-        first = next((b for b in backends if b.name in on and b.aws is not None), None)
-        if first is not None and first.aws is not None:
-            roles[binding.aws_role_arn] = (first.name, replace(first.aws, role_arn=binding.aws_role_arn))
+        first = next(b.aws for b in backends if b.name == on[0] and b.aws is not None)
+        roles[arn] = (on[0], replace(first, role_arn=arn))
     return roles
 
 

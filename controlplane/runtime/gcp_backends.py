@@ -145,7 +145,7 @@ class GcpBackends:
 
     def _reconcile(self, wanted: Mapping[str, GcpSettings]) -> None:
         for name in [n for n, r in self._refreshers.items() if wanted.get(n) != r.settings]:
-            self._refreshers.pop(name).close()  # a backend no longer in the policy has no series
+            self._refreshers.pop(name).stop()  # a backend no longer in the policy has no series
             self._tasks.pop(name).cancel()
             log.info("gcp credential refresher for backend %s stopped", name)
         for name, settings in wanted.items():

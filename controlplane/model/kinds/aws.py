@@ -12,7 +12,7 @@ from types import MappingProxyType
 from controlplane.model import scalars
 from controlplane.model.errors import PolicyError, Source
 from controlplane.model.fields import Conv, Fields, need, record
-from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Policy
+from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Binding, Policy
 
 AWS_KEYS = ("service", "region", "role_arn", "session_name", "source")
 AWS_SOURCES = (DEFAULT_AWS_SOURCE, "assume_role")
@@ -75,20 +75,31 @@ def _aws_fields(f: Fields) -> AwsSigning:
 aws_signing: Conv[AwsSigning] = record(_aws_fields, AWS_KEYS, _NO_KEYS)
 
 
+def binding_aws_backends(policy: Policy) -> list[tuple[Binding, str, tuple[str, ...]]]:
+    """Each binding with its own `aws_role_arn` (in the policy's order), that ARN, and the AWS backends its roles
+    grant on (by name, sorted; none: the ARN would sign nothing). The one reading of "where a binding's role signs" that
+    validation, `resolved.yaml` (resolved/cloud.py), the runtime's role refreshers and the audit trail share."""
+    aws_backends = {b.name for b in policy.backends if b.aws is not None}
+    role_backend = {r.name: r.backend for r in policy.roles}
+    return [
+        (b, b.aws_role_arn, tuple(sorted({role_backend[r] for r in b.roles if role_backend.get(r) in aws_backends})))
+        for b in policy.bindings
+        if b.aws_role_arn is not None
+    ]
+
+
 def binding_role_errors(policy: Policy) -> list[PolicyError]:
     """A binding's `aws_role_arn` overrides the role of AWS backends only: on a binding none of whose roles is on
     an AWS backend it would be silently ignored, so it is an error (at the binding, as the field's line is gone
     once built)."""
-    aws_backends = {b.name for b in policy.backends if b.aws is not None}
-    role_backend = {r.name: r.backend for r in policy.roles}
     return [
         PolicyError.at(
             b.source,
             "aws_role_arn",
             f"binding {b.name} grants no role on an AWS backend (a backend with aws:): the role ARN would sign nothing",
         )
-        for b in policy.bindings
-        if b.aws_role_arn is not None and not any(role_backend.get(r) in aws_backends for r in b.roles)
+        for b, _, on in binding_aws_backends(policy)
+        if not on
     ]
 
 
@@ -98,17 +109,12 @@ def shared_role_errors(policy: Policy) -> list[PolicyError]:
     `role_arn`, or as the `aws_role_arn` of a binding granting on another backend) would share one credential,
     so the second would ride on the trust given to the first: a policy author could name another team's role on
     a backend of their own. One backend with several `hosts` covers one role for many names."""
-    aws_backends = {b.name for b in policy.backends if b.aws is not None}
-    role_backend = {r.name: r.backend for r in policy.roles}
     claims: list[tuple[str, str, Source, str]] = []  # (role ARN, backend, where, field)
     for b in sorted(policy.backends, key=lambda b: b.name):
         if b.aws is not None:
             claims.append((b.aws.role_arn, b.name, b.source, "aws"))
-    for binding in sorted(policy.bindings, key=lambda b: b.name):
-        if binding.aws_role_arn is None:
-            continue
-        on = sorted({role_backend[r] for r in binding.roles if role_backend.get(r) in aws_backends})
-        claims.extend((binding.aws_role_arn, backend, binding.source, "aws_role_arn") for backend in on)
+    for binding, arn, on in sorted(binding_aws_backends(policy), key=lambda found: found[0].name):
+        claims.extend((arn, backend, binding.source, "aws_role_arn") for backend in on)
     owner: dict[str, str] = {}
     errors = []
     for arn, backend, where, field in claims:
