@@ -286,3 +286,16 @@ class Policy:
 
     def role(self, name: str) -> Role:
         return next(r for r in self.roles if r.name == name)
+
+
+def binding_aws_backends(policy: Policy) -> list[tuple[Binding, str, tuple[str, ...]]]:
+    """Each binding with its own `aws_role_arn` (in the policy's order), that ARN, and the AWS backends its roles
+    grant on (by name, sorted; none: the ARN would sign nothing). The one reading of "where a binding's role signs" that
+    validation, `resolved.yaml` (resolved/cloud.py), the runtime's role refreshers and the audit trail share."""
+    aws_backends = {b.name for b in policy.backends if b.aws is not None}
+    role_backend = {r.name: r.backend for r in policy.roles}
+    return [
+        (b, b.aws_role_arn, tuple(sorted({role_backend[r] for r in b.roles if role_backend.get(r) in aws_backends})))
+        for b in policy.bindings
+        if b.aws_role_arn is not None
+    ]

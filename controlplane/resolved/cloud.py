@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from controlplane.model.kinds.aws import binding_aws_backends
-from controlplane.model.policy import AwsSigning, Backend, GcpCredentials, Policy
+from controlplane.model.policy import AwsSigning, Backend, GcpCredentials, Policy, binding_aws_backends
 
 AWS = "aws"
 GCP = "gcp"

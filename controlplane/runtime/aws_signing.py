@@ -28,8 +28,7 @@ from controlplane.cloud.aws import (
 )
 from controlplane.compiler.aws import SigningCredential
 from controlplane.credentials.keys import SigningKeys
-from controlplane.model.kinds.aws import binding_aws_backends
-from controlplane.model.policy import AwsSigning, Policy
+from controlplane.model.policy import AwsSigning, Policy, binding_aws_backends
 
 log = logging.getLogger(__name__)
 

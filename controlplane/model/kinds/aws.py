@@ -12,7 +12,7 @@ from types import MappingProxyType
 from controlplane.model import scalars
 from controlplane.model.errors import PolicyError, Source
 from controlplane.model.fields import Conv, Fields, need, record
-from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Binding, Policy
+from controlplane.model.policy import DEFAULT_AWS_SOURCE, AwsSigning, Policy, binding_aws_backends
 
 AWS_KEYS = ("service", "region", "role_arn", "session_name", "source")
 AWS_SOURCES = (DEFAULT_AWS_SOURCE, "assume_role")
@@ -73,19 +73,6 @@ def _aws_fields(f: Fields) -> AwsSigning:
 
 
 aws_signing: Conv[AwsSigning] = record(_aws_fields, AWS_KEYS, _NO_KEYS)
-
-
-def binding_aws_backends(policy: Policy) -> list[tuple[Binding, str, tuple[str, ...]]]:
-    """Each binding with its own `aws_role_arn` (in the policy's order), that ARN, and the AWS backends its roles
-    grant on (by name, sorted; none: the ARN would sign nothing). The one reading of "where a binding's role signs" that
-    validation, `resolved.yaml` (resolved/cloud.py), the runtime's role refreshers and the audit trail share."""
-    aws_backends = {b.name for b in policy.backends if b.aws is not None}
-    role_backend = {r.name: r.backend for r in policy.roles}
-    return [
-        (b, b.aws_role_arn, tuple(sorted({role_backend[r] for r in b.roles if role_backend.get(r) in aws_backends})))
-        for b in policy.bindings
-        if b.aws_role_arn is not None
-    ]
 
 
 def binding_role_errors(policy: Policy) -> list[PolicyError]:
