@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import json
 import threading
 import time
 import urllib.request
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from controlplane.cloud.aws import AssumeRoleSource, AwsCredential, Refresher, Sts, StsError
 from controlplane.compiler.aws import SigningCredential
@@ -34,6 +32,7 @@ from controlplane.snapshots.snapshot import Snapshot, build_snapshots
 from tests.support.ecds_envoy import compiled_envoy
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import BUCKET, OBJECT_BODY, OBJECT_KEY, REGION, FakeAws, WebIdentityTrust
+from tests.support.job_tokens import Jobs
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port, poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
@@ -63,18 +62,8 @@ def _policy(listen: int, aws_port: int, role_arn: str) -> str:
     )
 
 
-class Jobs:
-    """Tokens of the test's OIDC issuer and its JWKS (relayed to Envoy inline by the compiler)."""
-
-    def __init__(self) -> None:
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
-        self.jwks = json.dumps({"keys": [jwk | {"kid": "k1", "alg": "RS256", "use": "sig"}]})
-
-    def token(self, sub: str) -> str:
-        now = int(time.time())
-        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + 600}
-        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": "k1"})
+def _jobs() -> Jobs:
+    return Jobs(ISSUER, AUDIENCE)
 
 
 def _signing(credential: AwsCredential | None) -> dict[str, SigningCredential]:
@@ -139,7 +128,7 @@ def aws(tmp_path: Path) -> Iterator[tuple[FakeAws, AssumeRoleSource]]:
 
 async def test_a_job_request_is_signed_for_the_role_and_accepted_by_s3(aws: tuple[FakeAws, AssumeRoleSource]) -> None:
     fake, source = aws
-    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    jobs, cache, listen = _jobs(), SnapshotCache(), free_port()
     gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
     gateway.publish(None)  # no credential yet: fail closed
     async with envoy_on(cache):
@@ -174,7 +163,7 @@ async def test_a_refreshed_credential_replaces_the_expiring_one_with_no_failed_r
     expires at AWS; every request succeeds. Then no valid credential (the run time withdraws an expired one):
     503, and S3 never sees an unsigned request."""
     fake, source = aws
-    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    jobs, cache, listen = _jobs(), SnapshotCache(), free_port()
     gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
     first = source.fetch()
     gateway.publish(first)
@@ -440,7 +429,7 @@ async def test_sts_down_keeps_signing_with_the_last_credential_until_it_expires_
     """The control plane's Refresher on a clock of the test's: a failed refresh keeps the last credential (requests
     still signed and accepted); once it is past use, the recompile without it answers 503, never unsigned."""
     fake, source = aws
-    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    jobs, cache, listen = _jobs(), SnapshotCache(), free_port()
     gateway = Gateway({"p.yaml": _policy(listen, fake.port, fake.assume_role_arn)}, jobs, cache)
     clock = [time.time()]
     sts = Outage(source)

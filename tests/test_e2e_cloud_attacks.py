@@ -17,9 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from moto.sts.models import sts_backends
 
 from controlplane.cloud.aws import AssumeRoleSource, Sts
@@ -31,6 +29,7 @@ from controlplane.snapshots.snapshot import build_snapshots
 from tests.support.ecds_envoy import compiled_envoy
 from tests.support.envoy import EnvoyProcess
 from tests.support.fake_aws import ACCOUNT, BUCKET, REGION, FakeAws
+from tests.support.job_tokens import Jobs
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import LOOPBACK, free_port
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
@@ -74,16 +73,8 @@ def _policy(listen: int, aws_port: int, role_arn: str) -> dict[str, str]:
     return {"p.yaml": text}
 
 
-class Jobs:
-    def __init__(self) -> None:
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
-        self.jwks = json.dumps({"keys": [jwk | {"kid": "k1", "alg": "RS256", "use": "sig"}]})
-
-    def token(self, sub: str) -> str:
-        now = int(time.time())
-        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + 600}
-        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": "k1"})
+def _jobs() -> Jobs:
+    return Jobs(ISSUER, AUDIENCE)
 
 
 @pytest.fixture
@@ -147,7 +138,7 @@ async def test_a_copy_source_header_cannot_reach_a_path_rbac_never_allowed(
     /ci-artifacts/** copied another bucket's object into it and read it back. Now an S3 backend refuses a request
     naming a copy source (403 from Envoy, S3 never reached)."""
     fake, source = aws
-    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    jobs, cache, listen = _jobs(), SnapshotCache(), free_port()
     policy = parse_policy(_policy(listen, fake.port, fake.assume_role_arn))
     credential = source.fetch()
     signing = {credential.role_arn: SigningCredential(credential.access_key_id, credential.secret_access_key,
@@ -188,7 +179,7 @@ async def test_path_host_and_signing_header_tricks_never_reach_another_bucket(
     the backend: Envoy's listener-wide RBAC denies it), and the signing headers a job sends are replaced
     (docs/envoy-aws-signing.md fact 1)."""
     fake, source = aws
-    jobs, cache, listen = Jobs(), SnapshotCache(), free_port()
+    jobs, cache, listen = _jobs(), SnapshotCache(), free_port()
     policy = parse_policy(_policy(listen, fake.port, fake.assume_role_arn))
     credential = source.fetch()
     signing = {credential.role_arn: SigningCredential(credential.access_key_id, credential.secret_access_key,

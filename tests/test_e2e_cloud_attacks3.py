@@ -6,7 +6,6 @@ Google. The test counts what the fake Google API received, not only the status t
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode
@@ -16,6 +15,7 @@ import pytest
 from controlplane.runtime.gcp_backends import IAM_CREDENTIALS_URL_ENV, STS_URL_ENV
 from tests.support.backends import http_request
 from tests.support.fake_gcp import FakeGcp, FakeGoogleApi, Provider, principal
+from tests.support.job_tokens import served_jwks
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import free_port, poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_exchange_stack
@@ -65,8 +65,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     issuer_url = f"http://127.0.0.1:{exchange_port}"
 
     def published_jwks() -> str:
-        with urllib.request.urlopen(issuer_url + "/.well-known/jwks.json", timeout=5) as answer:
-            return str(answer.read().decode())
+        return served_jwks(issuer_url)
 
     with FakeGcp() as gcp:
         gcp.add_provider(Provider(PROVIDER, issuer_url, published_jwks))

@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from controlplane.runtime.gcp_backends import IAM_CREDENTIALS_URL_ENV, STS_URL_ENV
 from tests.support.backends import HttpResponse
 from tests.support.fake_gcp import FakeGcp, FakeGoogleApi, Provider, principal
+from tests.support.job_tokens import served_jwks
 from tests.support.policy_parts import backend, binding, documents, gateway, issuer, role
 from tests.support.ports import free_port, poll_until
 from tests.support.stack import EnvoySpec, PolicyInputs, Served, serve_stack
@@ -92,9 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     issuer_url = f"http://127.0.0.1:{exchange_port}"
 
     def published_jwks() -> str:
-        """What Google does: fetch the issuer's JWKS (serve's exchange listener serves it)."""
-        with urllib.request.urlopen(issuer_url + "/.well-known/jwks.json", timeout=5) as answer:
-            return str(answer.read().decode())
+        return served_jwks(issuer_url)
 
     with FakeGcp() as gcp:
         gcp.add_provider(Provider(PROVIDER, issuer_url, published_jwks))
